@@ -1,0 +1,117 @@
+"""Typed interfaces every speech and language provider implements.
+
+One file per vendor lives beside this one; ``registry.py`` maps a configured
+name to a factory. The call loop only ever sees these interfaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+
+class ProviderError(RuntimeError):
+    """A provider failed (unreachable, refused, malformed reply).
+
+    ``provider`` names the vendor adapter; the message never contains credentials.
+    """
+
+    def __init__(self, provider: str, message: str) -> None:
+        super().__init__(f"{provider}: {message}")
+        self.provider = provider
+
+
+# ---------------------------------------------------------------- speech to text
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    final: bool
+
+
+@runtime_checkable
+class STTStream(Protocol):
+    """One caller's streaming recognition session.
+
+    Audio is 16-bit little-endian mono PCM at ``SpeechToText.sample_rate``.
+    """
+
+    async def send_audio(self, pcm16: bytes) -> None:
+        """Add caller speech to the current utterance (may trigger a partial)."""
+
+    async def finalize(self) -> Transcript:
+        """The turn ended: return the final transcript of the utterance and reset."""
+
+    def partials(self) -> AsyncIterator[Transcript]:
+        """Partial transcripts, in order, while the caller is speaking."""
+
+    async def reset(self) -> None:
+        """Drop the current utterance without a final (e.g. a noise that was not speech)."""
+
+    async def aclose(self) -> None:
+        """Release the session; idempotent."""
+
+
+@runtime_checkable
+class SpeechToText(Protocol):
+    name: str
+    sample_rate: int
+
+    def open_stream(self) -> STTStream: ...
+
+    async def aclose(self) -> None: ...
+
+
+# ---------------------------------------------------------------- text to speech
+
+
+@runtime_checkable
+class TextToSpeech(Protocol):
+    name: str
+    sample_rate: int
+
+    def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        """Stream 16-bit mono PCM at ``sample_rate``; the first chunk comes as soon as it exists."""
+
+    async def aclose(self) -> None: ...
+
+
+# ---------------------------------------------------------------- language model
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text as streamed by the model
+
+
+@dataclass(frozen=True)
+class LLMChunk:
+    """One streamed piece of a chat completion: text, or a complete tool call."""
+
+    text: str = ""
+    tool_call: ToolCall | None = None
+
+
+@dataclass
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    url: str = ""
+    timeout_s: float = 5.0
+
+    def as_openai(self) -> dict[str, Any]:
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                  "parameters": self.parameters}}
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    name: str
+
+    def stream(self, messages: list[dict[str, Any]],
+               tools: list[ToolSpec] | None = None) -> AsyncIterator[LLMChunk]:
+        """Stream a completion. Closing the iterator (``aclose``) closes the HTTP stream."""

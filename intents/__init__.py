@@ -1,0 +1,1 @@
+"""Intent routing and the semantic FAQ cache (never imports ``gateway``)."""
