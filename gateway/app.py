@@ -1,0 +1,48 @@
+"""The Starlette application: health, readiness and the call endpoints."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+
+from .runtime import Runtime
+from .services import Services
+from .settings import Settings
+from .transports.native import native_call
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    services: Services = request.app.state.services
+    body = services.readiness()
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None,
+               services: Services | None = None) -> Starlette:
+    """Build the app. Tests pass a warm ``runtime`` so models load once per session."""
+    services = services or Services(settings, runtime)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await services.start()
+        yield
+        # A runtime handed in by the caller is the caller's to close.
+        if runtime is None:
+            await services.aclose()
+
+    app = Starlette(routes=[
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        WebSocketRoute("/v1/call", native_call),
+    ], lifespan=lifespan)
+    app.state.services = services
+    return app

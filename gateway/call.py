@@ -1,0 +1,356 @@
+"""The per-call loop: VAD, streaming STT, speculative routing, turn taking, replies, barge-in.
+
+A transport (native WebSocket, Twilio) decodes the wire format and calls
+``feed_audio`` / ``feed_text`` / ``stop``; the call answers through a
+``CallOutput``. All per-call state lives here, and all of its tasks live in one
+task group, so a failing call never touches another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections import deque
+from typing import Any, Awaitable, Callable, Protocol
+
+from intents.types import RouteDecision
+
+from . import logs
+from .audio import StreamResampler
+from .playout import Playout
+from .responder import Responder, Turn
+from .runtime import Runtime
+from .timeline import TurnTimeline, now
+from .vad import SAMPLE_RATE as VAD_RATE
+from .vad import WINDOW_BYTES, WINDOW_MS, SegmentEvent, SileroState, SpeechSegmenter
+
+log = logging.getLogger("voicegate.call")
+
+_PREROLL_WINDOWS = 10  # 320 ms of audio before the speech decision goes to STT too
+RouteFn = Callable[[str], RouteDecision]
+
+
+class CallOutput(Protocol):
+    """What a transport offers the call: events, reply audio frames and a buffer flush."""
+
+    async def send_event(self, event: dict[str, Any]) -> None: ...
+
+    async def send_audio(self, frame: bytes) -> None: ...
+
+    async def interrupt(self, event: dict[str, Any]) -> None:
+        """The caller barged in: drop buffered reply audio on the client, then send ``event``."""
+
+
+def normalize_text(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s']", " ", text.lower())).strip()
+
+
+class Call:
+    def __init__(self, runtime: Runtime, output: CallOutput, sample_rate: int,
+                 responder: Responder, router: RouteFn | None = None,
+                 metadata: dict[str, Any] | None = None, call_id: str | None = None) -> None:
+        self.id = call_id or uuid.uuid4().hex[:12]
+        self.sample_rate = sample_rate
+        self.metadata = metadata or {}
+        self._rt = runtime
+        self._settings = runtime.settings
+        self._out = output
+        self._responder = responder
+        self._router = router
+        self._loop = asyncio.get_running_loop()
+
+        # inbound audio: filled by the transport (hot path), drained by _audio_loop
+        self._inbound = bytearray()
+        self._inbound_ready = asyncio.Event()
+        self._to16k = StreamResampler(sample_rate, VAD_RATE)
+        self._pending16k = bytearray()
+        self._vad_state = SileroState()
+        self._segmenter = SpeechSegmenter(threshold=self._settings.vad_threshold,
+                                          min_speech_ms=self._settings.min_speech_ms,
+                                          end_silence_ms=self._settings.end_of_turn_silence_ms)
+        self._preroll: deque[bytes] = deque(maxlen=_PREROLL_WINDOWS)
+        self._in_utterance = False
+        self._speech_start_at = 0.0
+        self._speech_end_at = 0.0
+        self._stt = runtime.stt.open_stream()
+
+        # routing speculation: the newest partial wins, one routing in flight
+        self._latest_text = ""
+        self._routed: RouteDecision | None = None
+        self._route_task: asyncio.Task[None] | None = None
+
+        # replies
+        self._turns = 0
+        self._reply_task: asyncio.Task[None] | None = None
+        self._playout: Playout | None = None
+        self._reply_text: list[str] = []
+        self.history: list[dict[str, Any]] = []
+
+        self._stopped = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+
+    # ------------------------------------------------------------------ inbound API
+
+    def feed_audio(self, pcm16: bytes) -> None:
+        """Caller audio at the call's rate. Hot path: append and wake the audio loop."""
+        self._inbound += pcm16
+        self._inbound_ready.set()
+
+    def feed_text(self, text: str, final: bool) -> None:
+        """A caller transcript that skips STT (tests, benchmarks, chat channels)."""
+        self._spawn(self._on_text(text, final))
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    @property
+    def replying(self) -> bool:
+        return self._reply_task is not None and not self._reply_task.done()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        self._rt.stats.call_started()
+        logs.event(log, "call_started", call_id=self.id, sample_rate=self.sample_rate)
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                audio = group.create_task(self._audio_loop())
+                partials = group.create_task(self._partials_loop())
+                await self._stopped.wait()
+                for task in (audio, partials, self._reply_task, self._route_task):
+                    if task is not None:
+                        task.cancel()
+        finally:
+            self._group = None
+            await self._stt.aclose()
+            self._rt.stats.call_ended()
+            logs.event(log, "call_ended", call_id=self.id, turns=self._turns)
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None] | None:
+        if self._group is None or self._stopped.is_set():
+            coro.close()  # type: ignore[attr-defined]
+            return None
+        return self._group.create_task(coro)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ audio -> VAD -> STT
+
+    def _analyse(self, pcm: bytes) -> list[tuple[bytes, float]]:
+        """Resample to 16 kHz and score each complete VAD window. Runs on the executor."""
+        self._pending16k += self._to16k.process(pcm)
+        count = len(self._pending16k) // WINDOW_BYTES
+        if count == 0:
+            return []
+        usable = bytes(self._pending16k[:count * WINDOW_BYTES])
+        del self._pending16k[:count * WINDOW_BYTES]
+        probs = self._rt.vad.probabilities(usable, self._vad_state)
+        return [(usable[i * WINDOW_BYTES:(i + 1) * WINDOW_BYTES], p) for i, p in enumerate(probs)]
+
+    async def _audio_loop(self) -> None:
+        executor = self._rt.fast_executor
+        while True:
+            await self._inbound_ready.wait()
+            self._inbound_ready.clear()
+            if not self._inbound:
+                continue
+            chunk = bytes(self._inbound)
+            self._inbound.clear()
+            arrived = now()
+            windows = await self._loop.run_in_executor(executor, self._analyse, chunk)
+            for window, prob in windows:
+                await self._on_window(window, prob, arrived)
+
+    async def _on_window(self, window: bytes, prob: float, at: float) -> None:
+        self._segmenter.min_speech_ms_override = (
+            float(self._settings.barge_in_min_speech_ms) if self.replying else None)
+        if self._in_utterance:
+            await self._stt.send_audio(window)
+        else:
+            self._preroll.append(window)
+        for event in self._segmenter.push(prob):
+            if event is SegmentEvent.SPEECH_START:
+                if self.replying:
+                    await self._barge_in("speech")
+                self._in_utterance = True
+                voiced = self._segmenter.min_speech_ms_override or self._settings.min_speech_ms
+                self._speech_start_at = at - voiced / 1000.0
+                await self._stt.send_audio(b"".join(self._preroll))
+                self._preroll.clear()
+            elif event is SegmentEvent.PAUSE:
+                self._speech_end_at = at - WINDOW_MS / 1000.0
+                hint = getattr(self._stt, "speech_paused", None)
+                if hint:
+                    hint()
+            elif event is SegmentEvent.RESUME:
+                hint = getattr(self._stt, "speech_resumed", None)
+                if hint:
+                    hint()
+            elif event is SegmentEvent.TURN_END:
+                self._in_utterance = False
+                self._turns += 1
+                tl = TurnTimeline(self._turns)
+                tl.mark("speech_start", self._speech_start_at)
+                tl.mark("speech_end", self._speech_end_at)
+                tl.mark("end_of_turn", at)
+                tl.info["input"] = "audio"
+                self._start_reply(self._finish_spoken_turn(tl))
+
+    async def _partials_loop(self) -> None:
+        async for partial in self._stt.partials():
+            if not self._in_utterance:
+                continue  # a late partial of an utterance that already ended
+            await self._out.send_event({"type": "transcript", "text": partial.text,
+                                        "final": False})
+            self._speculate(partial.text)
+
+    async def _finish_spoken_turn(self, tl: TurnTimeline) -> None:
+        transcript = await self._stt.finalize()
+        tl.mark("final_transcript")
+        await self._out.send_event({"type": "transcript", "text": transcript.text,
+                                    "final": True, "turn": tl.turn})
+        if not normalize_text(transcript.text):
+            logs.event(log, "empty_turn", call_id=self.id, turn=tl.turn)
+            return
+        await self._reply(tl, transcript.text)
+
+    # ------------------------------------------------------------------ text input
+
+    async def _on_text(self, text: str, final: bool) -> None:
+        if self.replying:
+            await self._barge_in("text")
+        await self._out.send_event({"type": "transcript", "text": text, "final": final})
+        if not final:
+            self._speculate(text)
+            return
+        self._turns += 1
+        tl = TurnTimeline(self._turns)
+        at = now()
+        for stage in ("speech_end", "end_of_turn", "final_transcript"):
+            tl.mark(stage, at)
+        tl.info["input"] = "text"
+        if normalize_text(text):
+            self._start_reply(self._reply(tl, text))
+
+    # ------------------------------------------------------------------ routing
+
+    def _speculate(self, text: str) -> None:
+        if self._router is None:
+            return
+        self._latest_text = text
+        if self._route_task is None or self._route_task.done():
+            self._route_task = self._spawn(self._route_latest())
+
+    async def _route_latest(self) -> None:
+        assert self._router is not None
+        while self._routed is None or self._routed.text != self._latest_text:
+            text = self._latest_text
+            self._routed = await self._loop.run_in_executor(self._rt.fast_executor,
+                                                            self._router, text)
+
+    async def _decide(self, text: str) -> tuple[RouteDecision | None, bool]:
+        """The decision for the final text: the speculation if it routed this text."""
+        if self._router is None:
+            return None, False
+        wanted = normalize_text(text)
+        if self._route_task is not None and not self._route_task.done() \
+                and normalize_text(self._latest_text) == wanted:
+            await asyncio.shield(self._route_task)
+        routed = self._routed
+        self._routed, self._latest_text = None, ""
+        if routed is not None and normalize_text(routed.text) == wanted:
+            return routed, True
+        decision = await self._loop.run_in_executor(self._rt.fast_executor, self._router, text)
+        return decision, False
+
+    # ------------------------------------------------------------------ replies
+
+    def _start_reply(self, coro: Awaitable[None]) -> None:
+        self._reply_task = self._spawn(coro)
+
+    async def _reply(self, tl: TurnTimeline, text: str) -> None:
+        self.history.append({"role": "user", "content": text})
+        decision, reused = await self._decide(text)
+        tl.mark("route_decided")
+        tl.info["route_reused"] = reused
+        if decision is not None:
+            tl.info.update(intent=decision.intent, action=decision.action.value,
+                           hit=decision.hit, entry_id=decision.entry_id)
+            await self._out.send_event({"type": "route", "turn": tl.turn, "reused": reused,
+                                        **decision.as_json()})
+        turn = Turn(number=tl.turn, text=text, sample_rate=self.sample_rate, timeline=tl,
+                    decision=decision)
+
+        async def send_frame(frame: bytes) -> None:
+            if not tl.has("first_audio"):
+                tl.mark("first_audio")
+            await self._out.send_audio(frame)
+
+        playout = Playout(send_frame, self.sample_rate, self._settings.frame_ms,
+                          self._settings.playout_lead_ms)
+        self._playout = playout
+        self._reply_text = []
+        segments: list[tuple[str, float, float]] = []  # text, start ms, end ms in the reply
+        try:
+            async for segment in self._responder.respond(turn):
+                tl.info.setdefault("source", segment.source)
+                if segment.event:
+                    await self._out.send_event({**segment.event, "turn": tl.turn})
+                await self._out.send_event({"type": "response", "turn": tl.turn,
+                                            "source": segment.source, "text": segment.text,
+                                            "entry_id": segment.entry_id})
+                segments.append((segment.text, playout.sent_ms, float("inf")))
+                async for chunk in segment.audio:
+                    await playout.write(chunk)
+                segments[-1] = (segment.text, segments[-1][1], playout.sent_ms)
+                self._reply_text = [s[0] for s in segments]
+            await playout.flush()
+            tl.mark("reply_end")
+            tl.info["interrupted"] = False
+            self.history.append({"role": "assistant", "content": " ".join(self._reply_text)})
+        except asyncio.CancelledError:
+            heard_ms = playout.heard_ms()
+            tl.mark("reply_end")
+            tl.info.update(interrupted=True, heard_ms=round(heard_ms, 1))
+            heard = heard_text(segments, heard_ms, playout.sent_ms)
+            self.history.append({"role": "assistant", "content": heard, "interrupted": True})
+            await self._finish_metrics(tl)
+            raise
+        await self._finish_metrics(tl)
+
+    async def _finish_metrics(self, tl: TurnTimeline) -> None:
+        metrics = tl.metrics()
+        self._rt.stats.turn_finished(metrics)
+        logs.event(log, "turn", call_id=self.id, **metrics)
+        await self._out.send_event({"type": "turn_metrics", **metrics})
+
+    async def _barge_in(self, cause: str) -> None:
+        """Stop the bot now: no frame leaves after this, the client drops its buffer."""
+        task = self._reply_task
+        if task is None or task.done():
+            return
+        playout = self._playout
+        heard = playout.heard_ms() if playout else 0.0
+        sent = playout.sent_ms if playout else 0.0
+        task.cancel()
+        await self._out.interrupt({"type": "interrupt", "turn": self._turns, "cause": cause,
+                                   "heard_ms": round(heard, 1), "sent_ms": sent})
+        logs.event(log, "barge_in", call_id=self.id, turn=self._turns, heard_ms=round(heard, 1))
+
+
+def heard_text(segments: list[tuple[str, float, float]], heard_ms: float,
+               sent_ms: float) -> str:
+    """The words the caller heard, assuming words are spread evenly over each segment.
+
+    A segment still being sent has end ``inf``; its audio so far ends at ``sent_ms``.
+    """
+    words: list[str] = []
+    for text, start, end in segments:
+        end = min(end, sent_ms) if end == float("inf") else end
+        if heard_ms >= end:
+            words.extend(text.split())
+        elif heard_ms > start and end > start:
+            parts = text.split()
+            words.extend(parts[:int(len(parts) * (heard_ms - start) / (end - start))])
+    return " ".join(words)

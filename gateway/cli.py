@@ -1,0 +1,126 @@
+"""The ``voicegate`` command: serve, call, demo (and the cache commands)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models ship in packages; never reach for a hub
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from . import logs
+    from .app import create_app
+    from .settings import Settings
+
+    settings = Settings.load({"host": args.host, "port": args.port})
+    logs.configure(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, **uvicorn_options(settings))
+    return 0
+
+
+def uvicorn_options(settings: Any) -> dict[str, Any]:
+    """uvloop + httptools + the sans-I/O websockets implementation: the cheapest frame path."""
+    return {"loop": "uvloop", "http": "httptools", "ws": "websockets-sansio",
+            "ws_max_size": settings.ws_max_size, "log_level": settings.log_level,
+            "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0}
+
+
+def _call(args: argparse.Namespace) -> int:
+    from .audio import read_wav, resample_pcm16, write_wav
+    from .client import Caller
+
+    def show(event: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(event), flush=True)
+        else:
+            print(format_event(event), flush=True)
+
+    async def run() -> int:
+        async with Caller(args.url, sample_rate=args.rate, on_event=show) as caller:
+            if args.wav:
+                pcm, rate = read_wav(args.wav)
+                await caller.say(resample_pcm16(pcm, rate, args.rate), timeout=args.timeout)
+            if args.text:
+                await caller.say_text(args.text, timeout=args.timeout)
+            audio = bytes(caller.audio)
+        if args.out:
+            write_wav(args.out, audio, args.rate)
+            if not args.json:
+                print(f"reply audio: {args.out} ({len(audio) / 2 / args.rate:.2f} s)")
+        return 0
+
+    if not args.wav and not args.text:
+        print("voicegate call: give --wav FILE and/or --text TEXT", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run())
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        print(f"voicegate call: {exc}", file=sys.stderr)
+        return 1
+
+
+def format_event(event: dict[str, Any]) -> str:
+    kind = event.get("type")
+    if kind == "transcript":
+        return f"  {'heard' if event.get('final') else '...  '} {event.get('text')!r}"
+    if kind == "route":
+        return (f"  route  intent={event.get('intent')} action={event.get('action')} "
+                f"hit={event.get('hit')} score={event.get('score', 0):.3f} ({event.get('reason')})")
+    if kind == "response":
+        return f"  reply  [{event.get('source')}] {event.get('text')!r}"
+    if kind == "turn_metrics":
+        keys = ("end_of_turn_ms", "final_transcript_ms", "route_decided_ms", "first_token_ms",
+                "first_audio_ms", "reply_latency_ms")
+        parts = [f"{k[:-3]}={event[k]:.1f}" for k in keys if event.get(k) is not None]
+        return "  timing " + " ".join(parts) + " (ms)"
+    return f"  {kind}: " + json.dumps({k: v for k, v in event.items() if k != "type"})
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voicegate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=_serve)
+
+    call = sub.add_parser("call", help="call a gateway with a WAV file or a transcript")
+    call.add_argument("url", help="ws://HOST:PORT/v1/call")
+    call.add_argument("--wav", help="caller audio (any PCM WAV; resampled as needed)")
+    call.add_argument("--text", help="a caller transcript, sent after the audio (skips STT)")
+    call.add_argument("--out", help="write the reply audio to this WAV file")
+    call.add_argument("--rate", type=int, default=16000, help="sample rate to negotiate")
+    call.add_argument("--json", action="store_true", help="print events as JSON lines")
+    call.add_argument("--timeout", type=float, default=60.0)
+    call.set_defaults(func=_call)
+
+    demo = sub.add_parser("demo", help="start a gateway and call it with synthesized callers")
+    demo.add_argument("--out", default="demo-out", help="directory for the reply WAV files")
+    demo.add_argument("--port", type=int, default=0, help="0: any free port")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

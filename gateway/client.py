@@ -1,0 +1,193 @@
+"""A native-protocol caller: streams audio in real time and collects what comes back.
+
+Used by ``voicegate call``, the demo, the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from .audio import frame_bytes, split_frames
+
+EventHook = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TurnResult:
+    number: int
+    events: list[dict[str, Any]] = field(default_factory=list)
+    audio: bytearray = field(default_factory=bytearray)
+
+    def first(self, kind: str, **match: Any) -> dict[str, Any] | None:
+        for event in self.events:
+            if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+                return event
+        return None
+
+    @property
+    def transcript(self) -> str | None:
+        event = self.first("transcript", final=True)
+        return event["text"] if event else None
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        return self.first("turn_metrics")
+
+
+class Caller:
+    """One call to a voicegate server over the native protocol."""
+
+    def __init__(self, url: str, sample_rate: int = 16000, frame_ms: int = 20,
+                 on_event: EventHook | None = None, metadata: dict[str, Any] | None = None):
+        self.url = url
+        self.sample_rate = sample_rate
+        self.frame_ms = frame_ms
+        self.metadata = metadata or {}
+        self.events: list[dict[str, Any]] = []
+        self.audio = bytearray()  # all reply audio received, in order
+        self.closed_code: int | None = None
+        self._on_event = on_event
+        self._ws: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._new_event = asyncio.Event()
+        self._turn_audio: dict[int, bytearray] = {}
+        self._current_turn = 0
+        self.ready: dict[str, Any] | None = None
+
+    async def __aenter__(self) -> "Caller":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def connect(self, start: bool = True) -> None:
+        self._ws = await connect(self.url, max_size=2 ** 20)
+        self._reader = asyncio.create_task(self._read())
+        if start:
+            await self.send_json({"type": "start", "sample_rate": self.sample_rate,
+                                  "encoding": "pcm16", "metadata": self.metadata})
+            self.ready = await self.wait_for("ready", timeout=30)
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        assert self._ws is not None
+        await self._ws.send(json.dumps(message))
+
+    async def send_raw(self, data: bytes | str) -> None:
+        assert self._ws is not None
+        await self._ws.send(data)
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        try:
+            async for message in self._ws:
+                if isinstance(message, bytes):
+                    self.audio += message
+                    self._turn_audio.setdefault(self._current_turn, bytearray()).extend(message)
+                    continue
+                event = json.loads(message)
+                if event.get("type") == "response":
+                    self._current_turn = int(event.get("turn", self._current_turn))
+                self.events.append(event)
+                if self._on_event:
+                    self._on_event(event)
+                self._new_event.set()
+        except Exception:
+            pass
+        finally:
+            self.closed_code = self._ws.close_code
+            self._new_event.set()
+
+    async def wait_for(self, kind: str, timeout: float = 30.0, start: int = 0,
+                       **match: Any) -> dict[str, Any]:
+        """The first event of ``kind`` (matching ``match``) at or after index ``start``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events[start:]:
+                if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+                    return event
+            if self._reader is not None and self._reader.done():
+                raise ConnectionError(f"connection closed ({self.closed_code}) before {kind!r}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {kind!r} event within {timeout}s")
+            self._new_event.clear()
+            try:
+                await asyncio.wait_for(self._new_event.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def stream_audio(self, pcm16: bytes, realtime: bool = True) -> None:
+        """Send ``pcm16`` (at the call's rate) as frames, paced at real time."""
+        assert self._ws is not None
+        period = self.frame_ms / 1000.0
+        started = time.perf_counter()
+        for i, frame in enumerate(split_frames(pcm16, self.sample_rate, self.frame_ms)):
+            if realtime:
+                delay = started + i * period - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await self._ws.send(frame)
+
+    async def say(self, pcm16: bytes, timeout: float = 60.0, realtime: bool = True,
+                  trailing_silence_ms: int = 1500) -> TurnResult:
+        """Speak one utterance, keep the line open with silence until the turn's reply is done."""
+        index = len(self.events)
+        await self.stream_audio(pcm16, realtime)
+        silence = b"\x00" * frame_bytes(self.sample_rate, self.frame_ms)
+        deadline = time.monotonic() + timeout
+        sent_silence_ms = 0
+        period = self.frame_ms / 1000.0
+        started = time.perf_counter()
+        i = 0
+        # Silence keeps flowing like a real line: VAD needs it to see the turn end.
+        while time.monotonic() < deadline:
+            if any(e.get("type") == "turn_metrics" for e in self.events[index:]):
+                break
+            if sent_silence_ms >= trailing_silence_ms and not any(
+                    e.get("type") == "transcript" for e in self.events[index:]):
+                break  # nothing was heard at all
+            delay = started + i * period - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self.send_raw(silence)
+            i += 1
+            sent_silence_ms += self.frame_ms
+        return self._turn_since(index)
+
+    async def say_text(self, text: str, partial_words: bool = False,
+                       word_interval_s: float = 0.15, timeout: float = 60.0) -> TurnResult:
+        """Send a transcript; with ``partial_words`` word by word as STT partials would come."""
+        index = len(self.events)
+        if partial_words:
+            words = text.split()
+            for n in range(1, len(words) + 1):
+                await self.send_json({"type": "text", "text": " ".join(words[:n]),
+                                      "final": False})
+                await asyncio.sleep(word_interval_s)
+        await self.send_json({"type": "text", "text": text, "final": True})
+        await self.wait_for("turn_metrics", timeout=timeout, start=index)
+        return self._turn_since(index)
+
+    def _turn_since(self, index: int) -> TurnResult:
+        events = self.events[index:]
+        number = next((int(e["turn"]) for e in events if e.get("type") == "turn_metrics"), 0)
+        return TurnResult(number=number, events=events,
+                          audio=self._turn_audio.get(number, bytearray()))
+
+    async def close(self) -> None:
+        if self._ws is None:
+            return
+        try:
+            await self.send_json({"type": "stop"})
+        except Exception:
+            pass
+        await self._ws.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)

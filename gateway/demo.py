@@ -1,0 +1,56 @@
+"""The demo: a gateway on embedded defaults, called by synthesized callers over a real WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from .audio import resample_pcm16, write_wav
+from .cli import format_event
+from .client import Caller
+from .runtime import Runtime
+from .server import BackgroundServer
+from .settings import Settings
+
+CALLER_LINES = (
+    "Hi, what time do your branches open on Saturday?",
+    "How do I reset my online banking password?",
+    "I want to know how much money is in my checking account.",
+)
+CALL_RATE = 16000
+
+
+def run_demo(out_dir: Path, port: int = 0) -> int:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings.load({"host": "127.0.0.1", "port": port})
+    print("loading models (VAD, Whisper tiny.en, Piper joe-medium) ...", flush=True)
+    runtime = Runtime.load(settings)
+    print("  " + ", ".join(f"{k} {v:.2f}s" for k, v in runtime.load_times_s.items()))
+    server = BackgroundServer(settings, runtime).start()
+    print(f"gateway listening on {server.call_url}\n", flush=True)
+    try:
+        return asyncio.run(_converse(server.call_url, runtime, out_dir))
+    finally:
+        server.stop()
+
+
+async def _converse(url: str, runtime: Runtime, out_dir: Path) -> int:
+    render = getattr(runtime.tts, "synthesize_all")
+    async with Caller(url, sample_rate=CALL_RATE) as caller:
+        for i, line in enumerate(CALLER_LINES, start=1):
+            speech = resample_pcm16(render(line), runtime.tts.sample_rate, CALL_RATE)
+            print(f"caller {i}: says {line!r} ({len(speech) / 2 / CALL_RATE:.1f} s of audio, "
+                  "streamed in real time)", flush=True)
+            started = time.perf_counter()
+            turn = await caller.say(speech)
+            for event in turn.events:
+                if event.get("type") in ("transcript", "route", "response", "handoff",
+                                         "turn_metrics", "interrupt", "error") and not (
+                        event.get("type") == "transcript" and not event.get("final")):
+                    print(format_event(event))
+            path = out_dir / f"reply-{i}.wav"
+            write_wav(path, bytes(turn.audio), CALL_RATE)
+            print(f"  audio  {path} ({len(turn.audio) / 2 / CALL_RATE:.1f} s) "
+                  f"[turn took {time.perf_counter() - started:.1f} s wall]\n", flush=True)
+    return 0

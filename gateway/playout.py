@@ -1,0 +1,80 @@
+"""Real-time paced playout of reply audio.
+
+Frames go out at the pace they play, a small lead ahead of real time so the
+client's jitter buffer never starves, but never far ahead: on a barge-in, what
+was sent and not yet played is dropped by the client (``interrupt``/``clear``),
+and ``heard_ms`` tells how much the caller really heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+from . import timeline
+from .audio import frame_bytes
+
+SendFrame = Callable[[bytes], Awaitable[None]]
+
+
+class Playout:
+    def __init__(self, send_frame: SendFrame, sample_rate: int, frame_ms: int = 20,
+                 lead_ms: int = 60) -> None:
+        self._send = send_frame
+        self.sample_rate = sample_rate
+        self.frame_ms = frame_ms
+        self._frame_size = frame_bytes(sample_rate, frame_ms)
+        self._lead_s = lead_ms / 1000.0
+        self._pending = bytearray()
+        self._started_at: float | None = None
+        self._sent_frames = 0
+        self.first_frame_at: float | None = None
+
+    @property
+    def sent_ms(self) -> float:
+        return self._sent_frames * self.frame_ms
+
+    def heard_ms(self) -> float:
+        """Audio the caller has heard so far: sent, and due by the clock."""
+        if self._started_at is None:
+            return 0.0
+        elapsed = (timeline.now() - self._started_at) * 1000.0
+        return max(0.0, min(self.sent_ms, elapsed))
+
+    async def write(self, pcm16: bytes) -> None:
+        """Queue reply audio (call rate) and send every complete frame, paced."""
+        self._pending += pcm16
+        size = self._frame_size
+        while len(self._pending) >= size:
+            frame = bytes(self._pending[:size])
+            del self._pending[:size]
+            await self._send_paced(frame)
+
+    async def flush(self) -> None:
+        """Send the last partial frame, zero-padded, then wait until it has played."""
+        if self._pending:
+            frame = bytes(self._pending) + b"\x00" * (self._frame_size - len(self._pending))
+            self._pending.clear()
+            await self._send_paced(frame)
+        if self._started_at is not None:
+            remaining = self._started_at + self.sent_ms / 1000.0 - timeline.now()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+
+    async def _send_paced(self, frame: bytes) -> None:
+        now = timeline.now()
+        if self._started_at is None:
+            self._started_at = now
+        else:
+            # Frame n is due when frame n-1 finishes playing, minus the lead.
+            due = self._started_at + self.sent_ms / 1000.0 - self._lead_s
+            if due > now:
+                await asyncio.sleep(due - now)
+            elif now - due > 0.5:
+                # The producer fell behind (slow TTS): restart the clock instead of
+                # bursting, so the client hears a pause, not a fast-forward.
+                self._started_at = now - self.sent_ms / 1000.0 + self._lead_s
+        await self._send(frame)
+        if self.first_frame_at is None:
+            self.first_frame_at = timeline.now()
+        self._sent_frames += 1

@@ -1,0 +1,124 @@
+"""The native wire protocol: message parsing, validation and error codes.
+
+docs/protocol.md is the human-readable version of this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .settings import SUPPORTED_SAMPLE_RATES
+
+# WebSocket close codes (RFC 6455 section 7.4.1, plus IANA-registered 1012/1013).
+CLOSE_NORMAL = 1000
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_INVALID_PAYLOAD = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+
+SUPPORTED_ENCODINGS = ("pcm16",)
+
+
+class ProtocolError(Exception):
+    """A client sent something the protocol does not allow.
+
+    ``close_code`` is None when the call can go on after the error event.
+    """
+
+    def __init__(self, code: str, message: str, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.close_code = close_code
+
+    def event(self) -> dict[str, Any]:
+        return {"type": "error", "code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True)
+class StartMessage:
+    sample_rate: int
+    encoding: str = "pcm16"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TextMessage:
+    text: str
+    final: bool
+
+
+@dataclass(frozen=True)
+class StopMessage:
+    pass
+
+
+ClientMessage = StartMessage | TextMessage | StopMessage
+
+
+def parse_text_frame(raw: str, max_bytes: int) -> ClientMessage:
+    # A character is 1-4 UTF-8 bytes: encode only when the length alone cannot decide.
+    if len(raw) > max_bytes or (len(raw) * 4 > max_bytes and len(raw.encode()) > max_bytes):
+        raise ProtocolError("frame_too_large",
+                            f"text message of {len(raw.encode())} bytes exceeds {max_bytes} bytes",
+                            CLOSE_TOO_BIG)
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc.msg} at position "
+                                            f"{exc.pos}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_message", "a message must be a JSON object")
+    kind = data.get("type")
+    if kind == "start":
+        return _parse_start(data)
+    if kind == "text":
+        text = data.get("text")
+        if not isinstance(text, str):
+            raise ProtocolError("invalid_message", "`text` message needs a string field `text`")
+        final = data.get("final", True)
+        if not isinstance(final, bool):
+            raise ProtocolError("invalid_message", "`final` must be true or false")
+        return TextMessage(text=text, final=final)
+    if kind == "stop":
+        return StopMessage()
+    if kind is None:
+        raise ProtocolError("invalid_message", "message has no `type` field")
+    raise ProtocolError("unknown_message_type",
+                        f"unknown message type {str(kind)[:64]!r}; expected start, text or stop")
+
+
+def _parse_start(data: dict[str, Any]) -> StartMessage:
+    rate = data.get("sample_rate")
+    if not isinstance(rate, int) or isinstance(rate, bool):
+        raise ProtocolError("invalid_message", "`start` needs an integer `sample_rate`",
+                            CLOSE_POLICY)
+    if rate not in SUPPORTED_SAMPLE_RATES:
+        raise ProtocolError("unsupported_sample_rate",
+                            f"sample rate {rate} Hz is not supported; use one of "
+                            f"{', '.join(map(str, SUPPORTED_SAMPLE_RATES))}",
+                            CLOSE_UNSUPPORTED_DATA)
+    encoding = data.get("encoding", "pcm16")
+    if encoding not in SUPPORTED_ENCODINGS:
+        raise ProtocolError("unsupported_encoding",
+                            f"encoding {str(encoding)[:32]!r} is not supported; use pcm16 "
+                            "(16-bit little-endian mono)", CLOSE_UNSUPPORTED_DATA)
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ProtocolError("invalid_message", "`metadata` must be a JSON object", CLOSE_POLICY)
+    return StartMessage(sample_rate=rate, encoding=encoding, metadata=metadata)
+
+
+def check_audio_frame(frame: bytes, max_bytes: int) -> None:
+    if len(frame) > max_bytes:
+        raise ProtocolError("frame_too_large",
+                            f"audio frame of {len(frame)} bytes exceeds {max_bytes} bytes",
+                            CLOSE_TOO_BIG)
+    if len(frame) % 2:
+        raise ProtocolError("odd_pcm_length",
+                            f"audio frame of {len(frame)} bytes is not whole 16-bit samples",
+                            CLOSE_INVALID_PAYLOAD)

@@ -1,0 +1,50 @@
+"""Configured provider name -> adapter. Adding a vendor: one file and one line here."""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from typing import Callable
+
+from ..settings import Settings, SettingsError
+from .base import SpeechToText, TextToSpeech
+
+
+def _whisper(settings: Settings, executor: Executor) -> SpeechToText:
+    from .whisper_stt import WhisperSTT
+
+    return WhisperSTT(executor, model_dir=settings.whisper_model_dir or None,
+                      threads=settings.whisper_threads, workers=settings.cpu_workers,
+                      partial_interval_ms=settings.partial_interval_ms,
+                      max_utterance_s=settings.max_utterance_s)
+
+
+def _piper(settings: Settings, executor: Executor) -> TextToSpeech:
+    from .piper_tts import PiperTTS
+
+    return PiperTTS(executor, voice_path=settings.piper_voice or None)
+
+
+STT_PROVIDERS: dict[str, Callable[[Settings, Executor], SpeechToText]] = {
+    "whisper": _whisper,
+}
+TTS_PROVIDERS: dict[str, Callable[[Settings, Executor], TextToSpeech]] = {
+    "piper": _piper,
+}
+
+
+def create_stt(settings: Settings, executor: Executor) -> SpeechToText:
+    try:
+        factory = STT_PROVIDERS[settings.stt_provider]
+    except KeyError:
+        raise SettingsError(f"unknown stt_provider {settings.stt_provider!r}; "
+                            f"known: {', '.join(STT_PROVIDERS)}") from None
+    return factory(settings, executor)
+
+
+def create_tts(settings: Settings, executor: Executor) -> TextToSpeech:
+    try:
+        factory = TTS_PROVIDERS[settings.tts_provider]
+    except KeyError:
+        raise SettingsError(f"unknown tts_provider {settings.tts_provider!r}; "
+                            f"known: {', '.join(TTS_PROVIDERS)}") from None
+    return factory(settings, executor)

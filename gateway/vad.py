@@ -1,0 +1,142 @@
+"""Voice activity detection: the Silero model (ONNX) and the speech segmenter.
+
+``SileroVAD`` is loaded once and shared by every call; each call owns a
+``SileroState`` (the model's recurrent state and audio context) and a
+``SpeechSegmenter`` that turns per-window speech probabilities into turn events.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+
+SAMPLE_RATE = 16000
+WINDOW_SAMPLES = 512  # 32 ms: the window size Silero v5+ is trained on at 16 kHz
+WINDOW_BYTES = WINDOW_SAMPLES * 2
+WINDOW_MS = WINDOW_SAMPLES * 1000 / SAMPLE_RATE
+_CONTEXT_SAMPLES = 64  # the model sees the tail of the previous window
+
+
+def silero_model_path() -> Path:
+    return Path(str(resources.files("silero_vad").joinpath("data/silero_vad.onnx")))
+
+
+@dataclass
+class SileroState:
+    """Per-call recurrent state of the Silero model."""
+
+    state: np.ndarray = field(default_factory=lambda: np.zeros((2, 1, 128), dtype=np.float32))
+    context: np.ndarray = field(default_factory=lambda: np.zeros((1, _CONTEXT_SAMPLES),
+                                                                 dtype=np.float32))
+
+
+class SileroVAD:
+    """Silero VAD through onnxruntime; thread-safe, one instance per process."""
+
+    def __init__(self, model_path: Path | None = None) -> None:
+        options = onnxruntime.SessionOptions()
+        # One thread per inference: windows are tiny and calls run in parallel instead.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            str(model_path or silero_model_path()), sess_options=options,
+            providers=["CPUExecutionProvider"])
+        self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
+
+    def probabilities(self, pcm16: bytes, state: SileroState) -> list[float]:
+        """Speech probability for each complete 32 ms window of 16 kHz ``pcm16``."""
+        samples = np.frombuffer(pcm16, dtype="<i2").astype(np.float32) / 32768.0
+        count = len(samples) // WINDOW_SAMPLES
+        probs: list[float] = []
+        for i in range(count):
+            window = samples[i * WINDOW_SAMPLES:(i + 1) * WINDOW_SAMPLES].reshape(1, -1)
+            model_input = np.concatenate([state.context, window], axis=1)
+            out, state.state = self._session.run(
+                None, {"input": model_input, "state": state.state, "sr": self._sr})
+            state.context = window[:, -_CONTEXT_SAMPLES:]
+            probs.append(float(out[0, 0]))
+        return probs
+
+    def warm_up(self) -> None:
+        self.probabilities(b"\x00" * WINDOW_BYTES * 4, SileroState())
+
+
+class SegmentEvent(enum.Enum):
+    CANDIDATE = "candidate"  # voice heard, not yet long enough to count as speech
+    REJECTED = "rejected"  # the candidate ended too soon: noise or a backchannel
+    SPEECH_START = "speech_start"  # confirmed speech (long enough)
+    PAUSE = "pause"  # confirmed speech went quiet; the turn may be ending
+    RESUME = "resume"  # speech resumed before the turn ended
+    TURN_END = "turn_end"  # silence long enough: the caller's turn is over
+
+
+@dataclass
+class SpeechSegmenter:
+    """Turns per-window probabilities into speech and turn events (hysteresis + durations).
+
+    ``min_speech_ms`` is checked against consecutive voiced audio, so a click or an
+    "uh-huh" shorter than it never becomes speech. The call raises it while the bot
+    is talking (barge-in) via ``min_speech_ms_override``.
+    """
+
+    threshold: float = 0.5
+    min_speech_ms: float = 120.0
+    end_silence_ms: float = 300.0
+    min_speech_ms_override: float | None = None
+    _voiced_ms: float = 0.0
+    _silence_ms: float = 0.0
+    _in_candidate: bool = False
+    _in_speech: bool = False
+    _paused: bool = False
+
+    @property
+    def in_speech(self) -> bool:
+        return self._in_speech
+
+    def push(self, prob: float) -> list[SegmentEvent]:
+        # Hysteresis: once voiced, a window stays voiced down to threshold - 0.15.
+        voiced = prob >= (self.threshold - 0.15 if (self._in_candidate or self._in_speech)
+                          and not self._paused else self.threshold)
+        events: list[SegmentEvent] = []
+        needed = self.min_speech_ms_override or self.min_speech_ms
+        if voiced:
+            self._silence_ms = 0.0
+            self._voiced_ms += WINDOW_MS
+            if self._in_speech:
+                if self._paused:
+                    self._paused = False
+                    events.append(SegmentEvent.RESUME)
+            elif not self._in_candidate:
+                self._in_candidate = True
+                events.append(SegmentEvent.CANDIDATE)
+            if self._in_candidate and self._voiced_ms >= needed:
+                self._in_candidate = False
+                self._in_speech = True
+                events.append(SegmentEvent.SPEECH_START)
+        else:
+            self._silence_ms += WINDOW_MS
+            if self._in_candidate:
+                # A short gap inside a candidate does not reset it; a long one rejects it.
+                if self._silence_ms >= 2 * WINDOW_MS:
+                    self._in_candidate = False
+                    self._voiced_ms = 0.0
+                    events.append(SegmentEvent.REJECTED)
+            elif self._in_speech:
+                if not self._paused:
+                    self._paused = True
+                    events.append(SegmentEvent.PAUSE)
+                if self._silence_ms >= self.end_silence_ms:
+                    self._in_speech = False
+                    self._paused = False
+                    self._voiced_ms = 0.0
+                    events.append(SegmentEvent.TURN_END)
+        return events
+
+    def reset(self) -> None:
+        self._voiced_ms = self._silence_ms = 0.0
+        self._in_candidate = self._in_speech = self._paused = False
