@@ -29,6 +29,9 @@ from .vad import WINDOW_BYTES, WINDOW_MS, SegmentEvent, SileroState, SpeechSegme
 log = logging.getLogger("voicegate.call")
 
 _PREROLL_WINDOWS = 10  # 320 ms of audio before the speech decision goes to STT too
+# Start the final decode once a pause is this long: shorter gaps between words would
+# only start decodes that the next word throws away.
+_SPECULATE_AFTER_MS = 96.0
 RouteFn = Callable[[str], RouteDecision]
 
 
@@ -74,6 +77,7 @@ class Call:
         self._in_utterance = False
         self._speech_start_at = 0.0
         self._speech_end_at = 0.0
+        self._speculating = False  # a final decode was started at a pause
         self._stt = runtime.stt.open_stream()
 
         # routing speculation: the newest partial wins, one routing in flight
@@ -180,13 +184,12 @@ class Call:
                 self._preroll.clear()
             elif event is SegmentEvent.PAUSE:
                 self._speech_end_at = at - WINDOW_MS / 1000.0
-                hint = getattr(self._stt, "speech_paused", None)
-                if hint:
-                    hint()
             elif event is SegmentEvent.RESUME:
-                hint = getattr(self._stt, "speech_resumed", None)
-                if hint:
-                    hint()
+                if self._speculating:
+                    self._speculating = False
+                    hint = getattr(self._stt, "speech_resumed", None)
+                    if hint:
+                        hint()
             elif event is SegmentEvent.TURN_END:
                 self._in_utterance = False
                 self._turns += 1
@@ -196,6 +199,12 @@ class Call:
                 tl.mark("end_of_turn", at)
                 tl.info["input"] = "audio"
                 self._start_reply(self._finish_spoken_turn(tl))
+        if self._in_utterance and not self._speculating and \
+                self._segmenter.silence_ms >= _SPECULATE_AFTER_MS:
+            self._speculating = True
+            hint = getattr(self._stt, "speech_paused", None)
+            if hint:
+                hint()
 
     async def _partials_loop(self) -> None:
         async for partial in self._stt.partials():

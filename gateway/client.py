@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from .audio import frame_bytes, split_frames
+from .audio import frame_bytes
 
 EventHook = Callable[[dict[str, Any]], None]
 
@@ -59,6 +59,9 @@ class Caller:
         self._turn_audio: dict[int, bytearray] = {}
         self._current_turn = 0
         self.ready: dict[str, Any] | None = None
+        self._speech = bytearray()  # caller audio waiting to go out on the line
+        self._drained = asyncio.Event()
+        self._line: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "Caller":
         await self.connect()
@@ -123,42 +126,62 @@ class Caller:
             except TimeoutError:
                 pass
 
-    async def stream_audio(self, pcm16: bytes, realtime: bool = True) -> None:
-        """Send ``pcm16`` (at the call's rate) as frames, paced at real time."""
-        assert self._ws is not None
-        period = self.frame_ms / 1000.0
-        started = time.perf_counter()
-        for i, frame in enumerate(split_frames(pcm16, self.sample_rate, self.frame_ms)):
-            if realtime:
-                delay = started + i * period - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            await self._ws.send(frame)
+    async def stream_audio(self, pcm16: bytes) -> None:
+        """Speak ``pcm16`` (at the call's rate) into the line; returns once it has been sent.
 
-    async def say(self, pcm16: bytes, timeout: float = 60.0, realtime: bool = True,
-                  trailing_silence_ms: int = 1500) -> TurnResult:
-        """Speak one utterance, keep the line open with silence until the turn's reply is done."""
-        index = len(self.events)
-        await self.stream_audio(pcm16, realtime)
-        silence = b"\x00" * frame_bytes(self.sample_rate, self.frame_ms)
-        deadline = time.monotonic() + timeout
-        sent_silence_ms = 0
+        The line is a real-time microphone: 20 ms frames at real pace, silence between
+        utterances, so VAD hears pauses and turn ends as it would on a real call.
+        """
+        if self._line is None:
+            self._line = asyncio.create_task(self._run_line())
+        self._speech += pcm16
+        self._drained.clear()
+        await self._drained.wait()
+
+    async def _run_line(self) -> None:
+        assert self._ws is not None
+        size = frame_bytes(self.sample_rate, self.frame_ms)
+        silence = b"\x00" * size
         period = self.frame_ms / 1000.0
         started = time.perf_counter()
         i = 0
-        # Silence keeps flowing like a real line: VAD needs it to see the turn end.
-        while time.monotonic() < deadline:
-            if any(e.get("type") == "turn_metrics" for e in self.events[index:]):
-                break
-            if sent_silence_ms >= trailing_silence_ms and not any(
-                    e.get("type") == "transcript" for e in self.events[index:]):
-                break  # nothing was heard at all
+        while True:
             delay = started + i * period - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await self.send_raw(silence)
             i += 1
-            sent_silence_ms += self.frame_ms
+            if self._speech:
+                frame = bytes(self._speech[:size]).ljust(size, b"\x00")
+                del self._speech[:size]
+                if not self._speech:
+                    self._drained.set()
+            else:
+                frame = silence
+            try:
+                await self._ws.send(frame)
+            except Exception:
+                self._drained.set()
+                return
+
+    async def say(self, pcm16: bytes, timeout: float = 60.0,
+                  nothing_heard_ms: int = 2000) -> TurnResult:
+        """Speak one utterance and wait (line open, silence flowing) for the reply to finish."""
+        index = len(self.events)
+        await self.stream_audio(pcm16)
+        deadline = time.monotonic() + timeout
+        quiet_until = time.monotonic() + nothing_heard_ms / 1000.0
+        while time.monotonic() < deadline:
+            events = self.events[index:]
+            if any(e.get("type") == "turn_metrics" for e in events):
+                break
+            if time.monotonic() > quiet_until and not any(
+                    e.get("type") == "transcript" for e in events):
+                break  # the gateway heard nothing it counts as speech
+            self._new_event.clear()
+            try:
+                await asyncio.wait_for(self._new_event.wait(), 0.1)
+            except TimeoutError:
+                pass
         return self._turn_since(index)
 
     async def say_text(self, text: str, partial_words: bool = False,
@@ -184,6 +207,9 @@ class Caller:
     async def close(self) -> None:
         if self._ws is None:
             return
+        if self._line is not None:
+            self._line.cancel()
+            await asyncio.gather(self._line, return_exceptions=True)
         try:
             await self.send_json({"type": "stop"})
         except Exception:

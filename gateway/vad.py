@@ -98,6 +98,11 @@ class SpeechSegmenter:
     def in_speech(self) -> bool:
         return self._in_speech
 
+    @property
+    def silence_ms(self) -> float:
+        """Silence since the last voiced window (0 while voiced)."""
+        return self._silence_ms
+
     def push(self, prob: float) -> list[SegmentEvent]:
         # Hysteresis: once voiced, a window stays voiced down to threshold - 0.15.
         voiced = prob >= (self.threshold - 0.15 if (self._in_candidate or self._in_speech)

@@ -97,7 +97,9 @@ class WhisperStream:
         if overflow > 0:
             del self._buffer[:overflow]
         now = time.monotonic()
+        # No partial while a speculative final is decoding: it would only delay the final.
         if (self._partial_task is None or self._partial_task.done()) and \
+                self._speculative is None and \
                 now - self._last_partial_at >= self._stt.partial_interval_s:
             self._last_partial_at = now
             self._partial_task = asyncio.create_task(self._decode_partial(bytes(self._buffer)))

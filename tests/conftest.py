@@ -1,0 +1,49 @@
+"""Shared fixtures: warm models once per session, one real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from gateway.audio import resample_pcm16  # noqa: E402
+from gateway.runtime import Runtime  # noqa: E402
+from gateway.server import BackgroundServer  # noqa: E402
+from gateway.settings import Settings  # noqa: E402
+
+CALL_RATE = 16000
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings.load({"host": "127.0.0.1", "port": 0}, environ={})
+
+
+@pytest.fixture(scope="session")
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    rt = Runtime.load(settings)
+    yield rt
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings, runtime: Runtime) -> Iterator[BackgroundServer]:
+    srv = BackgroundServer(settings, runtime).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def speak(runtime: Runtime) -> Callable[[str], bytes]:
+    """Caller speech synthesized at test time by the local TTS, at 16 kHz."""
+    cache: dict[tuple[str, int], bytes] = {}
+
+    def render(text: str, rate: int = CALL_RATE) -> bytes:
+        if (text, rate) not in cache:
+            pcm = runtime.tts.synthesize_all(text)  # type: ignore[attr-defined]
+            cache[(text, rate)] = resample_pcm16(pcm, runtime.tts.sample_rate, rate)
+        return cache[(text, rate)]
+
+    return render

@@ -1,0 +1,52 @@
+import numpy as np
+
+from gateway.audio import (StreamResampler, duration_ms, frame_bytes, read_wav, resample_pcm16,
+                           split_frames, write_wav)
+
+
+def tone(rate: int, seconds: float, freq: float = 440.0) -> bytes:
+    t = np.arange(int(rate * seconds)) / rate
+    return (np.sin(2 * np.pi * freq * t) * 12000).astype("<i2").tobytes()
+
+
+def test_split_frames_pads_the_last_frame():
+    pcm = b"\x01\x00" * 500  # 500 samples at 16 kHz = 31.25 ms
+    frames = split_frames(pcm, 16000, 20)
+    assert [len(f) for f in frames] == [640, 640]
+    assert frames[1][-20:] == b"\x00" * 20
+
+
+def test_resample_keeps_duration_and_pitch():
+    pcm = tone(48000, 1.0)
+    out = resample_pcm16(pcm, 48000, 8000)
+    assert abs(duration_ms(out, 8000) - 1000) < 2
+    samples = np.frombuffer(out, dtype="<i2").astype(np.float32)
+    peak_hz = np.argmax(np.abs(np.fft.rfft(samples))) * 8000 / len(samples)
+    assert abs(peak_hz - 440) < 3
+
+
+def test_stream_resampler_matches_length_of_whole_clip():
+    pcm = tone(8000, 1.0)
+    stream = StreamResampler(8000, 16000)
+    chunks = [stream.process(f) for f in split_frames(pcm, 8000, 20)]
+    chunks.append(stream.process(b"", last=True))
+    total = sum(len(c) for c in chunks)
+    assert abs(total - frame_bytes(16000, 1000)) <= 64
+
+
+def test_wav_round_trip_and_stereo_downmix(tmp_path):
+    pcm = tone(16000, 0.5)
+    path = tmp_path / "a.wav"
+    write_wav(path, pcm, 16000)
+    back, rate = read_wav(path)
+    assert rate == 16000 and len(back) == len(pcm)
+    import wave
+    stereo = tmp_path / "s.wav"
+    with wave.open(str(stereo), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        mono = np.frombuffer(tone(8000, 0.25), dtype="<i2")
+        w.writeframes(np.stack([mono, mono], axis=1).astype("<i2").tobytes())
+    down, rate = read_wav(stereo)
+    assert rate == 8000 and len(down) == len(mono) * 2

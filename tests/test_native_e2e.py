@@ -1,0 +1,210 @@
+"""End to end over a real uvicorn server and a real WebSocket client, with synthesized speech."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from gateway.audio import read_wav, write_wav
+from gateway.client import Caller
+
+pytestmark = pytest.mark.slow
+
+TIMELINE_KEYS = ("end_of_turn_ms", "final_transcript_ms", "route_decided_ms", "first_audio_ms",
+                 "reply_latency_ms")
+
+
+def words(text: str | None) -> set[str]:
+    return set((text or "").lower().replace("?", " ").replace(".", " ").replace(",", " ").split())
+
+
+def test_health_and_readiness(server):
+    assert httpx.get(server.base_url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.base_url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert set(ready.json()["load_times_s"]) >= {"vad", "stt", "tts"}
+
+
+async def test_spoken_turn_is_transcribed_answered_and_timed(server, speak):
+    async with Caller(server.call_url) as caller:
+        assert caller.ready and caller.ready["sample_rate"] == 16000
+        turn = await caller.say(speak("What time do your branches open on Saturday?"))
+    assert {"branches", "open", "saturday"} <= words(turn.transcript)
+    response = turn.first("response")
+    assert response is not None and response["source"] in ("cache", "llm", "handoff")
+    assert len(turn.audio) > 16000 * 2 * 0.5  # at least half a second of reply audio
+    metrics = turn.metrics
+    assert metrics is not None and metrics["interrupted"] is False
+    for key in TIMELINE_KEYS:
+        assert metrics[key] is not None and metrics[key] >= 0, key
+    # the stages happen in order
+    assert metrics["end_of_turn_ms"] <= metrics["reply_latency_ms"]
+    assert metrics["final_transcript_ms"] <= metrics["route_decided_ms"] <= \
+        metrics["reply_latency_ms"]
+
+
+async def test_reply_audio_follows_the_negotiated_rate(server, speak):
+    async with Caller(server.call_url, sample_rate=8000) as caller:
+        turn = await caller.say(speak("Hello, can you help me with my card?", 8000))
+        metrics = turn.metrics
+    assert metrics is not None
+    # reply_ms of audio at 8 kHz: 16 bytes per ms (frames are whole, so allow one frame)
+    played = len(turn.audio) / 16
+    assert abs(played - metrics["reply_ms"]) < 200
+
+
+async def test_barge_in_stops_playback_and_interrupts(server, speak):
+    marks: dict[str, int] = {}
+    caller = Caller(server.call_url)
+    caller._on_event = lambda e: marks.setdefault(e["type"] + str(e.get("turn", "")),
+                                                  len(caller.audio))
+    await caller.connect()
+    try:
+        first = asyncio.create_task(caller.say(speak("I have a question about my account.")))
+        response = await caller.wait_for("response", timeout=60)
+        await asyncio.sleep(0.5)  # let the reply play for a while
+        assert not first.done()
+        interrupt_task = asyncio.create_task(caller.wait_for("interrupt", timeout=30))
+        await caller.stream_audio(speak("Actually, stop. I want to talk about something else."))
+        interrupt = await interrupt_task
+        first_metrics = await caller.wait_for("turn_metrics", turn=response["turn"])
+        await asyncio.gather(first, return_exceptions=True)
+    finally:
+        await caller.close()
+    assert interrupt["turn"] == response["turn"] and interrupt["cause"] == "speech"
+    assert first_metrics["interrupted"] is True
+    full_reply_ms = 3000  # the handoff/cached reply lasts several seconds
+    assert 300 <= first_metrics["heard_ms"] < full_reply_ms
+    # Nothing of the interrupted reply arrived after `interrupt`: the audio received
+    # up to the next reply's `response` equals the audio received up to `interrupt`.
+    next_turn = response["turn"] + 1
+    at_interrupt = marks["interrupt" + str(response["turn"])]
+    at_next = marks.get("response" + str(next_turn), len(caller.audio))
+    assert at_next == at_interrupt
+
+
+async def test_backchannel_does_not_interrupt(server, speak, runtime):
+    backchannel = speak("Uh-huh.")
+    # trim to its voiced part so it is a real, short backchannel
+    assert len(backchannel) / 32 < runtime.settings.barge_in_min_speech_ms + 300
+    async with Caller(server.call_url) as caller:
+        task = asyncio.create_task(caller.say(speak("Can you tell me about savings accounts?")))
+        await caller.wait_for("response", timeout=60)
+        await asyncio.sleep(0.3)
+        await caller.stream_audio(backchannel[: int(0.25 * 32000)])
+        turn = await task
+    assert turn.first("interrupt") is None
+    assert turn.metrics is not None and turn.metrics["interrupted"] is False
+
+
+async def test_text_turns_with_partials(server):
+    async with Caller(server.call_url) as caller:
+        turn = await caller.say_text("how do I order a new debit card", partial_words=True,
+                                     word_interval_s=0.01)
+    partials = [e for e in turn.events if e["type"] == "transcript" and not e["final"]]
+    assert len(partials) == 8 and turn.transcript == "how do I order a new debit card"
+    assert turn.first("response") is not None and len(turn.audio) > 0
+    assert turn.metrics is not None and turn.metrics["input"] == "text"
+
+
+# ---------------------------------------------------------------- bad input
+
+async def _raw(server, *messages, expect_close: bool):
+    """Send raw messages, return (error events, close code or None)."""
+    async with connect(server.call_url) as ws:
+        errors = []
+        for message in messages:
+            await ws.send(message)
+        try:
+            while True:
+                reply = await asyncio.wait_for(ws.recv(), timeout=5 if expect_close else 1)
+                if isinstance(reply, str):
+                    event = json.loads(reply)
+                    if event["type"] == "error":
+                        errors.append(event)
+        except asyncio.TimeoutError:
+            return errors, None
+        except Exception:
+            return errors, ws.close_code
+
+
+START = json.dumps({"type": "start", "sample_rate": 16000, "encoding": "pcm16"})
+
+
+@pytest.mark.parametrize("messages, code, close", [
+    (["{not json"], "invalid_json", None),
+    ([json.dumps({"type": "dance"})], "unknown_message_type", None),
+    ([b"\x00" * 640], "audio_before_start", None),
+    ([json.dumps({"type": "start", "sample_rate": 12345})], "unsupported_sample_rate", 1003),
+    ([json.dumps({"type": "start", "sample_rate": 16000, "encoding": "mp3"})],
+     "unsupported_encoding", 1003),
+    ([START, b"\x00" * 641], "odd_pcm_length", 1007),
+    ([START, b"\x00" * (64 * 1024 + 2)], "frame_too_large", 1009),
+    ([START, START], "already_started", None),
+    ([json.dumps({"type": "text", "text": "hi"})], "not_started", None),
+])
+async def test_bad_input_gets_a_specific_error(server, speak, messages, code, close):
+    # A healthy call runs alongside; it must finish its turn untouched.
+    async with Caller(server.call_url) as healthy:
+        healthy_turn = asyncio.create_task(healthy.say_text("do you have branches downtown"))
+        errors, close_code = await _raw(server, *messages, expect_close=close is not None)
+        turn = await healthy_turn
+    assert [e["code"] for e in errors] == [code]
+    assert errors[0]["message"]
+    assert close_code == close
+    assert turn.first("response") is not None and turn.first("error") is None
+
+
+async def test_client_vanishing_mid_reply_is_cleaned_up(server, runtime):
+    before = runtime.stats.active_calls
+    ws = await connect(server.call_url)
+    await ws.send(START)
+    await ws.recv()  # ready
+    await ws.send(json.dumps({"type": "text", "text": "tell me about mortgages", "final": True}))
+    got_audio = False
+    while not got_audio:
+        got_audio = isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+    ws.transport.abort()  # no close frame: the client just disappears
+    for _ in range(100):
+        if runtime.stats.active_calls == before:
+            break
+        await asyncio.sleep(0.05)
+    assert runtime.stats.active_calls == before
+    async with Caller(server.call_url) as caller:  # the server still serves
+        turn = await caller.say_text("hello")
+    assert turn.first("response") is not None
+
+
+def test_call_command_streams_a_wav_and_saves_the_reply(server, speak, tmp_path):
+    wav = tmp_path / "question.wav"
+    write_wav(wav, speak("Where is your nearest branch?", 22050), 22050)  # resampled by `call`
+    out = tmp_path / "reply.wav"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "call", server.call_url, "--wav", str(wav),
+         "--out", str(out), "--json", "--rate", "8000"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "ready" and "response" in kinds and "turn_metrics" in kinds
+    final = next(e for e in events if e["type"] == "transcript" and e["final"])
+    assert {"nearest", "branch"} <= words(final["text"])
+    audio, rate = read_wav(out)
+    assert rate == 8000 and len(audio) > 8000
+
+
+def test_call_command_reports_an_unreachable_server(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "call",
+                             f"ws://127.0.0.1:{port}/v1/call", "--text", "hi"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "voicegate call:" in result.stderr
