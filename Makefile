@@ -1,0 +1,31 @@
+# Two targets a new user needs: `make demo` and `make test`. Both install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Where pip finds the CPU build of torch==2.13.0 (extra pip flags, e.g. an extra index URL).
+TORCH_PIP_FLAGS ?=
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	# CPU PyTorch first, pinned, so nothing that depends on torch pulls CUDA wheels.
+	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_FLAGS)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/voicegate demo
+
+test: install
+	bash scripts/ensure-redis.sh
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/speech_stack.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
