@@ -96,27 +96,32 @@ async def harness_cost(seconds: float) -> float:
     return (time.process_time() - cpu0) / seconds
 
 
-async def inbound_cost(runtime: Runtime, line: bytes, rate: int, with_stt: bool) -> float:
-    """CPU seconds per second of inbound audio for one real-time call (harness included)."""
+async def inbound_cost(runtime: Runtime, line: bytes, rate: int, with_stt: bool,
+                       calls: int = 1) -> float:
+    """CPU seconds per second of inbound audio per call, ``calls`` calls in real time
+    (the feeding loop's own cost included; the caller subtracts it)."""
     responder = Responder(runtime)
-    call = Call(runtime, NullOutput(), rate, responder)
+    group = [Call(runtime, NullOutput(), rate, responder) for _ in range(calls)]
     if not with_stt:
-        # VAD only: keep the segmenter from ever confirming speech, so STT never runs.
-        call._segmenter.min_speech_ms = 10 ** 9
-    run = asyncio.create_task(call.run())
+        for call in group:  # VAD only: the segmenter never confirms speech, STT never runs
+            call._segmenter.min_speech_ms = 10 ** 9
+    runs = [asyncio.create_task(call.run()) for call in group]
     size = frame_bytes(rate, 20)
     frames = [line[i:i + size] for i in range(0, len(line) - size + 1, size)]
+    await asyncio.sleep(0.1)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i, frame in enumerate(frames):
         delay = wall0 + i * 0.02 - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        call.feed_audio(frame)
+        for call in group:
+            call.feed_audio(frame)
     await asyncio.sleep(1.0)  # let the last final decode finish
     cpu = time.process_time() - cpu0
-    call.stop()
-    await run
-    return cpu / (len(frames) * 0.02)
+    for call in group:
+        call.stop()
+    await asyncio.gather(*runs)
+    return cpu / (len(frames) * 0.02) / calls
 
 
 async def main_async(seconds: float) -> None:
@@ -142,6 +147,7 @@ async def main_async(seconds: float) -> None:
                                                     + len(pause) * len(speech16))
     harness = await harness_cost(seconds)
     vad = await inbound_cost(runtime, line, 16000, with_stt=False) - harness
+    vad50 = (await inbound_cost(runtime, line, 16000, with_stt=False, calls=50) - harness / 50)
     full = await inbound_cost(runtime, line, 16000, with_stt=True) - harness
     line8 = resample_pcm16(line, 16000, 8000)
     full8 = await inbound_cost(runtime, line8, 8000, with_stt=True) - harness
@@ -149,6 +155,9 @@ async def main_async(seconds: float) -> None:
           f"partials every {settings.partial_interval_ms} ms; the feeding loop's own "
           f"{harness * 1000:.1f} ms/s subtracted):")
     print(f"  VAD only (16 kHz):           {vad * 1000:6.1f} ms/s -> {1 / vad:7.0f} calls per core")
+    print(f"  VAD only, 50 calls at once:  {vad50 * 1000:6.1f} ms/s -> {1 / vad50:7.0f} calls per core"
+          f" (batched: {runtime.vad_batcher.windows / max(1, runtime.vad_batcher.batches):.1f} "
+          "windows per model run)")
     print(f"  VAD + STT (16 kHz):          {full * 1000:6.1f} ms/s -> {1 / full:7.1f} calls per core")
     print(f"  VAD + STT (8 kHz, resampled): {full8 * 1000:5.1f} ms/s -> {1 / full8:7.1f} calls "
           "per core")

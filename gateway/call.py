@@ -24,7 +24,8 @@ from .responder import Responder, Turn
 from .runtime import Runtime
 from .timeline import TurnTimeline, now
 from .vad import SAMPLE_RATE as VAD_RATE
-from .vad import WINDOW_BYTES, WINDOW_MS, SegmentEvent, SileroState, SpeechSegmenter
+from .vad import (WINDOW_BYTES, WINDOW_MS, SegmentEvent, SileroState, SpeechSegmenter,
+                  pcm16_windows)
 
 log = logging.getLogger("voicegate.call")
 
@@ -141,19 +142,16 @@ class Call:
 
     # ------------------------------------------------------------------ audio -> VAD -> STT
 
-    def _analyse(self, pcm: bytes) -> list[tuple[bytes, float]]:
-        """Resample to 16 kHz and score each complete VAD window. Runs on the executor."""
+    def _windows(self, pcm: bytes) -> list[bytes]:
+        """Resample to 16 kHz and cut complete VAD windows (cheap: stays on the loop)."""
         self._pending16k += self._to16k.process(pcm)
         count = len(self._pending16k) // WINDOW_BYTES
-        if count == 0:
-            return []
         usable = bytes(self._pending16k[:count * WINDOW_BYTES])
         del self._pending16k[:count * WINDOW_BYTES]
-        probs = self._rt.vad.probabilities(usable, self._vad_state)
-        return [(usable[i * WINDOW_BYTES:(i + 1) * WINDOW_BYTES], p) for i, p in enumerate(probs)]
+        return [usable[i * WINDOW_BYTES:(i + 1) * WINDOW_BYTES] for i in range(count)]
 
     async def _audio_loop(self) -> None:
-        executor = self._rt.fast_executor
+        batcher = self._rt.vad_batcher
         while True:
             await self._inbound_ready.wait()
             self._inbound_ready.clear()
@@ -162,8 +160,11 @@ class Call:
             chunk = bytes(self._inbound)
             self._inbound.clear()
             arrived = now()
-            windows = await self._loop.run_in_executor(executor, self._analyse, chunk)
-            for window, prob in windows:
+            windows = self._windows(chunk)
+            if not windows:
+                continue
+            probs = await batcher.score(self._vad_state, pcm16_windows(b"".join(windows)))
+            for window, prob in zip(windows, probs):
                 await self._on_window(window, prob, arrived)
 
     async def _on_window(self, window: bytes, prob: float, at: float) -> None:

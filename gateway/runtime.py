@@ -19,7 +19,7 @@ from .providers.base import SpeechToText, TextToSpeech
 from .providers.registry import create_stt, create_tts
 from .settings import Settings
 from .stats import Stats
-from .vad import SileroVAD
+from .vad import SileroVAD, VADBatcher
 
 log = logging.getLogger("voicegate.runtime")
 
@@ -38,6 +38,7 @@ class Runtime:
     stt: SpeechToText
     tts: TextToSpeech
     prompts: AudioBank  # filler and handoff phrases
+    vad_batcher: VADBatcher
     stats: Stats = field(default_factory=Stats)
     load_times_s: dict[str, float] = field(default_factory=dict)
     responder_factory: Any = None
@@ -79,7 +80,8 @@ class Runtime:
         times["prompts"] = time.perf_counter() - start
         log.info("models_loaded %s", " ".join(f"{k}={v:.2f}s" for k, v in times.items()))
         return cls(settings=settings, fast_executor=fast, model_executor=heavy, vad=vad, stt=stt,
-                   tts=tts, prompts=prompts, load_times_s=times)
+                   tts=tts, prompts=prompts, vad_batcher=VADBatcher(vad, fast),
+                   load_times_s=times)
 
     def filler_key(self) -> str:
         keys = [k for k in ("filler:0", "filler:1", "filler:2", "filler:3") if k in self.prompts]
