@@ -65,10 +65,11 @@ class HedgeStats:
     secondary_wins: int = 0
     leg_failures: int = 0
     all_failed: int = 0
-    ttft_s: list[float] = field(default_factory=list)  # per turn: start -> first chunk yielded
+    # Recent turns only (bounded): start -> first chunk yielded.
+    ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
     def as_json(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k != "ttft_s"}
+        data: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "ttft_s"}
         data["extra_request_ratio"] = self.extra_requests / self.turns if self.turns else 0.0
         return data
 

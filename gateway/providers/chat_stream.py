@@ -68,7 +68,12 @@ class ToolCallAssembler:
 
 def request_args(model: str, messages: list[dict[str, Any]], tools: list[ToolSpec] | None,
                  temperature: float | None, max_tokens: int | None) -> dict[str, Any]:
-    args: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+    # The messages go in ``extra_body`` (merged into the JSON body as is) rather than
+    # ``messages``: the SDKs run a typed transform over every message, about 0.1 ms each,
+    # i.e. ~9 ms for an 80-message context on the critical path of every miss. Ours are
+    # already plain JSON dicts, so the transform buys nothing.
+    args: dict[str, Any] = {"model": model, "messages": [], "stream": True,
+                            "extra_body": {"messages": messages}}
     if tools:
         args["tools"] = [tool.as_openai() for tool in tools]
     if temperature is not None:

@@ -27,6 +27,7 @@ from deepgram.core.api_error import ApiError
 from deepgram.environment import DeepgramClientEnvironment
 
 from gateway.providers.base import ProviderError, Transcript
+from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,12 @@ class DeepgramSTT:
         self._finalize_timeout_s = finalize_timeout_s
         self._keepalive_s = keepalive_s
         self._streams: set[DeepgramStream] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "DeepgramSTT":
+        return cls(settings.deepgram_api_key, base_url=settings.deepgram_url, model=settings.deepgram_model,
+                   language=settings.deepgram_language, endpointing_ms=settings.deepgram_endpointing_ms,
+                   utterance_end_ms=settings.deepgram_utterance_end_ms)
 
     def open_stream(self) -> DeepgramStream:
         self._streams = {s for s in self._streams if not s.closed}

@@ -13,6 +13,7 @@ from elevenlabs.client import AsyncElevenLabs
 from elevenlabs.core.api_error import ApiError
 
 from gateway.providers.base import ProviderError
+from gateway.settings import Settings
 
 SAMPLE_RATES = (16000, 24000)
 
@@ -35,6 +36,12 @@ class ElevenLabsTTS:
         self._chunk_bytes = chunk_bytes  # 1024 bytes = 32 ms at 16 kHz: small enough to start at once
         self._http = httpx.AsyncClient(timeout=timeout_s)
         self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url or None, httpx_client=self._http)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ElevenLabsTTS":
+        return cls(settings.elevenlabs_api_key, voice_id=settings.elevenlabs_voice_id,
+                   model_id=settings.elevenlabs_model_id, sample_rate=settings.elevenlabs_sample_rate,
+                   base_url=settings.elevenlabs_base_url)
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
         stream = self._client.text_to_speech.stream(
