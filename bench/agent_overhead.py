@@ -4,7 +4,9 @@ A fake upstream answers with its first token after 100 ms (then all tokens at on
 Per turn we time ``Agent.respond()`` to its first ``Sentence`` and subtract the
 upstream's 100 ms: what is left is our code (context, hedge, SDK request and SSE
 parsing, chunking) plus loopback HTTP and the in-process fake's scheduling.
-TTS and playout are not included (they belong to the call loop).
+TTS and playout are not included (they belong to the call loop). For scale, the
+same measurement with bare httpx (POST, read SSE lines to the first content) is
+printed as a baseline: the loopback and fake's share that is not our code.
 
     PYTHONPATH=. python bench/agent_overhead.py [--turns 200]
 """
@@ -15,6 +17,8 @@ import argparse
 import asyncio
 import time
 
+import httpx
+
 from gateway.agent import Agent, Sentence
 from gateway.hedge import HedgedChat
 from gateway.providers.openai_llm import OpenAIChat
@@ -22,6 +26,21 @@ from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.fakes.server import ServerThread
 
 UPSTREAM_TTFT_S = 0.100
+
+
+async def bare_http(url: str, turns: int) -> list[float]:
+    body = {"model": "a", "stream": True, "messages": [{"role": "user", "content": "When does my contract end?"}]}
+    times = []
+    async with httpx.AsyncClient() as client:
+        for n in range(turns + 10):
+            started = time.perf_counter()
+            async with client.stream("POST", url, json=body) as response:
+                async for line in response.aiter_lines():
+                    if '"content": "Your"' in line:
+                        break
+            if n >= 10:
+                times.append(time.perf_counter() - started - UPSTREAM_TTFT_S)
+    return sorted(times)
 
 
 async def main() -> None:
@@ -48,6 +67,10 @@ async def main() -> None:
                     break
             await events.aclose()  # as a barge-in would: closes both LLM streams now
         await agent.aclose()
+        baseline = await bare_http(server.url + "/v1/chat/completions", args.turns)
+
+    print(f"baseline: bare httpx to the first content line minus {UPSTREAM_TTFT_S * 1000:.0f} ms: "
+          f"p50={baseline[len(baseline) // 2] * 1000:.1f} ms  p95={baseline[int(len(baseline) * .95)] * 1000:.1f} ms")
 
     overheads.sort()
     ms = [x * 1000 for x in overheads]
