@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Union
 from gateway.hedge import AdaptiveDelay, HedgedChat
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
 from gateway.sentences import SentenceChunker
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.tools import ToolRunner, load_tools
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class Conversation:
 
     def messages(self) -> list[dict[str, Any]]:
         self._trim()
-        return [{"role": "system", "content": self.system_prompt}, *self.history]
+        return [{"role": "system", "content": self.system_prompt}, *_answer_every_tool_call(self.history)]
 
     def record_heard(self, heard: str) -> None:
         """The caller barged in: keep only the words of the last assistant turn they heard.
@@ -146,6 +146,30 @@ class Conversation:
             if len(starts) < 2:
                 return  # only the latest exchange is left: keep it whole
             self.history = self.history[starts[1]:]
+
+
+def _answer_every_tool_call(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat APIs reject a tool call without a result (HTTP 400). A barge-in during a
+    webhook leaves one behind; it gets an "interrupted" result so the next turn works."""
+    out: list[dict[str, Any]] = []
+    pending: list[str] = []
+
+    def close_pending() -> None:
+        for call_id in pending:
+            out.append({"role": "tool", "tool_call_id": call_id,
+                        "content": json.dumps({"error": "interrupted by the caller before the result"})})
+        pending.clear()
+
+    for message in history:
+        if message["role"] == "tool" and message.get("tool_call_id") in pending:
+            pending.remove(message["tool_call_id"])
+        elif message["role"] != "tool":
+            close_pending()
+        out.append(message)
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            pending = [call["id"] for call in message["tool_calls"]]
+    close_pending()
+    return out
 
 
 # -------------------------------------------------------------------------- agent
@@ -207,16 +231,17 @@ class Agent:
                     yield Sentence(tail)
             except ProviderError as exc:
                 log.warning("agent llm failed round=%d error=%s", round_no, exc)
-                conversation.add_assistant(" ".join(spoken))
+                calls = []  # a half-streamed tool call is not run
                 if not spoke:  # never end a turn in silence (a filler alone is not an answer)
                     yield Handoff(f"LLM failed: {exc}")
                 return
             finally:
                 # Also on the consumer's aclose() or cancellation (barge-in): both LLM
-                # streams are closed before this generator finishes.
+                # streams are closed before this generator finishes, and what was emitted
+                # is in the context, for record_heard() to cut to what was played.
                 await events.aclose()
                 await stream.aclose()  # type: ignore[attr-defined]
-            conversation.add_assistant(" ".join(spoken), calls)
+                conversation.add_assistant(" ".join(spoken), calls)
             if not calls:
                 if not spoke:
                     yield Handoff("the LLM returned an empty reply")
@@ -264,6 +289,9 @@ def _models(llm: ChatModel | None) -> list[Any]:
 
 
 def build_chat_model(provider: str, url: str, model: str, settings: Settings, role: str) -> ChatModel:
+    if provider == "openai" and not url and not settings.openai_api_key:
+        raise SettingsError(f"llm_{role}_model is set for api.openai.com but VOICEGATE_OPENAI_API_KEY "
+                            f"is not; set llm_{role}_url for a local server")
     common: dict[str, Any] = {"timeout_s": settings.llm_timeout_s, "max_retries": settings.llm_max_retries,
                               "temperature": settings.llm_temperature, "max_tokens": settings.llm_max_tokens}
     if provider == "groq":

@@ -11,8 +11,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
-
 import httpx
 
 from gateway.providers.base import ToolCall, ToolSpec

@@ -135,11 +135,16 @@ async def test_closing_the_event_stream_mid_answer_closes_the_llm_stream(llm_ser
     fake.replies["p"] = Reply(text="First sentence here. " + "and then more words " * 50,
                               token_delay_s=0.02)
     agent = make_agent(server, "p")
-    events = agent.respond(agent.new_conversation(), "hi")
+    conversation = agent.new_conversation()
+    events = agent.respond(conversation, "hi")
     first = await events.__anext__()
     assert first == Sentence("First sentence here.")
     await events.aclose()
     assert await fake.await_for(lambda s: s.disconnects["p"] == 1)
+    # The context holds what was emitted, and then only what the caller heard.
+    assert conversation.history[-1]["content"].startswith("First sentence here.")
+    conversation.record_heard("First sentence")
+    assert conversation.history[-1] == {"role": "assistant", "content": "First sentence"}
     await agent.aclose()
 
 
@@ -196,3 +201,16 @@ def test_chunker_emits_early_clauses_and_whole_sentences():
     # later pieces need 40 chars for a clause cut, so "and after that," waits for the period.
     assert pieces == ["Sure, Dr. Smith, your appointment is on the 3.5 mark,",
                       "and after that, we will call you.", "Anything else?"]
+
+
+def test_a_tool_call_cut_off_by_a_barge_in_still_gets_a_result():
+    conversation = Conversation()
+    conversation.add_user("where is my order?")
+    conversation.add_assistant("", [ToolCall("c1", "get_order", "{}"), ToolCall("c2", "get_eta", "{}")])
+    conversation.add_tool_result(ToolCall("c1", "get_order", "{}"), '{"status": "shipped"}')
+    conversation.add_user("never mind")  # the webhook for c2 was cancelled
+    messages = conversation.messages()
+    roles = [(m["role"], m.get("tool_call_id")) for m in messages]
+    assert roles == [("system", None), ("user", None), ("assistant", None), ("tool", "c1"),
+                     ("tool", "c2"), ("user", None)]
+    assert "interrupted" in messages[4]["content"]

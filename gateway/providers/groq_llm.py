@@ -24,6 +24,8 @@ class GroqChat:
         self.model = model
         self._temperature = temperature
         self._max_tokens = max_tokens
+        # Accept the OpenAI-style URL too: the SDK appends /openai/v1 itself.
+        base_url = base_url.rstrip("/").removesuffix("/openai/v1")
         self._client = groq.AsyncGroq(api_key=api_key, base_url=base_url or None,
                                       timeout=timeout_s, max_retries=max_retries)
 
