@@ -44,6 +44,17 @@ The caller may interrupt you; if your last reply was cut short, do not repeat wh
 already said unless asked."""
 
 
+# Texts for the responder to pre-render at start-up (the agent never speaks them itself):
+# one filler, varied, at most once per turn, on ToolStarted or Slow; the handoff on Handoff.
+FILLER_PHRASES: tuple[str, ...] = (
+    "Let me check that for you.",
+    "One moment, please.",
+    "Let me look that up.",
+    "Just a second while I check.",
+)
+HANDOFF_MESSAGE = "I'm going to connect you with a colleague who can help. Please stay on the line."
+
+
 # ------------------------------------------------------------------------- events
 
 
