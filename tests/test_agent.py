@@ -214,3 +214,44 @@ def test_a_tool_call_cut_off_by_a_barge_in_still_gets_a_result():
     assert roles == [("system", None), ("user", None), ("assistant", None), ("tool", "c1"),
                      ("tool", "c2"), ("user", None)]
     assert "interrupted" in messages[4]["content"]
+
+
+async def test_build_agent_from_settings_with_a_tools_file(llm_server, webhook, tmp_path):
+    fake, server = llm_server
+    hook, hook_server = webhook
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps([{
+        "name": "get_balance", "description": "The caller's balance.",
+        "parameters": BALANCE.parameters, "url": hook_server.url + "/tool/get_balance", "timeout_s": 2}]))
+    fake.script = tool_script()
+    settings = Settings.load(environ={
+        "VOICEGATE_LLM_PRIMARY_URL": server.url + "/v1", "VOICEGATE_LLM_PRIMARY_MODEL": "p",
+        "VOICEGATE_LLM_SECONDARY_URL": server.url + "/v1", "VOICEGATE_LLM_SECONDARY_MODEL": "s",
+        "VOICEGATE_LLM_HEDGE_DELAY_MS": "0", "VOICEGATE_LLM_TOOLS_FILE": str(tools_file)})
+    agent = build_agent(settings)
+    assert isinstance(agent.llm, HedgedChat) and agent.llm.fixed_delay_s == 0.0
+    events, _ = await run(agent, "balance please")
+    assert isinstance(events[0], ToolStarted) and isinstance(events[-1], Sentence)
+    # Delay 0: both legs start in each of the two rounds (a loser may be cancelled
+    # before its request even reaches the server, so count legs, not server requests).
+    assert hook.calls and agent.llm.stats.requests == 4 and agent.llm.stats.extra_requests == 2
+    await agent.aclose()
+
+
+def test_tools_file_errors_are_specific(tmp_path):
+    from gateway.tools import ToolConfigError, load_tools
+    bad = tmp_path / "tools.json"
+    bad.write_text(json.dumps([{"name": "x"}]))
+    with pytest.raises(ToolConfigError, match="needs at least a name and a url"):
+        load_tools(str(bad))
+    bad.write_text(json.dumps([{"name": "x", "url": "http://h", "colour": "red"}]))
+    with pytest.raises(ToolConfigError, match="unknown keys"):
+        load_tools(str(bad))
+    with pytest.raises(ToolConfigError, match="cannot read"):
+        load_tools(str(tmp_path / "missing.json"))
+
+
+def test_openai_without_url_or_key_fails_at_start_up():
+    from gateway.settings import SettingsError
+    with pytest.raises(SettingsError, match="OPENAI_API_KEY"):
+        build_agent(Settings(llm_primary_model="gpt-4o-mini"))

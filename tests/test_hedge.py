@@ -28,7 +28,7 @@ async def collect(model) -> str:
 async def test_faster_stream_wins_and_loser_is_closed(llm_server):
     fake, server = llm_server
     fake.replies["slow"] = Reply(text="From the slow one.", ttft_s=STALL)
-    fake.replies["fast"] = Reply(text="From the fast one.")
+    fake.replies["fast"] = Reply(text="From the fast one.", after_request_of="slow")
     hedged = pair(server, "slow", "fast", hedge_delay_s=0.0)
 
     assert await collect(hedged) == "From the fast one."
@@ -40,7 +40,7 @@ async def test_faster_stream_wins_and_loser_is_closed(llm_server):
 
 async def test_primary_wins_when_it_is_faster(llm_server):
     fake, server = llm_server
-    fake.replies["fast"] = Reply(text="Primary answer.")
+    fake.replies["fast"] = Reply(text="Primary answer.", after_request_of="slow")
     fake.replies["slow"] = Reply(text="Secondary answer.", ttft_s=STALL)
     hedged = pair(server, "fast", "slow", hedge_delay_s=0.0)
     assert await collect(hedged) == "Primary answer."

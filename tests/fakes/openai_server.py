@@ -32,6 +32,9 @@ class Reply:
     status: int = 200  # != 200: an error reply before any streaming
     malformed_at: int | None = None  # send a broken chunk instead of chunk number N (0-based)
     stall_after: int | None = None  # stop sending (but keep the connection) after N chunks
+    # Ordering without timing: hold the first content until a request for this model has
+    # arrived (so a test knows the other leg really reached the server before it lost).
+    after_request_of: str | None = None
 
 
 @dataclass
@@ -153,6 +156,8 @@ class FakeOpenAI:
                 await asyncio.sleep(STALL)
             if n == 1:
                 await asyncio.sleep(reply.ttft_s)  # the role chunk goes at once, content waits
+                while reply.after_request_of and not self.stats.requests[reply.after_request_of]:
+                    await asyncio.sleep(0.005)
             elif n > 1 and reply.token_delay_s:
                 await asyncio.sleep(reply.token_delay_s)
             if reply.malformed_at is not None and n == reply.malformed_at:
