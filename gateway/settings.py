@@ -69,10 +69,54 @@ class Settings:
     playout_lead_ms: int = 60
 
     # --- LLM (cache misses) --------------------------------------------------------
-    llm_primary_url: str = ""
+    # Provider per leg: "openai" (any OpenAI-compatible URL: OpenAI, Ollama, vLLM,
+    # llama.cpp server) or "groq". No primary model configured: every miss is a handoff.
+    llm_primary_provider: str = "openai"
+    llm_primary_url: str = ""  # empty: the provider's public endpoint
     llm_primary_model: str = ""
+    llm_secondary_provider: str = "openai"
     llm_secondary_url: str = ""
-    llm_secondary_model: str = ""
+    llm_secondary_model: str = ""  # empty: no hedging, the primary alone
+    openai_api_key: str = field(default="", repr=False)
+    groq_api_key: str = field(default="", repr=False)
+    llm_temperature: float = 0.3
+    llm_max_tokens: int = 300
+    llm_timeout_s: float = 30.0  # whole HTTP request, per leg
+    # SDK-level retries stay off: the hedge is the retry, and it does not wait for backoff.
+    llm_max_retries: int = 0
+    # A leg that has produced nothing after this long is treated as failed (a stall).
+    llm_first_token_timeout_s: float = 4.0
+    # Longest gap between two chunks once a leg has won; beyond it the turn fails.
+    llm_idle_timeout_s: float = 10.0
+    # Hedge delay before the secondary starts: -1 adaptive (a percentile of the primary's
+    # recent time to first token), 0 both at once, > 0 a fixed delay in ms.
+    llm_hedge_delay_ms: int = -1
+    llm_hedge_percentile: float = 0.9
+    llm_hedge_min_delay_ms: int = 60
+    llm_hedge_max_delay_ms: int = 2000
+    llm_hedge_initial_delay_ms: int = 400
+    # Empty: the built-in spoken-style prompt (gateway/agent.py).
+    llm_system_prompt: str = ""
+    # Conversation context kept per call (characters, about 4 per token), oldest turns dropped.
+    llm_context_chars: int = 8000
+    # JSON file: a list of {name, description, parameters, url, timeout_s}.
+    llm_tools_file: str = ""
+    llm_max_tool_rounds: int = 3
+    # No first token after this long: the agent emits Slow so the responder can play filler.
+    llm_filler_after_ms: int = 900
+
+    # --- cloud speech -------------------------------------------------------------
+    elevenlabs_api_key: str = field(default="", repr=False)
+    elevenlabs_base_url: str = ""  # empty: https://api.elevenlabs.io
+    elevenlabs_voice_id: str = "JBFqnCBsd6RMkjVDRZzb"
+    elevenlabs_model_id: str = "eleven_flash_v2_5"
+    elevenlabs_sample_rate: int = 16000  # 16000 | 24000 (raw PCM output formats)
+    deepgram_api_key: str = field(default="", repr=False)
+    deepgram_url: str = ""  # empty: wss://api.deepgram.com
+    deepgram_model: str = "nova-3"
+    deepgram_language: str = "en-US"
+    deepgram_endpointing_ms: int = 300
+    deepgram_utterance_end_ms: int = 1000
 
     # --- admin ----------------------------------------------------------------
     admin_token: str = field(default="", repr=False)
@@ -114,6 +158,15 @@ class Settings:
                      "partial_interval_ms", "cpu_workers", "max_frame_bytes"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        for name in ("llm_primary_provider", "llm_secondary_provider"):
+            if getattr(self, name) not in ("openai", "groq"):
+                raise SettingsError(f"{name} must be openai or groq")
+        if not 0.5 <= self.llm_hedge_percentile < 1.0:
+            raise SettingsError("llm_hedge_percentile must be in [0.5, 1)")
+        if self.llm_hedge_delay_ms < -1:
+            raise SettingsError("llm_hedge_delay_ms must be -1 (adaptive), 0 or a delay in ms")
+        if self.elevenlabs_sample_rate not in (16000, 24000):
+            raise SettingsError("elevenlabs_sample_rate must be 16000 or 24000")
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -13,6 +13,9 @@ from gateway.audio import resample_pcm16  # noqa: E402
 from gateway.runtime import Runtime  # noqa: E402
 from gateway.server import BackgroundServer  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
+from tests.fakes.openai_server import FakeOpenAI  # noqa: E402
+from tests.fakes.server import ServerThread  # noqa: E402
+from tests.fakes.webhook_server import FakeWebhook  # noqa: E402
 
 CALL_RATE = 16000
 
@@ -47,3 +50,18 @@ def speak(runtime: Runtime) -> Callable[[str], bytes]:
         return cache[(text, rate)]
 
     return render
+
+
+@pytest.fixture
+def llm_server() -> Iterator[tuple[FakeOpenAI, ServerThread]]:
+    """An OpenAI-compatible chat-completions server on 127.0.0.1 (SSE, tool calls, faults)."""
+    fake = FakeOpenAI()
+    with ServerThread(fake) as server:
+        yield fake, server
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[FakeWebhook, ServerThread]]:
+    fake = FakeWebhook()
+    with ServerThread(fake.app) as server:
+        yield fake, server

@@ -1,0 +1,340 @@
+"""The agent a cache miss goes to: per-call context, hedged LLM streams, tools.
+
+``Agent.respond(conversation, text)`` is an async iterator of typed events the
+responder turns into audio:
+
+- ``Sentence(text)``: a speakable piece, in order; synthesize and play it.
+- ``ToolStarted(name, call_id)``: the model called a tool; play filler now (once per turn).
+- ``Slow(waited_s)``: no first token yet after ``filler_after_s``; filler bridges the gap.
+- ``Handoff(reason)``: no LLM configured, or every LLM failed before anything was said;
+  play the handoff message and tell the client.
+
+Cancelling the consumer (a barge-in) closes every LLM stream; then call
+``Conversation.record_heard`` with what the caller actually heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Union
+
+from gateway.hedge import AdaptiveDelay, HedgedChat
+from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
+from gateway.sentences import SentenceChunker
+from gateway.settings import Settings, SettingsError
+from gateway.tools import ToolRunner, load_tools
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = """\
+You are the voice of a call-center agent, speaking with a caller on the phone.
+Everything you write is read aloud by a speech synthesizer.
+Answer first: begin with a short first sentence of at most ten words that answers or \
+acknowledges, then add only the details the caller needs.
+Keep replies to two or three short sentences unless the caller asks for more.
+Write plain spoken sentences: no markdown, no lists, no headings, no emoji, no URLs; \
+say numbers the way a person would say them.
+When you need account or order data, call a tool instead of guessing; if a tool fails, \
+say so briefly and offer another way to help.
+If the caller asks for a person, or you cannot help, say you will transfer them.
+The caller may interrupt you; if your last reply was cut short, do not repeat what was \
+already said unless asked."""
+
+
+# Texts for the responder to pre-render at start-up (the agent never speaks them itself):
+# one filler, varied, at most once per turn, on ToolStarted or Slow; the handoff on Handoff.
+FILLER_PHRASES: tuple[str, ...] = (
+    "Let me check that for you.",
+    "One moment, please.",
+    "Let me look that up.",
+    "Just a second while I check.",
+)
+HANDOFF_MESSAGE = "I'm going to connect you with a colleague who can help. Please stay on the line."
+
+
+# ------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Sentence:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolStarted:
+    name: str
+    call_id: str
+
+
+@dataclass(frozen=True)
+class Slow:
+    waited_s: float
+
+
+@dataclass(frozen=True)
+class Handoff:
+    reason: str
+
+
+AgentEvent = Union[Sentence, ToolStarted, Slow, Handoff]
+
+
+# ------------------------------------------------------------------- conversation
+
+
+class Conversation:
+    """One call's chat context, trimmed to a character budget (about 4 chars a token).
+
+    Trimming drops whole exchanges, oldest first (an exchange starts at a user message,
+    so a tool call is never separated from its result); the latest exchange always stays.
+    """
+
+    def __init__(self, system_prompt: str = DEFAULT_SYSTEM_PROMPT, budget_chars: int = 8000) -> None:
+        self.system_prompt = system_prompt
+        self.budget_chars = budget_chars
+        self.history: list[dict[str, Any]] = []
+
+    def add_user(self, text: str) -> None:
+        self.history.append({"role": "user", "content": text})
+
+    def add_assistant(self, text: str, tool_calls: list[ToolCall] | None = None) -> None:
+        message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in tool_calls]
+        if message["content"] is None and not tool_calls:
+            return
+        self.history.append(message)
+
+    def add_tool_result(self, call: ToolCall, content: str) -> None:
+        self.history.append({"role": "tool", "tool_call_id": call.id, "content": content})
+
+    def messages(self) -> list[dict[str, Any]]:
+        self._trim()
+        return [{"role": "system", "content": self.system_prompt}, *_answer_every_tool_call(self.history)]
+
+    def record_heard(self, heard: str) -> None:
+        """The caller barged in: keep only the words of the last assistant turn they heard.
+
+        ``heard`` is the prefix of that turn's spoken text (its Sentences joined by spaces)
+        that was played; matching is by words, so whitespace differences do not matter.
+        """
+        keep = len(heard.split())
+        start = self._last_exchange_start()
+        kept: list[dict[str, Any]] = self.history[:start]
+        for message in self.history[start:]:
+            if message["role"] != "assistant" or not message.get("content"):
+                kept.append(message)
+                continue
+            words = message["content"].split()
+            if keep >= len(words):
+                keep -= len(words)
+                kept.append(message)
+                continue
+            truncated = " ".join(words[:keep])
+            keep = 0
+            if truncated or message.get("tool_calls"):
+                kept.append({**message, "content": truncated or None})
+        self.history = kept
+
+    def _last_exchange_start(self) -> int:
+        for i in range(len(self.history) - 1, -1, -1):
+            if self.history[i]["role"] == "user":
+                return i
+        return 0
+
+    def _trim(self) -> None:
+        def size(messages: list[dict[str, Any]]) -> int:
+            return sum(len(json.dumps(m, ensure_ascii=False)) for m in messages)
+
+        budget = self.budget_chars - len(self.system_prompt)
+        while size(self.history) > budget:
+            starts = [i for i, m in enumerate(self.history) if m["role"] == "user"]
+            if len(starts) < 2:
+                return  # only the latest exchange is left: keep it whole
+            self.history = self.history[starts[1]:]
+
+
+def _answer_every_tool_call(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat APIs reject a tool call without a result (HTTP 400). A barge-in during a
+    webhook leaves one behind; it gets an "interrupted" result so the next turn works."""
+    out: list[dict[str, Any]] = []
+    pending: list[str] = []
+
+    def close_pending() -> None:
+        for call_id in pending:
+            out.append({"role": "tool", "tool_call_id": call_id,
+                        "content": json.dumps({"error": "interrupted by the caller before the result"})})
+        pending.clear()
+
+    for message in history:
+        if message["role"] == "tool" and message.get("tool_call_id") in pending:
+            pending.remove(message["tool_call_id"])
+        elif message["role"] != "tool":
+            close_pending()
+        out.append(message)
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            pending = [call["id"] for call in message["tool_calls"]]
+    close_pending()
+    return out
+
+
+# -------------------------------------------------------------------------- agent
+
+
+class Agent:
+    """Shared by every call (it holds the LLM clients and their hedge statistics);
+    per-call state lives in ``Conversation``."""
+
+    def __init__(self, llm: ChatModel | None, tools: list[ToolSpec] | None = None, *,
+                 runner: ToolRunner | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                 context_chars: int = 8000, max_tool_rounds: int = 3,
+                 filler_after_s: float | None = 0.9) -> None:
+        self.llm = llm
+        self.tools = list(tools or [])
+        self.runner = runner or ToolRunner(self.tools)
+        self.system_prompt = system_prompt
+        self.context_chars = context_chars
+        self.max_tool_rounds = max_tool_rounds
+        self.filler_after_s = filler_after_s
+
+    def new_conversation(self) -> Conversation:
+        return Conversation(self.system_prompt, self.context_chars)
+
+    async def respond(self, conversation: Conversation, text: str) -> AsyncIterator[AgentEvent]:
+        conversation.add_user(text)
+        if self.llm is None:
+            yield Handoff("no LLM configured")
+            return
+        spoke = False  # has a Sentence been emitted this turn?
+        filler = False  # has a filler cue (Slow or ToolStarted) been emitted this turn?
+        for round_no in range(self.max_tool_rounds + 1):
+            # The last round offers no tools, so the model must answer in words.
+            tools = self.tools if self.tools and round_no < self.max_tool_rounds else None
+            chunker = SentenceChunker()
+            spoken: list[str] = []  # the pieces as emitted: what the caller will hear
+            calls: list[ToolCall] = []
+            stream = self.llm.stream(conversation.messages(), tools)
+            events = _with_slow_signal(stream, None if spoke or filler else self.filler_after_s)
+            try:
+                async for item in events:
+                    if isinstance(item, Slow):
+                        filler = True
+                        yield item
+                        continue
+                    if item.text:
+                        for piece in chunker.feed(item.text):
+                            spoken.append(piece)
+                            spoke = True
+                            yield Sentence(piece)
+                    if item.tool_call is not None:
+                        calls.append(item.tool_call)
+                        filler = True
+                        yield ToolStarted(item.tool_call.name, item.tool_call.id)
+                tail = chunker.flush()
+                if tail:
+                    spoken.append(tail)
+                    spoke = True
+                    yield Sentence(tail)
+            except ProviderError as exc:
+                log.warning("agent llm failed round=%d error=%s", round_no, exc)
+                calls = []  # a half-streamed tool call is not run
+                if not spoke:  # never end a turn in silence (a filler alone is not an answer)
+                    yield Handoff(f"LLM failed: {exc}")
+                return
+            finally:
+                # Also on the consumer's aclose() or cancellation (barge-in): both LLM
+                # streams are closed before this generator finishes, and what was emitted
+                # is in the context, for record_heard() to cut to what was played.
+                await events.aclose()
+                await stream.aclose()  # type: ignore[attr-defined]
+                conversation.add_assistant(" ".join(spoken), calls)
+            if not calls:
+                if not spoke:
+                    yield Handoff("the LLM returned an empty reply")
+                return
+            results = await asyncio.gather(*(self.runner.run(call) for call in calls))
+            for call, (content, _ok) in zip(calls, results):
+                conversation.add_tool_result(call, content)
+
+    async def aclose(self) -> None:
+        await self.runner.aclose()
+        for model in _models(self.llm):
+            close = getattr(model, "aclose", None)
+            if close is not None:
+                await close()
+
+
+async def _with_slow_signal(stream: AsyncIterator[LLMChunk],
+                            after_s: float | None) -> AsyncIterator[LLMChunk | Slow]:
+    """The stream's chunks, preceded by ``Slow`` if the first one takes longer than ``after_s``."""
+    if after_s is not None:
+        first = asyncio.ensure_future(stream.__anext__())
+        try:
+            done, _ = await asyncio.wait({first}, timeout=after_s)
+            if not done:
+                yield Slow(after_s)
+            chunk = await first
+        except StopAsyncIteration:
+            return
+        finally:
+            if not first.done():  # we were closed or cancelled while waiting
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+        yield chunk
+    async for chunk in stream:
+        yield chunk
+
+
+def _models(llm: ChatModel | None) -> list[Any]:
+    if isinstance(llm, HedgedChat):
+        return [m for m in (llm.primary, llm.secondary) if m is not None]
+    return [llm] if llm is not None else []
+
+
+# ------------------------------------------------------------------------ factory
+
+
+def build_chat_model(provider: str, url: str, model: str, settings: Settings, role: str) -> ChatModel:
+    if provider == "openai" and not url and not settings.openai_api_key:
+        raise SettingsError(f"llm_{role}_model is set for api.openai.com but VOICEGATE_OPENAI_API_KEY "
+                            f"is not; set llm_{role}_url for a local server")
+    common: dict[str, Any] = {"timeout_s": settings.llm_timeout_s, "max_retries": settings.llm_max_retries,
+                              "temperature": settings.llm_temperature, "max_tokens": settings.llm_max_tokens}
+    if provider == "groq":
+        from gateway.providers.groq_llm import GroqChat
+        return GroqChat(model, api_key=settings.groq_api_key, base_url=url, name=f"groq:{role}", **common)
+    from gateway.providers.openai_llm import OpenAIChat
+    return OpenAIChat(model, base_url=url, api_key=settings.openai_api_key, name=f"openai:{role}", **common)
+
+
+def build_llm(settings: Settings) -> ChatModel | None:
+    """The configured LLM: None (handoff), one model, or a hedged pair."""
+    if not settings.llm_primary_model:
+        return None
+    primary = build_chat_model(settings.llm_primary_provider, settings.llm_primary_url,
+                               settings.llm_primary_model, settings, "primary")
+    secondary = None
+    if settings.llm_secondary_model:
+        secondary = build_chat_model(settings.llm_secondary_provider, settings.llm_secondary_url,
+                                     settings.llm_secondary_model, settings, "secondary")
+    delay = None if settings.llm_hedge_delay_ms < 0 else settings.llm_hedge_delay_ms / 1000
+    return HedgedChat(primary, secondary, hedge_delay_s=delay,
+                      adaptive=AdaptiveDelay(percentile=settings.llm_hedge_percentile,
+                                             floor_s=settings.llm_hedge_min_delay_ms / 1000,
+                                             ceiling_s=settings.llm_hedge_max_delay_ms / 1000,
+                                             initial_s=settings.llm_hedge_initial_delay_ms / 1000),
+                      first_token_timeout_s=settings.llm_first_token_timeout_s,
+                      idle_timeout_s=settings.llm_idle_timeout_s)
+
+
+def build_agent(settings: Settings) -> Agent:
+    return Agent(build_llm(settings), load_tools(settings.llm_tools_file),
+                 system_prompt=settings.llm_system_prompt or DEFAULT_SYSTEM_PROMPT,
+                 context_chars=settings.llm_context_chars, max_tool_rounds=settings.llm_max_tool_rounds,
+                 filler_after_s=settings.llm_filler_after_ms / 1000 if settings.llm_filler_after_ms > 0
+                 else None)

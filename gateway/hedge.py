@@ -1,0 +1,225 @@
+"""A hedged pair of streaming LLM calls.
+
+The primary starts at once; the secondary after a hedge delay (fixed, 0 = both at
+once, or adaptive: a high percentile of the primary's recent time to first token).
+The first leg to yield content or a tool call wins and is streamed to the caller;
+the other is cancelled, which closes its HTTP stream. A leg that fails before its
+first token (error, empty reply, or no token within ``first_token_timeout_s``) hands
+the turn to the other at once, starting the secondary early if need be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolSpec
+
+log = logging.getLogger(__name__)
+
+
+class AdaptiveDelay:
+    """A percentile of the primary's recent time to first token, clamped to [floor, ceiling].
+
+    A primary cancelled as the loser at time t contributes t: its true TTFT is at least
+    that, and t is above the current delay, so the percentile estimate keeps the right
+    count of samples above it.
+    """
+
+    def __init__(self, percentile: float = 0.9, floor_s: float = 0.06, ceiling_s: float = 2.0,
+                 initial_s: float = 0.4, window: int = 200, min_samples: int = 20) -> None:
+        self.percentile = percentile
+        self.floor_s = floor_s
+        self.ceiling_s = ceiling_s
+        self.initial_s = initial_s
+        self.min_samples = min_samples
+        self._samples: deque[float] = deque(maxlen=window)
+        self._cached: float | None = None
+
+    def observe(self, ttft_s: float) -> None:
+        self._samples.append(ttft_s)
+        self._cached = None
+
+    def delay_s(self) -> float:
+        if len(self._samples) < self.min_samples:
+            return self.initial_s
+        if self._cached is None:
+            ordered = sorted(self._samples)
+            rank = min(len(ordered) - 1, max(0, math.ceil(self.percentile * len(ordered)) - 1))
+            self._cached = min(self.ceiling_s, max(self.floor_s, ordered[rank]))
+        return self._cached
+
+
+@dataclass
+class HedgeStats:
+    turns: int = 0
+    requests: int = 0  # legs started
+    extra_requests: int = 0  # secondary legs started (hedge timer or failover)
+    failovers: int = 0  # secondary started early because the primary failed
+    primary_wins: int = 0
+    secondary_wins: int = 0
+    leg_failures: int = 0
+    all_failed: int = 0
+    # Recent turns only (bounded): start -> first chunk yielded.
+    ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "ttft_s"}
+        data["extra_request_ratio"] = self.extra_requests / self.turns if self.turns else 0.0
+        return data
+
+
+_DONE = object()
+
+
+@dataclass
+class _Leg:
+    role: str  # "primary" | "secondary"
+    model: ChatModel
+    started: float
+    task: asyncio.Task[None] | None = None
+    failed: bool = False
+
+
+class HedgedChat:
+    """A ``ChatModel`` racing a primary and an optional secondary ``ChatModel``."""
+
+    def __init__(self, primary: ChatModel, secondary: ChatModel | None = None, *,
+                 hedge_delay_s: float | None = None, adaptive: AdaptiveDelay | None = None,
+                 first_token_timeout_s: float = 4.0, idle_timeout_s: float = 10.0) -> None:
+        self.name = f"hedged({primary.name}, {secondary.name})" if secondary else primary.name
+        self.primary = primary
+        self.secondary = secondary
+        self.fixed_delay_s = hedge_delay_s  # None: adaptive
+        self.adaptive = adaptive or AdaptiveDelay()
+        self.first_token_timeout_s = first_token_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.stats = HedgeStats()
+
+    def hedge_delay_s(self) -> float:
+        return self.fixed_delay_s if self.fixed_delay_s is not None else self.adaptive.delay_s()
+
+    async def stream(self, messages: list[dict[str, Any]],
+                     tools: list[ToolSpec] | None = None) -> AsyncIterator[LLMChunk]:
+        queue: asyncio.Queue[tuple[_Leg, Any]] = asyncio.Queue()
+        legs: list[_Leg] = []
+        errors: list[str] = []
+        t0 = time.monotonic()
+        self.stats.turns += 1
+
+        def start(role: str, model: ChatModel) -> None:
+            leg = _Leg(role, model, time.monotonic())
+            leg.task = asyncio.create_task(_pump(leg, messages, tools, queue), name=f"llm-{role}")
+            legs.append(leg)
+            self.stats.requests += 1
+            if role == "secondary":
+                self.stats.extra_requests += 1
+
+        try:
+            start("primary", self.primary)
+            hedge_at = t0 + self.hedge_delay_s() if self.secondary is not None else math.inf
+            winner: _Leg | None = None
+            first: LLMChunk | None = None
+            while winner is None:
+                live = [leg for leg in legs if not leg.failed]
+                if not live:
+                    if self.secondary is None or len(legs) == 2:
+                        self.stats.all_failed += 1
+                        raise ProviderError(self.name, "every LLM failed: " + "; ".join(errors))
+                    self.stats.failovers += 1  # the primary failed before the hedge fired
+                    start("secondary", self.secondary)
+                    continue
+                now = time.monotonic()
+                if len(legs) == 1 and now >= hedge_at and self.secondary is not None:
+                    start("secondary", self.secondary)
+                    continue
+                deadlines = [leg.started + self.first_token_timeout_s for leg in live]
+                if len(legs) == 1:
+                    deadlines.append(hedge_at)
+                try:
+                    leg, item = await asyncio.wait_for(queue.get(), max(0.0, min(deadlines) - now))
+                except TimeoutError:
+                    for leg in live:
+                        if time.monotonic() >= leg.started + self.first_token_timeout_s:
+                            self._fail(leg, "no first token after "
+                                            f"{self.first_token_timeout_s:g} s", errors)
+                    continue
+                if leg.failed:
+                    continue  # a late item from a leg already given up on
+                if isinstance(item, LLMChunk):
+                    winner, first = leg, item
+                elif item is _DONE:
+                    self._fail(leg, "empty reply", errors)
+                else:
+                    self._fail(leg, str(item), errors)
+
+            self._record_win(winner, legs, t0)
+            await _stop_all([leg for leg in legs if leg is not winner])  # close the loser now
+            assert first is not None
+            yield first
+            while True:
+                try:
+                    leg, item = await asyncio.wait_for(queue.get(), self.idle_timeout_s)
+                except TimeoutError:
+                    raise ProviderError(winner.model.name,
+                                        f"stream stalled for {self.idle_timeout_s:g} s") from None
+                if leg is not winner:
+                    continue
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            # Normal end, error, consumer's aclose() or cancellation (a barge-in):
+            # no leg outlives the turn, and each leg's HTTP stream is closed.
+            await _stop_all(legs)
+
+    def _fail(self, leg: _Leg, reason: str, errors: list[str]) -> None:
+        leg.failed = True
+        self.stats.leg_failures += 1
+        errors.append(f"{leg.role} {leg.model.name}: {reason}")
+        log.warning("llm leg failed role=%s model=%s reason=%s", leg.role, leg.model.name, reason)
+        if leg.task is not None:
+            leg.task.cancel()  # awaited in the stream's finally
+
+    def _record_win(self, winner: _Leg, legs: list[_Leg], t0: float) -> None:
+        now = time.monotonic()
+        self.stats.ttft_s.append(now - t0)
+        if winner.role == "primary":
+            self.stats.primary_wins += 1
+            self.adaptive.observe(now - winner.started)
+        else:
+            self.stats.secondary_wins += 1
+            primary = legs[0]
+            if not primary.failed:  # censored: its TTFT is at least this
+                self.adaptive.observe(now - primary.started)
+
+
+async def _pump(leg: _Leg, messages: list[dict[str, Any]], tools: list[ToolSpec] | None,
+                queue: asyncio.Queue[tuple[_Leg, Any]]) -> None:
+    stream = leg.model.stream(messages, tools)
+    try:
+        async for chunk in stream:
+            queue.put_nowait((leg, chunk))
+        queue.put_nowait((leg, _DONE))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # handed to the racing loop; never lost
+        queue.put_nowait((leg, exc if isinstance(exc, ProviderError)
+                          else ProviderError(leg.model.name, f"{type(exc).__name__}: {exc}")))
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _stop_all(legs: list[_Leg]) -> None:
+    tasks = [leg.task for leg in legs if leg.task is not None]
+    for task in tasks:
+        task.cancel()  # a no-op on a finished leg
+    # return_exceptions: a leg's own errors were already reported through the queue.
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,276 @@
+"""Deepgram live streaming recognition through the official ``deepgram-sdk``.
+
+One WebSocket per call (``/v1/listen``, linear16 mono, interim results on). Mapping
+onto ``STTStream``:
+
+- interim ``Results`` (``is_final: false``): a partial (finalized segments so far + the interim).
+- ``Results`` with ``is_final: true``: the segment is committed to the utterance;
+  ``speech_final: true`` or an ``UtteranceEnd`` marks Deepgram's endpoint.
+- ``finalize()``: if Deepgram has already endpointed with nothing pending, the committed
+  text is returned at once; otherwise a ``Finalize`` message flushes the server and the
+  reply marked ``from_finalize`` completes the transcript (or ``finalize_timeout_s`` passes).
+- ``KeepAlive`` is sent when no audio has gone out for ``keepalive_s`` (Deepgram closes
+  an idle socket after about 10 s); ``aclose()`` sends ``CloseStream``.
+
+Results that end before the last finalize/reset (audio time) are dropped, so a late
+reply for an old utterance never leaks into the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+from deepgram import AsyncDeepgramClient
+from deepgram.core.api_error import ApiError
+from deepgram.environment import DeepgramClientEnvironment
+
+from gateway.providers.base import ProviderError, Transcript
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NAME = "deepgram"
+_OUTBOX_LIMIT = 1000  # 20 s of 20 ms frames waiting for a connection that does not come
+_EPSILON_S = 0.02
+
+
+class DeepgramStream:
+    """``STTStream`` over one live WebSocket. Create it inside a running event loop."""
+
+    def __init__(self, client: AsyncDeepgramClient, options: dict[str, Any], sample_rate: int,
+                 finalize_timeout_s: float, keepalive_s: float) -> None:
+        self._client = client
+        self._options = options
+        self._sample_rate = sample_rate
+        self._finalize_timeout_s = finalize_timeout_s
+        self._keepalive_s = keepalive_s
+        self._outbox: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        self._partials: asyncio.Queue[Transcript | None] = asyncio.Queue()
+        self._committed: list[str] = []
+        self._interim = ""
+        self._last_partial = ""
+        self._endpointed = False
+        self._sent_s = 0.0  # audio time sent on this socket
+        self._cut_s = 0.0  # audio time of the last finalize/reset
+        self._finalized: asyncio.Future[None] | None = None
+        self._error: ProviderError | None = None
+        self._closing = False
+        self.endpoint = asyncio.Event()  # set on speech_final / UtteranceEnd (optional for callers)
+        self._runner = asyncio.create_task(self._run(), name="deepgram-stream")
+
+    # ------------------------------------------------------------ STTStream API
+
+    async def send_audio(self, pcm16: bytes) -> None:
+        self._check()
+        if self._outbox.qsize() >= _OUTBOX_LIMIT:
+            raise ProviderError(NAME, "audio is not draining: the live socket is not connected")
+        self._outbox.put_nowait(pcm16)
+        self._sent_s += len(pcm16) / 2 / self._sample_rate
+
+    async def finalize(self) -> Transcript:
+        self._check()
+        pending = self._interim or self._sent_s > self._cut_s + _EPSILON_S
+        if pending and not (self._endpointed and not self._interim):
+            loop = asyncio.get_running_loop()
+            self._finalized = loop.create_future()
+            self._outbox.put_nowait("Finalize")
+            try:
+                await asyncio.wait_for(asyncio.shield(self._finalized), self._finalize_timeout_s)
+            except TimeoutError:
+                log.info("deepgram finalize reply late after_s=%.2f; using what we have",
+                         self._finalize_timeout_s)
+            finally:
+                self._finalized = None
+        self._check()
+        text = self._text()
+        self._start_utterance()
+        return Transcript(text=text, final=True)
+
+    def partials(self) -> AsyncIterator[Transcript]:
+        return self._iter_partials()
+
+    async def reset(self) -> None:
+        if self._sent_s > self._cut_s + _EPSILON_S:
+            self._outbox.put_nowait("Finalize")  # flush the server; its reply is dropped by time
+        self._start_utterance()
+
+    async def aclose(self) -> None:
+        if self._closing:
+            await asyncio.gather(self._runner, return_exceptions=True)
+            return
+        self._closing = True
+        if not self._runner.done():
+            self._outbox.put_nowait("CloseStream")
+            self._outbox.put_nowait(None)
+            # The server answers CloseStream with its last results and Metadata, then closes.
+            done, _ = await asyncio.wait({self._runner}, timeout=2.0)
+            if not done:
+                self._runner.cancel()
+        await asyncio.gather(self._runner, return_exceptions=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._runner.done()
+
+    # ------------------------------------------------------------ internals
+
+    async def _iter_partials(self) -> AsyncIterator[Transcript]:
+        while True:
+            item = await self._partials.get()
+            if item is None:
+                return
+            yield item
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closing:
+            raise ProviderError(NAME, "stream is closed")
+
+    def _text(self) -> str:
+        return " ".join(part for part in (*self._committed, self._interim) if part)
+
+    def _start_utterance(self) -> None:
+        self._committed = []
+        self._interim = ""
+        self._last_partial = ""
+        self._endpointed = False
+        self.endpoint.clear()
+        self._cut_s = self._sent_s
+
+    async def _run(self) -> None:
+        try:
+            async with self._client.listen.v1.connect(**self._options) as socket:
+                sender = asyncio.create_task(self._send_loop(socket), name="deepgram-send")
+                try:
+                    async for message in socket:
+                        self._on_message(message)
+                finally:
+                    sender.cancel()
+                    await asyncio.gather(sender, return_exceptions=True)
+                if not self._closing:
+                    self._error = ProviderError(NAME, "the live socket was closed by the server")
+        except asyncio.CancelledError:
+            raise
+        except ApiError as exc:
+            # Never str(exc): its headers are the request's, including the key.
+            self._error = ProviderError(NAME, f"connection refused: HTTP {exc.status_code}: {exc.body}")
+        except Exception as exc:
+            self._error = ProviderError(NAME, f"live socket failed: {type(exc).__name__}: {exc}")
+        finally:
+            if self._error is not None:
+                log.warning("deepgram stream ended error=%s", self._error)
+            if self._finalized is not None and not self._finalized.done():
+                self._finalized.set_result(None)
+            self._partials.put_nowait(None)
+
+    async def _send_loop(self, socket: Any) -> None:
+        try:
+            await self._send_items(socket)
+        except Exception as exc:  # the socket closed under us; the receive loop reports it
+            log.info("deepgram send stopped error=%s", type(exc).__name__)
+
+    async def _send_items(self, socket: Any) -> None:
+        while True:
+            try:
+                item = await asyncio.wait_for(self._outbox.get(), self._keepalive_s)
+            except TimeoutError:
+                await socket.send_keep_alive()
+                continue
+            if item is None:
+                return
+            if isinstance(item, bytes):
+                await socket.send_media(item)
+            elif item == "Finalize":
+                await socket.send_finalize()
+            elif item == "CloseStream":
+                await socket.send_close_stream()
+
+    def _on_message(self, message: Any) -> None:
+        kind = getattr(message, "type", None)
+        if kind == "Results":
+            self._on_results(message)
+        elif kind == "UtteranceEnd":
+            if self._interim:  # nothing more will finalize it
+                self._committed.append(self._interim)
+                self._interim = ""
+            self._mark_endpoint()
+        elif kind == "Error":
+            self._error = ProviderError(NAME, f"{message.variant}: {message.description}")
+        # Metadata, SpeechStarted: nothing to map.
+
+    def _on_results(self, message: Any) -> None:
+        end_s = float(message.start) + float(message.duration)
+        if end_s <= self._cut_s + _EPSILON_S:
+            # Belongs to an utterance already finalized or reset (e.g. the reply to a
+            # reset's Finalize): it must neither leak text nor complete a newer finalize.
+            return
+        alternatives = message.channel.alternatives
+        text = alternatives[0].transcript.strip() if alternatives else ""
+        if message.is_final:
+            if text:
+                self._committed.append(text)
+            self._interim = ""
+            if message.speech_final:
+                self._mark_endpoint()
+        else:
+            self._interim = text
+            if text:
+                self._endpointed = False  # the caller is still (or again) speaking
+        if message.from_finalize and self._finalized is not None and not self._finalized.done():
+            self._finalized.set_result(None)
+        partial = self._text()
+        if partial and partial != self._last_partial:
+            self._last_partial = partial
+            self._partials.put_nowait(Transcript(text=partial, final=False))
+
+    def _mark_endpoint(self) -> None:
+        self._endpointed = True
+        self.endpoint.set()
+
+
+class DeepgramSTT:
+    """``SpeechToText`` factory of live streams; one SDK client for every call."""
+
+    name = NAME
+
+    def __init__(self, api_key: str, *, base_url: str = "", model: str = "nova-3",
+                 language: str = "en-US", sample_rate: int = 16000, endpointing_ms: int = 300,
+                 utterance_end_ms: int = 1000, finalize_timeout_s: float = 1.0,
+                 keepalive_s: float = 4.0) -> None:
+        if not api_key:
+            raise ProviderError(NAME, "no API key (set VOICEGATE_DEEPGRAM_API_KEY)")
+        self.sample_rate = sample_rate
+        environment = DeepgramClientEnvironment.PRODUCTION
+        if base_url:
+            ws = base_url.rstrip("/")
+            http = ws.replace("wss://", "https://").replace("ws://", "http://")
+            environment = DeepgramClientEnvironment(base=http, production=ws, agent=ws, agent_rest=http)
+        self._client = AsyncDeepgramClient(api_key=api_key, environment=environment)
+        self._options: dict[str, Any] = {
+            "model": model, "language": language, "encoding": "linear16", "sample_rate": sample_rate,
+            "channels": 1, "interim_results": "true", "punctuate": "true", "smart_format": "true",
+            "endpointing": endpointing_ms, "utterance_end_ms": utterance_end_ms, "vad_events": "true",
+        }
+        self._finalize_timeout_s = finalize_timeout_s
+        self._keepalive_s = keepalive_s
+        self._streams: set[DeepgramStream] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "DeepgramSTT":
+        return cls(settings.deepgram_api_key, base_url=settings.deepgram_url, model=settings.deepgram_model,
+                   language=settings.deepgram_language, endpointing_ms=settings.deepgram_endpointing_ms,
+                   utterance_end_ms=settings.deepgram_utterance_end_ms)
+
+    def open_stream(self) -> DeepgramStream:
+        self._streams = {s for s in self._streams if not s.closed}
+        stream = DeepgramStream(self._client, self._options, self.sample_rate,
+                                self._finalize_timeout_s, self._keepalive_s)
+        self._streams.add(stream)
+        return stream
+
+    async def aclose(self) -> None:
+        streams, self._streams = list(self._streams), set()
+        await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)

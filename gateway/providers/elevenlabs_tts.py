@@ -1,0 +1,80 @@
+"""Streaming synthesis through the official ``elevenlabs`` SDK.
+
+``POST /v1/text-to-speech/{voice_id}/stream?output_format=pcm_16000`` answers raw
+16-bit little-endian mono PCM, streamed; chunks are passed on as they arrive.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import httpx
+from elevenlabs.client import AsyncElevenLabs
+from elevenlabs.core.api_error import ApiError
+
+from gateway.providers.base import ProviderError
+from gateway.settings import Settings
+
+SAMPLE_RATES = (16000, 24000)
+
+
+class ElevenLabsTTS:
+    """``TextToSpeech``; one HTTP connection pool shared by every call."""
+
+    name = "elevenlabs"
+
+    def __init__(self, api_key: str, *, voice_id: str, model_id: str = "eleven_flash_v2_5",
+                 sample_rate: int = 16000, base_url: str = "", timeout_s: float = 30.0,
+                 chunk_bytes: int = 1024) -> None:
+        if not api_key:
+            raise ProviderError(self.name, "no API key (set VOICEGATE_ELEVENLABS_API_KEY)")
+        if sample_rate not in SAMPLE_RATES:
+            raise ProviderError(self.name, f"sample rate {sample_rate} is not one of {SAMPLE_RATES}")
+        self.sample_rate = sample_rate
+        self.voice_id = voice_id
+        self.model_id = model_id
+        self._chunk_bytes = chunk_bytes  # 1024 bytes = 32 ms at 16 kHz: small enough to start at once
+        self._http = httpx.AsyncClient(timeout=timeout_s)
+        self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url or None, httpx_client=self._http)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ElevenLabsTTS":
+        return cls(settings.elevenlabs_api_key, voice_id=settings.elevenlabs_voice_id,
+                   model_id=settings.elevenlabs_model_id, sample_rate=settings.elevenlabs_sample_rate,
+                   base_url=settings.elevenlabs_base_url)
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        stream = self._client.text_to_speech.stream(
+            self.voice_id, text=text, model_id=self.model_id, output_format=f"pcm_{self.sample_rate}",
+            request_options={"chunk_size": self._chunk_bytes})
+        carry = b""  # keep chunks sample-aligned: an odd byte waits for the next chunk
+        try:
+            async for chunk in stream:
+                if carry:
+                    chunk, carry = carry + chunk, b""
+                if len(chunk) % 2:
+                    chunk, carry = chunk[:-1], chunk[-1:]
+                if chunk:
+                    yield chunk
+        except ApiError as exc:
+            # Never str(exc): it renders headers. Status and body only.
+            raise ProviderError(self.name, f"HTTP {exc.status_code}: {_detail(exc.body)}") from exc
+        except httpx.TimeoutException as exc:
+            raise ProviderError(self.name, "synthesis timed out") from exc
+        except httpx.HTTPError as exc:
+            raise ProviderError(self.name, f"cannot reach the synthesis endpoint: {type(exc).__name__}") from exc
+        finally:
+            await stream.aclose()  # closes the HTTP response on barge-in too
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def _detail(body: Any) -> str:
+    """ElevenLabs errors look like {"detail": {"status": ..., "message": ...}}."""
+    if isinstance(body, dict):
+        detail = body.get("detail", body)
+        if isinstance(detail, dict):
+            return str(detail.get("message") or detail.get("status") or detail)[:300]
+        return str(detail)[:300]
+    return str(body)[:300]

@@ -1,0 +1,99 @@
+"""Chunk a streamed LLM reply into speakable pieces for TTS.
+
+A piece ends at a sentence end, or at a clause boundary (comma, semicolon, colon,
+dash) once it is long enough, so the first TTS request starts after a few words,
+not after the whole first sentence. Markdown that slips through is stripped.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Words ending in a period that do not end a sentence.
+_ABBREVIATIONS = frozenset({
+    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "inc", "ltd",
+    "co", "no", "approx", "dept", "apt", "ave", "mt", "jan", "feb", "mar", "apr", "jun", "jul",
+    "aug", "sep", "sept", "oct", "nov", "dec", "a.m", "p.m", "u.s",
+})
+_SENTENCE_END = ".!?…"
+_CLAUSE_END = ",;:—–"
+_MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d+\.\s+(?=\D))", re.MULTILINE)
+_SPACES = re.compile(r"\s+")
+
+
+def speakable(text: str) -> str:
+    """Text without markdown markers and with single spaces."""
+    return _SPACES.sub(" ", _MARKDOWN.sub("", text)).strip()
+
+
+class SentenceChunker:
+    """``feed`` tokens, get finished pieces; ``flush`` at the end of the stream."""
+
+    def __init__(self, min_clause_chars: int = 60, first_min_clause_chars: int = 24,
+                 max_chars: int = 240) -> None:
+        self.min_clause_chars = min_clause_chars
+        self.first_min_clause_chars = first_min_clause_chars
+        self.max_chars = max_chars
+        self._buffer = ""
+        self._emitted = 0
+
+    def feed(self, text: str) -> list[str]:
+        self._buffer += text
+        pieces: list[str] = []
+        while True:
+            cut = self._find_cut()
+            if cut is None:
+                break
+            piece, self._buffer = speakable(self._buffer[:cut]), self._buffer[cut:]
+            if piece:
+                pieces.append(piece)
+                self._emitted += 1
+        return pieces
+
+    def flush(self) -> str | None:
+        piece, self._buffer = speakable(self._buffer), ""
+        if piece:
+            self._emitted += 1
+            return piece
+        return None
+
+    def _find_cut(self) -> int | None:
+        buf = self._buffer
+        min_clause = self.first_min_clause_chars if self._emitted == 0 else self.min_clause_chars
+        clause_cut: int | None = None
+        # A boundary counts only once the next character is known (whitespace),
+        # so "3.5", "e.g." and "U.S." are not split mid-token.
+        for i in range(len(buf) - 1):
+            ch, nxt = buf[i], buf[i + 1]
+            if ch == "\n" and nxt == "\n":
+                return i + 2
+            if not nxt.isspace():
+                continue
+            if ch in _SENTENCE_END and not self._is_abbreviation(buf, i):
+                return self._after_closers(buf, i + 1)
+            if ch in _CLAUSE_END and clause_cut is None and len(speakable(buf[: i + 1])) >= min_clause:
+                clause_cut = i + 1
+        if clause_cut is not None:
+            return clause_cut
+        if len(buf) >= self.max_chars:  # no boundary in sight: cut at the last space
+            space = buf.rfind(" ", 0, self.max_chars)
+            return space + 1 if space > 0 else self.max_chars
+        return None
+
+    @staticmethod
+    def _is_abbreviation(buf: str, i: int) -> bool:
+        if buf[i] != ".":
+            return False
+        start = i
+        while start > 0 and not buf[start - 1].isspace():
+            start -= 1
+        word = buf[start:i].lower().lstrip("(\"'")
+        if word in _ABBREVIATIONS:
+            return True
+        return len(word) == 1 and buf[start].isupper()  # an initial: "J. Smith"
+
+    @staticmethod
+    def _after_closers(buf: str, j: int) -> int:
+        while j < len(buf) and buf[j] in "\"')]”’":
+            j += 1
+        return j

@@ -1,0 +1,90 @@
+"""Tools the agent may call: declared in configuration, run as HTTP webhooks.
+
+The webhook receives ``POST {"tool", "call_id", "arguments"}`` and answers with JSON
+(or text). Whatever happens, the model gets a string back: the result, or an error it
+can explain to the caller ("the account service did not answer").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+import httpx
+
+from gateway.providers.base import ToolCall, ToolSpec
+
+log = logging.getLogger(__name__)
+
+MAX_RESULT_CHARS = 4000  # what goes back into the context; a webhook may answer a lot
+
+
+class ToolConfigError(ValueError):
+    """The tools file is missing or malformed."""
+
+
+def load_tools(path: str) -> list[ToolSpec]:
+    """Read a JSON list of ``{name, description, parameters, url, timeout_s}``."""
+    if not path:
+        return []
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ToolConfigError(f"cannot read tools file {path}: {exc}") from exc
+    if not isinstance(raw, list):
+        raise ToolConfigError(f"tools file {path}: expected a JSON list of tools")
+    tools = []
+    for n, item in enumerate(raw):
+        if not isinstance(item, dict) or not item.get("name") or not item.get("url"):
+            raise ToolConfigError(f"tools file {path}: tool #{n} needs at least a name and a url")
+        unknown = set(item) - {"name", "description", "parameters", "url", "timeout_s"}
+        if unknown:
+            raise ToolConfigError(f"tools file {path}: tool {item['name']!r} has unknown keys "
+                                  f"{sorted(unknown)}")
+        tools.append(ToolSpec(name=str(item["name"]), description=str(item.get("description", "")),
+                              parameters=item.get("parameters") or {"type": "object", "properties": {}},
+                              url=str(item["url"]), timeout_s=float(item.get("timeout_s", 5.0))))
+    return tools
+
+
+class ToolRunner:
+    def __init__(self, tools: list[ToolSpec], http: httpx.AsyncClient | None = None) -> None:
+        self.tools = {tool.name: tool for tool in tools}
+        self._http = http or httpx.AsyncClient()
+        self._owns_http = http is None
+
+    async def run(self, call: ToolCall) -> tuple[str, bool]:
+        """(content for the model, ok)."""
+        tool = self.tools.get(call.name)
+        if tool is None:
+            return _error(f"there is no tool named {call.name}"), False
+        try:
+            arguments = json.loads(call.arguments or "{}")
+        except json.JSONDecodeError:
+            return _error(f"the arguments for {call.name} were not valid JSON"), False
+        started = time.monotonic()
+        try:
+            response = await self._http.post(
+                tool.url, json={"tool": call.name, "call_id": call.id, "arguments": arguments},
+                timeout=tool.timeout_s)
+        except httpx.TimeoutException:
+            log.warning("tool timeout name=%s after_s=%.1f", call.name, tool.timeout_s)
+            return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), False
+        except httpx.HTTPError as exc:
+            log.warning("tool unreachable name=%s error=%s", call.name, type(exc).__name__)
+            return _error(f"{call.name} could not be reached"), False
+        ms = (time.monotonic() - started) * 1000
+        if response.status_code >= 400:
+            log.warning("tool failed name=%s status=%d ms=%.0f", call.name, response.status_code, ms)
+            return _error(f"{call.name} failed with status {response.status_code}"), False
+        log.info("tool done name=%s status=%d ms=%.0f", call.name, response.status_code, ms)
+        return response.text[:MAX_RESULT_CHARS], True
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+
+def _error(message: str) -> str:
+    return json.dumps({"error": message})

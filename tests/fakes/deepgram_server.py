@@ -1,0 +1,154 @@
+"""A fake Deepgram live-transcription WebSocket (``/v1/listen``).
+
+Wire protocol as documented: binary frames are audio (linear16 at the ``sample_rate``
+query parameter); text frames are control messages ``{"type": "KeepAlive" | "Finalize" |
+"CloseStream"}``. The server sends ``Results`` (interim with ``is_final: false``, then
+``is_final: true`` with ``speech_final`` at an endpoint, or ``from_finalize: true`` in
+reply to Finalize), ``UtteranceEnd`` (``utterance_end_ms`` of silence after the last
+word), and ``Metadata`` before closing on CloseStream.
+
+"Recognition" is scripted: each utterance reveals the next entry of ``utterances``
+one word per ``ms_per_word`` of non-silent audio; all-zero audio is silence.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+
+@dataclass
+class Session:
+    query: dict[str, str]
+    controls: Counter = field(default_factory=Counter)
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    audio_bytes: int = 0
+    closed_by_client_message: bool = False
+
+
+class FakeDeepgram:
+    def __init__(self, api_key: str = "test-key") -> None:
+        self.api_key = api_key
+        self.utterances: list[str] = ["what are your opening hours"]
+        self.ms_per_word = 100
+        self.answer_finalize = True  # False: ignore Finalize (a server that never replies)
+        self.sessions: list[Session] = []
+        self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
+
+    async def _listen(self, websocket: WebSocket) -> None:
+        if websocket.headers.get("authorization") != f"Token {self.api_key}":
+            await websocket.close(code=1008)  # before accept: the handshake is refused
+            return
+        await websocket.accept()
+        session = Session(query=dict(websocket.query_params))
+        self.sessions.append(session)
+        rate = int(session.query.get("sample_rate", "16000"))
+        endpointing_ms = int(session.query.get("endpointing", "10"))
+        utterance_end_ms = int(session.query.get("utterance_end_ms", "0") or 0)
+        request_id = str(uuid.uuid4())
+        state = _Segment()
+        utterance_index = 0
+
+        async def send(payload: dict[str, Any]) -> None:
+            session.sent.append(payload)
+            await websocket.send_text(json.dumps(payload))
+
+        def results(words: list[str], *, is_final: bool, speech_final: bool = False,
+                    from_finalize: bool = False) -> dict[str, Any]:
+            start = state.start_ms / 1000
+            duration = (state.end_ms - state.start_ms) / 1000
+            return {
+                "type": "Results", "channel_index": [0, 1], "duration": duration, "start": start,
+                "is_final": is_final, "speech_final": speech_final, "from_finalize": from_finalize,
+                "channel": {"alternatives": [{"transcript": " ".join(words), "confidence": 0.98,
+                                              "words": [{"word": w, "start": start, "end": start + duration,
+                                                         "confidence": 0.98, "punctuated_word": w}
+                                                        for w in words]}]},
+                "metadata": {"request_id": request_id, "model_uuid": str(uuid.uuid4()),
+                             "model_info": {"name": "general-nova-3", "version": "fake", "arch": "nova-3"}},
+            }
+
+        async def finish(**flags: bool) -> None:
+            nonlocal utterance_index
+            if state.revealed > state.finalized:
+                await send(results(state.script[state.finalized:state.revealed], is_final=True, **flags))
+            elif flags.get("from_finalize"):
+                await send(results([], is_final=True, **flags))
+            state.finalized = state.revealed
+            state.start_ms = state.end_ms
+            if state.revealed >= len(state.script) or flags.get("from_finalize"):
+                if state.revealed:
+                    utterance_index += 1
+                state.reset(self.utterances[utterance_index % len(self.utterances)], state.end_ms)
+
+        state.reset(self.utterances[0], 0)
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("bytes") is not None:
+                    audio = message["bytes"]
+                    session.audio_bytes += len(audio)
+                    ms = len(audio) / 2 / rate * 1000
+                    state.end_ms += ms
+                    if any(audio):
+                        state.silence_ms = 0
+                        state.voiced_ms += ms
+                        words = min(len(state.script), int(state.voiced_ms // self.ms_per_word))
+                        if words > state.revealed:
+                            state.revealed = words
+                            await send(results(state.script[state.finalized:words], is_final=False))
+                    else:
+                        state.silence_ms += ms
+                        if state.revealed > state.finalized and state.silence_ms >= endpointing_ms:
+                            state.last_word_end_ms = state.end_ms - state.silence_ms
+                            await finish(speech_final=True)
+                            state.await_utterance_end = utterance_end_ms > 0
+                        if state.await_utterance_end and state.silence_ms >= utterance_end_ms:
+                            state.await_utterance_end = False
+                            await send({"type": "UtteranceEnd", "channel": [0, 1],
+                                        "last_word_end": state.last_word_end_ms / 1000})
+                    continue
+                control = json.loads(message.get("text") or "{}")
+                kind = control.get("type", "")
+                session.controls[kind] += 1
+                if kind == "Finalize" and self.answer_finalize:
+                    await finish(from_finalize=True)
+                elif kind == "CloseStream":
+                    session.closed_by_client_message = True
+                    await finish()
+                    await send({"type": "Metadata", "transaction_key": "deprecated", "request_id": request_id,
+                                "sha256": "0" * 64, "created": datetime.now(timezone.utc).isoformat(),
+                                "duration": state.end_ms / 1000, "channels": 1})
+                    await websocket.close(code=1000)
+                    return
+        except WebSocketDisconnect:
+            return
+
+
+@dataclass
+class _Segment:
+    script: list[str] = field(default_factory=list)
+    start_ms: float = 0.0
+    end_ms: float = 0.0
+    voiced_ms: float = 0.0
+    silence_ms: float = 0.0
+    revealed: int = 0
+    finalized: int = 0
+    last_word_end_ms: float = 0.0
+    await_utterance_end: bool = False
+
+    def reset(self, utterance: str, at_ms: float) -> None:
+        self.script = utterance.split()
+        self.start_ms = self.end_ms = at_ms
+        self.voiced_ms = self.silence_ms = 0.0
+        self.revealed = self.finalized = 0

@@ -1,0 +1,71 @@
+"""A fake ElevenLabs streaming-synthesis endpoint.
+
+``POST /v1/text-to-speech/{voice_id}/stream?output_format=pcm_16000|pcm_24000`` with
+header ``xi-api-key`` and JSON ``{"text", "model_id", ...}`` answers raw 16-bit mono PCM,
+streamed in pieces. Errors follow the documented shape ``{"detail": {"status", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+import threading
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+MS_PER_CHAR = 20  # synthetic speech length
+
+
+class FakeElevenLabs:
+    def __init__(self, api_key: str = "test-key") -> None:
+        self.api_key = api_key
+        self.requests: list[dict[str, Any]] = []
+        self.piece_bytes = 3000  # deliberately odd-sized pieces (of 2-byte samples: even count)
+        self.piece_delay_s = 0.0
+        self.status = 200
+        # When set, the stream pauses after its first piece until ``release`` is set:
+        # a test can prove the first audio arrived before the synthesis finished.
+        self.hold_after_first = threading.Event()
+        self.release = threading.Event()
+        self.app = Starlette(routes=[Route("/v1/text-to-speech/{voice_id}/stream", self._stream,
+                                           methods=["POST"])])
+
+    async def _stream(self, request: Request) -> Response:
+        if request.headers.get("xi-api-key") != self.api_key:
+            return JSONResponse({"detail": {"status": "invalid_api_key",
+                                            "message": "Invalid API key"}}, status_code=401)
+        output_format = request.query_params.get("output_format", "mp3_44100_128")
+        if output_format not in ("pcm_16000", "pcm_24000"):
+            return JSONResponse({"detail": {"status": "invalid_output_format",
+                                            "message": f"fake supports pcm only, not {output_format}"}},
+                                status_code=422)
+        body = await request.json()
+        self.requests.append({"voice_id": request.path_params["voice_id"],
+                              "output_format": output_format, **body})
+        if self.status != 200:
+            return JSONResponse({"detail": {"status": "server_error", "message": "fake failure"}},
+                                status_code=self.status)
+        rate = int(output_format.split("_")[1])
+        pcm = tone(len(body.get("text", "")) * MS_PER_CHAR, rate)
+        return StreamingResponse(self._pieces(pcm), media_type="audio/pcm")
+
+    async def _pieces(self, pcm: bytes):
+        step = self.piece_bytes + 1  # an odd size, as a network may deliver
+        for n, offset in enumerate(range(0, len(pcm), step)):
+            yield pcm[offset:offset + step]
+            if n == 0 and self.hold_after_first.is_set():
+                while not self.release.is_set():
+                    await asyncio.sleep(0.01)
+            if self.piece_delay_s:
+                await asyncio.sleep(self.piece_delay_s)
+
+
+def tone(ms: int, rate: int, hz: float = 220.0) -> bytes:
+    count = rate * ms // 1000
+    return struct.pack(f"<{count}h", *(int(8000 * math.sin(2 * math.pi * hz * i / rate))
+                                       for i in range(count)))

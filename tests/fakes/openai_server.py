@@ -1,0 +1,185 @@
+"""A fake OpenAI-compatible chat-completions server (SSE streaming, tool calls).
+
+It speaks the documented wire format: ``POST .../chat/completions`` with
+``stream: true`` answers ``text/event-stream`` lines ``data: {chat.completion.chunk}``
+ending with ``data: [DONE]``; errors are ``{"error": {"message", "type", "code"}}``.
+Both ``/v1/chat/completions`` (openai) and ``/openai/v1/chat/completions`` (groq) are served.
+
+Behaviour per request comes from ``script(body) -> Reply``; by default replies are
+looked up by model name in ``replies``. Every request is recorded, and a client that
+goes away before the reply is complete is counted as a disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+STALL = 3600.0  # a "stall": the first token never comes within any test's patience
+
+
+@dataclass
+class Reply:
+    text: str = "Hello there. How can I help you today?"
+    tool_calls: list[tuple[str, str]] = field(default_factory=list)  # (name, arguments JSON)
+    ttft_s: float = 0.0  # delay before the first content chunk
+    token_delay_s: float = 0.0  # delay between later chunks
+    status: int = 200  # != 200: an error reply before any streaming
+    malformed_at: int | None = None  # send a broken chunk instead of chunk number N (0-based)
+    stall_after: int | None = None  # stop sending (but keep the connection) after N chunks
+    # Ordering without timing: hold the first content until a request for this model has
+    # arrived (so a test knows the other leg really reached the server before it lost).
+    after_request_of: str | None = None
+
+
+@dataclass
+class Stats:
+    requests: Counter = field(default_factory=Counter)  # by model
+    completed: Counter = field(default_factory=Counter)
+    disconnects: Counter = field(default_factory=Counter)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FakeOpenAI:
+    def __init__(self) -> None:
+        self.replies: dict[str, Reply] = {}
+        self.default = Reply()
+        self.script: Callable[[dict[str, Any]], Reply] | None = None
+        self.stats = Stats()
+        self._lock = threading.Lock()
+
+    def reply_for(self, body: dict[str, Any]) -> Reply:
+        if self.script is not None:
+            return self.script(body)
+        return self.replies.get(body.get("model", ""), self.default)
+
+    def wait_for(self, predicate: Callable[[Stats], bool], timeout: float = 5.0) -> bool:
+        """Poll (from the test's thread or loop) until the server-side stats satisfy ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if predicate(self.stats):
+                    return True
+            time.sleep(0.01)
+        return False
+
+    async def await_for(self, predicate: Callable[[Stats], bool], timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if predicate(self.stats):
+                    return True
+            await asyncio.sleep(0.01)
+        return False
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] != "POST" or not scope["path"].endswith("/chat/completions"):
+            await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error",
+                                              "code": None}})
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError:
+            await _json(send, 400, {"error": {"message": "body is not JSON", "type": "invalid_request_error",
+                                              "code": None}})
+            return
+        model = body.get("model", "")
+        with self._lock:
+            self.stats.requests[model] += 1
+            self.stats.bodies.append(body)
+        reply = self.reply_for(body)
+        if reply.status != 200:
+            await _json(send, reply.status, {"error": {"message": f"fake failure {reply.status}",
+                                                       "type": "server_error", "code": None}})
+            with self._lock:
+                self.stats.completed[model] += 1
+            return
+
+        # The reply and a disconnect listener race: a client closing its stream
+        # (the hedge's loser) is seen here even while the reply is sleeping.
+        writer = asyncio.ensure_future(self._stream(send, model, reply))
+        listener = asyncio.ensure_future(_wait_disconnect(receive))
+        done, _ = await asyncio.wait({writer, listener}, return_when=asyncio.FIRST_COMPLETED)
+        if writer in done and writer.exception() is None:
+            listener.cancel()
+            with self._lock:
+                self.stats.completed[model] += 1
+        else:
+            writer.cancel()
+            listener.cancel()
+            with self._lock:
+                self.stats.disconnects[model] += 1
+        await asyncio.gather(writer, listener, return_exceptions=True)
+
+    async def _stream(self, send: Any, model: str, reply: Reply) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        chunk_id = f"chatcmpl-{id(reply):x}{time.monotonic_ns() % 100000}"
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            data = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+        pieces: list[bytes] = [chunk({"role": "assistant", "content": ""})]  # role first, as OpenAI does
+        for word in _split_words(reply.text):
+            pieces.append(chunk({"content": word}))
+        for n, (name, arguments) in enumerate(reply.tool_calls):
+            call_id = f"call_{n}_{abs(hash((name, arguments))) % 10**8}"
+            pieces.append(chunk({"tool_calls": [{"index": n, "id": call_id, "type": "function",
+                                                 "function": {"name": name, "arguments": ""}}]}))
+            half = len(arguments) // 2  # arguments arrive in fragments
+            for part in (arguments[:half], arguments[half:]):
+                if part:
+                    pieces.append(chunk({"tool_calls": [{"index": n, "function": {"arguments": part}}]}))
+        pieces.append(chunk({}, "tool_calls" if reply.tool_calls else "stop"))
+        pieces.append(b"data: [DONE]\n\n")
+
+        for n, piece in enumerate(pieces):
+            if reply.stall_after is not None and n >= reply.stall_after:
+                await asyncio.sleep(STALL)
+            if n == 1:
+                await asyncio.sleep(reply.ttft_s)  # the role chunk goes at once, content waits
+                while reply.after_request_of and not self.stats.requests[reply.after_request_of]:
+                    await asyncio.sleep(0.005)
+            elif n > 1 and reply.token_delay_s:
+                await asyncio.sleep(reply.token_delay_s)
+            if reply.malformed_at is not None and n == reply.malformed_at:
+                piece = b'data: {"id": "broken", "choices": [{"delta": {"content": "x"\n\n'
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _split_words(text: str) -> list[str]:
+    words = text.split(" ")
+    return [w if i == 0 else " " + w for i, w in enumerate(words) if w or i == 0] if text else []
+
+
+async def _wait_disconnect(receive: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _json(send: Any, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})

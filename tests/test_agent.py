@@ -1,0 +1,257 @@
+"""The agent: tools with filler, handoff, cancellation, context and barge-in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from gateway.agent import Agent, Conversation, Handoff, Sentence, Slow, ToolStarted
+from gateway.hedge import HedgedChat
+from gateway.providers.base import ToolCall, ToolSpec
+from gateway.providers.openai_llm import OpenAIChat
+from gateway.sentences import SentenceChunker
+from gateway.settings import Settings
+from gateway.agent import build_agent
+from tests.fakes.openai_server import STALL, Reply
+
+BALANCE = ToolSpec(name="get_balance", description="The caller's account balance.",
+                   parameters={"type": "object", "properties": {"account": {"type": "string"}},
+                               "required": ["account"]})
+
+
+def tool_script(answer: str = "Your balance is twelve dollars. Anything else?"):
+    """First request: call the tool. Once a tool result is in the context: answer."""
+    def script(body):
+        if any(m.get("role") == "tool" for m in body["messages"]):
+            return Reply(text=answer)
+        return Reply(text="", tool_calls=[("get_balance", '{"account": "42"}')])
+    return script
+
+
+def make_agent(server, *models: str, tools=(), webhook_url: str = "", timeout_s: float = 5.0,
+               **hedge) -> Agent:
+    url = server.url + "/v1"
+    specs = [ToolSpec(t.name, t.description, t.parameters, url=webhook_url + "/tool/" + t.name,
+                      timeout_s=timeout_s) for t in tools]
+    chats = [OpenAIChat(m, base_url=url, name=m) for m in models]
+    llm = HedgedChat(chats[0], chats[1] if len(chats) > 1 else None, **hedge)
+    return Agent(llm, specs, filler_after_s=None)
+
+
+async def run(agent: Agent, text: str, conversation: Conversation | None = None):
+    conversation = conversation or agent.new_conversation()
+    return [event async for event in agent.respond(conversation, text)], conversation
+
+
+async def test_tool_call_plays_filler_before_the_answer_and_result_reaches_model(llm_server, webhook):
+    fake, server = llm_server
+    hook, hook_server = webhook
+    hook.handler = lambda payload: {"balance": "12.00", "currency": "USD"}
+    fake.script = tool_script()
+    agent = make_agent(server, "m", tools=[BALANCE], webhook_url=hook_server.url)
+
+    events, conversation = await run(agent, "What's my balance?")
+
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "ToolStarted" and events[0].name == "get_balance"
+    assert [e.text for e in events if isinstance(e, Sentence)] == [
+        "Your balance is twelve dollars.", "Anything else?"]
+    assert hook.calls == [{"tool": "get_balance", "call_id": events[0].call_id,
+                           "arguments": {"account": "42"}}]
+    second = fake.stats.bodies[-1]["messages"]
+    tool_messages = [m for m in second if m["role"] == "tool"]
+    assert json.loads(tool_messages[0]["content"]) == {"balance": "12.00", "currency": "USD"}
+    assert second[-2]["tool_calls"][0]["function"]["name"] == "get_balance"
+    await agent.aclose()
+
+
+async def test_tool_timeout_goes_back_to_the_model_as_an_error(llm_server, webhook):
+    fake, server = llm_server
+    hook, hook_server = webhook
+    hook.delay_s = 5.0
+    fake.script = tool_script("Sorry, I can't reach your account right now.")
+    agent = make_agent(server, "m", tools=[BALANCE], webhook_url=hook_server.url, timeout_s=0.2)
+
+    events, _ = await run(agent, "What's my balance?")
+
+    assert isinstance(events[0], ToolStarted)
+    assert any(isinstance(e, Sentence) and "can't reach" in e.text for e in events)
+    tool_message = [m for m in fake.stats.bodies[-1]["messages"] if m["role"] == "tool"][0]
+    assert "did not answer" in json.loads(tool_message["content"])["error"]
+    await agent.aclose()
+
+
+async def test_no_llm_configured_is_a_handoff():
+    agent = build_agent(Settings())
+    events, _ = await run(agent, "hello")
+    assert events == [Handoff("no LLM configured")]
+    await agent.aclose()
+
+
+async def test_every_llm_failing_is_a_handoff_never_silence(llm_server):
+    fake, server = llm_server
+    fake.replies["a"] = Reply(status=500)
+    fake.replies["b"] = Reply(malformed_at=1)
+    agent = make_agent(server, "a", "b", hedge_delay_s=0.0)
+    events, _ = await run(agent, "hello")
+    assert len(events) == 1 and isinstance(events[0], Handoff)
+    assert "every LLM failed" in events[0].reason
+    await agent.aclose()
+
+
+async def test_failure_after_a_tool_filler_is_still_a_handoff(llm_server, webhook):
+    fake, server = llm_server
+    hook, hook_server = webhook
+
+    def script(body):
+        if any(m.get("role") == "tool" for m in body["messages"]):
+            return Reply(status=503)
+        return Reply(text="", tool_calls=[("get_balance", '{"account": "1"}')])
+    fake.script = script
+    agent = make_agent(server, "m", tools=[BALANCE], webhook_url=hook_server.url)
+    events, _ = await run(agent, "balance?")
+    assert isinstance(events[0], ToolStarted) and isinstance(events[-1], Handoff)
+    await agent.aclose()
+
+
+async def test_barge_in_cancellation_closes_both_llm_streams(llm_server):
+    fake, server = llm_server
+    fake.replies["p"] = Reply(ttft_s=STALL)
+    fake.replies["s"] = Reply(ttft_s=STALL)
+    agent = make_agent(server, "p", "s", hedge_delay_s=0.0, first_token_timeout_s=600.0)
+    consumer = asyncio.create_task(run(agent, "tell me a story"))
+    assert await fake.await_for(lambda s: s.requests["p"] == 1 and s.requests["s"] == 1)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert await fake.await_for(lambda s: s.disconnects["p"] == 1 and s.disconnects["s"] == 1)
+    await agent.aclose()
+
+
+async def test_closing_the_event_stream_mid_answer_closes_the_llm_stream(llm_server):
+    fake, server = llm_server
+    fake.replies["p"] = Reply(text="First sentence here. " + "and then more words " * 50,
+                              token_delay_s=0.02)
+    agent = make_agent(server, "p")
+    conversation = agent.new_conversation()
+    events = agent.respond(conversation, "hi")
+    first = await events.__anext__()
+    assert first == Sentence("First sentence here.")
+    await events.aclose()
+    assert await fake.await_for(lambda s: s.disconnects["p"] == 1)
+    # The context holds what was emitted, and then only what the caller heard.
+    assert conversation.history[-1]["content"].startswith("First sentence here.")
+    conversation.record_heard("First sentence")
+    assert conversation.history[-1] == {"role": "assistant", "content": "First sentence"}
+    await agent.aclose()
+
+
+async def test_slow_first_token_emits_slow_once_before_the_answer(llm_server):
+    fake, server = llm_server
+    fake.replies["p"] = Reply(text="Here you go.", ttft_s=1.0)
+    agent = make_agent(server, "p")
+    agent.filler_after_s = 0.05
+    events, _ = await run(agent, "hi")
+    assert isinstance(events[0], Slow) and events[1:] == [Sentence("Here you go.")]
+    await agent.aclose()
+
+
+def test_context_is_trimmed_by_whole_exchanges_keeping_the_latest():
+    conversation = Conversation("system", budget_chars=600)
+    for n in range(20):
+        conversation.add_user(f"question {n} " + "x" * 50)
+        conversation.add_assistant(f"answer {n} " + "y" * 50)
+    conversation.add_user("the latest question")
+    messages = conversation.messages()
+    assert messages[0] == {"role": "system", "content": "system"}
+    assert messages[1]["role"] == "user"  # never starts mid-exchange
+    assert messages[-1]["content"] == "the latest question"
+    assert sum(len(json.dumps(m)) for m in messages[1:]) <= 600
+    assert len(messages) < 41
+
+
+def test_record_heard_cuts_what_the_caller_did_not_hear():
+    conversation = Conversation()
+    conversation.add_user("where is my order?")
+    call = ToolCall("c1", "get_order", "{}")
+    conversation.add_assistant("Let me check.", [call])
+    conversation.add_tool_result(call, '{"status": "shipped"}')
+    conversation.add_assistant("It shipped on Monday. It should arrive by Friday.")
+    conversation.record_heard("Let me check.  It shipped on")
+    history = conversation.history
+    assert history[1]["content"] == "Let me check." and history[1]["tool_calls"]
+    assert history[3]["content"] == "It shipped on"
+
+    conversation.record_heard("")  # heard nothing: text gone, the tool call (and its result) kept
+    assert conversation.history[1]["content"] is None and len(conversation.history) == 3
+
+
+def test_chunker_emits_early_clauses_and_whole_sentences():
+    chunker = SentenceChunker(min_clause_chars=40, first_min_clause_chars=20)
+    pieces = []
+    text = ("Sure, Dr. Smith, your appointment is on the 3.5 mark, and after that, we will call you. "
+            "**Anything** else? ")
+    for token in text.split(" "):
+        pieces += chunker.feed(token + " ")
+    tail = chunker.flush()
+    pieces += [tail] if tail else []
+    # The first piece ends at the first clause boundary past 20 chars (not "Sure," nor "Dr.");
+    # later pieces need 40 chars for a clause cut, so "and after that," waits for the period.
+    assert pieces == ["Sure, Dr. Smith, your appointment is on the 3.5 mark,",
+                      "and after that, we will call you.", "Anything else?"]
+
+
+def test_a_tool_call_cut_off_by_a_barge_in_still_gets_a_result():
+    conversation = Conversation()
+    conversation.add_user("where is my order?")
+    conversation.add_assistant("", [ToolCall("c1", "get_order", "{}"), ToolCall("c2", "get_eta", "{}")])
+    conversation.add_tool_result(ToolCall("c1", "get_order", "{}"), '{"status": "shipped"}')
+    conversation.add_user("never mind")  # the webhook for c2 was cancelled
+    messages = conversation.messages()
+    roles = [(m["role"], m.get("tool_call_id")) for m in messages]
+    assert roles == [("system", None), ("user", None), ("assistant", None), ("tool", "c1"),
+                     ("tool", "c2"), ("user", None)]
+    assert "interrupted" in messages[4]["content"]
+
+
+async def test_build_agent_from_settings_with_a_tools_file(llm_server, webhook, tmp_path):
+    fake, server = llm_server
+    hook, hook_server = webhook
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps([{
+        "name": "get_balance", "description": "The caller's balance.",
+        "parameters": BALANCE.parameters, "url": hook_server.url + "/tool/get_balance", "timeout_s": 2}]))
+    fake.script = tool_script()
+    settings = Settings.load(environ={
+        "VOICEGATE_LLM_PRIMARY_URL": server.url + "/v1", "VOICEGATE_LLM_PRIMARY_MODEL": "p",
+        "VOICEGATE_LLM_SECONDARY_URL": server.url + "/v1", "VOICEGATE_LLM_SECONDARY_MODEL": "s",
+        "VOICEGATE_LLM_HEDGE_DELAY_MS": "0", "VOICEGATE_LLM_TOOLS_FILE": str(tools_file)})
+    agent = build_agent(settings)
+    assert isinstance(agent.llm, HedgedChat) and agent.llm.fixed_delay_s == 0.0
+    events, _ = await run(agent, "balance please")
+    assert isinstance(events[0], ToolStarted) and isinstance(events[-1], Sentence)
+    # Delay 0: both legs start in each of the two rounds (a loser may be cancelled
+    # before its request even reaches the server, so count legs, not server requests).
+    assert hook.calls and agent.llm.stats.requests == 4 and agent.llm.stats.extra_requests == 2
+    await agent.aclose()
+
+
+def test_tools_file_errors_are_specific(tmp_path):
+    from gateway.tools import ToolConfigError, load_tools
+    bad = tmp_path / "tools.json"
+    bad.write_text(json.dumps([{"name": "x"}]))
+    with pytest.raises(ToolConfigError, match="needs at least a name and a url"):
+        load_tools(str(bad))
+    bad.write_text(json.dumps([{"name": "x", "url": "http://h", "colour": "red"}]))
+    with pytest.raises(ToolConfigError, match="unknown keys"):
+        load_tools(str(bad))
+    with pytest.raises(ToolConfigError, match="cannot read"):
+        load_tools(str(tmp_path / "missing.json"))
+
+
+def test_openai_without_url_or_key_fails_at_start_up():
+    from gateway.settings import SettingsError
+    with pytest.raises(SettingsError, match="OPENAI_API_KEY"):
+        build_agent(Settings(llm_primary_model="gpt-4o-mini"))

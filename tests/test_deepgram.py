@@ -1,0 +1,135 @@
+"""The real deepgram-sdk live client against a local fake of /v1/listen."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterator
+
+import pytest
+
+from gateway.providers.base import ProviderError, SpeechToText, STTStream, Transcript
+from gateway.providers.deepgram_stt import DeepgramSTT
+from tests.fakes.deepgram_server import FakeDeepgram
+from tests.fakes.server import ServerThread
+
+FRAME = 320  # samples: 20 ms at 16 kHz
+VOICE = b"\x10\x00" * FRAME
+SILENCE = b"\x00\x00" * FRAME
+
+
+@pytest.fixture
+def deepgram() -> Iterator[tuple[FakeDeepgram, ServerThread]]:
+    fake = FakeDeepgram()
+    with ServerThread(fake.app) as server:
+        yield fake, server
+
+
+def stt(server: ServerThread, key: str = "test-key", **kwargs) -> DeepgramSTT:
+    return DeepgramSTT(key, base_url=server.ws_url, finalize_timeout_s=5.0, **kwargs)
+
+
+async def send(stream: STTStream, frame: bytes, count: int) -> None:
+    for _ in range(count):
+        await stream.send_audio(frame)
+
+
+async def until(predicate, timeout: float = 5.0) -> bool:
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def test_interim_results_are_partials_and_finalize_returns_the_final(deepgram):
+    fake, server = deepgram
+    fake.ms_per_word = 40  # one word every two frames
+    recognizer = stt(server)
+    assert isinstance(recognizer, SpeechToText)
+    stream = recognizer.open_stream()
+    assert isinstance(stream, STTStream)
+    partials: list[Transcript] = []
+
+    async def read() -> None:
+        async for partial in stream.partials():
+            partials.append(partial)
+
+    reader = asyncio.create_task(read())
+    await send(stream, VOICE, 10)  # 200 ms: all five words revealed, no endpoint yet
+    assert await until(lambda: len(partials) == 5)
+    assert [p.text for p in partials] == ["what", "what are", "what are your", "what are your opening",
+                                          "what are your opening hours"]
+    assert not any(p.final for p in partials)
+
+    final = await stream.finalize()
+    assert final == Transcript("what are your opening hours", final=True)
+    session = fake.sessions[0]
+    assert session.controls["Finalize"] == 1
+    assert session.query["interim_results"] == "true" and session.query["encoding"] == "linear16"
+    assert any(m.get("from_finalize") for m in session.sent)
+
+    await stream.aclose()
+    await reader  # partials() ends when the stream closes
+    assert session.closed_by_client_message and session.sent[-1]["type"] == "Metadata"
+    await recognizer.aclose()
+
+
+async def test_speech_final_and_utterance_end_make_finalize_immediate(deepgram):
+    fake, server = deepgram
+    fake.utterances = ["hello there", "second question please"]
+    fake.ms_per_word = 40
+    recognizer = stt(server, endpointing_ms=100, utterance_end_ms=200)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)
+    await send(stream, SILENCE, 15)  # 300 ms: endpoint at 100 ms, UtteranceEnd after
+    assert await until(lambda: stream.endpoint.is_set())
+    session = fake.sessions[0]
+    assert await until(lambda: any(m["type"] == "UtteranceEnd" for m in session.sent))
+    assert any(m["type"] == "Results" and m["speech_final"] for m in session.sent)
+
+    assert await stream.finalize() == Transcript("hello there", final=True)
+    assert session.controls["Finalize"] == 0  # Deepgram had already endpointed
+
+    # The next utterance starts clean.
+    await send(stream, VOICE, 6)
+    assert (await stream.finalize()).text == "second question please"
+    assert session.controls["Finalize"] == 1
+    await stream.aclose()
+    await recognizer.aclose()
+
+
+async def test_reset_drops_the_utterance_and_late_results(deepgram):
+    fake, server = deepgram
+    fake.utterances = ["cough", "real words here"]
+    fake.ms_per_word = 40
+    recognizer = stt(server)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 2)
+    session_ready = await until(lambda: fake.sessions and fake.sessions[0].sent)
+    assert session_ready
+    await stream.reset()  # its Finalize reply (for the old audio) must be ignored
+    await send(stream, VOICE, 6)
+    assert (await stream.finalize()).text == "real words here"
+    await stream.aclose()
+    await recognizer.aclose()
+
+
+async def test_keepalive_is_sent_while_no_audio_flows(deepgram):
+    fake, server = deepgram
+    recognizer = stt(server, keepalive_s=0.05)
+    stream = recognizer.open_stream()
+    assert await until(lambda: fake.sessions and fake.sessions[0].controls["KeepAlive"] >= 2)
+    await stream.aclose()
+    await recognizer.aclose()
+
+
+async def test_refused_connection_is_a_provider_error_without_the_key(deepgram):
+    _, server = deepgram
+    recognizer = stt(server, key="wrong-secret-key")
+    stream = recognizer.open_stream()
+    assert await until(lambda: stream.closed)
+    with pytest.raises(ProviderError) as info:
+        await stream.send_audio(VOICE)
+    assert "wrong-secret-key" not in str(info.value)
+    await stream.aclose()
+    await recognizer.aclose()
