@@ -35,9 +35,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.start()
         yield
-        # A runtime handed in by the caller is the caller's to close.
-        if runtime is None:
-            await services.aclose()
+        await services.aclose()
 
     app = Starlette(routes=[
         Route("/healthz", healthz),

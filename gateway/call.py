@@ -90,8 +90,7 @@ class Call:
         self._turns = 0
         self._reply_task: asyncio.Task[None] | None = None
         self._playout: Playout | None = None
-        self._reply_text: list[str] = []
-        self.history: list[dict[str, Any]] = []
+        self.conversation = runtime.agent.new_conversation()
 
         self._stopped = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
@@ -280,7 +279,6 @@ class Call:
         self._reply_task = self._spawn(coro)
 
     async def _reply(self, tl: TurnTimeline, text: str) -> None:
-        self.history.append({"role": "user", "content": text})
         decision, reused = await self._decide(text)
         tl.mark("route_decided")
         tl.info["route_reused"] = reused
@@ -290,7 +288,7 @@ class Call:
             await self._out.send_event({"type": "route", "turn": tl.turn, "reused": reused,
                                         **decision.as_json()})
         turn = Turn(number=tl.turn, text=text, sample_rate=self.sample_rate, timeline=tl,
-                    decision=decision)
+                    conversation=self.conversation, decision=decision)
 
         async def send_frame(frame: bytes) -> None:
             if not tl.has("first_audio"):
@@ -300,31 +298,32 @@ class Call:
         playout = Playout(send_frame, self.sample_rate, self._settings.frame_ms,
                           self._settings.playout_lead_ms)
         self._playout = playout
-        self._reply_text = []
         segments: list[tuple[str, float, float]] = []  # text, start ms, end ms in the reply
         try:
             async for segment in self._responder.respond(turn):
-                tl.info.setdefault("source", segment.source)
+                # the turn's source is what answered it; a filler only bridged the wait
+                if segment.source != "filler" or "source" not in tl.info:
+                    tl.info["source"] = segment.source
                 if segment.event:
                     await self._out.send_event({**segment.event, "turn": tl.turn})
                 await self._out.send_event({"type": "response", "turn": tl.turn,
                                             "source": segment.source, "text": segment.text,
                                             "entry_id": segment.entry_id})
-                segments.append((segment.text, playout.sent_ms, float("inf")))
+                # Filler and handoff phrases take time but are not the assistant's words.
+                said = segment.text if segment.source in ("llm", "cache") else ""
+                segments.append((said, playout.sent_ms, float("inf")))
                 async for chunk in segment.audio:
                     await playout.write(chunk)
-                segments[-1] = (segment.text, segments[-1][1], playout.sent_ms)
-                self._reply_text = [s[0] for s in segments]
+                segments[-1] = (said, segments[-1][1], playout.sent_ms)
             await playout.flush()
             tl.mark("reply_end")
             tl.info["interrupted"] = False
-            self.history.append({"role": "assistant", "content": " ".join(self._reply_text)})
         except asyncio.CancelledError:
             heard_ms = playout.heard_ms()
             tl.mark("reply_end")
             tl.info.update(interrupted=True, heard_ms=round(heard_ms, 1))
-            heard = heard_text(segments, heard_ms, playout.sent_ms)
-            self.history.append({"role": "assistant", "content": heard, "interrupted": True})
+            # The agent's context keeps only what the caller heard of its own words.
+            self.conversation.record_heard(heard_text(segments, heard_ms, playout.sent_ms))
             await self._finish_metrics(tl)
             raise
         await self._finish_metrics(tl)

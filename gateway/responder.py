@@ -2,20 +2,27 @@
 
 ``Responder.respond(turn)`` yields reply segments in the order they should play;
 each segment carries its source (cache, llm, filler, handoff) and its audio at
-the call's sample rate. The call loop plays them and owns cancellation.
+the call's sample rate. The call loop plays them and owns cancellation: when it
+stops iterating (a barge-in), every LLM stream and TTS synthesis is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from intents.types import Action, RouteDecision
 
+from .agent import Conversation, Handoff, Sentence, Slow, ToolStarted
 from .audio import StreamResampler
 from .audio_bank import AudioBank
 from .runtime import Runtime
 from .timeline import TurnTimeline
+
+# A prefetched sentence may run this far ahead of playback; more would be wasted on a barge-in.
+_PREFETCH_SENTENCES = 2
 
 
 @dataclass
@@ -24,6 +31,7 @@ class Turn:
     text: str
     sample_rate: int
     timeline: TurnTimeline
+    conversation: Conversation
     decision: RouteDecision | None = None
 
 
@@ -51,36 +59,122 @@ async def tts_audio(runtime: Runtime, text: str, rate: int) -> AsyncIterator[byt
         yield tail
 
 
+class _Prefetched:
+    """TTS for one sentence, started now, played later: synthesis overlaps playback."""
+
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self._chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        self.task = asyncio.create_task(self._fill(source))
+
+    async def _fill(self, source: AsyncIterator[bytes]) -> None:
+        try:
+            async for chunk in source:
+                await self._chunks.put(chunk)
+            await self._chunks.put(None)
+        except Exception as exc:  # handed to the player, which decides
+            await self._chunks.put(exc)
+        finally:
+            await source.aclose()  # type: ignore[attr-defined]
+
+    async def audio(self) -> AsyncIterator[bytes]:
+        while True:
+            item = await self._chunks.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
 class Responder:
     def __init__(self, runtime: Runtime, cache_audio: AudioBank | None = None) -> None:
         self._runtime = runtime
-        self._cache_audio = cache_audio
+        self.cache_audio = cache_audio
 
     async def respond(self, turn: Turn) -> AsyncIterator[ReplySegment]:
         decision = turn.decision
-        if decision is not None and decision.hit and self._cache_audio is not None \
-                and decision.entry_id in self._cache_audio:
-            clip_key = decision.entry_id
-            assert clip_key is not None
+        if decision is not None and decision.hit and self.cache_audio is not None \
+                and decision.entry_id in self.cache_audio:
+            entry_id = decision.entry_id
+            assert entry_id is not None
+            turn.conversation.add_user(turn.text)
+            turn.conversation.add_assistant(decision.answer or "")
             yield ReplySegment(source="cache", text=decision.answer or "",
-                               audio=_once(self._cache_audio.audio(clip_key, turn.sample_rate)),
-                               entry_id=clip_key)
+                               audio=_once(self.cache_audio.audio(entry_id, turn.sample_rate)),
+                               entry_id=entry_id)
             return
-        reason = "no agent (LLM) is configured"
         if decision is not None and decision.action is Action.HANDOFF:
-            reason = f"intent {decision.intent} is routed to a human"
-        yield self.handoff(turn, reason)
+            turn.conversation.add_user(turn.text)
+            yield self.handoff(turn, f"intent {decision.intent} is routed to a human")
+            return
+        async for segment in self._agent_reply(turn):
+            yield segment
+
+    async def _agent_reply(self, turn: Turn) -> AsyncIterator[ReplySegment]:
+        """Agent events -> segments. Sentences are synthesized ahead of playback; a filler
+        covers a tool call or a slow first token, at most once a turn and never after the
+        answer has begun, so it cannot overlap or interrupt it."""
+        queue: asyncio.Queue[ReplySegment | None] = asyncio.Queue(_PREFETCH_SENTENCES)
+        prefetches: list[_Prefetched] = []
+        tl = turn.timeline
+
+        async def produce() -> None:
+            filler_played = spoke = False
+            events = self._runtime.agent.respond(turn.conversation, turn.text)
+            try:
+                async for event in events:
+                    if isinstance(event, Slow):
+                        if not filler_played and not spoke:
+                            filler_played = True
+                            await queue.put(self.filler(turn))
+                        continue
+                    tl.mark("first_token")
+                    if isinstance(event, Sentence):
+                        spoke = True
+                        fetch = _Prefetched(tts_audio(self._runtime, event.text, turn.sample_rate))
+                        prefetches.append(fetch)
+                        await queue.put(ReplySegment(source="llm", text=event.text,
+                                                     audio=fetch.audio()))
+                    elif isinstance(event, ToolStarted):
+                        if not filler_played and not spoke:
+                            filler_played = True
+                            await queue.put(self.filler(turn, tool=event.name))
+                    elif isinstance(event, Handoff):
+                        await queue.put(self.handoff(turn, event.reason))
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
+                await queue.put(None)
+
+        producer = asyncio.create_task(produce())
+        try:
+            while (segment := await queue.get()) is not None:
+                yield segment
+            await producer  # surfaces a producer failure
+        finally:
+            producer.cancel()
+            for fetch in prefetches:
+                fetch.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(producer, *(f.task for f in prefetches),
+                                     return_exceptions=True)
+
+    def filler(self, turn: Turn, tool: str | None = None) -> ReplySegment:
+        key = self._runtime.filler_key()
+        return self._prompt(turn, key, "filler", {"tool": tool} if tool else {})
 
     def handoff(self, turn: Turn, reason: str) -> ReplySegment:
-        prompts = self._runtime.prompts
-        if "handoff" in prompts:
-            clip = prompts.clip("handoff")
-            audio = _once(prompts.audio("handoff", turn.sample_rate))
-            text = clip.text
-        else:  # a TTS without whole-text rendering: synthesize on the spot
-            from .runtime import HANDOFF_TEXT
+        segment = self._prompt(turn, "handoff", "handoff", {"reason": reason})
+        segment.event = {"type": "handoff", "reason": reason}
+        return segment
 
-            text = HANDOFF_TEXT
+    def _prompt(self, turn: Turn, key: str, source: str, info: dict[str, Any]) -> ReplySegment:
+        prompts = self._runtime.prompts
+        if key in prompts:
+            audio = _once(prompts.audio(key, turn.sample_rate))
+            text = prompts.clip(key).text
+        else:  # prompts not rendered (a bare runtime in a benchmark): synthesize now
+            from .agent import FILLER_PHRASES, HANDOFF_MESSAGE
+
+            text = HANDOFF_MESSAGE if key == "handoff" else FILLER_PHRASES[0]
             audio = tts_audio(self._runtime, text, turn.sample_rate)
-        return ReplySegment(source="handoff", text=text, audio=audio,
-                            event={"type": "handoff", "reason": reason})
+        return ReplySegment(source=source, text=text, audio=audio, info=info)

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .agent import FILLER_PHRASES, HANDOFF_MESSAGE, Agent, build_agent
 from .audio_bank import AudioBank, Clip
 from .providers.base import SpeechToText, TextToSpeech
 from .providers.registry import create_stt, create_tts
@@ -23,10 +24,6 @@ from .vad import SileroVAD, VADBatcher
 
 log = logging.getLogger("voicegate.runtime")
 
-HANDOFF_TEXT = ("I'm sorry, I can't help with that myself. "
-                "Let me connect you with a colleague who can.")
-FILLER_TEXTS = ("Let me check that for you.", "One moment while I look that up.",
-                "Sure, give me a second.", "Let me pull that up.")
 
 
 @dataclass
@@ -37,8 +34,9 @@ class Runtime:
     vad: SileroVAD
     stt: SpeechToText
     tts: TextToSpeech
-    prompts: AudioBank  # filler and handoff phrases
+    prompts: AudioBank  # filler and handoff phrases, rendered by ``render_prompts``
     vad_batcher: VADBatcher
+    agent: Agent
     stats: Stats = field(default_factory=Stats)
     load_times_s: dict[str, float] = field(default_factory=dict)
     responder_factory: Any = None
@@ -70,24 +68,32 @@ class Runtime:
             warm()
         times["tts"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        prompts = AudioBank()
-        render = getattr(tts, "synthesize_all", None)
-        if render is not None:
-            prompts.add(Clip("handoff", HANDOFF_TEXT, render(HANDOFF_TEXT), tts.sample_rate))
-            for i, text in enumerate(FILLER_TEXTS):
-                prompts.add(Clip(f"filler:{i}", text, render(text), tts.sample_rate))
-        times["prompts"] = time.perf_counter() - start
         log.info("models_loaded %s", " ".join(f"{k}={v:.2f}s" for k, v in times.items()))
         return cls(settings=settings, fast_executor=fast, model_executor=heavy, vad=vad, stt=stt,
-                   tts=tts, prompts=prompts, vad_batcher=VADBatcher(vad, fast),
-                   load_times_s=times)
+                   tts=tts, prompts=AudioBank(), vad_batcher=VADBatcher(vad, fast),
+                   agent=build_agent(settings), load_times_s=times)
+
+    async def render_prompts(self) -> None:
+        """Pre-render the filler and handoff phrases with the configured voice.
+
+        Runs on the serving event loop: a cloud TTS client is bound to the loop it is used on.
+        """
+        if "handoff" in self.prompts:
+            return
+        start = time.perf_counter()
+        phrases = [("handoff", HANDOFF_MESSAGE)] + [
+            (f"filler:{i}", text) for i, text in enumerate(FILLER_PHRASES)]
+        for key, text in phrases:
+            audio = b"".join([chunk async for chunk in self.tts.synthesize(text)])
+            self.prompts.add(Clip(key, text, audio, self.tts.sample_rate))
+        self.load_times_s["prompts"] = time.perf_counter() - start
 
     def filler_key(self) -> str:
-        keys = [k for k in ("filler:0", "filler:1", "filler:2", "filler:3") if k in self.prompts]
-        return random.choice(keys)
+        """A filler phrase, varied from turn to turn."""
+        return f"filler:{random.randrange(len(FILLER_PHRASES))}"
 
     async def aclose(self) -> None:
+        await self.agent.aclose()
         await self.stt.aclose()
         await self.tts.aclose()
         self.fast_executor.shutdown(wait=False, cancel_futures=True)

@@ -23,9 +23,10 @@ log = logging.getLogger("voicegate.services")
 class Services:
     def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
         self.settings = settings
-        self._runtime = runtime
+        self._runtime: Runtime | None = None
+        self._given_runtime = runtime
         self.router: RouteFn | None = None
-        self.responder: Responder | None = Responder(runtime) if runtime else None
+        self.responder: Responder | None = None
         self.load_error: str | None = None
         self._load_task: asyncio.Task[None] | None = None
 
@@ -40,12 +41,13 @@ class Services:
         return self._runtime
 
     async def start(self) -> None:
-        if self._runtime is None:
-            self._load_task = asyncio.create_task(self._load())
+        self._load_task = asyncio.create_task(self._load(self._given_runtime))
 
-    async def _load(self) -> None:
+    async def _load(self, runtime: Runtime | None) -> None:
         try:
-            runtime = await asyncio.to_thread(Runtime.load, self.settings)
+            if runtime is None:
+                runtime = await asyncio.to_thread(Runtime.load, self.settings)
+            await runtime.render_prompts()
         except Exception as exc:  # surfaced by /readyz; the process stays up for diagnosis
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("runtime_load_failed")
@@ -68,5 +70,6 @@ class Services:
     async def aclose(self) -> None:
         if self._load_task is not None:
             self._load_task.cancel()
-        if self._runtime is not None:
+        # A runtime handed in by the caller is the caller's to close.
+        if self._runtime is not None and self._given_runtime is None:
             await self._runtime.aclose()

@@ -24,11 +24,25 @@ def _piper(settings: Settings, executor: Executor) -> TextToSpeech:
     return PiperTTS(executor, voice_path=settings.piper_voice or None)
 
 
+def _deepgram(settings: Settings, executor: Executor) -> SpeechToText:
+    from .deepgram_stt import DeepgramSTT
+
+    return DeepgramSTT.from_settings(settings)
+
+
+def _elevenlabs(settings: Settings, executor: Executor) -> TextToSpeech:
+    from .elevenlabs_tts import ElevenLabsTTS
+
+    return ElevenLabsTTS.from_settings(settings)
+
+
 STT_PROVIDERS: dict[str, Callable[[Settings, Executor], SpeechToText]] = {
     "whisper": _whisper,
+    "deepgram": _deepgram,
 }
 TTS_PROVIDERS: dict[str, Callable[[Settings, Executor], TextToSpeech]] = {
     "piper": _piper,
+    "elevenlabs": _elevenlabs,
 }
 
 

@@ -1,0 +1,109 @@
+"""Cache misses end to end: gateway -> hedged LLM (real openai SDK -> local fake) -> Piper -> client."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from gateway.agent import Agent
+from gateway.client import Caller
+from gateway.hedge import HedgedChat
+from gateway.providers.base import ToolSpec
+from gateway.providers.openai_llm import OpenAIChat
+from gateway.server import BackgroundServer
+from tests.fakes.openai_server import STALL, Reply
+
+pytestmark = pytest.mark.slow
+
+BALANCE = ToolSpec(name="get_balance", description="The caller's account balance.",
+                   parameters={"type": "object", "properties": {"account": {"type": "string"}},
+                               "required": ["account"]})
+
+
+@pytest.fixture
+def agent_gateway(settings, runtime, llm_server, webhook):
+    """A gateway sharing the session's warm models, with an agent on the fake LLM."""
+    fake, llm = llm_server
+    hook, hook_server = webhook
+    tool = dataclasses.replace(BALANCE, url=hook_server.url + "/tool/get_balance", timeout_s=5.0)
+    chats = [OpenAIChat(m, base_url=llm.url + "/v1", name=m) for m in ("primary", "secondary")]
+    agent = Agent(HedgedChat(chats[0], chats[1], hedge_delay_s=0.0), [tool], filler_after_s=None)
+    rt = dataclasses.replace(runtime, agent=agent)
+    server = BackgroundServer(settings, rt).start()
+    yield server, fake, hook
+    server.stop()
+
+
+def sources(turn) -> list[str]:
+    return [e["source"] for e in turn.events if e["type"] == "response"]
+
+
+async def test_llm_reply_streams_sentences_to_audio(agent_gateway):
+    server, fake, _ = agent_gateway
+    fake.replies["primary"] = Reply(text="Our branches open at nine. On Saturdays they open at ten.")
+    fake.replies["secondary"] = Reply(text="Secondary answer.", ttft_s=STALL)
+    async with Caller(server.call_url) as caller:
+        turn = await caller.say_text("when do you open")
+    assert sources(turn) == ["llm", "llm"]
+    texts = [e["text"] for e in turn.events if e["type"] == "response"]
+    assert texts == ["Our branches open at nine.", "On Saturdays they open at ten."]
+    metrics = turn.metrics
+    assert metrics["source"] == "llm" and metrics["first_token_ms"] is not None
+    assert metrics["first_audio_ms"] is not None and len(turn.audio) > 16000
+    # the hedge's loser was closed, not left streaming
+    assert await fake.await_for(lambda s: s.disconnects["secondary"] == 1)
+
+
+async def test_tool_call_plays_filler_first_then_the_answer(agent_gateway):
+    server, fake, hook = agent_gateway
+
+    def script(body):
+        if any(m.get("role") == "tool" for m in body["messages"]):
+            return Reply(text="Your balance is twelve dollars.")
+        return Reply(text="", tool_calls=[("get_balance", '{"account": "42"}')])
+    fake.script = script
+    async with Caller(server.call_url) as caller:
+        turn = await caller.say_text("what is my balance")
+    assert sources(turn) == ["filler", "llm"]
+    assert turn.first("response", source="llm")["text"] == "Your balance is twelve dollars."
+    assert turn.metrics["source"] == "llm"
+    assert hook.calls and hook.calls[0]["tool"] == "get_balance"
+    assert hook.calls[0]["arguments"] == {"account": "42"}
+
+
+async def test_every_llm_failing_hands_off_with_audio(agent_gateway):
+    server, fake, _ = agent_gateway
+    fake.default = Reply(status=503)
+    fake.replies.clear()
+    async with Caller(server.call_url) as caller:
+        turn = await caller.say_text("can you help me")
+    assert sources(turn) == ["handoff"]
+    assert turn.first("handoff") is not None and len(turn.audio) > 16000
+
+
+async def test_barge_in_cancels_the_streams_and_trims_the_context(agent_gateway):
+    server, fake, _ = agent_gateway
+    long_answer = " ".join(f"Sentence number {i} of a long answer." for i in range(1, 40))
+    fake.replies["primary"] = Reply(text=long_answer, token_delay_s=0.05)
+    fake.replies["secondary"] = Reply(text=long_answer, token_delay_s=0.05, ttft_s=STALL)
+    async with Caller(server.call_url) as caller:
+        index = len(caller.events)
+        await caller.send_json({"type": "text", "text": "tell me everything", "final": True})
+        await caller.wait_for("response", start=index, source="llm")
+        await asyncio.sleep(1.0)
+        await caller.send_json({"type": "text", "text": "stop", "final": False})
+        interrupt = await caller.wait_for("interrupt", start=index)
+        # both LLM streams are closed by the barge-in (the loser earlier, at the first token)
+        assert await fake.await_for(lambda s: s.disconnects["primary"] >= 1
+                                    and s.disconnects["secondary"] >= 1)
+        fake.replies["primary"] = Reply(text="Okay.")
+        turn = await caller.say_text("what did you just say")
+    assert interrupt["heard_ms"] > 0
+    last_request = fake.stats.bodies[-1]["messages"]
+    assistant = [m for m in last_request if m["role"] == "assistant"]
+    heard = assistant[0]["content"]
+    # the context keeps what the caller heard, not the whole long answer
+    assert heard and long_answer.startswith(heard) and len(heard) < len(long_answer) / 2
+    assert sources(turn) == ["llm"]
