@@ -19,7 +19,7 @@ from .agent import Conversation, Handoff, Sentence, Slow, ToolStarted
 from .audio import StreamResampler
 from .audio_bank import AudioBank
 from .runtime import Runtime
-from .timeline import TurnTimeline
+from .timeline import TurnTimeline, now
 
 # A prefetched sentence may run this far ahead of playback; more would be wasted on a barge-in.
 _PREFETCH_SENTENCES = 2
@@ -64,11 +64,15 @@ class _Prefetched:
 
     def __init__(self, source: AsyncIterator[bytes]) -> None:
         self._chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        self.started = now()
+        self.first_chunk_ms: float | None = None  # TTS time to first audio
         self.task = asyncio.create_task(self._fill(source))
 
     async def _fill(self, source: AsyncIterator[bytes]) -> None:
         try:
             async for chunk in source:
+                if self.first_chunk_ms is None:
+                    self.first_chunk_ms = (now() - self.started) * 1000.0
                 await self._chunks.put(chunk)
             await self._chunks.put(None)
         except Exception as exc:  # handed to the player, which decides
@@ -84,6 +88,13 @@ class _Prefetched:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    async def audio_timed(self, tl: TurnTimeline) -> AsyncIterator[bytes]:
+        """The audio, noting the TTS's time to first audio in the turn's timeline."""
+        async for chunk in self.audio():
+            if "tts_first_audio_ms" not in tl.info and self.first_chunk_ms is not None:
+                tl.info["tts_first_audio_ms"] = round(self.first_chunk_ms, 3)
+            yield chunk
 
 
 class Responder:
@@ -134,7 +145,7 @@ class Responder:
                         fetch = _Prefetched(tts_audio(self._runtime, event.text, turn.sample_rate))
                         prefetches.append(fetch)
                         await queue.put(ReplySegment(source="llm", text=event.text,
-                                                     audio=fetch.audio()))
+                                                     audio=fetch.audio_timed(tl)))
                     elif isinstance(event, ToolStarted):
                         if not filler_played and not spoke:
                             filler_played = True
