@@ -7,7 +7,8 @@ from typing import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from .runtime import Runtime
@@ -26,6 +27,15 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
+async def metrics(request: Request) -> Response:
+    services: Services = request.app.state.services
+    if not services.ready:
+        return Response("# not ready: models are loading\n", status_code=503,
+                        media_type="text/plain")
+    registry = services.runtime.stats.prometheus.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(settings: Settings, runtime: Runtime | None = None,
                services: Services | None = None) -> Starlette:
     """Build the app. Tests pass a warm ``runtime`` so models load once per session."""
@@ -40,6 +50,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
     app = Starlette(routes=[
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics),
         WebSocketRoute("/v1/call", native_call),
     ], lifespan=lifespan)
     app.state.services = services

@@ -1,57 +1,125 @@
-"""In-process counters and latency samples of this replica."""
+"""Counters and latency samples of this replica, and their Prometheus exposition.
+
+One ``Stats`` per process (held by the runtime, no module globals). Every finished
+turn lands here once; ``/admin/stats`` reads ``snapshot()`` and ``/metrics`` the
+Prometheus registry, so both tell the same story.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge, Histogram
 
-_LATENCY_STAGES = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "first_audio_ms",
-                   "reply_latency_ms")
+# Stages reported per outcome (hit or miss), as named in turn_metrics.
+LATENCY_STAGES = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "first_audio_ms",
+                  "reply_latency_ms")
+RECENT_WINDOW_S = 300.0
+_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0,
+              1.5, 2.0, 3.0, 5.0)
+
+
+def outcome_of(metrics: dict[str, Any]) -> str:
+    """``hit`` when the cached answer played, else ``miss``."""
+    return "hit" if metrics.get("source") == "cache" else "miss"
+
+
+class _Prometheus:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active_calls = Gauge("voicegate_active_calls", "Calls in progress", registry=r)
+        self.calls = PromCounter("voicegate_calls", "Calls started", registry=r)
+        self.turns = PromCounter("voicegate_turns", "Caller turns answered",
+                                 ["outcome", "source"], registry=r)
+        self.intents = PromCounter("voicegate_intent_turns", "Turns per routed intent",
+                                   ["intent", "outcome"], registry=r)
+        self.interrupted = PromCounter("voicegate_barge_ins", "Replies cut off by the caller",
+                                       registry=r)
+        self.errors = PromCounter("voicegate_errors", "Client or provider errors by code",
+                                  ["code"], registry=r)
+        self.latency = Histogram("voicegate_stage_seconds",
+                                 "Turn stage latency (see docs/protocol.md, turn_metrics)",
+                                 ["stage", "outcome"], buckets=_BUCKETS_S, registry=r)
 
 
 @dataclass
 class Stats:
-    window: int = 10_000
+    window: int = 10_000  # latency samples kept per stage and outcome
     active_calls: int = 0
     calls: int = 0
     turns: int = 0
     interrupted_turns: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
     sources: Counter[str] = field(default_factory=Counter)
+    intents: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     latencies: dict[str, dict[str, deque[float]]] = field(default_factory=dict)
+    recent: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=100_000))
+    prometheus: _Prometheus = field(default_factory=_Prometheus)
 
     def call_started(self) -> None:
         self.calls += 1
         self.active_calls += 1
+        self.prometheus.calls.inc()
+        self.prometheus.active_calls.inc()
 
     def call_ended(self) -> None:
         self.active_calls -= 1
+        self.prometheus.active_calls.dec()
 
     def error(self, code: str) -> None:
         self.errors[code] += 1
+        self.prometheus.errors.labels(code).inc()
 
     def turn_finished(self, metrics: dict[str, Any]) -> None:
-        self.turns += 1
+        outcome = outcome_of(metrics)
         source = str(metrics.get("source") or "none")
+        self.turns += 1
+        self.outcomes[outcome] += 1
         self.sources[source] += 1
+        self.recent.append((time.monotonic(), outcome == "hit"))
+        prom = self.prometheus
+        prom.turns.labels(outcome, source).inc()
+        intent = metrics.get("intent")
+        if intent:
+            self.intents[str(intent)] += 1
+            prom.intents.labels(str(intent), outcome).inc()
         if metrics.get("interrupted"):
             self.interrupted_turns += 1
-        per_source = self.latencies.setdefault(source, {})
-        for stage in _LATENCY_STAGES:
+            prom.interrupted.inc()
+        per_outcome = self.latencies.setdefault(outcome, {})
+        for stage in LATENCY_STAGES:
             value = metrics.get(stage)
             if value is not None:
-                per_source.setdefault(stage, deque(maxlen=self.window)).append(float(value))
+                per_outcome.setdefault(stage, deque(maxlen=self.window)).append(float(value))
+                prom.latency.labels(stage.removesuffix("_ms"), outcome).observe(value / 1000.0)
+
+    def recent_hit_rate(self, window_s: float = RECENT_WINDOW_S) -> tuple[float | None, int]:
+        cutoff = time.monotonic() - window_s
+        outcomes = [hit for at, hit in self.recent if at >= cutoff]
+        return (sum(outcomes) / len(outcomes) if outcomes else None), len(outcomes)
 
     def snapshot(self) -> dict[str, Any]:
         latency: dict[str, dict[str, dict[str, float]]] = {}
-        for source, stages in self.latencies.items():
-            latency[source] = {
-                stage: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
-                        "n": len(v)}
+        for outcome, stages in self.latencies.items():
+            latency[outcome] = {
+                stage.removesuffix("_ms"): {"p50": round(float(np.percentile(v, 50)), 3),
+                                            "p99": round(float(np.percentile(v, 99)), 3),
+                                            "n": len(v)}
                 for stage, v in stages.items() if v}
+        hits, misses = self.outcomes["hit"], self.outcomes["miss"]
+        recent_rate, recent_turns = self.recent_hit_rate()
         return {"active_calls": self.active_calls, "calls": self.calls, "turns": self.turns,
+                "hits": hits, "misses": misses,
+                "hit_rate": hits / (hits + misses) if hits + misses else None,
+                "hit_rate_5m": recent_rate, "turns_5m": recent_turns,
                 "interrupted_turns": self.interrupted_turns, "sources": dict(self.sources),
-                "errors": dict(self.errors), "latency_ms": latency}
+                "intents": dict(self.intents), "errors": dict(self.errors),
+                "latency_ms": latency}

@@ -208,3 +208,17 @@ def test_call_command_reports_an_unreachable_server(tmp_path):
                              f"ws://127.0.0.1:{port}/v1/call", "--text", "hi"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "voicegate call:" in result.stderr
+
+
+async def test_metrics_count_turns_by_outcome(server):
+    def turns_total() -> float:
+        text = httpx.get(server.base_url + "/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("voicegate_turns_total{"))
+
+    before = turns_total()
+    async with Caller(server.call_url) as caller:
+        await caller.say_text("is there a branch near the station")
+    body = httpx.get(server.base_url + "/metrics").text
+    assert turns_total() == before + 1
+    assert 'voicegate_stage_seconds_bucket{le="0.005",outcome="miss",stage="first_audio"}' in body
