@@ -196,6 +196,7 @@ class TwilioStream:
         self.call: Call | None = None
         self.output: TwilioOutput | None = None
         self._call_task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self.stopped = False
         self.errors = 0
 
@@ -239,10 +240,9 @@ class TwilioStream:
         if self.call is None:
             raise TwilioError("twilio_media_before_start", "`media` before `start`: dropped")
         media = data.get("media")
-        payload = media.get("payload") if isinstance(media, dict) else None
-        if not isinstance(payload, str):
+        if not isinstance(media, dict) or not isinstance(payload := media.get("payload"), str):
             raise TwilioError("twilio_invalid_message", "`media` needs a string `media.payload`")
-        if media.get("track", "inbound") != "inbound":  # type: ignore[union-attr]
+        if media.get("track", "inbound") != "inbound":
             return  # only the caller's side is the call's input
         try:
             ulaw = binascii.a2b_base64(payload, strict_mode=True)
@@ -297,7 +297,7 @@ class TwilioStream:
             return
         log.error("call_failed", exc_info=task.exception())
         self._services.runtime.stats.error("internal_error")
-        asyncio.get_running_loop().create_task(self.close(CLOSE_INTERNAL_ERROR))
+        self._closing = asyncio.get_running_loop().create_task(self.close(CLOSE_INTERNAL_ERROR))
 
     async def close(self, code: int) -> None:
         """End the call (if any) and close the socket; safe to call twice."""
