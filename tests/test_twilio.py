@@ -16,8 +16,11 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 
 from gateway.audio import rms_dbfs
-from gateway.codec import MULAW, ulaw_to_pcm16
+from gateway.audio_bank import AudioBank, Clip
+from gateway.codec import MULAW, encode, ulaw_to_pcm16
+from gateway.playout import Playout
 from gateway.server import BackgroundServer
+from gateway.transports.twilio import TwilioOutput
 from tests.fakes.twilio_media import FRAME_BYTES, TwilioLine
 
 pytestmark = pytest.mark.slow
@@ -273,3 +276,53 @@ def test_signature_is_checked_when_an_auth_token_is_set(signed_server, runtime):
     missing = httpx.post(endpoint, data=FORM)
     assert missing.status_code == 403 and "missing" in missing.text
     assert runtime.stats.errors["twilio_bad_signature"] == before + 2
+
+
+# ---------------------------------------------------------------- μ-law audio, marks (no server)
+
+def test_audio_bank_holds_clips_ready_in_mulaw_8k():
+    tone = b"\x00\x10\x00\xf0" * 4000  # 16 kHz pcm16, 0.5 s
+    bank = AudioBank()
+    bank.add(Clip("k", "text", tone, 16000))
+    ulaw = bank.audio("k", 8000, MULAW)
+    assert ulaw == encode(bank.audio("k", 8000), MULAW) and len(ulaw) == 4000
+    assert bank.audio("k", 8000, MULAW) is ulaw  # held, not converted per call
+    bank.replace_all([Clip("k2", "text", tone, 16000)])
+    assert "k" not in bank and len(bank.audio("k2", 8000, MULAW)) == 4000
+
+
+async def test_mulaw_playout_frames_are_160_bytes_padded_with_mulaw_silence():
+    frames: list[bytes] = []
+
+    async def send(frame: bytes) -> None:
+        frames.append(frame)
+
+    playout = Playout(send, 8000, frame_ms=20, lead_ms=1000, encoding=MULAW)
+    await playout.write(b"\x01" * 200)
+    await playout.flush()
+    assert [len(f) for f in frames] == [160, 160]
+    assert frames[1] == b"\x01" * 40 + b"\xff" * 120  # 0xFF is μ-law zero, 0x00 is a click
+    assert playout.sent_ms == 40
+
+
+async def test_marks_confirm_only_the_current_uncleared_reply():
+    sent: list[dict[str, Any]] = []
+
+    class Socket:
+        async def send_text(self, text: str) -> None:
+            sent.append(json.loads(text))
+
+    out = TwilioOutput(Socket(), "MZ1", "call")  # type: ignore[arg-type]
+    assert out.confirmed_heard_ms() is None  # no echo yet: the call uses its clock
+    out.reply_started(1)
+    for _ in range(12):
+        await out.send_audio(b"\xff" * 160)
+    marks = [m["mark"]["name"] for m in sent if m["event"] == "mark"]
+    assert marks == ["1:100", "1:200"]
+    assert out.mark_played("1:100") and out.confirmed_heard_ms() == 100.0
+    await out.interrupt({"turn": 1, "heard_ms": 100.0})
+    assert sent[-1] == {"event": "clear", "streamSid": "MZ1"}
+    assert out.mark_played("1:200") and out.confirmed_heard_ms() == 100.0  # dropped, not heard
+    out.reply_started(2)
+    assert out.mark_played("1:200") and out.confirmed_heard_ms() == 0.0  # a stale reply's echo
+    assert not out.mark_played("hello")
