@@ -223,6 +223,25 @@ async def test_a_start_the_stream_cannot_run_with_closes_it(server, runtime, sta
     assert runtime.stats.errors[code] == before + 1
 
 
+async def test_twilio_vanishing_mid_call_ends_the_call(server, runtime):
+    before = runtime.stats.active_calls
+    line = TwilioLine(stream_url(server), call_sid=sid("CA", 6), stream_sid=sid("MZ", 6))
+    await line.connect()
+    await line.say(b"\x00\x00" * 1600)  # 200 ms of silence: the call is running
+    for _ in range(100):
+        if runtime.stats.active_calls == before + 1:
+            break
+        await asyncio.sleep(0.05)
+    assert runtime.stats.active_calls == before + 1
+    line._ws.transport.abort()  # type: ignore[union-attr]  # no stop, no close frame
+    for _ in range(100):
+        if runtime.stats.active_calls == before:
+            break
+        await asyncio.sleep(0.05)
+    assert runtime.stats.active_calls == before
+    await line.hang_up()
+
+
 # ---------------------------------------------------------------- the voice webhook
 
 FORM = {"CallSid": sid("CA", 5), "From": "+15550100", "To": "+15550199",
