@@ -46,6 +46,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 class NullOutput:
+    encoding = "pcm16"
+
     async def send_event(self, event: dict[str, Any]) -> None:
         return None
 

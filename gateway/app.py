@@ -15,6 +15,8 @@ from .runtime import Runtime
 from .services import Services
 from .settings import Settings
 from .transports.native import native_call
+from .transports.twilio import twilio_stream
+from .transports.twilio_voice import twilio_voice
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -52,6 +54,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         WebSocketRoute("/v1/call", native_call),
+        Route("/twilio/voice", twilio_voice, methods=["POST"]),
+        WebSocketRoute("/twilio/stream", twilio_stream),
     ], lifespan=lifespan)
     app.state.services = services
     return app

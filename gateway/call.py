@@ -13,7 +13,7 @@ import logging
 import re
 import uuid
 from collections import deque
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
 
 from intents.types import RouteDecision
 
@@ -37,7 +37,14 @@ RouteFn = Callable[[str], RouteDecision]
 
 
 class CallOutput(Protocol):
-    """What a transport offers the call: events, reply audio frames and a buffer flush."""
+    """What a transport offers the call: events, reply audio frames and a buffer flush.
+
+    ``encoding`` is what ``send_audio`` takes (``pcm16``, or ``mulaw`` for telephony): the
+    call asks its responder for reply audio already in it, so pre-rendered clips go out as
+    the AudioBank holds them and the transport never converts a frame.
+    """
+
+    encoding: str
 
     async def send_event(self, event: dict[str, Any]) -> None: ...
 
@@ -45,6 +52,21 @@ class CallOutput(Protocol):
 
     async def interrupt(self, event: dict[str, Any]) -> None:
         """The caller barged in: drop buffered reply audio on the client, then send ``event``."""
+
+
+@runtime_checkable
+class ConfirmsPlayback(Protocol):
+    """Optional for a CallOutput whose far end reports what it has played (Twilio marks).
+
+    The call's own figure for what the caller heard is a clock estimate; a confirmed
+    figure replaces it on barge-in.
+    """
+
+    def reply_started(self, turn: int) -> None:
+        """Reply frames sent from now on belong to ``turn``; its playback starts at 0 ms."""
+
+    def confirmed_heard_ms(self) -> float | None:
+        """Audio of the current reply the far end confirmed played; None: it cannot tell."""
 
 
 def normalize_text(text: str) -> str:
@@ -61,6 +83,8 @@ class Call:
         self._rt = runtime
         self._settings = runtime.settings
         self._out = output
+        self.encoding = output.encoding
+        self._confirms = output if isinstance(output, ConfirmsPlayback) else None
         self._responder = responder
         self._router = router
         self._loop = asyncio.get_running_loop()
@@ -288,7 +312,7 @@ class Call:
             await self._out.send_event({"type": "route", "turn": tl.turn, "reused": reused,
                                         **decision.as_json()})
         turn = Turn(number=tl.turn, text=text, sample_rate=self.sample_rate, timeline=tl,
-                    conversation=self.conversation, decision=decision)
+                    conversation=self.conversation, decision=decision, encoding=self.encoding)
 
         async def send_frame(frame: bytes) -> None:
             if not tl.has("first_audio"):
@@ -296,8 +320,10 @@ class Call:
             await self._out.send_audio(frame)
 
         playout = Playout(send_frame, self.sample_rate, self._settings.frame_ms,
-                          self._settings.playout_lead_ms)
+                          self._settings.playout_lead_ms, self.encoding)
         self._playout = playout
+        if self._confirms is not None:
+            self._confirms.reply_started(tl.turn)
         segments: list[tuple[str, float, float]] = []  # text, start ms, end ms in the reply
         try:
             async for segment in self._responder.respond(turn):
@@ -319,7 +345,7 @@ class Call:
             tl.mark("reply_end")
             tl.info["interrupted"] = False
         except asyncio.CancelledError:
-            heard_ms = playout.heard_ms()
+            heard_ms = self._heard_ms(playout)
             tl.mark("reply_end")
             tl.info.update(interrupted=True, heard_ms=round(heard_ms, 1))
             # The agent's context keeps only what the caller heard of its own words.
@@ -340,12 +366,21 @@ class Call:
         if task is None or task.done():
             return
         playout = self._playout
-        heard = playout.heard_ms() if playout else 0.0
+        heard = self._heard_ms(playout) if playout else 0.0
         sent = playout.sent_ms if playout else 0.0
         task.cancel()
         await self._out.interrupt({"type": "interrupt", "turn": self._turns, "cause": cause,
                                    "heard_ms": round(heard, 1), "sent_ms": sent})
         logs.event(log, "barge_in", call_id=self.id, turn=self._turns, heard_ms=round(heard, 1))
+
+    def _heard_ms(self, playout: Playout) -> float:
+        """What the caller heard of the reply: confirmed by the far end when it reports
+        playback, else the playout clock's estimate."""
+        if self._confirms is not None:
+            confirmed = self._confirms.confirmed_heard_ms()
+            if confirmed is not None:
+                return min(confirmed, playout.sent_ms)
+        return playout.heard_ms()
 
 
 def heard_text(segments: list[tuple[str, float, float]], heard_ms: float,

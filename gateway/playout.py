@@ -12,18 +12,20 @@ import asyncio
 from typing import Awaitable, Callable
 
 from . import timeline
-from .audio import frame_bytes
+from .codec import PCM16, SAMPLE_WIDTH, SILENCE_BYTE
 
 SendFrame = Callable[[bytes], Awaitable[None]]
 
 
 class Playout:
     def __init__(self, send_frame: SendFrame, sample_rate: int, frame_ms: int = 20,
-                 lead_ms: int = 60) -> None:
+                 lead_ms: int = 60, encoding: str = PCM16) -> None:
+        """Audio written here is already in ``encoding`` (pcm16, or μ-law for telephony)."""
         self._send = send_frame
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms
-        self._frame_size = frame_bytes(sample_rate, frame_ms)
+        self._frame_size = sample_rate * frame_ms // 1000 * SAMPLE_WIDTH[encoding]
+        self._silence = SILENCE_BYTE[encoding]
         self._lead_s = lead_ms / 1000.0
         self._pending = bytearray()
         self._started_at: float | None = None
@@ -41,9 +43,9 @@ class Playout:
         elapsed = (timeline.now() - self._started_at) * 1000.0
         return max(0.0, min(self.sent_ms, elapsed))
 
-    async def write(self, pcm16: bytes) -> None:
-        """Queue reply audio (call rate) and send every complete frame, paced."""
-        self._pending += pcm16
+    async def write(self, audio: bytes) -> None:
+        """Queue reply audio (call rate and encoding) and send every complete frame, paced."""
+        self._pending += audio
         size = self._frame_size
         while len(self._pending) >= size:
             frame = bytes(self._pending[:size])
@@ -51,9 +53,9 @@ class Playout:
             await self._send_paced(frame)
 
     async def flush(self) -> None:
-        """Send the last partial frame, zero-padded, then wait until it has played."""
+        """Send the last partial frame, padded with silence, then wait until it has played."""
         if self._pending:
-            frame = bytes(self._pending) + b"\x00" * (self._frame_size - len(self._pending))
+            frame = bytes(self._pending) + self._silence * (self._frame_size - len(self._pending))
             self._pending.clear()
             await self._send_paced(frame)
         if self._started_at is not None:

@@ -2,7 +2,9 @@
 
 ``Responder.respond(turn)`` yields reply segments in the order they should play;
 each segment carries its source (cache, llm, filler, handoff) and its audio at
-the call's sample rate. The call loop plays them and owns cancellation: when it
+the call's sample rate and output encoding (pcm16, or μ-law for a telephony
+transport: cached clips then go out exactly as the AudioBank holds them, with no
+per-call conversion). The call loop plays them and owns cancellation: when it
 stops iterating (a barge-in), every LLM stream and TTS synthesis is closed.
 """
 
@@ -18,6 +20,7 @@ from intents.types import Action, RouteDecision
 from .agent import Conversation, Handoff, Sentence, Slow, ToolStarted
 from .audio import StreamResampler
 from .audio_bank import AudioBank
+from .codec import PCM16, encode
 from .runtime import Runtime
 from .timeline import TurnTimeline, now
 
@@ -33,13 +36,14 @@ class Turn:
     timeline: TurnTimeline
     conversation: Conversation
     decision: RouteDecision | None = None
+    encoding: str = PCM16  # what the call's output sends: every segment's audio is in it
 
 
 @dataclass
 class ReplySegment:
     source: str  # cache | llm | filler | handoff
     text: str
-    audio: AsyncIterator[bytes]  # pcm16 at the call's rate
+    audio: AsyncIterator[bytes]  # at the call's rate, in the turn's encoding
     entry_id: str | None = None
     event: dict[str, Any] | None = None  # sent to the client before the audio
     info: dict[str, Any] = field(default_factory=dict)
@@ -49,14 +53,15 @@ async def _once(pcm16: bytes) -> AsyncIterator[bytes]:
     yield pcm16
 
 
-async def tts_audio(runtime: Runtime, text: str, rate: int) -> AsyncIterator[bytes]:
-    """Stream TTS audio for ``text`` converted to the call's rate."""
+async def tts_audio(runtime: Runtime, text: str, rate: int,
+                    encoding: str = PCM16) -> AsyncIterator[bytes]:
+    """Stream TTS audio for ``text`` converted to the call's rate and encoding."""
     resampler = StreamResampler(runtime.tts.sample_rate, rate)
     async for chunk in runtime.tts.synthesize(text):
-        yield resampler.process(chunk)
+        yield encode(resampler.process(chunk), encoding)
     tail = resampler.process(b"", last=True)
     if tail:
-        yield tail
+        yield encode(tail, encoding)
 
 
 class _Prefetched:
@@ -111,7 +116,8 @@ class Responder:
             turn.conversation.add_user(turn.text)
             turn.conversation.add_assistant(decision.answer or "")
             yield ReplySegment(source="cache", text=decision.answer or "",
-                               audio=_once(self.cache_audio.audio(entry_id, turn.sample_rate)),
+                               audio=_once(self.cache_audio.audio(entry_id, turn.sample_rate,
+                                                                  turn.encoding)),
                                entry_id=entry_id)
             return
         if decision is not None and decision.action is Action.HANDOFF:
@@ -142,7 +148,8 @@ class Responder:
                     tl.mark("first_token")
                     if isinstance(event, Sentence):
                         spoke = True
-                        fetch = _Prefetched(tts_audio(self._runtime, event.text, turn.sample_rate))
+                        fetch = _Prefetched(tts_audio(self._runtime, event.text, turn.sample_rate,
+                                                      turn.encoding))
                         prefetches.append(fetch)
                         await queue.put(ReplySegment(source="llm", text=event.text,
                                                      audio=fetch.audio_timed(tl)))
@@ -181,11 +188,11 @@ class Responder:
     def _prompt(self, turn: Turn, key: str, source: str, info: dict[str, Any]) -> ReplySegment:
         prompts = self._runtime.prompts
         if key in prompts:
-            audio = _once(prompts.audio(key, turn.sample_rate))
+            audio = _once(prompts.audio(key, turn.sample_rate, turn.encoding))
             text = prompts.clip(key).text
         else:  # prompts not rendered (a bare runtime in a benchmark): synthesize now
             from .agent import FILLER_PHRASES, HANDOFF_MESSAGE
 
             text = HANDOFF_MESSAGE if key == "handoff" else FILLER_PHRASES[0]
-            audio = tts_audio(self._runtime, text, turn.sample_rate)
+            audio = tts_audio(self._runtime, text, turn.sample_rate, turn.encoding)
         return ReplySegment(source=source, text=text, audio=audio, info=info)

@@ -56,10 +56,11 @@ class Services:
         self.responder = Responder(runtime)
         logs.event(log, "ready", load_times_s=runtime.load_times_s)
 
-    def new_call(self, output: CallOutput, start: StartMessage) -> Call:
+    def new_call(self, output: CallOutput, start: StartMessage,
+                 call_id: str | None = None) -> Call:
         assert self.responder is not None
         return Call(self.runtime, output, start.sample_rate, self.responder, router=self.router,
-                    metadata=start.metadata)
+                    metadata=start.metadata, call_id=call_id)
 
     def readiness(self) -> dict[str, Any]:
         if self._runtime is None:

@@ -121,6 +121,10 @@ class Settings:
     # --- admin ----------------------------------------------------------------
     admin_token: str = field(default="", repr=False)
     twilio_auth_token: str = field(default="", repr=False)
+    # The gateway's public base URL as Twilio reaches it (https://voice.example.com). Empty:
+    # derived per request from Host and X-Forwarded-Proto. Used for the TwiML stream URL and
+    # for checking X-Twilio-Signature, which signs the exact URL Twilio requested.
+    public_url: str = ""
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None,

@@ -14,6 +14,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import logs
 from ..call import Call
+from ..codec import PCM16
 from ..protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER, ProtocolError,
                         StartMessage, StopMessage, TextMessage, check_audio_frame,
                         parse_text_frame)
@@ -26,6 +27,8 @@ _SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
 
 class NativeOutput:
     """Sends events and audio; a vanished client turns every later send into a no-op."""
+
+    encoding = PCM16
 
     def __init__(self, websocket: WebSocket) -> None:
         self._ws = websocket

@@ -1,0 +1,361 @@
+"""Twilio Media Streams, bidirectional (``<Connect><Stream>``), at ``/twilio/stream``.
+
+Twilio sends JSON text messages: ``connected``, ``start`` (stream and call ids, custom
+parameters, media format), ``media`` (base64 μ-law 8 kHz caller audio), ``mark`` (echo
+of a mark we sent, once the audio before it has played), ``dtmf`` and ``stop``. We send
+``media`` (base64 μ-law 8 kHz, 20 ms frames), ``mark`` and ``clear`` (barge-in).
+
+This module only translates between that wire and a ``Call`` running at 8 kHz: caller
+audio is decoded μ-law -> pcm16 here; reply audio arrives already in μ-law (the call
+asks its responder for the output's encoding, and cached clips are held ready in it).
+See docs/protocol.md, "Twilio Media Streams".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .. import logs
+from ..call import Call
+from ..codec import MULAW, ulaw_to_pcm16
+from ..protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER,
+                        CLOSE_UNSUPPORTED_DATA, StartMessage)
+from ..services import Services
+
+log = logging.getLogger("voicegate.twilio")
+
+TWILIO_RATE = 8000
+TWILIO_MEDIA_ENCODING = "audio/x-mulaw"
+_ULAW_BYTES_PER_MS = TWILIO_RATE // 1000
+# A mark every 100 ms of reply audio: the precision of the confirmed `heard_ms`, at the
+# cost of one small extra message per five media frames.
+_MARK_EVERY_BYTES = 100 * _ULAW_BYTES_PER_MS
+# Warnings logged per stream before further bad messages are only counted.
+_MAX_LOGGED_ERRORS = 20
+_SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
+
+
+class TwilioError(Exception):
+    """A message Twilio's protocol does not allow. ``close_code`` None: the stream goes on."""
+
+    def __init__(self, code: str, message: str, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.close_code = close_code
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    stream_sid: str
+    call_sid: str
+    account_sid: str
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+def parse_start(data: dict[str, Any]) -> StreamStart:
+    start = data.get("start")
+    if not isinstance(start, dict):
+        raise TwilioError("twilio_invalid_start", "`start` message has no `start` object",
+                          CLOSE_POLICY)
+    stream_sid = start.get("streamSid") or data.get("streamSid")
+    if not isinstance(stream_sid, str) or not stream_sid:
+        raise TwilioError("twilio_invalid_start", "`start` has no `streamSid`: replies cannot "
+                                                  "be addressed", CLOSE_POLICY)
+    media_format = start.get("mediaFormat")
+    if media_format is not None:
+        if not _is_twilio_format(media_format):
+            raise TwilioError("twilio_unsupported_media_format",
+                              f"media format {str(media_format)[:120]} is not supported; "
+                              "expected audio/x-mulaw, 8000 Hz, 1 channel",
+                              CLOSE_UNSUPPORTED_DATA)
+    raw_params = start.get("customParameters")
+    parameters = ({str(k): str(v) for k, v in raw_params.items()}
+                  if isinstance(raw_params, dict) else {})
+    return StreamStart(stream_sid=stream_sid, call_sid=_text(start.get("callSid")),
+                       account_sid=_text(start.get("accountSid")), parameters=parameters)
+
+
+def _is_twilio_format(media_format: Any) -> bool:
+    """The only format a bidirectional stream carries: μ-law, 8 kHz, mono."""
+    if not isinstance(media_format, dict):
+        return False
+    try:
+        return (media_format.get("encoding", TWILIO_MEDIA_ENCODING) == TWILIO_MEDIA_ENCODING
+                and int(media_format.get("sampleRate", TWILIO_RATE)) == TWILIO_RATE
+                and int(media_format.get("channels", 1)) == 1)
+    except (TypeError, ValueError):
+        return False
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+class TwilioOutput:
+    """Reply audio, marks and clears for one stream.
+
+    Marks are named ``<turn>:<ms>``: when Twilio echoes one, the caller has heard ``ms``
+    of that turn's reply. After a ``clear`` Twilio echoes the marks it dropped too, so a
+    cleared reply's echoes are ignored.
+    """
+
+    encoding = MULAW
+
+    def __init__(self, websocket: WebSocket, stream_sid: str, call_id: str) -> None:
+        self._ws = websocket
+        self.call_id = call_id
+        self.closed = False
+        sid = json.dumps(stream_sid)
+        # Per-frame messages are string concatenation around these, not json.dumps.
+        self._media_head = '{"event":"media","streamSid":' + sid + ',"media":{"payload":"'
+        self._mark_head = '{"event":"mark","streamSid":' + sid + ',"mark":{"name":"'
+        self._clear = '{"event":"clear","streamSid":' + sid + '}'
+        self._turn = 0
+        self._reply_bytes = 0
+        self._next_mark = _MARK_EVERY_BYTES
+        self._confirmed_ms = 0.0
+        self._cleared = False
+        self._echoes_marks = False  # the far end has echoed a mark: its figure can be trusted
+        self.marks_sent = 0
+        self.marks_confirmed = 0
+
+    # --- CallOutput --------------------------------------------------------------
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        # Twilio has no channel for the call's events; the call logs its own turns.
+        if event.get("type") == "handoff":
+            logs.event(log, "twilio_handoff", call_id=self.call_id, reason=event.get("reason"))
+
+    async def send_audio(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        payload = binascii.b2a_base64(frame, newline=False).decode("ascii")
+        await self._send(self._media_head + payload + '"}}')
+        self._reply_bytes += len(frame)
+        if self._reply_bytes >= self._next_mark:
+            self._next_mark = self._reply_bytes + _MARK_EVERY_BYTES
+            await self._send(f'{self._mark_head}{self._turn}:'
+                             f'{self._reply_bytes // _ULAW_BYTES_PER_MS}"}}}}')
+            self.marks_sent += 1
+
+    async def interrupt(self, event: dict[str, Any]) -> None:
+        # Freeze the confirmed figure first: the call read it for `event` just before this.
+        self._cleared = True
+        await self._send(self._clear)
+        logs.event(log, "twilio_clear", call_id=self.call_id, turn=event.get("turn"),
+                   heard_ms=event.get("heard_ms"), sent_ms=event.get("sent_ms"),
+                   confirmed=self._echoes_marks)
+
+    # --- ConfirmsPlayback ----------------------------------------------------------
+
+    def reply_started(self, turn: int) -> None:
+        self._turn = turn
+        self._reply_bytes = 0
+        self._next_mark = _MARK_EVERY_BYTES
+        self._confirmed_ms = 0.0
+        self._cleared = False
+
+    def confirmed_heard_ms(self) -> float | None:
+        return self._confirmed_ms if self._echoes_marks else None
+
+    # --- inbound -----------------------------------------------------------------------
+
+    def mark_played(self, name: str) -> bool:
+        """Twilio echoed mark ``name``. False when it is not one of ours."""
+        turn_text, sep, ms_text = name.partition(":")
+        if not sep or not turn_text.isdigit() or not ms_text.isdigit():
+            return False
+        self._echoes_marks = True
+        if int(turn_text) == self._turn and not self._cleared:
+            self._confirmed_ms = max(self._confirmed_ms, float(ms_text))
+            self.marks_confirmed += 1
+        return True
+
+    async def _send(self, text: str) -> None:
+        try:
+            await self._ws.send_text(text)
+        except _SEND_ERRORS:
+            self.closed = True
+
+
+class TwilioStream:
+    """One Media Stream: parses Twilio's messages, starts the call, feeds it audio."""
+
+    def __init__(self, services: Services, websocket: WebSocket) -> None:
+        self._services = services
+        self._ws = websocket
+        self._max_bytes = services.settings.max_frame_bytes
+        self.call: Call | None = None
+        self.output: TwilioOutput | None = None
+        self._call_task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self.stopped = False
+        self.errors = 0
+
+    @property
+    def call_id(self) -> str | None:
+        return self.call.id if self.call else None
+
+    def handle(self, raw: str) -> None:
+        """One text message. Hot path for ``media``: parse, decode, append."""
+        if len(raw) > self._max_bytes:
+            raise TwilioError("twilio_frame_too_large",
+                              f"message of {len(raw)} characters exceeds {self._max_bytes}")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise TwilioError("twilio_invalid_json", f"message is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise TwilioError("twilio_invalid_message", "a message must be a JSON object")
+        event = data.get("event")
+        if event == "media":
+            self._on_media(data)
+        elif event == "mark":
+            self._on_mark(data)
+        elif event == "start":
+            self._on_start(data)
+        elif event == "stop":
+            self.stopped = True
+        elif event == "dtmf":
+            self._on_dtmf(data)
+        elif event == "connected":
+            logs.event(log, "twilio_connected", logging.DEBUG, protocol=data.get("protocol"),
+                       version=data.get("version"))
+        elif event is None:
+            raise TwilioError("twilio_invalid_message", "message has no `event` field")
+        else:
+            raise TwilioError("twilio_unknown_event",
+                              f"unknown event {str(event)[:64]!r}; expected connected, start, "
+                              "media, mark, dtmf or stop")
+
+    def _on_media(self, data: dict[str, Any]) -> None:
+        if self.call is None:
+            raise TwilioError("twilio_media_before_start", "`media` before `start`: dropped")
+        media = data.get("media")
+        if not isinstance(media, dict) or not isinstance(payload := media.get("payload"), str):
+            raise TwilioError("twilio_invalid_message", "`media` needs a string `media.payload`")
+        if media.get("track", "inbound") != "inbound":
+            return  # only the caller's side is the call's input
+        try:
+            ulaw = binascii.a2b_base64(payload, strict_mode=True)
+        except (binascii.Error, ValueError) as exc:
+            raise TwilioError("twilio_invalid_base64",
+                              f"`media.payload` is not valid base64: {exc}") from None
+        if not ulaw:
+            raise TwilioError("twilio_empty_media", "`media.payload` holds no audio")
+        # Any byte count is whole μ-law samples; 160 (20 ms) is Twilio's usual frame.
+        self.call.feed_audio(ulaw_to_pcm16(ulaw))
+
+    def _on_start(self, data: dict[str, Any]) -> None:
+        if self.call is not None:
+            raise TwilioError("twilio_already_started", "a second `start`: ignored")
+        start = parse_start(data)
+        call_id = start.call_sid if 0 < len(start.call_sid) <= 64 else None
+        metadata = {"transport": "twilio", "stream_sid": start.stream_sid,
+                    "call_sid": start.call_sid, "account_sid": start.account_sid,
+                    "parameters": start.parameters}
+        services = self._services
+        # The call id is the CallSid when there is one, so logs match Twilio's console.
+        output = TwilioOutput(self._ws, start.stream_sid, call_id or "")
+        call = services.new_call(output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata),
+                                 call_id=call_id)
+        output.call_id = call.id
+        self.output, self.call = output, call
+        self._call_task = asyncio.create_task(call.run())
+        self._call_task.add_done_callback(self._on_call_done)
+        logs.event(log, "twilio_start", call_id=call.id, stream_sid=start.stream_sid)
+
+    def _on_mark(self, data: dict[str, Any]) -> None:
+        mark = data.get("mark")
+        name = mark.get("name") if isinstance(mark, dict) else None
+        if not isinstance(name, str):
+            raise TwilioError("twilio_invalid_message", "`mark` needs a string `mark.name`")
+        if self.output is None:
+            raise TwilioError("twilio_not_started", "`mark` before `start`: ignored")
+        if not self.output.mark_played(name):
+            raise TwilioError("twilio_unknown_mark", f"mark {name[:64]!r} was not sent by us")
+
+    def _on_dtmf(self, data: dict[str, Any]) -> None:
+        if self.call is None:
+            raise TwilioError("twilio_not_started", "`dtmf` before `start`: ignored")
+        dtmf = data.get("dtmf")
+        if not isinstance(dtmf, dict) or not isinstance(dtmf.get("digit"), str):
+            raise TwilioError("twilio_invalid_message", "`dtmf` needs a string `dtmf.digit`")
+        # Keypad input is not a turn (yet); the digit itself stays out of logs (PINs).
+        logs.event(log, "twilio_dtmf", call_id=self.call.id)
+
+    def _on_call_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("call_failed", exc_info=task.exception())
+        self._services.runtime.stats.error("internal_error")
+        self._closing = asyncio.get_running_loop().create_task(self.close(CLOSE_INTERNAL_ERROR))
+
+    async def close(self, code: int) -> None:
+        """End the call (if any) and close the socket; safe to call twice."""
+        if self.call is not None:
+            self.call.stop()
+        task, self._call_task = self._call_task, None
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+        if self.output is not None:
+            if self.output.closed:
+                return
+            self.output.closed = True
+        try:
+            await self._ws.close(code=code)
+        except _SEND_ERRORS:
+            pass
+
+
+async def twilio_stream(websocket: WebSocket) -> None:
+    services: Services = websocket.app.state.services
+    await websocket.accept()
+    if not services.ready:
+        logs.event(log, "twilio_not_ready", logging.WARNING)
+        await websocket.close(code=CLOSE_TRY_AGAIN_LATER)
+        return
+    stats = services.runtime.stats
+    stream = TwilioStream(services, websocket)
+    close_code = CLOSE_NORMAL
+    try:
+        while not stream.stopped:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                if stream.output is not None:
+                    stream.output.closed = True
+                break
+            try:
+                text = message.get("text")
+                if text is None:
+                    raise TwilioError("twilio_binary_frame",
+                                      "binary frame: Twilio sends JSON text messages")
+                stream.handle(text)
+            except TwilioError as exc:
+                stats.error(exc.code)
+                stream.errors += 1
+                if stream.errors <= _MAX_LOGGED_ERRORS:
+                    logs.event(log, "twilio_bad_message", logging.WARNING, code=exc.code,
+                               detail=exc.message, call_id=stream.call_id)
+                if exc.close_code is not None:
+                    close_code = exc.close_code
+                    break
+            if stream.output is not None and stream.output.closed:
+                break
+    finally:
+        if stream.errors > _MAX_LOGGED_ERRORS:
+            logs.event(log, "twilio_bad_messages_not_logged", logging.WARNING,
+                       call_id=stream.call_id, count=stream.errors - _MAX_LOGGED_ERRORS)
+        if stream.output is not None:
+            logs.event(log, "twilio_stop", call_id=stream.call_id,
+                       marks_sent=stream.output.marks_sent,
+                       marks_confirmed=stream.output.marks_confirmed)
+        await stream.close(close_code)

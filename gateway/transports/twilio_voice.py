@@ -1,0 +1,84 @@
+"""``POST /twilio/voice``: the voice webhook of a Twilio number.
+
+Answers TwiML that connects the call to our Media Streams endpoint
+(``<Connect><Stream url="wss://HOST/twilio/stream">``, with the caller's number and
+the CallSid as custom parameters). With an auth token configured, requests must carry
+a valid ``X-Twilio-Signature`` (checked with the official validator).
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import parse_qsl
+
+from starlette.datastructures import ImmutableMultiDict
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from twilio.request_validator import RequestValidator
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+from .. import logs
+from ..services import Services
+
+log = logging.getLogger("voicegate.twilio")
+
+STREAM_PATH = "/twilio/stream"
+# Custom parameters handed to the stream; they come back in its `start` message.
+FORWARDED_PARAMETERS = ("From", "CallSid")
+
+
+def public_base_url(request: Request, public_url: str) -> str:
+    """The gateway's base URL as Twilio sees it: the setting, else Host + X-Forwarded-Proto."""
+    if public_url:
+        return public_url.rstrip("/")
+    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    scheme = proto or request.url.scheme
+    host = request.headers.get("host") or request.url.netloc
+    return f"{scheme}://{host}"
+
+
+def stream_url(base_url: str) -> str:
+    """ws(s):// twin of the base URL: TLS in front of the webhook means TLS for the stream."""
+    scheme, sep, rest = base_url.partition("://")
+    ws_scheme = "wss" if scheme == "https" else "ws" if scheme == "http" else scheme
+    return f"{ws_scheme}{sep}{rest}{STREAM_PATH}"
+
+
+def twiml_connect(url: str, parameters: dict[str, str]) -> str:
+    response = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=url)
+    for name, value in parameters.items():
+        stream.parameter(name=name, value=value)
+    response.append(connect)
+    return str(response)
+
+
+async def twilio_voice(request: Request) -> Response:
+    services: Services = request.app.state.services
+    settings = services.settings
+    # Twilio posts application/x-www-form-urlencoded; parsed here without a multipart dependency.
+    body = (await request.body()).decode("utf-8", errors="replace")
+    params = ImmutableMultiDict(parse_qsl(body, keep_blank_values=True))
+    base = public_base_url(request, settings.public_url)
+    if settings.twilio_auth_token:
+        signature = request.headers.get("x-twilio-signature", "")
+        # Twilio signs the exact URL it requested, query string included, plus the form fields.
+        url = base + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if not signature or not RequestValidator(settings.twilio_auth_token).validate(
+                url, params, signature):
+            if services.ready:
+                services.runtime.stats.error("twilio_bad_signature")
+            reason = "missing" if not signature else "does not match"
+            logs.event(log, "twilio_bad_signature", logging.WARNING, url=url, reason=reason)
+            return PlainTextResponse(
+                f"X-Twilio-Signature {reason} for {url}: check VOICEGATE_TWILIO_AUTH_TOKEN, and "
+                "set VOICEGATE_PUBLIC_URL if Twilio reaches this gateway through a proxy",
+                status_code=403)
+    elif not getattr(request.app.state, "twilio_unsigned_noted", False):
+        request.app.state.twilio_unsigned_noted = True  # log once per app, not per call
+        logs.event(log, "twilio_signature_validation_off", logging.WARNING,
+                   hint="set VOICEGATE_TWILIO_AUTH_TOKEN to reject requests not from Twilio")
+    forwarded = {name: params.get(name, "") for name in FORWARDED_PARAMETERS}
+    logs.event(log, "twilio_voice", call_id=forwarded["CallSid"] or None)
+    return Response(twiml_connect(stream_url(base), forwarded), media_type="application/xml")

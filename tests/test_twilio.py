@@ -1,0 +1,347 @@
+"""Twilio Media Streams end to end: Twilio's documented messages over a real WebSocket to a
+real uvicorn server, caller speech synthesized by the local TTS; and the TwiML webhook."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import Any
+from xml.etree import ElementTree
+
+import httpx
+import pytest
+from twilio.request_validator import RequestValidator
+from websockets.asyncio.client import connect
+
+from gateway.audio import rms_dbfs
+from gateway.audio_bank import AudioBank, Clip
+from gateway.codec import MULAW, encode, ulaw_to_pcm16
+from gateway.playout import Playout
+from gateway.server import BackgroundServer
+from gateway.transports.twilio import TwilioOutput
+from tests.fakes.twilio_media import FRAME_BYTES, TwilioLine
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What time do your branches open on Saturday?"
+BARGE_IN = "Actually, stop. I want to talk about something else."
+
+
+def stream_url(server: BackgroundServer) -> str:
+    return server.base_url.replace("http://", "ws://") + "/twilio/stream"
+
+
+def sid(prefix: str, n: int) -> str:
+    return f"{prefix}{n:032x}"
+
+
+def logged(caplog: pytest.LogCaptureFixture, name: str, call_id: str) -> list[dict[str, Any]]:
+    """Structured log events ``name`` of one call (the Twilio call id is the CallSid)."""
+    return [r.fields for r in list(caplog.records)  # type: ignore[attr-defined]
+            if r.getMessage() == name and getattr(r, "fields", {}).get("call_id") == call_id]
+
+
+async def wait_logged(caplog, name: str, call_id: str, timeout: float = 60) -> dict[str, Any]:
+    for _ in range(int(timeout / 0.05)):
+        found = logged(caplog, name, call_id)
+        if found:
+            return found[0]
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"no {name} logged for {call_id}")
+
+
+def mark_ms(name: str) -> tuple[int, int]:
+    turn, ms = name.split(":")
+    return int(turn), int(ms)
+
+
+@pytest.fixture
+def voicegate_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="voicegate")
+    return caplog
+
+
+async def test_spoken_question_gets_mulaw_reply_frames_and_marks(server, speak, runtime,
+                                                                  voicegate_logs):
+    call_sid = sid("CA", 1)
+    line = TwilioLine(stream_url(server), call_sid=call_sid, stream_sid=sid("MZ", 1),
+                      parameters={"From": "+15550100", "CallSid": call_sid})
+    errors_before = sum(runtime.stats.errors.values())
+    async with line:
+        speaking = asyncio.create_task(line.say(speak(QUESTION, 8000), silence_s=1.0))
+        turn = await wait_logged(voicegate_logs, "turn", call_sid)
+        await speaking
+        await line.wait_until(lambda: not line._buffer, timeout=30)  # heard to the end
+    assert line.close_code == 1000  # `stop` ends the stream normally
+    assert turn["input"] == "audio" and turn["interrupted"] is False
+
+    media = line.of("media")
+    assert media and all(m["streamSid"] == line.stream_sid for m in media)
+    assert all(len(base64.b64decode(m["media"]["payload"])) == FRAME_BYTES for m in media)
+    assert rms_dbfs(ulaw_to_pcm16(bytes(line.media))) > -35  # real speech, not silence
+    if turn["source"] == "handoff":
+        # pre-rendered audio goes out exactly as the bank holds it in μ-law 8 kHz
+        clip = runtime.prompts.audio("handoff", 8000, MULAW)
+        padded = clip + b"\xff" * (-len(clip) % FRAME_BYTES)
+        assert bytes(line.media) == padded
+
+    marks = [m["mark"]["name"] for m in line.of("mark")]
+    assert marks and all(m["streamSid"] == line.stream_sid for m in line.of("mark"))
+    positions = [mark_ms(name) for name in marks]
+    assert {t for t, _ in positions} == {turn["turn"]}
+    assert [ms for _, ms in positions] == [100 * (i + 1) for i in range(len(positions))]
+    assert len(marks) == len(line.media) // 800  # one per 100 ms of audio sent
+    assert line.echoed == marks and not line.of("clear")
+    assert sum(runtime.stats.errors.values()) == errors_before
+
+
+async def test_barge_in_clears_and_heard_ms_is_what_twilio_confirmed(server, speak,
+                                                                     voicegate_logs):
+    call_sid = sid("CA", 2)
+    line = TwilioLine(stream_url(server), call_sid=call_sid, stream_sid=sid("MZ", 2))
+    async with line:
+        speaking = asyncio.create_task(line.say(speak(QUESTION, 8000), silence_s=0.6))
+        # the reply is playing: Twilio has confirmed at least 400 ms of it
+        await line.wait_until(lambda: len(line.echoed) >= 4, timeout=60)
+        await speaking
+        echoed_before = list(line.echoed)
+        interrupting = asyncio.create_task(line.say(speak(BARGE_IN, 8000), silence_s=1.0))
+        await line.wait_until(lambda: bool(line.of("clear")), timeout=30)
+        echoed_at_clear = list(line.echoed)
+        barge_in = await wait_logged(voicegate_logs, "barge_in", call_sid)
+        first = await wait_logged(voicegate_logs, "turn", call_sid)
+        interrupting.cancel()
+    clear = line.of("clear")[0]
+    assert clear == {"event": "clear", "streamSid": line.stream_sid}
+    assert first["interrupted"] is True and first["turn"] == barge_in["turn"]
+    # heard_ms is a mark Twilio echoed as played before the clear, not a clock estimate
+    confirmed = {ms for t, ms in map(mark_ms, echoed_at_clear) if t == first["turn"]}
+    assert barge_in["heard_ms"] in confirmed
+    assert barge_in["heard_ms"] >= max(mark_ms(n)[1] for n in echoed_before)
+    assert first["heard_ms"] == barge_in["heard_ms"]
+    # marks still queued when the clear came were echoed back, and did not count as heard
+    assert all(mark_ms(n)[1] > barge_in["heard_ms"] for n in line.echoed_on_clear
+               if mark_ms(n)[0] == first["turn"])
+
+
+async def test_without_mark_echoes_heard_ms_falls_back_to_the_clock(server, speak,
+                                                                    voicegate_logs):
+    call_sid = sid("CA", 3)
+    line = TwilioLine(stream_url(server), call_sid=call_sid, stream_sid=sid("MZ", 3),
+                      echo_marks=False)
+    async with line:
+        speaking = asyncio.create_task(line.say(speak(QUESTION, 8000), silence_s=0.6))
+        await line.wait_until(lambda: len(line.played) >= 8 * 400, timeout=60)
+        await speaking
+        interrupting = asyncio.create_task(line.say(speak(BARGE_IN, 8000), silence_s=1.0))
+        await line.wait_until(lambda: bool(line.of("clear")), timeout=30)
+        barge_in = await wait_logged(voicegate_logs, "barge_in", call_sid)
+        clear = await wait_logged(voicegate_logs, "twilio_clear", call_sid)
+        interrupting.cancel()
+    assert clear["confirmed"] is False  # Twilio never confirmed playback on this line
+    assert 0 < barge_in["heard_ms"] <= clear["sent_ms"]
+
+
+# ---------------------------------------------------------------- bad input
+
+def media(payload: str, stream_sid: str = sid("MZ", 9)) -> str:
+    return json.dumps({"event": "media", "streamSid": stream_sid, "sequenceNumber": "3",
+                       "media": {"track": "inbound", "chunk": "1", "timestamp": "20",
+                                 "payload": payload}})
+
+
+GOOD_FRAME = base64.b64encode(b"\xff" * FRAME_BYTES).decode()
+# (messages after connected+start, expected error code); the stream goes on after each
+RECOVERABLE = [
+    ("{not json", "twilio_invalid_json"),
+    (json.dumps(["start"]), "twilio_invalid_message"),
+    (json.dumps({"streamSid": "MZ"}), "twilio_invalid_message"),
+    (json.dumps({"event": "dance"}), "twilio_unknown_event"),
+    (media("@@@not base64@@@"), "twilio_invalid_base64"),
+    (media(GOOD_FRAME[:-1]), "twilio_invalid_base64"),  # odd length: not whole base64 quanta
+    (media(""), "twilio_empty_media"),
+    (json.dumps({"event": "media", "media": {}}), "twilio_invalid_message"),
+    (media("A" * (64 * 1024 + 4)), "twilio_frame_too_large"),
+    (json.dumps({"event": "mark", "mark": {"name": "not ours"}}), "twilio_unknown_mark"),
+    (json.dumps({"event": "dtmf", "dtmf": {}}), "twilio_invalid_message"),
+    (b"\x00" * 160, "twilio_binary_frame"),
+]
+
+
+async def test_bad_input_is_counted_and_a_parallel_stream_is_untouched(server, speak, runtime,
+                                                                       voicegate_logs):
+    call_sid = sid("CA", 4)
+    healthy = TwilioLine(stream_url(server), call_sid=call_sid, stream_sid=sid("MZ", 4))
+    async with healthy:
+        speaking = asyncio.create_task(healthy.say(speak(QUESTION, 8000), silence_s=1.0))
+        before = dict(runtime.stats.errors)
+
+        # media before start, then a stream that starts and keeps going after each bad message
+        broken = TwilioLine(stream_url(server), stream_sid=sid("MZ", 9), call_sid=sid("CA", 9))
+        await broken.connect(start=False)
+        await broken.send(media(GOOD_FRAME))
+        await broken.send(json.dumps({"event": "mark", "mark": {"name": "1:100"}}))
+        await broken.send(broken.start_message())
+        for message, _ in RECOVERABLE:
+            await broken.send(message)
+        await broken.send(broken.start_message())  # a second start
+        await broken.send(media(GOOD_FRAME))  # still accepted
+        await broken.send(json.dumps({"event": "dtmf", "streamSid": broken.stream_sid,
+                                      "dtmf": {"track": "inbound_track", "digit": "1"}}))
+        await broken.hang_up()
+        assert broken.close_code == 1000  # it survived everything and stopped normally
+
+        turn = await wait_logged(voicegate_logs, "turn", call_sid)
+        await speaking
+    expected: dict[str, int] = {"twilio_media_before_start": 1, "twilio_not_started": 1,
+                                "twilio_already_started": 1}
+    for _, code in RECOVERABLE:
+        expected[code] = expected.get(code, 0) + 1
+    counted = {code: runtime.stats.errors[code] - before.get(code, 0) for code in expected}
+    assert counted == expected
+    assert turn["interrupted"] is False and healthy.of("media") and healthy.of("mark")
+    assert rms_dbfs(ulaw_to_pcm16(bytes(healthy.media))) > -35
+
+
+@pytest.mark.parametrize("start, code, close", [
+    ({"event": "start", "start": {"callSid": "CA1"}}, "twilio_invalid_start", 1008),
+    ({"event": "start", "streamSid": "MZ1",
+      "start": {"streamSid": "MZ1", "mediaFormat": {"encoding": "audio/x-l16",
+                                                    "sampleRate": 16000, "channels": 1}}},
+     "twilio_unsupported_media_format", 1003),
+])
+async def test_a_start_the_stream_cannot_run_with_closes_it(server, runtime, start, code, close):
+    before = runtime.stats.errors[code]
+    async with connect(stream_url(server)) as ws:
+        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send(json.dumps(start))
+        with pytest.raises(Exception):
+            await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == close
+    assert runtime.stats.errors[code] == before + 1
+
+
+async def test_twilio_vanishing_mid_call_ends_the_call(server, runtime):
+    before = runtime.stats.active_calls
+    line = TwilioLine(stream_url(server), call_sid=sid("CA", 6), stream_sid=sid("MZ", 6))
+    await line.connect()
+    await line.say(b"\x00\x00" * 1600)  # 200 ms of silence: the call is running
+    for _ in range(100):
+        if runtime.stats.active_calls == before + 1:
+            break
+        await asyncio.sleep(0.05)
+    assert runtime.stats.active_calls == before + 1
+    line._ws.transport.abort()  # type: ignore[union-attr]  # no stop, no close frame
+    for _ in range(100):
+        if runtime.stats.active_calls == before:
+            break
+        await asyncio.sleep(0.05)
+    assert runtime.stats.active_calls == before
+    await line.hang_up()
+
+
+# ---------------------------------------------------------------- the voice webhook
+
+FORM = {"CallSid": sid("CA", 5), "From": "+15550100", "To": "+15550199",
+        "AccountSid": sid("AC", 5), "CallStatus": "ringing"}
+
+
+def stream_of(twiml: str) -> tuple[str, dict[str, str]]:
+    root = ElementTree.fromstring(twiml)
+    stream = root.find("./Connect/Stream")
+    assert stream is not None, twiml
+    return stream.get("url", ""), {p.get("name", ""): p.get("value", "")
+                                   for p in stream.findall("Parameter")}
+
+
+def test_twiml_connects_the_call_to_the_stream_with_its_parameters(server):
+    reply = httpx.post(server.base_url + "/twilio/voice", data=FORM)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("application/xml")
+    url, params = stream_of(reply.text)
+    assert url == stream_url(server)
+    assert params == {"From": FORM["From"], "CallSid": FORM["CallSid"]}
+    # behind a TLS-terminating proxy the stream is wss:// on the public host
+    proxied = httpx.post(server.base_url + "/twilio/voice", data=FORM,
+                         headers={"Host": "voice.example.com", "X-Forwarded-Proto": "https"})
+    assert stream_of(proxied.text)[0] == "wss://voice.example.com/twilio/stream"
+
+
+TOKEN = "12345678901234567890123456789012"
+
+
+@pytest.fixture(scope="module")
+def signed_server(settings, runtime):
+    srv = BackgroundServer(settings.replace(twilio_auth_token=TOKEN,
+                                            public_url="https://voice.example.com"),
+                           runtime).start()
+    yield srv
+    srv.stop()
+
+
+def test_signature_is_checked_when_an_auth_token_is_set(signed_server, runtime):
+    url = "https://voice.example.com/twilio/voice?tenant=a"
+    signature = RequestValidator(TOKEN).compute_signature(url, FORM)
+    endpoint = signed_server.base_url + "/twilio/voice?tenant=a"
+    good = httpx.post(endpoint, data=FORM, headers={"X-Twilio-Signature": signature})
+    assert good.status_code == 200
+    assert stream_of(good.text)[0] == "wss://voice.example.com/twilio/stream"
+
+    before = runtime.stats.errors["twilio_bad_signature"]
+    tampered = httpx.post(endpoint, data={**FORM, "From": "+15550666"},
+                          headers={"X-Twilio-Signature": signature})
+    assert tampered.status_code == 403 and "does not match" in tampered.text
+    missing = httpx.post(endpoint, data=FORM)
+    assert missing.status_code == 403 and "missing" in missing.text
+    assert runtime.stats.errors["twilio_bad_signature"] == before + 2
+
+
+# ---------------------------------------------------------------- μ-law audio, marks (no server)
+
+def test_audio_bank_holds_clips_ready_in_mulaw_8k():
+    tone = b"\x00\x10\x00\xf0" * 4000  # 16 kHz pcm16, 0.5 s
+    bank = AudioBank()
+    bank.add(Clip("k", "text", tone, 16000))
+    ulaw = bank.audio("k", 8000, MULAW)
+    assert ulaw == encode(bank.audio("k", 8000), MULAW) and len(ulaw) == 4000
+    assert bank.audio("k", 8000, MULAW) is ulaw  # held, not converted per call
+    bank.replace_all([Clip("k2", "text", tone, 16000)])
+    assert "k" not in bank and len(bank.audio("k2", 8000, MULAW)) == 4000
+
+
+async def test_mulaw_playout_frames_are_160_bytes_padded_with_mulaw_silence():
+    frames: list[bytes] = []
+
+    async def send(frame: bytes) -> None:
+        frames.append(frame)
+
+    playout = Playout(send, 8000, frame_ms=20, lead_ms=1000, encoding=MULAW)
+    await playout.write(b"\x01" * 200)
+    await playout.flush()
+    assert [len(f) for f in frames] == [160, 160]
+    assert frames[1] == b"\x01" * 40 + b"\xff" * 120  # 0xFF is μ-law zero, 0x00 is a click
+    assert playout.sent_ms == 40
+
+
+async def test_marks_confirm_only_the_current_uncleared_reply():
+    sent: list[dict[str, Any]] = []
+
+    class Socket:
+        async def send_text(self, text: str) -> None:
+            sent.append(json.loads(text))
+
+    out = TwilioOutput(Socket(), "MZ1", "call")  # type: ignore[arg-type]
+    assert out.confirmed_heard_ms() is None  # no echo yet: the call uses its clock
+    out.reply_started(1)
+    for _ in range(12):
+        await out.send_audio(b"\xff" * 160)
+    marks = [m["mark"]["name"] for m in sent if m["event"] == "mark"]
+    assert marks == ["1:100", "1:200"]
+    assert out.mark_played("1:100") and out.confirmed_heard_ms() == 100.0
+    await out.interrupt({"turn": 1, "heard_ms": 100.0})
+    assert sent[-1] == {"event": "clear", "streamSid": "MZ1"}
+    assert out.mark_played("1:200") and out.confirmed_heard_ms() == 100.0  # dropped, not heard
+    out.reply_started(2)
+    assert out.mark_played("1:200") and out.confirmed_heard_ms() == 0.0  # a stale reply's echo
+    assert not out.mark_played("hello")
