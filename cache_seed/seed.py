@@ -1,0 +1,118 @@
+"""Seed the cache: validate the CSV, render answers, calibrate, publish atomically.
+
+The TTS is injected (``render``) so this package never imports the gateway: the
+gateway passes its configured voice, tests may pass a cheap renderer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from cache_seed.validate import SeedError, SeedPlan, read_seed_csv
+from intents.calibration import Thresholds
+from intents.embedder import Embedder
+from intents.router import train_router
+from intents.store import CacheBundle, Store, audio_key
+from intents.types import Action, Audio, Entry
+
+# text -> (16-bit mono PCM bytes, sample rate)
+Renderer = Callable[[str], tuple[bytes, int]]
+
+
+class RenderError(SeedError):
+    """The TTS failed or returned unusable audio for an answer."""
+
+
+@dataclass(frozen=True)
+class SeedReport:
+    version: str
+    entries: int
+    answer_entries: int  # entries served from the cache (action answer)
+    questions: int
+    rendered: int  # answers rendered by this seed
+    reused: int  # answers whose audio was already in the store
+    thresholds: Thresholds
+
+    @property
+    def expected_hit_rate(self) -> float:
+        return self.thresholds.expected_hit_rate
+
+    def summary(self) -> str:
+        t = self.thresholds
+        return (f"published {self.version}: {self.entries} entries ({self.answer_entries} cached "
+                f"answers), {self.questions} questions; audio rendered {self.rendered}, reused "
+                f"{self.reused}; thresholds similarity>={t.hit_similarity} margin>={t.hit_margin} "
+                f"in-scope>={t.min_similarity}; expected hit rate {t.expected_hit_rate:.1%} at "
+                f"wrong-answer rate {t.expected_wrong_rate:.2%} (target {t.target_wrong_rate:.2%},"
+                f" {t.folds}-fold cross-validation on {t.calibration_questions} questions)")
+
+
+def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
+         target_wrong_rate: float = 0.01, progress: bool = True,
+         embedder: Embedder | None = None) -> SeedReport:
+    """Validate ``csv_path`` and publish it as the new current cache version of ``store``.
+
+    Raises ``SeedValidationError`` (every bad row) or ``RenderError``; in both cases the
+    previously published version keeps serving.
+    """
+    plan = read_seed_csv(csv_path)
+    entries, rendered, reused = render_answers(plan, store, render, voice_id, progress)
+    embedder = embedder or Embedder()
+    trained = train_router(embedder, plan.questions, plan.intents, entries,
+                           target_wrong_rate=target_wrong_rate, progress=progress)
+    thresholds = trained.router.thresholds
+    manifest: dict[str, Any] = {
+        "source": Path(csv_path).name,
+        "voice_id": voice_id,
+        "embedding_model": embedder.model_name,
+        "thresholds": thresholds.as_json(),
+        "questions": [{"text": q, "intent": i} for q, i in zip(plan.questions, plan.intents)],
+        "entries": [{"id": e.id, "intent": e.intent, "action": e.action.value, "answer": e.answer,
+                     "questions": list(e.questions), "audio_key": e.audio_key}
+                    for e in entries.values()],
+    }
+    version = store.publish(CacheBundle(manifest, trained.vectors,
+                                        trained.router.classifier.to_bytes()))
+    return SeedReport(version=version, entries=len(entries),
+                      answer_entries=sum(e.action is Action.ANSWER for e in entries.values()),
+                      questions=len(plan.questions), rendered=rendered, reused=reused,
+                      thresholds=thresholds)
+
+
+def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str,
+                   progress: bool = True) -> tuple[dict[str, Entry], int, int]:
+    """Render each distinct answer not yet in the store; return entries with audio keys."""
+    keyed = {eid: dataclasses.replace(e, audio_key=audio_key(e.answer, voice_id) if e.answer
+                                      else None)
+             for eid, e in plan.entries.items()}
+    todo: dict[str, str] = {}  # key -> answer text, each distinct answer once
+    reused = 0
+    for entry in keyed.values():
+        if entry.audio_key is None or entry.audio_key in todo:
+            continue
+        if store.has_audio(entry.audio_key):
+            reused += 1
+        else:
+            todo[entry.audio_key] = entry.answer or ""
+    for key, text in tqdm(todo.items(), total=len(todo), desc="rendering answers", unit="answer",
+                          disable=not progress):
+        store.put_audio(key, _checked_render(render, text))
+    return keyed, len(todo), reused
+
+
+def _checked_render(render: Renderer, text: str) -> Audio:
+    short = text if len(text) <= 60 else text[:57] + "..."
+    try:
+        pcm, sample_rate = render(text)
+    except Exception as exc:
+        raise RenderError(f"rendering answer {short!r} failed: {exc}") from exc
+    if not isinstance(pcm, (bytes, bytearray)) or not pcm or len(pcm) % 2:
+        raise RenderError(f"rendering answer {short!r} returned no 16-bit PCM")
+    if not isinstance(sample_rate, int) or sample_rate <= 0:
+        raise RenderError(f"rendering answer {short!r} returned sample rate {sample_rate!r}")
+    return Audio(bytes(pcm), sample_rate)

@@ -1,0 +1,261 @@
+"""Read and validate a seed CSV; turn its rows into cache entries.
+
+Every row is checked before anything is rendered or published, and every bad row
+is reported with its line number and reason: one bad row publishes nothing.
+
+Columns: ``question`` and ``answer`` are required, ``intent`` and ``action``
+optional. Rows with the same intent, or (without an intent) the same answer, are
+paraphrases of one entry. ``action`` defaults to ``answer`` when the entry has an
+answer (on any of its rows) and ``llm`` when it has none; rows without an answer
+still train the classifier, so they need an intent (or join an entry by intent).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from intents.embedder import normalize_text
+from intents.types import Action, Entry
+
+REQUIRED_COLUMNS = ("question", "answer")
+OPTIONAL_COLUMNS = ("intent", "action")
+MAX_QUESTION_CHARS = 300  # an utterance, not a paragraph
+MAX_ANSWER_CHARS = 1200  # about 80 s of speech: longer answers belong to the agent
+MAX_INTENT_CHARS = 64
+_INTENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class RowError:
+    line: int  # 1-based line of the CSV file where the row starts
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+class SeedError(RuntimeError):
+    """Seeding failed; nothing was published."""
+
+
+class SeedValidationError(SeedError):
+    """The CSV has bad rows; ``errors`` lists every one of them."""
+
+    def __init__(self, source: str, errors: list[RowError]) -> None:
+        self.source = source
+        self.errors = sorted(errors, key=lambda e: e.line)
+        listing = "\n".join(f"  {e}" for e in self.errors)
+        super().__init__(f"{source}: {len(self.errors)} bad row(s), nothing published:\n{listing}")
+
+
+@dataclass(frozen=True)
+class SeedRow:
+    line: int
+    question: str
+    answer: str | None
+    intent: str | None
+    action: Action | None  # as written; None: use the default
+
+
+@dataclass
+class SeedPlan:
+    """The validated seed: entries (audio not yet rendered) and the training questions."""
+
+    entries: dict[str, Entry]
+    questions: list[str] = field(default_factory=list)
+    intents: list[str] = field(default_factory=list)  # one per question
+
+
+def read_seed_csv(path: str | Path) -> SeedPlan:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SeedError(f"cannot read {path}: {exc}") from exc
+    return parse_seed_csv(data, source=str(path))
+
+
+def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
+    errors: list[RowError] = []
+    text, bad_lines = _decode(data, errors)
+    rows = _read_rows(text, bad_lines, errors, source)
+    plan = _plan(rows, errors)
+    if errors:
+        raise SeedValidationError(source, errors)
+    return plan
+
+
+def _decode(data: bytes, errors: list[RowError]) -> tuple[str, set[int]]:
+    """Decode as UTF-8 (a BOM is fine); every line that is not UTF-8 is an error."""
+    bad: set[int] = set()
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if b"\x00" in raw:
+            bad.add(number)
+            errors.append(RowError(number, "not CSV: the line contains a NUL byte (a binary file?)"))
+            continue
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad.add(number)
+            errors.append(RowError(number, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                           f"{exc.start + 1}); save the file as UTF-8"))
+    return data.decode("utf-8-sig", errors="replace"), bad
+
+
+def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
+               source: str) -> list[SeedRow]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    rows: list[SeedRow] = []
+    last_line = 0
+    while True:
+        start = last_line + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            errors.append(RowError(start, f"not CSV: {exc}"))
+            break  # the structure after a broken quote cannot be trusted
+        last_line = reader.line_num
+        if any(line in bad_lines for line in range(start, last_line + 1)):
+            continue  # already reported as not UTF-8
+        if not any(f.strip() for f in fields):
+            continue  # blank line
+        if header is None:
+            header = [f.strip().lower() for f in fields]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            duplicated = sorted({c for c in header if c and header.count(c) > 1})
+            if missing or duplicated:
+                for column in missing:
+                    errors.append(RowError(start, f"missing column '{column}' (header is: "
+                                                  f"{', '.join(fields)})"))
+                for column in duplicated:
+                    errors.append(RowError(start, f"column '{column}' appears twice"))
+                return []
+            continue
+        if len(fields) != len(header):
+            errors.append(RowError(start, f"not CSV: expected {len(header)} fields as in the "
+                                          f"header, found {len(fields)} (quote fields with commas)"))
+            continue
+        row = _read_row(start, dict(zip(header, fields)), errors)
+        if row is not None:
+            rows.append(row)
+    if header is None and not errors:
+        errors.append(RowError(1, f"missing columns {', '.join(REQUIRED_COLUMNS)}: the file is empty"))
+    elif header is not None and not rows and not errors:
+        errors.append(RowError(last_line, "no rows after the header"))
+    return rows
+
+
+def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> SeedRow | None:
+    before = len(errors)
+    question = " ".join(values["question"].split())
+    answer = " ".join(values["answer"].split()) or None
+    intent = values.get("intent", "").strip() or None
+    action_text = values.get("action", "").strip().lower()
+    action: Action | None = None
+    if not question:
+        errors.append(RowError(line, "empty question"))
+    elif len(question) > MAX_QUESTION_CHARS:
+        errors.append(RowError(line, f"question too long ({len(question)} characters, at most "
+                                     f"{MAX_QUESTION_CHARS})"))
+    if answer and len(answer) > MAX_ANSWER_CHARS:
+        errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
+                                     f"{MAX_ANSWER_CHARS})"))
+    if intent is not None and (len(intent) > MAX_INTENT_CHARS or not _INTENT.match(intent)):
+        errors.append(RowError(line, f"bad intent {intent!r}: use letters, digits, '_', '.', '-'"
+                                     f" (at most {MAX_INTENT_CHARS} characters)"))
+    if action_text:
+        try:
+            action = Action(action_text)
+        except ValueError:
+            errors.append(RowError(line, f"unknown action {action_text!r} (expected answer, llm or "
+                                         "handoff)"))
+    if action is Action.ANSWER and not answer:
+        errors.append(RowError(line, "action 'answer' needs an answer"))
+    if not answer and intent is None and question and action is not Action.ANSWER:
+        errors.append(RowError(line, "a question without an answer needs an intent"))
+    if len(errors) > before:
+        return None
+    return SeedRow(line, question, answer, intent, action)
+
+
+@dataclass
+class _Group:
+    intent: str
+    first_line: int
+    rows: list[SeedRow] = field(default_factory=list)
+    answer: str | None = None
+    answer_line: int = 0
+    action: Action | None = None
+    action_line: int = 0
+
+
+def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
+    # Duplicate questions: identical rows are dropped, conflicting ones are errors.
+    seen: dict[str, SeedRow] = {}
+    unique: list[SeedRow] = []
+    for row in rows:
+        key = normalize_text(row.question)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = row
+            unique.append(row)
+        elif (first.answer, first.intent) != (row.answer, row.intent):
+            what = "answer" if first.answer != row.answer else "intent"
+            errors.append(RowError(row.line, f"duplicate question (line {first.line}) with a "
+                                             f"conflicting {what}"))
+
+    groups: dict[str, _Group] = {}
+    by_answer: dict[str, str] = {}  # answer text -> intent of the group holding it
+    for row in [r for r in unique if r.intent] + [r for r in unique if not r.intent]:
+        intent = row.intent or (by_answer.get(row.answer) if row.answer else None)
+        if intent is None:
+            intent = _new_intent(row.question, groups)
+        group = groups.setdefault(intent, _Group(intent, row.line))
+        if row.answer:
+            if group.answer is None:
+                group.answer, group.answer_line = row.answer, row.line
+                by_answer.setdefault(row.answer, intent)
+            elif group.answer != row.answer:
+                errors.append(RowError(row.line, f"intent {intent!r} already has a different "
+                                                 f"answer (line {group.answer_line})"))
+                continue
+        if row.action is not None:
+            if group.action is None:
+                group.action, group.action_line = row.action, row.line
+            elif group.action is not row.action:
+                errors.append(RowError(row.line, f"intent {intent!r} has action "
+                                                 f"'{group.action.value}' on line "
+                                                 f"{group.action_line}, not '{row.action.value}'"))
+                continue
+        group.rows.append(row)
+
+    plan = SeedPlan(entries={})
+    for group in sorted(groups.values(), key=lambda g: g.first_line):
+        action = group.action or (Action.ANSWER if group.answer else Action.LLM)
+        group.rows.sort(key=lambda r: r.line)
+        plan.entries[group.intent] = Entry(
+            id=group.intent, intent=group.intent, action=action, answer=group.answer,
+            questions=tuple(r.question for r in group.rows))
+        for row in group.rows:
+            plan.questions.append(row.question)
+            plan.intents.append(group.intent)
+    if rows and not errors and len(plan.questions) < 2:
+        errors.append(RowError(rows[0].line, "a seed needs at least two distinct questions"))
+    return plan
+
+
+def _new_intent(question: str, groups: dict[str, _Group]) -> str:
+    """An intent name for rows that did not give one: a slug of the entry's first question."""
+    base = _SLUG.sub("_", question.casefold()).strip("_")[:40].rstrip("_") or "entry"
+    name, n = base, 2
+    while name in groups:
+        name, n = f"{base}_{n}", n + 1
+    return name

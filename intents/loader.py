@@ -1,0 +1,78 @@
+"""Load the serving cache version: a ready Router plus every entry's audio in memory.
+
+The gateway calls this once at start-up (and again when a new version is
+published); after that a cache hit touches neither disk nor a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from intents.calibration import Thresholds
+from intents.classifier import IntentClassifier
+from intents.embedder import Embedder
+from intents.router import Router
+from intents.semantic_cache import SemanticCache
+from intents.store import Store, StoreError
+from intents.types import Action, Audio, Entry
+
+
+@dataclass(frozen=True)
+class CachedEntry:
+    id: str
+    intent: str
+    action: Action
+    answer: str | None
+    paraphrases: tuple[str, ...]
+    pcm: bytes | None  # 16-bit little-endian mono; None for entries without an answer
+    sample_rate: int | None
+
+    @property
+    def audio(self) -> Audio | None:
+        return None if self.pcm is None or self.sample_rate is None else Audio(
+            self.pcm, self.sample_rate)
+
+
+@dataclass(frozen=True)
+class LoadedCache:
+    version: str
+    router: Router
+    entries: dict[str, CachedEntry]
+    thresholds: Thresholds
+    voice_id: str
+
+
+def entries_from_manifest(manifest: dict) -> dict[str, Entry]:
+    return {e["id"]: Entry(id=e["id"], intent=e["intent"], action=Action(e["action"]),
+                           answer=e.get("answer"), questions=tuple(e["questions"]),
+                           audio_key=e.get("audio_key"))
+            for e in manifest["entries"]}
+
+
+def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> LoadedCache:
+    name, bundle = store.read(version)
+    manifest = bundle.manifest
+    if manifest.get("embedding_model") != embedder.model_name or bundle.vectors.shape[1] != embedder.dim:
+        raise StoreError(f"cache version {name} was embedded with {manifest.get('embedding_model')}"
+                         f" ({bundle.vectors.shape[1]} dims), not {embedder.model_name}: re-seed")
+    intents = [q["intent"] for q in manifest["questions"]]
+    if len(intents) != bundle.vectors.shape[0]:
+        raise StoreError(f"cache version {name}: {len(intents)} questions but "
+                         f"{bundle.vectors.shape[0]} vectors")
+    entries = entries_from_manifest(manifest)
+    try:
+        classifier = IntentClassifier.from_bytes(bundle.classifier)
+    except ValueError:
+        # Saved by another scikit-learn: refit from the stored vectors (same data, same result).
+        classifier = IntentClassifier().fit(bundle.vectors, intents)
+    thresholds = Thresholds.from_json(manifest["thresholds"])
+    router = Router(embedder, classifier, SemanticCache(bundle.vectors, intents), entries,
+                    thresholds)
+    cached: dict[str, CachedEntry] = {}
+    for entry in entries.values():
+        audio = store.get_audio(entry.audio_key) if entry.audio_key else None
+        cached[entry.id] = CachedEntry(
+            id=entry.id, intent=entry.intent, action=entry.action, answer=entry.answer,
+            paraphrases=entry.questions, pcm=audio.pcm if audio else None,
+            sample_rate=audio.sample_rate if audio else None)
+    return LoadedCache(name, router, cached, thresholds, manifest.get("voice_id", ""))

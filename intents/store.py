@@ -1,0 +1,187 @@
+"""Where published cache versions and rendered audio live.
+
+``Store`` is the interface; ``LocalStore`` (a directory, nothing to start) is the
+embedded default. A Redis store will implement the same methods.
+
+Publishing is atomic: a version is written completely under a temporary name,
+renamed into place, and only then does the ``CURRENT`` pointer move (``os.replace``,
+atomic on POSIX). A reader resolves ``CURRENT`` once and reads that version, so it
+never sees half a seed, and a seed that fails before the swap leaves the previous
+version serving. Audio is content-addressed (``audio_key``), outside versions, so a
+re-seed renders only answers whose text or voice changed.
+
+Layout of a ``LocalStore``::
+
+    CURRENT                      name of the serving version
+    versions/<version>/manifest.json, vectors.npy, classifier.joblib
+    audio/<sha256>.wav           16-bit mono PCM answers
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+import time
+import wave
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from intents.types import Audio
+
+MANIFEST_FORMAT = 1
+
+
+class StoreError(RuntimeError):
+    """The store is empty, unreadable or inconsistent."""
+
+
+def audio_key(text: str, voice_id: str) -> str:
+    """Content hash naming an answer's audio: same text and voice → same audio."""
+    return hashlib.sha256(f"{voice_id}\n{text}".encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheBundle:
+    """Everything one published cache version consists of (audio aside)."""
+
+    manifest: dict[str, Any]  # JSON: entries, questions, thresholds, model names
+    vectors: np.ndarray  # (questions, dim) float32
+    classifier: bytes  # IntentClassifier.to_bytes()
+
+
+class Store(ABC):
+    # -- audio, content-addressed --------------------------------------------
+    @abstractmethod
+    def has_audio(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def get_audio(self, key: str) -> Audio: ...
+
+    @abstractmethod
+    def put_audio(self, key: str, audio: Audio) -> None: ...
+
+    # -- cache versions ---------------------------------------------------------
+    @abstractmethod
+    def publish(self, bundle: CacheBundle) -> str:
+        """Store a complete version and make it the current one; return its name."""
+
+    @abstractmethod
+    def current_version(self) -> str | None:
+        """Name of the serving version, None when nothing was ever published."""
+
+    @abstractmethod
+    def read(self, version: str | None = None) -> tuple[str, CacheBundle]:
+        """(name, bundle) of ``version``, default the current one."""
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._versions = self.root / "versions"
+        self._audio = self.root / "audio"
+        self._pointer = self.root / "CURRENT"
+
+    # -- audio -------------------------------------------------------------------
+    def _audio_path(self, key: str) -> Path:
+        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+            raise StoreError(f"not an audio key: {key!r}")
+        return self._audio / f"{key}.wav"
+
+    def has_audio(self, key: str) -> bool:
+        return self._audio_path(key).is_file()
+
+    def get_audio(self, key: str) -> Audio:
+        path = self._audio_path(key)
+        try:
+            with wave.open(str(path), "rb") as wav:
+                if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
+                    raise StoreError(f"{path}: not 16-bit mono")
+                return Audio(wav.readframes(wav.getnframes()), wav.getframerate())
+        except (OSError, wave.Error, EOFError) as exc:
+            raise StoreError(f"cannot read audio {path}: {exc}") from exc
+
+    def put_audio(self, key: str, audio: Audio) -> None:
+        if len(audio.pcm) % 2:
+            raise ValueError("16-bit PCM must have an even number of bytes")
+        buffer = io.BytesIO()
+        with wave.open(buffer, "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(audio.sample_rate)
+            wav.writeframes(audio.pcm)
+        self._audio.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self._audio_path(key), buffer.getvalue())
+
+    # -- versions ------------------------------------------------------------------
+    def publish(self, bundle: CacheBundle) -> str:
+        self._versions.mkdir(parents=True, exist_ok=True)
+        version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        staging = self._versions / f".staging-{version}"
+        try:
+            staging.mkdir()
+            manifest = dict(bundle.manifest, format=MANIFEST_FORMAT, version=version)
+            _write_synced(staging / "manifest.json",
+                          json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
+            vectors = io.BytesIO()
+            np.save(vectors, np.ascontiguousarray(bundle.vectors, dtype=np.float32))
+            _write_synced(staging / "vectors.npy", vectors.getvalue())
+            _write_synced(staging / "classifier.joblib", bundle.classifier)
+            os.rename(staging, self._versions / version)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        # The only step readers can observe: the pointer now names a complete version.
+        _atomic_write(self._pointer, (version + "\n").encode("ascii"))
+        return version
+
+    def current_version(self) -> str | None:
+        try:
+            return self._pointer.read_text(encoding="ascii").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def read(self, version: str | None = None) -> tuple[str, CacheBundle]:
+        name = version or self.current_version()
+        if name is None:
+            raise StoreError(f"no cache version published in {self.root} (run `voicegate seed`)")
+        directory = self._versions / name
+        try:
+            manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+            vectors = np.load(directory / "vectors.npy", allow_pickle=False)
+            classifier = (directory / "classifier.joblib").read_bytes()
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read cache version {name} in {self.root}: {exc}") from exc
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise StoreError(f"cache version {name}: unsupported format {manifest.get('format')}")
+        return name, CacheBundle(manifest, vectors, classifier)
+
+    def versions(self) -> list[str]:
+        if not self._versions.is_dir():
+            return []
+        return sorted(p.name for p in self._versions.iterdir()
+                      if p.is_dir() and not p.name.startswith("."))
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        _write_synced(temporary, data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,157 @@
+"""Router decisions on the shipped bank FAQ: paraphrases hit, out of scope misses,
+``llm``/``handoff`` intents are never served from the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cache_seed import route_lines
+from intents.calibration import NEVER, HeldOut, calibrate
+from intents.classifier import IntentClassifier
+from intents.embedder import Embedder
+from intents.loader import LoadedCache
+from intents.router import Router
+from intents.types import Action
+from tests.intents_support import bank_cache, intent_embedder  # noqa: F401
+
+# Paraphrases written for this test: none of them is in bank_faq.csv.
+UNSEEN_PARAPHRASES = [
+    ("what time do you open on monday", "opening_hours"),
+    ("until when is the branch open", "opening_hours"),
+    ("can you give me your routing number", "routing_number"),
+    ("I don't remember my online banking password", "reset_online_password"),
+    ("I don't remember the PIN for my card", "forgot_pin"),
+    ("how do I activate the card you sent me", "activate_card"),
+    ("how much cash can I withdraw in a day", "atm_withdrawal_limit"),
+    ("what's the fee if I overdraw", "overdraft_fee"),
+    ("can I deposit a check using the app", "mobile_check_deposit"),
+    ("can I send money using zelle", "zelle"),
+    ("is my money FDIC insured", "fdic_insurance"),
+    ("I need to update my address because I moved", "update_address"),
+    ("what interest rate do you pay on a savings account", "savings_rate"),
+    ("I'd like to order a new checkbook", "order_checks"),
+]
+
+OUT_OF_SCOPE = [
+    "what's the weather like tomorrow",
+    "tell me a joke",
+    "who won the football game last night",
+    "how do I bake sourdough bread",
+    "what is the capital of France",
+    "book me a flight to Chicago",
+    "play some music",
+]
+
+AGENT_AND_HUMAN = [
+    ("how much money is in my savings account right now", "account_balance", Action.LLM),
+    ("please move a hundred dollars into my savings", "transfer_money", Action.LLM),
+    ("there are payments on my card that I never made", "fraud", Action.HANDOFF),
+    ("I'd like to speak with a person please", "speak_to_person", Action.HANDOFF),
+]
+
+
+@pytest.mark.parametrize("text,intent", UNSEEN_PARAPHRASES)
+def test_unseen_paraphrase_hits_its_entry(bank_cache: LoadedCache, text: str, intent: str) -> None:  # noqa: F811
+    decision = bank_cache.router.route(text)
+    assert decision.hit, decision.reason
+    assert decision.intent == decision.entry_id == intent
+    assert decision.action is Action.ANSWER
+    assert decision.answer == bank_cache.entries[intent].answer
+
+
+@pytest.mark.parametrize("text", OUT_OF_SCOPE)
+def test_out_of_scope_is_a_miss_without_intent(bank_cache: LoadedCache, text: str) -> None:  # noqa: F811
+    decision = bank_cache.router.route(text)
+    assert not decision.hit
+    assert decision.intent is None and decision.entry_id is None and decision.answer is None
+    assert decision.action is Action.LLM and decision.reason == "out of scope"
+
+
+@pytest.mark.parametrize("text,intent,action", AGENT_AND_HUMAN)
+def test_agent_and_handoff_intents_are_recognised_but_never_hit(
+        bank_cache: LoadedCache, text: str, intent: str, action: Action) -> None:  # noqa: F811
+    decision = bank_cache.router.route(text)
+    assert (decision.intent, decision.action, decision.hit) == (intent, action, False)
+    assert decision.answer is None
+
+
+def test_llm_and_handoff_never_hit_even_with_thresholds_wide_open(
+        bank_cache: LoadedCache) -> None:  # noqa: F811
+    base = bank_cache.router
+    open_thresholds = dataclasses.replace(base.thresholds, min_similarity=-1.0,
+                                          hit_similarity=-1.0, hit_margin=-1.0)
+    router = Router(base.embedder, base.classifier, base.cache, base.entries, open_thresholds)
+    seen_actions = set()
+    for entry in bank_cache.entries.values():
+        if entry.action is Action.ANSWER:
+            continue
+        for question in entry.paraphrases:  # the seed's own questions: as close as it gets
+            decision = router.route(question)
+            seen_actions.add(decision.action)
+            assert not decision.hit and decision.answer is None, question
+    assert seen_actions == {Action.LLM, Action.HANDOFF}
+
+
+def test_every_seed_question_routes_to_its_own_entry(bank_cache: LoadedCache) -> None:  # noqa: F811
+    for entry in bank_cache.entries.values():
+        for question in entry.paraphrases:
+            decision = bank_cache.router.route(question)
+            assert decision.intent == entry.intent, question
+            assert decision.hit == (entry.action is Action.ANSWER), question
+
+
+def test_empty_text_is_a_miss(bank_cache: LoadedCache) -> None:  # noqa: F811
+    decision = bank_cache.router.route("   ")
+    assert not decision.hit and decision.intent is None
+
+
+def test_route_lines_emits_the_route_command_fields(bank_cache: LoadedCache) -> None:  # noqa: F811
+    rows = list(route_lines(bank_cache.router, ["is my money FDIC insured\n", "\n",
+                                                "tell me a joke\n"]))
+    assert [r["text"] for r in rows] == ["is my money FDIC insured", "tell me a joke"]
+    assert set(rows[0]) == {"text", "intent", "action", "hit", "entry_id", "answer", "score", "ms"}
+    assert rows[0]["hit"] is True and rows[0]["entry_id"] == "fdic_insurance"
+    assert rows[1]["hit"] is False and rows[1]["intent"] is None and rows[1]["action"] == "llm"
+
+
+def test_embedder_vectors_are_unit_length_and_cached(intent_embedder: Embedder) -> None:  # noqa: F811
+    a = intent_embedder.encode("How do I reset my password?")
+    b = intent_embedder.encode("  how do i RESET my password? ")
+    assert a is b  # same normalized text: served from the LRU cache
+    assert a.dtype == np.float32 and abs(float(np.linalg.norm(a)) - 1.0) < 1e-5
+    batch = intent_embedder.encode_batch(["How do I reset my password?"])
+    assert np.allclose(batch[0], a, atol=1e-5)
+
+
+def test_classifier_survives_serialisation(bank_cache: LoadedCache,
+                                           intent_embedder: Embedder) -> None:  # noqa: F811
+    original = bank_cache.router.classifier
+    restored = IntentClassifier.from_bytes(original.to_bytes())
+    vector = intent_embedder.encode("what are your wire fees")
+    assert restored.scores(vector) == original.scores(vector)
+
+
+def _held_out(true: list[str], predicted: list[str], similarity: list[float],
+              margin: list[float]) -> HeldOut:
+    return HeldOut(np.array(true, dtype=object), np.array(predicted, dtype=object),
+                   np.array(margin), np.array(predicted, dtype=object), np.array(similarity), 5)
+
+
+def test_calibration_keeps_wrong_answers_under_target() -> None:
+    # 300 confident correct answers and 10 wrong ones at low similarity: the
+    # thresholds must exclude the wrong ones.
+    n_right, n_wrong = 300, 10
+    held = _held_out(["a"] * n_right + ["b"] * n_wrong, ["a"] * (n_right + n_wrong),
+                     [0.9] * n_right + [0.6] * n_wrong, [0.8] * (n_right + n_wrong))
+    t = calibrate(held, {"a", "b"}, target_wrong_rate=0.01)
+    assert 0.6 < t.hit_similarity <= 0.9 and t.hit_margin <= 0.8
+    assert t.expected_wrong_rate == 0.0 and t.expected_hit_rate == pytest.approx(n_right / 310, abs=1e-3)
+
+
+def test_calibration_never_hits_when_nothing_meets_the_target() -> None:
+    held = _held_out(["a", "b"] * 50, ["b", "a"] * 50, [0.9] * 100, [0.9] * 100)
+    t = calibrate(held, {"a", "b"}, target_wrong_rate=0.01)
+    assert t.hit_similarity == NEVER and t.expected_hit_rate == 0.0

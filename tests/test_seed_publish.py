@@ -1,0 +1,133 @@
+"""Seeding end to end: audio by content hash, re-seeds render only changes, atomic publish."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache_seed import RenderError, seed
+from intents.embedder import Embedder
+from intents.loader import load_cache
+from intents.store import LocalStore, audio_key
+from intents.types import Action
+from tests.intents_support import BANK_FAQ, intent_embedder, tone_render  # noqa: F401
+
+
+class CountingRender:
+    """Wraps the test tone renderer; can be told to fail on the n-th call."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.texts: list[str] = []
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, text: str) -> tuple[bytes, int]:
+        self.texts.append(text)
+        if self.fail_on_call is not None and len(self.texts) == self.fail_on_call:
+            raise RuntimeError("TTS went away")
+        return tone_render(text)
+
+
+def test_seed_loads_every_entry_with_its_exact_audio(tmp_path: Path,
+                                                      intent_embedder: Embedder) -> None:  # noqa: F811
+    store = LocalStore(tmp_path)
+    render = CountingRender()
+    report = seed(BANK_FAQ, store, render, "voice-a", progress=False, embedder=intent_embedder)
+    answers = sorted(set(render.texts))
+    assert len(render.texts) == len(answers) == report.rendered == report.answer_entries
+    assert report.reused == 0
+    assert 0.0 < report.expected_hit_rate <= 1.0
+    assert report.thresholds.expected_wrong_rate <= report.thresholds.target_wrong_rate
+
+    cache = load_cache(store, intent_embedder)
+    assert cache.version == report.version == store.current_version()
+    assert len(cache.entries) == report.entries
+    for entry in cache.entries.values():
+        if entry.action is Action.ANSWER:
+            assert entry.answer and entry.paraphrases
+            assert (entry.pcm, entry.sample_rate) == tone_render(entry.answer)
+        else:
+            assert entry.pcm is None and entry.answer is None
+    assert {e.action for e in cache.entries.values()} == set(Action)
+
+
+def test_reseed_renders_only_changed_answers(tmp_path: Path,
+                                             intent_embedder: Embedder) -> None:  # noqa: F811
+    store = LocalStore(tmp_path / "store")
+    first = seed(BANK_FAQ, store, CountingRender(), "voice-a", progress=False,
+                 embedder=intent_embedder)
+
+    again = CountingRender()
+    second = seed(BANK_FAQ, store, again, "voice-a", progress=False, embedder=intent_embedder)
+    assert again.texts == [] and second.rendered == 0 and second.reused == first.rendered
+    assert second.version != first.version
+
+    old = "Bluestone ATMs are free for our customers."
+    new = "Bluestone ATMs are always free for our customers."
+    changed_csv = tmp_path / "changed.csv"
+    changed_csv.write_text(BANK_FAQ.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
+    changed = CountingRender()
+    third = seed(changed_csv, store, changed, "voice-a", progress=False, embedder=intent_embedder)
+    assert len(changed.texts) == 1 and changed.texts[0].startswith(new)
+    assert (third.rendered, third.reused) == (1, first.rendered - 1)
+
+    other_voice = CountingRender()
+    seed(BANK_FAQ, store, other_voice, "voice-b", progress=False, embedder=intent_embedder)
+    assert len(other_voice.texts) == first.rendered  # audio is keyed by voice too
+
+
+def test_failed_render_mid_seed_leaves_previous_version_serving(
+        tmp_path: Path, intent_embedder: Embedder) -> None:  # noqa: F811
+    store = LocalStore(tmp_path / "store")
+    first = seed(BANK_FAQ, store, CountingRender(), "voice-a", progress=False,
+                 embedder=intent_embedder)
+    before = load_cache(store, intent_embedder)
+
+    failing = CountingRender(fail_on_call=3)
+    with pytest.raises(RenderError, match="TTS went away"):
+        seed(BANK_FAQ, store, failing, "voice-b", progress=False, embedder=intent_embedder)
+    assert len(failing.texts) == 3
+    assert store.current_version() == first.version
+    assert store.versions() == [first.version]
+    after = load_cache(store, intent_embedder)
+    assert {k: v.pcm for k, v in after.entries.items()} == {k: v.pcm for k, v in before.entries.items()}
+
+    # What was rendered before the failure is kept (content-addressed) and reused next time.
+    retry = CountingRender()
+    report = seed(BANK_FAQ, store, retry, "voice-b", progress=False, embedder=intent_embedder)
+    assert report.reused == 2 and report.rendered == first.rendered - 2
+
+
+def test_renderer_returning_garbage_is_a_render_error(tmp_path: Path,
+                                                      intent_embedder: Embedder) -> None:  # noqa: F811
+    store = LocalStore(tmp_path)
+    with pytest.raises(RenderError, match="no 16-bit PCM"):
+        seed(BANK_FAQ, store, lambda text: (b"\x01", 16000), "v", progress=False,
+             embedder=intent_embedder)
+    assert store.current_version() is None
+
+
+def test_interrupted_publish_leaves_previous_version_and_no_debris(
+        tmp_path: Path, intent_embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    store = LocalStore(tmp_path / "store")
+    first = seed(BANK_FAQ, store, CountingRender(), "voice-a", progress=False,
+                 embedder=intent_embedder)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the version is being written
+
+    monkeypatch.setattr(np, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        seed(BANK_FAQ, store, CountingRender(), "voice-a", progress=False,
+             embedder=intent_embedder)
+    monkeypatch.undo()
+    assert store.current_version() == first.version
+    assert sorted(p.name for p in (tmp_path / "store" / "versions").iterdir()) == [first.version]
+    assert load_cache(store, intent_embedder).version == first.version
+
+
+def test_audio_key_is_a_content_hash() -> None:
+    assert audio_key("Hello.", "v1") == audio_key("Hello.", "v1")
+    assert audio_key("Hello.", "v1") != audio_key("Hello!", "v1")
+    assert audio_key("Hello.", "v1") != audio_key("Hello.", "v2")

@@ -1,0 +1,149 @@
+"""CSV validation: every bad-row kind is reported with its line and reason, nothing is published."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cache_seed import SeedValidationError, parse_seed_csv, seed
+from cache_seed.validate import MAX_ANSWER_CHARS, MAX_QUESTION_CHARS
+from intents.store import LocalStore
+from intents.types import Action
+from tests.intents_support import intent_embedder, tone_render  # noqa: F401
+
+HEADER = "question,answer,intent,action\n"
+
+
+def errors_of(data: str | bytes) -> list[tuple[int, str]]:
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with pytest.raises(SeedValidationError) as info:
+        parse_seed_csv(raw, source="test.csv")
+    return [(e.line, e.reason) for e in info.value.errors]
+
+
+def test_valid_seed_groups_paraphrases_by_intent_and_by_answer() -> None:
+    plan = parse_seed_csv((
+        HEADER +
+        "When are you open?,We open at nine.,,\n"
+        "What are your hours?,We open at nine.,,\n"  # same answer: same entry
+        "What is my balance?,,balance,\n"  # no answer: llm by default
+        "How much money do I have?,,balance,\n"
+        "I lost my card,,lost_card,handoff\n"
+        "My card is gone,,lost_card,\n"
+        "What's the routing number?,It is 021000089.,routing,\n"
+        "routing number please,,routing,\n"  # paraphrase without repeating the answer
+    ).encode())
+    assert len(plan.entries) == 4
+    hours = next(e for e in plan.entries.values() if e.answer == "We open at nine.")
+    assert hours.action is Action.ANSWER and len(hours.questions) == 2
+    assert plan.entries["balance"].action is Action.LLM
+    assert plan.entries["lost_card"].action is Action.HANDOFF
+    assert plan.entries["routing"].questions == ("What's the routing number?",
+                                                 "routing number please")
+    assert len(plan.questions) == len(plan.intents) == 8
+
+
+def test_missing_column() -> None:
+    assert errors_of("question,intent\nhello,greet\n") == [
+        (1, "missing column 'answer' (header is: question, intent)")]
+
+
+def test_empty_question() -> None:
+    assert errors_of(HEADER + "ok question,an answer,,\n  ,another answer,,\n") == [
+        (3, "empty question")]
+
+
+def test_unknown_action() -> None:
+    [(line, reason)] = errors_of(HEADER + "q one,a,,\nq two,b,,cache\n")
+    assert line == 3 and reason.startswith("unknown action 'cache'")
+
+
+def test_duplicate_question_with_conflicting_answers() -> None:
+    [(line, reason)] = errors_of(HEADER + "When are you open?,Nine to five.,,\n"
+                                          "q two,b,,\n"
+                                          "when are you  OPEN?,Eight to four.,,\n")
+    assert line == 4 and "duplicate question (line 2)" in reason and "answer" in reason
+
+
+def test_identical_duplicate_rows_are_dropped() -> None:
+    plan = parse_seed_csv((HEADER + "q one,a,,\nq one,a,,\nq two,a,,\n").encode())
+    assert plan.questions == ["q one", "q two"]
+
+
+def test_text_too_long() -> None:
+    long_q = "why " * (MAX_QUESTION_CHARS // 4 + 1)
+    long_a = "x" * (MAX_ANSWER_CHARS + 1)
+    found = errors_of(HEADER + f"{long_q},a,,\nfine question,{long_a},,\n")
+    assert [line for line, _ in found] == [2, 3]
+    assert found[0][1].startswith("question too long") and found[1][1].startswith("answer too long")
+
+
+def test_not_utf8() -> None:
+    data = (HEADER + "caf").encode() + b"\xe9 question,answer,,\nfine,answer,,\n"
+    [(line, reason)] = errors_of(data)
+    assert line == 2 and reason.startswith("not UTF-8 (byte 0xe9")
+
+
+def test_utf8_bom_is_fine() -> None:
+    plan = parse_seed_csv(b"\xef\xbb\xbf" + (HEADER + "q one,a,,\nq two,a,,\n").encode())
+    assert len(plan.questions) == 2
+
+
+def test_not_csv_broken_quote() -> None:
+    [(line, reason)] = errors_of(HEADER + "q one,a,,\n\"q two,\"b\"\",,\n")
+    assert line == 3 and reason.startswith("not CSV")
+
+
+def test_not_csv_wrong_field_count() -> None:
+    [(line, reason)] = errors_of(HEADER + "q one,a,,\nq, two, has commas,a,,\n")
+    assert line == 3 and reason.startswith("not CSV: expected 4 fields")
+
+
+def test_binary_file_is_not_csv() -> None:
+    found = errors_of(b"\x00\x01\x02PK\x03\x04")
+    assert found and found[0][0] == 1 and found[0][1].startswith("not CSV")
+
+
+def test_answer_action_needs_an_answer_and_answerless_rows_need_an_intent() -> None:
+    found = errors_of(HEADER + "q one,a,,\nq two,,,answer\nq three,,,\n")
+    assert found == [(3, "action 'answer' needs an answer"),
+                     (4, "a question without an answer needs an intent")]
+
+
+def test_conflicting_answers_or_actions_within_an_intent() -> None:
+    found = errors_of(HEADER + "q one,a,greet,answer\nq two,b,greet,\nq three,,greet,llm\n")
+    assert found == [(3, "intent 'greet' already has a different answer (line 2)"),
+                     (4, "intent 'greet' has action 'answer' on line 2, not 'llm'")]
+
+
+def test_every_bad_row_is_reported_with_its_own_line() -> None:
+    # A quoted answer spanning two lines shifts every later line number.
+    found = errors_of(HEADER + "q one,\"line one\nline two\",,\n"
+                               ",empty question,,\n"
+                               "q three,a,,bogus\n"
+                               "q four,a,,\n")
+    assert [line for line, _ in found] == [4, 5]
+
+
+def test_bad_csv_publishes_nothing_and_renders_nothing(tmp_path: Path, intent_embedder) -> None:  # noqa: F811
+    store = LocalStore(tmp_path / "store")
+    good = tmp_path / "good.csv"
+    good.write_text(HEADER + "When are you open?,Nine to five.,,\n"
+                             "What time do you open?,Nine to five.,,\n"
+                             "What is my balance?,,balance,\nHow much do I have?,,balance,\n")
+    first = seed(good, store, tone_render, "v", progress=False, embedder=intent_embedder)
+    calls: list[str] = []
+
+    def counting_render(text: str) -> tuple[bytes, int]:
+        calls.append(text)
+        return tone_render(text)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + "A new question,A new answer.,,\n,an answer without a question,,\n")
+    with pytest.raises(SeedValidationError) as info:
+        seed(bad, store, counting_render, "v", progress=False, embedder=intent_embedder)
+    assert "line 3: empty question" in str(info.value)
+    assert calls == []
+    assert store.current_version() == first.version
+    assert store.versions() == [first.version]
