@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models ship in packages; never reach for a hub
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -85,6 +87,62 @@ def format_event(event: dict[str, Any]) -> str:
     return f"  {kind}: " + json.dumps({k: v for k, v in event.items() if k != "type"})
 
 
+def _store(args: argparse.Namespace, settings: Any) -> Any:
+    from intents.store import LocalStore
+
+    return LocalStore(args.store or settings.store_dir)
+
+
+def _seed(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cache_seed import SeedError, SeedValidationError
+    from intents.embedder import Embedder
+
+    from .providers.registry import create_tts
+    from .seeding import seed_with_voice
+    from .settings import Settings
+
+    settings = Settings.load()
+    if not Path(args.csv).is_file():
+        print(f"voicegate seed: no such file: {args.csv}", file=sys.stderr)
+        return 2
+    store = _store(args, settings)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        tts = create_tts(settings, executor)
+        try:
+            report = seed_with_voice(args.csv, store, tts, Embedder(),
+                                     target_wrong_rate=args.target_wrong_rate,
+                                     progress=not args.quiet)
+        except SeedValidationError as exc:
+            print(f"voicegate seed: {exc}", file=sys.stderr)
+            return 1
+        except SeedError as exc:
+            print(f"voicegate seed: {exc}; the previous version keeps serving", file=sys.stderr)
+            return 1
+    print(report.summary())
+    return 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    from cache_seed import route_lines
+    from intents.embedder import Embedder
+    from intents.loader import load_cache
+    from intents.store import StoreError
+
+    from .settings import Settings
+
+    settings = Settings.load()
+    try:
+        cache = load_cache(_store(args, settings), Embedder())
+    except StoreError as exc:
+        print(f"voicegate route: {exc}", file=sys.stderr)
+        return 1
+    for result in route_lines(cache.router, sys.stdin):
+        print(json.dumps(result), flush=True)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -109,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--json", action="store_true", help="print events as JSON lines")
     call.add_argument("--timeout", type=float, default=60.0)
     call.set_defaults(func=_call)
+
+    seed = sub.add_parser("seed", help="validate a FAQ CSV, render its answers, publish it")
+    seed.add_argument("csv", help="columns question, answer (required), intent, action")
+    seed.add_argument("--store", help="cache directory (default: VOICEGATE_STORE_DIR)")
+    seed.add_argument("--target-wrong-rate", type=float, default=0.01,
+                      help="calibrate thresholds to this wrong-answer rate (default 0.01)")
+    seed.add_argument("--quiet", action="store_true", help="no progress bars")
+    seed.set_defaults(func=_seed)
+
+    route = sub.add_parser("route", help="route utterances from stdin, one JSON line each")
+    route.add_argument("--store", help="cache directory (default: VOICEGATE_STORE_DIR)")
+    route.set_defaults(func=_route)
 
     demo = sub.add_parser("demo", help="start a gateway and call it with synthesized callers")
     demo.add_argument("--out", default="demo-out", help="directory for the reply WAV files")

@@ -7,26 +7,38 @@ import time
 from pathlib import Path
 
 from .audio import resample_pcm16, write_wav
+from intents.store import LocalStore
+
 from .cli import format_event
+from .seeding import seed_with_voice
 from .client import Caller
 from .runtime import Runtime
 from .server import BackgroundServer
 from .settings import Settings
 
 CALLER_LINES = (
-    "Hi, what time do your branches open on Saturday?",
-    "How do I reset my online banking password?",
-    "I want to know how much money is in my checking account.",
+    "Hi, what time do your branches open on Saturday?",  # a FAQ, in the caller's words
+    "I forgot my password for the app, how do I reset it?",  # a FAQ
+    "How much money is in my checking account?",  # personal: the agent, never the cache
+    "Can I talk to a real person please?",  # routed to a human
 )
+FAQ_CSV = Path(__file__).resolve().parents[1] / "cache_seed" / "examples" / "bank_faq.csv"
 CALL_RATE = 16000
 
 
 def run_demo(out_dir: Path, port: int = 0) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = Settings.load({"host": "127.0.0.1", "port": port})
-    print("loading models (VAD, Whisper tiny.en, Piper joe-medium) ...", flush=True)
+    settings = Settings.load({"host": "127.0.0.1", "port": port,
+                              "store_dir": str(out_dir / "store")})
+    print("loading models (Silero VAD, Whisper tiny.en, Piper joe-medium, MiniLM) ...",
+          flush=True)
     runtime = Runtime.load(settings)
     print("  " + ", ".join(f"{k} {v:.2f}s" for k, v in runtime.load_times_s.items()))
+    print(f"seeding the FAQ cache from {FAQ_CSV.name} (answers rendered once, then reused) ...",
+          flush=True)
+    report = seed_with_voice(FAQ_CSV, LocalStore(settings.store_dir), runtime.tts,
+                             runtime.embedder, progress=False)
+    print("  " + report.summary())
     server = BackgroundServer(settings, runtime).start()
     print(f"gateway listening on {server.call_url}\n", flush=True)
     try:

@@ -145,7 +145,8 @@ class Responder:
                             filler_played = True
                             await queue.put(self.filler(turn))
                         continue
-                    tl.mark("first_token")
+                    if isinstance(event, (Sentence, ToolStarted)):
+                        tl.mark("first_token")
                     if isinstance(event, Sentence):
                         spoke = True
                         fetch = _Prefetched(tts_audio(self._runtime, event.text, turn.sample_rate,

@@ -21,6 +21,7 @@ from .providers.registry import create_stt, create_tts
 from .settings import Settings
 from .stats import Stats
 from .vad import SileroVAD, VADBatcher
+from intents.embedder import Embedder
 
 log = logging.getLogger("voicegate.runtime")
 
@@ -37,6 +38,7 @@ class Runtime:
     prompts: AudioBank  # filler and handoff phrases, rendered by ``render_prompts``
     vad_batcher: VADBatcher
     agent: Agent
+    embedder: Embedder
     stats: Stats = field(default_factory=Stats)
     load_times_s: dict[str, float] = field(default_factory=dict)
     responder_factory: Any = None
@@ -68,10 +70,15 @@ class Runtime:
             warm()
         times["tts"] = time.perf_counter() - start
 
+        start = time.perf_counter()
+        embedder = Embedder(threads=settings.embedder_threads)
+        embedder.encode("warm up the router")
+        times["embedder"] = time.perf_counter() - start
+
         log.info("models_loaded %s", " ".join(f"{k}={v:.2f}s" for k, v in times.items()))
         return cls(settings=settings, fast_executor=fast, model_executor=heavy, vad=vad, stt=stt,
                    tts=tts, prompts=AudioBank(), vad_batcher=VADBatcher(vad, fast),
-                   agent=build_agent(settings), load_times_s=times)
+                   agent=build_agent(settings), embedder=embedder, load_times_s=times)
 
     async def render_prompts(self) -> None:
         """Pre-render the filler and handoff phrases with the configured voice.

@@ -11,7 +11,10 @@ import logging
 from typing import Any
 
 from . import logs
-from .call import Call, CallOutput, RouteFn
+from intents.store import LocalStore, Store
+
+from .call import Call, CallOutput
+from .faq_cache import FaqCache
 from .protocol import StartMessage
 from .responder import Responder
 from .runtime import Runtime
@@ -25,8 +28,9 @@ class Services:
         self.settings = settings
         self._runtime: Runtime | None = None
         self._given_runtime = runtime
-        self.router: RouteFn | None = None
+        self.cache: FaqCache | None = None
         self.responder: Responder | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self.load_error: str | None = None
         self._load_task: asyncio.Task[None] | None = None
 
@@ -48,29 +52,50 @@ class Services:
             if runtime is None:
                 runtime = await asyncio.to_thread(Runtime.load, self.settings)
             await runtime.render_prompts()
+            cache = FaqCache(self.open_store(), runtime.embedder)
+            await asyncio.to_thread(cache.refresh)
         except Exception as exc:  # surfaced by /readyz; the process stays up for diagnosis
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("runtime_load_failed")
             return
         self._runtime = runtime
-        self.responder = Responder(runtime)
-        logs.event(log, "ready", load_times_s=runtime.load_times_s)
+        self.cache = cache
+        self.responder = Responder(runtime, cache.audio)
+        self._watch_task = asyncio.create_task(self._watch_cache(cache))
+        logs.event(log, "ready", load_times_s=runtime.load_times_s, cache_version=cache.version)
+
+    def open_store(self) -> Store:
+        return LocalStore(self.settings.store_dir)
+
+    async def _watch_cache(self, cache: FaqCache) -> None:
+        """Pick up newly published versions (another process may seed at any time)."""
+        while True:
+            await asyncio.sleep(self.settings.cache_poll_s)
+            try:
+                await asyncio.to_thread(cache.refresh)
+            except Exception:  # a bad version must not stop the watcher
+                log.exception("cache_refresh_failed")
 
     def new_call(self, output: CallOutput, start: StartMessage,
                  call_id: str | None = None) -> Call:
         assert self.responder is not None
-        return Call(self.runtime, output, start.sample_rate, self.responder, router=self.router,
+        assert self.cache is not None
+        return Call(self.runtime, output, start.sample_rate, self.responder, router=self.cache.route,
                     metadata=start.metadata, call_id=call_id)
 
     def readiness(self) -> dict[str, Any]:
         if self._runtime is None:
             return {"ready": False, "error": self.load_error}
+        cache = self.cache
         return {"ready": True, "load_times_s": self._runtime.load_times_s,
-                "stt": self._runtime.stt.name, "tts": self._runtime.tts.name}
+                "stt": self._runtime.stt.name, "tts": self._runtime.tts.name,
+                "cache_version": cache.version if cache else None,
+                "cache_error": cache.last_error if cache else None}
 
     async def aclose(self) -> None:
-        if self._load_task is not None:
-            self._load_task.cancel()
+        for task in (self._load_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         # A runtime handed in by the caller is the caller's to close.
         if self._runtime is not None and self._given_runtime is None:
             await self._runtime.aclose()

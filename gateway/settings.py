@@ -39,6 +39,10 @@ class Settings:
     # --- stores -------------------------------------------------------------
     store_dir: str = "var/store"
     redis_url: str = ""
+    # How often a replica checks the store for a newly published cache version.
+    cache_poll_s: float = 2.0
+    # Torch threads for sentence embeddings (routing a partial is one short text).
+    embedder_threads: int = 1
 
     # --- speech models (embedded defaults) ------------------------------------
     stt_provider: str = "whisper"  # whisper | deepgram

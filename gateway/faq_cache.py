@@ -1,0 +1,82 @@
+"""The FAQ cache this replica serves: the router and the answers' audio, hot in memory.
+
+A published version is loaded whole (router, faiss index, every answer's audio in
+each output format) and then swapped in at once, so a call routes against one
+version from start to end of a lookup, and a hit sends its first frame without
+touching disk, network or a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from intents.embedder import Embedder
+from intents.loader import LoadedCache, load_cache
+from intents.store import Store, StoreError
+from intents.types import Action, RouteDecision, miss
+
+from . import logs
+from .audio_bank import AudioBank, Clip
+
+log = logging.getLogger("voicegate.cache")
+
+
+@dataclass(frozen=True)
+class _Serving:
+    version: str
+    cache: LoadedCache
+
+
+class FaqCache:
+    def __init__(self, store: Store, embedder: Embedder, audio: AudioBank | None = None) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.audio = audio or AudioBank()
+        self._serving: _Serving | None = None
+        self.last_error: str | None = None
+
+    @property
+    def version(self) -> str | None:
+        return self._serving.version if self._serving else None
+
+    @property
+    def loaded(self) -> LoadedCache | None:
+        return self._serving.cache if self._serving else None
+
+    def route(self, text: str) -> RouteDecision:
+        """Route one transcript against the serving version (CPU: call it off the event loop)."""
+        serving = self._serving
+        if serving is None:
+            return miss(text, "no FAQ cache is published")
+        return serving.cache.router.route(text)
+
+    def refresh(self) -> bool:
+        """Load the store's current version if it is not the one serving. Blocking.
+
+        A version that cannot be loaded leaves the serving one in place.
+        """
+        try:
+            current = self.store.current_version()
+        except Exception as exc:  # the store is unreachable: keep serving what we hold
+            self.last_error = f"store unavailable: {exc}"
+            return False
+        if current is None or current == self.version:
+            return False
+        started = time.perf_counter()
+        try:
+            loaded = load_cache(self.store, self.embedder, current)
+        except (StoreError, OSError, ValueError) as exc:
+            self.last_error = f"cannot load cache version {current}: {exc}"
+            logs.event(log, "cache_load_failed", logging.ERROR, version=current, error=str(exc))
+            return False
+        clips = [Clip(entry.id, entry.answer or "", entry.pcm, entry.sample_rate)
+                 for entry in loaded.entries.values()
+                 if entry.action is Action.ANSWER and entry.pcm and entry.sample_rate]
+        self.audio.replace_all(clips)  # audio first: a decision never names missing audio
+        self._serving = _Serving(current, loaded)
+        self.last_error = None
+        logs.event(log, "cache_loaded", version=current, entries=len(loaded.entries),
+                   clips=len(clips), ms=round((time.perf_counter() - started) * 1000, 1))
+        return True

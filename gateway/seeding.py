@@ -1,0 +1,50 @@
+"""Seeding from the gateway's side: the configured voice as ``cache_seed``'s renderer.
+
+``cache_seed`` never imports the gateway; the gateway hands it a plain function
+``render(text) -> (pcm16, sample_rate)`` built from whatever TTS is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Callable
+
+from cache_seed import SeedReport, seed
+from intents.embedder import Embedder
+from intents.store import Store
+
+from .providers.base import TextToSpeech
+
+Renderer = Callable[[str], tuple[bytes, int]]
+
+
+def voice_id(tts: TextToSpeech) -> str:
+    """Names the voice in the audio's content hash: another voice re-renders everything."""
+    return str(getattr(tts, "voice_id", tts.name))
+
+
+def blocking_renderer(tts: TextToSpeech, loop: asyncio.AbstractEventLoop | None = None) -> Renderer:
+    """A synchronous renderer for a TTS. Local voices render directly; a streaming (cloud)
+    TTS is driven on ``loop``, which must not be running in this thread."""
+    whole = getattr(tts, "synthesize_all", None)
+    if whole is not None:
+        return lambda text: (whole(text), tts.sample_rate)
+    if loop is None:
+        raise ValueError(f"{tts.name} needs an event loop to render")
+
+    async def collect(text: str) -> bytes:
+        return b"".join([chunk async for chunk in tts.synthesize(text)])
+
+    return lambda text: (loop.run_until_complete(collect(text)), tts.sample_rate)
+
+
+def seed_with_voice(csv_path: str | Path, store: Store, tts: TextToSpeech, embedder: Embedder,
+                    target_wrong_rate: float = 0.01, progress: bool = True) -> SeedReport:
+    loop = None if hasattr(tts, "synthesize_all") else asyncio.new_event_loop()
+    try:
+        return seed(csv_path, store, blocking_renderer(tts, loop), voice_id(tts),
+                    target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder)
+    finally:
+        if loop is not None:
+            loop.close()
