@@ -33,7 +33,8 @@ _PREROLL_WINDOWS = 10  # 320 ms of audio before the speech decision goes to STT 
 # Start the final decode once a pause is this long: shorter gaps between words would
 # only start decodes that the next word throws away.
 _SPECULATE_AFTER_MS = 96.0
-RouteFn = Callable[[str], RouteDecision]
+# route(text, urgent) -> decision; urgent for a final the caller is waiting on.
+RouteFn = Callable[[str, bool], Awaitable[RouteDecision]]
 
 
 class CallOutput(Protocol):
@@ -269,7 +270,8 @@ class Call:
     # ------------------------------------------------------------------ routing
 
     def _speculate(self, text: str) -> None:
-        if self._router is None:
+        # One or two words ("I", "how do") never settle an intent: not worth a routing.
+        if self._router is None or len(text.split()) < self._settings.route_min_words:
             return
         self._latest_text = text
         if self._route_task is None or self._route_task.done():
@@ -279,11 +281,11 @@ class Call:
         assert self._router is not None
         while self._routed is None or self._routed.text != self._latest_text:
             text = self._latest_text
-            self._routed = await self._loop.run_in_executor(self._rt.fast_executor,
-                                                            self._router, text)
+            self._routed = await self._router(text, False)
 
     async def _decide(self, text: str) -> tuple[RouteDecision | None, bool]:
-        """The decision for the final text: the speculation if it routed this text."""
+        """The decision for the final text: the speculation if it routed (or is routing)
+        this text, else one urgent routing, ahead of every call's partials."""
         if self._router is None:
             return None, False
         wanted = normalize_text(text)
@@ -294,8 +296,7 @@ class Call:
         self._routed, self._latest_text = None, ""
         if routed is not None and normalize_text(routed.text) == wanted:
             return routed, True
-        decision = await self._loop.run_in_executor(self._rt.fast_executor, self._router, text)
-        return decision, False
+        return await self._router(text, True), False
 
     # ------------------------------------------------------------------ replies
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 from intents.embedder import Embedder
 from intents.loader import LoadedCache, load_cache
@@ -51,6 +52,13 @@ class FaqCache:
         if serving is None:
             return miss(text, "no FAQ cache is published")
         return serving.cache.router.route(text)
+
+    def route_many(self, texts: Sequence[str]) -> list[RouteDecision]:
+        """Route a batch (one embedding pass); CPU: call it off the event loop."""
+        serving = self._serving
+        if serving is None:
+            return [miss(text, "no FAQ cache is published") for text in texts]
+        return serving.cache.router.route_many(texts)
 
     def refresh(self) -> bool:
         """Load the store's current version if it is not the one serving. Blocking.

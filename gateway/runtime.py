@@ -30,8 +30,9 @@ log = logging.getLogger("voicegate.runtime")
 @dataclass
 class Runtime:
     settings: Settings
-    fast_executor: ThreadPoolExecutor  # VAD windows, embeddings: short and latency-critical
+    vad_executor: ThreadPoolExecutor  # batched VAD windows: short and latency-critical
     model_executor: ThreadPoolExecutor  # STT decodes, TTS sentences: long-running
+    route_executor: ThreadPoolExecutor  # batched routing: one thread, batches in order
     vad: SileroVAD
     stt: SpeechToText
     tts: TextToSpeech
@@ -46,8 +47,8 @@ class Runtime:
     @classmethod
     def load(cls, settings: Settings) -> "Runtime":
         times: dict[str, float] = {}
-        fast = ThreadPoolExecutor(max_workers=max(1, settings.cpu_workers),
-                                  thread_name_prefix="vg-fast")
+        # One thread: the VAD batcher runs one batch at a time by design.
+        vad_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-vad")
         heavy = ThreadPoolExecutor(max_workers=max(1, settings.cpu_workers),
                                    thread_name_prefix="vg-model")
 
@@ -76,8 +77,10 @@ class Runtime:
         times["embedder"] = time.perf_counter() - start
 
         log.info("models_loaded %s", " ".join(f"{k}={v:.2f}s" for k, v in times.items()))
-        return cls(settings=settings, fast_executor=fast, model_executor=heavy, vad=vad, stt=stt,
-                   tts=tts, prompts=AudioBank(), vad_batcher=VADBatcher(vad, fast),
+        route = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-route")
+        return cls(settings=settings, vad_executor=vad_pool, model_executor=heavy,
+                   route_executor=route, vad=vad, stt=stt,
+                   tts=tts, prompts=AudioBank(), vad_batcher=VADBatcher(vad, vad_pool),
                    agent=build_agent(settings), embedder=embedder, load_times_s=times)
 
     async def render_prompts(self) -> None:
@@ -103,5 +106,6 @@ class Runtime:
         await self.agent.aclose()
         await self.stt.aclose()
         await self.tts.aclose()
-        self.fast_executor.shutdown(wait=False, cancel_futures=True)
+        self.vad_executor.shutdown(wait=False, cancel_futures=True)
         self.model_executor.shutdown(wait=False, cancel_futures=True)
+        self.route_executor.shutdown(wait=False, cancel_futures=True)

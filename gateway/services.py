@@ -15,6 +15,7 @@ from intents.store import LocalStore, Store
 
 from .call import Call, CallOutput
 from .faq_cache import FaqCache
+from .route_batcher import RouteBatcher
 from .protocol import StartMessage
 from .responder import Responder
 from .runtime import Runtime
@@ -29,6 +30,7 @@ class Services:
         self._runtime: Runtime | None = None
         self._given_runtime = runtime
         self.cache: FaqCache | None = None
+        self.route_batcher: RouteBatcher | None = None
         self.responder: Responder | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.load_error: str | None = None
@@ -60,6 +62,7 @@ class Services:
             return
         self._runtime = runtime
         self.cache = cache
+        self.route_batcher = RouteBatcher(cache.route_many, runtime.route_executor)
         self.responder = Responder(runtime, cache.audio)
         self._watch_task = asyncio.create_task(self._watch_cache(cache))
         logs.event(log, "ready", load_times_s=runtime.load_times_s, cache_version=cache.version)
@@ -80,7 +83,9 @@ class Services:
                  call_id: str | None = None) -> Call:
         assert self.responder is not None
         assert self.cache is not None
-        return Call(self.runtime, output, start.sample_rate, self.responder, router=self.cache.route,
+        assert self.route_batcher is not None
+        return Call(self.runtime, output, start.sample_rate, self.responder,
+                    router=self.route_batcher.route,
                     metadata=start.metadata, call_id=call_id)
 
     def readiness(self) -> dict[str, Any]:

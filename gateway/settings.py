@@ -41,6 +41,8 @@ class Settings:
     redis_url: str = ""
     # How often a replica checks the store for a newly published cache version.
     cache_poll_s: float = 2.0
+    # Partial transcripts shorter than this are not routed speculatively.
+    route_min_words: int = 3
     # Torch threads for sentence embeddings (routing a partial is one short text).
     embedder_threads: int = 1
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-from functools import lru_cache
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -58,12 +59,49 @@ class Embedder:
         dim = self._model.get_embedding_dimension() if hasattr(
             self._model, "get_embedding_dimension") else self._model.get_sentence_embedding_dimension()
         self.dim: int = int(dim)
-        # Bound per instance (not a module-level cache) so each Embedder owns its memory.
-        self._cached = lru_cache(maxsize=cache_size)(self._encode_normalized)
+        # Per instance (not a module-level cache) so each Embedder owns its memory.
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     def encode(self, text: str) -> np.ndarray:
         """One text → read-only (dim,) float32 unit vector (cached)."""
-        return self._cached(normalize_text(text))
+        return self.encode_many([text])[0]
+
+    def encode_many(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) vectors through the LRU cache; the misses are encoded in ONE batch.
+
+        The gateway routes every call's newest partial together: one batched forward
+        pass costs far less per text than one pass per text.
+        """
+        keys = [normalize_text(t) for t in texts]
+        out = np.empty((len(keys), self.dim), dtype=np.float32)
+        missing: dict[str, list[int]] = {}
+        with self._lock:
+            for i, key in enumerate(keys):
+                vector = self._cache.get(key)
+                if vector is None:
+                    missing.setdefault(key, []).append(i)
+                else:
+                    self._cache.move_to_end(key)
+                    out[i] = vector
+            self.cache_hits += len(keys) - sum(len(v) for v in missing.values())
+            self.cache_misses += len(missing)
+        if missing:
+            fresh = self._model.encode(list(missing), convert_to_numpy=True,
+                                       normalize_embeddings=True, show_progress_bar=False,
+                                       batch_size=max(32, len(missing)))
+            fresh = np.ascontiguousarray(fresh, dtype=np.float32)
+            with self._lock:
+                for (key, rows), vector in zip(missing.items(), fresh):
+                    vector.setflags(write=False)  # shared by every caller of the cache
+                    out[rows] = vector
+                    self._cache[key] = vector
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return out
 
     def encode_batch(self, texts: Sequence[str], *, batch_size: int = 64,
                      progress: bool = False) -> np.ndarray:
@@ -76,11 +114,5 @@ class Embedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def cache_info(self) -> str:
-        return str(self._cached.cache_info())
-
-    def _encode_normalized(self, normalized: str) -> np.ndarray:
-        vector = self._model.encode([normalized], convert_to_numpy=True,
-                                    normalize_embeddings=True, show_progress_bar=False)[0]
-        vector = np.ascontiguousarray(vector, dtype=np.float32)
-        vector.setflags(write=False)  # shared by every caller of the cache
-        return vector
+        return (f"hits={self.cache_hits} misses={self.cache_misses} "
+                f"size={len(self._cache)}/{self._cache_size}")

@@ -48,26 +48,48 @@ class Router:
     def route_vector(self, text: str, vector: np.ndarray,
                      start: float | None = None) -> RouteDecision:
         """Route an already embedded text (benchmarks embed in batches)."""
-        start = time.perf_counter() if start is None else start
-        scores = self.classifier.scores(vector)[0]
-        nearest = self.cache.search(vector, k=1)[0]
+        return self._route_rows([text], vector.reshape(1, -1),
+                                 time.perf_counter() if start is None else start)[0]
+
+    def route_many(self, texts: Sequence[str]) -> list[RouteDecision]:
+        """Route many texts at once: one embedding batch, one classifier and index pass."""
+        start = time.perf_counter()
+        decisions: list[RouteDecision | None] = [
+            None if normalize_text(t) else miss(t, "empty text") for t in texts]
+        todo = [i for i, d in enumerate(decisions) if d is None]
+        if todo:
+            vectors = self.embedder.encode_many([texts[i] for i in todo])
+            for i, decision in zip(todo, self._route_rows([texts[i] for i in todo], vectors,
+                                                           start)):
+                decisions[i] = decision
+        return decisions  # type: ignore[return-value]
+
+    def _route_rows(self, texts: Sequence[str], vectors: np.ndarray,
+                    start: float) -> list[RouteDecision]:
+        all_scores = self.classifier.scores(vectors)
+        sims, rows = self.cache.search_arrays(vectors, k=1)
         t = self.thresholds
-        in_scope = IntentClassifier.decide(nearest.score, t.min_similarity)
-        if not in_scope:
-            return RouteDecision(
-                text=text, intent=None, action=Action.LLM, hit=False, score=nearest.score,
+        out: list[RouteDecision] = []
+        for text, scores, sim, row in zip(texts, all_scores, sims[:, 0], rows[:, 0]):
+            similarity = float(sim)
+            nearest_intent = str(self.cache.intents[row])
+            if not IntentClassifier.decide(similarity, t.min_similarity):
+                out.append(RouteDecision(
+                    text=text, intent=None, action=Action.LLM, hit=False, score=similarity,
+                    confidence=scores.probability, margin=scores.margin,
+                    reason="out of scope", ms=_ms(start)))
+                continue
+            entry = self.entries[scores.intent]
+            agree = nearest_intent == scores.intent
+            hit = bool(hit_rule(True, entry.action is Action.ANSWER and entry.answer is not None,
+                                agree, similarity, scores.margin, t))
+            out.append(RouteDecision(
+                text=text, intent=scores.intent, action=entry.action, hit=hit,
+                entry_id=entry.id, answer=entry.answer if hit else None, score=similarity,
                 confidence=scores.probability, margin=scores.margin,
-                reason="out of scope", ms=_ms(start))
-        entry = self.entries[scores.intent]
-        agree = nearest.intent == scores.intent
-        hit = bool(hit_rule(True, entry.action is Action.ANSWER and entry.answer is not None,
-                            agree, nearest.score, scores.margin, t))
-        return RouteDecision(
-            text=text, intent=scores.intent, action=entry.action, hit=hit, entry_id=entry.id,
-            answer=entry.answer if hit else None, score=nearest.score,
-            confidence=scores.probability, margin=scores.margin,
-            reason=_reason(hit, entry.action, agree, nearest.score, scores.margin, t),
-            ms=_ms(start))
+                reason=_reason(hit, entry.action, agree, similarity, scores.margin, t),
+                ms=_ms(start)))
+        return out
 
 
 def _ms(start: float) -> float:

@@ -118,11 +118,13 @@ def test_route_lines_emits_the_route_command_fields(bank_cache: LoadedCache) -> 
 
 
 def test_embedder_vectors_are_unit_length_and_cached(intent_embedder: Embedder) -> None:  # noqa: F811
-    a = intent_embedder.encode("How do I reset my password?")
-    b = intent_embedder.encode("  how do i RESET my password? ")
-    assert a is b  # same normalized text: served from the LRU cache
+    misses = intent_embedder.cache_misses
+    a = intent_embedder.encode("How do I reset my password, the unit-test edition?")
+    b = intent_embedder.encode("  how do i RESET my password, the unit-test EDITION? ")
+    # same normalized text: the second one is served from the LRU cache
+    assert np.array_equal(a, b) and intent_embedder.cache_misses == misses + 1
     assert a.dtype == np.float32 and abs(float(np.linalg.norm(a)) - 1.0) < 1e-5
-    batch = intent_embedder.encode_batch(["How do I reset my password?"])
+    batch = intent_embedder.encode_batch(["How do I reset my password, the unit-test edition?"])
     assert np.allclose(batch[0], a, atol=1e-5)
 
 
@@ -155,3 +157,13 @@ def test_calibration_never_hits_when_nothing_meets_the_target() -> None:
     held = _held_out(["a", "b"] * 50, ["b", "a"] * 50, [0.9] * 100, [0.9] * 100)
     t = calibrate(held, {"a", "b"}, target_wrong_rate=0.01)
     assert t.hit_similarity == NEVER and t.expected_hit_rate == 0.0
+
+
+def test_route_many_matches_route_one_by_one(bank_cache: LoadedCache) -> None:  # noqa: F811
+    texts = ["what time do you open on saturday", "", "how much is in my account",
+             "what's the weather like in paris", "what time do you open on saturday"]
+    batched = bank_cache.router.route_many(texts)
+    single = [bank_cache.router.route(t) for t in texts]
+    assert [(d.intent, d.action, d.hit, d.entry_id) for d in batched] == \
+        [(d.intent, d.action, d.hit, d.entry_id) for d in single]
+    assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(batched, single))

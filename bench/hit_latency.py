@@ -1,0 +1,138 @@
+"""Server-side ``first_audio_ms`` for FAQ cache hits with 1, 50 and 200 concurrent calls.
+
+    python bench/hit_latency.py [--calls 1 50 200] [--turns-total 200]
+
+A gateway runs in its own process on the example bank FAQ (seeded into a temporary
+store with the real voice). Each simulated caller sends FAQ paraphrases word by word
+as partial ``text`` messages at speaking pace (150 ms a word), then the final text,
+and waits for the reply's first audio; the next question's first words interrupt the
+reply (a barge-in), which also ends the turn and brings its ``turn_metrics``.
+Reported: p50/p99 of the server's ``first_audio_ms`` (end of turn -> first reply
+frame sent) over the hit turns, the share of hits, and how many decisions were
+already made on partials (``route_reused``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gateway.client import Caller  # noqa: E402
+
+# Paraphrases of the example FAQ that are not in the seed (each routes to a cached answer).
+QUESTIONS = [
+    "what time do your branches open on saturday",
+    "I need the routing number for a direct deposit",
+    "I forgot the password for online banking",
+    "what is the swift code for an international transfer",
+    "are your branches open on the weekend",
+    "where can I find your routing number",
+    "how do I reset my online banking password",
+    "what code do I need for a wire from abroad",
+]
+WORD_S = 0.150
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one_caller(url: str, turns: int, results: list[dict], start_delay: float) -> None:
+    await asyncio.sleep(start_delay)  # callers do not all start on the same tick
+    rng = random.Random(start_delay)
+    async with Caller(url) as caller:
+        for _ in range(turns):
+            question = rng.choice(QUESTIONS)
+            index = len(caller.events)
+            words = question.split()
+            for i in range(1, len(words) + 1):
+                await caller.send_json({"type": "text", "text": " ".join(words[:i]),
+                                        "final": False})
+                await asyncio.sleep(WORD_S)
+            await caller.send_json({"type": "text", "text": question, "final": True})
+            await caller.wait_for("response", start=index, timeout=60)
+            # The caller cuts in ("okay") as soon as the answer starts: the turn ends at
+            # once and its metrics arrive, without waiting seconds of playback.
+            await caller.send_json({"type": "text", "text": "okay", "final": False})
+            metrics = await caller.wait_for("turn_metrics", start=index, timeout=60)
+            results.append(metrics)
+
+
+async def run_level(url: str, calls: int, turns: int) -> list[dict]:
+    results: list[dict] = []
+    spread = WORD_S * 8
+    await asyncio.gather(*(one_caller(url, turns, results, spread * i / calls)
+                           for i in range(calls)))
+    return results
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, nargs="+", default=[1, 50, 200])
+    parser.add_argument("--turns-total", type=int, default=200,
+                        help="turns per level, spread over its calls (at least 2 per call)")
+    args = parser.parse_args()
+
+    store = tempfile.mkdtemp(prefix="vg-bench-store-")
+    seed = subprocess.run([sys.executable, "-m", "gateway.cli", "seed", "--quiet", "--store",
+                           store, str(ROOT / "cache_seed" / "examples" / "bank_faq.csv")],
+                          capture_output=True, text=True)
+    if seed.returncode != 0:
+        sys.exit(f"seeding failed: {seed.stderr}")
+    print(seed.stdout.strip())
+    port = free_port()
+    env = dict(os.environ, VOICEGATE_STORE_DIR=store, VOICEGATE_LOG_LEVEL="warning")
+    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host",
+                               "127.0.0.1", "--port", str(port)], env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                sys.exit("the gateway did not become ready")
+            time.sleep(0.2)
+        url = f"ws://127.0.0.1:{port}/v1/call"
+        print(f"cache hits: server-side first_audio_ms (end of turn -> first reply frame), "
+              f"words every {WORD_S * 1000:.0f} ms")
+        for calls in args.calls:
+            turns = max(2, args.turns_total // calls)
+            metrics = asyncio.run(run_level(url, calls, turns))
+            hits = [m for m in metrics if m.get("source") == "cache"]
+            first = [m["first_audio_ms"] for m in hits]
+            reused = sum(1 for m in hits if m.get("route_reused"))
+            print(f"  {calls:4d} concurrent calls, {len(metrics):4d} turns: hits "
+                  f"{len(hits) / len(metrics):6.1%}, decided on partials {reused / max(1, len(hits)):6.1%}"
+                  f" | first_audio_ms p50 {pct(first, 50):7.2f}  p99 {pct(first, 99):7.2f}  "
+                  f"max {max(first) if first else float('nan'):7.2f}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
