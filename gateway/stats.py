@@ -85,8 +85,10 @@ class Stats:
         self.errors[code] += 1
         self.prometheus.errors.labels(code).inc()
 
-    def turn_finished(self, metrics: dict[str, Any], text: str | None = None) -> None:
-        """Count one finished turn; ``text`` is the caller's final transcript (kept on a miss)."""
+    def turn_finished(self, metrics: dict[str, Any], text: str | None = None,
+                      route_score: float | None = None) -> None:
+        """Count one finished turn. ``text`` (the caller's final transcript) and ``route_score``
+        (similarity of the nearest seed question) are kept on a miss for ``/admin/misses``."""
         outcome = outcome_of(metrics)
         source = str(metrics.get("source") or "none")
         self.turns += 1
@@ -100,7 +102,8 @@ class Stats:
         if outcome == "miss" and text and text.strip():
             self.missed.append(MissedQuestion(
                 text=" ".join(text.split()), intent=metrics.get("intent"),
-                action=metrics.get("action"), at=wall))
+                action=metrics.get("action"), at=wall,
+                score=None if route_score is None else round(float(route_score), 4)))
         prom = self.prometheus
         prom.turns.labels(outcome, source).inc()
         intent = metrics.get("intent")
@@ -168,6 +171,8 @@ class MissedQuestion:
     intent: str | None  # what the router guessed (None: out of scope)
     action: str | None  # that intent's action (answer, llm, handoff)
     at: float  # epoch seconds
+    score: float | None = None  # similarity of the nearest seed question
 
     def as_json(self) -> dict[str, Any]:
-        return {"text": self.text, "intent": self.intent, "action": self.action, "at": self.at}
+        return {"text": self.text, "intent": self.intent, "action": self.action, "at": self.at,
+                "score": self.score}

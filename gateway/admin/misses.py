@@ -23,9 +23,12 @@ EXAMPLES_PER_GROUP = 5
 OUT_OF_SCOPE = None  # the router found no intent
 
 
-def is_agent_intent(missed: MissedQuestion) -> bool:
-    """Routed on purpose to the agent or a human: not a missing FAQ."""
-    return missed.intent is not None and missed.action in ("llm", "handoff")
+def is_agent_intent(missed: MissedQuestion, hit_similarity: float) -> bool:
+    """Routed on purpose to the agent or a human, and as close to that intent's seed
+    questions as a cache hit would need to be: not a missing FAQ. A question the router
+    only guessed an agent intent for (low similarity) may well be one, so it stays."""
+    return (missed.intent is not None and missed.action in ("llm", "handoff")
+            and missed.score is not None and missed.score >= hit_similarity)
 
 
 @dataclass

@@ -88,13 +88,18 @@ class Publisher:
 
     # ------------------------------------------------------------------ uploads
 
-    async def seed_csv(self, data: bytes, source: str) -> SeedReport:
-        """Validate and publish a CSV upload. Raises SeedBusy, SeedValidationError, SeedError."""
+    async def seed_csv(self, data: bytes, source: str,
+                       target_wrong_rate: float | None = None) -> SeedReport:
+        """Validate and publish a CSV upload. Raises SeedBusy, SeedValidationError, SeedError.
+
+        The wrong-answer target defaults to the serving version's (the CLI's 1 % when none)."""
         self._claim()
         async with self.lock:
             plan = await asyncio.to_thread(parse_seed_csv, data, source)
-            _, manifest = await asyncio.to_thread(self._serving_manifest)
-            return await self._publish(plan, source, self._target_wrong_rate(manifest))
+            if target_wrong_rate is None:
+                _, manifest = await asyncio.to_thread(self._serving_manifest)
+                target_wrong_rate = self._target_wrong_rate(manifest)
+            return await self._publish(plan, source, target_wrong_rate)
 
     # ------------------------------------------------------------------ entries
 

@@ -184,6 +184,14 @@ async def seed_upload(request: Request) -> Response:
         return error(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", 413)
     content_type = request.headers.get("content-type", "")
     source = request.query_params.get("name") or "upload.csv"
+    target: float | None = None
+    if "target_wrong_rate" in request.query_params:
+        try:
+            target = float(request.query_params["target_wrong_rate"])
+        except ValueError:
+            target = -1.0
+        if not 0.0 < target < 1.0:
+            return error("target_wrong_rate must be a number between 0 and 1", 400)
     if content_type.lower().startswith("multipart/form-data"):
         found = _multipart_file(content_type, body)
         if found is None:
@@ -193,7 +201,7 @@ async def seed_upload(request: Request) -> Response:
     if not body.strip():
         return error("empty upload: send the CSV (columns question, answer, intent, action)", 400)
     try:
-        report = await _publisher(request).seed_csv(body, source)
+        report = await _publisher(request).seed_csv(body, source, target)
     except SeedValidationError as exc:
         return error(f"{source}: {len(exc.errors)} bad row(s), nothing published; the previous "
                      "version keeps serving", 400,
@@ -225,8 +233,11 @@ async def misses(request: Request) -> Response:
         return error("limit must be positive and threshold in (0, 1]", 400)
     everything = query.get("all", "").lower() in ("1", "true", "yes")
     missed = services.runtime.stats.missed_questions()
+    loaded = services.cache.loaded  # type: ignore[union-attr]
+    # Without a serving version nothing is confidently an agent intent.
+    hit_similarity = loaded.thresholds.hit_similarity if loaded else float("inf")
     if not everything:
-        missed = [m for m in missed if not is_agent_intent(m)]
+        missed = [m for m in missed if not is_agent_intent(m, hit_similarity)]
     groups = await asyncio.to_thread(group_misses, missed, services.runtime.embedder,
                                      threshold, limit)
     return JSONResponse({"total": len(missed), "threshold": threshold,
