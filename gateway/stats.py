@@ -125,7 +125,8 @@ class Stats:
             self.minutes.append([minute, 0, 0])
         self.minutes[-1][1 if hit else 2] += 1
 
-    def series(self, minutes: int = SERIES_MINUTES, now: float | None = None) -> list[dict[str, Any]]:
+    def series(self, minutes: int = SERIES_MINUTES,
+               now: float | None = None) -> list[dict[str, Any]]:
         """Hits and misses per minute for the last ``minutes`` minutes, oldest first, every
         minute present (zeros when idle); ``t`` is the minute's start in epoch seconds."""
         current = int((time.time() if now is None else now) // 60)

@@ -7,7 +7,6 @@ import dataclasses
 import io
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
@@ -64,10 +63,3 @@ def admin(server: BackgroundServer) -> httpx.Client:
 
 def serving_version(server: BackgroundServer) -> str | None:
     return httpx.get(server.base_url + "/readyz", timeout=10).json()["cache_version"]
-
-
-def running(server: BackgroundServer) -> Iterator[BackgroundServer]:
-    try:
-        yield server
-    finally:
-        server.stop()

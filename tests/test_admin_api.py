@@ -94,6 +94,8 @@ async def test_stats_count_a_hit_and_a_miss(admin_server):
         hit = await ask(admin_server, "what time do your branches open")
         miss = await ask(admin_server, "do you sell car insurance")
         after = client.get("/admin/stats").json()
+        entry = client.get("/admin/entries/opening_hours").json()["entry"]
+    assert entry["hits"] == after["entry_hits"]["opening_hours"]
     assert hit["hit"] is True and hit["entry_id"] == "opening_hours"
     assert miss["hit"] is False
     assert after["cache_version"] == serving_version(admin_server)
@@ -196,7 +198,8 @@ def test_bad_entries_are_refused_with_the_validation_errors(own_server):
     version = serving_version(server)
     with admin(server) as client:
         no_answer = client.post("/admin/entries", json={
-            "intent": "lost_card", "action": "answer", "questions": ["I lost my card", "Lost card"]})
+            "intent": "lost_card", "action": "answer",
+            "questions": ["I lost my card", "Lost card"]})
         assert no_answer.status_code == 400
         errors = no_answer.json()["errors"]
         assert {e["reason"] for e in errors} == {"action 'answer' needs an answer"}

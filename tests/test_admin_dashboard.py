@@ -153,7 +153,8 @@ async def test_dashboard_shows_what_the_api_returns(browser, dashboard_server):
 
     # the chart: one bar per minute with turns, a hit-rate line over them
     minutes = [p for p in stats["series"]["points"] if p["hits"] + p["misses"]]
-    bars = browser.find_elements(By.CSS_SELECTOR, "#chart-svg rect.bar-hit, #chart-svg rect.bar-miss")
+    bars = browser.find_elements(By.CSS_SELECTOR,
+                                 "#chart-svg rect.bar-hit, #chart-svg rect.bar-miss")
     assert len(bars) == sum((p["hits"] > 0) + (p["misses"] > 0) for p in minutes)
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-svg polyline#rate-line")
 

@@ -20,7 +20,6 @@ from ..stats import MissedQuestion
 
 DEFAULT_THRESHOLD = 0.75
 EXAMPLES_PER_GROUP = 5
-OUT_OF_SCOPE = None  # the router found no intent
 
 
 def is_agent_intent(missed: MissedQuestion, hit_similarity: float) -> bool:
@@ -81,7 +80,8 @@ def group_misses(missed: Sequence[MissedQuestion], embedder: Embedder,
             "examples": [{"text": group.shown[t], "count": group.texts[t]}
                          for t in ranked[:EXAMPLES_PER_GROUP]],
             "distinct": len(ranked),
-            "intents": [{"intent": intent, "count": n} for intent, n in group.intents.most_common()],
+            "intents": [{"intent": intent, "count": n}
+                        for intent, n in group.intents.most_common()],
             "last_at": group.last_at,
         })
     out.sort(key=lambda g: (-g["count"], -g["last_at"]))

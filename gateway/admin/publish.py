@@ -187,7 +187,8 @@ def _entry_fields(body: Mapping[str, Any]) -> tuple[str, Any, Any, list[str]]:
     known = {"id", "intent", "answer", "action", "questions"}
     unknown = sorted(set(body) - known)
     if unknown:
-        raise BadEntry(f"unknown field(s): {', '.join(unknown)} (expected {', '.join(sorted(known))})")
+        raise BadEntry(f"unknown field(s): {', '.join(unknown)} "
+                       f"(expected {', '.join(sorted(known))})")
     entry_id, intent = body.get("id"), body.get("intent")
     for name, value in (("id", entry_id), ("intent", intent)):
         if value is not None and (not isinstance(value, str) or not value.strip()):

@@ -54,10 +54,14 @@ async def stats(request: Request) -> Response:
     refused = _not_ready(services)
     if refused:
         return refused
+    return JSONResponse(await _snapshot(services))
+
+
+async def _snapshot(services: Services) -> dict[str, Any]:
     snapshot = services.stats_snapshot()
     if inspect.isawaitable(snapshot):  # a shared (cross-replica) store answers asynchronously
         snapshot = await snapshot
-    return JSONResponse(snapshot)
+    return snapshot
 
 
 # ---------------------------------------------------------------------- entries
@@ -70,8 +74,9 @@ def _entry_json(entry: Any, hits: int) -> dict[str, Any]:
             if entry.pcm and entry.sample_rate else None}
 
 
-def _entry_hits(services: Services) -> dict[str, int]:
-    return dict(services.runtime.stats.entry_hits)
+async def _entry_hits(services: Services) -> dict[str, int]:
+    """Hits per entry as the stats report them (so aggregated wherever the stats are)."""
+    return dict((await _snapshot(services)).get("entry_hits") or {})
 
 
 @admin_only
@@ -81,7 +86,7 @@ async def list_entries(request: Request) -> Response:
     if refused:
         return refused
     loaded = services.cache.loaded  # type: ignore[union-attr]
-    hits = _entry_hits(services)
+    hits = await _entry_hits(services)
     entries = [] if loaded is None else [_entry_json(e, hits.get(e.id, 0))
                                          for e in loaded.entries.values()]
     return JSONResponse({"version": loaded.version if loaded else None, "entries": entries})
@@ -99,8 +104,9 @@ async def get_entry(request: Request) -> Response:
     if entry is None:
         return error(f"no entry {entry_id!r} in the serving cache version "
                      f"({loaded.version if loaded else 'none published'})", 404)
+    hits = (await _entry_hits(services)).get(entry_id, 0)
     return JSONResponse({"version": loaded.version,  # type: ignore[union-attr]
-                         "entry": _entry_json(entry, _entry_hits(services).get(entry_id, 0))})
+                         "entry": _entry_json(entry, hits)})
 
 
 @admin_only
