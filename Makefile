@@ -22,6 +22,7 @@ demo: install
 
 test: install
 	bash scripts/ensure-redis.sh
+	bash scripts/ensure-browser.sh
 	$(PY) -m pytest
 
 bench: install

@@ -61,13 +61,25 @@ def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
     previously published version keeps serving.
     """
     plan = read_seed_csv(csv_path)
+    return seed_plan(plan, store, render, voice_id, source=Path(csv_path).name,
+                     target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder)
+
+
+def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
+              source: str = "<rows>", target_wrong_rate: float = 0.01, progress: bool = True,
+              embedder: Embedder | None = None) -> SeedReport:
+    """Publish an already validated plan (from ``parse_seed_csv`` or ``parse_seed_rows``):
+    render the answers not yet in the store, calibrate, publish atomically.
+
+    Raises ``RenderError``; the previously published version keeps serving.
+    """
     entries, rendered, reused = render_answers(plan, store, render, voice_id, progress)
     embedder = embedder or Embedder()
     trained = train_router(embedder, plan.questions, plan.intents, entries,
                            target_wrong_rate=target_wrong_rate, progress=progress)
     thresholds = trained.router.thresholds
     manifest: dict[str, Any] = {
-        "source": Path(csv_path).name,
+        "source": source,
         "voice_id": voice_id,
         "embedding_model": embedder.model_name,
         "thresholds": thresholds.as_json(),

@@ -17,6 +17,7 @@ import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 from intents.embedder import normalize_text
 from intents.types import Action, Entry
@@ -78,6 +79,30 @@ def read_seed_csv(path: str | Path) -> SeedPlan:
     except OSError as exc:
         raise SeedError(f"cannot read {path}: {exc}") from exc
     return parse_seed_csv(data, source=str(path))
+
+
+def parse_seed_rows(rows: Iterable[Mapping[str, str | None]], source: str = "<rows>") -> SeedPlan:
+    """Validate rows given as mappings (``question``, ``answer``, ``intent``, ``action``)
+    exactly as the same rows in a CSV file: row ``i`` (0-based) is reported as line ``i + 2``,
+    the header being line 1."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
+    for row in rows:
+        # one physical line per row, so line numbers map back to row indexes
+        writer.writerow([" ".join(str(row.get(column) or "").split())
+                         for column in REQUIRED_COLUMNS + OPTIONAL_COLUMNS])
+    return parse_seed_csv(buffer.getvalue().encode("utf-8"), source=source)
+
+
+def rows_from_manifest(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The rows of a published version (one per question), to re-seed it with changes."""
+    rows: list[dict[str, str]] = []
+    for entry in manifest["entries"]:
+        for question in entry["questions"]:
+            rows.append({"question": question, "answer": entry.get("answer") or "",
+                         "intent": entry["intent"], "action": entry["action"]})
+    return rows
 
 
 def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:

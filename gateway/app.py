@@ -1,4 +1,4 @@
-"""The Starlette application: health, readiness and the call endpoints."""
+"""The Starlette application: health, readiness, metrics, the call endpoints and /admin."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from .admin import admin_routes
 from .runtime import Runtime
 from .services import Services
 from .settings import Settings
@@ -56,6 +57,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
         WebSocketRoute("/v1/call", native_call),
         Route("/twilio/voice", twilio_voice, methods=["POST"]),
         WebSocketRoute("/twilio/stream", twilio_stream),
+        *admin_routes(),
     ], lifespan=lifespan)
     app.state.services = services
     return app

@@ -351,13 +351,15 @@ class Call:
             tl.info.update(interrupted=True, heard_ms=round(heard_ms, 1))
             # The agent's context keeps only what the caller heard of its own words.
             self.conversation.record_heard(heard_text(segments, heard_ms, playout.sent_ms))
-            await self._finish_metrics(tl)
+            await self._finish_metrics(tl, text, decision)
             raise
-        await self._finish_metrics(tl)
+        await self._finish_metrics(tl, text, decision)
 
-    async def _finish_metrics(self, tl: TurnTimeline) -> None:
+    async def _finish_metrics(self, tl: TurnTimeline, text: str,
+                              decision: RouteDecision | None) -> None:
         metrics = tl.metrics()
-        self._rt.stats.turn_finished(metrics)
+        self._rt.stats.turn_finished(metrics, text,
+                                     route_score=decision.score if decision else None)
         logs.event(log, "turn", call_id=self.id, **metrics)
         await self._out.send_event({"type": "turn_metrics", **metrics})
 

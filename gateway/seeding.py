@@ -10,7 +10,7 @@ import asyncio
 from pathlib import Path
 from typing import Callable
 
-from cache_seed import SeedReport, seed
+from cache_seed import SeedPlan, SeedReport, seed, seed_plan
 from intents.embedder import Embedder
 from intents.store import Store
 
@@ -45,6 +45,19 @@ def seed_with_voice(csv_path: str | Path, store: Store, tts: TextToSpeech, embed
     try:
         return seed(csv_path, store, blocking_renderer(tts, loop), voice_id(tts),
                     target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder)
+    finally:
+        if loop is not None:
+            loop.close()
+
+
+def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedder: Embedder,
+                         source: str, target_wrong_rate: float = 0.01) -> SeedReport:
+    """Publish a validated plan (admin API: uploads and entry edits). Blocking: run it on a
+    worker thread. A streaming TTS gets a private event loop in this thread."""
+    loop = None if hasattr(tts, "synthesize_all") else asyncio.new_event_loop()
+    try:
+        return seed_plan(plan, store, blocking_renderer(tts, loop), voice_id(tts), source=source,
+                         target_wrong_rate=target_wrong_rate, progress=False, embedder=embedder)
     finally:
         if loop is not None:
             loop.close()

@@ -97,6 +97,12 @@ class Services:
                 "cache_version": cache.version if cache else None,
                 "cache_error": cache.last_error if cache else None}
 
+    def stats_snapshot(self) -> dict[str, Any]:
+        """What ``/admin/stats`` answers: this replica's stats and the serving cache version."""
+        snapshot = self.runtime.stats.snapshot()
+        snapshot["cache_version"] = self.cache.version if self.cache else None
+        return snapshot
+
     async def aclose(self) -> None:
         for task in (self._load_task, self._watch_task):
             if task is not None:

@@ -21,6 +21,8 @@ from prometheus_client import Gauge, Histogram
 LATENCY_STAGES = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "first_audio_ms",
                   "reply_latency_ms")
 RECENT_WINDOW_S = 300.0
+SERIES_MINUTES = 60  # per-minute hits/misses kept for the dashboard's chart
+MISSED_KEPT = 2000  # most recent missed questions kept for /admin/misses
 _BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0,
               1.5, 2.0, 3.0, 5.0)
 
@@ -62,6 +64,11 @@ class Stats:
     errors: Counter[str] = field(default_factory=Counter)
     latencies: dict[str, dict[str, deque[float]]] = field(default_factory=dict)
     recent: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=100_000))
+    entry_hits: Counter[str] = field(default_factory=Counter)  # cache hits per entry id
+    # [minute (epoch seconds // 60), hits, misses], oldest first, the last SERIES_MINUTES.
+    minutes: deque[list[int]] = field(default_factory=lambda: deque(maxlen=SERIES_MINUTES))
+    # The final text of recent missed turns, for grouping into "which FAQ to add next".
+    missed: deque["MissedQuestion"] = field(default_factory=lambda: deque(maxlen=MISSED_KEPT))
     prometheus: _Prometheus = field(default_factory=_Prometheus)
 
     def call_started(self) -> None:
@@ -78,13 +85,25 @@ class Stats:
         self.errors[code] += 1
         self.prometheus.errors.labels(code).inc()
 
-    def turn_finished(self, metrics: dict[str, Any]) -> None:
+    def turn_finished(self, metrics: dict[str, Any], text: str | None = None,
+                      route_score: float | None = None) -> None:
+        """Count one finished turn. ``text`` (the caller's final transcript) and ``route_score``
+        (similarity of the nearest seed question) are kept on a miss for ``/admin/misses``."""
         outcome = outcome_of(metrics)
         source = str(metrics.get("source") or "none")
         self.turns += 1
         self.outcomes[outcome] += 1
         self.sources[source] += 1
         self.recent.append((time.monotonic(), outcome == "hit"))
+        wall = time.time()
+        self._count_minute(int(wall // 60), outcome == "hit")
+        if outcome == "hit" and metrics.get("entry_id"):
+            self.entry_hits[str(metrics["entry_id"])] += 1
+        if outcome == "miss" and text and text.strip():
+            self.missed.append(MissedQuestion(
+                text=" ".join(text.split()), intent=metrics.get("intent"),
+                action=metrics.get("action"), at=wall,
+                score=None if route_score is None else round(float(route_score), 4)))
         prom = self.prometheus
         prom.turns.labels(outcome, source).inc()
         intent = metrics.get("intent")
@@ -100,6 +119,26 @@ class Stats:
             if value is not None:
                 per_outcome.setdefault(stage, deque(maxlen=self.window)).append(float(value))
                 prom.latency.labels(stage.removesuffix("_ms"), outcome).observe(value / 1000.0)
+
+    def _count_minute(self, minute: int, hit: bool) -> None:
+        if not self.minutes or self.minutes[-1][0] != minute:
+            self.minutes.append([minute, 0, 0])
+        self.minutes[-1][1 if hit else 2] += 1
+
+    def series(self, minutes: int = SERIES_MINUTES,
+               now: float | None = None) -> list[dict[str, Any]]:
+        """Hits and misses per minute for the last ``minutes`` minutes, oldest first, every
+        minute present (zeros when idle); ``t`` is the minute's start in epoch seconds."""
+        current = int((time.time() if now is None else now) // 60)
+        counted = {m: (h, s) for m, h, s in self.minutes}
+        points = []
+        for minute in range(current - minutes + 1, current + 1):
+            hits, misses = counted.get(minute, (0, 0))
+            points.append({"t": minute * 60, "hits": hits, "misses": misses})
+        return points
+
+    def missed_questions(self) -> list["MissedQuestion"]:
+        return list(self.missed)
 
     def recent_hit_rate(self, window_s: float = RECENT_WINDOW_S) -> tuple[float | None, int]:
         cutoff = time.monotonic() - window_s
@@ -122,4 +161,19 @@ class Stats:
                 "hit_rate_5m": recent_rate, "turns_5m": recent_turns,
                 "interrupted_turns": self.interrupted_turns, "sources": dict(self.sources),
                 "intents": dict(self.intents), "errors": dict(self.errors),
+                "entry_hits": dict(self.entry_hits),
+                "series": {"minute_s": 60, "points": self.series()},
                 "latency_ms": latency}
+
+
+@dataclass(frozen=True)
+class MissedQuestion:
+    text: str
+    intent: str | None  # what the router guessed (None: out of scope)
+    action: str | None  # that intent's action (answer, llm, handoff)
+    at: float  # epoch seconds
+    score: float | None = None  # similarity of the nearest seed question
+
+    def as_json(self) -> dict[str, Any]:
+        return {"text": self.text, "intent": self.intent, "action": self.action, "at": self.at,
+                "score": self.score}

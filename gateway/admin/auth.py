@@ -1,0 +1,57 @@
+"""Bearer-token authentication for every ``/admin`` route.
+
+The token comes from the settings (``VOICEGATE_ADMIN_TOKEN``) and is compared in
+constant time. Without a configured token the admin API is off and says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from typing import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+DISABLED = "admin API is disabled: set VOICEGATE_ADMIN_TOKEN"
+UNAUTHORIZED = "missing or wrong admin token: send the header Authorization: Bearer <token>"
+
+
+def error(message: str, status: int, **extra: object) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def configured_token(request: Request) -> str:
+    return str(request.app.state.services.settings.admin_token or "")
+
+
+def disabled_response() -> JSONResponse:
+    return error(DISABLED, 404)
+
+
+def check(request: Request) -> Response | None:
+    """None when the request carries the configured token, else the response to send."""
+    token = configured_token(request)
+    if not token:
+        return disabled_response()
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8"), token.encode("utf-8")):
+        return JSONResponse({"error": UNAUTHORIZED}, status_code=401,
+                            headers={"WWW-Authenticate": 'Bearer realm="voicegate admin"'})
+    return None
+
+
+def admin_only(handler: Handler) -> Handler:
+    """Wrap a handler: 404 when the admin API is off, 401 without the right token."""
+
+    @functools.wraps(handler)
+    async def guarded(request: Request) -> Response:
+        refused = check(request)
+        if refused is not None:
+            return refused
+        return await handler(request)
+
+    return guarded

@@ -1,0 +1,88 @@
+"""Group missed questions by meaning, so an operator sees which FAQ to add next.
+
+The texts are embedded with the router's own embedder (one batch, off the event
+loop) and clustered greedily: distinct texts, most frequent first, join the most
+similar existing group when the cosine similarity to its centroid is at least
+``threshold``, else start a group. Groups come back most frequent first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from intents.embedder import Embedder, normalize_text
+
+from ..stats import MissedQuestion
+
+DEFAULT_THRESHOLD = 0.75
+EXAMPLES_PER_GROUP = 5
+
+
+def is_agent_intent(missed: MissedQuestion, hit_similarity: float) -> bool:
+    """Routed on purpose to the agent or a human, and as close to that intent's seed
+    questions as a cache hit would need to be: not a missing FAQ. A question the router
+    only guessed an agent intent for (low similarity) may well be one, so it stays."""
+    return (missed.intent is not None and missed.action in ("llm", "handoff")
+            and missed.score is not None and missed.score >= hit_similarity)
+
+
+@dataclass
+class _Group:
+    centroid: np.ndarray
+    texts: Counter[str] = field(default_factory=Counter)  # normalized text -> count
+    shown: dict[str, str] = field(default_factory=dict)  # normalized -> first spelling seen
+    intents: Counter[str | None] = field(default_factory=Counter)
+    last_at: float = 0.0
+
+
+def group_misses(missed: Sequence[MissedQuestion], embedder: Embedder,
+                 threshold: float = DEFAULT_THRESHOLD, limit: int = 20) -> list[dict[str, Any]]:
+    """Blocking (embeds): run it on a worker thread."""
+    if not missed:
+        return []
+    counts: Counter[str] = Counter()
+    spelling: dict[str, str] = {}
+    intents: dict[str, Counter[str | None]] = {}
+    last_at: dict[str, float] = {}
+    for m in missed:
+        key = normalize_text(m.text)
+        counts[key] += 1
+        spelling.setdefault(key, m.text)
+        intents.setdefault(key, Counter())[m.intent] += 1
+        last_at[key] = max(last_at.get(key, 0.0), m.at)
+    texts = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    vectors = embedder.encode_batch(texts)
+    groups: list[_Group] = []
+    for text, vector in zip(texts, vectors):
+        best, best_score = None, threshold
+        for group in groups:
+            score = float(group.centroid @ vector) / (float(np.linalg.norm(group.centroid)) or 1.0)
+            if score >= best_score:
+                best, best_score = group, score
+        if best is None:
+            best = _Group(centroid=np.zeros_like(vector))
+            groups.append(best)
+        best.centroid = best.centroid + vector * counts[text]
+        best.texts[text] += counts[text]
+        best.shown.setdefault(text, spelling[text])
+        best.intents.update(intents[text])
+        best.last_at = max(best.last_at, last_at[text])
+    out = []
+    for group in groups:
+        ranked = [t for t, _ in group.texts.most_common()]
+        out.append({
+            "question": group.shown[ranked[0]],  # the most frequent wording
+            "count": sum(group.texts.values()),
+            "examples": [{"text": group.shown[t], "count": group.texts[t]}
+                         for t in ranked[:EXAMPLES_PER_GROUP]],
+            "distinct": len(ranked),
+            "intents": [{"intent": intent, "count": n}
+                        for intent, n in group.intents.most_common()],
+            "last_at": group.last_at,
+        })
+    out.sort(key=lambda g: (-g["count"], -g["last_at"]))
+    return out[:limit]

@@ -1,0 +1,210 @@
+"""Publishing from the admin API: CSV uploads and single-entry edits.
+
+Both go through ``cache_seed``'s validation and atomic publish, exactly like
+``voicegate seed``: an upload is parsed as the CSV file it is; an entry edit
+rebuilds the serving version's rows (from its manifest) with the change applied
+and validates those rows as a CSV. Only answers whose text changed are rendered
+(audio is content-addressed). Seeding is CPU-heavy, so it runs on a worker
+thread; one seed at a time per process (an ``asyncio.Lock``), and the cache is
+refreshed at once so the new version serves without waiting for the poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from cache_seed import (SeedPlan, SeedReport, parse_seed_csv, parse_seed_rows,
+                        rows_from_manifest)
+
+from ..seeding import seed_plan_with_voice
+from ..services import Services
+
+
+class SeedBusy(RuntimeError):
+    """Another seed is running in this process."""
+
+
+class EntryNotFound(KeyError):
+    pass
+
+
+class BadEntry(ValueError):
+    """The request body does not describe an entry (wrong types, missing id)."""
+
+
+@dataclass(frozen=True)
+class RowLabel:
+    """What a row of a rebuilt seed stands for, to explain validation errors."""
+
+    entry: str
+    question: str
+    changed: bool  # part of the requested change
+
+
+def report_json(report: SeedReport) -> dict[str, Any]:
+    return {"version": report.version, "entries": report.entries,
+            "answer_entries": report.answer_entries, "questions": report.questions,
+            "rendered": report.rendered, "reused": report.reused,
+            "thresholds": report.thresholds.as_json(),
+            "expected_hit_rate": report.expected_hit_rate, "summary": report.summary()}
+
+
+class Publisher:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _claim(self) -> None:
+        if self.lock.locked():
+            raise SeedBusy("another seed is running; try again when it has finished")
+
+    def _serving_manifest(self) -> tuple[str | None, dict[str, Any]]:
+        """(version, manifest) of the version this replica serves (empty when none). Blocking."""
+        cache = self.services.cache
+        assert cache is not None
+        version = cache.version
+        if version is None:
+            return None, {"entries": [], "questions": []}
+        _, bundle = cache.store.read(version)
+        return version, bundle.manifest
+
+    def _target_wrong_rate(self, manifest: Mapping[str, Any]) -> float:
+        thresholds = manifest.get("thresholds") or {}
+        return float(thresholds.get("target_wrong_rate", 0.01))
+
+    async def _publish(self, plan: SeedPlan, source: str, target_wrong_rate: float) -> SeedReport:
+        services = self.services
+        runtime = services.runtime
+        cache = services.cache
+        assert cache is not None
+        report = await asyncio.to_thread(seed_plan_with_voice, plan, cache.store, runtime.tts,
+                                         runtime.embedder, source, target_wrong_rate)
+        await asyncio.to_thread(cache.refresh)
+        return report
+
+    # ------------------------------------------------------------------ uploads
+
+    async def seed_csv(self, data: bytes, source: str,
+                       target_wrong_rate: float | None = None) -> SeedReport:
+        """Validate and publish a CSV upload. Raises SeedBusy, SeedValidationError, SeedError.
+
+        The wrong-answer target defaults to the serving version's (the CLI's 1 % when none)."""
+        self._claim()
+        async with self.lock:
+            plan = await asyncio.to_thread(parse_seed_csv, data, source)
+            if target_wrong_rate is None:
+                _, manifest = await asyncio.to_thread(self._serving_manifest)
+                target_wrong_rate = self._target_wrong_rate(manifest)
+            return await self._publish(plan, source, target_wrong_rate)
+
+    # ------------------------------------------------------------------ entries
+
+    async def upsert_entry(self, body: Mapping[str, Any]) -> tuple[SeedReport, str, bool]:
+        """Add or replace one entry; returns (report, entry id, created)."""
+        entry_id, answer, action, questions = _entry_fields(body)
+        self._claim()
+        async with self.lock:
+            await asyncio.to_thread(self.services.cache.refresh)  # type: ignore[union-attr]
+            _, manifest = await asyncio.to_thread(self._serving_manifest)
+            existing = next((e for e in manifest["entries"] if e["id"] == entry_id), None)
+            if existing is None and not questions:
+                raise BadEntry("a new entry needs 'questions': a non-empty list of questions")
+            if existing is not None:
+                answer = existing.get("answer") if answer is _KEEP else answer
+                action = existing.get("action") if action is _KEEP else action
+                questions = questions or list(existing["questions"])
+            elif answer is _KEEP:
+                answer = None
+            if action is _KEEP:
+                action = None
+            kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
+            changed = [{"question": q, "answer": answer or "", "intent": entry_id,
+                        "action": action or ""} for q in questions]
+            rows = changed + kept
+            labels = [RowLabel(entry_id, r["question"], True) for r in changed] + \
+                     [RowLabel(r["intent"], r["question"], False) for r in kept]
+            plan = await asyncio.to_thread(_parse_labelled, rows, labels, f"entry {entry_id}")
+            report = await self._publish(plan, f"admin: entry {entry_id}",
+                                         self._target_wrong_rate(manifest))
+            return report, entry_id, existing is None
+
+    async def delete_entry(self, entry_id: str) -> SeedReport:
+        self._claim()
+        async with self.lock:
+            await asyncio.to_thread(self.services.cache.refresh)  # type: ignore[union-attr]
+            _, manifest = await asyncio.to_thread(self._serving_manifest)
+            if not any(e["id"] == entry_id for e in manifest["entries"]):
+                raise EntryNotFound(entry_id)
+            kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
+            labels = [RowLabel(r["intent"], r["question"], False) for r in kept]
+            plan = await asyncio.to_thread(_parse_labelled, kept, labels,
+                                           f"without entry {entry_id}")
+            return await self._publish(plan, f"admin: delete {entry_id}",
+                                       self._target_wrong_rate(manifest))
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "<keep>"
+
+
+_KEEP: Any = _Keep()  # a field the request did not give: keep the entry's current value
+
+
+class LabelledValidationError(ValueError):
+    """Validation errors of rebuilt rows, each tied to the entry and question it came from."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        super().__init__(f"{len(errors)} validation error(s), nothing published")
+
+
+def _parse_labelled(rows: Sequence[Mapping[str, str]], labels: Sequence[RowLabel],
+                    source: str) -> SeedPlan:
+    from cache_seed import SeedValidationError
+
+    try:
+        return parse_seed_rows(rows, source=source)
+    except SeedValidationError as exc:
+        errors = []
+        for err in exc.errors:
+            index = err.line - 2  # parse_seed_rows: row i is line i + 2
+            label = labels[index] if 0 <= index < len(labels) else None
+            errors.append({"line": err.line, "reason": err.reason,
+                           "entry": label.entry if label else None,
+                           "question": label.question if label else None,
+                           "changed": label.changed if label else False})
+        raise LabelledValidationError(errors) from exc
+
+
+def _entry_fields(body: Mapping[str, Any]) -> tuple[str, Any, Any, list[str]]:
+    if not isinstance(body, Mapping):
+        raise BadEntry("the body must be a JSON object")
+    known = {"id", "intent", "answer", "action", "questions"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise BadEntry(f"unknown field(s): {', '.join(unknown)} "
+                       f"(expected {', '.join(sorted(known))})")
+    entry_id, intent = body.get("id"), body.get("intent")
+    for name, value in (("id", entry_id), ("intent", intent)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise BadEntry(f"'{name}' must be a non-empty string")
+    if entry_id and intent and entry_id.strip() != intent.strip():
+        raise BadEntry("'id' and 'intent' name the same entry; give one, or the same value")
+    name = (entry_id or intent or "").strip()
+    if not name:
+        raise BadEntry("give the entry's 'intent' (or 'id')")
+    answer = body["answer"] if "answer" in body else _KEEP
+    if answer is not _KEEP and answer is not None and not isinstance(answer, str):
+        raise BadEntry("'answer' must be a string or null")
+    action = body["action"] if "action" in body else _KEEP
+    if action is not _KEEP and action is not None and not isinstance(action, str):
+        raise BadEntry("'action' must be one of answer, llm, handoff")
+    questions = body.get("questions") or []
+    if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+        raise BadEntry("'questions' must be a list of strings")
+    return name, answer, action, questions

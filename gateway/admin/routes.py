@@ -1,0 +1,286 @@
+"""HTTP handlers of the admin API (JSON) and the dashboard page."""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import inspect
+import json
+from importlib import resources
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from cache_seed import SeedError, SeedValidationError
+
+from ..services import Services
+from . import auth
+from .auth import admin_only, error
+from .misses import DEFAULT_THRESHOLD, group_misses, is_agent_intent
+from .publish import (BadEntry, EntryNotFound, LabelledValidationError, Publisher, SeedBusy,
+                      report_json)
+
+MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+NOT_READY = "not ready: models are loading (see /readyz)"
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def _publisher(request: Request) -> Publisher:
+    state = request.app.state
+    publisher = getattr(state, "admin_publisher", None)
+    if publisher is None:
+        publisher = state.admin_publisher = Publisher(_services(request))
+    return publisher
+
+
+def _not_ready(services: Services) -> Response | None:
+    if not services.ready or services.cache is None:
+        return error(NOT_READY, 503, load_error=services.load_error)
+    return None
+
+
+# ---------------------------------------------------------------------- stats
+
+
+@admin_only
+async def stats(request: Request) -> Response:
+    services = _services(request)
+    refused = _not_ready(services)
+    if refused:
+        return refused
+    return JSONResponse(await _snapshot(services))
+
+
+async def _snapshot(services: Services) -> dict[str, Any]:
+    snapshot = services.stats_snapshot()
+    if inspect.isawaitable(snapshot):  # a shared (cross-replica) store answers asynchronously
+        snapshot = await snapshot
+    return snapshot
+
+
+# ---------------------------------------------------------------------- entries
+
+
+def _entry_json(entry: Any, hits: int) -> dict[str, Any]:
+    return {"id": entry.id, "intent": entry.intent, "action": entry.action.value,
+            "answer": entry.answer, "paraphrases": list(entry.paraphrases), "hits": hits,
+            "audio_s": round(len(entry.pcm) / 2 / entry.sample_rate, 3)
+            if entry.pcm and entry.sample_rate else None}
+
+
+async def _entry_hits(services: Services) -> dict[str, int]:
+    """Hits per entry as the stats report them (so aggregated wherever the stats are)."""
+    return dict((await _snapshot(services)).get("entry_hits") or {})
+
+
+@admin_only
+async def list_entries(request: Request) -> Response:
+    services = _services(request)
+    refused = _not_ready(services)
+    if refused:
+        return refused
+    loaded = services.cache.loaded  # type: ignore[union-attr]
+    hits = await _entry_hits(services)
+    entries = [] if loaded is None else [_entry_json(e, hits.get(e.id, 0))
+                                         for e in loaded.entries.values()]
+    return JSONResponse({"version": loaded.version if loaded else None, "entries": entries})
+
+
+@admin_only
+async def get_entry(request: Request) -> Response:
+    services = _services(request)
+    refused = _not_ready(services)
+    if refused:
+        return refused
+    entry_id = request.path_params["entry_id"]
+    loaded = services.cache.loaded  # type: ignore[union-attr]
+    entry = loaded.entries.get(entry_id) if loaded else None
+    if entry is None:
+        return error(f"no entry {entry_id!r} in the serving cache version "
+                     f"({loaded.version if loaded else 'none published'})", 404)
+    hits = (await _entry_hits(services)).get(entry_id, 0)
+    return JSONResponse({"version": loaded.version,  # type: ignore[union-attr]
+                         "entry": _entry_json(entry, hits)})
+
+
+@admin_only
+async def post_entry(request: Request) -> Response:
+    services = _services(request)
+    refused = _not_ready(services)
+    if refused:
+        return refused
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return error(f"the body is not JSON: {exc}", 400)
+    try:
+        report, entry_id, created = await _publisher(request).upsert_entry(body)
+    except BadEntry as exc:
+        return error(str(exc), 400)
+    except LabelledValidationError as exc:
+        return error(f"{exc}; the serving version is unchanged", 400, errors=exc.errors,
+                     version=services.cache.version)  # type: ignore[union-attr]
+    except SeedBusy as exc:
+        return error(str(exc), 409)
+    except SeedError as exc:
+        return error(f"{exc}; the previous version keeps serving", 500)
+    loaded = services.cache.loaded  # type: ignore[union-attr]
+    entry = loaded.entries.get(entry_id) if loaded else None
+    return JSONResponse({"version": report.version, "created": created,
+                         "entry": _entry_json(entry, 0) if entry else None,
+                         "report": report_json(report)}, status_code=201 if created else 200)
+
+
+@admin_only
+async def delete_entry(request: Request) -> Response:
+    services = _services(request)
+    refused = _not_ready(services)
+    if refused:
+        return refused
+    entry_id = request.path_params["entry_id"]
+    try:
+        report = await _publisher(request).delete_entry(entry_id)
+    except EntryNotFound:
+        return error(f"no entry {entry_id!r} in the serving cache version "
+                     f"({services.cache.version})", 404)  # type: ignore[union-attr]
+    except LabelledValidationError as exc:
+        return error(f"{exc}; the serving version is unchanged", 400, errors=exc.errors,
+                     version=services.cache.version)  # type: ignore[union-attr]
+    except SeedBusy as exc:
+        return error(str(exc), 409)
+    except SeedError as exc:
+        return error(f"{exc}; the previous version keeps serving", 500)
+    return JSONResponse({"version": report.version, "deleted": entry_id,
+                         "report": report_json(report)})
+
+
+# ---------------------------------------------------------------------- seed upload
+
+
+def _multipart_file(content_type: str, body: bytes) -> tuple[bytes, str] | None:
+    """The ``file`` field of a multipart/form-data body: (content, filename)."""
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        return None
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "file":
+            payload = part.get_payload(decode=True) or b""
+            return payload, part.get_filename() or "upload.csv"
+    return None
+
+
+@admin_only
+async def seed_upload(request: Request) -> Response:
+    services = _services(request)
+    refused = _not_ready(services)
+    if refused:
+        return refused
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
+        return error(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", 413)
+    body = await request.body()
+    if len(body) > MAX_UPLOAD_BYTES:
+        return error(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", 413)
+    content_type = request.headers.get("content-type", "")
+    source = request.query_params.get("name") or "upload.csv"
+    target: float | None = None
+    if "target_wrong_rate" in request.query_params:
+        try:
+            target = float(request.query_params["target_wrong_rate"])
+        except ValueError:
+            target = -1.0
+        if not 0.0 < target < 1.0:
+            return error("target_wrong_rate must be a number between 0 and 1", 400)
+    if content_type.lower().startswith("multipart/form-data"):
+        found = _multipart_file(content_type, body)
+        if found is None:
+            return error("multipart upload without a 'file' field (send the CSV as field 'file',"
+                         " or the raw CSV with Content-Type: text/csv)", 400)
+        body, source = found
+    if not body.strip():
+        return error("empty upload: send the CSV (columns question, answer, intent, action)", 400)
+    try:
+        report = await _publisher(request).seed_csv(body, source, target)
+    except SeedValidationError as exc:
+        return error(f"{source}: {len(exc.errors)} bad row(s), nothing published; the previous "
+                     "version keeps serving", 400,
+                     errors=[{"line": e.line, "reason": e.reason} for e in exc.errors],
+                     version=services.cache.version)  # type: ignore[union-attr]
+    except SeedBusy as exc:
+        return error(str(exc), 409)
+    except SeedError as exc:
+        return error(f"{exc}; the previous version keeps serving", 500)
+    return JSONResponse({"version": report.version, "report": report_json(report)})
+
+
+# ---------------------------------------------------------------------- misses
+
+
+@admin_only
+async def misses(request: Request) -> Response:
+    services = _services(request)
+    refused = _not_ready(services)
+    if refused:
+        return refused
+    query = request.query_params
+    try:
+        limit = int(query.get("limit", "20"))
+        threshold = float(query.get("threshold", str(DEFAULT_THRESHOLD)))
+    except ValueError:
+        return error("limit must be an integer and threshold a number", 400)
+    if not (limit > 0 and 0.0 < threshold <= 1.0):
+        return error("limit must be positive and threshold in (0, 1]", 400)
+    everything = query.get("all", "").lower() in ("1", "true", "yes")
+    missed = services.runtime.stats.missed_questions()
+    loaded = services.cache.loaded  # type: ignore[union-attr]
+    # Without a serving version nothing is confidently an agent intent.
+    hit_similarity = loaded.thresholds.hit_similarity if loaded else float("inf")
+    if not everything:
+        missed = [m for m in missed if not is_agent_intent(m, hit_similarity)]
+    groups = await asyncio.to_thread(group_misses, missed, services.runtime.embedder,
+                                     threshold, limit)
+    return JSONResponse({"total": len(missed), "threshold": threshold,
+                         "agent_intents_included": everything, "groups": groups})
+
+
+# ---------------------------------------------------------------------- dashboard
+
+
+def _dashboard_html() -> str:
+    return resources.files("gateway.admin").joinpath("static/dashboard.html").read_text("utf-8")
+
+
+async def dashboard(request: Request) -> Response:
+    """The page itself holds no data (it asks for the token and calls the API), so a browser
+    can open it; it is still off when the admin API is."""
+    if not auth.configured_token(request):
+        return auth.disabled_response()
+    return HTMLResponse(_dashboard_html(), headers={
+        "Cache-Control": "no-store",
+        "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                   "style-src 'unsafe-inline'; img-src 'self' data:"})
+
+
+async def to_dashboard(request: Request) -> Response:
+    return RedirectResponse("/admin/", status_code=307)
+
+
+def admin_routes() -> list[BaseRoute]:
+    return [
+        Route("/admin", to_dashboard),
+        Route("/admin/", dashboard),
+        Route("/admin/stats", stats),
+        Route("/admin/entries", list_entries, methods=["GET"]),
+        Route("/admin/entries", post_entry, methods=["POST"]),
+        Route("/admin/entries/{entry_id}", get_entry, methods=["GET"]),
+        Route("/admin/entries/{entry_id}", delete_entry, methods=["DELETE"]),
+        Route("/admin/seed", seed_upload, methods=["POST"]),
+        Route("/admin/misses", misses),
+    ]

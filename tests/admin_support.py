@@ -1,0 +1,65 @@
+"""Shared pieces of the admin API and dashboard tests: a small seed and a gateway with a token."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import shutil
+from pathlib import Path
+
+import httpx
+
+from gateway.seeding import seed_with_voice
+from gateway.server import BackgroundServer
+from intents.store import LocalStore
+
+BANK_FAQ = Path(__file__).resolve().parents[1] / "cache_seed" / "examples" / "bank_faq.csv"
+TOKEN = "admin-test-token-0f3c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+# Small on purpose: rendering uses the real voice (about half a second per answer). A seed this
+# small only calibrates to cache hits with a looser wrong-answer target than the CLI's 1 %.
+SMALL_INTENTS = ("opening_hours", "routing_number", "swift_code", "reset_online_password",
+                 "account_balance", "speak_to_person")
+SMALL_TARGET_WRONG_RATE = 0.05
+
+
+def small_faq_csv(intents: tuple[str, ...] = SMALL_INTENTS) -> str:
+    """The example bank FAQ's rows for a few intents, as CSV text."""
+    with open(BANK_FAQ, encoding="utf-8", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["intent"] in intents]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["question", "answer", "intent", "action"],
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def seed_small(root: Path, runtime) -> str:
+    csv_path = root.parent / f"{root.name}-seed.csv"
+    csv_path.write_text(small_faq_csv(), encoding="utf-8")
+    report = seed_with_voice(csv_path, LocalStore(root), runtime.tts, runtime.embedder,
+                             target_wrong_rate=SMALL_TARGET_WRONG_RATE, progress=False)
+    return report.version
+
+
+def start_admin_server(settings, runtime, store_dir: Path, token: str = TOKEN) -> BackgroundServer:
+    # A long poll: a change made through the admin API must serve without waiting for it.
+    return BackgroundServer(dataclasses.replace(settings, store_dir=str(store_dir),
+                                                admin_token=token, cache_poll_s=600.0),
+                            runtime).start()
+
+
+def copy_store(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def admin(server: BackgroundServer) -> httpx.Client:
+    return httpx.Client(base_url=server.base_url, headers=AUTH, timeout=120)
+
+
+def serving_version(server: BackgroundServer) -> str | None:
+    return httpx.get(server.base_url + "/readyz", timeout=10).json()["cache_version"]

@@ -1,0 +1,169 @@
+"""The dashboard in a real headless Chromium: it loads, asks for the token, refuses a wrong one,
+and shows the figures ``/admin/stats`` returns.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/ensure-browser.sh`` installs them).
+Skipped when they are absent, except under CI (the ``CI`` environment variable), where a missing
+browser is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.client import Caller
+from tests.admin_support import AUTH, TOKEN, seed_small, start_admin_server
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("VOICEGATE_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("VOICEGATE_CHROMEDRIVER", "/usr/bin/chromedriver")
+SCREENSHOT = Path(tempfile.gettempdir()) / "voicegate-dashboard.png"
+
+
+def _browser_missing() -> str | None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not (Path(p).is_file() or shutil.which(p))]
+    if missing:
+        return f"{' and '.join(missing)} not installed (run scripts/ensure-browser.sh)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = _browser_missing()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but the dashboard test cannot run: {reason}")
+        pytest.skip(f"headless Chromium test skipped: {reason}")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="voicegate-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage", "--window-size=1280,1100",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dashboard_server(tmp_path_factory, settings, runtime):
+    root = tmp_path_factory.mktemp("dashboard-store") / "store"
+    seed_small(root, runtime)
+    server = start_admin_server(settings, runtime, root)
+    yield server
+    server.stop()
+
+
+def js_fixed(value: float, digits: int) -> str:
+    """``Number.prototype.toFixed`` for non-negative numbers (ties round up, on the exact binary
+    value), so the expected text is exactly what the page prints."""
+    return str(Decimal(value).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else js_fixed(value * 100, 1) + "%"
+
+
+def ms(value: float | None) -> str:
+    return "–" if value is None else js_fixed(value, 1)
+
+
+def wait_loaded(driver, after: int = 0, timeout: float = 30) -> int:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def loaded(d):
+        count = int(d.execute_script("return Number(document.body.dataset.loaded || 0)"))
+        return count if count > after else False
+
+    return WebDriverWait(driver, timeout).until(loaded)
+
+
+async def test_dashboard_shows_what_the_api_returns(browser, dashboard_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as visible
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = dashboard_server
+    async with Caller(server.call_url) as caller:
+        hit = await caller.say_text("what time do your branches open")
+        miss = await caller.say_text("do you have a branch in Boston")
+    assert hit.first("route")["hit"] is True and miss.first("route")["hit"] is False
+
+    browser.get(server.base_url + "/admin/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(visible.visibility_of_element_located((By.ID, "token-input")))
+    assert not browser.find_element(By.ID, "dashboard").is_displayed()
+
+    # a wrong token: the page says the token was refused (401) and asks again
+    browser.find_element(By.ID, "token-input").send_keys("not-the-token")
+    browser.find_element(By.ID, "token-submit").click()
+    wait.until(visible.visibility_of_element_located((By.ID, "auth-error")))
+    assert "401" in browser.find_element(By.ID, "auth-error").text
+    assert browser.find_element(By.ID, "token-input").is_displayed()
+
+    browser.find_element(By.ID, "token-input").send_keys(TOKEN)
+    browser.find_element(By.ID, "token-submit").click()
+    wait.until(visible.visibility_of_element_located((By.ID, "dashboard")))
+    shown = wait_loaded(browser)
+    assert browser.execute_script(
+        "return sessionStorage.getItem('voicegate.adminToken')") == TOKEN
+
+    stats = httpx.get(server.base_url + "/admin/stats", headers=AUTH).json()
+    shown = wait_loaded(browser, after=shown)  # a refresh that started after the API read
+
+    def text(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text
+
+    assert text("hit-rate") == pct(stats["hit_rate"])
+    assert text("hit-rate-5m") == pct(stats["hit_rate_5m"])
+    assert text("active-calls") == str(stats["active_calls"])
+    assert text("turns") == str(stats["turns"])
+    assert text("hits") == str(stats["hits"]) and text("misses") == str(stats["misses"])
+    assert text("calls") == str(stats["calls"])
+    assert text("turns-5m") == str(stats["turns_5m"])
+    assert text("cache-version") == stats["cache_version"]
+    assert stats["hits"] >= 1 and stats["misses"] >= 1 and text("hit-rate") != "–"
+
+    for outcome in ("hit", "miss"):
+        for stage in ("end_of_turn", "route_decided", "first_token", "first_audio"):
+            for p in ("p50", "p99"):
+                figure = stats["latency_ms"].get(outcome, {}).get(stage, {}).get(p)
+                assert text(f"lat-{outcome}-{stage}-{p}") == ms(figure), (outcome, stage, p)
+    assert text("lat-hit-first_audio-p50") != "–"
+
+    # the chart: one bar per minute with turns, a hit-rate line over them
+    minutes = [p for p in stats["series"]["points"] if p["hits"] + p["misses"]]
+    bars = browser.find_elements(By.CSS_SELECTOR,
+                                 "#chart-svg rect.bar-hit, #chart-svg rect.bar-miss")
+    assert len(bars) == sum((p["hits"] > 0) + (p["misses"] > 0) for p in minutes)
+    assert browser.find_elements(By.CSS_SELECTOR, "#chart-svg polyline#rate-line")
+
+    misses = httpx.get(server.base_url + "/admin/misses", params={"limit": 10},
+                       headers=AUTH).json()
+    questions = [e.text for e in browser.find_elements(By.CSS_SELECTOR,
+                                                          "#top-misses .miss-group .question")]
+    assert questions == [g["question"] for g in misses["groups"]]
+    assert "do you have a branch in Boston" in questions
+
+    browser.save_screenshot(str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 10_000

@@ -1,0 +1,106 @@
+"""Small pieces behind the admin API: stats bookkeeping, rows -> seed plan, miss grouping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cache_seed import SeedValidationError, parse_seed_rows, rows_from_manifest
+from gateway.admin.misses import group_misses, is_agent_intent
+from gateway.stats import MissedQuestion, Stats
+
+
+def turn(source: str, **extra):
+    return {"source": source, "end_of_turn_ms": 1.0, "first_audio_ms": 2.0, **extra}
+
+
+def test_stats_keep_entry_hits_a_minute_series_and_the_missed_questions():
+    stats = Stats()
+    stats.turn_finished(turn("cache", intent="hours", entry_id="hours"), "when are you open")
+    stats.turn_finished(turn("cache", intent="hours", entry_id="hours"), "opening hours?")
+    stats.turn_finished(turn("llm", intent=None, action="llm"), "  do you sell   insurance ",
+                        route_score=0.2)
+    stats.turn_finished(turn("llm"), None)
+    snap = stats.snapshot()
+    assert snap["entry_hits"] == {"hours": 2}
+    assert (snap["hits"], snap["misses"]) == (2, 2)
+    points = snap["series"]["points"]
+    assert len(points) == 60 and points[-1]["hits"] == 2 and points[-1]["misses"] == 2
+    assert sum(p["hits"] + p["misses"] for p in points[:-1]) == 0
+    missed = stats.missed_questions()
+    assert [m.text for m in missed] == ["do you sell insurance"]  # hits and empty texts not kept
+    assert missed[0].score == 0.2 and missed[0].action == "llm"
+    assert set(snap["latency_ms"]["hit"]) >= {"end_of_turn", "first_audio"}
+
+
+def test_the_series_has_every_minute_and_forgets_the_old_ones():
+    stats = Stats()
+    stats._count_minute(1000, True)
+    stats._count_minute(1000, False)
+    stats._count_minute(1003, True)
+    points = stats.series(minutes=5, now=1004 * 60 + 30)
+    assert [(p["t"] // 60, p["hits"], p["misses"]) for p in points] == [
+        (1000, 1, 1), (1001, 0, 0), (1002, 0, 0), (1003, 1, 0), (1004, 0, 0)]
+    for minute in range(2000, 2100):
+        stats._count_minute(minute, True)
+    assert len(stats.minutes) == 60
+
+
+def test_rows_validate_like_a_csv_with_line_numbers_by_row():
+    rows = [{"question": "When are you open?", "answer": "Nine to five.", "intent": "hours"},
+            {"question": "Opening hours", "answer": None, "intent": "hours"},
+            {"question": "", "answer": "x", "intent": "other"},
+            {"question": "Refund?", "answer": "Yes", "intent": "refund", "action": "refund"}]
+    with pytest.raises(SeedValidationError) as caught:
+        parse_seed_rows(rows)
+    assert [(e.line, e.reason.split(" (")[0]) for e in caught.value.errors] == [
+        (4, "empty question"), (5, "unknown action 'refund'")]
+    plan = parse_seed_rows(rows[:2] + [{"question": "What is my balance?", "intent": "balance",
+                                        "action": "llm"}])
+    assert set(plan.entries) == {"hours", "balance"}
+    manifest = {"entries": [{"id": e.id, "intent": e.intent, "action": e.action.value,
+                             "answer": e.answer, "questions": list(e.questions)}
+                            for e in plan.entries.values()]}
+    again = parse_seed_rows(rows_from_manifest(manifest))
+    assert again.entries == plan.entries and again.questions == plan.questions
+
+
+class WordEmbedder:
+    """Bag-of-words vectors: texts sharing words are similar."""
+
+    vocabulary = ["boston", "branch", "mortgage", "loan", "car", "insurance"]
+
+    def encode_batch(self, texts, **_):
+        out = np.zeros((len(texts), len(self.vocabulary)), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for j, word in enumerate(self.vocabulary):
+                out[i, j] = word in text.lower()
+            out[i] /= max(np.linalg.norm(out[i]), 1e-9)
+        return out
+
+
+def missed(text, intent=None, action="llm", score=0.1, at=0.0):
+    return MissedQuestion(text=text, intent=intent, action=action, at=at, score=score)
+
+
+def test_misses_group_by_meaning_most_frequent_first():
+    questions = [missed("Boston branch?", "hours", "answer"), missed("a branch in Boston"),
+                 missed("boston branch?"), missed("mortgage loan"), missed("Mortgage loan"),
+                 missed("mortgage loan"), missed("car insurance")]
+    groups = group_misses(questions, WordEmbedder(), threshold=0.75)
+    assert [g["count"] for g in groups] == [3, 3, 1]
+    loans, city = sorted(groups[:2], key=lambda g: g["question"])[::-1]
+    assert loans["question"] == "mortgage loan" and loans["examples"] == [
+        {"text": "mortgage loan", "count": 3}]
+    assert city["distinct"] == 2 and city["intents"] == [{"intent": None, "count": 2},
+                                                         {"intent": "hours", "count": 1}]
+    assert groups[2]["question"] == "car insurance"
+    assert group_misses([], WordEmbedder()) == []
+    assert len(group_misses(questions, WordEmbedder(), limit=1)) == 1
+
+
+def test_only_confident_agent_intents_are_not_missing_faqs():
+    assert is_agent_intent(missed("balance?", "balance", "llm", score=0.9), 0.6)
+    assert not is_agent_intent(missed("mortgage?", "agent", "handoff", score=0.3), 0.6)
+    assert not is_agent_intent(missed("hours?", "hours", "answer", score=0.9), 0.6)
+    assert not is_agent_intent(missed("weather?", None, "llm", score=0.9), 0.6)
