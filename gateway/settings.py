@@ -38,9 +38,14 @@ class Settings:
 
     # --- stores -------------------------------------------------------------
     store_dir: str = "var/store"
-    redis_url: str = ""
+    redis_url: str = ""  # set: the shared Redis store replaces store_dir (docs/operations.md)
+    redis_prefix: str = "voicegate:"  # namespace of every key and channel in that Redis
     # How often a replica checks the store for a newly published cache version.
     cache_poll_s: float = 2.0
+    # With Redis, pub/sub announces new versions; this slow poll is only the safety net.
+    redis_poll_s: float = 30.0
+    # Replica heartbeat (live replica count in the cluster stats); its TTL is three beats.
+    redis_heartbeat_s: float = 5.0
     # Torch threads for sentence embeddings (routing a partial is one short text).
     embedder_threads: int = 1
 
