@@ -30,9 +30,9 @@ import redis.asyncio as aioredis
 from cache_seed.seed import render_answers
 from cache_seed.validate import read_seed_csv
 from gateway.client import Caller
-from gateway.redis_link import RedisHealth
+from gateway.redis_link import RedisHealth, VersionSubscriber
 from gateway.shared_stats import SharedStats
-from intents.redis_store import RedisStore, redacted
+from intents.redis_store import RedisKeys, RedisStore, redacted
 from intents.store import CacheBundle, StoreError, audio_key
 from intents.types import Audio
 
@@ -159,6 +159,45 @@ def test_an_unreachable_redis_is_a_clear_store_error() -> None:
                                          "unreachable") as caught:
         store.current_version()
     assert "secret" not in str(caught.value)
+
+
+# -- the replica's link: pub/sub reloads and degraded mode ---------------------------------
+
+async def test_the_subscriber_refreshes_on_connect_and_on_every_publish(store: RedisStore,
+                                                                      redis_url: str) -> None:
+    refreshes: list[str | None] = []
+
+    async def refresh() -> None:
+        refreshes.append(await asyncio.to_thread(store.current_version))
+
+    health = RedisHealth()
+    task = asyncio.create_task(VersionSubscriber(redis_url, RedisKeys("vgtest:"), refresh,
+                                                 health).run())
+    await poll(lambda: refreshes == [None], "the catch-up refresh on subscribing")
+    first = await asyncio.to_thread(store.publish, bundle("one"))
+    second = await asyncio.to_thread(store.publish, bundle("two"))
+    # One refresh per publish; the first may already see the second version.
+    await poll(lambda: len(refreshes) == 3 and refreshes[-1] == second, "both publishes heard")
+    assert refreshes[1] in (first, second)
+    assert health.degraded is False
+    task.cancel()
+
+
+async def test_an_unreachable_redis_degrades_the_replica() -> None:
+    changes: list[str | None] = []
+    health = RedisHealth(on_change=changes.append)
+
+    async def refresh() -> None:
+        raise AssertionError("never subscribed, never refreshed")
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    task = asyncio.create_task(VersionSubscriber(url, RedisKeys(), refresh, health).run())
+    await poll(lambda: health.degraded, "the subscriber reports Redis down")
+    task.cancel()
+    assert health.reason is not None and "unreachable" in health.reason and url in health.reason
+    assert changes == [health.reason]
+    health.up("subscriber")
+    assert not health.degraded and changes[-1] is None
 
 
 # -- shared counters -----------------------------------------------------------------------
