@@ -142,6 +142,8 @@ class Services:
         for task in (self._load_task, self._watch_task, *self._redis_tasks):
             if task is not None:
                 task.cancel()
+        # Let the counter flusher finish cancelling before the final flush in leave().
+        await asyncio.gather(*self._redis_tasks, return_exceptions=True)
         if self.shared_stats is not None:
             if self._runtime is not None:
                 self._runtime.stats.observers.remove(self.shared_stats)
