@@ -22,7 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .settings import Settings
 
-    settings = Settings.load({"host": args.host, "port": args.port})
+    settings = Settings.load({"host": args.host, "port": args.port, "redis_url": args.redis})
     logs.configure(settings.log_level)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, **uvicorn_options(settings))
@@ -88,9 +88,16 @@ def format_event(event: dict[str, Any]) -> str:
 
 
 def _store(args: argparse.Namespace, settings: Any) -> Any:
+    """--store DIR wins, then --redis URL / VOICEGATE_REDIS_URL, then the local store dir."""
     from intents.store import LocalStore
 
-    return LocalStore(args.store or settings.store_dir)
+    if args.store:
+        return LocalStore(args.store)
+    if settings.redis_url:
+        from intents.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+    return LocalStore(settings.store_dir)
 
 
 def _seed(args: argparse.Namespace) -> int:
@@ -98,12 +105,13 @@ def _seed(args: argparse.Namespace) -> int:
 
     from cache_seed import SeedError, SeedValidationError
     from intents.embedder import Embedder
+    from intents.store import StoreError
 
     from .providers.registry import create_tts
     from .seeding import seed_with_voice
     from .settings import Settings
 
-    settings = Settings.load()
+    settings = Settings.load({"redis_url": args.redis})
     if not Path(args.csv).is_file():
         print(f"voicegate seed: no such file: {args.csv}", file=sys.stderr)
         return 2
@@ -117,7 +125,7 @@ def _seed(args: argparse.Namespace) -> int:
         except SeedValidationError as exc:
             print(f"voicegate seed: {exc}", file=sys.stderr)
             return 1
-        except SeedError as exc:
+        except (SeedError, StoreError) as exc:
             print(f"voicegate seed: {exc}; the previous version keeps serving", file=sys.stderr)
             return 1
     print(report.summary())
@@ -132,7 +140,7 @@ def _route(args: argparse.Namespace) -> int:
 
     from .settings import Settings
 
-    settings = Settings.load()
+    settings = Settings.load({"redis_url": args.redis})
     try:
         cache = load_cache(_store(args, settings), Embedder())
     except StoreError as exc:
@@ -149,6 +157,10 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), port=args.port)
 
 
+_REDIS_HELP = ("shared Redis store, redis://HOST:PORT/DB (default: VOICEGATE_REDIS_URL; "
+               "empty: the local store)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voicegate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     serve.set_defaults(func=_serve)
 
     call = sub.add_parser("call", help="call a gateway with a WAV file or a transcript")
@@ -171,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed = sub.add_parser("seed", help="validate a FAQ CSV, render its answers, publish it")
     seed.add_argument("csv", help="columns question, answer (required), intent, action")
     seed.add_argument("--store", help="cache directory (default: VOICEGATE_STORE_DIR)")
+    seed.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     seed.add_argument("--target-wrong-rate", type=float, default=0.01,
                       help="calibrate thresholds to this wrong-answer rate (default 0.01)")
     seed.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -178,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     route = sub.add_parser("route", help="route utterances from stdin, one JSON line each")
     route.add_argument("--store", help="cache directory (default: VOICEGATE_STORE_DIR)")
+    route.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     route.set_defaults(func=_route)
 
     demo = sub.add_parser("demo", help="start a gateway and call it with synthesized callers")

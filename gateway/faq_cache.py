@@ -71,6 +71,8 @@ class FaqCache:
             self.last_error = f"store unavailable: {exc}"
             return False
         if current is None or current == self.version:
+            if current is not None:
+                self.last_error = None  # the store answers again and we serve its version
             return False
         started = time.perf_counter()
         try:

@@ -10,16 +10,19 @@ import asyncio
 import logging
 from typing import Any
 
-from . import logs
+from intents.redis_store import RedisKeys, RedisStore
 from intents.store import LocalStore, Store
 
+from . import logs
 from .call import Call, CallOutput
 from .faq_cache import FaqCache
 from .route_batcher import RouteBatcher
 from .protocol import StartMessage
+from .redis_link import RedisHealth, VersionSubscriber, open_async_client
 from .responder import Responder
 from .runtime import Runtime
 from .settings import Settings
+from .shared_stats import SharedStats
 
 log = logging.getLogger("voicegate.services")
 
@@ -35,6 +38,10 @@ class Services:
         self._watch_task: asyncio.Task[None] | None = None
         self.load_error: str | None = None
         self._load_task: asyncio.Task[None] | None = None
+        # Only with a shared Redis (settings.redis_url):
+        self.redis_health: RedisHealth | None = None
+        self.shared_stats: SharedStats | None = None
+        self._redis_tasks: list[asyncio.Task[None]] = []
 
     @property
     def ready(self) -> bool:
@@ -64,20 +71,46 @@ class Services:
         self.cache = cache
         self.route_batcher = RouteBatcher(cache.route_many, runtime.route_executor)
         self.responder = Responder(runtime, cache.audio)
-        self._watch_task = asyncio.create_task(self._watch_cache(cache))
-        logs.event(log, "ready", load_times_s=runtime.load_times_s, cache_version=cache.version)
+        poll_s = self.settings.cache_poll_s
+        if self.settings.redis_url:
+            self._start_redis(runtime, cache)
+            poll_s = self.settings.redis_poll_s
+        self._watch_task = asyncio.create_task(self._watch_cache(cache, poll_s))
+        logs.event(log, "ready", load_times_s=runtime.load_times_s, cache_version=cache.version,
+                   store="redis" if self.settings.redis_url else "local")
 
     def open_store(self) -> Store:
+        if self.settings.redis_url:
+            return RedisStore(self.settings.redis_url, prefix=self.settings.redis_prefix)
         return LocalStore(self.settings.store_dir)
 
-    async def _watch_cache(self, cache: FaqCache) -> None:
+    def _start_redis(self, runtime: Runtime, cache: FaqCache) -> None:
+        """Pub/sub reloads, degraded-mode tracking and the shared counters."""
+        settings = self.settings
+        health = RedisHealth(on_change=runtime.stats.set_degraded)
+        shared = SharedStats(
+            open_async_client(settings.redis_url), prefix=settings.redis_prefix, health=health,
+            heartbeat_s=settings.redis_heartbeat_s,
+            describe=lambda: {"active_calls": runtime.stats.active_calls,
+                              "cache_version": cache.version})
+        runtime.stats.observers.append(shared)
+        subscriber = VersionSubscriber(settings.redis_url, RedisKeys(settings.redis_prefix),
+                                       lambda: self._refresh(cache), health)
+        self.redis_health, self.shared_stats = health, shared
+        self._redis_tasks = [asyncio.create_task(subscriber.run()),
+                             asyncio.create_task(shared.run())]
+
+    async def _refresh(self, cache: FaqCache) -> None:
+        try:
+            await asyncio.to_thread(cache.refresh)
+        except Exception:  # a bad version must not stop the watcher
+            log.exception("cache_refresh_failed")
+
+    async def _watch_cache(self, cache: FaqCache, poll_s: float) -> None:
         """Pick up newly published versions (another process may seed at any time)."""
         while True:
-            await asyncio.sleep(self.settings.cache_poll_s)
-            try:
-                await asyncio.to_thread(cache.refresh)
-            except Exception:  # a bad version must not stop the watcher
-                log.exception("cache_refresh_failed")
+            await asyncio.sleep(poll_s)
+            await self._refresh(cache)
 
     def new_call(self, output: CallOutput, start: StartMessage,
                  call_id: str | None = None) -> Call:
@@ -92,10 +125,23 @@ class Services:
         if self._runtime is None:
             return {"ready": False, "error": self.load_error}
         cache = self.cache
+        health = self.redis_health
+        # Degraded is still ready: the replica serves the version it holds.
         return {"ready": True, "load_times_s": self._runtime.load_times_s,
                 "stt": self._runtime.stt.name, "tts": self._runtime.tts.name,
+                "store": "redis" if self.settings.redis_url else "local",
                 "cache_version": cache.version if cache else None,
-                "cache_error": cache.last_error if cache else None}
+                "cache_error": cache.last_error if cache else None,
+                "degraded": bool(health and health.degraded),
+                "degraded_reason": health.reason if health else None}
+
+    async def cluster_stats(self) -> dict[str, Any]:
+        """This replica's stats with the counters summed over every replica (Redis);
+        without Redis, this replica's own."""
+        local = self.runtime.stats.snapshot()
+        if self.shared_stats is None:
+            return dict(local, scope="replica", replicas=1)
+        return await self.shared_stats.cluster_snapshot(local)
 
     def stats_snapshot(self) -> dict[str, Any]:
         """What ``/admin/stats`` answers: this replica's stats and the serving cache version."""
@@ -104,9 +150,17 @@ class Services:
         return snapshot
 
     async def aclose(self) -> None:
-        for task in (self._load_task, self._watch_task):
+        for task in (self._load_task, self._watch_task, *self._redis_tasks):
             if task is not None:
                 task.cancel()
+        # Let the counter flusher finish cancelling before the final flush in leave().
+        await asyncio.gather(*self._redis_tasks, return_exceptions=True)
+        if self.shared_stats is not None:
+            if self._runtime is not None:
+                self._runtime.stats.observers.remove(self.shared_stats)
+                self._runtime.stats.set_degraded(None)
+            await self.shared_stats.leave()
+            await self.shared_stats.aclose()
         # A runtime handed in by the caller is the caller's to close.
         if self._runtime is not None and self._given_runtime is None:
             await self._runtime.aclose()

@@ -38,11 +38,17 @@ class Settings:
 
     # --- stores -------------------------------------------------------------
     store_dir: str = "var/store"
-    redis_url: str = ""
+    # Set: the shared Redis store replaces store_dir (docs/operations.md). May hold a password.
+    redis_url: str = field(default="", repr=False)
+    redis_prefix: str = "voicegate:"  # namespace of every key and channel in that Redis
     # How often a replica checks the store for a newly published cache version.
     cache_poll_s: float = 2.0
     # Partial transcripts shorter than this are not routed speculatively.
     route_min_words: int = 3
+    # With Redis, pub/sub announces new versions; this slow poll is only the safety net.
+    redis_poll_s: float = 30.0
+    # Replica heartbeat (live replica count in the cluster stats); its TTL is three beats.
+    redis_heartbeat_s: float = 5.0
     # Torch threads for sentence embeddings (routing a partial is one short text).
     embedder_threads: int = 1
 
@@ -165,7 +171,8 @@ class Settings:
         if not 0.0 < self.vad_threshold < 1.0:
             raise SettingsError("vad_threshold must be between 0 and 1")
         for name in ("min_speech_ms", "barge_in_min_speech_ms", "end_of_turn_silence_ms",
-                     "partial_interval_ms", "cpu_workers", "max_frame_bytes"):
+                     "partial_interval_ms", "cpu_workers", "max_frame_bytes", "redis_poll_s",
+                     "redis_heartbeat_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         for name in ("llm_primary_provider", "llm_secondary_provider"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -32,6 +32,17 @@ def outcome_of(metrics: dict[str, Any]) -> str:
     return "hit" if metrics.get("source") == "cache" else "miss"
 
 
+class StatsObserver(Protocol):
+    """Something else told about every counted event (the shared Redis counters).
+    Called on the event loop: it must not block."""
+
+    def call_started(self) -> None: ...
+
+    def turn_finished(self, metrics: dict[str, Any]) -> None: ...
+
+    def error(self, code: str) -> None: ...
+
+
 class _Prometheus:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -49,6 +60,8 @@ class _Prometheus:
         self.latency = Histogram("voicegate_stage_seconds",
                                  "Turn stage latency (see docs/protocol.md, turn_metrics)",
                                  ["stage", "outcome"], buckets=_BUCKETS_S, registry=r)
+        self.degraded = Gauge("voicegate_degraded",
+                              "1 while a shared store (Redis) is unreachable", registry=r)
 
 
 @dataclass
@@ -70,12 +83,16 @@ class Stats:
     # The final text of recent missed turns, for grouping into "which FAQ to add next".
     missed: deque["MissedQuestion"] = field(default_factory=lambda: deque(maxlen=MISSED_KEPT))
     prometheus: _Prometheus = field(default_factory=_Prometheus)
+    observers: list[StatsObserver] = field(default_factory=list)
+    degraded_reason: str | None = None  # why the replica is degraded, None when it is not
 
     def call_started(self) -> None:
         self.calls += 1
         self.active_calls += 1
         self.prometheus.calls.inc()
         self.prometheus.active_calls.inc()
+        for observer in self.observers:
+            observer.call_started()
 
     def call_ended(self) -> None:
         self.active_calls -= 1
@@ -84,6 +101,12 @@ class Stats:
     def error(self, code: str) -> None:
         self.errors[code] += 1
         self.prometheus.errors.labels(code).inc()
+        for observer in self.observers:
+            observer.error(code)
+
+    def set_degraded(self, reason: str | None) -> None:
+        self.degraded_reason = reason
+        self.prometheus.degraded.set(0 if reason is None else 1)
 
     def turn_finished(self, metrics: dict[str, Any], text: str | None = None,
                       route_score: float | None = None) -> None:
@@ -119,6 +142,8 @@ class Stats:
             if value is not None:
                 per_outcome.setdefault(stage, deque(maxlen=self.window)).append(float(value))
                 prom.latency.labels(stage.removesuffix("_ms"), outcome).observe(value / 1000.0)
+        for observer in self.observers:
+            observer.turn_finished(metrics)
 
     def _count_minute(self, minute: int, hit: bool) -> None:
         if not self.minutes or self.minutes[-1][0] != minute:
@@ -163,7 +188,8 @@ class Stats:
                 "intents": dict(self.intents), "errors": dict(self.errors),
                 "entry_hits": dict(self.entry_hits),
                 "series": {"minute_s": 60, "points": self.series()},
-                "latency_ms": latency}
+                "latency_ms": latency, "degraded": self.degraded_reason is not None,
+                "degraded_reason": self.degraded_reason}
 
 
 @dataclass(frozen=True)

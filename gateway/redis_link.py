@@ -1,0 +1,121 @@
+"""This replica's live link to the shared Redis: health and version notifications.
+
+``RedisHealth`` says whether the replica is degraded (Redis unreachable) and why.
+``VersionSubscriber`` keeps a pub/sub subscription on ``<prefix>versions`` and
+calls ``refresh`` for every published version; when the connection drops it marks
+the replica degraded, reconnects with backoff, and on return refreshes once to
+catch up with anything published meanwhile. While degraded the replica keeps
+serving the version it holds: nothing here ever unloads a cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from intents.redis_store import RedisKeys, redacted
+
+from . import logs
+
+log = logging.getLogger("voicegate.redis")
+
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 5.0
+
+
+def open_async_client(url: str, timeout_s: float = 5.0) -> aioredis.Redis:
+    """An asyncio client whose failures surface at once: the callers own the retry loops
+    (redis-py's silent reconnects would hide an outage and skip the catch-up)."""
+    return aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s,
+                                   socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+
+
+class RedisHealth:
+    """Degraded while any user of the link (subscriber, counters) reports Redis down."""
+
+    def __init__(self, on_change: Callable[[str | None], None] | None = None) -> None:
+        self._down: dict[str, str] = {}  # who -> why
+        self._on_change = on_change
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self._down)
+
+    @property
+    def reason(self) -> str | None:
+        return "; ".join(f"{who}: {why}" for who, why in sorted(self._down.items())) or None
+
+    def down(self, who: str, why: str) -> None:
+        was = self.reason
+        self._down[who] = why
+        if was is None:
+            logs.event(log, "redis_degraded", logging.WARNING, reason=self.reason)
+        self._changed(was)
+
+    def up(self, who: str) -> None:
+        was = self.reason
+        self._down.pop(who, None)
+        if was is not None and self.reason is None:
+            logs.event(log, "redis_recovered")
+        self._changed(was)
+
+    def _changed(self, was: str | None) -> None:
+        if self._on_change is not None and was != self.reason:
+            self._on_change(self.reason)
+
+
+class VersionSubscriber:
+    def __init__(self, url: str, keys: RedisKeys, refresh: Callable[[], Awaitable[None]],
+                 health: RedisHealth, ping_s: float = 5.0) -> None:
+        self._url = url
+        self._keys = keys
+        self._refresh = refresh
+        self._health = health
+        self._ping_s = ping_s  # a silent dead link is found by pinging it
+
+    async def run(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            client = open_async_client(self._url)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._keys.channel)
+                self._health.up("subscriber")
+                backoff = BACKOFF_MIN_S
+                # Subscribed first, then refresh: a version published in between is not missed.
+                await self._refresh()
+                await self._listen(pubsub)
+            except (RedisError, OSError) as exc:
+                self._health.down("subscriber", f"Redis at {redacted(self._url)} unreachable: "
+                                                f"{type(exc).__name__}: {exc}")
+            finally:
+                await _quietly(pubsub.aclose())
+                await _quietly(client.aclose())
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=self._ping_s)
+            if message is None:
+                await pubsub.ping()
+            elif message.get("type") == "message":
+                logs.event(log, "version_published", version=_text(message.get("data")))
+                await self._refresh()
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+async def _quietly(closing: Awaitable[object]) -> None:
+    try:
+        await closing
+    except (RedisError, OSError):
+        pass

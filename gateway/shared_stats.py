@@ -1,0 +1,212 @@
+"""Counters shared by every replica, in Redis, and the cluster-wide stats snapshot.
+
+``SharedStats`` observes this replica's ``Stats`` (call started, turn finished,
+error). Recording never touches the network: it adds to an in-memory map of pending
+increments, and a background task flushes that map to Redis every ``flush_s`` in
+one MULTI/EXEC. While Redis is down the increments stay buffered (aggregated, so the
+buffer grows with the number of distinct counters, not with traffic) and are
+written when it returns; only increments to new counters beyond ``max_pending``
+distinct ones are dropped, and counted in ``dropped``.
+
+Key layout (``prefix`` defaults to ``voicegate:``)::
+
+    <prefix>stats:totals          hash  calls, turns, hits, misses, interrupted_turns
+    <prefix>stats:intents         hash  intent -> turns
+    <prefix>stats:entries         hash  entry id -> cache hits
+    <prefix>stats:sources         hash  source -> turns
+    <prefix>stats:errors          hash  error code -> count
+    <prefix>stats:minute:<epoch minute>   hash turns, hits (expires after 10 minutes)
+    <prefix>replica:<id>          string JSON {active_calls, cache_version, ...}, TTL 3 heartbeats
+
+Latency percentiles cannot be summed across replicas; a cluster snapshot carries the
+local replica's (``latency_scope: "replica"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from intents.redis_store import DEFAULT_PREFIX
+
+from . import logs
+from .redis_link import RedisHealth
+from .stats import outcome_of
+
+log = logging.getLogger("voicegate.shared_stats")
+
+MINUTE_BUCKET_TTL_S = 600
+RECENT_MINUTES = 5
+_HASHES = ("totals", "intents", "entries", "sources", "errors")
+
+
+def new_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class SharedStats:
+    def __init__(self, client: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX,
+                 replica_id: str | None = None, health: RedisHealth | None = None,
+                 describe: Callable[[], dict[str, Any]] = dict, heartbeat_s: float = 5.0,
+                 flush_s: float = 0.25, max_pending: int = 10_000) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self.replica_id = replica_id or new_replica_id()
+        self._health = health or RedisHealth()
+        self._describe = describe  # this replica's live figures for its heartbeat
+        self._heartbeat_s = heartbeat_s
+        self._flush_s = flush_s
+        self._max_pending = max_pending
+        self._pending: Counter[tuple[str, str]] = Counter()  # (hash key, field) -> increment
+        self.dropped = 0
+
+    # -- recording (StatsObserver; called on the event loop, never blocks) ---------------
+    def call_started(self) -> None:
+        self._add("stats:totals", "calls")
+
+    def error(self, code: str) -> None:
+        self._add("stats:errors", code)
+
+    def turn_finished(self, metrics: dict[str, Any]) -> None:
+        outcome = outcome_of(metrics)
+        minute = f"stats:minute:{int(time.time() // 60)}"
+        self._add("stats:totals", "turns")
+        self._add("stats:totals", "hits" if outcome == "hit" else "misses")
+        self._add(minute, "turns")
+        if outcome == "hit":
+            self._add(minute, "hits")
+            if metrics.get("entry_id"):
+                self._add("stats:entries", str(metrics["entry_id"]))
+        if metrics.get("intent"):
+            self._add("stats:intents", str(metrics["intent"]))
+        self._add("stats:sources", str(metrics.get("source") or "none"))
+        if metrics.get("interrupted"):
+            self._add("stats:totals", "interrupted_turns")
+
+    def _add(self, key: str, field: str) -> None:
+        slot = (self._prefix + key, field)
+        if slot not in self._pending and len(self._pending) >= self._max_pending:
+            self.dropped += 1
+            return
+        self._pending[slot] += 1
+
+    @property
+    def pending(self) -> int:
+        return sum(self._pending.values())
+
+    # -- background: flush and heartbeat --------------------------------------------------
+    async def run(self) -> None:
+        next_beat = 0.0
+        while True:
+            try:
+                await self.flush()
+                if time.monotonic() >= next_beat:
+                    await self.heartbeat()
+                    next_beat = time.monotonic() + self._heartbeat_s
+                self._health.up("counters")
+            except (RedisError, OSError) as exc:
+                self._health.down("counters", f"cannot write counters: {type(exc).__name__}: "
+                                              f"{exc}")
+                next_beat = 0.0  # announce ourselves again as soon as Redis is back
+            await asyncio.sleep(self._flush_s)
+
+    async def flush(self) -> None:
+        """Write the pending increments in one transaction; on failure keep them pending."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, Counter()
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            minutes: set[str] = set()
+            for (key, field), amount in batch.items():
+                pipe.hincrby(key, field, amount)
+                if key.startswith(self._prefix + "stats:minute:"):
+                    minutes.add(key)
+            for key in minutes:
+                pipe.expire(key, MINUTE_BUCKET_TTL_S)
+            await pipe.execute()
+        except BaseException:
+            batch.update(self._pending)  # increments recorded meanwhile
+            self._pending = batch
+            raise
+
+    async def heartbeat(self) -> None:
+        body = dict(self._describe(), replica=self.replica_id, pending=self.pending,
+                    dropped=self.dropped, at=time.time())
+        await self._redis.set(self._prefix + f"replica:{self.replica_id}",
+                              json.dumps(body, default=str),
+                              ex=max(1, round(self._heartbeat_s * 3)))
+
+    async def leave(self, timeout_s: float = 2.0) -> None:
+        """Best-effort goodbye: flush and drop the heartbeat so the replica count is exact."""
+        async def goodbye() -> None:
+            await self.flush()
+            await self._redis.delete(self._prefix + f"replica:{self.replica_id}")
+
+        try:
+            await asyncio.wait_for(goodbye(), timeout_s)
+        except (RedisError, OSError, TimeoutError) as exc:
+            logs.event(log, "shared_stats_leave_failed", logging.WARNING, error=str(exc),
+                       pending=self.pending)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    # -- the cluster view -----------------------------------------------------------------
+    async def cluster_snapshot(self, local: dict[str, Any]) -> dict[str, Any]:
+        """``local`` (a ``Stats.snapshot()``) with the counters summed over all replicas.
+
+        Redis unreachable: the local figures, marked ``degraded`` and ``replicas: None``.
+        """
+        try:
+            counts, replicas = await self._read_cluster()
+        except (RedisError, OSError) as exc:
+            reason = f"cannot read shared counters: {type(exc).__name__}: {exc}"
+            return dict(local, scope="replica", replicas=None, degraded=True,
+                        degraded_reason=self._health.reason or reason,
+                        latency_scope="replica")
+        totals = counts["totals"]
+        hits, misses = totals.get("hits", 0), totals.get("misses", 0)
+        recent_turns, recent_hits = counts["recent_turns"], counts["recent_hits"]
+        return dict(
+            local, scope="cluster", replicas=len(replicas),
+            active_calls=sum(int(r.get("active_calls", 0)) for r in replicas),
+            calls=totals.get("calls", 0), turns=totals.get("turns", 0), hits=hits,
+            misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None,
+            hit_rate_5m=recent_hits / recent_turns if recent_turns else None,
+            turns_5m=recent_turns, interrupted_turns=totals.get("interrupted_turns", 0),
+            sources=counts["sources"], intents=counts["intents"], errors=counts["errors"],
+            entry_hits=counts["entries"], degraded=self._health.degraded,
+            degraded_reason=self._health.reason, latency_scope="replica")
+
+    async def _read_cluster(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        now_minute = int(time.time() // 60)
+        pipe = self._redis.pipeline(transaction=False)
+        for name in _HASHES:
+            pipe.hgetall(self._prefix + f"stats:{name}")
+        for minute in range(now_minute - RECENT_MINUTES + 1, now_minute + 1):
+            pipe.hmget(self._prefix + f"stats:minute:{minute}", ["turns", "hits"])
+        results = await pipe.execute()
+        counts: dict[str, Any] = {name: _ints(raw) for name, raw in zip(_HASHES, results)}
+        buckets = results[len(_HASHES):]
+        counts["recent_turns"] = sum(int(t or 0) for t, _ in buckets)
+        counts["recent_hits"] = sum(int(h or 0) for _, h in buckets)
+        keys = [key async for key in self._redis.scan_iter(match=self._prefix + "replica:*",
+                                                             count=500)]
+        values = await self._redis.mget(keys) if keys else []
+        replicas = [json.loads(v) for v in values if v]  # expired between SCAN and MGET: gone
+        return counts, replicas
+
+
+def _ints(raw: dict[bytes, bytes]) -> dict[str, int]:
+    return {k.decode("utf-8", "replace"): int(v) for k, v in raw.items()}

@@ -1,0 +1,524 @@
+"""The Redis store and several replicas sharing one cache.
+
+Unit tests use the shared Redis on 127.0.0.1:6379, database 13, flushed per test
+(``VOICEGATE_TEST_REDIS_URL`` overrides). The replica test starts its own
+redis-server (free port, temporary directory, appendonly) and two gateway
+processes, and restarts that Redis mid-test. Without Redis these tests skip, except
+under CI (``CI=true``), where they fail with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from cache_seed.seed import render_answers
+from cache_seed.validate import read_seed_csv
+from gateway.client import Caller
+from gateway.redis_link import RedisHealth, VersionSubscriber
+from gateway.shared_stats import SharedStats
+from intents.redis_store import RedisKeys, RedisStore, redacted
+from intents.store import CacheBundle, StoreError, audio_key
+from intents.types import Audio
+
+REDIS_URL = os.environ.get("VOICEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally; under CI a missing Redis is a failure, never a silent skip."""
+    if IN_CI:
+        pytest.fail(f"CI=true and {reason}: start one (scripts/ensure-redis.sh) or install "
+                    f"redis-server")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable(f"no Redis at {redacted(REDIS_URL)} ({exc})")
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[RedisStore]:
+    s = RedisStore(redis_url, prefix="vgtest:")
+    yield s
+    s.close()
+
+
+def bundle(marker: str = "a", dim: int = 4) -> CacheBundle:
+    vectors = np.arange(3 * dim, dtype=np.float32).reshape(3, dim)
+    return CacheBundle({"marker": marker, "entries": [], "questions": []}, vectors,
+                       b"classifier-" + marker.encode())
+
+
+# -- RedisStore ------------------------------------------------------------------------------
+
+def test_publish_then_read_round_trips(store: RedisStore) -> None:
+    assert store.current_version() is None
+    with pytest.raises(StoreError, match="no cache version published"):
+        store.read()
+    original = bundle("first")
+    version = store.publish(original)
+    assert store.current_version() == version
+    name, read = store.read()
+    assert name == version
+    assert read.manifest["marker"] == "first" and read.manifest["version"] == version
+    assert read.vectors.dtype == np.float32 and np.array_equal(read.vectors, original.vectors)
+    assert read.classifier == original.classifier
+    newer = store.publish(bundle("second"))
+    assert store.current_version() == newer and store.versions() == sorted([version, newer])
+    assert store.read(version)[1].manifest["marker"] == "first"  # old versions stay readable
+
+
+def test_audio_is_content_addressed(store: RedisStore) -> None:
+    key = audio_key("We open at nine.", "voice-1")
+    assert not store.has_audio(key)
+    store.put_audio(key, Audio(b"\x01\x00\x02\x00", 22050))
+    assert store.has_audio(key)
+    assert store.get_audio(key) == Audio(b"\x01\x00\x02\x00", 22050)
+    with pytest.raises(StoreError, match="missing"):
+        store.get_audio(audio_key("never rendered", "voice-1"))
+    with pytest.raises(StoreError, match="not an audio key"):
+        store.has_audio("../etc/passwd")
+
+
+def test_a_failed_publish_leaves_the_old_version_serving(store: RedisStore, redis_url: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    old = store.publish(bundle("old"))
+
+    def broken(version: str) -> None:
+        raise StoreError("Redis went away before the pointer moved")
+
+    monkeypatch.setattr(store, "_swap_pointer", broken)
+    with pytest.raises(StoreError, match="went away"):
+        store.publish(bundle("new"))
+    assert store.current_version() == old
+    assert store.read()[1].manifest["marker"] == "old"
+    assert store.versions() == [old]
+    keys = redis.Redis.from_url(redis_url).keys("vgtest:version:*")
+    assert keys == [f"vgtest:version:{old}".encode()]  # the half-published version is gone
+
+
+def test_publish_announces_the_version_on_the_channel(store: RedisStore, redis_url: str) -> None:
+    pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("vgtest:versions")
+    version = store.publish(bundle())
+    message = None
+    deadline = time.monotonic() + 10
+    while message is None and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+    pubsub.close()
+    assert message is not None and message["data"] == version.encode()
+
+
+def test_seeding_twice_reuses_the_audio_in_redis(store: RedisStore, tmp_path: Path) -> None:
+    csv = tmp_path / "faq.csv"
+    write_small_faq(csv)
+    rendered: list[str] = []
+
+    def render(text: str) -> tuple[bytes, int]:
+        rendered.append(text)
+        return b"\x00\x01" * 100, 16000
+
+    plan = read_seed_csv(csv)
+    entries, fresh, reused = render_answers(plan, store, render, "voice-1", progress=False)
+    assert fresh == len(rendered) == len(FAQ) and reused == 0
+    entries, fresh, reused = render_answers(plan, store, render, "voice-1", progress=False)
+    assert fresh == 0 and reused == len(FAQ) and len(rendered) == len(FAQ)
+    assert all(store.has_audio(e.audio_key) for e in entries.values() if e.audio_key)
+
+
+def test_an_unreachable_redis_is_a_clear_store_error() -> None:
+    port = free_port()  # nothing listens there
+    store = RedisStore(f"redis://:secret@127.0.0.1:{port}/0", timeout_s=1)
+    with pytest.raises(StoreError, match=f"Redis at redis://:\\*\\*\\*@127.0.0.1:{port}/0 is "
+                                         "unreachable") as caught:
+        store.current_version()
+    assert "secret" not in str(caught.value)
+
+
+# -- the replica's link: pub/sub reloads and degraded mode ---------------------------------
+
+async def test_the_subscriber_refreshes_on_connect_and_on_every_publish(store: RedisStore,
+                                                                      redis_url: str) -> None:
+    refreshes: list[str | None] = []
+
+    async def refresh() -> None:
+        refreshes.append(await asyncio.to_thread(store.current_version))
+
+    health = RedisHealth()
+    task = asyncio.create_task(VersionSubscriber(redis_url, RedisKeys("vgtest:"), refresh,
+                                                 health).run())
+    await poll(lambda: refreshes == [None], "the catch-up refresh on subscribing")
+    first = await asyncio.to_thread(store.publish, bundle("one"))
+    second = await asyncio.to_thread(store.publish, bundle("two"))
+    # One refresh per publish; the first may already see the second version.
+    await poll(lambda: len(refreshes) == 3 and refreshes[-1] == second, "both publishes heard")
+    assert refreshes[1] in (first, second)
+    assert health.degraded is False
+    task.cancel()
+
+
+async def test_an_unreachable_redis_degrades_the_replica() -> None:
+    changes: list[str | None] = []
+    health = RedisHealth(on_change=changes.append)
+
+    async def refresh() -> None:
+        raise AssertionError("never subscribed, never refreshed")
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    task = asyncio.create_task(VersionSubscriber(url, RedisKeys(), refresh, health).run())
+    await poll(lambda: health.degraded, "the subscriber reports Redis down")
+    task.cancel()
+    assert health.reason is not None and "unreachable" in health.reason and url in health.reason
+    assert changes == [health.reason]
+    health.up("subscriber")
+    assert not health.degraded and changes[-1] is None
+
+
+# -- shared counters -----------------------------------------------------------------------
+
+def hit(intent: str) -> dict[str, Any]:
+    return {"source": "cache", "hit": True, "intent": intent, "entry_id": intent}
+
+
+async def test_counters_add_up_over_replicas(redis_url: str) -> None:
+    replicas = [SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:",
+                            describe=lambda: {"active_calls": 1}) for _ in range(2)]
+    first, second = replicas
+    for _ in range(3):
+        first.turn_finished(hit("opening_hours"))
+    second.turn_finished(hit("opening_hours"))
+    second.turn_finished({"source": "llm", "hit": False, "intent": "balance"})
+    first.call_started()
+    second.call_started()
+    second.error("bad_frame")
+    for replica in replicas:
+        await replica.flush()
+        await replica.heartbeat()
+    local = {"calls": 1, "turns": 3, "hits": 3, "misses": 0, "latency_ms": {"hit": {}}}
+    cluster = await first.cluster_snapshot(local)
+    assert (cluster["calls"], cluster["turns"], cluster["hits"], cluster["misses"]) == (2, 5, 4, 1)
+    assert cluster["hit_rate"] == 0.8 and cluster["turns_5m"] == 5 and cluster["hit_rate_5m"] == 0.8
+    assert cluster["intents"] == {"opening_hours": 4, "balance": 1}
+    assert cluster["entry_hits"] == {"opening_hours": 4}
+    assert cluster["errors"] == {"bad_frame": 1}
+    assert cluster["replicas"] == 2 and cluster["active_calls"] == 2
+    assert cluster["degraded"] is False and cluster["latency_ms"] == {"hit": {}}
+    await second.leave()
+    assert (await first.cluster_snapshot(local))["replicas"] == 1
+    for replica in replicas:
+        await replica.aclose()
+
+
+async def test_counters_are_buffered_while_redis_is_down(redis_url: str) -> None:
+    health = RedisHealth()
+    down = SharedStats(aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"),
+                       prefix="vgtest:", health=health, flush_s=0.05)
+    down.turn_finished(hit("opening_hours"))
+    down.turn_finished(hit("opening_hours"))
+    task = asyncio.create_task(down.run())
+    await poll(lambda: health.degraded, "counters report Redis down")
+    task.cancel()
+    assert down.pending == 14 and down.dropped == 0  # 7 counters a hit turn
+    snapshot = await down.cluster_snapshot({"hits": 2})
+    assert snapshot["degraded"] is True and snapshot["replicas"] is None and snapshot["hits"] == 2
+    await down.aclose()
+    # Redis is back (same pending map, a reachable client): everything is written once.
+    up = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:")
+    up._pending = down._pending
+    await up.flush()
+    assert (await up.cluster_snapshot({}))["hits"] == 2 and up.pending == 0
+    await up.aclose()
+
+
+async def poll(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.05)
+
+
+# -- two gateway processes sharing one Redis -------------------------------------------------
+
+# Short answers: a cache hit plays its audio in real time before the turn ends.
+FAQ = {
+    "opening_hours": ("We open at nine and close at five.",
+                      ["What are your opening hours?", "When are you open?",
+                       "What time does the branch open?", "Are you open on Saturdays?",
+                       "What time do branches close today?"]),
+    "routing_number": ("Our routing number is zero two one.",
+                       ["What is your routing number?", "What's the bank's ABA number?",
+                        "I need the routing number for direct deposit",
+                        "Where do I find the routing number?"]),
+    "swift_code": ("Our SWIFT code is B L S T U S three three.",
+                   ["What is your SWIFT code?", "What's the BIC for Bluestone Bank?",
+                    "I need your swift code to receive money from abroad",
+                    "Do you have a SWIFT or BIC code?"]),
+    "reset_online_password": ("Tap Forgot password on the sign-in screen.",
+                              ["How do I reset my online banking password?",
+                               "I forgot my password", "I can't remember my login password",
+                               "How can I change my online banking password?"]),
+    "card_delivery_time": ("A new card arrives within seven days.",
+                           ["How long does a new card take to arrive?",
+                            "When will my replacement card come?",
+                            "How many days until my debit card is delivered?",
+                            "My new card hasn't arrived yet, how long does it take?"]),
+    "find_atm": ("Our app shows the nearest ATM.",
+                 ["Where is the nearest ATM?", "How do I find an ATM near me?",
+                  "Is there a cash machine close by?", "Where can I withdraw cash?"]),
+}
+
+
+def write_small_faq(path: Path, answers: dict[str, str] | None = None) -> None:
+    out = io.StringIO()
+    out.write("question,answer,intent,action\n")
+    for intent, (answer, questions) in FAQ.items():
+        answer = (answers or {}).get(intent, answer)
+        out.write(f'"{questions[0]}","{answer}",{intent},\n')
+        for question in questions[1:]:
+            out.write(f'"{question}",,{intent},\n')
+    path.write_text(out.getvalue(), encoding="utf-8")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OwnRedis:
+    """A redis-server of this test's own: restartable, persistent (appendonly) in ``dir``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
+             str(self.dir), "--appendonly", "yes", "--save", "", "--logfile",
+             str(self.dir / "redis.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.BusyLoadingError:
+                pass
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start: see {self.dir}/redis.log")
+            time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits, like a restart in production."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+class Replica:
+    """``voicegate serve --redis URL`` in a process of its own."""
+
+    def __init__(self, name: str, redis_url: str, logs: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.call_url = f"ws://127.0.0.1:{self.port}/v1/call"
+        self.log = logs / f"{name}.log"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
+                   VOICEGATE_STORE_DIR=str(logs / f"{name}-unused-store"),
+                   VOICEGATE_REDIS_HEARTBEAT_S="1", VOICEGATE_LOG_LEVEL="info",
+                   # No safety-net poll within the test: new versions must come by pub/sub.
+                   VOICEGATE_REDIS_POLL_S="3600")
+        env.pop("VOICEGATE_CONFIG", None)
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port",
+                 str(self.port), "--redis", redis_url], cwd=ROOT, env=env, stdout=out,
+                stderr=subprocess.STDOUT)
+
+    def ready(self) -> dict[str, Any]:
+        return httpx.get(self.base_url + "/readyz", timeout=10).json()
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"replica {self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base_url + "/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"replica {self.name} not ready:\n{self.log.read_text()[-3000:]}")
+
+    def cluster_stats(self) -> dict[str, Any]:
+        return httpx.get(self.base_url + "/cluster/stats", timeout=10).json()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def seed_through_cli(csv: Path, redis_url: str) -> str:
+    result = subprocess.run(
+        # 25 questions cannot show a 1 % wrong-answer rate (one miss is 4 %): calibrate at 10 %.
+        [sys.executable, "-m", "gateway.cli", "seed", str(csv), "--redis", redis_url, "--quiet",
+         "--target-wrong-rate", "0.1"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"),
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("published "), result.stdout
+    return result.stdout.split()[1].rstrip(":")
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.2)
+
+
+async def ask(replica: Replica, question: str) -> dict[str, Any]:
+    """One native-protocol text turn; the reply event."""
+    async with Caller(replica.call_url) as caller:
+        turn = await caller.say_text(question, timeout=120)
+    response = turn.first("response")
+    assert response is not None, turn.events
+    return response
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not installed")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = OwnRedis(directory)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replicas(own_redis: OwnRedis, tmp_path: Path) -> Iterator[tuple[Replica, Replica]]:
+    started = [Replica(name, own_redis.url, tmp_path) for name in ("a", "b")]
+    try:
+        for replica in started:
+            replica.wait_ready()
+        yield started[0], started[1]
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+@pytest.mark.slow
+async def test_replicas_share_one_cache_through_redis(own_redis: OwnRedis,
+                                                      replicas: tuple[Replica, Replica],
+                                                      tmp_path: Path) -> None:
+    a, b = replicas
+    assert a.ready()["store"] == "redis" and a.ready()["cache_version"] is None
+
+    # A seed through the CLI is announced on the channel; both replicas load it.
+    csv = tmp_path / "faq.csv"
+    write_small_faq(csv)
+    first = seed_through_cli(csv, own_redis.url)
+    for replica in (a, b):
+        await wait_until(lambda r=replica: r.ready()["cache_version"] == first,
+                         f"replica {replica.name} serves {first}")
+    hits = {"a": 0, "b": 0}
+    for replica, question in ((b, "What are your opening hours?"), (b, "I forgot my password"),
+                              (a, "What is your SWIFT code?")):
+        response = await ask(replica, question)
+        assert response["source"] == "cache", response
+        hits[replica.name] += 1
+    assert (await ask(b, "What are your opening hours?"))["text"] == FAQ["opening_hours"][0]
+    hits["b"] += 1
+
+    # The hit counts add up over the two processes.
+    await wait_until(lambda: a.cluster_stats()["hits"] == 4 and a.cluster_stats()["replicas"] == 2,
+                     "the cluster counts 4 hits from 2 replicas")
+    cluster = b.cluster_stats()
+    assert cluster["hits"] == 4 and cluster["entry_hits"]["opening_hours"] == 2
+    assert a.cluster_stats()["entry_hits"] == cluster["entry_hits"]
+
+    # Redis goes away: both keep serving the version they hold and say they are degraded.
+    own_redis.stop()
+    for replica in (a, b):
+        await wait_until(lambda r=replica: r.ready()["degraded"] is True,
+                         f"replica {replica.name} reports degraded")
+        body = replica.ready()
+        assert body["ready"] is True and "unreachable" in body["degraded_reason"]
+        assert httpx.get(replica.base_url + "/readyz").status_code == 200
+        assert (await ask(replica, "Where is the nearest ATM?"))["source"] == "cache"
+        assert replica.cluster_stats()["degraded"] is True
+    stats_while_down = a.cluster_stats()
+    assert stats_while_down["replicas"] is None and stats_while_down["degraded_reason"]
+
+    # Redis returns (same data directory): the replicas reconnect and are whole again.
+    own_redis.start()
+    for replica in (a, b):
+        await wait_until(lambda r=replica: r.ready()["degraded"] is False,
+                         f"replica {replica.name} recovers")
+    # Counters recorded while Redis was down were buffered, not lost.
+    await wait_until(lambda: a.cluster_stats()["hits"] == 6 and a.cluster_stats()["replicas"] == 2,
+                     "the cluster counts all 6 hits again")
+    assert a.cluster_stats()["entry_hits"]["find_atm"] == 2
+
+    # A seed published after the restart reaches both; the first one survived it.
+    write_small_faq(csv, answers={"opening_hours": "We now open at eight."})
+    second = seed_through_cli(csv, own_redis.url)
+    for replica in (a, b):
+        await wait_until(lambda r=replica: r.ready()["cache_version"] == second,
+                         f"replica {replica.name} serves {second}")
+        assert (await ask(replica, "When are you open?"))["text"] == "We now open at eight."
+    store = RedisStore(own_redis.url)
+    assert store.versions() == sorted([first, second])
+    name, old = store.read(first)
+    assert name == first
+    assert all(store.has_audio(e["audio_key"]) for e in old.manifest["entries"] if e["audio_key"])
+    store.close()
