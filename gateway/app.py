@@ -30,15 +30,6 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
-async def cluster_stats(request: Request) -> JSONResponse:
-    """Stats summed over every replica sharing the Redis (temporary: /admin/stats will serve
-    this once the admin API is merged)."""
-    services: Services = request.app.state.services
-    if not services.ready:
-        return JSONResponse({"error": "not ready: models are loading"}, status_code=503)
-    return JSONResponse(await services.cluster_stats())
-
-
 async def metrics(request: Request) -> Response:
     services: Services = request.app.state.services
     if not services.ready:
@@ -63,7 +54,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
-        Route("/cluster/stats", cluster_stats),
         WebSocketRoute("/v1/call", native_call),
         Route("/twilio/voice", twilio_voice, methods=["POST"]),
         WebSocketRoute("/twilio/stream", twilio_stream),

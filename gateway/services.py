@@ -135,17 +135,14 @@ class Services:
                 "degraded": bool(health and health.degraded),
                 "degraded_reason": health.reason if health else None}
 
-    async def cluster_stats(self) -> dict[str, Any]:
-        """This replica's stats with the counters summed over every replica (Redis);
-        without Redis, this replica's own."""
+    async def stats_snapshot(self) -> dict[str, Any]:
+        """What ``/admin/stats`` answers: this replica's stats with the counters summed over
+        every replica (with Redis), and the serving cache version."""
         local = self.runtime.stats.snapshot()
         if self.shared_stats is None:
-            return dict(local, scope="replica", replicas=1)
-        return await self.shared_stats.cluster_snapshot(local)
-
-    def stats_snapshot(self) -> dict[str, Any]:
-        """What ``/admin/stats`` answers: this replica's stats and the serving cache version."""
-        snapshot = self.runtime.stats.snapshot()
+            snapshot = dict(local, scope="replica", replicas=1)
+        else:
+            snapshot = await self.shared_stats.cluster_snapshot(local)
         snapshot["cache_version"] = self.cache.version if self.cache else None
         return snapshot
 

@@ -348,6 +348,9 @@ class OwnRedis:
         self.process = None
 
 
+ADMIN_TOKEN = "test-admin-token"
+
+
 class Replica:
     """``voicegate serve --redis URL`` in a process of its own."""
 
@@ -360,6 +363,7 @@ class Replica:
         env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
                    VOICEGATE_STORE_DIR=str(logs / f"{name}-unused-store"),
                    VOICEGATE_REDIS_HEARTBEAT_S="1", VOICEGATE_LOG_LEVEL="info",
+                   VOICEGATE_ADMIN_TOKEN=ADMIN_TOKEN,
                    # No safety-net poll within the test: new versions must come by pub/sub.
                    VOICEGATE_REDIS_POLL_S="3600")
         env.pop("VOICEGATE_CONFIG", None)
@@ -386,7 +390,9 @@ class Replica:
         raise TimeoutError(f"replica {self.name} not ready:\n{self.log.read_text()[-3000:]}")
 
     def cluster_stats(self) -> dict[str, Any]:
-        return httpx.get(self.base_url + "/cluster/stats", timeout=10).json()
+        """``/admin/stats``: the counters summed over every replica sharing the Redis."""
+        return httpx.get(self.base_url + "/admin/stats", timeout=10,
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
 
     def stop(self) -> None:
         if self.process.poll() is None:

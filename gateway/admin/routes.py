@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import email.policy
-import inspect
 import json
 from importlib import resources
 from typing import Any
@@ -58,10 +57,7 @@ async def stats(request: Request) -> Response:
 
 
 async def _snapshot(services: Services) -> dict[str, Any]:
-    snapshot = services.stats_snapshot()
-    if inspect.isawaitable(snapshot):  # a shared (cross-replica) store answers asynchronously
-        snapshot = await snapshot
-    return snapshot
+    return await services.stats_snapshot()
 
 
 # ---------------------------------------------------------------------- entries
