@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import email.parser
 import email.policy
 import json
 from importlib import resources
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -38,21 +39,27 @@ def _publisher(request: Request) -> Publisher:
     return publisher
 
 
-def _not_ready(services: Services) -> Response | None:
-    if not services.ready or services.cache is None:
-        return error(NOT_READY, 503, load_error=services.load_error)
-    return None
+def admin_ready(handler: Callable[[Request, Services], Awaitable[Response]]
+                ) -> Callable[[Request], Awaitable[Response]]:
+    """An admin data route: the token is checked first, then that models and the cache
+    are loaded (503 until then); the handler receives the services."""
+
+    @admin_only
+    @functools.wraps(handler)
+    async def route(request: Request) -> Response:
+        services = _services(request)
+        if not services.ready or services.cache is None:
+            return error(NOT_READY, 503, load_error=services.load_error)
+        return await handler(request, services)
+
+    return route
 
 
 # ---------------------------------------------------------------------- stats
 
 
-@admin_only
-async def stats(request: Request) -> Response:
-    services = _services(request)
-    refused = _not_ready(services)
-    if refused:
-        return refused
+@admin_ready
+async def stats(request: Request, services: Services) -> Response:
     return JSONResponse(await _snapshot(services))
 
 
@@ -75,12 +82,8 @@ async def _entry_hits(services: Services) -> dict[str, int]:
     return dict((await _snapshot(services)).get("entry_hits") or {})
 
 
-@admin_only
-async def list_entries(request: Request) -> Response:
-    services = _services(request)
-    refused = _not_ready(services)
-    if refused:
-        return refused
+@admin_ready
+async def list_entries(request: Request, services: Services) -> Response:
     loaded = services.cache.loaded  # type: ignore[union-attr]
     hits = await _entry_hits(services)
     entries = [] if loaded is None else [_entry_json(e, hits.get(e.id, 0))
@@ -88,12 +91,8 @@ async def list_entries(request: Request) -> Response:
     return JSONResponse({"version": loaded.version if loaded else None, "entries": entries})
 
 
-@admin_only
-async def get_entry(request: Request) -> Response:
-    services = _services(request)
-    refused = _not_ready(services)
-    if refused:
-        return refused
+@admin_ready
+async def get_entry(request: Request, services: Services) -> Response:
     entry_id = request.path_params["entry_id"]
     loaded = services.cache.loaded  # type: ignore[union-attr]
     entry = loaded.entries.get(entry_id) if loaded else None
@@ -105,12 +104,8 @@ async def get_entry(request: Request) -> Response:
                          "entry": _entry_json(entry, hits)})
 
 
-@admin_only
-async def post_entry(request: Request) -> Response:
-    services = _services(request)
-    refused = _not_ready(services)
-    if refused:
-        return refused
+@admin_ready
+async def post_entry(request: Request, services: Services) -> Response:
     try:
         body = json.loads(await request.body() or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -133,12 +128,8 @@ async def post_entry(request: Request) -> Response:
                          "report": report_json(report)}, status_code=201 if created else 200)
 
 
-@admin_only
-async def delete_entry(request: Request) -> Response:
-    services = _services(request)
-    refused = _not_ready(services)
-    if refused:
-        return refused
+@admin_ready
+async def delete_entry(request: Request, services: Services) -> Response:
     entry_id = request.path_params["entry_id"]
     try:
         report = await _publisher(request).delete_entry(entry_id)
@@ -172,12 +163,8 @@ def _multipart_file(content_type: str, body: bytes) -> tuple[bytes, str] | None:
     return None
 
 
-@admin_only
-async def seed_upload(request: Request) -> Response:
-    services = _services(request)
-    refused = _not_ready(services)
-    if refused:
-        return refused
+@admin_ready
+async def seed_upload(request: Request, services: Services) -> Response:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
         return error(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", 413)
@@ -219,12 +206,8 @@ async def seed_upload(request: Request) -> Response:
 # ---------------------------------------------------------------------- misses
 
 
-@admin_only
-async def misses(request: Request) -> Response:
-    services = _services(request)
-    refused = _not_ready(services)
-    if refused:
-        return refused
+@admin_ready
+async def misses(request: Request, services: Services) -> Response:
     query = request.query_params
     try:
         limit = int(query.get("limit", "20"))
