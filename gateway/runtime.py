@@ -12,7 +12,9 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable, TypeVar
+
+from intents.embedder import Embedder
 
 from .agent import FILLER_PHRASES, HANDOFF_MESSAGE, Agent, build_agent
 from .audio_bank import AudioBank, Clip
@@ -21,9 +23,9 @@ from .providers.registry import create_stt, create_tts
 from .settings import Settings
 from .stats import Stats
 from .vad import SileroVAD, VADBatcher
-from intents.embedder import Embedder
 
 log = logging.getLogger("voicegate.runtime")
+T = TypeVar("T")
 
 
 
@@ -42,7 +44,6 @@ class Runtime:
     embedder: Embedder
     stats: Stats = field(default_factory=Stats)
     load_times_s: dict[str, float] = field(default_factory=dict)
-    responder_factory: Any = None
 
     @classmethod
     def load(cls, settings: Settings) -> "Runtime":
@@ -52,29 +53,11 @@ class Runtime:
         heavy = ThreadPoolExecutor(max_workers=max(1, settings.cpu_workers),
                                    thread_name_prefix="vg-model")
 
-        start = time.perf_counter()
-        vad = SileroVAD()
-        vad.warm_up()
-        times["vad"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        stt = create_stt(settings, heavy)
-        warm = getattr(stt, "warm_up", None)
-        if warm:
-            warm()
-        times["stt"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        tts = create_tts(settings, heavy)
-        warm = getattr(tts, "warm_up", None)
-        if warm:
-            warm()
-        times["tts"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        embedder = Embedder(threads=settings.embedder_threads)
-        embedder.encode("warm up the router")
-        times["embedder"] = time.perf_counter() - start
+        vad = _load_warm("vad", SileroVAD, times)
+        stt = _load_warm("stt", lambda: create_stt(settings, heavy), times)
+        tts = _load_warm("tts", lambda: create_tts(settings, heavy), times)
+        embedder = _load_warm("embedder", lambda: Embedder(threads=settings.embedder_threads),
+                              times)
 
         log.info("models_loaded %s", " ".join(f"{k}={v:.2f}s" for k, v in times.items()))
         route = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-route")
@@ -109,3 +92,15 @@ class Runtime:
         self.vad_executor.shutdown(wait=False, cancel_futures=True)
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         self.route_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _load_warm(name: str, build: Callable[[], T], times: dict[str, float]) -> T:
+    """Build a model, run it once if it can warm up (so the first call pays nothing), and
+    note how long both took."""
+    start = time.perf_counter()
+    model = build()
+    warm = getattr(model, "warm_up", None)
+    if warm is not None:
+        warm()
+    times[name] = time.perf_counter() - start
+    return model

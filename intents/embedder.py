@@ -71,6 +71,10 @@ class Embedder:
         """One text → read-only (dim,) float32 unit vector (cached)."""
         return self.encode_many([text])[0]
 
+    def warm_up(self) -> None:
+        """One encode, so the first routed partial does not pay the model's first run."""
+        self.encode("warm up the router")
+
     def encode_many(self, texts: Sequence[str]) -> np.ndarray:
         """(n, dim) vectors through the LRU cache; the misses are encoded in ONE batch.
 
