@@ -92,15 +92,19 @@ def main() -> None:
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 50, 200])
     parser.add_argument("--turns-total", type=int, default=200,
                         help="turns per level, spread over its calls (at least 2 per call)")
+    parser.add_argument("--store", help="an already seeded store of the example FAQ "
+                        "(default: seed a temporary one)")
     args = parser.parse_args()
 
-    store = tempfile.mkdtemp(prefix="vg-bench-store-")
-    seed = subprocess.run([sys.executable, "-m", "gateway.cli", "seed", "--quiet", "--store",
-                           store, str(ROOT / "cache_seed" / "examples" / "bank_faq.csv")],
-                          capture_output=True, text=True)
-    if seed.returncode != 0:
-        sys.exit(f"seeding failed: {seed.stderr}")
-    print(seed.stdout.strip())
+    store = args.store
+    if store is None:
+        store = tempfile.mkdtemp(prefix="vg-bench-store-")
+        seed = subprocess.run([sys.executable, "-m", "gateway.cli", "seed", "--quiet", "--store",
+                               store, str(ROOT / "cache_seed" / "examples" / "bank_faq.csv")],
+                              capture_output=True, text=True)
+        if seed.returncode != 0:
+            sys.exit(f"seeding failed: {seed.stderr}")
+        print(seed.stdout.strip())
     port = free_port()
     env = dict(os.environ, VOICEGATE_STORE_DIR=store, VOICEGATE_LOG_LEVEL="warning")
     server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host",

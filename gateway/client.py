@@ -71,7 +71,8 @@ class Caller:
         await self.close()
 
     async def connect(self, start: bool = True) -> None:
-        self._ws = await connect(self.url, max_size=2 ** 20)
+        # No permessage-deflate: audio does not compress; deflating only costs CPU.
+        self._ws = await connect(self.url, max_size=2 ** 20, compression=None)
         self._reader = asyncio.create_task(self._read())
         if start:
             await self.send_json({"type": "start", "sample_rate": self.sample_rate,

@@ -32,6 +32,15 @@ def test_health_and_readiness(server):
     assert set(ready.json()["load_times_s"]) >= {"vad", "stt", "tts"}
 
 
+
+async def test_websocket_frames_are_not_compressed(server):
+    # A client offering permessage-deflate (websockets does by default) gets plain frames:
+    # deflating audio gains nothing and costs the event loop CPU on every frame.
+    async with connect(server.call_url, compression="deflate") as ws:
+        assert "permessage-deflate" not in ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "ready"
+
 async def test_spoken_turn_is_transcribed_answered_and_timed(server, speak):
     async with Caller(server.call_url) as caller:
         assert caller.ready and caller.ready["sample_rate"] == 16000
