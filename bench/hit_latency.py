@@ -10,6 +10,10 @@ reply (a barge-in), which also ends the turn and brings its ``turn_metrics``.
 Reported: p50/p99 of the server's ``first_audio_ms`` (end of turn -> first reply
 frame sent) over the hit turns, the share of hits, and how many decisions were
 already made on partials (``route_reused``).
+
+The eight questions repeat, so after the first turns every partial's vector is in
+the gateway's embedding LRU; ``--embedder-cache-size 0`` measures callers whose
+every wording is new (each partial costs a MiniLM forward pass).
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ def main() -> None:
                         help="turns per level, spread over its calls (at least 2 per call)")
     parser.add_argument("--store", help="an already seeded store of the example FAQ "
                         "(default: seed a temporary one)")
+    parser.add_argument("--embedder-cache-size", type=int, default=None,
+                        help="the gateway's embedding LRU (0: embed every partial, as if no "
+                             "caller ever repeated a phrasing; default: the gateway's)")
     args = parser.parse_args()
 
     store = args.store
@@ -107,6 +114,8 @@ def main() -> None:
         print(seed.stdout.strip())
     port = free_port()
     env = dict(os.environ, VOICEGATE_STORE_DIR=store, VOICEGATE_LOG_LEVEL="warning")
+    if args.embedder_cache_size is not None:
+        env["VOICEGATE_EMBEDDER_CACHE_SIZE"] = str(args.embedder_cache_size)
     server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host",
                                "127.0.0.1", "--port", str(port)], env=env)
     try:

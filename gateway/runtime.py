@@ -56,7 +56,8 @@ class Runtime:
         vad = _load_warm("vad", SileroVAD, times)
         stt = _load_warm("stt", lambda: create_stt(settings, heavy), times)
         tts = _load_warm("tts", lambda: create_tts(settings, heavy), times)
-        embedder = _load_warm("embedder", lambda: Embedder(threads=settings.embedder_threads),
+        embedder = _load_warm("embedder", lambda: Embedder(threads=settings.embedder_threads,
+                                                        cache_size=settings.embedder_cache_size),
                               times)
 
         log.info("models_loaded %s", " ".join(f"{k}={v:.2f}s" for k, v in times.items()))

@@ -51,6 +51,9 @@ class Settings:
     redis_heartbeat_s: float = 5.0
     # Torch threads for sentence embeddings (routing a partial is one short text).
     embedder_threads: int = 1
+    # Texts whose vectors are kept (LRU): repeated phrasings and partials route without
+    # the model. 0 embeds every text (benchmarks of unseen wording).
+    embedder_cache_size: int = 8192
 
     # --- speech models (embedded defaults) ------------------------------------
     stt_provider: str = "whisper"  # whisper | deepgram
@@ -178,6 +181,8 @@ class Settings:
         for name in ("llm_primary_provider", "llm_secondary_provider"):
             if getattr(self, name) not in ("openai", "groq"):
                 raise SettingsError(f"{name} must be openai or groq")
+        if self.embedder_cache_size < 0:
+            raise SettingsError("embedder_cache_size must be 0 (no cache) or more")
         if not 0.5 <= self.llm_hedge_percentile < 1.0:
             raise SettingsError("llm_hedge_percentile must be in [0.5, 1)")
         if self.llm_hedge_delay_ms < -1:

@@ -15,6 +15,8 @@ def test_bad_values_are_named():
         Settings.load(environ={"VOICEGATE_PORT": "eighty"})
     with pytest.raises(SettingsError, match="frame_ms"):
         Settings.load({"frame_ms": 25}, environ={})
+    with pytest.raises(SettingsError, match="embedder_cache_size"):
+        Settings.load(environ={"VOICEGATE_EMBEDDER_CACHE_SIZE": "-1"})
 
 
 def test_config_file(tmp_path):
