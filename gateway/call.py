@@ -284,19 +284,25 @@ class Call:
             self._routed = await self._router(text, False)
 
     async def _decide(self, text: str) -> tuple[RouteDecision | None, bool]:
-        """The decision for the final text: the speculation if it routed (or is routing)
-        this text, else one urgent routing, ahead of every call's partials."""
+        """The decision for the final text and whether the partials had it already.
+
+        The speculation's decision when it routed this text; otherwise one urgent
+        routing, ahead of every call's partials, which takes along this text's
+        partial routing if that is still queued or running (never routed twice).
+        """
         if self._router is None:
             return None, False
         wanted = normalize_text(text)
-        if self._route_task is not None and not self._route_task.done() \
-                and normalize_text(self._latest_text) == wanted:
-            await asyncio.shield(self._route_task)
         routed = self._routed
+        speculating = normalize_text(self._latest_text) == wanted
         self._routed, self._latest_text = None, ""
+        if self._route_task is not None and not self._route_task.done():
+            # Older partials are not worth routing now; this text's routing is joined below.
+            self._route_task.cancel()
+        self._route_task = None
         if routed is not None and normalize_text(routed.text) == wanted:
             return routed, True
-        return await self._router(text, True), False
+        return await self._router(text, True), speculating
 
     # ------------------------------------------------------------------ replies
 

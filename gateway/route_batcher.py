@@ -2,71 +2,123 @@
 
 Each call keeps at most one routing in flight (its newest partial wins), so the
 batch holds at most one text per call. Finals are urgent: a caller is waiting in
-silence for them, so they go first and a batch never waits for more partials.
-Routing has its own thread, so a batch never delays VAD.
+silence for them, so they go first, a batch never waits for more partials, and a
+final whose text is already queued as a partial takes that routing along to the
+front instead of being routed twice. The same text from several calls is routed
+once. Routing has its own thread, so a batch never delays VAD.
+
+Batches are sized by time, not count: the batcher learns what one text costs
+(a cached embedding ~0.05 ms, a MiniLM forward pass several ms) and fills a batch
+to about ``target_batch_ms``, so a final never waits long behind partials.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import Executor
 from typing import Callable, Sequence
 
+from intents.embedder import normalize_text
 from intents.types import RouteDecision
 
 RouteMany = Callable[[Sequence[str]], list[RouteDecision]]
-_Request = tuple[str, "asyncio.Future[RouteDecision]"]
+
+
+class _Slot:
+    """One text to route and everyone waiting for its decision."""
+
+    __slots__ = ("text", "futures", "urgent")
+
+    def __init__(self, text: str, urgent: bool) -> None:
+        self.text = text
+        self.futures: list[asyncio.Future[RouteDecision]] = []
+        self.urgent = urgent
+
+    def live(self) -> bool:
+        """Somebody still waits (a call that moved on cancels its future)."""
+        self.futures = [f for f in self.futures if not f.cancelled()]
+        return bool(self.futures)
 
 
 class RouteBatcher:
-    def __init__(self, route_many: RouteMany, executor: Executor, max_batch: int = 128) -> None:
+    def __init__(self, route_many: RouteMany, executor: Executor, max_batch: int = 128,
+                 target_batch_ms: float = 30.0) -> None:
         self._route_many = route_many
         self._executor = executor
         self._max_batch = max_batch
-        self._urgent: list[_Request] = []
-        self._partials: list[_Request] = []
-        self._running = False
+        self._target_s = target_batch_ms / 1000.0
+        self._per_text_s = 0.0  # running estimate of one text's routing cost
+        self._pending: dict[str, _Slot] = {}  # insertion order = arrival order
+        self._running: dict[str, _Slot] = {}
+        self._active = False
         self.batches = 0
         self.routed = 0
 
     async def route(self, text: str, urgent: bool = False) -> RouteDecision:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[RouteDecision] = loop.create_future()
-        (self._urgent if urgent else self._partials).append((text, future))
-        if not self._running:
-            self._running = True
+        key = normalize_text(text)  # what the router sees: case and spacing never matter
+        slot = self._running.get(key)
+        if slot is None:
+            slot = self._pending.get(key)
+            if slot is None:
+                slot = self._pending[key] = _Slot(text, urgent)
+            slot.urgent = slot.urgent or urgent
+        slot.futures.append(future)
+        if not self._active:
+            self._active = True
             loop.call_soon(self._start_batch)
         return await future
 
-    def _take(self) -> list[_Request]:
-        batch: list[_Request] = []
-        for queue in (self._urgent, self._partials):
-            while queue and len(batch) < self._max_batch:
-                text, future = queue.pop(0)
-                if not future.cancelled():  # the call moved on (newer text, hang-up)
-                    batch.append((text, future))
+    def batch_limit(self) -> int:
+        """How many texts fit in ``target_batch_ms`` at the cost measured so far."""
+        if self._per_text_s <= 0.0:
+            return self._max_batch
+        return max(1, min(self._max_batch, int(self._target_s / self._per_text_s)))
+
+    def _take(self) -> list[_Slot]:
+        limit = self.batch_limit()
+        batch: list[_Slot] = []
+        for urgent in (True, False):
+            for key, slot in list(self._pending.items()):
+                if len(batch) >= limit:
+                    break
+                if slot.urgent is urgent:
+                    del self._pending[key]
+                    if slot.live():
+                        batch.append(slot)
         return batch
 
     def _start_batch(self) -> None:
         batch = self._take()
         if not batch:
-            self._running = False
+            self._active = False
             return
+        self._running = {normalize_text(slot.text): slot for slot in batch}
         task = asyncio.ensure_future(self._run(batch))
         task.add_done_callback(lambda _t: self._start_batch())
 
-    async def _run(self, batch: list[_Request]) -> None:
-        texts = [text for text, _ in batch]
+    async def _run(self, batch: list[_Slot]) -> None:
+        texts = [slot.text for slot in batch]
+        started = time.perf_counter()
         try:
             decisions = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._route_many, texts)
         except Exception as exc:  # every waiting call learns of it; none hangs
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            self._running = {}
+            for slot in batch:
+                for future in slot.futures:
+                    if not future.done():
+                        future.set_exception(exc)
             return
+        per_text = (time.perf_counter() - started) / len(batch)
+        self._per_text_s = per_text if self._per_text_s <= 0.0 else (
+            0.7 * self._per_text_s + 0.3 * per_text)
+        self._running = {}
         self.batches += 1
         self.routed += len(batch)
-        for (_, future), decision in zip(batch, decisions):
-            if not future.done():
-                future.set_result(decision)
+        for slot, decision in zip(batch, decisions):
+            for future in slot.futures:
+                if not future.done():
+                    future.set_result(decision)

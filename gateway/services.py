@@ -69,7 +69,8 @@ class Services:
             return
         self._runtime = runtime
         self.cache = cache
-        self.route_batcher = RouteBatcher(cache.route_many, runtime.route_executor)
+        self.route_batcher = RouteBatcher(cache.route_many, runtime.route_executor,
+                                          target_batch_ms=self.settings.route_batch_target_ms)
         self.responder = Responder(runtime, cache.audio)
         poll_s = self.settings.cache_poll_s
         if self.settings.redis_url:

@@ -45,6 +45,9 @@ class Settings:
     cache_poll_s: float = 2.0
     # Partial transcripts shorter than this are not routed speculatively.
     route_min_words: int = 3
+    # Routing batches are filled to about this much work, so a final never waits long
+    # behind other calls' partials (gateway/route_batcher.py).
+    route_batch_target_ms: float = 30.0
     # With Redis, pub/sub announces new versions; this slow poll is only the safety net.
     redis_poll_s: float = 30.0
     # Replica heartbeat (live replica count in the cluster stats); its TTL is three beats.
@@ -175,7 +178,7 @@ class Settings:
             raise SettingsError("vad_threshold must be between 0 and 1")
         for name in ("min_speech_ms", "barge_in_min_speech_ms", "end_of_turn_silence_ms",
                      "partial_interval_ms", "cpu_workers", "max_frame_bytes", "redis_poll_s",
-                     "redis_heartbeat_s"):
+                     "redis_heartbeat_s", "route_batch_target_ms"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         for name in ("llm_primary_provider", "llm_secondary_provider"):

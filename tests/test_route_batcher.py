@@ -1,0 +1,118 @@
+"""RouteBatcher: batching, finals first, promotion of a queued partial, time-sized batches."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import pytest
+
+from gateway.route_batcher import RouteBatcher
+from intents.types import RouteDecision, miss
+
+
+class RecordingRouter:
+    """route_many that records each batch; the first batch can be held until released."""
+
+    def __init__(self, hold_first: bool = False, seconds_per_text: float = 0.0) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.seconds_per_text = seconds_per_text
+
+    def __call__(self, texts: Sequence[str]) -> list[RouteDecision]:
+        self.release.wait(10)
+        self.batches.append(list(texts))
+        time.sleep(self.seconds_per_text * len(texts))
+        return [miss(text, f"routed in batch {len(self.batches)}") for text in texts]
+
+
+@pytest.fixture
+def executor():
+    pool = ThreadPoolExecutor(max_workers=1)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+async def _until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+async def test_finals_go_first_and_take_their_queued_partial_along(executor):
+    router = RecordingRouter(hold_first=True)
+    batcher = RouteBatcher(router, executor)
+    first = asyncio.ensure_future(batcher.route("call one speaks"))
+    await _until(lambda: batcher._running)  # the first batch is in the executor, held
+    partials = [asyncio.ensure_future(batcher.route(f"partial number {i}")) for i in range(3)]
+    await asyncio.sleep(0)
+    # The final of the call whose last partial is queued: routed once, ahead of the others.
+    final = asyncio.ensure_future(batcher.route("Partial  number 2", urgent=True))
+    await asyncio.sleep(0)
+    router.release.set()
+    decisions = await asyncio.gather(first, final, *partials)
+    assert router.batches[0] == ["call one speaks"]
+    assert router.batches[1][0] == "partial number 2"
+    assert sorted(router.batches[1]) == ["partial number 0", "partial number 1",
+                                         "partial number 2"]
+    assert decisions[1] is decisions[4]  # the final and its partial share one routing
+    assert batcher.routed == 4
+
+
+async def test_the_same_text_from_several_calls_is_routed_once(executor):
+    router = RecordingRouter(hold_first=True)
+    batcher = RouteBatcher(router, executor)
+    blocker = asyncio.ensure_future(batcher.route("first"))
+    await _until(lambda: batcher._running)
+    same = [asyncio.ensure_future(batcher.route("what are your opening hours")) for _ in range(5)]
+    await asyncio.sleep(0)
+    router.release.set()
+    await asyncio.gather(blocker, *same)
+    assert router.batches == [["first"], ["what are your opening hours"]]
+
+
+async def test_a_cancelled_request_is_not_routed(executor):
+    router = RecordingRouter(hold_first=True)
+    batcher = RouteBatcher(router, executor)
+    blocker = asyncio.ensure_future(batcher.route("first"))
+    await _until(lambda: batcher._running)
+    stale = asyncio.ensure_future(batcher.route("an older partial"))
+    kept = asyncio.ensure_future(batcher.route("the newest partial"))
+    await asyncio.sleep(0)
+    stale.cancel()  # the call moved on
+    router.release.set()
+    await asyncio.gather(blocker, kept)
+    assert router.batches == [["first"], ["the newest partial"]]
+
+
+async def test_batches_shrink_to_the_target_time_when_texts_are_costly(executor):
+    # Every text costs at least 10 ms: with a 25 ms target a batch holds at most 2 texts.
+    router = RecordingRouter(hold_first=True, seconds_per_text=0.010)
+    batcher = RouteBatcher(router, executor, target_batch_ms=25.0)
+    waiting = [asyncio.ensure_future(batcher.route(f"text {i}")) for i in range(12)]
+    await _until(lambda: batcher._running)
+    router.release.set()
+    await asyncio.gather(*waiting)
+    assert len(router.batches[0]) == 12  # nothing measured yet: one full batch
+    assert batcher.batch_limit() <= 2
+    await asyncio.gather(*(batcher.route(f"later text {i}") for i in range(6)))
+    assert all(1 <= len(batch) <= 2 for batch in router.batches[1:])
+    assert sum(len(batch) for batch in router.batches[1:]) == 6
+
+
+async def test_a_failing_batch_reaches_every_waiting_call(executor):
+    def broken(texts: Sequence[str]) -> list[RouteDecision]:
+        raise RuntimeError("router exploded")
+
+    batcher = RouteBatcher(broken, executor)
+    results = await asyncio.gather(batcher.route("a b c"), batcher.route("d e f", urgent=True),
+                                   return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert (await asyncio.gather(batcher.route("again"), return_exceptions=True))[0].args == (
+        "router exploded",)
