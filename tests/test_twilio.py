@@ -14,6 +14,7 @@ import httpx
 import pytest
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from gateway.audio import rms_dbfs
 from gateway.audio_bank import AudioBank, Clip
@@ -297,6 +298,28 @@ def test_signature_is_checked_when_an_auth_token_is_set(signed_server, runtime):
     assert runtime.stats.errors["twilio_bad_signature"] == before + 2
 
 
+async def test_stream_upgrade_must_be_signed_when_an_auth_token_is_set(signed_server, runtime):
+    # Twilio signs the WebSocket upgrade over the stream's public wss:// URL, no fields.
+    url = "wss://voice.example.com/twilio/stream"
+    endpoint = stream_url(signed_server)
+    before = runtime.stats.errors["twilio_bad_signature"]
+    for headers in ({}, {"X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(
+            "wss://elsewhere.example.com/twilio/stream", {})}):
+        with pytest.raises(InvalidStatus) as refused:
+            async with TwilioLine(endpoint, headers=headers):
+                pass
+        assert refused.value.response.status_code == 403
+    assert runtime.stats.errors["twilio_bad_signature"] == before + 2
+
+    signature = RequestValidator(TOKEN).compute_signature(url, {})
+    before_calls = runtime.stats.calls
+    line = TwilioLine(endpoint, call_sid=sid("CA", 9), stream_sid=sid("MZ", 9),
+                      headers={"X-Twilio-Signature": signature})
+    await line.connect()
+    await line.say(b"\x00\x00" * 1600)
+    await line.hang_up()
+    assert line.close_code == 1000  # served as a call, ended by its stop
+    assert runtime.stats.calls == before_calls + 1
 # ---------------------------------------------------------------- μ-law audio, marks (no server)
 
 def test_audio_bank_holds_clips_ready_in_mulaw_8k():

@@ -28,6 +28,7 @@ from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER,
                         CLOSE_UNSUPPORTED_DATA, StartMessage)
 from ..services import Services
+from .twilio_voice import public_base_url, signature_refusal, stream_url
 
 log = logging.getLogger("voicegate.twilio")
 
@@ -318,6 +319,10 @@ class TwilioStream:
 
 async def twilio_stream(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
+    base = public_base_url(websocket, services.settings.public_url)
+    if signature_refusal(websocket, stream_url(base), {}) is not None:
+        await websocket.close(code=CLOSE_POLICY)  # before accept: the upgrade gets HTTP 403
+        return
     await websocket.accept()
     if not services.ready:
         logs.event(log, "twilio_not_ready", logging.WARNING)

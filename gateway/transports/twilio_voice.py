@@ -3,16 +3,18 @@
 Answers TwiML that connects the call to our Media Streams endpoint
 (``<Connect><Stream url="wss://HOST/twilio/stream">``, with the caller's number and
 the CallSid as custom parameters). With an auth token configured, requests must carry
-a valid ``X-Twilio-Signature`` (checked with the official validator).
+a valid ``X-Twilio-Signature`` (checked with the official validator); so must the
+stream's WebSocket upgrade, which Twilio signs over the wss:// URL with no fields.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Mapping
 from urllib.parse import parse_qsl
 
 from starlette.datastructures import ImmutableMultiDict
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse, Response
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, VoiceResponse
@@ -27,7 +29,7 @@ STREAM_PATH = "/twilio/stream"
 FORWARDED_PARAMETERS = ("From", "CallSid")
 
 
-def public_base_url(request: Request, public_url: str) -> str:
+def public_base_url(request: HTTPConnection, public_url: str) -> str:
     """The gateway's base URL as Twilio sees it: the setting, else Host + X-Forwarded-Proto."""
     if public_url:
         return public_url.rstrip("/")
@@ -61,24 +63,38 @@ async def twilio_voice(request: Request) -> Response:
     body = (await request.body()).decode("utf-8", errors="replace")
     params = ImmutableMultiDict(parse_qsl(body, keep_blank_values=True))
     base = public_base_url(request, settings.public_url)
-    if settings.twilio_auth_token:
-        signature = request.headers.get("x-twilio-signature", "")
-        # Twilio signs the exact URL it requested, query string included, plus the form fields.
-        url = base + request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        if not signature or not RequestValidator(settings.twilio_auth_token).validate(
-                url, params, signature):
-            if services.ready:
-                services.runtime.stats.error("twilio_bad_signature")
-            reason = "missing" if not signature else "does not match"
-            logs.event(log, "twilio_bad_signature", logging.WARNING, url=url, reason=reason)
-            return PlainTextResponse(
-                f"X-Twilio-Signature {reason} for {url}: check VOICEGATE_TWILIO_AUTH_TOKEN, and "
-                "set VOICEGATE_PUBLIC_URL if Twilio reaches this gateway through a proxy",
-                status_code=403)
-    elif not getattr(request.app.state, "twilio_unsigned_noted", False):
-        request.app.state.twilio_unsigned_noted = True  # log once per app, not per call
-        logs.event(log, "twilio_signature_validation_off", logging.WARNING,
-                   hint="set VOICEGATE_TWILIO_AUTH_TOKEN to reject requests not from Twilio")
+    # Twilio signs the exact URL it requested, query string included, plus the form fields.
+    refused = signature_refusal(request, base + request.url.path, params)
+    if refused is not None:
+        return PlainTextResponse(refused, status_code=403)
     forwarded = {name: params.get(name, "") for name in FORWARDED_PARAMETERS}
     logs.event(log, "twilio_voice", call_id=forwarded["CallSid"] or None)
     return Response(twiml_connect(stream_url(base), forwarded), media_type="application/xml")
+
+
+def signature_refusal(connection: HTTPConnection, public_url: str,
+                      params: Mapping[str, str]) -> str | None:
+    """Why this request is refused (its X-Twilio-Signature is missing or wrong), or None.
+
+    ``public_url`` is the URL Twilio requested, without the query string. Without an auth
+    token nothing is checked (logged once per app).
+    """
+    services: Services = connection.app.state.services
+    token = services.settings.twilio_auth_token
+    if not token:
+        if not getattr(connection.app.state, "twilio_unsigned_noted", False):
+            connection.app.state.twilio_unsigned_noted = True  # once per app, not per call
+            logs.event(log, "twilio_signature_validation_off", logging.WARNING,
+                       hint="set VOICEGATE_TWILIO_AUTH_TOKEN to reject requests not from Twilio")
+        return None
+    query = connection.url.query
+    url = public_url + (f"?{query}" if query else "")
+    signature = connection.headers.get("x-twilio-signature", "")
+    if signature and RequestValidator(token).validate(url, params, signature):
+        return None
+    if services.ready:
+        services.runtime.stats.error("twilio_bad_signature")
+    reason = "missing" if not signature else "does not match"
+    logs.event(log, "twilio_bad_signature", logging.WARNING, url=url, reason=reason)
+    return (f"X-Twilio-Signature {reason} for {url}: check VOICEGATE_TWILIO_AUTH_TOKEN, and "
+            "set VOICEGATE_PUBLIC_URL if Twilio reaches this gateway through a proxy")

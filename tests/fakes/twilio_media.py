@@ -26,8 +26,9 @@ FRAME_S = 0.02
 class TwilioLine:
     def __init__(self, url: str, call_sid: str = "CA" + "0" * 32,
                  stream_sid: str = "MZ" + "0" * 32, parameters: dict[str, str] | None = None,
-                 echo_marks: bool = True) -> None:
+                 echo_marks: bool = True, headers: dict[str, str] | None = None) -> None:
         self.url = url
+        self.headers = headers or {}  # on the WebSocket upgrade (X-Twilio-Signature)
         self.call_sid = call_sid
         self.stream_sid = stream_sid
         self.parameters = parameters or {}
@@ -53,7 +54,7 @@ class TwilioLine:
         await self.hang_up()
 
     async def connect(self, start: bool = True) -> None:
-        self._ws = await connect(self.url)
+        self._ws = await connect(self.url, additional_headers=self.headers)
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._play())]
         await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         if start:
