@@ -288,6 +288,11 @@ def test_seed_upload_raw_and_multipart(own_server):
 
         empty_form = client.post("/admin/seed", files={"other": ("x.csv", b"a,b\n")})
         assert empty_form.status_code == 400 and "'file'" in empty_form.json()["error"]
+        no_boundary = client.post("/admin/seed", content=b"question,answer\n",
+                                  headers={"Content-Type": "multipart/form-data"})
+        assert no_boundary.status_code == 400
+        assert "malformed multipart upload" in no_boundary.json()["error"]
+        assert serving_version(server) == form.json()["version"]  # still serving
 
 
 async def test_bad_csv_upload_lists_every_row_and_keeps_serving(own_server):

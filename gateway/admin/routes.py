@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import email.parser
-import email.policy
 import json
 from importlib import resources
 from typing import Any, Awaitable, Callable
 
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -150,17 +150,18 @@ async def delete_entry(request: Request, services: Services) -> Response:
 # ---------------------------------------------------------------------- seed upload
 
 
-def _multipart_file(content_type: str, body: bytes) -> tuple[bytes, str] | None:
-    """The ``file`` field of a multipart/form-data body: (content, filename)."""
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        return None
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") == "file":
-            payload = part.get_payload(decode=True) or b""
-            return payload, part.get_filename() or "upload.csv"
-    return None
+async def _multipart_file(request: Request) -> tuple[bytes, str] | str:
+    """The ``file`` field of a multipart/form-data upload: (content, filename), or why not."""
+    try:
+        async with request.form(max_files=1, max_fields=16,
+                                max_part_size=MAX_UPLOAD_BYTES) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                return ("multipart upload without a 'file' field (send the CSV as field 'file',"
+                        " or the raw CSV with Content-Type: text/csv)")
+            return await upload.read(), upload.filename or "upload.csv"
+    except HTTPException as exc:  # Starlette's report of a malformed multipart body
+        return f"malformed multipart upload: {exc.detail}"
 
 
 @admin_ready
@@ -182,10 +183,9 @@ async def seed_upload(request: Request, services: Services) -> Response:
         if not 0.0 < target < 1.0:
             return error("target_wrong_rate must be a number between 0 and 1", 400)
     if content_type.lower().startswith("multipart/form-data"):
-        found = _multipart_file(content_type, body)
-        if found is None:
-            return error("multipart upload without a 'file' field (send the CSV as field 'file',"
-                         " or the raw CSV with Content-Type: text/csv)", 400)
+        found = await _multipart_file(request)  # parses the body already read above
+        if isinstance(found, str):
+            return error(found, 400)
         body, source = found
     if not body.strip():
         return error("empty upload: send the CSV (columns question, answer, intent, action)", 400)
