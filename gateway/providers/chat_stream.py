@@ -1,16 +1,19 @@
 """Turn an OpenAI-style streamed chat completion into LLMChunks.
 
 The ``openai`` and ``groq`` SDKs stream the same chunk shape (``choices[0].delta``
-with ``content`` and indexed ``tool_calls`` fragments); this module assembles the
-fragments so the adapters only differ in client construction and error mapping.
+with ``content`` and indexed ``tool_calls`` fragments) and raise exceptions of the
+same names from their own modules; ``SDKChat`` holds everything they share, so the
+adapters only construct their client.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, AsyncIterator
 
-from gateway.providers.base import LLMChunk, ToolCall, ToolSpec
+from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec
 
 
 @dataclass
@@ -102,3 +105,56 @@ async def chunks(stream: AsyncIterator[Any]) -> AsyncIterator[LLMChunk]:
                     yield LLMChunk(tool_call=call)
     for call in assembler.finish():  # a server that never sent finish_reason
         yield LLMChunk(tool_call=call)
+
+
+class SDKChat:
+    """``ChatModel`` over an OpenAI-style async SDK client (``openai`` or ``groq``).
+
+    ``sdk`` is the SDK's module: its ``APIStatusError``, ``APITimeoutError`` and
+    ``APIConnectionError`` become ``ProviderError`` messages; ``base_error`` is the
+    root of its exceptions.
+    """
+
+    def __init__(self, name: str, model: str, client: Any, sdk: ModuleType,
+                 base_error: type[Exception], temperature: float | None,
+                 max_tokens: int | None) -> None:
+        self.name = name
+        self.model = model
+        self._client = client
+        self._sdk = sdk
+        self._base_error = base_error
+        self._temperature = temperature
+        self._max_tokens = max_tokens
+
+    async def stream(self, messages: list[dict[str, Any]],
+                     tools: list[ToolSpec] | None = None) -> AsyncIterator[LLMChunk]:
+        try:
+            response = await self._client.chat.completions.create(
+                **request_args(self.model, messages, tools, self._temperature, self._max_tokens))
+        except self._base_error as exc:
+            raise self._error(exc) from exc
+        try:
+            async for chunk in chunks(response):
+                yield chunk
+        except self._base_error as exc:
+            raise self._error(exc) from exc
+        except (json.JSONDecodeError, ValueError, AttributeError, TypeError) as exc:
+            raise ProviderError(self.name, f"malformed stream chunk: {exc}") from exc
+        finally:
+            # Runs on normal end, on error, and when the consumer closes or cancels us:
+            # the SDKs release the HTTP response only when read to the end, and it must
+            # not outlive the generator.
+            await response.close()
+
+    def _error(self, exc: Exception) -> ProviderError:
+        sdk = self._sdk
+        if isinstance(exc, sdk.APIStatusError):
+            return ProviderError(self.name, f"HTTP {exc.status_code} from {self.model}: {exc.message}")
+        if isinstance(exc, sdk.APITimeoutError):
+            return ProviderError(self.name, f"request to {self._client.base_url} timed out")
+        if isinstance(exc, sdk.APIConnectionError):
+            return ProviderError(self.name, f"cannot reach {self._client.base_url}: {exc}")
+        return ProviderError(self.name, f"stream failed: {exc}")
+
+    async def aclose(self) -> None:
+        await self._client.close()
