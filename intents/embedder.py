@@ -3,18 +3,10 @@
 The model is loaded once per process (it costs ~1 s and ~90 MB); partial
 transcripts repeat a lot ("how do I", "how do I reset"), so single-text encodes go
 through an LRU cache keyed by the normalized text.
-
-A seed fine-tunes the model on its own questions (``intents.tuning``); the tuned
-weights travel with the cache version as safetensors bytes (``encoder_weights``)
-and ``Embedder.with_weights`` rebuilds the exact model the thresholds were
-calibrated on. Only the transformer layers are stored: the word-embedding matrix
-(half the model) is frozen while tuning and comes from the base model.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import os
 import re
 import threading
@@ -64,10 +56,6 @@ class Embedder:
             raise FileNotFoundError(f"no sentence-transformers model in {path}")
         self.model_name = model_name
         self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
-        self.weights_sha256: str | None = None  # None: the base model as shipped
-        self._init_state(cache_size)
-
-    def _init_state(self, cache_size: int) -> None:
         # get_embedding_dimension is the newer name (pyproject allows sentence-transformers>=3).
         dimension = (getattr(self._model, "get_embedding_dimension", None)
                      or self._model.get_sentence_embedding_dimension)
@@ -78,56 +66,6 @@ class Embedder:
         self._lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
-
-    @property
-    def model(self) -> "SentenceTransformer":  # noqa: F821 - imported lazily
-        """The sentence-transformers model (for fine-tuning a copy; never mutate it)."""
-        return self._model
-
-    @property
-    def tuned(self) -> bool:
-        return self.weights_sha256 is not None
-
-    def with_weights(self, weights: bytes) -> "Embedder":
-        """A new embedder: this model with the transformer weights from ``encoder_weights``.
-
-        Raises ``ValueError`` when the weights do not fit this model.
-        """
-        from safetensors.torch import load as load_tensors
-
-        try:
-            tensors = load_tensors(weights)
-        except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"unreadable encoder weights: {exc}") from exc
-        model = copy.deepcopy(self._model)
-        own = dict(model.named_parameters())
-        unknown = sorted(set(tensors) - set(own))
-        if unknown:
-            raise ValueError(f"encoder weights name parameters this model lacks: {unknown[:3]}")
-        import torch
-
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                if own[name].shape != tensor.shape:
-                    raise ValueError(f"encoder weight {name} has shape {tuple(tensor.shape)}, "
-                                     f"the model {tuple(own[name].shape)}")
-                own[name].copy_(tensor)
-        model.eval()
-        return Embedder.from_model(model, model_name=self.model_name,
-                                   cache_size=self._cache_size,
-                                   weights_sha256=hashlib.sha256(weights).hexdigest())
-
-    @classmethod
-    def from_model(cls, model: "SentenceTransformer", *,  # noqa: F821
-                   model_name: str = DEFAULT_MODEL_NAME, cache_size: int = 8192,
-                   weights_sha256: str | None = None) -> "Embedder":
-        """Wrap an already loaded (e.g. fine-tuned) sentence-transformers model."""
-        embedder = cls.__new__(cls)
-        embedder.model_name = model_name
-        embedder._model = model
-        embedder.weights_sha256 = weights_sha256
-        embedder._init_state(cache_size)
-        return embedder
 
     def encode(self, text: str) -> np.ndarray:
         """One text → read-only (dim,) float32 unit vector (cached)."""
@@ -183,17 +121,3 @@ class Embedder:
     def cache_info(self) -> str:
         return (f"hits={self.cache_hits} misses={self.cache_misses} "
                 f"size={len(self._cache)}/{self._cache_size}")
-
-
-def encoder_weights(model: "SentenceTransformer") -> bytes:  # noqa: F821
-    """The trainable transformer weights of ``model`` as safetensors bytes.
-
-    The word-embedding matrix is left out: tuning keeps it frozen, so the base model's
-    copy is the same and each cache version stores half the bytes.
-    """
-    from safetensors.torch import save as save_tensors
-
-    frozen = {id(p) for p in model[0].auto_model.get_input_embeddings().parameters()}
-    tensors = {name: param.detach().contiguous()
-               for name, param in model.named_parameters() if id(param) not in frozen}
-    return save_tensors(tensors)

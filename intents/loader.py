@@ -6,7 +6,6 @@ published); after that a cache hit touches neither disk nor a model.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from intents.calibration import Thresholds
@@ -14,7 +13,7 @@ from intents.classifier import IntentClassifier
 from intents.embedder import Embedder
 from intents.router import Router
 from intents.semantic_cache import SemanticCache
-from intents.store import CacheBundle, Store, StoreError
+from intents.store import Store, StoreError
 from intents.types import Action, Audio, Entry
 
 
@@ -50,34 +49,12 @@ def entries_from_manifest(manifest: dict) -> dict[str, Entry]:
             for e in manifest["entries"]}
 
 
-def version_embedder(base: Embedder, name: str, bundle: CacheBundle) -> Embedder:
-    """The embedder a version was calibrated with: ``base`` itself, or ``base`` with the
-    version's fine-tuned encoder weights (checked against the manifest's hash)."""
-    tuned = bundle.manifest.get("encoder")
-    if not tuned:
-        return base
-    if bundle.encoder is None:
-        raise StoreError(f"cache version {name}: its fine-tuned encoder weights are missing")
-    digest = hashlib.sha256(bundle.encoder).hexdigest()
-    if digest != tuned.get("sha256"):
-        raise StoreError(f"cache version {name}: encoder weights are damaged (sha256 {digest[:12]}"
-                         f"…, manifest says {str(tuned.get('sha256'))[:12]}…)")
-    try:
-        tuned_embedder = base.with_weights(bundle.encoder)
-    except ValueError as exc:
-        raise StoreError(f"cache version {name}: {exc}") from exc
-    tuned_embedder.warm_up()  # the copy's first forward pass is slower: not on a caller's turn
-    return tuned_embedder
-
-
 def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> LoadedCache:
-    """Load a version; ``embedder`` is the base model (a tuned version gets its own copy)."""
     name, bundle = store.read(version)
     manifest = bundle.manifest
     if manifest.get("embedding_model") != embedder.model_name or bundle.vectors.shape[1] != embedder.dim:
         raise StoreError(f"cache version {name} was embedded with {manifest.get('embedding_model')}"
                          f" ({bundle.vectors.shape[1]} dims), not {embedder.model_name}: re-seed")
-    embedder = version_embedder(embedder, name, bundle)
     intents = [q["intent"] for q in manifest["questions"]]
     if len(intents) != bundle.vectors.shape[0]:
         raise StoreError(f"cache version {name}: {len(intents)} questions but "

@@ -9,8 +9,7 @@ seed.
 Key layout (``prefix`` defaults to ``voicegate:``)::
 
     <prefix>audio:<sha256>      hash  pcm (16-bit mono PCM bytes), rate (Hz)
-    <prefix>version:<name>      hash  manifest (JSON), vectors (.npy bytes), classifier,
-                                      encoder (tuned weights, safetensors; optional)
+    <prefix>version:<name>      hash  manifest (JSON), vectors (.npy bytes), classifier
     <prefix>current             string  name of the serving version
     <prefix>published           sorted set  every published version, scored by publish time
 
@@ -121,8 +120,6 @@ class RedisStore(Store):
         np.save(vectors, np.ascontiguousarray(bundle.vectors, dtype=np.float32))
         fields = {"manifest": json.dumps(manifest, ensure_ascii=False).encode("utf-8"),
                   "vectors": vectors.getvalue(), "classifier": bundle.classifier}
-        if bundle.encoder is not None:
-            fields["encoder"] = bundle.encoder
         key = self.keys.version(version)
         self._call("publish: write version", lambda: self._redis.hset(key, mapping=fields))
         try:
@@ -164,12 +161,11 @@ class RedisStore(Store):
             manifest = json.loads(raw[b"manifest"].decode("utf-8"))
             vectors = np.load(io.BytesIO(raw[b"vectors"]), allow_pickle=False)
             classifier = bytes(raw[b"classifier"])
-            encoder = bytes(raw[b"encoder"]) if b"encoder" in raw else None
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise StoreError(f"cannot read cache version {name} in Redis: {exc}") from exc
         if manifest.get("format") != MANIFEST_FORMAT:
             raise StoreError(f"cache version {name}: unsupported format {manifest.get('format')}")
-        return name, CacheBundle(manifest, vectors, classifier, encoder)
+        return name, CacheBundle(manifest, vectors, classifier)
 
     def versions(self) -> list[str]:
         names = self._call("versions", lambda: self._redis.zrange(self.keys.published, 0, -1))

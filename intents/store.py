@@ -13,7 +13,7 @@ re-seed renders only answers whose text or voice changed.
 Layout of a ``LocalStore``::
 
     CURRENT                      name of the serving version
-    versions/<version>/manifest.json, vectors.npy, classifier.joblib[, encoder.safetensors]
+    versions/<version>/manifest.json, vectors.npy, classifier.joblib
     audio/<sha256>.wav           16-bit mono PCM answers
 """
 
@@ -55,9 +55,6 @@ class CacheBundle:
     manifest: dict[str, Any]  # JSON: entries, questions, thresholds, model names
     vectors: np.ndarray  # (questions, dim) float32
     classifier: bytes  # IntentClassifier.to_bytes()
-    # The seed's fine-tuned transformer weights (intents.embedder.encoder_weights);
-    # None: the version routes with the base model.
-    encoder: bytes | None = None
 
 
 class Store(ABC):
@@ -137,8 +134,6 @@ class LocalStore(Store):
             np.save(vectors, np.ascontiguousarray(bundle.vectors, dtype=np.float32))
             _write_synced(staging / "vectors.npy", vectors.getvalue())
             _write_synced(staging / "classifier.joblib", bundle.classifier)
-            if bundle.encoder is not None:
-                _write_synced(staging / "encoder.safetensors", bundle.encoder)
             os.rename(staging, self._versions / version)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -162,13 +157,11 @@ class LocalStore(Store):
             manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
             vectors = np.load(directory / "vectors.npy", allow_pickle=False)
             classifier = (directory / "classifier.joblib").read_bytes()
-            encoder_path = directory / "encoder.safetensors"
-            encoder = encoder_path.read_bytes() if encoder_path.is_file() else None
         except (OSError, ValueError) as exc:
             raise StoreError(f"cannot read cache version {name} in {self.root}: {exc}") from exc
         if manifest.get("format") != MANIFEST_FORMAT:
             raise StoreError(f"cache version {name}: unsupported format {manifest.get('format')}")
-        return name, CacheBundle(manifest, vectors, classifier, encoder)
+        return name, CacheBundle(manifest, vectors, classifier)
 
     def versions(self) -> list[str]:
         if not self._versions.is_dir():
