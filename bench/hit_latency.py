@@ -137,11 +137,16 @@ def main() -> None:
             metrics = asyncio.run(run_level(url, calls, turns))
             hits = [m for m in metrics if m.get("source") == "cache"]
             first = [m["first_audio_ms"] for m in hits]
+            # Each caller's first turn meets a cold embedding cache while every other caller
+            # starts too: reported apart as well, never left out of the headline figure.
+            later = [m["first_audio_ms"] for m in hits if m.get("turn", 1) > 1]
             reused = sum(1 for m in hits if m.get("route_reused"))
             print(f"  {calls:4d} concurrent calls, {len(metrics):4d} turns: hits "
                   f"{len(hits) / len(metrics):6.1%}, decided on partials {reused / max(1, len(hits)):6.1%}"
                   f" | first_audio_ms p50 {pct(first, 50):7.2f}  p99 {pct(first, 99):7.2f}  "
-                  f"max {max(first) if first else float('nan'):7.2f}")
+                  f"max {max(first) if first else float('nan'):7.2f}"
+                  f" | after each caller's first turn ({len(later)}): p50 {pct(later, 50):7.2f}  "
+                  f"p99 {pct(later, 99):7.2f}")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -94,7 +94,7 @@ async def test_a_cancelled_request_is_not_routed(executor):
 async def test_batches_shrink_to_the_target_time_when_texts_are_costly(executor):
     # Every text costs at least 10 ms: with a 25 ms target a batch holds at most 2 texts.
     router = RecordingRouter(hold_first=True, seconds_per_text=0.010)
-    batcher = RouteBatcher(router, executor, target_batch_ms=25.0)
+    batcher = RouteBatcher(router, executor, target_batch_ms=25.0, min_batch=1)
     waiting = [asyncio.ensure_future(batcher.route(f"text {i}")) for i in range(12)]
     await _until(lambda: batcher._running)
     router.release.set()
@@ -116,3 +116,18 @@ async def test_a_failing_batch_reaches_every_waiting_call(executor):
     assert all(isinstance(r, RuntimeError) for r in results)
     assert (await asyncio.gather(batcher.route("again"), return_exceptions=True))[0].args == (
         "router exploded",)
+
+
+async def test_costly_texts_still_share_a_forward_pass_up_to_min_batch(executor):
+    router = RecordingRouter(seconds_per_text=0.010)
+    batcher = RouteBatcher(router, executor, target_batch_ms=5.0, min_batch=3)
+    await batcher.route("measure the cost first")
+    assert batcher.batch_limit() == 3  # the target alone would allow 1
+    router.release.clear()
+    blocker = asyncio.ensure_future(batcher.route("held"))
+    await _until(lambda: batcher._running)
+    waiting = [asyncio.ensure_future(batcher.route(f"text {i}")) for i in range(7)]
+    await asyncio.sleep(0)
+    router.release.set()
+    await asyncio.gather(blocker, *waiting)
+    assert [len(batch) for batch in router.batches[2:]] == [3, 3, 1]
