@@ -46,7 +46,7 @@ def percentiles(samples_ms: list[float]) -> str:
 def measure(name: str, router: Router, utterances: list[str]) -> None:
     partials = [" ".join(u.split()[:k]) for u in utterances for k in range(1, len(u.split()) + 1)]
     unique = list(dict.fromkeys(partials))  # cold means never embedded before
-    router.embedder._cached.cache_clear()
+    router.embedder.clear_cache()
     cold = [router.route(t).ms for t in unique]
     warm = [router.route(t).ms for t in unique]
     vectors = router.embedder.encode_batch(unique)

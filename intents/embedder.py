@@ -118,6 +118,11 @@ class Embedder:
                                      normalize_embeddings=True)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def clear_cache(self) -> None:
+        """Forget every cached vector (benchmarks of never-seen text)."""
+        with self._lock:
+            self._cache.clear()
+
     def cache_info(self) -> str:
         return (f"hits={self.cache_hits} misses={self.cache_misses} "
                 f"size={len(self._cache)}/{self._cache_size}")

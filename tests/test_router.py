@@ -128,6 +128,18 @@ def test_embedder_vectors_are_unit_length_and_cached(intent_embedder: Embedder) 
     assert np.allclose(batch[0], a, atol=1e-5)
 
 
+def test_embedding_cache_can_be_off_or_cleared() -> None:
+    uncached = Embedder(cache_size=0)  # VOICEGATE_EMBEDDER_CACHE_SIZE=0: every text embedded
+    uncached.encode("what are your opening hours")
+    uncached.encode("what are your opening hours")
+    assert (uncached.cache_hits, uncached.cache_misses) == (0, 2)
+    cached = Embedder(cache_size=4)
+    cached.encode("what are your opening hours")
+    cached.clear_cache()
+    cached.encode("what are your opening hours")
+    assert (cached.cache_hits, cached.cache_misses) == (0, 2)
+
+
 def test_classifier_survives_serialisation(bank_cache: LoadedCache,
                                            intent_embedder: Embedder) -> None:  # noqa: F811
     original = bank_cache.router.classifier
