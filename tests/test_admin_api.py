@@ -94,6 +94,11 @@ async def test_stats_count_a_hit_and_a_miss(admin_server):
         hit = await ask(admin_server, "what time do your branches open")
         miss = await ask(admin_server, "do you sell car insurance")
         after = client.get("/admin/stats").json()
+        for _ in range(100):  # the server ends a call just after its client hangs up
+            if after["active_calls"] == 0:
+                break
+            await asyncio.sleep(0.05)
+            after = client.get("/admin/stats").json()
         entry = client.get("/admin/entries/opening_hours").json()["entry"]
     assert entry["hits"] == after["entry_hits"]["opening_hours"]
     assert hit["hit"] is True and hit["entry_id"] == "opening_hours"
