@@ -279,7 +279,9 @@ class Call:
 
     async def _route_latest(self) -> None:
         assert self._router is not None
-        while self._routed is None or self._routed.text != self._latest_text:
+        # Normalized: another call's identical text may have been routed in its spelling.
+        while self._routed is None or \
+                normalize_text(self._routed.text) != normalize_text(self._latest_text):
             text = self._latest_text
             self._routed = await self._router(text, False)
 
