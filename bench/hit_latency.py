@@ -65,12 +65,7 @@ async def one_caller(url: str, turns: int, results: list[dict], start_delay: flo
         for _ in range(turns):
             question = rng.choice(QUESTIONS)
             index = len(caller.events)
-            words = question.split()
-            for i in range(1, len(words) + 1):
-                await caller.send_json({"type": "text", "text": " ".join(words[:i]),
-                                        "final": False})
-                await asyncio.sleep(WORD_S)
-            await caller.send_json({"type": "text", "text": question, "final": True})
+            await caller.send_transcript(question, word_interval_s=WORD_S)
             await caller.wait_for("response", start=index, timeout=60)
             # The caller cuts in ("okay") as soon as the answer starts: the turn ends at
             # once and its metrics arrive, without waiting seconds of playback.

@@ -187,8 +187,16 @@ class Caller:
 
     async def say_text(self, text: str, partial_words: bool = False,
                        word_interval_s: float = 0.15, timeout: float = 60.0) -> TurnResult:
-        """Send a transcript; with ``partial_words`` word by word as STT partials would come."""
+        """Send a transcript and wait for the turn to end; with ``partial_words`` word by
+        word as STT partials would come."""
         index = len(self.events)
+        await self.send_transcript(text, partial_words, word_interval_s)
+        await self.wait_for("turn_metrics", timeout=timeout, start=index)
+        return self._turn_since(index)
+
+    async def send_transcript(self, text: str, partial_words: bool = True,
+                              word_interval_s: float = 0.15) -> None:
+        """The final transcript, after (``partial_words``) one partial per word at speaking pace."""
         if partial_words:
             words = text.split()
             for n in range(1, len(words) + 1):
@@ -196,8 +204,6 @@ class Caller:
                                       "final": False})
                 await asyncio.sleep(word_interval_s)
         await self.send_json({"type": "text", "text": text, "final": True})
-        await self.wait_for("turn_metrics", timeout=timeout, start=index)
-        return self._turn_since(index)
 
     def _turn_since(self, index: int) -> TurnResult:
         events = self.events[index:]

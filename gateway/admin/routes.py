@@ -104,6 +104,16 @@ async def get_entry(request: Request, services: Services) -> Response:
                          "entry": _entry_json(entry, hits)})
 
 
+def _publish_failed(exc: Exception, services: Services) -> Response:
+    """The answer to a publish that did not happen; the serving version is untouched."""
+    if isinstance(exc, LabelledValidationError):
+        return error(f"{exc}; the serving version is unchanged", 400, errors=exc.errors,
+                     version=services.cache.version)  # type: ignore[union-attr]
+    if isinstance(exc, SeedBusy):
+        return error(str(exc), 409)
+    return error(f"{exc}; the previous version keeps serving", 500)
+
+
 @admin_ready
 async def post_entry(request: Request, services: Services) -> Response:
     try:
@@ -114,13 +124,8 @@ async def post_entry(request: Request, services: Services) -> Response:
         report, entry_id, created = await _publisher(request).upsert_entry(body)
     except BadEntry as exc:
         return error(str(exc), 400)
-    except LabelledValidationError as exc:
-        return error(f"{exc}; the serving version is unchanged", 400, errors=exc.errors,
-                     version=services.cache.version)  # type: ignore[union-attr]
-    except SeedBusy as exc:
-        return error(str(exc), 409)
-    except SeedError as exc:
-        return error(f"{exc}; the previous version keeps serving", 500)
+    except (LabelledValidationError, SeedBusy, SeedError) as exc:
+        return _publish_failed(exc, services)
     loaded = services.cache.loaded  # type: ignore[union-attr]
     entry = loaded.entries.get(entry_id) if loaded else None
     return JSONResponse({"version": report.version, "created": created,
@@ -136,13 +141,8 @@ async def delete_entry(request: Request, services: Services) -> Response:
     except EntryNotFound:
         return error(f"no entry {entry_id!r} in the serving cache version "
                      f"({services.cache.version})", 404)  # type: ignore[union-attr]
-    except LabelledValidationError as exc:
-        return error(f"{exc}; the serving version is unchanged", 400, errors=exc.errors,
-                     version=services.cache.version)  # type: ignore[union-attr]
-    except SeedBusy as exc:
-        return error(str(exc), 409)
-    except SeedError as exc:
-        return error(f"{exc}; the previous version keeps serving", 500)
+    except (LabelledValidationError, SeedBusy, SeedError) as exc:
+        return _publish_failed(exc, services)
     return JSONResponse({"version": report.version, "deleted": entry_id,
                          "report": report_json(report)})
 
@@ -196,10 +196,8 @@ async def seed_upload(request: Request, services: Services) -> Response:
                      "version keeps serving", 400,
                      errors=[{"line": e.line, "reason": e.reason} for e in exc.errors],
                      version=services.cache.version)  # type: ignore[union-attr]
-    except SeedBusy as exc:
-        return error(str(exc), 409)
-    except SeedError as exc:
-        return error(f"{exc}; the previous version keeps serving", 500)
+    except (SeedBusy, SeedError) as exc:
+        return _publish_failed(exc, services)
     return JSONResponse({"version": report.version, "report": report_json(report)})
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from typing import Callable
+from typing import Callable, Mapping, TypeVar
 
 from ..settings import Settings, SettingsError
 from .base import SpeechToText, TextToSpeech
+
+T = TypeVar("T")
 
 
 def _whisper(settings: Settings, executor: Executor) -> SpeechToText:
@@ -47,18 +49,16 @@ TTS_PROVIDERS: dict[str, Callable[[Settings, Executor], TextToSpeech]] = {
 
 
 def create_stt(settings: Settings, executor: Executor) -> SpeechToText:
-    try:
-        factory = STT_PROVIDERS[settings.stt_provider]
-    except KeyError:
-        raise SettingsError(f"unknown stt_provider {settings.stt_provider!r}; "
-                            f"known: {', '.join(STT_PROVIDERS)}") from None
-    return factory(settings, executor)
+    return _factory(STT_PROVIDERS, "stt_provider", settings.stt_provider)(settings, executor)
 
 
 def create_tts(settings: Settings, executor: Executor) -> TextToSpeech:
+    return _factory(TTS_PROVIDERS, "tts_provider", settings.tts_provider)(settings, executor)
+
+
+def _factory(providers: Mapping[str, T], setting: str, name: str) -> T:
     try:
-        factory = TTS_PROVIDERS[settings.tts_provider]
+        return providers[name]
     except KeyError:
-        raise SettingsError(f"unknown tts_provider {settings.tts_provider!r}; "
-                            f"known: {', '.join(TTS_PROVIDERS)}") from None
-    return factory(settings, executor)
+        raise SettingsError(f"unknown {setting} {name!r}; known: {', '.join(providers)}") \
+            from None
