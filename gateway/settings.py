@@ -36,6 +36,32 @@ class Settings:
     # Hard ceiling handed to uvicorn; above it the WebSocket library itself closes 1009.
     ws_max_size: int = 1024 * 1024
 
+    # --- admission (/v1/call and /twilio/stream) ----------------------------------
+    # Concurrent calls this replica takes; one more gets `too_many_calls` and close 1013.
+    # Default: 250 per CPU core (text or remote-STT calls; an embedded-STT call that speaks
+    # costs far more, see docs/operations.md).
+    max_calls: int = field(default_factory=lambda: 250 * (os.cpu_count() or 1))
+    # Set: callers must present it (Authorization: Bearer, or ?token=; Twilio: a stream
+    # <Parameter name="token">). Empty: open, for the local demo.
+    call_token: str = field(default="", repr=False)
+    # A connection that has not sent `start` by then is closed (`start_timeout`).
+    start_timeout_s: float = 5.0
+    # An outbound message not taken by the client within this long closes the call
+    # (`client_not_reading`): a client that never reads must not grow the server.
+    send_timeout_s: float = 5.0
+    # Outbound messages queued per call before the client counts as not reading.
+    max_outbound_messages: int = 512
+    # Inbound audio faster than this multiple of real time, for longer than
+    # audio_rate_grace_s, closes the call (`audio_too_fast`, 1008).
+    max_audio_rate: float = 2.0
+    audio_rate_grace_s: float = 2.0
+    # Unprocessed inbound audio kept per call; older audio is dropped (and counted).
+    inbound_buffer_ms: int = 2000
+    # Text messages queued per call (they are turns: a flood beyond this is refused).
+    max_queued_texts: int = 16
+    # Bad-input warnings logged per call before further ones are only counted.
+    max_logged_errors: int = 20
+
     # --- stores -------------------------------------------------------------
     store_dir: str = "var/store"
     # Set: the shared Redis store replaces store_dir (docs/operations.md). May hold a password.
