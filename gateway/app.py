@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import AsyncIterator
 
@@ -27,6 +28,9 @@ async def healthz(request: Request) -> JSONResponse:
 async def readyz(request: Request) -> JSONResponse:
     services: Services = request.app.state.services
     body = services.readiness()
+    # Pending asyncio tasks in this process: a leak shows as a count that only grows
+    # (bench/soak.py reads it).
+    body["tasks"] = len(asyncio.all_tasks())
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 

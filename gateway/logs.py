@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 from typing import Any
+
+# The call a line belongs to: set once in a call's task, inherited by every task it starts,
+# so every line logged on a call's behalf carries its id without passing it around.
+_call_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("voicegate_call_id",
+                                                                       default=None)
+
+
+def bind_call_id(call_id: str | None) -> None:
+    """Tag every log line of the current task (and the tasks it starts) with ``call_id``."""
+    _call_id.set(call_id)
 
 
 class JsonFormatter(logging.Formatter):
@@ -15,6 +26,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        call_id = _call_id.get()
+        if call_id is not None:
+            entry["call_id"] = call_id
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)
