@@ -53,6 +53,12 @@ FILLER_PHRASES: tuple[str, ...] = (
     "Just a second while I check.",
 )
 HANDOFF_MESSAGE = "I'm going to connect you with a colleague who can help. Please stay on the line."
+# A stage of the reply failed (a TTS or LLM error): the call goes on and the caller says it again.
+APOLOGY_MESSAGE = "Sorry, I had a problem on my side. Could you say that again?"
+# Every phrase pre-rendered once per voice at start-up (Runtime.render_prompts), by key.
+PROMPT_TEXTS: dict[str, str] = {
+    "handoff": HANDOFF_MESSAGE, "apology": APOLOGY_MESSAGE,
+    **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)}}
 
 
 # ------------------------------------------------------------------------- events

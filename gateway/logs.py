@@ -48,4 +48,6 @@ def configure(level: str = "info") -> None:
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
     if logger.isEnabledFor(level):
+        if "call_id" not in fields and (call_id := _call_id.get()) is not None:
+            fields["call_id"] = call_id
         logger.log(level, name, extra={"fields": fields})

@@ -8,10 +8,9 @@ and ``heard_ms`` tells how much the caller really heard.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Awaitable, Callable
 
-from . import timeline
+from .clock import SYSTEM_CLOCK, Clock
 from .codec import PCM16, SAMPLE_WIDTH, SILENCE_BYTE
 
 SendFrame = Callable[[bytes], Awaitable[None]]
@@ -19,9 +18,10 @@ SendFrame = Callable[[bytes], Awaitable[None]]
 
 class Playout:
     def __init__(self, send_frame: SendFrame, sample_rate: int, frame_ms: int = 20,
-                 lead_ms: int = 60, encoding: str = PCM16) -> None:
+                 lead_ms: int = 60, encoding: str = PCM16, clock: Clock = SYSTEM_CLOCK) -> None:
         """Audio written here is already in ``encoding`` (pcm16, or μ-law for telephony)."""
         self._send = send_frame
+        self._clock = clock
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms
         self._frame_size = sample_rate * frame_ms // 1000 * SAMPLE_WIDTH[encoding]
@@ -40,7 +40,7 @@ class Playout:
         """Audio the caller has heard so far: sent, and due by the clock."""
         if self._started_at is None:
             return 0.0
-        elapsed = (timeline.now() - self._started_at) * 1000.0
+        elapsed = (self._clock.now() - self._started_at) * 1000.0
         return max(0.0, min(self.sent_ms, elapsed))
 
     async def write(self, audio: bytes) -> None:
@@ -59,24 +59,24 @@ class Playout:
             self._pending.clear()
             await self._send_paced(frame)
         if self._started_at is not None:
-            remaining = self._started_at + self.sent_ms / 1000.0 - timeline.now()
+            remaining = self._started_at + self.sent_ms / 1000.0 - self._clock.now()
             if remaining > 0:
-                await asyncio.sleep(remaining)
+                await self._clock.sleep(remaining)
 
     async def _send_paced(self, frame: bytes) -> None:
-        now = timeline.now()
+        now = self._clock.now()
         if self._started_at is None:
             self._started_at = now
         else:
             # Frame n is due when frame n-1 finishes playing, minus the lead.
             due = self._started_at + self.sent_ms / 1000.0 - self._lead_s
             if due > now:
-                await asyncio.sleep(due - now)
+                await self._clock.sleep(due - now)
             elif now - due > 0.5:
                 # The producer fell behind (slow TTS): restart the clock instead of
                 # bursting, so the client hears a pause, not a fast-forward.
                 self._started_at = now - self.sent_ms / 1000.0 + self._lead_s
         await self._send(frame)
         if self.first_frame_at is None:
-            self.first_frame_at = timeline.now()
+            self.first_frame_at = self._clock.now()
         self._sent_frames += 1

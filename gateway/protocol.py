@@ -60,17 +60,30 @@ class StopMessage:
 ClientMessage = StartMessage | TextMessage | StopMessage
 
 
+def parse_json(raw: str, code: str) -> Any:
+    """``json.loads`` whose every failure is a ProtocolError ``code`` (the call goes on).
+
+    Besides syntax errors: nesting deeper than the parser's recursion limit
+    (RecursionError) and integers longer than Python converts (ValueError).
+    """
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(code, f"message is not JSON: {exc.msg} at position {exc.pos}"
+                            ) from None
+    except RecursionError:
+        raise ProtocolError(code, "message is nested too deeply to parse") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise ProtocolError(code, f"message cannot be parsed: {str(exc)[:120]}") from None
+
+
 def parse_text_frame(raw: str, max_bytes: int) -> ClientMessage:
     # A character is 1-4 UTF-8 bytes: encode only when the length alone cannot decide.
     if len(raw) > max_bytes or (len(raw) * 4 > max_bytes and len(raw.encode()) > max_bytes):
         raise ProtocolError("frame_too_large",
                             f"text message of {len(raw.encode())} bytes exceeds {max_bytes} bytes",
                             CLOSE_TOO_BIG)
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc.msg} at position "
-                                            f"{exc.pos}") from None
+    data = parse_json(raw, "invalid_json")
     if not isinstance(data, dict):
         raise ProtocolError("invalid_message", "a message must be a JSON object")
     kind = data.get("type")

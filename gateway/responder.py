@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from intents.types import Action, RouteDecision
 
-from .agent import Conversation, Handoff, Sentence, Slow, ToolStarted
+from .agent import (FILLER_PHRASES, PROMPT_TEXTS, Agent, Conversation, Handoff, Sentence, Slow,
+                    ToolStarted)
 from .audio import StreamResampler
 from .audio_bank import AudioBank
 from .codec import PCM16, encode
-from .runtime import Runtime
+from .providers.base import TextToSpeech
 from .timeline import TurnTimeline, now
 
 # A prefetched sentence may run this far ahead of playback; more would be wasted on a barge-in.
@@ -53,12 +55,13 @@ async def _once(pcm16: bytes) -> AsyncIterator[bytes]:
     yield pcm16
 
 
-async def tts_audio(runtime: Runtime, text: str, rate: int,
+async def tts_audio(tts: TextToSpeech, text: str, rate: int,
                     encoding: str = PCM16) -> AsyncIterator[bytes]:
     """Stream TTS audio for ``text`` converted to the call's rate and encoding."""
-    resampler = StreamResampler(runtime.tts.sample_rate, rate)
-    async for chunk in runtime.tts.synthesize(text):
-        yield encode(resampler.process(chunk), encoding)
+    resampler = StreamResampler(tts.sample_rate, rate)
+    async with contextlib.aclosing(tts.synthesize(text)) as chunks:  # type: ignore[type-var]
+        async for chunk in chunks:
+            yield encode(resampler.process(chunk), encoding)
     tail = resampler.process(b"", last=True)
     if tail:
         yield encode(tail, encoding)
@@ -96,15 +99,40 @@ class _Prefetched:
 
     async def audio_timed(self, tl: TurnTimeline) -> AsyncIterator[bytes]:
         """The audio, noting the TTS's time to first audio in the turn's timeline."""
-        async for chunk in self.audio():
-            if "tts_first_audio_ms" not in tl.info and self.first_chunk_ms is not None:
-                tl.info["tts_first_audio_ms"] = round(self.first_chunk_ms, 3)
-            yield chunk
+        async with contextlib.aclosing(self.audio()) as chunks:
+            async for chunk in chunks:
+                if "tts_first_audio_ms" not in tl.info and self.first_chunk_ms is not None:
+                    tl.info["tts_first_audio_ms"] = round(self.first_chunk_ms, 3)
+                yield chunk
+
+
+async def _next_segment(queue: "asyncio.Queue[ReplySegment]",
+                        producer: "asyncio.Task[None]") -> ReplySegment | None:
+    """The producer's next segment; None once it has finished (its failure is raised)."""
+    if queue.empty() and not producer.done():
+        getter = asyncio.ensure_future(queue.get())
+        try:
+            await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+    if not queue.empty():
+        return queue.get_nowait()
+    producer.result()  # raises the producer's failure, if any
+    return None
 
 
 class Responder:
-    def __init__(self, runtime: Runtime, cache_audio: AudioBank | None = None) -> None:
-        self._runtime = runtime
+    """Shared by every call. Given what it needs, not the runtime: the agent, the voice,
+    the pre-rendered prompts (fillers, handoff, apology) and the cache's clips."""
+
+    def __init__(self, agent: Agent, tts: TextToSpeech, prompts: AudioBank,
+                 cache_audio: AudioBank | None = None) -> None:
+        self._agent = agent
+        self._tts = tts
+        self._prompts = prompts
         self.cache_audio = cache_audio
 
     async def respond(self, turn: Turn) -> AsyncIterator[ReplySegment]:
@@ -131,13 +159,15 @@ class Responder:
         """Agent events -> segments. Sentences are synthesized ahead of playback; a filler
         covers a tool call or a slow first token, at most once a turn and never after the
         answer has begun, so it cannot overlap or interrupt it."""
-        queue: asyncio.Queue[ReplySegment | None] = asyncio.Queue(_PREFETCH_SENTENCES)
+        queue: asyncio.Queue[ReplySegment] = asyncio.Queue(_PREFETCH_SENTENCES)
         prefetches: list[_Prefetched] = []
         tl = turn.timeline
 
         async def produce() -> None:
+            # Never puts an end marker: the consumer watches this task itself, so a
+            # producer never blocks on a full queue nobody reads (a barge-in).
             filler_played = spoke = False
-            events = self._runtime.agent.respond(turn.conversation, turn.text)
+            events = self._agent.respond(turn.conversation, turn.text)
             try:
                 async for event in events:
                     if isinstance(event, Slow):
@@ -149,7 +179,7 @@ class Responder:
                         tl.mark("first_token")
                     if isinstance(event, Sentence):
                         spoke = True
-                        fetch = _Prefetched(tts_audio(self._runtime, event.text, turn.sample_rate,
+                        fetch = _Prefetched(tts_audio(self._tts, event.text, turn.sample_rate,
                                                       turn.encoding))
                         prefetches.append(fetch)
                         await queue.put(ReplySegment(source="llm", text=event.text,
@@ -161,14 +191,14 @@ class Responder:
                     elif isinstance(event, Handoff):
                         await queue.put(self.handoff(turn, event.reason))
             finally:
+                # Closed before this task ends: the agent writes what it said to the
+                # conversation, so the call can cut it to what the caller heard.
                 await events.aclose()  # type: ignore[attr-defined]
-                await queue.put(None)
 
-        producer = asyncio.create_task(produce())
+        producer = asyncio.create_task(produce(), name="vg-agent-reply")
         try:
-            while (segment := await queue.get()) is not None:
+            while (segment := await _next_segment(queue, producer)) is not None:
                 yield segment
-            await producer  # surfaces a producer failure
         finally:
             producer.cancel()
             for fetch in prefetches:
@@ -178,8 +208,12 @@ class Responder:
                                      return_exceptions=True)
 
     def filler(self, turn: Turn, tool: str | None = None) -> ReplySegment:
-        key = self._runtime.filler_key()
+        key = f"filler:{random.randrange(len(FILLER_PHRASES))}"  # varied from turn to turn
         return self._prompt(turn, key, "filler", {"tool": tool} if tool else {})
+
+    def apology(self, turn: Turn, code: str) -> ReplySegment:
+        """What the caller hears when a stage of the reply failed (the call goes on)."""
+        return self._prompt(turn, "apology", "apology", {"code": code})
 
     def handoff(self, turn: Turn, reason: str) -> ReplySegment:
         segment = self._prompt(turn, "handoff", "handoff", {"reason": reason})
@@ -187,13 +221,12 @@ class Responder:
         return segment
 
     def _prompt(self, turn: Turn, key: str, source: str, info: dict[str, Any]) -> ReplySegment:
-        prompts = self._runtime.prompts
+        prompts = self._prompts
         if key in prompts:
             audio = _once(prompts.audio(key, turn.sample_rate, turn.encoding))
             text = prompts.clip(key).text
         else:  # prompts not rendered (a bare runtime in a benchmark): synthesize now
-            from .agent import FILLER_PHRASES, HANDOFF_MESSAGE
-
-            text = HANDOFF_MESSAGE if key == "handoff" else FILLER_PHRASES[0]
-            audio = tts_audio(self._runtime, text, turn.sample_rate, turn.encoding)
+            text = PROMPT_TEXTS.get(key, FILLER_PHRASES[0])
+            audio = tts_audio(self._tts, text, turn.sample_rate, turn.encoding)
         return ReplySegment(source=source, text=text, audio=audio, info=info)
+

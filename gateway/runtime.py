@@ -8,7 +8,6 @@ models warm up, and ``/readyz`` turns green when they are.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Callable, TypeVar
 
 from intents.embedder import Embedder
 
-from .agent import FILLER_PHRASES, HANDOFF_MESSAGE, Agent, build_agent
+from .agent import PROMPT_TEXTS, Agent, build_agent
 from .audio_bank import AudioBank, Clip
 from .providers.base import SpeechToText, TextToSpeech
 from .providers.registry import create_stt, create_tts
@@ -46,7 +45,7 @@ class Runtime:
     load_times_s: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, settings: Settings) -> "Runtime":
+    def load(cls, settings: Settings, stats: Stats | None = None) -> "Runtime":
         times: dict[str, float] = {}
         # One thread: the VAD batcher runs one batch at a time by design.
         vad_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-vad")
@@ -65,26 +64,21 @@ class Runtime:
         return cls(settings=settings, vad_executor=vad_pool, model_executor=heavy,
                    route_executor=route, vad=vad, stt=stt,
                    tts=tts, prompts=AudioBank(), vad_batcher=VADBatcher(vad, vad_pool),
-                   agent=build_agent(settings), embedder=embedder, load_times_s=times)
+                   agent=build_agent(settings), embedder=embedder, load_times_s=times,
+                   stats=stats or Stats())
 
     async def render_prompts(self) -> None:
         """Pre-render the filler and handoff phrases with the configured voice.
 
         Runs on the serving event loop: a cloud TTS client is bound to the loop it is used on.
         """
-        if "handoff" in self.prompts:
+        if all(key in self.prompts for key in PROMPT_TEXTS):
             return
         start = time.perf_counter()
-        phrases = [("handoff", HANDOFF_MESSAGE)] + [
-            (f"filler:{i}", text) for i, text in enumerate(FILLER_PHRASES)]
-        for key, text in phrases:
+        for key, text in PROMPT_TEXTS.items():
             audio = b"".join([chunk async for chunk in self.tts.synthesize(text)])
             self.prompts.add(Clip(key, text, audio, self.tts.sample_rate))
         self.load_times_s["prompts"] = time.perf_counter() - start
-
-    def filler_key(self) -> str:
-        """A filler phrase, varied from turn to turn."""
-        return f"filler:{random.randrange(len(FILLER_PHRASES))}"
 
     async def aclose(self) -> None:
         await self.agent.aclose()

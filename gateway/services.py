@@ -10,11 +10,14 @@ import asyncio
 import logging
 from typing import Any
 
+from starlette.websockets import WebSocket
+
 from intents.redis_store import RedisKeys, RedisStore
 from intents.store import LocalStore, Store
 
 from . import logs
-from .call import Call, CallOutput
+from .call import Call, CallDeps, CallOutput
+from .call.session import Admission, CallSession
 from .faq_cache import FaqCache
 from .route_batcher import RouteBatcher
 from .protocol import StartMessage
@@ -23,6 +26,7 @@ from .responder import Responder
 from .runtime import Runtime
 from .settings import Settings
 from .shared_stats import SharedStats
+from .stats import Stats
 
 log = logging.getLogger("voicegate.services")
 
@@ -32,6 +36,10 @@ class Services:
         self.settings = settings
         self._runtime: Runtime | None = None
         self._given_runtime = runtime
+        # Counters exist before the models load: refusals while loading are counted too.
+        self.stats: Stats = runtime.stats if runtime is not None else Stats()
+        self.admission = Admission(settings.max_calls)
+        self._call_deps: CallDeps | None = None
         self.cache: FaqCache | None = None
         self.route_batcher: RouteBatcher | None = None
         self.responder: Responder | None = None
@@ -59,7 +67,7 @@ class Services:
     async def _load(self, runtime: Runtime | None) -> None:
         try:
             if runtime is None:
-                runtime = await asyncio.to_thread(Runtime.load, self.settings)
+                runtime = await asyncio.to_thread(Runtime.load, self.settings, self.stats)
             await runtime.render_prompts()
             cache = FaqCache(self.open_store(), runtime.embedder)
             await asyncio.to_thread(cache.refresh)
@@ -71,7 +79,11 @@ class Services:
         self.cache = cache
         self.route_batcher = RouteBatcher(cache.route_many, runtime.route_executor,
                                           target_batch_ms=self.settings.route_batch_target_ms)
-        self.responder = Responder(runtime, cache.audio)
+        self.responder = Responder(runtime.agent, runtime.tts, runtime.prompts, cache.audio)
+        self._call_deps = CallDeps(settings=self.settings, vad=runtime.vad_batcher,
+                                   stt=runtime.stt, responder=self.responder,
+                                   router=self.route_batcher.route, stats=runtime.stats,
+                                   new_conversation=runtime.agent.new_conversation)
         poll_s = self.settings.cache_poll_s
         if self.settings.redis_url:
             self._start_redis(runtime, cache)
@@ -115,12 +127,13 @@ class Services:
 
     def new_call(self, output: CallOutput, start: StartMessage,
                  call_id: str | None = None) -> Call:
-        assert self.responder is not None
-        assert self.cache is not None
-        assert self.route_batcher is not None
-        return Call(self.runtime, output, start.sample_rate, self.responder,
-                    router=self.route_batcher.route,
-                    metadata=start.metadata, call_id=call_id)
+        assert self._call_deps is not None, "new_call before the runtime is ready"
+        return Call(self._call_deps, output, start.sample_rate, metadata=start.metadata,
+                    call_id=call_id)
+
+    def open_session(self, websocket: WebSocket, transport: str) -> CallSession:
+        """The transport side of one connection (admission, bounds, timeouts)."""
+        return CallSession(websocket, self.settings, self.stats, self.admission, transport)
 
     def readiness(self) -> dict[str, Any]:
         if self._runtime is None:

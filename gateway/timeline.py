@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .clock import SYSTEM_CLOCK, Clock
+
 # Stages in the order a turn normally reaches them.
 STAGES = ("speech_start", "speech_end", "end_of_turn", "final_transcript", "route_decided",
           "first_token", "first_audio", "reply_end")
@@ -20,12 +22,13 @@ class TurnTimeline:
     turn: int
     marks: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    clock: Clock = field(default=SYSTEM_CLOCK, repr=False, compare=False)
 
     def mark(self, stage: str, at: float | None = None, *, overwrite: bool = False) -> None:
         if stage not in STAGES:
             raise ValueError(f"unknown timeline stage {stage!r}")
         if overwrite or stage not in self.marks:
-            self.marks[stage] = now() if at is None else at
+            self.marks[stage] = self.clock.now() if at is None else at
 
     def has(self, stage: str) -> bool:
         return stage in self.marks

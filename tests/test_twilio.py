@@ -350,11 +350,11 @@ async def test_mulaw_playout_frames_are_160_bytes_padded_with_mulaw_silence():
 async def test_marks_confirm_only_the_current_uncleared_reply():
     sent: list[dict[str, Any]] = []
 
-    class Socket:
-        async def send_text(self, text: str) -> None:
+    class Outbox:  # the session's outbox, as the output sees it
+        def send_text(self, text: str) -> None:
             sent.append(json.loads(text))
 
-    out = TwilioOutput(Socket(), "MZ1", "call")  # type: ignore[arg-type]
+    out = TwilioOutput(Outbox(), "MZ1", "call")  # type: ignore[arg-type]
     assert out.confirmed_heard_ms() is None  # no echo yet: the call uses its clock
     out.reply_started(1)
     for _ in range(12):

@@ -7,7 +7,7 @@ name to a factory. The call loop only ever sees these interfaces.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Awaitable, Protocol, runtime_checkable
 
 
 class ProviderError(RuntimeError):
@@ -40,8 +40,12 @@ class STTStream(Protocol):
     async def send_audio(self, pcm16: bytes) -> None:
         """Add caller speech to the current utterance (may trigger a partial)."""
 
-    async def finalize(self) -> Transcript:
-        """The turn ended: return the final transcript of the utterance and reset."""
+    def finalize(self) -> Awaitable[Transcript]:
+        """The turn ended: cut the utterance NOW and return an awaitable of its final.
+
+        The cut is synchronous: audio sent after this call belongs to the next
+        utterance, and cancelling the awaitable leaves the stream clean.
+        """
 
     def partials(self) -> AsyncIterator[Transcript]:
         """Partial transcripts, in order, while the caller is speaking."""

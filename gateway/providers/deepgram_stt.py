@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable
 
 from deepgram import AsyncDeepgramClient
 from deepgram.core.api_error import ApiError
@@ -54,7 +55,8 @@ class DeepgramStream:
         self._endpointed = False
         self._sent_s = 0.0  # audio time sent on this socket
         self._cut_s = 0.0  # audio time of the last finalize/reset
-        self._finalized: asyncio.Future[None] | None = None
+        # The utterance cut by finalize() whose Finalize reply is still on its way.
+        self._closing_utterance: _Closing | None = None
         self._error: ProviderError | None = None
         self._closing = False
         self.endpoint = asyncio.Event()  # set on speech_final / UtteranceEnd (optional for callers)
@@ -69,24 +71,32 @@ class DeepgramStream:
         self._outbox.put_nowait(pcm16)
         self._sent_s += len(pcm16) / 2 / self._sample_rate
 
-    async def finalize(self) -> Transcript:
+    def finalize(self) -> Awaitable[Transcript]:
+        """Cut the utterance now (audio sent later is the next one's); await its final."""
         self._check()
         pending = self._interim or self._sent_s > self._cut_s + _EPSILON_S
-        if pending and not (self._endpointed and not self._interim):
-            loop = asyncio.get_running_loop()
-            self._finalized = loop.create_future()
-            self._outbox.put_nowait("Finalize")
-            try:
-                await asyncio.wait_for(asyncio.shield(self._finalized), self._finalize_timeout_s)
-            except TimeoutError:
-                log.info("deepgram finalize reply late after_s=%.2f; using what we have",
-                         self._finalize_timeout_s)
-            finally:
-                self._finalized = None
-        self._check()
-        text = self._text()
+        flush = pending and not (self._endpointed and not self._interim)
+        closing = _Closing(committed=list(self._committed), interim=self._interim,
+                           start_s=self._cut_s, cut_s=self._sent_s)
         self._start_utterance()
-        return Transcript(text=text, final=True)
+        if flush:
+            closing.done = asyncio.get_running_loop().create_future()
+            self._closing_utterance = closing
+            self._outbox.put_nowait("Finalize")
+        return self._final(closing)
+
+    async def _final(self, closing: "_Closing") -> Transcript:
+        try:
+            if closing.done is not None:
+                await asyncio.wait_for(asyncio.shield(closing.done), self._finalize_timeout_s)
+        except TimeoutError:
+            log.info("deepgram finalize reply late after_s=%.2f; using what we have",
+                     self._finalize_timeout_s)
+        finally:
+            if self._closing_utterance is closing:
+                self._closing_utterance = None
+        self._check()
+        return Transcript(text=closing.text(), final=True)
 
     def partials(self) -> AsyncIterator[Transcript]:
         return self._iter_partials()
@@ -162,8 +172,9 @@ class DeepgramStream:
         finally:
             if self._error is not None:
                 log.warning("deepgram stream ended error=%s", self._error)
-            if self._finalized is not None and not self._finalized.done():
-                self._finalized.set_result(None)
+            closing = self._closing_utterance
+            if closing is not None and closing.done is not None and not closing.done.done():
+                closing.done.set_result(None)
             self._partials.put_nowait(None)
 
     async def _send_loop(self, socket: Any) -> None:
@@ -203,12 +214,16 @@ class DeepgramStream:
 
     def _on_results(self, message: Any) -> None:
         end_s = float(message.start) + float(message.duration)
-        if end_s <= self._cut_s + _EPSILON_S:
-            # Belongs to an utterance already finalized or reset (e.g. the reply to a
-            # reset's Finalize): it must neither leak text nor complete a newer finalize.
-            return
         alternatives = message.channel.alternatives
         text = alternatives[0].transcript.strip() if alternatives else ""
+        if end_s <= self._cut_s + _EPSILON_S:
+            # Audio of an utterance already cut: it completes the one being finalized, or
+            # (the reply to a reset's Finalize) is dropped; never leaks into the next one.
+            closing = self._closing_utterance
+            if closing is not None and closing.start_s + _EPSILON_S < end_s <= \
+                    closing.cut_s + _EPSILON_S:
+                closing.add(text, bool(message.is_final), bool(message.from_finalize))
+            return
         if message.is_final:
             if text:
                 self._committed.append(text)
@@ -219,8 +234,6 @@ class DeepgramStream:
             self._interim = text
             if text:
                 self._endpointed = False  # the caller is still (or again) speaking
-        if message.from_finalize and self._finalized is not None and not self._finalized.done():
-            self._finalized.set_result(None)
         partial = self._text()
         if partial and partial != self._last_partial:
             self._last_partial = partial
@@ -229,6 +242,30 @@ class DeepgramStream:
     def _mark_endpoint(self) -> None:
         self._endpointed = True
         self.endpoint.set()
+
+
+@dataclass
+class _Closing:
+    """An utterance cut by ``finalize``, completed by Deepgram's reply to Finalize."""
+
+    committed: list[str]
+    interim: str
+    start_s: float  # audio time of the cut before it: older results are not its own
+    cut_s: float
+    done: asyncio.Future[None] | None = None
+
+    def add(self, text: str, is_final: bool, from_finalize: bool) -> None:
+        if is_final:
+            if text:
+                self.committed.append(text)
+            self.interim = ""
+        else:
+            self.interim = text
+        if from_finalize and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def text(self) -> str:
+        return " ".join(part for part in (*self.committed, self.interim) if part)
 
 
 class DeepgramSTT:

@@ -14,7 +14,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable
 
 import numpy as np
 
@@ -133,13 +133,24 @@ class WhisperStream:
             self._speculative.cancel()
         self._speculative = None
 
-    async def finalize(self) -> Transcript:
+    def finalize(self) -> Awaitable[Transcript]:
+        """Cut the utterance now; the returned awaitable decodes it.
+
+        Audio sent after this call belongs to the next utterance, even while the final
+        is still decoding (the caller went on talking).
+        """
         # Audio after the pause is trailing silence, so the speculative decode stands.
-        if self._speculative is not None:
-            text = await self._speculative
+        speculative, self._speculative = self._speculative, None
+        snapshot = bytes(self._buffer)
+        self._start_utterance()
+        return self._final(speculative, snapshot)
+
+    async def _final(self, speculative: "asyncio.Future[str] | None",
+                     snapshot: bytes) -> Transcript:
+        if speculative is not None:
+            text = await speculative
         else:
-            text = await self._stt.transcribe_async(bytes(self._buffer))
-        await self.reset()
+            text = await self._stt.transcribe_async(snapshot)
         return Transcript(text=text, final=True)
 
     async def partials(self) -> AsyncIterator[Transcript]:  # type: ignore[override]
@@ -147,9 +158,12 @@ class WhisperStream:
             yield await self._partials.get()
 
     async def reset(self) -> None:
+        self._cancel_speculation()
+        self._start_utterance()
+
+    def _start_utterance(self) -> None:
         self._generation += 1
         self._buffer.clear()
-        self._cancel_speculation()
         if self._partial_task is not None and not self._partial_task.done():
             self._partial_task.cancel()
         self._partial_task = None

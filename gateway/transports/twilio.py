@@ -13,22 +13,23 @@ See docs/protocol.md, "Twilio Media Streams".
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from .. import logs
 from ..call import Call
+from ..call.session import (CallSession, Outbox, presented_token, refuse_before_accept,
+                            token_matches)
 from ..codec import MULAW, ulaw_to_pcm16
-from ..protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER,
-                        CLOSE_UNSUPPORTED_DATA, StartMessage)
+from ..protocol import (CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, CLOSE_UNSUPPORTED_DATA,
+                        ProtocolError, StartMessage, parse_json)
 from ..services import Services
-from .twilio_voice import public_base_url, signature_refusal, stream_url
+from .twilio_voice import TOKEN_PARAMETER, public_base_url, signature_refusal, stream_url
 
 log = logging.getLogger("voicegate.twilio")
 
@@ -38,19 +39,10 @@ _ULAW_BYTES_PER_MS = TWILIO_RATE // 1000
 # A mark every 100 ms of reply audio: the precision of the confirmed `heard_ms`, at the
 # cost of one small extra message per five media frames.
 _MARK_EVERY_BYTES = 100 * _ULAW_BYTES_PER_MS
-# Warnings logged per stream before further bad messages are only counted.
-_MAX_LOGGED_ERRORS = 20
-_SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
 
 
-class TwilioError(Exception):
+class TwilioError(ProtocolError):
     """A message Twilio's protocol does not allow. ``close_code`` None: the stream goes on."""
-
-    def __init__(self, code: str, message: str, close_code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.close_code = close_code
 
 
 @dataclass(frozen=True)
@@ -110,10 +102,9 @@ class TwilioOutput:
 
     encoding = MULAW
 
-    def __init__(self, websocket: WebSocket, stream_sid: str, call_id: str) -> None:
-        self._ws = websocket
+    def __init__(self, outbox: Outbox, stream_sid: str, call_id: str) -> None:
+        self._outbox = outbox
         self.call_id = call_id
-        self.closed = False
         sid = json.dumps(stream_sid)
         # Per-frame messages are string concatenation around these, not json.dumps.
         self._media_head = '{"event":"media","streamSid":' + sid + ',"media":{"payload":"'
@@ -136,21 +127,19 @@ class TwilioOutput:
             logs.event(log, "twilio_handoff", call_id=self.call_id, reason=event.get("reason"))
 
     async def send_audio(self, frame: bytes) -> None:
-        if self.closed:
-            return
         payload = binascii.b2a_base64(frame, newline=False).decode("ascii")
-        await self._send(self._media_head + payload + '"}}')
+        self._outbox.send_text(self._media_head + payload + '"}}')
         self._reply_bytes += len(frame)
         if self._reply_bytes >= self._next_mark:
             self._next_mark = self._reply_bytes + _MARK_EVERY_BYTES
-            await self._send(f'{self._mark_head}{self._turn}:'
-                             f'{self._reply_bytes // _ULAW_BYTES_PER_MS}"}}}}')
+            self._outbox.send_text(f'{self._mark_head}{self._turn}:'
+                                   f'{self._reply_bytes // _ULAW_BYTES_PER_MS}"}}}}')
             self.marks_sent += 1
 
     async def interrupt(self, event: dict[str, Any]) -> None:
         # Freeze the confirmed figure first: the call read it for `event` just before this.
         self._cleared = True
-        await self._send(self._clear)
+        self._outbox.send_text(self._clear)
         logs.event(log, "twilio_clear", call_id=self.call_id, turn=event.get("turn"),
                    heard_ms=event.get("heard_ms"), sent_ms=event.get("sent_ms"),
                    confirmed=self._echoes_marks)
@@ -172,7 +161,7 @@ class TwilioOutput:
     def mark_played(self, name: str) -> bool:
         """Twilio echoed mark ``name``. False when it is not one of ours."""
         turn_text, sep, ms_text = name.partition(":")
-        if not sep or not turn_text.isdigit() or not ms_text.isdigit():
+        if not (sep and _is_number(turn_text) and _is_number(ms_text)):
             return False
         self._echoes_marks = True
         if int(turn_text) == self._turn and not self._cleared:
@@ -180,40 +169,36 @@ class TwilioOutput:
             self.marks_confirmed += 1
         return True
 
-    async def _send(self, text: str) -> None:
-        try:
-            await self._ws.send_text(text)
-        except _SEND_ERRORS:
-            self.closed = True
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts "²", which ``int`` refuses."""
+    return 0 < len(text) <= 12 and text.isascii() and text.isdecimal()
 
 
 class TwilioStream:
     """One Media Stream: parses Twilio's messages, starts the call, feeds it audio."""
 
-    def __init__(self, services: Services, websocket: WebSocket) -> None:
+    def __init__(self, services: Services, session: CallSession, authenticated: bool) -> None:
         self._services = services
-        self._ws = websocket
+        self._session = session
         self._max_bytes = services.settings.max_frame_bytes
-        self.call: Call | None = None
+        # False: a call token is required and the upgrade did not carry it, so the
+        # stream's `start` must (a <Parameter name="token"> of the TwiML <Stream>).
+        self._authenticated = authenticated
         self.output: TwilioOutput | None = None
-        self._call_task: asyncio.Task[None] | None = None
-        self._closing: asyncio.Task[None] | None = None
         self.stopped = False
-        self.errors = 0
 
     @property
-    def call_id(self) -> str | None:
-        return self.call.id if self.call else None
+    def call(self) -> Call | None:
+        return self._session.call
 
     def handle(self, raw: str) -> None:
         """One text message. Hot path for ``media``: parse, decode, append."""
         if len(raw) > self._max_bytes:
             raise TwilioError("twilio_frame_too_large",
                               f"message of {len(raw)} characters exceeds {self._max_bytes}")
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise TwilioError("twilio_invalid_json", f"message is not JSON: {exc}") from None
+        data = parse_json(raw, "twilio_invalid_json")
         if not isinstance(data, dict):
             raise TwilioError("twilio_invalid_message", "a message must be a JSON object")
         event = data.get("event")
@@ -228,8 +213,8 @@ class TwilioStream:
         elif event == "dtmf":
             self._on_dtmf(data)
         elif event == "connected":
-            logs.event(log, "twilio_connected", logging.DEBUG, protocol=data.get("protocol"),
-                       version=data.get("version"))
+            logs.event(log, "twilio_connected", logging.DEBUG, protocol=str(data.get("protocol")),
+                       version=str(data.get("version")))
         elif event is None:
             raise TwilioError("twilio_invalid_message", "message has no `event` field")
         else:
@@ -253,25 +238,28 @@ class TwilioStream:
         if not ulaw:
             raise TwilioError("twilio_empty_media", "`media.payload` holds no audio")
         # Any byte count is whole μ-law samples; 160 (20 ms) is Twilio's usual frame.
-        self.call.feed_audio(ulaw_to_pcm16(ulaw))
+        self._session.feed_audio(ulaw_to_pcm16(ulaw))
 
     def _on_start(self, data: dict[str, Any]) -> None:
         if self.call is not None:
             raise TwilioError("twilio_already_started", "a second `start`: ignored")
         start = parse_start(data)
+        if not self._authenticated and not token_matches(
+                start.parameters.get(TOKEN_PARAMETER, ""), self._services.settings.call_token):
+            raise TwilioError("unauthorized", "the stream carries no valid call token "
+                                              f"(a `{TOKEN_PARAMETER}` custom parameter)",
+                              CLOSE_POLICY)
         call_id = start.call_sid if 0 < len(start.call_sid) <= 64 else None
+        parameters = {k: v for k, v in start.parameters.items() if k != TOKEN_PARAMETER}
         metadata = {"transport": "twilio", "stream_sid": start.stream_sid,
                     "call_sid": start.call_sid, "account_sid": start.account_sid,
-                    "parameters": start.parameters}
-        services = self._services
+                    "parameters": parameters}
         # The call id is the CallSid when there is one, so logs match Twilio's console.
-        output = TwilioOutput(self._ws, start.stream_sid, call_id or "")
-        call = services.new_call(output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata),
-                                 call_id=call_id)
+        output = TwilioOutput(self._session.outbox, start.stream_sid, call_id or "")
+        self.output = output
+        call = self._session.start_call(lambda: self._services.new_call(
+            output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata), call_id=call_id))
         output.call_id = call.id
-        self.output, self.call = output, call
-        self._call_task = asyncio.create_task(call.run())
-        self._call_task.add_done_callback(self._on_call_done)
         logs.event(log, "twilio_start", call_id=call.id, stream_sid=start.stream_sid)
 
     def _on_mark(self, data: dict[str, Any]) -> None:
@@ -279,7 +267,7 @@ class TwilioStream:
         name = mark.get("name") if isinstance(mark, dict) else None
         if not isinstance(name, str):
             raise TwilioError("twilio_invalid_message", "`mark` needs a string `mark.name`")
-        if self.output is None:
+        if self.output is None or self.call is None:
             raise TwilioError("twilio_not_started", "`mark` before `start`: ignored")
         if not self.output.mark_played(name):
             raise TwilioError("twilio_unknown_mark", f"mark {name[:64]!r} was not sent by us")
@@ -293,74 +281,43 @@ class TwilioStream:
         # Keypad input is not a turn (yet); the digit itself stays out of logs (PINs).
         logs.event(log, "twilio_dtmf", call_id=self.call.id)
 
-    def _on_call_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
-        log.error("call_failed", exc_info=task.exception())
-        self._services.runtime.stats.error("internal_error")
-        self._closing = asyncio.get_running_loop().create_task(self.close(CLOSE_INTERNAL_ERROR))
-
-    async def close(self, code: int) -> None:
-        """End the call (if any) and close the socket; safe to call twice."""
-        if self.call is not None:
-            self.call.stop()
-        task, self._call_task = self._call_task, None
-        if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
-        if self.output is not None:
-            if self.output.closed:
-                return
-            self.output.closed = True
-        try:
-            await self._ws.close(code=code)
-        except _SEND_ERRORS:
-            pass
-
 
 async def twilio_stream(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
-    base = public_base_url(websocket, services.settings.public_url)
+    settings = services.settings
+    base = public_base_url(websocket, settings.public_url)
     if signature_refusal(websocket, stream_url(base), {}) is not None:
         await websocket.close(code=CLOSE_POLICY)  # before accept: the upgrade gets HTTP 403
         return
-    await websocket.accept()
-    if not services.ready:
-        logs.event(log, "twilio_not_ready", logging.WARNING)
-        await websocket.close(code=CLOSE_TRY_AGAIN_LATER)
+    # A token presented at the upgrade (header or query) is checked now; Twilio itself
+    # cannot send one there, so otherwise the stream's `start` must carry it.
+    authenticated = token_matches(presented_token(websocket), settings.call_token)
+    if not authenticated and presented_token(websocket):
+        await refuse_before_accept(websocket, "wrong call token", services.stats,
+                                   "unauthorized")
         return
-    stats = services.runtime.stats
-    stream = TwilioStream(services, websocket)
-    close_code = CLOSE_NORMAL
+    await websocket.accept()
+    session = services.open_session(websocket, "twilio")
+    stream = TwilioStream(services, session, authenticated)
     try:
-        while not stream.stopped:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                if stream.output is not None:
-                    stream.output.closed = True
-                break
+        if not services.ready:
+            raise TwilioError("not_ready", "models are still loading", CLOSE_TRY_AGAIN_LATER)
+        while not stream.stopped and (message := await session.receive()) is not None:
             try:
                 text = message.get("text")
                 if text is None:
                     raise TwilioError("twilio_binary_frame",
                                       "binary frame: Twilio sends JSON text messages")
                 stream.handle(text)
-            except TwilioError as exc:
-                stats.error(exc.code)
-                stream.errors += 1
-                if stream.errors <= _MAX_LOGGED_ERRORS:
-                    logs.event(log, "twilio_bad_message", logging.WARNING, code=exc.code,
-                               detail=exc.message, call_id=stream.call_id)
+            except ProtocolError as exc:
+                session.bad_input(exc)
                 if exc.close_code is not None:
-                    close_code = exc.close_code
                     break
-            if stream.output is not None and stream.output.closed:
-                break
+    except ProtocolError as exc:  # not ready, or no `start` in time
+        session.bad_input(exc)
     finally:
-        if stream.errors > _MAX_LOGGED_ERRORS:
-            logs.event(log, "twilio_bad_messages_not_logged", logging.WARNING,
-                       call_id=stream.call_id, count=stream.errors - _MAX_LOGGED_ERRORS)
         if stream.output is not None:
-            logs.event(log, "twilio_stop", call_id=stream.call_id,
+            logs.event(log, "twilio_stop", call_id=session.call_id,
                        marks_sent=stream.output.marks_sent,
                        marks_confirmed=stream.output.marks_confirmed)
-        await stream.close(close_code)
+        await session.close()

@@ -27,6 +27,8 @@ log = logging.getLogger("voicegate.twilio")
 STREAM_PATH = "/twilio/stream"
 # Custom parameters handed to the stream; they come back in its `start` message.
 FORWARDED_PARAMETERS = ("From", "CallSid")
+# The stream parameter that carries VOICEGATE_CALL_TOKEN (Twilio's stream URL takes no query).
+TOKEN_PARAMETER = "token"
 
 
 def public_base_url(request: HTTPConnection, public_url: str) -> str:
@@ -69,6 +71,10 @@ async def twilio_voice(request: Request) -> Response:
         return PlainTextResponse(refused, status_code=403)
     forwarded = {name: params.get(name, "") for name in FORWARDED_PARAMETERS}
     logs.event(log, "twilio_voice", call_id=forwarded["CallSid"] or None)
+    # The token goes into TwiML only for requests proven to come from Twilio: without a
+    # Twilio auth token anyone could read it here (docs/operations.md).
+    if settings.call_token and settings.twilio_auth_token:
+        forwarded[TOKEN_PARAMETER] = settings.call_token
     return Response(twiml_connect(stream_url(base), forwarded), media_type="application/xml")
 
 

@@ -1,0 +1,14 @@
+"""The call engine: one call's stages, composed by ``Call``.
+
+- ``turns``: VAD, segmenter, pre-roll and the STT stream -> speech starts and turn ends.
+- ``speculation``: routing of partial transcripts while the caller talks.
+- ``reply``: the responder's segments paced out to the caller, heard words, failures.
+- ``engine``: ``Call``, which composes them, plus barge-in and failure reporting.
+- ``session``: the transport side every endpoint shares (admission, bounded queues,
+  rate limits, timeouts); the native and Twilio endpoints only translate their wire.
+"""
+
+from .engine import Call, CallDeps
+from .reply import CallOutput, ConfirmsPlayback, StageFailed, heard_text
+
+__all__ = ["Call", "CallDeps", "CallOutput", "ConfirmsPlayback", "StageFailed", "heard_text"]

@@ -1,0 +1,190 @@
+"""The reply stage: one turn's answer from the responder, paced out to the caller.
+
+``ReplyStage.play(turn)`` iterates the responder's segments, sends each segment's
+events, then its audio through a real-time ``Playout``. It knows, at any moment,
+how much of the reply the caller has heard, so a barge-in leaves the agent's
+context with exactly the words that were played.
+
+Cancellation (a barge-in or the end of the call): the responder's generator and
+the segment being played are closed first (the agent's streams close and it writes
+what it said), then the conversation is cut to the heard words, then
+``CancelledError`` propagates. Nothing of the reply outlives ``play``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, Protocol, runtime_checkable
+
+from ..clock import Clock
+from ..playout import Playout
+from ..responder import ReplySegment, Responder, Turn
+
+
+class CallOutput(Protocol):
+    """What a transport offers the call: events, reply audio frames and a buffer flush.
+
+    ``encoding`` is what ``send_audio`` takes (``pcm16``, or ``mulaw`` for telephony): the
+    call asks its responder for reply audio already in it, so pre-rendered clips go out as
+    the AudioBank holds them and the transport never converts a frame.
+    """
+
+    encoding: str
+
+    async def send_event(self, event: dict[str, Any]) -> None: ...
+
+    async def send_audio(self, frame: bytes) -> None: ...
+
+    async def interrupt(self, event: dict[str, Any]) -> None:
+        """The caller barged in: drop buffered reply audio on the client, then send ``event``."""
+
+
+@runtime_checkable
+class ConfirmsPlayback(Protocol):
+    """Optional for a CallOutput whose far end reports what it has played (Twilio marks).
+
+    The call's own figure for what the caller heard is a clock estimate; a confirmed
+    figure replaces it on barge-in.
+    """
+
+    def reply_started(self, turn: int) -> None:
+        """Reply frames sent from now on belong to ``turn``; its playback starts at 0 ms."""
+
+    def confirmed_heard_ms(self) -> float | None:
+        """Audio of the current reply the far end confirmed played; None: it cannot tell."""
+
+
+class StageFailed(Exception):
+    """A stage of the reply failed; ``code`` names it for the client and the counters."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# What the assistant said, where: (spoken text, start ms, end ms) within the reply audio.
+Spoken = tuple[str, float, float]
+
+
+class ReplyStage:
+    def __init__(self, responder: Responder, output: CallOutput, sample_rate: int, *,
+                 frame_ms: int, lead_ms: int, clock: Clock) -> None:
+        self._responder = responder
+        self._out = output
+        self._confirms = output if isinstance(output, ConfirmsPlayback) else None
+        self._sample_rate = sample_rate
+        self._frame_ms = frame_ms
+        self._lead_ms = lead_ms
+        self._clock = clock
+        self._playout: Playout | None = None
+        self._frozen_heard_ms: float | None = None  # set by freeze() at a barge-in
+
+    @property
+    def sent_ms(self) -> float:
+        return self._playout.sent_ms if self._playout else 0.0
+
+    def heard_ms(self) -> float:
+        """What the caller heard of the current reply: confirmed by the far end when it
+        reports playback, else the playout clock's estimate."""
+        if self._frozen_heard_ms is not None:
+            return self._frozen_heard_ms
+        playout = self._playout
+        if playout is None:
+            return 0.0
+        if self._confirms is not None:
+            confirmed = self._confirms.confirmed_heard_ms()
+            if confirmed is not None:
+                return min(confirmed, playout.sent_ms)
+        return playout.heard_ms()
+
+    def freeze(self) -> float:
+        """A barge-in: no frame leaves after this; what was heard is fixed now."""
+        self._frozen_heard_ms = self.heard_ms()
+        return self._frozen_heard_ms
+
+    async def play(self, turn: Turn) -> None:
+        """Play the responder's reply to ``turn``. Raises the failure of any stage."""
+        await self._play_segments(turn, self._responder.respond(turn), record_heard=True)
+
+    async def play_segment(self, turn: Turn, segment: ReplySegment) -> None:
+        """Play one pre-rendered segment (an apology) as a reply of its own."""
+        async def one() -> Any:
+            yield segment
+
+        await self._play_segments(turn, one(), record_heard=False)
+
+    async def _play_segments(self, turn: Turn, segments: Any, record_heard: bool) -> None:
+        tl = turn.timeline
+
+        async def send_frame(frame: bytes) -> None:
+            if not tl.has("first_audio"):
+                tl.mark("first_audio")
+            await self._out.send_audio(frame)
+
+        encoding = turn.encoding
+        playout = Playout(send_frame, self._sample_rate, self._frame_ms, self._lead_ms,
+                          encoding, clock=self._clock)
+        self._playout, self._frozen_heard_ms = playout, None
+        if self._confirms is not None:
+            self._confirms.reply_started(tl.turn)
+        spoken: list[Spoken] = []
+        try:
+            async with contextlib.aclosing(segments) as replies:
+                async for segment in replies:
+                    await self._announce(turn, segment)
+                    # Filler, handoff and apology phrases are not the assistant's words.
+                    said = segment.text if segment.source in ("llm", "cache") else ""
+                    spoken.append((said, playout.sent_ms, float("inf")))
+                    try:
+                        async with contextlib.aclosing(segment.audio) as audio:  # type: ignore
+                            async for chunk in audio:
+                                await playout.write(chunk)
+                    except Exception as exc:
+                        raise StageFailed("tts_failed", f"text to speech failed: {exc}") from exc
+                    spoken[-1] = (said, spoken[-1][1], playout.sent_ms)
+            await playout.flush()
+        except StageFailed:
+            raise
+        except Exception as exc:  # the responder itself (agent, tools) broke
+            raise StageFailed("reply_failed", f"the reply failed: {type(exc).__name__}: "
+                                              f"{exc}") from exc
+        except asyncio.CancelledError:
+            # The generators above are closed by now, so the agent has written its
+            # message; cut it to what the caller heard.
+            heard_ms = self.heard_ms()
+            tl.info.update(interrupted=True, heard_ms=round(heard_ms, 1))
+            if record_heard:
+                turn.conversation.record_heard(heard_text(spoken, heard_ms, playout.sent_ms))
+            raise
+        finally:
+            tl.mark("reply_end")
+            self._playout = None
+        tl.info.setdefault("interrupted", False)
+
+    async def _announce(self, turn: Turn, segment: ReplySegment) -> None:
+        tl = turn.timeline
+        # The turn's source is what answered it; a filler only bridged the wait.
+        if segment.source != "filler" or "source" not in tl.info:
+            tl.info["source"] = segment.source
+        if segment.event:
+            await self._out.send_event({**segment.event, "turn": tl.turn})
+        await self._out.send_event({"type": "response", "turn": tl.turn,
+                                    "source": segment.source, "text": segment.text,
+                                    "entry_id": segment.entry_id})
+
+
+def heard_text(segments: list[Spoken], heard_ms: float, sent_ms: float) -> str:
+    """The words the caller heard, assuming words are spread evenly over each segment.
+
+    A segment still being sent has end ``inf``; its audio so far ends at ``sent_ms``.
+    """
+    words: list[str] = []
+    for text, start, end in segments:
+        end = min(end, sent_ms) if end == float("inf") else end
+        if heard_ms >= end:
+            words.extend(text.split())
+        elif heard_ms > start and end > start:
+            parts = text.split()
+            words.extend(parts[:int(len(parts) * (heard_ms - start) / (end - start))])
+    return " ".join(words)

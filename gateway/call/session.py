@@ -1,0 +1,329 @@
+"""The transport side of a call that every endpoint shares.
+
+An endpoint (native protocol, Twilio Media Streams) only translates its wire format;
+``CallSession`` does the rest, the same way for both:
+
+- admission: at most ``max_calls`` at once (``too_many_calls``, close 1013) and the
+  optional call token, checked before the WebSocket is accepted (HTTP 403);
+- a connection that does not ``start`` within ``start_timeout_s`` is closed;
+- every outbound message goes through one bounded queue and one writer whose sends
+  time out, so a client that does not read is closed (``client_not_reading``)
+  instead of growing the server;
+- inbound audio faster than ``max_audio_rate`` x real time for longer than
+  ``audio_rate_grace_s`` is refused (``audio_too_fast``, close 1008);
+- every bad input is counted; warnings are logged for the first few per call only;
+- a call that fails inside the gateway is counted, reported and closed with 1011.
+
+Cancellation: ``close`` stops the call, drains the outbox for a bounded time, cancels
+its writer and closes the socket; nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Any, Callable
+
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .. import logs
+from ..clock import SYSTEM_CLOCK, Clock
+from ..protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER,
+                        ProtocolError)
+from ..settings import Settings
+from ..stats import Stats
+from .engine import Call
+
+log = logging.getLogger("voicegate.session")
+
+SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
+# How long close() lets queued messages (a last error event) reach the client.
+_DRAIN_S = 1.0
+
+
+class Admission:
+    """Concurrent calls of this replica, bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def try_enter(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def leave(self) -> None:
+        self.active = max(0, self.active - 1)
+
+
+def presented_token(connection: HTTPConnection) -> str:
+    """The call token a client presented: ``Authorization: Bearer`` or ``?token=``."""
+    scheme, _, value = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return connection.query_params.get("token", "")
+
+
+def token_matches(presented: str, expected: str) -> bool:
+    """Constant-time comparison; an empty expected token means authentication is off."""
+    if not expected:
+        return True
+    return hmac.compare_digest(presented.encode(), expected.encode())
+
+
+class AudioRateLimit:
+    """Refuses inbound audio that runs faster than ``max_rate`` x real time for longer
+    than ``grace_s``.
+
+    A bucket drains at ``max_rate`` seconds of audio per second and fills with the
+    audio received; while it is not empty when audio arrives, the client is ahead
+    of that pace. A network burst after a stall drains within its own length at
+    real-time pace, so only a sustained excess trips it.
+    """
+
+    def __init__(self, sample_rate: int, max_rate: float, grace_s: float,
+                 clock: Clock = SYSTEM_CLOCK, bytes_per_sample: int = 2) -> None:
+        self._bytes_per_s = sample_rate * bytes_per_sample
+        self._max_rate = max_rate
+        self._grace_s = grace_s
+        self._clock = clock
+        self._level_s = 0.0
+        self._last = clock.now()
+        self._ahead_since: float | None = None
+
+    def add(self, nbytes: int) -> bool:
+        """Audio of ``nbytes`` arrived; True when the client is too fast."""
+        now = self._clock.now()
+        self._level_s = max(0.0, self._level_s - self._max_rate * (now - self._last))
+        self._last = now
+        if self._level_s > 0.0:
+            if self._ahead_since is None:
+                self._ahead_since = now
+        else:
+            self._ahead_since = None
+        self._level_s += nbytes / self._bytes_per_s
+        return self._ahead_since is not None and now - self._ahead_since > self._grace_s
+
+
+class Outbox:
+    """One writer per connection; senders never block and never grow the server."""
+
+    def __init__(self, websocket: WebSocket, limit: int, send_timeout_s: float,
+                 on_stuck: Callable[[str], None]) -> None:
+        self._ws = websocket
+        self._queue: asyncio.Queue[str | bytes] = asyncio.Queue(limit)
+        self._send_timeout_s = send_timeout_s
+        self._on_stuck = on_stuck
+        self.closed = False  # the client is gone or stuck: later sends are dropped
+        self._writer = asyncio.create_task(self._write(), name="vg-outbox")
+
+    def send_text(self, text: str) -> None:
+        self._put(text)
+
+    def send_bytes(self, data: bytes) -> None:
+        self._put(data)
+
+    def _put(self, item: str | bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._stuck(f"{self._queue.maxsize} messages are waiting for the client to read")
+
+    def _stuck(self, why: str) -> None:
+        self.closed = True
+        self._on_stuck(why)
+
+    async def _write(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                async with asyncio.timeout(self._send_timeout_s):
+                    if isinstance(item, bytes):
+                        await self._ws.send_bytes(item)
+                    else:
+                        await self._ws.send_text(item)
+            except TimeoutError:
+                self._stuck(f"the client read nothing for {self._send_timeout_s:g} s")
+                return
+            except SEND_ERRORS:
+                self.closed = True
+                return
+
+    async def aclose(self) -> None:
+        """Let what is queued go out (briefly), then stop the writer."""
+        if not self.closed:
+            deadline = asyncio.get_running_loop().time() + _DRAIN_S
+            while not self._queue.empty() and not self._writer.done() and \
+                    asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+        self.closed = True
+        self._writer.cancel()
+        await asyncio.gather(self._writer, return_exceptions=True)
+
+
+class CallSession:
+    """One connection's call, whatever its wire format."""
+
+    def __init__(self, websocket: WebSocket, settings: Settings, stats: Stats,
+                 admission: Admission, transport: str, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.ws = websocket
+        self.settings = settings
+        self.stats = stats
+        self.admission = admission
+        self.transport = transport
+        self.clock = clock
+        self.outbox = Outbox(websocket, settings.max_outbound_messages, settings.send_timeout_s,
+                             self._client_stuck)
+        self.call: Call | None = None
+        self._call_task: asyncio.Task[None] | None = None
+        self._admitted = False
+        self._rate: AudioRateLimit | None = None
+        self._start_deadline = asyncio.get_running_loop().time() + settings.start_timeout_s
+        self.close_code = CLOSE_NORMAL
+        self.errors = 0
+        self.done = asyncio.Event()  # set when the session must end (stuck client, failed call)
+        # Filled by the endpoint: how an error reaches its client (Twilio has no channel).
+        self.send_error: Callable[[dict[str, Any]], None] = lambda event: None
+
+    @property
+    def call_id(self) -> str | None:
+        return self.call.id if self.call else None
+
+    # ------------------------------------------------------------------ inbound
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next WebSocket message; None once the client has gone or the session ended.
+
+        Until the call has started, waiting is bounded by ``start_timeout_s``.
+        """
+        if self.done.is_set():
+            return None
+        receive = asyncio.ensure_future(self.ws.receive())
+        ended = asyncio.ensure_future(self.done.wait())
+        timeout = None if self.call is not None else max(
+            0.0, self._start_deadline - asyncio.get_running_loop().time())
+        try:
+            finished, _ = await asyncio.wait({receive, ended}, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            if not receive.done():
+                receive.cancel()
+        if receive in finished:
+            message = receive.result()
+            if message["type"] == "websocket.disconnect":
+                self.outbox.closed = True
+                return None
+            return message
+        if not finished:
+            raise ProtocolError("start_timeout",
+                                f"no `start` within {self.settings.start_timeout_s:g} s",
+                                CLOSE_POLICY)
+        return None
+
+    def start_call(self, build: Callable[[], Call]) -> Call:
+        """Admit and start the call ``build`` makes. Raises ``too_many_calls``."""
+        if not self.admission.try_enter():
+            raise ProtocolError("too_many_calls",
+                                f"this gateway is at its limit of {self.admission.limit} "
+                                "concurrent calls; retry shortly or use another replica",
+                                CLOSE_TRY_AGAIN_LATER)
+        self._admitted = True
+        call = build()
+        self.call = call
+        self._rate = AudioRateLimit(call.sample_rate, self.settings.max_audio_rate,
+                                    self.settings.audio_rate_grace_s, self.clock)
+        self._call_task = asyncio.create_task(call.run(), name=f"vg-call-{call.id}")
+        self._call_task.add_done_callback(self._call_done)
+        return call
+
+    def feed_audio(self, pcm16: bytes) -> None:
+        """Caller audio (pcm16 at the call's rate) for the started call."""
+        assert self.call is not None and self._rate is not None
+        if self._rate.add(len(pcm16)):
+            raise ProtocolError("audio_too_fast",
+                                f"audio arrives faster than {self.settings.max_audio_rate:g}x "
+                                f"real time for over {self.settings.audio_rate_grace_s:g} s; "
+                                "stream it at the pace it is spoken", CLOSE_POLICY)
+        self.call.feed_audio(pcm16)
+
+    def feed_text(self, text: str, final: bool) -> None:
+        assert self.call is not None
+        try:
+            self.call.feed_text(text, final)
+        except asyncio.QueueFull:
+            raise ProtocolError("too_many_messages",
+                                f"{self.settings.max_queued_texts} text messages are already "
+                                "waiting; this one was dropped") from None
+
+    # ------------------------------------------------------------------ failures
+
+    def bad_input(self, exc: ProtocolError) -> None:
+        """Count a bad message, tell the client, log the first few of this connection."""
+        self.errors += 1
+        self.stats.error(exc.code)
+        if self.errors <= self.settings.max_logged_errors:
+            logs.event(log, "bad_input", logging.WARNING, transport=self.transport,
+                       code=exc.code, detail=exc.message[:200], call_id=self.call_id)
+        self.send_error(exc.event())
+        if exc.close_code is not None:
+            self.close_code = exc.close_code
+
+    def _client_stuck(self, why: str) -> None:
+        self.stats.error("client_not_reading")
+        logs.event(log, "client_not_reading", logging.WARNING, transport=self.transport,
+                   detail=why, call_id=self.call_id)
+        self.close_code = CLOSE_POLICY
+        self.done.set()
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("call_failed", exc_info=task.exception(),
+                  extra={"fields": {"call_id": self.call_id, "transport": self.transport}})
+        self.stats.error("internal_error")
+        self.send_error({"type": "error", "code": "internal_error",
+                         "message": "the call failed inside the gateway"})
+        self.close_code = CLOSE_INTERNAL_ERROR
+        self.done.set()
+
+    # ------------------------------------------------------------------ end
+
+    async def close(self) -> None:
+        """End the call (if any), flush briefly and close the socket; safe to call twice."""
+        if self.call is not None:
+            self.call.stop()
+        task, self._call_task = self._call_task, None
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+        if self._admitted:
+            self._admitted = False
+            self.admission.leave()
+        if self.errors > self.settings.max_logged_errors:
+            logs.event(log, "bad_input_not_logged", logging.WARNING, transport=self.transport,
+                       call_id=self.call_id, count=self.errors - self.settings.max_logged_errors)
+        stuck = self.outbox.closed
+        await self.outbox.aclose()
+        try:
+            if stuck and self.close_code == CLOSE_POLICY:
+                await asyncio.wait_for(self.ws.close(code=self.close_code), _DRAIN_S)
+            else:
+                await self.ws.close(code=self.close_code)
+        except (*SEND_ERRORS, TimeoutError):
+            pass
+
+
+async def refuse_before_accept(websocket: WebSocket, why: str, stats: Stats | None,
+                               code: str) -> None:
+    """Close the handshake (the client gets HTTP 403) and count why."""
+    if stats is not None:
+        stats.error(code)
+    logs.event(log, code, logging.WARNING, detail=why)
+    await websocket.close(code=CLOSE_POLICY)
+
