@@ -152,8 +152,9 @@ class Responder:
             turn.conversation.add_user(turn.text)
             yield self.handoff(turn, f"intent {decision.intent} is routed to a human")
             return
-        async for segment in self._agent_reply(turn):
-            yield segment
+        async with contextlib.aclosing(self._agent_reply(turn)) as segments:
+            async for segment in segments:
+                yield segment
 
     async def _agent_reply(self, turn: Turn) -> AsyncIterator[ReplySegment]:
         """Agent events -> segments. Sentences are synthesized ahead of playback; a filler

@@ -8,6 +8,7 @@ adapters only construct their client.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -134,8 +135,9 @@ class SDKChat:
         except self._base_error as exc:
             raise self._error(exc) from exc
         try:
-            async for chunk in chunks(response):
-                yield chunk
+            async with contextlib.aclosing(chunks(response)) as pieces:
+                async for chunk in pieces:
+                    yield chunk
         except self._base_error as exc:
             raise self._error(exc) from exc
         except (json.JSONDecodeError, ValueError, AttributeError, TypeError) as exc:
