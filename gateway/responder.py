@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import random
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from intents.types import Action, RouteDecision
 
@@ -49,6 +49,9 @@ class ReplySegment:
     entry_id: str | None = None
     event: dict[str, Any] | None = None  # sent to the client before the audio
     info: dict[str, Any] = field(default_factory=dict)
+    # Bytes of the whole segment's audio once known (synthesis finished), else None: what
+    # the caller heard of a sentence cut short is counted against its real length.
+    total_bytes: Callable[[], int | None] = lambda: None
 
 
 async def _once(pcm16: bytes) -> AsyncIterator[bytes]:
@@ -74,14 +77,21 @@ class _Prefetched:
         self._chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         self.started = now()
         self.first_chunk_ms: float | None = None  # TTS time to first audio
+        self._bytes = 0
+        self._complete = False
         self.task = asyncio.create_task(self._fill(source))
+
+    def total_bytes(self) -> int | None:
+        return self._bytes if self._complete else None
 
     async def _fill(self, source: AsyncIterator[bytes]) -> None:
         try:
             async for chunk in source:
                 if self.first_chunk_ms is None:
                     self.first_chunk_ms = (now() - self.started) * 1000.0
+                self._bytes += len(chunk)
                 await self._chunks.put(chunk)
+            self._complete = True
             await self._chunks.put(None)
         except Exception as exc:  # handed to the player, which decides
             await self._chunks.put(exc)
@@ -143,10 +153,9 @@ class Responder:
             assert entry_id is not None
             turn.conversation.add_user(turn.text)
             turn.conversation.add_assistant(decision.answer or "")
-            yield ReplySegment(source="cache", text=decision.answer or "",
-                               audio=_once(self.cache_audio.audio(entry_id, turn.sample_rate,
-                                                                  turn.encoding)),
-                               entry_id=entry_id)
+            clip = self.cache_audio.audio(entry_id, turn.sample_rate, turn.encoding)
+            yield ReplySegment(source="cache", text=decision.answer or "", audio=_once(clip),
+                               entry_id=entry_id, total_bytes=lambda: len(clip))
             return
         if decision is not None and decision.action is Action.HANDOFF:
             turn.conversation.add_user(turn.text)
@@ -184,7 +193,8 @@ class Responder:
                                                       turn.encoding))
                         prefetches.append(fetch)
                         await queue.put(ReplySegment(source="llm", text=event.text,
-                                                     audio=fetch.audio_timed(tl)))
+                                                     audio=fetch.audio_timed(tl),
+                                                     total_bytes=fetch.total_bytes))
                     elif isinstance(event, ToolStarted):
                         if not filler_played and not spoke:
                             filler_played = True
@@ -224,10 +234,11 @@ class Responder:
     def _prompt(self, turn: Turn, key: str, source: str, info: dict[str, Any]) -> ReplySegment:
         prompts = self._prompts
         if key in prompts:
-            audio = _once(prompts.audio(key, turn.sample_rate, turn.encoding))
-            text = prompts.clip(key).text
-        else:  # prompts not rendered (a bare runtime in a benchmark): synthesize now
-            text = PROMPT_TEXTS.get(key, FILLER_PHRASES[0])
-            audio = tts_audio(self._tts, text, turn.sample_rate, turn.encoding)
-        return ReplySegment(source=source, text=text, audio=audio, info=info)
+            clip = prompts.audio(key, turn.sample_rate, turn.encoding)
+            return ReplySegment(source=source, text=prompts.clip(key).text, audio=_once(clip),
+                                info=info, total_bytes=lambda: len(clip))
+        # Prompts not rendered (a bare runtime in a benchmark): synthesize now.
+        text = PROMPT_TEXTS.get(key, FILLER_PHRASES[0])
+        return ReplySegment(source=source, text=text, info=info,
+                            audio=tts_audio(self._tts, text, turn.sample_rate, turn.encoding))
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Awaitable, Protocol, runtime_checkable
 
 from ..clock import Clock
+from ..codec import SAMPLE_WIDTH
 from ..playout import Playout
 from ..responder import ReplySegment, Responder, Turn
 
@@ -100,7 +101,7 @@ class ReplyStage:
 
     def freeze(self) -> float:
         """A barge-in: no frame leaves after this; what was heard is fixed now."""
-        self._frozen_heard_ms = self.heard_ms()
+        self._frozen_heard_ms = round(self.heard_ms(), 1)  # as the interrupt event says
         return self._frozen_heard_ms
 
     async def play(self, turn: Turn) -> None:
@@ -129,19 +130,23 @@ class ReplyStage:
         if self._confirms is not None:
             self._confirms.reply_started(tl.turn)
         spoken: list[Spoken] = []
+        bytes_per_ms = self._sample_rate // 1000 * SAMPLE_WIDTH[encoding]
+        playing: ReplySegment | None = None
         try:
             async with contextlib.aclosing(segments) as replies:
                 async for segment in replies:
-                    await self._announce(turn, segment)
-                    # Filler, handoff and apology phrases are not the assistant's words.
-                    said = segment.text if segment.source in ("llm", "cache") else ""
-                    spoken.append((said, playout.sent_ms, float("inf")))
-                    try:
-                        async with contextlib.aclosing(segment.audio) as audio:  # type: ignore
-                            async for chunk in audio:
-                                await playout.write(chunk)
-                    except Exception as exc:
-                        raise StageFailed("tts_failed", f"text to speech failed: {exc}") from exc
+                    async with contextlib.aclosing(segment.audio) as audio:  # type: ignore
+                        # Announced with its first audio: a sentence whose synthesis
+                        # fails is never announced as said.
+                        chunk = await _tts(anext(audio, None))
+                        await self._announce(turn, segment)
+                        # Filler, handoff and apology phrases are not the assistant's words.
+                        said = segment.text if segment.source in ("llm", "cache") else ""
+                        spoken.append((said, playout.sent_ms, float("inf")))
+                        playing = segment
+                        while chunk is not None:
+                            await playout.write(chunk)
+                            chunk = await _tts(anext(audio, None))
                     spoken[-1] = (said, spoken[-1][1], playout.sent_ms)
             await playout.flush()
         except StageFailed:
@@ -154,6 +159,10 @@ class ReplyStage:
             # message; cut it to what the caller heard.
             heard_ms = self.heard_ms()
             tl.info.update(interrupted=True, heard_ms=round(heard_ms, 1))
+            total = playing.total_bytes() if playing is not None else None
+            if spoken and spoken[-1][2] == float("inf") and total is not None:
+                # The sentence cut short: its words spread over its whole audio.
+                spoken[-1] = (spoken[-1][0], spoken[-1][1], spoken[-1][1] + total / bytes_per_ms)
             if record_heard:
                 turn.conversation.record_heard(heard_text(spoken, heard_ms, playout.sent_ms))
             raise
@@ -172,6 +181,14 @@ class ReplyStage:
         await self._out.send_event({"type": "response", "turn": tl.turn,
                                     "source": segment.source, "text": segment.text,
                                     "entry_id": segment.entry_id})
+
+
+async def _tts(next_chunk: Awaitable[bytes | None]) -> bytes | None:
+    """The next chunk of a segment's audio; a synthesis failure is a ``tts_failed``."""
+    try:
+        return await next_chunk
+    except Exception as exc:
+        raise StageFailed("tts_failed", f"text to speech failed: {exc}") from exc
 
 
 def heard_text(segments: list[Spoken], heard_ms: float, sent_ms: float) -> str:

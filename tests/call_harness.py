@@ -1,0 +1,310 @@
+"""A deterministic harness for the call engine: whole calls in milliseconds of real time.
+
+- Caller audio encodes its words: each word is 200 ms of one constant sample value,
+  silence is zeros. ``ScriptedVad`` calls a window speech when it holds any non-zero
+  sample, so the VAD's verdicts are scripted by the audio itself.
+- ``WordSTT`` decodes a word only from its complete 200 ms run of samples: a clipped
+  first word, or audio of an earlier utterance leaking into a later one, shows in the
+  transcript. Its final decode takes ``decode_s`` of the manual clock.
+- ``WordTTS`` speaks 100 ms of audio per word and fails on a sentence with "FAIL".
+- ``ScriptedLLM`` streams a scripted reply through the real ``Agent``.
+- Time is a ``ManualClock``: the harness feeds 20 ms frames and advances it 20 ms each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import numpy as np
+
+from gateway.agent import PROMPT_TEXTS, Agent
+from gateway.audio_bank import AudioBank, Clip
+from gateway.call import Call, CallDeps
+from gateway.clock import ManualClock
+from gateway.providers.base import LLMChunk, ProviderError, ToolSpec, Transcript
+from gateway.responder import Responder
+from gateway.settings import Settings
+from gateway.stats import Stats
+from gateway.vad import SileroState
+from intents.types import Action, RouteDecision, miss
+
+RATE = 16000
+WORD_MS = 200
+WORD_SAMPLES = RATE * WORD_MS // 1000
+TTS_MS_PER_WORD = 100
+FRAME_MS = 20
+
+
+class Vocabulary:
+    """Word <-> sample value."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, int] = {}
+        self._words: dict[int, str] = {}
+
+    def value(self, word: str) -> int:
+        if word not in self._values:
+            value = 100 * (len(self._values) + 1)
+            self._values[word], self._words[value] = value, word
+        return self._values[word]
+
+    def word(self, value: int) -> str | None:
+        return self._words.get(value)
+
+    def audio(self, text: str, rate: int = RATE) -> bytes:
+        samples = [np.full(rate * WORD_MS // 1000, self.value(w), dtype="<i2")
+                   for w in text.split()]
+        return np.concatenate(samples).tobytes() if samples else b""
+
+
+def decode_words(pcm16: bytes, vocabulary: Vocabulary) -> str:
+    """Words whose complete 200 ms run of samples is in ``pcm16``."""
+    samples = np.frombuffer(pcm16, dtype="<i2")
+    words: list[str] = []
+    if not len(samples):
+        return ""
+    edges = np.flatnonzero(np.diff(samples)) + 1
+    starts = np.concatenate([[0], edges])
+    ends = np.concatenate([edges, [len(samples)]])
+    for start, end in zip(starts, ends):
+        value = int(samples[start])
+        if value and end - start >= WORD_SAMPLES * 0.98:
+            word = vocabulary.word(value)
+            if word:
+                words.extend([word] * int(round((end - start) / WORD_SAMPLES)))
+    return " ".join(words)
+
+
+class ScriptedVad:
+    def __init__(self) -> None:
+        self.fail_next = 0
+
+    async def score(self, state: SileroState, windows: list[np.ndarray]) -> list[float]:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RuntimeError("VAD batch failed")
+        return [0.95 if np.abs(w).max() > 0 else 0.02 for w in windows]
+
+
+class WordSTTStream:
+    def __init__(self, stt: "WordSTT") -> None:
+        self._stt = stt
+        self._buffer = bytearray()
+        self._partials: asyncio.Queue[Transcript] = asyncio.Queue()
+        self._last_partial = ""
+        self.paused_hints = 0
+        self.closed = False
+
+    async def send_audio(self, pcm16: bytes) -> None:
+        self._buffer += pcm16
+        text = decode_words(bytes(self._buffer), self._stt.vocabulary)
+        if text and text != self._last_partial:
+            self._last_partial = text
+            self._partials.put_nowait(Transcript(text=text, final=False))
+
+    def speech_paused(self) -> None:
+        self.paused_hints += 1
+
+    def speech_resumed(self) -> None:
+        pass
+
+    def finalize(self) -> Awaitable[Transcript]:
+        snapshot = bytes(self._buffer)
+        self._buffer.clear()
+        self._last_partial = ""
+        self._stt.utterances.append(snapshot)
+        return self._decode(snapshot)
+
+    async def _decode(self, snapshot: bytes) -> Transcript:
+        await self._stt.clock.sleep(self._stt.decode_s)
+        if self._stt.fail_finals:
+            self._stt.fail_finals -= 1
+            raise ProviderError("word-stt", "decoder crashed")
+        return Transcript(text=decode_words(snapshot, self._stt.vocabulary), final=True)
+
+    async def partials(self) -> AsyncIterator[Transcript]:
+        while True:
+            yield await self._partials.get()
+
+    async def reset(self) -> None:
+        self._buffer.clear()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class WordSTT:
+    name = "word-stt"
+    sample_rate = RATE
+
+    def __init__(self, vocabulary: Vocabulary, clock: ManualClock, decode_s: float = 0.05) -> None:
+        self.vocabulary = vocabulary
+        self.clock = clock
+        self.decode_s = decode_s
+        self.fail_finals = 0
+        self.streams: list[WordSTTStream] = []
+        self.utterances: list[bytes] = []
+
+    def open_stream(self) -> WordSTTStream:
+        stream = WordSTTStream(self)
+        self.streams.append(stream)
+        return stream
+
+    async def aclose(self) -> None:
+        return None
+
+
+class WordTTS:
+    name = "word-tts"
+    sample_rate = RATE
+
+    def __init__(self) -> None:
+        self.spoken: list[str] = []
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        if "FAIL" in text:
+            raise ProviderError(self.name, "voice service refused the sentence")
+        self.spoken.append(text)
+        for _ in text.split():
+            yield np.full(RATE * TTS_MS_PER_WORD // 1000, 1000, dtype="<i2").tobytes()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class ScriptedLLM:
+    """A chat model whose reply to any request is ``reply`` (one chunk per word)."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.reply = "Okay."
+        self.requests: list[list[dict[str, Any]]] = []
+        self.open_streams = 0
+
+    async def stream(self, messages: list[dict[str, Any]],
+                     tools: list[ToolSpec] | None = None) -> AsyncIterator[LLMChunk]:
+        self.requests.append([dict(m) for m in messages])
+        self.open_streams += 1
+        try:
+            for word in self.reply.split():
+                await asyncio.sleep(0)
+                yield LLMChunk(text=word + " ")
+        finally:
+            self.open_streams -= 1
+
+
+@dataclass
+class ScriptedRouter:
+    """Texts containing a FAQ key hit it; ``fail`` decides which routings raise."""
+
+    faqs: dict[str, str] = field(default_factory=dict)  # key phrase -> entry id
+    fail: Callable[[str, bool], bool] = lambda text, urgent: False
+    calls: list[tuple[str, bool]] = field(default_factory=list)
+
+    async def __call__(self, text: str, urgent: bool) -> RouteDecision:
+        self.calls.append((text, urgent))
+        await asyncio.sleep(0)
+        if self.fail(text, urgent):
+            raise RuntimeError(f"router broke on {text!r}")
+        for phrase, entry in self.faqs.items():
+            if phrase in text:
+                return RouteDecision(text=text, intent=entry, action=Action.ANSWER, hit=True,
+                                     entry_id=entry, answer=f"answer {entry}", score=0.9)
+        return miss(text, "no entry")
+
+
+class RecordingOutput:
+    encoding = "pcm16"
+
+    def __init__(self, clock: ManualClock) -> None:
+        self._clock = clock
+        self.events: list[dict[str, Any]] = []
+        self.frames: list[tuple[float, bytes]] = []
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    async def send_audio(self, frame: bytes) -> None:
+        self.frames.append((self._clock.now(), frame))
+
+    async def interrupt(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def of(self, kind: str, **match: Any) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind
+                and all(e.get(k) == v for k, v in match.items())]
+
+
+def tone(ms: int, value: int = 500, rate: int = RATE) -> bytes:
+    return np.full(rate * ms // 1000, value, dtype="<i2").tobytes()
+
+
+class CallHarness:
+    def __init__(self, *, decode_s: float = 0.05, settings: dict[str, Any] | None = None,
+                 faqs: dict[str, str] | None = None) -> None:
+        self.clock = ManualClock()
+        self.vocabulary = Vocabulary()
+        self.settings = Settings.load({"min_speech_ms": 120, "barge_in_min_speech_ms": 400,
+                                       "end_of_turn_silence_ms": 300, "playout_lead_ms": 60,
+                                       "route_min_words": 2, **(settings or {})}, environ={})
+        self.vad = ScriptedVad()
+        self.stt = WordSTT(self.vocabulary, self.clock, decode_s)
+        self.tts = WordTTS()
+        self.llm = ScriptedLLM()
+        self.agent = Agent(self.llm, filler_after_s=None)  # type: ignore[arg-type]
+        self.router = ScriptedRouter(faqs=dict(faqs or {}))
+        self.stats = Stats()
+        prompts = AudioBank(rates=(RATE,), encoded=())
+        for key, text in PROMPT_TEXTS.items():
+            prompts.add(Clip(key, text, tone(300, 700), RATE))
+        cache = AudioBank(rates=(RATE,), encoded=())
+        for entry in self.router.faqs.values():
+            cache.add(Clip(entry, f"answer {entry}", tone(1000, 900), RATE))
+        self.responder = Responder(self.agent, self.tts, prompts, cache)  # type: ignore[arg-type]
+        self.output = RecordingOutput(self.clock)
+        self.deps = CallDeps(settings=self.settings, vad=self.vad, stt=self.stt,
+                             responder=self.responder, router=self.router, stats=self.stats,
+                             new_conversation=self.agent.new_conversation, clock=self.clock)
+        self.call = Call(self.deps, self.output, RATE, call_id="test-call")
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> "CallHarness":
+        self._task = asyncio.create_task(self.call.run())
+        await self.clock.settle()
+        return self
+
+    async def stop(self) -> None:
+        self.call.stop()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, 5)
+
+    async def feed(self, pcm16: bytes) -> None:
+        """Stream caller audio in real time: a 20 ms frame, then 20 ms pass."""
+        step = RATE * FRAME_MS // 1000 * 2
+        for i in range(0, len(pcm16), step):
+            self.call.feed_audio(pcm16[i:i + step])
+            await self.clock.advance(FRAME_MS / 1000)
+
+    async def say(self, text: str, then_silence_ms: int = 600) -> None:
+        await self.feed(self.vocabulary.audio(text))
+        await self.silence(then_silence_ms)
+
+    async def silence(self, ms: int) -> None:
+        await self.feed(bytes(RATE * ms // 1000 * 2))
+
+    async def text(self, text: str, final: bool = True) -> None:
+        self.call.feed_text(text, final)
+        await self.clock.settle()
+
+    async def wait(self, ms: int) -> None:
+        """Let time pass with the caller silent (a real client keeps sending frames)."""
+        await self.silence(ms)
+
+    def transcripts(self) -> list[str]:
+        return [e["text"] for e in self.output.of("transcript", final=True) if "turn" in e]
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return self.output.of("turn_metrics")

@@ -1,0 +1,177 @@
+"""The call engine driven by the deterministic harness (scripted VAD, fake providers, a
+manual clock). One test per defect found in the first call loop, plus the failure paths."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.call_harness import TTS_MS_PER_WORD, CallHarness
+
+
+async def test_later_turns_are_answered_after_the_caller_talks_over_a_slow_final():
+    # The final decode takes 500 ms; the caller goes on talking 100 ms after the turn ended.
+    h = await CallHarness(decode_s=0.5).start()
+    await h.say("what are your opening hours", then_silence_ms=400)
+    await h.say("and on sunday", then_silence_ms=1500)
+    await h.say("thank you very much", then_silence_ms=1500)
+    await h.stop()
+    # Nothing was said in between, so the first utterance opens the second turn; the
+    # third turn holds its own words only (no stale audio of earlier turns).
+    assert h.transcripts() == ["what are your opening hours and on sunday",
+                               "thank you very much"]
+    assert [m["turn"] for m in h.metrics()] == [2, 3]
+    assert all(e["source"] == "llm" for e in h.output.of("response"))
+    assert len(h.output.of("response")) == 2
+
+
+async def test_each_utterance_holds_only_its_own_audio():
+    h = await CallHarness().start()
+    for text in ("first question here", "second one now", "third and last"):
+        await h.say(text, then_silence_ms=1500)
+    await h.stop()
+    assert h.transcripts() == ["first question here", "second one now", "third and last"]
+
+
+async def test_the_early_final_decode_is_armed_on_every_turn():
+    h = await CallHarness().start()
+    for text in ("one two three", "four five six", "seven eight nine"):
+        await h.say(text, then_silence_ms=1500)
+    await h.stop()
+    assert h.stt.streams[0].paused_hints == 3
+
+
+async def test_no_task_is_left_after_a_call_with_barge_ins_ends():
+    before = asyncio.all_tasks()
+    h = CallHarness()
+    h.llm.reply = " ".join(f"Sentence {i} of a long answer." for i in range(30))
+    await h.start()
+    for _ in range(2):
+        await h.say("tell me everything please", then_silence_ms=600)
+        await h.wait(700)  # the reply is playing
+        assert h.call.speaking
+        await h.say("stop that now", then_silence_ms=10)  # barge-in
+        assert h.output.of("interrupt")
+    await h.stop()
+    await h.clock.settle()
+    left = {t for t in asyncio.all_tasks() - before if not t.done()}
+    assert left == set(), [t.get_name() for t in left]
+    assert h.llm.open_streams == 0
+    assert h.stt.streams[0].closed
+
+
+async def test_the_context_keeps_exactly_the_words_the_caller_heard():
+    h = CallHarness()
+    reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
+    h.llm.reply = reply
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)
+    await h.text("wait", final=False)  # a barge-in by text
+    interrupt = h.output.of("interrupt")[0]
+    await h.wait(100)
+    await h.stop()
+    heard_words = int(interrupt["heard_ms"] // TTS_MS_PER_WORD)
+    assert 0 < heard_words < len(reply.split()) // 2
+    assistant = [m for m in h.call.conversation.history if m["role"] == "assistant"]
+    assert assistant[-1]["content"] == " ".join(reply.split()[:heard_words])
+
+
+async def test_a_tts_failure_is_apologised_for_and_the_next_turn_works():
+    h = CallHarness()
+    h.llm.reply = "Here is the first part. FAIL this sentence breaks the voice."
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(3000)
+    errors = h.output.of("error")
+    assert [e["code"] for e in errors] == ["tts_failed"] and errors[0]["turn"] == 1
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["llm", "apology"]
+    assert h.stats.errors["tts_failed"] == 1
+    h.llm.reply = "All good now."
+    await h.text("try again")
+    await h.wait(2000)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response", turn=2)] == ["llm"]
+    assert [m["turn"] for m in h.metrics()] == [1, 2]
+
+
+async def test_a_failed_routing_of_a_partial_is_counted_and_the_call_goes_on():
+    h = CallHarness(faqs={"opening hours": "hours"})
+    h.router.fail = lambda text, urgent: not urgent
+    await h.start()
+    await h.text("what are your opening", final=False)
+    await h.text("what are your opening hours")
+    await h.wait(1500)
+    await h.stop()
+    assert h.stats.errors["route_failed"] >= 1
+    assert [e["source"] for e in h.output.of("response")] == ["cache"]
+
+
+async def test_a_failed_routing_of_the_final_is_reported_and_the_agent_answers():
+    h = CallHarness(faqs={"opening hours": "hours"})
+    h.router.fail = lambda text, urgent: urgent
+    await h.start()
+    await h.text("what are your opening hours")
+    await h.wait(1500)
+    await h.stop()
+    assert [e["code"] for e in h.output.of("error")] == ["route_failed"]
+    assert [e["source"] for e in h.output.of("response")] == ["llm"]
+
+
+async def test_a_failed_final_transcript_gets_an_apology_and_the_call_goes_on():
+    h = await CallHarness().start()
+    h.stt.fail_finals = 1
+    await h.say("something the decoder chokes on", then_silence_ms=1500)
+    await h.say("second try works", then_silence_ms=1500)
+    await h.stop()
+    assert [e["code"] for e in h.output.of("error")] == ["stt_failed"]
+    assert [e["source"] for e in h.output.of("response")] == ["apology", "llm"]
+    assert h.transcripts() == ["second try works"]
+
+
+async def test_a_vad_failure_loses_only_that_audio():
+    h = await CallHarness().start()
+    h.vad.fail_next = 1
+    await h.silence(100)
+    await h.say("still here", then_silence_ms=1500)
+    await h.stop()
+    assert h.stats.errors["vad_failed"] == 1
+    assert h.transcripts() == ["still here"]
+
+
+async def test_a_barge_in_keeps_the_callers_first_word():
+    h = CallHarness()
+    h.llm.reply = " ".join(f"Sentence {i} of a long answer." for i in range(30))
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(800)
+    assert h.call.speaking
+    await h.say("cancel my card please", then_silence_ms=1500)
+    await h.stop()
+    assert h.output.of("interrupt")
+    assert h.transcripts() == ["cancel my card please"]
+
+
+async def test_text_sent_before_the_call_runs_is_answered():
+    h = CallHarness(faqs={"opening hours": "hours"})
+    h.call.feed_text("what are your opening hours", True)  # before run(): queued
+    await h.start()
+    await h.wait(1500)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response")] == ["cache"]
+
+
+async def test_the_inbound_buffer_is_bounded():
+    h = CallHarness(settings={"inbound_buffer_ms": 500})
+    h.call.feed_audio(bytes(16000 * 2 * 3))  # 3 s arrive before the audio loop runs
+    assert h.call.dropped_audio_bytes == 16000 * 2 * 2.5
+    assert h.stats.errors["audio_dropped"] == 1
+
+
+async def test_a_cache_hit_replays_the_entry_and_the_partials_decided_it():
+    h = await CallHarness(faqs={"opening hours": "hours"}).start()
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.stop()
+    (route,) = h.output.of("route")
+    assert route["hit"] and route["entry_id"] == "hours" and route["reused"] is True
+    assert [e["source"] for e in h.output.of("response")] == ["cache"]
+    assert h.metrics()[0]["first_audio_ms"] is not None
