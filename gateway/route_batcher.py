@@ -109,12 +109,11 @@ class RouteBatcher:
         try:
             decisions = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._route_many, texts)
-        except Exception as exc:  # every waiting call learns of it; none hangs
+        except Exception:
+            # One text may have broken the batch: route each alone, so only the calls
+            # waiting for a text that fails learn of it.
+            await self._run_each(batch)
             self._running = {}
-            for slot in batch:
-                for future in slot.futures:
-                    if not future.done():
-                        future.set_exception(exc)
             return
         per_text = (time.perf_counter() - started) / len(batch)
         self._per_text_s = per_text if self._per_text_s <= 0.0 else (
@@ -123,6 +122,23 @@ class RouteBatcher:
         self.batches += 1
         self.routed += len(batch)
         for slot, decision in zip(batch, decisions):
+            for future in slot.futures:
+                if not future.done():
+                    future.set_result(decision)
+
+    async def _run_each(self, batch: list[_Slot]) -> None:
+        loop = asyncio.get_running_loop()
+        for slot in batch:
+            if not slot.live():
+                continue
+            try:
+                (decision,) = await loop.run_in_executor(self._executor, self._route_many,
+                                                         [slot.text])
+            except Exception as exc:  # these callers learn of it; none hangs
+                for future in slot.futures:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
             for future in slot.futures:
                 if not future.done():
                     future.set_result(decision)

@@ -139,17 +139,34 @@ class VADBatcher:
                                            asyncio.Future[list[float]]]]) -> None:
         states = [item[0] for item in batch]
         windows = [item[1] for item in batch]
+        loop = asyncio.get_running_loop()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
+            results = await loop.run_in_executor(
                 self._executor, self._vad.probabilities_batch, states, windows)
-        except Exception as exc:  # every waiting call learns of it; none hangs
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+        except Exception:
+            # One call's windows may have broken the batch: score each call alone, so
+            # only the calls whose windows fail learn of it.
+            await self._run_each(batch)
             return
         self.batches += 1
         self.windows += sum(len(w) for w in windows)
         for (_, _, future), probs in zip(batch, results):
+            if not future.done():
+                future.set_result(probs)
+
+    async def _run_each(self, batch: list[tuple[SileroState, list[np.ndarray],
+                                                asyncio.Future[list[float]]]]) -> None:
+        loop = asyncio.get_running_loop()
+        for state, windows, future in batch:
+            if future.done():
+                continue
+            try:
+                (probs,) = await loop.run_in_executor(
+                    self._executor, self._vad.probabilities_batch, [state], [windows])
+            except Exception as exc:  # this call learns of it; none hangs
+                if not future.done():
+                    future.set_exception(exc)
+                continue
             if not future.done():
                 future.set_result(probs)
 

@@ -131,3 +131,16 @@ async def test_costly_texts_still_share_a_forward_pass_up_to_min_batch(executor)
     router.release.set()
     await asyncio.gather(blocker, *waiting)
     assert [len(batch) for batch in router.batches[2:]] == [3, 3, 1]
+
+
+async def test_a_failing_text_fails_only_its_own_callers(executor):
+    def poisoned(texts: Sequence[str]) -> list[RouteDecision]:
+        if any("poison" in t for t in texts):
+            raise RuntimeError("router exploded on poison")
+        return [miss(text, "ok") for text in texts]
+
+    batcher = RouteBatcher(poisoned, executor)
+    results = await asyncio.gather(batcher.route("a b c"), batcher.route("poison pill"),
+                                   batcher.route("d e f", urgent=True), return_exceptions=True)
+    assert [r.reason for r in (results[0], results[2])] == ["ok", "ok"]
+    assert isinstance(results[1], RuntimeError)

@@ -48,3 +48,29 @@ def test_silero_separates_speech_from_silence(runtime, speak):
     noise_probs = runtime.vad.probabilities(noise, SileroState())
     assert np.mean(np.array(speech_probs) > 0.5) > 0.5
     assert max(silence_probs) < 0.2 and np.mean(np.array(noise_probs) > 0.5) < 0.1
+
+
+async def test_a_failing_window_fails_only_its_own_call():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from gateway.vad import SileroState, VADBatcher
+
+    class PoisonedVad:
+        def probabilities_batch(self, states, windows):
+            if any(np.isnan(w).any() for call in windows for w in call):
+                raise ValueError("NaN in a window")
+            return [[0.5] * len(call) for call in windows]
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = VADBatcher(PoisonedVad(), pool)  # type: ignore[arg-type]
+        good = [np.zeros(512, np.float32)]
+        bad = [np.full(512, np.nan, np.float32)]
+        results = await asyncio.gather(batcher.score(SileroState(), good),
+                                       batcher.score(SileroState(), bad),
+                                       batcher.score(SileroState(), good * 2),
+                                       return_exceptions=True)
+    assert results[0] == [0.5] and results[2] == [0.5, 0.5]
+    assert isinstance(results[1], ValueError)
