@@ -44,8 +44,10 @@ class Caller:
     """One call to a voicegate server over the native protocol."""
 
     def __init__(self, url: str, sample_rate: int = 16000, frame_ms: int = 20,
-                 on_event: EventHook | None = None, metadata: dict[str, Any] | None = None):
+                 on_event: EventHook | None = None, metadata: dict[str, Any] | None = None,
+                 token: str | None = None):
         self.url = url
+        self.token = token  # sent as `Authorization: Bearer` (VOICEGATE_CALL_TOKEN)
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms
         self.metadata = metadata or {}
@@ -72,7 +74,9 @@ class Caller:
 
     async def connect(self, start: bool = True) -> None:
         # No permessage-deflate: audio does not compress; deflating only costs CPU.
-        self._ws = await connect(self.url, max_size=2 ** 20, compression=None)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        self._ws = await connect(self.url, max_size=2 ** 20, compression=None,
+                                 additional_headers=headers)
         self._reader = asyncio.create_task(self._read())
         if start:
             await self.send_json({"type": "start", "sample_rate": self.sample_rate,

@@ -1,0 +1,198 @@
+"""The transport side every endpoint shares: admission, token, timeouts, bounds, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Iterator
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+
+from gateway.call.session import AudioRateLimit, Outbox
+from gateway.client import Caller
+from gateway.clock import ManualClock
+from gateway.protocol import ProtocolError, parse_text_frame
+from gateway.server import BackgroundServer
+from gateway.transports.twilio import TwilioOutput, TwilioStream
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "s3cret-call-token"
+
+
+@pytest.fixture(scope="module")
+def guarded(settings, runtime) -> Iterator[BackgroundServer]:
+    """A gateway with a call token, one call at most and short timeouts."""
+    srv = BackgroundServer(settings.replace(max_calls=1, call_token=TOKEN, start_timeout_s=0.5,
+                                            audio_rate_grace_s=0.3, max_logged_errors=3),
+                           runtime).start()
+    yield srv
+    srv.stop()
+
+
+async def events_until_closed(ws: Any, timeout: float = 30) -> list[dict[str, Any]]:
+    events = []
+    async def read() -> None:
+        try:
+            async for message in ws:
+                if isinstance(message, str):
+                    events.append(json.loads(message))
+        except ConnectionClosedError:
+            pass  # closed with an error code: the test reads it from ws.close_code
+    await asyncio.wait_for(read(), timeout)
+    return events
+
+
+async def test_a_call_without_the_token_is_refused_before_accept(guarded):
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(guarded.call_url):
+            pass
+    assert info.value.response.status_code == 403
+    with pytest.raises(InvalidStatus):
+        async with connect(guarded.call_url + "?token=wrong"):
+            pass
+
+
+async def test_the_token_is_taken_as_bearer_or_query(guarded):
+    async with Caller(guarded.call_url, token=TOKEN) as caller:
+        assert caller.ready is not None
+    await asyncio.sleep(0.2)  # the replica counts the call as ended
+    async with Caller(guarded.call_url + f"?token={TOKEN}") as caller:
+        assert caller.ready is not None
+
+
+async def test_a_call_over_the_limit_gets_too_many_calls_and_1013(guarded):
+    async with Caller(guarded.call_url, token=TOKEN) as first:
+        assert first.ready is not None
+        async with connect(guarded.call_url + f"?token={TOKEN}") as ws:
+            await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            events = await events_until_closed(ws)
+            assert [e["code"] for e in events if e["type"] == "error"] == ["too_many_calls"]
+            assert ws.close_code == 1013
+
+
+async def test_a_connection_that_never_starts_is_closed(guarded):
+    async with connect(guarded.call_url + f"?token={TOKEN}") as ws:
+        events = await events_until_closed(ws)
+    assert [e["code"] for e in events] == ["start_timeout"]
+    assert ws.close_code == 1008
+
+
+async def test_audio_much_faster_than_real_time_is_refused(guarded):
+    async with connect(guarded.call_url + f"?token={TOKEN}") as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+        frame = bytes(640)  # 20 ms
+        try:
+            for _ in range(4000):  # 80 s of audio, as fast as the socket takes it
+                await ws.send(frame)
+                await asyncio.sleep(0)
+        except Exception:
+            pass
+        events = await events_until_closed(ws)
+    assert "audio_too_fast" in [e.get("code") for e in events]
+    assert ws.close_code == 1008
+
+
+async def test_text_sent_right_after_start_is_answered(server):
+    for _ in range(5):
+        async with connect(server.call_url) as ws:
+            await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            await ws.send(json.dumps({"type": "text", "text": "hello, who am I talking to?"}))
+            kinds = []
+            while "response" not in kinds:
+                message = await asyncio.wait_for(ws.recv(), 30)
+                if isinstance(message, str):
+                    kinds.append(json.loads(message)["type"])
+            assert kinds.index("ready") < kinds.index("response")
+
+
+async def test_bad_input_is_counted_but_logged_only_a_few_times(guarded, caplog):
+    caplog.set_level(logging.WARNING, logger="voicegate")
+    async with Caller(guarded.call_url, token=TOKEN) as caller:
+        for _ in range(30):
+            await caller.send_raw("{not json")
+        await caller.wait_for("error", timeout=10)
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)
+    lines = [r for r in caplog.records if r.getMessage() == "bad_input"]
+    assert len(lines) == 3
+    assert any(r.getMessage() == "bad_input_not_logged" for r in caplog.records)
+    assert sum(1 for e in caller.events if e.get("code") == "invalid_json") == 30
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_audio_rate_limit_allows_real_time_and_bursts_but_not_a_sustained_excess():
+    clock = ManualClock()
+    frame = 640  # 20 ms at 16 kHz
+
+    def run(rate: float, seconds: float, limit: AudioRateLimit) -> float | None:
+        """Feed ``seconds`` of wall time at ``rate`` x real time; when it tripped, if it did."""
+        start = clock.now()
+        while clock.now() - start < seconds:
+            if limit.add(frame):
+                return clock.now() - start
+            clock._now += 0.02 / rate
+        return None
+
+    assert run(1.0, 20, AudioRateLimit(16000, 2.0, 2.0, clock)) is None
+    assert run(1.9, 20, AudioRateLimit(16000, 2.0, 2.0, clock)) is None
+    tripped = run(3.0, 20, AudioRateLimit(16000, 2.0, 2.0, clock))
+    assert tripped is not None and 2.0 < tripped < 2.2
+    burst = AudioRateLimit(16000, 2.0, 2.0, clock)
+    clock._now += 1.5
+    for _ in range(75):  # a 1.5 s stall delivered at once
+        assert not burst.add(frame)
+    assert run(1.0, 10, burst) is None
+
+
+async def test_an_outbox_whose_client_does_not_read_is_closed():
+    stuck: list[str] = []
+
+    class NeverReads:
+        async def send_text(self, text: str) -> None:
+            await asyncio.Event().wait()
+
+    outbox = Outbox(NeverReads(), limit=4, send_timeout_s=60, on_stuck=stuck.append)  # type: ignore
+    for _ in range(5):  # one in the writer's hands, four queued
+        outbox.send_text("x")
+        await asyncio.sleep(0)
+    assert not outbox.closed and stuck == []
+    outbox.send_text("x")  # over the bound
+    assert len(stuck) == 1 and "waiting for the client" in stuck[0]
+    await outbox.aclose()
+
+    timed_out: list[str] = []
+    slow = Outbox(NeverReads(), limit=4, send_timeout_s=0.05, on_stuck=timed_out.append)  # type: ignore
+    slow.send_text("x")
+    await asyncio.wait_for(slow._writer, 5)
+    assert slow.closed and "read nothing" in timed_out[0]
+    await slow.aclose()
+
+
+@pytest.mark.parametrize("raw", ["[" * 30000, '{"type": "text", "text": 1' + "0" * 5000 + "}"])
+def test_pathological_json_is_an_invalid_json_error(raw):
+    with pytest.raises(ProtocolError) as info:
+        parse_text_frame(raw, 1 << 20)
+    assert info.value.code == "invalid_json" and info.value.close_code is None
+
+
+def test_twilio_pathological_json_and_marks_are_errors_not_crashes():
+    stream = TwilioStream.__new__(TwilioStream)
+    stream._max_bytes = 1 << 20
+    for raw in ("[" * 30000, '{"event": 1' + "0" * 5000 + "}"):
+        with pytest.raises(ProtocolError) as info:
+            stream.handle(raw)
+        assert info.value.code == "twilio_invalid_json"
+
+    class Outbox:
+        def send_text(self, text: str) -> None:
+            pass
+
+    output = TwilioOutput(Outbox(), "MZ1", "call")  # type: ignore[arg-type]
+    assert output.mark_played("²:5") is False
+    assert output.mark_played("1:100") is True
