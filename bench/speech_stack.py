@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from gateway.audio import frame_bytes, resample_pcm16  # noqa: E402
-from gateway.call import Call  # noqa: E402
+from gateway.call import Call, CallDeps  # noqa: E402
 from gateway.responder import Responder  # noqa: E402
 from gateway.runtime import Runtime  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
@@ -102,11 +102,14 @@ async def inbound_cost(runtime: Runtime, line: bytes, rate: int, with_stt: bool,
                        calls: int = 1) -> float:
     """CPU seconds per second of inbound audio per call, ``calls`` calls in real time
     (the feeding loop's own cost included; the caller subtracts it)."""
-    responder = Responder(runtime)
-    group = [Call(runtime, NullOutput(), rate, responder) for _ in range(calls)]
-    if not with_stt:
-        for call in group:  # VAD only: the segmenter never confirms speech, STT never runs
-            call._segmenter.min_speech_ms = 10 ** 9
+    responder = Responder(runtime.agent, runtime.tts, runtime.prompts)
+    # VAD only: speech is never confirmed, so STT never runs.
+    settings = runtime.settings if with_stt else runtime.settings.replace(
+        min_speech_ms=10 ** 6, barge_in_min_speech_ms=10 ** 6)
+    deps = CallDeps(settings=settings, vad=runtime.vad_batcher, stt=runtime.stt,
+                    responder=responder, router=None, stats=runtime.stats,
+                    new_conversation=runtime.agent.new_conversation)
+    group = [Call(deps, NullOutput(), rate) for _ in range(calls)]
     runs = [asyncio.create_task(call.run()) for call in group]
     size = frame_bytes(rate, 20)
     frames = [line[i:i + size] for i in range(0, len(line) - size + 1, size)]

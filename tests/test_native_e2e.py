@@ -46,8 +46,10 @@ async def test_spoken_turn_is_transcribed_answered_and_timed(server, speak):
         assert caller.ready and caller.ready["sample_rate"] == 16000
         turn = await caller.say(speak("What time do your branches open on Saturday?"))
     assert {"branches", "open", "saturday"} <= words(turn.transcript)
+    # This gateway has an empty cache and no LLM: the only honest answer is a handoff.
     response = turn.first("response")
-    assert response is not None and response["source"] in ("cache", "llm", "handoff")
+    assert response is not None and response["source"] == "handoff"
+    assert turn.first("handoff") is not None
     assert len(turn.audio) > 16000 * 2 * 0.5  # at least half a second of reply audio
     metrics = turn.metrics
     assert metrics is not None and metrics["interrupted"] is False

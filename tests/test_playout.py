@@ -1,5 +1,9 @@
 import asyncio
 
+import pytest
+
+from gateway.clock import ManualClock
+
 from gateway.playout import Playout
 from gateway.call import heard_text
 
@@ -20,14 +24,26 @@ async def test_frames_are_paced_and_padded():
     assert playout.sent_ms == 140
 
 
-async def test_heard_ms_never_exceeds_sent_audio():
-    async def send(frame: bytes) -> None:
-        return None
+async def test_the_lead_is_sent_at_once_then_frames_follow_the_clock():
+    clock = ManualClock()
+    sent: list[float] = []
 
-    playout = Playout(send, 16000, frame_ms=20, lead_ms=60)
+    async def send(frame: bytes) -> None:
+        sent.append(round(clock.now() - start, 3))
+
+    start = clock.now()
+    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock)
+    writing = asyncio.ensure_future(playout.write(b"\x00" * 640 * 10))  # 200 ms
+    await clock.advance(0.0)
+    # frame 0 at once, frames 1-3 are the 60 ms lead: all four go out at t=0
+    assert sent == [0.0] * 4
     assert playout.heard_ms() == 0.0
-    await playout.write(b"\x00" * 640 * 3)
-    assert playout.heard_ms() <= playout.sent_ms == 60
+    await clock.advance(0.05)
+    assert playout.heard_ms() == pytest.approx(50.0)
+    await clock.advance(0.2)
+    await writing
+    assert sent == [0.0, 0.0, 0.0, 0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12]
+    assert playout.heard_ms() == playout.sent_ms == 200  # never more than was sent
 
 
 def test_heard_text_cuts_the_segment_being_played():
