@@ -35,7 +35,10 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
     No permessage-deflate: audio does not compress and events are tiny, yet deflating
     every frame cost ~20% of the event loop's CPU with 200 calls (py-spy).
     """
-    return {"loop": "uvloop", "http": "httptools", "ws": "websockets-sansio",
+    from .http_idle import IdleTimeoutHttpToolsProtocol
+
+    # httptools, plus a deadline for connections that never send a request.
+    return {"loop": "uvloop", "http": IdleTimeoutHttpToolsProtocol, "ws": "websockets-sansio",
             "ws_per_message_deflate": False,
             "ws_max_size": settings.ws_max_size, "log_level": settings.log_level,
             "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0}

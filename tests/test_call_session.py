@@ -196,3 +196,12 @@ def test_twilio_pathological_json_and_marks_are_errors_not_crashes():
     output = TwilioOutput(Outbox(), "MZ1", "call")  # type: ignore[arg-type]
     assert output.mark_played("²:5") is False
     assert output.mark_played("1:100") is True
+
+
+async def test_a_tcp_connection_that_sends_nothing_is_closed(server):
+    # uvicorn's keep-alive timeout (5 s by default) now also covers a connection's start.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the server
+    finally:
+        writer.close()
