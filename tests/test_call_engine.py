@@ -175,3 +175,26 @@ async def test_a_cache_hit_replays_the_entry_and_the_partials_decided_it():
     assert route["hit"] and route["entry_id"] == "hours" and route["reused"] is True
     assert [e["source"] for e in h.output.of("response")] == ["cache"]
     assert h.metrics()[0]["first_audio_ms"] is not None
+
+
+async def test_whisper_finalize_cuts_the_utterance_before_it_decodes():
+    from gateway.providers.whisper_stt import WhisperStream
+
+    release = asyncio.Event()
+
+    class SlowDecoder:  # stands in for the model: "decodes" to the byte count
+        partial_interval_s = 10.0
+        max_utterance_samples = 16000 * 30
+
+        async def transcribe_async(self, pcm16: bytes) -> str:
+            await release.wait()
+            return f"{len(pcm16)} bytes"
+
+    stream = WhisperStream(SlowDecoder())  # type: ignore[arg-type]
+    await stream.send_audio(b"\x01\x00" * 1000)
+    final = asyncio.ensure_future(stream.finalize())
+    await stream.send_audio(b"\x02\x00" * 300)  # the caller talks on while it decodes
+    release.set()
+    assert (await final).text == "2000 bytes"
+    assert (await stream.finalize()).text == "600 bytes"  # only the new audio
+    await stream.aclose()
