@@ -26,8 +26,9 @@ from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall,
 from gateway.sentences import SentenceChunker
 from gateway.settings import Settings, SettingsError
 from gateway.tools import ToolRunner, load_tools
+from . import logs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("voicegate.agent")
 
 DEFAULT_SYSTEM_PROMPT = """\
 You are the voice of a call-center agent, speaking with a caller on the phone.
@@ -247,7 +248,7 @@ class Agent:
                     spoke = True
                     yield Sentence(tail)
             except ProviderError as exc:
-                log.warning("agent llm failed round=%d error=%s", round_no, exc)
+                logs.event(log, "llm_failed", logging.WARNING, round=round_no, error=str(exc)[:300])
                 calls = []  # a half-streamed tool call is not run
                 if not spoke:  # never end a turn in silence (a filler alone is not an answer)
                     yield Handoff(f"LLM failed: {exc}")

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolSpec
+from . import logs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("voicegate.hedge")
 
 
 class AdaptiveDelay:
@@ -184,7 +185,7 @@ class HedgedChat:
         leg.failed = True
         self.stats.leg_failures += 1
         errors.append(f"{leg.role} {leg.model.name}: {reason}")
-        log.warning("llm leg failed role=%s model=%s reason=%s", leg.role, leg.model.name, reason)
+        logs.event(log, "llm_leg_failed", logging.WARNING, role=leg.role, model=leg.model.name, reason=str(reason)[:300])
         if leg.task is not None:
             leg.task.cancel()  # awaited in the stream's finally
 

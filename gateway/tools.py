@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 
 from gateway.providers.base import ToolCall, ToolSpec
+from . import logs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("voicegate.tools")
 
 MAX_RESULT_CHARS = 4000  # what goes back into the context; a webhook may answer a lot
 
@@ -69,16 +70,16 @@ class ToolRunner:
                 tool.url, json={"tool": call.name, "call_id": call.id, "arguments": arguments},
                 timeout=tool.timeout_s)
         except httpx.TimeoutException:
-            log.warning("tool timeout name=%s after_s=%.1f", call.name, tool.timeout_s)
+            logs.event(log, "tool_timeout", logging.WARNING, tool=call.name, after_s=tool.timeout_s)
             return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), False
         except httpx.HTTPError as exc:
-            log.warning("tool unreachable name=%s error=%s", call.name, type(exc).__name__)
+            logs.event(log, "tool_unreachable", logging.WARNING, tool=call.name, error=type(exc).__name__)
             return _error(f"{call.name} could not be reached"), False
         ms = (time.monotonic() - started) * 1000
         if response.status_code >= 400:
-            log.warning("tool failed name=%s status=%d ms=%.0f", call.name, response.status_code, ms)
+            logs.event(log, "tool_failed", logging.WARNING, tool=call.name, status=response.status_code, ms=round(ms))
             return _error(f"{call.name} failed with status {response.status_code}"), False
-        log.info("tool done name=%s status=%d ms=%.0f", call.name, response.status_code, ms)
+        logs.event(log, "tool_done", tool=call.name, status=response.status_code, ms=round(ms))
         return response.text[:MAX_RESULT_CHARS], True
 
     async def aclose(self) -> None:

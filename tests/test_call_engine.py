@@ -198,3 +198,34 @@ async def test_whisper_finalize_cuts_the_utterance_before_it_decodes():
     assert (await final).text == "2000 bytes"
     assert (await stream.finalize()).text == "600 bytes"  # only the new audio
     await stream.aclose()
+
+
+def test_every_logger_of_the_package_is_under_voicegate():
+    import importlib
+    import logging
+    import pkgutil
+
+    import cache_seed
+    import gateway
+    import intents
+
+    for package in (gateway, intents, cache_seed):
+        for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            importlib.import_module(module.name)
+    names = [n for n in logging.Logger.manager.loggerDict
+             if n.split(".")[0] in ("gateway", "intents", "cache_seed")]
+    assert names == []
+
+
+async def test_every_line_of_a_call_carries_its_id(caplog):
+    import logging
+
+    from gateway.logs import JsonFormatter
+
+    caplog.set_level(logging.DEBUG, logger="voicegate")
+    h = await CallHarness(faqs={"opening hours": "hours"}).start()
+    await h.text("what are your opening hours")
+    await h.wait(1500)
+    await h.stop()
+    lines = [JsonFormatter().format(r) for r in caplog.records if r.name == "voicegate.call"]
+    assert len(lines) >= 3 and all('"call_id": "test-call"' in line for line in lines)

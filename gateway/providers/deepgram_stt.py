@@ -29,8 +29,9 @@ from deepgram.environment import DeepgramClientEnvironment
 
 from gateway.providers.base import ProviderError, Transcript
 from gateway.settings import Settings
+from .. import logs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("voicegate.deepgram")
 
 NAME = "deepgram"
 _OUTBOX_LIMIT = 1000  # 20 s of 20 ms frames waiting for a connection that does not come
@@ -90,8 +91,7 @@ class DeepgramStream:
             if closing.done is not None:
                 await asyncio.wait_for(asyncio.shield(closing.done), self._finalize_timeout_s)
         except TimeoutError:
-            log.info("deepgram finalize reply late after_s=%.2f; using what we have",
-                     self._finalize_timeout_s)
+            logs.event(log, "deepgram_finalize_late", after_s=self._finalize_timeout_s)
         finally:
             if self._closing_utterance is closing:
                 self._closing_utterance = None
@@ -171,7 +171,7 @@ class DeepgramStream:
             self._error = ProviderError(NAME, f"live socket failed: {type(exc).__name__}: {exc}")
         finally:
             if self._error is not None:
-                log.warning("deepgram stream ended error=%s", self._error)
+                logs.event(log, "deepgram_stream_ended", logging.WARNING, error=str(self._error))
             closing = self._closing_utterance
             if closing is not None and closing.done is not None and not closing.done.done():
                 closing.done.set_result(None)
@@ -181,7 +181,7 @@ class DeepgramStream:
         try:
             await self._send_items(socket)
         except Exception as exc:  # the socket closed under us; the receive loop reports it
-            log.info("deepgram send stopped error=%s", type(exc).__name__)
+            logs.event(log, "deepgram_send_stopped", error=type(exc).__name__)
 
     async def _send_items(self, socket: Any) -> None:
         while True:
