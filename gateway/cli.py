@@ -20,33 +20,20 @@ def _serve(args: argparse.Namespace) -> int:
 
     from . import logs
     from .app import create_app
+    from .server import uvicorn_options
     from .settings import Settings
 
-    settings = Settings.load({"host": args.host, "port": args.port, "redis_url": args.redis})
+    settings = Settings.load({"host": args.host, "port": args.port, "redis_url": args.redis,
+                              "store_dir": args.store})
     logs.configure(settings.log_level)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, **uvicorn_options(settings))
     return 0
 
 
-def uvicorn_options(settings: Any) -> dict[str, Any]:
-    """uvloop + httptools + the sans-I/O websockets implementation: the cheapest frame path.
-
-    No permessage-deflate: audio does not compress and events are tiny, yet deflating
-    every frame cost ~20% of the event loop's CPU with 200 calls (py-spy).
-    """
-    from .http_idle import IdleTimeoutHttpToolsProtocol
-
-    # httptools, plus a deadline for connections that never send a request.
-    return {"loop": "uvloop", "http": IdleTimeoutHttpToolsProtocol, "ws": "websockets-sansio",
-            "ws_per_message_deflate": False,
-            "ws_max_size": settings.ws_max_size, "log_level": settings.log_level,
-            "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0}
-
-
 def _call(args: argparse.Namespace) -> int:
     from .audio import read_wav, resample_pcm16, write_wav
-    from .client import Caller
+    from .client import Caller, format_event
 
     def show(event: dict[str, Any]) -> None:
         if args.json:
@@ -55,7 +42,8 @@ def _call(args: argparse.Namespace) -> int:
             print(format_event(event), flush=True)
 
     async def run() -> int:
-        async with Caller(args.url, sample_rate=args.rate, on_event=show) as caller:
+        async with Caller(args.url, sample_rate=args.rate, on_event=show,
+                          token=args.token) as caller:
             if args.wav:
                 pcm, rate = read_wav(args.wav)
                 await caller.say(resample_pcm16(pcm, rate, args.rate), timeout=args.timeout)
@@ -76,23 +64,6 @@ def _call(args: argparse.Namespace) -> int:
     except (OSError, TimeoutError, ConnectionError) as exc:
         print(f"voicegate call: {exc}", file=sys.stderr)
         return 1
-
-
-def format_event(event: dict[str, Any]) -> str:
-    kind = event.get("type")
-    if kind == "transcript":
-        return f"  {'heard' if event.get('final') else '...  '} {event.get('text')!r}"
-    if kind == "route":
-        return (f"  route  intent={event.get('intent')} action={event.get('action')} "
-                f"hit={event.get('hit')} score={event.get('score', 0):.3f} ({event.get('reason')})")
-    if kind == "response":
-        return f"  reply  [{event.get('source')}] {event.get('text')!r}"
-    if kind == "turn_metrics":
-        keys = ("end_of_turn_ms", "final_transcript_ms", "route_decided_ms", "first_token_ms",
-                "first_audio_ms", "reply_latency_ms")
-        parts = [f"{k[:-3]}={event[k]:.1f}" for k in keys if event.get(k) is not None]
-        return "  timing " + " ".join(parts) + " (ms)"
-    return f"  {kind}: " + json.dumps({k: v for k, v in event.items() if k != "type"})
 
 
 def _store(args: argparse.Namespace, settings: Any) -> Any:
@@ -176,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--store", help="cache directory (default: VOICEGATE_STORE_DIR)")
     serve.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     serve.set_defaults(func=_serve)
 
@@ -187,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--rate", type=int, default=16000, help="sample rate to negotiate")
     call.add_argument("--json", action="store_true", help="print events as JSON lines")
     call.add_argument("--timeout", type=float, default=60.0)
+    call.add_argument("--token", default=os.environ.get("VOICEGATE_CALL_TOKEN") or None,
+                      help="call token, if the gateway requires one (default: "
+                           "VOICEGATE_CALL_TOKEN)")
     call.set_defaults(func=_call)
 
     seed = sub.add_parser("seed", help="validate a FAQ CSV, render its answers, publish it")

@@ -228,3 +228,20 @@ class Caller:
         await self._ws.close()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def format_event(event: dict[str, Any]) -> str:
+    kind = event.get("type")
+    if kind == "transcript":
+        return f"  {'heard' if event.get('final') else '...  '} {event.get('text')!r}"
+    if kind == "route":
+        return (f"  route  intent={event.get('intent')} action={event.get('action')} "
+                f"hit={event.get('hit')} score={event.get('score', 0):.3f} ({event.get('reason')})")
+    if kind == "response":
+        return f"  reply  [{event.get('source')}] {event.get('text')!r}"
+    if kind == "turn_metrics":
+        keys = ("end_of_turn_ms", "final_transcript_ms", "route_decided_ms", "first_token_ms",
+                "first_audio_ms", "reply_latency_ms")
+        parts = [f"{k[:-3]}={event[k]:.1f}" for k in keys if event.get(k) is not None]
+        return "  timing " + " ".join(parts) + " (ms)"
+    return f"  {kind}: " + json.dumps({k: v for k, v in event.items() if k != "type"})

@@ -9,9 +9,8 @@ from pathlib import Path
 from .audio import resample_pcm16, write_wav
 from intents.store import LocalStore
 
-from .cli import format_event
 from .seeding import seed_with_voice
-from .client import Caller
+from .client import Caller, format_event
 from .runtime import Runtime
 from .server import BackgroundServer
 from .settings import Settings

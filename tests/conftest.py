@@ -21,8 +21,11 @@ CALL_RATE = 16000
 
 
 @pytest.fixture(scope="session")
-def settings() -> Settings:
-    return Settings.load({"host": "127.0.0.1", "port": 0}, environ={})
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    # A store of the test session's own: never the relative var/store the README's
+    # commands seed.
+    store = tmp_path_factory.mktemp("store")
+    return Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(store)}, environ={})
 
 
 @pytest.fixture(scope="session")

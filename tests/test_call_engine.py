@@ -229,3 +229,17 @@ async def test_every_line_of_a_call_carries_its_id(caplog):
     await h.stop()
     lines = [JsonFormatter().format(r) for r in caplog.records if r.name == "voicegate.call"]
     assert len(lines) >= 3 and all('"call_id": "test-call"' in line for line in lines)
+
+
+def test_cli_demo_and_server_import_without_a_cycle():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "gateway"
+    imports: dict[str, set[str]] = {}
+    for name in ("cli", "demo", "server"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imports[name] = {node.module.lstrip(".") for node in ast.walk(tree)
+                         if isinstance(node, ast.ImportFrom) and node.module and node.level == 1}
+    assert "cli" not in imports["demo"] | imports["server"]
+    assert "demo" not in imports["server"]
