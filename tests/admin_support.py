@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import shutil
 from pathlib import Path
@@ -47,7 +46,7 @@ def seed_small(root: Path, runtime) -> str:
 
 def start_admin_server(settings, runtime, store_dir: Path, token: str = TOKEN) -> BackgroundServer:
     # A long poll: a change made through the admin API must serve without waiting for it.
-    return BackgroundServer(dataclasses.replace(settings, store_dir=str(store_dir),
+    return BackgroundServer(settings.replace(store_dir=str(store_dir),
                                                 admin_token=token, cache_poll_s=600.0),
                             runtime).start()
 

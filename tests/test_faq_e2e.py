@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 
 import httpx
@@ -30,7 +29,7 @@ def faq_store(tmp_path_factory, runtime):
 
 @pytest.fixture(scope="module")
 def faq_server(settings, runtime, faq_store):
-    server = BackgroundServer(dataclasses.replace(settings, store_dir=str(faq_store),
+    server = BackgroundServer(settings.replace(store_dir=str(faq_store),
                                                   cache_poll_s=0.2), runtime).start()
     yield server
     server.stop()

@@ -29,3 +29,37 @@ def test_config_file(tmp_path):
 def test_secrets_not_in_repr():
     s = Settings.load({"admin_token": "s3cret"}, environ={})
     assert "s3cret" not in repr(s)
+
+
+def test_every_bad_field_is_named_in_one_error():
+    with pytest.raises(SettingsError) as info:
+        Settings.load({"cache_poll_s": 0, "redis_heartbeat_s": -1, "vad_threshold": 1.5,
+                       "max_calls": 0, "port": 70000}, environ={})
+    message = str(info.value)
+    for name in ("cache_poll_s", "redis_heartbeat_s", "vad_threshold", "max_calls", "port"):
+        assert name in message
+
+
+@pytest.mark.parametrize("name", ["cache_poll_s", "redis_poll_s", "redis_heartbeat_s",
+                                  "start_timeout_s", "send_timeout_s"])
+def test_intervals_that_would_spin_at_zero_are_refused(name):
+    with pytest.raises(SettingsError, match=name):
+        Settings.load({name: 0}, environ={})
+
+
+def test_secret_values_never_appear_in_repr_or_errors():
+    secrets = {"admin_token": "tok-admin-1", "call_token": "tok-call-2",
+               "openai_api_key": "sk-3", "redis_url": "redis://:pw4@host/0"}
+    s = Settings.load(secrets, environ={})
+    for value in secrets.values():
+        assert value not in repr(s) and value not in str(s)
+    with pytest.raises(SettingsError) as info:
+        Settings.load({"admin_token": 12345678, "port": "x"}, environ={})
+    assert "12345678" not in str(info.value)
+
+
+def test_replace_validates():
+    s = Settings.load(environ={})
+    assert s.replace(max_calls=3).max_calls == 3
+    with pytest.raises(SettingsError, match="max_calls"):
+        s.replace(max_calls=-1)
