@@ -178,6 +178,28 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
     return rows
 
 
+def looks_like_formula(cell: str) -> bool:
+    """A cell a spreadsheet would evaluate (CSV injection): =, @, a tab or carriage return
+    first, or + / - followed by something other than a digit, a space or a dot.
+
+    "+1 800 555 0100" and "-5 degrees" stay legal; "=HYPERLINK(...)", "@SUM(...)",
+    "-cmd|..." and "+A1" are refused.
+    """
+    if not cell:
+        return False
+    if cell[0] in "\t\r":
+        return True
+    text = cell.strip()
+    if not text:
+        return False
+    if text[0] in "=@":
+        return True
+    if text[0] in "+-":
+        rest = text[1:2]
+        return rest != "" and not (rest.isdigit() or rest in " .")
+    return False
+
+
 def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> SeedRow | None:
     before = len(errors)
     question = " ".join(values["question"].split())
@@ -196,6 +218,12 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     if intent is not None and (len(intent) > MAX_INTENT_CHARS or not _INTENT.match(intent)):
         errors.append(RowError(line, f"bad intent {intent!r}: use letters, digits, '_', '.', '-'"
                                      f" (at most {MAX_INTENT_CHARS} characters)"))
+    for column in ("question", "answer"):
+        if looks_like_formula(values.get(column) or ""):
+            errors.append(RowError(line, f"{column} looks like a spreadsheet formula "
+                                         f"({(values.get(column) or '').strip()[:40]!r}): cells "
+                                         "starting with =, @, or +/- before a non-digit are refused"
+                                         " (CSV injection); put a space or quote first if meant"))
     if action_text:
         try:
             action = Action(action_text)

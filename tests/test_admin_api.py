@@ -374,3 +374,51 @@ async def test_misses_are_grouped_by_meaning(admin_server):
     assert group_of(everything["groups"], agent) is not None
     assert group_of(default["groups"], agent) is None
     assert everything["total"] > default["total"]
+
+
+def test_bodies_are_limited_while_they_stream_in(admin_server):
+    from gateway.admin.routes import MAX_ENTRY_BODY_BYTES, MAX_UPLOAD_BYTES
+
+    sent = 0
+
+    def chunks(total: int):  # no Content-Length: a chunked body
+        nonlocal sent
+        piece = b"q" * 65536
+        while sent < total:
+            sent += len(piece)
+            yield piece
+
+    with admin(admin_server) as client:
+        big = client.post("/admin/seed", content=chunks(50 * MAX_UPLOAD_BYTES),
+                          headers={"Content-Type": "text/csv"})
+        assert big.status_code == 413 and "larger than" in big.json()["error"]
+        sent = 0
+        entry = client.post("/admin/entries", content=chunks(4 * MAX_ENTRY_BODY_BYTES),
+                            headers={"Content-Type": "application/json"})
+        assert entry.status_code == 413
+
+
+@pytest.mark.parametrize("body", [b"[" * 30000, b'{"question": 1' + b"0" * 5000 + b"}"])
+def test_pathological_json_entries_are_a_400(admin_server, body):
+    with admin(admin_server) as client:
+        response = client.post("/admin/entries", content=body,
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]
+
+
+async def test_read_body_stops_reading_once_the_limit_passes():
+    from starlette.requests import Request
+
+    from gateway.admin.routes import BodyTooLarge, read_body
+
+    pulled = 0
+
+    async def receive():
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(BodyTooLarge):
+        await read_body(request, 10_000)
+    assert pulled == 11  # the chunk that passed the limit was the last one read

@@ -147,3 +147,21 @@ def test_bad_csv_publishes_nothing_and_renders_nothing(tmp_path: Path, intent_em
     assert calls == []
     assert store.current_version() == first.version
     assert store.versions() == [first.version]
+
+
+def test_formula_cells_are_refused_with_their_lines():
+    from cache_seed.validate import SeedValidationError, parse_seed_csv, looks_like_formula
+
+    csv = ("question,answer,intent\n"
+           "What is your phone number?,+1 800 555 0100,phone\n"
+           'How cold is the vault?,"-5 degrees, always",vault\n'
+           'Where do I click?,"=HYPERLINK(""http://evil.example"",""here"")",click\n'
+           "@SUM(A1:A2),An answer,sum\n"
+           "Run this?,-cmd|' /C calc'!A0,cmd\n").encode()
+    with pytest.raises(SeedValidationError) as info:
+        parse_seed_csv(csv, "faq.csv")
+    bad = {e.line: e.reason for e in info.value.errors}
+    assert sorted(bad) == [4, 5, 6]
+    assert "formula" in bad[4] and bad[5].startswith("question")
+    assert not looks_like_formula("+1 800 555 0100") and not looks_like_formula("-5 degrees")
+    assert looks_like_formula("\t=1+1") and looks_like_formula("+A1")

@@ -24,6 +24,27 @@ from .publish import (BadEntry, EntryNotFound, LabelledValidationError, Publishe
                       report_json)
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+MAX_ENTRY_BODY_BYTES = 1024 * 1024  # one entry with its paraphrases, as JSON
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` bytes while it streams in
+    (a declared Content-Length is checked first; a chunked body is counted as it arrives)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(f"the body is larger than {limit} bytes")
+    # Starlette's own parsers (request.form) read this cached body instead of the stream.
+    request._body = bytes(body)  # noqa: SLF001
+    return request._body
 NOT_READY = "not ready: models are loading (see /readyz)"
 
 
@@ -117,9 +138,13 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
 @admin_ready
 async def post_entry(request: Request, services: Services) -> Response:
     try:
-        body = json.loads(await request.body() or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return error(f"the body is not JSON: {exc}", 400)
+        body = json.loads(await read_body(request, MAX_ENTRY_BODY_BYTES) or b"null")
+    except BodyTooLarge as exc:
+        return error(str(exc), 413)
+    except RecursionError:
+        return error("the body is not usable JSON: nested too deeply", 400)
+    except (ValueError, UnicodeDecodeError) as exc:  # incl. integers of over 4,300 digits
+        return error(f"the body is not JSON: {str(exc)[:200]}", 400)
     try:
         report, entry_id, created = await _publisher(request).upsert_entry(body)
     except BadEntry as exc:
@@ -166,11 +191,9 @@ async def _multipart_file(request: Request) -> tuple[bytes, str] | str:
 
 @admin_ready
 async def seed_upload(request: Request, services: Services) -> Response:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
-        return error(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", 413)
-    body = await request.body()
-    if len(body) > MAX_UPLOAD_BYTES:
+    try:
+        body = await read_body(request, MAX_UPLOAD_BYTES)
+    except BodyTooLarge:
         return error(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", 413)
     content_type = request.headers.get("content-type", "")
     source = request.query_params.get("name") or "upload.csv"
