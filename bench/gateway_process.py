@@ -1,0 +1,113 @@
+"""A gateway in its own process for benchmarks: seeded store, readiness, memory, tasks.
+
+The load generator runs in the benchmark's process, never the server's, so what the
+server costs is measured apart from what simulating callers costs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+FAQ_CSV = ROOT / "cache_seed" / "examples" / "bank_faq.csv"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def seed_store(store: str | None = None) -> str:
+    """A store seeded with the example bank FAQ (real voice); ``store`` if given."""
+    if store is not None:
+        return store
+    store = tempfile.mkdtemp(prefix="vg-bench-store-")
+    seed = subprocess.run([sys.executable, "-m", "gateway.cli", "seed", "--quiet", "--store",
+                           store, str(FAQ_CSV)], capture_output=True, text=True)
+    if seed.returncode != 0:
+        sys.exit(f"seeding failed: {seed.stderr}")
+    print(seed.stdout.strip())
+    return store
+
+
+class GatewayProcess:
+    def __init__(self, store: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.env = dict(os.environ, VOICEGATE_STORE_DIR=store, VOICEGATE_LOG_LEVEL="warning",
+                        **(env or {}))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def call_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/call"
+
+    @property
+    def twilio_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/twilio/stream"
+
+    def start(self, timeout_s: float = 300.0) -> "GatewayProcess":
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host",
+                                      "127.0.0.1", "--port", str(self.port)], env=self.env)
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                sys.exit("the gateway did not become ready")
+            time.sleep(0.2)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(self.base_url + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def alive(self) -> bool:
+        """The process runs and answers /healthz."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            return httpx.get(self.base_url + "/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def readiness(self) -> dict[str, Any]:
+        return httpx.get(self.base_url + "/readyz", timeout=10).json()
+
+    def tasks(self) -> int:
+        """The server's pending asyncio tasks (a leak shows as a count that only grows)."""
+        return int(self.readiness().get("tasks", -1))
+
+    def rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+        return float("nan")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server has used."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
