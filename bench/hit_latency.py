@@ -22,40 +22,20 @@ import argparse
 import asyncio
 import os
 import random
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.gateway_process import FAQ_PARAPHRASES, GatewayProcess, seed_store  # noqa: E402
 from gateway.client import Caller  # noqa: E402
 
-# Paraphrases of the example FAQ that are not in the seed (each routes to a cached answer).
-QUESTIONS = [
-    "what time do your branches open on saturday",
-    "I need the routing number for a direct deposit",
-    "I forgot the password for online banking",
-    "what is the swift code for an international transfer",
-    "are your branches open on the weekend",
-    "where can I find your routing number",
-    "how do I reset my online banking password",
-    "what code do I need for a wire from abroad",
-]
+QUESTIONS = FAQ_PARAPHRASES
 WORD_S = 0.150
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def one_caller(url: str, turns: int, results: list[dict], start_delay: float) -> None:
@@ -98,33 +78,12 @@ def main() -> None:
                              "caller ever repeated a phrasing; default: the gateway's)")
     args = parser.parse_args()
 
-    store = args.store
-    if store is None:
-        store = tempfile.mkdtemp(prefix="vg-bench-store-")
-        seed = subprocess.run([sys.executable, "-m", "gateway.cli", "seed", "--quiet", "--store",
-                               store, str(ROOT / "cache_seed" / "examples" / "bank_faq.csv")],
-                              capture_output=True, text=True)
-        if seed.returncode != 0:
-            sys.exit(f"seeding failed: {seed.stderr}")
-        print(seed.stdout.strip())
-    port = free_port()
-    env = dict(os.environ, VOICEGATE_STORE_DIR=store, VOICEGATE_LOG_LEVEL="warning")
+    env = {}
     if args.embedder_cache_size is not None:
         env["VOICEGATE_EMBEDDER_CACHE_SIZE"] = str(args.embedder_cache_size)
-    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host",
-                               "127.0.0.1", "--port", str(port)], env=env)
+    gateway = GatewayProcess(seed_store(args.store), env).start()
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                sys.exit("the gateway did not become ready")
-            time.sleep(0.2)
-        url = f"ws://127.0.0.1:{port}/v1/call"
+        url = gateway.call_url
         print(f"cache hits: server-side first_audio_ms (end of turn -> first reply frame), "
               f"words every {WORD_S * 1000:.0f} ms")
         for calls in args.calls:
@@ -143,8 +102,7 @@ def main() -> None:
                   f" | after each caller's first turn ({len(later)}): p50 {pct(later, 50):7.2f}  "
                   f"p99 {pct(later, 99):7.2f}")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        gateway.stop()
 
 
 if __name__ == "__main__":

@@ -33,17 +33,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from bench.gateway_process import GatewayProcess, seed_store  # noqa: E402
+from bench.gateway_process import FAQ_PARAPHRASES, GatewayProcess, seed_store  # noqa: E402
 from gateway.client import Caller  # noqa: E402
 
-QUESTIONS = [
-    "what time do your branches open on saturday",
-    "I need the routing number for a direct deposit",
-    "I forgot the password for online banking",
-    "what is the swift code for an international transfer",
-    "are your branches open on the weekend",
-    "how much money is in my checking account",
-]
+# FAQ paraphrases, and one question only the agent answers (a handoff without an LLM).
+QUESTIONS = [*FAQ_PARAPHRASES[:5], "how much money is in my checking account"]
 SPOKEN = ["What time do your branches open on Saturday?",
           "How do I reset my online banking password?"]
 TURNS_PER_CALL = 8
