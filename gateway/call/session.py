@@ -188,6 +188,7 @@ class CallSession:
         self.close_code = CLOSE_NORMAL
         self.errors = 0
         self.done = asyncio.Event()  # set when the session must end (stuck client, failed call)
+        self._ended: asyncio.Future[bool] | None = None
         # Filled by the endpoint: how an error reaches its client (Twilio has no channel).
         self.send_error: Callable[[dict[str, Any]], None] = lambda event: None
 
@@ -204,15 +205,15 @@ class CallSession:
         """
         if self.done.is_set():
             return None
+        if self._ended is None:  # one waiter for the whole session, not one per message
+            self._ended = asyncio.ensure_future(self.done.wait())
         receive = asyncio.ensure_future(self.ws.receive())
-        ended = asyncio.ensure_future(self.done.wait())
         timeout = None if self.call is not None else max(
             0.0, self._start_deadline - asyncio.get_running_loop().time())
         try:
-            finished, _ = await asyncio.wait({receive, ended}, timeout=timeout,
+            finished, _ = await asyncio.wait({receive, self._ended}, timeout=timeout,
                                              return_when=asyncio.FIRST_COMPLETED)
         finally:
-            ended.cancel()
             if not receive.done():
                 receive.cancel()
         if receive in finished:
@@ -308,6 +309,8 @@ class CallSession:
         if self.errors > self.settings.max_logged_errors:
             logs.event(log, "bad_input_not_logged", logging.WARNING, transport=self.transport,
                        call_id=self.call_id, count=self.errors - self.settings.max_logged_errors)
+        if self._ended is not None:
+            self._ended.cancel()
         stuck = self.outbox.closed
         await self.outbox.aclose()
         try:
