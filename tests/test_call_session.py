@@ -33,6 +33,22 @@ def guarded(settings, runtime) -> Iterator[BackgroundServer]:
     srv.stop()
 
 
+@pytest.fixture(autouse=True)
+async def no_call_in_progress(request):
+    """The guarded gateway takes one call: wait until the previous test's call has ended."""
+    if "guarded" in request.fixturenames:
+        await until_no_calls(request.getfixturevalue("guarded"))
+
+
+async def until_no_calls(server: BackgroundServer, timeout: float = 30) -> None:
+    admission = server.app.state.services.admission
+    for _ in range(int(timeout / 0.02)):
+        if admission.active == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError("the previous call never ended")
+
+
 async def events_until_closed(ws: Any, timeout: float = 30) -> list[dict[str, Any]]:
     events = []
     async def read() -> None:
@@ -59,7 +75,7 @@ async def test_a_call_without_the_token_is_refused_before_accept(guarded):
 async def test_the_token_is_taken_as_bearer_or_query(guarded):
     async with Caller(guarded.call_url, token=TOKEN) as caller:
         assert caller.ready is not None
-    await asyncio.sleep(0.2)  # the replica counts the call as ended
+    await until_no_calls(guarded)
     async with Caller(guarded.call_url + f"?token={TOKEN}") as caller:
         assert caller.ready is not None
 
