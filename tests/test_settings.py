@@ -149,3 +149,22 @@ def test_secret_values_never_appear_in_dumps_or_errors():
     with pytest.raises(SettingsError) as info:
         Settings().admin_token = 424242
     assert "admin_token" in str(info.value) and "424242" not in str(info.value)
+
+
+def test_serve_store_sets_the_store_dir(monkeypatch, tmp_path):
+    import uvicorn
+
+    import gateway.app
+    import gateway.logs
+    from gateway import cli
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(gateway.logs, "configure", lambda level: None)
+    monkeypatch.setattr(gateway.app, "create_app", lambda settings: seen.setdefault("s", settings))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.setdefault("opts", options))
+    for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["serve", "--port", "0", "--store", str(tmp_path / "store")]) == 0
+    settings = seen["s"]
+    assert settings.store_dir == str(tmp_path / "store") and settings.port == 0
+    assert settings.redis_url == "" and seen["opts"]["port"] == 0
