@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Iterator, Literal, Mapping, get_args, get_origin
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, FieldSerializationInfo, ValidationError,
+                      ValidationInfo, field_serializer, field_validator, model_validator)
 
 ENV_PREFIX = "VOICEGATE_"
 
@@ -22,7 +24,18 @@ SUPPORTED_SAMPLE_RATES: tuple[int, ...] = (8000, 16000, 22050, 24000, 32000, 441
 
 
 class SettingsError(ValueError):
-    """A configuration value is missing or malformed (the message names every bad field)."""
+    """A configuration value is missing or malformed (the message names every bad field).
+
+    Never carries a value: some settings are secrets.
+    """
+
+
+# Keys, tokens and passwords (a Redis URL may hold one). Never printed: hidden from repr and
+# str, masked in model_dump()/model_dump_json(), never echoed in a SettingsError.
+SECRET_FIELDS: frozenset[str] = frozenset({
+    "call_token", "redis_url", "openai_api_key", "groq_api_key", "elevenlabs_api_key",
+    "deepgram_api_key", "admin_token", "twilio_auth_token"})
+MASK = "***"
 
 
 # Bounds shared by many fields: nothing that sizes, times or counts may be zero or negative
@@ -32,13 +45,17 @@ PosF = Annotated[float, Field(gt=0.0)]
 NonNeg = Annotated[int, Field(ge=0)]
 Port = Annotated[int, Field(ge=0, le=65535)]  # 0: any free port
 LlmProvider = Literal["openai", "groq"]
-LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+# uvicorn's extra "trace" is not a logging level: logs.configure() could not set it.
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 
 class Settings(BaseModel):
     """Every setting, validated as a whole when loaded (``Settings.load``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_default=True)
+    # Construction and assignment raise SettingsError (see __init__, __setattr__); no inf or
+    # nan anywhere; pydantic's own errors (model_validate) never show an input either.
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True,
+                              allow_inf_nan=False, hide_input_in_errors=True)
 
     # --- server -------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -183,6 +200,58 @@ class Settings(BaseModel):
     # for checking X-Twilio-Signature, which signs the exact URL Twilio requested.
     public_url: str = ""
 
+    def __init__(self, /, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _from_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """Environment values are text: make them what the field's choices are spelled in."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation in (int, float):
+            raise ValueError("should be a number, not true/false")
+        if info.field_name == "log_level" and isinstance(value, str):
+            return value.strip().lower()
+        if (get_origin(annotation) is Literal and isinstance(value, str)
+                and all(isinstance(choice, int) for choice in get_args(annotation))):
+            try:
+                return int(value)
+            except ValueError:
+                return value
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.llm_hedge_min_delay_ms > self.llm_hedge_max_delay_ms:
+            raise ValueError("llm_hedge_min_delay_ms must not exceed llm_hedge_max_delay_ms")
+        return self
+
+    @field_serializer(*sorted(SECRET_FIELDS))
+    def _masked(self, value: str, info: FieldSerializationInfo) -> str:
+        """model_dump() is fit for logs: a secret shows only whether it is set (and a Redis
+        URL its host)."""
+        if info.field_name == "redis_url":
+            return _redact_url(value, query=True)
+        return MASK if value else ""
+
+    @field_serializer("llm_primary_url", "llm_secondary_url", "elevenlabs_base_url",
+                      "deepgram_url", "public_url")
+    def _url_without_password(self, value: str) -> str:
+        return _redact_url(value)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, _redact_url(value) if name and name.endswith("_url") else value
+
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None,
              environ: Mapping[str, str] | None = None) -> "Settings":
@@ -208,30 +277,44 @@ class Settings(BaseModel):
 
     @classmethod
     def validated(cls, values: Mapping[str, Any]) -> "Settings":
-        """Check every value at once; one SettingsError names every bad field."""
-        unknown = sorted(set(values) - set(cls.model_fields))
-        if unknown:
-            raise SettingsError(f"unknown setting(s): {', '.join(map(str, unknown))}")
-        values = {k: _prepare(cls, k, v) for k, v in values.items()}
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            # The values themselves are never echoed: some are secrets.
-            problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-            raise SettingsError("invalid setting(s): " + "; ".join(problems)) from None
+        """Check every value at once; one SettingsError names every bad or unknown field."""
+        return cls(**{str(name): value for name, value in values.items()})
 
     def replace(self, **changes: Any) -> "Settings":
         """A validated copy with ``changes`` applied."""
-        return type(self).validated({**self.model_dump(), **changes})
+        current = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).validated({**current, **changes})
 
 
-def _prepare(cls: type[Settings], name: str, value: Any) -> Any:
-    """Environment values are text: make them what the field's choices are spelled in."""
-    if name == "log_level" and isinstance(value, str):
-        return value.strip().lower()
-    if name in ("frame_ms", "elevenlabs_sample_rate") and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            return value
-    return value
+def _describe(exc: ValidationError) -> str:
+    """Every problem, by field name. The values themselves are never echoed: some are secrets."""
+    unknown: list[str] = []
+    problems: list[str] = []
+    for error in exc.errors(include_input=False, include_url=False, include_context=False):
+        where = ".".join(map(str, error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            unknown.append(where)
+        else:
+            problems.append(f"{where}: {message}" if where else message)  # no where: cross-field
+    parts = []
+    if unknown:
+        parts.append(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    if problems:
+        parts.append("invalid setting(s): " + "; ".join(problems))
+    return "; ".join(parts)
+
+
+def _redact_url(url: Any, query: bool = False) -> Any:
+    """``url`` without a password (and, with ``query``, without its query string)."""
+    if not isinstance(url, str) or not url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = MASK + "@" + netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=netloc,
+                                     query=MASK if query and parts.query else parts.query))

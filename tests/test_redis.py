@@ -1,7 +1,10 @@
 """The Redis store and several replicas sharing one cache.
 
-Unit tests use the shared Redis on 127.0.0.1:6379, database 13, flushed per test
-(``VOICEGATE_TEST_REDIS_URL`` overrides). The replica test starts its own
+Unit tests use the shared Redis on 127.0.0.1:${REDIS_PORT:-6379} (the one
+scripts/ensure-redis.sh starts) in a database of the test suite's own, 13
+(``VOICEGATE_TEST_REDIS_DB`` picks another; ``VOICEGATE_TEST_REDIS_URL`` another server). Only
+that database is flushed, per test (FLUSHDB, never FLUSHALL); database 0, where voicegate and
+the README's commands keep their data by default, is refused. The replica test starts its own
 redis-server (free port, temporary directory, appendonly) and two gateway
 processes, and restarts that Redis mid-test. Without Redis these tests skip, except
 under CI (``CI=true``), where they fail with the reason.
@@ -20,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -36,7 +40,19 @@ from intents.redis_store import RedisKeys, RedisStore, redacted
 from intents.store import CacheBundle, StoreError, audio_key
 from intents.types import Audio
 
-REDIS_URL = os.environ.get("VOICEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+TEST_REDIS_DB = int(os.environ.get("VOICEGATE_TEST_REDIS_DB", "13"))
+
+
+def suite_redis_url() -> str:
+    """The test suite's Redis database (VOICEGATE_TEST_REDIS_URL naming one keeps it)."""
+    url = os.environ.get("VOICEGATE_TEST_REDIS_URL",
+                         f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}")
+    if urlsplit(url).path.strip("/") or "db=" in urlsplit(url).query:
+        return url
+    return f"{url.rstrip('/')}/{TEST_REDIS_DB}"
+
+
+REDIS_URL = suite_redis_url()
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
@@ -52,11 +68,15 @@ def unavailable(reason: str) -> None:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    if int(client.connection_pool.connection_kwargs.get("db") or 0) == 0:
+        pytest.fail(f"{redacted(REDIS_URL)} is database 0, the default every voicegate uses: "
+                    "the tests flush their database, give them their own "
+                    "(VOICEGATE_TEST_REDIS_DB)")
     try:
         client.ping()
     except redis.RedisError as exc:
         unavailable(f"no Redis at {redacted(REDIS_URL)} ({exc})")
-    client.flushdb()
+    client.flushdb()  # this database only, never FLUSHALL
     yield REDIS_URL
     client.flushdb()
     client.close()

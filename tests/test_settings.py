@@ -1,6 +1,9 @@
+import json
+import os
+
 import pytest
 
-from gateway.settings import Settings, SettingsError
+from gateway.settings import SECRET_FIELDS, Settings, SettingsError
 
 
 def test_environment_and_overrides():
@@ -63,3 +66,105 @@ def test_replace_validates():
     assert s.replace(max_calls=3).max_calls == 3
     with pytest.raises(SettingsError, match="max_calls"):
         s.replace(max_calls=-1)
+
+
+def test_unknown_and_invalid_fields_are_reported_together():
+    with pytest.raises(SettingsError) as info:
+        Settings.load({"nonsense": 1, "port": -1}, environ={"VOICEGATE_FRAME_MS": "25"})
+    message = str(info.value)
+    assert "unknown setting(s): nonsense" in message
+    assert "port" in message and "frame_ms" in message
+
+
+def test_environment_text_is_read_as_the_field_expects():
+    env = {"VOICEGATE_LOG_LEVEL": " DEBUG ", "VOICEGATE_FRAME_MS": "30",
+           "VOICEGATE_ELEVENLABS_SAMPLE_RATE": "24000", "VOICEGATE_CACHE_POLL_S": "0.5"}
+    s = Settings.load(environ=env)
+    assert (s.log_level, s.frame_ms, s.elevenlabs_sample_rate, s.cache_poll_s) == \
+        ("debug", 30, 24000, 0.5)
+
+
+@pytest.mark.parametrize("changes, name", [
+    ({"port": True}, "port"),  # JSON true is not a port
+    ({"cache_poll_s": "inf"}, "cache_poll_s"),  # would never poll
+    ({"llm_timeout_s": float("nan")}, "llm_timeout_s"),
+    ({"log_level": "trace"}, "log_level"),  # uvicorn's, not a logging level
+    ({"llm_hedge_min_delay_ms": 3000, "llm_hedge_max_delay_ms": 2000}, "llm_hedge_min_delay_ms"),
+])
+def test_values_that_pass_a_type_check_but_make_no_sense_are_refused(changes, name):
+    with pytest.raises(SettingsError, match=name):
+        Settings.load(changes, environ={})
+
+
+def test_default_max_calls_scales_with_the_cpu_count():
+    assert Settings.load(environ={}).max_calls == 250 * (os.cpu_count() or 1)
+
+
+def test_precedence_file_then_environment_then_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"port": 1000, "host": "file", "min_speech_ms": 100}))
+    env = {"VOICEGATE_CONFIG": str(path), "VOICEGATE_PORT": "2000", "VOICEGATE_HOST": "env"}
+    s = Settings.load({"port": 3000, "host": None}, environ=env)  # None: not given
+    assert (s.port, s.host, s.min_speech_ms, s.end_of_turn_silence_ms) == (3000, "env", 100, 300)
+
+
+def test_construction_and_assignment_are_validated_too():
+    with pytest.raises(SettingsError, match="cache_poll_s"):
+        Settings(cache_poll_s=0)
+    s = Settings()
+    with pytest.raises(SettingsError, match="redis_heartbeat_s"):
+        s.redis_heartbeat_s = 0
+    assert s.redis_heartbeat_s == 5.0
+
+
+def test_every_secret_is_declared_and_hidden():
+    names = set(Settings.model_fields)
+    looks_secret = {n for n in names
+                    if n.endswith(("_key", "_token", "_password")) or n == "redis_url"}
+    assert looks_secret <= SECRET_FIELDS <= names
+    assert all(Settings.model_fields[n].repr is False for n in SECRET_FIELDS)
+
+
+def test_secret_values_never_appear_in_dumps_or_errors():
+    secrets = {"admin_token": "tok-admin-1", "call_token": "tok-call-2", "groq_api_key": "gsk-5",
+               "twilio_auth_token": "tw-6", "elevenlabs_api_key": "el-7",
+               "deepgram_api_key": "dg-8", "redis_url": "redis://user:pw4@cache:6379/2"}
+    s = Settings.load({**secrets, "llm_primary_url": "https://u:llmpw9@llm.internal/v1"},
+                      environ={})
+    dumped = s.model_dump()
+    texts = [repr(s), str(s), json.dumps(dumped), s.model_dump_json()]
+    for value in [*secrets.values(), "pw4", "llmpw9"]:
+        assert all(value not in text for text in texts), value
+    assert dumped["admin_token"] == "***" and dumped["public_url"] == ""
+    assert dumped["redis_url"] == "redis://***@cache:6379/2"  # where, never the password
+    assert s.admin_token == "tok-admin-1"  # attribute access: the real value
+    assert s.replace(port=1).redis_url == secrets["redis_url"]  # replace keeps them
+    # A secret of the wrong type is named, never echoed; nor is one next to a bad field.
+    for bad in ({"admin_token": 987654321}, {"call_token": ["tok-list-3"]},
+                {"redis_url": "redis://:pw-x@h/0", "redis_heartbeat_s": 0}):
+        with pytest.raises(SettingsError) as info:
+            Settings.load(bad, environ={})
+        for value in ("987654321", "tok-list-3", "pw-x"):
+            assert value not in str(info.value)
+    with pytest.raises(SettingsError) as info:
+        Settings().admin_token = 424242
+    assert "admin_token" in str(info.value) and "424242" not in str(info.value)
+
+
+def test_serve_store_sets_the_store_dir(monkeypatch, tmp_path):
+    import uvicorn
+
+    import gateway.app
+    import gateway.logs
+    from gateway import cli
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(gateway.logs, "configure", lambda level: None)
+    monkeypatch.setattr(gateway.app, "create_app", lambda settings: seen.setdefault("s", settings))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.setdefault("opts", options))
+    for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["serve", "--port", "0", "--store", str(tmp_path / "store")]) == 0
+    settings = seen["s"]
+    assert settings.store_dir == str(tmp_path / "store") and settings.port == 0
+    assert settings.redis_url == "" and seen["opts"]["port"] == 0
