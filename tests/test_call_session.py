@@ -158,12 +158,20 @@ def test_audio_rate_limit_allows_real_time_and_bursts_but_not_a_sustained_excess
     assert run(1.0, 20, AudioRateLimit(16000, 2.0, 2.0, clock)) is None
     assert run(1.9, 20, AudioRateLimit(16000, 2.0, 2.0, clock)) is None
     tripped = run(3.0, 20, AudioRateLimit(16000, 2.0, 2.0, clock))
-    assert tripped is not None and 2.0 < tripped < 2.2
+    assert tripped is not None and 1.9 < tripped < 2.2
     burst = AudioRateLimit(16000, 2.0, 2.0, clock)
     clock._now += 1.5
     for _ in range(75):  # a 1.5 s stall delivered at once
         assert not burst.add(frame)
     assert run(1.0, 10, burst) is None
+    # A real-time client whose audio the server read 4 s late, all at once (a stalled loop).
+    stalled = AudioRateLimit(16000, 2.0, 2.0, clock)
+    assert run(1.0, 30, stalled) is None
+    clock._now += 4.0
+    assert not any(stalled.add(frame) for _ in range(200))
+    assert run(1.0, 10, stalled) is None
+    # After a long real-time stretch a flood is still caught within seconds.
+    assert (tripped := run(10.0, 20, stalled)) is not None and tripped < 1.5
 
 
 async def test_an_outbox_whose_client_does_not_read_is_closed():

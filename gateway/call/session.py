@@ -75,38 +75,39 @@ def token_matches(presented: str, expected: str) -> bool:
     return hmac.compare_digest(presented.encode(), expected.encode())
 
 
+# Audio time a real-time client may bank beyond the grace: a server that stalls (a busy
+# event loop) and then reads the backlog in one burst must not look like a fast client.
+STALL_ALLOWANCE_S = 8.0
+
+
 class AudioRateLimit:
     """Refuses inbound audio that runs faster than ``max_rate`` x real time for longer
     than ``grace_s``.
 
-    A bucket drains at ``max_rate`` seconds of audio per second and fills with the
-    audio received; while it is not empty when audio arrives, the client is ahead
-    of that pace. A network burst after a stall drains within its own length at
-    real-time pace, so only a sustained excess trips it.
+    A token bucket of audio seconds: it starts with ``grace_s``, refills at ``max_rate``
+    seconds per second up to ``grace_s + STALL_ALLOWANCE_S``, and each frame takes its
+    length. A 3x client empties it after ``grace_s``; a real-time client never does,
+    even when the server reads several seconds of its audio late and all at once,
+    because the bucket refilled at twice real time while the audio waited.
     """
 
     def __init__(self, sample_rate: int, max_rate: float, grace_s: float,
                  clock: Clock = SYSTEM_CLOCK, bytes_per_sample: int = 2) -> None:
         self._bytes_per_s = sample_rate * bytes_per_sample
         self._max_rate = max_rate
-        self._grace_s = grace_s
+        self._capacity_s = grace_s + STALL_ALLOWANCE_S
         self._clock = clock
-        self._level_s = 0.0
+        self._tokens_s = grace_s
         self._last = clock.now()
-        self._ahead_since: float | None = None
 
     def add(self, nbytes: int) -> bool:
         """Audio of ``nbytes`` arrived; True when the client is too fast."""
         now = self._clock.now()
-        self._level_s = max(0.0, self._level_s - self._max_rate * (now - self._last))
+        self._tokens_s = min(self._capacity_s,
+                             self._tokens_s + self._max_rate * (now - self._last))
         self._last = now
-        if self._level_s > 0.0:
-            if self._ahead_since is None:
-                self._ahead_since = now
-        else:
-            self._ahead_since = None
-        self._level_s += nbytes / self._bytes_per_s
-        return self._ahead_since is not None and now - self._ahead_since > self._grace_s
+        self._tokens_s -= nbytes / self._bytes_per_s
+        return self._tokens_s < 0.0
 
 
 class Outbox:
