@@ -23,6 +23,7 @@ demo: install
 test: install
 	bash scripts/ensure-redis.sh
 	bash scripts/ensure-browser.sh
+	bash scripts/ensure-haproxy.sh
 	$(PY) -m pytest
 
 bench: install

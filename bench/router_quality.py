@@ -64,11 +64,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+import intents.classifier  # noqa: E402
+import intents.router  # noqa: E402
+from intents.classifier import IntentClassifier  # noqa: E402
 from intents.embedder import Embedder, default_model_dir  # noqa: E402
 from intents.router import Router, train_router  # noqa: E402
+from intents.semantic_cache import SemanticCache  # noqa: E402
 from intents.types import Action, Entry  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/banking77")
+DEFAULT_CLINC = Path("/work/shared/data/clinc150")
+
+OUT_OF_DOMAIN = "<out of domain>"  # the label of CLINC150's questions: any hit is wrong
 
 # A system maps texts (and their vectors from the shared model) to the intent it would
 # serve from its cache, or None for a miss.
@@ -109,7 +116,7 @@ class Figures:
         hit_rate = self.hits / self.n
         precision = self.correct / self.hits if self.hits else float("nan")
         wrong = (self.hits - self.correct) / self.n
-        text = (f"  {name:<34} hit rate {hit_rate:6.1%}  hit precision {precision:6.2%}  "
+        text = (f"  {name:<40} hit rate {hit_rate:6.1%}  hit precision {precision:6.2%}  "
                 f"wrong rate {wrong:6.2%}")
         if self.settle:
             text += (f"  settle mean {statistics.fmean(self.settle):.0%} median "
@@ -153,31 +160,102 @@ def evaluate(decide: Decide, dev: DevSet, vectors: np.ndarray,
 
 
 def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: list[str],
-                     train_vectors: np.ndarray, target: float) -> tuple[Router, Decide]:
+                     train_vectors: np.ndarray, target: float, *, ngrams: bool = True,
+                     negatives: bool = True, label: str = "voicegate") -> tuple[Router, Decide]:
+    """The shipped router; ``ngrams``/``negatives`` off measure what each part contributes."""
     entries = {intent: Entry(id=intent, intent=intent, action=Action.ANSWER,
                              answer=f"(answer for {intent})",
                              questions=tuple(t for t, y in zip(train_texts, train_labels)
                                              if y == intent))
                for intent in sorted(set(train_labels))}
     started = time.perf_counter()
-    trained = train_router(embedder, train_texts, train_labels, entries, target_wrong_rate=target,
-                           vectors=train_vectors)
+    saved = (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
+             intents.router.negatives_for_seed)
+    if not ngrams:
+        intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS = 10**9
+    if not negatives:
+        intents.router.negatives_for_seed = lambda extra, questions: ()  # type: ignore
+    try:
+        trained = train_router(embedder, train_texts, train_labels, entries,
+                               target_wrong_rate=target, vectors=train_vectors)
+    finally:
+        (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
+         intents.router.negatives_for_seed) = saved
     t = trained.router.thresholds
-    print(f"voicegate: calibrated in {time.perf_counter() - started:.0f} s on {len(train_texts)} "
-          f"train utterances: in-scope similarity >= {t.min_similarity}, hit similarity >= "
-          f"{t.hit_similarity}, margin >= {t.hit_margin}; expected (cross-validated) hit rate "
-          f"{t.expected_hit_rate:.1%} at wrong-answer share {t.expected_wrong_rate:.2%} "
-          f"(target {t.target_wrong_rate:.0%})")
+    print(f"{label}: trained and calibrated in {time.perf_counter() - started:.0f} s on "
+          f"{len(train_texts)} train utterances and {t.negatives} negatives: judge >= "
+          f"{t.hit_confidence:.3f}, in-scope similarity >= {t.min_similarity}; held out on "
+          f"train: hit rate {t.expected_hit_rate:.1%}, wrong {t.expected_wrong_rate:.2%}, bound "
+          f"{t.wrong_rate_bound:.2%} ({'bounded' if t.bounded else 'NOT bounded'}), negatives "
+          f"answered {t.out_of_domain_hit_rate:.2%}")
     router = trained.router
 
     def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
-        out: list[str | None] = []
-        for text, vector in zip(texts, vectors):
-            d = router.route_vector(text, vector)
-            out.append(d.entry_id if d.hit else None)
-        return out
+        return [d.entry_id if d.hit else None
+                for d in router.route_vectors(texts, vectors)]
 
+    decide.router = router  # type: ignore[attr-defined]
     return router, decide
+
+
+def legacy_system(train_texts: list[str], train_labels: list[str], train_vectors: np.ndarray,
+                  target: float) -> Decide:
+    """voicegate 0.1's rule, for comparison: nearest question and classifier agree, and
+    similarity and top-2 margin clear a grid chosen on 5-fold held-out train at the target
+    (point estimate with one imagined mistake), embeddings only."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(train_labels, dtype=object)
+    n = len(labels)
+    predicted, margin = np.empty(n, dtype=object), np.zeros(n)
+    nearest, similarity = np.empty(n, dtype=object), np.zeros(n)
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(train_vectors,
+                                                                               labels.astype(str)):
+        clf = IntentClassifier().fit(train_vectors[train], labels[train])
+        top, _, marg, _ = clf.scores_arrays(train_vectors[test])
+        cache = SemanticCache(train_vectors[train], labels[train])
+        sims, rows = cache.search_arrays(train_vectors[test], k=1)
+        predicted[test], margin[test] = top, marg
+        nearest[test], similarity[test] = cache.intents[rows[:, 0]], sims[:, 0]
+    floor = float(np.quantile(similarity, 0.01))
+    eligible = (similarity >= floor) & (predicted == nearest)
+    wrong = predicted != labels
+    best = (0, 2.0, 2.0)
+    for t_sim in np.round(np.arange(np.floor(floor * 100) / 100, 1.0, 0.01), 4):
+        for t_margin in np.round(np.arange(0.0, 1.0, 0.01), 4):
+            chosen = eligible & (similarity >= t_sim) & (margin >= t_margin)
+            hits, wrongs = int(chosen.sum()), int((chosen & wrong).sum())
+            if hits and (wrongs + 1) / (hits + 1) <= target and hits >= best[0]:
+                best = (hits, float(t_sim), float(t_margin))
+    _, t_sim, t_margin = best
+    clf = IntentClassifier().fit(train_vectors, labels)
+    cache = SemanticCache(train_vectors, labels)
+    print(f"voicegate 0.1 rule: similarity >= {t_sim}, margin >= {t_margin}, agree")
+
+    def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
+        top, _, marg, _ = clf.scores_arrays(vectors)
+        sims, rows = cache.search_arrays(vectors, k=1)
+        near = cache.intents[rows[:, 0]]
+        ok = (sims[:, 0] >= max(t_sim, floor)) & (marg >= t_margin) & (near == top)
+        return [str(p) if k else None for p, k in zip(top, ok)]
+
+    return decide
+
+
+def coverage_curve(router: Router, dev: DevSet, vectors: np.ndarray) -> str:
+    """Hit rate at several precisions if the judge's threshold were set on this set (a
+    curve to look at, never a figure to tune on)."""
+    decisions = router.route_vectors(dev.texts, vectors)
+    sure = np.array([d.certainty if d.intent is not None and d.action is Action.ANSWER else -1
+                     for d in decisions])
+    right = np.array([d.intent == y for d, y in zip(decisions, dev.labels)])
+    order = np.argsort(-sure)
+    precision = np.cumsum(right[order]) / np.arange(1, len(order) + 1)
+    parts = []
+    for p in (0.98, 0.99, 0.993, 0.995, 0.999):
+        ok = np.flatnonzero(precision >= p)
+        parts.append(f"{p:.1%}: {(ok.max() + 1) / len(order) if len(ok) else 0:.1%}")
+    return "  coverage at precision (oracle threshold): " + ", ".join(parts)
 
 
 # ------------------------------------------------------------------ peers
@@ -277,8 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", type=float, default=0.01, help="target wrong-answer rate")
     parser.add_argument("--vector-cache", type=Path, default=None,
                         help="directory keeping embeddings between runs")
-    parser.add_argument("--systems", default="voicegate,gptcache,semantic-router",
-                        help="comma-separated subset of voicegate,gptcache,semantic-router")
+    parser.add_argument("--systems", default="voicegate,legacy,ablations,gptcache,semantic-router",
+                        help="comma-separated subset of voicegate,legacy,ablations,gptcache,"
+                             "semantic-router")
+    parser.add_argument("--clinc", type=Path, default=DEFAULT_CLINC,
+                        help="CLINC150 directory: its val questions outside banking and credit "
+                             "cards measure out-of-domain false hits")
     args = parser.parse_args(argv)
 
     embedder = Embedder()
@@ -290,6 +372,13 @@ def main(argv: list[str] | None = None) -> None:
             if args.limit:
                 texts, labels = texts[:args.limit], labels[:args.limit]
             dev_sets.append(DevSet(name, texts, labels))
+    if (args.clinc / "val.csv").is_file():
+        with (args.clinc / "val.csv").open(encoding="utf-8", newline="") as f:
+            ood = [r["text"] for r in csv.DictReader(f)
+                   if r["domain"] not in ("banking", "credit_cards")]
+        if args.limit:
+            ood = ood[:args.limit]
+        dev_sets.append(DevSet("clinc150 val, out of domain", ood, [OUT_OF_DOMAIN] * len(ood)))
     print(f"banking77: {len(train_texts)} train utterances, {len(set(train_labels))} intents; "
           + ", ".join(f"{d.name} {len(d.texts)}" for d in dev_sets))
 
@@ -310,16 +399,30 @@ def main(argv: list[str] | None = None) -> None:
     train_vectors = encode(train_texts)
     encoded = {}
     for dev in dev_sets:
-        groups = None if args.no_prefixes else [prefixes(t) for t in dev.texts]
+        groups = (None if args.no_prefixes or dev.labels[:1] == [OUT_OF_DOMAIN]
+                  else [prefixes(t) for t in dev.texts])
         flat = [] if groups is None else [p for g in groups for p in g]
         encoded[dev.name] = (encode(dev.texts), groups, encode(flat) if groups else None)
     print(f"embedded train, dev sets and their prefixes in {time.perf_counter() - started:.0f} s")
 
     wanted = set(args.systems.split(","))
     systems: list[tuple[str, Decide]] = []
+    curves: list[Router] = []
+    if "legacy" in wanted:
+        systems.append(("voicegate 0.1 rule",
+                        legacy_system(train_texts, train_labels, train_vectors, args.target)))
+    if "ablations" in wanted:
+        for label, kwargs in (("judge, embeddings only, no negatives",
+                               {"ngrams": False, "negatives": False}),
+                              ("judge + n-grams, no negatives", {"negatives": False})):
+            _, decide = voicegate_system(embedder, train_texts, train_labels, train_vectors,
+                                         args.target, label=label, **kwargs)
+            systems.append((label, decide))
     if "voicegate" in wanted:
-        _, ours = voicegate_system(embedder, train_texts, train_labels, train_vectors, args.target)
-        systems.append(("voicegate", ours))
+        router, ours = voicegate_system(embedder, train_texts, train_labels, train_vectors,
+                                        args.target)
+        systems.append(("voicegate (judge + n-grams + negatives)", ours))
+        curves.append(router)
     try:
         if "gptcache" in wanted:
             import gptcache  # noqa: F401
@@ -342,12 +445,13 @@ def main(argv: list[str] | None = None) -> None:
                                                 workdir)))
             if "semantic-router" in wanted:
                 systems.extend(semantic_router_systems(train_texts, train_labels, args.target))
-            report(systems, dev_sets, encoded)
+            report(systems, dev_sets, encoded, curves)
             return
-    report(systems, dev_sets, encoded)
+    report(systems, dev_sets, encoded, curves)
 
 
-def report(systems: list[tuple[str, Decide]], dev_sets: list[DevSet], encoded: dict) -> None:
+def report(systems: list[tuple[str, Decide]], dev_sets: list[DevSet], encoded: dict,
+           curves: Sequence[Router] = ()) -> None:
     for dev in dev_sets:
         vectors, groups, prefix_vectors = encoded[dev.name]
         print(f"\n{dev.name} ({len(dev.texts)} utterances"
@@ -355,7 +459,12 @@ def report(systems: list[tuple[str, Decide]], dev_sets: list[DevSet], encoded: d
         for name, decide in systems:
             started = time.perf_counter()
             figures = evaluate(decide, dev, vectors, groups, prefix_vectors)
-            print(figures.line(name) + f"  [{time.perf_counter() - started:.0f} s]", flush=True)
+            line = (f"  {name:<40} out-of-domain questions answered {figures.hits / figures.n:.2%}"
+                    if dev.labels[:1] == [OUT_OF_DOMAIN] else figures.line(name))
+            print(line + f"  [{time.perf_counter() - started:.0f} s]", flush=True)
+        if dev.labels[:1] != [OUT_OF_DOMAIN]:
+            for router in curves:
+                print(coverage_curve(router, dev, vectors))
 
 
 if __name__ == "__main__":

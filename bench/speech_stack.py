@@ -2,7 +2,7 @@
 
     python bench/speech_stack.py [--seconds 20]
 
-Prints: model load times; Whisper tiny.en real-time factor; Piper time to first
+Prints: model load times; the embedded recogniser's real-time factor (VOICEGATE_STT_PROVIDER); Piper time to first
 audio; the CPU cost of one second of inbound call audio through the call loop
 (VAD alone, then VAD + STT partials + finals), and what that means in calls per
 core. CPU is measured as this process's CPU time (time.process_time), so other
@@ -66,7 +66,7 @@ def bench_stt(runtime: Runtime, speech: list[bytes]) -> None:
             start = time.perf_counter()
             stt.transcribe(pcm)  # type: ignore[attr-defined]
             ratios.append((time.perf_counter() - start) / (len(pcm) / 32000))
-    print(f"STT  whisper tiny.en int8, {runtime.settings.whisper_threads} threads: real-time factor "
+    print(f"STT  {stt.name} (whole utterance, no draft): real-time factor "
           f"median {statistics.median(ratios):.3f}, p99 {pct(ratios, 99):.3f} "
           f"(decode time / audio time, {len(ratios)} utterances of 1.5-4.5 s)")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
@@ -46,15 +46,22 @@ class SeedReport:
         t = self.thresholds
         return (f"published {self.version}: {self.entries} entries ({self.answer_entries} cached "
                 f"answers), {self.questions} questions; audio rendered {self.rendered}, reused "
-                f"{self.reused}; thresholds similarity>={t.hit_similarity} margin>={t.hit_margin} "
-                f"in-scope>={t.min_similarity}; expected hit rate {t.expected_hit_rate:.1%} at "
-                f"wrong-answer rate {t.expected_wrong_rate:.2%} (target {t.target_wrong_rate:.2%},"
-                f" {t.folds}-fold cross-validation on {t.calibration_questions} questions)")
+                f"{self.reused}\nprecision: {t.promise()}\ncalibration: {t.folds}-fold "
+                f"cross-validation on the seed's {t.calibration_questions} questions and "
+                f"{t.negatives} out-of-domain ones; held out, {t.expected_hit_rate:.1%} of FAQ "
+                f"questions were answered from the cache with {t.expected_wrong_rate:.2%} wrong; "
+                f"judge confidence >= {t.hit_confidence:.3f}, in-scope similarity >= "
+                f"{t.min_similarity}; questions over {MAX_EMBEDDED_WORDS} words are judged on "
+                f"their first {MAX_EMBEDDED_WORDS} or so (the embedder truncates)")
+
+
+# all-MiniLM-L6-v2 reads at most 256 word pieces (~180 spoken words): the rest is unseen.
+MAX_EMBEDDED_WORDS = 180
 
 
 def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
          target_wrong_rate: float = 0.01, progress: bool = True,
-         embedder: Embedder | None = None) -> SeedReport:
+         embedder: Embedder | None = None, negatives: Sequence[str] = ()) -> SeedReport:
     """Validate ``csv_path`` and publish it as the new current cache version of ``store``.
 
     Raises ``SeedValidationError`` (every bad row) or ``RenderError``; in both cases the
@@ -62,34 +69,39 @@ def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
     """
     plan = read_seed_csv(csv_path)
     return seed_plan(plan, store, render, voice_id, source=Path(csv_path).name,
-                     target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder)
+                     target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder,
+                     negatives=negatives)
 
 
 def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
               source: str = "<rows>", target_wrong_rate: float = 0.01, progress: bool = True,
-              embedder: Embedder | None = None) -> SeedReport:
+              embedder: Embedder | None = None, negatives: Sequence[str] = ()) -> SeedReport:
     """Publish an already validated plan (from ``parse_seed_csv`` or ``parse_seed_rows``):
     render the answers not yet in the store, calibrate, publish atomically.
+
+    ``negatives``: the operator's own out-of-domain questions (beside the generic set).
 
     Raises ``RenderError``; the previously published version keeps serving.
     """
     entries, rendered, reused = render_answers(plan, store, render, voice_id, progress)
     embedder = embedder or Embedder()
     trained = train_router(embedder, plan.questions, plan.intents, entries,
-                           target_wrong_rate=target_wrong_rate, progress=progress)
+                           target_wrong_rate=target_wrong_rate, negatives=negatives,
+                           progress=progress)
     thresholds = trained.router.thresholds
     manifest: dict[str, Any] = {
         "source": source,
         "voice_id": voice_id,
         "embedding_model": embedder.model_name,
         "thresholds": thresholds.as_json(),
+        "negatives": list(negatives),  # the operator's own; the generic set ships with us
         "questions": [{"text": q, "intent": i} for q, i in zip(plan.questions, plan.intents)],
         "entries": [{"id": e.id, "intent": e.intent, "action": e.action.value, "answer": e.answer,
                      "questions": list(e.questions), "audio_key": e.audio_key}
                     for e in entries.values()],
     }
     version = store.publish(CacheBundle(manifest, trained.vectors,
-                                        trained.router.classifier.to_bytes()))
+                                        trained.router.models_bytes()))
     return SeedReport(version=version, entries=len(entries),
                       answer_entries=sum(e.action is Action.ANSWER for e in entries.values()),
                       questions=len(plan.questions), rendered=rendered, reused=reused,

@@ -56,10 +56,19 @@ FILLER_PHRASES: tuple[str, ...] = (
 HANDOFF_MESSAGE = "I'm going to connect you with a colleague who can help. Please stay on the line."
 # A stage of the reply failed (a TTS or LLM error): the call goes on and the caller says it again.
 APOLOGY_MESSAGE = "Sorry, I had a problem on my side. Could you say that again?"
+# The caller has said nothing for idle_prompt_s since the bot finished; then, after as long
+# again, the call ends with the goodbye.
+IDLE_PROMPT_MESSAGE = "Are you still there?"
+GOODBYE_MESSAGE = "I haven't heard from you, so I'll end the call now. Goodbye."
 # Every phrase pre-rendered once per voice at start-up (Runtime.render_prompts), by key.
 PROMPT_TEXTS: dict[str, str] = {
-    "handoff": HANDOFF_MESSAGE, "apology": APOLOGY_MESSAGE,
-    **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)}}
+    "handoff": HANDOFF_MESSAGE, "apology": APOLOGY_MESSAGE, "idle": IDLE_PROMPT_MESSAGE,
+    "goodbye": GOODBYE_MESSAGE, **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)}}
+
+
+def prompt_texts(greeting: str = "") -> dict[str, str]:
+    """Every phrase to pre-render: the fixed ones, plus the configured greeting (if any)."""
+    return {**PROMPT_TEXTS, **({"greeting": greeting} if greeting.strip() else {})}
 
 
 # ------------------------------------------------------------------------- events

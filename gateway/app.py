@@ -1,4 +1,5 @@
-"""The Starlette application: health, readiness, metrics, the call endpoints and /admin."""
+"""The Starlette application: health, readiness, metrics, the call endpoints, the caller page
+(``/``) and /admin."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from .admin import admin_routes
+from .caller_page import caller_routes
 from .runtime import Runtime
 from .services import Services
 from .settings import Settings
+from .tracing import configure_from_env as configure_tracing
 from .transports.native import native_call
 from .transports.twilio import twilio_stream
 from .transports.twilio_voice import twilio_voice
@@ -47,6 +50,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
                services: Services | None = None) -> Starlette:
     """Build the app. Tests pass a warm ``runtime`` so models load once per session."""
     services = services or Services(settings, runtime)
+    configure_tracing()  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -62,6 +66,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
         Route("/twilio/voice", twilio_voice, methods=["POST"]),
         WebSocketRoute("/twilio/stream", twilio_stream),
         *admin_routes(),
+        *caller_routes(),
     ], lifespan=lifespan)
     app.state.services = services
     return app

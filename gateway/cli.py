@@ -20,6 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from . import logs
     from .app import create_app
+    from .drain import DrainingServer
     from .server import uvicorn_options
     from .settings import Settings
 
@@ -27,7 +28,16 @@ def _serve(args: argparse.Namespace) -> int:
                               "store_dir": args.store})
     logs.configure(settings.log_level)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, **uvicorn_options(settings))
+    print(f"voicegate: caller page http://{settings.host}:{settings.port}/ · "
+          f"native protocol ws://{settings.host}:{settings.port}/v1/call", flush=True)
+    services = app.state.services
+    # SIGTERM drains (no new calls, running ones finish up to drain_timeout_s), then exits.
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           **uvicorn_options(settings)),
+                            begin_drain=services.begin_drain,
+                            active_calls=lambda: services.admission.active,
+                            timeout_s=settings.drain_timeout_s)
+    server.run()
     return 0
 
 
@@ -84,6 +94,7 @@ def _seed(args: argparse.Namespace) -> int:
 
     from cache_seed import SeedError, SeedValidationError
     from intents.embedder import Embedder
+    from intents.negatives import NegativesError, read_negatives_csv
     from intents.store import StoreError
 
     from .providers.registry import create_tts
@@ -94,13 +105,18 @@ def _seed(args: argparse.Namespace) -> int:
     if not Path(args.csv).is_file():
         print(f"voicegate seed: no such file: {args.csv}", file=sys.stderr)
         return 2
+    try:
+        negatives = read_negatives_csv(args.negatives) if args.negatives else ()
+    except NegativesError as exc:
+        print(f"voicegate seed: negatives: {exc}", file=sys.stderr)
+        return 1
     store = _store(args, settings)
     with ThreadPoolExecutor(max_workers=1) as executor:
         tts = create_tts(settings, executor)
         try:
             report = seed_with_voice(args.csv, store, tts, Embedder(),
                                      target_wrong_rate=args.target_wrong_rate,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, negatives=negatives)
         except SeedValidationError as exc:
             print(f"voicegate seed: {exc}", file=sys.stderr)
             return 1
@@ -171,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--target-wrong-rate", type=float, default=0.01,
                       help="calibrate thresholds to this wrong-answer rate (default 0.01)")
     seed.add_argument("--quiet", action="store_true", help="no progress bars")
+    seed.add_argument("--negatives", metavar="CSV", default=None,
+                      help="your own out-of-domain questions (a 'text' column) that must never "
+                           "get a cached answer, beside the generic set shipped with voicegate")
     seed.set_defaults(func=_seed)
 
     route = sub.add_parser("route", help="route utterances from stdin, one JSON line each")

@@ -45,7 +45,7 @@ class Caller:
 
     def __init__(self, url: str, sample_rate: int = 16000, frame_ms: int = 20,
                  on_event: EventHook | None = None, metadata: dict[str, Any] | None = None,
-                 token: str | None = None):
+                 token: str | None = None, on_audio: Callable[[bytes], None] | None = None):
         self.url = url
         self.token = token  # sent as `Authorization: Bearer` (VOICEGATE_CALL_TOKEN)
         self.sample_rate = sample_rate
@@ -55,6 +55,7 @@ class Caller:
         self.audio = bytearray()  # all reply audio received, in order
         self.closed_code: int | None = None
         self._on_event = on_event
+        self._on_audio = on_audio  # every reply frame as it arrives (benchmarks time them)
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._new_event = asyncio.Event()
@@ -96,6 +97,8 @@ class Caller:
         try:
             async for message in self._ws:
                 if isinstance(message, bytes):
+                    if self._on_audio is not None:
+                        self._on_audio(message)
                     self.audio += message
                     self._turn_audio.setdefault(self._current_turn, bytearray()).extend(message)
                     continue

@@ -41,9 +41,19 @@ def run_demo(out_dir: Path, port: int = 0) -> int:
     server = BackgroundServer(settings, runtime).start()
     print(f"gateway listening on {server.call_url}\n", flush=True)
     try:
-        return asyncio.run(_converse(server.call_url, runtime, out_dir))
+        code = asyncio.run(_converse(server.call_url, runtime, out_dir))
     finally:
         server.stop()
+    _tell_how_to_talk(settings.store_dir)
+    return code
+
+
+def _tell_how_to_talk(store_dir: str) -> None:
+    """The demo ends on its own; this is how the user talks to the gateway themselves."""
+    print("Your turn: serve the cache this demo seeded and call it from a browser:\n"
+          f"  .venv/bin/voicegate serve --store {store_dir} --port 8080\n"
+          "  then open http://127.0.0.1:8080/ and press Call (allow the microphone), "
+          "or type a question.", flush=True)
 
 
 async def _converse(url: str, runtime: Runtime, out_dir: Path) -> int:

@@ -4,16 +4,28 @@ Frames go out at the pace they play, a small lead ahead of real time so the
 client's jitter buffer never starves, but never far ahead: on a barge-in, what
 was sent and not yet played is dropped by the client (``interrupt``/``clear``),
 and ``heard_ms`` tells how much the caller really heard.
+
+A barge-in first *holds* the playout (no frame leaves). If the interruption turns out
+to be noise, ``resume`` goes on from the frame the caller last heard: the frames sent
+after it, which the client dropped, are sent again.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from typing import Awaitable, Callable
 
 from .clock import SYSTEM_CLOCK, Clock
 from .codec import PCM16, SAMPLE_WIDTH, SILENCE_BYTE
 
 SendFrame = Callable[[bytes], Awaitable[None]]
+# Sent frames kept for a resume: what was sent but not yet heard is at most the lead
+# plus a late producer's catch-up, far less than this.
+_KEPT_FRAMES = 100
+# A frame that leaves this much after its time counts as late (bench/capacity.py's bar:
+# the lead absorbs less, and the caller hears a gap).
+LATE_FRAME_MS = 20.0
 
 
 class Playout:
@@ -31,6 +43,46 @@ class Playout:
         self._started_at: float | None = None
         self._sent_frames = 0
         self.first_frame_at: float | None = None
+        self._recent: deque[tuple[int, bytes]] = deque(maxlen=_KEPT_FRAMES)
+        self._open = asyncio.Event()
+        self._open.set()
+        self._held_heard_ms = 0.0
+        # How late frames left against their due time (an overloaded event loop shows here).
+        self.frames_late = 0  # more than LATE_FRAME_MS
+        self.max_lag_ms = 0.0
+
+    @property
+    def held(self) -> bool:
+        return not self._open.is_set()
+
+    def hold(self) -> float:
+        """Stop sending now (a barge-in); returns what the caller heard."""
+        if not self.held:
+            self._held_heard_ms = self.heard_ms()
+            self._open.clear()
+        return self._held_heard_ms
+
+    def resume_from(self, heard_ms: float) -> None:
+        """The interruption was noise: play on from ``heard_ms`` (the last heard frame)."""
+        self._held_heard_ms = min(heard_ms, self.sent_ms)
+        self._open.set()
+
+    async def _wait_if_held(self) -> None:
+        if self._open.is_set():
+            return
+        await self._open.wait()
+        # The client dropped what it had not played: send it again, from the heard frame.
+        first = int(self._held_heard_ms // self.frame_ms)
+        replay = [frame for index, frame in self._recent if index >= first]
+        self._recent.clear()
+        self._sent_frames = min(first, self._sent_frames)
+        self._started_at = self._clock.now() - self.sent_ms / 1000.0
+        for frame in replay:
+            await self._send_paced(frame)
+
+    @property
+    def frames_sent(self) -> int:
+        return self._sent_frames
 
     @property
     def sent_ms(self) -> float:
@@ -42,6 +94,13 @@ class Playout:
             return 0.0
         elapsed = (self._clock.now() - self._started_at) * 1000.0
         return max(0.0, min(self.sent_ms, elapsed))
+
+    def _note_lag(self, lag_s: float) -> None:
+        lag_ms = lag_s * 1000.0
+        if lag_ms > self.max_lag_ms:
+            self.max_lag_ms = lag_ms
+        if lag_ms > LATE_FRAME_MS:
+            self.frames_late += 1
 
     async def write(self, audio: bytes) -> None:
         """Queue reply audio (call rate and encoding) and send every complete frame, paced."""
@@ -58,12 +117,16 @@ class Playout:
             frame = bytes(self._pending) + self._silence * (self._frame_size - len(self._pending))
             self._pending.clear()
             await self._send_paced(frame)
-        if self._started_at is not None:
+        while self._started_at is not None:
             remaining = self._started_at + self.sent_ms / 1000.0 - self._clock.now()
             if remaining > 0:
                 await self._clock.sleep(remaining)
+            if not self.held:
+                break
+            await self._wait_if_held()  # held while the end played: replay, then wait again
 
     async def _send_paced(self, frame: bytes) -> None:
+        await self._wait_if_held()
         now = self._clock.now()
         if self._started_at is None:
             self._started_at = now
@@ -72,11 +135,18 @@ class Playout:
             due = self._started_at + self.sent_ms / 1000.0 - self._lead_s
             if due > now:
                 await self._clock.sleep(due - now)
+                self._note_lag(self._clock.now() - due)
             elif now - due > 0.5:
                 # The producer fell behind (slow TTS): restart the clock instead of
                 # bursting, so the client hears a pause, not a fast-forward.
                 self._started_at = now - self.sent_ms / 1000.0 + self._lead_s
+            else:
+                self._note_lag(now - due)
+        if self.held:  # held while this frame waited for its time
+            await self._wait_if_held()
+            return await self._send_paced(frame)
         await self._send(frame)
         if self.first_frame_at is None:
             self.first_frame_at = self._clock.now()
+        self._recent.append((self._sent_frames, frame))
         self._sent_frames += 1

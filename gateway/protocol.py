@@ -57,7 +57,23 @@ class StopMessage:
     pass
 
 
-ClientMessage = StartMessage | TextMessage | StopMessage
+@dataclass(frozen=True)
+class DtmfMessage:
+    digit: str  # one keypad key: 0-9, * or #
+
+
+ClientMessage = StartMessage | TextMessage | StopMessage | DtmfMessage
+
+# Keys of a telephone keypad (the same set Twilio's `dtmf` events carry).
+DTMF_KEYS = frozenset("0123456789*#")
+
+
+def parse_dtmf_digit(digit: Any, code: str) -> str:
+    """One keypad key, or a ProtocolError ``code`` saying what is allowed (the call goes on)."""
+    if not isinstance(digit, str) or digit not in DTMF_KEYS:
+        raise ProtocolError(code, f"`digit` {str(digit)[:16]!r} is not a keypad key; send one "
+                                  "of 0-9, * or # per message")
+    return digit
 
 
 def parse_json(raw: str, code: str) -> Any:
@@ -99,10 +115,13 @@ def parse_text_frame(raw: str, max_bytes: int) -> ClientMessage:
         return TextMessage(text=text, final=final)
     if kind == "stop":
         return StopMessage()
+    if kind == "dtmf":
+        return DtmfMessage(parse_dtmf_digit(data.get("digit"), "invalid_dtmf"))
     if kind is None:
         raise ProtocolError("invalid_message", "message has no `type` field")
     raise ProtocolError("unknown_message_type",
-                        f"unknown message type {str(kind)[:64]!r}; expected start, text or stop")
+                        f"unknown message type {str(kind)[:64]!r}; expected start, text, dtmf "
+                        "or stop")
 
 
 def _parse_start(data: dict[str, Any]) -> StartMessage:

@@ -43,7 +43,7 @@ class Turn:
 
 @dataclass
 class ReplySegment:
-    source: str  # cache | llm | filler | handoff
+    source: str  # cache | llm | filler | handoff | apology | greeting | prompt | goodbye
     text: str
     audio: AsyncIterator[bytes]  # at the call's rate, in the turn's encoding
     entry_id: str | None = None
@@ -231,14 +231,35 @@ class Responder:
         segment.event = {"type": "handoff", "reason": reason}
         return segment
 
-    def _prompt(self, turn: Turn, key: str, source: str, info: dict[str, Any]) -> ReplySegment:
+    def greeting(self, turn: Turn, text: str) -> ReplySegment:
+        """The configured greeting, at the start of a call (pre-rendered when it matches)."""
+        return self._prompt(turn, "greeting", "greeting", {}, text)
+
+    def idle_prompt(self, turn: Turn) -> ReplySegment:
+        """The caller has been silent since the bot finished: "are you still there?"."""
+        return self._prompt(turn, "idle", "prompt", {})
+
+    def goodbye(self, turn: Turn) -> ReplySegment:
+        """Still silent after the idle prompt: said before the call ends."""
+        return self._prompt(turn, "goodbye", "goodbye", {})
+
+    def cached(self, turn: Turn, entry_id: str) -> ReplySegment | None:
+        """An entry's pre-rendered answer by id (a keypad key); None when not served."""
+        if self.cache_audio is None or entry_id not in self.cache_audio:
+            return None
+        clip = self.cache_audio.audio(entry_id, turn.sample_rate, turn.encoding)
+        return ReplySegment(source="cache", text=self.cache_audio.clip(entry_id).text,
+                            audio=_once(clip), entry_id=entry_id, total_bytes=lambda: len(clip))
+
+    def _prompt(self, turn: Turn, key: str, source: str, info: dict[str, Any],
+                text: str | None = None) -> ReplySegment:
         prompts = self._prompts
-        if key in prompts:
+        if key in prompts and (text is None or prompts.clip(key).text == text):
             clip = prompts.audio(key, turn.sample_rate, turn.encoding)
             return ReplySegment(source=source, text=prompts.clip(key).text, audio=_once(clip),
                                 info=info, total_bytes=lambda: len(clip))
         # Prompts not rendered (a bare runtime in a benchmark): synthesize now.
-        text = PROMPT_TEXTS.get(key, FILLER_PHRASES[0])
+        text = text if text is not None else PROMPT_TEXTS.get(key, FILLER_PHRASES[0])
         return ReplySegment(source=source, text=text, info=info,
                             audio=tts_audio(self._tts, text, turn.sample_rate, turn.encoding))
 

@@ -7,6 +7,10 @@ final whose text is already queued as a partial takes that routing along to the
 front instead of being routed twice. The same text from several calls is routed
 once. Routing has its own thread, so a batch never delays VAD.
 
+Under load partials are shed, never finals: when more partials wait than fit in the
+next batch, the newest of them are taken and the older ones fail with ``RoutingShed``
+(their calls have newer words by now, and the final is routed anyway).
+
 Batches are sized by time, not count: the batcher learns what one text costs
 (a cached embedding ~0.05 ms, a MiniLM forward pass several ms) and fills a batch
 to about ``target_batch_ms``, so a final never waits long behind partials. A batch
@@ -26,6 +30,33 @@ from intents.embedder import normalize_text
 from intents.types import RouteDecision
 
 RouteMany = Callable[[Sequence[str]], list[RouteDecision]]
+
+
+class RoutingShed(Exception):
+    """A partial's routing dropped because the router is behind (not a failure)."""
+
+
+class TwoLaneRouter:
+    """Texts whose vector is cached (a lookup, ~0.1 ms) never wait behind texts that need
+    a model forward pass (several ms each): each kind has its own batcher and thread.
+
+    A hit final whose words a partial had is routed in the warm lane at once, while a
+    final with a new word, or a burst of new partials, takes the cold lane.
+    """
+
+    def __init__(self, warm: RouteBatcher, cold: RouteBatcher,
+                 is_warm: Callable[[str], bool]) -> None:
+        self.warm = warm
+        self.cold = cold
+        self._is_warm = is_warm
+
+    async def route(self, text: str, urgent: bool = False) -> RouteDecision:
+        lane = self.warm if self._is_warm(text) else self.cold
+        return await lane.route(text, urgent)
+
+    @property
+    def shed(self) -> int:
+        return self.warm.shed + self.cold.shed
 
 
 class _Slot:
@@ -58,6 +89,7 @@ class RouteBatcher:
         self._active = False
         self.batches = 0
         self.routed = 0
+        self.shed = 0
 
     async def route(self, text: str, urgent: bool = False) -> RouteDecision:
         loop = asyncio.get_running_loop()
@@ -82,17 +114,33 @@ class RouteBatcher:
         return max(self._min_batch, min(self._max_batch, int(self._target_s / self._per_text_s)))
 
     def _take(self) -> list[_Slot]:
+        """Finals first (beyond the limit they wait for the next batch, never dropped),
+        then the newest partials that fit; every older partial is shed."""
         limit = self.batch_limit()
         batch: list[_Slot] = []
-        for urgent in (True, False):
-            for key, slot in list(self._pending.items()):
-                if len(batch) >= limit:
-                    break
-                if slot.urgent is urgent:
-                    del self._pending[key]
-                    if slot.live():
-                        batch.append(slot)
+        partials: list[_Slot] = []
+        for key, slot in list(self._pending.items()):
+            if not slot.urgent:
+                partials.append(slot)
+                del self._pending[key]
+            elif len(batch) < limit:
+                del self._pending[key]
+                if slot.live():
+                    batch.append(slot)
+        room = limit - len(batch)
+        cut = max(0, len(partials) - room)
+        for slot in partials[:cut]:
+            self._shed(slot)
+        batch.extend(slot for slot in partials[cut:] if slot.live())
         return batch
+
+    def _shed(self, slot: _Slot) -> None:
+        if not slot.live():
+            return
+        self.shed += 1
+        for future in slot.futures:
+            if not future.done():
+                future.set_exception(RoutingShed(slot.text))
 
     def _start_batch(self) -> None:
         batch = self._take()

@@ -7,21 +7,25 @@ models warm up, and ``/readyz`` turns green when they are.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from intents.embedder import Embedder
 
-from .agent import PROMPT_TEXTS, Agent, build_agent
+from .agent import Agent, build_agent, prompt_texts
 from .audio_bank import AudioBank, Clip
 from .providers.base import SpeechToText, TextToSpeech
 from .providers.registry import create_stt, create_tts
 from .settings import Settings
 from .stats import Stats
 from .vad import SileroVAD, VADBatcher
+
+if TYPE_CHECKING:
+    from .turn_model import SmartTurn
 
 log = logging.getLogger("voicegate.runtime")
 T = TypeVar("T")
@@ -33,7 +37,7 @@ class Runtime:
     settings: Settings
     vad_executor: ThreadPoolExecutor  # batched VAD windows: short and latency-critical
     model_executor: ThreadPoolExecutor  # STT decodes, TTS sentences: long-running
-    route_executor: ThreadPoolExecutor  # batched routing: one thread, batches in order
+    route_executor: ThreadPoolExecutor  # batched routing of cached vectors: one thread
     vad: SileroVAD
     stt: SpeechToText
     tts: TextToSpeech
@@ -43,6 +47,15 @@ class Runtime:
     embedder: Embedder
     stats: Stats = field(default_factory=Stats)
     load_times_s: dict[str, float] = field(default_factory=dict)
+    # End-of-turn model (settings.turn_model) on a thread of its own: it runs at every
+    # pause, beside the early final decode, and must not queue behind decodes.
+    turn_model: "SmartTurn | None" = None
+    turn_executor: ThreadPoolExecutor | None = None
+    # Routing that needs an embedding forward pass: a thread of its own, so texts whose
+    # vector is cached never wait behind it (route_batcher.TwoLaneRouter).
+    cold_route_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="vg-route-cold"))
 
     @classmethod
     def load(cls, settings: Settings, stats: Stats | None = None) -> "Runtime":
@@ -58,24 +71,41 @@ class Runtime:
         embedder = _load_warm("embedder", lambda: Embedder(threads=settings.embedder_threads,
                                                         cache_size=settings.embedder_cache_size),
                               times)
+        turn_model, turn_pool = None, None
+        if settings.turn_model == "smart_turn":
+            from .turn_model import SmartTurn
+
+            turn_model = _load_warm("turn_model", SmartTurn, times)
+            turn_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-turn")
 
         log.info("models_loaded %s", " ".join(f"{k}={v:.2f}s" for k, v in times.items()))
         route = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-route")
         return cls(settings=settings, vad_executor=vad_pool, model_executor=heavy,
                    route_executor=route, vad=vad, stt=stt,
-                   tts=tts, prompts=AudioBank(), vad_batcher=VADBatcher(vad, vad_pool),
+                   tts=tts, prompts=AudioBank(),
+                   vad_batcher=VADBatcher(vad, vad_pool, settings.vad_batch_interval_ms),
                    agent=build_agent(settings), embedder=embedder, load_times_s=times,
-                   stats=stats or Stats())
+                   stats=stats or Stats(), turn_model=turn_model, turn_executor=turn_pool)
 
-    async def render_prompts(self) -> None:
-        """Pre-render the filler and handoff phrases with the configured voice.
+    async def judge_turn(self, pcm16: bytes) -> float:
+        """P(the caller's turn is complete) from its audio; needs ``turn_model``."""
+        assert self.turn_model is not None
+        return await asyncio.get_running_loop().run_in_executor(
+            self.turn_executor, self.turn_model.probability, pcm16)
+
+    async def render_prompts(self, greeting: str | None = None) -> None:
+        """Pre-render the filler, handoff, idle and greeting phrases with the configured voice.
 
         Runs on the serving event loop: a cloud TTS client is bound to the loop it is used on.
         """
-        if all(key in self.prompts for key in PROMPT_TEXTS):
+        texts = prompt_texts(self.settings.greeting if greeting is None else greeting)
+        if all(key in self.prompts and self.prompts.clip(key).text == text
+               for key, text in texts.items()):
             return
         start = time.perf_counter()
-        for key, text in PROMPT_TEXTS.items():
+        for key, text in texts.items():
+            if key in self.prompts and self.prompts.clip(key).text == text:
+                continue
             audio = b"".join([chunk async for chunk in self.tts.synthesize(text)])
             self.prompts.add(Clip(key, text, audio, self.tts.sample_rate))
         self.load_times_s["prompts"] = time.perf_counter() - start
@@ -87,6 +117,9 @@ class Runtime:
         self.vad_executor.shutdown(wait=False, cancel_futures=True)
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         self.route_executor.shutdown(wait=False, cancel_futures=True)
+        self.cold_route_executor.shutdown(wait=False, cancel_futures=True)
+        if self.turn_executor is not None:
+            self.turn_executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _load_warm(name: str, build: Callable[[], T], times: dict[str, float]) -> T:

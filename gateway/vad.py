@@ -107,11 +107,16 @@ class VADBatcher:
     grow by themselves; with one call, a batch is just that call's windows.
     """
 
-    def __init__(self, vad: SileroVAD, executor: Executor) -> None:
+    def __init__(self, vad: SileroVAD, executor: Executor, interval_ms: float = 0.0) -> None:
         self._vad = vad
         self._executor = executor
         self._queue: list[tuple[SileroState, list[np.ndarray], asyncio.Future[list[float]]]] = []
         self._running = False
+        # Batches start at most this often: with many calls a model run costs far less
+        # per window when it carries many calls' windows, and a faster event loop would
+        # otherwise hand the model small batches one after the other.
+        self._interval_s = interval_ms / 1000.0
+        self._last_start = 0.0
         self.batches = 0
         self.windows = 0
 
@@ -122,10 +127,19 @@ class VADBatcher:
         self._queue.append((state, windows, future))
         if not self._running:
             self._running = True
-            asyncio.get_running_loop().call_soon(self._start_batch)
+            self._schedule()
         return await future
 
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait = self._last_start + self._interval_s - loop.time()
+        if wait > 0:
+            loop.call_later(wait, self._start_batch)
+        else:
+            loop.call_soon(self._start_batch)
+
     def _start_batch(self) -> None:
+        self._last_start = asyncio.get_running_loop().time()
         # Drop requests whose call went away (barge-in, hang-up) before they ran.
         batch = [item for item in self._queue if not item[2].cancelled()]
         self._queue = []
@@ -172,7 +186,7 @@ class VADBatcher:
 
     def _after_batch(self) -> None:
         if self._queue:
-            self._start_batch()
+            self._schedule()
         else:
             self._running = False
 

@@ -6,6 +6,13 @@ best single confidence signal we measured on banking77 (better than the top
 probability, a kNN vote or an MLP); the router combines it with the nearest
 neighbours and thresholds calibrated on the seed.
 
+Beside the embeddings, a second logistic regression reads the text's character
+n-grams (TF-IDF, 2-5 characters within words): it catches what a sentence embedding
+blurs (a misheard word's spelling, "PIN" vs "pin code") and costs well under a
+millisecond a query; the two models' probabilities are averaged. Chosen by 5-fold
+cross-validation on banking77 *train*: top-1 accuracy 92.0% -> 92.6%, and 2-3 points
+more of the seed's questions answered at 99.5% precision.
+
 Out of scope: a linear classifier always names *some* intent, however far the
 query is from everything it was trained on, so the out-of-scope decision is made
 on similarity to the nearest seed question (see ``IntentClassifier.decide``).
@@ -13,18 +20,41 @@ on similarity to the nearest seed question (see ``IntentClassifier.decide``).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-import joblib
 import numpy as np
 import sklearn
+from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 # Inverse regularisation strength: chosen by 5-fold cross-validation on banking77 *train*
 # (C=1 underfits 77 close intents; above 10 nothing improves and fitting gets slower).
 DEFAULT_C = 10.0
+# The n-gram model joins in only with this many questions per intent on average: with a
+# handful (the shipped bank FAQ has ~5) it learns words, not intents ("payments on my card
+# I never made" went to payment_due instead of fraud); banking77 has ~130.
+MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS = 20
+
+
+def fitted_probabilities(model: LogisticRegression, features: Any) -> np.ndarray:
+    """``model.predict_proba(features)`` without scikit-learn's per-call input checks,
+    which cost more than the arithmetic on a single routed text (~0.1 ms a call)."""
+    scores = features @ model.coef_.T + model.intercept_
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape[1] == 1:  # two classes: one logit
+        positive = 1.0 / (1.0 + np.exp(-scores[:, 0]))
+        return np.column_stack([1.0 - positive, positive])
+    scores -= scores.max(axis=1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=1, keepdims=True)
+    return scores
+
+
+def _char_ngrams() -> TfidfVectorizer:
+    # char_wb: n-grams never span two words, so word order noise in ASR stays local.
+    return TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True,
+                           min_df=2, lowercase=True, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -38,38 +68,75 @@ class IntentScores:
 class IntentClassifier:
     def __init__(self, c: float = DEFAULT_C, max_iter: int = 3000, seed: int = 0) -> None:
         self._model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+        self._text_model: LogisticRegression | None = None
+        self._ngrams: TfidfVectorizer | None = None
+        self._c, self._max_iter, self._seed = c, max_iter, seed
         self.classes: list[str] = []
         self._single: str | None = None  # LogisticRegression refuses one class
 
-    def fit(self, vectors: np.ndarray, intents: Sequence[str]) -> "IntentClassifier":
+    @property
+    def reads_text(self) -> bool:
+        """Whether scoring needs the texts beside their vectors (the n-gram model)."""
+        return self._text_model is not None
+
+    def fit(self, vectors: np.ndarray, intents: Sequence[str],
+            texts: Sequence[str] | None = None) -> "IntentClassifier":
+        """Fit on the seed's vectors, and on its ``texts``' character n-grams when given."""
         labels = np.asarray(intents)
         distinct = sorted(set(labels.tolist()))
         if not distinct:
             raise ValueError("cannot train an intent classifier without examples")
+        if texts is not None and len(texts) != len(labels):
+            raise ValueError("need one text per vector")
         self.classes = distinct
+        self._text_model = self._ngrams = None
         if len(distinct) == 1:
             self._single = distinct[0]
-        else:
-            self._model.fit(vectors, labels)
-            self.classes = [str(c) for c in self._model.classes_]
+            return self
+        self._single = None
+        self._model.fit(vectors, labels)
+        self.classes = [str(c) for c in self._model.classes_]
+        if texts is not None and len(labels) >= MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS * len(distinct):
+            ngrams = _char_ngrams()
+            try:
+                grams = ngrams.fit_transform([str(t) for t in texts])
+            except ValueError:  # no n-gram occurs twice (a tiny seed): embeddings alone
+                return self
+            self._ngrams = ngrams
+            self._text_model = LogisticRegression(C=self._c, max_iter=self._max_iter,
+                                                  random_state=self._seed).fit(grams, labels)
         return self
 
-    def scores(self, vectors: np.ndarray) -> list[IntentScores]:
+    def probabilities(self, vectors: np.ndarray,
+                      texts: Sequence[str] | None = None) -> np.ndarray:
+        """(n, classes) probabilities, columns in ``classes`` order."""
+        matrix = np.atleast_2d(vectors)
+        if self._single is not None:
+            return np.ones((matrix.shape[0], 1))
+        proba = fitted_probabilities(self._model, matrix)
+        if self._text_model is not None and self._ngrams is not None:
+            if texts is None or len(texts) != matrix.shape[0]:
+                raise ValueError("this classifier also reads the texts: pass one per vector")
+            proba = (proba + fitted_probabilities(
+                self._text_model, self._ngrams.transform([str(t) for t in texts]))) / 2.0
+        return proba
+
+    def scores(self, vectors: np.ndarray, texts: Sequence[str] | None = None
+               ) -> list[IntentScores]:
         """Top intent, its probability and the top-2 margin for each row of ``vectors``."""
-        top, prob, margin, second = self.scores_arrays(vectors)
+        top, prob, margin, second = self.scores_arrays(vectors, texts)
         return [IntentScores(str(t), float(p), float(m), None if s is None else str(s))
                 for t, p, m, s in zip(top, prob, margin, second)]
 
-    def scores_arrays(self, vectors: np.ndarray
+    def scores_arrays(self, vectors: np.ndarray, texts: Sequence[str] | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str | None]]:
         """Vectorised ``scores`` (for calibration and benchmarks)."""
-        matrix = np.atleast_2d(vectors)
+        proba = self.probabilities(vectors, texts)
+        n = proba.shape[0]
         if self._single is not None:
-            n = matrix.shape[0]
             return (np.full(n, self._single, dtype=object), np.ones(n), np.ones(n), [None] * n)
-        proba = self._model.predict_proba(matrix)
         order = np.argsort(-proba, axis=1)[:, :2]
-        rows = np.arange(matrix.shape[0])
+        rows = np.arange(n)
         p1 = proba[rows, order[:, 0]]
         p2 = proba[rows, order[:, 1]]
         classes = np.asarray(self.classes, dtype=object)
@@ -81,16 +148,14 @@ class IntentClassifier:
         (nearly) every held-out seed question was during calibration."""
         return nearest_similarity >= min_similarity
 
-    # -- persistence: joblib is scikit-learn's documented way to persist a model.
-    def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        joblib.dump({"sklearn": sklearn.__version__, "classes": self.classes,
-                     "single": self._single, "model": self._model}, buffer)
-        return buffer.getvalue()
+    # -- persistence (joblib, in the router's models blob: intents.router.models_to_bytes)
+    def state(self) -> dict[str, Any]:
+        """What persists (joblib-able; see ``from_state``)."""
+        return {"sklearn": sklearn.__version__, "classes": self.classes, "single": self._single,
+                "model": self._model, "text_model": self._text_model, "ngrams": self._ngrams}
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "IntentClassifier":
-        state = joblib.load(io.BytesIO(data))
+    def from_state(cls, state: dict[str, Any]) -> "IntentClassifier":
         if state.get("sklearn") != sklearn.__version__:
             # Pickled estimators are only guaranteed to load in the same version.
             raise ValueError(f"classifier was saved by scikit-learn {state.get('sklearn')}, "
@@ -99,4 +164,6 @@ class IntentClassifier:
         clf._model = state["model"]
         clf.classes = list(state["classes"])
         clf._single = state["single"]
+        clf._text_model = state.get("text_model")
+        clf._ngrams = state.get("ngrams")
         return clf

@@ -67,6 +67,10 @@ class Embedder:
         self.cache_hits = 0
         self.cache_misses = 0
 
+    def is_cached(self, text: str) -> bool:
+        """Whether ``text``'s vector is in the LRU (encoding it needs no model run)."""
+        return normalize_text(text) in self._cache
+
     def encode(self, text: str) -> np.ndarray:
         """One text → read-only (dim,) float32 unit vector (cached)."""
         return self.encode_many([text])[0]

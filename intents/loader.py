@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from intents.calibration import Thresholds
-from intents.classifier import IntentClassifier
 from intents.embedder import Embedder
-from intents.router import Router
+from intents.router import Router, models_from_bytes, train_router
 from intents.semantic_cache import SemanticCache
 from intents.store import Store, StoreError
 from intents.types import Action, Audio, Entry
@@ -60,14 +59,19 @@ def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> 
         raise StoreError(f"cache version {name}: {len(intents)} questions but "
                          f"{bundle.vectors.shape[0]} vectors")
     entries = entries_from_manifest(manifest)
-    try:
-        classifier = IntentClassifier.from_bytes(bundle.classifier)
-    except ValueError:
-        # Saved by another scikit-learn: refit from the stored vectors (same data, same result).
-        classifier = IntentClassifier().fit(bundle.vectors, intents)
     thresholds = Thresholds.from_json(manifest["thresholds"])
-    router = Router(embedder, classifier, SemanticCache(bundle.vectors, intents), entries,
-                    thresholds)
+    try:
+        classifier, judge = models_from_bytes(bundle.classifier)
+    except ValueError:
+        # Saved by another scikit-learn: train again from the stored vectors and texts
+        # (same data, same folds, same result; takes as long as the seed's calibration).
+        router = train_router(embedder, [q["text"] for q in manifest["questions"]], intents,
+                              entries, target_wrong_rate=thresholds.target_wrong_rate,
+                              vectors=bundle.vectors,
+                              negatives=manifest.get("negatives", ())).router
+    else:
+        router = Router(embedder, classifier, judge, SemanticCache(bundle.vectors, intents),
+                        entries, thresholds)
     cached: dict[str, CachedEntry] = {}
     for entry in entries.values():
         audio = store.get_audio(entry.audio_key) if entry.audio_key else None

@@ -37,7 +37,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from intents.store import MANIFEST_FORMAT, CacheBundle, Store, StoreError
+from intents.store import MANIFEST_FORMAT, CacheBundle, Store, StoreError, check_format
 from intents.types import Audio
 
 DEFAULT_PREFIX = "voicegate:"
@@ -163,8 +163,7 @@ class RedisStore(Store):
             classifier = bytes(raw[b"classifier"])
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise StoreError(f"cannot read cache version {name} in Redis: {exc}") from exc
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise StoreError(f"cache version {name}: unsupported format {manifest.get('format')}")
+        check_format(name, manifest)
         return name, CacheBundle(manifest, vectors, classifier)
 
     def versions(self) -> list[str]:

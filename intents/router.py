@@ -1,10 +1,12 @@
 """The router: text → RouteDecision, on every partial and final transcript.
 
-A hit (replay the cached answer) needs three things to agree:
-  1. the classifier's intent is in scope and its action is ``answer``;
-  2. the nearest seed question belongs to that same intent;
-  3. the nearest similarity and the classifier's top-2 margin clear the thresholds
-     calibrated on the seed (see ``intents.calibration``).
+A hit (replay the cached answer) needs three things:
+  1. the text is in scope: at least as close to a seed question as nearly every
+     held-out seed question was (``Thresholds.min_similarity``);
+  2. the classifier's intent has action ``answer`` and a cached answer;
+  3. the judge (``intents.judge``) is confident enough that this intent is right: its
+     threshold was calibrated on the seed so the wrong-answer rate stays under the
+     target (``intents.calibration``).
 Anything else is a miss: ``llm`` for out-of-scope and agent intents, ``handoff``
 for handoff intents.
 
@@ -14,29 +16,37 @@ call it from an executor, never on the event loop.
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import joblib
 import numpy as np
 
-from intents.calibration import HeldOut, Thresholds, calibrate, cross_validate, hit_rule
+from intents.calibration import HeldOut, Thresholds, calibrate, cross_validate
 from intents.classifier import IntentClassifier
 from intents.embedder import Embedder, normalize_text
+from intents.judge import Judge, read_signals
+from intents.negatives import embed_negatives, negatives_for_seed
 from intents.semantic_cache import SemanticCache
 from intents.types import Action, Entry, RouteDecision, miss
 
 
 class Router:
-    def __init__(self, embedder: Embedder, classifier: IntentClassifier, cache: SemanticCache,
-                 entries: Mapping[str, Entry], thresholds: Thresholds) -> None:
-        unknown = set(classifier.classes) - set(entries)
+    def __init__(self, embedder: Embedder, classifier: IntentClassifier, judge: Judge,
+                 cache: SemanticCache, entries: Mapping[str, Entry],
+                 thresholds: Thresholds) -> None:
+        # Keyed by intent (the classifier's labels); callers may key theirs by entry id.
+        by_intent = {e.intent: e for e in entries.values()}
+        unknown = set(classifier.classes) - set(by_intent)
         if unknown:
             raise ValueError(f"classifier intents without an entry: {sorted(unknown)}")
         self.embedder = embedder
         self.classifier = classifier
+        self.judge = judge
         self.cache = cache
-        self.entries = dict(entries)
+        self.entries = by_intent
         self.thresholds = thresholds
 
     def route(self, text: str) -> RouteDecision:
@@ -50,6 +60,10 @@ class Router:
         """Route an already embedded text (benchmarks embed in batches)."""
         return self._route_rows([text], vector.reshape(1, -1),
                                  time.perf_counter() if start is None else start)[0]
+
+    def route_vectors(self, texts: Sequence[str], vectors: np.ndarray) -> list[RouteDecision]:
+        """Route already embedded texts (benchmarks embed whole data sets in batches)."""
+        return self._route_rows(list(texts), vectors, time.perf_counter())
 
     def route_many(self, texts: Sequence[str]) -> list[RouteDecision]:
         """Route many texts at once: one embedding batch, one classifier and index pass."""
@@ -66,49 +80,63 @@ class Router:
 
     def _route_rows(self, texts: Sequence[str], vectors: np.ndarray,
                     start: float) -> list[RouteDecision]:
-        all_scores = self.classifier.scores(vectors)
-        sims, rows = self.cache.search_arrays(vectors, k=1)
+        signals = read_signals(self.classifier, self.cache, vectors, texts)
+        confidence = self.judge.confidence(signals.matrix)
         t = self.thresholds
         out: list[RouteDecision] = []
-        for text, scores, sim, row in zip(texts, all_scores, sims[:, 0], rows[:, 0]):
-            similarity = float(sim)
-            nearest_intent = str(self.cache.intents[row])
+        for i, text in enumerate(texts):
+            similarity = float(signals.nearest_similarity[i])
+            probability, margin = float(signals.probability[i]), float(signals.margin[i])
+            sure = float(confidence[i])
             if not IntentClassifier.decide(similarity, t.min_similarity):
                 out.append(RouteDecision(
                     text=text, intent=None, action=Action.LLM, hit=False, score=similarity,
-                    confidence=scores.probability, margin=scores.margin,
+                    confidence=probability, margin=margin, certainty=sure,
                     reason="out of scope", ms=_ms(start)))
                 continue
-            entry = self.entries[scores.intent]
-            agree = nearest_intent == scores.intent
-            hit = bool(hit_rule(True, entry.action is Action.ANSWER and entry.answer is not None,
-                                agree, similarity, scores.margin, t))
+            entry = self.entries[str(signals.predicted[i])]
+            answerable = entry.action is Action.ANSWER and entry.answer is not None
+            hit = answerable and sure >= t.hit_confidence
             out.append(RouteDecision(
-                text=text, intent=scores.intent, action=entry.action, hit=hit,
+                text=text, intent=entry.intent, action=entry.action, hit=hit,
                 entry_id=entry.id, answer=entry.answer if hit else None, score=similarity,
-                confidence=scores.probability, margin=scores.margin,
-                reason=_reason(hit, entry.action, agree, similarity, scores.margin, t),
-                ms=_ms(start)))
+                confidence=probability, margin=margin, certainty=sure,
+                reason=_reason(hit, entry), ms=_ms(start)))
         return out
+
+    def models_bytes(self) -> bytes:
+        """The trained models as one blob (``CacheBundle.classifier``)."""
+        return models_to_bytes(self.classifier, self.judge)
+
+
+def models_to_bytes(classifier: IntentClassifier, judge: Judge) -> bytes:
+    buffer = io.BytesIO()
+    joblib.dump({"classifier": classifier.state(), "judge": judge}, buffer)
+    return buffer.getvalue()
+
+
+def models_from_bytes(data: bytes) -> tuple[IntentClassifier, Judge]:
+    """Raises ValueError when the blob was written by another scikit-learn."""
+    state = joblib.load(io.BytesIO(data))
+    classifier = IntentClassifier.from_state(state["classifier"])
+    judge = state["judge"]
+    if not isinstance(judge, Judge):
+        raise ValueError("not a voicegate judge")
+    return classifier, judge
 
 
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def _reason(hit: bool, action: Action, agree: bool, similarity: float, margin: float,
-            t: Thresholds) -> str:
+def _reason(hit: bool, entry: Entry) -> str:
     if hit:
         return "cache hit"
-    if action is not Action.ANSWER:
-        return f"{action.value} intent"
-    if not agree:
-        return "classifier and nearest question disagree"
-    if similarity < t.hit_similarity:
-        return "not similar enough to a seed question"
-    if margin < t.hit_margin:
-        return "classifier not confident enough"
-    return "no cached answer"
+    if entry.action is not Action.ANSWER:
+        return f"{entry.action.value} intent"
+    if entry.answer is None:
+        return "no cached answer"
+    return "not sure enough of the intent"
 
 
 @dataclass(frozen=True)
@@ -123,16 +151,23 @@ class TrainedRouter:
 def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence[str],
                  entries: Mapping[str, Entry], *, target_wrong_rate: float = 0.01,
                  vectors: np.ndarray | None = None, folds: int = 5,
-                 progress: bool = False) -> TrainedRouter:
-    """Embed the seed's questions, calibrate by cross-validation, fit on all of them."""
+                 negatives: Sequence[str] = (), progress: bool = False) -> TrainedRouter:
+    """Embed the seed's questions, calibrate by cross-validation, fit on all of them.
+
+    ``negatives``: the operator's own out-of-domain questions, beside the generic set.
+    """
     if len(questions) != len(intents):
         raise ValueError("need one intent per question")
     if vectors is None:
         vectors = embedder.encode_batch(list(questions), progress=progress)
     answer_intents = {e.intent for e in entries.values()
                       if e.action is Action.ANSWER and e.answer is not None}
-    held_out = cross_validate(vectors, intents, folds=folds)
-    thresholds = calibrate(held_out, answer_intents, target_wrong_rate)
-    classifier = IntentClassifier().fit(vectors, intents)
-    router = Router(embedder, classifier, SemanticCache(vectors, intents), entries, thresholds)
+    negative_texts = negatives_for_seed(negatives, questions)
+    negative_vectors = embed_negatives(embedder, negative_texts)
+    held_out = cross_validate(vectors, questions, intents, negative_vectors, negative_texts,
+                              folds=folds)
+    thresholds, judge = calibrate(held_out, answer_intents, target_wrong_rate)
+    classifier = IntentClassifier().fit(vectors, intents, list(questions))
+    router = Router(embedder, classifier, judge, SemanticCache(vectors, intents), entries,
+                    thresholds)
     return TrainedRouter(router, vectors, tuple(questions), tuple(intents), held_out)

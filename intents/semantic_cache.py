@@ -34,6 +34,11 @@ class SemanticCache:
             raise ValueError("need one intent per question vector")
         self.dim = int(vectors.shape[1])
         self.intents = np.asarray(list(intents), dtype=object)
+        self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._rows_of: dict[str, np.ndarray] = {}
+        for row, intent in enumerate(self.intents):
+            self._rows_of.setdefault(str(intent), []).append(row)  # type: ignore[arg-type]
+        self._rows_of = {k: np.asarray(v) for k, v in self._rows_of.items()}
         self._index = faiss.IndexFlatIP(self.dim)
         self._index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
@@ -49,3 +54,10 @@ class SemanticCache:
         """(scores, rows), each (n, k); rows are -1 where fewer than k questions exist."""
         k = max(1, min(k, len(self)))
         return self._index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+
+    def best_of_intent(self, vector: np.ndarray, intent: str) -> float:
+        """Similarity of ``vector`` to the closest seed question of ``intent`` (exact)."""
+        rows = self._rows_of.get(intent)
+        if rows is None:
+            return -1.0
+        return float(np.max(self._vectors[rows] @ vector))

@@ -36,7 +36,8 @@ import numpy as np
 
 from intents.types import Audio
 
-MANIFEST_FORMAT = 1
+# 2: the router's models blob holds the classifier and the judge (intents.router).
+MANIFEST_FORMAT = 2
 
 
 class StoreError(RuntimeError):
@@ -54,7 +55,7 @@ class CacheBundle:
 
     manifest: dict[str, Any]  # JSON: entries, questions, thresholds, model names
     vectors: np.ndarray  # (questions, dim) float32
-    classifier: bytes  # IntentClassifier.to_bytes()
+    classifier: bytes  # the router's models (intents.router.models_to_bytes)
 
 
 class Store(ABC):
@@ -159,8 +160,7 @@ class LocalStore(Store):
             classifier = (directory / "classifier.joblib").read_bytes()
         except (OSError, ValueError) as exc:
             raise StoreError(f"cannot read cache version {name} in {self.root}: {exc}") from exc
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise StoreError(f"cache version {name}: unsupported format {manifest.get('format')}")
+        check_format(name, manifest)
         return name, CacheBundle(manifest, vectors, classifier)
 
     def versions(self) -> list[str]:
@@ -168,6 +168,16 @@ class LocalStore(Store):
             return []
         return sorted(p.name for p in self._versions.iterdir()
                       if p.is_dir() and not p.name.startswith("."))
+
+
+def check_format(version: str, manifest: dict[str, Any]) -> None:
+    found = manifest.get("format")
+    if found != MANIFEST_FORMAT:
+        older = isinstance(found, int) and found < MANIFEST_FORMAT
+        raise StoreError(f"cache version {version}: format {found}, this voicegate reads "
+                         f"{MANIFEST_FORMAT}" + (": it was published by an older voicegate, "
+                                                 "seed again to publish it in this format"
+                                                 if older else ""))
 
 
 def _write_synced(path: Path, data: bytes) -> None:

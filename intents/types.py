@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
+
+# Characters an entry id may use as it is: safe in a file name, a Redis key and a URL path.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,79}$")
+_UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+
+def entry_id_for(intent: str) -> str:
+    """The id under which an intent's entry is stored and addressed (``/admin/entries/{id}``).
+
+    Intent names are the operator's own words (``reverted_card_payment?``, ``Card lost``):
+    a name already safe for storage and URLs is its own id; any other gets a readable slug
+    plus a short hash of the exact name, so two names never share an id.
+    """
+    if _SAFE_ID.match(intent):
+        return intent
+    slug = _UNSAFE_RUN.sub("_", intent).strip("_.-")[:60] or "intent"
+    return f"{slug}-{hashlib.sha256(intent.encode('utf-8')).hexdigest()[:8]}"
 
 
 class Action(str, Enum):
@@ -26,6 +45,7 @@ class RouteDecision:
     score: float = 0.0  # similarity of the nearest cached question
     confidence: float = 0.0  # classifier probability of ``intent``
     margin: float = 0.0  # classifier probability gap between the top two intents
+    certainty: float = 0.0  # the judge's confidence that ``intent`` is right
     reason: str = ""
     ms: float = 0.0  # routing time
 
@@ -44,7 +64,8 @@ def miss(text: str, reason: str, ms: float = 0.0) -> RouteDecision:
 class Entry:
     """One cache entry: an intent, what to do with it, and (for FAQs) its answer.
 
-    Every intent of a seed is one entry; its id is the intent name.
+    Every intent of a seed is one entry; its id is ``entry_id_for(intent)`` (the intent
+    name itself when that is safe in a URL).
     """
 
     id: str

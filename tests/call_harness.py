@@ -5,7 +5,9 @@
   sample, so the VAD's verdicts are scripted by the audio itself.
 - ``WordSTT`` decodes a word only from its complete 200 ms run of samples: a clipped
   first word, or audio of an earlier utterance leaking into a later one, shows in the
-  transcript. Its final decode takes ``decode_s`` of the manual clock.
+  transcript. Its final decode takes ``decode_s`` of the manual clock; with
+  ``early_finals`` it decodes at a pause too, and that decode becomes the final.
+- ``ScriptedTurnModel`` answers P(turn complete) from the words heard so far.
 - ``WordTTS`` speaks 100 ms of audio per word and fails on a sentence with "FAIL".
 - ``ScriptedLLM`` streams a scripted reply through the real ``Agent``.
 - Time is a ``ManualClock``: the harness feeds 20 ms frames and advances it 20 ms each.
@@ -19,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
-from gateway.agent import PROMPT_TEXTS, Agent
+from gateway.agent import Agent, prompt_texts
 from gateway.audio_bank import AudioBank, Clip
 from gateway.call import Call, CallDeps
 from gateway.clock import ManualClock
@@ -94,6 +96,7 @@ class WordSTTStream:
         self._buffer = bytearray()
         self._partials: asyncio.Queue[Transcript] = asyncio.Queue()
         self._last_partial = ""
+        self._early: asyncio.Future[Transcript] | None = None
         self.paused_hints = 0
         self.closed = False
 
@@ -104,25 +107,38 @@ class WordSTTStream:
             self._last_partial = text
             self._partials.put_nowait(Transcript(text=text, final=False))
 
-    def speech_paused(self) -> None:
+    def speech_paused(self) -> Awaitable[Transcript] | None:
         self.paused_hints += 1
+        if not self._stt.early_finals:
+            return None
+        self._early = asyncio.ensure_future(self._decode(bytes(self._buffer)))
+        return self._early
 
     def speech_resumed(self) -> None:
-        pass
+        if self._early is not None:
+            self._early.cancel()
+        self._early = None
 
     def finalize(self) -> Awaitable[Transcript]:
         snapshot = bytes(self._buffer)
         self._buffer.clear()
         self._last_partial = ""
         self._stt.utterances.append(snapshot)
-        return self._decode(snapshot)
+        early, self._early = self._early, None
+        return self._final(early, snapshot)
+
+    async def _final(self, early: asyncio.Future[Transcript] | None,
+                     snapshot: bytes) -> Transcript:
+        text = (await early).text if early is not None else (await self._decode(snapshot)).text
+        return Transcript(text=text, final=True)
 
     async def _decode(self, snapshot: bytes) -> Transcript:
+        self._stt.decodes += 1
         await self._stt.clock.sleep(self._stt.decode_s)
         if self._stt.fail_finals:
             self._stt.fail_finals -= 1
             raise ProviderError("word-stt", "decoder crashed")
-        return Transcript(text=decode_words(snapshot, self._stt.vocabulary), final=True)
+        return Transcript(text=decode_words(snapshot, self._stt.vocabulary), final=False)
 
     async def partials(self) -> AsyncIterator[Transcript]:
         while True:
@@ -139,10 +155,13 @@ class WordSTT:
     name = "word-stt"
     sample_rate = RATE
 
-    def __init__(self, vocabulary: Vocabulary, clock: ManualClock, decode_s: float = 0.05) -> None:
+    def __init__(self, vocabulary: Vocabulary, clock: ManualClock, decode_s: float = 0.05,
+                 early_finals: bool = False) -> None:
         self.vocabulary = vocabulary
         self.clock = clock
         self.decode_s = decode_s
+        self.early_finals = early_finals
+        self.decodes = 0
         self.fail_finals = 0
         self.streams: list[WordSTTStream] = []
         self.utterances: list[bytes] = []
@@ -216,6 +235,29 @@ class ScriptedRouter:
         return miss(text, "no entry")
 
 
+class ScriptedTurnModel:
+    """P(turn complete) for the words in the audio: ``incomplete`` endings score low.
+
+    Takes ``delay_s`` of the manual clock; ``fail`` makes it raise."""
+
+    def __init__(self, vocabulary: Vocabulary, clock: ManualClock, delay_s: float = 0.02,
+                 incomplete: tuple[str, ...] = ("is", "to", "um", "and")) -> None:
+        self.vocabulary = vocabulary
+        self.clock = clock
+        self.delay_s = delay_s
+        self.incomplete = incomplete
+        self.fail = False
+        self.heard: list[str] = []
+
+    async def __call__(self, pcm16: bytes) -> float:
+        text = decode_words(pcm16, self.vocabulary)
+        self.heard.append(text)
+        await self.clock.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("turn model crashed")
+        return 0.05 if text.split()[-1:] and text.split()[-1] in self.incomplete else 0.9
+
+
 class RecordingOutput:
     encoding = "pcm16"
 
@@ -238,36 +280,49 @@ class RecordingOutput:
                 and all(e.get(k) == v for k, v in match.items())]
 
 
+def numbered_frames(ms: int) -> bytes:
+    """Reply audio whose every 20 ms frame holds its own number (1, 2, ...)."""
+    per_frame = RATE * FRAME_MS // 1000
+    return np.repeat(np.arange(1, ms // FRAME_MS + 1, dtype="<i2"), per_frame).tobytes()
+
+
+def frame_number(frame: bytes) -> int:
+    return int(np.frombuffer(frame, dtype="<i2")[0])
+
+
 def tone(ms: int, value: int = 500, rate: int = RATE) -> bytes:
     return np.full(rate * ms // 1000, value, dtype="<i2").tobytes()
 
 
 class CallHarness:
     def __init__(self, *, decode_s: float = 0.05, settings: dict[str, Any] | None = None,
-                 faqs: dict[str, str] | None = None) -> None:
+                 faqs: dict[str, str] | None = None, early_finals: bool = False,
+                 turn_model: bool = False) -> None:
         self.clock = ManualClock()
         self.vocabulary = Vocabulary()
         self.settings = Settings.load({"min_speech_ms": 120, "barge_in_min_speech_ms": 400,
                                        "end_of_turn_silence_ms": 300, "playout_lead_ms": 60,
                                        "route_min_words": 2, **(settings or {})}, environ={})
         self.vad = ScriptedVad()
-        self.stt = WordSTT(self.vocabulary, self.clock, decode_s)
+        self.stt = WordSTT(self.vocabulary, self.clock, decode_s, early_finals=early_finals)
+        self.turn_model = ScriptedTurnModel(self.vocabulary, self.clock) if turn_model else None
         self.tts = WordTTS()
         self.llm = ScriptedLLM()
         self.agent = Agent(self.llm, filler_after_s=None)  # type: ignore[arg-type]
         self.router = ScriptedRouter(faqs=dict(faqs or {}))
         self.stats = Stats()
         prompts = AudioBank(rates=(RATE,), encoded=())
-        for key, text in PROMPT_TEXTS.items():
+        for key, text in prompt_texts(self.settings.greeting).items():
             prompts.add(Clip(key, text, tone(300, 700), RATE))
         cache = AudioBank(rates=(RATE,), encoded=())
         for entry in self.router.faqs.values():
-            cache.add(Clip(entry, f"answer {entry}", tone(1000, 900), RATE))
+            cache.add(Clip(entry, f"answer {entry}", numbered_frames(1000), RATE))
         self.responder = Responder(self.agent, self.tts, prompts, cache)  # type: ignore[arg-type]
         self.output = RecordingOutput(self.clock)
         self.deps = CallDeps(settings=self.settings, vad=self.vad, stt=self.stt,
                              responder=self.responder, router=self.router, stats=self.stats,
-                             new_conversation=self.agent.new_conversation, clock=self.clock)
+                             new_conversation=self.agent.new_conversation, clock=self.clock,
+                             turn_model=self.turn_model)
         self.call = Call(self.deps, self.output, RATE, call_id="test-call")
         self._task: asyncio.Task[None] | None = None
 

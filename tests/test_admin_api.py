@@ -212,10 +212,11 @@ def test_bad_entries_are_refused_with_the_validation_errors(own_server):
         assert all(e["changed"] and e["entry"] == "lost_card" for e in errors)
 
         bad = client.post("/admin/entries", json={
-            "intent": "bad intent!", "answer": "x", "questions": ["one", ""]})
+            "intent": "bad\u0007intent", "answer": "x", "questions": ["one", ""]})
         assert bad.status_code == 400
         reasons = [e["reason"] for e in bad.json()["errors"]]
-        assert any("bad intent 'bad intent!'" in r for r in reasons)
+        assert any(r.startswith("bad intent 'bad\\x07intent'") and "control" in r
+                   for r in reasons)
         assert "empty question" in reasons
 
         clash = client.post("/admin/entries", json={
@@ -278,7 +279,8 @@ def test_seed_upload_raw_and_multipart(own_server):
         assert report["entries"] == len(SMALL_INTENTS) + 1
         assert report["rendered"] == 1 and report["reused"] == report["answer_entries"] - 1
         assert 0.0 <= report["expected_hit_rate"] <= 1.0
-        assert set(report["thresholds"]) >= {"hit_similarity", "hit_margin", "min_similarity"}
+        assert set(report["thresholds"]) >= {"hit_confidence", "min_similarity", "bounded"}
+        assert "precision: " in report["summary"]
         assert serving_version(server) == report["version"]
         ids = {e["id"] for e in client.get("/admin/entries").json()["entries"]}
         assert "mortgage_info" in ids
@@ -307,7 +309,7 @@ async def test_bad_csv_upload_lists_every_row_and_keeps_serving(own_server):
            "What are your opening hours?,We open at nine.,opening_hours,\n"
            ",An answer without a question,orphan,\n"
            "Can I get a refund?,Yes.,refunds,refund\n"
-           "What is your routing number?,It is 021.,bad intent!,\n"
+           "What is your routing number?,It is 021.,bad\x01intent,\n"
            "When are you open?,,opening_hours,\n")
     with admin(server) as client:
         response = client.post("/admin/seed", content=bad.encode(),
@@ -318,7 +320,7 @@ async def test_bad_csv_upload_lists_every_row_and_keeps_serving(own_server):
         reasons = {e["line"]: e["reason"] for e in body["errors"]}
         assert reasons[3] == "empty question"
         assert "unknown action 'refund'" in reasons[4]
-        assert "bad intent 'bad intent!'" in reasons[5]
+        assert reasons[5].startswith("bad intent 'bad\\x01intent'")
         assert "3 bad row(s)" in body["error"] and body["version"] == version
 
         binary = client.post("/admin/seed", files={"file": ("x.csv", b"\x00\x01\x02", "text/csv")})

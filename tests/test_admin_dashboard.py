@@ -1,15 +1,11 @@
 """The dashboard in a real headless Chromium: it loads, asks for the token, refuses a wrong one,
 and shows the figures ``/admin/stats`` returns.
 
-Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/ensure-browser.sh`` installs them).
-Skipped when they are absent, except under CI (the ``CI`` environment variable), where a missing
-browser is a failure.
+The browser comes from tests/browser_support.py (skipped without Chromium, except under CI).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -19,50 +15,17 @@ import pytest
 
 from gateway.client import Caller
 from tests.admin_support import AUTH, TOKEN, seed_small, start_admin_server
+from tests.browser_support import chromium
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = os.environ.get("VOICEGATE_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("VOICEGATE_CHROMEDRIVER", "/usr/bin/chromedriver")
 SCREENSHOT = Path(tempfile.gettempdir()) / "voicegate-dashboard.png"
-
-
-def _browser_missing() -> str | None:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not (Path(p).is_file() or shutil.which(p))]
-    if missing:
-        return f"{' and '.join(missing)} not installed (run scripts/ensure-browser.sh)"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e '.[dev]')"
-    return None
 
 
 @pytest.fixture(scope="module")
 def browser():
-    reason = _browser_missing()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but the dashboard test cannot run: {reason}")
-        pytest.skip(f"headless Chromium test skipped: {reason}")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="voicegate-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage", "--window-size=1280,1100",
-                 f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +130,41 @@ async def test_dashboard_shows_what_the_api_returns(browser, dashboard_server):
 
     browser.save_screenshot(str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_one_click_makes_a_missed_group_an_entry(browser, dashboard_server, runtime):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = dashboard_server
+    question = "can I pay in with a cheque at the post office"
+    draft = "Yes, you can pay cheques in at any post office counter."
+    for call_id in ("dash-1", "dash-2"):
+        runtime.stats.turn_finished({"turn": 1, "source": "llm", "action": "llm"}, question,
+                                    route_score=0.1, answer=draft, call_id=call_id)
+    browser.get(server.base_url + "/admin/")
+    browser.execute_script(f"sessionStorage.setItem('voicegate.adminToken', '{TOKEN}')")
+    browser.get(server.base_url + "/admin/")
+    wait = WebDriverWait(browser, 60)
+
+    def group_item(d):
+        for li in d.find_elements(By.CSS_SELECTOR, "#top-misses .miss-group"):
+            if li.find_element(By.CSS_SELECTOR, ".question").text == question:
+                return li
+        return False
+
+    item = wait.until(group_item)
+    assert item.find_element(By.CSS_SELECTOR, ".calls").text == \
+        "would have answered 2 calls instantly"
+    item.find_element(By.CSS_SELECTOR, "button.promote").click()
+    entry_prompt = wait.until(lambda d: d.switch_to.alert)
+    entry_prompt.send_keys("post_office_cheques")
+    entry_prompt.accept()
+    answer_prompt = wait.until(lambda d: d.switch_to.alert)
+    assert answer_prompt.text.startswith("Answer")
+    answer_prompt.accept()  # the agent's draft, unchanged
+    wait.until(lambda d: "published as post_office_cheques" in
+               d.find_element(By.ID, "promote-result").text)
+    entry = httpx.get(server.base_url + "/admin/entries/post_office_cheques", headers=AUTH,
+                      timeout=30).json()["entry"]
+    assert entry["answer"] == draft and entry["paraphrases"] == [question]

@@ -168,7 +168,9 @@ async def test_the_inbound_buffer_is_bounded():
 
 
 async def test_a_cache_hit_replays_the_entry_and_the_partials_decided_it():
-    h = await CallHarness(faqs={"opening hours": "hours"}).start()
+    # Every new word routed (no step, never settled): the last partial is the final.
+    h = await CallHarness(faqs={"opening hours": "hours"},
+                          settings={"route_step_words": 1, "route_settle_after": 0}).start()
     await h.say("what are your opening hours", then_silence_ms=1500)
     await h.stop()
     (route,) = h.output.of("route")
@@ -177,27 +179,18 @@ async def test_a_cache_hit_replays_the_entry_and_the_partials_decided_it():
     assert h.metrics()[0]["first_audio_ms"] is not None
 
 
-async def test_whisper_finalize_cuts_the_utterance_before_it_decodes():
-    from gateway.providers.whisper_stt import WhisperStream
-
-    release = asyncio.Event()
-
-    class SlowDecoder:  # stands in for the model: "decodes" to the byte count
-        partial_interval_s = 10.0
-        max_utterance_samples = 16000 * 30
-
-        async def transcribe_async(self, pcm16: bytes) -> str:
-            await release.wait()
-            return f"{len(pcm16)} bytes"
-
-    stream = WhisperStream(SlowDecoder())  # type: ignore[arg-type]
-    await stream.send_audio(b"\x01\x00" * 1000)
-    final = asyncio.ensure_future(stream.finalize())
-    await stream.send_audio(b"\x02\x00" * 300)  # the caller talks on while it decodes
-    release.set()
-    assert (await final).text == "2000 bytes"
-    assert (await stream.finalize()).text == "600 bytes"  # only the new audio
-    await stream.aclose()
+async def test_partials_routed_only_when_they_can_change_the_decision():
+    h = await CallHarness(faqs={"opening hours": "hours"},
+                          settings={"route_step_words": 2, "route_settle_after": 0}).start()
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.stop()
+    # Five one-word partials: "what are" and "what are your opening" routed (min 2 words,
+    # then two new words), the others skipped; the final is routed on its own words.
+    (metrics,) = h.metrics()
+    assert (metrics["partials_routed"], metrics["partials_skipped"]) == (2, 3)
+    (route,) = h.output.of("route")
+    assert route["hit"] and route["reused"] is False
+    assert [e["source"] for e in h.output.of("response")] == ["cache"]
 
 
 def test_every_logger_of_the_package_is_under_voicegate():

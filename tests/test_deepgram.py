@@ -29,8 +29,15 @@ def stt(server: ServerThread, key: str = "test-key", **kwargs) -> DeepgramSTT:
 
 
 async def send(stream: STTStream, frame: bytes, count: int) -> None:
+    """Frame by frame, each on the wire before the next (the stream would otherwise send
+    what queued up as one message, and the fake reveal words per message)."""
     for _ in range(count):
         await stream.send_audio(frame)
+        outbox = getattr(stream, "_outbox", None)
+        for _ in range(500):
+            if outbox is None or outbox.empty():
+                break
+            await asyncio.sleep(0.002)
 
 
 async def until(predicate, timeout: float = 5.0) -> bool:
@@ -133,3 +140,46 @@ async def test_refused_connection_is_a_provider_error_without_the_key(deepgram):
     assert "wrong-secret-key" not in str(info.value)
     await stream.aclose()
     await recognizer.aclose()
+
+
+async def test_the_realistic_fake_paces_interims_and_delays_finals() -> None:
+    """What bench/capacity.py relies on: one interim per second of audio at most, and a
+    final no sooner than 150 ms after the end of speech (the real service's latency)."""
+    import json
+    import time
+
+    from websockets.asyncio.client import connect
+
+    fake = FakeDeepgram().realistic()
+    fake.utterances = [" ".join(f"w{i}" for i in range(40))]
+    fake.ms_per_word = 100
+    with ServerThread(fake.app) as server:
+        url = f"{server.ws_url}/v1/listen?sample_rate=16000&endpointing=300"
+        async with connect(url, additional_headers={"Authorization": "Token test-key"}) as ws:
+            for _ in range(150):  # 3 s of speech, sent at once
+                await ws.send(VOICE)
+            spoken_at = time.monotonic()
+            for _ in range(20):  # 400 ms of silence: the endpoint
+                await ws.send(SILENCE)
+            messages = []
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                messages.append((time.monotonic(), message))
+                if message.get("is_final"):
+                    break
+    interims = [m for _, m in messages if not m["is_final"]]
+    finished_at, final = messages[-1]
+    assert 1 <= len(interims) <= 3  # 30 words recognised, shown at most once a second
+    assert final["speech_final"] and len(final["channel"]["alternatives"][0]["words"]) == 30
+    assert finished_at - spoken_at >= 0.15
+
+
+async def test_audio_queued_while_the_socket_was_busy_goes_out_in_few_messages(deepgram) -> None:
+    fake, server = deepgram
+    stream = stt(server).open_stream()
+    for _ in range(50):  # one second queued at once (a busy loop, a slow socket)
+        await stream.send_audio(VOICE)
+    assert await until(lambda: fake.sessions and fake.sessions[0].audio_bytes == 50 * len(VOICE))
+    await stream.aclose()
+    # 100 ms a message at most: ten messages, not fifty; every byte arrived, in order.
+    assert fake.sessions[0].messages <= 10

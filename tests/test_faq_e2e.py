@@ -55,13 +55,26 @@ async def test_spoken_faq_is_answered_with_the_pre_rendered_audio(faq_server, sp
 
 
 async def test_decision_made_on_partials_is_reused_at_end_of_turn(faq_server):
+    # Partials of 3 and 5 words are routed (2 new words each): the last is the final.
     async with Caller(faq_server.call_url) as caller:
-        turn = await caller.say_text("I need the routing number for a direct deposit",
+        turn = await caller.say_text("what is my routing number",
                                      partial_words=True, word_interval_s=0.05)
     route = turn.first("route")
     assert route["reused"] is True and route["hit"] is True
     assert route["entry_id"] == "routing_number"
     assert turn.metrics["route_reused"] is True and turn.metrics["source"] == "cache"
+
+
+async def test_a_decision_settled_on_partials_stops_their_routing_the_final_is_checked(
+        faq_server):
+    # Two partials in a row hit the same entry: later partials are not routed, and the
+    # final, whose words no partial routing saw, is routed on its own words.
+    async with Caller(faq_server.call_url) as caller:
+        turn = await caller.say_text("I need the routing number for a direct deposit",
+                                     partial_words=True, word_interval_s=0.05)
+    route = turn.first("route")
+    assert route["hit"] is True and route["entry_id"] == "routing_number"
+    assert turn.metrics["partials_skipped"] > 0 and route["reused"] is False
 
 
 @pytest.mark.parametrize("question, intent, action", [

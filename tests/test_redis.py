@@ -374,7 +374,8 @@ ADMIN_TOKEN = "test-admin-token"
 class Replica:
     """``voicegate serve --redis URL`` in a process of its own."""
 
-    def __init__(self, name: str, redis_url: str, logs: Path) -> None:
+    def __init__(self, name: str, redis_url: str, logs: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -385,7 +386,7 @@ class Replica:
                    VOICEGATE_REDIS_HEARTBEAT_S="1", VOICEGATE_LOG_LEVEL="info",
                    VOICEGATE_ADMIN_TOKEN=ADMIN_TOKEN,
                    # No safety-net poll within the test: new versions must come by pub/sub.
-                   VOICEGATE_REDIS_POLL_S="3600")
+                   VOICEGATE_REDIS_POLL_S="3600", **(env or {}))
         env.pop("VOICEGATE_CONFIG", None)
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import pytest
 
-from gateway.route_batcher import RouteBatcher
+from gateway.route_batcher import RouteBatcher, RoutingShed, TwoLaneRouter
 from intents.types import RouteDecision, miss
 
 
@@ -101,7 +101,8 @@ async def test_batches_shrink_to_the_target_time_when_texts_are_costly(executor)
     await asyncio.gather(*waiting)
     assert len(router.batches[0]) == 12  # nothing measured yet: one full batch
     assert batcher.batch_limit() <= 2
-    await asyncio.gather(*(batcher.route(f"later text {i}") for i in range(6)))
+    # Finals: beyond the limit they wait for the next batch (partials would be shed).
+    await asyncio.gather(*(batcher.route(f"later text {i}", urgent=True) for i in range(6)))
     assert all(1 <= len(batch) <= 2 for batch in router.batches[1:])
     assert sum(len(batch) for batch in router.batches[1:]) == 6
 
@@ -126,7 +127,7 @@ async def test_costly_texts_still_share_a_forward_pass_up_to_min_batch(executor)
     router.release.clear()
     blocker = asyncio.ensure_future(batcher.route("held"))
     await _until(lambda: batcher._running)
-    waiting = [asyncio.ensure_future(batcher.route(f"text {i}")) for i in range(7)]
+    waiting = [asyncio.ensure_future(batcher.route(f"text {i}", urgent=True)) for i in range(7)]
     await asyncio.sleep(0)
     router.release.set()
     await asyncio.gather(blocker, *waiting)
@@ -144,3 +145,60 @@ async def test_a_failing_text_fails_only_its_own_callers(executor):
                                    batcher.route("d e f", urgent=True), return_exceptions=True)
     assert [r.reason for r in (results[0], results[2])] == ["ok", "ok"]
     assert isinstance(results[1], RuntimeError)
+
+
+async def test_under_load_old_partials_are_shed_and_finals_never(executor):
+    router = RecordingRouter()
+    batcher = RouteBatcher(router, executor, max_batch=3, min_batch=3)
+    await batcher.route("first")
+    router.release.clear()
+    blocker = asyncio.ensure_future(batcher.route("held"))
+    await _until(lambda: batcher._running)
+    partials = [asyncio.ensure_future(batcher.route(f"partial {i}")) for i in range(6)]
+    finals = [asyncio.ensure_future(batcher.route(f"final {i}", urgent=True)) for i in range(4)]
+    await asyncio.sleep(0)
+    router.release.set()
+    await blocker
+    final_decisions = await asyncio.gather(*finals)
+    partial_results = await asyncio.gather(*partials, return_exceptions=True)
+    assert [d.text for d in final_decisions] == [f"final {i}" for i in range(4)]
+    # The next batch is three finals; the partials were all older than it: shed.
+    assert router.batches[2] == ["final 0", "final 1", "final 2"]
+    assert all(isinstance(r, RoutingShed) for r in partial_results)
+    assert batcher.shed == 6
+    assert not any("partial" in text for batch in router.batches for text in batch)
+
+
+async def test_the_newest_partials_that_fit_are_routed_the_older_shed(executor):
+    router = RecordingRouter()
+    batcher = RouteBatcher(router, executor, max_batch=3, min_batch=3)
+    await batcher.route("first")
+    router.release.clear()
+    blocker = asyncio.ensure_future(batcher.route("held"))
+    await _until(lambda: batcher._running)
+    final = asyncio.ensure_future(batcher.route("the final", urgent=True))
+    partials = [asyncio.ensure_future(batcher.route(f"partial {i}")) for i in range(5)]
+    await asyncio.sleep(0)
+    router.release.set()
+    await asyncio.gather(blocker, final)
+    results = await asyncio.gather(*partials, return_exceptions=True)
+    assert router.batches[2] == ["the final", "partial 3", "partial 4"]
+    assert [isinstance(r, RoutingShed) for r in results] == [True, True, True, False, False]
+
+
+async def test_a_cached_text_never_waits_behind_a_forward_pass():
+    cold_router = RecordingRouter(hold_first=True)  # a long forward pass, held
+    warm_router = RecordingRouter()
+    with ThreadPoolExecutor(max_workers=1) as cold_pool, \
+            ThreadPoolExecutor(max_workers=1) as warm_pool:
+        lanes = TwoLaneRouter(warm=RouteBatcher(warm_router, warm_pool),
+                              cold=RouteBatcher(cold_router, cold_pool),
+                              is_warm=lambda text: text.startswith("known"))
+        cold = asyncio.ensure_future(lanes.route("a brand new wording", urgent=True))
+        await _until(lambda: lanes.cold._running)
+        decision = await asyncio.wait_for(lanes.route("known question", urgent=True), 5)
+        assert decision.text == "known question" and not cold.done()
+        cold_router.release.set()
+        assert (await cold).text == "a brand new wording"
+    assert warm_router.batches == [["known question"]]
+    assert cold_router.batches == [["a brand new wording"]]

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from cache_seed import route_lines
-from intents.calibration import NEVER, HeldOut, calibrate
-from intents.classifier import IntentClassifier
+from intents.calibration import NEVER, HeldOut, calibrate, wrong_rate_bound
+from intents.classifier import IntentClassifier, fitted_probabilities
 from intents.embedder import Embedder
+from intents.judge import SIGNALS, Signals
 from intents.loader import LoadedCache
-from intents.router import Router
+from intents.router import Router, models_from_bytes
 from intents.types import Action
 from tests.intents_support import bank_cache, intent_embedder  # noqa: F401
 
@@ -82,8 +83,9 @@ def test_llm_and_handoff_never_hit_even_with_thresholds_wide_open(
         bank_cache: LoadedCache) -> None:  # noqa: F811
     base = bank_cache.router
     open_thresholds = dataclasses.replace(base.thresholds, min_similarity=-1.0,
-                                          hit_similarity=-1.0, hit_margin=-1.0)
-    router = Router(base.embedder, base.classifier, base.cache, base.entries, open_thresholds)
+                                          hit_confidence=-1.0)
+    router = Router(base.embedder, base.classifier, base.judge, base.cache, base.entries,
+                    open_thresholds)
     seen_actions = set()
     for entry in bank_cache.entries.values():
         if entry.action is Action.ANSWER:
@@ -140,35 +142,100 @@ def test_embedding_cache_can_be_off_or_cleared() -> None:
     assert (cached.cache_hits, cached.cache_misses) == (0, 2)
 
 
-def test_classifier_survives_serialisation(bank_cache: LoadedCache,
-                                           intent_embedder: Embedder) -> None:  # noqa: F811
-    original = bank_cache.router.classifier
-    restored = IntentClassifier.from_bytes(original.to_bytes())
-    vector = intent_embedder.encode("what are your wire fees")
-    assert restored.scores(vector) == original.scores(vector)
+def test_models_survive_serialisation(bank_cache: LoadedCache,
+                                       intent_embedder: Embedder) -> None:  # noqa: F811
+    router = bank_cache.router
+    classifier, judge = models_from_bytes(router.models_bytes())
+    restored = Router(router.embedder, classifier, judge, router.cache, router.entries,
+                      router.thresholds)
+    for text in ("what are your wire fees", "what time do you open on monday", "tell me a joke"):
+        a, b = router.route(text), restored.route(text)
+        assert (a.intent, a.hit, a.certainty, a.confidence) == (b.intent, b.hit, b.certainty,
+                                                                b.confidence)
+
+
+def test_fast_probabilities_equal_scikit_learns() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    for labels in (np.array(["a", "b"] * 30), np.array(["a", "b", "c"] * 20)):
+        model = IntentClassifier(c=1.0)._model.fit(x, labels)
+        assert np.allclose(fitted_probabilities(model, x), model.predict_proba(x), atol=1e-10)
+
+
+def _signals(predicted: list[str], similarity: list[float], margin: list[float]) -> Signals:
+    """Held-out signals where similarity and margin carry the information, as in life."""
+    n = len(predicted)
+    matrix = np.zeros((n, len(SIGNALS)))
+    matrix[:, SIGNALS.index("probability")] = np.clip(np.array(margin) + 0.1, 0, 1)
+    matrix[:, SIGNALS.index("margin")] = margin
+    matrix[:, SIGNALS.index("nearest_similarity")] = similarity
+    matrix[:, SIGNALS.index("intent_similarity")] = similarity
+    matrix[:, SIGNALS.index("nearest_agrees")] = 1.0
+    # a little noise so the judge's scaling never divides by a zero spread
+    matrix += np.random.default_rng(len(predicted)).normal(scale=1e-3, size=matrix.shape)
+    labels = np.array(predicted, dtype=object)
+    return Signals(labels, matrix[:, 0], np.array(margin, dtype=float),
+                   np.array(similarity, dtype=float), labels.copy(), matrix)
 
 
 def _held_out(true: list[str], predicted: list[str], similarity: list[float],
-              margin: list[float]) -> HeldOut:
-    return HeldOut(np.array(true, dtype=object), np.array(predicted, dtype=object),
-                   np.array(margin), np.array(predicted, dtype=object), np.array(similarity), 5)
+              margin: list[float], negatives: tuple[list[float], list[float]] = ([], [])
+              ) -> HeldOut:
+    neg_sim, neg_margin = negatives
+    return HeldOut(np.array(true, dtype=object), _signals(predicted, similarity, margin),
+                   _signals(["a"] * len(neg_sim), neg_sim, neg_margin), 5)
 
 
-def test_calibration_keeps_wrong_answers_under_target() -> None:
-    # 300 confident correct answers and 10 wrong ones at low similarity: the
-    # thresholds must exclude the wrong ones.
-    n_right, n_wrong = 300, 10
+def test_clopper_pearson_bound() -> None:
+    # No mistake in n: the one-sided 95% bound is 1 - 0.05 ** (1/n) (the "rule of three").
+    assert wrong_rate_bound(0, 299) == pytest.approx(1 - 0.05 ** (1 / 299), rel=1e-6)
+    assert wrong_rate_bound(0, 299) < 0.01 < wrong_rate_bound(0, 298)
+    # Published value: 1 wrong in 100 -> upper 95% one-sided bound 4.66%.
+    assert wrong_rate_bound(1, 100) == pytest.approx(0.0466, abs=5e-4)
+    assert wrong_rate_bound(0, 0) == 1.0 and wrong_rate_bound(5, 5) == 1.0
+
+
+def test_calibration_bounds_the_wrong_answers_below_target() -> None:
+    # 400 right answers close to the seed, 10 wrong ones far from it: the threshold
+    # must leave out the wrong ones, and 400 clean hits are enough for a 1% bound.
+    n_right, n_wrong = 400, 10
     held = _held_out(["a"] * n_right + ["b"] * n_wrong, ["a"] * (n_right + n_wrong),
-                     [0.9] * n_right + [0.6] * n_wrong, [0.8] * (n_right + n_wrong))
-    t = calibrate(held, {"a", "b"}, target_wrong_rate=0.01)
-    assert 0.6 < t.hit_similarity <= 0.9 and t.hit_margin <= 0.8
-    assert t.expected_wrong_rate == 0.0 and t.expected_hit_rate == pytest.approx(n_right / 310, abs=1e-3)
+                     [0.9] * n_right + [0.5] * n_wrong, [0.8] * n_right + [0.3] * n_wrong,
+                     negatives=([0.45] * 700, [0.2] * 700))
+    t, judge = calibrate(held, {"a", "b"}, target_wrong_rate=0.01)
+    assert t.bounded and t.wrong_rate_bound <= 0.01 and t.expected_wrong_rate == 0.0
+    assert t.expected_hit_rate == pytest.approx(n_right / 410, abs=1e-3)
+    assert t.out_of_domain_hit_rate == 0.0 and t.negatives == 700
+    assert "95% confidence" in t.promise()
+    close = judge.confidence(held.signals.matrix[:1])[0]
+    far = judge.confidence(held.signals.matrix[-1:])[0]
+    assert far < t.hit_confidence <= close
+
+
+def test_a_small_seed_is_served_on_its_point_estimate_and_says_so() -> None:
+    held = _held_out(["a"] * 100, ["a"] * 100, [0.9] * 100, [0.8] * 100,
+                     negatives=([0.4] * 50, [0.1] * 50))
+    t, _ = calibrate(held, {"a"}, target_wrong_rate=0.01)
+    assert not t.bounded and t.expected_hit_rate == 1.0
+    assert t.wrong_rate_bound > 0.01 and "too small to bound" in t.promise()
+    tiny = _held_out(["a"] * 30, ["a"] * 30, [0.9] * 30, [0.8] * 30,
+                     negatives=([0.4] * 50, [0.1] * 50))
+    t, _ = calibrate(tiny, {"a"}, target_wrong_rate=0.01)
+    assert t.hit_confidence == NEVER and t.expected_hit_rate == 0.0  # 30 hits prove nothing
+
+
+def test_out_of_domain_questions_that_look_answered_close_the_cache() -> None:
+    # Negatives indistinguishable from right answers: serving any hit would serve them too.
+    held = _held_out(["a"] * 400, ["a"] * 400, [0.9] * 400, [0.8] * 400,
+                     negatives=([0.9] * 400, [0.8] * 400))
+    t, _ = calibrate(held, {"a"}, target_wrong_rate=0.01)
+    assert t.hit_confidence == NEVER and "no cached answer" in t.promise()
 
 
 def test_calibration_never_hits_when_nothing_meets_the_target() -> None:
     held = _held_out(["a", "b"] * 50, ["b", "a"] * 50, [0.9] * 100, [0.9] * 100)
-    t = calibrate(held, {"a", "b"}, target_wrong_rate=0.01)
-    assert t.hit_similarity == NEVER and t.expected_hit_rate == 0.0
+    t, _ = calibrate(held, {"a", "b"}, target_wrong_rate=0.01)
+    assert t.hit_confidence == NEVER and t.expected_hit_rate == 0.0
 
 
 def test_route_many_matches_route_one_by_one(bank_cache: LoadedCache) -> None:  # noqa: F811

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,11 @@ import pytest
 from cache_seed import SeedValidationError, parse_seed_csv, seed
 from cache_seed.validate import MAX_ANSWER_CHARS, MAX_QUESTION_CHARS
 from intents.store import LocalStore
-from intents.types import Action
+from intents.types import Action, entry_id_for
 from tests.intents_support import intent_embedder, tone_render  # noqa: F401
 
 HEADER = "question,answer,intent,action\n"
+DATA = Path("/work/shared/data")  # Banking77 and CLINC150, where this machine has them
 
 
 def errors_of(data: str | bytes) -> list[tuple[int, str]]:
@@ -69,6 +72,65 @@ def test_duplicate_question_with_conflicting_answers() -> None:
 def test_identical_duplicate_rows_are_dropped() -> None:
     plan = parse_seed_csv((HEADER + "q one,a,,\nq one,a,,\nq two,a,,\n").encode())
     assert plan.questions == ["q one", "q two"]
+
+
+def test_real_world_intent_names_and_long_questions_are_accepted() -> None:
+    spoken = ("I made a payment with my card last week and it was reverted and " * 7).strip()
+    assert 400 < len(spoken) < MAX_QUESTION_CHARS  # Banking77's longest question is 433
+    plan = parse_seed_csv((
+        HEADER +
+        "Why was my card payment reverted?,We reverse a payment when...,reverted_card_payment?,\n"
+        f"{spoken},,reverted_card_payment?,\n"
+        "Where is my card?,Cards arrive in 5 days.,Card arrival (UK),\n"
+        "Card not here yet,,Card arrival (UK),\n"
+        "When are you open?,Nine to five.,opening_hours,\n"
+    ).encode())
+    reverted = plan.entries["reverted_card_payment?"]
+    assert reverted.intent == "reverted_card_payment?" and len(reverted.questions) == 2
+    assert reverted.questions[1] == spoken
+    # Stored and addressed by a safe id; a name that is already safe is its own id.
+    assert reverted.id.startswith("reverted_card_payment-") and "?" not in reverted.id
+    assert plan.entries["Card arrival (UK)"].id.startswith("Card_arrival_UK-")
+    assert plan.entries["opening_hours"].id == "opening_hours"
+    assert entry_id_for("reverted_card_payment?") != entry_id_for("reverted_card_payment!")
+
+
+def test_intent_with_control_characters_or_pasted_text_is_refused() -> None:
+    found = errors_of(HEADER + "q one,a,bad\x01intent,\nq two,b," + "x" * 201 + ",\n")
+    assert [line for line, _ in found] == [2, 3]
+    assert found[0][1] == "bad intent 'bad\\x01intent': it contains a control or invisible " \
+                          "separator character"
+    assert "201 characters, at most 200" in found[1][1]
+
+
+def test_intent_named_like_another_intents_derived_id_is_refused() -> None:
+    clash = entry_id_for("refund?")
+    [(line, reason)] = errors_of(HEADER + f"q one,a,refund?,\nq two,b,{clash},\n")
+    assert line == 3 and f"same entry id {clash!r}" in reason
+
+
+@pytest.mark.parametrize("path, intent_column", [
+    (DATA / "banking77" / "train.csv", "category"),
+    (DATA / "clinc150" / "train.csv", "intent"),
+    (DATA / "clinc150" / "val.csv", "intent"),
+])
+def test_every_row_of_public_intent_datasets_seeds_unmodified(path: Path,
+                                                              intent_column: str) -> None:
+    if not path.is_file():
+        pytest.skip(f"{path} is not on this machine")
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["question", "answer", "intent"])
+    for row in rows:  # one answer per intent, as an operator would write it
+        writer.writerow([row["text"], f"About {row[intent_column]}.", row[intent_column]])
+    plan = parse_seed_csv(buffer.getvalue().encode("utf-8"), source=path.name)
+    assert set(plan.entries) == {r[intent_column] for r in rows}
+    distinct = {" ".join(r["text"].split()).casefold() for r in rows}
+    assert len(plan.questions) == len(distinct)  # identical duplicate rows are dropped, no more
+    ids = [e.id for e in plan.entries.values()]
+    assert len(set(ids)) == len(ids)
 
 
 def test_text_too_long() -> None:

@@ -105,7 +105,8 @@ def test_precedence_file_then_environment_then_overrides(tmp_path):
     path.write_text(json.dumps({"port": 1000, "host": "file", "min_speech_ms": 100}))
     env = {"VOICEGATE_CONFIG": str(path), "VOICEGATE_PORT": "2000", "VOICEGATE_HOST": "env"}
     s = Settings.load({"port": 3000, "host": None}, environ=env)  # None: not given
-    assert (s.port, s.host, s.min_speech_ms, s.end_of_turn_silence_ms) == (3000, "env", 100, 300)
+    assert (s.port, s.host, s.min_speech_ms, s.end_of_turn_silence_ms) == \
+        (3000, "env", 100, Settings().end_of_turn_silence_ms)  # the default
 
 
 def test_construction_and_assignment_are_validated_too():
@@ -152,16 +153,28 @@ def test_secret_values_never_appear_in_dumps_or_errors():
 
 
 def test_serve_store_sets_the_store_dir(monkeypatch, tmp_path):
-    import uvicorn
-
     import gateway.app
     import gateway.logs
     from gateway import cli
 
+    import gateway.drain
+
     seen: dict[str, object] = {}
+
+    from types import SimpleNamespace
+
+    # What create_app returns, as far as serve reads it (the draining server's hooks).
+    App = SimpleNamespace(state=SimpleNamespace(services=SimpleNamespace(
+        begin_drain=lambda: None, admission=SimpleNamespace(active=0))))
+
+    def create_app(settings):
+        seen["s"] = settings
+        return App
+
     monkeypatch.setattr(gateway.logs, "configure", lambda level: None)
-    monkeypatch.setattr(gateway.app, "create_app", lambda settings: seen.setdefault("s", settings))
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.setdefault("opts", options))
+    monkeypatch.setattr(gateway.app, "create_app", create_app)
+    monkeypatch.setattr(gateway.drain.DrainingServer, "run",
+                        lambda self: seen.setdefault("opts", {"port": self.config.port}))
     for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
     assert cli.main(["serve", "--port", "0", "--store", str(tmp_path / "store")]) == 0

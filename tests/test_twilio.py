@@ -368,3 +368,26 @@ async def test_marks_confirm_only_the_current_uncleared_reply():
     out.reply_started(2)
     assert out.mark_played("1:200") and out.confirmed_heard_ms() == 0.0  # a stale reply's echo
     assert not out.mark_played("hello")
+
+
+async def test_a_resumed_reply_counts_only_the_marks_sent_after_the_resume():
+    sent: list[dict[str, Any]] = []
+
+    class Outbox:
+        def send_text(self, text: str) -> None:
+            sent.append(json.loads(text))
+
+    out = TwilioOutput(Outbox(), "MZ1", "call")  # type: ignore[arg-type]
+    out.reply_started(3)
+    for _ in range(15):  # 300 ms sent
+        await out.send_audio(b"\xff" * 160)
+    assert out.mark_played("3:100")
+    await out.interrupt({"turn": 3, "heard_ms": 100.0})
+    out.reply_resumed(100.0)  # noise: the reply is sent again from 100 ms
+    assert out.mark_played("3:200") and out.confirmed_heard_ms() == 100.0  # dropped at clear
+    for _ in range(10):
+        await out.send_audio(b"\xff" * 160)
+    marks = [m["mark"]["name"] for m in sent if m["event"] == "mark"]
+    assert marks[-2:] == ["3.1:200", "3.1:300"]  # positions continue from the resume point
+    assert out.mark_played("3.1:200") and out.confirmed_heard_ms() == 200.0
+    assert not out.mark_played("3.x:200")

@@ -74,3 +74,34 @@ async def test_a_failing_window_fails_only_its_own_call():
                                        return_exceptions=True)
     assert results[0] == [0.5] and results[2] == [0.5, 0.5]
     assert isinstance(results[1], ValueError)
+
+
+async def test_windows_arriving_within_the_batch_interval_share_one_model_run():
+    import asyncio
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from gateway.vad import SileroState, VADBatcher
+
+    class CountingVad:
+        def __init__(self) -> None:
+            self.runs: list[int] = []
+
+        def probabilities_batch(self, states, windows):
+            self.runs.append(len(states))
+            return [[0.1] * len(call) for call in windows]
+
+    window = [np.zeros(512, np.float32)]
+    for interval_ms, expected in ((0.0, [1, 1, 1]), (1000.0, [1, 2])):
+        vad = CountingVad()
+        with ThreadPoolExecutor(1) as pool:
+            batcher = VADBatcher(vad, pool, interval_ms)  # type: ignore[arg-type]
+            await batcher.score(SileroState(), window)  # starts the interval
+            first = asyncio.ensure_future(batcher.score(SileroState(), window))
+            await asyncio.sleep(0.02)  # the next call's window comes a little later
+            second = asyncio.ensure_future(batcher.score(SileroState(), window))
+            await asyncio.gather(first, second)
+        # Back to back: each window alone; with an interval: both in the next run.
+        assert vad.runs == expected

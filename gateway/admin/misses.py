@@ -20,6 +20,7 @@ from ..stats import MissedQuestion
 
 DEFAULT_THRESHOLD = 0.75
 EXAMPLES_PER_GROUP = 5
+QUESTIONS_PER_GROUP = 50  # distinct wordings offered as a promoted entry's paraphrases
 
 
 def is_agent_intent(missed: MissedQuestion, hit_similarity: float) -> bool:
@@ -37,6 +38,8 @@ class _Group:
     shown: dict[str, str] = field(default_factory=dict)  # normalized -> first spelling seen
     intents: Counter[str | None] = field(default_factory=Counter)
     last_at: float = 0.0
+    calls: set[str] = field(default_factory=set)
+    answer: tuple[float, str] | None = None  # (when, what) the agent answered most recently
 
 
 def group_misses(missed: Sequence[MissedQuestion], embedder: Embedder,
@@ -48,12 +51,17 @@ def group_misses(missed: Sequence[MissedQuestion], embedder: Embedder,
     spelling: dict[str, str] = {}
     intents: dict[str, Counter[str | None]] = {}
     last_at: dict[str, float] = {}
-    for m in missed:
+    calls: dict[str, set[str]] = {}
+    answers: dict[str, tuple[float, str]] = {}
+    for n, m in enumerate(missed):
         key = normalize_text(m.text)
         counts[key] += 1
         spelling.setdefault(key, m.text)
         intents.setdefault(key, Counter())[m.intent] += 1
         last_at[key] = max(last_at.get(key, 0.0), m.at)
+        calls.setdefault(key, set()).add(m.call_id or f"#{n}")  # no id: a call of its own
+        if m.answer and (key not in answers or m.at >= answers[key][0]):
+            answers[key] = (m.at, m.answer)
     texts = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     vectors = embedder.encode_batch(texts)
     groups: list[_Group] = []
@@ -71,6 +79,9 @@ def group_misses(missed: Sequence[MissedQuestion], embedder: Embedder,
         best.shown.setdefault(text, spelling[text])
         best.intents.update(intents[text])
         best.last_at = max(best.last_at, last_at[text])
+        best.calls |= calls[text]
+        if text in answers and (best.answer is None or answers[text][0] >= best.answer[0]):
+            best.answer = answers[text]
     out = []
     for group in groups:
         ranked = [t for t, _ in group.texts.most_common()]
@@ -83,6 +94,10 @@ def group_misses(missed: Sequence[MissedQuestion], embedder: Embedder,
             "intents": [{"intent": intent, "count": n}
                         for intent, n in group.intents.most_common()],
             "last_at": group.last_at,
+            # Calls that asked it: each would have been answered instantly by an entry.
+            "calls": len(group.calls),
+            "draft_answer": group.answer[1] if group.answer else None,
+            "questions": [group.shown[t] for t in ranked[:QUESTIONS_PER_GROUP]],
         })
     out.sort(key=lambda g: (-g["count"], -g["last_at"]))
     return out[:limit]

@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 from cache_seed import (SeedPlan, SeedReport, parse_seed_csv, parse_seed_rows,
                         rows_from_manifest)
 
+from intents.types import entry_id_for
+
 from ..seeding import seed_plan_with_voice
 from ..services import Services
 
@@ -28,6 +30,10 @@ class SeedBusy(RuntimeError):
 
 class EntryNotFound(KeyError):
     pass
+
+
+class EntryExists(ValueError):
+    """A new entry was asked for under an id the serving version already has."""
 
 
 class BadEntry(ValueError):
@@ -76,13 +82,18 @@ class Publisher:
         thresholds = manifest.get("thresholds") or {}
         return float(thresholds.get("target_wrong_rate", 0.01))
 
-    async def _publish(self, plan: SeedPlan, source: str, target_wrong_rate: float) -> SeedReport:
+    async def _publish(self, plan: SeedPlan, source: str, target_wrong_rate: float,
+                       manifest: Mapping[str, Any]) -> SeedReport:
+        """Publish ``plan``, keeping the serving version's own negatives (``manifest``)."""
         services = self.services
         runtime = services.runtime
         cache = services.cache
         assert cache is not None
+        # The voice renders on this (the serving) loop, from the seeding thread.
         report = await asyncio.to_thread(seed_plan_with_voice, plan, cache.store, runtime.tts,
-                                         runtime.embedder, source, target_wrong_rate)
+                                         runtime.embedder, source, target_wrong_rate,
+                                         asyncio.get_running_loop(),
+                                         tuple(manifest.get("negatives") or ()))
         await asyncio.to_thread(cache.refresh)
         return report
 
@@ -96,21 +107,28 @@ class Publisher:
         self._claim()
         async with self.lock:
             plan = await asyncio.to_thread(parse_seed_csv, data, source)
+            _, manifest = await asyncio.to_thread(self._serving_manifest)
             if target_wrong_rate is None:
-                _, manifest = await asyncio.to_thread(self._serving_manifest)
                 target_wrong_rate = self._target_wrong_rate(manifest)
-            return await self._publish(plan, source, target_wrong_rate)
+            return await self._publish(plan, source, target_wrong_rate, manifest)
 
     # ------------------------------------------------------------------ entries
 
-    async def upsert_entry(self, body: Mapping[str, Any]) -> tuple[SeedReport, str, bool]:
-        """Add or replace one entry; returns (report, entry id, created)."""
+    async def upsert_entry(self, body: Mapping[str, Any],
+                           create_only: bool = False) -> tuple[SeedReport, str, bool]:
+        """Add or replace one entry; returns (report, entry id, created). With
+        ``create_only`` an id the serving version has is refused (``EntryExists``)."""
         entry_id, answer, action, questions = _entry_fields(body)
         self._claim()
         async with self.lock:
             await asyncio.to_thread(self.services.cache.refresh)  # type: ignore[union-attr]
             _, manifest = await asyncio.to_thread(self._serving_manifest)
-            existing = next((e for e in manifest["entries"] if e["id"] == entry_id), None)
+            existing = _find_entry(manifest, entry_id)
+            if existing is not None and create_only:
+                raise EntryExists(f"entry {entry_id!r} already exists; choose a new id (or "
+                                  "edit that entry with POST /admin/entries)")
+            if existing is not None:  # addressed by its id or its intent name
+                entry_id = existing["intent"]
             if existing is None and not questions:
                 raise BadEntry("a new entry needs 'questions': a non-empty list of questions")
             if existing is not None:
@@ -129,22 +147,29 @@ class Publisher:
                      [RowLabel(r["intent"], r["question"], False) for r in kept]
             plan = await asyncio.to_thread(_parse_labelled, rows, labels, f"entry {entry_id}")
             report = await self._publish(plan, f"admin: entry {entry_id}",
-                                         self._target_wrong_rate(manifest))
-            return report, entry_id, existing is None
+                                         self._target_wrong_rate(manifest), manifest)
+            return report, entry_id_for(entry_id), existing is None
 
     async def delete_entry(self, entry_id: str) -> SeedReport:
         self._claim()
         async with self.lock:
             await asyncio.to_thread(self.services.cache.refresh)  # type: ignore[union-attr]
             _, manifest = await asyncio.to_thread(self._serving_manifest)
-            if not any(e["id"] == entry_id for e in manifest["entries"]):
+            existing = _find_entry(manifest, entry_id)
+            if existing is None:
                 raise EntryNotFound(entry_id)
+            entry_id = existing["intent"]
             kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
             labels = [RowLabel(r["intent"], r["question"], False) for r in kept]
             plan = await asyncio.to_thread(_parse_labelled, kept, labels,
                                            f"without entry {entry_id}")
             return await self._publish(plan, f"admin: delete {entry_id}",
-                                       self._target_wrong_rate(manifest))
+                                       self._target_wrong_rate(manifest), manifest)
+
+
+def _find_entry(manifest: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """The manifest entry whose id (as in URLs) or intent name is ``name``."""
+    return next((e for e in manifest["entries"] if name in (e["id"], e["intent"])), None)
 
 
 class _Keep:

@@ -19,9 +19,11 @@ from cache_seed import SeedError, SeedValidationError
 from ..services import Services
 from . import auth
 from .auth import admin_only, error
+from intents.embedder import normalize_text
+
 from .misses import DEFAULT_THRESHOLD, group_misses, is_agent_intent
-from .publish import (BadEntry, EntryNotFound, LabelledValidationError, Publisher, SeedBusy,
-                      report_json)
+from .publish import (BadEntry, EntryExists, EntryNotFound, LabelledValidationError, Publisher,
+                      SeedBusy, report_json)
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_ENTRY_BODY_BYTES = 1024 * 1024  # one entry with its paraphrases, as JSON
@@ -135,16 +137,23 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
     return error(f"{exc}; the previous version keeps serving", 500)
 
 
-@admin_ready
-async def post_entry(request: Request, services: Services) -> Response:
+async def _json_body(request: Request) -> Any:
+    """The request's JSON body (at most MAX_ENTRY_BODY_BYTES), or the error response."""
     try:
-        body = json.loads(await read_body(request, MAX_ENTRY_BODY_BYTES) or b"null")
+        return json.loads(await read_body(request, MAX_ENTRY_BODY_BYTES) or b"null")
     except BodyTooLarge as exc:
         return error(str(exc), 413)
     except RecursionError:
         return error("the body is not usable JSON: nested too deeply", 400)
     except (ValueError, UnicodeDecodeError) as exc:  # incl. integers of over 4,300 digits
         return error(f"the body is not JSON: {str(exc)[:200]}", 400)
+
+
+@admin_ready
+async def post_entry(request: Request, services: Services) -> Response:
+    body = await _json_body(request)
+    if isinstance(body, Response):
+        return body
     try:
         report, entry_id, created = await _publisher(request).upsert_entry(body)
     except BadEntry as exc:
@@ -227,6 +236,19 @@ async def seed_upload(request: Request, services: Services) -> Response:
 # ---------------------------------------------------------------------- misses
 
 
+async def _miss_groups(services: Services, threshold: float, limit: int,
+                       everything: bool) -> tuple[int, list[dict[str, Any]]]:
+    missed = services.runtime.stats.missed_questions()
+    loaded = services.cache.loaded  # type: ignore[union-attr]
+    # Without a serving version nothing is confidently an agent intent.
+    hit_similarity = loaded.thresholds.hit_similarity if loaded else float("inf")
+    if not everything:
+        missed = [m for m in missed if not is_agent_intent(m, hit_similarity)]
+    groups = await asyncio.to_thread(group_misses, missed, services.runtime.embedder,
+                                     threshold, limit)
+    return len(missed), groups
+
+
 @admin_ready
 async def misses(request: Request, services: Services) -> Response:
     query = request.query_params
@@ -238,16 +260,84 @@ async def misses(request: Request, services: Services) -> Response:
     if not (limit > 0 and 0.0 < threshold <= 1.0):
         return error("limit must be positive and threshold in (0, 1]", 400)
     everything = query.get("all", "").lower() in ("1", "true", "yes")
-    missed = services.runtime.stats.missed_questions()
-    loaded = services.cache.loaded  # type: ignore[union-attr]
-    # Without a serving version nothing is confidently an agent intent.
-    hit_similarity = loaded.thresholds.hit_similarity if loaded else float("inf")
-    if not everything:
-        missed = [m for m in missed if not is_agent_intent(m, hit_similarity)]
-    groups = await asyncio.to_thread(group_misses, missed, services.runtime.embedder,
-                                     threshold, limit)
-    return JSONResponse({"total": len(missed), "threshold": threshold,
+    total, groups = await _miss_groups(services, threshold, limit, everything)
+    return JSONResponse({"total": total, "threshold": threshold,
                          "agent_intents_included": everything, "groups": groups})
+
+
+_PROMOTE_FIELDS = {"question", "intent", "answer", "threshold", "all"}
+
+
+def _promotion(body: Any) -> tuple[str, str, str | None, float, bool]:
+    """(question, new entry id, answer or None for the draft, threshold, all) or BadEntry."""
+    if not isinstance(body, dict):
+        raise BadEntry("the body must be a JSON object: {\"question\": <a group's question>, "
+                       "\"intent\": <the new entry's id>, \"answer\": <optional>}")
+    unknown = sorted(set(body) - _PROMOTE_FIELDS)
+    if unknown:
+        raise BadEntry(f"unknown field(s): {', '.join(unknown)} "
+                       f"(expected {', '.join(sorted(_PROMOTE_FIELDS))})")
+    question, intent, answer = body.get("question"), body.get("intent"), body.get("answer")
+    if not isinstance(question, str) or not normalize_text(question):
+        raise BadEntry("'question' must name the group: one of its questions, as listed by "
+                       "GET /admin/misses")
+    if not isinstance(intent, str) or not intent.strip():
+        raise BadEntry("'intent' must be the new entry's id, a non-empty string")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        raise BadEntry("'answer' must be a non-empty string, or left out for the agent's "
+                       "most recent answer")
+    threshold = body.get("threshold", DEFAULT_THRESHOLD)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not 0.0 < threshold <= 1.0:
+        raise BadEntry("'threshold' must be a number in (0, 1], the one the groups were "
+                       "listed with")
+    everything = body.get("all", False)
+    if not isinstance(everything, bool):
+        raise BadEntry("'all' must be true or false")
+    return question, intent.strip(), answer, float(threshold), everything
+
+
+@admin_ready
+async def promote_miss(request: Request, services: Services) -> Response:
+    """One group of missed questions -> a new FAQ entry, published like a seed."""
+    body = await _json_body(request)
+    if isinstance(body, Response):
+        return body
+    try:
+        question, entry_id, answer, threshold, everything = _promotion(body)
+    except BadEntry as exc:
+        return error(str(exc), 400)
+    _, groups = await _miss_groups(services, threshold, 10 ** 6, everything)
+    wanted = normalize_text(question)
+    group = next((g for g in groups
+                  if wanted in {normalize_text(q) for q in g["questions"]}), None)
+    if group is None:
+        return error(f"no group of missed questions holds {question[:200]!r} (threshold "
+                     f"{threshold:g}); list them again with GET /admin/misses", 404)
+    answer = answer.strip() if answer else group["draft_answer"]
+    if not answer:
+        return error("the agent never answered these questions, so there is no draft: "
+                     "give the entry's 'answer'", 400)
+    entry = {"intent": entry_id, "answer": answer, "action": "answer",
+             "questions": group["questions"]}
+    try:
+        report, entry_id, _ = await _publisher(request).upsert_entry(entry, create_only=True)
+    except BadEntry as exc:
+        return error(str(exc), 400)
+    except EntryExists as exc:
+        return error(str(exc), 409)
+    except (LabelledValidationError, SeedBusy, SeedError) as exc:
+        return _publish_failed(exc, services)
+    # Answered from now on: they leave the misses list.
+    services.runtime.stats.forget_missed({normalize_text(q) for q in group["questions"]},
+                                         normalize_text)
+    loaded = services.cache.loaded  # type: ignore[union-attr]
+    published = loaded.entries.get(entry_id) if loaded else None
+    return JSONResponse({"version": report.version, "created": True,
+                         "entry": _entry_json(published, 0) if published else None,
+                         "promoted": {"questions": len(group["questions"]),
+                                      "calls": group["calls"], "answer": answer},
+                         "report": report_json(report)}, status_code=201)
 
 
 # ---------------------------------------------------------------------- dashboard
@@ -283,4 +373,5 @@ def admin_routes() -> list[BaseRoute]:
         Route("/admin/entries/{entry_id}", delete_entry, methods=["DELETE"]),
         Route("/admin/seed", seed_upload, methods=["POST"]),
         Route("/admin/misses", misses),
+        Route("/admin/misses/promote", promote_miss, methods=["POST"]),
     ]

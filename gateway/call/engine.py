@@ -21,10 +21,10 @@ import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine
 
 from intents.embedder import normalize_text
-from intents.types import RouteDecision
+from intents.types import Action, RouteDecision
 
 from .. import logs
 from ..agent import Conversation
@@ -35,16 +35,26 @@ from ..responder import Responder, Turn
 from ..settings import Settings
 from ..stats import Stats
 from ..timeline import TurnTimeline
+from ..tracing import CallTrace
 from ..vad import SAMPLE_RATE as VAD_RATE
 from ..vad import WINDOW_BYTES, pcm16_windows
+from .idle import IdleWatch
+from .keypad import Collected, Keypad, Mapped, check_key
+from .recording import CallRecorder, RecordedOutput
 from .reply import CallOutput, ReplyStage, StageFailed
-from .speculation import RouteFn, Speculation
-from .turns import SpeechStarted, TurnDetector, TurnEnded, TurnSettings, VadScorer
+from .speculation import RouteFn, Speculation, SpeculationRules
+from .end_of_turn import EndOfTurnSettings, lexically_incomplete
+from .turns import (SpeechPaused, SpeechResumed, SpeechStarted, TurnDetector, TurnEnded,
+                    TurnSettings, VadScorer)
 
 log = logging.getLogger("voicegate.call")
 
 # The same failure is reported to the client at most this often (it is always counted).
 _REPORT_EVERY_S = 5.0
+
+
+# P(the caller's turn is complete) from the turn's audio (16 kHz PCM16).
+TurnModelFn = Callable[[bytes], Awaitable[float]]
 
 
 @dataclass
@@ -59,6 +69,18 @@ class CallDeps:
     stats: Stats
     new_conversation: Callable[[], Conversation]
     clock: Clock = SYSTEM_CLOCK
+    # P(the caller's turn is complete) from the turn's audio (16 kHz PCM16); None: no model.
+    turn_model: TurnModelFn | None = None
+    # OpenTelemetry tracer (tests: the SDK's, with an in-memory exporter); None: the global one.
+    tracer: Any = None
+
+
+def end_of_turn_settings(settings: Settings) -> EndOfTurnSettings:
+    return EndOfTurnSettings(silence_ms=settings.end_of_turn_silence_ms,
+                             complete_silence_ms=settings.complete_turn_silence_ms,
+                             incomplete_silence_ms=settings.incomplete_turn_silence_ms,
+                             complete_threshold=settings.turn_complete_threshold,
+                             incomplete_threshold=settings.turn_incomplete_threshold)
 
 
 class Call:
@@ -72,6 +94,12 @@ class Call:
         self._deps = deps
         self._clock = deps.clock
         self._stats = deps.stats
+        # Opt-in recording: every frame and event sent passes the recorder first.
+        self._recorder: CallRecorder | None = None
+        if settings.record_dir:
+            self._recorder = CallRecorder(settings.record_dir, self.id, sample_rate,
+                                          output.encoding, deps.clock)
+            output = RecordedOutput(output, self._recorder)  # type: ignore[assignment]
         self._out = output
         self.encoding = output.encoding
 
@@ -90,10 +118,14 @@ class Call:
             TurnSettings(vad_threshold=settings.vad_threshold,
                          min_speech_ms=settings.min_speech_ms,
                          barge_in_min_speech_ms=settings.barge_in_min_speech_ms,
-                         end_of_turn_silence_ms=settings.end_of_turn_silence_ms),
+                         end_of_turn=end_of_turn_settings(settings),
+                         early_final_after_ms=settings.early_final_after_ms),
             deps.stt.open_stream(), deps.clock)
-        self._speculation = Speculation(deps.router, settings.route_min_words,
-                                        on_failure=lambda exc: self._count("route_failed"))
+        self._speculation = Speculation(
+            deps.router, SpeculationRules(min_words=settings.route_min_words,
+                                          step_words=settings.route_step_words,
+                                          settle_after=settings.route_settle_after),
+            on_failure=lambda exc: self._count("route_failed"))
         self._responder = deps.responder
         self._reply = ReplyStage(deps.responder, output, sample_rate, frame_ms=settings.frame_ms,
                                  lead_ms=settings.playout_lead_ms, clock=deps.clock)
@@ -105,21 +137,45 @@ class Call:
         # they open the next turn's text, so no words are lost.
         self._carry: list[asyncio.Future[Transcript]] = []
         self._finals: set[asyncio.Future[Transcript]] = set()
+        # The current pause's end-of-turn signals (turn model, early transcript routing).
+        self._pause_tasks: list[asyncio.Task[None]] = []
+        # A reply stopped by speech that may yet be noise (false interruption window).
+        self._held: asyncio.Task[None] | None = None
+        self._hold_timer: asyncio.Task[None] | None = None
+        self._hold_settlers: set[asyncio.Task[None]] = set()
         self._last_report: dict[str, float] = {}
         self._stopped = asyncio.Event()
         self.turns_answered = 0
 
+        # Keypad presses wait here for the keypad loop (bounded like texts).
+        self._keys: asyncio.Queue[str] = asyncio.Queue(settings.max_queued_texts * 4)
+        self._keypad = Keypad(settings.keypad, settings.keypad_pause_s)
+        # Caller silence once the bot has finished: a prompt, then a goodbye.
+        self._idle = IdleWatch(deps.clock, settings.idle_prompt_s, busy=self._line_busy)
+        self._transferred = False
+        # Why the call ended itself (``idle``), None while the caller ends it.
+        self.ended: str | None = None
+        # The call's span (OpenTelemetry) and its turns' child spans.
+        self._trace = CallTrace(deps.tracer, deps.clock, {
+            "voicegate.call_id": self.id, "voicegate.sample_rate": sample_rate,
+            "voicegate.transport": str(self.metadata.get("transport", "native"))})
+
     # ------------------------------------------------------------------ inbound API
 
     def feed_audio(self, pcm16: bytes) -> None:
-        """Caller audio at the call's rate. Hot path: append and wake the audio loop."""
+        """Caller audio at the call's rate. Hot path: append, and wake the audio loop only
+        once a whole VAD window is there (a 20 ms frame alone never makes a 32 ms one)."""
+        if self._recorder is not None:
+            self._recorder.caller_audio(pcm16)
         self._inbound += pcm16
         overflow = len(self._inbound) - self._max_inbound
         if overflow > 0:
             del self._inbound[:overflow]
             self.dropped_audio_bytes += overflow
             self._count("audio_dropped")
-        self._inbound_ready.set()
+        if len(self._inbound) * VAD_RATE // self.sample_rate + len(self._pending16k) \
+                >= WINDOW_BYTES:
+            self._inbound_ready.set()
 
     def feed_text(self, text: str, final: bool) -> None:
         """A caller transcript that skips STT (tests, benchmarks, chat channels).
@@ -127,6 +183,11 @@ class Call:
         Raises ``asyncio.QueueFull`` when ``max_queued_texts`` are already waiting.
         """
         self._texts.put_nowait((text, final))
+
+    def feed_dtmf(self, key: str) -> None:
+        """A keypad press. Raises ``BadKey`` for a key no keypad has and
+        ``asyncio.QueueFull`` when too many presses are waiting."""
+        self._keys.put_nowait(check_key(key))
 
     def stop(self) -> None:
         self._stopped.set()
@@ -137,8 +198,9 @@ class Call:
 
     @property
     def speaking(self) -> bool:
-        """The bot's reply audio has started and is not finished."""
-        return self.replying and self._reply_tl is not None and self._reply_tl.has("first_audio")
+        """The bot's reply audio has started, is not finished and is not held."""
+        return (self.replying and self._held is None and self._reply_tl is not None
+                and self._reply_tl.has("first_audio"))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -148,12 +210,21 @@ class Call:
         logs.event(log, "call_started", sample_rate=self.sample_rate)
         loops = [asyncio.create_task(self._audio_loop(), name="vg-audio"),
                  asyncio.create_task(self._partials_loop(), name="vg-partials"),
-                 asyncio.create_task(self._text_loop(), name="vg-texts")]
+                 asyncio.create_task(self._text_loop(), name="vg-texts"),
+                 asyncio.create_task(self._keypad_loop(), name="vg-keypad")]
+        if self._settings.idle_prompt_s > 0:
+            loops.append(asyncio.create_task(self._idle_loop(), name="vg-idle"))
+        if self._settings.greeting.strip():
+            self._greet()
         try:
             await self._stopped.wait()
         finally:
             reply = self._reply_task
-            pending = [*loops, *([reply] if reply else []), *self._finals, *self._carry]
+            pending = [*loops, *([reply] if reply else []), *self._finals, *self._carry,
+                       *self._pause_tasks, *self._hold_settlers,
+                       *([self._hold_timer] if self._hold_timer else [])]
+            if self._held is not None:
+                pending.append(self._held)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -162,6 +233,19 @@ class Call:
                 await self._turns.aclose()
             self._stats.call_ended()
             logs.event(log, "call_ended", turns=self._turns.turns)
+            self._trace.end(**{"voicegate.turns": self.turns_answered,
+                               "voicegate.ended_by": self.ended or "caller"})
+            if self._recorder is not None:
+                await self._write_recording(self._recorder)
+
+    async def _write_recording(self, recorder: CallRecorder) -> None:
+        try:
+            wav, _ = await asyncio.to_thread(recorder.write)
+        except Exception as exc:  # a full disk loses the recording, never the call
+            self._count("recording_failed")
+            logs.event(log, "recording_failed", logging.ERROR, detail=str(exc)[:300])
+            return
+        logs.event(log, "recorded", path=str(wav))
 
     # ------------------------------------------------------------------ failures
 
@@ -185,13 +269,24 @@ class Call:
 
     # ------------------------------------------------------------------ audio -> turns
 
-    def _windows(self, pcm: bytes) -> list[bytes]:
-        """Resample to 16 kHz and cut complete VAD windows (cheap: stays on the loop)."""
-        self._pending16k += self._to16k.process(pcm)
-        count = len(self._pending16k) // WINDOW_BYTES
-        usable = bytes(self._pending16k[:count * WINDOW_BYTES])
-        del self._pending16k[:count * WINDOW_BYTES]
-        return [usable[i * WINDOW_BYTES:(i + 1) * WINDOW_BYTES] for i in range(count)]
+    def _windows(self) -> bytes:
+        """The inbound audio resampled to 16 kHz, as a block of complete VAD windows.
+
+        Per-frame path: one copy out of the inbound buffer (none at 16 kHz beyond it),
+        one out of the pending 16 kHz buffer; the rest stays for the next frame.
+        """
+        if self._to16k.to_rate == self._to16k.from_rate:
+            self._pending16k += self._inbound  # no resampling: no intermediate copy
+        else:
+            self._pending16k += self._to16k.process(self._inbound)
+        self._inbound.clear()
+        usable = len(self._pending16k) // WINDOW_BYTES * WINDOW_BYTES
+        if not usable:
+            return b""
+        with memoryview(self._pending16k) as view:
+            block = view[:usable].tobytes()
+        del self._pending16k[:usable]
+        return block
 
     async def _audio_loop(self) -> None:
         while True:
@@ -199,19 +294,17 @@ class Call:
             self._inbound_ready.clear()
             if not self._inbound:
                 continue
-            chunk = bytes(self._inbound)
-            self._inbound.clear()
             arrived = self._clock.now()
-            windows = self._windows(chunk)
-            if not windows:
+            block = self._windows()
+            if not block:
                 continue
             try:
-                probs = await self._deps.vad.score(self._turns.vad_state,
-                                                   pcm16_windows(b"".join(windows)))
+                probs = await self._deps.vad.score(self._turns.vad_state, pcm16_windows(block))
             except Exception as exc:  # this chunk is lost, the call goes on
                 await self._report("vad_failed", f"voice activity detection failed: {exc}")
                 continue
-            for window, prob in zip(windows, probs):
+            for index, prob in enumerate(probs):
+                window = block[index * WINDOW_BYTES:(index + 1) * WINDOW_BYTES]
                 self._turns.confirm_speech_slowly(self.speaking)
                 try:
                     signals = await self._turns.push(window, prob, arrived)
@@ -220,10 +313,66 @@ class Call:
                     continue
                 for signal in signals:
                     if isinstance(signal, SpeechStarted):
-                        if self.replying:
+                        self._caller_active()
+                        if self.replying and self._held is None:
                             await self._barge_in("speech")
+                    elif isinstance(signal, SpeechPaused):
+                        self._on_pause(signal)
+                    elif isinstance(signal, SpeechResumed):
+                        self._end_pause()
                     elif isinstance(signal, TurnEnded):
+                        self._end_pause()
                         self._start_spoken_turn(signal)
+
+    # ------------------------------------------------------------------ a pause: end of turn?
+
+    def _on_pause(self, paused: SpeechPaused) -> None:
+        """Gather what decides how long this pause may last (``EndOfTurnPolicy``)."""
+        self._end_pause()
+        if paused.early is not None:
+            self._pause_tasks.append(asyncio.create_task(self._route_early(paused),
+                                                         name="vg-early-final"))
+        elif self._deps.turn_model is not None:  # no early words: the audio model alone
+            self._pause_tasks.append(asyncio.create_task(self._judge_turn(paused),
+                                                         name="vg-turn-model"))
+
+    def _end_pause(self) -> None:
+        """Speech resumed or the turn ended: the pause's signals are moot."""
+        for task in self._pause_tasks:
+            task.cancel()
+        self._pause_tasks = []
+
+    async def _judge_turn(self, paused: SpeechPaused) -> None:
+        assert self._deps.turn_model is not None
+        try:
+            probability = await self._deps.turn_model(paused.audio)
+        except Exception as exc:  # the silence alone decides this pause
+            await self._report("turn_model_failed", f"the end-of-turn model failed: {exc}")
+            return
+        self._turns.note_turn_probability(paused.pause, probability)
+
+    async def _route_early(self, paused: SpeechPaused) -> None:
+        """The utterance decoded at the pause is the final-to-be: route it now, so a
+        cache hit is decided (and the turn may end sooner) before the turn ends.
+
+        The turn model is asked only when the words and the cache leave the turn open
+        (not a hit, not lexically unfinished): it never competes with the early decode
+        for the cores, and a cached question's end never waits for it."""
+        assert paused.early is not None
+        try:
+            try:
+                early = await paused.early
+            except Exception:  # the final decode will fail the same way and be reported
+                return
+            self._turns.note_transcript(paused.pause, early.text)
+            decision = await self._speculation.settle(early.text)
+            if decision is not None:
+                self._turns.note_route(paused.pause, decision.hit)
+            if self._deps.turn_model is not None and not (decision and decision.hit) \
+                    and normalize_text(early.text) and not lexically_incomplete(early.text):
+                await self._judge_turn(paused)
+        finally:  # the silence no longer waits for this pause's words
+            self._turns.note_early_done(paused.pause)
 
     async def _partials_loop(self) -> None:
         try:
@@ -233,6 +382,8 @@ class Call:
                         continue  # a late partial of an utterance that already ended
                     await self._out.send_event({"type": "transcript", "text": partial.text,
                                                 "final": False})
+                    if self._held is not None and normalize_text(partial.text):
+                        self._confirm_interruption()  # words: a real barge-in
                     self._speculation.offer(partial.text)
         except Exception as exc:  # no more partials; finals still come from finalize()
             await self._report("stt_failed", f"partial transcripts stopped: {exc}")
@@ -241,6 +392,11 @@ class Call:
         final = asyncio.ensure_future(ended.final)
         self._finals.add(final)
         final.add_done_callback(self._finals.discard)
+        if self._held is not None:
+            settler = asyncio.create_task(self._settle_hold(self._held, final),
+                                          name="vg-settle-hold")
+            self._hold_settlers.add(settler)
+            settler.add_done_callback(self._hold_settlers.discard)
         self._start_reply(ended.timeline, self._spoken_turn(ended.timeline, final))
 
     async def _spoken_turn(self, tl: TurnTimeline, final: asyncio.Future[Transcript]) -> None:
@@ -277,6 +433,7 @@ class Call:
             await self._on_text(text, final)
 
     async def _on_text(self, text: str, final: bool) -> None:
+        self._caller_active()
         if self.replying:
             await self._barge_in("text")
         await self._out.send_event({"type": "transcript", "text": text, "final": final})
@@ -295,6 +452,7 @@ class Call:
 
     def _start_reply(self, tl: TurnTimeline, turn: Coroutine[Any, Any, None]) -> None:
         previous = self._reply_task
+        self._idle.bot_started()
 
         async def after_previous() -> None:
             if previous is not None:  # its cleanup (context cut to the heard words) first
@@ -309,17 +467,24 @@ class Call:
         if not task.cancelled() and task.exception() is not None:
             log.error("reply_crashed", exc_info=task.exception())
             self._count("internal_error")
+        if task is self._reply_task:  # the latest reply is over: the silence starts now
+            self._idle.bot_finished()
 
-    async def _answer(self, tl: TurnTimeline, text: str) -> None:
-        decision: RouteDecision | None = None
+    async def _answer(self, tl: TurnTimeline, text: str, *, route: bool = True,
+                      decision: RouteDecision | None = None) -> None:
+        """Answer ``text``: routed (a caller's words), or with the ``decision`` given
+        (keypad keys: a mapped entry or handoff, else None, the agent)."""
+        tl.info.update(self._speculation.take_counts())
         try:
-            try:
-                decision, reused = await self._speculation.decide(text)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the agent (or a handoff) answers instead
-                await self._report("route_failed", f"routing failed: {exc}", tl.turn)
-                decision, reused = None, False
+            reused = False
+            if route:
+                try:
+                    decision, reused = await self._speculation.decide(text)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the agent (or a handoff) answers instead
+                    await self._report("route_failed", f"routing failed: {exc}", tl.turn)
+                    decision, reused = None, False
             tl.mark("route_decided")
             tl.info["route_reused"] = reused
             if decision is not None:
@@ -333,6 +498,9 @@ class Call:
             except StageFailed as exc:
                 await self._report(exc.code, str(exc), tl.turn)
                 await self._apologize(tl, text, exc.code)
+            else:
+                if "handoff" in tl.info:
+                    await self._transfer(tl)
         finally:
             await self._finish_metrics(tl, text, decision)
 
@@ -350,22 +518,239 @@ class Call:
     async def _finish_metrics(self, tl: TurnTimeline, text: str,
                               decision: RouteDecision | None) -> None:
         metrics = tl.metrics()
-        self._stats.turn_finished(metrics, text,
-                                  route_score=decision.score if decision else None)
+        # Keys are no question to add to the FAQ (and may be a PIN): never a "miss" text.
+        asked = None if tl.info.get("input") == "dtmf" else text
+        self._stats.turn_finished(metrics, asked,
+                                  route_score=decision.score if decision else None,
+                                  answer=self._reply.said_text(tl.turn), call_id=self.id)
         logs.event(log, "turn", **metrics)
+        self._trace.turn(tl, metrics)
         self.turns_answered += 1
         await self._out.send_event({"type": "turn_metrics", **metrics})
 
     async def _barge_in(self, cause: str) -> None:
-        """Stop the bot now: no frame leaves after this, the client drops its buffer."""
+        """Stop the bot now: no frame leaves after this, the client drops its buffer.
+
+        Speech only holds the reply for ``false_interruption_s``: if no words come of it
+        (a cough, a door), the reply resumes where the caller last heard it."""
         task = self._reply_task
         if task is None or task.done():
             return
+        if self._held is not None:  # already stopped; a text message makes it final
+            if cause != "speech":
+                self._confirm_interruption()
+            return
         heard = self._reply.freeze()
         sent = self._reply.sent_ms
-        task.cancel()
         turn = self._reply_tl.turn if self._reply_tl else self._turns.turns
+        window = self._settings.false_interruption_s
+        if cause == "speech" and window > 0 and self._reply.held:
+            self._held = task
+            self._hold_timer = asyncio.create_task(self._expire_hold(task, window),
+                                                   name="vg-hold")
+        else:
+            task.cancel()
         await self._out.interrupt({"type": "interrupt", "turn": turn, "cause": cause,
                                    "heard_ms": round(heard, 1), "sent_ms": sent})
         logs.event(log, "barge_in", turn=turn, cause=cause, heard_ms=round(heard, 1))
+        self._trace.barge_in(turn, round(heard, 1), cause)
 
+    async def _expire_hold(self, task: asyncio.Task[None], window: float) -> None:
+        """Still undecided after the window (long noise, no final yet): a real barge-in."""
+        await self._clock.sleep(window)
+        if self._held is task:
+            self._confirm_interruption()
+
+    def _confirm_interruption(self) -> None:
+        """Words came: the held reply ends here, cut to what the caller heard."""
+        task, self._held = self._held, None
+        self._cancel_hold_timer()
+        if task is not None:
+            task.cancel()
+
+    async def _resume_reply(self, turn: int) -> None:
+        """No words came of the barge-in: the reply goes on from the last heard frame."""
+        self._held = None
+        self._cancel_hold_timer()
+        from_ms = self._reply.resume()
+        if from_ms is None:
+            return
+        self._count("false_interruption")
+        logs.event(log, "false_interruption", turn=turn, from_ms=round(from_ms, 1))
+        await self._out.send_event({"type": "resume", "turn": turn,
+                                    "from_ms": round(from_ms, 1)})
+
+    def _cancel_hold_timer(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+
+    async def _settle_hold(self, held: asyncio.Task[None],
+                           final: asyncio.Future[Transcript]) -> None:
+        """The utterance that stopped the bot ended: words confirm the barge-in, none
+        resume the reply."""
+        try:
+            text = (await asyncio.shield(final)).text
+        except Exception:
+            text = "?"  # unknown: treated as words, the old behaviour
+        if self._held is not held:
+            return  # decided meanwhile (words in a partial, a text message, the window)
+        if normalize_text(text):
+            self._confirm_interruption()
+        else:
+            turn = self._reply_tl.turn if self._reply_tl else self._turns.turns
+            await self._resume_reply(turn)
+
+    # ------------------------------------------------------------------ bot-initiated speech
+
+    def _prompt_turn(self, kind: str) -> TurnTimeline:
+        """A timeline for something the bot says unasked (greeting, idle prompt)."""
+        tl = TurnTimeline(self._turns.next_turn_number(), clock=self._clock)
+        tl.info["input"] = kind
+        return tl
+
+    async def _say(self, tl: TurnTimeline, segment_for: Callable[[Turn], Any]) -> bool:
+        """Play one pre-rendered phrase as a reply of its own; True when it played out."""
+        turn = self._turn(tl, "", None)
+        try:
+            await self._reply.play_segment(turn, segment_for(turn))
+        except StageFailed as exc:  # not even the pre-rendered phrase: say so, stay up
+            await self._report(exc.code, str(exc), tl.turn)
+            return False
+        return True
+
+    def _greet(self) -> None:
+        text = self._settings.greeting.strip()
+        self.conversation.add_assistant(text)  # the agent knows it has greeted
+        tl = self._prompt_turn("greeting")
+        self._trace.event("greeting", turn=tl.turn)
+        self._start_reply(tl, self._say(tl, lambda turn: self._responder.greeting(turn, text)))
+
+    # ------------------------------------------------------------------ silence
+
+    def _caller_active(self) -> None:
+        self._idle.caller_active()
+
+    def _line_busy(self) -> bool:
+        """Something goes on: no idle prompt (a reply, a filler or a tool call running,
+        the caller speaking or keying, or the call handed to a person)."""
+        return (self.replying or self._held is not None or self._transferred
+                or self._turns.in_utterance or self._keypad.collecting)
+
+    async def _idle_loop(self) -> None:
+        while True:
+            step = await self._idle.next()
+            logs.event(log, f"idle_{step}", idle_s=self._idle.idle_s)
+            self._trace.event(f"idle_{step}")
+            tl = self._prompt_turn("idle")
+            if step == "prompt":
+                self._start_reply(tl, self._say(tl, self._responder.idle_prompt))
+            else:
+                self._start_reply(tl, self._say_goodbye(tl))
+                return
+
+    async def _say_goodbye(self, tl: TurnTimeline) -> None:
+        await self._say(tl, self._responder.goodbye)
+        await self._hang_up("idle")
+
+    async def _hang_up(self, reason: str) -> None:
+        """The bot ends the call: the client is told, a phone line is hung up."""
+        self.ended = reason
+        await self._out.send_event({"type": "hangup", "reason": reason})
+        hang_up = getattr(self._out, "hang_up", None)
+        if hang_up is not None:
+            try:
+                await hang_up(reason)
+            except Exception as exc:  # the stream closes anyway, which ends a <Connect>
+                await self._report("hangup_failed", f"hanging up failed: {exc}")
+        logs.event(log, "hangup", reason=reason)
+        self._trace.event("hangup", reason=reason)
+        self.stop()
+
+    # ------------------------------------------------------------------ transfer
+
+    async def _transfer(self, tl: TurnTimeline) -> None:
+        """The handoff message has played: move a phone call to a person. A transport
+        without a transfer (the native protocol) has the ``handoff`` event as its contract."""
+        transfer = getattr(self._out, "transfer", None)
+        if transfer is None:
+            return
+        # By the clock the message has played (the playout waited); the far end's jitter
+        # buffer may lag by up to the lead we send ahead, so that much longer.
+        await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
+        try:
+            moved = await transfer(str(tl.info["handoff"]))
+        except Exception as exc:  # the caller stays with the bot; the next turn works
+            await self._report("transfer_failed", f"the transfer failed: {exc}", tl.turn)
+            return
+        if moved:
+            self._transferred = True
+            tl.info["transferred"] = True
+            logs.event(log, "transferred", turn=tl.turn)
+            self._trace.event("transferred", turn=tl.turn)
+
+    # ------------------------------------------------------------------ keypad
+
+    async def _next_key(self, timeout: float | None) -> str | None:
+        """The next key pressed, or None when ``timeout`` (clock seconds) passed first."""
+        if timeout is None:
+            return await self._keys.get()
+        getter = asyncio.ensure_future(self._keys.get())
+        sleeper = asyncio.ensure_future(self._clock.sleep(timeout))
+        try:
+            await asyncio.wait({getter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            if not getter.done():
+                getter.cancel()
+        return getter.result() if getter.done() and not getter.cancelled() else None
+
+    async def _keypad_loop(self) -> None:
+        while True:
+            key = await self._next_key(self._keypad.pause_s if self._keypad.collecting else None)
+            if key is None:
+                action = self._keypad.expire()
+            else:
+                self._caller_active()
+                if self.replying:
+                    await self._barge_in("dtmf")
+                # The key itself stays out of logs: it may be part of a PIN.
+                logs.event(log, "dtmf")
+                self._trace.event("dtmf")
+                action = self._keypad.press(key)
+            if action is not None:
+                await self._keypad_turn(action)
+            if not self._keypad.collecting:
+                self._idle.quiet_unless_busy()  # keys that led to no reply
+
+    async def _keypad_turn(self, action: Mapped | Collected) -> None:
+        tl = TurnTimeline(self._turns.next_turn_number(), clock=self._clock)
+        at = self._clock.now()
+        for stage in ("speech_end", "end_of_turn", "final_transcript"):
+            tl.mark(stage, at)
+        tl.info["input"] = "dtmf"
+        if isinstance(action, Collected):
+            await self._out.send_event({"type": "keypad", "turn": tl.turn, "keys": action.keys,
+                                        "action": "agent"})
+            self._start_reply(tl, self._answer(tl, action.text(), route=False))
+            return
+        await self._out.send_event({"type": "keypad", "turn": tl.turn, "keys": action.key,
+                                    "action": action.action})
+        text = f"the caller pressed {action.key}"
+        if action.handoff:
+            decision = RouteDecision(text=text, intent="keypad", action=Action.HANDOFF,
+                                     hit=False, reason=f"key {action.key} is mapped to handoff")
+            self._start_reply(tl, self._answer(tl, text, route=False, decision=decision))
+            return
+        cache = self._responder.cache_audio
+        if cache is None or action.action not in cache:
+            await self._report("keypad_unknown_entry",
+                               f"key {action.key} is mapped to entry {action.action!r}, which "
+                               "the serving cache version does not hold (VOICEGATE_KEYPAD)",
+                               tl.turn)
+            self._start_reply(tl, self._apologize(tl, text, "keypad_unknown_entry"))
+            return
+        decision = RouteDecision(text=text, intent=action.action, action=Action.ANSWER, hit=True,
+                                 entry_id=action.action, answer=cache.clip(action.action).text,
+                                 score=1.0, reason=f"key {action.key}")
+        self._start_reply(tl, self._answer(tl, text, route=False, decision=decision))

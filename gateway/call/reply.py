@@ -55,6 +55,9 @@ class ConfirmsPlayback(Protocol):
     def confirmed_heard_ms(self) -> float | None:
         """Audio of the current reply the far end confirmed played; None: it cannot tell."""
 
+    def reply_resumed(self, from_ms: float) -> None:
+        """After a ``clear``, the reply is sent again from ``from_ms``."""
+
 
 class StageFailed(Exception):
     """A stage of the reply failed; ``code`` names it for the client and the counters."""
@@ -80,6 +83,14 @@ class ReplyStage:
         self._clock = clock
         self._playout: Playout | None = None
         self._frozen_heard_ms: float | None = None  # set by freeze() at a barge-in
+        # The assistant's words (agent or cache) of the latest reply, by turn: the draft
+        # answer when a missed question is promoted to a FAQ entry.
+        self._said: tuple[int, list[str]] = (0, [])
+
+    def said_text(self, turn: int) -> str:
+        """What the assistant said (in full) in ``turn``'s reply; empty when nothing."""
+        said_turn, texts = self._said
+        return " ".join(texts) if said_turn == turn else ""
 
     @property
     def sent_ms(self) -> float:
@@ -102,7 +113,26 @@ class ReplyStage:
     def freeze(self) -> float:
         """A barge-in: no frame leaves after this; what was heard is fixed now."""
         self._frozen_heard_ms = round(self.heard_ms(), 1)  # as the interrupt event says
+        if self._playout is not None:
+            self._playout.hold()
         return self._frozen_heard_ms
+
+    @property
+    def held(self) -> bool:
+        return self._frozen_heard_ms is not None
+
+    def resume(self) -> float | None:
+        """The barge-in was noise: play on from the frame the caller last heard.
+
+        Returns that position (ms), or None when there is no held reply."""
+        playout, heard = self._playout, self._frozen_heard_ms
+        if playout is None or heard is None:
+            return None
+        self._frozen_heard_ms = None
+        if self._confirms is not None:
+            self._confirms.reply_resumed(heard)
+        playout.resume_from(heard)
+        return heard
 
     async def play(self, turn: Turn) -> None:
         """Play the responder's reply to ``turn``. Raises the failure of any stage."""
@@ -142,6 +172,8 @@ class ReplyStage:
                         await self._announce(turn, segment)
                         # Filler, handoff and apology phrases are not the assistant's words.
                         said = segment.text if segment.source in ("llm", "cache") else ""
+                        if said:
+                            self._note_said(tl.turn, said)
                         spoken.append((said, playout.sent_ms, float("inf")))
                         playing = segment
                         while chunk is not None:
@@ -168,8 +200,15 @@ class ReplyStage:
             raise
         finally:
             tl.mark("reply_end")
+            tl.info.update(frames_sent=playout.frames_sent, frames_late=playout.frames_late,
+                           frame_lag_max_ms=round(playout.max_lag_ms, 1))
             self._playout = None
         tl.info.setdefault("interrupted", False)
+
+    def _note_said(self, turn: int, text: str) -> None:
+        if self._said[0] != turn:
+            self._said = (turn, [])
+        self._said[1].append(text)
 
     async def _announce(self, turn: Turn, segment: ReplySegment) -> None:
         tl = turn.timeline
@@ -177,6 +216,8 @@ class ReplyStage:
         if segment.source != "filler" or "source" not in tl.info:
             tl.info["source"] = segment.source
         if segment.event:
+            if segment.event.get("type") == "handoff":  # the call transfers once it played
+                tl.info["handoff"] = segment.event.get("reason", "")
             await self._out.send_event({**segment.event, "turn": tl.turn})
         await self._out.send_event({"type": "response", "turn": tl.turn,
                                     "source": segment.source, "text": segment.text,

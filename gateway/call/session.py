@@ -26,6 +26,7 @@ import logging
 from typing import Any, Callable
 
 from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import logs
@@ -44,11 +45,12 @@ _DRAIN_S = 1.0
 
 
 class Admission:
-    """Concurrent calls of this replica, bounded."""
+    """Concurrent calls of this replica, bounded; none at all once it drains."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.draining = False  # set by Services.begin_drain (SIGTERM)
 
     def try_enter(self) -> bool:
         if self.active >= self.limit:
@@ -190,6 +192,8 @@ class CallSession:
         self.errors = 0
         self.done = asyncio.Event()  # set when the session must end (stuck client, failed call)
         self._ended: asyncio.Future[bool] | None = None
+        self._receiving: asyncio.Task[Any] | None = None  # the task awaiting a frame
+        self._interrupted = False
         # Filled by the endpoint: how an error reaches its client (Twilio has no channel).
         self.send_error: Callable[[dict[str, Any]], None] = lambda event: None
 
@@ -202,15 +206,35 @@ class CallSession:
     async def receive(self) -> dict[str, Any] | None:
         """The next WebSocket message; None once the client has gone or the session ended.
 
-        Until the call has started, waiting is bounded by ``start_timeout_s``.
+        Until the call has started, waiting is bounded by ``start_timeout_s``. Once it
+        has, this is the per-frame path: a plain ``await`` of the socket, interrupted by
+        ``_end`` (a cancel of this task) rather than raced against an event, so a frame
+        costs no task and no wait set.
         """
         if self.done.is_set():
             return None
+        if self.call is None:
+            return await self._receive_before_start()
+        self._receiving = asyncio.current_task()
+        try:
+            message = await self.ws.receive()
+        except asyncio.CancelledError:
+            task = self._receiving
+            if self._interrupted and task is not None and task.uncancel() == 0:
+                return None  # _end interrupted the wait: the session is over
+            raise
+        finally:
+            self._receiving = None
+        if message["type"] == "websocket.disconnect":
+            self.outbox.closed = True
+            return None
+        return message
+
+    async def _receive_before_start(self) -> dict[str, Any] | None:
         if self._ended is None:  # one waiter for the whole session, not one per message
             self._ended = asyncio.ensure_future(self.done.wait())
         receive = asyncio.ensure_future(self.ws.receive())
-        timeout = None if self.call is not None else max(
-            0.0, self._start_deadline - asyncio.get_running_loop().time())
+        timeout = max(0.0, self._start_deadline - asyncio.get_running_loop().time())
         try:
             finished, _ = await asyncio.wait({receive, self._ended}, timeout=timeout,
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -229,8 +253,20 @@ class CallSession:
                                 CLOSE_POLICY)
         return None
 
+    def _end(self) -> None:
+        """The session must end (stuck client, failed call): wake the receiving loop."""
+        self.done.set()
+        if self._receiving is not None and not self._interrupted:
+            self._interrupted = True
+            self._receiving.cancel()
+
     def start_call(self, build: Callable[[], Call]) -> Call:
-        """Admit and start the call ``build`` makes. Raises ``too_many_calls``."""
+        """Admit and start the call ``build`` makes. Raises ``draining``, ``too_many_calls``."""
+        if self.admission.draining:
+            raise ProtocolError("draining",
+                                "this replica is shutting down and takes no new calls; "
+                                "retry (the balancer sends you to another replica)",
+                                CLOSE_TRY_AGAIN_LATER)
         if not self.admission.try_enter():
             raise ProtocolError("too_many_calls",
                                 f"this gateway is at its limit of {self.admission.limit} "
@@ -254,6 +290,15 @@ class CallSession:
                                 f"real time for over {self.settings.audio_rate_grace_s:g} s; "
                                 "stream it at the pace it is spoken", CLOSE_POLICY)
         self.call.feed_audio(pcm16)
+
+    def feed_dtmf(self, digit: str) -> None:
+        """A keypad key (already checked by the endpoint's parser)."""
+        assert self.call is not None
+        try:
+            self.call.feed_dtmf(digit)
+        except asyncio.QueueFull:
+            raise ProtocolError("too_many_messages", "too many keypad presses are waiting; "
+                                                     "this one was dropped") from None
 
     def feed_text(self, text: str, final: bool) -> None:
         assert self.call is not None
@@ -282,10 +327,14 @@ class CallSession:
         logs.event(log, "client_not_reading", logging.WARNING, transport=self.transport,
                    detail=why, call_id=self.call_id)
         self.close_code = CLOSE_POLICY
-        self.done.set()
+        self._end()
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
+        if task.cancelled():
+            return
+        if task.exception() is None:
+            if self.call is not None and self.call.ended is not None:
+                self._end()  # the bot hung up (idle): close the connection normally
             return
         log.error("call_failed", exc_info=task.exception(),
                   extra={"fields": {"call_id": self.call_id, "transport": self.transport}})
@@ -293,7 +342,7 @@ class CallSession:
         self.send_error({"type": "error", "code": "internal_error",
                          "message": "the call failed inside the gateway"})
         self.close_code = CLOSE_INTERNAL_ERROR
-        self.done.set()
+        self._end()
 
     # ------------------------------------------------------------------ end
 
@@ -321,6 +370,20 @@ class CallSession:
                 await self.ws.close(code=self.close_code)
         except (*SEND_ERRORS, TimeoutError):
             pass
+
+
+async def refuse_while_draining(websocket: WebSocket, stats: Stats | None) -> bool:
+    """A draining replica answers the upgrade with HTTP 503 (a balancer retries it on
+    another replica); True when it did."""
+    admission: Admission = websocket.app.state.services.admission
+    if not admission.draining:
+        return False
+    if stats is not None:
+        stats.error("draining")
+    await websocket.send_denial_response(JSONResponse(
+        {"error": "draining", "message": "this replica is shutting down; use another"},
+        status_code=503, headers={"retry-after": "1"}))
+    return True
 
 
 async def refuse_before_accept(websocket: WebSocket, why: str, stats: Stats | None,

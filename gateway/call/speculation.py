@@ -5,6 +5,19 @@ turn ends the decision for the final text is usually there already and a cache h
 needs no model work. A failed routing of a partial is only a lost speculation: it is
 counted and logged, never raised; the final is routed again.
 
+Routing cost must not grow with the partials (a recogniser may send one per word), so
+a partial is routed only when it can change the decision (``SpeculationRules``):
+
+- it has ``min_words`` words (one or two never settle an intent);
+- it is not the text already chosen, nor a prefix of it (recognisers repeat and
+  shrink their interim results);
+- it adds ``step_words`` words to the text chosen last, or revises its earlier words;
+- the decision is not settled: ``settle_after`` routings in a row gave the same cache
+  hit (the final is still routed on its own words, unless it is a routed text).
+
+Under load the batcher sheds queued partials (``RoutingShed``): a lost speculation,
+not a failure. Finals and the early final are never shed.
+
 Cancellation: ``reset`` and ``aclose`` cancel the routing task and wait for it.
 """
 
@@ -12,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from intents.embedder import normalize_text
 from intents.types import RouteDecision
 
 from .. import logs
+from ..route_batcher import RoutingShed
 
 log = logging.getLogger("voicegate.call")
 
@@ -27,23 +42,86 @@ RouteFn = Callable[[str, bool], Awaitable[RouteDecision]]
 OnFailure = Callable[[BaseException], None]
 
 
+@dataclass(frozen=True)
+class SpeculationRules:
+    """When a partial is worth a routing (see the module docstring)."""
+
+    min_words: int = 3
+    step_words: int = 2
+    settle_after: int = 2  # 0: never settled, every new partial is routed
+
+
 class Speculation:
-    def __init__(self, router: RouteFn | None, min_words: int, on_failure: OnFailure) -> None:
+    def __init__(self, router: RouteFn | None, rules: SpeculationRules | int,
+                 on_failure: OnFailure) -> None:
         self._router = router
-        self._min_words = min_words
+        # An int is the old signature's min_words, with no other rule.
+        self._rules = rules if isinstance(rules, SpeculationRules) else SpeculationRules(
+            min_words=rules, step_words=1, settle_after=0)
         self._on_failure = on_failure
         self._latest = ""  # newest partial worth routing
+        self._chosen = ""  # normalized _latest: what the next partial is compared with
+        self._chosen_words = 0
         self._routed: RouteDecision | None = None
+        self._agreeing = 0  # routings in a row that gave the same cache hit
+        self._urgent = ""  # normalized text the caller is waiting on (the early final)
         self._task: asyncio.Task[None] | None = None
+        # What the rules saved (bench/capacity.py reads them through the engine).
+        self.partials_routed = 0
+        self.partials_skipped = 0
+        self.partials_shed = 0
+
+    @property
+    def settled(self) -> bool:
+        after = self._rules.settle_after
+        return after > 0 and self._agreeing >= after
 
     def offer(self, text: str) -> None:
         """A partial transcript arrived."""
-        # One or two words ("I", "how do") never settle an intent: not worth a routing.
-        if self._router is None or len(text.split()) < self._min_words:
+        if self._router is None:
             return
-        self._latest = text
+        wanted = normalize_text(text)
+        words = wanted.count(" ") + 1 if wanted else 0
+        if words < self._rules.min_words or not self._worth_routing(wanted, words):
+            self.partials_skipped += 1
+            return
+        self._choose(text, wanted, words)
+
+    def _worth_routing(self, wanted: str, words: int) -> bool:
+        if self.settled:
+            return False
+        chosen = self._chosen
+        if not chosen:
+            return True
+        if chosen.startswith(wanted) and (len(chosen) == len(wanted)
+                                          or chosen[len(wanted)] == " "):
+            return False  # the same words again, or fewer (a recogniser's revision)
+        if wanted.startswith(chosen) and wanted[len(chosen)] == " ":
+            return words - self._chosen_words >= self._rules.step_words
+        return True  # earlier words revised: the decision may change
+
+    def _choose(self, text: str, wanted: str, words: int) -> None:
+        self._latest, self._chosen, self._chosen_words = text, wanted, words
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._route_latest(), name="vg-speculate")
+
+    async def settle(self, text: str) -> RouteDecision | None:
+        """Route ``text`` now, ahead of every call's partials: the early final, decoded
+        at a pause, which the turn's end will most likely confirm. None when it is not
+        routed (too short, no router, or a newer text came)."""
+        self._urgent = normalize_text(text)
+        if self._router is not None and \
+                len(self._urgent.split()) >= self._rules.min_words:
+            # Whatever the partial rules say: the caller is waiting on this text.
+            self._choose(text, self._urgent, len(self._urgent.split()))
+        task = self._task
+        if task is None or normalize_text(self._latest) != self._urgent:
+            return None
+        await asyncio.shield(task)
+        routed = self._routed
+        if routed is not None and normalize_text(routed.text) == self._urgent:
+            return routed
+        return None
 
     async def _route_latest(self) -> None:
         assert self._router is not None
@@ -51,37 +129,72 @@ class Speculation:
         while self._routed is None or \
                 normalize_text(self._routed.text) != normalize_text(self._latest):
             text = self._latest
+            urgent = normalize_text(text) == self._urgent
             try:
-                self._routed = await self._router(text, False)
+                decision = await self._router(text, urgent)
             except asyncio.CancelledError:
                 raise
+            except RoutingShed:  # the gateway is busy: the next partial or the final will do
+                self.partials_shed += 1
+                self._chosen, self._chosen_words = self._routed_basis()
+                return
             except Exception as exc:
                 self._on_failure(exc)
                 logs.event(log, "speculative_route_failed", logging.WARNING,
                            error=f"{type(exc).__name__}: {exc}"[:200])
                 return
+            previous, self._routed = self._routed, decision
+            if not urgent:
+                self.partials_routed += 1
+            same_hit = decision.hit and previous is not None and previous.hit and \
+                previous.entry_id == decision.entry_id
+            self._agreeing = self._agreeing + 1 if same_hit else (1 if decision.hit else 0)
+
+    def take_counts(self) -> dict[str, int]:
+        """Partials routed, skipped by the rules and shed under load since the last call."""
+        counts = {"partials_routed": self.partials_routed,
+                  "partials_skipped": self.partials_skipped,
+                  "partials_shed": self.partials_shed}
+        self.partials_routed = self.partials_skipped = self.partials_shed = 0
+        return counts
+
+    def _routed_basis(self) -> tuple[str, int]:
+        """What the next partial is compared with after a shed routing: the routed text."""
+        if self._routed is None:
+            return "", 0
+        routed = normalize_text(self._routed.text)
+        return routed, len(routed.split())
 
     async def decide(self, text: str) -> tuple[RouteDecision | None, bool]:
-        """The decision for the final ``text`` and whether the partials had it already.
+        """The decision for the final ``text`` and whether it was decided already.
 
-        The speculation's decision when it routed this text; otherwise one urgent
-        routing, ahead of every call's partials, which takes along this text's
-        partial routing if that is still queued or running (never routed twice).
+        The speculation's decision when it routed this text (True); its routing when
+        that is under way (joined, False); otherwise one urgent routing, ahead of every
+        call's partials (False; the batcher joins a queued routing of the same text).
         Raises what the router raises: the engine decides what a failed final means.
         """
         if self._router is None:
             return None, False
         wanted = normalize_text(text)
         routed = self._routed
-        speculating = normalize_text(self._latest) == wanted
-        await self.reset()
         if routed is not None and normalize_text(routed.text) == wanted:
+            await self.reset()
             return routed, True
-        return await self._router(text, True), speculating
+        task = self._task
+        if task is not None and not task.done() and normalize_text(self._latest) == wanted:
+            # This text's routing is under way (the early final's): join it.
+            await asyncio.shield(task)
+            routed = self._routed
+            if routed is not None and normalize_text(routed.text) == wanted:
+                await self.reset()
+                return routed, False
+        await self.reset()
+        return await self._router(text, True), False
 
     async def reset(self) -> None:
         """Forget this utterance's partials (a new utterance starts, or the turn ended)."""
-        self._routed, self._latest = None, ""
+        self._routed, self._latest, self._urgent = None, "", ""
+        self._chosen, self._chosen_words, self._agreeing = "", 0, 0
         task, self._task = self._task, None
         if task is not None and not task.done():
             # Older partials are not worth routing now; a final's routing is joined by

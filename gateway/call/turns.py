@@ -1,15 +1,20 @@
 """Turn detection: caller audio -> VAD -> speech segments -> STT utterances -> turn ends.
 
 One ``TurnDetector`` per call. It owns the call's VAD state, the segmenter, the
-pre-roll and the STT stream, and turns 32 ms windows into ``TurnSignal``s for the
-engine: speech started (the engine may barge in) and turn ended (with the final
-transcript on its way).
+pre-roll, the STT stream and the end-of-turn policy, and turns 32 ms windows into
+``TurnSignal``s for the engine: speech started (the engine may barge in), speech
+paused (the early final is decoding; the engine gathers end-of-turn signals), speech
+resumed, and turn ended (with the final transcript on its way).
+
+The silence that ends a turn is asked of the ``EndOfTurnPolicy`` on every window, so
+a turn judged complete ends after a short pause and one judged incomplete waits.
 
 Invariants the engine relies on:
 - An utterance is cut from the STT stream the moment its turn ends
   (``STTStream.finalize`` takes the audio synchronously), so audio that follows,
   even while the final is still decoding, belongs to the next utterance.
-- The early final decode (``speech_paused``) is armed afresh for every utterance.
+- The early final decode (``speech_paused``) is armed afresh for every pause; a pause's
+  signals carry its number, and a note about an older pause is ignored.
 - The pre-roll holds all the audio the segmenter needed before it declared speech,
   including the longer barge-in confirmation, so no first word is clipped.
 
@@ -22,20 +27,20 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Awaitable, Protocol
+from typing import Any, Awaitable, Protocol
 
 import numpy as np
 
 from ..clock import Clock
 from ..providers.base import STTStream, Transcript
 from ..timeline import TurnTimeline
-from ..vad import WINDOW_MS, SegmentEvent, SileroState, SpeechSegmenter
+from ..vad import SAMPLE_RATE, WINDOW_MS, SegmentEvent, SileroState, SpeechSegmenter
+from .end_of_turn import EndOfTurnPolicy, EndOfTurnSettings
 
-# Start the final decode once a pause is this long: shorter gaps between words would
-# only start decodes that the next word throws away.
-SPECULATE_AFTER_MS = 96.0
 # Pre-roll kept beyond the longest speech confirmation, for the onset the VAD scores low.
 _PREROLL_MARGIN_MS = 160.0
+# The turn model looks at the last 8 s of the turn; the detector keeps that much.
+TURN_AUDIO_BYTES = 8 * SAMPLE_RATE * 2
 
 
 class VadScorer(Protocol):
@@ -49,7 +54,10 @@ class TurnSettings:
     vad_threshold: float = 0.5
     min_speech_ms: float = 120.0
     barge_in_min_speech_ms: float = 400.0
-    end_of_turn_silence_ms: float = 300.0
+    end_of_turn: EndOfTurnSettings = EndOfTurnSettings()
+    # Decode the final once a pause is this long: shorter gaps between words would only
+    # start decodes that the next word throws away.
+    early_final_after_ms: float = 64.0
 
     @property
     def preroll_windows(self) -> int:
@@ -63,12 +71,26 @@ class SpeechStarted:
 
 
 @dataclass
+class SpeechPaused:
+    """The caller went quiet mid-turn; ``early`` is the utterance so far, decoding."""
+
+    pause: int  # the pause's number, for notes about it
+    early: Awaitable[Transcript] | None  # None: the STT has no early decode
+    audio: bytes  # the turn's audio so far (its last 8 s), for the turn model
+
+
+@dataclass
+class SpeechResumed:
+    pause: int
+
+
+@dataclass
 class TurnEnded:
     timeline: TurnTimeline
     final: Awaitable[Transcript]  # the utterance's final transcript, already cut
 
 
-TurnSignal = SpeechStarted | TurnEnded
+TurnSignal = SpeechStarted | SpeechPaused | SpeechResumed | TurnEnded
 
 
 class TurnDetector:
@@ -77,14 +99,18 @@ class TurnDetector:
         self.stt = stt
         self._clock = clock
         self.vad_state = SileroState()
+        self.policy = EndOfTurnPolicy(settings.end_of_turn)
         self._segmenter = SpeechSegmenter(threshold=settings.vad_threshold,
                                           min_speech_ms=settings.min_speech_ms,
-                                          end_silence_ms=settings.end_of_turn_silence_ms)
+                                          end_silence_ms=settings.end_of_turn.silence_ms)
         self._preroll: deque[bytes] = deque(maxlen=settings.preroll_windows)
+        self._audio = bytearray()  # the turn's audio (last 8 s), for the turn model
         self.in_utterance = False
         self._speech_start_at = 0.0
         self._speech_end_at = 0.0
-        self._speculating = False  # an early final decode is running for this pause
+        self._paused = False  # SpeechPaused was signalled for the current pause
+        self._noted: dict[str, float] = {}  # when each signal of this pause arrived
+        self.pause = 0  # number of the current (or last) pause
         self.turns = 0
 
     def confirm_speech_slowly(self, slowly: bool) -> None:
@@ -97,41 +123,95 @@ class TurnDetector:
         signals: list[TurnSignal] = []
         if self.in_utterance:
             await self.stt.send_audio(window)
+            self._keep_audio(window)
         else:
             self._preroll.append(window)
+        # What is known about this pause decides how much silence ends the turn.
+        self._segmenter.end_silence_ms = self.policy.required_silence_ms()
         for event in self._segmenter.push(prob):
             if event is SegmentEvent.SPEECH_START:
                 needed = (self._segmenter.min_speech_ms_override
                           or self._settings.min_speech_ms)
                 self._speech_start_at = at - needed / 1000.0
                 self.in_utterance = True
-                self._speculating = False
+                self._paused = False
+                self.policy.reset()
+                self._noted = {}
                 signals.append(SpeechStarted(at))
-                await self.stt.send_audio(b"".join(self._preroll))
+                preroll = b"".join(self._preroll)
                 self._preroll.clear()
+                self._audio = bytearray()
+                self._keep_audio(preroll)
+                await self.stt.send_audio(preroll)
             elif event is SegmentEvent.PAUSE:
                 self._speech_end_at = at - WINDOW_MS / 1000.0
             elif event is SegmentEvent.RESUME:
-                if self._speculating:
-                    self._speculating = False
+                self.policy.reset()
+                self._noted = {}
+                if self._paused:
+                    self._paused = False
                     self._hint("speech_resumed")
+                    signals.append(SpeechResumed(self.pause))
             elif event is SegmentEvent.TURN_END:
                 signals.append(self._end_turn(at))
-        if self.in_utterance and not self._speculating and \
-                self._segmenter.silence_ms >= SPECULATE_AFTER_MS:
-            self._speculating = True
-            self._hint("speech_paused")
+        if self.in_utterance and not self._paused and \
+                self._segmenter.silence_ms >= self._settings.early_final_after_ms:
+            self._paused = True
+            self.pause += 1
+            early = self._hint("speech_paused")
+            self.policy.awaiting_early = early is not None
+            signals.append(SpeechPaused(self.pause, early, bytes(self._audio)))
         return signals
+
+    def _keep_audio(self, pcm16: bytes) -> None:
+        self._audio += pcm16
+        if len(self._audio) > TURN_AUDIO_BYTES:
+            del self._audio[:len(self._audio) - TURN_AUDIO_BYTES]
+
+    # ---- notes about a pause, from the engine (ignored once that pause is over)
+
+    def note_turn_probability(self, pause: int, probability: float) -> None:
+        if self._current(pause, "turn_model"):
+            self.policy.turn_probability = probability
+
+    def note_transcript(self, pause: int, text: str) -> None:
+        if self._current(pause, "early_transcript"):
+            self.policy.transcript = text
+
+    def note_route(self, pause: int, cache_hit: bool) -> None:
+        if self._current(pause, "early_route"):
+            self.policy.cache_hit = cache_hit
+
+    def note_early_done(self, pause: int) -> None:
+        """The early transcript was decoded and routed, or could not be."""
+        if self._current(pause, "early_done"):
+            self.policy.awaiting_early = False
+
+    def _current(self, pause: int, signal: str) -> bool:
+        """The note is about the pause under way; when so, its arrival (ms after the
+        last speech) goes in the turn's metrics, to see which signal came late."""
+        if not (self.in_utterance and self._paused and pause == self.pause):
+            return False
+        self._noted[f"{signal}_ms"] = round((self._clock.now() - self._speech_end_at) * 1000, 1)
+        return True
 
     def _end_turn(self, at: float) -> TurnEnded:
         self.in_utterance = False
-        self._speculating = False
+        self._paused = False
         self.turns += 1
         tl = TurnTimeline(self.turns, clock=self._clock)
         tl.mark("speech_start", self._speech_start_at)
         tl.mark("speech_end", self._speech_end_at)
         tl.mark("end_of_turn", at)
         tl.info["input"] = "audio"
+        policy = self.policy
+        tl.info["end_of_turn"] = policy.judge().value
+        if policy.turn_probability is not None:
+            tl.info["turn_probability"] = round(policy.turn_probability, 3)
+        tl.info.update(self._noted)
+        self._noted = {}
+        self.policy.reset()
+        self._audio = bytearray()
         # finalize() cuts the utterance now; only the decode is awaited later.
         return TurnEnded(tl, self.stt.finalize())
 
@@ -140,10 +220,10 @@ class TurnDetector:
         self.turns += 1
         return self.turns
 
-    def _hint(self, name: str) -> None:
+    def _hint(self, name: str) -> Any:
+        """An optional STT hint (an STT without early finals ignores pauses)."""
         hint = getattr(self.stt, name, None)
-        if hint is not None:
-            hint()
+        return hint() if hint is not None else None
 
     async def aclose(self) -> None:
         await self.stt.aclose()

@@ -184,15 +184,27 @@ class DeepgramStream:
             logs.event(log, "deepgram_send_stopped", error=type(exc).__name__)
 
     async def _send_items(self, socket: Any) -> None:
+        outbox = self._outbox
         while True:
-            try:
-                item = await asyncio.wait_for(self._outbox.get(), self._keepalive_s)
-            except TimeoutError:
-                await socket.send_keep_alive()
-                continue
+            if outbox.empty():
+                try:
+                    # asyncio.timeout, not wait_for: no task per item on the audio path.
+                    async with asyncio.timeout(self._keepalive_s):
+                        item = await outbox.get()
+                except TimeoutError:
+                    await socket.send_keep_alive()
+                    continue
+            else:
+                item = outbox.get_nowait()
             if item is None:
                 return
             if isinstance(item, bytes):
+                # Windows queued meanwhile go out as one message of up to 100 ms: fewer
+                # WebSocket frames (Deepgram takes 20-250 ms chunks), never later ones.
+                limit = self._sample_rate // 5  # bytes of 100 ms of pcm16
+                while len(item) < limit and not outbox.empty() and \
+                        isinstance(outbox._queue[0], bytes):  # type: ignore[attr-defined]
+                    item += outbox.get_nowait()
                 await socket.send_media(item)
             elif item == "Finalize":
                 await socket.send_finalize()

@@ -3,21 +3,41 @@
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from typing import Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 
 from ..settings import Settings, SettingsError
 from .base import SpeechToText, TextToSpeech
+
+if TYPE_CHECKING:
+    from .redecode import BatchRecognizer
 
 T = TypeVar("T")
 
 
 def _whisper(settings: Settings, executor: Executor) -> SpeechToText:
-    from .whisper_stt import WhisperSTT
+    from .whisper_stt import WhisperRecognizer
 
-    return WhisperSTT(executor, model_dir=settings.whisper_model_dir or None,
-                      threads=settings.whisper_threads, workers=settings.cpu_workers,
-                      partial_interval_ms=settings.partial_interval_ms,
-                      max_utterance_s=settings.max_utterance_s)
+    recognizer = WhisperRecognizer(model_dir=settings.whisper_model_dir or None,
+                                   threads=settings.whisper_threads, workers=settings.cpu_workers)
+    return _redecoding(recognizer, settings, executor)
+
+
+def _moonshine(settings: Settings, executor: Executor) -> SpeechToText:
+    from .moonshine_stt import MoonshineRecognizer
+
+    recognizer = MoonshineRecognizer(threads=settings.moonshine_threads,
+                                     cache_dir=settings.model_cache_dir or None)
+    return _redecoding(recognizer, settings, executor)
+
+
+def _redecoding(recognizer: "BatchRecognizer", settings: Settings,
+                executor: Executor) -> SpeechToText:
+    """An embedded batch model served as streaming STT, one decode per CPU worker."""
+    from .redecode import RedecodingSTT
+
+    return RedecodingSTT(recognizer, executor, slots=settings.cpu_workers,
+                         partial_interval_ms=settings.partial_interval_ms,
+                         max_utterance_s=settings.max_utterance_s)
 
 
 def _piper(settings: Settings, executor: Executor) -> TextToSpeech:
@@ -39,6 +59,7 @@ def _elevenlabs(settings: Settings, executor: Executor) -> TextToSpeech:
 
 
 STT_PROVIDERS: dict[str, Callable[[Settings, Executor], SpeechToText]] = {
+    "moonshine": _moonshine,
     "whisper": _whisper,
     "deepgram": _deepgram,
 }

@@ -11,10 +11,11 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from ..call.session import CallSession, presented_token, refuse_before_accept, token_matches
+from ..call.session import (CallSession, presented_token, refuse_before_accept,
+                            refuse_while_draining, token_matches)
 from ..codec import PCM16
-from ..protocol import (CLOSE_TRY_AGAIN_LATER, ProtocolError, StartMessage, StopMessage,
-                        TextMessage, check_audio_frame, parse_text_frame)
+from ..protocol import (CLOSE_TRY_AGAIN_LATER, DtmfMessage, ProtocolError, StartMessage,
+                        StopMessage, TextMessage, check_audio_frame, parse_text_frame)
 from ..services import Services
 
 
@@ -45,6 +46,8 @@ async def native_call(websocket: WebSocket) -> None:
     if not token_matches(presented_token(websocket), settings.call_token):
         await refuse_before_accept(websocket, "missing or wrong call token", services.stats,
                                    "unauthorized")
+        return
+    if await refuse_while_draining(websocket, services.stats):
         return
     await websocket.accept()
     session = services.open_session(websocket, "native")
@@ -90,6 +93,10 @@ def _handle(message: dict[str, Any], session: CallSession, output: NativeOutput,
         if session.call is None:
             raise ProtocolError("not_started", "send a `start` message first")
         session.feed_text(parsed.text, parsed.final)
+    elif isinstance(parsed, DtmfMessage):
+        if session.call is None:
+            raise ProtocolError("not_started", "send a `start` message first")
+        session.feed_dtmf(parsed.digit)
     elif isinstance(parsed, StopMessage):
         return False
     return True

@@ -24,11 +24,12 @@ from starlette.websockets import WebSocket
 from .. import logs
 from ..call import Call
 from ..call.session import (CallSession, Outbox, presented_token, refuse_before_accept,
-                            token_matches)
+                            refuse_while_draining, token_matches)
 from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, CLOSE_UNSUPPORTED_DATA,
-                        ProtocolError, StartMessage, parse_json)
+                        ProtocolError, StartMessage, parse_dtmf_digit, parse_json)
 from ..services import Services
+from .twilio_rest import TwilioCallControl
 from .twilio_voice import TOKEN_PARAMETER, public_base_url, signature_refusal, stream_url
 
 log = logging.getLogger("voicegate.twilio")
@@ -97,20 +98,30 @@ class TwilioOutput:
 
     Marks are named ``<turn>:<ms>``: when Twilio echoes one, the caller has heard ``ms``
     of that turn's reply. After a ``clear`` Twilio echoes the marks it dropped too, so a
-    cleared reply's echoes are ignored.
+    cleared reply's echoes are ignored; a reply resumed after a false interruption
+    names its marks ``<turn>.<resumes>:<ms>``, so the dropped ones never count.
     """
 
     encoding = MULAW
 
-    def __init__(self, outbox: Outbox, stream_sid: str, call_id: str) -> None:
+    def __init__(self, outbox: Outbox, stream_sid: str, call_id: str,
+                 control: TwilioCallControl | None = None, account_sid: str = "",
+                 call_sid: str = "", handoff_number: str = "") -> None:
         self._outbox = outbox
         self.call_id = call_id
+        # The REST side of this call (transfer, hang up); None without an auth token.
+        self._control = control
+        self._account_sid = account_sid
+        self._call_sid = call_sid
+        self._handoff_number = handoff_number
         sid = json.dumps(stream_sid)
         # Per-frame messages are string concatenation around these, not json.dumps.
         self._media_head = '{"event":"media","streamSid":' + sid + ',"media":{"payload":"'
         self._mark_head = '{"event":"mark","streamSid":' + sid + ',"mark":{"name":"'
         self._clear = '{"event":"clear","streamSid":' + sid + '}'
         self._turn = 0
+        self._label = "0"  # the turn, with the resume count after a false interruption
+        self._resumes = 0
         self._reply_bytes = 0
         self._next_mark = _MARK_EVERY_BYTES
         self._confirmed_ms = 0.0
@@ -132,9 +143,29 @@ class TwilioOutput:
         self._reply_bytes += len(frame)
         if self._reply_bytes >= self._next_mark:
             self._next_mark = self._reply_bytes + _MARK_EVERY_BYTES
-            self._outbox.send_text(f'{self._mark_head}{self._turn}:'
+            self._outbox.send_text(f'{self._mark_head}{self._label}:'
                                    f'{self._reply_bytes // _ULAW_BYTES_PER_MS}"}}}}')
             self.marks_sent += 1
+
+    async def transfer(self, reason: str) -> bool:
+        """The handoff message has played: redirect the live call to a person through
+        Twilio's REST API. False (and a log line) when no number is configured."""
+        if not self._handoff_number or self._control is None:
+            logs.event(log, "twilio_handoff_not_transferred", call_id=self.call_id,
+                       hint="set VOICEGATE_HANDOFF_NUMBER (and VOICEGATE_TWILIO_AUTH_TOKEN) "
+                            "to transfer the caller")
+            return False
+        await self._control.transfer(self._account_sid, self._call_sid, self._handoff_number)
+        logs.event(log, "twilio_transferred", call_id=self.call_id, reason=reason[:200])
+        return True
+
+    async def hang_up(self, reason: str) -> None:
+        """End the phone call (Status=completed). Without REST credentials, closing the
+        stream ends a ``<Connect><Stream>`` call with nothing after it anyway."""
+        if self._control is None:
+            logs.event(log, "twilio_hangup_by_closing_stream", call_id=self.call_id)
+            return
+        await self._control.hang_up(self._account_sid, self._call_sid)
 
     async def interrupt(self, event: dict[str, Any]) -> None:
         # Freeze the confirmed figure first: the call read it for `event` just before this.
@@ -147,10 +178,18 @@ class TwilioOutput:
     # --- ConfirmsPlayback ----------------------------------------------------------
 
     def reply_started(self, turn: int) -> None:
-        self._turn = turn
+        self._turn, self._label, self._resumes = turn, str(turn), 0
         self._reply_bytes = 0
         self._next_mark = _MARK_EVERY_BYTES
         self._confirmed_ms = 0.0
+        self._cleared = False
+
+    def reply_resumed(self, from_ms: float) -> None:
+        self._resumes += 1
+        self._label = f"{self._turn}.{self._resumes}"
+        self._reply_bytes = int(from_ms) * _ULAW_BYTES_PER_MS
+        self._next_mark = self._reply_bytes + _MARK_EVERY_BYTES
+        self._confirmed_ms = from_ms
         self._cleared = False
 
     def confirmed_heard_ms(self) -> float | None:
@@ -160,11 +199,13 @@ class TwilioOutput:
 
     def mark_played(self, name: str) -> bool:
         """Twilio echoed mark ``name``. False when it is not one of ours."""
-        turn_text, sep, ms_text = name.partition(":")
-        if not (sep and _is_number(turn_text) and _is_number(ms_text)):
+        label, sep, ms_text = name.partition(":")
+        turn_text, dot, resumes = label.partition(".")
+        if not (sep and _is_number(turn_text) and _is_number(ms_text)
+                and (not dot or _is_number(resumes))):
             return False
         self._echoes_marks = True
-        if int(turn_text) == self._turn and not self._cleared:
+        if label == self._label and not self._cleared:
             self._confirmed_ms = max(self._confirmed_ms, float(ms_text))
             self.marks_confirmed += 1
         return True
@@ -255,7 +296,11 @@ class TwilioStream:
                     "call_sid": start.call_sid, "account_sid": start.account_sid,
                     "parameters": parameters}
         # The call id is the CallSid when there is one, so logs match Twilio's console.
-        output = TwilioOutput(self._session.outbox, start.stream_sid, call_id or "")
+        settings = self._services.settings
+        output = TwilioOutput(self._session.outbox, start.stream_sid, call_id or "",
+                              control=self._services.twilio_control(),
+                              account_sid=start.account_sid, call_sid=start.call_sid,
+                              handoff_number=settings.handoff_number)
         self.output = output
         call = self._session.start_call(lambda: self._services.new_call(
             output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata), call_id=call_id))
@@ -278,8 +323,10 @@ class TwilioStream:
         dtmf = data.get("dtmf")
         if not isinstance(dtmf, dict) or not isinstance(dtmf.get("digit"), str):
             raise TwilioError("twilio_invalid_message", "`dtmf` needs a string `dtmf.digit`")
-        # Keypad input is not a turn (yet); the digit itself stays out of logs (PINs).
+        digit = parse_dtmf_digit(dtmf["digit"], "twilio_invalid_dtmf")
+        # The digit itself stays out of logs (PINs).
         logs.event(log, "twilio_dtmf", call_id=self.call.id)
+        self._session.feed_dtmf(digit)
 
 
 async def twilio_stream(websocket: WebSocket) -> None:
@@ -295,6 +342,8 @@ async def twilio_stream(websocket: WebSocket) -> None:
     if not authenticated and presented_token(websocket):
         await refuse_before_accept(websocket, "wrong call token", services.stats,
                                    "unauthorized")
+        return
+    if await refuse_while_draining(websocket, services.stats):
         return
     await websocket.accept()
     session = services.open_session(websocket, "twilio")

@@ -9,11 +9,22 @@ word), and ``Metadata`` before closing on CloseStream.
 
 "Recognition" is scripted: each utterance reveals the next entry of ``utterances``
 one word per ``ms_per_word`` of non-silent audio; all-zero audio is silence.
+
+By default every new word is sent at once (tests see each step). ``realistic()`` makes
+it behave like the real service for benchmarks: an interim result only after
+``interim_every_ms`` more audio (Deepgram's documented example streams one a second),
+and every final (at an endpoint or in reply to Finalize) ``final_delay_ms`` (150-300 ms)
+after the end of speech; messages leave in order, as the service sends them.
+
+    python -m tests.fakes.deepgram_server --port 8090 --realistic   # its own process
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
+import random
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +42,7 @@ class Session:
     controls: Counter = field(default_factory=Counter)
     sent: list[dict[str, Any]] = field(default_factory=list)
     audio_bytes: int = 0
+    messages: int = 0  # binary (audio) messages received
     closed_by_client_message: bool = False
 
 
@@ -40,8 +52,21 @@ class FakeDeepgram:
         self.utterances: list[str] = ["what are your opening hours"]
         self.ms_per_word = 100
         self.answer_finalize = True  # False: ignore Finalize (a server that never replies)
+        # None: an interim for every new word. A number: at most one per this much audio.
+        self.interim_every_ms: float | None = None
+        # Finals leave this long (uniform in the range) after the end of speech.
+        self.final_delay_ms: tuple[float, float] = (0.0, 0.0)
+        self.keep_sessions = True  # False: do not keep every message (long benchmarks)
         self.sessions: list[Session] = []
         self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
+
+    def realistic(self, interim_every_ms: float = 1000.0,
+                  final_delay_ms: tuple[float, float] = (150.0, 300.0)) -> "FakeDeepgram":
+        """Interim results at the real service's cadence, finals 150-300 ms after speech."""
+        self.interim_every_ms = interim_every_ms
+        self.final_delay_ms = final_delay_ms
+        self.keep_sessions = False
+        return self
 
     async def _listen(self, websocket: WebSocket) -> None:
         if websocket.headers.get("authorization") != f"Token {self.api_key}":
@@ -49,7 +74,8 @@ class FakeDeepgram:
             return
         await websocket.accept()
         session = Session(query=dict(websocket.query_params))
-        self.sessions.append(session)
+        if self.keep_sessions:
+            self.sessions.append(session)
         rate = int(session.query.get("sample_rate", "16000"))
         endpointing_ms = int(session.query.get("endpointing", "10"))
         utterance_end_ms = int(session.query.get("utterance_end_ms", "0") or 0)
@@ -57,9 +83,27 @@ class FakeDeepgram:
         state = _Segment()
         utterance_index = 0
 
-        async def send(payload: dict[str, Any]) -> None:
-            session.sent.append(payload)
-            await websocket.send_text(json.dumps(payload))
+        loop = asyncio.get_running_loop()
+        # (due time, message) in sending order: a delayed final holds back what follows.
+        outbox: asyncio.Queue[tuple[float, dict[str, Any]]] = asyncio.Queue()
+        last_voiced_at = loop.time()
+        last_interim_ms = 0.0
+
+        async def sender() -> None:
+            while True:
+                due, payload = await outbox.get()
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
+                if self.keep_sessions:
+                    session.sent.append(payload)
+                await websocket.send_text(json.dumps(payload))
+
+        async def send(payload: dict[str, Any], final: bool = False) -> None:
+            due = loop.time()
+            low, high = self.final_delay_ms
+            if final and high > 0:
+                due = max(due, last_voiced_at + random.uniform(low, high) / 1000.0)
+            outbox.put_nowait((due, payload))
 
         def results(words: list[str], *, is_final: bool, speech_final: bool = False,
                     from_finalize: bool = False) -> dict[str, Any]:
@@ -79,10 +123,11 @@ class FakeDeepgram:
         async def finish(**flags: bool) -> None:
             nonlocal utterance_index
             if state.revealed > state.finalized:
-                await send(results(state.script[state.finalized:state.revealed], is_final=True, **flags))
+                await send(results(state.script[state.finalized:state.revealed], is_final=True,
+                                   **flags), final=True)
             elif flags.get("from_finalize"):
-                await send(results([], is_final=True, **flags))
-            state.finalized = state.revealed
+                await send(results([], is_final=True, **flags), final=True)
+            state.finalized = state.shown = state.revealed
             state.start_ms = state.end_ms
             if state.revealed >= len(state.script) or flags.get("from_finalize"):
                 if state.revealed:
@@ -90,6 +135,7 @@ class FakeDeepgram:
                 state.reset(self.utterances[utterance_index % len(self.utterances)], state.end_ms)
 
         state.reset(self.utterances[0], 0)
+        sending = asyncio.create_task(sender())
         try:
             while True:
                 message = await websocket.receive()
@@ -98,15 +144,22 @@ class FakeDeepgram:
                 if message.get("bytes") is not None:
                     audio = message["bytes"]
                     session.audio_bytes += len(audio)
+                    session.messages += 1
                     ms = len(audio) / 2 / rate * 1000
                     state.end_ms += ms
                     if any(audio):
                         state.silence_ms = 0
                         state.voiced_ms += ms
+                        last_voiced_at = loop.time()
                         words = min(len(state.script), int(state.voiced_ms // self.ms_per_word))
-                        if words > state.revealed:
-                            state.revealed = words
-                            await send(results(state.script[state.finalized:words], is_final=False))
+                        state.revealed = max(state.revealed, words)
+                        due = self.interim_every_ms is None or \
+                            state.end_ms - last_interim_ms >= self.interim_every_ms
+                        if state.revealed > state.shown and due:
+                            state.shown = state.revealed
+                            last_interim_ms = state.end_ms
+                            await send(results(state.script[state.finalized:state.revealed],
+                                               is_final=False))
                     else:
                         state.silence_ms += ms
                         if state.revealed > state.finalized and state.silence_ms >= endpointing_ms:
@@ -129,10 +182,15 @@ class FakeDeepgram:
                     await send({"type": "Metadata", "transaction_key": "deprecated", "request_id": request_id,
                                 "sha256": "0" * 64, "created": datetime.now(timezone.utc).isoformat(),
                                 "duration": state.end_ms / 1000, "channels": 1})
+                    while not outbox.empty():
+                        await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.01)
                     await websocket.close(code=1000)
                     return
         except WebSocketDisconnect:
             return
+        finally:
+            sending.cancel()
 
 
 @dataclass
@@ -143,6 +201,7 @@ class _Segment:
     voiced_ms: float = 0.0
     silence_ms: float = 0.0
     revealed: int = 0
+    shown: int = 0  # words sent in an interim so far
     finalized: int = 0
     last_word_end_ms: float = 0.0
     await_utterance_end: bool = False
@@ -151,4 +210,30 @@ class _Segment:
         self.script = utterance.split()
         self.start_ms = self.end_ms = at_ms
         self.voiced_ms = self.silence_ms = 0.0
-        self.revealed = self.finalized = 0
+        self.revealed = self.finalized = self.shown = 0
+
+
+def main() -> None:
+    """The fake in a process of its own (benchmarks): ``--realistic`` timing."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--api-key", default="test-key")
+    parser.add_argument("--utterance", action="append", default=[],
+                        help="what each utterance recognises, in turn (repeatable)")
+    parser.add_argument("--ms-per-word", type=int, default=300)
+    parser.add_argument("--realistic", action="store_true")
+    args = parser.parse_args()
+    fake = FakeDeepgram(args.api_key)
+    fake.utterances = args.utterance or fake.utterances
+    fake.ms_per_word = args.ms_per_word
+    if args.realistic:
+        fake.realistic()
+    uvicorn.run(fake.app, host="127.0.0.1", port=args.port, log_level="warning",
+                lifespan="off", loop="uvloop", ws="websockets-sansio",
+                ws_per_message_deflate=False, backlog=4096)
+
+
+if __name__ == "__main__":
+    main()

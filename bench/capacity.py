@@ -1,0 +1,356 @@
+"""Capacity: how many concurrent calls one gateway process holds at the bar.
+
+    python bench/capacity.py [--mode text audio] [--steps 50 100 200 300 500] [--step-s 30]
+
+The gateway runs in its own process (bench/gateway_process.py), the Deepgram fake in
+another (audio mode, ``realistic()`` timing), and this process is only the load
+generator. For each step of concurrent calls every caller talks for ``--step-s``:
+
+- text: a FAQ question as partial transcripts word by word (150 ms a word, the last
+  partial holding every word, as a streaming recogniser's last interim does), then the
+  final; every fifth final carries two words no partial had (a cold embedding). The
+  caller listens to the whole reply, pauses, asks again.
+- audio: the questions spoken (Piper, 16 kHz) as real 20 ms frames at real pace, with
+  silence between turns; STT is remote (Deepgram's live protocol against the fake).
+
+Per step: server ``first_audio_ms`` of cache hits p50/p99 (end of turn -> first reply
+frame), client final (or end of speech) -> first reply audio, route time of finals with
+a new word (server ``route_decided_ms``), outbound frame lag (server: share of frames
+more than 20 ms behind their time and the worst; client: p99 of arrival lateness),
+gateway CPU per call (% of one core), memory per call (RSS growth / calls), errors.
+Turns that start in the first ``--warmup-s`` of a step are left out of latencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from bench.gateway_process import (FAQ_PARAPHRASES, GatewayProcess, free_port,  # noqa: E402
+                                   seed_store)
+from gateway.client import Caller  # noqa: E402
+
+WORD_S = 0.150
+FRAME_MS = 20
+RATE = 16000
+# Words a final may add that no partial had: two of them make a wording never embedded.
+NEW_WORDS = ["today", "please", "exactly", "again", "now", "quickly", "actually", "though",
+             "still", "currently", "normally", "usually", "anyway", "honestly", "maybe",
+             "here", "there", "tonight", "tomorrow", "this", "week", "month", "year",
+             "sir", "madam", "friend", "kindly", "then", "also", "really"]
+NEW_WORD_EVERY = 5  # every fifth text turn
+
+
+@dataclass
+class Step:
+    calls: int
+    server_hit_ms: list[float] = field(default_factory=list)
+    client_ms: list[float] = field(default_factory=list)
+    new_word_route_ms: list[float] = field(default_factory=list)
+    client_lag_ms: list[float] = field(default_factory=list)
+    frames_sent: int = 0
+    frames_late: int = 0
+    frame_lag_max_ms: float = 0.0
+    turns: int = 0
+    hits: int = 0
+    reused: int = 0
+    partials_routed: int = 0
+    partials_skipped: int = 0
+    partials_shed: int = 0
+    errors: list[str] = field(default_factory=list)
+    counting_from: float = 0.0
+
+    def counting(self, at: float) -> bool:
+        return at >= self.counting_from
+
+
+class FrameClock:
+    """Client-side lateness of reply frames: frame n of a reply is due n x 20 ms after the
+    reply's first frame; a frame later than that is a gap the caller hears (frames that
+    come early, within the playout lead, count as 0)."""
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+        self.first: float | None = None
+        self.count = 0
+
+    def reset(self) -> None:
+        self.first, self.count = None, 0
+
+    def __call__(self, frame: bytes) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        elif self.step.counting(now):
+            lag = (now - (self.first + self.count * FRAME_MS / 1000.0)) * 1000.0
+            self.step.client_lag_ms.append(max(0.0, lag))
+        self.count += 1
+
+
+def record(step: Step, metrics: dict, client_ms: float | None, started: float,
+           new_word: bool = False) -> None:
+    if not step.counting(started):
+        return
+    step.turns += 1
+    step.frames_sent += int(metrics.get("frames_sent") or 0)
+    step.frames_late += int(metrics.get("frames_late") or 0)
+    step.frame_lag_max_ms = max(step.frame_lag_max_ms, metrics.get("frame_lag_max_ms") or 0.0)
+    step.partials_routed += int(metrics.get("partials_routed") or 0)
+    step.partials_skipped += int(metrics.get("partials_skipped") or 0)
+    step.partials_shed += int(metrics.get("partials_shed") or 0)
+    if new_word and metrics.get("route_decided_ms") is not None:
+        step.new_word_route_ms.append(metrics["route_decided_ms"])
+    if metrics.get("source") == "cache":
+        step.hits += 1
+        step.reused += bool(metrics.get("route_reused"))
+        if metrics.get("first_audio_ms") is not None:
+            step.server_hit_ms.append(metrics["first_audio_ms"])
+        if client_ms is not None:
+            step.client_ms.append(client_ms)
+
+
+async def first_audio_after(caller: Caller, frames_before: int, clock: FrameClock,
+                            timeout: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout
+    while clock.count <= frames_before and caller._reader is not None and \
+            not caller._reader.done():
+        if time.monotonic() > deadline:
+            raise TimeoutError("no reply audio")
+        await asyncio.sleep(0.002)
+    return time.monotonic()
+
+
+async def text_caller(url: str, step: Step, until: float, seed: int) -> None:
+    rng = random.Random(seed)
+    await asyncio.sleep(rng.uniform(0, 2.0))  # callers do not all start on one tick
+    clock = FrameClock(step)
+    turn = 0
+    try:
+        async with Caller(url, on_audio=clock) as caller:
+            while time.monotonic() < until:
+                turn += 1
+                question = rng.choice(FAQ_PARAPHRASES)
+                new_word = turn % NEW_WORD_EVERY == seed % NEW_WORD_EVERY
+                final = f"{question} {rng.choice(NEW_WORDS)} {rng.choice(NEW_WORDS)}" \
+                    if new_word else question
+                index = len(caller.events)
+                started = time.monotonic()
+                words = question.split()
+                for n in range(1, len(words) + 1):
+                    await caller.send_json({"type": "text", "text": " ".join(words[:n]),
+                                            "final": False})
+                    await asyncio.sleep(WORD_S)
+                clock.reset()
+                await caller.send_json({"type": "text", "text": final, "final": True})
+                sent = time.monotonic()
+                heard = await first_audio_after(caller, 0, clock)
+                metrics = await caller.wait_for("turn_metrics", start=index, timeout=60)
+                errors = [e for e in caller.events[index:] if e.get("type") == "error"]
+                if errors:
+                    step.errors.append(f"error event {errors[0].get('code')}")
+                record(step, metrics, (heard - sent) * 1000.0, started, new_word)
+                await asyncio.sleep(rng.uniform(0.3, 1.0))  # the caller thinks
+    except Exception as exc:  # counted, never fatal for the other callers
+        step.errors.append(f"{type(exc).__name__}: {exc}"[:200])
+
+
+async def audio_caller(url: str, step: Step, until: float, seed: int,
+                       speech: list[bytes]) -> None:
+    rng = random.Random(seed)
+    await asyncio.sleep(rng.uniform(0, 2.0))
+    clock = FrameClock(step)
+    try:
+        async with Caller(url, on_audio=clock) as caller:
+            turn = 0
+            while time.monotonic() < until:
+                # The fake recognises the questions in order, one per utterance.
+                pcm = speech[turn % len(speech)]
+                turn += 1
+                index = len(caller.events)
+                started = time.monotonic()
+                clock.reset()
+                await caller.stream_audio(pcm)  # returns once its last frame is sent
+                spoken = time.monotonic()
+                heard = await first_audio_after(caller, 0, clock)
+                metrics = await caller.wait_for("turn_metrics", start=index, timeout=60)
+                errors = [e for e in caller.events[index:] if e.get("type") == "error"]
+                if errors:
+                    step.errors.append(f"error event {errors[0].get('code')}")
+                record(step, metrics, (heard - spoken) * 1000.0, started)
+                await asyncio.sleep(rng.uniform(0.5, 1.0))  # silence flows meanwhile
+    except Exception as exc:
+        step.errors.append(f"{type(exc).__name__}: {exc}"[:200])
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def run_step(gateway: GatewayProcess, mode: str, calls: int, step_s: float,
+                   warmup_s: float, speech: list[bytes]) -> tuple[Step, float, float, float]:
+    step = Step(calls)
+    now = time.monotonic()
+    step.counting_from = now + warmup_s
+    until = now + step_s
+    rss_before = gateway.rss_mb()
+    if mode == "text":
+        callers = [text_caller(gateway.call_url, step, until, i) for i in range(calls)]
+    else:
+        callers = [audio_caller(gateway.call_url, step, until, i, speech) for i in range(calls)]
+    tasks = [asyncio.ensure_future(c) for c in callers]
+    await asyncio.sleep(warmup_s)
+    cpu0, wall0, own0 = gateway.cpu_s(), time.monotonic(), time.process_time()
+    rss_peak = gateway.rss_mb()
+    while time.monotonic() < until:
+        await asyncio.sleep(1.0)
+        rss_peak = max(rss_peak, gateway.rss_mb())
+    cpu1, wall1, own1 = gateway.cpu_s(), time.monotonic(), time.process_time()
+    await asyncio.gather(*tasks)
+    wall = wall1 - wall0
+    return step, (cpu1 - cpu0) / wall, (rss_peak - rss_before), (own1 - own0) / wall
+
+
+def report(mode: str, step: Step, cpu_cores: float, rss_mb: float, gen_cores: float,
+           load: str) -> None:
+    late = step.frames_late / step.frames_sent if step.frames_sent else float("nan")
+    print(f"{mode:5s} {step.calls:4d} calls | turns {step.turns:5d} hits {step.hits:5d} "
+          f"(decided on partials {step.reused / max(1, step.hits):5.1%}) | "
+          f"hit first_audio_ms p50 {pct(step.server_hit_ms, 50):6.2f} "
+          f"p99 {pct(step.server_hit_ms, 99):7.2f} | client final->audio p50 "
+          f"{pct(step.client_ms, 50):6.1f} p99 {pct(step.client_ms, 99):7.1f}", flush=True)
+    print(f"      new-word final route_ms p50 {pct(step.new_word_route_ms, 50):6.2f} "
+          f"p99 {pct(step.new_word_route_ms, 99):7.2f} (n={len(step.new_word_route_ms)}) | "
+          f"frames late >20ms {late:6.2%} of {step.frames_sent} (server max "
+          f"{step.frame_lag_max_ms:.0f} ms), client lag p99 {pct(step.client_lag_ms, 99):6.1f} ms"
+          f" | partials routed {step.partials_routed} skipped {step.partials_skipped} "
+          f"shed {step.partials_shed}", flush=True)
+    print(f"      gateway CPU {cpu_cores * 100:5.1f}% of a core = "
+          f"{cpu_cores * 100 / step.calls:5.3f}% per call | memory +{rss_mb:6.1f} MB = "
+          f"{rss_mb * 1024 / step.calls:6.1f} KB per call | load generator "
+          f"{gen_cores * 100:5.1f}% of a core | errors {len(step.errors)}"
+          f"{' e.g. ' + step.errors[0] if step.errors else ''} | {load}", flush=True)
+
+
+def holds_bar(mode: str, step: Step) -> bool:
+    if step.errors or not step.server_hit_ms:
+        return False
+    if mode == "text":
+        ok = pct(step.server_hit_ms, 50) <= 2.0 and pct(step.server_hit_ms, 99) <= 10.0
+        if step.calls <= 200 and step.new_word_route_ms:
+            ok = ok and pct(step.new_word_route_ms, 50) <= 5.0
+        return ok
+    late = step.frames_late / max(1, step.frames_sent)
+    return late <= 0.01 and pct(step.server_hit_ms, 99) <= 10.0
+
+
+def render_speech() -> list[bytes]:
+    """The FAQ paraphrases spoken once with the project's voice, 16 kHz."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.audio import resample_pcm16
+    from gateway.providers.piper_tts import PiperTTS
+
+    tts = PiperTTS(ThreadPoolExecutor(1))
+    return [resample_pcm16(tts.synthesize_all(text), tts.sample_rate, RATE)
+            for text in FAQ_PARAPHRASES]
+
+
+class DeepgramFake:
+    """tests/fakes/deepgram_server.py in its own process, realistic timing."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        args = [sys.executable, "-m", "tests.fakes.deepgram_server", "--port", str(self.port),
+                "--realistic", "--ms-per-word", "250"]
+        for text in FAQ_PARAPHRASES:
+            args += ["--utterance", text]
+        self.proc = subprocess.Popen(args, cwd=ROOT)
+        time.sleep(3.0)
+        if self.proc.poll() is not None:
+            sys.exit("the Deepgram fake did not start")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def machine_load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load avg {one:.2f}/{five:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", nargs="+", choices=["text", "audio"], default=["text", "audio"])
+    parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200, 300, 500])
+    parser.add_argument("--step-s", type=float, default=30.0)
+    parser.add_argument("--warmup-s", type=float, default=6.0)
+    parser.add_argument("--store", help="an already seeded store of the example FAQ")
+    parser.add_argument("--turn-model", default=None, choices=["smart_turn", "none"],
+                        help="audio mode: the end-of-turn model (default: the gateway's)")
+    parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="extra gateway settings, e.g. VOICEGATE_ROUTE_STEP_WORDS=1")
+    args = parser.parse_args()
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    store = seed_store(args.store)
+    extra = dict(item.split("=", 1) for item in args.env)
+    print(f"machine: {os.cpu_count()} cores, {machine_load()} before the run; gateway env "
+          f"{extra or 'defaults'}", flush=True)
+    for mode in args.mode:
+        env = {"VOICEGATE_MAX_CALLS": "2000", **extra}
+        fake = None
+        speech: list[bytes] = []
+        if mode == "audio":
+            speech = render_speech()
+            fake = DeepgramFake()
+            env.update(VOICEGATE_STT_PROVIDER="deepgram",
+                       VOICEGATE_DEEPGRAM_URL=f"ws://127.0.0.1:{fake.port}",
+                       VOICEGATE_DEEPGRAM_API_KEY="test-key")
+            if args.turn_model:
+                env["VOICEGATE_TURN_MODEL"] = args.turn_model
+        gateway = GatewayProcess(store, env).start()
+        try:
+            largest = None
+            for calls in args.steps:
+                fake_cpu0 = fake.cpu_s() if fake else 0.0
+                t0 = time.monotonic()
+                step, cpu, rss, gen = asyncio.run(
+                    run_step(gateway, mode, calls, args.step_s, args.warmup_s, speech))
+                load = machine_load()
+                if fake is not None:
+                    load += f", Deepgram fake {100 * (fake.cpu_s() - fake_cpu0) / (time.monotonic() - t0):.0f}% of a core"
+                report(mode, step, cpu, rss, gen, load)
+                if holds_bar(mode, step):
+                    largest = calls
+                time.sleep(3.0)  # calls hang up; the next step starts from quiet
+            print(f"{mode}: largest step that holds the bar: {largest}", flush=True)
+        finally:
+            gateway.stop()
+            if fake is not None:
+                fake.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Spoken test utterances for bench/voice_to_voice.py: two voices, two bands, known ends.
+
+Every clip is synthesized from its text by one of two voices, so the recogniser is not
+measured on one voice only: the project's embedded Piper voice (en_US-joe-medium) and
+espeak-ng (en-us, a formant synthesizer; scripts/ensure-espeak.sh installs it). A clip
+records where its speech ends (the caller's last word: the reference point of voice to
+voice) and, for utterances with pauses, where every piece starts and ends.
+
+Sets (texts are never tuned on: hits come from Banking77 *dev*, the seed from *train*):
+- hits: Banking77 dev questions of the seeded intents;
+- misses: CLINC150 validation questions from domains a bank's FAQ does not cover;
+- paused: questions read with natural pauses mid-sentence (numbers in groups, "um",
+  lists): each piece synthesized on its own (continuing pieces end with a comma, so they
+  sound unfinished, as a caller's do) with 400-900 ms of silence between them.
+
+Clips are cached under .cache/speech-corpus (git-ignored), keyed by text, voice and rate.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import random
+import re
+import subprocess
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gateway.audio import resample_pcm16
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CACHE = ROOT / ".cache" / "speech-corpus"
+RATE = 16000
+VOICES = ("piper", "espeak")
+# A sample is speech when it is within 40 dB of the clip's peak.
+_SPEECH_DB = 40.0
+_LEAD_MS = 100  # silence kept before the first word
+
+PAUSED_TEXTS: list[list[str]] = [
+    ["my card number is", "four one two seven", "eight eight three one"],
+    ["I want to um", "check my balance"],
+    ["I need my statement", "and my routing number"],
+    ["can you tell me", "um", "how to activate my new card"],
+    ["the transfer was for", "two hundred", "and fifty pounds"],
+    ["I'd like to", "uh", "order a new card"],
+    ["my account number is", "five five two", "nine one eight"],
+    ["I was charged twice for", "the same purchase"],
+    ["what is the fee for", "sending money abroad"],
+    ["I lost my card", "and I think", "someone is using it"],
+    ["can I change my", "um", "my PIN at a cash machine"],
+    ["my phone number changed to", "seven seven zero", "one two three"],
+    ["I want to top up", "using my", "credit card"],
+    ["the payment to my landlord", "is still pending"],
+    ["how long does a transfer take", "to a european account"],
+    ["I need to", "uh", "cancel a transaction"],
+]
+
+
+@dataclass
+class Clip:
+    text: str
+    voice: str
+    kind: str  # hit | miss | paused
+    pcm16: bytes  # 16 kHz
+    speech_end: int  # sample index just after the last word
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # (start, end) samples
+    intent: str | None = None  # Banking77 intent of a hit
+
+    def at_rate(self, rate: int) -> tuple[bytes, int]:
+        """The audio at ``rate`` (8 kHz: band-limited by the resampler) and its speech end."""
+        if rate == RATE:
+            return self.pcm16, self.speech_end
+        return resample_pcm16(self.pcm16, RATE, rate), self.speech_end * rate // RATE
+
+    @property
+    def seconds(self) -> float:
+        return self.speech_end / RATE
+
+
+def speech_bounds(pcm16: bytes) -> tuple[int, int]:
+    """First and one-past-last sample within 40 dB of the peak (0, 0 for silence)."""
+    samples = np.abs(np.frombuffer(pcm16, dtype="<i2").astype(np.int32))
+    if not len(samples) or samples.max() == 0:
+        return 0, 0
+    loud = np.flatnonzero(samples >= samples.max() * 10 ** (-_SPEECH_DB / 20))
+    return int(loud[0]), int(loud[-1]) + 1
+
+
+def trim(pcm16: bytes) -> bytes:
+    """Keep the speech with a short lead; the caller's silence after it is the client's."""
+    start, end = speech_bounds(pcm16)
+    lead = RATE * _LEAD_MS // 1000
+    return pcm16[max(0, start - lead) * 2:end * 2]
+
+
+def join_pieces(pieces: list[bytes], gaps_ms: list[int]) -> tuple[bytes, list[tuple[int, int]]]:
+    """Trimmed pieces with silences between them; returns the audio and piece bounds."""
+    out = bytearray()
+    bounds: list[tuple[int, int]] = []
+    for i, piece in enumerate(pieces):
+        start, end = speech_bounds(piece)
+        base = len(out) // 2
+        bounds.append((base + start, base + end))
+        out += piece
+        if i < len(gaps_ms):
+            out += bytes(RATE * gaps_ms[i] // 1000 * 2)
+    return bytes(out), bounds
+
+
+class Synthesizer:
+    def __init__(self) -> None:
+        self._piper = None
+
+    def speak(self, text: str, voice: str) -> bytes:
+        key = hashlib.sha256(f"{voice}:{RATE}:{text}".encode()).hexdigest()[:20]
+        path = CACHE / f"{key}.pcm"
+        if path.exists():
+            return path.read_bytes()
+        pcm = trim(self._piper_pcm(text) if voice == "piper" else self._espeak_pcm(text))
+        CACHE.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pcm)
+        return pcm
+
+    def _piper_pcm(self, text: str) -> bytes:
+        if self._piper is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from gateway.providers.piper_tts import PiperTTS
+
+            self._piper = PiperTTS(ThreadPoolExecutor(1))
+        pcm = self._piper.synthesize_all(text)
+        return resample_pcm16(pcm, self._piper.sample_rate, RATE)
+
+    @staticmethod
+    def _espeak_pcm(text: str) -> bytes:
+        wav = subprocess.run(["espeak-ng", "-v", "en-us", "-s", "165", "--stdout", text],
+                             check=True, capture_output=True).stdout
+        with wave.open(io.BytesIO(wav)) as w:
+            return resample_pcm16(w.readframes(w.getnframes()), w.getframerate(), RATE)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _speakable(text: str) -> bool:
+    return text.isascii() and 3 <= len(text.split()) <= 22
+
+
+def hit_questions(intents: list[str], n: int, seed: int = 7) -> list[tuple[str, str]]:
+    """``n`` Banking77 dev questions of the given intents, spread over them."""
+    wanted = set(intents)
+    rows = [(r["text"].strip(), r["category"]) for r in _rows(DATA / "banking77" / "dev.csv")
+            if r["category"] in wanted and _speakable(r["text"])]
+    random.Random(seed).shuffle(rows)
+    by_intent: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        by_intent.setdefault(row[1], []).append(row)
+    picked: list[tuple[str, str]] = []
+    while len(picked) < n and any(by_intent.values()):
+        for intent in sorted(by_intent):
+            if by_intent[intent] and len(picked) < n:
+                picked.append(by_intent[intent].pop())
+    return picked
+
+
+def miss_questions(n: int, seed: int = 7) -> list[str]:
+    """CLINC150 validation questions from domains far from a bank's FAQ."""
+    far = {"kitchen_and_dining", "travel", "home", "auto_and_commute", "small_talk"}
+    rows = [r["text"].strip() for r in _rows(DATA / "clinc150" / "val.csv")
+            if r["domain"] in far and _speakable(r["text"])]
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+def paused_clip(synth: Synthesizer, pieces: list[str], voice: str, rng: random.Random) -> Clip:
+    audio = [synth.speak(p + ("," if i < len(pieces) - 1 else "."), voice)
+             for i, p in enumerate(pieces)]
+    gaps = [rng.randrange(400, 901, 50) for _ in pieces[1:]]
+    pcm, bounds = join_pieces(audio, gaps)
+    return Clip(" ".join(pieces), voice, "paused", pcm, bounds[-1][1], bounds)
+
+
+def build(intents: list[str], hits: int, misses: int, paused: int,
+          voices: tuple[str, ...] = VOICES, seed: int = 7) -> list[Clip]:
+    """The clips, each text spoken by each voice in turn (alternating). ``seed`` picks
+    the sample (another seed: questions and paused texts not looked at before)."""
+    synth = Synthesizer()
+    clips: list[Clip] = []
+    for i, (text, intent) in enumerate(hit_questions(intents, hits, seed)):
+        voice = voices[i % len(voices)]
+        pcm = synth.speak(text, voice)
+        clips.append(Clip(text, voice, "hit", pcm, speech_bounds(pcm)[1], intent=intent))
+    for i, text in enumerate(miss_questions(misses, seed)):
+        voice = voices[i % len(voices)]
+        pcm = synth.speak(text, voice)
+        clips.append(Clip(text, voice, "miss", pcm, speech_bounds(pcm)[1]))
+    rng = random.Random(11)
+    texts = list(PAUSED_TEXTS)
+    if seed != 7:
+        random.Random(seed).shuffle(texts)
+    for i in range(paused):
+        clips.append(paused_clip(synth, texts[i % len(texts)],
+                                 voices[i % len(voices)], rng))
+    return clips
+
+
+# ---------------------------------------------------------------- word error rate
+
+_DIGITS = "zero one two three four five six seven eight nine".split()
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lowercase words without punctuation; digits spelled one by one ("41" -> four one)."""
+    text = re.sub(r"\d", lambda m: f" {_DIGITS[int(m.group())]} ", text.lower())
+    return re.findall(r"[a-z']+", text.replace("'s", "s"))
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(edits, reference words): word-level Levenshtein distance."""
+    ref, hyp = normalize_words(reference), normalize_words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[len(hyp)], len(ref)

@@ -1,0 +1,402 @@
+"""Voice to voice, as a caller hears it: spoken questions streamed in real time over /v1/call.
+
+For each recogniser (one gateway process each, all in one run), with 1 and 4 callers at
+once, at 16 kHz and at 8 kHz phone band, every clip of bench/speech_corpus.py is streamed
+in 20 ms frames paced by the wall clock, followed by silence frames, as a phone would.
+
+Figures per configuration:
+  hit v2v / miss v2v  first reply audio received - the send time of the caller's last
+                      speech sample (its frame's send time + its offset in the frame),
+                      measured by the client; p50 / p99. A miss's first audio may be a
+                      filler or the handoff phrase: it is what the caller hears.
+  EOT                 the server's end-of-turn delay (turn_metrics end_of_turn_ms:
+                      last voiced VAD window -> turn ended), p50 / p99
+  cut-off             paused clips whose turn ended (a final transcript, or reply audio)
+                      before the caller's last piece had been spoken
+  early               cache answers whose route was decided before the turn ended
+                      (route.reused: routed on the early final or a partial)
+  precision           cache answers to hit questions that are of its true Banking77 intent
+                      (paused clips carry no label; out-of-domain questions answered from
+                      the cache are counted apart, in the JSON's miss_hits)
+  CPU                 gateway CPU seconds per second of caller speech, per call
+  WER                 final transcripts against the clip texts (digits spelled out)
+
+The FAQ is seeded from Banking77 *train* (a fixed set of intents, short answers so replies
+end quickly); hits are *dev* questions of those intents: nothing here is tuned on them.
+Intent names are lowercased to the seed's spelling (the published ones have capitals).
+
+Run (from the repository root; espeak-ng: bash scripts/ensure-espeak.sh):
+  .venv/bin/python bench/voice_to_voice.py                      # moonshine and whisper
+  .venv/bin/python bench/voice_to_voice.py --stt moonshine --quick
+  options: --stt a,b  --callers 1,4  --rates 16000,8000  --voices piper,espeak
+           --hits N --misses N --paused N  --env KEY=VALUE (gateway setting, repeatable)
+           --sample-seed N (another sample than the default 7, which the end-of-turn
+           defaults were developed on: report figures from another one)
+           --json PATH (every utterance's record and the summary)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import hashlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import websockets
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gateway_process import GatewayProcess  # noqa: E402
+from bench.speech_corpus import CACHE, DATA, Clip, build, word_errors  # noqa: E402
+
+FRAME_MS = 20
+SEED_INTENTS = 20  # Banking77 intents in the bench's FAQ
+SEED_QUESTIONS = 40  # train questions per intent
+WAIT_REPLY_S = 6.0  # silence streamed after a clip while waiting for the first reply audio
+WAIT_END_S = 20.0  # for the reply to finish (turn_metrics)
+
+
+@dataclass
+class Record:
+    stt: str
+    callers: int
+    rate: int
+    kind: str
+    voice: str
+    text: str
+    intent: str | None
+    v2v_ms: float | None = None
+    eot_ms: float | None = None
+    source: str | None = None
+    route_intent: str | None = None
+    reused: bool | None = None
+    cut_off: bool = False
+    transcript: str = ""
+    speech_s: float = 0.0
+    late_frames: int = 0
+    events: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)  # the server's turn_metrics
+
+
+# ---------------------------------------------------------------- the FAQ seed
+
+
+def seed_intents() -> list[str]:
+    with (DATA / "banking77" / "train.csv").open(newline="", encoding="utf-8") as f:
+        intents = sorted({r["category"] for r in csv.DictReader(f)})
+    return intents[::max(1, len(intents) // SEED_INTENTS)][:SEED_INTENTS]
+
+
+def seed_csv(intents: list[str], path: Path) -> None:
+    """One FAQ entry per intent: train questions, a short spoken answer."""
+    rows: dict[str, list[str]] = {i: [] for i in intents}
+    with (DATA / "banking77" / "train.csv").open(newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            text = " ".join(r["text"].split())
+            if r["category"] in rows and len(rows[r["category"]]) < SEED_QUESTIONS \
+                    and len(text) <= 300 and text[:1] not in "=+-@":
+                rows[r["category"]].append(text)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["question", "answer", "intent", "action"])
+        for intent, questions in rows.items():
+            name = intent.lower()
+            answer = f"Here is our answer about {name.replace('_', ' ')}."
+            for i, question in enumerate(questions):
+                out.writerow([question, answer if i == 0 else "", name, ""])
+
+
+def seeded_store(intents: list[str]) -> str:
+    """A store seeded once per seed definition (kept under .cache between runs)."""
+    key = hashlib.sha256(json.dumps([intents, SEED_QUESTIONS]).encode()).hexdigest()[:12]
+    store = CACHE.parent / f"voice-bench-store-{key}"
+    if (store / ".seeded").exists():
+        return str(store)
+    store.mkdir(parents=True, exist_ok=True)
+    seed = store.parent / f"voice-bench-seed-{key}.csv"
+    seed_csv(intents, seed)
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "seed", "--quiet", "--store",
+                           str(store), str(seed)], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"seeding failed: {done.stderr[-2000:]}")
+    (store / ".seeded").touch()
+    return str(store)
+
+
+# ---------------------------------------------------------------- one caller
+
+
+class Line:
+    """One call: streams clips in real time, timestamps what comes back."""
+
+    def __init__(self, url: str, rate: int) -> None:
+        self.url, self.rate = url, rate
+        self.frame_bytes = rate * FRAME_MS // 1000 * 2
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.audio_at: list[float] = []  # receive time of every reply frame
+        self.changed = asyncio.Event()
+
+    async def __aenter__(self) -> "Line":
+        self.ws = await websockets.connect(self.url, max_size=2 ** 22)
+        await self.ws.send(json.dumps({"type": "start", "sample_rate": self.rate}))
+        self.reader = asyncio.create_task(self._read())
+        await self.wait(lambda: any(e["type"] == "ready" for _, e in self.events), 30)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self.ws.send(json.dumps({"type": "stop"}))
+        except websockets.ConnectionClosed:
+            pass
+        self.reader.cancel()
+        await self.ws.close()
+
+    async def _read(self) -> None:
+        async for message in self.ws:
+            now = time.perf_counter()
+            if isinstance(message, bytes):
+                self.audio_at.append(now)
+            else:
+                self.events.append((now, json.loads(message)))
+            self.changed.set()
+
+    async def wait(self, predicate: Any, timeout: float) -> bool:
+        deadline = time.perf_counter() + timeout
+        while not predicate():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return False
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(left, 0.05))
+            except TimeoutError:
+                pass
+        return True
+
+    async def speak(self, clip: Clip, record: Record) -> None:
+        pcm, speech_end = clip.at_rate(self.rate)
+        first_event, first_audio = len(self.events), len(self.audio_at)
+        t0 = time.perf_counter()
+        sent_at: list[float] = []
+        frames = [pcm[i:i + self.frame_bytes] for i in range(0, len(pcm), self.frame_bytes)]
+        silence = bytes(self.frame_bytes)
+        index = 0
+        # The clip, then silence, at real-time pace, until the reply starts (or a timeout).
+        while True:
+            due = t0 + index * FRAME_MS / 1000
+            now = time.perf_counter()
+            if due > now:
+                await asyncio.sleep(due - now)
+            elif now - due > 0.02:
+                record.late_frames += 1
+            frame = frames[index] if index < len(frames) else silence
+            frame = frame + bytes(self.frame_bytes - len(frame))
+            await self.ws.send(frame)
+            sent_at.append(time.perf_counter())
+            index += 1
+            if index >= len(frames) and (len(self.audio_at) > first_audio or
+                                         (index - len(frames)) * FRAME_MS / 1000 > WAIT_REPLY_S):
+                break
+        samples_per_frame = self.frame_bytes // 2
+        last_frame = (speech_end - 1) // samples_per_frame
+        last_speech_at = sent_at[last_frame] + \
+            ((speech_end - 1) % samples_per_frame) / self.rate
+        if len(self.audio_at) > first_audio:
+            record.v2v_ms = (self.audio_at[first_audio] - last_speech_at) * 1000
+        # Keep the line open (silence) until the turn's metrics: the reply has played.
+        sender = asyncio.create_task(self._silence())
+        await self.wait(lambda: any(e["type"] == "turn_metrics" and e.get("input") == "audio"
+                                    for _, e in self.events[first_event:]), WAIT_END_S)
+        await asyncio.sleep(0.3)
+        sender.cancel()
+        self._score(clip, record, first_event, sent_at, first_audio)
+
+    async def _silence(self) -> None:
+        silence = bytes(self.frame_bytes)
+        t0 = time.perf_counter()
+        for i in range(10 ** 6):
+            await asyncio.sleep(max(0.0, t0 + i * FRAME_MS / 1000 - time.perf_counter()))
+            await self.ws.send(silence)
+
+    def _score(self, clip: Clip, record: Record, first_event: int, sent_at: list[float],
+               first_audio: int) -> None:
+        events = self.events[first_event:]
+        record.events = [e["type"] for _, e in events]
+        finals = [(t, e) for t, e in events if e["type"] == "transcript" and e.get("final")
+                  and "turn" in e]
+        record.transcript = " ".join(e["text"] for _, e in finals)
+        metrics = [e for _, e in events if e["type"] == "turn_metrics"]
+        if metrics:
+            record.eot_ms = metrics[0].get("end_of_turn_ms")
+            record.metrics = metrics[0]
+        route = next((e for _, e in events if e["type"] == "route"), None)
+        response = next((e for _, e in events if e["type"] == "response"
+                         and e.get("source") != "filler"), None)
+        if route:
+            record.reused, record.route_intent = route.get("reused"), route.get("intent")
+        if response:
+            record.source = response.get("source")
+        if clip.kind == "paused":
+            samples_per_frame = self.frame_bytes // 2
+            last_start = clip.pieces[-1][0] * self.rate // 16000
+            spoken_at = sent_at[min(len(sent_at) - 1, last_start // samples_per_frame)]
+            ended = [t for t, _ in finals] + self.audio_at[first_audio:first_audio + 1]
+            record.cut_off = bool(ended) and min(ended) < spoken_at
+
+
+async def run_caller(url: str, rate: int, clips: list[Clip], stt: str, callers: int,
+                     stagger_s: float) -> list[Record]:
+    await asyncio.sleep(stagger_s)
+    records = []
+    async with Line(url, rate) as line:
+        for clip in clips:
+            record = Record(stt, callers, rate, clip.kind, clip.voice, clip.text,
+                            clip.intent.lower() if clip.intent else None,
+                            speech_s=clip.seconds)
+            await line.speak(clip, record)
+            records.append(record)
+            await asyncio.sleep(0.4)
+    return records
+
+
+async def run_config(gateway: GatewayProcess, stt: str, callers: int, rate: int,
+                     clips: list[Clip]) -> tuple[list[Record], float]:
+    shares = [clips[i::callers] for i in range(callers)]
+    cpu0 = gateway.cpu_s()
+    results = await asyncio.gather(*[run_caller(gateway.call_url, rate, share, stt, callers,
+                                                 0.37 * i) for i, share in enumerate(shares)])
+    return [r for rs in results for r in rs], gateway.cpu_s() - cpu0
+
+
+# ---------------------------------------------------------------- figures
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summarize(records: list[Record], cpu_s: float) -> dict[str, Any]:
+    hits = [r for r in records if r.source == "cache"]
+    asked = [r for r in records if r.kind == "hit"]
+    misses = [r for r in records if r.kind == "miss"]
+    paused = [r for r in records if r.kind == "paused"]
+    hit_v2v = [r.v2v_ms for r in hits if r.v2v_ms is not None]
+    miss_v2v = [r.v2v_ms for r in misses if r.v2v_ms is not None]
+    eot = [r.eot_ms for r in records if r.eot_ms is not None]
+    edits = words = 0
+    for r in records:
+        e, w = word_errors(r.text, r.transcript)
+        edits, words = edits + e, words + w
+    speech_s = sum(r.speech_s for r in records)
+    return {
+        "n": len(records), "hits_answered": len(hits), "hit_questions": len(asked),
+        "hit_v2v_p50": pct(hit_v2v, 0.5), "hit_v2v_p99": pct(hit_v2v, 0.99),
+        "miss_v2v_p50": pct(miss_v2v, 0.5), "miss_v2v_p99": pct(miss_v2v, 0.99),
+        "eot_p50": pct(eot, 0.5), "eot_p99": pct(eot, 0.99),
+        "cut_off": sum(r.cut_off for r in paused) / len(paused) if paused else None,
+        "early": sum(bool(r.reused) for r in hits) / len(hits) if hits else None,
+        # Of the cache answers to labelled questions (hits of paused clips have no label).
+        "precision": (sum(r.route_intent == r.intent for r in hits if r.kind == "hit")
+                      / len([r for r in hits if r.kind == "hit"])
+                      if any(r.kind == "hit" for r in hits) else None),
+        # Out-of-domain questions answered from the cache (each a wrong answer).
+        "miss_hits": sum(r.kind == "miss" for r in hits),
+        "hit_rate": len([r for r in hits if r.kind == "hit"]) / len(asked) if asked else None,
+        "cpu_per_speech_s": cpu_s / speech_s if speech_s else None,
+        "wer": edits / words if words else None,
+        "no_reply": sum(r.v2v_ms is None for r in records),
+        "late_frames": sum(r.late_frames for r in records),
+    }
+
+
+def fmt(value: Any, spec: str = ".0f", scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def print_table(rows: list[tuple[str, int, int, dict[str, Any]]]) -> None:
+    head = (f"{'stt':10} {'calls':>5} {'rate':>5} | {'hit v2v p50/p99':>16} "
+            f"{'miss v2v p50/p99':>17} {'EOT p50/p99':>12} | {'cut-off':>7} {'early':>6} "
+            f"{'prec':>5} {'hit%':>5} | {'CPU/s':>5} {'WER':>6} {'n':>4}")
+    print(head)
+    print("-" * len(head))
+    for stt, callers, rate, s in rows:
+        print(f"{stt:10} {callers:>5} {rate:>5} | "
+              f"{fmt(s['hit_v2v_p50']):>7}/{fmt(s['hit_v2v_p99']):<8} "
+              f"{fmt(s['miss_v2v_p50']):>8}/{fmt(s['miss_v2v_p99']):<8} "
+              f"{fmt(s['eot_p50']):>5}/{fmt(s['eot_p99']):<6} | "
+              f"{fmt(s['cut_off'], '.0%'):>7} {fmt(s['early'], '.0%'):>6} "
+              f"{fmt(s['precision'], '.0%'):>5} {fmt(s['hit_rate'], '.0%'):>5} | "
+              f"{fmt(s['cpu_per_speech_s'], '.2f'):>5} {fmt(s['wer'], '.1%'):>6} {s['n']:>4}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stt", default="moonshine,whisper")
+    parser.add_argument("--callers", default="1,4")
+    parser.add_argument("--rates", default="16000,8000")
+    parser.add_argument("--voices", default="piper,espeak")
+    parser.add_argument("--hits", type=int, default=16)
+    parser.add_argument("--misses", type=int, default=4)
+    parser.add_argument("--paused", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="4 hits, 2 misses, 2 paused")
+    parser.add_argument("--sample-seed", type=int, default=7,
+                        help="which dev/val questions and paused texts (7: the ones the "
+                             "end-of-turn defaults were developed on)")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE gateway setting")
+    parser.add_argument("--json", help="write every record and the summary here")
+    args = parser.parse_args()
+    if args.quick:
+        args.hits, args.misses, args.paused = 4, 2, 2
+    intents = seed_intents()
+    store = seeded_store(intents)
+    clips = build(intents, args.hits, args.misses, args.paused,
+                  tuple(args.voices.split(",")), args.sample_seed)
+    print(f"{len(clips)} clips ({args.hits} hits, {args.misses} misses, {args.paused} paused; "
+          f"voices {args.voices}), {sum(c.seconds for c in clips):.0f} s of speech; "
+          f"FAQ: {len(intents)} Banking77 intents from train")
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    rows, records = [], []
+    for stt in args.stt.split(","):
+        env = {"VOICEGATE_STT_PROVIDER": stt, **extra}
+        gateway = GatewayProcess(store, env=env)
+        try:
+            gateway.start()
+        except SystemExit:
+            print(f"{stt}: the gateway did not start with this recogniser; skipped")
+            gateway.stop()
+            continue
+        try:
+            for callers in map(int, args.callers.split(",")):
+                for rate in map(int, args.rates.split(",")):
+                    got, cpu_s = await run_config(gateway, stt, callers, rate, clips)
+                    summary = summarize(got, cpu_s)
+                    rows.append((stt, callers, rate, summary))
+                    records.extend(got)
+                    print_table(rows[-1:])
+        finally:
+            gateway.stop()
+    print()
+    print_table(rows)
+    print("v2v: caller's last speech sample sent -> first reply audio received (ms); EOT: "
+          "server end_of_turn_ms; early: cache answers routed before the turn ended; CPU/s: "
+          "gateway CPU s per s of caller speech per call")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "summary": [{"stt": s, "callers": c, "rate": r, **x} for s, c, r, x in rows],
+            "records": [asdict(r) for r in records]}, indent=1))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,126 @@
+"""Semantic end of turn: how much silence ends the caller's turn, given what was said.
+
+A fixed silence is wrong both ways: 300 ms makes every FAQ wait, and still cuts off
+"my card number is ... four one two seven". While the caller is paused, the call
+gathers three signals about the words so far, each arriving when its model is done:
+
+- the turn model's probability that the turn is complete (Smart Turn, on the audio),
+- the early transcript (the utterance decoded at the pause), checked for lexical
+  completeness: a turn ending in "to", "and", "my", "um" is not over,
+- the router's decision on that transcript: a cache hit is an answerable question.
+
+While the early transcript is still decoding (or being routed) the turn does not end
+on the default silence: the reply needs that very transcript and its route, so waiting
+for them costs the caller nothing, and the words may show the caller is not done
+("my card number is 4127" under load arrives after 300 ms). The long silence caps it.
+
+``EndOfTurnPolicy.required_silence_ms`` turns what is known so far into the silence
+that ends the turn: short for a cached question the turn model does not doubt, long
+when the words or the model say the caller is not done, the plain default otherwise. It is pure state: the turn
+detector asks it on every window, the engine feeds it the signals.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+# Words an utterance does not end on: articles, possessives, conjunctions, hesitations,
+# the copula ("my card number is ...") and a few prepositions. Words that can end a
+# question ("log in", "help me with", "how do I do that") are deliberately absent.
+_CONTINUATIONS = frozenset("""
+a an the my your our their his her its
+to of for via per
+and or but nor because if when while although though whether than
+is are was were
+um uh er erm hmm uhm
+i'm i'd i've it's
+""".split())
+_WORD = re.compile(r"[a-z0-9']+")
+# Digits read out in groups ("my card number is 4127 ... 8831"): a group is no end.
+_DIGIT_WORDS = frozenset("zero oh one two three four five six seven eight nine".split())
+_NUMBER_NOUNS = frozenset("number code pin digits iban account card phone sort".split())
+
+
+def lexically_incomplete(text: str) -> bool:
+    """The transcript ends on a word an utterance does not end on, or in a group of
+    digits of a number being read out."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return False
+    if words[-1] in _CONTINUATIONS:
+        return True
+    last = words[-1]
+    if last.isdigit() or last in _DIGIT_WORDS:
+        return any(w in _NUMBER_NOUNS for w in words[-12:])
+    return False
+
+
+class Judgement(Enum):
+    UNKNOWN = "unknown"  # no signal yet: the default silence
+    PENDING = "pending"  # the early transcript or its route is on its way: wait (capped)
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
+
+
+@dataclass(frozen=True)
+class EndOfTurnSettings:
+    silence_ms: float = 500.0  # nothing known yet (or the signals disagree)
+    complete_silence_ms: float = 160.0  # the turn is judged complete
+    incomplete_silence_ms: float = 1200.0  # the turn is judged incomplete
+    complete_threshold: float = 0.5  # a cache hit ends early at or above this probability
+    incomplete_threshold: float = 0.2  # below: incomplete, whatever the words
+
+    @property
+    def longest_ms(self) -> float:
+        return max(self.silence_ms, self.complete_silence_ms, self.incomplete_silence_ms)
+
+
+class EndOfTurnPolicy:
+    """What is known about the current pause, and the silence that ends the turn."""
+
+    def __init__(self, settings: EndOfTurnSettings) -> None:
+        self.settings = settings
+        self.turn_probability: float | None = None
+        self.transcript: str | None = None
+        self.cache_hit: bool | None = None
+        self.awaiting_early = False  # the pause's early transcript is decoding / routing
+
+    def reset(self) -> None:
+        """Speech resumed or a new utterance began: what was known is stale."""
+        self.turn_probability = self.transcript = self.cache_hit = None
+        self.awaiting_early = False
+
+    def judge(self) -> Judgement:
+        """Incomplete when the words or the turn model say the caller is not done;
+        complete only for a cached question the turn model does not doubt.
+
+        The turn model alone never shortens a turn: "Hi," before the question sounds as
+        finished as the question itself, and a miss waits for the agent anyway. Nor does
+        it alone hold a cached question whose words are complete for the long silence
+        (the model doubts many a finished question read flatly): that waits the default.
+        """
+        s = self.settings
+        p = self.turn_probability
+        if self.transcript is not None and lexically_incomplete(self.transcript):
+            return Judgement.INCOMPLETE
+        if self.awaiting_early:
+            return Judgement.PENDING
+        if p is not None and p < s.incomplete_threshold:
+            if self.cache_hit and self.transcript is not None:
+                return Judgement.UNKNOWN
+            return Judgement.INCOMPLETE
+        if self.transcript is not None and not self.transcript.strip():
+            return Judgement.COMPLETE  # nothing was said (noise): nothing to wait for
+        if self.cache_hit and (p is None or p >= s.complete_threshold):
+            return Judgement.COMPLETE
+        return Judgement.UNKNOWN
+
+    def required_silence_ms(self) -> float:
+        judgement = self.judge()
+        if judgement is Judgement.COMPLETE:
+            return self.settings.complete_silence_ms
+        if judgement in (Judgement.INCOMPLETE, Judgement.PENDING):
+            return self.settings.incomplete_silence_ms
+        return self.settings.silence_ms

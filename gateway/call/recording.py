@@ -1,0 +1,152 @@
+"""Call recording (opt-in, ``VOICEGATE_RECORD_DIR``): one stereo WAV and one JSON per call.
+
+Left channel: the caller, as their audio arrived. Right channel: the bot, each reply
+frame placed at the moment it was sent, on the same clock, so the two line up. At a
+barge-in the bot channel is cut where the caller stopped hearing it (the interrupt's
+``heard_ms``), so what was sent but never heard is not in the recording: the overlap
+of the caller's voice and the bot's end shows the barge-in as the caller lived it.
+
+The JSON holds the call's events with their time from the start (transcripts, routes,
+responses, interrupts, turn metrics); keypad keys are left out (they may be a PIN).
+
+Held in memory during the call (about 2 MB a minute at 16 kHz), written once at its end
+on a worker thread. Privacy: docs/operations.md, "Recording".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..clock import Clock
+from ..codec import MULAW, ulaw_to_pcm16
+
+# Events worth keeping with the audio (audio frames and partial transcripts are not).
+_KEPT = {"transcript", "route", "response", "interrupt", "resume", "handoff", "hangup",
+         "keypad", "error", "turn_metrics"}
+
+
+class CallRecorder:
+    def __init__(self, directory: str | Path, call_id: str, sample_rate: int, encoding: str,
+                 clock: Clock) -> None:
+        self.directory = Path(directory)
+        self.call_id = call_id
+        self.sample_rate = sample_rate
+        self.encoding = encoding
+        self._clock = clock
+        self._start = clock.now()
+        self._started_at = time.time()
+        self._caller = bytearray()  # pcm16 at the call's rate
+        self._bot = bytearray()
+        self._cursor: int | None = None  # where the current reply's next frame goes
+        self._reply_start: int | None = None
+        self.events: list[dict[str, Any]] = []
+
+    def _now_bytes(self) -> int:
+        return int((self._clock.now() - self._start) * self.sample_rate) * 2
+
+    def caller_audio(self, pcm16: bytes) -> None:
+        """Caller audio that arrived now (it ends now; a gap before it stays silent)."""
+        begin = self._now_bytes() - len(pcm16)
+        if begin > len(self._caller):
+            self._caller += bytes(begin - len(self._caller))
+        self._caller += pcm16
+
+    def bot_audio(self, frame: bytes) -> None:
+        pcm = ulaw_to_pcm16(frame) if self.encoding == MULAW else frame
+        now = self._now_bytes()
+        if self._cursor is None:
+            self._cursor = self._reply_start = max(now, len(self._bot))
+        self._cursor = max(self._cursor, now)  # a pause in the reply (waiting for TTS)
+        if self._cursor > len(self._bot):
+            self._bot += bytes(self._cursor - len(self._bot))
+        self._bot[self._cursor:self._cursor + len(pcm)] = pcm
+        self._cursor += len(pcm)
+
+    def reply_boundary(self) -> None:
+        """A reply starts (or resumes): its first frame goes where the clock is then."""
+        self._cursor = self._reply_start = None
+
+    def interrupted(self, heard_ms: float) -> None:
+        """Barge-in: the bot channel ends where the caller stopped hearing it."""
+        if self._reply_start is not None:
+            cut = self._reply_start + int(heard_ms * self.sample_rate / 1000) * 2
+            del self._bot[max(cut, self._reply_start):]
+        self.reply_boundary()
+
+    def event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind not in _KEPT or (kind == "transcript" and not event.get("final")):
+            return
+        kept = {k: v for k, v in event.items() if not (kind == "keypad" and k == "keys")}
+        self.events.append({"t": round(self._clock.now() - self._start, 3), **kept})
+
+    def write(self) -> tuple[Path, Path]:
+        """The WAV (caller left, bot right) and the JSON; blocking."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        left = np.frombuffer(bytes(self._caller), dtype="<i2")
+        right = np.frombuffer(bytes(self._bot), dtype="<i2")
+        length = max(len(left), len(right))
+        stereo = np.zeros((length, 2), dtype="<i2")
+        stereo[:len(left), 0] = left
+        stereo[:len(right), 1] = right
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
+        base = self.directory / f"{stamp}-{self.call_id}"
+        wav_path, json_path = base.with_suffix(".wav"), base.with_suffix(".json")
+        with wave.open(str(wav_path), "wb") as wav:
+            wav.setnchannels(2)
+            wav.setsampwidth(2)
+            wav.setframerate(self.sample_rate)
+            wav.writeframes(stereo.tobytes())
+        turns = [e for e in self.events if e["type"] == "turn_metrics"]
+        json_path.write_text(json.dumps({
+            "call_id": self.call_id, "started_at": self._started_at,
+            "sample_rate": self.sample_rate, "duration_s": round(length / self.sample_rate, 3),
+            "channels": {"left": "caller", "right": "bot"}, "audio": wav_path.name,
+            "turns": turns, "events": self.events}, indent=1), encoding="utf-8")
+        return wav_path, json_path
+
+
+class RecordedOutput:
+    """A CallOutput that tells the recorder what it sends, then sends it."""
+
+    def __init__(self, inner: Any, recorder: CallRecorder) -> None:
+        self._inner = inner
+        self._recorder = recorder
+        self.encoding = inner.encoding
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        self._recorder.event(event)
+        await self._inner.send_event(event)
+
+    async def send_audio(self, frame: bytes) -> None:
+        self._recorder.bot_audio(frame)
+        await self._inner.send_audio(frame)
+
+    async def interrupt(self, event: dict[str, Any]) -> None:
+        self._recorder.interrupted(float(event.get("heard_ms") or 0.0))
+        self._recorder.event(event)
+        await self._inner.interrupt(event)
+
+    # ConfirmsPlayback: reply boundaries for the recorder, the rest from the transport.
+    def reply_started(self, turn: int) -> None:
+        self._recorder.reply_boundary()
+        if hasattr(self._inner, "reply_started"):
+            self._inner.reply_started(turn)
+
+    def reply_resumed(self, from_ms: float) -> None:
+        self._recorder.reply_boundary()
+        if hasattr(self._inner, "reply_resumed"):
+            self._inner.reply_resumed(from_ms)
+
+    def confirmed_heard_ms(self) -> float | None:
+        confirmed = getattr(self._inner, "confirmed_heard_ms", None)
+        return confirmed() if confirmed is not None else None
+
+    def __getattr__(self, name: str) -> Any:  # transfer, hang_up: the transport's own
+        return getattr(self._inner, name)

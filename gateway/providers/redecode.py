@@ -1,0 +1,277 @@
+"""Streaming recognition from a batch recogniser (Moonshine, Whisper): re-decode the utterance.
+
+Neither embedded model streams, so a call's stream keeps the utterance's audio and
+decodes it again when that is worth it:
+
+- The early final: when the caller pauses, the turn detector hints ``speech_paused()``
+  and the whole utterance is decoded at once. If the turn then ends with no new speech,
+  that decode *is* the final (audio after the pause is silence), so the final is usually
+  ready when the turn ends, and its routing can start before it.
+- Partials: after every ``partial_interval_ms`` of new audio, but only when a decode
+  slot of the process is free and none of this call's decodes is running. Under load a
+  caller gets fewer partials, never a later final.
+
+``DecodeScheduler`` is shared by every call of the process: at most ``slots`` decodes run
+at once on the model executor, and finals (early or not) are taken before partials.
+
+Each decode hands the recogniser the token ids of the utterance's previous decode as a
+draft (when it takes one: Moonshine). The model checks the whole draft in one pass and
+decodes step by step only past the first token it disagrees with, so a final that the
+partials mostly heard costs about a third of a fresh decode, with the same text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence
+
+from .base import Transcript
+
+SAMPLE_RATE = 16000
+BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
+# Audio shorter than this is not decoded (a click, a breath): the text is empty.
+MIN_DECODE_BYTES = 2 * SAMPLE_RATE // 10
+log = logging.getLogger("voicegate.stt")
+
+FINAL, PARTIAL = 0, 1  # decode priorities: lower runs first
+# A decode's text and token ids (no ids: the recogniser takes no drafts).
+Decoded = tuple[str, list[int]]
+DecodeFn = Callable[[bytes, Sequence[int]], Decoded]
+
+
+class BatchRecognizer(Protocol):
+    """A model that transcribes a whole utterance (blocking, thread-safe)."""
+
+    name: str
+
+    def transcribe(self, pcm16: bytes) -> str:
+        """16-bit mono PCM at 16 kHz -> text; runs on a worker thread."""
+
+    def warm_up(self) -> None: ...
+
+
+def decode_fn(recognizer: BatchRecognizer) -> DecodeFn:
+    """The recogniser's decode with a draft when it has one (``transcribe_ids``)."""
+    with_draft = getattr(recognizer, "transcribe_ids", None)
+    if with_draft is not None:
+        return with_draft  # type: ignore[no-any-return]
+    return lambda pcm16, draft: (recognizer.transcribe(pcm16), [])
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    seq: int
+    pcm16: bytes = field(compare=False)
+    draft: Sequence[int] = field(compare=False)
+    future: asyncio.Future[Decoded] = field(compare=False)
+
+
+class DecodeScheduler:
+    """Runs decodes on the model executor, ``slots`` at a time, finals first."""
+
+    def __init__(self, transcribe: DecodeFn, executor: Executor, slots: int) -> None:
+        self._transcribe = transcribe
+        self._executor = executor
+        self.slots = max(1, slots)
+        self._queue: list[_Job] = []
+        self._seq = itertools.count()
+        self.running = 0
+        self.decodes = {FINAL: 0, PARTIAL: 0}
+
+    @property
+    def has_free_slot(self) -> bool:
+        return self.running + len(self._queue) < self.slots
+
+    async def decode(self, pcm16: bytes, priority: int, draft: Sequence[int] = ()) -> Decoded:
+        if len(pcm16) < MIN_DECODE_BYTES:
+            return "", []
+        future: asyncio.Future[Decoded] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._queue, _Job(priority, next(self._seq), pcm16, draft, future))
+        self._dispatch()
+        # Cancelled while queued: the job is skipped. Cancelled while running: the
+        # thread finishes and its result is dropped.
+        return await future
+
+    def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.running < self.slots and self._queue:
+            job = heapq.heappop(self._queue)
+            if job.future.done():
+                continue
+            self.running += 1
+            self.decodes[job.priority] += 1
+            done = loop.run_in_executor(self._executor, self._transcribe, job.pcm16,
+                                        job.draft)
+            done.add_done_callback(lambda f, job=job: self._finished(job, f))
+
+    def _finished(self, job: _Job, result: asyncio.Future[Decoded]) -> None:
+        self.running -= 1
+        if not job.future.done():
+            if result.cancelled():
+                job.future.cancel()
+            elif result.exception() is not None:
+                job.future.set_exception(result.exception())  # type: ignore[arg-type]
+            else:
+                job.future.set_result(result.result())
+        self._dispatch()
+
+
+class RedecodingSTT:
+    """A batch recogniser served as streaming STT. ``open_stream()`` per call."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, recognizer: BatchRecognizer, executor: Executor, slots: int,
+                 partial_interval_ms: int = 400, max_utterance_s: float = 30.0) -> None:
+        self.recognizer = recognizer
+        self.name = recognizer.name
+        self.scheduler = DecodeScheduler(decode_fn(recognizer), executor, slots)
+        self.partial_interval_bytes = partial_interval_ms * BYTES_PER_MS
+        self.max_utterance_bytes = int(max_utterance_s * SAMPLE_RATE) * 2
+
+    def transcribe(self, pcm16: bytes) -> str:
+        return self.recognizer.transcribe(pcm16)
+
+    def warm_up(self) -> None:
+        self.recognizer.warm_up()
+
+    def open_stream(self) -> "RedecodingStream":
+        return RedecodingStream(self.scheduler, self.partial_interval_bytes,
+                                self.max_utterance_bytes)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class RedecodingStream:
+    """One caller's utterance buffer, partial decodes and (early) final decode."""
+
+    def __init__(self, scheduler: DecodeScheduler, partial_interval_bytes: int,
+                 max_utterance_bytes: int) -> None:
+        self._scheduler = scheduler
+        self._partial_interval = partial_interval_bytes
+        self._max_bytes = max_utterance_bytes
+        self._buffer = bytearray()
+        self._received = 0  # bytes of this utterance, including any trimmed off
+        self._partials: asyncio.Queue[Transcript] = asyncio.Queue()
+        self._partial_task: asyncio.Task[None] | None = None
+        self._partial_at = 0  # _received when the last partial decode started
+        self._last_partial_text = ""
+        self._draft: list[int] = []  # token ids of this utterance's newest decode
+        self._early: asyncio.Task[Decoded] | None = None
+        self._generation = 0
+        self._closed = False
+        self.partials_skipped = 0  # due, but the process had no free decode slot
+
+    async def send_audio(self, pcm16: bytes) -> None:
+        self._buffer += pcm16
+        self._received += len(pcm16)
+        overflow = len(self._buffer) - self._max_bytes
+        if overflow > 0:
+            del self._buffer[:overflow]
+        if self._received - self._partial_at < self._partial_interval:
+            return
+        if self._early is not None or (self._partial_task and not self._partial_task.done()):
+            return  # this call's own decode runs: a partial now would only delay it
+        if not self._scheduler.has_free_slot:
+            self.partials_skipped += 1
+            return
+        self._partial_at = self._received
+        self._partial_task = asyncio.create_task(self._decode_partial(bytes(self._buffer)),
+                                                 name="vg-stt-partial")
+
+    async def _decode_partial(self, snapshot: bytes) -> None:
+        generation = self._generation
+        try:
+            text, ids = await self._scheduler.decode(snapshot, PARTIAL, self._draft)
+        except Exception:  # a failed partial is not fatal: the final decides
+            log.warning("stt_partial_failed", exc_info=True)
+            return
+        # A partial of an utterance that has since ended must not leak into the next one.
+        if generation == self._generation and not self._closed:
+            self._draft = ids
+            self._offer_partial(text)
+
+    def _offer_partial(self, text: str) -> None:
+        if text and text != self._last_partial_text:
+            self._last_partial_text = text
+            self._partials.put_nowait(Transcript(text=text, final=False))
+
+    def speech_paused(self) -> Awaitable[Transcript]:
+        """The caller went quiet: decode the utterance so far now, as the final-to-be.
+
+        Returns the early transcript; it is also offered as a partial.
+        """
+        self._cancel_early()
+        self._early = asyncio.create_task(
+            self._scheduler.decode(bytes(self._buffer), FINAL, self._draft),
+            name="vg-stt-early-final")
+        # A task, not a bare coroutine: a pause that ends before anyone awaits it (the
+        # caller spoke on at once) leaves nothing un-awaited behind.
+        transcript = asyncio.ensure_future(self._early_transcript(self._early, self._generation))
+        transcript.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return transcript
+
+    async def _early_transcript(self, early: asyncio.Task[Decoded],
+                                generation: int) -> Transcript:
+        text, ids = await asyncio.shield(early)
+        if generation == self._generation and not self._closed:
+            self._draft = ids
+            self._offer_partial(text)
+        return Transcript(text=text, final=False)
+
+    def speech_resumed(self) -> None:
+        self._cancel_early()
+
+    def _cancel_early(self) -> None:
+        if self._early is not None and not self._early.done():
+            self._early.cancel()
+        self._early = None
+
+    def finalize(self) -> Awaitable[Transcript]:
+        """Cut the utterance now; the returned awaitable decodes it.
+
+        Audio sent after this call belongs to the next utterance, even while the final
+        is still decoding (the caller went on talking).
+        """
+        # No speech since the pause (a resume cancels it): the early decode stands.
+        early, self._early = self._early, None
+        snapshot, draft = bytes(self._buffer), self._draft
+        self._start_utterance()
+        return self._final(early, snapshot, draft)
+
+    async def _final(self, early: asyncio.Task[Decoded] | None, snapshot: bytes,
+                     draft: list[int]) -> Transcript:
+        if early is not None:
+            text, _ = await early
+        else:
+            text, _ = await self._scheduler.decode(snapshot, FINAL, draft)
+        return Transcript(text=text, final=True)
+
+    async def partials(self) -> AsyncIterator[Transcript]:  # type: ignore[override]
+        while True:
+            yield await self._partials.get()
+
+    async def reset(self) -> None:
+        self._cancel_early()
+        self._start_utterance()
+
+    def _start_utterance(self) -> None:
+        self._generation += 1
+        self._buffer.clear()
+        self._received = self._partial_at = 0
+        if self._partial_task is not None and not self._partial_task.done():
+            self._partial_task.cancel()
+        self._partial_task = None
+        self._last_partial_text = ""
+        self._draft = []
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self.reset()

@@ -1,0 +1,97 @@
+"""Twilio's REST API for the calls this gateway streams: transfer and hang up.
+
+A Media Stream carries audio only; moving the call somewhere else is a REST request
+on the call itself (``POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json``),
+made here with the official ``twilio`` SDK on its asyncio HTTP client:
+
+- transfer: new TwiML for the live call, ``<Dial>`` to ``VOICEGATE_HANDOFF_NUMBER``
+  (a phone number, or ``<Sip>`` for a SIP URI); Twilio ends our stream and dials;
+- hang up: ``Status=completed``.
+
+Credentials: the call's account SID (from the stream's ``start``) and
+``VOICEGATE_TWILIO_AUTH_TOKEN``. ``VOICEGATE_TWILIO_API_URL`` replaces
+https://api.twilio.com (tests point it at a local fake).
+
+Cleanup: ``aclose`` closes the HTTP sessions (one per account, made on first use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.rest import Client
+from twilio.twiml.voice_response import Dial, VoiceResponse
+
+from .. import logs
+
+log = logging.getLogger("voicegate.twilio")
+
+
+class CallControlError(RuntimeError):
+    """Twilio refused the request or could not be reached; the message says which."""
+
+
+def dial_twiml(target: str) -> str:
+    """TwiML that connects the call to ``target``: a phone number or a SIP URI."""
+    response = VoiceResponse()
+    dial = Dial()
+    if target.startswith(("sip:", "sips:")):
+        dial.sip(target)
+    else:
+        dial.number(target)
+    response.append(dial)
+    return str(response)
+
+
+class TwilioCallControl:
+    def __init__(self, auth_token: str, api_url: str = "", timeout_s: float = 10.0) -> None:
+        self._auth_token = auth_token
+        self._api_url = api_url.rstrip("/")
+        self._timeout_s = timeout_s
+        self._clients: dict[str, tuple[Client, AsyncTwilioHttpClient]] = {}
+
+    def _client(self, account_sid: str) -> Client:
+        if not account_sid:
+            raise CallControlError("the stream's `start` named no account SID: the call "
+                                   "cannot be addressed through the REST API")
+        if account_sid not in self._clients:
+            # Made on the serving loop (its aiohttp session is bound to it), once per account.
+            http = AsyncTwilioHttpClient(timeout=self._timeout_s)
+            client = Client(account_sid, self._auth_token, http_client=http)
+            if self._api_url:
+                client.api.base_url = self._api_url
+            self._clients[account_sid] = (client, http)
+        return self._clients[account_sid][0]
+
+    async def transfer(self, account_sid: str, call_sid: str, target: str) -> None:
+        await self._update(account_sid, call_sid, "transfer", twiml=dial_twiml(target))
+
+    async def hang_up(self, account_sid: str, call_sid: str) -> None:
+        await self._update(account_sid, call_sid, "hang up", status="completed")
+
+    async def _update(self, account_sid: str, call_sid: str, what: str, **changes: str) -> None:
+        if not call_sid:
+            raise CallControlError(f"cannot {what}: the stream named no call SID")
+        client = self._client(account_sid)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await client.calls(call_sid).update_async(**changes)
+        except TwilioRestException as exc:
+            raise CallControlError(f"Twilio refused to {what} call {call_sid}: HTTP "
+                                   f"{exc.status} {exc.msg}"[:300]) from None
+        except TimeoutError:
+            raise CallControlError(f"Twilio did not answer the {what} request within "
+                                   f"{self._timeout_s:g} s") from None
+        except Exception as exc:  # aiohttp: refused, DNS, TLS
+            raise CallControlError(f"could not reach Twilio to {what}: "
+                                   f"{type(exc).__name__}: {exc}"[:300]) from None
+        logs.event(log, "twilio_call_updated", action=what, call_id=call_sid)
+
+    async def aclose(self) -> None:
+        clients, self._clients = self._clients, {}
+        for _, http in clients.values():
+            if http.session is not None:
+                await http.session.close()

@@ -1,0 +1,302 @@
+"""The caller page (``GET /``) in a real headless Chromium whose microphone plays a WAV file.
+
+Chromium's fake capture device loops the file, so each file is the question followed by a long
+silence: one turn per call. The page keeps what happened as data-* attributes on <body>
+(state, playback, frame counters), which is what these tests read.
+
+Waits are generous: Chromium and the speech stack share a small, busy machine. They are not
+speed checks (bench/ measures speed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+
+from gateway.agent import Agent
+from gateway.audio import resample_pcm16, write_wav
+from gateway.client import Caller
+from gateway.hedge import HedgedChat
+from gateway.providers.openai_llm import OpenAIChat
+from gateway.server import BackgroundServer
+from tests.admin_support import seed_small
+from tests.browser_support import chromium, fake_microphone_flags
+from tests.fakes.openai_server import STALL, Reply
+
+# Each test opens its own Chromium (the fake microphone is a command-line flag) and waits
+# generously: more than the suite's default 300 s timeout on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+LONG_S = 240  # a spoken turn through Chromium on a loaded machine
+SHORT_S = 60
+WAV_RATE = 48000  # what Chromium's capture runs at; the page's worklet resamples to 16 kHz
+SPEECH_RATE = 16000
+FRAME_BYTES = 640  # 20 ms at 16 kHz
+SCREENSHOT = Path(tempfile.gettempdir()) / "voicegate-caller-page.png"
+CALL_TOKEN = "page-token-5d1e"
+AGENT_REPLY = "Your checking account holds one hundred and twelve dollars."
+
+
+@pytest.fixture(scope="module")
+def page_store(tmp_path_factory, runtime) -> Path:
+    root = tmp_path_factory.mktemp("caller-page-store") / "store"
+    seed_small(root, runtime)
+    return root
+
+
+@pytest.fixture(scope="module")
+def page_server(settings, runtime, page_store):
+    server = BackgroundServer(settings.replace(store_dir=str(page_store), cache_poll_s=600.0),
+                              runtime).start()
+    yield server
+    server.stop()
+
+
+def microphone_wav(path: Path, speech: bytes, silence_after_s: float = 60.0) -> Path:
+    """Half a second of silence, the speech (16 kHz), then silence, as a 48 kHz WAV."""
+    silence = lambda s: bytes(2 * int(SPEECH_RATE * s))  # noqa: E731
+    pcm = silence(0.5) + speech + silence(silence_after_s)
+    write_wav(path, resample_pcm16(pcm, SPEECH_RATE, WAV_RATE), WAV_RATE)
+    return path
+
+
+def page_state(driver) -> dict[str, str]:
+    return driver.execute_script("return Object.assign({}, document.body.dataset)")
+
+
+def wait_state(driver, predicate: Callable[[dict[str, str]], bool], what: str,
+               timeout: float = LONG_S) -> dict[str, str]:
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def check(d):
+        state = page_state(d)
+        return state if predicate(state) else False
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(check)
+    except TimeoutException:
+        raise AssertionError(f"the page never showed {what}; it shows {page_state(driver)}, "
+                             f"error {text(driver, 'error')!r}") from None
+
+
+def by_testid(driver, testid: str):
+    from selenium.webdriver.common.by import By
+    return driver.find_element(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
+
+
+def text(driver, testid: str) -> str:
+    return by_testid(driver, testid).text
+
+
+def attrs(driver, testid: str) -> dict[str, Any]:
+    return driver.execute_script("return Object.assign({}, arguments[0].dataset)",
+                                 by_testid(driver, testid))
+
+
+def num(state: dict[str, str], key: str) -> int:
+    return int(state.get(key) or 0)
+
+
+def open_page(driver, server: BackgroundServer) -> None:
+    driver.get(server.base_url + "/")
+    wait_state(driver, lambda s: s.get("loaded") == "true", "its settings loaded", SHORT_S)
+
+
+def call(driver) -> dict[str, str]:
+    by_testid(driver, "call").click()
+    state = wait_state(driver, lambda s: s["state"] in ("in-call", "failed"), "the call started")
+    assert state["state"] == "in-call", (state, text(driver, "error"))
+    return state
+
+
+def type_line(driver, line: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+    box = by_testid(driver, "text")
+    box.send_keys(line)
+    box.send_keys(Keys.ENTER)
+
+
+def hang_up(driver) -> None:
+    by_testid(driver, "hangup").click()
+    wait_state(driver, lambda s: s["state"] == "ended", "the call ended", SHORT_S)
+
+
+def timeline_bars(driver) -> list[tuple[str, str, str]]:
+    from selenium.webdriver.common.by import By
+    return [(bar.get_attribute("data-stage"), bar.find_element(By.XPATH, "..").get_attribute(
+                "data-turn"), bar.get_attribute("data-ms"))
+            for bar in by_testid(driver, "timeline").find_elements(By.CSS_SELECTOR, "rect")]
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_page_and_its_files_are_served(page_server):
+    page = httpx.get(page_server.base_url + "/", timeout=10)
+    assert page.status_code == 200 and 'data-testid="call"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name, kind in (("caller.js", "javascript"), ("mic-worklet.js", "javascript"),
+                       ("caller.css", "css")):
+        response = httpx.get(f"{page_server.base_url}/caller/{name}", timeout=10)
+        assert response.status_code == 200 and kind in response.headers["content-type"], name
+    config = httpx.get(page_server.base_url + "/caller/config.json", timeout=10).json()
+    assert config == {"token_required": False, "sample_rate": 16000, "frame_ms": 20,
+                      "call_path": "/v1/call"}
+    assert httpx.get(page_server.base_url + "/caller/nothing.js", timeout=10).status_code == 404
+
+
+def test_spoken_faq_question_gets_the_cached_answer(page_server, speak, tmp_path):
+    wav = microphone_wav(tmp_path / "question.wav",
+                         speak("Hi, what time do your branches open on Saturday?"))
+    clip = page_server.app.state.services.cache.audio.audio("opening_hours", SPEECH_RATE)
+    answer = page_server.app.state.services.cache.loaded.entries["opening_hours"].answer
+    with chromium(fake_microphone_flags(wav)) as browser:
+        open_page(browser, page_server)
+        call(browser)
+        state = wait_state(browser, lambda s: num(s, "turns") >= 1, "a turn's metrics")
+
+        route = attrs(browser, "route")
+        assert (route["hit"], route["intent"], route["source"]) == ("true", "opening_hours",
+                                                                    "cache"), route
+        assert "cache hit" in text(browser, "route") and "opening_hours" in text(browser, "route")
+        assert attrs(browser, "transcript")["final"] == "true"
+        assert "branches" in text(browser, "transcript").lower()
+        assert text(browser, "reply") == answer
+        # the entry's audio, every frame of it (the last one padded to 20 ms)
+        assert num(state, "bytesReceived") == math.ceil(len(clip) / FRAME_BYTES) * FRAME_BYTES
+        # ... and all of it played through Web Audio
+        state = wait_state(browser, lambda s: num(s, "framesPlayed") == num(s, "framesReceived")
+                           and s["playback"] == "idle", "the reply played out", SHORT_S)
+        assert num(state, "framesSent") > 100  # the microphone streamed (≥ 2 s of 20 ms frames)
+        assert num(state, "interrupts") == 0 and num(state, "framesDropped") == 0
+        bars = timeline_bars(browser)
+        assert sorted(stage for stage, _, _ in bars) == ["audio", "eot", "route"]
+        assert {turn for _, turn, _ in bars} == {route["turn"]}
+        assert "error" not in state
+        browser.save_screenshot(str(SCREENSHOT))
+        hang_up(browser)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+@pytest.fixture
+def agent_page_server(settings, runtime, page_store, llm_server):
+    """The seeded gateway with an agent on the fake OpenAI-compatible LLM."""
+    fake, llm = llm_server
+    fake.replies["primary"] = Reply(text=AGENT_REPLY)
+    fake.replies["secondary"] = Reply(text="The secondary answered.", ttft_s=STALL)
+    chats = [OpenAIChat(m, base_url=llm.url + "/v1", name=m) for m in ("primary", "secondary")]
+    agent = Agent(HedgedChat(chats[0], chats[1], hedge_delay_s=0.0), [], filler_after_s=None)
+    server = BackgroundServer(settings.replace(store_dir=str(page_store), cache_poll_s=600.0),
+                              dataclasses.replace(runtime, agent=agent)).start()
+    yield server
+    server.stop()
+
+
+def test_spoken_question_for_the_agent_gets_the_agents_reply(agent_page_server, speak, tmp_path):
+    wav = microphone_wav(tmp_path / "balance.wav",
+                         speak("How much money is in my checking account?"))
+    with chromium(fake_microphone_flags(wav)) as browser:
+        open_page(browser, agent_page_server)
+        call(browser)
+        state = wait_state(browser, lambda s: num(s, "turns") >= 1, "a turn's metrics")
+        route = attrs(browser, "route")
+        assert (route["hit"], route["action"], route["source"]) == ("false", "llm", "llm"), route
+        assert route["intent"] == "account_balance"
+        assert text(browser, "reply") == AGENT_REPLY
+        assert num(state, "framesReceived") > 50  # the agent's sentence, synthesized
+        assert "source llm" in text(browser, "route")
+        hang_up(browser)
+
+
+def test_speaking_over_a_reply_stops_its_playback(page_server, speak, tmp_path):
+    # The caller talks without pause; the page starts muted (it sends silence), asks by text,
+    # and unmutes while the answer plays.
+    talk = speak("Wait, no, stop, I need to ask you about something else entirely, "
+                 "my card was declined at the grocery store this morning.")
+    wav = microphone_wav(tmp_path / "talking.wav", talk, silence_after_s=0.0)
+    clip = page_server.app.state.services.cache.audio.audio("opening_hours", SPEECH_RATE)
+    clip_ms = len(clip) / 2 / SPEECH_RATE * 1000
+    with chromium(fake_microphone_flags(wav)) as browser:
+        open_page(browser, page_server)
+        by_testid(browser, "mute").click()
+        assert page_state(browser)["muted"] == "true"
+        call(browser)
+        type_line(browser, "what are your opening hours")
+        wait_state(browser, lambda s: s["playback"] == "playing", "the reply playing")
+        route = attrs(browser, "route")
+        assert route["hit"] == "true" and route["source"] == "cache"
+        by_testid(browser, "mute").click()  # the caller speaks over the reply
+        state = wait_state(browser, lambda s: num(s, "interrupts") >= 1, "an interrupt")
+        by_testid(browser, "mute").click()  # and stops
+        assert state["interruptCause"] == "speech"
+        # the frames the page had scheduled were stopped, not played out
+        assert num(state, "interruptDropped") >= 1
+        assert state["playback"] == "stopped" or num(state, "framesReceived") > num(
+            state, "framesPlayed") + num(state, "framesDropped") - num(state, "interruptDropped")
+        # the reply was cut well before its end
+        assert num(state, "bytesReceived") / 2 / SPEECH_RATE * 1000 < clip_ms - 1000
+        hang_up(browser)
+
+
+@pytest.fixture
+def guarded_server(settings, runtime, page_store):
+    """A gateway that wants a call token and carries one call at a time."""
+    server = BackgroundServer(settings.replace(store_dir=str(page_store), cache_poll_s=600.0,
+                                               call_token=CALL_TOKEN, max_calls=1),
+                              runtime).start()
+    yield server
+    server.stop()
+
+
+async def test_token_typing_and_errors_in_plain_words(guarded_server):
+    server = guarded_server
+    with chromium(["--use-fake-ui-for-media-stream",  # allowed, but there is no microphone
+                   "--autoplay-policy=no-user-gesture-required"]) as browser:
+        open_page(browser, server)
+        assert page_state(browser)["tokenRequired"] == "true"
+        assert by_testid(browser, "token").is_displayed()
+
+        by_testid(browser, "token").send_keys("not-the-token")
+        by_testid(browser, "token").submit()
+        wait_state(browser, lambda s: s["state"] == "failed", "a refused call", SHORT_S)
+        assert "token is wrong" in browser.find_element("id", "token-error").text
+        assert by_testid(browser, "token").is_displayed()
+
+        by_testid(browser, "token").send_keys(CALL_TOKEN)
+        by_testid(browser, "token").submit()
+        state = wait_state(browser, lambda s: s["state"] in ("in-call", "failed"),
+                           "the call started")
+        assert state["state"] == "in-call", "the right token was refused"
+        # no microphone here: said in plain words, and typing still works
+        wait_state(browser, lambda s: "microphone" in s.get("error", "").lower(),
+                   "the missing microphone", SHORT_S)
+        type_line(browser, "what are your opening hours")
+        wait_state(browser, lambda s: num(s, "turns") >= 1, "a typed turn's metrics")
+        assert attrs(browser, "route")["hit"] == "true"
+        assert attrs(browser, "transcript")["final"] == "true"
+        hang_up(browser)
+
+        # asked once: a reload in the same tab calls with the remembered token
+        open_page(browser, server)
+        assert not by_testid(browser, "token").is_displayed()
+        call(browser)
+        hang_up(browser)
+
+        # the one call this gateway carries is taken
+        async with Caller(server.call_url, token=CALL_TOKEN):
+            by_testid(browser, "call").click()
+            state = wait_state(browser, lambda s: s["state"] == "failed", "a refused call")
+        assert state["errorCode"] == "too_many_calls"
+        assert "busy" in text(browser, "error")
+
+        call(browser)
+        server.stop()  # the gateway goes away mid-call
+        state = wait_state(browser, lambda s: s["state"] == "failed", "the lost connection")
+        assert "connection to the gateway was lost" in text(browser, "error")

@@ -1,0 +1,255 @@
+"""Several replicas behind a real HAProxy (deploy/haproxy.cfg), one drained then killed.
+
+HAProxy (scripts/ensure-haproxy.sh installs it), two ``voicegate serve`` processes and the
+suite's Redis database (``VOICEGATE_TEST_REDIS_DB``), all on 127.0.0.1. Callers only ever
+know the balancer's URL. Text turns on a tiny seed keep the runtime modest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+from websockets.exceptions import InvalidStatus
+import pytest
+
+from gateway.client import Caller
+from gateway.drain import wait_until_idle
+from gateway.clock import ManualClock
+from tests.test_redis import (FAQ, ROOT, Replica, free_port, redis_url, seed_through_cli,  # noqa: F401
+                              unavailable, wait_until, write_small_faq)
+
+HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
+QUESTIONS = [questions[0] for _answer, questions in FAQ.values()]
+
+
+class Balancer:
+    """HAProxy in the foreground on the repository's own config."""
+
+    def __init__(self, directory: Path, replicas: list[Replica]) -> None:
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}/v1/call"
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = directory / "haproxy.log"
+        env = dict(os.environ, VG_LB_BIND=f"127.0.0.1:{self.port}",
+                   **{f"VG_REPLICA_{i}": f"127.0.0.1:{r.port}"
+                      for i, r in enumerate(replicas, 1)})
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(["haproxy", "-db", "-f", str(HAPROXY_CFG)], env=env,
+                                            stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_up(self) -> None:
+        """Both replicas in rotation: HAProxy marks one up after two good health checks."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"haproxy exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base_url + "/readyz", timeout=5).status_code == 200:
+                    time.sleep(2.5)  # the second replica's second check
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"haproxy forwards nothing:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def calls_on(replica: Replica) -> set[str]:
+    """Ids of the calls this replica started (its structured log)."""
+    ids = set()
+    for line in replica.log.read_text(errors="replace").splitlines():
+        if '"call_started"' in line:
+            try:
+                ids.add(json.loads(line)["call_id"])
+            except (ValueError, KeyError):
+                pass
+    return ids
+
+
+class LongCall:
+    """A caller on the balancer asking cached questions turn after turn until told to stop;
+    everything that goes wrong is kept."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url, self.name = url, name
+        self.caller = Caller(url)
+        self.turns: list[dict[str, Any]] = []
+        self.problems: list[str] = []
+        self.call_id = ""
+        self._stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        await self.caller.connect()
+        assert self.caller.ready is not None
+        self.call_id = self.caller.ready["call_id"]
+        self.task = asyncio.create_task(self._talk())
+
+    async def _talk(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            question = QUESTIONS[i % len(QUESTIONS)]
+            i += 1
+            try:
+                turn = await self.caller.say_text(question, timeout=60)
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                self.problems.append(f"{type(exc).__name__}: {exc}")
+                return
+            response = turn.first("response")
+            errors = [e for e in turn.events if e.get("type") == "error"]
+            if response is None or response.get("source") != "cache" or errors:
+                self.problems.append(f"turn {question!r}: {response} {errors}")
+            self.turns.append(response or {})
+
+    async def finish(self) -> None:
+        self._stop.set()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 90)
+        await self.caller.close()
+
+
+@pytest.fixture
+def balanced(redis_url: str, tmp_path: Path) -> Iterator[tuple[Balancer, Replica, Replica]]:
+    if shutil.which("haproxy") is None:
+        unavailable("haproxy is not installed (scripts/ensure-haproxy.sh)")
+    csv = tmp_path / "faq.csv"
+    write_small_faq(csv)
+    seed_through_cli(csv, redis_url)
+    env = {"VOICEGATE_DRAIN_TIMEOUT_S": "120", "VOICEGATE_TURN_MODEL": "none"}
+    replicas = [Replica(name, redis_url, tmp_path, env) for name in ("a", "b")]
+    balancer: Balancer | None = None
+    try:
+        for replica in replicas:
+            replica.wait_ready()
+        balancer = Balancer(tmp_path, replicas)
+        yield balancer, replicas[0], replicas[1]
+    finally:
+        if balancer is not None:
+            balancer.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+def ready_status(replica: Replica) -> int:
+    return httpx.get(replica.base_url + "/readyz", timeout=10).status_code
+
+
+@pytest.mark.slow
+async def test_calls_spread_and_a_drained_then_killed_replica_goes_unnoticed(
+        balanced: tuple[Balancer, Replica, Replica]) -> None:
+    lb, a, b = balanced
+    lb.wait_up()
+
+    # Calls spread over both replicas (least connections).
+    calls = [LongCall(lb.url, f"first-{i}") for i in range(4)]
+    for call in calls:
+        await call.open()
+    await wait_until(lambda: a.ready()["active_calls"] == 2 and b.ready()["active_calls"] == 2,
+                     "two calls on each replica", timeout=30)
+    on_a = [c for c in calls if c.call_id in calls_on(a)]
+    on_b = [c for c in calls if c.call_id in calls_on(b)]
+    assert len(on_a) == 2 and len(on_b) == 2, (calls_on(a), calls_on(b))
+    await wait_until(lambda: all(len(c.turns) >= 1 for c in calls), "a first turn on every call")
+
+    # SIGTERM: replica a drains. It leaves the rotation; its calls go on.
+    a.process.send_signal(signal.SIGTERM)
+    await wait_until(lambda: ready_status(a) == 503, "replica a reports 503 while draining",
+                     timeout=30)
+    body = a.ready()
+    assert body["draining"] is True and body["ready"] is False and body["active_calls"] == 2
+    turns_before = [len(c.turns) for c in on_a]
+    # New calls at once, while HAProxy may not have seen the 503 yet: an upgrade that
+    # reaches a is refused with 503 and retried on b. All land on b and get cache hits.
+    during = [LongCall(lb.url, f"during-{i}") for i in range(3)]
+    for call in during:
+        await call.open()
+    assert not {c.call_id for c in during} & calls_on(a)
+    await wait_until(lambda: all(len(c.turns) > n for c, n in zip(on_a, turns_before)),
+                     "the draining replica's calls finish more turns", timeout=60)
+    assert a.process.poll() is None  # still serving its calls
+    await wait_until(lambda: all(len(c.turns) >= 1 for c in during), "hits for the new calls")
+
+    # The orchestrator's patience ends: a is killed with a call still on it.
+    await on_a[0].finish()
+    a.process.kill()
+    a.process.wait(timeout=10)
+    after = [LongCall(lb.url, f"after-{i}") for i in range(3)]
+    for call in after:
+        await call.open()
+    await wait_until(lambda: all(len(c.turns) >= 2 for c in after), "hits after the kill")
+    survivors = [*on_b, *during, *after]
+    await wait_until(lambda: all(len(c.turns) >= 2 for c in survivors), "survivors talk on")
+    for call in survivors:
+        await call.finish()
+    await on_a[1].finish()
+
+    # Nobody on the survivor noticed: every turn a cache hit, no error, no disconnect.
+    for call in survivors:
+        assert call.call_id in calls_on(b), call.name
+        assert call.problems == [], (call.name, call.problems)
+        assert all(t.get("source") == "cache" for t in call.turns)
+    assert b.ready()["ready"] is True
+    # The first of a's calls ended cleanly during the drain (its turns were all hits).
+    assert on_a[0].problems == []
+
+
+async def test_the_drain_waits_for_the_last_call_or_its_timeout() -> None:
+    clock = ManualClock()
+    active = [2]
+    waiting = asyncio.ensure_future(wait_until_idle(lambda: active[0], 30.0, clock))
+    await clock.advance(5)
+    assert not waiting.done()
+    active[0] = 0
+    await clock.advance(0.2)
+    assert waiting.done() and waiting.result() == 0
+
+    # Calls that outlast the timeout are left to the shutdown (counted).
+    active[0] = 3
+    waiting = asyncio.ensure_future(wait_until_idle(lambda: active[0], 30.0, clock))
+    await clock.advance(29.5)
+    assert not waiting.done()
+    await clock.advance(1.0)
+    assert waiting.done() and waiting.result() == 3
+
+
+async def test_a_draining_replica_refuses_new_calls_and_keeps_its_own(server) -> None:
+    services = server.app.state.services
+    async with Caller(server.call_url) as running:
+        waiting = Caller(server.call_url)
+        await waiting.connect(start=False)  # upgraded before the drain, `start` after it
+        services.begin_drain()
+        try:
+            ready = httpx.get(server.base_url + "/readyz", timeout=10)
+            assert ready.status_code == 503 and ready.json()["draining"] is True
+            # A new upgrade: HTTP 503 (HAProxy retries it elsewhere).
+            with pytest.raises(InvalidStatus) as refused:
+                await Caller(server.call_url).connect()
+            assert refused.value.response.status_code == 503
+            # A `start` that still reaches it: `draining`, close 1013.
+            await waiting.send_json({"type": "start", "sample_rate": 16000,
+                                     "encoding": "pcm16"})
+            error = await waiting.wait_for("error", timeout=10)
+            assert error["code"] == "draining"
+            with pytest.raises(ConnectionError):
+                await waiting.wait_for("never", timeout=10)
+            assert waiting.closed_code == 1013
+            # The call that was running goes on.
+            turn = await running.say_text("What are your opening hours?", timeout=60)
+            assert turn.first("response") is not None
+        finally:
+            services.admission.draining = False
+            await waiting.close()
+    assert httpx.get(server.base_url + "/readyz", timeout=10).status_code == 200

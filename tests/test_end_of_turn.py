@@ -1,0 +1,200 @@
+"""Semantic end of turn: the policy alone, then whole calls on the deterministic harness."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.call.end_of_turn import (EndOfTurnPolicy, EndOfTurnSettings, Judgement,
+                                      lexically_incomplete)
+from gateway.settings import Settings, SettingsError
+from tests.call_harness import CallHarness
+
+SETTINGS = EndOfTurnSettings(silence_ms=300, complete_silence_ms=160,
+                             incomplete_silence_ms=1200, complete_threshold=0.5,
+                             incomplete_threshold=0.2)
+
+
+@pytest.mark.parametrize("text", ["my card number is", "I want to um", "my statement and",
+                                  "transfer it to my", "Uh, the", "My card number is 4127.",
+                                  "my account number is five five two"])
+def test_a_turn_ending_on_a_continuation_is_incomplete(text):
+    assert lexically_incomplete(text)
+
+
+@pytest.mark.parametrize("text", ["what is my routing number", "how do I log in",
+                                  "what can you help me with", "how do I do that",
+                                  "thank you", "", "I need a table for 3",
+                                  "can I pay with my card"])
+def test_questions_that_end_on_a_preposition_or_pronoun_are_complete(text):
+    assert not lexically_incomplete(text)
+
+
+def policy(**known) -> EndOfTurnPolicy:
+    p = EndOfTurnPolicy(SETTINGS)
+    for name, value in known.items():
+        setattr(p, name, value)
+    return p
+
+
+def test_nothing_known_waits_the_default_silence():
+    assert policy().judge() is Judgement.UNKNOWN
+    assert policy().required_silence_ms() == 300
+
+
+def test_a_confident_turn_model_alone_does_not_shorten_the_turn():
+    # "Hi," before the question sounds finished: only a cached question ends early.
+    assert policy(turn_probability=0.97, transcript="Hi.").required_silence_ms() == 300
+
+
+def test_noise_with_no_words_needs_no_wait():
+    assert policy(transcript="", turn_probability=0.4).required_silence_ms() == 160
+
+
+def test_a_doubtful_turn_model_makes_the_turn_wait():
+    assert policy(turn_probability=0.1).required_silence_ms() == 1200
+
+
+def test_a_cache_hit_ends_the_turn_early_unless_the_turn_model_doubts_it():
+    assert policy(cache_hit=True).required_silence_ms() == 160
+    assert policy(cache_hit=True, turn_probability=0.8).required_silence_ms() == 160
+    assert policy(cache_hit=True, turn_probability=0.3).required_silence_ms() == 300
+    assert policy(cache_hit=True, turn_probability=0.1).required_silence_ms() == 1200
+
+
+def test_while_the_early_transcript_is_on_its_way_the_turn_waits_for_it():
+    assert policy(awaiting_early=True).judge() is Judgement.PENDING
+    assert policy(awaiting_early=True, turn_probability=0.95).required_silence_ms() == 1200
+    done = policy(transcript="what are your opening hours", cache_hit=True)
+    assert done.required_silence_ms() == 160
+
+
+def test_a_doubtful_turn_model_alone_does_not_hold_a_complete_cached_question_long():
+    p = policy(transcript="why was I declined getting cash", cache_hit=True,
+               turn_probability=0.09)
+    assert p.judge() is Judgement.UNKNOWN and p.required_silence_ms() == 300
+    p.cache_hit = False  # not cached: the model's doubt makes the caller's turn wait
+    assert p.judge() is Judgement.INCOMPLETE
+
+
+def test_lexical_incompleteness_beats_every_other_signal():
+    p = policy(transcript="my card number is", cache_hit=True, turn_probability=0.95)
+    assert p.judge() is Judgement.INCOMPLETE
+
+
+def test_reset_forgets_the_pause():
+    p = policy(turn_probability=0.9, transcript="hello", cache_hit=True)
+    p.reset()
+    assert p.judge() is Judgement.UNKNOWN
+
+
+def test_the_silences_must_be_ordered():
+    with pytest.raises(SettingsError, match="ordered"):
+        Settings.load({"complete_turn_silence_ms": 400, "end_of_turn_silence_ms": 300},
+                      environ={})
+    with pytest.raises(SettingsError, match="turn_incomplete_threshold"):
+        Settings.load({"turn_incomplete_threshold": 0.6, "turn_complete_threshold": 0.5},
+                      environ={})
+
+
+# ---------------------------------------------------------------- whole calls
+
+
+async def test_a_cached_question_is_answered_at_the_short_silence():
+    h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True,
+                          turn_model=True).start()
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.stop()
+    (metrics,) = h.metrics()
+    assert metrics["end_of_turn"] == "complete"
+    # A cached question never waits for (nor shares the cores with) the turn model.
+    assert "turn_probability" not in metrics and h.turn_model.heard == []
+    assert metrics["end_of_turn_ms"] < 250  # 160 ms of silence, on 32 ms windows
+    (route,) = h.output.of("route")
+    assert route["hit"] and route["reused"] is True  # routed at the pause, before the end
+    assert metrics["reply_latency_ms"] - metrics["end_of_turn_ms"] < 30
+    assert h.stt.decodes == 1  # the early decode was the final
+
+
+async def test_without_the_signals_the_same_question_waits_the_default_silence():
+    h = await CallHarness(faqs={"opening hours": "hours"}).start()
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.stop()
+    (metrics,) = h.metrics()
+    assert metrics["end_of_turn"] == "unknown" and metrics["end_of_turn_ms"] >= 300
+
+
+@pytest.mark.parametrize("signals", [{"turn_model": True, "early_finals": True},
+                                     {"turn_model": True}, {"early_finals": True}])
+async def test_a_caller_reading_a_number_is_not_cut_off(signals):
+    h = await CallHarness(**signals).start()
+    await h.say("my card number is", then_silence_ms=700)
+    await h.say("four one two", then_silence_ms=2000)
+    await h.stop()
+    assert h.transcripts() == ["my card number is four one two"]
+    # A miss ends on the default silence, or the long one while digits are read out.
+    assert h.metrics()[0]["end_of_turn"] in ("unknown", "incomplete")
+
+
+async def test_the_fixed_silence_cut_the_same_caller_off():
+    h = await CallHarness().start()
+    await h.say("my card number is", then_silence_ms=700)
+    await h.say("four one two", then_silence_ms=2000)
+    await h.stop()
+    assert h.transcripts()[0] == "my card number is"  # what semantic end of turn fixes
+
+
+async def test_a_slow_early_decode_is_waited_for_so_its_words_can_hold_the_turn():
+    # The decode takes longer than the default silence: without waiting for its words,
+    # the turn ended at 300 ms and cut the caller off mid-number.
+    h = await CallHarness(early_finals=True, decode_s=0.5).start()
+    await h.say("my card number is", then_silence_ms=900)
+    await h.say("four one two", then_silence_ms=2500)
+    await h.stop()
+    assert h.transcripts() == ["my card number is four one two"]
+
+
+async def test_a_cached_question_with_a_slow_decode_ends_when_its_route_is_known():
+    h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True,
+                          decode_s=0.5).start()
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.stop()
+    (metrics,) = h.metrics()
+    assert metrics["end_of_turn"] == "complete"
+    # Paused at 64 ms, decoded 500 ms later, routed: the turn ends then, not at 1200 ms.
+    assert 560 <= metrics["end_of_turn_ms"] < 700
+    assert h.stt.decodes == 1
+
+
+async def test_an_incomplete_turn_still_ends_after_the_long_silence():
+    h = await CallHarness(turn_model=True, early_finals=True).start()
+    await h.say("I want to um", then_silence_ms=1600)
+    await h.stop()
+    (metrics,) = h.metrics()
+    assert metrics["end_of_turn"] == "incomplete"
+    assert 1200 <= metrics["end_of_turn_ms"] < 1300
+
+
+async def test_a_failing_turn_model_is_reported_and_the_silence_decides():
+    h = CallHarness(faqs={"opening hours": "hours"}, turn_model=True)
+    h.turn_model.fail = True
+    await h.start()
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.say("and on sunday please", then_silence_ms=1500)
+    await h.stop()
+    assert h.output.of("error", code="turn_model_failed")
+    assert h.stats.snapshot()["errors"]["turn_model_failed"] == 2  # counted every time
+    assert len(h.metrics()) == 2 and all(m["end_of_turn"] == "unknown" for m in h.metrics())
+
+
+async def test_a_resumed_pause_forgets_what_its_signals_said():
+    h = await CallHarness(turn_model=True, early_finals=True, decode_s=0.01).start()
+    await h.say("tell me about", then_silence_ms=150)  # judged complete, not yet over
+    policy = h.call._turns.policy
+    assert policy.turn_probability == 0.9 and policy.transcript == "tell me about"
+    await h.say("my", then_silence_ms=0)  # the caller goes on: what was judged is stale
+    assert policy.judge().value == "unknown" and policy.transcript is None
+    await h.say("savings account", then_silence_ms=1500)
+    await h.stop()
+    assert h.transcripts() == ["tell me about my savings account"]
+    # The turn model saw the audio up to each pause, the last time the whole turn.
+    assert h.turn_model.heard[-1] == "tell me about my savings account"

@@ -1,0 +1,73 @@
+"""A barge-in that turns out to be noise resumes the reply where the caller last heard it."""
+
+from __future__ import annotations
+
+from tests.call_harness import CallHarness, frame_number, tone
+
+NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
+
+
+async def test_noise_over_a_cached_answer_resumes_it_at_the_last_heard_frame():
+    h = await CallHarness(faqs={"opening hours": "hours"}).start()
+    await h.say("what are your opening hours", then_silence_ms=300)
+    await h.wait(300)  # the answer plays
+    await h.feed(tone(450, NOISE))  # a cough: long enough to barge in
+    await h.silence(1600)
+    await h.stop()
+    (interrupt,) = h.output.of("interrupt")
+    (resume,) = h.output.of("resume")
+    assert resume["turn"] == interrupt["turn"] and resume["from_ms"] == interrupt["heard_ms"]
+    numbers = [frame_number(f) for _, f in h.output.frames]
+    restart = next(i for i in range(1, len(numbers)) if numbers[i] <= numbers[i - 1])
+    # Frames sent but not heard were dropped by the client: sent again from the heard one.
+    assert numbers[restart] == int(interrupt["heard_ms"] // 20) + 1
+    assert numbers[-1] == 50  # and the answer played to its end (1 s, 50 frames)
+    assert h.stats.snapshot()["errors"]["false_interruption"] == 1
+    assert h.call.turns_answered == 1  # the noise was no turn of its own
+
+
+async def test_words_over_the_answer_stop_it_for_good():
+    h = await CallHarness(faqs={"opening hours": "hours"}).start()
+    await h.say("what are your opening hours", then_silence_ms=300)
+    await h.wait(300)
+    await h.say("no wait a second", then_silence_ms=1500)
+    await h.stop()
+    assert h.output.of("interrupt") and not h.output.of("resume")
+    (first, second) = h.metrics()
+    assert first["interrupted"] is True
+    assert h.transcripts()[-1] == "no wait a second"
+
+
+async def test_noise_that_goes_on_past_the_window_is_a_real_interruption():
+    h = await CallHarness(faqs={"opening hours": "hours"},
+                          settings={"false_interruption_s": 0.5}).start()
+    await h.say("what are your opening hours", then_silence_ms=300)
+    await h.wait(300)
+    await h.feed(tone(1200, NOISE))  # the window ends before the noise does
+    await h.silence(1500)
+    await h.stop()
+    assert h.output.of("interrupt") and not h.output.of("resume")
+    assert h.metrics()[0]["interrupted"] is True
+
+
+async def test_with_the_window_off_any_barge_in_stops_the_reply():
+    h = await CallHarness(faqs={"opening hours": "hours"},
+                          settings={"false_interruption_s": 0}).start()
+    await h.say("what are your opening hours", then_silence_ms=300)
+    await h.wait(300)
+    await h.feed(tone(450, NOISE))
+    await h.silence(1600)
+    await h.stop()
+    assert h.output.of("interrupt") and not h.output.of("resume")
+
+
+async def test_a_text_message_during_the_hold_ends_the_reply():
+    h = await CallHarness(faqs={"opening hours": "hours"}).start()
+    await h.say("what are your opening hours", then_silence_ms=300)
+    await h.wait(300)
+    await h.feed(tone(450, NOISE))
+    await h.text("thanks that is all")
+    await h.silence(1600)
+    await h.stop()
+    assert not h.output.of("resume")
+    assert h.metrics()[0]["interrupted"] is True

@@ -1,0 +1,337 @@
+"""The phone line on the call engine (ManualClock harness): greeting, idle prompts and
+hang-up, keypad (DTMF) and the transfer after a handoff."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import pytest
+
+from gateway.call.keypad import BadKey, Collected, Keypad, Mapped
+from gateway.providers.base import LLMChunk, ToolSpec
+from gateway.audio_bank import Clip
+from tests.call_harness import CallHarness, RecordingOutput, tone
+
+GREETING = "Hello, you are through to the bank."
+
+
+class TimedOutput(RecordingOutput):
+    """Events stamped with the manual clock; a phone line that transfers and hangs up."""
+
+    def __init__(self, clock, fail_transfer: bool = False) -> None:
+        super().__init__(clock)
+        self.times: list[float] = []
+        self.transfers: list[tuple[float, str]] = []
+        self.hangups: list[tuple[float, str]] = []
+        self.fail_transfer = fail_transfer
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        self.times.append(self._clock.now())
+        await super().send_event(event)
+
+    async def interrupt(self, event: dict[str, Any]) -> None:
+        self.times.append(self._clock.now())
+        await super().interrupt(event)
+
+    async def transfer(self, reason: str) -> bool:
+        self.transfers.append((self._clock.now(), reason))
+        if self.fail_transfer:
+            raise RuntimeError("HTTP 500 from the phone company")
+        return True
+
+    async def hang_up(self, reason: str) -> None:
+        self.hangups.append((self._clock.now(), reason))
+
+    def at(self, kind: str, **match: Any) -> list[float]:
+        return [t for t, e in zip(self.times, self.events) if e["type"] == kind
+                and all(e.get(k) == v for k, v in match.items())]
+
+
+def harness(settings: dict[str, Any] | None = None, faqs: dict[str, str] | None = None,
+            fail_transfer: bool = False) -> CallHarness:
+    h = CallHarness(settings=settings, faqs=faqs)
+    h.output = TimedOutput(h.clock, fail_transfer)
+    from gateway.call import Call
+
+    h.call = Call(h.deps, h.output, 16000, call_id="test-call")
+    return h
+
+
+def sources(h: CallHarness) -> list[str]:
+    return [e["source"] for e in h.output.of("response")]
+
+
+async def ended(h: CallHarness) -> bool:
+    await h.clock.settle()
+    return h._task is not None and h._task.done()
+
+
+# ---------------------------------------------------------------------- greeting
+
+
+async def test_the_greeting_plays_when_the_call_starts():
+    h = await harness({"greeting": GREETING}).start()
+    await h.wait(3000)
+    (response,) = h.output.of("response")
+    assert response["source"] == "greeting" and response["text"] == GREETING
+    assert h.output.frames and h.output.frames[0][0] == pytest.approx(1000.0)
+    assert h.tts.spoken == []  # pre-rendered, not synthesized per call
+    await h.stop()
+
+
+async def test_no_greeting_when_it_is_empty():
+    h = await harness({"greeting": ""}).start()
+    await h.wait(2000)
+    await h.stop()
+    assert h.output.of("response") == [] and h.output.frames == []
+
+
+async def test_the_caller_can_barge_in_over_the_greeting():
+    h = harness({"greeting": GREETING, "false_interruption_s": 0})
+    h.responder._prompts.add(Clip("greeting", GREETING, tone(5000, 700), 16000))  # 5 s long
+    h.llm.reply = "Sure."
+    await h.start()
+    await h.wait(300)
+    assert h.call.speaking
+    await h.say("cancel my card please", then_silence_ms=1500)
+    await h.stop()
+    (interrupt,) = h.output.of("interrupt")
+    assert interrupt["turn"] == h.output.of("response", source="greeting")[0]["turn"]
+    assert h.transcripts() == ["cancel my card please"]
+    assert sources(h) == ["greeting", "llm"]
+
+
+# ---------------------------------------------------------------------- silence
+
+
+async def test_silence_gets_a_prompt_then_a_goodbye_and_the_call_ends():
+    h = harness({"idle_prompt_s": 8})
+    h.llm.reply = "Okay."
+    await h.start()
+    await h.text("hello there")
+    await h.wait(1000)
+    reply_end = h.output.frames[-1][0]
+    await h.wait(8500)
+    assert sources(h) == ["llm", "prompt"]
+    (prompt_at,) = h.output.at("response", source="prompt")
+    assert 8.0 <= prompt_at - reply_end <= 8.1  # from the end of the last frame heard
+    assert not await ended(h)
+    await h.wait(9000)
+    assert sources(h) == ["llm", "prompt", "goodbye"]
+    (goodbye_at,) = h.output.at("response", source="goodbye")
+    prompt_end = max(t for t, _ in h.output.frames if t < goodbye_at)
+    assert 8.0 <= goodbye_at - prompt_end <= 8.1
+    assert [e["reason"] for e in h.output.of("hangup")] == ["idle"]
+    assert [r for _, r in h.output.hangups] == ["idle"]  # the phone line was hung up
+    assert h.output.hangups[0][0] >= h.output.frames[-1][0]  # after the goodbye played
+    assert await ended(h) and h.call.ended == "idle"
+
+
+async def test_a_caller_who_answers_the_prompt_is_not_hung_up_on():
+    h = harness({"idle_prompt_s": 8})
+    await h.start()
+    await h.text("hello there")
+    await h.wait(9500)
+    assert sources(h) == ["llm", "prompt"]
+    await h.say("yes I am here", then_silence_ms=1500)
+    await h.wait(7000)  # 8.5 s after the answer's reply ended: a new first prompt
+    assert sources(h) == ["llm", "prompt", "llm", "prompt"]
+    assert h.output.of("hangup") == []
+    await h.stop()
+
+
+class SlowToolLLM:
+    """A chat model that takes ``wait_s`` of the manual clock (a tool call) to answer."""
+
+    name = "slow"
+
+    def __init__(self, clock, wait_s: float, reply: str) -> None:
+        self.clock, self.wait_s, self.reply = clock, wait_s, reply
+
+    async def stream(self, messages: list[dict[str, Any]],
+                     tools: list[ToolSpec] | None = None) -> AsyncIterator[LLMChunk]:
+        if "balance" not in messages[-1]["content"]:
+            yield LLMChunk(text="Okay.")
+            return
+        await self.clock.sleep(self.wait_s)
+        yield LLMChunk(text=self.reply)
+
+
+async def test_no_prompt_while_a_tool_call_runs_or_the_bot_speaks():
+    h = harness({"idle_prompt_s": 8})
+    long_reply = " ".join(["This answer is long and goes on."] * 20)  # 14 s of speech
+    h.agent.llm = SlowToolLLM(h.clock, 20.0, long_reply)  # type: ignore[assignment]
+    await h.start()
+    await h.text("hello")
+    await h.wait(5000)  # answered; 5 s of the 8 s idle pass
+    await h.text("what is my balance")
+    await h.wait(20000)  # the tool call: nothing for 20 s
+    assert sources(h) == ["llm"]
+    await h.wait(14000)  # the reply plays
+    assert set(sources(h)) == {"llm"}  # one response per sentence, and no prompt
+    reply_end = h.output.frames[-1][0]
+    await h.wait(9000)
+    (prompt_at,) = h.output.at("response", source="prompt")
+    assert 8.0 <= prompt_at - reply_end <= 8.1
+    await h.stop()
+
+
+async def test_idle_prompts_are_off_at_zero():
+    h = harness({"idle_prompt_s": 0})
+    await h.start()
+    await h.text("hello there")
+    await h.wait(20000)
+    await h.stop()
+    assert sources(h) == ["llm"]
+
+
+# ---------------------------------------------------------------------- keypad
+
+
+def test_keypad_collects_until_hash_and_maps_a_first_key():
+    keypad = Keypad({"0": "handoff", "1": "hours"}, pause_s=3)
+    assert keypad.press("1") == Mapped("1", "hours")
+    assert keypad.press("4") is None and keypad.press("0") is None  # 0 inside: a digit
+    assert keypad.press("*") is None
+    assert keypad.press("#") == Collected("40*")
+    assert Collected("40*").text() == "the caller pressed 4 0 star"
+    assert keypad.press("#") is None and keypad.expire() is None
+    for bad in ("10", "a", "", " ", "５", None, 5):
+        with pytest.raises(BadKey):
+            keypad.press(bad)  # type: ignore[arg-type]
+
+
+async def test_a_mapped_key_plays_its_cached_answer():
+    h = harness({"keypad": {"1": "hours"}}, faqs={"opening hours": "hours"})
+    await h.start()
+    h.call.feed_dtmf("1")
+    await h.wait(1500)
+    await h.stop()
+    (response,) = h.output.of("response")
+    assert response["source"] == "cache" and response["entry_id"] == "hours"
+    assert h.output.of("keypad")[0]["action"] == "hours"
+    assert h.router.calls == []  # nothing was routed: the key named the answer
+    assert h.stats.missed_questions() == []
+
+
+async def test_other_keys_reach_the_agent_after_a_pause_or_hash():
+    h = harness({"keypad": {"0": "handoff"}, "keypad_pause_s": 3})
+    await h.start()
+    for key in "4567":
+        h.call.feed_dtmf(key)
+        await h.wait(500)
+    await h.wait(2000)
+    assert h.llm.requests == []  # 2.5 s after the last key: still collecting
+    await h.wait(1000)
+    assert h.llm.requests[-1][-1] == {"role": "user", "content": "the caller pressed 4 5 6 7"}
+    for key in "90#":
+        h.call.feed_dtmf(key)
+    await h.wait(100)  # `#` sends at once
+    assert h.llm.requests[-1][-1]["content"] == "the caller pressed 9 0"
+    await h.wait(1500)
+    await h.stop()
+    assert [e["keys"] for e in h.output.of("keypad")] == ["4567", "90"]
+    assert h.stats.missed_questions() == []  # keys (maybe a PIN) never listed as misses
+
+
+async def test_a_key_interrupts_the_bot():
+    h = harness()
+    h.llm.reply = " ".join(["Sentence of a long answer."] * 20)
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(800)
+    assert h.call.speaking
+    h.call.feed_dtmf("5")
+    await h.wait(100)
+    (interrupt,) = h.output.of("interrupt")
+    assert interrupt["cause"] == "dtmf"
+    assert not h.call.speaking
+    await h.stop()
+
+
+async def test_a_key_mapped_to_a_missing_entry_is_a_clear_error():
+    h = harness({"keypad": {"2": "gone_entry"}})
+    await h.start()
+    h.call.feed_dtmf("2")
+    await h.wait(1500)
+    await h.stop()
+    (error,) = h.output.of("error")
+    assert error["code"] == "keypad_unknown_entry" and "gone_entry" in error["message"]
+    assert sources(h) == ["apology"]
+    assert h.stats.errors["keypad_unknown_entry"] == 1
+
+
+async def test_a_bad_key_is_refused():
+    h = harness()
+    with pytest.raises(BadKey, match="not a keypad key"):
+        h.call.feed_dtmf("x")
+
+
+# ---------------------------------------------------------------------- transfer
+
+
+async def test_a_handoff_transfers_the_call_after_its_message_played():
+    h = harness({"keypad": {"0": "handoff"}})
+    await h.start()
+    h.call.feed_dtmf("0")
+    await h.wait(2000)
+    await h.stop()
+    assert sources(h) == ["handoff"] and h.output.of("handoff")
+    ((at, reason),) = h.output.transfers
+    first_frame = h.output.frames[0][0]
+    message_s = len(h.output.frames) * 0.02  # the handoff message, 20 ms frames
+    # played to its end by the clock, plus the lead the far end may still be buffering
+    assert at >= first_frame + message_s + 0.06 - 1e-9
+    assert "keypad" in reason
+    assert h.metrics()[0]["transferred"] is True
+
+
+async def test_a_failed_transfer_is_reported_and_the_call_goes_on():
+    h = harness({"keypad": {"0": "handoff"}}, fail_transfer=True)
+    await h.start()
+    h.call.feed_dtmf("0")
+    await h.wait(2000)
+    (error,) = h.output.of("error")
+    assert error["code"] == "transfer_failed" and "HTTP 500" in error["message"]
+    assert h.stats.errors["transfer_failed"] == 1
+    await h.text("are you still there")
+    await h.wait(1500)
+    await h.stop()
+    assert sources(h) == ["handoff", "llm"]
+    assert not await ended(h) or h.call.ended is None
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"VOICEGATE_KEYPAD": "[1]"}, "keypad: must be a JSON object"),
+    ({"VOICEGATE_KEYPAD": "{nope"}, "keypad: must be a JSON object such as"),
+    ({"VOICEGATE_KEYPAD": '{"#": "handoff"}'}, "key '#' is not a keypad key"),
+    ({"VOICEGATE_KEYPAD": '{"12": "handoff"}'}, "key '12' is not a keypad key"),
+    ({"VOICEGATE_KEYPAD": '{"5": "two words"}'}, "expected \"handoff\" or a cache entry id"),
+    ({"VOICEGATE_KEYPAD": '{"5": 7}'}, "keypad.5"),
+    ({"VOICEGATE_HANDOFF_NUMBER": "555-1234", "VOICEGATE_TWILIO_AUTH_TOKEN": "t"},
+     "handoff_number: must be an E.164 phone number"),
+    ({"VOICEGATE_HANDOFF_NUMBER": "+15551230000"}, "handoff_number needs twilio_auth_token"),
+    ({"VOICEGATE_IDLE_PROMPT_S": "0.2"}, "idle_prompt_s: must be 0 (no idle prompt) or at least"),
+    ({"VOICEGATE_IDLE_PROMPT_S": "-1"}, "idle_prompt_s"),
+    ({"VOICEGATE_KEYPAD_PAUSE_S": "0"}, "keypad_pause_s"),
+    ({"VOICEGATE_GREETING": "x" * 601}, "greeting"),
+])
+def test_bad_phone_line_settings_are_named(env, message):
+    from gateway.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=None) as info:
+        Settings.load(environ=env)
+    assert message in str(info.value)
+
+
+def test_phone_line_settings_from_the_environment():
+    from gateway.settings import Settings
+
+    s = Settings.load(environ={"VOICEGATE_KEYPAD": '{"0": "handoff", "*": "opening_hours"}',
+                               "VOICEGATE_HANDOFF_NUMBER": "sip:desk@pbx.example.com",
+                               "VOICEGATE_TWILIO_AUTH_TOKEN": "t",
+                               "VOICEGATE_GREETING": "Hello.", "VOICEGATE_IDLE_PROMPT_S": "0"})
+    assert s.keypad == {"0": "handoff", "*": "opening_hours"}
+    assert s.handoff_number == "sip:desk@pbx.example.com"
+    assert (s.greeting, s.idle_prompt_s) == ("Hello.", 0.0)

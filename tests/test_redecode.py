@@ -1,0 +1,228 @@
+"""Streaming on a batch recogniser: the early final, partials under load, the cut."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from gateway.providers.redecode import (FINAL, PARTIAL, DecodeScheduler, RedecodingSTT,
+                                        decode_fn)
+
+MS = 32  # bytes per ms at 16 kHz PCM16
+
+
+def audio(ms: int, value: int = 1) -> bytes:
+    return value.to_bytes(2, "little", signed=True) * (16 * ms)
+
+
+class GatedRecognizer:
+    """'Decodes' to the byte count; each decode waits until the test opens the gate."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.decoded: list[int] = []
+        self.lock = threading.Lock()
+
+    def transcribe(self, pcm16: bytes) -> str:
+        self.gate.wait(10)
+        with self.lock:
+            self.decoded.append(len(pcm16))
+        return f"{len(pcm16)} bytes"
+
+    def warm_up(self) -> None:
+        return None
+
+
+@pytest.fixture
+def pool():
+    executor = ThreadPoolExecutor(max_workers=2)
+    yield executor
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def stt(pool, slots=1, interval_ms=400):
+    return RedecodingSTT(GatedRecognizer(), pool, slots=slots, partial_interval_ms=interval_ms)
+
+
+async def until(predicate, timeout=5.0):
+    for _ in range(int(timeout / 0.005)):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never held")
+
+
+async def test_finalize_cuts_the_utterance_before_it_decodes(pool):
+    service = stt(pool, interval_ms=10_000)
+    stream = service.open_stream()
+    service.recognizer.gate.clear()
+    await stream.send_audio(audio(1000))
+    final = asyncio.ensure_future(stream.finalize())
+    await stream.send_audio(audio(300, 2))  # the caller talks on while it decodes
+    service.recognizer.gate.set()
+    assert (await final).text == f"{1000 * MS} bytes"
+    assert (await stream.finalize()).text == f"{300 * MS} bytes"  # only the new audio
+    await stream.aclose()
+
+
+async def test_the_early_final_is_the_final_when_no_speech_follows(pool):
+    service = stt(pool, interval_ms=10_000)
+    stream = service.open_stream()
+    await stream.send_audio(audio(800))
+    early = await stream.speech_paused()
+    assert early.text == f"{800 * MS} bytes" and not early.final
+    await stream.send_audio(audio(200, 0))  # trailing silence until the turn ends
+    final = await stream.finalize()
+    assert final.text == early.text and final.final
+    assert service.recognizer.decoded == [800 * MS]  # decoded once, not again at the end
+    await stream.aclose()
+
+
+async def test_speech_after_the_pause_throws_the_early_decode_away(pool):
+    service = stt(pool, interval_ms=10_000)
+    stream = service.open_stream()
+    await stream.send_audio(audio(800))
+    early = stream.speech_paused()
+    stream.speech_resumed()
+    with pytest.raises(asyncio.CancelledError):
+        await early
+    await stream.send_audio(audio(400))
+    assert (await stream.finalize()).text == f"{1200 * MS} bytes"
+    await stream.aclose()
+
+
+async def test_the_early_transcript_is_offered_as_a_partial(pool):
+    service = stt(pool, interval_ms=10_000)
+    stream = service.open_stream()
+    partials = stream.partials()
+    await stream.send_audio(audio(500))
+    await stream.speech_paused()
+    assert (await asyncio.wait_for(anext(partials), 2)).text == f"{500 * MS} bytes"
+    await partials.aclose()
+    await stream.aclose()
+
+
+async def test_partials_follow_new_audio_not_the_wall_clock(pool):
+    service = stt(pool, slots=2, interval_ms=400)
+    stream = service.open_stream()
+    await stream.send_audio(audio(300))
+    assert service.scheduler.decodes[PARTIAL] == 0  # under the interval of new audio
+    await stream.send_audio(audio(100))
+    await until(lambda: service.recognizer.decoded == [400 * MS])
+    await stream.send_audio(audio(200))
+    await asyncio.sleep(0.05)
+    assert service.recognizer.decoded == [400 * MS]  # 200 ms new: not due yet
+    await stream.aclose()
+
+
+async def test_under_load_a_caller_gets_fewer_partials_and_finals_go_first(pool):
+    service = stt(pool, slots=1, interval_ms=100)
+    busy, waiting = service.open_stream(), service.open_stream()
+    recognizer = service.recognizer
+    recognizer.gate.clear()
+    await busy.send_audio(audio(200))  # its partial takes the only slot
+    await until(lambda: service.scheduler.running == 1)
+    await waiting.send_audio(audio(200))  # due, but no slot is free: skipped
+    assert waiting.partials_skipped == 1
+    final = asyncio.ensure_future(waiting.finalize())
+    await asyncio.sleep(0.01)
+    await busy.send_audio(audio(200))  # busy's own decode still runs: no second partial
+    recognizer.gate.set()
+    assert (await final).text == f"{200 * MS} bytes"
+    assert service.scheduler.decodes == {FINAL: 1, PARTIAL: 1}
+    await busy.aclose()
+    await waiting.aclose()
+
+
+async def test_queued_finals_run_before_queued_partials(pool):
+    recognizer = GatedRecognizer()
+    scheduler = DecodeScheduler(decode_fn(recognizer), pool, slots=1)
+    recognizer.gate.clear()
+    first = asyncio.ensure_future(scheduler.decode(audio(100), PARTIAL))
+    await until(lambda: scheduler.running == 1)
+    partial = asyncio.ensure_future(scheduler.decode(audio(200), PARTIAL))
+    final = asyncio.ensure_future(scheduler.decode(audio(300), FINAL))
+    await asyncio.sleep(0.01)
+    recognizer.gate.set()
+    await asyncio.gather(first, partial, final)
+    assert recognizer.decoded == [100 * MS, 300 * MS, 200 * MS]
+
+
+async def test_a_cancelled_queued_decode_never_runs(pool):
+    recognizer = GatedRecognizer()
+    scheduler = DecodeScheduler(decode_fn(recognizer), pool, slots=1)
+    recognizer.gate.clear()
+    first = asyncio.ensure_future(scheduler.decode(audio(100), FINAL))
+    await until(lambda: scheduler.running == 1)
+    dropped = asyncio.ensure_future(scheduler.decode(audio(200), PARTIAL))
+    await asyncio.sleep(0.01)
+    dropped.cancel()
+    recognizer.gate.set()
+    await first
+    await until(lambda: scheduler.running == 0)
+    assert recognizer.decoded == [100 * MS]
+
+
+async def test_a_failing_decode_reaches_the_final_and_frees_its_slot(pool):
+    class Broken(GatedRecognizer):
+        def transcribe(self, pcm16: bytes) -> str:
+            raise RuntimeError("model crashed")
+
+    service = RedecodingSTT(Broken(), pool, slots=1, partial_interval_ms=10_000)
+    stream = service.open_stream()
+    await stream.send_audio(audio(500))
+    with pytest.raises(RuntimeError, match="model crashed"):
+        await stream.finalize()
+    assert service.scheduler.running == 0 and service.scheduler.has_free_slot
+    await stream.aclose()
+
+
+async def test_too_short_audio_is_not_decoded(pool):
+    service = stt(pool)
+    stream = service.open_stream()
+    await stream.send_audio(audio(50))
+    assert (await stream.finalize()).text == ""
+    assert service.recognizer.decoded == []
+    await stream.aclose()
+
+
+class DraftingRecognizer(GatedRecognizer):
+    """Takes drafts like Moonshine: ids are the decoded length in ms, one per 100 ms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drafts: list[list[int]] = []
+
+    def transcribe_ids(self, pcm16: bytes, draft) -> tuple[str, list[int]]:
+        self.gate.wait(10)
+        with self.lock:
+            self.drafts.append(list(draft))
+        ms = len(pcm16) // MS
+        return f"{ms} ms", list(range(3, 3 + ms // 100))
+
+
+async def test_each_decode_gets_the_utterance_s_previous_decode_as_its_draft(pool):
+    recognizer = DraftingRecognizer()
+    service = RedecodingSTT(recognizer, pool, slots=1, partial_interval_ms=200)
+    stream = service.open_stream()
+    partials = stream.partials()
+    await stream.send_audio(audio(200))  # a partial of 200 ms: no draft yet
+    assert (await asyncio.wait_for(anext(partials), 2)).text == "200 ms"
+    await stream.send_audio(audio(200))  # the next partial starts from the first's ids
+    assert (await asyncio.wait_for(anext(partials), 2)).text == "400 ms"
+    await stream.send_audio(audio(100))
+    early = await stream.speech_paused()  # the early final starts from the newest partial
+    assert early.text == "500 ms"
+    assert (await stream.finalize()).text == "500 ms"
+    assert recognizer.drafts == [[], [3, 4], [3, 4, 5, 6]]
+    await stream.send_audio(audio(300))  # a new utterance: no draft from the last one
+    assert (await stream.finalize()).text == "300 ms"
+    assert recognizer.drafts[-1] == []
+    await partials.aclose()
+    await stream.aclose()

@@ -1,0 +1,127 @@
+"""Speculation: which partials are worth a routing, shedding, and the final's reuse."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.call.speculation import Speculation, SpeculationRules
+from gateway.route_batcher import RoutingShed
+from intents.types import Action, RouteDecision, miss
+
+
+def hit(text: str, entry: str = "opening_hours") -> RouteDecision:
+    return RouteDecision(text=text, intent=entry, action=Action.ANSWER, hit=True,
+                         entry_id=entry, score=0.9)
+
+
+class Router:
+    """Records every routing; decides by a function of the text."""
+
+    def __init__(self, decide=lambda text: miss(text, "no")) -> None:
+        self.texts: list[tuple[str, bool]] = []
+        self.decide = decide
+        self.shed: set[str] = set()
+
+    async def __call__(self, text: str, urgent: bool) -> RouteDecision:
+        self.texts.append((text, urgent))
+        await asyncio.sleep(0)
+        if text in self.shed:
+            raise RoutingShed(text)
+        return self.decide(text)
+
+
+async def word_by_word(spec: Speculation, sentence: str) -> None:
+    words = sentence.split()
+    for n in range(1, len(words) + 1):
+        spec.offer(" ".join(words[:n]))
+        await asyncio.sleep(0.001)  # the routing of the previous partial completes
+
+
+def rules(step: int = 2, settle: int = 2) -> SpeculationRules:
+    return SpeculationRules(min_words=3, step_words=step, settle_after=settle)
+
+
+async def test_word_by_word_partials_are_routed_every_step_words() -> None:
+    router = Router()
+    spec = Speculation(router, rules(step=2, settle=0), on_failure=lambda exc: None)
+    await word_by_word(spec, "what time do your branches open on saturday")
+    assert [t for t, _ in router.texts] == ["what time do", "what time do your branches",
+                                            "what time do your branches open on"]
+    assert spec.take_counts() == {"partials_routed": 3, "partials_skipped": 5,
+                                  "partials_shed": 0}
+
+
+async def test_repeats_and_shrinking_partials_are_never_routed_again() -> None:
+    router = Router()
+    spec = Speculation(router, rules(step=1, settle=0), on_failure=lambda exc: None)
+    for text in ["I lost my card", "I lost my card", "i LOST  my card", "I lost my",
+                 "I lost my card today"]:
+        spec.offer(text)
+        await asyncio.sleep(0.001)
+    assert [t for t, _ in router.texts] == ["I lost my card", "I lost my card today"]
+
+
+async def test_revised_words_are_routed_even_without_new_ones() -> None:
+    router = Router()
+    spec = Speculation(router, rules(step=3, settle=0), on_failure=lambda exc: None)
+    for text in ["what is your routing", "what is your swift"]:
+        spec.offer(text)
+        await asyncio.sleep(0.001)
+    assert [t for t, _ in router.texts] == ["what is your routing", "what is your swift"]
+
+
+async def test_a_settled_hit_stops_the_partials_but_the_final_is_routed() -> None:
+    router = Router(decide=lambda text: hit(text))
+    spec = Speculation(router, rules(step=1, settle=2), on_failure=lambda exc: None)
+    await word_by_word(spec, "what time do your branches open on saturday")
+    assert [t for t, _ in router.texts] == ["what time do", "what time do your"]
+    assert spec.settled
+    decision, reused = await spec.decide("what time do your branches open on saturday")
+    assert decision is not None and decision.text.endswith("saturday") and not reused
+    assert router.texts[-1] == ("what time do your branches open on saturday", True)
+
+
+async def test_different_hits_in_a_row_do_not_settle() -> None:
+    entries = iter(["opening_hours", "routing_number", "opening_hours", "routing_number"])
+    router = Router(decide=lambda text: hit(text, next(entries)))
+    spec = Speculation(router, rules(step=1, settle=2), on_failure=lambda exc: None)
+    await word_by_word(spec, "what is the number for my branch")
+    assert not spec.settled
+    assert len(router.texts) == 5
+
+
+async def test_the_final_of_a_routed_partial_needs_no_routing() -> None:
+    router = Router(decide=lambda text: hit(text))
+    spec = Speculation(router, rules(step=2, settle=0), on_failure=lambda exc: None)
+    await word_by_word(spec, "what time do you open")
+    routed = len(router.texts)
+    decision, reused = await spec.decide("What time do you open")
+    assert reused and decision is not None and len(router.texts) == routed
+
+
+async def test_a_shed_partial_is_not_a_failure_and_the_next_one_is_routed() -> None:
+    router = Router()
+    router.shed.add("where is the nearest atm")
+    failures: list[BaseException] = []
+    spec = Speculation(router, rules(step=2, settle=0), on_failure=failures.append)
+    for text in ["where is the", "where is the nearest atm", "where is the nearest atm now"]:
+        spec.offer(text)
+        await asyncio.sleep(0.001)
+    assert failures == []
+    # One new word since the routed text would not be enough, but the shed one was
+    # never routed: the next partial is compared with what was routed.
+    assert [t for t, _ in router.texts] == ["where is the", "where is the nearest atm",
+                                            "where is the nearest atm now"]
+    assert spec.take_counts()["partials_shed"] == 1
+
+
+async def test_the_early_final_is_routed_whatever_the_partial_rules_say() -> None:
+    router = Router(decide=lambda text: hit(text))
+    spec = Speculation(router, rules(step=1, settle=2), on_failure=lambda exc: None)
+    await word_by_word(spec, "what time do your branches open")
+    assert spec.settled
+    decision = await spec.settle("what time do your branches open today")
+    assert decision is not None and decision.text == "what time do your branches open today"
+    assert router.texts[-1] == ("what time do your branches open today", True)
+    decision, reused = await spec.decide("what time do your branches open today")
+    assert reused

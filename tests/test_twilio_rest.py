@@ -1,0 +1,198 @@
+"""Transfer and hang-up through Twilio's REST API (the real `twilio` SDK against a local fake
+of the call resource), keypad presses on both endpoints, and the bot hanging up an idle call."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterator
+
+import pytest
+from twilio.request_validator import RequestValidator
+
+from gateway.client import Caller
+from gateway.server import BackgroundServer
+from gateway.transports.twilio_rest import CallControlError, TwilioCallControl, dial_twiml
+from tests.fakes.server import ServerThread
+from tests.fakes.twilio_media import TwilioLine
+from tests.fakes.twilio_rest import FakeTwilioRest
+
+pytestmark = pytest.mark.slow
+
+ACCOUNT = "AC" + "0" * 32  # what TwilioLine's `start` names
+AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
+CALL_SID = "CA" + "ab" * 16
+PUBLIC = "https://voice.example.com"
+NUMBER = "+15551230000"
+
+
+@pytest.fixture
+def rest() -> Iterator[tuple[FakeTwilioRest, ServerThread]]:
+    fake = FakeTwilioRest(ACCOUNT, AUTH_TOKEN)
+    with ServerThread(fake.app) as server:
+        yield fake, server
+
+
+# ---------------------------------------------------------------------- the REST client
+
+
+async def test_transfer_posts_dial_twiml_to_the_call(rest):
+    fake, server = rest
+    control = TwilioCallControl(AUTH_TOKEN, server.url)
+    await control.transfer(ACCOUNT, CALL_SID, NUMBER)
+    await control.transfer(ACCOUNT, CALL_SID, "sip:desk@pbx.example.com")
+    await control.hang_up(ACCOUNT, CALL_SID)
+    await control.aclose()
+    first, sip, hangup = fake.requests
+    assert (first["account"], first["call"]) == (ACCOUNT, CALL_SID)
+    assert (first["user"], first["password"]) == (ACCOUNT, AUTH_TOKEN)
+    assert first["content_type"].startswith("application/x-www-form-urlencoded")
+    assert first["form"] == {"Twiml": '<?xml version="1.0" encoding="UTF-8"?><Response>'
+                                      f'<Dial><Number>{NUMBER}</Number></Dial></Response>'}
+    assert "<Dial><Sip>sip:desk@pbx.example.com</Sip></Dial>" in sip["form"]["Twiml"]
+    assert hangup["form"] == {"Status": "completed"}
+
+
+async def test_refusals_and_an_unreachable_api_are_clear_errors(rest):
+    fake, server = rest
+    wrong = TwilioCallControl("not-the-token", server.url)
+    with pytest.raises(CallControlError, match="HTTP 401.*Authenticate"):
+        await wrong.transfer(ACCOUNT, CALL_SID, NUMBER)
+    await wrong.aclose()
+    fake.status = 404
+    control = TwilioCallControl(AUTH_TOKEN, server.url)
+    with pytest.raises(CallControlError, match="HTTP 404"):
+        await control.hang_up(ACCOUNT, CALL_SID)
+    with pytest.raises(CallControlError, match="no account SID"):
+        await control.hang_up("", CALL_SID)
+    await control.aclose()
+    gone = TwilioCallControl(AUTH_TOKEN, "http://127.0.0.1:9", timeout_s=5)
+    with pytest.raises(CallControlError, match="could not reach Twilio"):
+        await gone.transfer(ACCOUNT, CALL_SID, NUMBER)
+    await gone.aclose()
+
+
+def test_dial_twiml_for_a_number_and_a_sip_uri():
+    assert "<Number>+15551230000</Number>" in dial_twiml(NUMBER)
+    assert "<Sip>sips:a@b.example.com</Sip>" in dial_twiml("sips:a@b.example.com")
+
+
+# ---------------------------------------------------------------------- a live Twilio call
+
+
+@pytest.fixture
+def phone_server(settings, runtime, rest):
+    fake, api = rest
+    server = BackgroundServer(settings.replace(
+        twilio_auth_token=AUTH_TOKEN, public_url=PUBLIC, handoff_number=NUMBER,
+        twilio_api_url=api.url, keypad={"0": "handoff"}, idle_prompt_s=0), runtime).start()
+    yield fake, server
+    server.stop()
+
+
+def signed_line(server: BackgroundServer, call_sid: str = CALL_SID) -> TwilioLine:
+    signature = RequestValidator(AUTH_TOKEN).compute_signature(f"{PUBLIC.replace('https', 'wss')}"
+                                                               "/twilio/stream", {})
+    return TwilioLine(server.base_url.replace("http://", "ws://") + "/twilio/stream",
+                      call_sid=call_sid, stream_sid="MZ" + "cd" * 16,
+                      headers={"X-Twilio-Signature": signature})
+
+
+async def press(line: TwilioLine, digit: str) -> None:
+    await line.send({"event": "dtmf", "streamSid": line.stream_sid, "sequenceNumber": "9",
+                     "dtmf": {"track": "inbound_track", "digit": digit}})
+
+
+async def test_a_handoff_redirects_the_live_call_after_the_message_played(phone_server,
+                                                                          runtime):
+    fake, server = phone_server
+    async with signed_line(server) as line:
+        await press(line, "0")  # the keypad map's handoff
+        await line.wait_until(lambda: bool(fake.requests), timeout=30)
+        played_by_then = len(line.played)
+        sent = len(line.media)
+    (request,) = fake.requests
+    assert (request["account"], request["call"]) == (ACCOUNT, CALL_SID)
+    assert request["form"]["Twiml"].endswith(f"<Dial><Number>{NUMBER}</Number></Dial></Response>")
+    handoff_audio = runtime.prompts.audio("handoff", 8000, "mulaw")
+    assert len(handoff_audio) <= sent < len(handoff_audio) + 160  # all of it went first ...
+    assert played_by_then >= sent - 8 * 100  # ... and had played (but Twilio's buffer)
+
+
+async def test_a_failed_transfer_keeps_the_caller_on_the_line(phone_server, runtime):
+    fake, server = phone_server
+    fake.status = 500
+    before = runtime.stats.errors["transfer_failed"]
+    async with signed_line(server, "CA" + "ef" * 16) as line:
+        await press(line, "0")
+        await line.wait_until(lambda: bool(fake.requests), timeout=30)
+        for _ in range(100):
+            if runtime.stats.errors["transfer_failed"] > before:
+                break
+            await asyncio.sleep(0.05)
+        assert line.close_code is None  # not hung up
+        fake.status = 200
+        await press(line, "0")  # the next try works
+        await line.wait_until(lambda: len(fake.requests) == 2, timeout=30)
+    assert runtime.stats.errors["transfer_failed"] == before + 1
+    assert fake.requests[1]["form"]["Twiml"].count("<Dial>") == 1
+
+
+async def test_a_bad_twilio_digit_is_refused_and_the_stream_goes_on(phone_server, runtime):
+    fake, server = phone_server
+    before = runtime.stats.errors["twilio_invalid_dtmf"]
+    async with signed_line(server, "CA" + "12" * 16) as line:
+        await press(line, "X")
+        await line.say(b"\x00\x00" * 800)
+        assert line.close_code is None
+    assert runtime.stats.errors["twilio_invalid_dtmf"] == before + 1
+    assert fake.requests == []
+
+
+async def test_an_idle_twilio_call_is_hung_up_through_the_rest_api(settings, runtime, rest):
+    fake, api = rest
+    server = BackgroundServer(settings.replace(
+        twilio_auth_token=AUTH_TOKEN, public_url=PUBLIC, twilio_api_url=api.url,
+        greeting="Hello.", idle_prompt_s=1), runtime).start()
+    try:
+        line = signed_line(server, "CA" + "34" * 16)
+        await line.connect()
+        await line.closed()  # greeting, 1 s, prompt, 1 s, goodbye: the gateway hangs up
+        await line.hang_up()
+    finally:
+        server.stop()
+    assert line.close_code == 1000
+    (request,) = fake.requests
+    assert request["call"] == "CA" + "34" * 16 and request["form"] == {"Status": "completed"}
+
+
+# ---------------------------------------------------------------------- native protocol
+
+
+@pytest.fixture
+def native_server(settings, runtime):
+    server = BackgroundServer(settings.replace(greeting="Hello.", idle_prompt_s=1,
+                                               keypad={"0": "handoff"}), runtime).start()
+    yield server
+    server.stop()
+
+
+async def test_native_keypad_and_the_idle_hang_up(native_server):
+    async with Caller(native_server.call_url) as caller:
+        greeting = await caller.wait_for("response", source="greeting")
+        assert greeting["text"] == "Hello."
+        await caller.send_json({"type": "dtmf", "digit": "55"})
+        error = await caller.wait_for("error", code="invalid_dtmf")
+        assert "not a keypad key" in error["message"]
+        await caller.send_json({"type": "dtmf", "digit": "0"})
+        keypad = await caller.wait_for("keypad")
+        assert keypad["keys"] == "0" and keypad["action"] == "handoff"
+        await caller.wait_for("handoff")  # the native contract: the event
+        await caller.wait_for("response", source="prompt", timeout=30)
+        await caller.wait_for("response", source="goodbye", timeout=30)
+        hangup = await caller.wait_for("hangup", timeout=30)
+        assert hangup["reason"] == "idle"
+        for _ in range(200):
+            if caller.closed_code is not None:
+                break
+            await asyncio.sleep(0.05)
+    assert caller.closed_code == 1000
