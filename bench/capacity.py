@@ -155,16 +155,23 @@ async def text_caller(url: str, step: Step, until: float, seed: int) -> None:
                     await asyncio.sleep(WORD_S)
                 clock.reset()
                 await caller.send_json({"type": "text", "text": final, "final": True})
-                sent = time.monotonic()
-                heard = await first_audio_after(caller, 0, clock)
-                metrics = await caller.wait_for("turn_metrics", start=index, timeout=60)
-                errors = [e for e in caller.events[index:] if e.get("type") == "error"]
-                if errors:
-                    step.errors.append(f"error event {errors[0].get('code')}")
-                record(step, metrics, (heard - sent) * 1000.0, started, new_word)
+                await finish_turn(caller, step, clock, index, started, new_word)
                 await asyncio.sleep(rng.uniform(0.3, 1.0))  # the caller thinks
     except Exception as exc:  # counted, never fatal for the other callers
         step.errors.append(f"{type(exc).__name__}: {exc}"[:200])
+
+
+async def finish_turn(caller: Caller, step: Step, clock: FrameClock, index: int,
+                      started: float, new_word: bool = False) -> None:
+    """The turn just sent (its last text or audio frame went out now): wait for its first
+    reply audio and its metrics, count an error event, record it."""
+    sent = time.monotonic()
+    heard = await first_audio_after(caller, 0, clock)
+    metrics = await caller.wait_for("turn_metrics", start=index, timeout=60)
+    errors = [e for e in caller.events[index:] if e.get("type") == "error"]
+    if errors:
+        step.errors.append(f"error event {errors[0].get('code')}")
+    record(step, metrics, (heard - sent) * 1000.0, started, new_word)
 
 
 async def audio_caller(url: str, step: Step, until: float, seed: int,
@@ -183,13 +190,7 @@ async def audio_caller(url: str, step: Step, until: float, seed: int,
                 started = time.monotonic()
                 clock.reset()
                 await caller.stream_audio(pcm)  # returns once its last frame is sent
-                spoken = time.monotonic()
-                heard = await first_audio_after(caller, 0, clock)
-                metrics = await caller.wait_for("turn_metrics", start=index, timeout=60)
-                errors = [e for e in caller.events[index:] if e.get("type") == "error"]
-                if errors:
-                    step.errors.append(f"error event {errors[0].get('code')}")
-                record(step, metrics, (heard - spoken) * 1000.0, started)
+                await finish_turn(caller, step, clock, index, started)
                 await asyncio.sleep(rng.uniform(0.5, 1.0))  # silence flows meanwhile
     except Exception as exc:
         step.errors.append(f"{type(exc).__name__}: {exc}"[:200])

@@ -140,12 +140,18 @@ async def test_under_load_a_caller_gets_fewer_partials_and_finals_go_first(pool)
     await waiting.aclose()
 
 
-async def test_queued_finals_run_before_queued_partials(pool):
+async def busy_scheduler(pool, kind):
+    """A one-slot scheduler whose slot holds a decode of 100 ms (of ``kind``) at the gate."""
     recognizer = GatedRecognizer()
     scheduler = DecodeScheduler(decode_fn(recognizer), pool, slots=1)
     recognizer.gate.clear()
-    first = asyncio.ensure_future(scheduler.decode(audio(100), PARTIAL))
+    first = asyncio.ensure_future(scheduler.decode(audio(100), kind))
     await until(lambda: scheduler.running == 1)
+    return recognizer, scheduler, first
+
+
+async def test_queued_finals_run_before_queued_partials(pool):
+    recognizer, scheduler, first = await busy_scheduler(pool, PARTIAL)
     partial = asyncio.ensure_future(scheduler.decode(audio(200), PARTIAL))
     final = asyncio.ensure_future(scheduler.decode(audio(300), FINAL))
     await asyncio.sleep(0.01)
@@ -155,11 +161,7 @@ async def test_queued_finals_run_before_queued_partials(pool):
 
 
 async def test_a_cancelled_queued_decode_never_runs(pool):
-    recognizer = GatedRecognizer()
-    scheduler = DecodeScheduler(decode_fn(recognizer), pool, slots=1)
-    recognizer.gate.clear()
-    first = asyncio.ensure_future(scheduler.decode(audio(100), FINAL))
-    await until(lambda: scheduler.running == 1)
+    recognizer, scheduler, first = await busy_scheduler(pool, FINAL)
     dropped = asyncio.ensure_future(scheduler.decode(audio(200), PARTIAL))
     await asyncio.sleep(0.01)
     dropped.cancel()

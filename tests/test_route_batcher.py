@@ -45,6 +45,14 @@ async def _until(condition, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def _hold_a_batch(batcher: RouteBatcher, router: RecordingRouter) -> asyncio.Future:
+    """A batch ("held") is running and waits for router.release: texts queue behind it."""
+    router.release.clear()
+    blocker = asyncio.ensure_future(batcher.route("held"))
+    await _until(lambda: batcher._running)
+    return blocker
+
+
 async def test_finals_go_first_and_take_their_queued_partial_along(executor):
     router = RecordingRouter(hold_first=True)
     batcher = RouteBatcher(router, executor)
@@ -124,9 +132,7 @@ async def test_costly_texts_still_share_a_forward_pass_up_to_min_batch(executor)
     batcher = RouteBatcher(router, executor, target_batch_ms=5.0, min_batch=3)
     await batcher.route("measure the cost first")
     assert batcher.batch_limit() == 3  # the target alone would allow 1
-    router.release.clear()
-    blocker = asyncio.ensure_future(batcher.route("held"))
-    await _until(lambda: batcher._running)
+    blocker = await _hold_a_batch(batcher, router)
     waiting = [asyncio.ensure_future(batcher.route(f"text {i}", urgent=True)) for i in range(7)]
     await asyncio.sleep(0)
     router.release.set()
@@ -151,9 +157,7 @@ async def test_under_load_old_partials_are_shed_and_finals_never(executor):
     router = RecordingRouter()
     batcher = RouteBatcher(router, executor, max_batch=3, min_batch=3)
     await batcher.route("first")
-    router.release.clear()
-    blocker = asyncio.ensure_future(batcher.route("held"))
-    await _until(lambda: batcher._running)
+    blocker = await _hold_a_batch(batcher, router)
     partials = [asyncio.ensure_future(batcher.route(f"partial {i}")) for i in range(6)]
     finals = [asyncio.ensure_future(batcher.route(f"final {i}", urgent=True)) for i in range(4)]
     await asyncio.sleep(0)
@@ -173,9 +177,7 @@ async def test_the_newest_partials_that_fit_are_routed_the_older_shed(executor):
     router = RecordingRouter()
     batcher = RouteBatcher(router, executor, max_batch=3, min_batch=3)
     await batcher.route("first")
-    router.release.clear()
-    blocker = asyncio.ensure_future(batcher.route("held"))
-    await _until(lambda: batcher._running)
+    blocker = await _hold_a_batch(batcher, router)
     final = asyncio.ensure_future(batcher.route("the final", urgent=True))
     partials = [asyncio.ensure_future(batcher.route(f"partial {i}")) for i in range(5)]
     await asyncio.sleep(0)
