@@ -61,6 +61,7 @@ SEED_INTENTS = 20  # Banking77 intents in the bench's FAQ
 SEED_QUESTIONS = 40  # train questions per intent
 WAIT_REPLY_S = 6.0  # silence streamed after a clip while waiting for the first reply audio
 WAIT_END_S = 20.0  # for the reply to finish (turn_metrics)
+SETTLE_S = 1.5  # quiet after a turn's metrics before the next clip: no turn still under way
 
 
 @dataclass
@@ -212,13 +213,21 @@ class Line:
             ((speech_end - 1) % samples_per_frame) / self.rate
         if len(self.audio_at) > first_audio:
             record.v2v_ms = (self.audio_at[first_audio] - last_speech_at) * 1000
-        # Keep the line open (silence) until the turn's metrics: the reply has played.
+        # Keep the line open (silence) until the clip's last turn has ended and its reply
+        # played: a cut-off clip has a second turn (the rest of its words), which must not
+        # run into the next clip and be scored as its start.
         sender = asyncio.create_task(self._silence())
-        await self.wait(lambda: any(e["type"] == "turn_metrics" and e.get("input") == "audio"
-                                    for _, e in self.events[first_event:]), WAIT_END_S)
-        await asyncio.sleep(0.3)
+        await self.wait(lambda: self._settled(first_event), WAIT_END_S)
         sender.cancel()
         self._score(clip, record, first_event, sent_at, first_audio)
+
+    def _settled(self, first_event: int) -> bool:
+        """The last event since the clip began is an audio turn's metrics, SETTLE_S ago."""
+        if len(self.events) <= first_event:
+            return False
+        at, last = self.events[-1]
+        return (last["type"] == "turn_metrics" and last.get("input") == "audio"
+                and time.perf_counter() - at >= SETTLE_S)
 
     async def _silence(self) -> None:
         silence = bytes(self.frame_bytes)
@@ -369,7 +378,9 @@ async def main() -> None:
     extra = dict(kv.split("=", 1) for kv in args.env)
     rows, records = [], []
     for stt in args.stt.split(","):
-        env = {"VOICEGATE_STT_PROVIDER": stt, **extra}
+        # No idle prompt: a clip whose reply never comes leaves the line silent for
+        # WAIT_REPLY_S + WAIT_END_S, long enough for the gateway's goodbye and hang-up.
+        env = {"VOICEGATE_STT_PROVIDER": stt, "VOICEGATE_IDLE_PROMPT_S": "0", **extra}
         gateway = GatewayProcess(store, env=env)
         try:
             gateway.start()
