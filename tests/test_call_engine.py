@@ -4,7 +4,9 @@ manual clock). One test per defect found in the first call loop, plus the failur
 from __future__ import annotations
 
 import asyncio
+import inspect
 
+from gateway.timeline import TurnTimeline
 from tests.call_harness import TTS_MS_PER_WORD, CallHarness
 
 
@@ -57,6 +59,24 @@ async def test_no_task_is_left_after_a_call_with_barge_ins_ends():
     assert left == set(), [t.get_name() for t in left]
     assert h.llm.open_streams == 0
     assert h.stt.streams[0].closed
+
+
+async def test_a_reply_cancelled_before_it_started_closes_its_turn():
+    # A barge-in or the call's end can cancel a reply still queued behind the previous
+    # one's cleanup: its turn never runs, and must not be left as an unawaited coroutine.
+    h = await CallHarness().start()
+    ran: list[int] = []
+
+    async def turn() -> None:
+        ran.append(1)
+
+    queued = turn()
+    h.call._start_reply(TurnTimeline(1, clock=h.clock), queued)
+    h.call._reply_task.cancel()
+    await asyncio.gather(h.call._reply_task, return_exceptions=True)
+    await h.stop()
+    assert ran == []
+    assert inspect.getcoroutinestate(queued) == inspect.CORO_CLOSED
 
 
 async def test_the_context_keeps_exactly_the_words_the_caller_heard():

@@ -462,6 +462,9 @@ class Call:
 
         self._reply_task = asyncio.create_task(after_previous(), name=f"vg-turn-{tl.turn}")
         self._reply_task.add_done_callback(self._reply_done)
+        # Cancelled while queued behind the previous reply (a barge-in, the call's end),
+        # the turn never ran: close it (a no-op once it has run).
+        self._reply_task.add_done_callback(lambda _: turn.close())
 
     def _reply_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
