@@ -43,13 +43,22 @@ def resample_pcm16(pcm16: bytes, from_rate: int, to_rate: int) -> bytes:
 
 
 class StreamResampler:
-    """Resamples a PCM16 stream chunk by chunk, keeping filter state between chunks."""
+    """Resamples a PCM16 stream chunk by chunk, keeping filter state between chunks.
 
-    def __init__(self, from_rate: int, to_rate: int) -> None:
+    soxr's filters hold audio back: "HQ" releases 8 kHz caller audio about 66 ms late,
+    "QQ" (cubic) at once. A caller's live audio takes ``LIVE_QUALITY``: every ms held back
+    delays the end of their turn (same recogniser WER on phone-band speech, see
+    docs/architecture.md); audio played to the caller keeps "HQ".
+    """
+
+    LIVE_QUALITY = "QQ"
+
+    def __init__(self, from_rate: int, to_rate: int, quality: str = "HQ") -> None:
         self.from_rate = from_rate
         self.to_rate = to_rate
         self._stream = (None if from_rate == to_rate else
-                        soxr.ResampleStream(from_rate, to_rate, 1, dtype="int16", quality="HQ"))
+                        soxr.ResampleStream(from_rate, to_rate, 1, dtype="int16",
+                                            quality=quality))
 
     def process(self, pcm16: bytes, last: bool = False) -> bytes:
         if self._stream is None:
