@@ -31,7 +31,8 @@ Run (from the repository root; espeak-ng: bash scripts/ensure-espeak.sh):
   options: --stt a,b  --callers 1,4  --rates 16000,8000  --voices piper,espeak
            --hits N --misses N --paused N  --env KEY=VALUE (gateway setting, repeatable)
            --sample-seed N (another sample than the default 7, which the end-of-turn
-           defaults were developed on: report figures from another one)
+           defaults were developed on: report figures from another one; any seed but
+           7 also takes the held-out paused texts, speech_corpus.PAUSED_TEXTS_HELDOUT)
            --json PATH (every utterance's record and the summary)
 """
 
@@ -362,7 +363,7 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 hits, 2 misses, 2 paused")
     parser.add_argument("--sample-seed", type=int, default=7,
                         help="which dev/val questions and paused texts (7: the ones the "
-                             "end-of-turn defaults were developed on)")
+                             "end-of-turn defaults were developed on; others: held out)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE gateway setting")
     parser.add_argument("--json", help="write every record and the summary here")
     args = parser.parse_args()
