@@ -172,8 +172,10 @@ class Settings(BaseModel):
     # recognised (noise), the reply resumes from the last frame heard. 0: always stop.
     false_interruption_s: Annotated[float, Field(ge=0.0, le=10.0)] = 2.0
     # Silence after speech that ends the caller's turn while nothing tells whether the
-    # turn is complete (docs/architecture.md, "End of turn").
-    end_of_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 500
+    # turn is complete (docs/architecture.md, "End of turn"). 900, not the usual 500:
+    # callers pause 400-900 ms mid-sentence after words that sound finished, and 500 cut
+    # off 38% of such questions (bench/end_of_turn_signals.py, development sample).
+    end_of_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 900
     # Silence that ends a turn judged complete (the words so far are a cached question
     # the turn model does not doubt) and one judged incomplete ("my card number is ...").
     complete_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 160
@@ -181,9 +183,11 @@ class Settings(BaseModel):
     # The end-of-turn model on the caller's audio: smart_turn (Smart Turn v3.2) or none.
     turn_model: Literal["smart_turn", "none"] = "smart_turn"
     # Its probability at or above which a cached question ends early, and below which
-    # the turn is incomplete (whatever the words).
+    # the turn is incomplete (whatever the words). Only a near-certain "incomplete"
+    # lengthens a turn: on synthetic speech the model tells a finished question from a
+    # mid-sentence pause no better than chance (AUC 0.48-0.57, end_of_turn_signals.py).
     turn_complete_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
-    turn_incomplete_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    turn_incomplete_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     # A pause this long starts the early final decode and the end-of-turn signals.
     early_final_after_ms: Annotated[int, Field(ge=32, le=2000)] = 64
     # Re-decode the growing utterance for partial transcripts at most this often.

@@ -255,7 +255,7 @@ class ScriptedTurnModel:
         await self.clock.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("turn model crashed")
-        return 0.05 if text.split()[-1:] and text.split()[-1] in self.incomplete else 0.9
+        return 0.01 if text.split()[-1:] and text.split()[-1] in self.incomplete else 0.9
 
 
 class RecordingOutput:

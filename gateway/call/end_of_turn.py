@@ -66,11 +66,11 @@ class Judgement(Enum):
 
 @dataclass(frozen=True)
 class EndOfTurnSettings:
-    silence_ms: float = 500.0  # nothing known yet (or the signals disagree)
+    silence_ms: float = 900.0  # nothing known yet (or the signals disagree)
     complete_silence_ms: float = 160.0  # the turn is judged complete
     incomplete_silence_ms: float = 1200.0  # the turn is judged incomplete
     complete_threshold: float = 0.5  # a cache hit ends early at or above this probability
-    incomplete_threshold: float = 0.2  # below: incomplete, whatever the words
+    incomplete_threshold: float = 0.05  # below: incomplete, whatever the words
 
     @property
     def longest_ms(self) -> float:

@@ -1,0 +1,167 @@
+"""What each end-of-turn signal knows, and the silence defaults it implies (offline).
+
+The live bench (voice_to_voice.py) measures one configuration per run; this one asks the
+signals directly, so the trade between false cut-offs and waiting can be read for every
+setting at once. For every paused clip of bench/speech_corpus.py (each voice, 16 kHz and
+the 8 kHz phone band), at every mid-sentence pause and at the clip's end, and at the end
+of every hit and miss question, it takes the audio up to the last word plus the 64 ms the
+turn detector has heard when it asks, and records:
+
+- the early transcript (Moonshine, as the call decodes at a pause) and whether the
+  words are lexically unfinished (gateway/call/end_of_turn.lexically_incomplete),
+- the router's decision on it (the voice bench's FAQ seed),
+- Smart Turn v3.2's probability that the turn is complete.
+
+It prints Smart Turn's ROC AUC (turn ends against mid-sentence pauses), then, for each
+open silence (`end_of_turn_silence_ms`) and turn-model threshold, the expected false
+cut-off rate of the paused clips (the bench's gaps: uniform 400-900 ms in 50 ms steps)
+and the silence a complete question that is not a cache hit waits. The policy simulated
+is gateway/call/end_of_turn.py's: lexically unfinished -> the long silence; a cache hit ->
+the short one; the turn model below its threshold -> the long one; otherwise the open one.
+
+Sample seed 7 is the development set the defaults were chosen on; any other seed reads
+the held-out paused texts and other dev questions.
+
+Run: .venv/bin/python bench/end_of_turn_signals.py [--sample-seed 7] [--hits 16 --misses 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.speech_corpus import (VOICES, Synthesizer, hit_questions, join_pieces,  # noqa: E402
+                                 miss_questions, paused_texts, speech_bounds)
+from bench.voice_to_voice import seed_intents, seeded_store  # noqa: E402
+from gateway.audio import resample_pcm16  # noqa: E402
+from gateway.call.end_of_turn import lexically_incomplete  # noqa: E402
+
+PAUSE_HEARD = bytes(2 * 16000 * 64 // 1000)  # the 64 ms the detector has heard
+GAPS_MS = range(400, 901, 50)  # speech_corpus.paused_clip's gaps
+SHORT_MS, LONG_MS = 160, 1200
+
+
+@dataclass
+class Point:
+    kind: str  # pause (mid-sentence) | end (a finished turn)
+    clip: int  # the paused clip it belongs to (-1: a whole question)
+    text: str
+    unfinished: bool
+    hit: bool
+    probability: float
+
+
+def required_ms(p: Point, open_ms: int, threshold: float | None) -> int:
+    if p.unfinished:
+        return LONG_MS
+    if p.hit:
+        return SHORT_MS
+    if threshold is not None and p.probability < threshold:
+        return LONG_MS
+    return open_ms
+
+
+def cut_off_rate(points: list[Point], open_ms: int, threshold: float | None) -> float:
+    """Expected share of paused clips cut off at one of their pauses."""
+    clips: dict[int, list[Point]] = {}
+    for p in points:
+        if p.kind == "pause":
+            clips.setdefault(p.clip, []).append(p)
+    rates = []
+    for pauses in clips.values():
+        survives = 1.0
+        for p in pauses:
+            need = required_ms(p, open_ms, threshold)
+            survives *= sum(g <= need for g in GAPS_MS) / len(GAPS_MS)
+        rates.append(1 - survives)
+    n = len({p.clip for p in points if p.clip >= 0})
+    return sum(rates) / n if n else 0.0
+
+
+def auc(positives: list[float], negatives: list[float]) -> float:
+    """P(a random positive scores above a random negative), ties counted half."""
+    wins = sum((a > b) + 0.5 * (a == b) for a in positives for b in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sample-seed", type=int, default=7)
+    parser.add_argument("--hits", type=int, default=16)
+    parser.add_argument("--misses", type=int, default=8)
+    args = parser.parse_args()
+    from gateway.providers.moonshine_stt import MoonshineRecognizer
+    from gateway.turn_model import SmartTurn
+    from intents.embedder import Embedder
+    from intents.loader import load_cache
+    from intents.store import LocalStore
+
+    intents = seed_intents()
+    router = load_cache(LocalStore(seeded_store(intents)), Embedder()).router
+    recogniser = MoonshineRecognizer(threads=1, cache_dir=tempfile.mkdtemp(prefix="vg-eot-"))
+    turn_model = SmartTurn()
+    synth = Synthesizer()
+    points: list[Point] = []
+
+    def probe(kind: str, clip: int, pcm: bytes, band: int) -> None:
+        if band == 8000:
+            pcm = resample_pcm16(resample_pcm16(pcm, 16000, 8000), 8000, 16000)
+        audio = pcm + PAUSE_HEARD
+        text = recogniser.transcribe(audio)
+        hit = bool(text.strip()) and router.route(text).hit
+        points.append(Point(kind, clip, text, lexically_incomplete(text), hit,
+                            turn_model.probability(audio)))
+
+    clip = 0
+    for i, pieces in enumerate(paused_texts(args.sample_seed)):
+        for voice in VOICES:
+            audio = [synth.speak(p + ("," if j < len(pieces) - 1 else "."), voice)
+                     for j, p in enumerate(pieces)]
+            for band in (16000, 8000):
+                for k in range(len(pieces)):
+                    pcm, bounds = join_pieces(audio[:k + 1], [600] * k)
+                    probe("pause" if k < len(pieces) - 1 else "end", clip,
+                          pcm[:bounds[-1][1] * 2], band)
+                clip += 1
+    questions = [t for t, _ in hit_questions(intents, args.hits, args.sample_seed)]
+    questions += miss_questions(args.misses, args.sample_seed)
+    for i, text in enumerate(questions):
+        pcm = synth.speak(text, VOICES[i % len(VOICES)])
+        for band in (16000, 8000):
+            probe("end", -1, pcm[:speech_bounds(pcm)[1] * 2], band)
+
+    pauses = [p for p in points if p.kind == "pause"]
+    ends = [p for p in points if p.kind == "end"]
+    open_pauses = [p for p in pauses if not p.unfinished and not p.hit]
+    print(f"{clip} paused clips ({len(pauses)} mid-sentence pauses), {len(ends)} turn ends "
+          f"(sample seed {args.sample_seed}); voices {', '.join(VOICES)}; 16 and 8 kHz")
+    print(f"words: {sum(p.unfinished for p in pauses)}/{len(pauses)} pauses judged "
+          f"unfinished, {sum(p.unfinished for p in ends)}/{len(ends)} turn ends wrongly so; "
+          f"cache hits: {sum(p.hit for p in pauses)} pauses, {sum(p.hit for p in ends)} ends")
+    print(f"Smart Turn AUC (turn ends vs pauses): all {auc([p.probability for p in ends], [p.probability for p in pauses]):.3f}; "
+          f"pauses the words and cache leave open {auc([p.probability for p in ends], [p.probability for p in open_pauses]):.3f} "
+          f"({len(open_pauses)} pauses)")
+    complete = [p for p in ends if not p.unfinished and not p.hit]
+    print(f"\n{'open ms':>7} {'turn model':>10} {'cut-off':>8} {'miss waits p50':>15} "
+          f"{'mean':>6} {'held long':>9}")
+    for open_ms in (500, 600, 700, 800, 900, 1000):
+        for threshold in (None, 0.05, 0.2):
+            waits = [required_ms(p, open_ms, threshold) for p in complete]
+            print(f"{open_ms:>7} {'off' if threshold is None else f'< {threshold}':>10} "
+                  f"{cut_off_rate(points, open_ms, threshold):>8.1%} "
+                  f"{statistics.median(waits):>15.0f} {statistics.mean(waits):>6.0f} "
+                  f"{sum(w == LONG_MS for w in waits) / len(waits):>9.0%}")
+    print("\nmid-sentence pauses a cache hit ends early (cut off whatever the silence):")
+    for p in pauses:
+        if p.hit and not p.unfinished:
+            print(f"  {p.text!r}")
+
+
+if __name__ == "__main__":
+    main()
