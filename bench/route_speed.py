@@ -7,11 +7,13 @@ the call loop routes changed partials. Three figures per router:
   decide  classifier + nearest-neighbour search + thresholds only (``route_vector``)
 
 Routers: the shipped bank FAQ (cache_seed/examples/bank_faq.csv, ~230 questions) and
-banking77 train (10k questions, 77 intents) to see the index size matter.
+banking77 train (10k questions, 77 intents) to see the index size matter. Each embedder
+backend in turn, in one run (onnx-int8, the default, and torch: sentence-transformers),
+with its load time (the int8 export is cached beforehand: a server start, not the first).
 
-Run (from the repository root, main venv):
-  . /work/main/.venv/bin/activate
-  PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/route_speed.py [--utterances 300] [--threads N]
+Run (from the repository root):
+  .venv/bin/python bench/route_speed.py [--utterances 300] [--threads 1]
+                                        [--backends onnx-int8,torch] [--no-banking77]
 Nothing here asserts a timing; it prints figures.
 """
 
@@ -20,8 +22,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,7 +39,7 @@ from intents.types import Action, Entry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BANK_FAQ = ROOT / "cache_seed" / "examples" / "bank_faq.csv"
-BANKING77 = Path("/work/shared/data/banking77")
+BANKING77 = ROOT.parent / "shared" / "data" / "banking77"
 
 
 def percentiles(samples_ms: list[float]) -> str:
@@ -64,27 +69,35 @@ def measure(name: str, router: Router, utterances: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="routing time per partial")
     parser.add_argument("--utterances", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per embedding")
+    parser.add_argument("--backends", default="onnx-int8,torch")
+    parser.add_argument("--no-banking77", action="store_true", help="the bank FAQ only")
     args = parser.parse_args()
-    embedder = Embedder(threads=args.threads)
-    import torch
-    print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+    print(f"{os.cpu_count()} CPUs, {args.threads} thread(s) per embedding")
     with (BANKING77 / "dev.csv").open(encoding="utf-8", newline="") as f:
         dev = [r["text"] for r in csv.DictReader(f)]
     step = max(1, len(dev) // args.utterances)
     utterances = dev[::step][:args.utterances]
-
-    plan = read_seed_csv(BANK_FAQ)
-    bank = train_router(embedder, plan.questions, plan.intents, plan.entries).router
-    measure("bank FAQ router", bank, utterances)
-
-    with (BANKING77 / "train.csv").open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    texts, labels = [r["text"] for r in rows], [r["category"] for r in rows]
-    entries = {y: Entry(id=y, intent=y, action=Action.ANSWER, answer=y, questions=())
-               for y in set(labels)}
-    big = train_router(embedder, texts, labels, entries).router
-    measure("banking77 router (10k questions)", big, utterances)
+    for backend in args.backends.split(","):
+        Embedder(backend=backend)  # the int8 export, once (not part of a start)
+        start = time.perf_counter()
+        embedder = Embedder(threads=args.threads, backend=backend)
+        embedder.warm_up()
+        print(f"\n== {backend}: loaded in {time.perf_counter() - start:.2f} s")
+        plan = read_seed_csv(BANK_FAQ)
+        bank = train_router(embedder, plan.questions, plan.intents, plan.entries).router
+        measure("bank FAQ router", bank, utterances)
+        if args.no_banking77:
+            continue
+        with (BANKING77 / "train.csv").open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        texts, labels = [r["text"] for r in rows], [r["category"] for r in rows]
+        entries = {y: Entry(id=y, intent=y, action=Action.ANSWER, answer=y, questions=())
+                   for y in set(labels)}
+        start = time.perf_counter()
+        big = train_router(embedder, texts, labels, entries).router
+        print(f"banking77 trained and calibrated in {time.perf_counter() - start:.0f} s")
+        measure("banking77 router (10k questions)", big, utterances)
 
 
 if __name__ == "__main__":

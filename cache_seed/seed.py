@@ -86,8 +86,7 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
     entries, rendered, reused = render_answers(plan, store, render, voice_id, progress)
     embedder = embedder or Embedder()
     trained = train_router(embedder, plan.questions, plan.intents, entries,
-                           target_wrong_rate=target_wrong_rate, negatives=negatives,
-                           progress=progress)
+                           target_wrong_rate=target_wrong_rate, negatives=negatives)
     thresholds = trained.router.thresholds
     manifest: dict[str, Any] = {
         "source": source,

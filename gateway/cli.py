@@ -93,11 +93,11 @@ def _seed(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from cache_seed import SeedError, SeedValidationError
-    from intents.embedder import Embedder
     from intents.negatives import NegativesError, read_negatives_csv
     from intents.store import StoreError
 
     from .providers.registry import create_tts
+    from .runtime import build_embedder
     from .seeding import seed_with_voice
     from .settings import Settings
 
@@ -114,7 +114,7 @@ def _seed(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(max_workers=1) as executor:
         tts = create_tts(settings, executor)
         try:
-            report = seed_with_voice(args.csv, store, tts, Embedder(),
+            report = seed_with_voice(args.csv, store, tts, build_embedder(settings),
                                      target_wrong_rate=args.target_wrong_rate,
                                      progress=not args.quiet, negatives=negatives)
         except SeedValidationError as exc:
@@ -129,15 +129,15 @@ def _seed(args: argparse.Namespace) -> int:
 
 def _route(args: argparse.Namespace) -> int:
     from cache_seed import route_lines
-    from intents.embedder import Embedder
     from intents.loader import load_cache
     from intents.store import StoreError
 
+    from .runtime import build_embedder
     from .settings import Settings
 
     settings = Settings.load({"redis_url": args.redis})
     try:
-        cache = load_cache(_store(args, settings), Embedder())
+        cache = load_cache(_store(args, settings), build_embedder(settings))
     except StoreError as exc:
         print(f"voicegate route: {exc}", file=sys.stderr)
         return 1

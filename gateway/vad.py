@@ -11,7 +11,7 @@ import asyncio
 import enum
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,13 @@ _CONTEXT_SAMPLES = 64  # the model sees the tail of the previous window
 
 
 def silero_model_path() -> Path:
-    return Path(str(resources.files("silero_vad").joinpath("data/silero_vad.onnx")))
+    """The ONNX file of the ``silero-vad`` wheel, found without importing the package
+    (its ``__init__`` imports torch, which the serving process never needs)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("Silero VAD needs the silero-vad package, which ships its "
+                                "model (pip install silero-vad)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.onnx"
 
 
 @dataclass

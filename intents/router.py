@@ -32,6 +32,10 @@ from intents.negatives import embed_negatives, negatives_for_seed
 from intents.semantic_cache import SemanticCache
 from intents.types import Action, Entry, RouteDecision, miss
 
+# A text this close to a seed question is that question (same words; an embedding is
+# deterministic): the operator's own label answers it, whatever the judge's margin.
+VERBATIM_SIMILARITY = 0.9999
+
 
 class Router:
     def __init__(self, embedder: Embedder, classifier: IntentClassifier, judge: Judge,
@@ -96,7 +100,9 @@ class Router:
                 continue
             entry = self.entries[str(signals.predicted[i])]
             answerable = entry.action is Action.ANSWER and entry.answer is not None
-            hit = answerable and sure >= t.hit_confidence
+            verbatim = (similarity >= VERBATIM_SIMILARITY
+                        and signals.nearest_intent[i] == signals.predicted[i])
+            hit = answerable and (verbatim or sure >= t.hit_confidence)
             out.append(RouteDecision(
                 text=text, intent=entry.intent, action=entry.action, hit=hit,
                 entry_id=entry.id, answer=entry.answer if hit else None, score=similarity,
@@ -151,7 +157,7 @@ class TrainedRouter:
 def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence[str],
                  entries: Mapping[str, Entry], *, target_wrong_rate: float = 0.01,
                  vectors: np.ndarray | None = None, folds: int = 5,
-                 negatives: Sequence[str] = (), progress: bool = False) -> TrainedRouter:
+                 negatives: Sequence[str] = ()) -> TrainedRouter:
     """Embed the seed's questions, calibrate by cross-validation, fit on all of them.
 
     ``negatives``: the operator's own out-of-domain questions, beside the generic set.
@@ -159,7 +165,7 @@ def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence
     if len(questions) != len(intents):
         raise ValueError("need one intent per question")
     if vectors is None:
-        vectors = embedder.encode_batch(list(questions), progress=progress)
+        vectors = embedder.encode_batch(list(questions))
     answer_intents = {e.intent for e in entries.values()
                       if e.action is Action.ANSWER and e.answer is not None}
     negative_texts = negatives_for_seed(negatives, questions)

@@ -126,3 +126,22 @@ def test_smart_turn_on_phone_band_audio_and_on_nothing(smart_turn, speak):
 def test_a_missing_turn_model_is_a_clear_error(tmp_path):
     with pytest.raises(TurnModelError, match="no Smart Turn model"):
         SmartTurn(model_path=tmp_path / "nothing.onnx")
+
+
+def test_smart_turn_features_are_whisper_log_mel(smart_turn, speak):
+    """Our numpy features equal transformers' WhisperFeatureExtractor (which imports torch,
+    so the serving process does not use it)."""
+    from transformers import WhisperFeatureExtractor
+
+    from gateway.turn_model import SAMPLE_RATE, WINDOW_S
+
+    pcm = speak("what is my account balance?")
+    samples = np.frombuffer(pcm, dtype="<i2")
+    audio = np.zeros(WINDOW_S * SAMPLE_RATE, dtype=np.float32)
+    audio[-len(samples):] = samples / 32768.0
+    reference = WhisperFeatureExtractor(chunk_length=WINDOW_S)(
+        audio, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="max_length",
+        max_length=len(audio), truncation=True, do_normalize=True).input_features
+    ours = smart_turn.features(pcm)
+    assert ours.shape == reference.shape == (1, 80, 800)
+    assert np.abs(ours - reference).max() < 1e-4

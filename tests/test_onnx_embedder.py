@@ -1,0 +1,135 @@
+"""The int8 ONNX embedder: the same vectors as sentence-transformers, no torch when serving,
+exported once per cache directory, rebuilt when the cached file is broken; a version
+seeded by the other backend is re-embedded, not refused."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from intents.embedder import Embedder, default_model_dir
+from intents.onnx_encoder import cached_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BANKING = ROOT.parent / "shared" / "data" / "banking77" / "train.csv"
+pytestmark = pytest.mark.slow
+
+
+def _texts() -> list[str]:
+    """40 Banking77 questions and 2-4 word partials of them (what routing sees)."""
+    if BANKING.is_file():
+        with BANKING.open(newline="", encoding="utf-8") as f:
+            questions = [row["text"] for row in csv.DictReader(f)][::250][:40]
+    else:  # the shipped example FAQ
+        from tests.intents_support import BANK_FAQ
+
+        with open(BANK_FAQ, newline="", encoding="utf-8") as f:
+            questions = [row["question"] for row in csv.DictReader(f)][:40]
+    partials = [" ".join(q.split()[:2 + i % 3]) for i, q in enumerate(questions)]
+    return questions + partials
+
+
+@pytest.fixture(scope="module")
+def onnx_embedder(tmp_path_factory: pytest.TempPathFactory) -> Embedder:
+    return Embedder(cache_dir=tmp_path_factory.mktemp("models"), cache_size=0)
+
+
+def test_int8_vectors_match_sentence_transformers(onnx_embedder: Embedder) -> None:
+    texts = _texts()
+    reference = Embedder(backend="torch", cache_size=0).encode_batch(texts)
+    ours = onnx_embedder.encode_batch(texts)
+    assert ours.shape == reference.shape and ours.dtype == np.float32
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    cosine = (ours * reference).sum(axis=1)
+    # Measured 0.9997 mean on questions, 0.9991 on partials, worst 0.998.
+    assert cosine.mean() >= 0.999 and cosine.min() >= 0.995, (cosine.mean(), cosine.min())
+    # The LRU path gives the same vectors as the batch path.
+    assert np.allclose(onnx_embedder.encode_many(texts[:5]), ours[:5], atol=1e-5)
+
+
+def test_batches_pad_without_changing_a_vector(onnx_embedder: Embedder) -> None:
+    texts = ["hi", "how do I change the PIN of the card I got last week at the branch"]
+    together = onnx_embedder.encode_batch(texts)
+    alone = np.stack([onnx_embedder.encode_batch([t])[0] for t in texts])
+    assert np.allclose(together, alone, atol=1e-4)
+
+
+def test_the_backends_record_different_model_names(onnx_embedder: Embedder) -> None:
+    torch_name = Embedder(backend="torch").model_name
+    assert onnx_embedder.model_name != torch_name
+    assert onnx_embedder.model_name.startswith(torch_name)
+    with pytest.raises(ValueError, match="unknown embedder backend"):
+        Embedder(backend="tensorflow")
+
+
+def test_serving_never_imports_torch(tmp_path: Path, onnx_embedder: Embedder) -> None:
+    """With the export cached, building and using the embedder loads no torch."""
+    cache = tmp_path / "models"
+    cached_model(default_model_dir(), cache)  # the export (torch allowed here)
+    probe = ("import sys\n"
+             "from intents.embedder import Embedder\n"
+             f"e = Embedder(cache_dir={str(cache)!r})\n"
+             "v = e.encode('how do I reset my pin')\n"
+             "assert v.shape == (384,), v.shape\n"
+             "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers')"
+             " if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_export_is_reused_and_a_broken_one_rebuilt(tmp_path: Path) -> None:
+    cache = tmp_path / "models"
+    first = cached_model(default_model_dir(), cache)
+    stamp = first.stat().st_mtime_ns
+    assert cached_model(default_model_dir(), cache) == first
+    assert first.stat().st_mtime_ns == stamp  # not exported again
+    assert [p.name for p in cache.iterdir()] == [first.name]  # no temp file left
+    first.write_bytes(first.read_bytes()[:4096])  # a crash mid-copy, a full disk
+    again = cached_model(default_model_dir(), cache)
+    assert again == first and again.stat().st_size > 4096
+    assert Embedder(cache_dir=cache).encode("card arrival").shape == (384,)
+
+
+def test_a_version_seeded_by_the_other_backend_is_reembedded(tmp_path: Path,
+                                                             onnx_embedder: Embedder) -> None:
+    from cache_seed import seed
+    from intents.loader import load_cache
+    from intents.store import LocalStore
+    from tests.intents_support import BANK_FAQ, tone_render
+
+    store = LocalStore(tmp_path / "store")
+    seed(BANK_FAQ, store, tone_render, "test-tone", progress=False,
+         embedder=Embedder(backend="torch"))
+    cache = load_cache(store, onnx_embedder)
+    assert cache.router.embedder is onnx_embedder
+    entry = next(e for e in cache.entries.values() if e.pcm is not None and e.paraphrases)
+    decision = cache.router.route(entry.paraphrases[0])
+    assert decision.hit and decision.intent == entry.intent
+
+
+def test_a_gateway_on_the_embedded_stack_never_imports_torch(tmp_path: Path) -> None:
+    """VAD, recogniser, turn model, TTS and router all load without torch (the first
+    start's one-off conversions, done here beforehand, are the only steps that may)."""
+    from gateway.providers.moonshine_stt import MoonshineRecognizer
+
+    cache = tmp_path / "models"
+    cached_model(default_model_dir(), cache)
+    MoonshineRecognizer(threads=1, cache_dir=cache)
+    probe = ("import sys\n"
+             "from gateway.runtime import Runtime\n"
+             "from gateway.settings import Settings\n"
+             "Runtime.load(Settings.load({}))\n"
+             "print(sorted(m for m in ('torch', 'sentence_transformers') if m in sys.modules))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VOICEGATE_MODEL_CACHE_DIR": str(cache)}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
