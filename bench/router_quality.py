@@ -40,6 +40,7 @@ How to run (from the repository root):
   (GPTCache's sqlite store needs sqlalchemy: .venv-bench/bin/pip install sqlalchemy, or GPTCache
   tries to pip-install it itself at run time.)
   options: --data DIR  --limit N (utterances per dev set)  --no-prefixes  --target 0.01
+           --backend onnx-int8|torch (the embedder; onnx-int8 is what the gateway serves)
            --vector-cache DIR (keep the embeddings between runs: embedding ~30k texts takes minutes)
            --systems voicegate,gptcache,semantic-router (default: all that are installed)
 """
@@ -361,9 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clinc", type=Path, default=DEFAULT_CLINC,
                         help="CLINC150 directory: its val questions outside banking and credit "
                              "cards measure out-of-domain false hits")
+    parser.add_argument("--backend", default="onnx-int8",
+                        help="the embedder's backend: onnx-int8 (served) or torch")
     args = parser.parse_args(argv)
 
-    embedder = Embedder()
+    embedder = Embedder(backend=args.backend)
     train_texts, train_labels = read_csv(args.data / "train.csv")
     dev_sets = []
     for name, column in (("dev.csv", "text"), ("dev_spoken.csv", "asr_text")):
