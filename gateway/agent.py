@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Union
 
 from gateway.hedge import AdaptiveDelay, HedgedChat
+from gateway.preemption import Preemption
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
 from gateway.sentences import SentenceChunker
 from gateway.settings import Settings, SettingsError
@@ -133,6 +134,14 @@ class Conversation:
         self._trim()
         return [{"role": "system", "content": self.system_prompt}, *_answer_every_tool_call(self.history)]
 
+    def messages_for(self, text: str) -> list[dict[str, Any]]:
+        """The request the next turn would send for the caller's ``text``, built on a copy:
+        this conversation is not changed (a preemptive start commits nothing)."""
+        peek = Conversation(self.system_prompt, self.budget_chars)
+        peek.history = list(self.history)  # trimming re-slices the list, never edits a message
+        peek.add_user(text)
+        return peek.messages()
+
     def record_heard(self, heard: str) -> None:
         """The caller barged in: keep only the words of the last assistant turn they heard.
 
@@ -221,20 +230,44 @@ class Agent:
     def new_conversation(self) -> Conversation:
         return Conversation(self.system_prompt, self.context_chars)
 
-    async def respond(self, conversation: Conversation, text: str) -> AsyncIterator[AgentEvent]:
+    def preempt(self, conversation: Conversation, text: str) -> Preemption | None:
+        """Start the first LLM round for ``text`` now, before the caller's turn has ended
+        (gateway/preemption.py); None when no LLM is configured (a miss is a handoff).
+        Nothing is committed: ``respond`` adopts it, or it is cancelled."""
+        if self.llm is None:
+            return None
+        return Preemption(self.llm, conversation.messages_for(text), self._tools_for(0), text)
+
+    def _tools_for(self, round_no: int) -> list[ToolSpec] | None:
+        # The last round offers no tools, so the model must answer in words.
+        return self.tools if self.tools and round_no < self.max_tool_rounds else None
+
+    async def respond(self, conversation: Conversation, text: str,
+                      preempted: Preemption | None = None) -> AsyncIterator[AgentEvent]:
+        """``preempted``: a stream started for these words before the turn ended; the first
+        round takes it when its request is the one this turn would send, else it is
+        cancelled and a fresh call made."""
         conversation.add_user(text)
         if self.llm is None:
+            if preempted is not None:
+                preempted.cancel()
             yield Handoff("no LLM configured")
             return
         spoke = False  # has a Sentence been emitted this turn?
         filler = False  # has a filler cue (Slow or ToolStarted) been emitted this turn?
         for round_no in range(self.max_tool_rounds + 1):
-            # The last round offers no tools, so the model must answer in words.
-            tools = self.tools if self.tools and round_no < self.max_tool_rounds else None
+            tools = self._tools_for(round_no)
             chunker = SentenceChunker()
             spoken: list[str] = []  # the pieces as emitted: what the caller will hear
             calls: list[ToolCall] = []
-            stream = self.llm.stream(conversation.messages(), tools)
+            messages = conversation.messages()
+            if preempted is not None and preempted.usable(messages, tools):
+                stream = preempted.adopt()  # what it received so far at once, then the rest
+            else:
+                if preempted is not None:
+                    preempted.cancel()
+                stream = self.llm.stream(messages, tools)
+            preempted = None  # only the first round may adopt it
             events = _with_slow_signal(stream, None if spoke or filler else self.filler_after_s)
             try:
                 async for item in events:

@@ -23,6 +23,7 @@ from .agent import (FILLER_PHRASES, PROMPT_TEXTS, Agent, Conversation, Handoff, 
 from .audio import StreamResampler
 from .audio_bank import AudioBank
 from .codec import PCM16, encode
+from .preemption import Preemption
 from .providers.base import TextToSpeech
 from .timeline import TurnTimeline, now
 
@@ -39,6 +40,9 @@ class Turn:
     conversation: Conversation
     decision: RouteDecision | None = None
     encoding: str = PCM16  # what the call's output sends: every segment's audio is in it
+    # The agent's first LLM round, started on these words before the turn ended: the
+    # agent adopts it when it still fits, a cached answer or a handoff cancels it.
+    preempted: Preemption | None = None
 
 
 @dataclass
@@ -145,10 +149,20 @@ class Responder:
         self._prompts = prompts
         self.cache_audio = cache_audio
 
+    def preempt(self, conversation: Conversation, text: str) -> Preemption | None:
+        """Start the agent's LLM call for a miss's words before the turn ends (None: no
+        LLM configured). Nothing is said until a turn adopts it (``Turn.preempted``)."""
+        return self._agent.preempt(conversation, text)
+
     async def respond(self, turn: Turn) -> AsyncIterator[ReplySegment]:
         decision = turn.decision
-        if decision is not None and decision.hit and self.cache_audio is not None \
-                and decision.entry_id in self.cache_audio:
+        cached = decision is not None and decision.hit and self.cache_audio is not None \
+            and decision.entry_id in self.cache_audio
+        if turn.preempted is not None and decision is not None and (
+                cached or decision.action is Action.HANDOFF):
+            turn.preempted.cancel()  # not the agent's turn after all
+        if cached:
+            assert decision is not None and self.cache_audio is not None
             entry_id = decision.entry_id
             assert entry_id is not None
             turn.conversation.add_user(turn.text)
@@ -177,7 +191,7 @@ class Responder:
             # Never puts an end marker: the consumer watches this task itself, so a
             # producer never blocks on a full queue nobody reads (a barge-in).
             filler_played = spoke = False
-            events = self._agent.respond(turn.conversation, turn.text)
+            events = self._agent.respond(turn.conversation, turn.text, turn.preempted)
             try:
                 async for event in events:
                     if isinstance(event, Slow):

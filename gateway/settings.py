@@ -240,6 +240,11 @@ class Settings(BaseModel):
     llm_max_tool_rounds: NonNeg = 3
     # No first token after this long: the agent emits Slow so the responder can play filler.
     llm_filler_after_ms: Pos = 900
+    # Preemptive generation: at a pause whose words are a miss that sounds finished, start
+    # the agent's LLM call while the end-of-turn silence runs; the turn adopts the stream if
+    # it ends on the same words, else it is cancelled (gateway/preemption.py). Costs an LLM
+    # request for each pause the caller talks on after. Nothing without an LLM configured.
+    preemptive_agent: bool = True
 
     # --- cloud speech -------------------------------------------------------------
     elevenlabs_api_key: str = Field(default="", repr=False)

@@ -60,6 +60,9 @@ class _Prometheus:
         self.latency = Histogram("voicegate_stage_seconds",
                                  "Turn stage latency (see docs/protocol.md, turn_metrics)",
                                  ["stage", "outcome"], buckets=_BUCKETS_S, registry=r)
+        self.preempts = PromCounter("voicegate_preemptive_starts",
+                                    "Agent LLM calls started before the end of turn, by outcome "
+                                    "(started, used, discarded)", ["outcome"], registry=r)
         self.degraded = Gauge("voicegate_degraded",
                               "1 while a shared store (Redis) is unreachable", registry=r)
 
@@ -75,6 +78,8 @@ class Stats:
     sources: Counter[str] = field(default_factory=Counter)
     intents: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    # Preemptive agent starts: started, used (a turn adopted it), discarded (cancelled).
+    preempts: Counter[str] = field(default_factory=Counter)
     latencies: dict[str, dict[str, deque[float]]] = field(default_factory=dict)
     recent: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=100_000))
     entry_hits: Counter[str] = field(default_factory=Counter)  # cache hits per entry id
@@ -103,6 +108,12 @@ class Stats:
         self.prometheus.errors.labels(code).inc()
         for observer in self.observers:
             observer.error(code)
+
+    def preempt(self, outcome: str) -> None:
+        """A preemptive agent start: ``started``, ``used`` or ``discarded`` (never an error,
+        never a turn: its LLM call was speculative)."""
+        self.preempts[outcome] += 1
+        self.prometheus.preempts.labels(outcome).inc()
 
     def set_degraded(self, reason: str | None) -> None:
         self.degraded_reason = reason
@@ -198,6 +209,7 @@ class Stats:
                 "hit_rate_5m": recent_rate, "turns_5m": recent_turns,
                 "interrupted_turns": self.interrupted_turns, "sources": dict(self.sources),
                 "intents": dict(self.intents), "errors": dict(self.errors),
+                "preempts": dict(self.preempts),
                 "entry_hits": dict(self.entry_hits),
                 "series": {"minute_s": 60, "points": self.series()},
                 "latency_ms": latency, "degraded": self.degraded_reason is not None,

@@ -25,7 +25,7 @@ from gateway.agent import Agent, prompt_texts
 from gateway.audio_bank import AudioBank, Clip
 from gateway.call import Call, CallDeps
 from gateway.clock import ManualClock
-from gateway.providers.base import LLMChunk, ProviderError, ToolSpec, Transcript
+from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec, Transcript
 from gateway.responder import Responder
 from gateway.settings import Settings
 from gateway.stats import Stats
@@ -194,25 +194,50 @@ class WordTTS:
 
 
 class ScriptedLLM:
-    """A chat model whose reply to any request is ``reply`` (one chunk per word)."""
+    """A chat model whose reply to any request is ``reply`` (one chunk per word).
+
+    With a ``clock``, the first chunk takes ``first_token_s`` of it. ``fail_next``
+    requests fail before their first chunk; ``tool_calls`` are the calls the next
+    requests answer with (one each) instead of words. ``first_tokens`` records when
+    (clock time) each request's first chunk was yielded."""
 
     name = "scripted"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: ManualClock | None = None) -> None:
         self.reply = "Okay."
+        self.clock = clock
+        self.first_token_s = 0.0
+        self.fail_next = 0
+        self.tool_calls: list[ToolCall] = []
         self.requests: list[list[dict[str, Any]]] = []
+        self.first_tokens: list[float] = []
         self.open_streams = 0
+        self.closed_streams = 0
 
     async def stream(self, messages: list[dict[str, Any]],
                      tools: list[ToolSpec] | None = None) -> AsyncIterator[LLMChunk]:
         self.requests.append([dict(m) for m in messages])
         self.open_streams += 1
         try:
-            for word in self.reply.split():
+            if self.clock is not None and self.first_token_s:
+                await self.clock.sleep(self.first_token_s)
+            if self.fail_next:
+                self.fail_next -= 1
+                raise ProviderError(self.name, "model overloaded")
+            if self.tool_calls:
+                call = self.tool_calls.pop(0)
+                if self.clock is not None:
+                    self.first_tokens.append(self.clock.now())
+                yield LLMChunk(tool_call=call)
+                return
+            for index, word in enumerate(self.reply.split()):
                 await asyncio.sleep(0)
+                if index == 0 and self.clock is not None:
+                    self.first_tokens.append(self.clock.now())
                 yield LLMChunk(text=word + " ")
         finally:
             self.open_streams -= 1
+            self.closed_streams += 1
 
 
 @dataclass
@@ -307,7 +332,7 @@ class CallHarness:
         self.stt = WordSTT(self.vocabulary, self.clock, decode_s, early_finals=early_finals)
         self.turn_model = ScriptedTurnModel(self.vocabulary, self.clock) if turn_model else None
         self.tts = WordTTS()
-        self.llm = ScriptedLLM()
+        self.llm = ScriptedLLM(self.clock)
         self.agent = Agent(self.llm, filler_after_s=None)  # type: ignore[arg-type]
         self.router = ScriptedRouter(faqs=dict(faqs or {}))
         self.stats = Stats()

@@ -30,6 +30,7 @@ from .. import logs
 from ..agent import Conversation
 from ..audio import StreamResampler
 from ..clock import SYSTEM_CLOCK, Clock
+from ..preemption import Preemption
 from ..providers.base import SpeechToText, Transcript
 from ..responder import Responder, Turn
 from ..settings import Settings
@@ -139,6 +140,10 @@ class Call:
         self._finals: set[asyncio.Future[Transcript]] = set()
         # The current pause's end-of-turn signals (turn model, early transcript routing).
         self._pause_tasks: list[asyncio.Task[None]] = []
+        # The agent's LLM call started at the current pause for its words (a miss that
+        # sounds finished), at most one; the turn adopts it or it is cancelled.
+        self._preempt: Preemption | None = None
+        self._preempt_tasks: set[asyncio.Task[None]] = set()
         # A reply stopped by speech that may yet be noise (false interruption window).
         self._held: asyncio.Task[None] | None = None
         self._hold_timer: asyncio.Task[None] | None = None
@@ -225,6 +230,8 @@ class Call:
                        *([self._hold_timer] if self._hold_timer else [])]
             if self._held is not None:
                 pending.append(self._held)
+            self._drop_preempt()
+            pending.extend(self._preempt_tasks)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -321,7 +328,7 @@ class Call:
                     elif isinstance(signal, SpeechResumed):
                         self._end_pause()
                     elif isinstance(signal, TurnEnded):
-                        self._end_pause()
+                        self._end_pause(turn_ended=True)
                         self._start_spoken_turn(signal)
 
     # ------------------------------------------------------------------ a pause: end of turn?
@@ -336,8 +343,11 @@ class Call:
             self._pause_tasks.append(asyncio.create_task(self._judge_turn(paused),
                                                          name="vg-turn-model"))
 
-    def _end_pause(self) -> None:
-        """Speech resumed or the turn ended: the pause's signals are moot."""
+    def _end_pause(self, turn_ended: bool = False) -> None:
+        """Speech resumed or the turn ended: the pause's signals are moot (and, unless
+        the turn ended on these words, its preemptive agent start)."""
+        if not turn_ended:
+            self._drop_preempt()
         for task in self._pause_tasks:
             task.cancel()
         self._pause_tasks = []
@@ -368,11 +378,37 @@ class Call:
             decision = await self._speculation.settle(early.text)
             if decision is not None:
                 self._turns.note_route(paused.pause, decision.hit)
-            if self._deps.turn_model is not None and not (decision and decision.hit) \
+            if not (decision and decision.hit) \
                     and normalize_text(early.text) and not lexically_incomplete(early.text):
-                await self._judge_turn(paused)
+                self._preempt_agent(early.text, decision)
+                if self._deps.turn_model is not None:
+                    await self._judge_turn(paused)
         finally:  # the silence no longer waits for this pause's words
             self._turns.note_early_done(paused.pause)
+
+    def _preempt_agent(self, text: str, decision: RouteDecision | None) -> None:
+        """A miss whose words sound finished: the agent's LLM call starts now, while the
+        silence runs, and the turn adopts it if it ends on these words with the context
+        unchanged (gateway/preemption.py). Not while a reply runs or is held, nor with
+        unanswered words to carry: that turn's context or text would differ anyway."""
+        self._drop_preempt()
+        if not self._settings.preemptive_agent or self.replying or self._held is not None \
+                or self._carry or (decision is not None and decision.action is Action.HANDOFF):
+            return
+        preempt = self._responder.preempt(self.conversation, text)
+        if preempt is None:  # no LLM configured: a miss is a handoff
+            return
+        self._preempt = preempt
+        self._preempt_tasks.add(preempt.task)
+        preempt.task.add_done_callback(self._preempt_tasks.discard)
+        self._stats.preempt("started")
+
+    def _drop_preempt(self) -> None:
+        """Cancel the current pause's preemptive start (its task closes the LLM stream)."""
+        preempt, self._preempt = self._preempt, None
+        if preempt is not None:
+            preempt.cancel()
+            self._stats.preempt("discarded")
 
     async def _partials_loop(self) -> None:
         try:
@@ -389,6 +425,7 @@ class Call:
             await self._report("stt_failed", f"partial transcripts stopped: {exc}")
 
     def _start_spoken_turn(self, ended: TurnEnded) -> None:
+        preempt, self._preempt = self._preempt, None  # this turn's, to adopt or cancel
         final = asyncio.ensure_future(ended.final)
         self._finals.add(final)
         final.add_done_callback(self._finals.discard)
@@ -397,9 +434,17 @@ class Call:
                                           name="vg-settle-hold")
             self._hold_settlers.add(settler)
             settler.add_done_callback(self._hold_settlers.discard)
-        self._start_reply(ended.timeline, self._spoken_turn(ended.timeline, final))
+        self._start_reply(ended.timeline, self._spoken_turn(ended.timeline, final, preempt))
+        if preempt is not None:  # whatever became of the turn, nothing of it outlives it
+            assert self._reply_task is not None
+            self._reply_task.add_done_callback(lambda _: self._preempt_over(preempt))
 
-    async def _spoken_turn(self, tl: TurnTimeline, final: asyncio.Future[Transcript]) -> None:
+    def _preempt_over(self, preempt: Preemption) -> None:
+        preempt.cancel()
+        self._stats.preempt("used" if preempt.adopted else "discarded")
+
+    async def _spoken_turn(self, tl: TurnTimeline, final: asyncio.Future[Transcript],
+                           preempt: Preemption | None = None) -> None:
         utterances, self._carry = [*self._carry, final], []
         try:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
@@ -418,8 +463,11 @@ class Call:
         if not normalize_text(text):
             logs.event(log, "empty_turn", turn=tl.turn)
             return
+        if preempt is not None and normalize_text(text) != normalize_text(preempt.text):
+            preempt.cancel()  # the final is not what was preempted: a fresh call
+            preempt = None
         try:
-            await self._answer(tl, text)
+            await self._answer(tl, text, preempted=preempt)
         except asyncio.CancelledError:
             if not tl.has("first_audio"):
                 self._carry = utterances  # nothing was said: the words open the next turn
@@ -474,9 +522,11 @@ class Call:
             self._idle.bot_finished()
 
     async def _answer(self, tl: TurnTimeline, text: str, *, route: bool = True,
-                      decision: RouteDecision | None = None) -> None:
+                      decision: RouteDecision | None = None,
+                      preempted: Preemption | None = None) -> None:
         """Answer ``text``: routed (a caller's words), or with the ``decision`` given
-        (keypad keys: a mapped entry or handoff, else None, the agent)."""
+        (keypad keys: a mapped entry or handoff, else None, the agent). ``preempted``: the
+        agent's LLM call already started on these words (adopted if it still fits)."""
         tl.info.update(self._speculation.take_counts())
         try:
             reused = False
@@ -496,6 +546,7 @@ class Call:
                 await self._out.send_event({"type": "route", "turn": tl.turn, "reused": reused,
                                             **decision.as_json()})
             turn = self._turn(tl, text, decision)
+            turn.preempted = preempted
             try:
                 await self._reply.play(turn)
             except StageFailed as exc:
@@ -505,6 +556,7 @@ class Call:
                 if "handoff" in tl.info:
                     await self._transfer(tl)
         finally:
+            tl.info["preempted"] = preempted is not None and preempted.adopted
             await self._finish_metrics(tl, text, decision)
 
     def _turn(self, tl: TurnTimeline, text: str, decision: RouteDecision | None) -> Turn:
@@ -536,6 +588,7 @@ class Call:
 
         Speech only holds the reply for ``false_interruption_s``: if no words come of it
         (a cough, a door), the reply resumes where the caller last heard it."""
+        self._drop_preempt()  # the context is about to change
         task = self._reply_task
         if task is None or task.done():
             return
