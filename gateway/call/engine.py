@@ -499,6 +499,7 @@ class Call:
     # ------------------------------------------------------------------ replies
 
     def _start_reply(self, tl: TurnTimeline, turn: Coroutine[Any, Any, None]) -> None:
+        self._drop_preempt()  # another reply changes the context a preemptive call was for
         previous = self._reply_task
         self._idle.bot_started()
 
