@@ -11,6 +11,10 @@ responder turns into audio:
 
 Cancelling the consumer (a barge-in) closes every LLM stream; then call
 ``Conversation.record_heard`` with what the caller actually heard.
+
+``Agent.preempt(conversation, text)`` starts the first LLM round before the caller's
+turn has ended (gateway/preemption.py), committing nothing; ``respond(..., preempted)``
+adopts it when its request is the one the turn would send.
 """
 
 from __future__ import annotations

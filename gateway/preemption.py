@@ -23,11 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 from typing import Any, AsyncIterator
 
 from intents.embedder import normalize_text
 
+from . import logs
 from .providers.base import ChatModel, LLMChunk, ProviderError, ToolSpec
+
+log = logging.getLogger("voicegate.preempt")
 
 
 class Preemption:
@@ -60,6 +64,7 @@ class Preemption:
             raise
         except Exception as exc:  # kept: the turn makes a fresh call instead
             self.failed = exc
+            logs.event(log, "preempt_failed", logging.INFO, error=str(exc)[:300])
         finally:
             self._done = True
             self._wake.set()
