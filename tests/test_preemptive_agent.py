@@ -5,10 +5,13 @@ clock, word-coded audio, a scripted LLM whose first token takes clock time)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 
-from gateway.providers.base import ToolCall, ToolSpec, Transcript
+from gateway.agent import Agent, Sentence
+from gateway.hedge import HedgedChat
+from gateway.providers.base import LLMChunk, ToolCall, ToolSpec, Transcript
 from tests.call_harness import CallHarness
 
 SILENCE_MS = 900  # the open silence a miss waits (the default)
@@ -198,3 +201,71 @@ async def test_the_calls_end_leaves_no_preemptive_task_or_stream():
     assert left == set(), [t.get_name() for t in left]
     assert h.llm.open_streams == 0 and h.llm.closed_streams == 1
     assert h.stats.preempts == {"started": 1, "discarded": 1}
+
+
+# ---------------------------------------------------------------- the agent alone
+
+
+class GatedLLM:
+    """Streams ``reply`` word by word, once ``gate`` (if any) is set; counts its streams."""
+
+    def __init__(self, name: str, reply: str, gate: asyncio.Event | None = None) -> None:
+        self.name = name
+        self.reply = reply
+        self.gate = gate
+        self.opened = self.closed = 0
+
+    async def stream(self, messages, tools=None):
+        self.opened += 1
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            for word in self.reply.split():
+                await asyncio.sleep(0)
+                yield LLMChunk(text=word + " ")
+        finally:
+            self.closed += 1
+
+
+def spoken(events) -> str:
+    return " ".join(e.text for e in events if isinstance(e, Sentence))
+
+
+async def test_a_preemptive_start_keeps_the_hedge_and_commits_nothing_until_adopted():
+    primary = GatedLLM("primary", "Slow answer.", gate=asyncio.Event())
+    secondary = GatedLLM("secondary", "Fast answer. It is on its way.")
+    agent = Agent(HedgedChat(primary, secondary, hedge_delay_s=0),  # type: ignore[arg-type]
+                  filler_after_s=None)
+    conversation = agent.new_conversation()
+    conversation.add_user("hello")
+    conversation.add_assistant("Hello, how can I help?")
+    before = copy.deepcopy(conversation.history)
+    preempt = agent.preempt(conversation, QUESTION)
+    assert preempt is not None
+    while not preempt.task.done():
+        await asyncio.sleep(0)  # the whole first round arrives before the turn ends
+    assert conversation.history == before  # nothing committed
+    assert primary.closed == 1  # the hedge's loser was closed as always
+    events = [e async for e in agent.respond(conversation, QUESTION, preempt)]
+    assert spoken(events) == "Fast answer. It is on its way."
+    assert (primary.opened, secondary.opened) == (1, 1)  # no fresh call
+    assert conversation.history == before + [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": "Fast answer. It is on its way."}]
+
+
+async def test_a_preemptive_start_for_a_changed_context_is_cancelled_for_a_fresh_call():
+    llm = GatedLLM("model", "Fresh answer.", gate=asyncio.Event())
+    agent = Agent(llm, filler_after_s=None)  # type: ignore[arg-type]
+    conversation = agent.new_conversation()
+    preempt = agent.preempt(conversation, QUESTION)
+    assert preempt is not None
+    await asyncio.sleep(0)
+    conversation.add_user("actually never mind")  # another turn answered meanwhile
+    conversation.add_assistant("Okay.")
+    llm.gate.set()  # type: ignore[union-attr]
+    events = [e async for e in agent.respond(conversation, QUESTION, preempt)]
+    assert spoken(events) == "Fresh answer."
+    assert llm.opened == 2 and llm.closed == 2 and not preempt.adopted
+    await preempt.aclose()
+    assert preempt.task.done()
