@@ -12,6 +12,7 @@ import pytest
 from gateway.agent import Agent, Sentence
 from gateway.hedge import HedgedChat
 from gateway.providers.base import LLMChunk, ToolCall, ToolSpec, Transcript
+from gateway.settings import Settings, SettingsError
 from tests.call_harness import CallHarness
 
 SILENCE_MS = 900  # the open silence a miss waits (the default)
@@ -269,3 +270,10 @@ async def test_a_preemptive_start_for_a_changed_context_is_cancelled_for_a_fresh
     assert llm.opened == 2 and llm.closed == 2 and not preempt.adopted
     await preempt.aclose()
     assert preempt.task.done()
+
+
+def test_the_setting_is_on_by_default_and_read_from_the_environment():
+    assert Settings.load({}, environ={}).preemptive_agent is True
+    assert Settings.load(environ={"VOICEGATE_PREEMPTIVE_AGENT": "false"}).preemptive_agent is False
+    with pytest.raises(SettingsError, match="preemptive_agent"):
+        Settings.load(environ={"VOICEGATE_PREEMPTIVE_AGENT": "maybe"})
