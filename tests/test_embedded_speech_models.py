@@ -84,8 +84,10 @@ def test_a_missing_moonshine_model_is_a_clear_error(tmp_path):
         MoonshineRecognizer(model_dir=tmp_path)
 
 
+# Piper's synthesis varies from run to run, and so does the model's verdict on it: "um so"
+# scored 0.15-0.80 over eight syntheses (a flaky test); these fragments stayed under 0.2.
 @pytest.mark.parametrize("complete, fragment", [
-    ("what is my account balance?", "um so"),
+    ("what is my account balance?", "so I was um"),
     ("how do I reset my online banking password?", "I want to um"),
 ])
 def test_smart_turn_hears_a_finished_question_and_an_unfinished_one(smart_turn, speak,
