@@ -36,8 +36,16 @@ def _texts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def onnx_embedder(tmp_path_factory: pytest.TempPathFactory) -> Embedder:
-    return Embedder(cache_dir=tmp_path_factory.mktemp("models"), cache_size=0)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One export for the module (each costs ~12 s)."""
+    cache = tmp_path_factory.mktemp("models")
+    cached_model(default_model_dir(), cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def onnx_embedder(model_cache: Path) -> Embedder:
+    return Embedder(cache_dir=model_cache, cache_size=0)
 
 
 def test_int8_vectors_match_sentence_transformers(onnx_embedder: Embedder) -> None:
@@ -68,10 +76,9 @@ def test_the_backends_record_different_model_names(onnx_embedder: Embedder) -> N
         Embedder(backend="tensorflow")
 
 
-def test_serving_never_imports_torch(tmp_path: Path, onnx_embedder: Embedder) -> None:
+def test_serving_never_imports_torch(model_cache: Path) -> None:
     """With the export cached, building and using the embedder loads no torch."""
-    cache = tmp_path / "models"
-    cached_model(default_model_dir(), cache)  # the export (torch allowed here)
+    cache = model_cache
     probe = ("import sys\n"
              "from intents.embedder import Embedder\n"
              f"e = Embedder(cache_dir={str(cache)!r})\n"
@@ -85,9 +92,12 @@ def test_serving_never_imports_torch(tmp_path: Path, onnx_embedder: Embedder) ->
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_the_export_is_reused_and_a_broken_one_rebuilt(tmp_path: Path) -> None:
+def test_the_export_is_reused_and_a_broken_one_rebuilt(tmp_path: Path, model_cache: Path) -> None:
+    (exported,) = model_cache.glob("minilm-int8-*.onnx")
     cache = tmp_path / "models"
-    first = cached_model(default_model_dir(), cache)
+    cache.mkdir()
+    first = cache / exported.name
+    first.write_bytes(exported.read_bytes())
     stamp = first.stat().st_mtime_ns
     assert cached_model(default_model_dir(), cache) == first
     assert first.stat().st_mtime_ns == stamp  # not exported again
@@ -98,30 +108,26 @@ def test_the_export_is_reused_and_a_broken_one_rebuilt(tmp_path: Path) -> None:
     assert Embedder(cache_dir=cache).encode("card arrival").shape == (384,)
 
 
-def test_a_version_seeded_by_the_other_backend_is_reembedded(tmp_path: Path,
-                                                             onnx_embedder: Embedder) -> None:
-    from cache_seed import seed
+def test_a_version_seeded_by_the_other_backend_is_reembedded() -> None:
+    """The suite's bank FAQ store (seeded with the default int8 backend), served by torch."""
     from intents.loader import load_cache
     from intents.store import LocalStore
-    from tests.intents_support import BANK_FAQ, tone_render
+    from tests.intents_support import _seeded_bank_store
 
-    store = LocalStore(tmp_path / "store")
-    seed(BANK_FAQ, store, tone_render, "test-tone", progress=False,
-         embedder=Embedder(backend="torch"))
-    cache = load_cache(store, onnx_embedder)
-    assert cache.router.embedder is onnx_embedder
+    torch_embedder = Embedder(backend="torch")
+    cache = load_cache(LocalStore(_seeded_bank_store()), torch_embedder)
+    assert cache.router.embedder is torch_embedder
     entry = next(e for e in cache.entries.values() if e.pcm is not None and e.paraphrases)
     decision = cache.router.route(entry.paraphrases[0])
     assert decision.hit and decision.intent == entry.intent
 
 
-def test_a_gateway_on_the_embedded_stack_never_imports_torch(tmp_path: Path) -> None:
+def test_a_gateway_on_the_embedded_stack_never_imports_torch(model_cache: Path) -> None:
     """VAD, recogniser, turn model, TTS and router all load without torch (the first
     start's one-off conversions, done here beforehand, are the only steps that may)."""
     from gateway.providers.moonshine_stt import MoonshineRecognizer
 
-    cache = tmp_path / "models"
-    cached_model(default_model_dir(), cache)
+    cache = model_cache
     MoonshineRecognizer(threads=1, cache_dir=cache)
     probe = ("import sys\n"
              "from gateway.runtime import Runtime\n"

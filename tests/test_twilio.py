@@ -103,7 +103,7 @@ async def test_barge_in_clears_and_heard_ms_is_what_twilio_confirmed(server, spe
     call_sid = sid("CA", 2)
     line = TwilioLine(stream_url(server), call_sid=call_sid, stream_sid=sid("MZ", 2))
     async with line:
-        speaking = asyncio.create_task(line.say(speak(QUESTION, 8000), silence_s=0.6))
+        speaking = asyncio.create_task(line.say(speak(QUESTION, 8000), silence_s=1.2))
         # the reply is playing: Twilio has confirmed at least 400 ms of it
         await line.wait_until(lambda: len(line.echoed) >= 4, timeout=60)
         await speaking
@@ -133,7 +133,7 @@ async def test_without_mark_echoes_heard_ms_falls_back_to_the_clock(server, spea
     line = TwilioLine(stream_url(server), call_sid=call_sid, stream_sid=sid("MZ", 3),
                       echo_marks=False)
     async with line:
-        speaking = asyncio.create_task(line.say(speak(QUESTION, 8000), silence_s=0.6))
+        speaking = asyncio.create_task(line.say(speak(QUESTION, 8000), silence_s=1.2))
         await line.wait_until(lambda: len(line.played) >= 8 * 400, timeout=60)
         await speaking
         interrupting = asyncio.create_task(line.say(speak(BARGE_IN, 8000), silence_s=1.0))
