@@ -77,7 +77,8 @@ class Embedder:
         if backend == "torch":
             self._encode = self._torch_encoder(path, device, threads)
         else:
-            from .onnx_encoder import OnnxSentenceEncoder, cached_model, default_cache_dir
+            from .model_cache import default_cache_dir
+            from .onnx_encoder import OnnxSentenceEncoder, cached_model
 
             onnx_path = cached_model(path, Path(cache_dir) if cache_dir else default_cache_dir())
             encoder = OnnxSentenceEncoder(onnx_path, path / "tokenizer.json",

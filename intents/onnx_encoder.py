@@ -20,8 +20,6 @@ exported again.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import subprocess
 import sys
@@ -32,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-log = logging.getLogger("voicegate.embedder")
+from intents.model_cache import build_once, source_key
 
 # Bumped when the export recipe changes, so caches written by an older one are rebuilt.
 EXPORT_VERSION = "1"
@@ -44,45 +42,17 @@ class EncoderExportError(RuntimeError):
     """The shipped model could not be exported to ONNX (torch or transformers missing)."""
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "voicegate"
-
-
 def cached_model(model_dir: Path, cache_dir: Path) -> Path:
     """The int8 ONNX model of ``model_dir`` in ``cache_dir``, exported on first use."""
-    weights = model_dir / "model.safetensors"
-    stat = weights.stat()
-    key = hashlib.sha256(f"{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:"
-                         f"{EXPORT_VERSION}:{BLOCK_SIZE}".encode()).hexdigest()[:16]
-    target = cache_dir / f"minilm-int8-{key}.onnx"
-    if target.is_file() and _loads(target):
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=target.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run([sys.executable, "-m", "intents.onnx_encoder", str(model_dir), tmp],
-                              capture_output=True, text=True)
+    key = source_key(model_dir / "model.safetensors", f"{EXPORT_VERSION}:{BLOCK_SIZE}")
+
+    def export(tmp: Path) -> None:
+        done = subprocess.run([sys.executable, "-m", "intents.onnx_encoder", str(model_dir),
+                               str(tmp)], capture_output=True, text=True)
         if done.returncode != 0:
             raise EncoderExportError(f"exporting the embedder failed: {done.stderr[-1500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("embedder_exported model=%s to=%s", model_dir.name, target)
-    return target
 
-
-def _loads(path: Path) -> bool:
-    """A cached export that is whole (a truncated or foreign file is exported again)."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(onnx.load(str(path)))
-        return True
-    except Exception:
-        log.warning("embedder_cache_unreadable path=%s", path)
-        return False
+    return build_once(cache_dir / f"minilm-int8-{key}.onnx", export)
 
 
 def _export_int8(model_dir: Path, target: Path) -> None:

