@@ -13,6 +13,8 @@ Figures per configuration:
                       last voiced VAD window -> turn ended), p50 / p99
   cut-off             paused clips whose turn ended (a final transcript, or reply audio)
                       before the caller's last piece had been spoken
+  cont                of those, the share whose later words continued the cut turn (the
+                      whole question answered together, turn_continuation_ms)
   early               cache answers whose route was decided before the turn ended
                       (route.reused: routed on the early final or a partial)
   precision           cache answers to hit questions that are of its true Banking77 intent
@@ -80,6 +82,7 @@ class Record:
     route_intent: str | None = None
     reused: bool | None = None
     cut_off: bool = False
+    continued: bool = False  # a later turn of the clip carried the cut turn's words
     transcript: str = ""
     speech_s: float = 0.0
     late_frames: int = 0
@@ -243,8 +246,14 @@ class Line:
         record.events = [e["type"] for _, e in events]
         finals = [(t, e) for t, e in events if e["type"] == "transcript" and e.get("final")
                   and "turn" in e]
-        record.transcript = " ".join(e["text"] for _, e in finals)
         metrics = [e for _, e in events if e["type"] == "turn_metrics"]
+        # A turn that continues a cut one repeats its words: it replaces them.
+        continues = {m.get("turn") for m in metrics if m.get("continues")}
+        heard: list[str] = []
+        for _, e in finals:
+            heard = [e["text"]] if e["turn"] in continues else [*heard, e["text"]]
+        record.transcript = " ".join(heard)
+        record.continued = bool(continues)
         if metrics:
             record.eot_ms = metrics[0].get("end_of_turn_ms")
             record.metrics = metrics[0]
@@ -316,6 +325,11 @@ def summarize(records: list[Record], cpu_s: float) -> dict[str, Any]:
         "miss_v2v_p50": pct(miss_v2v, 0.5), "miss_v2v_p99": pct(miss_v2v, 0.99),
         "eot_p50": pct(eot, 0.5), "eot_p99": pct(eot, 0.99),
         "cut_off": sum(r.cut_off for r in paused) / len(paused) if paused else None,
+        # Of the cut-off clips, those whose later words continued the cut turn (answered
+        # whole, turn_continuation_ms) rather than starting a turn of their own.
+        "continued": (sum(r.cut_off and r.continued for r in paused)
+                      / sum(r.cut_off for r in paused) if any(r.cut_off for r in paused)
+                      else None),
         "early": sum(bool(r.reused) for r in hits) / len(hits) if hits else None,
         # Of the cache answers to labelled questions (hits of paused clips have no label).
         "precision": (sum(r.route_intent == r.intent for r in hits if r.kind == "hit")
@@ -337,7 +351,7 @@ def fmt(value: Any, spec: str = ".0f", scale: float = 1.0) -> str:
 
 def print_table(rows: list[tuple[str, int, int, dict[str, Any]]]) -> None:
     head = (f"{'stt':10} {'calls':>5} {'rate':>5} | {'hit v2v p50/p99':>16} "
-            f"{'miss v2v p50/p99':>17} {'EOT p50/p99':>12} | {'cut-off':>7} {'early':>6} "
+            f"{'miss v2v p50/p99':>17} {'EOT p50/p99':>12} | {'cut-off':>7} {'cont':>5} {'early':>6} "
             f"{'prec':>5} {'hit%':>5} | {'CPU/s':>5} {'WER':>6} {'n':>4}")
     print(head)
     print("-" * len(head))
@@ -346,7 +360,8 @@ def print_table(rows: list[tuple[str, int, int, dict[str, Any]]]) -> None:
               f"{fmt(s['hit_v2v_p50']):>7}/{fmt(s['hit_v2v_p99']):<8} "
               f"{fmt(s['miss_v2v_p50']):>8}/{fmt(s['miss_v2v_p99']):<8} "
               f"{fmt(s['eot_p50']):>5}/{fmt(s['eot_p99']):<6} | "
-              f"{fmt(s['cut_off'], '.0%'):>7} {fmt(s['early'], '.0%'):>6} "
+              f"{fmt(s['cut_off'], '.0%'):>7} {fmt(s['continued'], '.0%'):>5} "
+              f"{fmt(s['early'], '.0%'):>6} "
               f"{fmt(s['precision'], '.0%'):>5} {fmt(s['hit_rate'], '.0%'):>5} | "
               f"{fmt(s['cpu_per_speech_s'], '.2f'):>5} {fmt(s['wer'], '.1%'):>6} {s['n']:>4}")
 

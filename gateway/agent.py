@@ -170,6 +170,19 @@ class Conversation:
                 kept.append({**message, "content": truncated or None})
         self.history = kept
 
+    def withdraw_turn(self, text: str) -> bool:
+        """The caller was not done: the last exchange, begun by ``text``, is taken back,
+        so the turn that continues it is asked once, whole. Kept (False) when it called a
+        tool (the agent must know what its tools did) or is not ``text``'s exchange."""
+        start = self._last_exchange_start()
+        exchange = self.history[start:]
+        if not exchange or exchange[0]["role"] != "user" \
+                or " ".join(str(exchange[0]["content"]).split()) != " ".join(text.split()) \
+                or any(m.get("tool_calls") or m["role"] == "tool" for m in exchange):
+            return False
+        del self.history[start:]
+        return True
+
     def _last_exchange_start(self) -> int:
         for i in range(len(self.history) - 1, -1, -1):
             if self.history[i]["role"] == "user":

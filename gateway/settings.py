@@ -175,6 +175,11 @@ class Settings(BaseModel):
     # A barge-in holds the reply this long: if the caller's speech ends with no words
     # recognised (noise), the reply resumes from the last frame heard. 0: always stop.
     false_interruption_s: Annotated[float, Field(ge=0.0, le=10.0)] = 2.0
+    # Speech that stops a reply within this long of the end of the caller's turn continues
+    # that turn: the caller had paused mid-sentence after words that sounded finished
+    # ("I lost my card ... in a shop abroad"), so the earlier words open the new turn and
+    # the agent is asked once, whole. 0: every barge-in starts a turn of its own.
+    turn_continuation_ms: Annotated[int, Field(ge=0, le=10000)] = 1000
     # Silence after speech that ends the caller's turn while nothing tells whether the
     # turn is complete (docs/architecture.md, "End of turn"). 900, not the usual 500:
     # callers pause 400-900 ms mid-sentence after words that sound finished, and 500 cut

@@ -63,6 +63,10 @@ class _Prometheus:
         self.preempts = PromCounter("voicegate_preemptive_starts",
                                     "Agent LLM calls started before the end of turn, by outcome "
                                     "(started, used, discarded)", ["outcome"], registry=r)
+        self.continuations = PromCounter(
+            "voicegate_turn_continuations",
+            "Turns the caller went on with after the bot began to answer (the end of turn "
+            "came too soon; the words were answered together)", registry=r)
         self.degraded = Gauge("voicegate_degraded",
                               "1 while a shared store (Redis) is unreachable", registry=r)
 
@@ -80,6 +84,8 @@ class Stats:
     errors: Counter[str] = field(default_factory=Counter)
     # Preemptive agent starts: started, used (a turn adopted it), discarded (cancelled).
     preempts: Counter[str] = field(default_factory=Counter)
+    # Turns continued by the caller after the bot began answering (end of turn too soon).
+    continuations: int = 0
     latencies: dict[str, dict[str, deque[float]]] = field(default_factory=dict)
     recent: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=100_000))
     entry_hits: Counter[str] = field(default_factory=Counter)  # cache hits per entry id
@@ -114,6 +120,11 @@ class Stats:
         never a turn: its LLM call was speculative)."""
         self.preempts[outcome] += 1
         self.prometheus.preempts.labels(outcome).inc()
+
+    def continuation(self) -> None:
+        """A turn opens with the words of one the caller had not finished."""
+        self.continuations += 1
+        self.prometheus.continuations.inc()
 
     def set_degraded(self, reason: str | None) -> None:
         self.degraded_reason = reason
@@ -209,7 +220,7 @@ class Stats:
                 "hit_rate_5m": recent_rate, "turns_5m": recent_turns,
                 "interrupted_turns": self.interrupted_turns, "sources": dict(self.sources),
                 "intents": dict(self.intents), "errors": dict(self.errors),
-                "preempts": dict(self.preempts),
+                "preempts": dict(self.preempts), "continuations": self.continuations,
                 "entry_hits": dict(self.entry_hits),
                 "series": {"minute_s": 60, "points": self.series()},
                 "latency_ms": latency, "degraded": self.degraded_reason is not None,

@@ -27,7 +27,10 @@ async def test_noise_over_a_cached_answer_resumes_it_at_the_last_heard_frame():
 
 
 async def test_words_over_the_answer_stop_it_for_good():
-    h = await CallHarness(faqs={"opening hours": "hours"}).start()
+    # Continuation off: these words would otherwise continue the question (they come
+    # 300 ms after the turn ended; tests/test_turn_continuation.py).
+    h = await CallHarness(faqs={"opening hours": "hours"},
+                          settings={"turn_continuation_ms": 0}).start()
     await h.say("what are your opening hours", then_silence_ms=300)
     await h.wait(300)
     await h.say("no wait a second", then_silence_ms=1500)

@@ -148,6 +148,9 @@ class Call:
         self._held: asyncio.Task[None] | None = None
         self._hold_timer: asyncio.Task[None] | None = None
         self._hold_settlers: set[asyncio.Task[None]] = set()
+        # The reply the caller's speech last stopped, and when that speech began: speech
+        # soon after the turn's end continues the turn (``_continues``).
+        self._stopped_by_speech: tuple[asyncio.Task[None], float] | None = None
         self._last_report: dict[str, float] = {}
         self._stopped = asyncio.Event()
         self.turns_answered = 0
@@ -322,7 +325,7 @@ class Call:
                     if isinstance(signal, SpeechStarted):
                         self._caller_active()
                         if self.replying and self._held is None:
-                            await self._barge_in("speech")
+                            await self._barge_in("speech", signal.speech_at)
                     elif isinstance(signal, SpeechPaused):
                         self._on_pause(signal)
                     elif isinstance(signal, SpeechResumed):
@@ -457,6 +460,11 @@ class Call:
             await self._apologize(tl, "", "stt_failed")
             return
         text = " ".join(t.strip() for t in texts if t.strip())
+        if len(texts) > 1:  # words carried from a turn the caller had not finished
+            tl.info["continues"] = True
+            self._stats.continuation()
+            # Its exchange is taken back: the agent is asked once, with the whole question.
+            self.conversation.withdraw_turn(" ".join(t.strip() for t in texts[:-1] if t.strip()))
         tl.mark("final_transcript")
         await self._out.send_event({"type": "transcript", "text": text, "final": True,
                                     "turn": tl.turn})
@@ -469,8 +477,10 @@ class Call:
         try:
             await self._answer(tl, text, preempted=preempt)
         except asyncio.CancelledError:
-            if not tl.has("first_audio"):
-                self._carry = utterances  # nothing was said: the words open the next turn
+            # Nothing was said, or the caller went on talking right after the turn ended
+            # (a pause mid-sentence): the words open the next turn.
+            if not tl.has("first_audio") or self._continues(tl):
+                self._carry = utterances
             raise
 
     # ------------------------------------------------------------------ text input
@@ -584,15 +594,18 @@ class Call:
         self.turns_answered += 1
         await self._out.send_event({"type": "turn_metrics", **metrics})
 
-    async def _barge_in(self, cause: str) -> None:
+    async def _barge_in(self, cause: str, speech_at: float | None = None) -> None:
         """Stop the bot now: no frame leaves after this, the client drops its buffer.
 
         Speech only holds the reply for ``false_interruption_s``: if no words come of it
-        (a cough, a door), the reply resumes where the caller last heard it."""
+        (a cough, a door), the reply resumes where the caller last heard it. ``speech_at``:
+        when that speech began."""
         self._drop_preempt()  # the context is about to change
         task = self._reply_task
         if task is None or task.done():
             return
+        if self._held is None:
+            self._stopped_by_speech = (task, speech_at) if speech_at is not None else None
         if self._held is not None:  # already stopped; a text message makes it final
             if cause != "speech":
                 self._confirm_interruption()
@@ -612,6 +625,17 @@ class Call:
         logs.event(log, "barge_in", turn=turn, cause=cause, heard_ms=round(heard, 1))
         self._trace.barge_in(turn, round(heard, 1), cause)
 
+    def _continues(self, tl: TurnTimeline) -> bool:
+        """This turn's reply (the running task) was stopped by speech that began within
+        ``turn_continuation_ms`` of the turn's end: the caller had paused mid-sentence
+        after words that sounded finished, and the turn ended too soon."""
+        window_s = self._settings.turn_continuation_ms / 1000.0
+        stopped = self._stopped_by_speech
+        if window_s <= 0 or stopped is None or stopped[0] is not asyncio.current_task() \
+                or not tl.has("end_of_turn"):
+            return False
+        return stopped[1] - tl.marks["end_of_turn"] <= window_s
+
     async def _expire_hold(self, task: asyncio.Task[None], window: float) -> None:
         """Still undecided after the window (long noise, no final yet): a real barge-in."""
         await self._clock.sleep(window)
@@ -627,7 +651,7 @@ class Call:
 
     async def _resume_reply(self, turn: int) -> None:
         """No words came of the barge-in: the reply goes on from the last heard frame."""
-        self._held = None
+        self._held = self._stopped_by_speech = None
         self._cancel_hold_timer()
         from_ms = self._reply.resume()
         if from_ms is None:

@@ -67,7 +67,8 @@ class TurnSettings:
 
 @dataclass
 class SpeechStarted:
-    at: float
+    at: float  # when the segmenter was sure (the speech's confirmation time later)
+    speech_at: float  # when the speech itself began (estimated)
 
 
 @dataclass
@@ -137,7 +138,7 @@ class TurnDetector:
                 self._paused = False
                 self.policy.reset()
                 self._noted = {}
-                signals.append(SpeechStarted(at))
+                signals.append(SpeechStarted(at, self._speech_start_at))
                 preroll = b"".join(self._preroll)
                 self._preroll.clear()
                 self._audio = bytearray()

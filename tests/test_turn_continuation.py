@@ -1,0 +1,113 @@
+"""A turn that ended too soon: the caller paused mid-sentence after words that sounded
+finished, the bot began to answer, and the caller went on. Their speech stops the reply
+and the earlier words open the new turn, which is answered once, whole. Whole calls on
+the deterministic harness (manual clock, word-coded audio)."""
+
+from __future__ import annotations
+
+from gateway.agent import Conversation
+from gateway.providers.base import ToolCall
+from tests.call_harness import CallHarness, tone
+
+NOISE = 77  # a sample value that is no word (see test_false_interruption)
+
+
+def user_texts(messages: list[dict]) -> list[str]:
+    return [m["content"] for m in messages if m["role"] == "user"]
+
+
+async def cut_short(h: CallHarness, first: str, rest: str, gap_ms: int) -> None:
+    """``first``; the turn ends (300 ms of silence in the harness) and the answer begins;
+    ``gap_ms`` after the end of the words the caller says ``rest``."""
+    await h.say(first, then_silence_ms=gap_ms)
+    await h.say(rest, then_silence_ms=1500)
+
+
+async def test_words_soon_after_the_turn_ended_continue_it():
+    # The router tries its phrases in order: the whole question names the other entry.
+    h = await CallHarness(faqs={"abroad": "card_abroad", "lost my card": "lost_card"}).start()
+    await cut_short(h, "i lost my card", "while i was abroad", gap_ms=600)
+    await h.stop()
+    first, second = h.metrics()
+    assert first["interrupted"] is True and "continues" not in first
+    assert second["continues"] is True
+    assert h.transcripts() == ["i lost my card", "i lost my card while i was abroad"]
+    # The whole question is routed and answered: the entry it names, not the prefix's.
+    assert h.router.calls[-1][0] == "i lost my card while i was abroad"
+    assert second["entry_id"] == "card_abroad"
+    assert h.stats.snapshot()["continuations"] == 1
+    # The agent's context holds the whole question once, not the prefix and its answer.
+    assert user_texts(h.call.conversation.history) == ["i lost my card while i was abroad"]
+
+
+async def test_the_agent_is_asked_once_with_the_whole_question():
+    h = CallHarness(faqs={"lost my card": "lost_card"})
+    h.llm.reply = "Which card was it?"
+    await h.start()
+    await h.say("i lost my card", then_silence_ms=600)
+    h.router.faqs.clear()  # the whole question is no FAQ: the agent answers it
+    await h.say("and my passport", then_silence_ms=1500)
+    await h.stop()
+    assert h.metrics()[1]["source"] == "llm"
+    (request,) = h.llm.requests
+    assert user_texts(request) == ["i lost my card and my passport"]
+    assert [m["role"] for m in request] == ["system", "user"]  # the cut answer withdrawn
+
+
+async def test_speech_after_the_window_is_a_turn_of_its_own():
+    h = await CallHarness(faqs={"lost my card": "lost_card"},
+                          settings={"turn_continuation_ms": 200}).start()
+    await cut_short(h, "i lost my card", "no wait a second", gap_ms=600)
+    await h.stop()
+    first, second = h.metrics()
+    assert first["interrupted"] is True and "continues" not in second
+    assert h.transcripts() == ["i lost my card", "no wait a second"]
+    assert h.stats.snapshot()["continuations"] == 0
+
+
+async def test_with_continuation_off_words_start_a_new_turn():
+    h = await CallHarness(faqs={"lost my card": "lost_card"},
+                          settings={"turn_continuation_ms": 0}).start()
+    await cut_short(h, "i lost my card", "while i was abroad", gap_ms=600)
+    await h.stop()
+    assert h.transcripts() == ["i lost my card", "while i was abroad"]
+
+
+async def test_noise_soon_after_the_turn_resumes_the_answer_and_carries_nothing():
+    h = await CallHarness(faqs={"lost my card": "lost_card", "hours": "hours"}).start()
+    await h.say("i lost my card", then_silence_ms=600)
+    await h.feed(tone(450, NOISE))  # a cough: held, then resumed
+    await h.silence(2500)
+    await h.say("what are your hours", then_silence_ms=1500)
+    await h.stop()
+    assert h.output.of("resume")
+    assert h.transcripts()[-1] == "what are your hours"
+    assert "continues" not in h.metrics()[-1]
+    assert h.stats.snapshot()["continuations"] == 0
+
+
+async def test_a_text_message_never_continues_a_spoken_turn():
+    h = await CallHarness(faqs={"lost my card": "lost_card"}).start()
+    await h.say("i lost my card", then_silence_ms=600)
+    await h.text("while i was abroad")
+    await h.silence(1500)
+    await h.stop()
+    assert h.metrics()[0]["interrupted"] is True
+    assert h.router.calls[-1][0] == "while i was abroad"
+    assert "continues" not in h.metrics()[-1]
+
+
+def test_withdrawing_a_turn_keeps_exchanges_that_called_a_tool():
+    conversation = Conversation()
+    conversation.add_user("what is my balance")
+    conversation.add_assistant("", [ToolCall(id="c1", name="balance", arguments="{}")])
+    conversation.add_tool_result(ToolCall(id="c1", name="balance", arguments="{}"), "{}")
+    conversation.add_assistant("Your balance")
+    before = list(conversation.history)
+    assert conversation.withdraw_turn("what is my balance") is False
+    assert conversation.history == before  # the agent must know what its tools did
+    conversation.add_user("i lost my card")
+    conversation.add_assistant("Sorry to hear")
+    assert conversation.withdraw_turn("something else") is False
+    assert conversation.withdraw_turn("i  lost my card ") is True
+    assert conversation.history == before
