@@ -193,8 +193,8 @@ async def test_an_outbox_whose_client_does_not_read_is_closed():
     timed_out: list[str] = []
     slow = Outbox(NeverReads(), limit=4, send_timeout_s=0.05, on_stuck=timed_out.append)  # type: ignore
     slow.send_text("x")
-    await asyncio.wait_for(slow._writer, 5)
-    assert slow.closed and "read nothing" in timed_out[0]
+    await asyncio.wait_for(slow._watchdog, 5)
+    assert slow.closed and slow._writer.done() and "read nothing" in timed_out[0]
     await slow.aclose()
 
 
