@@ -183,3 +183,73 @@ async def test_audio_queued_while_the_socket_was_busy_goes_out_in_few_messages(d
     await stream.aclose()
     # 100 ms a message at most: ten messages, not fifty; every byte arrived, in order.
     assert fake.sessions[0].messages <= 10
+
+
+# ---------------------------------------------------------------- the early transcript
+
+
+async def test_a_pause_gives_the_words_so_far_once_deepgram_endpoints(deepgram):
+    fake, server = deepgram
+    fake.utterances = ["hello there"]
+    fake.ms_per_word = 40
+    recognizer = stt(server, endpointing_ms=100, early_timeout_s=5.0)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)
+    early = asyncio.ensure_future(stream.speech_paused())
+    await send(stream, SILENCE, 2)  # 40 ms: short of the endpoint, nothing is sure yet
+    assert not early.done()
+    await send(stream, SILENCE, 6)
+    assert await asyncio.wait_for(early, 5) == Transcript("hello there", final=False)
+    assert await stream.finalize() == Transcript("hello there", final=True)
+    assert fake.sessions[0].controls["Finalize"] == 0  # the early words were the final
+    await stream.aclose()
+    await recognizer.aclose()
+
+
+async def test_after_the_caller_resumes_a_pause_waits_for_the_next_endpoint(deepgram):
+    fake, server = deepgram
+    fake.utterances = ["hello there how are you"]
+    fake.ms_per_word = 40
+    recognizer = stt(server, endpointing_ms=100, early_timeout_s=5.0)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)  # "hello there"
+    await send(stream, SILENCE, 6)
+    assert await until(lambda: stream.endpoint.is_set())
+    stream.speech_resumed()  # the caller goes on: that endpoint is not the end
+    early = asyncio.ensure_future(stream.speech_paused())
+    await send(stream, VOICE, 6)  # "how are you"
+    assert not early.done()
+    await send(stream, SILENCE, 6)
+    assert (await asyncio.wait_for(early, 5)).text == "hello there how are you"
+    await stream.aclose()
+    await recognizer.aclose()
+
+
+async def test_an_endpoint_that_arrives_after_the_caller_resumed_is_stale(deepgram):
+    fake, server = deepgram
+    fake.utterances = ["hello there how are you"]
+    fake.ms_per_word = 40
+    fake.final_delay_ms = (400.0, 400.0)  # the endpoint's result comes late
+    recognizer = stt(server, endpointing_ms=100, early_timeout_s=5.0)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)
+    await send(stream, SILENCE, 6)  # Deepgram endpoints; its result is on its way
+    stream.speech_resumed()  # the caller speaks again before it arrives
+    session = fake.sessions[0]
+    assert await until(lambda: any(m.get("speech_final") for m in session.sent))
+    await asyncio.sleep(0.05)  # the result reaches the stream
+    assert stream._committed == ["hello there"]  # its words count...
+    assert not stream.endpoint.is_set()  # ...but not as the end of the words that follow
+    await stream.aclose()
+    await recognizer.aclose()
+
+
+async def test_no_endpoint_in_time_means_no_early_words(deepgram):
+    fake, server = deepgram
+    recognizer = stt(server, early_timeout_s=0.05)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)  # speech, never a silence: Deepgram cannot endpoint
+    with pytest.raises(TimeoutError):
+        await stream.speech_paused()
+    await stream.aclose()
+    await recognizer.aclose()

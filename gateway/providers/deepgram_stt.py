@@ -6,6 +6,10 @@ onto ``STTStream``:
 - interim ``Results`` (``is_final: false``): a partial (finalized segments so far + the interim).
 - ``Results`` with ``is_final: true``: the segment is committed to the utterance;
   ``speech_final: true`` or an ``UtteranceEnd`` marks Deepgram's endpoint.
+- ``speech_paused()`` (the caller paused): the words so far once Deepgram endpoints after
+  them (``speech_final``: every word final), the early transcript the engine routes before
+  the turn ends; ``speech_resumed()`` makes an endpoint so far stale. No endpoint within
+  ``early_timeout_s``: no early words (the turn waits its silence).
 - ``finalize()``: if Deepgram has already endpointed with nothing pending, the committed
   text is returned at once; otherwise a ``Finalize`` message flushes the server and the
   reply marked ``from_finalize`` completes the transcript (or ``finalize_timeout_s`` passes).
@@ -42,8 +46,10 @@ class DeepgramStream:
     """``STTStream`` over one live WebSocket. Create it inside a running event loop."""
 
     def __init__(self, client: AsyncDeepgramClient, options: dict[str, Any], sample_rate: int,
-                 finalize_timeout_s: float, keepalive_s: float) -> None:
+                 finalize_timeout_s: float, keepalive_s: float,
+                 early_timeout_s: float = 0.8) -> None:
         self._client = client
+        self._early_timeout_s = early_timeout_s
         self._options = options
         self._sample_rate = sample_rate
         self._finalize_timeout_s = finalize_timeout_s
@@ -56,6 +62,7 @@ class DeepgramStream:
         self._endpointed = False
         self._sent_s = 0.0  # audio time sent on this socket
         self._cut_s = 0.0  # audio time of the last finalize/reset
+        self._resumed_s = 0.0  # audio time the caller last spoke again after a pause
         # The utterance cut by finalize() whose Finalize reply is still on its way.
         self._closing_utterance: _Closing | None = None
         self._error: ProviderError | None = None
@@ -97,6 +104,24 @@ class DeepgramStream:
                 self._closing_utterance = None
         self._check()
         return Transcript(text=closing.text(), final=True)
+
+    def speech_paused(self) -> Awaitable[Transcript]:
+        """The caller paused: the words so far, once Deepgram has endpointed after them."""
+        return self._early()
+
+    def speech_resumed(self) -> None:
+        """The caller speaks again: an endpoint so far is not the end of these words."""
+        self._endpointed = False
+        self.endpoint.clear()
+        # An endpoint of the audio before this, arriving late, is not one of these words.
+        self._resumed_s = self._sent_s
+
+    async def _early(self) -> Transcript:
+        self._check()
+        # TimeoutError: no early words; the engine lets the silence decide.
+        await asyncio.wait_for(self.endpoint.wait(), self._early_timeout_s)
+        self._check()
+        return Transcript(text=self._text(), final=False)
 
     def partials(self) -> AsyncIterator[Transcript]:
         return self._iter_partials()
@@ -148,7 +173,7 @@ class DeepgramStream:
         self._last_partial = ""
         self._endpointed = False
         self.endpoint.clear()
-        self._cut_s = self._sent_s
+        self._cut_s = self._resumed_s = self._sent_s
 
     async def _run(self) -> None:
         try:
@@ -219,7 +244,8 @@ class DeepgramStream:
             if self._interim:  # nothing more will finalize it
                 self._committed.append(self._interim)
                 self._interim = ""
-            self._mark_endpoint()
+            last_word_end = getattr(message, "last_word_end", None)
+            self._mark_endpoint(self._sent_s if last_word_end is None else float(last_word_end))
         elif kind == "Error":
             self._error = ProviderError(NAME, f"{message.variant}: {message.description}")
         # Metadata, SpeechStarted: nothing to map.
@@ -241,17 +267,22 @@ class DeepgramStream:
                 self._committed.append(text)
             self._interim = ""
             if message.speech_final:
-                self._mark_endpoint()
+                self._mark_endpoint(end_s)
         else:
             self._interim = text
-            if text:
-                self._endpointed = False  # the caller is still (or again) speaking
+            if text:  # the caller is still (or again) speaking
+                self._endpointed = False
+                self.endpoint.clear()
         partial = self._text()
         if partial and partial != self._last_partial:
             self._last_partial = partial
             self._partials.put_nowait(Transcript(text=partial, final=False))
 
-    def _mark_endpoint(self) -> None:
+    def _mark_endpoint(self, audio_s: float) -> None:
+        """Deepgram endpointed at ``audio_s`` (stream audio time); stale (ignored) when the
+        caller has spoken again since."""
+        if audio_s <= self._resumed_s:
+            return
         self._endpointed = True
         self.endpoint.set()
 
@@ -288,7 +319,7 @@ class DeepgramSTT:
     def __init__(self, api_key: str, *, base_url: str = "", model: str = "nova-3",
                  language: str = "en-US", sample_rate: int = 16000, endpointing_ms: int = 300,
                  utterance_end_ms: int = 1000, finalize_timeout_s: float = 1.0,
-                 keepalive_s: float = 4.0) -> None:
+                 keepalive_s: float = 4.0, early_timeout_s: float = 0.8) -> None:
         if not api_key:
             raise ProviderError(NAME, "no API key (set VOICEGATE_DEEPGRAM_API_KEY)")
         self.sample_rate = sample_rate
@@ -305,6 +336,9 @@ class DeepgramSTT:
         }
         self._finalize_timeout_s = finalize_timeout_s
         self._keepalive_s = keepalive_s
+        # A pause's early transcript waits this long for Deepgram's endpoint (endpointing_ms
+        # of silence plus the service's delay); later, the silence alone ends the turn.
+        self._early_timeout_s = early_timeout_s
         self._streams: set[DeepgramStream] = set()
 
     @classmethod
@@ -316,7 +350,8 @@ class DeepgramSTT:
     def open_stream(self) -> DeepgramStream:
         self._streams = {s for s in self._streams if not s.closed}
         stream = DeepgramStream(self._client, self._options, self.sample_rate,
-                                self._finalize_timeout_s, self._keepalive_s)
+                                self._finalize_timeout_s, self._keepalive_s,
+                                self._early_timeout_s)
         self._streams.add(stream)
         return stream
 
