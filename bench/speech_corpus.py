@@ -161,8 +161,12 @@ class Synthesizer:
 
     @staticmethod
     def _espeak_pcm(text: str) -> bytes:
-        wav = subprocess.run(["espeak-ng", "-v", "en-us", "-s", "165", "--stdout", text],
-                             check=True, capture_output=True).stdout
+        try:
+            wav = subprocess.run(["espeak-ng", "-v", "en-us", "-s", "165", "--stdout", text],
+                                 check=True, capture_output=True).stdout
+        except FileNotFoundError:
+            raise SystemExit("espeak-ng is not installed: bash scripts/ensure-espeak.sh "
+                             "(or leave its voice out: --voices piper)") from None
         with wave.open(io.BytesIO(wav)) as w:
             return resample_pcm16(w.readframes(w.getnframes()), w.getframerate(), RATE)
 

@@ -188,12 +188,20 @@ async def test_audio_queued_while_the_socket_was_busy_goes_out_in_few_messages(d
 # ---------------------------------------------------------------- the early transcript
 
 
-async def test_a_pause_gives_the_words_so_far_once_deepgram_endpoints(deepgram):
+def early_stream(deepgram, utterance: str, **fake_settings):
+    """A stream whose caller says ``utterance`` (a word every 40 ms of voice); Deepgram
+    endpoints after 100 ms of silence."""
     fake, server = deepgram
-    fake.utterances = ["hello there"]
+    fake.utterances = [utterance]
     fake.ms_per_word = 40
+    for name, value in fake_settings.items():
+        setattr(fake, name, value)
     recognizer = stt(server, endpointing_ms=100, early_timeout_s=5.0)
-    stream = recognizer.open_stream()
+    return fake, recognizer, recognizer.open_stream()
+
+
+async def test_a_pause_gives_the_words_so_far_once_deepgram_endpoints(deepgram):
+    fake, recognizer, stream = early_stream(deepgram, "hello there")
     await send(stream, VOICE, 4)
     early = asyncio.ensure_future(stream.speech_paused())
     await send(stream, SILENCE, 2)  # 40 ms: short of the endpoint, nothing is sure yet
@@ -207,11 +215,7 @@ async def test_a_pause_gives_the_words_so_far_once_deepgram_endpoints(deepgram):
 
 
 async def test_after_the_caller_resumes_a_pause_waits_for_the_next_endpoint(deepgram):
-    fake, server = deepgram
-    fake.utterances = ["hello there how are you"]
-    fake.ms_per_word = 40
-    recognizer = stt(server, endpointing_ms=100, early_timeout_s=5.0)
-    stream = recognizer.open_stream()
+    fake, recognizer, stream = early_stream(deepgram, "hello there how are you")
     await send(stream, VOICE, 4)  # "hello there"
     await send(stream, SILENCE, 6)
     assert await until(lambda: stream.endpoint.is_set())
@@ -226,12 +230,9 @@ async def test_after_the_caller_resumes_a_pause_waits_for_the_next_endpoint(deep
 
 
 async def test_an_endpoint_that_arrives_after_the_caller_resumed_is_stale(deepgram):
-    fake, server = deepgram
-    fake.utterances = ["hello there how are you"]
-    fake.ms_per_word = 40
-    fake.final_delay_ms = (400.0, 400.0)  # the endpoint's result comes late
-    recognizer = stt(server, endpointing_ms=100, early_timeout_s=5.0)
-    stream = recognizer.open_stream()
+    # The endpoint's result comes late.
+    fake, recognizer, stream = early_stream(deepgram, "hello there how are you",
+                                            final_delay_ms=(400.0, 400.0))
     await send(stream, VOICE, 4)
     await send(stream, SILENCE, 6)  # Deepgram endpoints; its result is on its way
     stream.speech_resumed()  # the caller speaks again before it arrives
