@@ -219,7 +219,10 @@ async def test_after_the_caller_resumes_a_pause_waits_for_the_next_endpoint(deep
     await send(stream, VOICE, 4)  # "hello there"
     await send(stream, SILENCE, 6)
     assert await until(lambda: stream.endpoint.is_set())
+    stale = stream.speech_paused()
     stream.speech_resumed()  # the caller goes on: that endpoint is not the end
+    await asyncio.sleep(0)
+    assert stale.cancelled()  # the pause it was for is over
     early = asyncio.ensure_future(stream.speech_paused())
     await send(stream, VOICE, 6)  # "how are you"
     assert not early.done()

@@ -99,6 +99,18 @@ def test_the_silences_must_be_ordered():
 # ---------------------------------------------------------------- whole calls
 
 
+async def test_without_early_words_the_turn_model_still_judges_the_pause():
+    # The early decode fails (with Deepgram: no endpoint in time, the common case): the
+    # audio model is asked, so "I want to um" can still wait the long silence.
+    h = CallHarness(early_finals=True, turn_model=True)
+    h.stt.fail_finals = 1  # the pause's decode (the turn's final, which reuses it, fails too)
+    await h.start()
+    await h.say("i want to um", then_silence_ms=1500)
+    await h.stop()
+    assert h.turn_model.heard == ["i want to um"]
+    assert h.stats.snapshot()["errors"]["stt_failed"] == 1
+
+
 async def test_a_cached_question_is_answered_at_the_short_silence():
     h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True,
                           turn_model=True).start()

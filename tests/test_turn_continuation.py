@@ -111,3 +111,43 @@ def test_withdrawing_a_turn_keeps_exchanges_that_called_a_tool():
     assert conversation.withdraw_turn("something else") is False
     assert conversation.withdraw_turn("i  lost my card ") is True
     assert conversation.history == before
+
+
+async def test_noise_that_outlasts_the_hold_does_not_ask_the_question_again():
+    h = await CallHarness(faqs={"lost my card": "lost_card"},
+                          settings={"false_interruption_s": 0.5}).start()
+    await h.say("i lost my card", then_silence_ms=600)
+    await h.feed(tone(1200, NOISE))  # the hold expires: a real interruption, but no words
+    await h.silence(1500)
+    await h.stop()
+    assert h.output.of("interrupt") and not h.output.of("resume")
+    assert len(h.output.of("response")) == 1  # the answer is not started over
+    assert [text for text, _ in h.router.calls].count("i lost my card") <= 2  # partial + final
+    assert h.stats.snapshot()["continuations"] == 0
+    assert user_texts(h.call.conversation.history) == ["i lost my card"]
+
+
+async def test_a_text_message_over_a_held_answer_does_not_carry_the_spoken_turn():
+    h = await CallHarness(faqs={"lost my card": "lost_card", "abroad": "card_abroad"}).start()
+    await h.say("i lost my card", then_silence_ms=600)
+    await h.feed(tone(450, NOISE))  # held
+    await h.text("while i was abroad")  # typed: the hold ends, a text turn of its own
+    await h.silence(1500)
+    await h.stop()
+    assert [e.get("entry_id") for e in h.output.of("response")] == ["lost_card", "card_abroad"]
+    assert h.stats.snapshot()["continuations"] == 0
+
+
+async def test_words_before_any_answer_are_carried_but_are_no_continuation():
+    # The older carry: the bot had said nothing yet (a slow agent), whenever the caller
+    # went on. The question is asked once, whole; it is not counted as an early end.
+    h = CallHarness(settings={"turn_continuation_ms": 200})
+    h.llm.first_token_s = 3.0
+    await h.start()
+    await h.say("where is my parcel", then_silence_ms=1000)
+    await h.say("and my letter", then_silence_ms=4000)
+    await h.stop()
+    assert h.transcripts()[-1] == "where is my parcel and my letter"
+    assert "continues" not in h.metrics()[-1]
+    assert h.stats.snapshot()["continuations"] == 0
+    assert user_texts(h.llm.requests[-1]) == ["where is my parcel and my letter"]

@@ -137,6 +137,8 @@ class Call:
         # Finals of utterances the bot never answered (the caller went on talking):
         # they open the next turn's text, so no words are lost.
         self._carry: list[asyncio.Future[Transcript]] = []
+        # The carried words are a turn the bot had begun to answer (``_continues``).
+        self._carry_continues = False
         self._finals: set[asyncio.Future[Transcript]] = set()
         # The current pause's end-of-turn signals (turn model, early transcript routing).
         self._pause_tasks: list[asyncio.Task[None]] = []
@@ -375,7 +377,10 @@ class Call:
         try:
             try:
                 early = await paused.early
-            except Exception:  # the final decode will fail the same way and be reported
+            except Exception:  # no early words (Deepgram did not endpoint in time, or the
+                # decode failed: the final will be reported): the audio model alone
+                if self._deps.turn_model is not None:
+                    await self._judge_turn(paused)
                 return
             self._turns.note_transcript(paused.pause, early.text)
             decision = await self._speculation.settle(early.text)
@@ -449,22 +454,29 @@ class Call:
     async def _spoken_turn(self, tl: TurnTimeline, final: asyncio.Future[Transcript],
                            preempt: Preemption | None = None) -> None:
         utterances, self._carry = [*self._carry, final], []
+        continuing, self._carry_continues = self._carry_continues, False
         try:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
             texts = [(await asyncio.shield(f)).text for f in utterances]
         except asyncio.CancelledError:
-            self._carry = utterances
+            self._carry, self._carry_continues = utterances, continuing
             raise
         except Exception as exc:
             await self._report("stt_failed", f"the final transcript failed: {exc}", tl.turn)
             await self._apologize(tl, "", "stt_failed")
             return
+        if continuing and not normalize_text(texts[-1]):
+            # What stopped the answer held no words after all (noise outlasting the
+            # hold): the cut question is not asked again.
+            texts = texts[-1:]
+        carried = " ".join(t.strip() for t in texts[:-1] if t.strip())
         text = " ".join(t.strip() for t in texts if t.strip())
-        if len(texts) > 1:  # words carried from a turn the caller had not finished
-            tl.info["continues"] = True
-            self._stats.continuation()
+        if carried:  # words of a turn the caller had not finished
             # Its exchange is taken back: the agent is asked once, with the whole question.
-            self.conversation.withdraw_turn(" ".join(t.strip() for t in texts[:-1] if t.strip()))
+            self.conversation.withdraw_turn(carried)
+            if continuing:
+                tl.info["continues"] = True
+                self._stats.continuation()
         tl.mark("final_transcript")
         await self._out.send_event({"type": "transcript", "text": text, "final": True,
                                     "turn": tl.turn})
@@ -479,8 +491,10 @@ class Call:
         except asyncio.CancelledError:
             # Nothing was said, or the caller went on talking right after the turn ended
             # (a pause mid-sentence): the words open the next turn.
-            if not tl.has("first_audio") or self._continues(tl):
-                self._carry = utterances
+            if not tl.has("first_audio"):
+                self._carry, self._carry_continues = utterances, continuing
+            elif self._continues(tl):
+                self._carry, self._carry_continues = utterances, True
             raise
 
     # ------------------------------------------------------------------ text input
@@ -608,6 +622,7 @@ class Call:
             self._stopped_by_speech = (task, speech_at) if speech_at is not None else None
         if self._held is not None:  # already stopped; a text message makes it final
             if cause != "speech":
+                self._stopped_by_speech = None  # the caller typed on: no spoken continuation
                 self._confirm_interruption()
             return
         heard = self._reply.freeze()

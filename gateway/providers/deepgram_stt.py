@@ -63,6 +63,7 @@ class DeepgramStream:
         self._sent_s = 0.0  # audio time sent on this socket
         self._cut_s = 0.0  # audio time of the last finalize/reset
         self._resumed_s = 0.0  # audio time the caller last spoke again after a pause
+        self._early_task: asyncio.Task[Transcript] | None = None  # the pause's early words
         # The utterance cut by finalize() whose Finalize reply is still on its way.
         self._closing_utterance: _Closing | None = None
         self._error: ProviderError | None = None
@@ -106,11 +107,20 @@ class DeepgramStream:
         return Transcript(text=closing.text(), final=True)
 
     def speech_paused(self) -> Awaitable[Transcript]:
-        """The caller paused: the words so far, once Deepgram has endpointed after them."""
-        return self._early()
+        """The caller paused: the words so far, once Deepgram has endpointed after them.
+        A task, so it runs (and ends) even if the engine drops the pause unawaited."""
+        self._drop_early()
+        self._early_task = asyncio.ensure_future(self._early())
+        return self._early_task
+
+    def _drop_early(self) -> None:
+        if self._early_task is not None:
+            self._early_task.cancel()
+            self._early_task = None
 
     def speech_resumed(self) -> None:
         """The caller speaks again: an endpoint so far is not the end of these words."""
+        self._drop_early()
         self._endpointed = False
         self.endpoint.clear()
         # An endpoint of the audio before this, arriving late, is not one of these words.
@@ -132,6 +142,7 @@ class DeepgramStream:
         self._start_utterance()
 
     async def aclose(self) -> None:
+        self._drop_early()
         if self._closing:
             await asyncio.gather(self._runner, return_exceptions=True)
             return
@@ -168,6 +179,7 @@ class DeepgramStream:
         return " ".join(part for part in (*self._committed, self._interim) if part)
 
     def _start_utterance(self) -> None:
+        self._drop_early()
         self._committed = []
         self._interim = ""
         self._last_partial = ""
