@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Iterator
 
 import pytest
 
 from gateway.providers.base import ProviderError, SpeechToText, STTStream, Transcript
 from gateway.providers.deepgram_stt import DeepgramSTT
+from gateway.call import Call
+from tests.call_harness import RATE, WORD_MS, CallHarness
 from tests.fakes.deepgram_server import FakeDeepgram
 from tests.fakes.server import ServerThread
 
@@ -257,3 +260,30 @@ async def test_no_endpoint_in_time_means_no_early_words(deepgram):
         await stream.speech_paused()
     await stream.aclose()
     await recognizer.aclose()
+
+
+async def test_a_call_on_deepgram_ends_a_cached_question_at_its_endpoint(deepgram):
+    """The engine with the real Deepgram stream: the endpoint's words are routed at the
+    pause, so a cached question ends at the short silence, not the open one."""
+    fake, server = deepgram
+    fake.utterances = ["what are your opening hours"]
+    fake.ms_per_word = WORD_MS  # the harness speaks a word every 200 ms
+    recognizer = stt(server, endpointing_ms=100, early_timeout_s=5.0)
+    h = CallHarness(faqs={"opening hours": "hours"}, settings={"end_of_turn_silence_ms": 900})
+    h.call = Call(dataclasses.replace(h.deps, stt=recognizer), h.output, RATE, call_id="dg")
+    await h.start()
+    stream = h.call._turns.stt
+    await h.say("what are your opening hours", then_silence_ms=200)  # Deepgram endpoints
+    # The manual clock stands still until the endpoint's words are in (no wall-clock race):
+    # the turn waits for them (capped at 1200 ms of silence), then ends.
+    assert await until(lambda: stream.endpoint.is_set() or h.output.of("route"))
+    await h.clock.settle()
+    await h.silence(1500)
+    await h.stop()
+    await recognizer.aclose()
+    (metrics,) = h.metrics()
+    assert metrics["end_of_turn"] == "complete" and metrics["entry_id"] == "hours"
+    assert metrics["end_of_turn_ms"] < 600  # the open silence would be 900
+    assert metrics["route_reused"] is True  # decided on the endpoint's words
+    assert h.transcripts() == ["what are your opening hours"]
+    assert fake.sessions[0].controls["Finalize"] == 0  # the endpoint's words were the final
