@@ -618,13 +618,12 @@ class Call:
         task = self._reply_task
         if task is None or task.done():
             return
-        if self._held is None:
-            self._stopped_by_speech = (task, speech_at) if speech_at is not None else None
         if self._held is not None:  # already stopped; a text message makes it final
             if cause != "speech":
                 self._stopped_by_speech = None  # the caller typed on: no spoken continuation
                 self._confirm_interruption()
             return
+        self._stopped_by_speech = (task, speech_at) if speech_at is not None else None
         heard = self._reply.freeze()
         sent = self._reply.sent_ms
         turn = self._reply_tl.turn if self._reply_tl else self._turns.turns

@@ -46,8 +46,7 @@ class DeepgramStream:
     """``STTStream`` over one live WebSocket. Create it inside a running event loop."""
 
     def __init__(self, client: AsyncDeepgramClient, options: dict[str, Any], sample_rate: int,
-                 finalize_timeout_s: float, keepalive_s: float,
-                 early_timeout_s: float = 0.8) -> None:
+                 finalize_timeout_s: float, keepalive_s: float, early_timeout_s: float) -> None:
         self._client = client
         self._early_timeout_s = early_timeout_s
         self._options = options
@@ -121,8 +120,7 @@ class DeepgramStream:
     def speech_resumed(self) -> None:
         """The caller speaks again: an endpoint so far is not the end of these words."""
         self._drop_early()
-        self._endpointed = False
-        self.endpoint.clear()
+        self._forget_endpoint()
         # An endpoint of the audio before this, arriving late, is not one of these words.
         self._resumed_s = self._sent_s
 
@@ -183,8 +181,7 @@ class DeepgramStream:
         self._committed = []
         self._interim = ""
         self._last_partial = ""
-        self._endpointed = False
-        self.endpoint.clear()
+        self._forget_endpoint()
         self._cut_s = self._resumed_s = self._sent_s
 
     async def _run(self) -> None:
@@ -283,12 +280,15 @@ class DeepgramStream:
         else:
             self._interim = text
             if text:  # the caller is still (or again) speaking
-                self._endpointed = False
-                self.endpoint.clear()
+                self._forget_endpoint()
         partial = self._text()
         if partial and partial != self._last_partial:
             self._last_partial = partial
             self._partials.put_nowait(Transcript(text=partial, final=False))
+
+    def _forget_endpoint(self) -> None:
+        self._endpointed = False
+        self.endpoint.clear()
 
     def _mark_endpoint(self, audio_s: float) -> None:
         """Deepgram endpointed at ``audio_s`` (stream audio time); stale (ignored) when the
