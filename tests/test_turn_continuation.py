@@ -138,6 +138,20 @@ async def test_a_text_message_over_a_held_answer_does_not_carry_the_spoken_turn(
     assert h.stats.snapshot()["continuations"] == 0
 
 
+async def test_speech_held_then_overtaken_by_a_typed_message_continues_nothing():
+    # The speech that stopped the answer goes on into words after the caller typed: those
+    # words are a turn of their own, not the spoken question's continuation.
+    h = await CallHarness(faqs={"lost my card": "lost_card"}).start()
+    await h.say("i lost my card", then_silence_ms=600)
+    await h.feed(tone(450, NOISE))  # held
+    await h.text("while i was abroad")
+    await h.say("at the airport", then_silence_ms=1500)
+    await h.stop()
+    assert h.router.calls[-1][0] == "at the airport"
+    assert "continues" not in h.metrics()[-1]
+    assert h.stats.snapshot()["continuations"] == 0
+
+
 async def test_words_before_any_answer_are_carried_but_are_no_continuation():
     # The older carry: the bot had said nothing yet (a slow agent), whenever the caller
     # went on. The question is asked once, whole; it is not counted as an early end.

@@ -665,7 +665,7 @@ class Call:
 
     async def _resume_reply(self, turn: int) -> None:
         """No words came of the barge-in: the reply goes on from the last heard frame."""
-        self._held = self._stopped_by_speech = None
+        self._held = None
         self._cancel_hold_timer()
         from_ms = self._reply.resume()
         if from_ms is None:
