@@ -5,6 +5,8 @@ the call loop routes changed partials. Three figures per router:
   cold    ``Router.route`` on a text never seen before: embedding + classifier + index
   warm    the same texts again: the embedder's LRU cache answers (repeated partials)
   decide  classifier + nearest-neighbour search + thresholds only (``route_vector``)
+  decide, scikit-learn n-grams  the same with the n-gram model's features from the
+          TfidfVectorizer's own ``transform`` (before intents.char_ngrams), in the same run
 
 Routers: the shipped bank FAQ (cache_seed/examples/bank_faq.csv, ~230 questions) and
 banking77 train (10k questions, 77 intents) to see the index size matter. Each embedder
@@ -55,15 +57,39 @@ def measure(name: str, router: Router, utterances: list[str]) -> None:
     cold = [router.route(t).ms for t in unique]
     warm = [router.route(t).ms for t in unique]
     vectors = router.embedder.encode_batch(unique)
-    decide = []
-    for text, vector in zip(unique, vectors):
-        start = time.perf_counter()
-        router.route_vector(text, vector, start)
-        decide.append((time.perf_counter() - start) * 1000)
+    decide = time_decisions(router, unique, vectors)
     print(f"{name}: {len(utterances)} utterances, {len(unique)} distinct partials")
     print(f"  cold   {percentiles(cold)}")
     print(f"  warm   {percentiles(warm)}")
     print(f"  decide {percentiles(decide)}")
+    classifier = router.classifier
+    if classifier.reads_text:
+        cached = classifier._features
+        classifier._features = ScikitLearnNgrams(cached.vectorizer)
+        try:
+            before = time_decisions(router, unique, vectors)
+        finally:
+            classifier._features = cached
+        print(f"  decide, scikit-learn n-grams {percentiles(before)}")
+
+
+def time_decisions(router: Router, texts: list[str], vectors: np.ndarray) -> list[float]:
+    decide = []
+    for text, vector in zip(texts, vectors):
+        start = time.perf_counter()
+        router.route_vector(text, vector, start)
+        decide.append((time.perf_counter() - start) * 1000)
+    return decide
+
+
+class ScikitLearnNgrams:
+    """The n-gram features as the vectorizer's own ``transform`` computes them."""
+
+    def __init__(self, vectorizer: object) -> None:
+        self.vectorizer = vectorizer
+
+    def project(self, texts: list[str], weights: np.ndarray) -> np.ndarray:
+        return np.asarray(self.vectorizer.transform([str(t) for t in texts]) @ weights.T)
 
 
 def main() -> None:

@@ -1,0 +1,90 @@
+"""The per-word cached n-gram features are scikit-learn's own TF-IDF matrix, faster."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache_seed import read_seed_csv
+from intents.char_ngrams import CharNgramFeatures
+from intents.classifier import IntentClassifier, _char_ngrams, fitted_probabilities
+from tests.intents_support import BANK_FAQ
+
+BANKING77 = Path("/work/shared/data/banking77")  # where this machine has it
+
+ODD_TEXTS = ["", "   ", "zzzz qqqq", "Card CARD card", "my  card\tis\nlost",
+             "I'm — Ünïcode café", "a", "pin pin pin pin pin", "x" * 300]
+
+
+def bank_questions() -> list[str]:
+    return list(read_seed_csv(BANK_FAQ).questions)
+
+
+def assert_same_matrix(texts: list[str], fitted_on: list[str]) -> None:
+    vectorizer = _char_ngrams().fit(fitted_on)
+    expected = vectorizer.transform(texts)
+    got = CharNgramFeatures(vectorizer).transform(texts)
+    assert got.shape == expected.shape
+    assert got.nnz == expected.nnz
+    assert np.array_equal(got.indptr, expected.indptr)
+    assert np.array_equal(got.indices, expected.indices)
+    assert np.abs(got - expected).max() < 1e-6
+
+
+def test_the_matrix_is_scikit_learns_on_seed_questions_and_odd_texts() -> None:
+    questions = bank_questions()
+    assert_same_matrix(questions + ODD_TEXTS, fitted_on=questions)
+
+
+@pytest.mark.skipif(not (BANKING77 / "dev_spoken.csv").is_file(), reason="no Banking77 here")
+def test_the_matrix_is_scikit_learns_on_banking77_transcripts() -> None:
+    with (BANKING77 / "train.csv").open(encoding="utf-8") as f:
+        train = [r["text"] for r in csv.DictReader(f)]
+    with (BANKING77 / "dev_spoken.csv").open(encoding="utf-8") as f:
+        spoken = [r["asr_text"] for r in csv.DictReader(f)]
+    assert_same_matrix(spoken + ODD_TEXTS, fitted_on=train)
+
+
+def test_a_repeated_text_gives_the_same_row_as_the_first_time() -> None:
+    features = CharNgramFeatures(_char_ngrams().fit(bank_questions()))
+    first = features.transform(["I lost my card"]).toarray()
+    features.transform(["my card", "lost", "I lost my card today"])  # fills the word cache
+    assert np.array_equal(features.transform(["I lost my card"]).toarray(), first)
+
+
+def test_project_is_the_matrix_times_the_weights() -> None:
+    questions = bank_questions()
+    features = CharNgramFeatures(_char_ngrams().fit(questions))
+    weights = np.random.default_rng(0).standard_normal((7, features.transform([""]).shape[1]))
+    texts = questions[:20] + ODD_TEXTS
+    expected = features.transform(texts) @ weights.T
+    assert np.allclose(features.project(texts, weights), expected, atol=1e-9)
+
+
+def test_it_refuses_a_vectorizer_it_cannot_reproduce() -> None:
+    vectorizer = _char_ngrams().set_params(analyzer="word").fit(bank_questions())
+    with pytest.raises(ValueError, match="char_wb"):
+        CharNgramFeatures(vectorizer)
+
+
+def test_the_classifier_reads_texts_as_scikit_learn_would_and_survives_a_round_trip() -> None:
+    plan = read_seed_csv(BANK_FAQ)
+    questions, intents = list(plan.questions), list(plan.intents)
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((len(questions), 16)).astype(np.float32)
+    # Enough questions per intent that the n-gram model joins in.
+    many = questions * 10
+    clf = IntentClassifier().fit(np.tile(vectors, (10, 1)), intents * 10, many)
+    assert clf.reads_text
+    texts = questions[:15] + ODD_TEXTS[:4]
+    query = rng.standard_normal((len(texts), 16)).astype(np.float32)
+    state = clf.state()
+    expected = (fitted_probabilities(state["model"], query) + state["text_model"].predict_proba(
+        state["ngrams"].transform(texts))) / 2.0
+    assert np.allclose(clf.probabilities(query, texts), expected, atol=1e-6)
+    restored = IntentClassifier.from_state(pickle.loads(pickle.dumps(state)))
+    assert np.allclose(restored.probabilities(query, texts), expected, atol=1e-6)
