@@ -44,7 +44,6 @@ from bench.gateway_process import (FAQ_PARAPHRASES, GatewayProcess, free_port,  
 from gateway.client import Caller  # noqa: E402
 
 WORD_S = 0.150
-FRAME_MS = 20
 RATE = 16000
 # Words a final may add that no partial had: two of them make a wording never embedded.
 NEW_WORDS = ["today", "please", "exactly", "again", "now", "quickly", "actually", "though",
@@ -85,19 +84,19 @@ class FrameClock:
     def __init__(self, step: Step) -> None:
         self.step = step
         self.first: float | None = None
-        self.count = 0
+        self.heard_s = 0.0  # audio received before this frame (frames of any frame_ms)
 
     def reset(self) -> None:
-        self.first, self.count = None, 0
+        self.first, self.heard_s = None, 0.0
 
     def __call__(self, frame: bytes) -> None:
         now = time.monotonic()
         if self.first is None:
             self.first = now
         elif self.step.counting(now):
-            lag = (now - (self.first + self.count * FRAME_MS / 1000.0)) * 1000.0
+            lag = (now - (self.first + self.heard_s)) * 1000.0
             self.step.client_lag_ms.append(max(0.0, lag))
-        self.count += 1
+        self.heard_s += len(frame) / (2 * RATE)  # pcm16 at the caller's rate
 
 
 def record(step: Step, metrics: dict, client_ms: float | None, started: float,
