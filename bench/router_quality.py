@@ -43,6 +43,8 @@ How to run (from the repository root):
            --backend onnx-int8|torch (the embedder; onnx-int8 is what the gateway serves)
            --vector-cache DIR (keep the embeddings between runs: embedding ~30k texts takes minutes)
            --systems voicegate,gptcache,semantic-router (default: all that are installed)
+           --plot docs/router-precision-coverage.png (the curves and operating points; the
+           venv needs matplotlib)
 """
 
 from __future__ import annotations
@@ -243,19 +245,27 @@ def legacy_system(train_texts: list[str], train_labels: list[str], train_vectors
     return decide
 
 
-def coverage_curve(router: Router, dev: DevSet, vectors: np.ndarray) -> str:
-    """Hit rate at several precisions if the judge's threshold were set on this set (a
-    curve to look at, never a figure to tune on)."""
+def precision_curve(router: Router, dev: DevSet, vectors: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, precision) as the judge's threshold sweeps down over this set: the k most
+    confident answerable decisions served, for every k (an oracle's view of the curve)."""
     decisions = router.route_vectors(dev.texts, vectors)
     sure = np.array([d.certainty if d.intent is not None and d.action is Action.ANSWER else -1
                      for d in decisions])
     right = np.array([d.intent == y for d, y in zip(decisions, dev.labels)])
-    order = np.argsort(-sure)
-    precision = np.cumsum(right[order]) / np.arange(1, len(order) + 1)
+    order = np.argsort(-sure, kind="stable")
+    served = np.arange(1, len(order) + 1)
+    return served / len(order), np.cumsum(right[order]) / served
+
+
+def coverage_curve(router: Router, dev: DevSet, vectors: np.ndarray) -> str:
+    """Hit rate at several precisions if the judge's threshold were set on this set (a
+    curve to look at, never a figure to tune on)."""
+    coverage, precision = precision_curve(router, dev, vectors)
     parts = []
     for p in (0.98, 0.99, 0.993, 0.995, 0.999):
         ok = np.flatnonzero(precision >= p)
-        parts.append(f"{p:.1%}: {(ok.max() + 1) / len(order) if len(ok) else 0:.1%}")
+        parts.append(f"{p:.1%}: {coverage[ok.max()] if len(ok) else 0:.1%}")
     return "  coverage at precision (oracle threshold): " + ", ".join(parts)
 
 
@@ -364,6 +374,9 @@ def main(argv: list[str] | None = None) -> None:
                              "cards measure out-of-domain false hits")
     parser.add_argument("--backend", default="onnx-int8",
                         help="the embedder's backend: onnx-int8 (served) or torch")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="write the precision/coverage curves on dev and dev_spoken to this "
+                             "PNG (needs matplotlib)")
     args = parser.parse_args(argv)
 
     embedder = Embedder(backend=args.backend)
@@ -410,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
 
     wanted = set(args.systems.split(","))
     systems: list[tuple[str, Decide]] = []
-    curves: list[Router] = []
+    curves: list[tuple[str, Router]] = []  # routers whose threshold sweep is drawn
     if "legacy" in wanted:
         systems.append(("voicegate 0.1 rule",
                         legacy_system(train_texts, train_labels, train_vectors, args.target)))
@@ -418,23 +431,26 @@ def main(argv: list[str] | None = None) -> None:
         for label, kwargs in (("judge, embeddings only, no negatives",
                                {"ngrams": False, "negatives": False}),
                               ("judge + n-grams, no negatives", {"negatives": False})):
-            _, decide = voicegate_system(embedder, train_texts, train_labels, train_vectors,
-                                         args.target, label=label, **kwargs)
+            router, decide = voicegate_system(embedder, train_texts, train_labels,
+                                              train_vectors, args.target, label=label, **kwargs)
             systems.append((label, decide))
+            curves.append((label, router))
     if "voicegate" in wanted:
         router, ours = voicegate_system(embedder, train_texts, train_labels, train_vectors,
                                         args.target)
         systems.append(("voicegate (judge + n-grams + negatives)", ours))
-        curves.append(router)
+        curves.append(("voicegate (judge + n-grams + negatives)", router))
     try:
         if "gptcache" in wanted:
             import gptcache  # noqa: F401
         if "semantic-router" in wanted:
             import semantic_router  # noqa: F401
+        peers = True
     except ImportError as exc:
         print(f"peers skipped: {exc.name} is not installed here (they need their own venv: "
               "see the top of bench/router_quality.py)")
-    else:
+        peers = False
+    if peers:
         vectors_by_text = {t: v for t, v in zip(train_texts, train_vectors)}
         for dev in dev_sets:
             vectors, groups, prefix_vectors = encoded[dev.name]
@@ -448,13 +464,17 @@ def main(argv: list[str] | None = None) -> None:
                                                 workdir)))
             if "semantic-router" in wanted:
                 systems.extend(semantic_router_systems(train_texts, train_labels, args.target))
-            report(systems, dev_sets, encoded, curves)
-            return
-    report(systems, dev_sets, encoded, curves)
+            points = report(systems, dev_sets, encoded, curves)
+    else:
+        points = report(systems, dev_sets, encoded, curves)
+    if args.plot is not None:
+        plot_curves(args.plot, dev_sets, encoded, curves, points)
 
 
 def report(systems: list[tuple[str, Decide]], dev_sets: list[DevSet], encoded: dict,
-           curves: Sequence[Router] = ()) -> None:
+           curves: Sequence[tuple[str, Router]] = ()) -> dict[str, dict[str, tuple[float, float]]]:
+    """Prints every system's figures; returns its (hit rate, precision) per in-domain set."""
+    points: dict[str, dict[str, tuple[float, float]]] = {}
     for dev in dev_sets:
         vectors, groups, prefix_vectors = encoded[dev.name]
         print(f"\n{dev.name} ({len(dev.texts)} utterances"
@@ -464,10 +484,54 @@ def report(systems: list[tuple[str, Decide]], dev_sets: list[DevSet], encoded: d
             figures = evaluate(decide, dev, vectors, groups, prefix_vectors)
             line = (f"  {name:<40} out-of-domain questions answered {figures.hits / figures.n:.2%}"
                     if dev.labels[:1] == [OUT_OF_DOMAIN] else figures.line(name))
+            if figures.hits:
+                points.setdefault(dev.name, {})[name] = (figures.hits / figures.n,
+                                                         figures.correct / figures.hits)
             print(line + f"  [{time.perf_counter() - started:.0f} s]", flush=True)
         if dev.labels[:1] != [OUT_OF_DOMAIN]:
-            for router in curves:
-                print(coverage_curve(router, dev, vectors))
+            for name, router in curves:
+                print(coverage_curve(router, dev, vectors) + f"  [{name}]")
+    return points
+
+
+# Issue 11's bar, per set: (hit rate at least, precision at least).
+BAR = {"dev.csv": (0.75, 0.993), "dev_spoken.csv": (0.65, 0.992)}
+
+
+def plot_curves(path: Path, dev_sets: list[DevSet], encoded: dict,
+                curves: Sequence[tuple[str, Router]],
+                points: dict[str, dict[str, tuple[float, float]]]) -> None:
+    """Precision against coverage as each router's judge threshold sweeps (lines), every
+    system where its own threshold put it (dots), and the bar (dashed), one panel a set."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install matplotlib (in this venv)")
+        return
+    in_domain = [d for d in dev_sets if d.labels[:1] != [OUT_OF_DOMAIN]]
+    fig, axes = plt.subplots(1, len(in_domain), figsize=(6.5 * len(in_domain), 5.2),
+                             squeeze=False)
+    for ax, dev in zip(axes[0], in_domain):
+        vectors = encoded[dev.name][0]
+        for name, router in curves:
+            coverage, precision = precision_curve(router, dev, vectors)
+            ax.plot(coverage * 100, precision * 100, label=f"{name} (threshold sweep)")
+        for name, (hit_rate, precision) in points.get(dev.name, {}).items():
+            ax.plot(hit_rate * 100, precision * 100, "o", label=f"{name} (as calibrated)")
+        if dev.name in BAR:
+            min_hits, min_precision = BAR[dev.name]
+            ax.axhline(min_precision * 100, color="grey", linestyle="--", linewidth=0.8)
+            ax.axvline(min_hits * 100, color="grey", linestyle="--", linewidth=0.8)
+        ax.set(title=f"banking77 {dev.name} ({len(dev.texts)} questions)",
+               xlabel="questions answered from the cache (%)",
+               ylabel="cached answers that are right (%)", ylim=(95, 100.05), xlim=(0, 100))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"precision/coverage curves written to {path}")
 
 
 if __name__ == "__main__":
