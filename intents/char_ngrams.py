@@ -6,8 +6,9 @@ short text, nearly all of it input checks and Python n-gram loops, while the cal
 routes the same words over and over (every partial repeats the previous one's words).
 Because ``char_wb`` n-grams belong to single words, a text's counts are the sum of its
 words' counts: each word is analysed once and cached, and a text costs a few dictionary
-lookups plus the sublinear-tf/idf/l2 arithmetic. The output is the vectorizer's own
-(``tests/test_char_ngrams.py`` compares them on Banking77).
+lookups plus the sublinear-tf/idf/l2 arithmetic. The output is the vectorizer's own matrix
+to float32 rounding: the same columns, values within 1e-7 (computed in float64, stored as
+float32; ``tests/test_char_ngrams.py`` compares them on Banking77 and odd whitespace).
 """
 
 from __future__ import annotations
@@ -23,14 +24,20 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 WORD_CACHE_SIZE = 65_536
 
 _EMPTY = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+for _array in _EMPTY:
+    _array.setflags(write=False)
 
 
 class CharNgramFeatures:
-    """``vectorizer.transform(texts)``, the same matrix, from per-word cached counts."""
+    """``vectorizer.transform(texts)`` from per-word cached counts."""
 
     def __init__(self, vectorizer: TfidfVectorizer) -> None:
-        if vectorizer.analyzer != "char_wb" or vectorizer.norm != "l2" or not vectorizer.use_idf:
-            raise ValueError("needs a fitted char_wb TfidfVectorizer with idf and l2 norm")
+        # Settings under which a text's counts are not the sum of its words' are refused.
+        if vectorizer.analyzer != "char_wb" or vectorizer.norm != "l2" \
+                or not vectorizer.use_idf or vectorizer.binary or vectorizer.input != "content" \
+                or vectorizer.preprocessor is not None:
+            raise ValueError("needs a fitted char_wb TfidfVectorizer on content, with idf, l2 "
+                             "norm, counts (not binary) and the default preprocessor")
         self.vectorizer = vectorizer
         self._analyse = vectorizer.build_analyzer()
         self._vocabulary = vectorizer.vocabulary_
@@ -49,9 +56,12 @@ class CharNgramFeatures:
                 counts[column] = counts.get(column, 0) + 1
         if not counts:
             return _EMPTY
-        columns = sorted(counts)  # a CSR row's columns in order, as scikit-learn writes them
-        return (np.asarray(columns, dtype=np.int64),
-                np.asarray([counts[c] for c in columns], dtype=np.float64))
+        order = sorted(counts)  # a CSR row's columns in order, as scikit-learn writes them
+        columns = np.asarray(order, dtype=np.int64)
+        values = np.asarray([counts[c] for c in order], dtype=np.float64)
+        columns.setflags(write=False)  # shared by every thread that routes this word
+        values.setflags(write=False)
+        return columns, values
 
     def project(self, texts: Sequence[str], weights: np.ndarray) -> np.ndarray:
         """``transform(texts) @ weights.T`` for dense (k, features) ``weights`` (a linear

@@ -8,7 +8,7 @@ neighbours and thresholds calibrated on the seed.
 
 Beside the embeddings, a second logistic regression reads the text's character
 n-grams (TF-IDF, 2-5 characters within words): it catches what a sentence embedding
-blurs (a misheard word's spelling, "PIN" vs "pin code") and costs ~0.1 ms a query
+blurs (a misheard word's spelling, "PIN" vs "pin code") and costs ~0.2 ms a query
 (``intents.char_ngrams``: per-word cached counts); the two models' probabilities are
 averaged. Chosen by 5-fold cross-validation on banking77 *train*: top-1 accuracy
 92.0% -> 92.6%, and 2-3 points more of the seed's questions answered at 99.5% precision.
