@@ -1,8 +1,8 @@
 """Character n-gram TF-IDF features of a routed text, word by word from a cache.
 
 The intent classifier's n-gram model reads a fitted scikit-learn ``TfidfVectorizer``
-(``char_wb``: n-grams never span two words). Its ``transform`` costs ~0.7 ms on one
-short text, nearly all of it input checks and Python n-gram loops, while the call loop
+(``char_wb``: n-grams never span two words). Its ``transform`` costs ~0.7-1.1 ms on
+one short text, nearly all of it input checks and Python n-gram loops, while the call loop
 routes the same words over and over (every partial repeats the previous one's words).
 Because ``char_wb`` n-grams belong to single words, a text's counts are the sum of its
 words' counts: each word is analysed once and cached, and a text costs a few dictionary

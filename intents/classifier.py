@@ -75,8 +75,8 @@ class IntentClassifier:
     def __init__(self, c: float = DEFAULT_C, max_iter: int = 3000, seed: int = 0) -> None:
         self._model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
         self._text_model: LogisticRegression | None = None
-        self._ngrams: TfidfVectorizer | None = None
-        self._features: CharNgramFeatures | None = None  # ``_ngrams``' transform, cached per word
+        # The n-gram model's fitted TfidfVectorizer, its transform cached per word.
+        self._features: CharNgramFeatures | None = None
         self._c, self._max_iter, self._seed = c, max_iter, seed
         self.classes: list[str] = []
         self._single: str | None = None  # LogisticRegression refuses one class
@@ -96,7 +96,7 @@ class IntentClassifier:
         if texts is not None and len(texts) != len(labels):
             raise ValueError("need one text per vector")
         self.classes = distinct
-        self._text_model = self._ngrams = self._features = None
+        self._text_model = self._features = None
         if len(distinct) == 1:
             self._single = distinct[0]
             return self
@@ -109,7 +109,7 @@ class IntentClassifier:
                 grams = ngrams.fit_transform([str(t) for t in texts])
             except ValueError:  # no n-gram occurs twice (a tiny seed): embeddings alone
                 return self
-            self._ngrams, self._features = ngrams, CharNgramFeatures(ngrams)
+            self._features = CharNgramFeatures(ngrams)
             self._text_model = LogisticRegression(C=self._c, max_iter=self._max_iter,
                                                   random_state=self._seed).fit(grams, labels)
         return self
@@ -160,7 +160,8 @@ class IntentClassifier:
     def state(self) -> dict[str, Any]:
         """What persists (joblib-able; see ``from_state``)."""
         return {"sklearn": sklearn.__version__, "classes": self.classes, "single": self._single,
-                "model": self._model, "text_model": self._text_model, "ngrams": self._ngrams}
+                "model": self._model, "text_model": self._text_model,
+                "ngrams": None if self._features is None else self._features.vectorizer}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "IntentClassifier":
@@ -173,6 +174,6 @@ class IntentClassifier:
         clf.classes = list(state["classes"])
         clf._single = state["single"]
         clf._text_model = state.get("text_model")
-        clf._ngrams = state.get("ngrams")
-        clf._features = None if clf._ngrams is None else CharNgramFeatures(clf._ngrams)
+        ngrams = state.get("ngrams")
+        clf._features = None if ngrams is None else CharNgramFeatures(ngrams)
         return clf
