@@ -196,7 +196,8 @@ class WordTTS:
 class ScriptedLLM:
     """A chat model whose reply to any request is ``reply`` (one chunk per word).
 
-    With a ``clock``, the first chunk takes ``first_token_s`` of it. ``fail_next``
+    With a ``clock``, the first chunk takes ``first_token_s`` of it and closing a stream
+    ``close_s`` (an HTTP stream's teardown). ``fail_next``
     requests fail before their first chunk; ``tool_calls`` are the calls the next
     requests answer with (one each) instead of words. ``first_tokens`` records when
     (clock time) each request's first chunk was yielded."""
@@ -207,6 +208,7 @@ class ScriptedLLM:
         self.reply = "Okay."
         self.clock = clock
         self.first_token_s = 0.0
+        self.close_s = 0.0
         self.fail_next = 0
         self.tool_calls: list[ToolCall] = []
         self.requests: list[list[dict[str, Any]]] = []
@@ -236,6 +238,8 @@ class ScriptedLLM:
                     self.first_tokens.append(self.clock.now())
                 yield LLMChunk(text=word + " ")
         finally:
+            if self.clock is not None and self.close_s:
+                await self.clock.sleep(self.close_s)
             self.open_streams -= 1
             self.closed_streams += 1
 

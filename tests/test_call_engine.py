@@ -96,6 +96,35 @@ async def test_the_context_keeps_exactly_the_words_the_caller_heard():
     assert assistant[-1]["content"] == " ".join(reply.split()[:heard_words])
 
 
+async def test_the_caller_going_on_while_a_cut_reply_closes_keeps_the_heard_words():
+    # Closing the cut reply's LLM stream takes a while (an HTTP teardown); the caller's
+    # next words arrive meanwhile. They must not stop the stopped reply again: a second
+    # cancellation lands in the agent's cleanup, before it writes what it said, and the
+    # next request had no assistant message (test_miss_e2e's barge-in flake).
+    h = CallHarness()
+    reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
+    h.llm.reply = reply
+    h.llm.close_s = 0.2
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)
+    await h.text("wait", final=False)  # a barge-in by text
+    await h.wait(100)  # the LLM stream is still closing
+    assert h.call.replying
+    h.llm.reply = "Okay."
+    await h.text("what did you just say")
+    await h.wait(2000)
+    await h.stop()
+    interrupts = h.output.of("interrupt")
+    assert len(interrupts) == 1  # one barge-in, one interrupt
+    heard_words = int(interrupts[0]["heard_ms"] // TTS_MS_PER_WORD)
+    assert 0 < heard_words < len(reply.split()) // 2
+    roles = [m["role"] for m in h.llm.requests[-1]]
+    assert roles == ["system", "user", "assistant", "user"]
+    assert h.llm.requests[-1][2]["content"] == " ".join(reply.split()[:heard_words])
+    assert h.llm.requests[-1][3]["content"] == "what did you just say"
+
+
 async def test_a_tts_failure_is_apologised_for_and_the_next_turn_works():
     h = CallHarness()
     h.llm.reply = "Here is the first part. FAIL this sentence breaks the voice."

@@ -102,9 +102,14 @@ async def test_barge_in_cancels_the_streams_and_trims_the_context(agent_gateway)
         # both LLM streams are closed by the barge-in (the loser earlier, at the first token)
         assert await fake.await_for(lambda s: s.disconnects["primary"] >= 1
                                     and s.disconnects["secondary"] >= 1)
+        # The cut turn ends (its metrics) once its context is cut to the heard words; on a
+        # loaded machine that is after the disconnects, and say_text would take the cut
+        # turn's metrics for its own and read the requests before the next one is sent.
+        await caller.wait_for("turn_metrics", start=index, turn=interrupt["turn"])
         fake.replies["primary"] = Reply(text="Okay.")
         turn = await caller.say_text("what did you just say")
     assert interrupt["heard_ms"] > 0
+    assert turn.number > interrupt["turn"]
     last_request = fake.stats.bodies[-1]["messages"]
     assistant = [m for m in last_request if m["role"] == "assistant"]
     assert assistant, ("no assistant message in the last request: roles per request "

@@ -618,6 +618,12 @@ class Call:
         task = self._reply_task
         if task is None or task.done():
             return
+        if task.cancelling():
+            # Already stopped, still cutting its context to the heard words (its LLM
+            # streams closing): cancelled again, the agent would not write what it said.
+            if cause != "speech":
+                self._stopped_by_speech = None  # the caller typed on: no spoken continuation
+            return
         if self._held is not None:  # already stopped; a text message makes it final
             if cause != "speech":
                 self._stopped_by_speech = None  # the caller typed on: no spoken continuation
