@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from typing import Protocol
 
@@ -53,7 +54,11 @@ class ManualClock:
             await asyncio.sleep(0)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), future))
+        # At least one step of the float: a sleep below the clock's resolution (what is
+        # left of a wait computed as a difference of times) must still end after now, or
+        # a loop that sleeps until a deadline never reaches it (IdleWatch.next).
+        due = max(self._now + seconds, math.nextafter(self._now, math.inf))
+        heapq.heappush(self._sleepers, (due, next(self._seq), future))
         await future
 
     async def settle(self, rounds: int = 30) -> None:

@@ -112,8 +112,10 @@ class Preemption:
             await self.aclose()
 
     def cancel(self) -> None:
-        """Stop the stream (the task closes it); a no-op once it has ended."""
-        if not self.task.done():
+        """Stop the stream (the task closes it); a no-op once it has ended or was stopped:
+        cancelled again while closing its stream (the turn that discarded it ending), the
+        teardown would be cut short and the HTTP stream left open."""
+        if not self.task.done() and not self.cancelled:
             self.cancelled = True
             self.task.cancel()
 

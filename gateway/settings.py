@@ -172,6 +172,12 @@ class Settings(BaseModel):
     # Speech during playback must last this long before it cuts the bot off, so
     # backchannels ("uh-huh", "okay") and short noises do not interrupt.
     barge_in_min_speech_ms: Pos = 400
+    # ... except within turn_continuation_ms of a turn ended early on its words (judged
+    # complete: a cached question after the short silence): speech then is most likely
+    # the caller going on with the sentence ("the exchange rate seems wrong, ... on my
+    # last payment"), so it stops the reply after this much. A false stop is held and
+    # resumed (false_interruption_s); with that at 0, barge_in_min_speech_ms.
+    continuation_min_speech_ms: Pos = 160
     # A barge-in holds the reply this long: if the caller's speech ends with no words
     # recognised (noise), the reply resumes from the last frame heard. 0: always stop.
     false_interruption_s: Annotated[float, Field(ge=0.0, le=10.0)] = 2.0

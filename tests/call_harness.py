@@ -294,6 +294,7 @@ class RecordingOutput:
         self._clock = clock
         self.events: list[dict[str, Any]] = []
         self.frames: list[tuple[float, bytes]] = []
+        self.interrupted_at: list[float] = []  # clock time of every interrupt
 
     async def send_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
@@ -303,6 +304,7 @@ class RecordingOutput:
 
     async def interrupt(self, event: dict[str, Any]) -> None:
         self.events.append(event)
+        self.interrupted_at.append(self._clock.now())
 
     def of(self, kind: str, **match: Any) -> list[dict[str, Any]]:
         return [e for e in self.events if e["type"] == kind

@@ -7,7 +7,9 @@ import asyncio
 import inspect
 
 from gateway.timeline import TurnTimeline
-from tests.call_harness import TTS_MS_PER_WORD, CallHarness
+from tests.call_harness import TTS_MS_PER_WORD, CallHarness, tone
+
+NOISE = 77  # a sample value that is no word (see test_false_interruption)
 
 
 async def test_later_turns_are_answered_after_the_caller_talks_over_a_slow_final():
@@ -285,3 +287,73 @@ def test_cli_demo_and_server_import_without_a_cycle():
                          if isinstance(node, ast.ImportFrom) and node.module and node.level == 1}
     assert "cli" not in imports["demo"] | imports["server"]
     assert "demo" not in imports["server"]
+
+
+async def test_a_barge_in_on_a_reply_queued_behind_a_closing_one_keeps_the_heard_words():
+    # The next turn's reply waits for the cut one's cleanup (its LLM stream closing). A
+    # barge-in on that queued reply must not reach the cut one through the wait: a second
+    # cancellation lands in the agent's cleanup and the heard words are never written.
+    h = CallHarness()
+    reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
+    h.llm.reply = reply
+    h.llm.close_s = 1.0
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)
+    await h.text("wait", final=False)  # a barge-in by text: the stream starts closing
+    heard_words = int(h.output.of("interrupt")[0]["heard_ms"] // TTS_MS_PER_WORD)
+    h.llm.reply = "Okay."
+    await h.text("what did you just say")  # queued behind the closing reply
+    await h.wait(100)
+    await h.text("no", final=False)  # stops the queued reply
+    await h.wait(100)
+    await h.text("say it again")
+    await h.wait(3000)
+    await h.stop()
+    assert 0 < heard_words < len(reply.split()) // 2
+    roles = [m["role"] for m in h.llm.requests[-1]]
+    assert roles == ["system", "user", "assistant", "user"]
+    assert h.llm.requests[-1][2]["content"] == " ".join(reply.split()[:heard_words])
+    assert h.llm.requests[-1][3]["content"] == "say it again"
+    assert h.llm.open_streams == 0
+
+
+async def test_words_whose_reply_was_stopped_while_queued_open_the_next_turn():
+    # "no wait" stops the answer; its turn's reply queues behind the answer's cleanup
+    # (a slow stream close). The caller goes on before it ran: stopped unrun, its words
+    # must still open the next turn, as when a reply is stopped before it spoke.
+    h = CallHarness()
+    reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
+    h.llm.reply = reply
+    h.llm.close_s = 2.0
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)
+    await h.say("no wait", then_silence_ms=400)  # the answer stopped; the turn ended
+    assert h.llm.open_streams == 1  # the answer's stream still closing: the turn queued
+    h.llm.reply = "Okay."
+    await h.say("tell me about fees", then_silence_ms=4000)
+    await h.stop()
+    assert h.transcripts() == ["no wait tell me about fees"]
+    assert [m["content"] for m in h.llm.requests[-1] if m["role"] == "user"] == \
+        ["tell me everything", "no wait tell me about fees"]
+    assert [m["role"] for m in h.llm.requests[-1]] == ["system", "user", "assistant", "user"]
+
+
+async def test_noise_before_the_answer_has_begun_does_not_let_it_play_over_the_caller():
+    # The final decode is slow: the caller coughs while the answer waits for its words.
+    # Held then, the reply had no audio to hold: it began playing, over the cough, once
+    # the words came. It waits for the caller instead, and answers the question after.
+    h = CallHarness(decode_s=0.5)
+    await h.start()
+    await h.say("what are your opening hours", then_silence_ms=400)  # the turn ended
+    assert h.call.replying and not h.output.frames
+    noise_from = h.clock.now()
+    await h.feed(tone(800, NOISE))
+    noise_to = h.clock.now()
+    await h.silence(3000)
+    await h.stop()
+    assert not [t for t, _ in h.output.frames if noise_from <= t <= noise_to]
+    assert h.output.frames  # answered after the cough
+    assert h.transcripts()[-1] == "what are your opening hours"
+    assert [e["source"] for e in h.output.of("response")] == ["llm"]

@@ -141,6 +141,22 @@ async def test_a_caller_who_answers_the_prompt_is_not_hung_up_on():
     await h.stop()
 
 
+async def test_a_caller_who_talks_over_the_goodbye_is_still_watched_for_silence():
+    # The goodbye was the idle watch's last step: cut short by the caller, the call goes
+    # on, and silence after it must still be prompted (and at last hung up on).
+    h = harness({"idle_prompt_s": 8})
+    await h.start()
+    await h.text("hello there")
+    while not h.output.of("response", source="goodbye"):
+        await h.wait(20)
+    await h.text("sorry I am still here")  # a barge-in on the goodbye
+    await h.wait(9000)
+    assert sources(h) == ["llm", "prompt", "goodbye", "llm", "prompt"]
+    assert h.output.of("hangup") == [] and not await ended(h)
+    await h.wait(9000)
+    assert sources(h)[-1] == "goodbye" and await ended(h) and h.call.ended == "idle"
+
+
 class SlowToolLLM:
     """A chat model that takes ``wait_s`` of the manual clock (a tool call) to answer."""
 

@@ -109,6 +109,35 @@ async def test_a_final_that_differs_from_the_preempted_words_never_uses_them(fin
     assert h.llm.open_streams == 0
 
 
+async def test_a_discarded_preemptive_call_closes_its_stream_once():
+    # The final is not the preempted words: the preemptive call is cancelled and closes
+    # its stream (an HTTP teardown, slow here); the fresh call answers and the turn ends
+    # meanwhile. Cancelled again then, the teardown was cut short and the stream left open.
+    h = harness(1.0)  # the preemptive call still waits for its first token at the end
+    h.llm.close_s = 2.0
+    await h.start()
+    stream = h.stt.streams[0]
+    finalize = stream.finalize
+
+    def finalize_differently():
+        decoded = finalize()
+
+        async def final_text() -> Transcript:
+            await decoded
+            return Transcript(text=f"{QUESTION} please", final=True)
+        return final_text()
+
+    stream.finalize = finalize_differently  # type: ignore[method-assign]
+    await h.say(QUESTION, then_silence_ms=SILENCE_MS + 100)  # the turn ended: a fresh call
+    assert h.stats.preempts == {"started": 1}
+    h.llm.close_s = 0.0  # the fresh call's stream closes at once
+    await h.wait(1500)
+    assert h.metrics() and h.llm.open_streams == 1  # the turn is over; the preemptive
+    await h.wait(2000)  # stream is still closing
+    await h.stop()
+    assert h.llm.open_streams == 0 and h.llm.closed_streams == 2
+
+
 class RecordingRunner:
     def __init__(self, clock) -> None:
         self.clock = clock

@@ -40,6 +40,46 @@ async def test_words_soon_after_the_turn_ended_continue_it():
     assert user_texts(h.call.conversation.history) == ["i lost my card while i was abroad"]
 
 
+async def stopped_after_ms(settings: dict, early_finals: bool = True) -> float:
+    """How long the caller going on talks over the answer before it stops."""
+    h = await CallHarness(faqs={"abroad": "card_abroad", "lost my card": "lost_card"},
+                          settings=settings, early_finals=early_finals).start()
+    await h.say("i lost my card", then_silence_ms=600)
+    assert h.call.speaking  # the answer is playing
+    began = h.clock.now()
+    await h.say("while i was abroad", then_silence_ms=1500)
+    await h.stop()
+    first, second = h.metrics()
+    assert first["end_of_turn"] == ("complete" if early_finals else "unknown")
+    assert second["continues"] is True
+    return (h.output.interrupted_at[0] - began) * 1000
+
+
+async def test_going_on_after_a_turn_ended_early_stops_the_answer_sooner():
+    # A turn ended early on its words (a cached question, the short silence) is the one
+    # a caller goes on with: the answer stops once it is speech
+    # (continuation_min_speech_ms), not after barge_in_min_speech_ms.
+    # (The harness delivers a 20 ms frame as it begins: the VAD is sure 40 ms early.)
+    soon = await stopped_after_ms({})
+    assert 100 <= soon < 200
+    slow = await stopped_after_ms({"continuation_min_speech_ms": 400})
+    assert 360 <= slow < 460
+    # Without a hold to resume from, a false start would lose the answer: the long one.
+    assert await stopped_after_ms({"false_interruption_s": 0}) >= 360
+    # A turn that ended on the open silence: speech may be a backchannel, the long one.
+    assert await stopped_after_ms({}, early_finals=False) >= 360
+
+
+async def test_a_backchannel_soon_after_an_open_turn_does_not_stop_the_answer():
+    h = await CallHarness(faqs={"lost my card": "lost_card"}).start()
+    await h.say("i lost my card", then_silence_ms=600)  # ended on the open silence
+    assert h.call.speaking
+    await h.say("mhm", then_silence_ms=1500)  # 200 ms: shorter than a barge-in
+    await h.stop()
+    assert not h.output.of("interrupt")
+    assert h.metrics()[0]["interrupted"] is False
+
+
 async def test_the_agent_is_asked_once_with_the_whole_question():
     h = CallHarness(faqs={"lost my card": "lost_card"})
     h.llm.reply = "Which card was it?"

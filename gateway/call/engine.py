@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import uuid
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class Call:
             TurnSettings(vad_threshold=settings.vad_threshold,
                          min_speech_ms=settings.min_speech_ms,
                          barge_in_min_speech_ms=settings.barge_in_min_speech_ms,
+                         continuation_min_speech_ms=settings.continuation_min_speech_ms,
                          end_of_turn=end_of_turn_settings(settings),
                          early_final_after_ms=settings.early_final_after_ms),
             deps.stt.open_stream(), deps.clock)
@@ -133,7 +135,10 @@ class Call:
         self.conversation = deps.new_conversation()
 
         self._reply_task: asyncio.Task[None] | None = None
-        self._reply_tl: TurnTimeline | None = None
+        # Every reply not yet over: the latest, and those it waits for (still closing).
+        self._reply_tasks: set[asyncio.Task[None]] = set()
+        self._reply_tl: TurnTimeline | None = None  # the reply that runs (not one queued)
+        self._reply_task_tl: TurnTimeline | None = None  # the latest reply's, run or queued
         # Finals of utterances the bot never answered (the caller went on talking):
         # they open the next turn's text, so no words are lost.
         self._carry: list[asyncio.Future[Transcript]] = []
@@ -230,7 +235,8 @@ class Call:
             await self._stopped.wait()
         finally:
             reply = self._reply_task
-            pending = [*loops, *([reply] if reply else []), *self._finals, *self._carry,
+            pending = [*loops, *([reply] if reply else []), *self._reply_tasks,
+                       *self._finals, *self._carry,
                        *self._pause_tasks, *self._hold_settlers,
                        *([self._hold_timer] if self._hold_timer else [])]
             if self._held is not None:
@@ -317,7 +323,7 @@ class Call:
                 continue
             for index, prob in enumerate(probs):
                 window = block[index * WINDOW_BYTES:(index + 1) * WINDOW_BYTES]
-                self._turns.confirm_speech_slowly(self.speaking)
+                self._turns.confirm_speech_slowly(self.speaking, self._may_continue())
                 try:
                     signals = await self._turns.push(window, prob, arrived)
                 except Exception as exc:  # an STT stream refusing audio
@@ -442,7 +448,10 @@ class Call:
                                           name="vg-settle-hold")
             self._hold_settlers.add(settler)
             settler.add_done_callback(self._hold_settlers.discard)
-        self._start_reply(ended.timeline, self._spoken_turn(ended.timeline, final, preempt))
+        # Stopped while queued behind the previous reply's cleanup, the turn never took its
+        # words: they open the next turn, as when it is stopped before it spoke.
+        self._start_reply(ended.timeline, self._spoken_turn(ended.timeline, final, preempt),
+                          if_never_ran=lambda: self._carry.append(final))
         if preempt is not None:  # whatever became of the turn, nothing of it outlives it
             assert self._reply_task is not None
             self._reply_task.add_done_callback(lambda _: self._preempt_over(preempt))
@@ -522,22 +531,48 @@ class Call:
 
     # ------------------------------------------------------------------ replies
 
-    def _start_reply(self, tl: TurnTimeline, turn: Coroutine[Any, Any, None]) -> None:
+    def _start_reply(self, tl: TurnTimeline, turn: Coroutine[Any, Any, None],
+                     if_never_ran: Callable[[], None] | None = None) -> None:
         self._drop_preempt()  # another reply changes the context a preemptive call was for
         previous = self._reply_task
         self._idle.bot_started()
 
         async def after_previous() -> None:
             if previous is not None:  # its cleanup (context cut to the heard words) first
-                await asyncio.gather(previous, return_exceptions=True)
+                await self._wait_for_previous(previous)
             self._reply_tl = tl
             await turn
 
         self._reply_task = asyncio.create_task(after_previous(), name=f"vg-turn-{tl.turn}")
+        self._reply_task_tl = tl
+        self._reply_tasks.add(self._reply_task)
+        self._reply_task.add_done_callback(self._reply_tasks.discard)
         self._reply_task.add_done_callback(self._reply_done)
+
         # Cancelled while queued behind the previous reply (a barge-in, the call's end),
         # the turn never ran: close it (a no-op once it has run).
-        self._reply_task.add_done_callback(lambda _: turn.close())
+        def close_turn(_: asyncio.Task[None]) -> None:
+            if if_never_ran is not None and inspect.getcoroutinestate(turn) == \
+                    inspect.CORO_CREATED:
+                if_never_ran()
+            turn.close()
+
+        self._reply_task.add_done_callback(close_turn)
+
+    @staticmethod
+    async def _wait_for_previous(previous: asyncio.Task[None]) -> None:
+        """Wait for the previous reply to end. Cancelled meanwhile (a barge-in on the reply
+        queued behind it), it is cancelled with this one only if it still plays (a resumed
+        reply): one already stopped is closing its LLM streams, and cancelled again the
+        agent would not write what the caller heard (as in ``_barge_in``). Either way this
+        one ends after it, so the reply queued next starts on the context it leaves."""
+        try:
+            await asyncio.wait({previous})
+        except asyncio.CancelledError:
+            if not previous.cancelling():
+                previous.cancel()
+            await asyncio.wait({previous})  # cancelled again (the call ends): run ends both
+            raise
 
     def _reply_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -630,11 +665,18 @@ class Call:
                 self._confirm_interruption()
             return
         self._stopped_by_speech = (task, speech_at) if speech_at is not None else None
+        # Held only with audio to hold: a playout still open (this reply's, or a resumed
+        # one it is queued behind), or this reply's own, already played. A reply not yet
+        # playing (queued behind a stopped one, its words decoding or being routed) would
+        # start an open playout of its own and play over the caller: it is stopped, and
+        # its words open the next turn.
+        holdable = self._reply.live or (self._reply_task_tl is not None
+                                        and self._reply_task_tl.has("first_audio"))
         heard = self._reply.freeze()
         sent = self._reply.sent_ms
         turn = self._reply_tl.turn if self._reply_tl else self._turns.turns
         window = self._settings.false_interruption_s
-        if cause == "speech" and window > 0 and self._reply.held:
+        if cause == "speech" and window > 0 and holdable:
             self._held = task
             self._hold_timer = asyncio.create_task(self._expire_hold(task, window),
                                                    name="vg-hold")
@@ -644,6 +686,22 @@ class Call:
                                    "heard_ms": round(heard, 1), "sent_ms": sent})
         logs.event(log, "barge_in", turn=turn, cause=cause, heard_ms=round(heard, 1))
         self._trace.barge_in(turn, round(heard, 1), cause)
+
+    def _may_continue(self) -> bool:
+        """Speech now would continue a turn that was ended early on its words (judged
+        complete: a cached question, after the short silence) within
+        ``turn_continuation_ms``, so it stops the reply once it is speech, not after the
+        barge-in's long confirmation: such a turn is the one a caller most often goes on
+        with ("the exchange rate seems wrong ... on my last payment"), and every 100 ms
+        more is the bot talking over them. After any other turn a backchannel ("uh-huh")
+        must not stop the reply, so the long confirmation stays. A false start costs
+        little: the reply is held and resumes where it stopped when no words come."""
+        tl = self._reply_tl
+        window_s = self._settings.turn_continuation_ms / 1000.0
+        if window_s <= 0 or self._settings.false_interruption_s <= 0 or tl is None \
+                or not tl.has("end_of_turn") or tl.info.get("end_of_turn") != "complete":
+            return False
+        return self._clock.now() - tl.marks["end_of_turn"] <= window_s
 
     def _continues(self, tl: TurnTimeline) -> bool:
         """This turn's reply (the running task) was stopped by speech that began within
@@ -747,8 +805,9 @@ class Call:
             if step == "prompt":
                 self._start_reply(tl, self._say(tl, self._responder.idle_prompt))
             else:
+                # No return: the goodbye ends the call, unless the caller talks over it
+                # (then the call goes on, and its silence is watched again).
                 self._start_reply(tl, self._say_goodbye(tl))
-                return
 
     async def _say_goodbye(self, tl: TurnTimeline) -> None:
         await self._say(tl, self._responder.goodbye)

@@ -121,6 +121,11 @@ class ReplyStage:
     def held(self) -> bool:
         return self._frozen_heard_ms is not None
 
+    @property
+    def live(self) -> bool:
+        """A reply's playout is open: a barge-in now has audio to hold."""
+        return self._playout is not None and self._frozen_heard_ms is None
+
     def resume(self) -> float | None:
         """The barge-in was noise: play on from the frame the caller last heard.
 

@@ -54,6 +54,8 @@ class TurnSettings:
     vad_threshold: float = 0.5
     min_speech_ms: float = 120.0
     barge_in_min_speech_ms: float = 400.0
+    # ... except just after the caller's own turn ended: going on is continuing it.
+    continuation_min_speech_ms: float = 160.0
     end_of_turn: EndOfTurnSettings = EndOfTurnSettings()
     # Decode the final once a pause is this long: shorter gaps between words would only
     # start decodes that the next word throws away.
@@ -61,7 +63,8 @@ class TurnSettings:
 
     @property
     def preroll_windows(self) -> int:
-        longest = max(self.min_speech_ms, self.barge_in_min_speech_ms) + _PREROLL_MARGIN_MS
+        longest = max(self.min_speech_ms, self.barge_in_min_speech_ms,
+                      self.continuation_min_speech_ms) + _PREROLL_MARGIN_MS
         return math.ceil(longest / WINDOW_MS)
 
 
@@ -114,10 +117,13 @@ class TurnDetector:
         self.pause = 0  # number of the current (or last) pause
         self.turns = 0
 
-    def confirm_speech_slowly(self, slowly: bool) -> None:
-        """While the bot talks, speech must last longer to count (barge-in)."""
+    def confirm_speech_slowly(self, slowly: bool, continuing: bool = False) -> None:
+        """While the bot talks, speech must last longer to count (barge-in), unless the
+        caller is ``continuing`` the turn that just ended (continuation_min_speech_ms)."""
+        s = self._settings
         self._segmenter.min_speech_ms_override = (
-            float(self._settings.barge_in_min_speech_ms) if slowly else None)
+            None if not slowly else
+            float(s.continuation_min_speech_ms if continuing else s.barge_in_min_speech_ms))
 
     async def push(self, window: bytes, prob: float, at: float) -> list[TurnSignal]:
         """One 32 ms window at 16 kHz with its speech probability, arrived at ``at``."""
