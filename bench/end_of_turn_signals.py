@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--sample-seed", type=int, default=7)
     parser.add_argument("--hits", type=int, default=16)
     parser.add_argument("--misses", type=int, default=8)
+    parser.add_argument("--json", type=Path, help="write every probe point here")
     args = parser.parse_args()
     from gateway.providers.moonshine_stt import MoonshineRecognizer
     from gateway.turn_model import SmartTurn
@@ -136,6 +137,10 @@ def main() -> None:
         for band in (16000, 8000):
             probe("end", -1, pcm[:speech_bounds(pcm)[1] * 2], band)
 
+    if args.json:
+        import json
+        from dataclasses import asdict
+        args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
     pauses = [p for p in points if p.kind == "pause"]
     ends = [p for p in points if p.kind == "end"]
     open_pauses = [p for p in pauses if not p.unfinished and not p.hit]
