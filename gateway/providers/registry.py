@@ -26,7 +26,8 @@ def _moonshine(settings: Settings, executor: Executor) -> SpeechToText:
     from .moonshine_stt import MoonshineRecognizer
 
     recognizer = MoonshineRecognizer(threads=settings.moonshine_threads,
-                                     cache_dir=settings.model_cache_dir or None)
+                                     cache_dir=settings.model_cache_dir or None,
+                                     decoder_weights=settings.moonshine_decoder_weights)
     return _redecoding(recognizer, settings, executor)
 
 
