@@ -98,19 +98,38 @@ async def test_the_context_keeps_exactly_the_words_the_caller_heard():
     assert assistant[-1]["content"] == " ".join(reply.split()[:heard_words])
 
 
+LONG_REPLY = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
+
+
+async def cut_a_long_reply(close_s: float) -> CallHarness:
+    """A call whose long LLM answer the caller stops by text 1.5 s in; closing the
+    answer's LLM stream (an HTTP teardown) takes ``close_s``."""
+    h = CallHarness()
+    h.llm.reply = LONG_REPLY
+    h.llm.close_s = close_s
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)
+    await h.text("wait", final=False)  # a barge-in by text: the stream starts closing
+    return h
+
+
+def assert_next_request_keeps(h: CallHarness, heard_ms: float, asked: str) -> None:
+    """The last request holds the cut answer's heard words, then ``asked``."""
+    heard_words = int(heard_ms // TTS_MS_PER_WORD)
+    assert 0 < heard_words < len(LONG_REPLY.split()) // 2
+    request = h.llm.requests[-1]
+    assert [m["role"] for m in request] == ["system", "user", "assistant", "user"]
+    assert request[2]["content"] == " ".join(LONG_REPLY.split()[:heard_words])
+    assert request[3]["content"] == asked
+
+
 async def test_the_caller_going_on_while_a_cut_reply_closes_keeps_the_heard_words():
     # Closing the cut reply's LLM stream takes a while (an HTTP teardown); the caller's
     # next words arrive meanwhile. They must not stop the stopped reply again: a second
     # cancellation lands in the agent's cleanup, before it writes what it said, and the
     # next request had no assistant message (test_miss_e2e's barge-in flake).
-    h = CallHarness()
-    reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
-    h.llm.reply = reply
-    h.llm.close_s = 0.2
-    await h.start()
-    await h.text("tell me everything")
-    await h.wait(1500)
-    await h.text("wait", final=False)  # a barge-in by text
+    h = await cut_a_long_reply(close_s=0.2)
     await h.wait(100)  # the LLM stream is still closing
     assert h.call.replying
     h.llm.reply = "Okay."
@@ -119,12 +138,7 @@ async def test_the_caller_going_on_while_a_cut_reply_closes_keeps_the_heard_word
     await h.stop()
     interrupts = h.output.of("interrupt")
     assert len(interrupts) == 1  # one barge-in, one interrupt
-    heard_words = int(interrupts[0]["heard_ms"] // TTS_MS_PER_WORD)
-    assert 0 < heard_words < len(reply.split()) // 2
-    roles = [m["role"] for m in h.llm.requests[-1]]
-    assert roles == ["system", "user", "assistant", "user"]
-    assert h.llm.requests[-1][2]["content"] == " ".join(reply.split()[:heard_words])
-    assert h.llm.requests[-1][3]["content"] == "what did you just say"
+    assert_next_request_keeps(h, interrupts[0]["heard_ms"], "what did you just say")
 
 
 async def test_a_tts_failure_is_apologised_for_and_the_next_turn_works():
@@ -293,15 +307,8 @@ async def test_a_barge_in_on_a_reply_queued_behind_a_closing_one_keeps_the_heard
     # The next turn's reply waits for the cut one's cleanup (its LLM stream closing). A
     # barge-in on that queued reply must not reach the cut one through the wait: a second
     # cancellation lands in the agent's cleanup and the heard words are never written.
-    h = CallHarness()
-    reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
-    h.llm.reply = reply
-    h.llm.close_s = 1.0
-    await h.start()
-    await h.text("tell me everything")
-    await h.wait(1500)
-    await h.text("wait", final=False)  # a barge-in by text: the stream starts closing
-    heard_words = int(h.output.of("interrupt")[0]["heard_ms"] // TTS_MS_PER_WORD)
+    h = await cut_a_long_reply(close_s=1.0)
+    heard_ms = h.output.of("interrupt")[0]["heard_ms"]
     h.llm.reply = "Okay."
     await h.text("what did you just say")  # queued behind the closing reply
     await h.wait(100)
@@ -310,11 +317,7 @@ async def test_a_barge_in_on_a_reply_queued_behind_a_closing_one_keeps_the_heard
     await h.text("say it again")
     await h.wait(3000)
     await h.stop()
-    assert 0 < heard_words < len(reply.split()) // 2
-    roles = [m["role"] for m in h.llm.requests[-1]]
-    assert roles == ["system", "user", "assistant", "user"]
-    assert h.llm.requests[-1][2]["content"] == " ".join(reply.split()[:heard_words])
-    assert h.llm.requests[-1][3]["content"] == "say it again"
+    assert_next_request_keeps(h, heard_ms, "say it again")
     assert h.llm.open_streams == 0
 
 

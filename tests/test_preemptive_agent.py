@@ -79,11 +79,8 @@ async def test_speech_resuming_cancels_the_preemptive_call_and_the_turn_asks_afr
     assert h.tts.spoken == ["Okay."]  # one answer, to the whole question
 
 
-@pytest.mark.parametrize("final, adopted", [(f"{QUESTION} please", False),
-                                            ("Where is  my Parcel", True)])
-async def test_a_final_that_differs_from_the_preempted_words_never_uses_them(final, adopted):
-    h = harness(0.3)
-    await h.start()
+def final_differs(h, final: str) -> None:
+    """The call's STT stream decodes as usual but its final says ``final``."""
     stream = h.stt.streams[0]
     finalize = stream.finalize
 
@@ -96,6 +93,14 @@ async def test_a_final_that_differs_from_the_preempted_words_never_uses_them(fin
         return final_text()
 
     stream.finalize = finalize_differently  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("final, adopted", [(f"{QUESTION} please", False),
+                                            ("Where is  my Parcel", True)])
+async def test_a_final_that_differs_from_the_preempted_words_never_uses_them(final, adopted):
+    h = harness(0.3)
+    await h.start()
+    final_differs(h, final)
     await h.say(QUESTION, then_silence_ms=SILENCE_MS + 1500)
     await h.stop()
     assert h.transcripts() == [final]
@@ -116,18 +121,7 @@ async def test_a_discarded_preemptive_call_closes_its_stream_once():
     h = harness(1.0)  # the preemptive call still waits for its first token at the end
     h.llm.close_s = 2.0
     await h.start()
-    stream = h.stt.streams[0]
-    finalize = stream.finalize
-
-    def finalize_differently():
-        decoded = finalize()
-
-        async def final_text() -> Transcript:
-            await decoded
-            return Transcript(text=f"{QUESTION} please", final=True)
-        return final_text()
-
-    stream.finalize = finalize_differently  # type: ignore[method-assign]
+    final_differs(h, f"{QUESTION} please")
     await h.say(QUESTION, then_silence_ms=SILENCE_MS + 100)  # the turn ended: a fresh call
     assert h.stats.preempts == {"started": 1}
     h.llm.close_s = 0.0  # the fresh call's stream closes at once

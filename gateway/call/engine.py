@@ -234,9 +234,8 @@ class Call:
         try:
             await self._stopped.wait()
         finally:
-            reply = self._reply_task
-            pending = [*loops, *([reply] if reply else []), *self._reply_tasks,
-                       *self._finals, *self._carry,
+            # Every reply not yet over (the latest, those it waits for, a held one).
+            pending = [*loops, *self._reply_tasks, *self._finals, *self._carry,
                        *self._pause_tasks, *self._hold_settlers,
                        *([self._hold_timer] if self._hold_timer else [])]
             if self._held is not None:
@@ -323,7 +322,8 @@ class Call:
                 continue
             for index, prob in enumerate(probs):
                 window = block[index * WINDOW_BYTES:(index + 1) * WINDOW_BYTES]
-                self._turns.confirm_speech_slowly(self.speaking, self._may_continue())
+                speaking = self.speaking
+                self._turns.confirm_speech_slowly(speaking, speaking and self._may_continue())
                 try:
                     signals = await self._turns.push(window, prob, arrived)
                 except Exception as exc:  # an STT stream refusing audio
@@ -697,22 +697,23 @@ class Call:
         must not stop the reply, so the long confirmation stays. A false start costs
         little: the reply is held and resumes where it stopped when no words come."""
         tl = self._reply_tl
+        return (tl is not None and self._settings.false_interruption_s > 0
+                and tl.info.get("end_of_turn") == "complete"
+                and self._within_continuation(tl, self._clock.now()))
+
+    def _within_continuation(self, tl: TurnTimeline, at: float) -> bool:
+        """``at`` is within ``turn_continuation_ms`` of the end of the turn ``tl``."""
         window_s = self._settings.turn_continuation_ms / 1000.0
-        if window_s <= 0 or self._settings.false_interruption_s <= 0 or tl is None \
-                or not tl.has("end_of_turn") or tl.info.get("end_of_turn") != "complete":
-            return False
-        return self._clock.now() - tl.marks["end_of_turn"] <= window_s
+        return window_s > 0 and tl.has("end_of_turn") and \
+            at - tl.marks["end_of_turn"] <= window_s
 
     def _continues(self, tl: TurnTimeline) -> bool:
         """This turn's reply (the running task) was stopped by speech that began within
         ``turn_continuation_ms`` of the turn's end: the caller had paused mid-sentence
         after words that sounded finished, and the turn ended too soon."""
-        window_s = self._settings.turn_continuation_ms / 1000.0
         stopped = self._stopped_by_speech
-        if window_s <= 0 or stopped is None or stopped[0] is not asyncio.current_task() \
-                or not tl.has("end_of_turn"):
-            return False
-        return stopped[1] - tl.marks["end_of_turn"] <= window_s
+        return stopped is not None and stopped[0] is asyncio.current_task() \
+            and self._within_continuation(tl, stopped[1])
 
     async def _expire_hold(self, task: asyncio.Task[None], window: float) -> None:
         """Still undecided after the window (long noise, no final yet): a real barge-in."""

@@ -67,13 +67,17 @@ def graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:
     return [model.graph, *_subgraphs(model.graph)]
 
 
+def _child_graphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs a node holds as attributes (an ``If``'s branches)."""
+    for attr in node.attribute:
+        yield from [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
+
+
 def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     for node in graph.node:
-        for attr in node.attribute:
-            inner = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for g in inner:
-                yield g
-                yield from _subgraphs(g)
+        for g in _child_graphs(node):
+            yield g
+            yield from _subgraphs(g)
 
 
 def op_counts(model: onnx.ModelProto, op_type: str) -> dict[str, int]:
@@ -202,9 +206,8 @@ def _constant_matmuls(graph: onnx.GraphProto, outer: set[str]) -> list[str]:
         t.name for t in graph.initializer}
     found = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in visible]
     for node in graph.node:
-        for attr in node.attribute:
-            for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                found += _constant_matmuls(g, visible)
+        for g in _child_graphs(node):
+            found += _constant_matmuls(g, visible)
     return found
 
 
