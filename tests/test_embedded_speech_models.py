@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from gateway.audio import resample_pcm16
 from gateway.providers.base import ProviderError
 from gateway.providers import moonshine_stt
 from gateway.providers.moonshine_int8 import op_counts
+from gateway.providers.redecode import DecodeStopped
 from gateway.providers.moonshine_stt import (MoonshineRecognizer, Tokenizer, converted_model,
                                              int8_model)
 from gateway.providers.moonshine_stt import default_model_dir as moonshine_dir
@@ -79,6 +81,27 @@ def test_the_int8_decoder_hears_the_words_of_the_float_one_with_or_without_a_dra
         _, partial_ids = moonshine.transcribe_ids(audio[:len(audio) * 3 // 5 // 2 * 2])
         assert words(text) == expected
         assert words(moonshine.transcribe_ids(audio, partial_ids)[0]) == expected
+
+
+def test_a_decode_asked_to_stop_stops_at_its_next_decoder_step(moonshine, speak):
+    class StopAtCheck(threading.Event):
+        """Reads as set from its ``at``-th check on: how far the decode got."""
+
+        def __init__(self, at: int) -> None:
+            super().__init__()
+            self.at, self.checks = at, 0
+
+        def is_set(self) -> bool:
+            self.checks += 1
+            return self.checks >= self.at
+
+    audio = speak("What is the exchange rate for euros?")
+    stop = StopAtCheck(at=4)  # before the encoder, after it, first step, second step
+    with pytest.raises(DecodeStopped):
+        moonshine.transcribe_ids(audio, stop=stop)
+    assert stop.checks == 4
+    text, _ = moonshine.transcribe_ids(audio, stop=threading.Event())  # never set: decodes
+    assert "exchange" in text.lower()
 
 
 def test_the_int8_decoder_quantizes_every_weight_in_both_branches(moonshine, model_cache):

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gateway.providers.redecode import (FINAL, PARTIAL, DecodeScheduler, RedecodingSTT,
-                                        decode_fn)
+from gateway.providers.redecode import (FINAL, PARTIAL, DecodeScheduler, DecodeStopped,
+                                        RedecodingSTT, decode_fn)
 
 MS = 32  # bytes per ms at 16 kHz PCM16
 
@@ -148,6 +148,52 @@ async def busy_scheduler(pool, kind):
     first = asyncio.ensure_future(scheduler.decode(audio(100), kind))
     await until(lambda: scheduler.running == 1)
     return recognizer, scheduler, first
+
+
+class StoppableRecognizer(GatedRecognizer):
+    """Like Moonshine: a decode checks its ``stop`` while it waits at the gate."""
+
+    def transcribe_ids(self, pcm16: bytes, draft, stop) -> tuple[str, list[int]]:
+        while not self.gate.wait(0.002):
+            if stop.is_set():
+                raise DecodeStopped
+        return self.transcribe(pcm16), []
+
+
+async def test_a_final_that_finds_every_slot_busy_stops_a_partial_and_takes_its_slot(pool):
+    recognizer = StoppableRecognizer()
+    service = RedecodingSTT(recognizer, pool, slots=1, partial_interval_ms=100)
+    busy, caller = service.open_stream(), service.open_stream()
+    recognizer.gate.clear()
+    await busy.send_audio(audio(200))  # its partial takes the only slot and holds it
+    await until(lambda: service.scheduler.running == 1)
+    await caller.send_audio(audio(300))  # due, but no slot: skipped
+    final = asyncio.ensure_future(caller.finalize())
+    # The partial stops at the gate, still shut, and the final runs in its slot.
+    await until(lambda: service.scheduler.partials_stopped == 1
+                and service.scheduler.decodes[FINAL] == 1)
+    recognizer.gate.set()
+    assert (await final).text == f"{300 * MS} bytes"
+    assert recognizer.decoded == [300 * MS]  # the partial never finished
+    assert busy._partials.empty()  # the stopped partial offers nothing
+    await busy.send_audio(audio(100))  # and the next one is due as usual
+    assert (await asyncio.wait_for(anext(busy.partials()), 2)).text == f"{300 * MS} bytes"
+    await busy.aclose()
+    await caller.aclose()
+
+
+async def test_a_final_with_a_free_slot_stops_no_partial(pool):
+    recognizer = StoppableRecognizer()
+    scheduler = DecodeScheduler(decode_fn(recognizer), pool, slots=2)
+    recognizer.gate.clear()
+    partial = asyncio.ensure_future(scheduler.decode(audio(100), PARTIAL))
+    await until(lambda: scheduler.running == 1)
+    final = asyncio.ensure_future(scheduler.decode(audio(200), FINAL))
+    await until(lambda: scheduler.running == 2)
+    recognizer.gate.set()
+    assert (await partial)[0] == f"{100 * MS} bytes"
+    assert (await final)[0] == f"{200 * MS} bytes"
+    assert scheduler.partials_stopped == 0
 
 
 async def test_queued_finals_run_before_queued_partials(pool):

@@ -26,6 +26,7 @@ import logging
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -35,6 +36,7 @@ import onnxruntime as ort
 from intents.model_cache import build_once, default_cache_dir, source_key
 
 from .base import ProviderError
+from .redecode import DecodeStopped
 
 SAMPLE_RATE = 16000
 NAME = "moonshine"
@@ -141,24 +143,30 @@ class MoonshineRecognizer:
         """Blocking greedy decode of one utterance (16 kHz PCM16); thread-safe."""
         return self.transcribe_ids(pcm16)[0]
 
-    def transcribe_ids(self, pcm16: bytes, draft: Sequence[int] = ()) -> tuple[str, list[int]]:
+    def transcribe_ids(self, pcm16: bytes, draft: Sequence[int] = (),
+                       stop: threading.Event | None = None) -> tuple[str, list[int]]:
         """Like ``transcribe``, also returning the token ids; ``draft`` (the ids of an
-        earlier decode of the same utterance) makes it cheaper, never different."""
+        earlier decode of the same utterance) makes it cheaper, never different. Once
+        ``stop`` is set the decode raises DecodeStopped at its next step (its slot is
+        wanted for a final: providers/redecode.py)."""
         samples = len(pcm16) // 2
         if samples < SAMPLE_RATE // 10:  # under 100 ms: nothing to decode
             return "", []
         audio = np.frombuffer(pcm16[:samples * 2], dtype="<i2").astype(np.float32) / 32768.0
-        ids = self.token_ids(audio, draft)
+        ids = self.token_ids(audio, draft, stop)
         return self.tokenizer.decode(ids), ids
 
-    def token_ids(self, audio: np.ndarray, draft: Sequence[int] = ()) -> list[int]:
+    def token_ids(self, audio: np.ndarray, draft: Sequence[int] = (),
+                  stop: threading.Event | None = None) -> list[int]:
         """Greedy decode. The first decoder pass reads ``draft`` whole (one pass costs
         about as much as two single steps: the weights are read once) and keeps the
         longest prefix the model itself would have produced; only the tokens after it
         are decoded step by step. With float weights the result is the plain greedy
         decode's; with int8 ones it can differ at a near-tie (the pass and the steps round
         differently: see moonshine_int8)."""
+        _check(stop)
         (hidden,) = self._encoder.run(None, {"input_values": audio[np.newaxis, :]})
+        _check(stop)
         limit = max(1, math.ceil(len(audio) / SAMPLE_RATE * TOKENS_PER_SECOND))
         draft = [int(t) for t in draft[:limit] if int(t) > END_TOKEN]
         empty = np.zeros((1, _HEADS, 0, _HEAD_DIM), dtype=np.float32)
@@ -181,6 +189,7 @@ class MoonshineRecognizer:
             # The decoder's cache covers the start token and the kept draft only.
             past[key] = value[:, :, :kept + 1] if ".decoder." in key else value
         while token != END_TOKEN and len(ids) < limit:
+            _check(stop)
             ids.append(token)
             outputs = self._decoder.run(None, {
                 "input_ids": np.array([[token]], dtype=np.int64),
@@ -194,6 +203,11 @@ class MoonshineRecognizer:
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
         self.transcribe((rng.standard_normal(SAMPLE_RATE) * 300).astype("<i2").tobytes())
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise DecodeStopped
 
 
 def converted_model(ort_path: Path, cache_dir: Path) -> Path:

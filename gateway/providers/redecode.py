@@ -12,7 +12,10 @@ decodes it again when that is worth it:
   caller gets fewer partials, never a later final.
 
 ``DecodeScheduler`` is shared by every call of the process: at most ``slots`` decodes run
-at once on the model executor, and finals (early or not) are taken before partials.
+at once on the model executor, and finals (early or not) are taken before partials. A
+final that finds every slot busy stops a running partial, which gives up its slot at its
+next decoder step (Moonshine; a recogniser without steps finishes its partial): partials
+use whatever the finals leave idle, and a final never waits out a partial's decode.
 
 Each decode hands the recogniser the token ids of the utterance's previous decode as a
 draft (when it takes one: Moonshine). The model checks the whole draft in one pass and
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import inspect
 import itertools
 import logging
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence
@@ -42,7 +47,12 @@ log = logging.getLogger("voicegate.stt")
 FINAL, PARTIAL = 0, 1  # decode priorities: lower runs first
 # A decode's text and token ids (no ids: the recogniser takes no drafts).
 Decoded = tuple[str, list[int]]
-DecodeFn = Callable[[bytes, Sequence[int]], Decoded]
+# (audio, draft, stop): a decode that can stop early checks ``stop`` between its steps.
+DecodeFn = Callable[[bytes, Sequence[int], threading.Event], Decoded]
+
+
+class DecodeStopped(Exception):
+    """A partial decode stopped before its end to give its slot to a final."""
 
 
 class BatchRecognizer(Protocol):
@@ -57,11 +67,14 @@ class BatchRecognizer(Protocol):
 
 
 def decode_fn(recognizer: BatchRecognizer) -> DecodeFn:
-    """The recogniser's decode with a draft when it has one (``transcribe_ids``)."""
+    """The recogniser's decode with a draft when it has one (``transcribe_ids``), and
+    stoppable when that takes ``stop``."""
     with_draft = getattr(recognizer, "transcribe_ids", None)
-    if with_draft is not None:
-        return with_draft  # type: ignore[no-any-return]
-    return lambda pcm16, draft: (recognizer.transcribe(pcm16), [])
+    if with_draft is None:
+        return lambda pcm16, draft, stop: (recognizer.transcribe(pcm16), [])
+    if "stop" in inspect.signature(with_draft).parameters:
+        return lambda pcm16, draft, stop: with_draft(pcm16, draft, stop=stop)
+    return lambda pcm16, draft, stop: with_draft(pcm16, draft)
 
 
 @dataclass(order=True)
@@ -71,6 +84,7 @@ class _Job:
     pcm16: bytes = field(compare=False)
     draft: Sequence[int] = field(compare=False)
     future: asyncio.Future[Decoded] = field(compare=False)
+    stop: threading.Event = field(compare=False, default_factory=threading.Event)
 
 
 class DecodeScheduler:
@@ -84,6 +98,10 @@ class DecodeScheduler:
         self._seq = itertools.count()
         self.running = 0
         self.decodes = {FINAL: 0, PARTIAL: 0}
+        self.partials_stopped = 0  # gave their slot to a final
+        # False: a final waits for a running partial to finish (for bench/decode_contention.py).
+        self.preempt_partials = True
+        self._running_partials: dict[int, threading.Event] = {}  # seq -> its stop
 
     @property
     def has_free_slot(self) -> bool:
@@ -107,12 +125,31 @@ class DecodeScheduler:
                 continue
             self.running += 1
             self.decodes[job.priority] += 1
+            if job.priority == PARTIAL:
+                self._running_partials[job.seq] = job.stop
             done = loop.run_in_executor(self._executor, self._transcribe, job.pcm16,
-                                        job.draft)
+                                        job.draft, job.stop)
             done.add_done_callback(lambda f, job=job: self._finished(job, f))
+        if self.preempt_partials:
+            self._stop_partials_for_finals()
+
+    def _stop_partials_for_finals(self) -> None:
+        """Every final still queued gets a running partial asked to stop (one each)."""
+        waiting = sum(1 for job in self._queue if job.priority == FINAL and not job.future.done())
+        if not waiting:
+            return
+        stopping = sum(1 for stop in self._running_partials.values() if stop.is_set())
+        for stop in self._running_partials.values():
+            if stopping >= waiting:
+                break
+            if not stop.is_set():
+                stop.set()
+                stopping += 1
+                self.partials_stopped += 1
 
     def _finished(self, job: _Job, result: asyncio.Future[Decoded]) -> None:
         self.running -= 1
+        self._running_partials.pop(job.seq, None)
         if not job.future.done():
             if result.cancelled():
                 job.future.cancel()
@@ -191,6 +228,8 @@ class RedecodingStream:
         generation = self._generation
         try:
             text, ids = await self._scheduler.decode(snapshot, PARTIAL, self._draft)
+        except DecodeStopped:  # a final took its slot: the next partial is due as usual
+            return
         except Exception:  # a failed partial is not fatal: the final decides
             log.warning("stt_partial_failed", exc_info=True)
             return
