@@ -1,21 +1,25 @@
-"""Early finals under load: does a caller's final wait for other callers' partials?
+"""Early finals under load: does a caller's final wait for decodes nobody needs?
 
-Several callers stream spoken Banking77 dev questions (Piper and espeak-ng, 16 kHz) in real
-time, 20 ms at a time, into one RedecodingSTT on Moonshine (the embedded default, int8
-decoder) with ``--slots`` decode slots on a thread pool of that size, as the gateway runs it:
-a partial after every 400 ms of new audio when a slot is free. At the end of each question
-the caller pauses (``speech_paused``: the early final) and the time until that transcript is
-ready is measured; then a gap of 0.3-1.2 s and the next question.
+Several callers stream spoken Banking77 dev questions and the development set's questions
+with pauses mid-sentence (Piper and espeak-ng, 16 kHz) in real time, 20 ms at a time, into
+one RedecodingSTT on Moonshine (the embedded default, int8 decoder) with ``--slots`` decode
+slots on a thread pool of that size, as the gateway runs it: a partial after every 400 ms
+of new audio when a slot is free. Wherever the gateway's VAD would hint a pause inside a
+question (its first silent window after speech: between words as well as at the pauses
+mid-sentence) the caller hints it (``speech_paused``: an early final starts) and, where the
+VAD hears speech again, resumes (that decode is no longer needed). At the end of each question the pause is hinted at the last speech sample and the time until
+the early final is ready is measured; then a gap of 0.3-1.2 s and the next question.
 
 Two scheduling policies take turns in one process (rounds alternate which goes first), on
 the same questions in the same order with the same gaps:
-  wait     a final that finds every slot busy waits for a running partial to finish
-  preempt  it stops a running partial, which gives up its slot at its next decoder step
-Prints the early final's latency (pause -> transcript) p50/p90/p99/max per policy, and the
-partials decoded and stopped. The pause is hinted here at the last speech sample; the
-gateway hints it after its VAD heard some silence, so this is the decode's share only.
+  run      every decode runs to its end (before)
+  stop     a final that finds every slot busy stops a running partial, and a decode nobody
+           waits for any more stops, each at its next decoder step (now)
+Prints the early final's latency (pause -> transcript) p50/p90/p99/max per policy, the
+process's CPU seconds, and the decodes run and stopped. The gateway hints a pause after its
+VAD heard 32 ms of silence, so the latency here is the decode's share of a reply's wait.
 
-Run: HF_HUB_OFFLINE=1 .venv/bin/python bench/decode_contention.py [--callers 4] [--rounds 3]
+Run: HF_HUB_OFFLINE=1 .venv/bin/python bench/decode_contention.py [--callers 4] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -25,30 +29,56 @@ import asyncio
 import random
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speech_corpus import Synthesizer, hit_questions  # noqa: E402
-from gateway.providers.redecode import PARTIAL, RedecodingSTT  # noqa: E402
+from bench.speech_corpus import (PAUSED_TEXTS, Clip, Synthesizer, hit_questions,  # noqa: E402
+                                 paused_clip, speech_bounds)
+from gateway.providers.redecode import FINAL, PARTIAL, RedecodingSTT  # noqa: E402
 
 CHUNK = 640  # 20 ms of 16 kHz PCM16
 
 
-async def caller(stt: RedecodingSTT, clips: list[bytes], gaps: list[float], lead: float,
-                 latencies: list[float]) -> None:
+def vad_pauses(vad, pcm16: bytes) -> list[tuple[int, int]]:
+    """(pause hinted at, speech resumed at) in bytes, where the gateway's VAD (Silero and
+    the speech segmenter, default settings) hints a pause inside the question: between
+    words too, not only at the pauses mid-sentence."""
+    from gateway.vad import WINDOW_BYTES, SileroState, SpeechSegmenter, SegmentEvent
+
+    state, segmenter = SileroState(), SpeechSegmenter()
+    hints: list[tuple[int, int]] = []
+    paused_at = None
+    for index, prob in enumerate(vad.probabilities(pcm16, state)):
+        for event in segmenter.push(prob):
+            at = (index + 1) * WINDOW_BYTES
+            if event is SegmentEvent.PAUSE:
+                paused_at = at
+            elif event is SegmentEvent.RESUME and paused_at is not None:
+                hints.append((paused_at, at))
+                paused_at = None
+    return hints
+
+
+async def caller(stt: RedecodingSTT, clips: list[tuple[Clip, list[tuple[int, int]]]],
+                 gaps: list[float], lead: float, latencies: list[float]) -> None:
     stream = stt.open_stream()
     drain = asyncio.create_task(_drain(stream))
     loop = asyncio.get_running_loop()
     await asyncio.sleep(lead)
     try:
-        for pcm, gap in zip(clips, gaps):
+        for (clip, pauses), gap in zip(clips, gaps):
+            pcm = clip.pcm16[:clip.speech_end * 2]
             start = loop.time()
             for i in range(0, len(pcm), CHUNK):
                 await stream.send_audio(pcm[i:i + CHUNK])
+                for hint, resume in pauses:
+                    if i <= hint < i + CHUNK:
+                        stream.speech_paused()
+                    if i <= resume < i + CHUNK:
+                        stream.speech_resumed()
                 await asyncio.sleep(max(0.0, start + (i // CHUNK + 1) * 0.02 - loop.time()))
             paused = time.perf_counter()
             await stream.speech_paused()
@@ -89,33 +119,51 @@ def main() -> None:
     from gateway.providers.moonshine_stt import MoonshineRecognizer
 
     synth = Synthesizer()
-    texts = [t for t, _ in hit_questions(seed_intents(), args.callers * args.questions)]
-    clips = [synth.speak(t, ("piper", "espeak")[i % 2]) for i, t in enumerate(texts)]
     rng = random.Random(0)
-    plan = [(clips[c::args.callers], [rng.uniform(0.3, 1.2) for _ in range(args.questions)],
+    n = args.callers * args.questions
+    clips: list[Clip] = []
+    for i, (text, _) in enumerate(hit_questions(seed_intents(), n - n // 4)):
+        pcm = synth.speak(text, ("piper", "espeak")[i % 2])
+        clips.append(Clip(text, "", "hit", pcm, speech_bounds(pcm)[1]))
+    for i in range(n // 4):  # a quarter pause mid-sentence (the development texts)
+        clips.append(paused_clip(synth, PAUSED_TEXTS[i % len(PAUSED_TEXTS)],
+                                 ("piper", "espeak")[i % 2], rng))
+    rng.shuffle(clips)
+    from gateway.vad import SileroVAD
+
+    vad = SileroVAD()
+    hinted = [(clip, vad_pauses(vad, clip.pcm16[:clip.speech_end * 2])) for clip in clips]
+    print(f"{sum(len(p) for _, p in hinted)} pauses hinted inside {n} questions by the VAD")
+    plan = [(hinted[c::args.callers], [rng.uniform(0.3, 1.2) for _ in range(args.questions)],
              rng.uniform(0.0, 1.0)) for c in range(args.callers)]
-    recognizer = MoonshineRecognizer(threads=1, cache_dir=tempfile.mkdtemp(prefix="vg-models-"))
+    recognizer = MoonshineRecognizer(threads=1)  # the int8 decoder from the model cache
     recognizer.warm_up()
-    results: dict[str, list[float]] = {"wait": [], "preempt": []}
-    counts = {name: [0, 0] for name in results}  # partials decoded, stopped
+    results: dict[str, list[float]] = {"run": [], "stop": []}
+    cpu = dict.fromkeys(results, 0.0)
+    counts = {name: [0, 0, 0, 0] for name in results}  # finals, partials, stopped x2
     with ThreadPoolExecutor(max_workers=args.slots) as pool:
         for r in range(args.rounds):
-            order = ["wait", "preempt"] if r % 2 == 0 else ["preempt", "wait"]
-            for policy in order:
+            for policy in (["run", "stop"] if r % 2 == 0 else ["stop", "run"]):
                 stt = RedecodingSTT(recognizer, pool, slots=args.slots)
-                stt.scheduler.preempt_partials = policy == "preempt"
+                stt.scheduler.stop_decodes = policy == "stop"
+                started = time.process_time()
                 results[policy] += asyncio.run(one_round(stt, plan))
-                counts[policy][0] += stt.scheduler.decodes[PARTIAL]
-                counts[policy][1] += stt.scheduler.partials_stopped
-                print(f"round {r + 1} {policy:<8} early final p50 "
+                cpu[policy] += time.process_time() - started
+                done = stt.scheduler
+                for k, v in enumerate((done.decodes[FINAL], done.decodes[PARTIAL],
+                                       done.partials_stopped, done.abandoned_stopped)):
+                    counts[policy][k] += v
+                print(f"round {r + 1} {policy:<5} early final p50 "
                       f"{statistics.median(results[policy]):.0f} ms so far", flush=True)
-    print(f"\n{args.callers} callers, {args.slots} slots, {args.rounds} rounds of "
-          f"{args.callers * args.questions} questions each (Moonshine int8, 16 kHz)")
-    print("policy   | early final ms p50   p90   p99   max | partials decoded  stopped")
+    print(f"\n{args.callers} callers, {args.slots} slots, {args.rounds} rounds of {n} questions "
+          f"each ({n // 4} pausing mid-sentence; Moonshine int8, 16 kHz)")
+    print("policy | early final ms p50   p90   p99   max | CPU s | decodes: finals partials "
+          "| stopped: for a final  abandoned")
     for policy, values in results.items():
-        decoded, stopped = counts[policy]
-        print(f"{policy:<8} | {pct(values, 0.5):19.0f} {pct(values, 0.9):5.0f} "
-              f"{pct(values, 0.99):5.0f} {max(values):5.0f} | {decoded:16d} {stopped:8d}")
+        finals, partials, given, abandoned = counts[policy]
+        print(f"{policy:<6} | {pct(values, 0.5):19.0f} {pct(values, 0.9):5.0f} "
+              f"{pct(values, 0.99):5.0f} {max(values):5.0f} | {cpu[policy]:5.0f} | "
+              f"{finals:16d} {partials:8d} | {given:15d} {abandoned:10d}")
 
 
 if __name__ == "__main__":

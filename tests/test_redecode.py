@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -180,6 +181,27 @@ async def test_a_final_that_finds_every_slot_busy_stops_a_partial_and_takes_its_
     assert (await asyncio.wait_for(anext(busy.partials()), 2)).text == f"{300 * MS} bytes"
     await busy.aclose()
     await caller.aclose()
+
+
+async def test_speech_after_the_pause_stops_the_running_early_decode(pool, caplog):
+    recognizer = StoppableRecognizer()
+    service = RedecodingSTT(recognizer, pool, slots=1, partial_interval_ms=10_000)
+    stream = service.open_stream()
+    recognizer.gate.clear()
+    await stream.send_audio(audio(800))
+    early = stream.speech_paused()
+    await until(lambda: service.scheduler.running == 1)
+    stream.speech_resumed()  # the caller spoke on: nobody needs that decode
+    await until(lambda: service.scheduler.running == 0)  # stopped with the gate still shut
+    assert service.scheduler.abandoned_stopped == 1 and recognizer.decoded == []
+    with pytest.raises(asyncio.CancelledError):
+        await early
+    recognizer.gate.set()
+    await stream.send_audio(audio(400))
+    assert (await stream.finalize()).text == f"{1200 * MS} bytes"
+    await stream.aclose()
+    gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 async def test_a_final_with_a_free_slot_stops_no_partial(pool):

@@ -15,7 +15,9 @@ decodes it again when that is worth it:
 at once on the model executor, and finals (early or not) are taken before partials. A
 final that finds every slot busy stops a running partial, which gives up its slot at its
 next decoder step (Moonshine; a recogniser without steps finishes its partial): partials
-use whatever the finals leave idle, and a final never waits out a partial's decode.
+use whatever the finals leave idle, and a final never waits out a partial's decode. A
+running decode nobody waits for any more (the caller spoke on after the pause that started
+an early final; the utterance was cut) is stopped the same way instead of running to its end.
 
 Each decode hands the recogniser the token ids of the utterance's previous decode as a
 draft (when it takes one: Moonshine). The model checks the whole draft in one pass and
@@ -99,9 +101,11 @@ class DecodeScheduler:
         self.running = 0
         self.decodes = {FINAL: 0, PARTIAL: 0}
         self.partials_stopped = 0  # gave their slot to a final
-        # False: a final waits for a running partial to finish (for bench/decode_contention.py).
-        self.preempt_partials = True
-        self._running_partials: dict[int, threading.Event] = {}  # seq -> its stop
+        self.abandoned_stopped = 0  # running when their caller stopped waiting for them
+        # False: every decode runs to its end, as before stopping existed (for
+        # bench/decode_contention.py, which compares the two).
+        self.stop_decodes = True
+        self._running: dict[int, _Job] = {}  # by seq
 
     @property
     def has_free_slot(self) -> bool:
@@ -111,11 +115,18 @@ class DecodeScheduler:
         if len(pcm16) < MIN_DECODE_BYTES:
             return "", []
         future: asyncio.Future[Decoded] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._queue, _Job(priority, next(self._seq), pcm16, draft, future))
+        job = _Job(priority, next(self._seq), pcm16, draft, future)
+        heapq.heappush(self._queue, job)
         self._dispatch()
-        # Cancelled while queued: the job is skipped. Cancelled while running: the
-        # thread finishes and its result is dropped.
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Cancelled while queued: the job is skipped. While running: it stops at its
+            # next step (or, not stoppable, finishes), and its result is dropped.
+            if self.stop_decodes and job.seq in self._running and not job.stop.is_set():
+                job.stop.set()
+                self.abandoned_stopped += 1
+            raise
 
     def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -125,12 +136,11 @@ class DecodeScheduler:
                 continue
             self.running += 1
             self.decodes[job.priority] += 1
-            if job.priority == PARTIAL:
-                self._running_partials[job.seq] = job.stop
+            self._running[job.seq] = job
             done = loop.run_in_executor(self._executor, self._transcribe, job.pcm16,
                                         job.draft, job.stop)
             done.add_done_callback(lambda f, job=job: self._finished(job, f))
-        if self.preempt_partials:
+        if self.stop_decodes:
             self._stop_partials_for_finals()
 
     def _stop_partials_for_finals(self) -> None:
@@ -138,23 +148,27 @@ class DecodeScheduler:
         waiting = sum(1 for job in self._queue if job.priority == FINAL and not job.future.done())
         if not waiting:
             return
-        stopping = sum(1 for stop in self._running_partials.values() if stop.is_set())
-        for stop in self._running_partials.values():
+        # A running decode already asked to stop frees its slot soon: it counts as given.
+        stopping = sum(1 for job in self._running.values() if job.stop.is_set())
+        for job in self._running.values():
             if stopping >= waiting:
                 break
-            if not stop.is_set():
-                stop.set()
+            if job.priority == PARTIAL and not job.stop.is_set():
+                job.stop.set()
                 stopping += 1
                 self.partials_stopped += 1
 
     def _finished(self, job: _Job, result: asyncio.Future[Decoded]) -> None:
         self.running -= 1
-        self._running_partials.pop(job.seq, None)
+        self._running.pop(job.seq, None)
+        # Read even when nobody waits (a stopped decode's DecodeStopped), or asyncio
+        # reports the exception as never retrieved.
+        error = None if result.cancelled() else result.exception()
         if not job.future.done():
             if result.cancelled():
                 job.future.cancel()
-            elif result.exception() is not None:
-                job.future.set_exception(result.exception())  # type: ignore[arg-type]
+            elif error is not None:
+                job.future.set_exception(error)
             else:
                 job.future.set_result(result.result())
         self._dispatch()
