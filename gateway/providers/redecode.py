@@ -54,7 +54,7 @@ DecodeFn = Callable[[bytes, Sequence[int], threading.Event], Decoded]
 
 
 class DecodeStopped(Exception):
-    """A partial decode stopped before its end to give its slot to a final."""
+    """A decode stopped before its end: a final wanted its slot, or nobody waited for it."""
 
 
 class BatchRecognizer(Protocol):
