@@ -35,21 +35,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speech_corpus import (PAUSED_TEXTS, Clip, Synthesizer, hit_questions,  # noqa: E402
-                                 paused_clip, speech_bounds)
+import numpy as np  # noqa: E402
+
+from bench.speech_corpus import Clip, build  # noqa: E402
 from gateway.providers.redecode import FINAL, PARTIAL, RedecodingSTT  # noqa: E402
+from gateway.vad import (WINDOW_BYTES, SegmentEvent, SileroState, SileroVAD,  # noqa: E402
+                         SpeechSegmenter)
+
+Pauses = list[tuple[int, int]]  # (pause hinted at, speech resumed at), in bytes
 
 CHUNK = 640  # 20 ms of 16 kHz PCM16
 
 
-def vad_pauses(vad, pcm16: bytes) -> list[tuple[int, int]]:
-    """(pause hinted at, speech resumed at) in bytes, where the gateway's VAD (Silero and
-    the speech segmenter, default settings) hints a pause inside the question: between
-    words too, not only at the pauses mid-sentence."""
-    from gateway.vad import WINDOW_BYTES, SileroState, SpeechSegmenter, SegmentEvent
-
+def vad_pauses(vad: SileroVAD, pcm16: bytes) -> Pauses:
+    """Where the gateway's VAD (Silero and the speech segmenter, default settings) hints a
+    pause inside the question: between words too, not only at the pauses mid-sentence."""
     state, segmenter = SileroState(), SpeechSegmenter()
-    hints: list[tuple[int, int]] = []
+    hints: Pauses = []
     paused_at = None
     for index, prob in enumerate(vad.probabilities(pcm16, state)):
         for event in segmenter.push(prob):
@@ -62,8 +64,8 @@ def vad_pauses(vad, pcm16: bytes) -> list[tuple[int, int]]:
     return hints
 
 
-async def caller(stt: RedecodingSTT, clips: list[tuple[Clip, list[tuple[int, int]]]],
-                 gaps: list[float], lead: float, latencies: list[float]) -> None:
+async def caller(stt: RedecodingSTT, clips: list[tuple[Clip, Pauses]], gaps: list[float],
+                 lead: float, latencies: list[float]) -> None:
     stream = stt.open_stream()
     drain = asyncio.create_task(_drain(stream))
     loop = asyncio.get_running_loop()
@@ -95,17 +97,13 @@ async def _drain(stream) -> None:  # type: ignore[no-untyped-def]
         pass
 
 
-async def one_round(stt: RedecodingSTT, plan: list[tuple[list[bytes], list[float], float]]
+async def one_round(stt: RedecodingSTT,
+                    plan: list[tuple[list[tuple[Clip, Pauses]], list[float], float]]
                     ) -> list[float]:
     latencies: list[float] = []
     await asyncio.gather(*(caller(stt, clips, gaps, lead, latencies)
                            for clips, gaps, lead in plan))
     return latencies
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def main() -> None:
@@ -118,19 +116,11 @@ def main() -> None:
     from bench.voice_to_voice import seed_intents
     from gateway.providers.moonshine_stt import MoonshineRecognizer
 
-    synth = Synthesizer()
-    rng = random.Random(0)
     n = args.callers * args.questions
-    clips: list[Clip] = []
-    for i, (text, _) in enumerate(hit_questions(seed_intents(), n - n // 4)):
-        pcm = synth.speak(text, ("piper", "espeak")[i % 2])
-        clips.append(Clip(text, "", "hit", pcm, speech_bounds(pcm)[1]))
-    for i in range(n // 4):  # a quarter pause mid-sentence (the development texts)
-        clips.append(paused_clip(synth, PAUSED_TEXTS[i % len(PAUSED_TEXTS)],
-                                 ("piper", "espeak")[i % 2], rng))
+    # A quarter pause mid-sentence: the development sample's texts (seed 7).
+    clips = build(seed_intents(), n - n // 4, 0, n // 4, seed=7)
+    rng = random.Random(0)
     rng.shuffle(clips)
-    from gateway.vad import SileroVAD
-
     vad = SileroVAD()
     hinted = [(clip, vad_pauses(vad, clip.pcm16[:clip.speech_end * 2])) for clip in clips]
     print(f"{sum(len(p) for _, p in hinted)} pauses hinted inside {n} questions by the VAD")
@@ -161,8 +151,9 @@ def main() -> None:
           "| stopped: for a final  abandoned")
     for policy, values in results.items():
         finals, partials, given, abandoned = counts[policy]
-        print(f"{policy:<6} | {pct(values, 0.5):19.0f} {pct(values, 0.9):5.0f} "
-              f"{pct(values, 0.99):5.0f} {max(values):5.0f} | {cpu[policy]:5.0f} | "
+        p50, p90, p99 = np.percentile(values, [50, 90, 99])
+        print(f"{policy:<6} | {p50:19.0f} {p90:5.0f} {p99:5.0f} {max(values):5.0f} | "
+              f"{cpu[policy]:5.0f} | "
               f"{finals:16d} {partials:8d} | {given:15d} {abandoned:10d}")
 
 

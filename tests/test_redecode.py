@@ -269,7 +269,7 @@ class DraftingRecognizer(GatedRecognizer):
         super().__init__()
         self.drafts: list[list[int]] = []
 
-    def transcribe_ids(self, pcm16: bytes, draft) -> tuple[str, list[int]]:
+    def transcribe_ids(self, pcm16: bytes, draft, stop=None) -> tuple[str, list[int]]:
         self.gate.wait(10)
         with self.lock:
             self.drafts.append(list(draft))

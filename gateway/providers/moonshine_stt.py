@@ -147,8 +147,8 @@ class MoonshineRecognizer:
                        stop: threading.Event | None = None) -> tuple[str, list[int]]:
         """Like ``transcribe``, also returning the token ids; ``draft`` (the ids of an
         earlier decode of the same utterance) makes it cheaper, never different. Once
-        ``stop`` is set the decode raises DecodeStopped at its next step (its slot is
-        wanted for a final: providers/redecode.py)."""
+        ``stop`` is set the decode raises DecodeStopped at its next step (a final wants
+        its slot, or nobody waits for it any more: providers/redecode.py)."""
         samples = len(pcm16) // 2
         if samples < SAMPLE_RATE // 10:  # under 100 ms: nothing to decode
             return "", []
@@ -164,9 +164,9 @@ class MoonshineRecognizer:
         are decoded step by step. With float weights the result is the plain greedy
         decode's; with int8 ones it can differ at a near-tie (the pass and the steps round
         differently: see moonshine_int8)."""
-        _check(stop)
+        _raise_if_stopped(stop)
         (hidden,) = self._encoder.run(None, {"input_values": audio[np.newaxis, :]})
-        _check(stop)
+        _raise_if_stopped(stop)
         limit = max(1, math.ceil(len(audio) / SAMPLE_RATE * TOKENS_PER_SECOND))
         draft = [int(t) for t in draft[:limit] if int(t) > END_TOKEN]
         empty = np.zeros((1, _HEADS, 0, _HEAD_DIM), dtype=np.float32)
@@ -189,7 +189,7 @@ class MoonshineRecognizer:
             # The decoder's cache covers the start token and the kept draft only.
             past[key] = value[:, :, :kept + 1] if ".decoder." in key else value
         while token != END_TOKEN and len(ids) < limit:
-            _check(stop)
+            _raise_if_stopped(stop)
             ids.append(token)
             outputs = self._decoder.run(None, {
                 "input_ids": np.array([[token]], dtype=np.int64),
@@ -205,7 +205,7 @@ class MoonshineRecognizer:
         self.transcribe((rng.standard_normal(SAMPLE_RATE) * 300).astype("<i2").tobytes())
 
 
-def _check(stop: threading.Event | None) -> None:
+def _raise_if_stopped(stop: threading.Event | None) -> None:
     if stop is not None and stop.is_set():
         raise DecodeStopped
 

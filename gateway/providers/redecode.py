@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import inspect
 import itertools
 import logging
 import threading
@@ -69,14 +68,12 @@ class BatchRecognizer(Protocol):
 
 
 def decode_fn(recognizer: BatchRecognizer) -> DecodeFn:
-    """The recogniser's decode with a draft when it has one (``transcribe_ids``), and
-    stoppable when that takes ``stop``."""
+    """The recogniser's stoppable decode with a draft when it has one
+    (``transcribe_ids(pcm16, draft, stop)``), else its plain ``transcribe``."""
     with_draft = getattr(recognizer, "transcribe_ids", None)
-    if with_draft is None:
-        return lambda pcm16, draft, stop: (recognizer.transcribe(pcm16), [])
-    if "stop" in inspect.signature(with_draft).parameters:
-        return lambda pcm16, draft, stop: with_draft(pcm16, draft, stop=stop)
-    return lambda pcm16, draft, stop: with_draft(pcm16, draft)
+    if with_draft is not None:
+        return with_draft  # type: ignore[no-any-return]
+    return lambda pcm16, draft, stop: (recognizer.transcribe(pcm16), [])
 
 
 @dataclass(order=True)
