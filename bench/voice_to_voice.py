@@ -40,6 +40,8 @@ Run (from the repository root; espeak-ng: bash scripts/ensure-espeak.sh):
            --sample-seed N (another sample than the default 7, which the end-of-turn
            defaults were developed on: report figures from another one; any seed but
            7 also takes the held-out paused texts, speech_corpus.PAUSED_TEXTS_HELDOUT)
+           --variant LABEL KEY=VALUE[,KEY=VALUE] (each recogniser again with these
+           gateway settings, as stt/LABEL: two settings in one run)
            --json PATH (every utterance's record and the summary)
 """
 
@@ -379,14 +381,14 @@ def fmt(value: Any, spec: str = ".0f", scale: float = 1.0) -> str:
 
 
 def print_table(rows: list[tuple[str, int, int, dict[str, Any]]]) -> None:
-    head = (f"{'stt':10} {'calls':>5} {'rate':>5} | {'hit v2v p50/p99':>16} "
+    head = (f"{'stt':16} {'calls':>5} {'rate':>5} | {'hit v2v p50/p99':>16} "
             f"{'miss v2v p50/p99':>17} {'EOT p50/p99':>12} | {'cut-off':>7} {'cont':>5} {'over':>5} "
             f"{'early':>6} "
             f"{'prec':>5} {'hit%':>5} | {'CPU/s':>5} {'WER':>6} {'n':>4}")
     print(head)
     print("-" * len(head))
     for stt, callers, rate, s in rows:
-        print(f"{stt:10} {callers:>5} {rate:>5} | "
+        print(f"{stt:16} {callers:>5} {rate:>5} | "
               f"{fmt(s['hit_v2v_p50']):>7}/{fmt(s['hit_v2v_p99']):<8} "
               f"{fmt(s['miss_v2v_p50']):>8}/{fmt(s['miss_v2v_p99']):<8} "
               f"{fmt(s['eot_p50']):>5}/{fmt(s['eot_p99']):<6} | "
@@ -410,6 +412,10 @@ async def main() -> None:
                         help="which dev/val questions and paused texts (7: the ones the "
                              "end-of-turn defaults were developed on; others: held out)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE gateway setting")
+    parser.add_argument("--variant", nargs=2, action="append", default=[],
+                        metavar=("LABEL", "KEY=VALUE[,KEY=VALUE]"),
+                        help="also run each recogniser with these settings, as stt/LABEL "
+                             "(two settings compared in one run); repeatable")
     parser.add_argument("--json", help="write every record and the summary here")
     args = parser.parse_args()
     if args.quick:
@@ -423,23 +429,27 @@ async def main() -> None:
           f"FAQ: {len(intents)} Banking77 intents from train")
     extra = dict(kv.split("=", 1) for kv in args.env)
     rows, records = [], []
-    for stt in args.stt.split(","):
+    runs = [(stt, stt, {}) for stt in args.stt.split(",")]
+    runs += [(f"{stt}/{label}", stt, dict(kv.split("=", 1) for kv in settings.split(",")))
+             for stt in args.stt.split(",") for label, settings in args.variant]
+    for name, stt, variant in runs:
         # No idle prompt: a clip whose reply never comes leaves the line silent for
         # WAIT_REPLY_S + WAIT_END_S, long enough for the gateway's goodbye and hang-up.
-        env = {"VOICEGATE_STT_PROVIDER": stt, "VOICEGATE_IDLE_PROMPT_S": "0", **extra}
+        env = {"VOICEGATE_STT_PROVIDER": stt, "VOICEGATE_IDLE_PROMPT_S": "0", **extra,
+               **variant}
         gateway = GatewayProcess(store, env=env)
         try:
             gateway.start()
         except SystemExit:
-            print(f"{stt}: the gateway did not start with this recogniser; skipped")
+            print(f"{name}: the gateway did not start with this recogniser; skipped")
             gateway.stop()
             continue
         try:
             for callers in map(int, args.callers.split(",")):
                 for rate in map(int, args.rates.split(",")):
-                    got, cpu_s = await run_config(gateway, stt, callers, rate, clips)
+                    got, cpu_s = await run_config(gateway, name, callers, rate, clips)
                     summary = summarize(got, cpu_s)
-                    rows.append((stt, callers, rate, summary))
+                    rows.append((name, callers, rate, summary))
                     records.extend(got)
                     print_table(rows[-1:])
         finally:

@@ -156,6 +156,10 @@ class Settings(BaseModel):
     # Moonshine's decoder weights: int8 blocks (MatMulNBits, built once into model_cache_dir;
     # a step ~1.8x faster, the same WER: bench/recognizer_speed.py), or float (folded).
     moonshine_decoder_weights: Literal["int8", "float"] = "int8"
+    # Moonshine ends a transcript before its first word only when its end token is at
+    # least this likely (noise and silence: >= 0.90; words it would drop: <= 0.66). 1.0:
+    # plain greedy, which returns nothing whenever the end token merely leads.
+    moonshine_no_speech_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
     # Where models converted at first load are kept (Moonshine's weights folded to
     # float and its int8 decoder, the embedder's int8 export); empty: ~/.cache/voicegate.
     model_cache_dir: str = ""

@@ -45,6 +45,12 @@ START_TOKEN, END_TOKEN = 1, 2
 # make the greedy decoder run on.
 TOKENS_PER_SECOND = 6.5
 _LAYERS, _HEADS, _HEAD_DIM = 8, 8, 52
+# An utterance ends before its first word only when the model is this sure (its
+# probability of the end token at the first step): it is then noise or silence. Below
+# it, the likeliest word starts the text. Measured on our Moonshine int8 (see
+# ``token_ids``): noise, hum, clicks and silence put >= 0.90 on the end token; spoken
+# questions decoded empty put 0.21-0.66 on it (most after a pause inside the utterance).
+NO_SPEECH_THRESHOLD = 0.8
 # Bumped when the conversion changes, so caches written by an older one are rebuilt.
 _CONVERTER_VERSION = "1"
 # Bumped when the int8 decoder's recipe (moonshine_int8) changes.
@@ -96,11 +102,17 @@ class MoonshineRecognizer:
 
     def __init__(self, threads: int = 1, cache_dir: str | Path | None = None,
                  model_dir: str | Path | None = None, fold: bool = True,
-                 decoder_weights: DecoderWeights = "int8") -> None:
+                 decoder_weights: DecoderWeights = "int8",
+                 no_speech_threshold: float = NO_SPEECH_THRESHOLD) -> None:
         """``fold=False`` runs the shipped ``.ort`` files as they are (slow); otherwise the
-        decoder's weights are ``decoder_weights``: int8 blocks, or float (folded)."""
+        decoder's weights are ``decoder_weights``: int8 blocks, or float (folded).
+        ``no_speech_threshold``: see NO_SPEECH_THRESHOLD (1.0: the plain greedy decode,
+        which ends at the first step whenever the end token is the likeliest)."""
         if decoder_weights not in ("int8", "float"):
             raise ValueError(f"decoder_weights must be int8 or float, not {decoder_weights!r}")
+        if not 0.0 < no_speech_threshold <= 1.0:
+            raise ValueError(f"no_speech_threshold must be in (0, 1], not {no_speech_threshold}")
+        self.no_speech_threshold = no_speech_threshold
         directory = Path(model_dir) if model_dir else default_model_dir()
         missing = [f for f in _MODEL_FILES if not (directory / f).is_file()]
         if missing:
@@ -161,9 +173,9 @@ class MoonshineRecognizer:
         """Greedy decode. The first decoder pass reads ``draft`` whole (one pass costs
         about as much as two single steps: the weights are read once) and keeps the
         longest prefix the model itself would have produced; only the tokens after it
-        are decoded step by step. With float weights the result is the plain greedy
-        decode's; with int8 ones it can differ at a near-tie (the pass and the steps round
-        differently: see moonshine_int8)."""
+        are decoded step by step. With float weights the result is the greedy
+        decode's (but for its first token: ``_first_token``); with int8 ones it can differ
+        at a near-tie (the pass and the steps round differently: see moonshine_int8)."""
         _raise_if_stopped(stop)
         (hidden,) = self._encoder.run(None, {"input_values": audio[np.newaxis, :]})
         _raise_if_stopped(stop)
@@ -185,6 +197,8 @@ class MoonshineRecognizer:
             kept += 1
         ids = draft[:kept]
         token = int(predicted[kept])
+        if token == END_TOKEN and not ids:
+            token = self._first_token(outputs[0][0, 0])
         for key, value in zip(names[1:], outputs[1:]):
             # The decoder's cache covers the start token and the kept draft only.
             past[key] = value[:, :, :kept + 1] if ".decoder." in key else value
@@ -199,6 +213,21 @@ class MoonshineRecognizer:
                 if ".decoder." in key:  # the encoder's keys and values never change
                     past[key] = value
         return ids
+
+    def _first_token(self, logits: np.ndarray) -> int:
+        """The first token when greedy decoding would end at once: the end token only if
+        the model is sure there is no speech. Speech read with pauses, or with little
+        silence after it, can make the end token the likeliest by a small margin (an
+        empty transcript for seconds of words: the turn would go unanswered)."""
+        if self.no_speech_threshold >= 1.0:  # plain greedy
+            return END_TOKEN
+        scores = logits.astype(np.float64)
+        probabilities = np.exp(scores - scores.max())
+        probabilities /= probabilities.sum()
+        if probabilities[END_TOKEN] >= self.no_speech_threshold:
+            return END_TOKEN
+        scores[END_TOKEN] = -np.inf
+        return int(np.argmax(scores))
 
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
