@@ -34,17 +34,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.speech_corpus import (PAUSED_TEXTS, PAUSED_TEXTS_HELDOUT, RATE,  # noqa: E402
-                                 Synthesizer, hit_questions, join_pieces, word_errors)
+                                 VOICES, Synthesizer, hit_questions, join_pieces, phone_band,
+                                 word_errors)
 from bench.voice_to_voice import seed_intents  # noqa: E402
-from gateway.audio import resample_pcm16  # noqa: E402
 from gateway.providers.moonshine_stt import MoonshineRecognizer  # noqa: E402
 
-VOICES = ("piper", "espeak")
 CUTS_MS = (96, 160, 320)  # silence after a pause's last word when the early final decodes
-
-
-def phone_band(pcm16: bytes) -> bytes:
-    return resample_pcm16(resample_pcm16(pcm16, RATE, 8000), 8000, RATE)
+PLAIN = 1.0  # the plain greedy decode
 
 
 def speech_decodes(hits: int) -> list[tuple[str, bytes]]:
@@ -105,28 +101,31 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.6,0.7,0.8,0.9")
     args = parser.parse_args()
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    plain = MoonshineRecognizer(threads=1, no_speech_threshold=1.0)
-    gated = {t: MoonshineRecognizer(threads=1, no_speech_threshold=t) for t in thresholds}
+    models = {t: MoonshineRecognizer(threads=1, no_speech_threshold=t)
+              for t in [PLAIN, *thresholds]}
+
+    def transcripts(pcm: bytes) -> dict[float, str]:
+        """Each threshold's text; a plain decode with words is every threshold's."""
+        text = models[PLAIN].transcribe(pcm)
+        return {t: text if text or t == PLAIN else model.transcribe(pcm)
+                for t, model in models.items()}
+
     speech, noise = speech_decodes(args.hits), noise_bursts()
     print(f"{len(speech)} speech decodes, {len(noise)} noise bursts")
     rows: dict[float, dict[str, int]] = {t: {"empty": 0, "edits": 0, "noise_words": 0}
-                                         for t in [1.0, *thresholds]}
+                                         for t in models}
     words = 0
     for reference, pcm in speech:
-        text = plain.transcribe(pcm)
         words += len(reference.split())
-        for t in rows:
-            got = text if text or t == 1.0 else gated[t].transcribe(pcm)
+        for t, got in transcripts(pcm).items():
             rows[t]["empty"] += not got.strip()
             rows[t]["edits"] += word_errors(reference, got)[0]
     for pcm in noise:
-        text = plain.transcribe(pcm)
-        for t in rows:
-            got = text if text or t == 1.0 else gated[t].transcribe(pcm)
+        for t, got in transcripts(pcm).items():
             rows[t]["noise_words"] += bool(got.strip())
     print(f"{'threshold':>9} | {'speech empty':>12} | {'WER':>6} | {'noise -> words':>14}")
     for t, row in rows.items():
-        label = "1.0 plain" if t == 1.0 else f"{t:.2f}"
+        label = "1.0 plain" if t == PLAIN else f"{t:.2f}"
         print(f"{label:>9} | {row['empty']:>5} {row['empty'] / len(speech):>6.1%} | "
               f"{row['edits'] / words:>6.1%} | {row['noise_words']:>5} of {len(noise)}")
 

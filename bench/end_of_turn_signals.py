@@ -37,9 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.speech_corpus import (VOICES, Synthesizer, hit_questions, join_pieces,  # noqa: E402
-                                 miss_questions, paused_texts, speech_bounds)
+                                 miss_questions, paused_texts, phone_band, speech_bounds)
 from bench.voice_to_voice import seed_intents, seeded_store  # noqa: E402
-from gateway.audio import resample_pcm16  # noqa: E402
 from gateway.call.end_of_turn import lexically_incomplete  # noqa: E402
 
 PAUSE_HEARD = bytes(2 * 16000 * 64 // 1000)  # the 64 ms the detector has heard
@@ -112,7 +111,7 @@ def main() -> None:
 
     def probe(kind: str, clip: int, pcm: bytes, band: int) -> None:
         if band == 8000:
-            pcm = resample_pcm16(resample_pcm16(pcm, 16000, 8000), 8000, 16000)
+            pcm = phone_band(pcm)
         audio = pcm + PAUSE_HEARD
         text = recogniser.transcribe(audio)
         hit = bool(text.strip()) and router.route(text).hit

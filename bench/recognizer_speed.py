@@ -29,8 +29,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speech_corpus import Synthesizer, hit_questions, word_errors  # noqa: E402
-from gateway.audio import resample_pcm16  # noqa: E402
+from bench.speech_corpus import Synthesizer, hit_questions, phone_band, word_errors  # noqa: E402
 
 
 class TimedSession:
@@ -63,8 +62,7 @@ def main() -> None:
 
     synth = Synthesizer()
     texts = [t for t, _ in hit_questions(seed_intents(), args.n)]
-    clips = [(t, resample_pcm16(resample_pcm16(synth.speak(t, ("piper", "espeak")[i % 2]),
-                                               16000, 8000), 8000, 16000))
+    clips = [(t, phone_band(synth.speak(t, ("piper", "espeak")[i % 2])))
              for i, t in enumerate(texts)]
     speech_s = sum(len(c) / 32000 for _, c in clips)
     print(f"{len(clips)} utterances, {speech_s:.0f} s, phone band, Piper + espeak-ng")

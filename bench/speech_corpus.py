@@ -105,6 +105,11 @@ class Clip:
         return self.speech_end / RATE
 
 
+def phone_band(pcm16: bytes) -> bytes:
+    """16 kHz audio through an 8 kHz phone channel and back (what the recogniser gets)."""
+    return resample_pcm16(resample_pcm16(pcm16, RATE, 8000), 8000, RATE)
+
+
 def speech_bounds(pcm16: bytes) -> tuple[int, int]:
     """First and one-past-last sample within 40 dB of the peak (0, 0 for silence)."""
     samples = np.abs(np.frombuffer(pcm16, dtype="<i2").astype(np.int32))

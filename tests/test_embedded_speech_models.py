@@ -188,8 +188,8 @@ class EndTokenLeads:
         outputs = self.session.run(names, feeds)
         if not feeds["use_cache_branch"][0]:  # the first pass
             first = outputs[0][0, 0]
-            words = np.delete(first, moonshine_stt.END_TOKEN)
-            first[moonshine_stt.END_TOKEN] = words.max() + self.lead
+            others = np.delete(first, moonshine_stt.END_TOKEN)
+            first[moonshine_stt.END_TOKEN] = others.max() + self.lead
         return outputs
 
 
