@@ -273,6 +273,12 @@ class SpeechSegmenter:
                     events.append(SegmentEvent.TURN_END)
         return events
 
+    def end_turn(self) -> None:
+        """The turn was ended from outside (its silence was enough once its last signal
+        arrived): no TURN_END follows; the silence goes on counting."""
+        self._in_speech = self._paused = False
+        self._voiced_ms = 0.0
+
     def reset(self) -> None:
         self._voiced_ms = self._silence_ms = 0.0
         self._in_candidate = self._in_speech = self._paused = False

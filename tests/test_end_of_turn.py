@@ -177,6 +177,30 @@ async def test_a_cached_question_with_a_slow_decode_ends_when_its_route_is_known
     assert h.stt.decodes == 1
 
 
+async def test_a_cached_question_ends_the_moment_its_route_is_known():
+    # Decoded 210 ms after the pause: the short silence (160 ms) passed while the caller
+    # waited for it. The turn ends when the route arrives, not at the next VAD window
+    # (frames arrive every 20 ms, windows every 32 ms: up to ~40 ms later).
+    h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True,
+                          decode_s=0.21).start()
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.stop()
+    (metrics,) = h.metrics()
+    assert metrics["end_of_turn"] == "complete"
+    assert metrics["end_of_turn_ms"] - metrics["early_done_ms"] < 1
+    assert h.transcripts() == ["what are your opening hours"] and h.stt.decodes == 1
+    assert metrics["reply_latency_ms"] - metrics["end_of_turn_ms"] < 30
+
+
+async def test_a_route_known_before_the_short_silence_passed_waits_for_it():
+    h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True,
+                          decode_s=0.01).start()
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.stop()
+    (metrics,) = h.metrics()
+    assert metrics["early_done_ms"] < 160 <= metrics["end_of_turn_ms"] < 220
+
+
 async def test_an_incomplete_turn_still_ends_after_the_long_silence():
     h = await CallHarness(turn_model=True, early_finals=True).start()
     await h.say("I want to um", then_silence_ms=1600)

@@ -339,8 +339,7 @@ class Call:
                     elif isinstance(signal, SpeechResumed):
                         self._end_pause()
                     elif isinstance(signal, TurnEnded):
-                        self._end_pause(turn_ended=True)
-                        self._start_spoken_turn(signal)
+                        self._on_turn_ended(signal)
 
     # ------------------------------------------------------------------ a pause: end of turn?
 
@@ -359,9 +358,15 @@ class Call:
         the turn ended on these words, its preemptive agent start)."""
         if not turn_ended:
             self._drop_preempt()
+        current = asyncio.current_task()  # a pause task may end its own turn
         for task in self._pause_tasks:
-            task.cancel()
+            if task is not current:
+                task.cancel()
         self._pause_tasks = []
+
+    def _on_turn_ended(self, ended: TurnEnded) -> None:
+        self._end_pause(turn_ended=True)
+        self._start_spoken_turn(ended)
 
     async def _judge_turn(self, paused: SpeechPaused) -> None:
         assert self._deps.turn_model is not None
@@ -399,6 +404,11 @@ class Call:
                     await self._judge_turn(paused)
         finally:  # the silence no longer waits for this pause's words
             self._turns.note_early_done(paused.pause)
+            # A cached question's silence has usually passed by now: its turn ends at
+            # once, not at the next VAD window.
+            ended = self._turns.end_turn_if_due(paused.pause, self._clock.now())
+            if ended is not None:
+                self._on_turn_ended(ended)
 
     def _preempt_agent(self, text: str, decision: RouteDecision | None) -> None:
         """A miss whose words sound finished: the agent's LLM call starts now, while the

@@ -112,6 +112,7 @@ class TurnDetector:
         self.in_utterance = False
         self._speech_start_at = 0.0
         self._speech_end_at = 0.0
+        self._scored_at = 0.0  # arrival of the newest window the segmenter has counted
         self._paused = False  # SpeechPaused was signalled for the current pause
         self._noted: dict[str, float] = {}  # when each signal of this pause arrived
         self.pause = 0  # number of the current (or last) pause
@@ -135,6 +136,7 @@ class TurnDetector:
             self._preroll.append(window)
         # What is known about this pause decides how much silence ends the turn.
         self._segmenter.end_silence_ms = self.policy.required_silence_ms()
+        self._scored_at = at
         for event in self._segmenter.push(prob):
             if event is SegmentEvent.SPEECH_START:
                 needed = (self._segmenter.min_speech_ms_override
@@ -193,6 +195,22 @@ class TurnDetector:
         """The early transcript was decoded and routed, or could not be."""
         if self._current(pause, "early_done"):
             self.policy.awaiting_early = False
+
+    def end_turn_if_due(self, pause: int, at: float) -> TurnEnded | None:
+        """The pause's last signal arrived at ``at``: if the silence since the last word
+        already ends the turn as now judged, end it now. Otherwise the next window would,
+        up to a window (32 ms) plus the VAD's batching later, for nothing: a cached
+        question's turn waits for its early route, which usually comes after the short
+        silence has passed. The silence counts the windows scored and the time since the
+        newest of them arrived (audio not scored yet is taken as still quiet: speech in
+        it opens the next turn, as any speech just after a turn's end does)."""
+        if not (self.in_utterance and self._paused and pause == self.pause):
+            return None
+        silence_ms = self._segmenter.silence_ms + max(0.0, at - self._scored_at) * 1000
+        if silence_ms < self.policy.required_silence_ms():
+            return None
+        self._segmenter.end_turn()
+        return self._end_turn(at)
 
     def _current(self, pause: int, signal: str) -> bool:
         """The note is about the pause under way; when so, its arrival (ms after the
