@@ -173,14 +173,18 @@ class Caller:
 
     async def say(self, pcm16: bytes, timeout: float = 60.0,
                   nothing_heard_ms: int = 2000) -> TurnResult:
-        """Speak one utterance and wait (line open, silence flowing) for the reply to finish."""
+        """Speak one utterance and wait (line open, silence flowing) for the reply to finish.
+
+        A turn the utterance's own later words cut off (the gateway answered at a pause
+        mid-sentence and the caller talked on) is not the end: those words continue in a
+        later turn, whose reply is waited for too."""
         index = len(self.events)
         await self.stream_audio(pcm16)
         deadline = time.monotonic() + timeout
         quiet_until = time.monotonic() + nothing_heard_ms / 1000.0
         while time.monotonic() < deadline:
             events = self.events[index:]
-            if any(e.get("type") == "turn_metrics" for e in events):
+            if utterance_answered(events):
                 break
             if time.monotonic() > quiet_until and not any(
                     e.get("type") == "transcript" for e in events):
@@ -213,8 +217,9 @@ class Caller:
         await self.send_json({"type": "text", "text": text, "final": True})
 
     def _turn_since(self, index: int) -> TurnResult:
+        """The events since ``index``; the number and audio of the last turn that ended."""
         events = self.events[index:]
-        number = next((int(e["turn"]) for e in events if e.get("type") == "turn_metrics"), 0)
+        number = (_ended_turns(events) or [0])[-1]
         return TurnResult(number=number, events=events,
                           audio=self._turn_audio.get(number, bytearray()))
 
@@ -231,6 +236,22 @@ class Caller:
         await self._ws.close()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def utterance_answered(events: list[dict[str, Any]]) -> bool:
+    """Some turn ended that the caller's own speech did not cut off for good."""
+    return bool(set(_ended_turns(events)) - _cut_by_the_caller(events))
+
+
+def _ended_turns(events: list[dict[str, Any]]) -> list[int]:
+    return [int(e["turn"]) for e in events if e.get("type") == "turn_metrics"]
+
+
+def _cut_by_the_caller(events: list[dict[str, Any]]) -> set[int]:
+    """Turns whose reply the caller's speech stopped for good (not resumed as noise)."""
+    cut = {e.get("turn") for e in events if e.get("type") == "interrupt"
+           and e.get("cause") == "speech"}
+    return cut - {e.get("turn") for e in events if e.get("type") == "resume"}
 
 
 def format_event(event: dict[str, Any]) -> str:

@@ -23,14 +23,16 @@ CALLER_LINES = (
 )
 FAQ_CSV = Path(__file__).resolve().parents[1] / "cache_seed" / "examples" / "bank_faq.csv"
 CALL_RATE = 16000
+_RECOGNISERS = {"moonshine": "Moonshine base-en", "whisper": "Whisper tiny.en"}
 
 
 def run_demo(out_dir: Path, port: int = 0) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings.load({"host": "127.0.0.1", "port": port,
                               "store_dir": str(out_dir / "store")})
-    print("loading models (Silero VAD, Whisper tiny.en, Piper joe-medium, MiniLM) ...",
-          flush=True)
+    recogniser = _RECOGNISERS.get(settings.stt_provider, settings.stt_provider)
+    print(f"loading models (Silero VAD, {recogniser}, Smart Turn, Piper joe-medium, "
+          "MiniLM) ...", flush=True)
     runtime = Runtime.load(settings)
     print("  " + ", ".join(f"{k} {v:.2f}s" for k, v in runtime.load_times_s.items()))
     print(f"seeding the FAQ cache from {FAQ_CSV.name} (answers rendered once, then reused) ...",

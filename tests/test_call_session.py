@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from gateway.call.session import AudioRateLimit, Outbox
-from gateway.client import Caller
+from gateway.client import Caller, utterance_answered
 from gateway.clock import ManualClock
 from gateway.protocol import ProtocolError, parse_text_frame
 from gateway.server import BackgroundServer
@@ -229,3 +229,19 @@ async def test_a_tcp_connection_that_sends_nothing_is_closed(server):
         assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the server
     finally:
         writer.close()
+
+
+def test_a_turn_cut_off_by_the_callers_next_words_is_not_the_answer_to_wait_for():
+    # The gateway answered at a pause ("I forgot my password for the app, ..."), the
+    # caller talked on: that turn's metrics come first, the whole question's later.
+    cut = [{"type": "interrupt", "turn": 2, "cause": "speech", "heard_ms": 220},
+           {"type": "turn_metrics", "turn": 2}]
+    assert not utterance_answered(cut)
+    assert utterance_answered(cut + [{"type": "turn_metrics", "turn": 3}])
+    # Noise that stopped the reply for a moment (resumed): that turn is the answer.
+    assert utterance_answered([{"type": "interrupt", "turn": 2, "cause": "speech"},
+                               {"type": "resume", "turn": 2, "from_ms": 400},
+                               {"type": "turn_metrics", "turn": 2}])
+    assert utterance_answered([{"type": "interrupt", "turn": 2, "cause": "text"},
+                               {"type": "turn_metrics", "turn": 2}]) is True
+    assert not utterance_answered([{"type": "transcript", "text": "hi", "final": False}])
