@@ -153,10 +153,6 @@ class Settings(BaseModel):
     tts_provider: str = "piper"  # piper | elevenlabs
     # Threads per Moonshine decode (cpu_workers decodes run at once).
     moonshine_threads: Pos = 1
-    # Threads for a final decoded while no other decode runs (the cores are idle: the
-    # caller who just paused gets them all; a second pair of sessions, ~+200 MB). At or
-    # below moonshine_threads: off.
-    moonshine_final_threads: NonNeg = 2
     # Moonshine's decoder weights: int8 blocks (MatMulNBits, built once into model_cache_dir;
     # a step ~1.8x faster, the same WER: bench/recognizer_speed.py), or float (folded).
     moonshine_decoder_weights: Literal["int8", "float"] = "int8"

@@ -218,65 +218,6 @@ async def test_a_final_with_a_free_slot_stops_no_partial(pool):
     assert scheduler.partials_stopped == 0
 
 
-class WideRecognizer(StoppableRecognizer):
-    """Has a wide decode too (Moonshine's ``wide_threads``); notes which ran."""
-
-    wide_threads = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ran: list[tuple[str, int]] = []
-
-    def transcribe_ids(self, pcm16: bytes, draft, stop) -> tuple[str, list[int]]:
-        self.ran.append(("narrow", len(pcm16) // MS))
-        return super().transcribe_ids(pcm16, draft, stop)
-
-    def transcribe_ids_wide(self, pcm16: bytes, draft, stop) -> tuple[str, list[int]]:
-        self.ran.append(("wide", len(pcm16) // MS))
-        return super().transcribe_ids(pcm16, draft, stop)
-
-
-async def test_a_final_on_idle_cores_takes_the_wide_decode_and_holds_off_partials(pool):
-    recognizer = WideRecognizer()
-    service = RedecodingSTT(recognizer, pool, slots=2, partial_interval_ms=100)
-    caller, other, third = (service.open_stream() for _ in range(3))
-    recognizer.gate.clear()
-    await caller.send_audio(audio(300))  # its partial runs (narrow) ...
-    await until(lambda: service.scheduler.running == 1)
-    recognizer.gate.set()  # ... and ends: the cores are idle again
-    await until(lambda: service.scheduler.running == 0)
-    recognizer.gate.clear()
-    final = asyncio.ensure_future(caller.finalize())
-    await until(lambda: service.scheduler.running == 1)
-    await other.send_audio(audio(200))  # a partial due: not while the wide final runs
-    assert service.scheduler.running == 1 and other.partials_skipped == 1
-    await third.send_audio(audio(150))  # skipped too
-    second = asyncio.ensure_future(third.finalize())  # another final: at once, narrow
-    await until(lambda: service.scheduler.running == 2)
-    recognizer.gate.set()
-    assert (await final).text == f"{300 * MS} bytes"
-    assert (await second).text == f"{150 * MS} bytes"
-    assert recognizer.ran == [("narrow", 300), ("wide", 300), ("narrow", 150)]
-    assert third.partials_skipped == 1 and service.scheduler.wide_finals == 1
-    for stream in (caller, other, third):
-        await stream.aclose()
-
-
-async def test_a_final_beside_a_running_partial_stays_narrow(pool):
-    recognizer = WideRecognizer()
-    scheduler = DecodeScheduler(decode_fn(recognizer), pool, slots=2,
-                                wide=recognizer.transcribe_ids_wide)
-    recognizer.gate.clear()
-    partial = asyncio.ensure_future(scheduler.decode(audio(100), PARTIAL))
-    await until(lambda: scheduler.running == 1)
-    final = asyncio.ensure_future(scheduler.decode(audio(200), FINAL))
-    await until(lambda: scheduler.running == 2)
-    recognizer.gate.set()
-    await asyncio.gather(partial, final)
-    assert sorted(recognizer.ran) == [("narrow", 100), ("narrow", 200)]
-    assert scheduler.wide_finals == 0
-
-
 async def test_queued_finals_run_before_queued_partials(pool):
     recognizer, scheduler, first = await busy_scheduler(pool, PARTIAL)
     partial = asyncio.ensure_future(scheduler.decode(audio(200), PARTIAL))

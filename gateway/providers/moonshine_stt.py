@@ -103,14 +103,11 @@ class MoonshineRecognizer:
     def __init__(self, threads: int = 1, cache_dir: str | Path | None = None,
                  model_dir: str | Path | None = None, fold: bool = True,
                  decoder_weights: DecoderWeights = "int8",
-                 no_speech_threshold: float = NO_SPEECH_THRESHOLD,
-                 wide_threads: int = 0) -> None:
+                 no_speech_threshold: float = NO_SPEECH_THRESHOLD) -> None:
         """``fold=False`` runs the shipped ``.ort`` files as they are (slow); otherwise the
         decoder's weights are ``decoder_weights``: int8 blocks, or float (folded).
         ``no_speech_threshold``: see NO_SPEECH_THRESHOLD (1.0: the plain greedy decode,
-        which ends at the first step whenever the end token is the likeliest).
-        ``wide_threads`` > ``threads``: a second pair of sessions with that many threads
-        (``transcribe_ids(wide=True)``), for a final decoded while the cores are idle."""
+        which ends at the first step whenever the end token is the likeliest)."""
         if decoder_weights not in ("int8", "float"):
             raise ValueError(f"decoder_weights must be int8 or float, not {decoder_weights!r}")
         if not 0.0 < no_speech_threshold <= 1.0:
@@ -134,21 +131,6 @@ class MoonshineRecognizer:
         self._encoder = self._session(directory / "encoder_model.ort", cache, options)
         self._decoder = self._session(directory / "decoder_model_merged.ort", cache, options,
                                       int8=self.decoder_weights == "int8")
-        self.wide_threads = wide_threads if wide_threads > threads else 0
-        self._wide: tuple[ort.InferenceSession, ort.InferenceSession] | None = None
-        if self.wide_threads:
-            wide = ort.SessionOptions()
-            wide.intra_op_num_threads = self.wide_threads
-            wide.inter_op_num_threads = 1
-            wide.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            wide.log_severity_level = 3
-            # Its pool threads sleep between runs instead of spinning: they would take
-            # the cores from the narrow decodes, the VAD and the router.
-            wide.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._wide = (
-                self._session(directory / "encoder_model.ort", cache, wide),
-                self._session(directory / "decoder_model_merged.ort", cache, wide,
-                              int8=self.decoder_weights == "int8"))
 
     def _session(self, path: Path, cache: Path, options: ort.SessionOptions,
                  int8: bool = False) -> ort.InferenceSession:
@@ -174,37 +156,28 @@ class MoonshineRecognizer:
         return self.transcribe_ids(pcm16)[0]
 
     def transcribe_ids(self, pcm16: bytes, draft: Sequence[int] = (),
-                       stop: threading.Event | None = None,
-                       wide: bool = False) -> tuple[str, list[int]]:
+                       stop: threading.Event | None = None) -> tuple[str, list[int]]:
         """Like ``transcribe``, also returning the token ids; ``draft`` (the ids of an
         earlier decode of the same utterance) makes it cheaper, never different. Once
         ``stop`` is set the decode raises DecodeStopped at its next step (a final wants
-        its slot, or nobody waits for it any more: providers/redecode.py). ``wide``: on
-        the ``wide_threads`` sessions, when there are any."""
+        its slot, or nobody waits for it any more: providers/redecode.py)."""
         samples = len(pcm16) // 2
         if samples < SAMPLE_RATE // 10:  # under 100 ms: nothing to decode
             return "", []
         audio = np.frombuffer(pcm16[:samples * 2], dtype="<i2").astype(np.float32) / 32768.0
-        ids = self.token_ids(audio, draft, stop, wide)
+        ids = self.token_ids(audio, draft, stop)
         return self.tokenizer.decode(ids), ids
 
-    def transcribe_ids_wide(self, pcm16: bytes, draft: Sequence[int] = (),
-                            stop: threading.Event | None = None) -> tuple[str, list[int]]:
-        """``transcribe_ids`` on the wide sessions (providers/redecode.py: a final decoded
-        while no other decode runs)."""
-        return self.transcribe_ids(pcm16, draft, stop, wide=True)
-
     def token_ids(self, audio: np.ndarray, draft: Sequence[int] = (),
-                  stop: threading.Event | None = None, wide: bool = False) -> list[int]:
+                  stop: threading.Event | None = None) -> list[int]:
         """Greedy decode. The first decoder pass reads ``draft`` whole (one pass costs
         about as much as two single steps: the weights are read once) and keeps the
         longest prefix the model itself would have produced; only the tokens after it
         are decoded step by step. With float weights the result is the greedy
         decode's (but for its first token: ``_first_token``); with int8 ones it can differ
         at a near-tie (the pass and the steps round differently: see moonshine_int8)."""
-        encoder, decoder = self._wide if wide and self._wide else (self._encoder, self._decoder)
         _raise_if_stopped(stop)
-        (hidden,) = encoder.run(None, {"input_values": audio[np.newaxis, :]})
+        (hidden,) = self._encoder.run(None, {"input_values": audio[np.newaxis, :]})
         _raise_if_stopped(stop)
         limit = max(1, math.ceil(len(audio) / SAMPLE_RATE * TOKENS_PER_SECOND))
         draft = [int(t) for t in draft[:limit] if int(t) > END_TOKEN]
@@ -213,9 +186,9 @@ class MoonshineRecognizer:
                 for layer in range(_LAYERS) for part in ("decoder", "encoder")
                 for kv in ("key", "value")}
         names = [o.name.replace("present.", "past_key_values.")
-                 for o in decoder.get_outputs()]
+                 for o in self._decoder.get_outputs()]
         # First pass, no cache: the start token and the draft.
-        outputs = decoder.run(None, {
+        outputs = self._decoder.run(None, {
             "input_ids": np.array([[START_TOKEN, *draft]], dtype=np.int64),
             "encoder_hidden_states": hidden, "use_cache_branch": np.array([False]), **past})
         predicted = np.argmax(outputs[0][0], axis=-1)  # the next token after each input
@@ -232,7 +205,7 @@ class MoonshineRecognizer:
         while token != END_TOKEN and len(ids) < limit:
             _raise_if_stopped(stop)
             ids.append(token)
-            outputs = decoder.run(None, {
+            outputs = self._decoder.run(None, {
                 "input_ids": np.array([[token]], dtype=np.int64),
                 "encoder_hidden_states": hidden, "use_cache_branch": np.array([True]), **past})
             token = int(np.argmax(outputs[0][0, -1]))
@@ -258,10 +231,7 @@ class MoonshineRecognizer:
 
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
-        noise = (rng.standard_normal(SAMPLE_RATE) * 300).astype("<i2").tobytes()
-        self.transcribe(noise)
-        if self._wide:
-            self.transcribe_ids(noise, wide=True)
+        self.transcribe((rng.standard_normal(SAMPLE_RATE) * 300).astype("<i2").tobytes())
 
 
 def _raise_if_stopped(stop: threading.Event | None) -> None:

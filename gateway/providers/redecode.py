@@ -76,14 +76,6 @@ def decode_fn(recognizer: BatchRecognizer) -> DecodeFn:
     return lambda pcm16, draft, stop: (recognizer.transcribe(pcm16), [])
 
 
-def wide_decode_fn(recognizer: BatchRecognizer) -> DecodeFn | None:
-    """The same decode on more threads (``transcribe_ids_wide``), when the recogniser
-    was built with them (Moonshine's ``wide_threads``)."""
-    if not getattr(recognizer, "wide_threads", 0):
-        return None
-    return getattr(recognizer, "transcribe_ids_wide", None)
-
-
 @dataclass(order=True)
 class _Job:
     priority: int
@@ -92,28 +84,19 @@ class _Job:
     draft: Sequence[int] = field(compare=False)
     future: asyncio.Future[Decoded] = field(compare=False)
     stop: threading.Event = field(compare=False, default_factory=threading.Event)
-    wide: bool = field(compare=False, default=False)
 
 
 class DecodeScheduler:
-    """Runs decodes on the model executor, ``slots`` at a time, finals first.
+    """Runs decodes on the model executor, ``slots`` at a time, finals first."""
 
-    With ``wide`` (the same decode on every core), a final that starts while no other
-    decode runs or waits takes the wide decode, and no partial starts until it is done:
-    the caller who just stopped talking is the one waiting. A final that comes meanwhile
-    still starts at once (narrow), beside it."""
-
-    def __init__(self, transcribe: DecodeFn, executor: Executor, slots: int,
-                 wide: DecodeFn | None = None) -> None:
+    def __init__(self, transcribe: DecodeFn, executor: Executor, slots: int) -> None:
         self._transcribe = transcribe
-        self._wide = wide
         self._executor = executor
         self.slots = max(1, slots)
         self._queue: list[_Job] = []
         self._seq = itertools.count()
         self.running = 0
         self.decodes = {FINAL: 0, PARTIAL: 0}
-        self.wide_finals = 0  # finals decoded on every core
         self.partials_stopped = 0  # gave their slot to a final
         self.abandoned_stopped = 0  # running when their caller stopped waiting for them
         # False: every decode runs to its end, as before stopping existed (for
@@ -123,11 +106,7 @@ class DecodeScheduler:
 
     @property
     def has_free_slot(self) -> bool:
-        return self.running + len(self._queue) < self.slots and not self._wide_running
-
-    @property
-    def _wide_running(self) -> bool:
-        return any(job.wide for job in self._running.values())
+        return self.running + len(self._queue) < self.slots
 
     async def decode(self, pcm16: bytes, priority: int, draft: Sequence[int] = ()) -> Decoded:
         if len(pcm16) < MIN_DECODE_BYTES:
@@ -149,21 +128,13 @@ class DecodeScheduler:
     def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
         while self.running < self.slots and self._queue:
-            if self._queue[0].priority == PARTIAL and self._wide_running:
-                break  # the wide final has the cores; partials wait for it
             job = heapq.heappop(self._queue)
             if job.future.done():
                 continue
-            job.wide = (self._wide is not None and job.priority == FINAL
-                        and self.running == 0 and not any(
-                            other.priority == FINAL and not other.future.done()
-                            for other in self._queue))
             self.running += 1
             self.decodes[job.priority] += 1
-            self.wide_finals += job.wide
             self._running[job.seq] = job
-            transcribe = self._wide if job.wide and self._wide else self._transcribe
-            done = loop.run_in_executor(self._executor, transcribe, job.pcm16,
+            done = loop.run_in_executor(self._executor, self._transcribe, job.pcm16,
                                         job.draft, job.stop)
             done.add_done_callback(lambda f, job=job: self._finished(job, f))
         if self.stop_decodes:
@@ -209,8 +180,7 @@ class RedecodingSTT:
                  partial_interval_ms: int = 400, max_utterance_s: float = 30.0) -> None:
         self.recognizer = recognizer
         self.name = recognizer.name
-        self.scheduler = DecodeScheduler(decode_fn(recognizer), executor, slots,
-                                         wide=wide_decode_fn(recognizer))
+        self.scheduler = DecodeScheduler(decode_fn(recognizer), executor, slots)
         self.partial_interval_bytes = partial_interval_ms * BYTES_PER_MS
         self.max_utterance_bytes = int(max_utterance_s * SAMPLE_RATE) * 2
 

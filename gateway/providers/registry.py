@@ -28,8 +28,7 @@ def _moonshine(settings: Settings, executor: Executor) -> SpeechToText:
     recognizer = MoonshineRecognizer(threads=settings.moonshine_threads,
                                      cache_dir=settings.model_cache_dir or None,
                                      decoder_weights=settings.moonshine_decoder_weights,
-                                     no_speech_threshold=settings.moonshine_no_speech_threshold,
-                                     wide_threads=settings.moonshine_final_threads)
+                                     no_speech_threshold=settings.moonshine_no_speech_threshold)
     return _redecoding(recognizer, settings, executor)
 
 
