@@ -40,6 +40,24 @@ async def test_words_soon_after_the_turn_ended_continue_it():
     assert user_texts(h.call.conversation.history) == ["i lost my card while i was abroad"]
 
 
+async def test_a_continued_cached_question_ends_on_the_short_silence():
+    # "forgot password" is answered at the pause; the caller goes on "how do I reset it".
+    # Those words alone are no cached question, the whole is: the pause after them is
+    # judged on the whole (early words routed with the carried ones), so the turn ends
+    # after the short silence, not the open one (300 ms in the harness).
+    h = await CallHarness(faqs={"forgot password": "reset_password"},
+                          early_finals=True).start()
+    await cut_short(h, "forgot password", "how do i reset it", gap_ms=400)
+    await h.stop()
+    first, second = h.metrics()
+    assert first["end_of_turn"] == "complete" and second["continues"] is True
+    assert second["end_of_turn"] == "complete" and second["end_of_turn_ms"] < 250
+    assert h.transcripts()[-1] == "forgot password how do i reset it"
+    assert second["entry_id"] == "reset_password"
+    # Routed once, at the pause; the final found its route made.
+    assert [text for text, _ in h.router.calls].count("forgot password how do i reset it") == 1
+
+
 async def stopped_after_ms(settings: dict, early_finals: bool = True) -> float:
     """How long the caller going on talks over the answer before it stops."""
     h = await CallHarness(faqs={"abroad": "card_abroad", "lost my card": "lost_card"},

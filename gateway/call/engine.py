@@ -394,7 +394,7 @@ class Call:
                     await self._judge_turn(paused)
                 return
             self._turns.note_transcript(paused.pause, early.text)
-            decision = await self._speculation.settle(early.text)
+            decision = await self._speculation.settle(self._with_carried_words(early.text))
             if decision is not None:
                 self._turns.note_route(paused.pause, decision.hit)
             if not (decision and decision.hit) \
@@ -409,6 +409,20 @@ class Call:
             ended = self._turns.end_turn_if_due(paused.pause, self._clock.now())
             if ended is not None:
                 self._on_turn_ended(ended)
+
+    def _with_carried_words(self, text: str) -> str:
+        """What this utterance's turn will be asked: the words it carries (a turn cut off
+        mid-sentence, or stopped before it spoke), already decoded, before ``text``, as
+        ``_spoken_turn`` joins them. The pause is judged on the whole question ("I forgot
+        my password for the app, ... how do I reset it?" is a cached question; "how do I
+        reset it?" alone is not) and the final then finds its route made."""
+        if not self._carry or not normalize_text(text):
+            return text
+        if not all(f.done() and not f.cancelled() and f.exception() is None
+                   for f in self._carry):
+            return text  # still decoding: the final routes the whole question
+        texts = [f.result().text.strip() for f in self._carry] + [text.strip()]
+        return " ".join(t for t in texts if t)
 
     def _preempt_agent(self, text: str, decision: RouteDecision | None) -> None:
         """A miss whose words sound finished: the agent's LLM call starts now, while the
