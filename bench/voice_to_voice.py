@@ -20,6 +20,9 @@ Figures per configuration:
   over                of those whose reply had started, how long it talked over the
                       caller's next words: their first sample sent -> the interrupt
                       received, p50 (the barge-in's speech confirmation, and the VAD)
+  whole               of those continued, the caller's last speech sample sent -> the
+                      first audio of the continued turn's reply (the whole question's
+                      answer), p50
   early               cache answers whose route was decided before the turn ended
                       (route.reused: routed on the early final or a partial)
   precision           cache answers to hit questions that are of its true Banking77 intent
@@ -93,6 +96,9 @@ class Record:
     # Cut off: how long the bot talked over the caller's next words (their first sample
     # sent -> the interrupt received; None when the reply was never stopped)
     talk_over_ms: float | None = None
+    # Cut off and continued: the caller's last speech sample sent -> the first audio of
+    # the continued turn's reply (the whole question's answer)
+    whole_v2v_ms: float | None = None
     transcript: str = ""
     speech_s: float = 0.0
     late_frames: int = 0
@@ -233,7 +239,7 @@ class Line:
         sender = asyncio.create_task(self._silence())
         await self.wait(lambda: self._settled(first_event), WAIT_END_S)
         sender.cancel()
-        self._score(clip, record, first_event, sent_at, first_audio)
+        self._score(clip, record, first_event, sent_at, first_audio, last_speech_at)
 
     def _settled(self, first_event: int) -> bool:
         """The last event since the clip began is an audio turn's metrics, SETTLE_S ago."""
@@ -251,7 +257,7 @@ class Line:
             await self.ws.send(silence)
 
     def _score(self, clip: Clip, record: Record, first_event: int, sent_at: list[float],
-               first_audio: int) -> None:
+               first_audio: int, last_speech_at: float) -> None:
         events = self.events[first_event:]
         record.events = [e["type"] for _, e in events]
         finals = [(t, e) for t, e in events if e["type"] == "transcript" and e.get("final")
@@ -280,6 +286,11 @@ class Line:
             spoken_at = sent_at[min(len(sent_at) - 1, last_start // samples_per_frame)]
             ended = [t for t, _ in finals] + self.audio_at[first_audio:first_audio + 1]
             record.cut_off = bool(ended) and min(ended) < spoken_at
+            # The continued turn's reply: its first frame after that turn's transcript.
+            whole_at = min((t for t, e in finals if e["turn"] in continues), default=None)
+            answer = [t for t in self.audio_at[first_audio:] if whole_at and t > whole_at]
+            if record.cut_off and answer:
+                record.whole_v2v_ms = (answer[0] - last_speech_at) * 1000
             if record.cut_off and len(self.audio_at) > first_audio:
                 record.talk_over_ms = self._talk_over(clip, sent_at, self.audio_at[first_audio],
                                                       events)
@@ -361,6 +372,9 @@ def summarize(records: list[Record], cpu_s: float) -> dict[str, Any]:
         # Cut-off clips whose reply had started: how long it talked over the caller's
         # next words (p50, ms), and how many it never stopped for them.
         "talk_over_p50": pct([r.talk_over_ms for r in paused if r.talk_over_ms is not None], 0.5),
+        # Cut off and continued: last word -> the whole question's answer (p50, ms).
+        "whole_v2v_p50": pct([r.whole_v2v_ms for r in paused if r.whole_v2v_ms is not None],
+                             0.5),
         "early": sum(bool(r.reused) for r in hits) / len(hits) if hits else None,
         # Of the cache answers to labelled questions (hits of paused clips have no label).
         "precision": (sum(r.route_intent == r.intent for r in hits if r.kind == "hit")
@@ -383,6 +397,7 @@ def fmt(value: Any, spec: str = ".0f", scale: float = 1.0) -> str:
 def print_table(rows: list[tuple[str, int, int, dict[str, Any]]]) -> None:
     head = (f"{'stt':16} {'calls':>5} {'rate':>5} | {'hit v2v p50/p99':>16} "
             f"{'miss v2v p50/p99':>17} {'EOT p50/p99':>12} | {'cut-off':>7} {'cont':>5} {'over':>5} "
+            f"{'whole':>5} "
             f"{'early':>6} "
             f"{'prec':>5} {'hit%':>5} | {'CPU/s':>5} {'WER':>6} {'n':>4}")
     print(head)
@@ -393,7 +408,8 @@ def print_table(rows: list[tuple[str, int, int, dict[str, Any]]]) -> None:
               f"{fmt(s['miss_v2v_p50']):>8}/{fmt(s['miss_v2v_p99']):<8} "
               f"{fmt(s['eot_p50']):>5}/{fmt(s['eot_p99']):<6} | "
               f"{fmt(s['cut_off'], '.0%'):>7} {fmt(s['continued'], '.0%'):>5} "
-              f"{fmt(s['talk_over_p50']):>5} {fmt(s['early'], '.0%'):>6} "
+              f"{fmt(s['talk_over_p50']):>5} {fmt(s.get('whole_v2v_p50')):>5} "
+              f"{fmt(s['early'], '.0%'):>6} "
               f"{fmt(s['precision'], '.0%'):>5} {fmt(s['hit_rate'], '.0%'):>5} | "
               f"{fmt(s['cpu_per_speech_s'], '.2f'):>5} {fmt(s['wer'], '.1%'):>6} {s['n']:>4}")
 
@@ -457,8 +473,9 @@ async def main() -> None:
     print()
     print_table(rows)
     print("v2v: caller's last speech sample sent -> first reply audio received (ms); EOT: "
-          "server end_of_turn_ms; early: cache answers routed before the turn ended; CPU/s: "
-          "gateway CPU s per s of caller speech per call")
+          "server end_of_turn_ms; whole: a cut-off clip's last word -> its continued turn's "
+          "answer; early: cache answers routed before the turn ended; CPU/s: gateway CPU s "
+          "per s of caller speech per call")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "summary": [{"stt": s, "callers": c, "rate": r, **x} for s, c, r, x in rows],
