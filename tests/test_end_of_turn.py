@@ -165,13 +165,19 @@ async def test_a_slow_early_decode_is_waited_for_so_its_words_can_hold_the_turn(
     assert h.transcripts() == ["my card number is four one two"]
 
 
-async def test_a_cached_question_with_a_slow_decode_ends_when_its_route_is_known():
+async def cached_question_metrics(decode_s: float) -> tuple[CallHarness, dict]:
+    """A cached question whose early decode takes ``decode_s``: the call and its metrics."""
     h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True,
-                          decode_s=0.5).start()
+                          decode_s=decode_s).start()
     await h.say("what are your opening hours", then_silence_ms=1500)
     await h.stop()
     (metrics,) = h.metrics()
     assert metrics["end_of_turn"] == "complete"
+    return h, metrics
+
+
+async def test_a_cached_question_with_a_slow_decode_ends_when_its_route_is_known():
+    h, metrics = await cached_question_metrics(0.5)
     # Paused at 64 ms, decoded 500 ms later, routed: the turn ends then, not at 1200 ms.
     assert 560 <= metrics["end_of_turn_ms"] < 700
     assert h.stt.decodes == 1
@@ -181,23 +187,14 @@ async def test_a_cached_question_ends_the_moment_its_route_is_known():
     # Decoded 210 ms after the pause: the short silence (160 ms) passed while the caller
     # waited for it. The turn ends when the route arrives, not at the next VAD window
     # (frames arrive every 20 ms, windows every 32 ms: up to ~40 ms later).
-    h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True,
-                          decode_s=0.21).start()
-    await h.say("what are your opening hours", then_silence_ms=1500)
-    await h.stop()
-    (metrics,) = h.metrics()
-    assert metrics["end_of_turn"] == "complete"
+    h, metrics = await cached_question_metrics(0.21)
     assert metrics["end_of_turn_ms"] - metrics["early_done_ms"] < 1
     assert h.transcripts() == ["what are your opening hours"] and h.stt.decodes == 1
     assert metrics["reply_latency_ms"] - metrics["end_of_turn_ms"] < 30
 
 
 async def test_a_route_known_before_the_short_silence_passed_waits_for_it():
-    h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True,
-                          decode_s=0.01).start()
-    await h.say("what are your opening hours", then_silence_ms=1500)
-    await h.stop()
-    (metrics,) = h.metrics()
+    _, metrics = await cached_question_metrics(0.01)
     assert metrics["early_done_ms"] < 160 <= metrics["end_of_turn_ms"] < 220
 
 
