@@ -21,8 +21,9 @@ Figures per configuration:
                       caller's next words: their first sample sent -> the interrupt
                       received, p50 (the barge-in's speech confirmation, and the VAD)
   whole               of those continued, the caller's last speech sample sent -> the
-                      first audio of the continued turn's reply (the whole question's
-                      answer), p50
+                      first audio of the last continued turn's reply (the whole
+                      question's answer; none when that one too came before the last
+                      word), p50
   early               cache answers whose route was decided before the turn ended
                       (route.reused: routed on the early final or a partial)
   precision           cache answers to hit questions that are of its true Banking77 intent
@@ -286,10 +287,11 @@ class Line:
             spoken_at = sent_at[min(len(sent_at) - 1, last_start // samples_per_frame)]
             ended = [t for t, _ in finals] + self.audio_at[first_audio:first_audio + 1]
             record.cut_off = bool(ended) and min(ended) < spoken_at
-            # The continued turn's reply: its first frame after that turn's transcript.
-            whole_at = min((t for t, e in finals if e["turn"] in continues), default=None)
+            # The last continued turn's reply: its first frame after that turn's
+            # transcript (none if that turn too was answered before the last word).
+            whole_at = max((t for t, e in finals if e["turn"] in continues), default=None)
             answer = [t for t in self.audio_at[first_audio:] if whole_at and t > whole_at]
-            if record.cut_off and answer:
+            if record.cut_off and answer and answer[0] > last_speech_at:
                 record.whole_v2v_ms = (answer[0] - last_speech_at) * 1000
             if record.cut_off and len(self.audio_at) > first_audio:
                 record.talk_over_ms = self._talk_over(clip, sent_at, self.audio_at[first_audio],

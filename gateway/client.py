@@ -177,15 +177,23 @@ class Caller:
 
         A turn the utterance's own later words cut off (the gateway answered at a pause
         mid-sentence and the caller talked on) is not the end: those words continue in a
-        later turn, whose reply is waited for too."""
+        later turn, whose reply is waited for too, unless nothing (no event, no audio)
+        comes for ``nothing_heard_ms`` after the cut turn ended (what stopped the reply
+        held no words, so no turn follows)."""
         index = len(self.events)
         await self.stream_audio(pcm16)
         deadline = time.monotonic() + timeout
         quiet_until = time.monotonic() + nothing_heard_ms / 1000.0
+        seen, changed_at = (len(self.events), len(self.audio)), time.monotonic()
         while time.monotonic() < deadline:
             events = self.events[index:]
             if utterance_answered(events):
                 break
+            now = time.monotonic()
+            if (len(self.events), len(self.audio)) != seen:
+                seen, changed_at = (len(self.events), len(self.audio)), now
+            if _ended_turns(events) and now - changed_at > nothing_heard_ms / 1000.0:
+                break  # the cut turn ended and nothing came of the words after it
             if time.monotonic() > quiet_until and not any(
                     e.get("type") == "transcript" for e in events):
                 break  # the gateway heard nothing it counts as speech

@@ -245,3 +245,50 @@ def test_a_turn_cut_off_by_the_callers_next_words_is_not_the_answer_to_wait_for(
     assert utterance_answered([{"type": "interrupt", "turn": 2, "cause": "text"},
                                {"type": "turn_metrics", "turn": 2}]) is True
     assert not utterance_answered([{"type": "transcript", "text": "hi", "final": False}])
+
+
+HEARD = [{"type": "transcript", "text": "what time", "final": False},
+         {"type": "transcript", "text": "what time do you open", "final": True, "turn": 1}]
+
+
+async def scripted_gateway_say(after_clip: list[dict[str, Any]]) -> Any:
+    """``Caller.say`` against a gateway that answers the clip with ``after_clip``'s events
+    (then stays silent): what ``say`` returns, within 8 s (its own timeout is 30 s)."""
+    from websockets.asyncio.server import serve
+
+    clip_frames = 10
+
+    async def gateway(ws: Any) -> None:
+        frames = 0
+        async for message in ws:
+            if isinstance(message, str) and json.loads(message)["type"] == "start":
+                await ws.send(json.dumps({"type": "ready"}))
+            elif isinstance(message, bytes):
+                frames += 1
+                if frames == clip_frames:
+                    for event in after_clip:
+                        await ws.send(json.dumps(event))
+
+    async with serve(gateway, "127.0.0.1", 0) as listener:
+        port = listener.sockets[0].getsockname()[1]
+        async with Caller(f"ws://127.0.0.1:{port}") as caller:
+            async with asyncio.timeout(8):
+                return await caller.say(bytes(640 * clip_frames), timeout=30,
+                                        nothing_heard_ms=300)
+
+
+async def test_say_returns_when_nothing_follows_a_turn_cut_by_wordless_speech():
+    # Noise stopped the reply for good (the hold expired: no resume) and held no words:
+    # no later turn comes. say() ends once the line is quiet, not at its timeout.
+    turn = await scripted_gateway_say([*HEARD,
+                                       {"type": "interrupt", "turn": 1, "cause": "speech"},
+                                       {"type": "turn_metrics", "turn": 1}])
+    assert turn.number == 1
+
+
+async def test_say_returns_the_continued_turn_when_one_follows():
+    turn = await scripted_gateway_say([*HEARD,
+                                       {"type": "interrupt", "turn": 1, "cause": "speech"},
+                                       {"type": "turn_metrics", "turn": 1},
+                                       {"type": "turn_metrics", "turn": 2}])
+    assert turn.number == 2

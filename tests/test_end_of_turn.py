@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gateway.call.end_of_turn import (EndOfTurnPolicy, EndOfTurnSettings, Judgement,
@@ -191,6 +193,19 @@ async def test_a_cached_question_ends_the_moment_its_route_is_known():
     assert metrics["end_of_turn_ms"] - metrics["early_done_ms"] < 1
     assert h.transcripts() == ["what are your opening hours"] and h.stt.decodes == 1
     assert metrics["reply_latency_ms"] - metrics["end_of_turn_ms"] < 30
+
+
+async def test_hanging_up_while_the_early_words_decode_ends_no_turn():
+    # The turn waits for its early words (pending, up to 1200 ms) past the default
+    # silence; the call ends meanwhile. Cancelled, that wait must not end the turn: its
+    # reply would start after the call's cleanup and outlive it.
+    h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True,
+                          decode_s=0.8).start()
+    await h.say("what are your opening hours", then_silence_ms=500)
+    assert h.call._turns.in_utterance and h.call._turns.turns == 0
+    await h.stop()
+    assert h.call._turns.turns == 0 and h.stt.utterances == []
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("vg-turn")]
 
 
 async def test_a_route_known_before_the_short_silence_passed_waits_for_it():

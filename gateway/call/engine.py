@@ -405,10 +405,13 @@ class Call:
         finally:  # the silence no longer waits for this pause's words
             self._turns.note_early_done(paused.pause)
             # A cached question's silence has usually passed by now: its turn ends at
-            # once, not at the next VAD window.
-            ended = self._turns.end_turn_if_due(paused.pause, self._clock.now())
-            if ended is not None:
-                self._on_turn_ended(ended)
+            # once, not at the next VAD window. Not when this task is being cancelled:
+            # the pause is over, or the call is (a turn started then would outlive it).
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():
+                ended = self._turns.end_turn_if_due(paused.pause, self._clock.now())
+                if ended is not None:
+                    self._on_turn_ended(ended)
 
     def _with_carried_words(self, text: str) -> str:
         """What this utterance's turn will be asked: the words it carries (a turn cut off
