@@ -410,7 +410,7 @@ def print_table(rows: list[tuple[str, int, int, dict[str, Any]]]) -> None:
               f"{fmt(s['miss_v2v_p50']):>8}/{fmt(s['miss_v2v_p99']):<8} "
               f"{fmt(s['eot_p50']):>5}/{fmt(s['eot_p99']):<6} | "
               f"{fmt(s['cut_off'], '.0%'):>7} {fmt(s['continued'], '.0%'):>5} "
-              f"{fmt(s['talk_over_p50']):>5} {fmt(s.get('whole_v2v_p50')):>5} "
+              f"{fmt(s['talk_over_p50']):>5} {fmt(s['whole_v2v_p50']):>5} "
               f"{fmt(s['early'], '.0%'):>6} "
               f"{fmt(s['precision'], '.0%'):>5} {fmt(s['hit_rate'], '.0%'):>5} | "
               f"{fmt(s['cpu_per_speech_s'], '.2f'):>5} {fmt(s['wer'], '.1%'):>6} {s['n']:>4}")

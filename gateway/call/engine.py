@@ -424,8 +424,7 @@ class Call:
         if not all(f.done() and not f.cancelled() and f.exception() is None
                    for f in self._carry):
             return text  # still decoding: the final routes the whole question
-        texts = [f.result().text.strip() for f in self._carry] + [text.strip()]
-        return " ".join(t for t in texts if t)
+        return _joined([*(f.result().text for f in self._carry), text])
 
     def _preempt_agent(self, text: str, decision: RouteDecision | None) -> None:
         """A miss whose words sound finished: the agent's LLM call starts now, while the
@@ -505,8 +504,7 @@ class Call:
             # What stopped the answer held no words after all (noise outlasting the
             # hold): the cut question is not asked again.
             texts = texts[-1:]
-        carried = " ".join(t.strip() for t in texts[:-1] if t.strip())
-        text = " ".join(t.strip() for t in texts if t.strip())
+        carried, text = _joined(texts[:-1]), _joined(texts)
         if carried:  # words of a turn the caller had not finished
             # Its exchange is taken back: the agent is asked once, with the whole question.
             self.conversation.withdraw_turn(carried)
@@ -942,3 +940,8 @@ class Call:
                                  entry_id=action.action, answer=cache.clip(action.action).text,
                                  score=1.0, reason=f"key {action.key}")
         self._start_reply(tl, self._answer(tl, text, route=False, decision=decision))
+
+
+def _joined(texts: list[str]) -> str:
+    """Utterances as one turn's text (what is routed, early or final, and asked)."""
+    return " ".join(t.strip() for t in texts if t.strip())
