@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from cache_seed.validate import SeedError, SeedPlan, read_seed_csv
 from intents.calibration import Thresholds
+from intents.completeness import CompletenessReport
 from intents.embedder import Embedder
 from intents.router import train_router
 from intents.store import CacheBundle, Store, audio_key
@@ -37,6 +38,7 @@ class SeedReport:
     rendered: int  # answers rendered by this seed
     reused: int  # answers whose audio was already in the store
     thresholds: Thresholds
+    completeness: CompletenessReport | None = None
 
     @property
     def expected_hit_rate(self) -> float:
@@ -52,7 +54,8 @@ class SeedReport:
                 f"questions were answered from the cache with {t.expected_wrong_rate:.2%} wrong; "
                 f"judge confidence >= {t.hit_confidence:.3f}, in-scope similarity >= "
                 f"{t.min_similarity}; questions over {MAX_EMBEDDED_WORDS} words are judged on "
-                f"their first {MAX_EMBEDDED_WORDS} or so (the embedder truncates)")
+                f"their first {MAX_EMBEDDED_WORDS} or so (the embedder truncates)"
+                + (f"\n{self.completeness.summary()}" if self.completeness else ""))
 
 
 # all-MiniLM-L6-v2 reads at most 256 word pieces (~180 spoken words): the rest is unseen.
@@ -104,7 +107,9 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
     return SeedReport(version=version, entries=len(entries),
                       answer_entries=sum(e.action is Action.ANSWER for e in entries.values()),
                       questions=len(plan.questions), rendered=rendered, reused=reused,
-                      thresholds=thresholds)
+                      thresholds=thresholds,
+                      completeness=trained.router.completeness.report
+                      if trained.router.completeness else None)
 
 
 def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str,

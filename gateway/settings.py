@@ -202,6 +202,11 @@ class Settings(BaseModel):
     # the turn model does not doubt) and one judged incomplete ("my card number is ...").
     complete_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 160
     incomplete_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 1200
+    # A cached question ends on that short silence only when its words read as finished
+    # by the seed's own questions (intents.completeness): "the card I ordered" routes to a
+    # cached intent, and the caller was about to say "... has not arrived". Off: any
+    # cached question ends early.
+    complete_turn_needs_finished_words: bool = True
     # The end-of-turn model on the caller's audio: smart_turn (Smart Turn v3.2) or none.
     turn_model: Literal["smart_turn", "none"] = "smart_turn"
     # Its probability at or above which a cached question ends early, and below which

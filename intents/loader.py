@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from intents.calibration import Thresholds
 from intents.embedder import Embedder
-from intents.router import Router, models_from_bytes, train_router
+from intents.router import Router, completeness_for_seed, models_from_bytes, train_router
 from intents.semantic_cache import SemanticCache
 from intents.store import Store, StoreError
 from intents.types import Action, Audio, Entry
@@ -74,7 +74,7 @@ def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> 
         thresholds = router.thresholds
     else:
         try:
-            classifier, judge = models_from_bytes(bundle.classifier)
+            classifier, judge, completeness = models_from_bytes(bundle.classifier)
         except ValueError:
             # Saved by another scikit-learn: train again from the stored vectors and texts
             # (same data, same folds, same result; takes as long as the seed's calibration).
@@ -82,8 +82,10 @@ def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> 
                                   target_wrong_rate=thresholds.target_wrong_rate,
                                   vectors=bundle.vectors, negatives=negatives).router
         else:
+            if completeness is None:  # seeded before the model existed: learn it now
+                completeness = completeness_for_seed(texts, negatives)
             router = Router(embedder, classifier, judge, SemanticCache(bundle.vectors, intents),
-                            entries, thresholds)
+                            entries, thresholds, completeness)
     cached: dict[str, CachedEntry] = {}
     for entry in entries.values():
         audio = store.get_audio(entry.audio_key) if entry.audio_key else None

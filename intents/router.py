@@ -10,6 +10,10 @@ A hit (replay the cached answer) needs three things:
 Anything else is a miss: ``llm`` for out-of-scope and agent intents, ``handoff``
 for handoff intents.
 
+Every decision also says whether the words read as a finished question
+(``intents.completeness``, learned from the seed): the end of turn lets a cached
+question end on a short silence only then.
+
 ``route`` is synchronous and CPU-bound (one embedding, ~5-15 ms on a cold text):
 call it from an executor, never on the event loop.
 """
@@ -26,6 +30,7 @@ import numpy as np
 
 from intents.calibration import HeldOut, Thresholds, calibrate, cross_validate
 from intents.classifier import IntentClassifier
+from intents.completeness import Completeness, train_completeness
 from intents.embedder import Embedder, normalize_text
 from intents.judge import Judge, read_signals
 from intents.negatives import embed_negatives, negatives_for_seed
@@ -40,7 +45,7 @@ VERBATIM_SIMILARITY = 0.9999
 class Router:
     def __init__(self, embedder: Embedder, classifier: IntentClassifier, judge: Judge,
                  cache: SemanticCache, entries: Mapping[str, Entry],
-                 thresholds: Thresholds) -> None:
+                 thresholds: Thresholds, completeness: Completeness | None = None) -> None:
         # Keyed by intent (the classifier's labels); callers may key theirs by entry id.
         by_intent = {e.intent: e for e in entries.values()}
         unknown = set(classifier.classes) - set(by_intent)
@@ -52,6 +57,7 @@ class Router:
         self.cache = cache
         self.entries = by_intent
         self.thresholds = thresholds
+        self.completeness = completeness  # None: every text reads as finished
 
     def route(self, text: str) -> RouteDecision:
         start = time.perf_counter()
@@ -87,8 +93,10 @@ class Router:
         signals = read_signals(self.classifier, self.cache, vectors, texts)
         confidence = self.judge.confidence(signals.matrix)
         t = self.thresholds
+        completeness = self.completeness
         out: list[RouteDecision] = []
         for i, text in enumerate(texts):
+            finished = completeness is None or completeness.finished(text)
             similarity = float(signals.nearest_similarity[i])
             probability, margin = float(signals.probability[i]), float(signals.margin[i])
             sure = float(confidence[i])
@@ -96,7 +104,7 @@ class Router:
                 out.append(RouteDecision(
                     text=text, intent=None, action=Action.LLM, hit=False, score=similarity,
                     confidence=probability, margin=margin, certainty=sure,
-                    reason="out of scope", ms=_ms(start)))
+                    finished=finished, reason="out of scope", ms=_ms(start)))
                 continue
             entry = self.entries[str(signals.predicted[i])]
             answerable = entry.action is Action.ANSWER and entry.answer is not None
@@ -106,29 +114,43 @@ class Router:
             out.append(RouteDecision(
                 text=text, intent=entry.intent, action=entry.action, hit=hit,
                 entry_id=entry.id, answer=entry.answer if hit else None, score=similarity,
-                confidence=probability, margin=margin, certainty=sure,
+                confidence=probability, margin=margin, certainty=sure, finished=finished,
                 reason=_reason(hit, entry), ms=_ms(start)))
         return out
 
     def models_bytes(self) -> bytes:
         """The trained models as one blob (``CacheBundle.classifier``)."""
-        return models_to_bytes(self.classifier, self.judge)
+        return models_to_bytes(self.classifier, self.judge, self.completeness)
 
 
-def models_to_bytes(classifier: IntentClassifier, judge: Judge) -> bytes:
+def models_to_bytes(classifier: IntentClassifier, judge: Judge,
+                    completeness: Completeness | None = None) -> bytes:
     buffer = io.BytesIO()
-    joblib.dump({"classifier": classifier.state(), "judge": judge}, buffer)
+    joblib.dump({"classifier": classifier.state(), "judge": judge,
+                 "completeness": completeness}, buffer)
     return buffer.getvalue()
 
 
-def models_from_bytes(data: bytes) -> tuple[IntentClassifier, Judge]:
-    """Raises ValueError when the blob was written by another scikit-learn."""
+def models_from_bytes(data: bytes) -> tuple[IntentClassifier, Judge, Completeness | None]:
+    """Raises ValueError when the blob was written by another scikit-learn. The
+    completeness model is None in a blob from before it existed (train it again:
+    ``completeness_for_seed``)."""
     state = joblib.load(io.BytesIO(data))
     classifier = IntentClassifier.from_state(state["classifier"])
     judge = state["judge"]
     if not isinstance(judge, Judge):
         raise ValueError("not a voicegate judge")
-    return classifier, judge
+    completeness = state.get("completeness")
+    if completeness is not None and not isinstance(completeness, Completeness):
+        raise ValueError("not a voicegate completeness model")
+    return classifier, judge, completeness
+
+
+def completeness_for_seed(questions: Sequence[str], negatives: Sequence[str] = ()
+                          ) -> Completeness:
+    """The seed's lexical end-of-turn model: its questions (and the out-of-domain
+    negatives, finished questions too) against their word prefixes."""
+    return train_completeness(questions, negatives_for_seed(negatives, questions))
 
 
 def _ms(start: float) -> float:
@@ -175,5 +197,5 @@ def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence
     thresholds, judge = calibrate(held_out, answer_intents, target_wrong_rate)
     classifier = IntentClassifier().fit(vectors, intents, list(questions))
     router = Router(embedder, classifier, judge, SemanticCache(vectors, intents), entries,
-                    thresholds)
+                    thresholds, completeness_for_seed(questions, negatives))
     return TrainedRouter(router, vectors, tuple(questions), tuple(intents), held_out)

@@ -246,10 +246,12 @@ class ScriptedLLM:
 
 @dataclass
 class ScriptedRouter:
-    """Texts containing a FAQ key hit it; ``fail`` decides which routings raise."""
+    """Texts containing a FAQ key hit it; ``fail`` decides which routings raise and
+    ``unfinished`` which texts' words read as unfinished (intents.completeness)."""
 
     faqs: dict[str, str] = field(default_factory=dict)  # key phrase -> entry id
     fail: Callable[[str, bool], bool] = lambda text, urgent: False
+    unfinished: Callable[[str], bool] = lambda text: False
     calls: list[tuple[str, bool]] = field(default_factory=list)
 
     async def __call__(self, text: str, urgent: bool) -> RouteDecision:
@@ -260,7 +262,8 @@ class ScriptedRouter:
         for phrase, entry in self.faqs.items():
             if phrase in text:
                 return RouteDecision(text=text, intent=entry, action=Action.ANSWER, hit=True,
-                                     entry_id=entry, answer=f"answer {entry}", score=0.9)
+                                     entry_id=entry, answer=f"answer {entry}", score=0.9,
+                                     finished=not self.unfinished(text))
         return miss(text, "no entry")
 
 

@@ -63,6 +63,15 @@ def test_a_cache_hit_ends_the_turn_early_unless_the_turn_model_doubts_it():
     assert policy(cache_hit=True, turn_probability=0.1).required_silence_ms() == 1200
 
 
+def test_a_cache_hit_whose_words_read_unfinished_waits_the_default_silence():
+    # "the card I ordered" routes to a cached intent; no seed question ends there.
+    assert policy(cache_hit=True, words_finished=False).required_silence_ms() == 300
+    assert policy(cache_hit=True, words_finished=True).required_silence_ms() == 160
+    any_hit = EndOfTurnPolicy(EndOfTurnSettings(silence_ms=300, needs_finished_words=False))
+    any_hit.cache_hit, any_hit.words_finished = True, False
+    assert any_hit.required_silence_ms() == 160
+
+
 def test_while_the_early_transcript_is_on_its_way_the_turn_waits_for_it():
     assert policy(awaiting_early=True).judge() is Judgement.PENDING
     assert policy(awaiting_early=True, turn_probability=0.95).required_silence_ms() == 1200
@@ -127,6 +136,19 @@ async def test_a_cached_question_is_answered_at_the_short_silence():
     assert route["hit"] and route["reused"] is True  # routed at the pause, before the end
     assert metrics["reply_latency_ms"] - metrics["end_of_turn_ms"] < 30
     assert h.stt.decodes == 1  # the early decode was the final
+
+
+async def test_a_cached_question_that_reads_unfinished_is_not_cut_off():
+    # The first words route to a cached intent, but read as the start of a sentence:
+    # the pause is judged on the default silence and the caller finishes the question.
+    h = await CallHarness(faqs={"card i ordered": "card_arrival"}, early_finals=True).start()
+    h.router.unfinished = lambda text: text.endswith("ordered")
+    await h.say("the card i ordered", then_silence_ms=250)  # past the short 160 ms
+    await h.say("has not arrived", then_silence_ms=1500)
+    await h.stop()
+    assert h.transcripts() == ["the card i ordered has not arrived"]
+    (metrics,) = h.metrics()
+    assert metrics["end_of_turn"] == "complete" and metrics["end_of_turn_ms"] < 250
 
 
 async def test_without_the_signals_the_same_question_waits_the_default_silence():

@@ -145,13 +145,13 @@ def test_embedding_cache_can_be_off_or_cleared() -> None:
 def test_models_survive_serialisation(bank_cache: LoadedCache,
                                        intent_embedder: Embedder) -> None:  # noqa: F811
     router = bank_cache.router
-    classifier, judge = models_from_bytes(router.models_bytes())
+    classifier, judge, completeness = models_from_bytes(router.models_bytes())
     restored = Router(router.embedder, classifier, judge, router.cache, router.entries,
-                      router.thresholds)
+                      router.thresholds, completeness)
     for text in ("what are your wire fees", "what time do you open on monday", "tell me a joke"):
         a, b = router.route(text), restored.route(text)
-        assert (a.intent, a.hit, a.certainty, a.confidence) == (b.intent, b.hit, b.certainty,
-                                                                b.confidence)
+        assert (a.intent, a.hit, a.certainty, a.confidence, a.finished) == (
+            b.intent, b.hit, b.certainty, b.confidence, b.finished)
 
 
 def test_fast_probabilities_equal_scikit_learns() -> None:

@@ -7,7 +7,10 @@ gathers three signals about the words so far, each arriving when its model is do
 - the turn model's probability that the turn is complete (Smart Turn, on the audio),
 - the early transcript (the utterance decoded at the pause), checked for lexical
   completeness: a turn ending in "to", "and", "my", "um" is not over,
-- the router's decision on that transcript: a cache hit is an answerable question.
+- the router's decision on that transcript: a cache hit is an answerable question,
+  and whether its words read as a finished question by the seed's own questions
+  (``intents.completeness``: "the card I ordered" routes to a cached intent, but no
+  seed question ends there).
 
 While the early transcript is still decoding (or being routed) the turn does not end
 on the default silence: the reply needs that very transcript and its route, so waiting
@@ -71,6 +74,7 @@ class EndOfTurnSettings:
     incomplete_silence_ms: float = 1200.0  # the turn is judged incomplete
     complete_threshold: float = 0.5  # a cache hit ends early at or above this probability
     incomplete_threshold: float = 0.05  # below: incomplete, whatever the words
+    needs_finished_words: bool = True  # a cache hit ends early only if its words read finished
 
     @property
     def longest_ms(self) -> float:
@@ -85,16 +89,20 @@ class EndOfTurnPolicy:
         self.turn_probability: float | None = None
         self.transcript: str | None = None
         self.cache_hit: bool | None = None
+        self.words_finished: bool | None = None  # the router's completeness judgement
         self.awaiting_early = False  # the pause's early transcript is decoding / routing
 
     def reset(self) -> None:
         """Speech resumed or a new utterance began: what was known is stale."""
         self.turn_probability = self.transcript = self.cache_hit = None
+        self.words_finished = None
         self.awaiting_early = False
 
     def judge(self) -> Judgement:
         """Incomplete when the words or the turn model say the caller is not done;
-        complete only for a cached question the turn model does not doubt.
+        complete only for a cached question whose words read as finished and that the
+        turn model does not doubt. A cached question that reads like the start of a longer
+        sentence waits the default silence, not the long one: its words may well be all.
 
         The turn model alone never shortens a turn: "Hi," before the question sounds as
         finished as the question itself, and a miss waits for the agent anyway. Nor does
@@ -113,7 +121,8 @@ class EndOfTurnPolicy:
             return Judgement.INCOMPLETE
         if self.transcript is not None and not self.transcript.strip():
             return Judgement.COMPLETE  # nothing was said (noise): nothing to wait for
-        if self.cache_hit and (p is None or p >= s.complete_threshold):
+        reads_finished = self.words_finished is not False or not s.needs_finished_words
+        if self.cache_hit and reads_finished and (p is None or p >= s.complete_threshold):
             return Judgement.COMPLETE
         return Judgement.UNKNOWN
 

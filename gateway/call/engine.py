@@ -81,6 +81,7 @@ def end_of_turn_settings(settings: Settings) -> EndOfTurnSettings:
     return EndOfTurnSettings(silence_ms=settings.end_of_turn_silence_ms,
                              complete_silence_ms=settings.complete_turn_silence_ms,
                              incomplete_silence_ms=settings.incomplete_turn_silence_ms,
+                             needs_finished_words=settings.complete_turn_needs_finished_words,
                              complete_threshold=settings.turn_complete_threshold,
                              incomplete_threshold=settings.turn_incomplete_threshold)
 
@@ -396,7 +397,7 @@ class Call:
             self._turns.note_transcript(paused.pause, early.text)
             decision = await self._speculation.settle(self._with_carried_words(early.text))
             if decision is not None:
-                self._turns.note_route(paused.pause, decision.hit)
+                self._turns.note_route(paused.pause, decision.hit, decision.finished)
             if not (decision and decision.hit) \
                     and normalize_text(early.text) and not lexically_incomplete(early.text):
                 self._preempt_agent(early.text, decision)

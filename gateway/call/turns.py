@@ -187,9 +187,10 @@ class TurnDetector:
         if self._current(pause, "early_transcript"):
             self.policy.transcript = text
 
-    def note_route(self, pause: int, cache_hit: bool) -> None:
+    def note_route(self, pause: int, cache_hit: bool, words_finished: bool = True) -> None:
         if self._current(pause, "early_route"):
             self.policy.cache_hit = cache_hit
+            self.policy.words_finished = words_finished
 
     def note_early_done(self, pause: int) -> None:
         """The early transcript was decoded and routed, or could not be."""
@@ -233,6 +234,8 @@ class TurnDetector:
         tl.info["end_of_turn"] = policy.judge().value
         if policy.turn_probability is not None:
             tl.info["turn_probability"] = round(policy.turn_probability, 3)
+        if policy.words_finished is not None:
+            tl.info["words_finished"] = policy.words_finished
         tl.info.update(self._noted)
         self._noted = {}
         self.policy.reset()
