@@ -16,8 +16,8 @@ It prints Smart Turn's ROC AUC (turn ends against mid-sentence pauses), then, fo
 open silence (`end_of_turn_silence_ms`) and turn-model threshold, the expected false
 cut-off rate of the paused clips (the bench's gaps: uniform 400-900 ms in 50 ms steps)
 and the silence a complete question that is not a cache hit waits. The policy simulated
-is gateway/call/end_of_turn.py's: lexically unfinished -> the long silence; a cache hit ->
-the short one; the turn model below its threshold -> the long one; otherwise the open one.
+is gateway/call/end_of_turn.py's: lexically unfinished -> the long silence; a cache hit
+whose words read as finished -> the short one; the turn model below its threshold -> the long one; otherwise the open one.
 
 Sample seed 7 is the development set the defaults were chosen on; any other seed reads
 the held-out paused texts and other dev questions.
@@ -54,12 +54,13 @@ class Point:
     unfinished: bool
     hit: bool
     probability: float
+    finished: bool = True  # the words read as a finished question (intents.completeness)
 
 
 def required_ms(p: Point, open_ms: int, threshold: float | None) -> int:
     if p.unfinished:
         return LONG_MS
-    if p.hit:
+    if p.hit and p.finished:
         return SHORT_MS
     if threshold is not None and p.probability < threshold:
         return LONG_MS
@@ -114,9 +115,11 @@ def main() -> None:
             pcm = phone_band(pcm)
         audio = pcm + PAUSE_HEARD
         text = recogniser.transcribe(audio)
-        hit = bool(text.strip()) and router.route(text).hit
-        points.append(Point(kind, clip, text, lexically_incomplete(text), hit,
-                            turn_model.probability(audio)))
+        decision = router.route(text) if text.strip() else None
+        points.append(Point(kind, clip, text, lexically_incomplete(text),
+                            bool(decision and decision.hit),
+                            turn_model.probability(audio),
+                            finished=decision.finished if decision else True))
 
     clip = 0
     for i, pieces in enumerate(paused_texts(args.sample_seed)):
@@ -163,7 +166,11 @@ def main() -> None:
                   f"{sum(w == LONG_MS for w in waits) / len(waits):>9.0%}")
     print("\nmid-sentence pauses a cache hit ends early (cut off whatever the silence):")
     for p in pauses:
-        if p.hit and not p.unfinished:
+        if p.hit and p.finished and not p.unfinished:
+            print(f"  {p.text!r}")
+    print("\nmid-sentence pauses a cache hit would have ended, held as unfinished words:")
+    for p in pauses:
+        if p.hit and not p.finished and not p.unfinished:
             print(f"  {p.text!r}")
 
 

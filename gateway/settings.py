@@ -198,8 +198,9 @@ class Settings(BaseModel):
     # callers pause 400-900 ms mid-sentence after words that sound finished, and 500 cut
     # off 38% of such questions (bench/end_of_turn_signals.py, development sample).
     end_of_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 900
-    # Silence that ends a turn judged complete (the words so far are a cached question
-    # the turn model does not doubt) and one judged incomplete ("my card number is ...").
+    # Silence that ends a turn judged complete (the words so far are a cached question that
+    # reads as finished and the turn model does not doubt) and one judged incomplete ("my
+    # card number is ...").
     complete_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 160
     incomplete_turn_silence_ms: Annotated[int, Field(gt=0, le=10000)] = 1200
     # A cached question ends on that short silence only when its words read as finished

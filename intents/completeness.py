@@ -23,8 +23,9 @@ on the short silence, and a prefix-like one waits the open silence instead: a wr
 "finished" cuts a caller off, a wrong "unfinished" costs one cached answer the open
 silence (never more: unfinished is not a reason to wait longer than that).
 
-Serving costs a few microseconds a text (a dictionary lookup per n-gram and a dot
-product), so the router judges every routed text.
+Serving costs ~50 µs a text (a dictionary lookup per n-gram and a dot product), so the
+router judges every routed text. A seed of fewer than 50 questions cannot be judged out
+of fold: the model is then off (every text reads as finished) and the report says so.
 """
 
 from __future__ import annotations
@@ -33,17 +34,20 @@ import hashlib
 import math
 import random
 import re
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 _WORD = re.compile(r"[a-z0-9']+")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'"})  # a seed typed with "can’t"
 # Prefixes drawn per seed question (all of them would be ~10 a question: no better, slower).
 PREFIXES_PER_QUESTION = 3
 FOLDS = 5
+# Fewer seed questions than this are too few for an out-of-fold threshold: the model is off.
+MIN_QUESTIONS = 10 * FOLDS
 # Seed questions a fitted model may hold for the open silence (out of fold): each one
 # held is a cached answer that waits the open silence instead of the short one.
 DEFAULT_HELD_RATE = 0.005
@@ -54,7 +58,11 @@ _SEED = 20261124  # prefixes are drawn reproducibly: the same seed trains the sa
 
 
 def words_of(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    return _WORD.findall(text.lower().translate(_APOSTROPHES))
+
+
+def _key(text: str) -> str:
+    return " ".join(words_of(text))
 
 
 def features(text: str) -> list[str]:
@@ -67,12 +75,15 @@ def features(text: str) -> list[str]:
     return grams
 
 
-def unfinished_prefixes(questions: Sequence[str], per_question: int,
-                        rng: random.Random) -> list[str]:
+def unfinished_prefixes(questions: Sequence[str], per_question: int, rng: random.Random,
+                        finished: frozenset[str] = frozenset()) -> list[str]:
+    """Up to ``per_question`` word prefixes of each question, none of which is itself a
+    finished text (``finished``: their keys; "can I top up" begins "can I top up by
+    cheque" and is a question of its own)."""
     out = []
     for question in questions:
         words = words_of(question)
-        cuts = range(1, len(words))
+        cuts = [k for k in range(1, len(words)) if " ".join(words[:k]) not in finished]
         for k in rng.sample(cuts, min(per_question, len(cuts))):
             out.append(" ".join(words[:k]))
     return out
@@ -88,6 +99,9 @@ class CompletenessReport:
     questions: int
 
     def summary(self) -> str:
+        if self.threshold <= 0.0:
+            return (f"end of turn: any cached question ends on the short silence (too few "
+                    f"questions, {self.questions}, to learn what an unfinished one looks like)")
         return (f"end of turn: a cached question ends on the short silence when its words read "
                 f"as finished (probability >= {self.threshold:.3f}); held out, "
                 f"{self.held_rate:.1%} of the seed's {self.questions} questions read as "
@@ -118,10 +132,21 @@ class Completeness:
             norm += value * value
             score += value * coefficient
         logit = self._intercept + (score / math.sqrt(norm) if norm else 0.0)
-        return 1.0 / (1.0 + math.exp(-logit))
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
 
     def finished(self, text: str) -> bool:
         return self.probability(text) >= self.threshold
+
+    def state(self) -> dict[str, Any]:
+        """Plain data (no class of ours): a gateway that predates a field still reads the
+        models blob that holds it."""
+        return {"grams": self._grams, "intercept": self._intercept,
+                "threshold": self.threshold, "report": asdict(self.report)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Completeness":
+        return cls(dict(state["grams"]), float(state["intercept"]), float(state["threshold"]),
+                   CompletenessReport(**state["report"]))
 
     @classmethod
     def from_fitted(cls, vectorizer: TfidfVectorizer, model: LogisticRegression,
@@ -152,8 +177,18 @@ def train_completeness(questions: Sequence[str], also_finished: Sequence[str] = 
     finished questions too) against their prefixes; set the threshold out of fold on the
     seed's own questions (the generic ones are another style: pooled with them, a 0.5%
     quantile fell to CLINC150's oddest phrasings and passed 90% of first words)."""
-    questions = [q for q in dict.fromkeys(questions) if words_of(q)]
-    extra = [q for q in also_finished if words_of(q)]
+    # One row per distinct wording ("What are your hours?" is "what are your hours"):
+    # a twin in another fold would be a held-out question seen in training.
+    by_key: dict[str, str] = {}
+    for question in questions:
+        by_key.setdefault(_key(question), question)
+    by_key.pop("", None)
+    extra_by_key: dict[str, str] = {}
+    for question in also_finished:
+        if _key(question) not in by_key:
+            extra_by_key.setdefault(_key(question), question)
+    extra_by_key.pop("", None)
+    questions, extra = list(by_key.values()), list(extra_by_key.values())
     key = hashlib.sha256(repr((questions, extra, held_rate)).encode("utf-8")).hexdigest()
     found = _trained.get(key)
     if found is None:
@@ -163,17 +198,29 @@ def train_completeness(questions: Sequence[str], also_finished: Sequence[str] = 
     return found
 
 
+def _off(questions: int) -> Completeness:
+    """Too few questions to learn from, or to judge out of fold: every text reads finished."""
+    return Completeness({}, 60.0, 0.0, CompletenessReport(0.0, 0.0, 1.0, questions))
+
+
 def _train(questions: list[str], extra: list[str], held_rate: float) -> Completeness:
+    n_q = len(questions)
+    if n_q < MIN_QUESTIONS:
+        return _off(n_q)
     rng = random.Random(_SEED)
+    finished = frozenset(_key(q) for q in (*questions, *extra))
+    prefixes = [unfinished_prefixes([q], PREFIXES_PER_QUESTION, rng, finished)
+                for q in questions]
+    extra_prefixes = unfinished_prefixes(extra, PREFIXES_PER_QUESTION, rng, finished)
+    owner = np.array([i for i, p in enumerate(prefixes) for _ in p], dtype=np.int64)
+    n_extra, n_prefix = len(extra), len(owner)
+    if n_prefix + len(extra_prefixes) == 0:  # one-word questions only: nothing unfinished
+        return _off(n_q)
     # Every text is vectorized once (the vocabulary and idf see every fold's texts: no
     # labels cross folds, only which n-grams exist); each fold fits on its rows.
-    prefixes = [unfinished_prefixes([q], PREFIXES_PER_QUESTION, rng) for q in questions]
-    extra_prefixes = unfinished_prefixes(extra, PREFIXES_PER_QUESTION, rng)
-    owner = [i for i, p in enumerate(prefixes) for _ in p]  # the question of each prefix
     texts = [*questions, *extra, *(p for group in prefixes for p in group), *extra_prefixes]
     vectorizer = _vectorizer()
     matrix = vectorizer.fit_transform(texts)
-    n_q, n_extra, n_prefix = len(questions), len(extra), len(owner)
     labels = np.r_[np.ones(n_q + n_extra), np.zeros(n_prefix + len(extra_prefixes))]
     question_rows = np.arange(n_q)
     prefix_rows = n_q + n_extra + np.arange(n_prefix)
@@ -181,26 +228,24 @@ def _train(questions: list[str], extra: list[str], held_rate: float) -> Complete
                    + np.arange(len(extra_prefixes))]
     fold_of = np.empty(n_q, dtype=np.int64)
     fold_of[rng.sample(range(n_q), n_q)] = np.arange(n_q) % FOLDS
-    prefix_fold = fold_of[owner] if owner else np.zeros(0, dtype=np.int64)
-    held_probabilities: list[np.ndarray] = []
-    prefix_probabilities: list[np.ndarray] = []
-    for fold in range(FOLDS if n_q >= 10 * FOLDS else 0):
+    prefix_fold = fold_of[owner]
+    held_p: list[float] = []
+    prefix_p: list[float] = []
+    for fold in range(FOLDS):
         rows = np.r_[question_rows[fold_of != fold], prefix_rows[prefix_fold != fold], always]
+        if len(set(labels[rows])) < 2:
+            return _off(n_q)
         model = _model().fit(matrix[rows], labels[rows])
-        held_out = matrix[question_rows[fold_of == fold]]
-        held_probabilities.append(model.predict_proba(held_out)[:, 1])
-        prefixes_out = matrix[prefix_rows[prefix_fold == fold]]
-        prefix_probabilities.append(model.predict_proba(prefixes_out)[:, 1])
+        held_p.extend(_probabilities(model, matrix[question_rows[fold_of == fold]]))
+        prefix_p.extend(_probabilities(model, matrix[prefix_rows[prefix_fold == fold]]))
     model = _model().fit(matrix, labels)
-    if held_probabilities:
-        held_p, prefix_p = np.concatenate(held_probabilities), np.concatenate(prefix_probabilities)
-        threshold = float(np.quantile(held_p, held_rate, method="lower"))
-        held = float(np.mean(held_p < threshold))
-        passed = float(np.mean(prefix_p >= threshold)) if len(prefix_p) else 0.0
-    else:  # too few questions to judge out of fold: never hold a cached answer
-        threshold, held, passed = 0.0, 0.0, 1.0
-    report = CompletenessReport(threshold=threshold, held_rate=held, prefixes_passed=passed,
-                                questions=n_q)
+    threshold = float(np.quantile(held_p, held_rate, method="lower"))
+    report = CompletenessReport(
+        threshold=threshold, held_rate=float(np.mean(np.asarray(held_p) < threshold)),
+        prefixes_passed=float(np.mean(np.asarray(prefix_p) >= threshold)) if prefix_p else 0.0,
+        questions=n_q)
     return Completeness.from_fitted(vectorizer, model, threshold, report)
 
 
+def _probabilities(model: LogisticRegression, rows: Any) -> list[float]:
+    return list(model.predict_proba(rows)[:, 1]) if rows.shape[0] else []

@@ -127,7 +127,7 @@ def models_to_bytes(classifier: IntentClassifier, judge: Judge,
                     completeness: Completeness | None = None) -> bytes:
     buffer = io.BytesIO()
     joblib.dump({"classifier": classifier.state(), "judge": judge,
-                 "completeness": completeness}, buffer)
+                 "completeness": completeness.state() if completeness else None}, buffer)
     return buffer.getvalue()
 
 
@@ -141,9 +141,11 @@ def models_from_bytes(data: bytes) -> tuple[IntentClassifier, Judge, Completenes
     if not isinstance(judge, Judge):
         raise ValueError("not a voicegate judge")
     completeness = state.get("completeness")
-    if completeness is not None and not isinstance(completeness, Completeness):
-        raise ValueError("not a voicegate completeness model")
-    return classifier, judge, completeness
+    try:
+        return classifier, judge, (Completeness.from_state(completeness)
+                                   if completeness is not None else None)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a voicegate completeness model: {exc}") from exc
 
 
 def completeness_for_seed(questions: Sequence[str], negatives: Sequence[str] = ()

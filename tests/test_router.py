@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -13,10 +14,11 @@ from intents.calibration import NEVER, HeldOut, calibrate, wrong_rate_bound
 from intents.classifier import IntentClassifier, fitted_probabilities
 from intents.embedder import Embedder
 from intents.judge import SIGNALS, Signals
-from intents.loader import LoadedCache
-from intents.router import Router, models_from_bytes
+from intents.loader import LoadedCache, load_cache
+from intents.router import Router, models_from_bytes, models_to_bytes
+from intents.store import CacheBundle, LocalStore
 from intents.types import Action
-from tests.intents_support import bank_cache, intent_embedder  # noqa: F401
+from tests.intents_support import _seeded_bank_store, bank_cache, intent_embedder  # noqa: F401
 
 # Paraphrases written for this test: none of them is in bank_faq.csv.
 UNSEEN_PARAPHRASES = [
@@ -140,6 +142,22 @@ def test_embedding_cache_can_be_off_or_cleared() -> None:
     cached.clear_cache()
     cached.encode("what are your opening hours")
     assert (cached.cache_hits, cached.cache_misses) == (0, 2)
+
+
+def test_a_version_from_before_the_completeness_model_learns_it_at_load(
+        bank_cache: LoadedCache, intent_embedder: Embedder, tmp_path) -> None:  # noqa: F811
+    shutil.copytree(_seeded_bank_store(), tmp_path / "store")  # the answers' audio too
+    older = LocalStore(tmp_path / "store")
+    _, bundle = older.read()
+    classifier, judge, _ = models_from_bytes(bundle.classifier)
+    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("format", "version")}
+    older.publish(CacheBundle(manifest, bundle.vectors, models_to_bytes(classifier, judge)))
+    assert models_from_bytes(older.read()[1].classifier)[2] is None
+    loaded = load_cache(older, intent_embedder)
+    assert loaded.router.completeness is not None
+    assert loaded.router.completeness.report == bank_cache.router.completeness.report
+    for text in ("the card I ordered", "what are your opening hours", "how do I"):
+        assert loaded.router.route(text).finished == bank_cache.router.route(text).finished
 
 
 def test_models_survive_serialisation(bank_cache: LoadedCache,

@@ -18,7 +18,8 @@ for them costs the caller nothing, and the words may show the caller is not done
 ("my card number is 4127" under load arrives after 300 ms). The long silence caps it.
 
 ``EndOfTurnPolicy.required_silence_ms`` turns what is known so far into the silence
-that ends the turn: short for a cached question the turn model does not doubt, long
+that ends the turn: short for a cached question whose words read as finished and that the
+turn model does not doubt, long
 when the words or the model say the caller is not done, the plain default otherwise. It is pure state: the turn
 detector asks it on every window, the engine feeds it the signals.
 """
