@@ -23,8 +23,8 @@ on the short silence, and a prefix-like one waits the open silence instead: a wr
 "finished" cuts a caller off, a wrong "unfinished" costs one cached answer the open
 silence (never more: unfinished is not a reason to wait longer than that).
 
-Serving costs ~50 µs a text (a dictionary lookup per n-gram and a dot product), so the
-router judges every routed text. A seed of fewer than 50 questions cannot be judged out
+Serving costs ~50 µs a text (a dictionary lookup per n-gram and a dot product); the
+router judges every hit's text (the end of turn reads it only on hits). A seed of fewer than 50 questions cannot be judged out
 of fold: the model is then off (every text reads as finished) and the report says so.
 """
 

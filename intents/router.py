@@ -10,9 +10,9 @@ A hit (replay the cached answer) needs three things:
 Anything else is a miss: ``llm`` for out-of-scope and agent intents, ``handoff``
 for handoff intents.
 
-Every decision also says whether the words read as a finished question
-(``intents.completeness``, learned from the seed): the end of turn lets a cached
-question end on a short silence only then.
+A hit also says whether its words read as a finished question (``intents.completeness``,
+learned from the seed): the end of turn lets a cached question end on a short silence
+only then.
 
 ``route`` is synchronous and CPU-bound (one embedding, ~5-15 ms on a cold text):
 call it from an executor, never on the event loop.
@@ -93,10 +93,8 @@ class Router:
         signals = read_signals(self.classifier, self.cache, vectors, texts)
         confidence = self.judge.confidence(signals.matrix)
         t = self.thresholds
-        completeness = self.completeness
         out: list[RouteDecision] = []
         for i, text in enumerate(texts):
-            finished = completeness is None or completeness.finished(text)
             similarity = float(signals.nearest_similarity[i])
             probability, margin = float(signals.probability[i]), float(signals.margin[i])
             sure = float(confidence[i])
@@ -104,13 +102,15 @@ class Router:
                 out.append(RouteDecision(
                     text=text, intent=None, action=Action.LLM, hit=False, score=similarity,
                     confidence=probability, margin=margin, certainty=sure,
-                    finished=finished, reason="out of scope", ms=_ms(start)))
+                    reason="out of scope", ms=_ms(start)))
                 continue
             entry = self.entries[str(signals.predicted[i])]
             answerable = entry.action is Action.ANSWER and entry.answer is not None
             verbatim = (similarity >= VERBATIM_SIMILARITY
                         and signals.nearest_intent[i] == signals.predicted[i])
             hit = answerable and (verbatim or sure >= t.hit_confidence)
+            # Only a hit's words are judged (~50 µs): the end of turn reads them on hits.
+            finished = not hit or self.completeness is None or self.completeness.finished(text)
             out.append(RouteDecision(
                 text=text, intent=entry.intent, action=entry.action, hit=hit,
                 entry_id=entry.id, answer=entry.answer if hit else None, score=similarity,
@@ -199,5 +199,5 @@ def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence
     thresholds, judge = calibrate(held_out, answer_intents, target_wrong_rate)
     classifier = IntentClassifier().fit(vectors, intents, list(questions))
     router = Router(embedder, classifier, judge, SemanticCache(vectors, intents), entries,
-                    thresholds, completeness_for_seed(questions, negatives))
+                    thresholds, train_completeness(questions, negative_texts))
     return TrainedRouter(router, vectors, tuple(questions), tuple(intents), held_out)

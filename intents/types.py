@@ -46,7 +46,7 @@ class RouteDecision:
     confidence: float = 0.0  # classifier probability of ``intent``
     margin: float = 0.0  # classifier probability gap between the top two intents
     certainty: float = 0.0  # the judge's confidence that ``intent`` is right
-    finished: bool = True  # the words read as a finished question (intents.completeness)
+    finished: bool = True  # a hit's words read as a finished question (intents.completeness)
     reason: str = ""
     ms: float = 0.0  # routing time
 

@@ -158,6 +158,8 @@ def test_a_version_from_before_the_completeness_model_learns_it_at_load(
     assert loaded.router.completeness.report == bank_cache.router.completeness.report
     for text in ("the card I ordered", "what are your opening hours", "how do I"):
         assert loaded.router.route(text).finished == bank_cache.router.route(text).finished
+        assert loaded.router.completeness.probability(text) == \
+            bank_cache.router.completeness.probability(text)
 
 
 def test_models_survive_serialisation(bank_cache: LoadedCache,
