@@ -85,9 +85,10 @@ class FrameClock:
         self.step = step
         self.first: float | None = None
         self.heard_s = 0.0  # audio received before this frame (frames of any frame_ms)
+        self.count = 0  # frames received since the reset
 
     def reset(self) -> None:
-        self.first, self.heard_s = None, 0.0
+        self.first, self.heard_s, self.count = None, 0.0, 0
 
     def __call__(self, frame: bytes) -> None:
         now = time.monotonic()
@@ -97,6 +98,7 @@ class FrameClock:
             lag = (now - (self.first + self.heard_s)) * 1000.0
             self.step.client_lag_ms.append(max(0.0, lag))
         self.heard_s += len(frame) / (2 * RATE)  # pcm16 at the caller's rate
+        self.count += 1
 
 
 def record(step: Step, metrics: dict, client_ms: float | None, started: float,
