@@ -1,6 +1,7 @@
 """Capacity: how many concurrent calls one gateway process holds at the bar.
 
     python bench/capacity.py [--mode text audio] [--steps 50 100 200 300 500] [--step-s 30]
+        [--variant LABEL KEY=VALUE[,KEY=VALUE]] [--metrics-out turns.jsonl]
 
 The gateway runs in its own process (bench/gateway_process.py), the Deepgram fake in
 another (audio mode, ``realistic()`` timing), and this process is only the load
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -57,6 +59,9 @@ NEW_WORD_EVERY = 5  # every fifth text turn
 class Step:
     calls: int
     server_hit_ms: list[float] = field(default_factory=list)
+    # The same, of hits whose final had no new word (its vector was cached): what the
+    # tail is without a forward pass.
+    known_words_hit_ms: list[float] = field(default_factory=list)
     client_ms: list[float] = field(default_factory=list)
     new_word_route_ms: list[float] = field(default_factory=list)
     client_lag_ms: list[float] = field(default_factory=list)
@@ -71,6 +76,8 @@ class Step:
     partials_shed: int = 0
     errors: list[str] = field(default_factory=list)
     counting_from: float = 0.0
+    # Every counted turn's server metrics, with "new_word" and "client_ms" (--metrics-out).
+    turn_metrics: list[dict] = field(default_factory=list)
 
     def counting(self, at: float) -> bool:
         return at >= self.counting_from
@@ -106,6 +113,7 @@ def record(step: Step, metrics: dict, client_ms: float | None, started: float,
     if not step.counting(started):
         return
     step.turns += 1
+    step.turn_metrics.append({**metrics, "new_word": new_word, "client_ms": client_ms})
     step.frames_sent += int(metrics.get("frames_sent") or 0)
     step.frames_late += int(metrics.get("frames_late") or 0)
     step.frame_lag_max_ms = max(step.frame_lag_max_ms, metrics.get("frame_lag_max_ms") or 0.0)
@@ -119,6 +127,8 @@ def record(step: Step, metrics: dict, client_ms: float | None, started: float,
         step.reused += bool(metrics.get("route_reused"))
         if metrics.get("first_audio_ms") is not None:
             step.server_hit_ms.append(metrics["first_audio_ms"])
+            if not new_word:
+                step.known_words_hit_ms.append(metrics["first_audio_ms"])
         if client_ms is not None:
             step.client_ms.append(client_ms)
 
@@ -225,16 +235,18 @@ async def run_step(gateway: GatewayProcess, mode: str, calls: int, step_s: float
     return step, (cpu1 - cpu0) / wall, (rss_peak - rss_before), (own1 - own0) / wall
 
 
-def report(mode: str, step: Step, cpu_cores: float, rss_mb: float, gen_cores: float,
+def report(name: str, step: Step, cpu_cores: float, rss_mb: float, gen_cores: float,
            load: str) -> None:
     late = step.frames_late / step.frames_sent if step.frames_sent else float("nan")
-    print(f"{mode:5s} {step.calls:4d} calls | turns {step.turns:5d} hits {step.hits:5d} "
+    print(f"{name:5s} {step.calls:4d} calls | turns {step.turns:5d} hits {step.hits:5d} "
           f"(decided on partials {step.reused / max(1, step.hits):5.1%}) | "
           f"hit first_audio_ms p50 {pct(step.server_hit_ms, 50):6.2f} "
           f"p99 {pct(step.server_hit_ms, 99):7.2f} | client final->audio p50 "
           f"{pct(step.client_ms, 50):6.1f} p99 {pct(step.client_ms, 99):7.1f}", flush=True)
     print(f"      new-word final route_ms p50 {pct(step.new_word_route_ms, 50):6.2f} "
           f"p99 {pct(step.new_word_route_ms, 99):7.2f} (n={len(step.new_word_route_ms)}) | "
+          f"hits without a new word: first_audio_ms p50 {pct(step.known_words_hit_ms, 50):5.2f} "
+          f"p99 {pct(step.known_words_hit_ms, 99):6.2f} | "
           f"frames late >20ms {late:6.2%} of {step.frames_sent} (server max "
           f"{step.frame_lag_max_ms:.0f} ms), client lag p99 {pct(step.client_lag_ms, 99):6.1f} ms"
           f" | partials routed {step.partials_routed} skipped {step.partials_skipped} "
@@ -310,6 +322,13 @@ def main() -> None:
                         help="audio mode: the end-of-turn model (default: the gateway's)")
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
                         help="extra gateway settings, e.g. VOICEGATE_ROUTE_STEP_WORDS=1")
+    parser.add_argument("--variant", nargs=2, action="append", default=[],
+                        metavar=("LABEL", "KEY=VALUE[,KEY=VALUE]"),
+                        help="also run a gateway with these settings, its steps interleaved "
+                             "with the default's (two settings compared in one run)")
+    parser.add_argument("--metrics-out", type=Path, default=None,
+                        help="write every counted turn's metrics here (JSON lines, with "
+                             "mode, calls, new_word and client_ms) to study the tail")
     args = parser.parse_args()
     try:
         import uvloop
@@ -318,6 +337,8 @@ def main() -> None:
         pass
     store = seed_store(args.store)
     extra = dict(item.split("=", 1) for item in args.env)
+    variants = [(label, dict(kv.split("=", 1) for kv in settings.split(",")))
+                for label, settings in args.variant]
     print(f"machine: {os.cpu_count()} cores, {machine_load()} before the run; gateway env "
           f"{extra or 'defaults'}", flush=True)
     for mode in args.mode:
@@ -332,27 +353,38 @@ def main() -> None:
                        VOICEGATE_DEEPGRAM_API_KEY="test-key")
             if args.turn_model:
                 env["VOICEGATE_TURN_MODEL"] = args.turn_model
-        gateway = GatewayProcess(store, env).start()
+        # The default and each --variant: one gateway each, their steps interleaved so
+        # that both meet the same machine.
+        runs = [(mode, env)] + [(f"{mode}/{label}", {**env, **settings})
+                                for label, settings in variants]
+        gateways = {name: GatewayProcess(store, run_env).start() for name, run_env in runs}
         try:
-            largest = None
+            largest: dict[str, int | None] = dict.fromkeys(gateways)
             for calls in args.steps:
-                fake_cpu0 = fake.cpu_s() if fake else 0.0
-                t0 = time.monotonic()
-                step, cpu, rss, gen = asyncio.run(
-                    run_step(gateway, mode, calls, args.step_s, args.warmup_s, speech))
-                load = machine_load()
-                if fake is not None:
-                    load += f", Deepgram fake {100 * (fake.cpu_s() - fake_cpu0) / (time.monotonic() - t0):.0f}% of a core"
-                report(mode, step, cpu, rss, gen, load)
-                if holds_bar(mode, step):
-                    largest = calls
-                time.sleep(3.0)  # calls hang up; the next step starts from quiet
-            print(f"{mode}: largest step that holds the bar: {largest}", flush=True)
+                for name, gateway in gateways.items():
+                    fake_cpu0 = fake.cpu_s() if fake else 0.0
+                    t0 = time.monotonic()
+                    step, cpu, rss, gen = asyncio.run(
+                        run_step(gateway, mode, calls, args.step_s, args.warmup_s, speech))
+                    load = machine_load()
+                    if fake is not None:
+                        load += f", Deepgram fake {100 * (fake.cpu_s() - fake_cpu0) / (time.monotonic() - t0):.0f}% of a core"
+                    report(name, step, cpu, rss, gen, load)
+                    if args.metrics_out is not None:
+                        with args.metrics_out.open("a") as out:
+                            for metrics in step.turn_metrics:
+                                out.write(json.dumps({"run": name, "calls": calls,
+                                                      **metrics}) + "\n")
+                    if holds_bar(mode, step):
+                        largest[name] = calls
+                    time.sleep(3.0)  # calls hang up; the next step starts from quiet
+            for name, calls in largest.items():
+                print(f"{name}: largest step that holds the bar: {calls}", flush=True)
         finally:
-            gateway.stop()
+            for gateway in gateways.values():
+                gateway.stop()
             if fake is not None:
                 fake.stop()
-
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from typing import Any
 
@@ -19,6 +18,7 @@ from intents.store import LocalStore, Store
 from . import logs
 from .call import Call, CallDeps, CallOutput
 from .call.session import Admission, CallSession
+from .collector import CollectorPolicy
 from .faq_cache import FaqCache
 from .route_batcher import RouteBatcher, TwoLaneRouter
 from .protocol import StartMessage
@@ -46,6 +46,7 @@ class Services:
         self.route_batcher: TwoLaneRouter | None = None
         self.responder: Responder | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._collector: CollectorPolicy | None = None
         self.load_error: str | None = None
         self._load_task: asyncio.Task[None] | None = None
         # Only with a shared Redis (settings.redis_url):
@@ -107,11 +108,11 @@ class Services:
             self._start_redis(runtime, cache)
             poll_s = self.settings.redis_poll_s
         self._watch_task = asyncio.create_task(self._watch_cache(cache, poll_s))
-        # What start-up built (models, tokenizers, the cache) lives as long as the process:
-        # out of the collector's sight, a full collection no longer walks it (~25 ms a time
-        # on the event loop, in the middle of calls' frames).
-        gc.collect()
-        gc.freeze()
+        # What start-up built lives as long as the process: frozen, and full collections
+        # on a slow timer instead of Python's schedule (gateway/collector.py).
+        self._collector = CollectorPolicy(self.settings.gc_full_interval_s,
+                                          observe=runtime.stats.prometheus.gc_pauses.observe)
+        self._collector.start()
         logs.event(log, "ready", load_times_s=runtime.load_times_s, cache_version=cache.version,
                    store="redis" if self.settings.redis_url else "local")
 
@@ -202,6 +203,8 @@ class Services:
         for task in (self._load_task, self._watch_task, *self._redis_tasks):
             if task is not None:
                 task.cancel()
+        if self._collector is not None:
+            await self._collector.aclose()
         # Let the counter flusher finish cancelling before the final flush in leave().
         await asyncio.gather(*self._redis_tasks, return_exceptions=True)
         if self.shared_stats is not None:

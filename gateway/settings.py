@@ -131,6 +131,10 @@ class Settings(BaseModel):
     # Partials stop being routed once this many routings in a row gave the same cache hit
     # (the final is still routed on its own words). 0: never settled.
     route_settle_after: NonNeg = 2
+    # Python's full garbage collections (a pause of the whole process, 45-130 ms at 500
+    # calls) run on this timer instead of Python's own schedule (every few seconds under
+    # load); 0 keeps Python's schedule (gateway/collector.py).
+    gc_full_interval_s: NonNeg = 600
     # Routing batches are filled to about this much work, so a final never waits long
     # behind other calls' partials (gateway/route_batcher.py).
     route_batch_target_ms: PosF = 30.0

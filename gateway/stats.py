@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 
+from .collector import PauseHistogram
+
 # Stages reported per outcome (hit or miss), as named in turn_metrics.
 LATENCY_STAGES = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "first_audio_ms",
                   "reply_latency_ms")
@@ -69,6 +71,8 @@ class _Prometheus:
             "came too soon; the words were answered together)", registry=r)
         self.degraded = Gauge("voicegate_degraded",
                               "1 while a shared store (Redis) is unreachable", registry=r)
+        self.gc_pauses = PauseHistogram()
+        r.register(self.gc_pauses)
 
 
 @dataclass

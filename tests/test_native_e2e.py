@@ -235,3 +235,7 @@ async def test_metrics_count_turns_by_outcome(server):
     body = httpx.get(server.base_url + "/metrics").text
     assert turns_total() == before + 1
     assert 'voicegate_stage_seconds_bucket{le="0.005",outcome="miss",stage="first_audio"}' in body
+    # The collector's pauses (gateway/collector.py): young collections happen in any call.
+    young = [line for line in body.splitlines()
+             if line.startswith('voicegate_gc_pause_seconds_count{generation="0"}')]
+    assert young and float(young[0].rsplit(" ", 1)[1]) > 0
