@@ -1,7 +1,7 @@
 """Capacity: how many concurrent calls one gateway process holds at the bar.
 
     python bench/capacity.py [--mode text audio] [--steps 50 100 200 300 500] [--step-s 30]
-        [--variant LABEL KEY=VALUE[,KEY=VALUE]] [--metrics-out turns.jsonl]
+        [--variant LABEL KEY=VALUE[,KEY=VALUE]] [--tree LABEL=DIR] [--metrics-out turns.jsonl]
 
 The gateway runs in its own process (bench/gateway_process.py), the Deepgram fake in
 another (audio mode, ``realistic()`` timing), and this process is only the load
@@ -326,6 +326,9 @@ def main() -> None:
                         metavar=("LABEL", "KEY=VALUE[,KEY=VALUE]"),
                         help="also run a gateway with these settings, its steps interleaved "
                              "with the default's (two settings compared in one run)")
+    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR",
+                        help="also run a gateway from this source tree (e.g. `git archive` "
+                             "of an earlier commit), steps interleaved: two versions, one run")
     parser.add_argument("--metrics-out", type=Path, default=None,
                         help="write every counted turn's metrics here (JSON lines, with "
                              "mode, calls, new_word and client_ms) to study the tail")
@@ -339,6 +342,7 @@ def main() -> None:
     extra = dict(item.split("=", 1) for item in args.env)
     variants = [(label, dict(kv.split("=", 1) for kv in settings.split(",")))
                 for label, settings in args.variant]
+    trees = [item.split("=", 1) for item in args.tree]
     print(f"machine: {os.cpu_count()} cores, {machine_load()} before the run; gateway env "
           f"{extra or 'defaults'}", flush=True)
     for mode in args.mode:
@@ -355,9 +359,11 @@ def main() -> None:
                 env["VOICEGATE_TURN_MODEL"] = args.turn_model
         # The default and each --variant: one gateway each, their steps interleaved so
         # that both meet the same machine.
-        runs = [(mode, env)] + [(f"{mode}/{label}", {**env, **settings})
-                                for label, settings in variants]
-        gateways = {name: GatewayProcess(store, run_env).start() for name, run_env in runs}
+        runs = [(mode, env, None)] + [(f"{mode}/{label}", {**env, **settings}, None)
+                                      for label, settings in variants]
+        runs += [(f"{mode}/{label}", env, tree) for label, tree in trees]
+        gateways = {name: GatewayProcess(store, run_env, tree=tree).start()
+                    for name, run_env, tree in runs}
         try:
             largest: dict[str, int | None] = dict.fromkeys(gateways)
             for calls in args.steps:

@@ -110,8 +110,7 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f} at start", flush=True)
     for round_ in range(args.rounds):
         for label, tree in trees:
-            env = {"PYTHONPATH": str(Path(tree).resolve()), "VOICEGATE_MAX_CALLS": "2000"}
-            gateway = GatewayProcess(store, env).start()
+            gateway = GatewayProcess(store, {"VOICEGATE_MAX_CALLS": "2000"}, tree=tree).start()
             try:
                 cpu, frames, worst_tick = asyncio.run(
                     stream(gateway.call_url, args.calls, args.seconds, args.warmup_s, gateway))

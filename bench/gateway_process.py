@@ -52,10 +52,15 @@ def seed_store(store: str | None = None) -> str:
 
 
 class GatewayProcess:
-    def __init__(self, store: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, store: str, env: dict[str, str] | None = None,
+                 tree: str | Path | None = None) -> None:
+        """``tree``: run the gateway from this source tree (e.g. ``git archive`` of an
+        earlier commit), to compare two versions in one run."""
         self.port = free_port()
         self.env = dict(os.environ, VOICEGATE_STORE_DIR=store, VOICEGATE_LOG_LEVEL="warning",
                         **(env or {}))
+        # `python -m` puts its working directory first on sys.path: that decides the tree.
+        self.tree = Path(tree).resolve() if tree is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,7 +77,8 @@ class GatewayProcess:
 
     def start(self, timeout_s: float = 300.0) -> "GatewayProcess":
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host",
-                                      "127.0.0.1", "--port", str(self.port)], env=self.env)
+                                      "127.0.0.1", "--port", str(self.port)], env=self.env,
+                                     cwd=self.tree)
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if time.monotonic() > deadline or self.proc.poll() is not None:

@@ -51,11 +51,15 @@ class Runtime:
     # pause, beside the early final decode, and must not queue behind decodes.
     turn_model: "SmartTurn | None" = None
     turn_executor: ThreadPoolExecutor | None = None
-    # Routing that needs an embedding forward pass: a thread of its own, so texts whose
-    # vector is cached never wait behind it (route_batcher.TwoLaneRouter).
+    # Routing that needs an embedding forward pass: partials on a thread of their own, so
+    # texts whose vector is cached never wait behind them, and finals on another, so a
+    # caller never waits behind partials (route_batcher.RoutingLanes).
     cold_route_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1,
                                                    thread_name_prefix="vg-route-cold"))
+    cold_finals_route_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="vg-route-final"))
 
     @classmethod
     def load(cls, settings: Settings, stats: Stats | None = None) -> "Runtime":
@@ -116,6 +120,7 @@ class Runtime:
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         self.route_executor.shutdown(wait=False, cancel_futures=True)
         self.cold_route_executor.shutdown(wait=False, cancel_futures=True)
+        self.cold_finals_route_executor.shutdown(wait=False, cancel_futures=True)
         if self.turn_executor is not None:
             self.turn_executor.shutdown(wait=False, cancel_futures=True)
 

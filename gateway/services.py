@@ -20,7 +20,7 @@ from .call import Call, CallDeps, CallOutput
 from .call.session import Admission, CallSession
 from .collector import CollectorPolicy
 from .faq_cache import FaqCache
-from .route_batcher import RouteBatcher, TwoLaneRouter
+from .route_batcher import RouteBatcher, RoutingLanes
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
 from .responder import Responder
@@ -43,7 +43,7 @@ class Services:
         self.admission = Admission(settings.max_calls)
         self._call_deps: CallDeps | None = None
         self.cache: FaqCache | None = None
-        self.route_batcher: TwoLaneRouter | None = None
+        self.route_batcher: RoutingLanes | None = None
         self.responder: Responder | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._collector: CollectorPolicy | None = None
@@ -91,10 +91,12 @@ class Services:
         self._runtime = runtime
         self.cache = cache
         target_ms = self.settings.route_batch_target_ms
-        self.route_batcher = TwoLaneRouter(
+        self.route_batcher = RoutingLanes(
             warm=RouteBatcher(cache.route_many, runtime.route_executor, target_batch_ms=target_ms),
             cold=RouteBatcher(cache.route_many, runtime.cold_route_executor,
                               target_batch_ms=target_ms),
+            cold_finals=RouteBatcher(cache.route_many, runtime.cold_finals_route_executor,
+                                     target_batch_ms=target_ms),
             is_warm=runtime.embedder.is_cached)
         self.responder = Responder(runtime.agent, runtime.tts, runtime.prompts, cache.audio)
         self._call_deps = CallDeps(settings=self.settings, vad=runtime.vad_batcher,

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import pytest
 
-from gateway.route_batcher import RouteBatcher, RoutingShed, TwoLaneRouter
+from gateway.route_batcher import RouteBatcher, RoutingLanes, RoutingShed
 from intents.types import RouteDecision, miss
 
 
@@ -191,12 +191,15 @@ async def test_the_newest_partials_that_fit_are_routed_the_older_shed(executor):
 async def test_a_cached_text_never_waits_behind_a_forward_pass():
     cold_router = RecordingRouter(hold_first=True)  # a long forward pass, held
     warm_router = RecordingRouter()
+    finals_router = RecordingRouter()
     with ThreadPoolExecutor(max_workers=1) as cold_pool, \
-            ThreadPoolExecutor(max_workers=1) as warm_pool:
-        lanes = TwoLaneRouter(warm=RouteBatcher(warm_router, warm_pool),
-                              cold=RouteBatcher(cold_router, cold_pool),
-                              is_warm=lambda text: text.startswith("known"))
-        cold = asyncio.ensure_future(lanes.route("a brand new wording", urgent=True))
+            ThreadPoolExecutor(max_workers=1) as warm_pool, \
+            ThreadPoolExecutor(max_workers=1) as finals_pool:
+        lanes = RoutingLanes(warm=RouteBatcher(warm_router, warm_pool),
+                             cold=RouteBatcher(cold_router, cold_pool),
+                             cold_finals=RouteBatcher(finals_router, finals_pool),
+                             is_warm=lambda text: text.startswith("known"))
+        cold = asyncio.ensure_future(lanes.route("a brand new wording"))
         await _until(lambda: lanes.cold._running)
         decision = await asyncio.wait_for(lanes.route("known question", urgent=True), 5)
         assert decision.text == "known question" and not cold.done()
@@ -204,3 +207,25 @@ async def test_a_cached_text_never_waits_behind_a_forward_pass():
         assert (await cold).text == "a brand new wording"
     assert warm_router.batches == [["known question"]]
     assert cold_router.batches == [["a brand new wording"]]
+    assert finals_router.batches == []
+
+
+async def test_a_final_with_a_new_word_never_waits_behind_partials_forward_pass():
+    cold_router = RecordingRouter(hold_first=True)  # a batch of partials, held
+    finals_router = RecordingRouter()
+    with ThreadPoolExecutor(max_workers=1) as cold_pool, \
+            ThreadPoolExecutor(max_workers=1) as warm_pool, \
+            ThreadPoolExecutor(max_workers=1) as finals_pool:
+        lanes = RoutingLanes(warm=RouteBatcher(RecordingRouter(), warm_pool),
+                             cold=RouteBatcher(cold_router, cold_pool),
+                             cold_finals=RouteBatcher(finals_router, finals_pool),
+                             is_warm=lambda text: False)
+        partial = asyncio.ensure_future(lanes.route("what is the"))
+        await _until(lambda: lanes.cold._running)
+        decision = await asyncio.wait_for(
+            lanes.route("what is the swift code today", urgent=True), 5)
+        assert decision.text == "what is the swift code today" and not partial.done()
+        cold_router.release.set()
+        assert (await partial).text == "what is the"
+    assert finals_router.batches == [["what is the swift code today"]]
+    assert cold_router.batches == [["what is the"]]
