@@ -36,30 +36,35 @@ class RoutingShed(Exception):
     """A partial's routing dropped because the router is behind (not a failure)."""
 
 
-class RoutingLanes:
-    """Three lanes, each a batcher on a thread of its own, so nobody waits behind work
-    that is not theirs:
+ROUTING_LANES = ("warm", "cold", "warm_finals", "cold_finals")
 
-    - ``warm``: texts whose vector is cached (a lookup, ~0.1 ms): a hit final whose words
-      a partial had is routed at once;
-    - ``cold``: partials that need a forward pass (several ms each, batched up to
-      ``target_batch_ms``);
-    - ``cold_finals``: finals that need a forward pass (a word no partial had): a caller
-      waits in silence, so they never queue behind a batch of partials. Measured at 500
-      text calls (bench/capacity.py): such a final waited for the partials' batch in
-      the shared lane, route p99 16-20 ms against an embedding's ~4 ms.
+
+class RoutingLanes:
+    """Four lanes, each a batcher on a thread of its own, so that nobody waits behind work
+    that is not theirs. A text is *warm* when its vector is cached (routing it is a
+    lookup, ~0.1 ms) and *cold* when it needs a forward pass (several ms); a final is
+    urgent (a caller waits in silence), a partial is not:
+
+    - ``warm`` and ``cold``: partials, batched up to ``target_batch_ms`` of work;
+    - ``warm_finals`` and ``cold_finals``: finals, which never queue behind a batch of
+      partials, and a warm final never behind a forward pass.
+
+    Measured at 500 text calls (bench/capacity.py): with finals in the partials' lanes,
+    a routed final waited for the batch under way (up to ``target_batch_ms``): hit
+    ``first_audio_ms`` p99 ~15 ms, against ~5 ms for finals decided on their partials.
     """
 
-    def __init__(self, warm: RouteBatcher, cold: RouteBatcher, cold_finals: RouteBatcher,
-                 is_warm: Callable[[str], bool]) -> None:
+    def __init__(self, warm: RouteBatcher, cold: RouteBatcher, warm_finals: RouteBatcher,
+                 cold_finals: RouteBatcher, is_warm: Callable[[str], bool]) -> None:
         self.warm = warm
         self.cold = cold
+        self.warm_finals = warm_finals
         self.cold_finals = cold_finals
         self._is_warm = is_warm
 
     async def route(self, text: str, urgent: bool = False) -> RouteDecision:
         if self._is_warm(text):
-            lane = self.warm
+            lane = self.warm_finals if urgent else self.warm
         else:
             lane = self.cold_finals if urgent else self.cold
         return await lane.route(text, urgent)

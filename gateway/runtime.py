@@ -20,6 +20,7 @@ from .agent import Agent, build_agent, prompt_texts
 from .audio_bank import AudioBank, Clip
 from .providers.base import SpeechToText, TextToSpeech
 from .providers.registry import create_stt, create_tts
+from .route_batcher import ROUTING_LANES
 from .settings import Settings
 from .stats import Stats
 from .vad import SileroVAD, VADBatcher
@@ -37,7 +38,6 @@ class Runtime:
     settings: Settings
     vad_executor: ThreadPoolExecutor  # batched VAD windows: short and latency-critical
     model_executor: ThreadPoolExecutor  # STT decodes, TTS sentences: long-running
-    route_executor: ThreadPoolExecutor  # batched routing of cached vectors: one thread
     vad: SileroVAD
     stt: SpeechToText
     tts: TextToSpeech
@@ -51,15 +51,11 @@ class Runtime:
     # pause, beside the early final decode, and must not queue behind decodes.
     turn_model: "SmartTurn | None" = None
     turn_executor: ThreadPoolExecutor | None = None
-    # Routing that needs an embedding forward pass: partials on a thread of their own, so
-    # texts whose vector is cached never wait behind them, and finals on another, so a
-    # caller never waits behind partials (route_batcher.RoutingLanes).
-    cold_route_executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1,
-                                                   thread_name_prefix="vg-route-cold"))
-    cold_finals_route_executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1,
-                                                   thread_name_prefix="vg-route-final"))
+    # Routing: a thread per lane (route_batcher.RoutingLanes), so a final never waits
+    # behind partials, nor a cached text behind a forward pass.
+    route_executors: dict[str, ThreadPoolExecutor] = field(default_factory=lambda: {
+        lane: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vg-route-{lane}")
+        for lane in ROUTING_LANES})
 
     @classmethod
     def load(cls, settings: Settings, stats: Stats | None = None) -> "Runtime":
@@ -81,9 +77,8 @@ class Runtime:
             turn_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-turn")
 
         log.info("models_loaded %s", " ".join(f"{k}={v:.2f}s" for k, v in times.items()))
-        route = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-route")
         return cls(settings=settings, vad_executor=vad_pool, model_executor=heavy,
-                   route_executor=route, vad=vad, stt=stt,
+                   vad=vad, stt=stt,
                    tts=tts, prompts=AudioBank(),
                    vad_batcher=VADBatcher(vad, vad_pool, settings.vad_batch_interval_ms),
                    agent=build_agent(settings), embedder=embedder, load_times_s=times,
@@ -118,9 +113,8 @@ class Runtime:
         await self.tts.aclose()
         self.vad_executor.shutdown(wait=False, cancel_futures=True)
         self.model_executor.shutdown(wait=False, cancel_futures=True)
-        self.route_executor.shutdown(wait=False, cancel_futures=True)
-        self.cold_route_executor.shutdown(wait=False, cancel_futures=True)
-        self.cold_finals_route_executor.shutdown(wait=False, cancel_futures=True)
+        for executor in self.route_executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
         if self.turn_executor is not None:
             self.turn_executor.shutdown(wait=False, cancel_futures=True)
 

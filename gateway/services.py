@@ -20,7 +20,7 @@ from .call import Call, CallDeps, CallOutput
 from .call.session import Admission, CallSession
 from .collector import CollectorPolicy
 from .faq_cache import FaqCache
-from .route_batcher import RouteBatcher, RoutingLanes
+from .route_batcher import ROUTING_LANES, RouteBatcher, RoutingLanes
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
 from .responder import Responder
@@ -91,12 +91,10 @@ class Services:
         self._runtime = runtime
         self.cache = cache
         target_ms = self.settings.route_batch_target_ms
+        lanes = runtime.route_executors
         self.route_batcher = RoutingLanes(
-            warm=RouteBatcher(cache.route_many, runtime.route_executor, target_batch_ms=target_ms),
-            cold=RouteBatcher(cache.route_many, runtime.cold_route_executor,
-                              target_batch_ms=target_ms),
-            cold_finals=RouteBatcher(cache.route_many, runtime.cold_finals_route_executor,
-                                     target_batch_ms=target_ms),
+            **{lane: RouteBatcher(cache.route_many, lanes[lane], target_batch_ms=target_ms)
+               for lane in ROUTING_LANES},
             is_warm=runtime.embedder.is_cached)
         self.responder = Responder(runtime.agent, runtime.tts, runtime.prompts, cache.audio)
         self._call_deps = CallDeps(settings=self.settings, vad=runtime.vad_batcher,

@@ -197,15 +197,16 @@ async def test_a_cached_text_never_waits_behind_a_forward_pass():
             ThreadPoolExecutor(max_workers=1) as finals_pool:
         lanes = RoutingLanes(warm=RouteBatcher(warm_router, warm_pool),
                              cold=RouteBatcher(cold_router, cold_pool),
+                             warm_finals=RouteBatcher(RecordingRouter(), finals_pool),
                              cold_finals=RouteBatcher(finals_router, finals_pool),
                              is_warm=lambda text: text.startswith("known"))
         cold = asyncio.ensure_future(lanes.route("a brand new wording"))
         await _until(lambda: lanes.cold._running)
-        decision = await asyncio.wait_for(lanes.route("known question", urgent=True), 5)
-        assert decision.text == "known question" and not cold.done()
+        decision = await asyncio.wait_for(lanes.route("known partial"), 5)
+        assert decision.text == "known partial" and not cold.done()
         cold_router.release.set()
         assert (await cold).text == "a brand new wording"
-    assert warm_router.batches == [["known question"]]
+    assert warm_router.batches == [["known partial"]]
     assert cold_router.batches == [["a brand new wording"]]
     assert finals_router.batches == []
 
@@ -218,6 +219,7 @@ async def test_a_final_with_a_new_word_never_waits_behind_partials_forward_pass(
             ThreadPoolExecutor(max_workers=1) as finals_pool:
         lanes = RoutingLanes(warm=RouteBatcher(RecordingRouter(), warm_pool),
                              cold=RouteBatcher(cold_router, cold_pool),
+                             warm_finals=RouteBatcher(RecordingRouter(), warm_pool),
                              cold_finals=RouteBatcher(finals_router, finals_pool),
                              is_warm=lambda text: False)
         partial = asyncio.ensure_future(lanes.route("what is the"))
@@ -229,3 +231,25 @@ async def test_a_final_with_a_new_word_never_waits_behind_partials_forward_pass(
         assert (await partial).text == "what is the"
     assert finals_router.batches == [["what is the swift code today"]]
     assert cold_router.batches == [["what is the"]]
+
+
+async def test_a_cached_final_never_waits_behind_a_batch_of_partials():
+    partials_router = RecordingRouter(hold_first=True)  # a batch of cached partials, held
+    finals_router = RecordingRouter()
+    with ThreadPoolExecutor(max_workers=1) as partials_pool, \
+            ThreadPoolExecutor(max_workers=1) as cold_pool, \
+            ThreadPoolExecutor(max_workers=1) as finals_pool:
+        lanes = RoutingLanes(warm=RouteBatcher(partials_router, partials_pool),
+                             cold=RouteBatcher(RecordingRouter(), cold_pool),
+                             warm_finals=RouteBatcher(finals_router, finals_pool),
+                             cold_finals=RouteBatcher(RecordingRouter(), cold_pool),
+                             is_warm=lambda text: True)
+        partials = [asyncio.ensure_future(lanes.route(f"partial {i}")) for i in range(3)]
+        await _until(lambda: lanes.warm._running)
+        decision = await asyncio.wait_for(lanes.route("the whole question", urgent=True), 5)
+        assert decision.text == "the whole question"
+        assert not any(p.done() for p in partials)
+        partials_router.release.set()
+        await asyncio.gather(*partials)
+    assert finals_router.batches == [["the whole question"]]
+    assert "the whole question" not in sum(partials_router.batches, [])
