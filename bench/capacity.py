@@ -331,7 +331,7 @@ def main() -> None:
                              "of an earlier commit), steps interleaved: two versions, one run")
     parser.add_argument("--metrics-out", type=Path, default=None,
                         help="write every counted turn's metrics here (JSON lines, with "
-                             "mode, calls, new_word and client_ms) to study the tail")
+                             "run, calls, new_word and client_ms) to study the tail")
     args = parser.parse_args()
     try:
         import uvloop
@@ -343,6 +343,8 @@ def main() -> None:
     variants = [(label, dict(kv.split("=", 1) for kv in settings.split(",")))
                 for label, settings in args.variant]
     trees = [item.split("=", 1) for item in args.tree]
+    if args.metrics_out is not None:
+        args.metrics_out.write_text("")  # this run's turns only (modes append)
     print(f"machine: {os.cpu_count()} cores, {machine_load()} before the run; gateway env "
           f"{extra or 'defaults'}", flush=True)
     for mode in args.mode:
@@ -362,9 +364,13 @@ def main() -> None:
         runs = [(mode, env, None)] + [(f"{mode}/{label}", {**env, **settings}, None)
                                       for label, settings in variants]
         runs += [(f"{mode}/{label}", env, tree) for label, tree in trees]
-        gateways = {name: GatewayProcess(store, run_env, tree=tree).start()
-                    for name, run_env, tree in runs}
+        if len({name for name, _, _ in runs}) < len(runs):
+            sys.exit("each --variant and --tree needs a label of its own")
+        gateways: dict[str, GatewayProcess] = {}
         try:
+            for name, run_env, tree in runs:
+                gateways[name] = GatewayProcess(store, run_env, tree=tree)
+                gateways[name].start()
             largest: dict[str, int | None] = dict.fromkeys(gateways)
             for calls in args.steps:
                 for name, gateway in gateways.items():
@@ -391,6 +397,7 @@ def main() -> None:
                 gateway.stop()
             if fake is not None:
                 fake.stop()
+
 
 if __name__ == "__main__":
     main()

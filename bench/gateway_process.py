@@ -57,6 +57,8 @@ class GatewayProcess:
         """``tree``: run the gateway from this source tree (e.g. ``git archive`` of an
         earlier commit), to compare two versions in one run."""
         self.port = free_port()
+        # Absolute: a gateway run from another tree (``tree``) has another working directory.
+        store = str(Path(store).resolve())
         self.env = dict(os.environ, VOICEGATE_STORE_DIR=store, VOICEGATE_LOG_LEVEL="warning",
                         **(env or {}))
         # `python -m` puts its working directory first on sys.path: that decides the tree.

@@ -82,14 +82,66 @@ class PauseHistogram:
         yield family
 
 
+class _ProcessCollector:
+    """The process's one collector state, shared by every policy in the process (tests
+    run several gateways in one): the thresholds are taken over while any policy runs
+    and given back, as they were, when the last one closes; each observer hears each
+    pause once, whichever policies registered it."""
+
+    def __init__(self) -> None:
+        self.observers: dict[ObservePause, int] = {}  # observer -> policies holding it
+        self.takeovers = 0
+        self.saved_thresholds: tuple[int, int, int] | None = None
+        self._started_at: float | None = None  # perf_counter of the collection under way
+
+    def take_over(self) -> None:
+        if self.takeovers == 0:
+            self.saved_thresholds = gc.get_threshold()
+            young, middle, _ = self.saved_thresholds
+            gc.set_threshold(young, middle, _NEVER)
+        self.takeovers += 1
+
+    def give_back(self) -> None:
+        self.takeovers -= 1
+        if self.takeovers == 0 and self.saved_thresholds is not None:
+            gc.set_threshold(*self.saved_thresholds)
+            self.saved_thresholds = None
+
+    def add_observer(self, observe: ObservePause) -> None:
+        if not self.observers:
+            gc.callbacks.append(self._on_collection)
+        self.observers[observe] = self.observers.get(observe, 0) + 1
+
+    def remove_observer(self, observe: ObservePause) -> None:
+        held = self.observers.pop(observe, 0) - 1
+        if held > 0:
+            self.observers[observe] = held
+        if not self.observers and self._on_collection in gc.callbacks:
+            gc.callbacks.remove(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
+        # Called by gc itself, on whichever thread allocated (collections never overlap):
+        # cheap, and never raises.
+        if phase == "start":
+            self._started_at = time.perf_counter()
+        elif self._started_at is not None:
+            paused = time.perf_counter() - self._started_at
+            self._started_at = None
+            generation = int(info["generation"])
+            for observe in self.observers:
+                observe(generation, paused)
+
+
+_PROCESS = _ProcessCollector()
+
+
 class CollectorPolicy:
     def __init__(self, full_interval_s: float, observe: ObservePause | None = None,
                  clock: Clock = SYSTEM_CLOCK) -> None:
         self.full_interval_s = full_interval_s
         self._observe = observe
         self._clock = clock
-        self._saved_thresholds: tuple[int, int, int] | None = None
-        self._started_at: float | None = None  # perf_counter of the collection under way
+        self._started = False
         self._task: asyncio.Task[None] | None = None
         self.full_collections = 0  # run by this policy
 
@@ -100,15 +152,16 @@ class CollectorPolicy:
 
     def start(self) -> None:
         """Freeze what exists now (call it once start-up is done), take over the full
-        collections and observe every pause. On the running event loop."""
+        collections and observe every pause. On the running event loop; once."""
+        if self._started:
+            return
+        self._started = True
         gc.collect()
         gc.freeze()
         if self._observe is not None:
-            gc.callbacks.append(self._on_collection)
+            _PROCESS.add_observer(self._observe)
         if self.scheduled:
-            young, middle, _ = gc.get_threshold()
-            self._saved_thresholds = gc.get_threshold()
-            gc.set_threshold(young, middle, _NEVER)
+            _PROCESS.take_over()
             self._task = asyncio.create_task(self._collect_on_schedule(), name="vg-gc")
 
     async def _collect_on_schedule(self) -> None:
@@ -121,26 +174,19 @@ class CollectorPolicy:
         began = time.perf_counter()
         freed = gc.collect(OLDEST)
         self.full_collections += 1
-        logs.event(log, "gc_full_collection", logging.DEBUG, freed=freed,
+        logs.event(log, "gc_full_collection", freed=freed,
                    pause_ms=round((time.perf_counter() - began) * 1000.0, 1))
         return freed
 
-    def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
-        # Called by gc itself, on whichever thread allocated: cheap, and never raises.
-        if phase == "start":
-            self._started_at = time.perf_counter()
-        elif self._started_at is not None and self._observe is not None:
-            self._observe(int(info["generation"]), time.perf_counter() - self._started_at)
-            self._started_at = None
-
     async def aclose(self) -> None:
         """Give the collector back to Python (tests start many gateways in one process)."""
+        if not self._started:
+            return
+        self._started = False
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self._saved_thresholds is not None:
-            gc.set_threshold(*self._saved_thresholds)
-            self._saved_thresholds = None
-        if self._on_collection in gc.callbacks:
-            gc.callbacks.remove(self._on_collection)
+            _PROCESS.give_back()
+        if self._observe is not None:
+            _PROCESS.remove_observer(self._observe)

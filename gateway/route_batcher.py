@@ -3,9 +3,10 @@
 Each call keeps at most one routing in flight (its newest partial wins), so the
 batch holds at most one text per call. Finals are urgent: a caller is waiting in
 silence for them, so they go first, a batch never waits for more partials, and a
-final whose text is already queued as a partial takes that routing along to the
-front instead of being routed twice. The same text from several calls is routed
-once. Routing has its own thread, so a batch never delays VAD.
+final whose text is already queued as a partial takes that routing along with it
+instead of being routed twice (``RoutingLanes`` gives finals lanes of their own: the
+queued routing moves there; one under way is joined). The same text from several
+calls is routed once. Routing has its own threads, so a batch never delays VAD.
 
 Under load partials are shed, never finals: when more partials wait than fit in the
 next batch, the newest of them are taken and the older ones fail with ``RoutingShed``
@@ -13,7 +14,7 @@ next batch, the newest of them are taken and the older ones fail with ``RoutingS
 
 Batches are sized by time, not count: the batcher learns what one text costs
 (a cached embedding ~0.05 ms, a MiniLM forward pass several ms) and fills a batch
-to about ``target_batch_ms``, so a final never waits long behind partials. A batch
+to about ``target_batch_ms``, so partials never hold a lane for long. A batch
 still takes at least ``min_batch`` texts when that many wait: every forward pass has
 a fixed cost (~15 ms for one MiniLM pass on this 2-core machine, against ~3 ms for
 each further text), and batches of one would pay it for every text.
@@ -64,10 +65,16 @@ class RoutingLanes:
 
     async def route(self, text: str, urgent: bool = False) -> RouteDecision:
         if self._is_warm(text):
-            lane = self.warm_finals if urgent else self.warm
+            partials, finals = self.warm, self.warm_finals
         else:
-            lane = self.cold_finals if urgent else self.cold
-        return await lane.route(text, urgent)
+            partials, finals = self.cold, self.cold_finals
+        if not urgent:
+            return await partials.route(text)
+        if partials.is_running(text):  # a partial's routing of these words is under way
+            return await partials.route(text, True)
+        # Queued there as a partial: its waiters come along, routed once, with the final.
+        partials.hand_over(text, finals)
+        return await finals.route(text, True)
 
     @property
     def shed(self) -> int:
@@ -121,6 +128,30 @@ class RouteBatcher:
             self._active = True
             loop.call_soon(self._start_batch)
         return await future
+
+    def is_running(self, text: str) -> bool:
+        """``text`` is in the batch being routed now."""
+        return normalize_text(text) in self._running
+
+    def hand_over(self, text: str, to: "RouteBatcher") -> None:
+        """Move ``text``'s queued routing, and everyone waiting for it, to ``to``'s queue,
+        urgent (a final came for words still queued here as a partial)."""
+        slot = self._pending.pop(normalize_text(text), None)
+        if slot is not None and slot.live():
+            to._adopt(slot)
+
+    def _adopt(self, slot: _Slot) -> None:
+        key = normalize_text(slot.text)
+        mine = self._running.get(key) or self._pending.get(key)
+        if mine is not None:
+            mine.futures.extend(slot.futures)
+            mine.urgent = True
+            return
+        slot.urgent = True
+        self._pending[key] = slot
+        if not self._active:
+            self._active = True
+            asyncio.get_running_loop().call_soon(self._start_batch)
 
     def batch_limit(self) -> int:
         """How many texts fit in ``target_batch_ms`` at the cost measured so far."""

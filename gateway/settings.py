@@ -135,8 +135,8 @@ class Settings(BaseModel):
     # calls) run on this timer instead of Python's own schedule (every few seconds under
     # load); 0 keeps Python's schedule (gateway/collector.py).
     gc_full_interval_s: NonNeg = 600
-    # Routing batches are filled to about this much work, so a final never waits long
-    # behind other calls' partials (gateway/route_batcher.py).
+    # Routing batches are filled to about this much work (finals have lanes of their own:
+    # gateway/route_batcher.py).
     route_batch_target_ms: PosF = 30.0
     # With Redis, pub/sub announces new versions; this slow poll is only the safety net.
     redis_poll_s: PosF = 30.0

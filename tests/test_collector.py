@@ -81,7 +81,7 @@ async def test_every_pause_is_observed_by_generation_and_exposed_to_prometheus()
         gc.collect(0)
         gc.collect(0)
         policy.collect_full()
-        assert (pauses.count(0), pauses.count(1), pauses.count(2)) >= (2, 0, 1)
+        assert pauses.count(0) >= 2 and pauses.count(2) >= 1
     finally:
         await policy.aclose()
     counted = pauses.count(0)
@@ -104,3 +104,42 @@ def test_the_histogram_puts_a_pause_in_its_bucket():
     assert 'voicegate_gc_pause_seconds_bucket{generation="1",le="0.25"} 1.0' in exposed
     assert 'voicegate_gc_pause_seconds_bucket{generation="1",le="+Inf"} 2.0' in exposed
     assert 'voicegate_gc_pause_seconds_sum{generation="1"} 1.003' in exposed
+
+
+async def test_overlapping_policies_give_the_thresholds_back_once_the_last_closes(thresholds):
+    # Tests run several gateways in one process, closing them in any order.
+    pauses = PauseHistogram()
+    first = CollectorPolicy(600, observe=pauses.observe, clock=ManualClock())
+    second = CollectorPolicy(600, observe=pauses.observe, clock=ManualClock())
+    first.start()
+    second.start()
+    try:
+        counted = pauses.count(0)
+        gc.collect(0)
+        assert pauses.count(0) == counted + 1  # one histogram: each pause counted once
+        await first.aclose()
+        assert gc.get_threshold()[2] > 10**6  # the second still holds the collector
+    finally:
+        await first.aclose()
+        await second.aclose()
+    assert gc.get_threshold() == thresholds
+    counted = pauses.count(0)
+    gc.collect(0)
+    assert pauses.count(0) == counted
+
+
+async def test_starting_twice_is_starting_once(thresholds):
+    pauses = PauseHistogram()
+    clock = ManualClock()
+    policy = CollectorPolicy(600, observe=pauses.observe, clock=clock)
+    policy.start()
+    policy.start()
+    await clock.advance(600)
+    assert policy.full_collections == 1  # one timer
+    counted = pauses.count(0)
+    gc.collect(0)
+    assert pauses.count(0) == counted + 1
+    await policy.aclose()
+    assert gc.get_threshold() == thresholds
+    gc.collect(0)
+    assert pauses.count(0) == counted + 1

@@ -170,7 +170,8 @@ class Speculation:
 
         The speculation's decision when it routed this text (True); its routing when
         that is under way (joined, False); otherwise one urgent routing, ahead of every
-        call's partials (False; the batcher joins a queued routing of the same text).
+        call's partials (False; the router joins a routing of the same text under way,
+        and a queued one comes along to the finals' lane: route_batcher.RoutingLanes).
         Raises what the router raises: the engine decides what a failed final means.
         """
         if self._router is None:
