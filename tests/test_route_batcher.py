@@ -233,29 +233,9 @@ async def test_a_final_with_a_new_word_never_waits_behind_partials_forward_pass(
     assert cold_router.batches == [["what is the"]]
 
 
-async def test_a_cached_final_never_waits_behind_a_batch_of_partials():
-    partials_router = RecordingRouter(hold_first=True)  # a batch of cached partials, held
-    finals_router = RecordingRouter()
-    with ThreadPoolExecutor(max_workers=1) as partials_pool, \
-            ThreadPoolExecutor(max_workers=1) as cold_pool, \
-            ThreadPoolExecutor(max_workers=1) as finals_pool:
-        lanes = RoutingLanes(warm=RouteBatcher(partials_router, partials_pool),
-                             cold=RouteBatcher(RecordingRouter(), cold_pool),
-                             warm_finals=RouteBatcher(finals_router, finals_pool),
-                             cold_finals=RouteBatcher(RecordingRouter(), cold_pool),
-                             is_warm=lambda text: True)
-        partials = [asyncio.ensure_future(lanes.route(f"partial {i}")) for i in range(3)]
-        await _until(lambda: lanes.warm._running)
-        decision = await asyncio.wait_for(lanes.route("the whole question", urgent=True), 5)
-        assert decision.text == "the whole question"
-        assert not any(p.done() for p in partials)
-        partials_router.release.set()
-        await asyncio.gather(*partials)
-    assert finals_router.batches == [["the whole question"]]
-    assert "the whole question" not in sum(partials_router.batches, [])
-
-
-async def test_a_final_joins_its_words_routing_under_way_as_a_partial():
+@pytest.fixture
+def held_warm_lanes():
+    """Every text warm; the partials' router holds its first batch until released."""
     partials_router = RecordingRouter(hold_first=True)
     finals_router = RecordingRouter()
     with ThreadPoolExecutor(max_workers=1) as partials_pool, \
@@ -265,35 +245,46 @@ async def test_a_final_joins_its_words_routing_under_way_as_a_partial():
                              warm_finals=RouteBatcher(finals_router, finals_pool),
                              cold_finals=RouteBatcher(RecordingRouter(), finals_pool),
                              is_warm=lambda text: True)
-        partial = asyncio.ensure_future(lanes.route("what is the swift code"))
-        await _until(lambda: lanes.warm._running)
-        final = asyncio.ensure_future(lanes.route("What is the SWIFT code", urgent=True))
-        await asyncio.sleep(0)
+        yield lanes, partials_router, finals_router
         partials_router.release.set()
-        assert (await final).text == (await partial).text == "what is the swift code"
+
+
+async def test_a_cached_final_never_waits_behind_a_batch_of_partials(held_warm_lanes):
+    lanes, partials_router, finals_router = held_warm_lanes
+    partials = [asyncio.ensure_future(lanes.route(f"partial {i}")) for i in range(3)]
+    await _until(lambda: lanes.warm._running)
+    decision = await asyncio.wait_for(lanes.route("the whole question", urgent=True), 5)
+    assert decision.text == "the whole question"
+    assert not any(p.done() for p in partials)
+    partials_router.release.set()
+    await asyncio.gather(*partials)
+    assert finals_router.batches == [["the whole question"]]
+    assert "the whole question" not in sum(partials_router.batches, [])
+
+
+async def test_a_final_joins_its_words_routing_under_way_as_a_partial(held_warm_lanes):
+    lanes, partials_router, finals_router = held_warm_lanes
+    partial = asyncio.ensure_future(lanes.route("what is the swift code"))
+    await _until(lambda: lanes.warm._running)
+    final = asyncio.ensure_future(lanes.route("What is the SWIFT code", urgent=True))
+    await asyncio.sleep(0)
+    partials_router.release.set()
+    assert (await final).text == (await partial).text == "what is the swift code"
     assert partials_router.batches == [["what is the swift code"]]
     assert finals_router.batches == []  # routed once
 
 
-async def test_a_final_takes_its_words_queued_as_a_partial_to_the_finals_lane():
-    partials_router = RecordingRouter(hold_first=True)  # a batch under way, held
-    finals_router = RecordingRouter()
-    with ThreadPoolExecutor(max_workers=1) as partials_pool, \
-            ThreadPoolExecutor(max_workers=1) as finals_pool:
-        lanes = RoutingLanes(warm=RouteBatcher(partials_router, partials_pool),
-                             cold=RouteBatcher(RecordingRouter(), partials_pool),
-                             warm_finals=RouteBatcher(finals_router, finals_pool),
-                             cold_finals=RouteBatcher(RecordingRouter(), finals_pool),
-                             is_warm=lambda text: True)
-        blocker = asyncio.ensure_future(lanes.route("another call's partial"))
-        await _until(lambda: lanes.warm._running)
-        queued = asyncio.ensure_future(lanes.route("what is the swift code"))
-        await asyncio.sleep(0)
-        decision = await asyncio.wait_for(
-            lanes.route("what is the swift code", urgent=True), 5)
-        assert (await queued) is decision  # its waiter came along: one routing
-        assert not blocker.done()
-        partials_router.release.set()
-        await blocker
+async def test_a_final_takes_its_words_queued_as_a_partial_to_the_finals_lane(held_warm_lanes):
+    lanes, partials_router, finals_router = held_warm_lanes
+    blocker = asyncio.ensure_future(lanes.route("another call's partial"))
+    await _until(lambda: lanes.warm._running)
+    queued = asyncio.ensure_future(lanes.route("what is the swift code"))
+    await asyncio.sleep(0)
+    decision = await asyncio.wait_for(
+        lanes.route("what is the swift code", urgent=True), 5)
+    assert (await queued) is decision  # its waiter came along: one routing
+    assert not blocker.done()
+    partials_router.release.set()
+    await blocker
     assert finals_router.batches == [["what is the swift code"]]
     assert partials_router.batches == [["another call's partial"]]
