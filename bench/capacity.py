@@ -150,7 +150,7 @@ async def text_caller(url: str, step: Step, until: float, seed: int) -> None:
     clock = FrameClock(step)
     turn = 0
     try:
-        async with Caller(url, on_audio=clock) as caller:
+        async with Caller(url, on_audio=clock, keep_audio=False) as caller:
             while time.monotonic() < until:
                 turn += 1
                 question = rng.choice(FAQ_PARAPHRASES)
@@ -191,7 +191,7 @@ async def audio_caller(url: str, step: Step, until: float, seed: int,
     await asyncio.sleep(rng.uniform(0, 2.0))
     clock = FrameClock(step)
     try:
-        async with Caller(url, on_audio=clock) as caller:
+        async with Caller(url, on_audio=clock, keep_audio=False) as caller:
             turn = 0
             while time.monotonic() < until:
                 # The fake recognises the questions in order, one per utterance.

@@ -45,7 +45,10 @@ class Caller:
 
     def __init__(self, url: str, sample_rate: int = 16000, frame_ms: int = 20,
                  on_event: EventHook | None = None, metadata: dict[str, Any] | None = None,
-                 token: str | None = None, on_audio: Callable[[bytes], None] | None = None):
+                 token: str | None = None, on_audio: Callable[[bytes], None] | None = None,
+                 keep_audio: bool = True):
+        """``keep_audio=False``: reply audio goes to ``on_audio`` only, never kept (a load
+        generator's hundreds of callers would otherwise hold gigabytes of it)."""
         self.url = url
         self.token = token  # sent as `Authorization: Bearer` (VOICEGATE_CALL_TOKEN)
         self.sample_rate = sample_rate
@@ -56,6 +59,7 @@ class Caller:
         self.closed_code: int | None = None
         self._on_event = on_event
         self._on_audio = on_audio  # every reply frame as it arrives (benchmarks time them)
+        self._keep_audio = keep_audio
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._new_event = asyncio.Event()
@@ -99,8 +103,10 @@ class Caller:
                 if isinstance(message, bytes):
                     if self._on_audio is not None:
                         self._on_audio(message)
-                    self.audio += message
-                    self._turn_audio.setdefault(self._current_turn, bytearray()).extend(message)
+                    if self._keep_audio:
+                        self.audio += message
+                        self._turn_audio.setdefault(self._current_turn,
+                                                    bytearray()).extend(message)
                     continue
                 event = json.loads(message)
                 if event.get("type") == "response":
