@@ -30,8 +30,11 @@ LATE_FRAME_MS = 20.0
 
 class Playout:
     def __init__(self, send_frame: SendFrame, sample_rate: int, frame_ms: int = 20,
-                 lead_ms: int = 60, encoding: str = PCM16, clock: Clock = SYSTEM_CLOCK) -> None:
-        """Audio written here is already in ``encoding`` (pcm16, or μ-law for telephony)."""
+                 lead_ms: int = 60, encoding: str = PCM16, clock: Clock = SYSTEM_CLOCK,
+                 chunk_ms: int | None = None) -> None:
+        """Audio written here is already in ``encoding`` (pcm16, or μ-law for telephony).
+        ``frame_ms`` is the unit of pacing and of what the caller heard; ``chunk_ms`` (a
+        whole number of frames, default one) is the most audio one message carries."""
         self._send = send_frame
         self._clock = clock
         self.sample_rate = sample_rate
@@ -43,7 +46,10 @@ class Playout:
         self._started_at: float | None = None
         self._sent_frames = 0
         self.first_frame_at: float | None = None
-        self._recent: deque[tuple[int, bytes]] = deque(maxlen=_KEPT_FRAMES)
+        self._frames_per_send = max(1, (chunk_ms or frame_ms) // frame_ms)
+        # (index of the first frame, the message) of what was sent lately, for a resume.
+        self._recent: deque[tuple[int, bytes]] = deque(
+            maxlen=max(2, _KEPT_FRAMES // self._frames_per_send))
         self._open = asyncio.Event()
         self._open.set()
         self._held_heard_ms = 0.0
@@ -71,14 +77,19 @@ class Playout:
         if self._open.is_set():
             return
         await self._open.wait()
-        # The client dropped what it had not played: send it again, from the heard frame.
+        # The client dropped what it had not played: from the heard frame on, what was
+        # sent goes back in front of what is pending, and is sent again at its time.
         first = int(self._held_heard_ms // self.frame_ms)
-        replay = [frame for index, frame in self._recent if index >= first]
+        size = self._frame_size
+        replay = bytearray()
+        for index, sent in self._recent:
+            end = index + len(sent) // size
+            if end > first:
+                replay += sent[max(0, first - index) * size:]
         self._recent.clear()
+        self._pending[:0] = replay
         self._sent_frames = min(first, self._sent_frames)
         self._started_at = self._clock.now() - self.sent_ms / 1000.0
-        for frame in replay:
-            await self._send_paced(frame)
 
     @property
     def frames_sent(self) -> int:
@@ -95,58 +106,66 @@ class Playout:
         elapsed = (self._clock.now() - self._started_at) * 1000.0
         return max(0.0, min(self.sent_ms, elapsed))
 
-    def _note_lag(self, lag_s: float) -> None:
+    def _note_lag(self, lag_s: float, frames: int) -> None:
         lag_ms = lag_s * 1000.0
         if lag_ms > self.max_lag_ms:
             self.max_lag_ms = lag_ms
         if lag_ms > LATE_FRAME_MS:
-            self.frames_late += 1
+            self.frames_late += frames
 
     async def write(self, audio: bytes) -> None:
         """Queue reply audio (call rate and encoding) and send every complete frame, paced."""
         self._pending += audio
-        size = self._frame_size
-        while len(self._pending) >= size:
-            frame = bytes(self._pending[:size])
-            del self._pending[:size]
-            await self._send_paced(frame)
+        while len(self._pending) >= self._frame_size:
+            await self._send_next()
 
     async def flush(self) -> None:
         """Send the last partial frame, padded with silence, then wait until it has played."""
-        if self._pending:
-            frame = bytes(self._pending) + self._silence * (self._frame_size - len(self._pending))
-            self._pending.clear()
-            await self._send_paced(frame)
-        while self._started_at is not None:
+        while self._started_at is not None or self._pending:
+            if len(self._pending) % self._frame_size:
+                missing = self._frame_size - len(self._pending) % self._frame_size
+                self._pending += self._silence * missing
+            while self._pending:
+                await self._send_next()
             remaining = self._started_at + self.sent_ms / 1000.0 - self._clock.now()
             if remaining > 0:
                 await self._clock.sleep(remaining)
             if not self.held:
-                break
+                return
             await self._wait_if_held()  # held while the end played: replay, then wait again
 
-    async def _send_paced(self, frame: bytes) -> None:
+    async def _send_next(self) -> None:
+        """Send the next whole frames of ``_pending`` when the first of them is due: as
+        many as are ready, up to ``chunk_ms``, in one message."""
         await self._wait_if_held()
         now = self._clock.now()
         if self._started_at is None:
             self._started_at = now
+            lag_s = None
         else:
             # Frame n is due when frame n-1 finishes playing, minus the lead.
             due = self._started_at + self.sent_ms / 1000.0 - self._lead_s
             if due > now:
                 await self._clock.sleep(due - now)
-                self._note_lag(self._clock.now() - due)
+                lag_s = self._clock.now() - due
             elif now - due > 0.5:
                 # The producer fell behind (slow TTS): restart the clock instead of
                 # bursting, so the client hears a pause, not a fast-forward.
                 self._started_at = now - self.sent_ms / 1000.0 + self._lead_s
+                lag_s = None
             else:
-                self._note_lag(now - due)
-        if self.held:  # held while this frame waited for its time
-            await self._wait_if_held()
-            return await self._send_paced(frame)
-        await self._send(frame)
+                lag_s = now - due
+            if self.held:  # held while these frames waited for their time: the caller
+                return     # goes round again and waits (and replays) first
+        frames = min(len(self._pending) // self._frame_size, self._frames_per_send)
+        nbytes = frames * self._frame_size
+        with memoryview(self._pending) as view:
+            data = bytes(view[:nbytes])
+        del self._pending[:nbytes]
+        if lag_s is not None:
+            self._note_lag(lag_s, frames)
+        await self._send(data)
         if self.first_frame_at is None:
             self.first_frame_at = self._clock.now()
-        self._recent.append((self._sent_frames, frame))
-        self._sent_frames += 1
+        self._recent.append((self._sent_frames, data))
+        self._sent_frames += frames

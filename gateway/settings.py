@@ -231,6 +231,11 @@ class Settings(BaseModel):
     frame_ms: Literal[10, 20, 30, 40] = 20
     # Audio sent ahead of real time so the client's jitter buffer never starves.
     playout_lead_ms: NonNeg = 60
+    # The most reply audio one message carries (rounded down to whole frames, at least
+    # one): the frames due together leave in one WebSocket message, so a playing call
+    # costs one wake-up and one write per chunk instead of per frame (bench/capacity.py).
+    # The client holds between lead and lead + chunk of audio ahead of what it plays.
+    playout_chunk_ms: Annotated[int, Field(ge=10, le=1000)] = 100
 
     # --- LLM (cache misses) --------------------------------------------------------
     # Provider per leg: "openai" (any OpenAI-compatible URL: OpenAI, Ollama, vLLM,

@@ -324,6 +324,13 @@ def frame_number(frame: bytes) -> int:
     return int(np.frombuffer(frame, dtype="<i2")[0])
 
 
+def frame_numbers(messages: list[bytes]) -> list[int]:
+    """The number of every 20 ms frame of ``numbered_frames`` audio received as
+    ``messages`` (a message carries up to ``playout_chunk_ms`` of frames)."""
+    size = RATE * FRAME_MS // 1000 * 2
+    return [frame_number(m[i:i + size]) for m in messages for i in range(0, len(m), size)]
+
+
 def tone(ms: int, value: int = 500, rate: int = RATE) -> bytes:
     return np.full(rate * ms // 1000, value, dtype="<i2").tobytes()
 
@@ -336,6 +343,8 @@ class CallHarness:
         self.vocabulary = Vocabulary()
         self.settings = Settings.load({"min_speech_ms": 120, "barge_in_min_speech_ms": 400,
                                        "end_of_turn_silence_ms": 300, "playout_lead_ms": 60,
+                                       # a message per frame: timing asserts read frames
+                                       "playout_chunk_ms": 20,
                                        "route_min_words": 2, **(settings or {})}, environ={})
         self.vad = ScriptedVad()
         self.stt = WordSTT(self.vocabulary, self.clock, decode_s, early_finals=early_finals)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from tests.call_harness import CallHarness, frame_number, tone
+import pytest
+
+from tests.call_harness import CallHarness, frame_numbers, tone
 
 NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
 
 
-async def test_noise_over_a_cached_answer_resumes_it_at_the_last_heard_frame():
-    h = await CallHarness(faqs={"opening hours": "hours"}).start()
+@pytest.mark.parametrize("chunk_ms", [20, 80])
+async def test_noise_over_a_cached_answer_resumes_it_at_the_last_heard_frame(chunk_ms):
+    # With 80 ms messages the heard frame (the 31st) falls inside one: sent again from it.
+    h = await CallHarness(faqs={"opening hours": "hours"},
+                          settings={"playout_chunk_ms": chunk_ms}).start()
     await h.say("what are your opening hours", then_silence_ms=300)
     await h.wait(300)  # the answer plays
     await h.feed(tone(450, NOISE))  # a cough: long enough to barge in
@@ -17,7 +22,7 @@ async def test_noise_over_a_cached_answer_resumes_it_at_the_last_heard_frame():
     (interrupt,) = h.output.of("interrupt")
     (resume,) = h.output.of("resume")
     assert resume["turn"] == interrupt["turn"] and resume["from_ms"] == interrupt["heard_ms"]
-    numbers = [frame_number(f) for _, f in h.output.frames]
+    numbers = frame_numbers([f for _, f in h.output.frames])
     restart = next(i for i in range(1, len(numbers)) if numbers[i] <= numbers[i - 1])
     # Frames sent but not heard were dropped by the client: sent again from the heard one.
     assert numbers[restart] == int(interrupt["heard_ms"] // 20) + 1

@@ -51,3 +51,43 @@ def test_heard_text_cuts_the_segment_being_played():
                                                                       float("inf"))]
     assert heard_text(segments, 500.0, 2000.0) == "Our branches"
     assert heard_text(segments, 1500.0, 2000.0) == "Our branches open at nine. On Saturdays"
+
+
+async def test_frames_due_together_leave_in_one_message():
+    clock = ManualClock()
+    sent: list[tuple[float, int]] = []
+
+    async def send(message: bytes) -> None:
+        sent.append((round(clock.now() - start, 3), len(message) // 640))
+
+    start = clock.now()
+    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock, chunk_ms=100)
+    writing = asyncio.ensure_future(playout.write(b"\x00" * 640 * 25))  # 500 ms
+    await clock.advance(0.0)
+    assert sent == [(0.0, 5)]  # the first chunk at once
+    await clock.advance(0.6)
+    await writing
+    # Each next chunk when its first frame is due (it plays at 100, 200, ... ms) minus
+    # the 60 ms lead: the client holds between 60 and 160 ms ahead, never less.
+    assert sent == [(0.0, 5), (0.04, 5), (0.14, 5), (0.24, 5), (0.34, 5)]
+    assert playout.frames_sent == 25 and playout.heard_ms() == playout.sent_ms == 500
+
+
+async def test_a_chunk_never_waits_for_audio_that_is_not_there_yet():
+    clock = ManualClock()
+    sent: list[tuple[float, int]] = []
+
+    async def send(message: bytes) -> None:
+        sent.append((round(clock.now() - start, 3), len(message) // 640))
+
+    start = clock.now()
+    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock, chunk_ms=100)
+    await playout.write(b"\x00" * 640 * 2 + b"\x00" * 100)  # streaming TTS: 2 frames and a bit
+    assert sent == [(0.0, 2)]  # the first reply audio goes now, not when 5 frames are in
+    await clock.advance(0.03)
+    await playout.write(b"\x00" * 540)  # completes the third frame
+    assert sent == [(0.0, 2), (0.03, 1)]
+    flushing = asyncio.ensure_future(playout.flush())
+    await clock.advance(0.1)
+    await flushing
+    assert playout.frames_sent == 3

@@ -132,7 +132,8 @@ class Call:
             on_failure=lambda exc: self._count("route_failed"))
         self._responder = deps.responder
         self._reply = ReplyStage(deps.responder, output, sample_rate, frame_ms=settings.frame_ms,
-                                 lead_ms=settings.playout_lead_ms, clock=deps.clock)
+                                 lead_ms=settings.playout_lead_ms, clock=deps.clock,
+                                 chunk_ms=settings.playout_chunk_ms)
         self.conversation = deps.new_conversation()
 
         self._reply_task: asyncio.Task[None] | None = None

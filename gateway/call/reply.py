@@ -73,13 +73,14 @@ Spoken = tuple[str, float, float]
 
 class ReplyStage:
     def __init__(self, responder: Responder, output: CallOutput, sample_rate: int, *,
-                 frame_ms: int, lead_ms: int, clock: Clock) -> None:
+                 frame_ms: int, lead_ms: int, clock: Clock, chunk_ms: int | None = None) -> None:
         self._responder = responder
         self._out = output
         self._confirms = output if isinstance(output, ConfirmsPlayback) else None
         self._sample_rate = sample_rate
         self._frame_ms = frame_ms
         self._lead_ms = lead_ms
+        self._chunk_ms = chunk_ms
         self._clock = clock
         self._playout: Playout | None = None
         self._frozen_heard_ms: float | None = None  # set by freeze() at a barge-in
@@ -160,7 +161,7 @@ class ReplyStage:
 
         encoding = turn.encoding
         playout = Playout(send_frame, self._sample_rate, self._frame_ms, self._lead_ms,
-                          encoding, clock=self._clock)
+                          encoding, clock=self._clock, chunk_ms=self._chunk_ms)
         self._playout, self._frozen_heard_ms = playout, None
         if self._confirms is not None:
             self._confirms.reply_started(tl.turn)
