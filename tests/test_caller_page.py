@@ -210,7 +210,8 @@ def test_spoken_question_for_the_agent_gets_the_agents_reply(agent_page_server, 
         assert (route["hit"], route["action"], route["source"]) == ("false", "llm", "llm"), route
         assert route["intent"] == "account_balance"
         assert text(browser, "reply") == AGENT_REPLY
-        assert num(state, "framesReceived") > 50  # the agent's sentence, synthesized
+        # the agent's sentence, synthesized: over a second of audio
+        assert num(state, "bytesReceived") > 2 * SPEECH_RATE
         assert "source llm" in text(browser, "route")
         hang_up(browser)
 
