@@ -13,6 +13,7 @@ after it, which the client dropped, are sent again.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from typing import Awaitable, Callable
 
@@ -44,15 +45,23 @@ class Playout:
         self._lead_s = lead_ms / 1000.0
         self._pending = bytearray()
         self._started_at: float | None = None
+        # When pacing last (re)started (the first frame, a resume, a restart after a
+        # stall): audio due before it is the lead the client needs at once, never late.
+        self._paced_from = 0.0
         self._sent_frames = 0
         self.first_frame_at: float | None = None
         self._frames_per_send = max(1, (chunk_ms or frame_ms) // frame_ms)
-        # (index of the first frame, the message) of what was sent lately, for a resume.
-        self._recent: deque[tuple[int, bytes]] = deque(
-            maxlen=max(2, _KEPT_FRAMES // self._frames_per_send))
+        # (index of the first frame, the message) of what was sent lately, for a resume:
+        # at least _KEPT_FRAMES frames, whatever the messages' sizes.
+        self._recent: deque[tuple[int, bytes]] = deque()
+        self._kept_frames = 0
         self._open = asyncio.Event()
         self._open.set()
         self._held_heard_ms = 0.0
+        # Holds begun and holds replayed: a hold and its resume may both fall while the
+        # producer is away (waiting on TTS); the next frame must still replay.
+        self._holds = 0
+        self._replayed = 0
         # How late frames left against their due time (an overloaded event loop shows here).
         self.frames_late = 0  # more than LATE_FRAME_MS
         self.max_lag_ms = 0.0
@@ -65,6 +74,7 @@ class Playout:
         """Stop sending now (a barge-in); returns what the caller heard."""
         if not self.held:
             self._held_heard_ms = self.heard_ms()
+            self._holds += 1
             self._open.clear()
         return self._held_heard_ms
 
@@ -74,12 +84,15 @@ class Playout:
         self._open.set()
 
     async def _wait_if_held(self) -> None:
-        if self._open.is_set():
+        if self._open.is_set() and self._replayed == self._holds:
             return
         await self._open.wait()
+        self._replayed = self._holds
         # The client dropped what it had not played: from the heard frame on, what was
         # sent goes back in front of what is pending, and is sent again at its time.
         first = int(self._held_heard_ms // self.frame_ms)
+        if self._recent:  # older audio than was kept cannot be sent again
+            first = max(first, min(self._recent[0][0], self._sent_frames))
         size = self._frame_size
         replay = bytearray()
         for index, sent in self._recent:
@@ -87,9 +100,11 @@ class Playout:
             if end > first:
                 replay += sent[max(0, first - index) * size:]
         self._recent.clear()
+        self._kept_frames = 0
         self._pending[:0] = replay
         self._sent_frames = min(first, self._sent_frames)
-        self._started_at = self._clock.now() - self.sent_ms / 1000.0
+        self._paced_from = self._clock.now()
+        self._started_at = self._paced_from - self.sent_ms / 1000.0
 
     @property
     def frames_sent(self) -> int:
@@ -107,11 +122,13 @@ class Playout:
         return max(0.0, min(self.sent_ms, elapsed))
 
     def _note_lag(self, lag_s: float, frames: int) -> None:
+        """A message of ``frames`` left ``lag_s`` after its first frame's time; the frames
+        after the first were due a frame later each, so fewer of them are late."""
         lag_ms = lag_s * 1000.0
         if lag_ms > self.max_lag_ms:
             self.max_lag_ms = lag_ms
         if lag_ms > LATE_FRAME_MS:
-            self.frames_late += frames
+            self.frames_late += min(frames, math.ceil((lag_ms - LATE_FRAME_MS) / self.frame_ms))
 
     async def write(self, audio: bytes) -> None:
         """Queue reply audio (call rate and encoding) and send every complete frame, paced."""
@@ -130,7 +147,7 @@ class Playout:
             remaining = self._started_at + self.sent_ms / 1000.0 - self._clock.now()
             if remaining > 0:
                 await self._clock.sleep(remaining)
-            if not self.held:
+            if self._replayed == self._holds:
                 return
             await self._wait_if_held()  # held while the end played: replay, then wait again
 
@@ -140,11 +157,13 @@ class Playout:
         await self._wait_if_held()
         now = self._clock.now()
         if self._started_at is None:
-            self._started_at = now
+            self._started_at = self._paced_from = now
             lag_s = None
         else:
-            # Frame n is due when frame n-1 finishes playing, minus the lead.
-            due = self._started_at + self.sent_ms / 1000.0 - self._lead_s
+            # Frame n is due when frame n-1 finishes playing, minus the lead; the lead
+            # owed when pacing (re)started goes at once and is not late.
+            due = max(self._started_at + self.sent_ms / 1000.0 - self._lead_s,
+                      self._paced_from)
             if due > now:
                 await self._clock.sleep(due - now)
                 lag_s = self._clock.now() - due
@@ -152,11 +171,12 @@ class Playout:
                 # The producer fell behind (slow TTS): restart the clock instead of
                 # bursting, so the client hears a pause, not a fast-forward.
                 self._started_at = now - self.sent_ms / 1000.0 + self._lead_s
+                self._paced_from = now
                 lag_s = None
             else:
                 lag_s = now - due
-            if self.held:  # held while these frames waited for their time: the caller
-                return     # goes round again and waits (and replays) first
+            if self._replayed != self._holds:  # held (and maybe resumed) while these
+                return  # frames waited: the caller goes round again, waits, replays first
         frames = min(len(self._pending) // self._frame_size, self._frames_per_send)
         nbytes = frames * self._frame_size
         with memoryview(self._pending) as view:
@@ -168,4 +188,7 @@ class Playout:
         if self.first_frame_at is None:
             self.first_frame_at = self._clock.now()
         self._recent.append((self._sent_frames, data))
+        self._kept_frames += frames
+        while self._kept_frames - len(self._recent[0][1]) // self._frame_size >= _KEPT_FRAMES:
+            self._kept_frames -= len(self._recent.popleft()[1]) // self._frame_size
         self._sent_frames += frames

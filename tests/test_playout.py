@@ -91,3 +91,44 @@ async def test_a_chunk_never_waits_for_audio_that_is_not_there_yet():
     await clock.advance(0.1)
     await flushing
     assert playout.frames_sent == 3
+
+
+async def test_a_hold_and_resume_while_the_producer_is_away_still_replays():
+    # The reply waits on its next sentence's synthesis while a cough holds it and the
+    # hold ends: the client dropped what it had not played, so the next audio written
+    # first sends that again, from the heard frame.
+    from tests.call_harness import frame_numbers, numbered_frames
+
+    clock = ManualClock()
+    sent: list[bytes] = []
+
+    async def send(message: bytes) -> None:
+        sent.append(message)
+
+    audio = numbered_frames(300)  # frames 1..15
+    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock, chunk_ms=100)
+    writing = asyncio.ensure_future(playout.write(audio[:640 * 10]))
+    await clock.advance(0.05)
+    await writing  # frames 1-10 sent; the producer is away
+    assert playout.hold() == pytest.approx(50.0)  # heard: frames 1, 2 and part of 3
+    await clock.advance(0.05)
+    playout.resume_from(50.0)
+    writing = asyncio.ensure_future(playout.write(audio[640 * 10:]))
+    await clock.advance(0.5)
+    await writing
+    numbers = frame_numbers(sent)
+    assert numbers == list(range(1, 11)) + list(range(3, 16))
+    assert playout.sent_ms == 300
+
+
+async def test_the_lead_sent_at_the_start_is_not_late():
+    clock = ManualClock()
+
+    async def send(frame: bytes) -> None:
+        pass
+
+    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock)
+    writing = asyncio.ensure_future(playout.write(b"\x00" * 640 * 10))
+    await clock.advance(0.3)
+    await writing
+    assert playout.frames_late == 0 and playout.max_lag_ms < 1.0

@@ -135,8 +135,8 @@ class ReplyStage:
         if playout is None or heard is None:
             return None
         self._frozen_heard_ms = None
-        if self._confirms is not None:
-            self._confirms.reply_resumed(heard)
+        if self._confirms is not None:  # the replay starts at the heard frame's start
+            self._confirms.reply_resumed(heard - heard % self._frame_ms)
         playout.resume_from(heard)
         return heard
 

@@ -3,7 +3,8 @@
 Twilio sends JSON text messages: ``connected``, ``start`` (stream and call ids, custom
 parameters, media format), ``media`` (base64 μ-law 8 kHz caller audio), ``mark`` (echo
 of a mark we sent, once the audio before it has played), ``dtmf`` and ``stop``. We send
-``media`` (base64 μ-law 8 kHz, 20 ms frames), ``mark`` and ``clear`` (barge-in).
+``media`` (base64 μ-law 8 kHz, whole 20 ms frames, up to ``playout_chunk_ms`` a message),
+``mark`` and ``clear`` (barge-in).
 
 This module only translates between that wire and a ``Call`` running at 8 kHz: caller
 audio is decoded μ-law -> pcm16 here; reply audio arrives already in μ-law (the call
@@ -37,8 +38,8 @@ log = logging.getLogger("voicegate.twilio")
 TWILIO_RATE = 8000
 TWILIO_MEDIA_ENCODING = "audio/x-mulaw"
 _ULAW_BYTES_PER_MS = TWILIO_RATE // 1000
-# A mark every 100 ms of reply audio: the precision of the confirmed `heard_ms`, at the
-# cost of one small extra message per five media frames.
+# A mark every 100 ms of reply audio (after the media message that crosses each 100 ms
+# line): the precision of the confirmed `heard_ms`, at the cost of one small message.
 _MARK_EVERY_BYTES = 100 * _ULAW_BYTES_PER_MS
 
 
@@ -142,7 +143,8 @@ class TwilioOutput:
         self._outbox.send_text(self._media_head + payload + '"}}')
         self._reply_bytes += len(frame)
         if self._reply_bytes >= self._next_mark:
-            self._next_mark = self._reply_bytes + _MARK_EVERY_BYTES
+            while self._next_mark <= self._reply_bytes:  # the next line not yet crossed
+                self._next_mark += _MARK_EVERY_BYTES
             self._outbox.send_text(f'{self._mark_head}{self._label}:'
                                    f'{self._reply_bytes // _ULAW_BYTES_PER_MS}"}}}}')
             self.marks_sent += 1
