@@ -53,15 +53,22 @@ def test_heard_text_cuts_the_segment_being_played():
     assert heard_text(segments, 1500.0, 2000.0) == "Our branches open at nine. On Saturdays"
 
 
-async def test_frames_due_together_leave_in_one_message():
+def chunked_playout() -> tuple[ManualClock, list[tuple[float, int]], Playout]:
+    """16 kHz, 20 ms frames, 60 ms lead, 100 ms messages; ``sent`` records (seconds since
+    the start, frames in the message) of every message."""
     clock = ManualClock()
+    start = clock.now()
     sent: list[tuple[float, int]] = []
 
     async def send(message: bytes) -> None:
         sent.append((round(clock.now() - start, 3), len(message) // 640))
 
-    start = clock.now()
-    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock, chunk_ms=100)
+    return clock, sent, Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock,
+                                chunk_ms=100)
+
+
+async def test_frames_due_together_leave_in_one_message():
+    clock, sent, playout = chunked_playout()
     writing = asyncio.ensure_future(playout.write(b"\x00" * 640 * 25))  # 500 ms
     await clock.advance(0.0)
     assert sent == [(0.0, 5)]  # the first chunk at once
@@ -74,14 +81,7 @@ async def test_frames_due_together_leave_in_one_message():
 
 
 async def test_a_chunk_never_waits_for_audio_that_is_not_there_yet():
-    clock = ManualClock()
-    sent: list[tuple[float, int]] = []
-
-    async def send(message: bytes) -> None:
-        sent.append((round(clock.now() - start, 3), len(message) // 640))
-
-    start = clock.now()
-    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock, chunk_ms=100)
+    clock, sent, playout = chunked_playout()
     await playout.write(b"\x00" * 640 * 2 + b"\x00" * 100)  # streaming TTS: 2 frames and a bit
     assert sent == [(0.0, 2)]  # the first reply audio goes now, not when 5 frames are in
     await clock.advance(0.03)
