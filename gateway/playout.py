@@ -54,10 +54,10 @@ class Playout:
         # (index of the first frame, the message) of what was sent lately, for a resume:
         # at least _KEPT_FRAMES frames, whatever the messages' sizes.
         self._recent: deque[tuple[int, bytes]] = deque()
-        self._kept_frames = 0
         self._open = asyncio.Event()
         self._open.set()
         self._held_heard_ms = 0.0
+        self._resume_frame = 0  # the frame a resume replays from
         # Holds begun and holds replayed: a hold and its resume may both fall while the
         # producer is away (waiting on TTS); the next frame must still replay.
         self._holds = 0
@@ -78,10 +78,16 @@ class Playout:
             self._open.clear()
         return self._held_heard_ms
 
-    def resume_from(self, heard_ms: float) -> None:
-        """The interruption was noise: play on from ``heard_ms`` (the last heard frame)."""
-        self._held_heard_ms = min(heard_ms, self.sent_ms)
+    def resume_from(self, heard_ms: float) -> float:
+        """The interruption was noise: play on from the frame heard at ``heard_ms``.
+        Returns where the replay starts (ms): that frame's start, or the oldest frame
+        still kept when the caller heard less than that."""
+        first = int(min(heard_ms, self.sent_ms) // self.frame_ms)
+        if self._recent:  # older audio than was kept cannot be sent again
+            first = max(first, min(self._recent[0][0], self._sent_frames))
+        self._resume_frame = first
         self._open.set()
+        return first * self.frame_ms
 
     async def _wait_if_held(self) -> None:
         if self._open.is_set() and self._replayed == self._holds:
@@ -90,9 +96,7 @@ class Playout:
         self._replayed = self._holds
         # The client dropped what it had not played: from the heard frame on, what was
         # sent goes back in front of what is pending, and is sent again at its time.
-        first = int(self._held_heard_ms // self.frame_ms)
-        if self._recent:  # older audio than was kept cannot be sent again
-            first = max(first, min(self._recent[0][0], self._sent_frames))
+        first = self._resume_frame
         size = self._frame_size
         replay = bytearray()
         for index, sent in self._recent:
@@ -100,7 +104,6 @@ class Playout:
             if end > first:
                 replay += sent[max(0, first - index) * size:]
         self._recent.clear()
-        self._kept_frames = 0
         self._pending[:0] = replay
         self._sent_frames = min(first, self._sent_frames)
         self._paced_from = self._clock.now()
@@ -139,9 +142,7 @@ class Playout:
     async def flush(self) -> None:
         """Send the last partial frame, padded with silence, then wait until it has played."""
         while self._started_at is not None or self._pending:
-            if len(self._pending) % self._frame_size:
-                missing = self._frame_size - len(self._pending) % self._frame_size
-                self._pending += self._silence * missing
+            self._pending += self._silence * (-len(self._pending) % self._frame_size)
             while self._pending:
                 await self._send_next()
             remaining = self._started_at + self.sent_ms / 1000.0 - self._clock.now()
@@ -188,7 +189,7 @@ class Playout:
         if self.first_frame_at is None:
             self.first_frame_at = self._clock.now()
         self._recent.append((self._sent_frames, data))
-        self._kept_frames += frames
-        while self._kept_frames - len(self._recent[0][1]) // self._frame_size >= _KEPT_FRAMES:
-            self._kept_frames -= len(self._recent.popleft()[1]) // self._frame_size
         self._sent_frames += frames
+        # Messages are contiguous: drop the oldest while the rest hold _KEPT_FRAMES.
+        while len(self._recent) > 1 and self._sent_frames - self._recent[1][0] >= _KEPT_FRAMES:
+            self._recent.popleft()

@@ -6,6 +6,7 @@ from gateway.clock import ManualClock
 
 from gateway.playout import Playout
 from gateway.call import heard_text
+from tests.call_harness import frame_numbers, numbered_frames
 
 
 async def test_frames_are_paced_and_padded():
@@ -97,8 +98,6 @@ async def test_a_hold_and_resume_while_the_producer_is_away_still_replays():
     # The reply waits on its next sentence's synthesis while a cough holds it and the
     # hold ends: the client dropped what it had not played, so the next audio written
     # first sends that again, from the heard frame.
-    from tests.call_harness import frame_numbers, numbered_frames
-
     clock = ManualClock()
     sent: list[bytes] = []
 
@@ -112,7 +111,7 @@ async def test_a_hold_and_resume_while_the_producer_is_away_still_replays():
     await writing  # frames 1-10 sent; the producer is away
     assert playout.hold() == pytest.approx(50.0)  # heard: frames 1, 2 and part of 3
     await clock.advance(0.05)
-    playout.resume_from(50.0)
+    assert playout.resume_from(50.0) == 40.0  # the replay starts at frame 3
     writing = asyncio.ensure_future(playout.write(audio[640 * 10:]))
     await clock.advance(0.5)
     await writing
@@ -132,3 +131,4 @@ async def test_the_lead_sent_at_the_start_is_not_late():
     await clock.advance(0.3)
     await writing
     assert playout.frames_late == 0 and playout.max_lag_ms < 1.0
+

@@ -135,9 +135,9 @@ class ReplyStage:
         if playout is None or heard is None:
             return None
         self._frozen_heard_ms = None
-        if self._confirms is not None:  # the replay starts at the heard frame's start
-            self._confirms.reply_resumed(heard - heard % self._frame_ms)
-        playout.resume_from(heard)
+        replay_from = playout.resume_from(heard)
+        if self._confirms is not None:  # marks count from where the replay starts
+            self._confirms.reply_resumed(replay_from)
         return heard
 
     async def play(self, turn: Turn) -> None:
