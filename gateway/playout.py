@@ -142,6 +142,7 @@ class Playout:
     async def flush(self) -> None:
         """Send the last partial frame, padded with silence, then wait until it has played."""
         while self._started_at is not None or self._pending:
+            await self._wait_if_held()  # a hold since the last frame: replay first
             self._pending += self._silence * (-len(self._pending) % self._frame_size)
             while self._pending:
                 await self._send_next()

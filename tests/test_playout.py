@@ -132,3 +132,25 @@ async def test_the_lead_sent_at_the_start_is_not_late():
     await writing
     assert playout.frames_late == 0 and playout.max_lag_ms < 1.0
 
+
+
+async def test_a_resume_before_the_flush_replays_at_once_and_at_most_the_last_100_frames():
+    clock = ManualClock()
+    sent: list[int] = []
+
+    async def send(message: bytes) -> None:
+        sent.append(len(message) // 640)
+
+    # A 5 s lead: all 150 frames (3 s) leave at once, in 100 ms messages.
+    playout = Playout(send, 16000, frame_ms=20, lead_ms=5000, clock=clock, chunk_ms=100)
+    await playout.write(b"\x00" * 640 * 150)
+    assert playout.hold() == 0.0  # nothing played yet
+    # Only the last 100 frames were kept: the replay starts at frame 50, not 0.
+    assert playout.resume_from(0.0) == 1000.0
+    sent.clear()
+    flushing = asyncio.ensure_future(playout.flush())
+    await clock.advance(0.0)
+    assert sum(sent) == 100  # replayed now, not once the old end would have played
+    await clock.advance(2.0)  # frames 50-149 play from now: 2 s
+    await flushing
+    assert playout.sent_ms == 3000
