@@ -162,10 +162,17 @@ def evaluate(decide: Decide, dev: DevSet, vectors: np.ndarray,
 # ------------------------------------------------------------------ voicegate
 
 
+def _arithmetic_mean(embedding: np.ndarray, ngrams: np.ndarray) -> np.ndarray:
+    return (embedding + ngrams) / 2.0
+
+
 def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: list[str],
                      train_vectors: np.ndarray, target: float, *, ngrams: bool = True,
-                     negatives: bool = True, label: str = "voicegate") -> tuple[Router, Decide]:
-    """The shipped router; ``ngrams``/``negatives`` off measure what each part contributes."""
+                     negatives: bool = True, arithmetic_mix: bool = False,
+                     label: str = "voicegate") -> tuple[Router, Decide]:
+    """The shipped router; ``ngrams``/``negatives`` off measure what each part contributes;
+    ``arithmetic_mix`` averages the two models' probabilities as the router did before
+    2026-11-25, instead of the weighted geometric mean."""
     entries = {intent: Entry(id=intent, intent=intent, action=Action.ANSWER,
                              answer=f"(answer for {intent})",
                              questions=tuple(t for t, y in zip(train_texts, train_labels)
@@ -173,7 +180,9 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
                for intent in sorted(set(train_labels))}
     started = time.perf_counter()
     saved = (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
-             intents.router.negatives_for_seed)
+             intents.router.negatives_for_seed, vars(IntentClassifier)["combine"])
+    if arithmetic_mix:
+        IntentClassifier.combine = staticmethod(_arithmetic_mean)  # type: ignore[assignment]
     if not ngrams:
         intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS = 10**9
     if not negatives:
@@ -183,7 +192,8 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
                                target_wrong_rate=target, vectors=train_vectors)
     finally:
         (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
-         intents.router.negatives_for_seed) = saved
+         intents.router.negatives_for_seed, combine) = saved
+        IntentClassifier.combine = combine  # the staticmethod itself, as saved
     t = trained.router.thresholds
     print(f"{label}: trained and calibrated in {time.perf_counter() - started:.0f} s on "
           f"{len(train_texts)} train utterances and {t.negatives} negatives: judge >= "
@@ -192,6 +202,8 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
           f"{t.wrong_rate_bound:.2%} ({'bounded' if t.bounded else 'NOT bounded'}), negatives "
           f"answered {t.out_of_domain_hit_rate:.2%}")
     router = trained.router
+    if arithmetic_mix:  # routing dev must mix as calibration did
+        router.classifier.combine = _arithmetic_mean  # type: ignore[method-assign]
 
     def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
         return [d.entry_id if d.hit else None
@@ -430,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     if "ablations" in wanted:
         for label, kwargs in (("judge, embeddings only, no negatives",
                                {"ngrams": False, "negatives": False}),
-                              ("judge + n-grams, no negatives", {"negatives": False})):
+                              ("judge + n-grams, no negatives", {"negatives": False}),
+                              ("judge + n-grams + negatives, arithmetic mix (before)",
+                               {"arithmetic_mix": True})):
             router, decide = voicegate_system(embedder, train_texts, train_labels,
                                               train_vectors, args.target, label=label, **kwargs)
             systems.append((label, decide))

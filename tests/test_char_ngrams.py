@@ -11,7 +11,8 @@ import pytest
 
 from cache_seed import read_seed_csv
 from intents.char_ngrams import CharNgramFeatures
-from intents.classifier import IntentClassifier, _char_ngrams, fitted_probabilities
+from intents.classifier import (EMBEDDING_WEIGHT, IntentClassifier, _char_ngrams,
+                                fitted_probabilities)
 from tests.intents_support import BANK_FAQ
 
 BANKING77 = Path("/work/shared/data/banking77")  # where this machine has it
@@ -91,8 +92,11 @@ def test_the_classifier_reads_texts_as_scikit_learn_would_and_survives_a_round_t
     texts = questions[:15] + ODD_TEXTS[:4]
     query = rng.standard_normal((len(texts), 16)).astype(np.float32)
     state = clf.state()
-    expected = (fitted_probabilities(state["model"], query) + state["text_model"].predict_proba(
-        state["ngrams"].transform(texts))) / 2.0
+    # A weighted geometric mean of the two models' probabilities, renormalised.
+    embedding = fitted_probabilities(state["model"], query)
+    ngrams = state["text_model"].predict_proba(state["ngrams"].transform(texts))
+    mixed = embedding ** EMBEDDING_WEIGHT * ngrams ** (1 - EMBEDDING_WEIGHT)
+    expected = mixed / mixed.sum(axis=1, keepdims=True)
     assert np.allclose(clf.probabilities(query, texts), expected, atol=1e-6)
     restored = IntentClassifier.from_state(pickle.loads(pickle.dumps(state)))
     assert np.allclose(restored.probabilities(query, texts), expected, atol=1e-6)

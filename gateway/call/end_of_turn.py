@@ -31,15 +31,17 @@ from dataclasses import dataclass
 from enum import Enum
 
 # Words an utterance does not end on: articles, possessives, conjunctions, hesitations,
-# the copula ("my card number is ...") and a few prepositions. Words that can end a
-# question ("log in", "help me with", "how do I do that") are deliberately absent.
+# the copula ("my card number is ..."), a few prepositions, and the subject "I" ("how do
+# I, uh, ...": a recogniser often drops the "uh", leaving a question stem that reads as
+# asked). Words that can end a question ("log in", "help me with", "how do I do that",
+# "thank you") are deliberately absent.
 _CONTINUATIONS = frozenset("""
 a an the my your our their his her its
 to of for via per
 and or but nor because if when while although though whether than
 is are was were
 um uh er erm hmm uhm
-i'm i'd i've it's
+i i'm i'd i've it's
 """.split())
 _WORD = re.compile(r"[a-z0-9']+")
 # Digits read out in groups ("my card number is 4127 ... 8831"): a group is no end.
