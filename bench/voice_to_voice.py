@@ -44,6 +44,8 @@ Run (from the repository root; espeak-ng: bash scripts/ensure-espeak.sh):
            --sample-seed N (another sample than the default 7, which the end-of-turn
            defaults were developed on: report figures from another one; any seed but
            7 also takes the held-out paused texts, speech_corpus.PAUSED_TEXTS_HELDOUT)
+           --paused-set dev|heldout|fresh (which paused texts, whatever the seed; fresh:
+           written after a rule was drawn from a held-out failure, see speech_corpus)
            --variant LABEL KEY=VALUE[,KEY=VALUE] (each recogniser again with these
            gateway settings, as stt/LABEL: two settings in one run)
            --json PATH (every utterance's record and the summary)
@@ -429,6 +431,8 @@ async def main() -> None:
     parser.add_argument("--sample-seed", type=int, default=7,
                         help="which dev/val questions and paused texts (7: the ones the "
                              "end-of-turn defaults were developed on; others: held out)")
+    parser.add_argument("--paused-set", default="", choices=("", "dev", "heldout", "fresh"),
+                        help="which paused texts (default: dev for seed 7, heldout otherwise)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE gateway setting")
     parser.add_argument("--variant", nargs=2, action="append", default=[],
                         metavar=("LABEL", "KEY=VALUE[,KEY=VALUE]"),
@@ -441,7 +445,7 @@ async def main() -> None:
     intents = seed_intents()
     store = seeded_store(intents)
     clips = build(intents, args.hits, args.misses, args.paused,
-                  tuple(args.voices.split(",")), args.sample_seed)
+                  tuple(args.voices.split(",")), args.sample_seed, args.paused_set)
     print(f"{len(clips)} clips ({args.hits} hits, {args.misses} misses, {args.paused} paused; "
           f"voices {args.voices}), {sum(c.seconds for c in clips):.0f} s of speech; "
           f"FAQ: {len(intents)} Banking77 intents from train")
