@@ -151,16 +151,24 @@ def trim(pcm16: bytes) -> bytes:
 
 
 def join_pieces(pieces: list[bytes], gaps_ms: list[int]) -> tuple[bytes, list[tuple[int, int]]]:
-    """Trimmed pieces with silences between them; returns the audio and piece bounds."""
+    """Trimmed pieces with silences between them; returns the audio and piece bounds.
+
+    ``gaps_ms[i]`` is the silence from piece i's last speech sample to piece i+1's first:
+    a piece's own lead (``_LEAD_MS``) counts towards it. (Until 2026-11-25 the lead came on
+    top, so the bench's "400-900 ms" pauses were 500-1000 ms of silence.)"""
     out = bytearray()
     bounds: list[tuple[int, int]] = []
     for i, piece in enumerate(pieces):
         start, end = speech_bounds(piece)
+        if i:
+            tail = len(out) // 2 - bounds[-1][1]  # silence already after the last word
+            missing = RATE * gaps_ms[i - 1] // 1000 - tail - start
+            if missing < 0:  # the piece's lead is longer than the gap: shorten the lead
+                piece, start, end = piece[-missing * 2:], start + missing, end + missing
+            out += bytes(max(0, missing) * 2)
         base = len(out) // 2
         bounds.append((base + start, base + end))
         out += piece
-        if i < len(gaps_ms):
-            out += bytes(RATE * gaps_ms[i] // 1000 * 2)
     return bytes(out), bounds
 
 
