@@ -69,7 +69,7 @@ import numpy as np  # noqa: E402
 
 import intents.classifier  # noqa: E402
 import intents.router  # noqa: E402
-from intents.classifier import IntentClassifier  # noqa: E402
+from intents.classifier import IntentClassifier, averaged_probabilities  # noqa: E402
 from intents.embedder import Embedder, default_model_dir  # noqa: E402
 from intents.router import Router, train_router  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
@@ -162,10 +162,6 @@ def evaluate(decide: Decide, dev: DevSet, vectors: np.ndarray,
 # ------------------------------------------------------------------ voicegate
 
 
-def _arithmetic_mean(embedding: np.ndarray, ngrams: np.ndarray) -> np.ndarray:
-    return (embedding + ngrams) / 2.0
-
-
 def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: list[str],
                      train_vectors: np.ndarray, target: float, *, ngrams: bool = True,
                      negatives: bool = True, arithmetic_mix: bool = False,
@@ -182,7 +178,7 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
     saved = (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
              intents.router.negatives_for_seed, vars(IntentClassifier)["combine"])
     if arithmetic_mix:
-        IntentClassifier.combine = staticmethod(_arithmetic_mean)  # type: ignore[assignment]
+        IntentClassifier.combine = staticmethod(averaged_probabilities)  # type: ignore[assignment]
     if not ngrams:
         intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS = 10**9
     if not negatives:
@@ -203,7 +199,7 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
           f"answered {t.out_of_domain_hit_rate:.2%}")
     router = trained.router
     if arithmetic_mix:  # routing dev must mix as calibration did
-        router.classifier.combine = _arithmetic_mean  # type: ignore[method-assign]
+        router.classifier.combine = averaged_probabilities  # type: ignore[method-assign]
 
     def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
         return [d.entry_id if d.hit else None

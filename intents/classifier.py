@@ -24,6 +24,7 @@ on similarity to the nearest seed question (see ``IntentClassifier.decide``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -72,6 +73,11 @@ def combined_probabilities(embedding: np.ndarray, ngrams: np.ndarray,
     log = weight * np.log(np.maximum(embedding, tiny)) + (1.0 - weight) * np.log(
         np.maximum(ngrams, tiny))
     return probabilities_of_logits(log)
+
+
+def averaged_probabilities(embedding: np.ndarray, ngrams: np.ndarray) -> np.ndarray:
+    """The mix before 2026-11-25 (an arithmetic mean): caches calibrated on it keep it."""
+    return (embedding + ngrams) / 2.0
 
 
 def _char_ngrams() -> TfidfVectorizer:
@@ -181,6 +187,8 @@ class IntentClassifier:
         """What persists (joblib-able; see ``from_state``)."""
         return {"sklearn": sklearn.__version__, "classes": self.classes, "single": self._single,
                 "model": self._model, "text_model": self._text_model,
+                "mix": "averaged" if self.combine is averaged_probabilities else "geometric",
+                "embedding_weight": EMBEDDING_WEIGHT,
                 "ngrams": None if self._features is None else self._features.vectorizer}
 
     @classmethod
@@ -194,6 +202,13 @@ class IntentClassifier:
         clf.classes = list(state["classes"])
         clf._single = state["single"]
         clf._text_model = state.get("text_model")
+        # A cache saved before the geometric mix was calibrated on averaged probabilities:
+        # its judge and thresholds only hold if it keeps routing that way.
+        if state.get("mix", "averaged") == "averaged":
+            clf.combine = averaged_probabilities  # type: ignore[method-assign]
+        elif state.get("embedding_weight", EMBEDDING_WEIGHT) != EMBEDDING_WEIGHT:
+            clf.combine = functools.partial(  # type: ignore[method-assign]
+                combined_probabilities, weight=float(state["embedding_weight"]))
         ngrams = state.get("ngrams")
         clf._features = None if ngrams is None else CharNgramFeatures(ngrams)
         return clf

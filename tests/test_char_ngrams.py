@@ -102,3 +102,26 @@ def test_the_classifier_reads_texts_as_scikit_learn_would_and_survives_a_round_t
     assert np.allclose(restored.probabilities(query, texts), expected, atol=1e-6)
     copied = pickle.loads(pickle.dumps(clf))  # the classifier itself, its word cache warm
     assert np.allclose(copied.probabilities(query, texts), expected, atol=1e-6)
+
+
+def test_a_cache_saved_before_the_geometric_mix_keeps_averaging() -> None:
+    # Its judge and thresholds were calibrated on averaged probabilities; mixing its models
+    # another way would break the precision its seed report promised.
+    plan = read_seed_csv(BANK_FAQ)
+    questions, intents = list(plan.questions) * 10, list(plan.intents) * 10
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((len(questions), 16)).astype(np.float32)
+    clf = IntentClassifier().fit(vectors, intents, questions)
+    texts = list(plan.questions[:12])
+    query = rng.standard_normal((len(texts), 16)).astype(np.float32)
+    state = clf.state()
+    embedding = fitted_probabilities(state["model"], query)
+    ngrams = state["text_model"].predict_proba(state["ngrams"].transform(texts))
+    legacy = {k: v for k, v in state.items() if k not in ("mix", "embedding_weight")}
+    old = IntentClassifier.from_state(pickle.loads(pickle.dumps(legacy)))
+    assert np.allclose(old.probabilities(query, texts), (embedding + ngrams) / 2, atol=1e-6)
+    assert old.state()["mix"] == "averaged"  # and stays so when saved again
+    new = IntentClassifier.from_state(pickle.loads(pickle.dumps(state)))
+    assert state["mix"] == "geometric"
+    assert np.allclose(new.probabilities(query, texts), clf.probabilities(query, texts))
+    assert not np.allclose(new.probabilities(query, texts), (embedding + ngrams) / 2, atol=1e-3)
