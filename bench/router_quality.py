@@ -69,7 +69,7 @@ import numpy as np  # noqa: E402
 
 import intents.classifier  # noqa: E402
 import intents.router  # noqa: E402
-from intents.classifier import IntentClassifier, averaged_probabilities  # noqa: E402
+from intents.classifier import IntentClassifier  # noqa: E402
 from intents.embedder import Embedder, default_model_dir  # noqa: E402
 from intents.router import Router, train_router  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
@@ -176,9 +176,9 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
                for intent in sorted(set(train_labels))}
     started = time.perf_counter()
     saved = (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
-             intents.router.negatives_for_seed, vars(IntentClassifier)["combine"])
+             intents.router.negatives_for_seed, IntentClassifier.mix_weight)
     if arithmetic_mix:
-        IntentClassifier.combine = staticmethod(averaged_probabilities)  # type: ignore[assignment]
+        IntentClassifier.mix_weight = None
     if not ngrams:
         intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS = 10**9
     if not negatives:
@@ -188,8 +188,7 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
                                target_wrong_rate=target, vectors=train_vectors)
     finally:
         (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
-         intents.router.negatives_for_seed, combine) = saved
-        IntentClassifier.combine = combine  # the staticmethod itself, as saved
+         intents.router.negatives_for_seed, IntentClassifier.mix_weight) = saved
     t = trained.router.thresholds
     print(f"{label}: trained and calibrated in {time.perf_counter() - started:.0f} s on "
           f"{len(train_texts)} train utterances and {t.negatives} negatives: judge >= "
@@ -199,7 +198,7 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
           f"answered {t.out_of_domain_hit_rate:.2%}")
     router = trained.router
     if arithmetic_mix:  # routing dev must mix as calibration did
-        router.classifier.combine = averaged_probabilities  # type: ignore[method-assign]
+        router.classifier.mix_weight = None
 
     def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
         return [d.entry_id if d.hit else None

@@ -24,7 +24,6 @@ on similarity to the nearest seed question (see ``IntentClassifier.decide``).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -95,8 +94,9 @@ class IntentScores:
 
 
 class IntentClassifier:
-    # How the two models' probabilities become one (a benchmark ablation swaps it).
-    combine = staticmethod(combined_probabilities)
+    # The embedding model's weight in the geometric mix of the two models; None: their
+    # arithmetic mean (a cache calibrated before 2026-11-25, or a benchmark's ablation).
+    mix_weight: float | None = EMBEDDING_WEIGHT
 
     def __init__(self, c: float = DEFAULT_C, max_iter: int = 3000, seed: int = 0) -> None:
         self._model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
@@ -152,7 +152,9 @@ class IntentClassifier:
                 raise ValueError("this classifier also reads the texts: pass one per vector")
             logits = (self._features.project(texts, self._text_model.coef_)
                       + self._text_model.intercept_)
-            proba = self.combine(proba, probabilities_of_logits(logits))
+            ngrams = probabilities_of_logits(logits)
+            proba = (averaged_probabilities(proba, ngrams) if self.mix_weight is None
+                     else combined_probabilities(proba, ngrams, self.mix_weight))
         return proba
 
     def scores(self, vectors: np.ndarray, texts: Sequence[str] | None = None
@@ -187,8 +189,7 @@ class IntentClassifier:
         """What persists (joblib-able; see ``from_state``)."""
         return {"sklearn": sklearn.__version__, "classes": self.classes, "single": self._single,
                 "model": self._model, "text_model": self._text_model,
-                "mix": "averaged" if self.combine is averaged_probabilities else "geometric",
-                "embedding_weight": EMBEDDING_WEIGHT,
+                "mix_weight": self.mix_weight,
                 "ngrams": None if self._features is None else self._features.vectorizer}
 
     @classmethod
@@ -202,13 +203,9 @@ class IntentClassifier:
         clf.classes = list(state["classes"])
         clf._single = state["single"]
         clf._text_model = state.get("text_model")
-        # A cache saved before the geometric mix was calibrated on averaged probabilities:
-        # its judge and thresholds only hold if it keeps routing that way.
-        if state.get("mix", "averaged") == "averaged":
-            clf.combine = averaged_probabilities  # type: ignore[method-assign]
-        elif state.get("embedding_weight", EMBEDDING_WEIGHT) != EMBEDDING_WEIGHT:
-            clf.combine = functools.partial(  # type: ignore[method-assign]
-                combined_probabilities, weight=float(state["embedding_weight"]))
+        # A cache saved before the geometric mix records none: it was calibrated on averaged
+        # probabilities, and its judge and thresholds only hold if it keeps routing that way.
+        clf.mix_weight = state.get("mix_weight")
         ngrams = state.get("ngrams")
         clf._features = None if ngrams is None else CharNgramFeatures(ngrams)
         return clf

@@ -117,11 +117,11 @@ def test_a_cache_saved_before_the_geometric_mix_keeps_averaging() -> None:
     state = clf.state()
     embedding = fitted_probabilities(state["model"], query)
     ngrams = state["text_model"].predict_proba(state["ngrams"].transform(texts))
-    legacy = {k: v for k, v in state.items() if k not in ("mix", "embedding_weight")}
+    legacy = {k: v for k, v in state.items() if k != "mix_weight"}
     old = IntentClassifier.from_state(pickle.loads(pickle.dumps(legacy)))
     assert np.allclose(old.probabilities(query, texts), (embedding + ngrams) / 2, atol=1e-6)
-    assert old.state()["mix"] == "averaged"  # and stays so when saved again
+    assert old.state()["mix_weight"] is None  # and stays so when saved again
     new = IntentClassifier.from_state(pickle.loads(pickle.dumps(state)))
-    assert state["mix"] == "geometric"
+    assert state["mix_weight"] == EMBEDDING_WEIGHT
     assert np.allclose(new.probabilities(query, texts), clf.probabilities(query, texts))
     assert not np.allclose(new.probabilities(query, texts), (embedding + ngrams) / 2, atol=1e-3)
