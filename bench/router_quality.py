@@ -164,11 +164,13 @@ def evaluate(decide: Decide, dev: DevSet, vectors: np.ndarray,
 
 def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: list[str],
                      train_vectors: np.ndarray, target: float, *, ngrams: bool = True,
-                     negatives: bool = True, arithmetic_mix: bool = False,
+                     negatives: bool = True, negatives_class: bool = True,
+                     arithmetic_mix: bool = False,
                      label: str = "voicegate") -> tuple[Router, Decide]:
     """The shipped router; ``ngrams``/``negatives`` off measure what each part contributes;
-    ``arithmetic_mix`` averages the two models' probabilities as the router did before
-    2026-11-25, instead of the weighted geometric mean."""
+    ``negatives_class`` off leaves the negatives to the judge alone, as before 2026-11-25
+    (2), and ``arithmetic_mix`` averages the two models' probabilities as the router did
+    before 2026-11-25 (1), instead of the weighted geometric mean."""
     entries = {intent: Entry(id=intent, intent=intent, action=Action.ANSWER,
                              answer=f"(answer for {intent})",
                              questions=tuple(t for t, y in zip(train_texts, train_labels)
@@ -176,7 +178,10 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
                for intent in sorted(set(train_labels))}
     started = time.perf_counter()
     saved = (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
+             intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES,
              intents.router.negatives_for_seed, IntentClassifier.mix_weight)
+    if not negatives_class:
+        intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES = 10**9
     if arithmetic_mix:
         IntentClassifier.mix_weight = None
     if not ngrams:
@@ -188,6 +193,7 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
                                target_wrong_rate=target, vectors=train_vectors)
     finally:
         (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
+         intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES,
          intents.router.negatives_for_seed, IntentClassifier.mix_weight) = saved
     t = trained.router.thresholds
     print(f"{label}: trained and calibrated in {time.perf_counter() - started:.0f} s on "
@@ -438,8 +444,10 @@ def main(argv: list[str] | None = None) -> None:
         for label, kwargs in (("judge, embeddings only, no negatives",
                                {"ngrams": False, "negatives": False}),
                               ("judge + n-grams, no negatives", {"negatives": False}),
-                              ("judge + n-grams + negatives, arithmetic mix (before)",
-                               {"arithmetic_mix": True})):
+                              ("judge + n-grams + negatives, arithmetic mix (before 1)",
+                               {"arithmetic_mix": True, "negatives_class": False}),
+                              ("judge + n-grams + negatives, no out-of-domain class (before 2)",
+                               {"negatives_class": False})):
             router, decide = voicegate_system(embedder, train_texts, train_labels,
                                               train_vectors, args.target, label=label, **kwargs)
             systems.append((label, decide))
@@ -447,8 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     if "voicegate" in wanted:
         router, ours = voicegate_system(embedder, train_texts, train_labels, train_vectors,
                                         args.target)
-        systems.append(("voicegate (judge + n-grams + negatives)", ours))
-        curves.append(("voicegate (judge + n-grams + negatives)", router))
+        systems.append(("voicegate (judge + n-grams + out-of-domain class)", ours))
+        curves.append(("voicegate (judge + n-grams + out-of-domain class)", router))
     try:
         if "gptcache" in wanted:
             import gptcache  # noqa: F401

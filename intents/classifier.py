@@ -17,9 +17,15 @@ which an arithmetic mean does not see. Chosen by 5-fold cross-validation on bank
 alone) -> 92.8%; the share of held-out seed questions the calibrated router answers at a
 1% target, 69.2% with the arithmetic mean, 71.2% with equal weights, 72.4% at 0.7.
 
-Out of scope: a linear classifier always names *some* intent, however far the
-query is from everything it was trained on, so the out-of-scope decision is made
-on similarity to the nearest seed question (see ``IntentClassifier.decide``).
+Out of domain: a linear classifier trained on the seed alone always names *some* intent,
+however far the query is from everything it was trained on. Two defences: the
+out-of-scope decision on similarity to the nearest seed question (see
+``IntentClassifier.decide``), and, for seeds large enough to learn it, one more class,
+``OUT_OF_DOMAIN``, learned from the out-of-domain negatives (``intents.negatives``) by
+both models: probability an unrelated question gives to the bank's intents moves to it,
+and a question it wins is never served. Measured by 5-fold cross-validation on banking77
+*train*: the calibrated router answers 75.5% of held-out questions at a 1% target where
+it answered 73.0% without the class (the out-of-domain limit held that threshold back).
 """
 
 from __future__ import annotations
@@ -41,10 +47,20 @@ DEFAULT_C = 10.0
 # handful (the shipped bank FAQ has ~5) it learns words, not intents ("payments on my card
 # I never made" went to payment_due instead of fraud); banking77 has ~130.
 MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS = 20
+# The same holds for the out-of-domain class: a seed needs this many questions an intent
+# for its intents to hold their own against the negatives.
+MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES = 20
 # The embedding model's share of the combined log-probability (the n-gram model has the
 # rest). Cross-validated on banking77 train: 0.6 -> 71.0%, 0.7 -> 72.4% of held-out
 # questions answered at a 1% target; sharper (tempered) mixtures did worse with the judge.
 EMBEDDING_WEIGHT = 0.7
+# The negatives' class weighs at most this many average intents (banking77: 1,300
+# negatives against ~130 questions an intent, at full weight); against a smaller seed each
+# negative counts for less, so the class cannot swallow the seed's own paraphrases.
+NEGATIVES_WEIGHT_IN_INTENTS = 10
+# The label of the negatives' class: a control character keeps it from ever equalling a
+# seed's intent (seed intents are printable).
+OUT_OF_DOMAIN = "\x1fout-of-domain"
 
 
 def fitted_probabilities(model: LogisticRegression, features: Any) -> np.ndarray:
@@ -108,17 +124,30 @@ class IntentClassifier:
         self._single: str | None = None  # LogisticRegression refuses one class
 
     @property
+    def intents(self) -> list[str]:
+        """The seed intents it names (``classes`` without ``OUT_OF_DOMAIN``)."""
+        return [c for c in self.classes if c != OUT_OF_DOMAIN]
+
+    @property
     def reads_text(self) -> bool:
         """Whether scoring needs the texts beside their vectors (the n-gram model)."""
         return self._text_model is not None
 
     def fit(self, vectors: np.ndarray, intents: Sequence[str],
-            texts: Sequence[str] | None = None) -> "IntentClassifier":
-        """Fit on the seed's vectors, and on its ``texts``' character n-grams when given."""
-        labels = np.asarray(intents)
+            texts: Sequence[str] | None = None, *,
+            negative_vectors: np.ndarray | None = None,
+            negative_texts: Sequence[str] = ()) -> "IntentClassifier":
+        """Fit on the seed's vectors, and on its ``texts``' character n-grams when given.
+
+        Out-of-domain negatives (their vectors, and their texts when ``texts`` are given)
+        become the ``OUT_OF_DOMAIN`` class when the seed has enough questions per intent
+        to hold its own against them; a small seed ignores them."""
+        labels = np.asarray(intents, dtype=object)
         distinct = sorted(set(labels.tolist()))
         if not distinct:
             raise ValueError("cannot train an intent classifier without examples")
+        if OUT_OF_DOMAIN in distinct:
+            raise ValueError("the out-of-domain label is not a seed intent")
         if texts is not None and len(texts) != len(labels):
             raise ValueError("need one text per vector")
         self.classes = distinct
@@ -127,17 +156,33 @@ class IntentClassifier:
             self._single = distinct[0]
             return self
         self._single = None
-        self._model.fit(vectors, labels)
+        weights = np.ones(len(labels))
+        if (len(labels) >= MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES * len(distinct)
+                and negative_vectors is not None and len(negative_vectors)):
+            if texts is not None and len(negative_texts) != len(negative_vectors):
+                raise ValueError("need one text per negative vector")
+            share = NEGATIVES_WEIGHT_IN_INTENTS * len(labels) / len(distinct)
+            weights = np.r_[weights, np.full(len(negative_vectors),
+                                             min(1.0, share / len(negative_vectors)))]
+            vectors = np.concatenate([vectors, negative_vectors])
+            labels = np.concatenate([labels, np.full(len(negative_vectors), OUT_OF_DOMAIN,
+                                                     dtype=object)])
+            if texts is not None:
+                texts = [*texts, *negative_texts]
+        labels = labels.astype(str)
+        self._model.fit(vectors, labels, sample_weight=weights)
         self.classes = [str(c) for c in self._model.classes_]
-        if texts is not None and len(labels) >= MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS * len(distinct):
+        if (texts is not None
+                and len(intents) >= MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS * len(distinct)):
             ngrams = _char_ngrams()
             try:
                 grams = ngrams.fit_transform([str(t) for t in texts])
             except ValueError:  # no n-gram occurs twice (a tiny seed): embeddings alone
                 return self
             self._features = CharNgramFeatures(ngrams)
-            self._text_model = LogisticRegression(C=self._c, max_iter=self._max_iter,
-                                                  random_state=self._seed).fit(grams, labels)
+            self._text_model = LogisticRegression(
+                C=self._c, max_iter=self._max_iter, random_state=self._seed,
+            ).fit(grams, labels, sample_weight=weights)
         return self
 
     def probabilities(self, vectors: np.ndarray,

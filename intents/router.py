@@ -29,7 +29,7 @@ import joblib
 import numpy as np
 
 from intents.calibration import HeldOut, Thresholds, calibrate, cross_validate
-from intents.classifier import IntentClassifier
+from intents.classifier import OUT_OF_DOMAIN, IntentClassifier
 from intents.completeness import Completeness, train_completeness
 from intents.embedder import Embedder, normalize_text
 from intents.judge import Judge, read_signals
@@ -48,7 +48,7 @@ class Router:
                  thresholds: Thresholds, completeness: Completeness | None = None) -> None:
         # Keyed by intent (the classifier's labels); callers may key theirs by entry id.
         by_intent = {e.intent: e for e in entries.values()}
-        unknown = set(classifier.classes) - set(by_intent)
+        unknown = set(classifier.intents) - set(by_intent)
         if unknown:
             raise ValueError(f"classifier intents without an entry: {sorted(unknown)}")
         self.embedder = embedder
@@ -103,6 +103,12 @@ class Router:
                     text=text, intent=None, action=Action.LLM, hit=False, score=similarity,
                     confidence=probability, margin=margin, certainty=sure,
                     reason="out of scope", ms=_ms(start)))
+                continue
+            if signals.predicted[i] == OUT_OF_DOMAIN:  # the negatives' class won
+                out.append(RouteDecision(
+                    text=text, intent=None, action=Action.LLM, hit=False, score=similarity,
+                    confidence=probability, margin=margin, certainty=sure,
+                    reason="out of domain", ms=_ms(start)))
                 continue
             entry = self.entries[str(signals.predicted[i])]
             answerable = entry.action is Action.ANSWER and entry.answer is not None
@@ -197,7 +203,9 @@ def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence
     held_out = cross_validate(vectors, questions, intents, negative_vectors, negative_texts,
                               folds=folds)
     thresholds, judge = calibrate(held_out, answer_intents, target_wrong_rate)
-    classifier = IntentClassifier().fit(vectors, intents, list(questions))
+    classifier = IntentClassifier().fit(vectors, intents, list(questions),
+                                        negative_vectors=negative_vectors,
+                                        negative_texts=negative_texts)
     router = Router(embedder, classifier, judge, SemanticCache(vectors, intents), entries,
                     thresholds, train_completeness(questions, negative_texts))
     return TrainedRouter(router, vectors, tuple(questions), tuple(intents), held_out)

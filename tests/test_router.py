@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 
 from cache_seed import route_lines
-from intents.calibration import NEVER, HeldOut, calibrate, wrong_rate_bound
-from intents.classifier import IntentClassifier, fitted_probabilities
+from intents.calibration import NEVER, HeldOut, Thresholds, calibrate, wrong_rate_bound
+from intents.classifier import OUT_OF_DOMAIN, IntentClassifier, fitted_probabilities
 from intents.embedder import Embedder
-from intents.judge import SIGNALS, Signals
+from intents.judge import SIGNALS, Judge, Signals
 from intents.loader import LoadedCache, load_cache
 from intents.router import Router, models_from_bytes, models_to_bytes
+from intents.semantic_cache import SemanticCache
 from intents.store import CacheBundle, LocalStore
-from intents.types import Action
-from tests.intents_support import _seeded_bank_store, bank_cache, intent_embedder  # noqa: F401
+from intents.types import Action, Entry
+from tests.intents_support import (_seeded_bank_store, bank_cache, intent_embedder,  # noqa: F401
+                                   shared_embedder)
 
 # Paraphrases written for this test: none of them is in bank_faq.csv.
 UNSEEN_PARAPHRASES = [
@@ -266,3 +268,42 @@ def test_route_many_matches_route_one_by_one(bank_cache: LoadedCache) -> None:  
     assert [(d.intent, d.action, d.hit, d.entry_id) for d in batched] == \
         [(d.intent, d.action, d.hit, d.entry_id) for d in single]
     assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(batched, single))
+
+
+def _clusters(rng: np.random.Generator, centres: np.ndarray, count: int) -> np.ndarray:
+    picked = centres[np.arange(count) % len(centres)]
+    vectors = picked + rng.normal(scale=0.3, size=picked.shape)
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_negatives_become_a_class_that_a_large_seed_never_serves() -> None:
+    # Two seed intents and a region of unrelated questions: the negatives' class takes
+    # that region, and a question it wins is a miss, whatever the other thresholds say.
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 16))
+    seed = _clusters(rng, centres[:2], 80)  # 40 questions an intent: large enough
+    intents = ["card", "pin"] * 40
+    negatives = _clusters(rng, centres[2:], 60)
+    unrelated = _clusters(rng, centres[2:], 5)
+    clf = IntentClassifier().fit(seed, intents, negative_vectors=negatives)
+    assert OUT_OF_DOMAIN in clf.classes and clf.intents == ["card", "pin"]
+    assert set(clf.scores_arrays(unrelated)[0]) == {OUT_OF_DOMAIN}
+    wide_open = Thresholds(
+        min_similarity=-1.0, hit_confidence=0.0, target_wrong_rate=0.01, bounded=True,
+        confidence_level=0.95, wrong_rate_bound=0.0, expected_hit_rate=1.0,
+        expected_wrong_rate=0.0, out_of_domain_target=0.005, out_of_domain_hit_rate=0.0,
+        negatives=60, calibration_questions=80, folds=5, hit_similarity=0.0)
+    entries = {i: Entry(id=i, intent=i, action=Action.ANSWER, answer=f"about {i}",
+                        questions=(i,)) for i in ("card", "pin")}
+    router = Router(shared_embedder(), clf, Judge().fit(np.zeros((2, len(SIGNALS))), [1, 1]),
+                    SemanticCache(seed, intents), entries, wide_open)
+    decisions = router.route_vectors(["q"] * 7, np.concatenate([unrelated, seed[:2]]))
+    assert [d.reason for d in decisions[:5]] == ["out of domain"] * 5
+    assert all(not d.hit and d.intent is None and d.action is Action.LLM
+               for d in decisions[:5])
+    assert [d.intent for d in decisions[5:] if d.hit] == ["card", "pin"]
+    # A small seed (a few questions an intent) keeps its intents to itself.
+    small = IntentClassifier().fit(seed[:10], intents[:10], negative_vectors=negatives)
+    assert small.classes == ["card", "pin"]
+    with pytest.raises(ValueError, match="out-of-domain label"):
+        IntentClassifier().fit(seed[:4], ["card", OUT_OF_DOMAIN] * 2)
