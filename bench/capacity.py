@@ -186,12 +186,13 @@ async def finish_turn(caller: Caller, step: Step, clock: FrameClock, index: int,
 
 
 async def audio_caller(url: str, step: Step, until: float, seed: int,
-                       speech: list[bytes]) -> None:
+                       speech: list[bytes], line_noise: bytes) -> None:
     rng = random.Random(seed)
     await asyncio.sleep(rng.uniform(0, 2.0))
     clock = FrameClock(step)
     try:
-        async with Caller(url, on_audio=clock, keep_audio=False) as caller:
+        async with Caller(url, on_audio=clock, keep_audio=False,
+                          line_noise=line_noise) as caller:
             turn = 0
             while time.monotonic() < until:
                 # The fake recognises the questions in order, one per utterance.
@@ -212,7 +213,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run_step(gateway: GatewayProcess, mode: str, calls: int, step_s: float,
-                   warmup_s: float, speech: list[bytes]) -> tuple[Step, float, float, float]:
+                   warmup_s: float, speech: list[bytes], line_noise: bytes = b""
+                   ) -> tuple[Step, float, float, float]:
     step = Step(calls)
     now = time.monotonic()
     step.counting_from = now + warmup_s
@@ -221,7 +223,8 @@ async def run_step(gateway: GatewayProcess, mode: str, calls: int, step_s: float
     if mode == "text":
         callers = [text_caller(gateway.call_url, step, until, i) for i in range(calls)]
     else:
-        callers = [audio_caller(gateway.call_url, step, until, i, speech) for i in range(calls)]
+        callers = [audio_caller(gateway.call_url, step, until, i, speech, line_noise)
+                   for i in range(calls)]
     tasks = [asyncio.ensure_future(c) for c in callers]
     await asyncio.sleep(warmup_s)
     cpu0, wall0, own0 = gateway.cpu_s(), time.monotonic(), time.process_time()
@@ -270,16 +273,30 @@ def holds_bar(mode: str, step: Step) -> bool:
     return late <= 0.01 and pct(step.server_hit_ms, 99) <= 10.0
 
 
-def render_speech() -> list[bytes]:
-    """The FAQ paraphrases spoken once with the project's voice, 16 kHz."""
+def render_speech(noise_dbfs: float | None) -> tuple[list[bytes], bytes]:
+    """The FAQ paraphrases spoken once with the project's voice, 16 kHz, and what the line
+    carries between them: white noise at ``noise_dbfs`` (RMS) under everything, or
+    digital silence (None)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
 
     from gateway.audio import resample_pcm16
     from gateway.providers.piper_tts import PiperTTS
 
     tts = PiperTTS(ThreadPoolExecutor(1))
-    return [resample_pcm16(tts.synthesize_all(text), tts.sample_rate, RATE)
-            for text in FAQ_PARAPHRASES]
+    clips = [resample_pcm16(tts.synthesize_all(text), tts.sample_rate, RATE)
+             for text in FAQ_PARAPHRASES]
+    if noise_dbfs is None:
+        return clips, b""
+    rng = np.random.default_rng(0)
+    scale = 32768.0 * 10.0 ** (noise_dbfs / 20.0)
+
+    def noisy(pcm: bytes) -> bytes:
+        samples = np.frombuffer(pcm, "<i2") + rng.standard_normal(len(pcm) // 2) * scale
+        return np.clip(np.round(samples), -32768, 32767).astype("<i2").tobytes()
+
+    return [noisy(c) for c in clips], noisy(bytes(2 * RATE * 10))  # a 10 s noise loop
 
 
 class DeepgramFake:
@@ -329,6 +346,10 @@ def main() -> None:
     parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR",
                         help="also run a gateway from this source tree (e.g. `git archive` "
                              "of an earlier commit), steps interleaved: two versions, one run")
+    parser.add_argument("--line-noise-dbfs", type=float, default=-65.0,
+                        help="audio: white noise under the callers' speech and silences "
+                             "(RMS dBFS; a quiet phone line is -60 to -70); 'nan': digital "
+                             "silence")
     parser.add_argument("--metrics-out", type=Path, default=None,
                         help="write every counted turn's metrics here (JSON lines, with "
                              "run, calls, new_word and client_ms) to study the tail")
@@ -351,8 +372,12 @@ def main() -> None:
         env = {"VOICEGATE_MAX_CALLS": "2000", **extra}
         fake = None
         speech: list[bytes] = []
+        line_noise = b""
         if mode == "audio":
-            speech = render_speech()
+            noise = None if args.line_noise_dbfs != args.line_noise_dbfs else args.line_noise_dbfs
+            speech, line_noise = render_speech(noise)
+            print(f"audio: line noise {'none' if noise is None else f'{noise:g} dBFS'}",
+                  flush=True)
             fake = DeepgramFake()
             env.update(VOICEGATE_STT_PROVIDER="deepgram",
                        VOICEGATE_DEEPGRAM_URL=f"ws://127.0.0.1:{fake.port}",
@@ -377,7 +402,8 @@ def main() -> None:
                     fake_cpu0 = fake.cpu_s() if fake else 0.0
                     t0 = time.monotonic()
                     step, cpu, rss, gen = asyncio.run(
-                        run_step(gateway, mode, calls, args.step_s, args.warmup_s, speech))
+                        run_step(gateway, mode, calls, args.step_s, args.warmup_s, speech,
+                                 line_noise))
                     load = machine_load()
                     if fake is not None:
                         load += f", Deepgram fake {100 * (fake.cpu_s() - fake_cpu0) / (time.monotonic() - t0):.0f}% of a core"

@@ -46,9 +46,11 @@ class Caller:
     def __init__(self, url: str, sample_rate: int = 16000, frame_ms: int = 20,
                  on_event: EventHook | None = None, metadata: dict[str, Any] | None = None,
                  token: str | None = None, on_audio: Callable[[bytes], None] | None = None,
-                 keep_audio: bool = True):
+                 keep_audio: bool = True, line_noise: bytes = b""):
         """``keep_audio=False``: reply audio goes to ``on_audio`` only, never kept (a load
-        generator's hundreds of callers would otherwise hold gigabytes of it)."""
+        generator's hundreds of callers would otherwise hold gigabytes of it).
+        ``line_noise``: what the line carries between utterances, looped (pcm16 at the
+        call's rate; empty: digital silence)."""
         self.url = url
         self.token = token  # sent as `Authorization: Bearer` (VOICEGATE_CALL_TOKEN)
         self.sample_rate = sample_rate
@@ -69,6 +71,7 @@ class Caller:
         self._speech = bytearray()  # caller audio waiting to go out on the line
         self._drained = asyncio.Event()
         self._line: asyncio.Task[None] | None = None
+        self._line_noise = line_noise
 
     async def __aenter__(self) -> "Caller":
         await self.connect()
@@ -155,7 +158,7 @@ class Caller:
     async def _run_line(self) -> None:
         assert self._ws is not None
         size = frame_bytes(self.sample_rate, self.frame_ms)
-        silence = b"\x00" * size
+        noise = self._line_noise[:len(self._line_noise) // size * size] or b"\x00" * size
         period = self.frame_ms / 1000.0
         started = time.perf_counter()
         i = 0
@@ -170,7 +173,8 @@ class Caller:
                 if not self._speech:
                     self._drained.set()
             else:
-                frame = silence
+                at = i * size % len(noise)
+                frame = noise[at:at + size]
             try:
                 await self._ws.send(frame)
             except Exception:

@@ -80,7 +80,9 @@ class Runtime:
         return cls(settings=settings, vad_executor=vad_pool, model_executor=heavy,
                    vad=vad, stt=stt,
                    tts=tts, prompts=AudioBank(),
-                   vad_batcher=VADBatcher(vad, vad_pool, settings.vad_batch_interval_ms),
+                   vad_batcher=VADBatcher(vad, vad_pool, settings.vad_batch_interval_ms,
+                                          settings.vad_quiet_dbfs if settings.vad_skip_quiet
+                                          else None),
                    agent=build_agent(settings), embedder=embedder, load_times_s=times,
                    stats=stats or Stats(), turn_model=turn_model, turn_executor=turn_pool)
 

@@ -178,6 +178,10 @@ class Settings(BaseModel):
     # Every call's VAD windows are scored together, a batch at most this often (ms): larger
     # batches cost less per window; a window waits at most this long. 0: back to back.
     vad_batch_interval_ms: Annotated[float, Field(ge=0.0, le=32.0)] = 10.0
+    # A window quieter than this (dBFS, RMS), after four quiet ones, is silence without a
+    # VAD model run: a quiet line costs almost nothing. Speech is -35 to -15 dBFS.
+    vad_quiet_dbfs: Annotated[float, Field(ge=-100.0, le=-40.0)] = -55.0
+    vad_skip_quiet: bool = True  # false: the model scores every window
     # Speech shorter than this never starts a turn (clicks, breaths).
     min_speech_ms: Pos = 120
     # Speech during playback must last this long before it cuts the bot off, so

@@ -22,6 +22,10 @@ WINDOW_SAMPLES = 512  # 32 ms: the window size Silero v5+ is trained on at 16 kH
 WINDOW_BYTES = WINDOW_SAMPLES * 2
 WINDOW_MS = WINDOW_SAMPLES * 1000 / SAMPLE_RATE
 _CONTEXT_SAMPLES = 64  # the model sees the tail of the previous window
+# A quiet window (RMS below ``quiet_dbfs``) is silence without asking the model once this
+# many quiet windows in a row went before it: the model has settled on silence by then,
+# and the first windows of every silence are still its to judge.
+QUIET_SETTLE_WINDOWS = 4
 
 
 def silero_model_path() -> Path:
@@ -41,6 +45,7 @@ class SileroState:
     state: np.ndarray = field(default_factory=lambda: np.zeros((2, 1, 128), dtype=np.float32))
     context: np.ndarray = field(default_factory=lambda: np.zeros((1, _CONTEXT_SAMPLES),
                                                                  dtype=np.float32))
+    quiet_run: int = 0  # quiet windows in a row, up to the latest one
 
 
 class SileroVAD:
@@ -106,16 +111,32 @@ def pcm16_windows(pcm16: bytes) -> list[np.ndarray]:
     return [samples[i * WINDOW_SAMPLES:(i + 1) * WINDOW_SAMPLES] for i in range(count)]
 
 
+def dbfs_to_rms(dbfs: float) -> float:
+    """The RMS of a float window (full scale 1.0) at ``dbfs``."""
+    return float(10.0 ** (dbfs / 20.0))
+
+
 class VADBatcher:
     """Collects every call's pending windows and scores them in one batched model run.
 
     Requests arriving while a batch runs wait for the next one, so under load batches
     grow by themselves; with one call, a batch is just that call's windows.
+
+    Quiet windows skip the model: once a call has sent ``QUIET_SETTLE_WINDOWS`` windows
+    in a row below ``quiet_dbfs`` (a quiet room on a phone line is -60 to -70 dBFS,
+    speech -35 to -15), each further quiet window scores 0.0 without a model run; the
+    call's model state waits, its context moves on. A caller listening to the bot sends
+    little else, so this removes most of the model's work on a line that is quiet. A
+    noisy line is scored window by window, as before. ``quiet_dbfs`` None: every
+    window is scored.
     """
 
-    def __init__(self, vad: SileroVAD, executor: Executor, interval_ms: float = 0.0) -> None:
+    def __init__(self, vad: SileroVAD, executor: Executor, interval_ms: float = 0.0,
+                 quiet_dbfs: float | None = None) -> None:
         self._vad = vad
         self._executor = executor
+        self._quiet_rms = None if quiet_dbfs is None else dbfs_to_rms(quiet_dbfs)
+        self.skipped = 0  # quiet windows scored without the model
         self._queue: list[tuple[SileroState, list[np.ndarray], asyncio.Future[list[float]]]] = []
         self._running = False
         # Batches start at most this often: with many calls a model run costs far less
@@ -127,14 +148,35 @@ class VADBatcher:
         self.windows = 0
 
     async def score(self, state: SileroState, windows: list[np.ndarray]) -> list[float]:
-        if not windows:
-            return []
+        """Speech probability of each of ``windows`` (one call's, in order)."""
+        skipped = self._skip_quiet(state, windows)
+        if skipped == len(windows):
+            return [0.0] * skipped
         future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
-        self._queue.append((state, windows, future))
+        self._queue.append((state, windows[skipped:], future))
         if not self._running:
             self._running = True
             self._schedule()
-        return await future
+        return [0.0] * skipped + await future
+
+    def _skip_quiet(self, state: SileroState, windows: list[np.ndarray]) -> int:
+        """How many leading ``windows`` are settled silence, which the model need not
+        hear (a window or two arrive at a time: once the model has one, the rest of that
+        block stays with it); counts the quiet run over all of them."""
+        if self._quiet_rms is None:
+            return 0
+        floor = self._quiet_rms * self._quiet_rms * WINDOW_SAMPLES  # sum of squares
+        skipped, leading = 0, True
+        for window in windows:
+            quiet = float(np.dot(window, window)) < floor
+            state.quiet_run = state.quiet_run + 1 if quiet else 0
+            if leading and quiet and state.quiet_run > QUIET_SETTLE_WINDOWS:
+                skipped += 1
+                state.context = window[-_CONTEXT_SAMPLES:].reshape(1, -1)
+            else:
+                leading = False
+        self.skipped += skipped
+        return skipped
 
     def _schedule(self) -> None:
         loop = asyncio.get_running_loop()

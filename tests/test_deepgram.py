@@ -159,11 +159,11 @@ async def test_the_realistic_fake_paces_interims_and_delays_finals() -> None:
     with ServerThread(fake.app) as server:
         url = f"{server.ws_url}/v1/listen?sample_rate=16000&endpointing=300"
         async with connect(url, additional_headers={"Authorization": "Token test-key"}) as ws:
-            for _ in range(150):  # 3 s of speech, sent at once
-                await ws.send(VOICE)
+            for _ in range(150):  # 3 s of speech (-18 dBFS), sent at once
+                await ws.send(b"\x00\x10" * FRAME)
             spoken_at = time.monotonic()
-            for _ in range(20):  # 400 ms of silence: the endpoint
-                await ws.send(SILENCE)
+            for _ in range(20):  # 400 ms of a quiet line (-66 dBFS): the endpoint
+                await ws.send(VOICE)
             messages = []
             while True:
                 message = json.loads(await asyncio.wait_for(ws.recv(), 10))

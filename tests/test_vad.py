@@ -105,3 +105,85 @@ async def test_windows_arriving_within_the_batch_interval_share_one_model_run():
             await asyncio.gather(first, second)
         # Back to back: each window alone; with an interval: both in the next run.
         assert vad.runs == expected
+
+
+async def test_a_quiet_line_skips_the_model_once_it_has_settled_on_silence():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.vad import QUIET_SETTLE_WINDOWS, VADBatcher, dbfs_to_rms
+
+    class RecordingVad:
+        def __init__(self) -> None:
+            self.heard: list[np.ndarray] = []  # every window the model scored
+            self.contexts: list[np.ndarray] = []  # the context it had for each
+
+        def probabilities_batch(self, states, windows):
+            out = []
+            for state, call in zip(states, windows):
+                for w in call:
+                    self.heard.append(w)
+                    self.contexts.append(state.context.copy())
+                    state.context = w[-64:].reshape(1, -1)
+                out.append([0.9 if np.abs(w).max() > 0.05 else 0.1 for w in call])
+            return out
+
+    rng = np.random.default_rng(0)
+
+    def at(dbfs: float) -> np.ndarray:  # white noise whose RMS is ``dbfs``
+        w = rng.standard_normal(512).astype(np.float32)
+        return w / np.sqrt(np.mean(w * w)) * dbfs_to_rms(dbfs)
+
+    quiet = [at(-65.0) for _ in range(10)]
+    speech = [at(-20.0) for _ in range(3)]
+    line_noise = [at(-45.0) for _ in range(8)]  # above the floor: a noisy line
+    for skip in (True, False):
+        vad = RecordingVad()
+        with ThreadPoolExecutor(1) as pool:
+            batcher = VADBatcher(vad, pool, quiet_dbfs=-55.0 if skip else None)
+            state = SileroState()
+            # Frames arrive a window or so at a time, as on a call.
+            probs = []
+            for chunk in ([[w] for w in quiet] + [speech, line_noise]):
+                probs += await batcher.score(state, chunk)
+        assert len(probs) == 10 + 3 + 8
+        assert probs[10:13] == [0.9] * 3  # speech is always the model's
+        if not skip:
+            assert len(vad.heard) == 21 and batcher.skipped == 0
+            continue
+        # The model heard the first quiet windows, then nothing quiet until speech.
+        assert all(w is q for w, q in zip(vad.heard[:QUIET_SETTLE_WINDOWS], quiet))
+        assert vad.heard[QUIET_SETTLE_WINDOWS] is speech[0]
+        assert probs[QUIET_SETTLE_WINDOWS:10] == [0.0] * (10 - QUIET_SETTLE_WINDOWS)
+        assert batcher.skipped == 10 - QUIET_SETTLE_WINDOWS
+        # The first speech window came with the tail of the last quiet one as context.
+        first_speech = next(i for i, w in enumerate(vad.heard) if w is speech[0])
+        assert np.array_equal(vad.contexts[first_speech][0], quiet[-1][-64:])
+        # A noisy line is scored window by window.
+        assert all(any(w is n for w in vad.heard) for n in line_noise)
+
+
+async def test_skipping_quiet_windows_leaves_the_turns_silero_finds_unchanged(runtime, speak):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.vad import VADBatcher, pcm16_windows
+
+    words = np.frombuffer(speak("Could you tell me my account balance please?"), "<i2")
+    gap = np.zeros(int(0.6 * 16000), np.int16)
+    line = np.concatenate([np.zeros(16000, np.int16), words, gap, words,
+                           np.zeros(24000, np.int16)]).astype(np.float32)
+    line += np.random.default_rng(2).standard_normal(len(line)) * 10  # -70 dBFS line noise
+    windows = pcm16_windows(np.clip(line, -32768, 32767).astype("<i2").tobytes())
+    timelines = []
+    for quiet_dbfs in (None, -55.0):
+        with ThreadPoolExecutor(1) as pool:
+            batcher = VADBatcher(runtime.vad, pool, quiet_dbfs=quiet_dbfs)
+            state, segmenter = SileroState(), SpeechSegmenter(end_silence_ms=300)
+            events = []
+            for i in range(0, len(windows), 2):  # 64 ms of frames at a time
+                for j, p in enumerate(await batcher.score(state, windows[i:i + 2])):
+                    events += [(i + j, e) for e in segmenter.push(p)]
+        timelines.append((events, batcher.skipped))
+    (scored, none_skipped), (gated, skipped) = timelines
+    assert none_skipped == 0 and skipped > len(windows) // 3  # the silences, mostly
+    assert [e for _, e in scored].count(SegmentEvent.TURN_END) == 2
+    assert gated == scored

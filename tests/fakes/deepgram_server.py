@@ -8,7 +8,8 @@ reply to Finalize), ``UtteranceEnd`` (``utterance_end_ms`` of silence after the 
 word), and ``Metadata`` before closing on CloseStream.
 
 "Recognition" is scripted: each utterance reveals the next entry of ``utterances``
-one word per ``ms_per_word`` of non-silent audio; all-zero audio is silence.
+one word per ``ms_per_word`` of non-silent audio; all-zero audio is silence (and, in
+``realistic()`` mode, audio quieter than ``silence_dbfs``: a line's noise floor).
 
 By default every new word is sent at once (tests see each step). ``realistic()`` makes
 it behave like the real service for benchmarks: an interim result only after
@@ -30,6 +31,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
+import numpy as np
 
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
@@ -57,6 +60,8 @@ class FakeDeepgram:
         # Finals leave this long (uniform in the range) after the end of speech.
         self.final_delay_ms: tuple[float, float] = (0.0, 0.0)
         self.keep_sessions = True  # False: do not keep every message (long benchmarks)
+        # A message whose RMS is below this (dBFS) is silence; None: only all-zero audio.
+        self.silence_dbfs: float | None = None
         self.sessions: list[Session] = []
         self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
 
@@ -66,7 +71,15 @@ class FakeDeepgram:
         self.interim_every_ms = interim_every_ms
         self.final_delay_ms = final_delay_ms
         self.keep_sessions = False
+        self.silence_dbfs = -50.0  # the service's own VAD hears no speech in line noise
         return self
+
+    def _voiced(self, audio: bytes) -> bool:
+        if self.silence_dbfs is None:
+            return any(audio)
+        samples = np.frombuffer(audio[:len(audio) // 2 * 2], "<i2").astype(np.float32)
+        floor = 32768.0 * 10.0 ** (self.silence_dbfs / 20.0)
+        return bool(len(samples)) and float(np.dot(samples, samples)) > floor * floor * len(samples)
 
     async def _listen(self, websocket: WebSocket) -> None:
         if websocket.headers.get("authorization") != f"Token {self.api_key}":
@@ -147,7 +160,7 @@ class FakeDeepgram:
                     session.messages += 1
                     ms = len(audio) / 2 / rate * 1000
                     state.end_ms += ms
-                    if any(audio):
+                    if self._voiced(audio):
                         state.silence_ms = 0
                         state.voiced_ms += ms
                         last_voiced_at = loop.time()
