@@ -26,6 +26,9 @@ _CONTEXT_SAMPLES = 64  # the model sees the tail of the previous window
 # many quiet windows in a row went before it: the model has settled on silence by then,
 # and the first windows of every silence are still its to judge.
 QUIET_SETTLE_WINDOWS = 4
+# ... and only while the model's latest word on this call was silence (a soft word ending
+# can stay voiced for the model below the energy floor; it keeps the model until it is not).
+SETTLED_PROBABILITY = 0.2
 
 
 def silero_model_path() -> Path:
@@ -46,6 +49,7 @@ class SileroState:
     context: np.ndarray = field(default_factory=lambda: np.zeros((1, _CONTEXT_SAMPLES),
                                                                  dtype=np.float32))
     quiet_run: int = 0  # quiet windows in a row, up to the latest one
+    last_probability: float = 0.0  # the model's, for the latest window it scored
 
 
 class SileroVAD:
@@ -124,7 +128,8 @@ class VADBatcher:
 
     Quiet windows skip the model: once a call has sent ``QUIET_SETTLE_WINDOWS`` windows
     in a row below ``quiet_dbfs`` (a quiet room on a phone line is -60 to -70 dBFS,
-    speech -35 to -15), each further quiet window scores 0.0 without a model run; the
+    speech -35 to -15) and the model called the latest it scored silence, each further
+    quiet window scores 0.0 without a model run; the
     call's model state waits, its context moves on. A caller listening to the bot sends
     little else, so this removes most of the model's work on a line that is quiet. A
     noisy line is scored window by window, as before. ``quiet_dbfs`` None: every
@@ -170,7 +175,8 @@ class VADBatcher:
         for window in windows:
             quiet = float(np.dot(window, window)) < floor
             state.quiet_run = state.quiet_run + 1 if quiet else 0
-            if leading and quiet and state.quiet_run > QUIET_SETTLE_WINDOWS:
+            if (leading and quiet and state.quiet_run > QUIET_SETTLE_WINDOWS
+                    and state.last_probability < SETTLED_PROBABILITY):
                 skipped += 1
                 state.context = window[-_CONTEXT_SAMPLES:].reshape(1, -1)
             else:
@@ -212,7 +218,8 @@ class VADBatcher:
             return
         self.batches += 1
         self.windows += sum(len(w) for w in windows)
-        for (_, _, future), probs in zip(batch, results):
+        for (state, _, future), probs in zip(batch, results):
+            state.last_probability = probs[-1]
             if not future.done():
                 future.set_result(probs)
 
@@ -229,6 +236,7 @@ class VADBatcher:
                 if not future.done():
                     future.set_exception(exc)
                 continue
+            state.last_probability = probs[-1]
             if not future.done():
                 future.set_result(probs)
 

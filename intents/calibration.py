@@ -15,8 +15,8 @@ threshold is chosen on honest numbers.
 The threshold is the loosest one whose wrong-answer rate is *bounded* by the target:
 the one-sided Clopper-Pearson upper bound at ``CONFIDENCE`` (95%) of wrong cached
 answers / cached answers served, over held-out seed questions, stays at or below the
-target, and the same bound on out-of-domain negatives answered stays at or below
-``out_of_domain_target``. A point estimate on the seed lands below its target on
+target, and the share of out-of-domain negatives answered (a point estimate: a bound on
+1,300 negatives would allow two) stays at or below ``out_of_domain_target``. A point estimate on the seed lands below its target on
 questions the seed never saw (measured: a 99% target gave 98.5-98.9%); the bound
 keeps the promise with margin. A seed too small to bound the rate (fewer than about
 300 held-out hits for a 1% target) falls back on the point estimate over at least
@@ -133,6 +133,7 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
     neg_vectors = (np.zeros((0, vectors.shape[1]), dtype=np.float32)
                    if negative_vectors is None else negative_vectors)
     neg_fold = np.arange(len(neg_texts)) % len(splits)
+    per_intent = n / len(np.unique(labels.astype(str)))  # the whole seed's, for every fold
     parts: list[tuple[np.ndarray, Signals]] = []
     neg_parts: list[tuple[np.ndarray, Signals]] = []
     for fold, (train, test) in enumerate(splits):
@@ -140,7 +141,8 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
         others = np.flatnonzero(neg_fold != fold)
         clf = make_classifier().fit(vectors[train], labels[train], [texts[i] for i in train],
                                     negative_vectors=neg_vectors[others],
-                                    negative_texts=[neg_texts[i] for i in others])
+                                    negative_texts=[neg_texts[i] for i in others],
+                                    seed_questions_per_intent=per_intent)
         cache = SemanticCache(vectors[train], labels[train])
         parts.append((test, read_signals(clf, cache, vectors[test], [texts[i] for i in test])))
         mine = np.flatnonzero(neg_fold == fold)

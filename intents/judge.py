@@ -1,6 +1,7 @@
 """The selective decision: is the intent classifier's answer right for this text?
 
-The classifier always names an intent; whether to *serve* that intent's cached answer
+The classifier always names an intent (or, for a large seed, its out-of-domain class,
+which is never served); whether to *serve* that intent's cached answer
 is a second question, answered by a small model of its own (the judge). It reads the
 signals the router already has for a text:
 

@@ -7,8 +7,9 @@ A hit (replay the cached answer) needs three things:
   3. the judge (``intents.judge``) is confident enough that this intent is right: its
      threshold was calibrated on the seed so the wrong-answer rate stays under the
      target (``intents.calibration``).
-Anything else is a miss: ``llm`` for out-of-scope and agent intents, ``handoff``
-for handoff intents.
+Anything else is a miss: ``llm`` for out-of-scope and agent intents, and for texts
+the classifier's out-of-domain class wins (a large seed learns its negatives as one:
+``intents.classifier.OUT_OF_DOMAIN``), ``handoff`` for handoff intents.
 
 A hit also says whether its words read as a finished question (``intents.completeness``,
 learned from the seed): the end of turn lets a cached question end on a short silence
@@ -104,16 +105,20 @@ class Router:
                     confidence=probability, margin=margin, certainty=sure,
                     reason="out of scope", ms=_ms(start)))
                 continue
-            if signals.predicted[i] == OUT_OF_DOMAIN:  # the negatives' class won
+            if signals.predicted[i] == OUT_OF_DOMAIN and similarity < VERBATIM_SIMILARITY:
+                # the negatives' class won
                 out.append(RouteDecision(
                     text=text, intent=None, action=Action.LLM, hit=False, score=similarity,
                     confidence=probability, margin=margin, certainty=sure,
                     reason="out of domain", ms=_ms(start)))
                 continue
-            entry = self.entries[str(signals.predicted[i])]
+            predicted = str(signals.predicted[i])
+            if predicted == OUT_OF_DOMAIN:  # a seed question, word for word: its own label
+                predicted = str(signals.nearest_intent[i])
+            entry = self.entries[predicted]
             answerable = entry.action is Action.ANSWER and entry.answer is not None
             verbatim = (similarity >= VERBATIM_SIMILARITY
-                        and signals.nearest_intent[i] == signals.predicted[i])
+                        and signals.nearest_intent[i] == predicted)
             hit = answerable and (verbatim or sure >= t.hit_confidence)
             # Only a hit's words are judged (~50 µs): the end of turn reads them on hits.
             finished = not hit or self.completeness is None or self.completeness.finished(text)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cache_seed import route_lines
-from intents.calibration import NEVER, HeldOut, Thresholds, calibrate, wrong_rate_bound
+from intents.calibration import (NEVER, HeldOut, Thresholds, calibrate, cross_validate,
+                                 wrong_rate_bound)
 from intents.classifier import OUT_OF_DOMAIN, IntentClassifier, fitted_probabilities
 from intents.embedder import Embedder
 from intents.judge import SIGNALS, Judge, Signals
@@ -302,8 +303,44 @@ def test_negatives_become_a_class_that_a_large_seed_never_serves() -> None:
     assert all(not d.hit and d.intent is None and d.action is Action.LLM
                for d in decisions[:5])
     assert [d.intent for d in decisions[5:] if d.hit] == ["card", "pin"]
+    # The class survives the models blob, and a seed question in its region, asked word
+    # for word, is still its operator's answer.
+    clf, judge, _ = models_from_bytes(models_to_bytes(clf, router.judge))
+    stray = negatives[:1] * 1.0  # a "card" question that reads like the negatives
+    clf = IntentClassifier().fit(np.concatenate([seed, stray]), intents + ["card"],
+                                 negative_vectors=negatives[1:])
+    assert clf.scores_arrays(stray)[0][0] == OUT_OF_DOMAIN
+    clf = models_from_bytes(models_to_bytes(clf, judge))[0]
+    router = Router(shared_embedder(), clf, judge,
+                    SemanticCache(np.concatenate([seed, stray]), intents + ["card"]),
+                    entries, wide_open)
+    verbatim, near = router.route_vectors(["q", "q"], np.concatenate([stray, negatives[1:2]]))
+    assert verbatim.hit and verbatim.intent == "card"
+    assert not near.hit and near.reason == "out of domain"
     # A small seed (a few questions an intent) keeps its intents to itself.
     small = IntentClassifier().fit(seed[:10], intents[:10], negative_vectors=negatives)
     assert small.classes == ["card", "pin"]
     with pytest.raises(ValueError, match="out-of-domain label"):
         IntentClassifier().fit(seed[:4], ["card", OUT_OF_DOMAIN] * 2)
+
+
+def test_each_calibration_fold_learns_every_negative_but_its_own() -> None:
+    # A fold that learned the negatives it is then asked about would promise an
+    # out-of-domain rate no caller sees.
+    trained_on: list[set[str]] = []
+
+    class Spy(IntentClassifier):
+        def fit(self, *args, negative_texts=(), **kwargs):  # type: ignore[override]
+            trained_on.append(set(negative_texts))
+            return super().fit(*args, negative_texts=negative_texts, **kwargs)
+
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(3, 16))
+    seed = _clusters(rng, centres[:2], 200)
+    negatives = [f"unrelated {i}" for i in range(23)]
+    held = cross_validate(seed, [f"q{i}" for i in range(200)], ["card", "pin"] * 100,
+                          _clusters(rng, centres[2:], 23), negatives, folds=5,
+                          make_classifier=Spy)
+    assert len(trained_on) == 5 and len(held.negatives) == 23
+    left_out = [set(negatives) - fold for fold in trained_on]
+    assert sorted(n for fold in left_out for n in fold) == sorted(negatives)  # once each

@@ -161,8 +161,22 @@ async def test_a_quiet_line_skips_the_model_once_it_has_settled_on_silence():
         # A noisy line is scored window by window.
         assert all(any(w is n for w in vad.heard) for n in line_noise)
 
+    # A model that still hears voice in the quiet (a soft word ending) keeps every window.
+    class StillVoiced(RecordingVad):
+        def probabilities_batch(self, states, windows):
+            super().probabilities_batch(states, windows)
+            return [[0.5] * len(call) for call in windows]
 
-async def test_skipping_quiet_windows_leaves_the_turns_silero_finds_unchanged(runtime, speak):
+    vad = StillVoiced()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = VADBatcher(vad, pool, quiet_dbfs=-55.0)
+        state = SileroState()
+        for w in quiet:
+            assert await batcher.score(state, [w]) == [0.5]
+    assert len(vad.heard) == len(quiet) and batcher.skipped == 0
+
+
+async def test_skipping_quiet_windows_leaves_the_turns_silero_finds_in_place(runtime, speak):
     from concurrent.futures import ThreadPoolExecutor
 
     from gateway.vad import VADBatcher, pcm16_windows
@@ -185,5 +199,12 @@ async def test_skipping_quiet_windows_leaves_the_turns_silero_finds_unchanged(ru
         timelines.append((events, batcher.skipped))
     (scored, none_skipped), (gated, skipped) = timelines
     assert none_skipped == 0 and skipped > len(windows) // 3  # the silences, mostly
-    assert [e for _, e in scored].count(SegmentEvent.TURN_END) == 2
-    assert gated == scored
+    # The model's state waited through the skipped silence, so its probabilities inside
+    # speech differ a little (a pause may flicker in one and not the other); the turns
+    # themselves start and end on the same windows, give or take one (32 ms).
+    turns = [[(i, e) for i, e in timeline if e in (SegmentEvent.SPEECH_START,
+                                                   SegmentEvent.TURN_END)]
+             for timeline in (scored, gated)]
+    assert [e for _, e in turns[0]] == [SegmentEvent.SPEECH_START, SegmentEvent.TURN_END] * 2
+    assert [e for _, e in turns[1]] == [e for _, e in turns[0]]
+    assert all(abs(a - b) <= 1 for (a, _), (b, _) in zip(*turns))
