@@ -360,3 +360,48 @@ async def test_noise_before_the_answer_has_begun_does_not_let_it_play_over_the_c
     assert h.output.frames  # answered after the cough
     assert h.transcripts()[-1] == "what are your opening hours"
     assert [e["source"] for e in h.output.of("response")] == ["llm"]
+
+
+class LoopIterations:
+    """Counts event-loop iterations: a callback that schedules itself again runs exactly
+    once per iteration, whatever the loop implementation."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.count += 1
+        self._handle = self._loop.call_soon(self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+async def test_a_cache_hit_plays_in_the_loop_iteration_after_its_turn_ends(monkeypatch):
+    """Under load one loop iteration takes milliseconds, so a hit's first frame must not
+    wait iterations for anything already over: the second question, asked after the first
+    reply has finished, plays as soon as the first did (it once waited two iterations
+    more, for the finished reply, at 300 calls a 22-40 ms tail)."""
+    iterations = LoopIterations()
+    at: dict[tuple[int, str], int] = {}
+    mark = TurnTimeline.mark
+
+    def counted_mark(self: TurnTimeline, stage: str, *args: object) -> None:
+        at.setdefault((self.turn, stage), iterations.count)
+        mark(self, stage, *args)
+
+    monkeypatch.setattr(TurnTimeline, "mark", counted_mark)
+    try:
+        h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True).start()
+        for _ in range(2):
+            await h.say("what are your opening hours", then_silence_ms=1500)
+            await h.silence(1500)
+        await h.stop()
+    finally:
+        iterations.stop()
+    assert [m["source"] for m in h.metrics()] == ["cache", "cache"]
+    first, second = (at[(t, "first_audio")] - at[(t, "end_of_turn")] for t in (1, 2))
+    assert first <= 1
+    assert second == first
