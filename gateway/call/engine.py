@@ -565,10 +565,12 @@ class Call:
         self._idle.bot_started()
 
         async def after_previous() -> None:
-            # Its cleanup (context cut to the heard words) first. One that is over is not
-            # waited for: asyncio.wait on a done task still costs two loop iterations,
-            # which under load were most of a cache hit's time to first audio.
-            if previous is not None and not previous.done():
+            # Its cleanup (context cut to the heard words) first, and its done callbacks
+            # (a turn stopped while queued hands its words back to the carry). One that is
+            # over, callbacks run (out of _reply_tasks, its first callback), is not waited
+            # for: asyncio.wait on a done task still costs two loop iterations, which under
+            # load were most of a cache hit's time to first audio.
+            if previous is not None and previous in self._reply_tasks:
                 await self._wait_for_previous(previous)
             self._reply_tl = tl
             await turn
