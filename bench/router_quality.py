@@ -76,7 +76,7 @@ from intents.classifier import IntentClassifier  # noqa: E402
 from intents.embedder import Embedder, default_model_dir  # noqa: E402
 from intents.router import Router, train_router  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
-from intents.types import Action, Entry  # noqa: E402
+from intents.types import Action, Entry, RouteDecision  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/banking77")
 DEFAULT_CLINC = Path("/work/shared/data/clinc150")
@@ -214,7 +214,6 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
                 for d in router.route_vectors(texts, vectors)]
 
     decide.router = router  # type: ignore[attr-defined]
-    router.seed_texts = list(train_texts)  # type: ignore[attr-defined]  (error examples)
     return router, decide
 
 
@@ -262,23 +261,23 @@ def legacy_system(train_texts: list[str], train_labels: list[str], train_vectors
     return decide
 
 
-def precision_curve(router: Router, dev: DevSet, vectors: np.ndarray
+def precision_curve(decisions: Sequence[RouteDecision], labels: Sequence[str]
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(coverage, precision) as the judge's threshold sweeps down over this set: the k most
-    confident answerable decisions served, for every k (an oracle's view of the curve)."""
-    decisions = router.route_vectors(dev.texts, vectors)
+    """(coverage, precision) as the judge's threshold sweeps down over a set's
+    ``decisions``: the k most confident answerable ones served, for every k (an oracle's
+    view of the curve)."""
     sure = np.array([d.certainty if d.intent is not None and d.action is Action.ANSWER else -1
                      for d in decisions])
-    right = np.array([d.intent == y for d, y in zip(decisions, dev.labels)])
+    right = np.array([d.intent == y for d, y in zip(decisions, labels)])
     order = np.argsort(-sure, kind="stable")
     served = np.arange(1, len(order) + 1)
     return served / len(order), np.cumsum(right[order]) / served
 
 
-def coverage_curve(router: Router, dev: DevSet, vectors: np.ndarray) -> str:
+def coverage_curve(decisions: Sequence[RouteDecision], labels: Sequence[str]) -> str:
     """Hit rate at several precisions if the judge's threshold were set on this set (a
     curve to look at, never a figure to tune on)."""
-    coverage, precision = precision_curve(router, dev, vectors)
+    coverage, precision = precision_curve(decisions, labels)
     parts = []
     for p in (0.98, 0.99, 0.993, 0.995, 0.999):
         ok = np.flatnonzero(precision >= p)
@@ -290,12 +289,13 @@ def coverage_curve(router: Router, dev: DevSet, vectors: np.ndarray) -> str:
 NEAR_DUPLICATE = 0.9
 
 
-def label_disagreements(router: Router, dev: DevSet, vectors: np.ndarray) -> str:
+def label_disagreements(router: Router, dev: DevSet, vectors: np.ndarray,
+                        decisions: Sequence[RouteDecision], seed_texts: Sequence[str]) -> str:
     """Of the wrong cached answers, how many have a near-duplicate seed question labelled
     with the intent that was answered: there the data set's own labels disagree (e.g.
     "my cards were stolen" is lost_or_stolen_phone in train), and no router can be right
-    on both. A description of the errors, never a figure to tune on."""
-    decisions = router.route_vectors(dev.texts, vectors)
+    on both. A description of the errors, never a figure to tune on. ``seed_texts``: the
+    router's seed questions, in the order its cache holds them."""
     wrong = [i for i, (d, y) in enumerate(zip(decisions, dev.labels)) if d.hit and d.intent != y]
     if not wrong:
         return "  wrong cached answers: none"
@@ -305,11 +305,9 @@ def label_disagreements(router: Router, dev: DevSet, vectors: np.ndarray) -> str
              if s[0] >= NEAR_DUPLICATE and said == decisions[i].intent]
     lines = [f"  wrong cached answers: {len(wrong)}; of them {len(agree)} have a seed question "
              f"at least {NEAR_DUPLICATE} similar that is labelled with the answered intent"]
-    seed_texts = getattr(router, "seed_texts", None)
     for i, row in agree[:3]:
-        seed = f" ~ seed {seed_texts[row]!r}" if seed_texts is not None else ""
         lines.append(f"    e.g. {dev.texts[i]!r} ({dev.labels[i]}) answered as "
-                     f"{decisions[i].intent}{seed}")
+                     f"{decisions[i].intent} ~ seed {seed_texts[row]!r}")
     return "\n".join(lines)
 
 
@@ -512,15 +510,15 @@ def main(argv: list[str] | None = None) -> None:
                                                 workdir)))
             if "semantic-router" in wanted:
                 systems.extend(semantic_router_systems(train_texts, train_labels, args.target))
-            points = report(systems, dev_sets, encoded, curves)
+            points = report(systems, dev_sets, encoded, curves, train_texts)
     else:
-        points = report(systems, dev_sets, encoded, curves)
+        points = report(systems, dev_sets, encoded, curves, train_texts)
     if args.plot is not None:
         plot_curves(args.plot, dev_sets, encoded, curves, points)
 
 
 def report(systems: list[tuple[str, Decide]], dev_sets: list[DevSet], encoded: dict,
-           curves: Sequence[tuple[str, Router]] = ()) -> dict[str, dict[str, tuple[float, float]]]:
+           curves: Sequence[tuple[str, Router]] = (), seed_texts: Sequence[str] = ()) -> dict[str, dict[str, tuple[float, float]]]:
     """Prints every system's figures; returns its (hit rate, precision) per in-domain set."""
     points: dict[str, dict[str, tuple[float, float]]] = {}
     for dev in dev_sets:
@@ -538,8 +536,10 @@ def report(systems: list[tuple[str, Decide]], dev_sets: list[DevSet], encoded: d
             print(line + f"  [{time.perf_counter() - started:.0f} s]", flush=True)
         if dev.labels[:1] != [OUT_OF_DOMAIN]:
             for name, router in curves:
-                print(coverage_curve(router, dev, vectors) + f"  [{name}]")
-                print(label_disagreements(router, dev, vectors) + f"  [{name}]")
+                decisions = router.route_vectors(dev.texts, vectors)
+                print(coverage_curve(decisions, dev.labels) + f"  [{name}]")
+                print(label_disagreements(router, dev, vectors, decisions, seed_texts)
+                      + f"  [{name}]")
     return points
 
 
@@ -565,7 +565,8 @@ def plot_curves(path: Path, dev_sets: list[DevSet], encoded: dict,
     for ax, dev in zip(axes[0], in_domain):
         vectors = encoded[dev.name][0]
         for name, router in curves:
-            coverage, precision = precision_curve(router, dev, vectors)
+            coverage, precision = precision_curve(router.route_vectors(dev.texts, vectors),
+                                                  dev.labels)
             ax.plot(coverage * 100, precision * 100, label=f"{name} (threshold sweep)")
         floor = 95.0
         markers = iter("osD^PX*vp")
