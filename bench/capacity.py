@@ -2,10 +2,14 @@
 
     python bench/capacity.py [--mode text audio] [--steps 50 100 200 300 500] [--step-s 30]
         [--variant LABEL KEY=VALUE[,KEY=VALUE]] [--tree LABEL=DIR] [--metrics-out turns.jsonl]
+        [--replicas 1 2]
 
 The gateway runs in its own process (bench/gateway_process.py), the Deepgram fake in
 another (audio mode, ``realistic()`` timing), and this process is only the load
-generator. For each step of concurrent calls every caller talks for ``--step-s``:
+generator. ``--replicas 2`` runs two gateway processes behind HAProxy instead (the
+repository's deploy/haproxy.cfg, least connections), the load generator on its URL: what
+one machine holds as a cluster of one replica per core (``--replicas 1 2``: both shapes,
+steps interleaved). For each step of concurrent calls every caller talks for ``--step-s``:
 
 - text: a FAQ question as partial transcripts word by word (150 ms a word, the last
   partial holding every word, as a streaming recogniser's last interim does), then the
@@ -41,8 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from bench.gateway_process import (FAQ_PARAPHRASES, GatewayProcess, free_port,  # noqa: E402
-                                   seed_store)
+from bench.gateway_process import (FAQ_PARAPHRASES, Cluster, GatewayProcess,  # noqa: E402
+                                   free_port, process_cpu_s, seed_store)
 from gateway.client import Caller  # noqa: E402
 
 WORD_S = 0.150
@@ -212,7 +216,7 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def run_step(gateway: GatewayProcess, mode: str, calls: int, step_s: float,
+async def run_step(gateway: GatewayProcess | Cluster, mode: str, calls: int, step_s: float,
                    warmup_s: float, speech: list[bytes], line_noise: bytes = b""
                    ) -> tuple[Step, float, float, float]:
     step = Step(calls)
@@ -314,8 +318,7 @@ class DeepgramFake:
             sys.exit("the Deepgram fake did not start")
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -346,6 +349,11 @@ def main() -> None:
     parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR",
                         help="also run a gateway from this source tree (e.g. `git archive` "
                              "of an earlier commit), steps interleaved: two versions, one run")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1], choices=[1, 2],
+                        help="2: two gateway processes behind HAProxy (deploy/haproxy.cfg, "
+                             "scripts/ensure-haproxy.sh), callers on the balancer's URL; CPU "
+                             "and memory are the replicas' sums, HAProxy's CPU apart. '1 2': "
+                             "both shapes, their steps interleaved")
     parser.add_argument("--line-noise-dbfs", type=float, default=-65.0,
                         help="audio: white noise under the callers' speech and silences "
                              "(RMS dBFS; a quiet phone line is -60 to -70); 'nan': digital "
@@ -389,17 +397,27 @@ def main() -> None:
         runs = [(mode, env, None)] + [(f"{mode}/{label}", {**env, **settings}, None)
                                       for label, settings in variants]
         runs += [(f"{mode}/{label}", env, tree) for label, tree in trees]
-        if len({name for name, _, _ in runs}) < len(runs):
+        if args.replicas != [1]:  # each run in each shape: "audio x2" is two replicas
+            runs = [(name if n == 1 else f"{name} x{n}", run_env, tree, n)
+                    for name, run_env, tree in runs for n in args.replicas]
+        else:
+            runs = [(name, run_env, tree, 1) for name, run_env, tree in runs]
+        if len({run[0] for run in runs}) < len(runs):
             sys.exit("each --variant and --tree needs a label of its own")
-        gateways: dict[str, GatewayProcess] = {}
+        gateways: dict[str, GatewayProcess | Cluster] = {}
         try:
-            for name, run_env, tree in runs:
-                gateways[name] = GatewayProcess(store, run_env, tree=tree)
+            for name, run_env, tree, replicas in runs:
+                gateways[name] = (GatewayProcess(store, run_env, tree=tree) if replicas == 1
+                                  else Cluster(store, replicas, run_env, tree=tree))
                 gateways[name].start()
             largest: dict[str, int | None] = dict.fromkeys(gateways)
-            for calls in args.steps:
-                for name, gateway in gateways.items():
+            for index, calls in enumerate(args.steps):
+                # Every other step in reverse order: no run always goes first (a run just
+                # after another meets a machine still settling from it).
+                order = list(gateways.items())
+                for name, gateway in (order if index % 2 == 0 else order[::-1]):
                     fake_cpu0 = fake.cpu_s() if fake else 0.0
+                    lb_cpu0 = gateway.balancer_cpu_s() if isinstance(gateway, Cluster) else 0.0
                     t0 = time.monotonic()
                     step, cpu, rss, gen = asyncio.run(
                         run_step(gateway, mode, calls, args.step_s, args.warmup_s, speech,
@@ -407,6 +425,9 @@ def main() -> None:
                     load = machine_load()
                     if fake is not None:
                         load += f", Deepgram fake {100 * (fake.cpu_s() - fake_cpu0) / (time.monotonic() - t0):.0f}% of a core"
+                    if isinstance(gateway, Cluster):
+                        lb = (gateway.balancer_cpu_s() - lb_cpu0) / (time.monotonic() - t0)
+                        load += f", HAProxy {100 * lb:.0f}% of a core"
                     report(name, step, cpu, rss, gen, load)
                     if args.metrics_out is not None:
                         with args.metrics_out.open("a") as out:

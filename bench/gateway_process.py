@@ -120,8 +120,7 @@ class GatewayProcess:
     def cpu_s(self) -> float:
         """User + system CPU seconds the server has used."""
         assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -130,3 +129,96 @@ class GatewayProcess:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Balancer:
+    """HAProxy in the foreground on the repository's own config (deploy/haproxy.cfg), in
+    front of the replicas at ``replica_ports`` (that file lists two)."""
+
+    CONFIG = ROOT / "deploy" / "haproxy.cfg"
+    MAX_REPLICAS = 2
+
+    def __init__(self, directory: Path, replica_ports: list[int]) -> None:
+        if not 1 <= len(replica_ports) <= self.MAX_REPLICAS:
+            raise ValueError(f"deploy/haproxy.cfg lists {self.MAX_REPLICAS} replicas, "
+                             f"not {len(replica_ports)}")
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}/v1/call"
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(directory) / "haproxy.log"
+        # One replica: the second line points at it too, so the file runs unchanged.
+        ports = replica_ports + replica_ports[:1] * (self.MAX_REPLICAS - len(replica_ports))
+        env = dict(os.environ, VG_LB_BIND=f"127.0.0.1:{self.port}",
+                   **{f"VG_REPLICA_{i}": f"127.0.0.1:{port}" for i, port in enumerate(ports, 1)})
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(["haproxy", "-db", "-f", str(self.CONFIG)], env=env,
+                                            stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_up(self) -> None:
+        """Every replica in rotation: HAProxy marks one up after two good health checks."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"haproxy exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base_url + "/readyz", timeout=5).status_code == 200:
+                    time.sleep(2.5)  # the other replicas' second checks
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"haproxy forwards nothing:\n{self.log.read_text()[-3000:]}")
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+class Cluster:
+    """``replicas`` gateway processes on one store behind HAProxy: what a benchmark drives
+    in place of one ``GatewayProcess`` (CPU and memory are the replicas' sums)."""
+
+    def __init__(self, store: str, replicas: int, env: dict[str, str] | None = None,
+                 tree: str | Path | None = None) -> None:
+        if replicas > Balancer.MAX_REPLICAS:
+            raise ValueError(f"deploy/haproxy.cfg lists {Balancer.MAX_REPLICAS} replicas")
+        self.replicas = [GatewayProcess(store, env, tree=tree) for _ in range(replicas)]
+        self._directory = tempfile.mkdtemp(prefix="vg-bench-lb-")
+        self.balancer: Balancer | None = None
+
+    @property
+    def call_url(self) -> str:
+        assert self.balancer is not None
+        return self.balancer.url
+
+    def start(self) -> "Cluster":
+        for replica in self.replicas:
+            replica.start()
+        self.balancer = Balancer(Path(self._directory), [r.port for r in self.replicas])
+        self.balancer.wait_up()
+        return self
+
+    def cpu_s(self) -> float:
+        return sum(r.cpu_s() for r in self.replicas)
+
+    def balancer_cpu_s(self) -> float:
+        return self.balancer.cpu_s() if self.balancer is not None else 0.0
+
+    def rss_mb(self) -> float:
+        return sum(r.rss_mb() for r in self.replicas)
+
+    def stop(self) -> None:
+        if self.balancer is not None:
+            self.balancer.stop()
+        for replica in self.replicas:
+            replica.stop()

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,50 +18,14 @@ import httpx
 from websockets.exceptions import InvalidStatus
 import pytest
 
+from bench.gateway_process import Balancer
 from gateway.client import Caller
 from gateway.drain import wait_until_idle
 from gateway.clock import ManualClock
-from tests.test_redis import (FAQ, ROOT, Replica, free_port, redis_url, seed_through_cli,  # noqa: F401
+from tests.test_redis import (FAQ, Replica, redis_url, seed_through_cli,  # noqa: F401
                               unavailable, wait_until, write_small_faq)
 
-HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 QUESTIONS = [questions[0] for _answer, questions in FAQ.values()]
-
-
-class Balancer:
-    """HAProxy in the foreground on the repository's own config."""
-
-    def __init__(self, directory: Path, replicas: list[Replica]) -> None:
-        self.port = free_port()
-        self.url = f"ws://127.0.0.1:{self.port}/v1/call"
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log = directory / "haproxy.log"
-        env = dict(os.environ, VG_LB_BIND=f"127.0.0.1:{self.port}",
-                   **{f"VG_REPLICA_{i}": f"127.0.0.1:{r.port}"
-                      for i, r in enumerate(replicas, 1)})
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(["haproxy", "-db", "-f", str(HAPROXY_CFG)], env=env,
-                                            stdout=out, stderr=subprocess.STDOUT)
-
-    def wait_up(self) -> None:
-        """Both replicas in rotation: HAProxy marks one up after two good health checks."""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"haproxy exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.base_url + "/readyz", timeout=5).status_code == 200:
-                    time.sleep(2.5)  # the second replica's second check
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"haproxy forwards nothing:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
 
 
 def calls_on(replica: Replica) -> set[str]:
@@ -134,7 +95,7 @@ def balanced(redis_url: str, tmp_path: Path) -> Iterator[tuple[Balancer, Replica
     try:
         for replica in replicas:
             replica.wait_ready()
-        balancer = Balancer(tmp_path, replicas)
+        balancer = Balancer(tmp_path, [r.port for r in replicas])
         yield balancer, replicas[0], replicas[1]
     finally:
         if balancer is not None:
