@@ -95,7 +95,9 @@ def parse_seed_rows(rows: Iterable[Mapping[str, str | None]], source: str = "<ro
         # one physical line per row, so line numbers map back to row indexes
         writer.writerow([" ".join(str(row.get(column) or "").split())
                          for column in REQUIRED_COLUMNS + OPTIONAL_COLUMNS])
-    return parse_seed_csv(buffer.getvalue().encode("utf-8"), source=source)
+    # surrogatepass: a lone surrogate (JSON lets "\ud800" through) becomes bytes that are
+    # not UTF-8, reported on its row like any such byte, instead of an exception here.
+    return parse_seed_csv(buffer.getvalue().encode("utf-8", "surrogatepass"), source=source)
 
 
 def rows_from_manifest(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -119,9 +121,12 @@ def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
 
 
 def _decode(data: bytes, errors: list[RowError]) -> tuple[str, set[int]]:
-    """Decode as UTF-8 (a BOM is fine); every line that is not UTF-8 is an error."""
+    """Decode as UTF-8 (a BOM is fine); every line that is not UTF-8 is an error.
+
+    Lines end as the csv reader ends them (LF, CRLF or a lone CR: Excel's "CSV
+    (Macintosh)"), so an error's line number is the row's."""
     bad: set[int] = set()
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    for number, raw in enumerate(data.splitlines(), start=1):
         if b"\x00" in raw:
             bad.add(number)
             errors.append(RowError(number, "not CSV: the line contains a NUL byte (a binary file?)"))

@@ -83,7 +83,7 @@ def parse_json(raw: str, code: str) -> Any:
     (RecursionError) and integers longer than Python converts (ValueError).
     """
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ProtocolError(code, f"message is not JSON: {exc.msg} at position {exc.pos}"
                             ) from None
@@ -91,6 +91,34 @@ def parse_json(raw: str, code: str) -> Any:
         raise ProtocolError(code, "message is nested too deeply to parse") from None
     except ValueError as exc:  # e.g. an integer of more than 4,300 digits
         raise ProtocolError(code, f"message cannot be parsed: {str(exc)[:120]}") from None
+    # Only an escape can make one (the frame itself was UTF-8): audio frames skip the walk.
+    if "\\u" in raw and has_lone_surrogate(data):
+        raise ProtocolError(code, LONE_SURROGATE)
+    return data
+
+
+LONE_SURROGATE = ("a string holds a lone UTF-16 surrogate (an escape \\ud800-\\udfff without "
+                  "its pair): text must be valid Unicode")
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether parsed JSON holds a string (or key) that is not valid Unicode: JSON lets
+    ``"\\ud800"`` through, and such a string breaks whatever encodes it later (a tokenizer,
+    a log line, a UTF-8 file), far from the client that sent it."""
+    todo = [value]
+    while todo:  # iterative: as deep as the parser went, without recursion
+        item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return False
 
 
 def parse_text_frame(raw: str, max_bytes: int) -> ClientMessage:
@@ -150,6 +178,9 @@ def check_audio_frame(frame: bytes, max_bytes: int) -> None:
         raise ProtocolError("frame_too_large",
                             f"audio frame of {len(frame)} bytes exceeds {max_bytes} bytes",
                             CLOSE_TOO_BIG)
+    if not frame:  # nothing to hear, and free for the rate limit: refused, counted
+        raise ProtocolError("empty_audio_frame", "a binary frame holds no audio; send whole "
+                                                 "16-bit samples (20 ms recommended)")
     if len(frame) % 2:
         raise ProtocolError("odd_pcm_length",
                             f"audio frame of {len(frame)} bytes is not whole 16-bit samples",

@@ -411,7 +411,7 @@ def test_pathological_json_entries_are_a_400(admin_server, body):
 async def test_read_body_stops_reading_once_the_limit_passes():
     from starlette.requests import Request
 
-    from gateway.admin.routes import BodyTooLarge, read_body
+    from gateway.http_body import BodyTooLarge, read_body
 
     pulled = 0
 

@@ -218,9 +218,13 @@ def _entry_fields(body: Mapping[str, Any]) -> tuple[str, Any, Any, list[str]]:
     for name, value in (("id", entry_id), ("intent", intent)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise BadEntry(f"'{name}' must be a non-empty string")
-    if entry_id and intent and entry_id.strip() != intent.strip():
+    # Whitespace as the seed stores the name ("Card  lost" is published as "Card lost"):
+    # the entry is found, and answered, under the name it is published with.
+    entry_id, intent = (" ".join(v.split()) if isinstance(v, str) else v
+                        for v in (entry_id, intent))
+    if entry_id and intent and entry_id != intent:
         raise BadEntry("'id' and 'intent' name the same entry; give one, or the same value")
-    name = (entry_id or intent or "").strip()
+    name = entry_id or intent or ""
     if not name:
         raise BadEntry("give the entry's 'intent' (or 'id')")
     answer = body["answer"] if "answer" in body else _KEEP

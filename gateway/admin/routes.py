@@ -16,6 +16,8 @@ from starlette.routing import BaseRoute, Route
 
 from cache_seed import SeedError, SeedValidationError
 
+from ..http_body import BodyTooLarge, read_body
+from ..protocol import LONE_SURROGATE, has_lone_surrogate
 from ..services import Services
 from . import auth
 from .auth import admin_only, error
@@ -29,24 +31,6 @@ MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_ENTRY_BODY_BYTES = 1024 * 1024  # one entry with its paraphrases, as JSON
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes ``limit`` bytes while it streams in
-    (a declared Content-Length is checked first; a chunked body is counted as it arrives)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"the body is larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(f"the body is larger than {limit} bytes")
-    # Starlette's own parsers (request.form) read this cached body instead of the stream.
-    request._body = bytes(body)  # noqa: SLF001
-    return request._body
 NOT_READY = "not ready: models are loading (see /readyz)"
 
 
@@ -140,13 +124,16 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
 async def _json_body(request: Request) -> Any:
     """The request's JSON body (at most MAX_ENTRY_BODY_BYTES), or the error response."""
     try:
-        return json.loads(await read_body(request, MAX_ENTRY_BODY_BYTES) or b"null")
+        body = json.loads(await read_body(request, MAX_ENTRY_BODY_BYTES) or b"null")
     except BodyTooLarge as exc:
         return error(str(exc), 413)
     except RecursionError:
         return error("the body is not usable JSON: nested too deeply", 400)
     except (ValueError, UnicodeDecodeError) as exc:  # incl. integers of over 4,300 digits
         return error(f"the body is not JSON: {str(exc)[:200]}", 400)
+    if has_lone_surrogate(body):
+        return error(f"the body is not usable JSON: {LONE_SURROGATE}", 400)
+    return body
 
 
 @admin_ready

@@ -2,8 +2,9 @@
 
 The keypad map (``VOICEGATE_KEYPAD``) names what a key does when it is the first key
 pressed: ``handoff`` (a person) or a cache entry id (that answer plays). Any other key
-starts a collection; keys are gathered until ``#`` or a pause of ``keypad_pause_s``,
-then the agent gets them as text ("the caller pressed 4 5 6 7"), so it can use an
+starts a collection; keys are gathered until ``#``, a pause of ``keypad_pause_s`` or
+``MAX_COLLECTED_KEYS`` keys (a card number is 19; a flood of presses is not a number), then
+the agent gets them as text ("the caller pressed 4 5 6 7"), so it can use an
 account number or a menu choice. A mapped key pressed inside a collection is just a
 digit of it.
 
@@ -19,6 +20,7 @@ from typing import Mapping
 from ..settings import KEYPAD_END, KEYPAD_HANDOFF, KEYPAD_KEYS
 
 _SPOKEN = {"*": "star", "#": "hash"}
+MAX_COLLECTED_KEYS = 32
 
 
 class BadKey(ValueError):
@@ -72,6 +74,8 @@ class Keypad:
         if not self._keys and key in self.mapping:
             return Mapped(key, self.mapping[key])
         self._keys.append(key)
+        if len(self._keys) >= MAX_COLLECTED_KEYS:  # handed over as if `#` were pressed
+            return self.expire()
         return None
 
     def expire(self) -> Collected | None:

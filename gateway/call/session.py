@@ -74,7 +74,8 @@ def token_matches(presented: str, expected: str) -> bool:
     """Constant-time comparison; an empty expected token means authentication is off."""
     if not expected:
         return True
-    return hmac.compare_digest(presented.encode(), expected.encode())
+    # surrogatepass: a token parsed from JSON may hold a lone surrogate; it just fails to match.
+    return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), expected.encode())
 
 
 # Audio time a real-time client may bank beyond the grace: a server that stalls (a busy
@@ -86,20 +87,24 @@ class AudioRateLimit:
     """Refuses inbound audio that runs faster than ``max_rate`` x real time for longer
     than ``grace_s``.
 
-    A token bucket of audio seconds: it starts with ``grace_s``, refills at ``max_rate``
-    seconds per second up to ``grace_s + STALL_ALLOWANCE_S``, and each frame takes its
-    length. A 3x client empties it after ``grace_s``; a real-time client never does,
-    even when the server reads several seconds of its audio late and all at once,
-    because the bucket refilled at twice real time while the audio waited.
+    A token bucket of audio seconds: it starts with ``grace_s`` plus the longest frame
+    allowed (``max_frame_bytes``: a frame's audio arrives all at once, so a real-time
+    client sending 2 s frames is 2 s ahead the moment each one lands), refills at
+    ``max_rate`` seconds per second up to that plus ``STALL_ALLOWANCE_S``, and each frame
+    takes its length. A 3x client empties it after ``grace_s`` (and a frame); a real-time
+    client never does, even when the server reads several seconds of its audio late and
+    all at once, because the bucket refilled at twice real time while the audio waited.
     """
 
     def __init__(self, sample_rate: int, max_rate: float, grace_s: float,
-                 clock: Clock = SYSTEM_CLOCK, bytes_per_sample: int = 2) -> None:
+                 clock: Clock = SYSTEM_CLOCK, bytes_per_sample: int = 2,
+                 max_frame_bytes: int = 0) -> None:
         self._bytes_per_s = sample_rate * bytes_per_sample
         self._max_rate = max_rate
-        self._capacity_s = grace_s + STALL_ALLOWANCE_S
+        start_s = grace_s + max_frame_bytes / self._bytes_per_s
+        self._capacity_s = start_s + STALL_ALLOWANCE_S
         self._clock = clock
-        self._tokens_s = grace_s
+        self._tokens_s = start_s
         self._last = clock.now()
 
     def add(self, nbytes: int) -> bool:
@@ -291,7 +296,8 @@ class CallSession:
         call = build()
         self.call = call
         self._rate = AudioRateLimit(call.sample_rate, self.settings.max_audio_rate,
-                                    self.settings.audio_rate_grace_s, self.clock)
+                                    self.settings.audio_rate_grace_s, self.clock,
+                                    max_frame_bytes=self.settings.max_frame_bytes)
         self._call_task = asyncio.create_task(call.run(), name=f"vg-call-{call.id}")
         self._call_task.add_done_callback(self._call_done)
         return call

@@ -86,7 +86,7 @@ def _is_twilio_format(media_format: Any) -> bool:
         return (media_format.get("encoding", TWILIO_MEDIA_ENCODING) == TWILIO_MEDIA_ENCODING
                 and int(media_format.get("sampleRate", TWILIO_RATE)) == TWILIO_RATE
                 and int(media_format.get("channels", 1)) == 1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses to inf
         return False
 
 

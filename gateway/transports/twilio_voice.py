@@ -20,6 +20,7 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from .. import logs
+from ..http_body import BodyTooLarge, read_body
 from ..services import Services
 
 log = logging.getLogger("voicegate.twilio")
@@ -58,11 +59,21 @@ def twiml_connect(url: str, parameters: dict[str, str]) -> str:
     return str(response)
 
 
+# Twilio's voice webhook form is a few KB (call fields, caller and callee details).
+MAX_WEBHOOK_BODY_BYTES = 64 * 1024
+
+
 async def twilio_voice(request: Request) -> Response:
     services: Services = request.app.state.services
     settings = services.settings
     # Twilio posts application/x-www-form-urlencoded; parsed here without a multipart dependency.
-    body = (await request.body()).decode("utf-8", errors="replace")
+    # Its form is a few KB: a larger body is refused before it is buffered (anyone can post
+    # here, and the signature can only be checked once the whole body is read).
+    try:
+        body = (await read_body(request, MAX_WEBHOOK_BODY_BYTES)).decode("utf-8",
+                                                                          errors="replace")
+    except BodyTooLarge as exc:
+        return PlainTextResponse(str(exc), status_code=413)
     params = ImmutableMultiDict(parse_qsl(body, keep_blank_values=True))
     base = public_base_url(request, settings.public_url)
     # Twilio signs the exact URL it requested, query string included, plus the form fields.

@@ -1,0 +1,278 @@
+"""Bad input found by a review (transports, session layer, admin seeding), each with the
+clear refusal it must get and what it must not break. Each failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from cache_seed import SeedValidationError, parse_seed_csv
+from gateway.call.session import AudioRateLimit
+from gateway.clock import ManualClock
+from gateway.server import BackgroundServer
+from tests.call_harness import CallHarness
+
+pytestmark = pytest.mark.slow
+
+CALL_TOKEN = "review-call-token"
+ADMIN_TOKEN = "review-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def guarded(settings, runtime, tmp_path_factory) -> Iterator[BackgroundServer]:
+    """A gateway with a call token and the admin API on, over an empty store of its own."""
+    store = tmp_path_factory.mktemp("review-store")
+    srv = BackgroundServer(settings.replace(call_token=CALL_TOKEN, admin_token=ADMIN_TOKEN,
+                                            store_dir=str(store), cache_poll_s=600.0),
+                           runtime).start()
+    yield srv
+    srv.stop()
+
+
+def twilio_url(server: BackgroundServer) -> str:
+    return server.base_url.replace("http://", "ws://") + "/twilio/stream"
+
+
+async def messages_until_closed(ws: Any, timeout: float = 20) -> list[Any]:
+    received: list[Any] = []
+
+    async def read() -> None:
+        try:
+            async for message in ws:
+                received.append(message)
+        except ConnectionClosed:
+            pass
+
+    await asyncio.wait_for(read(), timeout)
+    return received
+
+
+# ---------------------------------------------------------------- Twilio `start`
+
+
+async def test_twilio_media_format_number_that_overflows_int_is_refused_not_a_crash(
+        server, runtime, caplog):
+    """`mediaFormat.sampleRate` 1e999 is standard JSON (it parses to float inf); the
+    check ``int(...)`` raises OverflowError, which ``_is_twilio_format`` does not catch
+    (it catches TypeError/ValueError): the handler dies, the socket is closed 1000 as if
+    Twilio had hung up normally, nothing is counted. It should be
+    ``twilio_unsupported_media_format`` and 1003 like any other bad format."""
+    caplog.set_level(logging.ERROR)
+    before = runtime.stats.errors["twilio_unsupported_media_format"]
+    async with connect(twilio_url(server)) as ws:
+        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send('{"event": "start", "streamSid": "MZ1", "start": {"streamSid": "MZ1", '
+                      '"callSid": "CA1", "mediaFormat": {"encoding": "audio/x-mulaw", '
+                      '"sampleRate": 1e999, "channels": 1}}}')
+        await messages_until_closed(ws)
+        code = ws.close_code
+    assert code == 1003, f"closed {code}"
+    assert runtime.stats.errors["twilio_unsupported_media_format"] == before + 1
+
+
+async def test_twilio_start_with_a_lone_surrogate_token_is_refused_not_a_crash(
+        guarded, runtime, caplog):
+    """With a call token set, a stream whose upgrade carried none must bring it in `start`.
+    A `token` custom parameter of "\\ud800" (a JSON escape that JSON itself allows) used to
+    reach the constant-time comparison, whose ``encode()`` raised: the handler died and
+    the socket closed 1000 as if Twilio had hung up. Now the message is refused as not
+    valid Unicode, counted, and the stream that never started closes 1008; and the
+    comparison itself no longer raises on such a string."""
+    from gateway.call.session import token_matches
+
+    caplog.set_level(logging.ERROR)
+    before = runtime.stats.errors["twilio_invalid_json"]
+    async with connect(twilio_url(guarded)) as ws:
+        await ws.send('{"event": "start", "streamSid": "MZ2", "start": {"streamSid": "MZ2", '
+                      '"callSid": "CA2", "customParameters": {"token": "\\ud800"}}}')
+        await messages_until_closed(ws)
+        code = ws.close_code
+    assert code == 1008, f"closed {code}"
+    assert runtime.stats.errors["twilio_invalid_json"] == before + 1
+    assert "Exception in ASGI application" not in caplog.text
+    assert not token_matches("\ud800", CALL_TOKEN)
+
+
+# ---------------------------------------------------------------- the voice webhook
+
+
+def test_twilio_voice_webhook_refuses_an_oversized_body(server):
+    """POST /twilio/voice reads ``await request.body()`` with no limit (the admin API
+    bounds every body, this endpoint does not; uvicorn has no limit either). Without a
+    Twilio auth token anyone can post here, and with one the signature is only checked
+    after the whole body is buffered. A Twilio webhook form is a few KB: 8 MiB should be
+    refused (413), not buffered, parsed and answered 200."""
+    body = b"CallSid=CA1&From=%2B1555&Junk=" + b"x" * (8 * 1024 * 1024)
+    response = httpx.post(server.base_url + "/twilio/voice", content=body, timeout=60,
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 413, response.status_code
+
+
+# ---------------------------------------------------------------- native protocol
+
+
+async def test_a_callers_text_with_a_lone_surrogate_is_refused_and_admin_misses_works(
+        guarded, runtime):
+    """`{"type": "text", "text": "... \\ud800 ..."}` is valid JSON. It used to be taken as
+    a turn: a miss, kept for /admin/misses, whose grouping embeds it, and the tokenizer's
+    TypeError made GET /admin/misses answer 500 for every operator until 2,000 later
+    misses pushed it out. Now the message is refused (`invalid_json`, the call goes on and
+    answers its next question) and never reaches the misses."""
+    poisoned = "where is my card \ud800 please"
+    missed_before = len(runtime.stats.missed)
+    async with connect(guarded.call_url + f"?token={CALL_TOKEN}") as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+        await ws.send('{"type": "text", "text": "where is my card \\ud800 please"}')
+        error = None
+        while error is None:
+            message = await asyncio.wait_for(ws.recv(), 30)
+            if isinstance(message, str) and json.loads(message)["type"] == "error":
+                error = json.loads(message)
+        assert error["code"] == "invalid_json" and "surrogate" in error["message"], error
+        await ws.send(json.dumps({"type": "text", "text": "what are your opening hours"}))
+        for _ in range(400):
+            message = await asyncio.wait_for(ws.recv(), 30)
+            if isinstance(message, str) and json.loads(message)["type"] == "turn_metrics":
+                break
+        else:
+            raise AssertionError("the call did not answer its next question")
+        await ws.send(json.dumps({"type": "stop"}))
+    assert all(m.text != poisoned for m in runtime.stats.missed)
+    assert len(runtime.stats.missed) <= missed_before + 1
+    response = httpx.get(guarded.base_url + "/admin/misses", headers=ADMIN, timeout=60)
+    assert response.status_code == 200, (response.status_code, response.text[:200])
+
+
+async def test_a_flood_of_empty_audio_frames_is_refused_or_limited(guarded):
+    """A zero-byte binary frame passes ``check_audio_frame`` (0 is even), costs nothing in
+    ``AudioRateLimit.add`` (0 bytes), and ``feed_audio`` drops it silently: a client can
+    send them as fast as the socket goes, uncounted and unlimited. Twilio's equivalent
+    (an empty `media.payload`) is refused as ``twilio_empty_media``; the native protocol
+    says nothing at all."""
+    async with connect(guarded.call_url + f"?token={CALL_TOKEN}") as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+        try:
+            for _ in range(20000):
+                await ws.send(b"")
+        except ConnectionClosed:
+            pass
+        try:
+            await ws.send(json.dumps({"type": "stop"}))
+        except ConnectionClosed:
+            pass
+        received = await messages_until_closed(ws)
+        code = ws.close_code
+    errors = [json.loads(m) for m in received if isinstance(m, str)
+              and json.loads(m)["type"] == "error"]
+    assert errors or code != 1000, "20000 empty frames: no error, closed 1000"
+
+
+# ---------------------------------------------------------------- session limits
+
+
+def test_a_real_time_client_sending_documented_max_size_frames_is_not_refused():
+    """docs/protocol.md: a binary frame is "any whole number of samples up to 64 KiB",
+    and only audio "sustained faster than twice real time" is refused. At 16 kHz a
+    64 KiB frame is 2.048 s of audio, more than the bucket's initial ``grace_s`` (2 s):
+    a client sending such frames at exactly real time is refused on its first frame
+    (``audio_too_fast``, "faster than 2x real time for over 2 s", which is false). At
+    8 kHz any frame over 2 s (32 000 bytes, half the allowed size) is refused the same way."""
+    from gateway.settings import Settings
+
+    clock = ManualClock()
+    frame = Settings().max_frame_bytes  # the documented maximum, 2.048 s at 16 kHz
+    assert frame == 64 * 1024
+    # as the session builds it
+    limit = AudioRateLimit(16000, 2.0, 2.0, clock, max_frame_bytes=frame)
+    refused_at = None
+    for n in range(10):  # 20 s of audio at exactly real time
+        if limit.add(frame):
+            refused_at = n
+            break
+        clock._now += frame / 32000
+    assert refused_at is None, f"a real-time client refused at frame {refused_at}"
+
+
+async def test_keypad_collection_does_not_grow_without_bound():
+    """Keys that are not `#` are appended to ``Keypad._keys`` with no limit; the queue of
+    4 x max_queued_texts only bounds presses *waiting*, and the keypad loop drains it at
+    once. A client pressing keys (a flood, or one every < keypad_pause_s) grows the list
+    and the text handed to the agent ("the caller pressed 1 1 1 ...") without bound;
+    every press is also an INFO log line. A collection should be capped (with a clear
+    error or by ending it), like every other per-call input."""
+    h = CallHarness(settings={"keypad_pause_s": 3})
+    await h.start()
+    presses = 2000
+    for _ in range(presses):
+        while True:
+            try:
+                h.call.feed_dtmf("1")  # what CallSession.feed_dtmf passes on
+                break
+            except asyncio.QueueFull:  # 64 waiting: let the keypad loop take them
+                await h.clock.settle()
+    h.call.feed_dtmf("#")
+    await h.clock.settle()
+    await h.wait(200)
+    await h.stop()
+    keys = [e["keys"] for e in h.output.of("keypad")]
+    longest = max((len(k) for k in keys), default=0)
+    prompt = max((len(m[-1]["content"]) for m in h.llm.requests), default=0)
+    from gateway.call.keypad import MAX_COLLECTED_KEYS
+
+    assert 0 < longest <= MAX_COLLECTED_KEYS and prompt < 4 * MAX_COLLECTED_KEYS + 100, (
+        longest, prompt)
+
+
+# ---------------------------------------------------------------- admin seeding
+
+
+def test_csv_with_classic_mac_line_endings_reports_the_bad_byte_on_its_own_line():
+    """A CSV saved as Excel's "CSV (Macintosh)" has CR line endings and Mac Roman bytes.
+    ``_decode`` numbers lines by LF only, the csv reader by CR too: the non-UTF-8 byte of
+    line 3 is reported on line 1 "at column 71", line 1 (the header) is then skipped as
+    already reported, and the first data row is read as the header: two bogus "missing
+    column" errors. The one true error is line 3, column 17."""
+    rows = ["question,answer", "What are your hours?,We open at nine.",
+            "Where is the caf\x8e?,Next door.", "How do I pay?,By card."]
+    with pytest.raises(SeedValidationError) as info:
+        parse_seed_csv("\r".join(rows).encode("latin-1") + b"\r", "mac.csv")
+    errors = [(e.line, e.reason) for e in info.value.errors]
+    assert len(errors) == 1 and errors[0][0] == 3 and "column 17" in errors[0][1], errors
+
+
+def test_admin_entry_with_a_lone_surrogate_is_a_400_not_a_500(guarded):
+    """POST /admin/entries with a question "\\ud800" (a JSON escape: ``json.loads``
+    accepts it). ``parse_seed_rows`` encodes the rebuilt CSV with ``.encode("utf-8")``,
+    which raises UnicodeEncodeError; ``post_entry`` catches BadEntry and the seed errors
+    only, so the operator gets a bare 500 instead of a 400 naming the bad field."""
+    body = (b'{"intent": "lost_card", "answer": "Call us to block it.", '
+            b'"questions": ["I lost my card \\ud800", "my card is gone"]}')
+    response = httpx.post(guarded.base_url + "/admin/entries", content=body, timeout=120,
+                          headers={**ADMIN, "content-type": "application/json"})
+    assert response.status_code == 400, (response.status_code, response.text[:200])
+
+
+def test_admin_entry_whose_intent_the_seed_normalizes_comes_back_under_its_id(guarded):
+    """POST /admin/entries with intent "Card  lost" (two spaces; a tab or a pasted
+    no-break space does the same). ``parse_seed_rows`` collapses whitespace, so the entry
+    is published as "Card lost", but the route looks it up under
+    ``entry_id_for("Card  lost")`` (a hash of the exact name): 201 with ``"entry": null``.
+    (A CSV upload refuses the no-break space outright as an invisible separator; this
+    path silently renames it.) Either refuse the name or answer the entry it published."""
+    body = {"intent": "Card  lost", "answer": "Call us to block it.",
+            "questions": ["I lost my bank card", "my bank card was stolen"]}
+    response = httpx.post(guarded.base_url + "/admin/entries", json=body, timeout=300,
+                          headers=ADMIN)
+    if response.status_code == 400:
+        return  # refused: fine
+    assert response.status_code in (200, 201), (response.status_code, response.text[:300])
+    assert response.json()["entry"] is not None, response.json()
