@@ -170,14 +170,22 @@ class Conversation:
                 kept.append({**message, "content": truncated or None})
         self.history = kept
 
-    def withdraw_turn(self, text: str) -> bool:
-        """The caller was not done: the last exchange, begun by ``text``, is taken back,
+    def last_user_message(self) -> dict[str, Any] | None:
+        """The message that began the last exchange (compared by identity: a question
+        asked twice is two messages)."""
+        start = self._last_exchange_start()
+        if self.history and self.history[start]["role"] == "user":
+            return self.history[start]
+        return None
+
+    def withdraw_exchange(self, message: dict[str, Any]) -> bool:
+        """The caller was not done: the last exchange, begun by ``message``, is taken back,
         so the turn that continues it is asked once, whole. Kept (False) when it called a
-        tool (the agent must know what its tools did) or is not ``text``'s exchange."""
+        tool (the agent must know what its tools did) or ``message`` no longer begins the
+        last exchange."""
         start = self._last_exchange_start()
         exchange = self.history[start:]
-        if not exchange or exchange[0]["role"] != "user" \
-                or " ".join(str(exchange[0]["content"]).split()) != " ".join(text.split()) \
+        if not exchange or exchange[0] is not message \
                 or any(m.get("tool_calls") or m["role"] == "tool" for m in exchange):
             return False
         del self.history[start:]

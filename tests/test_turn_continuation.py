@@ -158,17 +158,24 @@ async def test_a_text_message_never_continues_a_spoken_turn():
 def test_withdrawing_a_turn_keeps_exchanges_that_called_a_tool():
     conversation = Conversation()
     conversation.add_user("what is my balance")
+    asked = conversation.last_user_message()
     conversation.add_assistant("", [ToolCall(id="c1", name="balance", arguments="{}")])
     conversation.add_tool_result(ToolCall(id="c1", name="balance", arguments="{}"), "{}")
     conversation.add_assistant("Your balance")
     before = list(conversation.history)
-    assert conversation.withdraw_turn("what is my balance") is False
+    assert asked is not None and conversation.withdraw_exchange(asked) is False
     assert conversation.history == before  # the agent must know what its tools did
     conversation.add_user("i lost my card")
+    lost = conversation.last_user_message()
     conversation.add_assistant("Sorry to hear")
-    assert conversation.withdraw_turn("something else") is False
-    assert conversation.withdraw_turn("i  lost my card ") is True
-    assert conversation.history == before
+    assert conversation.withdraw_exchange(asked) is False  # not the last exchange
+    # the same words asked again are another exchange: only the one given is taken back
+    conversation.add_user("i lost my card")
+    again = conversation.last_user_message()
+    assert lost is not None and conversation.withdraw_exchange(lost) is False
+    assert again is not None and conversation.withdraw_exchange(again) is True
+    assert [m["content"] for m in conversation.history][-2:] == ["i lost my card",
+                                                                "Sorry to hear"]
 
 
 async def test_noise_that_outlasts_the_hold_does_not_ask_the_question_again():

@@ -146,6 +146,8 @@ class Call:
         self._carry: list[asyncio.Future[Transcript]] = []
         # The carried words are a turn the bot had begun to answer (``_continues``).
         self._carry_continues = False
+        # The conversation's message the carried turn began, if it got that far (by identity).
+        self._carry_exchange: dict[str, Any] | None = None
         self._finals: set[asyncio.Future[Transcript]] = set()
         # The current pause's end-of-turn signals (turn model, early transcript routing).
         self._pause_tasks: list[asyncio.Task[None]] = []
@@ -155,6 +157,7 @@ class Call:
         self._preempt_tasks: set[asyncio.Task[None]] = set()
         # A reply stopped by speech that may yet be noise (false interruption window).
         self._held: asyncio.Task[None] | None = None
+        self._hold_over: asyncio.Future[None] | None = None  # resolved when the hold ends
         self._hold_timer: asyncio.Task[None] | None = None
         self._hold_settlers: set[asyncio.Task[None]] = set()
         # The reply the caller's speech last stopped, and when that speech began: speech
@@ -328,14 +331,19 @@ class Call:
                 self._turns.confirm_speech_slowly(speaking, speaking and self._may_continue())
                 try:
                     signals = await self._turns.push(window, prob, arrived)
-                except Exception as exc:  # an STT stream refusing audio
+                except Exception as exc:  # a bug in the detector: this window is lost
                     await self._report("stt_failed", f"speech recognition failed: {exc}")
                     continue
+                refused = self._turns.take_stt_error()
+                if refused is not None:  # the detector went on; the turn fails at its final
+                    await self._report("stt_failed", f"speech recognition failed: {refused}")
                 for signal in signals:
                     if isinstance(signal, SpeechStarted):
                         self._caller_active()
                         if self.replying and self._held is None:
                             await self._barge_in("speech", signal.speech_at)
+                        elif self._held is not None:
+                            self._stop_reply_queued_behind_hold()
                     elif isinstance(signal, SpeechPaused):
                         self._on_pause(signal)
                     elif isinstance(signal, SpeechResumed):
@@ -492,11 +500,13 @@ class Call:
                            preempt: Preemption | None = None) -> None:
         utterances, self._carry = [*self._carry, final], []
         continuing, self._carry_continues = self._carry_continues, False
+        exchange, self._carry_exchange = self._carry_exchange, None
         try:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
             texts = [(await asyncio.shield(f)).text for f in utterances]
         except asyncio.CancelledError:
             self._carry, self._carry_continues = utterances, continuing
+            self._carry_exchange = exchange
             raise
         except Exception as exc:
             await self._report("stt_failed", f"the final transcript failed: {exc}", tl.turn)
@@ -508,8 +518,11 @@ class Call:
             texts = texts[-1:]
         carried, text = _joined(texts[:-1]), _joined(texts)
         if carried:  # words of a turn the caller had not finished
-            # Its exchange is taken back: the agent is asked once, with the whole question.
-            self.conversation.withdraw_turn(carried)
+            # Its exchange, if it got one, is taken back: the agent is asked once, with the
+            # whole question (that very exchange: the same words may have been asked and
+            # answered before).
+            if exchange is not None:
+                self.conversation.withdraw_exchange(exchange)
             if continuing:
                 tl.info["continues"] = True
                 self._stats.continuation()
@@ -522,15 +535,21 @@ class Call:
         if preempt is not None and normalize_text(text) != normalize_text(preempt.text):
             preempt.cancel()  # the final is not what was preempted: a fresh call
             preempt = None
+        asked_before = self.conversation.last_user_message()
         try:
             await self._answer(tl, text, preempted=preempt)
         except asyncio.CancelledError:
             # Nothing was said, or the caller went on talking right after the turn ended
-            # (a pause mid-sentence): the words open the next turn.
+            # (a pause mid-sentence): the words open the next turn, and the exchange this
+            # turn wrote (if it got that far) is the one the next turn takes back.
+            asked = self.conversation.last_user_message()
+            written = asked if asked is not asked_before else None
             if not tl.has("first_audio"):
                 self._carry, self._carry_continues = utterances, continuing
+                self._carry_exchange = written
             elif self._continues(tl):
                 self._carry, self._carry_continues = utterances, True
+                self._carry_exchange = written
             raise
 
     # ------------------------------------------------------------------ text input
@@ -591,17 +610,17 @@ class Call:
 
         self._reply_task.add_done_callback(close_turn)
 
-    @staticmethod
-    async def _wait_for_previous(previous: asyncio.Task[None]) -> None:
+    async def _wait_for_previous(self, previous: asyncio.Task[None]) -> None:
         """Wait for the previous reply to end. Cancelled meanwhile (a barge-in on the reply
         queued behind it), it is cancelled with this one only if it still plays (a resumed
         reply): one already stopped is closing its LLM streams, and cancelled again the
-        agent would not write what the caller heard (as in ``_barge_in``). Either way this
-        one ends after it, so the reply queued next starts on the context it leaves."""
+        agent would not write what the caller heard (as in ``_barge_in``); one held waits
+        for its barge-in to settle (it may resume). Either way this one ends after it, so
+        the reply queued next starts on the context it leaves."""
         try:
             await asyncio.wait({previous})
         except asyncio.CancelledError:
-            if not previous.cancelling():
+            if not previous.cancelling() and previous is not self._held:
                 previous.cancel()
             await asyncio.wait({previous})  # cancelled again (the call ends): run ends both
             raise
@@ -643,6 +662,7 @@ class Call:
                 await self._reply.play(turn)
             except StageFailed as exc:
                 await self._report(exc.code, str(exc), tl.turn)
+                await self._until_released()  # held: the apology waits as the reply did
                 await self._apologize(tl, text, exc.code)
             else:
                 if "handoff" in tl.info:
@@ -710,6 +730,7 @@ class Call:
         window = self._settings.false_interruption_s
         if cause == "speech" and window > 0 and holdable:
             self._held = task
+            self._hold_over = asyncio.get_running_loop().create_future()
             self._hold_timer = asyncio.create_task(self._expire_hold(task, window),
                                                    name="vg-hold")
         else:
@@ -747,6 +768,17 @@ class Call:
         return stopped is not None and stopped[0] is asyncio.current_task() \
             and self._within_continuation(tl, stopped[1])
 
+    def _stop_reply_queued_behind_hold(self) -> None:
+        """The caller speaks again while a reply is held (the utterance that stopped it
+        has ended, its final not yet in): the reply of that utterance's turn, queued
+        behind the held one and not yet heard, is stopped, so it cannot start over this
+        speech; its words open the next turn. The held reply stays held: it must not
+        resume into this speech either (``_settle_hold``), and this utterance settles it."""
+        task = self._reply_task
+        if task is not None and task is not self._held and not task.done() \
+                and not task.cancelling():
+            task.cancel()
+
     async def _expire_hold(self, task: asyncio.Task[None], window: float) -> None:
         """Still undecided after the window (long noise, no final yet): a real barge-in."""
         await self._clock.sleep(window)
@@ -759,11 +791,13 @@ class Call:
         self._cancel_hold_timer()
         if task is not None:
             task.cancel()
+        self._end_hold()
 
     async def _resume_reply(self, turn: int) -> None:
         """No words came of the barge-in: the reply goes on from the last heard frame."""
         self._held = None
         self._cancel_hold_timer()
+        self._end_hold()
         from_ms = self._reply.resume()
         if from_ms is None:
             return
@@ -771,6 +805,17 @@ class Call:
         logs.event(log, "false_interruption", turn=turn, from_ms=round(from_ms, 1))
         await self._out.send_event({"type": "resume", "turn": turn,
                                     "from_ms": round(from_ms, 1)})
+
+    def _end_hold(self) -> None:
+        if self._hold_over is not None and not self._hold_over.done():
+            self._hold_over.set_result(None)
+        self._hold_over = None
+
+    async def _until_released(self) -> None:
+        """This reply, held by the caller's speech, says nothing new until the barge-in
+        settles: words cancel it here, none let it go on (nothing plays over the caller)."""
+        if self._held is asyncio.current_task() and self._hold_over is not None:
+            await asyncio.shield(self._hold_over)
 
     def _cancel_hold_timer(self) -> None:
         if self._hold_timer is not None:
@@ -789,6 +834,8 @@ class Call:
             return  # decided meanwhile (words in a partial, a text message, the window)
         if normalize_text(text):
             self._confirm_interruption()
+        elif self._turns.in_utterance:
+            return  # no words, but the caller is talking again: that utterance decides
         else:
             turn = self._reply_tl.turn if self._reply_tl else self._turns.turns
             await self._resume_reply(turn)

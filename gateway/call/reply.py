@@ -188,6 +188,11 @@ class ReplyStage:
                     spoken[-1] = (said, spoken[-1][1], playout.sent_ms)
             await playout.flush()
         except StageFailed:
+            # The agent wrote every sentence it made; the caller gets those sent before
+            # the failure (then the apology): the context keeps only those.
+            if record_heard:
+                sent = playout.sent_ms
+                turn.conversation.record_heard(heard_text(spoken, sent, sent))
             raise
         except Exception as exc:  # the responder itself (agent, tools) broke
             raise StageFailed("reply_failed", f"the reply failed: {type(exc).__name__}: "

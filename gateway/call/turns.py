@@ -117,6 +117,7 @@ class TurnDetector:
         self._noted: dict[str, float] = {}  # when each signal of this pause arrived
         self.pause = 0  # number of the current (or last) pause
         self.turns = 0
+        self.stt_error: Exception | None = None  # a refusal the engine has not reported
 
     def confirm_speech_slowly(self, slowly: bool, continuing: bool = False) -> None:
         """While the bot talks, speech must last longer to count (barge-in), unless the
@@ -130,7 +131,7 @@ class TurnDetector:
         """One 32 ms window at 16 kHz with its speech probability, arrived at ``at``."""
         signals: list[TurnSignal] = []
         if self.in_utterance:
-            await self.stt.send_audio(window)
+            await self._send(window)
             self._keep_audio(window)
         else:
             self._preroll.append(window)
@@ -151,7 +152,7 @@ class TurnDetector:
                 self._preroll.clear()
                 self._audio = bytearray()
                 self._keep_audio(preroll)
-                await self.stt.send_audio(preroll)
+                await self._send(preroll)
             elif event is SegmentEvent.PAUSE:
                 self._speech_end_at = at - WINDOW_MS / 1000.0
             elif event is SegmentEvent.RESUME:
@@ -171,6 +172,20 @@ class TurnDetector:
             self.policy.awaiting_early = early is not None
             signals.append(SpeechPaused(self.pause, early, bytes(self._audio)))
         return signals
+
+    async def _send(self, pcm16: bytes) -> None:
+        """Audio for the recogniser. One that refuses it (a remote socket gone) must not stop
+        the turn machine: the refusal is kept for the engine to report (``take_stt_error``),
+        turns still start and end, and a turn whose words are lost fails at its final."""
+        try:
+            await self.stt.send_audio(pcm16)
+        except Exception as exc:  # noqa: BLE001 - any refusal; reported by the engine
+            self.stt_error = exc
+
+    def take_stt_error(self) -> Exception | None:
+        """The recogniser's latest refusal since the last call, if any."""
+        error, self.stt_error = self.stt_error, None
+        return error
 
     def _keep_audio(self, pcm16: bytes) -> None:
         self._audio += pcm16
@@ -241,7 +256,11 @@ class TurnDetector:
         self.policy.reset()
         self._audio = bytearray()
         # finalize() cuts the utterance now; only the decode is awaited later.
-        return TurnEnded(tl, self.stt.finalize())
+        try:
+            final = self.stt.finalize()
+        except Exception as exc:  # noqa: BLE001 - the turn fails at its final, the call goes on
+            final = _failed(exc)
+        return TurnEnded(tl, final)
 
     def next_turn_number(self) -> int:
         """A turn that skips the detector (a text message) still takes a number."""
@@ -249,9 +268,21 @@ class TurnDetector:
         return self.turns
 
     def _hint(self, name: str) -> Any:
-        """An optional STT hint (an STT without early finals ignores pauses)."""
+        """An optional STT hint (an STT without early finals ignores pauses); one that
+        fails gives no early words (the silence alone decides that pause)."""
         hint = getattr(self.stt, name, None)
-        return hint() if hint is not None else None
+        if hint is None:
+            return None
+        try:
+            return hint()
+        except Exception as exc:  # noqa: BLE001 - reported like a refused window
+            self.stt_error = exc
+            return None
 
     async def aclose(self) -> None:
         await self.stt.aclose()
+
+
+async def _failed(exc: Exception) -> Transcript:
+    """A final that could not even be asked for: the turn's final raises it."""
+    raise exc

@@ -1,0 +1,187 @@
+"""Call-engine state a review found broken (gateway/call/engine.py, turns.py, reply.py,
+agent.py), each driven on the deterministic harness (scripted VAD, word-coded audio, a
+manual clock). Every test here failed before its fix; the comments say what went wrong."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+from gateway.providers.base import LLMChunk, ProviderError
+from tests.call_harness import CallHarness, tone
+
+NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
+LONG_REPLY = " ".join(f"Sentence {i} of a long answer." for i in range(30))
+
+
+async def held_answer_then_slow_final(*, words: str | None) -> tuple[CallHarness, float, float]:
+    """A long answer plays; the caller barges in (noise, or ``words`` the recogniser
+    gives no partial for), stops, and their utterance's final takes 500 ms to decode.
+    Before it is decoded they start talking again ("tell me about fees").
+
+    Returns the harness and the clock span of that second utterance's audio."""
+    h = CallHarness(decode_s=0.5)
+    h.llm.reply = LONG_REPLY
+    await h.start()
+    stream = h.stt.streams[0]
+
+    async def send_audio_without_partials(pcm16: bytes) -> None:
+        stream._buffer += pcm16  # a recogniser that had no partial ready (busy, or remote)
+
+    stream.send_audio = send_audio_without_partials  # type: ignore[method-assign]
+    await h.text("tell me everything")
+    await h.wait(800)
+    assert h.call.speaking
+    if words is None:
+        await h.feed(tone(450, NOISE))  # a cough, long enough to barge in
+    else:
+        await h.feed(h.vocabulary.audio(words))
+    assert h.output.of("interrupt") and h.call._held is not None  # held, not stopped
+    await h.silence(360)  # the utterance's turn ends (300 ms); its final decodes 500 ms
+    assert h.call._turns.turns >= 2 and not h.call._turns.in_utterance
+    h.llm.reply = "Okay."
+    talk_from = h.clock.now()
+    await h.say("tell me about fees", then_silence_ms=0)  # 800 ms of words
+    talk_to = h.clock.now()
+    await h.silence(3000)
+    await h.stop()
+    return h, talk_from, talk_to
+
+
+async def test_a_held_answer_is_not_resumed_over_the_caller_who_has_started_talking_again():
+    # The cough's final comes back empty while the caller is speaking again: the hold
+    # "resumes" the answer into their speech. Their new speech never barged in (its
+    # SpeechStarted came while the answer was held: engine.py:337 skips the barge-in),
+    # and _settle_hold / _resume_reply (engine.py:780-794, 763-773) do not look at
+    # whether the caller is in an utterance now.
+    h, talk_from, talk_to = await held_answer_then_slow_final(words=None)
+    # 200 ms into the new speech the VAD has long confirmed it (120 ms): no frame after.
+    over = [t for t, _ in h.output.frames if talk_from + 0.2 <= t <= talk_to]
+    assert over == [], f"{len(over)} reply messages sent while the caller was talking"
+
+
+async def test_words_said_over_a_held_answer_are_not_answered_over_the_callers_next_words():
+    # "no wait please" stops the held answer once its (slow) final arrives: the turn's
+    # reply, queued behind the held answer since the turn ended (engine.py:481), then
+    # plays while the caller is saying "tell me about fees": that speech's SpeechStarted
+    # came while the old answer was held, so nothing barged in on the queued reply.
+    h, talk_from, talk_to = await held_answer_then_slow_final(words="no wait please")
+    over = [t for t, _ in h.output.frames if talk_from + 0.2 <= t <= talk_to]
+    assert over == [], f"{len(over)} reply messages sent while the caller was talking"
+
+
+async def test_words_said_over_a_held_answer_open_the_next_turn_when_the_caller_goes_on():
+    # The bot said nothing in reply to "no wait please" before the caller went on:
+    # as everywhere else (docs/architecture.md, "If the caller talks on before the bot
+    # has said anything, the unanswered utterance's words open the next turn"), both
+    # utterances are one turn, asked once.
+    h, _, _ = await held_answer_then_slow_final(words="no wait please")
+    assert h.transcripts() == ["no wait please tell me about fees"]
+
+
+async def test_a_stage_failure_while_the_answer_is_held_does_not_play_over_the_caller():
+    # The agent's second sentence comes late (a slow LLM); the caller coughs in the gap
+    # and the answer is held (its playout open, reply.py:127). The second sentence's
+    # synthesis then fails: the apology starts a new playout (reply.py:165 clears the
+    # freeze) and plays although the reply is held and the caller is still making noise.
+    h = CallHarness()
+    llm = h.llm
+
+    async def gap_stream(messages: list[dict[str, Any]],
+                         tools: Any = None) -> AsyncIterator[LLMChunk]:
+        llm.requests.append([dict(m) for m in messages])
+        for word in "Here is the first part.".split():
+            await asyncio.sleep(0)
+            yield LLMChunk(text=word + " ")
+        await h.clock.sleep(1.0)  # the model is slow to go on
+        for word in "FAIL this sentence breaks the voice.".split():
+            await asyncio.sleep(0)
+            yield LLMChunk(text=word + " ")
+
+    llm.stream = gap_stream  # type: ignore[method-assign]
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(600)  # the first sentence (500 ms) has played; the model is silent
+    assert h.call.replying and h.output.frames
+    await h.feed(tone(800, NOISE))  # a cough in the gap: held after 400 ms
+    noise_to = h.clock.now()
+    assert h.output.of("interrupt")
+    held_at = h.output.interrupted_at[0]
+    await h.silence(2000)
+    await h.stop()
+    assert [e["code"] for e in h.output.of("error")] == ["tts_failed"]  # the failure came
+    over = [t for t, _ in h.output.frames if held_at < t <= noise_to]
+    assert over == [], f"{len(over)} messages sent while the reply was held"
+
+
+async def test_a_repeated_question_carried_on_does_not_withdraw_the_answered_one():
+    # "when do you open" is asked and answered in full. The caller asks it again; its
+    # reply is stopped while the final decodes (before the agent saw it), and the caller
+    # goes on "on sunday". The carried words never had an exchange of their own, but
+    # Conversation.withdraw_turn(carried) (engine.py:509-512, agent.py:173-184) matches
+    # the last exchange by its text alone: the first, fully heard exchange is taken back.
+    h = CallHarness(decode_s=0.5)
+    h.llm.reply = "We open at nine."
+    await h.start()
+    await h.say("when do you open", then_silence_ms=1500)
+    await h.wait(1500)  # answered in full
+    assert [m["content"] for m in h.call.conversation.history] == \
+        ["when do you open", "We open at nine."]
+    h.llm.reply = "On sunday at ten."
+    await h.say("when do you open", then_silence_ms=400)  # the turn ends; final decoding
+    await h.say("on sunday", then_silence_ms=2000)  # stops that reply before it ran
+    await h.wait(1500)
+    await h.stop()
+    assert h.transcripts()[-1] == "when do you open on sunday"
+    contents = [m["content"] for m in h.call.conversation.history]
+    assert contents[:2] == ["when do you open", "We open at nine."], contents
+
+
+async def test_a_recogniser_that_stops_taking_audio_does_not_freeze_turn_detection():
+    # A remote recogniser whose socket died refuses every window (DeepgramStream._check
+    # raises its sticky error). TurnDetector.push sends the window before it feeds the
+    # segmenter (turns.py:132-133), so the first refused window inside an utterance (or
+    # the pre-roll at its start, turns.py:154, after in_utterance was set) leaves the
+    # detector in an utterance for good: no turn ever ends, no apology, no barge-in, and
+    # the idle watch (busy while in_utterance, engine.py:829-830) never prompts or hangs up.
+    h = CallHarness(settings={"idle_prompt_s": 4})
+    h.llm.reply = "Okay."
+    await h.start()
+    await h.say("hello there", then_silence_ms=1500)
+    await h.wait(500)
+    assert [e["source"] for e in h.output.of("response")] == ["llm"]
+    stream = h.stt.streams[0]
+
+    async def refused(pcm16: bytes) -> None:
+        raise ProviderError("word-stt", "the live socket was closed by the server")
+
+    def refused_final() -> Any:
+        raise ProviderError("word-stt", "the live socket was closed by the server")
+
+    stream.send_audio = refused  # type: ignore[method-assign]
+    stream.finalize = refused_final  # type: ignore[method-assign]  # sticky, as Deepgram's
+    await h.say("are you still there", then_silence_ms=0)
+    await h.wait(12000)  # twelve seconds of silence
+    await h.stop()
+    assert h.stats.errors["stt_failed"] >= 1  # the failure was seen
+    assert not h.call._turns.in_utterance, "the detector is stuck in an utterance"
+    sources = [e["source"] for e in h.output.of("response")]
+    # the lost turn is apologised for, and the line is watched again (no silent call)
+    assert sources == ["llm", "apology", "prompt", "goodbye"], sources
+
+
+async def test_a_tts_failure_leaves_the_context_with_the_words_the_caller_heard():
+    # The second sentence's synthesis fails: the caller hears the first sentence, then
+    # the apology. The agent's context keeps all three sentences it generated
+    # (agent.py:321 writes every sentence emitted; reply.py:195-205 cuts the context to
+    # the heard words only on cancellation, not on StageFailed, reply.py:190-194).
+    h = CallHarness()
+    h.llm.reply = "Here is the first part. FAIL this sentence breaks the voice. " \
+        "And a third sentence here."
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(3000)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response")] == ["llm", "apology"]
+    assistant = [m["content"] for m in h.call.conversation.history if m["role"] == "assistant"]
+    assert assistant == ["Here is the first part."], assistant
