@@ -185,3 +185,127 @@ async def test_a_tts_failure_leaves_the_context_with_the_words_the_caller_heard(
     assert [e["source"] for e in h.output.of("response")] == ["llm", "apology"]
     assistant = [m["content"] for m in h.call.conversation.history if m["role"] == "assistant"]
     assert assistant == ["Here is the first part."], assistant
+
+
+async def resumed_after_two_coughs() -> CallHarness:
+    """A long answer plays; the caller coughs (held), and coughs again before the first
+    cough's final is in: the reply queued behind the held answer is cancelled
+    (_stop_reply_queued_behind_hold) and, cancelled while the answer is held, it does not
+    cancel it (_wait_for_previous) but waits for it. Both finals are empty: the answer
+    resumes, with that cancelled reply still waiting behind it and the second cough's
+    reply queued behind that one."""
+    h = CallHarness(decode_s=0.3)
+    h.llm.reply = LONG_REPLY
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(800)
+    assert h.call.speaking
+    await h.feed(tone(450, NOISE))  # a cough: held
+    assert h.call._held is not None
+    await h.silence(360)  # its turn ends; its final decodes (300 ms)
+    await h.feed(tone(200, NOISE))  # a second cough before that final is in
+    await h.silence(900)  # both finals empty: the answer resumes
+    assert h.output.of("resume") and h.call._held is None and h.call.speaking
+    await h.wait(500)
+    h.llm.reply = "Okay."
+    return h
+
+
+async def test_words_after_a_resumed_answer_stop_it_and_are_answered():
+    # The caller then says "stop please" over the resumed answer: the barge-in holds the
+    # latest reply (the second cough's, queued), freezes the answer's playout, and the
+    # words cancel that reply. _wait_for_previous does not cancel the reply before it
+    # (already cancelling: the first cough's), and that one never cancels the answer it
+    # waits for: the answer stays frozen for good, every reply queued behind it with it.
+    h = await resumed_after_two_coughs()
+    before = len(h.output.frames)
+    await h.say("stop please", then_silence_ms=600)
+    await h.wait(4000)
+    stuck = [t.get_name() for t in h.call._reply_tasks]
+    await h.stop()
+    assert "stop please" in h.transcripts()[-1:], h.transcripts()
+    assert [e["text"] for e in h.output.of("response")][-1] == "Okay."
+    assert stuck == [], f"replies never over: {stuck}"
+    assert len(h.output.frames) > before
+
+
+async def test_a_text_after_a_resumed_answer_is_answered():
+    # The same with a text message: the answer is frozen by _barge_in and never cancelled.
+    h = await resumed_after_two_coughs()
+    await h.text("cancel that")
+    await h.wait(3000)
+    stuck = [t.get_name() for t in h.call._reply_tasks]
+    await h.stop()
+    assert [e["text"] for e in h.output.of("response")][-1] == "Okay.", stuck
+    assert stuck == [], f"replies never over: {stuck}"
+
+
+async def test_a_stage_failure_while_the_reply_queued_behind_it_is_held_does_not_play_over_the_caller():
+    # As test_a_stage_failure_while_the_answer_is_held_..., but after one false
+    # interruption: the first cough's (empty) turn is queued behind the resumed answer,
+    # so the second cough's barge-in holds that queued reply (_barge_in: task is
+    # _reply_task), not the answer. The answer's next sentence then fails to synthesize:
+    # _until_released (engine.py) waits only when the failing reply is itself _held, so
+    # the apology starts a fresh playout (reply.py clears the freeze) and plays over the
+    # caller's second cough.
+    h = CallHarness()
+    llm = h.llm
+
+    async def gap_stream(messages: list[dict[str, Any]],
+                         tools: Any = None) -> AsyncIterator[LLMChunk]:
+        llm.requests.append([dict(m) for m in messages])
+        for word in "Here is the first part.".split():
+            await asyncio.sleep(0)
+            yield LLMChunk(text=word + " ")
+        await h.clock.sleep(2.0)  # the model is slow to go on
+        for word in "FAIL this sentence breaks the voice.".split():
+            await asyncio.sleep(0)
+            yield LLMChunk(text=word + " ")
+
+    llm.stream = gap_stream  # type: ignore[method-assign]
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(600)  # the first sentence (500 ms) has played; the model is silent
+    await h.feed(tone(450, NOISE))  # a first cough: held
+    await h.silence(400)  # its final is empty: the answer goes on (nothing to play yet)
+    assert h.output.of("resume") and h.call._held is None
+    await h.feed(tone(800, NOISE))  # a second cough: held again after 400 ms
+    noise_to = h.clock.now()
+    assert len(h.output.interrupted_at) == 2
+    held_at = h.output.interrupted_at[1]
+    await h.silence(2000)
+    await h.stop()
+    assert [e["code"] for e in h.output.of("error")] == ["tts_failed"]  # the failure came
+    over = [t for t, _ in h.output.frames if held_at < t <= noise_to]
+    assert over == [], f"{len(over)} messages sent while the reply was held"
+
+
+async def test_a_tts_failure_mid_sentence_keeps_only_the_words_sent_of_that_sentence():
+    # The voice fails after the first word of the second sentence (a socket dropped
+    # mid-stream): the caller hears "Second" and then the apology. reply.py's StageFailed
+    # branch cuts the context at heard = sent = playout.sent_ms, but the failing sentence
+    # still has end = inf in `spoken`, which heard_text caps at sent_ms: heard >= end, so
+    # the whole sentence counts as heard (the cancel branch spreads its words over its
+    # audio; this one does not).
+    import numpy as np
+
+    from tests.call_harness import RATE
+
+    h = CallHarness()
+    h.llm.reply = "Here is the first part. Second sentence has many words in it here."
+
+    async def synthesize(text: str) -> AsyncIterator[bytes]:
+        for index, _ in enumerate(text.split()):
+            if text.startswith("Second") and index == 1:
+                raise ProviderError("word-tts", "the voice socket dropped mid-sentence")
+            yield np.full(RATE // 10, 1000, dtype="<i2").tobytes()
+
+    h.tts.synthesize = synthesize  # type: ignore[method-assign]
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(3000)
+    await h.stop()
+    assert [e["code"] for e in h.output.of("error")] == ["tts_failed"]
+    assistant = [m["content"] for m in h.call.conversation.history if m["role"] == "assistant"]
+    assert assistant in (["Here is the first part."], ["Here is the first part. Second"]), \
+        assistant

@@ -342,8 +342,6 @@ class Call:
                         self._caller_active()
                         if self.replying and self._held is None:
                             await self._barge_in("speech", signal.speech_at)
-                        elif self._held is not None:
-                            self._stop_reply_queued_behind_hold()
                     elif isinstance(signal, SpeechPaused):
                         self._on_pause(signal)
                     elif isinstance(signal, SpeechResumed):
@@ -610,17 +608,17 @@ class Call:
 
         self._reply_task.add_done_callback(close_turn)
 
-    async def _wait_for_previous(self, previous: asyncio.Task[None]) -> None:
+    @staticmethod
+    async def _wait_for_previous(previous: asyncio.Task[None]) -> None:
         """Wait for the previous reply to end. Cancelled meanwhile (a barge-in on the reply
         queued behind it), it is cancelled with this one only if it still plays (a resumed
         reply): one already stopped is closing its LLM streams, and cancelled again the
-        agent would not write what the caller heard (as in ``_barge_in``); one held waits
-        for its barge-in to settle (it may resume). Either way this one ends after it, so
-        the reply queued next starts on the context it leaves."""
+        agent would not write what the caller heard (as in ``_barge_in``). Either way this
+        one ends after it, so the reply queued next starts on the context it leaves."""
         try:
             await asyncio.wait({previous})
         except asyncio.CancelledError:
-            if not previous.cancelling() and previous is not self._held:
+            if not previous.cancelling():
                 previous.cancel()
             await asyncio.wait({previous})  # cancelled again (the call ends): run ends both
             raise
@@ -768,17 +766,6 @@ class Call:
         return stopped is not None and stopped[0] is asyncio.current_task() \
             and self._within_continuation(tl, stopped[1])
 
-    def _stop_reply_queued_behind_hold(self) -> None:
-        """The caller speaks again while a reply is held (the utterance that stopped it
-        has ended, its final not yet in): the reply of that utterance's turn, queued
-        behind the held one and not yet heard, is stopped, so it cannot start over this
-        speech; its words open the next turn. The held reply stays held: it must not
-        resume into this speech either (``_settle_hold``), and this utterance settles it."""
-        task = self._reply_task
-        if task is not None and task is not self._held and not task.done() \
-                and not task.cancelling():
-            task.cancel()
-
     async def _expire_hold(self, task: asyncio.Task[None], window: float) -> None:
         """Still undecided after the window (long noise, no final yet): a real barge-in."""
         await self._clock.sleep(window)
@@ -786,11 +773,19 @@ class Call:
             self._confirm_interruption()
 
     def _confirm_interruption(self) -> None:
-        """Words came: the held reply ends here, cut to what the caller heard."""
+        """Words came: the held reply ends here, cut to what the caller heard. If the
+        caller is talking again meanwhile (the utterance that stopped it has ended, its
+        final came late), the reply queued behind it, for that utterance and not yet
+        heard, is stopped too, so it cannot start over them: its words open the next
+        turn (speech during a hold does not barge in: the held reply is stopped already)."""
         task, self._held = self._held, None
         self._cancel_hold_timer()
         if task is not None:
             task.cancel()
+            queued = self._reply_task
+            if self._turns.in_utterance and queued is not None and queued is not task \
+                    and not queued.done():
+                queued.cancel()  # it waits behind ``task``, which ends first
         self._end_hold()
 
     async def _resume_reply(self, turn: int) -> None:
@@ -812,9 +807,10 @@ class Call:
         self._hold_over = None
 
     async def _until_released(self) -> None:
-        """This reply, held by the caller's speech, says nothing new until the barge-in
-        settles: words cancel it here, none let it go on (nothing plays over the caller)."""
-        if self._held is asyncio.current_task() and self._hold_over is not None:
+        """While a hold is on (this reply held, or the reply queued behind it, which froze
+        this one's playout), nothing new is said until the barge-in settles: words cancel
+        this reply here (directly, or down the queue), none let it go on."""
+        if self._held is not None and self._hold_over is not None:
             await asyncio.shield(self._hold_over)
 
     def _cancel_hold_timer(self) -> None:

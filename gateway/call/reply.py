@@ -188,10 +188,13 @@ class ReplyStage:
                     spoken[-1] = (said, spoken[-1][1], playout.sent_ms)
             await playout.flush()
         except StageFailed:
-            # The agent wrote every sentence it made; the caller gets those sent before
-            # the failure (then the apology): the context keeps only those.
+            # The agent wrote every sentence it made; the caller gets what was sent before
+            # the failure (then the apology): the context keeps only that.
             if record_heard:
                 sent = playout.sent_ms
+                _end_cut_sentence(spoken, playing, bytes_per_ms)
+                if spoken and spoken[-1][2] == float("inf"):  # its length unknown (streamed):
+                    spoken[-1] = ("", spoken[-1][1], sent)  # not said, not kept
                 turn.conversation.record_heard(heard_text(spoken, sent, sent))
             raise
         except Exception as exc:  # the responder itself (agent, tools) broke
@@ -202,10 +205,7 @@ class ReplyStage:
             # message; cut it to what the caller heard.
             heard_ms = self.heard_ms()
             tl.info.update(interrupted=True, heard_ms=round(heard_ms, 1))
-            total = playing.total_bytes() if playing is not None else None
-            if spoken and spoken[-1][2] == float("inf") and total is not None:
-                # The sentence cut short: its words spread over its whole audio.
-                spoken[-1] = (spoken[-1][0], spoken[-1][1], spoken[-1][1] + total / bytes_per_ms)
+            _end_cut_sentence(spoken, playing, bytes_per_ms)
             if record_heard:
                 turn.conversation.record_heard(heard_text(spoken, heard_ms, playout.sent_ms))
             raise
@@ -241,6 +241,15 @@ async def _tts(next_chunk: Awaitable[bytes | None]) -> bytes | None:
         return await next_chunk
     except Exception as exc:
         raise StageFailed("tts_failed", f"text to speech failed: {exc}") from exc
+
+
+def _end_cut_sentence(spoken: list[Spoken], playing: ReplySegment | None,
+                      bytes_per_ms: int) -> None:
+    """The sentence cut short (end still ``inf``): its words spread over its whole audio,
+    as far as it is known, so only the words of the part sent count as said."""
+    total = playing.total_bytes() if playing is not None else None
+    if spoken and spoken[-1][2] == float("inf") and total is not None:
+        spoken[-1] = (spoken[-1][0], spoken[-1][1], spoken[-1][1] + total / bytes_per_ms)
 
 
 def heard_text(segments: list[Spoken], heard_ms: float, sent_ms: float) -> str:
