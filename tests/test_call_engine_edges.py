@@ -309,3 +309,81 @@ async def test_a_tts_failure_mid_sentence_keeps_only_the_words_sent_of_that_sent
     assistant = [m["content"] for m in h.call.conversation.history if m["role"] == "assistant"]
     assert assistant in (["Here is the first part."], ["Here is the first part. Second"]), \
         assistant
+
+
+async def test_words_that_confirm_a_held_continuation_are_not_dropped_by_noise_after_them():
+    # "i lost my card" is answered (a cached clip); within turn_continuation_ms the caller
+    # goes on "while i was abroad" (no partial ready: a remote recogniser), which holds
+    # the answer. Their turn ends; its final decodes 500 ms and, before it is in, the
+    # caller coughs. The final's words confirm the hold while the caller is in the cough:
+    # _confirm_interruption cancels the answer (its words carried, as a continuation,
+    # _carry_continues = True) and the reply queued behind it (if_never_ran appends
+    # "while i was abroad" to the carry). The cough's turn then joins [cut question,
+    # "while i was abroad", ""] and _spoken_turn's noise rule ("continuing and the last
+    # utterance has no words: texts = texts[-1:]") keeps only the cough: both the
+    # question and the words that went on with it are lost, and the bot says nothing.
+    h = CallHarness(decode_s=0.5, faqs={"lost my card": "lost_card"})
+    await h.start()
+    stream = h.stt.streams[0]
+
+    async def send_audio_without_partials(pcm16: bytes) -> None:
+        stream._buffer += pcm16
+
+    stream.send_audio = send_audio_without_partials  # type: ignore[method-assign]
+    await h.say("i lost my card", then_silence_ms=850)  # turn ends; answer plays ~+0.5 s
+    assert h.call.speaking
+    await h.feed(h.vocabulary.audio("while i was abroad"))  # holds the answer
+    assert h.output.of("interrupt") and h.call._held is not None
+    await h.silence(360)  # its turn ends; its final decodes (500 ms)
+    await h.feed(tone(450, NOISE))  # a cough, in an utterance when that final comes
+    await h.silence(2500)
+    await h.stop()
+    asked = " ".join(t for t in h.transcripts())
+    assert "while i was abroad" in asked, h.transcripts()
+
+
+async def test_words_after_three_false_interruptions_cancel_a_failed_answer_before_its_apology():
+    # Three coughs, each held and resumed, leave three empty turns' replies queued behind
+    # the answer (R1 <- R2 <- R3). Over "stop please now thanks" the answer's next sentence
+    # fails to synthesize while R3 is held: the answer waits in _until_released. The words
+    # confirm the hold: R3 is cancelled at once and the answer only three links down the
+    # queue (R3 -> R2 -> R1 -> answer, one loop step each), but _end_hold releases the
+    # answer's wait (shield callback, then its wakeup) in two: it runs _apologize first,
+    # announcing the apology and sending its lead frames (no interrupt after them) before
+    # R1's cancel reaches it.
+    h = CallHarness()
+    llm = h.llm
+
+    async def gap_stream(messages: list[dict[str, Any]],
+                         tools: Any = None) -> AsyncIterator[LLMChunk]:
+        llm.requests.append([dict(m) for m in messages])
+        for word in "Here is the first part.".split():
+            await asyncio.sleep(0)
+            yield LLMChunk(text=word + " ")
+        await h.clock.sleep(3.7)  # the model is slow to go on
+        for word in "FAIL this sentence breaks the voice.".split():
+            await asyncio.sleep(0)
+            yield LLMChunk(text=word + " ")
+
+    llm.stream = gap_stream  # type: ignore[method-assign]
+    await h.start()
+    stream = h.stt.streams[0]
+
+    async def send_audio_without_partials(pcm16: bytes) -> None:
+        stream._buffer += pcm16
+
+    stream.send_audio = send_audio_without_partials  # type: ignore[method-assign]
+    await h.text("explain my statement")
+    await h.wait(600)
+    for _ in range(3):
+        await h.feed(tone(450, NOISE))  # a cough: held
+        await h.silence(400)  # its final is empty: resumed
+    assert len(h.output.of("resume")) == 3 and h.call._held is None
+    await h.say("stop please now thanks", then_silence_ms=0)  # held; the voice fails meanwhile
+    errors = [e["code"] for e in h.output.of("error")]
+    held = h.call._held is not None
+    await h.silence(2000)
+    await h.stop()
+    assert errors == ["tts_failed"] and held, (errors, held)
+    sources = [e["source"] for e in h.output.of("response")]
+    assert "apology" not in sources, sources

@@ -145,7 +145,9 @@ class Call:
         # they open the next turn's text, so no words are lost.
         self._carry: list[asyncio.Future[Transcript]] = []
         # The carried words are a turn the bot had begun to answer (``_continues``).
-        self._carry_continues = False
+        # The first this many carried utterances are a turn that was answered and cut
+        # (continued): 0 when the carry continues nothing.
+        self._carry_continues = 0
         # The conversation's message the carried turn began, if it got that far (by identity).
         self._carry_exchange: dict[str, Any] | None = None
         self._finals: set[asyncio.Future[Transcript]] = set()
@@ -157,7 +159,8 @@ class Call:
         self._preempt_tasks: set[asyncio.Task[None]] = set()
         # A reply stopped by speech that may yet be noise (false interruption window).
         self._held: asyncio.Task[None] | None = None
-        self._hold_over: asyncio.Future[None] | None = None  # resolved when the hold ends
+        # Resolved when the hold ends: True confirmed (words), False resumed (noise).
+        self._hold_over: asyncio.Future[bool] | None = None
         self._hold_timer: asyncio.Task[None] | None = None
         self._hold_settlers: set[asyncio.Task[None]] = set()
         # The reply the caller's speech last stopped, and when that speech began: speech
@@ -497,7 +500,7 @@ class Call:
     async def _spoken_turn(self, tl: TurnTimeline, final: asyncio.Future[Transcript],
                            preempt: Preemption | None = None) -> None:
         utterances, self._carry = [*self._carry, final], []
-        continuing, self._carry_continues = self._carry_continues, False
+        continuing, self._carry_continues = self._carry_continues, 0
         exchange, self._carry_exchange = self._carry_exchange, None
         try:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
@@ -510,10 +513,11 @@ class Call:
             await self._report("stt_failed", f"the final transcript failed: {exc}", tl.turn)
             await self._apologize(tl, "", "stt_failed")
             return
-        if continuing and not normalize_text(texts[-1]):
+        if continuing and not any(normalize_text(t) for t in texts[continuing:]):
             # What stopped the answer held no words after all (noise outlasting the
-            # hold): the cut question is not asked again.
-            texts = texts[-1:]
+            # hold): the cut question is not asked again. Words after it (an utterance
+            # whose reply was stopped before it spoke) keep it: they continue it.
+            texts = texts[continuing:]
         carried, text = _joined(texts[:-1]), _joined(texts)
         if carried:  # words of a turn the caller had not finished
             # Its exchange, if it got one, is taken back: the agent is asked once, with the
@@ -546,7 +550,7 @@ class Call:
                 self._carry, self._carry_continues = utterances, continuing
                 self._carry_exchange = written
             elif self._continues(tl):
-                self._carry, self._carry_continues = utterances, True
+                self._carry, self._carry_continues = utterances, len(utterances)
                 self._carry_exchange = written
             raise
 
@@ -786,13 +790,13 @@ class Call:
             if self._turns.in_utterance and queued is not None and queued is not task \
                     and not queued.done():
                 queued.cancel()  # it waits behind ``task``, which ends first
-        self._end_hold()
+        self._end_hold(confirmed=True)
 
     async def _resume_reply(self, turn: int) -> None:
         """No words came of the barge-in: the reply goes on from the last heard frame."""
         self._held = None
         self._cancel_hold_timer()
-        self._end_hold()
+        self._end_hold(confirmed=False)
         from_ms = self._reply.resume()
         if from_ms is None:
             return
@@ -801,17 +805,20 @@ class Call:
         await self._out.send_event({"type": "resume", "turn": turn,
                                     "from_ms": round(from_ms, 1)})
 
-    def _end_hold(self) -> None:
+    def _end_hold(self, confirmed: bool) -> None:
         if self._hold_over is not None and not self._hold_over.done():
-            self._hold_over.set_result(None)
+            self._hold_over.set_result(confirmed)
         self._hold_over = None
 
     async def _until_released(self) -> None:
-        """While a hold is on (this reply held, or the reply queued behind it, which froze
-        this one's playout), nothing new is said until the barge-in settles: words cancel
-        this reply here (directly, or down the queue), none let it go on."""
-        if self._held is not None and self._hold_over is not None:
-            await asyncio.shield(self._hold_over)
+        """While a hold is on (this reply held, or a reply queued behind it, which froze
+        this one's playout), nothing new is said until the barge-in settles: none let it
+        go on; words stop it here. Their cancel also reaches it down the queue, one reply
+        a loop iteration, which can come after this wakes: so it stops itself at once."""
+        hold_over = self._hold_over
+        if self._held is not None and hold_over is not None:
+            if await asyncio.shield(hold_over):
+                raise asyncio.CancelledError
 
     def _cancel_hold_timer(self) -> None:
         if self._hold_timer is not None:
