@@ -387,3 +387,37 @@ async def test_words_after_three_false_interruptions_cancel_a_failed_answer_befo
     assert errors == ["tts_failed"] and held, (errors, held)
     sources = [e["source"] for e in h.output.of("response")]
     assert "apology" not in sources, sources
+
+
+async def test_spoken_words_stopped_by_a_typed_message_are_not_asked_with_later_speech():
+    # "where is my parcel" ends its turn; while its final decodes (no reply yet) the caller
+    # types "hello", which stops that reply before it spoke: its words were carried. The
+    # typed turn was answered on its own and the carry stayed, so the next spoken question,
+    # seconds later, was asked as "where is my parcel what are your hours" (stale words,
+    # a joined text the cache may route wrongly). A typed turn supersedes them.
+    h = CallHarness(decode_s=0.5)
+    h.llm.reply = "Okay."
+    await h.start()
+    await h.say("where is my parcel", then_silence_ms=400)  # the turn ends; final decoding
+    await h.text("hello")
+    await h.wait(3000)
+    await h.say("what are your hours", then_silence_ms=1500)
+    await h.wait(1500)
+    await h.stop()
+    asked = [request[-1]["content"] for request in h.llm.requests]
+    assert asked == ["hello", "what are your hours"], asked
+
+
+async def test_spoken_words_stopped_by_a_key_are_not_asked_with_later_speech():
+    h = CallHarness(decode_s=0.5, settings={"keypad_pause_s": 1})
+    h.llm.reply = "Okay."
+    await h.start()
+    await h.say("where is my parcel", then_silence_ms=400)
+    h.call.feed_dtmf("5")
+    h.call.feed_dtmf("#")
+    await h.wait(3000)
+    await h.say("what are your hours", then_silence_ms=1500)
+    await h.wait(1500)
+    await h.stop()
+    asked = [request[-1]["content"] for request in h.llm.requests]
+    assert asked == ["the caller pressed 5", "what are your hours"], asked

@@ -424,6 +424,15 @@ class Call:
                 if ended is not None:
                     self._on_turn_ended(ended)
 
+    def _drop_carry(self) -> None:
+        """Spoken words never answered (their reply stopped before it spoke, by a text
+        message or a key) open the next *spoken* turn; a typed or keypad turn comes first
+        and supersedes them. Kept, they would be asked with whatever the caller says next,
+        however much later: stale words, and a joined text the cache may route wrongly."""
+        if self._carry:
+            logs.event(log, "carried_words_dropped", utterances=len(self._carry))
+        self._carry, self._carry_continues, self._carry_exchange = [], 0, None
+
     def _with_carried_words(self, text: str) -> str:
         """What this utterance's turn will be asked: the words it carries (a turn cut off
         mid-sentence, or stopped before it spoke), already decoded, before ``text``, as
@@ -575,7 +584,7 @@ class Call:
             tl.mark(stage, at)
         tl.info["input"] = "text"
         if normalize_text(text):
-            self._start_reply(tl, self._answer(tl, text))
+            self._start_reply(tl, self._answer(tl, text, typed=True))
 
     # ------------------------------------------------------------------ replies
 
@@ -636,10 +645,13 @@ class Call:
 
     async def _answer(self, tl: TurnTimeline, text: str, *, route: bool = True,
                       decision: RouteDecision | None = None,
-                      preempted: Preemption | None = None) -> None:
+                      preempted: Preemption | None = None, typed: bool = False) -> None:
         """Answer ``text``: routed (a caller's words), or with the ``decision`` given
         (keypad keys: a mapped entry or handoff, else None, the agent). ``preempted``: the
-        agent's LLM call already started on these words (adopted if it still fits)."""
+        agent's LLM call already started on these words (adopted if it still fits).
+        ``typed``: a text message or keys, which supersede spoken words still carried."""
+        if typed:
+            self._drop_carry()
         tl.info.update(self._speculation.take_counts())
         try:
             reused = False
@@ -975,7 +987,7 @@ class Call:
         if isinstance(action, Collected):
             await self._out.send_event({"type": "keypad", "turn": tl.turn, "keys": action.keys,
                                         "action": "agent"})
-            self._start_reply(tl, self._answer(tl, action.text(), route=False))
+            self._start_reply(tl, self._answer(tl, action.text(), route=False, typed=True))
             return
         await self._out.send_event({"type": "keypad", "turn": tl.turn, "keys": action.key,
                                     "action": action.action})
@@ -983,7 +995,8 @@ class Call:
         if action.handoff:
             decision = RouteDecision(text=text, intent="keypad", action=Action.HANDOFF,
                                      hit=False, reason=f"key {action.key} is mapped to handoff")
-            self._start_reply(tl, self._answer(tl, text, route=False, decision=decision))
+            self._start_reply(tl, self._answer(tl, text, route=False, decision=decision,
+                                               typed=True))
             return
         cache = self._responder.cache_audio
         if cache is None or action.action not in cache:
@@ -996,7 +1009,8 @@ class Call:
         decision = RouteDecision(text=text, intent=action.action, action=Action.ANSWER, hit=True,
                                  entry_id=action.action, answer=cache.clip(action.action).text,
                                  score=1.0, reason=f"key {action.key}")
-        self._start_reply(tl, self._answer(tl, text, route=False, decision=decision))
+        self._start_reply(tl, self._answer(tl, text, route=False, decision=decision,
+                                           typed=True))
 
 
 def _joined(texts: list[str]) -> str:
