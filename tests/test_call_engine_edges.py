@@ -14,6 +14,25 @@ NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
 LONG_REPLY = " ".join(f"Sentence {i} of a long answer." for i in range(30))
 
 
+def agent_slow_after_its_first_sentence(h: CallHarness, gap_s: float) -> None:
+    """The agent says "Here is the first part.", is silent for ``gap_s``, then says a
+    sentence the harness's voice fails to synthesize ("FAIL ...": tts_failed)."""
+    llm = h.llm
+
+    async def gap_stream(messages: list[dict[str, Any]],
+                         tools: Any = None) -> AsyncIterator[LLMChunk]:
+        llm.requests.append([dict(m) for m in messages])
+        for word in "Here is the first part.".split():
+            await asyncio.sleep(0)
+            yield LLMChunk(text=word + " ")
+        await h.clock.sleep(gap_s)  # the model is slow to go on
+        for word in "FAIL this sentence breaks the voice.".split():
+            await asyncio.sleep(0)
+            yield LLMChunk(text=word + " ")
+
+    llm.stream = gap_stream  # type: ignore[method-assign]
+
+
 async def held_answer_then_slow_final(*, words: str | None) -> tuple[CallHarness, float, float]:
     """A long answer plays; the caller barges in (noise, or ``words`` the recogniser
     gives no partial for), stops, and their utterance's final takes 500 ms to decode.
@@ -85,20 +104,7 @@ async def test_a_stage_failure_while_the_answer_is_held_does_not_play_over_the_c
     # synthesis then fails: the apology starts a new playout (reply.py:165 clears the
     # freeze) and plays although the reply is held and the caller is still making noise.
     h = CallHarness()
-    llm = h.llm
-
-    async def gap_stream(messages: list[dict[str, Any]],
-                         tools: Any = None) -> AsyncIterator[LLMChunk]:
-        llm.requests.append([dict(m) for m in messages])
-        for word in "Here is the first part.".split():
-            await asyncio.sleep(0)
-            yield LLMChunk(text=word + " ")
-        await h.clock.sleep(1.0)  # the model is slow to go on
-        for word in "FAIL this sentence breaks the voice.".split():
-            await asyncio.sleep(0)
-            yield LLMChunk(text=word + " ")
-
-    llm.stream = gap_stream  # type: ignore[method-assign]
+    agent_slow_after_its_first_sentence(h, 1.0)
     await h.start()
     await h.text("explain my statement")
     await h.wait(600)  # the first sentence (500 ms) has played; the model is silent
@@ -249,20 +255,7 @@ async def test_a_stage_failure_while_the_reply_queued_behind_it_is_held_does_not
     # the apology starts a fresh playout (reply.py clears the freeze) and plays over the
     # caller's second cough.
     h = CallHarness()
-    llm = h.llm
-
-    async def gap_stream(messages: list[dict[str, Any]],
-                         tools: Any = None) -> AsyncIterator[LLMChunk]:
-        llm.requests.append([dict(m) for m in messages])
-        for word in "Here is the first part.".split():
-            await asyncio.sleep(0)
-            yield LLMChunk(text=word + " ")
-        await h.clock.sleep(2.0)  # the model is slow to go on
-        for word in "FAIL this sentence breaks the voice.".split():
-            await asyncio.sleep(0)
-            yield LLMChunk(text=word + " ")
-
-    llm.stream = gap_stream  # type: ignore[method-assign]
+    agent_slow_after_its_first_sentence(h, 2.0)
     await h.start()
     await h.text("explain my statement")
     await h.wait(600)  # the first sentence (500 ms) has played; the model is silent
@@ -352,20 +345,7 @@ async def test_words_after_three_false_interruptions_cancel_a_failed_answer_befo
     # announcing the apology and sending its lead frames (no interrupt after them) before
     # R1's cancel reaches it.
     h = CallHarness()
-    llm = h.llm
-
-    async def gap_stream(messages: list[dict[str, Any]],
-                         tools: Any = None) -> AsyncIterator[LLMChunk]:
-        llm.requests.append([dict(m) for m in messages])
-        for word in "Here is the first part.".split():
-            await asyncio.sleep(0)
-            yield LLMChunk(text=word + " ")
-        await h.clock.sleep(3.7)  # the model is slow to go on
-        for word in "FAIL this sentence breaks the voice.".split():
-            await asyncio.sleep(0)
-            yield LLMChunk(text=word + " ")
-
-    llm.stream = gap_stream  # type: ignore[method-assign]
+    agent_slow_after_its_first_sentence(h, 3.7)
     await h.start()
     stream = h.stt.streams[0]
 
