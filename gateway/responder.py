@@ -228,9 +228,16 @@ class Responder:
             producer.cancel()
             for fetch in prefetches:
                 fetch.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(producer, *(f.task for f in prefetches),
-                                     return_exceptions=True)
+            tasks = [producer, *(f.task for f in prefetches)]
+            try:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            except asyncio.CancelledError:
+                # The reply was cancelled meanwhile (a barge-in in this very step): its
+                # tasks still end first (the agent writes its message before the call
+                # cuts it to the heard words), then the cancel goes on. Swallowed, the
+                # reply would play on into a playout the barge-in froze, for good.
+                await asyncio.wait(tasks)
+                raise
 
     def filler(self, turn: Turn, tool: str | None = None) -> ReplySegment:
         key = f"filler:{random.randrange(len(FILLER_PHRASES))}"  # varied from turn to turn

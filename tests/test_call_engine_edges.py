@@ -401,3 +401,29 @@ async def test_spoken_words_stopped_by_a_key_are_not_asked_with_later_speech():
     await h.stop()
     asked = [request[-1]["content"] for request in h.llm.requests]
     assert asked == ["the caller pressed 5", "what are your hours"], asked
+
+
+async def test_a_cancel_while_the_agent_reply_closes_goes_through():
+    # Closing the agent's reply cancels its producer and TTS prefetches and awaits them.
+    # A cancel of the reply in that very step (a barge-in) was swallowed there
+    # (contextlib.suppress around the gather in responder.py): the reply played on, into
+    # a playout the barge-in had frozen, for good.
+    from gateway.timeline import TurnTimeline
+
+    h = CallHarness()
+    h.llm.reply = "One sentence here. And another one."
+    await h.start()
+    turn = h.call._turn(TurnTimeline(99, clock=h.clock), "hello", None)
+    replies = h.call._responder._agent_reply(turn)
+    await replies.__anext__()  # the first sentence; the producer and its prefetch run on
+    closing = asyncio.ensure_future(replies.aclose())
+    await asyncio.sleep(0)  # aclose runs into the generator's cleanup, awaiting its tasks
+    closing.cancel()  # the reply is cancelled meanwhile
+    try:
+        await closing
+    except asyncio.CancelledError:
+        pass
+    else:
+        raise AssertionError("the cancel was swallowed: the reply would play on")
+    assert closing.cancelled()
+    await h.stop()
