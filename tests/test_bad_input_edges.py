@@ -276,3 +276,16 @@ def test_admin_entry_whose_intent_the_seed_normalizes_comes_back_under_its_id(gu
         return  # refused: fine
     assert response.status_code in (200, 201), (response.status_code, response.text[:300])
     assert response.json()["entry"] is not None, response.json()
+
+
+def test_a_twilio_call_sid_that_is_no_id_does_not_name_the_call():
+    """The CallSid becomes the call's id, which names recording files
+    (``<start>-<call id>.wav``) and every log line. An unsigned stream can send any
+    string: one with "/" broke the recording (a path outside the directory's own
+    files), one with a newline a log line. Only a CallSid-shaped id is used; otherwise
+    the call gets a generated one (the CallSid stays in the call's metadata)."""
+    from gateway.transports.twilio import call_id_from_sid
+
+    assert call_id_from_sid("CA" + "0123456789abcdef" * 2) == "CA" + "0123456789abcdef" * 2
+    for bad in ("../../etc/passwd", "CA1/../x", "CA1\nforged", "", "x" * 65, "CA 1"):
+        assert call_id_from_sid(bad) is None, bad

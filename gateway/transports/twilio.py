@@ -17,6 +17,7 @@ from __future__ import annotations
 import binascii
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,17 @@ def _is_twilio_format(media_format: Any) -> bool:
                 and int(media_format.get("channels", 1)) == 1)
     except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses to inf
         return False
+
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def call_id_from_sid(call_sid: str) -> str | None:
+    """The CallSid as the call's id (logs then match Twilio's console), when it is one:
+    Twilio's are "CA" and 32 hex digits. Anything else (an unsigned stream can send any
+    string) gets a generated id: the id names recording files and log fields, where a
+    "/" or a newline does not belong."""
+    return call_sid if _SAFE_ID.fullmatch(call_sid) else None
 
 
 def _text(value: Any) -> str:
@@ -292,7 +304,7 @@ class TwilioStream:
             raise TwilioError("unauthorized", "the stream carries no valid call token "
                                               f"(a `{TOKEN_PARAMETER}` custom parameter)",
                               CLOSE_POLICY)
-        call_id = start.call_sid if 0 < len(start.call_sid) <= 64 else None
+        call_id = call_id_from_sid(start.call_sid)
         parameters = {k: v for k, v in start.parameters.items() if k != TOKEN_PARAMETER}
         metadata = {"transport": "twilio", "stream_sid": start.stream_sid,
                     "call_sid": start.call_sid, "account_sid": start.account_sid,
