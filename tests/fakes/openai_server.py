@@ -68,7 +68,9 @@ class FakeOpenAI:
             time.sleep(0.01)
         return False
 
-    async def await_for(self, predicate: Callable[[Stats], bool], timeout: float = 5.0) -> bool:
+    async def await_for(self, predicate: Callable[[Stats], bool], timeout: float = 20.0) -> bool:
+        # Polls: a passing check returns at once; the bound is for a loaded machine (the
+        # full suite on two cores once took over 5 s to see a hedge loser's disconnect).
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
