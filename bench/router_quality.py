@@ -4,6 +4,9 @@ A FAQ seed is built from banking77 train.csv: one entry per intent (77), its tra
 utterances as paraphrases, action ``answer``. Thresholds are calibrated on train only
 (5-fold cross-validation, default target 1% wrong answers); dev.csv and
 dev_spoken.csv (ASR-noised ``asr_text``) are only ever routed, never tuned on.
+dev_spoken's transcripts are routed as a call routes a recogniser's words (the stricter
+transcript threshold, ``RouteDecision.as_spoken``); "transcripts at the typed threshold"
+shows them as routed before 2026-11-26.
 
 Figures per system and data set:
   hit rate        cached answers served / utterances
@@ -85,7 +88,9 @@ OUT_OF_DOMAIN = "<out of domain>"  # the label of CLINC150's questions: any hit 
 
 # A system maps texts (and their vectors from the shared model) to the intent it would
 # serve from its cache, or None for a miss.
-Decide = Callable[[Sequence[str], np.ndarray], list[str | None]]
+# (texts, their vectors, spoken: the texts are transcripts) -> the entry each is answered
+# with, None for a miss. Only voicegate's router tells transcripts apart.
+Decide = Callable[[Sequence[str], np.ndarray, bool], list[str | None]]
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class DevSet:
     name: str
     texts: list[str]
     labels: list[str]
+    spoken: bool = False  # recogniser transcripts (routed as a call routes them)
 
 
 def read_csv(path: Path, text_column: str = "text") -> tuple[list[str], list[str]]:
@@ -135,14 +141,14 @@ class Figures:
 
 def evaluate(decide: Decide, dev: DevSet, vectors: np.ndarray,
              prefix_texts: list[list[str]] | None, prefix_vectors: np.ndarray | None) -> Figures:
-    picks = decide(dev.texts, vectors)
+    picks = decide(dev.texts, vectors, dev.spoken)
     hits = sum(p is not None for p in picks)
     correct = sum(p == y for p, y in zip(picks, dev.labels))
     figures = Figures(len(dev.texts), hits, correct, [], [])
     if prefix_texts is None or prefix_vectors is None:
         return figures
     flat = [p for group in prefix_texts for p in group]
-    prefix_picks = decide(flat, prefix_vectors)
+    prefix_picks = decide(flat, prefix_vectors, dev.spoken)
     at = 0
     for group, label, full_pick in zip(prefix_texts, dev.labels, picks):
         mine = prefix_picks[at:at + len(group)]
@@ -204,14 +210,18 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
           f"{t.hit_confidence:.3f}, in-scope similarity >= {t.min_similarity}; held out on "
           f"train: hit rate {t.expected_hit_rate:.1%}, wrong {t.expected_wrong_rate:.2%}, bound "
           f"{t.wrong_rate_bound:.2%} ({'bounded' if t.bounded else 'NOT bounded'}), negatives "
-          f"answered {t.out_of_domain_hit_rate:.2%}")
+          f"answered {t.out_of_domain_hit_rate:.2%}; transcripts: judge >= "
+          f"{t.spoken_confidence:.3f} (held-out typed hit rate at it "
+          f"{t.transcript_expected_hit_rate:.1%})")
     router = trained.router
     if arithmetic_mix:  # routing dev must mix as calibration did
         router.classifier.mix_weight = None
 
-    def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
-        return [d.entry_id if d.hit else None
-                for d in router.route_vectors(texts, vectors)]
+    def decide(texts: Sequence[str], vectors: np.ndarray, spoken: bool) -> list[str | None]:
+        decisions = router.route_vectors(texts, vectors)
+        if spoken:  # as a call routes a recogniser's words
+            decisions = [d.as_spoken() for d in decisions]
+        return [d.entry_id if d.hit else None for d in decisions]
 
     decide.router = router  # type: ignore[attr-defined]
     return router, decide
@@ -251,7 +261,7 @@ def legacy_system(train_texts: list[str], train_labels: list[str], train_vectors
     cache = SemanticCache(train_vectors, labels)
     print(f"voicegate 0.1 rule: similarity >= {t_sim}, margin >= {t_margin}, agree")
 
-    def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
+    def decide(texts: Sequence[str], vectors: np.ndarray, spoken: bool) -> list[str | None]:
         top, _, marg, _ = clf.scores_arrays(vectors)
         sims, rows = cache.search_arrays(vectors, k=1)
         near = cache.intents[rows[:, 0]]
@@ -341,7 +351,7 @@ def gptcache_system(train_texts: list[str], train_labels: list[str],
                        data_manager=data_manager, config=Config())
     cache.import_data(questions=list(train_texts), answers=list(train_labels))
 
-    def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
+    def decide(texts: Sequence[str], vectors: np.ndarray, spoken: bool) -> list[str | None]:
         for text, vector in zip(texts, vectors):
             vectors_by_text.setdefault(text, vector)
         return [get(text, cache_obj=cache) for text in texts]
@@ -366,7 +376,7 @@ def semantic_router_systems(train_texts: list[str], train_labels: list[str],
         return [Route(name=name, utterances=utts) for name, utts in sorted(by.items())]
 
     def decider(router: IndexedRouter) -> Decide:
-        def decide(texts: Sequence[str], vectors: np.ndarray) -> list[str | None]:
+        def decide(texts: Sequence[str], vectors: np.ndarray, spoken: bool) -> list[str | None]:
             # What IndexedRouter.__call__ does per query (score, then _choose), batched
             # through its own _scores_many so the encoder runs in batches.
             scored = run(router._scores_many(list(texts)))
@@ -429,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
             texts, labels = read_csv(args.data / name, column)
             if args.limit:
                 texts, labels = texts[:args.limit], labels[:args.limit]
-            dev_sets.append(DevSet(name, texts, labels))
+            dev_sets.append(DevSet(name, texts, labels, spoken=column == "asr_text"))
     if (args.clinc / "val.csv").is_file():
         with (args.clinc / "val.csv").open(encoding="utf-8", newline="") as f:
             ood = [r["text"] for r in csv.DictReader(f)
@@ -485,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
         router, ours = voicegate_system(embedder, train_texts, train_labels, train_vectors,
                                         args.target)
         systems.append(("voicegate (judge + n-grams + out-of-domain class)", ours))
+        systems.append(("voicegate, transcripts at the typed threshold (before 3)",
+                        lambda texts, vectors, spoken: ours(texts, vectors, False)))
         curves.append(("voicegate (judge + n-grams + out-of-domain class)", router))
     try:
         if "gptcache" in wanted:

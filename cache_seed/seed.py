@@ -52,7 +52,8 @@ class SeedReport:
                 f"cross-validation on the seed's {t.calibration_questions} questions and "
                 f"{t.negatives} out-of-domain ones; held out, {t.expected_hit_rate:.1%} of FAQ "
                 f"questions were answered from the cache with {t.expected_wrong_rate:.2%} wrong; "
-                f"judge confidence >= {t.hit_confidence:.3f}, in-scope similarity >= "
+                f"judge confidence >= {t.hit_confidence:.3f} (spoken transcripts >= "
+                f"{t.spoken_confidence:.3f}), in-scope similarity >= "
                 f"{t.min_similarity}; questions over {MAX_EMBEDDED_WORDS} words are judged on "
                 f"their first {MAX_EMBEDDED_WORDS} or so (the embedder truncates)"
                 + (f"\n{self.completeness.summary()}" if self.completeness else ""))

@@ -6,7 +6,8 @@ A hit (replay the cached answer) needs three things:
   2. the classifier's intent has action ``answer`` and a cached answer;
   3. the judge (``intents.judge``) is confident enough that this intent is right: its
      threshold was calibrated on the seed so the wrong-answer rate stays under the
-     target (``intents.calibration``).
+     target (``intents.calibration``). A spoken transcript needs a stricter threshold:
+     ``RouteDecision.spoken_hit``, applied by the call with ``as_spoken()``.
 Anything else is a miss: ``llm`` for out-of-scope and agent intents, and for texts
 the classifier's out-of-domain class wins (a large seed learns its negatives as one:
 ``intents.classifier.OUT_OF_DOMAIN``), ``handoff`` for handoff intents.
@@ -120,13 +121,14 @@ class Router:
             verbatim = (similarity >= VERBATIM_SIMILARITY
                         and signals.nearest_intent[i] == predicted)
             hit = answerable and (verbatim or sure >= t.hit_confidence)
+            spoken_hit = hit and (verbatim or sure >= t.spoken_confidence)
             # Only a hit's words are judged (~50 µs): the end of turn reads them on hits.
             finished = not hit or self.completeness is None or self.completeness.finished(text)
             out.append(RouteDecision(
                 text=text, intent=entry.intent, action=entry.action, hit=hit,
                 entry_id=entry.id, answer=entry.answer if hit else None, score=similarity,
                 confidence=probability, margin=margin, certainty=sure, finished=finished,
-                reason=_reason(hit, entry), ms=_ms(start)))
+                reason=_reason(hit, entry), ms=_ms(start), spoken_hit=spoken_hit))
         return out
 
     def models_bytes(self) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -49,6 +49,17 @@ class RouteDecision:
     finished: bool = True  # a hit's words read as a finished question (intents.completeness)
     reason: str = ""
     ms: float = 0.0  # routing time
+    # ``hit`` for a spoken transcript, which needs more certainty than typed text
+    # (intents.calibration, ``Thresholds.spoken_confidence``); None: the same as ``hit``.
+    spoken_hit: bool | None = None
+
+    def as_spoken(self) -> "RouteDecision":
+        """This decision for words a recogniser transcribed: not a hit when the judge
+        was sure enough for typed text but not for a transcript."""
+        if not self.hit or self.spoken_hit is not False:
+            return self
+        return replace(self, hit=False, answer=None, spoken_hit=False,
+                       reason="not sure enough of a transcript")
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -246,12 +246,15 @@ class ScriptedLLM:
 
 @dataclass
 class ScriptedRouter:
-    """Texts containing a FAQ key hit it; ``fail`` decides which routings raise and
-    ``unfinished`` which texts' words read as unfinished (intents.completeness)."""
+    """Texts containing a FAQ key hit it; ``fail`` decides which routings raise,
+    ``unfinished`` which texts' words read as unfinished (intents.completeness) and
+    ``typed_only`` which hits are not sure enough for a transcript."""
 
     faqs: dict[str, str] = field(default_factory=dict)  # key phrase -> entry id
     fail: Callable[[str, bool], bool] = lambda text, urgent: False
     unfinished: Callable[[str], bool] = lambda text: False
+    # Texts the judge is sure enough of as typed text but not as a transcript.
+    typed_only: Callable[[str], bool] = lambda text: False
     calls: list[tuple[str, bool]] = field(default_factory=list)
 
     async def __call__(self, text: str, urgent: bool) -> RouteDecision:
@@ -263,7 +266,8 @@ class ScriptedRouter:
             if phrase in text:
                 return RouteDecision(text=text, intent=entry, action=Action.ANSWER, hit=True,
                                      entry_id=entry, answer=f"answer {entry}", score=0.9,
-                                     finished=not self.unfinished(text))
+                                     finished=not self.unfinished(text),
+                                     spoken_hit=not self.typed_only(text))
         return miss(text, "no entry")
 
 

@@ -405,3 +405,22 @@ async def test_a_cache_hit_plays_in_the_loop_iteration_after_its_turn_ends(monke
     first, second = (at[(t, "first_audio")] - at[(t, "end_of_turn")] for t in (1, 2))
     assert first <= 2
     assert second == first
+
+
+async def test_a_hit_sure_enough_only_for_typed_text_is_not_replayed_to_a_speaking_caller():
+    """A transcript carries recognition errors the seed's typed questions never had, so
+    the router holds it to a stricter threshold (``RouteDecision.spoken_hit``): the same
+    words typed are answered from the cache, spoken they go to the agent, and their early
+    route does not end the turn on the short silence of a cached question."""
+    h = await CallHarness(faqs={"opening hours": "hours"}, early_finals=True).start()
+    h.router.typed_only = lambda text: "opening hours" in text
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.silence(1500)
+    await h.text("what are your opening hours")
+    await h.silence(1000)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response")] == ["llm", "cache"]
+    assert [(r["hit"], r["reason"]) for r in h.output.of("route")] == [
+        (False, "not sure enough of a transcript"), (True, "")]
+    spoken = h.metrics()[0]
+    assert (spoken["hit"], spoken["end_of_turn"]) == (False, "unknown")  # not "complete"

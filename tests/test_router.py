@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cache_seed import route_lines
-from intents.calibration import (NEVER, HeldOut, Thresholds, calibrate, cross_validate,
+from intents.calibration import (NEVER, TRANSCRIPT_TARGET_FACTOR, HeldOut, Thresholds, calibrate, cross_validate,
                                  wrong_rate_bound)
 from intents.classifier import OUT_OF_DOMAIN, IntentClassifier, fitted_probabilities
 from intents.embedder import Embedder
@@ -344,3 +344,61 @@ def test_each_calibration_fold_learns_every_negative_but_its_own() -> None:
     assert len(trained_on) == 5 and len(held.negatives) == 23
     left_out = [set(negatives) - fold for fold in trained_on]
     assert sorted(n for fold in left_out for n in fold) == sorted(negatives)  # once each
+
+
+def test_transcripts_are_served_at_the_threshold_of_a_stricter_target() -> None:
+    # Right answers at every similarity, a few wrong ones among the lower scores: half
+    # the target must serve fewer questions, and that threshold is the transcripts'.
+    rng = np.random.default_rng(5)
+    right_sim = list(rng.uniform(0.5, 0.95, 3000))
+    wrong_sim = list(rng.uniform(0.5, 0.7, 30))
+    sims = right_sim + wrong_sim
+    held = _held_out(["a"] * 3030, ["a"] * 3000 + ["b"] * 30, sims,
+                     [s - 0.1 for s in sims], negatives=([0.3] * 700, [0.1] * 700))
+    t, _ = calibrate(held, {"a", "b"}, target_wrong_rate=0.01)
+    half, _ = calibrate(held, {"a", "b"}, target_wrong_rate=0.01 * TRANSCRIPT_TARGET_FACTOR)
+    assert t.bounded and half.bounded and half.hit_confidence > t.hit_confidence
+    assert t.transcript_strict and t.spoken_confidence == half.hit_confidence
+    assert t.transcript_expected_hit_rate == half.expected_hit_rate < t.expected_hit_rate
+    assert "spoken questions need more certainty" in t.promise()
+    # A cache calibrated before transcripts had a threshold serves them as typed text.
+    old = Thresholds.from_json({k: v for k, v in t.as_json().items()
+                                if not k.startswith("transcript")})
+    assert old.spoken_confidence == old.hit_confidence == t.hit_confidence
+
+
+def test_a_seed_too_small_for_the_stricter_promise_serves_transcripts_as_typed_text() -> None:
+    # 60 clean hits: enough for the 1% point estimate (50), not for 0.5% (100).
+    held = _held_out(["a"] * 60, ["a"] * 60, [0.9] * 60, [0.8] * 60,
+                     negatives=([0.4] * 50, [0.1] * 50))
+    t, _ = calibrate(held, {"a"}, target_wrong_rate=0.01)
+    assert t.hit_confidence < NEVER and not t.transcript_strict
+    assert t.spoken_confidence == t.hit_confidence
+    assert "spoken" not in t.promise()
+
+
+def test_a_transcript_needs_the_spoken_threshold_but_a_seed_question_word_for_word_does_not(
+) -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(2, 16))
+    seed = _clusters(rng, centres, 80)
+    intents = ["card", "pin"] * 40
+    clf = IntentClassifier().fit(seed, intents)
+    strict = Thresholds(
+        min_similarity=-1.0, hit_confidence=0.0, target_wrong_rate=0.01, bounded=True,
+        confidence_level=0.95, wrong_rate_bound=0.0, expected_hit_rate=1.0,
+        expected_wrong_rate=0.0, out_of_domain_target=0.005, out_of_domain_hit_rate=0.0,
+        negatives=0, calibration_questions=80, folds=5, hit_similarity=0.0,
+        transcript_confidence=NEVER, transcript_strict=True)
+    entries = {i: Entry(id=i, intent=i, action=Action.ANSWER, answer=f"about {i}",
+                        questions=(i,)) for i in ("card", "pin")}
+    router = Router(shared_embedder(), clf, Judge().fit(np.zeros((2, len(SIGNALS))), [1, 1]),
+                    SemanticCache(seed, intents), entries, strict)
+    near = _clusters(rng, centres[:1], 1)
+    typed, verbatim = router.route_vectors(["q", "q"], np.concatenate([near, seed[:1]]))
+    assert typed.hit and typed.spoken_hit is False
+    heard = typed.as_spoken()
+    assert (heard.hit, heard.answer, heard.reason) == (
+        False, None, "not sure enough of a transcript")
+    assert (heard.intent, heard.entry_id) == (typed.intent, typed.entry_id)
+    assert verbatim.spoken_hit and verbatim.as_spoken() is verbatim

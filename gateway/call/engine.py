@@ -407,6 +407,7 @@ class Call:
             self._turns.note_transcript(paused.pause, early.text)
             decision = await self._speculation.settle(self._with_carried_words(early.text))
             if decision is not None:
+                decision = decision.as_spoken()  # the recogniser's words: the stricter bar
                 self._turns.note_route(paused.pause, decision.hit, decision.finished)
             if not (decision and decision.hit) \
                     and normalize_text(early.text) and not lexically_incomplete(early.text):
@@ -649,7 +650,8 @@ class Call:
         """Answer ``text``: routed (a caller's words), or with the ``decision`` given
         (keypad keys: a mapped entry or handoff, else None, the agent). ``preempted``: the
         agent's LLM call already started on these words (adopted if it still fits).
-        ``typed``: a text message or keys, which supersede spoken words still carried."""
+        ``typed``: a text message or keys, which supersede spoken words still carried;
+        routed as text (a transcript needs the router's stricter ``spoken_hit``)."""
         if typed:
             self._drop_carry()
         tl.info.update(self._speculation.take_counts())
@@ -663,6 +665,8 @@ class Call:
                 except Exception as exc:  # the agent (or a handoff) answers instead
                     await self._report("route_failed", f"routing failed: {exc}", tl.turn)
                     decision, reused = None, False
+                if decision is not None and not typed:  # a transcript: the stricter bar
+                    decision = decision.as_spoken()
             tl.mark("route_decided")
             tl.info["route_reused"] = reused
             if decision is not None:
