@@ -6,7 +6,7 @@ utterances as paraphrases, action ``answer``. Thresholds are calibrated on train
 dev_spoken.csv (ASR-noised ``asr_text``) are only ever routed, never tuned on.
 dev_spoken's transcripts are routed as a call routes a recogniser's words (the stricter
 transcript threshold, ``RouteDecision.as_spoken``); "transcripts at the typed threshold"
-shows them as routed before 2026-11-26.
+shows them as routed before the third change of 2026-11-25 ("before 3").
 
 Figures per system and data set:
   hit rate        cached answers served / utterances

@@ -8,12 +8,13 @@ from intents.router import Router
 
 
 def route_lines(router: Router, lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Route each non-blank line; yields text, intent, action, hit, entry_id, answer, score, ms."""
+    """Route each non-blank line; yields text, intent, action, hit (as typed text),
+    spoken_hit (as a caller's transcript: a stricter threshold), entry_id, answer, score, ms."""
     for line in lines:
         text = line.strip()
         if not text:
             continue
         d = router.route(text)
         yield {"text": d.text, "intent": d.intent, "action": d.action.value, "hit": d.hit,
-               "entry_id": d.entry_id, "answer": d.answer, "score": round(d.score, 4),
+               "spoken_hit": d.as_spoken().hit, "entry_id": d.entry_id, "answer": d.answer, "score": round(d.score, 4),
                "ms": round(d.ms, 3)}

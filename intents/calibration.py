@@ -121,8 +121,12 @@ class Thresholds:
                 f"bounded promise{self._transcripts()}")
 
     def _transcripts(self) -> str:
-        if not self.transcript_strict or self.transcript_expected_hit_rate is None:
-            return ""
+        if self.transcript_expected_hit_rate is None or self.hit_confidence >= NEVER:
+            return ""  # calibrated before transcripts had a threshold, or nothing is served
+        if not self.transcript_strict:
+            return (f"; spoken questions are served at the same threshold (the seed is too "
+                    f"small to hold them to a {self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR:.1%} "
+                    f"target, as a larger one would)")
         return (f"; spoken questions need more certainty (recognition errors make a "
                 f"transcript's answer wrong more often): the threshold of a "
                 f"{self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR:.1%} target, which "
