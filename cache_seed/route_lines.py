@@ -16,5 +16,5 @@ def route_lines(router: Router, lines: Iterable[str]) -> Iterator[dict[str, Any]
             continue
         d = router.route(text)
         yield {"text": d.text, "intent": d.intent, "action": d.action.value, "hit": d.hit,
-               "spoken_hit": d.as_spoken().hit, "entry_id": d.entry_id, "answer": d.answer, "score": round(d.score, 4),
-               "ms": round(d.ms, 3)}
+               "spoken_hit": d.as_spoken().hit, "entry_id": d.entry_id, "answer": d.answer,
+               "score": round(d.score, 4), "ms": round(d.ms, 3)}

@@ -255,9 +255,9 @@ def calibrate(held_out: HeldOut, answer_intents: Collection[str],
     else:
         threshold, served, wrongs, bounded, bound, neg_hits = choice
     hit_sims = h.nearest_similarity[mine][scores >= threshold]
-    # Transcripts: the stricter promise's threshold when it found one, else the typed one.
-    strict = stricter is not None and stricter[0] > threshold and threshold < NEVER
-    spoken = stricter[0] if strict and stricter is not None else threshold
+    # Transcripts: the stricter promise's threshold when it is higher, else the typed one.
+    spoken = stricter[0] if stricter is not None and stricter[0] > threshold else threshold
+    strict = spoken > threshold
     spoken_served = int((scores >= spoken).sum()) if spoken < NEVER else 0
     thresholds = Thresholds(
         min_similarity=round(floor, 4), hit_confidence=float(threshold),
