@@ -95,10 +95,10 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def call_id_from_sid(call_sid: str) -> str | None:
-    """The CallSid as the call's id (logs then match Twilio's console), when it is one:
-    Twilio's are "CA" and 32 hex digits. Anything else (an unsigned stream can send any
-    string) gets a generated id: the id names recording files and log fields, where a
-    "/" or a newline does not belong."""
+    """The CallSid as the call's id (logs then match Twilio's console) when it is safe as
+    one: 1-64 letters, digits, "_" or "-" (Twilio's are "CA" and 32 hex digits). Anything
+    else (an unsigned stream can send any string) gets a generated id: the id names
+    recording files and log fields, where a "/" or a newline does not belong."""
     return call_sid if _SAFE_ID.fullmatch(call_sid) else None
 
 
