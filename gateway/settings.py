@@ -230,6 +230,13 @@ class Settings(BaseModel):
     partial_interval_ms: Pos = 400
     # Longest single utterance kept for STT; older audio is decoded but not re-decoded.
     max_utterance_s: PosF = 30.0
+    # The embedded recogniser splits an utterance at a pause that lasted this long after
+    # its early decode started (about early_final_after_ms + this of silence) when the
+    # caller then spoke on: that decode is kept, and later ones read only what follows
+    # (0: every decode reads the whole utterance). Only a part of split_min_segment_ms
+    # or more is split off.
+    split_pause_ms: NonNeg = 150
+    split_min_segment_ms: Pos = 1000
 
     # --- playout ----------------------------------------------------------------
     frame_ms: Literal[10, 20, 30, 40] = 20

@@ -296,3 +296,130 @@ async def test_each_decode_gets_the_utterance_s_previous_decode_as_its_draft(poo
     assert recognizer.drafts[-1] == []
     await partials.aclose()
     await stream.aclose()
+
+
+# ---- splitting an utterance at a long pause the caller spoke on after
+
+
+def splitting(pool, recognizer=None, interval_ms=10_000):
+    return RedecodingSTT(recognizer or DraftingRecognizer(), pool, slots=2,
+                         partial_interval_ms=interval_ms, split_pause_ms=200,
+                         min_segment_ms=1000)
+
+
+async def test_a_long_pause_the_caller_spoke_on_after_splits_the_utterance(pool):
+    service = splitting(pool)
+    recognizer = service.recognizer
+    stream = service.open_stream()
+    await stream.send_audio(audio(1500))
+    recognizer.gate.clear()  # the pause's decode is still running when the caller goes on
+    stream.speech_paused()
+    await stream.send_audio(audio(250, 0))  # 250 ms of silence since the pause began
+    stream.speech_resumed()
+    recognizer.gate.set()
+    await until(lambda: len(recognizer.drafts) == 1)
+    await asyncio.sleep(0.01)  # the kept decode's text has arrived
+    await stream.send_audio(audio(600))
+    final = await stream.finalize()
+    # The decode started at the pause was kept, and the final read only what followed,
+    # without the kept part's token ids as its draft.
+    assert final.text == "1500 ms 850 ms" and stream.splits == 1
+    assert recognizer.drafts == [[], []]
+    # The split-off decode, done after the caller spoke on, is no partial of its own: it
+    # could come after a partial that already carried its words and more.
+    assert stream._partials.empty()
+    assert service.scheduler.abandoned_stopped == 0
+    await stream.aclose()
+
+
+async def test_the_early_final_after_a_split_decodes_only_the_new_part(pool):
+    service = splitting(pool)
+    stream = service.open_stream()
+    partials = stream.partials()
+    await stream.send_audio(audio(1200))
+    await stream.speech_paused()
+    assert (await asyncio.wait_for(anext(partials), 2)).text == "1200 ms"
+    await stream.send_audio(audio(300, 0))
+    stream.speech_resumed()
+    await stream.send_audio(audio(500))
+    early = await stream.speech_paused()
+    assert early.text == "1200 ms 800 ms"
+    assert (await asyncio.wait_for(anext(partials), 2)).text == "1200 ms 800 ms"
+    assert (await stream.finalize()).text == "1200 ms 800 ms"  # the early decode stands
+    await stream.send_audio(audio(700))  # the next utterance starts whole
+    assert (await stream.finalize()).text == "700 ms"
+    await partials.aclose()
+    await stream.aclose()
+
+
+async def test_partials_after_a_split_decode_only_the_new_part(pool):
+    service = splitting(pool, interval_ms=400)
+    recognizer = service.recognizer
+    stream = service.open_stream()
+    partials = stream.partials()
+    await stream.send_audio(audio(1000))
+    assert (await asyncio.wait_for(anext(partials), 2)).text == "1000 ms"
+    await stream.speech_paused()
+    await stream.send_audio(audio(200, 0))
+    stream.speech_resumed()
+    await stream.send_audio(audio(300))  # 500 ms since the split: a partial is due
+    assert (await asyncio.wait_for(anext(partials), 2)).text == "1000 ms 500 ms"
+    assert [len(d) for d in recognizer.drafts][-1] == 0  # not the split-off part's draft
+    await partials.aclose()
+    await stream.aclose()
+
+
+@pytest.mark.parametrize("silence_ms, speech_ms", [(150, 1500), (300, 900)])
+async def test_a_short_pause_or_a_short_part_does_not_split(pool, silence_ms, speech_ms):
+    service = splitting(pool)
+    stream = service.open_stream()
+    await stream.send_audio(audio(speech_ms))
+    early = stream.speech_paused()
+    await stream.send_audio(audio(silence_ms, 0))
+    stream.speech_resumed()
+    with pytest.raises(asyncio.CancelledError):
+        await early
+    await stream.send_audio(audio(400))
+    final = await stream.finalize()
+    assert final.text == f"{speech_ms + silence_ms + 400} ms" and stream.splits == 0
+    await stream.aclose()
+
+
+async def test_a_failed_segment_decode_falls_back_on_the_whole_utterance(pool, caplog):
+    class FailsOnce(DraftingRecognizer):
+        def transcribe_ids(self, pcm16, draft, stop=None):
+            if len(pcm16) == 1500 * MS:
+                raise RuntimeError("decoder fell over")
+            return super().transcribe_ids(pcm16, draft, stop)
+
+    service = splitting(pool, FailsOnce())
+    stream = service.open_stream()
+    await stream.send_audio(audio(1500))
+    early = stream.speech_paused()
+    await stream.send_audio(audio(250, 0))
+    stream.speech_resumed()
+    with pytest.raises(RuntimeError):
+        await early
+    await stream.send_audio(audio(500))
+    assert (await stream.finalize()).text == "2250 ms"
+    assert "stt_segment_failed" in caplog.text
+    await stream.aclose()
+
+
+async def test_a_reset_stops_the_segments_decodes(pool):
+    recognizer = StoppableRecognizer()
+    service = RedecodingSTT(recognizer, pool, slots=1, partial_interval_ms=10_000,
+                            split_pause_ms=200, min_segment_ms=1000)
+    stream = service.open_stream()
+    recognizer.gate.clear()
+    await stream.send_audio(audio(1500))
+    stream.speech_paused()
+    await until(lambda: service.scheduler.running == 1)
+    await stream.send_audio(audio(250, 0))
+    stream.speech_resumed()
+    assert stream.splits == 1 and service.scheduler.running == 1  # kept running
+    await stream.reset()
+    await until(lambda: service.scheduler.running == 0)  # stopped with the gate still shut
+    assert recognizer.decoded == []
+    recognizer.gate.set()
+    await stream.aclose()

@@ -7,6 +7,9 @@ decodes it again when that is worth it:
   and the whole utterance is decoded at once. If the turn then ends with no new speech,
   that decode *is* the final (audio after the pause is silence), so the final is usually
   ready when the turn ends, and its routing can start before it.
+- Splits: an utterance is cut at a long pause the caller spoke on after
+  (``split_pause_ms``): the early decode started at that pause is kept as the utterance's
+  first segment, and later decodes read only the audio after it (``RedecodingStream``).
 - Partials: after every ``partial_interval_ms`` of new audio, but only when a decode
   slot of the process is free and none of this call's decodes is running. Under load a
   caller gets fewer partials, never a later final.
@@ -177,12 +180,18 @@ class RedecodingSTT:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, recognizer: BatchRecognizer, executor: Executor, slots: int,
-                 partial_interval_ms: int = 400, max_utterance_s: float = 30.0) -> None:
+                 partial_interval_ms: int = 400, max_utterance_s: float = 30.0,
+                 split_pause_ms: int = 0, min_segment_ms: int = 1000) -> None:
+        """``split_pause_ms``: a pause that lasted this long after its early decode
+        started, and that the caller then spoke on after, splits the utterance there
+        (0: never); only when the part before it is ``min_segment_ms`` long or more."""
         self.recognizer = recognizer
         self.name = recognizer.name
         self.scheduler = DecodeScheduler(decode_fn(recognizer), executor, slots)
         self.partial_interval_bytes = partial_interval_ms * BYTES_PER_MS
         self.max_utterance_bytes = int(max_utterance_s * SAMPLE_RATE) * 2
+        self.split_pause_bytes = split_pause_ms * BYTES_PER_MS
+        self.min_segment_bytes = min_segment_ms * BYTES_PER_MS
 
     def transcribe(self, pcm16: bytes) -> str:
         return self.recognizer.transcribe(pcm16)
@@ -192,31 +201,49 @@ class RedecodingSTT:
 
     def open_stream(self) -> "RedecodingStream":
         return RedecodingStream(self.scheduler, self.partial_interval_bytes,
-                                self.max_utterance_bytes)
+                                self.max_utterance_bytes, self.split_pause_bytes,
+                                self.min_segment_bytes)
 
     async def aclose(self) -> None:
         return None
 
 
 class RedecodingStream:
-    """One caller's utterance buffer, partial decodes and (early) final decode."""
+    """One caller's utterance buffer, partial decodes and (early) final decode.
+
+    With ``split_pause_bytes``, an utterance is cut at a long pause the caller spoke on
+    after (numbers read in groups, a second sentence): the decode started at that pause
+    goes on and becomes the utterance's first *segment*; later decodes (partials, early
+    and final) read only the audio after it and are joined to its text. A decode's
+    cost grows with the audio it reads (Moonshine's encoder attends to all of it), so
+    the final of a long question that paused costs what its last part costs.
+    """
 
     def __init__(self, scheduler: DecodeScheduler, partial_interval_bytes: int,
-                 max_utterance_bytes: int) -> None:
+                 max_utterance_bytes: int, split_pause_bytes: int = 0,
+                 min_segment_bytes: int = 0) -> None:
         self._scheduler = scheduler
         self._partial_interval = partial_interval_bytes
         self._max_bytes = max_utterance_bytes
+        self._split_pause = split_pause_bytes  # 0: never split
+        self._min_segment = max(min_segment_bytes, MIN_DECODE_BYTES)
         self._buffer = bytearray()
         self._received = 0  # bytes of this utterance, including any trimmed off
         self._partials: asyncio.Queue[Transcript] = asyncio.Queue()
         self._partial_task: asyncio.Task[None] | None = None
         self._partial_at = 0  # _received when the last partial decode started
         self._last_partial_text = ""
-        self._draft: list[int] = []  # token ids of this utterance's newest decode
+        self._draft: list[int] = []  # token ids of the newest decode of the tail
         self._early: asyncio.Task[Decoded] | None = None
+        self._paused_at: int | None = None  # len(_buffer) when the current pause began
+        # Decodes of the audio before ``_tail`` (split off at pauses), in order: the
+        # utterance's text is theirs joined with the tail's.
+        self._segments: list[asyncio.Task[Decoded]] = []
+        self._tail = 0
         self._generation = 0
         self._closed = False
         self.partials_skipped = 0  # due, but the process had no free decode slot
+        self.splits = 0  # segments split off (for benches and tests)
 
     async def send_audio(self, pcm16: bytes) -> None:
         self._buffer += pcm16
@@ -224,6 +251,9 @@ class RedecodingStream:
         overflow = len(self._buffer) - self._max_bytes
         if overflow > 0:
             del self._buffer[:overflow]
+            self._tail = max(0, self._tail - overflow)
+            if self._paused_at is not None:
+                self._paused_at = max(0, self._paused_at - overflow)
         if self._received - self._partial_at < self._partial_interval:
             return
         if self._early is not None or (self._partial_task and not self._partial_task.done()):
@@ -232,20 +262,26 @@ class RedecodingStream:
             self.partials_skipped += 1
             return
         self._partial_at = self._received
-        self._partial_task = asyncio.create_task(self._decode_partial(bytes(self._buffer)),
+        self._partial_task = asyncio.create_task(self._decode_partial(self._tail_audio()),
                                                  name="vg-stt-partial")
 
+    def _tail_audio(self) -> bytes:
+        with memoryview(self._buffer) as view:
+            return bytes(view[self._tail:])
+
     async def _decode_partial(self, snapshot: bytes) -> None:
-        generation = self._generation
+        generation, segments = self._generation, list(self._segments)
         try:
             text, ids = await self._scheduler.decode(snapshot, PARTIAL, self._draft)
+            text = await _joined(segments, text)
         except DecodeStopped:  # a final took its slot: the next partial is due as usual
             return
         except Exception:  # a failed partial is not fatal: the final decides
             log.warning("stt_partial_failed", exc_info=True)
             return
-        # A partial of an utterance that has since ended must not leak into the next one.
-        if generation == self._generation and not self._closed:
+        # A partial of an utterance that has since ended must not leak into the next one;
+        # nor one of audio that has since been split off (its words would be said twice).
+        if generation == self._generation and segments == self._segments and not self._closed:
             self._draft = ids
             self._offer_partial(text)
 
@@ -260,25 +296,48 @@ class RedecodingStream:
         Returns the early transcript; it is also offered as a partial.
         """
         self._cancel_early()
+        self._paused_at = len(self._buffer)
         self._early = asyncio.create_task(
-            self._scheduler.decode(bytes(self._buffer), FINAL, self._draft),
+            self._scheduler.decode(self._tail_audio(), FINAL, self._draft),
             name="vg-stt-early-final")
         # A task, not a bare coroutine: a pause that ends before anyone awaits it (the
         # caller spoke on at once) leaves nothing un-awaited behind.
-        transcript = asyncio.ensure_future(self._early_transcript(self._early, self._generation))
+        transcript = asyncio.ensure_future(self._early_transcript(
+            self._early, self._generation, list(self._segments)))
         transcript.add_done_callback(lambda t: t.cancelled() or t.exception())
         return transcript
 
-    async def _early_transcript(self, early: asyncio.Task[Decoded],
-                                generation: int) -> Transcript:
+    async def _early_transcript(self, early: asyncio.Task[Decoded], generation: int,
+                                segments: list[asyncio.Task[Decoded]]) -> Transcript:
         text, ids = await asyncio.shield(early)
-        if generation == self._generation and not self._closed:
+        text = await _joined(segments, text)
+        # Split off since (the caller spoke on): later partials carry its words, and one
+        # offered now could come after them and take words back.
+        if generation == self._generation and not self._closed and early is self._early:
             self._draft = ids
             self._offer_partial(text)
         return Transcript(text=text, final=False)
 
     def speech_resumed(self) -> None:
-        self._cancel_early()
+        """The caller went on. After a long enough pause the decode started at it is
+        kept as a segment (``split_pause_bytes``); otherwise it is thrown away."""
+        if self._splits_here():
+            assert self._early is not None and self._paused_at is not None
+            self._segments.append(self._early)
+            self._tail, self._draft, self._early = self._paused_at, [], None
+            self.splits += 1
+        else:
+            self._cancel_early()
+        self._paused_at = None
+
+    def _splits_here(self) -> bool:
+        early, paused_at = self._early, self._paused_at
+        if not self._split_pause or early is None or paused_at is None:
+            return False
+        if early.done() and (early.cancelled() or early.exception() is not None):
+            return False
+        return (len(self._buffer) - paused_at >= self._split_pause
+                and paused_at - self._tail >= self._min_segment)
 
     def _cancel_early(self) -> None:
         if self._early is not None and not self._early.done():
@@ -293,17 +352,26 @@ class RedecodingStream:
         """
         # No speech since the pause (a resume cancels it): the early decode stands.
         early, self._early = self._early, None
-        snapshot, draft = bytes(self._buffer), self._draft
+        segments = self._segments
+        self._segments = []
+        tail, draft = self._tail_audio(), self._draft
+        whole = bytes(self._buffer) if segments else b""
         self._start_utterance()
-        return self._final(early, snapshot, draft)
+        return self._final(early, segments, tail, draft, whole)
 
-    async def _final(self, early: asyncio.Task[Decoded] | None, snapshot: bytes,
-                     draft: list[int]) -> Transcript:
+    async def _final(self, early: asyncio.Task[Decoded] | None,
+                     segments: list[asyncio.Task[Decoded]], tail: bytes,
+                     draft: list[int], whole: bytes) -> Transcript:
         if early is not None:
             text, _ = await early
         else:
-            text, _ = await self._scheduler.decode(snapshot, FINAL, draft)
-        return Transcript(text=text, final=True)
+            text, _ = await self._scheduler.decode(tail, FINAL, draft)
+        try:
+            return Transcript(text=await _joined(segments, text), final=True)
+        except Exception:  # a segment's decode failed: the utterance is decoded whole
+            log.warning("stt_segment_failed", exc_info=True)
+            text, _ = await self._scheduler.decode(whole, FINAL)
+            return Transcript(text=text, final=True)
 
     async def partials(self) -> AsyncIterator[Transcript]:  # type: ignore[override]
         while True:
@@ -311,12 +379,16 @@ class RedecodingStream:
 
     async def reset(self) -> None:
         self._cancel_early()
+        for segment in self._segments:
+            segment.cancel()
+        self._segments = []
         self._start_utterance()
 
     def _start_utterance(self) -> None:
         self._generation += 1
         self._buffer.clear()
-        self._received = self._partial_at = 0
+        self._received = self._partial_at = self._tail = 0
+        self._paused_at = None
         if self._partial_task is not None and not self._partial_task.done():
             self._partial_task.cancel()
         self._partial_task = None
@@ -326,3 +398,10 @@ class RedecodingStream:
     async def aclose(self) -> None:
         self._closed = True
         await self.reset()
+
+
+async def _joined(segments: Sequence[asyncio.Task[Decoded]], text: str) -> str:
+    """The split-off segments' texts, then ``text``: one utterance. Shielded: whoever stops
+    waiting for this utterance's text does not stop the segments' decodes."""
+    parts = [(await asyncio.shield(segment))[0] for segment in segments]
+    return " ".join(part for part in (*parts, text) if part)

@@ -39,7 +39,9 @@ def _redecoding(recognizer: "BatchRecognizer", settings: Settings,
 
     return RedecodingSTT(recognizer, executor, slots=settings.cpu_workers,
                          partial_interval_ms=settings.partial_interval_ms,
-                         max_utterance_s=settings.max_utterance_s)
+                         max_utterance_s=settings.max_utterance_s,
+                         split_pause_ms=settings.split_pause_ms,
+                         min_segment_ms=settings.split_min_segment_ms)
 
 
 def _piper(settings: Settings, executor: Executor) -> TextToSpeech:
