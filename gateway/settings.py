@@ -232,10 +232,12 @@ class Settings(BaseModel):
     max_utterance_s: PosF = 30.0
     # The embedded recogniser splits an utterance at a pause that lasted this long after
     # its early decode started (about early_final_after_ms + this of silence) when the
-    # caller then spoke on: that decode is kept, and later ones read only what follows
-    # (0: every decode reads the whole utterance). Only a part of split_min_segment_ms
-    # or more is split off.
-    split_pause_ms: NonNeg = 150
+    # caller then spoke on: that decode is kept, and later ones read only what follows.
+    # Only a part of split_min_segment_ms or more is split off. 0 (the default): every
+    # decode reads the whole utterance. Off because Moonshine hears a part without its
+    # context far worse (held-out voice-to-voice run: WER 26.7% vs 19.6%, 40 vs 54 of
+    # 64 cached questions answered; docs/architecture.md); for long monologues only.
+    split_pause_ms: NonNeg = 0
     split_min_segment_ms: Pos = 1000
 
     # --- playout ----------------------------------------------------------------
