@@ -18,7 +18,10 @@ Sets (texts are never tuned on: hits come from Banking77 *dev*, the seed from *t
   PAUSED_TEXTS_FRESH (``paused_set="fresh"``) was written on 2026-11-25, after a rule
   ("I" does not end a turn) had been drawn from a held-out failure ("how do I, uh, ..."),
   and before anything was measured on it: the held-out set no longer measures that rule
-  honestly, this one does.
+  honestly, this one does. PAUSED_TEXTS_FRESH2 (``paused_set="fresh2"``) was written on
+  2026-11-25 (stop 35), before anything was measured on it, to measure a rule drawn from
+  held-out and fresh failures (a cached question whose words read unfinished waits the
+  long silence): it has more sentence starts that are cached questions of their own.
 
 Clips are cached under .cache/speech-corpus (git-ignored), keyed by text, voice and rate.
 """
@@ -105,6 +108,26 @@ PAUSED_TEXTS_FRESH: list[list[str]] = [
     ["why is my balance", "not updated", "after the deposit"],
     ["I need to", "freeze my card", "right now"],
     ["do you charge", "a fee", "for foreign currency"],
+]
+
+# Fresh 2 (see above): written before any measurement on it; the same kinds of pauses.
+PAUSED_TEXTS_FRESH2: list[list[str]] = [
+    ["my card", "um", "was swallowed by the machine"],
+    ["the transfer I made", "yesterday", "has not arrived"],
+    ["my postcode is", "e c two", "one a b"],
+    ["can you help me", "uh", "change my pin"],
+    ["the top up", "didn't work"],
+    ["I want to transfer", "five hundred pounds", "to my savings"],
+    ["my account", "has been", "locked"],
+    ["I was charged", "a fee", "for a card payment"],
+    ["is it possible to", "um", "get a virtual card"],
+    ["my date of birth is", "the fourth of", "june"],
+    ["the refund", "for my order", "is still missing"],
+    ["what is", "the exchange rate", "for dollars"],
+    ["I would like to", "uh", "change my name"],
+    ["the ATM", "gave me", "the wrong amount"],
+    ["my card payment", "was declined", "at a restaurant"],
+    ["how much does it cost", "to send money", "to india"],
 ]
 
 
@@ -245,13 +268,14 @@ def miss_questions(n: int, seed: int = 7) -> list[str]:
 
 def paused_texts(seed: int, paused_set: str = "") -> list[list[str]]:
     """The development texts for sample seed 7, the held-out ones (shuffled) otherwise;
-    ``paused_set`` ("dev", "heldout" or "fresh") names one whatever the seed."""
+    ``paused_set`` ("dev", "heldout", "fresh" or "fresh2") names one whatever the seed."""
     paused_set = paused_set or ("dev" if seed == 7 else "heldout")
     if paused_set == "dev":
         return list(PAUSED_TEXTS)
-    sets = {"heldout": PAUSED_TEXTS_HELDOUT, "fresh": PAUSED_TEXTS_FRESH}
+    sets = {"heldout": PAUSED_TEXTS_HELDOUT, "fresh": PAUSED_TEXTS_FRESH,
+            "fresh2": PAUSED_TEXTS_FRESH2}
     if paused_set not in sets:
-        raise ValueError(f"paused_set must be dev, heldout or fresh, not {paused_set!r}")
+        raise ValueError(f"paused_set must be dev, {', '.join(sets)}, not {paused_set!r}")
     texts = list(sets[paused_set])
     random.Random(seed).shuffle(texts)
     return texts

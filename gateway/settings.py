@@ -216,6 +216,9 @@ class Settings(BaseModel):
     # cached intent, and the caller was about to say "... has not arrived". Off: any
     # cached question ends early.
     complete_turn_needs_finished_words: bool = True
+    # ... and one whose words read unfinished waits incomplete_turn_silence_ms, as words
+    # ending on "my" do ("the exchange rate, ... seems wrong"); off: the open silence.
+    unfinished_words_incomplete: bool = True
     # The end-of-turn model on the caller's audio: smart_turn (Smart Turn v3.2) or none.
     turn_model: Literal["smart_turn", "none"] = "smart_turn"
     # Its probability at or above which a cached question ends early, and below which

@@ -64,10 +64,18 @@ def test_a_cache_hit_ends_the_turn_early_unless_the_turn_model_doubts_it():
     assert policy(cache_hit=True, turn_probability=0.1).required_silence_ms() == 1200
 
 
-def test_a_cache_hit_whose_words_read_unfinished_waits_the_default_silence():
+def test_a_cache_hit_whose_words_read_unfinished_waits_the_long_silence():
     # "the card I ordered" routes to a cached intent; no seed question ends there.
-    assert policy(cache_hit=True, words_finished=False).required_silence_ms() == 300
+    unfinished = policy(cache_hit=True, words_finished=False, turn_probability=0.9)
+    assert unfinished.judge() is Judgement.INCOMPLETE
+    assert unfinished.required_silence_ms() == 1200
     assert policy(cache_hit=True, words_finished=True).required_silence_ms() == 160
+    # Not a hit: completeness is not judged, the words do not hold the turn.
+    assert policy(cache_hit=False, words_finished=False).required_silence_ms() == 300
+    open_silence = EndOfTurnPolicy(EndOfTurnSettings(silence_ms=300,
+                                                     unfinished_words_incomplete=False))
+    open_silence.cache_hit, open_silence.words_finished = True, False
+    assert open_silence.required_silence_ms() == 300
     any_hit = EndOfTurnPolicy(EndOfTurnSettings(silence_ms=300, needs_finished_words=False))
     any_hit.cache_hit, any_hit.words_finished = True, False
     assert any_hit.required_silence_ms() == 160
@@ -150,6 +158,23 @@ async def test_a_cached_question_that_reads_unfinished_is_not_cut_off():
     assert h.transcripts() == ["the card i ordered has not arrived"]
     (metrics,) = h.metrics()
     assert metrics["end_of_turn"] == "complete" and metrics["end_of_turn_ms"] < 250
+
+
+@pytest.mark.parametrize("unfinished_words_incomplete", [True, False])
+async def test_a_cached_start_of_a_sentence_waits_out_a_long_pause(unfinished_words_incomplete):
+    # "the exchange rate, ... seems wrong": a pause longer than the open silence (300 ms
+    # here) after words that route to a cached intent but read unfinished.
+    h = CallHarness(faqs={"exchange rate": "exchange_rate"}, early_finals=True,
+                    settings={"unfinished_words_incomplete": unfinished_words_incomplete})
+    await h.start()
+    h.router.unfinished = lambda text: text.endswith("rate")
+    await h.say("the exchange rate", then_silence_ms=700)
+    await h.say("seems wrong", then_silence_ms=2000)
+    await h.stop()
+    if unfinished_words_incomplete:
+        assert h.transcripts() == ["the exchange rate seems wrong"]
+    else:  # the open silence ended the turn before the caller went on
+        assert h.transcripts()[0] == "the exchange rate"
 
 
 async def test_without_the_signals_the_same_question_waits_the_default_silence():

@@ -120,8 +120,8 @@ def test_route_lines_emits_the_route_command_fields(bank_cache: LoadedCache) -> 
     rows = list(route_lines(bank_cache.router, ["is my money FDIC insured\n", "\n",
                                                 "tell me a joke\n"]))
     assert [r["text"] for r in rows] == ["is my money FDIC insured", "tell me a joke"]
-    assert set(rows[0]) == {"text", "intent", "action", "hit", "spoken_hit", "entry_id", "answer",
-                            "score", "ms"}
+    assert set(rows[0]) == {"text", "intent", "action", "hit", "spoken_hit", "finished",
+                            "entry_id", "answer", "score", "ms"}
     assert rows[0]["hit"] is True and rows[0]["entry_id"] == "fdic_insurance"
     assert rows[1]["hit"] is False and rows[1]["intent"] is None and rows[1]["action"] == "llm"
 

@@ -82,6 +82,7 @@ def end_of_turn_settings(settings: Settings) -> EndOfTurnSettings:
                              complete_silence_ms=settings.complete_turn_silence_ms,
                              incomplete_silence_ms=settings.incomplete_turn_silence_ms,
                              needs_finished_words=settings.complete_turn_needs_finished_words,
+                             unfinished_words_incomplete=settings.unfinished_words_incomplete,
                              complete_threshold=settings.turn_complete_threshold,
                              incomplete_threshold=settings.turn_incomplete_threshold)
 
