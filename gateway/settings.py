@@ -238,7 +238,7 @@ class Settings(BaseModel):
     # caller then spoke on: that decode is kept, and later ones read only what follows.
     # Only a part of split_min_segment_ms or more is split off. 0 (the default): every
     # decode reads the whole utterance. Off because Moonshine hears a part without its
-    # context far worse (held-out voice-to-voice run: WER 26.7% vs 19.6%, 40 vs 54 of
+    # context far worse (held-out voice-to-voice run: WER 26.7% vs 19.6%, 34 vs 40 of
     # 64 cached questions answered; docs/architecture.md); for long monologues only.
     split_pause_ms: NonNeg = 0
     split_min_segment_ms: Pos = 1000
