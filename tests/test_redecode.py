@@ -423,3 +423,70 @@ async def test_a_reset_stops_the_segments_decodes(pool):
     assert recognizer.decoded == []
     recognizer.gate.set()
     await stream.aclose()
+
+
+async def split_once(service, stream):
+    """1500 ms of speech, a pause whose decode is still running, then speech again."""
+    await stream.send_audio(audio(1500))
+    early = stream.speech_paused()
+    await until(lambda: service.scheduler.running == 1)
+    await stream.send_audio(audio(250, 0))
+    stream.speech_resumed()
+    assert stream.splits == 1
+    return early
+
+
+async def test_a_cancelled_final_stops_its_segments_decodes(pool):
+    # The call ends while a split utterance's final decodes (the engine cancels its
+    # finals): nobody waits for the segment any more, so its decode must stop rather than
+    # hold one of the process's decode slots to its end.
+    recognizer = StoppableRecognizer()
+    service = RedecodingSTT(recognizer, pool, slots=2, partial_interval_ms=10_000,
+                            split_pause_ms=200, min_segment_ms=1000)
+    stream = service.open_stream()
+    recognizer.gate.clear()
+    try:
+        await split_once(service, stream)
+        await stream.send_audio(audio(500))
+        final = asyncio.ensure_future(stream.finalize())
+        await until(lambda: service.scheduler.running == 2)  # the segment and the tail
+        final.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await final
+        await stream.aclose()
+        await until(lambda: service.scheduler.running == 0)  # stopped, the gate still shut
+        assert recognizer.decoded == []
+    finally:
+        recognizer.gate.set()
+
+
+async def test_a_segment_failing_after_its_final_was_cancelled_is_not_left_unretrieved(
+        pool, caplog):
+    class FailsAtTheGate(StoppableRecognizer):
+        def transcribe(self, pcm16: bytes) -> str:
+            self.gate.wait(10)
+            if len(pcm16) == 1500 * MS:
+                raise RuntimeError("decoder fell over")
+            return super().transcribe(pcm16)
+
+    recognizer = FailsAtTheGate()
+    service = RedecodingSTT(recognizer, pool, slots=2, partial_interval_ms=10_000,
+                            split_pause_ms=200, min_segment_ms=1000)
+    stream = service.open_stream()
+    recognizer.gate.clear()
+    early = await split_once(service, stream)
+    early.cancel()  # the engine stops awaiting the pause's transcript when speech resumes
+    await stream.send_audio(audio(500))
+    final = asyncio.ensure_future(stream.finalize())
+    await until(lambda: service.scheduler.running == 2)
+    final.cancel()  # the caller hung up
+    with pytest.raises(asyncio.CancelledError):
+        await final
+    await stream.aclose()
+    recognizer.gate.set()
+    await until(lambda: service.scheduler.running == 0)
+    del early, final, stream
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text

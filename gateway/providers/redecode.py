@@ -362,16 +362,24 @@ class RedecodingStream:
     async def _final(self, early: asyncio.Task[Decoded] | None,
                      segments: list[asyncio.Task[Decoded]], tail: bytes,
                      draft: list[int], whole: bytes) -> Transcript:
-        if early is not None:
-            text, _ = await early
-        else:
-            text, _ = await self._scheduler.decode(tail, FINAL, draft)
         try:
-            return Transcript(text=await _joined(segments, text), final=True)
-        except Exception:  # a segment's decode failed: the utterance is decoded whole
-            log.warning("stt_segment_failed", exc_info=True)
-            text, _ = await self._scheduler.decode(whole, FINAL)
-            return Transcript(text=text, final=True)
+            if early is not None:
+                text, _ = await early
+            else:
+                text, _ = await self._scheduler.decode(tail, FINAL, draft)
+            try:
+                return Transcript(text=await _joined(segments, text), final=True)
+            except Exception:  # a segment's decode failed: the utterance is decoded whole
+                log.warning("stt_segment_failed", exc_info=True)
+                _stop(segments)
+                text, _ = await self._scheduler.decode(whole, FINAL)
+                return Transcript(text=text, final=True)
+        except BaseException:
+            # Nobody else holds the segments once the utterance is cut: a final cancelled
+            # (the call ended) or failed stops their decodes, which would otherwise keep a
+            # process-wide decode slot, and a failure of theirs would go unretrieved.
+            _stop(segments)
+            raise
 
     async def partials(self) -> AsyncIterator[Transcript]:  # type: ignore[override]
         while True:
@@ -379,8 +387,7 @@ class RedecodingStream:
 
     async def reset(self) -> None:
         self._cancel_early()
-        for segment in self._segments:
-            segment.cancel()
+        _stop(self._segments)
         self._segments = []
         self._start_utterance()
 
@@ -398,6 +405,12 @@ class RedecodingStream:
     async def aclose(self) -> None:
         self._closed = True
         await self.reset()
+
+
+def _stop(segments: Sequence[asyncio.Task[Decoded]]) -> None:
+    """Stop running segment decodes; a finished one's error counts as seen."""
+    for segment in segments:
+        segment.cancel()
 
 
 async def _joined(segments: Sequence[asyncio.Task[Decoded]], text: str) -> str:
