@@ -301,8 +301,8 @@ async def test_each_decode_gets_the_utterance_s_previous_decode_as_its_draft(poo
 # ---- splitting an utterance at a long pause the caller spoke on after
 
 
-def splitting(pool, recognizer=None, interval_ms=10_000):
-    return RedecodingSTT(recognizer or DraftingRecognizer(), pool, slots=2,
+def splitting(pool, recognizer=None, interval_ms=10_000, slots=2):
+    return RedecodingSTT(recognizer or DraftingRecognizer(), pool, slots=slots,
                          partial_interval_ms=interval_ms, split_pause_ms=200,
                          min_segment_ms=1000)
 
@@ -406,25 +406,6 @@ async def test_a_failed_segment_decode_falls_back_on_the_whole_utterance(pool, c
     await stream.aclose()
 
 
-async def test_a_reset_stops_the_segments_decodes(pool):
-    recognizer = StoppableRecognizer()
-    service = RedecodingSTT(recognizer, pool, slots=1, partial_interval_ms=10_000,
-                            split_pause_ms=200, min_segment_ms=1000)
-    stream = service.open_stream()
-    recognizer.gate.clear()
-    await stream.send_audio(audio(1500))
-    stream.speech_paused()
-    await until(lambda: service.scheduler.running == 1)
-    await stream.send_audio(audio(250, 0))
-    stream.speech_resumed()
-    assert stream.splits == 1 and service.scheduler.running == 1  # kept running
-    await stream.reset()
-    await until(lambda: service.scheduler.running == 0)  # stopped with the gate still shut
-    assert recognizer.decoded == []
-    recognizer.gate.set()
-    await stream.aclose()
-
-
 async def split_once(service, stream):
     """1500 ms of speech, a pause whose decode is still running, then speech again."""
     await stream.send_audio(audio(1500))
@@ -436,13 +417,26 @@ async def split_once(service, stream):
     return early
 
 
+async def test_a_reset_stops_the_segments_decodes(pool):
+    recognizer = StoppableRecognizer()
+    service = splitting(pool, recognizer, slots=1)
+    stream = service.open_stream()
+    recognizer.gate.clear()
+    await split_once(service, stream)
+    assert service.scheduler.running == 1  # kept running
+    await stream.reset()
+    await until(lambda: service.scheduler.running == 0)  # stopped with the gate still shut
+    assert recognizer.decoded == []
+    recognizer.gate.set()
+    await stream.aclose()
+
+
 async def test_a_cancelled_final_stops_its_segments_decodes(pool):
     # The call ends while a split utterance's final decodes (the engine cancels its
     # finals): nobody waits for the segment any more, so its decode must stop rather than
     # hold one of the process's decode slots to its end.
     recognizer = StoppableRecognizer()
-    service = RedecodingSTT(recognizer, pool, slots=2, partial_interval_ms=10_000,
-                            split_pause_ms=200, min_segment_ms=1000)
+    service = splitting(pool, recognizer)
     stream = service.open_stream()
     recognizer.gate.clear()
     try:
@@ -470,8 +464,7 @@ async def test_a_segment_failing_after_its_final_was_cancelled_is_not_left_unret
             return super().transcribe(pcm16)
 
     recognizer = FailsAtTheGate()
-    service = RedecodingSTT(recognizer, pool, slots=2, partial_interval_ms=10_000,
-                            split_pause_ms=200, min_segment_ms=1000)
+    service = splitting(pool, recognizer)
     stream = service.open_stream()
     recognizer.gate.clear()
     early = await split_once(service, stream)
