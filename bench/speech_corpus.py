@@ -266,18 +266,22 @@ def miss_questions(n: int, seed: int = 7) -> list[str]:
     return rows[:n]
 
 
+# The paused sets by name (the benches' --paused-set choices).
+PAUSED_SETS: dict[str, list[list[str]]] = {
+    "dev": PAUSED_TEXTS, "heldout": PAUSED_TEXTS_HELDOUT, "fresh": PAUSED_TEXTS_FRESH,
+    "fresh2": PAUSED_TEXTS_FRESH2}
+
+
 def paused_texts(seed: int, paused_set: str = "") -> list[list[str]]:
     """The development texts for sample seed 7, the held-out ones (shuffled) otherwise;
-    ``paused_set`` ("dev", "heldout", "fresh" or "fresh2") names one whatever the seed."""
+    ``paused_set`` (a name of PAUSED_SETS) names one whatever the seed."""
     paused_set = paused_set or ("dev" if seed == 7 else "heldout")
-    if paused_set == "dev":
-        return list(PAUSED_TEXTS)
-    sets = {"heldout": PAUSED_TEXTS_HELDOUT, "fresh": PAUSED_TEXTS_FRESH,
-            "fresh2": PAUSED_TEXTS_FRESH2}
-    if paused_set not in sets:
-        raise ValueError(f"paused_set must be dev, {', '.join(sets)}, not {paused_set!r}")
-    texts = list(sets[paused_set])
-    random.Random(seed).shuffle(texts)
+    if paused_set not in PAUSED_SETS:
+        raise ValueError(f"paused_set must be one of {', '.join(PAUSED_SETS)}, "
+                         f"not {paused_set!r}")
+    texts = list(PAUSED_SETS[paused_set])
+    if paused_set != "dev":  # the development texts keep their order
+        random.Random(seed).shuffle(texts)
     return texts
 
 

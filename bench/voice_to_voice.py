@@ -70,7 +70,7 @@ import websockets
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gateway_process import GatewayProcess  # noqa: E402
-from bench.speech_corpus import CACHE, DATA, Clip, build, word_errors  # noqa: E402
+from bench.speech_corpus import CACHE, DATA, PAUSED_SETS, Clip, build, word_errors  # noqa: E402
 
 FRAME_MS = 20
 SEED_INTENTS = 20  # Banking77 intents in the bench's FAQ
@@ -432,7 +432,7 @@ async def main() -> None:
                         help="which dev/val questions and paused texts (7: the ones the "
                              "end-of-turn defaults were developed on; others: held out)")
     parser.add_argument("--paused-set", default="",
-                        choices=("", "dev", "heldout", "fresh", "fresh2"),
+                        choices=("", *PAUSED_SETS),
                         help="which paused texts (default: dev for seed 7, heldout otherwise)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE gateway setting")
     parser.add_argument("--variant", nargs=2, action="append", default=[],

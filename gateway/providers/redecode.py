@@ -243,7 +243,7 @@ class RedecodingStream:
         self._generation = 0
         self._closed = False
         self.partials_skipped = 0  # due, but the process had no free decode slot
-        self.splits = 0  # segments split off (for benches and tests)
+        self.splits = 0  # segments split off (tests read it)
 
     async def send_audio(self, pcm16: bytes) -> None:
         self._buffer += pcm16
