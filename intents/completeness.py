@@ -19,9 +19,9 @@ seed still learns English, not just its own phrasing.
 Its threshold is the seed's own: the probability under which only ``held_rate`` of the
 seed's questions fall when judged by a model that never saw them (5-fold, out of fold).
 So a cached question whose words read as finished as 99.5% of the seed's questions ends
-on the short silence, and a prefix-like one waits the open silence instead: a wrong
-"finished" cuts a caller off, a wrong "unfinished" costs one cached answer the open
-silence (never more: unfinished is not a reason to wait longer than that).
+on the short silence, and a prefix-like one waits the long silence instead (the gateway's
+``unfinished_words_incomplete``; the open silence with it off): a wrong "finished" cuts a
+caller off, a wrong "unfinished" costs one cached answer that wait.
 
 Serving costs ~50 µs a text (a dictionary lookup per n-gram and a dot product); the
 router judges every hit's text (the end of turn reads it only on hits). A seed of fewer than 50 questions cannot be judged out
@@ -48,8 +48,8 @@ PREFIXES_PER_QUESTION = 3
 FOLDS = 5
 # Fewer seed questions than this are too few for an out-of-fold threshold: the model is off.
 MIN_QUESTIONS = 10 * FOLDS
-# Seed questions a fitted model may hold for the open silence (out of fold): each one
-# held is a cached answer that waits the open silence instead of the short one.
+# Seed questions a fitted model may hold (out of fold): each one held is a cached answer
+# that waits the long silence instead of the short one.
 DEFAULT_HELD_RATE = 0.005
 # Chosen out of fold on banking77 *train*: the first words that read as finished at the
 # 0.5% threshold were 46% (C=0.5), 40% (2), 37.7% (4), 36.5% (8), 37.1% (16).
@@ -105,7 +105,7 @@ class CompletenessReport:
         return (f"end of turn: a cached question ends on the short silence when its words read "
                 f"as finished (probability >= {self.threshold:.3f}); held out, "
                 f"{self.held_rate:.1%} of the seed's {self.questions} questions read as "
-                f"unfinished (they wait the open silence) and {self.prefixes_passed:.0%} of "
+                f"unfinished (they wait the long silence) and {self.prefixes_passed:.0%} of "
                 f"their first words read as finished")
 
 
