@@ -175,6 +175,10 @@ class Settings(BaseModel):
 
     # --- turn taking ----------------------------------------------------------
     vad_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    # A quiet window the VAD scores at least this likely speech (a caller's next word
+    # rising) does not end the turn; the next window decides, at most twice in a row.
+    # 1.0: off. Chosen on the development paused set (bench/vad_pauses.py).
+    vad_onset_probability: Annotated[float, Field(gt=0.0, le=1.0)] = 0.15
     # Every call's VAD windows are scored together, a batch at most this often (ms): larger
     # batches cost less per window; a window waits at most this long. 0: back to back.
     vad_batch_interval_ms: Annotated[float, Field(ge=0.0, le=32.0)] = 10.0

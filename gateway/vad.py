@@ -263,17 +263,27 @@ class SpeechSegmenter:
     ``min_speech_ms`` is checked against consecutive voiced audio, so a click or an
     "uh-huh" shorter than it never becomes speech. The call raises it while the bot
     is talking (barge-in) via ``min_speech_ms_override``.
+
+    A window that would end the turn but in which the model hears a possible onset of
+    voice (``onset_probability`` <= p < threshold) does not end it: the next window
+    decides, at most ``max_onset_deferrals`` times in a row. A caller's next word rises
+    over a window or two (0.1-0.45, then voiced), so without this a pause just longer
+    than the required silence ended on the very window where the caller spoke again.
     """
 
     threshold: float = 0.5
     min_speech_ms: float = 120.0
     end_silence_ms: float = 300.0
     min_speech_ms_override: float | None = None
+    onset_probability: float = 0.15  # 1.0: every quiet window may end the turn
+    max_onset_deferrals: int = 2
     _voiced_ms: float = 0.0
     _silence_ms: float = 0.0
     _in_candidate: bool = False
     _in_speech: bool = False
     _paused: bool = False
+    _last_probability: float = 0.0
+    _onset_deferrals: int = 0
 
     @property
     def in_speech(self) -> bool:
@@ -284,14 +294,23 @@ class SpeechSegmenter:
         """Silence since the last voiced window (0 while voiced)."""
         return self._silence_ms
 
+    @property
+    def hears_onset(self) -> bool:
+        """The caller's pause ends on a window that may be their next word starting:
+        ending the turn now would be deferred to the next window (see the class)."""
+        return (self._paused and self._last_probability >= self.onset_probability
+                and self._onset_deferrals < self.max_onset_deferrals)
+
     def push(self, prob: float) -> list[SegmentEvent]:
         # Hysteresis: once voiced, a window stays voiced down to threshold - 0.15.
         voiced = prob >= (self.threshold - 0.15 if (self._in_candidate or self._in_speech)
                           and not self._paused else self.threshold)
         events: list[SegmentEvent] = []
         needed = self.min_speech_ms_override or self.min_speech_ms
+        self._last_probability = prob
         if voiced:
             self._silence_ms = 0.0
+            self._onset_deferrals = 0
             self._voiced_ms += WINDOW_MS
             if self._in_speech:
                 if self._paused:
@@ -316,7 +335,9 @@ class SpeechSegmenter:
                 if not self._paused:
                     self._paused = True
                     events.append(SegmentEvent.PAUSE)
-                if self._silence_ms >= self.end_silence_ms:
+                if self._silence_ms >= self.end_silence_ms and self.hears_onset:
+                    self._onset_deferrals += 1  # the next window decides
+                elif self._silence_ms >= self.end_silence_ms:
                     self._in_speech = False
                     self._paused = False
                     self._voiced_ms = 0.0
@@ -328,7 +349,9 @@ class SpeechSegmenter:
         arrived): no TURN_END follows; the silence goes on counting."""
         self._in_speech = self._paused = False
         self._voiced_ms = 0.0
+        self._onset_deferrals = 0
 
     def reset(self) -> None:
-        self._voiced_ms = self._silence_ms = 0.0
+        self._voiced_ms = self._silence_ms = self._last_probability = 0.0
         self._in_candidate = self._in_speech = self._paused = False
+        self._onset_deferrals = 0

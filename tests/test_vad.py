@@ -1,6 +1,12 @@
+import asyncio
+import math
+
 import numpy as np
 
-from gateway.vad import WINDOW_MS, SegmentEvent, SileroState, SpeechSegmenter
+from gateway.call.turns import SpeechResumed, TurnDetector, TurnEnded, TurnSettings
+from gateway.clock import ManualClock
+from gateway.providers.base import Transcript
+from gateway.vad import WINDOW_BYTES, WINDOW_MS, SegmentEvent, SileroState, SpeechSegmenter
 
 
 def run(seg: SpeechSegmenter, probs: list[float]) -> list[SegmentEvent]:
@@ -208,3 +214,67 @@ async def test_skipping_quiet_windows_leaves_the_turns_silero_finds_in_place(run
     assert [e for _, e in turns[0]] == [SegmentEvent.SPEECH_START, SegmentEvent.TURN_END] * 2
     assert [e for _, e in turns[1]] == [e for _, e in turns[0]]
     assert all(abs(a - b) <= 1 for (a, _), (b, _) in zip(*turns))
+
+
+# A caller's next word rises over a window or two before the VAD calls it voiced; the
+# window where it starts must not be the one that ends the turn (bench/vad_pauses.py).
+_PAUSE_TO_THE_END = math.ceil(300 / WINDOW_MS) - 1  # quiet windows: one short of 300 ms
+
+
+def test_a_window_where_the_next_word_starts_does_not_end_the_turn():
+    seg = SpeechSegmenter(min_speech_ms=120, end_silence_ms=300)
+    events = run(seg, [0.9] * 10 + [0.0] * _PAUSE_TO_THE_END + [0.3, 0.9] + [0.0] * 12)
+    assert events.count(SegmentEvent.SPEECH_START) == 1
+    assert SegmentEvent.RESUME in events
+    assert events.count(SegmentEvent.TURN_END) == 1  # at the real end, not in the pause
+
+
+def test_without_the_onset_rule_that_window_ends_the_turn():
+    seg = SpeechSegmenter(min_speech_ms=120, end_silence_ms=300, onset_probability=1.0)
+    events = run(seg, [0.9] * 10 + [0.0] * _PAUSE_TO_THE_END + [0.3, 0.9])
+    assert SegmentEvent.TURN_END in events and SegmentEvent.RESUME not in events
+
+
+def test_a_line_that_stays_a_little_noisy_ends_the_turn_two_windows_later():
+    seg = SpeechSegmenter(min_speech_ms=120, end_silence_ms=300)
+    run(seg, [0.9] * 10 + [0.0] * _PAUSE_TO_THE_END)
+    ended_after = [SegmentEvent.TURN_END in seg.push(0.3) for _ in range(4)]
+    assert ended_after == [False, False, True, False]  # two deferrals, then the end
+
+
+def test_quiet_windows_end_the_turn_on_time_whatever_came_before():
+    seg = SpeechSegmenter(min_speech_ms=120, end_silence_ms=300)
+    # an onset that came to nothing earlier in the pause defers nothing later
+    events = run(seg, [0.9] * 10 + [0.0] * 3 + [0.3] + [0.0] * (_PAUSE_TO_THE_END - 4))
+    assert SegmentEvent.TURN_END not in events
+    assert seg.push(0.0) == [SegmentEvent.TURN_END]
+
+
+class _QuietSTT:
+    """A recogniser stub: takes audio, gives no early words, finals on request."""
+
+    async def send_audio(self, pcm16: bytes) -> None:
+        pass
+
+    def finalize(self) -> "asyncio.Future[Transcript]":
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(Transcript(text="", final=True))
+        return future
+
+
+async def test_a_late_signal_does_not_end_the_turn_while_the_next_word_starts():
+    detector = TurnDetector(TurnSettings(), _QuietSTT(), ManualClock())  # type: ignore[arg-type]
+    window = bytes(WINDOW_BYTES)
+    at = 0.0
+    for prob in [0.9] * 10 + [0.0] * (math.ceil(900 / WINDOW_MS) - 1):
+        at += WINDOW_MS / 1000
+        await detector.push(window, prob, at)
+    at += WINDOW_MS / 1000
+    signals = await detector.push(window, 0.3, at)  # the 900 ms have passed, on this window
+    assert not any(isinstance(s, TurnEnded) for s in signals)
+    # a signal arriving now (a late route) would end the turn on the silence so far
+    assert detector.end_turn_if_due(detector.pause, at) is None
+    at += WINDOW_MS / 1000
+    signals = await detector.push(window, 0.9, at)
+    assert any(isinstance(s, SpeechResumed) for s in signals)
+    assert detector.in_utterance

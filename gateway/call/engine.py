@@ -120,6 +120,7 @@ class Call:
 
         self._turns = TurnDetector(
             TurnSettings(vad_threshold=settings.vad_threshold,
+                         vad_onset_probability=settings.vad_onset_probability,
                          min_speech_ms=settings.min_speech_ms,
                          barge_in_min_speech_ms=settings.barge_in_min_speech_ms,
                          continuation_min_speech_ms=settings.continuation_min_speech_ms,

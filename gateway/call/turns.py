@@ -52,6 +52,8 @@ class VadScorer(Protocol):
 @dataclass(frozen=True)
 class TurnSettings:
     vad_threshold: float = 0.5
+    # A window this likely speech (below vad_threshold) does not end a turn: the next does.
+    vad_onset_probability: float = 0.15
     min_speech_ms: float = 120.0
     barge_in_min_speech_ms: float = 400.0
     # ... except just after the caller's own turn ended: going on is continuing it.
@@ -106,7 +108,8 @@ class TurnDetector:
         self.policy = EndOfTurnPolicy(settings.end_of_turn)
         self._segmenter = SpeechSegmenter(threshold=settings.vad_threshold,
                                           min_speech_ms=settings.min_speech_ms,
-                                          end_silence_ms=settings.end_of_turn.silence_ms)
+                                          end_silence_ms=settings.end_of_turn.silence_ms,
+                                          onset_probability=settings.vad_onset_probability)
         self._preroll: deque[bytes] = deque(maxlen=settings.preroll_windows)
         self._audio = bytearray()  # the turn's audio (last 8 s), for the turn model
         self.in_utterance = False
@@ -223,8 +226,8 @@ class TurnDetector:
         if not (self.in_utterance and self._paused and pause == self.pause):
             return None
         silence_ms = self._segmenter.silence_ms + max(0.0, at - self._scored_at) * 1000
-        if silence_ms < self.policy.required_silence_ms():
-            return None
+        if silence_ms < self.policy.required_silence_ms() or self._segmenter.hears_onset:
+            return None  # (hearing the next word start: the next window decides)
         self._segmenter.end_turn()
         return self._end_turn(at)
 
