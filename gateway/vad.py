@@ -335,14 +335,26 @@ class SpeechSegmenter:
                 if not self._paused:
                     self._paused = True
                     events.append(SegmentEvent.PAUSE)
+                if prob < self.onset_probability:
+                    self._onset_deferrals = 0  # the run of onset windows is broken
                 if self._silence_ms >= self.end_silence_ms and self.hears_onset:
                     self._onset_deferrals += 1  # the next window decides
                 elif self._silence_ms >= self.end_silence_ms:
                     self._in_speech = False
                     self._paused = False
                     self._voiced_ms = 0.0
+                    self._onset_deferrals = 0
                     events.append(SegmentEvent.TURN_END)
         return events
+
+    @property
+    def onset_budget_ms(self) -> float:
+        """How much more audio the onset rule may still defer the end by."""
+        return max(0, self.max_onset_deferrals - self._onset_deferrals) * WINDOW_MS
+
+    def defer_onset(self) -> None:
+        """An end from outside was deferred for the onset: it counts as one deferral."""
+        self._onset_deferrals += 1
 
     def end_turn(self) -> None:
         """The turn was ended from outside (its silence was enough once its last signal

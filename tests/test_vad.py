@@ -278,3 +278,106 @@ async def test_a_late_signal_does_not_end_the_turn_while_the_next_word_starts():
     signals = await detector.push(window, 0.9, at)
     assert any(isinstance(s, SpeechResumed) for s in signals)
     assert detector.in_utterance
+
+
+class _Driver:
+    def __init__(self) -> None:
+        self.clock = ManualClock()
+        self.detector = TurnDetector(TurnSettings(), _QuietSTT(), self.clock)  # type: ignore[arg-type]
+        self.at = self.clock.now()
+
+    async def push(self, prob: float) -> list:
+        self.at += WINDOW_MS / 1000
+        self.clock._now = self.at  # keep the detector's clock (note_* metrics) in step
+        return await self.detector.push(bytes(WINDOW_BYTES), prob, self.at)
+
+
+def _ended(signals: list) -> bool:
+    return any(isinstance(s, TurnEnded) for s in signals)
+
+
+async def test_late_signal_on_a_slightly_noisy_line_ends_within_two_windows():
+    """Docs: "the next window decides, at most twice in a row (64 ms), and end_turn_if_due
+    defers the same way". A noisy line (p=0.2 throughout the pause, below the VAD
+    threshold) + a cached question whose route lands after the 160 ms silence: the
+    signal is declined (uncounted), then the segmenter defers twice more, so the turn
+    ends on the 3rd window after the signal (~96 ms + batching), not within 2."""
+    d = _Driver()
+    for _ in range(10):
+        await d.push(0.9)
+    for _ in range(12):  # ~384 ms of pause at p=0.2; the open silence (900 ms) is not due
+        assert not _ended(await d.push(0.2))
+    det = d.detector
+    det.note_route(det.pause, cache_hit=True, words_finished=True)  # -> 160 ms
+    assert det.policy.required_silence_ms() == 160.0
+    signal_at = d.at + 0.005
+    assert det.end_turn_if_due(det.pause, signal_at) is None  # declined: last window p=0.2
+    windows_after_signal = None
+    for n in range(1, 6):
+        if _ended(await d.push(0.2)):
+            windows_after_signal = n
+            break
+    assert windows_after_signal is not None
+    assert windows_after_signal <= 2, f"ended {windows_after_signal} windows after the signal"
+
+
+async def test_a_signal_long_after_the_last_window_is_not_held_by_its_onset():
+    """end_turn_if_due counts unscored time as quiet ("audio not scored yet is taken as
+    still quiet"), yet hears_onset looks only at the last scored window. If no window
+    follows (the client stops sending after the question; a long network stall), a
+    cached question whose last scored window was 0.15 <= p < 0.5 (a speech tail) is
+    declined however late the signal is, and nothing ever ends the turn (in_utterance
+    stays True, so the idle watch is 'busy' forever too)."""
+    d = _Driver()
+    for _ in range(10):
+        await d.push(0.9)
+    for p in (0.1, 0.05, 0.0, 0.3):  # a pause, last window a (would-be) onset
+        assert not _ended(await d.push(p))
+    det = d.detector
+    det.note_route(det.pause, cache_hit=True, words_finished=True)  # -> 160 ms
+    # the route lands 2 s after the last window: 2 s of presumed quiet, far past any
+    # deferral budget (2 windows)
+    ended = det.end_turn_if_due(det.pause, d.at + 2.0)
+    assert isinstance(ended, TurnEnded)
+
+
+def test_deferrals_counted_earlier_in_the_pause_do_not_use_up_a_later_onset():
+    """The count is reset only by a voiced window, end_turn() and reset(): a deferral
+    spent when the required silence was shorter stays spent after it grows (the
+    detector re-sets end_silence_ms every window from the policy, e.g. 900 -> 1200 when
+    the turn model's 'incomplete' lands just after the 900 ms mark). The later pause
+    end then gets one deferral instead of two, and the caller's next word rising over
+    two windows (0.3, 0.3, then voiced) is cut off."""
+    seg = SpeechSegmenter(min_speech_ms=120, end_silence_ms=300)
+    for p in [0.9] * 10 + [0.0] * (math.ceil(300 / WINDOW_MS) - 1):
+        assert SegmentEvent.TURN_END not in seg.push(p)
+    assert seg.push(0.3) == []  # deferred once at the 300 ms mark
+    seg.end_silence_ms = 600  # what is now known about the pause asks for longer
+    while seg.silence_ms + WINDOW_MS < 600:
+        assert SegmentEvent.TURN_END not in seg.push(0.0)
+    events = [seg.push(p) for p in (0.3, 0.3, 0.9)]  # the next word rises, then voiced
+    assert all(SegmentEvent.TURN_END not in e for e in events), events
+    assert SegmentEvent.RESUME in events[-1]
+
+
+async def test_detector_turn_model_raising_the_silence_after_a_deferral():
+    """Finding 3 through the TurnDetector: open silence (900 ms), an onset deferral at
+    900 ms, then the turn model says 'incomplete' (1200 ms); the caller's next word
+    rising at 1200 ms (0.3, 0.3, voiced) must resume the turn, not end it."""
+    d = _Driver()
+    det = d.detector
+    for _ in range(10):
+        await d.push(0.9)
+    quiet = math.ceil(900 / WINDOW_MS) - 1
+    for _ in range(quiet):
+        assert not _ended(await d.push(0.0))
+    assert not _ended(await d.push(0.3))  # deferred at the 900 ms mark
+    det.note_turn_probability(det.pause, 0.01)  # -> incomplete: 1200 ms
+    assert det.policy.required_silence_ms() == 1200.0
+    while det._segmenter.silence_ms + WINDOW_MS < 1200:
+        assert not _ended(await d.push(0.0))
+    signals = []
+    for p in (0.3, 0.3, 0.9):
+        signals += await d.push(p)
+    assert not _ended(signals)
+    assert any(isinstance(s, SpeechResumed) for s in signals)

@@ -225,9 +225,13 @@ class TurnDetector:
         it opens the next turn, as any speech just after a turn's end does)."""
         if not (self.in_utterance and self._paused and pause == self.pause):
             return None
-        silence_ms = self._segmenter.silence_ms + max(0.0, at - self._scored_at) * 1000
-        if silence_ms < self.policy.required_silence_ms() or self._segmenter.hears_onset:
-            return None  # (hearing the next word start: the next window decides)
+        unscored_ms = max(0.0, at - self._scored_at) * 1000
+        silence_ms = self._segmenter.silence_ms + unscored_ms
+        if silence_ms < self.policy.required_silence_ms():
+            return None
+        if self._segmenter.hears_onset and unscored_ms < self._segmenter.onset_budget_ms:
+            self._segmenter.defer_onset()  # one of the deferrals: the next window decides
+            return None
         self._segmenter.end_turn()
         return self._end_turn(at)
 
