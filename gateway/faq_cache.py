@@ -9,6 +9,7 @@ touching disk, network or a model.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -37,6 +38,7 @@ class FaqCache:
         self.audio = audio or AudioBank()
         self._serving: _Serving | None = None
         self.last_error: str | None = None
+        self._refreshing = threading.Lock()  # one load at a time, the newest wins
 
     @property
     def version(self) -> str | None:
@@ -61,6 +63,10 @@ class FaqCache:
         return serving.cache.router.route_many(texts)
 
     def refresh(self) -> bool:
+        with self._refreshing:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         """Load the store's current version if it is not the one serving. Blocking.
 
         A version that cannot be loaded leaves the serving one in place.
@@ -77,8 +83,8 @@ class FaqCache:
         started = time.perf_counter()
         try:
             loaded = load_cache(self.store, self.embedder, current)
-        except (StoreError, OSError, ValueError) as exc:
-            self.last_error = f"cannot load cache version {current}: {exc}"
+        except Exception as exc:  # corrupt or foreign: refuse it, keep what we serve
+            self.last_error = f"cannot load cache version {current}: {type(exc).__name__}: {exc}"
             logs.event(log, "cache_load_failed", logging.ERROR, version=current, error=str(exc))
             return False
         clips = [Clip(entry.id, entry.answer or "", entry.pcm, entry.sample_rate)

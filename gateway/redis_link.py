@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError, RedisError
 from redis.retry import Retry
 
 from intents.redis_store import RedisKeys, redacted
@@ -101,11 +101,17 @@ class VersionSubscriber:
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
+        pinged = False  # a PING is out and nothing has come back since
         while True:
             message = await pubsub.get_message(timeout=self._ping_s)
             if message is None:
+                if pinged:
+                    raise ConnectionError(f"no reply to PING within {self._ping_s:g} s")
                 await pubsub.ping()
-            elif message.get("type") == "message":
+                pinged = True
+                continue
+            pinged = False
+            if message.get("type") == "message":
                 logs.event(log, "version_published", version=_text(message.get("data")))
                 await self._refresh()
 

@@ -35,7 +35,7 @@ from collections import Counter
 from typing import Any, Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from intents.redis_store import DEFAULT_PREFIX
 
@@ -47,6 +47,21 @@ log = logging.getLogger("voicegate.shared_stats")
 
 MINUTE_BUCKET_TTL_S = 600
 RECENT_MINUTES = 5
+# KEYS[1] marks the batch as applied; KEYS[2..] the hashes; ARGV: ttl, minute prefix, then
+# field, amount per hash. Returns the (1-based) slots that could not be incremented.
+_APPLY_ONCE = """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', 3600) then return {} end
+local failed = {}
+for i = 2, #KEYS do
+  local ok = redis.pcall('HINCRBY', KEYS[i], ARGV[2 * i - 1], ARGV[2 * i])
+  if type(ok) == 'table' and ok.err then
+    table.insert(failed, i - 1)
+  elseif string.sub(KEYS[i], 1, #ARGV[2]) == ARGV[2] then
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return failed
+"""
 _HASHES = ("totals", "intents", "entries", "sources", "errors")
 
 
@@ -68,6 +83,7 @@ class SharedStats:
         self._flush_s = flush_s
         self._max_pending = max_pending
         self._pending: Counter[tuple[str, str]] = Counter()  # (hash key, field) -> increment
+        self._inflight: tuple[str, Counter[tuple[str, str]]] | None = None  # sent, unconfirmed
         self.dropped = 0
 
     # -- recording (StatsObserver; called on the event loop, never blocks) ---------------
@@ -102,7 +118,8 @@ class SharedStats:
 
     @property
     def pending(self) -> int:
-        return sum(self._pending.values())
+        inflight = sum(self._inflight[1].values()) if self._inflight else 0
+        return sum(self._pending.values()) + inflight
 
     # -- background: flush and heartbeat --------------------------------------------------
     async def run(self) -> None:
@@ -121,24 +138,27 @@ class SharedStats:
             await asyncio.sleep(self._flush_s)
 
     async def flush(self) -> None:
-        """Write the pending increments in one transaction; on failure keep them pending."""
-        if not self._pending:
-            return
-        batch, self._pending = self._pending, Counter()
-        try:
-            pipe = self._redis.pipeline(transaction=True)
-            minutes: set[str] = set()
-            for (key, field), amount in batch.items():
-                pipe.hincrby(key, field, amount)
-                if key.startswith(self._prefix + "stats:minute:"):
-                    minutes.add(key)
-            for key in minutes:
-                pipe.expire(key, MINUTE_BUCKET_TTL_S)
-            await pipe.execute()
-        except BaseException:
-            batch.update(self._pending)  # increments recorded meanwhile
-            self._pending = batch
-            raise
+        """Write the pending increments once: a batch carries an id, and Redis applies a
+        given id at most once (a retry after a timeout that was in fact applied is a no-op).
+        Increments that fail (a foreign value under the key) are dropped and reported."""
+        if self._inflight is None:
+            if not self._pending:
+                return
+            self._inflight = (secrets.token_hex(8), self._pending)
+            self._pending = Counter()
+        batch_id, batch = self._inflight
+        slots = list(batch.items())
+        keys = [self._prefix + f"stats:batch:{batch_id}"] + [key for (key, _), _ in slots]
+        args = [MINUTE_BUCKET_TTL_S, self._prefix + "stats:minute:"]
+        for (_, field), amount in slots:
+            args += [field, amount]
+        failed = await self._redis.eval(_APPLY_ONCE, len(keys), *keys, *args)
+        self._inflight = None
+        if failed:
+            index = int(failed[0]) - 1
+            self.dropped += sum(slots[int(i) - 1][1] for i in failed)
+            (key, field), _ = slots[index]
+            raise ResponseError(f"cannot add to {key} {field}: not a hash of integers")
 
     async def heartbeat(self) -> None:
         body = dict(self._describe(), replica=self.replica_id, pending=self.pending,
@@ -180,7 +200,7 @@ class SharedStats:
         recent_turns, recent_hits = counts["recent_turns"], counts["recent_hits"]
         return dict(
             local, scope="cluster", replicas=len(replicas),
-            active_calls=sum(int(r.get("active_calls", 0)) for r in replicas),
+            active_calls=sum(_int(r.get("active_calls")) or 0 for r in replicas),
             calls=totals.get("calls", 0), turns=totals.get("turns", 0), hits=hits,
             misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None,
             hit_rate_5m=recent_hits / recent_turns if recent_turns else None,
@@ -199,14 +219,32 @@ class SharedStats:
         results = await pipe.execute()
         counts: dict[str, Any] = {name: _ints(raw) for name, raw in zip(_HASHES, results)}
         buckets = results[len(_HASHES):]
-        counts["recent_turns"] = sum(int(t or 0) for t, _ in buckets)
-        counts["recent_hits"] = sum(int(h or 0) for _, h in buckets)
+        counts["recent_turns"] = sum(_int(t) or 0 for t, _ in buckets)
+        counts["recent_hits"] = sum(_int(h) or 0 for _, h in buckets)
         keys = [key async for key in self._redis.scan_iter(match=self._prefix + "replica:*",
                                                              count=500)]
         values = await self._redis.mget(keys) if keys else []
-        replicas = [json.loads(v) for v in values if v]  # expired between SCAN and MGET: gone
+        replicas = [r for r in map(_heartbeat, values) if r is not None]
         return counts, replicas
 
 
+def _heartbeat(value: bytes | None) -> dict[str, Any] | None:
+    """A replica's heartbeat; None when expired between SCAN and MGET, or not ours."""
+    try:
+        body = json.loads(value) if value else None
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _ints(raw: dict[bytes, bytes]) -> dict[str, int]:
-    return {k.decode("utf-8", "replace"): int(v) for k, v in raw.items()}
+    """A counters hash; a field that is not an integer (not ours) is left out."""
+    out = {k.decode("utf-8", "replace"): _int(v) for k, v in raw.items()}
+    return {k: v for k, v in out.items() if v is not None}

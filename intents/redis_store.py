@@ -42,6 +42,26 @@ from intents.types import Audio
 
 DEFAULT_PREFIX = "voicegate:"
 
+# Checks every key first, then writes: no half-applied swap (MULTI/EXEC never rolls back).
+_SWAP = """
+for i, want in ipairs({'string', 'zset'}) do
+  local t = redis.call('TYPE', KEYS[i]).ok
+  if t ~= 'none' and t ~= want then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. t .. ', not a ' .. want)
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[1])
+return 1
+"""
+# -1: the pointer names the version (the swap went through); 0: dropped (or already gone).
+_DROP_UNLESS_CURRENT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return -1 end
+redis.call('DEL', KEYS[2])
+return 0
+"""
+
 
 def redacted(url: str) -> str:
     """The URL without its password, fit for error messages and logs."""
@@ -125,25 +145,24 @@ class RedisStore(Store):
         try:
             self._swap_pointer(version)
         except BaseException:
-            # The pointer never named it: drop the orphan (best effort, Redis may be gone).
+            # A timeout does not say whether the swap was applied: drop the version only if
+            # the pointer does not name it (atomically; best effort, Redis may be gone).
             try:
-                self._redis.delete(key)
+                if self._redis.eval(_DROP_UNLESS_CURRENT, 2, self.keys.current, key,
+                                    version) == -1:
+                    return version  # the swap went through after all
             except redis.RedisError:
                 pass
             raise
         return version
 
     def _swap_pointer(self, version: str) -> None:
-        """The only step readers can observe: one transaction moves the pointer and tells
-        every subscribed replica."""
-        def transaction() -> None:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.set(self.keys.current, version)
-            pipe.zadd(self.keys.published, {version: time.time()})
-            pipe.publish(self.keys.channel, version)
-            pipe.execute()
-
-        self._call("publish: move pointer", transaction)
+        """The only step readers can observe: one script moves the pointer, records the
+        version and tells every subscribed replica, after checking that no key it writes
+        holds a foreign type (MULTI/EXEC would apply the rest and not roll back)."""
+        self._call("publish: move pointer", lambda: self._redis.eval(
+            _SWAP, 2, self.keys.current, self.keys.published, version, time.time(),
+            self.keys.channel))
 
     def current_version(self) -> str | None:
         name = self._call("current_version", lambda: self._redis.get(self.keys.current))

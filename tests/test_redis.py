@@ -268,9 +268,10 @@ async def test_counters_are_buffered_while_redis_is_down(redis_url: str) -> None
     snapshot = await down.cluster_snapshot({"hits": 2})
     assert snapshot["degraded"] is True and snapshot["replicas"] is None and snapshot["hits"] == 2
     await down.aclose()
-    # Redis is back (same pending map, a reachable client): everything is written once.
+    # Redis is back (the same pending and unconfirmed increments, a reachable client):
+    # everything is written once.
     up = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:")
-    up._pending = down._pending
+    up._pending, up._inflight = down._pending, down._inflight
     await up.flush()
     assert (await up.cluster_snapshot({}))["hits"] == 2 and up.pending == 0
     await up.aclose()

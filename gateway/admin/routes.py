@@ -22,6 +22,7 @@ from ..services import Services
 from . import auth
 from .auth import admin_only, error
 from intents.embedder import normalize_text
+from intents.store import StoreError
 
 from .misses import DEFAULT_THRESHOLD, group_misses, is_agent_intent
 from .publish import (BadEntry, EntryExists, EntryNotFound, LabelledValidationError, Publisher,
@@ -118,6 +119,8 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
                      version=services.cache.version)  # type: ignore[union-attr]
     if isinstance(exc, SeedBusy):
         return error(str(exc), 409)
+    if isinstance(exc, StoreError):  # the store (Redis) is unreachable or inconsistent
+        return error(f"{exc}; nothing published, the previous version keeps serving", 503)
     return error(f"{exc}; the previous version keeps serving", 500)
 
 
@@ -145,7 +148,7 @@ async def post_entry(request: Request, services: Services) -> Response:
         report, entry_id, created = await _publisher(request).upsert_entry(body)
     except BadEntry as exc:
         return error(str(exc), 400)
-    except (LabelledValidationError, SeedBusy, SeedError) as exc:
+    except (LabelledValidationError, SeedBusy, SeedError, StoreError) as exc:
         return _publish_failed(exc, services)
     loaded = services.cache.loaded  # type: ignore[union-attr]
     entry = loaded.entries.get(entry_id) if loaded else None
@@ -162,7 +165,7 @@ async def delete_entry(request: Request, services: Services) -> Response:
     except EntryNotFound:
         return error(f"no entry {entry_id!r} in the serving cache version "
                      f"({services.cache.version})", 404)  # type: ignore[union-attr]
-    except (LabelledValidationError, SeedBusy, SeedError) as exc:
+    except (LabelledValidationError, SeedBusy, SeedError, StoreError) as exc:
         return _publish_failed(exc, services)
     return JSONResponse({"version": report.version, "deleted": entry_id,
                          "report": report_json(report)})
@@ -215,7 +218,7 @@ async def seed_upload(request: Request, services: Services) -> Response:
                      "version keeps serving", 400,
                      errors=[{"line": e.line, "reason": e.reason} for e in exc.errors],
                      version=services.cache.version)  # type: ignore[union-attr]
-    except (SeedBusy, SeedError) as exc:
+    except (SeedBusy, SeedError, StoreError) as exc:
         return _publish_failed(exc, services)
     return JSONResponse({"version": report.version, "report": report_json(report)})
 
@@ -313,7 +316,7 @@ async def promote_miss(request: Request, services: Services) -> Response:
         return error(str(exc), 400)
     except EntryExists as exc:
         return error(str(exc), 409)
-    except (LabelledValidationError, SeedBusy, SeedError) as exc:
+    except (LabelledValidationError, SeedBusy, SeedError, StoreError) as exc:
         return _publish_failed(exc, services)
     # Answered from now on: they leave the misses list.
     services.runtime.stats.forget_missed({normalize_text(q) for q in group["questions"]},

@@ -1,0 +1,358 @@
+"""Redis misbehaving as operators meet it: down, stalled, a silently dead link, foreign or
+corrupt values under the project's keys. Every replica keeps serving what it has, every
+operator gets a clear error, no published version is damaged, no counter counts twice.
+
+Redis: the suite's database (tests/test_redis.py: 127.0.0.1:6379, database 13); each test
+keeps to a key prefix of its own and deletes its keys. tests/redis_faults.FlakyProxy
+stands between a client and Redis where a test needs a stall or a dead link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import secrets
+import threading
+import time
+from types import SimpleNamespace
+from typing import Iterator
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+from starlette.testclient import TestClient
+
+import gateway.faq_cache as faq_cache
+from gateway.app import create_app
+from gateway.faq_cache import FaqCache
+from gateway.redis_link import RedisHealth, VersionSubscriber, open_async_client
+from gateway.services import Services
+from gateway.settings import Settings
+from gateway.shared_stats import SharedStats
+from intents.redis_store import RedisKeys, RedisStore
+from intents.store import MANIFEST_FORMAT, CacheBundle, StoreError
+from tests.redis_faults import FlakyProxy, free_port
+from tests.test_redis import REDIS_URL, unavailable
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A key prefix of this test's own in the suite's Redis database (keys deleted after)."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable(f"no Redis at {REDIS_URL} ({exc})")
+    name = f"faults{secrets.token_hex(3)}:"
+    yield name
+    keys = list(client.scan_iter(match=name + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[FlakyProxy]:
+    p = FlakyProxy(REDIS_URL)
+    yield p
+    p.close()
+
+
+# --------------------------------------------------------------------------------------
+# Publishing through the admin API while Redis is unreachable answers a clear error (503,
+# JSON, the store's reason, "the previous version keeps serving"), never a bare 500.
+
+TOKEN = "hunt-token"
+CSV = ("question,answer,intent,action\n"
+       "When are you open?,We open at nine.,opening_hours,\n"
+       "What are your opening hours?,,opening_hours,\n")
+
+
+@pytest.fixture
+def client_with_redis_down(tmp_path):
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(tmp_path),
+                              "admin_token": TOKEN, "redis_url": dead}, environ={})
+    services = Services(settings)
+    tts = SimpleNamespace(name="fake", voice_id="fake", sample_rate=16000,
+                          synthesize_all=lambda text: b"\x00\x00" * 160)
+    # A warm replica (models loaded) whose Redis has gone away; no lifespan is run.
+    services._runtime = SimpleNamespace(stats=services.stats, tts=tts, embedder=None,
+                                        load_times_s={})
+    services.responder = object()
+    services.cache = FaqCache(RedisStore(dead, timeout_s=0.5), embedder=None)
+    client = TestClient(create_app(settings, services=services), raise_server_exceptions=False)
+    client.headers["Authorization"] = f"Bearer {TOKEN}"
+    return client
+
+
+@pytest.mark.parametrize("method,path,kwargs", [
+    ("POST", "/admin/seed", {"content": CSV, "headers": {"Content-Type": "text/csv"}}),
+    ("POST", "/admin/entries", {"json": {"intent": "opening_hours", "answer": "Nine.",
+                                         "questions": ["When are you open?", "What are your opening hours?"]}}),
+])
+def test_publishing_with_redis_down_is_a_clear_error(client_with_redis_down, method, path,
+                                                     kwargs):
+    response = client_with_redis_down.request(method, path, **kwargs)
+    assert response.headers["content-type"].startswith("application/json"), (
+        f"{method} {path} with Redis down answered {response.status_code} "
+        f"{response.headers['content-type']}: {response.text[:200]!r}")
+    assert "unreachable" in response.json()["error"]
+
+
+# --------------------------------------------------------------------------------------
+# A corrupt or foreign value under the current version's key is refused clearly (the
+# replica keeps serving what it has, or, at start-up, is ready without a cache and tries
+# again later), as a missing version is: never an exception out of refresh().
+
+def vectors() -> bytes:
+    out = io.BytesIO()
+    np.save(out, np.zeros((1, 4), np.float32))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("manifest", [
+    json.dumps(["not", "an", "object"]),
+    json.dumps({"format": MANIFEST_FORMAT}),  # a foreign/partial manifest: no questions
+    json.dumps({"format": MANIFEST_FORMAT, "questions": [{"text": "hi", "intent": "x"}],
+                "entries": "none"}),
+], ids=["list", "no-questions", "entries-not-a-list"])
+def test_a_corrupt_current_version_is_a_clear_load_error(prefix: str, manifest: str) -> None:
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.hset(prefix + "version:broken", mapping={"manifest": manifest, "vectors": vectors(),
+                                                 "classifier": b""})
+    raw.set(prefix + "current", "broken")
+    raw.close()
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    cache = FaqCache(store, SimpleNamespace(model_name="m", dim=4))
+    try:
+        loaded = cache.refresh()
+    finally:
+        store.close()
+    assert loaded is False and cache.version is None
+    assert cache.last_error is not None and "broken" in cache.last_error
+
+
+# --------------------------------------------------------------------------------------
+# The FAQ cache is refreshed from several threads (the subscriber, the safety poll, the
+# admin publisher): a slow load of an older version never replaces a newer one.
+
+class PointerStore:
+    def __init__(self) -> None:
+        self.current = "v1"
+
+    def current_version(self) -> str:
+        return self.current
+
+
+def test_a_slow_load_of_an_older_version_never_replaces_a_newer_one(monkeypatch) -> None:
+    store = PointerStore()
+    inside_v1, release_v1 = threading.Event(), threading.Event()
+
+    def load_cache(store_, embedder, version):
+        if version == "v1":  # a slow load (Redis answering slowly)
+            inside_v1.set()
+            release_v1.wait(10)
+        return SimpleNamespace(version=version, entries={})
+
+    monkeypatch.setattr(faq_cache, "load_cache", load_cache)
+    cache = FaqCache(store, embedder=None)
+    poll = threading.Thread(target=cache.refresh)  # e.g. the safety poll
+    poll.start()
+    assert inside_v1.wait(10)
+    store.current = "v2"  # published meanwhile
+    heard = threading.Thread(target=cache.refresh)  # the subscriber hears v2
+    heard.start()
+    heard.join(0.5)
+    release_v1.set()
+    poll.join(10)
+    heard.join(10)
+    assert cache.version == "v2", f"current is v2 but the replica serves {cache.version}"
+
+
+# --------------------------------------------------------------------------------------
+# A pub/sub link that dies silently (a failover, a NAT or balancer reset: no RST, no FIN)
+# is found by its unanswered PING, replaced, and the versions published meanwhile caught up.
+
+def bundle(marker: str) -> CacheBundle:
+    return CacheBundle({"marker": marker, "entries": [], "questions": []},
+                       np.zeros((1, 4), np.float32), b"c")
+
+
+async def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+async def test_a_silently_dead_subscription_is_detected_and_replaced(prefix: str,
+                                                                    proxy: FlakyProxy) -> None:
+    direct = RedisStore(REDIS_URL, prefix=prefix)
+    seen: list[str | None] = []
+
+    async def refresh() -> None:
+        seen.append(await asyncio.to_thread(direct.current_version))
+
+    health = RedisHealth()
+    ping_s = 0.3
+    task = asyncio.create_task(VersionSubscriber(proxy.url, RedisKeys(prefix), refresh, health,
+                                                 ping_s=ping_s).run())
+    try:
+        assert await wait_for(lambda: seen == [None], 10), "the catch-up refresh on subscribing"
+        proxy.kill_existing_silently()  # the subscriber's socket is now a black hole
+        await asyncio.sleep(ping_s * 3)  # several pings go unanswered
+        version = await asyncio.to_thread(direct.publish, bundle("published while dead"))
+        # A fix notices the missing PONG within a ping or two, resubscribes on a new
+        # connection (the proxy accepts new ones) and catches up with the version.
+        heard = await wait_for(lambda: version in seen, 10)
+        assert heard, (f"after 10 s of unanswered pings (ping_s={ping_s}) the subscriber still "
+                       f"sits on the dead socket: degraded={health.degraded}, refreshes={seen}")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        direct.close()
+
+
+# --------------------------------------------------------------------------------------
+# A publish never leaves `current` naming a deleted version: a pointer swap that timed out
+# may still have been applied (a stalled Redis works off its queue), and MULTI/EXEC never
+# rolls back; the swap checks every key before writing, and the clean-up of a failed publish
+# deletes the version only if the pointer does not name it.
+
+
+def test_a_stalled_pointer_swap_never_leaves_current_naming_a_deleted_version(
+        prefix: str, proxy: FlakyProxy) -> None:
+    direct = RedisStore(REDIS_URL, prefix=prefix)
+    old = direct.publish(bundle("old"))
+    store = RedisStore(proxy.url, prefix=prefix, timeout_s=0.3)
+    swap = store._swap_pointer
+
+    def swap_while_redis_stalls(version: str) -> None:
+        proxy.stall()  # Redis stops answering: MULTI..EXEC is queued, the client times out
+        try:
+            swap(version)
+        finally:
+            proxy.resume()  # ... and Redis works off its queue: the EXEC is applied
+
+    store._swap_pointer = swap_while_redis_stalls  # type: ignore[method-assign]
+    try:
+        store.publish(bundle("new"))  # may fail (it timed out) or find out it went through
+    except StoreError:
+        pass
+    finally:
+        store.close()
+    assert_current_is_whole(direct, prefix, old)
+
+
+def test_a_foreign_published_key_never_leaves_current_naming_a_deleted_version(
+        prefix: str) -> None:
+    """``<prefix>published`` holding a string (an operator's SET): a transaction would set
+    `current` and announce it, fail only the ZADD, and the clean-up would then delete the
+    version replicas were told to load. The publish is refused before anything is written."""
+    direct = RedisStore(REDIS_URL, prefix=prefix)
+    old = direct.publish(bundle("old"))
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.delete(prefix + "published")
+    raw.set(prefix + "published", "oops")
+    raw.close()
+    try:
+        direct.publish(bundle("new"))  # refused clearly, or published whole
+    except StoreError:
+        pass
+    assert_current_is_whole(direct, prefix, old)
+
+
+def assert_current_is_whole(direct: RedisStore, prefix: str, old: str) -> None:
+    current = direct.current_version()
+    try:
+        name, _ = direct.read()  # whatever `current` names must be whole
+    except StoreError as exc:
+        raw = redis.Redis.from_url(REDIS_URL)
+        versions = sorted(k.decode() for k in raw.keys(prefix + "version:*"))
+        raw.close()
+        pytest.fail(f"the failed publish left `current` = {current} (was {old}) naming a "
+                    f"deleted version ({exc}); version keys left: {versions}")
+    assert name == current
+    direct.close()
+
+
+# --------------------------------------------------------------------------------------
+# Shared counters: a batch is applied at most once (a flush that timed out but was applied
+# is not written again), an increment that cannot be applied (a foreign value) is dropped
+# and counted, and a foreign counter field or heartbeat never breaks /admin/stats.
+
+def hit(intent: str) -> dict:
+    return {"source": "cache", "hit": True, "intent": intent, "entry_id": intent}
+
+
+async def test_a_foreign_key_does_not_make_the_other_counters_count_again(prefix: str) -> None:
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(prefix + "stats:errors", "reset by hand")  # a string where a hash belongs
+    stats = SharedStats(aioredis.Redis.from_url(REDIS_URL), prefix=prefix,
+                        health=RedisHealth())
+    stats.call_started()
+    stats.turn_finished(hit("opening_hours"))
+    stats.error("bad_frame")  # the one increment that cannot be written
+    for _ in range(4):  # one second of the flusher's life
+        try:
+            await stats.flush()
+        except redis.RedisError:
+            pass
+    totals = {k.decode(): int(v) for k, v in raw.hgetall(prefix + "stats:totals").items()}
+    raw.close()
+    await stats.aclose()
+    assert totals == {"calls": 1, "turns": 1, "hits": 1}, (
+        f"one call with one hit turn, counted {totals}")
+
+
+async def test_a_non_integer_counter_field_does_not_break_the_cluster_stats(prefix: str) -> None:
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.hset(prefix + "stats:entries", "opening_hours", "lots")
+    raw.close()
+    stats = SharedStats(aioredis.Redis.from_url(REDIS_URL), prefix=prefix)
+    try:
+        snapshot = await stats.cluster_snapshot({"hits": 1})
+    finally:
+        await stats.aclose()
+    assert snapshot["hits"] is not None
+
+
+async def test_a_foreign_heartbeat_does_not_break_the_cluster_stats(prefix: str) -> None:
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(prefix + "replica:by-hand", "alive")
+    raw.close()
+    stats = SharedStats(aioredis.Redis.from_url(REDIS_URL), prefix=prefix)
+    try:
+        snapshot = await stats.cluster_snapshot({"hits": 1})
+    finally:
+        await stats.aclose()
+    assert snapshot["hits"] is not None
+
+
+async def test_a_flush_that_timed_out_but_was_applied_is_not_written_twice(prefix: str,
+                                                                          proxy) -> None:
+    """A stalled Redis: the client times out, Redis applies the queued batch when it
+    resumes, and the retry of that batch must not apply it a second time."""
+
+    raw = redis.Redis.from_url(REDIS_URL)
+    stats = SharedStats(open_async_client(proxy.url, timeout_s=0.3), prefix=prefix)
+    stats.turn_finished(hit("opening_hours"))
+    await stats.flush()  # connected and warm
+    stats.turn_finished(hit("opening_hours"))
+    proxy.stall()
+    try:
+        await stats.flush()
+    except redis.RedisError:
+        pass
+    finally:
+        proxy.resume()
+    await stats.flush()  # Redis answers again
+    hits = int(raw.hget(prefix + "stats:totals", "hits") or 0)
+    raw.close()
+    await stats.aclose()
+    assert hits == 2, f"two hit turns, counted {hits}"
