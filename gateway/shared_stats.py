@@ -2,11 +2,13 @@
 
 ``SharedStats`` observes this replica's ``Stats`` (call started, turn finished,
 error). Recording never touches the network: it adds to an in-memory map of pending
-increments, and a background task flushes that map to Redis every ``flush_s`` in
-one MULTI/EXEC. While Redis is down the increments stay buffered (aggregated, so the
-buffer grows with the number of distinct counters, not with traffic) and are
-written when it returns; only increments to new counters beyond ``max_pending``
-distinct ones are dropped, and counted in ``dropped``.
+increments, and a background task flushes that map to Redis every ``flush_s`` as one
+batch: a Lua script under the batch's own id, applied at most once (a flush that timed
+out but that Redis applied is not counted again when retried; an increment a foreign
+value refuses is dropped, the rest written). While Redis is down the increments stay
+buffered (aggregated, so the buffer grows with the number of distinct counters, not with
+traffic) and are written when it returns; only increments to new counters beyond
+``max_pending`` distinct ones are dropped, and counted in ``dropped``.
 
 Key layout (``prefix`` defaults to ``voicegate:``)::
 
@@ -16,6 +18,7 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
     <prefix>stats:sources         hash  source -> turns
     <prefix>stats:errors          hash  error code -> count
     <prefix>stats:minute:<epoch minute>   hash turns, hits (expires after 10 minutes)
+    <prefix>stats:batch:<id>      string a batch already applied (expires after an hour)
     <prefix>replica:<id>          string JSON {active_calls, cache_version, ...}, TTL 3 heartbeats
 
 Latency percentiles cannot be summed across replicas; a cluster snapshot carries the
