@@ -4,7 +4,7 @@
 
 The paused set's clips (bench/speech_corpus.py: both voices, 16 kHz and the 8 kHz phone
 band) are scored by Silero window by window as the gateway scores them (quiet windows
-skipped at -55 dBFS) and run through the gateway's own SpeechSegmenter at a fixed
+skipped at the gateway's vad_quiet_dbfs) and run through the gateway's own SpeechSegmenter at a fixed
 required silence. Each of ``--draws`` draws gives every clip new pause lengths (400-900
 ms, as the voice-to-voice bench draws them), so a rule is judged on many pauses, not on
 one bench sample. Printed per configuration: the clips whose turn the silence ended
@@ -24,47 +24,53 @@ the other sets are for reporting.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import random
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import speech_corpus as sc  # noqa: E402
+from gateway.settings import Settings  # noqa: E402
 from gateway.vad import (WINDOW_MS, WINDOW_SAMPLES, SegmentEvent, SileroState,  # noqa: E402
                          SileroVAD, SpeechSegmenter, VADBatcher, pcm16_windows)
 
 _TAIL = bytes(sc.RATE * 2 * 2)  # 2 s of silence after the clip: every turn ends
+_DEFAULTS = Settings.model_fields  # the gateway's own VAD and segmenter defaults
 
 
 class Scorer:
-    """Speech probabilities of a clip's windows as the gateway computes them."""
+    """Speech probabilities of a clip's windows, from the gateway's own VADBatcher (quiet
+    windows skipped as the gateway skips them), a window at a time."""
 
     def __init__(self) -> None:
-        self._vad = SileroVAD()
-        self._batcher = VADBatcher(self._vad, executor=None, quiet_dbfs=-55.0)  # type: ignore[arg-type]
+        self._pool = ThreadPoolExecutor(1)
+        self._batcher = VADBatcher(SileroVAD(), self._pool,
+                                   quiet_dbfs=_DEFAULTS["vad_quiet_dbfs"].default)
+        self._loop = asyncio.new_event_loop()
         self._cache: dict[bytes, list[float]] = {}
 
     def __call__(self, pcm16: bytes) -> list[float]:
         if pcm16 not in self._cache:
-            state, probs = SileroState(), []
-            for window in pcm16_windows(pcm16):
-                if self._batcher._skip_quiet(state, [window]):
-                    probs.append(0.0)
-                    continue
-                (scored,) = self._vad.probabilities_batch([state], [[window]])
-                state.last_probability = scored[0]
-                probs.append(scored[0])
-            self._cache[pcm16] = probs
+            self._cache[pcm16] = self._loop.run_until_complete(self._score(pcm16))
         return self._cache[pcm16]
+
+    async def _score(self, pcm16: bytes) -> list[float]:
+        state, probs = SileroState(), []
+        for window in pcm16_windows(pcm16):
+            probs.extend(await self._batcher.score(state, [window]))
+        return probs
 
 
 def turn_end(probs: list[float], silence_ms: float, onset_probability: float) -> int | None:
     """The window on which the first turn ends, if one does."""
-    segmenter = SpeechSegmenter(threshold=0.5, min_speech_ms=120, end_silence_ms=silence_ms,
-                                onset_probability=onset_probability)
+    segmenter = SpeechSegmenter(threshold=_DEFAULTS["vad_threshold"].default,
+                                min_speech_ms=_DEFAULTS["min_speech_ms"].default,
+                                end_silence_ms=silence_ms, onset_probability=onset_probability)
     for index, prob in enumerate(probs):
         if SegmentEvent.TURN_END in segmenter.push(prob):
             return index
