@@ -5,15 +5,9 @@ from __future__ import annotations
 import socket
 import threading
 
-
-
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.test_redis import free_port
 
 
 class _Link:
