@@ -63,14 +63,16 @@ class FaqCache:
         return serving.cache.router.route_many(texts)
 
     def refresh(self) -> bool:
+        """Load the store's current version if it is not the one serving. Blocking.
+
+        A version that cannot be loaded leaves the serving one in place. One refresh at a
+        time (the subscriber, the poll and the publisher all call it): a slow load of an
+        older version never lands after a newer one.
+        """
         with self._refreshing:
             return self._refresh()
 
     def _refresh(self) -> bool:
-        """Load the store's current version if it is not the one serving. Blocking.
-
-        A version that cannot be loaded leaves the serving one in place.
-        """
         try:
             current = self.store.current_version()
         except Exception as exc:  # the store is unreachable: keep serving what we hold

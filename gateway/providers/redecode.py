@@ -408,7 +408,8 @@ class RedecodingStream:
 
 
 def _stop(segments: Sequence[asyncio.Task[Decoded]]) -> None:
-    """Stop running segment decodes; a finished one's error counts as seen."""
+    """Cancel the segments' decodes still running (cancelling a finished one does nothing);
+    a cancelled decode frees its slot and can no longer fail unseen."""
     for segment in segments:
         segment.cancel()
 
