@@ -262,24 +262,6 @@ class _QuietSTT:
         return future
 
 
-async def test_a_late_signal_does_not_end_the_turn_while_the_next_word_starts():
-    detector = TurnDetector(TurnSettings(), _QuietSTT(), ManualClock())  # type: ignore[arg-type]
-    window = bytes(WINDOW_BYTES)
-    at = 0.0
-    for prob in [0.9] * 10 + [0.0] * (math.ceil(900 / WINDOW_MS) - 1):
-        at += WINDOW_MS / 1000
-        await detector.push(window, prob, at)
-    at += WINDOW_MS / 1000
-    signals = await detector.push(window, 0.3, at)  # the 900 ms have passed, on this window
-    assert not any(isinstance(s, TurnEnded) for s in signals)
-    # a signal arriving now (a late route) would end the turn on the silence so far
-    assert detector.end_turn_if_due(detector.pause, at) is None
-    at += WINDOW_MS / 1000
-    signals = await detector.push(window, 0.9, at)
-    assert any(isinstance(s, SpeechResumed) for s in signals)
-    assert detector.in_utterance
-
-
 class _Driver:
     def __init__(self) -> None:
         self.clock = ManualClock()
@@ -287,13 +269,25 @@ class _Driver:
         self.at = self.clock.now()
 
     async def push(self, prob: float) -> list:
-        self.at += WINDOW_MS / 1000
-        self.clock._now = self.at  # keep the detector's clock (note_* metrics) in step
+        """One window of that probability, arriving a window after the last."""
+        await self.clock.advance(WINDOW_MS / 1000)  # the detector's clock (note_* metrics)
+        self.at = self.clock.now()
         return await self.detector.push(bytes(WINDOW_BYTES), prob, self.at)
 
 
 def _ended(signals: list) -> bool:
     return any(isinstance(s, TurnEnded) for s in signals)
+
+
+async def test_a_late_signal_does_not_end_the_turn_while_the_next_word_starts():
+    d = _Driver()
+    for prob in [0.9] * 10 + [0.0] * (math.ceil(900 / WINDOW_MS) - 1):
+        await d.push(prob)
+    assert not _ended(await d.push(0.3))  # the 900 ms have passed, on this window
+    # a signal arriving now (a late route) would end the turn on the silence so far
+    assert d.detector.end_turn_if_due(d.detector.pause, d.at) is None
+    assert any(isinstance(s, SpeechResumed) for s in await d.push(0.9))
+    assert d.detector.in_utterance
 
 
 async def test_late_signal_on_a_slightly_noisy_line_ends_within_two_windows():
