@@ -112,6 +112,10 @@ async def get_entry(request: Request, services: Services) -> Response:
                          "entry": _entry_json(entry, hits)})
 
 
+# What a publish that did not happen raises; _publish_failed answers each.
+_PUBLISH_FAILURES = (LabelledValidationError, SeedBusy, SeedError, StoreError)
+
+
 def _publish_failed(exc: Exception, services: Services) -> Response:
     """The answer to a publish that did not happen; the serving version is untouched."""
     if isinstance(exc, LabelledValidationError):
@@ -148,7 +152,7 @@ async def post_entry(request: Request, services: Services) -> Response:
         report, entry_id, created = await _publisher(request).upsert_entry(body)
     except BadEntry as exc:
         return error(str(exc), 400)
-    except (LabelledValidationError, SeedBusy, SeedError, StoreError) as exc:
+    except _PUBLISH_FAILURES as exc:
         return _publish_failed(exc, services)
     loaded = services.cache.loaded  # type: ignore[union-attr]
     entry = loaded.entries.get(entry_id) if loaded else None
@@ -165,7 +169,7 @@ async def delete_entry(request: Request, services: Services) -> Response:
     except EntryNotFound:
         return error(f"no entry {entry_id!r} in the serving cache version "
                      f"({services.cache.version})", 404)  # type: ignore[union-attr]
-    except (LabelledValidationError, SeedBusy, SeedError, StoreError) as exc:
+    except _PUBLISH_FAILURES as exc:
         return _publish_failed(exc, services)
     return JSONResponse({"version": report.version, "deleted": entry_id,
                          "report": report_json(report)})
@@ -316,7 +320,7 @@ async def promote_miss(request: Request, services: Services) -> Response:
         return error(str(exc), 400)
     except EntryExists as exc:
         return error(str(exc), 409)
-    except (LabelledValidationError, SeedBusy, SeedError, StoreError) as exc:
+    except _PUBLISH_FAILURES as exc:
         return _publish_failed(exc, services)
     # Answered from now on: they leave the misses list.
     services.runtime.stats.forget_missed({normalize_text(q) for q in group["questions"]},
