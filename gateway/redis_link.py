@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, RedisError
+from redis.exceptions import ConnectionError, RedisError, ResponseError
 from redis.retry import Retry
 
 from intents.redis_store import RedisKeys, redacted
@@ -83,22 +83,38 @@ class VersionSubscriber:
         backoff = BACKOFF_MIN_S
         while True:
             client = open_async_client(self._url)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            # Subscribe confirmations are read, not ignored: the link is up once Redis has
+            # confirmed the subscription, not once the command is sent (an ACL without the
+            # channel, or a Redis that stopped answering, never shows healthy).
+            pubsub = client.pubsub(ignore_subscribe_messages=False)
             try:
                 await pubsub.subscribe(self._keys.channel)
+                await self._confirmed(pubsub)
                 self._health.up("subscriber")
                 backoff = BACKOFF_MIN_S
                 # Subscribed first, then refresh: a version published in between is not missed.
                 await self._refresh()
                 await self._listen(pubsub)
             except (RedisError, OSError) as exc:
-                self._health.down("subscriber", f"Redis at {redacted(self._url)} unreachable: "
+                # An error reply (an ACL without the channel) is no outage: say which.
+                what = "refused" if isinstance(exc, ResponseError) else "unreachable"
+                self._health.down("subscriber", f"Redis at {redacted(self._url)} {what}: "
                                                 f"{type(exc).__name__}: {exc}")
             finally:
                 await _quietly(pubsub.aclose())
                 await _quietly(client.aclose())
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _confirmed(self, pubsub: aioredis.client.PubSub) -> None:
+        """Wait for Redis to confirm the subscription (its refusal raises as a RedisError)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ping_s
+        while (left := deadline - loop.time()) > 0:
+            message = await pubsub.get_message(timeout=left)
+            if message is not None and message.get("type") == "subscribe":
+                return
+        raise ConnectionError(f"Redis did not confirm SUBSCRIBE within {self._ping_s:g} s")
 
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
         pinged = False  # a PING is out and nothing has come back since

@@ -203,6 +203,55 @@ async def test_a_silently_dead_subscription_is_detected_and_replaced(prefix: str
 
 
 # --------------------------------------------------------------------------------------
+# A subscription counts as up once Redis confirms it, not once the command is sent.
+
+class _RecordedHealth(RedisHealth):
+    """RedisHealth that keeps every report, in order (a change-only callback would miss an
+    "up" that the next "down" overwrites at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports: list[tuple[str, str]] = []
+
+    def down(self, who: str, why: str) -> None:
+        self.reports.append(("down", why))
+        super().down(who, why)
+
+    def up(self, who: str) -> None:
+        self.reports.append(("up", ""))
+        super().up(who)
+
+
+async def test_a_subscription_redis_refuses_is_never_reported_healthy(prefix: str) -> None:
+    # An ACL user that may read keys but not subscribe (Redis 7 grants new users no
+    # channels): Redis refuses the SUBSCRIBE. The link must stay down, saying why, on
+    # every attempt; before, it reported healthy as soon as the command was sent.
+    admin = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    user = f"vg_nochannel_{secrets.token_hex(3)}"
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{user}"], keys=["*"],
+                      commands=["+@all"])
+    url = REDIS_URL.replace("redis://", f"redis://{user}:{user}@", 1)
+
+    async def refresh() -> None:
+        pass
+
+    health = _RecordedHealth()
+    task = asyncio.create_task(VersionSubscriber(url, RedisKeys(prefix), refresh, health,
+                                                 ping_s=2.0).run())
+    try:
+        await poll(lambda: sum(kind == "down" for kind, _ in health.reports) >= 3,
+                   "three refused attempts to subscribe", 10)
+        assert ("up", "") not in health.reports, health.reports
+        reason = health.reason or ""
+        assert health.degraded and "refused: NoPermissionError" in reason, reason
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        admin.acl_deluser(user)
+        admin.close()
+
+
+# --------------------------------------------------------------------------------------
 # A publish never leaves `current` naming a deleted version: a pointer swap that timed out
 # may still have been applied (a stalled Redis works off its queue), and MULTI/EXEC never
 # rolls back; the swap checks every key before writing, and the clean-up of a failed publish
