@@ -32,6 +32,37 @@ def test_questions_that_end_on_a_preposition_or_pronoun_are_complete(text):
     assert not lexically_incomplete(text)
 
 
+# Endings that look like continuations but close a phrase (Banking77 train questions
+# read unfinished before, each waiting the long silence as a cache hit), beside the
+# nearest endings that stay open.
+@pytest.mark.parametrize("text", ["Can I reset my password? I don't know what it is.",
+                                  "I can't remember what my password is",
+                                  "Can you check where the money is?",
+                                  "Could you tell me what your exchange rates are?",
+                                  "The ATM ate my card; how do I get a new one?",
+                                  "I've been waiting a while"])
+def test_a_phrase_closed_by_a_continuation_word_is_complete(text):
+    assert lexically_incomplete(text, closed_phrases=False)  # the last word alone
+    assert not lexically_incomplete(text)
+
+
+@pytest.mark.parametrize("text", ["can you tell me what is", "how much is",
+                                  "what time is", "tell me why my transfer is",
+                                  "what should I do if my card is",
+                                  "what is the fee and my card is",
+                                  "my pin number is one", "my card number is four one",
+                                  "I have been waiting for a while and"])
+def test_the_nearest_open_endings_stay_incomplete(text):
+    assert lexically_incomplete(text)
+
+
+def test_a_cached_question_ending_on_a_closed_wh_clause_ends_on_the_short_silence():
+    p = policy(transcript="I don't know what my password is.", cache_hit=True,
+               words_finished=True)
+    assert p.judge() is Judgement.COMPLETE
+    assert p.required_silence_ms() == 160
+
+
 def policy(**known) -> EndOfTurnPolicy:
     p = EndOfTurnPolicy(SETTINGS)
     for name, value in known.items():
