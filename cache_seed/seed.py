@@ -18,7 +18,7 @@ from intents.calibration import Thresholds
 from intents.completeness import CompletenessReport
 from intents.embedder import Embedder
 from intents.router import train_router
-from intents.store import CacheBundle, Store, audio_key
+from intents.store import ANY_VERSION, AnyVersion, CacheBundle, Store, audio_key
 from intents.types import Action, Audio, Entry
 
 # text -> (16-bit mono PCM bytes, sample rate)
@@ -79,11 +79,14 @@ def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
 
 def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
               source: str = "<rows>", target_wrong_rate: float = 0.01, progress: bool = True,
-              embedder: Embedder | None = None, negatives: Sequence[str] = ()) -> SeedReport:
+              embedder: Embedder | None = None, negatives: Sequence[str] = (),
+              replaces: str | None | AnyVersion = ANY_VERSION) -> SeedReport:
     """Publish an already validated plan (from ``parse_seed_csv`` or ``parse_seed_rows``):
     render the answers not yet in the store, calibrate, publish atomically.
 
     ``negatives``: the operator's own out-of-domain questions (beside the generic set).
+    ``replaces``: the version the plan was built from; another one current at publish time
+    raises ``StoreConflict`` (``Store.publish``).
 
     Raises ``RenderError``; the previously published version keeps serving.
     """
@@ -104,7 +107,7 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
                     for e in entries.values()],
     }
     version = store.publish(CacheBundle(manifest, trained.vectors,
-                                        trained.router.models_bytes()))
+                                        trained.router.models_bytes()), replaces)
     return SeedReport(version=version, entries=len(entries),
                       answer_entries=sum(e.action is Action.ANSWER for e in entries.values()),
                       questions=len(plan.questions), rendered=rendered, reused=reused,

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from cache_seed import SeedPlan, SeedReport, seed, seed_plan
 from intents.embedder import Embedder
-from intents.store import Store
+from intents.store import ANY_VERSION, AnyVersion, Store
 
 from .providers.base import TextToSpeech
 
@@ -61,7 +61,8 @@ def seed_with_voice(csv_path: str | Path, store: Store, tts: TextToSpeech, embed
 def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedder: Embedder,
                          source: str, target_wrong_rate: float = 0.01,
                          serving_loop: asyncio.AbstractEventLoop | None = None,
-                         negatives: Sequence[str] = ()) -> SeedReport:
+                         negatives: Sequence[str] = (),
+                         replaces: str | None | AnyVersion = ANY_VERSION) -> SeedReport:
     """Publish a validated plan (admin API: uploads and entry edits). Blocking: run it on a
     worker thread. A streaming (cloud) TTS synthesizes on ``serving_loop``, the loop its
     client is bound to (a private loop would fail: "bound to a different event loop")."""
@@ -72,7 +73,7 @@ def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedd
     try:
         return seed_plan(plan, store, blocking_renderer(tts, loop), voice_id(tts), source=source,
                          target_wrong_rate=target_wrong_rate, progress=False, embedder=embedder,
-                         negatives=negatives)
+                         negatives=negatives, replaces=replaces)
     finally:
         if private is not None:
             private.close()

@@ -37,12 +37,14 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from intents.store import MANIFEST_FORMAT, CacheBundle, Store, StoreError, check_format
+from intents.store import (ANY_VERSION, MANIFEST_FORMAT, AnyVersion, CacheBundle, Store,
+                           StoreConflict, StoreError, check_format, conflict_message)
 from intents.types import Audio
 
 DEFAULT_PREFIX = "voicegate:"
 
 # Checks every key first, then writes: no half-applied swap (MULTI/EXEC never rolls back).
+# ARGV[4] '1': only if the pointer names ARGV[5] ('' for none); else returns the current one.
 _SWAP = """
 for i, want in ipairs({'string', 'zset'}) do
   local t = redis.call('TYPE', KEYS[i]).ok
@@ -50,10 +52,14 @@ for i, want in ipairs({'string', 'zset'}) do
     return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. t .. ', not a ' .. want)
   end
 end
+if ARGV[4] == '1' then
+  local current = redis.call('GET', KEYS[1]) or ''
+  if current ~= ARGV[5] then return {0, current} end
+end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('PUBLISH', ARGV[3], ARGV[1])
-return 1
+return {1, ARGV[1]}
 """
 # -1: the pointer names the version (the swap went through); 0: dropped (or already gone).
 _DROP_UNLESS_CURRENT = """
@@ -133,7 +139,8 @@ class RedisStore(Store):
             name, mapping={"pcm": audio.pcm, "rate": audio.sample_rate}))
 
     # -- versions ------------------------------------------------------------------
-    def publish(self, bundle: CacheBundle) -> str:
+    def publish(self, bundle: CacheBundle,
+                replaces: str | None | AnyVersion = ANY_VERSION) -> str:
         version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         manifest = dict(bundle.manifest, format=MANIFEST_FORMAT, version=version)
         vectors = io.BytesIO()
@@ -143,7 +150,7 @@ class RedisStore(Store):
         key = self.keys.version(version)
         self._call("publish: write version", lambda: self._redis.hset(key, mapping=fields))
         try:
-            self._swap_pointer(version)
+            self._swap_pointer(version, replaces)
         except BaseException:
             # A timeout does not say whether the swap was applied: drop the version only if
             # the pointer does not name it (atomically; best effort, Redis may be gone).
@@ -156,13 +163,18 @@ class RedisStore(Store):
             raise
         return version
 
-    def _swap_pointer(self, version: str) -> None:
+    def _swap_pointer(self, version: str, replaces: str | None | AnyVersion) -> None:
         """The only step readers can observe: one script moves the pointer, records the
         version and tells every subscribed replica, after checking that no key it writes
-        holds a foreign type (MULTI/EXEC would apply the rest and not roll back)."""
-        self._call("publish: move pointer", lambda: self._redis.eval(
+        holds a foreign type (MULTI/EXEC would apply the rest and not roll back) and, when
+        asked, that the pointer still names the version this one replaces."""
+        checked = replaces is not ANY_VERSION
+        moved, current = self._call("publish: move pointer", lambda: self._redis.eval(
             _SWAP, 2, self.keys.current, self.keys.published, version, time.time(),
-            self.keys.channel))
+            self.keys.channel, "1" if checked else "0", (replaces or "") if checked else ""))
+        if not moved:
+            current = current.decode("utf-8", "replace") if isinstance(current, bytes) else current
+            raise StoreConflict(conflict_message(replaces, current or None))
 
     def current_version(self) -> str | None:
         name = self._call("current_version", lambda: self._redis.get(self.keys.current))

@@ -19,6 +19,7 @@ Layout of a ``LocalStore``::
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -42,6 +43,20 @@ MANIFEST_FORMAT = 2
 
 class StoreError(RuntimeError):
     """The store is empty, unreadable or inconsistent."""
+
+
+class StoreConflict(StoreError):
+    """A publish that was to replace one version found another current (a second
+    publisher got there first): nothing was published."""
+
+
+class AnyVersion:
+    def __repr__(self) -> str:
+        return "ANY_VERSION"
+
+
+# ``publish(..., replaces=ANY_VERSION)``: replace whatever is current (a whole new seed).
+ANY_VERSION = AnyVersion()
 
 
 def audio_key(text: str, voice_id: str) -> str:
@@ -71,8 +86,14 @@ class Store(ABC):
 
     # -- cache versions ---------------------------------------------------------
     @abstractmethod
-    def publish(self, bundle: CacheBundle) -> str:
-        """Store a complete version and make it the current one; return its name."""
+    def publish(self, bundle: CacheBundle,
+                replaces: str | None | AnyVersion = ANY_VERSION) -> str:
+        """Store a complete version and make it the current one; return its name.
+
+        ``replaces``: the version the bundle was built from (None: no version yet). If
+        another is current when the pointer would move, nothing is published and
+        ``StoreConflict`` is raised: an edit built on an older version never silently
+        drops a change published meanwhile (two replicas' admin APIs, one Redis)."""
 
     @abstractmethod
     def current_version(self) -> str | None:
@@ -122,7 +143,8 @@ class LocalStore(Store):
         _atomic_write(self._audio_path(key), buffer.getvalue())
 
     # -- versions ------------------------------------------------------------------
-    def publish(self, bundle: CacheBundle) -> str:
+    def publish(self, bundle: CacheBundle,
+                replaces: str | None | AnyVersion = ANY_VERSION) -> str:
         self._versions.mkdir(parents=True, exist_ok=True)
         version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         staging = self._versions / f".staging-{version}"
@@ -140,7 +162,14 @@ class LocalStore(Store):
             shutil.rmtree(staging, ignore_errors=True)
             raise
         # The only step readers can observe: the pointer now names a complete version.
-        _atomic_write(self._pointer, (version + "\n").encode("ascii"))
+        # Checked and moved under a lock, so two publishing processes cannot interleave.
+        with open(self.root / ".publish.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.current_version()
+            if replaces is not ANY_VERSION and current != replaces:
+                shutil.rmtree(self._versions / version, ignore_errors=True)
+                raise StoreConflict(conflict_message(replaces, current))
+            _atomic_write(self._pointer, (version + "\n").encode("ascii"))
         return version
 
     def current_version(self) -> str | None:
@@ -178,6 +207,11 @@ def check_format(version: str, manifest: dict[str, Any]) -> None:
                          f"{MANIFEST_FORMAT}" + (": it was published by an older voicegate, "
                                                  "seed again to publish it in this format"
                                                  if older else ""))
+
+
+def conflict_message(replaces: object, current: str | None) -> str:
+    return (f"the cache changed while this was being published: it was built on version "
+            f"{replaces or '(none)'}, and {current or '(none)'} is now current")
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -130,7 +130,7 @@ def test_a_failed_publish_leaves_the_old_version_serving(store: RedisStore, redi
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     old = store.publish(bundle("old"))
 
-    def broken(version: str) -> None:
+    def broken(version: str, replaces: object) -> None:
         raise StoreError("Redis went away before the pointer moved")
 
     monkeypatch.setattr(store, "_swap_pointer", broken)

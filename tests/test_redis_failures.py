@@ -30,8 +30,12 @@ from gateway.redis_link import RedisHealth, VersionSubscriber, open_async_client
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.shared_stats import SharedStats
+from cache_seed import parse_seed_csv, seed_plan
+from gateway.admin.publish import Publisher
 from intents.redis_store import RedisKeys, RedisStore
-from intents.store import MANIFEST_FORMAT, StoreError
+from intents.store import MANIFEST_FORMAT, LocalStore, StoreConflict, StoreError
+from tests.admin_support import small_faq_csv
+from tests.intents_support import shared_embedder, tone_render
 from tests.redis_faults import FlakyProxy
 from tests.test_redis import REDIS_URL, bundle, free_port, hit, poll, unavailable
 
@@ -265,10 +269,10 @@ def test_a_stalled_pointer_swap_never_leaves_current_naming_a_deleted_version(
     store = RedisStore(proxy.url, prefix=prefix, timeout_s=0.3)
     swap = store._swap_pointer
 
-    def swap_while_redis_stalls(version: str) -> None:
+    def swap_while_redis_stalls(version: str, replaces: object) -> None:
         proxy.stall()  # Redis stops answering: MULTI..EXEC is queued, the client times out
         try:
-            swap(version)
+            swap(version, replaces)  # type: ignore[arg-type]
         finally:
             proxy.resume()  # ... and Redis works off its queue: the EXEC is applied
 
@@ -378,3 +382,90 @@ async def test_a_flush_that_timed_out_but_was_applied_is_not_written_twice(prefi
     raw.close()
     await stats.aclose()
     assert hits == 2, f"two hit turns, counted {hits}"
+
+
+# --------------------------------------------------------------------------------------
+# Two replicas' admin APIs publishing at once: the per-process lock does not see the other
+# replica, so an entry edit publishes only over the version it was built from; the later
+# one is refused (409) instead of silently dropping the other operator's entry.
+
+@pytest.mark.parametrize("kind", ["redis", "local"])
+def test_a_publish_over_a_version_no_longer_current_is_refused(prefix: str, kind: str,
+                                                               tmp_path) -> None:
+    store = (RedisStore(REDIS_URL, prefix=prefix) if kind == "redis"
+             else LocalStore(tmp_path / "store"))
+    try:
+        with pytest.raises(StoreConflict, match=r"v-that-never-was, and \(none\) is now current"):
+            store.publish(bundle("x"), replaces="v-that-never-was")
+        first = store.publish(bundle("first"), replaces=None)
+        second = store.publish(bundle("second"), replaces=first)
+        with pytest.raises(StoreConflict, match=f"built on version {first}.*{second} is now"):
+            store.publish(bundle("stale"), replaces=first)
+        assert store.current_version() == second
+        assert store.versions() == sorted([first, second])  # the refused one left nothing
+        assert store.publish(bundle("whole seed")) != second  # no base: replaces any
+    finally:
+        if kind == "redis":
+            store.close()
+
+
+class _HeldVoice:
+    """A local voice (synthesize_all, as Piper has) that can hold one answer's rendering,
+    so a second replica publishes while the first is still seeding."""
+
+    name = voice_id = "held-tone"
+    sample_rate = 8000
+
+    def __init__(self, hold: str | None = None) -> None:
+        self.hold = hold
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def synthesize_all(self, text: str) -> bytes:
+        if text == self.hold:
+            self.holding.set()
+            self.release.wait(60)
+        return tone_render(text)[0]
+
+
+def test_two_replicas_adding_entries_at_once_lose_neither(prefix: str) -> None:
+    seeding = RedisStore(REDIS_URL, prefix=prefix)
+    seed_plan(parse_seed_csv(small_faq_csv().encode()), seeding, tone_render, "held-tone",
+              source="faq.csv", target_wrong_rate=0.05, progress=False,
+              embedder=shared_embedder())
+
+    def replica(voice: _HeldVoice) -> tuple[Publisher, FaqCache, RedisStore]:
+        store = RedisStore(REDIS_URL, prefix=prefix)
+        cache = FaqCache(store, shared_embedder())
+        cache.refresh()
+        services = SimpleNamespace(cache=cache, runtime=SimpleNamespace(
+            tts=voice, embedder=shared_embedder()))
+        return Publisher(services), cache, store  # type: ignore[arg-type]
+
+    boston = "Our Boston branch is on State Street."
+    voice_a = _HeldVoice(hold=boston)
+    publisher_a, _, store_a = replica(voice_a)
+    publisher_b, _, store_b = replica(_HeldVoice())
+
+    async def scenario() -> object:
+        adding_boston = asyncio.create_task(publisher_a.upsert_entry({
+            "intent": "boston_branch", "answer": boston,
+            "questions": ["is there a Boston branch", "where is your branch in Boston"]}))
+        assert await asyncio.to_thread(voice_a.holding.wait, 60), "replica A never rendered"
+        await publisher_b.upsert_entry({"intent": "lost_card",
+                                        "answer": "Call us at once to block your card.",
+                                        "questions": ["I lost my card", "my card was stolen"]})
+        voice_a.release.set()
+        return (await asyncio.gather(adding_boston, return_exceptions=True))[0]
+
+    try:
+        outcome = asyncio.run(scenario())
+        _, published = seeding.read()
+        intents = {e["intent"] for e in published.manifest["entries"]}
+    finally:
+        for s in (seeding, store_a, store_b):
+            s.close()
+    assert "lost_card" in intents, "replica B's entry, answered with success, was dropped"
+    # Replica A built its edit on the version B replaced: refused, so its operator knows.
+    assert isinstance(outcome, StoreConflict), outcome
+    assert "boston_branch" not in intents

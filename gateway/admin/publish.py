@@ -6,7 +6,10 @@ rebuilds the serving version's rows (from its manifest) with the change applied
 and validates those rows as a CSV. Only answers whose text changed are rendered
 (audio is content-addressed). Seeding is CPU-heavy, so it runs on a worker
 thread; one seed at a time per process (an ``asyncio.Lock``), and the cache is
-refreshed at once so the new version serves without waiting for the poll.
+refreshed at once so the new version serves without waiting for the poll. An entry
+edit publishes only over the version it was built from: another replica's admin API
+may have published meanwhile (one Redis behind a balancer), and a silent last-writer-
+wins would drop that change, so the store refuses it (``StoreConflict``, a 409).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, Mapping, Sequence
 from cache_seed import (SeedPlan, SeedReport, parse_seed_csv, parse_seed_rows,
                         rows_from_manifest)
 
+from intents.store import ANY_VERSION, AnyVersion
 from intents.types import entry_id_for
 
 from ..seeding import seed_plan_with_voice
@@ -83,8 +87,10 @@ class Publisher:
         return float(thresholds.get("target_wrong_rate", 0.01))
 
     async def _publish(self, plan: SeedPlan, source: str, target_wrong_rate: float,
-                       manifest: Mapping[str, Any]) -> SeedReport:
-        """Publish ``plan``, keeping the serving version's own negatives (``manifest``)."""
+                       manifest: Mapping[str, Any],
+                       replaces: str | None | AnyVersion = ANY_VERSION) -> SeedReport:
+        """Publish ``plan``, keeping the serving version's own negatives (``manifest``);
+        with ``replaces``, only over that version (else ``StoreConflict``)."""
         services = self.services
         runtime = services.runtime
         cache = services.cache
@@ -93,7 +99,7 @@ class Publisher:
         report = await asyncio.to_thread(seed_plan_with_voice, plan, cache.store, runtime.tts,
                                          runtime.embedder, source, target_wrong_rate,
                                          asyncio.get_running_loop(),
-                                         tuple(manifest.get("negatives") or ()))
+                                         tuple(manifest.get("negatives") or ()), replaces)
         await asyncio.to_thread(cache.refresh)
         return report
 
@@ -122,7 +128,7 @@ class Publisher:
         self._claim()
         async with self.lock:
             await asyncio.to_thread(self.services.cache.refresh)  # type: ignore[union-attr]
-            _, manifest = await asyncio.to_thread(self._serving_manifest)
+            base, manifest = await asyncio.to_thread(self._serving_manifest)
             existing = _find_entry(manifest, entry_id)
             if existing is not None and create_only:
                 raise EntryExists(f"entry {entry_id!r} already exists; choose a new id (or "
@@ -147,14 +153,14 @@ class Publisher:
                      [RowLabel(r["intent"], r["question"], False) for r in kept]
             plan = await asyncio.to_thread(_parse_labelled, rows, labels, f"entry {entry_id}")
             report = await self._publish(plan, f"admin: entry {entry_id}",
-                                         self._target_wrong_rate(manifest), manifest)
+                                         self._target_wrong_rate(manifest), manifest, base)
             return report, entry_id_for(entry_id), existing is None
 
     async def delete_entry(self, entry_id: str) -> SeedReport:
         self._claim()
         async with self.lock:
             await asyncio.to_thread(self.services.cache.refresh)  # type: ignore[union-attr]
-            _, manifest = await asyncio.to_thread(self._serving_manifest)
+            base, manifest = await asyncio.to_thread(self._serving_manifest)
             existing = _find_entry(manifest, entry_id)
             if existing is None:
                 raise EntryNotFound(entry_id)
@@ -164,7 +170,7 @@ class Publisher:
             plan = await asyncio.to_thread(_parse_labelled, kept, labels,
                                            f"without entry {entry_id}")
             return await self._publish(plan, f"admin: delete {entry_id}",
-                                       self._target_wrong_rate(manifest), manifest)
+                                       self._target_wrong_rate(manifest), manifest, base)
 
 
 def _find_entry(manifest: Mapping[str, Any], name: str) -> dict[str, Any] | None:
