@@ -143,7 +143,11 @@ class HedgedChat:
                 if len(legs) == 1:
                     deadlines.append(hedge_at)
                 try:
-                    leg, item = await asyncio.wait_for(queue.get(), max(0.0, min(deadlines) - now))
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                    # cancellation (a barge-in) that lands as the item arrives, and the
+                    # stream would go on with nobody reading it.
+                    async with asyncio.timeout(max(0.0, min(deadlines) - now)):
+                        leg, item = await queue.get()
                 except TimeoutError:
                     for leg in live:
                         if time.monotonic() >= leg.started + self.first_token_timeout_s:
@@ -165,7 +169,8 @@ class HedgedChat:
             yield first
             while True:
                 try:
-                    leg, item = await asyncio.wait_for(queue.get(), self.idle_timeout_s)
+                    async with asyncio.timeout(self.idle_timeout_s):  # not wait_for: above
+                        leg, item = await queue.get()
                 except TimeoutError:
                     raise ProviderError(winner.model.name,
                                         f"stream stalled for {self.idle_timeout_s:g} s") from None

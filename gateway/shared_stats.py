@@ -177,7 +177,8 @@ class SharedStats:
             await self._redis.delete(self._prefix + f"replica:{self.replica_id}")
 
         try:
-            await asyncio.wait_for(goodbye(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancel
+                await goodbye()
         except (RedisError, OSError, TimeoutError) as exc:
             logs.event(log, "shared_stats_leave_failed", logging.WARNING, error=str(exc),
                        pending=self.pending)

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import AsyncIterator
 
 import pytest
 
+from gateway.agent import Agent
+from gateway.audio_bank import AudioBank
+from gateway.clock import ManualClock
 from gateway.hedge import AdaptiveDelay, HedgedChat
-from gateway.providers.base import ProviderError
+from gateway.providers.base import LLMChunk, ProviderError
+from gateway.responder import Responder, Turn
+from gateway.timeline import TurnTimeline
+from tests.call_harness import RATE, WordTTS
 from gateway.providers.groq_llm import GroqChat
 from gateway.providers.openai_llm import OpenAIChat
 from tests.fakes.openai_server import STALL, Reply
@@ -138,3 +146,101 @@ def test_adaptive_delay_tracks_a_high_percentile_with_a_floor():
     for _ in range(200):
         delay.observe(30.0)
     assert delay.delay_s() == 2.0  # the ceiling
+
+
+# A barge-in cancels the reply as the LLM's next token arrives: on Python 3.11
+# asyncio.wait_for swallowed such a cancel, so the hedged stream went on with nobody
+# reading it, the reply's producer blocked on its full queue and the reply (and every
+# later turn of the call, queued behind it) never ended. Counted in loop iterations.
+
+
+class GatedLeg:
+    """One LLM leg: a first token at once, then the rest once ``gate`` opens."""
+
+    name = "gated"
+
+    def __init__(self, rest: list[str]) -> None:
+        self.gate = asyncio.Event()
+        self.rest = rest
+        self.opened = self.closed = 0
+
+    async def stream(self, messages, tools=None) -> AsyncIterator[LLMChunk]:
+        self.opened += 1
+        try:
+            yield LLMChunk(text="First sentence here. ")
+            await self.gate.wait()
+            for word in self.rest:
+                await asyncio.sleep(0)
+                yield LLMChunk(text=word + " ")
+        finally:
+            self.closed += 1
+
+
+async def spin(iterations: int) -> None:
+    for _ in range(iterations):
+        await asyncio.sleep(0)
+
+
+async def until(predicate, iterations: int = 2000) -> bool:
+    for _ in range(iterations):
+        if predicate():
+            return True
+        await asyncio.sleep(0)
+    return predicate()
+
+
+async def test_a_cancel_as_a_token_arrives_stops_the_hedged_stream():
+    swallowed: list[int] = []
+    for n in range(30):  # the cancel lands n loop iterations after the token is released
+        leg = GatedLeg(["Second."])
+        hedged = HedgedChat(leg, None, hedge_delay_s=0.0)  # type: ignore[arg-type]
+        got: list[str] = []
+
+        async def consume() -> None:
+            async with contextlib.aclosing(hedged.stream(MESSAGES)) as chunks:
+                async for chunk in chunks:
+                    got.append(chunk.text)
+
+        task = asyncio.create_task(consume())
+        assert await until(lambda: bool(got))
+        leg.gate.set()
+        await spin(n)
+        if task.done():
+            break  # the whole stream fitted in n iterations: nothing left to cancel
+        task.cancel()
+        [result] = await asyncio.gather(task, return_exceptions=True)
+        if not isinstance(result, asyncio.CancelledError):
+            swallowed.append(n)
+        assert leg.closed == leg.opened
+    assert not swallowed, f"the cancel was swallowed at iterations {swallowed}"
+
+
+async def test_a_barge_in_as_a_token_arrives_ends_the_reply_and_closes_the_llm_stream():
+    words = " ".join(f"This is sentence number {k} of the answer." for k in range(10)).split()
+    for n in range(40):
+        leg = GatedLeg(words)
+        agent = Agent(HedgedChat(leg, None, hedge_delay_s=0.0),  # type: ignore[arg-type]
+                      filler_after_s=None)
+        responder = Responder(agent, WordTTS(), AudioBank(rates=(RATE,), encoded=()))  # type: ignore[arg-type]
+        turn = Turn(number=1, text="where is my order", sample_rate=RATE,
+                    timeline=TurnTimeline(1, clock=ManualClock()),
+                    conversation=agent.new_conversation())
+        playing = asyncio.Event()
+
+        async def play() -> None:  # ReplyStage's loop, reduced: it stays on the first piece
+            async with contextlib.aclosing(responder.respond(turn)) as segments:
+                async for _segment in segments:
+                    playing.set()
+                    await asyncio.Event().wait()  # the first sentence playing out
+
+        reply = asyncio.create_task(play())
+        assert await until(playing.is_set)
+        leg.gate.set()
+        await spin(n)
+        reply.cancel()  # the barge-in
+        ended = await until(reply.done)
+        if not ended:
+            reply.cancel()  # unstick it so the test can end
+        await asyncio.gather(reply, return_exceptions=True)
+        assert ended, f"a barge-in {n} iterations after the token: the reply never ended"
+        assert leg.closed == leg.opened

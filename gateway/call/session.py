@@ -386,7 +386,8 @@ class CallSession:
         await self.outbox.aclose()
         try:
             if stuck and self.close_code == CLOSE_POLICY:
-                await asyncio.wait_for(self.ws.close(code=self.close_code), _DRAIN_S)
+                async with asyncio.timeout(_DRAIN_S):  # not wait_for: it can swallow a cancel
+                    await self.ws.close(code=self.close_code)
             else:
                 await self.ws.close(code=self.close_code)
         except (*SEND_ERRORS, TimeoutError):

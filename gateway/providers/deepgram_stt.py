@@ -96,7 +96,10 @@ class DeepgramStream:
     async def _final(self, closing: "_Closing") -> Transcript:
         try:
             if closing.done is not None:
-                await asyncio.wait_for(asyncio.shield(closing.done), self._finalize_timeout_s)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that lands as the awaited result arrives.
+                async with asyncio.timeout(self._finalize_timeout_s):
+                    await asyncio.shield(closing.done)
         except TimeoutError:
             logs.event(log, "deepgram_finalize_late", after_s=self._finalize_timeout_s)
         finally:
@@ -127,7 +130,8 @@ class DeepgramStream:
     async def _early(self) -> Transcript:
         self._check()
         # TimeoutError: no early words; the engine lets the silence decide.
-        await asyncio.wait_for(self.endpoint.wait(), self._early_timeout_s)
+        async with asyncio.timeout(self._early_timeout_s):  # not wait_for: see _final
+            await self.endpoint.wait()
         self._check()
         return Transcript(text=self._text(), final=False)
 
