@@ -7,6 +7,7 @@ can explain to the caller ("the account service did not answer").
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -66,10 +67,13 @@ class ToolRunner:
             return _error(f"the arguments for {call.name} were not valid JSON"), False
         started = time.monotonic()
         try:
-            response = await self._http.post(
-                tool.url, json={"tool": call.name, "call_id": call.id, "arguments": arguments},
-                timeout=tool.timeout_s)
-        except httpx.TimeoutException:
+            # httpx's timeout bounds each read, not the call: a webhook that trickles its
+            # answer a byte at a time would hold the turn for ever. timeout_s bounds it all.
+            async with asyncio.timeout(tool.timeout_s):
+                response = await self._http.post(
+                    tool.url, json={"tool": call.name, "call_id": call.id, "arguments": arguments},
+                    timeout=tool.timeout_s)
+        except (httpx.TimeoutException, TimeoutError):
             logs.event(log, "tool_timeout", logging.WARNING, tool=call.name, after_s=tool.timeout_s)
             return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), False
         except httpx.HTTPError as exc:

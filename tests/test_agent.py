@@ -13,6 +13,7 @@ from gateway.providers.base import ToolCall, ToolSpec
 from gateway.providers.openai_llm import OpenAIChat
 from gateway.sentences import SentenceChunker
 from gateway.settings import Settings
+from gateway.tools import ToolRunner
 from gateway.agent import build_agent
 from tests.fakes.openai_server import STALL, Reply
 
@@ -81,6 +82,22 @@ async def test_tool_timeout_goes_back_to_the_model_as_an_error(llm_server, webho
     tool_message = [m for m in fake.stats.bodies[-1]["messages"] if m["role"] == "tool"][0]
     assert "did not answer" in json.loads(tool_message["content"])["error"]
     await agent.aclose()
+
+
+async def test_a_trickling_webhook_is_cut_off_at_the_tool_timeout(webhook):
+    # Every byte comes well within timeout_s, the whole answer (30 bytes 50 ms apart) long
+    # after it: timeout_s bounds the call, not each read.
+    hook, hook_server = webhook
+    hook.trickle_s = 0.05
+    hook.handler = lambda payload: {"balance": "12.00"}
+    runner = ToolRunner([ToolSpec("get_balance", "", url=hook_server.url + "/tool/get_balance",
+                                  timeout_s=0.3)])
+    try:
+        content, ok = await runner.run(ToolCall("call_1", "get_balance", "{}"))
+    finally:
+        await runner.aclose()
+    assert hook.calls and not ok
+    assert json.loads(content) == {"error": "get_balance did not answer within 0.3 seconds"}
 
 
 async def test_no_llm_configured_is_a_handoff():
