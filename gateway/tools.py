@@ -44,10 +44,28 @@ def load_tools(path: str) -> list[ToolSpec]:
         if unknown:
             raise ToolConfigError(f"tools file {path}: tool {item['name']!r} has unknown keys "
                                   f"{sorted(unknown)}")
+        url = str(item["url"])
+        problem = _url_problem(url)
+        if problem:
+            raise ToolConfigError(f"tools file {path}: tool {item['name']!r} has a bad url "
+                                  f"{url!r}: {problem}")
         tools.append(ToolSpec(name=str(item["name"]), description=str(item.get("description", "")),
                               parameters=item.get("parameters") or {"type": "object", "properties": {}},
-                              url=str(item["url"]), timeout_s=float(item.get("timeout_s", 5.0))))
+                              url=url, timeout_s=float(item.get("timeout_s", 5.0))))
     return tools
+
+
+def _url_problem(url: str) -> str | None:
+    # Checked at start-up: a URL httpx cannot parse would otherwise fail every call of the tool.
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return str(exc)
+    if parsed.scheme not in ("http", "https"):
+        return "expected http:// or https://"
+    if not parsed.host:
+        return "no host"
+    return None
 
 
 class ToolRunner:
@@ -76,7 +94,7 @@ class ToolRunner:
         except (httpx.TimeoutException, TimeoutError):
             logs.event(log, "tool_timeout", logging.WARNING, tool=call.name, after_s=tool.timeout_s)
             return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), False
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError
             logs.event(log, "tool_unreachable", logging.WARNING, tool=call.name, error=type(exc).__name__)
             return _error(f"{call.name} could not be reached"), False
         ms = (time.monotonic() - started) * 1000

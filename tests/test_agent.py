@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -13,7 +14,7 @@ from gateway.providers.base import ToolCall, ToolSpec
 from gateway.providers.openai_llm import OpenAIChat
 from gateway.sentences import SentenceChunker
 from gateway.settings import Settings
-from gateway.tools import ToolRunner
+from gateway.tools import ToolConfigError, ToolRunner, load_tools
 from gateway.agent import build_agent
 from tests.fakes.openai_server import STALL, Reply
 
@@ -256,7 +257,6 @@ async def test_build_agent_from_settings_with_a_tools_file(llm_server, webhook, 
 
 
 def test_tools_file_errors_are_specific(tmp_path):
-    from gateway.tools import ToolConfigError, load_tools
     bad = tmp_path / "tools.json"
     bad.write_text(json.dumps([{"name": "x"}]))
     with pytest.raises(ToolConfigError, match="needs at least a name and a url"):
@@ -266,6 +266,25 @@ def test_tools_file_errors_are_specific(tmp_path):
         load_tools(str(bad))
     with pytest.raises(ToolConfigError, match="cannot read"):
         load_tools(str(tmp_path / "missing.json"))
+    # A url httpx cannot parse is refused at start-up, not found out by every call of the tool.
+    for url, problem in [("http://127.0.0.1:8o80/tool", "Invalid port"),
+                         ("ftp://h/tool", "expected http:// or https://"),
+                         ("tool", "expected http:// or https://"),
+                         ("http:///tool", "no host")]:
+        bad.write_text(json.dumps([{"name": "get_balance", "url": url}]))
+        with pytest.raises(ToolConfigError, match=f"tool 'get_balance' has a bad url "
+                                                  f"'{re.escape(url)}': {problem}"):
+            load_tools(str(bad))
+
+
+async def test_a_tool_url_httpx_cannot_parse_goes_back_to_the_model_as_an_error():
+    # A ToolSpec built in code skips load_tools' check: the call still gets its error string.
+    runner = ToolRunner([ToolSpec("get_balance", "", url="http://127.0.0.1:8o80/tool")])
+    try:
+        content, ok = await runner.run(ToolCall("call_1", "get_balance", "{}"))
+    finally:
+        await runner.aclose()
+    assert not ok and json.loads(content) == {"error": "get_balance could not be reached"}
 
 
 def test_openai_without_url_or_key_fails_at_start_up():
