@@ -1,8 +1,9 @@
 """Chunk a streamed LLM reply into speakable pieces for TTS.
 
-A piece ends at a sentence end, or at a clause boundary (comma, semicolon, colon,
-dash) once it is long enough, so the first TTS request starts after a few words,
-not after the whole first sentence. Markdown that slips through is stripped.
+A piece ends at a sentence end (after any closing quote or bracket: 'says "shipped."'),
+or at a clause boundary (comma, semicolon, colon, dash) once it is long enough, so the
+first TTS request starts after a few words, not after the whole first sentence. Markdown
+that slips through is stripped.
 """
 
 from __future__ import annotations
@@ -67,10 +68,13 @@ class SentenceChunker:
             ch, nxt = buf[i], buf[i + 1]
             if ch == "\n" and nxt == "\n":
                 return i + 2
+            if ch in _SENTENCE_END:
+                # The whitespace may come after closing quotes or brackets: 'says "shipped." It'.
+                end = self._after_closers(buf, i + 1)
+                if end < len(buf) and buf[end].isspace() and not self._is_abbreviation(buf, i):
+                    return end
             if not nxt.isspace():
                 continue
-            if ch in _SENTENCE_END and not self._is_abbreviation(buf, i):
-                return self._after_closers(buf, i + 1)
             if ch in _CLAUSE_END and clause_cut is None and len(speakable(buf[: i + 1])) >= min_clause:
                 clause_cut = i + 1
         if clause_cut is not None:

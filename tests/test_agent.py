@@ -221,6 +221,24 @@ def test_chunker_emits_early_clauses_and_whole_sentences():
                       "and after that, we will call you.", "Anything else?"]
 
 
+def test_a_sentence_ending_inside_a_closing_quote_or_bracket_is_its_own_piece():
+    text = ('The status says "shipped." It left the warehouse (on Monday.) Did you get my '
+            "note, 'where is it?' Dr. Smith said “yes.” \"Mr.\" Jones signed (e.g.) for it. ")
+    # Word by word, and character by character (a closer at the end of the buffer waits).
+    for tokens in ([word + " " for word in text.split(" ")], list(text)):
+        chunker = SentenceChunker()
+        pieces = []
+        for token in tokens:
+            pieces += chunker.feed(token)
+        tail = chunker.flush()
+        pieces += [tail] if tail else []
+        # The cut comes after the closer, once whitespace follows it; "Dr.", "Mr." and
+        # "e.g." inside quotes or brackets still end nothing.
+        assert pieces == ['The status says "shipped."', "It left the warehouse (on Monday.)",
+                          "Did you get my note, 'where is it?'", "Dr. Smith said “yes.”",
+                          '"Mr." Jones signed (e.g.) for it.'], tokens[:2]
+
+
 def test_a_tool_call_cut_off_by_a_barge_in_still_gets_a_result():
     conversation = Conversation()
     conversation.add_user("where is my order?")
