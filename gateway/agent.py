@@ -317,8 +317,13 @@ class Agent:
             except ProviderError as exc:
                 logs.event(log, "llm_failed", logging.WARNING, round=round_no, error=str(exc)[:300])
                 calls = []  # a half-streamed tool call is not run
-                if not spoke:  # never end a turn in silence (a filler alone is not an answer)
-                    yield Handoff(f"LLM failed: {exc}")
+                if spoke:
+                    # Half an answer, or a preface before a tool ("let me check that"), then
+                    # nothing: never end so in silence. Raised: the call reports
+                    # ``llm_failed`` and apologises after what was heard.
+                    raise
+                # Nothing said yet (a filler alone is not an answer): a person takes over.
+                yield Handoff(f"LLM failed: {exc}")
                 return
             finally:
                 # Also on the consumer's aclose() or cancellation (barge-in): both LLM

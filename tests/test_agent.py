@@ -10,12 +10,13 @@ import pytest
 
 from gateway.agent import Agent, Conversation, Handoff, Sentence, Slow, ToolStarted
 from gateway.hedge import HedgedChat
-from gateway.providers.base import ToolCall, ToolSpec
+from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec
 from gateway.providers.openai_llm import OpenAIChat
 from gateway.sentences import SentenceChunker
 from gateway.settings import Settings
 from gateway.tools import ToolConfigError, ToolRunner, load_tools
 from gateway.agent import build_agent
+from tests.call_harness import CallHarness
 from tests.fakes.openai_server import STALL, Reply
 
 BALANCE = ToolSpec(name="get_balance", description="The caller's account balance.",
@@ -309,3 +310,63 @@ def test_openai_without_url_or_key_fails_at_start_up():
     from gateway.settings import SettingsError
     with pytest.raises(SettingsError, match="OPENAI_API_KEY"):
         build_agent(Settings(llm_primary_model="gpt-4o-mini"))
+
+
+# An LLM that fails once the reply has begun: before, the turn ended quietly (no error, no
+# apology), so the caller heard "Let me check that for you." or half an answer, then
+# silence. Now the call reports llm_failed and apologises after what was sent, and the
+# context keeps only what was said.
+
+
+class ScriptLLM:
+    name = "script"
+
+    def __init__(self, *scripts: list) -> None:
+        self.scripts = list(scripts)
+
+    async def stream(self, messages, tools=None):
+        script = self.scripts.pop(0) if self.scripts else [LLMChunk(text="All good now.")]
+        for item in script:
+            await asyncio.sleep(0)
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class BalanceRunner:
+    async def run(self, call: ToolCall) -> tuple[str, bool]:
+        return json.dumps({"balance": "12.00"}), True
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("scripts, heard", [
+    (([LLMChunk(text="Let me check that for you. "),
+       LLMChunk(tool_call=ToolCall("call_1", "get_balance", "{}"))],
+      [ProviderError("hedged(a, b)", "every LLM failed: HTTP 503")]),
+     ["Let me check that for you."]),
+    (([LLMChunk(text="Your balance is twelve dollars. "), LLMChunk(text="Your last payment "),
+       ProviderError("openai:primary", "stream stalled for 10 s")],),
+     ["Your balance is twelve dollars."]),
+], ids=["after-a-preface-and-a-tool", "mid-answer"])
+async def test_an_llm_failure_after_the_reply_began_is_reported_and_apologised_for(scripts,
+                                                                                   heard):
+    h = CallHarness()
+    h.agent = Agent(ScriptLLM(*scripts),  # type: ignore[arg-type]
+                    [ToolSpec(name="get_balance", description="The balance.")],
+                    runner=BalanceRunner(), filler_after_s=None)  # type: ignore[arg-type]
+    h.responder._agent = h.agent
+    await h.start()
+    await h.text("what is my balance")
+    await h.wait(3000)
+    responses = h.output.of("response", turn=1)
+    assert [e["text"] for e in responses if e["source"] == "llm"] == heard
+    assert responses[-1]["source"] == "apology"
+    assert [e["code"] for e in h.output.of("error", turn=1)] == ["llm_failed"]
+    assert h.stats.errors["llm_failed"] == 1
+    # The next turn works (the script is spent: the LLM answers again).
+    await h.text("and now?")
+    await h.wait(3000)
+    await h.stop()
+    assert [e["text"] for e in h.output.of("response", turn=2)] == ["All good now."]

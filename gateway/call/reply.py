@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Protocol, runtime_checkable
 from ..clock import Clock
 from ..codec import SAMPLE_WIDTH
 from ..playout import Playout
+from ..providers.base import ProviderError
 from ..responder import ReplySegment, Responder, Turn
 
 
@@ -187,7 +188,7 @@ class ReplyStage:
                             chunk = await _tts(anext(audio, None))
                     spoken[-1] = (said, spoken[-1][1], playout.sent_ms)
             await playout.flush()
-        except StageFailed:
+        except Exception as exc:
             # The agent wrote every sentence it made; the caller gets what was sent before
             # the failure (then the apology): the context keeps only that.
             if record_heard:
@@ -196,8 +197,11 @@ class ReplyStage:
                 if spoken and spoken[-1][2] == float("inf"):  # its length unknown (streamed):
                     spoken[-1] = ("", spoken[-1][1], sent)  # not said, not kept
                 turn.conversation.record_heard(heard_text(spoken, sent, sent))
-            raise
-        except Exception as exc:  # the responder itself (agent, tools) broke
+            if isinstance(exc, StageFailed):
+                raise
+            if isinstance(exc, ProviderError):  # the LLM broke off an answer under way
+                raise StageFailed("llm_failed", f"the LLM failed mid-reply: {exc}") from exc
+            # the responder itself (agent, tools) broke
             raise StageFailed("reply_failed", f"the reply failed: {type(exc).__name__}: "
                                               f"{exc}") from exc
         except asyncio.CancelledError:
