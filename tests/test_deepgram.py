@@ -7,6 +7,9 @@ import dataclasses
 from typing import Iterator
 
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
 
 from gateway.providers.base import ProviderError, SpeechToText, STTStream, Transcript
 from gateway.providers.deepgram_stt import DeepgramSTT
@@ -287,3 +290,57 @@ async def test_a_call_on_deepgram_ends_a_cached_question_at_its_endpoint(deepgra
     assert metrics["route_reused"] is True  # decided on the endpoint's words
     assert h.transcripts() == ["what are your opening hours"]
     assert fake.sessions[0].controls["Finalize"] == 0  # the endpoint's words were the final
+
+
+class DroppingDeepgram:
+    """The fake behind a route that drops the first connection after its first audio (the
+    service or the network failing mid-call); later connections are the fake's."""
+
+    def __init__(self) -> None:
+        self.fake = FakeDeepgram()
+        self.fake.ms_per_word = 40
+        self.connections = 0
+        self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
+
+    async def _listen(self, websocket: WebSocket) -> None:
+        self.connections += 1
+        if self.connections == 1:
+            await websocket.accept()
+            await websocket.receive()
+            await websocket.close(code=1011)
+            return
+        await self.fake._listen(websocket)
+
+
+async def test_a_dropped_socket_fails_its_utterance_and_the_next_one_is_recognised():
+    dropping = DroppingDeepgram()
+    with ServerThread(dropping.app) as server:
+        recognizer = stt(server, reconnect_s=0.05)
+        stream = recognizer.open_stream()
+        for _ in range(3):  # the caller's first question: the socket drops
+            await stream.send_audio(VOICE)
+        assert await until(lambda: dropping.connections == 2 and stream.connected)
+        with pytest.raises(ProviderError, match="1011"):
+            await stream.finalize()  # its words went with the socket: this turn apologises
+        await send(stream, VOICE, 12)  # the caller's next question, on the new socket
+        final = await stream.finalize()
+        closed_early = stream.closed
+        await stream.aclose()
+        await recognizer.aclose()
+    assert final.text == "what are your opening hours"
+    assert not closed_early
+
+
+async def test_a_socket_dropped_between_utterances_fails_nothing():
+    dropping = DroppingDeepgram()
+    with ServerThread(dropping.app) as server:
+        recognizer = stt(server, reconnect_s=0.05)
+        stream = recognizer.open_stream()
+        await stream.send_audio(SILENCE)
+        await stream.finalize()  # an utterance ends before the socket drops
+        assert await until(lambda: dropping.connections == 2 and stream.connected)
+        await send(stream, VOICE, 12)
+        final = await stream.finalize()
+        await stream.aclose()
+        await recognizer.aclose()
+    assert final.text == "what are your opening hours"

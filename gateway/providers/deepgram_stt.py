@@ -15,6 +15,10 @@ onto ``STTStream``:
   reply marked ``from_finalize`` completes the transcript (or ``finalize_timeout_s`` passes).
 - ``KeepAlive`` is sent when no audio has gone out for ``keepalive_s`` (Deepgram closes
   an idle socket after about 10 s); ``aclose()`` sends ``CloseStream``.
+- A socket that fails (dropped by the service or the network) is reopened, after
+  ``reconnect_s`` doubling to 5 s; audio meanwhile is refused. The utterance that lost
+  audio to it fails at its ``finalize()`` (the call apologises), and the next one is
+  recognised on the new socket. A refused connection (HTTP 4xx: a wrong key) is final.
 
 Results that end before the last finalize/reset (audio time) are dropped, so a late
 reply for an old utterance never leaks into the next one.
@@ -40,14 +44,17 @@ log = logging.getLogger("voicegate.deepgram")
 NAME = "deepgram"
 _OUTBOX_LIMIT = 1000  # 20 s of 20 ms frames waiting for a connection that does not come
 _EPSILON_S = 0.02
+_RECONNECT_MAX_S = 5.0
 
 
 class DeepgramStream:
     """``STTStream`` over one live WebSocket. Create it inside a running event loop."""
 
     def __init__(self, client: AsyncDeepgramClient, options: dict[str, Any], sample_rate: int,
-                 finalize_timeout_s: float, keepalive_s: float, early_timeout_s: float) -> None:
+                 finalize_timeout_s: float, keepalive_s: float, early_timeout_s: float,
+                 reconnect_s: float = 0.5) -> None:
         self._client = client
+        self._reconnect_s = reconnect_s
         self._early_timeout_s = early_timeout_s
         self._options = options
         self._sample_rate = sample_rate
@@ -59,7 +66,12 @@ class DeepgramStream:
         self._interim = ""
         self._last_partial = ""
         self._endpointed = False
-        self._sent_s = 0.0  # audio time sent on this socket
+        self._sent_s = 0.0  # audio time sent on this stream (over every socket)
+        self._offset_s = 0.0  # stream audio time at which the current socket's audio starts
+        self._connected = False
+        self._sockets = 0  # live sockets opened so far
+        # Why the current utterance lost audio (to a failed socket), if it did.
+        self._lost: ProviderError | None = None
         self._cut_s = 0.0  # audio time of the last finalize/reset
         self._resumed_s = 0.0  # audio time the caller last spoke again after a pause
         self._early_task: asyncio.Task[Transcript] | None = None  # the pause's early words
@@ -73,6 +85,8 @@ class DeepgramStream:
     # ------------------------------------------------------------ STTStream API
 
     async def send_audio(self, pcm16: bytes) -> None:
+        if self._error is not None and self._sent_s > self._cut_s + _EPSILON_S:
+            self._lost = self._error  # refused mid-utterance: its words are incomplete
         self._check()
         if self._outbox.qsize() >= _OUTBOX_LIMIT:
             raise ProviderError(NAME, "audio is not draining: the live socket is not connected")
@@ -81,6 +95,10 @@ class DeepgramStream:
 
     def finalize(self) -> Awaitable[Transcript]:
         """Cut the utterance now (audio sent later is the next one's); await its final."""
+        if self._lost is not None:  # its audio went to a socket that failed: words lost
+            lost, self._lost = self._lost, None
+            self._start_utterance()
+            raise lost
         self._check()
         pending = self._interim or self._sent_s > self._cut_s + _EPSILON_S
         flush = pending and not (self._endpointed and not self._interim)
@@ -162,6 +180,11 @@ class DeepgramStream:
     def closed(self) -> bool:
         return self._closing or self._runner.done()
 
+    @property
+    def connected(self) -> bool:
+        """A live socket is open (False while a failed one is being reopened)."""
+        return self._connected
+
     # ------------------------------------------------------------ internals
 
     async def _iter_partials(self) -> AsyncIterator[Transcript]:
@@ -189,31 +212,63 @@ class DeepgramStream:
         self._cut_s = self._resumed_s = self._sent_s
 
     async def _run(self) -> None:
+        backoff = self._reconnect_s
+        try:
+            while not self._closing:
+                failure, final = await self._connection()
+                if failure is None or self._closing:
+                    return
+                self._error = failure
+                if self._sent_s > self._cut_s + _EPSILON_S:
+                    self._lost = failure  # the utterance under way lost audio with it
+                logs.event(log, "deepgram_stream_ended", logging.WARNING, error=str(failure),
+                           reconnect_s=None if final else backoff)
+                closing = self._closing_utterance
+                if closing is not None and closing.done is not None and not closing.done.done():
+                    closing.done.set_result(None)
+                if final:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _RECONNECT_MAX_S)
+        finally:
+            self._partials.put_nowait(None)
+
+    async def _connection(self) -> tuple[ProviderError | None, bool]:
+        """One live socket, until it ends: (why it failed, whether that is final), or
+        (None, True) when it was closed by ``aclose``."""
         try:
             async with self._client.listen.v1.connect(**self._options) as socket:
+                if self._sockets:
+                    # Reopened: what was queued for the dead socket is stale (its audio is
+                    # lost: that utterance fails at its final), and this socket's clock
+                    # starts at zero. (The first socket sends what queued before it opened.)
+                    while not self._outbox.empty():
+                        self._outbox.get_nowait()
+                    self._offset_s = self._sent_s
+                self._sockets += 1
+                self._error = None
+                self._connected = True
                 sender = asyncio.create_task(self._send_loop(socket), name="deepgram-send")
                 try:
                     async for message in socket:
                         self._on_message(message)
                 finally:
+                    self._connected = False
                     sender.cancel()
                     await asyncio.gather(sender, return_exceptions=True)
-                if not self._closing:
-                    self._error = ProviderError(NAME, "the live socket was closed by the server")
+                if self._closing:
+                    return None, True
+                return self._error or ProviderError(NAME, "the live socket was closed by the "
+                                                          "server"), False
         except asyncio.CancelledError:
             raise
         except ApiError as exc:
             # Never str(exc): its headers are the request's, including the key.
-            self._error = ProviderError(NAME, f"connection refused: HTTP {exc.status_code}: {exc.body}")
+            final = 400 <= (exc.status_code or 0) < 500  # a wrong key stays wrong
+            return ProviderError(NAME, f"connection refused: HTTP {exc.status_code}: "
+                                       f"{exc.body}"), final
         except Exception as exc:
-            self._error = ProviderError(NAME, f"live socket failed: {type(exc).__name__}: {exc}")
-        finally:
-            if self._error is not None:
-                logs.event(log, "deepgram_stream_ended", logging.WARNING, error=str(self._error))
-            closing = self._closing_utterance
-            if closing is not None and closing.done is not None and not closing.done.done():
-                closing.done.set_result(None)
-            self._partials.put_nowait(None)
+            return ProviderError(NAME, f"live socket failed: {type(exc).__name__}: {exc}"), False
 
     async def _send_loop(self, socket: Any) -> None:
         try:
@@ -258,13 +313,15 @@ class DeepgramStream:
                 self._committed.append(self._interim)
                 self._interim = ""
             last_word_end = getattr(message, "last_word_end", None)
-            self._mark_endpoint(self._sent_s if last_word_end is None else float(last_word_end))
+            self._mark_endpoint(self._sent_s if last_word_end is None
+                                else self._offset_s + float(last_word_end))
         elif kind == "Error":
             self._error = ProviderError(NAME, f"{message.variant}: {message.description}")
         # Metadata, SpeechStarted: nothing to map.
 
     def _on_results(self, message: Any) -> None:
-        end_s = float(message.start) + float(message.duration)
+        # The socket's audio time, on the stream's clock (a reopened socket starts at 0).
+        end_s = self._offset_s + float(message.start) + float(message.duration)
         alternatives = message.channel.alternatives
         text = alternatives[0].transcript.strip() if alternatives else ""
         if end_s <= self._cut_s + _EPSILON_S:
@@ -335,7 +392,8 @@ class DeepgramSTT:
     def __init__(self, api_key: str, *, base_url: str = "", model: str = "nova-3",
                  language: str = "en-US", sample_rate: int = 16000, endpointing_ms: int = 300,
                  utterance_end_ms: int = 1000, finalize_timeout_s: float = 1.0,
-                 keepalive_s: float = 4.0, early_timeout_s: float = 0.8) -> None:
+                 keepalive_s: float = 4.0, early_timeout_s: float = 0.8,
+                 reconnect_s: float = 0.5) -> None:
         if not api_key:
             raise ProviderError(NAME, "no API key (set VOICEGATE_DEEPGRAM_API_KEY)")
         self.sample_rate = sample_rate
@@ -355,6 +413,7 @@ class DeepgramSTT:
         # A pause's early transcript waits this long for Deepgram's endpoint (endpointing_ms
         # of silence plus the service's delay); later, the silence alone ends the turn.
         self._early_timeout_s = early_timeout_s
+        self._reconnect_s = reconnect_s  # a failed live socket is reopened after this
         self._streams: set[DeepgramStream] = set()
 
     @classmethod
@@ -367,7 +426,7 @@ class DeepgramSTT:
         self._streams = {s for s in self._streams if not s.closed}
         stream = DeepgramStream(self._client, self._options, self.sample_rate,
                                 self._finalize_timeout_s, self._keepalive_s,
-                                self._early_timeout_s)
+                                self._early_timeout_s, self._reconnect_s)
         self._streams.add(stream)
         return stream
 
