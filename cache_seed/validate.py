@@ -212,7 +212,10 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     before = len(errors)
     question = " ".join(values["question"].split())
     answer = " ".join(values["answer"].split()) or None
-    intent = values.get("intent", "").strip() or None
+    intent_text = values.get("intent", "").strip()
+    # A run of spaces is one space, as parse_seed_rows (the admin API's rows) makes it: a name
+    # is the same, and so is its entry id, whichever path published it.
+    intent = " ".join(intent_text.split()) or None
     action_text = values.get("action", "").strip().lower()
     action: Action | None = None
     if not question:
@@ -223,8 +226,8 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     if answer and len(answer) > MAX_ANSWER_CHARS:
         errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
                                      f"{MAX_ANSWER_CHARS})"))
-    if intent is not None and not intent.isprintable():
-        errors.append(RowError(line, f"bad intent {intent!r}: it contains a control or "
+    if intent is not None and not intent_text.isprintable():  # a tab is refused, not collapsed
+        errors.append(RowError(line, f"bad intent {intent_text!r}: it contains a control or "
                                      "invisible separator character"))
     elif intent is not None and len(intent) > MAX_INTENT_CHARS:
         errors.append(RowError(line, f"bad intent {intent[:40]!r}...: {len(intent)} characters, "

@@ -10,6 +10,7 @@ import pytest
 from gateway.admin.publish import Publisher
 from gateway.client import Caller
 from gateway.server import BackgroundServer
+from intents.types import entry_id_for
 from tests.admin_support import (AUTH, SMALL_INTENTS, admin, copy_store, seed_small,
                                  serving_version, small_faq_csv, start_admin_server)
 
@@ -300,6 +301,27 @@ def test_seed_upload_raw_and_multipart(own_server):
         assert no_boundary.status_code == 400
         assert "malformed multipart upload" in no_boundary.json()["error"]
         assert serving_version(server) == form.json()["version"]  # still serving
+
+
+def test_an_uploaded_intent_keeps_its_name_and_id_through_an_edit_of_another(own_server):
+    # Every admin edit re-validates the serving version's rows, spaces collapsed: a CSV's name
+    # with a run of spaces is read the same way on upload, so the edit renames nothing.
+    server = own_server
+    csv_text = small_faq_csv() + "I lost my bank card,Call us to block it.,Card  lost,\n" \
+                                 "my bank card was stolen,,Card  lost,\n"
+    card_id = entry_id_for("Card lost")
+    with admin(server) as client:
+        uploaded = client.post("/admin/seed", content=csv_text.encode("utf-8"),
+                               headers={"Content-Type": "text/csv"})
+        assert uploaded.status_code == 200, uploaded.text
+        entry = client.get(f"/admin/entries/{card_id}")
+        assert entry.status_code == 200 and entry.json()["entry"]["intent"] == "Card lost"
+        edited = client.post("/admin/entries", json={"intent": "opening_hours",
+                                                     "answer": "We open at eight on weekdays."})
+        assert edited.status_code == 200, edited.text
+        ids = {e["id"] for e in client.get("/admin/entries").json()["entries"]}
+        assert card_id in ids and ids == set(SMALL_INTENTS) | {card_id}
+        assert client.get(f"/admin/entries/{card_id}").status_code == 200
 
 
 async def test_bad_csv_upload_lists_every_row_and_keeps_serving(own_server):

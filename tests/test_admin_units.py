@@ -8,6 +8,7 @@ import pytest
 from cache_seed import SeedValidationError, parse_seed_rows, rows_from_manifest
 from gateway.admin.misses import group_misses, is_agent_intent
 from gateway.stats import MissedQuestion, Stats
+from intents.types import entry_id_for
 
 
 def turn(source: str, **extra):
@@ -63,6 +64,26 @@ def test_rows_validate_like_a_csv_with_line_numbers_by_row():
                             for e in plan.entries.values()]}
     again = parse_seed_rows(rows_from_manifest(manifest))
     assert again.entries == plan.entries and again.questions == plan.questions
+
+
+def test_a_csv_intents_name_survives_the_rows_an_admin_edit_rebuilds():
+    # An admin edit of any entry re-validates every row of the serving version: an intent name
+    # published from a CSV must come back the same (same entry id, same URL).
+    from cache_seed import parse_seed_csv
+
+    plan = parse_seed_csv(("question,answer,intent,action\n"
+                           "I lost my bank card,Call us to block it.,  Card  lost ,\n"
+                           "my bank card was stolen,,Card   lost,\n"
+                           "When are you open?,Nine to five.,opening_hours,\n").encode())
+    assert set(plan.entries) == {"Card lost", "opening_hours"}
+    manifest = {"entries": [{"id": e.id, "intent": e.intent, "action": e.action.value,
+                             "answer": e.answer, "questions": list(e.questions)}
+                            for e in plan.entries.values()]}
+    rows = [r for r in rows_from_manifest(manifest) if r["intent"] != "opening_hours"]
+    edited = parse_seed_rows(rows + [{"question": "When are you open?", "intent": "opening_hours",
+                                      "answer": "We open at eight on weekdays."}])
+    assert edited.entries["Card lost"] == plan.entries["Card lost"]
+    assert edited.entries["Card lost"].id == entry_id_for("Card lost")
 
 
 class WordEmbedder:

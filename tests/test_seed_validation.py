@@ -103,6 +103,19 @@ def test_intent_with_control_characters_or_pasted_text_is_refused() -> None:
     assert "201 characters, at most 200" in found[1][1]
 
 
+def test_a_run_of_spaces_in_an_intent_name_is_one_space() -> None:
+    # As the admin API's rows make it (parse_seed_rows): the same name, so the same entry id,
+    # whichever path published it. A tab or other control character is still refused.
+    plan = parse_seed_csv((HEADER + "I lost my card,Call us.,Card  lost,\n"
+                                    "my card was stolen,, Card lost ,\n"
+                                    "When are you open?,Nine to five.,hours,\n").encode())
+    assert set(plan.entries) == {"Card lost", "hours"}
+    assert plan.entries["Card lost"].questions == ("I lost my card", "my card was stolen")
+    assert plan.entries["Card lost"].id == entry_id_for("Card lost")
+    [(line, reason)] = errors_of(HEADER + "q one,a,Card\tlost,\nq two,b,,\n")
+    assert line == 2 and reason.startswith("bad intent 'Card\\tlost'")
+
+
 def test_intent_named_like_another_intents_derived_id_is_refused() -> None:
     clash = entry_id_for("refund?")
     [(line, reason)] = errors_of(HEADER + f"q one,a,refund?,\nq two,b,{clash},\n")
