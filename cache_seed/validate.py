@@ -265,8 +265,10 @@ class _Group:
 
 
 def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
-    # Duplicate questions: identical rows are dropped, conflicting ones are errors.
+    # Duplicate questions: identical rows are dropped, conflicting ones are errors. An action
+    # written on one of them and left empty on the other is not a conflict: it is kept.
     seen: dict[str, SeedRow] = {}
+    acted: dict[str, SeedRow] = {}  # question -> the first of its rows with an action written
     unique: list[SeedRow] = []
     for row in rows:
         key = normalize_text(row.question)
@@ -278,6 +280,13 @@ def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
             what = "answer" if first.answer != row.answer else "intent"
             errors.append(RowError(row.line, f"duplicate question (line {first.line}) with a "
                                              f"conflicting {what}"))
+            continue
+        if row.action is None:
+            continue
+        acting = acted.setdefault(key, row)
+        if acting.action is not row.action:
+            errors.append(RowError(row.line, f"duplicate question (line {acting.line}) with a "
+                                             "conflicting action"))
 
     groups: dict[str, _Group] = {}
     by_answer: dict[str, str] = {}  # answer text -> intent of the group holding it
@@ -294,13 +303,15 @@ def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
                 errors.append(RowError(row.line, f"intent {intent!r} already has a different "
                                                  f"answer (line {group.answer_line})"))
                 continue
-        if row.action is not None:
+        acting = acted.get(normalize_text(row.question))  # on this row or a duplicate's
+        if acting is not None:
             if group.action is None:
-                group.action, group.action_line = row.action, row.line
-            elif group.action is not row.action:
-                errors.append(RowError(row.line, f"intent {intent!r} has action "
-                                                 f"'{group.action.value}' on line "
-                                                 f"{group.action_line}, not '{row.action.value}'"))
+                group.action, group.action_line = acting.action, acting.line
+            elif group.action is not acting.action:
+                errors.append(RowError(acting.line, f"intent {intent!r} has action "
+                                                    f"'{group.action.value}' on line "
+                                                    f"{group.action_line}, not "
+                                                    f"'{acting.action.value}'"))
                 continue
         group.rows.append(row)
 

@@ -74,6 +74,26 @@ def test_identical_duplicate_rows_are_dropped() -> None:
     assert plan.questions == ["q one", "q two"]
 
 
+def test_duplicate_question_with_a_conflicting_action() -> None:
+    found = errors_of(HEADER + "I lost my card,Call us to block it.,lost_card,answer\n"
+                               "When are you open?,Nine to five.,hours,\n"
+                               "I lost my card,Call us to block it.,lost_card,handoff\n")
+    assert found == [(4, "duplicate question (line 2) with a conflicting action")]
+
+
+def test_a_duplicate_questions_written_action_is_kept_when_the_other_row_has_none() -> None:
+    for rows in ("I lost my card,,lost_card,\nI lost my card,,lost_card,handoff\n",
+                 "I lost my card,,lost_card,handoff\nI lost my card,,lost_card,\n"):
+        plan = parse_seed_csv((HEADER + rows + "When are you open?,Nine to five.,hours,\n"
+                                               "My card is gone,,lost_card,\n").encode())
+        assert plan.entries["lost_card"].action is Action.HANDOFF, rows
+        assert plan.entries["lost_card"].questions == ("I lost my card", "My card is gone")
+    # the kept action still has to agree with the rest of its intent
+    found = errors_of(HEADER + "I lost my card,,lost_card,\nMy card is gone,,lost_card,llm\n"
+                               "I lost my card,,lost_card,handoff\nq two,a,,\n")
+    assert found == [(3, "intent 'lost_card' has action 'handoff' on line 4, not 'llm'")]
+
+
 def test_real_world_intent_names_and_long_questions_are_accepted() -> None:
     spoken = ("I made a payment with my card last week and it was reverted and " * 7).strip()
     assert 400 < len(spoken) < MAX_QUESTION_CHARS  # Banking77's longest question is 433
