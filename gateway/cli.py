@@ -152,6 +152,19 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), port=args.port)
 
 
+def _wrong_rate(text: str) -> float:
+    """``--target-wrong-rate``: a number strictly between 0 and 1, as the admin API's
+    ``target_wrong_rate`` (checked here, before any answer is rendered: a cloud voice bills)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), "
+                                         f"e.g. 0.01; not {text!r}")
+    return value
+
+
 _REDIS_HELP = ("shared Redis store, redis://HOST:PORT/DB (default: VOICEGATE_REDIS_URL; "
                "empty: the local store)")
 
@@ -184,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("csv", help="columns question, answer (required), intent, action")
     seed.add_argument("--store", help="cache directory (default: VOICEGATE_STORE_DIR)")
     seed.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
-    seed.add_argument("--target-wrong-rate", type=float, default=0.01,
-                      help="calibrate thresholds to this wrong-answer rate (default 0.01)")
+    seed.add_argument("--target-wrong-rate", type=_wrong_rate, default=0.01,
+                      help="calibrate thresholds to this wrong-answer rate, between 0 and 1 "
+                           "(exclusive; default 0.01)")
     seed.add_argument("--quiet", action="store_true", help="no progress bars")
     seed.add_argument("--negatives", metavar="CSV", default=None,
                       help="your own out-of-domain questions (a 'text' column) that must never "

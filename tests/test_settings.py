@@ -181,3 +181,38 @@ def test_serve_store_sets_the_store_dir(monkeypatch, tmp_path):
     settings = seen["s"]
     assert settings.store_dir == str(tmp_path / "store") and settings.port == 0
     assert settings.redis_url == "" and seen["opts"]["port"] == 0
+
+
+def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypatch, tmp_path,
+                                                                        capsys):
+    # The admin API's rule (0 < target_wrong_rate < 1), checked while the arguments are read:
+    # calibration's own check comes after every answer is rendered (a cloud voice bills).
+    import gateway.providers.registry
+    import gateway.runtime
+    import gateway.seeding
+    from types import SimpleNamespace
+
+    from gateway import cli
+
+    started: list[float] = []
+
+    def seed_with_voice(csv, store, tts, embedder, *, target_wrong_rate, **_):
+        started.append(target_wrong_rate)
+        return SimpleNamespace(summary=lambda: "published v1: ...")
+
+    monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda settings, ex: object())
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
+    monkeypatch.setattr(gateway.seeding, "seed_with_voice", seed_with_voice)
+    for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    csv_path = tmp_path / "faq.csv"
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    seed = ["seed", str(csv_path), "--store", str(tmp_path / "store"), "--quiet"]
+    for bad in ("0", "1", "1.5", "-0.01", "nan", "one percent"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(seed + ["--target-wrong-rate", bad])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --target-wrong-rate: must be a number between 0 and 1" in err, err
+    assert started == [] and not (tmp_path / "store").exists()
+    assert cli.main(seed + ["--target-wrong-rate", "0.05"]) == 0 and started == [0.05]
