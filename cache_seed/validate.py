@@ -234,10 +234,13 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
                                      f"at most {MAX_INTENT_CHARS}"))
     for column in ("question", "answer"):
         if looks_like_formula(values.get(column) or ""):
+            # The advice must be one the check accepts: leading spaces do not count.
             errors.append(RowError(line, f"{column} looks like a spreadsheet formula "
                                          f"({(values.get(column) or '').strip()[:40]!r}): cells "
-                                         "starting with =, @, or +/- before a non-digit are refused"
-                                         " (CSV injection); put a space or quote first if meant"))
+                                         "starting with =, @, a tab, or + or - before anything but "
+                                         "a digit, a space or a dot are refused, leading spaces "
+                                         "not counted (CSV injection); if meant, reword it to "
+                                         "start otherwise (e.g. 'The code is =SAVE10')"))
     if action_text:
         try:
             action = Action(action_text)

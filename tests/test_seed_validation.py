@@ -260,3 +260,15 @@ def test_formula_cells_are_refused_with_their_lines():
     assert "formula" in bad[4] and bad[5].startswith("question")
     assert not looks_like_formula("+1 800 555 0100") and not looks_like_formula("-5 degrees")
     assert looks_like_formula("\t=1+1") and looks_like_formula("+A1")
+
+
+def test_the_formula_refusals_advice_is_accepted() -> None:
+    rows = "What is the promo code?,{answer},promo,\nWhen are you open?,Nine to five.,hours,\n"
+    [(line, reason)] = errors_of(HEADER + rows.format(answer="=SAVE10 is the code"))
+    assert line == 2 and "leading spaces not counted" in reason and "reword it" in reason
+    # a space first is still refused (the check reads the cell without its leading spaces)
+    assert [line for line, _ in errors_of(HEADER + rows.format(answer=" =SAVE10 is the code"))
+            ] == [2]
+    # following the advice (the example it gives) is accepted
+    plan = parse_seed_csv((HEADER + rows.format(answer="The code is =SAVE10")).encode())
+    assert plan.entries["promo"].answer == "The code is =SAVE10"
