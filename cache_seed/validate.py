@@ -4,7 +4,8 @@ Every row is checked before anything is rendered or published, and every bad row
 is reported with its line number and reason: one bad row publishes nothing.
 
 Columns: ``question`` and ``answer`` are required, ``intent`` and ``action``
-optional. Rows with the same intent, or (without an intent) the same answer, are
+optional; other columns (notes, ids) are ignored, but one named almost like a missing
+known column (``actions``, ``qustion``) is refused: its values would be lost. Rows with the same intent, or (without an intent) the same answer, are
 paraphrases of one entry. ``action`` defaults to ``answer`` when the entry has an
 answer (on any of its rows) and ``llm`` when it has none; rows without an answer
 still train the classifier, so they need an intent (or join an entry by intent).
@@ -13,6 +14,7 @@ still train the classifier, so they need an intent (or join an entry by intent).
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import re
 from dataclasses import dataclass, field
@@ -32,6 +34,10 @@ MAX_QUESTION_CHARS = 2000
 MAX_ANSWER_CHARS = 1200  # about 80 s of speech: longer answers belong to the agent
 MAX_INTENT_CHARS = 200  # any printable name; the entry id derived from it is URL-safe
 _SLUG = re.compile(r"[^a-z0-9]+")
+# How close an unknown column's name must be to a known column's (difflib's ratio) to be read as
+# a misspelling of it: 'actions', 'intents', 'acton' (0.91+) are; 'intent_id', 'answer_id' (0.8)
+# are extra columns and ignored.
+_NEAR_MISS = 0.85
 
 
 @dataclass(frozen=True)
@@ -162,9 +168,14 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
             continue  # blank line
         if header is None:
             header = [f.strip().lower() for f in fields]
-            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            near = _near_misses(header)
+            missing = [c for c in REQUIRED_COLUMNS if c not in header and c not in near.values()]
             duplicated = sorted({c for c in header if c and header.count(c) > 1})
-            if missing or duplicated:
+            if near or missing or duplicated:
+                for index, known in near.items():
+                    errors.append(RowError(start, f"unknown column {fields[index].strip()!r}: "
+                                                  f"did you mean '{known}'? (rename it; columns "
+                                                  "with other names are ignored)"))
                 for column in missing:
                     errors.append(RowError(start, f"missing column '{column}' (header is: "
                                                   f"{', '.join(fields)})"))
@@ -184,6 +195,20 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
     elif header is not None and not rows and not errors:
         errors.append(RowError(last_line, "no rows after the header"))
     return rows
+
+
+def _near_misses(header: list[str]) -> dict[int, str]:
+    """Header columns (by index) named almost like a known column the header lacks: a misspelled
+    ``actions`` would otherwise be ignored and every handoff in it lost. Any other unknown
+    column (notes, ids) is ignored, as is one close to a known column that is present."""
+    absent = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c not in header]
+    near: dict[int, str] = {}
+    for index, column in enumerate(header):
+        if column and column not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS:
+            match = difflib.get_close_matches(column, absent, n=1, cutoff=_NEAR_MISS)
+            if match:
+                near[index] = match[0]
+    return near
 
 
 def looks_like_formula(cell: str) -> bool:

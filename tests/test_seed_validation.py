@@ -52,6 +52,29 @@ def test_missing_column() -> None:
         (1, "missing column 'answer' (header is: question, intent)")]
 
 
+def test_a_misspelled_column_is_refused_not_ignored() -> None:
+    # 'actions' ignored would lose every handoff in it: refused on the header's line.
+    rows = ("I want to speak to a person,,speak_to_person,handoff\n"
+            "When are you open?,Nine to five.,hours,answer\n")
+    assert errors_of("question,answer,intent,Actions\n" + rows) == [
+        (1, "unknown column 'Actions': did you mean 'action'? (rename it; columns with other "
+            "names are ignored)")]
+    found = errors_of("qustion,answer,intents\nWhen are you open?,Nine to five.,hours\n")
+    assert [(line, reason.split("?")[0]) for line, reason in found] == [
+        (1, "unknown column 'qustion': did you mean 'question'"),
+        (1, "unknown column 'intents': did you mean 'intent'")]
+
+
+def test_other_extra_columns_are_ignored() -> None:
+    # Operators' spreadsheets carry notes and ids; a column close to one already present is
+    # another column too (answer2 beside answer).
+    plan = parse_seed_csv(("question,answer,notes,intent_id,action_id,answer2,intent,action\n"
+                           "I lost my card,,check,7,3,x,lost_card,handoff\n"
+                           "When are you open?,Nine to five.,,8,4,y,hours,\n").encode())
+    assert plan.entries["lost_card"].action is Action.HANDOFF
+    assert plan.entries["hours"].answer == "Nine to five."
+
+
 def test_empty_question() -> None:
     assert errors_of(HEADER + "ok question,an answer,,\n  ,another answer,,\n") == [
         (3, "empty question")]
