@@ -85,7 +85,7 @@ class DeepgramStream:
     # ------------------------------------------------------------ STTStream API
 
     async def send_audio(self, pcm16: bytes) -> None:
-        if self._error is not None and self._sent_s > self._cut_s + _EPSILON_S:
+        if self._error is not None and self._utterance_has_audio():
             self._lost = self._error  # refused mid-utterance: its words are incomplete
         self._check()
         if self._outbox.qsize() >= _OUTBOX_LIMIT:
@@ -100,7 +100,7 @@ class DeepgramStream:
             self._start_utterance()
             raise lost
         self._check()
-        pending = self._interim or self._sent_s > self._cut_s + _EPSILON_S
+        pending = self._interim or self._utterance_has_audio()
         flush = pending and not (self._endpointed and not self._interim)
         closing = _Closing(committed=list(self._committed), interim=self._interim,
                            start_s=self._cut_s, cut_s=self._sent_s)
@@ -157,7 +157,7 @@ class DeepgramStream:
         return self._iter_partials()
 
     async def reset(self) -> None:
-        if self._sent_s > self._cut_s + _EPSILON_S:
+        if self._utterance_has_audio():
             self._outbox.put_nowait("Finalize")  # flush the server; its reply is dropped by time
         self._start_utterance()
 
@@ -219,19 +219,27 @@ class DeepgramStream:
                 if failure is None or self._closing:
                     return
                 self._error = failure
-                if self._sent_s > self._cut_s + _EPSILON_S:
+                if self._utterance_has_audio():
                     self._lost = failure  # the utterance under way lost audio with it
                 logs.event(log, "deepgram_stream_ended", logging.WARNING, error=str(failure),
                            reconnect_s=None if final else backoff)
-                closing = self._closing_utterance
-                if closing is not None and closing.done is not None and not closing.done.done():
-                    closing.done.set_result(None)
+                self._release_final()
                 if final:
                     return
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _RECONNECT_MAX_S)
         finally:
+            self._release_final()
             self._partials.put_nowait(None)
+
+    def _utterance_has_audio(self) -> bool:
+        return self._sent_s > self._cut_s + _EPSILON_S
+
+    def _release_final(self) -> None:
+        """A final waiting for its Finalize reply gets what it has: no reply will come."""
+        closing = self._closing_utterance
+        if closing is not None and closing.done is not None and not closing.done.done():
+            closing.done.set_result(None)
 
     async def _connection(self) -> tuple[ProviderError | None, bool]:
         """One live socket, until it ends: (why it failed, whether that is final), or
