@@ -22,6 +22,8 @@ Sets (texts are never tuned on: hits come from Banking77 *dev*, the seed from *t
   2026-11-25 (stop 35), before anything was measured on it, to measure a rule drawn from
   held-out and fresh failures (a cached question whose words read unfinished waits the
   long silence): it has more sentence starts that are cached questions of their own.
+  PAUSED_TEXTS_FRESH3 (``paused_set="fresh3"``) was written on 2026-11-26 (stop 38),
+  before anything was measured on it, to measure the hesitation rule (end_of_turn.py).
 
 Clips are cached under .cache/speech-corpus (git-ignored), keyed by text, voice and rate.
 """
@@ -128,6 +130,28 @@ PAUSED_TEXTS_FRESH2: list[list[str]] = [
     ["the ATM", "gave me", "the wrong amount"],
     ["my card payment", "was declined", "at a restaurant"],
     ["how much does it cost", "to send money", "to india"],
+]
+
+# Fresh 3: written on 2026-11-26 (stop 38), before anything was measured on it, to measure
+# the hesitation rule (a caller who paused mid-turn is given as long again after a cached
+# question): afterthoughts after a cached question with and without an earlier pause.
+PAUSED_TEXTS_FRESH3: list[list[str]] = [
+    ["my savings account number is", "three three one", "seven two"],
+    ["I'd like to", "um", "increase my card limit"],
+    ["I was charged", "twice", "for one coffee"],
+    ["can you tell me", "uh", "when my new card will arrive"],
+    ["I sent money to", "my brother", "and he didn't get it"],
+    ["how do I", "um", "unblock my pin"],
+    ["my card got declined", "at the supermarket"],
+    ["why hasn't my", "deposit", "shown up yet"],
+    ["is there a fee", "for topping up", "by bank transfer"],
+    ["I want to cancel", "a transfer", "I made this morning"],
+    ["my passcode is", "one nine", "eight four"],
+    ["I think", "uh", "my card was stolen", "yesterday"],
+    ["what currencies", "can I", "hold in my account"],
+    ["I can't log in", "to the app"],
+    ["I need to change", "um", "the phone number", "on my account"],
+    ["the cash withdrawal", "was charged", "a fee"],
 ]
 
 
@@ -269,7 +293,7 @@ def miss_questions(n: int, seed: int = 7) -> list[str]:
 # The paused sets by name (the benches' --paused-set choices).
 PAUSED_SETS: dict[str, list[list[str]]] = {
     "dev": PAUSED_TEXTS, "heldout": PAUSED_TEXTS_HELDOUT, "fresh": PAUSED_TEXTS_FRESH,
-    "fresh2": PAUSED_TEXTS_FRESH2}
+    "fresh2": PAUSED_TEXTS_FRESH2, "fresh3": PAUSED_TEXTS_FRESH3}
 
 
 def paused_texts(seed: int, paused_set: str = "") -> list[list[str]]:
