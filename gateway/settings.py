@@ -223,6 +223,13 @@ class Settings(BaseModel):
     # ... and one whose words read unfinished waits incomplete_turn_silence_ms, as words
     # ending on "my" do ("the exchange rate, ... seems wrong"); off: the open silence.
     unfinished_words_incomplete: bool = True
+    # A caller who paused mid-turn at least hesitation_ms (and spoke again) may pause as
+    # long again after words that are a cached question ("I need to, uh, ... freeze my
+    # card, ... right now"): such a turn judged complete waits the caller's longest pause
+    # plus hesitation_margin_ms (at least complete_turn_silence_ms, at most
+    # end_of_turn_silence_ms) instead of the short silence. 0: off.
+    hesitation_ms: Annotated[int, Field(ge=0, le=10000)] = 300
+    hesitation_margin_ms: Annotated[int, Field(ge=0, le=10000)] = 200
     # The end-of-turn model on the caller's audio: smart_turn (Smart Turn v3.2) or none.
     turn_model: Literal["smart_turn", "none"] = "smart_turn"
     # Its probability at or above which a cached question ends early, and below which

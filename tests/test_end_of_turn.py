@@ -138,6 +138,55 @@ def test_reset_forgets_the_pause():
     assert p.judge() is Judgement.UNKNOWN
 
 
+HESITANT = EndOfTurnSettings(silence_ms=900, complete_silence_ms=160,
+                             incomplete_silence_ms=1200, hesitation_ms=300,
+                             hesitation_margin_ms=200)
+
+
+def hesitant_policy(settings: EndOfTurnSettings = HESITANT) -> EndOfTurnPolicy:
+    p = EndOfTurnPolicy(settings)
+    p.transcript, p.cache_hit, p.words_finished = "I need to freeze my card", True, True
+    return p
+
+
+def test_after_a_hesitation_a_cached_question_waits_the_callers_pause_plus_the_margin():
+    p = hesitant_policy()
+    p.note_resumed_pause(250)  # a gap between words, not a hesitation
+    assert p.required_silence_ms() == 160
+    p.note_resumed_pause(600)
+    p.note_resumed_pause(400)  # the longest pause counts
+    assert p.judge() is Judgement.COMPLETE and p.required_silence_ms() == 800
+    p.note_resumed_pause(850)
+    assert p.required_silence_ms() == 900  # never past the open silence
+
+
+def test_a_hesitation_lasts_the_utterance_not_the_next_one():
+    p = hesitant_policy()
+    p.note_resumed_pause(600)
+    p.reset()  # the caller spoke again: the pause's signals go, the hesitation stays
+    p.transcript, p.cache_hit, p.words_finished = "I need to freeze my card", True, True
+    assert p.required_silence_ms() == 800
+    p.new_utterance()
+    p.transcript, p.cache_hit, p.words_finished = "I need to freeze my card", True, True
+    assert p.required_silence_ms() == 160
+
+
+def test_a_hesitation_changes_only_a_cached_questions_wait():
+    p = hesitant_policy()
+    p.note_resumed_pause(600)
+    p.cache_hit = False  # a miss waits the open silence, hesitation or not
+    assert p.required_silence_ms() == 900
+    p.cache_hit, p.transcript = True, "I need to"  # unfinished words: the long one
+    assert p.required_silence_ms() == 1200
+
+
+def test_the_hesitation_rule_can_be_turned_off():
+    p = hesitant_policy(EndOfTurnSettings(silence_ms=900, complete_silence_ms=160,
+                                          incomplete_silence_ms=1200, hesitation_ms=0))
+    p.note_resumed_pause(800)
+    assert not p.hesitated and p.required_silence_ms() == 160
+
+
 def test_the_silences_must_be_ordered():
     with pytest.raises(SettingsError, match="ordered"):
         Settings.load({"complete_turn_silence_ms": 400, "end_of_turn_silence_ms": 300},
@@ -311,6 +360,39 @@ async def test_a_failing_turn_model_is_reported_and_the_silence_decides():
     assert h.output.of("error", code="turn_model_failed")
     assert h.stats.snapshot()["errors"]["turn_model_failed"] == 2  # counted every time
     assert len(h.metrics()) == 2 and all(m["end_of_turn"] == "unknown" for m in h.metrics())
+
+
+@pytest.mark.parametrize("hesitation_ms", [300, 0])
+async def test_a_caller_who_hesitated_is_not_cut_off_after_a_cached_question(hesitation_ms):
+    # "I need to, ... freeze my card, ... right now": the first pause is long (the words
+    # are unfinished), the second follows a cached question.
+    h = CallHarness(faqs={"freeze my card": "freeze"}, early_finals=True,
+                    settings={"end_of_turn_silence_ms": 900, "hesitation_ms": hesitation_ms})
+    await h.start()
+    await h.say("i need to", then_silence_ms=600)
+    await h.say("freeze my card", then_silence_ms=500)
+    await h.say("right now", then_silence_ms=2000)
+    await h.stop()
+    if hesitation_ms:
+        assert h.transcripts() == ["i need to freeze my card right now"]
+        (metrics,) = h.metrics()
+        assert metrics["end_of_turn"] == "complete"
+        assert 550 <= metrics["hesitation_ms"] <= 650
+    else:  # the short silence ended the turn before the caller went on
+        assert h.transcripts()[0] == "i need to freeze my card"
+
+
+async def test_a_hesitant_callers_cached_question_waits_their_pause_not_the_open_silence():
+    h = CallHarness(faqs={"freeze my card": "freeze"}, early_finals=True,
+                    settings={"end_of_turn_silence_ms": 900})
+    await h.start()
+    await h.say("i need to", then_silence_ms=400)
+    await h.say("freeze my card", then_silence_ms=1500)
+    await h.stop()
+    (metrics,) = h.metrics()
+    assert metrics["end_of_turn"] == "complete"
+    # The caller's pause (about 400 ms) plus the 200 ms margin, on 32 ms windows.
+    assert 580 <= metrics["end_of_turn_ms"] <= 680, metrics
 
 
 async def test_a_resumed_pause_forgets_what_its_signals_said():

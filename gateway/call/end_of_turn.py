@@ -133,6 +133,12 @@ class EndOfTurnSettings:
     needs_finished_words: bool = True  # a cache hit ends early only if its words read finished
     # ... and one whose words read unfinished is judged incomplete (the long silence)
     unfinished_words_incomplete: bool = True
+    # A caller who hesitated mid-turn (a pause at least this long, after which they spoke
+    # again) may pause as long again after words that are a cached question ("I need to,
+    # uh, ... freeze my card, ... right now"): a turn judged complete then waits their
+    # longest pause plus the margin, within the short and the open silences. 0: off.
+    hesitation_ms: float = 300.0
+    hesitation_margin_ms: float = 200.0
 
     @property
     def longest_ms(self) -> float:
@@ -149,12 +155,30 @@ class EndOfTurnPolicy:
         self.cache_hit: bool | None = None
         self.words_finished: bool | None = None  # the router's completeness judgement
         self.awaiting_early = False  # the pause's early transcript is decoding / routing
+        # The longest pause of this utterance that the caller spoke again after (ms).
+        self.longest_resumed_pause_ms = 0.0
 
     def reset(self) -> None:
-        """Speech resumed or a new utterance began: what was known is stale."""
+        """Speech resumed: what was known about the pause is stale (not how the caller
+        paused: that is the utterance's)."""
         self.turn_probability = self.transcript = self.cache_hit = None
         self.words_finished = None
         self.awaiting_early = False
+
+    def new_utterance(self) -> None:
+        """A turn ended or a new one began: nothing known carries over."""
+        self.reset()
+        self.longest_resumed_pause_ms = 0.0
+
+    def note_resumed_pause(self, pause_ms: float) -> None:
+        """The caller spoke again after a pause of ``pause_ms`` in this utterance."""
+        self.longest_resumed_pause_ms = max(self.longest_resumed_pause_ms, pause_ms)
+
+    @property
+    def hesitated(self) -> bool:
+        """The caller paused mid-turn for at least ``hesitation_ms`` (the rule is on)."""
+        s = self.settings
+        return s.hesitation_ms > 0 and self.longest_resumed_pause_ms >= s.hesitation_ms
 
     def judge(self) -> Judgement:
         """Incomplete when the words or the turn model say the caller is not done;
@@ -191,7 +215,16 @@ class EndOfTurnPolicy:
     def required_silence_ms(self) -> float:
         judgement = self.judge()
         if judgement is Judgement.COMPLETE:
-            return self.settings.complete_silence_ms
+            return self._complete_silence_ms()
         if judgement in (Judgement.INCOMPLETE, Judgement.PENDING):
             return self.settings.incomplete_silence_ms
         return self.settings.silence_ms
+
+    def _complete_silence_ms(self) -> float:
+        """The short silence, or for a caller who hesitated before a cached question
+        their own longest pause plus the margin (at most the open silence)."""
+        s = self.settings
+        if not (self.cache_hit and self.hesitated):
+            return s.complete_silence_ms
+        wait = self.longest_resumed_pause_ms + s.hesitation_margin_ms
+        return min(s.silence_ms, max(s.complete_silence_ms, wait))

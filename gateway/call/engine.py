@@ -83,6 +83,8 @@ def end_of_turn_settings(settings: Settings) -> EndOfTurnSettings:
                              incomplete_silence_ms=settings.incomplete_turn_silence_ms,
                              needs_finished_words=settings.complete_turn_needs_finished_words,
                              unfinished_words_incomplete=settings.unfinished_words_incomplete,
+                             hesitation_ms=settings.hesitation_ms,
+                             hesitation_margin_ms=settings.hesitation_margin_ms,
                              complete_threshold=settings.turn_complete_threshold,
                              incomplete_threshold=settings.turn_incomplete_threshold)
 

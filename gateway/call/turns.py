@@ -141,6 +141,7 @@ class TurnDetector:
         # What is known about this pause decides how much silence ends the turn.
         self._segmenter.end_silence_ms = self.policy.required_silence_ms()
         self._scored_at = at
+        silence_before_ms = self._segmenter.silence_ms  # the pause this window may end
         for event in self._segmenter.push(prob):
             if event is SegmentEvent.SPEECH_START:
                 needed = (self._segmenter.min_speech_ms_override
@@ -148,7 +149,7 @@ class TurnDetector:
                 self._speech_start_at = at - needed / 1000.0
                 self.in_utterance = True
                 self._paused = False
-                self.policy.reset()
+                self.policy.new_utterance()
                 self._noted = {}
                 signals.append(SpeechStarted(at, self._speech_start_at))
                 preroll = b"".join(self._preroll)
@@ -160,6 +161,7 @@ class TurnDetector:
                 self._speech_end_at = at - WINDOW_MS / 1000.0
             elif event is SegmentEvent.RESUME:
                 self.policy.reset()
+                self.policy.note_resumed_pause(silence_before_ms)
                 self._noted = {}
                 if self._paused:
                     self._paused = False
@@ -258,9 +260,11 @@ class TurnDetector:
             tl.info["turn_probability"] = round(policy.turn_probability, 3)
         if policy.words_finished is not None:
             tl.info["words_finished"] = policy.words_finished
+        if policy.hesitated:
+            tl.info["hesitation_ms"] = round(policy.longest_resumed_pause_ms)
         tl.info.update(self._noted)
         self._noted = {}
-        self.policy.reset()
+        self.policy.new_utterance()
         self._audio = bytearray()
         # finalize() cuts the utterance now; only the decode is awaited later.
         try:
