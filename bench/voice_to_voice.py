@@ -11,6 +11,9 @@ Figures per configuration:
                       questions (not paused clips: cut off, theirs come before the last
                       word). A miss's first audio may be a filler or the handoff phrase:
                       it is what the caller hears.
+  paused hit v2v      the same for paused clips answered from the cache after their last
+                      word (not cut off): what the hesitation rule costs a caller who
+                      paused mid-turn before a cached question; p50 / p99
   EOT                 the server's end-of-turn delay (turn_metrics end_of_turn_ms:
                       last voiced VAD window -> turn ended), p50 / p99
   cut-off             paused clips whose turn ended (a final transcript, or reply audio)
@@ -356,6 +359,8 @@ def summarize(records: list[Record], cpu_s: float) -> dict[str, Any]:
     # measure of speed (cut off, it is answered before its last word: a negative v2v).
     hit_v2v = [r.v2v_ms for r in hits if r.kind == "hit" and r.v2v_ms is not None]
     miss_v2v = [r.v2v_ms for r in misses if r.v2v_ms is not None]
+    paused_hit_v2v = [r.v2v_ms for r in paused
+                      if r.source == "cache" and not r.cut_off and r.v2v_ms is not None]
     eot = [r.eot_ms for r in records if r.eot_ms is not None]
     edits = words = 0
     for r in records:
@@ -366,6 +371,8 @@ def summarize(records: list[Record], cpu_s: float) -> dict[str, Any]:
         "n": len(records), "hits_answered": len(hits), "hit_questions": len(asked),
         "hit_v2v_p50": pct(hit_v2v, 0.5), "hit_v2v_p99": pct(hit_v2v, 0.99),
         "miss_v2v_p50": pct(miss_v2v, 0.5), "miss_v2v_p99": pct(miss_v2v, 0.99),
+        "paused_hit_v2v_p50": pct(paused_hit_v2v, 0.5),
+        "paused_hit_v2v_p99": pct(paused_hit_v2v, 0.99), "paused_hits": len(paused_hit_v2v),
         "eot_p50": pct(eot, 0.5), "eot_p99": pct(eot, 0.99),
         "cut_off": sum(r.cut_off for r in paused) / len(paused) if paused else None,
         # Of the cut-off clips, those whose later words continued the cut turn (answered
@@ -400,7 +407,7 @@ def fmt(value: Any, spec: str = ".0f", scale: float = 1.0) -> str:
 
 def print_table(rows: list[tuple[str, int, int, dict[str, Any]]]) -> None:
     head = (f"{'stt':16} {'calls':>5} {'rate':>5} | {'hit v2v p50/p99':>16} "
-            f"{'miss v2v p50/p99':>17} {'EOT p50/p99':>12} | {'cut-off':>7} {'cont':>5} {'over':>5} "
+            f"{'miss v2v p50/p99':>17} {'paused hit':>13} {'EOT p50/p99':>12} | {'cut-off':>7} {'cont':>5} {'over':>5} "
             f"{'whole':>5} "
             f"{'early':>6} "
             f"{'prec':>5} {'hit%':>5} | {'CPU/s':>5} {'WER':>6} {'n':>4}")
@@ -410,6 +417,7 @@ def print_table(rows: list[tuple[str, int, int, dict[str, Any]]]) -> None:
         print(f"{stt:16} {callers:>5} {rate:>5} | "
               f"{fmt(s['hit_v2v_p50']):>7}/{fmt(s['hit_v2v_p99']):<8} "
               f"{fmt(s['miss_v2v_p50']):>8}/{fmt(s['miss_v2v_p99']):<8} "
+              f"{fmt(s['paused_hit_v2v_p50']):>6}/{fmt(s['paused_hit_v2v_p99']):<6} "
               f"{fmt(s['eot_p50']):>5}/{fmt(s['eot_p99']):<6} | "
               f"{fmt(s['cut_off'], '.0%'):>7} {fmt(s['continued'], '.0%'):>5} "
               f"{fmt(s['talk_over_p50']):>5} {fmt(s['whole_v2v_p50']):>5} "
