@@ -335,8 +335,9 @@ def build(intents: list[str], hits: int, misses: int, paused: int,
     rng = random.Random(11)
     texts = paused_texts(seed, paused_set)
     for i in range(paused):
-        clips.append(paused_clip(synth, texts[i % len(texts)],
-                                 voices[i % len(voices)], rng))
+        # Past the set's length the voices swap, so each text is read by each voice.
+        voice = voices[(i + i // len(texts)) % len(voices)]
+        clips.append(paused_clip(synth, texts[i % len(texts)], voice, rng))
     return clips
 
 
