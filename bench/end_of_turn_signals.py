@@ -18,16 +18,21 @@ cut-off rate of the paused clips (the bench's gaps: uniform 400-900 ms in 50 ms 
 and the silence a complete question that is not a cache hit waits. The policy simulated
 is gateway/call/end_of_turn.py's: lexically unfinished -> the long silence; a cache hit
 whose words read as finished -> the short one; the turn model below its threshold -> the long one; otherwise the open one.
+Then the hesitation rule (a cached question after an earlier pause of the clip waits the
+longest pause plus a margin) for several margins, over every draw of the clip's gaps: the
+cut-off rate, and the mean wait of paused clips whose end is such a cached question.
 
 Sample seed 7 is the development set the defaults were chosen on; any other seed reads
 the held-out paused texts and other dev questions.
 
 Run: .venv/bin/python bench/end_of_turn_signals.py [--sample-seed 7] [--hits 16 --misses 8]
+     [--paused-set dev|heldout|fresh|fresh2|fresh3]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -36,8 +41,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speech_corpus import (VOICES, Synthesizer, hit_questions, join_pieces,  # noqa: E402
-                                 miss_questions, paused_texts, phone_band, speech_bounds)
+from bench.speech_corpus import (PAUSED_SETS, VOICES, Synthesizer, hit_questions,  # noqa: E402
+                                 join_pieces, miss_questions, paused_texts, phone_band,
+                                 speech_bounds)
 from bench.voice_to_voice import seed_intents, seeded_store  # noqa: E402
 from gateway.call.end_of_turn import lexically_incomplete  # noqa: E402
 
@@ -84,6 +90,43 @@ def cut_off_rate(points: list[Point], open_ms: int, threshold: float | None) -> 
     return sum(rates) / n if n else 0.0
 
 
+def hesitation_need(p: Point, prior_gaps: tuple[int, ...], margin: int | None,
+                    open_ms: int, threshold: float | None) -> int:
+    """``required_ms`` with the hesitation rule: after an earlier pause of the clip (every
+    bench gap, 400-900 ms, is a hesitation), a cached question waits the longest one plus
+    ``margin`` (None: the rule off), within the short and the open silences."""
+    need = required_ms(p, open_ms, threshold)
+    if margin is not None and prior_gaps and need == SHORT_MS:
+        need = min(open_ms, max(SHORT_MS, max(prior_gaps) + margin))
+    return need
+
+
+def hesitation_effect(points: list[Point], margin: int | None, open_ms: int,
+                      threshold: float | None) -> tuple[float, list[float]]:
+    """Expected cut-off rate of the paused clips over every draw of their gaps, and for
+    each clip whose end is a cached question after a pause, its mean wait when not cut."""
+    clips: dict[int, list[Point]] = {}
+    for p in points:
+        if p.clip >= 0:
+            clips.setdefault(p.clip, []).append(p)
+    rates, waits = [], []
+    for probes in clips.values():
+        pauses = [p for p in probes if p.kind == "pause"]
+        end = next(p for p in probes if p.kind == "end")
+        cut, end_waits = 0, []
+        draws = list(itertools.product(GAPS_MS, repeat=len(pauses)))
+        for gaps in draws:
+            if any(g > hesitation_need(p, gaps[:k], margin, open_ms, threshold)
+                   for k, (p, g) in enumerate(zip(pauses, gaps))):
+                cut += 1
+            elif pauses and required_ms(end, open_ms, threshold) == SHORT_MS:
+                end_waits.append(hesitation_need(end, gaps, margin, open_ms, threshold))
+        rates.append(cut / len(draws))
+        if end_waits:
+            waits.append(statistics.mean(end_waits))
+    return (statistics.mean(rates) if rates else 0.0), waits
+
+
 def auc(positives: list[float], negatives: list[float]) -> float:
     """P(a random positive scores above a random negative), ties counted half."""
     wins = sum((a > b) + 0.5 * (a == b) for a in positives for b in negatives)
@@ -95,6 +138,8 @@ def main() -> None:
     parser.add_argument("--sample-seed", type=int, default=7)
     parser.add_argument("--hits", type=int, default=16)
     parser.add_argument("--misses", type=int, default=8)
+    parser.add_argument("--paused-set", default="", choices=("", *PAUSED_SETS),
+                        help="which paused texts (default: dev for seed 7, else held out)")
     parser.add_argument("--json", type=Path, help="write every probe point here")
     args = parser.parse_args()
     from gateway.providers.moonshine_stt import MoonshineRecognizer
@@ -122,7 +167,7 @@ def main() -> None:
                             finished=decision.finished if decision else True))
 
     clip = 0
-    for i, pieces in enumerate(paused_texts(args.sample_seed)):
+    for i, pieces in enumerate(paused_texts(args.sample_seed, args.paused_set)):
         for voice in VOICES:
             audio = [synth.speak(p + ("," if j < len(pieces) - 1 else "."), voice)
                      for j, p in enumerate(pieces)]
@@ -164,6 +209,13 @@ def main() -> None:
                   f"{cut_off_rate(points, open_ms, threshold):>8.1%} "
                   f"{statistics.median(waits):>15.0f} {statistics.mean(waits):>6.0f} "
                   f"{sum(w == LONG_MS for w in waits) / len(waits):>9.0%}")
+    print("\nthe hesitation rule (open 900 ms, turn model < 0.05): a cached question after an "
+          "earlier pause waits the longest pause + margin")
+    print(f"{'margin ms':>9} {'cut-off':>8} {'cached ends after a pause':>26} {'their mean wait':>16}")
+    for margin in (None, 0, 100, 200, 300, 500):
+        rate, waits = hesitation_effect(points, margin, 900, 0.05)
+        print(f"{'off' if margin is None else margin:>9} {rate:>8.1%} {len(waits):>26} "
+              f"{statistics.mean(waits) if waits else float('nan'):>16.0f}")
     print("\nmid-sentence pauses a cache hit ends early (cut off whatever the silence):")
     for p in pauses:
         if p.hit and p.finished and not p.unfinished:
