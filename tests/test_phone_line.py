@@ -19,12 +19,16 @@ GREETING = "Hello, you are through to the bank."
 class TimedOutput(RecordingOutput):
     """Events stamped with the manual clock; a phone line that transfers and hangs up."""
 
-    def __init__(self, clock, fail_transfer: bool = False) -> None:
+    def __init__(self, clock, fail_transfer: bool = False, hang_up_s: float = 0.0) -> None:
         super().__init__(clock)
         self.times: list[float] = []
         self.transfers: list[tuple[float, str]] = []
-        self.hangups: list[tuple[float, str]] = []
+        self.hangups: list[tuple[float, str]] = []  # each hang-up request, when it began
         self.fail_transfer = fail_transfer
+        # How long a hang-up request (Twilio's REST API: an HTTP round trip) takes.
+        self.hang_up_s = hang_up_s
+        self.hangups_done = 0
+        self.hangups_abandoned = 0  # cancelled before they were answered
 
     async def send_event(self, event: dict[str, Any]) -> None:
         self.times.append(self._clock.now())
@@ -42,6 +46,12 @@ class TimedOutput(RecordingOutput):
 
     async def hang_up(self, reason: str) -> None:
         self.hangups.append((self._clock.now(), reason))
+        try:
+            await self._clock.sleep(self.hang_up_s)
+        except asyncio.CancelledError:
+            self.hangups_abandoned += 1
+            raise
+        self.hangups_done += 1
 
     def at(self, kind: str, **match: Any) -> list[float]:
         return [t for t, e in zip(self.times, self.events) if e["type"] == kind
@@ -49,9 +59,9 @@ class TimedOutput(RecordingOutput):
 
 
 def harness(settings: dict[str, Any] | None = None, faqs: dict[str, str] | None = None,
-            fail_transfer: bool = False) -> CallHarness:
+            fail_transfer: bool = False, hang_up_s: float = 0.0) -> CallHarness:
     h = CallHarness(settings=settings, faqs=faqs)
-    h.output = TimedOutput(h.clock, fail_transfer)
+    h.output = TimedOutput(h.clock, fail_transfer, hang_up_s)
     from gateway.call import Call
 
     h.call = Call(h.deps, h.output, 16000, call_id="test-call")
@@ -155,6 +165,23 @@ async def test_a_caller_who_talks_over_the_goodbye_is_still_watched_for_silence(
     assert h.output.of("hangup") == [] and not await ended(h)
     await h.wait(9000)
     assert sources(h)[-1] == "goodbye" and await ended(h) and h.call.ended == "idle"
+
+
+async def test_a_key_or_text_while_the_call_hangs_up_does_not_stop_the_hang_up():
+    # `hangup` tells the client the call is over: the hang-up request under way then (an
+    # HTTP round trip to Twilio) is not abandoned by a key or a text, and the call ends.
+    h = harness({"idle_prompt_s": 8}, hang_up_s=0.5)
+    await h.start()
+    await h.text("hello there")
+    while not h.output.of("hangup"):
+        await h.wait(20)
+    assert h.output.hangups and not h.output.hangups_done  # the request is under way
+    h.call.feed_dtmf("5")
+    h.call.feed_text("wait, I am still here", True)
+    await h.wait(3000)
+    assert (h.output.hangups_done, h.output.hangups_abandoned) == (1, 0)
+    assert h.output.of("interrupt") == []
+    assert await ended(h) and h.call.ended == "idle"
 
 
 class SlowToolLLM:

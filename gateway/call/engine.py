@@ -727,6 +727,10 @@ class Call:
         task = self._reply_task
         if task is None or task.done():
             return
+        if self.ended is not None:
+            # The call hangs up: the goodbye has played and `hangup` was sent; its task
+            # awaits the phone line's hang-up request, which a cancel would abandon halfway.
+            return
         if task.cancelling():
             # Already stopped, still cutting its context to the heard words (its LLM
             # streams closing): cancelled again, the agent would not write what it said.
