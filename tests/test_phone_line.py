@@ -184,6 +184,24 @@ async def test_a_key_or_text_while_the_call_hangs_up_does_not_stop_the_hang_up()
     assert await ended(h) and h.call.ended == "idle"
 
 
+async def test_the_hang_up_waits_until_the_goodbye_has_played_at_the_far_end():
+    # As the transfer does: the goodbye played by the clock, plus the lead the far end may
+    # still be buffering, so its last word is not cut off.
+    h = harness({"idle_prompt_s": 8, "playout_lead_ms": 60})
+    await h.start()
+    await h.text("hello there")
+    while not h.output.hangups:
+        await h.wait(20)
+    await h.stop()
+    (goodbye_at,) = h.output.at("response", source="goodbye")
+    goodbye_frames = [t for t, _ in h.output.frames if t >= goodbye_at]
+    message_s = len(goodbye_frames) * 0.02  # 20 ms frames
+    ((hung_up_at, _),) = h.output.hangups
+    assert hung_up_at >= goodbye_frames[0] + message_s + 0.06 - 1e-9
+    (hangup_event_at,) = h.output.at("hangup")
+    assert hangup_event_at >= goodbye_frames[0] + message_s + 0.06 - 1e-9
+
+
 class SlowToolLLM:
     """A chat model that takes ``wait_s`` of the manual clock (a tool call) to answer."""
 

@@ -917,7 +917,10 @@ class Call:
                 self._start_reply(tl, self._say_goodbye(tl))
 
     async def _say_goodbye(self, tl: TurnTimeline) -> None:
-        await self._say(tl, self._responder.goodbye)
+        if await self._say(tl, self._responder.goodbye):
+            # As before a transfer: the far end's jitter buffer may still hold up to the
+            # lead we send ahead of the clock, and hanging up would cut the goodbye's end.
+            await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
         await self._hang_up("idle")
 
     async def _hang_up(self, reason: str) -> None:
