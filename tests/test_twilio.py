@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import logging
+from types import SimpleNamespace
 from typing import Any
 from xml.etree import ElementTree
 
@@ -21,7 +22,7 @@ from gateway.audio_bank import AudioBank, Clip
 from gateway.codec import MULAW, encode, ulaw_to_pcm16
 from gateway.playout import Playout
 from gateway.server import BackgroundServer
-from gateway.transports.twilio import TwilioOutput
+from gateway.transports.twilio import TwilioError, TwilioOutput, TwilioStream
 from tests.fakes.twilio_media import FRAME_BYTES, TwilioLine
 
 pytestmark = pytest.mark.slow
@@ -394,3 +395,68 @@ async def test_a_resumed_reply_counts_only_the_marks_sent_after_the_resume():
     assert marks[-2:] == ["3.1:200", "3.1:300"]  # positions continue from the resume point
     assert out.mark_played("3.1:200") and out.confirmed_heard_ms() == 200.0
     assert not out.mark_played("3.x:200")
+
+
+class SentMessages:
+    """The session's outbox, as the output sees it: every message sent, parsed."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+
+def started_stream() -> tuple[TwilioStream, TwilioOutput]:
+    """A started stream's parser and output, without a server (the call is a stand-in)."""
+    services = SimpleNamespace(settings=SimpleNamespace(max_frame_bytes=65536))
+    session = SimpleNamespace(call=SimpleNamespace(id="CA1"), outbox=SentMessages())
+    stream = TwilioStream(services, session, authenticated=True)  # type: ignore[arg-type]
+    stream.output = TwilioOutput(session.outbox, "MZ1", "CA1")  # type: ignore[arg-type]
+    return stream, stream.output
+
+
+def echo(name: str) -> str:
+    return json.dumps({"event": "mark", "streamSid": "MZ1", "mark": {"name": name}})
+
+
+async def test_an_echoed_mark_we_never_sent_is_twilio_unknown_mark():
+    stream, out = started_stream()
+    for name in ("7:100", "1:100"):  # shaped like ours, but no audio was sent yet
+        with pytest.raises(TwilioError) as info:
+            stream.handle(echo(name))
+        assert info.value.code == "twilio_unknown_mark"
+    out.reply_started(1)
+    for _ in range(3):  # 300 ms sent: marks 1:100, 1:200, 1:300
+        await out.send_audio(b"\xff" * 800)
+    out.reply_started(2)
+    stream.handle(echo("1:300"))  # an earlier reply's late echo: ours, ignored
+    for name in ("1:400", "2:100", "1.1:100"):  # past what was sent, or a label never used
+        with pytest.raises(TwilioError) as info:
+            stream.handle(echo(name))
+        assert info.value.code == "twilio_unknown_mark"
+
+
+async def test_a_bogus_mark_does_not_turn_off_the_clock_estimate_of_heard_ms():
+    # Until the stream echoes a mark of ours, heard_ms comes from the playout clock; a mark
+    # we never sent must not switch that off (a barge-in would then record that the caller
+    # heard nothing of a reply that has played for a second).
+    _, out = started_stream()
+    out.mark_played("7:100")  # no reply was ever sent
+    out.reply_started(1)
+    for _ in range(10):  # 1 s of reply audio, 100 ms a message
+        await out.send_audio(b"\xff" * 800)
+    out.mark_played("1:1100")  # past what was sent
+    assert out.marks_sent == 10
+    assert out.confirmed_heard_ms() is None  # no mark of ours echoed: the clock decides
+    assert out.mark_played("1:300") and out.confirmed_heard_ms() == 300.0
+
+
+async def test_marks_of_only_the_last_few_replies_are_remembered():
+    # An echo is checked against what was sent, at a fixed cost however long the call.
+    _, out = started_stream()
+    for turn in range(1, 101):
+        out.reply_started(turn)
+        await out.send_audio(b"\xff" * 800)
+    assert out.mark_played("100:100") and out.mark_played("90:100")
+    assert not out.mark_played("1:100")  # long gone: no echo of it can still come

@@ -42,6 +42,9 @@ _ULAW_BYTES_PER_MS = TWILIO_RATE // 1000
 # A mark every 100 ms of reply audio (after the media message that crosses each 100 ms
 # line): the precision of the confirmed `heard_ms`, at the cost of one small message.
 _MARK_EVERY_BYTES = 100 * _ULAW_BYTES_PER_MS
+# Replies (or resumes) whose marks an echo may still name: a cleared reply's marks are
+# echoed at once, an earlier reply's late ones within a round trip; this is ample.
+_MARK_LABELS_KEPT = 16
 
 
 class TwilioError(ProtocolError):
@@ -112,7 +115,9 @@ class TwilioOutput:
     Marks are named ``<turn>:<ms>``: when Twilio echoes one, the caller has heard ``ms``
     of that turn's reply. After a ``clear`` Twilio echoes the marks it dropped too, so a
     cleared reply's echoes are ignored; a reply resumed after a false interruption
-    names its marks ``<turn>.<resumes>:<ms>``, so the dropped ones never count.
+    names its marks ``<turn>.<resumes>:<ms>``, so the dropped ones never count. An echo
+    must name a mark we sent (a label of the last few replies, up to the highest ms sent
+    under it); anything else is not ours.
     """
 
     encoding = MULAW
@@ -140,6 +145,9 @@ class TwilioOutput:
         self._confirmed_ms = 0.0
         self._cleared = False
         self._echoes_marks = False  # the far end has echoed a mark: its figure can be trusted
+        # The highest ms named by a mark sent, per label, for the last few labels (oldest
+        # first): what an echo must match.
+        self._sent_marks: dict[str, int] = {}
         self.marks_sent = 0
         self.marks_confirmed = 0
 
@@ -157,9 +165,16 @@ class TwilioOutput:
         if self._reply_bytes >= self._next_mark:
             while self._next_mark <= self._reply_bytes:  # the next line not yet crossed
                 self._next_mark += _MARK_EVERY_BYTES
-            self._outbox.send_text(f'{self._mark_head}{self._label}:'
-                                   f'{self._reply_bytes // _ULAW_BYTES_PER_MS}"}}}}')
+            ms = self._reply_bytes // _ULAW_BYTES_PER_MS
+            self._outbox.send_text(f'{self._mark_head}{self._label}:{ms}"}}}}')
             self.marks_sent += 1
+            self._note_mark_sent(ms)
+
+    def _note_mark_sent(self, ms: int) -> None:
+        sent = self._sent_marks
+        if self._label not in sent and len(sent) >= _MARK_LABELS_KEPT:
+            del sent[next(iter(sent))]  # the oldest label: its echoes are long back
+        sent[self._label] = max(ms, sent.get(self._label, 0))
 
     async def transfer(self, reason: str) -> bool:
         """The handoff message has played: redirect the live call to a person through
@@ -212,12 +227,14 @@ class TwilioOutput:
     # --- inbound -----------------------------------------------------------------------
 
     def mark_played(self, name: str) -> bool:
-        """Twilio echoed mark ``name``. False when it is not one of ours."""
+        """Twilio echoed mark ``name``. False when it is not one we sent."""
         label, sep, ms_text = name.partition(":")
-        turn_text, dot, resumes = label.partition(".")
-        if not (sep and _is_number(turn_text) and _is_number(ms_text)
-                and (not dot or _is_number(resumes))):
+        highest = self._sent_marks.get(label)
+        if not (sep and highest is not None and _is_number(ms_text)
+                and int(ms_text) <= highest):
             return False
+        # A mark we sent came back: the far end echoes them, its figure can be trusted
+        # (a bogus one must not switch off the clock's estimate for the rest of the call).
         self._echoes_marks = True
         if label == self._label and not self._cleared:
             self._confirmed_ms = max(self._confirmed_ms, float(ms_text))
