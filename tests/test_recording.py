@@ -8,7 +8,9 @@ import wave
 
 import numpy as np
 
-from tests.call_harness import RATE, CallHarness
+from tests.call_harness import RATE, CallHarness, tone
+
+NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
 
 
 def channels(path) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +60,47 @@ async def test_a_barge_in_is_recorded_as_the_caller_heard_it(tmp_path):
     assert "interrupt" in kinds and "response" in kinds
     assert [e["text"] for e in data["events"] if e["type"] == "transcript"][-1] == \
         "stop now please"
+
+
+def stretches(channel: np.ndarray) -> list[tuple[int, int]]:
+    """(first, end) sample of every stretch of sound (silences over 10 ms split them)."""
+    sound = np.flatnonzero(channel)
+    if not sound.size:
+        return []
+    breaks = np.flatnonzero(np.diff(sound) > RATE // 100)
+    return list(zip([sound[0], *sound[breaks + 1]], [*sound[breaks] + 1, sound[-1] + 1]))
+
+
+async def test_a_barge_in_on_a_resumed_reply_is_cut_where_the_caller_stopped_hearing_it(
+        tmp_path):
+    # A cough holds the reply, which resumes from `from_ms`; words then stop it for good.
+    # Their heard_ms counts from the reply's start, not from the resume: what was sent
+    # after it and never heard is not in the recording.
+    h = CallHarness(settings={"record_dir": str(tmp_path)})
+    start = h.clock.now()
+    h.llm.reply = " ".join(f"Sentence {i} of a long answer." for i in range(20))
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1000)
+    await h.feed(tone(450, NOISE))  # a cough: the reply is held ...
+    await h.silence(1000)  # ... and resumes (no words)
+    (resume,) = h.output.of("resume")
+    await h.wait(1000)
+    await h.say("stop now please", then_silence_ms=1500)
+    await h.stop()
+    first, second = h.output.of("interrupt")
+    assert second["turn"] == first["turn"]  # the same reply, stopped again after its resume
+    (wav,) = tmp_path.glob("*.wav")
+    _, bot = channels(wav)
+    # the reply up to the cough, the resumed reply up to the words, then the next answer
+    resumed_start, resumed_end = stretches(bot)[1]
+    resumed_at = min(t for t, _ in h.output.frames if t > h.output.interrupted_at[0] + 0.1)
+    assert abs(resumed_start - (resumed_at - start) * RATE) <= RATE * 0.02
+    heard_since_resume_ms = second["heard_ms"] - resume["from_ms"]
+    sent_since_resume_ms = second["sent_ms"] - resume["from_ms"]
+    assert sent_since_resume_ms - heard_since_resume_ms >= 40  # some sent, never heard
+    recorded_ms = (resumed_end - resumed_start) * 1000 / RATE
+    assert abs(recorded_ms - heard_since_resume_ms) <= 20
 
 
 async def test_keys_are_not_written_to_the_recording(tmp_path):

@@ -45,6 +45,9 @@ class CallRecorder:
         self._bot = bytearray()
         self._cursor: int | None = None  # where the current reply's next frame goes
         self._reply_start: int | None = None
+        # Where in the reply (ms) its audio since _reply_start begins: a resumed reply is
+        # sent again from there, but heard_ms still counts from the reply's start.
+        self._replay_from_ms = 0.0
         self.events: list[dict[str, Any]] = []
 
     def _now_bytes(self) -> int:
@@ -68,14 +71,18 @@ class CallRecorder:
         self._bot[self._cursor:self._cursor + len(pcm)] = pcm
         self._cursor += len(pcm)
 
-    def reply_boundary(self) -> None:
-        """A reply starts (or resumes): its first frame goes where the clock is then."""
+    def reply_boundary(self, from_ms: float = 0.0) -> None:
+        """A reply starts, or resumes from ``from_ms`` into it: its first frame goes
+        where the clock is then."""
         self._cursor = self._reply_start = None
+        self._replay_from_ms = from_ms
 
     def interrupted(self, heard_ms: float) -> None:
-        """Barge-in: the bot channel ends where the caller stopped hearing it."""
+        """Barge-in: the bot channel ends where the caller stopped hearing it (``heard_ms``
+        into the reply, which for a resumed reply began ``from_ms`` before its resume)."""
         if self._reply_start is not None:
-            cut = self._reply_start + int(heard_ms * self.sample_rate / 1000) * 2
+            heard_here_ms = heard_ms - self._replay_from_ms
+            cut = self._reply_start + int(heard_here_ms * self.sample_rate / 1000) * 2
             del self._bot[max(cut, self._reply_start):]
         self.reply_boundary()
 
@@ -140,7 +147,7 @@ class RecordedOutput:
             self._inner.reply_started(turn)
 
     def reply_resumed(self, from_ms: float) -> None:
-        self._recorder.reply_boundary()
+        self._recorder.reply_boundary(from_ms)
         if hasattr(self._inner, "reply_resumed"):
             self._inner.reply_resumed(from_ms)
 
