@@ -103,6 +103,34 @@ async def test_a_barge_in_on_a_resumed_reply_is_cut_where_the_caller_stopped_hea
     assert abs(recorded_ms - heard_since_resume_ms) <= 20
 
 
+async def test_caller_audio_read_late_in_a_burst_fills_its_gap_and_the_channels_stay_aligned(
+        tmp_path):
+    # A stall (the network, or a busy event loop reading the backlog late) delivers 2 s of
+    # the caller's audio at once: it was spoken during the stall, so it fills that gap
+    # instead of pushing every later word of the caller 2 s after it was spoken.
+    h = CallHarness(settings={"record_dir": str(tmp_path)})
+    start = h.clock.now()
+    await h.start()
+    await h.silence(1000)
+    frame = RATE * 20 // 1000 * 2
+    backlog = tone(2000, NOISE)  # 2 s of the caller's audio, held up on the way
+    await h.clock.advance(2.0)  # nothing is read for 2 s ...
+    for i in range(0, len(backlog), frame):  # ... then all of it at once
+        h.call.feed_audio(backlog[i:i + frame])
+    stall_end = h.clock.now()
+    await h.silence(1000)
+    said_at = h.clock.now()
+    await h.say("hello world", then_silence_ms=1500)
+    await h.stop()
+    (wav,) = tmp_path.glob("*.wav")
+    caller, _ = channels(wav)
+    backlog_at = np.flatnonzero(caller == NOISE)
+    assert abs(backlog_at[0] - (stall_end - 2.0 - start) * RATE) <= RATE * 0.02
+    assert abs(backlog_at[-1] + 1 - (stall_end - start) * RATE) <= RATE * 0.02
+    first_word = int(np.flatnonzero(caller == h.vocabulary.value("hello"))[0])
+    assert abs(first_word - (said_at - start) * RATE) <= RATE * 0.02
+
+
 async def test_keys_are_not_written_to_the_recording(tmp_path):
     h = CallHarness(settings={"record_dir": str(tmp_path)})
     await h.start()

@@ -1,10 +1,11 @@
 """Call recording (opt-in, ``VOICEGATE_RECORD_DIR``): one stereo WAV and one JSON per call.
 
-Left channel: the caller, as their audio arrived. Right channel: the bot, each reply
-frame placed at the moment it was sent, on the same clock, so the two line up. At a
-barge-in the bot channel is cut where the caller stopped hearing it (the interrupt's
-``heard_ms``), so what was sent but never heard is not in the recording: the overlap
-of the caller's voice and the bot's end shows the barge-in as the caller lived it.
+Left channel: the caller, as their audio arrived (a backlog read late fills the gap it
+left). Right channel: the bot, each reply frame placed at the moment it was sent, on the
+same clock, so the two line up. At a barge-in the bot channel is cut where the caller
+stopped hearing it (the interrupt's ``heard_ms``), so what was sent but never heard is not
+in the recording: the overlap of the caller's voice and the bot's end shows the barge-in
+as the caller lived it.
 
 The JSON holds the call's events with their time from the start (transcripts, routes,
 responses, interrupts, turn metrics); keypad keys are left out (they may be a PIN).
@@ -41,7 +42,11 @@ class CallRecorder:
         self._clock = clock
         self._start = clock.now()
         self._started_at = time.time()
-        self._caller = bytearray()  # pcm16 at the call's rate
+        # The caller (pcm16 at the call's rate): the audio up to the last gap, that gap's
+        # silence (not yet written: it may shrink), and the audio since.
+        self._caller = bytearray()
+        self._gap = 0
+        self._since_gap = bytearray()
         self._bot = bytearray()
         self._cursor: int | None = None  # where the current reply's next frame goes
         self._reply_start: int | None = None
@@ -54,11 +59,26 @@ class CallRecorder:
         return int((self._clock.now() - self._start) * self.sample_rate) * 2
 
     def caller_audio(self, pcm16: bytes) -> None:
-        """Caller audio that arrived now (it ends now; a gap before it stays silent)."""
-        begin = self._now_bytes() - len(pcm16)
-        if begin > len(self._caller):
-            self._caller += bytes(begin - len(self._caller))
-        self._caller += pcm16
+        """Caller audio that arrived now (it ends now; a gap before it stays silent).
+
+        Audio held up on the way (the network, a busy event loop) arrives late and in a
+        burst: its first frame leaves a gap, and the rest was spoken during that gap, not
+        after now. What would end after now is taken out of the last gap's silence, so the
+        backlog fills the gap and the channel does not run ahead of the clock for the rest
+        of the call. (Only audio sent faster than real time with no gap left before it
+        runs ahead, until the clock catches up.)"""
+        now = self._now_bytes()
+        end = len(self._caller) + self._gap + len(self._since_gap)
+        begin = now - len(pcm16)
+        if begin > end:  # a new gap: the last one is final
+            self._caller += bytes(self._gap)
+            self._caller += self._since_gap
+            self._since_gap.clear()
+            self._gap, end = begin - end, begin
+        self._since_gap += pcm16
+        ahead = end + len(pcm16) - now
+        if ahead > 0:
+            self._gap -= min(ahead, self._gap)
 
     def bot_audio(self, frame: bytes) -> None:
         pcm = ulaw_to_pcm16(frame) if self.encoding == MULAW else frame
@@ -96,7 +116,7 @@ class CallRecorder:
     def write(self) -> tuple[Path, Path]:
         """The WAV (caller left, bot right) and the JSON; blocking."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        left = np.frombuffer(bytes(self._caller), dtype="<i2")
+        left = np.frombuffer(self._caller + bytes(self._gap) + self._since_gap, dtype="<i2")
         right = np.frombuffer(bytes(self._bot), dtype="<i2")
         length = max(len(left), len(right))
         stereo = np.zeros((length, 2), dtype="<i2")
