@@ -8,7 +8,9 @@ import pytest
 
 from gateway.call.end_of_turn import (EndOfTurnPolicy, EndOfTurnSettings, Judgement,
                                       lexically_incomplete)
+from gateway.route_batcher import RoutingShed
 from gateway.settings import Settings, SettingsError
+from intents.types import RouteDecision
 from tests.call_harness import CallHarness
 
 SETTINGS = EndOfTurnSettings(silence_ms=300, complete_silence_ms=160,
@@ -321,6 +323,31 @@ async def test_a_cached_question_ends_the_moment_its_route_is_known():
     assert metrics["end_of_turn_ms"] - metrics["early_done_ms"] < 1
     assert h.transcripts() == ["what are your opening hours"] and h.stt.decodes == 1
     assert metrics["reply_latency_ms"] - metrics["end_of_turn_ms"] < 30
+
+
+async def test_a_cached_question_ends_on_the_short_silence_though_its_partial_was_shed():
+    # Under load the partials' lane is behind: the call's last partial is still queued
+    # when the caller pauses, and is shed a little later. The early final (never shed)
+    # is still routed, so the cached question ends on the short silence, and no LLM call
+    # is started for it.
+    h = CallHarness(faqs={"opening hours": "hours"}, early_finals=True, decode_s=0.01,
+                    settings={"route_step_words": 1, "route_settle_after": 0})
+    scripted = h.router
+
+    async def busy_partials_lane(text: str, urgent: bool) -> RouteDecision:
+        if urgent:
+            return await scripted(text, urgent)
+        scripted.calls.append((text, urgent))
+        await h.clock.sleep(0.15)
+        raise RoutingShed(text)
+
+    h.call._speculation._router = busy_partials_lane
+    await h.start()
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.stop()
+    (metrics,) = h.metrics()
+    assert metrics["end_of_turn"] == "complete", metrics
+    assert h.llm.requests == []
 
 
 async def test_hanging_up_while_the_early_words_decode_ends_no_turn():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from gateway.call.speculation import Speculation, SpeculationRules
 from gateway.route_batcher import RoutingShed
 from intents.types import Action, RouteDecision, miss
@@ -27,6 +29,27 @@ class Router:
         await asyncio.sleep(0)
         if text in self.shed:
             raise RoutingShed(text)
+        return self.decide(text)
+
+
+class BusyLaneRouter(Router):
+    """Urgent routings (the finals' lane) are answered at once; a partial's waits until
+    ``lane`` is set (the partials' lane is busy with a batch), then is decided, shed or
+    fails as ``outcome`` says."""
+
+    def __init__(self, outcome: str = "ok") -> None:
+        super().__init__(decide=lambda text: hit(text))
+        self.lane = asyncio.Event()
+        self.outcome = outcome
+
+    async def __call__(self, text: str, urgent: bool) -> RouteDecision:
+        self.texts.append((text, urgent))
+        if not urgent:
+            await self.lane.wait()
+            if self.outcome == "shed":
+                raise RoutingShed(text)
+            if self.outcome == "fail":
+                raise RuntimeError("the partials' batch broke")
         return self.decide(text)
 
 
@@ -125,3 +148,21 @@ async def test_the_early_final_is_routed_whatever_the_partial_rules_say() -> Non
     assert router.texts[-1] == ("what time do your branches open today", True)
     decision, reused = await spec.decide("what time do your branches open today")
     assert reused
+
+
+@pytest.mark.parametrize("outcome", ["shed", "fail"])
+async def test_the_early_final_is_routed_when_the_partial_routed_before_it_is_shed_or_fails(
+        outcome: str) -> None:
+    router = BusyLaneRouter(outcome)
+    spec = Speculation(router, rules(), on_failure=lambda exc: None)
+    spec.offer("what time do")  # this call's partial waits in the busy partials' lane
+    await asyncio.sleep(0)
+    early = "what time do your branches open"
+    settling = asyncio.ensure_future(spec.settle(early))
+    await asyncio.sleep(0)
+    router.lane.set()  # the lane's batch ends: the partial is shed, or its batch broke
+    decision = await asyncio.wait_for(settling, 2)
+    # The early final is never shed: it is routed (urgent) and its decision returned,
+    # so a cached question still ends on the short silence.
+    assert (early, True) in router.texts, router.texts
+    assert decision is not None and decision.text == early

@@ -136,12 +136,16 @@ class Speculation:
                 raise
             except RoutingShed:  # the gateway is busy: the next partial or the final will do
                 self.partials_shed += 1
+                if not urgent and self._urgent_waits():
+                    continue
                 self._chosen, self._chosen_words = self._routed_basis()
                 return
             except Exception as exc:
                 self._on_failure(exc)
                 logs.event(log, "speculative_route_failed", logging.WARNING,
                            error=f"{type(exc).__name__}: {exc}"[:200])
+                if not urgent and self._urgent_waits():
+                    continue
                 return
             previous, self._routed = self._routed, decision
             if not urgent:
@@ -149,6 +153,13 @@ class Speculation:
             same_hit = decision.hit and previous is not None and previous.hit and \
                 previous.entry_id == decision.entry_id
             self._agreeing = self._agreeing + 1 if same_hit else (1 if decision.hit else 0)
+
+    def _urgent_waits(self) -> bool:
+        """The early final is the text to route next. ``settle`` waits on this task, so a
+        partial's routing (of older words, or of these words before they were urgent)
+        that was shed or failed must not drop it: a cached question would lose its
+        short silence. (An urgent routing that fails is not retried: the final is.)"""
+        return normalize_text(self._latest) == self._urgent
 
     def take_counts(self) -> dict[str, int]:
         """Partials routed, skipped by the rules and shed under load since the last call."""
