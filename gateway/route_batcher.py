@@ -1,7 +1,7 @@
 """Routes every call's pending transcripts together, in one embedding batch.
 
-Each call keeps at most one routing in flight (its newest partial wins), so the
-batch holds at most one text per call. Finals are urgent: a caller is waiting in
+Each call keeps at most one partial's routing in flight (its newest partial wins), so
+a batch holds at most one partial per call. Finals are urgent: a caller is waiting in
 silence for them, so they go first, a batch never waits for more partials, and a
 final whose text is already queued as a partial takes that routing along with it
 instead of being routed twice (``RoutingLanes`` gives finals lanes of their own: the

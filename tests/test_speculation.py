@@ -166,3 +166,36 @@ async def test_the_early_final_is_routed_when_the_partial_routed_before_it_is_sh
     # so a cached question still ends on the short silence.
     assert (early, True) in router.texts, router.texts
     assert decision is not None and decision.text == early
+
+
+async def test_the_early_final_does_not_wait_for_the_calls_partial_routing() -> None:
+    router = BusyLaneRouter()
+    spec = Speculation(router, rules(), on_failure=lambda exc: None)
+    spec.offer("what time do")  # this call's partial waits in the busy partials' lane
+    await asyncio.sleep(0)
+    early = "what time do your branches open"
+    # "The early final goes ahead of every call's partials": it is decided in the
+    # finals' lane while the partial's batch still runs (the lane is never opened here).
+    decision = await asyncio.wait_for(spec.settle(early), 2)
+    assert decision is not None and decision.text == early
+    assert router.texts == [("what time do", False), (early, True)]
+    router.lane.set()  # the partial's routing, older words, must not replace it
+    await asyncio.sleep(0)
+    final, reused = await spec.decide(early)
+    assert reused and final is decision
+    await spec.aclose()
+
+
+async def test_the_final_does_not_wait_for_the_calls_partial_routing() -> None:
+    router = BusyLaneRouter()
+    spec = Speculation(router, rules(step=2, settle=0), on_failure=lambda exc: None)
+    spec.offer("what time do")  # routing in the busy partials' lane
+    await asyncio.sleep(0)
+    spec.offer("what time do your branches")  # chosen next, waits for that routing
+    # The turn ends on the newer words: they are routed at once, urgent, not after the
+    # call's partial routing returns from its lane.
+    decision, reused = await asyncio.wait_for(spec.decide("what time do your branches"), 2)
+    assert decision is not None and decision.text == "what time do your branches"
+    assert not reused and router.texts[-1] == ("what time do your branches", True)
+    assert not router.lane.is_set()
+    await spec.aclose()

@@ -1,9 +1,15 @@
 """Speculation: routing a call's partial transcripts while the caller is still talking.
 
-The newest partial wins and at most one routing is in flight per call, so when the
-turn ends the decision for the final text is usually there already and a cache hit
-needs no model work. A failed routing of a partial is only a lost speculation: it is
+The newest partial wins and at most one partial's routing is in flight per call, so
+when the turn ends the decision for the final text is usually there already and a cache
+hit needs no model work. A failed routing of a partial is only a lost speculation: it is
 counted and logged, never raised; the final is routed again.
+
+The early final (``settle``) and the final (``decide``) are handed to the router at
+once, urgent, on their own: they never wait for the call's partial routing, which may
+be queued in the partials' lane behind a batch or a forward pass. That routing is of
+older words: it is cancelled (the router's batcher still joins identical words under
+way), so its decision never replaces theirs.
 
 Routing cost must not grow with the partials (a recogniser may send one per word), so
 a partial is routed only when it can change the decision (``SpeculationRules``):
@@ -18,7 +24,7 @@ a partial is routed only when it can change the decision (``SpeculationRules``):
 Under load the batcher sheds queued partials (``RoutingShed``): a lost speculation,
 not a failure. Finals and the early final are never shed.
 
-Cancellation: ``reset`` and ``aclose`` cancel the routing task and wait for it.
+Cancellation: ``reset`` and ``aclose`` cancel the routing tasks and wait for them.
 """
 
 from __future__ import annotations
@@ -65,7 +71,9 @@ class Speculation:
         self._routed: RouteDecision | None = None
         self._agreeing = 0  # routings in a row that gave the same cache hit
         self._urgent = ""  # normalized text the caller is waiting on (the early final)
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the partials' routing
+        # The early final's routing, urgent (None when it was not routed).
+        self._settling: asyncio.Task[RouteDecision | None] | None = None
         # What the rules saved (bench/capacity.py reads them through the engine).
         self.partials_routed = 0
         self.partials_skipped = 0
@@ -106,60 +114,78 @@ class Speculation:
             self._task = asyncio.create_task(self._route_latest(), name="vg-speculate")
 
     async def settle(self, text: str) -> RouteDecision | None:
-        """Route ``text`` now, ahead of every call's partials: the early final, decoded
-        at a pause, which the turn's end will most likely confirm. None when it is not
-        routed (too short, no router, or a newer text came)."""
-        self._urgent = normalize_text(text)
-        if self._router is not None and \
-                len(self._urgent.split()) >= self._rules.min_words:
-            # Whatever the partial rules say: the caller is waiting on this text.
-            self._choose(text, self._urgent, len(self._urgent.split()))
-        task = self._task
-        if task is None or normalize_text(self._latest) != self._urgent:
+        """Route ``text`` now, ahead of every call's partials and of this call's own
+        partial routing: the early final, decoded at a pause, which the turn's end will
+        most likely confirm. None when it is not routed (too short, no router), its
+        routing failed, or a newer text came."""
+        wanted = normalize_text(text)
+        if wanted != self._urgent:  # a new early final: the last pause's is stale
+            self._urgent = wanted
+            self._settling = _cancel(self._settling)
+        words = wanted.count(" ") + 1 if wanted else 0
+        if self._router is None or words < self._rules.min_words:
             return None
-        await asyncio.shield(task)
+        # Whatever the partial rules say: the caller is waiting on this text. Partials
+        # are compared with it from now on; one routing under way is of older words.
+        self._task = _cancel(self._task)
+        self._latest, self._chosen, self._chosen_words = text, wanted, words
         routed = self._routed
-        if routed is not None and normalize_text(routed.text) == self._urgent:
-            return routed
-        return None
+        if routed is not None and normalize_text(routed.text) == wanted:
+            return routed  # a partial of these very words was routed already
+        if self._settling is None:
+            self._settling = asyncio.create_task(self._route_urgent(text),
+                                                 name="vg-route-early")
+        task = self._settling
+        decision = await asyncio.shield(task)
+        return decision if task is self._settling else None
 
     async def _route_latest(self) -> None:
+        """Route the newest partial until the decision is for it (one routing at a time)."""
         assert self._router is not None
         # Normalized: another call's identical text may have been routed in its spelling.
         while self._routed is None or \
                 normalize_text(self._routed.text) != normalize_text(self._latest):
             text = self._latest
-            urgent = normalize_text(text) == self._urgent
             try:
-                decision = await self._router(text, urgent)
+                decision = await self._router(text, False)
             except asyncio.CancelledError:
                 raise
             except RoutingShed:  # the gateway is busy: the next partial or the final will do
                 self.partials_shed += 1
-                if not urgent and self._urgent_waits():
-                    continue
                 self._chosen, self._chosen_words = self._routed_basis()
                 return
             except Exception as exc:
-                self._on_failure(exc)
-                logs.event(log, "speculative_route_failed", logging.WARNING,
-                           error=f"{type(exc).__name__}: {exc}"[:200])
-                if not urgent and self._urgent_waits():
-                    continue
+                self._failed(exc)
                 return
-            previous, self._routed = self._routed, decision
-            if not urgent:
-                self.partials_routed += 1
-            same_hit = decision.hit and previous is not None and previous.hit and \
-                previous.entry_id == decision.entry_id
-            self._agreeing = self._agreeing + 1 if same_hit else (1 if decision.hit else 0)
+            self.partials_routed += 1
+            self._record(decision)
 
-    def _urgent_waits(self) -> bool:
-        """The early final is the text to route next. ``settle`` waits on this task, so a
-        partial's routing (of older words, or of these words before they were urgent)
-        that was shed or failed must not drop it: a cached question would lose its
-        short silence. (An urgent routing that fails is not retried: the final is.)"""
-        return normalize_text(self._latest) == self._urgent
+    async def _route_urgent(self, text: str) -> RouteDecision | None:
+        """The early final's routing; None when it failed (the final is routed again)."""
+        assert self._router is not None
+        try:
+            decision = await self._router(text, True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+            if self._settling is asyncio.current_task():
+                self._settling = None  # not joined: these words are routed again
+            return None
+        if normalize_text(self._latest) == normalize_text(text):  # no newer partial chosen
+            self._record(decision)
+        return decision
+
+    def _record(self, decision: RouteDecision) -> None:
+        previous, self._routed = self._routed, decision
+        same_hit = decision.hit and previous is not None and previous.hit and \
+            previous.entry_id == decision.entry_id
+        self._agreeing = self._agreeing + 1 if same_hit else (1 if decision.hit else 0)
+
+    def _failed(self, exc: Exception) -> None:
+        self._on_failure(exc)
+        logs.event(log, "speculative_route_failed", logging.WARNING,
+                   error=f"{type(exc).__name__}: {exc}"[:200])
 
     def take_counts(self) -> dict[str, int]:
         """Partials routed, skipped by the rules and shed under load since the last call."""
@@ -179,10 +205,11 @@ class Speculation:
     async def decide(self, text: str) -> tuple[RouteDecision | None, bool]:
         """The decision for the final ``text`` and whether it was decided already.
 
-        The speculation's decision when it routed this text (True); its routing when
-        that is under way (joined, False); otherwise one urgent routing, ahead of every
-        call's partials (False; the router joins a routing of the same text under way,
-        and a queued one comes along to the finals' lane: route_batcher.RoutingLanes).
+        The speculation's decision when it routed this text (True); the early final's
+        routing when that is of this text and under way (joined, False); otherwise one
+        urgent routing, at once (False): the call's partial routing is not waited for
+        (the router joins a routing of the same text under way, and a queued one comes
+        along to the finals' lane: route_batcher.RoutingLanes).
         Raises what the router raises: the engine decides what a failed final means.
         """
         if self._router is None:
@@ -192,27 +219,50 @@ class Speculation:
         if routed is not None and normalize_text(routed.text) == wanted:
             await self.reset()
             return routed, True
-        task = self._task
-        if task is not None and not task.done() and normalize_text(self._latest) == wanted:
-            # This text's routing is under way (the early final's): join it.
-            await asyncio.shield(task)
-            routed = self._routed
-            if routed is not None and normalize_text(routed.text) == wanted:
+        settling = self._settling
+        if settling is not None and self._urgent == wanted:
+            decision = await asyncio.shield(settling)
+            if decision is not None:
                 await self.reset()
-                return routed, False
-        await self.reset()
-        return await self._router(text, True), False
+                return decision, False
+        stale = self._forget()
+        try:
+            return await self._router(text, True), False
+        finally:  # cancelled before the routing started: long done by now, as a rule
+            await _finished(stale)
+
+    def _forget(self) -> list[asyncio.Task]:
+        """Forget this utterance's partials; the routings under way are cancelled and
+        returned, to be waited for."""
+        self._routed, self._latest, self._urgent = None, "", ""
+        self._chosen, self._chosen_words, self._agreeing = "", 0, 0
+        # Older partials are not worth routing now; a final's routing is joined by the
+        # batcher if it is the same text.
+        stale = [task for task in (self._task, self._settling)
+                 if task is not None and not task.done()]
+        self._task = self._settling = None
+        for task in stale:
+            task.cancel()
+        return stale
 
     async def reset(self) -> None:
         """Forget this utterance's partials (a new utterance starts, or the turn ended)."""
-        self._routed, self._latest, self._urgent = None, "", ""
-        self._chosen, self._chosen_words, self._agreeing = "", 0, 0
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            # Older partials are not worth routing now; a final's routing is joined by
-            # the batcher if it is the same text.
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await _finished(self._forget())
 
     async def aclose(self) -> None:
         await self.reset()
+
+
+def _cancel(task: asyncio.Task | None) -> None:
+    """Cancel ``task`` if it still runs, and return None (forget it). Not waited for: it
+    waits on the router, and ends at its next step."""
+    if task is not None:
+        task.cancel()
+    return None
+
+
+async def _finished(tasks: list[asyncio.Task]) -> None:
+    """Wait for cancelled ``tasks`` to end (no loop iteration when they have)."""
+    pending = [task for task in tasks if not task.done()]
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
