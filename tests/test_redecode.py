@@ -298,6 +298,47 @@ async def test_each_decode_gets_the_utterance_s_previous_decode_as_its_draft(poo
     await stream.aclose()
 
 
+class HeldRecognizer(DraftingRecognizer):
+    """A DraftingRecognizer whose decodes of the lengths (in ms) in ``held`` wait until
+    the test sets their event (a partial slower than the early final, which Moonshine
+    decodes faster with the partial's ids as a draft)."""
+
+    def __init__(self, *held_ms: int) -> None:
+        super().__init__()
+        self.held = {ms: threading.Event() for ms in held_ms}
+
+    def transcribe_ids(self, pcm16: bytes, draft, stop=None) -> tuple[str, list[int]]:
+        gate = self.held.get(len(pcm16) // MS)
+        if gate is not None:
+            gate.wait(10)
+        return super().transcribe_ids(pcm16, draft, stop)
+
+
+async def test_a_partial_of_audio_before_the_pause_is_not_offered_after_the_early_one(pool):
+    recognizer = HeldRecognizer(400)  # the partial of the first 400 ms is slow
+    service = RedecodingSTT(recognizer, pool, slots=2, partial_interval_ms=400)
+    stream = service.open_stream()
+    await stream.send_audio(audio(400))  # a partial starts in one slot, held
+    await until(lambda: service.scheduler.running == 1)
+    await stream.send_audio(audio(100))
+    early = await asyncio.wait_for(stream.speech_paused(), 2)  # the other slot
+    assert early.text == "500 ms"
+    recognizer.held[400].set()  # the older partial ends after the early final
+    await stream._partial_task
+    offered = []
+    while not stream._partials.empty():
+        offered.append(stream._partials.get_nowait().text)
+    # The early transcript is the newest: nothing older may follow it (the transcript
+    # would take words back, and speculation would route the older words).
+    assert offered == ["500 ms"]
+    # Nor does the older partial's draft replace the early decode's.
+    stream.speech_resumed()
+    await stream.send_audio(audio(200))
+    assert (await stream.finalize()).text == "700 ms"
+    assert recognizer.drafts[-1] == [3, 4, 5, 6, 7]
+    await stream.aclose()
+
+
 # ---- splitting an utterance at a long pause the caller spoke on after
 
 

@@ -12,7 +12,8 @@ decodes it again when that is worth it:
   first segment, and later decodes read only the audio after it (``RedecodingStream``).
 - Partials: after every ``partial_interval_ms`` of new audio, but only when a decode
   slot of the process is free and none of this call's decodes is running. Under load a
-  caller gets fewer partials, never a later final.
+  caller gets fewer partials, never a later final. A partial still running when the
+  caller paused is dropped when it ends: the pause's early decode read more audio.
 
 ``DecodeScheduler`` is shared by every call of the process: at most ``slots`` decodes run
 at once on the model executor, and finals (early or not) are taken before partials. A
@@ -236,6 +237,7 @@ class RedecodingStream:
         self._draft: list[int] = []  # token ids of the newest decode of the tail
         self._early: asyncio.Task[Decoded] | None = None
         self._paused_at: int | None = None  # len(_buffer) when the current pause began
+        self._pauses = 0  # pauses hinted so far: a partial started before one is stale
         # Decodes of the audio before ``_tail`` (split off at pauses), in order: the
         # utterance's text is theirs joined with the tail's.
         self._segments: list[asyncio.Task[Decoded]] = []
@@ -270,7 +272,7 @@ class RedecodingStream:
             return bytes(view[self._tail:])
 
     async def _decode_partial(self, snapshot: bytes) -> None:
-        generation, segments = self._generation, list(self._segments)
+        generation, segments, pauses = self._generation, list(self._segments), self._pauses
         try:
             text, ids = await self._scheduler.decode(snapshot, PARTIAL, self._draft)
             text = await _joined(segments, text)
@@ -280,8 +282,11 @@ class RedecodingStream:
             log.warning("stt_partial_failed", exc_info=True)
             return
         # A partial of an utterance that has since ended must not leak into the next one;
-        # nor one of audio that has since been split off (its words would be said twice).
-        if generation == self._generation and segments == self._segments and not self._closed:
+        # nor one of audio that has since been split off (its words would be said twice);
+        # nor one started before a pause: the early decode read more audio, and this
+        # partial, finishing after it, would take words back and replace its draft.
+        if generation == self._generation and segments == self._segments \
+                and pauses == self._pauses and not self._closed:
             self._draft = ids
             self._offer_partial(text)
 
@@ -296,6 +301,7 @@ class RedecodingStream:
         Returns the early transcript; it is also offered as a partial.
         """
         self._cancel_early()
+        self._pauses += 1
         self._paused_at = len(self._buffer)
         self._early = asyncio.create_task(
             self._scheduler.decode(self._tail_audio(), FINAL, self._draft),
