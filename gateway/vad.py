@@ -85,21 +85,29 @@ class SileroVAD:
 
         One batched run costs far less per window than one run per call (the model and
         its caches stay hot), which is what lets one core carry many calls.
+
+        The states change only once every round has run: a run that fails leaves each
+        call's state as it was, so each call can be scored again alone (VADBatcher)
+        without its model hearing a window twice.
         """
         results: list[list[float]] = [[] for _ in states]
+        recurrent = [s.state for s in states]
+        contexts = [s.context for s in states]
         rounds = max((len(w) for w in windows), default=0)
         for r in range(rounds):
             members = [i for i, w in enumerate(windows) if len(w) > r]
             batch = np.stack([windows[i][r] for i in members])
-            context = np.concatenate([states[i].context for i in members], axis=0)
-            state = np.concatenate([states[i].state for i in members], axis=1)
+            context = np.concatenate([contexts[i] for i in members], axis=0)
+            state = np.concatenate([recurrent[i] for i in members], axis=1)
             model_input = np.concatenate([context, batch], axis=1)
             out, new_state = self._session.run(
                 None, {"input": model_input, "state": state, "sr": self._sr})
             for row, i in enumerate(members):
-                states[i].state = new_state[:, row:row + 1, :]
-                states[i].context = batch[row:row + 1, -_CONTEXT_SAMPLES:]
+                recurrent[i] = new_state[:, row:row + 1, :]
+                contexts[i] = batch[row:row + 1, -_CONTEXT_SAMPLES:]
                 results[i].append(float(out[row, 0]))
+        for s, state_after, context_after in zip(states, recurrent, contexts):
+            s.state, s.context = state_after, context_after
         return results
 
     def warm_up(self) -> None:
@@ -213,7 +221,8 @@ class VADBatcher:
                 self._executor, self._vad.probabilities_batch, states, windows)
         except Exception:
             # One call's windows may have broken the batch: score each call alone, so
-            # only the calls whose windows fail learn of it.
+            # only the calls whose windows fail learn of it (from the states before the
+            # batch, which a failed run leaves as they were).
             await self._run_each(batch)
             return
         self.batches += 1

@@ -82,6 +82,53 @@ async def test_a_failing_window_fails_only_its_own_call():
     assert isinstance(results[1], ValueError)
 
 
+class CountingSession:
+    """Stands in for Silero's ONNX session: each row's recurrent state counts the windows
+    it has heard (a window fed twice shows), the output is that count / 100; a window
+    holding NaN breaks the run, as a bad input breaks a real batch."""
+
+    def run(self, _outputs, feeds):
+        if np.isnan(feeds["input"]).any():
+            raise ValueError("NaN in a window")
+        new_state = feeds["state"] + 1.0
+        return np.array(new_state[0, :, :1] / 100.0, dtype=np.float32), new_state
+
+
+def counting_vad():
+    from gateway.vad import SileroVAD
+
+    vad = SileroVAD.__new__(SileroVAD)  # the batching code, with the session above
+    vad._session = CountingSession()
+    vad._sr = np.array(16000, dtype=np.int64)
+    return vad
+
+
+async def test_a_broken_batch_is_retried_from_each_calls_state_before_it():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.vad import WINDOW_SAMPLES, VADBatcher
+
+    vad = counting_vad()
+    good_windows = [np.full(WINDOW_SAMPLES, 0.1, np.float32) for _ in range(2)]
+    # The other call's second window breaks the batch, in its second round: the first
+    # round has already run every call's first window.
+    bad_windows = [np.full(WINDOW_SAMPLES, 0.1, np.float32),
+                   np.full(WINDOW_SAMPLES, np.nan, np.float32)]
+    alone = SileroState()
+    expected = vad.probabilities_batch([alone], [good_windows])[0]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        batcher = VADBatcher(vad, pool)
+        good, bad = SileroState(), SileroState()
+        results = await asyncio.gather(batcher.score(good, good_windows),
+                                       batcher.score(bad, bad_windows),
+                                       return_exceptions=True)
+    assert isinstance(results[1], ValueError)  # only the broken call learns of it
+    # The good call is scored as if alone: its model heard each of its windows once.
+    assert float(good.state[0, 0, 0]) == float(alone.state[0, 0, 0]) == 2.0
+    assert results[0] == expected
+    assert np.array_equal(good.context, alone.context)
+
+
 async def test_windows_arriving_within_the_batch_interval_share_one_model_run():
     import asyncio
 
