@@ -225,18 +225,22 @@ class RouteBatcher:
                     future.set_result(decision)
 
     async def _run_each(self, batch: list[_Slot]) -> None:
-        loop = asyncio.get_running_loop()
         for slot in batch:
-            if not slot.live():
-                continue
-            try:
-                (decision,) = await loop.run_in_executor(self._executor, self._route_many,
-                                                         [slot.text])
-            except Exception as exc:  # these callers learn of it; none hangs
-                for future in slot.futures:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
+            if slot.live():
+                await self._route_alone(slot)
+            # Done with: the same words asked from now on are a routing of their own
+            # (joined to this slot, which nobody resolves any more, they would hang).
+            self._running.pop(normalize_text(slot.text), None)
+
+    async def _route_alone(self, slot: _Slot) -> None:
+        try:
+            (decision,) = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._route_many, [slot.text])
+        except Exception as exc:  # these callers learn of it; none hangs
             for future in slot.futures:
                 if not future.done():
-                    future.set_result(decision)
+                    future.set_exception(exc)
+            return
+        for future in slot.futures:
+            if not future.done():
+                future.set_result(decision)

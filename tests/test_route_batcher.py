@@ -288,3 +288,73 @@ async def test_a_final_takes_its_words_queued_as_a_partial_to_the_finals_lane(he
     await blocker
     assert finals_router.batches == [["what is the swift code"]]
     assert partials_router.batches == [["another call's partial"]]
+
+
+class OneBreakingTextRouter:
+    """A batch holding "broken text" fails (as does that text alone); "slow text" alone
+    waits for ``gate`` (its retry is still running); the first batch waits for ``hold``."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.hold = threading.Event()
+        self.hold.set()
+        self.batches: list[list[str]] = []
+
+    def __call__(self, texts: Sequence[str]) -> list[RouteDecision]:
+        self.batches.append(list(texts))
+        if len(self.batches) == 1:
+            self.hold.wait(10)
+        if "broken text" in texts:
+            raise ValueError("tokenizer broke")
+        if list(texts) == ["slow text"]:
+            self.gate.wait(10)
+        return [miss(text, "no entry") for text in texts]
+
+
+async def test_a_routing_of_words_already_retried_alone_is_routed_again():
+    router = OneBreakingTextRouter()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        partials, finals = RouteBatcher(router, pool), RouteBatcher(router, pool)
+        lanes = RoutingLanes(partials, partials, finals, finals, is_warm=lambda text: True)
+        # Three calls' partials in one batch, which "broken text" breaks: each is retried
+        # alone, "opening hours" first (answered), then "slow text" (running).
+        routed = [asyncio.ensure_future(lanes.route(text))
+                  for text in ("opening hours", "slow text", "broken text")]
+        await _until(lambda: router.batches[-1:] == [["slow text"]])
+        assert (await asyncio.wait_for(routed[0], 2)).text == "opening hours"
+        # Another caller's final asks for the same words: its retry is over, so this
+        # is a routing of its own (joined to that slot, nobody would ever answer it).
+        final = asyncio.ensure_future(lanes.route("Opening hours", urgent=True))
+        await asyncio.sleep(0)
+        router.gate.set()
+        await asyncio.gather(*routed, return_exceptions=True)
+        try:
+            decision = await asyncio.wait_for(final, 2)
+        finally:
+            final.cancel()
+    assert decision.text.lower() == "opening hours"
+    assert ["Opening hours"] in router.batches  # routed again, on its own
+
+
+async def test_a_routing_of_words_whose_retry_was_skipped_is_routed():
+    router = OneBreakingTextRouter()
+    router.hold.clear()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        batcher = RouteBatcher(router, pool)
+        gone = asyncio.ensure_future(batcher.route("gone text"))
+        routed = [asyncio.ensure_future(batcher.route(text))
+                  for text in ("slow text", "broken text")]
+        await _until(lambda: batcher._running)
+        gone.cancel()  # its caller moved on: nobody waits for these words
+        await asyncio.sleep(0)
+        router.hold.set()  # the batch breaks: "gone text" is skipped, "slow text" retried
+        await _until(lambda: router.batches[-1:] == [["slow text"]])
+        late = asyncio.ensure_future(batcher.route("gone text"))  # asked again
+        await asyncio.sleep(0)
+        router.gate.set()
+        await asyncio.gather(*routed, return_exceptions=True)
+        try:
+            decision = await asyncio.wait_for(late, 2)
+        finally:
+            late.cancel()
+    assert decision.text == "gone text"
