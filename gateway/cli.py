@@ -220,7 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    from .settings import SettingsError
+
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        # A bad VOICEGATE_* value or config file: the message names every bad field and
+        # never a value (some are secrets), so it is the whole answer, without a traceback.
+        print(f"voicegate {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -216,3 +216,45 @@ def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypat
         assert "argument --target-wrong-rate: must be a number between 0 and 1" in err, err
     assert started == [] and not (tmp_path / "store").exists()
     assert cli.main(seed + ["--target-wrong-rate", "0.05"]) == 0 and started == [0.05]
+
+
+def _commands_do_no_heavy_work(monkeypatch) -> None:
+    """A command that gets past its settings must not load models or bind a port."""
+    from types import SimpleNamespace
+
+    import gateway.app
+    import gateway.drain
+    import gateway.logs
+    import gateway.providers.registry
+    import gateway.runtime
+
+    app = SimpleNamespace(state=SimpleNamespace(services=SimpleNamespace(
+        begin_drain=lambda: None, admission=SimpleNamespace(active=0))))
+    monkeypatch.setattr(gateway.logs, "configure", lambda level: None)
+    monkeypatch.setattr(gateway.app, "create_app", lambda settings: app)
+    monkeypatch.setattr(gateway.drain.DrainingServer, "run", lambda self: None)
+    monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda s, ex: object())
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
+
+
+@pytest.mark.parametrize("command", ["serve", "route", "seed", "demo"])
+def test_a_bad_setting_is_one_line_naming_the_field_and_exit_status_2(command, monkeypatch,
+                                                                       capsys, tmp_path):
+    # VOICEGATE_MAX_CALLS=abc: the operator reads which setting is wrong, not a traceback.
+    from gateway import cli
+
+    _commands_do_no_heavy_work(monkeypatch)
+    for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VOICEGATE_MAX_CALLS", "abc")
+    csv_path = tmp_path / "faq.csv"
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    store = str(tmp_path / "store")
+    argv = {"serve": ["serve", "--port", "0", "--store", store],
+            "route": ["route", "--store", store],
+            "seed": ["seed", str(csv_path), "--store", store, "--quiet"],
+            "demo": ["demo", "--out", str(tmp_path / "demo-out")]}[command]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"voicegate {command}: invalid setting(s): max_calls: "), err
+    assert "Traceback" not in err and "abc" not in err
