@@ -33,6 +33,20 @@ _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _SIP_URI = re.compile(r"sips?:[^@\s<>]{1,64}@[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(;[^\s<>]*)?")
 
 
+# URL settings: the schemes each takes and an example for its error (empty: the default).
+# An http(s) or ws(s) URL needs a host; redis-py defaults a Redis URL's host itself.
+_URL_SCHEMES: dict[str, tuple[tuple[str, ...], str]] = {
+    "public_url": (("https", "http"), "https://voice.example.com"),
+    "twilio_api_url": (("https", "http"), "https://api.twilio.com"),
+    "llm_primary_url": (("https", "http"), "http://127.0.0.1:11434/v1"),
+    "llm_secondary_url": (("https", "http"), "http://127.0.0.1:11434/v1"),
+    "elevenlabs_base_url": (("https", "http"), "https://api.elevenlabs.io"),
+    "deepgram_url": (("wss", "ws"), "wss://api.deepgram.com"),
+    "redis_url": (("redis", "rediss", "unix"), "redis://HOST:6379/0"),
+}
+_URL_NEEDS_HOST = frozenset({"https", "http", "wss", "ws"})
+
+
 def parse_keypad_json(text: str) -> dict[str, Any]:
     """VOICEGATE_KEYPAD: a JSON object of key -> action."""
     try:
@@ -399,6 +413,28 @@ class Settings(BaseModel):
         if value and not (_E164.fullmatch(value) or _SIP_URI.fullmatch(value)):
             raise ValueError("must be an E.164 phone number (+15551234567) or a SIP URI "
                              "(sip:user@host)")
+        return value
+
+    @field_validator(*_URL_SCHEMES)
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        """A URL without its scheme (``api.twilio.com``) would start, then fail every request
+        made with it; checked here, never echoed (a Redis URL may hold a password)."""
+        value = value.strip()
+        if not value:
+            return value
+        schemes, example = _URL_SCHEMES[str(info.field_name)]
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+        except ValueError:
+            parts = None
+        if (parts is None or parts.scheme not in schemes
+                or (parts.scheme in _URL_NEEDS_HOST and not parts.hostname)):
+            starts = [f"{scheme}://" for scheme in schemes]
+            host = " and a host" if set(schemes) <= _URL_NEEDS_HOST else ""
+            raise ValueError(f"must be empty or a URL with {', '.join(starts[:-1])} or "
+                             f"{starts[-1]}{host}, e.g. {example}")
         return value
 
     @field_validator("idle_prompt_s")

@@ -258,3 +258,37 @@ def test_a_bad_setting_is_one_line_naming_the_field_and_exit_status_2(command, m
     err = capsys.readouterr().err
     assert err.startswith(f"voicegate {command}: invalid setting(s): max_calls: "), err
     assert "Traceback" not in err and "abc" not in err
+
+
+@pytest.mark.parametrize("field, value", [
+    ("twilio_api_url", "api.twilio.com"),  # would start, then every transfer and hang-up fail
+    ("twilio_api_url", "ftp://api.twilio.com"),
+    ("public_url", "voice.example.com"),  # would sign the wrong URL: every webhook a 403
+    ("public_url", "https://"),
+    ("llm_primary_url", "127.0.0.1:11434/v1"),
+    ("llm_secondary_url", "http://[::1"),
+    ("elevenlabs_base_url", "api.elevenlabs.io"),
+    ("deepgram_url", "https://api.deepgram.com"),  # a live WebSocket: ws:// or wss://
+    ("redis_url", "cache.internal:6379"),
+])
+def test_a_url_setting_without_its_scheme_or_host_is_refused_at_start(field, value):
+    with pytest.raises(SettingsError, match=f"{field}: must be empty or a URL with .*, e.g. "):
+        Settings.load(environ={f"VOICEGATE_{field.upper()}": value})
+
+
+def test_a_refused_redis_url_is_never_echoed():
+    with pytest.raises(SettingsError, match="redis_url") as info:
+        Settings.load({"redis_url": "user:pw-5@cache:6379/0"}, environ={})
+    assert "pw-5" not in str(info.value)
+
+
+def test_url_settings_take_the_urls_their_clients_use():
+    urls = {"public_url": "https://voice.example.com", "twilio_api_url": "http://127.0.0.1:5000",
+            "llm_primary_url": "http://127.0.0.1:11434/v1",
+            "llm_secondary_url": "https://api.groq.com/openai/v1",
+            "elevenlabs_base_url": "http://[::1]:8001", "deepgram_url": "ws://127.0.0.1:8002",
+            "redis_url": "unix:///run/redis.sock"}
+    s = Settings.load({name: f" {url} " for name, url in urls.items()}, environ={})
+    assert {name: getattr(s, name) for name in urls} == urls
+    assert Settings.load({"redis_url": "rediss://:pw@cache/1"}, environ={}).redis_url
+    assert Settings.load(environ={}).public_url == ""  # empty: derived per request
