@@ -49,7 +49,9 @@ from .stats import outcome_of
 log = logging.getLogger("voicegate.shared_stats")
 
 MINUTE_BUCKET_TTL_S = 600
-RECENT_MINUTES = 5
+# hit_rate_5m / turns_5m: the last 300 s, as a replica's own Stats. They cover six minute
+# buckets, the oldest only partly: its counts are weighted by the share of it still inside.
+RECENT_WINDOW_S = 300
 # KEYS[1] marks the batch as applied; KEYS[2..] the hashes; ARGV: ttl, minute prefix, then
 # field, amount per hash. Returns the (1-based) slots that could not be incremented.
 _APPLY_ONCE = """
@@ -201,30 +203,36 @@ class SharedStats:
                         latency_scope="replica")
         totals = counts["totals"]
         hits, misses = totals.get("hits", 0), totals.get("misses", 0)
-        recent_turns, recent_hits = counts["recent_turns"], counts["recent_hits"]
+        recent_turns, recent_hits = counts["recent_turns"], counts["recent_hits"]  # weighted
+        turns_5m = round(recent_turns)
         return dict(
             local, scope="cluster", replicas=len(replicas),
             active_calls=sum(_int(r.get("active_calls")) or 0 for r in replicas),
             calls=totals.get("calls", 0), turns=totals.get("turns", 0), hits=hits,
             misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None,
-            hit_rate_5m=recent_hits / recent_turns if recent_turns else None,
-            turns_5m=recent_turns, interrupted_turns=totals.get("interrupted_turns", 0),
+            hit_rate_5m=recent_hits / recent_turns if turns_5m else None,
+            turns_5m=turns_5m, interrupted_turns=totals.get("interrupted_turns", 0),
             sources=counts["sources"], intents=counts["intents"], errors=counts["errors"],
             entry_hits=counts["entries"], degraded=self._health.degraded,
             degraded_reason=self._health.reason, latency_scope="replica")
 
     async def _read_cluster(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        now_minute = int(time.time() // 60)
+        # The window [now - 300 s, now] spans six minute buckets: the current one (partial)
+        # back to the one `start` falls in, of which only its last (1 - fraction) is inside.
+        start = time.time() - RECENT_WINDOW_S
+        first_minute, fraction = divmod(start / 60, 1)
+        minutes = range(int(first_minute), int(first_minute) + RECENT_WINDOW_S // 60 + 1)
+        weights = [1.0 - fraction] + [1.0] * (len(minutes) - 1)
         pipe = self._redis.pipeline(transaction=False)
         for name in _HASHES:
             pipe.hgetall(self._prefix + f"stats:{name}")
-        for minute in range(now_minute - RECENT_MINUTES + 1, now_minute + 1):
+        for minute in minutes:
             pipe.hmget(self._prefix + f"stats:minute:{minute}", ["turns", "hits"])
         results = await pipe.execute()
         counts: dict[str, Any] = {name: _ints(raw) for name, raw in zip(_HASHES, results)}
-        buckets = results[len(_HASHES):]
-        counts["recent_turns"] = sum(_int(t) or 0 for t, _ in buckets)
-        counts["recent_hits"] = sum(_int(h) or 0 for _, h in buckets)
+        buckets = list(zip(weights, results[len(_HASHES):]))
+        counts["recent_turns"] = sum(w * (_int(t) or 0) for w, (t, _) in buckets)
+        counts["recent_hits"] = sum(w * (_int(h) or 0) for w, (_, h) in buckets)
         keys = [key async for key in self._redis.scan_iter(match=self._prefix + "replica:*",
                                                              count=500)]
         values = await self._redis.mget(keys) if keys else []

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
@@ -31,6 +32,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+import gateway.shared_stats
 from cache_seed.seed import render_answers
 from cache_seed.validate import read_seed_csv
 from gateway.client import Caller
@@ -253,6 +255,41 @@ async def test_counters_add_up_over_replicas(redis_url: str) -> None:
     assert (await first.cluster_snapshot(local))["replicas"] == 1
     for replica in replicas:
         await replica.aclose()
+
+
+async def test_cluster_5m_figures_cover_the_last_300_seconds(redis_url: str,
+                                                              monkeypatch) -> None:
+    # The window is [now - 300 s, now], as a replica's own Stats: the current minute's bucket
+    # back to the one the window starts in, counted for the share of it inside the window.
+    minute = int(time.time() // 60) - 100
+    now = [minute * 60 + 30.0]
+    monkeypatch.setattr(gateway.shared_stats, "time",
+                        SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic))
+    shared = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:")
+
+    async def recent() -> tuple[int, float | None]:
+        snapshot = await shared.cluster_snapshot({"turns_5m": 0, "hit_rate_5m": None})
+        assert snapshot["scope"] == "cluster"
+        return snapshot["turns_5m"], snapshot["hit_rate_5m"]
+
+    shared.turn_finished(hit("opening_hours"))  # 30 s into the minute
+    await shared.flush()
+    now[0] += 4 * 60 + 40  # 10 s into the fifth minute after: the turn is 280 s old
+    assert await recent() == (1, 1.0)
+    now[0] += 80  # 360 s old: its minute is no longer read
+    assert await recent() == (0, None)
+    # 12 hits in one minute, 3 misses now, read 15 s into the fifth minute after that one:
+    # the last 45 s of the hits' minute are inside the window, so 3/4 of its hits count
+    # (a minute's turns are taken as spread evenly over it).
+    now[0] = (minute + 10) * 60 + 20.0
+    for _ in range(12):
+        shared.turn_finished(hit("opening_hours"))
+    now[0] = (minute + 15) * 60 + 15.0
+    for _ in range(3):
+        shared.turn_finished({"source": "llm", "intent": "balance"})
+    await shared.flush()
+    assert await recent() == (12, 0.75)
+    await shared.aclose()
 
 
 async def test_counters_are_buffered_while_redis_is_down(redis_url: str) -> None:
