@@ -24,8 +24,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import uvicorn_options
     from .settings import Settings
 
-    settings = Settings.load({"host": args.host, "port": args.port, "redis_url": args.redis,
-                              "store_dir": args.store})
+    # --store DIR wins over --redis URL and VOICEGATE_REDIS_URL, as for seed and route.
+    settings = Settings.load({"host": args.host, "port": args.port, "store_dir": args.store,
+                              "redis_url": "" if args.store else args.redis})
     logs.configure(settings.log_level)
     app = create_app(settings)
     print(f"voicegate: caller page http://{settings.host}:{settings.port}/ · "
@@ -167,6 +168,7 @@ def _wrong_rate(text: str) -> float:
 
 _REDIS_HELP = ("shared Redis store, redis://HOST:PORT/DB (default: VOICEGATE_REDIS_URL; "
                "empty: the local store)")
+_STORE_HELP = "cache directory (default: VOICEGATE_STORE_DIR); wins over a Redis URL"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--store", help="cache directory (default: VOICEGATE_STORE_DIR)")
+    serve.add_argument("--store", help=_STORE_HELP)
     serve.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     serve.set_defaults(func=_serve)
 
@@ -195,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     seed = sub.add_parser("seed", help="validate a FAQ CSV, render its answers, publish it")
     seed.add_argument("csv", help="columns question, answer (required), intent, action")
-    seed.add_argument("--store", help="cache directory (default: VOICEGATE_STORE_DIR)")
+    seed.add_argument("--store", help=_STORE_HELP)
     seed.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     seed.add_argument("--target-wrong-rate", type=_wrong_rate, default=0.01,
                       help="calibrate thresholds to this wrong-answer rate, between 0 and 1 "
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed.set_defaults(func=_seed)
 
     route = sub.add_parser("route", help="route utterances from stdin, one JSON line each")
-    route.add_argument("--store", help="cache directory (default: VOICEGATE_STORE_DIR)")
+    route.add_argument("--store", help=_STORE_HELP)
     route.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     route.set_defaults(func=_route)
 

@@ -30,6 +30,12 @@ def run_demo(out_dir: Path, port: int = 0) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings.load({"host": "127.0.0.1", "port": port,
                               "store_dir": str(out_dir / "store")})
+    if settings.redis_url:
+        # The demo serves the cache it seeds, whatever the shell exports: with the Redis
+        # store it would serve that Redis's cache (or none) and join its cluster's stats.
+        print(f"note: a Redis URL is set (VOICEGATE_REDIS_URL); the demo ignores it and serves "
+              f"the cache it seeds in {settings.store_dir}", flush=True)
+        settings = settings.replace(redis_url="")
     recogniser = _RECOGNISERS.get(settings.stt_provider, settings.stt_provider)
     print(f"loading models (Silero VAD, {recogniser}, Smart Turn, Piper joe-medium, "
           "MiniLM) ...", flush=True)

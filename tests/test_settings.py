@@ -1,5 +1,8 @@
 import json
 import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -152,35 +155,106 @@ def test_secret_values_never_appear_in_dumps_or_errors():
     assert "admin_token" in str(info.value) and "424242" not in str(info.value)
 
 
-def test_serve_store_sets_the_store_dir(monkeypatch, tmp_path):
+def _commands_do_no_heavy_work(monkeypatch) -> dict[str, Any]:
+    """A command that gets past its settings loads no model and binds no port; what `serve`
+    would have served with is recorded (``served``: its settings, ``port``)."""
     import gateway.app
-    import gateway.logs
-    from gateway import cli
-
     import gateway.drain
+    import gateway.logs
+    import gateway.providers.registry
+    import gateway.runtime
 
-    seen: dict[str, object] = {}
-
-    from types import SimpleNamespace
-
+    seen: dict[str, Any] = {}
     # What create_app returns, as far as serve reads it (the draining server's hooks).
-    App = SimpleNamespace(state=SimpleNamespace(services=SimpleNamespace(
+    app = SimpleNamespace(state=SimpleNamespace(services=SimpleNamespace(
         begin_drain=lambda: None, admission=SimpleNamespace(active=0))))
 
     def create_app(settings):
-        seen["s"] = settings
-        return App
+        seen["served"] = settings
+        return app
 
     monkeypatch.setattr(gateway.logs, "configure", lambda level: None)
     monkeypatch.setattr(gateway.app, "create_app", create_app)
     monkeypatch.setattr(gateway.drain.DrainingServer, "run",
-                        lambda self: seen.setdefault("opts", {"port": self.config.port}))
+                        lambda self: seen.setdefault("port", self.config.port))
+    monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda s, ex: object())
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
     for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
+    return seen
+
+
+def test_serve_store_sets_the_store_dir(monkeypatch, tmp_path):
+    from gateway import cli
+
+    seen = _commands_do_no_heavy_work(monkeypatch)
     assert cli.main(["serve", "--port", "0", "--store", str(tmp_path / "store")]) == 0
-    settings = seen["s"]
+    settings = seen["served"]
     assert settings.store_dir == str(tmp_path / "store") and settings.port == 0
-    assert settings.redis_url == "" and seen["opts"]["port"] == 0
+    assert settings.redis_url == "" and seen["port"] == 0
+
+
+@pytest.mark.parametrize("redis_from", ["environment", "--redis"])
+def test_serve_store_wins_over_a_redis_url(redis_from, monkeypatch, tmp_path):
+    # As for seed and route: `voicegate serve --store demo-out/store` (the demo's closing
+    # hint) serves that directory in a shell that exports VOICEGATE_REDIS_URL.
+    from gateway import cli
+
+    seen = _commands_do_no_heavy_work(monkeypatch)
+    url = "redis://cache.internal:6379/0"
+    argv = ["serve", "--port", "0"] + (["--redis", url] if redis_from == "--redis" else [])
+    if redis_from == "environment":
+        monkeypatch.setenv("VOICEGATE_REDIS_URL", url)
+    assert cli.main(argv + ["--store", str(tmp_path / "store")]) == 0
+    assert seen["served"].redis_url == ""
+    assert seen["served"].store_dir == str(tmp_path / "store")
+    assert cli.main(argv) == 0  # without --store the Redis store serves
+    assert seen["served"].redis_url == url
+
+
+def test_the_demo_serves_the_cache_it_seeded_even_with_a_redis_url_exported(monkeypatch,
+                                                                              tmp_path, capsys):
+    # With VOICEGATE_REDIS_URL exported the demo served whatever that Redis held (the
+    # production FAQ, or nothing: every demo question a miss), never the cache it had just
+    # seeded, and joined that cluster's stats.
+    import gateway.demo
+    from gateway import cli
+
+    seen: dict[str, Any] = {}
+
+    class Server:
+        call_url = "ws://127.0.0.1:1/v1/call"
+
+        def __init__(self, settings, runtime):
+            seen["served"] = settings
+
+        def start(self):
+            return self
+
+        def stop(self):
+            pass
+
+    def seed_with_voice(csv, store, tts, embedder, **_):
+        seen["seeded"] = store
+        return SimpleNamespace(summary=lambda: "published v1")
+
+    async def converse(url, runtime, out_dir):
+        return 0
+
+    runtime = SimpleNamespace(load_times_s={}, tts=object(), embedder=object())
+    monkeypatch.setattr(gateway.demo.Runtime, "load", staticmethod(lambda settings: runtime))
+    monkeypatch.setattr(gateway.demo, "seed_with_voice", seed_with_voice)
+    monkeypatch.setattr(gateway.demo, "BackgroundServer", Server)
+    monkeypatch.setattr(gateway.demo, "_converse", converse)
+    monkeypatch.delenv("VOICEGATE_CONFIG", raising=False)
+    monkeypatch.setenv("VOICEGATE_REDIS_URL", "redis://:pw-6@prod-redis.example:6379/0")
+    assert cli.main(["demo", "--out", str(tmp_path / "demo-out")]) == 0
+    served, seeded = seen["served"], seen["seeded"]
+    assert type(seeded).__name__ == "LocalStore"
+    assert served.redis_url == "" and Path(served.store_dir) == Path(seeded.root)
+    out = capsys.readouterr().out
+    assert "the demo ignores it" in out and "pw-6" not in out
+    assert f"voicegate serve --store {served.store_dir} " in out  # the hint: that same cache
 
 
 def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypatch, tmp_path,
@@ -218,25 +292,6 @@ def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypat
     assert cli.main(seed + ["--target-wrong-rate", "0.05"]) == 0 and started == [0.05]
 
 
-def _commands_do_no_heavy_work(monkeypatch) -> None:
-    """A command that gets past its settings must not load models or bind a port."""
-    from types import SimpleNamespace
-
-    import gateway.app
-    import gateway.drain
-    import gateway.logs
-    import gateway.providers.registry
-    import gateway.runtime
-
-    app = SimpleNamespace(state=SimpleNamespace(services=SimpleNamespace(
-        begin_drain=lambda: None, admission=SimpleNamespace(active=0))))
-    monkeypatch.setattr(gateway.logs, "configure", lambda level: None)
-    monkeypatch.setattr(gateway.app, "create_app", lambda settings: app)
-    monkeypatch.setattr(gateway.drain.DrainingServer, "run", lambda self: None)
-    monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda s, ex: object())
-    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
-
-
 @pytest.mark.parametrize("command", ["serve", "route", "seed", "demo"])
 def test_a_bad_setting_is_one_line_naming_the_field_and_exit_status_2(command, monkeypatch,
                                                                        capsys, tmp_path):
@@ -244,8 +299,6 @@ def test_a_bad_setting_is_one_line_naming_the_field_and_exit_status_2(command, m
     from gateway import cli
 
     _commands_do_no_heavy_work(monkeypatch)
-    for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VOICEGATE_MAX_CALLS", "abc")
     csv_path = tmp_path / "faq.csv"
     csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
