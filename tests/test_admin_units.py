@@ -1,14 +1,23 @@
-"""Small pieces behind the admin API: stats bookkeeping, rows -> seed plan, miss grouping."""
+"""Small pieces behind the admin API: stats bookkeeping, rows -> seed plan, miss grouping, and
+the routes the operator docs name."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+from starlette.testclient import TestClient
 
 from cache_seed import SeedValidationError, parse_seed_rows, rows_from_manifest
 from gateway.admin.misses import group_misses, is_agent_intent
+from gateway.app import create_app
+from gateway.settings import Settings
 from gateway.stats import MissedQuestion, Stats
 from intents.types import entry_id_for
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def turn(source: str, **extra):
@@ -125,3 +134,20 @@ def test_only_confident_agent_intents_are_not_missing_faqs():
     assert not is_agent_intent(missed("mortgage?", "agent", "handoff", score=0.3), 0.6)
     assert not is_agent_intent(missed("hours?", "hours", "answer", score=0.9), 0.6)
     assert not is_agent_intent(missed("weather?", None, "llm", score=0.9), 0.6)
+
+
+def test_every_route_the_operator_docs_name_exists(tmp_path):
+    # docs/operations.md once promised `GET /cluster/stats`, a route that was dropped: a
+    # scraper following the docs got 404. Every `METHOD /path` named there and in the README
+    # must be routed ({id} filled in; no lifespan: data routes answer 503, never 404).
+    documented = set()
+    for doc in (ROOT / "docs" / "operations.md", ROOT / "README.md"):
+        documented |= set(re.findall(r"`(GET|POST|DELETE) (/[^`\s]*)`", doc.read_text("utf-8")))
+    assert ("GET", "/admin/stats") in documented and ("GET", "/metrics") in documented
+    settings = Settings(store_dir=str(tmp_path / "store"), port=0, admin_token="t")
+    client = TestClient(create_app(settings))
+    missing = sorted((method, path) for method, path in documented
+                     if client.request(method, re.sub(r"\{\w+\}", "x", path),
+                                       headers={"Authorization": "Bearer t"},
+                                       follow_redirects=False).status_code in (404, 405))
+    assert missing == []
