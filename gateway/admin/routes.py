@@ -356,6 +356,9 @@ async def dashboard(request: Request) -> Response:
 
 
 async def to_dashboard(request: Request) -> Response:
+    """``/admin`` -> the page; off, like the page, when the admin API is."""
+    if not auth.configured_token(request):
+        return auth.disabled_response()
     return RedirectResponse("/admin/", status_code=307)
 
 
