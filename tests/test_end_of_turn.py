@@ -21,7 +21,8 @@ SETTINGS = EndOfTurnSettings(silence_ms=300, complete_silence_ms=160,
 @pytest.mark.parametrize("text", ["my card number is", "I want to um", "my statement and",
                                   "transfer it to my", "Uh, the", "My card number is 4127.",
                                   "my account number is five five two", "How do I?",
-                                  "can you tell me how I"])
+                                  "can you tell me how I", "My passcode is 19.",
+                                  "my postcode is e c two"])
 def test_a_turn_ending_on_a_continuation_is_incomplete(text):
     assert lexically_incomplete(text)
 

@@ -46,7 +46,9 @@ i i'm i'd i've it's
 _WORD = re.compile(r"[a-z0-9']+")
 # Digits read out in groups ("my card number is 4127 ... 8831"): a group is no end.
 _DIGIT_WORDS = frozenset("zero oh one two three four five six seven eight nine".split())
-_NUMBER_NOUNS = frozenset("number code pin digits iban account card phone sort".split())
+_NUMBER_NOUNS = frozenset("""
+number code pin digits iban account card phone sort passcode postcode zip reference
+""".split())
 _COPULAS = frozenset("is are was were".split())
 # Wh-words that stand for the copula's complement, so that a subject right after them
 # closes a clause ending on the copula: "what [my password] is", "where [it] is". ("why my
