@@ -241,7 +241,9 @@ class Settings(BaseModel):
     # long again after words that are a cached question ("I need to, uh, ... freeze my
     # card, ... right now"): such a turn judged complete waits the caller's longest pause
     # plus hesitation_margin_ms (at least complete_turn_silence_ms, at most
-    # end_of_turn_silence_ms) instead of the short silence. 0: off.
+    # end_of_turn_silence_ms) instead of the short silence. 0: off. Live (sample 18, fresh3
+    # paused texts): 4 of 128 paused clips cut off with it, 16 without; a hesitant caller's
+    # cached answer came ~0.96 s after their last word instead of ~0.2 s.
     hesitation_ms: Annotated[int, Field(ge=0, le=10000)] = 300
     hesitation_margin_ms: Annotated[int, Field(ge=0, le=10000)] = 200
     # The end-of-turn model on the caller's audio: smart_turn (Smart Turn v3.2) or none.
