@@ -52,16 +52,34 @@ def phone_band(pcm16: bytes) -> bytes:
     return resample_pcm16(resample_pcm16(pcm16, 16000, 8000), 8000, 16000)
 
 
+@pytest.fixture(scope="module")
+def steady_speak():
+    """Piper without its sampling noise: the same audio every run. With the noise, the
+    model's verdict on one fragment ("um so") ranged 0.15-0.80 over eight syntheses, and
+    float Moonshine once heard "the money that I transferred" in a full run."""
+    from piper import PiperVoice, SynthesisConfig
+
+    from gateway.providers.piper_tts import default_voice_path
+
+    voice = PiperVoice.load(str(default_voice_path()))
+    config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+
+    def render(text: str) -> bytes:
+        pcm = b"".join(c.audio_int16_bytes for c in voice.synthesize(text, syn_config=config))
+        return resample_pcm16(pcm, voice.config.sample_rate, 16000)
+    return render
+
+
 @pytest.mark.parametrize("band", ["wide", "phone"])
-def test_moonshine_transcribes_a_spoken_question(moonshine, speak, band):
-    audio = speak("how do I reset my online banking password")
+def test_moonshine_transcribes_a_spoken_question(moonshine, steady_speak, band):
+    audio = steady_speak("how do I reset my online banking password")
     text = moonshine.transcribe(phone_band(audio) if band == "phone" else audio)
     assert words(text) == ["how", "do", "i", "reset", "my", "online", "banking", "password"]
 
 
-def test_a_draft_makes_moonshine_decode_cheaper_never_different(moonshine_float, speak):
+def test_a_draft_makes_moonshine_decode_cheaper_never_different(moonshine_float, steady_speak):
     """With float weights the draft's one pass and the steps agree to float rounding."""
-    audio = speak("I didn't get the money I transferred to my brother")
+    audio = steady_speak("I didn't get the money I transferred to my brother")
     text, ids = moonshine_float.transcribe_ids(audio)
     _, partial_ids = moonshine_float.transcribe_ids(audio[:len(audio) * 3 // 5 // 2 * 2])
     assert partial_ids and partial_ids != ids
@@ -70,12 +88,12 @@ def test_a_draft_makes_moonshine_decode_cheaper_never_different(moonshine_float,
 
 
 def test_the_int8_decoder_hears_the_words_of_the_float_one_with_or_without_a_draft(
-        moonshine, moonshine_float, speak):
+        moonshine, moonshine_float, steady_speak):
     """int8 activations can move a near-tie between the draft's pass and the steps
     (moonshine_int8), so only the words are compared, not the token ids."""
     expected = ["i", "didn't", "get", "the", "money", "i", "transferred", "to", "my", "brother"]
     for band in (lambda pcm: pcm, phone_band):
-        audio = band(speak("I didn't get the money I transferred to my brother"))
+        audio = band(steady_speak("I didn't get the money I transferred to my brother"))
         assert words(moonshine_float.transcribe(audio)) == expected
         text, ids = moonshine.transcribe_ids(audio)
         _, partial_ids = moonshine.transcribe_ids(audio[:len(audio) * 3 // 5 // 2 * 2])
@@ -83,7 +101,7 @@ def test_the_int8_decoder_hears_the_words_of_the_float_one_with_or_without_a_dra
         assert words(moonshine.transcribe_ids(audio, partial_ids)[0]) == expected
 
 
-def test_a_decode_asked_to_stop_stops_at_its_next_decoder_step(moonshine, speak):
+def test_a_decode_asked_to_stop_stops_at_its_next_decoder_step(moonshine, steady_speak):
     class StopAtCheck(threading.Event):
         """Reads as set from its ``at``-th check on: how far the decode got."""
 
@@ -95,7 +113,7 @@ def test_a_decode_asked_to_stop_stops_at_its_next_decoder_step(moonshine, speak)
             self.checks += 1
             return self.checks >= self.at
 
-    audio = speak("What is the exchange rate for euros?")
+    audio = steady_speak("What is the exchange rate for euros?")
     stop = StopAtCheck(at=4)  # before the encoder, after it, first step, second step
     with pytest.raises(DecodeStopped):
         moonshine.transcribe_ids(audio, stop=stop)
@@ -194,9 +212,9 @@ class EndTokenLeads:
 
 
 @pytest.mark.parametrize("lead, heard", [(0.5, True), (4.0, False)])
-def test_an_end_token_that_merely_leads_does_not_drop_the_words(moonshine, speak, monkeypatch,
-                                                                 lead, heard):
-    audio = speak("What is the exchange rate for euros?")
+def test_an_end_token_that_merely_leads_does_not_drop_the_words(moonshine, steady_speak,
+                                                                 monkeypatch, lead, heard):
+    audio = steady_speak("What is the exchange rate for euros?")
     monkeypatch.setattr(moonshine, "_decoder", EndTokenLeads(moonshine._decoder, lead))
     text = moonshine.transcribe(audio)
     # Leading by 0.5 (p ~0.6): the words; by 4 (p ~0.98): the model is sure, nothing.
@@ -243,23 +261,6 @@ def test_the_tokenizer_decodes_spaces_and_byte_fallback():
 def test_a_missing_moonshine_model_is_a_clear_error(tmp_path):
     with pytest.raises(ProviderError, match="missing encoder_model.ort"):
         MoonshineRecognizer(model_dir=tmp_path)
-
-
-@pytest.fixture(scope="module")
-def steady_speak():
-    """Piper without its sampling noise: the same audio every run. With the noise, the
-    model's verdict on one fragment ("um so") ranged 0.15-0.80 over eight syntheses."""
-    from piper import PiperVoice, SynthesisConfig
-
-    from gateway.providers.piper_tts import default_voice_path
-
-    voice = PiperVoice.load(str(default_voice_path()))
-    config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
-
-    def render(text: str) -> bytes:
-        pcm = b"".join(c.audio_int16_bytes for c in voice.synthesize(text, syn_config=config))
-        return resample_pcm16(pcm, voice.config.sample_rate, 16000)
-    return render
 
 
 @pytest.mark.parametrize("complete, fragment", [
