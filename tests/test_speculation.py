@@ -186,6 +186,39 @@ async def test_the_early_final_does_not_wait_for_the_calls_partial_routing() -> 
     await spec.aclose()
 
 
+class SlowToCancelRouter(BusyLaneRouter):
+    """A cancelled routing ends only once ``cleaned`` is set (a batcher dropping its slot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cleaned = asyncio.Event()
+
+    async def __call__(self, text: str, urgent: bool) -> RouteDecision:
+        try:
+            return await super().__call__(text, urgent)
+        except asyncio.CancelledError:
+            await self.cleaned.wait()
+            raise
+
+
+async def test_reset_waits_for_the_partial_routing_the_early_final_cancelled() -> None:
+    router = SlowToCancelRouter()
+    spec = Speculation(router, rules(), on_failure=lambda exc: None)
+    spec.offer("what time do")  # this call's partial waits in the busy partials' lane
+    await asyncio.sleep(0)
+    (partial,) = [t for t in asyncio.all_tasks() if t.get_name() == "vg-speculate"]
+    await asyncio.wait_for(spec.settle("what time do your branches open"), 2)
+    # settle cancelled that routing without waiting; the turn's reset (or the call's
+    # close) must still wait for it, so no task of the call outlives the call.
+    reset = asyncio.ensure_future(spec.reset())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not partial.done() and not reset.done()
+    router.cleaned.set()
+    await asyncio.wait_for(reset, 2)
+    assert partial.done()
+
+
 async def test_the_final_does_not_wait_for_the_calls_partial_routing() -> None:
     router = BusyLaneRouter()
     spec = Speculation(router, rules(step=2, settle=0), on_failure=lambda exc: None)

@@ -74,6 +74,8 @@ class Speculation:
         self._task: asyncio.Task[None] | None = None  # the partials' routing
         # The early final's routing, urgent (None when it was not routed).
         self._settling: asyncio.Task[RouteDecision | None] | None = None
+        # Routings cancelled without waiting (settle's): reset waits for them.
+        self._cancelled: list[asyncio.Task] = []
         # What the rules saved (bench/capacity.py reads them through the engine).
         self.partials_routed = 0
         self.partials_skipped = 0
@@ -89,7 +91,7 @@ class Speculation:
         if self._router is None:
             return
         wanted = normalize_text(text)
-        words = wanted.count(" ") + 1 if wanted else 0
+        words = _word_count(wanted)
         if words < self._rules.min_words or not self._worth_routing(wanted, words):
             self.partials_skipped += 1
             return
@@ -121,13 +123,13 @@ class Speculation:
         wanted = normalize_text(text)
         if wanted != self._urgent:  # a new early final: the last pause's is stale
             self._urgent = wanted
-            self._settling = _cancel(self._settling)
-        words = wanted.count(" ") + 1 if wanted else 0
+            self._settling = self._drop(self._settling)
+        words = _word_count(wanted)
         if self._router is None or words < self._rules.min_words:
             return None
         # Whatever the partial rules say: the caller is waiting on this text. Partials
         # are compared with it from now on; one routing under way is of older words.
-        self._task = _cancel(self._task)
+        self._task = self._drop(self._task)
         self._latest, self._chosen, self._chosen_words = text, wanted, words
         routed = self._routed
         if routed is not None and normalize_text(routed.text) == wanted:
@@ -238,12 +240,22 @@ class Speculation:
         self._chosen, self._chosen_words, self._agreeing = "", 0, 0
         # Older partials are not worth routing now; a final's routing is joined by the
         # batcher if it is the same text.
-        stale = [task for task in (self._task, self._settling)
+        stale = [task for task in (self._task, self._settling, *self._cancelled)
                  if task is not None and not task.done()]
         self._task = self._settling = None
+        self._cancelled = []
         for task in stale:
-            task.cancel()
+            if not task.cancelling():  # once: a second cancel would break its clean-up
+                task.cancel()
         return stale
+
+    def _drop(self, task: asyncio.Task | None) -> None:
+        """Cancel ``task`` if it still runs, without waiting (it waits on the router and
+        ends at its next step), and return None: the caller forgets it, reset waits."""
+        if task is not None and not task.done():
+            task.cancel()
+            self._cancelled = [t for t in self._cancelled if not t.done()] + [task]
+        return None
 
     async def reset(self) -> None:
         """Forget this utterance's partials (a new utterance starts, or the turn ended)."""
@@ -253,12 +265,8 @@ class Speculation:
         await self.reset()
 
 
-def _cancel(task: asyncio.Task | None) -> None:
-    """Cancel ``task`` if it still runs, and return None (forget it). Not waited for: it
-    waits on the router, and ends at its next step."""
-    if task is not None:
-        task.cancel()
-    return None
+def _word_count(normalized: str) -> int:
+    return normalized.count(" ") + 1 if normalized else 0
 
 
 async def _finished(tasks: list[asyncio.Task]) -> None:
