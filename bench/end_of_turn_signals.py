@@ -45,7 +45,8 @@ from bench.speech_corpus import (PAUSED_SETS, VOICES, Synthesizer, hit_questions
                                  join_pieces, miss_questions, paused_texts, phone_band,
                                  speech_bounds)
 from bench.voice_to_voice import seed_intents, seeded_store  # noqa: E402
-from gateway.call.end_of_turn import lexically_incomplete  # noqa: E402
+from gateway.call.end_of_turn import (EndOfTurnPolicy, EndOfTurnSettings,  # noqa: E402
+                                      lexically_incomplete)
 
 PAUSE_HEARD = bytes(2 * 16000 * 64 // 1000)  # the 64 ms the detector has heard
 GAPS_MS = range(400, 901, 50)  # speech_corpus.paused_clip's gaps
@@ -97,7 +98,13 @@ def hesitation_need(p: Point, prior_gaps: tuple[int, ...], margin: int | None,
     ``margin`` (None: the rule off), within the short and the open silences."""
     need = required_ms(p, open_ms, threshold)
     if margin is not None and prior_gaps and need == SHORT_MS:
-        need = min(open_ms, max(SHORT_MS, max(prior_gaps) + margin))
+        # The gateway's own rule: a cached question, its words finished, after a pause.
+        policy = EndOfTurnPolicy(EndOfTurnSettings(
+            silence_ms=open_ms, complete_silence_ms=SHORT_MS, incomplete_silence_ms=LONG_MS,
+            hesitation_margin_ms=margin))
+        policy.transcript, policy.cache_hit, policy.words_finished = p.text, True, True
+        policy.note_resumed_pause(max(prior_gaps))
+        need = int(policy.required_silence_ms())
     return need
 
 
