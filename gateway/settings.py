@@ -8,6 +8,7 @@ JSON file named by ``VOICEGATE_CONFIG``, environment variables ``VOICEGATE_<FIEL
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -58,6 +59,31 @@ def parse_keypad_json(text: str) -> dict[str, Any]:
     return value
 
 
+# cgroup v2 CPU limit as a container sees it (its own cgroup is the root there): "<quota>
+# <period>" in microseconds, or "max <period>" for no quota. Absent on a host's root cgroup.
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path | None = None) -> int:
+    """CPUs this process may actually use: the CPUs its affinity allows, or fewer when a
+    cgroup v2 quota (``cpu_max``, default CGROUP_CPU_MAX) allows less (rounded up); at least 1.
+
+    os.cpu_count() alone counts the host's: a container limited to 2 CPUs on a 64-core host
+    would size itself for 64.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        cpus = len(os.sched_getaffinity(0))
+    else:  # not on Linux: no affinity to read
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = (CGROUP_CPU_MAX if cpu_max is None else cpu_max).read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 (or not mounted there): no quota known
+        pass
+    return max(1, cpus)
+
+
 class SettingsError(ValueError):
     """A configuration value is missing or malformed (the message names every bad field).
 
@@ -103,9 +129,10 @@ class Settings(BaseModel):
 
     # --- admission (/v1/call and /twilio/stream) ----------------------------------
     # Concurrent calls this replica takes; one more gets `too_many_calls` and close 1013.
-    # Default: 250 per CPU core (text or remote-STT calls; an embedded-STT call that speaks
-    # costs far more, see docs/operations.md).
-    max_calls: Pos = Field(default_factory=lambda: 250 * (os.cpu_count() or 1))
+    # Default: 250 per CPU this process may use (usable_cpus: affinity and cgroup quota, not
+    # the host's core count) for text or remote-STT calls; an embedded-STT call that speaks
+    # costs far more, see docs/operations.md.
+    max_calls: Pos = Field(default_factory=lambda: 250 * usable_cpus())
     # Set: callers must present it (Authorization: Bearer, or ?token=; Twilio: a stream
     # <Parameter name="token">). Empty: open, for the local demo.
     call_token: str = Field(default="", repr=False)

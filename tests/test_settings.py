@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from gateway.settings import SECRET_FIELDS, Settings, SettingsError
+import gateway.settings as settings_module
+from gateway.settings import SECRET_FIELDS, Settings, SettingsError, usable_cpus
 
 
 def test_environment_and_overrides():
@@ -100,7 +101,37 @@ def test_values_that_pass_a_type_check_but_make_no_sense_are_refused(changes, na
 
 
 def test_default_max_calls_scales_with_the_cpu_count():
-    assert Settings.load(environ={}).max_calls == 250 * (os.cpu_count() or 1)
+    assert Settings.load(environ={}).max_calls == 250 * usable_cpus()
+
+
+@pytest.mark.parametrize("cpu_max, expected", [
+    ("max 100000\n", 64),  # no quota: every CPU of the affinity
+    ("200000 100000\n", 2),
+    ("150000 100000\n", 2),  # 1.5 CPUs: rounded up
+    ("50000 100000\n", 1),
+    ("12800000 100000\n", 64),  # a quota above the affinity: the affinity wins
+    (None, 64),  # no cgroup v2 file
+    ("garbage\n", 64),
+])
+def test_usable_cpus_are_the_affinity_capped_by_the_cgroup_quota(cpu_max, expected, monkeypatch,
+                                                                  tmp_path):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    assert usable_cpus(path) == expected
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
+    assert usable_cpus(path) == min(expected, 2)  # an affinity below the quota wins
+
+
+def test_default_max_calls_follows_a_container_cpu_limit_not_the_host(monkeypatch, tmp_path):
+    # A container limited to 2 CPUs on a 64-core host.
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    path = tmp_path / "cpu.max"
+    path.write_text("200000 100000\n")
+    monkeypatch.setattr(settings_module, "CGROUP_CPU_MAX", path)
+    assert Settings.load(environ={}).max_calls == 500
 
 
 def test_precedence_file_then_environment_then_overrides(tmp_path):
