@@ -122,7 +122,7 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: Port = 8080
     log_level: LogLevel = "info"
-    # Largest binary or text message the native protocol accepts (bytes).
+    # Largest binary or text message the native protocol accepts (bytes); at most ws_max_size.
     max_frame_bytes: Pos = 64 * 1024
     # Hard ceiling handed to uvicorn; above it the WebSocket library itself closes 1009.
     ws_max_size: Pos = 1024 * 1024
@@ -486,6 +486,12 @@ class Settings(BaseModel):
                              "<= end_of_turn_silence_ms <= incomplete_turn_silence_ms")
         if self.turn_incomplete_threshold > self.turn_complete_threshold:
             raise ValueError("turn_incomplete_threshold must not exceed turn_complete_threshold")
+        # uvicorn closes a message over ws_max_size itself: frames between the two limits would
+        # never get the gateway's `frame_too_large` error, only a bare close 1009.
+        if self.max_frame_bytes > self.ws_max_size:
+            raise ValueError(f"max_frame_bytes ({self.max_frame_bytes}) must not exceed "
+                             f"ws_max_size ({self.ws_max_size}), the WebSocket message limit "
+                             "uvicorn enforces")
         return self
 
     @field_serializer(*sorted(SECRET_FIELDS))

@@ -100,6 +100,18 @@ def test_values_that_pass_a_type_check_but_make_no_sense_are_refused(changes, na
         Settings.load(changes, environ={})
 
 
+def test_a_frame_limit_above_the_websocket_message_limit_is_refused():
+    with pytest.raises(SettingsError) as info:
+        Settings.load({"max_frame_bytes": 2 * 1024 * 1024}, environ={})  # ws_max_size: 1 MiB
+    assert str(info.value) == ("invalid setting(s): max_frame_bytes (2097152) must not exceed "
+                               "ws_max_size (1048576), the WebSocket message limit uvicorn "
+                               "enforces")
+    with pytest.raises(SettingsError, match=r"max_frame_bytes \(65536\).*ws_max_size \(1000\)"):
+        Settings().replace(ws_max_size=1000)
+    assert Settings.load({"max_frame_bytes": 1024 * 1024}, environ={}).max_frame_bytes == \
+        Settings().ws_max_size  # equal: every frame the gateway takes reaches it
+
+
 def test_default_max_calls_scales_with_the_cpu_count():
     assert Settings.load(environ={}).max_calls == 250 * usable_cpus()
 
