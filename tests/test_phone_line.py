@@ -184,6 +184,40 @@ async def test_a_key_or_text_while_the_call_hangs_up_does_not_stop_the_hang_up()
     assert await ended(h) and h.call.ended == "idle"
 
 
+class TextAtHangUp(TimedOutput):
+    """A caller's text arrives just as `hangup` goes out, before the call has stopped."""
+
+    call: Any = None
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        await super().send_event(event)
+        if event["type"] == "hangup":
+            self.call.feed_text("wait, I am still here", True)
+
+
+@pytest.mark.parametrize("phone_line", [False, True])
+async def test_a_text_while_the_call_hangs_up_gets_no_transcript_or_reply(phone_line):
+    # After `hangup` the client holds a call that is over: a text then is neither echoed
+    # as a transcript nor answered; the call just ends. Native: `hangup` is the whole
+    # hang-up; a phone line's request takes 0.5 s more.
+    h = harness({"idle_prompt_s": 8})
+    h.output = TextAtHangUp(h.clock, hang_up_s=0.5)
+    if not phone_line:
+        h.output.hang_up = None  # type: ignore[assignment,method-assign]
+    from gateway.call import Call
+
+    h.call = h.output.call = Call(h.deps, h.output, 16000, call_id="test-call")
+    h.llm.reply = "Okay."
+    await h.start()
+    await h.text("hello there")
+    await h.wait(20000)
+    assert await ended(h) and h.call.ended == "idle"
+    types = [e["type"] for e in h.output.events]
+    assert types[types.index("hangup") + 1:] == []
+    assert [e["text"] for e in h.output.of("transcript")] == ["hello there"]
+    assert sources(h) == ["llm", "prompt", "goodbye"]
+
+
 async def test_the_hang_up_waits_until_the_goodbye_has_played_at_the_far_end():
     # As the transfer does: the goodbye played by the clock, plus the lead the far end may
     # still be buffering, so its last word is not cut off.

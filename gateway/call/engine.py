@@ -576,6 +576,10 @@ class Call:
             await self._on_text(text, final)
 
     async def _on_text(self, text: str, final: bool) -> None:
+        if self.ended is not None:
+            # The call hangs up: `hangup` told the client it is over, so nothing may follow
+            # it (no transcript, no reply); the call just closes.
+            return
         self._caller_active()
         if self.replying:
             await self._barge_in("text")
