@@ -18,7 +18,7 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
     <prefix>stats:sources         hash  source -> turns
     <prefix>stats:errors          hash  error code -> count
     <prefix>stats:minute:<epoch minute>   hash turns, hits (expires after 10 minutes)
-    <prefix>stats:batch:<id>      string a batch already applied (expires after an hour)
+    <prefix>stats:batch:<id>      string a batch already applied (expires: BATCH_MARKER_TTL_S, 1 h)
     <prefix>replica:<id>          string JSON {active_calls, cache_version, ...}, TTL 3 heartbeats
 
 Latency percentiles cannot be summed across replicas; a cluster snapshot carries the
@@ -52,17 +52,22 @@ MINUTE_BUCKET_TTL_S = 600
 # hit_rate_5m / turns_5m: the last 300 s, as a replica's own Stats. They cover six minute
 # buckets, the oldest only partly: its counts are weighted by the share of it still inside.
 RECENT_WINDOW_S = 300
-# KEYS[1] marks the batch as applied; KEYS[2..] the hashes; ARGV: ttl, minute prefix, then
-# field, amount per hash. Returns the (1-based) slots that could not be incremented.
+# How long Redis remembers a batch as applied. It must outlive every retry of that batch
+# (the next flush, flush_s later, unless Redis stays unreachable that long) or a retry would
+# count it again; an hour is far beyond that and still bounds the markers kept (one a flush).
+BATCH_MARKER_TTL_S = 3600
+# KEYS[1] marks the batch as applied; KEYS[2..] the hashes; ARGV: the marker's ttl, the
+# minute buckets' ttl, minute prefix, then field, amount per hash. Returns the (1-based)
+# slots that could not be incremented.
 _APPLY_ONCE = """
-if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', 3600) then return {} end
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return {} end
 local failed = {}
 for i = 2, #KEYS do
-  local ok = redis.pcall('HINCRBY', KEYS[i], ARGV[2 * i - 1], ARGV[2 * i])
+  local ok = redis.pcall('HINCRBY', KEYS[i], ARGV[2 * i], ARGV[2 * i + 1])
   if type(ok) == 'table' and ok.err then
     table.insert(failed, i - 1)
-  elseif string.sub(KEYS[i], 1, #ARGV[2]) == ARGV[2] then
-    redis.call('EXPIRE', KEYS[i], ARGV[1])
+  elseif string.sub(KEYS[i], 1, #ARGV[3]) == ARGV[3] then
+    redis.call('EXPIRE', KEYS[i], ARGV[2])
   end
 end
 return failed
@@ -154,7 +159,7 @@ class SharedStats:
         batch_id, batch = self._inflight
         slots = list(batch.items())
         keys = [self._prefix + f"stats:batch:{batch_id}"] + [key for (key, _), _ in slots]
-        args = [MINUTE_BUCKET_TTL_S, self._prefix + "stats:minute:"]
+        args = [BATCH_MARKER_TTL_S, MINUTE_BUCKET_TTL_S, self._prefix + "stats:minute:"]
         for (_, field), amount in slots:
             args += [field, amount]
         failed = await self._redis.eval(_APPLY_ONCE, len(keys), *keys, *args)

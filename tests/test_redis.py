@@ -292,6 +292,27 @@ async def test_cluster_5m_figures_cover_the_last_300_seconds(redis_url: str,
     await shared.aclose()
 
 
+async def test_a_batch_marker_expires_after_the_python_constant_and_still_applies_once(
+        redis_url: str, monkeypatch) -> None:
+    # The marker's lifetime is stated once, in Python (BATCH_MARKER_TTL_S), not in the Lua.
+    monkeypatch.setattr(gateway.shared_stats, "BATCH_MARKER_TTL_S", 123)
+    shared = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:")
+    shared.turn_finished(hit("opening_hours"))
+    batch = shared._pending.copy()
+    await shared.flush()
+    raw = redis.Redis.from_url(redis_url)
+    (marker,) = raw.keys("vgtest:stats:batch:*")
+    assert 113 < raw.ttl(marker) <= 123
+    (minute,) = raw.keys("vgtest:stats:minute:*")  # the other ttl still reaches its bucket
+    assert 0 < raw.ttl(minute) <= gateway.shared_stats.MINUTE_BUCKET_TTL_S
+    # The same batch again (a retry of a flush Redis applied): not counted twice.
+    shared._inflight = (marker.decode().rpartition(":")[2], batch)
+    await shared.flush()
+    assert int(raw.hget("vgtest:stats:totals", "hits") or 0) == 1
+    raw.close()
+    await shared.aclose()
+
+
 async def test_counters_are_buffered_while_redis_is_down(redis_url: str) -> None:
     health = RedisHealth()
     down = SharedStats(aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"),
