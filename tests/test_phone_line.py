@@ -218,6 +218,51 @@ async def test_a_text_while_the_call_hangs_up_gets_no_transcript_or_reply(phone_
     assert sources(h) == ["llm", "prompt", "goodbye"]
 
 
+class AtHangUp(TimedOutput):
+    """Notes what was sent and which reply ran as `hangup` goes out; the caller's ``keys``
+    arrive just then, before the call has stopped."""
+
+    call: Any = None
+    keys = ""
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        await super().send_event(event)
+        if event["type"] == "hangup":
+            self.frames_at_hangup = len(self.frames)
+            self.reply_at_hangup = self.call._reply_task  # the goodbye, hanging up
+            for key in self.keys:
+                self.call.feed_dtmf(key)
+
+
+@pytest.mark.parametrize("keys, phone_line", [
+    ("1", False), ("1", True),  # a mapped key
+    ("45#", True),  # keys collected until `#` (natively the call closes before the `#`)
+])
+async def test_a_key_while_the_call_hangs_up_gets_no_keypad_event_or_reply(keys, phone_line):
+    # As a text: after `hangup` keys are neither acknowledged (`keypad`) nor answered (a
+    # mapped entry, or the agent for collected keys); no reply starts, the call just ends.
+    h = harness({"idle_prompt_s": 8, "keypad": {"1": "hours"}},
+                faqs={"opening hours": "hours"})
+    h.output = AtHangUp(h.clock, hang_up_s=0.5)
+    h.output.keys = keys
+    if not phone_line:
+        h.output.hang_up = None  # type: ignore[assignment,method-assign]
+    from gateway.call import Call
+
+    h.call = h.output.call = Call(h.deps, h.output, 16000, call_id="test-call")
+    h.llm.reply = "Okay."
+    await h.start()
+    await h.text("hello there")
+    await h.wait(20000)
+    assert await ended(h) and h.call.ended == "idle"
+    types = [e["type"] for e in h.output.events]
+    assert types[types.index("hangup") + 1:] == []
+    assert len(h.output.frames) == h.output.frames_at_hangup  # no reply audio either
+    assert h.call._reply_task is h.output.reply_at_hangup  # no reply was started
+    assert len(h.llm.requests) == 1  # "hello there"; the keys never reached the agent
+    assert sources(h) == ["llm", "prompt", "goodbye"]
+
+
 async def test_the_hang_up_waits_until_the_goodbye_has_played_at_the_far_end():
     # As the transfer does: the goodbye played by the clock, plus the lead the far end may
     # still be buffering, so its last word is not cut off.

@@ -982,6 +982,10 @@ class Call:
     async def _keypad_loop(self) -> None:
         while True:
             key = await self._next_key(self._keypad.pause_s if self._keypad.collecting else None)
+            if self.ended is not None:
+                # The call hangs up: as a text then, a key gets no `keypad` event and no
+                # reply; nothing may follow `hangup`, the call just closes.
+                continue
             if key is None:
                 action = self._keypad.expire()
             else:
