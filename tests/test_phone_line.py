@@ -263,6 +263,44 @@ async def test_a_key_while_the_call_hangs_up_gets_no_keypad_event_or_reply(keys,
     assert sources(h) == ["llm", "prompt", "goodbye"]
 
 
+@pytest.mark.parametrize("sound, goes_on", [
+    ("noise", False),  # no words in it: the goodbye resumes (nothing left), the call hangs up
+    ("long noise", True),  # outlasting the hold: a barge-in, as over any reply
+    ("words", True),  # the caller talked over the goodbye
+])
+async def test_speech_just_after_the_goodbye_is_settled_before_the_hang_up(sound, goes_on):
+    # Speech confirmed once the goodbye has played, in the playout lead the far end may
+    # still be playing, holds it as any reply. The hang-up waits for that to settle: hung
+    # up while held, the hold's end cancelled the hang-up request halfway (here a slow
+    # one, 1.5 s: longer than the 1 s hold), the call never closed, and words in it were
+    # transcribed and answered after `hangup`.
+    h = harness({"idle_prompt_s": 8, "false_interruption_s": 1.0}, hang_up_s=1.5)
+    h.responder._prompts.add(Clip("goodbye", "Goodbye.", tone(2000, 700), 16000))  # 2 s
+    await h.start()
+    await h.text("hello there")
+    while not h.output.of("response", source="goodbye"):
+        await h.wait(20)
+    await h.wait(1600)  # confirmed over the bot after 400 ms: just after the goodbye played
+    noise = tone(400 if sound == "words" else 600 if sound == "noise" else 1600, 12345)
+    await h.feed(noise + (h.vocabulary.audio("wait I am still here") if sound == "words"
+                          else b""))
+    await h.wait(3000)
+    (interrupt_at,) = h.output.at("interrupt")
+    goodbye_end = max(t for t, _ in h.output.frames if t <= interrupt_at) + 0.02
+    assert interrupt_at > goodbye_end  # the goodbye's last frame had played
+    assert h.output.hangups_abandoned == 0  # no hang-up request was cut off halfway
+    if goes_on:
+        assert h.output.of("hangup") == [] and h.output.hangups == []
+        assert not await ended(h) and h.call.ended is None
+        await h.stop()
+    else:
+        types = [e["type"] for e in h.output.events]
+        assert types[types.index("interrupt") + 1:] == ["hangup"]
+        assert (h.output.hangups_done, h.output.hangups_abandoned) == (1, 0)
+        assert await ended(h) and h.call.ended == "idle"
+    assert sources(h) == ["llm", "prompt", "goodbye"] + (["llm"] if sound == "words" else [])
+
+
 async def test_the_hang_up_waits_until_the_goodbye_has_played_at_the_far_end():
     # As the transfer does: the goodbye played by the clock, plus the lead the far end may
     # still be buffering, so its last word is not cut off.

@@ -925,6 +925,11 @@ class Call:
             # As before a transfer: the far end's jitter buffer may still hold up to the
             # lead we send ahead of the clock, and hanging up would cut the goodbye's end.
             await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
+        # Speech meanwhile (the far end may still be playing the goodbye's end) holds it as
+        # any reply: the hang-up waits for that to settle. Words stop the goodbye here and
+        # the call goes on; noise lets it hang up. Held past `hangup`, the hold's end would
+        # cancel this task in its hang-up request and the call would never close.
+        await self._until_released()
         await self._hang_up("idle")
 
     async def _hang_up(self, reason: str) -> None:
