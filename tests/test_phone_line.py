@@ -4,6 +4,7 @@ hang-up, keypad (DTMF) and the transfer after a handoff."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any, AsyncIterator
 
 import pytest
@@ -261,6 +262,48 @@ async def test_a_key_while_the_call_hangs_up_gets_no_keypad_event_or_reply(keys,
     assert h.call._reply_task is h.output.reply_at_hangup  # no reply was started
     assert len(h.llm.requests) == 1  # "hello there"; the keys never reached the agent
     assert sources(h) == ["llm", "prompt", "goodbye"]
+
+
+@pytest.mark.parametrize("begins, final_fails", [
+    ("after", False),
+    ("before", False),  # too short yet to be speech over the goodbye when `hangup` goes out
+    ("after", True),  # nobody awaits that final: its failure must not go unretrieved
+])
+async def test_speech_while_a_phone_line_hangs_up_gets_no_transcript_or_reply(
+        begins, final_fails, caplog):
+    # A phone line's hang-up request (an HTTP round trip, here a slow one: 3 s) leaves the
+    # caller's audio flowing after `hangup`: a turn that ends then is neither transcribed
+    # (partial or final) nor answered, and barges in on nothing; the call just ends.
+    h = harness({"idle_prompt_s": 8})
+    h.stt.fail_finals = int(final_fails)
+    h.output = AtHangUp(h.clock, hang_up_s=3.0)
+    from gateway.call import Call
+
+    h.call = h.output.call = Call(h.deps, h.output, 16000, call_id="test-call")
+    h.llm.reply = "Okay."
+    await h.start()
+    await h.text("hello there")
+    if begins == "after":
+        while not h.output.of("hangup"):
+            await h.wait(20)
+    else:
+        while not h.output.of("response", source="goodbye"):
+            await h.wait(20)
+        await h.wait(200)  # the goodbye (300 ms) nearly played: `hangup` comes 140 ms on
+        assert not h.output.of("hangup")
+    await h.say("wait I am still here", then_silence_ms=1000)  # a turn, ended and decoded
+    assert not await ended(h)  # within the hang-up request
+    await h.wait(3000)
+    assert await ended(h) and h.call.ended == "idle"
+    types = [e["type"] for e in h.output.events]
+    assert types[types.index("hangup") + 1:] == []
+    assert len(h.output.frames) == h.output.frames_at_hangup  # no reply audio either
+    assert h.call._reply_task is h.output.reply_at_hangup  # no reply was started
+    assert len(h.llm.requests) == 1  # "hello there"; the speech never reached the agent
+    assert (h.output.hangups_done, h.output.hangups_abandoned) == (1, 0)
+    assert h.stt.decodes == 1 and h.stt.fail_finals == 0  # its final ran (and failed, if so)
+    gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 @pytest.mark.parametrize("sound, goes_on", [

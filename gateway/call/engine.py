@@ -481,6 +481,8 @@ class Call:
                 async for partial in partials:
                     if not self._turns.in_utterance:
                         continue  # a late partial of an utterance that already ended
+                    if self.ended is not None:
+                        continue  # the call hangs up: nothing may follow `hangup`
                     await self._out.send_event({"type": "transcript", "text": partial.text,
                                                 "final": False})
                     if self._held is not None and normalize_text(partial.text):
@@ -494,6 +496,15 @@ class Call:
         final = asyncio.ensure_future(ended.final)
         self._finals.add(final)
         final.add_done_callback(self._finals.discard)
+        if self.ended is not None:
+            # The call hangs up (a phone line's request under way): as a text then, a turn
+            # that ends after `hangup` gets no reply, nor the final transcript its reply
+            # would send. Its final decodes until the call closes, as any other's; nobody
+            # awaits it, so a failure of it is retrieved here.
+            final.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if preempt is not None:
+                self._preempt_over(preempt)
+            return
         if self._held is not None:
             settler = asyncio.create_task(self._settle_hold(self._held, final),
                                           name="vg-settle-hold")
