@@ -121,11 +121,20 @@ def has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+def utf8_bytes_over(raw: str, max_bytes: int) -> int | None:
+    """The UTF-8 size of ``raw`` when it exceeds ``max_bytes``, else None. A character is 1-4
+    bytes: encode only when the length alone cannot decide (never for a short message)."""
+    if len(raw) > max_bytes or len(raw) * 4 > max_bytes:
+        size = len(raw.encode("utf-8", "surrogatepass"))
+        return size if size > max_bytes else None
+    return None
+
+
 def parse_text_frame(raw: str, max_bytes: int) -> ClientMessage:
-    # A character is 1-4 UTF-8 bytes: encode only when the length alone cannot decide.
-    if len(raw) > max_bytes or (len(raw) * 4 > max_bytes and len(raw.encode()) > max_bytes):
+    size = utf8_bytes_over(raw, max_bytes)
+    if size is not None:
         raise ProtocolError("frame_too_large",
-                            f"text message of {len(raw.encode())} bytes exceeds {max_bytes} bytes",
+                            f"text message of {size} bytes exceeds {max_bytes} bytes",
                             CLOSE_TOO_BIG)
     data = parse_json(raw, "invalid_json")
     if not isinstance(data, dict):

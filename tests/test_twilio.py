@@ -437,6 +437,20 @@ async def test_an_echoed_mark_we_never_sent_is_twilio_unknown_mark():
         assert info.value.code == "twilio_unknown_mark"
 
 
+def test_the_message_limit_counts_utf8_bytes_not_characters():
+    # max_frame_bytes is a byte limit (the native protocol counts bytes): a message of
+    # 3-byte characters under the limit in characters but over it in bytes is refused.
+    stream, _ = started_stream()
+    wide = json.dumps({"event": "dance", "note": "\u20ac" * 30000}, ensure_ascii=False)
+    assert len(wide) < 65536 < len(wide.encode())
+    with pytest.raises(TwilioError) as info:
+        stream.handle(wide)
+    assert info.value.code == "twilio_frame_too_large" and "bytes" in str(info.value)
+    with pytest.raises(TwilioError) as info:  # the same in ASCII escapes is small: read on
+        stream.handle(json.dumps({"event": "dance", "note": "x" * 30000}))
+    assert info.value.code == "twilio_unknown_event"
+
+
 async def test_a_bogus_mark_does_not_turn_off_the_clock_estimate_of_heard_ms():
     # Until the stream echoes a mark of ours, heard_ms comes from the playout clock; a mark
     # we never sent must not switch that off (a barge-in would then record that the caller

@@ -29,7 +29,7 @@ from ..call.session import (CallSession, Outbox, presented_token, refuse_before_
                             refuse_while_draining, token_matches)
 from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, CLOSE_UNSUPPORTED_DATA,
-                        ProtocolError, StartMessage, parse_dtmf_digit, parse_json)
+                        ProtocolError, StartMessage, parse_dtmf_digit, parse_json, utf8_bytes_over)
 from ..services import Services
 from .twilio_rest import TwilioCallControl
 from .twilio_voice import TOKEN_PARAMETER, public_base_url, signature_refusal, stream_url
@@ -267,9 +267,10 @@ class TwilioStream:
 
     def handle(self, raw: str) -> None:
         """One text message. Hot path for ``media``: parse, decode, append."""
-        if len(raw) > self._max_bytes:
+        size = utf8_bytes_over(raw, self._max_bytes)
+        if size is not None:
             raise TwilioError("twilio_frame_too_large",
-                              f"message of {len(raw)} characters exceeds {self._max_bytes}")
+                              f"message of {size} bytes exceeds {self._max_bytes} bytes")
         data = parse_json(raw, "twilio_invalid_json")
         if not isinstance(data, dict):
             raise TwilioError("twilio_invalid_message", "a message must be a JSON object")
