@@ -106,6 +106,10 @@ PosF = Annotated[float, Field(gt=0.0)]
 NonNeg = Annotated[int, Field(ge=0)]
 Port = Annotated[int, Field(ge=0, le=65535)]  # 0: any free port
 LlmProvider = Literal["openai", "groq"]
+# The names gateway.providers.registry builds (a test keeps the two lists equal): an
+# unknown name is refused at start-up, not first found when the runtime loads.
+SttProvider = Literal["moonshine", "whisper", "deepgram"]
+TtsProvider = Literal["piper", "elevenlabs"]
 # uvicorn's extra "trace" is not a logging level: logs.configure() could not set it.
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -194,8 +198,8 @@ class Settings(BaseModel):
     embedder_cache_size: NonNeg = 8192
 
     # --- speech models (embedded defaults) ------------------------------------
-    stt_provider: str = "moonshine"  # moonshine | whisper | deepgram
-    tts_provider: str = "piper"  # piper | elevenlabs
+    stt_provider: SttProvider = "moonshine"
+    tts_provider: TtsProvider = "piper"
     # Threads per Moonshine decode (cpu_workers decodes run at once).
     moonshine_threads: Pos = 1
     # Moonshine's decoder weights: int8 blocks (MatMulNBits, built once into model_cache_dir;
@@ -341,8 +345,9 @@ class Settings(BaseModel):
     # JSON file: a list of {name, description, parameters, url, timeout_s}.
     llm_tools_file: str = ""
     llm_max_tool_rounds: NonNeg = 3
-    # No first token after this long: the agent emits Slow so the responder can play filler.
-    llm_filler_after_ms: Pos = 900
+    # No first token after this long: the agent emits Slow so the responder can play filler
+    # (0: never; the caller waits in silence for the first sentence).
+    llm_filler_after_ms: NonNeg = 900
     # Preemptive generation: at a pause whose words are a miss that sounds finished, start
     # the agent's LLM call while the end-of-turn silence runs; the turn adopts the stream if
     # it ends on the same words, else it is cancelled (gateway/preemption.py). Costs an LLM

@@ -80,6 +80,27 @@ def test_unknown_and_invalid_fields_are_reported_together():
     assert "port" in message and "frame_ms" in message
 
 
+def test_provider_names_are_the_registrys_and_an_unknown_one_is_refused_at_load():
+    from typing import get_args
+
+    from gateway.providers.registry import STT_PROVIDERS, TTS_PROVIDERS
+    from gateway.settings import SttProvider, TtsProvider
+
+    assert set(get_args(SttProvider)) == set(STT_PROVIDERS)
+    assert set(get_args(TtsProvider)) == set(TTS_PROVIDERS)
+    for name in ("stt_provider", "tts_provider"):
+        with pytest.raises(SettingsError, match=name):
+            Settings.load(environ={f"VOICEGATE_{name.upper()}": "moonshyne"})
+
+
+def test_a_filler_delay_of_zero_turns_the_filler_off():
+    from gateway.agent import build_agent
+
+    settings = Settings.load(environ={"VOICEGATE_LLM_FILLER_AFTER_MS": "0"})
+    assert build_agent(settings).filler_after_s is None
+    assert build_agent(Settings.load(environ={})).filler_after_s == 0.9
+
+
 def test_environment_text_is_read_as_the_field_expects():
     env = {"VOICEGATE_LOG_LEVEL": " DEBUG ", "VOICEGATE_FRAME_MS": "30",
            "VOICEGATE_ELEVENLABS_SAMPLE_RATE": "24000", "VOICEGATE_CACHE_POLL_S": "0.5"}
