@@ -1,0 +1,293 @@
+"""Train-only probes of the router's ranking: more judge signals, another judge model,
+and a third view (word n-grams) beside the embeddings and character n-grams.
+
+What decides how many questions the cache can answer at a promised precision is the
+order in which the judge ranks them. These probes ask whether anything cheap improves
+that order. Everything is chosen and measured on Banking77 *train* only (dev and
+dev_spoken are never read): the shipped 5-fold cross-validation of all 10,003 questions
+with the shipped negatives (``intents.calibration``), every row's judge score from a
+judge that never saw it. Per probe:
+
+  @1.0% / @0.5%   held-out questions served at the threshold the shipped calibration
+                  picks for that target (Clopper-Pearson bound, out-of-domain limit),
+                  and how many of them were wrong
+  cov@99.3/99.5   the curve's shape: the largest share served at that point precision
+  spoken          with --spoken: the transcripts of bench/spoken_train.py's sample (the
+                  same questions, held out in the same folds) at the 0.5% threshold (the
+                  shipped transcript rule), and the curve's share at 99.2% precision
+
+Run: .venv/bin/python bench/router_probes.py [--fold-seed 0] [--spoken]
+(about 8 minutes on 2 cores; --spoken transcribes the sample first if it is not cached)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import spoken_train  # noqa: E402
+from bench.speech_corpus import DATA  # noqa: E402
+from intents.calibration import CONFIDENCE, OUT_OF_DOMAIN_TARGET, _loosest  # noqa: E402
+from intents.classifier import (EMBEDDING_WEIGHT, NEGATIVES_WEIGHT_IN_INTENTS,  # noqa: E402
+                                OUT_OF_DOMAIN, IntentClassifier, fitted_probabilities,
+                                probabilities_of_logits)
+from intents.embedder import Embedder  # noqa: E402
+from intents.judge import SIGNALS, Judge, read_signals  # noqa: E402
+from intents.negatives import embed_negatives, negatives_for_seed  # noqa: E402
+from intents.semantic_cache import SemanticCache  # noqa: E402
+
+FOLDS = 5
+
+
+def weighted_log_mix(parts: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Several models' probabilities as a weighted geometric mean (the shipped mix, n-way)."""
+    tiny = np.finfo(np.float64).tiny
+    return probabilities_of_logits(sum(w * np.log(np.maximum(p, tiny))
+                                       for p, w in zip(parts, weights)))
+
+
+class ProbedClassifier(IntentClassifier):
+    """The shipped classifier, its two models' own probabilities kept for the probes, and
+    optionally a third model on word 1-2 gram TF-IDF mixed in with ``weights``."""
+
+    def __init__(self, weights: tuple[float, float, float] | None = None) -> None:
+        super().__init__()
+        self.weights = weights  # (embeddings, characters, words); None: the shipped mix
+        self.parts: tuple[np.ndarray, np.ndarray] | None = None  # of the last texts scored
+
+    def fit(self, vectors, intents, texts=None, **kw):  # type: ignore[no-untyped-def]
+        super().fit(vectors, intents, texts, **kw)
+        if self.weights is not None:
+            labels = list(intents)
+            every = list(texts or ())
+            weight = np.ones(len(labels))
+            negatives = list(kw.get("negative_texts", ()))
+            if negatives:  # as the shipped fit weighs them
+                share = NEGATIVES_WEIGHT_IN_INTENTS * len(labels) / len(set(labels))
+                weight = np.r_[weight, np.full(len(negatives), min(1.0, share / len(negatives)))]
+                labels += [OUT_OF_DOMAIN] * len(negatives)
+                every += negatives
+            self._words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+            self._word_model = LogisticRegression(C=self._c, max_iter=self._max_iter).fit(
+                self._words.fit_transform(every), labels, sample_weight=weight)
+        return self
+
+    def probabilities(self, vectors, texts=None):  # type: ignore[no-untyped-def]
+        matrix = np.atleast_2d(vectors)
+        embedding = fitted_probabilities(self._model, matrix)
+        characters = probabilities_of_logits(
+            self._features.project(texts, self._text_model.coef_) + self._text_model.intercept_)
+        self.parts = (embedding, characters)
+        if self.weights is None:
+            return weighted_log_mix([embedding, characters],
+                                    [EMBEDDING_WEIGHT, 1.0 - EMBEDDING_WEIGHT])
+        words = self._word_model.predict_proba(self._words.transform(texts))
+        return weighted_log_mix([embedding, characters, words], self.weights)
+
+
+@dataclass
+class Rows:
+    """Held-out rows of one kind (seed questions, negatives or transcripts), seed order."""
+
+    predicted: np.ndarray
+    matrix: np.ndarray  # the shipped judge's signals
+    extra: np.ndarray  # candidate signals (EXTRA order)
+    nearest: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, width: int) -> "Rows":
+        return cls(np.empty(n, dtype=object), np.zeros((n, width)), np.zeros((n, len(EXTRA))),
+                   np.zeros(n))
+
+
+EXTRA = ("embedding_p", "characters_p", "embedding_agrees", "characters_agrees",
+         "out_of_domain_p", "entropy", "log_odds", "third_p")
+
+
+def candidate_signals(clf: ProbedClassifier, combined: np.ndarray, predicted: np.ndarray
+                      ) -> np.ndarray:
+    """Signals the shipped judge does not read: each model's own view of the intent the
+    mix chose, whether each model alone would choose it, and the mix's shape."""
+    assert clf.parts is not None
+    embedding, characters = clf.parts
+    column = np.array([clf.classes.index(p) for p in predicted])
+    rows = np.arange(len(predicted))
+    top = np.sort(combined, axis=1)[:, ::-1]
+    ood = clf.classes.index(OUT_OF_DOMAIN)
+    return np.column_stack([
+        embedding[rows, column], characters[rows, column],
+        embedding.argmax(1) == column, characters.argmax(1) == column,
+        combined[:, ood], -(combined * np.log(np.maximum(combined, 1e-12))).sum(1),
+        np.log(top[:, 0] / np.maximum(top[:, 1], 1e-12)), top[:, 2]]).astype(float)
+
+
+def held_out_rows(make: Callable[[], ProbedClassifier], vectors: np.ndarray, texts: list[str],
+                  labels: np.ndarray, neg_vectors: np.ndarray, neg_texts: list[str],
+                  spoken_rows: np.ndarray, spoken_vectors: np.ndarray, spoken_texts: list[str],
+                  fold_seed: int) -> tuple[Rows, Rows, Rows]:
+    """The shipped cross-validation (same folds and negatives split as
+    ``intents.calibration.cross_validate`` at seed 0), each fold also reading the
+    transcripts of its held-out questions."""
+    seed, negs = Rows.empty(len(texts), len(SIGNALS)), Rows.empty(len(neg_texts), len(SIGNALS))
+    spoken = Rows.empty(len(spoken_rows), len(SIGNALS))
+    neg_fold = np.arange(len(neg_texts)) % FOLDS
+    per_intent = len(texts) / len(set(labels))
+    splitter = StratifiedKFold(FOLDS, shuffle=True, random_state=fold_seed)
+    for fold, (train, test) in enumerate(splitter.split(vectors, labels.astype(str))):
+        others = np.flatnonzero(neg_fold != fold)
+        clf = make().fit(vectors[train], labels[train], [texts[i] for i in train],
+                         negative_vectors=neg_vectors[others],
+                         negative_texts=[neg_texts[i] for i in others],
+                         seed_questions_per_intent=per_intent)
+        cache = SemanticCache(vectors[train], labels[train])
+        for rows, where, source_vectors, source_texts in (
+                (seed, test, vectors, texts),
+                (negs, np.flatnonzero(neg_fold == fold), neg_vectors, neg_texts),
+                (spoken, np.flatnonzero(np.isin(spoken_rows, test)), spoken_vectors,
+                 spoken_texts)):
+            if not len(where):
+                continue
+            mine = [source_texts[i] for i in where]
+            signals = read_signals(clf, cache, source_vectors[where], mine)
+            combined = clf.probabilities(source_vectors[where], mine)
+            rows.predicted[where] = signals.predicted
+            rows.matrix[where] = signals.matrix
+            rows.extra[where] = candidate_signals(clf, combined, signals.predicted)
+            rows.nearest[where] = signals.nearest_similarity
+        print(f"  fold {fold + 1}/{FOLDS}", flush=True)
+    return seed, negs, spoken
+
+
+def gradient_boosting() -> HistGradientBoostingClassifier:
+    return HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15,
+                                          min_samples_leaf=40, l2_regularization=1.0,
+                                          random_state=0)
+
+
+def report(name: str, columns: Sequence[str], seed: Rows, negs: Rows, spoken: Rows,
+           labels: np.ndarray, spoken_labels: np.ndarray, judge: str = "logistic") -> str:
+    def inputs(rows: Rows) -> np.ndarray:
+        return np.column_stack([rows.matrix] + [rows.extra[:, EXTRA.index(c)]
+                                                for c in columns])
+
+    x = np.concatenate([inputs(seed), inputs(negs)])
+    right = seed.predicted == labels
+    outcome = np.r_[right, np.zeros(len(negs.predicted), dtype=bool)]
+
+    def fitted(rows: np.ndarray, y: np.ndarray):  # type: ignore[no-untyped-def]
+        if judge == "logistic":
+            model = Judge().fit(rows, y)
+            return model.confidence
+        return gradient_boosting().fit(rows, y).predict_proba
+
+    score = np.zeros(len(outcome))
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(x, outcome):
+        found = fitted(x[train], outcome[train])(x[test])
+        score[test] = found if found.ndim == 1 else found[:, 1]
+    floor = np.quantile(seed.nearest, 0.01)
+    n, n_neg = len(labels), len(negs.predicted)
+    mine = (seed.nearest >= floor) & (seed.predicted != OUT_OF_DOMAIN)
+    neg_mine = (negs.nearest >= floor) & (negs.predicted != OUT_OF_DOMAIN)
+    scores, wrong = score[:n][mine], ~right[mine]
+    neg_scores = np.sort(score[n:][neg_mine])[::-1]
+    line = [f"{name:<44}"]
+    chosen = {}
+    for target in (0.01, 0.005):
+        found = _loosest(scores, wrong, neg_scores, n_neg, target, OUT_OF_DOMAIN_TARGET,
+                         CONFIDENCE)
+        chosen[target] = None if found is None else found[0]
+        line.append("none" if found is None else f"{found[1] / n:6.1%} ({found[2]:>2} wrong)")
+    line += [f"{share_at(scores, wrong, n, p):6.1%}" for p in (0.993, 0.995)]
+    if len(spoken.predicted):
+        whole = fitted(x, outcome)
+        found = whole(inputs(spoken))
+        s = found if found.ndim == 1 else found[:, 1]
+        ok = spoken.predicted == spoken_labels
+        eligible = (spoken.nearest >= floor) & (spoken.predicted != OUT_OF_DOMAIN)
+        threshold = chosen[0.005]
+        hit = eligible & (s >= (threshold if threshold is not None else 2.0))
+        wrong_spoken = int((hit & ~ok).sum())
+        line.append(f"{hit.mean():6.1%} at {1 - wrong_spoken / max(hit.sum(), 1):6.2%}")
+        line.append(f"{share_at(s[eligible], ~ok[eligible], len(s), 0.992):6.1%}")
+    return "  ".join(line)
+
+
+def share_at(scores: np.ndarray, wrong: np.ndarray, n: int, precision: float) -> float:
+    """The largest share of ``n`` served, best scores first, at that point precision."""
+    order = np.argsort(-scores, kind="stable")
+    wrongs = np.cumsum(wrong[order])
+    served = np.arange(1, len(order) + 1)
+    ok = np.flatnonzero(wrongs <= (1 - precision) * served)
+    return served[ok.max()] / n if len(ok) else 0.0
+
+
+PROBES: list[tuple[str, tuple[str, ...], str]] = [
+    ("shipped judge", (), "logistic"),
+    ("+ each model's probability", ("embedding_p", "characters_p"), "logistic"),
+    ("+ each model agrees", ("embedding_agrees", "characters_agrees"), "logistic"),
+    ("+ out-of-domain probability", ("out_of_domain_p",), "logistic"),
+    ("+ entropy, log odds, third probability", ("entropy", "log_odds", "third_p"), "logistic"),
+    ("+ all of them", EXTRA[:-1], "logistic"),
+    ("gradient boosting, shipped signals", (), "boosting"),
+    ("gradient boosting, all signals", EXTRA[:-1], "boosting"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fold-seed", type=int, default=0)
+    parser.add_argument("--spoken", action="store_true",
+                        help="also route bench/spoken_train.py's transcripts (26 per intent)")
+    parser.add_argument("--word-weights", default="0.5,0.25,0.25",
+                        help="embeddings, characters, words: the third view's mix")
+    args = parser.parse_args()
+    with (DATA / "banking77" / "train.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    texts = [r["text"] for r in rows]
+    labels = np.array([r["category"] for r in rows], dtype=object)
+    spoken = spoken_train.load(26, progress=True) if args.spoken else []
+    index = {t: i for i, t in enumerate(texts)}
+    spoken_rows = np.array([index[r["text"]] for r in spoken], dtype=int)
+    spoken_texts = [r["asr_text"] for r in spoken]
+    embedder = Embedder()
+    vectors = embedder.encode_batch(texts, batch_size=128)
+    spoken_vectors = (embedder.encode_batch(spoken_texts, batch_size=128) if spoken_texts
+                      else np.zeros((0, vectors.shape[1]), dtype=np.float32))
+    neg_texts = list(negatives_for_seed((), texts))
+    neg_vectors = embed_negatives(embedder, neg_texts)
+    spoken_labels = labels[spoken_rows]
+    header = (f"{'probe (train only, fold seed ' + str(args.fold_seed) + ')':<44}  "
+              f"{'@1.0%':<16}  {'@0.5%':<16}  cov@99.3  cov@99.5"
+              + ("  spoken @0.5%        cov@99.2" if spoken else ""))
+    weights = tuple(float(w) for w in args.word_weights.split(","))
+    for label, make in (("shipped classifier", lambda: ProbedClassifier()),
+                        (f"+ word 1-2 grams (mix {args.word_weights})",
+                         lambda: ProbedClassifier(weights))):  # type: ignore[arg-type]
+        print(f"{label}: cross-validating", flush=True)
+        seed, negs, spoken_held = held_out_rows(
+            make, vectors, texts, labels, neg_vectors, neg_texts, spoken_rows,
+            spoken_vectors, spoken_texts, args.fold_seed)
+        print(f"{label}: top-1 right on held-out questions "
+              f"{(seed.predicted == labels).mean():.2%}"
+              + (f", on their transcripts {(spoken_held.predicted == spoken_labels).mean():.2%}"
+                 if spoken else ""))
+        print(header)
+        for name, columns, judge in (PROBES if label == "shipped classifier" else PROBES[:1]):
+            print(report(name, columns, seed, negs, spoken_held, labels, spoken_labels, judge),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
