@@ -16,8 +16,9 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
     channel <prefix>versions    PUBLISH <name> when a version becomes current
 
 Publishing writes ``version:<name>`` with one HSET (a single atomic command), then
-moves ``current``, records it in ``published`` and publishes on the channel in one
-MULTI/EXEC: a replica told about a version can always read all of it.
+moves ``current``, records it in ``published`` and publishes on the channel in one Lua
+script (``_swap_pointer``: it checks its keys' types first, as MULTI/EXEC would not roll
+back): a replica told about a version can always read all of it.
 
 Nothing published is lost only if the Redis persists (``appendonly yes``): see
 docs/operations.md, "Scaling with Redis".
