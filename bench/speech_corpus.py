@@ -24,6 +24,8 @@ Sets (texts are never tuned on: hits come from Banking77 *dev*, the seed from *t
   long silence): it has more sentence starts that are cached questions of their own.
   PAUSED_TEXTS_FRESH3 (``paused_set="fresh3"``) was written on 2026-11-26 (stop 38),
   before anything was measured on it, to measure the hesitation rule (end_of_turn.py).
+  PAUSED_TEXTS_FRESH4 (``paused_set="fresh4"``) was written on 2026-11-26 (stop 39),
+  before anything was measured on it, to measure the hesitation margin chosen that day.
 
 Clips are cached under .cache/speech-corpus (git-ignored), keyed by text, voice and rate.
 """
@@ -154,6 +156,26 @@ PAUSED_TEXTS_FRESH3: list[list[str]] = [
     ["the cash withdrawal", "was charged", "a fee"],
 ]
 
+# Written 2026-11-26 (stop 39) before anything was measured on it, to measure the
+# hesitation margin chosen that day on fresh, fresh2 and the held-out set.
+PAUSED_TEXTS_FRESH4: list[list[str]] = [
+    ["I need to report", "um", "a card I lost", "on the train"],
+    ["my customer number is", "six two eight", "one nine"],
+    ["why did my", "transfer", "get cancelled"],
+    ["can I", "uh", "pay with apple pay", "in shops"],
+    ["I was charged", "a foreign fee", "for a payment in euros"],
+    ["how do I top up", "with cash"],
+    ["I'd like to", "um", "dispute a charge", "from last friday"],
+    ["my new card", "isn't working", "at cash machines"],
+    ["the money I", "received", "is not in my balance"],
+    ["what is the limit", "um", "for contactless payments"],
+    ["I want to", "get a refund", "for a cancelled order"],
+    ["my zip code is", "nine four one", "oh seven"],
+    ["why was", "my top up", "declined", "this morning"],
+    ["can you", "uh", "tell me my pin"],
+    ["I sent a payment", "to an old account", "of mine"],
+    ["how long", "does it take", "to verify my identity"],
+]
 
 @dataclass
 class Clip:
@@ -293,7 +315,8 @@ def miss_questions(n: int, seed: int = 7) -> list[str]:
 # The paused sets by name (the benches' --paused-set choices).
 PAUSED_SETS: dict[str, list[list[str]]] = {
     "dev": PAUSED_TEXTS, "heldout": PAUSED_TEXTS_HELDOUT, "fresh": PAUSED_TEXTS_FRESH,
-    "fresh2": PAUSED_TEXTS_FRESH2, "fresh3": PAUSED_TEXTS_FRESH3}
+    "fresh2": PAUSED_TEXTS_FRESH2, "fresh3": PAUSED_TEXTS_FRESH3,
+    "fresh4": PAUSED_TEXTS_FRESH4}
 
 
 def paused_texts(seed: int, paused_set: str = "") -> list[list[str]]:
