@@ -6,8 +6,9 @@ responder turns into audio:
 - ``Sentence(text)``: a speakable piece, in order; synthesize and play it.
 - ``ToolStarted(name, call_id)``: the model called a tool; play filler now (once per turn).
 - ``Slow(waited_s)``: no first token yet after ``filler_after_s``; filler bridges the gap.
-- ``Handoff(reason)``: no LLM configured, or every LLM failed before anything was said;
-  play the handoff message and tell the client.
+- ``Handoff(reason, failed)``: no LLM configured, or every LLM failed before anything was
+  said (``failed``: the call reports ``llm_failed`` too); play the handoff message and tell
+  the client.
 
 Cancelling the consumer (a barge-in) closes every LLM stream; then call
 ``Conversation.record_heard`` with what the caller actually heard.
@@ -98,6 +99,7 @@ class Slow:
 @dataclass(frozen=True)
 class Handoff:
     reason: str
+    failed: bool = False  # the LLM failed (an outage): counted as llm_failed, not only a handoff
 
 
 AgentEvent = Union[Sentence, ToolStarted, Slow, Handoff]
@@ -323,7 +325,7 @@ class Agent:
                     # ``llm_failed`` and apologises after what was heard.
                     raise
                 # Nothing said yet (a filler alone is not an answer): a person takes over.
-                yield Handoff(f"LLM failed: {exc}")
+                yield Handoff(f"LLM failed: {exc}", failed=True)
                 return
             finally:
                 # Also on the consumer's aclose() or cancellation (barge-in): both LLM

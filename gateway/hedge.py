@@ -64,8 +64,8 @@ class HedgeStats:
     failovers: int = 0  # secondary started early because the primary failed
     primary_wins: int = 0
     secondary_wins: int = 0
-    leg_failures: int = 0
-    all_failed: int = 0
+    leg_failures: int = 0  # before the first token (then the other leg answers) or after it
+    all_failed: int = 0  # every leg failed before a token: the round raised
     # Recent turns only (bounded): start -> first chunk yielded.
     ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
@@ -172,6 +172,7 @@ class HedgedChat:
                     async with asyncio.timeout(self.idle_timeout_s):  # not wait_for: above
                         leg, item = await queue.get()
                 except TimeoutError:
+                    self.stats.leg_failures += 1
                     raise ProviderError(winner.model.name,
                                         f"stream stalled for {self.idle_timeout_s:g} s") from None
                 if leg is not winner:
@@ -179,6 +180,7 @@ class HedgedChat:
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
+                    self.stats.leg_failures += 1  # the winner broke after its first token
                     raise item
                 yield item
         finally:

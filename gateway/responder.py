@@ -56,6 +56,9 @@ class ReplySegment:
     # Bytes of the whole segment's audio once known (synthesis finished), else None: what
     # the caller heard of a sentence cut short is counted against its real length.
     total_bytes: Callable[[], int | None] = lambda: None
+    # A stage failure the call reports (counted, an `error` event) as this segment plays:
+    # the handoff that answers when every LLM failed still says why.
+    error: str | None = None
 
 
 async def _once(pcm16: bytes) -> AsyncIterator[bytes]:
@@ -214,7 +217,9 @@ class Responder:
                             filler_played = True
                             await queue.put(self.filler(turn, tool=event.name))
                     elif isinstance(event, Handoff):
-                        await queue.put(self.handoff(turn, event.reason))
+                        segment = self.handoff(turn, event.reason)
+                        segment.error = "llm_failed" if event.failed else None
+                        await queue.put(segment)
             finally:
                 # Closed before this task ends: the agent writes what it said to the
                 # conversation, so the call can cut it to what the caller heard.

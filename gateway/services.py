@@ -20,6 +20,7 @@ from .call import Call, CallDeps, CallOutput
 from .call.session import Admission, CallSession
 from .collector import CollectorPolicy
 from .faq_cache import FaqCache
+from .hedge import HedgedChat
 from .route_batcher import ROUTING_LANES, RouteBatcher, RoutingLanes
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
@@ -113,6 +114,8 @@ class Services:
         self._collector = CollectorPolicy(self.settings.gc_full_interval_s,
                                           observe=runtime.stats.prometheus.gc_pauses.observe)
         self._collector.start()
+        if isinstance(runtime.agent.llm, HedgedChat):  # its failures beside the call's errors
+            runtime.stats.watch_hedge(runtime.agent.llm.stats)
         logs.event(log, "ready", load_times_s=runtime.load_times_s, cache_version=cache.version,
                    store="redis" if self.settings.redis_url else "local")
 

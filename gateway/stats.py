@@ -10,14 +10,18 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from .collector import PauseHistogram
+
+if TYPE_CHECKING:
+    from .hedge import HedgeStats
 
 # Stages reported per outcome (hit or miss), as named in turn_metrics.
 LATENCY_STAGES = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "first_audio_ms",
@@ -43,6 +47,29 @@ class StatsObserver(Protocol):
     def turn_finished(self, metrics: dict[str, Any]) -> None: ...
 
     def error(self, code: str) -> None: ...
+
+
+class _HedgeCounters:
+    """The agent's hedged LLM counters (gateway/hedge.py ``HedgeStats``), read at each
+    scrape: the hedge keeps them itself. Zeros until ``Stats.watch_hedge`` (no LLM)."""
+
+    def __init__(self) -> None:
+        self.source: "HedgeStats | None" = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        s = self.source
+        for name, doc, value in (
+                ("voicegate_llm_rounds", "Agent LLM rounds (hedged pair calls)",
+                 s.turns if s else 0),
+                ("voicegate_llm_requests", "LLM requests started (both legs of the hedge)",
+                 s.requests if s else 0),
+                ("voicegate_llm_leg_failures", "LLM requests that failed (error, empty reply, "
+                 "no first token in time, a stream that broke or stalled)",
+                 s.leg_failures if s else 0),
+                ("voicegate_llm_all_failed", "LLM rounds in which every leg failed before a "
+                 "token (an outage: the caller is handed off, llm_failed)",
+                 s.all_failed if s else 0)):
+            yield CounterMetricFamily(name, doc, value=value)
 
 
 class _Prometheus:
@@ -73,6 +100,8 @@ class _Prometheus:
                               "1 while a shared store (Redis) is unreachable", registry=r)
         self.gc_pauses = PauseHistogram()
         r.register(self.gc_pauses)
+        self.hedge = _HedgeCounters()
+        r.register(self.hedge)
 
 
 @dataclass
@@ -129,6 +158,10 @@ class Stats:
         """A turn opens with the words of one the caller had not finished."""
         self.continuations += 1
         self.prometheus.continuations.inc()
+
+    def watch_hedge(self, hedge: "HedgeStats") -> None:
+        """Export the agent's hedge counters (the LLM pair's failures) with these."""
+        self.prometheus.hedge.source = hedge
 
     def set_degraded(self, reason: str | None) -> None:
         self.degraded_reason = reason

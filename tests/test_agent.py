@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from prometheus_client import generate_latest
 
 from gateway.agent import Agent, Conversation, Handoff, Sentence, Slow, ToolStarted
 from gateway.hedge import HedgedChat
@@ -16,7 +17,7 @@ from gateway.sentences import SentenceChunker
 from gateway.settings import Settings
 from gateway.tools import ToolConfigError, ToolRunner, load_tools
 from gateway.agent import build_agent
-from tests.call_harness import CallHarness
+from tests.call_harness import CallHarness, ScriptedLLM
 from tests.fakes.openai_server import STALL, Reply
 
 BALANCE = ToolSpec(name="get_balance", description="The caller's account balance.",
@@ -115,9 +116,37 @@ async def test_every_llm_failing_is_a_handoff_never_silence(llm_server):
     fake.replies["b"] = Reply(malformed_at=1)
     agent = make_agent(server, "a", "b", hedge_delay_s=0.0)
     events, _ = await run(agent, "hello")
-    assert len(events) == 1 and isinstance(events[0], Handoff)
+    assert len(events) == 1 and isinstance(events[0], Handoff) and events[0].failed
     assert "every LLM failed" in events[0].reason
     await agent.aclose()
+
+
+async def test_every_llm_failing_is_counted_as_llm_failed():
+    """Both LLM providers are down. The caller hears the handoff message (good), but the
+    operator sees nothing: no ``voicegate_errors_total{code="llm_failed"}``, no ``error``
+    event to the client; the only trace is a rising share of ``source="handoff"`` turns,
+    which intent-routed handoffs also produce (HedgeStats' all_failed / leg_failures are
+    kept but never exported). A total LLM outage must be counted as ``llm_failed``, as the
+    architecture promises for every stage failure, while the handoff still plays."""
+    h = CallHarness()
+    primary, secondary = ScriptedLLM(), ScriptedLLM()
+    primary.fail_next = secondary.fail_next = 100  # down for good
+    h.agent.llm = HedgedChat(primary, secondary, hedge_delay_s=0.0)  # type: ignore[arg-type]
+    await h.start()
+    await h.text("can you help me with my mortgage")
+    await h.wait(3000)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["handoff"]
+    assert h.agent.llm.stats.all_failed >= 1  # type: ignore[union-attr]
+    assert h.stats.errors["llm_failed"] == 1, (
+        f"every LLM failed, yet errors counted are {dict(h.stats.errors)} and the client got "
+        f"error events {h.output.of('error')}")
+    assert [e["code"] for e in h.output.of("error", turn=1)] == ["llm_failed"]
+    # The hedge's own counters are exported beside the errors (Services wires them so).
+    h.stats.watch_hedge(h.agent.llm.stats)  # type: ignore[union-attr]
+    exposed = generate_latest(h.stats.prometheus.registry).decode()
+    assert "voicegate_llm_all_failed_total 1.0" in exposed
+    assert "voicegate_llm_leg_failures_total 2.0" in exposed
 
 
 async def test_failure_after_a_tool_filler_is_still_a_handoff(llm_server, webhook):

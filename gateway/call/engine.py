@@ -137,7 +137,7 @@ class Call:
         self._responder = deps.responder
         self._reply = ReplyStage(deps.responder, output, sample_rate, frame_ms=settings.frame_ms,
                                  lead_ms=settings.playout_lead_ms, clock=deps.clock,
-                                 chunk_ms=settings.playout_chunk_ms)
+                                 chunk_ms=settings.playout_chunk_ms, report=self._report)
         self.conversation = deps.new_conversation()
 
         self._reply_task: asyncio.Task[None] | None = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, Awaitable, Protocol, runtime_checkable
+from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
 
 from ..clock import Clock
 from ..codec import SAMPLE_WIDTH
@@ -68,14 +68,19 @@ class StageFailed(Exception):
         self.code = code
 
 
+# Reports a stage failure that did not stop the reply: (code, message, turn).
+ReportFn = Callable[[str, str, int], Awaitable[None]]
+
 # What the assistant said, where: (spoken text, start ms, end ms) within the reply audio.
 Spoken = tuple[str, float, float]
 
 
 class ReplyStage:
     def __init__(self, responder: Responder, output: CallOutput, sample_rate: int, *,
-                 frame_ms: int, lead_ms: int, clock: Clock, chunk_ms: int | None = None) -> None:
+                 frame_ms: int, lead_ms: int, clock: Clock, chunk_ms: int | None = None,
+                 report: ReportFn | None = None) -> None:
         self._responder = responder
+        self._report = report
         self._out = output
         self._confirms = output if isinstance(output, ConfirmsPlayback) else None
         self._sample_rate = sample_rate
@@ -172,6 +177,9 @@ class ReplyStage:
         try:
             async with contextlib.aclosing(segments) as replies:
                 async for segment in replies:
+                    if segment.error is not None and self._report is not None:
+                        # Reported before its audio: counted even if the caller cuts it off.
+                        await self._report(segment.error, segment.info.get("reason", ""), tl.turn)
                     async with contextlib.aclosing(segment.audio) as audio:  # type: ignore
                         # Announced with its first audio: a sentence whose synthesis
                         # fails is never announced as said.
