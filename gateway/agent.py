@@ -8,7 +8,8 @@ responder turns into audio:
 - ``Slow(waited_s)``: no first token yet after ``filler_after_s``; filler bridges the gap.
 - ``Handoff(reason, failed)``: no LLM configured, or every LLM failed before anything was
   said (``failed``: the call reports ``llm_failed`` too); play the handoff message and tell
-  the client.
+  the client. A winner whose stream breaks after its first token, before the round said or
+  called anything, is not that: the round is asked again (once a turn) first.
 
 Cancelling the consumer (a barge-in) closes every LLM stream; then call
 ``Conversation.record_heard`` with what the caller actually heard.
@@ -282,11 +283,15 @@ class Agent:
             return
         spoke = False  # has a Sentence been emitted this turn?
         filler = False  # has a filler cue (Slow or ToolStarted) been emitted this turn?
-        for round_no in range(self.max_tool_rounds + 1):
+        retried = False  # a round is asked again at most once a turn
+        round_no = 0
+        while round_no <= self.max_tool_rounds:
             tools = self._tools_for(round_no)
             chunker = SentenceChunker()
             spoken: list[str] = []  # the pieces as emitted: what the caller will hear
             calls: list[ToolCall] = []
+            answered = False  # has a chunk come (a leg won the race)?
+            retry = False
             messages = conversation.messages()
             if preempted is not None and preempted.usable(messages, tools):
                 stream = preempted.adopt()  # what it received so far at once, then the rest
@@ -302,6 +307,7 @@ class Agent:
                         filler = True
                         yield item
                         continue
+                    answered = True
                     if item.text:
                         for piece in chunker.feed(item.text):
                             spoken.append(piece)
@@ -318,15 +324,21 @@ class Agent:
                     yield Sentence(tail)
             except ProviderError as exc:
                 logs.event(log, "llm_failed", logging.WARNING, round=round_no, error=str(exc)[:300])
-                calls = []  # a half-streamed tool call is not run
+                called, calls = bool(calls), []  # a half-streamed tool call is not run
                 if spoke:
                     # Half an answer, or a preface before a tool ("let me check that"), then
                     # nothing: never end so in silence. Raised: the call reports
                     # ``llm_failed`` and apologises after what was heard.
                     raise
-                # Nothing said yet (a filler alone is not an answer): a person takes over.
-                yield Handoff(f"LLM failed: {exc}", failed=True)
-                return
+                if answered and not called and not retried:
+                    # The winner broke after its first token, the other leg already
+                    # cancelled, and this round emitted nothing: one leg failed, not every
+                    # LLM. Asked again (the hedged pair) before a person takes over.
+                    retry = True
+                else:
+                    # Nothing said yet (a filler alone is not an answer): a person takes over.
+                    yield Handoff(f"LLM failed: {exc}", failed=True)
+                    return
             finally:
                 # Also on the consumer's aclose() or cancellation (barge-in): both LLM
                 # streams are closed before this generator finishes, and what was emitted
@@ -334,6 +346,9 @@ class Agent:
                 await events.aclose()
                 await stream.aclose()  # type: ignore[attr-defined]
                 conversation.add_assistant(" ".join(spoken), calls)
+            if retry:
+                retried = True
+                continue
             if not calls:
                 if not spoke:
                     yield Handoff("the LLM returned an empty reply")
@@ -341,6 +356,7 @@ class Agent:
             results = await asyncio.gather(*(self.runner.run(call) for call in calls))
             for call, (content, _ok) in zip(calls, results):
                 conversation.add_tool_result(call, content)
+            round_no += 1
 
     async def aclose(self) -> None:
         await self.runner.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -147,6 +148,49 @@ async def test_every_llm_failing_is_counted_as_llm_failed():
     exposed = generate_latest(h.stats.prometheus.registry).decode()
     assert "voicegate_llm_all_failed_total 1.0" in exposed
     assert "voicegate_llm_leg_failures_total 2.0" in exposed
+
+
+async def test_winner_breaking_after_its_first_token_is_retried_not_handed_off(llm_server):
+    """The winning provider streams its first token ("Sure,") and then its stream breaks
+    (a malformed chunk, a reset connection) before a single sentence was said. The other
+    provider was cancelled at that first token and is never asked: the agent hands the
+    caller to a human ("every LLM failed" is what Handoff documents, but only one request
+    failed, and nothing had been said). A transient mid-stream blip of one provider thus
+    transfers callers a retry would have answered. Nothing was said: the round should be
+    asked again (the hedged pair), and the caller hear the answer."""
+    fake, server = llm_server
+    requests: list[str] = []
+
+    def script(body: dict[str, Any]) -> Reply:
+        requests.append(body["model"])
+        if len(requests) == 1:  # the first request's stream breaks after "Sure,"
+            return Reply(text="Sure, your balance is twelve dollars.", malformed_at=2)
+        return Reply(text="Your balance is twelve dollars.")
+
+    fake.script = script
+    url = server.url + "/v1"
+    llm = HedgedChat(OpenAIChat("primary", base_url=url, name="primary"),
+                     OpenAIChat("secondary", base_url=url, name="secondary"),
+                     hedge_delay_s=600.0)
+    agent = Agent(llm, filler_after_s=None)
+    try:
+        events = [e async for e in agent.respond(agent.new_conversation(), "what's my balance")]
+    finally:
+        await agent.aclose()
+    assert llm.stats.primary_wins >= 1  # "Sure," won the race
+    assert not any(isinstance(e, Handoff) for e in events) and \
+        Sentence("Your balance is twelve dollars.") in events, (
+            f"events {events}; requests made {requests}")
+
+
+async def test_a_winner_breaking_again_on_the_retry_is_handed_off():
+    # Asked again once a turn, not for ever: the second break is an outage (a handoff).
+    broken = [LLMChunk(text="Sure"), ProviderError("openai:primary", "connection reset")]
+    llm = ScriptLLM(list(broken), list(broken))
+    agent = Agent(llm, filler_after_s=None)  # type: ignore[arg-type]
+    events, conversation = await run(agent, "what's my balance")
+    assert len(events) == 1 and isinstance(events[0], Handoff) and events[0].failed
+    assert llm.scripts == [] and conversation.history[-1]["role"] == "user"
 
 
 async def test_failure_after_a_tool_filler_is_still_a_handoff(llm_server, webhook):
