@@ -5,7 +5,8 @@ responder turns into audio:
 
 - ``Sentence(text)``: a speakable piece, in order; synthesize and play it.
 - ``ToolStarted(name, call_id)``: the model called a tool; play filler now (once per turn).
-- ``Slow(waited_s)``: no first token yet after ``filler_after_s``; filler bridges the gap.
+- ``Slow(waited_s)``: nothing to say yet after ``filler_after_s`` (no token, or tokens that
+  make no sentence yet); filler bridges the gap.
 - ``Handoff(reason, failed)``: no LLM configured, or every LLM failed before anything was
   said (``failed``: the call reports ``llm_failed`` too); play the handoff message and tell
   the client. A winner whose stream breaks after its first token, before the round said or
@@ -25,7 +26,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Union
+from typing import Any, AsyncIterator, Callable, Union
 
 from gateway.hedge import AdaptiveDelay, HedgedChat
 from gateway.preemption import Preemption
@@ -284,6 +285,7 @@ class Agent:
         spoke = False  # has a Sentence been emitted this turn?
         filler = False  # has a filler cue (Slow or ToolStarted) been emitted this turn?
         retried = False  # a round is asked again at most once a turn
+        started = asyncio.get_running_loop().time()  # the filler's wait counts from here
         round_no = 0
         while round_no <= self.max_tool_rounds:
             tools = self._tools_for(round_no)
@@ -300,7 +302,8 @@ class Agent:
                     preempted.cancel()
                 stream = self.llm.stream(messages, tools)
             preempted = None  # only the first round may adopt it
-            events = _with_slow_signal(stream, None if spoke or filler else self.filler_after_s)
+            events = _with_slow_signal(stream, None if spoke or filler else self.filler_after_s,
+                                       started, lambda: not (spoke or filler))
             try:
                 async for item in events:
                     if isinstance(item, Slow):
@@ -366,25 +369,55 @@ class Agent:
                 await close()
 
 
-async def _with_slow_signal(stream: AsyncIterator[LLMChunk],
-                            after_s: float | None) -> AsyncIterator[LLMChunk | Slow]:
-    """The stream's chunks, preceded by ``Slow`` if the first one takes longer than ``after_s``."""
-    if after_s is not None:
-        first = asyncio.ensure_future(stream.__anext__())
+_END = object()
+
+
+async def _with_slow_signal(stream: AsyncIterator[LLMChunk], after_s: float | None,
+                            since: float, quiet: Callable[[], bool]) -> AsyncIterator[LLMChunk | Slow]:
+    """The stream's chunks, and ``Slow`` once ``after_s`` (loop time from ``since``) has
+    passed while ``quiet()``: nothing to say yet, whether no token came or only tokens that
+    make no sentence ("Sure", then a stall).
+
+    A task reads the stream meanwhile: the wait for the cue never cancels a read (that
+    would end the stream), and chunks already there (a preemptive start's) pass in one
+    step, not a task each."""
+    if after_s is None:
+        async for chunk in stream:
+            yield chunk
+        return
+    chunks: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def read() -> None:
         try:
-            done, _ = await asyncio.wait({first}, timeout=after_s)
-            if not done:
+            async for chunk in stream:
+                chunks.put_nowait(chunk)
+        except Exception as exc:  # raised to the consumer, after the chunks before it
+            chunks.put_nowait(exc)
+        else:
+            chunks.put_nowait(_END)
+
+    reader = asyncio.create_task(read(), name="vg-llm-read")
+    cue_at: float | None = since + after_s
+    try:
+        while True:
+            if cue_at is not None and not quiet():
+                cue_at = None  # something was said or called: no filler now
+            try:
+                async with asyncio.timeout_at(cue_at):  # None: no deadline
+                    item = await chunks.get()
+            except TimeoutError:
+                cue_at = None
                 yield Slow(after_s)
-            chunk = await first
-        except StopAsyncIteration:
-            return
-        finally:
-            if not first.done():  # we were closed or cancelled while waiting
-                first.cancel()
-                await asyncio.gather(first, return_exceptions=True)
-        yield chunk
-    async for chunk in stream:
-        yield chunk
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        # Closed or cancelled (a barge-in): the read stops, which closes the stream.
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 def _models(llm: ChatModel | None) -> list[Any]:

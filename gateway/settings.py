@@ -345,8 +345,9 @@ class Settings(BaseModel):
     # JSON file: a list of {name, description, parameters, url, timeout_s}.
     llm_tools_file: str = ""
     llm_max_tool_rounds: NonNeg = 3
-    # No first token after this long: the agent emits Slow so the responder can play filler
-    # (0: never; the caller waits in silence for the first sentence).
+    # Nothing to say after this long (no token, or tokens that make no sentence yet): the
+    # agent emits Slow so the responder can play filler (0: never; the caller waits in
+    # silence for the first sentence).
     llm_filler_after_ms: NonNeg = 900
     # Preemptive generation: at a pause whose words are a miss that sounds finished, start
     # the agent's LLM call while the end-of-turn silence runs; the turn adopts the stream if

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 from prometheus_client import generate_latest
@@ -248,6 +248,45 @@ async def test_slow_first_token_emits_slow_once_before_the_answer(llm_server):
     events, _ = await run(agent, "hi")
     assert isinstance(events[0], Slow) and events[1:] == [Sentence("Here you go.")]
     await agent.aclose()
+
+
+class StallsAfterFirstToken:
+    """An LLM leg that streams "Sure" at once, then nothing (until closed)."""
+
+    name = "stalling"
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    async def stream(self, messages, tools=None) -> AsyncIterator[LLMChunk]:
+        try:
+            yield LLMChunk(text="Sure")
+            await asyncio.Event().wait()
+            yield LLMChunk(text=", never.")
+        finally:
+            self.closed += 1
+
+
+async def test_a_stall_after_the_first_token_still_gets_a_filler():
+    """The provider sends its first token and then stalls. Slow (the filler cue) is only
+    armed until the first *chunk*, and a lone "Sure" is no sentence, so nothing is spoken:
+    the caller hears dead air for up to llm_idle_timeout_s (10 s by default), then the
+    handoff. The filler exists to bridge silence; it should be cued when nothing speakable
+    has come after filler_after_s, whatever tokens arrived."""
+    leg = StallsAfterFirstToken()
+    agent = Agent(HedgedChat(leg, None, hedge_delay_s=0.0, idle_timeout_s=600.0),  # type: ignore[arg-type]
+                  filler_after_s=0.05)
+    events = agent.respond(agent.new_conversation(), "what's my balance")
+    try:
+        first = await asyncio.wait_for(events.__anext__(), 5.0)
+    except asyncio.TimeoutError:
+        first = None
+    finally:
+        await events.aclose()
+    assert leg.closed == 1
+    assert isinstance(first, Slow), (
+        f"5 s after a first token and no sentence, the agent had emitted {first!r}: the "
+        "caller hears nothing at all")
 
 
 def test_context_is_trimmed_by_whole_exchanges_keeping_the_latest():
