@@ -293,6 +293,7 @@ class Agent:
             spoken: list[str] = []  # the pieces as emitted: what the caller will hear
             calls: list[ToolCall] = []
             answered = False  # has a chunk come (a leg won the race)?
+            ignored: str | None = None  # a tool the model called though none was offered
             retry = False
             messages = conversation.messages()
             if preempted is not None and preempted.usable(messages, tools):
@@ -316,7 +317,13 @@ class Agent:
                             spoken.append(piece)
                             spoke = True
                             yield Sentence(piece)
-                    if item.tool_call is not None:
+                    if item.tool_call is not None and tools is None:
+                        # Not offered (the last round, or no tools): never run, and no
+                        # filler; without words the turn hands off below, not into silence.
+                        ignored = item.tool_call.name
+                        logs.event(log, "tool_call_not_offered", logging.WARNING,
+                                   tool=ignored, round=round_no)
+                    elif item.tool_call is not None:
                         calls.append(item.tool_call)
                         filler = True
                         yield ToolStarted(item.tool_call.name, item.tool_call.id)
@@ -354,7 +361,8 @@ class Agent:
                 continue
             if not calls:
                 if not spoke:
-                    yield Handoff("the LLM returned an empty reply")
+                    yield Handoff(f"the LLM called {ignored}, a tool it was not offered"
+                                  if ignored else "the LLM returned an empty reply")
                 return
             results = await asyncio.gather(*(self.runner.run(call) for call in calls))
             for call, (content, _ok) in zip(calls, results):

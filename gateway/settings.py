@@ -344,6 +344,8 @@ class Settings(BaseModel):
     llm_context_chars: Pos = 8000
     # JSON file: a list of {name, description, parameters, url, timeout_s}.
     llm_tools_file: str = ""
+    # Rounds of tool calls a turn may make; the round after them offers no tools (a tool
+    # called there anyway is not run: without words, the turn is a handoff).
     llm_max_tool_rounds: NonNeg = 3
     # Nothing to say after this long (no token, or tokens that make no sentence yet): the
     # agent emits Slow so the responder can play filler (0: never; the caller waits in

@@ -431,12 +431,16 @@ def test_openai_without_url_or_key_fails_at_start_up():
 
 
 class ScriptLLM:
+    """A chat model answering request n with ``scripts[n]`` (chunks; an exception raises)."""
+
     name = "script"
 
     def __init__(self, *scripts: list) -> None:
         self.scripts = list(scripts)
+        self.requests: list[list[ToolSpec] | None] = []  # the tools offered, per request
 
     async def stream(self, messages, tools=None):
+        self.requests.append(tools)
         script = self.scripts.pop(0) if self.scripts else [LLMChunk(text="All good now.")]
         for item in script:
             await asyncio.sleep(0)
@@ -446,7 +450,13 @@ class ScriptLLM:
 
 
 class BalanceRunner:
+    """A tool runner that answers at once and keeps the calls it ran."""
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+
     async def run(self, call: ToolCall) -> tuple[str, bool]:
+        self.calls.append(call)
         return json.dumps({"balance": "12.00"}), True
 
     async def aclose(self) -> None:
@@ -482,3 +492,31 @@ async def test_an_llm_failure_after_the_reply_began_is_reported_and_apologised_f
     await h.wait(3000)
     await h.stop()
     assert [e["text"] for e in h.output.of("response", turn=2)] == ["All good now."]
+
+
+async def test_a_tool_call_in_the_last_round_does_not_end_the_turn_in_silence():
+    """The last round offers no tools, but a model (or an OpenAI-compatible server) answers
+    it with a tool call anyway. The agent runs that tool (one it did not offer: a side
+    effect the model was no longer allowed), then its round loop simply ends: no sentence,
+    no handoff, no error. The caller hears "Let me check that for you." and then nothing;
+    the turn ends as answered. The turn must end with words: a handoff (or an apology),
+    and a tool not offered must not run."""
+    h = CallHarness()
+    call_1 = ToolCall("call_1", "get_balance", '{"account": "42"}')
+    call_2 = ToolCall("call_2", "get_balance", '{"account": "42"}')
+    llm = ScriptLLM([LLMChunk(tool_call=call_1)], [LLMChunk(tool_call=call_2)])
+    runner = BalanceRunner()
+    h.agent = Agent(llm, [BALANCE], runner=runner, max_tool_rounds=1,  # type: ignore[arg-type]
+                    filler_after_s=None)
+    h.responder._agent = h.agent
+    await h.start()
+    await h.text("what is my balance")
+    await h.wait(3000)
+    await h.stop()
+    assert llm.requests[1] is None  # the last round offered no tools
+    sources = [e["source"] for e in h.output.of("response", turn=1)]
+    assert sources[-1] != "filler" and len(runner.calls) == 1, (
+        f"the caller heard {sources} and the tools run were {runner.calls}")
+    assert sources == ["filler", "handoff"]
+    assert h.output.of("handoff")[0]["reason"] == \
+        "the LLM called get_balance, a tool it was not offered"
