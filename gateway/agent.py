@@ -364,7 +364,14 @@ class Agent:
                     yield Handoff(f"the LLM called {ignored}, a tool it was not offered"
                                   if ignored else "the LLM returned an empty reply")
                 return
-            results = await asyncio.gather(*(self.runner.run(call) for call in calls))
+            tasks = [asyncio.create_task(self.runner.run(call)) for call in calls]
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:
+                # One raising (a runner's bug) leaves no sibling webhook call running.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
             for call, (content, _ok) in zip(calls, results):
                 conversation.add_tool_result(call, content)
             round_no += 1

@@ -81,7 +81,7 @@ class ToolRunner:
             return _error(f"there is no tool named {call.name}"), False
         try:
             arguments = json.loads(call.arguments or "{}")
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             return _error(f"the arguments for {call.name} were not valid JSON"), False
         started = time.monotonic()
         try:
@@ -97,6 +97,12 @@ class ToolRunner:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError
             logs.event(log, "tool_unreachable", logging.WARNING, tool=call.name, error=type(exc).__name__)
             return _error(f"{call.name} could not be reached"), False
+        except Exception as exc:
+            # Arguments httpx cannot send (NaN, a lone surrogate: json.loads takes both), or
+            # a bug: still a string for the model, never a failed reply.
+            logs.event(log, "tool_error", logging.WARNING, tool=call.name, error=type(exc).__name__,
+                       detail=str(exc)[:300])
+            return _error(f"{call.name} could not be called with these arguments"), False
         ms = (time.monotonic() - started) * 1000
         if response.status_code >= 400:
             logs.event(log, "tool_failed", logging.WARNING, tool=call.name, status=response.status_code, ms=round(ms))

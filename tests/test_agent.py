@@ -418,6 +418,71 @@ async def test_a_tool_url_httpx_cannot_parse_goes_back_to_the_model_as_an_error(
     assert not ok and json.loads(content) == {"error": "get_balance could not be reached"}
 
 
+async def test_a_tool_call_the_runner_cannot_send_goes_back_as_an_error(webhook):
+    """The model calls two tools at once; one's arguments parse (json.loads accepts NaN)
+    but cannot be sent (httpx refuses NaN: ValueError; a lone surrogate: UnicodeEncodeError).
+    ToolRunner.run raises instead of returning the error string its docstring promises
+    ("whatever happens, the model gets a string back"), asyncio.gather raises it out of
+    the agent: the caller hears the filler, then the apology (reply_failed) for a question
+    the model could have answered, and the other tool's webhook call is left running as
+    an orphan task (gather does not cancel its siblings). The bad call should come back
+    to the model as an error, and no tool task outlive the turn."""
+    hook, hook_server = webhook
+    hook.delay_s = 2.0
+    hook.handler = lambda payload: {"status": "shipped"}
+    order = ToolSpec("get_order", "", url=hook_server.url + "/tool/get_order", timeout_s=10.0)
+    balance = ToolSpec("get_balance", "", url=hook_server.url + "/tool/get_balance",
+                       timeout_s=10.0)
+    llm = ScriptLLM([LLMChunk(tool_call=ToolCall("c1", "get_order", '{"id": "A-17"}')),
+                     LLMChunk(tool_call=ToolCall("c2", "get_balance", '{"amount": NaN}'))],
+                    [LLMChunk(text="Your order shipped. I could not get your balance.")])
+    agent = Agent(llm, [order, balance], filler_after_s=None)  # type: ignore[arg-type]
+    events: list[Any] = []
+    error: BaseException | None = None
+    try:
+        async for event in agent.respond(agent.new_conversation(), "order and balance?"):
+            events.append(event)
+    except Exception as exc:  # noqa: BLE001 - the defect under test
+        error = exc
+    leaked = [t for t in asyncio.all_tasks()
+              if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "ToolRunner.run"]
+    for task in leaked:  # tidy up before asserting
+        task.cancel()
+    await asyncio.gather(*leaked, return_exceptions=True)
+    await agent.aclose()
+    assert error is None and not leaked, (
+        f"the reply raised {error!r} after {events}; tool calls left running: {len(leaked)}")
+    assert Sentence("I could not get your balance.") in events
+
+
+async def test_a_tool_runner_raising_cancels_the_other_tool_calls():
+    # ToolRunner never raises; another runner may. Its siblings do not outlive the turn.
+    class Runner:
+        def __init__(self) -> None:
+            self.cancelled: list[str] = []
+
+        async def run(self, call: ToolCall) -> tuple[str, bool]:
+            if call.id == "c2":
+                raise RuntimeError("runner bug")
+            try:
+                await asyncio.sleep(600)
+            except asyncio.CancelledError:
+                self.cancelled.append(call.id)
+                raise
+            return "{}", True
+
+        async def aclose(self) -> None:
+            return None
+
+    runner = Runner()
+    llm = ScriptLLM([LLMChunk(tool_call=ToolCall("c1", "get_order", "{}")),
+                     LLMChunk(tool_call=ToolCall("c2", "get_balance", "{}"))])
+    agent = Agent(llm, [BALANCE], runner=runner, filler_after_s=None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="runner bug"):
+        await run(agent, "order and balance?")
+    assert runner.cancelled == ["c1"]
+
+
 def test_openai_without_url_or_key_fails_at_start_up():
     from gateway.settings import SettingsError
     with pytest.raises(SettingsError, match="OPENAI_API_KEY"):
