@@ -88,9 +88,12 @@ class ToolRunner:
             # httpx's timeout bounds each read, not the call: a webhook that trickles its
             # answer a byte at a time would hold the turn for ever. timeout_s bounds it all.
             async with asyncio.timeout(tool.timeout_s):
-                response = await self._http.post(
-                    tool.url, json={"tool": call.name, "call_id": call.id, "arguments": arguments},
-                    timeout=tool.timeout_s)
+                async with self._http.stream(
+                        "POST", tool.url, timeout=tool.timeout_s,
+                        json={"tool": call.name, "call_id": call.id, "arguments": arguments}
+                ) as response:
+                    status = response.status_code
+                    content = await _head(response, MAX_RESULT_CHARS) if status < 400 else ""
         except (httpx.TimeoutException, TimeoutError):
             logs.event(log, "tool_timeout", logging.WARNING, tool=call.name, after_s=tool.timeout_s)
             return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), False
@@ -104,15 +107,26 @@ class ToolRunner:
                        detail=str(exc)[:300])
             return _error(f"{call.name} could not be called with these arguments"), False
         ms = (time.monotonic() - started) * 1000
-        if response.status_code >= 400:
-            logs.event(log, "tool_failed", logging.WARNING, tool=call.name, status=response.status_code, ms=round(ms))
-            return _error(f"{call.name} failed with status {response.status_code}"), False
-        logs.event(log, "tool_done", tool=call.name, status=response.status_code, ms=round(ms))
-        return response.text[:MAX_RESULT_CHARS], True
+        if status >= 400:
+            logs.event(log, "tool_failed", logging.WARNING, tool=call.name, status=status, ms=round(ms))
+            return _error(f"{call.name} failed with status {status}"), False
+        logs.event(log, "tool_done", tool=call.name, status=status, ms=round(ms))
+        return content, True
 
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
+
+
+async def _head(response: httpx.Response, chars: int) -> str:
+    """The body's first ``chars`` characters. A webhook may answer megabytes (a whole
+    history): reading stops there, about 4 bytes a character at most, not at its end."""
+    text = ""
+    async for part in response.aiter_text():
+        text += part
+        if len(text) >= chars:
+            break  # leaving the stream closes the connection: the rest is never read
+    return text[:chars]
 
 
 def _error(message: str) -> str:

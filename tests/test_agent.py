@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any, AsyncIterator
 
+import httpx
 import pytest
 from prometheus_client import generate_latest
 
@@ -16,7 +17,7 @@ from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec
 from gateway.providers.openai_llm import OpenAIChat
 from gateway.sentences import SentenceChunker
 from gateway.settings import Settings
-from gateway.tools import ToolConfigError, ToolRunner, load_tools
+from gateway.tools import MAX_RESULT_CHARS, ToolConfigError, ToolRunner, load_tools
 from gateway.agent import build_agent
 from tests.call_harness import CallHarness, ScriptedLLM
 from tests.fakes.openai_server import STALL, Reply
@@ -416,6 +417,56 @@ async def test_a_tool_url_httpx_cannot_parse_goes_back_to_the_model_as_an_error(
     finally:
         await runner.aclose()
     assert not ok and json.loads(content) == {"error": "get_balance could not be reached"}
+
+
+class CountingTransport(httpx.AsyncBaseTransport):
+    """Counts the response body bytes the client actually pulls off the connection."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.read = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        inner_stream = response.stream
+        transport = self
+
+        class Counted(httpx.AsyncByteStream):
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                async for part in inner_stream:  # type: ignore[union-attr]
+                    transport.read += len(part)
+                    yield part
+
+            async def aclose(self) -> None:
+                await inner_stream.aclose()  # type: ignore[union-attr]
+
+        return httpx.Response(response.status_code, headers=response.headers,
+                              stream=Counted(), extensions=response.extensions)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_huge_tool_answer_is_not_read_whole(webhook):
+    """A webhook answers a large body (an account's whole transaction history: 8 MB here).
+    Only MAX_RESULT_CHARS (4000) of it ever reaches the model, but ToolRunner reads the
+    whole body into memory first (twice: bytes, then the decoded text) before slicing:
+    memory per call is whatever the webhook sends, and a body that cannot arrive within
+    timeout_s turns a good answer into "did not answer". The runner should stop reading
+    once it has what it keeps (stream the response, read a bounded amount)."""
+    hook, hook_server = webhook
+    rows = [{"id": n, "amount": "12.50", "memo": "coffee shop " + "x" * 60} for n in range(90_000)]
+    hook.handler = lambda payload: {"transactions": rows}
+    transport = CountingTransport()
+    runner = ToolRunner([ToolSpec("get_history", "", url=hook_server.url + "/tool/get_history",
+                                  timeout_s=60.0)], http=httpx.AsyncClient(transport=transport))
+    try:
+        content, ok = await runner.run(ToolCall("c1", "get_history", "{}"))
+    finally:
+        await transport.aclose()
+    assert ok and len(content) <= MAX_RESULT_CHARS
+    assert transport.read <= 1_000_000, (
+        f"kept {len(content)} characters, read {transport.read:,} bytes of the answer")
 
 
 async def test_a_tool_call_the_runner_cannot_send_goes_back_as_an_error(webhook):
