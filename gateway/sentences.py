@@ -3,7 +3,8 @@
 A piece ends at a sentence end (after any closing quote or bracket: 'says "shipped."'),
 or at a clause boundary (comma, semicolon, colon, dash) once it is long enough, so the
 first TTS request starts after a few words, not after the whole first sentence. Markdown
-that slips through is stripped.
+that slips through is stripped; a numbered list's item ("2. Tap Settings") is a piece of
+its own, without its number.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ _SENTENCE_END = ".!?…"
 _CLAUSE_END = ",;:—–"
 _MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d+\.\s+(?=\D))", re.MULTILINE)
 _SPACES = re.compile(r"\s+")
+# "2. " opening a line: a numbered list's item, whose period ends no sentence.
+_LIST_ITEM = re.compile(r"[ \t]*\d+\.\s")
+_LIST_MARKER = re.compile(r"\s*\d+")
 
 
 def speakable(text: str) -> str:
@@ -68,10 +72,13 @@ class SentenceChunker:
             ch, nxt = buf[i], buf[i + 1]
             if ch == "\n" and nxt == "\n":
                 return i + 2
+            if ch == "\n" and _LIST_ITEM.match(buf, i + 1) and speakable(buf[:i]):
+                return i + 1  # an item starts a piece of its own, its marker stripped there
             if ch in _SENTENCE_END:
                 # The whitespace may come after closing quotes or brackets: 'says "shipped." It'.
                 end = self._after_closers(buf, i + 1)
-                if end < len(buf) and buf[end].isspace() and not self._is_abbreviation(buf, i):
+                if end < len(buf) and buf[end].isspace() and not self._is_abbreviation(buf, i) \
+                        and not self._is_list_marker(buf, i):
                     return end
             if not nxt.isspace():
                 continue
@@ -95,6 +102,11 @@ class SentenceChunker:
         if word in _ABBREVIATIONS:
             return True
         return len(word) == 1 and buf[start].isupper()  # an initial: "J. Smith"
+
+    @staticmethod
+    def _is_list_marker(buf: str, i: int) -> bool:
+        """The period of "1." opening a line (or the buffer: "Open the app. 2. Tap ...")."""
+        return buf[i] == "." and _LIST_MARKER.fullmatch(buf, buf.rfind("\n", 0, i) + 1, i) is not None
 
     @staticmethod
     def _after_closers(buf: str, j: int) -> int:

@@ -335,6 +335,35 @@ def test_chunker_emits_early_clauses_and_whole_sentences():
                       "and after that, we will call you.", "Anything else?"]
 
 
+def chunk_all(text: str, tokens: str = "word") -> list[str]:
+    """The pieces the chunker makes of ``text`` streamed word by word (or char by char)."""
+    chunker = SentenceChunker()
+    parts = [w + " " for w in text.split(" ")] if tokens == "word" else list(text)
+    pieces: list[str] = []
+    for part in parts:
+        pieces += chunker.feed(part)
+    tail = chunker.flush()
+    return pieces + ([tail] if tail else [])
+
+
+@pytest.mark.parametrize("tokens", ["word", "char"])
+def test_numbered_list_markers_are_not_spoken_as_sentences(tokens):
+    """An LLM answers with a numbered list despite the prompt (common for "how do I ...").
+    The chunker treats each marker's period as a sentence end, so the marker is cut off
+    before speakable() can strip it (its list-marker rule needs whitespace after the
+    period, which is never in the piece): the caller hears "To reset it: one." / "Open
+    the app." / "two." / ... or "Open the app two." / "Tap Settings three.", each marker
+    also a TTS request of its own. A list marker should be stripped, never spoken or
+    glued to the previous item."""
+    for text in ("To reset it:\n1. Open the app.\n2. Tap Settings.\n3. Choose Reset password.",
+                 "Here is how to reset it:\n\n1. Open the app\n2. Tap Settings\n3. Choose Reset"):
+        pieces = chunk_all(text, tokens)
+        spoken_markers = [p for p in pieces if re.search(r"(^|\s)\d\.$", p)]
+        assert spoken_markers == [], f"{text!r} was spoken as {pieces}"
+        assert pieces[1:] in (["Open the app.", "Tap Settings.", "Choose Reset password."],
+                              ["Open the app", "Tap Settings", "Choose Reset"]), pieces
+
+
 def test_a_sentence_ending_inside_a_closing_quote_or_bracket_is_its_own_piece():
     text = ('The status says "shipped." It left the warehouse (on Monday.) Did you get my '
             "note, 'where is it?' Dr. Smith said “yes.” \"Mr.\" Jones signed (e.g.) for it. ")
