@@ -17,6 +17,8 @@ _ABBREVIATIONS = frozenset({
     "co", "no", "approx", "dept", "apt", "ave", "mt", "jan", "feb", "mar", "apr", "jun", "jul",
     "aug", "sep", "sept", "oct", "nov", "dec", "a.m", "p.m", "u.s",
 })
+# Letters and dots before the final one: "U.K", "U.S.A", "Ph.D" (also "e.g", "a.m").
+_DOTTED = re.compile(r"(?:[a-z]{1,2}\.)+[a-z]{1,2}")
 _SENTENCE_END = ".!?…"
 _CLAUSE_END = ",;:—–"
 _MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d+\.\s+(?=\D))", re.MULTILINE)
@@ -99,7 +101,7 @@ class SentenceChunker:
         while start > 0 and not buf[start - 1].isspace():
             start -= 1
         word = buf[start:i].lower().lstrip("(\"'")
-        if word in _ABBREVIATIONS:
+        if word in _ABBREVIATIONS or _DOTTED.fullmatch(word):
             return True
         return len(word) == 1 and buf[start].isupper()  # an initial: "J. Smith"
 

@@ -364,6 +364,19 @@ def test_numbered_list_markers_are_not_spoken_as_sentences(tokens):
                               ["Open the app", "Tap Settings", "Choose Reset"]), pieces
 
 
+@pytest.mark.parametrize("text", [
+    "Transfers to the U.K. take two working days to arrive.",
+    "Payments to the U.S.A. need the full routing number.",
+    "Our adviser has a Ph.D. in tax law and can call you back.",
+])
+def test_dotted_abbreviations_do_not_end_a_sentence(text):
+    """"U.S." is known not to end a sentence, but any other dotted abbreviation ("U.K.",
+    "U.S.A.", "Ph.D.") is taken as one: "Transfers to the U.K." is synthesized and played
+    as a sentence of its own (falling tone, a pause), then "take two working days to
+    arrive." The rule that keeps "U.S." whole should cover every letter-dot-letter token."""
+    assert chunk_all(text) == [text]
+
+
 def test_a_sentence_ending_inside_a_closing_quote_or_bracket_is_its_own_piece():
     text = ('The status says "shipped." It left the warehouse (on Monday.) Did you get my '
             "note, 'where is it?' Dr. Smith said “yes.” \"Mr.\" Jones signed (e.g.) for it. ")
