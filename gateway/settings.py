@@ -273,10 +273,13 @@ class Settings(BaseModel):
     # card, ... right now"): such a turn judged complete waits the caller's longest pause
     # plus hesitation_margin_ms (at least complete_turn_silence_ms, at most
     # end_of_turn_silence_ms) instead of the short silence. 0: off. Live (sample 18, fresh3
-    # paused texts): 4 of 128 paused clips cut off with it, 16 without; a hesitant caller's
-    # cached answer came ~0.96 s after their last word instead of ~0.2 s.
+    # paused texts, margin 200): 4 of 128 paused clips cut off with it, 16 without; a
+    # hesitant caller's cached answer came ~0.96 s after their last word instead of ~0.2 s.
+    # The margin, 500 (a pause of 400 ms or more then waits the open silence): on the paused
+    # sets measured before (fresh, fresh2, held out; bench/end_of_turn_signals.py) cut-offs
+    # 1.6-4.2% at 200 and 0-3.1% at 500, for ~50 ms more wait on such a cached question.
     hesitation_ms: Annotated[int, Field(ge=0, le=10000)] = 300
-    hesitation_margin_ms: Annotated[int, Field(ge=0, le=10000)] = 200
+    hesitation_margin_ms: Annotated[int, Field(ge=0, le=10000)] = 500
     # The end-of-turn model on the caller's audio: smart_turn (Smart Turn v3.2) or none.
     turn_model: Literal["smart_turn", "none"] = "smart_turn"
     # Its probability at or above which a cached question ends early, and below which

@@ -411,8 +411,10 @@ async def test_a_caller_who_hesitated_is_not_cut_off_after_a_cached_question(hes
 
 
 async def test_a_hesitant_callers_cached_question_waits_their_pause_not_the_open_silence():
+    # A margin that keeps pause + margin under the open silence (the default, 500, reaches
+    # it from a 400 ms pause on), so the wait shows which of the two it is.
     h = CallHarness(faqs={"freeze my card": "freeze"}, early_finals=True,
-                    settings={"end_of_turn_silence_ms": 900})
+                    settings={"end_of_turn_silence_ms": 900, "hesitation_margin_ms": 200})
     await h.start()
     await h.say("i need to", then_silence_ms=400)
     await h.say("freeze my card", then_silence_ms=1500)

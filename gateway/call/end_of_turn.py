@@ -140,7 +140,7 @@ class EndOfTurnSettings:
     # uh, ... freeze my card, ... right now"): a turn judged complete then waits their
     # longest pause plus the margin, within the short and the open silences. 0: off.
     hesitation_ms: float = 300.0
-    hesitation_margin_ms: float = 200.0
+    hesitation_margin_ms: float = 500.0
 
     @property
     def longest_ms(self) -> float:
