@@ -1,9 +1,12 @@
-"""uvicorn's httptools protocol, with a deadline for the first request on a connection.
+"""uvicorn's httptools protocol, with deadlines for a request's start and its headers.
 
 uvicorn arms its keep-alive timer only after a response, so a TCP connection that
 never sends a request is held forever (each costs a file descriptor: thousands can
 be opened by one client). This protocol arms the same timer when the connection is
-made; the first bytes of a request disarm it, as they do between requests.
+made; the first bytes of a request disarm it, as they do between requests. From
+then on the request's headers must be complete within ``HEADERS_TIMEOUT_S``, or
+the connection gets 408 and is closed (a client that sends a request line and then
+nothing, slowloris, would hold it forever too).
 """
 
 from __future__ import annotations
@@ -12,9 +15,44 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+# From the first byte of a request to the end of its headers.
+HEADERS_TIMEOUT_S = 10.0
+
 
 class IdleTimeoutHttpToolsProtocol(HttpToolsProtocol):
+    _headers_deadline: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_headers_deadline()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._headers_deadline is None:
+            self._headers_deadline = self.loop.call_later(HEADERS_TIMEOUT_S,
+                                                          self._headers_timed_out)
+
+    def on_headers_complete(self) -> None:
+        self._disarm_headers_deadline()
+        super().on_headers_complete()
+
+    def _disarm_headers_deadline(self) -> None:
+        if self._headers_deadline is not None:
+            self._headers_deadline.cancel()
+            self._headers_deadline = None
+
+    def _headers_timed_out(self) -> None:
+        self._headers_deadline = None
+        if self.transport.is_closing():
+            return
+        content = [b"HTTP/1.1 408 Request Timeout\r\n"]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.append(b"content-length: 0\r\nconnection: close\r\n\r\n")
+        self.transport.write(b"".join(content))
+        self.transport.close()

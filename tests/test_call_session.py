@@ -234,6 +234,33 @@ async def test_a_tcp_connection_that_sends_nothing_is_closed(server):
         writer.close()
 
 
+async def test_a_request_whose_headers_never_finish_is_closed(server: BackgroundServer) -> None:
+    """An HTTP client that sends the first line of a request (to the admin API, or anything)
+    and then nothing more holds its connection, a file descriptor and parser state, forever:
+    gateway/http_idle.py arms uvicorn's keep-alive timer when the connection is made, but the
+    first byte received cancels it and nothing re-arms it until a response is sent. One client
+    can open thousands of such connections (classic slowloris) on the replica's own port
+    (docker-compose.yml publishes 8081/8082). Docs: "TCP connections that never send an HTTP
+    request are closed after uvicorn's keep-alive timeout (5 s)". A request that has not
+    finished its headers long after that should be closed too (here: within 30 s, six times
+    the 5 s timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /admin/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no blank line
+        await writer.drain()
+        try:
+            data: bytes | None = await asyncio.wait_for(reader.read(), 30)
+        except TimeoutError:
+            data = None
+        assert data is not None, ("a request with unfinished headers was still open after 30 s "
+                                  "(uvicorn's keep-alive timeout is 5 s): the connection is "
+                                  "held forever")
+        # Closed by the server (a 408 first is fine).
+        assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:200]
+    finally:
+        writer.close()
+
+
 def test_a_turn_cut_off_by_the_callers_next_words_is_not_the_answer_to_wait_for():
     # The gateway answered at a pause ("I forgot my password for the app, ..."), the
     # caller talked on: that turn's metrics come first, the whole question's later.
