@@ -5,8 +5,9 @@ drains answers 503 there, refuses new WebSocket upgrades with HTTP 503 (HAProxy
 retries them on another replica) and a ``start`` that still reaches it with
 ``draining`` (close 1013), while the calls it carries go on. ``DrainingServer``
 starts the drain on SIGTERM and shuts uvicorn down once no call is left or
-``drain_timeout_s`` has passed (uvicorn then closes what remains with 1012).
-A second SIGTERM, or SIGINT, exits at once as plain uvicorn does.
+``drain_timeout_s`` has passed (uvicorn then closes what remains with 1012 and
+waits at most ``SHUTDOWN_GRACE_S`` for it, gateway/server.py). A second SIGTERM
+exits at once (uvicorn's force exit); SIGINT shuts down as plain uvicorn does.
 """
 
 from __future__ import annotations
@@ -52,16 +53,24 @@ class DrainingServer(uvicorn.Server):
         self._timeout_s = timeout_s
         self._drain: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._terminated = False
 
     async def serve(self, sockets: list | None = None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig != signal.SIGTERM or self._drain is not None or self._loop is None \
-                or self.should_exit:
+        if sig == signal.SIGTERM and not self._terminated and self._loop is not None \
+                and not self.should_exit:
+            self._terminated = True
+        else:
             if self._drain is not None:
                 self._drain.cancel()
+            if sig == signal.SIGTERM:
+                # A second SIGTERM waits no more, for the drain or the connections.
+                if self._terminated:
+                    self.force_exit = True
+                self._terminated = True
             super().handle_exit(sig, frame)
             return
         self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does

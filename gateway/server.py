@@ -14,6 +14,10 @@ from .http_idle import IdleTimeoutHttpToolsProtocol
 from .runtime import Runtime
 from .settings import Settings
 
+# After a drain (or on SIGINT), how long uvicorn waits for what is left (calls it closed
+# with 1012, requests still running) before cancelling it: never forever.
+SHUTDOWN_GRACE_S = 5.0
+
 
 class BackgroundServer:
     """uvicorn on 127.0.0.1 in a thread; ``port=0`` picks a free port."""
@@ -69,4 +73,5 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
     return {"loop": "uvloop", "http": IdleTimeoutHttpToolsProtocol, "ws": "websockets-sansio",
             "ws_per_message_deflate": False,
             "ws_max_size": settings.ws_max_size, "log_level": settings.log_level,
-            "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0}
+            "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0,
+            "timeout_graceful_shutdown": SHUTDOWN_GRACE_S}

@@ -11,17 +11,24 @@ import asyncio
 import json
 import shutil
 import signal
+import socket
+import threading
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 from websockets.exceptions import InvalidStatus
 import pytest
+import uvicorn
 
 from bench.gateway_process import Balancer
 from gateway.client import Caller
-from gateway.drain import wait_until_idle
+from gateway.app import create_app
+from gateway.drain import DrainingServer, wait_until_idle
 from gateway.clock import ManualClock
+from gateway.server import uvicorn_options
+from gateway.services import Services
 from tests.test_redis import (FAQ, Replica, redis_url, seed_through_cli,  # noqa: F401
                               unavailable, wait_until, write_small_faq)
 
@@ -214,3 +221,67 @@ async def test_a_draining_replica_refuses_new_calls_and_keeps_its_own(server) ->
             services.admission.draining = False
             await waiting.close()
     assert httpx.get(server.base_url + "/readyz", timeout=10).status_code == 200
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.slow
+def test_a_drained_replica_exits_even_when_a_request_never_finishes(settings, runtime) -> None:
+    """SIGTERM drains: running calls get drain_timeout_s, then "the process shuts down and
+    uvicorn closes what is left with 1012" (docs/operations.md), and "a second SIGTERM ...
+    exits at once". But the DrainingServer runs uvicorn with no graceful-shutdown bound
+    (gateway/server.py uvicorn_options: no timeout_graceful_shutdown), and uvicorn's shutdown
+    waits for every connection to finish. One HTTP request whose body never completes (here an
+    unauthenticated POST /twilio/voice that declared 64 bytes and sent 10; a WebSocket whose
+    peer stopped reading should do the same, its transport unable to close while its buffer
+    is unsent) keeps the replica alive forever after its drain, and the second SIGTERM only sets should_exit again (gateway/drain.py
+    handle_exit -> uvicorn handle_exit: only SIGINT forces). An operator's rollout hangs until
+    the orchestrator's SIGKILL. It should exit once the drain timeout (1 s here) has passed,
+    at the latest on the second SIGTERM (15 s of patience after each)."""
+    drained = settings.replace(drain_timeout_s=1.0)
+    app = create_app(drained, runtime)
+    services: Services = app.state.services
+    options = uvicorn_options(drained)
+    options["log_level"] = "warning"
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, **options),
+                            begin_drain=services.begin_drain,
+                            active_calls=lambda: services.admission.active,
+                            timeout_s=drained.drain_timeout_s)
+    thread = threading.Thread(target=server.run, name="draining", daemon=True)
+    thread.start()
+    sock: socket.socket | None = None
+    try:
+        assert wait_for(lambda: server.started and services.ready, 120), "never ready"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /twilio/voice HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: 64\r\n\r\nCallSid=CA")
+        # The request reached the app (its task runs, waiting for the rest of the body).
+        assert wait_for(lambda: len(server.server_state.tasks) >= 1, 30)
+        assert services.admission.active == 0  # no call at all: the drain ends at once
+
+        server.handle_exit(signal.SIGTERM, None)  # what the signal handler calls
+        exited_after_drain = wait_for(lambda: not thread.is_alive(), 15)
+        if not exited_after_drain:
+            server.handle_exit(signal.SIGTERM, None)  # the operator tries again
+        exited = exited_after_drain or wait_for(lambda: not thread.is_alive(), 15)
+        assert exited, ("the replica drained (no call left, drain_timeout_s=1) but was still "
+                        "running 15 s after SIGTERM and 15 s after a second SIGTERM: uvicorn "
+                        "waits forever for a request that never finishes; "
+                        f"should_exit={server.should_exit} force_exit={server.force_exit} "
+                        f"connections={len(server.server_state.connections)}")
+    finally:
+        if sock is not None:
+            sock.close()
+        if not wait_for(lambda: not thread.is_alive(), 10):
+            server.force_exit = True
+            thread.join(10)
