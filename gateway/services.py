@@ -33,6 +33,10 @@ from .transports.twilio_rest import TwilioCallControl
 
 log = logging.getLogger("voicegate.services")
 
+# Start-up steps that reach the network (the voice rendering the prompts, the store) are
+# retried after a failure: first after this long, doubling up to the cap.
+LOAD_RETRY_S = (1.0, 30.0)
+
 
 class Services:
     def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
@@ -82,13 +86,27 @@ class Services:
         try:
             if runtime is None:
                 runtime = await asyncio.to_thread(Runtime.load, self.settings, self.stats)
-            await runtime.render_prompts(self.settings.greeting)
-            cache = FaqCache(self.open_store(), runtime.embedder)
-            await asyncio.to_thread(cache.refresh)
         except Exception as exc:  # surfaced by /readyz; the process stays up for diagnosis
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("runtime_load_failed")
             return
+        # A voice or store briefly down at start-up must not keep the replica unready for
+        # good: retried with backoff, the last error shown by /readyz meanwhile.
+        delay, cap = LOAD_RETRY_S
+        cache: FaqCache | None = None
+        while True:
+            try:
+                await runtime.render_prompts(self.settings.greeting)
+                if cache is None:
+                    cache = FaqCache(self.open_store(), runtime.embedder)
+                await asyncio.to_thread(cache.refresh)
+                break
+            except Exception as exc:
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                log.exception("runtime_load_failed retry_in_s=%s", delay)
+            await asyncio.sleep(delay)
+            delay = min(cap, delay * 2)
+        self.load_error = None
         self._runtime = runtime
         self.cache = cache
         target_ms = self.settings.route_batch_target_ms

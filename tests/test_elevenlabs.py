@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator
+import dataclasses
+import time
+from typing import Callable, Iterator
 
 import pytest
 
+from gateway.audio_bank import AudioBank
 from gateway.providers.base import ProviderError, TextToSpeech
 from gateway.providers.elevenlabs_tts import ElevenLabsTTS
+from gateway.providers.registry import create_tts
+from gateway.services import Services
 from tests.fakes.elevenlabs_server import MS_PER_CHAR, FakeElevenLabs
 from tests.fakes.server import ServerThread
 
@@ -60,3 +65,51 @@ async def test_errors_become_provider_errors_without_the_key(eleven):
     with pytest.raises(ProviderError, match="HTTP 500"):
         [chunk async for chunk in tts.synthesize("hi")]
     await tts.aclose()
+
+
+async def wait_for_async(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.slow
+async def test_a_replica_whose_voice_was_down_at_start_becomes_ready_once_it_is_back(
+        settings, runtime, monkeypatch) -> None:
+    """Start-up renders the fillers, hand-off and idle prompts with the configured voice
+    (Runtime.render_prompts, in Services._load). With a cloud voice (ElevenLabs) that is
+    briefly unavailable when the replica starts (an outage, a 503, a DNS blip during a
+    rollout), _load records load_error and returns: nothing ever tries again, /readyz answers
+    503 for the life of the process while /healthz stays 200 (so nothing restarts it either).
+    Every replica rolled out during the blip is out of rotation for good; a whole cluster
+    restarted then takes no calls at all, though cached answers need no voice. A transient
+    provider failure at start-up should be retried: once the voice answers again the
+    replica should become ready (here within 30 s; the retry's backoff is
+    shortened to 50-100 ms)."""
+    monkeypatch.setattr("gateway.services.LOAD_RETRY_S", (0.05, 0.1))
+    voice = FakeElevenLabs()
+    voice.status = 503
+    with ServerThread(voice.app) as fake:
+        cloud = settings.replace(tts_provider="elevenlabs", elevenlabs_api_key=voice.api_key,
+                                 elevenlabs_base_url=fake.url)
+        tts = create_tts(cloud, runtime.model_executor)
+        # The warm models, with the cloud voice and no prompts rendered yet.
+        booting = dataclasses.replace(runtime, tts=tts, prompts=AudioBank())
+        services = Services(cloud, booting)
+        try:
+            await services.start()
+            # The start-up asked the voice and was refused.
+            assert await wait_for_async(lambda: len(voice.requests) >= 1, 20), \
+                "the start-up never asked the voice"
+            assert not services.ready
+            assert await wait_for_async(lambda: services.load_error is not None, 20)
+            voice.status = 200  # the voice is back
+            became_ready = await wait_for_async(lambda: services.ready, 30)
+            assert became_ready, ("the voice answers again, but the replica stays not ready "
+                                  f"for good: {services.readiness()}")
+        finally:
+            await services.aclose()
+            await tts.aclose()
