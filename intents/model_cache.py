@@ -2,9 +2,9 @@
 
 Used by the router's int8 embedder (intents/onnx_encoder.py) and Moonshine's folded
 weights (gateway/providers/moonshine_stt.py). A file is keyed by its source's identity
-and the recipe's version, written atomically (temp file, then rename: replicas starting
-together and a crash mid-write never leave a half file), and built again when the cached
-one does not load.
+and the recipe's version, written atomically (temp file synced to disk, rename, directory
+synced: replicas starting together and a crash mid-write or just after never leave a half
+or empty file), and built again when the cached one does not load or has no graph.
 """
 
 from __future__ import annotations
@@ -31,15 +31,27 @@ def source_key(source: Path, recipe: str) -> str:
 
 
 def onnx_loads(path: Path) -> bool:
-    """A cached ONNX file that is whole (a truncated or foreign file is rebuilt)."""
+    """A cached ONNX file that is whole (a truncated, empty or foreign file is rebuilt).
+
+    An empty file parses as an empty model: one without graph nodes counts as missing.
+    """
     import onnx
 
     try:
-        onnx.load(str(path), load_external_data=False)
-        return True
+        if len(onnx.load(str(path), load_external_data=False).graph.node) > 0:
+            return True
     except Exception:
-        log.warning("model_cache_unreadable path=%s", path)
-        return False
+        pass
+    log.warning("model_cache_unreadable path=%s", path)
+    return False
+
+
+def _fsync(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def build_once(target: Path, build: Callable[[Path], None],
@@ -52,7 +64,14 @@ def build_once(target: Path, build: Callable[[Path], None],
     os.close(fd)
     try:
         build(Path(tmp))
+        # On disk before the rename, and the rename itself after: a machine that crashes
+        # soon after must not come back with the name pointing at an empty file.
+        _fsync(tmp)
         os.replace(tmp, target)
+        try:
+            _fsync(target.parent)
+        except OSError:  # a directory cannot be opened everywhere (Windows)
+            pass
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -108,6 +108,33 @@ def test_the_export_is_reused_and_a_broken_one_rebuilt(tmp_path: Path, model_cac
     assert Embedder(cache_dir=cache).encode("card arrival").shape == (384,)
 
 
+def test_an_empty_cached_model_file_is_rebuilt_not_fatal(settings, tmp_path) -> None:
+    """Model files are built once into model_cache_dir (intents/model_cache.build_once),
+    "written atomically ... a crash mid-write never leave[s] a half file, and built again when
+    the cached one does not load". But build_once never fsyncs before its rename, so a machine
+    that crashes shortly after the first build can come back with the file present and empty
+    (delayed allocation), and its check (onnx_loads: onnx.load without external data) accepts
+    an empty file: an empty protobuf parses as an empty ModelProto. The embedder then fails in
+    onnxruntime ("No graph was found in the protobuf"), Runtime.load fails, /readyz says 503
+    with that error, and every restart fails the same way: the replica never becomes ready
+    until an operator finds and deletes the file. An empty (or graph-less) cached model
+    should count as not loading and be rebuilt, as a truncated one is."""
+    from gateway.runtime import build_embedder
+    from intents.model_cache import source_key
+    from intents.onnx_encoder import BLOCK_SIZE, EXPORT_VERSION
+
+    key = source_key(default_model_dir() / "model.safetensors", f"{EXPORT_VERSION}:{BLOCK_SIZE}")
+    cached = tmp_path / f"minilm-int8-{key}.onnx"
+    cached.write_bytes(b"")  # what a crash right after the first build can leave
+    try:
+        embedder = build_embedder(settings.replace(model_cache_dir=str(tmp_path)))
+    except Exception as exc:  # noqa: BLE001 - the failure is the finding
+        pytest.fail(f"an empty cached model file stops the embedder for good (start-up "
+                    f"fails on every restart): {type(exc).__name__}: {str(exc)[:300]}")
+    assert embedder.encode("what time do you open").shape == (embedder.dim,)
+    assert cached.stat().st_size > 0
+
+
 def test_a_version_seeded_by_the_other_backend_is_reembedded() -> None:
     """The suite's bank FAQ store (seeded with the default int8 backend), served by torch."""
     from intents.loader import load_cache
