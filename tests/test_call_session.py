@@ -9,14 +9,16 @@ from typing import Any, Iterator
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
+from gateway.app import create_app
 from gateway.call.session import AudioRateLimit, Outbox
 from gateway.client import Caller, utterance_answered
 from gateway.clock import ManualClock
 from gateway.protocol import ProtocolError, parse_text_frame
 from gateway.server import BackgroundServer
 from gateway.transports.twilio import TwilioOutput, TwilioStream
+from tests.fakes.server import ServerThread
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +112,36 @@ async def test_audio_much_faster_than_real_time_is_refused(guarded):
         events = await events_until_closed(ws)
     assert "audio_too_fast" in [e.get("code") for e in events]
     assert ws.close_code == 1008
+
+
+async def test_a_call_reaching_a_replica_still_loading_is_refused_before_the_upgrade(
+        settings, runtime) -> None:
+    """HAProxy (deploy/haproxy.cfg) retries an upgrade refused with HTTP 503 on another
+    replica (retry-on 503, redispatch); that is how a draining replica stays invisible to
+    callers. A replica whose models are still loading instead accepts the upgrade (101) and
+    then sends `not_ready` and closes 1013 (gateway/transports/native.py; twilio.py alike):
+    past the 101, HAProxy cannot retry, and the caller's call fails. HAProxy sends calls to a
+    loading replica whenever it does not know yet: its servers start UP at every HAProxy
+    start or reload (no init-state in 2.6) until the first check (inter 1s), e.g. the reload
+    that adds a new replica's `server` line while that replica loads. While not ready, the
+    upgrade should be refused with HTTP 503, as while draining."""
+    app = create_app(settings, runtime)  # lifespan off below: the models never "finish" loading
+    with ServerThread(app, ws="websockets-sansio") as loading:
+        assert not app.state.services.ready
+        url = loading.ws_url + "/v1/call"
+        try:
+            async with connect(url) as ws:
+                await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+                events: list[Any] = []
+                try:
+                    async for message in ws:
+                        events.append(message)
+                except ConnectionClosed:
+                    pass
+                pytest.fail(f"the upgrade was accepted (101) while not ready, then "
+                            f"{events} and close {ws.close_code}: a balancer cannot retry it")
+        except InvalidStatus as refused:
+            assert refused.response.status_code == 503
 
 
 async def test_text_sent_right_after_start_is_answered(server):

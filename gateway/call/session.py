@@ -394,17 +394,21 @@ class CallSession:
             pass
 
 
-async def refuse_while_draining(websocket: WebSocket, stats: Stats | None) -> bool:
-    """A draining replica answers the upgrade with HTTP 503 (a balancer retries it on
-    another replica); True when it did."""
-    admission: Admission = websocket.app.state.services.admission
-    if not admission.draining:
+async def refuse_while_unavailable(websocket: WebSocket, stats: Stats | None) -> bool:
+    """A draining replica, or one whose models are still loading, answers the upgrade with
+    HTTP 503 (a balancer retries it on another replica; past a 101 it could not); True when
+    it did."""
+    services = websocket.app.state.services
+    if services.admission.draining:
+        code, message = "draining", "this replica is shutting down; use another"
+    elif not services.ready:
+        code, message = "not_ready", "models are still loading; retry shortly or use another"
+    else:
         return False
     if stats is not None:
-        stats.error("draining")
+        stats.error(code)
     await websocket.send_denial_response(JSONResponse(
-        {"error": "draining", "message": "this replica is shutting down; use another"},
-        status_code=503, headers={"retry-after": "1"}))
+        {"error": code, "message": message}, status_code=503, headers={"retry-after": "1"}))
     return True
 
 

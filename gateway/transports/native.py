@@ -12,9 +12,9 @@ from typing import Any
 from starlette.websockets import WebSocket
 
 from ..call.session import (CallSession, presented_token, refuse_before_accept,
-                            refuse_while_draining, token_matches)
+                            refuse_while_unavailable, token_matches)
 from ..codec import PCM16
-from ..protocol import (CLOSE_TRY_AGAIN_LATER, DtmfMessage, ProtocolError, StartMessage,
+from ..protocol import (DtmfMessage, ProtocolError, StartMessage,
                         StopMessage, TextMessage, check_audio_frame, parse_text_frame)
 from ..services import Services
 
@@ -47,16 +47,13 @@ async def native_call(websocket: WebSocket) -> None:
         await refuse_before_accept(websocket, "missing or wrong call token", services.stats,
                                    "unauthorized")
         return
-    if await refuse_while_draining(websocket, services.stats):
+    if await refuse_while_unavailable(websocket, services.stats):
         return
     await websocket.accept()
     session = services.open_session(websocket, "native")
     output = NativeOutput(session)
     session.send_error = output.send_json
     try:
-        if not services.ready:
-            raise ProtocolError("not_ready", "models are still loading; retry shortly",
-                                CLOSE_TRY_AGAIN_LATER)
         while (message := await session.receive()) is not None:
             try:
                 if not _handle(message, session, output, services):

@@ -26,9 +26,9 @@ from starlette.websockets import WebSocket
 from .. import logs
 from ..call import Call
 from ..call.session import (CallSession, Outbox, presented_token, refuse_before_accept,
-                            refuse_while_draining, token_matches)
+                            refuse_while_unavailable, token_matches)
 from ..codec import MULAW, ulaw_to_pcm16
-from ..protocol import (CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, CLOSE_UNSUPPORTED_DATA,
+from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA,
                         ProtocolError, StartMessage, parse_dtmf_digit, parse_json, utf8_bytes_over)
 from ..services import Services
 from .twilio_rest import TwilioCallControl
@@ -375,14 +375,12 @@ async def twilio_stream(websocket: WebSocket) -> None:
         await refuse_before_accept(websocket, "wrong call token", services.stats,
                                    "unauthorized")
         return
-    if await refuse_while_draining(websocket, services.stats):
+    if await refuse_while_unavailable(websocket, services.stats):
         return
     await websocket.accept()
     session = services.open_session(websocket, "twilio")
     stream = TwilioStream(services, session, authenticated)
     try:
-        if not services.ready:
-            raise TwilioError("not_ready", "models are still loading", CLOSE_TRY_AGAIN_LATER)
         while not stream.stopped and (message := await session.receive()) is not None:
             try:
                 text = message.get("text")
@@ -394,7 +392,7 @@ async def twilio_stream(websocket: WebSocket) -> None:
                 session.bad_input(exc)
                 if exc.close_code is not None:
                     break
-    except ProtocolError as exc:  # not ready, or no `start` in time
+    except ProtocolError as exc:  # no `start` in time
         session.bad_input(exc)
     finally:
         if stream.output is not None:
