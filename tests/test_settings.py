@@ -1,13 +1,17 @@
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import yaml
 
 import gateway.settings as settings_module
 from gateway.settings import SECRET_FIELDS, Settings, SettingsError, usable_cpus
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_environment_and_overrides():
@@ -409,3 +413,26 @@ def test_url_settings_take_the_urls_their_clients_use():
     assert {name: getattr(s, name) for name in urls} == urls
     assert Settings.load({"redis_url": "rediss://:pw@cache/1"}, environ={}).redis_url
     assert Settings.load(environ={}).public_url == ""  # empty: derived per request
+
+
+def test_compose_does_not_publish_the_admin_api_with_a_well_known_token() -> None:
+    """docker-compose.yml sets VOICEGATE_ADMIN_TOKEN to ${VOICEGATE_ADMIN_TOKEN:-change-me}
+    and publishes the balancer and both replicas (8080, 8081, 8082) on every interface: an
+    operator who follows "docker compose up --build -d" without exporting a token gets the
+    admin API switched on with the token "change-me" (the same string docs/operations.md uses
+    in its curl example). Anyone who can reach the host can then POST /admin/seed or
+    /admin/entries and replace what callers hear. The settings' own default is safe (no token:
+    the admin API is off, 404); the compose file should keep that (empty default) or refuse to
+    start without a token (${VOICEGATE_ADMIN_TOKEN:?...}), never default to a fixed value."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    for name, service in compose["services"].items():
+        environment = service.get("environment") or {}
+        if isinstance(environment, list):
+            environment = dict(item.split("=", 1) for item in environment)
+        value = str(environment.get("VOICEGATE_ADMIN_TOKEN", ""))
+        fixed = re.search(r"\$\{VOICEGATE_ADMIN_TOKEN:?-([^}]+)\}", value)
+        literal = value and "$" not in value
+        assert not fixed and not literal, (
+            f"service {name}: VOICEGATE_ADMIN_TOKEN={value!r} turns the admin API on with a "
+            f"token anyone can guess ({(fixed.group(1) if fixed else value)!r}) on published ports "
+            f"{service.get('ports')}")
