@@ -18,7 +18,8 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
 Publishing writes ``version:<name>`` with one HSET (a single atomic command), then
 moves ``current``, records it in ``published`` and publishes on the channel in one Lua
 script (``_swap_pointer``: it checks its keys' types first, as MULTI/EXEC would not roll
-back): a replica told about a version can always read all of it.
+back, and that the version's hash exists): a replica told about a version can always read
+all of it.
 
 Nothing published is lost only if the Redis persists (``appendonly yes``): see
 docs/operations.md, "Scaling with Redis".
@@ -46,6 +47,8 @@ DEFAULT_PREFIX = "voicegate:"
 
 # Checks every key first, then writes: no half-applied swap (MULTI/EXEC never rolls back).
 # ARGV[4] '1': only if the pointer names ARGV[5] ('' for none); else returns the current one.
+# KEYS[3], the version's hash, must exist: a swap delivered late, after the failed publish's
+# clean-up deleted that hash, must not point `current` at nothing.
 _SWAP = """
 for i, want in ipairs({'string', 'zset'}) do
   local t = redis.call('TYPE', KEYS[i]).ok
@@ -56,6 +59,9 @@ end
 if ARGV[4] == '1' then
   local current = redis.call('GET', KEYS[1]) or ''
   if current ~= ARGV[5] then return {0, current} end
+end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return redis.error_reply('NOVERSION ' .. KEYS[3] .. ' does not exist: pointer not moved')
 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
@@ -167,11 +173,14 @@ class RedisStore(Store):
     def _swap_pointer(self, version: str, replaces: str | None | AnyVersion) -> None:
         """The only step readers can observe: one script moves the pointer, records the
         version and tells every subscribed replica, after checking that no key it writes
-        holds a foreign type (MULTI/EXEC would apply the rest and not roll back) and, when
-        asked, that the pointer still names the version this one replaces."""
+        holds a foreign type (MULTI/EXEC would apply the rest and not roll back), that the
+        version's hash exists (a swap delayed past the clean-up of its failed publish is
+        refused) and, when asked, that the pointer still names the version this one
+        replaces."""
         checked = replaces is not ANY_VERSION
         moved, current = self._call("publish: move pointer", lambda: self._redis.eval(
-            _SWAP, 2, self.keys.current, self.keys.published, version, time.time(),
+            _SWAP, 3, self.keys.current, self.keys.published, self.keys.version(version),
+            version, time.time(),
             self.keys.channel, "1" if checked else "0", (replaces or "") if checked else ""))
         if not moved:
             current = current.decode("utf-8", "replace") if isinstance(current, bytes) else current

@@ -101,3 +101,102 @@ class FlakyProxy:
                         s.close()
                     except OSError:
                         pass
+
+
+class _HeldLink:
+    def __init__(self, client: socket.socket, upstream: socket.socket, flowing: bool) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.gate = threading.Event()  # client -> Redis bytes pass only while set
+        if flowing:
+            self.gate.set()
+        self.replied = threading.Event()  # Redis answered something after the gate opened
+
+
+class DelayingProxy:
+    """``hold()``: bytes clients send on the connections open now, and on those opened until
+    ``admit_new()``, are held back (in order, per connection), even once the client has given
+    up and closed; ``release()`` delivers them, as a delayed TCP segment is delivered."""
+
+    def __init__(self, upstream_url: str) -> None:
+        parts = redis.connection.parse_url(upstream_url)
+        self.upstream = (parts.get("host", "127.0.0.1"), int(parts.get("port", 6379)))
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/{int(parts.get('db', 0))}"
+        self._holding_new = False
+        self._lock = threading.Lock()
+        self.links: list[_HeldLink] = []
+        self.held: list[_HeldLink] = []
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            with self._lock:
+                link = _HeldLink(client, upstream, flowing=not self._holding_new)
+                self.links.append(link)
+                if self._holding_new:
+                    self.held.append(link)
+            threading.Thread(target=self._up, args=(link,), daemon=True).start()
+            threading.Thread(target=self._down, args=(link,), daemon=True).start()
+
+    def _up(self, link: _HeldLink) -> None:
+        try:
+            while True:
+                data = link.client.recv(65536)
+                if not data:
+                    break
+                link.gate.wait()
+                link.upstream.sendall(data)
+        except OSError:
+            pass
+        link.gate.wait()
+        try:
+            link.upstream.shutdown(socket.SHUT_WR)  # FIN after the data, as TCP orders it
+        except OSError:
+            pass
+
+    def _down(self, link: _HeldLink) -> None:
+        try:
+            while True:
+                data = link.upstream.recv(65536)
+                if link.gate.is_set():
+                    link.replied.set()
+                if not data:
+                    break
+                link.client.sendall(data)
+        except OSError:
+            link.replied.set()
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holding_new = True
+            for link in self.links:
+                if link.gate.is_set():
+                    link.gate.clear()
+                    self.held.append(link)
+
+    def admit_new(self) -> None:
+        with self._lock:
+            self._holding_new = False
+
+    def release(self) -> None:
+        with self._lock:
+            for link in self.held:
+                link.gate.set()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.release()
+        with self._lock:
+            for link in self.links:
+                for s in (link.client, link.upstream):
+                    try:
+                        s.close()
+                    except OSError:
+                        pass

@@ -36,7 +36,7 @@ from intents.redis_store import RedisKeys, RedisStore
 from intents.store import MANIFEST_FORMAT, LocalStore, StoreConflict, StoreError
 from tests.admin_support import small_faq_csv
 from tests.intents_support import shared_embedder, tone_render
-from tests.redis_faults import FlakyProxy
+from tests.redis_faults import DelayingProxy, FlakyProxy
 from tests.test_redis import REDIS_URL, bundle, free_port, hit, poll, unavailable
 
 
@@ -302,6 +302,55 @@ def test_a_foreign_published_key_never_leaves_current_naming_a_deleted_version(
     except StoreError:
         pass
     assert_current_is_whole(direct, prefix, old)
+
+
+@pytest.fixture
+def delaying_proxy() -> Iterator[DelayingProxy]:
+    p = DelayingProxy(REDIS_URL)
+    yield p
+    p.close()
+
+
+def test_a_pointer_swap_delivered_after_the_clean_up_leaves_current_naming_a_deleted_version(
+        prefix: str, delaying_proxy: DelayingProxy) -> None:
+    """An operator seeds while the network to Redis loses packets: the swap times out (and
+    its retries), `voicegate seed` says "the previous version keeps serving", and the
+    clean-up, on a fresh connection that gets through, deletes the new version's hash. Then
+    the delayed swap arrives: `current` now names a version that no longer exists, its name
+    is announced to every replica, none can load it, a replica started now has no cache at
+    all, and every admin entry edit is refused. The swap must never move the pointer to a
+    version whose hash is gone (check it in the script), so the published cache stays whole."""
+    direct = RedisStore(REDIS_URL, prefix=prefix)
+    old = direct.publish(bundle("old"))
+    store = RedisStore(delaying_proxy.url, prefix=prefix, timeout_s=0.3)
+    swap = store._swap_pointer
+
+    def swap_over_a_lossy_network(version: str, replaces: object) -> None:
+        delaying_proxy.hold()  # what is sent from now on is delayed in the network
+        try:
+            swap(version, replaces)  # type: ignore[arg-type]
+        finally:
+            delaying_proxy.admit_new()  # the network recovers: new connections get through
+
+    store._swap_pointer = swap_over_a_lossy_network  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StoreError, match="unreachable"):
+            store.publish(bundle("new"))
+        assert direct.current_version() == old  # as reported: the old version serves
+        delaying_proxy.release()  # ... and the delayed swap reaches Redis
+        for link in delaying_proxy.held:
+            assert link.replied.wait(10), "a delayed command was never answered by Redis"
+    finally:
+        store.close()
+    current = direct.current_version()
+    try:
+        name, _ = direct.read()
+    except StoreError as exc:
+        pytest.fail(f"after a publish reported as failed, `current` = {current} (was {old}) "
+                    f"names a version that cannot be read: {exc}")
+    finally:
+        direct.close()
+    assert name == current
 
 
 def assert_current_is_whole(direct: RedisStore, prefix: str, old: str) -> None:
