@@ -139,16 +139,20 @@ class LocalStore(Store):
             wav.setsampwidth(2)
             wav.setframerate(audio.sample_rate)
             wav.writeframes(audio.pcm)
-        self._audio.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self._audio_path(key), buffer.getvalue())
+        path = self._audio_path(key)
+        try:
+            self._audio.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, buffer.getvalue())
+        except OSError as exc:  # e.g. the disk is full: a StoreError, as reads are
+            raise _write_failed(path, exc) from exc
 
     # -- versions ------------------------------------------------------------------
     def publish(self, bundle: CacheBundle,
                 replaces: str | None | AnyVersion = ANY_VERSION) -> str:
-        self._versions.mkdir(parents=True, exist_ok=True)
         version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         staging = self._versions / f".staging-{version}"
         try:
+            self._versions.mkdir(parents=True, exist_ok=True)
             staging.mkdir()
             manifest = dict(bundle.manifest, format=MANIFEST_FORMAT, version=version)
             _write_synced(staging / "manifest.json",
@@ -158,18 +162,24 @@ class LocalStore(Store):
             _write_synced(staging / "vectors.npy", vectors.getvalue())
             _write_synced(staging / "classifier.joblib", bundle.classifier)
             os.rename(staging, self._versions / version)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise _write_failed(self._versions / version, exc) from exc
             raise
         # The only step readers can observe: the pointer now names a complete version.
         # Checked and moved under a lock, so two publishing processes cannot interleave.
-        with open(self.root / ".publish.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            current = self.current_version()
-            if replaces is not ANY_VERSION and current != replaces:
-                shutil.rmtree(self._versions / version, ignore_errors=True)
-                raise StoreConflict(conflict_message(replaces, current))
-            _atomic_write(self._pointer, (version + "\n").encode("ascii"))
+        try:
+            with open(self.root / ".publish.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                current = self.current_version()
+                if replaces is not ANY_VERSION and current != replaces:
+                    shutil.rmtree(self._versions / version, ignore_errors=True)
+                    raise StoreConflict(conflict_message(replaces, current))
+                _atomic_write(self._pointer, (version + "\n").encode("ascii"))
+        except OSError as exc:  # the pointer did not move (os.replace is all or nothing)
+            shutil.rmtree(self._versions / version, ignore_errors=True)
+            raise _write_failed(self._pointer, exc) from exc
         return version
 
     def current_version(self) -> str | None:
@@ -212,6 +222,12 @@ def check_format(version: str, manifest: dict[str, Any]) -> None:
 def conflict_message(replaces: object, current: str | None) -> str:
     return (f"the cache changed while this was being published: it was built on version "
             f"{replaces or '(none)'}, and {current or '(none)'} is now current")
+
+
+def _write_failed(path: Path, exc: OSError) -> StoreError:
+    """A failed write (no space left, read-only, no permission) as a StoreError naming the
+    file and the reason: the admin API and the CLI then say nothing was published."""
+    return StoreError(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def _write_synced(path: Path, data: bytes) -> None:

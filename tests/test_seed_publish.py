@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from starlette.testclient import TestClient
 
+import intents.store as store_module
 from cache_seed import RenderError, seed
+from gateway.app import create_app
+from gateway.faq_cache import FaqCache
+from gateway.services import Services
+from gateway.settings import Settings
 from intents.embedder import Embedder
 from intents.loader import load_cache
-from intents.store import LocalStore, audio_key
+from intents.store import CacheBundle, LocalStore, StoreError, audio_key
 from intents.types import Action
-from tests.intents_support import BANK_FAQ, intent_embedder, tone_render  # noqa: F401
+from tests.admin_support import small_faq_csv
+from tests.intents_support import BANK_FAQ, intent_embedder, shared_embedder, tone_render  # noqa: F401
+
+ADMIN_TOKEN = "seed-publish-token"
 
 
 class CountingRender:
@@ -125,6 +136,68 @@ def test_interrupted_publish_leaves_previous_version_and_no_debris(
     assert store.current_version() == first.version
     assert sorted(p.name for p in (tmp_path / "store" / "versions").iterdir()) == [first.version]
     assert load_cache(store, intent_embedder).version == first.version
+
+
+def _local_client(store_dir) -> TestClient:
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(store_dir),
+                              "admin_token": ADMIN_TOKEN}, environ={})
+    services = Services(settings)
+    tts = SimpleNamespace(name="fake", voice_id="fake", sample_rate=16000,
+                          synthesize_all=lambda text: b"\x00\x01" * 1600)
+    services._runtime = SimpleNamespace(stats=services.stats, tts=tts,  # warm, no lifespan
+                                        embedder=shared_embedder(), load_times_s={})
+    services.responder = object()
+    services.cache = FaqCache(LocalStore(store_dir), embedder=shared_embedder())
+    client = TestClient(create_app(settings, services=services), raise_server_exceptions=False)
+    client.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
+    return client
+
+
+def test_a_full_disk_under_the_local_store_is_a_clear_error_not_a_bare_500(
+        tmp_path, monkeypatch) -> None:
+    """The operator uploads a seed (POST /admin/seed) to a gateway whose store directory's
+    disk is full. LocalStore lets the OSError out (only reads are turned into StoreError),
+    the admin API does not expect it, and the operator gets Starlette's bare text/plain
+    "Internal Server Error" with no reason (the CLI prints a traceback). It should answer
+    like an unreachable Redis does: JSON, the store's reason (no space left), "the
+    previous version keeps serving"."""
+    def disk_full(path, data) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(store_module, "_write_synced", disk_full)
+    client = _local_client(tmp_path / "store")
+    response = client.post("/admin/seed", content=small_faq_csv(),
+                           headers={"Content-Type": "text/csv"})
+    assert response.headers["content-type"].startswith("application/json"), (
+        f"POST /admin/seed with the disk full answered {response.status_code} "
+        f"{response.headers['content-type']}: {response.text[:200]!r}")
+    assert "No space left" in response.json()["error"]
+
+
+def test_a_full_disk_while_publishing_a_version_leaves_the_previous_one_and_no_debris(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The version's files or the pointer cannot be written (disk full): a StoreError naming
+    the file and the reason (the CLI prints it, "the previous version keeps serving"),
+    the pointer unchanged, no half-written version left behind."""
+    store = LocalStore(tmp_path / "store")
+    first = store.publish(CacheBundle({"entries": []}, np.zeros((1, 4), np.float32), b"m"))
+    writing = store_module._write_synced
+    for full_after in (1, 3):  # a version file; the pointer (after the version's 3 files)
+        written = 0
+
+        def fills_up(path, data) -> None:
+            nonlocal written
+            if written == full_after:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            written += 1
+            writing(path, data)
+
+        monkeypatch.setattr(store_module, "_write_synced", fills_up)
+        with pytest.raises(StoreError, match="cannot write .*: No space left on device"):
+            store.publish(CacheBundle({"entries": []}, np.zeros((1, 4), np.float32), b"m"))
+        monkeypatch.undo()
+        assert store.current_version() == first
+        assert sorted(p.name for p in (tmp_path / "store" / "versions").iterdir()) == [first]
 
 
 def test_audio_key_is_a_content_hash() -> None:
