@@ -30,45 +30,60 @@ class AudioBank:
                  encoded: tuple[tuple[int, str], ...] = DEFAULT_ENCODED) -> None:
         self._rates = rates
         self._encoded = encoded
-        self._clips: dict[str, Clip] = {}
-        self._converted: dict[tuple[str, int, str], bytes] = {}
+        # key -> (clip, its audio by (rate, encoding)): one dict, swapped whole by
+        # replace_all, so one lookup gives a clip's text and audio from the same version.
+        self._held: dict[str, tuple[Clip, dict[tuple[int, str], bytes]]] = {}
 
     def add(self, clip: Clip) -> None:
-        self._clips[clip.key] = clip
+        forms: dict[tuple[int, str], bytes] = {}
         for rate in self._rates:
-            self._converted[(clip.key, rate, PCM16)] = resample_pcm16(
-                clip.pcm16, clip.sample_rate, rate)
+            forms[(rate, PCM16)] = resample_pcm16(clip.pcm16, clip.sample_rate, rate)
         for rate, encoding in self._encoded:
-            self._converted[(clip.key, rate, encoding)] = encode(self.audio(clip.key, rate),
-                                                                 encoding)
+            forms[(rate, encoding)] = encode(_converted(clip, forms, rate, PCM16), encoding)
+        self._held[clip.key] = (clip, forms)
 
     def replace_all(self, clips: list[Clip]) -> None:
         """Swap in a new set of clips at once (a newly published cache version)."""
         fresh = AudioBank(self._rates, self._encoded)
         for clip in clips:
             fresh.add(clip)
-        self._clips, self._converted = fresh._clips, fresh._converted
+        self._held = fresh._held
 
     def __contains__(self, key: str) -> bool:
-        return key in self._clips
+        return key in self._held
 
     def __len__(self) -> int:
-        return len(self._clips)
+        return len(self._held)
 
     def clip(self, key: str) -> Clip:
-        return self._clips[key]
+        return self._held[key][0]
 
     def audio(self, key: str, rate: int, encoding: str = PCM16) -> bytes:
         """The clip at ``rate`` in ``encoding``; a format outside the configured set is
         converted once, then kept."""
-        try:
-            return self._converted[(key, rate, encoding)]
-        except KeyError:
-            clip = self._clips[key]
-            pcm = self._converted.get((key, rate, PCM16))
-            if pcm is None:
-                pcm = resample_pcm16(clip.pcm16, clip.sample_rate, rate)
-                self._converted[(key, rate, PCM16)] = pcm
-            converted = encode(pcm, encoding)
-            self._converted[(key, rate, encoding)] = converted
-            return converted
+        clip, forms = self._held[key]
+        return _converted(clip, forms, rate, encoding)
+
+    def take(self, key: str, rate: int, encoding: str = PCM16) -> tuple[Clip, bytes] | None:
+        """The clip and its audio (as ``audio``) in one lookup, so from one version even
+        while ``replace_all`` swaps in another; None when ``key`` is not held."""
+        held = self._held.get(key)
+        if held is None:
+            return None
+        clip, forms = held
+        return clip, _converted(clip, forms, rate, encoding)
+
+
+def _converted(clip: Clip, forms: dict[tuple[int, str], bytes], rate: int,
+               encoding: str) -> bytes:
+    """``clip`` at ``rate`` in ``encoding`` from ``forms``, converted once and kept there."""
+    try:
+        return forms[(rate, encoding)]
+    except KeyError:
+        pcm = forms.get((rate, PCM16))
+        if pcm is None:
+            pcm = resample_pcm16(clip.pcm16, clip.sample_rate, rate)
+            forms[(rate, PCM16)] = pcm
+        converted = encode(pcm, encoding)
+        forms[(rate, encoding)] = converted
+        return converted

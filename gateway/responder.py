@@ -159,20 +159,22 @@ class Responder:
 
     async def respond(self, turn: Turn) -> AsyncIterator[ReplySegment]:
         decision = turn.decision
-        cached = decision is not None and decision.hit and self.cache_audio is not None \
-            and decision.entry_id in self.cache_audio
+        cached = None
+        if decision is not None and decision.hit and self.cache_audio is not None \
+                and decision.entry_id is not None:
+            cached = self.cache_audio.take(decision.entry_id, turn.sample_rate, turn.encoding)
         if turn.preempted is not None and decision is not None and (
-                cached or decision.action is Action.HANDOFF):
+                cached is not None or decision.action is Action.HANDOFF):
             turn.preempted.cancel()  # not the agent's turn after all
-        if cached:
-            assert decision is not None and self.cache_audio is not None
-            entry_id = decision.entry_id
-            assert entry_id is not None
+        if cached is not None:
+            # The clip's own text, not decision.answer: a version swapped in since the turn
+            # was routed holds the entry's new answer, and that is the clip the caller hears,
+            # so it is what the reply event and the agent's context record.
+            clip, audio = cached
             turn.conversation.add_user(turn.text)
-            turn.conversation.add_assistant(decision.answer or "")
-            clip = self.cache_audio.audio(entry_id, turn.sample_rate, turn.encoding)
-            yield ReplySegment(source="cache", text=decision.answer or "", audio=_once(clip),
-                               entry_id=entry_id, total_bytes=lambda: len(clip))
+            turn.conversation.add_assistant(clip.text)
+            yield ReplySegment(source="cache", text=clip.text, audio=_once(audio),
+                               entry_id=clip.key, total_bytes=lambda: len(audio))
             return
         if decision is not None and decision.action is Action.HANDOFF:
             turn.conversation.add_user(turn.text)
@@ -271,11 +273,13 @@ class Responder:
 
     def cached(self, turn: Turn, entry_id: str) -> ReplySegment | None:
         """An entry's pre-rendered answer by id (a keypad key); None when not served."""
-        if self.cache_audio is None or entry_id not in self.cache_audio:
+        cached = None if self.cache_audio is None else self.cache_audio.take(
+            entry_id, turn.sample_rate, turn.encoding)
+        if cached is None:
             return None
-        clip = self.cache_audio.audio(entry_id, turn.sample_rate, turn.encoding)
-        return ReplySegment(source="cache", text=self.cache_audio.clip(entry_id).text,
-                            audio=_once(clip), entry_id=entry_id, total_bytes=lambda: len(clip))
+        clip, audio = cached
+        return ReplySegment(source="cache", text=clip.text, audio=_once(audio),
+                            entry_id=entry_id, total_bytes=lambda: len(audio))
 
     def _prompt(self, turn: Turn, key: str, source: str, info: dict[str, Any],
                 text: str | None = None) -> ReplySegment:

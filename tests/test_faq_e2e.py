@@ -8,10 +8,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cache_seed import parse_seed_csv, seed_plan
+from gateway.agent import Conversation
+from gateway.audio import resample_pcm16
+from gateway.audio_bank import AudioBank
 from gateway.client import Caller
+from gateway.faq_cache import FaqCache
+from gateway.responder import Responder, Turn
 from gateway.seeding import seed_with_voice
 from gateway.server import BackgroundServer
+from gateway.timeline import TurnTimeline
 from intents.store import LocalStore
+from tests.admin_support import small_faq_csv
+from tests.intents_support import shared_embedder, tone_render
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +128,56 @@ async def test_a_new_version_is_picked_up_without_restart(faq_server, faq_store,
     async with Caller(faq_server.call_url) as caller:
         turn = await caller.say_text("what are your opening hours")
     assert turn.first("response")["text"] == new_answer
+
+
+OLD_HOURS = ("Our branches are open Monday to Friday from nine to five, and Saturdays from "
+             "nine to one. Phone banking is available around the clock.")
+NEW_HOURS = "Our branches are closed on Saturdays from now on."
+
+
+async def test_a_reply_routed_before_a_reload_says_one_answer_and_plays_another(tmp_path) -> None:
+    """A caller asks "What are your opening hours?" just as the operator publishes a new
+    answer for that entry. The turn was routed (at the caller's pause) against the version
+    then serving; before its reply starts, the replica swaps in the new version. The reply
+    event and the agent's context get the old answer's text (the decision's), while the
+    caller hears the new version's clip (the bank is keyed by entry id only): what the bot
+    says it said and what the caller heard differ, and the agent's next turns reason on an
+    answer the caller never heard. A reply's text and audio must come from one version
+    (carry the clip, or its audio key, with the decision)."""
+    store = LocalStore(tmp_path / "store")
+    embedder = shared_embedder()
+    faq = small_faq_csv()
+    assert OLD_HOURS in faq
+    seed_plan(parse_seed_csv(faq.encode()), store, tone_render, "tone", source="faq.csv",
+              target_wrong_rate=0.05, progress=False, embedder=embedder)
+    cache = FaqCache(store, embedder)
+    assert cache.refresh()
+    decision = cache.route("What are your opening hours?")
+    assert decision.hit and decision.answer == OLD_HOURS, decision
+
+    # The operator's edit is published and this replica loads it before the reply starts.
+    seed_plan(parse_seed_csv(faq.replace(OLD_HOURS, NEW_HOURS).encode()), store, tone_render,
+              "tone", source="faq.csv", target_wrong_rate=0.05, progress=False,
+              embedder=embedder)
+    assert cache.refresh()
+
+    responder = Responder(agent=None, tts=None, prompts=AudioBank(),  # type: ignore[arg-type]
+                          cache_audio=cache.audio)
+    conversation = Conversation()
+    turn = Turn(number=1, text="What are your opening hours?", sample_rate=16000,
+                timeline=TurnTimeline(1), conversation=conversation, decision=decision)
+    segments = [s async for s in responder.respond(turn)]
+    assert len(segments) == 1 and segments[0].source == "cache"
+    heard = b"".join([chunk async for chunk in segments[0].audio])
+    said = segments[0].text
+    recorded = conversation.history[-1]["content"]
+
+    def clip(text: str) -> bytes:
+        pcm, rate = tone_render(text)
+        return resample_pcm16(pcm, rate, 16000)
+
+    heard_answer = {clip(OLD_HOURS): "the OLD answer", clip(NEW_HOURS): "the NEW answer"}.get(
+        heard, "neither answer")
+    assert heard == clip(said), (
+        f"the reply event and the agent's context say {said!r} (recorded: {recorded!r}), "
+        f"but the caller heard {heard_answer}")
