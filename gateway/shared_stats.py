@@ -3,12 +3,14 @@
 ``SharedStats`` observes this replica's ``Stats`` (call started, turn finished,
 error). Recording never touches the network: it adds to an in-memory map of pending
 increments, and a background task flushes that map to Redis every ``flush_s`` as one
-batch: a Lua script under the batch's own id, applied at most once (a flush that timed
-out but that Redis applied is not counted again when retried; an increment a foreign
-value refuses is dropped, the rest written). While Redis is down the increments stay
-buffered (aggregated, so the buffer grows with the number of distinct counters, not with
-traffic) and are written when it returns; only increments to new counters beyond
-``max_pending`` distinct ones are dropped, and counted in ``dropped``.
+batch: a Lua script under the batch's sequence number, applied at most once (a flush that
+timed out but that Redis applied is not counted again when retried, however long Redis
+stays unreachable meanwhile; an increment a foreign value refuses is dropped, the rest
+written). While Redis is down the increments stay buffered (aggregated, so the buffer grows
+with the number of distinct counters, not with traffic) and are written when it returns;
+only increments to new counters beyond ``max_pending`` distinct ones are dropped, and
+counted in ``dropped`` (as is a batch left unconfirmed for half of
+``BATCH_SEQUENCE_TTL_S``).
 
 Key layout (``prefix`` defaults to ``voicegate:``)::
 
@@ -18,7 +20,8 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
     <prefix>stats:sources         hash  source -> turns
     <prefix>stats:errors          hash  error code -> count
     <prefix>stats:minute:<epoch minute>   hash turns, hits (expires after 10 minutes)
-    <prefix>stats:batch:<id>      string a batch already applied (expires: BATCH_MARKER_TTL_S, 1 h)
+    <prefix>stats:applied:<replica id>:<run>  string this SharedStats' highest applied
+                                  batch sequence (expires: BATCH_SEQUENCE_TTL_S, 7 days)
     <prefix>replica:<id>          string JSON {active_calls, cache_version, ...}, TTL 3 heartbeats
 
 Latency percentiles cannot be summed across replicas; a cluster snapshot carries the
@@ -52,22 +55,25 @@ MINUTE_BUCKET_TTL_S = 600
 # hit_rate_5m / turns_5m: the last 300 s, as a replica's own Stats. They cover six minute
 # buckets, the oldest only partly: its counts are weighted by the share of it still inside.
 RECENT_WINDOW_S = 300
-# How long Redis remembers a batch as applied. It must outlive every retry of that batch
-# (the next flush, flush_s later, unless Redis stays unreachable that long) or a retry would
-# count it again; an hour is far beyond that and still bounds the markers kept (one a flush).
-BATCH_MARKER_TTL_S = 3600
-# KEYS[1] marks the batch as applied; KEYS[2..] the hashes; ARGV: the marker's ttl, the
-# minute buckets' ttl, minute prefix, then field, amount per hash. Returns the (1-based)
-# slots that could not be incremented.
+# How long Redis remembers the highest batch sequence a SharedStats applied (one key per
+# instance, its expiry renewed by every batch applied). A batch not confirmed is retried
+# only for half of that: if Redis applied it, it remembers so for longer than any retry
+# (and than any copy of it delayed in the network), however long the outage; one older
+# than that is dropped (and counted in ``dropped``) rather than risk counting it twice.
+BATCH_SEQUENCE_TTL_S = 7 * 24 * 3600
+# KEYS[1] this instance's highest applied sequence; KEYS[2..] the hashes; ARGV: the batch's
+# sequence, the sequence key's ttl, the minute buckets' ttl, minute prefix, then field,
+# amount per hash. Returns the (1-based) slots that could not be incremented.
 _APPLY_ONCE = """
-if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return {} end
+if tonumber(ARGV[1]) <= (tonumber(redis.call('GET', KEYS[1])) or 0) then return {} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 local failed = {}
 for i = 2, #KEYS do
-  local ok = redis.pcall('HINCRBY', KEYS[i], ARGV[2 * i], ARGV[2 * i + 1])
+  local ok = redis.pcall('HINCRBY', KEYS[i], ARGV[2 * i + 1], ARGV[2 * i + 2])
   if type(ok) == 'table' and ok.err then
     table.insert(failed, i - 1)
-  elseif string.sub(KEYS[i], 1, #ARGV[3]) == ARGV[3] then
-    redis.call('EXPIRE', KEYS[i], ARGV[2])
+  elseif string.sub(KEYS[i], 1, #ARGV[4]) == ARGV[4] then
+    redis.call('EXPIRE', KEYS[i], ARGV[3])
   end
 end
 return failed
@@ -93,7 +99,11 @@ class SharedStats:
         self._flush_s = flush_s
         self._max_pending = max_pending
         self._pending: Counter[tuple[str, str]] = Counter()  # (hash key, field) -> increment
-        self._inflight: tuple[str, Counter[tuple[str, str]]] | None = None  # sent, unconfirmed
+        # Batches are numbered from 1 per instance (a restart is a new instance, a new key).
+        self._sequence_key = prefix + f"stats:applied:{self.replica_id}:{secrets.token_hex(4)}"
+        self._sequence = 0
+        # Sent, unconfirmed: (sequence, increments, monotonic time it was first sent).
+        self._inflight: tuple[int, Counter[tuple[str, str]], float] | None = None
         self.dropped = 0
 
     # -- recording (StatsObserver; called on the event loop, never blocks) ---------------
@@ -148,18 +158,28 @@ class SharedStats:
             await asyncio.sleep(self._flush_s)
 
     async def flush(self) -> None:
-        """Write the pending increments once: a batch carries an id, and Redis applies a
-        given id at most once (a retry after a timeout that was in fact applied is a no-op).
-        Increments that fail (a foreign value under the key) are dropped and reported."""
+        """Write the pending increments once: a batch carries this instance's next sequence
+        number, and Redis applies it only above the highest it applied (a retry after a
+        timeout that was in fact applied is a no-op, however late it comes). Increments that
+        fail (a foreign value under the key) are dropped and reported."""
+        if self._inflight is not None and \
+                time.monotonic() - self._inflight[2] > BATCH_SEQUENCE_TTL_S / 2:
+            # Redis may have applied it and forgotten so since: at most once, not twice.
+            unsure = sum(self._inflight[1].values())
+            self.dropped += unsure
+            self._inflight = None
+            logs.event(log, "shared_stats_batch_dropped", logging.WARNING, increments=unsure)
         if self._inflight is None:
             if not self._pending:
                 return
-            self._inflight = (secrets.token_hex(8), self._pending)
+            self._sequence += 1
+            self._inflight = (self._sequence, self._pending, time.monotonic())
             self._pending = Counter()
-        batch_id, batch = self._inflight
+        sequence, batch, _ = self._inflight
         slots = list(batch.items())
-        keys = [self._prefix + f"stats:batch:{batch_id}"] + [key for (key, _), _ in slots]
-        args = [BATCH_MARKER_TTL_S, MINUTE_BUCKET_TTL_S, self._prefix + "stats:minute:"]
+        keys = [self._sequence_key] + [key for (key, _), _ in slots]
+        args = [sequence, BATCH_SEQUENCE_TTL_S, MINUTE_BUCKET_TTL_S,
+                self._prefix + "stats:minute:"]
         for (_, field), amount in slots:
             args += [field, amount]
         failed = await self._redis.eval(_APPLY_ONCE, len(keys), *keys, *args)

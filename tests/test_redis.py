@@ -292,23 +292,37 @@ async def test_cluster_5m_figures_cover_the_last_300_seconds(redis_url: str,
     await shared.aclose()
 
 
-async def test_a_batch_marker_expires_after_the_python_constant_and_still_applies_once(
+async def test_the_batch_sequence_key_expires_after_the_python_constant_and_applies_once(
         redis_url: str, monkeypatch) -> None:
-    # The marker's lifetime is stated once, in Python (BATCH_MARKER_TTL_S), not in the Lua.
-    monkeypatch.setattr(gateway.shared_stats, "BATCH_MARKER_TTL_S", 123)
+    # The key's lifetime is stated once, in Python (BATCH_SEQUENCE_TTL_S), not in the Lua.
+    monkeypatch.setattr(gateway.shared_stats, "BATCH_SEQUENCE_TTL_S", 123)
     shared = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:")
     shared.turn_finished(hit("opening_hours"))
     batch = shared._pending.copy()
     await shared.flush()
     raw = redis.Redis.from_url(redis_url)
-    (marker,) = raw.keys("vgtest:stats:batch:*")
-    assert 113 < raw.ttl(marker) <= 123
+    (applied,) = raw.keys(f"vgtest:stats:applied:{shared.replica_id}:*")
+    assert 113 < raw.ttl(applied) <= 123 and raw.get(applied) == b"1"
     (minute,) = raw.keys("vgtest:stats:minute:*")  # the other ttl still reaches its bucket
     assert 0 < raw.ttl(minute) <= gateway.shared_stats.MINUTE_BUCKET_TTL_S
+    hits = int(raw.hget("vgtest:stats:totals", "hits") or 0)
     # The same batch again (a retry of a flush Redis applied): not counted twice.
-    shared._inflight = (marker.decode().rpartition(":")[2], batch)
+    shared._inflight = (1, batch.copy(), time.monotonic())
     await shared.flush()
-    assert int(raw.hget("vgtest:stats:totals", "hits") or 0) == 1
+    assert int(raw.hget("vgtest:stats:totals", "hits") or 0) == hits
+    # The next batch is.
+    shared.turn_finished(hit("opening_hours"))
+    await shared.flush()
+    assert int(raw.hget("vgtest:stats:totals", "hits") or 0) == hits + 1
+    assert raw.get(applied) == b"2"
+    # A batch unconfirmed for longer than half the key's lifetime is not retried (Redis
+    # may have applied it and forgotten so since): dropped, and counted in `dropped`.
+    shared.turn_finished(hit("opening_hours"))
+    shared._inflight = (3, shared._pending, time.monotonic() - 62)
+    shared._sequence, shared._pending = 3, type(shared._pending)()
+    await shared.flush()
+    assert int(raw.hget("vgtest:stats:totals", "hits") or 0) == hits + 1
+    assert shared.dropped == 7 and shared.pending == 0  # 7 counters a hit turn
     raw.close()
     await shared.aclose()
 

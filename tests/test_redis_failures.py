@@ -433,6 +433,41 @@ async def test_a_flush_that_timed_out_but_was_applied_is_not_written_twice(prefi
     assert hits == 2, f"two hit turns, counted {hits}"
 
 
+async def test_a_batch_applied_before_a_long_partition_is_counted_again_after_it(
+        prefix: str, proxy: FlakyProxy) -> None:
+    """A replica flushes its counters just as the network to Redis partitions: Redis applies
+    the batch, the reply is lost, the replica keeps the batch to retry it. The partition
+    lasts longer than the batch marker's hour (BATCH_MARKER_TTL_S): when Redis is reachable
+    again the retry finds no marker and is applied a second time, so /admin/stats counts
+    the turns twice (docs/operations.md: "applied at most once"; degraded mode promises to
+    buffer through any outage). A batch must stay applied-once however long the retry
+    waits (e.g. a per-replica sequence number kept in Redis instead of an expiring marker)."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    stats = SharedStats(open_async_client(proxy.url, timeout_s=0.3), prefix=prefix)
+    try:
+        stats.turn_finished(hit("opening_hours"))
+        await stats.flush()  # connected and warm
+        stats.turn_finished(hit("opening_hours"))
+        proxy.stall()  # Redis stops answering: the flush times out, its batch kept
+        with pytest.raises(redis.RedisError):
+            await stats.flush()
+        proxy.resume()  # ... yet the request reached Redis and is applied
+        await poll(lambda: int(raw.hget(prefix + "stats:totals", "hits") or 0) == 2,
+                   "Redis applies the batch that was in flight")
+        # Then Redis stays unreachable from this replica for more than an hour (every retry
+        # fails meanwhile): every key of ours due to expire within the hour expires.
+        expiring = [key for key in raw.scan_iter(match=prefix + "*")
+                    if 0 < raw.ttl(key) <= 3600]
+        assert expiring  # (the minute buckets at least)
+        raw.delete(*expiring)
+        await stats.flush()  # Redis is reachable again: the kept batch is retried
+        hits = int(raw.hget(prefix + "stats:totals", "hits") or 0)
+    finally:
+        raw.close()
+        await stats.aclose()
+    assert hits == 2, f"two hit turns, the cluster counts {hits}"
+
+
 # --------------------------------------------------------------------------------------
 # Two replicas' admin APIs publishing at once: the per-process lock does not see the other
 # replica, so an entry edit publishes only over the version it was built from; the later
