@@ -81,6 +81,11 @@ return failed
 _HASHES = ("totals", "intents", "entries", "sources", "errors")
 
 
+class RefusedIncrement(ResponseError):
+    """A flush's increments that a foreign value refused (dropped, counted in ``dropped``);
+    the rest of the batch was written."""
+
+
 def new_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -145,16 +150,23 @@ class SharedStats:
     async def run(self) -> None:
         next_beat = 0.0
         while True:
+            problem: Exception | None = None
             try:
-                await self.flush()
+                try:
+                    await self.flush()
+                except RefusedIncrement as exc:  # Redis answered: the rest was written
+                    problem = exc  # reported, yet this replica still announces itself
                 if time.monotonic() >= next_beat:
                     await self.heartbeat()
                     next_beat = time.monotonic() + self._heartbeat_s
-                self._health.up("counters")
             except (RedisError, OSError) as exc:
-                self._health.down("counters", f"cannot write counters: {type(exc).__name__}: "
-                                              f"{exc}")
+                problem = exc
                 next_beat = 0.0  # announce ourselves again as soon as Redis is back
+            if problem is None:
+                self._health.up("counters")
+            else:
+                self._health.down("counters", f"cannot write counters: "
+                                              f"{type(problem).__name__}: {problem}")
             await asyncio.sleep(self._flush_s)
 
     async def flush(self) -> None:
@@ -188,7 +200,7 @@ class SharedStats:
             index = int(failed[0]) - 1
             self.dropped += sum(slots[int(i) - 1][1] for i in failed)
             (key, field), _ = slots[index]
-            raise ResponseError(f"cannot add to {key} {field}: not a hash of integers")
+            raise RefusedIncrement(f"cannot add to {key} {field}: not a hash of integers")
 
     async def heartbeat(self) -> None:
         body = dict(self._describe(), replica=self.replica_id, pending=self.pending,

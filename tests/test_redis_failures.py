@@ -392,6 +392,50 @@ async def test_a_foreign_key_does_not_make_the_other_counters_count_again(prefix
         f"one call with one hit turn, counted {totals}")
 
 
+async def test_one_foreign_counter_key_stops_a_busy_replicas_heartbeat(
+        prefix: str) -> None:
+    """Someone reset `stats:sources` by hand (a string where a hash belongs). Every flush
+    that carries a finished turn now ends in the refused increment's error, and the flusher
+    then skips the heartbeat: as long as calls keep finishing turns this replica writes no
+    heartbeat, so the cluster view counts one replica fewer and leaves its active calls
+    out, and /readyz calls it degraded although Redis answers. The refused increment
+    should be dropped and counted (as documented) without costing the replica its
+    heartbeat."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(prefix + "stats:sources", "reset by hand")
+    health = RedisHealth()
+    stats = SharedStats(open_async_client(REDIS_URL), prefix=prefix, health=health,
+                        replica_id="busy", flush_s=0.01, describe=lambda: {"active_calls": 40})
+    flushing = stats.flush
+    flushes = 0
+
+    async def flush_after_a_turn() -> None:  # a turn finished since every previous flush
+        nonlocal flushes
+        if flushes == 10:
+            await asyncio.Event().wait()  # enough: park here until cancelled
+        flushes += 1
+        stats.turn_finished({"source": "llm", "intent": "balance"})
+        await flushing()
+
+    stats.flush = flush_after_a_turn  # type: ignore[method-assign]
+    task = asyncio.create_task(stats.run())
+    try:
+        await poll(lambda: flushes >= 10, "ten flushes")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    try:
+        written = int(raw.hget(prefix + "stats:totals", "turns") or 0)
+        beat = raw.get(prefix + "replica:busy")
+    finally:
+        raw.close()
+        await stats.aclose()
+    assert written >= 9  # Redis answers: the rest of every batch is written
+    assert beat is not None, (
+        f"Redis is reachable and {written} turns were written, yet the replica wrote no "
+        f"heartbeat in {flushes} flushes (degraded: {health.reason})")
+
+
 @pytest.mark.parametrize("key,write", [
     ("stats:entries", lambda raw, key: raw.hset(key, "opening_hours", "lots")),
     ("replica:by-hand", lambda raw, key: raw.set(key, "alive")),
