@@ -265,9 +265,13 @@ class SharedStats:
             pipe.hgetall(self._prefix + f"stats:{name}")
         for minute in minutes:
             pipe.hmget(self._prefix + f"stats:minute:{minute}", ["turns", "hits"])
-        results = await pipe.execute()
-        counts: dict[str, Any] = {name: _ints(raw) for name, raw in zip(_HASHES, results)}
-        buckets = list(zip(weights, results[len(_HASHES):]))
+        # A reply that is an error (a foreign type under one key: WRONGTYPE) is left out, as
+        # a foreign field is; a lost connection still raises.
+        results = [None if isinstance(r, Exception) else r
+                   for r in await pipe.execute(raise_on_error=False)]
+        counts: dict[str, Any] = {name: _ints(raw or {}) for name, raw in zip(_HASHES, results)}
+        buckets = [(w, tuple(raw or (None, None))) for w, raw in
+                   zip(weights, results[len(_HASHES):])]
         counts["recent_turns"] = sum(w * (_int(t) or 0) for w, (t, _) in buckets)
         counts["recent_hits"] = sum(w * (_int(h) or 0) for w, (_, h) in buckets)
         keys = [key async for key in self._redis.scan_iter(match=self._prefix + "replica:*",

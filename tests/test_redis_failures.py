@@ -453,6 +453,36 @@ async def test_a_foreign_value_does_not_break_the_cluster_stats(prefix: str, key
     assert snapshot["hits"] is not None
 
 
+async def test_one_foreign_counter_key_takes_the_whole_cluster_view_down(
+        prefix: str) -> None:
+    """Someone reset `stats:errors` by hand (a string where a hash belongs: the very case
+    tests/test_redis_failures.py writes counters around). /admin/stats then reads the
+    counters hashes in one pipeline, the HGETALL of that key fails with WRONGTYPE, and the
+    whole answer falls back to this replica's own figures, `degraded: true`,
+    `replicas: null`: every other replica's calls and hits vanish from the dashboard
+    although Redis answers. As documented for foreign fields and heartbeats, what is not
+    ours should be left out, and the rest summed over the cluster."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(prefix + "stats:errors", "reset by hand")
+    other = SharedStats(open_async_client(REDIS_URL), prefix=prefix, replica_id="other")
+    this = SharedStats(open_async_client(REDIS_URL), prefix=prefix, replica_id="this")
+    try:
+        for _ in range(3):
+            other.turn_finished(hit("opening_hours"))
+        await other.flush()
+        await other.heartbeat()
+        await this.heartbeat()
+        snapshot = await this.cluster_snapshot({"hits": 0, "turns": 0})
+    finally:
+        raw.close()
+        await other.aclose()
+        await this.aclose()
+    assert snapshot["scope"] == "cluster" and snapshot["hits"] == 3, (
+        f"Redis answers and holds 3 hits from 2 replicas, /admin/stats says scope "
+        f"{snapshot['scope']!r}, hits {snapshot['hits']}, replicas {snapshot['replicas']}, "
+        f"degraded: {snapshot.get('degraded_reason')}")
+
+
 async def test_a_flush_that_timed_out_but_was_applied_is_not_written_twice(prefix: str,
                                                                           proxy) -> None:
     """A stalled Redis: the client times out, Redis applies the queued batch when it
