@@ -32,6 +32,7 @@ from gateway.settings import Settings
 from gateway.shared_stats import SharedStats
 from cache_seed import parse_seed_csv, seed_plan
 from gateway.admin.publish import Publisher
+from gateway.admin.routes import _publish_failed
 from intents.redis_store import RedisKeys, RedisStore
 from intents.store import MANIFEST_FORMAT, LocalStore, StoreConflict, StoreError
 from tests.admin_support import small_faq_csv
@@ -627,3 +628,50 @@ def test_two_replicas_adding_entries_at_once_lose_neither(prefix: str) -> None:
     # Replica A built its edit on the version B replaced: refused, so its operator knows.
     assert isinstance(outcome, StoreConflict), outcome
     assert "boston_branch" not in intents
+
+
+async def test_an_entry_edit_over_an_unloadable_current_version_says_retry_forever(
+        prefix: str) -> None:
+    """`current` names a version no replica can load (missing, as the late swap above
+    leaves it, or corrupt: the docs' own cases). The replica keeps serving the version it
+    holds and /readyz says why. An operator then edits an entry: the edit is built on the
+    serving version, rendered and calibrated, and refused at the pointer with 409 "the cache
+    changed while this was being published ... nothing was published: retry the request".
+    Retrying gives the same 409 every time, after the same seconds of rendering and
+    calibration, and never says what is wrong. The edit should be refused at once with
+    the real cause (the current version cannot be loaded: why; seed a whole CSV to
+    replace it), not a retry that cannot succeed."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    embedder = shared_embedder()
+    try:
+        seed_plan(parse_seed_csv(small_faq_csv().encode()), store, tone_render, "tone",
+                  source="faq.csv", target_wrong_rate=0.05, progress=False, embedder=embedder)
+        cache = FaqCache(store, embedder)
+        assert cache.refresh()
+        serving = cache.version
+        raw.set(prefix + "current", "20991231T235959Z-dead00")  # cannot be loaded
+        services = SimpleNamespace(cache=cache, runtime=SimpleNamespace(tts=_HeldVoice(),
+                                                                          embedder=embedder))
+        publisher = Publisher(services)  # type: ignore[arg-type]
+        answers = []
+        for _ in range(2):  # the operator follows the advice and retries
+            try:
+                await publisher.upsert_entry({"intent": "opening_hours",
+                                              "answer": "We open at eight."})
+            except Exception as exc:  # noqa: BLE001 - what the admin route would answer
+                response = _publish_failed(exc, services)  # type: ignore[arg-type]
+                answers.append((response.status_code, response.body.decode()))
+            else:
+                answers.append((200, "published"))
+        last_error = cache.last_error
+    finally:
+        raw.close()
+        store.close()
+    assert cache.version == serving and last_error and "missing" in last_error
+    assert not all(status == 409 and "retry the request" in body for status, body in answers), (
+        f"the replica knows why it serves {serving} ({last_error}); the operator was told, "
+        f"twice: {answers}")
+    # Refused at once, with the cause and the way out.
+    assert all(status == 503 and "missing" in body and "seed a whole CSV" in body
+               for status, body in answers), answers

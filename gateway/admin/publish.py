@@ -9,7 +9,9 @@ thread; one seed at a time per process (an ``asyncio.Lock``), and the cache is
 refreshed at once so the new version serves without waiting for the poll. An entry
 edit publishes only over the version it was built from: another replica's admin API
 may have published meanwhile (one Redis behind a balancer), and a silent last-writer-
-wins would drop that change, so the store refuses it (``StoreConflict``, a 409).
+wins would drop that change, so the store refuses it (``StoreConflict``, a 409). An edit
+while the store's current version cannot be loaded here is refused at once
+(``CurrentUnloadable``, a 503): built on another version, it could never publish.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Mapping, Sequence
 from cache_seed import (SeedPlan, SeedReport, parse_seed_csv, parse_seed_rows,
                         rows_from_manifest)
 
-from intents.store import ANY_VERSION, AnyVersion
+from intents.store import ANY_VERSION, AnyVersion, StoreError
 from intents.types import entry_id_for
 
 from ..seeding import seed_plan_with_voice
@@ -42,6 +44,11 @@ class EntryExists(ValueError):
 
 class BadEntry(ValueError):
     """The request body does not describe an entry (wrong types, missing id)."""
+
+
+class CurrentUnloadable(StoreError):
+    """The store's current version is not the one this replica serves, and cannot be
+    loaded: an entry edit (built on the serving one) would be refused at the pointer."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,22 @@ class Publisher:
             return None, {"entries": [], "questions": []}
         _, bundle = cache.store.read(version)
         return version, bundle.manifest
+
+    def _edit_base(self) -> tuple[str | None, dict[str, Any]]:
+        """Refresh, then (version, manifest) to build an entry edit on: the store's current
+        version, loaded. Raises ``CurrentUnloadable`` when it cannot be loaded. Blocking."""
+        cache = self.services.cache
+        assert cache is not None
+        cache.refresh()
+        error = cache.last_error
+        if error is not None:
+            current = cache.store.current_version()
+            if current != cache.version:
+                raise CurrentUnloadable(
+                    f"entries cannot be edited while the current cache version cannot be "
+                    f"loaded ({error}): seed a whole CSV (POST /admin/seed or `voicegate "
+                    f"seed`) to replace it")
+        return self._serving_manifest()
 
     def _target_wrong_rate(self, manifest: Mapping[str, Any]) -> float:
         thresholds = manifest.get("thresholds") or {}
@@ -127,8 +150,7 @@ class Publisher:
         entry_id, answer, action, questions = _entry_fields(body)
         self._claim()
         async with self.lock:
-            await asyncio.to_thread(self.services.cache.refresh)  # type: ignore[union-attr]
-            base, manifest = await asyncio.to_thread(self._serving_manifest)
+            base, manifest = await asyncio.to_thread(self._edit_base)
             existing = _find_entry(manifest, entry_id)
             if existing is not None and create_only:
                 raise EntryExists(f"entry {entry_id!r} already exists; choose a new id (or "
@@ -159,8 +181,7 @@ class Publisher:
     async def delete_entry(self, entry_id: str) -> SeedReport:
         self._claim()
         async with self.lock:
-            await asyncio.to_thread(self.services.cache.refresh)  # type: ignore[union-attr]
-            base, manifest = await asyncio.to_thread(self._serving_manifest)
+            base, manifest = await asyncio.to_thread(self._edit_base)
             existing = _find_entry(manifest, entry_id)
             if existing is None:
                 raise EntryNotFound(entry_id)
