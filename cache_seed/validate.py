@@ -162,11 +162,14 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
             errors.append(RowError(start, f"not CSV: {exc}"))
             break  # the structure after a broken quote cannot be trusted
         last_line = reader.line_num
-        if any(line in bad_lines for line in range(start, last_line + 1)):
+        if header is not None and any(line in bad_lines for line in range(start, last_line + 1)):
             continue  # already reported as not UTF-8
         if not any(f.strip() for f in fields):
             continue  # blank line
         if header is None:
+            # The first line that is not blank is the header, UTF-8 or not (a bad byte is
+            # already reported on its line and read as U+FFFD): the required columns it names
+            # are read, and the rows checked, instead of a data row taken for the header.
             header = [f.strip().lower() for f in fields]
             near = _near_misses(header)
             missing = [c for c in REQUIRED_COLUMNS if c not in header and c not in near.values()]

@@ -203,6 +203,26 @@ def test_not_utf8() -> None:
     assert line == 2 and reason.startswith("not UTF-8 (byte 0xe9")
 
 
+def test_a_header_that_is_not_utf8_turns_the_first_question_into_the_header() -> None:
+    """An operator's spreadsheet saved as Latin-1 has one accented extra column name
+    ("notes_équipe"). The header line is reported as not UTF-8 (right), and then skipped, so
+    the first data row is read as the header: the operator is told line 2, a good row, is
+    "missing column 'question' (header is: When are you open?, ...)", and nothing after it
+    is checked: the unknown action on line 4 goes unreported until the next upload. Only
+    the lines that are wrong should be reported, and every bad row of the file with them
+    (the header's known columns are readable: the bad byte is in an ignored column)."""
+    data = ("question,answer,intent,action,notes_\xe9quipe\n"
+            "When are you open?,We open at nine.,hours,,\n"
+            "What are your hours?,,hours,,\n"
+            "Can I see my balance?,,balance,refund,\n").encode("latin-1")
+    with pytest.raises(SeedValidationError) as caught:
+        parse_seed_csv(data, source="faq.csv")
+    errors = [(e.line, e.reason) for e in caught.value.errors]
+    assert 1 in {line for line, _ in errors}  # the header is not UTF-8: reported
+    assert not [e for e in errors if e[0] in (2, 3)] and 4 in {line for line, _ in errors}, (
+        f"lines 2-3 are good rows and line 4 has an unknown action; reported: {errors}")
+
+
 def test_utf8_bom_is_fine() -> None:
     plan = parse_seed_csv(b"\xef\xbb\xbf" + (HEADER + "q one,a,,\nq two,a,,\n").encode())
     assert len(plan.questions) == 2
