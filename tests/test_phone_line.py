@@ -196,18 +196,18 @@ class TextAtHangUp(TimedOutput):
             self.call.feed_text("wait, I am still here", True)
 
 
-@pytest.mark.parametrize("phone_line", [False, True])
-async def test_a_text_while_the_call_hangs_up_gets_no_transcript_or_reply(phone_line):
-    # After `hangup` the client holds a call that is over: a text then is neither echoed
-    # as a transcript nor answered; the call just ends. Native: `hangup` is the whole
-    # hang-up; a phone line's request takes 0.5 s more.
-    h = harness({"idle_prompt_s": 8})
-    h.output = TextAtHangUp(h.clock, hang_up_s=0.5)
+async def hung_up_when_idle(h: CallHarness, output: type[TimedOutput], phone_line: bool,
+                            **output_fields: Any) -> CallHarness:
+    """A call through ``output`` (0.5 s hang-up request; none natively) that answers "hello
+    there" and is hung up when idle, with nothing after `hangup`."""
+    h.output = output(h.clock, hang_up_s=0.5)
+    for name, value in output_fields.items():
+        setattr(h.output, name, value)
     if not phone_line:
         h.output.hang_up = None  # type: ignore[assignment,method-assign]
     from gateway.call import Call
 
-    h.call = h.output.call = Call(h.deps, h.output, 16000, call_id="test-call")
+    h.call = h.output.call = Call(h.deps, h.output, 16000, call_id="test-call")  # type: ignore[attr-defined]
     h.llm.reply = "Okay."
     await h.start()
     await h.text("hello there")
@@ -215,6 +215,15 @@ async def test_a_text_while_the_call_hangs_up_gets_no_transcript_or_reply(phone_
     assert await ended(h) and h.call.ended == "idle"
     types = [e["type"] for e in h.output.events]
     assert types[types.index("hangup") + 1:] == []
+    return h
+
+
+@pytest.mark.parametrize("phone_line", [False, True])
+async def test_a_text_while_the_call_hangs_up_gets_no_transcript_or_reply(phone_line):
+    # After `hangup` the client holds a call that is over: a text then is neither echoed
+    # as a transcript nor answered; the call just ends. Native: `hangup` is the whole
+    # hang-up; a phone line's request takes 0.5 s more.
+    h = await hung_up_when_idle(harness({"idle_prompt_s": 8}), TextAtHangUp, phone_line)
     assert [e["text"] for e in h.output.of("transcript")] == ["hello there"]
     assert sources(h) == ["llm", "prompt", "goodbye"]
 
@@ -242,22 +251,9 @@ class AtHangUp(TimedOutput):
 async def test_a_key_while_the_call_hangs_up_gets_no_keypad_event_or_reply(keys, phone_line):
     # As a text: after `hangup` keys are neither acknowledged (`keypad`) nor answered (a
     # mapped entry, or the agent for collected keys); no reply starts, the call just ends.
-    h = harness({"idle_prompt_s": 8, "keypad": {"1": "hours"}},
-                faqs={"opening hours": "hours"})
-    h.output = AtHangUp(h.clock, hang_up_s=0.5)
-    h.output.keys = keys
-    if not phone_line:
-        h.output.hang_up = None  # type: ignore[assignment,method-assign]
-    from gateway.call import Call
-
-    h.call = h.output.call = Call(h.deps, h.output, 16000, call_id="test-call")
-    h.llm.reply = "Okay."
-    await h.start()
-    await h.text("hello there")
-    await h.wait(20000)
-    assert await ended(h) and h.call.ended == "idle"
-    types = [e["type"] for e in h.output.events]
-    assert types[types.index("hangup") + 1:] == []
+    h = await hung_up_when_idle(harness({"idle_prompt_s": 8, "keypad": {"1": "hours"}},
+                                        faqs={"opening hours": "hours"}),
+                                AtHangUp, phone_line, keys=keys)
     assert len(h.output.frames) == h.output.frames_at_hangup  # no reply audio either
     assert h.call._reply_task is h.output.reply_at_hangup  # no reply was started
     assert len(h.llm.requests) == 1  # "hello there"; the keys never reached the agent
