@@ -497,6 +497,14 @@ class Settings(BaseModel):
                              "<= end_of_turn_silence_ms <= incomplete_turn_silence_ms")
         if self.turn_incomplete_threshold > self.turn_complete_threshold:
             raise ValueError("turn_incomplete_threshold must not exceed turn_complete_threshold")
+        # An HTTP header value loses its surrounding whitespace, so a token with some could
+        # never be presented: the API or the calls it guards would refuse everyone.
+        for name in ("admin_token", "call_token"):
+            token = getattr(self, name)
+            if token != token.strip():
+                raise ValueError(f"{name} must not begin or end with whitespace (no request "
+                                 "could present it)" + ("; it is only whitespace" if
+                                                       not token.strip() else ""))
         # uvicorn closes a message over ws_max_size itself: frames between the two limits would
         # never get the gateway's `frame_too_large` error, only a bare close 1009.
         if self.max_frame_bytes > self.ws_max_size:

@@ -97,6 +97,17 @@ def test_provider_names_are_the_registrys_and_an_unknown_one_is_refused_at_load(
             Settings.load(environ={f"VOICEGATE_{name.upper()}": "moonshyne"})
 
 
+@pytest.mark.parametrize("name", ["admin_token", "call_token"])
+@pytest.mark.parametrize("value", ["   ", " secret", "secret\n"])
+def test_a_token_no_request_could_present_is_refused(name, value):
+    # Header values lose their surrounding whitespace: "   " would turn the admin API on
+    # with no way in, " secret" would refuse every caller.
+    with pytest.raises(SettingsError, match=name) as info:
+        Settings.load(environ={f"VOICEGATE_{name.upper()}": value})
+    assert "secret" not in str(info.value)  # the message never repeats the token
+    assert Settings.load(environ={f"VOICEGATE_{name.upper()}": "s3cret"})
+
+
 def test_a_filler_delay_of_zero_turns_the_filler_off():
     from gateway.agent import build_agent
 
