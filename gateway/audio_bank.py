@@ -58,6 +58,12 @@ class AudioBank:
     def clip(self, key: str) -> Clip:
         return self._held[key][0]
 
+    def find(self, key: str) -> Clip | None:
+        """The clip, or None when ``key`` is not held: one lookup, so a ``replace_all`` on
+        another thread cannot come between a check and the read."""
+        held = self._held.get(key)
+        return None if held is None else held[0]
+
     def audio(self, key: str, rate: int, encoding: str = PCM16) -> bytes:
         """The clip at ``rate`` in ``encoding``; a format outside the configured set is
         converted once, then kept."""

@@ -479,6 +479,30 @@ async def test_a_key_mapped_to_a_missing_entry_is_a_clear_error():
     assert h.stats.errors["keypad_unknown_entry"] == 1
 
 
+async def test_a_key_is_answered_from_one_lookup_of_the_audio_bank():
+    # Reloads swap the audio bank on another thread: one that lands between "is the entry
+    # held?" and "read its clip" raised KeyError in the keypad path.
+    h = harness({"keypad": {"1": "hours"}}, faqs={"opening hours": "hours"})
+    await h.start()
+    bank = h.call._responder.cache_audio
+    assert bank is not None and "hours" in bank
+    held = bank._held
+
+    class SwappedAfterTheCheck(dict):  # a reload lands right after the membership test
+        def __contains__(self, key: object) -> bool:
+            bank._held = {}
+            return dict.__contains__(self, key)
+
+    bank._held = SwappedAfterTheCheck(held)
+    h.call.feed_dtmf("1")
+    await h.wait(1500)
+    await h.stop()
+    # One lookup: the key is answered from the version it found (here the one before the
+    # swap, which the fixed path never triggers), with no error.
+    assert h.output.of("error") == [] and h.stats.errors == {}
+    assert sources(h) == ["cache"]
+
+
 async def test_a_bad_key_is_refused():
     h = harness()
     with pytest.raises(BadKey, match="not a keypad key"):

@@ -1038,7 +1038,8 @@ class Call:
                                                typed=True))
             return
         cache = self._responder.cache_audio
-        if cache is None or action.action not in cache:
+        clip = None if cache is None else cache.find(action.action)
+        if clip is None:
             await self._report("keypad_unknown_entry",
                                f"key {action.key} is mapped to entry {action.action!r}, which "
                                "the serving cache version does not hold (VOICEGATE_KEYPAD)",
@@ -1046,7 +1047,7 @@ class Call:
             self._start_reply(tl, self._apologize(tl, text, "keypad_unknown_entry"))
             return
         decision = RouteDecision(text=text, intent=action.action, action=Action.ANSWER, hit=True,
-                                 entry_id=action.action, answer=cache.clip(action.action).text,
+                                 entry_id=action.action, answer=clip.text,
                                  score=1.0, reason=f"key {action.key}")
         self._start_reply(tl, self._answer(tl, text, route=False, decision=decision,
                                            typed=True))
