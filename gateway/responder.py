@@ -271,16 +271,6 @@ class Responder:
         """Still silent after the idle prompt: said before the call ends."""
         return self._prompt(turn, "goodbye", "goodbye", {})
 
-    def cached(self, turn: Turn, entry_id: str) -> ReplySegment | None:
-        """An entry's pre-rendered answer by id (a keypad key); None when not served."""
-        cached = None if self.cache_audio is None else self.cache_audio.take(
-            entry_id, turn.sample_rate, turn.encoding)
-        if cached is None:
-            return None
-        clip, audio = cached
-        return ReplySegment(source="cache", text=clip.text, audio=_once(audio),
-                            entry_id=entry_id, total_bytes=lambda: len(audio))
-
     def _prompt(self, turn: Turn, key: str, source: str, info: dict[str, Any],
                 text: str | None = None) -> ReplySegment:
         prompts = self._prompts
