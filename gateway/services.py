@@ -94,9 +94,12 @@ class Services:
         # good: retried with backoff, the last error shown by /readyz meanwhile.
         delay, cap = LOAD_RETRY_S
         cache: FaqCache | None = None
+        rendered = False  # a retry for the store does not render the prompts again
         while True:
             try:
-                await runtime.render_prompts(self.settings.greeting)
+                if not rendered:
+                    await runtime.render_prompts(self.settings.greeting)
+                    rendered = True
                 if cache is None:
                     cache = FaqCache(self.open_store(), runtime.embedder)
                 await asyncio.to_thread(cache.refresh)
