@@ -26,6 +26,8 @@ Sets (texts are never tuned on: hits come from Banking77 *dev*, the seed from *t
   before anything was measured on it, to measure the hesitation rule (end_of_turn.py).
   PAUSED_TEXTS_FRESH4 (``paused_set="fresh4"``) was written on 2026-11-26 (stop 39),
   before anything was measured on it, to measure the hesitation margin chosen that day.
+  PAUSED_TEXTS_FRESH5 (``paused_set="fresh5"``) was written on 2026-11-26 (stop 40),
+  before anything was measured on it, to measure that stop's end-of-turn changes.
 
 Clips are cached under .cache/speech-corpus (git-ignored), keyed by text, voice and rate.
 """
@@ -177,6 +179,25 @@ PAUSED_TEXTS_FRESH4: list[list[str]] = [
     ["how long", "does it take", "to verify my identity"],
 ]
 
+PAUSED_TEXTS_FRESH5: list[list[str]] = [
+    ["my card", "um", "was swallowed by", "a cash machine"],
+    ["the reference number is", "four four two", "seven one"],
+    ["how much does it cost", "to send money", "to another country"],
+    ["I think", "uh", "someone used my card", "without asking me"],
+    ["can I change", "the pin", "at any atm"],
+    ["why is", "my transfer", "still pending"],
+    ["I ordered a card", "two weeks ago", "and it hasn't come"],
+    ["where can I", "um", "find my statement"],
+    ["what happens if", "I forget", "my passcode"],
+    ["my phone number is", "seven oh two", "five five", "one eight"],
+    ["is there a fee", "for", "topping up by bank transfer"],
+    ["I'd like to", "close", "my account please"],
+    ["the app says", "uh", "my identity check failed"],
+    ["do you accept", "cheques", "or only transfers"],
+    ["I paid twice", "for the same", "thing in a shop"],
+    ["which currencies", "um", "can I hold", "in my account"],
+]
+
 @dataclass
 class Clip:
     text: str
@@ -316,7 +337,7 @@ def miss_questions(n: int, seed: int = 7) -> list[str]:
 PAUSED_SETS: dict[str, list[list[str]]] = {
     "dev": PAUSED_TEXTS, "heldout": PAUSED_TEXTS_HELDOUT, "fresh": PAUSED_TEXTS_FRESH,
     "fresh2": PAUSED_TEXTS_FRESH2, "fresh3": PAUSED_TEXTS_FRESH3,
-    "fresh4": PAUSED_TEXTS_FRESH4}
+    "fresh4": PAUSED_TEXTS_FRESH4, "fresh5": PAUSED_TEXTS_FRESH5}
 
 
 def paused_texts(seed: int, paused_set: str = "") -> list[list[str]]:
