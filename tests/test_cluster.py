@@ -8,6 +8,7 @@ know the balancer's URL. Text turns on a tiny seed keep the runtime modest.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import shutil
 import signal
@@ -285,3 +286,72 @@ def test_a_drained_replica_exits_even_when_a_request_never_finishes(settings, ru
         if not wait_for(lambda: not thread.is_alive(), 10):
             server.force_exit = True
             thread.join(10)
+
+
+class CountingReplica:
+    """A stand-in replica that is ready and answers every other request 503, counting
+    them: what the balancer forwards, and how often."""
+
+    def __init__(self) -> None:
+        seen = self.seen = []  # (method, path) of every request but the health checks
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                if self.path == "/readyz":
+                    status = 200
+                else:
+                    seen.append((self.command, self.path))
+                    length = int(self.headers.get("content-length") or 0)
+                    self.rfile.read(length)
+                    status = 503
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_balancer_resends_a_refused_get_but_never_an_admin_write(tmp_path: Path) -> None:
+    """A replica's 503 is retried on another (a draining replica refuses an upgrade so),
+    but only for a GET: a seed or an edit that one replica answered 503 (a Redis hiccup
+    after it wrote, say) must not be published again by another."""
+    if shutil.which("haproxy") is None:
+        unavailable("haproxy is not installed (scripts/ensure-haproxy.sh)")
+    replicas = [CountingReplica(), CountingReplica()]
+    balancer = Balancer(tmp_path, [r.port for r in replicas])
+    try:
+        balancer.wait_up()
+
+        def forwarded() -> list[tuple[str, str]]:
+            return replicas[0].seen + replicas[1].seen
+
+        seed = httpx.post(balancer.base_url + "/admin/seed", content=b"question,answer\n",
+                          timeout=30)
+        assert seed.status_code == 503
+        assert forwarded() == [("POST", "/admin/seed")]
+
+        edit = httpx.delete(balancer.base_url + "/admin/entries/hours", timeout=30)
+        assert edit.status_code == 503
+        assert forwarded().count(("DELETE", "/admin/entries/hours")) == 1
+
+        upgrade = httpx.get(balancer.base_url + "/v1/call", timeout=30)
+        assert upgrade.status_code == 503
+        # Retried, and redispatched to the other replica.
+        assert forwarded().count(("GET", "/v1/call")) > 1
+        assert replicas[0].seen.count(("GET", "/v1/call")) >= 1
+        assert replicas[1].seen.count(("GET", "/v1/call")) >= 1
+    finally:
+        balancer.stop()
+        for replica in replicas:
+            replica.close()
