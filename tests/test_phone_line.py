@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from gateway.call.keypad import BadKey, Collected, Keypad, Mapped
-from gateway.providers.base import LLMChunk, ToolSpec
+from gateway.providers.base import LLMChunk, ProviderError, ToolSpec
 from gateway.audio_bank import Clip
 from tests.call_harness import CallHarness, RecordingOutput, tone
 
@@ -60,8 +60,9 @@ class TimedOutput(RecordingOutput):
 
 
 def harness(settings: dict[str, Any] | None = None, faqs: dict[str, str] | None = None,
-            fail_transfer: bool = False, hang_up_s: float = 0.0) -> CallHarness:
-    h = CallHarness(settings=settings, faqs=faqs)
+            fail_transfer: bool = False, hang_up_s: float = 0.0,
+            turn_model: bool = False) -> CallHarness:
+    h = CallHarness(settings=settings, faqs=faqs, turn_model=turn_model)
     h.output = TimedOutput(h.clock, fail_transfer, hang_up_s)
     from gateway.call import Call
 
@@ -300,6 +301,81 @@ async def test_speech_while_a_phone_line_hangs_up_gets_no_transcript_or_reply(
     assert h.stt.decodes == 1 and h.stt.fail_finals == 0  # its final ran (and failed, if so)
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+class StageFailsAtHangUp(AtHangUp):
+    """As `hangup` goes out, a stage working on the caller's audio breaks (``fail``) and the
+    caller's speech arrives, before the call has stopped: natively the call stops right
+    after `hangup`, so the failure lands in that very loop iteration; on a phone line the
+    audio flows on for the whole hang-up request."""
+
+    fail: Any = None
+    call_words = b""
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        await super().send_event(event)
+        if event["type"] == "hangup":
+            self.fail()
+            # Words, then the pause after them (the turn model judges the audio there).
+            self.call.feed_audio(self.call_words + bytes(16000 * 2 * 200 // 1000))
+
+
+def refuse_audio(h: CallHarness) -> None:
+    async def refused(pcm16: bytes) -> None:
+        raise ProviderError("word-stt", "the live socket was closed by the server")
+
+    h.call._turns.stt.send_audio = refused  # type: ignore[method-assign]
+
+
+BREAK_STAGE = {
+    "vad_failed": lambda h: setattr(h.vad, "fail_next", 1),
+    "stt_failed": refuse_audio,
+    "turn_model_failed": lambda h: setattr(h.turn_model, "fail", True),
+}
+
+
+@pytest.mark.parametrize("code, phone_line", [
+    ("vad_failed", False), ("vad_failed", True),
+    ("stt_failed", False), ("stt_failed", True),
+    # Natively the call closes before the turn model has answered: nothing to report.
+    ("turn_model_failed", True),
+])
+async def test_a_stage_failing_on_the_callers_audio_after_hangup_is_counted_not_sent(
+        code, phone_line, caplog):
+    # Nothing but `hangup_failed` follows `hangup`: the client holds a call that is over.
+    # The caller's audio still reaches the stages meanwhile; one that fails on it then
+    # (VAD, STT, the turn model) is counted and logged, and no `error` event is sent.
+    h = harness({"idle_prompt_s": 8}, turn_model=True)
+    h = await hung_up_when_idle(h, StageFailsAtHangUp, phone_line,
+                                fail=lambda: BREAK_STAGE[code](h),
+                                call_words=h.vocabulary.audio("wait I am still here"))
+    assert h.stats.errors[code] >= 1  # the failure happened after `hangup`, and counted
+    assert h.output.of("error") == []
+    assert any(getattr(r, "fields", {}).get("code") == code
+               and r.fields.get("after_hangup") for r in caplog.records), "not logged"
+    assert sources(h) == ["llm", "prompt", "goodbye"]
+
+
+class RefusesHangUp(TimedOutput):
+    async def hang_up(self, reason: str) -> None:
+        raise RuntimeError("HTTP 500 from the phone company")
+
+
+async def test_a_refused_hang_up_is_the_one_error_sent_after_hangup():
+    # `hangup_failed` is about the hang-up itself: it still follows `hangup`, alone.
+    h = harness({"idle_prompt_s": 8})
+    h.output = RefusesHangUp(h.clock)
+    from gateway.call import Call
+
+    h.call = Call(h.deps, h.output, 16000, call_id="test-call")
+    await h.start()
+    await h.text("hello there")
+    await h.wait(20000)
+    assert await ended(h) and h.call.ended == "idle"
+    types = [e["type"] for e in h.output.events]
+    assert types[types.index("hangup") + 1:] == ["error"]
+    assert [e["code"] for e in h.output.of("error")] == ["hangup_failed"]
+    assert h.stats.errors["hangup_failed"] == 1
 
 
 @pytest.mark.parametrize("sound, goes_on", [

@@ -282,15 +282,23 @@ class Call:
         self._stats.error(code)
 
     async def _report(self, code: str, message: str, turn: int | None = None) -> None:
-        """Count a failure, log it and tell the client (at most every few seconds per code)."""
+        """Count a failure, log it and tell the client (at most every few seconds per code).
+
+        Once the call hangs up (`hangup` sent) only ``hangup_failed`` reaches the client:
+        the caller's audio still flows meanwhile (natively until the call closes, on a
+        phone line for the whole hang-up request), and a stage failing on it (VAD, STT,
+        the turn model) is counted and logged, never sent after `hangup`."""
         self._count(code)
         now = self._clock.now()
         last = self._last_report.get(code)
         if last is not None and now - last < _REPORT_EVERY_S:
             return
         self._last_report[code] = now
+        after_hangup = self.ended is not None and code != "hangup_failed"
         logs.event(log, "stage_failed", logging.WARNING, code=code, detail=message[:300],
-                   turn=turn)
+                   turn=turn, **({"after_hangup": True} if after_hangup else {}))
+        if after_hangup:
+            return
         event: dict[str, Any] = {"type": "error", "code": code, "message": message[:300]}
         if turn is not None:
             event["turn"] = turn
