@@ -38,7 +38,15 @@ def _serve(args: argparse.Namespace) -> int:
                             begin_drain=services.begin_drain,
                             active_calls=lambda: services.admission.active,
                             timeout_s=settings.drain_timeout_s)
+
+    def give_up(reason: str) -> None:  # a model that does not load: exit, not unready for good
+        server.should_exit = True
+
+    services.on_fatal = give_up
     server.run()
+    if services.fatal_error:
+        print(f"voicegate serve: {services.fatal_error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -32,6 +32,18 @@ log = logging.getLogger("voicegate.runtime")
 T = TypeVar("T")
 
 
+class ModelLoadError(RuntimeError):
+    """A model or provider of the runtime could not be built: names which, and why.
+
+    Nothing in ``Runtime.load`` reaches the network (the cloud providers only build their
+    clients), so what fails there (a missing or corrupt model file, a voice path that is
+    not a voice, a provider without its key, a missing package) fails the same way on
+    every try: the process gives up rather than retry (gateway/services.py)."""
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        super().__init__(f"loading {what} failed: {type(cause).__name__}: {cause}")
+        self.what = what
+
 
 @dataclass
 class Runtime:
@@ -65,16 +77,25 @@ class Runtime:
         heavy = ThreadPoolExecutor(max_workers=max(1, settings.cpu_workers),
                                    thread_name_prefix="vg-model")
 
-        vad = _load_warm("vad", SileroVAD, times)
-        stt = _load_warm("stt", lambda: create_stt(settings, heavy), times)
-        tts = _load_warm("tts", lambda: create_tts(settings, heavy), times)
-        embedder = _load_warm("embedder", lambda: build_embedder(settings), times)
-        turn_model, turn_pool = None, None
-        if settings.turn_model == "smart_turn":
-            from .turn_model import SmartTurn
+        try:
+            vad = _load_warm("vad", SileroVAD, times, "the VAD (Silero)")
+            stt = _load_warm("stt", lambda: create_stt(settings, heavy), times,
+                             f"the STT ({settings.stt_provider})")
+            tts = _load_warm("tts", lambda: create_tts(settings, heavy), times,
+                             f"the TTS ({settings.tts_provider})")
+            embedder = _load_warm("embedder", lambda: build_embedder(settings), times,
+                                  f"the router's embedder ({settings.embedder_backend})")
+            turn_model, turn_pool = None, None
+            if settings.turn_model == "smart_turn":
+                from .turn_model import SmartTurn
 
-            turn_model = _load_warm("turn_model", SmartTurn, times)
-            turn_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-turn")
+                turn_model = _load_warm("turn_model", SmartTurn, times,
+                                        "the turn model (smart_turn)")
+                turn_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-turn")
+        except Exception:  # nothing is left running of a runtime that will not be
+            vad_pool.shutdown(wait=False, cancel_futures=True)
+            heavy.shutdown(wait=False, cancel_futures=True)
+            raise
 
         log.info("models_loaded %s", " ".join(f"{k}={v:.2f}s" for k, v in times.items()))
         return cls(settings=settings, vad_executor=vad_pool, model_executor=heavy,
@@ -128,13 +149,17 @@ def build_embedder(settings: Settings) -> Embedder:
                     cache_dir=settings.model_cache_dir or None)
 
 
-def _load_warm(name: str, build: Callable[[], T], times: dict[str, float]) -> T:
+def _load_warm(name: str, build: Callable[[], T], times: dict[str, float],
+               what: str) -> T:
     """Build a model, run it once if it can warm up (so the first call pays nothing), and
-    note how long both took."""
+    note how long both took. A failure is a ``ModelLoadError`` naming ``what`` failed."""
     start = time.perf_counter()
-    model = build()
-    warm = getattr(model, "warm_up", None)
-    if warm is not None:
-        warm()
+    try:
+        model = build()
+        warm = getattr(model, "warm_up", None)
+        if warm is not None:
+            warm()
+    except Exception as exc:
+        raise ModelLoadError(what, exc) from exc
     times[name] = time.perf_counter() - start
     return model

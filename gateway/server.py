@@ -24,12 +24,15 @@ class BackgroundServer:
 
     def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
         self.app = create_app(settings, runtime)
+        services = self.app.state.services
         options = uvicorn_options(settings)
         options["log_level"] = "warning"
         self._server = uvicorn.Server(uvicorn.Config(self.app, host=settings.host,
                                                      port=settings.port, **options))
         self._thread = threading.Thread(target=self._server.run, name="voicegate-server",
                                         daemon=True)
+        # A model that does not load stops the server; start() says why.
+        services.on_fatal = lambda reason: setattr(self._server, "should_exit", True)
 
     @property
     def port(self) -> int:
@@ -48,15 +51,30 @@ class BackgroundServer:
         deadline = time.monotonic() + ready_timeout
         while not self._server.started:
             if not self._thread.is_alive():
-                raise RuntimeError("the gateway failed to start")
+                raise self._failed()
             if time.monotonic() > deadline:
                 raise TimeoutError("the gateway did not start")
             time.sleep(0.02)
-        while httpx.get(self.base_url + "/readyz", timeout=5).status_code != 200:
+        try:
+            ready_url = self.base_url + "/readyz"
+        except IndexError:  # its sockets are closed already: it stopped
+            raise self._failed() from None
+        while True:
+            try:
+                if httpx.get(ready_url, timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                if self._thread.is_alive():
+                    raise
+            if not self._thread.is_alive():  # stopped by a start-up that cannot succeed
+                raise self._failed()
             if time.monotonic() > deadline:
                 raise TimeoutError("the gateway did not become ready")
             time.sleep(0.1)
-        return self
+
+    def _failed(self) -> RuntimeError:
+        why = self.app.state.services.fatal_error
+        return RuntimeError("the gateway failed to start" + (f": {why}" if why else ""))
 
     def stop(self) -> None:
         self._server.should_exit = True

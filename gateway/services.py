@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from starlette.websockets import WebSocket
 
@@ -25,7 +25,7 @@ from .route_batcher import ROUTING_LANES, RouteBatcher, RoutingLanes
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
 from .responder import Responder
-from .runtime import Runtime
+from .runtime import ModelLoadError, Runtime
 from .settings import Settings
 from .shared_stats import SharedStats
 from .stats import Stats
@@ -53,6 +53,11 @@ class Services:
         self._watch_task: asyncio.Task[None] | None = None
         self._collector: CollectorPolicy | None = None
         self.load_error: str | None = None
+        # A start-up that cannot succeed (a model that does not load): why. Handed to
+        # ``on_fatal``, which whoever runs the server sets to stop it (gateway/cli.py,
+        # gateway/server.py), so the process exits instead of staying up unready for good.
+        self.fatal_error: str | None = None
+        self.on_fatal: Callable[[str], None] | None = None
         self._load_task: asyncio.Task[None] | None = None
         # Only with a shared Redis (settings.redis_url):
         self.redis_health: RedisHealth | None = None
@@ -86,9 +91,19 @@ class Services:
         try:
             if runtime is None:
                 runtime = await asyncio.to_thread(Runtime.load, self.settings, self.stats)
-        except Exception as exc:  # surfaced by /readyz; the process stays up for diagnosis
+        except Exception as exc:
+            # Not retried: loading the models reaches no network, so what failed (a file,
+            # a setting, a package) fails again. Kept up, the replica would answer
+            # /healthz 200 and /readyz 503 for good, which restarts nothing; the process
+            # exits with the cause instead (`voicegate serve`: status 1), and the
+            # orchestrator restarts it or alerts. /readyz shows it until then.
+            cause = str(exc) if isinstance(exc, ModelLoadError) \
+                else f"loading the models failed: {type(exc).__name__}: {exc}"
             self.load_error = f"{type(exc).__name__}: {exc}"
+            self.fatal_error = f"{cause} (not retried: fix the cause, then start again)"
             log.exception("runtime_load_failed")
+            if self.on_fatal is not None:
+                self.on_fatal(self.fatal_error)
             return
         # A voice or store briefly down at start-up must not keep the replica unready for
         # good: retried with backoff, the last error shown by /readyz meanwhile.

@@ -246,7 +246,7 @@ def _commands_do_no_heavy_work(monkeypatch) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     # What create_app returns, as far as serve reads it (the draining server's hooks).
     app = SimpleNamespace(state=SimpleNamespace(services=SimpleNamespace(
-        begin_drain=lambda: None, admission=SimpleNamespace(active=0))))
+        begin_drain=lambda: None, admission=SimpleNamespace(active=0), fatal_error=None)))
 
     def create_app(settings):
         seen["served"] = settings
@@ -289,6 +289,36 @@ def test_serve_store_wins_over_a_redis_url(redis_from, monkeypatch, tmp_path):
     assert seen["served"].store_dir == str(tmp_path / "store")
     assert cli.main(argv) == 0  # without --store the Redis store serves
     assert seen["served"].redis_url == url
+
+
+def test_serve_exits_with_the_cause_when_a_model_does_not_load(tmp_path):
+    # A model that does not load (here a Whisper model directory with no model in it) fails
+    # the same way on every try: the replica must not stay up unready for good (/healthz
+    # 200, /readyz 503, nothing restarts it). `voicegate serve` exits, status 1, its last
+    # line the cause, so the orchestrator restarts it or alerts.
+    import subprocess
+    import sys
+
+    empty = tmp_path / "whisper-model"
+    empty.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
+               VOICEGATE_STT_PROVIDER="whisper", VOICEGATE_WHISPER_MODEL_DIR=str(empty),
+               VOICEGATE_TURN_MODEL="none")
+    for name in ("VOICEGATE_CONFIG", "VOICEGATE_REDIS_URL"):
+        env.pop(name, None)
+    argv = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+            "--store", str(tmp_path / "store")]
+    try:
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=50)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail("`voicegate serve` was still running 50 s after its STT model failed to "
+                    f"load: {(exc.stderr or b'')[-1500:]!r}")
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert last == (f"voicegate serve: loading the STT (whisper) failed: ProviderError: "
+                    f"whisper: no Whisper model at {empty} (not retried: fix the cause, then "
+                    "start again)"), done.stderr[-3000:]
 
 
 def test_the_demo_serves_the_cache_it_seeded_even_with_a_redis_url_exported(monkeypatch,
