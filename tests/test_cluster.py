@@ -13,6 +13,7 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -355,3 +356,49 @@ def test_the_balancer_resends_a_refused_get_but_never_an_admin_write(tmp_path: P
         balancer.stop()
         for replica in replicas:
             replica.close()
+
+
+@pytest.mark.slow
+async def test_a_second_sigterm_exits_at_once_while_a_call_and_a_request_hang(
+        redis_url: str, tmp_path: Path) -> None:
+    """`voicegate serve` itself, real signals: a first SIGTERM drains, and the drain waits
+    for the call (drain_timeout_s 600); a request whose body never completes would hold
+    uvicorn's shutdown too. The operator's second SIGTERM must end the process at once
+    (docs/operations.md), not after the drain, nor after uvicorn's wait for connections."""
+    replica = Replica("hung", redis_url, tmp_path, {"VOICEGATE_DRAIN_TIMEOUT_S": "600",
+                                                    "VOICEGATE_TURN_MODEL": "none",
+                                                    "VOICEGATE_IDLE_PROMPT_S": "0"})
+    caller: Caller | None = None
+    sock: socket.socket | None = None
+    try:
+        replica.wait_ready()
+        caller = Caller(replica.call_url)
+        await caller.connect()  # a call that goes on: the drain waits for it
+        sock = socket.create_connection(("127.0.0.1", replica.port), timeout=10)
+        sock.sendall(b"POST /twilio/voice HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: 64\r\n\r\nCallSid=CA")  # 10 of its 64 bytes, ever
+
+        replica.process.send_signal(signal.SIGTERM)
+        await wait_until(lambda: ready_status(replica) == 503, "the replica drains", timeout=30)
+        body = replica.ready()
+        assert body["draining"] is True and body["active_calls"] == 1
+        assert replica.process.poll() is None  # the drain waits for the call
+
+        replica.process.send_signal(signal.SIGTERM)  # the operator's patience ends
+        try:
+            code = await asyncio.to_thread(replica.process.wait, 20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second SIGTERM did not end the draining replica within 20 s:\n"
+                        + replica.log.read_text(errors="replace")[-3000:])
+        log = replica.log.read_text(errors="replace")
+        assert code == -signal.SIGTERM, log[-3000:]  # uvicorn re-raises the signal it took
+        assert '"drain_finished"' not in log  # cut short, not run out
+        # Forced: uvicorn did not wait for the call's connection or the request's.
+        assert "Waiting for connections to close" not in log, log[-3000:]
+    finally:
+        if sock is not None:
+            sock.close()
+        if caller is not None:
+            await caller.close()
+        replica.stop()
