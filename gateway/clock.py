@@ -9,11 +9,12 @@ deterministically in milliseconds of real time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import math
 import time
-from typing import Protocol
+from typing import AsyncIterator, Protocol
 
 
 class Clock(Protocol):
@@ -32,6 +33,38 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+class Deadline:
+    """What ``deadline`` yields: whether it expired (its ``TimeoutError``, not another)."""
+
+    expired = False
+
+
+@contextlib.asynccontextmanager
+async def deadline(clock: Clock, seconds: float) -> AsyncIterator[Deadline]:
+    """``asyncio.timeout(seconds)`` on ``clock``: once ``seconds`` of it have passed the
+    block is cancelled and ``TimeoutError`` raised instead, so a test's ``ManualClock``
+    decides when (a stage's stall timeout). A cancel from outside meanwhile (a barge-in)
+    stays a cancel. The block must not swallow ``CancelledError``."""
+    task = asyncio.current_task()
+    assert task is not None, "deadline() needs a task"
+    state = Deadline()
+
+    async def expire() -> None:
+        await clock.sleep(seconds)
+        state.expired = True
+        task.cancel()
+
+    watchdog = asyncio.create_task(expire(), name="vg-deadline")
+    try:
+        yield state
+    except asyncio.CancelledError:
+        if state.expired and task.uncancel() == 0:
+            raise TimeoutError(f"no result within {seconds:g} s") from None
+        raise
+    finally:
+        watchdog.cancel()
 
 
 class ManualClock:

@@ -366,6 +366,9 @@ class Settings(BaseModel):
     elevenlabs_voice_id: str = "JBFqnCBsd6RMkjVDRZzb"
     elevenlabs_model_id: str = "eleven_flash_v2_5"
     elevenlabs_sample_rate: Literal[16000, 24000] = 16000  # 16000 | 24000 (raw PCM output formats)
+    # A synthesis with no audio this long after its request has failed (a stall): the
+    # caller hears the apology instead of silence until the HTTP read timeout (30 s).
+    elevenlabs_first_audio_timeout_s: PosF = 4.0
     deepgram_api_key: str = Field(default="", repr=False)
     deepgram_url: str = ""  # empty: wss://api.deepgram.com
     deepgram_model: str = "nova-3"

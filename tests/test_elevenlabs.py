@@ -10,10 +10,13 @@ from typing import Callable, Iterator
 import pytest
 
 from gateway.audio_bank import AudioBank
+from gateway.clock import ManualClock, deadline
 from gateway.providers.base import ProviderError, TextToSpeech
 from gateway.providers.elevenlabs_tts import ElevenLabsTTS
 from gateway.providers.registry import create_tts
 from gateway.services import Services
+from gateway.settings import Settings
+from tests.call_harness import CallHarness
 from tests.fakes.elevenlabs_server import MS_PER_CHAR, FakeElevenLabs
 from tests.fakes.server import ServerThread
 
@@ -22,7 +25,10 @@ from tests.fakes.server import ServerThread
 def eleven() -> Iterator[tuple[FakeElevenLabs, ServerThread]]:
     fake = FakeElevenLabs()
     with ServerThread(fake.app) as server:
-        yield fake, server
+        try:
+            yield fake, server
+        finally:
+            fake.release.set()  # no stalled stream outlives its test
 
 
 @pytest.mark.parametrize("rate", [16000, 24000])
@@ -113,3 +119,99 @@ async def test_a_replica_whose_voice_was_down_at_start_becomes_ready_once_it_is_
         finally:
             await services.aclose()
             await tts.aclose()
+
+
+@pytest.mark.parametrize("stall", ["stall_before_response", "stall_before_audio"])
+async def test_a_stream_with_no_audio_fails_at_its_first_audio_deadline(eleven, stall):
+    # A stalled synthesis (no answer, or headers and then nothing) used to wait for httpx's
+    # read timeout, 30 s of silence on the line. It fails once the deadline passes on the
+    # clock (here a manual one), never before.
+    fake, server = eleven
+    getattr(fake, stall).set()
+    clock = ManualClock()
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url,
+                        first_audio_timeout_s=4.0, clock=clock)
+    synthesis = asyncio.ensure_future(_all(tts.synthesize("Our branches open at nine.")))
+    try:
+        assert await wait_for_async(lambda: len(fake.requests) == 1, 10), "never asked"
+        await clock.advance(3.9)
+        assert not synthesis.done()
+        await clock.advance(0.2)
+        assert await wait_for_async(synthesis.done, 10), "no failure past the deadline"
+        with pytest.raises(ProviderError, match=r"no audio within 4 s of the request"):
+            synthesis.result()
+    finally:
+        synthesis.cancel()
+        await tts.aclose()
+    # The next sentence, once the voice answers again, is spoken as ever.
+    getattr(fake, stall).clear()
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url,
+                        first_audio_timeout_s=4.0, clock=clock)
+    assert sum(map(len, await _all(tts.synthesize("Hello.")))) > 0
+    await tts.aclose()
+
+
+async def _all(chunks) -> list[bytes]:
+    return [chunk async for chunk in chunks]
+
+
+async def test_a_call_whose_voice_stalls_hears_the_apology_at_the_deadline(eleven):
+    # The call's side: the agent's sentence goes to a voice that never answers. The turn
+    # fails as `tts_failed` when the first-audio deadline (the setting's default, on the
+    # call's clock) passes, the caller hears the apology then, not 30 s of silence, and
+    # the next turn is answered once the voice is back.
+    fake, server = eleven
+    fake.stall_before_audio.set()
+    h = CallHarness()
+    cloud = Settings.load({"tts_provider": "elevenlabs", "elevenlabs_api_key": fake.api_key,
+                           "elevenlabs_base_url": server.url}, environ={})
+    assert cloud.elevenlabs_first_audio_timeout_s == 4.0
+    tts = ElevenLabsTTS.from_settings(cloud, clock=h.clock)
+    h.responder._tts = tts  # the harness's voice, replaced by the real SDK on the fake
+    h.llm.reply = "Our branches open at nine."
+    await h.start()
+    try:
+        await h.text("when do you open")
+        asked_at = h.clock.now()
+        assert await wait_for_async(lambda: len(fake.requests) == 1, 10), "never asked"
+        await h.wait(3900)
+        assert h.output.of("error") == [] and h.output.frames == []  # silence, so far
+        await h.wait(200)
+        errors = h.output.of("error")
+        assert [(e["code"], e["turn"]) for e in errors] == [("tts_failed", 1)]
+        assert "no audio within 4 s" in errors[0]["message"]
+        assert [e["source"] for e in h.output.of("response")] == ["apology"]
+        assert h.output.frames[0][0] - asked_at == pytest.approx(4.0, abs=0.03)
+        assert h.stats.errors["tts_failed"] == 1
+
+        fake.stall_before_audio.clear()  # the voice is back
+        await h.wait(2000)
+        await h.text("and on saturday")
+        assert await wait_for_async(lambda: h.output.of("response", source="llm"), 10)
+        await h.wait(3000)
+        assert [e["source"] for e in h.output.of("response")] == ["apology", "llm"]
+        assert len(fake.requests) == 2 and len(h.output.of("error")) == 1
+    finally:
+        await h.stop()
+        await tts.aclose()
+
+
+async def test_the_first_audio_deadline_leaves_a_barge_in_a_cancel():
+    # The deadline runs on the call's clock (gateway.clock.deadline): a reply cancelled
+    # meanwhile (a barge-in) is cancelled, not reported as a stall, and a block that ends
+    # in time leaves no timer behind.
+    clock = ManualClock()
+
+    async def waits_for_audio() -> None:
+        async with deadline(clock, 4.0):
+            await asyncio.Event().wait()
+
+    reply = asyncio.ensure_future(waits_for_audio())
+    await clock.advance(1.0)
+    reply.cancel()
+    await clock.settle()
+    assert reply.cancelled()
+    async with deadline(clock, 4.0) as in_time:
+        await clock.advance(1.0)
+    await clock.advance(5.0)
+    assert not in_time.expired and clock.sleeping == 0

@@ -2,6 +2,10 @@
 
 ``POST /v1/text-to-speech/{voice_id}/stream?output_format=pcm_16000`` answers raw
 16-bit little-endian mono PCM, streamed; chunks are passed on as they arrive.
+
+A stream with no audio ``first_audio_timeout_s`` after the request (the request queued,
+the connection hung) fails then (``ProviderError``: the call's ``tts_failed`` and the
+apology), not at httpx's read timeout (30 s) after as long a silence on the line.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import httpx
 from elevenlabs.client import AsyncElevenLabs
 from elevenlabs.core.api_error import ApiError
 
+from gateway.clock import SYSTEM_CLOCK, Clock, deadline
 from gateway.providers.base import ProviderError
 from gateway.settings import Settings
 
@@ -25,7 +30,8 @@ class ElevenLabsTTS:
 
     def __init__(self, api_key: str, *, voice_id: str, model_id: str = "eleven_flash_v2_5",
                  sample_rate: int = 16000, base_url: str = "", timeout_s: float = 30.0,
-                 chunk_bytes: int = 1024) -> None:
+                 chunk_bytes: int = 1024, first_audio_timeout_s: float = 4.0,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         if not api_key:
             raise ProviderError(self.name, "no API key (set VOICEGATE_ELEVENLABS_API_KEY)")
         if sample_rate not in SAMPLE_RATES:
@@ -34,28 +40,34 @@ class ElevenLabsTTS:
         self.voice_id = voice_id
         self.model_id = model_id
         self._chunk_bytes = chunk_bytes  # 1024 bytes = 32 ms at 16 kHz: small enough to start at once
+        self._first_audio_timeout_s = first_audio_timeout_s
+        self._clock = clock  # the first-audio deadline's (a test's ManualClock)
         self._http = httpx.AsyncClient(timeout=timeout_s)
         self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url or None, httpx_client=self._http)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "ElevenLabsTTS":
+    def from_settings(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> "ElevenLabsTTS":
         return cls(settings.elevenlabs_api_key, voice_id=settings.elevenlabs_voice_id,
                    model_id=settings.elevenlabs_model_id, sample_rate=settings.elevenlabs_sample_rate,
-                   base_url=settings.elevenlabs_base_url)
+                   base_url=settings.elevenlabs_base_url,
+                   first_audio_timeout_s=settings.elevenlabs_first_audio_timeout_s, clock=clock)
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
         stream = self._client.text_to_speech.stream(
             self.voice_id, text=text, model_id=self.model_id, output_format=f"pcm_{self.sample_rate}",
             request_options={"chunk_size": self._chunk_bytes})
+        chunks = aiter(stream)
         carry = b""  # keep chunks sample-aligned: an odd byte waits for the next chunk
         try:
-            async for chunk in stream:
+            chunk = await self._first_audio(chunks)
+            while chunk is not None:
                 if carry:
                     chunk, carry = carry + chunk, b""
                 if len(chunk) % 2:
                     chunk, carry = chunk[:-1], chunk[-1:]
                 if chunk:
                     yield chunk
+                chunk = await anext(chunks, None)
         except ApiError as exc:
             # Never str(exc): it renders headers. Status and body only.
             raise ProviderError(self.name, f"HTTP {exc.status_code}: {_detail(exc.body)}") from exc
@@ -65,6 +77,19 @@ class ElevenLabsTTS:
             raise ProviderError(self.name, f"cannot reach the synthesis endpoint: {type(exc).__name__}") from exc
         finally:
             await stream.aclose()  # closes the HTTP response on barge-in too
+
+    async def _first_audio(self, chunks: AsyncIterator[bytes]) -> bytes | None:
+        """The stream's first bytes (None: it ended without any), within
+        ``first_audio_timeout_s`` of the request, else a ``ProviderError``."""
+        limit = self._first_audio_timeout_s
+        try:
+            async with deadline(self._clock, limit) as first_audio:
+                return await anext(chunks, None)
+        except TimeoutError:
+            if not first_audio.expired:
+                raise
+            raise ProviderError(self.name, f"no audio within {limit:g} s of the request "
+                                           "(VOICEGATE_ELEVENLABS_FIRST_AUDIO_TIMEOUT_S)") from None
 
     async def aclose(self) -> None:
         await self._http.aclose()

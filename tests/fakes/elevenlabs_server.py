@@ -31,6 +31,10 @@ class FakeElevenLabs:
         # When set, the stream pauses after its first piece until ``release`` is set:
         # a test can prove the first audio arrived before the synthesis finished.
         self.hold_after_first = threading.Event()
+        # Stalls, until ``release`` is set: no answer at all (the request queued), or its
+        # headers and then no audio (a stream that hangs before its first byte).
+        self.stall_before_response = threading.Event()
+        self.stall_before_audio = threading.Event()
         self.release = threading.Event()
         self.app = Starlette(routes=[Route("/v1/text-to-speech/{voice_id}/stream", self._stream,
                                            methods=["POST"])])
@@ -52,15 +56,22 @@ class FakeElevenLabs:
                                 status_code=self.status)
         rate = int(output_format.split("_")[1])
         pcm = tone(len(body.get("text", "")) * MS_PER_CHAR, rate)
+        if self.stall_before_response.is_set():
+            await self._until_released()
         return StreamingResponse(self._pieces(pcm), media_type="audio/pcm")
 
+    async def _until_released(self) -> None:
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+
     async def _pieces(self, pcm: bytes):
+        if self.stall_before_audio.is_set():
+            await self._until_released()
         step = self.piece_bytes + 1  # an odd size, as a network may deliver
         for n, offset in enumerate(range(0, len(pcm), step)):
             yield pcm[offset:offset + step]
             if n == 0 and self.hold_after_first.is_set():
-                while not self.release.is_set():
-                    await asyncio.sleep(0.01)
+                await self._until_released()
             if self.piece_delay_s:
                 await asyncio.sleep(self.piece_delay_s)
 
