@@ -127,7 +127,9 @@ def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str
     for entry in keyed.values():
         if entry.audio_key is None or entry.audio_key in todo:
             continue
-        if store.has_audio(entry.audio_key):
+        # Claimed, not just found: the clean-up after another publish spares audio a seed
+        # is about to use, though no version names it until this one is published.
+        if store.claim_audio(entry.audio_key):
             reused += 1
         else:
             todo[entry.audio_key] = entry.answer or ""

@@ -87,15 +87,9 @@ def _call(args: argparse.Namespace) -> int:
 
 def _store(args: argparse.Namespace, settings: Any) -> Any:
     """--store DIR wins, then --redis URL / VOICEGATE_REDIS_URL, then the local store dir."""
-    from intents.store import LocalStore
+    from .stores import open_store
 
-    if args.store:
-        return LocalStore(args.store)
-    if settings.redis_url:
-        from intents.redis_store import RedisStore
-
-        return RedisStore(settings.redis_url, prefix=settings.redis_prefix)
-    return LocalStore(settings.store_dir)
+    return open_store(settings, args.store or None)
 
 
 def _seed(args: argparse.Namespace) -> int:

@@ -7,13 +7,12 @@ import time
 from pathlib import Path
 
 from .audio import resample_pcm16, write_wav
-from intents.store import LocalStore
-
 from .seeding import seed_with_voice
 from .client import Caller, format_event
 from .runtime import Runtime
 from .server import BackgroundServer
 from .settings import Settings
+from .stores import open_store
 
 CALLER_LINES = (
     "Hi, what time do your branches open on Saturday?",  # a FAQ, in the caller's words
@@ -43,7 +42,7 @@ def run_demo(out_dir: Path, port: int = 0) -> int:
     print("  " + ", ".join(f"{k} {v:.2f}s" for k, v in runtime.load_times_s.items()))
     print(f"seeding the FAQ cache from {FAQ_CSV.name} (answers rendered once, then reused) ...",
           flush=True)
-    report = seed_with_voice(FAQ_CSV, LocalStore(settings.store_dir), runtime.tts,
+    report = seed_with_voice(FAQ_CSV, open_store(settings), runtime.tts,
                              runtime.embedder, progress=False)
     print("  " + report.summary())
     server = BackgroundServer(settings, runtime).start()

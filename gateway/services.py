@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from starlette.websockets import WebSocket
 
-from intents.redis_store import RedisKeys, RedisStore
-from intents.store import LocalStore, Store
+from intents.redis_store import RedisKeys
+from intents.store import Store
 
 from . import logs
 from .call import Call, CallDeps, CallOutput
@@ -29,6 +29,7 @@ from .runtime import ModelLoadError, Runtime
 from .settings import Settings
 from .shared_stats import SharedStats
 from .stats import Stats
+from .stores import open_store
 from .transports.twilio_rest import TwilioCallControl
 
 log = logging.getLogger("voicegate.services")
@@ -36,6 +37,12 @@ log = logging.getLogger("voicegate.services")
 # Start-up steps that reach the network (the voice rendering the prompts, the store) are
 # retried after a failure: first after this long, doubling up to the cap.
 LOAD_RETRY_S = (1.0, 30.0)
+
+
+def _counted_on(loop: asyncio.AbstractEventLoop, stats: Stats, code: str) -> Callable[[], None]:
+    """Counts an error from a worker thread (a publish's clean-up) on the serving loop,
+    where the stats and their observers live."""
+    return lambda: loop.call_soon_threadsafe(stats.error, code)
 
 
 class Services:
@@ -117,6 +124,8 @@ class Services:
                     rendered = True
                 if cache is None:
                     cache = FaqCache(self.open_store(), runtime.embedder)
+                    cache.store.on_cleanup_failed = _counted_on(
+                        asyncio.get_running_loop(), runtime.stats, "cache_cleanup_failed")
                 await asyncio.to_thread(cache.refresh)
                 break
             except Exception as exc:
@@ -156,9 +165,7 @@ class Services:
                    store="redis" if self.settings.redis_url else "local")
 
     def open_store(self) -> Store:
-        if self.settings.redis_url:
-            return RedisStore(self.settings.redis_url, prefix=self.settings.redis_prefix)
-        return LocalStore(self.settings.store_dir)
+        return open_store(self.settings)
 
     def _start_redis(self, runtime: Runtime, cache: FaqCache) -> None:
         """Pub/sub reloads, degraded-mode tracking and the shared counters."""

@@ -166,6 +166,13 @@ class Settings(BaseModel):
     # Set: the shared Redis store replaces store_dir (docs/operations.md). May hold a password.
     redis_url: str = Field(default="", repr=False)
     redis_prefix: str = "voicegate:"  # namespace of every key and channel in that Redis
+    # After each publish the store keeps the newest this many cache versions (and always
+    # the current one) and deletes the rest: Redis runs with noeviction, so nothing else
+    # frees them. Audio none of the kept versions names is deleted once no seed has
+    # written or reused it for cache_audio_grace_s: longer than a seed takes from
+    # rendering its answers to publishing (calibration included).
+    cache_versions_kept: Pos = 10
+    cache_audio_grace_s: PosF = 3600.0
     # How often a replica checks the store for a newly published cache version.
     cache_poll_s: PosF = 2.0
     # Partial transcripts shorter than this are not routed speculatively.

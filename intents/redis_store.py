@@ -8,18 +8,28 @@ seed.
 
 Key layout (``prefix`` defaults to ``voicegate:``)::
 
-    <prefix>audio:<sha256>      hash  pcm (16-bit mono PCM bytes), rate (Hz)
-    <prefix>version:<name>      hash  manifest (JSON), vectors (.npy bytes), classifier
+    <prefix>audio:<sha256>      hash  pcm (16-bit mono PCM bytes), rate (Hz), t (when a seed
+                                      last wrote or reused it, Unix seconds)
+    <prefix>version:<name>      hash  manifest (JSON), vectors (.npy bytes), classifier,
+                                      audio (the audio keys it names, space-separated)
     <prefix>current             string  name of the serving version
-    <prefix>published           sorted set  every published version, scored by publish time
+    <prefix>published           sorted set  the kept published versions, scored by publish time
 
     channel <prefix>versions    PUBLISH <name> when a version becomes current
 
 Publishing writes ``version:<name>`` with one HSET (a single atomic command), then
 moves ``current``, records it in ``published`` and publishes on the channel in one Lua
 script (``_swap_pointer``: it checks its keys' types first, as MULTI/EXEC would not roll
-back, and that the version's hash exists): a replica told about a version can always read
-all of it.
+back, that the version's hash exists and that every audio key it names exists): a replica
+told about a version can always read all of it.
+
+Then the clean-up (``intents.store``: retention): versions in ``published`` beyond the
+newest ``keep_versions`` are deleted (never the one ``current`` names), and audio that no
+version left in ``published`` or ``current`` names, and that no seed wrote or reused
+(``claim_audio``) within ``audio_grace_s``, is deleted in a transaction that watches
+``current``, ``published`` and those audio keys: a publish or a seed's claim meanwhile
+aborts it (the next publish tries again). Audio without ``t`` (stored by an older
+voicegate) gets it at the first clean-up that finds it unused, and its grace starts then.
 
 Nothing published is lost only if the Redis persists (``appendonly yes``): see
 docs/operations.md, "Scaling with Redis".
@@ -29,6 +39,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 import secrets
 import time
 from typing import Any, Callable
@@ -39,16 +51,23 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from intents.store import (ANY_VERSION, MANIFEST_FORMAT, AnyVersion, CacheBundle, Store,
-                           StoreConflict, StoreError, check_format, conflict_message)
+from intents.store import (ANY_VERSION, AUDIO_GRACE_S, KEEP_VERSIONS, MANIFEST_FORMAT,
+                           AnyVersion, CacheBundle, Store, StoreConflict, StoreError,
+                           check_format, conflict_message, kept_versions,
+                           missing_audio_message, referenced_audio)
 from intents.types import Audio
 
 DEFAULT_PREFIX = "voicegate:"
 
+log = logging.getLogger("voicegate.store")
+
 # Checks every key first, then writes: no half-applied swap (MULTI/EXEC never rolls back).
 # ARGV[4] '1': only if the pointer names ARGV[5] ('' for none); else returns the current one.
 # KEYS[3], the version's hash, must exist: a swap delivered late, after the failed publish's
-# clean-up deleted that hash, must not point `current` at nothing.
+# clean-up deleted that hash, must not point `current` at nothing. So must every audio key
+# its `audio` field names (ARGV[6]: their prefix; read here, so not declared as KEYS, as
+# this store's scripts already assume one Redis, not a cluster): a seed that ran longer than
+# the audio grace may have reused audio a clean-up deleted meanwhile. Returns {2, that key}.
 _SWAP = """
 for i, want in ipairs({'string', 'zset'}) do
   local t = redis.call('TYPE', KEYS[i]).ok
@@ -63,6 +82,10 @@ end
 if redis.call('EXISTS', KEYS[3]) == 0 then
   return redis.error_reply('NOVERSION ' .. KEYS[3] .. ' does not exist: pointer not moved')
 end
+local audio = redis.call('HGET', KEYS[3], 'audio') or ''
+for key in string.gmatch(audio, '%x+') do
+  if redis.call('EXISTS', ARGV[6] .. key) == 0 then return {2, key} end
+end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('PUBLISH', ARGV[3], ARGV[1])
@@ -74,6 +97,31 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return -1 end
 redis.call('DEL', KEYS[2])
 return 0
 """
+# A seed is about to reuse this audio: its clean-up grace starts again (1), or it is gone (0).
+_CLAIM_AUDIO = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 't', ARGV[1])
+return 1
+"""
+# Old versions: KEYS[1] current, KEYS[2] published, KEYS[2 + i] the hash of ARGV[i]. The one
+# `current` names is never dropped. UNLINK: Redis frees the memory off its main thread.
+_DROP_VERSIONS = """
+local current = redis.call('GET', KEYS[1])
+local dropped = 0
+for i, name in ipairs(ARGV) do
+  if name ~= current then
+    redis.call('UNLINK', KEYS[2 + i])
+    redis.call('ZREM', KEYS[2], name)
+    dropped = dropped + 1
+  end
+end
+return dropped
+"""
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a SCAN pattern (a prefix may hold ``*?[]\\``)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def redacted(url: str) -> str:
@@ -105,9 +153,16 @@ class RedisKeys:
 
 class RedisStore(Store):
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, *, timeout_s: float = 5.0,
-                 client: redis.Redis | None = None) -> None:
+                 client: redis.Redis | None = None, keep_versions: int = KEEP_VERSIONS,
+                 audio_grace_s: float = AUDIO_GRACE_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        if keep_versions < 1 or audio_grace_s <= 0:
+            raise ValueError("keep_versions must be at least 1 and audio_grace_s positive")
         self.url = url
         self.keys = RedisKeys(prefix)
+        self.keep_versions = keep_versions
+        self.audio_grace_s = audio_grace_s
+        self._clock = clock  # publish times and audio ages (a test's clock)
         # Few, short retries: a caller (seed CLI, refresh thread) should learn quickly that
         # Redis is gone rather than hang in redis-py's default backoff.
         self._redis = client or redis.Redis.from_url(
@@ -131,6 +186,11 @@ class RedisStore(Store):
     def has_audio(self, key: str) -> bool:
         return bool(self._call("has_audio", lambda: self._redis.exists(self.keys.audio(key))))
 
+    def claim_audio(self, key: str) -> bool:
+        name = self.keys.audio(key)
+        return bool(self._call("claim_audio", lambda: self._redis.eval(
+            _CLAIM_AUDIO, 1, name, self._clock())))
+
     def get_audio(self, key: str) -> Audio:
         pcm, rate = self._call("get_audio",
                                lambda: self._redis.hmget(self.keys.audio(key), ["pcm", "rate"]))
@@ -143,7 +203,7 @@ class RedisStore(Store):
             raise ValueError("16-bit PCM must have an even number of bytes")
         name = self.keys.audio(key)
         self._call("put_audio", lambda: self._redis.hset(
-            name, mapping={"pcm": audio.pcm, "rate": audio.sample_rate}))
+            name, mapping={"pcm": audio.pcm, "rate": audio.sample_rate, "t": self._clock()}))
 
     # -- versions ------------------------------------------------------------------
     def publish(self, bundle: CacheBundle,
@@ -152,8 +212,12 @@ class RedisStore(Store):
         manifest = dict(bundle.manifest, format=MANIFEST_FORMAT, version=version)
         vectors = io.BytesIO()
         np.save(vectors, np.ascontiguousarray(bundle.vectors, dtype=np.float32))
+        audio = sorted(referenced_audio(manifest) or ())
+        for name in audio:
+            self.keys.audio(name)  # a malformed key is refused before anything is written
         fields = {"manifest": json.dumps(manifest, ensure_ascii=False).encode("utf-8"),
-                  "vectors": vectors.getvalue(), "classifier": bundle.classifier}
+                  "vectors": vectors.getvalue(), "classifier": bundle.classifier,
+                  "audio": " ".join(audio)}
         key = self.keys.version(version)
         self._call("publish: write version", lambda: self._redis.hset(key, mapping=fields))
         try:
@@ -168,6 +232,7 @@ class RedisStore(Store):
             except redis.RedisError:
                 pass
             raise
+        self._clean_up_quietly(version, self._clean_up)
         return version
 
     def _swap_pointer(self, version: str, replaces: str | None | AnyVersion) -> None:
@@ -175,16 +240,96 @@ class RedisStore(Store):
         version and tells every subscribed replica, after checking that no key it writes
         holds a foreign type (MULTI/EXEC would apply the rest and not roll back), that the
         version's hash exists (a swap delayed past the clean-up of its failed publish is
-        refused) and, when asked, that the pointer still names the version this one
+        refused), that every audio key it names exists (a seed that outran the clean-up's
+        grace is refused) and, when asked, that the pointer still names the version this one
         replaces."""
         checked = replaces is not ANY_VERSION
         moved, current = self._call("publish: move pointer", lambda: self._redis.eval(
             _SWAP, 3, self.keys.current, self.keys.published, self.keys.version(version),
-            version, time.time(),
-            self.keys.channel, "1" if checked else "0", (replaces or "") if checked else ""))
+            version, self._clock(), self.keys.channel, "1" if checked else "0",
+            (replaces or "") if checked else "", f"{self.keys.prefix}audio:"))
+        if moved == 2:
+            missing = current.decode("ascii") if isinstance(current, bytes) else str(current)
+            raise StoreError(missing_audio_message(version, [missing]))
         if not moved:
             current = current.decode("utf-8", "replace") if isinstance(current, bytes) else current
             raise StoreConflict(conflict_message(replaces, current or None))
+
+    def _clean_up(self) -> None:
+        """After a publish: drop the versions beyond the kept ones, then unused audio."""
+        self._drop_old_versions()
+        self._drop_unused_audio()
+
+    def _drop_old_versions(self) -> None:
+        newest_first = [n.decode("utf-8") for n in
+                        self._redis.zrevrange(self.keys.published, 0, -1)]
+        kept = kept_versions(newest_first, self.current_version(), self.keep_versions)
+        old = [name for name in newest_first if name not in kept]
+        if old:
+            self._redis.eval(_DROP_VERSIONS, 2 + len(old), self.keys.current,
+                             self.keys.published, *[self.keys.version(n) for n in old], *old)
+
+    def _drop_unused_audio(self) -> None:
+        """Delete audio that no kept version names and no seed claimed within the grace, in
+        one transaction watching what it was decided on (a publish or a claim meanwhile
+        aborts it: skipped until the next publish)."""
+        prefix = f"{self.keys.prefix}audio:"
+        with self._redis.pipeline() as watched:
+            watched.watch(self.keys.current, self.keys.published)
+            names = {n.decode("utf-8") for n in watched.zrange(self.keys.published, 0, -1)}
+            current = watched.get(self.keys.current)
+            if current:
+                names.add(current.decode("utf-8"))
+            used: set[str] = set()
+            for name in names:
+                used |= self._audio_of(name)
+            start = len(prefix.encode("utf-8"))
+            unused = [k for k in self._redis.scan_iter(match=_glob_escape(prefix) + "*",
+                                                       count=1000, _type="hash")
+                      if k[start:].decode("ascii", "replace") not in used]
+            if not unused:
+                return
+            watched.watch(*unused)  # from here on a claim or a write aborts the transaction
+            reads = self._redis.pipeline(transaction=False)
+            for k in unused:
+                reads.hmget(k, ["rate", "t"])
+            stamps = reads.execute()
+            cutoff = self._clock() - self.audio_grace_s
+            stale = [k for k, (rate, t) in zip(unused, stamps)
+                     if rate is not None and t is not None and float(t) < cutoff]
+            unstamped = [k for k, (rate, t) in zip(unused, stamps)
+                         if rate is not None and t is None]
+            if not stale and not unstamped:
+                return
+            watched.multi()
+            if stale:
+                watched.unlink(*stale)
+            for k in unstamped:  # stored by an older voicegate: its grace starts now
+                watched.hset(k, "t", self._clock())
+            try:
+                watched.execute()
+            except redis.WatchError:
+                log.info("cache_cleanup_deferred reason=a publish or a seed changed the "
+                         "store meanwhile")
+
+    def _audio_of(self, version: str) -> set[str]:
+        """The audio keys a stored version names: its ``audio`` field, or (a version from an
+        older voicegate) its manifest's entries. Raises StoreError when they are unknown."""
+        key = self.keys.version(version)
+        audio = self._redis.hget(key, "audio")
+        if audio is not None:
+            return set(audio.decode("ascii").split())
+        raw = self._redis.hget(key, "manifest")
+        if raw is None:
+            return set()  # no such version: it names nothing
+        try:
+            found = referenced_audio(json.loads(raw.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError):
+            found = None
+        if found is None:
+            raise StoreError(f"cache version {version}'s manifest lists no entries: its "
+                             "audio is unknown, so no audio was deleted")
+        return found
 
     def current_version(self) -> str | None:
         name = self._call("current_version", lambda: self._redis.get(self.keys.current))

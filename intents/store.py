@@ -10,11 +10,22 @@ never sees half a seed, and a seed that fails before the swap leaves the previou
 version serving. Audio is content-addressed (``audio_key``), outside versions, so a
 re-seed renders only answers whose text or voice changed.
 
+Nothing else ever frees a store (Redis runs with noeviction), so after each publish
+the store keeps the current version and the newest ``keep_versions`` published ones,
+deletes the rest, and deletes audio that none of the kept versions names once no seed
+has written or reused it (``claim_audio``) for ``audio_grace_s``: a seed between its
+rendering and its publish has no version naming its audio yet. Should the grace be too
+short for a seed, its publish is refused (the pointer never names a version whose audio
+is gone) rather than served broken. A clean-up that fails is logged and counted, never a
+failed publish.
+
 Layout of a ``LocalStore``::
 
     CURRENT                      name of the serving version
     versions/<version>/manifest.json, vectors.npy, classifier.joblib
-    audio/<sha256>.wav           16-bit mono PCM answers
+                                 (the directory's mtime: when it was published)
+    audio/<sha256>.wav           16-bit mono PCM answers (mtime: when a seed last wrote
+                                 or reused it)
 """
 
 from __future__ import annotations
@@ -23,7 +34,9 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -31,7 +44,7 @@ import wave
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -39,6 +52,12 @@ from intents.types import Audio
 
 # 2: the router's models blob holds the classifier and the judge (intents.router).
 MANIFEST_FORMAT = 2
+
+# Retention after a publish (gateway settings cache_versions_kept, cache_audio_grace_s).
+KEEP_VERSIONS = 10
+AUDIO_GRACE_S = 3600.0
+
+log = logging.getLogger("voicegate.store")
 
 
 class StoreError(RuntimeError):
@@ -64,6 +83,25 @@ def audio_key(text: str, voice_id: str) -> str:
     return hashlib.sha256(f"{voice_id}\n{text}".encode("utf-8")).hexdigest()
 
 
+def referenced_audio(manifest: Any) -> set[str] | None:
+    """The audio keys a version's manifest names (its entries' answers); None when the
+    manifest does not list its entries, so what it uses is unknown."""
+    entries = manifest.get("entries") if isinstance(manifest, Mapping) else None
+    if not isinstance(entries, list):
+        return None
+    return {e["audio_key"] for e in entries
+            if isinstance(e, Mapping) and isinstance(e.get("audio_key"), str) and e["audio_key"]}
+
+
+def kept_versions(newest_first: Iterable[str], current: str | None, keep: int) -> set[str]:
+    """The versions a clean-up keeps: the newest ``keep`` and the current one, whatever its
+    age (a publisher's clock may run ahead of another's)."""
+    kept = set(list(newest_first)[:keep])
+    if current is not None:
+        kept.add(current)
+    return kept
+
+
 @dataclass(frozen=True)
 class CacheBundle:
     """Everything one published cache version consists of (audio aside)."""
@@ -74,9 +112,19 @@ class CacheBundle:
 
 
 class Store(ABC):
+    # Called (from the publishing thread) when a publish succeeded but its clean-up failed:
+    # the gateway counts it. The failure is logged and counted in ``cleanup_failures``.
+    on_cleanup_failed: Callable[[], None] | None = None
+    cleanup_failures: int = 0
+
     # -- audio, content-addressed --------------------------------------------
     @abstractmethod
     def has_audio(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def claim_audio(self, key: str) -> bool:
+        """Whether the audio is stored; if it is, a seed is about to use it: the clean-up
+        after another publish spares it for the grace period (no version names it yet)."""
 
     @abstractmethod
     def get_audio(self, key: str) -> Audio: ...
@@ -103,13 +151,38 @@ class Store(ABC):
     def read(self, version: str | None = None) -> tuple[str, CacheBundle]:
         """(name, bundle) of ``version``, default the current one."""
 
+    def _clean_up_quietly(self, published: str, clean_up: Callable[[], None]) -> None:
+        """Run a publish's clean-up; a failure is logged and counted, never raised: the
+        version is published, and the next publish tries the clean-up again."""
+        try:
+            clean_up()
+        except Exception as exc:
+            self.cleanup_failures += 1
+            log.warning("cache_cleanup_failed version=%s error=%s: %s", published,
+                        type(exc).__name__, exc)
+            try:
+                if self.on_cleanup_failed is not None:
+                    self.on_cleanup_failed()
+            except Exception:  # counting it must not fail the publish either
+                log.exception("cache_cleanup_count_failed version=%s", published)
+
+
+_AUDIO_FILE = re.compile(r"[0-9a-f]{64}\.wav")
+
 
 class LocalStore(Store):
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, keep_versions: int = KEEP_VERSIONS,
+                 audio_grace_s: float = AUDIO_GRACE_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        if keep_versions < 1 or audio_grace_s <= 0:
+            raise ValueError("keep_versions must be at least 1 and audio_grace_s positive")
         self.root = Path(root)
         self._versions = self.root / "versions"
         self._audio = self.root / "audio"
         self._pointer = self.root / "CURRENT"
+        self.keep_versions = keep_versions
+        self.audio_grace_s = audio_grace_s
+        self._clock = clock  # publish times and audio ages (a test's clock)
 
     # -- audio -------------------------------------------------------------------
     def _audio_path(self, key: str) -> Path:
@@ -119,6 +192,20 @@ class LocalStore(Store):
 
     def has_audio(self, key: str) -> bool:
         return self._audio_path(key).is_file()
+
+    def claim_audio(self, key: str) -> bool:
+        try:
+            self._stamp(self._audio_path(key))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _write_failed(self._audio_path(key), exc) from exc
+        return True
+
+    def _stamp(self, path: Path) -> None:
+        """Date a file or directory by this store's clock (its age for the clean-up)."""
+        now = self._clock()
+        os.utime(path, (now, now))
 
     def get_audio(self, key: str) -> Audio:
         path = self._audio_path(key)
@@ -143,6 +230,7 @@ class LocalStore(Store):
         try:
             self._audio.mkdir(parents=True, exist_ok=True)
             _atomic_write(path, buffer.getvalue())
+            self._stamp(path)
         except OSError as exc:  # e.g. the disk is full: a StoreError, as reads are
             raise _write_failed(path, exc) from exc
 
@@ -161,26 +249,66 @@ class LocalStore(Store):
             np.save(vectors, np.ascontiguousarray(bundle.vectors, dtype=np.float32))
             _write_synced(staging / "vectors.npy", vectors.getvalue())
             _write_synced(staging / "classifier.joblib", bundle.classifier)
-            os.rename(staging, self._versions / version)
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(exc, OSError):
                 raise _write_failed(self._versions / version, exc) from exc
             raise
         # The only step readers can observe: the pointer now names a complete version.
-        # Checked and moved under a lock, so two publishing processes cannot interleave.
+        # Checked and moved under a lock, so two publishing processes cannot interleave; the
+        # version enters versions/ under it too, so a clean-up never meets one in flight.
         try:
             with open(self.root / ".publish.lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 current = self.current_version()
                 if replaces is not ANY_VERSION and current != replaces:
-                    shutil.rmtree(self._versions / version, ignore_errors=True)
+                    shutil.rmtree(staging, ignore_errors=True)
                     raise StoreConflict(conflict_message(replaces, current))
+                missing = sorted(k for k in referenced_audio(manifest) or ()
+                                 if not self.has_audio(k))
+                if missing:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise StoreError(missing_audio_message(version, missing))
+                os.rename(staging, self._versions / version)
+                self._stamp(self._versions / version)  # its publish time, for the clean-up
                 _atomic_write(self._pointer, (version + "\n").encode("ascii"))
+                self._clean_up_quietly(version, self._clean_up)
         except OSError as exc:  # the pointer did not move (os.replace is all or nothing)
+            shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(self._versions / version, ignore_errors=True)
             raise _write_failed(self._pointer, exc) from exc
         return version
+
+    def _clean_up(self) -> None:
+        """Under the publish lock: delete versions beyond the kept ones, then audio none of
+        them names that no seed wrote or reused within the grace period."""
+        current = self.current_version()
+        by_age = sorted(((p.stat().st_mtime, p.name) for p in self._versions.iterdir()
+                         if p.is_dir() and not p.name.startswith(".")), reverse=True)
+        kept = kept_versions((name for _, name in by_age), current, self.keep_versions)
+        for _, name in by_age:
+            if name not in kept:
+                shutil.rmtree(self._versions / name)
+        used: set[str] = set()
+        for name in kept:
+            try:
+                manifest = json.loads((self._versions / name / "manifest.json")
+                                      .read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"cannot read cache version {name}'s manifest ({exc}): its "
+                                 "audio is unknown, so no audio was deleted") from exc
+            keys = referenced_audio(manifest)
+            if keys is None:
+                raise StoreError(f"cache version {name} lists no entries: its audio is "
+                                 "unknown, so no audio was deleted")
+            used |= keys
+        if not self._audio.is_dir():
+            return
+        cutoff = self._clock() - self.audio_grace_s
+        for path in self._audio.iterdir():
+            if _AUDIO_FILE.fullmatch(path.name) and path.stem not in used \
+                    and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
 
     def current_version(self) -> str | None:
         try:
@@ -217,6 +345,13 @@ def check_format(version: str, manifest: dict[str, Any]) -> None:
                          f"{MANIFEST_FORMAT}" + (": it was published by an older voicegate, "
                                                  "seed again to publish it in this format"
                                                  if older else ""))
+
+
+def missing_audio_message(version: str, missing: list[str]) -> str:
+    return (f"cache version {version} names audio the store does not have ({missing[0]}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): a clean-up "
+            f"deleted it while this seed ran for longer than the audio grace period, or it was "
+            f"never stored; nothing was published, seed again")
 
 
 def conflict_message(replaces: object, current: str | None) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import shutil
 import signal
@@ -155,6 +156,149 @@ def test_publish_announces_the_version_on_the_channel(store: RedisStore, redis_u
         message = pubsub.get_message(timeout=0.5)
     pubsub.close()
     assert message is not None and message["data"] == version.encode()
+
+
+def with_audio(*keys: str) -> CacheBundle:
+    """A version whose entries' answers are the audio ``keys``."""
+    entries = [{"id": f"e{n}", "intent": f"e{n}", "action": "answer", "answer": "...",
+                "questions": ["?"], "audio_key": key} for n, key in enumerate(keys)]
+    return CacheBundle({"entries": entries, "questions": []}, np.zeros((1, 4), np.float32), b"m")
+
+
+CLIP = Audio(b"\x01\x00\x02\x00", 16000)
+
+
+def test_publishing_keeps_the_newest_ten_versions(store: RedisStore, redis_url: str) -> None:
+    """Every seed and admin edit publishes a version, and Redis runs with noeviction: versions
+    nothing deletes grow it until it refuses writes. After a publish only the newest ten
+    (cache_versions_kept's default) are left, hash and `published` entry alike."""
+    names = [store.publish(bundle(str(n))) for n in range(12)]
+    assert store.versions() == sorted(names[2:])
+    raw = redis.Redis.from_url(redis_url)
+    assert raw.exists(*(f"vgtest:version:{name}" for name in names[:2])) == 0
+    assert raw.zcard("vgtest:published") == 10
+    raw.close()
+    assert store.current_version() == names[-1] and store.read()[1].manifest["marker"] == "11"
+    assert store.read(names[2])[1].manifest["marker"] == "2"  # the oldest kept stays whole
+
+
+def test_audio_no_kept_version_names_goes_once_no_seed_used_it_for_the_grace(
+        redis_url: str) -> None:
+    now = [1000.0]
+    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100,
+                       clock=lambda: now[0])
+    raw = redis.Redis.from_url(redis_url)
+    a, b, c, d, legacy = (audio_key(text, "voice-1") for text in "ABCDE")
+    for key in (a, b, c, d):
+        store.put_audio(key, CLIP)
+    # Stored by a voicegate from before the clean-up: no `t`.
+    raw.hset(f"vgtest:audio:{legacy}", mapping={"pcm": CLIP.pcm, "rate": CLIP.sample_rate})
+
+    def publish(*keys: str) -> str:
+        now[0] += 1  # publish times are this clock's
+        return store.publish(with_audio(*keys))
+
+    def stored() -> set[str]:
+        return {k for k in (a, b, c, d, legacy) if store.has_audio(k)}
+
+    first = publish(a)
+    # The first clean-up to find it unused starts its grace.
+    assert float(raw.hget(f"vgtest:audio:{legacy}", "t")) == now[0]
+    second = publish(a, b)
+    third = publish(c)
+    assert store.versions() == sorted([second, third])  # the first is gone
+    assert stored() == {a, b, c, d, legacy}  # unused audio within the grace stays
+
+    now[0] += 200  # past the grace of all of them
+    assert store.claim_audio(b)  # a seed is about to reuse b: no version names it yet
+    assert not store.claim_audio(audio_key("never stored", "voice-1"))
+    fourth = publish(c)  # the second goes: a and b are named by no kept version
+    assert store.versions() == sorted([third, fourth]) and first not in store.versions()
+    assert stored() == {b, c}  # a, d and legacy were unused for the grace; b was claimed
+    assert store.read()[0] == fourth
+    raw.close()
+    store.close()
+
+
+def test_the_current_version_is_kept_even_when_another_clock_dated_one_later(
+        redis_url: str) -> None:
+    """Publish times come from each publisher's clock: a replica whose clock runs ahead
+    dates its version later than the current one, published after it by another."""
+    ahead = RedisStore(redis_url, prefix="vgtest:", keep_versions=1, clock=lambda: 5000.0)
+    behind = RedisStore(redis_url, prefix="vgtest:", keep_versions=1, clock=lambda: 1000.0)
+    early = ahead.publish(bundle("early"))
+    current = behind.publish(bundle("current"))
+    assert behind.current_version() == current
+    assert behind.read()[1].manifest["marker"] == "current"
+    assert behind.versions() == sorted([early, current])
+    ahead.close()
+    behind.close()
+
+
+def test_a_seed_claiming_audio_while_the_clean_up_runs_keeps_it(redis_url: str) -> None:
+    """The clean-up decides on a snapshot; a seed (another replica) claims audio after the
+    clean-up read its age and before it deletes it: the transaction watching that audio
+    is aborted, and the audio stays for the seed."""
+    now = [1000.0]
+    calls = 0
+
+    def clock() -> float:
+        nonlocal calls
+        calls += 1
+        if calls == armed:  # the clean-up's cutoff: after it read the audio's age
+            assert seeder.claim_audio(x)
+        return now[0]
+
+    armed = -1
+    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=1, audio_grace_s=100,
+                       clock=clock)
+    seeder = RedisStore(redis_url, prefix="vgtest:", clock=lambda: now[0])
+    x = audio_key("Reused.", "v")
+    store.put_audio(x, CLIP)
+    now[0] += 200
+    armed = calls + 2  # this publish's clock: its publish time, then the clean-up's cutoff
+    store.publish(bundle("without x"))
+    assert store.has_audio(x)
+    now[0] += 1
+    store.publish(with_audio(x))  # the seed publishes: its version is whole
+    assert store.get_audio(x) == CLIP
+    store.close()
+    seeder.close()
+
+
+def test_a_version_naming_audio_a_clean_up_deleted_is_never_published(
+        store: RedisStore, redis_url: str) -> None:
+    """A seed that ran longer than the grace may have reused audio that another publish's
+    clean-up deleted meanwhile: the pointer must not name it (every replica would fail to
+    load it, a new one would start without a cache). Refused in the swap, left nothing."""
+    gone = audio_key("Gone.", "v")
+    store.put_audio(gone, CLIP)
+    base = store.publish(bundle("base"))
+    raw = redis.Redis.from_url(redis_url)
+    raw.delete(f"vgtest:audio:{gone}")  # ... by another publisher's clean-up
+    with pytest.raises(StoreError, match="names audio the store does not have"):
+        store.publish(with_audio(gone))
+    assert store.current_version() == base and store.versions() == [base]
+    assert raw.keys("vgtest:version:*") == [f"vgtest:version:{base}".encode()]
+    raw.close()
+
+
+def test_a_failed_clean_up_never_fails_the_publish(store: RedisStore,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    counted: list[bool] = []
+    store.on_cleanup_failed = lambda: counted.append(True)
+
+    def redis_gone() -> None:
+        raise redis.ConnectionError("Redis went away after the swap")
+
+    monkeypatch.setattr(store, "_drop_unused_audio", redis_gone)
+    with caplog.at_level(logging.WARNING, logger="voicegate.store"):
+        version = store.publish(bundle("published"))
+    assert store.current_version() == version
+    assert store.read()[1].manifest["marker"] == "published"
+    assert store.cleanup_failures == 1 and counted == [True]
+    assert "cache_cleanup_failed" in caplog.text and "went away" in caplog.text
 
 
 def test_seeding_twice_reuses_the_audio_in_redis(store: RedisStore, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from gateway.settings import Settings
 from intents.embedder import Embedder
 from intents.loader import load_cache
 from intents.store import CacheBundle, LocalStore, StoreError, audio_key
-from intents.types import Action
+from intents.types import Action, Audio
 from tests.admin_support import small_faq_csv
 from tests.intents_support import BANK_FAQ, intent_embedder, shared_embedder, tone_render  # noqa: F401
 
@@ -198,6 +198,70 @@ def test_a_full_disk_while_publishing_a_version_leaves_the_previous_one_and_no_d
         monkeypatch.undo()
         assert store.current_version() == first
         assert sorted(p.name for p in (tmp_path / "store" / "versions").iterdir()) == [first]
+
+
+def empty_bundle(*audio: str) -> CacheBundle:
+    """A version whose entries' answers are the ``audio`` keys."""
+    entries = [{"id": f"e{n}", "intent": f"e{n}", "action": "answer", "answer": "...",
+                "questions": ["?"], "audio_key": key} for n, key in enumerate(audio)]
+    return CacheBundle({"entries": entries}, np.zeros((1, 4), np.float32), b"m")
+
+
+def test_the_local_store_keeps_the_newest_ten_versions(tmp_path: Path) -> None:
+    """Every seed and admin edit publishes a version directory; nothing deleted them, so
+    the store's disk filled up with every version ever published. After a publish only
+    the newest ten (cache_versions_kept's default) are left."""
+    store = LocalStore(tmp_path / "store")
+    names = [store.publish(empty_bundle()) for _ in range(12)]
+    assert store.versions() == sorted(names[2:])
+    assert store.current_version() == names[-1] and store.read()[0] == names[-1]
+
+
+def test_the_local_store_deletes_audio_no_kept_version_names_after_the_grace(
+        tmp_path: Path) -> None:
+    now = [1000.0]
+    store = LocalStore(tmp_path / "store", keep_versions=1, audio_grace_s=100,
+                       clock=lambda: now[0])
+    clip = Audio(b"\x01\x00\x02\x00", 8000)
+    a, b, c = (audio_key(text, "voice-a") for text in "ABC")
+    for key in (a, b, c):
+        store.put_audio(key, clip)
+
+    def publish(*keys: str) -> str:
+        now[0] += 1  # publish times are this clock's
+        return store.publish(empty_bundle(*keys))
+
+    first = publish(a)
+    second = publish(b)
+    assert store.versions() == [second] and first != second
+    assert all(store.has_audio(k) for k in (a, b, c))  # within the grace
+    now[0] += 200
+    assert store.claim_audio(c)  # a seed is about to reuse c: no version names it yet
+    third = publish(b)
+    assert [k for k in (a, b, c) if store.has_audio(k)] == [b, c]
+    assert store.versions() == [third]
+
+    # A seed that outran the grace: its audio is gone by the time it publishes. Refused.
+    (tmp_path / "store" / "audio" / f"{c}.wav").unlink()
+    with pytest.raises(StoreError, match="names audio the store does not have"):
+        publish(c)
+    assert store.current_version() == third and store.versions() == [third]
+    assert sorted(p.name for p in (tmp_path / "store" / "versions").iterdir()) == [third]
+
+
+def test_a_failed_local_clean_up_never_fails_the_publish(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path / "store")
+    counted: list[bool] = []
+    store.on_cleanup_failed = lambda: counted.append(True)
+
+    def unreadable() -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "audio")
+
+    monkeypatch.setattr(store, "_clean_up", unreadable)
+    version = store.publish(empty_bundle())  # an OSError after the pointer moved
+    assert store.current_version() == version and store.read()[0] == version
+    assert store.cleanup_failures == 1 and counted == [True]
 
 
 def test_audio_key_is_a_content_hash() -> None:
