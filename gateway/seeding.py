@@ -20,8 +20,10 @@ Renderer = Callable[[str], tuple[bytes, int]]
 
 
 def voice_id(tts: TextToSpeech) -> str:
-    """Names the voice in the audio's content hash: another voice re-renders everything."""
-    return str(getattr(tts, "voice_id", tts.name))
+    """Names the voice in the audio's content hash (``TextToSpeech.audio_id``: voice, model,
+    output format, speed): a change to any of them re-renders everything. A vendor's voice
+    id alone is not enough (ElevenLabs' model and sample rate change the audio too)."""
+    return str(getattr(tts, "audio_id", tts.name))
 
 
 def blocking_renderer(tts: TextToSpeech, loop: asyncio.AbstractEventLoop | None = None) -> Renderer:

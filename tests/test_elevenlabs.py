@@ -9,13 +9,17 @@ from typing import Callable, Iterator
 
 import pytest
 
+from cache_seed import parse_seed_csv, render_answers
 from gateway.audio_bank import AudioBank
 from gateway.clock import ManualClock, deadline
 from gateway.providers.base import ProviderError, TextToSpeech
 from gateway.providers.elevenlabs_tts import ElevenLabsTTS
 from gateway.providers.registry import create_tts
+from gateway.seeding import blocking_renderer, voice_id
 from gateway.services import Services
 from gateway.settings import Settings
+from intents.store import LocalStore
+from tests.admin_support import small_faq_csv
 from tests.call_harness import CallHarness
 from tests.fakes.elevenlabs_server import MS_PER_CHAR, FakeElevenLabs
 from tests.fakes.server import ServerThread
@@ -71,6 +75,40 @@ async def test_errors_become_provider_errors_without_the_key(eleven):
     with pytest.raises(ProviderError, match="HTTP 500"):
         [chunk async for chunk in tts.synthesize("hi")]
     await tts.aclose()
+
+
+def test_a_reseed_after_a_model_or_rate_change_renders_the_answers_again(eleven, tmp_path):
+    """The seed keys an answer's audio by its text and voice. ElevenLabs' voice id alone named
+    the voice, so a re-seed after changing elevenlabs_model_id or elevenlabs_sample_rate found
+    every answer already rendered and kept serving the old model's (or rate's) audio."""
+    fake, server = eleven
+    store = LocalStore(tmp_path / "store")
+    plan = parse_seed_csv(small_faq_csv().encode("utf-8"), "faq.csv")
+    answers = sum(1 for e in plan.entries.values() if e.answer)
+    loop = asyncio.new_event_loop()  # the CLI's way: a private loop drives the cloud voice
+
+    def seed_audio(**voice: object) -> tuple[int, int, set[int]]:
+        """(rendered, reused, sample rates stored) of the seed's rendering step."""
+        tts = ElevenLabsTTS("test-key", voice_id="voice-1", base_url=server.url, **voice)
+        try:
+            entries, rendered, reused = render_answers(plan, store, blocking_renderer(tts, loop),
+                                                       voice_id(tts), progress=False)
+        finally:
+            loop.run_until_complete(tts.aclose())
+        rates = {store.get_audio(e.audio_key).sample_rate for e in entries.values()
+                 if e.audio_key}
+        return rendered, reused, rates
+
+    try:
+        assert seed_audio() == (answers, 0, {16000})
+        assert seed_audio() == (0, answers, {16000})  # nothing changed: all reused
+        asked = len(fake.requests)
+        assert seed_audio(model_id="eleven_multilingual_v2") == (answers, 0, {16000})
+        assert {r["model_id"] for r in fake.requests[asked:]} == {"eleven_multilingual_v2"}
+        assert seed_audio(sample_rate=24000) == (answers, 0, {24000})
+        assert seed_audio(model_id="eleven_multilingual_v2") == (0, answers, {16000})
+    finally:
+        loop.close()
 
 
 async def wait_for_async(condition: Callable[[], bool], timeout: float) -> bool:

@@ -74,6 +74,9 @@ class SpeechToText(Protocol):
 class TextToSpeech(Protocol):
     name: str
     sample_rate: int
+    # Names every setting that changes the audio (voice, model, output format, speed): the
+    # seed's audio keys hash it, so changing one renders the answers again (gateway/seeding.py).
+    audio_id: str
 
     def synthesize(self, text: str) -> AsyncIterator[bytes]:
         """Stream 16-bit mono PCM at ``sample_rate``; the first chunk comes as soon as it exists."""

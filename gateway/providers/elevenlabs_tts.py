@@ -45,6 +45,12 @@ class ElevenLabsTTS:
         self._http = httpx.AsyncClient(timeout=timeout_s)
         self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url or None, httpx_client=self._http)
 
+    @property
+    def audio_id(self) -> str:
+        """Names everything here that changes the audio (voice, model, output format) in the
+        seed's audio key: a re-seed after changing any of them renders the answers again."""
+        return f"{self.name}:{self.voice_id}:{self.model_id}:pcm_{self.sample_rate}"
+
     @classmethod
     def from_settings(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> "ElevenLabsTTS":
         return cls(settings.elevenlabs_api_key, voice_id=settings.elevenlabs_voice_id,

@@ -37,7 +37,9 @@ class PiperTTS:
         self._config = SynthesisConfig(length_scale=length_scale)
         self._executor = executor
         self.sample_rate: int = self._voice.config.sample_rate
-        self.voice_id = f"piper:{path.stem}:{length_scale or 1.0}"
+        # The seed's audio key: the voice (its model file, whose config also fixes the
+        # sample rate and noise scales) and the speed are all that change Piper's audio.
+        self.audio_id = f"piper:{path.stem}:{length_scale or 1.0}"
 
     def _sentences(self, text: str) -> Iterator[bytes]:
         for chunk in self._voice.synthesize(text, syn_config=self._config):
