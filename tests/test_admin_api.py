@@ -245,6 +245,26 @@ def test_bad_entries_are_refused_with_the_validation_errors(own_server):
     assert serving_version(server) == version
 
 
+def test_an_edit_that_would_leave_an_entry_without_questions_is_refused(own_server):
+    """Given questions replace an entry's, and an entry has at least one. An edit with
+    "questions": [] published the new answer with the old questions kept, silently, and
+    answered 200 as if the list had been applied."""
+    server = own_server
+    version = serving_version(server)
+    with admin(server) as client:
+        before = client.get("/admin/entries/opening_hours").json()["entry"]
+        for questions, needle in (([], "an entry keeps at least one question"),
+                                  (None, "list of strings")):
+            response = client.post("/admin/entries", json={
+                "id": "opening_hours", "answer": "We open at eight.", "questions": questions})
+            assert response.status_code == 400, response.text
+            assert needle in response.json()["error"], response.text
+        after = client.get("/admin/entries/opening_hours").json()["entry"]
+        assert (after["answer"], after["paraphrases"]) == (before["answer"],
+                                                           before["paraphrases"])
+    assert serving_version(server) == version
+
+
 def test_one_seed_at_a_time(own_server):
     server = own_server
     services = server.app.state.services

@@ -157,12 +157,13 @@ class Publisher:
                                   "edit that entry with POST /admin/entries)")
             if existing is not None:  # addressed by its id or its intent name
                 entry_id = existing["intent"]
-            if existing is None and not questions:
+            if existing is None and questions is _KEEP:
                 raise BadEntry("a new entry needs 'questions': a non-empty list of questions")
             if existing is not None:
                 answer = existing.get("answer") if answer is _KEEP else answer
                 action = existing.get("action") if action is _KEEP else action
-                questions = questions or list(existing["questions"])
+                if questions is _KEEP:
+                    questions = list(existing["questions"])
             elif answer is _KEEP:
                 answer = None
             if action is _KEEP:
@@ -233,7 +234,7 @@ def _parse_labelled(rows: Sequence[Mapping[str, str]], labels: Sequence[RowLabel
         raise LabelledValidationError(errors) from exc
 
 
-def _entry_fields(body: Mapping[str, Any]) -> tuple[str, Any, Any, list[str]]:
+def _entry_fields(body: Mapping[str, Any]) -> tuple[str, Any, Any, Any]:
     if not isinstance(body, Mapping):
         raise BadEntry("the body must be a JSON object")
     known = {"id", "intent", "answer", "action", "questions"}
@@ -260,7 +261,14 @@ def _entry_fields(body: Mapping[str, Any]) -> tuple[str, Any, Any, list[str]]:
     action = body["action"] if "action" in body else _KEEP
     if action is not _KEEP and action is not None and not isinstance(action, str):
         raise BadEntry("'action' must be one of answer, llm, handoff")
-    questions = body.get("questions") or []
-    if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
-        raise BadEntry("'questions' must be a list of strings")
+    # Given questions replace the entry's; none would leave no entry (that is a DELETE), so
+    # [] is refused, never read as "keep them" (it was: the old ones stayed, silently).
+    questions = body["questions"] if "questions" in body else _KEEP
+    if questions is not _KEEP:
+        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+            raise BadEntry("'questions' must be a list of strings")
+        if not questions:
+            raise BadEntry("'questions' is empty: an entry keeps at least one question (leave "
+                           "'questions' out to keep its questions; DELETE "
+                           "/admin/entries/{id} removes the entry)")
     return name, answer, action, questions
