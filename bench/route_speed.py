@@ -6,7 +6,7 @@ the call loop routes changed partials. Three figures per router:
   warm    the same texts again: the embedder's LRU cache answers (repeated partials)
   decide  classifier + nearest-neighbour search + thresholds only (``route_vector``)
   decide, scikit-learn n-grams  the same with the n-gram model's features from the
-          TfidfVectorizer's own ``transform`` (before intents.char_ngrams), in the same run
+          TfidfVectorizer's own ``transform`` (before intents.ngrams), in the same run
 
 Routers: the shipped bank FAQ (cache_seed/examples/bank_faq.csv, ~230 questions) and
 banking77 train (10k questions, 77 intents) to see the index size matter. Each embedder

@@ -9,7 +9,7 @@ neighbours and thresholds calibrated on the seed.
 Beside the embeddings, a second logistic regression reads the text's character
 n-grams (TF-IDF, 2-5 characters within words): it catches what a sentence embedding
 blurs (a misheard word's spelling, "PIN" vs "pin code") and costs ~0.2 ms a query
-(``intents.char_ngrams``: per-word cached counts). The two models are combined as a
+(``intents.ngrams``: per-word cached counts). The two models are combined as a
 weighted geometric mean (their log-probabilities averaged, 0.7 to the embeddings, then
 renormalised): an intent both models like beats one that only one model is sure of,
 which an arithmetic mean does not see. Chosen by 5-fold cross-validation on banking77
@@ -39,7 +39,7 @@ import sklearn
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from intents.char_ngrams import CharNgramFeatures
+from intents.ngrams import CharNgramFeatures
 
 # Inverse regularisation strength: chosen by 5-fold cross-validation on banking77 *train*
 # (C=1 underfits 77 close intents; above 10 nothing improves and fitting gets slower).

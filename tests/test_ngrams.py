@@ -1,4 +1,4 @@
-"""The per-word cached n-gram features are scikit-learn's own TF-IDF matrix, faster."""
+"""The text views' n-gram features are scikit-learn's own TF-IDF matrix, faster."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.feature_extraction.text import TfidfVectorizer
 
 from cache_seed import read_seed_csv
-from intents.char_ngrams import CharNgramFeatures
 from intents.classifier import (EMBEDDING_WEIGHT, IntentClassifier, _char_ngrams,
                                 fitted_probabilities)
+from intents.ngrams import CharNgramFeatures, NgramFeatures, WordNgramFeatures
 from tests.intents_support import BANK_FAQ
 
 BANKING77 = Path("/work/shared/data/banking77")  # where this machine has it
@@ -29,20 +30,31 @@ def bank_questions() -> list[str]:
     return list(read_seed_csv(BANK_FAQ).questions)
 
 
+def _words() -> TfidfVectorizer:
+    return TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True)
+
+
+VIEWS = [(_char_ngrams, CharNgramFeatures), (_words, WordNgramFeatures)]
+
+
 def assert_same_matrix(texts: list[str], fitted_on: list[str]) -> None:
-    vectorizer = _char_ngrams().fit(fitted_on)
-    expected = vectorizer.transform(texts)
-    got = CharNgramFeatures(vectorizer).transform(texts)
-    assert got.shape == expected.shape
-    assert got.nnz == expected.nnz
-    assert np.array_equal(got.indptr, expected.indptr)
-    assert np.array_equal(got.indices, expected.indices)
-    assert np.abs(got - expected).max() < 1e-6
+    for vectorizer_of, features_of in VIEWS:
+        vectorizer = vectorizer_of().fit(fitted_on)
+        expected = vectorizer.transform(texts)
+        got = features_of(vectorizer).transform(texts)
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        assert got.nnz == expected.nnz
+        assert np.array_equal(got.indptr, expected.indptr)
+        assert np.array_equal(got.indices, expected.indices)
+        assert np.abs(got - expected).max() < 1e-6
 
 
 def test_the_matrix_is_scikit_learns_on_seed_questions_and_odd_texts() -> None:
     questions = bank_questions()
     assert_same_matrix(questions + ODD_TEXTS, fitted_on=questions)
+    # Words and pairs the vocabulary has, repeated and in another order.
+    assert_same_matrix(["card lost card lost", "lost card", "my card my card my",
+                        "PIN pin Pin"], fitted_on=questions)
 
 
 @pytest.mark.skipif(not (BANKING77 / "dev_spoken.csv").is_file(), reason="no Banking77 here")
@@ -52,6 +64,13 @@ def test_the_matrix_is_scikit_learns_on_banking77_transcripts() -> None:
     with (BANKING77 / "dev_spoken.csv").open(encoding="utf-8") as f:
         spoken = [r["asr_text"] for r in csv.DictReader(f)]
     assert_same_matrix(spoken + ODD_TEXTS, fitted_on=train)
+
+
+@pytest.mark.skipif(not (BANKING77 / "train.csv").is_file(), reason="no Banking77 here")
+def test_the_matrix_is_scikit_learns_on_banking77_questions_it_was_not_fitted_on() -> None:
+    with (BANKING77 / "train.csv").open(encoding="utf-8") as f:
+        train = [r["text"] for r in csv.DictReader(f)]
+    assert_same_matrix(train[1::4] + ODD_TEXTS, fitted_on=train[::4])
 
 
 def test_rows_stay_scikit_learns_once_the_word_cache_is_warm() -> None:
@@ -65,15 +84,27 @@ def test_rows_stay_scikit_learns_once_the_word_cache_is_warm() -> None:
 
 def test_settings_it_cannot_reproduce_are_refused() -> None:
     questions = bank_questions()
-    for change in ({"analyzer": "word"}, {"binary": True}, {"preprocessor": str.upper}):
+    for change in ({"analyzer": "word"}, {"binary": True}, {"preprocessor": str.upper},
+                   {"norm": "l1"}, {"use_idf": False}):
         vectorizer = _char_ngrams().set_params(**change).fit(questions)
         with pytest.raises(ValueError, match="char_wb"):
             CharNgramFeatures(vectorizer)
+    for change in ({"analyzer": "char_wb"}, {"binary": True}, {"norm": "l1"}):
+        vectorizer = _words().set_params(**change).fit(questions)
+        with pytest.raises(ValueError, match="word"):
+            WordNgramFeatures(vectorizer)
+    # The word analyzer reads the whole text: its own preprocessor is fine.
+    vectorizer = _words().set_params(preprocessor=str.upper, lowercase=False)
+    vectorizer.fit(questions)
+    texts = ["Lost my card", "lost MY card"]
+    assert np.abs(WordNgramFeatures(vectorizer).transform(texts)
+                  - vectorizer.transform(texts)).max() < 1e-12
 
 
-def test_project_is_the_matrix_times_the_weights() -> None:
+@pytest.mark.parametrize("vectorizer_of, features_of", VIEWS)
+def test_project_is_the_matrix_times_the_weights(vectorizer_of, features_of) -> None:  # type: ignore[no-untyped-def]
     questions = bank_questions()
-    features = CharNgramFeatures(_char_ngrams().fit(questions))
+    features: NgramFeatures = features_of(vectorizer_of().fit(questions))
     weights = np.random.default_rng(0).standard_normal((7, features.transform([""]).shape[1]))
     texts = questions[:20] + ODD_TEXTS
     expected = features.transform(texts) @ weights.T
