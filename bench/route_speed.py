@@ -1,12 +1,14 @@
 """Routing time per partial transcript (p50, p99), as the call loop sees it.
 
 Every utterance is routed word by word ("I", "I lost", "I lost my", ...), the way
-the call loop routes changed partials. Three figures per router:
+the call loop routes changed partials. Figures per router:
   cold    ``Router.route`` on a text never seen before: embedding + classifier + index
   warm    the same texts again: the embedder's LRU cache answers (repeated partials)
   decide  classifier + nearest-neighbour search + thresholds only (``route_vector``)
-  decide, scikit-learn n-grams  the same with the n-gram model's features from the
-          TfidfVectorizer's own ``transform`` (before intents.ngrams), in the same run
+  decide, scikit-learn n-grams  the same with the text views' features from their
+          TfidfVectorizers' own ``transform`` (before intents.ngrams), in the same run
+  decide, two views  the same without the word view (the router before it: embeddings and
+          characters), in the same run
 
 Routers: the shipped bank FAQ (cache_seed/examples/bank_faq.csv, ~230 questions) and
 banking77 train (10k questions, 77 intents) to see the index size matter. Each embedder
@@ -35,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from cache_seed import read_seed_csv  # noqa: E402
+from intents.classifier import TWO_VIEWS  # noqa: E402
 from intents.embedder import Embedder  # noqa: E402
 from intents.router import Router, train_router  # noqa: E402
 from intents.types import Action, Entry  # noqa: E402
@@ -63,14 +66,20 @@ def measure(name: str, router: Router, utterances: list[str]) -> None:
     print(f"  warm   {percentiles(warm)}")
     print(f"  decide {percentiles(decide)}")
     classifier = router.classifier
-    if classifier.reads_text:
-        cached = classifier._features
-        classifier._features = ScikitLearnNgrams(cached.vectorizer)
-        try:
-            before = time_decisions(router, unique, vectors)
-        finally:
-            classifier._features = cached
-        print(f"  decide, scikit-learn n-grams {percentiles(before)}")
+    if not classifier.reads_text:
+        return
+    views, mix = classifier._text_views, classifier.mix
+    try:
+        classifier._text_views = {name: (ScikitLearnNgrams(features.vectorizer), model)
+                                  for name, (features, model) in views.items()}
+        slow = time_decisions(router, unique, vectors)
+        classifier._text_views = {name: view for name, view in views.items() if name != "words"}
+        classifier.mix = TWO_VIEWS
+        two = time_decisions(router, unique, vectors)
+    finally:
+        classifier._text_views, classifier.mix = views, mix
+    print(f"  decide, scikit-learn n-grams {percentiles(slow)}")
+    print(f"  decide, two views  {percentiles(two)}")
 
 
 def time_decisions(router: Router, texts: list[str], vectors: np.ndarray) -> list[float]:

@@ -1,5 +1,6 @@
 """Train-only probes of the router's ranking: more judge signals, another judge model,
-and a third view (word n-grams) beside the embeddings and character n-grams.
+and the shipped three views (embeddings, character and word n-grams) against the two
+views before the word view.
 
 What decides how many questions the cache can answer at a promised precision is the
 order in which the judge ranks them. These probes ask whether anything cheap improves
@@ -16,8 +17,13 @@ judge that never saw it. Per probe:
                   same questions, held out in the same folds) at the 0.5% threshold (the
                   shipped transcript rule), and the curve's share at 99.2% precision
 
-Run: .venv/bin/python bench/router_probes.py [--fold-seed 0] [--spoken]
-(about 8 minutes on 2 cores; --spoken transcribes the sample first if it is not cached)
+The shipped classifier gets every probe; then its "shipped judge" row again for the
+classifier with two views (embeddings and characters at 0.7/0.3, as shipped before the
+word view: ``intents.classifier.TWO_VIEWS``), same folds. ``--mix`` probes other shares
+of the three views in place of the shipped ``MIX``.
+
+Run: .venv/bin/python bench/router_probes.py [--fold-seed 0] [--spoken] [--mix 0.5,0.25,0.25]
+(about 8-10 minutes on 2 cores; --spoken transcribes the sample first if it is not cached)
 """
 
 from __future__ import annotations
@@ -27,12 +33,10 @@ import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,9 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import spoken_train  # noqa: E402
 from bench.speech_corpus import DATA  # noqa: E402
 from intents.calibration import CONFIDENCE, OUT_OF_DOMAIN_TARGET, _loosest  # noqa: E402
-from intents.classifier import (EMBEDDING_WEIGHT, NEGATIVES_WEIGHT_IN_INTENTS,  # noqa: E402
-                                OUT_OF_DOMAIN, IntentClassifier, fitted_probabilities,
-                                probabilities_of_logits)
+from intents.classifier import MIX, OUT_OF_DOMAIN, TWO_VIEWS, IntentClassifier  # noqa: E402
 from intents.embedder import Embedder  # noqa: E402
 from intents.judge import SIGNALS, Judge, read_signals  # noqa: E402
 from intents.negatives import embed_negatives, negatives_for_seed  # noqa: E402
@@ -51,50 +53,19 @@ from intents.semantic_cache import SemanticCache  # noqa: E402
 FOLDS = 5
 
 
-def weighted_log_mix(parts: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Several models' probabilities as a weighted geometric mean (the shipped mix, n-way)."""
-    tiny = np.finfo(np.float64).tiny
-    return probabilities_of_logits(sum(w * np.log(np.maximum(p, tiny))
-                                       for p, w in zip(parts, weights)))
-
-
 class ProbedClassifier(IntentClassifier):
-    """The shipped classifier, its two models' own probabilities kept for the probes, and
-    optionally a third model on word 1-2 gram TF-IDF mixed in with ``weights``."""
+    """The shipped classifier (or one with another ``mix``), each view's own probabilities
+    of the last texts scored kept for the probes."""
 
-    def __init__(self, weights: tuple[float, float, float] | None = None) -> None:
+    def __init__(self, mix: Mapping[str, float] | None = None) -> None:
         super().__init__()
-        self.weights = weights  # (embeddings, characters, words); None: the shipped mix
-        self.parts: tuple[np.ndarray, np.ndarray] | None = None  # of the last texts scored
+        if mix is not None:
+            self.mix = mix
+        self.parts: dict[str, np.ndarray] | None = None
 
-    def fit(self, vectors, intents, texts=None, **kw):  # type: ignore[no-untyped-def]
-        super().fit(vectors, intents, texts, **kw)
-        if self.weights is not None:
-            labels = list(intents)
-            every = list(texts or ())
-            weight = np.ones(len(labels))
-            negatives = list(kw.get("negative_texts", ()))
-            if negatives:  # as the shipped fit weighs them
-                share = NEGATIVES_WEIGHT_IN_INTENTS * len(labels) / len(set(labels))
-                weight = np.r_[weight, np.full(len(negatives), min(1.0, share / len(negatives)))]
-                labels += [OUT_OF_DOMAIN] * len(negatives)
-                every += negatives
-            self._words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-            self._word_model = LogisticRegression(C=self._c, max_iter=self._max_iter).fit(
-                self._words.fit_transform(every), labels, sample_weight=weight)
-        return self
-
-    def probabilities(self, vectors, texts=None):  # type: ignore[no-untyped-def]
-        matrix = np.atleast_2d(vectors)
-        embedding = fitted_probabilities(self._model, matrix)
-        characters = probabilities_of_logits(
-            self._features.project(texts, self._text_model.coef_) + self._text_model.intercept_)
-        self.parts = (embedding, characters)
-        if self.weights is None:
-            return weighted_log_mix([embedding, characters],
-                                    [EMBEDDING_WEIGHT, 1.0 - EMBEDDING_WEIGHT])
-        words = self._word_model.predict_proba(self._words.transform(texts))
-        return weighted_log_mix([embedding, characters, words], self.weights)
+    def view_probabilities(self, vectors, texts=None):  # type: ignore[no-untyped-def]
+        self.parts = super().view_probabilities(vectors, texts)
+        return self.parts
 
 
 @dataclass
@@ -121,7 +92,7 @@ def candidate_signals(clf: ProbedClassifier, combined: np.ndarray, predicted: np
     """Signals the shipped judge does not read: each model's own view of the intent the
     mix chose, whether each model alone would choose it, and the mix's shape."""
     assert clf.parts is not None
-    embedding, characters = clf.parts
+    embedding, characters = clf.parts["embeddings"], clf.parts["characters"]
     column = np.array([clf.classes.index(p) for p in predicted])
     rows = np.arange(len(predicted))
     top = np.sort(combined, axis=1)[:, ::-1]
@@ -250,8 +221,9 @@ def main() -> None:
     parser.add_argument("--fold-seed", type=int, default=0)
     parser.add_argument("--spoken", action="store_true",
                         help="also route bench/spoken_train.py's transcripts (26 per intent)")
-    parser.add_argument("--word-weights", default="0.5,0.25,0.25",
-                        help="embeddings, characters, words: the third view's mix")
+    parser.add_argument("--mix", default=None,
+                        help="embeddings,characters,words: shares to probe in place of the "
+                             "shipped mix (" + ",".join(f"{w:g}" for w in MIX.values()) + ")")
     args = parser.parse_args()
     with (DATA / "banking77" / "train.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -271,10 +243,13 @@ def main() -> None:
     header = (f"{'probe (train only, fold seed ' + str(args.fold_seed) + ')':<44}  "
               f"{'@1.0%':<16}  {'@0.5%':<16}  cov@99.3  cov@99.5"
               + ("  spoken @0.5%        cov@99.2" if spoken else ""))
-    weights = tuple(float(w) for w in args.word_weights.split(","))
-    for label, make in (("shipped classifier", lambda: ProbedClassifier()),
-                        (f"+ word 1-2 grams (mix {args.word_weights})",
-                         lambda: ProbedClassifier(weights))):  # type: ignore[arg-type]
+    mix = (None if args.mix is None
+           else dict(zip(("embeddings", "characters", "words"),
+                         (float(w) for w in args.mix.split(",")))))
+    first = "shipped classifier" if mix is None else f"classifier, mix {args.mix}"
+    two_views = "two views (" + "/".join(f"{w:g}" for w in TWO_VIEWS.values()) + ")"
+    for label, make in ((first, lambda: ProbedClassifier(mix)),
+                        (two_views, lambda: ProbedClassifier(TWO_VIEWS))):
         print(f"{label}: cross-validating", flush=True)
         seed, negs, spoken_held = held_out_rows(
             make, vectors, texts, labels, neg_vectors, neg_texts, spoken_rows,
@@ -284,7 +259,7 @@ def main() -> None:
               + (f", on their transcripts {(spoken_held.predicted == spoken_labels).mean():.2%}"
                  if spoken else ""))
         print(header)
-        for name, columns, judge in (PROBES if label == "shipped classifier" else PROBES[:1]):
+        for name, columns, judge in (PROBES if label == first else PROBES[:1]):
             print(report(name, columns, seed, negs, spoken_held, labels, spoken_labels, judge),
                   flush=True)
 

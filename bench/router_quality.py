@@ -6,7 +6,8 @@ utterances as paraphrases, action ``answer``. Thresholds are calibrated on train
 dev_spoken.csv (ASR-noised ``asr_text``) are only ever routed, never tuned on.
 dev_spoken's transcripts are routed as a call routes a recogniser's words (the stricter
 transcript threshold, ``RouteDecision.as_spoken``); "transcripts at the typed threshold"
-shows them as routed before the third change of 2026-11-25 ("before 3").
+shows them as routed before the third change of 2026-11-25 ("before 3"), and "two views"
+the router before the word view ("before 4": embeddings and character n-grams only).
 
 Figures per system and data set:
   hit rate        cached answers served / utterances
@@ -75,7 +76,7 @@ import numpy as np  # noqa: E402
 
 import intents.classifier  # noqa: E402
 import intents.router  # noqa: E402
-from intents.classifier import IntentClassifier  # noqa: E402
+from intents.classifier import TWO_VIEWS, IntentClassifier  # noqa: E402
 from intents.embedder import Embedder, default_model_dir  # noqa: E402
 from intents.router import Router, train_router  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
@@ -174,12 +175,14 @@ def evaluate(decide: Decide, dev: DevSet, vectors: np.ndarray,
 def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: list[str],
                      train_vectors: np.ndarray, target: float, *, ngrams: bool = True,
                      negatives: bool = True, negatives_class: bool = True,
-                     arithmetic_mix: bool = False,
+                     arithmetic_mix: bool = False, two_views: bool = False,
                      label: str = "voicegate") -> tuple[Router, Decide]:
     """The shipped router; ``ngrams``/``negatives`` off measure what each part contributes;
     ``negatives_class`` off leaves the negatives to the judge alone, as before 2026-11-25
-    (2), and ``arithmetic_mix`` averages the two models' probabilities as the router did
-    before 2026-11-25 (1), instead of the weighted geometric mean."""
+    (2), ``arithmetic_mix`` averages the embedding and character models' probabilities as
+    the router did before 2026-11-25 (1), instead of the weighted geometric mean, and
+    ``two_views`` leaves the word view out (the mix before it, 4). A classifier keeps the
+    mix it was fitted with, so the router routes dev as it was calibrated."""
     entries = {intent: Entry(id=intent, intent=intent, action=Action.ANSWER,
                              answer=f"(answer for {intent})",
                              questions=tuple(t for t, y in zip(train_texts, train_labels)
@@ -188,11 +191,13 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
     started = time.perf_counter()
     saved = (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
              intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES,
-             intents.router.negatives_for_seed, IntentClassifier.mix_weight)
+             intents.router.negatives_for_seed, IntentClassifier.mix)
     if not negatives_class:
         intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES = 10**9
     if arithmetic_mix:
-        IntentClassifier.mix_weight = None
+        IntentClassifier.mix = None
+    if two_views:
+        IntentClassifier.mix = TWO_VIEWS
     if not ngrams:
         intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS = 10**9
     if not negatives:
@@ -203,7 +208,7 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
     finally:
         (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
          intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES,
-         intents.router.negatives_for_seed, IntentClassifier.mix_weight) = saved
+         intents.router.negatives_for_seed, IntentClassifier.mix) = saved
     t = trained.router.thresholds
     print(f"{label}: trained and calibrated in {time.perf_counter() - started:.0f} s on "
           f"{len(train_texts)} train utterances and {t.negatives} negatives: judge >= "
@@ -214,8 +219,6 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
           f"{t.spoken_confidence:.3f} (held-out typed hit rate at it "
           f"{t.transcript_expected_hit_rate:.1%})")
     router = trained.router
-    if arithmetic_mix:  # routing dev must mix as calibration did
-        router.classifier.mix_weight = None
 
     def decide(texts: Sequence[str], vectors: np.ndarray, spoken: bool) -> list[str | None]:
         decisions = router.route_vectors(texts, vectors)
@@ -482,11 +485,14 @@ def main(argv: list[str] | None = None) -> None:
     if "ablations" in wanted:
         for label, kwargs in (("judge, embeddings only, no negatives",
                                {"ngrams": False, "negatives": False}),
-                              ("judge + n-grams, no negatives", {"negatives": False}),
+                              # the rows before 4 read two views, as the router then did
+                              ("judge + n-grams, no negatives",
+                               {"negatives": False, "two_views": True}),
                               ("judge + n-grams + negatives, arithmetic mix (before 1)",
                                {"arithmetic_mix": True, "negatives_class": False}),
                               ("judge + n-grams + negatives, no out-of-domain class (before 2)",
-                               {"negatives_class": False})):
+                               {"negatives_class": False, "two_views": True}),
+                              ("two views: no word n-grams (before 4)", {"two_views": True})):
             router, decide = voicegate_system(embedder, train_texts, train_labels,
                                               train_vectors, args.target, label=label, **kwargs)
             systems.append((label, decide))
@@ -494,10 +500,10 @@ def main(argv: list[str] | None = None) -> None:
     if "voicegate" in wanted:
         router, ours = voicegate_system(embedder, train_texts, train_labels, train_vectors,
                                         args.target)
-        systems.append(("voicegate (judge + n-grams + out-of-domain class)", ours))
+        systems.append(("voicegate (judge + three views + out-of-domain class)", ours))
         systems.append(("voicegate, transcripts at the typed threshold (before 3)",
                         lambda texts, vectors, spoken: ours(texts, vectors, False)))
-        curves.append(("voicegate (judge + n-grams + out-of-domain class)", router))
+        curves.append(("voicegate (judge + three views + out-of-domain class)", router))
     try:
         if "gptcache" in wanted:
             import gptcache  # noqa: F401

@@ -14,13 +14,16 @@ import struct
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cache_seed import seed  # noqa: E402
+from intents.classifier import IntentClassifier, fitted_probabilities, probabilities_of_logits  # noqa: E402
 from intents.embedder import Embedder  # noqa: E402
 from intents.loader import LoadedCache, load_cache  # noqa: E402
+from intents.ngrams import CharNgramFeatures  # noqa: E402
 from intents.store import LocalStore  # noqa: E402
 
 BANK_FAQ = Path(__file__).resolve().parent.parent / "cache_seed" / "examples" / "bank_faq.csv"
@@ -60,3 +63,33 @@ def intent_embedder() -> Embedder:
 def bank_cache(intent_embedder: Embedder) -> LoadedCache:
     """The shipped bank FAQ, seeded once with the test tone renderer and loaded."""
     return load_cache(LocalStore(_seeded_bank_store()), intent_embedder)
+
+
+def two_view_state(clf: IntentClassifier, mix_weight: float | None,
+                   characters: tuple | None = None) -> dict:
+    """The state the classifier wrote before the word view (2026-11-25 until then): its
+    embedding and character models under those keys, the embeddings' share (none before
+    the geometric mix). ``characters``: the (vectorizer, model) of the character view, when
+    not the classifier's own."""
+    state = clf.state()
+    vectorizer, model = characters or state["views"]["characters"]
+    legacy = {"sklearn": state["sklearn"], "classes": state["classes"],
+              "single": state["single"], "model": state["embeddings"], "text_model": model,
+              "ngrams": vectorizer}
+    if mix_weight is not None:
+        legacy["mix_weight"] = mix_weight
+    return legacy
+
+
+def two_view_probabilities(state: dict, query: np.ndarray, texts: list[str]) -> np.ndarray:
+    """What the classifier before the word view computed from that state, step by step."""
+    embedding = fitted_probabilities(state["model"], query)
+    model = state["text_model"]
+    ngrams = probabilities_of_logits(
+        CharNgramFeatures(state["ngrams"]).project(texts, model.coef_) + model.intercept_)
+    weight = state.get("mix_weight")
+    if weight is None:
+        return (embedding + ngrams) / 2.0
+    tiny = np.finfo(np.float64).tiny
+    return probabilities_of_logits(weight * np.log(np.maximum(embedding, tiny))
+                                   + (1.0 - weight) * np.log(np.maximum(ngrams, tiny)))

@@ -1,4 +1,5 @@
-"""The text views' n-gram features are scikit-learn's own TF-IDF matrix, faster."""
+"""The text views' n-gram features are scikit-learn's own TF-IDF matrix, faster; the
+classifier reads its three views, and a version saved with two still routes as it did."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from cache_seed import read_seed_csv
-from intents.classifier import (EMBEDDING_WEIGHT, IntentClassifier, _char_ngrams,
-                                fitted_probabilities)
+from intents.classifier import MIX, TWO_VIEWS, IntentClassifier, _char_ngrams, _word_ngrams
 from intents.ngrams import CharNgramFeatures, NgramFeatures, WordNgramFeatures
-from tests.intents_support import BANK_FAQ
+from tests.intents_support import BANK_FAQ, two_view_probabilities, two_view_state
 
 BANKING77 = Path("/work/shared/data/banking77")  # where this machine has it
 
@@ -30,11 +29,7 @@ def bank_questions() -> list[str]:
     return list(read_seed_csv(BANK_FAQ).questions)
 
 
-def _words() -> TfidfVectorizer:
-    return TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True)
-
-
-VIEWS = [(_char_ngrams, CharNgramFeatures), (_words, WordNgramFeatures)]
+VIEWS = [(_char_ngrams, CharNgramFeatures), (_word_ngrams, WordNgramFeatures)]
 
 
 def assert_same_matrix(texts: list[str], fitted_on: list[str]) -> None:
@@ -90,11 +85,11 @@ def test_settings_it_cannot_reproduce_are_refused() -> None:
         with pytest.raises(ValueError, match="char_wb"):
             CharNgramFeatures(vectorizer)
     for change in ({"analyzer": "char_wb"}, {"binary": True}, {"norm": "l1"}):
-        vectorizer = _words().set_params(**change).fit(questions)
+        vectorizer = _word_ngrams().set_params(**change).fit(questions)
         with pytest.raises(ValueError, match="word"):
             WordNgramFeatures(vectorizer)
     # The word analyzer reads the whole text: its own preprocessor is fine.
-    vectorizer = _words().set_params(preprocessor=str.upper, lowercase=False)
+    vectorizer = _word_ngrams().set_params(preprocessor=str.upper, lowercase=False)
     vectorizer.fit(questions)
     texts = ["Lost my card", "lost MY card"]
     assert np.abs(WordNgramFeatures(vectorizer).transform(texts)
@@ -111,48 +106,79 @@ def test_project_is_the_matrix_times_the_weights(vectorizer_of, features_of) -> 
     assert np.allclose(features.project(texts, weights), expected, atol=1e-9)
 
 
-def test_the_classifier_reads_texts_as_scikit_learn_would_and_survives_a_round_trip() -> None:
+def _fitted(seed: int) -> tuple[IntentClassifier, list[str], np.ndarray]:
+    """A classifier that reads texts (enough questions per intent), and texts to ask it."""
     plan = read_seed_csv(BANK_FAQ)
     questions, intents = list(plan.questions), list(plan.intents)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((len(questions), 16)).astype(np.float32)
-    # Enough questions per intent that the n-gram model joins in.
-    many = questions * 10
-    clf = IntentClassifier().fit(np.tile(vectors, (10, 1)), intents * 10, many)
-    assert clf.reads_text
-    texts = questions[:15] + ODD_TEXTS[:4]
-    query = rng.standard_normal((len(texts), 16)).astype(np.float32)
+    clf = IntentClassifier().fit(np.tile(vectors, (10, 1)), intents * 10, questions * 10)
+    texts = questions[:15] + ODD_TEXTS[:4] + ["lost card my", "my card lost"]
+    return clf, texts, rng.standard_normal((len(texts), 16)).astype(np.float32)
+
+
+def _geometric(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    mixed = np.prod([p ** w for p, w in zip(parts, weights)], axis=0)
+    return mixed / mixed.sum(axis=1, keepdims=True)
+
+
+def test_the_classifier_reads_its_three_views_as_scikit_learn_would_and_survives_a_round_trip(
+        ) -> None:
+    clf, texts, query = _fitted(1)
+    assert clf.reads_text and clf.views == ("embeddings", "characters", "words")
     state = clf.state()
-    # A weighted geometric mean of the two models' probabilities, renormalised.
-    embedding = fitted_probabilities(state["model"], query)
-    ngrams = state["text_model"].predict_proba(state["ngrams"].transform(texts))
-    mixed = embedding ** EMBEDDING_WEIGHT * ngrams ** (1 - EMBEDDING_WEIGHT)
-    expected = mixed / mixed.sum(axis=1, keepdims=True)
+    # A weighted geometric mean of the three views' probabilities, renormalised, each
+    # view's as scikit-learn computes it: it fails if a view is dropped or weighed otherwise.
+    parts = [state["embeddings"].predict_proba(query)]
+    for name in ("characters", "words"):
+        vectorizer, model = state["views"][name]
+        parts.append(model.predict_proba(vectorizer.transform(texts)))
+    assert state["mix"] == dict(MIX) and MIX["words"] > 0
+    expected = _geometric(parts, [MIX["embeddings"], MIX["characters"], MIX["words"]])
     assert np.allclose(clf.probabilities(query, texts), expected, atol=1e-6)
+    # The word view changes what the classifier says: without it, other probabilities.
+    two = _geometric(parts[:2], [MIX["embeddings"], MIX["characters"]])
+    assert np.abs(clf.probabilities(query, texts) - two).max() > 0.01
     restored = IntentClassifier.from_state(pickle.loads(pickle.dumps(state)))
-    assert np.allclose(restored.probabilities(query, texts), expected, atol=1e-6)
+    assert restored.views == clf.views
+    assert np.array_equal(restored.probabilities(query, texts), clf.probabilities(query, texts))
     copied = pickle.loads(pickle.dumps(clf))  # the classifier itself, its word cache warm
-    assert np.allclose(copied.probabilities(query, texts), expected, atol=1e-6)
+    assert np.array_equal(copied.probabilities(query, texts), clf.probabilities(query, texts))
 
 
-def test_a_cache_saved_before_the_geometric_mix_keeps_averaging() -> None:
-    # Its judge and thresholds were calibrated on averaged probabilities; mixing its models
-    # another way would break the precision its seed report promised.
-    plan = read_seed_csv(BANK_FAQ)
-    questions, intents = list(plan.questions) * 10, list(plan.intents) * 10
-    rng = np.random.default_rng(2)
-    vectors = rng.standard_normal((len(questions), 16)).astype(np.float32)
-    clf = IntentClassifier().fit(vectors, intents, questions)
-    texts = list(plan.questions[:12])
-    query = rng.standard_normal((len(texts), 16)).astype(np.float32)
+def test_a_seed_too_small_for_the_text_views_reads_embeddings_alone() -> None:
+    plan = read_seed_csv(BANK_FAQ)  # ~5 questions an intent
+    vectors = np.random.default_rng(3).standard_normal((len(plan.questions), 16))
+    clf = IntentClassifier().fit(vectors, list(plan.intents), list(plan.questions))
+    assert not clf.reads_text and clf.views == ("embeddings",)
+    assert np.array_equal(clf.probabilities(vectors[:5]),
+                          clf.state()["embeddings"].predict_proba(vectors[:5]))
+    restored = IntentClassifier.from_state(pickle.loads(pickle.dumps(clf.state())))
+    assert np.array_equal(restored.probabilities(vectors[:5]), clf.probabilities(vectors[:5]))
+
+
+@pytest.mark.parametrize("mix_weight", [TWO_VIEWS["embeddings"], None])
+def test_a_version_saved_with_two_views_routes_exactly_as_before(mix_weight) -> None:  # type: ignore[no-untyped-def]
+    # A replica upgraded in a rolling deploy reads versions the previous release published:
+    # their judge and thresholds were calibrated on the two views' mix (or, before
+    # 2026-11-25, on their arithmetic mean), and only hold if they keep routing that way.
+    clf, texts, query = _fitted(2)
+    state = pickle.loads(pickle.dumps(two_view_state(clf, mix_weight)))
+    old = IntentClassifier.from_state(state)
+    assert old.views == ("embeddings", "characters")
+    expected = two_view_probabilities(state, query, texts)
+    assert np.array_equal(old.probabilities(query, texts), expected)  # to the last bit
+    assert not np.allclose(expected, clf.probabilities(query, texts), atol=1e-3)
+    # Saved again (the layout since the word view), it still routes the same.
+    again = IntentClassifier.from_state(pickle.loads(pickle.dumps(old.state())))
+    assert again.mix == old.mix and (mix_weight is not None or again.mix is None)
+    assert np.array_equal(again.probabilities(query, texts), expected)
+
+
+def test_a_mix_or_a_view_this_voicegate_does_not_know_is_refused() -> None:
+    clf, texts, query = _fitted(4)
     state = clf.state()
-    embedding = fitted_probabilities(state["model"], query)
-    ngrams = state["text_model"].predict_proba(state["ngrams"].transform(texts))
-    legacy = {k: v for k, v in state.items() if k != "mix_weight"}
-    old = IntentClassifier.from_state(pickle.loads(pickle.dumps(legacy)))
-    assert np.allclose(old.probabilities(query, texts), (embedding + ngrams) / 2, atol=1e-6)
-    assert old.state()["mix_weight"] is None  # and stays so when saved again
-    new = IntentClassifier.from_state(pickle.loads(pickle.dumps(state)))
-    assert state["mix_weight"] == EMBEDDING_WEIGHT
-    assert np.allclose(new.probabilities(query, texts), clf.probabilities(query, texts))
-    assert not np.allclose(new.probabilities(query, texts), (embedding + ngrams) / 2, atol=1e-3)
+    for broken in ({**state, "views": {**state["views"], "phonemes": state["views"]["words"]}},
+                   {**state, "mix": {"embeddings": 0.5, "characters": 0.5}}):
+        with pytest.raises(ValueError):  # the loader trains the version's models again
+            IntentClassifier.from_state(broken)

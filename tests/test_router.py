@@ -4,15 +4,20 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import shutil
+
+import joblib
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from cache_seed import route_lines
 from intents.calibration import (NEVER, TRANSCRIPT_TARGET_FACTOR, HeldOut, Thresholds, calibrate,
                                  cross_validate, wrong_rate_bound)
-from intents.classifier import OUT_OF_DOMAIN, IntentClassifier, fitted_probabilities
+from intents.classifier import (OUT_OF_DOMAIN, TWO_VIEWS, IntentClassifier, _char_ngrams,
+                                fitted_probabilities)
 from intents.embedder import Embedder
 from intents.judge import SIGNALS, Judge, Signals
 from intents.loader import LoadedCache, load_cache
@@ -21,7 +26,7 @@ from intents.semantic_cache import SemanticCache
 from intents.store import CacheBundle, LocalStore
 from intents.types import Action, Entry
 from tests.intents_support import (_seeded_bank_store, bank_cache, intent_embedder,  # noqa: F401
-                                   shared_embedder)
+                                   shared_embedder, two_view_probabilities, two_view_state)
 
 
 # Paraphrases written for this test: none of them is in bank_faq.csv.
@@ -165,6 +170,49 @@ def test_a_version_from_before_the_completeness_model_learns_it_at_load(
         assert loaded.router.route(text).finished == bank_cache.router.route(text).finished
         assert loaded.router.completeness.probability(text) == \
             bank_cache.router.completeness.probability(text)
+
+
+def test_a_version_published_with_two_views_loads_and_routes_as_it_was_calibrated(
+        bank_cache: LoadedCache, intent_embedder: Embedder, tmp_path) -> None:  # noqa: F811
+    # A replica upgraded in a rolling deploy reads the versions the release before the word
+    # view published: their models blob has its layout, and their judge and thresholds hold
+    # only for its two views' mix. Loaded as they are (not trained again), they route so.
+    shutil.copytree(_seeded_bank_store(), tmp_path / "store")
+    older = LocalStore(tmp_path / "store")
+    _, bundle = older.read()
+    classifier, judge, completeness = models_from_bytes(bundle.classifier)
+    assert completeness is not None
+    # The bank FAQ is too small for text views: give its version the character model a
+    # larger seed's had, in the state that release wrote.
+    questions = [q["text"] for q in bundle.manifest["questions"]]
+    intents = [q["intent"] for q in bundle.manifest["questions"]]
+    vectorizer = _char_ngrams().fit(questions)
+    text_model = LogisticRegression(C=10.0, max_iter=3000, random_state=0).fit(
+        vectorizer.transform(questions), intents)
+    legacy = two_view_state(classifier, TWO_VIEWS["embeddings"], (vectorizer, text_model))
+    blob = io.BytesIO()
+    joblib.dump({"classifier": legacy, "judge": judge, "completeness": completeness.state()},
+                blob)
+    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("format", "version")}
+    older.publish(CacheBundle(manifest, bundle.vectors, blob.getvalue()))
+    loaded = load_cache(older, intent_embedder).router
+    assert loaded.classifier.views == ("embeddings", "characters")  # not trained again
+    assert loaded.thresholds == bank_cache.thresholds
+
+    class TwoViews(IntentClassifier):  # the arithmetic of the release before the word view
+        def probabilities(self, vectors, texts=None):  # type: ignore[no-untyped-def]
+            return two_view_probabilities(legacy, np.atleast_2d(vectors), list(texts))
+
+    before = Router(intent_embedder, TwoViews.from_state(legacy), judge, loaded.cache,
+                    loaded.entries, loaded.thresholds, completeness)
+    texts = ([t for t, _ in UNSEEN_PARAPHRASES] + OUT_OF_SCOPE
+             + [t for t, _, _ in AGENT_AND_HUMAN] + questions[:40])
+    fields = ("intent", "action", "hit", "spoken_hit", "entry_id", "answer", "score",
+              "confidence", "margin", "certainty", "finished", "reason")
+    now, then = loaded.route_many(texts), before.route_many(texts)
+    assert [[getattr(d, f) for f in fields] for d in now] == \
+        [[getattr(d, f) for f in fields] for d in then]
+    assert sum(d.hit for d in now) >= 10  # a test of the hits, not of misses alone
 
 
 def test_models_survive_serialisation(bank_cache: LoadedCache,
