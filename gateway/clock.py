@@ -14,7 +14,9 @@ import heapq
 import itertools
 import math
 import time
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Awaitable, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -65,6 +67,77 @@ async def deadline(clock: Clock, seconds: float) -> AsyncIterator[Deadline]:
         raise
     finally:
         watchdog.cancel()
+
+
+class Timeouts:
+    """``deadline`` for each of a stream's waits (the gap before its next item), on ``clock``,
+    kept by one timer task for them all instead of a task per item.
+
+    ``await timeouts.within(seconds, anext(items))`` is that item, or ``TimeoutError`` (and
+    ``expired`` set) once ``seconds`` of the clock pass first; between waits nothing is
+    timed (the consumer's own time, a yield to it, never counts). One wait at a time, as
+    one task reads a stream. A cancel from outside (a barge-in) stays a cancel. The
+    awaitable must not swallow ``CancelledError``. ``close()`` (in a ``finally``) stops
+    the timer."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.expired = False  # the last wait timed out (its TimeoutError, not another)
+        self._clock = clock
+        self._due: float | None = None  # the wait under way times out then; None: none
+        self._waiter: asyncio.Task[object] | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._timer_due: float | None = None  # what the timer sleeps until (None: parked)
+        self._moved = asyncio.Event()
+
+    async def within(self, seconds: float, awaitable: Awaitable[T]) -> T:
+        return await self.until(self._clock.now() + seconds, awaitable)
+
+    async def until(self, when: float, awaitable: Awaitable[T]) -> T:
+        """``within``, to a time of the clock: a wait that times out at ``when`` ends with
+        ``clock.now() >= when``."""
+        task = asyncio.current_task()
+        assert task is not None, "Timeouts needs a task"
+        self._waiter, self._due, self.expired = task, when, False
+        timer = self._timer
+        if timer is None or timer.done() or (self._timer_due is not None
+                                             and when < self._timer_due):
+            if timer is not None:
+                timer.cancel()  # it sleeps until later than this wait may last
+            self._timer_due = when
+            self._timer = asyncio.create_task(self._expire(), name="vg-timeouts")
+        else:
+            self._moved.set()  # wakes a parked timer; a sleeping one wakes in time anyway
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self.expired and task.uncancel() == 0:
+                raise TimeoutError("no result in time") from None
+            raise
+        finally:
+            self._due = None
+
+    async def _expire(self) -> None:
+        while True:
+            due = self._due
+            if due is None:  # no wait under way: park until one starts
+                self._timer_due = None
+                self._moved.clear()
+                await self._moved.wait()
+                continue
+            left = due - self._clock.now()
+            if left <= 0:
+                break
+            self._timer_due = due
+            await self._clock.sleep(left)
+        self._timer_due = None
+        self._due = None
+        self.expired = True
+        assert self._waiter is not None
+        self._waiter.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class ManualClock:

@@ -22,13 +22,16 @@ from .agent import (FILLER_PHRASES, PROMPT_TEXTS, Agent, Conversation, Handoff, 
                     ToolStarted)
 from .audio import StreamResampler
 from .audio_bank import AudioBank
+from .clock import SYSTEM_CLOCK, Clock, Timeouts
 from .codec import PCM16, encode
 from .preemption import Preemption
-from .providers.base import TextToSpeech
+from .providers.base import ProviderError, TextToSpeech
 from .timeline import TurnTimeline, now
 
 # A prefetched sentence may run this far ahead of playback; more would be wasted on a barge-in.
 _PREFETCH_SENTENCES = 2
+# Settings.tts_gap_timeout_s's default, for a Responder built without it (benchmarks).
+DEFAULT_TTS_GAP_TIMEOUT_S = 4.0
 
 
 @dataclass
@@ -65,13 +68,33 @@ async def _once(pcm16: bytes) -> AsyncIterator[bytes]:
     yield pcm16
 
 
-async def tts_audio(tts: TextToSpeech, text: str, rate: int,
-                    encoding: str = PCM16) -> AsyncIterator[bytes]:
-    """Stream TTS audio for ``text`` converted to the call's rate and encoding."""
+async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM16, *,
+                    clock: Clock = SYSTEM_CLOCK,
+                    gap_timeout_s: float = DEFAULT_TTS_GAP_TIMEOUT_S) -> AsyncIterator[bytes]:
+    """Stream TTS audio for ``text`` converted to the call's rate and encoding.
+
+    Every voice's synthesis in a call comes through here. One that has sent audio and then
+    sends none for ``gap_timeout_s`` (of ``clock``: the call's) while asked for more has
+    stalled mid-stream: a ``ProviderError`` then (the turn's ``tts_failed``, the apology),
+    not silence until the provider's own read timeout, or for good. The wait for the
+    first audio is the provider's (ElevenLabs' ``first_audio_timeout_s``)."""
     resampler = StreamResampler(tts.sample_rate, rate)
-    async with contextlib.aclosing(tts.synthesize(text)) as chunks:  # type: ignore[type-var]
-        async for chunk in chunks:
-            yield encode(resampler.process(chunk), encoding)
+    gaps = Timeouts(clock)
+    try:
+        async with contextlib.aclosing(tts.synthesize(text)) as chunks:  # type: ignore[type-var]
+            chunk = await anext(chunks, None)
+            while chunk is not None:
+                yield encode(resampler.process(chunk), encoding)
+                try:
+                    chunk = await gaps.within(gap_timeout_s, anext(chunks, None))
+                except TimeoutError:
+                    if not gaps.expired:
+                        raise
+                    raise ProviderError(tts.name, f"no audio for {gap_timeout_s:g} s in the "
+                                        "middle of a synthesis "
+                                        "(VOICEGATE_TTS_GAP_TIMEOUT_S)") from None
+    finally:
+        gaps.close()
     tail = resampler.process(b"", last=True)
     if tail:
         yield encode(tail, encoding)
@@ -146,9 +169,11 @@ class Responder:
     the pre-rendered prompts (fillers, handoff, apology) and the cache's clips."""
 
     def __init__(self, agent: Agent, tts: TextToSpeech, prompts: AudioBank,
-                 cache_audio: AudioBank | None = None) -> None:
+                 cache_audio: AudioBank | None = None, *,
+                 tts_gap_timeout_s: float = DEFAULT_TTS_GAP_TIMEOUT_S) -> None:
         self._agent = agent
         self._tts = tts
+        self._tts_gap_timeout_s = tts_gap_timeout_s
         self._prompts = prompts
         self.cache_audio = cache_audio
 
@@ -208,8 +233,7 @@ class Responder:
                         tl.mark("first_token")
                     if isinstance(event, Sentence):
                         spoke = True
-                        fetch = _Prefetched(tts_audio(self._tts, event.text, turn.sample_rate,
-                                                      turn.encoding))
+                        fetch = _Prefetched(self._synthesize(turn, event.text))
                         prefetches.append(fetch)
                         await queue.put(ReplySegment(source="llm", text=event.text,
                                                      audio=fetch.audio_timed(tl),
@@ -281,5 +305,10 @@ class Responder:
         # Prompts not rendered (a bare runtime in a benchmark): synthesize now.
         text = text if text is not None else PROMPT_TEXTS.get(key, FILLER_PHRASES[0])
         return ReplySegment(source=source, text=text, info=info,
-                            audio=tts_audio(self._tts, text, turn.sample_rate, turn.encoding))
+                            audio=self._synthesize(turn, text))
+
+    def _synthesize(self, turn: Turn, text: str) -> AsyncIterator[bytes]:
+        """``text`` in the call's voice, rate and encoding; a stall timed on its clock."""
+        return tts_audio(self._tts, text, turn.sample_rate, turn.encoding,
+                         clock=turn.timeline.clock, gap_timeout_s=self._tts_gap_timeout_s)
 

@@ -142,7 +142,8 @@ class Services:
             **{lane: RouteBatcher(cache.route_many, lanes[lane], target_batch_ms=target_ms)
                for lane in ROUTING_LANES},
             is_warm=runtime.embedder.is_cached)
-        self.responder = Responder(runtime.agent, runtime.tts, runtime.prompts, cache.audio)
+        self.responder = Responder(runtime.agent, runtime.tts, runtime.prompts, cache.audio,
+                                   tts_gap_timeout_s=self.settings.tts_gap_timeout_s)
         self._call_deps = CallDeps(settings=self.settings, vad=runtime.vad_batcher,
                                    stt=runtime.stt, responder=self.responder,
                                    router=self.route_batcher.route, stats=runtime.stats,

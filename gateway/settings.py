@@ -207,6 +207,12 @@ class Settings(BaseModel):
     # --- speech models (embedded defaults) ------------------------------------
     stt_provider: SttProvider = "moonshine"
     tts_provider: TtsProvider = "piper"
+    # A synthesis that sent audio, then none for this long while asked for more, has
+    # stalled mid-stream: the turn's tts_failed and the apology, not silence. 4 s (as the
+    # first audio's and first token's deadlines) is far beyond a healthy gap: ElevenLabs
+    # streams faster than real time, Piper's gap is one sentence's synthesis (0.7 s for
+    # 5-7 s of speech on a shared 2-core host).
+    tts_gap_timeout_s: PosF = 4.0
     # Threads per Moonshine decode (cpu_workers decodes run at once).
     moonshine_threads: Pos = 1
     # Moonshine's decoder weights: int8 blocks (MatMulNBits, built once into model_cache_dir;

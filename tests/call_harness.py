@@ -364,7 +364,8 @@ class CallHarness:
         cache = AudioBank(rates=(RATE,), encoded=())
         for entry in self.router.faqs.values():
             cache.add(Clip(entry, f"answer {entry}", numbered_frames(1000), RATE))
-        self.responder = Responder(self.agent, self.tts, prompts, cache)  # type: ignore[arg-type]
+        self.responder = Responder(self.agent, self.tts, prompts, cache,  # type: ignore[arg-type]
+                                   tts_gap_timeout_s=self.settings.tts_gap_timeout_s)
         self.output = RecordingOutput(self.clock)
         self.deps = CallDeps(settings=self.settings, vad=self.vad, stt=self.stt,
                              responder=self.responder, router=self.router, stats=self.stats,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
+import pytest
+
 from gateway.providers.base import LLMChunk, ProviderError
 from tests.call_harness import CallHarness, tone
 
@@ -427,3 +429,56 @@ async def test_a_cancel_while_the_agent_reply_closes_goes_through():
         raise AssertionError("the cancel was swallowed: the reply would play on")
     assert closing.cancelled()
     await h.stop()
+
+
+async def test_a_voice_that_stalls_mid_sentence_fails_the_turn_at_the_gap_timeout():
+    # The voice sends the sentence's first 100 ms, then nothing, its stream open (a
+    # provider stalled mid-stream). Nothing timed that gap: the caller heard silence until
+    # the provider's read timeout (ElevenLabs: 30 s) or for good (a voice with none). Now
+    # the turn fails when tts_gap_timeout_s (4 s, on the call's clock) passes without
+    # audio: tts_failed, the apology then; the stalled stream is closed and the call goes on.
+    import numpy as np
+
+    from tests.call_harness import RATE
+
+    h = CallHarness()
+    assert h.settings.tts_gap_timeout_s == 4.0
+    h.llm.reply = "Our branches open at nine."
+    stalled_at: list[float] = []
+    closed: list[str] = []
+
+    async def synthesize(text: str) -> AsyncIterator[bytes]:
+        try:
+            for index, _ in enumerate(text.split()):
+                if "nine" in text and index == 1:
+                    stalled_at.append(h.clock.now())
+                    await asyncio.Event().wait()  # stalled, the connection open
+                yield np.full(RATE // 10, 1000, dtype="<i2").tobytes()
+        finally:
+            closed.append(text)
+
+    h.tts.synthesize = synthesize  # type: ignore[method-assign]
+    await h.start()
+    try:
+        await h.text("when do you open")
+        assert len(stalled_at) == 1 and h.output.frames  # the first 100 ms went out
+        await h.wait(3980)
+        assert h.output.of("error") == [] and closed == []  # silence, so far
+        sent = len(h.output.frames)
+        await h.wait(40)
+        errors = h.output.of("error")
+        assert [(e["code"], e["turn"]) for e in errors] == [("tts_failed", 1)]
+        assert "no audio for 4 s in the middle of a synthesis" in errors[0]["message"]
+        assert [e["source"] for e in h.output.of("response")] == ["llm", "apology"]
+        assert h.output.frames[sent][0] - stalled_at[0] == pytest.approx(4.0, abs=0.001)
+        assert closed == ["Our branches open at nine."]
+        assert h.stats.errors["tts_failed"] == 1
+
+        h.llm.reply = "On Saturdays we open at ten."
+        await h.wait(1000)
+        await h.text("and on saturday")
+        await h.wait(3000)
+        assert [e["source"] for e in h.output.of("response")] == ["llm", "apology", "llm"]
+        assert len(h.output.of("error")) == 1
+    finally:
+        await h.stop()

@@ -253,3 +253,44 @@ async def test_the_first_audio_deadline_leaves_a_barge_in_a_cancel():
         await clock.advance(1.0)
     await clock.advance(5.0)
     assert not in_time.expired and clock.sleeping == 0
+
+
+async def test_a_call_whose_voice_stalls_mid_sentence_hears_the_apology_at_the_gap_timeout(eleven):
+    # The voice answers, streams the sentence's first piece, then sends nothing with the
+    # connection open. httpx's read timeout (30 s) was all that ended that silence; now
+    # the turn fails as `tts_failed` once tts_gap_timeout_s (4 s, on the call's clock)
+    # passes with no audio, the apology plays, and the next turn is answered.
+    fake, server = eleven
+    fake.hold_after_first.set()
+    h = CallHarness()
+    cloud = Settings.load({"tts_provider": "elevenlabs", "elevenlabs_api_key": fake.api_key,
+                           "elevenlabs_base_url": server.url}, environ={})
+    tts = ElevenLabsTTS.from_settings(cloud, clock=h.clock)
+    h.responder._tts = tts  # the harness's voice, replaced by the real SDK on the fake
+    h.llm.reply = "Our branches open at nine."
+    await h.start()
+    try:
+        await h.text("when do you open")
+        assert await wait_for_async(lambda: bool(h.output.frames), 10), "no first audio"
+        await asyncio.sleep(0.3)  # real time: the rest of the first piece is in; the clock stood
+        stalled_at = h.clock.now()
+        await h.wait(3980)
+        assert h.output.of("error") == []  # silence after the first piece, so far
+        sent = len(h.output.frames)
+        await h.wait(40)
+        errors = h.output.of("error")
+        assert [(e["code"], e["turn"]) for e in errors] == [("tts_failed", 1)]
+        assert "no audio for 4 s in the middle of a synthesis" in errors[0]["message"]
+        assert [e["source"] for e in h.output.of("response")] == ["llm", "apology"]
+        assert h.output.frames[sent][0] - stalled_at == pytest.approx(4.0, abs=0.001)
+
+        fake.hold_after_first.clear()  # the voice is well again
+        await h.wait(2000)
+        await h.text("and on saturday")
+        assert await wait_for_async(lambda: len(h.output.of("response", source="llm")) == 2, 10)
+        await h.wait(3000)
+        assert [e["source"] for e in h.output.of("response")] == ["llm", "apology", "llm"]
+        assert len(fake.requests) == 2 and len(h.output.of("error")) == 1
+    finally:
+        await h.stop()
+        await tts.aclose()

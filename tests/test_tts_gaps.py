@@ -1,0 +1,149 @@
+"""A synthesis that stalls mid-stream (responder.tts_audio's gap timeout), and the clock's
+``Timeouts`` it runs on, driven by a ManualClock: no test here waits in real time."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import pytest
+
+from gateway.clock import ManualClock, Timeouts
+from gateway.providers.base import ProviderError
+from gateway.responder import tts_audio
+
+RATE = 16000
+CHUNK = b"\x01\x00" * 160  # 10 ms
+
+
+class PausingVoice:
+    """A voice whose chunks come ``gaps_s`` apart on the clock (``None``: it stalls for
+    good, its connection open); ``closed`` once its stream is closed."""
+
+    name = "pausing"
+    sample_rate = RATE
+    audio_id = "pausing"
+
+    def __init__(self, clock: ManualClock, gaps_s: list[float | None]) -> None:
+        self.clock = clock
+        self.gaps_s = gaps_s
+        self.sent_at: list[float] = []
+        self.closed = False
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        try:
+            self.sent_at.append(self.clock.now())
+            yield CHUNK
+            for gap in self.gaps_s:
+                if gap is None:
+                    await asyncio.Event().wait()
+                await self.clock.sleep(gap)
+                self.sent_at.append(self.clock.now())
+                yield CHUNK
+        finally:
+            self.closed = True
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def drain(chunks: AsyncIterator[bytes]) -> list[bytes]:
+    return [chunk async for chunk in chunks]
+
+
+async def test_a_synthesis_that_stops_sending_fails_at_the_gap_timeout_not_before():
+    # The voice sent its first audio, then nothing with its stream open: before, the
+    # caller heard silence until the provider's read timeout (30 s for ElevenLabs) or
+    # for good. It fails as the gap passes 4 s on the clock, and the stream is closed.
+    clock = ManualClock()
+    voice = PausingVoice(clock, [0.5, None])
+    audio = asyncio.ensure_future(drain(tts_audio(voice, "Our branches open at nine.", RATE,
+                                                  clock=clock, gap_timeout_s=4.0)))
+    try:
+        await clock.advance(0.5)
+        assert len(voice.sent_at) == 2  # the second chunk came; then the stall
+        await clock.advance(3.99)
+        assert not audio.done()
+        await clock.advance(0.02)
+        assert audio.done(), "no failure past the gap timeout"
+        with pytest.raises(ProviderError, match=r"pausing: no audio for 4 s in the middle"):
+            audio.result()
+        assert voice.closed and clock.sleeping == 0
+    finally:
+        audio.cancel()
+
+
+async def test_slow_steady_audio_and_a_slow_listener_are_no_stall():
+    # Gaps just under the timeout, 12 s in all, are no stall: only a gap counts. Nor is
+    # the time the consumer keeps a chunk (the playout pacing a prompt synthesized
+    # on the spot): only the wait for the voice is timed.
+    clock = ManualClock()
+    voice = PausingVoice(clock, [3.9, 3.9, 3.9])
+    got: list[bytes] = []
+
+    async def slow_listener() -> None:
+        async for chunk in tts_audio(voice, "Hello.", RATE, clock=clock, gap_timeout_s=4.0):
+            got.append(chunk)
+            await clock.sleep(10.0)
+
+    listening = asyncio.ensure_future(slow_listener())
+    await clock.advance(60.0)
+    assert listening.done() and listening.exception() is None
+    assert len(got) == 4 and voice.closed and clock.sleeping == 0
+
+
+async def test_a_barge_in_during_a_gap_stays_a_cancel():
+    clock = ManualClock()
+    voice = PausingVoice(clock, [None])
+    audio = asyncio.ensure_future(drain(tts_audio(voice, "Hello.", RATE, clock=clock,
+                                                  gap_timeout_s=4.0)))
+    await clock.advance(2.0)
+    audio.cancel()  # the caller barged in
+    await clock.settle()
+    assert audio.cancelled() and voice.closed
+    await clock.advance(10.0)
+    assert clock.sleeping == 0
+
+
+async def test_timeouts_time_each_wait_and_nothing_between_them():
+    clock = ManualClock()
+    timeouts = Timeouts(clock)
+    items: asyncio.Queue[int] = asyncio.Queue()
+    got: list[int] = []
+
+    async def read() -> None:
+        while True:
+            got.append(await timeouts.within(2.0, items.get()))
+            await clock.sleep(5.0)  # the reader's own time, untimed
+
+    reader = asyncio.ensure_future(read())
+    try:
+        await clock.advance(1.9)
+        items.put_nowait(1)
+        await clock.advance(5.0 + 1.9)  # held 5 s, then waited 1.9 s
+        items.put_nowait(2)
+        await clock.advance(5.0 + 1.99)
+        assert got == [1, 2] and not reader.done()
+        await clock.advance(0.02)
+        assert reader.done() and isinstance(reader.exception(), TimeoutError)
+        assert timeouts.expired
+    finally:
+        reader.cancel()
+        timeouts.close()
+
+
+async def test_timeouts_a_shorter_wait_after_a_longer_one_ends_on_its_own_time():
+    # The timer sleeping towards a long wait's end is replaced when a shorter one follows.
+    clock = ManualClock()
+    timeouts = Timeouts(clock)
+    start = clock.now()
+    assert await timeouts.within(30.0, asyncio.sleep(0, "quick")) == "quick"
+    waiting = asyncio.ensure_future(timeouts.until(start + 1.0, asyncio.Event().wait()))
+    await clock.advance(0.99)
+    assert not waiting.done()
+    await clock.advance(0.01)
+    assert waiting.done() and isinstance(waiting.exception(), TimeoutError)
+    assert clock.now() == start + 1.0
+    timeouts.close()
+    await clock.settle()
+    assert clock.sleeping == 0
