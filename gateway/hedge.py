@@ -6,6 +6,9 @@ The first leg to yield content or a tool call wins and is streamed to the caller
 the other is cancelled, which closes its HTTP stream. A leg that fails before its
 first token (error, empty reply, or no token within ``first_token_timeout_s``) hands
 the turn to the other at once, starting the secondary early if need be.
+
+The hedge delay and both timeouts run on a ``Clock`` (gateway/clock.py; the monotonic
+``SYSTEM_CLOCK`` in production), so a test's ``ManualClock`` decides when they pass.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolSpec
 from . import logs
+from .clock import SYSTEM_CLOCK, Clock, Timeouts
 
 log = logging.getLogger("voicegate.hedge")
 
@@ -92,7 +95,8 @@ class HedgedChat:
 
     def __init__(self, primary: ChatModel, secondary: ChatModel | None = None, *,
                  hedge_delay_s: float | None = None, adaptive: AdaptiveDelay | None = None,
-                 first_token_timeout_s: float = 4.0, idle_timeout_s: float = 10.0) -> None:
+                 first_token_timeout_s: float = 4.0, idle_timeout_s: float = 10.0,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.name = f"hedged({primary.name}, {secondary.name})" if secondary else primary.name
         self.primary = primary
         self.secondary = secondary
@@ -100,6 +104,7 @@ class HedgedChat:
         self.adaptive = adaptive or AdaptiveDelay()
         self.first_token_timeout_s = first_token_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self._clock = clock  # the hedge delay's and the timeouts' (a test's ManualClock)
         self.stats = HedgeStats()
 
     def hedge_delay_s(self) -> float:
@@ -110,11 +115,13 @@ class HedgedChat:
         queue: asyncio.Queue[tuple[_Leg, Any]] = asyncio.Queue()
         legs: list[_Leg] = []
         errors: list[str] = []
-        t0 = time.monotonic()
+        clock = self._clock
+        timeouts = Timeouts(clock)  # every wait of this stream, on one timer task
+        t0 = clock.now()
         self.stats.turns += 1
 
         def start(role: str, model: ChatModel) -> None:
-            leg = _Leg(role, model, time.monotonic())
+            leg = _Leg(role, model, clock.now())
             leg.task = asyncio.create_task(_pump(leg, messages, tools, queue), name=f"llm-{role}")
             legs.append(leg)
             self.stats.requests += 1
@@ -135,7 +142,7 @@ class HedgedChat:
                     self.stats.failovers += 1  # the primary failed before the hedge fired
                     start("secondary", self.secondary)
                     continue
-                now = time.monotonic()
+                now = clock.now()
                 if len(legs) == 1 and now >= hedge_at and self.secondary is not None:
                     start("secondary", self.secondary)
                     continue
@@ -143,14 +150,14 @@ class HedgedChat:
                 if len(legs) == 1:
                     deadlines.append(hedge_at)
                 try:
-                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
-                    # cancellation (a barge-in) that lands as the item arrives, and the
-                    # stream would go on with nobody reading it.
-                    async with asyncio.timeout(max(0.0, min(deadlines) - now)):
-                        leg, item = await queue.get()
+                    # Timed as asyncio.timeout is, not wait_for: on Python 3.11 wait_for
+                    # swallows a cancellation (a barge-in) that lands as the item arrives,
+                    # and the stream would go on with nobody reading it. Once it times
+                    # out, the clock has reached the earliest deadline.
+                    leg, item = await timeouts.until(min(deadlines), queue.get())
                 except TimeoutError:
                     for leg in live:
-                        if time.monotonic() >= leg.started + self.first_token_timeout_s:
+                        if clock.now() >= leg.started + self.first_token_timeout_s:
                             self._fail(leg, "no first token after "
                                             f"{self.first_token_timeout_s:g} s", errors)
                     continue
@@ -169,8 +176,7 @@ class HedgedChat:
             yield first
             while True:
                 try:
-                    async with asyncio.timeout(self.idle_timeout_s):  # not wait_for: above
-                        leg, item = await queue.get()
+                    leg, item = await timeouts.within(self.idle_timeout_s, queue.get())
                 except TimeoutError:
                     self.stats.leg_failures += 1
                     raise ProviderError(winner.model.name,
@@ -186,6 +192,7 @@ class HedgedChat:
         finally:
             # Normal end, error, consumer's aclose() or cancellation (a barge-in):
             # no leg outlives the turn, and each leg's HTTP stream is closed.
+            timeouts.close()
             await _stop_all(legs)
 
     def _fail(self, leg: _Leg, reason: str, errors: list[str]) -> None:
@@ -197,7 +204,7 @@ class HedgedChat:
             leg.task.cancel()  # awaited in the stream's finally
 
     def _record_win(self, winner: _Leg, legs: list[_Leg], t0: float) -> None:
-        now = time.monotonic()
+        now = self._clock.now()
         self.stats.ttft_s.append(now - t0)
         if winner.role == "primary":
             self.stats.primary_wins += 1

@@ -23,10 +23,14 @@ from tests.fakes.openai_server import STALL, Reply
 MESSAGES = [{"role": "user", "content": "What are your opening hours?"}]
 
 
-def pair(server, primary: str, secondary: str, **kwargs) -> HedgedChat:
+def pair(server, primary: str, secondary: str, clock: ManualClock | None = None,
+         **kwargs) -> HedgedChat:
+    """On a manual clock: no hedge delay or timeout passes unless the test advances it, so
+    nothing here depends on how fast a loaded machine runs."""
     url = server.url + "/v1"
     return HedgedChat(OpenAIChat(primary, base_url=url, name=primary),
-                      OpenAIChat(secondary, base_url=url, name=secondary), **kwargs)
+                      OpenAIChat(secondary, base_url=url, name=secondary),
+                      clock=clock or ManualClock(), **kwargs)
 
 
 async def collect(model) -> str:
@@ -70,10 +74,18 @@ async def test_failure_before_first_token_hands_over_at_once(llm_server, failure
     fake, server = llm_server
     fake.replies["bad"] = failure
     fake.replies["good"] = Reply(text="Backup answer.")
-    # A hedge delay far beyond the test's patience: only the failover can start the secondary.
-    # The stall timeout also bounds the backup leg: generous, so a loaded machine still passes.
-    hedged = pair(server, "bad", "good", hedge_delay_s=600.0, first_token_timeout_s=3.0)
-    assert await collect(hedged) == "Backup answer."
+    # A hedge delay the clock never reaches: only the failover can start the secondary.
+    # A stall fails exactly when the clock passes the first-token timeout (it used to take
+    # 3 s of real time); the other failures hand over with the clock standing still.
+    clock = ManualClock()
+    hedged = pair(server, "bad", "good", clock, hedge_delay_s=600.0, first_token_timeout_s=4.0)
+    answer = asyncio.ensure_future(collect(hedged))
+    if failure.ttft_s == STALL:
+        assert await fake.await_for(lambda s: s.requests["bad"] == 1)
+        await clock.advance(3.99)
+        assert not answer.done() and fake.stats.requests["good"] == 0
+        await clock.advance(0.01)
+    assert await asyncio.wait_for(answer, 20) == "Backup answer."
     assert hedged.stats.failovers == 1 and hedged.stats.secondary_wins == 1
     if failure.ttft_s == STALL:
         assert await fake.await_for(lambda s: s.disconnects["bad"] == 1)
@@ -193,7 +205,8 @@ async def test_a_cancel_as_a_token_arrives_stops_the_hedged_stream():
     swallowed: list[int] = []
     for n in range(30):  # the cancel lands n loop iterations after the token is released
         leg = GatedLeg(["Second."])
-        hedged = HedgedChat(leg, None, hedge_delay_s=0.0)  # type: ignore[arg-type]
+        hedged = HedgedChat(leg, None, hedge_delay_s=0.0,  # type: ignore[arg-type]
+                            clock=ManualClock())
         got: list[str] = []
 
         async def consume() -> None:
@@ -219,11 +232,12 @@ async def test_a_barge_in_as_a_token_arrives_ends_the_reply_and_closes_the_llm_s
     words = " ".join(f"This is sentence number {k} of the answer." for k in range(10)).split()
     for n in range(40):
         leg = GatedLeg(words)
-        agent = Agent(HedgedChat(leg, None, hedge_delay_s=0.0),  # type: ignore[arg-type]
+        clock = ManualClock()
+        agent = Agent(HedgedChat(leg, None, hedge_delay_s=0.0, clock=clock),  # type: ignore[arg-type]
                       filler_after_s=None)
         responder = Responder(agent, WordTTS(), AudioBank(rates=(RATE,), encoded=()))  # type: ignore[arg-type]
         turn = Turn(number=1, text="where is my order", sample_rate=RATE,
-                    timeline=TurnTimeline(1, clock=ManualClock()),
+                    timeline=TurnTimeline(1, clock=clock),
                     conversation=agent.new_conversation())
         playing = asyncio.Event()
 
@@ -244,3 +258,109 @@ async def test_a_barge_in_as_a_token_arrives_ends_the_reply_and_closes_the_llm_s
         await asyncio.gather(reply, return_exceptions=True)
         assert ended, f"a barge-in {n} iterations after the token: the reply never ended"
         assert leg.closed == leg.opened
+
+
+# The hedge on the call's clock: its delay and timeouts pass when the clock does, with no
+# real time elapsing (they used time.monotonic and the loop's timers).
+
+
+class ScriptedLeg:
+    """A leg that answers ``text`` at once (one chunk per word), or never (``None``),
+    or says its first word and then stalls (``stall_after_first``)."""
+
+    def __init__(self, name: str, text: str | None, stall_after_first: bool = False) -> None:
+        self.name = name
+        self.text = text
+        self.stall_after_first = stall_after_first
+        self.opened: list[float] = []  # clock time of each request
+        self.closed = 0
+        self.clock: ManualClock | None = None
+
+    async def stream(self, messages, tools=None) -> AsyncIterator[LLMChunk]:
+        assert self.clock is not None
+        self.opened.append(self.clock.now())
+        try:
+            if self.text is None:
+                await asyncio.Event().wait()  # no first token, ever
+            for n, word in enumerate((self.text or "").split()):
+                if n == 1 and self.stall_after_first:
+                    await asyncio.Event().wait()
+                yield LLMChunk(text=(" " if n else "") + word)
+        finally:
+            self.closed += 1
+
+
+def scripted_pair(primary: ScriptedLeg, secondary: ScriptedLeg | None,
+                  **kwargs) -> tuple[HedgedChat, ManualClock]:
+    clock = ManualClock()
+    for leg in (primary, secondary):
+        if leg is not None:
+            leg.clock = clock
+    return HedgedChat(primary, secondary, clock=clock, **kwargs), clock  # type: ignore[arg-type]
+
+
+async def test_the_secondary_starts_exactly_when_the_clock_passes_the_hedge_delay():
+    primary = ScriptedLeg("primary", None)
+    secondary = ScriptedLeg("secondary", "From the secondary.")
+    hedged, clock = scripted_pair(primary, secondary, hedge_delay_s=0.5)
+    start = clock.now()
+    answer = asyncio.ensure_future(collect(hedged))
+    await clock.advance(0.49)
+    assert primary.opened == [start] and secondary.opened == []
+    await clock.advance(0.01)
+    assert secondary.opened == [start + 0.5]  # no real time elapsed: the clock alone
+    assert await asyncio.wait_for(answer, 5) == "From the secondary."
+    assert hedged.stats.secondary_wins == 1 and hedged.stats.extra_requests == 1
+    assert primary.closed == 1 and hedged.stats.ttft_s[-1] == 0.5
+    assert hedged.adaptive._samples[-1] == 0.5  # the primary, censored at the win
+
+
+async def test_an_adaptive_delay_is_timed_on_the_clock_too():
+    primary = ScriptedLeg("primary", None)
+    secondary = ScriptedLeg("secondary", "Hi.")
+    hedged, clock = scripted_pair(primary, secondary,
+                                  adaptive=AdaptiveDelay(initial_s=0.4, min_samples=20))
+    answer = asyncio.ensure_future(collect(hedged))
+    await clock.advance(0.39)
+    assert secondary.opened == []
+    await clock.advance(0.01)
+    assert len(secondary.opened) == 1
+    assert await asyncio.wait_for(answer, 5) == "Hi."
+
+
+async def test_a_leg_with_no_first_token_fails_when_the_clock_passes_the_timeout():
+    primary = ScriptedLeg("primary", None)
+    secondary = ScriptedLeg("secondary", None)
+    hedged, clock = scripted_pair(primary, secondary, hedge_delay_s=1.0,
+                                  first_token_timeout_s=4.0)
+    answer = asyncio.ensure_future(collect(hedged))
+    await clock.advance(3.99)
+    assert not answer.done() and hedged.stats.leg_failures == 0
+    await clock.advance(0.01)  # the primary's 4 s: the secondary (started at 1 s) still runs
+    assert not answer.done() and hedged.stats.leg_failures == 1 and primary.closed == 1
+    await clock.advance(0.99)
+    assert not answer.done()
+    await clock.advance(0.01)
+    with pytest.raises(ProviderError, match="every LLM failed.*no first token after 4 s"):
+        await asyncio.wait_for(answer, 5)
+    assert hedged.stats.all_failed == 1 and secondary.closed == 1
+
+
+async def test_a_winner_that_stalls_fails_when_the_clock_passes_the_idle_timeout():
+    primary = ScriptedLeg("primary", "One two three.", stall_after_first=True)
+    hedged, clock = scripted_pair(primary, None, idle_timeout_s=10.0)
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in hedged.stream(MESSAGES):
+            got.append(chunk.text)
+            await clock.sleep(30.0)  # the consumer's own time is no stall
+
+    task = asyncio.ensure_future(consume())
+    await clock.advance(30.0 + 9.99)
+    assert got == ["One"] and not task.done()
+    await clock.advance(0.01)
+    assert task.done()
+    with pytest.raises(ProviderError, match="stream stalled for 10 s"):
+        task.result()
+    assert primary.closed == 1 and clock.sleeping == 0
