@@ -7,8 +7,10 @@ Publishing is atomic: a version is written completely under a temporary name,
 renamed into place, and only then does the ``CURRENT`` pointer move (``os.replace``,
 atomic on POSIX). A reader resolves ``CURRENT`` once and reads that version, so it
 never sees half a seed, and a seed that fails before the swap leaves the previous
-version serving. Audio is content-addressed (``audio_key``), outside versions, so a
-re-seed renders only answers whose text or voice changed.
+version serving. Whatever stops a publish (a refusal, an error, Ctrl-C) removes what it
+created; the temporary directories of a publishing process that died are swept by a later
+publish (``LocalStore._sweep_staging``). Audio is content-addressed (``audio_key``), outside
+versions, so a re-seed renders only answers whose text or voice changed.
 
 Nothing else ever frees a store (Redis runs with noeviction), so after each publish
 the store keeps the current version and the newest ``keep_versions`` published ones,
@@ -24,6 +26,7 @@ Layout of a ``LocalStore``::
     CURRENT                      name of the serving version
     versions/<version>/manifest.json, vectors.npy, classifier.joblib
                                  (the directory's mtime: when it was published)
+    versions/.staging-<version>/ a version being written (locked by its publish)
     audio/<sha256>.wav           16-bit mono PCM answers (mtime: when a seed last wrote
                                  or reused it)
 """
@@ -39,6 +42,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 import wave
 from abc import ABC, abstractmethod
@@ -56,6 +60,8 @@ MANIFEST_FORMAT = 2
 # Retention after a publish (gateway settings cache_versions_kept, cache_audio_grace_s).
 KEEP_VERSIONS = 10
 AUDIO_GRACE_S = 3600.0
+# A ``.staging-*`` directory no publish holds is deleted once it is this old (LocalStore).
+STAGING_STALE_S = 3600.0
 
 log = logging.getLogger("voicegate.store")
 
@@ -239,45 +245,107 @@ class LocalStore(Store):
                 replaces: str | None | AnyVersion = ANY_VERSION) -> str:
         version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         staging = self._versions / f".staging-{version}"
+        final = self._versions / version
+        self._sweep_staging()
+        created = renamed = False
+        held: int | None = None  # the staging directory, locked while this publish owns it
         try:
-            self._versions.mkdir(parents=True, exist_ok=True)
-            staging.mkdir()
-            manifest = dict(bundle.manifest, format=MANIFEST_FORMAT, version=version)
-            _write_synced(staging / "manifest.json",
-                          json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
-            vectors = io.BytesIO()
-            np.save(vectors, np.ascontiguousarray(bundle.vectors, dtype=np.float32))
-            _write_synced(staging / "vectors.npy", vectors.getvalue())
-            _write_synced(staging / "classifier.joblib", bundle.classifier)
-        except BaseException as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(exc, OSError):
-                raise _write_failed(self._versions / version, exc) from exc
+            try:
+                self._versions.mkdir(parents=True, exist_ok=True)
+                staging.mkdir()
+                created = True
+                held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+                fcntl.flock(held, fcntl.LOCK_SH)  # _sweep_staging: "a publish owns this"
+                manifest = dict(bundle.manifest, format=MANIFEST_FORMAT, version=version)
+                _write_synced(staging / "manifest.json",
+                              json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
+                vectors = io.BytesIO()
+                np.save(vectors, np.ascontiguousarray(bundle.vectors, dtype=np.float32))
+                _write_synced(staging / "vectors.npy", vectors.getvalue())
+                _write_synced(staging / "classifier.joblib", bundle.classifier)
+            except OSError as exc:
+                raise _write_failed(final, exc) from exc
+            # The only step readers can observe: the pointer now names a complete version.
+            # Checked and moved under a lock, so two publishing processes cannot interleave;
+            # the version enters versions/ under it too, so a clean-up never meets one in
+            # flight.
+            try:
+                with open(self.root / ".publish.lock", "a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    current = self.current_version()
+                    if replaces is not ANY_VERSION and current != replaces:
+                        raise StoreConflict(conflict_message(replaces, current))
+                    missing = sorted(k for k in referenced_audio(manifest) or ()
+                                     if not self.has_audio(k))
+                    if missing:
+                        raise StoreError(missing_audio_message(version, missing))
+                    os.rename(staging, final)
+                    renamed = True
+                    self._stamp(final)  # its publish time, for the clean-up
+                    _atomic_write(self._pointer, (version + "\n").encode("ascii"))
+                    self._clean_up_quietly(version, self._clean_up)
+            except OSError as exc:  # the pointer did not move (os.replace is all or nothing)
+                raise _write_failed(self._pointer, exc) from exc
+        except BaseException:
+            # Whatever failed or interrupted it (a refusal, a full disk, Ctrl-C), this publish
+            # removes what it created, and only that: never a directory of the same name it
+            # did not create, never the version the pointer names.
+            if created and not renamed:
+                shutil.rmtree(staging, ignore_errors=True)
+            if renamed and not self._names(version):
+                shutil.rmtree(final, ignore_errors=True)
             raise
-        # The only step readers can observe: the pointer now names a complete version.
-        # Checked and moved under a lock, so two publishing processes cannot interleave; the
-        # version enters versions/ under it too, so a clean-up never meets one in flight.
-        try:
-            with open(self.root / ".publish.lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                current = self.current_version()
-                if replaces is not ANY_VERSION and current != replaces:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise StoreConflict(conflict_message(replaces, current))
-                missing = sorted(k for k in referenced_audio(manifest) or ()
-                                 if not self.has_audio(k))
-                if missing:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise StoreError(missing_audio_message(version, missing))
-                os.rename(staging, self._versions / version)
-                self._stamp(self._versions / version)  # its publish time, for the clean-up
-                _atomic_write(self._pointer, (version + "\n").encode("ascii"))
-                self._clean_up_quietly(version, self._clean_up)
-        except OSError as exc:  # the pointer did not move (os.replace is all or nothing)
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(self._versions / version, ignore_errors=True)
-            raise _write_failed(self._pointer, exc) from exc
+        finally:
+            if held is not None:
+                os.close(held)
         return version
+
+    def _names(self, version: str) -> bool:
+        """Whether the pointer names ``version``; True when it cannot be read (unknown: keep)."""
+        try:
+            return self.current_version() == version
+        except Exception:
+            return True
+
+    def _sweep_staging(self) -> None:
+        """Delete ``.staging-*`` directories a publish left when its process died (a crash, a
+        kill, a power cut: no ``finally`` ran). One is deleted only when it is older than
+        ``STAGING_STALE_S`` *and* no process holds its lock: a publish holds it from creating
+        the directory until it is renamed into place, and the kernel drops it when the
+        process dies, so a running seed's staging directory is never taken from under it,
+        however long it waits; the age is the margin for file systems whose locks do not
+        reach other hosts (NFS), where a fresh directory may belong to a running seed
+        elsewhere. Never the published versions or the pointer. Never fails the publish."""
+        try:
+            candidates = [p for p in self._versions.iterdir() if p.name.startswith(".staging-")]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cache_staging_sweep_failed dir=%s error=%s: %s", self._versions,
+                        type(exc).__name__, exc)
+            return
+        cutoff = self._clock() - STAGING_STALE_S
+        for path in candidates:
+            try:
+                info = os.lstat(path)
+                if not stat.S_ISDIR(info.st_mode) or info.st_mtime >= cutoff:
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:
+                continue  # gone meanwhile, or not ours to open
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a publish still owns it
+                shutil.rmtree(path)
+                log.info("cache_staging_swept dir=%s (left by a publish that did not finish)",
+                         path)
+            except OSError as exc:
+                log.warning("cache_staging_sweep_failed dir=%s error=%s: %s", path,
+                            type(exc).__name__, exc)
+            finally:
+                os.close(fd)
 
     def _clean_up(self) -> None:
         """Under the publish lock: delete versions beyond the kept ones, then audio none of

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -268,3 +270,94 @@ def test_audio_key_is_a_content_hash() -> None:
     assert audio_key("Hello.", "v1") == audio_key("Hello.", "v1")
     assert audio_key("Hello.", "v1") != audio_key("Hello!", "v1")
     assert audio_key("Hello.", "v1") != audio_key("Hello.", "v2")
+
+
+def _interrupt_waiting_for_the_publish_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    flock = store_module.fcntl.flock
+
+    def interrupted(fd, operation) -> None:
+        if operation == store_module.fcntl.LOCK_EX:
+            raise KeyboardInterrupt  # Ctrl-C while another process publishes
+        flock(fd, operation)
+
+    monkeypatch.setattr(store_module.fcntl, "flock", interrupted)
+
+
+def _interrupt_before_the_pointer_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(path, data) -> None:
+        raise KeyboardInterrupt  # the version is renamed into place, the pointer not yet
+
+    monkeypatch.setattr(store_module, "_atomic_write", interrupted)
+
+
+@pytest.mark.parametrize("stop", ["refused under the lock", "Ctrl-C waiting for the lock",
+                                  "Ctrl-C before the pointer moves"])
+def test_a_publish_stopped_at_any_point_leaves_no_debris(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str) -> None:
+    """Its staging directory (or the version renamed from it) was left in versions/ by
+    every failure after the write of its files, and nothing ever deleted it."""
+    store = LocalStore(tmp_path / "store")
+    first = store.publish(empty_bundle())
+    bundle = empty_bundle()
+    if stop == "refused under the lock":
+        bundle = empty_bundle("not-an-audio-key")  # has_audio refuses it under the lock
+    elif stop == "Ctrl-C waiting for the lock":
+        _interrupt_waiting_for_the_publish_lock(monkeypatch)
+    else:
+        _interrupt_before_the_pointer_moves(monkeypatch)
+    with pytest.raises((StoreError, KeyboardInterrupt)):
+        store.publish(bundle)
+    monkeypatch.undo()
+    assert store.current_version() == first and store.read()[0] == first
+    assert sorted(p.name for p in (tmp_path / "store" / "versions").iterdir()) == [first]
+
+
+def test_a_publish_interrupted_after_the_pointer_moved_keeps_its_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.publish(empty_bundle())
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt  # during the clean-up: the version is already current
+
+    monkeypatch.setattr(store, "_clean_up", interrupted)
+    names_before = set((tmp_path / "store" / "versions").iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        store.publish(empty_bundle())
+    monkeypatch.undo()
+    current = store.current_version()
+    assert current is not None and store.read()[0] == current
+    assert (tmp_path / "store" / "versions" / current) not in names_before
+
+
+def test_a_publish_sweeps_the_staging_directories_of_a_publisher_that_died(
+        tmp_path: Path) -> None:
+    """A seed killed while writing its version (SIGKILL, a crash, a power cut) runs no
+    clean-up: its `.staging-*` directory stayed in versions/ for ever. The next publish
+    deletes it, but never one a running publish may still own: one that is recent, or
+    whose lock a publish holds (it is held until the directory is renamed into place)."""
+    now = 2_000_000_000.0
+    store = LocalStore(tmp_path / "store", clock=lambda: now)
+    first = store.publish(empty_bundle())
+    versions = tmp_path / "store" / "versions"
+
+    def staging(name: str, age_s: float) -> Path:
+        path = versions / f".staging-{name}"
+        path.mkdir()
+        (path / "manifest.json").write_text("{}")
+        os.utime(path, (now - age_s, now - age_s))  # set after its files: they date it
+        return path
+
+    dead = staging("dead", 2 * 3600)  # a crashed seed's, hours ago
+    recent = staging("recent", 60)
+    owned = staging("owned", 2 * 3600)
+    held = os.open(owned, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_SH)  # as a publish in another process holds it
+        second = store.publish(empty_bundle())
+    finally:
+        os.close(held)
+    assert not dead.exists()
+    assert recent.is_dir() and owned.is_dir() and (owned / "manifest.json").is_file()
+    assert store.current_version() == second and store.read()[0] == second
+    assert store.versions() == sorted([first, second])
