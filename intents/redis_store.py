@@ -21,7 +21,10 @@ Publishing writes ``version:<name>`` with one HSET (a single atomic command), th
 moves ``current``, records it in ``published`` and publishes on the channel in one Lua
 script (``_swap_pointer``: it checks its keys' types first, as MULTI/EXEC would not roll
 back, that the version's hash exists and that every audio key it names exists): a replica
-told about a version can always read all of it.
+told about a version can always read all of it. A publish that fails before the swap (the
+write or the swap refused, failed or timed out) deletes the version's hash unless ``current``
+names it or ``published`` lists it (a swap that timed out may have been applied); if Redis
+cannot be reached for that, it is logged (``cache_publish_cleanup_failed``) and left.
 
 Then the clean-up (``intents.store``: retention): versions in ``published`` beyond the
 newest ``keep_versions`` are deleted (never the one ``current`` names), and audio that no
@@ -91,9 +94,17 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('PUBLISH', ARGV[3], ARGV[1])
 return {1, ARGV[1]}
 """
-# -1: the pointer names the version (the swap went through); 0: dropped (or already gone).
-_DROP_UNLESS_CURRENT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return -1 end
+# After a failed publish: KEYS[1] current, KEYS[2] the version's hash, KEYS[3] published,
+# ARGV[1] its name. -1: `current` names it or `published` lists it (the swap went through,
+# maybe followed by another publish): kept; 0: dropped (or already gone). A key of a foreign
+# type names nothing (the swap checks their types: it cannot have gone through then).
+_DROP_UNPUBLISHED = """
+if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
+  return -1
+end
+if redis.call('TYPE', KEYS[3]).ok == 'zset' and redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  return -1
+end
 redis.call('DEL', KEYS[2])
 return 0
 """
@@ -219,21 +230,35 @@ class RedisStore(Store):
                   "vectors": vectors.getvalue(), "classifier": bundle.classifier,
                   "audio": " ".join(audio)}
         key = self.keys.version(version)
-        self._call("publish: write version", lambda: self._redis.hset(key, mapping=fields))
         try:
+            self._call("publish: write version", lambda: self._redis.hset(key, mapping=fields))
             self._swap_pointer(version, replaces)
-        except BaseException:
-            # A timeout does not say whether the swap was applied: drop the version only if
-            # the pointer does not name it (atomically; best effort, Redis may be gone).
-            try:
-                if self._redis.eval(_DROP_UNLESS_CURRENT, 2, self.keys.current, key,
-                                    version) == -1:
-                    return version  # the swap went through after all
-            except redis.RedisError:
-                pass
+        except BaseException as exc:
+            # A timeout does not say whether the write or the swap was applied: drop the
+            # version's hash unless it was published (atomically; best effort, Redis may be
+            # gone). Audio is not this publish's to delete: the seed stored or claimed it
+            # before, other versions and seeds may share it (content-addressed), and the
+            # retention clean-up deletes it once unused for the grace.
+            if self._drop_unpublished(version, exc):
+                return version  # the swap went through after all
             raise
         self._clean_up_quietly(version, self._clean_up)
         return version
+
+    def _drop_unpublished(self, version: str, failure: BaseException) -> bool:
+        """After a failed publish: delete ``version``'s hash unless `current` names it or
+        `published` lists it; True when one does (the swap went through after all). Never
+        raises over the publish's own error: a failure is logged, the hash is left."""
+        key = self.keys.version(version)
+        try:
+            return self._redis.eval(_DROP_UNPUBLISHED, 3, self.keys.current, key,
+                                    self.keys.published, version) == -1
+        except Exception as exc:
+            log.warning("cache_publish_cleanup_failed version=%s error=%s: %s (the publish "
+                        "failed: %s: %s); its hash %s may be left in Redis, no published "
+                        "version names it: delete it by hand", version, type(exc).__name__,
+                        exc, type(failure).__name__, failure, key)
+            return False
 
     def _swap_pointer(self, version: str, replaces: str | None | AnyVersion) -> None:
         """The only step readers can observe: one script moves the pointer, records the

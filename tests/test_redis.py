@@ -146,6 +146,85 @@ def test_a_failed_publish_leaves_the_old_version_serving(store: RedisStore, redi
     assert keys == [f"vgtest:version:{old}".encode()]  # the half-published version is gone
 
 
+def version_keys(redis_url: str) -> list[bytes]:
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        return sorted(raw.keys("vgtest:version:*"))
+    finally:
+        raw.close()
+
+
+def test_a_version_write_whose_reply_was_lost_leaves_no_hash(
+        store: RedisStore, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis applied the version's HSET but the reply never came (a timeout): the publish
+    failed, and the hash it wrote stayed, named by no version, never deleted (noeviction)."""
+    old = store.publish(bundle("old"))
+    hset = store._redis.hset
+
+    def applied_then_timed_out(*args: Any, **kwargs: Any) -> Any:
+        hset(*args, **kwargs)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(store._redis, "hset", applied_then_timed_out)
+    with pytest.raises(StoreError, match="unreachable"):
+        store.publish(bundle("new"))
+    monkeypatch.undo()
+    assert store.current_version() == old and store.versions() == [old]
+    assert version_keys(redis_url) == [f"vgtest:version:{old}".encode()]
+
+
+def test_a_failed_publish_whose_clean_up_fails_too_raises_its_own_error_and_logs(
+        store: RedisStore, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Redis went away between the failed swap and the deletion of the version's hash: the
+    caller learns why the publish failed (not a second error over it), and the log says
+    which hash may be left, as nothing else will delete it."""
+    old = store.publish(bundle("old"))
+
+    def refused(version: str, replaces: object) -> None:
+        raise StoreError("Redis went away before the pointer moved")
+
+    def gone(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(store, "_swap_pointer", refused)
+    monkeypatch.setattr(store._redis, "eval", gone)
+    with caplog.at_level(logging.WARNING, logger="voicegate.store"):
+        with pytest.raises(StoreError, match="went away before the pointer moved"):
+            store.publish(bundle("new"))
+    monkeypatch.undo()
+    assert "cache_publish_cleanup_failed" in caplog.text and "Connection refused" in caplog.text
+    left = [k for k in version_keys(redis_url) if k != f"vgtest:version:{old}".encode()]
+    assert len(left) == 1 and left[0].decode() in caplog.text  # the hash it names
+    assert store.current_version() == old and store.read()[1].manifest["marker"] == "old"
+
+
+def test_a_swap_that_went_through_before_another_publish_keeps_its_version(
+        store: RedisStore, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The swap was applied but its reply lost, and another replica published meanwhile:
+    `current` no longer names this version, yet it was published (`published` lists it,
+    replicas were told to load it). Deleting its hash left `published` naming a version
+    nobody can read."""
+    store.publish(bundle("old"))
+    other = RedisStore(redis_url, prefix="vgtest:")
+    swap = store._swap_pointer
+
+    def applied_then_reply_lost(version: str, replaces: object) -> None:
+        swap(version, replaces)  # type: ignore[arg-type]
+        other.publish(bundle("another replica's"))
+        raise StoreError("Redis at ... is unreachable (publish: move pointer): timed out")
+
+    monkeypatch.setattr(store, "_swap_pointer", applied_then_reply_lost)
+    try:
+        ours = store.publish(bundle("ours"))  # it went through: published
+    finally:
+        other.close()
+    monkeypatch.undo()
+    assert ours in store.versions()
+    assert store.read(ours)[1].manifest["marker"] == "ours"
+    assert store.read()[1].manifest["marker"] == "another replica's"
+
+
 def test_publish_announces_the_version_on_the_channel(store: RedisStore, redis_url: str) -> None:
     pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe("vgtest:versions")
