@@ -45,9 +45,15 @@ def _serve(args: argparse.Namespace) -> int:
     services.on_fatal = give_up
     server.run()
     if services.fatal_error:
-        print(f"voicegate serve: {services.fatal_error}", file=sys.stderr)
-        return 1
+        return _gave_up("serve", services.fatal_error)
     return 0
+
+
+def _gave_up(command: str, reason: str) -> int:
+    """A start-up that cannot succeed (a model that does not load, gateway/runtime.py's
+    ``load_failure``): one line on stderr naming what failed and why, status 1, no traceback."""
+    print(f"voicegate {command}: {reason}", file=sys.stderr)
+    return 1
 
 
 def _call(args: argparse.Namespace) -> int:
@@ -151,8 +157,12 @@ def _route(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .runtime import ModelLoadError, load_failure
 
-    return run_demo(Path(args.out), port=args.port)
+    try:
+        return run_demo(Path(args.out), port=args.port)
+    except ModelLoadError as exc:  # the demo loads its models itself: as `serve` ends
+        return _gave_up("demo", load_failure(exc))
 
 
 def _wrong_rate(text: str) -> float:

@@ -38,7 +38,7 @@ def run_demo(out_dir: Path, port: int = 0) -> int:
     recogniser = _RECOGNISERS.get(settings.stt_provider, settings.stt_provider)
     print(f"loading models (Silero VAD, {recogniser}, Smart Turn, Piper joe-medium, "
           "MiniLM) ...", flush=True)
-    runtime = Runtime.load(settings)
+    runtime = Runtime.load(settings)  # a model that fails: ModelLoadError, one line (cli.py)
     print("  " + ", ".join(f"{k} {v:.2f}s" for k, v in runtime.load_times_s.items()))
     print(f"seeding the FAQ cache from {FAQ_CSV.name} (answers rendered once, then reused) ...",
           flush=True)

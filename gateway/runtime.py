@@ -45,6 +45,15 @@ class ModelLoadError(RuntimeError):
         self.what = what
 
 
+def load_failure(exc: BaseException) -> str:
+    """The one line a command ends with when ``Runtime.load`` raised ``exc``: which model
+    and why, and that it is not retried (``voicegate serve`` through Services.fatal_error,
+    ``voicegate demo`` directly; gateway/cli.py prints it and exits with status 1)."""
+    cause = str(exc) if isinstance(exc, ModelLoadError) \
+        else f"loading the models failed: {type(exc).__name__}: {exc}"
+    return f"{cause} (not retried: fix the cause, then start again)"
+
+
 @dataclass
 class Runtime:
     settings: Settings

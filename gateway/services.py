@@ -25,7 +25,7 @@ from .route_batcher import ROUTING_LANES, RouteBatcher, RoutingLanes
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
 from .responder import Responder
-from .runtime import ModelLoadError, Runtime
+from .runtime import Runtime, load_failure
 from .settings import Settings
 from .shared_stats import SharedStats
 from .stats import Stats
@@ -104,10 +104,8 @@ class Services:
             # /healthz 200 and /readyz 503 for good, which restarts nothing; the process
             # exits with the cause instead (`voicegate serve`: status 1), and the
             # orchestrator restarts it or alerts. /readyz shows it until then.
-            cause = str(exc) if isinstance(exc, ModelLoadError) \
-                else f"loading the models failed: {type(exc).__name__}: {exc}"
             self.load_error = f"{type(exc).__name__}: {exc}"
-            self.fatal_error = f"{cause} (not retried: fix the cause, then start again)"
+            self.fatal_error = load_failure(exc)
             log.exception("runtime_load_failed")
             if self.on_fatal is not None:
                 self.on_fatal(self.fatal_error)

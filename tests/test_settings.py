@@ -291,11 +291,13 @@ def test_serve_store_wins_over_a_redis_url(redis_from, monkeypatch, tmp_path):
     assert seen["served"].redis_url == url
 
 
-def test_serve_exits_with_the_cause_when_a_model_does_not_load(tmp_path):
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_command_exits_with_the_cause_when_a_model_does_not_load(command, tmp_path):
     # A model that does not load (here a Whisper model directory with no model in it) fails
     # the same way on every try: the replica must not stay up unready for good (/healthz
     # 200, /readyz 503, nothing restarts it). `voicegate serve` exits, status 1, its last
-    # line the cause, so the orchestrator restarts it or alerts.
+    # line the cause, so the orchestrator restarts it or alerts. `voicegate demo` loads its
+    # models itself and ended on a two-part traceback: it says the same line, and only that.
     import subprocess
     import sys
 
@@ -306,19 +308,22 @@ def test_serve_exits_with_the_cause_when_a_model_does_not_load(tmp_path):
                VOICEGATE_TURN_MODEL="none")
     for name in ("VOICEGATE_CONFIG", "VOICEGATE_REDIS_URL"):
         env.pop(name, None)
-    argv = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--store", str(tmp_path / "store")]
+    argv = {"serve": ["serve", "--host", "127.0.0.1", "--port", "0",
+                      "--store", str(tmp_path / "store")],
+            "demo": ["demo", "--out", str(tmp_path / "demo-out")]}[command]
     try:
-        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=50)
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=50)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail("`voicegate serve` was still running 50 s after its STT model failed to "
-                    f"load: {(exc.stderr or b'')[-1500:]!r}")
+        pytest.fail(f"`voicegate {command}` was still running 50 s after its STT model failed "
+                    f"to load: {(exc.stderr or b'')[-1500:]!r}")
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1, done.stderr[-3000:]
-    assert last == (f"voicegate serve: loading the STT (whisper) failed: ProviderError: "
+    assert last == (f"voicegate {command}: loading the STT (whisper) failed: ProviderError: "
                     f"whisper: no Whisper model at {empty} (not retried: fix the cause, then "
                     "start again)"), done.stderr[-3000:]
+    if command == "demo":  # serve logs `runtime_load_failed` with its traceback (JSON lines)
+        assert done.stderr.strip() == last, done.stderr[-3000:]
 
 
 def test_the_demo_serves_the_cache_it_seeded_even_with_a_redis_url_exported(monkeypatch,
