@@ -10,6 +10,7 @@ import asyncio
 import logging
 from typing import Any, Callable
 
+from starlette.requests import Request
 from starlette.websockets import WebSocket
 
 from intents.redis_store import RedisKeys
@@ -18,9 +19,11 @@ from intents.store import Store
 from . import logs
 from .call import Call, CallDeps, CallOutput
 from .call.session import Admission, CallSession
+from .clock import SYSTEM_CLOCK, Clock
 from .collector import CollectorPolicy
 from .faq_cache import FaqCache
 from .hedge import HedgedChat
+from .http_body import read_body
 from .route_batcher import ROUTING_LANES, RouteBatcher, RoutingLanes
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
@@ -46,8 +49,11 @@ def _counted_on(loop: asyncio.AbstractEventLoop, stats: Stats, code: str) -> Cal
 
 
 class Services:
-    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = settings
+        # The HTTP handlers' time: request bodies' deadlines (a test's ManualClock).
+        self.clock = clock
         self._runtime: Runtime | None = None
         self._given_runtime = runtime
         # Counters exist before the models load: refusals while loading are counted too.
@@ -210,6 +216,11 @@ class Services:
                                                      settings.twilio_api_url,
                                                      settings.twilio_api_timeout_s)
         return self._twilio_control
+
+    async def read_body(self, request: Request, limit: int) -> bytes:
+        """A request's body, at most ``limit`` bytes and in full within
+        ``settings.body_timeout_s`` (``BodyTooLarge``, ``BodyTimeout``: gateway/http_body.py)."""
+        return await read_body(request, limit, self.settings.body_timeout_s, self.clock)
 
     def open_session(self, websocket: WebSocket, transport: str) -> CallSession:
         """The transport side of one connection (admission, bounds, timeouts)."""

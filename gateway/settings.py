@@ -130,6 +130,12 @@ class Settings(BaseModel):
     max_frame_bytes: Pos = 64 * 1024
     # Hard ceiling handed to uvicorn; above it the WebSocket library itself closes 1009.
     ws_max_size: Pos = 1024 * 1024
+    # A request body (an admin upload or edit, Twilio's webhook form) must have arrived in
+    # full this long after the handler starts reading it, or the request gets 408 and the
+    # connection is closed (gateway/http_body.py): a client that sends its headers and then
+    # trickles or stalls would hold its task forever. 60 s carries the largest body allowed,
+    # a 5 MB seed upload, over a 0.7 Mbit/s uplink.
+    body_timeout_s: PosF = 60.0
 
     # --- admission (/v1/call and /twilio/stream) ----------------------------------
     # Concurrent calls this replica takes; one more gets `too_many_calls` and close 1013.

@@ -470,5 +470,5 @@ async def test_read_body_stops_reading_once_the_limit_passes():
 
     request = Request({"type": "http", "method": "POST", "headers": []}, receive)
     with pytest.raises(BodyTooLarge):
-        await read_body(request, 10_000)
+        await read_body(request, 10_000, 60.0)
     assert pulled == 11  # the chunk that passed the limit was the last one read

@@ -117,6 +117,118 @@ def test_twilio_voice_webhook_refuses_an_oversized_body(server):
     assert response.status_code == 413, response.status_code
 
 
+# ---------------------------------------------------------------- request bodies that stall
+
+
+async def test_read_body_gives_up_on_a_body_that_trickles_past_its_deadline():
+    """``read_body`` read until the body ended: a client that sent its headers and then a
+    byte every so often (or nothing) held the handler's task, and what it had sent, for as
+    long as it liked (uvicorn bounds the wait for headers, not for the body). The body
+    must have arrived in full within its deadline, however steadily it trickles."""
+    from starlette.requests import Request
+
+    from gateway.http_body import BodyTimeout, read_body
+
+    clock = ManualClock()
+    pulled = 0
+
+    async def receive() -> dict[str, Any]:  # a byte every 10 s, never the end
+        nonlocal pulled
+        if pulled:
+            await clock.sleep(10.0)
+        pulled += 1
+        return {"type": "http.request", "body": b"q", "more_body": True}
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    reading = asyncio.create_task(read_body(request, 10_000, 60.0, clock))
+    await clock.advance(59.0)
+    assert not reading.done() and pulled == 6  # an idle timeout would never fire here
+    await clock.advance(1.0)
+    with pytest.raises(BodyTimeout, match=r"within 60 s \(6 bytes by then"):
+        await asyncio.wait_for(reading, 5)
+    assert clock.sleeping == 0  # nothing left waiting on the clock
+
+
+def _warm_app(store_dir: Path, clock: ManualClock) -> Any:
+    """A gateway app that counts as warm (no lifespan, no models) on ``clock``."""
+    from types import SimpleNamespace
+
+    from gateway.app import create_app
+    from gateway.faq_cache import FaqCache
+    from gateway.services import Services
+    from gateway.settings import Settings
+    from intents.store import LocalStore
+
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(store_dir),
+                              "admin_token": ADMIN_TOKEN}, environ={})
+    assert settings.body_timeout_s == 60.0  # the default
+    services = Services(settings, clock=clock)
+    services._runtime = SimpleNamespace(stats=services.stats, load_times_s={})
+    services.responder = object()
+    services.cache = FaqCache(LocalStore(store_dir), embedder=None)
+    return create_app(settings, services=services)
+
+
+@pytest.mark.parametrize("path, content_type, error", [
+    ("/admin/seed", "text/csv",
+     "the upload stalled: the body did not arrive in full within 60 s (16 bytes by then; "
+     "VOICEGATE_BODY_TIMEOUT_S); nothing published, the previous version keeps serving"),
+    ("/admin/entries", "application/json",
+     "the body did not arrive in full within 60 s (16 bytes by then; "
+     "VOICEGATE_BODY_TIMEOUT_S); nothing was changed"),
+    ("/twilio/voice", "application/x-www-form-urlencoded", None),
+])
+async def test_a_request_whose_body_stalls_gets_408_at_its_deadline(path, content_type, error,
+                                                                   tmp_path):
+    """An admin POST (a seed CSV, an entry) or a Twilio webhook whose client sends the
+    headers and a first chunk, then nothing: answered 408 once ``body_timeout_s`` (60 s)
+    has passed on the gateway's clock, not one moment before, with the reason and
+    ``Connection: close`` (what is left of the body must not be read as a request)."""
+    clock = ManualClock()
+    app = _warm_app(tmp_path / "store", clock)
+    sent: list[dict[str, Any]] = []
+    first = True
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b"question,answer\n", "more_body": True}
+        await asyncio.Event().wait()  # the client stalls: the rest never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"gateway"), (b"content-type", content_type.encode()),
+               (b"authorization", ADMIN["Authorization"].encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "root_path": "", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080)}
+    handling = asyncio.create_task(app(scope, receive, send))
+    try:
+        for _ in range(200):  # until the handler reads the body, on its deadline
+            if clock.sleeping:
+                break
+            await asyncio.sleep(0)
+        assert clock.sleeping == 1, sent
+        await clock.advance(59.9)
+        assert not handling.done() and sent == []
+        await clock.advance(0.1)
+        await asyncio.wait_for(handling, 5)
+    finally:
+        handling.cancel()
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    assert (start["type"], start["status"]) == ("http.response.start", 408), (start, body)
+    assert (b"connection", b"close") in start["headers"], start["headers"]
+    if error is None:  # the webhook answers in plain text, as its 413
+        assert body.decode() == ("the body did not arrive in full within 60 s (16 bytes by "
+                                 "then; VOICEGATE_BODY_TIMEOUT_S)")
+    else:
+        assert json.loads(body) == {"error": error}
+
+
 # ---------------------------------------------------------------- native protocol
 
 

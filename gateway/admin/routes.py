@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 
 from cache_seed import SeedError, SeedValidationError
 
-from ..http_body import BodyTooLarge, read_body
+from ..http_body import BodyTimeout, BodyTooLarge, closing
 from ..protocol import LONE_SURROGATE, has_lone_surrogate
 from ..services import Services
 from . import auth
@@ -134,9 +134,12 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
 async def _json_body(request: Request) -> Any:
     """The request's JSON body (at most MAX_ENTRY_BODY_BYTES), or the error response."""
     try:
-        body = json.loads(await read_body(request, MAX_ENTRY_BODY_BYTES) or b"null")
+        body = json.loads(await _services(request).read_body(request, MAX_ENTRY_BODY_BYTES)
+                          or b"null")
     except BodyTooLarge as exc:
         return error(str(exc), 413)
+    except BodyTimeout as exc:
+        return closing(error(f"{exc}; nothing was changed", 408))
     except RecursionError:
         return error("the body is not usable JSON: nested too deeply", 400)
     except (ValueError, UnicodeDecodeError) as exc:  # incl. integers of over 4,300 digits
@@ -198,9 +201,12 @@ async def _multipart_file(request: Request) -> tuple[bytes, str] | str:
 @admin_ready
 async def seed_upload(request: Request, services: Services) -> Response:
     try:
-        body = await read_body(request, MAX_UPLOAD_BYTES)
+        body = await services.read_body(request, MAX_UPLOAD_BYTES)
     except BodyTooLarge:
         return error(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", 413)
+    except BodyTimeout as exc:
+        return closing(error(f"the upload stalled: {exc}; nothing published, the previous "
+                             "version keeps serving", 408))
     content_type = request.headers.get("content-type", "")
     source = request.query_params.get("name") or "upload.csv"
     target: float | None = None

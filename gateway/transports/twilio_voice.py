@@ -20,7 +20,7 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from .. import logs
-from ..http_body import BodyTooLarge, read_body
+from ..http_body import BodyTimeout, BodyTooLarge, closing
 from ..services import Services
 
 log = logging.getLogger("voicegate.twilio")
@@ -70,10 +70,12 @@ async def twilio_voice(request: Request) -> Response:
     # Its form is a few KB: a larger body is refused before it is buffered (anyone can post
     # here, and the signature can only be checked once the whole body is read).
     try:
-        body = (await read_body(request, MAX_WEBHOOK_BODY_BYTES)).decode("utf-8",
-                                                                          errors="replace")
+        body = (await services.read_body(request, MAX_WEBHOOK_BODY_BYTES)).decode(
+            "utf-8", errors="replace")
     except BodyTooLarge as exc:
         return PlainTextResponse(str(exc), status_code=413)
+    except BodyTimeout as exc:
+        return closing(PlainTextResponse(str(exc), status_code=408))
     params = ImmutableMultiDict(parse_qsl(body, keep_blank_values=True))
     base = public_base_url(request, settings.public_url)
     # Twilio signs the exact URL it requested, query string included, plus the form fields.
