@@ -2,7 +2,9 @@
 
 HAProxy (scripts/ensure-haproxy.sh installs it), two ``voicegate serve`` processes and the
 suite's Redis database (``VOICEGATE_TEST_REDIS_DB``), all on 127.0.0.1. Callers only ever
-know the balancer's URL. Text turns on a tiny seed keep the runtime modest.
+know the balancer's URL. Text turns on a tiny seed keep the runtime modest. The same
+config as docker-compose.yml runs it (replicas by name, a fake of Docker's DNS) is at the
+end, on stand-in replicas at 127.0.0.2 and 127.0.0.3.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import os
 import shutil
 import signal
 import socket
@@ -23,14 +26,16 @@ import httpx
 from websockets.exceptions import InvalidStatus
 import pytest
 import uvicorn
+import yaml
 
-from bench.gateway_process import Balancer
+from bench.gateway_process import Balancer, free_port
 from gateway.client import Caller
 from gateway.app import create_app
 from gateway.drain import DrainingServer, wait_until_idle
 from gateway.clock import ManualClock
 from gateway.server import uvicorn_options
 from gateway.services import Services
+from tests.fakes.dns_server import FakeDNS
 from tests.test_redis import (FAQ, Replica, redis_url, seed_through_cli,  # noqa: F401
                               unavailable, wait_until, write_small_faq)
 
@@ -402,3 +407,115 @@ async def test_a_second_sigterm_exits_at_once_while_a_call_and_a_request_hang(
         if caller is not None:
             await caller.close()
         replica.stop()
+
+
+# ---------------------------------------------------------------- docker compose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose_balancer() -> tuple[dict[str, Any], dict[str, str], Path]:
+    """docker-compose.yml's services, its balancer's environment and the HAProxy config
+    it mounts (deploy/haproxy.cfg, the file tests/test_cluster.py runs on 127.0.0.1)."""
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    balancer = services["balancer"]
+    mounted = next(v.split(":")[0] for v in balancer["volumes"]
+                   if v.split(":")[1] == "/usr/local/etc/haproxy/haproxy.cfg")
+    environment = {name: str(value) for name, value in balancer["environment"].items()}
+    return services, environment, ROOT / mounted
+
+
+def test_compose_brings_its_services_back_and_names_the_replicas_through_docker_dns() -> None:
+    """Without a restart policy a replica that exits (a model that does not load ends
+    `voicegate serve` with status 1, an OOM kill) or a Docker restart left the cluster
+    down. And HAProxy resolved `gateway-1` once, at start-up: a replica container that
+    came back under another IP was never reached again, and a replica not resolvable when
+    HAProxy started kept HAProxy from starting at all."""
+    services, environment, config = _compose_balancer()
+    assert {name: service.get("restart") for name, service in services.items()} == {
+        name: "unless-stopped" for name in ("redis", "gateway-1", "gateway-2", "balancer")}
+    assert environment["VG_DNS"] == "127.0.0.11:53"  # Docker's embedded DNS
+    if shutil.which("haproxy") is None:
+        unavailable("haproxy is not installed (scripts/ensure-haproxy.sh)")
+    # Valid as compose runs it, though gateway-1 and gateway-2 do not resolve here.
+    done = subprocess.run(["haproxy", "-c", "-f", str(config)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **environment})
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+class NamedReplica:
+    """A stand-in replica on one loopback address: ready, and says which it is."""
+
+    def __init__(self, host: str, port: int, name: str) -> None:
+        body = name.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.closed = False
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def test_the_compose_balancer_follows_a_replica_to_its_new_address(tmp_path: Path) -> None:
+    """deploy/haproxy.cfg as docker-compose.yml runs it, its DNS a fake of Docker's: the
+    replicas' names resolve to 127.0.0.2, then (their containers restarted) to 127.0.0.3.
+    Traffic must follow, without restarting HAProxy."""
+    if shutil.which("haproxy") is None:
+        unavailable("haproxy is not installed (scripts/ensure-haproxy.sh)")
+    _, environment, config = _compose_balancer()
+    old = NamedReplica("127.0.0.2", 0, "old")
+    new = NamedReplica("127.0.0.3", old.port, "new")  # the same port, another address
+    dns = FakeDNS({"gateway-1": "127.0.0.2", "gateway-2": "127.0.0.2"})
+    lb = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, **environment, "VG_LB_BIND": lb.removeprefix("http://"),
+           "VG_DNS": dns.address}
+    for name in ("VG_REPLICA_1", "VG_REPLICA_2"):  # gateway-n:8080, on the replicas' port
+        env[name] = environment[name].rsplit(":", 1)[0] + f":{old.port}"
+    log = tmp_path / "haproxy.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(["haproxy", "-db", "-f", str(config)], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
+
+    def answered_by(name: str) -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"haproxy exited: {log.read_text(errors='replace')[-3000:]}")
+        try:
+            return httpx.get(lb + "/who", timeout=5).text == name
+        except httpx.HTTPError:
+            return False
+
+    def wait_for(name: str, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not answered_by(name):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: {log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+
+    try:
+        wait_for("old", "the balancer never reached the replicas by name")
+        dns.names = {"gateway-1": "127.0.0.3", "gateway-2": "127.0.0.3"}
+        old.close()  # the old containers are gone
+        wait_for("new", "the balancer kept the replicas' old address")
+        assert all(answered_by("new") for _ in range(5))
+        assert "changed its IP from 127.0.0.2 to 127.0.0.3" in log.read_text(errors="replace")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        dns.close()
+        old.close()
+        new.close()
