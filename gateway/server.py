@@ -19,6 +19,11 @@ from .settings import Settings
 SHUTDOWN_GRACE_S = 5.0
 
 
+class NotListening(RuntimeError):
+    """The gateway has no listening socket: not started yet, or stopped (its sockets are
+    closed once it shuts down, a start-up that could not succeed included)."""
+
+
 class BackgroundServer:
     """uvicorn on 127.0.0.1 in a thread; ``port=0`` picks a free port."""
 
@@ -35,8 +40,20 @@ class BackgroundServer:
         services.on_fatal = lambda reason: setattr(self._server, "should_exit", True)
 
     @property
+    def listening_port(self) -> int | None:
+        """The port the gateway listens on; None while it has no socket (before uvicorn
+        has bound one, after it closed them)."""
+        for server in getattr(self._server, "servers", ()):  # set by uvicorn's startup
+            for sock in server.sockets or ():
+                return int(sock.getsockname()[1])
+        return None
+
+    @property
     def port(self) -> int:
-        return self._server.servers[0].sockets[0].getsockname()[1]
+        port = self.listening_port
+        if port is None:
+            raise NotListening("the gateway has no listening socket: not started, or stopped")
+        return port
 
     @property
     def base_url(self) -> str:
@@ -55,10 +72,10 @@ class BackgroundServer:
             if time.monotonic() > deadline:
                 raise TimeoutError("the gateway did not start")
             time.sleep(0.02)
-        try:
-            ready_url = self.base_url + "/readyz"
-        except IndexError:  # its sockets are closed already: it stopped
-            raise self._failed() from None
+        port = self.listening_port
+        if port is None:  # started, and its sockets are closed already: it stopped
+            raise self._failed()
+        ready_url = f"http://127.0.0.1:{port}/readyz"
         while True:
             try:
                 if httpx.get(ready_url, timeout=5).status_code == 200:

@@ -326,6 +326,36 @@ def test_a_command_exits_with_the_cause_when_a_model_does_not_load(command, tmp_
         assert done.stderr.strip() == last, done.stderr[-3000:]
 
 
+def test_a_background_server_without_a_socket_says_so(monkeypatch, tmp_path):
+    # BackgroundServer.port read uvicorn's first socket: before the start an AttributeError
+    # (uvicorn has no `servers` yet), after a stop an IndexError, which start() caught
+    # around building its URL. Now: `listening_port` None, `port` a NotListening; and a
+    # start-up that cannot succeed (a model that does not load) still ends start() with
+    # why, whether the server stopped before start() looked at its socket or after.
+    import gateway.services
+    from gateway.runtime import ModelLoadError
+    from gateway.server import BackgroundServer, NotListening
+
+    def load(settings, stats=None):
+        raise ModelLoadError("the VAD (Silero)", OSError("no model file"))
+
+    monkeypatch.setattr(gateway.services.Runtime, "load", staticmethod(load))
+    server = BackgroundServer(Settings.load({"host": "127.0.0.1", "port": 0,
+                                             "store_dir": str(tmp_path / "store")}, environ={}))
+    assert server.listening_port is None
+    with pytest.raises(NotListening, match="not started, or stopped"):
+        server.base_url
+    with pytest.raises(RuntimeError) as info:
+        server.start(ready_timeout=60)
+    assert str(info.value) == ("the gateway failed to start: loading the VAD (Silero) failed: "
+                               "OSError: no model file (not retried: fix the cause, then "
+                               "start again)")
+    server.stop()
+    assert server.listening_port is None
+    with pytest.raises(NotListening):
+        server.port
+
+
 def test_the_demo_serves_the_cache_it_seeded_even_with_a_redis_url_exported(monkeypatch,
                                                                               tmp_path, capsys):
     # With VOICEGATE_REDIS_URL exported the demo served whatever that Redis held (the
