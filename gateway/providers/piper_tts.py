@@ -8,6 +8,7 @@ rest is still being synthesized.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -15,6 +16,23 @@ from typing import AsyncIterator, Iterator
 from .base import ProviderError
 
 _DONE = object()
+_CHUNK = 1 << 20  # a voice's model is tens of MB: hashed a MiB at a time, never read whole
+
+
+def voice_digest(model_path: str | Path, config_path: str | Path) -> str:
+    """What the voice sounds like, by content: a sha256 of its model and its config (which
+    fixes the sample rate, the noise scales and the default speed), shortened to 16 hex
+    digits. A voice file replaced by another of the same name has another digest."""
+    digest = hashlib.sha256()
+    for path in (model_path, config_path):
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            # Each file's size first: the two files' bytes cannot be split another way.
+            digest.update(size.to_bytes(8, "big"))
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def default_voice_path() -> Path:
@@ -33,13 +51,17 @@ class PiperTTS:
         path = Path(voice_path) if voice_path else default_voice_path()
         if not path.exists():
             raise ProviderError(self.name, f"no Piper voice at {path}")
-        self._voice = PiperVoice.load(path, config_path=f"{path}.json")
+        config_path = Path(f"{path}.json")
+        self._voice = PiperVoice.load(path, config_path=config_path)
         self._config = SynthesisConfig(length_scale=length_scale)
         self._executor = executor
         self.sample_rate: int = self._voice.config.sample_rate
-        # The seed's audio key: the voice (its model file, whose config also fixes the
-        # sample rate and noise scales) and the speed are all that change Piper's audio.
-        self.audio_id = f"piper:{path.stem}:{length_scale or 1.0}"
+        # The seed's audio key: the voice and the speed are all that change Piper's audio.
+        # The voice is named by its contents (model and config), not its file name: a voice
+        # file replaced by another of the same name renders the answers again at the next
+        # seed instead of serving the old voice's audio. Hashed once, here.
+        self.voice_digest = voice_digest(path, config_path)
+        self.audio_id = f"piper:{self.voice_digest}:{length_scale or 1.0}"
 
     def _sentences(self, text: str) -> Iterator[bytes]:
         for chunk in self._voice.synthesize(text, syn_config=self._config):
