@@ -6,7 +6,8 @@ responder turns into audio:
 - ``Sentence(text)``: a speakable piece, in order; synthesize and play it.
 - ``ToolStarted(name, call_id)``: the model called a tool; play filler now (once per turn).
 - ``Slow(waited_s)``: nothing to say yet after ``filler_after_s`` (no token, or tokens that
-  make no sentence yet); filler bridges the gap.
+  make no sentence yet); filler bridges the gap. Timed on the ``clock`` given to ``respond``
+  (the call's: ``turn.timeline.clock``; ``SYSTEM_CLOCK`` by default), like the hedge.
 - ``Handoff(reason, failed)``: no LLM configured, or every LLM failed before anything was
   said (``failed``: the call reports ``llm_failed`` too); play the handoff message and tell
   the client. A winner whose stream breaks after its first token, before the round said or
@@ -28,6 +29,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Union
 
+from gateway.clock import SYSTEM_CLOCK, Clock, Timeouts
 from gateway.hedge import AdaptiveDelay, HedgedChat
 from gateway.preemption import Preemption
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
@@ -272,10 +274,12 @@ class Agent:
         return self.tools if self.tools and round_no < self.max_tool_rounds else None
 
     async def respond(self, conversation: Conversation, text: str,
-                      preempted: Preemption | None = None) -> AsyncIterator[AgentEvent]:
+                      preempted: Preemption | None = None, *,
+                      clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[AgentEvent]:
         """``preempted``: a stream started for these words before the turn ended; the first
         round takes it when its request is the one this turn would send, else it is
-        cancelled and a fresh call made."""
+        cancelled and a fresh call made. ``clock``: the call's; ``filler_after_s`` (the
+        ``Slow`` cue) is timed on it (a test's ``ManualClock``)."""
         conversation.add_user(text)
         if self.llm is None:
             if preempted is not None:
@@ -285,7 +289,7 @@ class Agent:
         spoke = False  # has a Sentence been emitted this turn?
         filler = False  # has a filler cue (Slow or ToolStarted) been emitted this turn?
         retried = False  # a round is asked again at most once a turn
-        started = asyncio.get_running_loop().time()  # the filler's wait counts from here
+        started = clock.now()  # the filler's wait counts from here
         round_no = 0
         while round_no <= self.max_tool_rounds:
             tools = self._tools_for(round_no)
@@ -304,7 +308,7 @@ class Agent:
                 stream = self.llm.stream(messages, tools)
             preempted = None  # only the first round may adopt it
             events = _with_slow_signal(stream, None if spoke or filler else self.filler_after_s,
-                                       started, lambda: not (spoke or filler))
+                                       started, lambda: not (spoke or filler), clock)
             try:
                 async for item in events:
                     if isinstance(item, Slow):
@@ -388,10 +392,11 @@ _END = object()
 
 
 async def _with_slow_signal(stream: AsyncIterator[LLMChunk], after_s: float | None,
-                            since: float, quiet: Callable[[], bool]) -> AsyncIterator[LLMChunk | Slow]:
-    """The stream's chunks, and ``Slow`` once ``after_s`` (loop time from ``since``) has
-    passed while ``quiet()``: nothing to say yet, whether no token came or only tokens that
-    make no sentence ("Sure", then a stall).
+                            since: float, quiet: Callable[[], bool],
+                            clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[LLMChunk | Slow]:
+    """The stream's chunks, and ``Slow`` once ``after_s`` (of ``clock``, from ``since``, a
+    time of it) has passed while ``quiet()``: nothing to say yet, whether no token came or
+    only tokens that make no sentence ("Sure", then a stall).
 
     A task reads the stream meanwhile: the wait for the cue never cancels a read (that
     would end the stream), and chunks already there (a preemptive start's) pass in one
@@ -413,14 +418,20 @@ async def _with_slow_signal(stream: AsyncIterator[LLMChunk], after_s: float | No
 
     reader = asyncio.create_task(read(), name="vg-llm-read")
     cue_at: float | None = since + after_s
+    # The waits for the cue, on one timer task (a barge-in meanwhile stays a cancel).
+    timeouts = Timeouts(clock)
     try:
         while True:
             if cue_at is not None and not quiet():
                 cue_at = None  # something was said or called: no filler now
             try:
-                async with asyncio.timeout_at(cue_at):  # None: no deadline
+                if cue_at is None:
                     item = await chunks.get()
+                else:
+                    item = await timeouts.until(cue_at, chunks.get())
             except TimeoutError:
+                if not timeouts.expired:
+                    raise
                 cue_at = None
                 yield Slow(after_s)
                 continue
@@ -430,6 +441,7 @@ async def _with_slow_signal(stream: AsyncIterator[LLMChunk], after_s: float | No
                 raise item
             yield item
     finally:
+        timeouts.close()
         # Closed or cancelled (a barge-in): the read stops, which closes the stream.
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)

@@ -221,7 +221,9 @@ class Responder:
             # Never puts an end marker: the consumer watches this task itself, so a
             # producer never blocks on a full queue nobody reads (a barge-in).
             filler_played = spoke = False
-            events = self._agent.respond(turn.conversation, turn.text, turn.preempted)
+            # The filler cue (Slow) is timed on the call's clock, as the rest of the turn.
+            events = self._agent.respond(turn.conversation, turn.text, turn.preempted,
+                                         clock=tl.clock)
             try:
                 async for event in events:
                     if isinstance(event, Slow):

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from gateway.agent import Agent, Conversation, Handoff, Sentence, Slow, ToolStarted
+from gateway.clock import ManualClock
 from gateway.hedge import HedgedChat
 from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec
 from gateway.providers.openai_llm import OpenAIChat
@@ -241,14 +242,78 @@ async def test_closing_the_event_stream_mid_answer_closes_the_llm_stream(llm_ser
     await agent.aclose()
 
 
-async def test_slow_first_token_emits_slow_once_before_the_answer(llm_server):
-    fake, server = llm_server
-    fake.replies["p"] = Reply(text="Here you go.", ttft_s=1.0)
-    agent = make_agent(server, "p")
-    agent.filler_after_s = 0.05
-    events, _ = await run(agent, "hi")
-    assert isinstance(events[0], Slow) and events[1:] == [Sentence("Here you go.")]
-    await agent.aclose()
+async def collect(events, clock: ManualClock, seconds: float) -> list:
+    """The events ``events`` emits while ``seconds`` of ``clock`` pass, to its end."""
+    out: list = []
+
+    async def read() -> None:
+        async for event in events:
+            out.append(event)
+
+    reader = asyncio.create_task(read())
+    await clock.advance(seconds)
+    assert reader.done(), f"the turn had not ended after {seconds} s of the clock: {out}"
+    await reader
+    return out
+
+
+async def test_slow_first_token_emits_slow_once_before_the_answer():
+    """On the call's clock (a ManualClock here): the cue at filler_after_s (0.05 s), once,
+    though the first token takes a whole second of it."""
+    clock = ManualClock()
+    leg = ScriptedLLM(clock)
+    leg.reply, leg.first_token_s = "Here you go.", 1.0
+    agent = Agent(HedgedChat(leg, None, hedge_delay_s=0.0, clock=clock),  # type: ignore[arg-type]
+                  filler_after_s=0.05)
+    events = agent.respond(agent.new_conversation(), "hi", clock=clock)
+    assert await collect(events, clock, 1.0) == [Slow(0.05), Sentence("Here you go.")]
+    assert leg.first_tokens == [clock.now()]  # the answer came at 1 s of the clock
+
+
+async def test_the_filler_cue_comes_when_the_calls_clock_passes_filler_after_s():
+    """The cue (Slow: "let me check that") was timed on the event loop's time, real time,
+    while the rest of the call (hedge, TTS stalls, playout) runs on the call's Clock: a
+    ManualClock moved past filler_after_s brought no cue until real time passed too. It
+    comes at the clock's threshold exactly, with no real time elapsing."""
+    clock = ManualClock()
+    leg = ScriptedLLM(clock)
+    leg.reply, leg.first_token_s = "Here you go.", 2.0
+    agent = Agent(HedgedChat(leg, None, hedge_delay_s=0.0, clock=clock),  # type: ignore[arg-type]
+                  filler_after_s=0.5)
+    start = clock.now()
+    events = agent.respond(agent.new_conversation(), "hi", clock=clock)
+    first = asyncio.create_task(events.__anext__())
+    try:
+        await clock.advance(0.375)
+        assert not first.done(), f"cued after 0.375 s of 0.5: {first.result()!r}"
+        await clock.advance(0.125)  # exactly filler_after_s since the turn began
+        assert first.done(), "the clock passed filler_after_s and no filler cue came"
+        assert first.result() == Slow(0.5) and clock.now() == start + 0.5
+        rest = await collect(events, clock, 1.5)
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await events.aclose()
+    assert rest == [Sentence("Here you go.")]
+
+
+async def test_a_turns_filler_plays_when_the_calls_clock_passes_filler_after_s():
+    """The same through a whole call: the responder hands the agent the call's clock."""
+    h = CallHarness()
+    h.agent.filler_after_s = 0.5
+    h.llm.reply, h.llm.first_token_s = "Your balance is twelve dollars.", 2.0
+    await h.start()
+    await h.text("what is my balance")
+    start = h.clock.now()
+    await h.clock.advance(0.375)
+    assert h.output.of("response", turn=1) == []
+    await h.clock.advance(0.125)
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["filler"], (
+        "the call's clock passed filler_after_s and no filler played")
+    assert h.clock.now() == start + 0.5
+    await h.wait(3000)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["filler", "llm"]
 
 
 class StallsAfterFirstToken:
@@ -274,15 +339,18 @@ async def test_a_stall_after_the_first_token_still_gets_a_filler():
     the caller hears dead air for up to llm_idle_timeout_s (10 s by default), then the
     handoff. The filler exists to bridge silence; it should be cued when nothing speakable
     has come after filler_after_s, whatever tokens arrived."""
+    clock = ManualClock()
     leg = StallsAfterFirstToken()
-    agent = Agent(HedgedChat(leg, None, hedge_delay_s=0.0, idle_timeout_s=600.0),  # type: ignore[arg-type]
-                  filler_after_s=0.05)
-    events = agent.respond(agent.new_conversation(), "what's my balance")
+    agent = Agent(HedgedChat(leg, None, hedge_delay_s=0.0, idle_timeout_s=600.0,  # type: ignore[arg-type]
+                             clock=clock), filler_after_s=0.05)
+    events = agent.respond(agent.new_conversation(), "what's my balance", clock=clock)
+    next_event = asyncio.create_task(events.__anext__())
     try:
-        first = await asyncio.wait_for(events.__anext__(), 5.0)
-    except asyncio.TimeoutError:
-        first = None
+        await clock.advance(5.0)
+        first = next_event.result() if next_event.done() else None
     finally:
+        next_event.cancel()
+        await asyncio.gather(next_event, return_exceptions=True)
         await events.aclose()
     assert leg.closed == 1
     assert isinstance(first, Slow), (
