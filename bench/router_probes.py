@@ -1,6 +1,7 @@
 """Train-only probes of the router's ranking: more judge signals, another judge model,
-and the shipped three views (embeddings, character and word n-grams) against the two
-views before the word view.
+and the shipped classifier (three views: embeddings, character and word n-grams, fitted
+with the seed's misheard copies, ``intents.misheard``) against the same without the
+copies and the two views before the word view.
 
 What decides how many questions the cache can answer at a promised precision is the
 order in which the judge ranks them. These probes ask whether anything cheap improves
@@ -18,12 +19,13 @@ judge that never saw it. Per probe:
                   shipped transcript rule), and the curve's share at 99.2% precision
 
 The shipped classifier gets every probe; then its "shipped judge" row again for the
-classifier with two views (embeddings and characters at 0.7/0.3, as shipped before the
-word view: ``intents.classifier.TWO_VIEWS``), same folds. ``--mix`` probes other shares
+classifier without misheard copies, and for the one with two views (embeddings and
+characters at 0.7/0.3, as shipped before the word view: ``intents.classifier.TWO_VIEWS``),
+same folds. ``--mix`` probes other shares
 of the three views in place of the shipped ``MIX``.
 
 Run: .venv/bin/python bench/router_probes.py [--fold-seed 0] [--spoken] [--mix 0.5,0.25,0.25]
-(about 8-10 minutes on 2 cores; --spoken transcribes the sample first if it is not cached)
+(about 15 minutes on 2 cores; --spoken transcribes the sample first if it is not cached)
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import spoken_train  # noqa: E402
 from bench.speech_corpus import DATA  # noqa: E402
-from intents.calibration import CONFIDENCE, OUT_OF_DOMAIN_TARGET, _loosest  # noqa: E402
+from intents.calibration import (CONFIDENCE, OUT_OF_DOMAIN_TARGET, MisheardCopies,  # noqa: E402
+                                 _loosest, fitted_rows)
 from intents.classifier import MIX, OUT_OF_DOMAIN, TWO_VIEWS, IntentClassifier  # noqa: E402
 from intents.embedder import Embedder  # noqa: E402
 from intents.judge import SIGNALS, Judge, read_signals  # noqa: E402
+from intents.misheard import misheard_copies  # noqa: E402
 from intents.negatives import embed_negatives, negatives_for_seed  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
 
@@ -107,10 +111,11 @@ def candidate_signals(clf: ProbedClassifier, combined: np.ndarray, predicted: np
 def held_out_rows(make: Callable[[], ProbedClassifier], vectors: np.ndarray, texts: list[str],
                   labels: np.ndarray, neg_vectors: np.ndarray, neg_texts: list[str],
                   spoken_rows: np.ndarray, spoken_vectors: np.ndarray, spoken_texts: list[str],
-                  fold_seed: int) -> tuple[Rows, Rows, Rows]:
+                  fold_seed: int, misheard: MisheardCopies | None = None
+                  ) -> tuple[Rows, Rows, Rows]:
     """The shipped cross-validation (same folds and negatives split as
-    ``intents.calibration.cross_validate`` at seed 0), each fold also reading the
-    transcripts of its held-out questions."""
+    ``intents.calibration.cross_validate`` at seed 0, misheard copies of the training part
+    when given), each fold also reading the transcripts of its held-out questions."""
     seed, negs = Rows.empty(len(texts), len(SIGNALS)), Rows.empty(len(neg_texts), len(SIGNALS))
     spoken = Rows.empty(len(spoken_rows), len(SIGNALS))
     neg_fold = np.arange(len(neg_texts)) % FOLDS
@@ -118,7 +123,7 @@ def held_out_rows(make: Callable[[], ProbedClassifier], vectors: np.ndarray, tex
     splitter = StratifiedKFold(FOLDS, shuffle=True, random_state=fold_seed)
     for fold, (train, test) in enumerate(splitter.split(vectors, labels.astype(str))):
         others = np.flatnonzero(neg_fold != fold)
-        clf = make().fit(vectors[train], labels[train], [texts[i] for i in train],
+        clf = make().fit(*fitted_rows(vectors, labels, texts, train, misheard),
                          negative_vectors=neg_vectors[others],
                          negative_texts=[neg_texts[i] for i in others],
                          seed_questions_per_intent=per_intent)
@@ -246,14 +251,18 @@ def main() -> None:
     mix = (None if args.mix is None
            else dict(zip(("embeddings", "characters", "words"),
                          (float(w) for w in args.mix.split(",")))))
+    copies = misheard_copies(texts)
+    misheard = MisheardCopies(embedder.encode_batch(copies, batch_size=128), copies)
     first = "shipped classifier" if mix is None else f"classifier, mix {args.mix}"
     two_views = "two views (" + "/".join(f"{w:g}" for w in TWO_VIEWS.values()) + ")"
-    for label, make in ((first, lambda: ProbedClassifier(mix)),
-                        (two_views, lambda: ProbedClassifier(TWO_VIEWS))):
+    for label, make, copied in (
+            (first, lambda: ProbedClassifier(mix), misheard),
+            ("three views, no misheard copies", lambda: ProbedClassifier(mix), None),
+            (two_views + ", no misheard copies", lambda: ProbedClassifier(TWO_VIEWS), None)):
         print(f"{label}: cross-validating", flush=True)
         seed, negs, spoken_held = held_out_rows(
             make, vectors, texts, labels, neg_vectors, neg_texts, spoken_rows,
-            spoken_vectors, spoken_texts, args.fold_seed)
+            spoken_vectors, spoken_texts, args.fold_seed, copied)
         print(f"{label}: top-1 right on held-out questions "
               f"{(seed.predicted == labels).mean():.2%}"
               + (f", on their transcripts {(spoken_held.predicted == spoken_labels).mean():.2%}"

@@ -7,7 +7,8 @@ dev_spoken.csv (ASR-noised ``asr_text``) are only ever routed, never tuned on.
 dev_spoken's transcripts are routed as a call routes a recogniser's words (the stricter
 transcript threshold, ``RouteDecision.as_spoken``); "transcripts at the typed threshold"
 shows them as routed before the third change of 2026-11-25 ("before 3"), and "two views"
-the router before the word view ("before 4": embeddings and character n-grams only).
+the router before the word view ("before 4": embeddings and character n-grams only),
+"no misheard copies" the router before it fitted them ("before 5", ``intents.misheard``).
 
 Figures per system and data set:
   hit rate        cached answers served / utterances
@@ -49,7 +50,8 @@ How to run (from the repository root):
   options: --data DIR  --limit N (utterances per dev set)  --no-prefixes  --target 0.01
            --backend onnx-int8|torch (the embedder; onnx-int8 is what the gateway serves)
            --vector-cache DIR (keep the embeddings between runs: embedding ~30k texts takes minutes)
-           --systems voicegate,gptcache,semantic-router (default: all that are installed)
+           --systems voicegate,no-misheard,gptcache,semantic-router (default: all that are
+             installed; no-misheard: the row "before 5" alone, also among the ablations)
            --plot docs/router-precision-coverage.png (the curves and operating points; the
            venv needs matplotlib)
 """
@@ -176,12 +178,14 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
                      train_vectors: np.ndarray, target: float, *, ngrams: bool = True,
                      negatives: bool = True, negatives_class: bool = True,
                      arithmetic_mix: bool = False, two_views: bool = False,
+                     misheard: bool = True,
                      label: str = "voicegate") -> tuple[Router, Decide]:
     """The shipped router; ``ngrams``/``negatives`` off measure what each part contributes;
     ``negatives_class`` off leaves the negatives to the judge alone, as before 2026-11-25
     (2), ``arithmetic_mix`` averages the embedding and character models' probabilities as
     the router did before 2026-11-25 (1), instead of the weighted geometric mean, and
-    ``two_views`` leaves the word view out (the mix before it, 4). A classifier keeps the
+    ``two_views`` leaves the word view out (the mix before it, 4), ``misheard`` off fits no
+    misheard copies of the seed (before 5, ``intents.misheard``). A classifier keeps the
     mix it was fitted with, so the router routes dev as it was calibrated."""
     entries = {intent: Entry(id=intent, intent=intent, action=Action.ANSWER,
                              answer=f"(answer for {intent})",
@@ -191,7 +195,10 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
     started = time.perf_counter()
     saved = (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
              intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES,
-             intents.router.negatives_for_seed, IntentClassifier.mix)
+             intents.router.negatives_for_seed, IntentClassifier.mix,
+             intents.router.MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD)
+    if not misheard:
+        intents.router.MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD = 10**9
     if not negatives_class:
         intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES = 10**9
     if arithmetic_mix:
@@ -208,7 +215,8 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
     finally:
         (intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
          intents.classifier.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES,
-         intents.router.negatives_for_seed, IntentClassifier.mix) = saved
+         intents.router.negatives_for_seed, IntentClassifier.mix,
+         intents.router.MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD) = saved
     t = trained.router.thresholds
     print(f"{label}: trained and calibrated in {time.perf_counter() - started:.0f} s on "
           f"{len(train_texts)} train utterances and {t.negatives} negatives: judge >= "
@@ -492,18 +500,28 @@ def main(argv: list[str] | None = None) -> None:
                                {"arithmetic_mix": True, "negatives_class": False}),
                               ("judge + n-grams + negatives, no out-of-domain class (before 2)",
                                {"negatives_class": False, "two_views": True}),
-                              ("two views: no word n-grams (before 4)", {"two_views": True})):
+                              ("two views: no word n-grams (before 4)", {"two_views": True}),
+                              ("three views, no misheard copies (before 5)", {})):
             router, decide = voicegate_system(embedder, train_texts, train_labels,
-                                              train_vectors, args.target, label=label, **kwargs)
+                                              train_vectors, args.target, label=label,
+                                              **{"misheard": False, **kwargs})
             systems.append((label, decide))
             curves.append((label, router))
+    if "no-misheard" in wanted and "ablations" not in wanted:  # the row before 5 alone
+        label = "three views, no misheard copies (before 5)"
+        router, decide = voicegate_system(embedder, train_texts, train_labels, train_vectors,
+                                          args.target, label=label, misheard=False)
+        systems.append((label, decide))
+        curves.append((label, router))
     if "voicegate" in wanted:
         router, ours = voicegate_system(embedder, train_texts, train_labels, train_vectors,
                                         args.target)
-        systems.append(("voicegate (judge + three views + out-of-domain class)", ours))
+        systems.append(("voicegate (judge + three views + misheard copies + out-of-domain "
+                        "class)", ours))
         systems.append(("voicegate, transcripts at the typed threshold (before 3)",
                         lambda texts, vectors, spoken: ours(texts, vectors, False)))
-        curves.append(("voicegate (judge + three views + out-of-domain class)", router))
+        curves.append(("voicegate (judge + three views + misheard copies + out-of-domain "
+                       "class)", router))
     try:
         if "gptcache" in wanted:
             import gptcache  # noqa: F401

@@ -150,7 +150,10 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
                    negative_vectors: np.ndarray | None = None,
                    negative_texts: Sequence[str] = (), folds: int = 5,
                    make_classifier: Callable[[], IntentClassifier] = IntentClassifier,
-                   seed: int = 0) -> HeldOut:
+                   seed: int = 0, misheard: MisheardCopies | None = None) -> HeldOut:
+    """Out-of-fold signals. ``misheard``: one misheard copy of each seed question
+    (``intents.misheard``), fitted beside the questions of its fold's training part (never
+    read as held out: a copy of a held-out question would leak it)."""
     labels = np.asarray(list(intents), dtype=object)
     texts = list(texts)
     n = len(labels)
@@ -178,7 +181,7 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
     for fold, (train, test) in enumerate(splits):
         # The fold's classifier learns the negatives of the other folds as out of domain.
         others = np.flatnonzero(neg_fold != fold)
-        clf = make_classifier().fit(vectors[train], labels[train], [texts[i] for i in train],
+        clf = make_classifier().fit(*fitted_rows(vectors, labels, texts, train, misheard),
                                     negative_vectors=neg_vectors[others],
                                     negative_texts=[neg_texts[i] for i in others],
                                     seed_questions_per_intent=per_intent)
@@ -190,6 +193,27 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
                                                  [neg_texts[i] for i in mine])))
     return HeldOut(labels, _reassemble(parts, n), _reassemble(neg_parts, len(neg_texts)),
                    len(splits))
+
+
+@dataclass(frozen=True)
+class MisheardCopies:
+    """One misheard copy of every seed question (seed order) and its embedding."""
+
+    vectors: np.ndarray
+    texts: Sequence[str]
+
+
+def fitted_rows(vectors: np.ndarray, labels: np.ndarray, texts: Sequence[str],
+                rows: np.ndarray, misheard: MisheardCopies | None
+                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The seed rows a classifier is fitted on (vectors, intents, texts), each followed by its
+    misheard copy when there are copies."""
+    fit_texts = [texts[i] for i in rows]
+    if misheard is None:
+        return vectors[rows], labels[rows], fit_texts
+    return (np.concatenate([vectors[rows], misheard.vectors[rows]]),
+            np.concatenate([labels[rows], labels[rows]]),
+            fit_texts + [misheard.texts[i] for i in rows])
 
 
 def _reassemble(parts: list[tuple[np.ndarray, Signals]], n: int) -> Signals:

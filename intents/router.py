@@ -30,11 +30,13 @@ from typing import Mapping, Sequence
 import joblib
 import numpy as np
 
-from intents.calibration import HeldOut, Thresholds, calibrate, cross_validate
+from intents.calibration import (HeldOut, MisheardCopies, Thresholds, calibrate, cross_validate,
+                                 fitted_rows)
 from intents.classifier import OUT_OF_DOMAIN, IntentClassifier
 from intents.completeness import Completeness, train_completeness
 from intents.embedder import Embedder, normalize_text
 from intents.judge import Judge, read_signals
+from intents.misheard import MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD, misheard_copies
 from intents.negatives import embed_negatives, negatives_for_seed
 from intents.semantic_cache import SemanticCache
 from intents.types import Action, Entry, RouteDecision, miss
@@ -207,12 +209,19 @@ def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence
                       if e.action is Action.ANSWER and e.answer is not None}
     negative_texts = negatives_for_seed(negatives, questions)
     negative_vectors = embed_negatives(embedder, negative_texts)
+    misheard = None
+    if len(questions) / len(set(intents)) >= MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD:
+        copies = misheard_copies(questions)
+        misheard = MisheardCopies(embedder.encode_batch(copies), copies)
     held_out = cross_validate(vectors, questions, intents, negative_vectors, negative_texts,
-                              folds=folds)
+                              folds=folds, misheard=misheard)
     thresholds, judge = calibrate(held_out, answer_intents, target_wrong_rate)
-    classifier = IntentClassifier().fit(vectors, intents, list(questions),
+    labels = np.asarray(list(intents), dtype=object)
+    every = np.arange(len(labels))
+    classifier = IntentClassifier().fit(*fitted_rows(vectors, labels, questions, every, misheard),
                                         negative_vectors=negative_vectors,
-                                        negative_texts=negative_texts)
+                                        negative_texts=negative_texts,
+                                        seed_questions_per_intent=len(labels) / len(set(intents)))
     router = Router(embedder, classifier, judge, SemanticCache(vectors, intents), entries,
                     thresholds, train_completeness(questions, negative_texts))
     return TrainedRouter(router, vectors, tuple(questions), tuple(intents), held_out)
