@@ -9,7 +9,7 @@ what a threshold calibrated on the transcripts themselves would be. The shipped 
 dev_spoken are never read.
 
 Method: the shipped 5-fold cross-validation of the whole train set (10,003 questions, the
-shipped negatives); each fold's classifier also reads the transcripts of its held-out
+shipped negatives, the questions' misheard copies: ``intents.misheard``); each fold's classifier also reads the transcripts of its held-out
 questions. Typed rows are scored by the calibration's own cross-fitted judges; the
 transcripts by a judge trained on every out-of-fold row except those same questions.
 
@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import spoken_train  # noqa: E402
 from bench.speech_corpus import DATA  # noqa: E402
-from intents.calibration import (CONFIDENCE, _cross_fitted, _loosest, calibrate,  # noqa: E402
-                                 cross_validate)
+from intents.calibration import (CONFIDENCE, MisheardCopies, _cross_fitted,  # noqa: E402
+                                 _loosest, calibrate, cross_validate, fitted_rows)
 from intents.classifier import IntentClassifier  # noqa: E402
 from intents.embedder import Embedder  # noqa: E402
 from intents.judge import SIGNALS, Judge, read_signals  # noqa: E402
+from intents.misheard import misheard_copies  # noqa: E402
 from intents.negatives import embed_negatives, negatives_for_seed  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
 
@@ -61,7 +62,11 @@ def main() -> None:
     sp_vectors = embedder.encode_batch(sp_texts, batch_size=128)
     neg_texts = negatives_for_seed((), texts)
     neg_vectors = embed_negatives(embedder, neg_texts)
-    held = cross_validate(vectors, texts, labels, neg_vectors, neg_texts, folds=FOLDS)
+    # The shipped fit: every fold's classifier also learns its questions' misheard copies.
+    copies = misheard_copies(texts)
+    misheard = MisheardCopies(embedder.encode_batch(copies, batch_size=128), copies)
+    held = cross_validate(vectors, texts, labels, neg_vectors, neg_texts, folds=FOLDS,
+                          misheard=misheard)
 
     # The same folds (cross_validate's splitter), each reading its held-out transcripts.
     splits = StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=0).split(
@@ -74,7 +79,7 @@ def main() -> None:
     for fold, (train, test) in enumerate(splits):
         mine = np.flatnonzero(np.isin(sp_rows, test))
         others = np.flatnonzero(neg_fold != fold)
-        clf = IntentClassifier().fit(vectors[train], labels[train], [texts[i] for i in train],
+        clf = IntentClassifier().fit(*fitted_rows(vectors, labels, texts, train, misheard),
                                      negative_vectors=neg_vectors[others],
                                      negative_texts=[neg_texts[i] for i in others],
                                      seed_questions_per_intent=per_intent)
