@@ -29,7 +29,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Union
 
-from gateway.clock import SYSTEM_CLOCK, Clock, Timeouts
+from gateway.clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 from gateway.hedge import AdaptiveDelay, HedgedChat
 from gateway.preemption import Preemption
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
@@ -429,9 +429,7 @@ async def _with_slow_signal(stream: AsyncIterator[LLMChunk], after_s: float | No
                     item = await chunks.get()
                 else:
                     item = await timeouts.until(cue_at, chunks.get())
-            except TimeoutError:
-                if not timeouts.expired:
-                    raise
+            except Expired:
                 cue_at = None
                 yield Slow(after_s)
                 continue

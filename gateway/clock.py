@@ -37,8 +37,14 @@ class SystemClock:
 SYSTEM_CLOCK = SystemClock()
 
 
+class Expired(TimeoutError):
+    """A deadline of a clock passed (``deadline``, ``Timeouts``): the timer's own
+    ``TimeoutError``, never one the timed work raised, so a caller catches this and lets
+    any other through."""
+
+
 class Deadline:
-    """What ``deadline`` yields: whether it expired (its ``TimeoutError``, not another)."""
+    """What ``deadline`` yields: whether it expired (its ``Expired``, not another error)."""
 
     expired = False
 
@@ -46,7 +52,7 @@ class Deadline:
 @contextlib.asynccontextmanager
 async def deadline(clock: Clock, seconds: float) -> AsyncIterator[Deadline]:
     """``asyncio.timeout(seconds)`` on ``clock``: once ``seconds`` of it have passed the
-    block is cancelled and ``TimeoutError`` raised instead, so a test's ``ManualClock``
+    block is cancelled and ``Expired`` (a ``TimeoutError``) raised instead, so a test's ``ManualClock``
     decides when (a stage's stall timeout). A cancel from outside meanwhile (a barge-in)
     stays a cancel. The block must not swallow ``CancelledError``."""
     task = asyncio.current_task()
@@ -63,7 +69,7 @@ async def deadline(clock: Clock, seconds: float) -> AsyncIterator[Deadline]:
         yield state
     except asyncio.CancelledError:
         if state.expired and task.uncancel() == 0:
-            raise TimeoutError(f"no result within {seconds:g} s") from None
+            raise Expired(f"no result within {seconds:g} s") from None
         raise
     finally:
         watchdog.cancel()
@@ -73,8 +79,8 @@ class Timeouts:
     """``deadline`` for each of a stream's waits (the gap before its next item), on ``clock``,
     kept by one timer task for them all instead of a task per item.
 
-    ``await timeouts.within(seconds, anext(items))`` is that item, or ``TimeoutError`` (and
-    ``expired`` set) once ``seconds`` of the clock pass first; between waits nothing is
+    ``await timeouts.within(seconds, anext(items))`` is that item, or ``Expired`` (a
+    ``TimeoutError``; ``expired`` set) once ``seconds`` of the clock pass first; between waits nothing is
     timed (the consumer's own time, a yield to it, never counts). One wait at a time, as
     one task reads a stream. A cancel from outside (a barge-in) stays a cancel. The
     awaitable must not swallow ``CancelledError``. ``close()`` (in a ``finally``) stops
@@ -111,7 +117,7 @@ class Timeouts:
             return await awaitable
         except asyncio.CancelledError:
             if self.expired and task.uncancel() == 0:
-                raise TimeoutError("no result in time") from None
+                raise Expired("no result in time") from None
             raise
         finally:
             self._due = None

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolSpec
 from . import logs
-from .clock import SYSTEM_CLOCK, Clock, Timeouts
+from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 
 log = logging.getLogger("voicegate.hedge")
 
@@ -155,7 +155,7 @@ class HedgedChat:
                     # and the stream would go on with nobody reading it. Once it times
                     # out, the clock has reached the earliest deadline.
                     leg, item = await timeouts.until(min(deadlines), queue.get())
-                except TimeoutError:
+                except Expired:
                     for leg in live:
                         if clock.now() >= leg.started + self.first_token_timeout_s:
                             self._fail(leg, "no first token after "
@@ -177,7 +177,7 @@ class HedgedChat:
             while True:
                 try:
                     leg, item = await timeouts.within(self.idle_timeout_s, queue.get())
-                except TimeoutError:
+                except Expired:
                     self.stats.leg_failures += 1
                     raise ProviderError(winner.model.name,
                                         f"stream stalled for {self.idle_timeout_s:g} s") from None

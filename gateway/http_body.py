@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .clock import SYSTEM_CLOCK, Clock, Deadline, deadline
+from .clock import SYSTEM_CLOCK, Clock, Expired, deadline
 
 
 class BodyTooLarge(Exception):
@@ -30,16 +30,13 @@ async def read_body(request: Request, limit: int, timeout_s: float,
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the body is larger than {limit} bytes")
     body = bytearray()
-    window: Deadline | None = None
     try:
-        async with deadline(clock, timeout_s) as window:
+        async with deadline(clock, timeout_s):
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limit:
                     raise BodyTooLarge(f"the body is larger than {limit} bytes")
-    except TimeoutError:
-        if window is None or not window.expired:
-            raise
+    except Expired:
         raise BodyTimeout(f"the body did not arrive in full within {timeout_s:g} s "
                           f"({len(body)} bytes by then; VOICEGATE_BODY_TIMEOUT_S)") from None
     # Starlette's own parsers (request.form) read this cached body instead of the stream.

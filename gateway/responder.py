@@ -22,7 +22,7 @@ from .agent import (FILLER_PHRASES, PROMPT_TEXTS, Agent, Conversation, Handoff, 
                     ToolStarted)
 from .audio import StreamResampler
 from .audio_bank import AudioBank
-from .clock import SYSTEM_CLOCK, Clock, Timeouts
+from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 from .codec import PCM16, encode
 from .preemption import Preemption
 from .providers.base import ProviderError, TextToSpeech
@@ -87,9 +87,7 @@ async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM
                 yield encode(resampler.process(chunk), encoding)
                 try:
                     chunk = await gaps.within(gap_timeout_s, anext(chunks, None))
-                except TimeoutError:
-                    if not gaps.expired:
-                        raise
+                except Expired:
                     raise ProviderError(tts.name, f"no audio for {gap_timeout_s:g} s in the "
                                         "middle of a synthesis "
                                         "(VOICEGATE_TTS_GAP_TIMEOUT_S)") from None

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from gateway.clock import ManualClock, Timeouts
+from gateway.clock import Expired, ManualClock, Timeouts, deadline
 from gateway.providers.base import ProviderError
 from gateway.responder import tts_audio
 
@@ -125,7 +125,7 @@ async def test_timeouts_time_each_wait_and_nothing_between_them():
         await clock.advance(5.0 + 1.99)
         assert got == [1, 2] and not reader.done()
         await clock.advance(0.02)
-        assert reader.done() and isinstance(reader.exception(), TimeoutError)
+        assert reader.done() and isinstance(reader.exception(), Expired)
         assert timeouts.expired
     finally:
         reader.cancel()
@@ -142,8 +142,28 @@ async def test_timeouts_a_shorter_wait_after_a_longer_one_ends_on_its_own_time()
     await clock.advance(0.99)
     assert not waiting.done()
     await clock.advance(0.01)
-    assert waiting.done() and isinstance(waiting.exception(), TimeoutError)
+    assert waiting.done() and isinstance(waiting.exception(), Expired)
     assert clock.now() == start + 1.0
     timeouts.close()
     await clock.settle()
     assert clock.sleeping == 0
+
+
+async def test_a_timeout_the_timed_work_raises_is_not_the_clocks():
+    # Callers catch ``Expired`` alone: a TimeoutError of the work itself (an HTTP read's)
+    # must reach them as it was, from ``Timeouts`` and from ``deadline`` alike.
+    clock = ManualClock()
+
+    async def times_out() -> None:
+        raise TimeoutError("the work's own")
+
+    timeouts = Timeouts(clock)
+    with pytest.raises(TimeoutError, match="the work's own") as raised:
+        await timeouts.within(2.0, times_out())
+    assert not isinstance(raised.value, Expired) and not timeouts.expired
+    timeouts.close()
+    with pytest.raises(TimeoutError, match="the work's own") as raised:
+        async with deadline(clock, 2.0):
+            await times_out()
+    assert not isinstance(raised.value, Expired)
+    await clock.settle()

@@ -16,7 +16,7 @@ import httpx
 from elevenlabs.client import AsyncElevenLabs
 from elevenlabs.core.api_error import ApiError
 
-from gateway.clock import SYSTEM_CLOCK, Clock, deadline
+from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from gateway.providers.base import ProviderError
 from gateway.settings import Settings
 
@@ -89,11 +89,9 @@ class ElevenLabsTTS:
         ``first_audio_timeout_s`` of the request, else a ``ProviderError``."""
         limit = self._first_audio_timeout_s
         try:
-            async with deadline(self._clock, limit) as first_audio:
+            async with deadline(self._clock, limit):
                 return await anext(chunks, None)
-        except TimeoutError:
-            if not first_audio.expired:
-                raise
+        except Expired:
             raise ProviderError(self.name, f"no audio within {limit:g} s of the request "
                                            "(VOICEGATE_ELEVENLABS_FIRST_AUDIO_TIMEOUT_S)") from None
 
