@@ -25,13 +25,14 @@ from .audio_bank import AudioBank
 from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 from .codec import PCM16, encode
 from .preemption import Preemption
+from .settings import Settings
 from .providers.base import ProviderError, TextToSpeech
 from .timeline import TurnTimeline, now
 
 # A prefetched sentence may run this far ahead of playback; more would be wasted on a barge-in.
 _PREFETCH_SENTENCES = 2
 # Settings.tts_gap_timeout_s's default, for a Responder built without it (benchmarks).
-DEFAULT_TTS_GAP_TIMEOUT_S = 4.0
+DEFAULT_TTS_GAP_TIMEOUT_S: float = Settings.model_fields["tts_gap_timeout_s"].default
 
 
 @dataclass

@@ -72,10 +72,9 @@ class BackgroundServer:
             if time.monotonic() > deadline:
                 raise TimeoutError("the gateway did not start")
             time.sleep(0.02)
-        port = self.listening_port
-        if port is None:  # started, and its sockets are closed already: it stopped
+        if self.listening_port is None:  # started, and its sockets are closed already: it stopped
             raise self._failed()
-        ready_url = f"http://127.0.0.1:{port}/readyz"
+        ready_url = self.base_url + "/readyz"
         while True:
             try:
                 if httpx.get(ready_url, timeout=5).status_code == 200:

@@ -193,6 +193,20 @@ async def _all(chunks) -> list[bytes]:
     return [chunk async for chunk in chunks]
 
 
+async def _call_on_the_fake_voice(fake: FakeElevenLabs, server: ServerThread
+                                  ) -> tuple[CallHarness, ElevenLabsTTS]:
+    """A started call whose voice is the real SDK on the fake (default settings, on the
+    call's clock), its agent answering "Our branches open at nine."."""
+    h = CallHarness()
+    cloud = Settings.load({"tts_provider": "elevenlabs", "elevenlabs_api_key": fake.api_key,
+                           "elevenlabs_base_url": server.url}, environ={})
+    tts = ElevenLabsTTS.from_settings(cloud, clock=h.clock)
+    h.responder._tts = tts  # the harness's voice, replaced by the real SDK on the fake
+    h.llm.reply = "Our branches open at nine."
+    await h.start()
+    return h, tts
+
+
 async def test_a_call_whose_voice_stalls_hears_the_apology_at_the_deadline(eleven):
     # The call's side: the agent's sentence goes to a voice that never answers. The turn
     # fails as `tts_failed` when the first-audio deadline (the setting's default, on the
@@ -200,14 +214,8 @@ async def test_a_call_whose_voice_stalls_hears_the_apology_at_the_deadline(eleve
     # the next turn is answered once the voice is back.
     fake, server = eleven
     fake.stall_before_audio.set()
-    h = CallHarness()
-    cloud = Settings.load({"tts_provider": "elevenlabs", "elevenlabs_api_key": fake.api_key,
-                           "elevenlabs_base_url": server.url}, environ={})
-    assert cloud.elevenlabs_first_audio_timeout_s == 4.0
-    tts = ElevenLabsTTS.from_settings(cloud, clock=h.clock)
-    h.responder._tts = tts  # the harness's voice, replaced by the real SDK on the fake
-    h.llm.reply = "Our branches open at nine."
-    await h.start()
+    h, tts = await _call_on_the_fake_voice(fake, server)
+    assert tts._first_audio_timeout_s == 4.0  # the setting's default
     try:
         await h.text("when do you open")
         asked_at = h.clock.now()
@@ -262,13 +270,7 @@ async def test_a_call_whose_voice_stalls_mid_sentence_hears_the_apology_at_the_g
     # passes with no audio, the apology plays, and the next turn is answered.
     fake, server = eleven
     fake.hold_after_first.set()
-    h = CallHarness()
-    cloud = Settings.load({"tts_provider": "elevenlabs", "elevenlabs_api_key": fake.api_key,
-                           "elevenlabs_base_url": server.url}, environ={})
-    tts = ElevenLabsTTS.from_settings(cloud, clock=h.clock)
-    h.responder._tts = tts  # the harness's voice, replaced by the real SDK on the fake
-    h.llm.reply = "Our branches open at nine."
-    await h.start()
+    h, tts = await _call_on_the_fake_voice(fake, server)
     try:
         await h.text("when do you open")
         assert await wait_for_async(lambda: bool(h.output.frames), 10), "no first audio"
