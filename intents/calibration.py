@@ -37,11 +37,12 @@ half the target 99.5%, and a threshold calibrated on the transcripts themselves 
 at 1%) landed within 0.001 of it. Re-measured with the seed's misheard copies
 (intents.misheard, 2026-11-26): 98.71% right at the typed threshold, 99.64% at half the
 target (41.1% of the transcripts answered), 99.34% at 0.7 of it (45.3%); calibrated on
-the transcripts themselves 0.977, between the two. The factor was left at 0.5. A seed where the stricter target gives no higher
-threshold serves transcripts at the typed one (``transcript_strict`` False), as before:
-one too small to bound the stricter target falls back on its point estimate, which
-finds no threshold or one the typed threshold already meets (the shipped example, 229
-questions; the voice-to-voice bench's seed, 800). Banking77's 10,003 questions bound it.
+the transcripts themselves 0.977, between the two. The factor was left at 0.5. A seed
+where the stricter target gives no higher threshold serves transcripts at the typed one
+(``transcript_strict`` False), as before: one too small to bound the stricter target
+falls back on its point estimate, which finds no threshold or one the typed threshold
+already meets (the shipped example, 229 questions; the voice-to-voice bench's seed, 800).
+Banking77's 10,003 questions bound it.
 """
 
 from __future__ import annotations

@@ -23,10 +23,12 @@ from typing import Sequence
 
 import jellyfish
 
+from intents.classifier import MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS
+
 # Only a seed with this many questions an intent on average gets copies (the gate of the
 # text views, intents.classifier): measured on Banking77's ~130; with a handful an intent,
 # a copy that drops a key word would outweigh what the intent says.
-MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD = 20
+MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD = MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS
 # Share of words a copy mishears (half dropped, half replaced where a near word exists).
 RATE = 0.15
 _WORD = re.compile(r"[a-z']+")

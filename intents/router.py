@@ -209,8 +209,9 @@ def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence
                       if e.action is Action.ANSWER and e.answer is not None}
     negative_texts = negatives_for_seed(negatives, questions)
     negative_vectors = embed_negatives(embedder, negative_texts)
+    per_intent = len(questions) / len(set(intents))
     misheard = None
-    if len(questions) / len(set(intents)) >= MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD:
+    if per_intent >= MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD:
         copies = misheard_copies(questions)
         misheard = MisheardCopies(embedder.encode_batch(copies), copies)
     held_out = cross_validate(vectors, questions, intents, negative_vectors, negative_texts,
@@ -221,7 +222,7 @@ def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence
     classifier = IntentClassifier().fit(*fitted_rows(vectors, labels, questions, every, misheard),
                                         negative_vectors=negative_vectors,
                                         negative_texts=negative_texts,
-                                        seed_questions_per_intent=len(labels) / len(set(intents)))
+                                        seed_questions_per_intent=per_intent)
     router = Router(embedder, classifier, judge, SemanticCache(vectors, intents), entries,
                     thresholds, train_completeness(questions, negative_texts))
     return TrainedRouter(router, vectors, tuple(questions), tuple(intents), held_out)
