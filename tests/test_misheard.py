@@ -64,26 +64,28 @@ def test_each_fold_fits_the_copies_of_its_training_questions_only() -> None:
     texts = [f"question {i}" for i in range(n)]
     labels = ["a", "b"] * (n // 2)
     copies = MisheardCopies(vectors + 100.0, [f"copy {i}" for i in range(n)])
-    fitted: list[list[str]] = []
-    scored: list[str] = []
+    folds: list[tuple[list[str], list[str]]] = []  # each fold's (fitted, scored) texts
 
     class Spy(IntentClassifier):
         def fit(self, v, y, t=None, **kwargs):  # type: ignore[override]
-            fitted.append(list(t))
+            folds.append((list(t), []))
             assert len(v) == len(y) == len(t)
             return super().fit(v, y, t, **kwargs)
 
         def probabilities(self, v, t=None):  # type: ignore[override]
-            scored.extend(t)
+            folds[-1][1].extend(t)
             return super().probabilities(v, t)
 
     cross_validate(vectors, texts, labels, folds=4, make_classifier=Spy, misheard=copies)
-    assert len(fitted) == 4
-    for fold in fitted:
-        questions = [t for t in fold if t.startswith("question")]
-        assert sorted(t for t in fold if t.startswith("copy")) == sorted(
+    assert len(folds) == 4
+    for fitted, scored in folds:
+        questions = [t for t in fitted if t.startswith("question")]
+        assert sorted(t for t in fitted if t.startswith("copy")) == sorted(
             q.replace("question", "copy") for q in questions)
-    assert not [t for t in scored if t.startswith("copy")]  # copies are never held out
+        assert scored and not [t for t in scored if t.startswith("copy")]  # never held out
+        held_out_copies = {t.replace("question", "copy") for t in scored}
+        assert not held_out_copies & set(fitted)  # a held-out question's copy would leak it
+    assert sorted(t for _, scored in folds for t in scored) == sorted(texts)  # each once
 
 
 def test_fitted_rows_pairs_every_question_with_its_copy() -> None:
