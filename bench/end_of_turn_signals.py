@@ -26,7 +26,7 @@ Sample seed 7 is the development set the defaults were chosen on; any other seed
 the held-out paused texts and other dev questions.
 
 Run: .venv/bin/python bench/end_of_turn_signals.py [--sample-seed 7] [--hits 16 --misses 8]
-     [--paused-set dev|heldout|fresh|fresh2|fresh3|fresh4|fresh5]
+     [--paused-set dev|heldout|fresh|fresh2|fresh3|fresh4|fresh5|fresh6]
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ Sets (texts are never tuned on: hits come from Banking77 *dev*, the seed from *t
   before anything was measured on it, to measure the hesitation margin chosen that day.
   PAUSED_TEXTS_FRESH5 (``paused_set="fresh5"``) was written on 2026-11-26 (stop 40),
   before anything was measured on it, to measure that stop's end-of-turn changes.
+  PAUSED_TEXTS_FRESH6 (``paused_set="fresh6"``) was written on 2026-11-26 (stop 42),
+  before anything was measured on it, for a confirming run of the shipped defaults.
 
 Clips are cached under .cache/speech-corpus (git-ignored), keyed by text, voice and rate.
 """
@@ -198,6 +200,25 @@ PAUSED_TEXTS_FRESH5: list[list[str]] = [
     ["which currencies", "um", "can I hold", "in my account"],
 ]
 
+PAUSED_TEXTS_FRESH6: list[list[str]] = [
+    ["my sort code is", "two zero", "four one", "six six"],
+    ["I lost my card", "uh", "on the train this morning"],
+    ["can I get", "a refund", "for something I returned last week"],
+    ["how long does", "um", "a transfer from abroad take"],
+    ["I want to", "freeze my card", "and order a new one"],
+    ["the amount was", "three hundred", "and twelve euros"],
+    ["why was", "my top up", "declined", "yesterday"],
+    ["what is", "um", "the daily limit", "at cash machines"],
+    ["my new address is", "fourteen", "high street"],
+    ["is it possible", "to have", "two cards on one account"],
+    ["I got charged", "uh", "a fee I don't understand"],
+    ["the last four digits are", "nine", "three", "eight one"],
+    ["how do I", "verify", "my identity in the app"],
+    ["can you tell me", "why my salary", "hasn't arrived"],
+    ["I'd like to know", "um", "which countries", "you support"],
+    ["what should I do", "if my card", "has expired"],
+]
+
 @dataclass
 class Clip:
     text: str
@@ -337,7 +358,8 @@ def miss_questions(n: int, seed: int = 7) -> list[str]:
 PAUSED_SETS: dict[str, list[list[str]]] = {
     "dev": PAUSED_TEXTS, "heldout": PAUSED_TEXTS_HELDOUT, "fresh": PAUSED_TEXTS_FRESH,
     "fresh2": PAUSED_TEXTS_FRESH2, "fresh3": PAUSED_TEXTS_FRESH3,
-    "fresh4": PAUSED_TEXTS_FRESH4, "fresh5": PAUSED_TEXTS_FRESH5}
+    "fresh4": PAUSED_TEXTS_FRESH4, "fresh5": PAUSED_TEXTS_FRESH5,
+    "fresh6": PAUSED_TEXTS_FRESH6}
 
 
 def paused_texts(seed: int, paused_set: str = "") -> list[list[str]]:
