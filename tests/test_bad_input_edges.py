@@ -183,7 +183,9 @@ async def test_a_request_whose_body_stalls_gets_408_at_its_deadline(path, conten
     """An admin POST (a seed CSV, an entry) or a Twilio webhook whose client sends the
     headers and a first chunk, then nothing: answered 408 once ``body_timeout_s`` (60 s)
     has passed on the gateway's clock, not one moment before, with the reason and
-    ``Connection: close`` (what is left of the body must not be read as a request)."""
+    ``Connection: close`` (what is left of the body must not be read as a request); and
+    counted as every refusal is, under ``body_timeout`` in /admin/stats and Prometheus
+    (it was not: the operator saw no trace of stalled uploads)."""
     clock = ManualClock()
     app = _warm_app(tmp_path / "store", clock)
     sent: list[dict[str, Any]] = []
@@ -227,6 +229,12 @@ async def test_a_request_whose_body_stalls_gets_408_at_its_deadline(path, conten
                                  "then; VOICEGATE_BODY_TIMEOUT_S)")
     else:
         assert json.loads(body) == {"error": error}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=ADMIN) as client:
+        stats = (await client.get("/admin/stats")).json()
+        metrics = (await client.get("/metrics")).text
+    assert stats["errors"] == {"body_timeout": 1}, stats["errors"]
+    assert 'voicegate_errors_total{code="body_timeout"} 1.0' in metrics, metrics
 
 
 # ---------------------------------------------------------------- native protocol
