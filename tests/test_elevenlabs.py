@@ -271,10 +271,13 @@ async def test_a_call_whose_voice_stalls_mid_sentence_hears_the_apology_at_the_g
     fake, server = eleven
     fake.hold_after_first.set()
     h, tts = await _call_on_the_fake_voice(fake, server)
+    # The first piece is one chunk of the SDK's (the fake sends piece_bytes + 1): the SDK
+    # hands a chunk over whole, so once its audio plays all of the piece is in and nothing
+    # more comes. The clock has stood since the text: the stall starts now on it.
+    fake.piece_bytes = tts._chunk_bytes - 1
     try:
         await h.text("when do you open")
         assert await wait_for_async(lambda: bool(h.output.frames), 10), "no first audio"
-        await asyncio.sleep(0.3)  # real time: the rest of the first piece is in; the clock stood
         stalled_at = h.clock.now()
         await h.wait(3980)
         assert h.output.of("error") == []  # silence after the first piece, so far
