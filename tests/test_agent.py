@@ -39,6 +39,10 @@ def tool_script(answer: str = "Your balance is twelve dollars. Anything else?"):
 
 def make_agent(server, *models: str, tools=(), webhook_url: str = "", timeout_s: float = 5.0,
                **hedge) -> Agent:
+    """The hedge on a manual clock unless ``hedge`` gives one: no hedge delay or LLM timeout
+    passes unless the test advances it, so no outcome depends on how fast a loaded machine
+    answers (as tests/test_hedge.py's ``pair``)."""
+    hedge.setdefault("clock", ManualClock())
     url = server.url + "/v1"
     specs = [ToolSpec(t.name, t.description, t.parameters, url=webhook_url + "/tool/" + t.name,
                       timeout_s=timeout_s) for t in tools]
@@ -173,7 +177,7 @@ async def test_winner_breaking_after_its_first_token_is_retried_not_handed_off(l
     url = server.url + "/v1"
     llm = HedgedChat(OpenAIChat("primary", base_url=url, name="primary"),
                      OpenAIChat("secondary", base_url=url, name="secondary"),
-                     hedge_delay_s=600.0)
+                     hedge_delay_s=600.0, clock=ManualClock())  # no hedge or timeout passes
     agent = Agent(llm, filler_after_s=None)
     try:
         events = [e async for e in agent.respond(agent.new_conversation(), "what's my balance")]
