@@ -23,7 +23,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .collector import CollectorPolicy
 from .faq_cache import FaqCache
 from .hedge import HedgedChat
-from .http_body import BodyTimeout, read_body
+from .http_body import BodyTimeout, BodyTooLarge, read_body
 from .route_batcher import ROUTING_LANES, RouteBatcher, RoutingLanes
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
@@ -220,12 +220,16 @@ class Services:
     async def read_body(self, request: Request, limit: int) -> bytes:
         """A request's body, at most ``limit`` bytes and in full within
         ``settings.body_timeout_s`` (``BodyTooLarge``, ``BodyTimeout``: gateway/http_body.py).
-        A body that timed out is counted (``body_timeout``) here, where every handler that
-        answers it 408 reads it, as every refusal is counted under its code."""
+        A body refused is counted here (``body_timeout``, answered 408; ``body_too_large``,
+        413), where every handler that answers it reads it, as every refusal is counted
+        under its code."""
         try:
             return await read_body(request, limit, self.settings.body_timeout_s, self.clock)
         except BodyTimeout:
             self.stats.error("body_timeout")
+            raise
+        except BodyTooLarge:
+            self.stats.error("body_too_large")
             raise
 
     def open_session(self, websocket: WebSocket, transport: str) -> CallSession:

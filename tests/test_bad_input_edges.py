@@ -237,6 +237,28 @@ async def test_a_request_whose_body_stalls_gets_408_at_its_deadline(path, conten
     assert 'voicegate_errors_total{code="body_timeout"} 1.0' in metrics, metrics
 
 
+@pytest.mark.parametrize("path, content_type, limit", [
+    ("/admin/seed", "text/csv", 5 * 1024 * 1024),
+    ("/admin/entries", "application/json", 1024 * 1024),
+    ("/twilio/voice", "application/x-www-form-urlencoded", 64 * 1024),
+])
+async def test_a_body_over_its_limit_gets_413_and_is_counted(path, content_type, limit,
+                                                            tmp_path):
+    """An admin upload or a webhook larger than its endpoint's limit is refused 413, and
+    counted as every refusal is, under ``body_too_large`` in /admin/stats and Prometheus
+    (it was not: an operator whose seeds were refused for size saw no trace of them)."""
+    app = _warm_app(tmp_path / "store", ManualClock())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=ADMIN) as client:
+        refused = await client.post(path, content=b"x" * (limit + 1),
+                                    headers={"content-type": content_type})
+        stats = (await client.get("/admin/stats")).json()
+        metrics = (await client.get("/metrics")).text
+    assert refused.status_code == 413, refused.text
+    assert stats["errors"] == {"body_too_large": 1}, stats["errors"]
+    assert 'voicegate_errors_total{code="body_too_large"} 1.0' in metrics, metrics
+
+
 # ---------------------------------------------------------------- native protocol
 
 
