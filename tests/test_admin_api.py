@@ -78,6 +78,22 @@ def test_writes_need_the_token(admin_server, method, path):
     assert serving_version(admin_server) == version
 
 
+def test_a_refused_token_is_counted(admin_server):
+    """Every 401 is counted (``admin_unauthorized``) in /admin/stats and Prometheus, as
+    every other refusal is: an operator sees someone guessing, or a stale dashboard token."""
+    def refused() -> int:
+        errors = httpx.get(admin_server.base_url + "/admin/stats", headers=AUTH).json()["errors"]
+        return errors.get("admin_unauthorized", 0)
+
+    before = refused()
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        assert httpx.get(admin_server.base_url + "/admin/stats",
+                         headers=headers).status_code == 401
+    assert refused() == before + 2
+    metrics = httpx.get(admin_server.base_url + "/metrics").text
+    assert f'voicegate_errors_total{{code="admin_unauthorized"}} {before + 2}.0' in metrics
+
+
 @pytest.mark.parametrize("path", GET_ROUTES + ["/admin/", "/admin"])
 def test_admin_api_is_off_without_a_configured_token(server, path):
     # the session server is configured without VOICEGATE_ADMIN_TOKEN; "/admin" answered a

@@ -39,6 +39,9 @@ def check(request: Request) -> Response | None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode("utf-8"), token.encode("utf-8")):
+        # Counted as every refusal is: a run of them is someone guessing, or a dashboard
+        # left with an old token.
+        request.app.state.services.stats.error("admin_unauthorized")
         return JSONResponse({"error": UNAUTHORIZED}, status_code=401,
                             headers={"WWW-Authenticate": 'Bearer realm="voicegate admin"'})
     return None
