@@ -35,6 +35,13 @@ def run_demo(out_dir: Path, port: int = 0) -> int:
         print(f"note: a Redis URL is set (VOICEGATE_REDIS_URL); the demo ignores it and serves "
               f"the cache it seeds in {settings.store_dir}", flush=True)
         settings = settings.replace(redis_url="")
+    if settings.tts_provider != "piper":
+        # The demo's callers are voiced by the embedded Piper voice (``_converse``), and the
+        # demo runs offline: a cloud voice would bill for every answer, then the callers
+        # could not speak.
+        print(f"note: a cloud voice is set (VOICEGATE_TTS_PROVIDER={settings.tts_provider}); "
+              f"the demo speaks with the embedded Piper voice", flush=True)
+        settings = settings.replace(tts_provider="piper")
     print(f"loading models ({', '.join(_models(settings))}) ...", flush=True)
     runtime = Runtime.load(settings)  # a model that fails: ModelLoadError, one line (cli.py)
     print("  " + ", ".join(f"{k} {v:.2f}s" for k, v in runtime.load_times_s.items()))

@@ -433,6 +433,22 @@ def test_the_demo_banner_names_the_models_the_settings_load(monkeypatch, tmp_pat
     assert banners == [f"loading models ({models}) ..."], banners
 
 
+def test_the_demo_speaks_with_piper_even_with_a_cloud_voice_exported(monkeypatch, tmp_path,
+                                                                      capsys):
+    # With VOICEGATE_TTS_PROVIDER=elevenlabs exported the demo seeded through ElevenLabs
+    # (billed, or failing offline), then crashed: its callers are voiced by Piper's
+    # synthesize_all, which a cloud voice does not have.
+    from gateway import cli
+
+    seen = _demo_on_fakes(monkeypatch)
+    monkeypatch.setenv("VOICEGATE_TTS_PROVIDER", "elevenlabs")
+    assert cli.main(["demo", "--out", str(tmp_path / "demo-out")]) == 0
+    assert seen["served"].tts_provider == "piper"
+    out = capsys.readouterr().out
+    assert "the demo speaks with the embedded Piper voice" in out
+    assert "Piper joe-medium" in out
+
+
 def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypatch, tmp_path,
                                                                         capsys):
     # The admin API's rule (0 < target_wrong_rate < 1), checked while the arguments are read:
