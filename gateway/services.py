@@ -225,12 +225,17 @@ class Services:
         under its code."""
         try:
             return await read_body(request, limit, self.settings.body_timeout_s, self.clock)
-        except BodyTimeout:
-            self.stats.error("body_timeout")
+        except BodyTimeout as exc:
+            self._refuse_body("body_timeout", request, exc)
             raise
-        except BodyTooLarge:
-            self.stats.error("body_too_large")
+        except BodyTooLarge as exc:
+            self._refuse_body("body_too_large", request, exc)
             raise
+
+    def _refuse_body(self, code: str, request: Request, reason: Exception) -> None:
+        self.stats.error(code)
+        client = request.client.host if request.client else "-"
+        log.warning("%s path=%s client=%s: %s", code, request.url.path, client, reason)
 
     def open_session(self, websocket: WebSocket, transport: str) -> CallSession:
         """The transport side of one connection (admission, bounds, timeouts)."""

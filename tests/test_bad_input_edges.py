@@ -243,7 +243,7 @@ async def test_a_request_whose_body_stalls_gets_408_at_its_deadline(path, conten
     ("/twilio/voice", "application/x-www-form-urlencoded", 64 * 1024),
 ])
 async def test_a_body_over_its_limit_gets_413_and_is_counted(path, content_type, limit,
-                                                            tmp_path):
+                                                            tmp_path, caplog):
     """An admin upload or a webhook larger than its endpoint's limit is refused 413, and
     counted as every refusal is, under ``body_too_large`` in /admin/stats and Prometheus
     (it was not: an operator whose seeds were refused for size saw no trace of them)."""
@@ -257,6 +257,7 @@ async def test_a_body_over_its_limit_gets_413_and_is_counted(path, content_type,
     assert refused.status_code == 413, refused.text
     assert stats["errors"] == {"body_too_large": 1}, stats["errors"]
     assert 'voicegate_errors_total{code="body_too_large"} 1.0' in metrics, metrics
+    assert f"body_too_large path={path} client=127.0.0.1: the body is larger than" in caplog.text
 
 
 # ---------------------------------------------------------------- native protocol
