@@ -199,6 +199,152 @@ def test_a_failed_publish_whose_clean_up_fails_too_raises_its_own_error_and_logs
     assert store.current_version() == old and store.read()[1].manifest["marker"] == "old"
 
 
+def publish_left_behind(store: RedisStore, bundle_: CacheBundle,
+                        monkeypatch: pytest.MonkeyPatch) -> str:
+    """A publish whose swap failed and whose own clean-up failed too (Redis went away at
+    that moment): the name of the version whose hash it left."""
+    written: list[str] = []
+
+    def refused(version: str, replaces: object) -> None:
+        written.append(version)
+        raise StoreError("Redis went away before the pointer moved")
+
+    def gone(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("Connection refused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_swap_pointer", refused)
+        patched.setattr(store._redis, "eval", gone)
+        with pytest.raises(StoreError, match="went away before the pointer moved"):
+            store.publish(bundle_)
+    (version,) = written
+    return version
+
+
+def test_a_hash_a_failed_publish_left_goes_once_older_than_the_grace(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed publish whose clean-up failed too left its version's hash: neither `current`
+    nor `published` names it, so the retention never deleted it and it stayed in Redis for
+    good (noeviction). The clean-up after a later publish deletes it once it was written
+    longer ago than the grace; never the hash of a seed that wrote it and has yet to move
+    the pointer, nor a published one, nor audio a kept version names."""
+    now = [1000.0]
+    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100,
+                       clock=lambda: now[0])
+    seeder = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100,
+                        clock=lambda: now[0])
+    kept, orphans = audio_key("Kept.", "v"), audio_key("Only the orphan's.", "v")
+    store.put_audio(kept, CLIP)
+    store.put_audio(orphans, CLIP)
+    store.publish(with_audio(kept))
+    orphan = publish_left_behind(store, with_audio(orphans), monkeypatch)
+    raw = redis.Redis.from_url(redis_url)
+
+    def stored(name: str) -> bool:
+        return bool(raw.exists(f"vgtest:version:{name}"))
+
+    now[0] += 50  # within the grace: it may yet be a seed about to move the pointer
+    store.publish(with_audio(kept))
+    assert stored(orphan)
+
+    now[0] += 100  # its grace is over
+    # Meanwhile a seed has written its hash and not moved the pointer yet: another
+    # replica publishes, and its clean-up runs, right then.
+    swap = seeder._swap_pointer
+
+    def another_publish_first(version: str, replaces: object) -> None:
+        assert stored(version)
+        store.publish(with_audio(kept))
+        now[0] += 1
+        swap(version, replaces)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(seeder, "_swap_pointer", another_publish_first)
+    seeded = seeder.publish(with_audio(kept))
+    monkeypatch.undo()
+    assert not stored(orphan)
+    assert seeder.current_version() == seeded and store.read()[1].manifest["version"] == seeded
+    assert store.has_audio(kept)
+
+    now[0] += 1000  # every hash is old now: the published ones stay
+    latest = store.publish(with_audio(kept))
+    assert store.versions() == sorted([seeded, latest]) and store.read()[0] == latest
+    assert store.read(seeded)[1].manifest["version"] == seeded
+    assert store.has_audio(kept) and not store.has_audio(orphans)
+    assert version_keys(redis_url) == sorted(f"vgtest:version:{name}".encode()
+                                             for name in (seeded, latest))
+    raw.close()
+    store.close()
+    seeder.close()
+
+
+def test_an_unpublished_hash_without_a_stamp_goes_a_grace_after_a_clean_up_found_it(
+        redis_url: str) -> None:
+    """A hash an older voicegate's failed publish left has no `t`: the first clean-up that
+    finds it stamps it, and it goes once the grace has passed from then."""
+    now = [1000.0]
+    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=1, audio_grace_s=100,
+                       clock=lambda: now[0])
+    legacy = "vgtest:version:20260101T000000Z-abcdef"
+    raw = redis.Redis.from_url(redis_url)
+    raw.hset(legacy, mapping={"manifest": b"{}", "vectors": b"", "classifier": b"",
+                              "audio": ""})
+    # Not a version this store names: another deployment's keys under a longer prefix.
+    foreign = "vgtest:version:x:audio:" + "0" * 64
+    raw.hset(foreign, mapping={"manifest": b"{}", "t": 0})
+    store.publish(bundle("first"))
+    assert float(raw.hget(legacy, "t")) == now[0]
+    now[0] += 99
+    store.publish(bundle("second"))
+    assert raw.exists(legacy)
+    now[0] += 2
+    latest = store.publish(bundle("third"))
+    assert not raw.exists(legacy) and raw.exists(foreign)
+    assert store.read()[0] == latest
+    raw.close()
+    store.close()
+
+
+def test_a_hash_published_while_the_clean_up_looked_for_orphans_stays(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clean-up lists the version hashes, then deletes the orphans among them: seeds'
+    swaps that land in between (their hashes older than the grace: seeds held up between
+    their write and their swap) published them, and they stay, the current one and the one
+    the second swap replaced alike."""
+    now = [1000.0]
+    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100,
+                       clock=lambda: now[0])
+    seeder = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100,
+                        clock=lambda: now[0])
+    store.publish(bundle("base"))
+    held: list[tuple[str, object]] = []  # the seed's swap, held up after its write
+    swap = seeder._swap_pointer
+    monkeypatch.setattr(seeder, "_swap_pointer",
+                        lambda version, replaces: held.append((version, replaces)))
+    seeder.publish(bundle("first seeded"))
+    seeder.publish(bundle("second seeded"))
+    monkeypatch.undo()
+    (first, _), (second, _) = held
+    now[0] += 200
+    scan_iter = store._redis.scan_iter
+
+    def swaps_land_after_the_listing(*args: Any, **kwargs: Any) -> Any:
+        keys = list(scan_iter(*args, **kwargs))
+        if "version:" in str(kwargs.get("match", "")):
+            for version, replaces in held:
+                swap(version, replaces)  # type: ignore[arg-type]
+        return iter(keys)
+
+    monkeypatch.setattr(store._redis, "scan_iter", swaps_land_after_the_listing)
+    store.publish(bundle("another"))
+    monkeypatch.undo()
+    assert store.current_version() == second  # the swaps landed during the clean-up
+    assert first in store.versions() and second in store.versions()
+    assert store.read(first)[1].manifest["marker"] == "first seeded"
+    assert store.read(second)[1].manifest["marker"] == "second seeded"
+    store.close()
+    seeder.close()
+
+
 def test_a_swap_that_went_through_before_another_publish_keeps_its_version(
         store: RedisStore, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The swap was applied but its reply lost, and another replica published meanwhile:
