@@ -416,6 +416,44 @@ async def test_speech_just_after_the_goodbye_is_settled_before_the_hang_up(sound
     assert sources(h) == ["llm", "prompt", "goodbye"] + (["llm"] if sound == "words" else [])
 
 
+async def test_speech_stopping_the_reply_queued_behind_the_goodbye_as_its_hold_ends():
+    # Noise held the goodbye once it had played; its utterance ended, its reply was queued
+    # behind the goodbye, and its final (no words) resumed it: the goodbye wakes from that
+    # hold two loop iterations later and hangs up. In the same instant the caller's next
+    # speech arrives (a burst: audio or a VAD batch that came late) and is confirmed in
+    # the iteration between: not holdable (the goodbye's playout is over, the queued reply
+    # never played), it stops the queued reply, whose task passes the cancel on to the
+    # goodbye one iteration later, once the goodbye has begun its hang-up request. That
+    # cancel abandoned the request halfway and the call never closed (`hangup` sent, the
+    # phone line not hung up, `stop` never reached).
+    h = harness({"idle_prompt_s": 8, "false_interruption_s": 1.0}, hang_up_s=1.5)
+    h.responder._prompts.add(Clip("goodbye", "Goodbye.", tone(2000, 700), 16000))  # 2 s
+    await h.start()
+    await h.text("hello there")
+    while not h.output.of("response", source="goodbye"):
+        await h.wait(20)
+    burst = h.vocabulary.audio("wait I am still here")
+    resume = h.call._resume_reply
+
+    async def speech_arrives_as_the_hold_ends(turn: int) -> None:
+        await resume(turn)  # no await inside: the hold's end and the audio, one instant
+        for i in range(0, len(burst), 640):
+            h.call.feed_audio(burst[i:i + 640])
+
+    h.call._resume_reply = speech_arrives_as_the_hold_ends  # type: ignore[method-assign]
+    await h.wait(1600)  # confirmed over the bot after 400 ms: just after the goodbye played
+    await h.feed(tone(600, 12345))  # noise: no words
+    await h.wait(3000)
+    types = [e["type"] for e in h.output.events]
+    first = types.index("interrupt")
+    # The speech was confirmed before `hangup` went out (the race happened) ...
+    assert types[first + 1:] == ["interrupt", "hangup"]
+    # ... and the hang-up it raced still ran to its end: the call closed.
+    assert (h.output.hangups_done, h.output.hangups_abandoned) == (1, 0)
+    assert await ended(h) and h.call.ended == "idle"
+    assert sources(h) == ["llm", "prompt", "goodbye"]
+
+
 async def test_the_hang_up_waits_until_the_goodbye_has_played_at_the_far_end():
     # As the transfer does: the goodbye played by the clock, plus the lead the far end may
     # still be buffering, so its last word is not cut off.

@@ -649,17 +649,19 @@ class Call:
 
         self._reply_task.add_done_callback(close_turn)
 
-    @staticmethod
-    async def _wait_for_previous(previous: asyncio.Task[None]) -> None:
+    async def _wait_for_previous(self, previous: asyncio.Task[None]) -> None:
         """Wait for the previous reply to end. Cancelled meanwhile (a barge-in on the reply
         queued behind it), it is cancelled with this one only if it still plays (a resumed
         reply): one already stopped is closing its LLM streams, and cancelled again the
-        agent would not write what the caller heard (as in ``_barge_in``). Either way this
-        one ends after it, so the reply queued next starts on the context it leaves."""
+        agent would not write what the caller heard (as in ``_barge_in``). Nor once the call
+        hangs up: the goodbye, woken by its hold's end in the instant the caller's speech
+        stopped this one, is in its hang-up request, which a cancel would abandon halfway
+        (``_barge_in`` refuses that too; the barge-in came just before `hangup`). Either way
+        this one ends after it, so the reply queued next starts on the context it leaves."""
         try:
             await asyncio.wait({previous})
         except asyncio.CancelledError:
-            if not previous.cancelling():
+            if not previous.cancelling() and self.ended is None:
                 previous.cancel()
             await asyncio.wait({previous})  # cancelled again (the call ends): run ends both
             raise
