@@ -378,6 +378,18 @@ async def test_a_refused_hang_up_is_the_one_error_sent_after_hangup():
     assert h.stats.errors["hangup_failed"] == 1
 
 
+async def _goodbye_playing():
+    """A call whose idle goodbye (2 s) has begun; its hang-up request is slow (1.5 s:
+    longer than a 1 s hold)."""
+    h = harness({"idle_prompt_s": 8, "false_interruption_s": 1.0}, hang_up_s=1.5)
+    h.responder._prompts.add(Clip("goodbye", "Goodbye.", tone(2000, 700), 16000))  # 2 s
+    await h.start()
+    await h.text("hello there")
+    while not h.output.of("response", source="goodbye"):
+        await h.wait(20)
+    return h
+
+
 @pytest.mark.parametrize("sound, goes_on", [
     ("noise", False),  # no words in it: the goodbye resumes (nothing left), the call hangs up
     ("long noise", True),  # outlasting the hold: a barge-in, as over any reply
@@ -389,12 +401,7 @@ async def test_speech_just_after_the_goodbye_is_settled_before_the_hang_up(sound
     # up while held, the hold's end cancelled the hang-up request halfway (here a slow
     # one, 1.5 s: longer than the 1 s hold), the call never closed, and words in it were
     # transcribed and answered after `hangup`.
-    h = harness({"idle_prompt_s": 8, "false_interruption_s": 1.0}, hang_up_s=1.5)
-    h.responder._prompts.add(Clip("goodbye", "Goodbye.", tone(2000, 700), 16000))  # 2 s
-    await h.start()
-    await h.text("hello there")
-    while not h.output.of("response", source="goodbye"):
-        await h.wait(20)
+    h = await _goodbye_playing()
     await h.wait(1600)  # confirmed over the bot after 400 ms: just after the goodbye played
     noise = tone(400 if sound == "words" else 600 if sound == "noise" else 1600, 12345)
     await h.feed(noise + (h.vocabulary.audio("wait I am still here") if sound == "words"
@@ -426,12 +433,7 @@ async def test_speech_stopping_the_reply_queued_behind_the_goodbye_as_its_hold_e
     # goodbye one iteration later, once the goodbye has begun its hang-up request. That
     # cancel abandoned the request halfway and the call never closed (`hangup` sent, the
     # phone line not hung up, `stop` never reached).
-    h = harness({"idle_prompt_s": 8, "false_interruption_s": 1.0}, hang_up_s=1.5)
-    h.responder._prompts.add(Clip("goodbye", "Goodbye.", tone(2000, 700), 16000))  # 2 s
-    await h.start()
-    await h.text("hello there")
-    while not h.output.of("response", source="goodbye"):
-        await h.wait(20)
+    h = await _goodbye_playing()
     burst = h.vocabulary.audio("wait I am still here")
     resume = h.call._resume_reply
 
