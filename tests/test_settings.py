@@ -414,6 +414,8 @@ def test_the_demo_serves_the_cache_it_seeded_even_with_a_redis_url_exported(monk
     ({"VOICEGATE_TURN_MODEL": "none"}, "Silero VAD, Moonshine base-en, Piper joe-medium, MiniLM"),
     ({"VOICEGATE_STT_PROVIDER": "whisper", "VOICEGATE_PIPER_VOICE": "/v/en_US-amy-low.onnx"},
      "Silero VAD, Whisper tiny.en, Smart Turn, Piper en_US-amy-low, MiniLM"),
+    ({"VOICEGATE_STT_PROVIDER": "whisper", "VOICEGATE_WHISPER_MODEL_DIR": "/m/whisper-base.en"},
+     "Silero VAD, Whisper whisper-base.en, Smart Turn, Piper joe-medium, MiniLM"),
 ])
 def test_the_demo_banner_names_the_models_the_settings_load(monkeypatch, tmp_path, capsys,
                                                              environ, models):
@@ -423,7 +425,7 @@ def test_the_demo_banner_names_the_models_the_settings_load(monkeypatch, tmp_pat
 
     _demo_on_fakes(monkeypatch)
     for name in ("VOICEGATE_TURN_MODEL", "VOICEGATE_STT_PROVIDER", "VOICEGATE_TTS_PROVIDER",
-                 "VOICEGATE_PIPER_VOICE"):
+                 "VOICEGATE_PIPER_VOICE", "VOICEGATE_WHISPER_MODEL_DIR"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
