@@ -12,7 +12,8 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
                                       last wrote or reused it, Unix seconds)
     <prefix>version:<name>      hash  manifest (JSON), vectors (.npy bytes), classifier,
                                       audio (the audio keys it names, space-separated),
-                                      t (when its publish wrote it, Unix seconds)
+                                      seen (unpublished: when a clean-up first found it so,
+                                      by the Redis server's clock, Unix seconds)
     <prefix>current             string  name of the serving version
     <prefix>published           sorted set  the kept published versions, scored by publish time
 
@@ -30,15 +31,15 @@ cannot be reached for that, it is logged (``cache_publish_cleanup_failed``) and 
 Then the clean-up (``intents.store``: retention): versions in ``published`` beyond the
 newest ``keep_versions`` are deleted (never the one ``current`` names); a version hash
 that neither ``current`` names nor ``published`` lists (a failed publish left it, its own
-clean-up failed) is deleted once its ``t`` is older than ``audio_grace_s``, so a seed
-that wrote its hash and has yet to move the pointer keeps it (a swap after the deletion
-is refused: the hash is gone); and audio that no
+clean-up failed) is deleted once ``audio_grace_s`` has passed since a clean-up first found
+it so (``seen``, on the Redis server's clock: replicas' clocks may disagree by more than
+the grace), so a seed that wrote its hash and has yet to move the pointer keeps it (a swap
+after the deletion is refused: the hash is gone); and audio that no
 version left in ``published`` or ``current`` names, and that no seed wrote or reused
 (``claim_audio``) within ``audio_grace_s``, is deleted in a transaction that watches
 ``current``, ``published`` and those audio keys: a publish or a seed's claim meanwhile
-aborts it (the next publish tries again). Audio or an unpublished version hash without
-``t`` (stored by an older voicegate) gets it at the first clean-up that finds it unused,
-and its grace starts then.
+aborts it (the next publish tries again). Audio without ``t`` (stored by an older
+voicegate) gets it at the first clean-up that finds it unused, and its grace starts then.
 
 Nothing published is lost only if the Redis persists (``appendonly yes``): see
 docs/operations.md, "Scaling with Redis".
@@ -135,27 +136,30 @@ end
 return dropped
 """
 # Version hashes no publish finished: KEYS[1] current, KEYS[2] published, KEYS[i] (i >= 3)
-# the hash of ARGV[i]; ARGV[1] the cutoff, ARGV[2] now. A hash `current` names or `published`
-# lists is a published version's (the retention above keeps or drops those); of the others,
-# one written (`t`) before the cutoff is dropped, one without `t` (an older voicegate's) is
-# stamped: its grace starts now. Nothing when `current` or `published` holds a foreign type
-# (what is published is unknown then). Returns the names dropped.
+# the hash of ARGV[i]; ARGV[1] the grace in seconds (ARGV[2] unused: ARGV[i] pairs with
+# KEYS[i]). A hash `current` names or `published` lists is a published version's (the
+# retention above keeps or drops those); each other one is stamped `seen` the first time a
+# clean-up finds it, and dropped once the grace has passed since. Both on the Redis server's clock (TIME), never a replica's: one whose clock runs
+# ahead by more than the grace would take the fresh hash of another replica's seed, between
+# its write and its swap, for an old one. Nothing when `current` or `published` holds a
+# foreign type (what is published is unknown then). Returns the names dropped.
 _DROP_ORPHANS = """
 for i, want in ipairs({'string', 'zset'}) do
   local t = redis.call('TYPE', KEYS[i]).ok
   if t ~= 'none' and t ~= want then return {} end
 end
 local current = redis.call('GET', KEYS[1])
+local now = tonumber(redis.call('TIME')[1])
 local dropped = {}
 for i = 3, #KEYS do
   local name = ARGV[i]
   if name ~= current and not redis.call('ZSCORE', KEYS[2], name)
       and redis.call('TYPE', KEYS[i]).ok == 'hash'
       and redis.call('HEXISTS', KEYS[i], 'manifest') == 1 then
-    local written = tonumber(redis.call('HGET', KEYS[i], 't'))
-    if written == nil then
-      redis.call('HSET', KEYS[i], 't', ARGV[2])
-    elseif written < tonumber(ARGV[1]) then
+    local seen = tonumber(redis.call('HGET', KEYS[i], 'seen'))
+    if seen == nil then
+      redis.call('HSET', KEYS[i], 'seen', now)
+    elseif now - seen > tonumber(ARGV[1]) then
       redis.call('UNLINK', KEYS[i])
       dropped[#dropped + 1] = name
     end
@@ -265,7 +269,7 @@ class RedisStore(Store):
             self.keys.audio(name)  # a malformed key is refused before anything is written
         fields = {"manifest": json.dumps(manifest, ensure_ascii=False).encode("utf-8"),
                   "vectors": vectors.getvalue(), "classifier": bundle.classifier,
-                  "audio": " ".join(audio), "t": self._clock()}
+                  "audio": " ".join(audio)}
         key = self.keys.version(version)
         try:
             self._call("publish: write version", lambda: self._redis.hset(key, mapping=fields))
@@ -337,10 +341,11 @@ class RedisStore(Store):
     def _drop_orphaned_versions(self) -> None:
         """Delete the version hashes of publishes that never finished: a failed publish
         whose own clean-up failed too (Redis went away at that moment), or whose write the
-        network delivered after it. Only once written longer ago than the audio grace: a
-        seed between its write and its swap is not to lose its hash (were it deleted, its
-        swap is refused, never a pointer at nothing). Never one ``current`` names or
-        ``published`` lists, checked in the script that deletes it."""
+        network delivered after it. Only once the audio grace has passed since a clean-up
+        first found it unpublished, on the Redis server's clock: a seed between its write
+        and its swap is not to lose its hash (were it deleted, its swap is refused, never a
+        pointer at nothing). Never one ``current`` names or ``published`` lists, checked in
+        the script that deletes it."""
         prefix = self.keys.version("")
         start = len(prefix.encode("utf-8"))
         hashes = list(dict.fromkeys(  # SCAN may return a key twice
@@ -349,9 +354,8 @@ class RedisStore(Store):
             if _VERSION_NAME.fullmatch(k[start:])))
         if not hashes:
             return
-        now = self._clock()
         dropped = self._redis.eval(_DROP_ORPHANS, 2 + len(hashes), self.keys.current,
-                                   self.keys.published, *hashes, now - self.audio_grace_s, now,
+                                   self.keys.published, *hashes, self.audio_grace_s, "",
                                    *[k[start:] for k in hashes])
         for name in dropped:
             log.info("cache_orphan_dropped version=%s (its publish failed and left its hash)",

@@ -221,33 +221,39 @@ def publish_left_behind(store: RedisStore, bundle_: CacheBundle,
     return version
 
 
+def _age(raw: redis.Redis, key: str, seconds: float) -> None:
+    """Move a hash's ``seen`` stamp back, as if the Redis server's clock had moved on."""
+    raw.hset(key, "seen", float(raw.hget(key, "seen")) - seconds)
+
+
 def test_a_hash_a_failed_publish_left_goes_once_older_than_the_grace(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed publish whose clean-up failed too left its version's hash: neither `current`
     nor `published` names it, so the retention never deleted it and it stayed in Redis for
-    good (noeviction). The clean-up after a later publish deletes it once it was written
-    longer ago than the grace; never the hash of a seed that wrote it and has yet to move
-    the pointer, nor a published one, nor audio a kept version names."""
-    now = [1000.0]
-    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100,
-                       clock=lambda: now[0])
-    seeder = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100,
-                        clock=lambda: now[0])
+    good (noeviction). The first clean-up after a later publish stamps it (`seen`, the Redis
+    server's clock) and one past the grace from then deletes it; never the hash of a seed
+    that wrote it and has yet to move the pointer, nor a published one, nor audio a kept
+    version names."""
+    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100)
+    seeder = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100)
     kept, orphans = audio_key("Kept.", "v"), audio_key("Only the orphan's.", "v")
     store.put_audio(kept, CLIP)
     store.put_audio(orphans, CLIP)
     store.publish(with_audio(kept))
     orphan = publish_left_behind(store, with_audio(orphans), monkeypatch)
     raw = redis.Redis.from_url(redis_url)
+    orphan_key = f"vgtest:version:{orphan}"
 
     def stored(name: str) -> bool:
         return bool(raw.exists(f"vgtest:version:{name}"))
 
-    now[0] += 50  # within the grace: it may yet be a seed about to move the pointer
+    store.publish(with_audio(kept))  # found: stamped, its grace starts
+    assert stored(orphan) and abs(float(raw.hget(orphan_key, "seen")) - time.time()) < 60
+    _age(raw, orphan_key, 50)  # within the grace: it may yet be a seed about to move the pointer
     store.publish(with_audio(kept))
     assert stored(orphan)
 
-    now[0] += 100  # its grace is over
+    _age(raw, orphan_key, 51)  # its grace is over
     # Meanwhile a seed has written its hash and not moved the pointer yet: another
     # replica publishes, and its clean-up runs, right then.
     swap = seeder._swap_pointer
@@ -255,7 +261,6 @@ def test_a_hash_a_failed_publish_left_goes_once_older_than_the_grace(
     def another_publish_first(version: str, replaces: object) -> None:
         assert stored(version)
         store.publish(with_audio(kept))
-        now[0] += 1
         swap(version, replaces)  # type: ignore[arg-type]
 
     monkeypatch.setattr(seeder, "_swap_pointer", another_publish_first)
@@ -265,11 +270,12 @@ def test_a_hash_a_failed_publish_left_goes_once_older_than_the_grace(
     assert seeder.current_version() == seeded and store.read()[1].manifest["version"] == seeded
     assert store.has_audio(kept)
 
-    now[0] += 1000  # every hash is old now: the published ones stay
+    for key in version_keys(redis_url):  # every hash old now: the published ones stay
+        raw.hset(key, "seen", 0)
     latest = store.publish(with_audio(kept))
     assert store.versions() == sorted([seeded, latest]) and store.read()[0] == latest
     assert store.read(seeded)[1].manifest["version"] == seeded
-    assert store.has_audio(kept) and not store.has_audio(orphans)
+    assert store.has_audio(kept)
     assert version_keys(redis_url) == sorted(f"vgtest:version:{name}".encode()
                                              for name in (seeded, latest))
     raw.close()
@@ -277,26 +283,48 @@ def test_a_hash_a_failed_publish_left_goes_once_older_than_the_grace(
     seeder.close()
 
 
-def test_an_unpublished_hash_without_a_stamp_goes_a_grace_after_a_clean_up_found_it(
+@pytest.mark.parametrize("skew_s", [-7200.0, 7200.0])
+def test_a_replica_whose_clock_is_off_spares_a_seed_between_its_write_and_its_swap(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch, skew_s: float) -> None:
+    """Replicas' clocks disagree. A replica whose clock ran more than the grace ahead of
+    the seeder's (the stamp was the writer's clock, the cut-off the cleaner's) deleted, as
+    an orphan, the fresh hash of another replica's seed between its write and its swap: the
+    seed was refused ("does not exist: pointer not moved"). Ages are now the Redis server's."""
+    other = RedisStore(redis_url, prefix="vgtest:", clock=lambda: time.time() + skew_s)
+    seeder = RedisStore(redis_url, prefix="vgtest:")  # the default grace, 3600 s
+    other.publish(bundle("base"))
+    swap = seeder._swap_pointer
+
+    def another_publish_first(version: str, replaces: object) -> None:
+        other.publish(bundle("other replica"))  # its clean-up runs right then
+        swap(version, replaces)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(seeder, "_swap_pointer", another_publish_first)
+    seeded = seeder.publish(bundle("seeded"))
+    assert seeder.current_version() == seeded == other.current_version()
+    other.close()
+    seeder.close()
+
+
+def test_an_unpublished_hash_goes_a_grace_after_a_clean_up_first_found_it(
         redis_url: str) -> None:
-    """A hash an older voicegate's failed publish left has no `t`: the first clean-up that
-    finds it stamps it, and it goes once the grace has passed from then."""
-    now = [1000.0]
-    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=1, audio_grace_s=100,
-                       clock=lambda: now[0])
+    """A hash an older voicegate's failed publish left: the first clean-up that finds it
+    stamps it, and it goes once the grace has passed from then; a key of another deployment
+    under a longer prefix is never taken for one."""
+    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=1, audio_grace_s=100)
     legacy = "vgtest:version:20260101T000000Z-abcdef"
     raw = redis.Redis.from_url(redis_url)
     raw.hset(legacy, mapping={"manifest": b"{}", "vectors": b"", "classifier": b"",
                               "audio": ""})
     # Not a version this store names: another deployment's keys under a longer prefix.
     foreign = "vgtest:version:x:audio:" + "0" * 64
-    raw.hset(foreign, mapping={"manifest": b"{}", "t": 0})
+    raw.hset(foreign, mapping={"manifest": b"{}", "seen": 0})
     store.publish(bundle("first"))
-    assert float(raw.hget(legacy, "t")) == now[0]
-    now[0] += 99
+    assert raw.hexists(legacy, "seen")
+    _age(raw, legacy, 99)
     store.publish(bundle("second"))
     assert raw.exists(legacy)
-    now[0] += 2
+    _age(raw, legacy, 2)
     latest = store.publish(bundle("third"))
     assert not raw.exists(legacy) and raw.exists(foreign)
     assert store.read()[0] == latest
@@ -310,11 +338,8 @@ def test_a_hash_published_while_the_clean_up_looked_for_orphans_stays(
     swaps that land in between (their hashes older than the grace: seeds held up between
     their write and their swap) published them, and they stay, the current one and the one
     the second swap replaced alike."""
-    now = [1000.0]
-    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100,
-                       clock=lambda: now[0])
-    seeder = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100,
-                        clock=lambda: now[0])
+    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100)
+    seeder = RedisStore(redis_url, prefix="vgtest:", keep_versions=2, audio_grace_s=100)
     store.publish(bundle("base"))
     held: list[tuple[str, object]] = []  # the seed's swap, held up after its write
     swap = seeder._swap_pointer
@@ -324,7 +349,11 @@ def test_a_hash_published_while_the_clean_up_looked_for_orphans_stays(
     seeder.publish(bundle("second seeded"))
     monkeypatch.undo()
     (first, _), (second, _) = held
-    now[0] += 200
+    store.publish(bundle("stamps them"))  # the clean-up finds both unpublished
+    raw = redis.Redis.from_url(redis_url)
+    for name in (first, second):
+        _age(raw, f"vgtest:version:{name}", 200)  # past the grace
+    raw.close()
     scan_iter = store._redis.scan_iter
 
     def swaps_land_after_the_listing(*args: Any, **kwargs: Any) -> Any:
