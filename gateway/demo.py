@@ -42,6 +42,11 @@ def run_demo(out_dir: Path, port: int = 0) -> int:
         print(f"note: a cloud voice is set (VOICEGATE_TTS_PROVIDER={settings.tts_provider}); "
               f"the demo speaks with the embedded Piper voice", flush=True)
         settings = settings.replace(tts_provider="piper")
+    if settings.stt_provider not in _RECOGNISERS:
+        # Offline too: a cloud recogniser would need the network (and bill for every call).
+        print(f"note: a cloud recogniser is set (VOICEGATE_STT_PROVIDER={settings.stt_provider}); "
+              f"the demo listens with the embedded Moonshine", flush=True)
+        settings = settings.replace(stt_provider="moonshine")
     print(f"loading models ({', '.join(_models(settings))}) ...", flush=True)
     runtime = Runtime.load(settings)  # a model that fails: ModelLoadError, one line (cli.py)
     print("  " + ", ".join(f"{k} {v:.2f}s" for k, v in runtime.load_times_s.items()))

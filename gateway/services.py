@@ -36,6 +36,7 @@ from .stores import open_store
 from .transports.twilio_rest import TwilioCallControl
 
 log = logging.getLogger("voicegate.services")
+BODY_REFUSAL_LOG_EVERY_S = 10.0  # a refused body is logged at most this often a code
 
 # Start-up steps that reach the network (the voice rendering the prompts, the store) are
 # retried after a failure: first after this long, doubling up to the cap.
@@ -54,6 +55,7 @@ class Services:
         self.settings = settings
         # The HTTP handlers' time: request bodies' deadlines (a test's ManualClock).
         self.clock = clock
+        self._body_refusals_logged: dict[str, tuple[float, int]] = {}  # code: (at, since)
         self._runtime: Runtime | None = None
         self._given_runtime = runtime
         # Counters exist before the models load: refusals while loading are counted too.
@@ -233,9 +235,18 @@ class Services:
             raise
 
     def _refuse_body(self, code: str, request: Request, reason: Exception) -> None:
+        """Count every refused body; log one a code every ``BODY_REFUSAL_LOG_EVERY_S`` (anyone
+        can post to the Twilio webhook: a flood must not flood the log too)."""
         self.stats.error(code)
+        now = self.clock.now()
+        last, since = self._body_refusals_logged.get(code, (None, 0))
+        if last is not None and now - last < BODY_REFUSAL_LOG_EVERY_S:
+            self._body_refusals_logged[code] = (last, since + 1)
+            return
+        self._body_refusals_logged[code] = (now, 0)
         client = request.client.host if request.client else "-"
-        log.warning("%s path=%s client=%s: %s", code, request.url.path, client, reason)
+        more = f" ({since} more since the last line)" if since else ""
+        log.warning("%s path=%s client=%s: %s%s", code, request.url.path, client, reason, more)
 
     def open_session(self, websocket: WebSocket, transport: str) -> CallSession:
         """The transport side of one connection (admission, bounds, timeouts)."""

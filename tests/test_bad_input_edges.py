@@ -260,6 +260,32 @@ async def test_a_body_over_its_limit_gets_413_and_is_counted(path, content_type,
     assert f"body_too_large path={path} client=127.0.0.1: the body is larger than" in caplog.text
 
 
+async def test_a_flood_of_refused_bodies_is_counted_in_full_and_logged_sparingly(tmp_path,
+                                                                               caplog):
+    """Anyone can post to the Twilio webhook: every refused body is counted, but the log
+    gets one line a code every ``BODY_REFUSAL_LOG_EVERY_S`` (it got one a request), the
+    next saying how many it stood for."""
+    from gateway.services import BODY_REFUSAL_LOG_EVERY_S
+
+    clock = ManualClock()
+    app = _warm_app(tmp_path / "store", clock)
+    big = b"x" * (64 * 1024 + 1)
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=ADMIN) as client:
+        for _ in range(50):
+            assert (await client.post("/twilio/voice", content=big, headers=form)
+                    ).status_code == 413
+        await clock.advance(BODY_REFUSAL_LOG_EVERY_S)
+        assert (await client.post("/twilio/voice", content=big, headers=form)
+                ).status_code == 413
+        stats = (await client.get("/admin/stats")).json()
+    assert stats["errors"] == {"body_too_large": 51}, stats["errors"]
+    lines = [r.getMessage() for r in caplog.records if "body_too_large" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[1].endswith("(49 more since the last line)"), lines[1]
+
+
 # ---------------------------------------------------------------- native protocol
 
 

@@ -435,20 +435,27 @@ def test_the_demo_banner_names_the_models_the_settings_load(monkeypatch, tmp_pat
     assert banners == [f"loading models ({models}) ..."], banners
 
 
-def test_the_demo_speaks_with_piper_even_with_a_cloud_voice_exported(monkeypatch, tmp_path,
-                                                                      capsys):
+def test_the_demo_runs_on_the_embedded_models_even_with_cloud_ones_exported(
+        monkeypatch, tmp_path, capsys):
+    # (A cloud recogniser exported, VOICEGATE_STT_PROVIDER=deepgram, needed the network.)
     # With VOICEGATE_TTS_PROVIDER=elevenlabs exported the demo seeded through ElevenLabs
     # (billed, or failing offline), then crashed: its callers are voiced by Piper's
     # synthesize_all, which a cloud voice does not have.
     from gateway import cli
 
     seen = _demo_on_fakes(monkeypatch)
+    for name in ("VOICEGATE_TURN_MODEL", "VOICEGATE_PIPER_VOICE", "VOICEGATE_WHISPER_MODEL_DIR"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VOICEGATE_TTS_PROVIDER", "elevenlabs")
+    monkeypatch.setenv("VOICEGATE_STT_PROVIDER", "deepgram")
     assert cli.main(["demo", "--out", str(tmp_path / "demo-out")]) == 0
     assert seen["served"].tts_provider == "piper"
+    assert seen["served"].stt_provider == "moonshine"
     out = capsys.readouterr().out
     assert "the demo speaks with the embedded Piper voice" in out
-    assert "Piper joe-medium" in out
+    assert "the demo listens with the embedded Moonshine" in out
+    assert "loading models (Silero VAD, Moonshine base-en, Smart Turn, Piper joe-medium, MiniLM)" \
+        in out
 
 
 def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypatch, tmp_path,
