@@ -139,10 +139,11 @@ return dropped
 # the hash of ARGV[i]; ARGV[1] the grace in seconds (ARGV[2] unused: ARGV[i] pairs with
 # KEYS[i]). A hash `current` names or `published` lists is a published version's (the
 # retention above keeps or drops those); each other one is stamped `seen` the first time a
-# clean-up finds it, and dropped once the grace has passed since. Both on the Redis server's clock (TIME), never a replica's: one whose clock runs
-# ahead by more than the grace would take the fresh hash of another replica's seed, between
-# its write and its swap, for an old one. Nothing when `current` or `published` holds a
-# foreign type (what is published is unknown then). Returns the names dropped.
+# clean-up finds it, and dropped once the grace has passed since. Both on the Redis server's
+# clock (TIME), never a replica's: one whose clock runs ahead by more than the grace would
+# take the fresh hash of another replica's seed, between its write and its swap, for an old
+# one. Nothing when `current` or `published` holds a foreign type (what is published is
+# unknown then). Returns the names dropped.
 _DROP_ORPHANS = """
 for i, want in ipairs({'string', 'zset'}) do
   local t = redis.call('TYPE', KEYS[i]).ok
@@ -298,8 +299,8 @@ class RedisStore(Store):
             log.warning("cache_publish_cleanup_failed version=%s error=%s: %s (the publish "
                         "failed: %s: %s); its hash %s may be left in Redis, no published "
                         "version names it: the clean-up after a later publish deletes it "
-                        "once it is older than the audio grace", version, type(exc).__name__,
-                        exc, type(failure).__name__, failure, key)
+                        "once the audio grace has passed since one first found it",
+                        version, type(exc).__name__, exc, type(failure).__name__, failure, key)
             return False
 
     def _swap_pointer(self, version: str, replaces: str | None | AnyVersion) -> None:
