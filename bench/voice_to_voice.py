@@ -47,8 +47,9 @@ Run (from the repository root; espeak-ng: bash scripts/ensure-espeak.sh):
            --sample-seed N (another sample than the default 7, which the end-of-turn
            defaults were developed on: report figures from another one; any seed but
            7 also takes the held-out paused texts, speech_corpus.PAUSED_TEXTS_HELDOUT)
-           --paused-set dev|heldout|fresh|fresh2|fresh3|fresh4|fresh5|fresh6 (which paused texts, whatever the seed; fresh:
-           written after a rule was drawn from a held-out failure, see speech_corpus)
+           --paused-set dev|heldout|fresh|fresh2|fresh3|fresh4|fresh5|fresh6 (which paused
+           texts, whatever the seed; fresh: written after a rule was drawn from a
+           held-out failure, see speech_corpus)
            --variant LABEL KEY=VALUE[,KEY=VALUE] (each recogniser again with these
            gateway settings, as stt/LABEL: two settings in one run)
            --json PATH (every utterance's record and the summary)

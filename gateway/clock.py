@@ -52,8 +52,8 @@ class Deadline:
 @contextlib.asynccontextmanager
 async def deadline(clock: Clock, seconds: float) -> AsyncIterator[Deadline]:
     """``asyncio.timeout(seconds)`` on ``clock``: once ``seconds`` of it have passed the
-    block is cancelled and ``Expired`` (a ``TimeoutError``) raised instead, so a test's ``ManualClock``
-    decides when (a stage's stall timeout). A cancel from outside meanwhile (a barge-in)
+    block is cancelled and ``Expired`` (a ``TimeoutError``) raised instead, so a test's
+    ``ManualClock`` decides when (a stage's stall timeout). A cancel from outside meanwhile (a barge-in)
     stays a cancel. The block must not swallow ``CancelledError``."""
     task = asyncio.current_task()
     assert task is not None, "deadline() needs a task"
@@ -80,11 +80,11 @@ class Timeouts:
     kept by one timer task for them all instead of a task per item.
 
     ``await timeouts.within(seconds, anext(items))`` is that item, or ``Expired`` (a
-    ``TimeoutError``; ``expired`` set) once ``seconds`` of the clock pass first; between waits nothing is
-    timed (the consumer's own time, a yield to it, never counts). One wait at a time, as
-    one task reads a stream. A cancel from outside (a barge-in) stays a cancel. The
-    awaitable must not swallow ``CancelledError``. ``close()`` (in a ``finally``) stops
-    the timer."""
+    ``TimeoutError``; ``expired`` set) once ``seconds`` of the clock pass first; between
+    waits nothing is timed (the consumer's own time, a yield to it, never counts). One
+    wait at a time, as one task reads a stream. A cancel from outside (a barge-in) stays a
+    cancel. The awaitable must not swallow ``CancelledError``. ``close()`` (in a
+    ``finally``) stops the timer."""
 
     def __init__(self, clock: Clock) -> None:
         self.expired = False  # the last wait timed out (its TimeoutError, not another)

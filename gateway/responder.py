@@ -25,8 +25,8 @@ from .audio_bank import AudioBank
 from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 from .codec import PCM16, encode
 from .preemption import Preemption
-from .settings import Settings
 from .providers.base import ProviderError, TextToSpeech
+from .settings import Settings
 from .timeline import TurnTimeline, now
 
 # A prefetched sentence may run this far ahead of playback; more would be wasted on a barge-in.
