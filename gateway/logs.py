@@ -51,3 +51,23 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
         if "call_id" not in fields and (call_id := _call_id.get()) is not None:
             fields["call_id"] = call_id
         logger.log(level, name, extra={"fields": fields})
+
+
+class Throttle:
+    """At most one line a key every ``every_s`` seconds of the caller's clock: a failure that
+    repeats (a stage failing on every frame, a flood of refused requests) is counted in full
+    elsewhere and logged sparingly here."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[str, tuple[float, int]] = {}  # key: (logged at, held back since)
+
+    def admit(self, key: str, now: float) -> int | None:
+        """None: hold this one back; else log it, and that many were held back since the
+        last line of this key."""
+        last, held = self._last.get(key, (None, 0))
+        if last is not None and now - last < self.every_s:
+            self._last[key] = (last, held + 1)
+            return None
+        self._last[key] = (now, 0)
+        return held

@@ -55,7 +55,7 @@ class Services:
         self.settings = settings
         # The HTTP handlers' time: request bodies' deadlines (a test's ManualClock).
         self.clock = clock
-        self._body_refusals_logged: dict[str, tuple[float, int]] = {}  # code: (at, since)
+        self._body_refusal_logs = logs.Throttle(BODY_REFUSAL_LOG_EVERY_S)
         self._runtime: Runtime | None = None
         self._given_runtime = runtime
         # Counters exist before the models load: refusals while loading are counted too.
@@ -238,14 +238,11 @@ class Services:
         """Count every refused body; log one a code every ``BODY_REFUSAL_LOG_EVERY_S`` (anyone
         can post to the Twilio webhook: a flood must not flood the log too)."""
         self.stats.error(code)
-        now = self.clock.now()
-        last, since = self._body_refusals_logged.get(code, (None, 0))
-        if last is not None and now - last < BODY_REFUSAL_LOG_EVERY_S:
-            self._body_refusals_logged[code] = (last, since + 1)
+        held = self._body_refusal_logs.admit(code, self.clock.now())
+        if held is None:
             return
-        self._body_refusals_logged[code] = (now, 0)
         client = request.client.host if request.client else "-"
-        more = f" ({since} more since the last line)" if since else ""
+        more = f" ({held} more since the last line)" if held else ""
         log.warning("%s path=%s client=%s: %s%s", code, request.url.path, client, reason, more)
 
     def open_session(self, websocket: WebSocket, transport: str) -> CallSession:

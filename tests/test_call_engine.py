@@ -193,6 +193,20 @@ async def test_a_failed_final_transcript_gets_an_apology_and_the_call_goes_on():
     assert h.transcripts() == ["second try works"]
 
 
+async def test_a_stage_failing_over_and_over_is_reported_once_every_few_seconds():
+    # Counted every time; told to the client (and logged) at most once every
+    # _REPORT_EVERY_S (5 s) of the call's clock: a VAD failing on every frame must not
+    # flood the line with errors.
+    h = await CallHarness().start()
+    h.vad.fail_next = 10_000  # every window for the rest of the call
+    await h.silence(4900)
+    assert [e["code"] for e in h.output.of("error")] == ["vad_failed"]
+    await h.silence(200)
+    await h.stop()
+    assert [e["code"] for e in h.output.of("error")] == ["vad_failed"] * 2
+    assert h.stats.errors["vad_failed"] > 2
+
+
 async def test_a_vad_failure_loses_only_that_audio():
     h = await CallHarness().start()
     h.vad.fail_next = 1

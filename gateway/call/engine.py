@@ -170,7 +170,7 @@ class Call:
         # The reply the caller's speech last stopped, and when that speech began: speech
         # soon after the turn's end continues the turn (``_continues``).
         self._stopped_by_speech: tuple[asyncio.Task[None], float] | None = None
-        self._last_report: dict[str, float] = {}
+        self._reports = logs.Throttle(_REPORT_EVERY_S)  # each failure code's log and error
         self._stopped = asyncio.Event()
         self.turns_answered = 0
 
@@ -289,11 +289,8 @@ class Call:
         phone line for the whole hang-up request), and a stage failing on it (VAD, STT,
         the turn model) is counted and logged, never sent after `hangup`."""
         self._count(code)
-        now = self._clock.now()
-        last = self._last_report.get(code)
-        if last is not None and now - last < _REPORT_EVERY_S:
+        if self._reports.admit(code, self._clock.now()) is None:
             return
-        self._last_report[code] = now
         after_hangup = self.ended is not None and code != "hangup_failed"
         logs.event(log, "stage_failed", logging.WARNING, code=code, detail=message[:300],
                    turn=turn, **({"after_hangup": True} if after_hangup else {}))
