@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import spoken_train  # noqa: E402
 from bench.speech_corpus import DATA  # noqa: E402
-from intents.calibration import (CONFIDENCE, MisheardCopies, _cross_fitted,  # noqa: E402
-                                 _loosest, calibrate, cross_validate, fitted_rows)
+from intents.calibration import (CONFIDENCE, MisheardCopies, _loosest,  # noqa: E402
+                                 calibrate, cross_validate, fitted_rows, judge_folds)
 from intents.classifier import IntentClassifier  # noqa: E402
 from intents.embedder import Embedder  # noqa: E402
 from intents.judge import SIGNALS, Judge, read_signals  # noqa: E402
@@ -63,22 +63,6 @@ from intents.semantic_cache import SemanticCache  # noqa: E402
 
 FOLDS = 5
 COPY_FACTORS = (1.0, 0.7, 0.5)
-
-
-def _cross_fitted_with_copies(rows: np.ndarray, outcome: np.ndarray, copy_rows: np.ndarray,
-                              seed: int = 0, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """``_cross_fitted``'s scores of ``rows``, and of ``copy_rows`` (copy i belongs to row i,
-    the first len(copy_rows) rows being the questions): each copy scored by the judge that
-    scores its question's row, so by one trained without that question."""
-    scores = np.zeros(len(outcome))
-    copy_scores = np.zeros(len(copy_rows))
-    k = int(min(folds, outcome.sum(), (~outcome).sum()))
-    for train, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(rows, outcome):
-        judge = Judge().fit(rows[train], outcome[train])
-        scores[test] = judge.confidence(rows[test])
-        mine = test[test < len(copy_rows)]
-        copy_scores[mine] = judge.confidence(copy_rows[mine])
-    return scores, copy_scores
 
 
 def main() -> None:
@@ -139,10 +123,13 @@ def main() -> None:
     right = h.predicted == labels
     all_rows = np.concatenate([h.matrix, neg.matrix])
     outcome = np.concatenate([right, np.zeros(len(neg), dtype=bool)])
-    typed_score, cp_score = _cross_fitted_with_copies(all_rows, outcome, cp_matrix, 0)
-    # The same judges as the calibration's own (a check that the folds are the same).
-    assert np.array_equal(typed_score, _cross_fitted(all_rows, outcome, 0))
-    typed_score = typed_score[:len(h)]
+    # The calibration's own judges (its cross-fitting, seed 0): each copy is scored by the
+    # judge that scores its question's row, so by one trained without that question.
+    typed_score, cp_score = np.zeros(len(h)), np.zeros(len(texts))
+    for judge, test in judge_folds(all_rows, outcome, 0):
+        mine = test[test < len(h)]
+        typed_score[mine] = judge.confidence(all_rows[mine])
+        cp_score[mine] = judge.confidence(cp_matrix[mine])
     unseen = np.ones(len(all_rows), dtype=bool)
     unseen[sp_rows] = False
     sp_score = Judge().fit(all_rows[unseen], outcome[unseen]).confidence(sp_matrix)

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 from scipy.stats import beta
@@ -312,12 +312,22 @@ def _cross_fitted(rows: np.ndarray, outcome: np.ndarray, seed: int, folds: int =
                   ) -> np.ndarray:
     """Each row's judge confidence from a judge trained without it."""
     scores = np.zeros(len(outcome))
+    for judge, test in judge_folds(rows, outcome, seed, folds):
+        scores[test] = judge.confidence(rows[test])
+    return scores
+
+
+def judge_folds(rows: np.ndarray, outcome: np.ndarray, seed: int, folds: int = 5
+                ) -> Iterator[tuple[Judge, np.ndarray]]:
+    """The cross-fitting's judges, each with the rows it never saw (``_cross_fitted``); with
+    too few of either outcome to split, one judge of every row, with all of them."""
     k = int(min(folds, outcome.sum(), (~outcome).sum()))
     if k < 2:
-        return Judge().fit(rows, outcome).confidence(rows) if len(rows) else scores
+        if len(rows):
+            yield Judge().fit(rows, outcome), np.arange(len(rows))
+        return
     for train, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(rows, outcome):
-        scores[test] = Judge().fit(rows[train], outcome[train]).confidence(rows[test])
-    return scores
+        yield Judge().fit(rows[train], outcome[train]), test
 
 
 def _loosest(scores: np.ndarray, wrong: np.ndarray, neg_scores_desc: np.ndarray,
