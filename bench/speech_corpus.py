@@ -30,6 +30,10 @@ Sets (texts are never tuned on: hits come from Banking77 *dev*, the seed from *t
   before anything was measured on it, to measure that stop's end-of-turn changes.
   PAUSED_TEXTS_FRESH6 (``paused_set="fresh6"``) was written on 2026-11-26 (stop 42),
   before anything was measured on it, for a confirming run of the shipped defaults.
+  PAUSED_TEXTS_FRESH7 (``paused_set="fresh7"``) was written on 2026-11-26 (stop 43),
+  before anything was measured on it, to measure a false interruption restarting a cut
+  turn's continuation window; like fresh6's "I lost my card, uh, ..." several open with a
+  finished cached question and go on after a filler.
 
 Clips are cached under .cache/speech-corpus (git-ignored), keyed by text, voice and rate.
 """
@@ -219,6 +223,25 @@ PAUSED_TEXTS_FRESH6: list[list[str]] = [
     ["what should I do", "if my card", "has expired"],
 ]
 
+PAUSED_TEXTS_FRESH7: list[list[str]] = [
+    ["my card was stolen", "um", "outside the station last night"],
+    ["the account number is", "seven one four", "two two", "nine"],
+    ["can I", "uh", "transfer money", "to a friend abroad"],
+    ["I was charged twice", "uh", "at the same cafe"],
+    ["how do I", "set up", "a direct debit"],
+    ["my pin is blocked", "um", "after three wrong tries"],
+    ["why is there", "a fee", "on my cash withdrawal"],
+    ["the payment of", "sixty", "five pounds", "went to the wrong shop"],
+    ["I'd like to", "um", "change the name", "on my card"],
+    ["my top up failed", "uh", "with my debit card"],
+    ["is it safe to", "use my card", "in another country"],
+    ["my birthday is", "the ninth", "of march"],
+    ["I need", "a replacement card", "before friday"],
+    ["where is", "um", "my refund from the airline"],
+    ["how many days", "does a", "bank transfer take"],
+    ["can I see", "uh", "my pending payments", "in the app"],
+]
+
 @dataclass
 class Clip:
     text: str
@@ -359,7 +382,7 @@ PAUSED_SETS: dict[str, list[list[str]]] = {
     "dev": PAUSED_TEXTS, "heldout": PAUSED_TEXTS_HELDOUT, "fresh": PAUSED_TEXTS_FRESH,
     "fresh2": PAUSED_TEXTS_FRESH2, "fresh3": PAUSED_TEXTS_FRESH3,
     "fresh4": PAUSED_TEXTS_FRESH4, "fresh5": PAUSED_TEXTS_FRESH5,
-    "fresh6": PAUSED_TEXTS_FRESH6}
+    "fresh6": PAUSED_TEXTS_FRESH6, "fresh7": PAUSED_TEXTS_FRESH7}
 
 
 def paused_texts(seed: int, paused_set: str = "") -> list[list[str]]:
