@@ -267,7 +267,9 @@ class Settings(BaseModel):
     # Speech that stops a reply within this long of the end of the caller's turn continues
     # that turn: the caller had paused mid-sentence after words that sounded finished
     # ("I lost my card ... in a shop abroad"), so the earlier words open the new turn and
-    # the agent is asked once, whole. 0: every barge-in starts a turn of its own.
+    # the agent is asked once, whole. A false interruption that began in the window (an
+    # "uh": sound, no words) restarts it as the reply resumes: the caller held the floor.
+    # 0: every barge-in starts a turn of its own.
     turn_continuation_ms: Annotated[int, Field(ge=0, le=10000)] = 1000
     # Silence after speech that ends the caller's turn while nothing tells whether the
     # turn is complete (docs/architecture.md, "End of turn"). 900, not the usual 500:

@@ -342,7 +342,7 @@ def tone(ms: int, value: int = 500, rate: int = RATE) -> bytes:
 class CallHarness:
     def __init__(self, *, decode_s: float = 0.05, settings: dict[str, Any] | None = None,
                  faqs: dict[str, str] | None = None, early_finals: bool = False,
-                 turn_model: bool = False) -> None:
+                 turn_model: bool = False, answer_ms: int = 1000) -> None:
         self.clock = ManualClock()
         self.vocabulary = Vocabulary()
         self.settings = Settings.load({"min_speech_ms": 120, "barge_in_min_speech_ms": 400,
@@ -363,7 +363,7 @@ class CallHarness:
             prompts.add(Clip(key, text, tone(300, 700), RATE))
         cache = AudioBank(rates=(RATE,), encoded=())
         for entry in self.router.faqs.values():
-            cache.add(Clip(entry, f"answer {entry}", numbered_frames(1000), RATE))
+            cache.add(Clip(entry, f"answer {entry}", numbered_frames(answer_ms), RATE))
         self.responder = Responder(self.agent, self.tts, prompts, cache,  # type: ignore[arg-type]
                                    tts_gap_timeout_s=self.settings.tts_gap_timeout_s)
         self.output = RecordingOutput(self.clock)

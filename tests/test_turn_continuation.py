@@ -5,6 +5,8 @@ the deterministic harness (manual clock, word-coded audio)."""
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.agent import Conversation
 from gateway.providers.base import ToolCall
 from tests.call_harness import CallHarness, tone
@@ -230,3 +232,51 @@ async def test_words_before_any_answer_are_carried_but_are_no_continuation():
     assert "continues" not in h.metrics()[-1]
     assert h.stats.snapshot()["continuations"] == 0
     assert user_texts(h.llm.requests[-1]) == ["where is my parcel and my letter"]
+
+
+async def cut_short_behind_a_filler(uh_ms: int = 400, gap_ms: int = 600) -> CallHarness:
+    """"i lost my card"; the turn ends on its words and the 3 s answer begins; the
+    caller's "uh" (``uh_ms`` of noise to the recogniser: no words) comes 0.24 s after
+    the turn's end, holds the answer, and it resumes; ``gap_ms`` after the "uh" the
+    caller goes on: with the defaults 1.26 s after the turn's end, past the 1 s window,
+    0.46 s after the answer resumed."""
+    h = await CallHarness(faqs={"abroad": "card_abroad", "lost my card": "lost_card"},
+                          early_finals=True, answer_ms=3000).start()
+    await h.say("i lost my card", then_silence_ms=400)
+    if uh_ms:
+        await h.feed(tone(uh_ms, NOISE))
+        await h.silence(gap_ms)
+        assert h.output.of("resume")
+    else:
+        await h.silence(gap_ms)
+    assert h.call.speaking
+    began = h.clock.now()
+    await h.say("while i was abroad", then_silence_ms=1500)
+    await h.stop()
+    h.stopped_after_ms = (h.output.interrupted_at[-1] - began) * 1000  # type: ignore
+    return h
+
+
+async def test_a_false_interruption_in_the_window_restarts_it():
+    h = await cut_short_behind_a_filler()
+    first, second = h.metrics()
+    assert first["end_of_turn"] == "complete" and first["interrupted"] is True
+    # It stopped the answer once it was speech (continuation_min_speech_ms), as in the
+    # window, not after barge_in_min_speech_ms.
+    assert h.stopped_after_ms < 200  # type: ignore
+    assert second["continues"] is True
+    assert h.transcripts()[-1] == "i lost my card while i was abroad"
+    assert second["entry_id"] == "card_abroad"
+    assert h.stats.snapshot()["continuations"] == 1
+    assert user_texts(h.call.conversation.history) == ["i lost my card while i was abroad"]
+
+
+@pytest.mark.parametrize("uh_ms, gap_ms", [(0, 1000), (400, 1200)])
+async def test_words_past_the_window_or_its_restart_are_a_turn_of_their_own(uh_ms, gap_ms):
+    # As late with no "uh" before them (1.26 s after the turn's end); or 1.06 s after
+    # the answer resumed: the restarted window is no longer than the first.
+    h = await cut_short_behind_a_filler(uh_ms, gap_ms)
+    assert h.stopped_after_ms > 350  # type: ignore  # the long confirmation
+    assert "continues" not in h.metrics()[-1]
+    assert h.transcripts()[-1] == "while i was abroad"
+    assert h.stats.snapshot()["continuations"] == 0

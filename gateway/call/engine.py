@@ -144,6 +144,7 @@ class Call:
         # Every reply not yet over: the latest, and those it waits for (still closing).
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._reply_tl: TurnTimeline | None = None  # the reply that runs (not one queued)
+        self._reply_playing: asyncio.Task[None] | None = None  # and its task
         self._reply_task_tl: TurnTimeline | None = None  # the latest reply's, run or queued
         # Finals of utterances the bot never answered (the caller went on talking):
         # they open the next turn's text, so no words are lost.
@@ -167,9 +168,13 @@ class Call:
         self._hold_over: asyncio.Future[bool] | None = None
         self._hold_timer: asyncio.Task[None] | None = None
         self._hold_settlers: set[asyncio.Task[None]] = set()
-        # The reply the caller's speech last stopped, and when that speech began: speech
-        # soon after the turn's end continues the turn (``_continues``).
-        self._stopped_by_speech: tuple[asyncio.Task[None], float] | None = None
+        # The replies the caller's speech last stopped (the latest, and the one playing
+        # that it was queued behind), and when that speech began: speech soon after the
+        # turn's end continues the turn (``_continues``).
+        self._stopped_by_speech: tuple[frozenset[asyncio.Task[None]], float] | None = None
+        # A false interruption within that window (an "uh", a breath: the caller holding
+        # the floor) restarts it when the reply resumes: the turn and when it restarted.
+        self._window_restarted: tuple[TurnTimeline, float] | None = None
         self._reports = logs.Throttle(_REPORT_EVERY_S)  # each failure code's log and error
         self._stopped = asyncio.Event()
         self.turns_answered = 0
@@ -627,7 +632,7 @@ class Call:
             # load were most of a cache hit's time to first audio.
             if previous is not None and previous in self._reply_tasks:
                 await self._wait_for_previous(previous)
-            self._reply_tl = tl
+            self._reply_tl, self._reply_playing = tl, asyncio.current_task()
             await turn
 
         self._reply_task = asyncio.create_task(after_previous(), name=f"vg-turn-{tl.turn}")
@@ -764,7 +769,12 @@ class Call:
                 self._stopped_by_speech = None  # the caller typed on: no spoken continuation
                 self._confirm_interruption()
             return
-        self._stopped_by_speech = (task, speech_at) if speech_at is not None else None
+        # The one playing too: a reply queued behind it (the empty turn of an "uh" that
+        # held it, or of words stopped before it spoke) is the latest, and its cancel
+        # reaches the one playing (``_wait_for_previous``), which the speech stopped.
+        playing = {task} if self._reply_playing is None else {task, self._reply_playing}
+        self._stopped_by_speech = (frozenset(playing), speech_at) \
+            if speech_at is not None else None
         # Held only with audio to hold: a playout still open (this reply's, or a resumed
         # one it is queued behind), or this reply's own, already played. A reply not yet
         # playing (queued behind a stopped one, its words decoding or being routed) would
@@ -803,17 +813,25 @@ class Call:
                 and self._within_continuation(tl, self._clock.now()))
 
     def _within_continuation(self, tl: TurnTimeline, at: float) -> bool:
-        """``at`` is within ``turn_continuation_ms`` of the end of the turn ``tl``."""
+        """``at`` is within ``turn_continuation_ms`` of the end of the turn ``tl``, or of
+        the reply resuming after a false interruption that began within that window
+        ("I lost my card. | uh | on the train this morning": the "uh" held the floor, and
+        the words after it come a pause after it, not after the turn's end)."""
         window_s = self._settings.turn_continuation_ms / 1000.0
-        return window_s > 0 and tl.has("end_of_turn") and \
-            at - tl.marks["end_of_turn"] <= window_s
+        if window_s <= 0 or not tl.has("end_of_turn"):
+            return False
+        opened = tl.marks["end_of_turn"]
+        restarted = self._window_restarted
+        if restarted is not None and restarted[0] is tl:
+            opened = max(opened, restarted[1])
+        return at - opened <= window_s
 
     def _continues(self, tl: TurnTimeline) -> bool:
         """This turn's reply (the running task) was stopped by speech that began within
         ``turn_continuation_ms`` of the turn's end: the caller had paused mid-sentence
         after words that sounded finished, and the turn ended too soon."""
         stopped = self._stopped_by_speech
-        return stopped is not None and stopped[0] is asyncio.current_task() \
+        return stopped is not None and asyncio.current_task() in stopped[0] \
             and self._within_continuation(tl, stopped[1])
 
     async def _expire_hold(self, task: asyncio.Task[None], window: float) -> None:
@@ -840,16 +858,26 @@ class Call:
 
     async def _resume_reply(self, turn: int) -> None:
         """No words came of the barge-in: the reply goes on from the last heard frame."""
-        self._held = None
+        held, self._held = self._held, None
         self._cancel_hold_timer()
         self._end_hold(confirmed=False)
         from_ms = self._reply.resume()
         if from_ms is None:
             return
+        self._restart_window_if_held_the_floor(held)
         self._count("false_interruption")
         logs.event(log, "false_interruption", turn=turn, from_ms=round(from_ms, 1))
         await self._out.send_event({"type": "resume", "turn": turn,
                                     "from_ms": round(from_ms, 1)})
+
+    def _restart_window_if_held_the_floor(self, held: asyncio.Task[None] | None) -> None:
+        """The noise that held ``held`` began within its turn's continuation window: the
+        window restarts now, as the reply resumes (what the caller says next is measured
+        from here). Noise after the window restarts nothing: the turn stays closed."""
+        tl, stopped = self._reply_tl, self._stopped_by_speech
+        if tl is not None and held is not None and stopped is not None \
+                and held in stopped[0] and self._within_continuation(tl, stopped[1]):
+            self._window_restarted = (tl, self._clock.now())
 
     def _end_hold(self, confirmed: bool) -> None:
         if self._hold_over is not None and not self._hold_over.done():
