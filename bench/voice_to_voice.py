@@ -110,6 +110,10 @@ class Record:
     speech_s: float = 0.0
     late_frames: int = 0
     events: list[str] = field(default_factory=list)
+    # When each event came, ms from the caller's last speech sample sent (negative:
+    # before it); a paused clip's pieces: when each began and ended, on the same scale
+    event_ms: list[float] = field(default_factory=list)
+    pieces_ms: list[tuple[float, float]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)  # the server's turn_metrics
 
 
@@ -267,6 +271,15 @@ class Line:
                first_audio: int, last_speech_at: float) -> None:
         events = self.events[first_event:]
         record.events = [e["type"] for _, e in events]
+        record.event_ms = [round((t - last_speech_at) * 1000, 1) for t, _ in events]
+        if clip.kind == "paused":
+            samples_per_frame = self.frame_bytes // 2
+
+            def sent(sample16k: int) -> float:
+                frame = min(len(sent_at) - 1,
+                            (sample16k * self.rate // 16000) // samples_per_frame)
+                return round((sent_at[frame] - last_speech_at) * 1000, 1)
+            record.pieces_ms = [(sent(start), sent(end)) for start, end in clip.pieces]
         finals = [(t, e) for t, e in events if e["type"] == "transcript" and e.get("final")
                   and "turn" in e]
         metrics = [e for _, e in events if e["type"] == "turn_metrics"]
