@@ -339,6 +339,26 @@ def tone(ms: int, value: int = 500, rate: int = RATE) -> bytes:
     return np.full(rate * ms // 1000, value, dtype="<i2").tobytes()
 
 
+def voice_that_fails_on_cue(h: CallHarness, sentence: str) -> asyncio.Event:
+    """The harness's voice, except that its synthesis of ``sentence`` (the first time)
+    waits for the returned event to be set and then fails: the voice service's error
+    response arrives then, not on the manual clock."""
+    speak = h.tts.synthesize
+    cue = asyncio.Event()
+    failed: list[str] = []
+
+    async def synthesize(text: str) -> AsyncIterator[bytes]:
+        if text == sentence and not failed:
+            failed.append(text)
+            await cue.wait()
+            raise ProviderError("word-tts", "the voice service refused the sentence")
+        async for chunk in speak(text):
+            yield chunk
+
+    h.tts.synthesize = synthesize  # type: ignore[method-assign]
+    return cue
+
+
 class CallHarness:
     def __init__(self, *, decode_s: float = 0.05, settings: dict[str, Any] | None = None,
                  faqs: dict[str, str] | None = None, early_finals: bool = False,

@@ -5,12 +5,12 @@ manual clock). Every test here failed before its fix; the comments say what went
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
 from gateway.providers.base import LLMChunk, ProviderError
-from tests.call_harness import CallHarness, tone
+from tests.call_harness import CallHarness, tone, voice_that_fails_on_cue
 
 NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
 LONG_REPLY = " ".join(f"Sentence {i} of a long answer." for i in range(30))
@@ -369,6 +369,75 @@ async def test_words_after_three_false_interruptions_cancel_a_failed_answer_befo
     assert errors == ["tts_failed"] and held, (errors, held)
     sources = [e["source"] for e in h.output.of("response")]
     assert "apology" not in sources, sources
+
+
+async def answer_held_behind_a_resumed_cough() -> tuple[CallHarness, Callable[[int], None]]:
+    """The answer's first sentence has played and the voice has not yet answered for its
+    second. A first cough is held and resumed, which leaves its empty turn's reply queued
+    behind the answer; a second barge-in, "stop please now" (no partial: a remote
+    recogniser that has none ready), holds that queued reply, which freezes the answer.
+
+    Returns the harness and ``recognise(lag)``: from the caller's next audio frame on, the
+    recogniser gives partials; with that frame the voice's error response for the second
+    sentence arrives, ``lag`` event-loop steps before the words' first partial."""
+    h = CallHarness()
+    h.llm.reply = "Here is the first part. Then the voice breaks here."
+    voice_fails = voice_that_fails_on_cue(h, "Then the voice breaks here.")
+    await h.start()
+    stream = h.stt.streams[0]
+    partials_from = stream.send_audio
+    lags: list[int] = []
+
+    async def send_audio(pcm16: bytes) -> None:
+        if not lags:
+            stream._buffer += pcm16  # no partial ready
+            return
+        if not voice_fails.is_set():
+            voice_fails.set()
+            for _ in range(lags[0]):
+                await asyncio.sleep(0)
+        await partials_from(pcm16)
+
+    stream.send_audio = send_audio  # type: ignore[method-assign]
+    await h.text("explain my statement")
+    await h.wait(600)  # the first sentence (400 ms) has played; the second is pending
+    await h.feed(tone(450, NOISE))  # a first cough: held
+    await h.silence(400)  # its final is empty: the answer goes on (nothing to play yet)
+    assert h.output.of("resume") and h.call._held is None
+    await h.say("stop please now", then_silence_ms=0)  # holds the cough's queued reply
+    assert len(h.output.interrupted_at) == 2 and h.call._held is not None
+    h.llm.reply = "Okay."
+    return h, lags.append
+
+
+async def test_a_reply_failing_as_words_confirm_the_hold_on_the_reply_behind_it_sends_no_apology():
+    # The answer's voice fails in about the instant the caller's words confirm the hold
+    # on the reply queued behind it (their first partial, a few loop steps after the
+    # voice's error response). The words cancel the held reply; its cancel reaches the
+    # answer one loop step later, down the queue (_wait_for_previous). If the answer's
+    # failure reaches _answer in that step, the hold is already over, so _until_released
+    # lets it go: _apologize announces the apology and sends its lead frames (80 ms) after
+    # the `interrupt`, then the cancel cuts them, with no second `interrupt` to drop them
+    # (docs/architecture.md: a reply that fails while a hold is on apologises only if the
+    # hold resumes). Tried at every lag of the partial behind the voice's error, 0 to 11
+    # loop steps: before the fix, 2 steps sent 4 frames; at the others the cancel came
+    # first (0, 1: the failure is never seen) or the answer waited in _until_released.
+    failures_seen = 0
+    for lag in range(12):
+        h, recognise = await answer_held_behind_a_resumed_cough()
+        interrupted_at = h.output.interrupted_at[-1]
+        recognise(lag)
+        await h.say("thanks", then_silence_ms=0)  # the first partial confirms the hold
+        over = [t for t, _ in h.output.frames if t >= interrupted_at]
+        answer = [e["source"] for e in h.output.of("response", turn=1)]
+        failures_seen += bool(h.output.of("error", code="tts_failed"))
+        await h.silence(1500)  # the words are answered
+        await h.stop()
+        assert over == [], f"lag {lag}: {len(over)} messages sent over the caller's words"
+        assert answer == ["llm"], (lag, answer)
+        assert [e["text"] for e in h.output.of("response", turn=3)] == ["Okay."], lag
+        assert h.transcripts()[-1] == "stop please now thanks", (lag, h.transcripts())
+    assert failures_seen, "the voice never failed before the answer was cancelled"
 
 
 async def test_spoken_words_stopped_by_a_typed_message_are_not_asked_with_later_speech():

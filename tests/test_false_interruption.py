@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.call_harness import CallHarness, frame_numbers, tone
+from tests.call_harness import CallHarness, frame_numbers, tone, voice_that_fails_on_cue
 
 NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
 
@@ -80,3 +80,30 @@ async def test_a_text_message_during_the_hold_ends_the_reply():
     await h.stop()
     assert not h.output.of("resume")
     assert h.metrics()[0]["interrupted"] is True
+
+
+async def test_a_reply_failing_while_the_reply_behind_it_is_held_apologises_when_it_resumes():
+    # A reply that fails while a hold is on apologises if the hold resumes
+    # (docs/architecture.md). Here the answer's voice fails while a cough holds the reply
+    # queued behind it; no words come of the cough, so the hold resumes, and the answer,
+    # which has nothing left to play, apologises for what it could not say.
+    h = CallHarness()
+    h.llm.reply = "Here is the first part. Then the voice breaks here."
+    voice_fails = voice_that_fails_on_cue(h, "Then the voice breaks here.")
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(600)
+    await h.feed(tone(450, NOISE))  # a first cough: held
+    await h.silence(400)  # resumed
+    assert h.output.of("resume") and h.call._held is None
+    await h.feed(tone(450, NOISE))  # a second cough: holds the reply queued behind
+    assert len(h.output.interrupted_at) == 2 and h.call._held is not None
+    voice_fails.set()
+    await h.clock.settle()
+    assert h.output.of("error", code="tts_failed") and h.call._held is not None
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["llm"]  # it waits
+    await h.silence(400)  # the cough's final is empty: the hold resumes
+    await h.wait(3000)
+    await h.stop()
+    assert h.call._held is None
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["llm", "apology"]

@@ -144,7 +144,6 @@ class Call:
         # Every reply not yet over: the latest, and those it waits for (still closing).
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._reply_tl: TurnTimeline | None = None  # the reply that runs (not one queued)
-        self._reply_playing: asyncio.Task[None] | None = None  # and its task
         self._reply_task_tl: TurnTimeline | None = None  # the latest reply's, run or queued
         # Finals of utterances the bot never answered (the caller went on talking):
         # they open the next turn's text, so no words are lost.
@@ -168,9 +167,13 @@ class Call:
         self._hold_over: asyncio.Future[bool] | None = None
         self._hold_timer: asyncio.Task[None] | None = None
         self._hold_settlers: set[asyncio.Task[None]] = set()
-        # The replies the caller's speech last stopped (the latest, and the one playing
-        # that it was queued behind), and when that speech began: speech soon after the
-        # turn's end continues the turn (``_continues``).
+        # The replies the hold stops if words come: the held one and those it waits for.
+        self._hold_replies: frozenset[asyncio.Task[None]] = frozenset()
+        # Replies words stopped whose cancel may still be on its way down the queue.
+        self._stopped_replies: set[asyncio.Task[None]] = set()
+        # The replies the caller's speech last stopped (the latest, and those it waits
+        # for: its cancel reaches them down the queue), and when that speech began: speech
+        # soon after the turn's end continues the turn (``_continues``).
         self._stopped_by_speech: tuple[frozenset[asyncio.Task[None]], float] | None = None
         # A false interruption within that window (an "uh", a breath: the caller holding
         # the floor) restarts it when the reply resumes: the turn and when it restarted.
@@ -632,7 +635,7 @@ class Call:
             # load were most of a cache hit's time to first audio.
             if previous is not None and previous in self._reply_tasks:
                 await self._wait_for_previous(previous)
-            self._reply_tl, self._reply_playing = tl, asyncio.current_task()
+            self._reply_tl = tl
             await turn
 
         self._reply_task = asyncio.create_task(after_previous(), name=f"vg-turn-{tl.turn}")
@@ -669,6 +672,7 @@ class Call:
             raise
 
     def _reply_done(self, task: asyncio.Task[None]) -> None:
+        self._stopped_replies.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("reply_crashed", exc_info=task.exception())
             self._count("internal_error")
@@ -769,11 +773,9 @@ class Call:
                 self._stopped_by_speech = None  # the caller typed on: no spoken continuation
                 self._confirm_interruption()
             return
-        # The one playing too: a reply queued behind it (the empty turn of an "uh" that
-        # held it, or of words stopped before it spoke) is the latest, and its cancel
-        # reaches the one playing (``_wait_for_previous``), which the speech stopped.
-        playing = {task} if self._reply_playing is None else {task, self._reply_playing}
-        self._stopped_by_speech = (frozenset(playing), speech_at) \
+        # Those it waits for too: the one playing may be ahead of it (``task`` is then
+        # the empty turn of an "uh" that held it), and the cancel reaches it down the queue.
+        self._stopped_by_speech = (frozenset(self._reply_tasks), speech_at) \
             if speech_at is not None else None
         # Held only with audio to hold: a playout still open (this reply's, or a resumed
         # one it is queued behind), or this reply's own, already played. A reply not yet
@@ -789,6 +791,7 @@ class Call:
         if cause == "speech" and window > 0 and holdable:
             self._held = task
             self._hold_over = asyncio.get_running_loop().create_future()
+            self._hold_replies = frozenset(self._reply_tasks)  # ``task`` and those before it
             self._hold_timer = asyncio.create_task(self._expire_hold(task, window),
                                                    name="vg-hold")
         else:
@@ -854,6 +857,7 @@ class Call:
             if self._turns.in_utterance and queued is not None and queued is not task \
                     and not queued.done():
                 queued.cancel()  # it waits behind ``task``, which ends first
+        self._stopped_replies.update(t for t in self._hold_replies if not t.done())
         self._end_hold(confirmed=True)
 
     async def _resume_reply(self, turn: int) -> None:
@@ -883,12 +887,17 @@ class Call:
         if self._hold_over is not None and not self._hold_over.done():
             self._hold_over.set_result(confirmed)
         self._hold_over = None
+        self._hold_replies = frozenset()
 
     async def _until_released(self) -> None:
         """While a hold is on (this reply held, or a reply queued behind it, which froze
         this one's playout), nothing new is said until the barge-in settles: none let it
         go on; words stop it here. Their cancel also reaches it down the queue, one reply
-        a loop iteration, which can come after this wakes: so it stops itself at once."""
+        a loop iteration, which can come after this wakes, or after it gets here (its stage
+        failed in the instant the words came: the hold is over, the cancel not yet here):
+        either way it stops itself at once."""
+        if asyncio.current_task() in self._stopped_replies:
+            raise asyncio.CancelledError
         hold_over = self._hold_over
         if self._held is not None and hold_over is not None:
             if await asyncio.shield(hold_over):
