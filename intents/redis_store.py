@@ -9,7 +9,8 @@ seed.
 Key layout (``prefix`` defaults to ``voicegate:``)::
 
     <prefix>audio:<sha256>      hash  pcm (16-bit mono PCM bytes), rate (Hz), t (when a seed
-                                      last wrote or reused it, Unix seconds)
+                                      last wrote or reused it, by the Redis server's clock,
+                                      Unix seconds)
     <prefix>version:<name>      hash  manifest (JSON), vectors (.npy bytes), classifier,
                                       audio (the audio keys it names, space-separated),
                                       seen (unpublished: when a clean-up first found it so,
@@ -38,8 +39,13 @@ after the deletion is refused: the hash is gone); and audio that no
 version left in ``published`` or ``current`` names, and that no seed wrote or reused
 (``claim_audio``) within ``audio_grace_s``, is deleted in a transaction that watches
 ``current``, ``published`` and those audio keys: a publish or a seed's claim meanwhile
-aborts it (the next publish tries again). Audio without ``t`` (stored by an older
-voicegate) gets it at the first clean-up that finds it unused, and its grace starts then.
+aborts it (the next publish tries again). Audio's ``t`` is stamped and aged on the Redis
+server's clock too (``TIME`` in the write's and the claim's scripts; the clean-up reads
+``TIME`` for its cut-off after reading the stamps, within the watch), so a replica whose
+clock runs ahead by more than the grace spares the audio another replica's seed just wrote
+or reused. Audio without ``t`` (stored by a voicegate from before the clean-up) gets it at
+the first clean-up that finds it unused, and its grace starts then; a ``t`` an older
+voicegate wrote is its replica's clock, read as Unix seconds like the server's.
 
 Nothing published is lost only if the Redis persists (``appendonly yes``): see
 docs/operations.md, "Scaling with Redis".
@@ -115,10 +121,18 @@ end
 redis.call('DEL', KEYS[2])
 return 0
 """
+# Audio's `t`, when a seed last wrote or reused it, is the Redis server's clock (TIME, Unix
+# seconds), as the clean-up's cut-off is, never a replica's: one whose clock runs ahead of
+# the seeder's by more than the grace would take the seed's fresh audio for unused.
+# A seed wrote this audio (ARGV[1] the PCM, ARGV[2] its rate).
+_PUT_AUDIO = """
+redis.call('HSET', KEYS[1], 'pcm', ARGV[1], 'rate', ARGV[2], 't', redis.call('TIME')[1])
+return 1
+"""
 # A seed is about to reuse this audio: its clean-up grace starts again (1), or it is gone (0).
 _CLAIM_AUDIO = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 't', ARGV[1])
+redis.call('HSET', KEYS[1], 't', redis.call('TIME')[1])
 return 1
 """
 # Old versions: KEYS[1] current, KEYS[2] published, KEYS[2 + i] the hash of ARGV[i]. The one
@@ -215,7 +229,7 @@ class RedisStore(Store):
         self.keys = RedisKeys(prefix)
         self.keep_versions = keep_versions
         self.audio_grace_s = audio_grace_s
-        self._clock = clock  # publish times and audio ages (a test's clock)
+        self._clock = clock  # publish times (a test's clock); ages are the Redis server's
         # Few, short retries: a caller (seed CLI, refresh thread) should learn quickly that
         # Redis is gone rather than hang in redis-py's default backoff.
         self._redis = client or redis.Redis.from_url(
@@ -241,8 +255,7 @@ class RedisStore(Store):
 
     def claim_audio(self, key: str) -> bool:
         name = self.keys.audio(key)
-        return bool(self._call("claim_audio", lambda: self._redis.eval(
-            _CLAIM_AUDIO, 1, name, self._clock())))
+        return bool(self._call("claim_audio", lambda: self._redis.eval(_CLAIM_AUDIO, 1, name)))
 
     def get_audio(self, key: str) -> Audio:
         pcm, rate = self._call("get_audio",
@@ -255,8 +268,8 @@ class RedisStore(Store):
         if len(audio.pcm) % 2:
             raise ValueError("16-bit PCM must have an even number of bytes")
         name = self.keys.audio(key)
-        self._call("put_audio", lambda: self._redis.hset(
-            name, mapping={"pcm": audio.pcm, "rate": audio.sample_rate, "t": self._clock()}))
+        self._call("put_audio", lambda: self._redis.eval(
+            _PUT_AUDIO, 1, name, audio.pcm, audio.sample_rate))
 
     # -- versions ------------------------------------------------------------------
     def publish(self, bundle: CacheBundle,
@@ -365,7 +378,8 @@ class RedisStore(Store):
     def _drop_unused_audio(self) -> None:
         """Delete audio that no kept version names and no seed claimed within the grace, in
         one transaction watching what it was decided on (a publish or a claim meanwhile
-        aborts it: skipped until the next publish)."""
+        aborts it: skipped until the next publish). Ages are the Redis server's clock
+        (``TIME``), as the stamps are: read after the stamps, within the watch."""
         prefix = f"{self.keys.prefix}audio:"
         with self._redis.pipeline() as watched:
             watched.watch(self.keys.current, self.keys.published)
@@ -387,7 +401,8 @@ class RedisStore(Store):
             for k in unused:
                 reads.hmget(k, ["rate", "t"])
             stamps = reads.execute()
-            cutoff = self._clock() - self.audio_grace_s
+            now = self._redis.time()[0]  # the server's Unix seconds, as `t` is
+            cutoff = now - self.audio_grace_s
             stale = [k for k, (rate, t) in zip(unused, stamps)
                      if rate is not None and t is not None and float(t) < cutoff]
             unstamped = [k for k, (rate, t) in zip(unused, stamps)
@@ -398,7 +413,7 @@ class RedisStore(Store):
             if stale:
                 watched.unlink(*stale)
             for k in unstamped:  # stored by an older voicegate: its grace starts now
-                watched.hset(k, "t", self._clock())
+                watched.hset(k, "t", now)
             try:
                 watched.execute()
             except redis.WatchError:

@@ -221,9 +221,10 @@ def publish_left_behind(store: RedisStore, bundle_: CacheBundle,
     return version
 
 
-def _age(raw: redis.Redis, key: str, seconds: float) -> None:
-    """Move a hash's ``seen`` stamp back, as if the Redis server's clock had moved on."""
-    raw.hset(key, "seen", float(raw.hget(key, "seen")) - seconds)
+def _age(raw: redis.Redis, key: str, seconds: float, field: str = "seen") -> None:
+    """Move a hash's ``seen`` stamp (or an audio key's ``t``) back, as if the Redis server's
+    clock had moved on."""
+    raw.hset(key, field, float(raw.hget(key, field)) - seconds)
 
 
 def test_a_hash_a_failed_publish_left_goes_once_older_than_the_grace(
@@ -303,6 +304,36 @@ def test_a_replica_whose_clock_is_off_spares_a_seed_between_its_write_and_its_sw
     seeded = seeder.publish(bundle("seeded"))
     assert seeder.current_version() == seeded == other.current_version()
     other.close()
+    seeder.close()
+
+
+@pytest.mark.parametrize("cleaner_skew_s, seeder_skew_s",
+                         [(7200.0, 0.0), (-7200.0, 0.0), (0.0, -7200.0)])
+def test_audio_a_seed_wrote_or_claimed_survives_a_replica_whose_clock_is_off(
+        redis_url: str, cleaner_skew_s: float, seeder_skew_s: float) -> None:
+    """A seed wrote one answer's audio and claimed another's (stored long ago, no version
+    names it), then another replica published. When the cleaner's clock ran more than the
+    grace ahead of the seeder's (the stamp `t` was the writer's clock, the cut-off the
+    cleaner's), its clean-up deleted both, and the seed's publish was refused ("names audio
+    the store does not have"). Stamps and ages are now the Redis server's (the cleaner-behind
+    case guards the other direction)."""
+    cleaner = RedisStore(redis_url, prefix="vgtest:",
+                         clock=lambda: time.time() + cleaner_skew_s)
+    seeder = RedisStore(redis_url, prefix="vgtest:",  # the default grace, 3600 s
+                        clock=lambda: time.time() + seeder_skew_s)
+    raw = redis.Redis.from_url(redis_url)
+    written, reused = audio_key("Rendered now.", "v"), audio_key("Rendered long ago.", "v")
+    seeder.put_audio(reused, CLIP)
+    _age(raw, f"vgtest:audio:{reused}", 7200, "t")  # unused for two hours: past the grace
+
+    seeder.put_audio(written, CLIP)  # the seed renders one answer
+    assert seeder.claim_audio(reused)  # and reuses the other
+    cleaner.publish(bundle("other replica"))  # its clean-up runs while the seed calibrates
+    seeded = seeder.publish(with_audio(written, reused))
+    assert seeder.current_version() == seeded == cleaner.current_version()
+    assert cleaner.get_audio(written) == CLIP == cleaner.get_audio(reused)
+    raw.close()
+    cleaner.close()
     seeder.close()
 
 
@@ -456,14 +487,15 @@ def test_audio_no_kept_version_names_goes_once_no_seed_used_it_for_the_grace(
         return {k for k in (a, b, c, d, legacy) if store.has_audio(k)}
 
     first = publish(a)
-    # The first clean-up to find it unused starts its grace.
-    assert float(raw.hget(f"vgtest:audio:{legacy}", "t")) == now[0]
+    # The first clean-up to find it unused starts its grace (the Redis server's clock).
+    assert abs(float(raw.hget(f"vgtest:audio:{legacy}", "t")) - raw.time()[0]) < 60
     second = publish(a, b)
     third = publish(c)
     assert store.versions() == sorted([second, third])  # the first is gone
     assert stored() == {a, b, c, d, legacy}  # unused audio within the grace stays
 
-    now[0] += 200  # past the grace of all of them
+    for key in (a, b, c, d, legacy):  # past the grace of all of them
+        _age(raw, f"vgtest:audio:{key}", 200, "t")
     assert store.claim_audio(b)  # a seed is about to reuse b: no version names it yet
     assert not store.claim_audio(audio_key("never stored", "voice-1"))
     fourth = publish(c)  # the second goes: a and b are named by no kept version
@@ -489,31 +521,29 @@ def test_the_current_version_is_kept_even_when_another_clock_dated_one_later(
     behind.close()
 
 
-def test_a_seed_claiming_audio_while_the_clean_up_runs_keeps_it(redis_url: str) -> None:
+def test_a_seed_claiming_audio_while_the_clean_up_runs_keeps_it(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The clean-up decides on a snapshot; a seed (another replica) claims audio after the
     clean-up read its age and before it deletes it: the transaction watching that audio
     is aborted, and the audio stays for the seed."""
-    now = [1000.0]
-    calls = 0
-
-    def clock() -> float:
-        nonlocal calls
-        calls += 1
-        if calls == armed:  # the clean-up's cutoff: after it read the audio's age
-            assert seeder.claim_audio(x)
-        return now[0]
-
-    armed = -1
-    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=1, audio_grace_s=100,
-                       clock=clock)
-    seeder = RedisStore(redis_url, prefix="vgtest:", clock=lambda: now[0])
+    store = RedisStore(redis_url, prefix="vgtest:", keep_versions=1, audio_grace_s=100)
+    seeder = RedisStore(redis_url, prefix="vgtest:")
     x = audio_key("Reused.", "v")
     store.put_audio(x, CLIP)
-    now[0] += 200
-    armed = calls + 2  # this publish's clock: its publish time, then the clean-up's cutoff
+    raw = redis.Redis.from_url(redis_url)
+    _age(raw, f"vgtest:audio:{x}", 200, "t")  # unused past the grace
+    raw.close()
+    server_time = store._redis.time
+    claimed: list[bool] = []
+
+    def claimed_first() -> Any:  # the clean-up's cutoff: after it read the audio's age
+        claimed.append(seeder.claim_audio(x))
+        return server_time()
+
+    monkeypatch.setattr(store._redis, "time", claimed_first)
     store.publish(bundle("without x"))
-    assert store.has_audio(x)
-    now[0] += 1
+    monkeypatch.undo()
+    assert claimed == [True] and store.has_audio(x)
     store.publish(with_audio(x))  # the seed publishes: its version is whole
     assert store.get_audio(x) == CLIP
     store.close()
