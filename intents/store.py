@@ -18,8 +18,10 @@ deletes the rest, and deletes audio that none of the kept versions names once no
 has written or reused it (``claim_audio``) for ``audio_grace_s``: a seed between its
 rendering and its publish has no version naming its audio yet. Should the grace be too
 short for a seed, its publish is refused (the pointer never names a version whose audio
-is gone) rather than served broken. A clean-up that fails is logged and counted, never a
-failed publish.
+is gone) rather than served broken. The same clean-up deletes the temporary files
+(``.<name>.<hex>.tmp``) of audio or pointer writes whose process died before the rename, once
+they are older than that grace. A clean-up that fails is logged and counted, never a failed
+publish.
 
 Layout of a ``LocalStore``::
 
@@ -29,6 +31,8 @@ Layout of a ``LocalStore``::
     versions/.staging-<version>/ a version being written (locked by its publish)
     audio/<sha256>.wav           16-bit mono PCM answers (mtime: when a seed last wrote
                                  or reused it)
+    .CURRENT.<hex>.tmp, audio/.<sha256>.wav.<hex>.tmp
+                                 a write in progress (renamed into place when complete)
 """
 
 from __future__ import annotations
@@ -174,6 +178,8 @@ class Store(ABC):
 
 
 _AUDIO_FILE = re.compile(r"[0-9a-f]{64}\.wav")
+# ``_atomic_write``'s temporary file for ``target`` (``_temporary_path``).
+_TEMPORARY_FILE = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{8}\.tmp")
 
 
 class LocalStore(Store):
@@ -349,7 +355,8 @@ class LocalStore(Store):
 
     def _clean_up(self) -> None:
         """Under the publish lock: delete versions beyond the kept ones, then audio none of
-        them names that no seed wrote or reused within the grace period."""
+        them names that no seed wrote or reused within the grace period, then temporary files
+        older than the grace (``_sweep_temporaries``)."""
         current = self.current_version()
         by_age = sorted(((p.stat().st_mtime, p.name) for p in self._versions.iterdir()
                          if p.is_dir() and not p.name.startswith(".")), reverse=True)
@@ -370,13 +377,43 @@ class LocalStore(Store):
                 raise StoreError(f"cache version {name} lists no entries: its audio is "
                                  "unknown, so no audio was deleted")
             used |= keys
-        if not self._audio.is_dir():
-            return
         cutoff = self._clock() - self.audio_grace_s
-        for path in self._audio.iterdir():
-            if _AUDIO_FILE.fullmatch(path.name) and path.stem not in used \
-                    and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
+        if self._audio.is_dir():
+            for path in self._audio.iterdir():
+                if _AUDIO_FILE.fullmatch(path.name) and path.stem not in used \
+                        and path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+        self._sweep_temporaries(cutoff)
+
+    def _sweep_temporaries(self, cutoff: float) -> None:
+        """Delete the temporary files of ``_atomic_write`` (``.<name>.<hex>.tmp`` beside an
+        audio file or the pointer) that a process killed between the write and the rename
+        left, once last written before ``cutoff`` (the audio grace ago): a seed in another
+        process writes its audio outside the publish lock, and is about to rename a recent one.
+        Only regular files named exactly as ``_atomic_write`` names them for this store's
+        files, nothing else, however old."""
+        removed = 0
+        for directory, target in ((self.root, lambda name: name == self._pointer.name),
+                                  (self._audio, _AUDIO_FILE.fullmatch)):
+            try:
+                paths = list(directory.iterdir())
+            except FileNotFoundError:
+                continue
+            for path in paths:
+                found = _TEMPORARY_FILE.fullmatch(path.name)
+                if found is None or not target(found["target"]):
+                    continue
+                try:
+                    info = os.lstat(path)
+                    if not stat.S_ISREG(info.st_mode) or info.st_mtime >= cutoff:
+                        continue
+                    path.unlink()
+                except FileNotFoundError:
+                    continue  # renamed into place meanwhile
+                removed += 1
+        if removed:
+            log.info("cache_temporaries_swept count=%d dir=%s (left by writes that did not "
+                     "finish)", removed, self.root)
 
     def current_version(self) -> str | None:
         try:
@@ -440,8 +477,13 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _temporary_path(path: Path) -> Path:
+    """Where ``_atomic_write`` writes ``path`` before renaming it (``_TEMPORARY_FILE``)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    temporary = _temporary_path(path)
     try:
         _write_synced(temporary, data)
         os.replace(temporary, path)

@@ -361,3 +361,53 @@ def test_a_publish_sweeps_the_staging_directories_of_a_publisher_that_died(
     assert recent.is_dir() and owned.is_dir() and (owned / "manifest.json").is_file()
     assert store.current_version() == second and store.read()[0] == second
     assert store.versions() == sorted([first, second])
+
+
+def test_a_publish_deletes_the_stale_temporary_files_of_writes_that_died(
+        tmp_path: Path) -> None:
+    """Audio and the pointer are written to `.<name>.<hex>.tmp` and renamed into place; a
+    process killed between the two left the temporary file for ever. The clean-up after a
+    publish deletes one once it is older than the audio grace (by the store's clock), never
+    a recent one (a seed in another process may be about to rename it) and never anything
+    else, however old."""
+    now = [2_000_000_000.0]
+    store = LocalStore(tmp_path / "store", audio_grace_s=100, clock=lambda: now[0])
+    root = tmp_path / "store"
+    key, other = (audio_key(text, "voice-a") for text in "AB")
+    store.put_audio(key, Audio(b"\x01\x00\x02\x00", 8000))
+    first = store.publish(empty_bundle(key))
+
+    def aged(path: Path, age_s: float, directory: bool = False) -> Path:
+        if directory:
+            path.mkdir()
+        else:
+            path.write_bytes(b"half written")
+        os.utime(path, (now[0] - age_s, now[0] - age_s))
+        return path
+
+    stale = [aged(root / "audio" / f".{key}.wav.0123abcd.tmp", 200),
+             aged(root / "audio" / f".{other}.wav.fedcba98.tmp", 200),
+             aged(root / ".CURRENT.89abcdef.tmp", 200)]
+    fresh = [aged(root / "audio" / f".{other}.wav.00ff00ff.tmp", 50),
+             aged(root / ".CURRENT.ffffffff.tmp", 50)]
+    # Old, but not a temporary file of this store's writes: kept.
+    unrelated = [aged(root / "audio" / f".{other}.wav.tmp", 200),
+                 aged(root / "audio" / f".{other}.wav.0123abcd.tmp.bak", 200),
+                 aged(root / "audio" / f".{other}.wav.0123ABCD.tmp", 200),
+                 aged(root / "audio" / ".notes.txt.0123abcd.tmp", 200),
+                 aged(root / "audio" / f".{other}.wav.11111111.tmp", 200, directory=True),
+                 aged(root / ".manifest.json.0123abcd.tmp", 200),
+                 aged(root / "versions" / ".CURRENT.0123abcd.tmp", 200),
+                 aged(root / "notes.tmp", 200)]
+    real = [root / "CURRENT", root / ".publish.lock", root / "audio" / f"{key}.wav",
+            *(p for p in (root / "versions" / first).iterdir())]
+    os.utime(root / "audio" / f"{key}.wav", (now[0] - 200, now[0] - 200))  # old but named
+
+    now[0] += 1
+    second = store.publish(empty_bundle(key))
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.is_file() for p in fresh)
+    assert all(p.exists() for p in unrelated)
+    assert store.versions() == sorted([first, second])
+    assert all(p.is_file() for p in real)
+    assert store.current_version() == second and store.get_audio(key).pcm == b"\x01\x00\x02\x00"
