@@ -279,7 +279,8 @@ class Agent:
         """``preempted``: a stream started for these words before the turn ended; the first
         round takes it when its request is the one this turn would send, else it is
         cancelled and a fresh call made. ``clock``: the call's; ``filler_after_s`` (the
-        ``Slow`` cue) is timed on it (a test's ``ManualClock``)."""
+        ``Slow`` cue) and each tool's ``timeout_s`` are timed on it (a test's
+        ``ManualClock``)."""
         conversation.add_user(text)
         if self.llm is None:
             if preempted is not None:
@@ -368,7 +369,7 @@ class Agent:
                     yield Handoff(f"the LLM called {ignored}, a tool it was not offered"
                                   if ignored else "the LLM returned an empty reply")
                 return
-            tasks = [asyncio.create_task(self.runner.run(call)) for call in calls]
+            tasks = [asyncio.create_task(self.runner.run(call, clock)) for call in calls]
             try:
                 results = await asyncio.gather(*tasks)
             finally:

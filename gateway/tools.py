@@ -7,13 +7,12 @@ can explain to the caller ("the account service did not answer").
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 from pathlib import Path
 import httpx
 
+from gateway.clock import SYSTEM_CLOCK, Clock, deadline
 from gateway.providers.base import ToolCall, ToolSpec
 from . import logs
 
@@ -74,8 +73,9 @@ class ToolRunner:
         self._http = http or httpx.AsyncClient()
         self._owns_http = http is None
 
-    async def run(self, call: ToolCall) -> tuple[str, bool]:
-        """(content for the model, ok)."""
+    async def run(self, call: ToolCall, clock: Clock = SYSTEM_CLOCK) -> tuple[str, bool]:
+        """(content for the model, ok). ``timeout_s`` bounds the whole call on ``clock``
+        (the call's, which the agent hands on: a test's ``ManualClock``)."""
         tool = self.tools.get(call.name)
         if tool is None:
             return _error(f"there is no tool named {call.name}"), False
@@ -83,11 +83,11 @@ class ToolRunner:
             arguments = json.loads(call.arguments or "{}")
         except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             return _error(f"the arguments for {call.name} were not valid JSON"), False
-        started = time.monotonic()
+        started = clock.now()
         try:
             # httpx's timeout bounds each read, not the call: a webhook that trickles its
             # answer a byte at a time would hold the turn for ever. timeout_s bounds it all.
-            async with asyncio.timeout(tool.timeout_s):
+            async with deadline(clock, tool.timeout_s):
                 async with self._http.stream(
                         "POST", tool.url, timeout=tool.timeout_s,
                         json={"tool": call.name, "call_id": call.id, "arguments": arguments}
@@ -106,7 +106,7 @@ class ToolRunner:
             logs.event(log, "tool_error", logging.WARNING, tool=call.name, error=type(exc).__name__,
                        detail=str(exc)[:300])
             return _error(f"{call.name} could not be called with these arguments"), False
-        ms = (time.monotonic() - started) * 1000
+        ms = (clock.now() - started) * 1000
         if status >= 400:
             logs.event(log, "tool_failed", logging.WARNING, tool=call.name, status=status, ms=round(ms))
             return _error(f"{call.name} failed with status {status}"), False

@@ -67,4 +67,7 @@ def llm_server() -> Iterator[tuple[FakeOpenAI, ServerThread]]:
 def webhook() -> Iterator[tuple[FakeWebhook, ServerThread]]:
     fake = FakeWebhook()
     with ServerThread(fake.app) as server:
-        yield fake, server
+        try:
+            yield fake, server
+        finally:
+            fake.release.set()  # no held answer outlives its test

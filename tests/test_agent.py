@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from gateway.agent import Agent, Conversation, Handoff, Sentence, Slow, ToolStarted
-from gateway.clock import ManualClock
+from gateway.clock import Clock, ManualClock
 from gateway.hedge import HedgedChat
 from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec
 from gateway.providers.openai_llm import OpenAIChat
@@ -51,9 +51,13 @@ def make_agent(server, *models: str, tools=(), webhook_url: str = "", timeout_s:
     return Agent(llm, specs, filler_after_s=None)
 
 
-async def run(agent: Agent, text: str, conversation: Conversation | None = None):
+async def run(agent: Agent, text: str, conversation: Conversation | None = None,
+              clock: ManualClock | None = None):
+    """The turn's events, on ``clock`` (a ManualClock of its own unless given): no tool's
+    timeout_s passes unless the test advances it, however slowly the webhook answers."""
     conversation = conversation or agent.new_conversation()
-    return [event async for event in agent.respond(conversation, text)], conversation
+    events = agent.respond(conversation, text, clock=clock or ManualClock())
+    return [event async for event in events], conversation
 
 
 async def test_tool_call_plays_filler_before_the_answer_and_result_reaches_model(llm_server, webhook):
@@ -79,35 +83,56 @@ async def test_tool_call_plays_filler_before_the_answer_and_result_reaches_model
 
 
 async def test_tool_timeout_goes_back_to_the_model_as_an_error(llm_server, webhook):
+    # timeout_s passes on the turn's clock (a manual one): the webhook holds its answer
+    # until the test releases it, after the timeout, when it comes too late.
     fake, server = llm_server
     hook, hook_server = webhook
-    hook.delay_s = 5.0
+    hook.hold = True
     fake.script = tool_script("Sorry, I can't reach your account right now.")
-    agent = make_agent(server, "m", tools=[BALANCE], webhook_url=hook_server.url, timeout_s=0.2)
-
-    events, _ = await run(agent, "What's my balance?")
+    agent = make_agent(server, "m", tools=[BALANCE], webhook_url=hook_server.url, timeout_s=30.0)
+    clock = ManualClock()
+    turn = asyncio.create_task(run(agent, "What's my balance?", clock=clock))
+    try:
+        assert await hook.calls.reach(1), "the tool was never called"
+        await clock.advance(29.9)
+        assert not turn.done()  # waiting for the tool, within its timeout
+        await clock.advance(0.1)
+        hook.release.set()  # the answer, now too late
+        events, _ = await turn
+    finally:
+        turn.cancel()
+        await agent.aclose()
 
     assert isinstance(events[0], ToolStarted)
     assert any(isinstance(e, Sentence) and "can't reach" in e.text for e in events)
     tool_message = [m for m in fake.stats.bodies[-1]["messages"] if m["role"] == "tool"][0]
-    assert "did not answer" in json.loads(tool_message["content"])["error"]
-    await agent.aclose()
+    assert json.loads(tool_message["content"]) == {
+        "error": "get_balance did not answer within 30 seconds"}
 
 
 async def test_a_trickling_webhook_is_cut_off_at_the_tool_timeout(webhook):
-    # Every byte comes well within timeout_s, the whole answer (30 bytes 50 ms apart) long
-    # after it: timeout_s bounds the call, not each read.
+    # Every byte comes well within timeout_s (a space every 10 ms), the whole answer only
+    # once the test releases it, after timeout_s of the runner's clock (a manual one):
+    # timeout_s bounds the call, not each read.
     hook, hook_server = webhook
-    hook.trickle_s = 0.05
+    hook.hold, hook.trickle_s = True, 0.01
     hook.handler = lambda payload: {"balance": "12.00"}
     runner = ToolRunner([ToolSpec("get_balance", "", url=hook_server.url + "/tool/get_balance",
-                                  timeout_s=0.3)])
+                                  timeout_s=30.0)])
+    clock = ManualClock()
+    call = asyncio.create_task(runner.run(ToolCall("call_1", "get_balance", "{}"), clock))
     try:
-        content, ok = await runner.run(ToolCall("call_1", "get_balance", "{}"))
+        assert await hook.trickled.reach(3), "the webhook never began its answer"
+        await clock.advance(29.9)
+        assert not call.done()  # still reading, within the timeout
+        await clock.advance(0.1)
+        hook.release.set()  # the rest of the answer, now too late
+        content, ok = await call
     finally:
+        call.cancel()
         await runner.aclose()
-    assert hook.calls and not ok
-    assert json.loads(content) == {"error": "get_balance did not answer within 0.3 seconds"}
+    assert not ok
+    assert json.loads(content) == {"error": "get_balance did not answer within 30 seconds"}
 
 
 async def test_no_llm_configured_is_a_handoff():
@@ -575,7 +600,8 @@ async def test_a_huge_tool_answer_is_not_read_whole(webhook):
     runner = ToolRunner([ToolSpec("get_history", "", url=hook_server.url + "/tool/get_history",
                                   timeout_s=60.0)], http=httpx.AsyncClient(transport=transport))
     try:
-        content, ok = await runner.run(ToolCall("c1", "get_history", "{}"))
+        # On a clock that stands still: the 60 s never pass, however slowly 8 MB come.
+        content, ok = await runner.run(ToolCall("c1", "get_history", "{}"), ManualClock())
     finally:
         await transport.aclose()
     assert ok and len(content) <= MAX_RESULT_CHARS
@@ -605,7 +631,9 @@ async def test_a_tool_call_the_runner_cannot_send_goes_back_as_an_error(webhook)
     events: list[Any] = []
     error: BaseException | None = None
     try:
-        async for event in agent.respond(agent.new_conversation(), "order and balance?"):
+        # On a clock that stands still: the webhook's 2 s never reach the 10 s timeout.
+        async for event in agent.respond(agent.new_conversation(), "order and balance?",
+                                         clock=ManualClock()):
             events.append(event)
     except Exception as exc:  # noqa: BLE001 - the defect under test
         error = exc
@@ -626,7 +654,7 @@ async def test_a_tool_runner_raising_cancels_the_other_tool_calls():
         def __init__(self) -> None:
             self.cancelled: list[str] = []
 
-        async def run(self, call: ToolCall) -> tuple[str, bool]:
+        async def run(self, call: ToolCall, clock: Clock) -> tuple[str, bool]:
             if call.id == "c2":
                 raise RuntimeError("runner bug")
             try:
@@ -685,7 +713,7 @@ class BalanceRunner:
     def __init__(self) -> None:
         self.calls: list[ToolCall] = []
 
-    async def run(self, call: ToolCall) -> tuple[str, bool]:
+    async def run(self, call: ToolCall, clock: Clock) -> tuple[str, bool]:
         self.calls.append(call)
         return json.dumps({"balance": "12.00"}), True
 

@@ -10,6 +10,7 @@ import copy
 import pytest
 
 from gateway.agent import Agent, Sentence
+from gateway.clock import Clock
 from gateway.hedge import HedgedChat
 from gateway.providers.base import LLMChunk, ToolCall, ToolSpec, Transcript
 from gateway.settings import Settings, SettingsError
@@ -137,7 +138,7 @@ class RecordingRunner:
         self.clock = clock
         self.ran: list[tuple[str, float]] = []
 
-    async def run(self, call: ToolCall) -> tuple[str, bool]:
+    async def run(self, call: ToolCall, clock: Clock) -> tuple[str, bool]:
         self.ran.append((call.name, self.clock.now()))
         return '{"status": "on its way"}', True
 

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 from typing import Any
 
 import uvicorn
+
+
+class Arrivals(list):
+    """A list a fake server's thread appends to (requests, bytes sent) that a test awaits
+    growing: ``await fake.requests.reach(1)`` wakes when the server appends, no polling.
+    ``timeout`` only bounds a wait that would otherwise hang (the item never comes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._grew = threading.Condition()
+
+    def append(self, item: Any) -> None:
+        with self._grew:
+            super().append(item)
+            self._grew.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` items are in (True), or ``timeout`` s pass (False)."""
+        with self._grew:
+            return self._grew.wait_for(lambda: len(self) >= count, timeout)
+
+    async def reach(self, count: int, timeout: float = 30.0) -> bool:
+        return await asyncio.to_thread(self.wait_for, count, timeout)
 
 
 class ServerThread:
