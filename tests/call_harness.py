@@ -302,16 +302,36 @@ class RecordingOutput:
         self.events: list[dict[str, Any]] = []
         self.frames: list[tuple[float, bytes]] = []
         self.interrupted_at: list[float] = []  # clock time of every interrupt
+        self._recorded = asyncio.Event()  # set on everything recorded, for ``until``
 
     async def send_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
+        self._recorded.set()
 
     async def send_audio(self, frame: bytes) -> None:
         self.frames.append((self._clock.now(), frame))
+        self._recorded.set()
 
     async def interrupt(self, event: dict[str, Any]) -> None:
         self.events.append(event)
         self.interrupted_at.append(self._clock.now())
+        self._recorded.set()
+
+    async def until(self, condition: Callable[[], object], timeout: float = 30.0) -> bool:
+        """Wait, the clock standing still, until ``condition()`` holds: checked again each
+        time something is recorded (say the audio a real voice's network answer brought),
+        no polling. False if it never held within ``timeout`` s, a bound on a wait that
+        would otherwise hang, never a pace."""
+        async def holds() -> None:
+            while not condition():
+                self._recorded.clear()
+                await self._recorded.wait()
+
+        try:
+            await asyncio.wait_for(holds(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def of(self, kind: str, **match: Any) -> list[dict[str, Any]]:
         return [e for e in self.events if e["type"] == kind

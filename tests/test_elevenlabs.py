@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
@@ -111,15 +110,6 @@ def test_a_reseed_after_a_model_or_rate_change_renders_the_answers_again(eleven,
         loop.close()
 
 
-async def wait_for_async(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.05)
-    return condition()
-
-
 @pytest.mark.slow
 async def test_a_replica_whose_voice_was_down_at_start_becomes_ready_once_it_is_back(
         settings, runtime, monkeypatch) -> None:
@@ -145,15 +135,19 @@ async def test_a_replica_whose_voice_was_down_at_start_becomes_ready_once_it_is_
         services = Services(cloud, booting)
         try:
             await services.start()
-            # The start-up asked the voice and was refused.
-            assert await wait_for_async(lambda: len(voice.requests) >= 1, 20), \
-                "the start-up never asked the voice"
-            assert not services.ready
-            assert await wait_for_async(lambda: services.load_error is not None, 20)
+            # The start-up asked the voice, was refused, and asks again (the voice is asked
+            # one prompt at a time: a second request is a retry).
+            assert await voice.requests.reach(1), "the start-up never asked the voice"
+            assert await voice.requests.reach(2), (
+                f"the start-up never asked the voice again: {services.readiness()}")
+            assert not services.ready and services.load_error is not None
             voice.status = 200  # the voice is back
-            became_ready = await wait_for_async(lambda: services.ready, 30)
-            assert became_ready, ("the voice answers again, but the replica stays not ready "
-                                  f"for good: {services.readiness()}")
+            assert services._load_task is not None
+            # The start-up ends (ready, or given up) when its task does: awaited, not polled
+            # (30 s only bounds a start-up that would go on for good).
+            await asyncio.wait([services._load_task], timeout=30)
+            assert services.ready, ("the voice answers again, but the replica stays not ready "
+                                    f"for good: {services.readiness()}")
         finally:
             await services.aclose()
             await tts.aclose()
@@ -171,13 +165,13 @@ async def test_a_stream_with_no_audio_fails_at_its_first_audio_deadline(eleven, 
                         first_audio_timeout_s=4.0, clock=clock)
     synthesis = asyncio.ensure_future(_all(tts.synthesize("Our branches open at nine.")))
     try:
-        assert await wait_for_async(lambda: len(fake.requests) == 1, 10), "never asked"
+        assert await fake.requests.reach(1), "never asked"
         await clock.advance(3.9)
         assert not synthesis.done()
         await clock.advance(0.2)
-        assert await wait_for_async(synthesis.done, 10), "no failure past the deadline"
+        fake.release.set()  # the audio, now too late: the synthesis failed at the deadline
         with pytest.raises(ProviderError, match=r"no audio within 4 s of the request"):
-            synthesis.result()
+            await synthesis
     finally:
         synthesis.cancel()
         await tts.aclose()
@@ -219,7 +213,7 @@ async def test_a_call_whose_voice_stalls_hears_the_apology_at_the_deadline(eleve
     try:
         await h.text("when do you open")
         asked_at = h.clock.now()
-        assert await wait_for_async(lambda: len(fake.requests) == 1, 10), "never asked"
+        assert await fake.requests.reach(1), "never asked"
         await h.wait(3900)
         assert h.output.of("error") == [] and h.output.frames == []  # silence, so far
         await h.wait(200)
@@ -233,7 +227,7 @@ async def test_a_call_whose_voice_stalls_hears_the_apology_at_the_deadline(eleve
         fake.stall_before_audio.clear()  # the voice is back
         await h.wait(2000)
         await h.text("and on saturday")
-        assert await wait_for_async(lambda: h.output.of("response", source="llm"), 10)
+        assert await h.output.until(lambda: h.output.of("response", source="llm"))
         await h.wait(3000)
         assert [e["source"] for e in h.output.of("response")] == ["apology", "llm"]
         assert len(fake.requests) == 2 and len(h.output.of("error")) == 1
@@ -277,7 +271,7 @@ async def test_a_call_whose_voice_stalls_mid_sentence_hears_the_apology_at_the_g
     fake.piece_bytes = tts._chunk_bytes - 1
     try:
         await h.text("when do you open")
-        assert await wait_for_async(lambda: bool(h.output.frames), 10), "no first audio"
+        assert await h.output.until(lambda: h.output.frames), "no first audio"
         stalled_at = h.clock.now()
         await h.wait(3980)
         assert h.output.of("error") == []  # silence after the first piece, so far
@@ -292,7 +286,7 @@ async def test_a_call_whose_voice_stalls_mid_sentence_hears_the_apology_at_the_g
         fake.hold_after_first.clear()  # the voice is well again
         await h.wait(2000)
         await h.text("and on saturday")
-        assert await wait_for_async(lambda: len(h.output.of("response", source="llm")) == 2, 10)
+        assert await h.output.until(lambda: len(h.output.of("response", source="llm")) == 2)
         await h.wait(3000)
         assert [e["source"] for e in h.output.of("response")] == ["llm", "apology", "llm"]
         assert len(fake.requests) == 2 and len(h.output.of("error")) == 1

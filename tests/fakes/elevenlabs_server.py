@@ -18,13 +18,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.fakes.server import Arrivals
+
 MS_PER_CHAR = 20  # synthetic speech length
 
 
 class FakeElevenLabs:
     def __init__(self, api_key: str = "test-key") -> None:
         self.api_key = api_key
-        self.requests: list[dict[str, Any]] = []
+        self.requests: Arrivals = Arrivals()  # a test awaits them: ``requests.reach(n)``
         self.piece_bytes = 3000  # deliberately odd-sized pieces (of 2-byte samples: even count)
         self.piece_delay_s = 0.0
         self.status = 200
