@@ -451,3 +451,27 @@ class CallHarness:
 
     def metrics(self) -> list[dict[str, Any]]:
         return self.output.of("turn_metrics")
+
+
+async def assert_a_stalled_voice_fails_the_turn(
+        h: CallHarness, stalled_at: float, message: str, sources: list[str], *,
+        timeout_s: float = 4.0, meanwhile: Callable[[], object] = lambda: True) -> None:
+    """The voice of turn 1's reply stalled at ``stalled_at`` (a time of ``h.clock``). The
+    call stays silent for ``timeout_s`` of its clock: a frame before that no error yet
+    (and ``meanwhile()`` holds); then the turn fails as ``tts_failed`` (counted once,
+    ``message`` in the error), the apology's first frame ``timeout_s`` after the stall, and
+    the call's responses so far are ``sources``."""
+    await h.wait(round((stalled_at + timeout_s - h.clock.now()) * 1000) - FRAME_MS)
+    assert h.output.of("error") == [], f"failed before the timeout: {h.output.of('error')}"
+    assert meanwhile(), "before the timeout"
+    sent = len(h.output.frames)
+    await h.wait(2 * FRAME_MS)
+    errors = h.output.of("error")
+    assert [(e["code"], e["turn"]) for e in errors] == [("tts_failed", 1)], errors
+    assert message in errors[0]["message"], errors[0]["message"]
+    heard = [e["source"] for e in h.output.of("response")]
+    assert heard == sources, heard
+    assert len(h.output.frames) > sent, "no apology audio"
+    apology_after = h.output.frames[sent][0] - stalled_at
+    assert abs(apology_after - timeout_s) <= 0.001, f"the apology {apology_after} s after the stall"
+    assert h.stats.errors["tts_failed"] == 1, h.stats.errors
