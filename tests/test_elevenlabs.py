@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import pytest
 
@@ -259,13 +259,30 @@ async def test_a_call_whose_voice_stalls_mid_sentence_hears_the_apology_at_the_g
     fake, server = eleven
     fake.hold_after_first.set()
     h, tts = await _call_on_the_fake_voice(fake, server)
-    # The first piece is one chunk of the SDK's (the fake sends piece_bytes + 1): the SDK
-    # hands a chunk over whole, so once its audio plays all of the piece is in and nothing
-    # more comes. The clock has stood since the text: the stall starts now on it.
-    fake.piece_bytes = tts._chunk_bytes - 1
+    # The stall starts once the call has all of the first piece's audio (the fake sends
+    # piece_bytes + 1, even) and asks for more, however the SDK splits it into chunks. A
+    # chunk_size SDK holds back a partial chunk until the stream goes on: the piece is a
+    # whole number of them (two). The clock has stood since the text: the stall starts
+    # then on it.
+    piece = 2 * tts._chunk_bytes
+    fake.piece_bytes = piece - 1
+    received = 0
+    piece_in = asyncio.Event()
+    synthesize = tts.synthesize
+
+    async def counting(text: str) -> AsyncIterator[bytes]:
+        nonlocal received
+        async for chunk in synthesize(text):
+            yield chunk
+            received += len(chunk)  # the call took it and asks for the next
+            if received >= piece:
+                piece_in.set()
+
+    tts.synthesize = counting  # type: ignore[method-assign]
     try:
         await h.text("when do you open")
-        assert await h.output.until(lambda: h.output.frames), "no first audio"
+        await asyncio.wait_for(piece_in.wait(), 30)  # a bound on a hang, never a pace
+        assert received == piece, f"{received} bytes of the first piece's {piece}"
         await assert_a_stalled_voice_fails_the_turn(
             h, h.clock.now(), "no audio for 4 s in the middle of a synthesis", ["llm", "apology"])
 
