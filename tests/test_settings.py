@@ -13,6 +13,12 @@ from gateway.settings import SECRET_FIELDS, Settings, SettingsError, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# What a developer's shell may export that changes the models `voicegate demo` loads or
+# the store it serves: a demo test clears them all, then sets the ones it is about.
+DEMO_ENVIRON = ("VOICEGATE_CONFIG", "VOICEGATE_REDIS_URL", "VOICEGATE_TURN_MODEL",
+                "VOICEGATE_STT_PROVIDER", "VOICEGATE_TTS_PROVIDER", "VOICEGATE_PIPER_VOICE",
+                "VOICEGATE_WHISPER_MODEL_DIR")
+
 
 def test_environment_and_overrides():
     env = {"VOICEGATE_PORT": "9000", "VOICEGATE_BARGE_IN_MIN_SPEECH_MS": "250",
@@ -303,11 +309,9 @@ def test_a_command_exits_with_the_cause_when_a_model_does_not_load(command, tmp_
 
     empty = tmp_path / "whisper-model"
     empty.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
-               VOICEGATE_STT_PROVIDER="whisper", VOICEGATE_WHISPER_MODEL_DIR=str(empty),
-               VOICEGATE_TURN_MODEL="none")
-    for name in ("VOICEGATE_CONFIG", "VOICEGATE_REDIS_URL"):
-        env.pop(name, None)
+    env = {name: value for name, value in os.environ.items() if name not in DEMO_ENVIRON}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", VOICEGATE_STT_PROVIDER="whisper",
+               VOICEGATE_WHISPER_MODEL_DIR=str(empty), VOICEGATE_TURN_MODEL="none")
     argv = {"serve": ["serve", "--host", "127.0.0.1", "--port", "0",
                       "--store", str(tmp_path / "store")],
             "demo": ["demo", "--out", str(tmp_path / "demo-out")]}[command]
@@ -357,8 +361,8 @@ def test_a_background_server_without_a_socket_says_so(monkeypatch, tmp_path):
 
 
 def _demo_on_fakes(monkeypatch) -> dict[str, Any]:
-    """``voicegate demo`` with no model loaded, nothing rendered and no server: what it
-    served and seeded lands in the dict returned."""
+    """``voicegate demo`` with no model loaded, nothing rendered and no server, and none of
+    ``DEMO_ENVIRON`` set: what it served and seeded lands in the dict returned."""
     import gateway.demo
 
     seen: dict[str, Any] = {}
@@ -387,7 +391,8 @@ def _demo_on_fakes(monkeypatch) -> dict[str, Any]:
     monkeypatch.setattr(gateway.demo, "seed_with_voice", seed_with_voice)
     monkeypatch.setattr(gateway.demo, "BackgroundServer", Server)
     monkeypatch.setattr(gateway.demo, "_converse", converse)
-    monkeypatch.delenv("VOICEGATE_CONFIG", raising=False)
+    for name in DEMO_ENVIRON:
+        monkeypatch.delenv(name, raising=False)
     return seen
 
 
@@ -424,9 +429,6 @@ def test_the_demo_banner_names_the_models_the_settings_load(monkeypatch, tmp_pat
     from gateway import cli
 
     _demo_on_fakes(monkeypatch)
-    for name in ("VOICEGATE_TURN_MODEL", "VOICEGATE_STT_PROVIDER", "VOICEGATE_TTS_PROVIDER",
-                 "VOICEGATE_PIPER_VOICE", "VOICEGATE_WHISPER_MODEL_DIR"):
-        monkeypatch.delenv(name, raising=False)
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     assert cli.main(["demo", "--out", str(tmp_path / "demo-out")]) == 0
@@ -444,8 +446,6 @@ def test_the_demo_runs_on_the_embedded_models_even_with_cloud_ones_exported(
     from gateway import cli
 
     seen = _demo_on_fakes(monkeypatch)
-    for name in ("VOICEGATE_TURN_MODEL", "VOICEGATE_PIPER_VOICE", "VOICEGATE_WHISPER_MODEL_DIR"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VOICEGATE_TTS_PROVIDER", "elevenlabs")
     monkeypatch.setenv("VOICEGATE_STT_PROVIDER", "deepgram")
     assert cli.main(["demo", "--out", str(tmp_path / "demo-out")]) == 0
