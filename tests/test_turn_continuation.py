@@ -280,3 +280,29 @@ async def test_words_past_the_window_or_its_restart_are_a_turn_of_their_own(uh_m
     assert "continues" not in h.metrics()[-1]
     assert h.transcripts()[-1] == "while i was abroad"
     assert h.stats.snapshot()["continuations"] == 0
+
+
+async def test_speech_after_a_typed_message_does_not_continue_the_turn_the_message_stopped():
+    # "tell me about my card" is answered; the caller types "hello", which stops the answer
+    # (its LLM stream takes 1 s to close) and queues the typed turn behind it. Speech 0.16 s
+    # later, within the spoken turn's window, stops the typed turn. The speech did not stop
+    # the answer (the message did: the caller typed on), yet the answer, still closing, was
+    # counted among the replies the speech stopped, and the spoken words were asked as
+    # "tell me about my card where is my parcel", the answer's exchange withdrawn.
+    h = CallHarness()
+    h.llm.reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
+    h.llm.close_s = 1.0
+    await h.start()
+    await h.say("tell me about my card", then_silence_ms=400)
+    await h.wait(100)
+    assert h.call.speaking
+    h.llm.reply = "Okay."
+    await h.text("hello")
+    await h.say("where is my parcel", then_silence_ms=1500)
+    await h.wait(3000)
+    await h.stop()
+    assert [e["cause"] for e in h.output.of("interrupt")] == ["text", "speech"]
+    assert h.transcripts() == ["tell me about my card", "where is my parcel"]
+    assert "continues" not in h.metrics()[-1]
+    assert h.stats.snapshot()["continuations"] == 0
+    assert user_texts(h.llm.requests[-1]) == ["tell me about my card", "where is my parcel"]

@@ -775,7 +775,10 @@ class Call:
             return
         # Those it waits for too: the one playing may be ahead of it (``task`` is then
         # the empty turn of an "uh" that held it), and the cancel reaches it down the queue.
-        self._stopped_by_speech = (frozenset(self._reply_tasks), speech_at) \
+        # Not one already stopped, still closing (``_wait_for_previous`` leaves it be): this
+        # speech did not stop it (a text message or a key may have: no spoken continuation).
+        self._stopped_by_speech = (frozenset(t for t in self._reply_tasks
+                                             if t is task or not t.cancelling()), speech_at) \
             if speech_at is not None else None
         # Held only with audio to hold: a playout still open (this reply's, or a resumed
         # one it is queued behind), or this reply's own, already played. A reply not yet
