@@ -268,7 +268,8 @@ class Settings(BaseModel):
     # that turn: the caller had paused mid-sentence after words that sounded finished
     # ("I lost my card ... in a shop abroad"), so the earlier words open the new turn and
     # the agent is asked once, whole. A false interruption that began in the window (an
-    # "uh": sound, no words) restarts it as the reply resumes: the caller held the floor.
+    # "uh": sound, no words) restarts it as the reply resumes, once a turn: the caller
+    # held the floor.
     # 0: every barge-in starts a turn of its own.
     turn_continuation_ms: Annotated[int, Field(ge=0, le=10000)] = 1000
     # Silence after speech that ends the caller's turn while nothing tells whether the

@@ -880,9 +880,14 @@ class Call:
     def _restart_window_if_held_the_floor(self, held: asyncio.Task[None] | None) -> None:
         """The noise that held ``held`` began within its turn's continuation window: the
         window restarts now, as the reply resumes (what the caller says next is measured
-        from here). Noise after the window restarts nothing: the turn stays closed."""
+        from here). Noise after the window restarts nothing: the turn stays closed. Once a
+        turn: on a noisy line every cough would keep it open, and the caller's next
+        question would be asked joined to the answered one."""
         tl, stopped = self._reply_tl, self._stopped_by_speech
-        if tl is not None and held is not None and stopped is not None \
+        if tl is None or (self._window_restarted is not None
+                          and self._window_restarted[0] is tl):
+            return
+        if held is not None and stopped is not None \
                 and held in stopped[0] and self._within_continuation(tl, stopped[1]):
             self._window_restarted = (tl, self._clock.now())
 
