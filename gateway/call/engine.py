@@ -617,7 +617,11 @@ class Call:
             tl.mark(stage, at)
         tl.info["input"] = "text"
         if normalize_text(text):
-            self._start_reply(tl, self._answer(tl, text, typed=True))
+            # Stopped by the caller's speech before it ran (queued behind a reply still
+            # closing), the message is not lost: it opens the next spoken turn, as spoken
+            # words stopped before their answer do. A later message supersedes it.
+            self._start_reply(tl, self._answer(tl, text, typed=True),
+                              if_never_ran=lambda: self._carry.append(_said(text)))
 
     # ------------------------------------------------------------------ replies
 
@@ -1103,6 +1107,13 @@ class Call:
                                  score=1.0, reason=f"key {action.key}")
         self._start_reply(tl, self._answer(tl, text, route=False, decision=decision,
                                            typed=True))
+
+
+def _said(text: str) -> asyncio.Future[Transcript]:
+    """Words already known (a typed message) in the carry's form: a decoded final."""
+    said: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
+    said.set_result(Transcript(text=text, final=True))
+    return said
 
 
 def _joined(texts: list[str]) -> str:
