@@ -34,6 +34,9 @@ Sets (texts are never tuned on: hits come from Banking77 *dev*, the seed from *t
   before anything was measured on it, to measure a false interruption restarting a cut
   turn's continuation window; like fresh6's "I lost my card, uh, ..." several open with a
   finished cached question and go on after a filler.
+  PAUSED_TEXTS_FRESH8 (``paused_set="fresh8"``) was written on 2026-11-26 (stop 43), before
+  anything was measured on it, in the style of fresh4-6 (not weighted to any class), for a
+  representative cut-off figure after the continuation change.
 
 Clips are cached under .cache/speech-corpus (git-ignored), keyed by text, voice and rate.
 """
@@ -242,6 +245,25 @@ PAUSED_TEXTS_FRESH7: list[list[str]] = [
     ["can I see", "uh", "my pending payments", "in the app"],
 ]
 
+PAUSED_TEXTS_FRESH8: list[list[str]] = [
+    ["my savings number is", "eight four", "one one", "three"],
+    ["can you", "um", "send me a new pin"],
+    ["why did", "the shop", "charge me in dollars"],
+    ["I moved", "uh", "to a new flat", "last month"],
+    ["how long", "until my card", "gets delivered"],
+    ["I'd like to", "um", "add money", "from my other bank"],
+    ["there's a payment", "I didn't make", "yesterday evening"],
+    ["what is", "uh", "the fee for", "a transfer in euros"],
+    ["my card keeps", "getting declined", "online"],
+    ["I sent", "two hundred", "and forty", "to the wrong account"],
+    ["can I", "use apple pay", "with this card"],
+    ["I need to", "um", "update my phone number"],
+    ["my payment", "is still pending", "after three days"],
+    ["where can I", "see my", "exchange rate"],
+    ["I think", "my account", "uh", "has been hacked"],
+    ["my old card", "expired", "and the new one", "isn't here"],
+]
+
 @dataclass
 class Clip:
     text: str
@@ -382,7 +404,8 @@ PAUSED_SETS: dict[str, list[list[str]]] = {
     "dev": PAUSED_TEXTS, "heldout": PAUSED_TEXTS_HELDOUT, "fresh": PAUSED_TEXTS_FRESH,
     "fresh2": PAUSED_TEXTS_FRESH2, "fresh3": PAUSED_TEXTS_FRESH3,
     "fresh4": PAUSED_TEXTS_FRESH4, "fresh5": PAUSED_TEXTS_FRESH5,
-    "fresh6": PAUSED_TEXTS_FRESH6, "fresh7": PAUSED_TEXTS_FRESH7}
+    "fresh6": PAUSED_TEXTS_FRESH6, "fresh7": PAUSED_TEXTS_FRESH7,
+    "fresh8": PAUSED_TEXTS_FRESH8}
 
 
 def paused_texts(seed: int, paused_set: str = "") -> list[list[str]]:
