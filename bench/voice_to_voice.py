@@ -272,14 +272,6 @@ class Line:
         events = self.events[first_event:]
         record.events = [e["type"] for _, e in events]
         record.event_ms = [round((t - last_speech_at) * 1000, 1) for t, _ in events]
-        if clip.kind == "paused":
-            samples_per_frame = self.frame_bytes // 2
-
-            def sent(sample16k: int) -> float:
-                frame = min(len(sent_at) - 1,
-                            (sample16k * self.rate // 16000) // samples_per_frame)
-                return round((sent_at[frame] - last_speech_at) * 1000, 1)
-            record.pieces_ms = [(sent(start), sent(end)) for start, end in clip.pieces]
         finals = [(t, e) for t, e in events if e["type"] == "transcript" and e.get("final")
                   and "turn" in e]
         metrics = [e for _, e in events if e["type"] == "turn_metrics"]
@@ -301,9 +293,11 @@ class Line:
         if response:
             record.source = response.get("source")
         if clip.kind == "paused":
-            samples_per_frame = self.frame_bytes // 2
-            last_start = clip.pieces[-1][0] * self.rate // 16000
-            spoken_at = sent_at[min(len(sent_at) - 1, last_start // samples_per_frame)]
+            record.pieces_ms = [
+                (round((self._sent(sent_at, start) - last_speech_at) * 1000, 1),
+                 round((self._sent(sent_at, end) - last_speech_at) * 1000, 1))
+                for start, end in clip.pieces]
+            spoken_at = self._sent(sent_at, clip.pieces[-1][0])
             ended = [t for t, _ in finals] + self.audio_at[first_audio:first_audio + 1]
             record.cut_off = bool(ended) and min(ended) < spoken_at
             # The last continued turn's reply: its first frame after that turn's
@@ -316,13 +310,16 @@ class Line:
                 record.talk_over_ms = self._talk_over(clip, sent_at, self.audio_at[first_audio],
                                                       events)
 
+    def _sent(self, sent_at: list[float], sample16k: int) -> float:
+        """When the frame holding the clip's sample ``sample16k`` (at 16 kHz) was sent."""
+        frame = (sample16k * self.rate // 16000) // (self.frame_bytes // 2)
+        return sent_at[min(len(sent_at) - 1, frame)]
+
     def _talk_over(self, clip: Clip, sent_at: list[float], replied_at: float,
                    events: list[tuple[float, dict[str, Any]]]) -> float | None:
         """From the first piece the caller began after the reply had started to the
         interrupt that stopped it (None: no piece came after it, or nothing stopped it)."""
-        samples_per_frame = self.frame_bytes // 2
-        starts = [sent_at[min(len(sent_at) - 1, (start * self.rate // 16000) // samples_per_frame)]
-                  for start, _ in clip.pieces]
+        starts = [self._sent(sent_at, start) for start, _ in clip.pieces]
         resumed = next((t for t in starts if t > replied_at), None)
         if resumed is None:
             return None
