@@ -37,6 +37,10 @@ Sets (texts are never tuned on: hits come from Banking77 *dev*, the seed from *t
   PAUSED_TEXTS_FRESH8 (``paused_set="fresh8"``) was written on 2026-11-26 (stop 43), before
   anything was measured on it, in the style of fresh4-6 (not weighted to any class), for a
   representative cut-off figure after the continuation change.
+  PAUSED_TEXTS_FRESH9 (``paused_set="fresh9"``) was written on 2026-11-26 (stop 44), before
+  anything was measured on it, in the style of fresh4-6 and fresh8 (like fresh6, one of its
+  16 texts opens with a finished cached question and goes on after a filler), for a
+  confirming run of the shipped stack with both recognisers.
 
 Clips are cached under .cache/speech-corpus (git-ignored), keyed by text, voice and rate.
 """
@@ -264,6 +268,25 @@ PAUSED_TEXTS_FRESH8: list[list[str]] = [
     ["my old card", "expired", "and the new one", "isn't here"],
 ]
 
+PAUSED_TEXTS_FRESH9: list[list[str]] = [
+    ["my card number ends in", "four two", "seven seven"],
+    ["can I", "um", "cancel a card payment"],
+    ["why has my", "transfer", "not gone through yet"],
+    ["I got a new phone", "uh", "and need to", "set up the app"],
+    ["what's the", "fee for", "withdrawing cash abroad"],
+    ["my card was declined", "uh", "at the petrol station"],
+    ["I'd like to", "um", "order", "a physical card"],
+    ["the amount", "was ninety", "nine pounds", "fifty"],
+    ["how do I", "change", "my address"],
+    ["someone", "took money", "from my account", "without asking"],
+    ["is there", "um", "a limit on", "top ups"],
+    ["my account number is", "five oh", "three one", "two"],
+    ["can I", "get paid", "in another currency"],
+    ["I don't", "recognise", "a payment", "on my statement"],
+    ["when will", "uh", "my money", "be refunded"],
+    ["what do I do", "if the atm", "keeps my card"],
+]
+
 @dataclass
 class Clip:
     text: str
@@ -405,7 +428,7 @@ PAUSED_SETS: dict[str, list[list[str]]] = {
     "fresh2": PAUSED_TEXTS_FRESH2, "fresh3": PAUSED_TEXTS_FRESH3,
     "fresh4": PAUSED_TEXTS_FRESH4, "fresh5": PAUSED_TEXTS_FRESH5,
     "fresh6": PAUSED_TEXTS_FRESH6, "fresh7": PAUSED_TEXTS_FRESH7,
-    "fresh8": PAUSED_TEXTS_FRESH8}
+    "fresh8": PAUSED_TEXTS_FRESH8, "fresh9": PAUSED_TEXTS_FRESH9}
 
 
 def paused_texts(seed: int, paused_set: str = "") -> list[list[str]]:
