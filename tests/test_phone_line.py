@@ -153,6 +153,24 @@ async def test_a_caller_who_answers_the_prompt_is_not_hung_up_on():
     await h.stop()
 
 
+@pytest.mark.parametrize("typed, final", [("", True), ("where is", False)])
+async def test_a_typed_message_that_gets_no_reply_leaves_the_silence_watched(typed, final):
+    # An empty message, or a partial no final follows, is the caller's activity (the count
+    # stops) but starts no reply, and only a reply's end started the count again: a caller
+    # who then went silent was never prompted nor hung up on, the call held for good.
+    h = harness({"idle_prompt_s": 8})
+    await h.start()
+    await h.text("hello there")
+    await h.wait(3000)
+    await h.text(typed, final)
+    typed_at = h.clock.now()
+    await h.wait(8500)
+    assert sources(h) == ["llm", "prompt"]
+    (prompt_at,) = h.output.at("response", source="prompt")
+    assert 8.0 <= prompt_at - typed_at <= 8.1
+    await h.stop()
+
+
 async def test_a_caller_who_talks_over_the_goodbye_is_still_watched_for_silence():
     # The goodbye was the idle watch's last step: cut short by the caller, the call goes
     # on, and silence after it must still be prompted (and at last hung up on).

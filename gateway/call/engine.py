@@ -610,6 +610,7 @@ class Call:
         await self._out.send_event({"type": "transcript", "text": text, "final": final})
         if not final:
             self._speculation.offer(text)
+            self._idle.quiet_unless_busy()  # no reply follows: the silence counts from now
             return
         tl = TurnTimeline(self._turns.next_turn_number(), clock=self._clock)
         at = self._clock.now()
@@ -622,6 +623,8 @@ class Call:
             # words stopped before their answer do. A later message supersedes it.
             self._start_reply(tl, self._answer(tl, text, typed=True),
                               if_never_ran=lambda: self._carry.append(_said(text)))
+        else:
+            self._idle.quiet_unless_busy()  # nothing to answer, as above
 
     # ------------------------------------------------------------------ replies
 

@@ -47,7 +47,9 @@ class IdleWatch:
         self._changed.set()
 
     def quiet_unless_busy(self) -> None:
-        """Something ended without a reply (keys that led nowhere): quiet from now."""
+        """Something ended without a reply (keys that led nowhere, a typed partial or an
+        empty message): quiet from now. ``caller_active`` stopped the count, and only a
+        reply's end would start it again."""
         if self._since is None and not self._busy():
             self.bot_finished()
 
