@@ -20,10 +20,14 @@ GREETING = "Hello, you are through to the bank."
 class TimedOutput(RecordingOutput):
     """Events stamped with the manual clock; a phone line that transfers and hangs up."""
 
-    def __init__(self, clock, fail_transfer: bool = False, hang_up_s: float = 0.0) -> None:
+    def __init__(self, clock, fail_transfer: bool = False, hang_up_s: float = 0.0,
+                 transfer_s: float = 0.0) -> None:
         super().__init__(clock)
         self.times: list[float] = []
-        self.transfers: list[tuple[float, str]] = []
+        self.transfers: list[tuple[float, str]] = []  # each transfer request, when it began
+        self.transfer_s = transfer_s  # how long one takes (a REST round trip, as a hang-up)
+        self.transfers_done = 0
+        self.transfers_abandoned = 0  # cancelled before they were answered
         self.hangups: list[tuple[float, str]] = []  # each hang-up request, when it began
         self.fail_transfer = fail_transfer
         # How long a hang-up request (Twilio's REST API: an HTTP round trip) takes.
@@ -41,6 +45,13 @@ class TimedOutput(RecordingOutput):
 
     async def transfer(self, reason: str) -> bool:
         self.transfers.append((self._clock.now(), reason))
+        if self.transfer_s:
+            try:
+                await self._clock.sleep(self.transfer_s)
+            except asyncio.CancelledError:
+                self.transfers_abandoned += 1
+                raise
+        self.transfers_done += 1
         if self.fail_transfer:
             raise RuntimeError("HTTP 500 from the phone company")
         return True
@@ -61,9 +72,9 @@ class TimedOutput(RecordingOutput):
 
 def harness(settings: dict[str, Any] | None = None, faqs: dict[str, str] | None = None,
             fail_transfer: bool = False, hang_up_s: float = 0.0,
-            turn_model: bool = False) -> CallHarness:
+            turn_model: bool = False, transfer_s: float = 0.0) -> CallHarness:
     h = CallHarness(settings=settings, faqs=faqs, turn_model=turn_model)
-    h.output = TimedOutput(h.clock, fail_transfer, hang_up_s)
+    h.output = TimedOutput(h.clock, fail_transfer, hang_up_s, transfer_s)
     from gateway.call import Call
 
     h.call = Call(h.deps, h.output, 16000, call_id="test-call")
@@ -660,6 +671,31 @@ async def test_a_handoff_transfers_the_call_after_its_message_played():
     assert at >= first_frame + message_s + 0.06 - 1e-9
     assert "keypad" in reason
     assert h.metrics()[0]["transferred"] is True
+
+
+@pytest.mark.parametrize("goes_on", ["speech", "text", "key"])
+async def test_the_caller_going_on_during_the_transfer_request_does_not_abandon_it(goes_on):
+    # The handoff message has played and the transfer request (Twilio's REST API, an HTTP
+    # round trip) is under way when the caller says "yes okay thank you", types or presses a
+    # key. That barged in on the reply whose task made the request: its cancel abandoned the
+    # request halfway, the call moved or not, and the turn said it was not transferred.
+    h = harness({"keypad": {"0": "handoff"}}, transfer_s=1.5)
+    h.llm.reply = "Okay."
+    await h.start()
+    h.call.feed_dtmf("0")
+    while not h.output.transfers:
+        await h.wait(20)
+    if goes_on == "speech":
+        await h.say("yes okay thank you", then_silence_ms=0)
+    elif goes_on == "text":
+        await h.text("yes okay thank you")
+    else:
+        h.call.feed_dtmf("5")
+    await h.wait(2000)
+    assert (h.output.transfers_done, h.output.transfers_abandoned) == (1, 0)
+    assert h.metrics()[0]["transferred"] is True
+    assert len(h.output.transfers) == 1
+    await h.stop()
 
 
 async def test_a_failed_transfer_is_reported_and_the_call_goes_on():

@@ -188,6 +188,8 @@ class Call:
         # Caller silence once the bot has finished: a prompt, then a goodbye.
         self._idle = IdleWatch(deps.clock, settings.idle_prompt_s, busy=self._line_busy)
         self._transferred = False
+        # The reply whose handoff message has played, while it transfers the call.
+        self._transferring: asyncio.Task[None] | None = None
         # Why the call ended itself (``idle``), None while the caller ends it.
         self.ended: str | None = None
         # The call's span (OpenTelemetry) and its turns' child spans.
@@ -668,12 +670,14 @@ class Call:
         agent would not write what the caller heard (as in ``_barge_in``). Nor once the call
         hangs up: the goodbye, woken by its hold's end in the instant the caller's speech
         stopped this one, is in its hang-up request, which a cancel would abandon halfway
-        (``_barge_in`` refuses that too; the barge-in came just before `hangup`). Either way
-        this one ends after it, so the reply queued next starts on the context it leaves."""
+        (``_barge_in`` refuses that too; the barge-in came just before `hangup`), nor while it
+        transfers the call (``_transfer``). Either way this one ends after it, so the reply
+        queued next starts on the context it leaves."""
         try:
             await asyncio.wait({previous})
         except asyncio.CancelledError:
-            if not previous.cancelling() and self.ended is None:
+            if not previous.cancelling() and self.ended is None \
+                    and previous is not self._transferring:
                 previous.cancel()
             await asyncio.wait({previous})  # cancelled again (the call ends): run ends both
             raise
@@ -769,6 +773,8 @@ class Call:
             # The call hangs up: the goodbye has played and `hangup` was sent; its task
             # awaits the phone line's hang-up request, which a cancel would abandon halfway.
             return
+        if task is self._transferring:
+            return  # the handoff message has played, the transfer is under way (_transfer)
         if task.cancelling():
             # Already stopped, still cutting its context to the heard words (its LLM
             # streams closing): cancelled again, the agent would not write what it said.
@@ -1024,14 +1030,20 @@ class Call:
         transfer = getattr(self._out, "transfer", None)
         if transfer is None:
             return
-        # By the clock the message has played (the playout waited); the far end's jitter
-        # buffer may lag by up to the lead we send ahead, so that much longer.
-        await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
+        # The message has played: nothing the caller says, types or keys now stops this
+        # reply (``_barge_in``). Cancelled in its request, the transfer would be abandoned
+        # halfway, the call moved or not and nobody the wiser; their input waits for it.
+        self._transferring = asyncio.current_task()
         try:
+            # By the clock the message has played (the playout waited); the far end's
+            # jitter buffer may lag by up to the lead we send ahead, so that much longer.
+            await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
             moved = await transfer(str(tl.info["handoff"]))
         except Exception as exc:  # the caller stays with the bot; the next turn works
             await self._report("transfer_failed", f"the transfer failed: {exc}", tl.turn)
             return
+        finally:
+            self._transferring = None
         if moved:
             self._transferred = True
             tl.info["transferred"] = True
