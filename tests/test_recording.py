@@ -152,3 +152,32 @@ async def test_nothing_is_recorded_by_default(tmp_path, monkeypatch):
     await h.wait(1000)
     await h.stop()
     assert list(tmp_path.rglob("*.wav")) == []
+
+
+async def test_a_barge_in_before_the_next_reply_played_keeps_the_last_one_recorded(tmp_path):
+    # The answer plays to its end; the caller asks on, and while that turn's final decodes
+    # (nothing of its reply sent) they type. That `interrupt` (heard_ms 0, of the reply not
+    # begun) cut the bot channel at the start of the last reply recorded: the answer the
+    # caller had heard in full was gone from the WAV.
+    h = CallHarness(decode_s=0.5, settings={"record_dir": str(tmp_path)})
+    start = h.clock.now()
+    h.llm.reply = "Our branches open at nine."  # 500 ms of speech
+    await h.start()
+    await h.text("when do you open")
+    await h.wait(1500)  # played in full
+    answered = len(h.output.frames)
+    await h.say("and on sunday", then_silence_ms=400)  # the turn ended; its final decodes
+    assert h.call.replying and len(h.output.frames) == answered
+    h.llm.reply = "Okay."
+    await h.text("hello")  # stops the reply that has not begun
+    (interrupt,) = h.output.of("interrupt")
+    assert interrupt["sent_ms"] == 0
+    await h.wait(1500)
+    await h.stop()
+    (wav,) = tmp_path.glob("*.wav")
+    _, bot = channels(wav)
+    recorded = stretches(bot)
+    assert len(recorded) == 2, recorded  # the answer, then the one to "hello"
+    first, end = recorded[0]
+    assert abs(first - (h.output.frames[0][0] - start) * RATE) <= RATE * 0.02
+    assert abs((end - first) * 1000 / RATE - 500) <= 20

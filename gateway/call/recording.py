@@ -171,6 +171,11 @@ class RecordedOutput:
         if hasattr(self._inner, "reply_resumed"):
             self._inner.reply_resumed(from_ms)
 
+    def reply_ended(self) -> None:
+        """The reply is over: an `interrupt` now is of one that sent nothing yet (heard_ms
+        0), and must not cut this one's audio, heard in full."""
+        self._recorder.reply_boundary()
+
     def confirmed_heard_ms(self) -> float | None:
         confirmed = getattr(self._inner, "confirmed_heard_ms", None)
         return confirmed() if confirmed is not None else None

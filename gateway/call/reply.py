@@ -226,6 +226,11 @@ class ReplyStage:
             tl.info.update(frames_sent=playout.frames_sent, frames_late=playout.frames_late,
                            frame_lag_max_ms=round(playout.max_lag_ms, 1))
             self._playout = None
+            # Optional (the recorder's): a barge-in from now on stops a reply not begun,
+            # and cuts nothing of this one.
+            ended = getattr(self._confirms, "reply_ended", None)
+            if ended is not None:
+                ended()
         tl.info.setdefault("interrupted", False)
 
     def _note_said(self, turn: int, text: str) -> None:
