@@ -543,3 +543,22 @@ async def test_a_voice_that_stalls_mid_sentence_fails_the_turn_at_the_gap_timeou
         assert len(h.output.of("error")) == 1
     finally:
         await h.stop()
+
+
+async def test_a_barge_in_on_a_reply_not_begun_reports_none_of_it_heard():
+    # "no wait" stops the answer (its `interrupt` says what was heard of it); their turn
+    # ends and its final decodes, nothing of its reply sent, when the caller types. That
+    # second `interrupt` said heard_ms of the stopped answer again (the reply stage kept
+    # the freeze once that reply was over): more heard than sent (sent_ms 0), in the
+    # event, the log and the trace.
+    h = CallHarness(decode_s=0.5)
+    h.llm.reply = LONG_REPLY
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)
+    await h.say("no wait", then_silence_ms=400)  # the answer stopped; the final decodes
+    assert h.call.replying and h.output.of("interrupt")[0]["heard_ms"] > 0
+    await h.text("hello")  # stops the reply that has not begun
+    second = h.output.of("interrupt")[1]
+    assert (second["turn"], second["sent_ms"], second["heard_ms"]) == (2, 0, 0), second
+    await h.stop()

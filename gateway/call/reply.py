@@ -106,11 +106,11 @@ class ReplyStage:
     def heard_ms(self) -> float:
         """What the caller heard of the current reply: confirmed by the far end when it
         reports playback, else the playout clock's estimate."""
+        playout = self._playout
+        if playout is None:  # none playing (not begun, or over): not the last one's freeze
+            return 0.0
         if self._frozen_heard_ms is not None:
             return self._frozen_heard_ms
-        playout = self._playout
-        if playout is None:
-            return 0.0
         if self._confirms is not None:
             confirmed = self._confirms.confirmed_heard_ms()
             if confirmed is not None:
