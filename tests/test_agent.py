@@ -619,8 +619,17 @@ async def test_a_tool_call_the_runner_cannot_send_goes_back_as_an_error(webhook)
     an orphan task (gather does not cancel its siblings). The bad call should come back
     to the model as an error, and no tool task outlive the turn."""
     hook, hook_server = webhook
-    hook.delay_s = 2.0
+    # The good call is held at the webhook until it has arrived: by then the bad one has
+    # failed (httpx refuses it while building the request, before any I/O), so the good
+    # one is still running when it does, with no real time waited.
+    hook.hold = True
     hook.handler = lambda payload: {"status": "shipped"}
+
+    async def release_once_the_good_call_arrived() -> None:
+        await hook.calls.reach(1)
+        hook.release.set()
+
+    releaser = asyncio.create_task(release_once_the_good_call_arrived())
     order = ToolSpec("get_order", "", url=hook_server.url + "/tool/get_order", timeout_s=10.0)
     balance = ToolSpec("get_balance", "", url=hook_server.url + "/tool/get_balance",
                        timeout_s=10.0)
@@ -631,12 +640,14 @@ async def test_a_tool_call_the_runner_cannot_send_goes_back_as_an_error(webhook)
     events: list[Any] = []
     error: BaseException | None = None
     try:
-        # On a clock that stands still: the webhook's 2 s never reach the 10 s timeout.
+        # On a clock that stands still: the held webhook never reaches the 10 s timeout.
         async for event in agent.respond(agent.new_conversation(), "order and balance?",
                                          clock=ManualClock()):
             events.append(event)
     except Exception as exc:  # noqa: BLE001 - the defect under test
         error = exc
+    releaser.cancel()
+    await asyncio.gather(releaser, return_exceptions=True)
     leaked = [t for t in asyncio.all_tasks()
               if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "ToolRunner.run"]
     for task in leaked:  # tidy up before asserting
