@@ -42,6 +42,9 @@ class LoadedCache:
     entries: dict[str, CachedEntry]
     thresholds: Thresholds
     voice_id: str
+    # The operator's own out-of-domain questions it was seeded with: an upload through the
+    # admin API keeps them, from memory (the store may no longer hold this version).
+    negatives: tuple[str, ...] = ()
 
 
 def entries_from_manifest(manifest: dict) -> dict[str, Entry]:
@@ -93,4 +96,5 @@ def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> 
             id=entry.id, intent=entry.intent, action=entry.action, answer=entry.answer,
             paraphrases=entry.questions, pcm=audio.pcm if audio else None,
             sample_rate=audio.sample_rate if audio else None)
-    return LoadedCache(name, router, cached, thresholds, manifest.get("voice_id", ""))
+    return LoadedCache(name, router, cached, thresholds, manifest.get("voice_id", ""),
+                       tuple(negatives or ()))

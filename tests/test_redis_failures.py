@@ -675,3 +675,49 @@ async def test_an_entry_edit_over_an_unloadable_current_version_says_retry_forev
     # Refused at once, with the cause and the way out.
     assert all(status == 503 and "missing" in body and "seed a whole CSV" in body
                for status, body in answers), answers
+
+
+# --------------------------------------------------------------------------------------
+# The store lost what this replica serves (a Redis restarted without persistence, a local
+# store directory wiped or restored): the replica serves its version from memory, and the
+# way back the docs give is to seed again. An upload through the admin API must do that.
+
+@pytest.mark.parametrize("kind", ["redis", "local"])
+async def test_an_upload_reseeds_a_store_that_lost_the_serving_version(prefix: str, kind: str,
+                                                                       tmp_path) -> None:
+    """`POST /admin/seed` read the serving version back from the store only to take its
+    defaults (the wrong-answer target, the operator's negatives). With that version gone
+    from the store, every upload failed: 503 "cache version ... is missing ...; nothing
+    published", the very reseed docs/operations.md ("Redis must persist") prescribes."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    store = (RedisStore(REDIS_URL, prefix=prefix) if kind == "redis"
+             else LocalStore(tmp_path / "store"))
+    embedder = shared_embedder()
+    try:
+        plan = parse_seed_csv(small_faq_csv().encode())
+        seed_plan(plan, store, tone_render, "tone", source="faq.csv", target_wrong_rate=0.05,
+                  progress=False, embedder=embedder, negatives=("do you sell car insurance",))
+        cache = FaqCache(store, embedder)
+        assert cache.refresh()
+        serving = cache.version
+        if kind == "redis":  # Redis came back empty
+            raw.delete(*raw.scan_iter(match=prefix + "*"))
+        else:
+            import shutil
+            shutil.rmtree(tmp_path / "store")
+        services = SimpleNamespace(cache=cache, runtime=SimpleNamespace(tts=_HeldVoice(),
+                                                                          embedder=embedder))
+        publisher = Publisher(services)  # type: ignore[arg-type]
+        try:
+            report = await publisher.seed_csv(small_faq_csv().encode(), "faq.csv")
+        except StoreError as exc:
+            pytest.fail(f"the reseed was refused: {exc}")
+        _, published = store.read()
+    finally:
+        raw.close()
+        if kind == "redis":
+            store.close()
+    assert store.current_version() == report.version == cache.version != serving
+    # the serving version's defaults carried over, from what the replica holds
+    assert published.manifest["thresholds"]["target_wrong_rate"] == 0.05
+    assert published.manifest["negatives"] == ["do you sell car insurance"]

@@ -110,10 +110,10 @@ class Publisher:
         return float(thresholds.get("target_wrong_rate", 0.01))
 
     async def _publish(self, plan: SeedPlan, source: str, target_wrong_rate: float,
-                       manifest: Mapping[str, Any],
+                       negatives: Sequence[str],
                        replaces: str | None | AnyVersion = ANY_VERSION) -> SeedReport:
-        """Publish ``plan``, keeping the serving version's own negatives (``manifest``);
-        with ``replaces``, only over that version (else ``StoreConflict``)."""
+        """Publish ``plan`` with the serving version's own ``negatives``; with ``replaces``,
+        only over that version (else ``StoreConflict``)."""
         services = self.services
         runtime = services.runtime
         cache = services.cache
@@ -122,7 +122,7 @@ class Publisher:
         report = await asyncio.to_thread(seed_plan_with_voice, plan, cache.store, runtime.tts,
                                          runtime.embedder, source, target_wrong_rate,
                                          asyncio.get_running_loop(),
-                                         tuple(manifest.get("negatives") or ()), replaces)
+                                         tuple(negatives), replaces)
         await asyncio.to_thread(cache.refresh)
         return report
 
@@ -136,10 +136,15 @@ class Publisher:
         self._claim()
         async with self.lock:
             plan = await asyncio.to_thread(parse_seed_csv, data, source)
-            _, manifest = await asyncio.to_thread(self._serving_manifest)
+            # The serving version's defaults come from memory, not the store: a store that
+            # lost that version (Redis restarted empty, a wiped directory) is what a reseed
+            # repairs, and reading it back would refuse every upload.
+            loaded = self.services.cache.loaded  # type: ignore[union-attr]
             if target_wrong_rate is None:
-                target_wrong_rate = self._target_wrong_rate(manifest)
-            return await self._publish(plan, source, target_wrong_rate, manifest)
+                target_wrong_rate = (loaded.thresholds.target_wrong_rate if loaded is not None
+                                     else 0.01)
+            negatives = loaded.negatives if loaded is not None else ()
+            return await self._publish(plan, source, target_wrong_rate, negatives)
 
     # ------------------------------------------------------------------ entries
 
@@ -176,7 +181,8 @@ class Publisher:
                      [RowLabel(r["intent"], r["question"], False) for r in kept]
             plan = await asyncio.to_thread(_parse_labelled, rows, labels, f"entry {entry_id}")
             report = await self._publish(plan, f"admin: entry {entry_id}",
-                                         self._target_wrong_rate(manifest), manifest, base)
+                                         self._target_wrong_rate(manifest),
+                                         manifest.get("negatives") or (), base)
             return report, entry_id_for(entry_id), existing is None
 
     async def delete_entry(self, entry_id: str) -> SeedReport:
@@ -192,7 +198,8 @@ class Publisher:
             plan = await asyncio.to_thread(_parse_labelled, kept, labels,
                                            f"without entry {entry_id}")
             return await self._publish(plan, f"admin: delete {entry_id}",
-                                       self._target_wrong_rate(manifest), manifest, base)
+                                       self._target_wrong_rate(manifest),
+                                       manifest.get("negatives") or (), base)
 
 
 def _find_entry(manifest: Mapping[str, Any], name: str) -> dict[str, Any] | None:
