@@ -13,6 +13,7 @@ still train the classifier, so they need an intent (or join an entry by intent).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import io
@@ -117,6 +118,13 @@ def rows_from_manifest(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
+    wide = _wide_encoding(data)
+    if wide is not None:
+        # Every line of it would be "a NUL byte (a binary file?)": one error that says what
+        # the file is and what to do instead.
+        raise SeedValidationError(source, [RowError(1, (
+            f"not UTF-8: the file is {wide} (Excel's \"Unicode Text\" saves that); save it as "
+            "UTF-8 (Excel: \"CSV UTF-8 (Comma delimited)\")"))])
     errors: list[RowError] = []
     text, bad_lines = _decode(data, errors)
     rows = _read_rows(text, bad_lines, errors, source)
@@ -124,6 +132,31 @@ def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
     if errors:
         raise SeedValidationError(source, errors)
     return plan
+
+
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _wide_encoding(data: bytes) -> str | None:
+    """"UTF-16" or "UTF-32" for text in one of them (by its BOM, or without one by the NUL
+    bytes every ASCII character carries there), else None. UTF-32's BOM starts with
+    UTF-16 LE's: checked first."""
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):
+            return name
+    sample = data[:4096]
+    if len(sample) < 4 or b"\x00" not in sample:
+        return None
+    for name, width, zero_at in (("UTF-32", 4, (1, 2, 3)), ("UTF-32", 4, (0, 1, 2)),
+                                 ("UTF-16", 2, (1,)), ("UTF-16", 2, (0,))):
+        units = [sample[i:i + width] for i in range(0, len(sample) - width + 1, width)]
+        # ASCII text: the same bytes of every unit are NUL, and the others are not
+        if units and sum(all(u[z] == 0 for z in zero_at) and any(u[k] for k in range(width)
+                                                              if k not in zero_at)
+                         for u in units) >= 0.9 * len(units):
+            return name
+    return None
 
 
 def _decode(data: bytes, errors: list[RowError]) -> tuple[str, set[int]]:

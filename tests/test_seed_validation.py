@@ -315,3 +315,18 @@ def test_the_formula_refusals_advice_is_accepted() -> None:
     # following the advice (the example it gives) is accepted
     plan = parse_seed_csv((HEADER + rows.format(answer="The code is =SAVE10")).encode())
     assert plan.entries["promo"].answer == "The code is =SAVE10"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_utf16_file_is_named_as_such_not_called_binary(encoding: str) -> None:
+    """Excel's "Unicode Text" and many Windows tools save UTF-16. It was reported as "not
+    CSV: the line contains a NUL byte (a binary file?)" followed by "missing column
+    'question' (header is: \\x00q\\x00u...)": nothing told the operator the one thing to do,
+    save it as UTF-8. One error, on line 1, naming the encoding and the fix."""
+    text = HEADER + "When are you open?,Nine to five.,hours,\nWhat are your hours?,,hours,\n"
+    found = errors_of(text.encode(encoding))
+    assert len(found) == 1, found
+    line, reason = found[0]
+    assert line == 1 and reason.startswith(f"not UTF-8: the file is {encoding[:6].upper()}"), \
+        reason
+    assert "save it as" in reason and "UTF-8" in reason
