@@ -458,3 +458,33 @@ def test_a_twilio_call_sid_that_is_no_id_does_not_name_the_call():
     assert call_id_from_sid("CA" + "0123456789abcdef" * 2) == "CA" + "0123456789abcdef" * 2
     for bad in ("../../etc/passwd", "CA1/../x", "CA1\nforged", "", "x" * 65, "CA 1"):
         assert call_id_from_sid(bad) is None, bad
+
+
+async def test_an_upload_that_is_not_a_csv_by_its_content_type_is_a_specific_415_counted(
+        tmp_path):
+    """`curl -d @faq.csv` (the usual curl form) sends application/x-www-form-urlencoded
+    with the file's line breaks stripped: the whole seed became one header line, and the
+    operator got 44 errors "column 'account_balance' appears twice". A JSON body got "not
+    CSV: ',' expected after '\"'". Neither said what was wrong, and neither (nor a body
+    that is not JSON on /admin/entries) was counted, as other refusals are."""
+    app = _warm_app(tmp_path / "store", ManualClock())
+    faq = (Path(__file__).resolve().parents[1] / "cache_seed" / "examples" / "bank_faq.csv"
+           ).read_bytes()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=ADMIN) as client:
+        form = await client.post("/admin/seed", content=faq.replace(b"\n", b""), headers={
+            "content-type": "application/x-www-form-urlencoded"})
+        as_json = await client.post("/admin/seed", json={"question": "q", "answer": "a"})
+        not_json = await client.post("/admin/entries", content=b"{nope",
+                                     headers={"content-type": "application/json"})
+        stats = (await client.get("/admin/stats")).json()
+        metrics = (await client.get("/metrics")).text
+    for response, given in ((form, "application/x-www-form-urlencoded"),
+                            (as_json, "application/json")):
+        assert response.status_code == 415, (given, response.status_code, response.text[:300])
+        error = response.json()["error"]
+        assert f"Content-Type {given}" in error and "text/csv" in error, error
+        assert "--data-binary" in error and "nothing published" in error, error
+    assert not_json.status_code == 400 and "not JSON" in not_json.json()["error"]
+    assert stats["errors"] == {"admin_bad_request": 3}, stats["errors"]
+    assert 'voicegate_errors_total{code="admin_bad_request"} 3.0' in metrics

@@ -131,6 +131,13 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
     return error(f"{exc}; the previous version keeps serving", 500)
 
 
+def _bad_request(request: Request, message: str, status: int = 400) -> Response:
+    """A body refused for its form (not JSON, not a CSV by its type): counted, as every
+    refusal is, so a script posting the wrong thing shows in the stats."""
+    _services(request).stats.error("admin_bad_request")
+    return error(message, status)
+
+
 async def _json_body(request: Request) -> Any:
     """The request's JSON body (at most MAX_ENTRY_BODY_BYTES), or the error response."""
     try:
@@ -141,11 +148,11 @@ async def _json_body(request: Request) -> Any:
     except BodyTimeout as exc:
         return closing(error(f"{exc}; nothing was changed", 408))
     except RecursionError:
-        return error("the body is not usable JSON: nested too deeply", 400)
+        return _bad_request(request, "the body is not usable JSON: nested too deeply")
     except (ValueError, UnicodeDecodeError) as exc:  # incl. integers of over 4,300 digits
-        return error(f"the body is not JSON: {str(exc)[:200]}", 400)
+        return _bad_request(request, f"the body is not JSON: {str(exc)[:200]}")
     if has_lone_surrogate(body):
-        return error(f"the body is not usable JSON: {LONE_SURROGATE}", 400)
+        return _bad_request(request, f"the body is not usable JSON: {LONE_SURROGATE}")
     return body
 
 
@@ -198,8 +205,29 @@ async def _multipart_file(request: Request) -> tuple[bytes, str] | str:
         return f"malformed multipart upload: {exc.detail}"
 
 
+# What a CSV upload may be labelled (none, text/*, and what browsers and spreadsheets call a
+# .csv file). A form (`curl -d @faq.csv`, which also strips the file's line breaks) or JSON
+# is refused by its type: parsed as CSV it gave errors about columns that said nothing of it.
+_CSV_TYPES = ("", "application/csv", "application/vnd.ms-excel", "application/octet-stream",
+              "multipart/form-data")
+
+
+def _not_a_csv_upload(content_type: str) -> str | None:
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in _CSV_TYPES or media.startswith("text/"):
+        return None
+    return (f"POST /admin/seed takes a CSV, not Content-Type {media}: send the file as the raw "
+            "body with Content-Type: text/csv (curl -H 'Content-Type: text/csv' --data-binary "
+            "@faq.csv; curl -d strips its line breaks) or as the multipart field 'file' (curl "
+            "-F file=@faq.csv); one entry as JSON goes to POST /admin/entries; nothing "
+            "published, the previous version keeps serving")
+
+
 @admin_ready
 async def seed_upload(request: Request, services: Services) -> Response:
+    refused = _not_a_csv_upload(request.headers.get("content-type", ""))
+    if refused is not None:
+        return _bad_request(request, refused, 415)
     try:
         body = await services.read_body(request, MAX_UPLOAD_BYTES)
     except BodyTooLarge:
