@@ -695,6 +695,8 @@ async def test_the_caller_going_on_during_the_transfer_request_does_not_abandon_
     assert (h.output.transfers_done, h.output.transfers_abandoned) == (1, 0)
     assert h.metrics()[0]["transferred"] is True
     assert len(h.output.transfers) == 1
+    # The call is with a person now: what the caller said meanwhile gets no bot reply.
+    assert sources(h) == ["handoff"]
     await h.stop()
 
 

@@ -644,6 +644,11 @@ class Call:
             # load were most of a cache hit's time to first audio.
             if previous is not None and previous in self._reply_tasks:
                 await self._wait_for_previous(previous)
+            if self._transferred:
+                # Queued behind the transfer (the caller went on during its request): the
+                # call is with a person now, and the bot must not talk over them.
+                logs.event(log, "reply_after_transfer_dropped", turn=tl.turn)
+                return
             self._reply_tl = tl
             await turn
 
