@@ -46,11 +46,13 @@ def configure(level: str = "info") -> None:
     root.propagate = False
 
 
-def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+def event(logger: logging.Logger, name: str, level: int = logging.INFO, *,
+          exc_info: BaseException | None = None, **fields: Any) -> None:
+    """One structured line; ``exc_info`` adds that exception's traceback (a bug's)."""
     if logger.isEnabledFor(level):
         if "call_id" not in fields and (call_id := _call_id.get()) is not None:
             fields["call_id"] = call_id
-        logger.log(level, name, extra={"fields": fields})
+        logger.log(level, name, exc_info=exc_info, extra={"fields": fields})
 
 
 class Throttle:

@@ -438,3 +438,47 @@ async def test_a_hit_sure_enough_only_for_typed_text_is_not_replayed_to_a_speaki
         (False, "not sure enough of a transcript"), (True, "")]
     spoken = h.metrics()[0]
     assert (spoken["hit"], spoken["end_of_turn"]) == (False, "unknown")  # not "complete"
+
+
+def fail_once(h: CallHarness, method: str) -> list[str]:
+    """Make the call's ``method`` raise on its first use (a bug no stage catches)."""
+    original = getattr(h.call, method)
+    raised: list[str] = []
+
+    def failing(*args, **kwargs):
+        if not raised:
+            raised.append(method)
+            raise RuntimeError(f"bug in {method}")
+        return original(*args, **kwargs)
+
+    setattr(h.call, method, failing)
+    return raised
+
+
+async def test_a_bug_in_the_audio_handling_loses_that_pause_not_the_callers_voice():
+    # An exception that escapes the audio loop (here its pause handler) ended the loop: the
+    # call went deaf for good, no `error`, no answer, until the caller hung up.
+    h = await CallHarness().start()
+    raised = fail_once(h, "_on_pause")
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.say("are you open on sunday", then_silence_ms=1500)
+    await h.stop()
+    assert raised == ["_on_pause"]
+    assert h.transcripts()[-1:] == ["are you open on sunday"]
+    assert h.output.of("response"), "no turn was answered after the bug"
+    assert "internal_error" in [e["code"] for e in h.output.of("error")]
+    assert h.stats.errors["internal_error"] == 1
+
+
+async def test_a_bug_in_the_text_handling_loses_that_message_not_the_next():
+    h = await CallHarness().start()
+    raised = fail_once(h, "_on_text")
+    await h.text("hello")
+    await h.text("what are your opening hours")
+    await h.wait(1500)
+    await h.stop()
+    assert raised == ["_on_text"]
+    texts = [e["text"] for e in h.output.of("transcript", final=True)]
+    assert texts == ["what are your opening hours"]
+    assert len(h.output.of("response")) == 1
+    assert [e["code"] for e in h.output.of("error")] == ["internal_error"]

@@ -53,6 +53,8 @@ log = logging.getLogger("voicegate.call")
 
 # The same failure is reported to the client at most this often (it is always counted).
 _REPORT_EVERY_S = 5.0
+# How often an input loop is started again after a bug escaped it, in one call.
+LOOP_RESTARTS = 100
 
 
 # P(the caller's turn is complete) from the turn's audio (16 kHz PCM16).
@@ -245,12 +247,12 @@ class Call:
         logs.bind_call_id(self.id)
         self._stats.call_started()
         logs.event(log, "call_started", sample_rate=self.sample_rate)
-        loops = [asyncio.create_task(self._audio_loop(), name="vg-audio"),
-                 asyncio.create_task(self._partials_loop(), name="vg-partials"),
-                 asyncio.create_task(self._text_loop(), name="vg-texts"),
-                 asyncio.create_task(self._keypad_loop(), name="vg-keypad")]
+        inputs = {"audio": self._audio_loop, "partials": self._partials_loop,
+                  "texts": self._text_loop, "keypad": self._keypad_loop}
         if self._settings.idle_prompt_s > 0:
-            loops.append(asyncio.create_task(self._idle_loop(), name="vg-idle"))
+            inputs["idle"] = self._idle_loop
+        loops = [asyncio.create_task(self._supervised(name, loop), name=f"vg-{name}")
+                 for name, loop in inputs.items()]
         if self._settings.greeting.strip():
             self._greet()
         try:
@@ -276,6 +278,21 @@ class Call:
                                "voicegate.ended_by": self.ended or "caller"})
             if self._recorder is not None:
                 await self._write_recording(self._recorder)
+
+    async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the call's input loops. An exception no stage caught (a bug) loses
+        what the loop was handling, never the call's ears: reported as ``internal_error``
+        and the loop started again, up to ``LOOP_RESTARTS`` times a call (a loop that
+        fails on every input stops there rather than spin)."""
+        for _ in range(LOOP_RESTARTS):
+            try:
+                await loop()
+                return
+            except Exception as exc:
+                logs.event(log, "loop_crashed", logging.ERROR, exc_info=exc, loop=name)
+                await self._report("internal_error",
+                                   f"the call's {name} handling failed: {type(exc).__name__}")
+        logs.event(log, "loop_stopped", logging.ERROR, loop=name, restarts=LOOP_RESTARTS)
 
     async def _write_recording(self, recorder: CallRecorder) -> None:
         try:
