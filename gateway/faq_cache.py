@@ -78,6 +78,12 @@ class FaqCache:
         except Exception as exc:  # the store is unreachable: keep serving what we hold
             self.last_error = f"store unavailable: {exc}"
             return False
+        if current is None and self.version is not None:
+            # The store lost what it published (Redis restarted without persistence, a wiped
+            # directory): keep serving from memory, and say so; a replica started now has none.
+            self.last_error = (f"the store has no published version: serving {self.version} "
+                               "from memory; a replica started now has no cache: seed again")
+            return False
         if current is None or current == self.version:
             if current is not None:
                 self.last_error = None  # the store answers again and we serve its version

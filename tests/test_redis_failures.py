@@ -721,3 +721,35 @@ async def test_an_upload_reseeds_a_store_that_lost_the_serving_version(prefix: s
     # the serving version's defaults carried over, from what the replica holds
     assert published.manifest["thresholds"]["target_wrong_rate"] == 0.05
     assert published.manifest["negatives"] == ["do you sell car insurance"]
+
+
+@pytest.mark.parametrize("kind", ["redis", "local"])
+def test_a_store_that_lost_the_serving_version_is_said_in_readyz(prefix: str, kind: str,
+                                                                tmp_path) -> None:
+    """Redis restarted without persistence (or the store directory was wiped): `current` is
+    gone. The replica rightly keeps serving its version from memory, but /readyz said
+    nothing (`cache_error` null, as if all were well), while any replica started now comes
+    up with no cache at all. Keep serving, and say so."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    store = (RedisStore(REDIS_URL, prefix=prefix) if kind == "redis"
+             else LocalStore(tmp_path / "store"))
+    try:
+        seed_plan(parse_seed_csv(small_faq_csv().encode()), store, tone_render, "tone",
+                  source="faq.csv", target_wrong_rate=0.05, progress=False,
+                  embedder=shared_embedder())
+        cache = FaqCache(store, shared_embedder())
+        assert cache.refresh() and cache.last_error is None
+        serving = cache.version
+        if kind == "redis":
+            raw.delete(*raw.scan_iter(match=prefix + "*"))
+        else:
+            import shutil
+            shutil.rmtree(tmp_path / "store")
+        assert cache.refresh() is False
+    finally:
+        raw.close()
+        if kind == "redis":
+            store.close()
+    assert cache.version == serving  # still served, from memory
+    assert cache.last_error is not None and "no published version" in cache.last_error \
+        and serving in cache.last_error, cache.last_error
