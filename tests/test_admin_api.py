@@ -327,6 +327,10 @@ def test_seed_upload_raw_and_multipart(own_server):
         assert serving_version(server) == report["version"]
         ids = {e["id"] for e in client.get("/admin/entries").json()["entries"]}
         assert "mortgage_info" in ids
+        # curl --data-binary without -H labels the file a form; whole, it is a CSV.
+        curl_default = client.post("/admin/seed", content=csv_text.encode("utf-8"),
+                                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert curl_default.status_code == 200, curl_default.text
 
         form = client.post("/admin/seed", files={"file": ("faq.csv", small_faq_csv().encode(),
                                                           "text/csv")})

@@ -206,17 +206,28 @@ async def _multipart_file(request: Request) -> tuple[bytes, str] | str:
 
 
 # What a CSV upload may be labelled (none, text/*, and what browsers and spreadsheets call a
-# .csv file). A form (`curl -d @faq.csv`, which also strips the file's line breaks) or JSON
-# is refused by its type: parsed as CSV it gave errors about columns that said nothing of it.
+# .csv file). JSON or another type is refused by it: parsed as CSV it gave errors about
+# columns that said nothing of it. A form is what curl labels any body it is not told the
+# type of: `--data-binary @faq.csv` keeps the file whole (taken as a CSV), `-d @faq.csv`
+# strips its line breaks (refused once read: a CSV without line breaks is one line).
 _CSV_TYPES = ("", "application/csv", "application/vnd.ms-excel", "application/octet-stream",
               "multipart/form-data")
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 def _not_a_csv_upload(content_type: str) -> str | None:
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media in _CSV_TYPES or media.startswith("text/"):
+    media = _media_type(content_type)
+    if media in _CSV_TYPES or media == _FORM or media.startswith("text/"):
         return None
-    return (f"POST /admin/seed takes a CSV, not Content-Type {media}: send the file as the raw "
+    return _how_to_upload(f"not Content-Type {media}")
+
+
+def _how_to_upload(why: str) -> str:
+    return (f"POST /admin/seed takes a CSV, {why}: send the file as the raw "
             "body with Content-Type: text/csv (curl -H 'Content-Type: text/csv' --data-binary "
             "@faq.csv; curl -d strips its line breaks) or as the multipart field 'file' (curl "
             "-F file=@faq.csv); one entry as JSON goes to POST /admin/entries; nothing "
@@ -236,6 +247,9 @@ async def seed_upload(request: Request, services: Services) -> Response:
         return closing(error(f"the upload stalled: {exc}; nothing published, the previous "
                              "version keeps serving", 408))
     content_type = request.headers.get("content-type", "")
+    if _media_type(content_type) == _FORM and b"\n" not in body.strip():
+        return _bad_request(request, _how_to_upload(
+            f"and this {_FORM} body has no line breaks (curl -d removes them)"), 415)
     source = request.query_params.get("name") or "upload.csv"
     target: float | None = None
     if "target_wrong_rate" in request.query_params:
