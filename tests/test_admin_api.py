@@ -342,6 +342,11 @@ def test_seed_upload_raw_and_multipart(own_server):
 
         empty_form = client.post("/admin/seed", files={"other": ("x.csv", b"a,b\n")})
         assert empty_form.status_code == 400 and "'file'" in empty_form.json()["error"]
+        # curl -F 'file=<faq.csv' sends the CSV as a text field: said as such, not "no field".
+        as_text = client.post("/admin/seed", data={"file": small_faq_csv()},
+                              files={"other": ("x.txt", b"")})
+        assert as_text.status_code == 400, as_text.text
+        assert "came as text, not as a file" in as_text.json()["error"]
         no_boundary = client.post("/admin/seed", content=b"question,answer\n",
                                   headers={"Content-Type": "multipart/form-data"})
         assert no_boundary.status_code == 400

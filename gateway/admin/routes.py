@@ -197,6 +197,11 @@ async def _multipart_file(request: Request) -> tuple[bytes, str] | str:
         async with request.form(max_files=1, max_fields=16,
                                 max_part_size=MAX_UPLOAD_BYTES) as form:
             upload = form.get("file")
+            if isinstance(upload, str):  # curl -F 'file=<faq.csv': the CSV as a text field,
+                # decoded by the form parser, so its bytes (and a wrong encoding) are gone
+                return ("multipart field 'file' came as text, not as a file: send the file "
+                        "itself (curl -F file=@faq.csv, with @), or the raw CSV with "
+                        "Content-Type: text/csv")
             if not isinstance(upload, UploadFile):
                 return ("multipart upload without a 'file' field (send the CSV as field 'file',"
                         " or the raw CSV with Content-Type: text/csv)")
