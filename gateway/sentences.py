@@ -43,6 +43,9 @@ class SentenceChunker:
         self.max_chars = max_chars
         self._buffer = ""
         self._emitted = 0
+        # The last cut was inside a sentence (a clause boundary, or max_chars): the buffer
+        # then opens mid-sentence, so a number there ("is: 48213. Keep it") is no list item.
+        self._mid_sentence = False
 
     def feed(self, text: str) -> list[str]:
         self._buffer += text
@@ -51,6 +54,7 @@ class SentenceChunker:
             cut = self._find_cut()
             if cut is None:
                 break
+            self._mid_sentence = self._cut_mid_sentence
             piece, self._buffer = speakable(self._buffer[:cut]), self._buffer[cut:]
             if piece:
                 pieces.append(piece)
@@ -68,6 +72,7 @@ class SentenceChunker:
         buf = self._buffer
         min_clause = self.first_min_clause_chars if self._emitted == 0 else self.min_clause_chars
         clause_cut: int | None = None
+        self._cut_mid_sentence = False
         # A boundary counts only once the next character is known (whitespace),
         # so "3.5", "e.g." and "U.S." are not split mid-token.
         for i in range(len(buf) - 1):
@@ -80,12 +85,13 @@ class SentenceChunker:
                 # The whitespace may come after closing quotes or brackets: 'says "shipped." It'.
                 end = self._after_closers(buf, i + 1)
                 if end < len(buf) and buf[end].isspace() and not self._is_abbreviation(buf, i) \
-                        and not self._is_list_marker(buf, i):
+                        and not self._is_list_marker(buf, i, self._mid_sentence):
                     return end
             if not nxt.isspace():
                 continue
             if ch in _CLAUSE_END and clause_cut is None and len(speakable(buf[: i + 1])) >= min_clause:
                 clause_cut = i + 1
+        self._cut_mid_sentence = True
         if clause_cut is not None:
             return clause_cut
         if len(buf) >= self.max_chars:  # no boundary in sight: cut at the last space
@@ -106,9 +112,14 @@ class SentenceChunker:
         return len(word) == 1 and buf[start].isupper()  # an initial: "J. Smith"
 
     @staticmethod
-    def _is_list_marker(buf: str, i: int) -> bool:
-        """The period of "1." opening a line (or the buffer: "Open the app. 2. Tap ...")."""
-        return buf[i] == "." and _LIST_MARKER.fullmatch(buf, buf.rfind("\n", 0, i) + 1, i) is not None
+    def _is_list_marker(buf: str, i: int, mid_sentence: bool = False) -> bool:
+        """The period of "1." opening a line (or the buffer: "Open the app. 2. Tap ...").
+        A buffer that opens mid-sentence, after a clause cut, opens no item but a list's
+        first ("Do this: 1. Open the app"): "is: 48213. Keep it" says its number."""
+        line = buf.rfind("\n", 0, i)
+        if buf[i] != "." or _LIST_MARKER.fullmatch(buf, line + 1, i) is None:
+            return False
+        return not (line < 0 and mid_sentence) or buf[line + 1:i].strip() == "1"
 
     @staticmethod
     def _after_closers(buf: str, j: int) -> int:

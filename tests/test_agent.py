@@ -461,6 +461,19 @@ def test_numbered_list_markers_are_not_spoken_as_sentences(tokens):
                               ["Open the app", "Tap Settings", "Choose Reset"]), pieces
 
 
+@pytest.mark.parametrize("tokens", ["word", "char"])
+def test_a_number_after_a_clause_cut_is_spoken_not_stripped_as_a_list_marker(tokens):
+    """Streamed, the first piece is cut at the colon (a clause boundary past 24 chars), so
+    the buffer opens with " 48213. Keep it handy." The list-marker rule took the number for
+    an item's "1." (it opened the buffer), and speakable() stripped it: the caller heard
+    "Your confirmation number for this booking is:" then "Keep it handy.", never the
+    number. After a clause cut the buffer opens mid-sentence: no list item starts there."""
+    text = "Your confirmation number for this booking is: 48213. Keep it handy."
+    pieces = chunk_all(text, tokens)
+    assert pieces == ["Your confirmation number for this booking is:", "48213.",
+                      "Keep it handy."], pieces
+
+
 @pytest.mark.parametrize("text", [
     "Transfers to the U.K. take two working days to arrive.",
     "Payments to the U.S.A. need the full routing number.",
