@@ -135,6 +135,23 @@ async def test_tool_call_is_assembled_from_fragments(llm_server):
     await model.aclose()
 
 
+async def test_tool_calls_without_an_index_keep_their_streamed_arguments(llm_server):
+    """Some OpenAI-compatible servers omit each fragment's "index". The assembler took the
+    position in the delta (0) for a fragment without an id, and len(open calls) for one with
+    an id: from the second call on, its argument fragments went to a nameless call that was
+    dropped (get_balance ran with '{"acc'), and a third call's id reused the second's index,
+    so the two were merged into one call with both arguments."""
+    fake, server = llm_server
+    calls = [("get_order", '{"order_id": "A-17"}'), ("get_balance", '{"account": "9"}'),
+             ("get_eta", '{"zip": "10001"}')]
+    fake.replies["t"] = Reply(text="", tool_calls=calls, omit_tool_index=True)
+    model = OpenAIChat("t", base_url=server.url + "/v1")
+    got = [c.tool_call async for c in model.stream(MESSAGES) if c.tool_call]
+    assert [(c.name, c.arguments) for c in got] == calls
+    assert len({c.id for c in got}) == 3
+    await model.aclose()
+
+
 async def test_groq_adapter_streams_through_its_own_path(llm_server):
     fake, server = llm_server
     fake.replies["llama"] = Reply(text="Groq says hi.")

@@ -31,13 +31,15 @@ class ToolCallAssembler:
     def __init__(self) -> None:
         self._open: dict[int, _PartialCall] = {}
         self._order: list[int] = []
+        self._next = 0  # above every index seen: what an index-less new call gets
 
     def add(self, delta_calls: list[Any]) -> list[ToolCall]:
         done: list[ToolCall] = []
-        for position, delta in enumerate(delta_calls):
+        for delta in delta_calls:
             index = getattr(delta, "index", None)
-            if index is None:  # some OpenAI-compatible servers omit it: one call per entry
-                index = len(self._order) if getattr(delta, "id", None) else position
+            if index is None:  # some OpenAI-compatible servers omit it
+                index = self._unindexed(delta)
+            self._next = max(self._next, index + 1)
             if index not in self._open:
                 # A new index means every earlier call has received all its fragments.
                 done.extend(self._close(before=index))
@@ -53,6 +55,18 @@ class ToolCallAssembler:
                 if getattr(function, "arguments", None):
                     partial.arguments.append(function.arguments)
         return done
+
+    def _unindexed(self, delta: Any) -> int:
+        """A fragment without an index: an id (other than the open call's) or a name starts
+        a new call (both come whole, in its first fragment); the rest continue the last one."""
+        last = self._open[self._order[-1]] if self._order else None
+        call_id = getattr(delta, "id", None)
+        function = getattr(delta, "function", None)
+        starts = (call_id and (last is None or call_id != last.id)) or \
+            (not call_id and function is not None and getattr(function, "name", None))
+        if starts or not self._order:
+            return self._next
+        return self._order[-1]
 
     def finish(self) -> list[ToolCall]:
         return self._close(before=None)

@@ -35,6 +35,9 @@ class Reply:
     # Ordering without timing: hold the first content until a request for this model has
     # arrived (so a test knows the other leg really reached the server before it lost).
     after_request_of: str | None = None
+    # Tool-call fragments without their "index" (some OpenAI-compatible servers omit it):
+    # the first fragment of a call carries its id and name, the rest only arguments.
+    omit_tool_index: bool = False
 
 
 @dataclass
@@ -144,12 +147,13 @@ class FakeOpenAI:
             pieces.append(chunk({"content": word}))
         for n, (name, arguments) in enumerate(reply.tool_calls):
             call_id = f"call_{n}_{abs(hash((name, arguments))) % 10**8}"
-            pieces.append(chunk({"tool_calls": [{"index": n, "id": call_id, "type": "function",
+            index = {} if reply.omit_tool_index else {"index": n}
+            pieces.append(chunk({"tool_calls": [{**index, "id": call_id, "type": "function",
                                                  "function": {"name": name, "arguments": ""}}]}))
             half = len(arguments) // 2  # arguments arrive in fragments
             for part in (arguments[:half], arguments[half:]):
                 if part:
-                    pieces.append(chunk({"tool_calls": [{"index": n, "function": {"arguments": part}}]}))
+                    pieces.append(chunk({"tool_calls": [{**index, "function": {"arguments": part}}]}))
         pieces.append(chunk({}, "tool_calls" if reply.tool_calls else "stop"))
         pieces.append(b"data: [DONE]\n\n")
 
