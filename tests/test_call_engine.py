@@ -482,3 +482,25 @@ async def test_a_bug_in_the_text_handling_loses_that_message_not_the_next():
     assert texts == ["what are your opening hours"]
     assert len(h.output.of("response")) == 1
     assert [e["code"] for e in h.output.of("error")] == ["internal_error"]
+
+
+async def test_a_bug_in_the_idle_prompt_does_not_hang_up_on_the_caller_at_once():
+    # The idle loop's prompt step failed (a bug between IdleWatch.next and the prompt's
+    # reply): the loop started again, and IdleWatch, prompted and still quiet since the
+    # same moment, gave the goodbye at once: the caller, never prompted, was hung up on
+    # at the first idle period instead of getting another period of silence first.
+    h = CallHarness(settings={"idle_prompt_s": 4})
+    h.llm.reply = "Okay."
+    await h.start()
+    await h.text("hello there")
+    await h.wait(1500)
+    raised = fail_once(h, "_prompt_turn")
+    await h.wait(4000)  # the first idle period: its prompt is lost to the bug
+    assert raised == ["_prompt_turn"]
+    assert [e["code"] for e in h.output.of("error")] == ["internal_error"]
+    assert not h.output.of("hangup"), "hung up at the first idle period"
+    assert h.call.ended is None
+    await h.wait(5000)  # a second period of silence: now the goodbye
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response")] == ["llm", "goodbye"]
+    assert [e["reason"] for e in h.output.of("hangup")] == ["idle"]

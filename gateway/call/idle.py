@@ -74,6 +74,10 @@ class IdleWatch:
             finally:
                 for wait in waits:
                     wait.cancel()
+        # The next period counts from this step: its reply (``bot_started``) stops the
+        # count at once; a step lost to a bug (the loop started again) does not make the
+        # next one due at once (the goodbye right after a prompt never said).
+        self._since = self._clock.now()
         if self._prompted:
             return "goodbye"
         self._prompted = True
