@@ -504,3 +504,29 @@ async def test_a_bug_in_the_idle_prompt_does_not_hang_up_on_the_caller_at_once()
     await h.stop()
     assert [e["source"] for e in h.output.of("response")] == ["llm", "goodbye"]
     assert [e["reason"] for e in h.output.of("hangup")] == ["idle"]
+
+
+async def test_a_bug_in_handling_a_partial_loses_that_partial_not_the_next():
+    # The partials loop caught every exception as the recogniser's own ("partial
+    # transcripts stopped", stt_failed) and ended: a bug in handling one partial (here the
+    # speculation's offer) stopped partial transcripts, early routes and the barge-in's
+    # confirmation by words for the rest of the call, unsupervised.
+    h = await CallHarness().start()
+    offer = h.call._speculation.offer
+    raised: list[str] = []
+
+    def failing(text: str) -> None:
+        if not raised:
+            raised.append(text)
+            raise RuntimeError("bug in offer")
+        offer(text)
+
+    h.call._speculation.offer = failing  # type: ignore[method-assign]
+    await h.say("what are your opening hours", then_silence_ms=1500)
+    await h.say("are you open on sunday", then_silence_ms=1500)
+    await h.stop()
+    assert len(raised) == 1
+    partials = [e["text"] for e in h.output.of("transcript", final=False)]
+    assert "are you open on sunday" in partials, partials
+    assert [e["code"] for e in h.output.of("error")] == ["internal_error"]
+    assert "stt_failed" not in h.stats.errors

@@ -508,20 +508,26 @@ class Call:
             self._stats.preempt("discarded")
 
     async def _partials_loop(self) -> None:
-        try:
-            async with contextlib.aclosing(self._turns.stt.partials()) as partials:  # type: ignore
-                async for partial in partials:
-                    if not self._turns.in_utterance:
-                        continue  # a late partial of an utterance that already ended
-                    if self.ended is not None:
-                        continue  # the call hangs up: nothing may follow `hangup`
-                    await self._out.send_event({"type": "transcript", "text": partial.text,
-                                                "final": False})
-                    if self._held is not None and normalize_text(partial.text):
-                        self._confirm_interruption()  # words: a real barge-in
-                    self._speculation.offer(partial.text)
-        except Exception as exc:  # no more partials; finals still come from finalize()
-            await self._report("stt_failed", f"partial transcripts stopped: {exc}")
+        async with contextlib.aclosing(self._turns.stt.partials()) as partials:  # type: ignore
+            while True:
+                try:
+                    partial = await anext(partials)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:  # no more partials; finals still come from finalize()
+                    await self._report("stt_failed", f"partial transcripts stopped: {exc}")
+                    return
+                # A bug below is no recogniser's failure: it escapes to _supervised, which
+                # loses this partial only.
+                if not self._turns.in_utterance:
+                    continue  # a late partial of an utterance that already ended
+                if self.ended is not None:
+                    continue  # the call hangs up: nothing may follow `hangup`
+                await self._out.send_event({"type": "transcript", "text": partial.text,
+                                            "final": False})
+                if self._held is not None and normalize_text(partial.text):
+                    self._confirm_interruption()  # words: a real barge-in
+                self._speculation.offer(partial.text)
 
     def _start_spoken_turn(self, ended: TurnEnded) -> None:
         preempt, self._preempt = self._preempt, None  # this turn's, to adopt or cancel
