@@ -301,3 +301,45 @@ async def test_token_typing_and_errors_in_plain_words(guarded_server):
         server.stop()  # the gateway goes away mid-call
         state = wait_state(browser, lambda s: s["state"] == "failed", "the lost connection")
         assert "connection to the gateway was lost" in text(browser, "error")
+
+
+def test_a_lost_message_is_not_shown_as_the_call_ending(page_server, monkeypatch):
+    # A bug in handling one input (a typed message here) loses that input and is sent as
+    # an `internal_error` without a turn, while the call goes on (docs/protocol.md). The
+    # page said "ended this call. Call again." and, when the caller later hung up or the
+    # gateway closed the call normally, showed it as failed.
+    from gateway.call.engine import Call
+
+    original = Call._on_text
+    raised: list[str] = []
+
+    async def failing(self, text, final):
+        if not raised:
+            raised.append(text)
+            raise RuntimeError("bug in _on_text")
+        return await original(self, text, final)
+
+    monkeypatch.setattr(Call, "_on_text", failing)
+    with chromium(["--use-fake-ui-for-media-stream",  # no microphone: typing only
+                   "--autoplay-policy=no-user-gesture-required"]) as browser:
+        open_page(browser, page_server)
+        call(browser)
+        type_line(browser, "hello")
+        state = wait_state(browser, lambda s: "internal_error" in text(browser, "status")
+                           or s.get("errorCode") == "internal_error", "the lost message")
+        assert raised == ["hello"]
+        type_line(browser, "what are your opening hours")
+        state = wait_state(browser, lambda s: num(s, "turns") >= 1, "a typed turn's metrics")
+        assert state["state"] == "in-call"
+        assert "ended this call" not in text(browser, "error")
+        hang_up(browser)
+
+        # a call that fails inside the gateway still says so, and ends as failed
+        async def broken(self):
+            raise RuntimeError("bug in Call.run")
+
+        monkeypatch.setattr(Call, "run", broken)
+        by_testid(browser, "call").click()
+        state = wait_state(browser, lambda s: s["state"] == "failed", "the failed call")
+        assert state["errorCode"] == "internal_error"
+        assert "ended this call" in text(browser, "error")

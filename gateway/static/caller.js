@@ -290,6 +290,9 @@
         showError("Could not reach the gateway at " + callUrl("") + ". Is it running?");
         setState("failed", "not connected");
       }
+    } else if (event.code === 1011) {  // the call failed inside the gateway (onError)
+      showError(ERROR_WORDS.internal_error);
+      setState("failed", "call ended by the gateway");
     } else if (current.lastError) {
       setState("failed", "call ended by the gateway");  // the error is already on screen
     } else if (event.code === 1000) {
@@ -442,6 +445,14 @@
     if (event.turn !== undefined) {
       // A stage of one turn failed; the call goes on.
       els.status.textContent = "turn " + event.turn + ": " + event.message + " (" + event.code + ")";
+      return;
+    }
+    if (event.code === "internal_error") {
+      // Either one input was lost and the call goes on, or the call failed: then the
+      // gateway closes it with 1011 next (onClose says so).
+      els.status.textContent = event.message + " (" + event.code + "): what you last said, " +
+                               "typed or keyed may be lost";
+      body.dataset.errorCode = event.code;
       return;
     }
     current.lastError = event.code;
