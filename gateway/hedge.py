@@ -2,10 +2,11 @@
 
 The primary starts at once; the secondary after a hedge delay (fixed, 0 = both at
 once, or adaptive: a high percentile of the primary's recent time to first token).
-The first leg to yield content or a tool call wins and is streamed to the caller;
-the other is cancelled, which closes its HTTP stream. A leg that fails before its
-first token (error, empty reply, or no token within ``first_token_timeout_s``) hands
-the turn to the other at once, starting the secondary early if need be.
+The first leg to yield content (not whitespace alone) or a tool call wins and is
+streamed to the caller; the other is cancelled, which closes its HTTP stream. A leg
+that fails before its first token (error, empty reply, or no token within
+``first_token_timeout_s``) hands the turn to the other at once, starting the secondary
+early if need be.
 
 The hedge delay and both timeouts run on a ``Clock`` (gateway/clock.py; the monotonic
 ``SYSTEM_CLOCK`` in production), so a test's ``ManualClock`` decides when they pass.
@@ -164,6 +165,10 @@ class HedgedChat:
                 if leg.failed:
                     continue  # a late item from a leg already given up on
                 if isinstance(item, LLMChunk):
+                    if item.tool_call is None and not item.text.strip():
+                        # Whitespace ("\n\n" before a model thinks) says nothing: no first
+                        # token, so no win, and the other leg and the timeouts still count.
+                        continue
                     winner, first = leg, item
                 elif item is _DONE:
                     self._fail(leg, "empty reply", errors)

@@ -381,3 +381,50 @@ async def test_a_winner_that_stalls_fails_when_the_clock_passes_the_idle_timeout
     with pytest.raises(ProviderError, match="stream stalled for 10 s"):
         task.result()
     assert primary.closed == 1 and clock.sleeping == 0
+
+
+class SeenLeg:
+    """An OpenAI leg that notes each chunk it yields (the test knows it reached the race)."""
+
+    def __init__(self, inner: OpenAIChat) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.seen: list[LLMChunk] = []
+
+    async def stream(self, messages, tools=None) -> AsyncIterator[LLMChunk]:
+        async with contextlib.aclosing(self.inner.stream(messages, tools)) as chunks:
+            async for chunk in chunks:
+                self.seen.append(chunk)
+                yield chunk
+
+
+async def test_a_whitespace_only_chunk_is_no_first_token(llm_server):
+    """A model that streams "\\n\\n" first (then thinks, or ends) won the race with it: the
+    other leg was cancelled for a chunk with nothing to say. Ending there, the turn was an
+    empty reply (a handoff) though the secondary had an answer; stalling there, the caller
+    waited out the idle timeout (10 s) instead of the first-token timeout's failover."""
+    fake, server = llm_server
+    url = server.url + "/v1"
+    fake.replies["blank"] = Reply(text="\n\n")  # whitespace, then the end
+    fake.replies["good"] = Reply(text="Backup answer.")
+    hedged = HedgedChat(OpenAIChat("blank", base_url=url, name="blank"),
+                        OpenAIChat("good", base_url=url, name="good"),
+                        clock=ManualClock(), hedge_delay_s=600.0)
+    assert await asyncio.wait_for(collect(hedged), 20) == "Backup answer."
+    assert hedged.stats.failovers == 1 and hedged.stats.leg_failures == 1
+
+    fake.replies["thinking"] = Reply(text="\n\n", stall_after=2)  # whitespace, then nothing
+    clock = ManualClock()
+    primary = SeenLeg(OpenAIChat("thinking", base_url=url, name="thinking"))
+    hedged = HedgedChat(primary, OpenAIChat("good", base_url=url, name="good"),  # type: ignore[arg-type]
+                        clock=clock, hedge_delay_s=600.0, first_token_timeout_s=4.0)
+    answer = asyncio.ensure_future(collect(hedged))
+    for _ in range(2000):  # the whitespace has reached the race (a real socket: polled)
+        if primary.seen:
+            break
+        await asyncio.sleep(0.01)
+    assert [c.text for c in primary.seen] == ["\n\n"]
+    await clock.advance(4.0)  # the first-token timeout: the secondary takes over
+    assert await asyncio.wait_for(answer, 20) == "Backup answer."
+    assert hedged.stats.failovers == 1 and hedged.stats.secondary_wins == 1
+    assert await fake.await_for(lambda s: s.disconnects["thinking"] == 1)
