@@ -489,3 +489,18 @@ async def test_an_upload_that_is_not_a_csv_by_its_content_type_is_a_specific_415
     assert not_json.status_code == 400 and "not JSON" in not_json.json()["error"]
     assert stats["errors"] == {"admin_bad_request": 3}, stats["errors"]
     assert 'voicegate_errors_total{code="admin_bad_request"} 3.0' in metrics
+
+
+async def test_a_form_typed_upload_with_lone_cr_line_breaks_is_read_as_the_csv(tmp_path):
+    """Excel's "CSV (Macintosh)" ends its lines with a lone CR, which the seed CSV reader
+    takes (cache_seed/validate.py). Sent with `curl --data-binary @faq.csv` (no -H: a form
+    type) it was refused as a body whose line breaks curl -d had stripped, 415, because
+    only LF counted as a line break. curl -d strips CR too, so a CR is a line break kept."""
+    app = _warm_app(tmp_path / "store", ManualClock())
+    csv = b"question,answer\rWhat are your hours?,=HYPERLINK(\"x\")\r"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=ADMIN) as client:
+        response = await client.post("/admin/seed", content=csv, headers={
+            "content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+    assert [e["line"] for e in response.json()["errors"]] == [2], response.json()

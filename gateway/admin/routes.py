@@ -252,7 +252,8 @@ async def seed_upload(request: Request, services: Services) -> Response:
         return closing(error(f"the upload stalled: {exc}; nothing published, the previous "
                              "version keeps serving", 408))
     content_type = request.headers.get("content-type", "")
-    if _media_type(content_type) == _FORM and b"\n" not in body.strip():
+    # curl -d strips CR and LF; a lone CR is a line break too (Excel's "CSV (Macintosh)")
+    if _media_type(content_type) == _FORM and not any(b in body.strip() for b in b"\r\n"):
         return _bad_request(request, _how_to_upload(
             f"and this {_FORM} body has no line breaks (curl -d removes them)"), 415)
     source = request.query_params.get("name") or "upload.csv"
