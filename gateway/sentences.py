@@ -14,9 +14,12 @@ import re
 # Words ending in a period that do not end a sentence.
 _ABBREVIATIONS = frozenset({
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "inc", "ltd",
-    "co", "no", "approx", "dept", "apt", "ave", "mt", "jan", "feb", "mar", "apr", "jun", "jul",
+    "co", "approx", "dept", "apt", "ave", "mt", "jan", "feb", "mar", "apr", "jun", "jul",
     "aug", "sep", "sept", "oct", "nov", "dec", "a.m", "p.m", "u.s",
 })
+# Abbreviations only before a number ("No. 5"); else the word itself ends the sentence
+# ("No. We're closed on Sundays.": held as an abbreviation, the first piece waited).
+_NUMBER_ABBREVIATIONS = frozenset({"no"})
 # Letters and dots before the final one: "U.K", "U.S.A", "Ph.D" (also "e.g", "a.m").
 _DOTTED = re.compile(r"(?:[a-z]{1,2}\.)+[a-z]{1,2}")
 _SENTENCE_END = ".!?…"
@@ -84,9 +87,13 @@ class SentenceChunker:
             if ch in _SENTENCE_END:
                 # The whitespace may come after closing quotes or brackets: 'says "shipped." It'.
                 end = self._after_closers(buf, i + 1)
-                if end < len(buf) and buf[end].isspace() and not self._is_abbreviation(buf, i) \
-                        and not self._is_list_marker(buf, i, self._mid_sentence):
-                    return end
+                if end < len(buf) and buf[end].isspace() and not self._is_list_marker(
+                        buf, i, self._mid_sentence):
+                    abbreviation = self._is_abbreviation(buf, i, end)
+                    if abbreviation is None:
+                        break  # "No." before what: a number or a new sentence? Wait and see.
+                    if not abbreviation:
+                        return end
             if not nxt.isspace():
                 continue
             if ch in _CLAUSE_END and clause_cut is None and len(speakable(buf[: i + 1])) >= min_clause:
@@ -100,7 +107,9 @@ class SentenceChunker:
         return None
 
     @staticmethod
-    def _is_abbreviation(buf: str, i: int) -> bool:
+    def _is_abbreviation(buf: str, i: int, end: int) -> bool | None:
+        """Whether the period at ``i`` ends an abbreviation (whitespace from ``end``); None
+        while that depends on what comes next and has not come yet."""
         if buf[i] != ".":
             return False
         start = i
@@ -109,6 +118,9 @@ class SentenceChunker:
         word = buf[start:i].lower().lstrip("(\"'")
         if word in _ABBREVIATIONS or _DOTTED.fullmatch(word):
             return True
+        if word in _NUMBER_ABBREVIATIONS:
+            rest = buf[end:].lstrip()
+            return rest[0].isdigit() if rest else None
         return len(word) == 1 and buf[start].isupper()  # an initial: "J. Smith"
 
     @staticmethod

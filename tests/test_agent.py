@@ -487,6 +487,16 @@ def test_dotted_abbreviations_do_not_end_a_sentence(text):
     assert chunk_all(text) == [text]
 
 
+@pytest.mark.parametrize("tokens", ["word", "char"])
+def test_no_ends_a_sentence_unless_a_number_follows(tokens):
+    """"No." was always an abbreviation ("No. 5"): an answer opening "No. We're closed on
+    Sundays." held its first piece to the next sentence's end, and the caller waited for
+    both to be written and synthesized before hearing anything."""
+    text = "No. We're closed on Sundays. The answer is no. Ask for form No. 5 at the desk."
+    assert chunk_all(text, tokens) == ["No.", "We're closed on Sundays.", "The answer is no.",
+                                      "Ask for form No. 5 at the desk."]
+
+
 def test_a_sentence_ending_inside_a_closing_quote_or_bracket_is_its_own_piece():
     text = ('The status says "shipped." It left the warehouse (on Monday.) Did you get my '
             "note, 'where is it?' Dr. Smith said “yes.” \"Mr.\" Jones signed (e.g.) for it. ")
