@@ -163,6 +163,20 @@ async def test_groq_adapter_streams_through_its_own_path(llm_server):
     await model.aclose()
 
 
+async def test_an_api_key_a_server_echoes_is_not_in_the_error(llm_server):
+    # OpenAI masks the key in its 401 text; a compatible server (a proxy, a self-hosted
+    # model) may echo it whole, and the error goes to logs and to the caller's events.
+    fake, server = llm_server
+    key = "sk-test-0123456789abcdef"
+    fake.replies["t"] = Reply(status=401, error_message=f"Incorrect API key provided: {key}")
+    model = OpenAIChat("t", base_url=server.url + "/v1", api_key=key)
+    with pytest.raises(ProviderError) as failed:
+        [c async for c in model.stream(MESSAGES)]
+    await model.aclose()
+    assert "HTTP 401" in str(failed.value) and "Incorrect API key" in str(failed.value)
+    assert key not in str(failed.value), str(failed.value)
+
+
 def test_adaptive_delay_tracks_a_high_percentile_with_a_floor():
     delay = AdaptiveDelay(percentile=0.9, floor_s=0.05, ceiling_s=2.0, initial_s=0.4, min_samples=10)
     assert delay.delay_s() == 0.4  # too few samples: the initial value

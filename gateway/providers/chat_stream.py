@@ -163,14 +163,23 @@ class SDKChat:
             await response.close()
 
     def _error(self, exc: Exception) -> ProviderError:
+        return ProviderError(self.name, self._redacted(self._describe(exc)))
+
+    def _describe(self, exc: Exception) -> str:
         sdk = self._sdk
         if isinstance(exc, sdk.APIStatusError):
-            return ProviderError(self.name, f"HTTP {exc.status_code} from {self.model}: {exc.message}")
+            return f"HTTP {exc.status_code} from {self.model}: {exc.message}"
         if isinstance(exc, sdk.APITimeoutError):
-            return ProviderError(self.name, f"request to {self._client.base_url} timed out")
+            return f"request to {self._client.base_url} timed out"
         if isinstance(exc, sdk.APIConnectionError):
-            return ProviderError(self.name, f"cannot reach {self._client.base_url}: {exc}")
-        return ProviderError(self.name, f"stream failed: {exc}")
+            return f"cannot reach {self._client.base_url}: {exc}"
+        return f"stream failed: {exc}"
+
+    def _redacted(self, message: str) -> str:
+        """The message without the API key: OpenAI masks it in its 401 text, but a
+        compatible server may echo it whole, and the message goes to logs and events."""
+        key = getattr(self._client, "api_key", "") or ""
+        return message.replace(key, "[API key]") if len(key) >= 8 else message
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -38,6 +38,7 @@ class Reply:
     # Tool-call fragments without their "index" (some OpenAI-compatible servers omit it):
     # the first fragment of a call carries its id and name, the rest only arguments.
     omit_tool_index: bool = False
+    error_message: str = ""  # with a status != 200, the error's message (else "fake failure N")
 
 
 @dataclass
@@ -109,7 +110,8 @@ class FakeOpenAI:
             self.stats.bodies.append(body)
         reply = self.reply_for(body)
         if reply.status != 200:
-            await _json(send, reply.status, {"error": {"message": f"fake failure {reply.status}",
+            message = reply.error_message or f"fake failure {reply.status}"
+            await _json(send, reply.status, {"error": {"message": message,
                                                        "type": "server_error", "code": None}})
             with self._lock:
                 self.stats.completed[model] += 1
