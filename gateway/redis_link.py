@@ -36,6 +36,17 @@ def open_async_client(url: str, timeout_s: float = 5.0) -> aioredis.Redis:
                                    socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
 
 
+def honour_cancel() -> None:
+    """Raise the cancel a redis-py call swallowed. redis-py sends each command under
+    ``asyncio.wait_for``, which on Python 3.11 drops a cancel that lands in the step its
+    send completes: a loop around such calls would go on, and whoever cancelled it and
+    waits for it (a replica's shutdown) would wait for good. The task still counts the
+    request (``cancelling``), so a loop checks it at each turn."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class RedisHealth:
     """Degraded while any user of the link (subscriber, counters) reports Redis down."""
 
@@ -103,6 +114,7 @@ class VersionSubscriber:
             finally:
                 await _quietly(pubsub.aclose())
                 await _quietly(client.aclose())
+            honour_cancel()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -119,6 +131,7 @@ class VersionSubscriber:
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
         pinged = False  # a PING is out and nothing has come back since
         while True:
+            honour_cancel()
             message = await pubsub.get_message(timeout=self._ping_s)
             if message is None:
                 if pinged:

@@ -46,7 +46,7 @@ from redis.exceptions import RedisError, ResponseError
 from intents.redis_store import DEFAULT_PREFIX
 
 from . import logs
-from .redis_link import RedisHealth
+from .redis_link import RedisHealth, honour_cancel
 from .stats import outcome_of
 
 log = logging.getLogger("voicegate.shared_stats")
@@ -167,6 +167,7 @@ class SharedStats:
             else:
                 self._health.down("counters", f"cannot write counters: "
                                               f"{type(problem).__name__}: {problem}")
+            honour_cancel()  # a cancel redis-py swallowed: shutdown waits for this task
             await asyncio.sleep(self._flush_s)
 
     async def flush(self) -> None:

@@ -393,6 +393,46 @@ async def test_a_foreign_key_does_not_make_the_other_counters_count_again(prefix
         f"one call with one hit turn, counted {totals}")
 
 
+async def test_a_cancel_a_redis_call_swallowed_still_stops_the_counter_flusher(
+        prefix: str) -> None:
+    """redis-py sends each command under asyncio.wait_for, which on Python 3.11 drops a
+    cancel that lands in the step the send completes. The flusher then looped on, and the
+    replica's shutdown, which cancels it and waits for it, waited for good. (CI hung 300 s
+    once on the heartbeat test below: its flusher, cancelled in its tenth flush, flushed
+    again and parked.) A cancel the task still counts now stops the loop."""
+    stats = SharedStats(open_async_client(REDIS_URL), prefix=prefix, health=RedisHealth(),
+                        replica_id="r", flush_s=0.01, describe=dict)
+    flushes = 0
+    in_flush = asyncio.Event()
+
+    async def flush_that_swallows_a_cancel() -> None:  # as wait_for does, in that step
+        nonlocal flushes
+        flushes += 1
+        in_flush.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if flushes > 1:
+                raise  # only the first: a later cancel ends a regressed test
+
+    async def heartbeat() -> None:
+        return None
+
+    stats.flush = flush_that_swallows_a_cancel  # type: ignore[method-assign]
+    stats.heartbeat = heartbeat  # type: ignore[method-assign]
+    task = asyncio.create_task(stats.run())
+    await in_flush.wait()
+    task.cancel()
+    # Bounded only so that a regression fails instead of hanging the suite.
+    done, _ = await asyncio.wait({task}, timeout=10)
+    if not done:
+        task.cancel()  # the second flush waits on: this cancel reaches it
+    await asyncio.gather(task, return_exceptions=True)
+    await stats.aclose()
+    assert done and task.cancelled(), "the cancelled flusher went on"
+    assert flushes == 1
+
+
 async def test_one_foreign_counter_key_stops_a_busy_replicas_heartbeat(
         prefix: str) -> None:
     """Someone reset `stats:sources` by hand (a string where a hash belongs). Every flush
