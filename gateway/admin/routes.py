@@ -224,8 +224,7 @@ def _media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-def _not_a_csv_upload(content_type: str) -> str | None:
-    media = _media_type(content_type)
+def _not_a_csv_upload(media: str) -> str | None:
     if media in _CSV_TYPES or media == _FORM or media.startswith("text/"):
         return None
     return _how_to_upload(f"not Content-Type {media}")
@@ -241,7 +240,8 @@ def _how_to_upload(why: str) -> str:
 
 @admin_ready
 async def seed_upload(request: Request, services: Services) -> Response:
-    refused = _not_a_csv_upload(request.headers.get("content-type", ""))
+    media = _media_type(request.headers.get("content-type", ""))
+    refused = _not_a_csv_upload(media)
     if refused is not None:
         return _bad_request(request, refused, 415)
     try:
@@ -251,9 +251,8 @@ async def seed_upload(request: Request, services: Services) -> Response:
     except BodyTimeout as exc:
         return closing(error(f"the upload stalled: {exc}; nothing published, the previous "
                              "version keeps serving", 408))
-    content_type = request.headers.get("content-type", "")
     # curl -d strips CR and LF; a lone CR is a line break too (Excel's "CSV (Macintosh)")
-    if _media_type(content_type) == _FORM and not any(b in body.strip() for b in b"\r\n"):
+    if media == _FORM and not any(b in body.strip() for b in b"\r\n"):
         return _bad_request(request, _how_to_upload(
             f"and this {_FORM} body has no line breaks (curl -d removes them)"), 415)
     source = request.query_params.get("name") or "upload.csv"
@@ -265,7 +264,7 @@ async def seed_upload(request: Request, services: Services) -> Response:
             target = -1.0
         if not 0.0 < target < 1.0:
             return error("target_wrong_rate must be a number between 0 and 1", 400)
-    if content_type.lower().startswith("multipart/form-data"):
+    if media == "multipart/form-data":
         found = await _multipart_file(request)  # parses the body already read above
         if isinstance(found, str):
             return error(found, 400)
