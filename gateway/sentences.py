@@ -54,10 +54,10 @@ class SentenceChunker:
         self._buffer += text
         pieces: list[str] = []
         while True:
-            cut = self._find_cut()
-            if cut is None:
+            found = self._find_cut()
+            if found is None:
                 break
-            self._mid_sentence = self._cut_mid_sentence
+            cut, self._mid_sentence = found
             piece, self._buffer = speakable(self._buffer[:cut]), self._buffer[cut:]
             if piece:
                 pieces.append(piece)
@@ -71,19 +71,20 @@ class SentenceChunker:
             return piece
         return None
 
-    def _find_cut(self) -> int | None:
+    def _find_cut(self) -> tuple[int, bool] | None:
+        """Where the next piece ends, and whether that is inside a sentence (a clause
+        boundary, or max_chars); None while no boundary is known yet."""
         buf = self._buffer
         min_clause = self.first_min_clause_chars if self._emitted == 0 else self.min_clause_chars
         clause_cut: int | None = None
-        self._cut_mid_sentence = False
         # A boundary counts only once the next character is known (whitespace),
         # so "3.5", "e.g." and "U.S." are not split mid-token.
         for i in range(len(buf) - 1):
             ch, nxt = buf[i], buf[i + 1]
             if ch == "\n" and nxt == "\n":
-                return i + 2
+                return i + 2, False
             if ch == "\n" and _LIST_ITEM.match(buf, i + 1) and speakable(buf[:i]):
-                return i + 1  # an item starts a piece of its own, its marker stripped there
+                return i + 1, False  # an item starts a piece of its own, its marker stripped there
             if ch in _SENTENCE_END:
                 # The whitespace may come after closing quotes or brackets: 'says "shipped." It'.
                 end = self._after_closers(buf, i + 1)
@@ -93,17 +94,16 @@ class SentenceChunker:
                     if abbreviation is None:
                         break  # "No." before what: a number or a new sentence? Wait and see.
                     if not abbreviation:
-                        return end
+                        return end, False
             if not nxt.isspace():
                 continue
             if ch in _CLAUSE_END and clause_cut is None and len(speakable(buf[: i + 1])) >= min_clause:
                 clause_cut = i + 1
-        self._cut_mid_sentence = True
         if clause_cut is not None:
-            return clause_cut
+            return clause_cut, True
         if len(buf) >= self.max_chars:  # no boundary in sight: cut at the last space
             space = buf.rfind(" ", 0, self.max_chars)
-            return space + 1 if space > 0 else self.max_chars
+            return (space + 1 if space > 0 else self.max_chars), True
         return None
 
     @staticmethod
