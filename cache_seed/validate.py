@@ -330,21 +330,27 @@ class _Group:
 
 def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
     # Duplicate questions: identical rows are dropped, conflicting ones are errors. An action
-    # written on one of them and left empty on the other is not a conflict: it is kept.
-    seen: dict[str, SeedRow] = {}
+    # or an intent written on one of them and left empty on the other is not a conflict: it
+    # is kept (the row with the intent stands for both).
+    seen: dict[str, int] = {}  # question -> index in unique of its row
     acted: dict[str, SeedRow] = {}  # question -> the first of its rows with an action written
     unique: list[SeedRow] = []
     for row in rows:
         key = normalize_text(row.question)
-        first = seen.get(key)
-        if first is None:
-            seen[key] = row
+        index = seen.get(key)
+        if index is None:
+            seen[key] = len(unique)
             unique.append(row)
-        elif (first.answer, first.intent) != (row.answer, row.intent):
-            what = "answer" if first.answer != row.answer else "intent"
-            errors.append(RowError(row.line, f"duplicate question (line {first.line}) with a "
-                                             f"conflicting {what}"))
-            continue
+        else:
+            first = unique[index]
+            if first.answer != row.answer or (first.intent is not None and row.intent is not None
+                                              and first.intent != row.intent):
+                what = "answer" if first.answer != row.answer else "intent"
+                errors.append(RowError(row.line, f"duplicate question (line {first.line}) with "
+                                                 f"a conflicting {what}"))
+                continue
+            if first.intent is None and row.intent is not None:
+                unique[index] = row
         if row.action is None:
             continue
         acting = acted.setdefault(key, row)

@@ -330,3 +330,25 @@ def test_a_utf16_file_is_named_as_such_not_called_binary(encoding: str) -> None:
     assert line == 1 and reason.startswith(f"not UTF-8: the file is {encoding[:6].upper()}"), \
         reason
     assert "save it as" in reason and "UTF-8" in reason
+
+
+def test_a_duplicate_row_with_an_empty_intent_joins_the_row_with_the_intent() -> None:
+    """The same question and answer twice, once with an intent and once with the intent left
+    empty (a row copied before the intent column was filled), was refused as "duplicate
+    question (line 2) with a conflicting intent". An empty intent names nothing: it is kept
+    as the written one, as an empty action is. Two different intents still conflict."""
+    for rows in ("When are you open?,Nine to five.,hours,\nWhen are you open?,Nine to five.,,\n",
+                 "When are you open?,Nine to five.,,\nwhen are you  open?,Nine to five.,hours,\n"):
+        plan = parse_seed_csv((HEADER + rows + "What are your hours?,,hours,\n"
+                                               "I lost my card,,lost_card,handoff\n").encode())
+        assert set(plan.entries) == {"hours", "lost_card"}, rows
+        assert len(plan.entries["hours"].questions) == 2, plan.entries["hours"]
+        assert plan.entries["hours"].answer == "Nine to five."
+        assert plan.intents.count("hours") == 2 and len(plan.questions) == 3
+    # a different intent on the same question is a conflict, reported against the row that
+    # wrote an intent (line 3), not the one that left it empty (line 2)
+    found = errors_of(HEADER + "When are you open?,Nine to five.,,\n"
+                               "When are you open?,Nine to five.,hours,\n"
+                               "When are you open?,Nine to five.,opening,\n"
+                               "q two,b,,\n")
+    assert found == [(4, "duplicate question (line 3) with a conflicting intent")]
