@@ -125,6 +125,13 @@ def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
         raise SeedValidationError(source, [RowError(1, (
             f"not UTF-8: the file is {wide} (Excel's \"Unicode Text\" saves that); save it as "
             "UTF-8 (Excel: \"CSV UTF-8 (Comma delimited)\")"))])
+    binary = _binary_kind(data)
+    if binary is not None:
+        # Read as CSV it gave a NUL byte or a bad byte on line after line and "missing
+        # column" for a header of junk: one error naming the file and the fix instead.
+        raise SeedValidationError(source, [RowError(1, (
+            f"not CSV: the file is {binary}, not CSV text; export it as CSV UTF-8 (Excel: "
+            "\"CSV UTF-8 (Comma delimited)\")"))])
     errors: list[RowError] = []
     text, bad_lines = _decode(data, errors)
     rows = _read_rows(text, bad_lines, errors, source)
@@ -156,6 +163,31 @@ def _wide_encoding(data: bytes) -> str | None:
                                                               if k not in zero_at)
                          for u in units) >= 0.9 * len(units):
             return name
+    return None
+
+
+# What operators upload instead of a CSV, by the bytes it starts with. OLE2 is also a .doc.
+_BINARY_MAGIC = ((b"PK\x03\x04", "a zip archive (as an .xlsx or .ods workbook is)"),
+                 (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
+                  "an Excel 97-2003 workbook (.xls) or another Office document"),
+                 (b"%PDF-", "a PDF document"),
+                 (b"\x1f\x8b", "a gzip archive"))
+
+
+def _binary_kind(data: bytes) -> str | None:
+    """What a file that is not text is ("an Excel workbook (.xlsx)", ...), else None. Called
+    after _wide_encoding: UTF-16 and UTF-32 text have NUL bytes too."""
+    for magic, kind in _BINARY_MAGIC:
+        if data.startswith(magic):
+            # a zip's member names are stored as they are, in its central directory
+            if magic.startswith(b"PK") and b"xl/workbook." in data:
+                return "an Excel workbook (.xlsx)"
+            return kind
+    # Any other binary: no text file has a NUL byte in its header (a data row with one
+    # is reported on its own line, the rest of the file still checked).
+    header = next((line for line in data[:4096].splitlines() if line.strip()), b"")
+    if b"\x00" in header:
+        return "binary (its first line holds a NUL byte)"
     return None
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -352,3 +354,34 @@ def test_a_duplicate_row_with_an_empty_intent_joins_the_row_with_the_intent() ->
                                "When are you open?,Nine to five.,opening,\n"
                                "q two,b,,\n")
     assert found == [(4, "duplicate question (line 3) with a conflicting intent")]
+
+
+def _zip(names: tuple[str, ...]) -> bytes:
+    """A zip archive holding ``names`` (deflated, as Excel and LibreOffice write them)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in names:
+            archive.writestr(name, f"<xml>{name} {HEADER * 20}</xml>")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, kind", [
+    (_zip(("[Content_Types].xml", "_rels/.rels", "xl/workbook.xml", "xl/worksheets/sheet1.xml",
+           "xl/sharedStrings.xml")), "an Excel workbook (.xlsx)"),
+    (_zip(("mimetype", "content.xml", "META-INF/manifest.xml")), "a zip archive"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(range(256)) * 8, "an Excel 97-2003 workbook"),
+    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "a PDF document"),
+    (gzip.compress(HEADER.encode() * 50, mtime=0), "a gzip archive"),
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00\n" + bytes(range(256)) * 4, "binary"),
+], ids=["xlsx", "zip", "xls", "pdf", "gzip", "other"])
+def test_a_workbook_or_other_binary_file_is_named_as_such_not_missing_columns(data: bytes,
+                                                                               kind: str) -> None:
+    """An .xlsx saved instead of exported (or a zip, a PDF) got junk: "not CSV: the line contains
+    a NUL byte", "not UTF-8 (byte 0x..." on line after line, and "missing column 'question'
+    (header is: PK\\x03\\x04...)". One error, on line 1, saying what the file is and how to
+    export it, as a UTF-16 file gets."""
+    found = errors_of(data)
+    assert len(found) == 1, found[:4]
+    line, reason = found[0]
+    assert line == 1 and reason.startswith(f"not CSV: the file is {kind}"), reason
+    assert "export it as CSV UTF-8" in reason, reason
