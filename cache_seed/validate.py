@@ -132,6 +132,13 @@ def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
         raise SeedValidationError(source, [RowError(1, (
             f"not CSV: the file is {binary}, not CSV text; export it as CSV UTF-8 (Excel: "
             "\"CSV UTF-8 (Comma delimited)\")"))])
+    separated = _other_separator(data)
+    if separated is not None:
+        # Read with commas its header is one column: "missing column" for every column it has.
+        line, name = separated
+        raise SeedValidationError(source, [RowError(line, (
+            f"the file is separated by {name}; voicegate reads comma-separated CSV: export it "
+            "as CSV UTF-8 (Excel: \"CSV UTF-8 (Comma delimited)\")"))])
     errors: list[RowError] = []
     text, bad_lines = _decode(data, errors)
     rows = _read_rows(text, bad_lines, errors, source)
@@ -188,6 +195,25 @@ def _binary_kind(data: bytes) -> str | None:
     header = next((line for line in data[:4096].splitlines() if line.strip()), b"")
     if b"\x00" in header:
         return "binary (its first line holds a NUL byte)"
+    return None
+
+
+def _other_separator(data: bytes) -> tuple[int, str] | None:
+    """(line, "semicolons" or "tabs") when the header, the first line that is not blank, has
+    no comma and known column names between semicolons or tabs (Excel saves "CSV" with
+    semicolons where a comma is the decimal separator, and "Text (Tab delimited)"). Named,
+    not guessed and read: a comma file's questions can hold semicolons."""
+    for number, raw in enumerate(data.splitlines(), start=1):  # lines as _decode numbers them
+        if not raw.strip():
+            continue
+        header = raw.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace")
+        if "," in header:
+            return None
+        for separator, name in ((";", "semicolons"), ("\t", "tabs")):
+            names = [n.strip().strip('"').strip().lower() for n in header.split(separator)]
+            if len(names) > 1 and set(names) & set(REQUIRED_COLUMNS + OPTIONAL_COLUMNS):
+                return number, name
+        return None
     return None
 
 

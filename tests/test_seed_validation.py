@@ -385,3 +385,30 @@ def test_a_workbook_or_other_binary_file_is_named_as_such_not_missing_columns(da
     line, reason = found[0]
     assert line == 1 and reason.startswith(f"not CSV: the file is {kind}"), reason
     assert "export it as CSV UTF-8" in reason, reason
+
+
+@pytest.mark.parametrize("separator, named", [(";", "semicolons"), ("\t", "tabs")])
+def test_a_semicolon_or_tab_separated_file_is_named_as_such(separator: str, named: str) -> None:
+    """Excel in a locale whose decimal separator is a comma saves "CSV" with semicolons, and
+    "Text (Tab delimited)" with tabs. Read with commas the whole header was one column:
+    "missing column 'question' (header is: question;answer;intent;action)" and the same for
+    'answer', which names neither the separator nor the fix. One error on the header's line
+    instead, also when the header's names are quoted (that read as "not CSV: ',' expected
+    after '\"'"). voicegate reads commas only: guessing the separator could split a comma
+    file's questions at their semicolons."""
+    rows = [["question", "answer", "intent", "action"],
+            ["When are you open?", "Nine to five, weekdays.", "hours", ""],
+            ["What are your hours?", "", "hours", ""]]
+    plain = "\n" + "\n".join(separator.join(row) for row in rows) + "\n"  # a blank line first
+    quoted = "\n".join(separator.join(f'"{cell}"' for cell in row) for row in rows) + "\n"
+    for text, line in ((plain, 2), (quoted, 1)):
+        found = errors_of(text)
+        assert len(found) == 1, found
+        assert found[0][0] == line and found[0][1].startswith(
+            f"the file is separated by {named}; voicegate reads comma-separated CSV"), found
+        assert "CSV UTF-8 (Comma delimited)" in found[0][1], found
+    # a comma file whose header holds a semicolon or a tab in a column's name is read as before
+    plan = parse_seed_csv((f"question,answer,notes{separator}internal\n"
+                           "When are you open?,Nine to five.,x\n"
+                           "What are your hours?,Nine to five.,\n").encode())
+    assert len(plan.questions) == 2
