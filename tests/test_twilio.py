@@ -19,10 +19,12 @@ from websockets.exceptions import InvalidStatus
 
 from gateway.audio import rms_dbfs
 from gateway.audio_bank import AudioBank, Clip
+from gateway.call import Call
 from gateway.codec import MULAW, encode, ulaw_to_pcm16
 from gateway.playout import Playout
 from gateway.server import BackgroundServer
 from gateway.transports.twilio import TwilioError, TwilioOutput, TwilioStream
+from tests.call_harness import CallHarness, tone
 from tests.fakes.twilio_media import FRAME_BYTES, TwilioLine
 
 pytestmark = pytest.mark.slow
@@ -474,3 +476,71 @@ async def test_marks_of_only_the_last_few_replies_are_remembered():
         await out.send_audio(b"\xff" * 800)
     assert out.mark_played("100:100") and out.mark_played("90:100")
     assert not out.mark_played("1:100")  # long gone: no echo of it can still come
+
+
+async def test_each_reply_of_a_turn_names_its_marks_apart():
+    # A resumed reply and the apology after it (a second reply of the turn) each name
+    # their marks anew, counting up in the turn; the next turn starts from its own number.
+    _, out = started_stream()
+    out.reply_started(3)
+    await out.send_audio(b"\xff" * 800)
+    out.reply_resumed(0.0)
+    await out.send_audio(b"\xff" * 800)
+    out.reply_started(3)  # the apology
+    await out.send_audio(b"\xff" * 800)
+    out.reply_started(4)
+    await out.send_audio(b"\xff" * 800)
+    assert [m["mark"]["name"] for m in out._outbox.sent if m["event"] == "mark"] == \
+        ["3:100", "3.1:100", "3.2:100", "4:100"]
+
+
+class PhoneCallOutput(TwilioOutput):
+    """A Twilio stream's output with the call's events kept (Twilio itself has no channel
+    for them): what a test of the call engine on a phone line reads."""
+
+    def __init__(self) -> None:
+        super().__init__(SentMessages(), "MZ1", "test-call")  # type: ignore[arg-type]
+        self.events: list[dict[str, Any]] = []
+
+    @property
+    def marks(self) -> list[str]:
+        return [m["mark"]["name"] for m in self._outbox.sent if m["event"] == "mark"]
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    async def interrupt(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        await super().interrupt(event)
+
+
+async def test_a_late_echo_of_a_failed_reply_is_not_taken_for_the_apology_heard():
+    # Turn 1's answer breaks off after 1.2 s (its voice fails a sentence) and the apology
+    # plays as a second reply of turn 1. Its marks were named as the failed reply's
+    # ("1:100", "1:200", ...), so a late echo of the failed reply's "1:1100" was taken for
+    # the apology's progress: the caller who cut the apology off 100 ms in was said to have
+    # heard all of it that was sent.
+    h = CallHarness()
+    h.responder._prompts.add(Clip("apology", "Sorry.", tone(2000, 700), 16000))  # 2 s long
+    h.llm.reply = "Here is the first part of a long answer to your question. FAIL this."
+    out = PhoneCallOutput()
+    h.call = Call(h.deps, out, 8000, call_id="test-call")  # a phone line: μ-law at 8 kHz
+    await h.start()
+    await h.text("explain my statement")
+    for _ in range(200):  # the answer plays, its voice fails, the apology starts
+        if [e for e in out.events if e.get("source") == "apology"]:
+            break
+        await h.clock.advance(0.02)
+    failed = list(out.marks)
+    assert failed[-1] == "1:1200", failed  # the answer's 1.2 s, then the voice failed
+    for _ in range(15):  # 300 ms of the apology
+        await h.clock.advance(0.02)
+    apology = out.marks[len(failed):]
+    assert len(apology) >= 3, apology
+    assert out.mark_played(apology[0])  # the far end played the apology's first 100 ms
+    assert out.mark_played("1:1100")  # the failed reply's echo, late: ours, not the apology's
+    await h.text("hello")  # the caller cuts the apology off
+    interrupt = next(e for e in out.events if e["type"] == "interrupt")
+    assert interrupt["heard_ms"] == 100.0, interrupt
+    assert not set(apology) & set(failed), (failed, apology)
+    await h.stop()

@@ -51,7 +51,8 @@ class ConfirmsPlayback(Protocol):
     """
 
     def reply_started(self, turn: int) -> None:
-        """Reply frames sent from now on belong to ``turn``; its playback starts at 0 ms."""
+        """Reply frames sent from now on belong to ``turn``; its playback starts at 0 ms.
+        A turn may start a second reply (the apology after one that failed mid-way)."""
 
     def confirmed_heard_ms(self) -> float | None:
         """Audio of the current reply the far end confirmed played; None: it cannot tell."""

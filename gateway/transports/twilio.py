@@ -114,10 +114,11 @@ class TwilioOutput:
 
     Marks are named ``<turn>:<ms>``: when Twilio echoes one, the caller has heard ``ms``
     of that turn's reply. After a ``clear`` Twilio echoes the marks it dropped too, so a
-    cleared reply's echoes are ignored; a reply resumed after a false interruption
-    names its marks ``<turn>.<resumes>:<ms>``, so the dropped ones never count. An echo
-    must name a mark we sent (a label of the last few replies, up to the highest ms sent
-    under it); anything else is not ours.
+    cleared reply's echoes are ignored; a reply resumed after a false interruption, and
+    another reply of the same turn (the apology after one that failed mid-way), name
+    their marks ``<turn>.<n>:<ms>`` (n counting up in the turn), so the echoes of one are
+    never counted for another. An echo must name a mark we sent (a label of the last
+    few replies, up to the highest ms sent under it); anything else is not ours.
     """
 
     encoding = MULAW
@@ -138,8 +139,8 @@ class TwilioOutput:
         self._mark_head = '{"event":"mark","streamSid":' + sid + ',"mark":{"name":"'
         self._clear = '{"event":"clear","streamSid":' + sid + '}'
         self._turn = 0
-        self._label = "0"  # the turn, with the resume count after a false interruption
-        self._resumes = 0
+        self._label = "0"  # the turn, with a count after its first label (``<turn>.<n>``)
+        self._relabels = 0  # the turn's labels after its first: resumes, later replies
         self._reply_bytes = 0
         self._next_mark = _MARK_EVERY_BYTES
         self._confirmed_ms = 0.0
@@ -207,15 +208,21 @@ class TwilioOutput:
     # --- ConfirmsPlayback ----------------------------------------------------------
 
     def reply_started(self, turn: int) -> None:
-        self._turn, self._label, self._resumes = turn, str(turn), 0
+        if turn == self._turn:
+            # Another reply of this turn (the apology after one that failed mid-way): the
+            # failed reply's late echoes must not count as the caller hearing this one.
+            self._relabels += 1
+            self._label = f"{turn}.{self._relabels}"
+        else:
+            self._turn, self._label, self._relabels = turn, str(turn), 0
         self._reply_bytes = 0
         self._next_mark = _MARK_EVERY_BYTES
         self._confirmed_ms = 0.0
         self._cleared = False
 
     def reply_resumed(self, from_ms: float) -> None:
-        self._resumes += 1
-        self._label = f"{self._turn}.{self._resumes}"
+        self._relabels += 1
+        self._label = f"{self._turn}.{self._relabels}"
         self._reply_bytes = int(from_ms) * _ULAW_BYTES_PER_MS
         self._next_mark = self._reply_bytes + _MARK_EVERY_BYTES
         self._confirmed_ms = from_ms
