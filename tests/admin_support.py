@@ -6,6 +6,7 @@ import csv
 import io
 import shutil
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -62,3 +63,22 @@ def admin(server: BackgroundServer) -> httpx.Client:
 
 def serving_version(server: BackgroundServer) -> str | None:
     return httpx.get(server.base_url + "/readyz", timeout=10).json()["cache_version"]
+
+
+def warm_app(store_dir: Path, clock: Any) -> Any:
+    """A gateway app with the admin API on that counts as warm (no lifespan, no models) on
+    ``clock``: for requests refused before anything is rendered."""
+    from types import SimpleNamespace
+
+    from gateway.app import create_app
+    from gateway.faq_cache import FaqCache
+    from gateway.services import Services
+    from gateway.settings import Settings
+
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(store_dir),
+                              "admin_token": TOKEN}, environ={})
+    services = Services(settings, clock=clock)
+    services._runtime = SimpleNamespace(stats=services.stats, load_times_s={})
+    services.responder = object()
+    services.cache = FaqCache(LocalStore(store_dir), embedder=None)
+    return create_app(settings, services=services)

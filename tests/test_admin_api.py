@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
 
 from gateway.admin.publish import Publisher
 from gateway.client import Caller
+from gateway.clock import ManualClock
 from gateway.server import BackgroundServer
 from intents.types import entry_id_for
 from tests.admin_support import (AUTH, SMALL_INTENTS, admin, copy_store, seed_small,
-                                 serving_version, small_faq_csv, start_admin_server)
+                                 serving_version, small_faq_csv, start_admin_server,
+                                 warm_app)
 
 pytestmark = pytest.mark.slow
 
@@ -403,6 +406,56 @@ async def test_bad_csv_upload_lists_every_row_and_keeps_serving(own_server):
     assert serving_version(server) == version
     route = await ask(server, "what time do your branches open")
     assert route["hit"] is True and route["entry_id"] == "opening_hours"
+
+
+async def test_a_bad_target_wrong_rate_is_refused_before_the_body_is_read(tmp_path):
+    """POST /admin/seed?target_wrong_rate=2 was answered only once the whole body had
+    arrived (up to 5 MB, or 408 after body_timeout_s for a stalled one): the parameter,
+    known from the request line, is now refused at once. Here the body never ends."""
+    app = warm_app(tmp_path / "store", ManualClock())
+
+    async def post(query: str) -> tuple[list[dict], bool]:
+        sent: list[dict] = []
+        started = False
+
+        async def receive() -> dict:
+            nonlocal started
+            if not started:
+                started = True
+                return {"type": "http.request", "body": b"question,answer\n",
+                        "more_body": True}
+            await asyncio.Event().wait()  # the rest of the body never comes
+            raise AssertionError("unreachable")
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/admin/seed",
+                 "raw_path": b"/admin/seed", "root_path": "", "query_string": query.encode(),
+                 "headers": [(b"host", b"gateway"), (b"content-type", b"text/csv"),
+                             (b"authorization", AUTH["Authorization"].encode())],
+                 "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080)}
+        handling = asyncio.create_task(app(scope, receive, send))
+        for _ in range(200):
+            if handling.done():
+                break
+            await asyncio.sleep(0)
+        done = handling.done()
+        handling.cancel()
+        return sent, done
+
+    for value in ("2", "0", "1", "-0.5", "x", "", "nan"):
+        sent, done = await post(f"target_wrong_rate={value}&name=faq.csv")
+        assert done and sent, f"target_wrong_rate={value!r}: no answer while the body is " \
+                              f"still coming: {sent}"
+        body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+        assert sent[0]["status"] == 400, (value, body)
+        assert body["error"].startswith("target_wrong_rate must be a number between 0 and 1"), body
+        assert f"not {value!r}" in body["error"], body
+    # a good value waits for the body, as before
+    sent, done = await post("target_wrong_rate=0.05")
+    assert not done and sent == []
 
 
 # ---------------------------------------------------------------------- misses

@@ -244,6 +244,19 @@ async def seed_upload(request: Request, services: Services) -> Response:
     refused = _not_a_csv_upload(media)
     if refused is not None:
         return _bad_request(request, refused, 415)
+    # Checked before the body is read: a wrong parameter must not wait for 5 MB to arrive.
+    target: float | None = None
+    if "target_wrong_rate" in request.query_params:
+        given = request.query_params["target_wrong_rate"]
+        try:
+            target = float(given)
+        except ValueError:
+            target = -1.0
+        if not 0.0 < target < 1.0:  # NaN too
+            # as the CLI's --target-wrong-rate says it (gateway/cli.py)
+            return error(f"target_wrong_rate must be a number between 0 and 1 (exclusive), "
+                         f"e.g. 0.01; not {given[:40]!r}; nothing published, the previous "
+                         "version keeps serving", 400)
     try:
         body = await services.read_body(request, MAX_UPLOAD_BYTES)
     except BodyTooLarge:
@@ -256,14 +269,6 @@ async def seed_upload(request: Request, services: Services) -> Response:
         return _bad_request(request, _how_to_upload(
             f"and this {_FORM} body has no line breaks (curl -d removes them)"), 415)
     source = request.query_params.get("name") or "upload.csv"
-    target: float | None = None
-    if "target_wrong_rate" in request.query_params:
-        try:
-            target = float(request.query_params["target_wrong_rate"])
-        except ValueError:
-            target = -1.0
-        if not 0.0 < target < 1.0:
-            return error("target_wrong_rate must be a number between 0 and 1", 400)
     if media == "multipart/form-data":
         found = await _multipart_file(request)  # parses the body already read above
         if isinstance(found, str):
