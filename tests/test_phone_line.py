@@ -700,6 +700,41 @@ async def test_the_caller_going_on_during_the_transfer_request_does_not_abandon_
     await h.stop()
 
 
+@pytest.mark.parametrize("goes_on", ["speech", "text", "key"])
+async def test_input_dropped_behind_a_transfer_ends_its_turn_and_leaves_no_words(goes_on):
+    # The caller goes on during the transfer request, as above; the call is moved and
+    # their turn is dropped (reply_after_transfer_dropped). It sent no turn_metrics
+    # (operators and benchmarks count turns from them), and its words stayed in the carry:
+    # the next pause's words were routed joined to them.
+    h = harness({"keypad": {"0": "handoff"}, "keypad_pause_s": 1}, transfer_s=1.5)
+    h.stt.early_finals = True  # a pause's words are routed (with any carried before them)
+    await h.start()
+    h.call.feed_dtmf("0")
+    while not h.output.transfers:
+        await h.wait(20)
+    if goes_on == "speech":
+        await h.say("yes okay thank you", then_silence_ms=0)
+    elif goes_on == "text":
+        await h.text("yes okay thank you")
+    else:
+        h.call.feed_dtmf("5")
+    await h.wait(3000)
+    assert h.output.transfers_done == 1 and sources(h) == ["handoff"]
+    assert [m["turn"] for m in h.metrics()] == [1, 2], h.metrics()
+    # As a turn stopped before its reply: no source, no reply stages.
+    dropped = h.metrics()[1]
+    assert dropped["input"] == {"speech": "audio", "text": "text", "key": "dtmf"}[goes_on]
+    assert "source" not in dropped and dropped["first_audio_ms"] is None, dropped
+    assert dropped["reply_ms"] is None and dropped["preempted"] is False, dropped
+    routed = len(h.router.calls)
+    await h.say("and one more thing", then_silence_ms=1500)
+    later = [text for text, _ in h.router.calls[routed:]]
+    assert later and not [text for text in later if "thank" in text], later
+    assert [m["turn"] for m in h.metrics()] == [1, 2, 3]
+    assert sources(h) == ["handoff"]
+    await h.stop()
+
+
 async def test_a_failed_transfer_is_reported_and_the_call_goes_on():
     h = harness({"keypad": {"0": "handoff"}}, fail_transfer=True)
     await h.start()

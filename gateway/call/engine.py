@@ -60,6 +60,9 @@ LOOP_RESTARTS = 100
 # P(the caller's turn is complete) from the turn's audio (16 kHz PCM16).
 TurnModelFn = Callable[[bytes], Awaitable[float]]
 
+# A caller's turn's inputs; the bot's own phrases (greeting, idle) are no caller turns.
+_CALLER_INPUTS = ("audio", "text", "dtmf")
+
 
 @dataclass
 class CallDeps:
@@ -470,6 +473,16 @@ class Call:
             logs.event(log, "carried_words_dropped", utterances=len(self._carry))
         self._carry, self._carry_continues, self._carry_exchange = [], 0, None
 
+    def _carry_unanswered(self, words: asyncio.Future[Transcript]) -> None:
+        """A turn stopped (or dropped) before it ran: its words open the next spoken turn.
+        Not once the call is transferred: every later turn is dropped too, and they would
+        only be routed joined to what the caller says to the person."""
+        if self._transferred:
+            # Nobody awaits them now: a failed decode is retrieved here, not left to GC.
+            words.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return
+        self._carry.append(words)
+
     def _with_carried_words(self, text: str) -> str:
         """What this utterance's turn will be asked: the words it carries (a turn cut off
         mid-sentence, or stopped before it spoke), already decoded, before ``text``, as
@@ -551,7 +564,7 @@ class Call:
         # Stopped while queued behind the previous reply's cleanup, the turn never took its
         # words: they open the next turn, as when it is stopped before it spoke.
         self._start_reply(ended.timeline, self._spoken_turn(ended.timeline, final, preempt),
-                          if_never_ran=lambda: self._carry.append(final))
+                          if_never_ran=lambda: self._carry_unanswered(final))
         if preempt is not None:  # whatever became of the turn, nothing of it outlives it
             assert self._reply_task is not None
             self._reply_task.add_done_callback(lambda _: self._preempt_over(preempt))
@@ -647,7 +660,7 @@ class Call:
             # closing), the message is not lost: it opens the next spoken turn, as spoken
             # words stopped before their answer do. A later message supersedes it.
             self._start_reply(tl, self._answer(tl, text, typed=True),
-                              if_never_ran=lambda: self._carry.append(_said(text)))
+                              if_never_ran=lambda: self._carry_unanswered(_said(text)))
         else:
             self._idle.quiet_unless_busy()  # nothing to answer, as above
 
@@ -671,6 +684,11 @@ class Call:
                 # Queued behind the transfer (the caller went on during its request): the
                 # call is with a person now, and the bot must not talk over them.
                 logs.event(log, "reply_after_transfer_dropped", turn=tl.turn)
+                if tl.info.get("input") in _CALLER_INPUTS:
+                    # Ended as a turn stopped before its reply ends: with its metrics. Its
+                    # words were for the person, no question the cache missed.
+                    tl.info.update(self._speculation.take_counts(), preempted=False)
+                    await self._finish_metrics(tl, "", None)
                 return
             self._reply_tl = tl
             await turn
