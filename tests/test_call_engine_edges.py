@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Callable
 
-from gateway.providers.base import LLMChunk, ProviderError
+import pytest
+
+from gateway.providers.base import LLMChunk, ProviderError, Transcript
 from tests.call_harness import (CallHarness, assert_a_stalled_voice_fails_the_turn, tone,
                                 voice_that_fails_on_cue)
 
@@ -562,3 +564,38 @@ async def test_a_barge_in_on_a_reply_not_begun_reports_none_of_it_heard():
     second = h.output.of("interrupt")[1]
     assert (second["turn"], second["sent_ms"], second["heard_ms"]) == (2, 0, 0), second
     await h.stop()
+
+
+
+@pytest.mark.parametrize("final", ["failed", "no words"])
+async def test_a_turn_that_never_routes_its_final_leaves_the_next_turns_partials_routed(final):
+    # "opening hours please" settles on a cache hit while the caller speaks (two equal hits
+    # in a row), then its final transcript fails (stt_failed, the apology) or holds no
+    # words (a recogniser's final may drop what its partials heard): the turn never routed
+    # a final, where the speculation is reset, so it stayed settled. The next question's
+    # partials were all skipped as settled: its routing waited for the end of the turn
+    # (route_reused false) instead of being decided while the caller spoke.
+    h = CallHarness(faqs={"opening hours": "hours", "lost card": "card"},
+                    settings={"route_step_words": 1})
+    await h.start()
+    if final == "failed":
+        h.stt.fail_finals = 1
+    else:
+        stream = h.stt.streams[0]
+        decode = stream._final
+
+        async def no_words_once(early: Any, snapshot: bytes) -> Transcript:
+            stream._final = decode  # type: ignore[method-assign]
+            return Transcript(text="", final=True)
+
+        stream._final = no_words_once  # type: ignore[method-assign]
+    await h.say("opening hours please", then_silence_ms=1500)
+    assert [e["code"] for e in h.output.of("error")] == (["stt_failed"] if final == "failed"
+                                                          else [])
+    assert [text for text, _ in h.router.calls] == ["opening hours", "opening hours please"]
+    await h.say("about my lost card", then_silence_ms=1500)
+    await h.stop()
+    partials = [text for text, urgent in h.router.calls[2:] if not urgent]
+    assert partials == ["about my", "about my lost", "about my lost card"], h.router.calls
+    (metrics,) = h.metrics()
+    assert (metrics["entry_id"], metrics["route_reused"]) == ("card", True), metrics

@@ -586,6 +586,7 @@ class Call:
             self._carry_exchange = exchange
             raise
         except Exception as exc:
+            await self._speculation.reset()  # as the final's routing would have (_answer)
             await self._report("stt_failed", f"the final transcript failed: {exc}", tl.turn)
             await self._apologize(tl, "", "stt_failed")
             return
@@ -609,6 +610,9 @@ class Call:
                                     "turn": tl.turn})
         if not normalize_text(text):
             logs.event(log, "empty_turn", turn=tl.turn)
+            # As the final's routing would have: partials may have held words the final
+            # did not, and a hit settled on them would skip the next turn's partials.
+            await self._speculation.reset()
             return
         if preempt is not None and normalize_text(text) != normalize_text(preempt.text):
             preempt.cancel()  # the final is not what was preempted: a fresh call
