@@ -18,13 +18,23 @@ to about ``target_batch_ms``, so partials never hold a lane for long. A batch
 still takes at least ``min_batch`` texts when that many wait: every forward pass has
 a fixed cost (~15 ms for one MiniLM pass on this 2-core machine, against ~3 ms for
 each further text), and batches of one would pay it for every text.
+
+Few loop iterations: under load one iteration of the event loop takes milliseconds, and
+a routing's hand-offs on the loop are silence its caller hears. A final's batch starts
+in the call to ``route`` when its lane is idle, and a batch's callers are answered from
+the routing thread's completion (``call_soon_threadsafe``), not by a task awaiting
+``run_in_executor``: a final's decision reaches its caller two iterations after the
+thread's work, where it took five (tests/test_route_batcher.py counts them). Measured at
+500 text calls on a slow 2-core machine (``bench/capacity.py --mode text --steps 500 500
+--tree before=DIR``, rounds interleaved): hit ``first_audio_ms`` p50 3.5 against 5.3 ms,
+hits over 10 ms 24% against 32%; routed finals whose words were cached 5.4 against 8.5 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Callable, Sequence
 
 from intents.embedder import normalize_text
@@ -126,14 +136,19 @@ class RouteBatcher:
                 slot = self._pending[key] = _Slot(text, urgent)
             slot.urgent = slot.urgent or urgent
         slot.futures.append(future)
-        self._wake()
+        self._wake(slot.urgent)
         return await future
 
-    def _wake(self) -> None:
-        """Start a batch soon, unless one is under way (its end starts the next)."""
+    def _wake(self, urgent: bool = False) -> None:
+        """Start a batch unless one is under way (its end starts the next): at once for
+        a final (a caller waits in silence), else on the loop's next iteration, so that
+        partials arriving in this one share the batch."""
         if not self._active:
             self._active = True
-            asyncio.get_running_loop().call_soon(self._start_batch)
+            if urgent:
+                self._start_batch()
+            else:
+                asyncio.get_running_loop().call_soon(self._start_batch)
 
     def is_running(self, text: str) -> bool:
         """``text`` is in the batch being routed now."""
@@ -155,7 +170,7 @@ class RouteBatcher:
             return
         slot.urgent = True
         self._pending[key] = slot
-        self._wake()
+        self._wake(urgent=True)
 
     def batch_limit(self) -> int:
         """How many texts fit in ``target_batch_ms`` at the cost measured so far."""
@@ -198,22 +213,41 @@ class RouteBatcher:
             self._active = False
             return
         self._running = {normalize_text(slot.text): slot for slot in batch}
-        task = asyncio.ensure_future(self._run(batch))
-        task.add_done_callback(lambda _t: self._start_batch())
-
-    async def _run(self, batch: list[_Slot]) -> None:
-        texts = [slot.text for slot in batch]
-        started = time.perf_counter()
+        # Handed to the thread here and answered from its completion, not through a task
+        # awaiting run_in_executor: under load every event-loop iteration takes
+        # milliseconds, and that path cost a routing three more of them (the task's
+        # first step, the executor future's result, the task's resumption).
+        loop = asyncio.get_running_loop()
         try:
-            decisions = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._route_many, texts)
-        except Exception:
+            work = self._executor.submit(self._timed_route_many, [s.text for s in batch])
+        except RuntimeError as exc:  # the executor is shut down: nobody hangs
+            self._finish(batch, exc)
+            return
+
+        def done(work: Future) -> None:  # on the routing thread
+            try:
+                loop.call_soon_threadsafe(self._finish, batch, work)
+            except RuntimeError:  # the loop is closed: nobody is left to answer
+                pass
+
+        work.add_done_callback(done)
+
+    def _timed_route_many(self, texts: list[str]) -> tuple[list[RouteDecision], float]:
+        started = time.perf_counter()
+        decisions = self._route_many(texts)
+        return decisions, time.perf_counter() - started
+
+    def _finish(self, batch: list[_Slot], work: "Future | BaseException") -> None:
+        """On the loop: answer the batch's callers, then start the next batch."""
+        failure = work if isinstance(work, BaseException) else work.exception()
+        if failure is not None:
             # One text may have broken the batch: route each alone, so only the calls
             # waiting for a text that fails learn of it.
-            await self._run_each(batch)
-            self._running = {}
+            retry = asyncio.ensure_future(self._run_each(batch))
+            retry.add_done_callback(lambda _t: self._start_batch())
             return
-        per_text = (time.perf_counter() - started) / len(batch)
+        decisions, seconds = work.result()
+        per_text = seconds / len(batch)
         self._per_text_s = per_text if self._per_text_s <= 0.0 else (
             0.7 * self._per_text_s + 0.3 * per_text)
         self._running = {}
@@ -223,6 +257,7 @@ class RouteBatcher:
             for future in slot.futures:
                 if not future.done():
                     future.set_result(decision)
+        self._start_batch()
 
     async def _run_each(self, batch: list[_Slot]) -> None:
         for slot in batch:
@@ -231,6 +266,7 @@ class RouteBatcher:
             # Done with: the same words asked from now on are a routing of their own
             # (joined to this slot, which nobody resolves any more, they would hang).
             self._running.pop(normalize_text(slot.text), None)
+        self._running = {}
 
     async def _route_alone(self, slot: _Slot) -> None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Sequence
 
 import pytest
@@ -359,3 +359,50 @@ async def test_a_routing_of_words_whose_retry_was_skipped_is_routed():
         late = asyncio.ensure_future(batcher.route("gone text"))  # asked again
         decision = await _release_then_answer(router, routed, late)
     assert decision.text == "gone text"
+
+
+class InlineExecutor(Executor):
+    """Runs each routing at once, in the caller's thread: what is left of a routing's
+    time is the event loop's own hand-offs."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter, as a pool would
+            done.set_exception(exc)
+        return done
+
+
+async def _loop_iterations(awaitable) -> tuple[int, object]:  # type: ignore[no-untyped-def]
+    """How many event-loop iterations pass before ``awaitable`` is done, and its result."""
+    loop = asyncio.get_running_loop()
+    iterations = 0
+    done = False
+
+    def tick() -> None:
+        nonlocal iterations
+        if not done:
+            iterations += 1
+            loop.call_soon(tick)
+
+    loop.call_soon(tick)
+    try:
+        result = await awaitable
+    finally:
+        done = True
+    return iterations, result
+
+
+@pytest.mark.parametrize("urgent", [True, False])
+async def test_a_routing_costs_the_loop_two_iterations_beyond_its_work(urgent):
+    # Under load an event-loop iteration takes milliseconds (500 text calls on two cores),
+    # so each hand-off a routing needs on the loop is time a waiting caller hears as
+    # silence: a final's routing reaches its caller in two iterations (the thread's result
+    # back on the loop, then the caller's task), a partial's after the one that gathers its
+    # batch.
+    router = RecordingRouter()
+    batcher = RouteBatcher(router, InlineExecutor())
+    iterations, decision = await _loop_iterations(batcher.route("opening hours", urgent))
+    assert decision.text == "opening hours"
+    assert iterations <= (2 if urgent else 3), f"{iterations} loop iterations"
