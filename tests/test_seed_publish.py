@@ -176,6 +176,40 @@ def test_a_full_disk_under_the_local_store_is_a_clear_error_not_a_bare_500(
     assert "No space left" in response.json()["error"]
 
 
+def test_an_upload_published_but_not_loadable_here_says_which_version_serves(
+        tmp_path, monkeypatch) -> None:
+    """POST /admin/seed publishes the new version, then this replica loads it. When that load
+    fails (here its question vectors are torn on disk), the replica keeps serving the old one
+    and /readyz says why, but the upload was answered 200 naming the new version, as if it
+    served. It must say the truth: published, not served here, why, and what serves."""
+    client = _local_client(tmp_path / "store")
+    services = client.app.state.services
+    first = client.post("/admin/seed", content=small_faq_csv(),
+                        headers={"Content-Type": "text/csv"})
+    assert first.status_code == 200, first.text
+    serving = first.json()["version"]
+    writing = store_module._write_synced
+
+    def torn_vectors(path, data) -> None:
+        writing(path, data[:len(data) // 2] if path.name == "vectors.npy" else data)
+
+    monkeypatch.setattr(store_module, "_write_synced", torn_vectors)
+    response = client.post("/admin/seed", content=small_faq_csv(),
+                           headers={"Content-Type": "text/csv"})
+    body = response.json()
+    published = services.cache.store.current_version()
+    assert published != serving and services.cache.version == serving
+    assert services.cache.last_error and published in services.cache.last_error
+    assert response.status_code == 500, (
+        f"published {published}, this replica serves {serving} ({services.cache.last_error});"
+        f" the upload answered {response.status_code}: {body}")
+    assert body["version"] == serving and body["published"] == published
+    assert body["cache_error"] == services.cache.last_error
+    assert published in body["error"] and serving in body["error"]
+    assert "published" in body["error"] and "keeps serving" in body["error"]
+    assert body["report"]["version"] == published
+
+
 def test_a_full_disk_while_publishing_a_version_leaves_the_previous_one_and_no_debris(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The version's files or the pointer cannot be written (disk full): a StoreError naming

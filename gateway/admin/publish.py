@@ -11,7 +11,9 @@ edit publishes only over the version it was built from: another replica's admin 
 may have published meanwhile (one Redis behind a balancer), and a silent last-writer-
 wins would drop that change, so the store refuses it (``StoreConflict``, a 409). An edit
 while the store's current version cannot be loaded here is refused at once
-(``CurrentUnloadable``, a 503): built on another version, it could never publish.
+(``CurrentUnloadable``, a 503): built on another version, it could never publish. A
+version published but then not loaded here (``PublishedNotServed``, a 500) is reported as
+such: the store names it, this replica keeps serving the one it holds.
 """
 
 from __future__ import annotations
@@ -49,6 +51,22 @@ class BadEntry(ValueError):
 class CurrentUnloadable(StoreError):
     """The store's current version is not the one this replica serves, and cannot be
     loaded: an entry edit (built on the serving one) would be refused at the pointer."""
+
+
+class PublishedNotServed(RuntimeError):
+    """The publish happened (the store's current version is the new one) but this replica
+    could not load it and serves the version it held: not a success, and not "nothing
+    published" either, so the operator is told both."""
+
+    def __init__(self, report: SeedReport, serving: str | None, cause: str) -> None:
+        self.report = report
+        self.serving = serving
+        self.cause = cause
+        super().__init__(
+            f"version {report.version} was published, but this replica could not load it "
+            f"({cause}); it keeps serving {serving or 'no version'} (/readyz cache_error) and "
+            f"tries again at its next poll; other replicas load {report.version} from the "
+            "store as usual: if they fail too, fix the cause and seed again")
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,10 @@ class Publisher:
                                          asyncio.get_running_loop(),
                                          tuple(negatives), replaces)
         await asyncio.to_thread(cache.refresh)
+        # Not ours and an error: ours failed to load here (a newer version loaded cleanly
+        # means ours was replaced by another publish, not a failure of this one).
+        if cache.version != report.version and cache.last_error is not None:
+            raise PublishedNotServed(report, cache.version, cache.last_error)
         return report
 
     # ------------------------------------------------------------------ uploads

@@ -25,8 +25,8 @@ from intents.embedder import normalize_text
 from intents.store import StoreConflict, StoreError
 
 from .misses import DEFAULT_THRESHOLD, group_misses, is_agent_intent
-from .publish import (BadEntry, EntryExists, EntryNotFound, LabelledValidationError, Publisher,
-                      SeedBusy, report_json)
+from .publish import (BadEntry, EntryExists, EntryNotFound, LabelledValidationError,
+                      PublishedNotServed, Publisher, SeedBusy, report_json)
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_ENTRY_BODY_BYTES = 1024 * 1024  # one entry with its paraphrases, as JSON
@@ -112,12 +112,18 @@ async def get_entry(request: Request, services: Services) -> Response:
                          "entry": _entry_json(entry, hits)})
 
 
-# What a publish that did not happen raises; _publish_failed answers each.
-_PUBLISH_FAILURES = (LabelledValidationError, SeedBusy, SeedError, StoreError)
+# What a publish that did not happen, or did not take effect here, raises; _publish_failed
+# answers each.
+_PUBLISH_FAILURES = (LabelledValidationError, SeedBusy, SeedError, StoreError,
+                     PublishedNotServed)
 
 
 def _publish_failed(exc: Exception, services: Services) -> Response:
-    """The answer to a publish that did not happen; the serving version is untouched."""
+    """The answer to a publish that did not happen, or that this replica could not load; the
+    serving version is untouched."""
+    if isinstance(exc, PublishedNotServed):  # published: say so, and what serves here
+        return error(str(exc), 500, version=exc.serving, published=exc.report.version,
+                     cache_error=exc.cause, report=report_json(exc.report))
     if isinstance(exc, LabelledValidationError):
         return error(f"{exc}; the serving version is unchanged", 400, errors=exc.errors,
                      version=services.cache.version)  # type: ignore[union-attr]
@@ -283,7 +289,7 @@ async def seed_upload(request: Request, services: Services) -> Response:
                      "version keeps serving", 400,
                      errors=[{"line": e.line, "reason": e.reason} for e in exc.errors],
                      version=services.cache.version)  # type: ignore[union-attr]
-    except (SeedBusy, SeedError, StoreError) as exc:
+    except (SeedBusy, SeedError, StoreError, PublishedNotServed) as exc:
         return _publish_failed(exc, services)
     return JSONResponse({"version": report.version, "report": report_json(report)})
 
