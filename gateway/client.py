@@ -37,7 +37,9 @@ class TurnResult:
 
     @property
     def metrics(self) -> dict[str, Any] | None:
-        return self.first("turn_metrics")
+        ended = _ended_turns(self.events)  # not a turn of noise (no words) before it
+        return next((e for e in self.events if e.get("type") == "turn_metrics"
+                     and e.get("turn") in ended), None)
 
 
 class Caller:
@@ -262,7 +264,12 @@ def utterance_answered(events: list[dict[str, Any]]) -> bool:
 
 
 def _ended_turns(events: list[dict[str, Any]]) -> list[int]:
-    return [int(e["turn"]) for e in events if e.get("type") == "turn_metrics"]
+    """Turns that ended, but those whose final transcript held no words (noise, a cough
+    over the reply): they end with their metrics too, and answer nothing."""
+    wordless = {e.get("turn") for e in events if e.get("type") == "transcript"
+                and e.get("final") and "turn" in e and not str(e.get("text") or "").strip()}
+    return [int(e["turn"]) for e in events if e.get("type") == "turn_metrics"
+            and e.get("turn") not in wordless]
 
 
 def _cut_by_the_caller(events: list[dict[str, Any]]) -> set[int]:

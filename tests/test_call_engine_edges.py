@@ -597,5 +597,55 @@ async def test_a_turn_that_never_routes_its_final_leaves_the_next_turns_partials
     await h.stop()
     partials = [text for text, urgent in h.router.calls[2:] if not urgent]
     assert partials == ["about my", "about my lost", "about my lost card"], h.router.calls
-    (metrics,) = h.metrics()
+    _, metrics = h.metrics()  # the first turn's are the next test's
     assert (metrics["entry_id"], metrics["route_reused"]) == ("card", True), metrics
+
+
+def counts(metrics: dict[str, Any]) -> tuple[int, int, int]:
+    return (metrics["partials_routed"], metrics["partials_skipped"], metrics["partials_shed"])
+
+
+@pytest.mark.parametrize("final", ["failed", "no words"])
+async def test_a_turn_that_never_routes_its_final_ends_with_its_own_metrics(final):
+    # A turn whose final transcript failed (stt_failed: the apology) or held no words (an
+    # empty turn) sent no turn_metrics (operators and bench/capacity.py count turns from
+    # them), and its partial counts went to the next turn's metrics.
+    h = CallHarness(faqs={"opening hours": "hours", "lost card": "card"},
+                    settings={"route_step_words": 1})
+    await h.start()
+    if final == "failed":
+        h.stt.fail_finals = 1
+    else:
+        stream = h.stt.streams[0]
+        decode = stream._final
+
+        async def no_words_once(early: Any, snapshot: bytes) -> Transcript:
+            stream._final = decode  # type: ignore[method-assign]
+            return Transcript(text="", final=True)
+
+        stream._final = no_words_once  # type: ignore[method-assign]
+    await h.say("opening hours please", then_silence_ms=1500)
+    assert [m["turn"] for m in h.metrics()] == [1], h.metrics()
+    first = h.metrics()[0]
+    assert first["input"] == "audio" and first["preempted"] is False, first
+    assert first["end_of_turn_ms"] is not None and first["route_decided_ms"] is None, first
+    assert "intent" not in first and "hit" not in first, first
+    # "opening" too short to route, the next two routed, then settled: its own partials.
+    assert counts(first) == (2, 1, 0), first
+    if final == "failed":  # no transcript, and the apology is its reply
+        assert first["final_transcript_ms"] is None and first["source"] == "apology", first
+        assert first["first_audio_ms"] is not None and first["reply_ms"] is not None, first
+        assert first["interrupted"] is False, first
+    else:  # a transcript (empty) and no reply
+        assert first["final_transcript_ms"] is not None and "source" not in first, first
+        assert first["first_audio_ms"] is None and first["reply_ms"] is None, first
+    await h.say("about my lost card", then_silence_ms=1500)
+    await h.stop()
+    assert [m["turn"] for m in h.metrics()] == [1, 2], h.metrics()
+    second = h.metrics()[1]
+    assert second["entry_id"] == "card" and counts(second) == (3, 1, 0), second
+    # Every partial routing is counted once, in the turn it belongs to.
+    partials = [text for text, urgent in h.router.calls if not urgent]
+    assert sum(m["partials_routed"] for m in h.metrics()) == len(partials), h.router.calls
+    # A failed final was a question (a miss, the apology); no words were none.
+    assert h.stats.turns == (2 if final == "failed" else 1), h.stats.snapshot()

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError, Inval
 
 from gateway.app import create_app
 from gateway.call.session import AudioRateLimit, Outbox
-from gateway.client import Caller, utterance_answered
+from gateway.client import Caller, TurnResult, utterance_answered
 from gateway.clock import ManualClock
 from gateway.protocol import ProtocolError, parse_text_frame
 from gateway.server import BackgroundServer
@@ -307,6 +307,17 @@ def test_a_turn_cut_off_by_the_callers_next_words_is_not_the_answer_to_wait_for(
     assert utterance_answered([{"type": "interrupt", "turn": 2, "cause": "text"},
                                {"type": "turn_metrics", "turn": 2}]) is True
     assert not utterance_answered([{"type": "transcript", "text": "hi", "final": False}])
+
+
+def test_a_turn_that_heard_no_words_is_not_the_answer_to_wait_for():
+    # Noise heard as an utterance (its final transcript empty) ends with its turn_metrics
+    # too (docs/protocol.md), before the question's own turn: it answers nothing.
+    noise = [{"type": "transcript", "text": "", "final": True, "turn": 2},
+             {"type": "turn_metrics", "turn": 2, "input": "audio"}]
+    assert not utterance_answered(noise)
+    answered = noise + [{"type": "turn_metrics", "turn": 3, "source": "cache"}]
+    assert utterance_answered(answered)
+    assert TurnResult(number=3, events=answered).metrics == answered[-1]
 
 
 HEARD = [{"type": "transcript", "text": "what time", "final": False},

@@ -624,6 +624,34 @@ async def test_a_key_mapped_to_a_missing_entry_is_a_clear_error():
     assert h.stats.errors["keypad_unknown_entry"] == 1
 
 
+
+@pytest.mark.parametrize("heard", ["whole", "cut off"])
+async def test_a_key_mapped_to_a_missing_entry_ends_its_turn_with_metrics(heard):
+    # The apology answered the key, but the turn sent no turn_metrics (operators and
+    # bench/capacity.py count turns from them), and the partial counts of what the caller
+    # had typed before went to the next turn's. Cut off, it ends with them too.
+    h = harness({"keypad": {"2": "gone_entry"}})
+    await h.start()
+    await h.text("when do you", final=False)  # begun typing, then pressed a key instead
+    h.call.feed_dtmf("2")
+    await h.wait(100 if heard == "cut off" else 1500)
+    if heard == "cut off":
+        assert h.call.speaking  # the apology (300 ms) plays
+    await h.text("tell me about fees")
+    await h.wait(1500)
+    await h.stop()
+    assert sources(h) == ["apology", "llm"]
+    assert [m["turn"] for m in h.metrics()] == [1, 2], h.metrics()
+    key, typed = h.metrics()
+    assert key["input"] == "dtmf" and key["source"] == "apology", key
+    assert key["first_audio_ms"] is not None and key["route_decided_ms"] is None, key
+    assert key["interrupted"] is (heard == "cut off") and key["preempted"] is False, key
+    assert "intent" not in key and "hit" not in key, key
+    assert (key["partials_routed"], typed["partials_routed"]) == (1, 0), h.metrics()
+    # Keys are never a missed question (they may be a PIN).
+    assert [q.text for q in h.stats.missed_questions()] == ["tell me about fees"]
+
+
 async def test_a_key_is_answered_from_one_lookup_of_the_audio_bank():
     # Reloads swap the audio bank on another thread: one that lands between "is the entry
     # held?" and "read its clip" raised KeyError in the keypad path.

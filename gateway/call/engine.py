@@ -588,7 +588,7 @@ class Call:
         except Exception as exc:
             await self._speculation.reset()  # as the final's routing would have (_answer)
             await self._report("stt_failed", f"the final transcript failed: {exc}", tl.turn)
-            await self._apologize(tl, "", "stt_failed")
+            await self._unrouted_turn(tl, apology="stt_failed")
             return
         if continuing and not any(normalize_text(t) for t in texts[continuing:]):
             # What stopped the answer held no words after all (noise outlasting the
@@ -613,6 +613,9 @@ class Call:
             # As the final's routing would have: partials may have held words the final
             # did not, and a hit settled on them would skip the next turn's partials.
             await self._speculation.reset()
+            # Nothing to answer, but a turn all the same: it ends with its metrics. Noise
+            # (a cough over a reply) is no question, so no hit or miss in the stats.
+            await self._unrouted_turn(tl, counted=False)
             return
         if preempt is not None and normalize_text(text) != normalize_text(preempt.text):
             preempt.cancel()  # the final is not what was preempted: a fresh call
@@ -691,8 +694,7 @@ class Call:
                 if tl.info.get("input") in _CALLER_INPUTS:
                     # Ended as a turn stopped before its reply ends: with its metrics. Its
                     # words were for the person, no question the cache missed.
-                    tl.info.update(self._speculation.take_counts(), preempted=False)
-                    await self._finish_metrics(tl, "", None)
+                    await self._unrouted_turn(tl)
                 return
             self._reply_tl = tl
             await turn
@@ -796,17 +798,35 @@ class Call:
         except StageFailed as exc:  # not even the pre-rendered phrase: say so, stay up
             logs.event(log, "apology_failed", logging.ERROR, code=exc.code, detail=str(exc))
 
+    async def _unrouted_turn(self, tl: TurnTimeline, apology: str | None = None,
+                             counted: bool = True) -> None:
+        """End a caller's turn that has no route to answer (its final failed or held no
+        words, its key named no entry, it came after the transfer) as a turn stopped before
+        its reply ends: with its metrics (operators and benchmarks count turns from them)
+        and its own partial counts, which would otherwise go to the next turn's. ``apology``:
+        the failure it is played for first; its reply stages are then the apology's.
+        ``counted``: a hit or miss in the stats (``_finish_metrics``)."""
+        tl.info.update(self._speculation.take_counts(), preempted=False)
+        try:
+            if apology is not None:
+                await self._apologize(tl, "", apology)
+        finally:  # cut off too: the turn was taken all the same
+            await self._finish_metrics(tl, "", None, counted=counted)
+
     async def _finish_metrics(self, tl: TurnTimeline, text: str,
-                              decision: RouteDecision | None) -> None:
+                              decision: RouteDecision | None, counted: bool = True) -> None:
+        """Send the turn's metrics. ``counted``: a hit or a miss in the stats (not a turn
+        with no words: nothing was asked)."""
         metrics = tl.metrics()
-        # Keys are no question to add to the FAQ (and may be a PIN): never a "miss" text.
-        asked = None if tl.info.get("input") == "dtmf" else text
-        self._stats.turn_finished(metrics, asked,
-                                  route_score=decision.score if decision else None,
-                                  answer=self._reply.said_text(tl.turn), call_id=self.id)
+        if counted:
+            # Keys are no question to add to the FAQ (and may be a PIN): never a "miss" text.
+            asked = None if tl.info.get("input") == "dtmf" else text
+            self._stats.turn_finished(metrics, asked,
+                                      route_score=decision.score if decision else None,
+                                      answer=self._reply.said_text(tl.turn), call_id=self.id)
+            self.turns_answered += 1
         logs.event(log, "turn", **metrics)
         self._trace.turn(tl, metrics)
-        self.turns_answered += 1
         await self._out.send_event({"type": "turn_metrics", **metrics})
 
     async def _barge_in(self, cause: str, speech_at: float | None = None) -> None:
@@ -1165,7 +1185,7 @@ class Call:
                                f"key {action.key} is mapped to entry {action.action!r}, which "
                                "the serving cache version does not hold (VOICEGATE_KEYPAD)",
                                tl.turn)
-            self._start_reply(tl, self._apologize(tl, text, "keypad_unknown_entry"))
+            self._start_reply(tl, self._unrouted_turn(tl, apology="keypad_unknown_entry"))
             return
         decision = RouteDecision(text=text, intent=action.action, action=Action.ANSWER, hit=True,
                                  entry_id=action.action, answer=clip.text,
