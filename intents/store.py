@@ -7,10 +7,14 @@ Publishing is atomic: a version is written completely under a temporary name,
 renamed into place, and only then does the ``CURRENT`` pointer move (``os.replace``,
 atomic on POSIX). A reader resolves ``CURRENT`` once and reads that version, so it
 never sees half a seed, and a seed that fails before the swap leaves the previous
-version serving. Whatever stops a publish (a refusal, an error, Ctrl-C) removes what it
-created; the temporary directories of a publishing process that died are swept by a later
-publish (``LocalStore._sweep_staging``). Audio is content-addressed (``audio_key``), outside
-versions, so a re-seed renders only answers whose text or voice changed.
+version serving. It is durable too: each file is fsynced before its rename, and each rename
+that publishes is followed by an fsync of its directory (an answer's audio and the version's
+directory before the pointer moves, the pointer's after), so a power cut cannot leave
+``CURRENT`` naming a version or audio that the disk lost. Whatever stops a publish (a
+refusal, an error, Ctrl-C) removes what it created; the temporary directories of a
+publishing process that died are swept by a later publish (``LocalStore._sweep_staging``).
+Audio is content-addressed (``audio_key``), outside versions, so a re-seed renders only
+answers whose text or voice changed.
 
 Nothing else ever frees a store (Redis runs with noeviction), so after each publish
 the store keeps the current version and the newest ``keep_versions`` published ones,
@@ -240,8 +244,9 @@ class LocalStore(Store):
             wav.writeframes(audio.pcm)
         path = self._audio_path(key)
         try:
-            self._audio.mkdir(parents=True, exist_ok=True)
+            _make_directory(self._audio)
             _atomic_write(path, buffer.getvalue())
+            _sync_directory(self._audio)  # its rename: a version may name it once we return
             self._stamp(path)
         except OSError as exc:  # e.g. the disk is full: a StoreError, as reads are
             raise _write_failed(path, exc) from exc
@@ -257,7 +262,7 @@ class LocalStore(Store):
         held: int | None = None  # the staging directory, locked while this publish owns it
         try:
             try:
-                self._versions.mkdir(parents=True, exist_ok=True)
+                _make_directory(self._versions)
                 staging.mkdir()
                 created = True
                 held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
@@ -269,6 +274,7 @@ class LocalStore(Store):
                 np.save(vectors, np.ascontiguousarray(bundle.vectors, dtype=np.float32))
                 _write_synced(staging / "vectors.npy", vectors.getvalue())
                 _write_synced(staging / "classifier.joblib", bundle.classifier)
+                os.fsync(held)  # the files' names, before the directory is renamed
             except OSError as exc:
                 raise _write_failed(final, exc) from exc
             # The only step readers can observe: the pointer now names a complete version.
@@ -287,8 +293,10 @@ class LocalStore(Store):
                         raise StoreError(missing_audio_message(version, missing))
                     os.rename(staging, final)
                     renamed = True
+                    _sync_directory(self._versions)  # on disk before the pointer names it
                     self._stamp(final)  # its publish time, for the clean-up
                     _atomic_write(self._pointer, (version + "\n").encode("ascii"))
+                    self._sync_pointer(version)
                     self._clean_up_quietly(version, self._clean_up)
             except OSError as exc:  # the pointer did not move (os.replace is all or nothing)
                 raise _write_failed(self._pointer, exc) from exc
@@ -305,6 +313,15 @@ class LocalStore(Store):
             if held is not None:
                 os.close(held)
         return version
+
+    def _sync_pointer(self, version: str) -> None:
+        """Make the pointer's rename durable. A failure is logged, not raised: the pointer
+        has moved and readers serve ``version``, so "nothing published" would be false."""
+        try:
+            _sync_directory(self.root)
+        except OSError as exc:
+            log.error("cache_pointer_not_durable version=%s error=%s: %s (a power cut may "
+                      "undo this publish)", version, type(exc).__name__, exc)
 
     def _names(self, version: str) -> bool:
         """Whether the pointer names ``version``; True when it cannot be read (unknown: keep)."""
@@ -475,6 +492,22 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _sync_directory(path: Path) -> None:
+    """fsync a directory: the renames and new entries in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_directory(path: Path) -> None:
+    """Create ``path`` (and its parents) if missing; a new one is made durable in its parent."""
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        _sync_directory(path.parent)
 
 
 def _temporary_path(path: Path) -> Path:

@@ -243,6 +243,65 @@ def empty_bundle(*audio: str) -> CacheBundle:
     return CacheBundle({"entries": entries}, np.zeros((1, 4), np.float32), b"m")
 
 
+def test_a_local_publish_is_durable_before_the_pointer_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local store fsynced the files it wrote but never a directory, so a rename (the
+    version's into versions/, an answer's audio into audio/, the pointer's) could be lost in
+    a power cut, or reach the disk in another order: CURRENT naming a version, or audio,
+    that is not there after the restart. Each rename that publishes must be followed by an
+    fsync of its directory, and all of them must come before the pointer's rename."""
+    root = (tmp_path / "store").resolve()
+    store = LocalStore(root)
+    calls: list[tuple[str, str]] = []  # ("fsync", path of the fd) or ("rename", target)
+    fsync, replace, rename = os.fsync, os.replace, os.rename
+
+    def recording_fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst, **kwargs) -> None:
+        replace(src, dst, **kwargs)
+        calls.append(("rename", str(dst)))
+
+    def recording_rename(src, dst, **kwargs) -> None:
+        rename(src, dst, **kwargs)
+        calls.append(("rename", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(os, "rename", recording_rename)
+    key = audio_key("Hello.", "voice-a")
+    store.put_audio(key, Audio(b"\x01\x00\x02\x00", 8000))
+    version = store.publish(empty_bundle(key))
+    monkeypatch.undo()
+
+    def index(kind: str, path: Path, start: int = 0) -> int | None:
+        return next((i for i, call in enumerate(calls)
+                     if i >= start and call == (kind, str(path))), None)
+
+    versions, staging = root / "versions", root / "versions" / f".staging-{version}"
+    pointer = index("rename", root / "CURRENT")
+    moved = index("rename", versions / version)
+    audio_in = index("rename", root / "audio" / f"{key}.wav")
+    assert None not in (pointer, moved, audio_in), calls
+    missing = [name for name, found in (
+        *((f"fsync {n} before the version's rename", index("fsync", staging / n))
+          for n in ("manifest.json", "vectors.npy", "classifier.joblib")),
+        ("fsync the staging directory (its files' names) before its rename",
+         index("fsync", staging)),
+        ("fsync store/ (new versions/ and audio/ directories) before the pointer moves",
+         index("fsync", root)),
+        ("fsync versions/ after the version's rename, before the pointer's",
+         index("fsync", versions, moved)),
+        ("fsync audio/ after the audio's rename, before the pointer's",
+         index("fsync", root / "audio", audio_in)),
+    ) if found is None or found > pointer]
+    if index("fsync", root, pointer) is None:
+        missing.append("fsync store/ after the pointer's rename")
+    shown = [(kind, os.path.relpath(path, root)) for kind, path in calls]
+    assert not missing, f"missing: {missing}; the calls: {shown}"
+
+
 def test_the_local_store_keeps_the_newest_ten_versions(tmp_path: Path) -> None:
     """Every seed and admin edit publishes a version directory; nothing deleted them, so
     the store's disk filled up with every version ever published. After a publish only
