@@ -20,10 +20,12 @@ from websockets.exceptions import InvalidStatus
 from gateway.audio import rms_dbfs
 from gateway.audio_bank import AudioBank, Clip
 from gateway.call import Call
+from gateway.call.session import AudioRateLimit, CallSession
 from gateway.codec import MULAW, encode, ulaw_to_pcm16
 from gateway.playout import Playout
+from gateway.protocol import ProtocolError
 from gateway.server import BackgroundServer
-from gateway.transports.twilio import TwilioError, TwilioOutput, TwilioStream
+from gateway.transports.twilio import TWILIO_RATE, TwilioError, TwilioOutput, TwilioStream
 from tests.call_harness import CallHarness, tone
 from tests.fakes.twilio_media import FRAME_BYTES, TwilioLine
 
@@ -451,6 +453,34 @@ def test_the_message_limit_counts_utf8_bytes_not_characters():
     with pytest.raises(TwilioError) as info:  # the same in ASCII escapes is small: read on
         stream.handle(json.dumps({"event": "dance", "note": "x" * 30000}))
     assert info.value.code == "twilio_unknown_event"
+
+
+def test_one_oversized_media_payload_is_its_own_error_not_audio_too_fast():
+    """Twilio sends 20 ms (160 bytes) a message. A message just under max_frame_bytes
+    (64 KiB) carries ~48 KiB of μ-law, 6.1 s of audio: more than the rate limit's allowance
+    for one frame (sized on max_frame_bytes of pcm16), so the first such message closed the
+    call as `audio_too_fast` (1008), as if a caller talked too fast. It is a malformed or
+    non-Twilio client: refused as such, dropped, and the stream goes on."""
+    settings = SimpleNamespace(max_frame_bytes=65536, max_audio_rate=2.0,
+                               audio_rate_grace_s=2.0)
+    fed: list[bytes] = []
+    session = SimpleNamespace(call=SimpleNamespace(id="CA1", feed_audio=fed.append),
+                              settings=settings, outbox=SentMessages(),
+                              _rate=AudioRateLimit(TWILIO_RATE, 2.0, 2.0,
+                                                   max_frame_bytes=settings.max_frame_bytes))
+    session.feed_audio = lambda pcm16: CallSession.feed_audio(session, pcm16)  # the real limit
+    stream = TwilioStream(SimpleNamespace(settings=settings), session,  # type: ignore[arg-type]
+                          authenticated=True)
+    room = settings.max_frame_bytes - len(media(""))
+    largest = media(base64.b64encode(b"\xff" * (room // 4 * 3)).decode())
+    assert len(largest) <= settings.max_frame_bytes
+    with pytest.raises(ProtocolError) as info:
+        stream.handle(largest)
+    assert (info.value.code, info.value.close_code) == ("twilio_media_too_large", None), (
+        f"one {len(largest)}-byte media message: {info.value.code} ({info.value.message})")
+    assert "160" in info.value.message and fed == []
+    stream.handle(media(GOOD_FRAME))  # the stream goes on
+    assert fed == [ulaw_to_pcm16(b"\xff" * FRAME_BYTES)]
 
 
 async def test_a_bogus_mark_does_not_turn_off_the_clock_estimate_of_heard_ms():

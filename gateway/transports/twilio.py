@@ -317,6 +317,15 @@ class TwilioStream:
                               f"`media.payload` is not valid base64: {exc}") from None
         if not ulaw:
             raise TwilioError("twilio_empty_media", "`media.payload` holds no audio")
+        # At most the audio of a native frame (max_frame_bytes of pcm16), which the rate
+        # limit allows one of at once: a bigger payload is no caller talking too fast
+        # (`audio_too_fast` closes the call) but a client that is not Twilio.
+        if len(ulaw) * 2 > self._max_bytes:
+            ms = len(ulaw) // _ULAW_BYTES_PER_MS
+            raise TwilioError("twilio_media_too_large",
+                              f"`media.payload` of {len(ulaw)} bytes ({ms} ms) exceeds "
+                              f"{self._max_bytes // 2} bytes of μ-law in one message; Twilio "
+                              "sends 160 (20 ms): dropped")
         # Any byte count is whole μ-law samples; 160 (20 ms) is Twilio's usual frame.
         self._session.feed_audio(ulaw_to_pcm16(ulaw))
 
