@@ -504,3 +504,42 @@ async def test_a_form_typed_upload_with_lone_cr_line_breaks_is_read_as_the_csv(t
             "content-type": "application/x-www-form-urlencoded"})
     assert response.status_code == 400, (response.status_code, response.text[:300])
     assert [e["line"] for e in response.json()["errors"]] == [2], response.json()
+
+
+async def test_every_refused_admin_request_is_counted(tmp_path):
+    """Only the bodies refused for their form (not JSON, the upload's 415s) were counted as
+    `admin_bad_request`; the other 400s were not: a bad target_wrong_rate, a multipart
+    upload without its file, an empty upload, a CSV with bad rows, a bad entry or one whose
+    rows do not validate, bad /admin/misses parameters, a bad promotion. A script sending
+    any of them showed nothing in the stats."""
+    app = _warm_app(tmp_path / "store", ManualClock())
+    csv = {"content-type": "text/csv"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=ADMIN) as client:
+        refused = {
+            "target_wrong_rate": await client.post("/admin/seed?target_wrong_rate=2",
+                                                   content=b"question,answer\n", headers=csv),
+            "no file field": await client.post("/admin/seed", files={
+                "upload": ("faq.csv", b"question,answer\nq,a\n", "text/csv")}),
+            "file as text": await client.post("/admin/seed", data={"file": "question,answer"},
+                                              files={"x": ("x", b"", "text/plain")}),
+            "malformed multipart": await client.post("/admin/seed", content=b"q,a\n", headers={
+                "content-type": "multipart/form-data"}),  # no boundary
+            "empty upload": await client.post("/admin/seed", content=b" \n", headers=csv),
+            "bad rows": await client.post("/admin/seed", content=b"question,answer\n=1+1,a\n",
+                                          headers=csv),
+            "bad entry": await client.post("/admin/entries", json=[]),
+            "new entry without questions": await client.post("/admin/entries", json={
+                "intent": "x", "answer": "a"}),
+            "entry that does not validate": await client.post("/admin/entries", json={
+                "intent": "x", "answer": "a", "questions": ["=1+1"]}),
+            "misses limit": await client.get("/admin/misses?limit=x"),
+            "misses threshold": await client.get("/admin/misses?threshold=2"),
+            "bad promotion": await client.post("/admin/misses/promote", json={}),
+        }
+        stats = (await client.get("/admin/stats")).json()
+        metrics = (await client.get("/metrics")).text
+    for name, response in refused.items():
+        assert response.status_code == 400, (name, response.status_code, response.text[:300])
+    assert stats["errors"] == {"admin_bad_request": len(refused)}, stats["errors"]
+    assert f'voicegate_errors_total{{code="admin_bad_request"}} {len(refused)}.0' in metrics

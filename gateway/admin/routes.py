@@ -124,7 +124,8 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
     if isinstance(exc, PublishedNotServed):  # published: say so, and what serves here
         return error(str(exc), 500, version=exc.serving, published=exc.report.version,
                      cache_error=exc.cause, report=report_json(exc.report))
-    if isinstance(exc, LabelledValidationError):
+    if isinstance(exc, LabelledValidationError):  # a 400: counted as _bad_request counts it
+        services.stats.error("admin_bad_request")
         return error(f"{exc}; the serving version is unchanged", 400, errors=exc.errors,
                      version=services.cache.version)  # type: ignore[union-attr]
     if isinstance(exc, SeedBusy):
@@ -137,11 +138,13 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
     return error(f"{exc}; the previous version keeps serving", 500)
 
 
-def _bad_request(request: Request, message: str, status: int = 400) -> Response:
-    """A body refused for its form (not JSON, not a CSV by its type): counted, as every
-    refusal is, so a script posting the wrong thing shows in the stats."""
+def _bad_request(request: Request, message: str, status: int = 400,
+                 **extra: object) -> Response:
+    """A request refused for what it sent (its form, a parameter, an upload or entry that
+    does not validate): every 400 and 415 is counted, as every refusal is, so a script
+    posting the wrong thing shows in the stats."""
     _services(request).stats.error("admin_bad_request")
-    return error(message, status)
+    return error(message, status, **extra)
 
 
 async def _json_body(request: Request) -> Any:
@@ -170,7 +173,7 @@ async def post_entry(request: Request, services: Services) -> Response:
     try:
         report, entry_id, created = await _publisher(request).upsert_entry(body)
     except BadEntry as exc:
-        return error(str(exc), 400)
+        return _bad_request(request, str(exc))
     except _PUBLISH_FAILURES as exc:
         return _publish_failed(exc, services)
     loaded = services.cache.loaded  # type: ignore[union-attr]
@@ -260,9 +263,9 @@ async def seed_upload(request: Request, services: Services) -> Response:
             target = -1.0
         if not 0.0 < target < 1.0:  # NaN too
             # as the CLI's --target-wrong-rate says it (gateway/cli.py)
-            return error(f"target_wrong_rate must be a number between 0 and 1 (exclusive), "
-                         f"e.g. 0.01; not {given[:40]!r}; nothing published, the previous "
-                         "version keeps serving", 400)
+            return _bad_request(request, "target_wrong_rate must be a number between 0 and 1 "
+                                f"(exclusive), e.g. 0.01; not {given[:40]!r}; nothing "
+                                "published, the previous version keeps serving")
     try:
         body = await services.read_body(request, MAX_UPLOAD_BYTES)
     except BodyTooLarge:
@@ -278,17 +281,18 @@ async def seed_upload(request: Request, services: Services) -> Response:
     if media == "multipart/form-data":
         found = await _multipart_file(request)  # parses the body already read above
         if isinstance(found, str):
-            return error(found, 400)
+            return _bad_request(request, found)
         body, source = found
     if not body.strip():
-        return error("empty upload: send the CSV (columns question, answer, intent, action)", 400)
+        return _bad_request(request, "empty upload: send the CSV (columns question, answer, "
+                                     "intent, action)")
     try:
         report = await _publisher(request).seed_csv(body, source, target)
     except SeedValidationError as exc:
-        return error(f"{source}: {len(exc.errors)} bad row(s), nothing published; the previous "
-                     "version keeps serving", 400,
-                     errors=[{"line": e.line, "reason": e.reason} for e in exc.errors],
-                     version=services.cache.version)  # type: ignore[union-attr]
+        return _bad_request(request, f"{source}: {len(exc.errors)} bad row(s), nothing "
+                            "published; the previous version keeps serving",
+                            errors=[{"line": e.line, "reason": e.reason} for e in exc.errors],
+                            version=services.cache.version)  # type: ignore[union-attr]
     except (SeedBusy, SeedError, StoreError, PublishedNotServed) as exc:
         return _publish_failed(exc, services)
     return JSONResponse({"version": report.version, "report": report_json(report)})
@@ -317,9 +321,9 @@ async def misses(request: Request, services: Services) -> Response:
         limit = int(query.get("limit", "20"))
         threshold = float(query.get("threshold", str(DEFAULT_THRESHOLD)))
     except ValueError:
-        return error("limit must be an integer and threshold a number", 400)
+        return _bad_request(request, "limit must be an integer and threshold a number")
     if not (limit > 0 and 0.0 < threshold <= 1.0):
-        return error("limit must be positive and threshold in (0, 1]", 400)
+        return _bad_request(request, "limit must be positive and threshold in (0, 1]")
     everything = query.get("all", "").lower() in ("1", "true", "yes")
     total, groups = await _miss_groups(services, threshold, limit, everything)
     return JSONResponse({"total": total, "threshold": threshold,
@@ -367,7 +371,7 @@ async def promote_miss(request: Request, services: Services) -> Response:
     try:
         question, entry_id, answer, threshold, everything = _promotion(body)
     except BadEntry as exc:
-        return error(str(exc), 400)
+        return _bad_request(request, str(exc))
     _, groups = await _miss_groups(services, threshold, 10 ** 6, everything)
     wanted = normalize_text(question)
     group = next((g for g in groups
@@ -377,14 +381,14 @@ async def promote_miss(request: Request, services: Services) -> Response:
                      f"{threshold:g}); list them again with GET /admin/misses", 404)
     answer = answer.strip() if answer else group["draft_answer"]
     if not answer:
-        return error("the agent never answered these questions, so there is no draft: "
-                     "give the entry's 'answer'", 400)
+        return _bad_request(request, "the agent never answered these questions, so there is "
+                                     "no draft: give the entry's 'answer'")
     entry = {"intent": entry_id, "answer": answer, "action": "answer",
              "questions": group["questions"]}
     try:
         report, entry_id, _ = await _publisher(request).upsert_entry(entry, create_only=True)
     except BadEntry as exc:
-        return error(str(exc), 400)
+        return _bad_request(request, str(exc))
     except EntryExists as exc:
         return error(str(exc), 409)
     except _PUBLISH_FAILURES as exc:
