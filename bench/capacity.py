@@ -182,7 +182,7 @@ async def finish_turn(caller: Caller, step: Step, clock: FrameClock, index: int,
     reply audio and its metrics, count an error event, record it."""
     sent = time.monotonic()
     heard = await first_audio_after(caller, 0, clock)
-    metrics = await caller.wait_for("turn_metrics", start=index, timeout=60)
+    metrics = await caller.wait_for_answered_turn(start=index, timeout=60)
     errors = [e for e in caller.events[index:] if e.get("type") == "error"]
     if errors:
         step.errors.append(f"error event {errors[0].get('code')}")

@@ -103,7 +103,7 @@ async def spoken_turn(caller: Caller, speech: bytes, soak: Soak) -> None:
             raise RuntimeError("a spoken turn without reply audio")
         await asyncio.sleep(0.005)
     client_ms = (time.monotonic() - spoken) * 1000.0
-    metrics = await caller.wait_for("turn_metrics", start=index, timeout=120)
+    metrics = await caller.wait_for_answered_turn(start=index, timeout=120)
     record(soak, client_ms, metrics)
 
 

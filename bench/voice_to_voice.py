@@ -258,7 +258,7 @@ class Line:
             return False
         at, last = self.events[-1]
         return (last["type"] == "turn_metrics" and last.get("input") == "audio"
-                and time.perf_counter() - at >= SETTLE_S)
+                and not last.get("empty") and time.perf_counter() - at >= SETTLE_S)
 
     async def _silence(self) -> None:
         silence = bytes(self.frame_bytes)
@@ -274,7 +274,8 @@ class Line:
         record.event_ms = [round((t - last_speech_at) * 1000, 1) for t, _ in events]
         finals = [(t, e) for t, e in events if e["type"] == "transcript" and e.get("final")
                   and "turn" in e]
-        metrics = [e for _, e in events if e["type"] == "turn_metrics"]
+        # An empty turn's (noise heard as speech) answered nothing.
+        metrics = [e for _, e in events if e["type"] == "turn_metrics" and not e.get("empty")]
         # A turn that continues a cut one repeats its words: it replaces them.
         continues = {m.get("turn") for m in metrics if m.get("continues")}
         heard: list[str] = []

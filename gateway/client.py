@@ -145,6 +145,19 @@ class Caller:
             except TimeoutError:
                 pass
 
+    async def wait_for_answered_turn(self, start: int = 0, timeout: float = 30.0
+                                     ) -> dict[str, Any]:
+        """The first ``turn_metrics`` at or after index ``start`` of a turn that asked
+        something: an empty turn's (noise heard as speech, ``empty``) are skipped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            metrics = await self.wait_for("turn_metrics", max(0.0, deadline - time.monotonic()),
+                                          start)
+            if not metrics.get("empty"):
+                return metrics
+            start = next(i for i in range(start, len(self.events))
+                         if self.events[i] is metrics) + 1
+
     async def stream_audio(self, pcm16: bytes) -> None:
         """Speak ``pcm16`` (at the call's rate) into the line; returns once it has been sent.
 

@@ -639,11 +639,13 @@ async def test_a_turn_that_never_routes_its_final_ends_with_its_own_metrics(fina
     else:  # a transcript (empty) and no reply
         assert first["final_transcript_ms"] is not None and "source" not in first, first
         assert first["first_audio_ms"] is None and first["reply_ms"] is None, first
+        assert first["empty"] is True, first  # a client waiting for its answer skips it
     await h.say("about my lost card", then_silence_ms=1500)
     await h.stop()
     assert [m["turn"] for m in h.metrics()] == [1, 2], h.metrics()
     second = h.metrics()[1]
     assert second["entry_id"] == "card" and counts(second) == (3, 1, 0), second
+    assert "empty" not in second, second
     # Every partial routing is counted once, in the turn it belongs to.
     partials = [text for text, urgent in h.router.calls if not urgent]
     assert sum(m["partials_routed"] for m in h.metrics()) == len(partials), h.router.calls

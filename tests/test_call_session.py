@@ -365,3 +365,21 @@ async def test_say_returns_the_continued_turn_when_one_follows():
                                        {"type": "turn_metrics", "turn": 1},
                                        {"type": "turn_metrics", "turn": 2}])
     assert turn.number == 2
+
+
+async def test_waiting_for_a_turns_metrics_skips_an_empty_turns():
+    # Noise heard as speech ends an empty turn with its metrics (``empty``) before the
+    # utterance's own: a benchmark waiting for the utterance's must not take those.
+    caller = Caller("ws://127.0.0.1:9/unused")
+    caller.events = [{"type": "transcript", "text": "", "final": True, "turn": 1},
+                     {"type": "turn_metrics", "turn": 1, "empty": True}]
+
+    async def answer_later() -> None:
+        await asyncio.sleep(0)
+        caller.events.append({"type": "turn_metrics", "turn": 2, "hit": True})
+        caller._new_event.set()
+
+    later = asyncio.ensure_future(answer_later())
+    metrics = await caller.wait_for_answered_turn(start=0, timeout=5)
+    await later
+    assert metrics == {"type": "turn_metrics", "turn": 2, "hit": True}

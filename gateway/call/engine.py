@@ -615,6 +615,8 @@ class Call:
             await self._speculation.reset()
             # Nothing to answer, but a turn all the same: it ends with its metrics. Noise
             # (a cough over a reply) is no question, so no hit or miss in the stats.
+            # ``empty`` says so to a client waiting for its utterance's metrics.
+            tl.info["empty"] = True
             await self._unrouted_turn(tl, counted=False)
             return
         if preempt is not None and normalize_text(text) != normalize_text(preempt.text):
