@@ -20,14 +20,15 @@ a fixed cost (~15 ms for one MiniLM pass on this 2-core machine, against ~3 ms f
 each further text), and batches of one would pay it for every text.
 
 Few loop iterations: under load one iteration of the event loop takes milliseconds, and
-a routing's hand-offs on the loop are silence its caller hears. A final's batch starts
-in the call to ``route`` when its lane is idle, and a batch's callers are answered from
-the routing thread's completion (``call_soon_threadsafe``), not by a task awaiting
-``run_in_executor``: a final's decision reaches its caller two iterations after the
-thread's work, where it took five (tests/test_route_batcher.py counts them). Measured at
-500 text calls on a slow 2-core machine (``bench/capacity.py --mode text --steps 500 500
---tree before=DIR``, rounds interleaved): hit ``first_audio_ms`` p50 3.5 against 5.3 ms,
-hits over 10 ms 24% against 32%; routed finals whose words were cached 5.4 against 8.5 ms.
+a routing's hand-offs on the loop are silence its caller hears. A batch's callers are
+answered from the routing thread's completion (``call_soon_threadsafe``), not by a task
+awaiting ``run_in_executor``, which took two iterations more. A batch gathers for one
+iteration (texts arriving in it share the batch), except a final's in a warm lane
+(``gather_finals=False``): with nothing to share there but lookups, it starts at once
+and its decision reaches the caller two iterations after it was asked, where it took
+five; a cold final still waits one iteration, so that a second final arriving with it
+shares its forward pass instead of waiting it out. tests/test_route_batcher.py counts
+the iterations; docs/operations.md ("Capacity") has the measurements.
 """
 
 from __future__ import annotations
@@ -111,8 +112,13 @@ class _Slot:
 
 class RouteBatcher:
     def __init__(self, route_many: RouteMany, executor: Executor, max_batch: int = 128,
-                 target_batch_ms: float = 30.0, min_batch: int = 8) -> None:
+                 target_batch_ms: float = 30.0, min_batch: int = 8,
+                 gather_finals: bool = True) -> None:
+        """``gather_finals``: a final waits one loop iteration for others to share its
+        batch, as partials do; worth it only where a batch has a fixed cost to share (a
+        forward pass), so the warm lanes start a final's batch at once."""
         self._route_many = route_many
+        self._gather_finals = gather_finals
         self._executor = executor
         self._max_batch = max_batch
         self._min_batch = max(1, min(min_batch, max_batch))
@@ -140,12 +146,12 @@ class RouteBatcher:
         return await future
 
     def _wake(self, urgent: bool = False) -> None:
-        """Start a batch unless one is under way (its end starts the next): at once for
-        a final (a caller waits in silence), else on the loop's next iteration, so that
-        partials arriving in this one share the batch."""
+        """Start a batch unless one is under way (its end starts the next): on the loop's
+        next iteration, so that texts arriving in this one share it, or at once for a final
+        when finals are not gathered."""
         if not self._active:
             self._active = True
-            if urgent:
+            if urgent and not self._gather_finals:
                 self._start_batch()
             else:
                 asyncio.get_running_loop().call_soon(self._start_batch)
@@ -215,8 +221,8 @@ class RouteBatcher:
         self._running = {normalize_text(slot.text): slot for slot in batch}
         # Handed to the thread here and answered from its completion, not through a task
         # awaiting run_in_executor: under load every event-loop iteration takes
-        # milliseconds, and that path cost a routing three more of them (the task's
-        # first step, the executor future's result, the task's resumption).
+        # milliseconds, and that path cost a routing two more of them (the task's first
+        # step, and its resumption after the executor future's result).
         loop = asyncio.get_running_loop()
         try:
             work = self._executor.submit(self._timed_route_many, [s.text for s in batch])
@@ -239,7 +245,12 @@ class RouteBatcher:
 
     def _finish(self, batch: list[_Slot], work: "Future | BaseException") -> None:
         """On the loop: answer the batch's callers, then start the next batch."""
-        failure = work if isinstance(work, BaseException) else work.exception()
+        if isinstance(work, BaseException):
+            failure: BaseException | None = work
+        elif work.cancelled():  # the executor shut down before its thread took the batch
+            failure = RuntimeError("the routing executor shut down")
+        else:
+            failure = work.exception()
         if failure is not None:
             # One text may have broken the batch: route each alone, so only the calls
             # waiting for a text that fails learn of it.

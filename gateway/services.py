@@ -145,7 +145,8 @@ class Services:
         target_ms = self.settings.route_batch_target_ms
         lanes = runtime.route_executors
         self.route_batcher = RoutingLanes(
-            **{lane: RouteBatcher(cache.route_many, lanes[lane], target_batch_ms=target_ms)
+            **{lane: RouteBatcher(cache.route_many, lanes[lane], target_batch_ms=target_ms,
+                                  gather_finals=lane.startswith("cold"))
                for lane in ROUTING_LANES},
             is_warm=runtime.embedder.is_cached)
         self.responder = Responder(runtime.agent, runtime.tts, runtime.prompts, cache.audio,

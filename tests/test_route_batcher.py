@@ -394,15 +394,49 @@ async def _loop_iterations(awaitable) -> tuple[int, object]:  # type: ignore[no-
     return iterations, result
 
 
-@pytest.mark.parametrize("urgent", [True, False])
-async def test_a_routing_costs_the_loop_two_iterations_beyond_its_work(urgent):
+@pytest.mark.parametrize("gather_finals, urgent, most", [
+    (False, True, 2),  # a warm lane's final: started at once
+    (True, True, 3),  # a cold lane's final: gathered for one iteration
+    (False, False, 3),  # partials: always gathered
+])
+async def test_a_routing_reaches_its_caller_in_few_loop_iterations(gather_finals, urgent, most):
     # Under load an event-loop iteration takes milliseconds (500 text calls on two cores),
     # so each hand-off a routing needs on the loop is time a waiting caller hears as
-    # silence: a final's routing reaches its caller in two iterations (the thread's result
-    # back on the loop, then the caller's task), a partial's after the one that gathers its
-    # batch.
+    # silence: the iteration that gathers the batch (not for a warm final), the thread's
+    # result back on the loop, the caller's task. A task awaiting run_in_executor took
+    # two more: five in all.
     router = RecordingRouter()
-    batcher = RouteBatcher(router, InlineExecutor())
+    batcher = RouteBatcher(router, InlineExecutor(), gather_finals=gather_finals)
     iterations, decision = await _loop_iterations(batcher.route("opening hours", urgent))
     assert decision.text == "opening hours"
-    assert iterations <= (2 if urgent else 3), f"{iterations} loop iterations"
+    assert iterations <= most, f"{iterations} loop iterations"
+
+
+async def test_cold_finals_asked_in_one_loop_iteration_share_a_batch(executor):
+    # Two callers' finals arriving together share one forward pass: started alone, the
+    # first made the second wait out its pass (~15 ms cold on two cores) before its own.
+    router = RecordingRouter()
+    batcher = RouteBatcher(router, executor, gather_finals=True)
+    decisions = await asyncio.gather(batcher.route("opening hours", True),
+                                     batcher.route("lost my card", True))
+    assert [d.text for d in decisions] == ["opening hours", "lost my card"]
+    assert router.batches == [["opening hours", "lost my card"]]
+
+
+async def test_a_batch_cancelled_by_the_executors_shutdown_hangs_nobody():
+    # Runtime.aclose shuts the lanes' executors down with cancel_futures: a batch submitted
+    # but not yet taken by its thread is cancelled. Its callers learn of it, and the lane
+    # goes on (it stayed busy for good, every later routing hanging).
+    pool = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    pool.submit(release.wait)  # the lane's thread is busy: the batch queues behind it
+    batcher = RouteBatcher(RecordingRouter(), pool, gather_finals=False)
+    first = asyncio.ensure_future(batcher.route("opening hours", True))
+    await _until(lambda: batcher._running)
+    pool.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    with pytest.raises(RuntimeError):
+        await asyncio.wait_for(first, 2)
+    with pytest.raises(RuntimeError):  # the executor is gone, said at once
+        await asyncio.wait_for(batcher.route("lost my card", True), 2)
+    assert not batcher._active
