@@ -651,3 +651,45 @@ async def test_a_turn_that_never_routes_its_final_ends_with_its_own_metrics(fina
     assert sum(m["partials_routed"] for m in h.metrics()) == len(partials), h.router.calls
     # A failed final was a question (a miss, the apology); no words were none.
     assert h.stats.turns == (2 if final == "failed" else 1), h.stats.snapshot()
+
+
+@pytest.mark.parametrize("final", ["failed", "no words"])
+async def test_a_turn_cut_off_before_it_ends_unrouted_still_sends_its_metrics(final):
+    # A failed or empty final first resets the speculation, which waits for a partial's
+    # routing still under way: the caller going on meanwhile cancels the turn. It still
+    # ends with its own metrics (it sent none, and its partial counts went to the next).
+    h = CallHarness(faqs={"opening hours": "hours", "lost card": "card"},
+                    settings={"route_step_words": 1})
+    await h.start()
+    if final == "failed":
+        h.stt.fail_finals = 1
+    else:
+        stream = h.stt.streams[0]
+        decode = stream._final
+
+        async def no_words_once(early: Any, snapshot: bytes) -> Transcript:
+            stream._final = decode  # type: ignore[method-assign]
+            return Transcript(text="", final=True)
+
+        stream._final = no_words_once  # type: ignore[method-assign]
+    speculation = h.call._speculation
+    reset = speculation.reset
+    routing_ends = asyncio.Event()
+    held: list[bool] = []
+
+    async def reset_after_a_routing_under_way() -> None:
+        if not held:  # the turn's own reset: a routing under way holds it
+            held.append(True)
+            await routing_ends.wait()
+        await reset()
+
+    speculation.reset = reset_after_a_routing_under_way  # type: ignore[method-assign]
+    await h.say("opening hours please", then_silence_ms=1500)
+    assert held, "the turn never reset its speculation"
+    await h.text("about my lost card")  # the caller goes on while the turn ends
+    routing_ends.set()
+    await h.wait(1500)
+    await h.stop()
+    assert [m["turn"] for m in h.metrics()] == [1, 2], h.metrics()
+    first, second = h.metrics()
+    assert counts(first) == (2, 1, 0) and counts(second)[0] == 0, (first, second)

@@ -754,6 +754,9 @@ async def test_input_dropped_behind_a_transfer_ends_its_turn_and_leaves_no_words
     assert dropped["input"] == {"speech": "audio", "text": "text", "key": "dtmf"}[goes_on]
     assert "source" not in dropped and dropped["first_audio_ms"] is None, dropped
     assert dropped["reply_ms"] is None and dropped["preempted"] is False, dropped
+    # Its words were for the person: no question the cache missed (the handoff's turn is
+    # the only one in the stats).
+    assert h.stats.turns == 1, dict(h.stats.outcomes)
     routed = len(h.router.calls)
     await h.say("and one more thing", then_silence_ms=1500)
     later = [text for text, _ in h.router.calls[routed:]]

@@ -586,9 +586,7 @@ class Call:
             self._carry_exchange = exchange
             raise
         except Exception as exc:
-            await self._speculation.reset()  # as the final's routing would have (_answer)
-            await self._report("stt_failed", f"the final transcript failed: {exc}", tl.turn)
-            await self._unrouted_turn(tl, apology="stt_failed")
+            await self._unrouted_turn(tl, apology="stt_failed", first=self._failed_final(tl, exc))
             return
         if continuing and not any(normalize_text(t) for t in texts[continuing:]):
             # What stopped the answer held no words after all (noise outlasting the
@@ -610,14 +608,13 @@ class Call:
                                     "turn": tl.turn})
         if not normalize_text(text):
             logs.event(log, "empty_turn", turn=tl.turn)
-            # As the final's routing would have: partials may have held words the final
-            # did not, and a hit settled on them would skip the next turn's partials.
-            await self._speculation.reset()
             # Nothing to answer, but a turn all the same: it ends with its metrics. Noise
             # (a cough over a reply) is no question, so no hit or miss in the stats.
             # ``empty`` says so to a client waiting for its utterance's metrics.
             tl.info["empty"] = True
-            await self._unrouted_turn(tl, counted=False)
+            # The reset as the final's routing would have: partials may have held words the
+            # final did not, and a hit settled on them would skip the next turn's partials.
+            await self._unrouted_turn(tl, counted=False, first=self._speculation.reset())
             return
         if preempt is not None and normalize_text(text) != normalize_text(preempt.text):
             preempt.cancel()  # the final is not what was preempted: a fresh call
@@ -695,8 +692,9 @@ class Call:
                 logs.event(log, "reply_after_transfer_dropped", turn=tl.turn)
                 if tl.info.get("input") in _CALLER_INPUTS:
                     # Ended as a turn stopped before its reply ends: with its metrics. Its
-                    # words were for the person, no question the cache missed.
-                    await self._unrouted_turn(tl)
+                    # words were for the person, no question the cache missed: no hit or
+                    # miss in the stats.
+                    await self._unrouted_turn(tl, counted=False)
                 return
             self._reply_tl = tl
             await turn
@@ -801,19 +799,32 @@ class Call:
             logs.event(log, "apology_failed", logging.ERROR, code=exc.code, detail=str(exc))
 
     async def _unrouted_turn(self, tl: TurnTimeline, apology: str | None = None,
-                             counted: bool = True) -> None:
+                             counted: bool = True,
+                             first: Awaitable[None] | None = None) -> None:
         """End a caller's turn that has no route to answer (its final failed or held no
         words, its key named no entry, it came after the transfer) as a turn stopped before
         its reply ends: with its metrics (operators and benchmarks count turns from them)
-        and its own partial counts, which would otherwise go to the next turn's. ``apology``:
-        the failure it is played for first; its reply stages are then the apology's.
+        and its own partial counts, which would otherwise go to the next turn's. ``first``:
+        what the turn does before (the speculation's reset, the failure's report), inside
+        the turn, so that a barge-in meanwhile still ends it with its metrics. ``apology``:
+        the failure it is played for then; its reply stages are the apology's.
         ``counted``: a hit or miss in the stats (``_finish_metrics``)."""
-        tl.info.update(self._speculation.take_counts(), preempted=False)
+        taken = False
         try:
+            if first is not None:
+                await first
+            tl.info.update(self._speculation.take_counts(), preempted=False)
+            taken = True
             if apology is not None:
                 await self._apologize(tl, "", apology)
         finally:  # cut off too: the turn was taken all the same
+            if not taken:  # cut off in ``first``
+                tl.info.update(self._speculation.take_counts(), preempted=False)
             await self._finish_metrics(tl, "", None, counted=counted)
+
+    async def _failed_final(self, tl: TurnTimeline, exc: Exception) -> None:
+        await self._speculation.reset()  # as the final's routing would have (_answer)
+        await self._report("stt_failed", f"the final transcript failed: {exc}", tl.turn)
 
     async def _finish_metrics(self, tl: TurnTimeline, text: str,
                               decision: RouteDecision | None, counted: bool = True) -> None:
