@@ -38,6 +38,9 @@ class FaqCache:
         self.audio = audio or AudioBank()
         self._serving: _Serving | None = None
         self.last_error: str | None = None
+        # The version the last load failed on (None once one loads): whose failure
+        # ``last_error`` describes when it is a load's.
+        self.failed_version: str | None = None
         self._refreshing = threading.Lock()  # one load at a time, the newest wins
 
     @property
@@ -93,6 +96,7 @@ class FaqCache:
             loaded = load_cache(self.store, self.embedder, current)
         except Exception as exc:  # corrupt or foreign: refuse it, keep what we serve
             self.last_error = f"cannot load cache version {current}: {type(exc).__name__}: {exc}"
+            self.failed_version = current
             logs.event(log, "cache_load_failed", logging.ERROR, version=current, error=str(exc))
             return False
         clips = [Clip(entry.id, entry.answer or "", entry.pcm, entry.sample_rate)
@@ -100,7 +104,7 @@ class FaqCache:
                  if entry.action is Action.ANSWER and entry.pcm and entry.sample_rate]
         self.audio.replace_all(clips)  # audio first: a decision never names missing audio
         self._serving = _Serving(current, loaded)
-        self.last_error = None
+        self.last_error = self.failed_version = None
         logs.event(log, "cache_loaded", version=current, entries=len(loaded.entries),
                    clips=len(clips), ms=round((time.perf_counter() - started) * 1000, 1))
         return True

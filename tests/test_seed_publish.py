@@ -504,3 +504,34 @@ def test_a_publish_deletes_the_stale_temporary_files_of_writes_that_died(
     assert store.versions() == sorted([first, second])
     assert all(p.is_file() for p in real)
     assert store.current_version() == second and store.get_audio(key).pcm == b"\x01\x00\x02\x00"
+
+
+async def test_a_newer_version_that_fails_to_load_here_is_not_blamed_on_this_publish(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another replica publishes C right after this upload's B, and C does not load here:
+    B's publish succeeded (it was replaced), so it is not reported as B failing to load
+    with C's error (nor is a store unreachable for the refresh)."""
+    from types import SimpleNamespace
+
+    import gateway.admin.publish as publish
+    from cache_seed.seed import SeedReport
+
+    class Cache:
+        version = "A"
+        last_error: str | None = None
+        failed_version: str | None = None
+        store = object()
+
+        def refresh(self) -> bool:  # the store's current is C, which cannot be loaded here
+            self.last_error = "cannot load cache version C: StoreError: torn"
+            self.failed_version = "C"
+            return False
+
+    report = SeedReport(version="B", entries=1, answer_entries=1, questions=1, rendered=0,
+                        reused=1, thresholds=None)  # type: ignore[arg-type]
+    monkeypatch.setattr(publish, "seed_plan_with_voice", lambda *a, **k: report)
+    services = SimpleNamespace(cache=Cache(), runtime=SimpleNamespace(tts=None, embedder=None))
+    publisher = publish.Publisher(services)  # type: ignore[arg-type]
+    published = await publisher._publish(plan=None, source="x", target_wrong_rate=0.01,
+                                         negatives=())
+    assert published is report

@@ -142,10 +142,11 @@ class Publisher:
                                          asyncio.get_running_loop(),
                                          tuple(negatives), replaces)
         await asyncio.to_thread(cache.refresh)
-        # Not ours and an error: ours failed to load here (a newer version loaded cleanly
-        # means ours was replaced by another publish, not a failure of this one).
-        if cache.version != report.version and cache.last_error is not None:
-            raise PublishedNotServed(report, cache.version, cache.last_error)
+        # Ours failed to load here. Not another version's failure (a newer publish from
+        # another replica that does not load here is no failure of this one), nor the store
+        # unreachable for the refresh (the poll loads ours when it answers again).
+        if cache.version != report.version and cache.failed_version == report.version:
+            raise PublishedNotServed(report, cache.version, cache.last_error or "")
         return report
 
     # ------------------------------------------------------------------ uploads
