@@ -566,15 +566,9 @@ async def test_a_barge_in_on_a_reply_not_begun_reports_none_of_it_heard():
     await h.stop()
 
 
-
-@pytest.mark.parametrize("final", ["failed", "no words"])
-async def test_a_turn_that_never_routes_its_final_leaves_the_next_turns_partials_routed(final):
-    # "opening hours please" settles on a cache hit while the caller speaks (two equal hits
-    # in a row), then its final transcript fails (stt_failed, the apology) or holds no
-    # words (a recogniser's final may drop what its partials heard): the turn never routed
-    # a final, where the speculation is reset, so it stayed settled. The next question's
-    # partials were all skipped as settled: its routing waited for the end of the turn
-    # (route_reused false) instead of being decided while the caller spoke.
+async def _harness_whose_next_final(final: str) -> CallHarness:
+    """A started call (two cached questions, a partial routed every word) whose next final
+    transcript fails (``final`` "failed": stt_failed) or holds no words ("no words")."""
     h = CallHarness(faqs={"opening hours": "hours", "lost card": "card"},
                     settings={"route_step_words": 1})
     await h.start()
@@ -589,6 +583,18 @@ async def test_a_turn_that_never_routes_its_final_leaves_the_next_turns_partials
             return Transcript(text="", final=True)
 
         stream._final = no_words_once  # type: ignore[method-assign]
+    return h
+
+
+@pytest.mark.parametrize("final", ["failed", "no words"])
+async def test_a_turn_that_never_routes_its_final_leaves_the_next_turns_partials_routed(final):
+    # "opening hours please" settles on a cache hit while the caller speaks (two equal hits
+    # in a row), then its final transcript fails (stt_failed, the apology) or holds no
+    # words (a recogniser's final may drop what its partials heard): the turn never routed
+    # a final, where the speculation is reset, so it stayed settled. The next question's
+    # partials were all skipped as settled: its routing waited for the end of the turn
+    # (route_reused false) instead of being decided while the caller spoke.
+    h = await _harness_whose_next_final(final)
     await h.say("opening hours please", then_silence_ms=1500)
     assert [e["code"] for e in h.output.of("error")] == (["stt_failed"] if final == "failed"
                                                           else [])
@@ -610,20 +616,7 @@ async def test_a_turn_that_never_routes_its_final_ends_with_its_own_metrics(fina
     # A turn whose final transcript failed (stt_failed: the apology) or held no words (an
     # empty turn) sent no turn_metrics (operators and bench/capacity.py count turns from
     # them), and its partial counts went to the next turn's metrics.
-    h = CallHarness(faqs={"opening hours": "hours", "lost card": "card"},
-                    settings={"route_step_words": 1})
-    await h.start()
-    if final == "failed":
-        h.stt.fail_finals = 1
-    else:
-        stream = h.stt.streams[0]
-        decode = stream._final
-
-        async def no_words_once(early: Any, snapshot: bytes) -> Transcript:
-            stream._final = decode  # type: ignore[method-assign]
-            return Transcript(text="", final=True)
-
-        stream._final = no_words_once  # type: ignore[method-assign]
+    h = await _harness_whose_next_final(final)
     await h.say("opening hours please", then_silence_ms=1500)
     assert [m["turn"] for m in h.metrics()] == [1], h.metrics()
     first = h.metrics()[0]
@@ -658,20 +651,7 @@ async def test_a_turn_cut_off_before_it_ends_unrouted_still_sends_its_metrics(fi
     # A failed or empty final first resets the speculation, which waits for a partial's
     # routing still under way: the caller going on meanwhile cancels the turn. It still
     # ends with its own metrics (it sent none, and its partial counts went to the next).
-    h = CallHarness(faqs={"opening hours": "hours", "lost card": "card"},
-                    settings={"route_step_words": 1})
-    await h.start()
-    if final == "failed":
-        h.stt.fail_finals = 1
-    else:
-        stream = h.stt.streams[0]
-        decode = stream._final
-
-        async def no_words_once(early: Any, snapshot: bytes) -> Transcript:
-            stream._final = decode  # type: ignore[method-assign]
-            return Transcript(text="", final=True)
-
-        stream._final = no_words_once  # type: ignore[method-assign]
+    h = await _harness_whose_next_final(final)
     speculation = h.call._speculation
     reset = speculation.reset
     routing_ends = asyncio.Event()

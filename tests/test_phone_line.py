@@ -701,15 +701,9 @@ async def test_a_handoff_transfers_the_call_after_its_message_played():
     assert h.metrics()[0]["transferred"] is True
 
 
-@pytest.mark.parametrize("goes_on", ["speech", "text", "key"])
-async def test_the_caller_going_on_during_the_transfer_request_does_not_abandon_it(goes_on):
-    # The handoff message has played and the transfer request (Twilio's REST API, an HTTP
-    # round trip) is under way when the caller says "yes okay thank you", types or presses a
-    # key. That barged in on the reply whose task made the request: its cancel abandoned the
-    # request halfway, the call moved or not, and the turn said it was not transferred.
-    h = harness({"keypad": {"0": "handoff"}}, transfer_s=1.5)
-    h.llm.reply = "Okay."
-    await h.start()
+async def _go_on_during_the_transfer_request(h: CallHarness, goes_on: str) -> None:
+    """Key 0 (the handoff), then once its transfer request is under way the caller speaks,
+    types or presses a key (``goes_on``)."""
     h.call.feed_dtmf("0")
     while not h.output.transfers:
         await h.wait(20)
@@ -719,6 +713,18 @@ async def test_the_caller_going_on_during_the_transfer_request_does_not_abandon_
         await h.text("yes okay thank you")
     else:
         h.call.feed_dtmf("5")
+
+
+@pytest.mark.parametrize("goes_on", ["speech", "text", "key"])
+async def test_the_caller_going_on_during_the_transfer_request_does_not_abandon_it(goes_on):
+    # The handoff message has played and the transfer request (Twilio's REST API, an HTTP
+    # round trip) is under way when the caller says "yes okay thank you", types or presses a
+    # key. That barged in on the reply whose task made the request: its cancel abandoned the
+    # request halfway, the call moved or not, and the turn said it was not transferred.
+    h = harness({"keypad": {"0": "handoff"}}, transfer_s=1.5)
+    h.llm.reply = "Okay."
+    await h.start()
+    await _go_on_during_the_transfer_request(h, goes_on)
     await h.wait(2000)
     assert (h.output.transfers_done, h.output.transfers_abandoned) == (1, 0)
     assert h.metrics()[0]["transferred"] is True
@@ -737,15 +743,7 @@ async def test_input_dropped_behind_a_transfer_ends_its_turn_and_leaves_no_words
     h = harness({"keypad": {"0": "handoff"}, "keypad_pause_s": 1}, transfer_s=1.5)
     h.stt.early_finals = True  # a pause's words are routed (with any carried before them)
     await h.start()
-    h.call.feed_dtmf("0")
-    while not h.output.transfers:
-        await h.wait(20)
-    if goes_on == "speech":
-        await h.say("yes okay thank you", then_silence_ms=0)
-    elif goes_on == "text":
-        await h.text("yes okay thank you")
-    else:
-        h.call.feed_dtmf("5")
+    await _go_on_during_the_transfer_request(h, goes_on)
     await h.wait(3000)
     assert h.output.transfers_done == 1 and sources(h) == ["handoff"]
     assert [m["turn"] for m in h.metrics()] == [1, 2], h.metrics()
