@@ -127,12 +127,15 @@ class Caller:
             self._new_event.set()
 
     async def wait_for(self, kind: str, timeout: float = 30.0, start: int = 0,
+                       where: Callable[[dict[str, Any]], bool] | None = None,
                        **match: Any) -> dict[str, Any]:
-        """The first event of ``kind`` (matching ``match``) at or after index ``start``."""
+        """The first event of ``kind`` (matching ``match``, and ``where`` holding for it) at
+        or after index ``start``."""
         deadline = time.monotonic() + timeout
         while True:
             for event in self.events[start:]:
-                if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+                if (event.get("type") == kind and all(event.get(k) == v for k, v in match.items())
+                        and (where is None or where(event))):
                     return event
             if self._reader is not None and self._reader.done():
                 raise ConnectionError(f"connection closed ({self.closed_code}) before {kind!r}")
@@ -149,14 +152,7 @@ class Caller:
                                      ) -> dict[str, Any]:
         """The first ``turn_metrics`` at or after index ``start`` of a turn that asked
         something: an empty turn's (noise heard as speech, ``empty``) are skipped."""
-        deadline = time.monotonic() + timeout
-        while True:
-            metrics = await self.wait_for("turn_metrics", max(0.0, deadline - time.monotonic()),
-                                          start)
-            if not metrics.get("empty"):
-                return metrics
-            start = next(i for i in range(start, len(self.events))
-                         if self.events[i] is metrics) + 1
+        return await self.wait_for("turn_metrics", timeout, start, where=_asked)
 
     async def stream_audio(self, pcm16: bytes) -> None:
         """Speak ``pcm16`` (at the call's rate) into the line; returns once it has been sent.
@@ -276,13 +272,15 @@ def utterance_answered(events: list[dict[str, Any]]) -> bool:
     return bool(set(_ended_turns(events)) - _cut_by_the_caller(events))
 
 
+def _asked(metrics: dict[str, Any]) -> bool:
+    """A turn's metrics, but an empty turn's (its final transcript held no words: noise, a
+    cough over the reply): it ends with its metrics too, and answers nothing."""
+    return not metrics.get("empty")
+
+
 def _ended_turns(events: list[dict[str, Any]]) -> list[int]:
-    """Turns that ended, but those whose final transcript held no words (noise, a cough
-    over the reply): they end with their metrics too, and answer nothing."""
-    wordless = {e.get("turn") for e in events if e.get("type") == "transcript"
-                and e.get("final") and "turn" in e and not str(e.get("text") or "").strip()}
-    return [int(e["turn"]) for e in events if e.get("type") == "turn_metrics"
-            and e.get("turn") not in wordless]
+    """Turns that ended, but empty ones (``_asked``)."""
+    return [int(e["turn"]) for e in events if e.get("type") == "turn_metrics" and _asked(e)]
 
 
 def _cut_by_the_caller(events: list[dict[str, Any]]) -> set[int]:

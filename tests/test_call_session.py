@@ -313,7 +313,7 @@ def test_a_turn_that_heard_no_words_is_not_the_answer_to_wait_for():
     # Noise heard as an utterance (its final transcript empty) ends with its turn_metrics
     # too (docs/protocol.md), before the question's own turn: it answers nothing.
     noise = [{"type": "transcript", "text": "", "final": True, "turn": 2},
-             {"type": "turn_metrics", "turn": 2, "input": "audio"}]
+             {"type": "turn_metrics", "turn": 2, "input": "audio", "empty": True}]
     assert not utterance_answered(noise)
     answered = noise + [{"type": "turn_metrics", "turn": 3, "source": "cache"}]
     assert utterance_answered(answered)
