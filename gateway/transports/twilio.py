@@ -211,8 +211,7 @@ class TwilioOutput:
         if turn == self._turn:
             # Another reply of this turn (the apology after one that failed mid-way): the
             # failed reply's late echoes must not count as the caller hearing this one.
-            self._relabels += 1
-            self._label = f"{turn}.{self._relabels}"
+            self._relabel()
         else:
             self._turn, self._label, self._relabels = turn, str(turn), 0
         self._reply_bytes = 0
@@ -220,9 +219,13 @@ class TwilioOutput:
         self._confirmed_ms = 0.0
         self._cleared = False
 
-    def reply_resumed(self, from_ms: float) -> None:
+    def _relabel(self) -> None:
+        """The turn's next label, ``<turn>.<n>``: the echoes of its earlier ones never count."""
         self._relabels += 1
         self._label = f"{self._turn}.{self._relabels}"
+
+    def reply_resumed(self, from_ms: float) -> None:
+        self._relabel()
         self._reply_bytes = int(from_ms) * _ULAW_BYTES_PER_MS
         self._next_mark = self._reply_bytes + _MARK_EVERY_BYTES
         self._confirmed_ms = from_ms
