@@ -277,7 +277,6 @@ class RouteBatcher:
             # Done with: the same words asked from now on are a routing of their own
             # (joined to this slot, which nobody resolves any more, they would hang).
             self._running.pop(normalize_text(slot.text), None)
-        self._running = {}
 
     async def _route_alone(self, slot: _Slot) -> None:
         try:
