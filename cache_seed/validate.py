@@ -25,6 +25,20 @@ from typing import Any, Iterable, Mapping
 from intents.embedder import normalize_text
 from intents.types import Action, Entry, entry_id_for
 
+def parse_target_wrong_rate(text: str) -> float:
+    """A seed's target wrong-answer rate as an operator writes it (``voicegate seed
+    --target-wrong-rate``, the admin API's ``target_wrong_rate``): a number strictly
+    between 0 and 1. Raises ValueError saying what was given."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:  # NaN too
+        raise ValueError(f"must be a number between 0 and 1 (exclusive), e.g. 0.01; "
+                         f"not {text[:40]!r}")
+    return value
+
+
 REQUIRED_COLUMNS = ("question", "answer")
 OPTIONAL_COLUMNS = ("intent", "action")
 # A guard against a pasted document, not a style rule: about two and a half minutes of

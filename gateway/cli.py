@@ -166,16 +166,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _wrong_rate(text: str) -> float:
-    """``--target-wrong-rate``: a number strictly between 0 and 1, as the admin API's
-    ``target_wrong_rate`` (checked here, before any answer is rendered: a cloud voice bills)."""
+    """``--target-wrong-rate``, read as the admin API's ``target_wrong_rate`` is (checked
+    here, before any answer is rendered: a cloud voice bills)."""
+    from cache_seed import parse_target_wrong_rate
+
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value < 1.0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), "
-                                         f"e.g. 0.01; not {text!r}")
-    return value
+        return parse_target_wrong_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 _REDIS_HELP = ("shared Redis store, redis://HOST:PORT/DB (default: VOICEGATE_REDIS_URL; "

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from cache_seed import SeedError, SeedValidationError
+from cache_seed import SeedError, SeedValidationError, parse_target_wrong_rate
 
 from ..http_body import BodyTimeout, BodyTooLarge, closing
 from ..protocol import LONE_SURROGATE, has_lone_surrogate
@@ -256,16 +256,11 @@ async def seed_upload(request: Request, services: Services) -> Response:
     # Checked before the body is read: a wrong parameter must not wait for 5 MB to arrive.
     target: float | None = None
     if "target_wrong_rate" in request.query_params:
-        given = request.query_params["target_wrong_rate"]
-        try:
-            target = float(given)
-        except ValueError:
-            target = -1.0
-        if not 0.0 < target < 1.0:  # NaN too
-            # as the CLI's --target-wrong-rate says it (gateway/cli.py)
-            return _bad_request(request, "target_wrong_rate must be a number between 0 and 1 "
-                                f"(exclusive), e.g. 0.01; not {given[:40]!r}; nothing "
-                                "published, the previous version keeps serving")
+        try:  # read as the CLI's --target-wrong-rate is
+            target = parse_target_wrong_rate(request.query_params["target_wrong_rate"])
+        except ValueError as exc:
+            return _bad_request(request, f"target_wrong_rate {exc}; nothing published, the "
+                                "previous version keeps serving")
     try:
         body = await services.read_body(request, MAX_UPLOAD_BYTES)
     except BodyTooLarge:
