@@ -98,9 +98,6 @@ class Thresholds:
     transcript_confidence: float | None = None
     transcript_strict: bool = False  # True: stricter than typed text (the seed allowed it)
     transcript_expected_hit_rate: float | None = None  # held-out typed questions above it
-    # True: calibrated on the held-out misheard copies at the target; False: the typed
-    # questions' threshold at ``TRANSCRIPT_TARGET_FACTOR`` times it.
-    transcript_from_copies: bool = False
 
     @property
     def spoken_confidence(self) -> float:
@@ -143,26 +140,20 @@ class Thresholds:
             return (f"; spoken questions are served at the same threshold: this seed gives "
                     f"no stricter one at a {self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR:.1%} "
                     f"target (too few held-out answers to bound it)")
-        how = (f"the threshold at which misheard copies of your held-out questions (words "
-               f"dropped or swapped for ones that sound alike) keep the same promise"
-               if self.transcript_from_copies else
-               f"the threshold of a {self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR:.1%} target")
         return (f"; spoken questions need more certainty (recognition errors make a "
-                f"transcript's answer wrong more often): {how}, which serves about "
-                f"{self.transcript_expected_hit_rate:.0%} of typed FAQ questions")
+                f"transcript's answer wrong more often): the threshold of a "
+                f"{self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR:.1%} target, which "
+                f"serves about {self.transcript_expected_hit_rate:.0%} of typed FAQ questions")
 
 
 @dataclass(frozen=True)
 class HeldOut:
-    """Out-of-fold signals of every seed question (seed order) and every negative, and of
-    each question's misheard copy when the seed has copies (seed order: copy i is question
-    i's, read by the fold model that saw neither)."""
+    """Out-of-fold signals of every seed question (seed order) and every negative."""
 
     true_intent: np.ndarray
     signals: Signals
     negatives: Signals
     folds: int
-    misheard: Signals | None = None
 
 
 def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[str],
@@ -197,7 +188,6 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
     per_intent = n / len(np.unique(labels.astype(str)))  # the whole seed's, for every fold
     parts: list[tuple[np.ndarray, Signals]] = []
     neg_parts: list[tuple[np.ndarray, Signals]] = []
-    copy_parts: list[tuple[np.ndarray, Signals]] = []
     for fold, (train, test) in enumerate(splits):
         # The fold's classifier learns the negatives of the other folds as out of domain.
         others = np.flatnonzero(neg_fold != fold)
@@ -207,15 +197,12 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
                                     seed_questions_per_intent=per_intent)
         cache = SemanticCache(vectors[train], labels[train])
         parts.append((test, read_signals(clf, cache, vectors[test], [texts[i] for i in test])))
-        if misheard is not None:  # the held-out questions as a recogniser might hand them over
-            copy_parts.append((test, read_signals(clf, cache, misheard.vectors[test],
-                                                  [misheard.texts[i] for i in test])))
         mine = np.flatnonzero(neg_fold == fold)
         if len(mine):
             neg_parts.append((mine, read_signals(clf, cache, neg_vectors[mine],
                                                  [neg_texts[i] for i in mine])))
     return HeldOut(labels, _reassemble(parts, n), _reassemble(neg_parts, len(neg_texts)),
-                   len(splits), _reassemble(copy_parts, n) if misheard is not None else None)
+                   len(splits))
 
 
 @dataclass(frozen=True)
@@ -274,20 +261,14 @@ def calibrate(held_out: HeldOut, answer_intents: Collection[str],
     if not 0.0 < out_of_domain_target < 1.0:
         raise ValueError("out_of_domain_target must be between 0 and 1")
     answers = set(answer_intents)
-    h, neg, copies = held_out.signals, held_out.negatives, held_out.misheard
+    h, neg = held_out.signals, held_out.negatives
     # Out-of-scope floor: (1 - quantile) of in-scope held-out questions are at least this close.
     floor = float(np.quantile(h.nearest_similarity, out_of_scope_quantile))
     right = h.predicted == held_out.true_intent
-    # The judge also learns from the held-out misheard copies: how often the classifier is
-    # right on words a recogniser could have handed over (transcripts are routed by it).
-    copy_right = (copies.predicted == held_out.true_intent if copies is not None
-                  else np.zeros(0, dtype=bool))
-    rows = np.concatenate([h.matrix, neg.matrix]
-                          + ([copies.matrix] if copies is not None else []))
-    outcome = np.concatenate([right, np.zeros(len(neg), dtype=bool), copy_right])
+    rows = np.concatenate([h.matrix, neg.matrix])
+    outcome = np.concatenate([right, np.zeros(len(neg), dtype=bool)])
     honest = _cross_fitted(rows, outcome, seed)
-    seed_score, neg_score = honest[:len(h)], honest[len(h):len(h) + len(neg)]
-    copy_score = honest[len(h) + len(neg):]
+    seed_score, neg_score = honest[:len(h)], honest[len(h):]
 
     def eligible(s: Signals) -> np.ndarray:
         return (s.nearest_similarity >= floor) & np.array([p in answers for p in s.predicted],
@@ -299,19 +280,9 @@ def calibrate(held_out: HeldOut, answer_intents: Collection[str],
     n_answer = int(sum(t in answers for t in held_out.true_intent))
     choice = _loosest(scores, wrong, neg_scores, len(neg), target_wrong_rate,
                       out_of_domain_target, confidence)
-    # Transcripts: the threshold at which the held-out misheard copies keep the promise;
-    # without copies (a small seed), or where they bound no threshold, the typed questions'
-    # threshold of a stricter target.
-    stricter, from_copies = None, False
-    if copies is not None:
-        copy_mine = eligible(copies)
-        stricter = _loosest(copy_score[copy_mine], ~copy_right[copy_mine], neg_scores, len(neg),
-                            target_wrong_rate, out_of_domain_target, confidence)
-        from_copies = stricter is not None and stricter[3]  # bounded: a promise, not a guess
-    if not from_copies:
-        stricter = _loosest(scores, wrong, neg_scores, len(neg),
-                            target_wrong_rate * TRANSCRIPT_TARGET_FACTOR, out_of_domain_target,
-                            confidence)
+    stricter = _loosest(scores, wrong, neg_scores, len(neg),
+                        target_wrong_rate * TRANSCRIPT_TARGET_FACTOR, out_of_domain_target,
+                        confidence)
     judge = Judge().fit(rows, outcome)
     if choice is None:
         threshold, served, wrongs, bounded, bound, neg_hits = NEVER, 0, 0, False, 1.0, 0
@@ -333,8 +304,7 @@ def calibrate(held_out: HeldOut, answer_intents: Collection[str],
         negatives=len(neg), calibration_questions=len(h), folds=held_out.folds,
         hit_similarity=round(float(hit_sims.min()), 4) if len(hit_sims) else NEVER,
         transcript_confidence=float(spoken), transcript_strict=strict,
-        transcript_expected_hit_rate=round(spoken_served / n_answer, 4) if n_answer else 0.0,
-        transcript_from_copies=bool(strict and from_copies))
+        transcript_expected_hit_rate=round(spoken_served / n_answer, 4) if n_answer else 0.0)
     return thresholds, judge
 
 
