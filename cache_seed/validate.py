@@ -18,7 +18,7 @@ import csv
 import difflib
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -401,9 +401,10 @@ class _Group:
 
 
 def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
-    # Duplicate questions: identical rows are dropped, conflicting ones are errors. An action
-    # or an intent written on one of them and left empty on the other is not a conflict: it
-    # is kept (the row with the intent stands for both).
+    # Duplicate questions: identical rows are dropped, conflicting ones are errors. An action,
+    # an intent or an answer written on one of them and left empty on the other is not a
+    # conflict: it is kept (a row without an answer takes its intent's anyway). The row with
+    # the answer stands for both, else the row with the intent; it takes the other's intent.
     seen: dict[str, int] = {}  # question -> index in unique of its row
     acted: dict[str, SeedRow] = {}  # question -> the first of its rows with an action written
     unique: list[SeedRow] = []
@@ -415,14 +416,21 @@ def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
             unique.append(row)
         else:
             first = unique[index]
-            if first.answer != row.answer or (first.intent is not None and row.intent is not None
-                                              and first.intent != row.intent):
-                what = "answer" if first.answer != row.answer else "intent"
+            answers = first.answer is not None and row.answer is not None
+            if (answers and first.answer != row.answer) or (
+                    first.intent is not None and row.intent is not None
+                    and first.intent != row.intent):
+                what = "answer" if answers and first.answer != row.answer else "intent"
                 errors.append(RowError(row.line, f"duplicate question (line {first.line}) with "
                                                  f"a conflicting {what}"))
                 continue
-            if first.intent is None and row.intent is not None:
-                unique[index] = row
+            kept, other = first, row
+            if (first.answer is None and row.answer is not None) or (
+                    first.answer == row.answer and first.intent is None and row.intent is not None):
+                kept, other = row, first
+            if kept.intent is None and other.intent is not None:
+                kept = replace(kept, intent=other.intent)
+            unique[index] = kept
         if row.action is None:
             continue
         acting = acted.setdefault(key, row)

@@ -412,3 +412,33 @@ def test_a_semicolon_or_tab_separated_file_is_named_as_such(separator: str, name
                            "When are you open?,Nine to five.,x\n"
                            "What are your hours?,Nine to five.,\n").encode())
     assert len(plan.questions) == 2
+
+
+def test_a_duplicate_row_with_an_empty_answer_joins_the_row_with_the_answer() -> None:
+    """The same question under the same intent twice, once with the answer and once with the
+    answer left empty, was refused as "duplicate question (line 2) with a conflicting answer".
+    A row without an answer takes its intent's (a paraphrase need not repeat it), so an empty
+    answer names nothing: the row with the answer stands for both, as a row with an intent does
+    for one without. Two different answers still conflict, with both lines."""
+    for rows in ("When are you open?,Nine to five.,hours,\nWhen are you open?,,hours,\n",
+                 "When are you open?,,hours,\nwhen are you  open?,Nine to five.,hours,\n"):
+        plan = parse_seed_csv((HEADER + rows + "What are your hours?,,hours,\n"
+                                               "I lost my card,,lost_card,handoff\n").encode())
+        assert set(plan.entries) == {"hours", "lost_card"}, rows
+        assert plan.entries["hours"].answer == "Nine to five."
+        assert plan.entries["hours"].action is Action.ANSWER
+        assert len(plan.entries["hours"].questions) == 2, plan.entries["hours"]
+        assert plan.intents.count("hours") == 2 and len(plan.questions) == 3
+    # two different answers on the same question are a conflict, reported against the row
+    # that wrote the first answer (line 3), not the one that left it empty (line 2)
+    found = errors_of(HEADER + "When are you open?,,hours,\n"
+                               "When are you open?,Nine to five.,hours,\n"
+                               "When are you open?,Eight to four.,hours,\n"
+                               "q two,b,,\n")
+    assert found == [(4, "duplicate question (line 3) with a conflicting answer")]
+    # the answer kept must still agree with the rest of its intent
+    found = errors_of(HEADER + "What are your hours?,Eight to four.,hours,\n"
+                               "When are you open?,,hours,\n"
+                               "When are you open?,Nine to five.,hours,\n"
+                               "q two,b,,\n")
+    assert found == [(4, "intent 'hours' already has a different answer (line 2)")]
