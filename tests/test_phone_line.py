@@ -652,6 +652,56 @@ async def test_a_key_mapped_to_a_missing_entry_ends_its_turn_with_metrics(heard)
     assert [q.text for q in h.stats.missed_questions()] == ["tell me about fees"]
 
 
+@pytest.mark.parametrize("goes_on", ["key", "text", "speech", "call ends"])
+async def test_a_key_stopped_while_queued_behind_a_reply_ends_its_turn_with_metrics(goes_on):
+    # The caller types over a long answer (stopping it; its LLM stream takes 2 s to close)
+    # and presses a mapped key: the key's reply queues behind the closing answer. Before it
+    # runs they press another key, type, speak, or the call ends: the key's turn was
+    # cancelled unrun and sent no turn_metrics (operators and bench/capacity.py count turns
+    # from them), unlike a key's turn stopped once it ran, and the partial counts of what
+    # they had typed went to the next turn's.
+    h = harness({"keypad": {"1": "hours"}}, faqs={"opening hours": "hours"})
+    h.llm.reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
+    h.llm.close_s = 2.0
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)
+    await h.text("when do you", final=False)  # stops the answer; this partial is routed
+    h.call.feed_dtmf("1")
+    await h.wait(100)
+    assert h.llm.open_streams == 1 and h.call.replying  # the key's reply is queued
+    assert [e["turn"] for e in h.output.of("keypad")] == [2]
+    h.llm.reply, h.llm.close_s = "Okay.", 0.0  # the next turn's answer
+    if goes_on == "key":
+        h.call.feed_dtmf("1")
+    elif goes_on == "text":
+        await h.text("tell me about fees")
+    elif goes_on == "speech":
+        await h.say("tell me about fees", then_silence_ms=0)
+    if goes_on != "call ends":
+        await h.wait(4000)
+    await h.stop()
+    turns = [m["turn"] for m in h.metrics()]
+    assert turns == ([1, 2] if goes_on == "call ends" else [1, 2, 3]), h.metrics()
+    key = h.metrics()[1]
+    # As a turn stopped before its reply: no source, no route or reply stages.
+    assert key["input"] == "dtmf" and "source" not in key, key
+    assert key["route_decided_ms"] is None and key["first_audio_ms"] is None, key
+    assert key["reply_ms"] is None and key["preempted"] is False, key
+    assert key["partials_routed"] == 1, h.metrics()
+    # Its reply never played: the answer, then the next turn's reply (none at the end).
+    replies = sorted({(e["turn"], e["source"]) for e in h.output.of("response")})
+    expected = {"key": [(1, "llm"), (3, "cache")], "text": [(1, "llm"), (3, "llm")],
+                "speech": [(1, "llm"), (3, "llm")], "call ends": [(1, "llm")]}[goes_on]
+    assert replies == expected, replies
+    if goes_on in ("key", "text"):
+        assert h.metrics()[2]["partials_routed"] == 0, h.metrics()
+    elif goes_on == "speech":  # its partials, spoken while the key waited, are its own
+        assert h.metrics()[2]["partials_routed"] >= 1, h.metrics()
+    # Nothing was asked or answered in it: no hit or miss in the stats.
+    assert h.stats.turns == len(turns) - 1, dict(h.stats.outcomes)
+
+
 async def test_a_key_is_answered_from_one_lookup_of_the_audio_bank():
     # Reloads swap the audio bank on another thread: one that lands between "is the entry
     # held?" and "read its clip" raised KeyError in the keypad path.

@@ -677,6 +677,13 @@ class Call:
         self._drop_preempt()  # another reply changes the context a preemptive call was for
         previous = self._reply_task
         self._idle.bot_started()
+        # Stopped while queued (a barge-in, the call's end), the turn never runs. Spoken or
+        # typed words open the next turn (``if_never_ran``), whose metrics cover them; a
+        # caller's turn nothing hands on (keys) ends as one stopped before its reply: with
+        # its metrics and the partial counts it had when it was stopped (later ones are the
+        # next turn's), once the reply it waited for is over. It asked nothing: no hit or
+        # miss in the stats.
+        ends = if_never_ran is None and tl.info.get("input") in _CALLER_INPUTS
 
         async def after_previous() -> None:
             # Its cleanup (context cut to the heard words) first, and its done callbacks
@@ -685,7 +692,13 @@ class Call:
             # for: asyncio.wait on a done task still costs two loop iterations, which under
             # load were most of a cache hit's time to first audio.
             if previous is not None and previous in self._reply_tasks:
-                await self._wait_for_previous(previous)
+                try:
+                    await self._wait_for_previous(
+                        previous, stopped=(lambda: self._take_counts(tl)) if ends else None)
+                except asyncio.CancelledError:
+                    if ends:
+                        await self._unrouted_turn(tl, counted=False)
+                    raise
             if self._transferred:
                 # Queued behind the transfer (the caller went on during its request): the
                 # call is with a person now, and the bot must not talk over them.
@@ -715,7 +728,8 @@ class Call:
 
         self._reply_task.add_done_callback(close_turn)
 
-    async def _wait_for_previous(self, previous: asyncio.Task[None]) -> None:
+    async def _wait_for_previous(self, previous: asyncio.Task[None],
+                                 stopped: Callable[[], None] | None = None) -> None:
         """Wait for the previous reply to end. Cancelled meanwhile (a barge-in on the reply
         queued behind it), it is cancelled with this one only if it still plays (a resumed
         reply): one already stopped is closing its LLM streams, and cancelled again the
@@ -724,10 +738,12 @@ class Call:
         stopped this one, is in its hang-up request, which a cancel would abandon halfway
         (``_barge_in`` refuses that too; the barge-in came just before `hangup`), nor while it
         transfers the call (``_transfer``). Either way this one ends after it, so the reply
-        queued next starts on the context it leaves."""
+        queued next starts on the context it leaves. ``stopped``: called as it is cancelled."""
         try:
             await asyncio.wait({previous})
         except asyncio.CancelledError:
+            if stopped is not None:
+                stopped()
             if not previous.cancelling() and self.ended is None \
                     and previous is not self._transferring:
                 previous.cancel()
@@ -809,18 +825,22 @@ class Call:
         the turn, so that a barge-in meanwhile still ends it with its metrics. ``apology``:
         the failure it is played for then; its reply stages are the apology's.
         ``counted``: a hit or miss in the stats (``_finish_metrics``)."""
-        taken = False
         try:
             if first is not None:
                 await first
-            tl.info.update(self._speculation.take_counts(), preempted=False)
-            taken = True
+            self._take_counts(tl)
             if apology is not None:
                 await self._apologize(tl, "", apology)
-        finally:  # cut off too: the turn was taken all the same
-            if not taken:  # cut off in ``first``
-                tl.info.update(self._speculation.take_counts(), preempted=False)
+        finally:  # cut off too (in ``first``): the turn was taken all the same
+            self._take_counts(tl)
+            tl.info["preempted"] = False
             await self._finish_metrics(tl, "", None, counted=counted)
+
+    def _take_counts(self, tl: TurnTimeline) -> None:
+        """The turn's partial counts (``_unrouted_turn``), taken once: those after are the
+        next turn's."""
+        if "partials_routed" not in tl.info:
+            tl.info.update(self._speculation.take_counts())
 
     async def _failed_final(self, tl: TurnTimeline, exc: Exception) -> None:
         await self._speculation.reset()  # as the final's routing would have (_answer)
