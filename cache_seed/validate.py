@@ -203,6 +203,8 @@ def _binary_kind(data: bytes) -> str | None:
             # a zip's member names are stored as they are, in its central directory
             if magic.startswith(b"PK") and b"xl/workbook." in data:
                 return "an Excel workbook (.xlsx)"
+            if magic.startswith(b"PK") and _is_ods(data):
+                return "an OpenDocument spreadsheet (.ods)"
             return kind
     # Any other binary: no text file has a NUL byte in its header (a data row with one
     # is reported on its own line, the rest of the file still checked).
@@ -210,6 +212,15 @@ def _binary_kind(data: bytes) -> str | None:
     if b"\x00" in header:
         return "binary (its first line holds a NUL byte)"
     return None
+
+
+def _is_ods(data: bytes) -> bool:
+    """An OpenDocument spreadsheet's first zip entry is the file 'mimetype', stored
+    uncompressed, holding its type: the name 30 bytes in, the type after the entry's extra
+    field (its length at bytes 28-29)."""
+    start = 38 + int.from_bytes(data[28:30], "little")
+    return data[30:38] == b"mimetype" and data[start:].startswith(
+        b"application/vnd.oasis.opendocument.spreadsheet")
 
 
 def _other_separator(data: bytes) -> tuple[int, str] | None:

@@ -365,15 +365,28 @@ def _zip(names: tuple[str, ...]) -> bytes:
     return buffer.getvalue()
 
 
+def _ods() -> bytes:
+    """An OpenDocument spreadsheet as LibreOffice writes one: its first entry the file
+    'mimetype', stored uncompressed, naming the type; the rest deflated."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("mimetype", "application/vnd.oasis.opendocument.spreadsheet",
+                         compress_type=zipfile.ZIP_STORED)
+        for name in ("content.xml", "styles.xml", "META-INF/manifest.xml"):
+            archive.writestr(name, f"<xml>{name} {HEADER * 20}</xml>")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("data, kind", [
     (_zip(("[Content_Types].xml", "_rels/.rels", "xl/workbook.xml", "xl/worksheets/sheet1.xml",
            "xl/sharedStrings.xml")), "an Excel workbook (.xlsx)"),
+    (_ods(), "an OpenDocument spreadsheet (.ods)"),
     (_zip(("mimetype", "content.xml", "META-INF/manifest.xml")), "a zip archive"),
     (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(range(256)) * 8, "an Excel 97-2003 workbook"),
     (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "a PDF document"),
     (gzip.compress(HEADER.encode() * 50, mtime=0), "a gzip archive"),
     (b"\x7fELF\x02\x01\x01\x00\x00\x00\n" + bytes(range(256)) * 4, "binary"),
-], ids=["xlsx", "zip", "xls", "pdf", "gzip", "other"])
+], ids=["xlsx", "ods", "zip", "xls", "pdf", "gzip", "other"])
 def test_a_workbook_or_other_binary_file_is_named_as_such_not_missing_columns(data: bytes,
                                                                                kind: str) -> None:
     """An .xlsx saved instead of exported (or a zip, a PDF) got junk: "not CSV: the line contains
