@@ -341,12 +341,7 @@ def test_a_duplicate_row_with_an_empty_intent_joins_the_row_with_the_intent() ->
     as the written one, as an empty action is. Two different intents still conflict."""
     for rows in ("When are you open?,Nine to five.,hours,\nWhen are you open?,Nine to five.,,\n",
                  "When are you open?,Nine to five.,,\nwhen are you  open?,Nine to five.,hours,\n"):
-        plan = parse_seed_csv((HEADER + rows + "What are your hours?,,hours,\n"
-                                               "I lost my card,,lost_card,handoff\n").encode())
-        assert set(plan.entries) == {"hours", "lost_card"}, rows
-        assert len(plan.entries["hours"].questions) == 2, plan.entries["hours"]
-        assert plan.entries["hours"].answer == "Nine to five."
-        assert plan.intents.count("hours") == 2 and len(plan.questions) == 3
+        _assert_one_hours_question(rows)
     # a different intent on the same question is a conflict, reported against the row that
     # wrote an intent (line 3), not the one that left it empty (line 2)
     found = errors_of(HEADER + "When are you open?,Nine to five.,,\n"
@@ -427,6 +422,18 @@ def test_a_semicolon_or_tab_separated_file_is_named_as_such(separator: str, name
     assert len(plan.questions) == 2
 
 
+def _assert_one_hours_question(rows: str):  # type: ignore[no-untyped-def]
+    """``rows`` (the same question twice) seed beside one more hours question and a handoff:
+    the two rows are one question of 'hours', answered "Nine to five.". Returns the plan."""
+    plan = parse_seed_csv((HEADER + rows + "What are your hours?,,hours,\n"
+                                           "I lost my card,,lost_card,handoff\n").encode())
+    assert set(plan.entries) == {"hours", "lost_card"}, rows
+    assert len(plan.entries["hours"].questions) == 2, plan.entries["hours"]
+    assert plan.entries["hours"].answer == "Nine to five."
+    assert plan.intents.count("hours") == 2 and len(plan.questions) == 3
+    return plan
+
+
 def test_a_duplicate_row_with_an_empty_answer_joins_the_row_with_the_answer() -> None:
     """The same question under the same intent twice, once with the answer and once with the
     answer left empty, was refused as "duplicate question (line 2) with a conflicting answer".
@@ -435,13 +442,8 @@ def test_a_duplicate_row_with_an_empty_answer_joins_the_row_with_the_answer() ->
     for one without. Two different answers still conflict, with both lines."""
     for rows in ("When are you open?,Nine to five.,hours,\nWhen are you open?,,hours,\n",
                  "When are you open?,,hours,\nwhen are you  open?,Nine to five.,hours,\n"):
-        plan = parse_seed_csv((HEADER + rows + "What are your hours?,,hours,\n"
-                                               "I lost my card,,lost_card,handoff\n").encode())
-        assert set(plan.entries) == {"hours", "lost_card"}, rows
-        assert plan.entries["hours"].answer == "Nine to five."
+        plan = _assert_one_hours_question(rows)
         assert plan.entries["hours"].action is Action.ANSWER
-        assert len(plan.entries["hours"].questions) == 2, plan.entries["hours"]
-        assert plan.intents.count("hours") == 2 and len(plan.questions) == 3
     # two different answers on the same question are a conflict, reported against the row
     # that wrote the first answer (line 3), not the one that left it empty (line 2)
     found = errors_of(HEADER + "When are you open?,,hours,\n"
