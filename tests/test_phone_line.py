@@ -702,6 +702,43 @@ async def test_a_key_stopped_while_queued_behind_a_reply_ends_its_turn_with_metr
     assert h.stats.turns == len(turns) - 1, dict(h.stats.outcomes)
 
 
+@pytest.mark.parametrize("playing", [False, True])
+async def test_a_key_stopped_before_its_reply_task_ran_ends_its_turn_with_metrics(playing):
+    # Two keys handled in one loop iteration: the first key's reply task is cancelled by the
+    # second before its first step. A cancel there skipped the task's whole body: the turn
+    # sent no turn_metrics, and it never waited for the reply before it, so the second key's
+    # reply started while that reply still closed (its LLM stream open, its context not yet
+    # cut to the heard words) and, were it still playing, over it.
+    h = harness({"keypad": {"1": "hours", "2": "fees"}},
+                faqs={"opening hours": "hours", "what are the fees": "fees"})
+    await h.start()
+    if playing:  # a long answer playing, whose LLM stream takes 2 s to close
+        h.llm.reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
+        h.llm.close_s = 2.0
+        await h.text("tell me everything")
+        await h.wait(1500)
+        assert h.call.speaking
+    stopped_at = h.clock.now()
+    h.call.feed_dtmf("1")
+    h.call.feed_dtmf("2")
+    await h.wait(4000)
+    await h.stop()
+    first = 2 if playing else 1
+    assert [e["turn"] for e in h.output.of("keypad")] == [first, first + 1]
+    # Only the second key was answered, once the answer it stopped had closed.
+    replies = sorted({(e["turn"], e["source"]) for e in h.output.of("response")})
+    assert replies == ([(1, "llm")] if playing else []) + [(first + 1, "cache")], replies
+    if playing:
+        started = h.output.at("response", turn=first + 1)
+        assert started >= [stopped_at + 2.0], (stopped_at, started)
+    turns = [m["turn"] for m in h.metrics()]
+    assert turns == list(range(1, first + 2)), h.metrics()
+    key = h.metrics()[first - 1]
+    assert key["input"] == "dtmf" and "source" not in key, key
+    assert key["route_decided_ms"] is None and key["first_audio_ms"] is None, key
+    assert h.stats.turns == len(turns) - 1, dict(h.stats.outcomes)
+
+
 async def test_a_key_is_answered_from_one_lookup_of_the_audio_bank():
     # Reloads swap the audio bank on another thread: one that lands between "is the entry
     # held?" and "read its clip" raised KeyError in the keypad path.

@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import types
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine, Generator
 
 from intents.embedder import normalize_text
 from intents.types import Action, RouteDecision
@@ -686,19 +687,13 @@ class Call:
         ends = if_never_ran is None and tl.info.get("input") in _CALLER_INPUTS
 
         async def after_previous() -> None:
-            # Its cleanup (context cut to the heard words) first, and its done callbacks
-            # (a turn stopped while queued hands its words back to the carry). One that is
-            # over, callbacks run (out of _reply_tasks, its first callback), is not waited
-            # for: asyncio.wait on a done task still costs two loop iterations, which under
-            # load were most of a cache hit's time to first audio.
-            if previous is not None and previous in self._reply_tasks:
-                try:
-                    await self._wait_for_previous(
-                        previous, stopped=(lambda: self._take_counts(tl)) if ends else None)
-                except asyncio.CancelledError:
-                    if ends:
-                        await self._unrouted_turn(tl, counted=False)
-                    raise
+            try:
+                await self._wait_for_previous(
+                    previous, stopped=(lambda: self._take_counts(tl)) if ends else None)
+            except asyncio.CancelledError:
+                if ends:
+                    await self._unrouted_turn(tl, counted=False)
+                raise
             if self._transferred:
                 # Queued behind the transfer (the caller went on during its request): the
                 # call is with a person now, and the bot must not talk over them.
@@ -712,7 +707,10 @@ class Call:
             self._reply_tl = tl
             await turn
 
-        self._reply_task = asyncio.create_task(after_previous(), name=f"vg-turn-{tl.turn}")
+        # Primed: a cancel before the task's first step (the caller went on in the same
+        # loop iteration: a second key, a text) lands in its wait, not before its body.
+        self._reply_task = asyncio.create_task(_primed(after_previous()),
+                                               name=f"vg-turn-{tl.turn}")
         self._reply_task_tl = tl
         self._reply_tasks.add(self._reply_task)
         self._reply_task.add_done_callback(self._reply_tasks.discard)
@@ -728,9 +726,16 @@ class Call:
 
         self._reply_task.add_done_callback(close_turn)
 
-    async def _wait_for_previous(self, previous: asyncio.Task[None],
+    async def _wait_for_previous(self, previous: asyncio.Task[None] | None,
                                  stopped: Callable[[], None] | None = None) -> None:
-        """Wait for the previous reply to end. Cancelled meanwhile (a barge-in on the reply
+        """Wait for the previous reply to end: its cleanup (context cut to the heard words)
+        first, and its done callbacks (a turn stopped while queued hands its words back to
+        the carry). A reply's task is primed here (``_primed``): its first step, taken when
+        the task is made, so a cancel before the task has run still comes here and this
+        reply still ends after the previous one. One that is over, callbacks run (out of
+        _reply_tasks, its first callback), is not waited for: asyncio.wait on a done task
+        still costs two loop iterations, which under load were most of a cache hit's time
+        to first audio. Cancelled meanwhile (a barge-in on the reply
         queued behind it), it is cancelled with this one only if it still plays (a resumed
         reply): one already stopped is closing its LLM streams, and cancelled again the
         agent would not write what the caller heard (as in ``_barge_in``). Nor once the call
@@ -740,14 +745,17 @@ class Call:
         transfers the call (``_transfer``). Either way this one ends after it, so the reply
         queued next starts on the context it leaves. ``stopped``: called as it is cancelled."""
         try:
-            await asyncio.wait({previous})
+            await _first_step()  # where the task is primed: the loop runs it from here
+            if previous is not None and previous in self._reply_tasks:
+                await asyncio.wait({previous})
         except asyncio.CancelledError:
             if stopped is not None:
                 stopped()
-            if not previous.cancelling() and self.ended is None \
-                    and previous is not self._transferring:
-                previous.cancel()
-            await asyncio.wait({previous})  # cancelled again (the call ends): run ends both
+            if previous is not None and previous in self._reply_tasks:
+                if not previous.cancelling() and self.ended is None \
+                        and previous is not self._transferring:
+                    previous.cancel()
+                await asyncio.wait({previous})  # cancelled again (the call ends): run ends both
             raise
 
     def _reply_done(self, task: asyncio.Task[None]) -> None:
@@ -1225,6 +1233,24 @@ class Call:
                                  score=1.0, reason=f"key {action.key}")
         self._start_reply(tl, self._answer(tl, text, route=False, decision=decision,
                                            typed=True))
+
+
+@types.coroutine
+def _first_step() -> Generator[None, None, None]:
+    """Where a primed coroutine stops (``_primed``): a bare yield, which a task resumes on
+    its first step, as it does ``asyncio.sleep(0)``."""
+    yield
+
+
+def _primed(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
+    """``coro`` run up to its first ``_first_step()``, to make a task of. A task whose
+    coroutine has not started, cancelled before its first step, throws the cancel into the
+    coroutine before its first line: no try, except or finally of it runs. Primed, the
+    cancel lands at ``_first_step()``, inside them, as any later one would. (Python 3.12's
+    eager tasks do as much; 3.11 has none.)"""
+    if coro.send(None) is not None:  # pragma: no cover - a coroutine that awaited elsewhere
+        raise RuntimeError("a primed coroutine must stop first at _first_step()")
+    return coro
 
 
 def _said(text: str) -> asyncio.Future[Transcript]:
