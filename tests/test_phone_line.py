@@ -739,6 +739,54 @@ async def test_a_key_stopped_before_its_reply_task_ran_ends_its_turn_with_metric
     assert h.stats.turns == len(turns) - 1, dict(h.stats.outcomes)
 
 
+@pytest.mark.parametrize("next_turn", ["text", "key", "speech"])
+async def test_spoken_words_superseded_by_a_typed_turn_end_their_turn_with_metrics(next_turn):
+    # The caller speaks over a long answer (stopping it; its LLM stream takes 2 s to close):
+    # their turn's reply queues behind the closing answer. Before it runs they type a
+    # message or press a key, which stops it: its words were carried, and the typed turn
+    # dropped them (_drop_carry): no turn_metrics ever covered them (operators and
+    # bench/capacity.py count turns from them). Speech instead takes them up: its metrics
+    # cover both turns, their partial counts too.
+    h = harness({"keypad": {"1": "hours"}}, faqs={"opening hours": "hours"})
+    h.llm.reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
+    h.llm.close_s = 2.0
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)
+    await h.say("tell me about fees", then_silence_ms=400)
+    assert h.llm.open_streams == 1 and h.call.replying  # the spoken turn's reply is queued
+    assert h.transcripts() == [] and h.metrics() == []  # neither has ended
+    h.llm.reply, h.llm.close_s = "Okay.", 0.0  # the next turn's answer
+    if next_turn == "text":
+        await h.text("what are your opening hours")
+    elif next_turn == "key":
+        h.call.feed_dtmf("1")
+    else:
+        await h.say("and your opening hours")
+    await h.wait(4000)
+    await h.stop()
+    turns = [m["turn"] for m in h.metrics()]
+    if next_turn == "speech":
+        assert turns == [1, 3], h.metrics()
+        assert h.transcripts() == ["tell me about fees and your opening hours"]
+        covering = h.metrics()[1]
+        counted = sum(covering[f"partials_{k}"] for k in ("routed", "skipped", "shed"))
+        assert counted == len(h.output.of("transcript", final=False)), covering
+        return
+    assert turns == [1, 2, 3], h.metrics()
+    spoken = h.metrics()[1]
+    # As a turn stopped before its reply: no source, no route or reply stages; its words
+    # were not asked (superseded), so no hit or miss in the stats.
+    assert spoken["input"] == "audio" and "source" not in spoken, spoken
+    assert spoken["route_decided_ms"] is None and spoken["first_audio_ms"] is None, spoken
+    assert spoken["partials_routed"] >= 1, spoken  # its own partials, not the next turn's
+    assert h.metrics()[2]["partials_routed"] == 0, h.metrics()
+    assert sorted({(e["turn"], e["source"]) for e in h.output.of("response")}) == \
+        [(1, "llm"), (3, "cache")]
+    assert "fees" not in " ".join(h.transcripts())
+    assert h.stats.turns == 2, dict(h.stats.outcomes)
+
+
 async def test_a_key_is_answered_from_one_lookup_of_the_audio_bank():
     # Reloads swap the audio bank on another thread: one that lands between "is the entry
     # held?" and "read its clip" raised KeyError in the keypad path.

@@ -160,6 +160,10 @@ class Call:
         self._carry_continues = 0
         # The conversation's message the carried turn began, if it got that far (by identity).
         self._carry_exchange: dict[str, Any] | None = None
+        # The carried turns that sent no turn_metrics (stopped before they ran, or while
+        # their words decoded), each with the partial counts it had when it was stopped:
+        # the turn their words open covers them; dropped (``_drop_carry``), they end.
+        self._carry_turns: list[TurnTimeline] = []
         self._finals: set[asyncio.Future[Transcript]] = set()
         # The current pause's end-of-turn signals (turn model, early transcript routing).
         self._pause_tasks: list[asyncio.Task[None]] = []
@@ -465,24 +469,31 @@ class Call:
                 if ended is not None:
                     self._on_turn_ended(ended)
 
-    def _drop_carry(self) -> None:
+    async def _drop_carry(self) -> None:
         """Spoken words never answered (their reply stopped before it spoke, by a text
         message or a key) open the next *spoken* turn; a typed or keypad turn comes first
         and supersedes them. Kept, they would be asked with whatever the caller says next,
-        however much later: stale words, and a joined text the cache may route wrongly."""
+        however much later: stale words, and a joined text the cache may route wrongly.
+        Their turns that sent no metrics (``_carry_turns``) end here, before this one, as
+        turns stopped before their reply: nothing was asked, no hit or miss in the stats."""
         if self._carry:
             logs.event(log, "carried_words_dropped", utterances=len(self._carry))
         self._carry, self._carry_continues, self._carry_exchange = [], 0, None
+        dropped, self._carry_turns = self._carry_turns, []
+        for tl in dropped:
+            await self._unrouted_turn(tl, counted=False)
 
-    def _carry_unanswered(self, words: asyncio.Future[Transcript]) -> None:
-        """A turn stopped (or dropped) before it ran: its words open the next spoken turn.
-        Not once the call is transferred: every later turn is dropped too, and they would
-        only be routed joined to what the caller says to the person."""
+    def _carry_unanswered(self, words: asyncio.Future[Transcript], tl: TurnTimeline) -> None:
+        """The turn ``tl`` stopped (or dropped) before it ran: its words open the next
+        spoken turn, whose metrics cover it. Not once the call is transferred: every later
+        turn is dropped too, and they would only be routed joined to what the caller says
+        to the person."""
         if self._transferred:
             # Nobody awaits them now: a failed decode is retrieved here, not left to GC.
             words.add_done_callback(lambda f: f.cancelled() or f.exception())
             return
         self._carry.append(words)
+        self._carry_turns.append(tl)
 
     def _with_carried_words(self, text: str) -> str:
         """What this utterance's turn will be asked: the words it carries (a turn cut off
@@ -565,7 +576,7 @@ class Call:
         # Stopped while queued behind the previous reply's cleanup, the turn never took its
         # words: they open the next turn, as when it is stopped before it spoke.
         self._start_reply(ended.timeline, self._spoken_turn(ended.timeline, final, preempt),
-                          if_never_ran=lambda: self._carry_unanswered(final))
+                          if_never_ran=lambda: self._carry_unanswered(final, ended.timeline))
         if preempt is not None:  # whatever became of the turn, nothing of it outlives it
             assert self._reply_task is not None
             self._reply_task.add_done_callback(lambda _: self._preempt_over(preempt))
@@ -579,16 +590,20 @@ class Call:
         utterances, self._carry = [*self._carry, final], []
         continuing, self._carry_continues = self._carry_continues, 0
         exchange, self._carry_exchange = self._carry_exchange, None
+        covered, self._carry_turns = self._carry_turns, []
+        self._take_counts(tl)  # its utterance is over: later partials are the next turn's
         try:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
             texts = [(await asyncio.shield(f)).text for f in utterances]
         except asyncio.CancelledError:
             self._carry, self._carry_continues = utterances, continuing
-            self._carry_exchange = exchange
+            self._carry_exchange, self._carry_turns = exchange, [*covered, tl]
             raise
         except Exception as exc:
+            _add_counts(tl, covered)
             await self._unrouted_turn(tl, apology="stt_failed", first=self._failed_final(tl, exc))
             return
+        _add_counts(tl, covered)  # its metrics cover the carried turns: their partials too
         if continuing and not any(normalize_text(t) for t in texts[continuing:]):
             # What stopped the answer held no words after all (noise outlasting the
             # hold): the cut question is not asked again. Words after it (an utterance
@@ -667,7 +682,7 @@ class Call:
             # closing), the message is not lost: it opens the next spoken turn, as spoken
             # words stopped before their answer do. A later message supersedes it.
             self._start_reply(tl, self._answer(tl, text, typed=True),
-                              if_never_ran=lambda: self._carry_unanswered(_said(text)))
+                              if_never_ran=lambda: self._carry_unanswered(_said(text), tl))
         else:
             self._idle.quiet_unless_busy()  # nothing to answer, as above
 
@@ -678,18 +693,20 @@ class Call:
         self._drop_preempt()  # another reply changes the context a preemptive call was for
         previous = self._reply_task
         self._idle.bot_started()
-        # Stopped while queued (a barge-in, the call's end), the turn never runs. Spoken or
-        # typed words open the next turn (``if_never_ran``), whose metrics cover them; a
-        # caller's turn nothing hands on (keys) ends as one stopped before its reply: with
-        # its metrics and the partial counts it had when it was stopped (later ones are the
-        # next turn's), once the reply it waited for is over. It asked nothing: no hit or
-        # miss in the stats.
-        ends = if_never_ran is None and tl.info.get("input") in _CALLER_INPUTS
+        # Stopped while queued (a barge-in, the call's end), the turn never runs. A caller's
+        # turn keeps the partial counts it had when it was stopped (later ones are the next
+        # turn's). Spoken or typed words open the next turn (``if_never_ran``), whose
+        # metrics cover them (or, superseded, end it: ``_drop_carry``); a caller's turn
+        # nothing hands on (keys) ends as one stopped before its reply: with its metrics,
+        # once the reply it waited for is over. It asked nothing: no hit or miss in the
+        # stats.
+        caller = tl.info.get("input") in _CALLER_INPUTS
+        ends = if_never_ran is None and caller
 
         async def after_previous() -> None:
             try:
                 await self._wait_for_previous(
-                    previous, stopped=(lambda: self._take_counts(tl)) if ends else None)
+                    previous, stopped=(lambda: self._take_counts(tl)) if caller else None)
             except asyncio.CancelledError:
                 if ends:
                     await self._unrouted_turn(tl, counted=False)
@@ -774,10 +791,10 @@ class Call:
         agent's LLM call already started on these words (adopted if it still fits).
         ``typed``: a text message or keys, which supersede spoken words still carried;
         routed as text (a transcript needs the router's stricter ``spoken_hit``)."""
-        if typed:
-            self._drop_carry()
-        tl.info.update(self._speculation.take_counts())
+        self._take_counts(tl)
         try:
+            if typed:
+                await self._drop_carry()
             reused = False
             if route:
                 try:
@@ -845,8 +862,7 @@ class Call:
             await self._finish_metrics(tl, "", None, counted=counted)
 
     def _take_counts(self, tl: TurnTimeline) -> None:
-        """The turn's partial counts (``_unrouted_turn``), taken once: those after are the
-        next turn's."""
+        """The turn's partial counts, taken once: those after are the next turn's."""
         if "partials_routed" not in tl.info:
             tl.info.update(self._speculation.take_counts())
 
@@ -1251,6 +1267,13 @@ def _primed(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
     if coro.send(None) is not None:  # pragma: no cover - a coroutine that awaited elsewhere
         raise RuntimeError("a primed coroutine must stop first at _first_step()")
     return coro
+
+
+def _add_counts(tl: TurnTimeline, carried: list[TurnTimeline]) -> None:
+    """The partial counts of the carried turns ``tl``'s metrics cover, added to its own."""
+    for other in carried:
+        for key in ("partials_routed", "partials_skipped", "partials_shed"):
+            tl.info[key] = tl.info.get(key, 0) + other.info.get(key, 0)
 
 
 def _said(text: str) -> asyncio.Future[Transcript]:
