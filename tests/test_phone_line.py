@@ -899,6 +899,37 @@ async def test_input_dropped_behind_a_transfer_ends_its_turn_and_leaves_no_words
     await h.stop()
 
 
+@pytest.mark.parametrize("then", ["speech", "text", "key"])
+async def test_a_spoken_turn_stopped_while_queued_behind_a_transfer_ends_with_metrics(then):
+    # The caller speaks during the transfer request: their turn queues behind it. Before the
+    # request is answered they go on (speak, type or press a key), which stops that turn
+    # unrun: its words would open the next turn (_carry_unanswered), but once the call is
+    # moved nothing is carried, and the turn sent no turn_metrics at all (operators and
+    # bench/capacity.py count turns from them), unlike the one dropped behind the transfer.
+    h = harness({"keypad": {"0": "handoff"}, "keypad_pause_s": 1}, transfer_s=3.0)
+    await h.start()
+    await _go_on_during_the_transfer_request(h, "speech")
+    await h.wait(400)  # the turn ends, its reply queued behind the transfer
+    assert h.output.transfers_done == 0 and h.call.replying
+    if then == "speech":
+        await h.say("are you there", then_silence_ms=0)
+    elif then == "text":
+        await h.text("are you there")
+    else:
+        h.call.feed_dtmf("5")
+    await h.wait(4000)
+    assert h.output.transfers_done == 1 and sources(h) == ["handoff"]
+    assert [m["turn"] for m in h.metrics()] == [1, 2, 3], h.metrics()
+    stopped = h.metrics()[1]
+    # As a turn stopped before its reply: no source, no reply stages; its words were for
+    # the person, no question the cache missed.
+    assert stopped["input"] == "audio" and "source" not in stopped, stopped
+    assert stopped["first_audio_ms"] is None and stopped["preempted"] is False, stopped
+    assert h.metrics()[2]["input"] == {"speech": "audio", "text": "text", "key": "dtmf"}[then]
+    assert h.stats.turns == 1, dict(h.stats.outcomes)
+    await h.stop()
+
+
 async def test_a_failed_transfer_is_reported_and_the_call_goes_on():
     h = harness({"keypad": {"0": "handoff"}}, fail_transfer=True)
     await h.start()

@@ -697,18 +697,18 @@ class Call:
         # turn keeps the partial counts it had when it was stopped (later ones are the next
         # turn's). Spoken or typed words open the next turn (``if_never_ran``), whose
         # metrics cover them (or, superseded, end it: ``_drop_carry``); a caller's turn
-        # nothing hands on (keys) ends as one stopped before its reply: with its metrics,
-        # once the reply it waited for is over. It asked nothing: no hit or miss in the
-        # stats.
+        # nothing hands on (keys; any once the reply it waited for moved the call, as
+        # ``_carry_unanswered`` carries nothing then) ends as one stopped before its reply:
+        # with its metrics, once the reply it waited for is over. It asked nothing: no hit
+        # or miss in the stats.
         caller = tl.info.get("input") in _CALLER_INPUTS
-        ends = if_never_ran is None and caller
 
         async def after_previous() -> None:
             try:
                 await self._wait_for_previous(
                     previous, stopped=(lambda: self._take_counts(tl)) if caller else None)
             except asyncio.CancelledError:
-                if ends:
+                if caller and (if_never_ran is None or self._transferred):
                     await self._unrouted_turn(tl, counted=False)
                 raise
             if self._transferred:
