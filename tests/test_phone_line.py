@@ -652,6 +652,15 @@ async def test_a_key_mapped_to_a_missing_entry_ends_its_turn_with_metrics(heard)
     assert [q.text for q in h.stats.missed_questions()] == ["tell me about fees"]
 
 
+async def _long_answer_closing_slowly(h) -> None:  # type: ignore[no-untyped-def]
+    """The caller asks for a long answer, 1.5 s of which plays; stopped, its LLM stream takes
+    2 s to close, so a reply asked for meanwhile queues behind it."""
+    h.llm.reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
+    h.llm.close_s = 2.0
+    await h.text("tell me everything")
+    await h.wait(1500)
+
+
 @pytest.mark.parametrize("goes_on", ["key", "text", "speech", "call ends"])
 async def test_a_key_stopped_while_queued_behind_a_reply_ends_its_turn_with_metrics(goes_on):
     # The caller types over a long answer (stopping it; its LLM stream takes 2 s to close)
@@ -661,11 +670,8 @@ async def test_a_key_stopped_while_queued_behind_a_reply_ends_its_turn_with_metr
     # from them), unlike a key's turn stopped once it ran, and the partial counts of what
     # they had typed went to the next turn's.
     h = harness({"keypad": {"1": "hours"}}, faqs={"opening hours": "hours"})
-    h.llm.reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
-    h.llm.close_s = 2.0
     await h.start()
-    await h.text("tell me everything")
-    await h.wait(1500)
+    await _long_answer_closing_slowly(h)
     await h.text("when do you", final=False)  # stops the answer; this partial is routed
     h.call.feed_dtmf("1")
     await h.wait(100)
@@ -713,10 +719,7 @@ async def test_a_key_stopped_before_its_reply_task_ran_ends_its_turn_with_metric
                 faqs={"opening hours": "hours", "what are the fees": "fees"})
     await h.start()
     if playing:  # a long answer playing, whose LLM stream takes 2 s to close
-        h.llm.reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
-        h.llm.close_s = 2.0
-        await h.text("tell me everything")
-        await h.wait(1500)
+        await _long_answer_closing_slowly(h)
         assert h.call.speaking
     stopped_at = h.clock.now()
     h.call.feed_dtmf("1")
@@ -748,11 +751,8 @@ async def test_spoken_words_superseded_by_a_typed_turn_end_their_turn_with_metri
     # bench/capacity.py count turns from them). Speech instead takes them up: its metrics
     # cover both turns, their partial counts too.
     h = harness({"keypad": {"1": "hours"}}, faqs={"opening hours": "hours"})
-    h.llm.reply = " ".join(f"Part {i} of the answer is here." for i in range(1, 11))
-    h.llm.close_s = 2.0
     await h.start()
-    await h.text("tell me everything")
-    await h.wait(1500)
+    await _long_answer_closing_slowly(h)
     await h.say("tell me about fees", then_silence_ms=400)
     assert h.llm.open_streams == 1 and h.call.replying  # the spoken turn's reply is queued
     assert h.transcripts() == [] and h.metrics() == []  # neither has ended
@@ -842,10 +842,15 @@ async def _go_on_during_the_transfer_request(h: CallHarness, goes_on: str) -> No
     h.call.feed_dtmf("0")
     while not h.output.transfers:
         await h.wait(20)
-    if goes_on == "speech":
-        await h.say("yes okay thank you", then_silence_ms=0)
-    elif goes_on == "text":
-        await h.text("yes okay thank you")
+    await _caller_goes_on(h, goes_on, "yes okay thank you")
+
+
+async def _caller_goes_on(h: CallHarness, how: str, words: str) -> None:
+    """The caller says or types ``words`` (``how``: speech, text), or presses key 5."""
+    if how == "speech":
+        await h.say(words, then_silence_ms=0)
+    elif how == "text":
+        await h.text(words)
     else:
         h.call.feed_dtmf("5")
 
@@ -911,12 +916,7 @@ async def test_a_spoken_turn_stopped_while_queued_behind_a_transfer_ends_with_me
     await _go_on_during_the_transfer_request(h, "speech")
     await h.wait(400)  # the turn ends, its reply queued behind the transfer
     assert h.output.transfers_done == 0 and h.call.replying
-    if then == "speech":
-        await h.say("are you there", then_silence_ms=0)
-    elif then == "text":
-        await h.text("are you there")
-    else:
-        h.call.feed_dtmf("5")
+    await _caller_goes_on(h, then, "are you there")
     await h.wait(4000)
     assert h.output.transfers_done == 1 and sources(h) == ["handoff"]
     assert [m["turn"] for m in h.metrics()] == [1, 2, 3], h.metrics()
