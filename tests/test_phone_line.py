@@ -742,6 +742,28 @@ async def test_a_key_stopped_before_its_reply_task_ran_ends_its_turn_with_metric
     assert h.stats.turns == len(turns) - 1, dict(h.stats.outcomes)
 
 
+@pytest.mark.parametrize("how", ["text", "speech"])
+async def test_a_turn_still_carried_when_the_call_ends_ends_with_its_metrics(how):
+    # The caller types or speaks while a stopped answer still closes (its LLM stream takes
+    # 2 s): their turn's reply queues behind it. The call ends first: stopped unrun, the
+    # turn's words were carried to a next turn that never came, and no turn_metrics ever
+    # covered it (a key's turn there ends with its own). It ends as the call does.
+    h = harness({"keypad": {"1": "hours"}}, faqs={"opening hours": "hours"})
+    await h.start()
+    await _long_answer_closing_slowly(h)
+    if how == "text":
+        await h.text("what are the fees")
+        await h.wait(100)
+    else:
+        await h.say("tell me about fees", then_silence_ms=400)
+    assert h.llm.open_streams == 1 and h.call.replying  # the turn's reply is queued
+    await h.stop()
+    assert [m["turn"] for m in h.metrics()] == [1, 2], h.metrics()
+    carried = h.metrics()[1]
+    assert "source" not in carried and carried["first_audio_ms"] is None, carried
+    assert h.stats.turns == 1, dict(h.stats.outcomes)  # it asked nothing: no hit or miss
+
+
 @pytest.mark.parametrize("next_turn", ["text", "key", "speech"])
 async def test_spoken_words_superseded_by_a_typed_turn_end_their_turn_with_metrics(next_turn):
     # The caller speaks over a long answer (stopping it; its LLM stream takes 2 s to close):

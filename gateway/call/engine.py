@@ -277,6 +277,13 @@ class Call:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            # Turns whose words were carried to a next turn that never came (the caller ended
+            # the call first, a queued one among them) end as turns stopped before their
+            # reply. Not after the call's own `hangup`: nothing follows it.
+            for tl in self._carry_turns if self.ended is None else ():
+                with contextlib.suppress(Exception):
+                    await self._unrouted_turn(tl, counted=False)
+            self._carry_turns = []
             await self._speculation.aclose()
             with contextlib.suppress(Exception):
                 await self._turns.aclose()
