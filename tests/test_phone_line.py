@@ -1000,3 +1000,39 @@ def test_phone_line_settings_from_the_environment():
     assert s.keypad == {"0": "handoff", "*": "opening_hours"}
     assert s.handoff_number == "sip:desk@pbx.example.com"
     assert (s.greeting, s.idle_prompt_s) == ("Hello.", 0.0)
+
+
+class _SlowMetricsOutput(TimedOutput):
+    """turn_metrics written at once, then 100 ms of the clock to drain (a socket's send)."""
+
+    async def send_event(self, event):  # type: ignore[no-untyped-def, override]
+        await super().send_event(event)
+        if event["type"] == "turn_metrics":
+            await self._clock.sleep(0.1)
+
+
+async def test_dropped_turns_stopped_while_ending_still_end_with_their_metrics():
+    # Two spoken turns are carried (each stopped unrun behind a closing answer), a typed
+    # message drops them and ends them one by one; a key stops the typed turn while the
+    # first one's metrics drain. The one not yet ended was emptied from the carry before
+    # the loop and never sent its metrics; now it stays carried and ends later (here, as
+    # the caller ends the call).
+    from gateway.call import Call
+
+    h = harness({"keypad": {"1": "hours"}}, faqs={"opening hours": "hours"})
+    h.output = _SlowMetricsOutput(h.clock)
+    h.call = Call(h.deps, h.output, 16000, call_id="test-call")
+    await h.start()
+    await _long_answer_closing_slowly(h)
+    await h.say("tell me about fees", then_silence_ms=400)  # turn 2, queued
+    await h.say("and the charges", then_silence_ms=400)  # stops 2; turn 3 queued
+    h.llm.reply, h.llm.close_s = "Okay.", 0.0
+    await h.text("what are your opening hours")  # stops 3; turn 4 drops both
+    for _ in range(300):
+        if any(m["turn"] == 2 for m in h.metrics()):
+            break
+        await h.wait(20)
+    h.call.feed_dtmf("1")  # while turn 2's metrics drain, inside turn 4's drop
+    await h.wait(3000)
+    await h.stop()
+    assert sorted(m["turn"] for m in h.metrics()) == [1, 2, 3, 4, 5], h.metrics()

@@ -45,7 +45,7 @@ from .idle import IdleWatch
 from .keypad import Collected, Keypad, Mapped, check_key
 from .recording import CallRecorder, RecordedOutput
 from .reply import CallOutput, ReplyStage, StageFailed
-from .speculation import RouteFn, Speculation, SpeculationRules
+from .speculation import PARTIAL_COUNTS, RouteFn, Speculation, SpeculationRules
 from .end_of_turn import EndOfTurnSettings, lexically_incomplete
 from .turns import (SpeechPaused, SpeechResumed, SpeechStarted, TurnDetector, TurnEnded,
                     TurnSettings, VadScorer)
@@ -280,9 +280,9 @@ class Call:
             # Turns whose words were carried to a next turn that never came (the caller ended
             # the call first, a queued one among them) end as turns stopped before their
             # reply. Not after the call's own `hangup`: nothing follows it.
-            for tl in self._carry_turns if self.ended is None else ():
+            if self.ended is None:
                 with contextlib.suppress(Exception):
-                    await self._unrouted_turn(tl, counted=False)
+                    await self._end_carried_turns()
             self._carry_turns = []
             await self._speculation.aclose()
             with contextlib.suppress(Exception):
@@ -486,9 +486,14 @@ class Call:
         if self._carry:
             logs.event(log, "carried_words_dropped", utterances=len(self._carry))
         self._carry, self._carry_continues, self._carry_exchange = [], 0, None
-        dropped, self._carry_turns = self._carry_turns, []
-        for tl in dropped:
-            await self._unrouted_turn(tl, counted=False)
+        await self._end_carried_turns()
+
+    async def _end_carried_turns(self) -> None:
+        """The carried turns that sent no metrics end, one by one, as turns stopped before
+        their reply (their words were not asked: no hit or miss). Each leaves the list as
+        it ends, so a cancel meanwhile leaves the rest for whatever ends them next."""
+        while self._carry_turns:
+            await self._unrouted_turn(self._carry_turns.pop(0), counted=False)
 
     def _carry_unanswered(self, words: asyncio.Future[Transcript], tl: TurnTimeline) -> None:
         """The turn ``tl`` stopped (or dropped) before it ran: its words open the next
@@ -870,7 +875,7 @@ class Call:
 
     def _take_counts(self, tl: TurnTimeline) -> None:
         """The turn's partial counts, taken once: those after are the next turn's."""
-        if "partials_routed" not in tl.info:
+        if PARTIAL_COUNTS[0] not in tl.info:
             tl.info.update(self._speculation.take_counts())
 
     async def _failed_final(self, tl: TurnTimeline, exc: Exception) -> None:
@@ -1279,7 +1284,7 @@ def _primed(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
 def _add_counts(tl: TurnTimeline, carried: list[TurnTimeline]) -> None:
     """The partial counts of the carried turns ``tl``'s metrics cover, added to its own."""
     for other in carried:
-        for key in ("partials_routed", "partials_skipped", "partials_shed"):
+        for key in PARTIAL_COUNTS:
             tl.info[key] = tl.info.get(key, 0) + other.info.get(key, 0)
 
 

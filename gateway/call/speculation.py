@@ -57,6 +57,10 @@ class SpeculationRules:
     settle_after: int = 2  # 0: never settled, every new partial is routed
 
 
+# A turn's partial counts, as turn_metrics name them (``Speculation.take_counts``).
+PARTIAL_COUNTS = ("partials_routed", "partials_skipped", "partials_shed")
+
+
 class Speculation:
     def __init__(self, router: RouteFn | None, rules: SpeculationRules | int,
                  on_failure: OnFailure) -> None:
@@ -190,10 +194,10 @@ class Speculation:
                    error=f"{type(exc).__name__}: {exc}"[:200])
 
     def take_counts(self) -> dict[str, int]:
-        """Partials routed, skipped by the rules and shed under load since the last call."""
-        counts = {"partials_routed": self.partials_routed,
-                  "partials_skipped": self.partials_skipped,
-                  "partials_shed": self.partials_shed}
+        """Partials routed, skipped by the rules and shed under load since the last call
+        (keyed by ``PARTIAL_COUNTS``)."""
+        counts = dict(zip(PARTIAL_COUNTS, (self.partials_routed, self.partials_skipped,
+                                           self.partials_shed)))
         self.partials_routed = self.partials_skipped = self.partials_shed = 0
         return counts
 
