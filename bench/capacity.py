@@ -148,8 +148,11 @@ async def first_audio_after(caller: Caller, frames_before: int, clock: FrameCloc
     return time.monotonic()
 
 
-async def text_caller(url: str, step: Step, until: float, seed: int) -> None:
-    rng = random.Random(seed)
+async def text_caller(url: str, step: Step, until: float, seed: int, step_index: int = 0
+                      ) -> None:
+    # Each step draws its own questions and new words (the runs of one step the same ones):
+    # a step repeating the last one's finals would find their new words already embedded.
+    rng = random.Random(f"{step_index}:{seed}")
     await asyncio.sleep(rng.uniform(0, 2.0))  # callers do not all start on one tick
     clock = FrameClock(step)
     turn = 0
@@ -217,15 +220,16 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run_step(gateway: GatewayProcess | Cluster, mode: str, calls: int, step_s: float,
-                   warmup_s: float, speech: list[bytes], line_noise: bytes = b""
-                   ) -> tuple[Step, float, float, float]:
+                   warmup_s: float, speech: list[bytes], line_noise: bytes = b"",
+                   step_index: int = 0) -> tuple[Step, float, float, float]:
     step = Step(calls)
     now = time.monotonic()
     step.counting_from = now + warmup_s
     until = now + step_s
     rss_before = gateway.rss_mb()
     if mode == "text":
-        callers = [text_caller(gateway.call_url, step, until, i) for i in range(calls)]
+        callers = [text_caller(gateway.call_url, step, until, i, step_index)
+                   for i in range(calls)]
     else:
         callers = [audio_caller(gateway.call_url, step, until, i, speech, line_noise)
                    for i in range(calls)]
@@ -421,7 +425,7 @@ def main() -> None:
                     t0 = time.monotonic()
                     step, cpu, rss, gen = asyncio.run(
                         run_step(gateway, mode, calls, args.step_s, args.warmup_s, speech,
-                                 line_noise))
+                                 line_noise, step_index=index))
                     load = machine_load()
                     if fake is not None:
                         load += f", Deepgram fake {100 * (fake.cpu_s() - fake_cpu0) / (time.monotonic() - t0):.0f}% of a core"
