@@ -371,6 +371,32 @@ def test_a_real_time_client_sending_documented_max_size_frames_is_not_refused():
     assert refused_at is None, f"a real-time client refused at frame {refused_at}"
 
 
+@pytest.mark.parametrize("rate", [8000, 16000])
+async def test_one_frame_of_the_documented_largest_size_is_heard_whole(rate):
+    """docs/protocol.md accepts a binary frame of any whole number of samples up to 64 KiB
+    (``max_frame_bytes``), and a Twilio `media` of up to 32,768 μ-law bytes (64 KiB as
+    pcm16). The call's inbound buffer held ``inbound_buffer_ms`` (2 s) and cut what was
+    over the moment audio was appended: one such frame is 4.1 s at 8 kHz, so 2.1 s of it
+    was dropped (counted only, `audio_dropped`) before the gateway read any of it; 48 ms
+    at 16 kHz. A backlog the gateway has not read is still cut at ``inbound_buffer_ms``."""
+    from gateway.call import Call
+
+    h = CallHarness()
+    h.call = Call(h.deps, h.output, rate, call_id="test-call")
+    await h.start()
+    frame = bytes(h.settings.max_frame_bytes)
+    h.call.feed_audio(frame)
+    assert (h.call.dropped_audio_bytes, h.stats.errors["audio_dropped"]) == (0, 0), (
+        f"one {len(frame)}-byte frame at {rate} Hz")
+    h.call.feed_audio(frame)  # a second one before the gateway read the first: a backlog
+    buffer_bytes = rate * 2 * h.settings.inbound_buffer_ms // 1000
+    assert h.call.dropped_audio_bytes == len(frame) - buffer_bytes  # the oldest, first
+    await h.clock.advance(0.1)  # the gateway reads what it holds
+    h.call.feed_audio(frame)
+    assert h.call.dropped_audio_bytes == len(frame) - buffer_bytes
+    await h.stop()
+
+
 async def test_keypad_collection_does_not_grow_without_bound():
     """Keys that are not `#` are appended to ``Keypad._keys`` with no limit; the queue of
     4 x max_queued_texts only bounds presses *waiting*, and the keypad loop drains it at

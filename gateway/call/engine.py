@@ -116,10 +116,13 @@ class Call:
         self.encoding = output.encoding
 
         # Inbound audio: appended by the transport (hot path), drained by the audio loop.
-        # Bounded: a stalled loop drops the oldest audio instead of growing.
+        # Bounded: a stalled loop drops the oldest audio instead of growing. The bound is
+        # inbound_buffer_ms of backlog plus the largest message the transports accept
+        # (max_frame_bytes of pcm16: 4.1 s at 8 kHz), so one such message is never cut.
         self._inbound = bytearray()
         self._inbound_ready = asyncio.Event()
-        self._max_inbound = sample_rate * 2 * settings.inbound_buffer_ms // 1000 // 2 * 2
+        self._max_inbound = (sample_rate * 2 * settings.inbound_buffer_ms // 1000
+                             + settings.max_frame_bytes) // 2 * 2
         self.dropped_audio_bytes = 0
         self._to16k = StreamResampler(sample_rate, VAD_RATE, StreamResampler.LIVE_QUALITY)
         self._pending16k = bytearray()
