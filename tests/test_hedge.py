@@ -442,3 +442,33 @@ async def test_a_whitespace_only_chunk_is_no_first_token(llm_server):
     assert await asyncio.wait_for(answer, 20) == "Backup answer."
     assert hedged.stats.failovers == 1 and hedged.stats.secondary_wins == 1
     assert await fake.await_for(lambda s: s.disconnects["thinking"] == 1)
+
+
+@pytest.mark.parametrize("reply,heard", [
+    (Reply(text="Your balance is two hundred dollars today.", cut_after=4), "Your balance is"),
+    (Reply(text="", tool_calls=[("get_order", '{"order_id": "A-17"}')], cut_after=3), "")],
+    ids=["text", "tool-call"])
+async def test_a_stream_that_ends_without_a_finish_is_an_error(llm_server, reply, heard):
+    """A response body that just ends (no finish_reason, no [DONE]: a proxy or a crashed
+    worker cutting it short) was taken as the whole answer: the caller heard "Your balance
+    is" as if complete, and a tool call cut mid-arguments was run with '{"order_'."""
+    fake, server = llm_server
+    fake.replies["cut"] = reply
+    model = OpenAIChat("cut", base_url=server.url + "/v1", name="cut")
+    got: list[LLMChunk] = []
+    with pytest.raises(ProviderError, match="cut: the stream ended without a finish_reason"):
+        async for chunk in model.stream(MESSAGES):
+            got.append(chunk)
+    await model.aclose()
+    assert "".join(c.text for c in got) == heard
+    assert not [c for c in got if c.tool_call is not None]  # a cut tool call never runs
+
+    # In the hedge: cut after its first token, the winner broke (raised, not an answer);
+    # cut before it, the leg failed and the other answers.
+    hedged = pair(server, "cut", "spare", hedge_delay_s=600.0)
+    if heard:
+        with pytest.raises(ProviderError, match="without a finish_reason"):
+            await collect(hedged)
+    else:
+        assert await collect(hedged) == "Hello there. How can I help you today?"
+        assert hedged.stats.failovers == 1

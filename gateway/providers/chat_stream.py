@@ -26,7 +26,7 @@ class _PartialCall:
 
 class ToolCallAssembler:
     """Collects indexed tool-call deltas; a call is complete when the next index
-    starts, when the choice finishes, or when the stream ends."""
+    starts or when the choice finishes."""
 
     def __init__(self) -> None:
         self._open: dict[int, _PartialCall] = {}
@@ -101,9 +101,16 @@ def request_args(model: str, messages: list[dict[str, Any]], tools: list[ToolSpe
     return args
 
 
+class CutShort(Exception):
+    """The stream ended with no ``finish_reason``: the answer (or a tool call's
+    arguments) was cut short, by a proxy or a worker that died, not finished."""
+
+
 async def chunks(stream: AsyncIterator[Any]) -> AsyncIterator[LLMChunk]:
-    """LLMChunks from an SDK stream of ChatCompletionChunk objects (no error mapping)."""
+    """LLMChunks from an SDK stream of ChatCompletionChunk objects (no error mapping).
+    Raises ``CutShort`` when the stream ends before its choice finished."""
     assembler = ToolCallAssembler()
+    finished = False
     async for completion_chunk in stream:
         for choice in getattr(completion_chunk, "choices", None) or ():
             if getattr(choice, "index", 0) not in (0, None):
@@ -116,10 +123,13 @@ async def chunks(stream: AsyncIterator[Any]) -> AsyncIterator[LLMChunk]:
                     for call in assembler.add(list(delta.tool_calls)):
                         yield LLMChunk(tool_call=call)
             if choice.finish_reason:
+                finished = True
                 for call in assembler.finish():
                     yield LLMChunk(tool_call=call)
-    for call in assembler.finish():  # a server that never sent finish_reason
-        yield LLMChunk(tool_call=call)
+    if not finished:
+        # The SDKs end quietly when the body just stops (no [DONE] either): without this,
+        # half an answer was spoken as a whole one, and a half-streamed tool call run.
+        raise CutShort("the stream ended without a finish_reason (cut short)")
 
 
 class SDKChat:
@@ -154,6 +164,8 @@ class SDKChat:
                     yield chunk
         except self._base_error as exc:
             raise self._error(exc) from exc
+        except CutShort as exc:
+            raise ProviderError(self.name, str(exc)) from exc
         except (json.JSONDecodeError, ValueError, AttributeError, TypeError) as exc:
             raise ProviderError(self.name, f"malformed stream chunk: {exc}") from exc
         finally:

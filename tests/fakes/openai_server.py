@@ -32,6 +32,9 @@ class Reply:
     status: int = 200  # != 200: an error reply before any streaming
     malformed_at: int | None = None  # send a broken chunk instead of chunk number N (0-based)
     stall_after: int | None = None  # stop sending (but keep the connection) after N chunks
+    # End the response cleanly after N chunks, with no finish_reason and no [DONE] (a proxy
+    # or a crashed worker cutting the answer short): the body just ends.
+    cut_after: int | None = None
     # Ordering without timing: hold the first content until a request for this model has
     # arrived (so a test knows the other leg really reached the server before it lost).
     after_request_of: str | None = None
@@ -160,6 +163,8 @@ class FakeOpenAI:
         pieces.append(b"data: [DONE]\n\n")
 
         for n, piece in enumerate(pieces):
+            if reply.cut_after is not None and n >= reply.cut_after:
+                break
             if reply.stall_after is not None and n >= reply.stall_after:
                 await asyncio.sleep(STALL)
             if n == 1:
