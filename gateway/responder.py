@@ -78,12 +78,18 @@ async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM
     sends none for ``gap_timeout_s`` (of ``clock``: the call's) while asked for more has
     stalled mid-stream: a ``ProviderError`` then (the turn's ``tts_failed``, the apology),
     not silence until the provider's own read timeout, or for good. The wait for the
-    first audio is the provider's (ElevenLabs' ``first_audio_timeout_s``)."""
+    first audio is the provider's (ElevenLabs' ``first_audio_timeout_s``); a synthesis
+    of words that ends with no audio at all fails too (``ProviderError``)."""
     resampler = StreamResampler(tts.sample_rate, rate)
     gaps = Timeouts(clock)
     try:
         async with contextlib.aclosing(tts.synthesize(text)) as chunks:  # type: ignore[type-var]
             chunk = await anext(chunks, None)
+            if chunk is None and _has_words(text):
+                # A voice that answers with nothing: silence on the line, and the sentence
+                # announced and kept in the context as said. A failure (tts_failed) instead.
+                raise ProviderError(tts.name, f"returned no audio for a sentence of "
+                                              f"{len(text)} characters")
             while chunk is not None:
                 yield encode(resampler.process(chunk), encoding)
                 try:
@@ -97,6 +103,11 @@ async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM
     tail = resampler.process(b"", last=True)
     if tail:
         yield encode(tail, encoding)
+
+
+def _has_words(text: str) -> bool:
+    """Whether ``text`` has anything a voice must say (punctuation alone may be silent)."""
+    return any(ch.isalnum() for ch in text)
 
 
 class _Prefetched:

@@ -296,3 +296,32 @@ async def test_a_call_whose_voice_stalls_mid_sentence_hears_the_apology_at_the_g
     finally:
         await h.stop()
         await tts.aclose()
+
+
+async def test_a_call_whose_voice_returns_no_audio_hears_the_apology(eleven):
+    # The voice answers 200 and a body with no audio. The sentence was announced as said
+    # (a `response` event) and played as nothing: the caller heard silence, no error was
+    # counted, and the context kept words nobody heard. Now the synthesis fails as
+    # `tts_failed` (the apology, from the pre-rendered prompts), and the next turn works.
+    fake, server = eleven
+    fake.silent = True
+    h, tts = await _call_on_the_fake_voice(fake, server)
+    try:
+        await h.text("when do you open")
+        assert await h.output.until(lambda: h.output.of("error") or h.output.of("response"))
+        await h.wait(3000)
+        errors = h.output.of("error")
+        assert [(e["code"], e["turn"]) for e in errors] == [("tts_failed", 1)], errors
+        assert "returned no audio" in errors[0]["message"], errors[0]["message"]
+        assert [e["source"] for e in h.output.of("response")] == ["apology"]
+        assert h.output.frames, "no apology audio"
+        assert h.stats.errors["tts_failed"] == 1, h.stats.errors
+
+        fake.silent = False  # the voice is well again
+        await h.text("and on saturday")
+        assert await h.output.until(lambda: h.output.of("response", source="llm"))
+        await h.wait(3000)
+        assert [e["source"] for e in h.output.of("response")] == ["apology", "llm"]
+    finally:
+        await h.stop()
+        await tts.aclose()

@@ -38,6 +38,7 @@ class FakeElevenLabs:
         self.stall_before_response = threading.Event()
         self.stall_before_audio = threading.Event()
         self.release = threading.Event()
+        self.silent = False  # answer 200 and a body with no audio at all
         self.app = Starlette(routes=[Route("/v1/text-to-speech/{voice_id}/stream", self._stream,
                                            methods=["POST"])])
 
@@ -57,7 +58,7 @@ class FakeElevenLabs:
             return JSONResponse({"detail": {"status": "server_error", "message": "fake failure"}},
                                 status_code=self.status)
         rate = int(output_format.split("_")[1])
-        pcm = tone(len(body.get("text", "")) * MS_PER_CHAR, rate)
+        pcm = b"" if self.silent else tone(len(body.get("text", "")) * MS_PER_CHAR, rate)
         if self.stall_before_response.is_set():
             await self._until_released()
         return StreamingResponse(self._pieces(pcm), media_type="audio/pcm")
