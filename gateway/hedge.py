@@ -176,7 +176,9 @@ class HedgedChat:
                     self._fail(leg, str(item), errors)
 
             self._record_win(winner, legs, t0)
-            await _stop_all([leg for leg in legs if leg is not winner])  # close the loser now
+            # Cancelled now, not awaited: its stream's teardown (an HTTP close) runs while
+            # the winner streams, never before its first token; the finally awaits it.
+            _cancel([leg for leg in legs if leg is not winner])
             assert first is not None
             yield first
             while True:
@@ -237,9 +239,14 @@ async def _pump(leg: _Leg, messages: list[dict[str, Any]], tools: list[ToolSpec]
         await stream.aclose()  # type: ignore[attr-defined]
 
 
+def _cancel(legs: list[_Leg]) -> None:
+    for leg in legs:
+        if leg.task is not None:
+            leg.task.cancel()  # a no-op on a finished leg
+
+
 async def _stop_all(legs: list[_Leg]) -> None:
-    tasks = [leg.task for leg in legs if leg.task is not None]
-    for task in tasks:
-        task.cancel()  # a no-op on a finished leg
+    _cancel(legs)
     # return_exceptions: a leg's own errors were already reported through the queue.
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*(leg.task for leg in legs if leg.task is not None),
+                         return_exceptions=True)

@@ -299,10 +299,12 @@ class ScriptedLeg:
     """A leg that answers ``text`` at once (one chunk per word), or never (``None``),
     or says its first word and then stalls (``stall_after_first``)."""
 
-    def __init__(self, name: str, text: str | None, stall_after_first: bool = False) -> None:
+    def __init__(self, name: str, text: str | None, stall_after_first: bool = False,
+                 close_s: float = 0.0) -> None:
         self.name = name
         self.text = text
         self.stall_after_first = stall_after_first
+        self.close_s = close_s  # closing its stream takes this long (an HTTP teardown)
         self.opened: list[float] = []  # clock time of each request
         self.closed = 0
         self.clock: ManualClock | None = None
@@ -318,6 +320,8 @@ class ScriptedLeg:
                     await asyncio.Event().wait()
                 yield LLMChunk(text=(" " if n else "") + word)
         finally:
+            if self.close_s:
+                await self.clock.sleep(self.close_s)
             self.closed += 1
 
 
@@ -344,6 +348,31 @@ async def test_the_secondary_starts_exactly_when_the_clock_passes_the_hedge_dela
     assert hedged.stats.secondary_wins == 1 and hedged.stats.extra_requests == 1
     assert primary.closed == 1 and hedged.stats.ttft_s[-1] == 0.5
     assert hedged.adaptive._samples[-1] == 0.5  # the primary, censored at the win
+
+
+async def test_the_winners_first_token_does_not_wait_for_the_loser_to_close():
+    """The loser was cancelled and awaited before the winner's first token was yielded: a
+    loser whose HTTP stream takes 2 s to tear down held the answer back 2 s, a hedge
+    waiting for the slow one. Its close now runs while the winner streams, and the
+    stream's end still waits for it: nothing outlives the stream."""
+    primary = ScriptedLeg("primary", None, close_s=2.0)
+    secondary = ScriptedLeg("secondary", "From the secondary.")
+    hedged, clock = scripted_pair(primary, secondary, hedge_delay_s=0.5)
+    got: list[tuple[float, str]] = []
+
+    async def consume() -> None:
+        async with contextlib.aclosing(hedged.stream(MESSAGES)) as chunks:
+            async for chunk in chunks:
+                got.append((clock.now(), chunk.text))
+
+    task = asyncio.ensure_future(consume())
+    await clock.advance(0.5)
+    assert got == [(1000.5, "From"), (1000.5, " the"), (1000.5, " secondary.")], got
+    assert primary.closed == 0 and not task.done()  # its teardown is under way
+    await clock.advance(2.0)
+    assert task.done() and task.exception() is None
+    assert primary.closed == 1 and secondary.closed == 1 and clock.sleeping == 0
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("llm-")]
 
 
 async def test_an_adaptive_delay_is_timed_on_the_clock_too():
