@@ -103,7 +103,7 @@ def _seed(args: argparse.Namespace) -> int:
 
     from cache_seed import SeedError, SeedValidationError
     from intents.negatives import NegativesError, read_negatives_csv
-    from intents.store import StoreError
+    from intents.store import PublishUnconfirmed, StoreError
 
     from .providers.registry import create_tts
     from .runtime import build_embedder
@@ -126,7 +126,7 @@ def _seed(args: argparse.Namespace) -> int:
             report = seed_with_voice(args.csv, store, tts, build_embedder(settings),
                                      target_wrong_rate=args.target_wrong_rate,
                                      progress=not args.quiet, negatives=negatives)
-        except SeedValidationError as exc:
+        except (SeedValidationError, PublishUnconfirmed) as exc:  # each says what holds
             print(f"voicegate seed: {exc}", file=sys.stderr)
             return 1
         except (SeedError, StoreError) as exc:

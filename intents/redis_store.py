@@ -27,7 +27,8 @@ back, that the version's hash exists and that every audio key it names exists): 
 told about a version can always read all of it. A publish that fails before the swap (the
 write or the swap refused, failed or timed out) deletes the version's hash unless ``current``
 names it or ``published`` lists it (a swap that timed out may have been applied); if Redis
-cannot be reached for that, it is logged (``cache_publish_cleanup_failed``) and left.
+cannot be reached for that, it is logged (``cache_publish_cleanup_failed``) and left, and a
+swap that went unanswered raises ``PublishUnconfirmed``: delivered late, it still publishes.
 
 Then the clean-up (``intents.store``: retention): versions in ``published`` beyond the
 newest ``keep_versions`` are deleted (never the one ``current`` names); a version hash
@@ -68,8 +69,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from intents.store import (ANY_VERSION, AUDIO_GRACE_S, KEEP_VERSIONS, MANIFEST_FORMAT,
-                           AnyVersion, CacheBundle, Store, StoreConflict, StoreError,
-                           check_format, conflict_message, kept_versions,
+                           AnyVersion, CacheBundle, PublishUnconfirmed, Store, StoreConflict,
+                           StoreError, check_format, conflict_message, kept_versions,
                            missing_audio_message, referenced_audio)
 from intents.types import Audio
 
@@ -186,6 +187,20 @@ return dropped
 _VERSION_NAME = re.compile(rb"\d{8}T\d{6}Z-[0-9a-f]{6}")
 
 
+def _unanswered(failure: BaseException) -> bool:
+    """Whether a publish step failed for want of Redis's answer (a lost connection, a
+    timeout): the command may still have been applied, or be on its way."""
+    return isinstance(failure.__cause__, (redis.ConnectionError, redis.TimeoutError))
+
+
+def unconfirmed_message(version: str, failure: BaseException) -> str:
+    return (f"{failure}; whether version {version} was published is unknown: its pointer "
+            f"swap was sent, and Redis could not be asked since (a swap delivered late still "
+            f"publishes it). Once Redis answers, /readyz cache_version (or GET /admin/entries "
+            f"version) says which: {version} is published; the previous version means nothing "
+            f"was published (its hash goes with the retention)")
+
+
 def _glob_escape(text: str) -> str:
     """``text`` matched literally in a SCAN pattern (a prefix may hold ``*?[]\\``)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
@@ -285,8 +300,10 @@ class RedisStore(Store):
                   "vectors": vectors.getvalue(), "classifier": bundle.classifier,
                   "audio": " ".join(audio)}
         key = self.keys.version(version)
+        swap_sent = False
         try:
             self._call("publish: write version", lambda: self._redis.hset(key, mapping=fields))
+            swap_sent = True
             self._swap_pointer(version, replaces)
         except BaseException as exc:
             # A timeout does not say whether the write or the swap was applied: drop the
@@ -294,27 +311,34 @@ class RedisStore(Store):
             # gone). Audio is not this publish's to delete: the seed stored or claimed it
             # before, other versions and seeds may share it (content-addressed), and the
             # retention clean-up deletes it once unused for the grace.
-            if self._drop_unpublished(version, exc):
+            published = self._drop_unpublished(version, exc)
+            if published:
                 return version  # the swap went through after all
+            if published is None and swap_sent and _unanswered(exc):
+                # The swap may yet reach Redis and move the pointer (its hash is still
+                # there): "nothing published" could be false.
+                raise PublishUnconfirmed(unconfirmed_message(version, exc)) from exc
             raise
         self._clean_up_quietly(version, self._clean_up)
         return version
 
-    def _drop_unpublished(self, version: str, failure: BaseException) -> bool:
+    def _drop_unpublished(self, version: str, failure: BaseException) -> bool | None:
         """After a failed publish: delete ``version``'s hash unless `current` names it or
-        `published` lists it; True when one does (the swap went through after all). Never
-        raises over the publish's own error: a failure is logged, the hash is left."""
+        `published` lists it; True when one does (the swap went through after all), False
+        when it was dropped, None when Redis could not be asked. Never raises over the
+        publish's own error: a failure is logged, the hash is left."""
         key = self.keys.version(version)
         try:
             return self._redis.eval(_DROP_UNPUBLISHED, 3, self.keys.current, key,
                                     self.keys.published, version) == -1
         except Exception as exc:
             log.warning("cache_publish_cleanup_failed version=%s error=%s: %s (the publish "
-                        "failed: %s: %s); its hash %s may be left in Redis, no published "
-                        "version names it: the clean-up after a later publish deletes it "
-                        "once the audio grace has passed since one first found it",
+                        "failed: %s: %s); its hash %s may be left in Redis: unless a swap "
+                        "sent before still reaches Redis and publishes it, no version names "
+                        "it, and the clean-up after a later publish deletes it once the audio "
+                        "grace has passed since one first found it",
                         version, type(exc).__name__, exc, type(failure).__name__, failure, key)
-            return False
+            return None
 
     def _swap_pointer(self, version: str, replaces: str | None | AnyVersion) -> None:
         """The only step readers can observe: one script moves the pointer, records the

@@ -83,6 +83,12 @@ class StoreConflict(StoreError):
     publisher got there first): nothing was published."""
 
 
+class PublishUnconfirmed(StoreError):
+    """The pointer swap was sent but never answered, and the store could not be asked
+    afterwards: the version may still become current (a swap the network delivers late).
+    Neither "published" nor "nothing published" is known; the message says how to tell."""
+
+
 class AnyVersion:
     def __repr__(self) -> str:
         return "ANY_VERSION"

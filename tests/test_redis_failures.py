@@ -354,6 +354,44 @@ def test_a_pointer_swap_delivered_after_the_clean_up_leaves_current_naming_a_del
     assert name == current
 
 
+def test_a_swap_whose_outcome_is_unknown_is_not_reported_as_nothing_published(
+        prefix: str, delaying_proxy: DelayingProxy) -> None:
+    """The swap reaches Redis late, and Redis stays unreachable for the failed publish's
+    clean-up too (nothing got through to delete the hash): the publisher cannot know whether
+    the pointer moved. The delayed swap then moves it (the hash still exists), other replicas
+    load the version, and the operator, told "nothing published, the previous version keeps
+    serving", seeds again or gives up on an edit that is live. An unknown outcome must be
+    said as such."""
+    direct = RedisStore(REDIS_URL, prefix=prefix)
+    old = direct.publish(bundle("old"))
+    store = RedisStore(delaying_proxy.url, prefix=prefix, timeout_s=0.3)
+    swap = store._swap_pointer
+
+    def swap_as_the_network_fails(version: str, replaces: object) -> None:
+        delaying_proxy.hold()  # from now on nothing gets through, the clean-up neither
+        swap(version, replaces)  # type: ignore[arg-type]
+
+    store._swap_pointer = swap_as_the_network_fails  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StoreError) as failed:
+            store.publish(bundle("new"))
+        first = delaying_proxy.held[0]  # the connection the swap was first sent on
+        first.replied.clear()  # (it answered the version's write before)
+        first.gate.set()  # ... delivered late, before anything sent after it
+        assert first.replied.wait(10), "the delayed swap was never answered by Redis"
+        delaying_proxy.release()
+    finally:
+        store.close()
+    current = direct.current_version()
+    direct.close()
+    assert current != old  # the delayed swap published the version
+    services = SimpleNamespace(cache=SimpleNamespace(version=old))
+    answer = _publish_failed(failed.value, services)  # type: ignore[arg-type]
+    body = json.loads(answer.body)
+    assert "nothing published" not in body["error"], body["error"]
+    assert "unknown" in body["error"] and answer.status_code == 503
+
+
 def assert_current_is_whole(direct: RedisStore, prefix: str, old: str) -> None:
     current = direct.current_version()
     try:

@@ -22,7 +22,7 @@ from ..services import Services
 from . import auth
 from .auth import admin_only, error
 from intents.embedder import normalize_text
-from intents.store import StoreConflict, StoreError
+from intents.store import PublishUnconfirmed, StoreConflict, StoreError
 
 from .misses import DEFAULT_THRESHOLD, group_misses, is_agent_intent
 from .publish import (BadEntry, EntryExists, EntryNotFound, LabelledValidationError,
@@ -130,6 +130,8 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
                      version=services.cache.version)  # type: ignore[union-attr]
     if isinstance(exc, SeedBusy):
         return error(str(exc), 409)
+    if isinstance(exc, PublishUnconfirmed):  # its swap may still land: not "nothing published"
+        return error(str(exc), 503, version=services.cache.version)  # type: ignore[union-attr]
     if isinstance(exc, StoreConflict):  # another replica published first: nothing lost
         return error(f"{exc}; nothing was published: retry the request",
                      409, version=services.cache.version)  # type: ignore[union-attr]
