@@ -528,8 +528,8 @@ class PhoneCallOutput(TwilioOutput):
     """A Twilio stream's output with the call's events kept (Twilio itself has no channel
     for them): what a test of the call engine on a phone line reads."""
 
-    def __init__(self) -> None:
-        super().__init__(SentMessages(), "MZ1", "test-call")  # type: ignore[arg-type]
+    def __init__(self, **line: Any) -> None:
+        super().__init__(SentMessages(), "MZ1", "test-call", **line)  # type: ignore[arg-type]
         self.events: list[dict[str, Any]] = []
 
     @property
@@ -574,3 +574,62 @@ async def test_a_late_echo_of_a_failed_reply_is_not_taken_for_the_apology_heard(
     assert interrupt["heard_ms"] == 100.0, interrupt
     assert not set(apology) & set(failed), (failed, apology)
     await h.stop()
+
+
+class SlowRestApi:
+    """Twilio's REST API as a stream's output uses it (TwilioCallControl), each request
+    answered ``answer_s`` of the call's clock after it was made."""
+
+    def __init__(self, clock: Any, answer_s: float) -> None:
+        self._clock = clock
+        self._answer_s = answer_s
+        self.asked: list[str] = []
+        self.answered: list[str] = []
+
+    async def _request(self, what: str) -> None:
+        self.asked.append(what)
+        await self._clock.sleep(self._answer_s)
+        self.answered.append(what)
+
+    async def transfer(self, account_sid: str, call_sid: str, target: str) -> None:
+        await self._request("transfer")
+
+    async def hang_up(self, account_sid: str, call_sid: str) -> None:
+        await self._request("hang_up")
+
+
+@pytest.mark.parametrize("request_kind", ["transfer", "hang_up"])
+async def test_the_stream_ending_before_the_rest_answer_does_not_cut_the_request_off(
+        request_kind):
+    # A transfer (a handoff key) or an idle hang-up asks Twilio's REST API to move or end
+    # the call; Twilio does, and ends the stream (`stop`), which may reach the gateway
+    # before the request's own answer. The session then stops the call (as here), whose end
+    # cancelled every reply task: the request was abandoned halfway and the handoff's turn
+    # said it was not transferred (no `transferred`, no twilio_transferred line).
+    h = CallHarness(settings={"keypad": {"0": "handoff"}, "idle_prompt_s": 1})
+    api = SlowRestApi(h.clock, answer_s=0.5)
+    out = PhoneCallOutput(control=api, account_sid="AC1", call_sid="CA1",  # type: ignore
+                          handoff_number="+15551230000")
+    h.call = Call(h.deps, out, 8000, call_id="test-call")
+    await h.start()
+    if request_kind == "transfer":
+        h.call.feed_dtmf("0")
+    else:
+        h.call.feed_text("hello there", True)  # answered; then the caller says nothing
+    for _ in range(500):  # the handoff message (or the prompt, then the goodbye) plays
+        if api.asked:
+            break
+        await h.clock.advance(0.02)
+    assert api.asked == [request_kind]
+    await h.clock.advance(0.1)  # the request is under way: Twilio's `stop` arrives
+    h.call.stop()
+    assert h._task is not None
+    for _ in range(100):
+        if h._task.done():
+            break
+        await h.clock.advance(0.02)
+    await asyncio.wait_for(h._task, 5)
+    assert api.answered == [request_kind], "the request was cut off halfway"
+    if request_kind == "transfer":
+        (metrics,) = [e for e in out.events if e["type"] == "turn_metrics"]
+        assert metrics.get("transferred") is True, metrics

@@ -203,6 +203,8 @@ class Call:
         self._transferred = False
         # The reply whose handoff message has played, while it transfers the call.
         self._transferring: asyncio.Task[None] | None = None
+        # The task awaiting a transfer or hang-up request to the phone line (``_ask_line``).
+        self._line_request: asyncio.Task[None] | None = None
         # Why the call ended itself (``idle``), None while the caller ends it.
         self.ended: str | None = None
         # The call's span (OpenTelemetry) and its turns' child spans.
@@ -277,8 +279,11 @@ class Call:
                 pending.append(self._held)
             self._drop_preempt()
             pending.extend(self._preempt_tasks)
+            # A transfer or hang-up request under way is what ended the stream (Twilio's
+            # `stop` may come before its answer): its task ends on its own, not cut off.
             for task in pending:
-                task.cancel()
+                if task is not self._line_request:
+                    task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             # Turns whose words were carried to a next turn that never came (the caller ended
             # the call first, a queued one among them) end as turns stopped before their
@@ -1157,12 +1162,22 @@ class Call:
         hang_up = getattr(self._out, "hang_up", None)
         if hang_up is not None:
             try:
-                await hang_up(reason)
+                await self._ask_line(hang_up(reason))
             except Exception as exc:  # the stream closes anyway, which ends a <Connect>
                 await self._report("hangup_failed", f"hanging up failed: {exc}")
         logs.event(log, "hangup", reason=reason)
         self._trace.event("hangup", reason=reason)
         self.stop()
+
+    async def _ask_line(self, request: Awaitable[Any]) -> Any:
+        """A transfer or hang-up request to the phone line (bounded by the transport: Twilio's
+        by twilio_api_timeout_s). The call's end lets this task finish rather than cancel it
+        halfway, which left the call moved or not, unknown."""
+        self._line_request = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            return await request
+        finally:
+            self._line_request = None
 
     # ------------------------------------------------------------------ transfer
 
@@ -1180,7 +1195,7 @@ class Call:
             # By the clock the message has played (the playout waited); the far end's
             # jitter buffer may lag by up to the lead we send ahead, so that much longer.
             await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
-            moved = await transfer(str(tl.info["handoff"]))
+            moved = await self._ask_line(transfer(str(tl.info["handoff"])))
         except Exception as exc:  # the caller stays with the bot; the next turn works
             await self._report("transfer_failed", f"the transfer failed: {exc}", tl.turn)
             return
