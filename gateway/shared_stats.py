@@ -43,7 +43,7 @@ from typing import Any, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from intents.redis_store import DEFAULT_PREFIX
+from intents.redis_store import DEFAULT_PREFIX, glob_escape
 
 from . import logs
 from .redis_link import RedisHealth, honour_cancel
@@ -275,8 +275,10 @@ class SharedStats:
                    zip(weights, results[len(_HASHES):])]
         counts["recent_turns"] = sum(w * (_int(t) or 0) for w, (t, _) in buckets)
         counts["recent_hits"] = sum(w * (_int(h) or 0) for w, (_, h) in buckets)
-        keys = [key async for key in self._redis.scan_iter(match=self._prefix + "replica:*",
-                                                             count=500)]
+        # The prefix literally, as the store matches it: `*?[]` in it are no pattern that
+        # would count another deployment's replicas (and none of ours).
+        pattern = glob_escape(self._prefix) + "replica:*"
+        keys = [key async for key in self._redis.scan_iter(match=pattern, count=500)]
         values = await self._redis.mget(keys) if keys else []
         replicas = [r for r in map(_heartbeat, values) if r is not None]
         return counts, replicas

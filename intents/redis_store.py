@@ -201,7 +201,7 @@ def unconfirmed_message(version: str, failure: BaseException) -> str:
             f"was published (its hash goes with the retention)")
 
 
-def _glob_escape(text: str) -> str:
+def glob_escape(text: str) -> str:
     """``text`` matched literally in a SCAN pattern (a prefix may hold ``*?[]\\``)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
@@ -387,7 +387,7 @@ class RedisStore(Store):
         prefix = self.keys.version("")
         start = len(prefix.encode("utf-8"))
         hashes = list(dict.fromkeys(  # SCAN may return a key twice
-            k for k in self._redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000,
+            k for k in self._redis.scan_iter(match=glob_escape(prefix) + "*", count=1000,
                                              _type="hash")
             if _VERSION_NAME.fullmatch(k[start:])))
         if not hashes:
@@ -415,7 +415,7 @@ class RedisStore(Store):
             for name in names:
                 used |= self._audio_of(name)
             start = len(prefix.encode("utf-8"))
-            unused = [k for k in self._redis.scan_iter(match=_glob_escape(prefix) + "*",
+            unused = [k for k in self._redis.scan_iter(match=glob_escape(prefix) + "*",
                                                        count=1000, _type="hash")
                       if k[start:].decode("ascii", "replace") not in used]
             if not unused:

@@ -685,6 +685,21 @@ async def test_counters_add_up_over_replicas(redis_url: str) -> None:
         await replica.aclose()
 
 
+async def test_replicas_are_counted_under_a_prefix_that_reads_as_a_glob(redis_url: str) -> None:
+    # A deployment's prefix is taken literally, as the store takes it: `[eu]` is no character
+    # class that would count another deployment's replicas ("vgteste:") and none of its own.
+    ours = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest[eu]:",
+                       describe=lambda: {"active_calls": 2})
+    other = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgteste:",
+                        describe=lambda: {"active_calls": 5})
+    for replica in (ours, other):
+        await replica.heartbeat()
+    cluster = await ours.cluster_snapshot({"active_calls": 2})
+    assert (cluster["replicas"], cluster["active_calls"]) == (1, 2)
+    for replica in (ours, other):
+        await replica.aclose()
+
+
 async def test_cluster_5m_figures_cover_the_last_300_seconds(redis_url: str,
                                                               monkeypatch) -> None:
     # The window is [now - 300 s, now], as a replica's own Stats: the current minute's bucket
