@@ -78,9 +78,12 @@ def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> 
     else:
         try:
             classifier, judge, completeness = models_from_bytes(bundle.classifier)
-        except ValueError:
-            # Saved by another scikit-learn: train again from the stored vectors and texts
-            # (same data, same folds, same result; takes as long as the seed's calibration).
+        except ValueError as exc:
+            # Saved by another scikit-learn (or torn: a blob cut short inside an array reads
+            # the same): train again from the stored vectors and texts (same data, same folds,
+            # same result; takes as long as the seed's calibration). Said, as it is slow.
+            log.warning("cache_retrained version=%s reason=%s (the stored models do not load: "
+                        "retraining from its vectors)", name, exc)
             router = train_router(embedder, texts, intents, entries,
                                   target_wrong_rate=thresholds.target_wrong_rate,
                                   vectors=bundle.vectors, negatives=negatives).router

@@ -535,3 +535,24 @@ async def test_a_newer_version_that_fails_to_load_here_is_not_blamed_on_this_pub
     published = await publisher._publish(plan=None, source="x", target_wrong_rate=0.01,
                                          negatives=())
     assert published is report
+
+
+def test_a_torn_models_blob_retrained_at_load_is_said_in_the_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A version's classifier.joblib cut short (a disk that lost its tail, a copy that
+    stopped) can read as "another scikit-learn's" blob, and the load then trains the router
+    again, for as long as the seed's calibration took, without a word: the operator sees a
+    slow load and no cause. It is to be said (the version, the reason)."""
+    store = LocalStore(tmp_path / "store")
+    plan_csv = tmp_path / "faq.csv"
+    plan_csv.write_text(small_faq_csv(), encoding="utf-8")
+    report = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
+                  progress=False, embedder=shared_embedder())
+    blob = tmp_path / "store" / "versions" / report.version / "classifier.joblib"
+    whole = blob.read_bytes()
+    blob.write_bytes(whole[:len(whole) // 2])  # torn inside an array: a ValueError
+    with caplog.at_level("INFO", logger="voicegate.cache"):
+        loaded = load_cache(store, shared_embedder())
+    assert loaded.version == report.version  # served, retrained from the stored vectors
+    said = [r.getMessage() for r in caplog.records if report.version in r.getMessage()]
+    assert any("retrain" in m for m in said), caplog.text
