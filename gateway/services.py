@@ -184,7 +184,7 @@ class Services:
             heartbeat_s=settings.redis_heartbeat_s,
             describe=lambda: {"active_calls": runtime.stats.active_calls,
                               "cache_version": cache.version})
-        runtime.stats.observers.append(shared)
+        runtime.stats.attach(shared)  # with what was counted while the models loaded
         subscriber = VersionSubscriber(settings.redis_url, RedisKeys(settings.redis_prefix),
                                        lambda: self._refresh(cache), health)
         self.redis_health, self.shared_stats = health, shared

@@ -130,6 +130,18 @@ class Stats:
     observers: list[StatsObserver] = field(default_factory=list)
     degraded_reason: str | None = None  # why the replica is degraded, None when it is not
 
+    def attach(self, observer: StatsObserver) -> None:
+        """Tell ``observer`` of every event from now on, and of the calls and errors counted
+        before it came: a replica counts refusals (``not_ready``, ``admin_unauthorized``,
+        ``body_too_large``) while its models load, before its shared counters are linked.
+        No turn finishes before then (no call is taken), so none is missed."""
+        for _ in range(self.calls):
+            observer.call_started()
+        for code, count in self.errors.items():
+            for _ in range(count):
+                observer.error(code)
+        self.observers.append(observer)
+
     def call_started(self) -> None:
         self.calls += 1
         self.active_calls += 1

@@ -43,6 +43,37 @@ def test_stats_keep_entry_hits_a_minute_series_and_the_missed_questions():
     assert set(snap["latency_ms"]["hit"]) >= {"end_of_turn", "first_audio"}
 
 
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def call_started(self) -> None:
+        self.events.append(("call", None))
+
+    def turn_finished(self, metrics) -> None:
+        self.events.append(("turn", metrics.get("source")))
+
+    def error(self, code: str) -> None:
+        self.events.append(("error", code))
+
+
+def test_an_observer_attached_late_is_told_what_was_counted_before_it():
+    # A replica's shared counters are linked once its models have loaded; the refusals it
+    # counted meanwhile must reach the cluster's figures too.
+    stats = Stats()
+    stats.error("not_ready")
+    stats.error("not_ready")
+    stats.error("admin_unauthorized")
+    observer = RecordingObserver()
+    stats.attach(observer)
+    assert sorted(observer.events) == [("error", "admin_unauthorized"), ("error", "not_ready"),
+                                       ("error", "not_ready")]
+    stats.call_started()
+    stats.error("stt_failed")
+    stats.turn_finished(turn("cache", intent="hours", entry_id="hours"), "when are you open")
+    assert observer.events[3:] == [("call", None), ("error", "stt_failed"), ("turn", "cache")]
+
+
 def test_the_series_has_every_minute_and_forgets_the_old_ones():
     stats = Stats()
     stats._count_minute(1000, True)
