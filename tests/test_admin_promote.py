@@ -141,3 +141,20 @@ def test_groups_count_calls_and_take_the_latest_answer(runtime):
               MissedQuestion("is the branch open late", None, "llm", 5.0, 0.1, "Oldest.", None)]
     (group,) = group_misses(missed, runtime.embedder)
     assert group["calls"] == 3 and group["draft_answer"] == "New."
+
+
+def test_a_promotion_takes_every_wording_of_its_group_off_the_misses_list(promote_server,
+                                                                          runtime):
+    # The entry learns the group's 50 most frequent wordings; the misses list must lose all
+    # of them, or the rest come back as a group the operator already promoted.
+    wordings = [f"do you sell car insurance for car number {n}" for n in range(60)]
+    for n, text in enumerate(wordings):
+        miss(runtime, text, f"call-{n}", "We don't sell car insurance.")
+    with admin(promote_server) as client:
+        assert group_with(client, wordings[0])["distinct"] == len(wordings)
+        promoted = client.post("/admin/misses/promote", json={
+            "question": wordings[0], "intent": "car_insurance"})
+        assert promoted.status_code == 201, promoted.text
+        assert promoted.json()["promoted"]["questions"] == 50
+        listed = client.get("/admin/misses", params={"limit": 100}).json()
+        assert listed["groups"] == [] and listed["total"] == 0

@@ -11,10 +11,11 @@ import pytest
 from starlette.testclient import TestClient
 
 from cache_seed import SeedValidationError, parse_seed_rows, rows_from_manifest
-from gateway.admin.misses import group_misses, is_agent_intent
+from gateway.admin.misses import QUESTIONS_PER_GROUP, group_misses, is_agent_intent
 from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.stats import MissedQuestion, Stats
+from intents.embedder import normalize_text
 from intents.types import entry_id_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +159,22 @@ def test_misses_group_by_meaning_most_frequent_first():
     assert groups[2]["question"] == "car insurance"
     assert group_misses([], WordEmbedder()) == []
     assert len(group_misses(questions, WordEmbedder(), limit=1)) == 1
+
+
+def test_a_group_holds_every_wordings_key_for_a_promotion_to_forget():
+    # A promoted entry learns the group's 50 most frequent wordings; a promotion must take
+    # every wording of the group off the misses list, or the rest come back as a group.
+    wordings = [f"mortgage loan {'please ' * n}".strip() for n in range(QUESTIONS_PER_GROUP + 10)]
+    questions = [missed(w) for w in wordings] + [missed("car insurance")]
+    plain = group_misses(questions, WordEmbedder(), threshold=0.75)
+    assert "keys" not in plain[0]  # not in what GET /admin/misses shows
+    (loans, cars) = group_misses(questions, WordEmbedder(), threshold=0.75, with_keys=True)
+    assert len(loans["questions"]) == QUESTIONS_PER_GROUP
+    assert sorted(loans["keys"]) == sorted(wordings) and cars["keys"] == ["car insurance"]
+    stats = Stats()
+    stats.missed.extend(questions)
+    assert stats.forget_missed(set(loans["keys"]), normalize_text) == len(wordings)
+    assert [m.text for m in stats.missed_questions()] == ["car insurance"]
 
 
 def test_only_confident_agent_intents_are_not_missing_faqs():

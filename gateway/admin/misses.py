@@ -43,8 +43,11 @@ class _Group:
 
 
 def group_misses(missed: Sequence[MissedQuestion], embedder: Embedder,
-                 threshold: float = DEFAULT_THRESHOLD, limit: int = 20) -> list[dict[str, Any]]:
-    """Blocking (embeds): run it on a worker thread."""
+                 threshold: float = DEFAULT_THRESHOLD, limit: int = 20,
+                 with_keys: bool = False) -> list[dict[str, Any]]:
+    """Blocking (embeds): run it on a worker thread. ``with_keys``: each group also holds
+    ``keys``, the normalized text of every wording in it (``questions`` stops at
+    ``QUESTIONS_PER_GROUP``), for a promotion to take them all off the misses list."""
     if not missed:
         return []
     counts: Counter[str] = Counter()
@@ -98,6 +101,7 @@ def group_misses(missed: Sequence[MissedQuestion], embedder: Embedder,
             "calls": len(group.calls),
             "draft_answer": group.answer[1] if group.answer else None,
             "questions": [group.shown[t] for t in ranked[:QUESTIONS_PER_GROUP]],
+            **({"keys": ranked} if with_keys else {}),
         })
     out.sort(key=lambda g: (-g["count"], -g["last_at"]))
     return out[:limit]

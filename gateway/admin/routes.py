@@ -299,7 +299,8 @@ async def seed_upload(request: Request, services: Services) -> Response:
 
 
 async def _miss_groups(services: Services, threshold: float, limit: int,
-                       everything: bool) -> tuple[int, list[dict[str, Any]]]:
+                       everything: bool, with_keys: bool = False
+                       ) -> tuple[int, list[dict[str, Any]]]:
     missed = services.runtime.stats.missed_questions()
     loaded = services.cache.loaded  # type: ignore[union-attr]
     # Without a serving version nothing is confidently an agent intent.
@@ -307,7 +308,7 @@ async def _miss_groups(services: Services, threshold: float, limit: int,
     if not everything:
         missed = [m for m in missed if not is_agent_intent(m, hit_similarity)]
     groups = await asyncio.to_thread(group_misses, missed, services.runtime.embedder,
-                                     threshold, limit)
+                                     threshold, limit, with_keys)
     return len(missed), groups
 
 
@@ -369,7 +370,7 @@ async def promote_miss(request: Request, services: Services) -> Response:
         question, entry_id, answer, threshold, everything = _promotion(body)
     except BadEntry as exc:
         return _bad_request(request, str(exc))
-    _, groups = await _miss_groups(services, threshold, 10 ** 6, everything)
+    _, groups = await _miss_groups(services, threshold, 10 ** 6, everything, with_keys=True)
     wanted = normalize_text(question)
     group = next((g for g in groups
                   if wanted in {normalize_text(q) for q in g["questions"]}), None)
@@ -390,9 +391,9 @@ async def promote_miss(request: Request, services: Services) -> Response:
         return error(str(exc), 409)
     except _PUBLISH_FAILURES as exc:
         return _publish_failed(exc, services)
-    # Answered from now on: they leave the misses list.
-    services.runtime.stats.forget_missed({normalize_text(q) for q in group["questions"]},
-                                         normalize_text)
+    # Answered from now on: every wording of the group leaves the misses list, not only the
+    # QUESTIONS_PER_GROUP most frequent the entry learnt (the rest would come back as a group).
+    services.runtime.stats.forget_missed(set(group["keys"]), normalize_text)
     loaded = services.cache.loaded  # type: ignore[union-attr]
     published = loaded.entries.get(entry_id) if loaded else None
     return JSONResponse({"version": report.version, "created": True,
