@@ -71,7 +71,7 @@ from redis.retry import Retry
 from intents.store import (ANY_VERSION, AUDIO_GRACE_S, KEEP_VERSIONS, MANIFEST_FORMAT,
                            AnyVersion, CacheBundle, PublishUnconfirmed, Store, StoreConflict,
                            StoreError, check_format, conflict_message, kept_versions,
-                           missing_audio_message, referenced_audio)
+                           missing_audio_message, referenced_audio, unreadable_pointer_message)
 from intents.types import Audio
 
 DEFAULT_PREFIX = "voicegate:"
@@ -465,7 +465,11 @@ class RedisStore(Store):
 
     def current_version(self) -> str | None:
         name = self._call("current_version", lambda: self._redis.get(self.keys.current))
-        return name.decode("utf-8") if name else None
+        try:
+            return name.decode("utf-8") if name else None
+        except UnicodeDecodeError as exc:  # set by hand: not a name a publish writes
+            raise StoreError(unreadable_pointer_message(
+                f"{self.keys.current} in Redis at {redacted(self.url)}", exc)) from exc
 
     def read(self, version: str | None = None) -> tuple[str, CacheBundle]:
         name = version or self.current_version()

@@ -443,6 +443,8 @@ class LocalStore(Store):
             return self._pointer.read_text(encoding="ascii").strip() or None
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError) as exc:  # edited by hand, or a disk fault
+            raise StoreError(unreadable_pointer_message(str(self._pointer), exc)) from exc
 
     def read(self, version: str | None = None) -> tuple[str, CacheBundle]:
         name = version or self.current_version()
@@ -463,6 +465,12 @@ class LocalStore(Store):
             return []
         return sorted(p.name for p in self._versions.iterdir()
                       if p.is_dir() and not p.name.startswith("."))
+
+
+def unreadable_pointer_message(where: str, exc: BaseException) -> str:
+    return (f"the current-version pointer ({where}) cannot be read as a version name "
+            f"({type(exc).__name__}: {exc}); nothing is served from it: set it back to a "
+            f"published version's name, or seed again")
 
 
 def check_format(version: str, manifest: dict[str, Any]) -> None:

@@ -139,6 +139,21 @@ def test_a_corrupt_current_version_is_a_clear_load_error(prefix: str, manifest: 
     assert cache.last_error is not None and "broken" in cache.last_error
 
 
+def test_an_unreadable_current_pointer_is_a_clear_store_error(prefix: str) -> None:
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(prefix + "current", b"\xff\xfe-set-by-hand")
+    raw.close()
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    cache = FaqCache(store, SimpleNamespace(model_name="m", dim=4))
+    try:
+        with pytest.raises(StoreError, match="current-version pointer .*current.* cannot be "):
+            store.current_version()
+        assert cache.refresh() is False and cache.version is None
+    finally:
+        store.close()
+    assert cache.last_error is not None and "current-version pointer" in cache.last_error
+
+
 # --------------------------------------------------------------------------------------
 # The FAQ cache is refreshed from several threads (the subscriber, the safety poll, the
 # admin publisher): a slow load of an older version never replaces a newer one.

@@ -556,3 +556,22 @@ def test_a_torn_models_blob_retrained_at_load_is_said_in_the_log(
     assert loaded.version == report.version  # served, retrained from the stored vectors
     said = [r.getMessage() for r in caplog.records if report.version in r.getMessage()]
     assert any("retrain" in m for m in said), caplog.text
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe20261127T000000Z-abcdef", None],
+                         ids=["not-ascii", "a-directory"])
+def test_an_unreadable_pointer_is_a_clear_store_error(tmp_path: Path, pointer) -> None:
+    # CURRENT edited by hand (or a disk fault): a StoreError that names it, so the admin API
+    # answers its JSON error and a replica keeps what it serves, never a bare 500.
+    store = LocalStore(tmp_path / "store")
+    current = tmp_path / "store" / "CURRENT"
+    current.parent.mkdir(parents=True, exist_ok=True)
+    if pointer is None:
+        current.mkdir()
+    else:
+        current.write_bytes(pointer)
+    with pytest.raises(StoreError, match="current-version pointer .*CURRENT.* cannot be read"):
+        store.current_version()
+    cache = FaqCache(store, embedder=SimpleNamespace(model_name="m", dim=4))
+    assert cache.refresh() is False and cache.version is None
+    assert cache.last_error is not None and "current-version pointer" in cache.last_error
