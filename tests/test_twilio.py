@@ -25,7 +25,8 @@ from gateway.codec import MULAW, encode, ulaw_to_pcm16
 from gateway.playout import Playout
 from gateway.protocol import ProtocolError
 from gateway.server import BackgroundServer
-from gateway.transports.twilio import TWILIO_RATE, TwilioError, TwilioOutput, TwilioStream
+from gateway.transports.twilio import (TWILIO_RATE, TwilioError, TwilioOutput, TwilioStream,
+                                       parse_start)
 from tests.call_harness import CallHarness, tone
 from tests.fakes.twilio_media import FRAME_BYTES, TwilioLine
 
@@ -230,6 +231,24 @@ async def test_a_start_the_stream_cannot_run_with_closes_it(server, runtime, sta
             await asyncio.wait_for(ws.recv(), 10)
         assert ws.close_code == close
     assert runtime.stats.errors[code] == before + 1
+
+
+@pytest.mark.parametrize("media_format", [
+    {"encoding": "audio/x-mulaw", "sampleRate": 8000.9, "channels": 1},
+    {"encoding": "audio/x-mulaw", "sampleRate": "8000", "channels": 1},
+    {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": True},
+    {"encoding": "audio/x-mulaw", "sampleRate": 1e999, "channels": 1},
+    {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 2},
+])
+def test_a_start_with_a_format_not_exactly_mulaw_8k_mono_is_refused(media_format):
+    # 8000.9 Hz is no 8 kHz stream, nor is the string "8000" a rate: a wrong rate is refused
+    # by name (1003), never cut to an integer and accepted.
+    start = {"event": "start", "start": {"streamSid": "MZ1", "mediaFormat": media_format}}
+    with pytest.raises(TwilioError) as refused:
+        parse_start(start)
+    assert refused.value.code == "twilio_unsupported_media_format"
+    assert parse_start({"event": "start", "start": {"streamSid": "MZ1", "mediaFormat": {
+        "encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}).stream_sid == "MZ1"
 
 
 async def test_twilio_vanishing_mid_call_ends_the_call(server, runtime):

@@ -86,12 +86,16 @@ def _is_twilio_format(media_format: Any) -> bool:
     """The only format a bidirectional stream carries: μ-law, 8 kHz, mono."""
     if not isinstance(media_format, dict):
         return False
-    try:
-        return (media_format.get("encoding", TWILIO_MEDIA_ENCODING) == TWILIO_MEDIA_ENCODING
-                and int(media_format.get("sampleRate", TWILIO_RATE)) == TWILIO_RATE
-                and int(media_format.get("channels", 1)) == 1)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses to inf
-        return False
+    return (media_format.get("encoding", TWILIO_MEDIA_ENCODING) == TWILIO_MEDIA_ENCODING
+            and _equals_number(media_format.get("sampleRate", TWILIO_RATE), TWILIO_RATE)
+            and _equals_number(media_format.get("channels", 1), 1))
+
+
+def _equals_number(value: Any, expected: int) -> bool:
+    """``value`` is a JSON number equal to ``expected``: not 8000.9 cut to 8000, not the
+    string "8000", nor ``true`` taken for 1 channel."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value == expected)
 
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
