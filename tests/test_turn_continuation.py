@@ -234,6 +234,25 @@ async def test_words_before_any_answer_are_carried_but_are_no_continuation():
     assert user_texts(h.llm.requests[-1]) == ["where is my parcel and my letter"]
 
 
+async def test_a_turn_stopped_before_its_answer_spoke_is_no_hit_or_miss():
+    # The caller goes on while the agent thinks: the turn ends with its metrics (no
+    # source, no reply stages) and its words open the next turn, which asks them. It
+    # asked nothing itself: no hit or miss in the stats, nor a missed question of its
+    # half of the words (docs/protocol.md: carried words were not asked).
+    h = CallHarness(settings={"turn_continuation_ms": 200})
+    h.llm.first_token_s = 3.0
+    await h.start()
+    await h.say("where is my parcel", then_silence_ms=1000)
+    await h.say("and my letter", then_silence_ms=4000)
+    await h.stop()
+    first, second = h.metrics()
+    assert "source" not in first and first["first_audio_ms"] is None, first
+    assert second["source"] == "llm", second
+    assert (h.stats.turns, dict(h.stats.outcomes)) == (1, {"miss": 1})
+    assert [q.text for q in h.stats.missed_questions()] == \
+        ["where is my parcel and my letter"]
+
+
 async def cut_short_behind_a_filler(uh_ms: int = 400, gap_ms: int = 600,
                                     uhs: int = 1) -> CallHarness:
     """"i lost my card"; the turn ends on its words and the 3 s answer begins; the

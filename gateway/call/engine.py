@@ -812,6 +812,7 @@ class Call:
         ``typed``: a text message or keys, which supersede spoken words still carried;
         routed as text (a transcript needs the router's stricter ``spoken_hit``)."""
         self._take_counts(tl)
+        unasked = False
         try:
             if typed:
                 await self._drop_carry()
@@ -844,9 +845,15 @@ class Call:
             else:
                 if "handoff" in tl.info:
                     await self._transfer(tl)
+        except asyncio.CancelledError:
+            # A spoken turn stopped before its reply spoke: ``_spoken_turn`` carries its
+            # words into the next turn, which asks them. This one asked nothing: no hit
+            # or miss (nor a missed question of half the words).
+            unasked = not typed and not tl.has("first_audio")
+            raise
         finally:
             tl.info["preempted"] = preempted is not None and preempted.adopted
-            await self._finish_metrics(tl, text, decision)
+            await self._finish_metrics(tl, text, decision, counted=not unasked)
 
     def _turn(self, tl: TurnTimeline, text: str, decision: RouteDecision | None) -> Turn:
         return Turn(number=tl.turn, text=text, sample_rate=self.sample_rate, timeline=tl,
