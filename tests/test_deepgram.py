@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from typing import Iterator
 
 import pytest
@@ -14,6 +15,7 @@ from starlette.websockets import WebSocket
 from gateway.providers.base import ProviderError, SpeechToText, STTStream, Transcript
 from gateway.providers.deepgram_stt import DeepgramSTT
 from gateway.call import Call
+from gateway.clock import ManualClock
 from tests.call_harness import RATE, WORD_MS, CallHarness
 from tests.fakes.deepgram_server import FakeDeepgram
 from tests.fakes.server import ServerThread
@@ -31,7 +33,7 @@ def deepgram() -> Iterator[tuple[FakeDeepgram, ServerThread]]:
 
 
 def stt(server: ServerThread, key: str = "test-key", **kwargs) -> DeepgramSTT:
-    return DeepgramSTT(key, base_url=server.ws_url, finalize_timeout_s=5.0, **kwargs)
+    return DeepgramSTT(key, base_url=server.ws_url, **{"finalize_timeout_s": 5.0, **kwargs})
 
 
 async def send(stream: STTStream, frame: bytes, count: int) -> None:
@@ -344,3 +346,154 @@ async def test_a_socket_dropped_between_utterances_fails_nothing():
         await stream.aclose()
         await recognizer.aclose()
     assert final.text == "what are your opening hours"
+
+
+# ---------------------------------------------------------------- a line that goes silent
+
+
+async def unanswered_final(stream, session, clock: ManualClock):
+    """``stream.finalize()`` once its Finalize has reached a server that never answers it
+    and the stream's clock has passed its finalize_timeout_s (1 s): a Transcript or the
+    error it raised."""
+    final = asyncio.ensure_future(stream.finalize())
+    assert await until(lambda: session.controls["Finalize"] == 1)
+    await clock.advance(0.9)
+    assert not final.done()  # the timeout runs on the stream's clock, not the wall's
+    await clock.advance(0.2)
+    return (await asyncio.gather(final, return_exceptions=True))[0]
+
+
+async def test_a_silent_socket_fails_a_final_of_no_words_and_is_reopened(deepgram):
+    """Deepgram stalls mid-stream: the socket stays open, the caller's audio goes out, no
+    word and no reply to Finalize come back. The turn fails (the call apologises), never an
+    empty final (a caller who spoke would hear nothing), and the next utterance is
+    recognised on a new socket."""
+    fake, server = deepgram
+    fake.answer_finalize = False
+    fake.ms_per_word = 10_000  # audio, but not a word of it recognised
+    clock = ManualClock()
+    recognizer = stt(server, finalize_timeout_s=1.0, reconnect_s=0.01, clock=clock)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 10)
+    assert await until(lambda: len(fake.sessions) == 1)
+    outcome = await unanswered_final(stream, fake.sessions[0], clock)
+    assert isinstance(outcome, ProviderError)
+    assert str(outcome) == ("deepgram: no final transcript within 1 s of Finalize; "
+                            "the live socket is not answering")
+
+    fake.answer_finalize, fake.ms_per_word = True, 40  # the service is back
+    assert await until(lambda: len(fake.sessions) == 2 and stream.connected)
+    await send(stream, VOICE, 12)
+    final = await stream.finalize()
+    await stream.aclose()
+    await recognizer.aclose()
+    assert final == Transcript("what are your opening hours", final=True)
+
+
+async def test_an_unanswered_finalize_keeps_the_words_already_heard(deepgram):
+    fake, server = deepgram
+    fake.answer_finalize = False
+    fake.ms_per_word = 40
+    clock = ManualClock()
+    recognizer = stt(server, finalize_timeout_s=1.0, reconnect_s=0.01, clock=clock)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)  # "what are": interims, never committed
+    assert await until(lambda: stream._text() == "what are")
+    outcome = await unanswered_final(stream, fake.sessions[0], clock)
+    assert outcome == Transcript("what are", final=True)  # best effort, no error
+    # The socket said nothing after that Finalize: it is reopened all the same.
+    assert await until(lambda: len(fake.sessions) == 2 and stream.connected)
+    await stream.aclose()
+    await recognizer.aclose()
+
+
+async def test_finalize_answered_with_no_words_is_an_empty_final(deepgram):
+    """The caller made only noise: Deepgram answers Finalize with no words. An empty final,
+    no error; the socket is kept."""
+    fake, server = deepgram
+    fake.ms_per_word = 10_000
+    clock = ManualClock()
+    recognizer = stt(server, finalize_timeout_s=1.0, clock=clock)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 10)
+    assert await stream.finalize() == Transcript("", final=True)
+    assert fake.sessions[0].controls["Finalize"] == 1
+    await send(stream, VOICE, 2)
+    await clock.advance(5.0)
+    assert stream.connected and len(fake.sessions) == 1
+    await stream.aclose()
+    await recognizer.aclose()
+
+
+class HangingDeepgram:
+    """The fake behind a route whose first handshake never completes (no accept); later
+    connections are the fake's."""
+
+    def __init__(self) -> None:
+        self.fake = FakeDeepgram()
+        self.fake.ms_per_word = 40
+        self.connections = 0
+        self.release = threading.Event()
+        self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
+
+    async def _listen(self, websocket: WebSocket) -> None:
+        self.connections += 1
+        if self.connections == 1:
+            while not self.release.is_set():
+                await asyncio.sleep(0.01)
+            return
+        await self.fake._listen(websocket)
+
+
+async def test_a_handshake_that_hangs_fails_the_final_and_the_socket_is_reopened():
+    hanging = HangingDeepgram()
+    with ServerThread(hanging.app) as server:
+        clock = ManualClock()
+        recognizer = stt(server, finalize_timeout_s=1.0, reconnect_s=0.01, clock=clock)
+        stream = recognizer.open_stream()
+        for _ in range(10):  # queued: the socket never opens
+            await stream.send_audio(VOICE)
+        assert await until(lambda: hanging.connections == 1)
+        final = asyncio.ensure_future(stream.finalize())
+        await clock.advance(1.1)
+        outcome = (await asyncio.gather(final, return_exceptions=True))[0]
+        assert await until(lambda: hanging.connections == 2 and stream.connected)
+        hanging.release.set()
+        await send(stream, VOICE, 12)
+        second = await stream.finalize()
+        await stream.aclose()
+        await recognizer.aclose()
+    assert isinstance(outcome, ProviderError) and "no final transcript within 1 s" in str(outcome)
+    assert second.text == "what are your opening hours"
+
+
+async def test_a_call_whose_deepgram_goes_silent_apologises_and_answers_the_next_turn(deepgram):
+    """The engine with the real Deepgram stream on the call's clock: a turn whose words
+    never come back (the service stalled) is apologised for and counted as ``stt_failed``,
+    never a silent line; the stream reopens its socket and the next question is answered."""
+    fake, server = deepgram
+    fake.utterances = ["what are your opening hours"]
+    fake.answer_finalize, fake.ms_per_word = False, 1_000_000  # stalled: no word, no reply
+    h = CallHarness(faqs={"opening hours": "hours"}, settings={"end_of_turn_silence_ms": 900})
+    recognizer = stt(server, endpointing_ms=100, early_timeout_s=5.0, finalize_timeout_s=1.0,
+                     reconnect_s=0.01, clock=h.clock)
+    h.call = Call(dataclasses.replace(h.deps, stt=recognizer), h.output, RATE, call_id="dg")
+    await h.start()
+    stream = h.call._turns.stt
+    await h.say("what are your opening hours", then_silence_ms=3000)
+    assert [e["source"] for e in h.output.of("response")] == ["apology"]
+    assert h.stats.errors["stt_failed"] == 1
+    (error,) = h.output.of("error")
+    assert error["code"] == "stt_failed" and "no final transcript within 1 s" in error["message"]
+
+    fake.answer_finalize, fake.ms_per_word = True, WORD_MS  # the service is back
+    assert await until(lambda: len(fake.sessions) == 2 and stream.connected)
+    await h.say("what are your opening hours", then_silence_ms=200)  # Deepgram endpoints
+    assert await until(lambda: stream.endpoint.is_set() or h.output.of("route"))
+    await h.clock.settle()
+    await h.silence(3000)
+    await h.stop()
+    await recognizer.aclose()
+    assert [e["source"] for e in h.output.of("response")] == ["apology", "cache"]
+    assert h.stats.errors["stt_failed"] == 1
+    assert h.transcripts()[-1] == "what are your opening hours"

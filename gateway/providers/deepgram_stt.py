@@ -12,7 +12,12 @@ onto ``STTStream``:
   ``early_timeout_s``: no early words (the turn waits its silence).
 - ``finalize()``: if Deepgram has already endpointed with nothing pending, the committed
   text is returned at once; otherwise a ``Finalize`` message flushes the server and the
-  reply marked ``from_finalize`` completes the transcript (or ``finalize_timeout_s`` passes).
+  reply marked ``from_finalize`` completes the transcript. No reply within
+  ``finalize_timeout_s`` (on the stream's ``clock``): the words so far are the final, and
+  an utterance of audio with no word at all fails (``ProviderError``: the call apologises),
+  never an empty final (a reply with no words, the caller's noise, still is one). A socket
+  that sent nothing at all since that Finalize has stalled (or its handshake hangs): it
+  is dropped and reopened like a failed one.
 - ``KeepAlive`` is sent when no audio has gone out for ``keepalive_s`` (Deepgram closes
   an idle socket after about 10 s); ``aclose()`` sends ``CloseStream``.
 - A socket that fails (dropped by the service or the network) is reopened, after
@@ -35,6 +40,7 @@ from deepgram import AsyncDeepgramClient
 from deepgram.core.api_error import ApiError
 from deepgram.environment import DeepgramClientEnvironment
 
+from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from gateway.providers.base import ProviderError, Transcript
 from gateway.settings import Settings
 from .. import logs
@@ -52,8 +58,9 @@ class DeepgramStream:
 
     def __init__(self, client: AsyncDeepgramClient, options: dict[str, Any], sample_rate: int,
                  finalize_timeout_s: float, keepalive_s: float, early_timeout_s: float,
-                 reconnect_s: float = 0.5) -> None:
+                 reconnect_s: float = 0.5, clock: Clock = SYSTEM_CLOCK) -> None:
         self._client = client
+        self._clock = clock  # the Finalize reply's deadline (a test's ManualClock)
         self._reconnect_s = reconnect_s
         self._early_timeout_s = early_timeout_s
         self._options = options
@@ -70,6 +77,9 @@ class DeepgramStream:
         self._offset_s = 0.0  # stream audio time at which the current socket's audio starts
         self._connected = False
         self._sockets = 0  # live sockets opened so far
+        self._heard = 0  # messages received so far (over every socket)
+        self._socket_task: asyncio.Task[tuple[ProviderError | None, bool]] | None = None
+        self._stalled: ProviderError | None = None  # why _drop_socket ended the socket
         # Why the current utterance lost audio (to a failed socket), if it did.
         self._lost: ProviderError | None = None
         self._cut_s = 0.0  # audio time of the last finalize/reset
@@ -103,7 +113,7 @@ class DeepgramStream:
         pending = self._interim or self._utterance_has_audio()
         flush = pending and not (self._endpointed and not self._interim)
         closing = _Closing(committed=list(self._committed), interim=self._interim,
-                           start_s=self._cut_s, cut_s=self._sent_s)
+                           start_s=self._cut_s, cut_s=self._sent_s, heard=self._heard)
         self._start_utterance()
         if flush:
             closing.done = asyncio.get_running_loop().create_future()
@@ -112,19 +122,44 @@ class DeepgramStream:
         return self._final(closing)
 
     async def _final(self, closing: "_Closing") -> Transcript:
+        answered = True
         try:
             if closing.done is not None:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
-                # cancellation that lands as the awaited result arrives.
-                async with asyncio.timeout(self._finalize_timeout_s):
+                async with deadline(self._clock, self._finalize_timeout_s):
                     await asyncio.shield(closing.done)
-        except TimeoutError:
-            logs.event(log, "deepgram_finalize_late", after_s=self._finalize_timeout_s)
+        except Expired:
+            answered = False
         finally:
             if self._closing_utterance is closing:
                 self._closing_utterance = None
         self._check()
-        return Transcript(text=closing.text(), final=True)
+        text = closing.text()
+        if not answered:
+            self._unanswered(closing, text)
+        return Transcript(text=text, final=True)
+
+    def _unanswered(self, closing: "_Closing", text: str) -> None:
+        """No reply to the Finalize of ``closing`` in time. A socket silent since is dropped
+        (reopened for the next utterance); no word at all is a failure, never an empty final."""
+        waited = f"{self._finalize_timeout_s:g} s"
+        silent = self._heard == closing.heard
+        logs.event(log, "deepgram_finalize_late", logging.WARNING, after_s=self._finalize_timeout_s,
+                   words=bool(text), silent=silent)
+        if silent:
+            self._drop_socket(ProviderError(NAME, f"no reply within {waited} of Finalize: the "
+                                                  "live socket is not answering"))
+        if not text:
+            raise ProviderError(NAME, f"no final transcript within {waited} of Finalize; the "
+                                      "live socket is not answering")
+
+    def _drop_socket(self, error: ProviderError) -> None:
+        """End the live socket (or its handshake) as failed with ``error``: audio is refused
+        until ``_run`` has reopened it."""
+        task = self._socket_task
+        if task is None or task.done() or self._stalled is not None or self._closing:
+            return
+        self._stalled = self._error = error
+        task.cancel()
 
     def speech_paused(self) -> Awaitable[Transcript]:
         """The caller paused: the words so far, once Deepgram has endpointed after them.
@@ -215,7 +250,7 @@ class DeepgramStream:
         backoff = self._reconnect_s
         try:
             while not self._closing:
-                failure, final = await self._connection()
+                failure, final = await self._socket_connection()
                 if failure is None or self._closing:
                     return
                 self._error = failure
@@ -240,6 +275,22 @@ class DeepgramStream:
         closing = self._closing_utterance
         if closing is not None and closing.done is not None and not closing.done.done():
             closing.done.set_result(None)
+
+    async def _socket_connection(self) -> tuple[ProviderError | None, bool]:
+        """``_connection`` in a task of its own, which ``_drop_socket`` may cancel."""
+        task = asyncio.create_task(self._connection(), name="deepgram-socket")
+        self._socket_task = task
+        try:
+            await asyncio.wait({task})
+        finally:
+            if not task.done():  # the stream itself is cancelled (aclose)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            self._socket_task = None
+        stalled, self._stalled = self._stalled, None
+        if task.cancelled():
+            return stalled or ProviderError(NAME, "the live socket was cancelled"), False
+        return task.result()
 
     async def _connection(self) -> tuple[ProviderError | None, bool]:
         """One live socket, until it ends: (why it failed, whether that is final), or
@@ -313,6 +364,7 @@ class DeepgramStream:
                 await socket.send_close_stream()
 
     def _on_message(self, message: Any) -> None:
+        self._heard += 1
         kind = getattr(message, "type", None)
         if kind == "Results":
             self._on_results(message)
@@ -376,6 +428,7 @@ class _Closing:
     interim: str
     start_s: float  # audio time of the cut before it: older results are not its own
     cut_s: float
+    heard: int = 0  # the stream's messages received when it was cut
     done: asyncio.Future[None] | None = None
 
     def add(self, text: str, is_final: bool, from_finalize: bool) -> None:
@@ -401,7 +454,7 @@ class DeepgramSTT:
                  language: str = "en-US", sample_rate: int = 16000, endpointing_ms: int = 300,
                  utterance_end_ms: int = 1000, finalize_timeout_s: float = 1.0,
                  keepalive_s: float = 4.0, early_timeout_s: float = 0.8,
-                 reconnect_s: float = 0.5) -> None:
+                 reconnect_s: float = 0.5, clock: Clock = SYSTEM_CLOCK) -> None:
         if not api_key:
             raise ProviderError(NAME, "no API key (set VOICEGATE_DEEPGRAM_API_KEY)")
         self.sample_rate = sample_rate
@@ -422,19 +475,20 @@ class DeepgramSTT:
         # of silence plus the service's delay); later, the silence alone ends the turn.
         self._early_timeout_s = early_timeout_s
         self._reconnect_s = reconnect_s  # a failed live socket is reopened after this
+        self._clock = clock  # times each stream's wait for a Finalize reply
         self._streams: set[DeepgramStream] = set()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "DeepgramSTT":
+    def from_settings(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> "DeepgramSTT":
         return cls(settings.deepgram_api_key, base_url=settings.deepgram_url, model=settings.deepgram_model,
                    language=settings.deepgram_language, endpointing_ms=settings.deepgram_endpointing_ms,
-                   utterance_end_ms=settings.deepgram_utterance_end_ms)
+                   utterance_end_ms=settings.deepgram_utterance_end_ms, clock=clock)
 
     def open_stream(self) -> DeepgramStream:
         self._streams = {s for s in self._streams if not s.closed}
         stream = DeepgramStream(self._client, self._options, self.sample_rate,
                                 self._finalize_timeout_s, self._keepalive_s,
-                                self._early_timeout_s, self._reconnect_s)
+                                self._early_timeout_s, self._reconnect_s, self._clock)
         self._streams.add(stream)
         return stream
 
