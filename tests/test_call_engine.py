@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 
+import pytest
+
 from gateway.timeline import TurnTimeline
 from tests.call_harness import TTS_MS_PER_WORD, CallHarness, tone
 
@@ -157,6 +159,24 @@ async def test_a_tts_failure_is_apologised_for_and_the_next_turn_works():
     await h.stop()
     assert [e["source"] for e in h.output.of("response", turn=2)] == ["llm"]
     assert [m["turn"] for m in h.metrics()] == [1, 2]
+
+
+@pytest.mark.parametrize("reply", ["FAIL this sentence breaks the voice.",
+                                   "Here is the first part. FAIL this sentence breaks it."])
+async def test_the_reply_time_of_a_failed_answer_covers_its_apology(reply):
+    # reply_ms is first reply frame -> last reply frame played (docs/protocol.md): after
+    # a voice that failed (before any audio, or mid-answer) the apology is the turn's
+    # last reply, and its frames count, as a failed final's apology does.
+    h = CallHarness()
+    h.llm.reply = reply
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(3000)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response", turn=1)][-1] == "apology"
+    (metrics,) = h.metrics()
+    first_sent, last_sent = h.output.frames[0][0], h.output.frames[-1][0]
+    assert metrics["reply_ms"] >= round((last_sent - first_sent) * 1000), metrics
 
 
 async def test_a_failed_routing_of_a_partial_is_counted_and_the_call_goes_on():

@@ -223,7 +223,9 @@ class ReplyStage:
                 turn.conversation.record_heard(heard_text(spoken, heard_ms, playout.sent_ms))
             raise
         finally:
-            tl.mark("reply_end")
+            # The turn's last reply ends it: the apology after a failed one (whose end,
+            # marked first, came before the apology's first frame) overwrites that.
+            tl.mark("reply_end", overwrite=True)
             tl.info.update(frames_sent=playout.frames_sent, frames_late=playout.frames_late,
                            frame_lag_max_ms=round(playout.max_lag_ms, 1))
             self._playout = None
