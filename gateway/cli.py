@@ -121,11 +121,19 @@ def _seed(args: argparse.Namespace) -> int:
         return 1
     store = _store(args, settings)
     with ThreadPoolExecutor(max_workers=1) as executor:
-        tts = create_tts(settings, executor)
+        before: Any = _UNREAD
         try:
+            try:
+                before = store.current_version()
+            except StoreError:  # the seed says so itself, after validating the CSV
+                pass
+            tts = create_tts(settings, executor)
             report = seed_with_voice(args.csv, store, tts, build_embedder(settings),
                                      target_wrong_rate=args.target_wrong_rate,
                                      progress=not args.quiet, negatives=negatives)
+        except KeyboardInterrupt:  # Ctrl-C: the store cleaned up; say which version serves
+            print(f"voicegate seed: {_interrupted_seed(store, before)}", file=sys.stderr)
+            return 130
         except (SeedValidationError, PublishUnconfirmed) as exc:  # each says what holds
             print(f"voicegate seed: {exc}", file=sys.stderr)
             return 1
@@ -134,6 +142,27 @@ def _seed(args: argparse.Namespace) -> int:
             return 1
     print(report.summary())
     return 0
+
+
+_UNREAD = object()  # the version serving before a seed, when it could not be read
+
+
+def _interrupted_seed(store: Any, before: Any) -> str:
+    """What an interrupted seed left serving. A publish interrupted before its pointer moved
+    removes what it wrote; one interrupted after (in its clean-up) is published."""
+    from intents.store import StoreError
+
+    try:
+        now = store.current_version()
+    except StoreError as exc:
+        return f"interrupted; which version serves cannot be told: {exc}"
+    if not now:
+        return "interrupted; nothing published"
+    if before is _UNREAD:
+        return f"interrupted; version {now} serves"
+    if now == before:
+        return f"interrupted; nothing published, the previous version keeps serving ({now})"
+    return f"interrupted after version {now} was published: it serves"
 
 
 def _route(args: argparse.Namespace) -> int:
@@ -236,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (seed says what serves)
+        print(f"voicegate {args.command}: interrupted", file=sys.stderr)
+        return 130
     except SettingsError as exc:
         # A bad VOICEGATE_* value or config file: the message names every bad field and
         # never a value (some are secrets), so it is the whole answer, without a traceback.

@@ -569,3 +569,46 @@ def test_compose_does_not_publish_the_admin_api_with_a_well_known_token() -> Non
             f"service {name}: VOICEGATE_ADMIN_TOKEN={value!r} turns the admin API on with a "
             f"token anyone can guess ({(fixed.group(1) if fixed else value)!r}) on published ports "
             f"{service.get('ports')}")
+
+
+@pytest.mark.parametrize("published", [False, True], ids=["before the pointer moved",
+                                                          "after the pointer moved"])
+def test_ctrl_c_during_a_seed_is_one_line_saying_which_version_serves(published, monkeypatch,
+                                                                     tmp_path, capsys):
+    # Ctrl-C while `voicegate seed` rendered or calibrated ended on a 30-line traceback
+    # (KeyboardInterrupt from inside Piper or onnxruntime), which never said whether
+    # anything had been published. The store's own clean-up was right; the operator was
+    # not told. Now: status 130 and one line naming the version that serves.
+    import numpy as np
+
+    import gateway.seeding
+    from gateway import cli
+    from intents.store import CacheBundle, LocalStore
+
+    _commands_do_no_heavy_work(monkeypatch)
+    store_dir = tmp_path / "store"
+    bundle = CacheBundle({"entries": []}, np.zeros((0, 4), dtype=np.float32), b"")
+    previous = LocalStore(store_dir).publish(bundle)
+
+    def interrupted(csv, store, tts, embedder, **_):
+        if published:  # interrupted in the publish's clean-up: the new version serves
+            interrupted.version = store.publish(bundle)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gateway.seeding, "seed_with_voice", interrupted)
+    csv_path = tmp_path / "faq.csv"
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    try:
+        code = cli.main(["seed", str(csv_path), "--store", str(store_dir), "--quiet"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during `voicegate seed` escaped as a KeyboardInterrupt traceback")
+    err = capsys.readouterr().err
+    assert code == 130, err
+    if published:
+        assert err == (f"voicegate seed: interrupted after version {interrupted.version} "
+                       "was published: it serves\n")
+    else:
+        assert err == ("voicegate seed: interrupted; nothing published, the previous version "
+                       f"keeps serving ({previous})\n")
+    assert LocalStore(store_dir).current_version() == (interrupted.version if published
+                                                       else previous)
