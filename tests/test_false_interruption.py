@@ -107,3 +107,39 @@ async def test_a_reply_failing_while_the_reply_behind_it_is_held_apologises_when
     await h.stop()
     assert h.call._held is None
     assert [e["source"] for e in h.output.of("response", turn=1)] == ["llm", "apology"]
+
+
+@pytest.mark.parametrize("held", ["the failing reply", "the reply behind it"])
+async def test_a_reply_that_failed_while_held_is_resumed_into_its_apology(held):
+    # The caller coughs over an answer (or over the reply queued behind it), and its
+    # voice fails while the hold is on. No words came of the cough: the reply goes on,
+    # with the apology, and the client is told so as after any false interruption
+    # (docs/protocol.md: `resume`, from the interrupt's heard_ms; counted). The failed
+    # reply's playout had closed, so nothing was resumed and no `resume` was sent: the
+    # apology followed an `interrupt` that nothing had ended.
+    h = CallHarness()
+    h.llm.reply = "Here is the first part. Then the voice breaks here."
+    voice_fails = voice_that_fails_on_cue(h, "Then the voice breaks here.")
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(600)
+    if held == "the reply behind it":
+        await h.feed(tone(450, NOISE))  # a first cough, resumed: an empty turn queued
+        await h.silence(400)
+        assert len(h.output.of("resume")) == 1 and h.call._held is None
+    await h.feed(tone(450, NOISE))  # the cough the voice fails under: held
+    assert h.call._held is not None
+    voice_fails.set()
+    await h.clock.settle()
+    assert h.output.of("error", code="tts_failed") and h.call._held is not None
+    await h.silence(400)  # the cough's final is empty: the hold resumes
+    await h.wait(2000)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["llm", "apology"]
+    kinds = [e["type"] for e in h.output.events if e["type"] in ("interrupt", "resume")
+             or (e["type"] == "response" and e["source"] == "apology")]
+    assert kinds[-3:] == ["interrupt", "resume", "response"], kinds
+    interrupt, resume = h.output.of("interrupt")[-1], h.output.of("resume")[-1]
+    assert resume["turn"] == interrupt["turn"] and resume["from_ms"] == interrupt["heard_ms"]
+    expected = 2 if held == "the reply behind it" else 1
+    assert h.stats.snapshot()["errors"]["false_interruption"] == expected

@@ -840,7 +840,8 @@ class Call:
                 await self._reply.play(turn)
             except StageFailed as exc:
                 await self._report(exc.code, str(exc), tl.turn)
-                await self._until_released()  # held: the apology waits as the reply did
+                if await self._until_released():  # held: the apology waits as the reply did
+                    await self._resume_into_apology(tl.turn)
                 await self._apologize(tl, text, exc.code)
             else:
                 if "handoff" in tl.info:
@@ -1039,6 +1040,17 @@ class Call:
         if from_ms is None:
             return
         self._restart_window_if_held_the_floor(held)
+        await self._tell_resumed(turn, from_ms)
+
+    async def _resume_into_apology(self, turn: int) -> None:
+        """The hold ended with no words, and the reply had failed under it: its playout
+        closed, so ``_resume_reply`` had nothing to replay and said nothing. The reply
+        goes on with the apology: the client is told, as after any false interruption."""
+        from_ms = self._reply.release()
+        if from_ms is not None:
+            await self._tell_resumed(turn, from_ms)
+
+    async def _tell_resumed(self, turn: int, from_ms: float) -> None:
         self._count("false_interruption")
         logs.event(log, "false_interruption", turn=turn, from_ms=round(from_ms, 1))
         await self._out.send_event({"type": "resume", "turn": turn,
@@ -1064,19 +1076,21 @@ class Call:
         self._hold_over = None
         self._hold_replies = frozenset()
 
-    async def _until_released(self) -> None:
+    async def _until_released(self) -> bool:
         """While a hold is on (this reply held, or a reply queued behind it, which froze
         this one's playout), nothing new is said until the barge-in settles: none let it
-        go on; words stop it here. Their cancel also reaches it down the queue, one reply
-        a loop iteration, which can come after this wakes, or after it gets here (its stage
-        failed in the instant the words came: the hold is over, the cancel not yet here):
-        either way it stops itself at once."""
+        go on (True: it waited for that); words stop it here. Their cancel also reaches it
+        down the queue, one reply a loop iteration, which can come after this wakes, or
+        after it gets here (its stage failed in the instant the words came: the hold is
+        over, the cancel not yet here): either way it stops itself at once."""
         if asyncio.current_task() in self._stopped_replies:
             raise asyncio.CancelledError
         hold_over = self._hold_over
         if self._held is not None and hold_over is not None:
             if await asyncio.shield(hold_over):
                 raise asyncio.CancelledError
+            return True
+        return False
 
     def _cancel_hold_timer(self) -> None:
         if self._hold_timer is not None:

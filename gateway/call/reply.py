@@ -147,6 +147,15 @@ class ReplyStage:
             self._confirms.reply_resumed(replay_from)
         return heard
 
+    def release(self) -> float | None:
+        """A hold on a reply whose playout has closed (it failed meanwhile) ended with no
+        words: nothing to replay, what it says next (the apology) plays afresh. Returns
+        what the caller had heard (the interrupt's heard_ms), None when nothing is held."""
+        if self._playout is not None:  # one still open is resumed (``resume``), not this
+            return None
+        heard, self._frozen_heard_ms = self._frozen_heard_ms, None
+        return heard
+
     async def play(self, turn: Turn) -> None:
         """Play the responder's reply to ``turn``. Raises the failure of any stage."""
         await self._play_segments(turn, self._responder.respond(turn), record_heard=True)
