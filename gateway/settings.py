@@ -163,6 +163,12 @@ class Settings(BaseModel):
     max_queued_texts: Pos = 16
     # Bad-input warnings logged per call before further ones are only counted.
     max_logged_errors: NonNeg = 20
+    # Bad messages a connection may send: a burst of bad_message_burst, then this many a
+    # second; a flood beyond closes it (`too_many_bad_messages`, 1008). A client with one
+    # bad message per 20 ms frame (50 a second) stays under it: only a flood, which costs
+    # every call on the replica its event loop's time, is cut off.
+    max_bad_message_rate: PosF = 100.0
+    bad_message_burst: Pos = 500
     # SIGTERM drains the replica (gateway/drain.py): /readyz 503, new calls refused
     # (`draining`), running calls finish for up to this long, then the process exits.
     drain_timeout_s: PosF = 60.0

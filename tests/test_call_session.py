@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
 from gateway.app import create_app
-from gateway.call.session import AudioRateLimit, Outbox
+from gateway.call.session import AudioRateLimit, MessageBudget, Outbox
 from gateway.client import Caller, TurnResult, utterance_answered
 from gateway.clock import ManualClock
 from gateway.protocol import ProtocolError, parse_text_frame
@@ -171,7 +171,45 @@ async def test_bad_input_is_counted_but_logged_only_a_few_times(guarded, caplog)
     assert sum(1 for e in caller.events if e.get("code") == "invalid_json") == 30
 
 
+async def test_a_flood_of_bad_messages_closes_its_connection_and_no_other(guarded, runtime):
+    # Thousands of bad messages cost every call on the replica its event loop's time: past
+    # the burst, faster than max_bad_message_rate, the connection is closed, by name.
+    before = runtime.stats.errors["too_many_bad_messages"]
+    async with connect(guarded.call_url + f"?token={TOKEN}") as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+        reader = asyncio.ensure_future(events_until_closed(ws))
+        for _ in range(5000):
+            try:
+                await ws.send("{not json")
+            except ConnectionClosed:
+                break
+        events = await reader
+    assert ws.close_code == 1008
+    codes = [e.get("code") for e in events if e.get("type") == "error"]
+    assert codes[-1] == "too_many_bad_messages" and "invalid_json" in codes
+    assert runtime.stats.errors["too_many_bad_messages"] == before + 1
+    await until_no_calls(guarded)
+    async with Caller(guarded.call_url, token=TOKEN) as caller:  # the slot is free again
+        assert caller.ready is not None
+
+
 # ---------------------------------------------------------------- units
+
+
+def test_a_bad_message_budget_cuts_a_flood_not_a_client_with_a_bug():
+    clock = ManualClock()
+    budget = MessageBudget(per_s=100.0, burst=500, clock=clock)
+    for _ in range(60 * 50):  # one bad message every 20 ms frame for a minute
+        assert budget.take()
+        clock._now += 0.02
+    flood = MessageBudget(per_s=100.0, burst=500, clock=clock)
+    taken = 0
+    while flood.take():  # a thousand a second
+        taken += 1
+        clock._now += 0.001
+    assert 540 <= taken <= 560  # the burst, plus what 100 a second refilled meanwhile
+    clock._now += 1.0
+    assert sum(flood.take() for _ in range(200)) == 99  # 100 back after a second
 
 
 def test_audio_rate_limit_allows_real_time_and_bursts_but_not_a_sustained_excess():

@@ -11,7 +11,9 @@ An endpoint (native protocol, Twilio Media Streams) only translates its wire for
   instead of growing the server;
 - inbound audio faster than ``max_audio_rate`` x real time for longer than
   ``audio_rate_grace_s`` is refused (``audio_too_fast``, close 1008);
-- every bad input is counted; warnings are logged for the first few per call only;
+- every bad input is counted; warnings are logged for the first few per call only; a
+  flood of them (over ``bad_message_burst``, then ``max_bad_message_rate`` a second) closes
+  the connection (``too_many_bad_messages``, 1008);
 - a call that fails inside the gateway is counted, reported and closed with 1011.
 
 Cancellation: ``close`` stops the call, drains the outbox for a bounded time, cancels
@@ -117,6 +119,25 @@ class AudioRateLimit:
         return self._tokens_s < 0.0
 
 
+class MessageBudget:
+    """A token bucket of messages: ``burst`` at first, refilled at ``per_s`` a second up to
+    ``burst``; ``take`` is False once a message finds it empty."""
+
+    def __init__(self, per_s: float, burst: int, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._per_s = per_s
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._last = clock.now()
+
+    def take(self) -> bool:
+        now = self._clock.now()
+        self._tokens = min(self._burst, self._tokens + self._per_s * (now - self._last))
+        self._last = now
+        self._tokens -= 1.0
+        return self._tokens >= 0.0
+
+
 class Outbox:
     """One writer per connection; senders never block and never grow the server."""
 
@@ -210,6 +231,8 @@ class CallSession:
         self._start_deadline = asyncio.get_running_loop().time() + settings.start_timeout_s
         self.close_code = CLOSE_NORMAL
         self.errors = 0
+        self._bad_messages = MessageBudget(settings.max_bad_message_rate,
+                                           settings.bad_message_burst, clock)
         self.done = asyncio.Event()  # set when the session must end (stuck client, failed call)
         self._ended: asyncio.Future[bool] | None = None
         self._receiving: asyncio.Task[Any] | None = None  # the task awaiting a frame
@@ -342,6 +365,24 @@ class CallSession:
         self.send_error(exc.event())
         if exc.close_code is not None:
             self.close_code = exc.close_code
+        elif not self._bad_messages.take():
+            self._flooded()
+
+    def _flooded(self) -> None:
+        """Bad messages faster than any client with a bug sends them: a flood, which costs
+        every call on this replica the event loop's time. The connection is closed."""
+        s = self.settings
+        flood = ProtocolError(
+            "too_many_bad_messages",
+            f"more than {s.bad_message_burst} bad messages, then over "
+            f"{s.max_bad_message_rate:g} a second: the connection is closed (the errors "
+            "before this one said what was wrong)", CLOSE_POLICY)
+        self.stats.error(flood.code)
+        logs.event(log, "bad_input_flood", logging.WARNING, transport=self.transport,
+                   errors=self.errors, call_id=self.call_id)
+        self.send_error(flood.event())
+        self.close_code = CLOSE_POLICY
+        self._end()
 
     def _client_stuck(self, why: str) -> None:
         self.stats.error("client_not_reading")
