@@ -70,9 +70,12 @@ def decode_words(pcm16: bytes, vocabulary: Vocabulary) -> str:
     edges = np.flatnonzero(np.diff(samples)) + 1
     starts = np.concatenate([[0], edges])
     ends = np.concatenate([edges, [len(samples)]])
-    for start, end in zip(starts, ends):
+    # Only runs long enough to be a word, picked out at once: a long buffer of changing
+    # samples (noise, resampled audio) must not cost a Python step per sample.
+    long_enough = (ends - starts) >= WORD_SAMPLES * 0.98
+    for start, end in zip(starts[long_enough], ends[long_enough]):
         value = int(samples[start])
-        if value and end - start >= WORD_SAMPLES * 0.98:
+        if value:
             word = vocabulary.word(value)
             if word:
                 words.extend([word] * int(round((end - start) / WORD_SAMPLES)))
