@@ -219,15 +219,20 @@ async def test_speech_held_then_overtaken_by_a_typed_message_continues_nothing()
     assert h.stats.snapshot()["continuations"] == 0
 
 
-async def test_words_before_any_answer_are_carried_but_are_no_continuation():
-    # The older carry: the bot had said nothing yet (a slow agent), whenever the caller
-    # went on. The question is asked once, whole; it is not counted as an early end.
+async def _caller_goes_on_while_the_agent_thinks() -> CallHarness:
     h = CallHarness(settings={"turn_continuation_ms": 200})
     h.llm.first_token_s = 3.0
     await h.start()
     await h.say("where is my parcel", then_silence_ms=1000)
     await h.say("and my letter", then_silence_ms=4000)
     await h.stop()
+    return h
+
+
+async def test_words_before_any_answer_are_carried_but_are_no_continuation():
+    # The older carry: the bot had said nothing yet (a slow agent), whenever the caller
+    # went on. The question is asked once, whole; it is not counted as an early end.
+    h = await _caller_goes_on_while_the_agent_thinks()
     assert h.transcripts()[-1] == "where is my parcel and my letter"
     assert "continues" not in h.metrics()[-1]
     assert h.stats.snapshot()["continuations"] == 0
@@ -239,12 +244,7 @@ async def test_a_turn_stopped_before_its_answer_spoke_is_no_hit_or_miss():
     # source, no reply stages) and its words open the next turn, which asks them. It
     # asked nothing itself: no hit or miss in the stats, nor a missed question of its
     # half of the words (docs/protocol.md: carried words were not asked).
-    h = CallHarness(settings={"turn_continuation_ms": 200})
-    h.llm.first_token_s = 3.0
-    await h.start()
-    await h.say("where is my parcel", then_silence_ms=1000)
-    await h.say("and my letter", then_silence_ms=4000)
-    await h.stop()
+    h = await _caller_goes_on_while_the_agent_thinks()
     first, second = h.metrics()
     assert "source" not in first and first["first_audio_ms"] is None, first
     assert second["source"] == "llm", second
