@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import wave
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soxr
@@ -100,9 +101,14 @@ def read_wav(path: str | Path) -> tuple[bytes, int]:
     return float_to_pcm16(samples), rate
 
 
-def write_wav(path: str | Path | io.BytesIO, pcm16: bytes, sample_rate: int) -> None:
-    target = str(path) if isinstance(path, (str, Path)) else path
-    with wave.open(target, "wb") as wav:
+def write_wav(path: str | Path | BinaryIO, pcm16: bytes, sample_rate: int) -> None:
+    if isinstance(path, (str, Path)):
+        # Opened here, not by wave.open(name): a path it cannot open would raise the OSError
+        # and then print wave's own "Exception ignored ... AttributeError" traceback.
+        with open(path, "wb") as file:
+            write_wav(file, pcm16, sample_rate)
+        return
+    with wave.open(path, "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(BYTES_PER_SAMPLE)
         wav.setframerate(sample_rate)

@@ -57,7 +57,7 @@ def _gave_up(command: str, reason: str) -> int:
 
 
 def _call(args: argparse.Namespace) -> int:
-    from .audio import read_wav, resample_pcm16, write_wav
+    from .audio import resample_pcm16, write_wav
     from .client import Caller, format_event
 
     def show(event: dict[str, Any]) -> None:
@@ -70,7 +70,7 @@ def _call(args: argparse.Namespace) -> int:
         async with Caller(args.url, sample_rate=args.rate, on_event=show,
                           token=args.token) as caller:
             if args.wav:
-                pcm, rate = read_wav(args.wav)
+                pcm, rate = args.wav_audio
                 await caller.say(resample_pcm16(pcm, rate, args.rate), timeout=args.timeout)
             if args.text:
                 await caller.say_text(args.text, timeout=args.timeout)
@@ -84,11 +84,40 @@ def _call(args: argparse.Namespace) -> int:
     if not args.wav and not args.text:
         print("voicegate call: give --wav FILE and/or --text TEXT", file=sys.stderr)
         return 2
+    refused = _call_arguments_refused(args)
+    if refused:
+        print(f"voicegate call: {refused}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(run())
     except (OSError, TimeoutError, ConnectionError) as exc:
         print(f"voicegate call: {exc}", file=sys.stderr)
         return 1
+
+
+def _call_arguments_refused(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``call``'s URL, --wav or --out, found before dialling (reads the
+    WAV into ``args.wav_audio``); None when nothing is."""
+    import wave
+    from urllib.parse import urlsplit
+
+    from .audio import read_wav
+
+    if urlsplit(args.url).scheme.lower() not in ("ws", "wss"):
+        return f"{args.url} is not a WebSocket URL: give ws://HOST:PORT/v1/call (or wss://)"
+    if args.wav:
+        try:
+            args.wav_audio = read_wav(args.wav)
+        except (OSError, EOFError, wave.Error, ValueError) as exc:
+            why = "an empty or cut-off file" if isinstance(exc, EOFError) else str(exc)
+            return f"cannot read --wav {args.wav}: {why} (a PCM WAV file is needed)"
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            return f"cannot write --out {out}: it is a directory"
+        if not out.parent.is_dir():
+            return f"cannot write --out {out}: {out.parent} is not a directory"
+    return None
 
 
 def _store(args: argparse.Namespace, settings: Any) -> Any:

@@ -223,6 +223,75 @@ def test_call_command_reports_an_unreachable_server(tmp_path):
     assert result.returncode == 1 and "voicegate call:" in result.stderr
 
 
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("wav_is", ["missing", "not a WAV", "empty", "a directory"])
+def test_call_command_refuses_a_bad_wav_before_calling(wav_is, tmp_path, capsys):
+    # `voicegate call --wav question.csv` dialled the gateway, then ended on a traceback
+    # (wave.Error: file does not start with RIFF id; an empty file: a bare EOFError); a
+    # missing file was found only once the call was up. Now: one line naming the file, status
+    # 2, before anything is dialled (the port here listens to nothing).
+    from gateway import cli
+
+    wav = tmp_path / "question.wav"
+    if wav_is == "not a WAV":
+        wav.write_text("question,answer\n")
+    elif wav_is == "empty":
+        wav.write_bytes(b"")
+    elif wav_is == "a directory":
+        wav.mkdir()
+    code = cli.main(["call", f"ws://127.0.0.1:{_unused_port()}/v1/call", "--wav", str(wav)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"voicegate call: cannot read --wav {wav}: "), err
+    assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/v1/call", "127.0.0.1:8080"])
+def test_call_command_refuses_a_url_that_is_not_a_websocket(url, capsys):
+    # An operator who pasted the caller page's http:// URL got websockets' InvalidURI
+    # traceback.
+    from gateway import cli
+
+    try:
+        code = cli.main(["call", url, "--text", "hi"])
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"`voicegate call {url}` raised {type(exc).__name__}: {exc}")
+    err = capsys.readouterr().err
+    assert code == 2 and err == (f"voicegate call: {url} is not a WebSocket URL: give "
+                                 "ws://HOST:PORT/v1/call (or wss://)\n"), err
+
+
+def test_call_command_says_an_out_path_it_cannot_write_before_calling(tmp_path, capsys):
+    # --out in a directory that does not exist: the call ran, then the reply was lost with
+    # "Not a directory" and the wave module's "Exception ignored ... AttributeError"
+    # traceback. Now it is refused before dialling, status 2.
+    from gateway import cli
+
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "reply.wav"
+    code = cli.main(["call", f"ws://127.0.0.1:{_unused_port()}/v1/call", "--text", "hi",
+                     "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == (f"voicegate call: cannot write --out {out}: "
+                                 f"{tmp_path / 'afile'} is not a directory\n"), err
+
+
+def test_write_wav_to_a_path_it_cannot_open_raises_only_the_os_error(tmp_path, monkeypatch):
+    import gc
+
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(NotADirectoryError):
+        (tmp_path / "afile").write_text("")
+        write_wav(tmp_path / "afile" / "reply.wav", b"\0\0", 16000)
+    gc.collect()
+    assert unraisable == []
+
+
 async def test_metrics_count_turns_by_outcome(server):
     def turns_total() -> float:
         text = httpx.get(server.base_url + "/metrics").text
