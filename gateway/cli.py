@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models ship in packages; never reach for a hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -208,9 +208,29 @@ def _route(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"voicegate route: {exc}", file=sys.stderr)
         return 1
-    for result in route_lines(cache.router, sys.stdin):
+    bad_lines: list[int] = []
+    for result in route_lines(cache.router, _utf8_lines(sys.stdin.buffer, bad_lines)):
         print(json.dumps(result), flush=True)
-    return 0
+    return 1 if bad_lines else 0
+
+
+def _utf8_lines(stream: Any, bad_lines: list[int]) -> Iterator[str]:
+    """stdin's lines as text, split at CR, LF or CRLF as text mode does (a BOM on the first
+    is dropped); a line that is not UTF-8 is named on stderr, added to ``bad_lines`` and
+    skipped: the router never sees the lone surrogates Python would decode its bytes to."""
+    number = 0
+    for chunk in stream:
+        for raw in chunk.splitlines():
+            number += 1
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad_lines.append(number)
+                print(f"voicegate route: line {number}: not UTF-8 (byte 0x{raw[exc.start]:02x} "
+                      f"at column {exc.start + 1}), skipped; give UTF-8 text", file=sys.stderr,
+                      flush=True)
 
 
 def _demo(args: argparse.Namespace) -> int:

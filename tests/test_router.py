@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import shutil
 
 import joblib
@@ -453,3 +454,33 @@ def test_a_transcript_needs_the_spoken_threshold_but_a_seed_question_word_for_wo
         False, None, "not sure enough of a transcript")
     assert (heard.intent, heard.entry_id) == (typed.intent, typed.entry_id)
     assert verbatim.spoken_hit and verbatim.as_spoken() is verbatim
+
+
+def test_route_command_says_which_stdin_line_is_not_utf8_and_routes_the_rest(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A Latin-1 line piped into `voicegate route` (a Windows export) ended the command on
+    # a TypeError traceback from the tokenizer (Python hands the bad byte over as a lone
+    # surrogate), and nothing said which line. Now: that line is named on stderr and
+    # skipped, the others are routed, and the status is 1. A BOM on the first line is not
+    # part of its text.
+    import sys
+
+    import gateway.runtime
+    from gateway import cli
+
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: shared_embedder())
+    monkeypatch.delenv("VOICEGATE_CONFIG", raising=False)
+    lines = "\ufeffwhen are you open\r\ncafé near the branch\nis my money FDIC insured\n"
+    data = lines.replace("café", "caf\udce9").encode("utf-8", "surrogateescape")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8",
+                                                       errors="surrogateescape"))
+    try:
+        code = cli.main(["route", "--store", _seeded_bank_store()])
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"`voicegate route` with a Latin-1 line raised {type(exc).__name__}: {exc}")
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err == ("voicegate route: line 2: not UTF-8 (byte 0xe9 at column 4), skipped; "
+                   "give UTF-8 text\n")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["text"] for r in rows] == ["when are you open", "is my money FDIC insured"]
