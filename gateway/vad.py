@@ -215,10 +215,8 @@ class VADBatcher:
                                            asyncio.Future[list[float]]]]) -> None:
         states = [item[0] for item in batch]
         windows = [item[1] for item in batch]
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(
-                self._executor, self._vad.probabilities_batch, states, windows)
+            results = await self._in_executor(states, windows)
         except Exception:
             # One call's windows may have broken the batch: score each call alone, so
             # only the calls whose windows fail learn of it (from the states before the
@@ -234,13 +232,11 @@ class VADBatcher:
 
     async def _run_each(self, batch: list[tuple[SileroState, list[np.ndarray],
                                                 asyncio.Future[list[float]]]]) -> None:
-        loop = asyncio.get_running_loop()
         for state, windows, future in batch:
             if future.done():
                 continue
             try:
-                (probs,) = await loop.run_in_executor(
-                    self._executor, self._vad.probabilities_batch, [state], [windows])
+                (probs,) = await self._in_executor([state], [windows])
             except Exception as exc:  # this call learns of it; none hangs
                 if not future.done():
                     future.set_exception(exc)
@@ -248,6 +244,21 @@ class VADBatcher:
             state.last_probability = probs[-1]
             if not future.done():
                 future.set_result(probs)
+
+    async def _in_executor(self, states: list[SileroState],
+                           windows: list[list[np.ndarray]]) -> list[list[float]]:
+        """One batched run on the executor. A run the executor's shutdown cancelled before
+        its thread took it (``Runtime.aclose``: ``cancel_futures``) is a RuntimeError, as a
+        run asked after the shutdown is: its calls learn of it, none waits for good (the
+        cancel reached this task as a CancelledError, which ended it, answering nobody)."""
+        work = self._executor.submit(self._vad.probabilities_batch, states, windows)
+        try:
+            return await asyncio.wrap_future(work)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if work.cancelled() and task is not None and not task.cancelling():
+                raise RuntimeError("the VAD executor shut down") from None
+            raise
 
     def _after_batch(self) -> None:
         if self._queue:

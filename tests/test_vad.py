@@ -422,3 +422,44 @@ async def test_detector_turn_model_raising_the_silence_after_a_deferral():
         signals += await d.push(p)
     assert not _ended(signals)
     assert any(isinstance(s, SpeechResumed) for s in signals)
+
+
+async def test_a_batch_cancelled_by_the_executors_shutdown_hangs_nobody():
+    # Runtime.aclose shuts the VAD executor down with cancel_futures: a batch submitted but
+    # not yet taken by its thread is cancelled. Its calls learn of it (none waits for
+    # good), and a batch asked after is told at once.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.vad import VADBatcher
+
+    class ConstantVad:
+        def probabilities_batch(self, states, windows):
+            return [[0.1] * len(call) for call in windows]
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    pool.submit(release.wait, 10)  # the VAD thread is busy: the batch queues behind it
+    batcher = VADBatcher(ConstantVad(), pool)  # type: ignore[arg-type]
+    window = [np.zeros(512, np.float32)]
+    first = asyncio.ensure_future(batcher.score(SileroState(), window))
+    for _ in range(3):  # the batch starts and is handed to the executor
+        await asyncio.sleep(0)
+    assert pool._work_queue.qsize() == 1, "the batch is queued behind the busy thread"
+    pool.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    try:
+        await asyncio.wait_for(first, 2)
+    except TimeoutError:
+        raise AssertionError("a call whose VAD batch the shutdown cancelled waits for good")
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("a cancelled batch gave probabilities")
+    try:  # the executor is gone: said at once
+        await asyncio.wait_for(batcher.score(SileroState(), window), 2)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("a batch asked after the shutdown gave probabilities")
+    assert not batcher._running
