@@ -69,11 +69,27 @@ DTMF_KEYS = frozenset("0123456789*#")
 
 
 def parse_dtmf_digit(digit: Any, code: str) -> str:
-    """One keypad key, or a ProtocolError ``code`` saying what is allowed (the call goes on)."""
+    """One keypad key, or a ProtocolError ``code`` saying what is allowed (the call goes on).
+
+    The error says what kind of value came, never the value: it is logged (``bad_input``),
+    and keys sent together in one message ("4921") may be the caller's PIN."""
     if not isinstance(digit, str) or digit not in DTMF_KEYS:
-        raise ProtocolError(code, f"`digit` {str(digit)[:16]!r} is not a keypad key; send one "
-                                  "of 0-9, * or # per message")
+        raise ProtocolError(code, f"`digit` is not a keypad key ({_kind_of(digit)}); send one "
+                                  "of 0-9, * or # per message, as a string")
     return digit
+
+
+def _kind_of(value: Any) -> str:
+    """What ``value`` is, without what it holds."""
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters" if len(value) != 1 else "another character"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if value is None:
+        return "null or missing"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def parse_json(raw: str, code: str) -> Any:

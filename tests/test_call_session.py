@@ -171,6 +171,25 @@ async def test_bad_input_is_counted_but_logged_only_a_few_times(guarded, caplog)
     assert sum(1 for e in caller.events if e.get("code") == "invalid_json") == 30
 
 
+async def test_a_bad_keypad_message_never_puts_the_callers_keys_in_the_log(guarded, caplog):
+    # A client that sends a PIN in one `dtmf` message (or as a number) gets invalid_dtmf;
+    # its `bad_input` log line said why, quoting the digit: the caller's PIN in the log.
+    from gateway.logs import JsonFormatter
+
+    caplog.set_level(logging.WARNING, logger="voicegate")
+    async with Caller(guarded.call_url, token=TOKEN) as caller:
+        await caller.send_json({"type": "dtmf", "digit": "4921"})
+        await caller.send_json({"type": "dtmf", "digit": 7350})
+        await caller.send_json({"type": "dtmf", "digit": "8"})  # then a key: the call goes on
+        await caller.wait_for("keypad", timeout=10)
+    errors = [e for e in caller.events if e.get("code") == "invalid_dtmf"]
+    assert len(errors) == 2 and all("not a keypad key" in e["message"] for e in errors)
+    lines = [JsonFormatter().format(r) for r in caplog.records if r.getMessage() == "bad_input"]
+    assert len(lines) == 2
+    for line in lines:
+        assert "4921" not in line and "7350" not in line, line
+
+
 async def test_a_flood_of_bad_messages_closes_its_connection_and_no_other(guarded, runtime):
     # Thousands of bad messages cost every call on the replica its event loop's time: past
     # the burst, faster than max_bad_message_rate, the connection is closed, by name.
