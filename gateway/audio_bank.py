@@ -46,7 +46,12 @@ class AudioBank:
         """Swap in a new set of clips at once (a newly published cache version)."""
         fresh = AudioBank(self._rates, self._encoded)
         for clip in clips:
-            fresh.add(clip)
+            try:
+                fresh.add(clip)
+            except ValueError as exc:  # nothing swapped: the clips held stay, whole
+                raise ValueError(f"the audio of {clip.key!r} cannot be converted "
+                                 f"({len(clip.pcm16)} bytes at {clip.sample_rate} Hz): {exc}"
+                                 ) from exc
         self._held = fresh._held
 
     def __contains__(self, key: str) -> bool:

@@ -94,15 +94,17 @@ class FaqCache:
         started = time.perf_counter()
         try:
             loaded = load_cache(self.store, self.embedder, current)
+            clips = [Clip(entry.id, entry.answer or "", entry.pcm, entry.sample_rate)
+                     for entry in loaded.entries.values()
+                     if entry.action is Action.ANSWER and entry.pcm and entry.sample_rate]
+            # Audio first: a decision never names missing audio. All or nothing: a clip that
+            # cannot be converted (torn PCM, a foreign rate) leaves the serving clips whole.
+            self.audio.replace_all(clips)
         except Exception as exc:  # corrupt or foreign: refuse it, keep what we serve
             self.last_error = f"cannot load cache version {current}: {type(exc).__name__}: {exc}"
             self.failed_version = current
             logs.event(log, "cache_load_failed", logging.ERROR, version=current, error=str(exc))
             return False
-        clips = [Clip(entry.id, entry.answer or "", entry.pcm, entry.sample_rate)
-                 for entry in loaded.entries.values()
-                 if entry.action is Action.ANSWER and entry.pcm and entry.sample_rate]
-        self.audio.replace_all(clips)  # audio first: a decision never names missing audio
         self._serving = _Serving(current, loaded)
         self.last_error = self.failed_version = None
         logs.event(log, "cache_loaded", version=current, entries=len(loaded.entries),

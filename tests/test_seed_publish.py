@@ -575,3 +575,44 @@ def test_an_unreadable_pointer_is_a_clear_store_error(tmp_path: Path, pointer) -
     cache = FaqCache(store, embedder=SimpleNamespace(model_name="m", dim=4))
     assert cache.refresh() is False and cache.version is None
     assert cache.last_error is not None and "current-version pointer" in cache.last_error
+
+
+def test_a_version_whose_audio_cannot_be_held_leaves_the_serving_one_and_says_why(
+        tmp_path: Path) -> None:
+    """A new version loads (its manifest, models and audio read back) but one of its clips
+    cannot be converted to the call formats: a WAV cut short inside a sample (a disk that
+    lost its tail) reads as an odd number of bytes of 16-bit PCM. The replica must keep
+    serving the old version whole, and say why as for any load that fails (/readyz
+    cache_error, the poll tries again), not let the error escape the refresh unreported."""
+    store = LocalStore(tmp_path / "store")
+    plan_csv = tmp_path / "faq.csv"
+    plan_csv.write_text(small_faq_csv(), encoding="utf-8")
+    first = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
+                 progress=False, embedder=shared_embedder())
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh() and cache.version == first.version
+    clips = [e.id for e in cache.loaded.entries.values() if e.action is Action.ANSWER]
+    before = {key: (cache.audio.clip(key), cache.audio.audio(key, 8000)) for key in clips}
+
+    changed = cache.loaded.entries[clips[0]].answer
+    plan_csv.write_text(small_faq_csv().replace(changed, changed + " Thank you."),
+                        encoding="utf-8")
+    second = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
+                  progress=False, embedder=shared_embedder())
+    assert second.rendered == 1
+    (key,) = ({e["audio_key"] for e in store.read(second.version)[1].manifest["entries"]}
+              - {e["audio_key"] for e in store.read(first.version)[1].manifest["entries"]})
+    wav = tmp_path / "store" / "audio" / f"{key}.wav"
+    wav.write_bytes(wav.read_bytes()[:-1])  # torn inside its last sample
+
+    try:
+        loaded = cache.refresh()
+    except Exception as exc:
+        pytest.fail(f"loading {second.version} (a torn clip) raised {type(exc).__name__}: "
+                    f"{exc} out of the refresh; cache_error={cache.last_error!r}")
+    assert loaded is False and cache.version == first.version
+    assert cache.failed_version == second.version
+    assert cache.last_error and second.version in cache.last_error
+    assert repr(clips[0]) in cache.last_error  # which clip
+    assert {key: (cache.audio.clip(key), cache.audio.audio(key, 8000))
+            for key in clips} == before
