@@ -41,6 +41,8 @@ from typing import Callable, Sequence
 from intents.embedder import normalize_text
 from intents.types import RouteDecision
 
+from .executors import run_in
+
 RouteMany = Callable[[Sequence[str]], list[RouteDecision]]
 
 
@@ -272,16 +274,17 @@ class RouteBatcher:
 
     async def _run_each(self, batch: list[_Slot]) -> None:
         for slot in batch:
-            if slot.live():
-                await self._route_alone(slot)
-            # Done with: the same words asked from now on are a routing of their own
-            # (joined to this slot, which nobody resolves any more, they would hang).
-            self._running.pop(normalize_text(slot.text), None)
+            try:
+                if slot.live():
+                    await self._route_alone(slot)
+            finally:
+                # Done with: the same words asked from now on are a routing of their own
+                # (joined to this slot, which nobody resolves any more, they would hang).
+                self._running.pop(normalize_text(slot.text), None)
 
     async def _route_alone(self, slot: _Slot) -> None:
         try:
-            (decision,) = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._route_many, [slot.text])
+            (decision,) = await self._in_executor([slot.text])
         except Exception as exc:  # these callers learn of it; none hangs
             for future in slot.futures:
                 if not future.done():
@@ -290,3 +293,8 @@ class RouteBatcher:
         for future in slot.futures:
             if not future.done():
                 future.set_result(decision)
+
+    async def _in_executor(self, texts: list[str]) -> list[RouteDecision]:
+        """``route_many(texts)`` on the lane's thread; its shutdown is an error the callers
+        learn of (``executors.run_in``), never a wait for good."""
+        return await run_in(self._executor, "routing", self._route_many, texts)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
+from .executors import run_in
+
 SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 512  # 32 ms: the window size Silero v5+ is trained on at 16 kHz
 WINDOW_BYTES = WINDOW_SAMPLES * 2
@@ -247,18 +249,10 @@ class VADBatcher:
 
     async def _in_executor(self, states: list[SileroState],
                            windows: list[list[np.ndarray]]) -> list[list[float]]:
-        """One batched run on the executor. A run the executor's shutdown cancelled before
-        its thread took it (``Runtime.aclose``: ``cancel_futures``) is a RuntimeError, as a
-        run asked after the shutdown is: its calls learn of it, none waits for good (the
-        cancel reached this task as a CancelledError, which ended it, answering nobody)."""
-        work = self._executor.submit(self._vad.probabilities_batch, states, windows)
-        try:
-            return await asyncio.wrap_future(work)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if work.cancelled() and task is not None and not task.cancelling():
-                raise RuntimeError("the VAD executor shut down") from None
-            raise
+        """One batched run on the executor; its shutdown is an error its calls learn of
+        (``executors.run_in``), never a wait for good."""
+        return await run_in(self._executor, "VAD", self._vad.probabilities_batch, states,
+                            windows)
 
     def _after_batch(self) -> None:
         if self._queue:

@@ -440,3 +440,30 @@ async def test_a_batch_cancelled_by_the_executors_shutdown_hangs_nobody():
     with pytest.raises(RuntimeError):  # the executor is gone, said at once
         await asyncio.wait_for(batcher.route("lost my card", True), 2)
     assert not batcher._active
+
+
+async def test_a_retry_cancelled_by_the_executors_shutdown_hangs_nobody():
+    # A batch broken by one text is retried text by text; the executor shut down (server
+    # stop) while a retry waits for the thread cancels it. Every caller of the batch learns
+    # of it, and the same words asked later are no routing joined to a slot nobody answers.
+    router = OneBreakingTextRouter()
+    router.hold.clear()
+    pool = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    try:
+        batcher = RouteBatcher(router, pool)
+        routed = [asyncio.ensure_future(batcher.route(text))
+                  for text in ("opening hours", "broken text")]
+        await _until(lambda: batcher._running)  # the batch is in the thread, held
+        blocking = threading.Event()
+        pool.submit(lambda: (blocking.set(), release.wait()))  # the thread's next work
+        router.hold.set()  # the batch breaks; "opening hours" is retried, behind the blocker
+        await _until(blocking.is_set)
+        await _until(lambda: pool._work_queue.qsize() == 1)  # the retry waits for the thread
+        pool.shutdown(wait=False, cancel_futures=True)  # the retry is cancelled, untaken
+        results = await asyncio.wait_for(asyncio.gather(*routed, return_exceptions=True), 2)
+        assert all(isinstance(r, RuntimeError) for r in results), results
+        with pytest.raises(RuntimeError):  # the executor is gone, said at once
+            await asyncio.wait_for(batcher.route("opening hours"), 2)
+    finally:
+        release.set()
