@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.call_harness import CallHarness, frame_numbers, tone, voice_that_fails_on_cue
@@ -82,17 +84,24 @@ async def test_a_text_message_during_the_hold_ends_the_reply():
     assert h.metrics()[0]["interrupted"] is True
 
 
-async def test_a_reply_failing_while_the_reply_behind_it_is_held_apologises_when_it_resumes():
-    # A reply that fails while a hold is on apologises if the hold resumes
-    # (docs/architecture.md). Here the answer's voice fails while a cough holds the reply
-    # queued behind it; no words come of the cough, so the hold resumes, and the answer,
-    # which has nothing left to play, apologises for what it could not say.
+async def _answer_whose_voice_fails_on_cue() -> tuple[CallHarness, asyncio.Event]:
+    """A two-sentence answer playing (600 ms in), whose voice fails on the second sentence
+    once the returned event is set."""
     h = CallHarness()
     h.llm.reply = "Here is the first part. Then the voice breaks here."
     voice_fails = voice_that_fails_on_cue(h, "Then the voice breaks here.")
     await h.start()
     await h.text("explain my statement")
     await h.wait(600)
+    return h, voice_fails
+
+
+async def test_a_reply_failing_while_the_reply_behind_it_is_held_apologises_when_it_resumes():
+    # A reply that fails while a hold is on apologises if the hold resumes
+    # (docs/architecture.md). Here the answer's voice fails while a cough holds the reply
+    # queued behind it; no words come of the cough, so the hold resumes, and the answer,
+    # which has nothing left to play, apologises for what it could not say.
+    h, voice_fails = await _answer_whose_voice_fails_on_cue()
     await h.feed(tone(450, NOISE))  # a first cough: held
     await h.silence(400)  # resumed
     assert h.output.of("resume") and h.call._held is None
@@ -117,12 +126,7 @@ async def test_a_reply_that_failed_while_held_is_resumed_into_its_apology(held):
     # (docs/protocol.md: `resume`, from the interrupt's heard_ms; counted). The failed
     # reply's playout had closed, so nothing was resumed and no `resume` was sent: the
     # apology followed an `interrupt` that nothing had ended.
-    h = CallHarness()
-    h.llm.reply = "Here is the first part. Then the voice breaks here."
-    voice_fails = voice_that_fails_on_cue(h, "Then the voice breaks here.")
-    await h.start()
-    await h.text("explain my statement")
-    await h.wait(600)
+    h, voice_fails = await _answer_whose_voice_fails_on_cue()
     if held == "the reply behind it":
         await h.feed(tone(450, NOISE))  # a first cough, resumed: an empty turn queued
         await h.silence(400)
