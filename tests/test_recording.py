@@ -4,10 +4,13 @@ the bot channel cut where the caller stopped hearing it, and a JSON of the turns
 from __future__ import annotations
 
 import json
+import time
 import wave
 
 import numpy as np
 
+from gateway.call.recording import CallRecorder
+from gateway.clock import ManualClock
 from tests.call_harness import RATE, CallHarness, tone
 
 NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
@@ -181,3 +184,22 @@ async def test_a_barge_in_before_the_next_reply_played_keeps_the_last_one_record
     first, end = recorded[0]
     assert abs(first - (h.output.frames[0][0] - start) * RATE) <= RATE * 0.02
     assert abs((end - first) * 1000 / RATE - 500) <= 20
+
+
+def test_two_calls_of_one_id_in_one_second_keep_both_recordings(tmp_path, monkeypatch):
+    # Files are named by the start second and the call id, and a Twilio call's id is its
+    # CallSid: a stream of the same CallSid started again within the second must not
+    # replace the first call's recording.
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
+    written = []
+    for tone_value in (1000, 2000):
+        recorder = CallRecorder(tmp_path, "CA0123", 8000, "pcm16", ManualClock())
+        recorder.caller_audio(np.full(800, tone_value, dtype="<i2").tobytes())
+        written.append(recorder.write())
+    (wav_a, json_a), (wav_b, json_b) = written
+    assert len({wav_a, wav_b, json_a, json_b}) == 4 and wav_b.name.endswith("CA0123-2.wav")
+    for (wav_path, json_path), tone_value in zip(written, (1000, 2000)):
+        with wave.open(str(wav_path)) as wav:
+            left = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")[0::2]
+        assert set(left.tolist()) == {tone_value}
+        assert json.loads(json_path.read_text())["audio"] == wav_path.name

@@ -16,11 +16,12 @@ on a worker thread. Privacy: docs/operations.md, "Recording".
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import wave
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -123,9 +124,9 @@ class CallRecorder:
         stereo[:len(left), 0] = left
         stereo[:len(right), 1] = right
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
-        base = self.directory / f"{stamp}-{self.call_id}"
-        wav_path, json_path = base.with_suffix(".wav"), base.with_suffix(".json")
-        with wave.open(str(wav_path), "wb") as wav:
+        wav_file, wav_path = _new_file(self.directory, f"{stamp}-{self.call_id}", ".wav")
+        json_path = wav_path.with_suffix(".json")
+        with wav_file, wave.open(wav_file, "wb") as wav:
             wav.setnchannels(2)
             wav.setsampwidth(2)
             wav.setframerate(self.sample_rate)
@@ -137,6 +138,18 @@ class CallRecorder:
             "channels": {"left": "caller", "right": "bot"}, "audio": wav_path.name,
             "turns": turns, "events": self.events}, indent=1), encoding="utf-8")
         return wav_path, json_path
+
+
+def _new_file(directory: Path, name: str, suffix: str) -> tuple[BinaryIO, Path]:
+    """``name + suffix`` created, never an existing file replaced: a second call of the same
+    id starting in the same second (a Twilio CallSid streamed twice) gets ``name-2``."""
+    for n in itertools.count(1):
+        path = directory / f"{name if n == 1 else f'{name}-{n}'}{suffix}"
+        try:
+            return open(path, "xb"), path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 class RecordedOutput:
