@@ -506,6 +506,13 @@ class Settings(BaseModel):
             host = " and a host" if set(schemes) <= _URL_NEEDS_HOST else ""
             raise ValueError(f"must be empty or a URL with {', '.join(starts[:-1])} or "
                              f"{starts[-1]}{host}, e.g. {example}")
+        database = parts.path.strip("/")
+        if parts.scheme in ("redis", "rediss") and database and not (
+                database.isascii() and database.isdecimal()):
+            # redis-py ignores a path that is no number and uses database 0: another
+            # deployment's data, silently.
+            raise ValueError(f"a Redis URL's path is its database number, e.g. {example}; "
+                             "this one is not a number")
         return value
 
     @field_validator("idle_prompt_s")

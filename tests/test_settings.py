@@ -536,6 +536,18 @@ def test_a_refused_redis_url_is_never_echoed():
     assert "pw-5" not in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["redis://:pw-6@cache:6379/abc", "rediss://cache/-1",
+                                 "redis://cache/0/1"])
+def test_a_redis_url_whose_database_is_no_number_is_refused(url):
+    # redis-py takes a path that is no number for database 0: another deployment's data.
+    with pytest.raises(SettingsError, match="redis_url: a Redis URL's path is its database "
+                                            "number") as info:
+        Settings.load({"redis_url": url}, environ={})
+    assert "pw-6" not in str(info.value)
+    for good in ("redis://cache:6379/2", "redis://cache:6379", "redis://cache/"):
+        assert Settings.load({"redis_url": good}, environ={}).redis_url == good
+
+
 def test_url_settings_take_the_urls_their_clients_use():
     urls = {"public_url": "https://voice.example.com", "twilio_api_url": "http://127.0.0.1:5000",
             "llm_primary_url": "http://127.0.0.1:11434/v1",
