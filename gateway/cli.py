@@ -141,7 +141,8 @@ def _seed(args: argparse.Namespace) -> int:
 
     settings = Settings.load({"redis_url": args.redis})
     if not Path(args.csv).is_file():
-        print(f"voicegate seed: no such file: {args.csv}", file=sys.stderr)
+        why = "a directory, not a CSV file" if Path(args.csv).is_dir() else "no such file"
+        print(f"voicegate seed: {why}: {args.csv}", file=sys.stderr)
         return 2
     try:
         negatives = read_negatives_csv(args.negatives) if args.negatives else ()
@@ -277,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--out", help="write the reply audio to this WAV file")
     call.add_argument("--rate", type=int, default=16000, help="sample rate to negotiate")
     call.add_argument("--json", action="store_true", help="print events as JSON lines")
-    call.add_argument("--timeout", type=float, default=60.0)
+    call.add_argument("--timeout", type=_positive_seconds, default=60.0,
+                      help="seconds to wait for each reply (default 60)")
     call.add_argument("--token", default=os.environ.get("VOICEGATE_CALL_TOKEN") or None,
                       help="call token, if the gateway requires one (default: "
                            "VOICEGATE_CALL_TOKEN)")
@@ -307,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     return parser
 
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds above zero (0 or less would wait for nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

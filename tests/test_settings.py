@@ -493,6 +493,23 @@ def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypat
     assert cli.main(seed + ["--target-wrong-rate", "0.05"]) == 0 and started == [0.05]
 
 
+def test_a_seed_of_a_directory_and_a_call_timeout_of_nothing_are_refused_by_name(
+        monkeypatch, capsys, tmp_path):
+    # `voicegate seed /tmp` said "no such file: /tmp"; `call --timeout 0` dialled, then
+    # failed with "no 'turn_metrics' event within 0.0s". Each is named up front, status 2.
+    from gateway import cli
+
+    for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["seed", str(tmp_path), "--store", str(tmp_path / "store")]) == 2
+    assert f"a directory, not a CSV file: {tmp_path}" in capsys.readouterr().err
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["call", "ws://127.0.0.1:9/v1/call", "--text", "hi", "--timeout", bad])
+        assert info.value.code == 2
+        assert "argument --timeout:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["serve", "route", "seed", "demo"])
 def test_a_bad_setting_is_one_line_naming_the_field_and_exit_status_2(command, monkeypatch,
                                                                        capsys, tmp_path):
