@@ -16,10 +16,11 @@ from typing import Sequence
 
 from intents.embedder import Embedder
 from intents.loader import LoadedCache, load_cache
-from intents.store import Store, StoreError
+from intents.store import Store, StoreError, StoreUnavailable
 from intents.types import Action, RouteDecision, miss
 
 from . import logs
+from .clock import SYSTEM_CLOCK, Clock
 from .audio_bank import AudioBank, Clip
 
 log = logging.getLogger("voicegate.cache")
@@ -31,16 +32,28 @@ class _Serving:
     cache: LoadedCache
 
 
+# A version that failed to load (corrupt, torn, foreign) is tried again after this long,
+# doubling up to the cap: loading one is reading all its audio and models (and retraining
+# them when their blob does not load), which every poll (2 s) would redo beside live calls.
+# A failure of the store to answer is retried at the next poll; a newer version at once.
+RETRY_FAILED_S = 10.0
+RETRY_FAILED_MAX_S = 300.0
+
+
 class FaqCache:
-    def __init__(self, store: Store, embedder: Embedder, audio: AudioBank | None = None) -> None:
+    def __init__(self, store: Store, embedder: Embedder, audio: AudioBank | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.store = store
         self.embedder = embedder
         self.audio = audio or AudioBank()
+        self._clock = clock
         self._serving: _Serving | None = None
         self.last_error: str | None = None
         # The version the last load failed on (None once one loads): whose failure
         # ``last_error`` describes when it is a load's.
         self.failed_version: str | None = None
+        self._retry_s = 0.0  # the wait before that version is tried again (0: next poll)
+        self._retry_at = 0.0  # clock time it may be tried again
         self._refreshing = threading.Lock()  # one load at a time, the newest wins
 
     @property
@@ -91,6 +104,8 @@ class FaqCache:
             if current is not None:
                 self.last_error = None  # the store answers again and we serve its version
             return False
+        if current == self.failed_version and self._clock.now() < self._retry_at:
+            return False  # it failed to load a moment ago: last_error still says why
         started = time.perf_counter()
         try:
             loaded = load_cache(self.store, self.embedder, current)
@@ -102,11 +117,25 @@ class FaqCache:
             self.audio.replace_all(clips)
         except Exception as exc:  # corrupt or foreign: refuse it, keep what we serve
             self.last_error = f"cannot load cache version {current}: {type(exc).__name__}: {exc}"
-            self.failed_version = current
-            logs.event(log, "cache_load_failed", logging.ERROR, version=current, error=str(exc))
+            self._schedule_retry(current, unavailable=isinstance(exc, StoreUnavailable))
+            logs.event(log, "cache_load_failed", logging.ERROR, version=current, error=str(exc),
+                       retry_in_s=self._retry_s)
             return False
         self._serving = _Serving(current, loaded)
         self.last_error = self.failed_version = None
+        self._retry_s = 0.0
         logs.event(log, "cache_loaded", version=current, entries=len(loaded.entries),
                    clips=len(clips), ms=round((time.perf_counter() - started) * 1000, 1))
         return True
+
+    def _schedule_retry(self, version: str, unavailable: bool) -> None:
+        """When ``version``, which just failed to load, is tried again: at the next poll
+        when the store did not answer, else after a wait that doubles while it keeps failing."""
+        if unavailable:
+            self._retry_s = 0.0
+        elif version == self.failed_version and self._retry_s > 0:
+            self._retry_s = min(2 * self._retry_s, RETRY_FAILED_MAX_S)
+        else:
+            self._retry_s = RETRY_FAILED_S
+        self.failed_version = version
+        self._retry_at = self._clock.now() + self._retry_s

@@ -70,8 +70,9 @@ from redis.retry import Retry
 
 from intents.store import (ANY_VERSION, AUDIO_GRACE_S, KEEP_VERSIONS, MANIFEST_FORMAT,
                            AnyVersion, CacheBundle, PublishUnconfirmed, Store, StoreConflict,
-                           StoreError, check_format, conflict_message, kept_versions,
-                           missing_audio_message, referenced_audio, unreadable_pointer_message)
+                           StoreError, StoreUnavailable, check_format, conflict_message,
+                           kept_versions, missing_audio_message, referenced_audio,
+                           unreadable_pointer_message)
 from intents.types import Audio
 
 DEFAULT_PREFIX = "voicegate:"
@@ -259,9 +260,9 @@ class RedisStore(Store):
         try:
             return operation()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreError(f"Redis at {redacted(self.url)} is unreachable ({what}): {exc}") \
-                from exc
-        except redis.RedisError as exc:
+            raise StoreUnavailable(f"Redis at {redacted(self.url)} is unreachable ({what}): "
+                                   f"{exc}") from exc
+        except redis.RedisError as exc:  # an answer (a key of a foreign type): not transient
             raise StoreError(f"Redis at {redacted(self.url)} failed ({what}): {exc}") from exc
 
     # -- audio ---------------------------------------------------------------------

@@ -78,6 +78,11 @@ class StoreError(RuntimeError):
     """The store is empty, unreadable or inconsistent."""
 
 
+class StoreUnavailable(StoreError):
+    """The store did not answer (a lost connection, a timeout, a server error): the same
+    request may succeed as it is once the store is back; what it asked for is not at fault."""
+
+
 class StoreConflict(StoreError):
     """A publish that was to replace one version found another current (a second
     publisher got there first): nothing was published."""

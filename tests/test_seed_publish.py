@@ -616,3 +616,49 @@ def test_a_version_whose_audio_cannot_be_held_leaves_the_serving_one_and_says_wh
     assert repr(clips[0]) in cache.last_error  # which clip
     assert {key: (cache.audio.clip(key), cache.audio.audio(key, 8000))
             for key in clips} == before
+
+
+def test_a_version_that_fails_to_load_is_tried_again_later_not_at_every_poll(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loading a version reads all its audio and models (retraining them when their blob
+    # does not load): one that keeps failing must not be loaded again at every 2 s poll
+    # beside live calls. It is tried after 10 s, doubling to 5 min; a store that did not
+    # answer is asked again at the next poll; a newer version is loaded at once.
+    import gateway.faq_cache as faq_cache
+    from gateway.clock import ManualClock
+    from intents.store import StoreUnavailable
+
+    class Pointer:
+        current = "v2"
+
+        def current_version(self) -> str:
+            return self.current
+
+    attempts: list[str] = []
+    failure: list[Exception] = [ValueError("torn clip")]
+
+    def load(store, embedder, version):
+        attempts.append(version)
+        raise failure[0]
+
+    monkeypatch.setattr(faq_cache, "load_cache", load)
+    clock = ManualClock()
+    cache = FaqCache(Pointer(), embedder=None, clock=clock)  # type: ignore[arg-type]
+    polls = [0.0, 2.0, 8.0, 10.0, 12.0, 29.0, 30.0, 40.0, 70.0]  # seconds since the first
+    tried_at = []
+    for t in polls:
+        clock._now = 1000.0 + t
+        count = len(attempts)
+        assert cache.refresh() is False
+        if len(attempts) > count:
+            tried_at.append(t)
+        assert cache.failed_version == "v2" and "torn clip" in (cache.last_error or "")
+    assert tried_at == [0.0, 10.0, 30.0, 70.0]  # 10 s, then 20, then 40
+    failure[0] = StoreUnavailable("Redis at redis://cache is unreachable (read): timeout")
+    clock._now += 80.0
+    cache.refresh()
+    cache.refresh()  # not answered: asked again at once, no wait grown
+    assert attempts[-2:] == ["v2", "v2"]
+    cache.store.current = "v3"  # a newer version: loaded at once
+    cache.refresh()
+    assert attempts[-1] == "v3"

@@ -65,7 +65,8 @@ class PublishedNotServed(RuntimeError):
         super().__init__(
             f"version {report.version} was published, but this replica could not load it "
             f"({cause}); it keeps serving {serving or 'no version'} (/readyz cache_error) and "
-            f"tries again at its next poll; other replicas load {report.version} from the "
+            f"tries it again after 10 s, then less often while it keeps failing; other "
+            f"replicas load {report.version} from the "
             "store as usual: if they fail too, fix the cause and seed again")
 
 
