@@ -168,3 +168,34 @@ def test_one_click_makes_a_missed_group_an_entry(browser, dashboard_server, runt
     entry = httpx.get(server.base_url + "/admin/entries/post_office_cheques", headers=AUTH,
                       timeout=30).json()["entry"]
     assert entry["answer"] == draft and entry["paraphrases"] == [question]
+
+
+def test_an_api_that_is_not_ready_is_shown_not_hidden(browser, dashboard_server, monkeypatch):
+    # A stored (right) token while the admin API answers 503 (models still loading): the page
+    # must say so and keep trying, not sit on the token form with the error in a hidden panel.
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as visible
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from gateway.services import Services
+
+    server = dashboard_server
+    monkeypatch.setattr(Services, "ready", property(lambda self: False))
+    assert httpx.get(server.base_url + "/admin/stats", headers=AUTH).status_code == 503
+    browser.get(server.base_url + "/admin/")
+    browser.execute_script(f"sessionStorage.setItem('voicegate.adminToken', '{TOKEN}')")
+    browser.get(server.base_url + "/admin/")
+    wait = WebDriverWait(browser, 30)
+    try:
+        wait.until(visible.visibility_of_element_located((By.ID, "load-error")))
+    except TimeoutException:
+        pass
+    shown = browser.find_element(By.ID, "load-error").text  # "" while it is hidden
+    assert "503" in shown and "models are loading" in shown, shown
+    assert not browser.find_element(By.ID, "token-input").is_displayed()
+
+    monkeypatch.undo()  # the models are loaded: the next refresh shows the figures
+    wait_loaded(browser)
+    wait.until(visible.invisibility_of_element_located((By.ID, "load-error")))
+    assert browser.find_element(By.ID, "dashboard").is_displayed()
