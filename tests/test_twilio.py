@@ -270,6 +270,43 @@ async def test_twilio_vanishing_mid_call_ends_the_call(server, runtime):
     await line.hang_up()
 
 
+async def _until(condition, timeout: float = 10) -> bool:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+async def test_a_stream_upgraded_before_the_drain_is_served_and_the_drain_waits_for_it(server):
+    """Twilio cannot retry a stream: refused at its `start` (or closed by a drain that
+    did not count it), the phone call is dropped. A stream upgraded before the drain began
+    is the replica's call: its `start` is admitted, and the drain waits for it meanwhile."""
+    admission = server.app.state.services.admission
+    before = admission.active
+    started = TwilioLine(stream_url(server), call_sid=sid("CA", 21), stream_sid=sid("MZ", 21))
+    pending = TwilioLine(stream_url(server), call_sid=sid("CA", 22), stream_sid=sid("MZ", 22))
+    await started.connect(start=False)
+    await pending.connect(start=False)
+    server.app.state.services.begin_drain()
+    try:
+        await started.send(started.start_message())
+        await _until(lambda: admission.active == before + 1 or started.close_code is not None)
+        assert (started.close_code, admission.active) == (None, before + 1), \
+            "a Twilio stream upgraded before the drain was refused at its `start`"
+        # The other one has not sent its `start` yet: the drain counts it (its caller is on
+        # the phone), until it starts or start_timeout_s closes it.
+        assert await _until(lambda: admission.held == admission.active + 1)
+        await pending.send(pending.start_message())
+        assert await _until(lambda: admission.active == before + 2)
+        assert admission.held == admission.active and pending.close_code is None
+    finally:
+        admission.draining = False
+        await started.hang_up()
+        await pending.hang_up()
+    assert await _until(lambda: admission.held == before)
+
+
 # ---------------------------------------------------------------- the voice webhook
 
 FORM = {"CallSid": sid("CA", 5), "From": "+15550100", "To": "+15550199",

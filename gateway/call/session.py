@@ -53,6 +53,14 @@ class Admission:
         self.limit = limit
         self.active = 0
         self.draining = False  # set by Services.begin_drain (SIGTERM)
+        # Twilio streams upgraded with no `start` yet: their phone call is up, and a stream
+        # cannot be retried, so a drain waits for them too (CallSession.hold_drain_until_start).
+        self.awaiting_start = 0
+
+    @property
+    def held(self) -> int:
+        """What a drain waits for: the running calls and the Twilio streams not started yet."""
+        return self.active + self.awaiting_start
 
     def try_enter(self) -> bool:
         if self.active >= self.limit:
@@ -227,6 +235,8 @@ class CallSession:
         self.call: Call | None = None
         self._call_task: asyncio.Task[None] | None = None
         self._admitted = False
+        self._admit_while_draining = False
+        self._awaiting_start = False
         self._rate: AudioRateLimit | None = None
         self._start_deadline = asyncio.get_running_loop().time() + settings.start_timeout_s
         self.close_code = CLOSE_NORMAL
@@ -303,9 +313,25 @@ class CallSession:
             self._interrupted = True
             self._receiving.cancel()
 
+    def hold_drain_until_start(self) -> None:
+        """For a client that cannot retry (a Twilio stream: refused, its phone call is
+        dropped). An upgrade while draining is refused with HTTP 503 (the balancer retries
+        it); a stream upgraded before the drain began is this replica's call: its `start`
+        is admitted even while draining, and the drain counts it until then."""
+        self._admit_while_draining = True
+        if not self._awaiting_start:
+            self._awaiting_start = True
+            self.admission.awaiting_start += 1
+
+    def _release_start_hold(self) -> None:
+        if self._awaiting_start:
+            self._awaiting_start = False
+            self.admission.awaiting_start = max(0, self.admission.awaiting_start - 1)
+
     def start_call(self, build: Callable[[], Call]) -> Call:
         """Admit and start the call ``build`` makes. Raises ``draining``, ``too_many_calls``."""
-        if self.admission.draining:
+        self._release_start_hold()  # from here the call is counted as active, or refused
+        if self.admission.draining and not self._admit_while_draining:
             raise ProtocolError("draining",
                                 "this replica is shutting down and takes no new calls; "
                                 "retry (the balancer sends you to another replica)",
@@ -415,6 +441,7 @@ class CallSession:
         task, self._call_task = self._call_task, None
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
+        self._release_start_hold()
         if self._admitted:
             self._admitted = False
             self.admission.leave()

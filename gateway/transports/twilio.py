@@ -402,6 +402,7 @@ async def twilio_stream(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     session = services.open_session(websocket, "twilio")
+    session.hold_drain_until_start()  # Twilio cannot retry a stream: a drain must not drop it
     stream = TwilioStream(services, session, authenticated)
     try:
         while not stream.stopped and (message := await session.receive()) is not None:
