@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 from typing import Any
 
 # The call a line belongs to: set once in a call's task, inherited by every task it starts,
@@ -73,3 +74,32 @@ class Throttle:
             return None
         self._last[key] = (now, 0)
         return held
+
+
+# A browser WebSocket cannot send headers, so the caller page presents the call token as
+# `?token=` (docs/protocol.md); uvicorn logs every upgrade's and request's path with its query.
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#\s\"]*")
+REDACTED = "[redacted]"
+
+
+def _redact(value: Any) -> Any:
+    return _TOKEN_IN_QUERY.sub(r"\1" + REDACTED, value) if isinstance(value, str) else value
+
+
+class RedactQueryToken(logging.Filter):
+    """Rewrites ``?token=...`` in a record's message and arguments to ``?token=[redacted]``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = _redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact(arg) for arg in record.args)
+        return True
+
+
+def redact_server_logs() -> None:
+    """Keep call tokens out of uvicorn's own lines (its upgrade lines and access log); safe to
+    call again."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactQueryToken) for f in logger.filters):
+            logger.addFilter(RedactQueryToken())

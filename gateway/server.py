@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from . import logs
 from .app import create_app
 from .http_idle import IdleTimeoutHttpToolsProtocol
 from .runtime import Runtime
@@ -103,6 +104,7 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
     No permessage-deflate: audio does not compress and events are tiny, yet deflating
     every frame cost ~20% of the event loop's CPU with 200 calls (py-spy).
     """
+    logs.redact_server_logs()  # uvicorn logs each upgrade's query: the page's ?token= too
     # httptools, plus a deadline for connections that never send a request.
     return {"loop": "uvloop", "http": IdleTimeoutHttpToolsProtocol, "ws": "websockets-sansio",
             "ws_per_message_deflate": False,

@@ -343,3 +343,38 @@ def test_a_lost_message_is_not_shown_as_the_call_ending(page_server, monkeypatch
         state = wait_state(browser, lambda s: s["state"] == "failed", "the failed call")
         assert state["errorCode"] == "internal_error"
         assert "ended this call" in text(browser, "error")
+
+
+async def test_the_pages_call_token_stays_out_of_the_servers_log(guarded_server):
+    # A browser WebSocket cannot send headers, so the page presents the call token as
+    # `?token=` (docs/protocol.md). uvicorn logs every upgrade's path and query at `info`
+    # (the CLI's default level): the token must not reach that log, accepted or refused.
+    import json
+    import logging
+
+    import websockets
+
+    server = guarded_server
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    level = uvicorn_log.level
+    uvicorn_log.addHandler(handler)
+    uvicorn_log.setLevel(logging.INFO)  # as `voicegate serve` runs it
+    try:
+        async with websockets.connect(f"{server.call_url}?token={CALL_TOKEN}") as ws:
+            await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            await ws.send(json.dumps({"type": "stop"}))
+            await ws.wait_closed()
+        with pytest.raises(websockets.exceptions.InvalidStatus):
+            async with websockets.connect(f"{server.call_url}?token=a-wrong-guess-7"):
+                pass
+    finally:
+        uvicorn_log.removeHandler(handler)
+        uvicorn_log.setLevel(level)
+    lines = [r.getMessage() for r in records]
+    assert any("WebSocket /v1/call" in line and "[accepted]" in line for line in lines), lines
+    assert any("WebSocket /v1/call" in line and "403" in line for line in lines), lines
+    assert not [line for line in lines if CALL_TOKEN in line or "a-wrong-guess-7" in line]
