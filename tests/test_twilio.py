@@ -362,6 +362,23 @@ def test_signature_is_checked_when_an_auth_token_is_set(signed_server, runtime):
     assert runtime.stats.errors["twilio_bad_signature"] == before + 2
 
 
+def test_a_bad_signature_while_the_models_load_is_counted_too(tmp_path):
+    """"Every refusal and failure is counted under its code" (docs/operations.md): the
+    counters exist before the models load (Services.stats, handed to the runtime)."""
+    from starlette.testclient import TestClient
+
+    from gateway.app import create_app
+    from gateway.settings import Settings
+
+    app = create_app(Settings(store_dir=str(tmp_path / "store"), port=0,
+                              twilio_auth_token=TOKEN, public_url="https://voice.example.com"))
+    services = app.state.services
+    client = TestClient(app)  # no lifespan: the models never load, the replica is not ready
+    refused = client.post("/twilio/voice", data=FORM)
+    assert refused.status_code == 403 and "missing" in refused.text and not services.ready
+    assert services.stats.errors["twilio_bad_signature"] == 1
+
+
 async def test_stream_upgrade_must_be_signed_when_an_auth_token_is_set(signed_server, runtime):
     # Twilio signs the WebSocket upgrade over the stream's public wss:// URL, no fields.
     url = "wss://voice.example.com/twilio/stream"

@@ -111,8 +111,8 @@ def signature_refusal(connection: HTTPConnection, public_url: str,
     signature = connection.headers.get("x-twilio-signature", "")
     if signature and RequestValidator(token).validate(url, params, signature):
         return None
-    if services.ready:
-        services.runtime.stats.error("twilio_bad_signature")
+    # Counted while the models load too: these counters are the runtime's once loaded.
+    services.stats.error("twilio_bad_signature")
     reason = "missing" if not signature else "does not match"
     logs.event(log, "twilio_bad_signature", logging.WARNING, url=url, reason=reason)
     return (f"X-Twilio-Signature {reason} for {url}: check VOICEGATE_TWILIO_AUTH_TOKEN, and "
