@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
 from gateway.app import create_app
-from gateway.call.session import AudioRateLimit, MessageBudget, Outbox
+from gateway.call.session import AudioRateLimit, Outbox, TokenBucket
 from gateway.client import Caller, TurnResult, utterance_answered
 from gateway.clock import ManualClock
 from gateway.protocol import ProtocolError, parse_text_frame
@@ -217,11 +217,11 @@ async def test_a_flood_of_bad_messages_closes_its_connection_and_no_other(guarde
 
 def test_a_bad_message_budget_cuts_a_flood_not_a_client_with_a_bug():
     clock = ManualClock()
-    budget = MessageBudget(per_s=100.0, burst=500, clock=clock)
+    budget = TokenBucket(per_s=100.0, capacity=500, clock=clock)
     for _ in range(60 * 50):  # one bad message every 20 ms frame for a minute
         assert budget.take()
         clock._now += 0.02
-    flood = MessageBudget(per_s=100.0, burst=500, clock=clock)
+    flood = TokenBucket(per_s=100.0, capacity=500, clock=clock)
     taken = 0
     while flood.take():  # a thousand a second
         taken += 1

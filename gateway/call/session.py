@@ -93,6 +93,26 @@ def token_matches(presented: str, expected: str) -> bool:
 STALL_ALLOWANCE_S = 8.0
 
 
+class TokenBucket:
+    """Refilled at ``per_s`` a second up to ``capacity`` (it starts with ``start``, else
+    full); ``take(amount)`` is False once what it takes leaves it below zero."""
+
+    def __init__(self, per_s: float, capacity: float, clock: Clock = SYSTEM_CLOCK,
+                 start: float | None = None) -> None:
+        self._per_s = per_s
+        self._capacity = float(capacity)
+        self._tokens = self._capacity if start is None else float(start)
+        self._clock = clock
+        self._last = clock.now()
+
+    def take(self, amount: float = 1.0) -> bool:
+        now = self._clock.now()
+        self._tokens = min(self._capacity, self._tokens + self._per_s * (now - self._last))
+        self._last = now
+        self._tokens -= amount
+        return self._tokens >= 0.0
+
+
 class AudioRateLimit:
     """Refuses inbound audio that runs faster than ``max_rate`` x real time for longer
     than ``grace_s``.
@@ -110,40 +130,12 @@ class AudioRateLimit:
                  clock: Clock = SYSTEM_CLOCK, bytes_per_sample: int = 2,
                  max_frame_bytes: int = 0) -> None:
         self._bytes_per_s = sample_rate * bytes_per_sample
-        self._max_rate = max_rate
         start_s = grace_s + max_frame_bytes / self._bytes_per_s
-        self._capacity_s = start_s + STALL_ALLOWANCE_S
-        self._clock = clock
-        self._tokens_s = start_s
-        self._last = clock.now()
+        self._seconds = TokenBucket(max_rate, start_s + STALL_ALLOWANCE_S, clock, start=start_s)
 
     def add(self, nbytes: int) -> bool:
         """Audio of ``nbytes`` arrived; True when the client is too fast."""
-        now = self._clock.now()
-        self._tokens_s = min(self._capacity_s,
-                             self._tokens_s + self._max_rate * (now - self._last))
-        self._last = now
-        self._tokens_s -= nbytes / self._bytes_per_s
-        return self._tokens_s < 0.0
-
-
-class MessageBudget:
-    """A token bucket of messages: ``burst`` at first, refilled at ``per_s`` a second up to
-    ``burst``; ``take`` is False once a message finds it empty."""
-
-    def __init__(self, per_s: float, burst: int, clock: Clock = SYSTEM_CLOCK) -> None:
-        self._per_s = per_s
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._clock = clock
-        self._last = clock.now()
-
-    def take(self) -> bool:
-        now = self._clock.now()
-        self._tokens = min(self._burst, self._tokens + self._per_s * (now - self._last))
-        self._last = now
-        self._tokens -= 1.0
-        return self._tokens >= 0.0
+        return not self._seconds.take(nbytes / self._bytes_per_s)
 
 
 class Outbox:
@@ -241,8 +233,9 @@ class CallSession:
         self._start_deadline = asyncio.get_running_loop().time() + settings.start_timeout_s
         self.close_code = CLOSE_NORMAL
         self.errors = 0
-        self._bad_messages = MessageBudget(settings.max_bad_message_rate,
-                                           settings.bad_message_burst, clock)
+        # Bad messages: a burst of bad_message_burst, then max_bad_message_rate a second.
+        self._bad_messages = TokenBucket(settings.max_bad_message_rate,
+                                         settings.bad_message_burst, clock)
         self.done = asyncio.Event()  # set when the session must end (stuck client, failed call)
         self._ended: asyncio.Future[bool] | None = None
         self._receiving: asyncio.Task[Any] | None = None  # the task awaiting a frame
