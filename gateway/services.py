@@ -270,13 +270,20 @@ class Services:
 
     async def stats_snapshot(self) -> dict[str, Any]:
         """What ``/admin/stats`` answers: this replica's stats with the counters summed over
-        every replica (with Redis), and the serving cache version."""
+        every replica (with Redis), and the serving cache version; ``entry_hits`` only for
+        the entries that version holds."""
         local = self.runtime.stats.snapshot()
         if self.shared_stats is None:
             snapshot = dict(local, scope="replica", replicas=1)
         else:
             snapshot = await self.shared_stats.cluster_snapshot(local)
-        snapshot["cache_version"] = self.cache.version if self.cache else None
+        loaded = self.cache.loaded if self.cache else None
+        snapshot["cache_version"] = loaded.version if loaded else None
+        # Counters are kept per entry id for good (here and in Redis); report only the ids
+        # the serving version holds, so an entry a later publish dropped is not shown.
+        held = loaded.entries if loaded else {}
+        snapshot["entry_hits"] = {k: v for k, v in (snapshot.get("entry_hits") or {}).items()
+                                  if k in held}
         return snapshot
 
     async def aclose(self) -> None:

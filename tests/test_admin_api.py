@@ -200,6 +200,7 @@ async def test_add_change_and_delete_an_entry_serve_at_once(own_server):
         route = await ask(server, "I lost my debit card")
         assert route["intent"] == "lost_card" and route["hit"] is True
         assert route["response_text"] == new_answer and route["source"] == "cache"
+        assert client.get("/admin/stats").json()["entry_hits"]["lost_card"] == 1
 
         # change an existing entry's answer, keeping its paraphrases
         changed = client.post("/admin/entries", json={
@@ -220,6 +221,11 @@ async def test_add_change_and_delete_an_entry_serve_at_once(own_server):
         assert client.get("/admin/entries/lost_card").status_code == 404
         route = await ask(server, "I lost my debit card")
         assert route["intent"] != "lost_card" and route["entry_id"] != "lost_card"
+        # the stats report hits of the entries the serving version holds, not of dropped ones
+        stats = client.get("/admin/stats").json()
+        assert stats["cache_version"] == deleted.json()["version"]
+        assert "lost_card" not in stats["entry_hits"], stats["entry_hits"]
+        assert stats["entry_hits"].get("opening_hours", 0) >= 1  # kept: the id still serves
 
         assert client.delete("/admin/entries/lost_card").status_code == 404
 
