@@ -170,6 +170,62 @@ def test_one_click_makes_a_missed_group_an_entry(browser, dashboard_server, runt
     assert entry["answer"] == draft and entry["paraphrases"] == [question]
 
 
+def test_a_promote_the_network_lost_says_so_and_can_be_retried(browser, dashboard_server,
+                                                               runtime):
+    # fetch() rejects (no HTTP answer at all: the network or the gateway is gone). The page
+    # awaited it unguarded, so the status said "publishing …" for good.
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = dashboard_server
+    question = "can I order foreign currency for collection at a branch"
+    draft = "Yes, order it online and collect it at any branch two days later."
+    for call_id in ("net-1", "net-2"):
+        runtime.stats.turn_finished({"turn": 1, "source": "llm", "action": "llm"}, question,
+                                    route_score=0.1, answer=draft, call_id=call_id)
+    browser.get(server.base_url + "/admin/")
+    browser.execute_script(f"sessionStorage.setItem('voicegate.adminToken', '{TOKEN}')")
+    browser.get(server.base_url + "/admin/")
+    wait = WebDriverWait(browser, 60)
+
+    def promote(entry_id: str) -> None:
+        def group_item(d):
+            for li in d.find_elements(By.CSS_SELECTOR, "#top-misses .miss-group"):
+                if li.find_element(By.CSS_SELECTOR, ".question").text == question:
+                    return li
+            return False
+
+        wait.until(group_item).find_element(By.CSS_SELECTOR, "button.promote").click()
+        entry_prompt = wait.until(lambda d: d.switch_to.alert)
+        entry_prompt.send_keys(entry_id)
+        entry_prompt.accept()
+        wait.until(lambda d: d.switch_to.alert).accept()  # the draft answer
+
+    def status():
+        return browser.find_element(By.ID, "promote-result")
+
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/admin/misses/promote"]})
+    try:
+        promote("foreign_currency")
+        try:
+            wait.until(lambda d: "publishing" not in status().text)
+        except TimeoutException:
+            raise AssertionError(f"the status stayed {status().text!r}") from None
+        assert "could not publish foreign_currency: the gateway did not answer" in \
+            status().text, status().text
+        assert status().get_attribute("class") == "error"
+    finally:
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+    promote("foreign_currency")  # the retry the failure asks for
+    wait.until(lambda d: "published as foreign_currency" in status().text)
+    assert status().get_attribute("class") == ""
+    entry = httpx.get(server.base_url + "/admin/entries/foreign_currency", headers=AUTH,
+                      timeout=30).json()["entry"]
+    assert entry["answer"] == draft
+
+
 def test_an_api_that_is_not_ready_is_shown_not_hidden(browser, dashboard_server, monkeypatch):
     # A stored (right) token while the admin API answers 503 (models still loading): the page
     # must say so and keep trying, not sit on the token form with the error in a hidden panel.
