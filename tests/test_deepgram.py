@@ -17,7 +17,7 @@ from gateway.providers.deepgram_stt import DeepgramSTT
 from gateway.call import Call
 from gateway.clock import ManualClock
 from tests.call_harness import RATE, WORD_MS, CallHarness
-from tests.fakes.deepgram_server import FakeDeepgram
+from tests.fakes.deepgram_server import FakeDeepgram, SilentDeepgram
 from tests.fakes.server import ServerThread
 
 FRAME = 320  # samples: 20 ms at 16 kHz
@@ -363,23 +363,29 @@ async def unanswered_final(stream, session, clock: ManualClock):
     return (await asyncio.gather(final, return_exceptions=True))[0]
 
 
-async def test_a_silent_socket_fails_a_final_of_no_words_and_is_reopened(deepgram):
+NO_WORD = "ProviderError('deepgram: no final transcript within 1 s of Finalize; the live socket is not answering')"
+
+
+@pytest.mark.parametrize(("ms_per_word", "frames", "heard", "outcome"), [
+    (10_000, 10, "", NO_WORD),  # audio, but not a word of it recognised
+    (40, 4, "what are", repr(Transcript("what are", final=True))),  # interims, never committed
+], ids=["no-word-fails", "words-heard-are-the-final"])
+async def test_an_unanswered_finalize_ends_the_turn_and_the_silent_socket_is_reopened(
+        deepgram, ms_per_word, frames, heard, outcome):
     """Deepgram stalls mid-stream: the socket stays open, the caller's audio goes out, no
-    word and no reply to Finalize come back. The turn fails (the call apologises), never an
-    empty final (a caller who spoke would hear nothing), and the next utterance is
-    recognised on a new socket."""
+    reply to Finalize comes back. The words already heard are the final (best effort, no
+    error); with no word at all the turn fails (the call apologises), never an empty final
+    (a caller who spoke would hear nothing). Either way the socket, silent since that
+    Finalize, is reopened and the next utterance recognised on the new one."""
     fake, server = deepgram
     fake.answer_finalize = False
-    fake.ms_per_word = 10_000  # audio, but not a word of it recognised
+    fake.ms_per_word = ms_per_word
     clock = ManualClock()
     recognizer = stt(server, finalize_timeout_s=1.0, reconnect_s=0.01, clock=clock)
     stream = recognizer.open_stream()
-    await send(stream, VOICE, 10)
-    assert await until(lambda: len(fake.sessions) == 1)
-    outcome = await unanswered_final(stream, fake.sessions[0], clock)
-    assert isinstance(outcome, ProviderError)
-    assert str(outcome) == ("deepgram: no final transcript within 1 s of Finalize; "
-                            "the live socket is not answering")
+    await send(stream, VOICE, frames)
+    assert await until(lambda: len(fake.sessions) == 1 and stream._text() == heard)
+    assert repr(await unanswered_final(stream, fake.sessions[0], clock)) == outcome
 
     fake.answer_finalize, fake.ms_per_word = True, 40  # the service is back
     assert await until(lambda: len(fake.sessions) == 2 and stream.connected)
@@ -388,23 +394,6 @@ async def test_a_silent_socket_fails_a_final_of_no_words_and_is_reopened(deepgra
     await stream.aclose()
     await recognizer.aclose()
     assert final == Transcript("what are your opening hours", final=True)
-
-
-async def test_an_unanswered_finalize_keeps_the_words_already_heard(deepgram):
-    fake, server = deepgram
-    fake.answer_finalize = False
-    fake.ms_per_word = 40
-    clock = ManualClock()
-    recognizer = stt(server, finalize_timeout_s=1.0, reconnect_s=0.01, clock=clock)
-    stream = recognizer.open_stream()
-    await send(stream, VOICE, 4)  # "what are": interims, never committed
-    assert await until(lambda: stream._text() == "what are")
-    outcome = await unanswered_final(stream, fake.sessions[0], clock)
-    assert outcome == Transcript("what are", final=True)  # best effort, no error
-    # The socket said nothing after that Finalize: it is reopened all the same.
-    assert await until(lambda: len(fake.sessions) == 2 and stream.connected)
-    await stream.aclose()
-    await recognizer.aclose()
 
 
 async def test_finalize_answered_with_no_words_is_an_empty_final(deepgram):
@@ -497,3 +486,43 @@ async def test_a_call_whose_deepgram_goes_silent_apologises_and_answers_the_next
     assert [e["source"] for e in h.output.of("response")] == ["apology", "cache"]
     assert h.stats.errors["stt_failed"] == 1
     assert h.transcripts()[-1] == "what are your opening hours"
+
+
+async def test_closing_a_socket_whose_peer_went_silent_takes_at_most_two_seconds():
+    """The call ends (or the gateway stops) while Deepgram is dead: CloseStream gets no
+    reply and no close frame ever comes. The close waits 2 s of the stream's clock for the
+    server's last results, then cuts the socket: the call's teardown does not wait out
+    websockets' close handshake (10 s per step)."""
+    with SilentDeepgram() as peer:
+        clock = ManualClock()
+        recognizer = stt(peer, clock=clock)
+        stream = recognizer.open_stream()
+        await stream.send_audio(VOICE)
+        assert await until(lambda: stream.connected)
+        closing = asyncio.ensure_future(stream.aclose())
+        await clock.advance(1.9)
+        assert not closing.done()  # a live server's last results get their time
+        await clock.advance(0.2)
+        await asyncio.wait_for(closing, 3)  # 3 s of wall time only bounds a hang
+        assert stream.closed and not stream.connected
+        await recognizer.aclose()
+
+
+async def test_a_stalled_socket_to_a_dead_peer_is_reopened_at_once():
+    """A Finalize unanswered by a peer that has gone dead: the socket is dropped and a new
+    one opened without waiting for the dead one's close handshake."""
+    with SilentDeepgram() as peer:
+        clock = ManualClock()
+        recognizer = stt(peer, finalize_timeout_s=1.0, reconnect_s=0.01, clock=clock)
+        stream = recognizer.open_stream()
+        await send(stream, VOICE, 3)
+        assert await until(lambda: stream.connected)
+        final = asyncio.ensure_future(stream.finalize())
+        await clock.advance(1.1)
+        outcome = (await asyncio.gather(final, return_exceptions=True))[0]
+        assert isinstance(outcome, ProviderError)
+        assert await peer.connections.reach(2, timeout=3)  # reopened (3 s bounds a hang)
+        closing = asyncio.ensure_future(stream.aclose())
+        await clock.advance(2.1)
+        await asyncio.wait_for(closing, 3)
+        await recognizer.aclose()

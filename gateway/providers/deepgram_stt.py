@@ -19,7 +19,11 @@ onto ``STTStream``:
   that sent nothing at all since that Finalize has stalled (or its handshake hangs): it
   is dropped and reopened like a failed one.
 - ``KeepAlive`` is sent when no audio has gone out for ``keepalive_s`` (Deepgram closes
-  an idle socket after about 10 s); ``aclose()`` sends ``CloseStream``.
+  an idle socket after about 10 s); ``aclose()`` sends ``CloseStream`` and waits up to
+  2 s (on the stream's ``clock``) for the server's last results and its close.
+- A socket ended from our side (that wait over, or dropped as stalled) is cut at once
+  (TCP abort): websockets' own close handshake waits ``close_timeout`` (10 s) a step for a
+  peer gone dead, about 30 s in all, and a call's teardown or a reopen would wait with it.
 - A socket that fails (dropped by the service or the network) is reopened, after
   ``reconnect_s`` doubling to 5 s; audio meanwhile is refused. The utterance that lost
   audio to it fails at its ``finalize()`` (the call apologises), and the next one is
@@ -51,6 +55,7 @@ NAME = "deepgram"
 _OUTBOX_LIMIT = 1000  # 20 s of 20 ms frames waiting for a connection that does not come
 _EPSILON_S = 0.02
 _RECONNECT_MAX_S = 5.0
+_CLOSE_WAIT_S = 2.0  # aclose: the server's last results after CloseStream, then its close
 
 
 class DeepgramStream:
@@ -205,9 +210,12 @@ class DeepgramStream:
         if not self._runner.done():
             self._outbox.put_nowait("CloseStream")
             self._outbox.put_nowait(None)
-            # The server answers CloseStream with its last results and Metadata, then closes.
-            done, _ = await asyncio.wait({self._runner}, timeout=2.0)
-            if not done:
+            # The server answers CloseStream with its last results and Metadata, then
+            # closes; one that does not in time is cut (_connection aborts the socket).
+            try:
+                async with deadline(self._clock, _CLOSE_WAIT_S):
+                    await asyncio.wait({self._runner})
+            except Expired:
                 self._runner.cancel()
         await asyncio.gather(self._runner, return_exceptions=True)
 
@@ -311,6 +319,12 @@ class DeepgramStream:
                 try:
                     async for message in socket:
                         self._on_message(message)
+                except asyncio.CancelledError:
+                    # Dropped as stalled, or closed and past its wait: the peer has had
+                    # its chance. Leaving `async with` runs websockets' close handshake,
+                    # ~30 s on a dead peer; cut the connection so it returns at once.
+                    _abort(socket)
+                    raise
                 finally:
                     self._connected = False
                     sender.cancel()
@@ -418,6 +432,14 @@ class DeepgramStream:
             return
         self._endpointed = True
         self.endpoint.set()
+
+
+def _abort(socket: Any) -> None:
+    """Close the TCP connection under the SDK's socket now, without a close handshake.
+    (The SDK's connect() takes no close_timeout; without the transport, the slow close.)"""
+    transport = getattr(getattr(socket, "_websocket", None), "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 @dataclass

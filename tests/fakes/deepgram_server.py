@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
 import random
+import socket
+import threading
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -224,6 +228,59 @@ class _Segment:
         self.start_ms = self.end_ms = at_ms
         self.voiced_ms = self.silence_ms = 0.0
         self.revealed = self.finalized = self.shown = 0
+
+
+class SilentDeepgram:
+    """A /v1/listen peer gone dead after the handshake (a stalled service, a network that
+    black-holes the socket): it accepts the WebSocket upgrade, then reads nothing, answers
+    nothing (no result, no close frame) and never closes the TCP connection. Raw sockets,
+    not uvicorn: a server library answers a close frame by itself. Any key is accepted."""
+
+    def __init__(self) -> None:
+        from tests.fakes.server import Arrivals
+
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.connections: Arrivals = Arrivals()  # each upgraded (then held) socket
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="silent-deepgram")
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                request += chunk
+            key = next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                        if line.lower().startswith(b"sec-websocket-key:")), b"")
+            accept = base64.b64encode(hashlib.sha1(
+                key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            self.connections.append(conn)  # held open, never read again
+
+    def __enter__(self) -> "SilentDeepgram":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        except OSError:
+            pass
+        self._listener.close()
+        for conn in self.connections:
+            conn.close()
+        self._thread.join(timeout=5)
 
 
 def main() -> None:
