@@ -333,6 +333,26 @@ def test_twiml_connects_the_call_to_the_stream_with_its_parameters(server):
     assert stream_of(proxied.text)[0] == "wss://voice.example.com/twilio/stream"
 
 
+def test_twiml_never_carries_a_character_xml_cannot(server, runtime):
+    """Without an auth token anyone can post to the webhook, and its fields went into the
+    TwiML as they came: XML 1.0 cannot carry most control characters (nor U+FFFE, U+FFFF),
+    so the document was not XML at all and Twilio would reject it. Twilio never sends
+    such a field: the request is refused, 400 with the field named, and counted."""
+    before = runtime.stats.errors["twilio_invalid_webhook"]
+    for field, value, char in (("From", "+1555\x010100", "U+0001"),
+                               ("CallSid", "CA\x00" + "0" * 31, "U+0000"),
+                               ("From", "\x1b[2Janonymous", "U+001B"),
+                               ("From", "client:ann\ufffe", "U+FFFE")):
+        reply = httpx.post(server.base_url + "/twilio/voice", data={**FORM, field: value})
+        assert reply.status_code == 400, (field, value, reply.text)
+        assert reply.text.startswith(f"{field} holds {char}, a character XML cannot carry")
+    assert runtime.stats.errors["twilio_invalid_webhook"] == before + 4
+    # Whitespace XML does carry (a tab, a line feed) goes through, escaped.
+    reply = httpx.post(server.base_url + "/twilio/voice", data={**FORM, "From": "client:a\tb\nc"})
+    assert reply.status_code == 200
+    assert stream_of(reply.text)[1]["From"] == "client:a\tb\nc"  # an XML parser reads it
+
+
 TOKEN = "12345678901234567890123456789012"
 
 

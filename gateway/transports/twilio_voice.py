@@ -10,6 +10,7 @@ stream's WebSocket upgrade, which Twilio signs over the wss:// URL with no field
 from __future__ import annotations
 
 import logging
+import re
 from typing import Mapping
 from urllib.parse import parse_qsl
 
@@ -30,6 +31,9 @@ STREAM_PATH = "/twilio/stream"
 FORWARDED_PARAMETERS = ("From", "CallSid")
 # The stream parameter that carries VOICEGATE_CALL_TOKEN (Twilio's stream URL takes no query).
 TOKEN_PARAMETER = "token"
+# Anything but XML 1.0's Char production (most C0 controls, surrogates, U+FFFE/U+FFFF):
+# TwiML holding one is not XML, and Twilio rejects it. The TwiML library escapes markup only.
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def public_base_url(request: HTTPConnection, public_url: str) -> str:
@@ -47,6 +51,16 @@ def stream_url(base_url: str) -> str:
     scheme, sep, rest = base_url.partition("://")
     ws_scheme = "wss" if scheme == "https" else "ws" if scheme == "http" else scheme
     return f"{ws_scheme}{sep}{rest}{STREAM_PATH}"
+
+
+def not_xml_refusal(fields: Mapping[str, str]) -> str | None:
+    """Why one of these values (going into TwiML) is refused, or None."""
+    for name, value in fields.items():
+        found = _NOT_XML_CHAR.search(value)
+        if found is not None:
+            return (f"{name} holds U+{ord(found.group()):04X}, a character XML cannot carry: "
+                    "Twilio never sends one, and TwiML cannot hold it")
+    return None
 
 
 def twiml_connect(url: str, parameters: dict[str, str]) -> str:
@@ -83,12 +97,21 @@ async def twilio_voice(request: Request) -> Response:
     if refused is not None:
         return PlainTextResponse(refused, status_code=403)
     forwarded = {name: params.get(name, "") for name in FORWARDED_PARAMETERS}
+    url = stream_url(base)
+    # Unsigned (no auth token), anyone can post: refuse what TwiML cannot carry rather
+    # than answer a document that is not XML. (Host is the caller's too; httptools
+    # already refuses control characters in headers.)
+    invalid = not_xml_refusal({**forwarded, "Host": url})
+    if invalid is not None:
+        services.stats.error("twilio_invalid_webhook")
+        logs.event(log, "twilio_invalid_webhook", logging.WARNING, reason=invalid)
+        return PlainTextResponse(invalid, status_code=400)
     logs.event(log, "twilio_voice", call_id=forwarded["CallSid"] or None)
     # The token goes into TwiML only for requests proven to come from Twilio: without a
     # Twilio auth token anyone could read it here (docs/operations.md).
     if settings.call_token and settings.twilio_auth_token:
         forwarded[TOKEN_PARAMETER] = settings.call_token
-    return Response(twiml_connect(stream_url(base), forwarded), media_type="application/xml")
+    return Response(twiml_connect(url, forwarded), media_type="application/xml")
 
 
 def signature_refusal(connection: HTTPConnection, public_url: str,
