@@ -303,6 +303,33 @@ async def test_token_typing_and_errors_in_plain_words(guarded_server):
         assert "connection to the gateway was lost" in text(browser, "error")
 
 
+def test_a_gateway_taking_no_calls_for_now_keeps_the_token(guarded_server):
+    # A draining (or still loading) gateway refuses the upgrade with HTTP 503, which the
+    # browser hides like any refused upgrade: the page took it for a wrong token, forgot the
+    # token the operator had typed and asked for it again, so the next call, once the gateway
+    # took calls again, failed for want of a token.
+    server = guarded_server
+    services = server.app.state.services
+    with chromium(["--use-fake-ui-for-media-stream",  # no microphone: the call is the point
+                   "--autoplay-policy=no-user-gesture-required"]) as browser:
+        open_page(browser, server)
+        services.admission.draining = True
+        try:
+            by_testid(browser, "token").send_keys(CALL_TOKEN)
+            by_testid(browser, "token").submit()
+            state = wait_state(browser, lambda s: s["state"] == "failed", "a refused call",
+                               SHORT_S)
+        finally:
+            services.admission.draining = False
+        assert browser.execute_script(
+            "return sessionStorage.getItem('voicegate.callToken')") == CALL_TOKEN
+        assert not by_testid(browser, "token").is_displayed()
+        assert state.get("errorCode") == "draining", state
+        assert "shutting down" in text(browser, "error")
+        call(browser)  # with the kept token, nothing asked
+        hang_up(browser)
+
+
 def test_a_lost_message_is_not_shown_as_the_call_ending(page_server, monkeypatch):
     # A bug in handling one input (a typed message here) loses that input and is sent as
     # an `internal_error` without a turn, while the call goes on (docs/protocol.md). The

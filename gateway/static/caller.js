@@ -279,17 +279,9 @@
     if (current.hungUp) {
       setState("ended", "call ended");
     } else if (!current.opened) {
-      if (current.token) {
-        // The browser hides the HTTP status of a refused upgrade; with a token that
-        // is almost always a wrong one (a 403), so ask again.
-        try { sessionStorage.removeItem(TOKEN_KEY); } catch (e) { /* private mode */ }
-        askToken("The gateway refused the call: the token is wrong (or the gateway is " +
-                 "unreachable). Enter it again.");
-        setState("failed", "call refused");
-      } else {
-        showError("Could not reach the gateway at " + callUrl("") + ". Is it running?");
-        setState("failed", "not connected");
-      }
+      endCall(current);
+      explainRefusal(current);
+      return;
     } else if (event.code === 1011) {  // the call failed inside the gateway (onError)
       showError(ERROR_WORDS.internal_error);
       setState("failed", "call ended by the gateway");
@@ -307,6 +299,37 @@
       setState("failed", "call ended by the gateway");
     }
     endCall(current);
+  }
+
+  // A close before open: the browser hides the HTTP status of a refused upgrade. /readyz
+  // tells a gateway that takes no call for now (503: models loading, draining) and one that
+  // cannot be reached from one that refused this call (with a token, a wrong one: 403).
+  // Only that last case forgets the token; the others keep it for the next try.
+  async function explainRefusal(current) {
+    let answer = null;
+    try {
+      const response = await fetch("/readyz", { cache: "no-store" });
+      let ready = {};
+      try { ready = await response.json(); } catch (e) { /* not JSON: the status says it */ }
+      answer = { status: response.status, draining: !!ready.draining };
+    } catch (e) { /* no answer at all: unreachable */ }
+    if (call !== null) return;  // the operator called again meanwhile: that call speaks
+    if (answer && answer.status === 503) {
+      const code = answer.draining ? "draining" : "not_ready";
+      body.dataset.errorCode = code;
+      showError(ERROR_WORDS[code]);
+      setState("failed", "gateway not taking calls");
+    } else if (answer && current.token) {
+      try { sessionStorage.removeItem(TOKEN_KEY); } catch (e) { /* private mode */ }
+      askToken("The gateway refused the call: the token is wrong. Enter it again.");
+      setState("failed", "call refused");
+    } else if (answer) {
+      showError("The gateway at " + callUrl("") + " refused the call.");
+      setState("failed", "call refused");
+    } else {
+      showError("Could not reach the gateway at " + callUrl("") + ". Is it running?");
+      setState("failed", "not connected");
+    }
   }
 
   // ------------------------------------------------------------------ events
@@ -435,6 +458,7 @@
     too_many_calls: "The gateway is busy: it is already carrying as many calls as it allows. " +
                     "Try again in a moment.",
     not_ready: "The gateway is still loading its speech models. Try again in a few seconds.",
+    draining: "The gateway is shutting down and takes no new calls. Try again in a moment.",
     audio_too_fast: "The gateway ended the call: audio arrived faster than real time.",
     client_not_reading: "The gateway ended the call: this page stopped reading its messages.",
     start_timeout: "The gateway ended the call: the call did not start in time.",
