@@ -27,6 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
     # --store DIR wins over --redis URL and VOICEGATE_REDIS_URL, as for seed and route.
     settings = Settings.load({"host": args.host, "port": args.port, "store_dir": args.store,
                               "redis_url": "" if args.store else args.redis})
+    if refused := _store_dir_refused(args.store, must_exist=False):
+        return _usage_error("serve", refused)
     logs.configure(settings.log_level)
     app = create_app(settings)
     print(f"voicegate: caller page http://{settings.host}:{settings.port}/ · "
@@ -127,6 +129,41 @@ def _store(args: argparse.Namespace, settings: Any) -> Any:
     return open_store(settings, args.store or None)
 
 
+def _usage_error(command: str, message: str) -> int:
+    """A usage error (argparse's status): one line naming the argument, found before any work."""
+    print(f"voicegate {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _input_file_refused(path: str, name: str = "") -> str | None:
+    """Why the input file ``path`` (``name``: the option that gave it) cannot be read, checked
+    before any work; None when it can. Its content is the command's to judge."""
+    file = Path(path)
+    if file.is_dir():
+        return f"{name}a directory, not a CSV file: {path}"
+    if not file.exists():
+        return f"{name}no such file: {path}"
+    try:
+        with file.open("rb"):
+            pass
+    except OSError as exc:
+        return f"{name}cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
+def _store_dir_refused(store: str | None, must_exist: bool) -> str | None:
+    """What is wrong with ``--store DIR`` (a file; or, for a command that only reads the
+    store, a directory that is not there); None when nothing is or it was not given."""
+    if not store:
+        return None
+    path = Path(store)
+    if path.exists() and not path.is_dir():
+        return f"--store: not a directory: {store}"
+    if must_exist and not path.exists():
+        return f"--store: no such directory: {store}"
+    return None
+
+
 def _seed(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -140,13 +177,14 @@ def _seed(args: argparse.Namespace) -> int:
     from .settings import Settings
 
     settings = Settings.load({"redis_url": args.redis})
-    if not Path(args.csv).is_file():
-        why = "a directory, not a CSV file" if Path(args.csv).is_dir() else "no such file"
-        print(f"voicegate seed: {why}: {args.csv}", file=sys.stderr)
-        return 2
+    refused = (_input_file_refused(args.csv)
+               or (args.negatives and _input_file_refused(args.negatives, "--negatives: "))
+               or _store_dir_refused(args.store, must_exist=False))
+    if refused:
+        return _usage_error("seed", refused)
     try:
         negatives = read_negatives_csv(args.negatives) if args.negatives else ()
-    except NegativesError as exc:
+    except NegativesError as exc:  # its content (as the CSV's rows): the command failed
         print(f"voicegate seed: negatives: {exc}", file=sys.stderr)
         return 1
     store = _store(args, settings)
@@ -204,6 +242,8 @@ def _route(args: argparse.Namespace) -> int:
     from .settings import Settings
 
     settings = Settings.load({"redis_url": args.redis})
+    if refused := _store_dir_refused(args.store, must_exist=True):  # route only reads it
+        return _usage_error("route", refused)
     try:
         cache = load_cache(_store(args, settings), build_embedder(settings))
     except StoreError as exc:
@@ -239,6 +279,12 @@ def _demo(args: argparse.Namespace) -> int:
     from .runtime import ModelLoadError, load_failure
 
     try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "not a directory" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
+            else f"cannot create it ({exc.strerror or exc})"
+        return _usage_error("demo", f"--out: {why}: {args.out}")
+    try:
         return run_demo(Path(args.out), port=args.port)
     except ModelLoadError as exc:  # the demo loads its models itself: as `serve` ends
         return _gave_up("demo", load_failure(exc))
@@ -260,23 +306,36 @@ _REDIS_HELP = ("shared Redis store, redis://HOST:PORT/DB (default: VOICEGATE_RED
 _STORE_HELP = "cache directory (default: VOICEGATE_STORE_DIR); wins over a Redis URL"
 
 
+EXIT_STATUS = ("exit status: 0 done; 1 the command ran and failed (invalid rows in a CSV, a "
+               "store or gateway that cannot be reached, a model that does not load, a `route` "
+               "input line that is not UTF-8); 2 a usage error, found before any work (a bad "
+               "argument or VOICEGATE_* setting, an input file that is missing or cannot be "
+               "read, a --store that is not a directory or, for route, is missing); 130 "
+               "interrupted (Ctrl-C)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="voicegate", description=__doc__)
+    from .settings import SUPPORTED_SAMPLE_RATES
+
+    parser = argparse.ArgumentParser(prog="voicegate", description=__doc__, epilog=EXIT_STATUS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the gateway")
+    serve = sub.add_parser("serve", help="run the gateway", epilog=EXIT_STATUS)
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--store", help=_STORE_HELP)
     serve.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     serve.set_defaults(func=_serve)
 
-    call = sub.add_parser("call", help="call a gateway with a WAV file or a transcript")
+    call = sub.add_parser("call", help="call a gateway with a WAV file or a transcript",
+                          epilog=EXIT_STATUS)
     call.add_argument("url", help="ws://HOST:PORT/v1/call")
     call.add_argument("--wav", help="caller audio (any PCM WAV; resampled as needed)")
     call.add_argument("--text", help="a caller transcript, sent after the audio (skips STT)")
     call.add_argument("--out", help="write the reply audio to this WAV file")
-    call.add_argument("--rate", type=int, default=16000, help="sample rate to negotiate")
+    call.add_argument("--rate", type=int, default=16000, choices=SUPPORTED_SAMPLE_RATES,
+                      metavar="HZ", help="sample rate to negotiate: one of "
+                      f"{', '.join(map(str, SUPPORTED_SAMPLE_RATES))} (default 16000)")
     call.add_argument("--json", action="store_true", help="print events as JSON lines")
     call.add_argument("--timeout", type=_positive_seconds, default=60.0,
                       help="seconds to wait for each reply (default 60)")
@@ -285,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "VOICEGATE_CALL_TOKEN)")
     call.set_defaults(func=_call)
 
-    seed = sub.add_parser("seed", help="validate a FAQ CSV, render its answers, publish it")
+    seed = sub.add_parser("seed", help="validate a FAQ CSV, render its answers, publish it",
+                          epilog=EXIT_STATUS)
     seed.add_argument("csv", help="columns question, answer (required), intent, action")
     seed.add_argument("--store", help=_STORE_HELP)
     seed.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
@@ -298,12 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "get a cached answer, beside the generic set shipped with voicegate")
     seed.set_defaults(func=_seed)
 
-    route = sub.add_parser("route", help="route utterances from stdin, one JSON line each")
+    route = sub.add_parser("route", help="route utterances from stdin, one JSON line each",
+                           epilog=EXIT_STATUS)
     route.add_argument("--store", help=_STORE_HELP)
     route.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     route.set_defaults(func=_route)
 
-    demo = sub.add_parser("demo", help="start a gateway and call it with synthesized callers")
+    demo = sub.add_parser("demo", help="start a gateway and call it with synthesized callers",
+                          epilog=EXIT_STATUS)
     demo.add_argument("--out", default="demo-out", help="directory for the reply WAV files")
     demo.add_argument("--port", type=int, default=0, help="0: any free port")
     demo.set_defaults(func=_demo)

@@ -510,6 +510,81 @@ def test_a_seed_of_a_directory_and_a_call_timeout_of_nothing_are_refused_by_name
         assert "argument --timeout:" in capsys.readouterr().err
 
 
+# Usage errors (argparse's convention): a missing or unreadable input file or a bad argument
+# is status 2, one line naming it, found before any work. `seed` with a missing CSV said 2
+# but with a missing --negatives file 1; the others were 1, a traceback, or not found at all.
+@pytest.mark.parametrize("argv, says", [
+    (["seed", "{csv}", "--negatives", "{tmp}/nope.csv"],
+     "--negatives: no such file: {tmp}/nope.csv"),
+    (["seed", "{csv}", "--negatives", "{tmp}"],
+     "--negatives: a directory, not a CSV file: {tmp}"),
+    (["seed", "{csv}", "--negatives", "{locked}"],
+     "--negatives: cannot read {locked}: Permission denied"),
+    (["seed", "{locked}"], "cannot read {locked}: Permission denied"),
+    (["seed", "{csv}", "--store", "{file}"], "--store: not a directory: {file}"),
+    (["serve", "--port", "0", "--store", "{file}"], "--store: not a directory: {file}"),
+    (["route", "--store", "{file}"], "--store: not a directory: {file}"),
+    (["route", "--store", "{tmp}/no-store"], "--store: no such directory: {tmp}/no-store"),
+    (["demo", "--out", "{file}"], "--out: not a directory: {file}"),
+], ids=["negatives-missing", "negatives-dir", "negatives-unreadable", "csv-unreadable",
+        "seed-store-file", "serve-store-file", "route-store-file", "route-store-missing",
+        "demo-out-file"])
+def test_a_missing_or_unreadable_input_or_a_bad_argument_is_status_2(argv, says, monkeypatch,
+                                                                    capsys, tmp_path):
+    import gateway.demo
+    import gateway.seeding
+    import intents.loader
+    from gateway import cli
+
+    seen = _commands_do_no_heavy_work(monkeypatch)
+    worked: list[str] = []
+    monkeypatch.setattr(gateway.seeding, "seed_with_voice",
+                        lambda *a, **k: worked.append("seed"))
+    monkeypatch.setattr(intents.loader, "load_cache", lambda *a, **k: worked.append("route"))
+    monkeypatch.setattr(gateway.demo, "run_demo", lambda *a, **k: worked.append("demo") or 0)
+    names = {"tmp": str(tmp_path), "csv": str(tmp_path / "faq.csv"),
+             "file": str(tmp_path / "a-file"), "locked": str(tmp_path / "locked.csv")}
+    for name in ("csv", "file", "locked"):
+        Path(names[name]).write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    # Tests run as root, who reads every file: refuse it as mode 000 refuses anyone else.
+    real_open = Path.open
+
+    def open_(self, *args, **kwargs):
+        if str(self) == names["locked"]:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    argv = [a.format(**names) for a in argv]
+    if argv[0] == "seed" and "--store" not in argv:
+        argv += ["--store", str(tmp_path / "store")]
+    assert cli.main(argv) == 2, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == f"voicegate {argv[0]}: {says.format(**names)}\n", err
+    assert worked == [] and "served" not in seen and not (tmp_path / "store").exists()
+
+
+def test_a_sample_rate_the_protocol_refuses_is_status_2_before_dialling(capsys):
+    # `call --rate 0` dialled, then the gateway refused the start (unsupported_sample_rate).
+    from gateway import cli
+
+    for bad in ("0", "-5", "11025"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["call", "ws://127.0.0.1:9/v1/call", "--text", "hi", "--rate", bad])
+        assert info.value.code == 2
+        assert "argument --rate: invalid choice" in capsys.readouterr().err
+
+
+def test_the_help_names_the_exit_statuses(capsys):
+    from gateway import cli
+
+    for argv in (["--help"], ["seed", "--help"], ["call", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        out = " ".join(capsys.readouterr().out.split())
+        assert "exit status: 0 done; 1 " in out and "; 2 a usage error" in out, out
+
+
 @pytest.mark.parametrize("command", ["serve", "route", "seed", "demo"])
 def test_a_bad_setting_is_one_line_naming_the_field_and_exit_status_2(command, monkeypatch,
                                                                        capsys, tmp_path):
