@@ -363,6 +363,70 @@ def test_the_balancer_resends_a_refused_get_but_never_an_admin_write(tmp_path: P
             replica.close()
 
 
+
+class HangingReplica:
+    """A stand-in replica that is ready until ``hang`` is set; then it accepts connections
+    and never answers (an event loop stuck, a process stopped): what a health check meets."""
+
+    def __init__(self) -> None:
+        self.hang = threading.Event()
+        self.released = threading.Event()
+        hang, released = self.hang, self.released
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if hang.is_set():
+                    released.wait(120)  # never answers while the test runs
+                    return
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("inter", ["1s", "5s"], ids=["as-shipped", "inter-raised-to-5s"])
+def test_a_hung_replica_leaves_rotation_on_a_one_second_check(tmp_path: Path, inter: str) -> None:
+    """A replica that hangs (accepts, never answers /readyz) is marked down by a check that
+    times out after 1 s (`timeout check 1s`), also when an operator raises the check
+    interval (fewer checks at many replicas): without `timeout check`, HAProxy bounds the
+    whole check by `inter` instead, and a hung replica would take new calls for that long."""
+    if shutil.which("haproxy") is None:
+        unavailable("haproxy is not installed (scripts/ensure-haproxy.sh)")
+    config = tmp_path / "haproxy.cfg"
+    shipped = Balancer.CONFIG.read_text()
+    assert "check inter 1s " in shipped
+    config.write_text(shipped.replace("check inter 1s ", f"check inter {inter} "))
+    replicas = [HangingReplica(), HangingReplica()]
+    balancer = type("TunedBalancer", (Balancer,), {"CONFIG": config})(
+        tmp_path, [r.port for r in replicas])
+    try:
+        balancer.wait_up()
+        replicas[0].hang.set()
+        down = "Server gateways/replica-1 is DOWN"
+        assert wait_for(lambda: down in balancer.log.read_text(errors="replace"), 30), \
+            balancer.log.read_text(errors="replace")[-3000:]
+        line = next(l for l in balancer.log.read_text(errors="replace").splitlines() if down in l)
+        # HAProxy's own measure of the failed check, not the test's wall clock.
+        duration_ms = int(line.split("check duration: ")[1].split("ms")[0])
+        assert "Layer7 timeout" in line and duration_ms <= 1100, line
+    finally:
+        balancer.stop()
+        for replica in replicas:
+            replica.close()
+
+
 @pytest.mark.slow
 async def test_a_second_sigterm_exits_at_once_while_a_call_and_a_request_hang(
         redis_url: str, tmp_path: Path) -> None:
