@@ -171,7 +171,9 @@ class Settings(BaseModel):
     bad_message_burst: Pos = 500
     # SIGTERM drains the replica (gateway/drain.py): /readyz 503, new calls refused
     # (`draining`), running calls finish for up to this long, then the process exits.
-    drain_timeout_s: PosF = 60.0
+    # Ten minutes: contact-center calls last minutes, and a rolling deploy should not cut
+    # the ones that last longer than a minute (60 s did).
+    drain_timeout_s: PosF = 600.0
 
     # --- stores -------------------------------------------------------------
     store_dir: str = "var/store"
