@@ -35,7 +35,7 @@ from gateway.preemption import Preemption
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
 from gateway.sentences import SentenceChunker
 from gateway.settings import Settings, SettingsError
-from gateway.tools import ToolRunner, load_tools
+from gateway.tools import ToolRunner, load_tools, parse_arguments
 from . import logs
 
 log = logging.getLogger("voicegate.agent")
@@ -131,7 +131,8 @@ class Conversation:
         message: dict[str, Any] = {"role": "assistant", "content": text or None}
         if tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
-                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                      "function": {"name": c.name,
+                                                   "arguments": _readable_arguments(c)}}
                                      for c in tool_calls]
         if message["content"] is None and not tool_calls:
             return
@@ -213,6 +214,14 @@ class Conversation:
             if len(starts) < 2:
                 return  # only the latest exchange is left: keep it whole
             self.history = self.history[starts[1]:]
+
+
+def _readable_arguments(call: ToolCall) -> str:
+    """The call's arguments as the context keeps them. Arguments that are no JSON object
+    (the runner refused them, and its result says so) are kept as "{}": sent back as
+    streamed, a server that decodes them (Ollama) refuses this request and every later
+    one of the call (HTTP 400 "invalid tool call arguments")."""
+    return call.arguments if parse_arguments(call.arguments) is not None else "{}"
 
 
 def _answer_every_tool_call(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

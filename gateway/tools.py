@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
+
 import httpx
 
 from gateway.clock import SYSTEM_CLOCK, Clock, deadline
@@ -79,10 +81,9 @@ class ToolRunner:
         tool = self.tools.get(call.name)
         if tool is None:
             return _error(f"there is no tool named {call.name}"), False
-        try:
-            arguments = json.loads(call.arguments or "{}")
-        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
-            return _error(f"the arguments for {call.name} were not valid JSON"), False
+        arguments = parse_arguments(call.arguments)
+        if arguments is None:
+            return _error(f"the arguments for {call.name} were not a JSON object"), False
         started = clock.now()
         try:
             # httpx's timeout bounds each read, not the call: a webhook that trickles its
@@ -127,6 +128,23 @@ async def _head(response: httpx.Response, chars: int) -> str:
         if len(text) >= chars:
             break  # leaving the stream closes the connection: the rest is never read
     return text[:chars]
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_arguments(text: str) -> dict[str, Any] | None:
+    """A tool call's arguments as the object they must be; None when they are not one
+    (cut short, an array, NaN or Infinity, which json.loads takes and strict parsers
+    such as Ollama's do not). Empty or ``null``: no arguments."""
+    try:
+        arguments = json.loads(text or "{}", parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
+        return None
+    if arguments is None:
+        return {}
+    return arguments if isinstance(arguments, dict) else None
 
 
 def _error(message: str) -> str:

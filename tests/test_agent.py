@@ -633,8 +633,8 @@ async def test_a_huge_tool_answer_is_not_read_whole(webhook):
 
 
 async def test_a_tool_call_the_runner_cannot_send_goes_back_as_an_error(webhook):
-    """The model calls two tools at once; one's arguments parse (json.loads accepts NaN)
-    but cannot be sent (httpx refuses NaN: ValueError; a lone surrogate: UnicodeEncodeError).
+    """The model calls two tools at once; one's arguments parse (a JSON object holding a
+    lone surrogate) but cannot be sent (httpx refuses it: UnicodeEncodeError).
     ToolRunner.run raises instead of returning the error string its docstring promises
     ("whatever happens, the model gets a string back"), asyncio.gather raises it out of
     the agent: the caller hears the filler, then the apology (reply_failed) for a question
@@ -657,7 +657,7 @@ async def test_a_tool_call_the_runner_cannot_send_goes_back_as_an_error(webhook)
     balance = ToolSpec("get_balance", "", url=hook_server.url + "/tool/get_balance",
                        timeout_s=10.0)
     llm = ScriptLLM([LLMChunk(tool_call=ToolCall("c1", "get_order", '{"id": "A-17"}')),
-                     LLMChunk(tool_call=ToolCall("c2", "get_balance", '{"amount": NaN}'))],
+                     LLMChunk(tool_call=ToolCall("c2", "get_balance", '{"note": "\\ud800"}'))],
                     [LLMChunk(text="Your order shipped. I could not get your balance.")])
     agent = Agent(llm, [order, balance], filler_after_s=None)  # type: ignore[arg-type]
     events: list[Any] = []
@@ -812,3 +812,42 @@ async def test_a_tool_call_in_the_last_round_does_not_end_the_turn_in_silence():
     assert sources == ["filler", "handoff"]
     assert h.output.of("handoff")[0]["reason"] == \
         "the LLM called get_balance, a tool it was not offered"
+
+
+@pytest.mark.parametrize("arguments", ['{"account": "42"', '["42"]', '{"account": NaN}'],
+                         ids=["cut-short", "not-an-object", "nan"])
+async def test_a_tool_call_with_malformed_arguments_does_not_poison_the_context(
+        llm_server, webhook, arguments):
+    """A model streams a tool call whose arguments are no JSON object (cut short, an
+    array, NaN: small local models do). The runner answers the model with an error, but
+    the call's arguments went into the context as streamed, and an OpenAI-compatible
+    server that decodes them (Ollama: 400 "invalid tool call arguments") then refused the
+    next request, and every later one of the call: the caller heard the filler, then the
+    handoff, and the handoff again at every later question the cache missed. The context
+    keeps arguments a server can read; the tool result says what was wrong."""
+    fake, server = llm_server
+    hook, hook_server = webhook
+    fake.strict_tool_arguments = True
+
+    def script(body: dict[str, Any]) -> Reply:
+        last = body["messages"][-1]
+        if last["role"] == "tool":
+            return Reply(text="Sorry, which account is that?")
+        if last["content"] == "the savings one":
+            return Reply(text="Your savings balance is twelve dollars.")
+        return Reply(text="", tool_calls=[("get_balance", arguments)])
+
+    fake.script = script
+    agent = make_agent(server, "m", tools=[BALANCE], webhook_url=hook_server.url)
+    try:
+        first, conversation = await run(agent, "What's my balance?")
+        second, _ = await run(agent, "the savings one", conversation)
+    finally:
+        await agent.aclose()
+    assert isinstance(first[0], ToolStarted) and first[1:] == [
+        Sentence("Sorry, which account is that?")], first
+    assert second == [Sentence("Your savings balance is twelve dollars.")], second
+    assert hook.calls == []  # never sent to the webhook
+    tool_message = [m for m in fake.stats.bodies[1]["messages"] if m["role"] == "tool"][0]
+    assert json.loads(tool_message["content"]) == {
+        "error": "the arguments for get_balance were not a JSON object"}

@@ -57,6 +57,10 @@ class FakeOpenAI:
         self.replies: dict[str, Reply] = {}
         self.default = Reply()
         self.script: Callable[[dict[str, Any]], Reply] | None = None
+        # Refuse a request whose history holds a tool call with arguments that are no JSON
+        # object (400 "invalid tool call arguments"), as Ollama's OpenAI compatibility does:
+        # it decodes each one into a map (openai/openai.go, FromCompletionToolCall).
+        self.strict_tool_arguments = False
         self.stats = Stats()
         self._lock = threading.Lock()
 
@@ -111,6 +115,12 @@ class FakeOpenAI:
         with self._lock:
             self.stats.requests[model] += 1
             self.stats.bodies.append(body)
+        if self.strict_tool_arguments and not _tool_arguments_are_objects(body):
+            await _json(send, 400, {"error": {"message": "invalid tool call arguments",
+                                              "type": "invalid_request_error", "code": None}})
+            with self._lock:
+                self.stats.completed[model] += 1
+            return
         reply = self.reply_for(body)
         if reply.status != 200:
             message = reply.error_message or f"fake failure {reply.status}"
@@ -177,6 +187,22 @@ class FakeOpenAI:
                 piece = b'data: {"id": "broken", "choices": [{"delta": {"content": "x"\n\n'
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Go's encoding/json refuses NaN and Infinity
+
+
+def _tool_arguments_are_objects(body: dict[str, Any]) -> bool:
+    for message in body.get("messages") or ():
+        for call in message.get("tool_calls") or ():
+            try:
+                arguments = json.loads(call["function"]["arguments"], parse_constant=_refuse_constant)
+            except (ValueError, KeyError, TypeError):
+                return False
+            if not isinstance(arguments, (dict, type(None))):
+                return False
+    return True
 
 
 def _split_words(text: str) -> list[str]:
