@@ -2,9 +2,10 @@
 
 The primary starts at once; the secondary after a hedge delay (fixed, 0 = both at
 once, or adaptive: a high percentile of the primary's recent time to first token).
-The first leg to yield content (not whitespace alone) or a tool call wins and is
-streamed to the caller; the other is cancelled, which closes its HTTP stream. A leg
-that fails before its first token (error, empty reply, or no token within
+The first leg to yield content (not whitespace alone) or a tool call (its first
+fragment: the arguments may take seconds to write) wins and is streamed to the caller;
+the other is cancelled, which closes its HTTP stream. A leg that fails before its first
+token (error, empty reply, or no token within
 ``first_token_timeout_s``) hands the turn to the other at once, starting the secondary
 early if need be.
 
@@ -165,7 +166,8 @@ class HedgedChat:
                 if leg.failed:
                     continue  # a late item from a leg already given up on
                 if isinstance(item, LLMChunk):
-                    if item.tool_call is None and not item.text.strip():
+                    if item.tool_call is None and not item.tool_call_fragment \
+                            and not item.text.strip():
                         # Whitespace ("\n\n" before a model thinks) says nothing: no first
                         # token, so no win, and the other leg and the timeouts still count.
                         continue

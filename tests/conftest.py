@@ -60,7 +60,10 @@ def llm_server() -> Iterator[tuple[FakeOpenAI, ServerThread]]:
     """An OpenAI-compatible chat-completions server on 127.0.0.1 (SSE, tool calls, faults)."""
     fake = FakeOpenAI()
     with ServerThread(fake) as server:
-        yield fake, server
+        try:
+            yield fake, server
+        finally:
+            fake.release.set()  # no held reply outlives its test
 
 
 @pytest.fixture

@@ -492,12 +492,55 @@ async def test_a_stream_that_ends_without_a_finish_is_an_error(llm_server, reply
     assert "".join(c.text for c in got) == heard
     assert not [c for c in got if c.tool_call is not None]  # a cut tool call never runs
 
-    # In the hedge: cut after its first token, the winner broke (raised, not an answer);
-    # cut before it, the leg failed and the other answers.
+    # In the hedge: cut after its first token (a word, or a tool call's first fragment),
+    # the winner broke (raised, not an answer: the agent asks the round again once).
     hedged = pair(server, "cut", "spare", hedge_delay_s=600.0)
-    if heard:
-        with pytest.raises(ProviderError, match="without a finish_reason"):
-            await collect(hedged)
-    else:
-        assert await collect(hedged) == "Hello there. How can I help you today?"
-        assert hedged.stats.failovers == 1
+    with pytest.raises(ProviderError, match="without a finish_reason"):
+        await collect(hedged)
+    assert hedged.stats.primary_wins == 1
+
+    # Cut before any (the role chunk alone): the leg failed and the other answers.
+    fake.replies["cut"] = Reply(text="Never sent.", cut_after=1)
+    hedged = pair(server, "cut", "spare", hedge_delay_s=600.0)
+    assert await collect(hedged) == "Hello there. How can I help you today?"
+    assert hedged.stats.failovers == 1
+
+
+async def test_a_tool_call_still_streaming_its_arguments_is_no_stall(llm_server):
+    """The model answers with a tool call whose arguments take a while to write (a ticket's
+    summary, on a slow local model). The SDK adapter yielded nothing until the whole call
+    was assembled, so the hedge saw no first token and failed a leg that was streaming:
+    "no first token after 4 s" at the first-token timeout, and with one model configured
+    the caller heard the filler, then the handoff (llm_failed). A tool call's first
+    fragment is the leg's first token, as a first word is; the call itself comes whole."""
+    fake, server = llm_server
+    arguments = '{"summary": "The card was charged twice for the same coffee on Monday."}'
+    # The role chunk, the call's id and name, the first half of its arguments: then held.
+    fake.replies["slow"] = Reply(text="", tool_calls=[("create_ticket", arguments)], hold_after=3)
+    clock = ManualClock()
+    leg = SeenLeg(OpenAIChat("slow", base_url=server.url + "/v1", name="slow"))
+    hedged = HedgedChat(leg, None, clock=clock, first_token_timeout_s=4.0,  # type: ignore[arg-type]
+                        idle_timeout_s=10.0)
+
+    async def read() -> list[LLMChunk]:
+        return [chunk async for chunk in hedged.stream(MESSAGES)]
+
+    answer = asyncio.ensure_future(read())
+    try:
+        for _ in range(2000):  # the call's first fragments have reached the race (polled)
+            if leg.seen:
+                break
+            await asyncio.sleep(0.01)
+        assert leg.seen and leg.seen[0].tool_call is None, (
+            "the leg yielded nothing while its tool call streamed")
+        await clock.advance(5.0)  # past the first-token timeout, still writing arguments
+        assert not answer.done() and hedged.stats.leg_failures == 0
+        fake.release.set()  # the rest of the arguments, and the finish
+        chunks = await asyncio.wait_for(answer, 20)
+    finally:
+        answer.cancel()
+        await asyncio.gather(answer, return_exceptions=True)
+        await leg.inner.aclose()
+    assert [(c.tool_call.name, c.tool_call.arguments) for c in chunks if c.tool_call] == [
+        ("create_ticket", arguments)]
+    assert not any(c.text for c in chunks) and hedged.stats.primary_wins == 1

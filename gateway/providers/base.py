@@ -96,10 +96,13 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class LLMChunk:
-    """One streamed piece of a chat completion: text, or a complete tool call."""
+    """One streamed piece of a chat completion: text, a complete tool call, or word that
+    a tool call is being written (``tool_call_fragment``: its pieces arrive, the call
+    comes whole in a later chunk; nothing to say or run yet, but no stall either)."""
 
     text: str = ""
     tool_call: ToolCall | None = None
+    tool_call_fragment: bool = False
 
 
 @dataclass

@@ -120,8 +120,14 @@ async def chunks(stream: AsyncIterator[Any]) -> AsyncIterator[LLMChunk]:
                 if delta.content:
                     yield LLMChunk(text=delta.content)
                 if delta.tool_calls:
-                    for call in assembler.add(list(delta.tool_calls)):
+                    done = assembler.add(list(delta.tool_calls))
+                    for call in done:
                         yield LLMChunk(tool_call=call)
+                    if not done:
+                        # Said at once: a model writing a call's arguments is answering
+                        # (the hedge's first token, no idle stall), though the call is
+                        # only run once whole.
+                        yield LLMChunk(tool_call_fragment=True)
             if choice.finish_reason:
                 finished = True
                 for call in assembler.finish():

@@ -41,6 +41,10 @@ class Reply:
     # Tool-call fragments without their "index" (some OpenAI-compatible servers omit it):
     # the first fragment of a call carries its id and name, the rest only arguments.
     omit_tool_index: bool = False
+    # Ordering without timing: send N chunks, then the rest only once ``FakeOpenAI.release``
+    # is set (a model still writing its answer, or a tool call's arguments, for as long as
+    # the test needs).
+    hold_after: int | None = None
     error_message: str = ""  # with a status != 200, the error's message (else "fake failure N")
 
 
@@ -61,6 +65,7 @@ class FakeOpenAI:
         # object (400 "invalid tool call arguments"), as Ollama's OpenAI compatibility does:
         # it decodes each one into a map (openai/openai.go, FromCompletionToolCall).
         self.strict_tool_arguments = False
+        self.release = threading.Event()  # ends every Reply.hold_after
         self.stats = Stats()
         self._lock = threading.Lock()
 
@@ -175,6 +180,9 @@ class FakeOpenAI:
         for n, piece in enumerate(pieces):
             if reply.cut_after is not None and n >= reply.cut_after:
                 break
+            if reply.hold_after is not None and n == reply.hold_after:
+                while not self.release.is_set():  # polled: a disconnect still cancels it
+                    await asyncio.sleep(0.005)
             if reply.stall_after is not None and n >= reply.stall_after:
                 await asyncio.sleep(STALL)
             if n == 1:
