@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from . import logs
 log = logging.getLogger("voicegate.tools")
 
 MAX_RESULT_CHARS = 4000  # what goes back into the context; a webhook may answer a lot
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the function names OpenAI takes
 
 
 class ToolConfigError(ValueError):
@@ -37,22 +40,40 @@ def load_tools(path: str) -> list[ToolSpec]:
         raise ToolConfigError(f"cannot read tools file {path}: {exc}") from exc
     if not isinstance(raw, list):
         raise ToolConfigError(f"tools file {path}: expected a JSON list of tools")
-    tools = []
+    tools: list[ToolSpec] = []
     for n, item in enumerate(raw):
         if not isinstance(item, dict) or not item.get("name") or not item.get("url"):
             raise ToolConfigError(f"tools file {path}: tool #{n} needs at least a name and a url")
+        name = str(item["name"])
         unknown = set(item) - {"name", "description", "parameters", "url", "timeout_s"}
         if unknown:
-            raise ToolConfigError(f"tools file {path}: tool {item['name']!r} has unknown keys "
+            raise ToolConfigError(f"tools file {path}: tool {name!r} has unknown keys "
                                   f"{sorted(unknown)}")
+        # Found here, not by callers: OpenAI refuses every request offering a name
+        # outside this pattern (HTTP 400), so every miss would hand off.
+        if not _TOOL_NAME.fullmatch(name):
+            raise ToolConfigError(f"tools file {path}: tool {name!r} has a bad name: use "
+                                  "letters, digits, '_' and '-', at most 64")
+        if any(tool.name == name for tool in tools):
+            raise ToolConfigError(f"tools file {path}: tool {name!r} is declared twice")
         url = str(item["url"])
         problem = _url_problem(url)
         if problem:
-            raise ToolConfigError(f"tools file {path}: tool {item['name']!r} has a bad url "
+            raise ToolConfigError(f"tools file {path}: tool {name!r} has a bad url "
                                   f"{url!r}: {problem}")
-        tools.append(ToolSpec(name=str(item["name"]), description=str(item.get("description", "")),
-                              parameters=item.get("parameters") or {"type": "object", "properties": {}},
-                              url=url, timeout_s=float(item.get("timeout_s", 5.0))))
+        timeout_s = item.get("timeout_s", 5.0)
+        # 0 or less fails every call at once; infinite (JSON's Infinity) lets a hung
+        # webhook hold the turn in silence for good.
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
+                or not math.isfinite(timeout_s) or timeout_s <= 0:
+            raise ToolConfigError(f"tools file {path}: tool {name!r} has a bad timeout_s "
+                                  f"{timeout_s!r}: expected seconds above zero")
+        parameters = item.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise ToolConfigError(f"tools file {path}: tool {name!r} has bad parameters: "
+                                  "expected a JSON schema object")
+        tools.append(ToolSpec(name=name, description=str(item.get("description", "")),
+                              parameters=parameters, url=url, timeout_s=float(timeout_s)))
     return tools
 
 

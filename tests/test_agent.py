@@ -571,6 +571,44 @@ def test_tools_file_errors_are_specific(tmp_path):
             load_tools(str(bad))
 
 
+BAD_TIMEOUT = "tool 'get_balance' has a bad timeout_s {}: expected seconds above zero"
+
+
+@pytest.mark.parametrize("tools, problem", [
+    ([{"name": "get balance"}], "tool 'get balance' has a bad name: use letters, digits, '_' "
+                                "and '-', at most 64"),
+    ([{"name": "x" * 65}], f"tool '{'x' * 65}' has a bad name"),
+    ([{"name": "get_balance"}, {"name": "get_balance"}], "tool 'get_balance' is declared twice"),
+    ([{"name": "get_balance", "timeout_s": 0}], BAD_TIMEOUT.format(0)),
+    ([{"name": "get_balance", "timeout_s": -1}], BAD_TIMEOUT.format(-1)),
+    ([{"name": "get_balance", "timeout_s": "5s"}], BAD_TIMEOUT.format("'5s'")),
+    ([{"name": "get_balance", "timeout_s": True}], BAD_TIMEOUT.format(True)),
+    ([{"name": "get_balance", "timeout_s": float("inf")}], BAD_TIMEOUT.format("inf")),
+    ([{"name": "get_balance", "timeout_s": float("nan")}], BAD_TIMEOUT.format("nan")),
+    ([{"name": "get_balance", "parameters": ["account"]}],
+     "tool 'get_balance' has bad parameters: expected a JSON schema object"),
+], ids=["space", "too-long", "twice", "zero", "negative", "text", "bool", "infinite", "nan",
+        "parameters"])
+def test_a_tools_file_the_chat_api_or_the_runner_cannot_use_stops_the_start_up(
+        tmp_path, tools, problem):
+    """Each of these was taken as is. A name OpenAI's API refuses (^[a-zA-Z0-9_-]{1,64}$:
+    'get balance') failed every request that offered the tools (HTTP 400): every miss a
+    handoff with llm_failed. A timeout_s of 0 or less failed every
+    call of the tool at once ("did not answer within 0 seconds"); an infinite one (JSON's
+    Infinity) let a hung webhook hold the turn in silence for good; "5s" stopped the
+    start-up with a bare ValueError naming neither the file nor the tool, after every
+    model had loaded. Two tools of one name: the runner kept the last. Each now stops the
+    start-up with an error naming the tool."""
+    bad = tmp_path / "tools.json"
+    bad.write_text(json.dumps([{"url": "http://127.0.0.1:9/tool", **t} for t in tools]))
+    with pytest.raises(ToolConfigError, match=f"tools file {re.escape(str(bad))}: "
+                                              f"{re.escape(problem)}"):
+        load_tools(str(bad))
+    bad.write_text(json.dumps([{"name": "get-balance_2", "url": "http://127.0.0.1:9/tool",
+                                "timeout_s": 2}]))
+    assert load_tools(str(bad))[0].timeout_s == 2.0  # an integer is seconds too
+
+
 async def test_a_tool_url_httpx_cannot_parse_goes_back_to_the_model_as_an_error():
     # A ToolSpec built in code skips load_tools' check: the call still gets its error string.
     runner = ToolRunner([ToolSpec("get_balance", "", url="http://127.0.0.1:8o80/tool")])
