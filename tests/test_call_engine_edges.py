@@ -9,8 +9,10 @@ from typing import Any, AsyncIterator, Callable
 
 import pytest
 
+from gateway.call import Call
 from gateway.providers.base import LLMChunk, ProviderError, Transcript
-from tests.call_harness import (CallHarness, assert_a_stalled_voice_fails_the_turn, tone,
+from tests.call_harness import (RATE, CallHarness, RecordingOutput,
+                                assert_a_stalled_voice_fails_the_turn, tone,
                                 voice_that_fails_on_cue)
 
 NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
@@ -564,6 +566,40 @@ async def test_a_barge_in_on_a_reply_not_begun_reports_none_of_it_heard():
     second = h.output.of("interrupt")[1]
     assert (second["turn"], second["sent_ms"], second["heard_ms"]) == (2, 0, 0), second
     await h.stop()
+
+
+class _SlowMetricsOutput(RecordingOutput):
+    """turn_metrics recorded at once, then 100 ms of the clock to drain (a socket's send)."""
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        await super().send_event(event)
+        if event["type"] == "turn_metrics":
+            await self._clock.sleep(0.1)
+
+
+async def test_a_barge_in_after_the_last_frame_reports_the_whole_reply_heard():
+    # The answer plays to its end; its task still runs (its turn_metrics drain) when the
+    # caller types. The reply stage had closed that reply's playout, so the `interrupt`
+    # said heard_ms 0 (and sent_ms 0) of a reply the caller had heard in full.
+    h = CallHarness()
+    h.output = _SlowMetricsOutput(h.clock)
+    h.call = Call(h.deps, h.output, RATE, call_id="test-call")
+    h.llm.reply = "Our branches open at nine."  # 500 ms of speech
+    await h.start()
+    try:
+        await h.text("when do you open")
+        for _ in range(100):
+            if h.output.of("turn_metrics", turn=1):
+                break
+            await h.wait(20)
+        assert h.call.replying and not h.output.of("turn_metrics", turn=1)[0]["interrupted"]
+        await h.text("hello")
+        (interrupt,) = h.output.of("interrupt")
+        assert (interrupt["turn"], interrupt["heard_ms"], interrupt["sent_ms"]) == \
+            (1, 500, 500), interrupt
+        await h.wait(1000)
+    finally:
+        await h.stop()
 
 
 async def _harness_whose_next_final(final: str) -> CallHarness:

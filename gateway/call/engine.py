@@ -955,9 +955,9 @@ class Call:
         # its words open the next turn.
         holdable = self._reply.live or (self._reply_task_tl is not None
                                         and self._reply_task_tl.has("first_audio"))
-        heard = self._reply.freeze()
-        sent = self._reply.sent_ms
         turn = self._reply_tl.turn if self._reply_tl else self._turns.turns
+        # That turn's reply: one over (its task still ending) was heard in full.
+        heard, sent = self._reply.freeze(turn)
         window = self._settings.false_interruption_s
         if cause == "speech" and window > 0 and holdable:
             self._held = task

@@ -186,7 +186,8 @@ class RecordedOutput:
 
     def reply_ended(self) -> None:
         """The reply is over: an `interrupt` now is of one that sent nothing yet (heard_ms
-        0), and must not cut this one's audio, heard in full."""
+        0), or of this one's task as it ends (heard_ms all of it), and must not cut this
+        one's audio, heard in full."""
         self._recorder.reply_boundary()
 
     def confirmed_heard_ms(self) -> float | None:

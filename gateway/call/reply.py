@@ -91,6 +91,10 @@ class ReplyStage:
         self._clock = clock
         self._playout: Playout | None = None
         self._frozen_heard_ms: float | None = None  # set by freeze() at a barge-in
+        # (turn, playout) of the last reply that ended unstopped (played out, or failed),
+        # until the next begins: its task may still run (metrics, a transfer, the apology's
+        # wait), and a barge-in then stops a reply the caller heard, not one not begun.
+        self._ended: tuple[int, Playout] | None = None
         # The assistant's words (agent or cache) of the latest reply, by turn: the draft
         # answer when a missed question is promoted to a FAQ entry.
         self._said: tuple[int, list[str]] = (0, [])
@@ -100,15 +104,20 @@ class ReplyStage:
         said_turn, texts = self._said
         return " ".join(texts) if said_turn == turn else ""
 
-    @property
-    def sent_ms(self) -> float:
-        return self._playout.sent_ms if self._playout else 0.0
+    def _stopped_by(self, turn: int | None) -> Playout | None:
+        """The reply a barge-in on ``turn`` stops: the one playing, else ``turn``'s last,
+        over while its task ends. None: none playing, and ``turn``'s has not begun (not
+        the last one's)."""
+        if self._playout is not None:
+            return self._playout
+        ended = self._ended
+        return ended[1] if ended is not None and ended[0] == turn else None
 
-    def heard_ms(self) -> float:
-        """What the caller heard of the current reply: confirmed by the far end when it
-        reports playback, else the playout clock's estimate."""
-        playout = self._playout
-        if playout is None:  # none playing (not begun, or over): not the last one's freeze
+    def heard_ms(self, turn: int | None = None) -> float:
+        """What the caller heard of the current reply (or of ``turn``'s, over): confirmed
+        by the far end when it reports playback, else the playout clock's estimate."""
+        playout = self._stopped_by(turn)
+        if playout is None:
             return 0.0
         if self._frozen_heard_ms is not None:
             return self._frozen_heard_ms
@@ -118,12 +127,14 @@ class ReplyStage:
                 return min(confirmed, playout.sent_ms)
         return playout.heard_ms()
 
-    def freeze(self) -> float:
-        """A barge-in: no frame leaves after this; what was heard is fixed now."""
-        self._frozen_heard_ms = round(self.heard_ms(), 1)  # as the interrupt event says
+    def freeze(self, turn: int | None = None) -> tuple[float, float]:
+        """A barge-in on ``turn``'s reply: no frame leaves after this; what was heard is
+        fixed now. Returns (heard_ms, sent_ms) of the reply it stops."""
+        self._frozen_heard_ms = round(self.heard_ms(turn), 1)  # as the interrupt event says
         if self._playout is not None:
             self._playout.hold()
-        return self._frozen_heard_ms
+        stopped = self._stopped_by(turn)
+        return self._frozen_heard_ms, stopped.sent_ms if stopped is not None else 0.0
 
     @property
     def held(self) -> bool:
@@ -178,7 +189,7 @@ class ReplyStage:
         encoding = turn.encoding
         playout = Playout(send_frame, self._sample_rate, self._frame_ms, self._lead_ms,
                           encoding, clock=self._clock, chunk_ms=self._chunk_ms)
-        self._playout, self._frozen_heard_ms = playout, None
+        self._playout, self._frozen_heard_ms, self._ended = playout, None, None
         if self._confirms is not None:
             self._confirms.reply_started(tl.turn)
         spoken: list[Spoken] = []
@@ -238,6 +249,8 @@ class ReplyStage:
             tl.info.update(frames_sent=playout.frames_sent, frames_late=playout.frames_late,
                            frame_lag_max_ms=round(playout.max_lag_ms, 1))
             self._playout = None
+            if self._frozen_heard_ms is None:  # not stopped: a barge-in now stops all of it
+                self._ended = (tl.turn, playout)
             # Optional (the recorder's): a barge-in from now on stops a reply not begun,
             # and cuts nothing of this one.
             ended = getattr(self._confirms, "reply_ended", None)
