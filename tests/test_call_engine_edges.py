@@ -643,6 +643,23 @@ async def test_a_turn_that_never_routes_its_final_leaves_the_next_turns_partials
     assert (metrics["entry_id"], metrics["route_reused"]) == ("card", True), metrics
 
 
+async def test_a_turn_stopped_before_it_routed_its_final_leaves_the_next_partials_routed():
+    # "opening hours please" settles on a cache hit while the caller speaks; the turn
+    # ends, and while its final decodes the caller talks on: that stops its reply before
+    # it routed the final (where the speculation was reset), its words carried. The
+    # settled hit stayed, and every partial of the new utterance was skipped as settled.
+    h = CallHarness(faqs={"opening hours": "hours", "lost card": "card"}, decode_s=0.5,
+                    settings={"route_step_words": 1})
+    await h.start()
+    await h.say("opening hours please", then_silence_ms=400)  # the turn ended; decoding
+    assert h.call.replying and not h.output.of("route")
+    assert [text for text, _ in h.router.calls] == ["opening hours", "opening hours please"]
+    await h.say("about my lost card", then_silence_ms=1500)
+    await h.stop()
+    partials = [text for text, urgent in h.router.calls[2:] if not urgent]
+    assert partials == ["about my", "about my lost", "about my lost card"], h.router.calls
+
+
 def counts(metrics: dict[str, Any]) -> tuple[int, int, int]:
     return (metrics["partials_routed"], metrics["partials_skipped"], metrics["partials_shed"])
 

@@ -104,6 +104,29 @@ async def test_a_settled_hit_stops_the_partials_but_the_final_is_routed() -> Non
     assert router.texts[-1] == ("what time do your branches open on saturday", True)
 
 
+async def test_a_new_utterance_is_not_settled_by_the_last_ones_partials() -> None:
+    # Its turn never routed a final (stopped first), so no reset came: the next
+    # utterance starts unsettled, and a routing of the old words still under way (shed
+    # its lane, here held) counts for no agreement of the new one.
+    router = BusyLaneRouter()
+    router.lane.set()
+    spec = Speculation(router, rules(step=1, settle=2), on_failure=lambda exc: None)
+    await word_by_word(spec, "what time do you open")
+    assert spec.settled
+    router.lane.clear()
+    spec.new_utterance()
+    spec.offer("what time do")  # a prefix of the last text chosen: new words all the same
+    await asyncio.sleep(0)
+    spec.new_utterance()  # that routing is of the utterance before now
+    router.lane.set()
+    await word_by_word(spec, "what time do")
+    assert not spec.settled
+    await word_by_word(spec, "what time do we close")
+    assert spec.settled
+    assert [t for t, _ in router.texts[2:]] == ["what time do", "what time do we",
+                                                "what time do we close"]
+
+
 async def test_different_hits_in_a_row_do_not_settle() -> None:
     entries = iter(["opening_hours", "routing_number", "opening_hours", "routing_number"])
     router = Router(decide=lambda text: hit(text, next(entries)))

@@ -402,6 +402,7 @@ class Call:
                 for signal in signals:
                     if isinstance(signal, SpeechStarted):
                         self._caller_active()
+                        self._speculation.new_utterance()
                         if self.replying and self._held is None:
                             await self._barge_in("speech", signal.speech_at)
                     elif isinstance(signal, SpeechPaused):

@@ -19,7 +19,8 @@ a partial is routed only when it can change the decision (``SpeculationRules``):
   shrink their interim results);
 - it adds ``step_words`` words to the text chosen last, or revises its earlier words;
 - the decision is not settled: ``settle_after`` routings in a row gave the same cache
-  hit (the final is still routed on its own words, unless it is a routed text).
+  hit (the final is still routed on its own words, unless it is a routed text); each
+  utterance starts unsettled (``new_utterance``).
 
 Under load the batcher sheds queued partials (``RoutingShed``): a lost speculation,
 not a failure. Finals and the early final are never shed.
@@ -74,6 +75,7 @@ class Speculation:
         self._chosen_words = 0
         self._routed: RouteDecision | None = None
         self._agreeing = 0  # routings in a row that gave the same cache hit
+        self._utterance = 0  # counts new_utterance: a routing of older words agrees with none
         self._urgent = ""  # normalized text the caller is waiting on (the early final)
         self._task: asyncio.Task[None] | None = None  # the partials' routing
         # The early final's routing, urgent (None when it was not routed).
@@ -151,7 +153,7 @@ class Speculation:
         # Normalized: another call's identical text may have been routed in its spelling.
         while self._routed is None or \
                 normalize_text(self._routed.text) != normalize_text(self._latest):
-            text = self._latest
+            text, utterance = self._latest, self._utterance
             try:
                 decision = await self._router(text, False)
             except asyncio.CancelledError:
@@ -164,11 +166,12 @@ class Speculation:
                 self._failed(exc)
                 return
             self.partials_routed += 1
-            self._record(decision)
+            self._record(decision, utterance)
 
     async def _route_urgent(self, text: str) -> RouteDecision | None:
         """The early final's routing; None when it failed (the final is routed again)."""
         assert self._router is not None
+        utterance = self._utterance
         try:
             decision = await self._router(text, True)
         except asyncio.CancelledError:
@@ -179,13 +182,16 @@ class Speculation:
                 self._settling = None  # not joined: these words are routed again
             return None
         if normalize_text(self._latest) == normalize_text(text):  # no newer partial chosen
-            self._record(decision)
+            self._record(decision, utterance)
         return decision
 
-    def _record(self, decision: RouteDecision) -> None:
+    def _record(self, decision: RouteDecision, utterance: int) -> None:
+        """``decision`` is the newest routing; of the utterance numbered ``utterance``."""
         previous, self._routed = self._routed, decision
-        same_hit = decision.hit and previous is not None and previous.hit and \
-            previous.entry_id == decision.entry_id
+        if utterance != self._utterance:
+            return  # an earlier utterance's words: no say in whether this one settled
+        same_hit = self._agreeing > 0 and decision.hit and previous is not None and \
+            previous.hit and previous.entry_id == decision.entry_id
         self._agreeing = self._agreeing + 1 if same_hit else (1 if decision.hit else 0)
 
     def _failed(self, exc: Exception) -> None:
@@ -260,6 +266,15 @@ class Speculation:
             task.cancel()
             self._cancelled = [t for t in self._cancelled if not t.done()] + [task]
         return None
+
+    def new_utterance(self) -> None:
+        """The caller starts an utterance: the hit settled on, and the text partials are
+        compared with, were the last one's (whose turn may have been stopped before its
+        final was routed, and never reset this). Routings under way are left to finish:
+        that turn's final may still join one; its reset comes with that routing."""
+        self._utterance += 1
+        self._agreeing = 0
+        self._chosen, self._chosen_words = "", 0
 
     async def reset(self) -> None:
         """Forget this utterance's partials (a new utterance starts, or the turn ended)."""
