@@ -392,6 +392,8 @@ class Agent:
 
     async def aclose(self) -> None:
         await self.runner.aclose()
+        if isinstance(self.llm, HedgedChat):
+            await self.llm.aclose()  # its losers' streams close before their clients
         for model in _models(self.llm):
             close = getattr(model, "aclose", None)
             if close is not None:

@@ -9,6 +9,10 @@ token (error, empty reply, or no token within
 ``first_token_timeout_s``) hands the turn to the other at once, starting the secondary
 early if need be.
 
+The stream ends with its winner: a loser's teardown (an HTTP close) still under way
+then goes on without the caller, its outcome retrieved; ``aclose`` waits for what is
+left of them. Before a win every leg is the stream's to close, and its end waits.
+
 The hedge delay and both timeouts run on a ``Clock`` (gateway/clock.py; the monotonic
 ``SYSTEM_CLOCK`` in production), so a test's ``ManualClock`` decides when they pass.
 """
@@ -108,6 +112,11 @@ class HedgedChat:
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock  # the hedge delay's and the timeouts' (a test's ManualClock)
         self.stats = HedgeStats()
+        self._closing: set[asyncio.Task[None]] = set()  # losers' teardowns, after their stream
+
+    async def aclose(self) -> None:
+        """Wait for the losers' teardowns still under way (before their clients close)."""
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     def hedge_delay_s(self) -> float:
         return self.fixed_delay_s if self.fixed_delay_s is not None else self.adaptive.delay_s()
@@ -121,6 +130,7 @@ class HedgedChat:
         timeouts = Timeouts(clock)  # every wait of this stream, on one timer task
         t0 = clock.now()
         self.stats.turns += 1
+        winner: _Leg | None = None
 
         def start(role: str, model: ChatModel) -> None:
             leg = _Leg(role, model, clock.now())
@@ -133,7 +143,6 @@ class HedgedChat:
         try:
             start("primary", self.primary)
             hedge_at = t0 + self.hedge_delay_s() if self.secondary is not None else math.inf
-            winner: _Leg | None = None
             first: LLMChunk | None = None
             while winner is None:
                 live = [leg for leg in legs if not leg.failed]
@@ -179,7 +188,7 @@ class HedgedChat:
 
             self._record_win(winner, legs, t0)
             # Cancelled now, not awaited: its stream's teardown (an HTTP close) runs while
-            # the winner streams, never before its first token; the finally awaits it.
+            # the winner streams, never before its first token, nor before its end.
             _cancel([leg for leg in legs if leg is not winner])
             assert first is not None
             yield first
@@ -199,10 +208,27 @@ class HedgedChat:
                     raise item
                 yield item
         finally:
-            # Normal end, error, consumer's aclose() or cancellation (a barge-in):
-            # no leg outlives the turn, and each leg's HTTP stream is closed.
+            # Normal end, error, consumer's aclose() or cancellation (a barge-in): every
+            # leg is stopped and its HTTP stream closed. After a win only the winner's
+            # close is waited for: the caller has its answer, and the losers' teardowns,
+            # cancelled at the win, are left to ``aclose``.
             timeouts.close()
-            await _stop_all(legs)
+            if winner is None:
+                await _stop_all(legs)
+            else:
+                self._leave_closing([leg for leg in legs if leg is not winner])
+                await _stop_all([winner])
+
+    def _leave_closing(self, losers: list[_Leg]) -> None:
+        _cancel(losers)
+        for leg in losers:
+            task = leg.task
+            if task is not None and not task.done():
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+                # Its errors were the race's business (reported through the queue, or
+                # moot once it lost); one of the close itself is retrieved here.
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _fail(self, leg: _Leg, reason: str, errors: list[str]) -> None:
         leg.failed = True

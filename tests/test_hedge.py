@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from typing import AsyncIterator
 
 import pytest
@@ -353,8 +354,8 @@ async def test_the_secondary_starts_exactly_when_the_clock_passes_the_hedge_dela
 async def test_the_winners_first_token_does_not_wait_for_the_loser_to_close():
     """The loser was cancelled and awaited before the winner's first token was yielded: a
     loser whose HTTP stream takes 2 s to tear down held the answer back 2 s, a hedge
-    waiting for the slow one. Its close now runs while the winner streams, and the
-    stream's end still waits for it: nothing outlives the stream."""
+    waiting for the slow one. Its close now runs while the winner streams (and after the
+    stream's end: test_the_streams_end_does_not_wait_for_the_losers_teardown)."""
     primary = ScriptedLeg("primary", None, close_s=2.0)
     secondary = ScriptedLeg("secondary", "From the secondary.")
     hedged, clock = scripted_pair(primary, secondary, hedge_delay_s=0.5)
@@ -368,11 +369,71 @@ async def test_the_winners_first_token_does_not_wait_for_the_loser_to_close():
     task = asyncio.ensure_future(consume())
     await clock.advance(0.5)
     assert got == [(1000.5, "From"), (1000.5, " the"), (1000.5, " secondary.")], got
-    assert primary.closed == 0 and not task.done()  # its teardown is under way
-    await clock.advance(2.0)
+    assert primary.closed == 0  # its teardown is under way
+    closing = asyncio.ensure_future(hedged.aclose())  # a shutdown waits for it
+    await clock.advance(1.99)
+    assert not closing.done()
+    await clock.advance(0.01)
+    assert await until(closing.done) and closing.exception() is None
     assert task.done() and task.exception() is None
     assert primary.closed == 1 and secondary.closed == 1 and clock.sleeping == 0
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("llm-")]
+
+
+class SilentLegWhoseCloseFails:
+    """A leg whose stream (an SDK's, not a generator) never answers, and whose close takes
+    ``close_s`` and then raises (a connection reset as the HTTP response closes)."""
+
+    name = "silent"
+
+    def __init__(self, close_s: float) -> None:
+        self.close_s = close_s
+        self.closed = 0
+        self.clock: ManualClock | None = None
+
+    def stream(self, messages, tools=None) -> "SilentLegWhoseCloseFails":
+        return self
+
+    def __aiter__(self) -> "SilentLegWhoseCloseFails":
+        return self
+
+    async def __anext__(self) -> LLMChunk:
+        await asyncio.Event().wait()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        assert self.clock is not None
+        await self.clock.sleep(self.close_s)
+        self.closed += 1
+        raise ConnectionResetError("reset while closing")
+
+
+async def test_the_streams_end_does_not_wait_for_the_losers_teardown():
+    """The winner had ended and the stream's end still waited for the loser's teardown (a
+    2 s HTTP close here): the agent's round, so the reply, ended 2 s late. The stream now
+    ends with the winner; the teardown goes on (HedgedChat.aclose waits for it: the test
+    above), and its failure is retrieved (no "Task exception was never retrieved")."""
+    primary = SilentLegWhoseCloseFails(close_s=2.0)
+    secondary = ScriptedLeg("secondary", "From the secondary.")
+    hedged, clock = scripted_pair(primary, secondary, hedge_delay_s=0.5)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict] = []
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    try:
+        answer = asyncio.ensure_future(collect(hedged))
+        await clock.advance(0.5)
+        assert await until(answer.done) and answer.result() == "From the secondary."
+        assert primary.closed == 0 and secondary.closed == 1  # the loser still closing
+        await clock.advance(2.0)  # its close ends, raising, with nobody waiting for it
+        assert await until(lambda: primary.closed == 1) and clock.sleeping == 0
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("llm-")]
+        del answer
+        gc.collect()
+        assert unhandled == [], unhandled
+        await hedged.aclose()  # nothing left to wait for
+    finally:
+        loop.set_exception_handler(handler)
 
 
 async def test_an_adaptive_delay_is_timed_on_the_clock_too():
