@@ -8,6 +8,11 @@ responder turns into audio:
 - ``Slow(waited_s)``: nothing to say yet after ``filler_after_s`` (no token, or tokens that
   make no sentence yet); filler bridges the gap. Timed on the ``clock`` given to ``respond``
   (the call's: ``turn.timeline.clock``; ``SYSTEM_CLOCK`` by default), like the hedge.
+- ``StillWorking(waited_s)``: a tool call (or the round after it) has left the line quiet for
+  ``waited_s`` since the tool was called, nothing said since: a hold phrase plays ("still
+  checking"), every ``hold_after_s``, at most ``MAX_HOLD_PHRASES`` a turn. The one filler
+  covers the first second or two of a tool; a webhook that takes its whole ``timeout_s``
+  would otherwise leave the caller in silence for the rest.
 - ``Handoff(reason, failed)``: no LLM configured, or every LLM failed before anything was
   said (``failed``: the call reports ``llm_failed`` too); play the handoff message and tell
   the client. A winner whose stream breaks after its first token, before the round said or
@@ -63,6 +68,14 @@ FILLER_PHRASES: tuple[str, ...] = (
     "Let me look that up.",
     "Just a second while I check.",
 )
+# Said while a tool (or the answer after it) keeps the line quiet: every hold_after_s of
+# silence since the tool call, at most MAX_HOLD_PHRASES a turn (then the tool's own timeout
+# bounds the wait).
+HOLD_PHRASES: tuple[str, ...] = (
+    "Still checking, thanks for waiting.",
+    "Thanks for holding, I'm nearly there.",
+)
+MAX_HOLD_PHRASES = len(HOLD_PHRASES)
 HANDOFF_MESSAGE = "I'm going to connect you with a colleague who can help. Please stay on the line."
 # A stage of the reply failed (a TTS or LLM error): the call goes on and the caller says it again.
 APOLOGY_MESSAGE = "Sorry, I had a problem on my side. Could you say that again?"
@@ -73,7 +86,8 @@ GOODBYE_MESSAGE = "I haven't heard from you, so I'll end the call now. Goodbye."
 # Every phrase pre-rendered once per voice at start-up (Runtime.render_prompts), by key.
 PROMPT_TEXTS: dict[str, str] = {
     "handoff": HANDOFF_MESSAGE, "apology": APOLOGY_MESSAGE, "idle": IDLE_PROMPT_MESSAGE,
-    "goodbye": GOODBYE_MESSAGE, **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)}}
+    "goodbye": GOODBYE_MESSAGE, **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)},
+    **{f"hold:{i}": text for i, text in enumerate(HOLD_PHRASES)}}
 
 
 def prompt_texts(greeting: str = "") -> dict[str, str]:
@@ -101,12 +115,17 @@ class Slow:
 
 
 @dataclass(frozen=True)
+class StillWorking:
+    waited_s: float  # of silence since the tool call
+
+
+@dataclass(frozen=True)
 class Handoff:
     reason: str
     failed: bool = False  # the LLM failed (an outage): counted as llm_failed, not only a handoff
 
 
-AgentEvent = Union[Sentence, ToolStarted, Slow, Handoff]
+AgentEvent = Union[Sentence, ToolStarted, Slow, StillWorking, Handoff]
 
 
 # ------------------------------------------------------------------- conversation
@@ -258,7 +277,7 @@ class Agent:
     def __init__(self, llm: ChatModel | None, tools: list[ToolSpec] | None = None, *,
                  runner: ToolRunner | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                  context_chars: int = 8000, max_tool_rounds: int = 3,
-                 filler_after_s: float | None = 0.9) -> None:
+                 filler_after_s: float | None = 0.9, hold_after_s: float | None = 4.0) -> None:
         self.llm = llm
         self.tools = list(tools or [])
         self.runner = runner or ToolRunner(self.tools)
@@ -266,6 +285,7 @@ class Agent:
         self.context_chars = context_chars
         self.max_tool_rounds = max_tool_rounds
         self.filler_after_s = filler_after_s
+        self.hold_after_s = hold_after_s
 
     def new_conversation(self) -> Conversation:
         return Conversation(self.system_prompt, self.context_chars)
@@ -300,6 +320,26 @@ class Agent:
         filler = False  # has a filler cue (Slow or ToolStarted) been emitted this turn?
         retried = False  # a round is asked again at most once a turn
         started = clock.now()  # the filler's wait counts from here
+        held_since: float | None = None  # the tool call nothing was said since; None: not held
+        holds = 0  # hold phrases cued this turn
+
+        def next_cue() -> float | None:
+            """When (clock time) the next cue is due: the filler until something is said or
+            called, then a hold phrase while a tool call keeps the line quiet."""
+            if not (spoke or filler):
+                return None if self.filler_after_s is None else started + self.filler_after_s
+            if held_since is None or self.hold_after_s is None or holds >= MAX_HOLD_PHRASES:
+                return None
+            return held_since + (holds + 1) * self.hold_after_s
+
+        def cue() -> Slow | StillWorking:
+            nonlocal filler, holds
+            if not (spoke or filler):
+                filler = True
+                return Slow(self.filler_after_s or 0.0)
+            holds += 1
+            return StillWorking(holds * (self.hold_after_s or 0.0))
+
         round_no = 0
         while round_no <= self.max_tool_rounds:
             tools = self._tools_for(round_no)
@@ -317,19 +357,17 @@ class Agent:
                     preempted.cancel()
                 stream = self.llm.stream(messages, tools)
             preempted = None  # only the first round may adopt it
-            events = _with_slow_signal(stream, None if spoke or filler else self.filler_after_s,
-                                       started, lambda: not (spoke or filler), clock)
+            events = _with_cues(stream, next_cue, clock)
             try:
                 async for item in events:
-                    if isinstance(item, Slow):
-                        filler = True
-                        yield item
+                    if item is _CUE:
+                        yield cue()
                         continue
                     answered = True
                     if item.text:
                         for piece in chunker.feed(item.text):
                             spoken.append(piece)
-                            spoke = True
+                            spoke, held_since = True, None
                             yield Sentence(piece)
                     if item.tool_call is not None and tools is None:
                         # Not offered (the last round, or no tools): never run, and no
@@ -340,11 +378,13 @@ class Agent:
                     elif item.tool_call is not None:
                         calls.append(item.tool_call)
                         filler = True
+                        if held_since is None:  # the silence a hold phrase covers starts here
+                            held_since = clock.now()
                         yield ToolStarted(item.tool_call.name, item.tool_call.id)
                 tail = chunker.flush()
                 if tail:
                     spoken.append(tail)
-                    spoke = True
+                    spoke, held_since = True, None
                     yield Sentence(tail)
             except ProviderError as exc:
                 logs.event(log, "llm_failed", logging.WARNING, round=round_no, error=str(exc)[:300])
@@ -379,9 +419,20 @@ class Agent:
                                   if ignored else "the LLM returned an empty reply")
                 return
             tasks = [asyncio.create_task(self.runner.run(call, clock)) for call in calls]
+            gathered = asyncio.gather(*tasks)
+            gathered.add_done_callback(_retrieve)  # also when a barge-in left it unread
+            timeouts = Timeouts(clock)
             try:
-                results = await asyncio.gather(*tasks)
+                while True:  # the tools' results, a hold phrase cued while they keep us waiting
+                    due = next_cue()
+                    try:
+                        results = await (gathered if due is None
+                                         else timeouts.until(due, asyncio.shield(gathered)))
+                        break
+                    except Expired:
+                        yield cue()
             finally:
+                timeouts.close()
                 # One raising (a runner's bug) leaves no sibling webhook call running.
                 for task in tasks:
                     task.cancel()
@@ -401,19 +452,25 @@ class Agent:
 
 
 _END = object()
+_CUE = object()  # a cue is due: the filler, or a hold phrase (``respond`` says which)
 
 
-async def _with_slow_signal(stream: AsyncIterator[LLMChunk], after_s: float | None,
-                            since: float, quiet: Callable[[], bool],
-                            clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[LLMChunk | Slow]:
-    """The stream's chunks, and ``Slow`` once ``after_s`` (of ``clock``, from ``since``, a
-    time of it) has passed while ``quiet()``: nothing to say yet, whether no token came or
-    only tokens that make no sentence ("Sure", then a stall).
+def _retrieve(future: "asyncio.Future[Any]") -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _with_cues(stream: AsyncIterator[LLMChunk], next_cue: Callable[[], float | None],
+                     clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[Any]:
+    """The stream's chunks, and ``_CUE`` whenever ``next_cue()`` (a time of ``clock``, or
+    None: no cue) passes before the next chunk: nothing to say yet, whether no token came
+    or only tokens that make no sentence ("Sure", then a stall). ``next_cue`` is read
+    again before every wait: what the consumer said or cued since moves it.
 
     A task reads the stream meanwhile: the wait for the cue never cancels a read (that
     would end the stream), and chunks already there (a preemptive start's) pass in one
     step, not a task each."""
-    if after_s is None:
+    if next_cue() is None:
         async for chunk in stream:
             yield chunk
         return
@@ -429,21 +486,18 @@ async def _with_slow_signal(stream: AsyncIterator[LLMChunk], after_s: float | No
             chunks.put_nowait(_END)
 
     reader = asyncio.create_task(read(), name="vg-llm-read")
-    cue_at: float | None = since + after_s
     # The waits for the cue, on one timer task (a barge-in meanwhile stays a cancel).
     timeouts = Timeouts(clock)
     try:
         while True:
-            if cue_at is not None and not quiet():
-                cue_at = None  # something was said or called: no filler now
+            cue_at = next_cue()
             try:
                 if cue_at is None:
                     item = await chunks.get()
                 else:
                     item = await timeouts.until(cue_at, chunks.get())
             except Expired:
-                cue_at = None
-                yield Slow(after_s)
+                yield _CUE
                 continue
             if item is _END:
                 return
@@ -504,4 +558,6 @@ def build_agent(settings: Settings) -> Agent:
                  system_prompt=settings.llm_system_prompt or DEFAULT_SYSTEM_PROMPT,
                  context_chars=settings.llm_context_chars, max_tool_rounds=settings.llm_max_tool_rounds,
                  filler_after_s=settings.llm_filler_after_ms / 1000 if settings.llm_filler_after_ms > 0
+                 else None,
+                 hold_after_s=settings.llm_hold_after_ms / 1000 if settings.llm_hold_after_ms > 0
                  else None)

@@ -18,8 +18,8 @@ from typing import Any, AsyncIterator, Callable
 
 from intents.types import Action, RouteDecision
 
-from .agent import (FILLER_PHRASES, PROMPT_TEXTS, Agent, Conversation, Handoff, Sentence, Slow,
-                    ToolStarted)
+from .agent import (FILLER_PHRASES, HOLD_PHRASES, PROMPT_TEXTS, Agent, Conversation, Handoff,
+                    Sentence, Slow, StillWorking, ToolStarted)
 from .audio import StreamResampler
 from .audio_bank import AudioBank
 from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
@@ -231,6 +231,7 @@ class Responder:
             # Never puts an end marker: the consumer watches this task itself, so a
             # producer never blocks on a full queue nobody reads (a barge-in).
             filler_played = spoke = False
+            holds = 0  # hold phrases played this turn
             # The filler cue (Slow) is timed on the call's clock, as the rest of the turn.
             events = self._agent.respond(turn.conversation, turn.text, turn.preempted,
                                          clock=tl.clock)
@@ -254,6 +255,11 @@ class Responder:
                         if not filler_played and not spoke:
                             filler_played = True
                             await queue.put(self.filler(turn, tool=event.name))
+                    elif isinstance(event, StillWorking):
+                        # The agent cues it only while nothing has been said since the
+                        # tool call: it never cuts into an answer.
+                        await queue.put(self.hold(turn, holds, event.waited_s))
+                        holds += 1
                     elif isinstance(event, Handoff):
                         segment = self.handoff(turn, event.reason)
                         segment.error = "llm_failed" if event.failed else None
@@ -285,6 +291,12 @@ class Responder:
     def filler(self, turn: Turn, tool: str | None = None) -> ReplySegment:
         key = f"filler:{random.randrange(len(FILLER_PHRASES))}"  # varied from turn to turn
         return self._prompt(turn, key, "filler", {"tool": tool} if tool else {})
+
+    def hold(self, turn: Turn, index: int, waited_s: float) -> ReplySegment:
+        """The turn's ``index``-th hold phrase (0-based; each one different): a tool keeps
+        the line quiet. A filler to every metric and to the client."""
+        key = f"hold:{min(index, len(HOLD_PHRASES) - 1)}"
+        return self._prompt(turn, key, "filler", {"hold": True, "waited_s": waited_s})
 
     def apology(self, turn: Turn, code: str) -> ReplySegment:
         """What the caller hears when a stage of the reply failed (the call goes on)."""

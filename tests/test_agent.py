@@ -11,7 +11,8 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 
-from gateway.agent import Agent, Conversation, Handoff, Sentence, Slow, ToolStarted
+from gateway.agent import (HOLD_PHRASES, Agent, Conversation, Handoff, Sentence, Slow, StillWorking,
+                           ToolStarted)
 from gateway.clock import Clock, ManualClock
 from gateway.hedge import HedgedChat
 from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec
@@ -889,3 +890,80 @@ async def test_a_tool_call_with_malformed_arguments_does_not_poison_the_context(
     tool_message = [m for m in fake.stats.bodies[1]["messages"] if m["role"] == "tool"][0]
     assert json.loads(tool_message["content"]) == {
         "error": "the arguments for get_balance were not a JSON object"}
+
+
+class SlowTool:
+    """A tool runner whose every call takes ``seconds`` of the call's clock."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def run(self, call: ToolCall, clock=None) -> tuple[str, bool]:
+        await clock.sleep(self.seconds)
+        return '{"status": "shipped"}', True
+
+    async def aclose(self) -> None:
+        pass
+
+
+def held_agent(clock: ManualClock, tool_s: float, first_token_s: float = 0.0) -> Agent:
+    leg = ScriptedLLM(clock)
+    leg.tool_calls = [ToolCall("c1", "get_order", "{}")]
+    leg.reply, leg.first_token_s = "It shipped on Monday.", first_token_s
+    return Agent(HedgedChat(leg, None, hedge_delay_s=0.0, idle_timeout_s=600.0,  # type: ignore[arg-type]
+                            first_token_timeout_s=600.0, clock=clock),
+                 [ToolSpec("get_order", "The caller's order.")], runner=SlowTool(tool_s),
+                 filler_after_s=0.9, hold_after_s=4.0)
+
+
+async def test_a_slow_tool_gets_hold_phrases_not_silence():
+    """The filler plays once, at the tool call; a webhook that then takes 9 s left the
+    caller in silence for all of it (a silent line is worse than a slow one). Every
+    hold_after_s of silence since (4 s of the call's clock) the agent cues a hold phrase,
+    at most MAX_HOLD_PHRASES a turn; the answer still comes when the tool returns."""
+    clock = ManualClock()
+    agent = held_agent(clock, tool_s=9.0)
+    events = agent.respond(agent.new_conversation(), "where is my order", clock=clock)
+    assert await collect(events, clock, 12.0) == [
+        ToolStarted("get_order", "c1"), StillWorking(4.0), StillWorking(8.0),
+        Sentence("It shipped on Monday.")]
+
+
+async def test_the_round_after_a_tool_is_held_too_and_a_quick_tool_is_not():
+    """The silence after a tool call lasts until the next round's first words: a tool of
+    3 s and a model that takes 3 s more to answer get one hold phrase, 4 s after the
+    tool call (the first round's own slow start got the filler cue). A tool that answers
+    and a model that speaks within 4 s get none."""
+    clock = ManualClock()
+    agent = held_agent(clock, tool_s=3.0, first_token_s=3.0)
+    events = agent.respond(agent.new_conversation(), "where is my order", clock=clock)
+    assert await collect(events, clock, 12.0) == [
+        Slow(0.9), ToolStarted("get_order", "c1"), StillWorking(4.0),
+        Sentence("It shipped on Monday.")]
+
+    clock = ManualClock()
+    agent = held_agent(clock, tool_s=2.0, first_token_s=1.0)
+    events = agent.respond(agent.new_conversation(), "where is my order", clock=clock)
+    assert await collect(events, clock, 12.0) == [
+        Slow(0.9), ToolStarted("get_order", "c1"), Sentence("It shipped on Monday.")]
+
+
+async def test_a_call_holds_a_slow_tool_with_spoken_phrases_then_answers():
+    """Through a whole call: the filler at the tool call, then each hold phrase (different
+    ones) as a filler segment at 4 s and 8 s of the call's clock, then the answer."""
+    h = CallHarness()
+    h.agent.tools = [ToolSpec("get_order", "The caller's order.")]
+    h.agent.runner = SlowTool(9.0)
+    h.agent.hold_after_s = 4.0
+    h.llm.tool_calls = [ToolCall("c1", "get_order", "{}")]
+    h.llm.reply = "It shipped on Monday."
+    await h.start()
+    await h.text("where is my order")
+    await h.wait(3900)
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["filler"]
+    await h.wait(12000)
+    await h.stop()
+    responses = h.output.of("response", turn=1)
+    assert [(e["source"], e["text"]) for e in responses[1:]] == [
+        ("filler", HOLD_PHRASES[0]), ("filler", HOLD_PHRASES[1]),
+        ("llm", "It shipped on Monday.")]
