@@ -18,7 +18,9 @@ responder turns into audio:
   the client. A winner whose stream breaks after its first token, before the round said or
   called anything, is not that: the round is asked again (once a turn) first.
 
-Cancelling the consumer (a barge-in) closes every LLM stream; then call
+Cancelling the consumer (a barge-in) closes every LLM stream and cancels the tool calls
+still running; the results that came back stay in the context, the others say they did
+not finish and that it is unknown whether they acted. Then call
 ``Conversation.record_heard`` with what the caller actually heard.
 
 ``Agent.preempt(conversation, text)`` starts the first LLM round before the caller's
@@ -243,26 +245,36 @@ def _readable_arguments(call: ToolCall) -> str:
     return call.arguments if parse_arguments(call.arguments) is not None else "{}"
 
 
+def _unfinished_result(name: str, why: str = "the caller interrupted") -> str:
+    """The result of a tool call that did not come back. Never "it did not happen": a
+    webhook (a payment, a ticket) may have acted before the cancel reached it, and a model
+    told otherwise may do it again."""
+    return json.dumps({"error": f"{name} did not finish ({why} before its result came "
+                                "back): it is unknown whether it was carried out; check, or "
+                                "ask the caller, before doing it again"})
+
+
 def _answer_every_tool_call(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat APIs reject a tool call without a result (HTTP 400). A barge-in during a
-    webhook leaves one behind; it gets an "interrupted" result so the next turn works."""
+    """Chat APIs reject a tool call without a result (HTTP 400). The agent writes a result
+    for every call it ran (gateway/agent.py, ``_record_results``); one the turn stopped
+    before it could (a cancel as its stream closed) gets an "unknown" one here."""
     out: list[dict[str, Any]] = []
-    pending: list[str] = []
+    pending: list[tuple[str, str]] = []  # (call id, tool name)
 
     def close_pending() -> None:
-        for call_id in pending:
+        for call_id, name in pending:
             out.append({"role": "tool", "tool_call_id": call_id,
-                        "content": json.dumps({"error": "interrupted by the caller before the result"})})
+                        "content": _unfinished_result(name)})
         pending.clear()
 
     for message in history:
-        if message["role"] == "tool" and message.get("tool_call_id") in pending:
-            pending.remove(message["tool_call_id"])
-        elif message["role"] != "tool":
+        if message["role"] == "tool":
+            pending[:] = [p for p in pending if p[0] != message.get("tool_call_id")]
+        else:
             close_pending()
         out.append(message)
         if message["role"] == "assistant" and message.get("tool_calls"):
-            pending = [call["id"] for call in message["tool_calls"]]
+            pending = [(call["id"], call["function"]["name"]) for call in message["tool_calls"]]
     close_pending()
     return out
 
@@ -426,8 +438,8 @@ class Agent:
                 while True:  # the tools' results, a hold phrase cued while they keep us waiting
                     due = next_cue()
                     try:
-                        results = await (gathered if due is None
-                                         else timeouts.until(due, asyncio.shield(gathered)))
+                        await (gathered if due is None
+                               else timeouts.until(due, asyncio.shield(gathered)))
                         break
                     except Expired:
                         yield cue()
@@ -436,9 +448,11 @@ class Agent:
                 # One raising (a runner's bug) leaves no sibling webhook call running.
                 for task in tasks:
                     task.cancel()
+                # Written before the wait below (a second cancel may cut it short): a
+                # barge-in keeps every result that came back; the next round must never
+                # think a completed payment or ticket did not happen.
+                _record_results(conversation, calls, tasks)
                 await asyncio.gather(*tasks, return_exceptions=True)
-            for call, (content, _ok) in zip(calls, results):
-                conversation.add_tool_result(call, content)
             round_no += 1
 
     async def aclose(self) -> None:
@@ -449,6 +463,20 @@ class Agent:
             close = getattr(model, "aclose", None)
             if close is not None:
                 await close()
+
+
+def _record_results(conversation: Conversation, calls: list[ToolCall],
+                    tasks: list[asyncio.Task[tuple[str, bool]]]) -> None:
+    """Each call's result into the context: what came back, else that it did not finish
+    (stopped by a barge-in, or by a sibling's runner raising: a gateway failure)."""
+    broke = any(t.done() and not t.cancelled() and t.exception() is not None for t in tasks)
+    why = "the gateway failed" if broke else "the caller interrupted"
+    for call, task in zip(calls, tasks):
+        if task.done() and not task.cancelled() and task.exception() is None:
+            content, _ok = task.result()
+        else:
+            content = _unfinished_result(call.name, why)
+        conversation.add_tool_result(call, content)
 
 
 _END = object()

@@ -749,6 +749,90 @@ async def test_a_tool_runner_raising_cancels_the_other_tool_calls():
     assert runner.cancelled == ["c1"]
 
 
+TICKET = ToolSpec(name="create_ticket", description="Open a support ticket.",
+                  parameters={"type": "object", "properties": {"summary": {"type": "string"}}})
+
+
+class FinishRecordingRunner(ToolRunner):
+    """The real runner, telling the test when each call has come back."""
+
+    def __init__(self, tools: list[ToolSpec]) -> None:
+        super().__init__(tools)
+        self.finished: dict[str, asyncio.Event] = {t.name: asyncio.Event() for t in tools}
+
+    async def run(self, call: ToolCall, clock: Clock) -> tuple[str, bool]:  # type: ignore[override]
+        result = await super().run(call, clock)
+        self.finished[call.name].set()
+        return result
+
+
+async def test_a_barge_in_during_tool_calls_keeps_the_results_that_came_back(llm_server, webhook):
+    """The model opens a ticket and looks up a balance at once; the ticket's webhook answers
+    (the ticket exists), the balance's is still running when the caller barges in. The
+    cancel threw the ticket's result away: the next round was told both calls were
+    "interrupted by the caller before the result", and a model believing no ticket was
+    opened opens a second one. Every result that came back stays in the context; a call
+    that did not finish says so, and that whether it happened is unknown."""
+    fake, server = llm_server
+    hook, hook_server = webhook
+    hook.hold = {"get_balance"}  # the balance's webhook answers only after the barge-in
+    hook.handler = lambda payload: ({"ticket": "T-1001", "status": "opened"}
+                                    if payload["tool"] == "create_ticket" else {"balance": "12"})
+
+    def script(body: dict[str, Any]) -> Reply:
+        if body["messages"][-1]["role"] == "user" and body["messages"][-1]["content"] == "hello?":
+            return Reply(text="Your ticket T-1001 is open.")
+        return Reply(text="", tool_calls=[("create_ticket", '{"summary": "card lost"}'),
+                                          ("get_balance", '{"account": "42"}')])
+
+    fake.script = script
+    url = hook_server.url + "/tool/"
+    specs = [ToolSpec(t.name, t.description, t.parameters, url=url + t.name, timeout_s=30.0)
+             for t in (TICKET, BALANCE)]
+    runner = FinishRecordingRunner(specs)
+    llm = HedgedChat(OpenAIChat("m", base_url=server.url + "/v1", name="m"), None,
+                     clock=ManualClock())
+    agent = Agent(llm, specs, runner=runner, filler_after_s=None)
+    conversation = agent.new_conversation()
+    clock = ManualClock()  # stands still: no tool's timeout_s passes
+    turn = asyncio.create_task(run(agent, "I lost my card, and what's my balance?",
+                                   conversation, clock))
+    try:
+        await asyncio.wait_for(runner.finished["create_ticket"].wait(), 30)
+        assert await hook.calls.reach(2) and not turn.done()  # the balance still running
+        turn.cancel()  # the barge-in
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+        conversation.record_heard("")  # the filler alone was heard
+        hook.release.set()
+        events, _ = await run(agent, "hello?", conversation, clock)
+    finally:
+        turn.cancel()
+        await agent.aclose()
+    assert events == [Sentence("Your ticket T-1001 is open.")]
+    assert len([c for c in hook.calls if c["tool"] == "create_ticket"]) == 1
+    results = {m["tool_call_id"]: json.loads(m["content"])
+               for m in fake.stats.bodies[-1]["messages"] if m["role"] == "tool"}
+    calls = {c["function"]["name"]: c["id"] for m in fake.stats.bodies[-1]["messages"]
+             for c in m.get("tool_calls") or ()}
+    assert results[calls["create_ticket"]] == {"ticket": "T-1001", "status": "opened"}, results
+    unknown = results[calls["get_balance"]]["error"]
+    assert "get_balance" in unknown and "did not finish" in unknown and "unknown" in unknown
+
+
+def test_a_tool_call_left_without_a_result_is_said_to_be_of_unknown_outcome():
+    # A call with no result in the context (the turn stopped before it ran, or as it
+    # ran) is never said to have not happened.
+    conversation = Conversation("system")
+    conversation.add_user("pay my bill")
+    conversation.add_assistant("", [ToolCall("c1", "pay_bill", "{}")])
+    conversation.add_user("hello?")
+    filled = [m for m in conversation.messages() if m["role"] == "tool"]
+    assert len(filled) == 1 and filled[0]["tool_call_id"] == "c1"
+    error = json.loads(filled[0]["content"])["error"]
+    assert "pay_bill" in error and "unknown whether" in error
+
+
 def test_openai_without_url_or_key_fails_at_start_up():
     from gateway.settings import SettingsError
     with pytest.raises(SettingsError, match="OPENAI_API_KEY"):

@@ -1,6 +1,7 @@
 """A tool webhook: records each POST and answers from ``handler(payload)`` after ``delay_s``.
 
-With ``hold`` set it answers only once ``release`` is set: with ``trickle_s`` too it sends
+With ``hold`` set (True: every tool; a set of names: those tools only) it answers only
+once ``release`` is set: with ``trickle_s`` too it sends
 its headers at once, then a space every ``trickle_s`` until then (each read is quick, the
 answer never whole), else nothing at all until then. ``calls`` and ``trickled`` (the spaces
 sent) are ``Arrivals`` a test can await.
@@ -26,7 +27,7 @@ class FakeWebhook:
         self.calls: Arrivals = Arrivals()
         self.delay_s = 0.0
         self.status = 200
-        self.hold = False
+        self.hold: bool | set[str] = False  # True: every tool; a set: the tools named
         self.release = threading.Event()
         self.trickle_s = 0.0
         self.trickled: Arrivals = Arrivals()
@@ -38,10 +39,11 @@ class FakeWebhook:
         self.calls.append(payload)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        if self.hold and self.trickle_s:
+        held = self.hold is True or (isinstance(self.hold, set) and payload.get("tool") in self.hold)
+        if held and self.trickle_s:
             return StreamingResponse(self._trickle(self.handler(payload)), status_code=self.status,
                                      media_type="application/json")
-        if self.hold:
+        if held:
             await asyncio.to_thread(self.release.wait)
         return JSONResponse(self.handler(payload), status_code=self.status)
 
