@@ -13,9 +13,11 @@ responder turns into audio:
   checking"), every ``hold_after_s``, at most ``MAX_HOLD_PHRASES`` a turn. The one filler
   covers the first second or two of a tool; a webhook that takes its whole ``timeout_s``
   would otherwise leave the caller in silence for the rest.
-- ``Handoff(reason, failed)``: no LLM configured, or every LLM failed before anything was
-  said (``failed``: the call reports ``llm_failed`` too); play the handoff message and tell
-  the client. A winner whose stream breaks after its first token, before the round said or
+- ``Handoff(reason, error)``: no LLM configured, every LLM failed before anything was said
+  (``error`` ``llm_failed``: an outage, the call reports it too), or the model answered a
+  round with nothing (no word, no tool call: common right after a tool result) and again
+  when asked again (``llm_empty_reply``: no outage); play the handoff message and tell the
+  client. A winner whose stream breaks after its first token, before the round said or
   called anything, is not that: the round is asked again (once a turn) first.
 
 Cancelling the consumer (a barge-in) closes every LLM stream and cancels the tool calls
@@ -124,7 +126,14 @@ class StillWorking:
 @dataclass(frozen=True)
 class Handoff:
     reason: str
-    failed: bool = False  # the LLM failed (an outage): counted as llm_failed, not only a handoff
+    # The stage failure the call reports with it (counted, an ``error`` event): None, or
+    # ``llm_failed`` (an outage) or ``llm_empty_reply`` (the model said nothing, twice).
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The LLM failed (an outage): counted as llm_failed, not only a handoff."""
+        return self.error == "llm_failed"
 
 
 AgentEvent = Union[Sentence, ToolStarted, Slow, StillWorking, Handoff]
@@ -330,7 +339,8 @@ class Agent:
             return
         spoke = False  # has a Sentence been emitted this turn?
         filler = False  # has a filler cue (Slow or ToolStarted) been emitted this turn?
-        retried = False  # a round is asked again at most once a turn
+        retried = False  # a broken round is asked again at most once a turn
+        reasked_empty = False  # and an empty one
         started = clock.now()  # the filler's wait counts from here
         held_since: float | None = None  # the tool call nothing was said since; None: not held
         holds = 0  # hold phrases cued this turn
@@ -413,7 +423,7 @@ class Agent:
                     retry = True
                 else:
                     # Nothing said yet (a filler alone is not an answer): a person takes over.
-                    yield Handoff(f"LLM failed: {exc}", failed=True)
+                    yield Handoff(f"LLM failed: {exc}", error="llm_failed")
                     return
             finally:
                 # Also on the consumer's aclose() or cancellation (barge-in): both LLM
@@ -426,9 +436,22 @@ class Agent:
                 retried = True
                 continue
             if not calls:
-                if not spoke:
-                    yield Handoff(f"the LLM called {ignored}, a tool it was not offered"
-                                  if ignored else "the LLM returned an empty reply")
+                if spoken:
+                    return  # the answer
+                # This round said nothing (whatever an earlier one said: a preface before
+                # a tool must not end in silence).
+                if ignored:
+                    yield Handoff(f"the LLM called {ignored}, a tool it was not offered")
+                    return
+                # An empty completion: the model answered, with nothing. No outage (the
+                # hedge ended its stream empty): asked again once, then a person takes
+                # over, reported as such, not as llm_failed.
+                logs.event(log, "llm_empty_reply", logging.WARNING, round=round_no,
+                           again=not reasked_empty)
+                if not reasked_empty:
+                    reasked_empty = True
+                    continue
+                yield Handoff("the LLM returned an empty reply twice", error="llm_empty_reply")
                 return
             tasks = [asyncio.create_task(self.runner.run(call, clock)) for call in calls]
             gathered = asyncio.gather(*tasks)

@@ -7,7 +7,9 @@ fragment: the arguments may take seconds to write) wins and is streamed to the c
 the other is cancelled, which closes its HTTP stream. A leg that fails before its first
 token (error, empty reply, or no token within
 ``first_token_timeout_s``) hands the turn to the other at once, starting the secondary
-early if need be.
+early if need be. When no leg answers and one of them ended with an empty reply (the
+model answered, with nothing), the stream ends with no chunk (``empty_replies``): no
+outage, the agent decides; only when every leg failed otherwise does it raise.
 
 The stream ends with its winner: a loser's teardown (an HTTP close) still under way
 then goes on without the caller, its outcome retrieved; ``aclose`` waits for what is
@@ -75,6 +77,8 @@ class HedgeStats:
     secondary_wins: int = 0
     leg_failures: int = 0  # before the first token (then the other leg answers) or after it
     all_failed: int = 0  # every leg failed before a token: the round raised
+    # No leg answered and one ended empty (no text, no tool call): the stream ended empty.
+    empty_replies: int = 0
     # Recent turns only (bounded): start -> first chunk yielded.
     ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
@@ -94,6 +98,7 @@ class _Leg:
     started: float
     task: asyncio.Task[None] | None = None
     failed: bool = False
+    empty: bool = False  # it ended with nothing (also failed: it cannot win)
 
 
 class HedgedChat:
@@ -147,6 +152,11 @@ class HedgedChat:
             while winner is None:
                 live = [leg for leg in legs if not leg.failed]
                 if not live:
+                    if (self.secondary is None or len(legs) == 2) and any(leg.empty for leg in legs):
+                        # A model that answered with nothing is not down: no error to
+                        # raise (the agent asks again, then hands off, no llm_failed).
+                        self.stats.empty_replies += 1
+                        return
                     if self.secondary is None or len(legs) == 2:
                         self.stats.all_failed += 1
                         raise ProviderError(self.name, "every LLM failed: " + "; ".join(errors))
@@ -182,6 +192,7 @@ class HedgedChat:
                         continue
                     winner, first = leg, item
                 elif item is _DONE:
+                    leg.empty = True
                     self._fail(leg, "empty reply", errors)
                 else:
                     self._fail(leg, str(item), errors)

@@ -68,7 +68,11 @@ class _HedgeCounters:
                  s.leg_failures if s else 0),
                 ("voicegate_llm_all_failed", "LLM rounds in which every leg failed before a "
                  "token (an outage: the caller is handed off, llm_failed)",
-                 s.all_failed if s else 0)):
+                 s.all_failed if s else 0),
+                ("voicegate_llm_empty_replies", "LLM rounds answered with nothing (no text, "
+                 "no tool call; no leg answered otherwise): asked again once, then the "
+                 "handoff (llm_empty_reply), no outage",
+                 s.empty_replies if s else 0)):
             yield CounterMetricFamily(name, doc, value=value)
 
 

@@ -225,6 +225,62 @@ async def test_a_winner_breaking_again_on_the_retry_is_handed_off():
     assert llm.scripts == [] and conversation.history[-1]["role"] == "user"
 
 
+async def test_an_empty_reply_after_a_tool_result_is_asked_again(llm_server, webhook):
+    """The model answers the round after a tool result with nothing (no text, no tool
+    call), as small models often do. The hedge took that for a failed leg: the caller
+    heard the filler, then the handoff, counted as an LLM outage. The round is asked
+    again once; the second answer is the reply."""
+    fake, server = llm_server
+    hook, hook_server = webhook
+    hook.handler = lambda payload: {"balance": "12.00"}
+    after_tool: list[int] = []
+
+    def script(body: dict[str, Any]) -> Reply:
+        if body["messages"][-1]["role"] == "tool":
+            after_tool.append(1)
+            return Reply(text="" if len(after_tool) == 1 else "Your balance is twelve dollars.")
+        return Reply(text="", tool_calls=[("get_balance", '{"account": "42"}')])
+
+    fake.script = script
+    agent = make_agent(server, "m", tools=[BALANCE], webhook_url=hook_server.url)
+    try:
+        events, conversation = await run(agent, "What's my balance?")
+    finally:
+        await agent.aclose()
+    assert [type(e).__name__ for e in events] == ["ToolStarted", "Sentence"], events
+    assert events[1] == Sentence("Your balance is twelve dollars.")
+    assert len(after_tool) == 2 and len(hook.calls) == 1  # asked again; the tool ran once
+    assert agent.llm.stats.empty_replies == 1 and agent.llm.stats.all_failed == 0  # type: ignore[union-attr]
+    assert conversation.history[-1] == {"role": "assistant",
+                                        "content": "Your balance is twelve dollars."}
+
+
+async def test_an_empty_reply_twice_hands_off_as_no_outage():
+    """Empty again when asked again: a person takes over (never silence, even after a
+    preface), reported as llm_empty_reply, not as llm_failed (no LLM is down)."""
+    h = CallHarness()
+    llm = ScriptLLM([LLMChunk(text="Let me check that for you. "),
+                     LLMChunk(tool_call=ToolCall("call_1", "get_balance", "{}"))], [], [])
+    h.agent = Agent(HedgedChat(llm, None, clock=h.clock),  # type: ignore[arg-type]
+                    [BALANCE], runner=BalanceRunner(), filler_after_s=None)  # type: ignore[arg-type]
+    h.responder._agent = h.agent
+    await h.start()
+    await h.text("what is my balance")
+    await h.wait(3000)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["llm", "handoff"]
+    assert h.output.of("handoff")[0]["reason"] == "the LLM returned an empty reply twice"
+    assert [e["code"] for e in h.output.of("error", turn=1)] == ["llm_empty_reply"]
+    assert h.stats.errors == {"llm_empty_reply": 1}
+    assert len(llm.requests) == 3  # the round after the tool, asked again once
+    stats = h.agent.llm.stats  # type: ignore[union-attr]
+    assert stats.empty_replies == 2 and stats.all_failed == 0
+    h.stats.watch_hedge(stats)
+    exposed = generate_latest(h.stats.prometheus.registry).decode()
+    assert "voicegate_llm_empty_replies_total 2.0" in exposed
+    assert 'voicegate_errors_total{code="llm_empty_reply"} 1.0' in exposed
+
+
 async def test_failure_after_a_tool_filler_is_still_a_handoff(llm_server, webhook):
     fake, server = llm_server
     hook, hook_server = webhook

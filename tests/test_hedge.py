@@ -102,6 +102,33 @@ async def test_every_leg_failing_raises_provider_error(llm_server):
     assert hedged.stats.all_failed == 1
 
 
+@pytest.mark.parametrize("other", [Reply(text=""), Reply(status=503), None],
+                         ids=["both-empty", "empty-and-down", "one-model"])
+async def test_an_empty_reply_ends_the_stream_empty_not_as_an_outage(llm_server, other):
+    """A model that answers with nothing (no word, no tool call: common right after a
+    tool result) is no LLM outage: the hedge raised "every LLM failed", and the caller was
+    handed off with llm_failed. The other leg is still asked (it may answer); when none
+    does, the stream ends with no chunk and counts an empty reply, not all_failed."""
+    fake, server = llm_server
+    fake.replies["empty"] = Reply(text="")
+    url = server.url + "/v1"
+    if other is None:
+        hedged = HedgedChat(OpenAIChat("empty", base_url=url, name="empty"), None,
+                            clock=ManualClock())
+    else:
+        fake.replies["other"] = other
+        hedged = pair(server, "empty", "other", hedge_delay_s=600.0)
+    assert await asyncio.wait_for(collect(hedged), 20) == ""
+    assert hedged.stats.empty_replies == 1 and hedged.stats.all_failed == 0
+    if other is not None:
+        assert hedged.stats.failovers == 1 and fake.stats.requests["other"] == 1
+
+    fake.replies["other"] = Reply(text="Backup answer.")  # the other leg answers: its answer
+    hedged = pair(server, "empty", "other", hedge_delay_s=600.0)
+    assert await asyncio.wait_for(collect(hedged), 20) == "Backup answer."
+    assert hedged.stats.empty_replies == 0 and hedged.stats.secondary_wins == 1
+
+
 async def test_failure_after_the_first_token_is_raised_not_retried(llm_server):
     fake, server = llm_server
     fake.replies["p"] = Reply(text="One two three four.", malformed_at=3)
