@@ -145,8 +145,12 @@ AgentEvent = Union[Sentence, ToolStarted, Slow, StillWorking, Handoff]
 class Conversation:
     """One call's chat context, trimmed to a character budget (about 4 chars a token).
 
-    Trimming drops whole exchanges, oldest first (an exchange starts at a user message,
-    so a tool call is never separated from its result); the latest exchange always stays.
+    Over the budget, an exchange (it starts at a user message, so a tool call is never
+    separated from its result) larger than half of it first has its tool results cut to
+    fit, each saying so (the latest exchange only as far as the earlier ones need, never
+    below half); then whole exchanges are dropped, oldest first. One exchange's webhooks
+    answering a lot thus never evicts what the caller said before. The system prompt and
+    the latest exchange's user turn always stay.
     """
 
     def __init__(self, system_prompt: str = DEFAULT_SYSTEM_PROMPT, budget_chars: int = 8000) -> None:
@@ -179,7 +183,8 @@ class Conversation:
         """The request the next turn would send for the caller's ``text``, built on a copy:
         this conversation is not changed (a preemptive start commits nothing)."""
         peek = Conversation(self.system_prompt, self.budget_chars)
-        peek.history = list(self.history)  # trimming re-slices the list, never edits a message
+        # Trimming builds a new list (a cut tool result a new message), never edits one.
+        peek.history = list(self.history)
         peek.add_user(text)
         return peek.messages()
 
@@ -235,15 +240,79 @@ class Conversation:
         return 0
 
     def _trim(self) -> None:
-        def size(messages: list[dict[str, Any]]) -> int:
-            return sum(len(json.dumps(m, ensure_ascii=False)) for m in messages)
+        # Linear: each message is measured once (a cut one again), then exchanges are
+        # summed and dropped by arithmetic; this runs on the event loop every LLM round.
+        history = self.history
+        if not history:
+            return
+        budget = self.budget_chars - _size({"role": "system", "content": self.system_prompt})
+        sizes = [_size(m) for m in history]
+        if sum(sizes) <= budget:
+            return
+        starts = [i for i, m in enumerate(history) if m["role"] == "user"]
+        if not starts or starts[0] != 0:
+            starts.insert(0, 0)
+        bounds = list(zip(starts, starts[1:] + [len(history)]))
+        history = list(history)
+        half = budget // 2
+        kept_before = 0  # the earlier exchanges' size, cut
+        totals: list[int] = []
+        for n, (a, b) in enumerate(bounds):
+            latest = n == len(bounds) - 1
+            # An earlier exchange may take half the budget; the latest what the earlier
+            # ones leave, and half at least (more of the earlier ones go then).
+            cap = max(half, budget - kept_before) if latest else half
+            if sum(sizes[a:b]) > cap:
+                _cut_tool_results(history, sizes, a, b, cap)
+            total = sum(sizes[a:b])
+            totals.append(total)
+            kept_before += total
+        first = 0
+        excess = sum(totals) - budget
+        while excess > 0 and first < len(bounds) - 1:
+            excess -= totals[first]
+            first += 1
+        self.history = history[bounds[first][0]:]
 
-        budget = self.budget_chars - len(self.system_prompt)
-        while size(self.history) > budget:
-            starts = [i for i, m in enumerate(self.history) if m["role"] == "user"]
-            if len(starts) < 2:
-                return  # only the latest exchange is left: keep it whole
-            self.history = self.history[starts[1]:]
+
+_CUT_NOTE = " … [the rest of this result was cut to fit the conversation]"
+# A cut result keeps at least its head (a status, a first row): emptied, the model would
+# have nothing to answer from but the note; over budget then, earlier exchanges go.
+_MIN_KEPT_CHARS = 500
+
+
+def _size(message: dict[str, Any]) -> int:
+    return len(json.dumps(message, ensure_ascii=False))
+
+
+def _cut_tool_results(history: list[dict[str, Any]], sizes: list[int], a: int, b: int,
+                      cap: int) -> None:
+    """Cut the tool results among ``history[a:b]`` (``sizes`` theirs) so the exchange
+    takes about ``cap`` characters: the largest first, each ending with ``_CUT_NOTE``.
+    Cut messages are new dicts: a copy of the history (``messages_for``) is unchanged."""
+    tools = [i for i in range(a, b) if history[i]["role"] == "tool"]
+    if not tools:
+        return
+    contents = {i: _size_of_text(history[i]["content"]) for i in tools}
+    room = cap - (sum(sizes[a:b]) - sum(contents.values()))  # for the results' text
+    # The smallest keep what they have when it is under an even share of what is left.
+    for left, i in enumerate(sorted(tools, key=lambda i: contents[i])):
+        share = max(_MIN_KEPT_CHARS, room // (len(tools) - left))
+        room -= min(share, contents[i])
+        if contents[i] <= share:
+            continue
+        text = str(history[i]["content"])
+        if text.endswith(_CUT_NOTE):
+            text = text[:-len(_CUT_NOTE)]  # cut before: cut again from the original part
+        # The JSON-escaped size over the raw one (quotes and newlines count twice).
+        ratio = len(text) / max(1, _size_of_text(text))
+        keep = max(0, int((share - _size_of_text(_CUT_NOTE)) * ratio))
+        history[i] = {**history[i], "content": text[:keep] + _CUT_NOTE}
+        sizes[i] = _size(history[i])
+
+
+def _size_of_text(text: Any) -> int:
+    return len(json.dumps(text, ensure_ascii=False))
 
 
 def _readable_arguments(call: ToolCall) -> str:

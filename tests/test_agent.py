@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 
-from gateway.agent import (HOLD_PHRASES, Agent, Conversation, Handoff, Sentence, Slow, StillWorking,
-                           ToolStarted)
+from gateway.agent import (DEFAULT_SYSTEM_PROMPT, HOLD_PHRASES, Agent, Conversation, Handoff,
+                           Sentence, Slow, StillWorking, ToolStarted)
 from gateway.clock import Clock, ManualClock
 from gateway.hedge import HedgedChat
 from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec
@@ -456,6 +456,90 @@ def test_context_is_trimmed_by_whole_exchanges_keeping_the_latest():
     assert messages[-1]["content"] == "the latest question"
     assert sum(len(json.dumps(m)) for m in messages[1:]) <= 600
     assert len(messages) < 41
+
+
+def test_trimming_measures_each_message_once(monkeypatch):
+    """_trim measured the whole history again for every exchange it dropped: quadratic in
+    the call's length, on the event loop, at every LLM round of a long call."""
+    conversation = Conversation("system", budget_chars=600)
+    for n in range(300):
+        conversation.add_user(f"question {n} " + "x" * 50)
+        conversation.add_assistant(f"answer {n} " + "y" * 50)
+    conversation.add_user("the latest question")
+    measured = len(conversation.history)
+    real_dumps = json.dumps
+    calls = 0
+
+    def counting_dumps(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return real_dumps(*args, **kwargs)
+
+    monkeypatch.setattr(json, "dumps", counting_dumps)
+    messages = conversation.messages()
+    monkeypatch.undo()
+    assert messages[-1]["content"] == "the latest question" and len(messages) < 20
+    assert calls <= 2 * measured, f"{calls} measurements of a history of {measured} messages"
+
+
+def big_result(tag: str) -> str:
+    return json.dumps({"tag": tag, "rows": "x" * MAX_RESULT_CHARS})[:MAX_RESULT_CHARS]
+
+
+def test_an_oversized_exchange_is_cut_not_the_conversation_before_it():
+    """Two tool results of MAX_RESULT_CHARS (4,000) in one exchange are more than the
+    default budget (8,000 characters, the system prompt included): trimming dropped every
+    earlier exchange, and the agent forgot who the caller was and what they had said. The
+    oversized exchange's tool results are cut instead (each says so); the system prompt and
+    the caller's latest words always stay."""
+    conversation = Conversation()  # the default prompt and budget
+    conversation.add_user("Hi, my name is Ana Lopez and my card ending 4411 was stolen.")
+    conversation.add_assistant("I'm sorry, Ana. I can block that card for you now.")
+    conversation.add_user("Yes, block it, and read me my last payments.")
+    calls = [ToolCall("c1", "block_card", '{"card": "4411"}'),
+             ToolCall("c2", "get_history", '{"account": "42"}')]
+    conversation.add_assistant("", calls)
+    for call in calls:
+        conversation.add_tool_result(call, big_result(call.name))
+
+    def size(messages):
+        return sum(len(json.dumps(m, ensure_ascii=False)) for m in messages)
+
+    peek = conversation.messages_for("and my balance?")  # a preemptive start changes nothing
+    assert "Ana Lopez" in peek[1]["content"] and peek[-1]["content"] == "and my balance?"
+    assert [m["content"] for m in conversation.history[-2:]] == [big_result("block_card"),
+                                                                  big_result("get_history")]
+    messages = conversation.messages()
+    assert messages[0] == {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
+    assert "Ana Lopez" in messages[1]["content"], [m["content"] for m in messages]
+    assert size(messages) <= 8000
+    results = [m for m in messages if m["role"] == "tool"]
+    assert [m["tool_call_id"] for m in results] == ["c1", "c2"]
+    for result, call in zip(results, calls):
+        assert result["content"].startswith(big_result(call.name)[:1500])  # most of it kept
+        assert result["content"].endswith("[the rest of this result was cut to fit the "
+                                          "conversation]")
+
+    # The next turn: the earlier exchanges stay, the caller's latest words whole.
+    conversation.add_assistant("Your card is blocked. Your last payment was to a cafe.")
+    conversation.add_user("thanks, and can you send me a new card?")
+    messages = conversation.messages()
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    assert users == ["Hi, my name is Ana Lopez and my card ending 4411 was stolen.",
+                     "Yes, block it, and read me my last payments.",
+                     "thanks, and can you send me a new card?"]
+    assert size(messages) <= 8000
+    assert conversation.messages() == messages  # cut once: the same request each round
+
+
+def test_the_latest_turn_stays_whole_when_nothing_can_be_cut():
+    # No tool result to cut (a long typed message): earlier exchanges go, the turn stays.
+    conversation = Conversation("system", budget_chars=300)
+    conversation.add_user("my name is Ana")
+    conversation.add_assistant("Hello Ana.")
+    conversation.add_user("y" * 500)
+    assert conversation.messages() == [{"role": "system", "content": "system"},
+                                       {"role": "user", "content": "y" * 500}]
 
 
 def test_record_heard_cuts_what_the_caller_did_not_hear():
