@@ -132,20 +132,19 @@ async def test_dashboard_shows_what_the_api_returns(browser, dashboard_server):
     assert SCREENSHOT.stat().st_size > 10_000
 
 
-def test_one_click_makes_a_missed_group_an_entry(browser, dashboard_server, runtime):
+def dashboard_with_a_missed_question(browser, server, runtime, question: str, draft: str,
+                                     call_ids: tuple[str, ...]):
+    """The dashboard, signed in, after the agent answered ``question`` in each of
+    ``call_ids``; returns (a 60 s WebDriverWait, a condition finding the question's group)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server = dashboard_server
-    question = "can I pay in with a cheque at the post office"
-    draft = "Yes, you can pay cheques in at any post office counter."
-    for call_id in ("dash-1", "dash-2"):
+    for call_id in call_ids:
         runtime.stats.turn_finished({"turn": 1, "source": "llm", "action": "llm"}, question,
                                     route_score=0.1, answer=draft, call_id=call_id)
     browser.get(server.base_url + "/admin/")
     browser.execute_script(f"sessionStorage.setItem('voicegate.adminToken', '{TOKEN}')")
     browser.get(server.base_url + "/admin/")
-    wait = WebDriverWait(browser, 60)
 
     def group_item(d):
         for li in d.find_elements(By.CSS_SELECTOR, "#top-misses .miss-group"):
@@ -153,6 +152,17 @@ def test_one_click_makes_a_missed_group_an_entry(browser, dashboard_server, runt
                 return li
         return False
 
+    return WebDriverWait(browser, 60), group_item
+
+
+def test_one_click_makes_a_missed_group_an_entry(browser, dashboard_server, runtime):
+    from selenium.webdriver.common.by import By
+
+    server = dashboard_server
+    question = "can I pay in with a cheque at the post office"
+    draft = "Yes, you can pay cheques in at any post office counter."
+    wait, group_item = dashboard_with_a_missed_question(browser, server, runtime, question,
+                                                        draft, ("dash-1", "dash-2"))
     item = wait.until(group_item)
     assert item.find_element(By.CSS_SELECTOR, ".calls").text == \
         "would have answered 2 calls instantly"
@@ -176,26 +186,14 @@ def test_a_promote_the_network_lost_says_so_and_can_be_retried(browser, dashboar
     # awaited it unguarded, so the status said "publishing …" for good.
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     server = dashboard_server
     question = "can I order foreign currency for collection at a branch"
     draft = "Yes, order it online and collect it at any branch two days later."
-    for call_id in ("net-1", "net-2"):
-        runtime.stats.turn_finished({"turn": 1, "source": "llm", "action": "llm"}, question,
-                                    route_score=0.1, answer=draft, call_id=call_id)
-    browser.get(server.base_url + "/admin/")
-    browser.execute_script(f"sessionStorage.setItem('voicegate.adminToken', '{TOKEN}')")
-    browser.get(server.base_url + "/admin/")
-    wait = WebDriverWait(browser, 60)
+    wait, group_item = dashboard_with_a_missed_question(browser, server, runtime, question,
+                                                        draft, ("net-1", "net-2"))
 
     def promote(entry_id: str) -> None:
-        def group_item(d):
-            for li in d.find_elements(By.CSS_SELECTOR, "#top-misses .miss-group"):
-                if li.find_element(By.CSS_SELECTOR, ".question").text == question:
-                    return li
-            return False
-
         wait.until(group_item).find_element(By.CSS_SELECTOR, "button.promote").click()
         entry_prompt = wait.until(lambda d: d.switch_to.alert)
         entry_prompt.send_keys(entry_id)
