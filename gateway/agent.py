@@ -413,6 +413,7 @@ class Agent:
         started = clock.now()  # the filler's wait counts from here
         held_since: float | None = None  # the tool call nothing was said since; None: not held
         holds = 0  # hold phrases cued this turn
+        held_holds = 0  # of them, cued before held_since (an earlier quiet stretch's)
 
         def next_cue() -> float | None:
             """When (clock time) the next cue is due: the filler until something is said or
@@ -421,7 +422,9 @@ class Agent:
                 return None if self.filler_after_s is None else started + self.filler_after_s
             if held_since is None or self.hold_after_s is None or holds >= MAX_HOLD_PHRASES:
                 return None
-            return held_since + (holds + 1) * self.hold_after_s
+            # Every hold_after_s of this quiet stretch: a tool called after words said
+            # (a second tool, after a first one's hold) waits hold_after_s, not twice that.
+            return held_since + (holds - held_holds + 1) * self.hold_after_s
 
         def cue() -> Slow | StillWorking:
             nonlocal filler, holds
@@ -429,7 +432,7 @@ class Agent:
                 filler = True
                 return Slow(self.filler_after_s or 0.0)
             holds += 1
-            return StillWorking(holds * (self.hold_after_s or 0.0))
+            return StillWorking((holds - held_holds) * (self.hold_after_s or 0.0))
 
         round_no = 0
         while round_no <= self.max_tool_rounds:
@@ -470,7 +473,7 @@ class Agent:
                         calls.append(item.tool_call)
                         filler = True
                         if held_since is None:  # the silence a hold phrase covers starts here
-                            held_since = clock.now()
+                            held_since, held_holds = clock.now(), holds
                         yield ToolStarted(item.tool_call.name, item.tool_call.id)
                 tail = chunker.flush()
                 if tail:

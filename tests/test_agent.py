@@ -1191,3 +1191,33 @@ async def test_a_call_holds_a_slow_tool_with_spoken_phrases_then_answers():
     assert [(e["source"], e["text"]) for e in responses[1:]] == [
         ("filler", HOLD_PHRASES[0]), ("filler", HOLD_PHRASES[1]),
         ("llm", "It shipped on Monday.")]
+
+
+async def test_a_second_tool_after_words_is_held_after_hold_after_s_not_twice_that():
+    """A turn's first tool got its hold phrase at 4 s, then the answer began ("It shipped
+    on Monday.") and the model called a second tool of 7 s. The next hold was timed as
+    the turn's second one from the new call: 8 s after it, so the caller heard 7 s of
+    silence (the filler plays once a turn). Each quiet stretch is held hold_after_s
+    after its tool call, within MAX_HOLD_PHRASES a turn."""
+    class Runner:
+        async def run(self, call: ToolCall, clock: Clock) -> tuple[str, bool]:
+            await clock.sleep({"get_order": 5.0, "get_refund": 7.0}[call.name])
+            return "{}", True
+
+        async def aclose(self) -> None:
+            return None
+
+    clock = ManualClock()
+    llm = ScriptLLM([LLMChunk(tool_call=ToolCall("c1", "get_order", "{}"))],
+                    [LLMChunk(text="It shipped on Monday. "),
+                     LLMChunk(tool_call=ToolCall("c2", "get_refund", "{}"))],
+                    [LLMChunk(text="Your refund is on its way.")])
+    agent = Agent(HedgedChat(llm, None, first_token_timeout_s=600.0,  # type: ignore[arg-type]
+                             idle_timeout_s=600.0, clock=clock),
+                  [ToolSpec("get_order", "The order."), ToolSpec("get_refund", "The refund.")],
+                  runner=Runner(), filler_after_s=0.9, hold_after_s=4.0)  # type: ignore[arg-type]
+    events = agent.respond(agent.new_conversation(), "my order, and my refund?", clock=clock)
+    assert await collect(events, clock, 20.0) == [
+        ToolStarted("get_order", "c1"), StillWorking(4.0), Sentence("It shipped on Monday."),
+        ToolStarted("get_refund", "c2"), StillWorking(4.0),
+        Sentence("Your refund is on its way.")]
