@@ -398,8 +398,8 @@ class Agent:
         """``preempted``: a stream started for these words before the turn ended; the first
         round takes it when its request is the one this turn would send, else it is
         cancelled and a fresh call made. ``clock``: the call's; ``filler_after_s`` (the
-        ``Slow`` cue) and each tool's ``timeout_s`` are timed on it (a test's
-        ``ManualClock``)."""
+        ``Slow`` cue), ``hold_after_s`` (``StillWorking``) and each tool's ``timeout_s`` are
+        timed on it (a test's ``ManualClock``)."""
         conversation.add_user(text)
         if self.llm is None:
             if preempted is not None:
