@@ -127,7 +127,8 @@ class StillWorking:
 class Handoff:
     reason: str
     # The stage failure the call reports with it (counted, an ``error`` event): None, or
-    # ``llm_failed`` (an outage) or ``llm_empty_reply`` (the model said nothing, twice).
+    # ``llm_failed`` (an outage), ``llm_empty_reply`` (the model said nothing, twice) or
+    # ``llm_tool_not_offered`` (it answered a round offering no tools with a tool call only).
     error: str | None = None
 
     @property
@@ -513,7 +514,8 @@ class Agent:
                 # This round said nothing (whatever an earlier one said: a preface before
                 # a tool must not end in silence).
                 if ignored:
-                    yield Handoff(f"the LLM called {ignored}, a tool it was not offered")
+                    yield Handoff(f"the LLM called {ignored}, a tool it was not offered",
+                                  error="llm_tool_not_offered")
                     return
                 # An empty completion: the model answered, with nothing. No outage (the
                 # hedge ended its stream empty): asked again once, then a person takes

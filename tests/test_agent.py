@@ -1075,6 +1075,11 @@ async def test_a_tool_call_in_the_last_round_does_not_end_the_turn_in_silence():
     assert sources == ["filler", "handoff"]
     assert h.output.of("handoff")[0]["reason"] == \
         "the LLM called get_balance, a tool it was not offered"
+    # Reported, as an empty reply is: the operator sees a model (or a compatible server)
+    # that ignores the tools it is offered, not only a handoff.
+    assert [(e["code"], e["turn"]) for e in h.output.of("error")] == [
+        ("llm_tool_not_offered", 1)]
+    assert h.stats.errors["llm_tool_not_offered"] == 1
 
 
 @pytest.mark.parametrize("arguments", ['{"account": "42"', '["42"]', '{"account": NaN}'],
