@@ -282,8 +282,9 @@ _CUT_NOTE = " … [the rest of this result was cut to fit the conversation]"
 _MIN_KEPT_CHARS = 500
 
 
-def _size(message: dict[str, Any]) -> int:
-    return len(json.dumps(message, ensure_ascii=False))
+def _size(value: Any) -> int:
+    """Characters ``value`` takes in the request, as JSON (a message, or a text in one)."""
+    return len(json.dumps(value, ensure_ascii=False))
 
 
 def _cut_tool_results(history: list[dict[str, Any]], sizes: list[int], a: int, b: int,
@@ -294,7 +295,7 @@ def _cut_tool_results(history: list[dict[str, Any]], sizes: list[int], a: int, b
     tools = [i for i in range(a, b) if history[i]["role"] == "tool"]
     if not tools:
         return
-    contents = {i: _size_of_text(history[i]["content"]) for i in tools}
+    contents = {i: _size(history[i]["content"]) for i in tools}
     room = cap - (sum(sizes[a:b]) - sum(contents.values()))  # for the results' text
     # The smallest keep what they have when it is under an even share of what is left.
     for left, i in enumerate(sorted(tools, key=lambda i: contents[i])):
@@ -306,14 +307,10 @@ def _cut_tool_results(history: list[dict[str, Any]], sizes: list[int], a: int, b
         if text.endswith(_CUT_NOTE):
             text = text[:-len(_CUT_NOTE)]  # cut before: cut again from the original part
         # The JSON-escaped size over the raw one (quotes and newlines count twice).
-        ratio = len(text) / max(1, _size_of_text(text))
-        keep = max(0, int((share - _size_of_text(_CUT_NOTE)) * ratio))
+        ratio = len(text) / max(1, _size(text))
+        keep = max(0, int((share - _size(_CUT_NOTE)) * ratio))
         history[i] = {**history[i], "content": text[:keep] + _CUT_NOTE}
         sizes[i] = _size(history[i])
-
-
-def _size_of_text(text: Any) -> int:
-    return len(json.dumps(text, ensure_ascii=False))
 
 
 def _readable_arguments(call: ToolCall) -> str:
