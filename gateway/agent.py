@@ -526,7 +526,8 @@ class Agent:
                 return
             tasks = [asyncio.create_task(self.runner.run(call, clock)) for call in calls]
             gathered = asyncio.gather(*tasks)
-            gathered.add_done_callback(_retrieve)  # also when a barge-in left it unread
+            # Its outcome retrieved also when a barge-in left it unread.
+            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
             timeouts = Timeouts(clock)
             try:
                 while True:  # the tools' results, a hold phrase cued while they keep us waiting
@@ -575,11 +576,6 @@ def _record_results(conversation: Conversation, calls: list[ToolCall],
 
 _END = object()
 _CUE = object()  # a cue is due: the filler, or a hold phrase (``respond`` says which)
-
-
-def _retrieve(future: "asyncio.Future[Any]") -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 async def _with_cues(stream: AsyncIterator[LLMChunk], next_cue: Callable[[], float | None],
