@@ -152,12 +152,12 @@ class HedgedChat:
             while winner is None:
                 live = [leg for leg in legs if not leg.failed]
                 if not live:
-                    if (self.secondary is None or len(legs) == 2) and any(leg.empty for leg in legs):
-                        # A model that answered with nothing is not down: no error to
-                        # raise (the agent asks again, then hands off, no llm_failed).
-                        self.stats.empty_replies += 1
-                        return
                     if self.secondary is None or len(legs) == 2:
+                        if any(leg.empty for leg in legs):
+                            # A model that answered with nothing is not down: no error to
+                            # raise (the agent asks again, then hands off, no llm_failed).
+                            self.stats.empty_replies += 1
+                            return
                         self.stats.all_failed += 1
                         raise ProviderError(self.name, "every LLM failed: " + "; ".join(errors))
                     self.stats.failovers += 1  # the primary failed before the hedge fired
