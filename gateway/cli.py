@@ -84,12 +84,9 @@ def _call(args: argparse.Namespace) -> int:
         return 0
 
     if not args.wav and not args.text:
-        print("voicegate call: give --wav FILE and/or --text TEXT", file=sys.stderr)
-        return 2
-    refused = _call_arguments_refused(args)
-    if refused:
-        print(f"voicegate call: {refused}", file=sys.stderr)
-        return 2
+        return _usage_error("call", "give --wav FILE and/or --text TEXT")
+    if refused := _call_arguments_refused(args):
+        return _usage_error("call", refused)
     try:
         return asyncio.run(run())
     except (OSError, TimeoutError, ConnectionError) as exc:
@@ -395,8 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         # A bad VOICEGATE_* value or config file: the message names every bad field and
         # never a value (some are secrets), so it is the whole answer, without a traceback.
-        print(f"voicegate {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(args.command, str(exc))
 
 
 if __name__ == "__main__":
