@@ -262,7 +262,7 @@ class Responder:
                         holds += 1
                     elif isinstance(event, Handoff):
                         segment = self.handoff(turn, event.reason)
-                        segment.error = event.error  # llm_failed, llm_empty_reply, llm_tool_not_offered, None
+                        segment.error = event.error  # its code (Handoff.error), or None
                         await queue.put(segment)
             finally:
                 # Closed before this task ends: the agent writes what it said to the
