@@ -5,6 +5,7 @@ responder turns into audio:
 
 - ``Sentence(text)``: a speakable piece, in order; synthesize and play it.
 - ``ToolStarted(name, call_id)``: the model called a tool; play filler now (once per turn).
+  Words it wrote before the call ("Sure, let me look that up") come first, as a Sentence.
 - ``Slow(waited_s)``: nothing to say yet after ``filler_after_s`` (no token, or tokens that
   make no sentence yet); filler bridges the gap. Timed on the ``clock`` given to ``respond``
   (the call's: ``turn.timeline.clock``; ``SYSTEM_CLOCK`` by default), like the hedge.
@@ -456,11 +457,17 @@ class Agent:
                         yield cue()
                         continue
                     answered = True
-                    if item.text:
-                        for piece in chunker.feed(item.text):
-                            spoken.append(piece)
-                            spoke, held_since = True, None
-                            yield Sentence(piece)
+                    pieces = chunker.feed(item.text) if item.text else []
+                    if item.tool_call is not None or item.tool_call_fragment:
+                        # The model moved on to a tool call: its preface ("Sure, let me
+                        # look that up", no sentence end) is complete. Spoken now, before
+                        # ToolStarted (the filler), not after it at the round's end.
+                        tail = chunker.flush()
+                        pieces += [tail] if tail else []
+                    for piece in pieces:
+                        spoken.append(piece)
+                        spoke, held_since = True, None
+                        yield Sentence(piece)
                     if item.tool_call is not None and tools is None:
                         # Not offered (the last round, or no tools): never run, and no
                         # filler; without words the turn hands off below, not into silence.

@@ -328,13 +328,15 @@ async def test_closing_the_event_stream_mid_answer_closes_the_llm_stream(llm_ser
     await agent.aclose()
 
 
-async def collect(events, clock: ManualClock, seconds: float) -> list:
-    """The events ``events`` emits while ``seconds`` of ``clock`` pass, to its end."""
+async def collect(events, clock: ManualClock, seconds: float, timed: bool = False) -> list:
+    """The events ``events`` emits while ``seconds`` of ``clock`` pass, to its end; with
+    ``timed``, each as (seconds of the clock since the collect began, event)."""
     out: list = []
+    start = clock.now()
 
     async def read() -> None:
         async for event in events:
-            out.append(event)
+            out.append((clock.now() - start, event) if timed else event)
 
     reader = asyncio.create_task(read())
     await clock.advance(seconds)
@@ -986,18 +988,24 @@ def test_openai_without_url_or_key_fails_at_start_up():
 
 
 class ScriptLLM:
-    """A chat model answering request n with ``scripts[n]`` (chunks; an exception raises)."""
+    """A chat model answering request n with ``scripts[n]`` (chunks; an exception raises;
+    a float: that many seconds of ``clock`` pass, a model still writing)."""
 
     name = "script"
 
-    def __init__(self, *scripts: list) -> None:
+    def __init__(self, *scripts: list, clock: ManualClock | None = None) -> None:
         self.scripts = list(scripts)
+        self.clock = clock
         self.requests: list[list[ToolSpec] | None] = []  # the tools offered, per request
 
     async def stream(self, messages, tools=None):
         self.requests.append(tools)
         script = self.scripts.pop(0) if self.scripts else [LLMChunk(text="All good now.")]
         for item in script:
+            if isinstance(item, float):
+                assert self.clock is not None
+                await self.clock.sleep(item)
+                continue
             await asyncio.sleep(0)
             if isinstance(item, BaseException):
                 raise item
@@ -1226,3 +1234,53 @@ async def test_a_second_tool_after_words_is_held_after_hold_after_s_not_twice_th
         ToolStarted("get_order", "c1"), StillWorking(4.0), Sentence("It shipped on Monday."),
         ToolStarted("get_refund", "c2"), StillWorking(4.0),
         Sentence("Your refund is on its way.")]
+
+
+PREFACED_CALL = ToolCall("c1", "get_balance", "{}")
+
+
+@pytest.mark.parametrize("first_round, called", [
+    ([LLMChunk(text="Sure, let me look that up", tool_call=PREFACED_CALL)], 0.0),
+    # As the OpenAI-style providers stream it: the words, then the call's fragments while
+    # its arguments are written (2 s here), then the whole call.
+    ([LLMChunk(text="Sure, let me "), LLMChunk(text="look that up"),
+      LLMChunk(tool_call_fragment=True), 2.0, LLMChunk(tool_call=PREFACED_CALL)], 2.0),
+], ids=["in-the-tool-calls-chunk", "arguments-streamed"])
+async def test_a_preface_before_a_tool_call_is_spoken_before_the_tool_starts(first_round,
+                                                                             called):
+    """The model writes a preface with no sentence end ("Sure, let me look that up"),
+    then calls a tool. The preface stayed in the sentence chunker until the round's
+    stream ended: ToolStarted (the filler) came first, or the filler cue at
+    filler_after_s while the arguments were written, and the preface only after it; its
+    late flush also reset the quiet stretch, so a slow tool got no hold phrase. The tool
+    call ends the preface: it is spoken at once, then ToolStarted, and the tool's silence
+    is held hold_after_s after the call, as after any words."""
+    clock = ManualClock()
+    llm = ScriptLLM(first_round, [LLMChunk(text="Your balance is twelve dollars.")],
+                    clock=clock)
+    agent = Agent(llm, [BALANCE], runner=SlowTool(5.0),  # type: ignore[arg-type]
+                  filler_after_s=0.9, hold_after_s=4.0)
+    events = agent.respond(agent.new_conversation(), "what's my balance", clock=clock)
+    assert await collect(events, clock, 10.0, timed=True) == [
+        (0.0, Sentence("Sure, let me look that up")),
+        (called, ToolStarted("get_balance", "c1")),
+        (called + 4.0, StillWorking(4.0)),
+        (called + 5.0, Sentence("Your balance is twelve dollars."))]
+
+
+async def test_a_call_plays_the_preface_before_a_tool_and_no_filler_after_it():
+    """Through a whole call: the caller heard the filler, then the preface ("Let me check
+    that for you." "Sure, let me look that up"). The preface comes first, and stands in for
+    the filler (the responder plays none once words were said)."""
+    h = CallHarness()
+    h.agent = Agent(ScriptLLM([LLMChunk(text="Sure, let me look that up",  # type: ignore[arg-type]
+                                        tool_call=PREFACED_CALL)],
+                              [LLMChunk(text="Your balance is twelve dollars.")]),
+                    [BALANCE], runner=BalanceRunner(), filler_after_s=None)  # type: ignore[arg-type]
+    h.responder._agent = h.agent
+    await h.start()
+    await h.text("what is my balance")
+    await h.wait(3000)
+    await h.stop()
+    assert [(e["source"], e["text"]) for e in h.output.of("response", turn=1)] == [
+        ("llm", "Sure, let me look that up"), ("llm", "Your balance is twelve dollars.")]
