@@ -13,7 +13,8 @@ outage, the agent decides; only when every leg failed otherwise does it raise.
 
 The stream ends with its winner: a loser's teardown (an HTTP close) still under way
 then goes on without the caller, its outcome retrieved; ``aclose`` waits for what is
-left of them. Before a win every leg is the stream's to close, and its end waits.
+left of them (``CLOSE_TIMEOUT_S`` at most). Before a win every leg is the stream's to
+close, and its end waits.
 
 The hedge delay and both timeouts run on a ``Clock`` (gateway/clock.py; the monotonic
 ``SYSTEM_CLOCK`` in production), so a test's ``ManualClock`` decides when they pass.
@@ -33,6 +34,10 @@ from . import logs
 from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 
 log = logging.getLogger("voicegate.hedge")
+
+# How long ``aclose`` waits for the losers' teardowns (HTTP closes, normally milliseconds):
+# a provider whose close hangs must not hang the shutdown with it.
+CLOSE_TIMEOUT_S = 5.0
 
 
 class AdaptiveDelay:
@@ -117,11 +122,29 @@ class HedgedChat:
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock  # the hedge delay's and the timeouts' (a test's ManualClock)
         self.stats = HedgeStats()
-        self._closing: set[asyncio.Task[None]] = set()  # losers' teardowns, after their stream
+        # Losers' teardowns, after their stream: each task, and its leg for the log
+        # ("primary openai:primary").
+        self._closing: dict[asyncio.Task[None], str] = {}
 
     async def aclose(self) -> None:
-        """Wait for the losers' teardowns still under way (before their clients close)."""
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        """Wait for the losers' teardowns still under way (before their clients close),
+        ``CLOSE_TIMEOUT_S`` of the clock at most: one still running then is cancelled
+        again, logged (``llm_close_timed_out``) and left."""
+        if not self._closing:
+            return
+        timeouts = Timeouts(self._clock)
+        try:
+            # Shielded: the timeout must not cancel them, so what is left can be named.
+            await timeouts.within(CLOSE_TIMEOUT_S, asyncio.shield(
+                asyncio.gather(*self._closing, return_exceptions=True)))
+        except Expired:
+            left = {task: leg for task, leg in self._closing.items() if not task.done()}
+            logs.event(log, "llm_close_timed_out", logging.WARNING, waited_s=CLOSE_TIMEOUT_S,
+                       legs=", ".join(left.values()))
+            for task in left:
+                task.cancel()  # a close awaiting I/O may yet end; its outcome is retrieved
+        finally:
+            timeouts.close()
 
     def hedge_delay_s(self) -> float:
         return self.fixed_delay_s if self.fixed_delay_s is not None else self.adaptive.delay_s()
@@ -235,8 +258,8 @@ class HedgedChat:
         for leg in losers:
             task = leg.task
             if task is not None and not task.done():
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                self._closing[task] = f"{leg.role} {leg.model.name}"
+                task.add_done_callback(lambda t: self._closing.pop(t, None))
                 # Its errors were the race's business (reported through the queue, or
                 # moot once it lost); one of the close itself is retrieved here.
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())

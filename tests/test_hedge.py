@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 from typing import AsyncIterator
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from gateway.agent import Agent
 from gateway.audio_bank import AudioBank
 from gateway.clock import ManualClock
-from gateway.hedge import AdaptiveDelay, HedgedChat
+from gateway.hedge import CLOSE_TIMEOUT_S, AdaptiveDelay, HedgedChat
 from gateway.providers.base import LLMChunk, ProviderError
 from gateway.responder import Responder, Turn
 from gateway.timeline import TurnTimeline
@@ -461,6 +462,35 @@ async def test_the_streams_end_does_not_wait_for_the_losers_teardown():
         await hedged.aclose()  # nothing left to wait for
     finally:
         loop.set_exception_handler(handler)
+
+
+async def test_closing_does_not_wait_for_ever_for_a_losers_hanging_teardown(caplog,
+                                                                              monkeypatch):
+    """aclose waited for the losers' teardowns with no bound: a provider whose stream
+    close never ends (a half-open socket) hung the gateway's shutdown with it. It waits
+    CLOSE_TIMEOUT_S of the clock, then logs the leg it left and cancels it once more."""
+    # Seen by caplog even after a test ran the CLI (its logging stops propagation).
+    monkeypatch.setattr(logging.getLogger("voicegate"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="voicegate.hedge")
+    primary = ScriptedLeg("stuck", None, close_s=3600.0)  # its close hangs
+    secondary = ScriptedLeg("secondary", "From the secondary.")
+    hedged, clock = scripted_pair(primary, secondary, hedge_delay_s=0.5)
+    answer = asyncio.ensure_future(collect(hedged))
+    await clock.advance(0.5)
+    assert await until(answer.done) and answer.result() == "From the secondary."
+    closing = asyncio.ensure_future(hedged.aclose())
+    await clock.advance(CLOSE_TIMEOUT_S - 0.01)
+    assert not closing.done()
+    await clock.advance(0.01)
+    assert await until(closing.done) and closing.exception() is None
+    timed_out = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+                 if r.getMessage() == "llm_close_timed_out"]
+    assert [(f["legs"], f["waited_s"]) for f in timed_out] == [("primary stuck", CLOSE_TIMEOUT_S)]
+    # Cancelled once more, the close ended there (a close awaiting I/O does): no task left.
+    assert await until(lambda: not [t for t in asyncio.all_tasks()
+                                    if t.get_name().startswith("llm-")])
+    assert primary.closed == 0 and clock.sleeping == 0
+    await hedged.aclose()  # nothing left to wait for
 
 
 async def test_an_adaptive_delay_is_timed_on_the_clock_too():
