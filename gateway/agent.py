@@ -505,10 +505,12 @@ class Agent:
             finally:
                 # Also on the consumer's aclose() or cancellation (barge-in): both LLM
                 # streams are closed before this generator finishes, and what was emitted
-                # is in the context, for record_heard() to cut to what was played.
+                # is in the context, for record_heard() to cut to what was played. Written
+                # before the closes, as the tools' results below: a second cancel during
+                # them (a stream's close taking a while) must not lose what was heard.
+                conversation.add_assistant(" ".join(spoken), calls)
                 await events.aclose()
                 await stream.aclose()  # type: ignore[attr-defined]
-                conversation.add_assistant(" ".join(spoken), calls)
             if retry:
                 retried = True
                 continue

@@ -405,19 +405,28 @@ async def test_a_turns_filler_plays_when_the_calls_clock_passes_filler_after_s()
 
 
 class StallsAfterFirstToken:
-    """An LLM leg that streams "Sure" at once, then nothing (until closed)."""
+    """An LLM leg that streams ``first`` ("Sure") at once, then nothing (until closed).
+    With a ``clock``, closing its stream takes ``close_s`` of it (an HTTP teardown)."""
 
     name = "stalling"
 
-    def __init__(self) -> None:
+    def __init__(self, first: str = "Sure", clock: ManualClock | None = None,
+                 close_s: float = 0.0) -> None:
+        self.first = first
+        self.clock = clock
+        self.close_s = close_s
+        self.closing = 0  # closes begun
         self.closed = 0
 
     async def stream(self, messages, tools=None) -> AsyncIterator[LLMChunk]:
         try:
-            yield LLMChunk(text="Sure")
+            yield LLMChunk(text=self.first)
             await asyncio.Event().wait()
             yield LLMChunk(text=", never.")
         finally:
+            self.closing += 1
+            if self.clock is not None and self.close_s:
+                await self.clock.sleep(self.close_s)
             self.closed += 1
 
 
@@ -444,6 +453,43 @@ async def test_a_stall_after_the_first_token_still_gets_a_filler():
     assert isinstance(first, Slow), (
         f"5 s after a first token and no sentence, the agent had emitted {first!r}: the "
         "caller hears nothing at all")
+
+
+async def test_a_second_cancel_while_the_llm_stream_closes_keeps_what_was_said():
+    """A barge-in cancels the reply as the responder waits to queue its next segment; the
+    agent's events are closed, and its LLM stream's close takes a second (an HTTP
+    teardown). A second cancel meanwhile (the call ending) cut that close short, and the
+    round's add_assistant after it with it: the context lost the sentence the caller had
+    heard, and the next turn's model did not know it had said it."""
+    clock = ManualClock()
+    leg = StallsAfterFirstToken("Your balance is twelve dollars. ", clock, close_s=1.0)
+    # A filler delay: the stream is read by a task of its own, whose end the close awaits.
+    agent = Agent(leg, filler_after_s=0.9)  # type: ignore[arg-type]
+    conversation = agent.new_conversation()
+    got: list = []
+
+    async def produce() -> None:  # as the responder's producer
+        events = agent.respond(conversation, "what's my balance", clock=clock)
+        try:
+            async for event in events:
+                got.append(event)
+                await asyncio.Event().wait()  # its queue full: the barge-in lands here
+        finally:
+            await events.aclose()
+
+    producer = asyncio.create_task(produce())
+    await clock.settle()
+    assert got == [Sentence("Your balance is twelve dollars.")]
+    producer.cancel()  # the barge-in
+    await clock.settle()
+    assert leg.closing == 1 and leg.closed == 0  # its close under way, 1 s of the clock
+    producer.cancel()  # and a second cancel, during it
+    with pytest.raises(asyncio.CancelledError):
+        await producer
+    assert conversation.history[-1] == {"role": "assistant",
+                                        "content": "Your balance is twelve dollars."}
+    await clock.settle()
+    assert clock.sleeping == 0  # the close was cut short, nothing left waiting
 
 
 def test_context_is_trimmed_by_whole_exchanges_keeping_the_latest():
