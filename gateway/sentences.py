@@ -15,12 +15,40 @@ import re
 _ABBREVIATIONS = frozenset({
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "inc", "ltd",
     "co", "approx", "dept", "apt", "ave", "mt", "jan", "feb", "mar", "apr", "jun", "jul",
-    "aug", "sep", "sept", "oct", "nov", "dec", "a.m", "p.m", "u.s",
+    "aug", "sep", "sept", "oct", "nov", "dec", "u.s",
 })
 # Abbreviations only before a number ("No. 5"); else the word itself ends the sentence
 # ("No. We're closed on Sundays.": held as an abbreviation, the first piece waited).
 _NUMBER_ABBREVIATIONS = frozenset({"no"})
-# Letters and dots before the final one: "U.K", "U.S.A", "Ph.D" (also "e.g", "a.m").
+# "a.m." / "p.m." end a sentence when a capitalized word follows ("We open at 9 a.m. Our
+# branch ..."), unless that word goes on with the time: a day, a month or a time zone
+# ("9 a.m. Monday to Friday", "5 p.m. Eastern"). "May" is left out: an agent's "May I
+# help ..." opens a sentence far more often than a time is followed by its date.
+_TIME_ABBREVIATIONS = frozenset({"a.m", "p.m"})
+_TIME_CONTINUATIONS = frozenset({
+    "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
+    "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",
+    "january", "february", "march", "april", "june", "july", "august", "september",
+    "october", "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug",
+    "sep", "sept", "oct", "nov", "dec",
+    "eastern", "central", "mountain", "pacific", "atlantic", "alaska", "hawaii", "et", "ct",
+    "mt", "pt", "est", "edt", "cst", "cdt", "mst", "mdt", "pst", "pdt", "gmt", "utc", "bst",
+    "cet", "cest",
+})
+# A capital letter and a period is an initial ("J. Smith", "John F. Kennedy": a name
+# split there is read "Jay." and a pause), unless one of these words follows: a pronoun or
+# an opener no surname is ("Choose plan B. It costs less."). Names in a bank's answers
+# (payees, account holders) matter more than the pause after "plan B", so only these.
+_SENTENCE_OPENERS = frozenset({
+    "it", "its", "this", "that", "these", "those", "the", "there", "here", "you", "your",
+    "we", "our", "i", "they", "their", "he", "she", "please", "thanks", "thank", "if",
+    "but", "and", "also", "then", "would", "could", "should", "let", "yes", "what",
+    "which", "when", "how", "anything", "is", "are",
+})
+# What follows a period: the next word's letters (quotes or markdown before it skipped;
+# "It's" gives "It", "Mon-Fri" "Mon"), and a period after them (an initial: "B. J. Smith").
+_NEXT_WORD = re.compile(r"\s*[\"'(“‘*]*([^\W\d_]*)(\.?)")
+# Letters and dots before the final one: "U.K", "U.S.A", "Ph.D" (also "e.g").
 _DOTTED = re.compile(r"(?:[a-z]{1,2}\.)+[a-z]{1,2}")
 _SENTENCE_END = ".!?…"
 _CLAUSE_END = ",;:—–"
@@ -34,6 +62,18 @@ _LIST_MARKER = re.compile(r"\s*\d+")
 def speakable(text: str) -> str:
     """Text without markdown markers and with single spaces."""
     return _SPACES.sub(" ", _MARKDOWN.sub("", text)).strip()
+
+
+def _next_word(buf: str, end: int) -> str | None:
+    """The letters of the word after ``end`` ("" when none begins there: a digit), or
+    None while it may still be coming (the buffer ends in it)."""
+    found = _NEXT_WORD.match(buf, end)
+    assert found is not None  # every part is optional
+    if found.end() == len(buf):
+        return None
+    letters, period = found.groups()
+    # A single letter and a period: another initial ("B. J. Smith"), no sentence opener.
+    return "" if len(letters) == 1 and period else letters
 
 
 class SentenceChunker:
@@ -115,13 +155,26 @@ class SentenceChunker:
         start = i
         while start > 0 and not buf[start - 1].isspace():
             start -= 1
-        word = buf[start:i].lower().lstrip("(\"'")
+        raw = buf[start:i].lstrip("(\"'“‘")
+        word = raw.lower()
+        if word in _TIME_ABBREVIATIONS:
+            after = _next_word(buf, end)
+            if after is None:
+                return None
+            return not (after[:1].isupper() and after.lower() not in _TIME_CONTINUATIONS)
         if word in _ABBREVIATIONS or _DOTTED.fullmatch(word):
             return True
         if word in _NUMBER_ABBREVIATIONS:
             rest = buf[end:].lstrip()
             return rest[0].isdigit() if rest else None
-        return len(word) == 1 and buf[start].isupper()  # an initial: "J. Smith"
+        # An initial ("J. Smith", also quoted or bracketed: "(J. Smith)"), or "plan B." at
+        # a sentence's end.
+        if len(raw) == 1 and raw.isupper():
+            after = _next_word(buf, end)
+            if after is None:
+                return None
+            return not (after[:1].isupper() and after.lower() in _SENTENCE_OPENERS)
+        return False
 
     @staticmethod
     def _is_list_marker(buf: str, i: int, mid_sentence: bool = False) -> bool:

@@ -621,15 +621,23 @@ def test_chunker_emits_early_clauses_and_whole_sentences():
                       "and after that, we will call you.", "Anything else?"]
 
 
-def chunk_all(text: str, tokens: str = "word") -> list[str]:
-    """The pieces the chunker makes of ``text`` streamed word by word (or char by char)."""
+def chunk_as_fed(text: str, tokens: str = "word") -> list[tuple[str, str]]:
+    """The pieces the chunker makes of ``text`` streamed word by word (or char by char),
+    each with the text fed when it came out (all of it for the flush's)."""
     chunker = SentenceChunker()
     parts = [w + " " for w in text.split(" ")] if tokens == "word" else list(text)
-    pieces: list[str] = []
+    fed = ""
+    pieces: list[tuple[str, str]] = []
     for part in parts:
-        pieces += chunker.feed(part)
+        fed += part
+        pieces += [(fed, piece) for piece in chunker.feed(part)]
     tail = chunker.flush()
-    return pieces + ([tail] if tail else [])
+    return pieces + ([(fed, tail)] if tail else [])
+
+
+def chunk_all(text: str, tokens: str = "word") -> list[str]:
+    """The pieces the chunker makes of ``text`` streamed word by word (or char by char)."""
+    return [piece for _, piece in chunk_as_fed(text, tokens)]
 
 
 @pytest.mark.parametrize("tokens", ["word", "char"])
@@ -684,6 +692,46 @@ def test_no_ends_a_sentence_unless_a_number_follows(tokens):
     text = "No. We're closed on Sundays. The answer is no. Ask for form No. 5 at the desk."
     assert chunk_all(text, tokens) == ["No.", "We're closed on Sundays.", "The answer is no.",
                                       "Ask for form No. 5 at the desk."]
+
+
+@pytest.mark.parametrize("tokens", ["word", "char"])
+def test_a_m_and_p_m_end_a_sentence_when_a_new_one_follows(tokens):
+    """"a.m." and "p.m." were abbreviations, never a sentence end: "We open at 9 a.m. Our
+    branch closes at 5 p.m. Anything else?" was one piece, and the caller heard nothing
+    until all of it was written. A capitalized word after them opens a sentence, and the
+    piece before it goes out as soon as that word has come."""
+    text = "We open at 9 a.m. Our branch closes at 5 p.m. Anything else?"
+    as_fed = chunk_as_fed(text, tokens)
+    assert [piece for _, piece in as_fed] == [
+        "We open at 9 a.m.", "Our branch closes at 5 p.m.", "Anything else?"], as_fed
+    assert [fed.rstrip() for fed, _ in as_fed[:2]] == [
+        "We open at 9 a.m. Our", "We open at 9 a.m. Our branch closes at 5 p.m. Anything"]
+
+
+@pytest.mark.parametrize("text", [
+    "We're open 9 a.m. Monday to Friday and until 1 p.m. on Saturdays.",
+    "The branch opens at 9 a.m. Eastern time on weekdays.",
+    "Payments made after 5 p.m. are processed the next working day.",
+])
+def test_a_m_and_p_m_before_a_day_a_zone_or_a_lowercase_word_end_nothing(text):
+    for tokens in ("word", "char"):
+        assert chunk_all(text, tokens) == [text], tokens
+
+
+@pytest.mark.parametrize("tokens", ["word", "char"])
+def test_a_capital_letter_ends_a_sentence_before_an_opener_not_before_a_name(tokens):
+    """A capital letter and a period was always an initial: "Choose plan B. It costs
+    less." was one piece. Before a pronoun or an opener ("It", "You", "Your") it ends the
+    sentence; before a name it stays an initial ("J. R. Smith", "John F. Kennedy"): a
+    name cut there would be read "Jay.", a pause, then the rest. After a bracket or a
+    quote, an initial or an abbreviation is one too ("(K." and "“Dr." were cut after)."""
+    text = ("Choose plan B. It costs less. Your payment to J. R. Smith went out. "
+            "Ask for John F. Kennedy (or “Dr. K. Lee”).")
+    as_fed = chunk_as_fed(text, tokens)
+    assert [piece for _, piece in as_fed] == [
+        "Choose plan B.", "It costs less.", "Your payment to J. R. Smith went out.",
+        "Ask for John F. Kennedy (or “Dr. K. Lee”)."], as_fed
+    assert as_fed[0][0].rstrip() == "Choose plan B. It"  # out as soon as "It" came
 
 
 def test_a_sentence_ending_inside_a_closing_quote_or_bracket_is_its_own_piece():
