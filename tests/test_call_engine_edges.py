@@ -710,11 +710,11 @@ async def test_a_turn_cut_off_before_it_ends_unrouted_still_sends_its_metrics(fi
     routing_ends = asyncio.Event()
     held: list[bool] = []
 
-    async def reset_after_a_routing_under_way() -> None:
+    async def reset_after_a_routing_under_way(utterance: int | None = None) -> None:
         if not held:  # the turn's own reset: a routing under way holds it
             held.append(True)
             await routing_ends.wait()
-        await reset()
+        await reset(utterance)
 
     speculation.reset = reset_after_a_routing_under_way  # type: ignore[method-assign]
     await h.say("opening hours please", then_silence_ms=1500)

@@ -127,6 +127,50 @@ async def test_a_new_utterance_is_not_settled_by_the_last_ones_partials() -> Non
                                                 "what time do we close"]
 
 
+async def test_a_late_final_leaves_the_next_utterance_its_routing_under_way() -> None:
+    # The first turn's final is routed after the caller began the next utterance (its
+    # decode was slow). decide() forgot everything: the next utterance's chosen text and
+    # its partial's routing under way (cancelled), so its own final, the same words, was
+    # routed again, urgent and cold. It forgets its own utterance's partials only.
+    router = BusyLaneRouter()
+    router.lane.set()
+    spec = Speculation(router, rules(step=1, settle=0), on_failure=lambda exc: None)
+    await word_by_word(spec, "what time do you open")
+    first = spec.utterance  # the turn ends; its final decodes
+    spec.new_utterance()
+    router.lane.clear()
+    spec.offer("and on sunday")  # the next utterance's partial: its routing waits in the lane
+    await asyncio.sleep(0)
+    decision, reused = await spec.decide("what time do you open", first)
+    assert reused and decision is not None and decision.text == "what time do you open"
+    router.lane.set()
+    for _ in range(3):
+        await asyncio.sleep(0)  # that routing, still under way, completes
+    decision, reused = await spec.decide("and on sunday", spec.utterance)
+    assert reused and decision is not None and decision.text == "and on sunday"
+    assert [t for t, urgent in router.texts if urgent] == [], router.texts
+    await spec.aclose()
+
+
+async def test_a_late_final_leaves_the_next_utterance_settled() -> None:
+    # Its agreement too: two equal hits of the next utterance keep it settled (its later
+    # partials skipped) whatever becomes of the earlier turn's final.
+    router = Router(decide=lambda text: hit(text))
+    spec = Speculation(router, rules(step=1, settle=2), on_failure=lambda exc: None)
+    await word_by_word(spec, "what time do you")
+    first = spec.utterance
+    spec.new_utterance()
+    await word_by_word(spec, "and on sunday please")
+    assert spec.settled
+    routed = len(router.texts)
+    decision, reused = await spec.decide("what time do you open", first)  # words unrouted
+    assert not reused and decision is not None and router.texts[-1][1]
+    assert spec.settled
+    spec.offer("and on sunday please at noon")
+    await asyncio.sleep(0.001)
+    assert len(router.texts) == routed + 1  # the final only: that partial was skipped
+
+
 async def test_different_hits_in_a_row_do_not_settle() -> None:
     entries = iter(["opening_hours", "routing_number", "opening_hours", "routing_number"])
     router = Router(decide=lambda text: hit(text, next(entries)))

@@ -596,7 +596,11 @@ class Call:
             settler.add_done_callback(self._hold_settlers.discard)
         # Stopped while queued behind the previous reply's cleanup, the turn never took its
         # words: they open the next turn, as when it is stopped before it spoke.
-        self._start_reply(ended.timeline, self._spoken_turn(ended.timeline, final, preempt),
+        # The utterance this turn ends: its final forgets only its own partials, not those
+        # of one the caller began before it was routed (``Speculation.decide``).
+        utterance = self._speculation.utterance
+        self._start_reply(ended.timeline,
+                          self._spoken_turn(ended.timeline, final, preempt, utterance),
                           if_never_ran=lambda: self._carry_unanswered(final, ended.timeline))
         if preempt is not None:  # whatever became of the turn, nothing of it outlives it
             assert self._reply_task is not None
@@ -607,7 +611,8 @@ class Call:
         self._stats.preempt("used" if preempt.adopted else "discarded")
 
     async def _spoken_turn(self, tl: TurnTimeline, final: asyncio.Future[Transcript],
-                           preempt: Preemption | None = None) -> None:
+                           preempt: Preemption | None = None,
+                           utterance: int | None = None) -> None:
         utterances, self._carry = [*self._carry, final], []
         continuing, self._carry_continues = self._carry_continues, 0
         exchange, self._carry_exchange = self._carry_exchange, None
@@ -622,7 +627,8 @@ class Call:
             raise
         except Exception as exc:
             _add_counts(tl, covered)
-            await self._unrouted_turn(tl, apology="stt_failed", first=self._failed_final(tl, exc))
+            await self._unrouted_turn(tl, apology="stt_failed",
+                                      first=self._failed_final(tl, exc, utterance))
             return
         _add_counts(tl, covered)  # its metrics cover the carried turns: their partials too
         if continuing and not any(normalize_text(t) for t in texts[continuing:]):
@@ -651,14 +657,15 @@ class Call:
             tl.info["empty"] = True
             # The reset as the final's routing would have: partials may have held words the
             # final did not, and a hit settled on them would skip the next turn's partials.
-            await self._unrouted_turn(tl, counted=False, first=self._speculation.reset())
+            await self._unrouted_turn(tl, counted=False,
+                                      first=self._speculation.reset(utterance))
             return
         if preempt is not None and normalize_text(text) != normalize_text(preempt.text):
             preempt.cancel()  # the final is not what was preempted: a fresh call
             preempt = None
         asked_before = self.conversation.last_user_message()
         try:
-            await self._answer(tl, text, preempted=preempt)
+            await self._answer(tl, text, preempted=preempt, utterance=utterance)
         except asyncio.CancelledError:
             # Nothing was said, or the caller went on talking right after the turn ended
             # (a pause mid-sentence): the words open the next turn, and the exchange this
@@ -693,6 +700,7 @@ class Call:
             self._speculation.offer(text)
             self._idle.quiet_unless_busy()  # no reply follows: the silence counts from now
             return
+        utterance = self._speculation.utterance
         tl = TurnTimeline(self._turns.next_turn_number(), clock=self._clock)
         at = self._clock.now()
         for stage in ("speech_end", "end_of_turn", "final_transcript"):
@@ -702,7 +710,7 @@ class Call:
             # Stopped by the caller's speech before it ran (queued behind a reply still
             # closing), the message is not lost: it opens the next spoken turn, as spoken
             # words stopped before their answer do. A later message supersedes it.
-            self._start_reply(tl, self._answer(tl, text, typed=True),
+            self._start_reply(tl, self._answer(tl, text, typed=True, utterance=utterance),
                               if_never_ran=lambda: self._carry_unanswered(_said(text), tl))
         else:
             self._idle.quiet_unless_busy()  # nothing to answer, as above
@@ -806,12 +814,14 @@ class Call:
 
     async def _answer(self, tl: TurnTimeline, text: str, *, route: bool = True,
                       decision: RouteDecision | None = None,
-                      preempted: Preemption | None = None, typed: bool = False) -> None:
+                      preempted: Preemption | None = None, typed: bool = False,
+                      utterance: int | None = None) -> None:
         """Answer ``text``: routed (a caller's words), or with the ``decision`` given
         (keypad keys: a mapped entry or handoff, else None, the agent). ``preempted``: the
         agent's LLM call already started on these words (adopted if it still fits).
         ``typed``: a text message or keys, which supersede spoken words still carried;
-        routed as text (a transcript needs the router's stricter ``spoken_hit``)."""
+        routed as text (a transcript needs the router's stricter ``spoken_hit``).
+        ``utterance``: the speculation's utterance the words end (``Speculation.decide``)."""
         self._take_counts(tl)
         unasked = False
         try:
@@ -820,7 +830,7 @@ class Call:
             reused = False
             if route:
                 try:
-                    decision, reused = await self._speculation.decide(text)
+                    decision, reused = await self._speculation.decide(text, utterance)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the agent (or a handoff) answers instead
@@ -895,8 +905,9 @@ class Call:
         if PARTIAL_COUNTS[0] not in tl.info:
             tl.info.update(self._speculation.take_counts())
 
-    async def _failed_final(self, tl: TurnTimeline, exc: Exception) -> None:
-        await self._speculation.reset()  # as the final's routing would have (_answer)
+    async def _failed_final(self, tl: TurnTimeline, exc: Exception,
+                            utterance: int | None = None) -> None:
+        await self._speculation.reset(utterance)  # as the final's routing would have (_answer)
         await self._report("stt_failed", f"the final transcript failed: {exc}", tl.turn)
 
     async def _finish_metrics(self, tl: TurnTimeline, text: str,

@@ -22,6 +22,10 @@ a partial is routed only when it can change the decision (``SpeculationRules``):
   hit (the final is still routed on its own words, unless it is a routed text); each
   utterance starts unsettled (``new_utterance``).
 
+A final's ``decide`` names its utterance: one decided after the caller began the next
+(its final came late) forgets that utterance's partials only, not the next one's (its
+chosen text, its routing under way, its agreement), so the next final can still reuse them.
+
 Under load the batcher sheds queued partials (``RoutingShed``): a lost speculation,
 not a failure. Finals and the early final are never shed.
 
@@ -77,6 +81,9 @@ class Speculation:
         self._agreeing = 0  # routings in a row that gave the same cache hit
         self._utterance = 0  # counts new_utterance: a routing of older words agrees with none
         self._urgent = ""  # normalized text the caller is waiting on (the early final)
+        # The utterances _latest (with the partials' routing) and _urgent (with the early
+        # final's) are of: what a late final of an earlier utterance forgets (``_forget``).
+        self._latest_of = self._urgent_of = 0
         self._task: asyncio.Task[None] | None = None  # the partials' routing
         # The early final's routing, urgent (None when it was not routed).
         self._settling: asyncio.Task[RouteDecision | None] | None = None
@@ -86,6 +93,11 @@ class Speculation:
         self.partials_routed = 0
         self.partials_skipped = 0
         self.partials_shed = 0
+
+    @property
+    def utterance(self) -> int:
+        """The current utterance's number (``new_utterance``), for its final's ``decide``."""
+        return self._utterance
 
     @property
     def settled(self) -> bool:
@@ -118,6 +130,7 @@ class Speculation:
 
     def _choose(self, text: str, wanted: str, words: int) -> None:
         self._latest, self._chosen, self._chosen_words = text, wanted, words
+        self._latest_of = self._utterance
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._route_latest(), name="vg-speculate")
 
@@ -130,6 +143,7 @@ class Speculation:
         if wanted != self._urgent:  # a new early final: the last pause's is stale
             self._urgent = wanted
             self._settling = self._drop(self._settling)
+        self._urgent_of = self._utterance  # the same words again: this utterance's now
         words = _word_count(wanted)
         if self._router is None or words < self._rules.min_words:
             return None
@@ -137,6 +151,7 @@ class Speculation:
         # are compared with it from now on; one routing under way is of older words.
         self._task = self._drop(self._task)
         self._latest, self._chosen, self._chosen_words = text, wanted, words
+        self._latest_of = self._utterance
         routed = self._routed
         if routed is not None and normalize_text(routed.text) == wanted:
             return routed  # a partial of these very words was routed already
@@ -214,8 +229,11 @@ class Speculation:
         routed = normalize_text(self._routed.text)
         return routed, len(routed.split())
 
-    async def decide(self, text: str) -> tuple[RouteDecision | None, bool]:
+    async def decide(self, text: str, utterance: int | None = None
+                     ) -> tuple[RouteDecision | None, bool]:
         """The decision for the final ``text`` and whether it was decided already.
+        ``utterance``: the one it ends (``utterance`` when its turn ended; None: the
+        current one); only its partials, and earlier ones', are forgotten (``_forget``).
 
         The speculation's decision when it routed this text (True); the early final's
         routing when that is of this text and under way (joined, False); otherwise one
@@ -229,23 +247,25 @@ class Speculation:
         wanted = normalize_text(text)
         routed = self._routed
         if routed is not None and normalize_text(routed.text) == wanted:
-            await self.reset()
+            await self.reset(utterance)
             return routed, True
         settling = self._settling
         if settling is not None and self._urgent == wanted:
             decision = await asyncio.shield(settling)
             if decision is not None:
-                await self.reset()
+                await self.reset(utterance)
                 return decision, False
-        stale = self._forget()
+        stale = self._forget(utterance)
         try:
             return await self._router(text, True), False
         finally:  # cancelled before the routing started: long done by now, as a rule
             await _finished(stale)
 
-    def _forget(self) -> list[asyncio.Task]:
-        """Forget this utterance's partials; the routings under way are cancelled and
-        returned, to be waited for."""
+    def _forget(self, utterance: int | None = None) -> list[asyncio.Task]:
+        """Forget the partials of ``utterance`` (None: the current one) and earlier ones;
+        the routings under way for them are cancelled and returned, to be waited for."""
+        if utterance is not None and utterance < self._utterance:
+            return self._forget_earlier(utterance)
         self._routed, self._latest, self._urgent = None, "", ""
         self._chosen, self._chosen_words, self._agreeing = "", 0, 0
         # Older partials are not worth routing now; a final's routing is joined by the
@@ -259,6 +279,27 @@ class Speculation:
                 task.cancel()
         return stale
 
+    def _forget_earlier(self, utterance: int) -> list[asyncio.Task]:
+        """The late final of ``utterance``: the caller has begun a later one since, whose
+        chosen text, agreement and routings under way are its own and stay (wiped, its
+        final would need a routing of its own, cold, while the caller waits). Only the
+        early final and the partial routing of ``utterance`` or earlier go. The newest
+        decision stays too: it is only reused for the very same words."""
+        stale: list[asyncio.Task | None] = []
+        if self._urgent_of <= utterance:
+            self._urgent = ""
+            stale.append(self._settling)
+            self._settling = None
+        if self._latest_of <= utterance:  # no later partial chosen: the routing is of old words
+            self._latest = ""
+            stale.append(self._task)
+            self._task = None
+        running = [task for task in stale if task is not None and not task.done()]
+        for task in running:
+            if not task.cancelling():
+                task.cancel()
+        return running
+
     def _drop(self, task: asyncio.Task | None) -> None:
         """Cancel ``task`` if it still runs, without waiting (it waits on the router and
         ends at its next step), and return None: the caller forgets it, reset waits."""
@@ -271,14 +312,16 @@ class Speculation:
         """The caller starts an utterance: the hit settled on, and the text partials are
         compared with, were the last one's (whose turn may have been stopped before its
         final was routed, and never reset this). Routings under way are left to finish:
-        that turn's final may still join one; its reset comes with that routing."""
+        that turn's final may still join one; its reset, naming that utterance, forgets
+        its own partials only (``decide``)."""
         self._utterance += 1
         self._agreeing = 0
         self._chosen, self._chosen_words = "", 0
 
-    async def reset(self) -> None:
-        """Forget this utterance's partials (a new utterance starts, or the turn ended)."""
-        await _finished(self._forget())
+    async def reset(self, utterance: int | None = None) -> None:
+        """Forget the partials of ``utterance`` (None: the current one), as its final's
+        routing would have (the turn ended), and earlier ones'."""
+        await _finished(self._forget(utterance))
 
     async def aclose(self) -> None:
         await self.reset()
