@@ -656,8 +656,31 @@ async def test_a_turn_stopped_before_it_routed_its_final_leaves_the_next_partial
     assert [text for text, _ in h.router.calls] == ["opening hours", "opening hours please"]
     await h.say("about my lost card", then_silence_ms=1500)
     await h.stop()
-    partials = [text for text, urgent in h.router.calls[2:] if not urgent]
+    # Routed with the carried words once they are decoded: they open this turn.
+    partials = [text.removeprefix("opening hours please ")
+                for text, urgent in h.router.calls[2:] if not urgent]
     assert partials == ["about my", "about my lost", "about my lost card"], h.router.calls
+
+
+async def test_the_partials_of_a_turn_carrying_unanswered_words_are_routed_with_them():
+    # The caller goes on while the first question's final decodes: its reply is stopped
+    # before it was routed, and its words open the next turn, whose final is routed with
+    # them. Its partials were routed without them, so the final never matched one and
+    # needed a routing of its own (urgent, cold) as the caller waited. They carry the
+    # same words now, and the final reuses the last one's routing.
+    h = CallHarness(faqs={"opening hours": "hours"}, decode_s=0.5,
+                    settings={"route_step_words": 1, "route_settle_after": 0})
+    await h.start()
+    await h.say("what are your opening hours", then_silence_ms=400)  # ended; decoding
+    assert h.call.replying and not h.output.of("route")
+    await h.say("on sunday please", then_silence_ms=1500)
+    await h.stop()
+    whole = "what are your opening hours on sunday please"
+    assert h.transcripts() == [whole]
+    (route,) = h.output.of("route")
+    assert route["hit"] and route["reused"] is True, (route, h.router.calls)
+    assert (whole, False) in h.router.calls and (whole, True) not in h.router.calls
+    assert [e["source"] for e in h.output.of("response")] == ["cache"]
 
 
 def counts(metrics: dict[str, Any]) -> tuple[int, int, int]:

@@ -573,7 +573,9 @@ class Call:
                                             "final": False})
                 if self._held is not None and normalize_text(partial.text):
                     self._confirm_interruption()  # words: a real barge-in
-                self._speculation.offer(partial.text)
+                # As the final will be asked (``_spoken_turn``): with the words it carries,
+                # or the final could never reuse a partial's routing.
+                self._speculation.offer(self._with_carried_words(partial.text))
 
     def _start_spoken_turn(self, ended: TurnEnded) -> None:
         preempt, self._preempt = self._preempt, None  # this turn's, to adopt or cancel
