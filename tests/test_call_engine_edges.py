@@ -683,6 +683,32 @@ async def test_the_partials_of_a_turn_carrying_unanswered_words_are_routed_with_
     assert [e["source"] for e in h.output.of("response")] == ["cache"]
 
 
+async def test_a_typed_message_stopped_before_it_was_routed_leaves_the_next_one_unsettled():
+    # Typed partials never started an utterance (only speech did): a message whose turn
+    # was stopped before its final was routed (the caller typed on at once) left the hit
+    # its partials had settled on, and every partial of the next message was skipped as
+    # settled, its final routed at the end. A typed message's first partial starts one.
+    h = CallHarness(faqs={"opening hours": "hours"},
+                    settings={"route_step_words": 1, "route_settle_after": 2})
+    await h.start()
+    for partial in ("what are your opening hours", "what are your opening hours please"):
+        await h.text(partial, final=False)
+    assert h.call._speculation.settled  # two equal hits in a row
+    h.call.feed_text("what are your opening hours please", True)
+    h.call.feed_text("is it", False)  # stops that turn before it ran: never routed
+    await h.clock.settle()
+    assert h.output.of("interrupt") and not h.output.of("route")
+    for partial in ("is it open", "is it open today"):
+        await h.text(partial, final=False)
+    await h.text("is it open today")
+    await h.wait(500)
+    await h.stop()
+    partials = [text for text, urgent in h.router.calls[2:] if not urgent]
+    assert partials == ["is it", "is it open", "is it open today"], h.router.calls
+    (route,) = h.output.of("route")
+    assert route["reused"] is True, route
+
+
 def counts(metrics: dict[str, Any]) -> tuple[int, int, int]:
     return (metrics["partials_routed"], metrics["partials_skipped"], metrics["partials_shed"])
 

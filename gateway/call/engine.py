@@ -128,6 +128,10 @@ class Call:
         self._pending16k = bytearray()
         # Text turns wait here until the call runs: a text sent right after `start` counts.
         self._texts: asyncio.Queue[tuple[str, bool]] = asyncio.Queue(settings.max_queued_texts)
+        # A typed message is under way (partials since the last typed final): its first
+        # partial started an utterance, as speech does (a turn stopped before its final
+        # was routed would otherwise leave its settled hit to the next message).
+        self._typing = False
 
         self._turns = TurnDetector(
             TurnSettings(vad_threshold=settings.vad_threshold,
@@ -699,9 +703,13 @@ class Call:
             await self._barge_in("text")
         await self._out.send_event({"type": "transcript", "text": text, "final": final})
         if not final:
+            if not self._typing:  # the first partial after a final: a new typed utterance
+                self._typing = True
+                self._speculation.new_utterance()
             self._speculation.offer(text)
             self._idle.quiet_unless_busy()  # no reply follows: the silence counts from now
             return
+        self._typing = False
         utterance = self._speculation.utterance
         tl = TurnTimeline(self._turns.next_turn_number(), clock=self._clock)
         at = self._clock.now()
