@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     # --store DIR wins over --redis URL and VOICEGATE_REDIS_URL, as for seed and route.
     settings = Settings.load({"host": args.host, "port": args.port, "store_dir": args.store,
                               "redis_url": "" if args.store else args.redis})
-    if refused := _store_dir_refused(args.store, must_exist=False):
+    if refused := _store_dir_refused(args.store, must_exist=False, settings=settings):
         return _usage_error("serve", refused)
     logs.configure(settings.log_level)
     app = create_app(settings)
@@ -148,17 +148,35 @@ def _input_file_refused(path: str, name: str = "") -> str | None:
     return None
 
 
-def _store_dir_refused(store: str | None, must_exist: bool) -> str | None:
-    """What is wrong with ``--store DIR`` (a file; or, for a command that only reads the
-    store, a directory that is not there); None when nothing is or it was not given."""
+def _store_dir_refused(store: str | None, must_exist: bool, settings: Any) -> str | None:
+    """What is wrong with the local store directory the command would use (a file; or, for
+    a command that only reads the store, a directory that is not there): ``--store DIR``,
+    else, without a Redis URL, the ``store_dir`` setting, named as it was given
+    (``VOICEGATE_STORE_DIR``, the ``VOICEGATE_CONFIG`` file, the default). None when nothing
+    is wrong or the store is Redis."""
+    name = "--store"
     if not store:
-        return None
+        if settings.redis_url:
+            return None
+        store, name = settings.store_dir, _store_dir_setting(settings)
     path = Path(store)
     if path.exists() and not path.is_dir():
-        return f"--store: not a directory: {store}"
+        return f"{name}: not a directory: {store}"
     if must_exist and not path.exists():
-        return f"--store: no such directory: {store}"
+        return f"{name}: no such directory: {store}"
     return None
+
+
+def _store_dir_setting(settings: Any) -> str:
+    """Where the ``store_dir`` setting came from, as the operator would look for it."""
+    from .settings import ENV_PREFIX
+
+    if os.environ.get(ENV_PREFIX + "STORE_DIR") is not None:
+        return ENV_PREFIX + "STORE_DIR"
+    if settings.store_dir != type(settings).model_fields["store_dir"].default:
+        return f"store_dir (in {ENV_PREFIX}CONFIG)"
+    return (f"store_dir (the default; give --store DIR or set {ENV_PREFIX}STORE_DIR, or "
+            f"{ENV_PREFIX}REDIS_URL for the shared store)")
 
 
 def _seed(args: argparse.Namespace) -> int:
@@ -176,7 +194,7 @@ def _seed(args: argparse.Namespace) -> int:
     settings = Settings.load({"redis_url": args.redis})
     refused = (_input_file_refused(args.csv)
                or (args.negatives and _input_file_refused(args.negatives, "--negatives: "))
-               or _store_dir_refused(args.store, must_exist=False))
+               or _store_dir_refused(args.store, must_exist=False, settings=settings))
     if refused:
         return _usage_error("seed", refused)
     try:
@@ -239,7 +257,8 @@ def _route(args: argparse.Namespace) -> int:
     from .settings import Settings
 
     settings = Settings.load({"redis_url": args.redis})
-    if refused := _store_dir_refused(args.store, must_exist=True):  # route only reads it
+    if refused := _store_dir_refused(args.store, must_exist=True,  # route only reads it
+                                     settings=settings):
         return _usage_error("route", refused)
     try:
         cache = load_cache(_store(args, settings), build_embedder(settings))
@@ -307,8 +326,8 @@ EXIT_STATUS = ("exit status: 0 done; 1 the command ran and failed (invalid rows 
                "store or gateway that cannot be reached, a model that does not load, a `route` "
                "input line that is not UTF-8); 2 a usage error, found before any work (a bad "
                "argument or VOICEGATE_* setting, an input file that is missing or cannot be "
-               "read, a --store that is not a directory or, for route, is missing); 130 "
-               "interrupted (Ctrl-C)")
+               "read, a store directory (--store or VOICEGATE_STORE_DIR) that is not a directory "
+               "or, for route, is missing); 130 interrupted (Ctrl-C)")
 
 
 def build_parser() -> argparse.ArgumentParser:

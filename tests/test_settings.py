@@ -531,6 +531,31 @@ def test_a_seed_of_a_directory_and_a_call_timeout_of_nothing_are_refused_by_name
         "demo-out-file"])
 def test_a_missing_or_unreadable_input_or_a_bad_argument_is_status_2(argv, says, monkeypatch,
                                                                     capsys, tmp_path):
+    _refused_before_any_work(argv, says, {}, monkeypatch, capsys, tmp_path)
+
+
+# The store directory as a setting is refused as --store is: `VOICEGATE_STORE_DIR=/no/such
+# voicegate route` ran on to the store and said "no cache version published" (status 1); a
+# file there failed seed only once its answers were rendered, serve once it was serving.
+@pytest.mark.parametrize("argv, env, says", [
+    (["route"], {"VOICEGATE_STORE_DIR": "{tmp}/no-store"},
+     "VOICEGATE_STORE_DIR: no such directory: {tmp}/no-store"),
+    (["route"], {"VOICEGATE_STORE_DIR": "{file}"}, "VOICEGATE_STORE_DIR: not a directory: {file}"),
+    (["seed", "{csv}"], {"VOICEGATE_STORE_DIR": "{file}"},
+     "VOICEGATE_STORE_DIR: not a directory: {file}"),
+    (["serve", "--port", "0"], {"VOICEGATE_STORE_DIR": "{file}"},
+     "VOICEGATE_STORE_DIR: not a directory: {file}"),
+    (["route"], {"VOICEGATE_CONFIG": "{tmp}/config.json"},
+     "store_dir (in VOICEGATE_CONFIG): no such directory: {tmp}/no-store"),
+], ids=["route-missing", "route-file", "seed-file", "serve-file", "route-config-missing"])
+def test_a_store_dir_setting_is_refused_as_store_is(argv, env, says, monkeypatch, capsys,
+                                                    tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"store_dir": str(tmp_path / "no-store")}))
+    _refused_before_any_work(argv, says, env, monkeypatch, capsys, tmp_path)
+
+
+def _refused_before_any_work(argv, says, env, monkeypatch, capsys, tmp_path):
+    """``argv`` (with ``env`` set) exits 2 with the one line ``says``, before any work."""
     import gateway.demo
     import gateway.seeding
     import intents.loader
@@ -556,7 +581,9 @@ def test_a_missing_or_unreadable_input_or_a_bad_argument_is_status_2(argv, says,
 
     monkeypatch.setattr(Path, "open", open_)
     argv = [a.format(**names) for a in argv]
-    if argv[0] == "seed" and "--store" not in argv:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(**names))
+    if argv[0] == "seed" and "--store" not in argv and not env:
         argv += ["--store", str(tmp_path / "store")]
     assert cli.main(argv) == 2, capsys.readouterr().err
     err = capsys.readouterr().err
