@@ -23,6 +23,7 @@ from .providers.registry import create_stt, create_tts
 from .route_batcher import ROUTING_LANES
 from .settings import Settings
 from .stats import Stats
+from .tools import load_tools
 from .vad import SileroVAD, VADBatcher
 
 if TYPE_CHECKING:
@@ -80,6 +81,9 @@ class Runtime:
 
     @classmethod
     def load(cls, settings: Settings, stats: Stats | None = None) -> "Runtime":
+        # The tools file first: a bad one (ToolConfigError) stops the start-up at once, not
+        # after every model below has loaded. build_agent reads it again, checked the same.
+        load_tools(settings.llm_tools_file)
         times: dict[str, float] = {}
         # One thread: the VAD batcher runs one batch at a time by design.
         vad_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-vad")

@@ -360,6 +360,41 @@ def test_a_background_server_without_a_socket_says_so(monkeypatch, tmp_path):
         server.port
 
 
+def test_a_bad_tools_file_stops_the_start_up_before_any_model_loads(monkeypatch, tmp_path):
+    # The tools file was read (by build_agent) only after every model had loaded: a typo in
+    # it stopped the start-up tens of seconds later. It is checked first now, with the same
+    # error (ToolConfigError) and so the same exit (serve: status 1, the cause its last line).
+    import gateway.runtime
+    from gateway.runtime import Runtime, load_failure
+    from gateway.server import BackgroundServer
+    from gateway.tools import ToolConfigError
+
+    loaded: list[str] = []
+
+    def load_warm(name, build, times, what):
+        loaded.append(name)
+        raise AssertionError(f"{what} was loaded before the tools file was checked")
+
+    monkeypatch.setattr(gateway.runtime, "_load_warm", load_warm)
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps({"name": "get_balance", "url": "http://127.0.0.1:9/tool"}))
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "llm_tools_file": str(tools),
+                              "store_dir": str(tmp_path / "store")}, environ={})
+    problem = f"tools file {tools}: expected a JSON list of tools"
+    with pytest.raises(ToolConfigError) as info:
+        Runtime.load(settings)
+    assert str(info.value) == problem and loaded == []
+    assert load_failure(info.value) == (f"loading the models failed: ToolConfigError: "
+                                        f"{problem} (not retried: fix the cause, then start "
+                                        "again)")
+    server = BackgroundServer(settings)  # the serving path: Services gives up with that line
+    with pytest.raises(RuntimeError) as started:
+        server.start(ready_timeout=60)
+    server.stop()
+    assert str(started.value) == f"the gateway failed to start: {load_failure(info.value)}"
+    assert loaded == []
+
+
 def _demo_on_fakes(monkeypatch) -> dict[str, Any]:
     """``voicegate demo`` with no model loaded, nothing rendered and no server, and none of
     ``DEMO_ENVIRON`` set: what it served and seeded lands in the dict returned."""
