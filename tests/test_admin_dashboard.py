@@ -180,12 +180,18 @@ def test_one_click_makes_a_missed_group_an_entry(browser, dashboard_server, runt
     assert entry["answer"] == draft and entry["paraphrases"] == [question]
 
 
-def test_a_promote_the_network_lost_says_so_and_can_be_retried(browser, dashboard_server,
-                                                               runtime):
+def test_a_promote_the_network_lost_or_the_token_refused_can_be_retried(
+        browser, dashboard_server, runtime, monkeypatch):
     # fetch() rejects (no HTTP answer at all: the network or the gateway is gone). The page
     # awaited it unguarded, so the status said "publishing …" for good.
+    # Then the token is refused (401: rotated, expired) for the promote alone: the page must
+    # bring back the token form, as for any other admin call, not leave the operator on a
+    # dashboard whose every action fails.
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as visible
+
+    from gateway.admin import auth
 
     server = dashboard_server
     question = "can I order foreign currency for collection at a branch"
@@ -216,7 +222,30 @@ def test_a_promote_the_network_lost_says_so_and_can_be_retried(browser, dashboar
         assert status().get_attribute("class") == "error"
     finally:
         browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
-    promote("foreign_currency")  # the retry the failure asks for
+
+    check = auth.check  # the promote alone is refused: the page's refreshes still pass
+
+    def token_rotated_for_promote(request):
+        if request.url.path == "/admin/misses/promote":
+            return auth.JSONResponse({"error": auth.UNAUTHORIZED}, status_code=401)
+        return check(request)
+
+    monkeypatch.setattr(auth, "check", token_rotated_for_promote)
+    promote("foreign_currency")
+    try:
+        wait.until(visible.visibility_of_element_located((By.ID, "token-input")))
+    except TimeoutException:
+        raise AssertionError(f"no token form after a 401; status {status().text!r}") from None
+    assert "401" in browser.find_element(By.ID, "auth-error").text
+    assert not browser.find_element(By.ID, "dashboard").is_displayed()
+    assert browser.execute_script("return sessionStorage.getItem('voicegate.adminToken')") \
+        is None
+    monkeypatch.undo()
+    browser.find_element(By.ID, "token-input").send_keys(TOKEN)  # signed in again
+    browser.find_element(By.ID, "token-submit").click()
+    wait.until(visible.visibility_of_element_located((By.ID, "dashboard")))
+    assert "token was refused (401), nothing was published" in status().text
+    promote("foreign_currency")  # the retry the failures ask for
     wait.until(lambda d: "published as foreign_currency" in status().text)
     assert status().get_attribute("class") == ""
     entry = httpx.get(server.base_url + "/admin/entries/foreign_currency", headers=AUTH,
