@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from intents.embedder import Embedder
 from intents.loader import LoadedCache, load_cache
@@ -55,6 +55,9 @@ class FaqCache:
         self._retry_s = 0.0  # the wait before that version is tried again (0: next poll)
         self._retry_at = 0.0  # clock time it may be tried again
         self._refreshing = threading.Lock()  # one load at a time, the newest wins
+        # Told of each version once it serves (on the refreshing thread): the stats, which
+        # clear the hit counts of entries it dropped or changed.
+        self.on_loaded: Callable[[LoadedCache], None] | None = None
 
     @property
     def version(self) -> str | None:
@@ -124,6 +127,8 @@ class FaqCache:
         self._serving = _Serving(current, loaded)
         self.last_error = self.failed_version = None
         self._retry_s = 0.0
+        if self.on_loaded is not None:
+            self.on_loaded(loaded)
         logs.event(log, "cache_loaded", version=current, entries=len(loaded.entries),
                    clips=len(clips), ms=round((time.perf_counter() - started) * 1000, 1))
         return True

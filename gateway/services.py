@@ -13,6 +13,7 @@ from typing import Any, Callable
 from starlette.requests import Request
 from starlette.websockets import WebSocket
 
+from intents.loader import LoadedCache
 from intents.redis_store import RedisKeys
 from intents.store import Store
 
@@ -31,7 +32,7 @@ from .responder import Responder
 from .runtime import Runtime, load_failure
 from .settings import Settings
 from .shared_stats import SharedStats
-from .stats import Stats
+from .stats import Stats, answer_mark
 from .stores import open_store
 from .transports.twilio_rest import TwilioCallControl
 
@@ -47,6 +48,19 @@ def _counted_on(loop: asyncio.AbstractEventLoop, stats: Stats, code: str) -> Cal
     """Counts an error from a worker thread (a publish's clean-up) on the serving loop,
     where the stats and their observers live."""
     return lambda: loop.call_soon_threadsafe(stats.error, code)
+
+
+def _entries_published_on(loop: asyncio.AbstractEventLoop,
+                          stats: Stats) -> Callable[[LoadedCache], None]:
+    """Tells the stats, on the serving loop, what each entry of a version just loaded plays
+    (its hits are counted for that: a changed or dropped entry's count is cleared)."""
+    def published(loaded: LoadedCache) -> None:
+        marks = {e.id: answer_mark(e.action.value, e.answer) for e in loaded.entries.values()}
+        try:
+            loop.call_soon_threadsafe(stats.entries_published, marks)
+        except RuntimeError:  # the loop closed (shut down) while the version loaded
+            pass
+    return published
 
 
 class Services:
@@ -132,6 +146,8 @@ class Services:
                     cache = FaqCache(self.open_store(), runtime.embedder)
                     cache.store.on_cleanup_failed = _counted_on(
                         asyncio.get_running_loop(), runtime.stats, "cache_cleanup_failed")
+                    cache.on_loaded = _entries_published_on(asyncio.get_running_loop(),
+                                                            runtime.stats)
                 await asyncio.to_thread(cache.refresh)
                 break
             except Exception as exc:
@@ -279,8 +295,9 @@ class Services:
             snapshot = await self.shared_stats.cluster_snapshot(local)
         loaded = self.cache.loaded if self.cache else None
         snapshot["cache_version"] = loaded.version if loaded else None
-        # Counters are kept per entry id for good (here and in Redis); report only the ids
-        # the serving version holds, so an entry a later publish dropped is not shown.
+        # A version's load clears the counts of the ids it dropped or changed (here, and in
+        # Redis once this replica writes it); report only the ids the serving version holds,
+        # so what another replica still counts for a dropped entry is not shown meanwhile.
         held = loaded.entries if loaded else {}
         snapshot["entry_hits"] = {k: v for k, v in (snapshot.get("entry_hits") or {}).items()
                                   if k in held}

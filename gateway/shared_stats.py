@@ -17,6 +17,7 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
     <prefix>stats:totals          hash  calls, turns, hits, misses, interrupted_turns
     <prefix>stats:intents         hash  intent -> turns
     <prefix>stats:entries         hash  entry id -> cache hits
+    <prefix>stats:entry_marks     hash  entry id -> answer mark its hits were counted for
     <prefix>stats:sources         hash  source -> turns
     <prefix>stats:errors          hash  error code -> count
     <prefix>stats:minute:<epoch minute>   hash turns, hits (expires after 10 minutes)
@@ -38,7 +39,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -79,6 +80,29 @@ end
 return failed
 """
 _HASHES = ("totals", "intents", "entries", "sources", "errors")
+# A cache version loaded (Stats.entries_published), in the cluster's counters: KEYS[1] the
+# entries hash, KEYS[2] the marks hash; ARGV entry id, answer mark, ... of the version.
+# An id whose mark differs from the one recorded loses its hits; ids the version does not
+# hold lose their hits and mark. Idempotent: every replica that loads the version runs it,
+# and only the first changes anything (the others find the marks already in place).
+_ENTRIES_PUBLISHED = """
+local held = {}
+for i = 1, #ARGV, 2 do
+  local id, mark = ARGV[i], ARGV[i + 1]
+  held[id] = true
+  local old = redis.call('HGET', KEYS[2], id)
+  if old ~= mark then
+    if old then redis.call('HDEL', KEYS[1], id) end
+    redis.call('HSET', KEYS[2], id, mark)
+  end
+end
+for k = 1, 2 do
+  for _, id in ipairs(redis.call('HKEYS', KEYS[k])) do
+    if not held[id] then redis.call('HDEL', KEYS[k], id) end
+  end
+end
+return 0
+"""
 
 
 class RefusedIncrement(ResponseError):
@@ -109,6 +133,8 @@ class SharedStats:
         self._sequence = 0
         # Sent, unconfirmed: (sequence, increments, monotonic time it was first sent).
         self._inflight: tuple[int, Counter[tuple[str, str]], float] | None = None
+        # The entry marks of the cache version last loaded, until written (entries_published)
+        self._published: dict[str, str] | None = None
         self.dropped = 0
 
     # -- recording (StatsObserver; called on the event loop, never blocks) ---------------
@@ -133,6 +159,15 @@ class SharedStats:
         self._add("stats:sources", str(metrics.get("source") or "none"))
         if metrics.get("interrupted"):
             self._add("stats:totals", "interrupted_turns")
+
+    def entries_published(self, marks: Mapping[str, str]) -> None:
+        """A cache version was loaded here: its entries' marks are written at the next
+        flush, after that flush's increments, clearing the cluster's hits of the ids it
+        dropped or whose answer changed (``Stats.entries_published``). Hits this replica
+        counted on such an id between the load and that flush (a quarter of a second) are
+        cleared with them; a replica still serving the version before (until its next
+        poll or publish notice) may add its last hits of the old answer after the reset."""
+        self._published = dict(marks)
 
     def _add(self, key: str, field: str) -> None:
         slot = (self._prefix + key, field)
@@ -171,6 +206,26 @@ class SharedStats:
             await asyncio.sleep(self._flush_s)
 
     async def flush(self) -> None:
+        """Write the pending increments, then the entry marks of a cache version loaded
+        since the last flush (``entries_published``)."""
+        await self._flush_counts()
+        marks = self._published
+        if marks is None:
+            return
+        keys = [self._prefix + "stats:entries", self._prefix + "stats:entry_marks"]
+        args = [part for pair in marks.items() for part in pair]
+        try:
+            await self._redis.eval(_ENTRIES_PUBLISHED, len(keys), *keys, *args)
+        except ResponseError as exc:  # a foreign type under a key: dropped, not retried
+            self._forget_published(marks)
+            raise RefusedIncrement(f"cannot reset the hits of changed entries: {exc}") from exc
+        self._forget_published(marks)  # else (unreachable) it is written at a later flush
+
+    def _forget_published(self, marks: dict[str, str]) -> None:
+        if self._published is marks:  # not replaced by a newer version meanwhile
+            self._published = None
+
+    async def _flush_counts(self) -> None:
         """Write the pending increments once: a batch carries this instance's next sequence
         number, and Redis applies it only above the highest it applied (a retry after a
         timeout that was in fact applied is a no-op, however late it comes). Increments that

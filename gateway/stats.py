@@ -7,10 +7,12 @@ Prometheus registry, so both tell the same story.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -38,6 +40,14 @@ def outcome_of(metrics: dict[str, Any]) -> str:
     return "hit" if metrics.get("source") == "cache" else "miss"
 
 
+def answer_mark(action: str, answer: str | None) -> str:
+    """What a hit on an entry plays, in a few characters: its hit count belongs to that.
+    A publish that changes an entry's answer text or action starts its count again; one
+    that changes only its questions (more ways to reach the same answer) keeps it."""
+    text = json.dumps([action, answer], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 class StatsObserver(Protocol):
     """Something else told about every counted event (the shared Redis counters).
     Called on the event loop: it must not block."""
@@ -47,6 +57,8 @@ class StatsObserver(Protocol):
     def turn_finished(self, metrics: dict[str, Any]) -> None: ...
 
     def error(self, code: str) -> None: ...
+
+    def entries_published(self, marks: Mapping[str, str]) -> None: ...
 
 
 class _HedgeCounters:
@@ -126,6 +138,8 @@ class Stats:
     latencies: dict[str, dict[str, deque[float]]] = field(default_factory=dict)
     recent: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=100_000))
     entry_hits: Counter[str] = field(default_factory=Counter)  # cache hits per entry id
+    # Each entry id of the serving version -> answer_mark of what it plays (entries_published)
+    entry_marks: dict[str, str] = field(default_factory=dict)
     # [minute (epoch seconds // 60), hits, misses], oldest first, the last SERIES_MINUTES.
     minutes: deque[list[int]] = field(default_factory=lambda: deque(maxlen=SERIES_MINUTES))
     # The final text of recent missed turns, for grouping into "which FAQ to add next".
@@ -144,6 +158,8 @@ class Stats:
         for code, count in self.errors.items():
             for _ in range(count):
                 observer.error(code)
+        if self.entry_marks:  # the cache version loaded with the models
+            observer.entries_published(dict(self.entry_marks))
         self.observers.append(observer)
 
     def call_started(self) -> None:
@@ -178,6 +194,21 @@ class Stats:
     def watch_hedge(self, hedge: "HedgeStats") -> None:
         """Export the agent's hedge counters (the LLM pair's failures) with these."""
         self.prometheus.hedge.source = hedge
+
+    def entries_published(self, marks: Mapping[str, str]) -> None:
+        """A cache version was loaded: ``marks`` maps each entry id it holds to the
+        ``answer_mark`` of what a hit on it plays. Hit counts belong to the entry as
+        published: an id the version no longer holds loses its count (an entry published
+        again under it later starts at 0), and so does an id whose answer or action changed;
+        an id with the same answer keeps counting."""
+        for entry_id in [e for e in self.entry_hits if e not in marks]:
+            del self.entry_hits[entry_id]
+        for entry_id, mark in marks.items():
+            if self.entry_marks.get(entry_id, mark) != mark:
+                self.entry_hits.pop(entry_id, None)
+        self.entry_marks = dict(marks)
+        for observer in self.observers:
+            observer.entries_published(marks)
 
     def set_degraded(self, reason: str | None) -> None:
         self.degraded_reason = reason

@@ -201,11 +201,16 @@ async def test_add_change_and_delete_an_entry_serve_at_once(own_server):
         assert route["intent"] == "lost_card" and route["hit"] is True
         assert route["response_text"] == new_answer and route["source"] == "cache"
         assert client.get("/admin/stats").json()["entry_hits"]["lost_card"] == 1
+        assert (await ask(server, "When are you open?"))["entry_id"] == "opening_hours"
+        assert client.get("/admin/stats").json()["entry_hits"]["opening_hours"] >= 1
 
         # change an existing entry's answer, keeping its paraphrases
         changed = client.post("/admin/entries", json={
             "id": "opening_hours", "answer": "We are open every day from eight to eight."})
         assert changed.status_code == 200, changed.text
+        # its hits were the old answer's: the changed entry starts again at 0
+        assert client.get("/admin/entries/opening_hours").json()["entry"]["hits"] == 0
+        assert client.get("/admin/stats").json()["entry_hits"]["lost_card"] == 1  # unchanged
         assert changed.json()["created"] is False and changed.json()["report"]["rendered"] == 1
         entry = client.get("/admin/entries/opening_hours").json()["entry"]
         assert entry["answer"] == "We are open every day from eight to eight."
@@ -225,7 +230,7 @@ async def test_add_change_and_delete_an_entry_serve_at_once(own_server):
         stats = client.get("/admin/stats").json()
         assert stats["cache_version"] == deleted.json()["version"]
         assert "lost_card" not in stats["entry_hits"], stats["entry_hits"]
-        assert stats["entry_hits"].get("opening_hours", 0) >= 1  # kept: the id still serves
+        assert stats["entry_hits"]["opening_hours"] == 1  # since its change; the id serves
 
         assert client.delete("/admin/entries/lost_card").status_code == 404
 

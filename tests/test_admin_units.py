@@ -14,7 +14,7 @@ from cache_seed import SeedValidationError, parse_seed_rows, rows_from_manifest
 from gateway.admin.misses import QUESTIONS_PER_GROUP, group_misses, is_agent_intent
 from gateway.app import create_app
 from gateway.settings import Settings
-from gateway.stats import MissedQuestion, Stats
+from gateway.stats import MissedQuestion, Stats, answer_mark
 from intents.embedder import normalize_text
 from intents.types import entry_id_for
 
@@ -44,6 +44,34 @@ def test_stats_keep_entry_hits_a_minute_series_and_the_missed_questions():
     assert set(snap["latency_ms"]["hit"]) >= {"end_of_turn", "first_audio"}
 
 
+def test_a_hit_count_belongs_to_the_entry_as_published():
+    # Counts are per entry id; a publish that drops an id, or changes what a hit on it plays
+    # (answer or action), starts it again at 0, and an id published again after its delete
+    # does not get its old count back. A change of questions alone keeps the count.
+    stats = Stats()
+    hours, card = answer_mark("answer", "Nine to five."), answer_mark("answer", "Call us.")
+    stats.entries_published({"hours": hours, "card": card})
+    for entry_id in ("hours", "hours", "card", "card", "card"):
+        stats.turn_finished(turn("cache", intent=entry_id, entry_id=entry_id), None)
+    observer = RecordingObserver()
+    stats.attach(observer)  # linked after the first version loaded: told of it
+    assert observer.events == [("entries", {"hours": hours, "card": card})]
+    stats.entries_published({"hours": hours, "card": card})  # same answers (new questions)
+    assert stats.snapshot()["entry_hits"] == {"hours": 2, "card": 3}
+    stats.entries_published({"hours": answer_mark("answer", "Eight to eight."), "card": card})
+    assert stats.snapshot()["entry_hits"] == {"card": 3}
+    stats.entries_published({"hours": answer_mark("answer", "Eight to eight.")})  # card deleted
+    assert stats.snapshot()["entry_hits"] == {}
+    stats.entries_published({"hours": answer_mark("answer", "Eight to eight."), "card": card})
+    stats.turn_finished(turn("cache", intent="card", entry_id="card"), None)
+    stats.turn_finished(turn("cache", intent="hours", entry_id="hours"), None)
+    assert stats.snapshot()["entry_hits"] == {"card": 1, "hours": 1}
+    stats.entries_published({"hours": answer_mark("llm", "Eight to eight."), "card": card})
+    assert stats.snapshot()["entry_hits"] == {"card": 1}  # the action changed: no hit now
+    published = [marks for kind, marks in observer.events if kind == "entries"]
+    assert len(published) == 6 and published[-1]["card"] == card  # each told to the observer
+
+
 class RecordingObserver:
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []
@@ -56,6 +84,9 @@ class RecordingObserver:
 
     def error(self, code: str) -> None:
         self.events.append(("error", code))
+
+    def entries_published(self, marks) -> None:
+        self.events.append(("entries", dict(marks)))
 
 
 def test_an_observer_attached_late_is_told_what_was_counted_before_it():

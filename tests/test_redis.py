@@ -39,6 +39,7 @@ from cache_seed.validate import read_seed_csv
 from gateway.client import Caller
 from gateway.redis_link import RedisHealth, VersionSubscriber
 from gateway.shared_stats import SharedStats
+from gateway.stats import answer_mark
 from intents.redis_store import RedisKeys, RedisStore, redacted
 from intents.store import CacheBundle, StoreError, audio_key
 from intents.types import Audio
@@ -681,6 +682,48 @@ async def test_counters_add_up_over_replicas(redis_url: str) -> None:
     assert cluster["degraded"] is False and cluster["latency_ms"] == {"hit": {}}
     await second.leave()
     assert (await first.cluster_snapshot(local))["replicas"] == 1
+    for replica in replicas:
+        await replica.aclose()
+
+
+async def test_a_publish_clears_the_cluster_hits_of_dropped_and_changed_entries(
+        redis_url: str) -> None:
+    # The cluster's hits per entry belong to the entry as published: each replica writes the
+    # marks of the version it loaded, and the first to write a changed one clears that id's
+    # hits (the others find it in place and keep what was counted since).
+    replicas = [SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:")
+                for _ in range(2)]
+    first, second = replicas
+    old, new = answer_mark("answer", "Nine to five."), answer_mark("answer", "Eight to eight.")
+    atm = answer_mark("answer", "Next to the station.")
+
+    async def published(replica: SharedStats, marks: dict[str, str]) -> None:
+        replica.entries_published(marks)
+        await replica.flush()
+
+    async def entry_hits() -> dict[str, int]:
+        return (await first.cluster_snapshot({}))["entry_hits"]
+
+    for replica in replicas:
+        await published(replica, {"opening_hours": old, "find_atm": atm, "lost_card": atm})
+    for intent in ("opening_hours", "opening_hours", "find_atm", "lost_card"):
+        first.turn_finished(hit(intent))
+    second.turn_finished(hit("find_atm"))
+    await first.flush()
+    await second.flush()
+    assert await entry_hits() == {"opening_hours": 2, "find_atm": 2, "lost_card": 1}
+    # Hours' answer changed, lost_card deleted; find_atm unchanged.
+    version_2 = {"opening_hours": new, "find_atm": atm}
+    await published(first, version_2)
+    assert await entry_hits() == {"find_atm": 2}
+    second.turn_finished(hit("opening_hours"))  # counted after the change
+    await published(second, version_2)  # the second replica loads it later: nothing cleared
+    assert await entry_hits() == {"opening_hours": 1, "find_atm": 2}
+    # lost_card published again, with the answer it had: it starts at 0, not at 1.
+    await published(first, dict(version_2, lost_card=atm))
+    first.turn_finished(hit("lost_card"))
+    await first.flush()
+    assert await entry_hits() == {"opening_hours": 1, "find_atm": 2, "lost_card": 1}
     for replica in replicas:
         await replica.aclose()
 
