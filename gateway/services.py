@@ -34,6 +34,7 @@ from .settings import Settings
 from .shared_stats import SharedStats
 from .stats import Stats, answer_mark
 from .stores import open_store
+from .transports.twilio_ended import REDIS_TIMEOUT_S, EndedCalls
 from .transports.twilio_rest import TwilioCallControl
 
 log = logging.getLogger("voicegate.services")
@@ -93,6 +94,7 @@ class Services:
         self.shared_stats: SharedStats | None = None
         self._redis_tasks: list[asyncio.Task[None]] = []
         self._twilio_control: TwilioCallControl | None = None
+        self._twilio_ended: EndedCalls | None = None
 
     @property
     def ready(self) -> bool:
@@ -220,10 +222,10 @@ class Services:
             await self._refresh(cache)
 
     def new_call(self, output: CallOutput, start: StartMessage,
-                 call_id: str | None = None) -> Call:
+                 call_id: str | None = None, greet: bool = True) -> Call:
         assert self._call_deps is not None, "new_call before the runtime is ready"
         return Call(self._call_deps, output, start.sample_rate, metadata=start.metadata,
-                    call_id=call_id)
+                    call_id=call_id, greet=greet)
 
     def twilio_control(self) -> TwilioCallControl | None:
         """Twilio's REST API for transfers and hang-ups; None without an auth token."""
@@ -235,6 +237,18 @@ class Services:
                                                      settings.twilio_api_url,
                                                      settings.twilio_api_timeout_s)
         return self._twilio_control
+
+    def twilio_ended(self) -> EndedCalls:
+        """The Twilio calls ended on purpose (not to be resumed), shared through Redis when
+        the replicas share one. Made on first use, on the serving loop (its Redis client
+        binds to it)."""
+        if self._twilio_ended is None:
+            settings = self.settings
+            redis = (open_async_client(settings.redis_url, timeout_s=REDIS_TIMEOUT_S)
+                     if settings.redis_url else None)
+            self._twilio_ended = EndedCalls(self.clock, redis, prefix=settings.redis_prefix,
+                                            count_error=self.stats.error)
+        return self._twilio_ended
 
     async def read_body(self, request: Request, limit: int) -> bytes:
         """A request's body, at most ``limit`` bytes and in full within
@@ -319,6 +333,8 @@ class Services:
             await self.shared_stats.aclose()
         if self._twilio_control is not None:
             await self._twilio_control.aclose()
+        if self._twilio_ended is not None:
+            await self._twilio_ended.aclose()
         # A runtime handed in by the caller is the caller's to close.
         if self._runtime is not None and self._given_runtime is None:
             await self._runtime.aclose()

@@ -112,6 +112,10 @@ class _Prometheus:
             "voicegate_turn_continuations",
             "Turns the caller went on with after the bot began to answer (the end of turn "
             "came too soon; the words were answered together)", registry=r)
+        self.twilio_resumed = PromCounter(
+            "voicegate_twilio_calls_resumed",
+            "Twilio calls whose media stream was lost (a replica gone, a cut connection) and "
+            "that went on over a new stream (/twilio/stream-ended)", registry=r)
         self.degraded = Gauge("voicegate_degraded",
                               "1 while a shared store (Redis) is unreachable", registry=r)
         self.gc_pauses = PauseHistogram()
@@ -135,6 +139,8 @@ class Stats:
     preempts: Counter[str] = field(default_factory=Counter)
     # Turns continued by the caller after the bot began answering (end of turn too soon).
     continuations: int = 0
+    # Twilio calls resumed over a new stream after theirs was lost.
+    twilio_calls_resumed: int = 0
     latencies: dict[str, dict[str, deque[float]]] = field(default_factory=dict)
     recent: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=100_000))
     entry_hits: Counter[str] = field(default_factory=Counter)  # cache hits per entry id
@@ -190,6 +196,11 @@ class Stats:
         """A turn opens with the words of one the caller had not finished."""
         self.continuations += 1
         self.prometheus.continuations.inc()
+
+    def twilio_call_resumed(self) -> None:
+        """A Twilio call's stream was lost and the call went on over a new one."""
+        self.twilio_calls_resumed += 1
+        self.prometheus.twilio_resumed.inc()
 
     def watch_hedge(self, hedge: "HedgeStats") -> None:
         """Export the agent's hedge counters (the LLM pair's failures) with these."""
@@ -305,6 +316,7 @@ class Stats:
                 "interrupted_turns": self.interrupted_turns, "sources": dict(self.sources),
                 "intents": dict(self.intents), "errors": dict(self.errors),
                 "preempts": dict(self.preempts), "continuations": self.continuations,
+                "twilio_calls_resumed": self.twilio_calls_resumed,
                 "entry_hits": dict(self.entry_hits),
                 "series": {"minute_s": 60, "points": self.series()},
                 "latency_ms": latency, "degraded": self.degraded_reason is not None,

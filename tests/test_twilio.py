@@ -321,16 +321,25 @@ def stream_of(twiml: str) -> tuple[str, dict[str, str]]:
                                    for p in stream.findall("Parameter")}
 
 
+def action_of(twiml: str) -> str | None:
+    connect = ElementTree.fromstring(twiml).find("./Connect")
+    assert connect is not None, twiml
+    return connect.get("action")
+
+
 def test_twiml_connects_the_call_to_the_stream_with_its_parameters(server):
     reply = httpx.post(server.base_url + "/twilio/voice", data=FORM)
     assert reply.status_code == 200 and reply.headers["content-type"].startswith("application/xml")
     url, params = stream_of(reply.text)
     assert url == stream_url(server)
     assert params == {"From": FORM["From"], "CallSid": FORM["CallSid"]}
+    # the stream's end is Twilio's request to /twilio/stream-ended (a lost stream resumes)
+    assert action_of(reply.text) == server.base_url + "/twilio/stream-ended?lost=0"
     # behind a TLS-terminating proxy the stream is wss:// on the public host
     proxied = httpx.post(server.base_url + "/twilio/voice", data=FORM,
                          headers={"Host": "voice.example.com", "X-Forwarded-Proto": "https"})
     assert stream_of(proxied.text)[0] == "wss://voice.example.com/twilio/stream"
+    assert action_of(proxied.text) == "https://voice.example.com/twilio/stream-ended?lost=0"
 
 
 def test_twiml_never_carries_a_character_xml_cannot(server, runtime):

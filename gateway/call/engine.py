@@ -97,8 +97,11 @@ def end_of_turn_settings(settings: Settings) -> EndOfTurnSettings:
 
 class Call:
     def __init__(self, deps: CallDeps, output: CallOutput, sample_rate: int,
-                 metadata: dict[str, Any] | None = None, call_id: str | None = None) -> None:
+                 metadata: dict[str, Any] | None = None, call_id: str | None = None,
+                 greet: bool = True) -> None:
         self.id = call_id or uuid.uuid4().hex[:12]
+        # False: the caller was greeted already (a phone call resumed on a new stream).
+        self._greets = greet
         self.sample_rate = sample_rate
         self.metadata = metadata or {}
         settings = deps.settings
@@ -270,7 +273,7 @@ class Call:
             inputs["idle"] = self._idle_loop
         loops = [asyncio.create_task(self._supervised(name, loop), name=f"vg-{name}")
                  for name, loop in inputs.items()]
-        if self._settings.greeting.strip():
+        if self._greets and self._settings.greeting.strip():
             self._greet()
         try:
             await self._stopped.wait()

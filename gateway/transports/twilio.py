@@ -31,8 +31,10 @@ from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA,
                         ProtocolError, StartMessage, parse_dtmf_digit, parse_json, utf8_bytes_over)
 from ..services import Services
+from .twilio_ended import EndedCalls
 from .twilio_rest import TwilioCallControl
-from .twilio_voice import TOKEN_PARAMETER, public_base_url, signature_refusal, stream_url
+from .twilio_voice import (RESUMED_PARAMETER, TOKEN_PARAMETER, public_base_url,
+                           signature_refusal, stream_url)
 
 log = logging.getLogger("voicegate.twilio")
 
@@ -129,11 +131,14 @@ class TwilioOutput:
 
     def __init__(self, outbox: Outbox, stream_sid: str, call_id: str,
                  control: TwilioCallControl | None = None, account_sid: str = "",
-                 call_sid: str = "", handoff_number: str = "") -> None:
+                 call_sid: str = "", handoff_number: str = "",
+                 ended: EndedCalls | None = None) -> None:
         self._outbox = outbox
         self.call_id = call_id
         # The REST side of this call (transfer, hang up); None without an auth token.
         self._control = control
+        # Where a hang-up or transfer is recorded, so the stream's end does not resume it.
+        self._ended = ended
         self._account_sid = account_sid
         self._call_sid = call_sid
         self._handoff_number = handoff_number
@@ -189,17 +194,32 @@ class TwilioOutput:
                        hint="set VOICEGATE_HANDOFF_NUMBER (and VOICEGATE_TWILIO_AUTH_TOKEN) "
                             "to transfer the caller")
             return False
-        await self._control.transfer(self._account_sid, self._call_sid, self._handoff_number)
+        # Recorded first: Twilio ends the stream once it has the new TwiML, maybe before
+        # our request is answered, and asks /twilio/stream-ended, which must not resume it.
+        await self._mark_ended()
+        try:
+            await self._control.transfer(self._account_sid, self._call_sid,
+                                         self._handoff_number)
+        except Exception:
+            if self._ended is not None:  # the caller stays with the bot: a lost stream resumes
+                await self._ended.forget(self._call_sid)
+            raise
         logs.event(log, "twilio_transferred", call_id=self.call_id, reason=reason[:200])
         return True
 
     async def hang_up(self, reason: str) -> None:
-        """End the phone call (Status=completed). Without REST credentials, closing the
-        stream ends a ``<Connect><Stream>`` call with nothing after it anyway."""
+        """End the phone call (Status=completed). Recorded as ended first: if the REST
+        request fails (or there are no REST credentials) closing the stream ends the
+        call, and /twilio/stream-ended then answers ``<Hangup/>`` instead of resuming it."""
+        await self._mark_ended()
         if self._control is None:
             logs.event(log, "twilio_hangup_by_closing_stream", call_id=self.call_id)
             return
         await self._control.hang_up(self._account_sid, self._call_sid)
+
+    async def _mark_ended(self) -> None:
+        if self._ended is not None:
+            await self._ended.mark(self._call_sid)
 
     async def interrupt(self, event: dict[str, Any]) -> None:
         # Freeze the confirmed figure first: the call read it for `event` just before this.
@@ -355,12 +375,21 @@ class TwilioStream:
         output = TwilioOutput(self._session.outbox, start.stream_sid, call_id or "",
                               control=self._services.twilio_control(),
                               account_sid=start.account_sid, call_sid=start.call_sid,
-                              handoff_number=settings.handoff_number)
+                              handoff_number=settings.handoff_number,
+                              ended=self._services.twilio_ended())
         self.output = output
+        # A stream /twilio/stream-ended reconnected after one was lost: the caller was
+        # greeted already (and has just heard Twilio's apology).
+        resumed = bool(parameters.get(RESUMED_PARAMETER))
         call = self._session.start_call(lambda: self._services.new_call(
-            output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata), call_id=call_id))
+            output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata), call_id=call_id,
+            greet=not resumed))
         output.call_id = call.id
         logs.event(log, "twilio_start", call_id=call.id, stream_sid=start.stream_sid)
+        if resumed:
+            self._services.stats.twilio_call_resumed()
+            logs.event(log, "twilio_call_resumed", call_id=call.id,
+                       lost=parameters[RESUMED_PARAMETER][:8])
 
     def _on_mark(self, data: dict[str, Any]) -> None:
         mark = data.get("mark")

@@ -34,15 +34,20 @@ class CallControlError(RuntimeError):
     """Twilio refused the request or could not be reached; the message says which."""
 
 
+def dial(target: str) -> Dial:
+    """The ``<Dial>`` that connects the call to ``target``: a phone number or a SIP URI."""
+    verb = Dial()
+    if target.startswith(("sip:", "sips:")):
+        verb.sip(target)
+    else:
+        verb.number(target)
+    return verb
+
+
 def dial_twiml(target: str) -> str:
     """TwiML that connects the call to ``target``: a phone number or a SIP URI."""
     response = VoiceResponse()
-    dial = Dial()
-    if target.startswith(("sip:", "sips:")):
-        dial.sip(target)
-    else:
-        dial.number(target)
-    response.append(dial)
+    response.append(dial(target))
     return str(response)
 
 

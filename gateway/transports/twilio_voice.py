@@ -1,10 +1,20 @@
-"""``POST /twilio/voice``: the voice webhook of a Twilio number.
+"""``POST /twilio/voice``: the voice webhook of a Twilio number; ``POST /twilio/stream-ended``.
 
-Answers TwiML that connects the call to our Media Streams endpoint
-(``<Connect><Stream url="wss://HOST/twilio/stream">``, with the caller's number and
-the CallSid as custom parameters). With an auth token configured, requests must carry
-a valid ``X-Twilio-Signature`` (checked with the official validator); so must the
-stream's WebSocket upgrade, which Twilio signs over the wss:// URL with no fields.
+``/twilio/voice`` answers TwiML that connects the call to our Media Streams endpoint
+(``<Connect action="https://HOST/twilio/stream-ended?lost=0"><Stream
+url="wss://HOST/twilio/stream">``, with the caller's number and the CallSid as custom
+parameters). With an auth token configured, requests must carry a valid
+``X-Twilio-Signature`` (checked with the official validator); so must the stream's
+WebSocket upgrade, which Twilio signs over the wss:// URL with no fields.
+
+When the stream's WebSocket closes, Twilio requests the ``<Connect action>`` and runs the
+TwiML it answers (without one, the call would end there: a replica killed mid-call, a
+balancer or a network cutting the connection, dropped the caller). ``/twilio/stream-ended``
+answers ``<Hangup/>`` for a call that is over (the gateway hung up or transferred it:
+gateway/transports/twilio_ended.py; or its CallStatus says so); else, up to
+``MAX_STREAM_RECONNECTS`` times a call (``lost`` counts them), a short apology and a new
+``<Connect><Stream>`` marked ``resumed`` (no greeting again); past that, a ``<Dial>`` to
+``VOICEGATE_HANDOFF_NUMBER`` (a person takes the call) or an apology and ``<Hangup/>``.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 from .. import logs
 from ..http_body import BodyTimeout, BodyTooLarge, closing
 from ..services import Services
+from .twilio_rest import dial
 
 log = logging.getLogger("voicegate.twilio")
 
@@ -31,6 +42,20 @@ STREAM_PATH = "/twilio/stream"
 FORWARDED_PARAMETERS = ("From", "CallSid")
 # The stream parameter that carries VOICEGATE_CALL_TOKEN (Twilio's stream URL takes no query).
 TOKEN_PARAMETER = "token"
+# The stream parameter of a call resumed after its stream was lost (how many times, 1..).
+RESUMED_PARAMETER = "resumed"
+STREAM_ENDED_PATH = "/twilio/stream-ended"
+# New streams for one call after its stream was lost: a replica gone is one, a rolling
+# deploy may cost another; a call that keeps losing its stream goes to a person instead.
+MAX_STREAM_RECONNECTS = 2
+# `lost` in the action URL: what we wrote there, a count from 0 (a few digits at most).
+_LOST = re.compile("[0-9]{1,3}")
+# CallStatus values of a call that is over: nothing to resume.
+_CALL_OVER = frozenset({"completed", "canceled", "failed", "busy", "no-answer"})
+# What the caller hears (Twilio's own voice: our stream is what was lost).
+RESUMED_SAY = "Sorry, the line dropped for a moment. I'm back."
+HANDOFF_SAY = "Sorry, we are having trouble with this line. Let me put you through to a person."
+GIVE_UP_SAY = "Sorry, we are having trouble with this line. Please call us again."
 # Anything but XML 1.0's Char production (most C0 controls, surrogates, U+FFFE/U+FFFF):
 # TwiML holding one is not XML, and Twilio rejects it. The TwiML library escapes markup only.
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -63,9 +88,16 @@ def not_xml_refusal(fields: Mapping[str, str]) -> str | None:
     return None
 
 
-def twiml_connect(url: str, parameters: dict[str, str]) -> str:
+def stream_ended_url(base_url: str, lost: int) -> str:
+    """The ``<Connect action>``: Twilio requests it when the stream ends."""
+    return f"{base_url}{STREAM_ENDED_PATH}?lost={lost}"
+
+
+def twiml_connect(url: str, parameters: dict[str, str], action: str, say: str = "") -> str:
     response = VoiceResponse()
-    connect = Connect()
+    if say:
+        response.say(say)
+    connect = Connect(action=action)
     stream = connect.stream(url=url)
     for name, value in parameters.items():
         stream.parameter(name=name, value=value)
@@ -77,9 +109,10 @@ def twiml_connect(url: str, parameters: dict[str, str]) -> str:
 MAX_WEBHOOK_BODY_BYTES = 64 * 1024
 
 
-async def twilio_voice(request: Request) -> Response:
+async def signed_form(request: Request) -> tuple[ImmutableMultiDict[str, str], str] | Response:
+    """A Twilio webhook's form fields and our public base URL; or the refusal to answer:
+    413/408 for the body, 403 for the signature."""
     services: Services = request.app.state.services
-    settings = services.settings
     # Twilio posts application/x-www-form-urlencoded; parsed here without a multipart dependency.
     # Its form is a few KB: a larger body is refused before it is buffered (anyone can post
     # here, and the signature can only be checked once the whole body is read).
@@ -91,27 +124,100 @@ async def twilio_voice(request: Request) -> Response:
     except BodyTimeout as exc:
         return closing(PlainTextResponse(str(exc), status_code=408))
     params = ImmutableMultiDict(parse_qsl(body, keep_blank_values=True))
-    base = public_base_url(request, settings.public_url)
+    base = public_base_url(request, services.settings.public_url)
     # Twilio signs the exact URL it requested, query string included, plus the form fields.
     refused = signature_refusal(request, base + request.url.path, params)
     if refused is not None:
         return PlainTextResponse(refused, status_code=403)
+    return params, base
+
+
+def invalid_webhook(services: Services, reason: str) -> Response:
+    """400: a webhook request Twilio would never send (counted, logged)."""
+    services.stats.error("twilio_invalid_webhook")
+    logs.event(log, "twilio_invalid_webhook", logging.WARNING, reason=reason)
+    return PlainTextResponse(reason, status_code=400)
+
+
+def stream_parameters(services: Services, params: Mapping[str, str],
+                      url: str) -> dict[str, str] | Response:
+    """The custom parameters of the call's ``<Stream>`` (or the 400 refusing the request)."""
+    settings = services.settings
     forwarded = {name: params.get(name, "") for name in FORWARDED_PARAMETERS}
-    url = stream_url(base)
     # Unsigned (no auth token), anyone can post: refuse what TwiML cannot carry rather
     # than answer a document that is not XML. (Host is the caller's too; httptools
     # already refuses control characters in headers.)
     invalid = not_xml_refusal({**forwarded, "Host": url})
     if invalid is not None:
-        services.stats.error("twilio_invalid_webhook")
-        logs.event(log, "twilio_invalid_webhook", logging.WARNING, reason=invalid)
-        return PlainTextResponse(invalid, status_code=400)
-    logs.event(log, "twilio_voice", call_id=forwarded["CallSid"] or None)
+        return invalid_webhook(services, invalid)
     # The token goes into TwiML only for requests proven to come from Twilio: without a
     # Twilio auth token anyone could read it here (docs/operations.md).
     if settings.call_token and settings.twilio_auth_token:
         forwarded[TOKEN_PARAMETER] = settings.call_token
-    return Response(twiml_connect(url, forwarded), media_type="application/xml")
+    return forwarded
+
+
+def _xml(twiml: str) -> Response:
+    return Response(twiml, media_type="application/xml")
+
+
+async def twilio_voice(request: Request) -> Response:
+    services: Services = request.app.state.services
+    signed = await signed_form(request)
+    if isinstance(signed, Response):
+        return signed
+    params, base = signed
+    url = stream_url(base)
+    forwarded = stream_parameters(services, params, url)
+    if isinstance(forwarded, Response):
+        return forwarded
+    logs.event(log, "twilio_voice", call_id=forwarded["CallSid"] or None)
+    return _xml(twiml_connect(url, forwarded, stream_ended_url(base, 0)))
+
+
+async def twilio_stream_ended(request: Request) -> Response:
+    """The call's stream ended (Twilio's ``<Connect action>``): hang up a call that is over,
+    resume one whose stream was lost, hand it to a person after ``MAX_STREAM_RECONNECTS``."""
+    services: Services = request.app.state.services
+    signed = await signed_form(request)
+    if isinstance(signed, Response):
+        return signed
+    params, base = signed
+    lost_values = request.query_params.getlist("lost")
+    if len(lost_values) != 1 or not _LOST.fullmatch(lost_values[0]):
+        shown = ",".join(lost_values)[:40]
+        return invalid_webhook(services, f"lost={shown!r} is not the count of lost streams "
+                                         f"({STREAM_ENDED_PATH}?lost=N, N a number from 0, as "
+                                         "the <Connect action> this gateway wrote)")
+    lost = int(lost_values[0])
+    url = stream_url(base)
+    forwarded = stream_parameters(services, params, url)
+    if isinstance(forwarded, Response):
+        return forwarded
+    call_sid = forwarded["CallSid"]
+    status = params.get("CallStatus", "")
+    event = {"call_id": call_sid or None, "lost": lost, "call_status": status[:32]}
+    response = VoiceResponse()
+    if status in _CALL_OVER or await services.twilio_ended().ended(call_sid):
+        # Hung up or transferred by the gateway, or the caller is gone: nothing to resume.
+        logs.event(log, "twilio_stream_ended", outcome="hangup", **event)
+        response.hangup()
+        return _xml(str(response))
+    if lost < MAX_STREAM_RECONNECTS:
+        logs.event(log, "twilio_stream_lost", logging.WARNING, outcome="resume", **event)
+        resumed = {**forwarded, RESUMED_PARAMETER: str(lost + 1)}
+        return _xml(twiml_connect(url, resumed, stream_ended_url(base, lost + 1),
+                                  say=RESUMED_SAY))
+    handoff = services.settings.handoff_number
+    logs.event(log, "twilio_stream_lost", logging.WARNING,
+               outcome="handoff" if handoff else "hangup", **event)
+    if handoff:
+        response.say(HANDOFF_SAY)
+        response.append(dial(handoff))
+    else:
+        response.say(GIVE_UP_SAY)
+        response.hangup()
+    return _xml(str(response))
 
 
 def signature_refusal(connection: HTTPConnection, public_url: str,

@@ -1,0 +1,387 @@
+"""A Twilio call whose media stream is lost goes on: ``<Connect action>`` and
+``POST /twilio/stream-ended`` (gateway/transports/twilio_voice.py), the record of calls the
+gateway ended on purpose (gateway/transports/twilio_ended.py), and a resumed stream.
+
+Before: a stream that ended without the gateway meaning it (a replica killed after its
+drain timeout, a balancer or a network cutting the WebSocket) made Twilio run the TwiML
+after ``</Connect>``: nothing, so it hung up on the caller. Now Twilio asks
+``/twilio/stream-ended``, which resumes the call on a new stream (a short apology first),
+hands it to a person after ``MAX_STREAM_RECONNECTS``, and hangs up a call that is over.
+
+The webhook is driven in-process (httpx's ASGI transport, no model load): each test is
+milliseconds. Redis: the suite's database (tests/test_redis.py), a key prefix per test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from types import SimpleNamespace
+from typing import Any, AsyncIterator, Iterator
+from xml.etree import ElementTree
+
+import httpx
+import pytest
+import redis
+from starlette.applications import Starlette
+from twilio.request_validator import RequestValidator
+
+from gateway.app import create_app
+from gateway.call import Call
+from gateway.clock import ManualClock
+from gateway.redis_link import open_async_client
+from gateway.settings import Settings
+from gateway.stats import Stats
+from gateway.transports.twilio import TwilioStream
+from gateway.transports.twilio_ended import EndedCalls
+from gateway.transports.twilio_rest import CallControlError
+from gateway.transports.twilio_voice import (GIVE_UP_SAY, HANDOFF_SAY, MAX_STREAM_RECONNECTS,
+                                             RESUMED_SAY)
+from tests.call_harness import CallHarness
+from tests.test_redis import REDIS_URL, free_port, unavailable
+from tests.test_twilio import PhoneCallOutput, SentMessages
+
+PUBLIC = "https://voice.example.com"
+TOKEN = "12345678901234567890123456789012"  # Twilio auth token
+CALL_TOKEN = "call-token-0123456789"
+NUMBER = "+15551230000"
+CALL_SID = "CA" + "5e" * 16
+FORM = {"CallSid": CALL_SID, "From": "+15550100", "To": "+15550199",
+        "AccountSid": "AC" + "0" * 32, "CallStatus": "in-progress"}
+
+
+def app_with(settings: Settings, **changes: Any) -> Starlette:
+    return create_app(settings.replace(**changes))
+
+
+@pytest.fixture
+def plain(settings: Settings) -> Starlette:
+    """No auth token: nothing is signed (as the session's test server)."""
+    return app_with(settings)
+
+
+@pytest.fixture
+def signed(settings: Settings) -> Starlette:
+    return app_with(settings, twilio_auth_token=TOKEN, public_url=PUBLIC, call_token=CALL_TOKEN)
+
+
+@pytest.fixture
+def with_handoff(settings: Settings) -> Starlette:
+    return app_with(settings, twilio_auth_token=TOKEN, public_url=PUBLIC, handoff_number=NUMBER)
+
+
+async def post(app: Starlette, path: str, form: dict[str, str] | None = None,
+               sign: bool = False, headers: dict[str, str] | None = None) -> httpx.Response:
+    """POST a Twilio webhook form; ``sign``: with the X-Twilio-Signature Twilio would send
+    (over the public URL, query string included)."""
+    form = dict(FORM if form is None else form)
+    headers = dict(headers or {})
+    if sign:
+        headers["X-Twilio-Signature"] = RequestValidator(TOKEN).compute_signature(
+            PUBLIC + path, form)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client:
+        return await client.post(path, data=form, headers=headers)
+
+
+def verbs(twiml: str) -> list[ElementTree.Element]:
+    root = ElementTree.fromstring(twiml)
+    assert root.tag == "Response", twiml
+    return list(root)
+
+
+def connect_of(twiml: str) -> tuple[str, str, dict[str, str]]:
+    """The ``<Connect>``'s action, its stream's url and custom parameters."""
+    connect = ElementTree.fromstring(twiml).find("./Connect")
+    assert connect is not None, twiml
+    stream = connect.find("./Stream")
+    assert stream is not None, twiml
+    return (connect.get("action", ""), stream.get("url", ""),
+            {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")})
+
+
+def is_hangup(twiml: str) -> bool:
+    return [v.tag for v in verbs(twiml)] == ["Hangup"]
+
+
+# ---------------------------------------------------------------------- the TwiML's action
+
+
+async def test_the_voice_webhook_connects_with_an_action_for_the_streams_end(signed):
+    reply = await post(signed, "/twilio/voice", sign=True)
+    assert reply.status_code == 200
+    action, url, params = connect_of(reply.text)
+    assert action == f"{PUBLIC}/twilio/stream-ended?lost=0"
+    assert url == "wss://voice.example.com/twilio/stream"
+    assert params == {"From": FORM["From"], "CallSid": CALL_SID, "token": CALL_TOKEN}
+
+
+# ---------------------------------------------------------------------- stream-ended
+
+
+@pytest.mark.parametrize("lost", range(MAX_STREAM_RECONNECTS))
+async def test_a_lost_stream_is_resumed_with_an_apology_and_the_same_parameters(signed, lost,
+                                                                                  caplog):
+    caplog.set_level(logging.INFO, logger="voicegate")
+    voice = connect_of((await post(signed, "/twilio/voice", sign=True)).text)
+    reply = await post(signed, f"/twilio/stream-ended?lost={lost}", sign=True)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith(
+        "application/xml")
+    say, connect = verbs(reply.text)
+    assert (say.tag, say.text) == ("Say", RESUMED_SAY)  # Twilio's voice covers the gap
+    assert connect.tag == "Connect"
+    action, url, params = connect_of(reply.text)
+    assert action == f"{PUBLIC}/twilio/stream-ended?lost={lost + 1}"
+    assert url == voice[1]
+    assert params == {**voice[2], "resumed": str(lost + 1)}  # From, CallSid, token: as before
+    (event,) = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+                if r.getMessage() == "twilio_stream_lost"]
+    assert (event["outcome"], event["lost"], event["call_id"]) == ("resume", lost, CALL_SID)
+
+
+@pytest.mark.parametrize("status", ["completed", "canceled", "failed", "busy", "no-answer"])
+async def test_a_call_that_is_over_is_hung_up_not_resumed(plain, status):
+    reply = await post(plain, "/twilio/stream-ended?lost=0", {**FORM, "CallStatus": status})
+    assert reply.status_code == 200 and is_hangup(reply.text)
+
+
+async def test_past_the_bound_the_call_goes_to_a_person(with_handoff):
+    path = f"/twilio/stream-ended?lost={MAX_STREAM_RECONNECTS}"
+    reply = await post(with_handoff, path, sign=True)
+    assert reply.status_code == 200
+    say, dial = verbs(reply.text)
+    assert (say.tag, say.text) == ("Say", HANDOFF_SAY)
+    assert dial.tag == "Dial" and dial.findtext("Number") == NUMBER
+    # A bound lowered in a deploy while a call was past it: still a person, never a 400.
+    later = await post(with_handoff, f"/twilio/stream-ended?lost={MAX_STREAM_RECONNECTS + 5}",
+                       sign=True)
+    assert [v.tag for v in verbs(later.text)] == ["Say", "Dial"]
+
+
+async def test_past_the_bound_without_a_handoff_number_the_caller_hears_why(plain):
+    reply = await post(plain, f"/twilio/stream-ended?lost={MAX_STREAM_RECONNECTS}")
+    say, hangup = verbs(reply.text)
+    assert (say.tag, say.text, hangup.tag) == ("Say", GIVE_UP_SAY, "Hangup")
+
+
+async def test_a_bad_signature_is_refused_and_the_query_is_signed_too(signed):
+    services = signed.state.services
+    good = RequestValidator(TOKEN).compute_signature(
+        PUBLIC + "/twilio/stream-ended?lost=0", FORM)
+    assert (await post(signed, "/twilio/stream-ended?lost=0",
+                       headers={"X-Twilio-Signature": good})).status_code == 200
+    # The same signature over another `lost`: a replayed request cannot reset the count.
+    replayed = await post(signed, "/twilio/stream-ended?lost=1",
+                          headers={"X-Twilio-Signature": good})
+    assert replayed.status_code == 403 and "does not match" in replayed.text
+    missing = await post(signed, "/twilio/stream-ended?lost=0")
+    assert missing.status_code == 403 and "missing" in missing.text
+    assert services.stats.errors["twilio_bad_signature"] == 2
+
+
+@pytest.mark.parametrize("query", ["", "?lost=", "?lost=-1", "?lost=one", "?lost=1.0",
+                                   "?lost=%D9%A3", "?lost=1000", "?lost=0&lost=1",
+                                   "?lost=%201"])
+async def test_a_lost_count_we_never_wrote_is_refused(plain, query):
+    reply = await post(plain, "/twilio/stream-ended" + query)
+    assert reply.status_code == 400, (query, reply.text)
+    assert "is not the count of lost streams" in reply.text
+    assert plain.state.services.stats.errors["twilio_invalid_webhook"] == 1
+
+
+async def test_a_field_xml_cannot_carry_is_refused(plain):
+    reply = await post(plain, "/twilio/stream-ended?lost=0", {**FORM, "From": "+1555\x010100"})
+    assert reply.status_code == 400
+    assert reply.text.startswith("From holds U+0001, a character XML cannot carry")
+
+
+# ---------------------------------------------------------------------- ended on purpose
+
+
+class FailingRestApi:
+    """Twilio's REST API refusing every request (TwilioCallControl's error)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def transfer(self, account_sid: str, call_sid: str, target: str) -> None:
+        self.asked.append("transfer")
+        raise CallControlError("Twilio refused to transfer: HTTP 500")
+
+    async def hang_up(self, account_sid: str, call_sid: str) -> None:
+        self.asked.append("hang_up")
+        raise CallControlError("Twilio refused to hang up: HTTP 500")
+
+
+@pytest.mark.parametrize("rest", ["none", "failing"])
+async def test_a_call_the_gateway_hung_up_is_not_resumed(plain, rest):
+    # The bot hangs up an idle call. Without REST credentials, or with Twilio refusing the
+    # hang-up, what ends the call is the stream closing: Twilio then asks for the action,
+    # and resuming there would ring the caller the bot had just said goodbye to.
+    services = plain.state.services
+    h = CallHarness(settings={"idle_prompt_s": 1})
+    api = FailingRestApi() if rest == "failing" else None
+    out = PhoneCallOutput(control=api, account_sid="AC1", call_sid=CALL_SID,
+                          ended=services.twilio_ended())
+    h.call = Call(h.deps, out, 8000, call_id=CALL_SID)
+    await h.start()
+    await h.text("hello there")
+    assert h._task is not None
+    for _ in range(300):  # the answer, 1 s, the prompt, 1 s, the goodbye, the hang-up
+        if h._task.done():
+            break
+        await h.clock.advance(0.02)
+    assert h._task.done() and h.call.ended == "idle"
+    assert api is None or api.asked == ["hang_up"]
+    reply = await post(plain, "/twilio/stream-ended?lost=0")  # CallStatus still in-progress
+    assert reply.status_code == 200 and is_hangup(reply.text), reply.text
+    other = await post(plain, "/twilio/stream-ended?lost=0", {**FORM, "CallSid": "CA" + "1" * 32})
+    assert [v.tag for v in verbs(other.text)] == ["Say", "Connect"]  # only that call
+
+
+async def test_a_transferred_call_is_not_resumed_and_a_failed_transfer_is(plain):
+    services = plain.state.services
+
+    class RestApi(FailingRestApi):
+        async def transfer(self, account_sid: str, call_sid: str, target: str) -> None:
+            # Twilio may close the stream and ask for the action before answering us.
+            self.ended_meanwhile = await services.twilio_ended().ended(call_sid)
+
+    ok = RestApi()
+    out = PhoneCallOutput(control=ok, account_sid="AC1", call_sid=CALL_SID,
+                          handoff_number=NUMBER, ended=services.twilio_ended())
+    assert await out.transfer("handoff") is True
+    assert ok.ended_meanwhile is True  # recorded before the request went out
+    assert is_hangup((await post(plain, "/twilio/stream-ended?lost=0")).text)
+
+    failing_sid = "CA" + "fa" * 16
+    out = PhoneCallOutput(control=FailingRestApi(), account_sid="AC1", call_sid=failing_sid,
+                          handoff_number=NUMBER, ended=services.twilio_ended())
+    with pytest.raises(CallControlError):
+        await out.transfer("handoff")
+    # The caller stayed with the bot: a stream lost later is resumed.
+    reply = await post(plain, "/twilio/stream-ended?lost=0", {**FORM, "CallSid": failing_sid})
+    assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"]
+
+
+async def test_the_local_record_expires_and_stays_bounded():
+    clock = ManualClock()
+    ended = EndedCalls(clock, ttl_s=300, max_local=2)
+    await ended.mark("CA1")
+    await clock.advance(299)
+    assert await ended.ended("CA1")
+    await clock.advance(2)
+    assert not await ended.ended("CA1")  # Twilio's action request is long past
+    for sid in ("CA2", "CA3", "CA4"):
+        await ended.mark(sid)
+    assert [await ended.ended(s) for s in ("CA2", "CA3", "CA4")] == [False, True, True]
+    await ended.mark("")  # a stream that named no CallSid: nothing to remember
+    await ended.mark("CA" + "0" * 100)  # no CallSid Twilio sends
+    assert not await ended.ended("") and not await ended.ended("CA" + "0" * 100)
+
+
+# ---------------------------------------------------------------------- shared through Redis
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable(f"no Redis at {REDIS_URL} ({exc})")
+    name = f"resume{secrets.token_hex(3)}:"
+    yield name
+    keys = list(client.scan_iter(match=name + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+async def replicas(settings: Settings, prefix: str) -> AsyncIterator[tuple[Starlette, Starlette]]:
+    """Two gateways sharing the suite's Redis (their models never load: not needed here)."""
+    apps = tuple(app_with(settings, redis_url=REDIS_URL, redis_prefix=prefix) for _ in "ab")
+    yield apps  # type: ignore[misc]
+    for app in apps:
+        await app.state.services.twilio_ended().aclose()
+
+
+async def test_a_hang_up_on_one_replica_is_seen_by_another(replicas, prefix):
+    a, b = replicas
+    await a.state.services.twilio_ended().mark(CALL_SID)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert 0 < client.ttl(f"{prefix}twilio:ended:{CALL_SID}") <= 300  # short-lived
+    finally:
+        client.close()
+    # Twilio's action request reaches the other replica, which never saw the call.
+    assert is_hangup((await post(b, "/twilio/stream-ended?lost=0")).text)
+    await a.state.services.twilio_ended().forget(CALL_SID)
+    reply = await post(b, "/twilio/stream-ended?lost=0")
+    assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"]
+
+
+async def test_redis_down_never_breaks_a_hang_up(caplog):
+    # Nothing listens on that port: every Redis command fails at once.
+    stats = Stats()
+    ended = EndedCalls(ManualClock(), open_async_client(f"redis://127.0.0.1:{free_port()}/13"),
+                       count_error=stats.error)
+    out = PhoneCallOutput(call_sid=CALL_SID, ended=ended)
+    await out.hang_up("idle")  # no exception: the hang-up goes on
+    assert stats.errors["twilio_ended_record_failed"] == 1
+    assert await ended.ended(CALL_SID)  # this replica still knows
+    assert not await ended.ended("CA" + "1" * 32)  # unknown and Redis down: resumed
+    assert stats.errors["twilio_ended_lookup_failed"] == 1
+    assert "twilio_ended_record_failed" in [r.getMessage() for r in caplog.records]
+    await ended.aclose()
+
+
+# ---------------------------------------------------------------------- a resumed stream
+
+
+def start_message(parameters: dict[str, str]) -> str:
+    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": "MZ1",
+                       "start": {"streamSid": "MZ1", "callSid": CALL_SID, "accountSid": "AC1",
+                                 "tracks": ["inbound"], "customParameters": parameters,
+                                 "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                 "sampleRate": 8000, "channels": 1}}})
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+async def test_a_resumed_stream_plays_no_greeting_and_is_counted(resumed, caplog):
+    caplog.set_level(logging.INFO, logger="voicegate")
+    h = CallHarness(settings={"greeting": "Welcome to the bank.", "idle_prompt_s": 0})
+    tasks: list[asyncio.Task[None]] = []
+
+    def start_call(build: Any) -> Call:
+        session.call = build()
+        tasks.append(asyncio.create_task(session.call.run()))
+        return session.call
+
+    # The stream as the server runs it, its call on the harness's deps (services.new_call).
+    services = SimpleNamespace(
+        settings=h.settings, stats=h.stats, twilio_control=lambda: None,
+        twilio_ended=lambda: EndedCalls(h.clock),
+        new_call=lambda output, start, call_id=None, greet=True: Call(
+            h.deps, output, start.sample_rate, metadata=start.metadata, call_id=call_id,
+            greet=greet))
+    session = SimpleNamespace(call=None, outbox=SentMessages(), start_call=start_call)
+    stream = TwilioStream(services, session, authenticated=True)  # type: ignore[arg-type]
+    parameters = {"From": "+15550100", "CallSid": CALL_SID, **({"resumed": "1"} if resumed
+                                                               else {})}
+    stream.handle(start_message(parameters))
+    for _ in range(25):  # half a second: a greeting's first audio goes out at once
+        await h.clock.advance(0.02)
+    media = [m for m in session.outbox.sent if m["event"] == "media"]
+    session.call.stop()
+    await asyncio.wait_for(tasks[0], 5)
+    assert bool(media) is not resumed
+    assert h.stats.twilio_calls_resumed == int(resumed)
+    resumes = [r for r in caplog.records if r.getMessage() == "twilio_call_resumed"]
+    assert len(resumes) == int(resumed)
+    if resumed:
+        assert h.stats.prometheus.registry.get_sample_value(
+            "voicegate_twilio_calls_resumed_total") == 1.0
