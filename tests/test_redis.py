@@ -16,6 +16,7 @@ import asyncio
 import io
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -67,6 +68,22 @@ def unavailable(reason: str) -> None:
         pytest.fail(f"CI=true and {reason}: start one (scripts/ensure-redis.sh) or install "
                     f"redis-server")
     pytest.skip(reason)
+
+
+def own_prefix(label: str) -> Iterator[str]:
+    """A key prefix of the caller's own in the suite's Redis database, its keys deleted
+    after (a fixture's body: ``yield from own_prefix("mine")``)."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable(f"no Redis at {REDIS_URL} ({exc})")
+    name = f"{label}{secrets.token_hex(3)}:"
+    yield name
+    keys = list(client.scan_iter(match=name + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 @pytest.fixture

@@ -38,23 +38,13 @@ from intents.store import MANIFEST_FORMAT, LocalStore, StoreConflict, StoreError
 from tests.admin_support import small_faq_csv
 from tests.intents_support import shared_embedder, tone_render
 from tests.redis_faults import DelayingProxy, FlakyProxy
-from tests.test_redis import REDIS_URL, bundle, free_port, hit, poll, unavailable
+from tests.test_redis import REDIS_URL, bundle, free_port, hit, own_prefix, poll
 
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """A key prefix of this test's own in the suite's Redis database (keys deleted after)."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        unavailable(f"no Redis at {REDIS_URL} ({exc})")
-    name = f"faults{secrets.token_hex(3)}:"
-    yield name
-    keys = list(client.scan_iter(match=name + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    yield from own_prefix("faults")
 
 
 @pytest.fixture

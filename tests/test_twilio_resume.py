@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 from types import SimpleNamespace
 from typing import Any, AsyncIterator, Iterator
 from xml.etree import ElementTree
@@ -40,7 +39,7 @@ from gateway.transports.twilio_rest import CallControlError
 from gateway.transports.twilio_voice import (GIVE_UP_SAY, HANDOFF_SAY, MAX_STREAM_RECONNECTS,
                                              RESUMED_SAY)
 from tests.call_harness import CallHarness
-from tests.test_redis import REDIS_URL, free_port, unavailable
+from tests.test_redis import REDIS_URL, free_port, own_prefix
 from tests.test_twilio import PhoneCallOutput, SentMessages
 
 PUBLIC = "https://voice.example.com"
@@ -287,17 +286,7 @@ async def test_the_local_record_expires_and_stays_bounded():
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        unavailable(f"no Redis at {REDIS_URL} ({exc})")
-    name = f"resume{secrets.token_hex(3)}:"
-    yield name
-    keys = list(client.scan_iter(match=name + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    yield from own_prefix("resume")
 
 
 @pytest.fixture
