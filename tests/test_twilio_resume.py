@@ -252,7 +252,7 @@ async def test_a_transferred_call_is_not_resumed_and_a_failed_transfer_is(plain)
     out = PhoneCallOutput(control=ok, account_sid="AC1", call_sid=CALL_SID,
                           handoff_number=NUMBER, ended=services.twilio_ended())
     assert await out.transfer("handoff") is True
-    assert ok.ended_meanwhile is True  # recorded before the request went out
+    assert ok.ended_meanwhile == "transfer"  # recorded before the request went out
     assert is_hangup((await post(plain, "/twilio/stream-ended?lost=0")).text)
 
     failing_sid = "CA" + "fa" * 16
@@ -265,6 +265,31 @@ async def test_a_transferred_call_is_not_resumed_and_a_failed_transfer_is(plain)
     assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"]
 
 
+async def test_a_stream_lost_while_its_transfer_is_under_way_is_put_through(with_handoff):
+    # The handoff has played and the REST transfer is in flight when the replica dies (the
+    # request never lands): Twilio asks for the action. The caller was promised a person:
+    # the answer is the <Dial>, not a hang-up (and not the bot again).
+    services = with_handoff.state.services
+    asked = asyncio.Event()
+
+    class HangingRestApi(FailingRestApi):
+        async def transfer(self, account_sid: str, call_sid: str, target: str) -> None:
+            asked.set()
+            await asyncio.Event().wait()  # never answered: the process is gone
+
+    out = PhoneCallOutput(control=HangingRestApi(), account_sid="AC1", call_sid=CALL_SID,
+                          handoff_number=NUMBER, ended=services.twilio_ended())
+    transfer = asyncio.create_task(out.transfer("handoff"))
+    await asked.wait()
+    reply = await post(with_handoff, "/twilio/stream-ended?lost=0", sign=True)
+    assert [(v.tag, v.findtext("Number")) for v in verbs(reply.text)] == [("Dial", NUMBER)]
+    transfer.cancel()  # cancelled mid-request: the record stays, the answer with it
+    with pytest.raises(asyncio.CancelledError):
+        await transfer
+    again = await post(with_handoff, "/twilio/stream-ended?lost=1", sign=True)
+    assert [v.tag for v in verbs(again.text)] == ["Dial"]
+
+
 async def test_the_local_record_expires_and_stays_bounded():
     clock = ManualClock()
     ended = EndedCalls(clock, ttl_s=300, max_local=2)
@@ -275,10 +300,12 @@ async def test_the_local_record_expires_and_stays_bounded():
     assert not await ended.ended("CA1")  # Twilio's action request is long past
     for sid in ("CA2", "CA3", "CA4"):
         await ended.mark(sid)
-    assert [await ended.ended(s) for s in ("CA2", "CA3", "CA4")] == [False, True, True]
-    await ended.mark("")  # a stream that named no CallSid: nothing to remember
-    await ended.mark("CA" + "0" * 100)  # no CallSid Twilio sends
-    assert not await ended.ended("") and not await ended.ended("CA" + "0" * 100)
+    assert [await ended.ended(s) for s in ("CA2", "CA3", "CA4")] == [None, "hangup", "hangup"]
+    # No CallSid Twilio sends (an unsigned stream names any string): nothing remembered,
+    # so none can stand in for another call's key.
+    for sid in ("", "CA" + "0" * 100, "CA1:x", "CA1*"):
+        await ended.mark(sid)
+        assert await ended.ended(sid) is None
 
 
 # ---------------------------------------------------------------------- shared through Redis

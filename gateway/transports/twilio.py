@@ -17,7 +17,6 @@ from __future__ import annotations
 import binascii
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,7 @@ from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA,
                         ProtocolError, StartMessage, parse_dtmf_digit, parse_json, utf8_bytes_over)
 from ..services import Services
-from .twilio_ended import EndedCalls
+from .twilio_ended import HUNG_UP, SAFE_ID, TRANSFERRED, EndedCalls
 from .twilio_rest import TwilioCallControl
 from .twilio_voice import (RESUMED_PARAMETER, TOKEN_PARAMETER, public_base_url,
                            signature_refusal, stream_url)
@@ -100,15 +99,12 @@ def _equals_number(value: Any, expected: int) -> bool:
             and value == expected)
 
 
-_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
 def call_id_from_sid(call_sid: str) -> str | None:
     """The CallSid as the call's id (logs then match Twilio's console) when it is safe as
     one: 1-64 letters, digits, "_" or "-" (Twilio's are "CA" and 32 hex digits). Anything
     else (an unsigned stream can send any string) gets a generated id: the id names
     recording files and log fields, where a "/" or a newline does not belong."""
-    return call_sid if _SAFE_ID.fullmatch(call_sid) else None
+    return call_sid if SAFE_ID.fullmatch(call_sid) else None
 
 
 def _text(value: Any) -> str:
@@ -195,8 +191,10 @@ class TwilioOutput:
                             "to transfer the caller")
             return False
         # Recorded first: Twilio ends the stream once it has the new TwiML, maybe before
-        # our request is answered, and asks /twilio/stream-ended, which must not resume it.
-        await self._mark_ended()
+        # our request is answered, and asks /twilio/stream-ended, which must not resume it;
+        # a stream lost before the request landed (this replica killed meanwhile) is
+        # answered the transfer there.
+        await self._mark_ended(TRANSFERRED)
         try:
             await self._control.transfer(self._account_sid, self._call_sid,
                                          self._handoff_number)
@@ -217,9 +215,9 @@ class TwilioOutput:
             return
         await self._control.hang_up(self._account_sid, self._call_sid)
 
-    async def _mark_ended(self) -> None:
+    async def _mark_ended(self, how: str = HUNG_UP) -> None:
         if self._ended is not None:
-            await self._ended.mark(self._call_sid)
+            await self._ended.mark(self._call_sid, how)
 
     async def interrupt(self, event: dict[str, Any]) -> None:
         # Freeze the confirmed figure first: the call read it for `event` just before this.

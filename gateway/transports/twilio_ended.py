@@ -11,12 +11,17 @@ Twilio's action request may reach any replica: with a shared Redis the record is
 also kept here in memory (bounded, same expiry), for a single replica and for when Redis
 is down. A Redis failure never fails a hang-up: it is logged and counted
 (``twilio_ended_record_failed``), and the local record stands.
+
+How it ended is kept too: ``HUNG_UP`` or ``TRANSFERRED``. A stream lost while a transfer
+is under way (the replica killed while its REST request is in flight) must still reach
+the person it was promised: /twilio/stream-ended answers that call a ``<Dial>``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
@@ -35,9 +40,13 @@ ENDED_TTL_S = 300.0
 MAX_LOCAL_ENDED = 10_000
 # A hang-up waits this long for Redis at most (a stalled Redis must not hold the call).
 REDIS_TIMEOUT_S = 1.0
-# Twilio's CallSid is "CA" and 32 hex digits: anything far longer is not one (an unsigned
-# stream can name any string) and is not written to Redis.
-_MAX_SID_CHARS = 64
+# Ids safe in a Redis key, a log field or a file name: Twilio's CallSid is "CA" and 32 hex
+# digits; an unsigned stream can name any string, which is not remembered.
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# How a call ended on purpose (the record's value).
+HUNG_UP = "hangup"
+TRANSFERRED = "transfer"
+_HOW = (HUNG_UP, TRANSFERRED)
 
 
 class EndedCalls:
@@ -52,52 +61,62 @@ class EndedCalls:
         self._ttl_s = ttl_s
         self._max_local = max_local
         self._timeout_s = timeout_s
-        self._local: OrderedDict[str, float] = OrderedDict()  # CallSid -> expires at (clock)
+        # CallSid -> (expires at on the clock, how it ended)
+        self._local: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     def _key(self, call_sid: str) -> str:
         return f"{self._prefix}twilio:ended:{call_sid}"
 
-    async def mark(self, call_sid: str) -> None:
-        """Remember ``call_sid`` as ended on purpose. Never raises for Redis."""
-        if not call_sid or len(call_sid) > _MAX_SID_CHARS:
+    async def mark(self, call_sid: str, how: str = HUNG_UP) -> None:
+        """Remember ``call_sid`` as ended on purpose, ``how`` (``HUNG_UP`` or
+        ``TRANSFERRED``). Never raises for Redis."""
+        assert how in _HOW, how
+        if not SAFE_ID.fullmatch(call_sid):
             return
         self._local.pop(call_sid, None)
-        self._local[call_sid] = self._clock.now() + self._ttl_s
+        self._local[call_sid] = (self._clock.now() + self._ttl_s, how)
         while len(self._local) > self._max_local:
             self._local.popitem(last=False)  # the oldest: its action request is long past
         if self._redis is not None:
             await self._quietly("record", call_sid, self._redis.set(
-                self._key(call_sid), "1", ex=max(1, round(self._ttl_s))))
+                self._key(call_sid), how, ex=max(1, round(self._ttl_s))))
 
     async def forget(self, call_sid: str) -> None:
         """``call_sid`` goes on after all (its transfer failed): a lost stream resumes it."""
-        if not call_sid or len(call_sid) > _MAX_SID_CHARS:
+        if not SAFE_ID.fullmatch(call_sid):
             return
         self._local.pop(call_sid, None)
         if self._redis is not None:
             await self._quietly("forget", call_sid, self._redis.delete(self._key(call_sid)))
 
-    async def ended(self, call_sid: str) -> bool:
-        """Whether ``call_sid`` was ended on purpose (here or on any replica sharing Redis).
-        Redis unreachable: what this replica knows (a call it cannot tell is resumed: a
-        dropped call is worse than a resumed one)."""
-        if not call_sid or len(call_sid) > _MAX_SID_CHARS:
-            return False
-        expires = self._local.get(call_sid)
-        if expires is not None:
+    async def ended(self, call_sid: str) -> str | None:
+        """How ``call_sid`` was ended on purpose (here or on any replica sharing Redis):
+        ``HUNG_UP``, ``TRANSFERRED``, or None. Redis unreachable: what this replica knows
+        (a call it cannot tell is resumed: a dropped call is worse than a resumed one)."""
+        if not SAFE_ID.fullmatch(call_sid):
+            return None
+        local = self._local.get(call_sid)
+        if local is not None:
+            expires, how = local
             if expires > self._clock.now():
-                return True
+                return how
             del self._local[call_sid]
         if self._redis is None:
-            return False
-        found = await self._quietly("lookup", call_sid, self._redis.exists(self._key(call_sid)))
-        return bool(found)
+            return None
+        found = await self._quietly("lookup", call_sid, self._redis.get(self._key(call_sid)))
+        if isinstance(found, bytes):
+            found = found.decode("ascii", errors="replace")
+        if found is None:
+            return None
+        # A value this version does not know (or an older replica's "1"): ended, hung up.
+        return found if found in _HOW else HUNG_UP
 
-    async def _quietly(self, what: str, call_sid: str, request: Awaitable[Any]) -> int | None:
-        """Await one Redis command within ``timeout_s``; a failure is logged and counted."""
+    async def _quietly(self, what: str, call_sid: str, request: Awaitable[Any]) -> Any:
+        """Await one Redis command within ``timeout_s``; a failure is logged and counted
+        (None)."""
         try:
             async with asyncio.timeout(self._timeout_s):  # not wait_for: it can swallow a cancel
-                return int(await request)
+                return await request
         except (RedisError, OSError, TimeoutError) as exc:
             code = f"twilio_ended_{what}_failed"
             if self._count_error is not None:

@@ -10,8 +10,10 @@ WebSocket upgrade, which Twilio signs over the wss:// URL with no fields.
 When the stream's WebSocket closes, Twilio requests the ``<Connect action>`` and runs the
 TwiML it answers (without one, the call would end there: a replica killed mid-call, a
 balancer or a network cutting the connection, dropped the caller). ``/twilio/stream-ended``
-answers ``<Hangup/>`` for a call that is over (the gateway hung up or transferred it:
-gateway/transports/twilio_ended.py; or its CallStatus says so); else, up to
+answers ``<Hangup/>`` for a call that is over (the gateway hung it up:
+gateway/transports/twilio_ended.py; or its CallStatus says so), the ``<Dial>`` to the
+handoff number for one whose transfer was under way (the REST request may never have
+landed); else, up to
 ``MAX_STREAM_RECONNECTS`` times a call (``lost`` counts them), a short apology and a new
 ``<Connect><Stream>`` marked ``resumed`` (no greeting again); past that, a ``<Dial>`` to
 ``VOICEGATE_HANDOFF_NUMBER`` (a person takes the call) or an apology and ``<Hangup/>``.
@@ -33,6 +35,7 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 from .. import logs
 from ..http_body import BodyTimeout, BodyTooLarge, closing
 from ..services import Services
+from .twilio_ended import TRANSFERRED
 from .twilio_rest import dial
 
 log = logging.getLogger("voicegate.twilio")
@@ -198,8 +201,16 @@ async def twilio_stream_ended(request: Request) -> Response:
     status = params.get("CallStatus", "")
     event = {"call_id": call_sid or None, "lost": lost, "call_status": status[:32]}
     response = VoiceResponse()
-    if status in _CALL_OVER or await services.twilio_ended().ended(call_sid):
-        # Hung up or transferred by the gateway, or the caller is gone: nothing to resume.
+    handoff = services.settings.handoff_number
+    how = None if status in _CALL_OVER else await services.twilio_ended().ended(call_sid)
+    if how == TRANSFERRED and handoff:
+        # The stream ended while the transfer was under way (its REST request may never
+        # have landed): the person the caller was promised, whoever asked Twilio last.
+        logs.event(log, "twilio_stream_ended", outcome="transfer", **event)
+        response.append(dial(handoff))
+        return _xml(str(response))
+    if status in _CALL_OVER or how is not None:
+        # Hung up by the gateway, or the caller is gone: nothing to resume.
         logs.event(log, "twilio_stream_ended", outcome="hangup", **event)
         response.hangup()
         return _xml(str(response))
@@ -208,7 +219,6 @@ async def twilio_stream_ended(request: Request) -> Response:
         resumed = {**forwarded, RESUMED_PARAMETER: str(lost + 1)}
         return _xml(twiml_connect(url, resumed, stream_ended_url(base, lost + 1),
                                   say=RESUMED_SAY))
-    handoff = services.settings.handoff_number
     logs.event(log, "twilio_stream_lost", logging.WARNING,
                outcome="handoff" if handoff else "hangup", **event)
     if handoff:
