@@ -171,6 +171,37 @@ async def test_a_late_final_leaves_the_next_utterance_settled() -> None:
     assert len(router.texts) == routed + 1  # the final only: that partial was skipped
 
 
+async def test_a_late_final_joined_to_its_early_routing_survives_the_next_pause() -> None:
+    # The turn's final joins its early final's routing, still under way; the caller makes
+    # a noise (a new utterance) whose pause has no words. That pause dropped the routing
+    # the final waited on, and decide() raised CancelledError though nobody stopped the
+    # turn: the engine took it for a stopped turn and carried its words into the next.
+    release = asyncio.Event()
+
+    class SlowRouter(Router):
+        async def __call__(self, text: str, urgent: bool) -> RouteDecision:
+            self.texts.append((text, urgent))
+            await release.wait()
+            return hit(text)
+
+    router = SlowRouter()
+    spec = Speculation(router, rules(step=1, settle=0), on_failure=lambda exc: None)
+    spec.new_utterance()
+    words = "what are your opening hours"
+    early = asyncio.create_task(spec.settle(words))  # the pause's early final, routing
+    await asyncio.sleep(0)
+    final = asyncio.create_task(spec.decide(words, spec.utterance))  # joins it
+    await asyncio.sleep(0)
+    spec.new_utterance()  # a cough
+    assert await spec.settle("") is None  # its pause: no words
+    release.set()
+    decision, reused = await final
+    assert decision is not None and decision.entry_id == "opening_hours" and not reused
+    assert router.texts == [(words, True), (words, True)]  # routed again, on its own
+    assert await early is None  # the early final itself was superseded
+    await spec.aclose()
+
+
 async def test_different_hits_in_a_row_do_not_settle() -> None:
     entries = iter(["opening_hours", "routing_number", "opening_hours", "routing_number"])
     router = Router(decide=lambda text: hit(text, next(entries)))

@@ -159,7 +159,7 @@ class Speculation:
             self._settling = asyncio.create_task(self._route_urgent(text),
                                                  name="vg-route-early")
         task = self._settling
-        decision = await asyncio.shield(task)
+        decision = await _unless_dropped(task)
         return decision if task is self._settling else None
 
     async def _route_latest(self) -> None:
@@ -251,7 +251,8 @@ class Speculation:
             return routed, True
         settling = self._settling
         if settling is not None and self._urgent == wanted:
-            decision = await asyncio.shield(settling)
+            # None when a later utterance's pause dropped it: routed on their own below.
+            decision = await _unless_dropped(settling)
             if decision is not None:
                 await self.reset(utterance)
                 return decision, False
@@ -325,6 +326,20 @@ class Speculation:
 
     async def aclose(self) -> None:
         await self.reset()
+
+
+async def _unless_dropped(settling: asyncio.Task[RouteDecision | None]
+                          ) -> RouteDecision | None:
+    """The early final's decision, or None when its routing was dropped (``_drop``: a newer
+    pause's words) while we waited: that cancel is the routing's, not the waiter's, whose
+    own cancellation still raises."""
+    try:
+        return await asyncio.shield(settling)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        return None
 
 
 def _word_count(normalized: str) -> int:
