@@ -18,6 +18,7 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
     <prefix>stats:intents         hash  intent -> turns
     <prefix>stats:entries         hash  entry id -> cache hits
     <prefix>stats:entry_marks     hash  entry id -> answer mark its hits were counted for
+    <prefix>stats:entry_marks_version  string  the cache version those marks are of
     <prefix>stats:sources         hash  source -> turns
     <prefix>stats:errors          hash  error code -> count
     <prefix>stats:minute:<epoch minute>   hash turns, hits (expires after 10 minutes)
@@ -44,7 +45,7 @@ from typing import Any, Callable, Mapping
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from intents.redis_store import DEFAULT_PREFIX, glob_escape
+from intents.redis_store import DEFAULT_PREFIX, RedisKeys, glob_escape
 
 from . import logs
 from .redis_link import RedisHealth, honour_cancel
@@ -81,13 +82,30 @@ return failed
 """
 _HASHES = ("totals", "intents", "entries", "sources", "errors")
 # A cache version loaded (Stats.entries_published), in the cluster's counters: KEYS[1] the
-# entries hash, KEYS[2] the marks hash; ARGV entry id, answer mark, ... of the version.
-# An id whose mark differs from the one recorded loses its hits; ids the version does not
-# hold lose their hits and mark. Idempotent: every replica that loads the version runs it,
-# and only the first changes anything (the others find the marks already in place).
+# entries hash, KEYS[2] the marks hash, KEYS[3] the version those marks are of, KEYS[4] the
+# store's `current` pointer; ARGV[1] the version ('' unknown), then entry id, answer mark,
+# ... of the version. An id whose mark differs from the one recorded loses its hits; ids the
+# version does not hold lose their hits and mark. Idempotent: every replica that loads the
+# version runs it, and only the first changes anything (the others find the marks already
+# in place). Written late (a replica's flush failed while Redis was down, retried after a
+# newer version was published), an older version's marks are ignored: they would put back
+# its marks and clear the hits counted since under the newer one. Version names cannot tell
+# which is older (the publisher's clock, to the second, then a random suffix), so the
+# store's pointer does: every publish moves `current` to a new name, so a version it no
+# longer names is an older one. Once a version's marks are recorded (KEYS[3]), only the
+# current version's are written (a current version no replica can load leaves the marks
+# last written in place until the next publish: hits kept, none cleared). Written anyway: the
+# first marks (the first start, or marks a voicegate without KEYS[3] wrote), and when the
+# order is unknown (no pointer under this prefix, no version name): clearing as before.
+# Returns 1 when written, 0 when ignored.
 _ENTRIES_PUBLISHED = """
+local version = ARGV[1]
+local applied = redis.call('GET', KEYS[3])
+local current = redis.pcall('GET', KEYS[4])
+if type(current) ~= 'string' then current = false end
+if version ~= '' and applied and current and version ~= current then return 0 end
 local held = {}
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local id, mark = ARGV[i], ARGV[i + 1]
   held[id] = true
   local old = redis.call('HGET', KEYS[2], id)
@@ -101,7 +119,8 @@ for k = 1, 2 do
     if not held[id] then redis.call('HDEL', KEYS[k], id) end
   end
 end
-return 0
+if version ~= '' then redis.call('SET', KEYS[3], version) else redis.call('DEL', KEYS[3]) end
+return 1
 """
 
 
@@ -133,8 +152,9 @@ class SharedStats:
         self._sequence = 0
         # Sent, unconfirmed: (sequence, increments, monotonic time it was first sent).
         self._inflight: tuple[int, Counter[tuple[str, str]], float] | None = None
-        # The entry marks of the cache version last loaded, until written (entries_published)
-        self._published: dict[str, str] | None = None
+        # The cache version last loaded ('' unknown) and its entry marks, until written
+        # (entries_published): one pending at most, a newer version's replacing it.
+        self._published: tuple[str, dict[str, str]] | None = None
         self.dropped = 0
 
     # -- recording (StatsObserver; called on the event loop, never blocks) ---------------
@@ -160,14 +180,22 @@ class SharedStats:
         if metrics.get("interrupted"):
             self._add("stats:totals", "interrupted_turns")
 
-    def entries_published(self, marks: Mapping[str, str]) -> None:
+    def entries_published(self, marks: Mapping[str, str], version: str | None = None) -> None:
         """A cache version was loaded here: its entries' marks are written at the next
         flush, after that flush's increments, clearing the cluster's hits of the ids it
         dropped or whose answer changed (``Stats.entries_published``). Hits this replica
         counted on such an id between the load and that flush (a quarter of a second) are
         cleared with them; a replica still serving the version before (until its next
-        poll or publish notice) may add its last hits of the old answer after the reset."""
-        self._published = dict(marks)
+        poll or publish notice) may add its last hits of the old answer after the reset.
+
+        ``version``: the version's name; by default the ``cache_version`` that ``describe``
+        reports, the version serving as the marks arrive (FaqCache serves a version before
+        telling its marks, loading one at a time). Written late, after a newer version's
+        marks, they are ignored (``_ENTRIES_PUBLISHED``). Marks not yet written are replaced
+        by these: only the newest version loaded is ever pending."""
+        if version is None:
+            version = self._describe().get("cache_version")
+        self._published = (str(version or ""), dict(marks))
 
     def _add(self, key: str, field: str) -> None:
         slot = (self._prefix + key, field)
@@ -209,20 +237,24 @@ class SharedStats:
         """Write the pending increments, then the entry marks of a cache version loaded
         since the last flush (``entries_published``)."""
         await self._flush_counts()
-        marks = self._published
-        if marks is None:
+        published = self._published
+        if published is None:
             return
-        keys = [self._prefix + "stats:entries", self._prefix + "stats:entry_marks"]
-        args = [part for pair in marks.items() for part in pair]
+        version, marks = published
+        keys = [self._prefix + "stats:entries", self._prefix + "stats:entry_marks",
+                self._prefix + "stats:entry_marks_version", RedisKeys(self._prefix).current]
+        args = [version] + [part for pair in marks.items() for part in pair]
         try:
-            await self._redis.eval(_ENTRIES_PUBLISHED, len(keys), *keys, *args)
+            written = await self._redis.eval(_ENTRIES_PUBLISHED, len(keys), *keys, *args)
         except ResponseError as exc:  # a foreign type under a key: dropped, not retried
-            self._forget_published(marks)
+            self._forget_published(published)
             raise RefusedIncrement(f"cannot reset the hits of changed entries: {exc}") from exc
-        self._forget_published(marks)  # else (unreachable) it is written at a later flush
+        self._forget_published(published)  # else (unreachable) it is written at a later flush
+        if not written:
+            logs.event(log, "shared_stats_entry_marks_superseded", version=version)
 
-    def _forget_published(self, marks: dict[str, str]) -> None:
-        if self._published is marks:  # not replaced by a newer version meanwhile
+    def _forget_published(self, published: tuple[str, dict[str, str]]) -> None:
+        if self._published is published:  # not replaced by a newer version meanwhile
             self._published = None
 
     async def _flush_counts(self) -> None:

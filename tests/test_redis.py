@@ -745,6 +745,68 @@ async def test_a_publish_clears_the_cluster_hits_of_dropped_and_changed_entries(
         await replica.aclose()
 
 
+async def test_an_older_versions_marks_written_late_keep_the_newer_versions_hits(
+        store: RedisStore, redis_url: str) -> None:
+    # Replica B loads v2, and its flush fails (Redis down) with v2's marks pending; meanwhile
+    # v3, which changes opening_hours again, is published, A loads it and counts hits on it.
+    # B's retry, once Redis is back, must not put v2's mark back (clearing those hits), nor
+    # must B's own load of v3 clear them afterwards. Versions are published for real: their
+    # names sort by second only, so two in one second may sort either way.
+    serving: dict[str, str] = {}
+    b_client = aioredis.Redis.from_url(redis_url)
+    redis_is_down = False
+    real_eval = b_client.eval
+
+    async def eval_unless_down(*args: Any) -> Any:
+        if redis_is_down:
+            raise redis.ConnectionError("Error 111 connecting to Redis: Connection refused")
+        return await real_eval(*args)
+
+    b_client.eval = eval_unless_down  # type: ignore[method-assign]
+    a = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:",
+                    describe=lambda: {"cache_version": serving["a"]})
+    b = SharedStats(b_client, prefix="vgtest:", describe=lambda: {"cache_version": serving["b"]})
+    atm = answer_mark("answer", "Next to the station.")
+    answers = {"v1": "Nine to five.", "v2": "Eight to eight.", "v3": "Eight to nine."}
+    marks = {v: {"opening_hours": answer_mark("answer", text), "find_atm": atm}
+             for v, text in answers.items()}
+
+    async def load(replica: SharedStats, name: str, version: str, which: str) -> None:
+        serving[name] = version  # FaqCache serves it, then tells the stats its marks
+        replica.entries_published(marks[which])
+        await replica.flush()
+
+    async def entry_hits() -> dict[str, int]:
+        return (await a.cluster_snapshot({}))["entry_hits"]
+
+    v1 = store.publish(bundle("v1"))
+    await load(a, "a", v1, "v1")
+    await load(b, "b", v1, "v1")
+    a.turn_finished(hit("find_atm"))
+    await a.flush()
+    v2 = store.publish(bundle("v2"))
+    await load(a, "a", v2, "v2")
+    redis_is_down = True
+    with pytest.raises(redis.ConnectionError):
+        await load(b, "b", v2, "v2")  # v2's marks stay pending on B
+    v3 = store.publish(bundle("v3"))
+    await load(a, "a", v3, "v3")
+    for _ in range(2):
+        a.turn_finished(hit("opening_hours"))  # v3's answer
+    await a.flush()
+    assert await entry_hits() == {"opening_hours": 2, "find_atm": 1}
+    redis_is_down = False
+    await b.flush()  # the retry: v2's marks, older than v3's already written
+    assert await entry_hits() == {"opening_hours": 2, "find_atm": 1}, (
+        "B's late write of v2's marks cleared the hits counted under v3")
+    await load(b, "b", v3, "v3")
+    b.turn_finished(hit("opening_hours"))
+    await b.flush()
+    assert await entry_hits() == {"opening_hours": 3, "find_atm": 1}
+    await a.aclose()
+    await b.aclose()
+
+
 async def test_replicas_are_counted_under_a_prefix_that_reads_as_a_glob(redis_url: str) -> None:
     # A deployment's prefix is taken literally, as the store takes it: `[eu]` is no character
     # class that would count another deployment's replicas ("vgteste:") and none of its own.
