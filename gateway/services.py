@@ -58,7 +58,7 @@ def _entries_published_on(loop: asyncio.AbstractEventLoop,
     def published(loaded: LoadedCache) -> None:
         marks = {e.id: answer_mark(e.action.value, e.answer) for e in loaded.entries.values()}
         try:
-            loop.call_soon_threadsafe(stats.entries_published, marks)
+            loop.call_soon_threadsafe(stats.entries_published, marks, loaded.version)
         except RuntimeError:  # the loop closed (shut down) while the version loaded
             pass
     return published

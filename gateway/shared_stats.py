@@ -188,9 +188,9 @@ class SharedStats:
         cleared with them; a replica still serving the version before (until its next
         poll or publish notice) may add its last hits of the old answer after the reset.
 
-        ``version``: the version's name; by default the ``cache_version`` that ``describe``
-        reports, the version serving as the marks arrive (FaqCache serves a version before
-        telling its marks, loading one at a time). Written late, after a newer version's
+        ``version``: the version's name (the gateway passes the loaded version's); without
+        one, the ``cache_version`` that ``describe`` reports, the version serving as the
+        marks arrive. Written late, after a newer version's
         marks, they are ignored (``_ENTRIES_PUBLISHED``). Marks not yet written are replaced
         by these: only the newest version loaded is ever pending."""
         if version is None:

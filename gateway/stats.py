@@ -58,7 +58,8 @@ class StatsObserver(Protocol):
 
     def error(self, code: str) -> None: ...
 
-    def entries_published(self, marks: Mapping[str, str]) -> None: ...
+    def entries_published(self, marks: Mapping[str, str], version: str | None = None
+                          ) -> None: ...
 
 
 class _HedgeCounters:
@@ -146,6 +147,7 @@ class Stats:
     entry_hits: Counter[str] = field(default_factory=Counter)  # cache hits per entry id
     # Each entry id of the serving version -> answer_mark of what it plays (entries_published)
     entry_marks: dict[str, str] = field(default_factory=dict)
+    entry_marks_version: str | None = None  # the version they are of
     # [minute (epoch seconds // 60), hits, misses], oldest first, the last SERIES_MINUTES.
     minutes: deque[list[int]] = field(default_factory=lambda: deque(maxlen=SERIES_MINUTES))
     # The final text of recent missed turns, for grouping into "which FAQ to add next".
@@ -165,7 +167,7 @@ class Stats:
             for _ in range(count):
                 observer.error(code)
         if self.entry_marks:  # the cache version loaded with the models
-            observer.entries_published(dict(self.entry_marks))
+            observer.entries_published(dict(self.entry_marks), self.entry_marks_version)
         self.observers.append(observer)
 
     def call_started(self) -> None:
@@ -206,20 +208,21 @@ class Stats:
         """Export the agent's hedge counters (the LLM pair's failures) with these."""
         self.prometheus.hedge.source = hedge
 
-    def entries_published(self, marks: Mapping[str, str]) -> None:
+    def entries_published(self, marks: Mapping[str, str], version: str | None = None) -> None:
         """A cache version was loaded: ``marks`` maps each entry id it holds to the
         ``answer_mark`` of what a hit on it plays. Hit counts belong to the entry as
         published: an id the version no longer holds loses its count (an entry published
         again under it later starts at 0), and so does an id whose answer or action changed;
-        an id with the same answer keeps counting."""
+        an id with the same answer keeps counting. ``version``: the version's name (the
+        shared stats ignore an older version's marks written late)."""
         for entry_id in [e for e in self.entry_hits if e not in marks]:
             del self.entry_hits[entry_id]
         for entry_id, mark in marks.items():
             if self.entry_marks.get(entry_id, mark) != mark:
                 self.entry_hits.pop(entry_id, None)
-        self.entry_marks = dict(marks)
+        self.entry_marks, self.entry_marks_version = dict(marks), version
         for observer in self.observers:
-            observer.entries_published(marks)
+            observer.entries_published(marks, version)
 
     def set_degraded(self, reason: str | None) -> None:
         self.degraded_reason = reason

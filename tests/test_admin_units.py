@@ -85,7 +85,7 @@ class RecordingObserver:
     def error(self, code: str) -> None:
         self.events.append(("error", code))
 
-    def entries_published(self, marks) -> None:
+    def entries_published(self, marks, version=None) -> None:
         self.events.append(("entries", dict(marks)))
 
 
