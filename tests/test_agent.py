@@ -1128,7 +1128,14 @@ class BalanceRunner:
     (([LLMChunk(text="Your balance is twelve dollars. "), LLMChunk(text="Your last payment "),
        ProviderError("openai:primary", "stream stalled for 10 s")],),
      ["Your balance is twelve dollars."]),
-], ids=["after-a-preface-and-a-tool", "mid-answer"])
+    # A preface with no sentence end is spoken once the tool call comes (394e4bb): the
+    # stream breaking after it is then a failure after words, apologised for, not a
+    # silent retry that would say the preface twice.
+    (([LLMChunk(text="Sure, let me look that up"),
+       LLMChunk(tool_call=ToolCall("call_1", "get_balance", "{}")),
+       ProviderError("openai:primary", "connection reset")],),
+     ["Sure, let me look that up"]),
+], ids=["after-a-preface-and-a-tool", "mid-answer", "preface-without-a-period"])
 async def test_an_llm_failure_after_the_reply_began_is_reported_and_apologised_for(scripts,
                                                                                    heard):
     h = CallHarness()
