@@ -96,7 +96,9 @@ _HASHES = ("totals", "intents", "entries", "sources", "errors")
 # current version's are written (a current version no replica can load leaves the marks
 # last written in place until the next publish: hits kept, none cleared). Written anyway: the
 # first marks (the first start, or marks a voicegate without KEYS[3] wrote), and when the
-# order is unknown (no pointer under this prefix, no version name): clearing as before.
+# order is unknown (no pointer under this prefix, no version name): clearing as before; a
+# write with no version name leaves KEYS[3] as it was (deleted, a stale replica's older
+# marks would pass as first marks again).
 # Returns 1 when written, 0 when ignored.
 _ENTRIES_PUBLISHED = """
 local version = ARGV[1]
@@ -119,7 +121,7 @@ for k = 1, 2 do
     if not held[id] then redis.call('HDEL', KEYS[k], id) end
   end
 end
-if version ~= '' then redis.call('SET', KEYS[3], version) else redis.call('DEL', KEYS[3]) end
+if version ~= '' then redis.call('SET', KEYS[3], version) end
 return 1
 """
 

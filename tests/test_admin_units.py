@@ -50,12 +50,13 @@ def test_a_hit_count_belongs_to_the_entry_as_published():
     # does not get its old count back. A change of questions alone keeps the count.
     stats = Stats()
     hours, card = answer_mark("answer", "Nine to five."), answer_mark("answer", "Call us.")
-    stats.entries_published({"hours": hours, "card": card})
+    stats.entries_published({"hours": hours, "card": card}, "v1")
     for entry_id in ("hours", "hours", "card", "card", "card"):
         stats.turn_finished(turn("cache", intent=entry_id, entry_id=entry_id), None)
     observer = RecordingObserver()
     stats.attach(observer)  # linked after the first version loaded: told of it
     assert observer.events == [("entries", {"hours": hours, "card": card})]
+    assert observer.versions == ["v1"]  # with the version they are of
     stats.entries_published({"hours": hours, "card": card})  # same answers (new questions)
     assert stats.snapshot()["entry_hits"] == {"hours": 2, "card": 3}
     stats.entries_published({"hours": answer_mark("answer", "Eight to eight."), "card": card})
@@ -70,11 +71,13 @@ def test_a_hit_count_belongs_to_the_entry_as_published():
     assert stats.snapshot()["entry_hits"] == {"card": 1}  # the action changed: no hit now
     published = [marks for kind, marks in observer.events if kind == "entries"]
     assert len(published) == 6 and published[-1]["card"] == card  # each told to the observer
+    assert observer.versions == ["v1"] + [None] * 5  # none given since
 
 
 class RecordingObserver:
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []
+        self.versions: list[str | None] = []  # of each entries_published
 
     def call_started(self) -> None:
         self.events.append(("call", None))
@@ -87,6 +90,7 @@ class RecordingObserver:
 
     def entries_published(self, marks, version=None) -> None:
         self.events.append(("entries", dict(marks)))
+        self.versions.append(version)
 
 
 def test_an_observer_attached_late_is_told_what_was_counted_before_it():
