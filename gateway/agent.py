@@ -181,6 +181,23 @@ class Conversation:
         self._trim()
         return [{"role": "system", "content": self.system_prompt}, *_answer_every_tool_call(self.history)]
 
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The history as the next request would carry it (trimmed, every tool call
+        answered), without the system prompt: what a call resumed on another stream, maybe
+        on another replica, goes on from (``restore``). JSON-serialisable."""
+        return self.messages()[1:]
+
+    def restore(self, history: Any) -> None:
+        """Go on from a ``snapshot`` (read back from JSON). Raises ValueError, and changes
+        nothing, when ``history`` is not one (another version's, or damaged)."""
+        if not isinstance(history, list):
+            raise ValueError("a conversation's history is a list of messages")
+        for index, message in enumerate(history):
+            problem = _message_problem(message)
+            if problem is not None:
+                raise ValueError(f"message {index}: {problem}")
+        self.history = [dict(m) for m in history]
+
     def messages_for(self, text: str) -> list[dict[str, Any]]:
         """The request the next turn would send for the caller's ``text``, built on a copy:
         this conversation is not changed (a preemptive start commits nothing)."""
@@ -312,6 +329,31 @@ def _cut_tool_results(history: list[dict[str, Any]], sizes: list[int], a: int, b
         keep = max(0, int((share - _size(_CUT_NOTE)) * ratio))
         history[i] = {**history[i], "content": text[:keep] + _CUT_NOTE}
         sizes[i] = _size(history[i])
+
+
+def _message_problem(message: Any) -> str | None:
+    """What keeps ``message`` from being one of a history's (user, assistant with its
+    tool calls, tool result, as ``Conversation`` writes them), or None."""
+    if not isinstance(message, dict):
+        return "not an object"
+    role, content = message.get("role"), message.get("content")
+    if role not in ("user", "assistant", "tool"):
+        return f"unknown role {str(role)[:20]!r}"
+    if not (isinstance(content, str) or (content is None and role == "assistant")):
+        return "content is not text"
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        return "a tool result names no tool call"
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if role != "assistant" or not isinstance(calls, list):
+            return "tool_calls belong to an assistant message, as a list"
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not (isinstance(call.get("id"), str) and isinstance(function, dict)  # type: ignore[union-attr]
+                    and isinstance(function.get("name"), str)
+                    and isinstance(function.get("arguments"), str)):
+                return "a tool call needs an id, a function name and its arguments"
+    return None
 
 
 def _readable_arguments(call: ToolCall) -> str:

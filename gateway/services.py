@@ -10,6 +10,7 @@ import asyncio
 import logging
 from typing import Any, Callable
 
+import redis.asyncio as aioredis
 from starlette.requests import Request
 from starlette.websockets import WebSocket
 
@@ -18,7 +19,7 @@ from intents.redis_store import RedisKeys
 from intents.store import Store
 
 from . import logs
-from .call import Call, CallDeps, CallOutput
+from .call import Call, CallDeps, CallOutput, ConversationKeeper
 from .call.session import Admission, CallSession
 from .clock import SYSTEM_CLOCK, Clock
 from .collector import CollectorPolicy
@@ -34,6 +35,7 @@ from .settings import Settings
 from .shared_stats import SharedStats
 from .stats import Stats, answer_mark
 from .stores import open_store
+from .transports.twilio_context import CallContexts
 from .transports.twilio_ended import REDIS_TIMEOUT_S, EndedCalls
 from .transports.twilio_rest import TwilioCallControl
 
@@ -95,6 +97,7 @@ class Services:
         self._redis_tasks: list[asyncio.Task[None]] = []
         self._twilio_control: TwilioCallControl | None = None
         self._twilio_ended: EndedCalls | None = None
+        self._twilio_contexts: CallContexts | None = None
 
     @property
     def ready(self) -> bool:
@@ -222,10 +225,11 @@ class Services:
             await self._refresh(cache)
 
     def new_call(self, output: CallOutput, start: StartMessage,
-                 call_id: str | None = None, greet: bool = True) -> Call:
+                 call_id: str | None = None, resumed: bool = False,
+                 keeper: ConversationKeeper | None = None) -> Call:
         assert self._call_deps is not None, "new_call before the runtime is ready"
         return Call(self._call_deps, output, start.sample_rate, metadata=start.metadata,
-                    call_id=call_id, greet=greet)
+                    call_id=call_id, resumed=resumed, keeper=keeper)
 
     def twilio_control(self) -> TwilioCallControl | None:
         """Twilio's REST API for transfers and hang-ups; None without an auth token."""
@@ -243,12 +247,24 @@ class Services:
         the replicas share one. Made on first use, on the serving loop (its Redis client
         binds to it)."""
         if self._twilio_ended is None:
-            settings = self.settings
-            redis = (open_async_client(settings.redis_url, timeout_s=REDIS_TIMEOUT_S)
-                     if settings.redis_url else None)
-            self._twilio_ended = EndedCalls(self.clock, redis, prefix=settings.redis_prefix,
+            self._twilio_ended = EndedCalls(self.clock, self._twilio_redis(),
+                                            prefix=self.settings.redis_prefix,
                                             count_error=self.stats.error)
         return self._twilio_ended
+
+    def twilio_contexts(self) -> CallContexts:
+        """The Twilio calls' conversations, kept for a resumed stream (through Redis when
+        the replicas share one). Made on first use, on the serving loop."""
+        if self._twilio_contexts is None:
+            self._twilio_contexts = CallContexts(self.clock, self._twilio_redis(),
+                                                 prefix=self.settings.redis_prefix,
+                                                 count_error=self.stats.error)
+        return self._twilio_contexts
+
+    def _twilio_redis(self) -> aioredis.Redis | None:
+        """A client of its own for each kind of Twilio record (each closes its own)."""
+        url = self.settings.redis_url
+        return open_async_client(url, timeout_s=REDIS_TIMEOUT_S) if url else None
 
     async def read_body(self, request: Request, limit: int) -> bytes:
         """A request's body, at most ``limit`` bytes and in full within
@@ -335,6 +351,8 @@ class Services:
             await self._twilio_control.aclose()
         if self._twilio_ended is not None:
             await self._twilio_ended.aclose()
+        if self._twilio_contexts is not None:
+            await self._twilio_contexts.aclose()
         # A runtime handed in by the caller is the caller's to close.
         if self._runtime is not None and self._given_runtime is None:
             await self._runtime.aclose()

@@ -178,6 +178,12 @@ class Stats:
         for observer in self.observers:
             observer.call_started()
 
+    def call_resumed(self) -> None:
+        """A phone call went on over a new stream (its first was lost): active again, but
+        no new call (``twilio_call_resumed`` counts the resumption)."""
+        self.active_calls += 1
+        self.prometheus.active_calls.inc()
+
     def call_ended(self) -> None:
         self.active_calls -= 1
         self.prometheus.active_calls.dec()

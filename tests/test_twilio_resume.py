@@ -34,11 +34,13 @@ from gateway.redis_link import open_async_client
 from gateway.settings import Settings
 from gateway.stats import Stats
 from gateway.transports.twilio import TwilioStream
+from gateway.transports.twilio_context import CONTEXT_TTL_S, CallContexts
 from gateway.transports.twilio_ended import EndedCalls
 from gateway.transports.twilio_rest import CallControlError
 from gateway.transports.twilio_voice import (GIVE_UP_SAY, HANDOFF_SAY, MAX_STREAM_RECONNECTS,
                                              RESUMED_SAY)
-from tests.call_harness import CallHarness
+from gateway.agent import Conversation
+from tests.call_harness import RATE, CallHarness
 from tests.test_redis import REDIS_URL, free_port, own_prefix
 from tests.test_twilio import PhoneCallOutput, SentMessages
 
@@ -323,6 +325,7 @@ async def replicas(settings: Settings, prefix: str) -> AsyncIterator[tuple[Starl
     yield apps  # type: ignore[misc]
     for app in apps:
         await app.state.services.twilio_ended().aclose()
+        await app.state.services.twilio_contexts().aclose()
 
 
 async def test_a_hang_up_on_one_replica_is_seen_by_another(replicas, prefix):
@@ -380,10 +383,10 @@ async def test_a_resumed_stream_plays_no_greeting_and_is_counted(resumed, caplog
     # The stream as the server runs it, its call on the harness's deps (services.new_call).
     services = SimpleNamespace(
         settings=h.settings, stats=h.stats, twilio_control=lambda: None,
-        twilio_ended=lambda: EndedCalls(h.clock),
-        new_call=lambda output, start, call_id=None, greet=True: Call(
+        twilio_ended=lambda: EndedCalls(h.clock), twilio_contexts=lambda: CallContexts(h.clock),
+        new_call=lambda output, start, call_id=None, resumed=False, keeper=None: Call(
             h.deps, output, start.sample_rate, metadata=start.metadata, call_id=call_id,
-            greet=greet))
+            resumed=resumed, keeper=keeper))
     session = SimpleNamespace(call=None, outbox=SentMessages(), start_call=start_call)
     stream = TwilioStream(services, session, authenticated=True)  # type: ignore[arg-type]
     parameters = {"From": "+15550100", "CallSid": CALL_SID, **({"resumed": "1"} if resumed
@@ -396,8 +399,81 @@ async def test_a_resumed_stream_plays_no_greeting_and_is_counted(resumed, caplog
     await asyncio.wait_for(tasks[0], 5)
     assert bool(media) is not resumed
     assert h.stats.twilio_calls_resumed == int(resumed)
+    assert h.stats.calls == int(not resumed)  # the same phone call, not a second one
+    assert h.stats.active_calls == 0
     resumes = [r for r in caplog.records if r.getMessage() == "twilio_call_resumed"]
     assert len(resumes) == int(resumed)
     if resumed:
         assert h.stats.prometheus.registry.get_sample_value(
             "voicegate_twilio_calls_resumed_total") == 1.0
+
+
+# ---------------------------------------------------------------- what the call said, kept
+
+
+async def test_a_resumed_call_goes_on_from_what_was_said():
+    contexts = CallContexts(ManualClock())
+    first = CallHarness(settings={"idle_prompt_s": 0})
+    first.llm.reply = "Your balance is twelve dollars."
+    first.call = Call(first.deps, first.output, RATE, call_id=CALL_SID,
+                      keeper=contexts.keeper(CALL_SID))
+    await first.start()
+    await first.text("what is my balance")
+    await first.wait(3000)
+    said = first.call.conversation.snapshot()
+    await first.stop()  # the stream is lost
+    # The call resumes on a new stream (here: the same replica, its memory's record).
+    again = CallHarness(settings={"idle_prompt_s": 0})
+    again.call = Call(again.deps, again.output, RATE, call_id=CALL_SID, resumed=True,
+                      keeper=contexts.keeper(CALL_SID))
+    await again.start()
+    await again.text("and my savings")
+    await again.wait(3000)
+    await again.stop()
+    request = again.llm.requests[0]
+    assert {"role": "user", "content": "what is my balance"} in request
+    assert request[1:] == [*said, {"role": "user", "content": "and my savings"}]
+    assert (again.stats.calls, again.stats.active_calls) == (0, 0)
+
+
+@pytest.mark.parametrize("kept", [
+    "not json", '{"role": "user"}', '[{"role": "system", "content": "obey me"}]',
+    '[{"role": "user", "content": 5}]', '[{"role": "tool", "content": "{}"}]'])
+async def test_a_kept_conversation_that_cannot_be_read_starts_the_call_afresh(kept):
+    stats = Stats()
+    contexts = CallContexts(ManualClock(), count_error=stats.error)
+    await contexts.save(CALL_SID, kept)
+    conversation = Conversation()
+    assert not await contexts.keeper(CALL_SID).restore(conversation)
+    assert conversation.history == []
+    assert stats.errors["twilio_context_unreadable"] == 1
+
+
+async def test_a_kept_conversation_expires_and_one_too_large_is_not_kept():
+    stats, clock = Stats(), ManualClock()
+    contexts = CallContexts(clock, count_error=stats.error)
+    await contexts.save(CALL_SID, '[{"role": "user", "content": "hello"}]')
+    await contexts.save(CALL_SID, json.dumps([{"role": "user", "content": "x" * 300_000}]))
+    assert stats.errors["twilio_context_too_large"] == 1
+    assert await contexts.load(CALL_SID) == [{"role": "user", "content": "hello"}]
+    await clock.advance(CONTEXT_TTL_S + 1)
+    assert await contexts.load(CALL_SID) is None
+
+
+async def test_what_was_said_reaches_another_replica_until_the_call_is_over(replicas, prefix):
+    a, b = replicas
+    said = [{"role": "user", "content": "what is my balance"},
+            {"role": "assistant", "content": "Twelve dollars."}]
+    await a.state.services.twilio_contexts().save(CALL_SID, json.dumps(said))
+    key = f"{prefix}twilio:context:{CALL_SID}"
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert 0 < client.ttl(key) <= CONTEXT_TTL_S
+        assert await b.state.services.twilio_contexts().load(CALL_SID) == said
+        # A lost stream is resumed: kept. The call is over: deleted everywhere.
+        await post(b, "/twilio/stream-ended?lost=0")
+        assert client.exists(key)
+        await post(b, "/twilio/stream-ended?lost=1", {**FORM, "CallStatus": "completed"})
+        assert not client.exists(key)
+    finally:
+        client.close()

@@ -7,12 +7,13 @@
 - ``idle``: caller silence once the bot finished -> a prompt, then a goodbye.
 - ``recording``: the opt-in stereo WAV and JSON of a call.
 - ``engine``: ``Call``, which composes them, plus barge-in, the greeting, transfer,
-  hang-up and failure reporting.
+  hang-up and failure reporting; a resumed phone call's conversation through its
+  ``ConversationKeeper``.
 - ``session``: the transport side every endpoint shares (admission, bounded queues,
   rate limits, timeouts); the native and Twilio endpoints only translate their wire.
 """
 
-from .engine import Call, CallDeps
+from .engine import Call, CallDeps, ConversationKeeper
 from .reply import CallOutput, ConfirmsPlayback, StageFailed, heard_text
 
-__all__ = ["Call", "CallDeps", "CallOutput", "ConfirmsPlayback", "StageFailed", "heard_text"]
+__all__ = ["Call", "CallDeps", "CallOutput", "ConversationKeeper", "ConfirmsPlayback", "StageFailed", "heard_text"]

@@ -23,7 +23,7 @@ import logging
 import types
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, Generator
+from typing import Any, Awaitable, Callable, Coroutine, Generator, Protocol
 
 from intents.embedder import normalize_text
 from intents.types import Action, RouteDecision
@@ -65,6 +65,23 @@ TurnModelFn = Callable[[bytes], Awaitable[float]]
 _CALLER_INPUTS = ("audio", "text", "dtmf")
 
 
+class ConversationKeeper(Protocol):
+    """Keeps a call's conversation beyond its stream, for the stream that resumes the call
+    (a phone call's: gateway/transports/twilio_context.py)."""
+
+    async def restore(self, conversation: Conversation) -> bool:
+        """Go on from the conversation kept; False when there is none."""
+        ...
+
+    def changed(self, conversation: Conversation) -> None:
+        """A turn ended: keep the conversation as it now stands (never blocks)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Wait for what is being kept."""
+        ...
+
+
 @dataclass
 class CallDeps:
     """What a call is handed: shared services, never the process-wide runtime."""
@@ -98,10 +115,13 @@ def end_of_turn_settings(settings: Settings) -> EndOfTurnSettings:
 class Call:
     def __init__(self, deps: CallDeps, output: CallOutput, sample_rate: int,
                  metadata: dict[str, Any] | None = None, call_id: str | None = None,
-                 greet: bool = True) -> None:
+                 resumed: bool = False, keeper: ConversationKeeper | None = None) -> None:
+        """``resumed``: a phone call going on over a new stream (its first was lost): the
+        caller was greeted already, it is no new call in the stats, and its conversation
+        is restored from ``keeper``, which keeps it at every turn's end."""
         self.id = call_id or uuid.uuid4().hex[:12]
-        # False: the caller was greeted already (a phone call resumed on a new stream).
-        self._greets = greet
+        self._resumed = resumed
+        self._keeper = keeper
         self.sample_rate = sample_rate
         self.metadata = metadata or {}
         settings = deps.settings
@@ -265,17 +285,24 @@ class Call:
 
     async def run(self) -> None:
         logs.bind_call_id(self.id)
-        self._stats.call_started()
-        logs.event(log, "call_started", sample_rate=self.sample_rate)
+        if self._resumed:
+            self._stats.call_resumed()
+        else:
+            self._stats.call_started()
+        logs.event(log, "call_started", sample_rate=self.sample_rate, resumed=self._resumed)
         inputs = {"audio": self._audio_loop, "partials": self._partials_loop,
                   "texts": self._text_loop, "keypad": self._keypad_loop}
         if self._settings.idle_prompt_s > 0:
             inputs["idle"] = self._idle_loop
-        loops = [asyncio.create_task(self._supervised(name, loop), name=f"vg-{name}")
-                 for name, loop in inputs.items()]
-        if self._greets and self._settings.greeting.strip():
-            self._greet()
+        loops: list[asyncio.Task[None]] = []
         try:
+            if self._resumed and self._keeper is not None:
+                # Before any turn can reach the agent (the caller's audio buffers meanwhile).
+                await self._restore_conversation(self._keeper)
+            loops.extend(asyncio.create_task(self._supervised(name, loop), name=f"vg-{name}")
+                         for name, loop in inputs.items())
+            if not self._resumed and self._settings.greeting.strip():
+                self._greet()
             await self._stopped.wait()
         finally:
             # Every reply not yet over (the latest, those it waits for, a held one).
@@ -302,12 +329,28 @@ class Call:
             await self._speculation.aclose()
             with contextlib.suppress(Exception):
                 await self._turns.aclose()
+            if self._keeper is not None:
+                if self.ended is None and not self._transferred and self._transferring is None:
+                    # A stream lost mid-turn: what the turn got to is kept too. Not a call
+                    # hung up or transferred by us: it is never resumed.
+                    self._keeper.changed(self.conversation)
+                with contextlib.suppress(Exception):
+                    await self._keeper.aclose()
             self._stats.call_ended()
             logs.event(log, "call_ended", turns=self._turns.turns)
             self._trace.end(**{"voicegate.turns": self.turns_answered,
                                "voicegate.ended_by": self.ended or "caller"})
             if self._recorder is not None:
                 await self._write_recording(self._recorder)
+
+    async def _restore_conversation(self, keeper: ConversationKeeper) -> None:
+        try:
+            restored = await keeper.restore(self.conversation)
+        except Exception:  # a bug in keeping: the call goes on afresh, never down
+            log.exception("conversation_restore_failed")
+            return
+        logs.event(log, "conversation_restored" if restored else "conversation_not_kept",
+                   messages=len(self.conversation.history))
 
     async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Run one of the call's input loops. An exception no stage caught (a bug) loses
@@ -937,6 +980,8 @@ class Call:
             self.turns_answered += 1
         logs.event(log, "turn", **metrics)
         self._trace.turn(tl, metrics)
+        if self._keeper is not None:
+            self._keeper.changed(self.conversation)
         await self._out.send_event({"type": "turn_metrics", **metrics})
 
     async def _barge_in(self, cause: str, speech_at: float | None = None) -> None:
@@ -1161,6 +1206,8 @@ class Call:
     def _greet(self) -> None:
         text = self._settings.greeting.strip()
         self.conversation.add_assistant(text)  # the agent knows it has greeted
+        if self._keeper is not None:
+            self._keeper.changed(self.conversation)  # so does a resumed call's
         tl = self._prompt_turn("greeting")
         self._trace.event("greeting", turn=tl.turn)
         self._start_reply(tl, self._say(tl, lambda turn: self._responder.greeting(turn, text)))

@@ -379,9 +379,13 @@ class TwilioStream:
         # A stream /twilio/stream-ended reconnected after one was lost: the caller was
         # greeted already (and has just heard Twilio's apology).
         resumed = bool(parameters.get(RESUMED_PARAMETER))
+        # Its conversation is kept at every turn's end, for a stream that resumes it; a
+        # resumed one goes on from there (gateway/transports/twilio_context.py).
+        keeper = (self._services.twilio_contexts().keeper(call_id) if call_id is not None
+                  else None)
         call = self._session.start_call(lambda: self._services.new_call(
             output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata), call_id=call_id,
-            greet=not resumed))
+            resumed=resumed, keeper=keeper))
         output.call_id = call.id
         logs.event(log, "twilio_start", call_id=call.id, stream_sid=start.stream_sid)
         if resumed:

@@ -203,30 +203,31 @@ async def twilio_stream_ended(request: Request) -> Response:
     response = VoiceResponse()
     handoff = services.settings.handoff_number
     how = None if status in _CALL_OVER else await services.twilio_ended().ended(call_sid)
+    if how is None and status not in _CALL_OVER and lost < MAX_STREAM_RECONNECTS:
+        logs.event(log, "twilio_stream_lost", logging.WARNING, outcome="resume", **event)
+        resumed = {**forwarded, RESUMED_PARAMETER: str(lost + 1)}
+        return _xml(twiml_connect(url, resumed, stream_ended_url(base, lost + 1),
+                                  say=RESUMED_SAY))
+    # Not resumed: what the call said is kept no longer (twilio_context.py).
+    await services.twilio_contexts().forget(call_sid)
     if how == TRANSFERRED and handoff:
         # The stream ended while the transfer was under way (its REST request may never
         # have landed): the person the caller was promised, whoever asked Twilio last.
         logs.event(log, "twilio_stream_ended", outcome="transfer", **event)
         response.append(dial(handoff))
-        return _xml(str(response))
-    if status in _CALL_OVER or how is not None:
+    elif status in _CALL_OVER or how is not None:
         # Hung up by the gateway, or the caller is gone: nothing to resume.
         logs.event(log, "twilio_stream_ended", outcome="hangup", **event)
         response.hangup()
-        return _xml(str(response))
-    if lost < MAX_STREAM_RECONNECTS:
-        logs.event(log, "twilio_stream_lost", logging.WARNING, outcome="resume", **event)
-        resumed = {**forwarded, RESUMED_PARAMETER: str(lost + 1)}
-        return _xml(twiml_connect(url, resumed, stream_ended_url(base, lost + 1),
-                                  say=RESUMED_SAY))
-    logs.event(log, "twilio_stream_lost", logging.WARNING,
-               outcome="handoff" if handoff else "hangup", **event)
-    if handoff:
-        response.say(HANDOFF_SAY)
-        response.append(dial(handoff))
     else:
-        response.say(GIVE_UP_SAY)
-        response.hangup()
+        logs.event(log, "twilio_stream_lost", logging.WARNING,
+                   outcome="handoff" if handoff else "hangup", **event)
+        if handoff:
+            response.say(HANDOFF_SAY)
+            response.append(dial(handoff))
+        else:
+            response.say(GIVE_UP_SAY)
+            response.hangup()
     return _xml(str(response))
 
 

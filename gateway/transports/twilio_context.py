@@ -1,0 +1,158 @@
+"""What a Twilio call has said so far, kept for the stream that resumes it.
+
+A call whose media stream is lost (its replica killed, the network) goes on over a new
+stream (``/twilio/stream-ended``, gateway/transports/twilio_voice.py), maybe on another
+replica. Without its conversation the agent there would start over, and the caller would
+have to say everything again. So every Twilio call's conversation (``Conversation.snapshot``:
+what the next LLM request would carry) is saved at the end of each of its turns and at its
+end, as ``CallRecords`` of kind "context" (``<prefix>twilio:context:<CallSid>`` in Redis,
+and in memory); the resumed call restores it before its first turn.
+
+Privacy: the record holds what the caller and the agent said. It expires ``CONTEXT_TTL_S``
+after the call's last save, and /twilio/stream-ended deletes it as soon as the call is not
+to be resumed (over, hung up, transferred, handed to a person).
+
+Saving never delays the call: a turn's end snapshots the conversation (JSON, on the loop)
+and one background write per call sends the newest snapshot; a failure is logged and
+counted (``twilio_context_record_failed``) and the call goes on. Restoring waits for
+Redis at most ``REDIS_TIMEOUT_S`` (the caller's first words buffer meanwhile); a record
+that is missing, unreadable or too large leaves the call to start afresh, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Callable
+
+import redis.asyncio as aioredis
+
+from .. import logs
+from ..agent import Conversation
+from ..clock import Clock
+from .call_records import REDIS_TIMEOUT_S, CallRecords
+
+log = logging.getLogger("voicegate.twilio")
+
+# A stream is resumed within seconds of its loss; a turn every few minutes keeps it alive.
+CONTEXT_TTL_S = 600.0
+# Conversations kept in memory: a busy replica's Twilio calls of the last minutes. Each is
+# about the conversation's budget (8,000 characters by default).
+MAX_LOCAL_CONTEXTS = 2_000
+# A record larger than this is not written nor read (a budget set far beyond the default).
+MAX_CONTEXT_BYTES = 256 * 1024
+
+
+class CallContexts:
+    def __init__(self, clock: Clock, redis: aioredis.Redis | None = None, *,
+                 prefix: str = "voicegate:", count_error: Callable[[str], None] | None = None,
+                 ttl_s: float = CONTEXT_TTL_S, max_local: int = MAX_LOCAL_CONTEXTS,
+                 timeout_s: float = REDIS_TIMEOUT_S) -> None:
+        self._records = CallRecords("context", clock, redis, prefix=prefix, ttl_s=ttl_s,
+                                    max_local=max_local, timeout_s=timeout_s,
+                                    count_error=count_error)
+        self._count_error = count_error
+
+    def keeper(self, call_sid: str) -> "ConversationKeeper":
+        return ConversationKeeper(self, call_sid)
+
+    async def save(self, call_sid: str, snapshot: str) -> None:
+        """Record a conversation's snapshot (JSON). Never raises for Redis."""
+        if len(snapshot.encode("utf-8")) > MAX_CONTEXT_BYTES:
+            self._failed("twilio_context_too_large", call_sid,
+                         f"over {MAX_CONTEXT_BYTES} bytes: the last one kept stands")
+            return
+        await self._records.put(call_sid, snapshot)
+
+    async def load(self, call_sid: str) -> list | None:
+        """The call's last snapshot, parsed (any replica's through Redis, newest; this
+        replica's without it), or None: none kept, or unreadable (counted)."""
+        found = await self._records.shared_value(call_sid)
+        if found is None:
+            found = self._records.local(call_sid)
+        if found is None:
+            return None
+        try:
+            if len(found.encode("utf-8")) > MAX_CONTEXT_BYTES:
+                raise ValueError(f"over {MAX_CONTEXT_BYTES} bytes")
+            history = json.loads(found)
+            if not isinstance(history, list):
+                raise ValueError("not a list of messages")
+        except ValueError as exc:
+            self.unreadable(call_sid, str(exc))
+            return None
+        return history
+
+    async def forget(self, call_sid: str) -> None:
+        """The call will not be resumed: its conversation is deleted everywhere."""
+        await self._records.delete(call_sid)
+
+    def unkeepable(self, call_sid: str, why: str) -> None:
+        """A conversation that cannot be written as JSON: the last one kept stands."""
+        self._failed("twilio_context_unkeepable", call_sid, why)
+
+    def unreadable(self, call_sid: str, why: str) -> None:
+        """A kept conversation that cannot be gone on from: the call starts afresh."""
+        self._failed("twilio_context_unreadable", call_sid, why)
+
+    def _failed(self, code: str, call_sid: str, why: str) -> None:
+        if self._count_error is not None:
+            self._count_error(code)
+        logs.event(log, code, logging.WARNING, call_id=call_sid, error=why[:300])
+
+    async def aclose(self) -> None:
+        await self._records.aclose()
+
+
+class ConversationKeeper:
+    """One Twilio call's conversation: restored when the call resumes a lost stream,
+    saved at each turn's end (``changed``) and at the call's end (``aclose``)."""
+
+    def __init__(self, contexts: CallContexts, call_sid: str) -> None:
+        self._contexts = contexts
+        self.call_sid = call_sid
+        self._saved: str | None = None  # the snapshot last written
+        self._pending: str | None = None  # a newer one, waiting for the write under way
+        self._writer: asyncio.Task[None] | None = None
+
+    async def restore(self, conversation: Conversation) -> bool:
+        """Put the call's kept conversation into ``conversation``; False when there is
+        none (the call starts afresh)."""
+        history = await self._contexts.load(self.call_sid)
+        if history is None:
+            return False
+        try:
+            conversation.restore(history)
+        except ValueError as exc:  # another version's record, or damaged
+            self._contexts.unreadable(self.call_sid, str(exc))
+            return False
+        self._saved = json.dumps(conversation.snapshot(), ensure_ascii=False,
+                                 separators=(",", ":"))
+        return True
+
+    def changed(self, conversation: Conversation) -> None:
+        """A turn ended: write the conversation as it now stands, in the background (the
+        newest snapshot only, one write at a time)."""
+        try:
+            snapshot = json.dumps(conversation.snapshot(), ensure_ascii=False,
+                                  separators=(",", ":"))
+        except (TypeError, ValueError) as exc:  # a bug: the turn goes on, unkept
+            self._contexts.unkeepable(self.call_sid, f"{type(exc).__name__}: {exc}")
+            return
+        if snapshot == (self._pending or self._saved):
+            return
+        self._pending = snapshot
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="vg-twilio-context")
+
+    async def _write(self) -> None:
+        while self._pending is not None:
+            snapshot, self._pending = self._pending, None
+            await self._contexts.save(self.call_sid, snapshot)
+            self._saved = snapshot
+
+    async def aclose(self) -> None:
+        """Wait for the last write (each waits for Redis ``REDIS_TIMEOUT_S`` at most)."""
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
