@@ -14,7 +14,9 @@ outage, the agent decides; only when every leg failed otherwise does it raise.
 The stream ends with its winner: a loser's teardown (an HTTP close) still under way
 then goes on without the caller, its outcome retrieved; ``aclose`` waits for what is
 left of them (``CLOSE_TIMEOUT_S`` at most). Before a win every leg is the stream's to
-close, and its end waits.
+close, and its end waits (for the winner's close too); cancelled again meanwhile (a
+barge-in, then the call's teardown), it stops waiting, and those closes go on, left to
+``aclose`` as well: a cancel never cuts a close under way short.
 
 The hedge delay and both timeouts run on a ``Clock`` (gateway/clock.py; the monotonic
 ``SYSTEM_CLOCK`` in production), so a test's ``ManualClock`` decides when they pass.
@@ -220,10 +222,11 @@ class HedgedChat:
                 else:
                     self._fail(leg, str(item), errors)
 
-            self._record_win(winner, legs, t0)
-            # Cancelled now, not awaited: its stream's teardown (an HTTP close) runs while
-            # the winner streams, never before its first token, nor before its end.
+            # Cancelled now (the finally does not cancel them again), not awaited: its
+            # stream's teardown (an HTTP close) runs while the winner streams, never before
+            # its first token, nor before its end.
             _cancel([leg for leg in legs if leg is not winner])
+            self._record_win(winner, legs, t0)
             assert first is not None
             yield first
             while True:
@@ -245,16 +248,32 @@ class HedgedChat:
             # Normal end, error, consumer's aclose() or cancellation (a barge-in): every
             # leg is stopped and its HTTP stream closed. After a win only the winner's
             # close is waited for: the caller has its answer, and the losers' teardowns,
-            # cancelled at the win, are left to ``aclose``.
+            # cancelled at the win (not again: that would cut a close under way short),
+            # are left to ``aclose``.
             timeouts.close()
             if winner is None:
-                await _stop_all(legs)
+                await self._stop(legs)
             else:
                 self._leave_closing([leg for leg in legs if leg is not winner])
-                await _stop_all([winner])
+                await self._stop([winner])
+
+    async def _stop(self, legs: list[_Leg]) -> None:
+        """Cancel ``legs`` and wait for their teardowns (HTTP closes). Cancelled again
+        meanwhile (a barge-in, then the call's teardown), the wait ends, as a cancel asks,
+        but the closes go on, not cut short: left to ``aclose`` as a loser's are."""
+        _cancel(legs)
+        # return_exceptions: a leg's own errors were already reported through the queue.
+        # Shielded: a cancel of this wait would reach the legs, in their closes.
+        waiting = asyncio.gather(*(leg.task for leg in legs if leg.task is not None),
+                                 return_exceptions=True)
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            self._leave_closing(legs)
+            raise
 
     def _leave_closing(self, losers: list[_Leg]) -> None:
-        _cancel(losers)
+        """Hand the teardowns of ``losers`` (already cancelled) to ``aclose``."""
         for leg in losers:
             task = leg.task
             if task is not None and not task.done():
@@ -305,10 +324,3 @@ def _cancel(legs: list[_Leg]) -> None:
     for leg in legs:
         if leg.task is not None:
             leg.task.cancel()  # a no-op on a finished leg
-
-
-async def _stop_all(legs: list[_Leg]) -> None:
-    _cancel(legs)
-    # return_exceptions: a leg's own errors were already reported through the queue.
-    await asyncio.gather(*(leg.task for leg in legs if leg.task is not None),
-                         return_exceptions=True)

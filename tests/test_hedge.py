@@ -493,6 +493,121 @@ async def test_closing_does_not_wait_for_ever_for_a_losers_hanging_teardown(capl
     await hedged.aclose()  # nothing left to wait for
 
 
+class LegWhoseCloseWaits:
+    """A leg whose stream (an SDK's) says ``first`` (if any) and then nothing, ever, and
+    whose close (an HTTP teardown) goes on until the test sets ``release``; a cancel
+    landing in it cuts it short (``cut``), as it would the SDK's response close."""
+
+    def __init__(self, name: str, first: str | None = None,
+                 ends: asyncio.Event | None = None) -> None:
+        self.name = name
+        self.first = first
+        self.ends = ends  # set: the stream ends (after ``first``)
+        self.release = asyncio.Event()
+        self.closing = self.closed = self.cut = 0
+
+    def stream(self, messages, tools=None) -> "LegWhoseCloseWaits":
+        return self
+
+    def __aiter__(self) -> "LegWhoseCloseWaits":
+        return self
+
+    async def __anext__(self) -> LLMChunk:
+        if self.first is not None:
+            first, self.first = self.first, None
+            return LLMChunk(text=first)
+        await (self.ends or asyncio.Event()).wait()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self.closing += 1
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cut += 1
+            raise
+        self.closed += 1
+
+
+def llm_tasks() -> list[asyncio.Task]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("llm-")]
+
+
+@pytest.mark.parametrize("won", [False, True], ids=["before-a-win", "after-a-win"])
+async def test_a_second_cancel_as_the_legs_close_leaves_their_closes_to_aclose(won):
+    """A barge-in cancels the reply, so the hedged stream, whose end cancels its legs and
+    waits for their HTTP closes; the call's teardown cancels it again meanwhile. That
+    second cancel went through the wait (a gather) to the legs and cut their closes short:
+    the SDK's response close interrupted, the connection never given back, nothing left
+    for HedgedChat.aclose to wait for. The stream's end now gives up its wait, as a cancel
+    asks, but not the closes: they go on and aclose waits for them, as for a loser's."""
+    primary = LegWhoseCloseWaits("primary", first="Hello." if won else None)
+    secondary = LegWhoseCloseWaits("secondary")
+    hedged = HedgedChat(primary, secondary, hedge_delay_s=0.0,  # type: ignore[arg-type]
+                        clock=ManualClock())
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict] = []
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in hedged.stream(MESSAGES):
+            got.append(chunk.text)
+
+    try:
+        reply = asyncio.create_task(consume())
+        assert await until(lambda: len(llm_tasks()) == 2)
+        if won:
+            assert await until(lambda: got == ["Hello."] and secondary.closing == 1)
+        await spin(10)  # every leg waits for its next token
+        reply.cancel()  # the barge-in: the legs close (the loser already did, after a win)
+        assert await until(lambda: primary.closing == 1 and secondary.closing == 1)
+        await spin(10)
+        assert not reply.done()  # the stream's end waits for the closes
+        reply.cancel()  # the call's teardown
+        assert await until(reply.done) and reply.cancelled()  # a cancel stays a cancel
+        assert primary.cut == 0 and secondary.cut == 0  # the closes go on
+        assert len(llm_tasks()) == 2 and not [t for t in llm_tasks() if t.done()]
+        closing = asyncio.ensure_future(hedged.aclose())  # the call's end waits for them
+        await spin(20)
+        assert not closing.done()
+        primary.release.set()
+        secondary.release.set()
+        assert await until(closing.done) and closing.exception() is None
+        assert (primary.closed, secondary.closed) == (1, 1) and not llm_tasks()
+        assert not hedged._closing
+        del reply, closing
+        gc.collect()
+        assert unhandled == [], unhandled
+    finally:
+        loop.set_exception_handler(handler)
+
+
+async def test_a_losers_close_under_way_as_the_stream_ends_is_not_cut_short():
+    """A loser is cancelled at the win and closes its HTTP stream while the winner speaks.
+    When the winner ended before that close did, the stream's end cancelled the loser once
+    more (handing it to aclose), which cut the close under way short: only a loser that
+    had not run since the win (the winner's whole answer already queued) escaped."""
+    ends = asyncio.Event()
+    primary = LegWhoseCloseWaits("primary", first="Hello.", ends=ends)
+    secondary = LegWhoseCloseWaits("secondary")
+    primary.release.set()  # the winner's own close is quick
+    hedged = HedgedChat(primary, secondary, hedge_delay_s=0.0,  # type: ignore[arg-type]
+                        clock=ManualClock())
+    answer = asyncio.ensure_future(collect(hedged))
+    assert await until(lambda: secondary.closing == 1)  # the loser's close under way
+    ends.set()  # then the winner ends
+    assert await until(answer.done) and answer.result() == "Hello."
+    assert primary.closed == 1 and secondary.cut == 0 and secondary.closed == 0
+    closing = asyncio.ensure_future(hedged.aclose())
+    await spin(20)
+    assert not closing.done()
+    secondary.release.set()
+    assert await until(closing.done) and closing.exception() is None
+    assert secondary.closed == 1 and not llm_tasks() and not hedged._closing
+
+
 async def test_an_adaptive_delay_is_timed_on_the_clock_too():
     primary = ScriptedLeg("primary", None)
     secondary = ScriptedLeg("secondary", "Hi.")
