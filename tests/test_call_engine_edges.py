@@ -709,6 +709,26 @@ async def test_a_typed_message_stopped_before_it_was_routed_leaves_the_next_one_
     assert route["reused"] is True, route
 
 
+async def test_a_typed_partial_after_a_spoken_turn_starts_an_utterance_of_its_own():
+    # A typed message left without its final (the caller spoke instead) left _typing set:
+    # only a typed final cleared it. The next typed partial, after a spoken turn stopped
+    # before its final was routed (the caller typed on at once), joined the spoken
+    # utterance, whose settled hit skipped every partial of the typed message.
+    h = CallHarness(faqs={"opening hours": "hours", "lost card": "card"}, decode_s=0.5,
+                    settings={"route_step_words": 1, "route_settle_after": 2})
+    await h.start()
+    await h.text("hello there", final=False)  # never finished: the caller speaks instead
+    await h.say("opening hours please", then_silence_ms=400)  # the turn ended; decoding
+    assert h.call._speculation.settled and not h.output.of("route")
+    for partial in ("about my", "about my lost", "about my lost card"):
+        await h.text(partial, final=False)
+    await h.text("about my lost card")
+    await h.wait(500)
+    await h.stop()
+    partials = [text for text, urgent in h.router.calls if not urgent]
+    assert partials[-3:] == ["about my", "about my lost", "about my lost card"], h.router.calls
+
+
 def counts(metrics: dict[str, Any]) -> tuple[int, int, int]:
     return (metrics["partials_routed"], metrics["partials_skipped"], metrics["partials_shed"])
 

@@ -151,9 +151,10 @@ class Call:
         self._pending16k = bytearray()
         # Text turns wait here until the call runs: a text sent right after `start` counts.
         self._texts: asyncio.Queue[tuple[str, bool]] = asyncio.Queue(settings.max_queued_texts)
-        # A typed message is under way (partials since the last typed final): its first
-        # partial started an utterance, as speech does (a turn stopped before its final
-        # was routed would otherwise leave its settled hit to the next message).
+        # A typed message is under way (partials since the last typed final, or since the
+        # caller began to speak, which leaves it unfinished): its first partial started an
+        # utterance, as speech does (a turn stopped before its final was routed would
+        # otherwise leave its settled hit to the next message).
         self._typing = False
 
         self._turns = TurnDetector(
@@ -453,6 +454,9 @@ class Call:
                     if isinstance(signal, SpeechStarted):
                         self._caller_active()
                         self._speculation.new_utterance()
+                        # A typed message the caller left unfinished to speak ends here:
+                        # the next typed partial starts an utterance of its own.
+                        self._typing = False
                         if self.replying and self._held is None:
                             await self._barge_in("speech", signal.speech_at)
                     elif isinstance(signal, SpeechPaused):
