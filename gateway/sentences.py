@@ -15,26 +15,11 @@ import re
 _ABBREVIATIONS = frozenset({
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "inc", "ltd",
     "co", "approx", "dept", "apt", "ave", "mt", "jan", "feb", "mar", "apr", "jun", "jul",
-    "aug", "sep", "sept", "oct", "nov", "dec", "u.s",
+    "aug", "sep", "sept", "oct", "nov", "dec",
 })
 # Abbreviations only before a number ("No. 5"); else the word itself ends the sentence
 # ("No. We're closed on Sundays.": held as an abbreviation, the first piece waited).
 _NUMBER_ABBREVIATIONS = frozenset({"no"})
-# "a.m." / "p.m." end a sentence when a capitalized word follows ("We open at 9 a.m. Our
-# branch ..."), unless that word goes on with the time: a day, a month or a time zone
-# ("9 a.m. Monday to Friday", "5 p.m. Eastern"). "May" is left out: an agent's "May I
-# help ..." opens a sentence far more often than a time is followed by its date.
-_TIME_ABBREVIATIONS = frozenset({"a.m", "p.m"})
-_TIME_CONTINUATIONS = frozenset({
-    "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
-    "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",
-    "january", "february", "march", "april", "june", "july", "august", "september",
-    "october", "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug",
-    "sep", "sept", "oct", "nov", "dec",
-    "eastern", "central", "mountain", "pacific", "atlantic", "alaska", "hawaii", "et", "ct",
-    "mt", "pt", "est", "edt", "cst", "cdt", "mst", "mdt", "pst", "pdt", "gmt", "utc", "bst",
-    "cet", "cest",
-})
 # A capital letter and a period is an initial ("J. Smith", "John F. Kennedy": a name
 # split there is read "Jay." and a pause), unless one of these words follows: a pronoun or
 # an opener no surname is ("Choose plan B. It costs less."). Names in a bank's answers
@@ -44,6 +29,19 @@ _SENTENCE_OPENERS = frozenset({
     "we", "our", "i", "they", "their", "he", "she", "please", "thanks", "thank", "if",
     "but", "and", "also", "then", "would", "could", "should", "let", "yes", "what",
     "which", "when", "how", "anything", "is", "are",
+})
+# A dotted abbreviation ("U.S.", "U.K.", "Ph.D.", "a.m.", "p.m.") ends a sentence when a
+# capitalized opener follows ("We only ship within the U.S. Do you ...", "We open at 9 a.m.
+# Our branch ..."), and only then: another capitalized word goes on with it far more often,
+# a name or the time's place, day, month or zone ("U.S. Bank", "9 a.m. New York time",
+# "9 a.m. Monday", "5 p.m. Eastern"). A wrong cut only costs the prosody, a missed one
+# delays the audio, so the openers here are more than the initials' (a surname can be "Do"
+# or "An", no name goes on after "U.S."): auxiliaries, question words, determiners. "May"
+# is left out ("9 a.m. May 5"). "e.g." and "i.e." (_ABBREVIATIONS) never end one: an
+# example follows them, capitalized or not.
+_DOTTED_OPENERS = _SENTENCE_OPENERS | frozenset({
+    "do", "does", "did", "can", "will", "was", "were", "has", "have", "my", "a", "an",
+    "who", "where", "why", "so", "no", "for", "to", "after", "before", "however",
 })
 # What follows a period: the next word's letters (quotes or markdown before it skipped;
 # "It's" gives "It", "Mon-Fri" "Mon"), and a period after them (an initial: "B. J. Smith").
@@ -157,13 +155,13 @@ class SentenceChunker:
             start -= 1
         raw = buf[start:i].lstrip("(\"'“‘")
         word = raw.lower()
-        if word in _TIME_ABBREVIATIONS:
+        if word in _ABBREVIATIONS:
+            return True
+        if _DOTTED.fullmatch(word):
             after = _next_word(buf, end)
             if after is None:
                 return None
-            return not (after[:1].isupper() and after.lower() not in _TIME_CONTINUATIONS)
-        if word in _ABBREVIATIONS or _DOTTED.fullmatch(word):
-            return True
+            return not (after[:1].isupper() and after.lower() in _DOTTED_OPENERS)
         if word in _NUMBER_ABBREVIATIONS:
             rest = buf[end:].lstrip()
             return rest[0].isdigit() if rest else None

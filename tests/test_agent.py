@@ -685,6 +685,21 @@ def test_dotted_abbreviations_do_not_end_a_sentence(text):
 
 
 @pytest.mark.parametrize("tokens", ["word", "char"])
+def test_a_dotted_abbreviation_ends_a_sentence_before_an_opener_not_before_a_name(tokens):
+    """"U.S." never ended a sentence: "We only ship within the U.S. Do you ..." was one
+    piece, the caller waiting for the question to be written too. And "a.m." ended one
+    before any capitalized word but a day, a month or a zone: "9 a.m." was cut from its
+    "New York time". An opener after a dotted abbreviation ends the sentence, a name
+    goes on with it."""
+    text = ("We only ship within the U.S. Do you need anything else? "
+            "We open at 9 a.m. New York time.")
+    as_fed = chunk_as_fed(text, tokens)
+    assert [piece for _, piece in as_fed] == [
+        "We only ship within the U.S.", "Do you need anything else?",
+        "We open at 9 a.m. New York time."], as_fed
+    assert as_fed[0][0].rstrip() == "We only ship within the U.S. Do"  # out once "Do" came
+
+@pytest.mark.parametrize("tokens", ["word", "char"])
 def test_no_ends_a_sentence_unless_a_number_follows(tokens):
     """"No." was always an abbreviation ("No. 5"): an answer opening "No. We're closed on
     Sundays." held its first piece to the next sentence's end, and the caller waited for
