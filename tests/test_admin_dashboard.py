@@ -282,3 +282,56 @@ def test_an_api_that_is_not_ready_is_shown_not_hidden(browser, dashboard_server,
     wait_loaded(browser)
     wait.until(visible.invisibility_of_element_located((By.ID, "load-error")))
     assert browser.find_element(By.ID, "dashboard").is_displayed()
+
+
+# The page's network and timers, held by the test: each fetch answers when the test says so,
+# and each setTimeout runs when the test ticks (no server, no wall-clock wait).
+HELD_PAGE = """
+window.__fetches = [];
+window.__timers = new Map();
+let nextTimer = 1;
+window.fetch = (path) => new Promise((resolve) => window.__fetches.push({path, answer: () =>
+  resolve({status: 200, ok: true, json: async () => (String(path).includes("misses")
+                                                      ? {groups: []} : {})})}));
+const realSetTimeout = window.setTimeout;  // a task after every answer's promises ran
+window.__settle = (done) => realSetTimeout(done, 0);
+window.setTimeout = (fn) => { window.__timers.set(nextTimer, fn); return nextTimer++; };
+window.clearTimeout = (id) => { window.__timers.delete(id); };
+"""
+
+
+def test_entering_the_token_again_keeps_one_refresh_loop(browser):
+    # The token form (shown after a 401, e.g. a promote's) started a refresh loop per submit:
+    # one entered while a refresh was still waiting for its answer ran beside it, and the
+    # page polled twice as often, and once more per submit. It restarts the one loop.
+    from selenium.webdriver.common.by import By
+
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                                     {"source": HELD_PAGE})["identifier"]
+    try:
+        page = Path(__file__).parents[1] / "gateway" / "admin" / "static" / "dashboard.html"
+        browser.get(page.as_uri())
+        browser.execute_script("sessionStorage.clear()")
+        browser.get(page.as_uri())
+        for _ in range(2):  # the first refresh still waits for its answer
+            browser.find_element(By.ID, "token-input").send_keys(TOKEN)
+            browser.find_element(By.ID, "token-submit").click()
+
+        def answer_all_then_tick() -> list[str]:
+            """Answer every request, let the page go on, run its timers: the paths asked."""
+            browser.execute_async_script("""
+                const done = arguments[0];
+                window.__fetches.splice(0).forEach((f) => f.answer());
+                window.__settle(done);""")
+            return browser.execute_script("""
+                const due = [...window.__timers.values()];
+                window.__timers.clear();
+                due.forEach((fn) => fn());
+                return window.__fetches.map((f) => f.path);""")
+
+        assert sorted(answer_all_then_tick()) == ["/admin/misses?limit=10", "/admin/stats"]
+        assert browser.find_element(By.ID, "dashboard").is_displayed()
+        assert sorted(answer_all_then_tick()) == ["/admin/misses?limit=10", "/admin/stats"]
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
+                                {"identifier": script})
