@@ -255,7 +255,9 @@ async def test_a_transferred_call_is_not_resumed_and_a_failed_transfer_is(plain)
                           handoff_number=NUMBER, ended=services.twilio_ended())
     assert await out.transfer("handoff") is True
     assert ok.ended_meanwhile == "transfer"  # recorded before the request went out
-    assert is_hangup((await post(plain, "/twilio/stream-ended?lost=0")).text)
+    # Not resumed where the number can be dialled (test_a_stream_lost_while_its_transfer_...);
+    # here, without one, the bot takes it back (test_a_transfer_this_replica_cannot_dial_...).
+    assert await services.twilio_ended().ended(CALL_SID) == "transfer"
 
     failing_sid = "CA" + "fa" * 16
     out = PhoneCallOutput(control=FailingRestApi(), account_sid="AC1", call_sid=failing_sid,
@@ -290,6 +292,15 @@ async def test_a_stream_lost_while_its_transfer_is_under_way_is_put_through(with
         await transfer
     again = await post(with_handoff, "/twilio/stream-ended?lost=1", sign=True)
     assert [v.tag for v in verbs(again.text)] == ["Dial"]
+
+
+async def test_a_transfer_this_replica_cannot_dial_is_resumed_not_hung_up(plain):
+    # Another replica (with a handoff number) was transferring the call when it died; this
+    # one, configured without a number, gets Twilio's request. Hanging up would drop the
+    # caller: the bot takes the call back instead (and can hand it off no further).
+    await plain.state.services.twilio_ended().mark(CALL_SID, "transfer")
+    reply = await post(plain, "/twilio/stream-ended?lost=0")
+    assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"]
 
 
 async def test_the_local_record_expires_and_stays_bounded():

@@ -203,6 +203,12 @@ async def twilio_stream_ended(request: Request) -> Response:
     response = VoiceResponse()
     handoff = services.settings.handoff_number
     how = None if status in _CALL_OVER else await services.twilio_ended().ended(call_sid)
+    if how == TRANSFERRED and not handoff:
+        # Another replica was putting it through; this one has no number to dial (their
+        # settings differ): the bot takes the call back rather than hang up on the caller.
+        logs.event(log, "twilio_transfer_not_dialled", logging.WARNING, **event,
+                   hint="set VOICEGATE_HANDOFF_NUMBER alike on every replica")
+        how = None
     if how is None and status not in _CALL_OVER and lost < MAX_STREAM_RECONNECTS:
         logs.event(log, "twilio_stream_lost", logging.WARNING, outcome="resume", **event)
         resumed = {**forwarded, RESUMED_PARAMETER: str(lost + 1)}
