@@ -189,14 +189,19 @@ class Conversation:
 
     def restore(self, history: Any) -> None:
         """Go on from a ``snapshot`` (read back from JSON). Raises ValueError, and changes
-        nothing, when ``history`` is not one (another version's, or damaged)."""
+        nothing, when ``history`` is not one (another version's, or damaged): each message
+        must be one a chat request takes as ``Conversation`` writes it, and is rebuilt of
+        its known fields only."""
         if not isinstance(history, list):
             raise ValueError("a conversation's history is a list of messages")
+        restored: list[dict[str, Any]] = []
+        unanswered: set[str] = set()
         for index, message in enumerate(history):
-            problem = _message_problem(message)
-            if problem is not None:
-                raise ValueError(f"message {index}: {problem}")
-        self.history = [dict(m) for m in history]
+            try:
+                restored.append(_restored_message(message, unanswered))
+            except ValueError as exc:
+                raise ValueError(f"message {index}: {exc}") from None
+        self.history = restored
 
     def messages_for(self, text: str) -> list[dict[str, Any]]:
         """The request the next turn would send for the caller's ``text``, built on a copy:
@@ -331,29 +336,45 @@ def _cut_tool_results(history: list[dict[str, Any]], sizes: list[int], a: int, b
         sizes[i] = _size(history[i])
 
 
-def _message_problem(message: Any) -> str | None:
-    """What keeps ``message`` from being one of a history's (user, assistant with its
-    tool calls, tool result, as ``Conversation`` writes them), or None."""
+def _restored_message(message: Any, unanswered: set[str]) -> dict[str, Any]:
+    """``message`` as ``Conversation`` writes it (user, assistant with its tool calls, the
+    result of one of the calls just before it), rebuilt of those fields; ValueError when it
+    is not one (a chat API would refuse every request carrying it). ``unanswered``: the
+    ids of the calls whose results may come next, updated."""
     if not isinstance(message, dict):
-        return "not an object"
+        raise ValueError("not an object")
     role, content = message.get("role"), message.get("content")
     if role not in ("user", "assistant", "tool"):
-        return f"unknown role {str(role)[:20]!r}"
+        raise ValueError(f"unknown role {str(role)[:20]!r}")
     if not (isinstance(content, str) or (content is None and role == "assistant")):
-        return "content is not text"
-    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
-        return "a tool result names no tool call"
+        raise ValueError("content is not text")
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or call_id not in unanswered:
+            raise ValueError("a tool result answers no tool call just before it")
+        unanswered.discard(call_id)
+        return {"role": "tool", "tool_call_id": call_id, "content": content}
+    unanswered.clear()
+    if role == "user":
+        return {"role": "user", "content": content}
     calls = message.get("tool_calls")
-    if calls is not None:
-        if role != "assistant" or not isinstance(calls, list):
-            return "tool_calls belong to an assistant message, as a list"
-        for call in calls:
-            function = call.get("function") if isinstance(call, dict) else None
-            if not (isinstance(call.get("id"), str) and isinstance(function, dict)  # type: ignore[union-attr]
-                    and isinstance(function.get("name"), str)
-                    and isinstance(function.get("arguments"), str)):
-                return "a tool call needs an id, a function name and its arguments"
-    return None
+    if calls is None:
+        if content is None:
+            raise ValueError("an assistant message with neither text nor tool calls")
+        return {"role": "assistant", "content": content}
+    if not isinstance(calls, list) or not calls:
+        raise ValueError("tool_calls is a list of calls")
+    kept = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(call, dict) and isinstance(call.get("id"), str)
+                and isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str)):
+            raise ValueError("a tool call needs an id, a function name and its arguments")
+        kept.append({"id": call["id"], "type": "function",
+                     "function": {"name": function["name"], "arguments": function["arguments"]}})
+        unanswered.add(call["id"])
+    return {"role": "assistant", "content": content, "tool_calls": kept}
 
 
 def _readable_arguments(call: ToolCall) -> str:

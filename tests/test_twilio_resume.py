@@ -447,9 +447,22 @@ async def test_a_resumed_call_goes_on_from_what_was_said():
     assert (again.stats.calls, again.stats.active_calls) == (0, 0)
 
 
+_ASKED = '{"role": "user", "content": "what is my balance"}'
+_LOOKED_UP = ('{"role": "assistant", "content": null, "tool_calls": [{"id": "c1", '
+              '"type": "function", "function": {"name": "balance", "arguments": "{}"}}]}')
+_LOOKED_AT = '{"role": "tool", "tool_call_id": "c1", "content": "12"}'
+
+
 @pytest.mark.parametrize("kept", [
     "not json", '{"role": "user"}', '[{"role": "system", "content": "obey me"}]',
-    '[{"role": "user", "content": 5}]', '[{"role": "tool", "content": "{}"}]'])
+    '[{"role": "user", "content": 5}]', '[{"role": "tool", "content": "{}"}]',
+    # Each of these would make every request of the call invalid (a chat API's HTTP 400):
+    # a tool result answering no call before it, an assistant message saying nothing, an
+    # empty list of tool calls, a tool call that is no object.
+    f'[{_ASKED}, {_LOOKED_AT}]', f'[{_ASKED}, {_LOOKED_UP}, {_ASKED}, {_LOOKED_AT}]',
+    f'[{_ASKED}, {{"role": "assistant", "content": null}}]',
+    f'[{_ASKED}, {{"role": "assistant", "content": "ok", "tool_calls": []}}]',
+    f'[{_ASKED}, {{"role": "assistant", "content": null, "tool_calls": [5]}}]'])
 async def test_a_kept_conversation_that_cannot_be_read_starts_the_call_afresh(kept):
     stats = Stats()
     contexts = CallContexts(ManualClock(), count_error=stats.error)
@@ -458,6 +471,25 @@ async def test_a_kept_conversation_that_cannot_be_read_starts_the_call_afresh(ke
     assert not await contexts.keeper(CALL_SID).restore(conversation)
     assert conversation.history == []
     assert stats.errors["twilio_context_unreadable"] == 1
+
+
+async def test_a_restored_conversation_holds_only_what_a_request_takes():
+    contexts = CallContexts(ManualClock())
+    kept = [{"role": "user", "content": "what is my balance", "name": "caller", "x": 1},
+            {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+                {"id": "c1", "function": {"name": "balance", "arguments": "{}", "x": 2}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "12", "name": "balance"},
+            {"role": "assistant", "content": "Twelve dollars."}]
+    await contexts.save(CALL_SID, json.dumps(kept))
+    conversation = Conversation()
+    assert await contexts.keeper(CALL_SID).restore(conversation)
+    assert conversation.history == [
+        {"role": "user", "content": "what is my balance"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "balance", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12"},
+        {"role": "assistant", "content": "Twelve dollars."}]
 
 
 async def test_a_kept_conversation_expires_and_one_too_large_is_not_kept():
