@@ -492,6 +492,21 @@ async def test_a_restored_conversation_holds_only_what_a_request_takes():
         {"role": "assistant", "content": "Twelve dollars."}]
 
 
+async def test_a_save_under_way_as_the_call_is_forgotten_does_not_bring_it_back():
+    contexts = CallContexts(ManualClock())
+    keeper = contexts.keeper(CALL_SID)
+    conversation = Conversation()
+    conversation.add_user("my card number is 4111 1111")
+    keeper.changed(conversation)  # the call's last turn ended: its write is under way
+    await contexts.forget(CALL_SID)  # /twilio/stream-ended meanwhile: the call is over
+    await keeper.aclose()  # the write lands after the delete
+    assert await contexts.load(CALL_SID) is None
+    conversation.add_assistant("Thanks.")  # the call's end, on a stream lost mid-turn
+    keeper.changed(conversation)
+    await keeper.aclose()
+    assert await contexts.load(CALL_SID) is None
+
+
 async def test_a_kept_conversation_expires_and_one_too_large_is_not_kept():
     stats, clock = Stats(), ManualClock()
     contexts = CallContexts(clock, count_error=stats.error)
@@ -513,10 +528,32 @@ async def test_what_was_said_reaches_another_replica_until_the_call_is_over(repl
     try:
         assert 0 < client.ttl(key) <= CONTEXT_TTL_S
         assert await b.state.services.twilio_contexts().load(CALL_SID) == said
-        # A lost stream is resumed: kept. The call is over: deleted everywhere.
+        # A lost stream is resumed: kept. The call is over: deleted everywhere (an empty
+        # tombstone stays until it expires).
         await post(b, "/twilio/stream-ended?lost=0")
         assert client.exists(key)
         await post(b, "/twilio/stream-ended?lost=1", {**FORM, "CallStatus": "completed"})
-        assert not client.exists(key)
+        assert client.get(key) in (None, b"")
+        assert await a.state.services.twilio_contexts().load(CALL_SID) is None
+    finally:
+        client.close()
+
+
+async def test_a_save_landing_after_another_replica_forgot_the_call_is_dropped(replicas,
+                                                                               prefix):
+    """The call's replica (a) writes its last snapshot as Twilio's request that ends the
+    call reaches another (b): written after the delete, it must not bring the record back."""
+    a, b = replicas
+    said = json.dumps([{"role": "user", "content": "what is my balance"}])
+    await a.state.services.twilio_contexts().save(CALL_SID, said)
+    await post(b, "/twilio/stream-ended?lost=0", {**FORM, "CallStatus": "completed"})
+    await a.state.services.twilio_contexts().save(CALL_SID, said)  # a's last, late
+    key = f"{prefix}twilio:context:{CALL_SID}"
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert client.get(key) in (None, b"")
+        assert 0 < client.ttl(key) <= CONTEXT_TTL_S
+        for app in (a, b):
+            assert await app.state.services.twilio_contexts().load(CALL_SID) is None
     finally:
         client.close()

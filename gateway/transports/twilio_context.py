@@ -10,7 +10,10 @@ and in memory); the resumed call restores it before its first turn.
 
 Privacy: the record holds what the caller and the agent said. It expires ``CONTEXT_TTL_S``
 after the call's last save, and /twilio/stream-ended deletes it as soon as the call is not
-to be resumed (over, hung up, transferred, handed to a person).
+to be resumed (over, hung up, transferred, handed to a person): for good, so a save still
+under way then (the call's last, on whichever replica it ran) does not write it again
+(``CallRecords`` tombstones). Only the memory of a replica other than the one deleting it
+keeps its copy until it expires.
 
 Saving never delays the call: a turn's end snapshots the conversation (JSON, on the loop)
 and one background write per call sends the newest snapshot; a failure is logged and
@@ -51,7 +54,7 @@ class CallContexts:
                  timeout_s: float = REDIS_TIMEOUT_S) -> None:
         self._records = CallRecords("context", clock, redis, prefix=prefix, ttl_s=ttl_s,
                                     max_local=max_local, timeout_s=timeout_s,
-                                    count_error=count_error)
+                                    count_error=count_error, tombstones=True)
         self._count_error = count_error
 
     def keeper(self, call_sid: str) -> "ConversationKeeper":
@@ -85,7 +88,9 @@ class CallContexts:
         return history
 
     async def forget(self, call_sid: str) -> None:
-        """The call will not be resumed: its conversation is deleted everywhere."""
+        """The call will not be resumed: its conversation is deleted from Redis and from
+        this replica's memory, for good (a save still under way does not bring it back).
+        A copy in another replica's memory (the one the call ran on) expires with its TTL."""
         await self._records.delete(call_sid)
 
     def unkeepable(self, call_sid: str, why: str) -> None:
