@@ -507,6 +507,41 @@ async def test_a_save_under_way_as_the_call_is_forgotten_does_not_bring_it_back(
     assert await contexts.load(CALL_SID) is None
 
 
+@pytest.mark.parametrize("restore", ["cancelled", "lookup_failed"])
+async def test_a_resumed_call_that_did_not_restore_leaves_what_was_said_kept(restore):
+    """The resumed stream ends before the call restored anything (cancelled while Redis
+    stalls: the replica shuts down; or its lookup failed, and no turn followed): the
+    record stands for the stream that resumes the call next, not an empty one."""
+    contexts = CallContexts(ManualClock())
+    said = [{"role": "user", "content": "what is my balance"},
+            {"role": "assistant", "content": "Twelve dollars."}]
+    await contexts.save(CALL_SID, json.dumps(said))
+    load, reading = contexts.load, asyncio.Event()
+
+    async def unanswered_load(call_sid: str) -> list | None:
+        reading.set()
+        if restore == "cancelled":
+            await asyncio.Event().wait()  # Redis stalled
+        return None  # Redis failed (the record is there all the same)
+
+    contexts.load = unanswered_load  # type: ignore[method-assign]
+    h = CallHarness(settings={"idle_prompt_s": 0})
+    h.call = Call(h.deps, h.output, RATE, call_id=CALL_SID, resumed=True,
+                  keeper=contexts.keeper(CALL_SID))
+    await h.start()
+    assert reading.is_set()
+    if restore == "cancelled":
+        assert h._task is not None
+        h._task.cancel()
+        await asyncio.gather(h._task, return_exceptions=True)
+    else:
+        await h.stop()
+    contexts.load = load  # type: ignore[method-assign]
+    assert await contexts.load(CALL_SID) == said
+    assert (h.stats.calls, h.stats.active_calls) == (0, 0)
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "vg-twilio-context"]
+
+
 async def test_a_kept_conversation_expires_and_one_too_large_is_not_kept():
     stats, clock = Stats(), ManualClock()
     contexts = CallContexts(clock, count_error=stats.error)

@@ -112,7 +112,8 @@ class CallContexts:
 
 class ConversationKeeper:
     """One Twilio call's conversation: restored when the call resumes a lost stream,
-    saved at each turn's end (``changed``) and at the call's end (``aclose``)."""
+    saved at each turn's end and as the call ends (``changed``); ``aclose`` waits for the
+    last write."""
 
     def __init__(self, contexts: CallContexts, call_sid: str) -> None:
         self._contexts = contexts
@@ -146,6 +147,10 @@ class ConversationKeeper:
             self._contexts.unkeepable(self.call_sid, f"{type(exc).__name__}: {exc}")
             return
         if snapshot == (self._pending or self._saved):
+            return
+        if snapshot == "[]" and self._pending is None and self._saved is None:
+            # Nothing to go on from, and nothing kept by this call: a resumed call stopped
+            # before its restore ended must not overwrite what it was to restore.
             return
         self._pending = snapshot
         if self._writer is None or self._writer.done():
