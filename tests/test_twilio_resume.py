@@ -15,6 +15,7 @@ milliseconds. Redis: the suite's database (tests/test_redis.py), a key prefix pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from types import SimpleNamespace
@@ -540,6 +541,36 @@ async def test_a_resumed_call_that_did_not_restore_leaves_what_was_said_kept(res
     assert await contexts.load(CALL_SID) == said
     assert (h.stats.calls, h.stats.active_calls) == (0, 0)
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "vg-twilio-context"]
+
+
+class CancelDroppingRedis:
+    """A Redis whose GET stalls, and whose client drops a cancel as redis-py's send can
+    on Python 3.11 (its ``asyncio.wait_for``, gateway/redis_link.py ``honour_cancel``): the
+    lookup just answers nothing."""
+
+    async def get(self, key: str) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_resumed_call_cancelled_as_it_restores_ends_though_redis_drops_the_cancel():
+    contexts = CallContexts(ManualClock(), CancelDroppingRedis())  # type: ignore[arg-type]
+    h = CallHarness(settings={"idle_prompt_s": 0})
+    h.call = Call(h.deps, h.output, RATE, call_id=CALL_SID, resumed=True,
+                  keeper=contexts.keeper(CALL_SID))
+    await h.start()
+    assert h._task is not None
+    h._task.cancel()  # the replica shuts down
+    await h.clock.settle()
+    try:
+        assert h._task.done()
+        assert h.stats.active_calls == 0
+    finally:
+        h.call.stop()
+        await asyncio.gather(h._task, return_exceptions=True)
 
 
 async def test_a_kept_conversation_expires_and_one_too_large_is_not_kept():

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from .. import logs
 from ..agent import Conversation
 from ..clock import Clock
+from ..redis_link import honour_cancel
 from .call_records import REDIS_TIMEOUT_S, CallRecords
 
 log = logging.getLogger("voicegate.twilio")
@@ -126,6 +127,9 @@ class ConversationKeeper:
         """Put the call's kept conversation into ``conversation``; False when there is
         none (the call starts afresh)."""
         history = await self._contexts.load(self.call_sid)
+        # Redis's send can swallow a cancel (redis_link.honour_cancel): the call cancelled
+        # meanwhile must stop, not start its loops and wait for a stop that never comes.
+        honour_cancel()
         if history is None:
             return False
         try:
