@@ -92,7 +92,10 @@ class Playout:
     async def _wait_if_held(self) -> None:
         if self._open.is_set() and self._replayed == self._holds:
             return
-        await self._open.wait()
+        # Held again before this task woke from the resume (a barge-in in the loop
+        # iteration the reply resumed): Event.wait() returns all the same, so look again.
+        while not self._open.is_set():
+            await self._open.wait()
         self._replayed = self._holds
         # The client dropped what it had not played: from the heard frame on, what was
         # sent goes back in front of what is pending, and is sent again at its time.

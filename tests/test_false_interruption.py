@@ -6,7 +6,10 @@ import asyncio
 
 import pytest
 
-from tests.call_harness import CallHarness, frame_numbers, tone, voice_that_fails_on_cue
+from gateway.call import Call
+from gateway.clock import ManualClock
+from tests.call_harness import (RATE, CallHarness, RecordingOutput, frame_number, frame_numbers,
+                                tone, voice_that_fails_on_cue)
 
 NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
 
@@ -147,3 +150,46 @@ async def test_a_reply_that_failed_while_held_is_resumed_into_its_apology(held):
     assert resume["turn"] == interrupt["turn"] and resume["from_ms"] == interrupt["heard_ms"]
     expected = 2 if held == "the reply behind it" else 1
     assert h.stats.snapshot()["errors"]["false_interruption"] == expected
+
+
+async def test_no_frame_of_a_resumed_answer_leaves_after_a_barge_in_as_it_resumes():
+    # A cough holds a cached answer; its final holds no words, so the answer resumes, and
+    # in that very loop iteration (before the answer's task has run again) the caller
+    # types: the answer is stopped, the client told to drop its audio. The answer, woken
+    # by the resume, went on as if still open and sent its frames after that interrupt.
+    h = CallHarness(faqs={"opening hours": "hours"}, decode_s=0.5)
+    h.output = _OrderedOutput(h.clock)
+    h.call = Call(h.deps, h.output, RATE, call_id="test-call")
+    await h.start()
+    await h.say("what are your opening hours", then_silence_ms=300)
+    await h.wait(800)  # the answer plays (numbered frames, 1 s)
+    await h.feed(tone(450, NOISE))  # held
+    assert h.call._held is not None
+    await h.silence(360)  # the cough's turn ends; its final decodes (0.5 s)
+    (final,) = [f for f in h.call._finals if not f.done()]
+    # The text is taken in the iteration after the final's done callbacks: the settler
+    # resumes the answer in it, then the text loop stops it.
+    final.add_done_callback(lambda _: h.call.feed_text("hello", True))
+    await h.silence(1500)
+    await h.stop()
+    assert len(h.output.of("resume")) == 1, h.output.events
+    stopped = h.output.log.index(("interrupt", "text"))
+    late = [n for kind, n in h.output.log[stopped:] if kind == "frame" and n <= 50]
+    assert late == [], f"frames of the stopped answer after its interrupt: {late}"
+
+
+class _OrderedOutput(RecordingOutput):
+    """Also logs the order in which interrupts (with their cause) and frames (numbered as
+    ``numbered_frames`` makes them) leave."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock)
+        self.log: list[tuple[str, object]] = []
+
+    async def send_audio(self, frame: bytes) -> None:
+        self.log.append(("frame", frame_number(frame)))
+        await super().send_audio(frame)
+
+    async def interrupt(self, event: dict) -> None:
+        self.log.append(("interrupt", event["cause"]))
+        await super().interrupt(event)
