@@ -795,3 +795,29 @@ async def test_a_turn_cut_off_before_it_ends_unrouted_still_sends_its_metrics(fi
     assert [m["turn"] for m in h.metrics()] == [1, 2], h.metrics()
     first, second = h.metrics()
     assert counts(first) == (2, 1, 0) and counts(second)[0] == 0, (first, second)
+
+
+async def test_a_partial_routing_that_ends_while_the_final_decodes_counts_in_its_turn():
+    # The last partial's routing is slow (a busy router) and ends after the turn ended,
+    # while its final decodes; the final then reuses it. The turn had taken its partial
+    # counts as it began (later partials are the next turn's), so that routing counted in
+    # the next turn's metrics, or in none when no turn came (the caller hung up).
+    h = CallHarness(faqs={"parcel": "parcel"}, decode_s=0.5)
+    router = h.router
+
+    async def busy_for_partials(text: str, urgent: bool) -> Any:
+        if not urgent:
+            await h.clock.sleep(0.45)
+        return await router(text, urgent)
+
+    h.deps.router = busy_for_partials
+    h.call = Call(h.deps, h.output, RATE, call_id="test-call")
+    await h.start()
+    await h.say("where is my parcel", then_silence_ms=1500)
+    await h.stop()
+    partials = [text for text, urgent in router.calls if not urgent]
+    assert partials == ["where is", "where is my parcel"], router.calls
+    (metrics,) = h.metrics()
+    assert (metrics["entry_id"], metrics["route_reused"]) == ("parcel", True), metrics
+    # "where" too short, "where is my" one word on: skipped; both routings its own.
+    assert counts(metrics) == (2, 2, 0), metrics

@@ -684,7 +684,8 @@ class Call:
         except Exception as exc:
             _add_counts(tl, covered)
             await self._unrouted_turn(tl, apology="stt_failed",
-                                      first=self._failed_final(tl, exc, utterance))
+                                      first=self._failed_final(tl, exc, utterance),
+                                      utterance=utterance)
             return
         _add_counts(tl, covered)  # its metrics cover the carried turns: their partials too
         if continuing and not any(normalize_text(t) for t in texts[continuing:]):
@@ -714,7 +715,8 @@ class Call:
             # The reset as the final's routing would have: partials may have held words the
             # final did not, and a hit settled on them would skip the next turn's partials.
             await self._unrouted_turn(tl, counted=False,
-                                      first=self._speculation.reset(utterance))
+                                      first=self._speculation.reset(utterance),
+                                      utterance=utterance)
             return
         if preempt is not None and normalize_text(text) != normalize_text(preempt.text):
             preempt.cancel()  # the final is not what was preempted: a fresh call
@@ -924,6 +926,8 @@ class Call:
             unasked = not typed and not tl.has("first_audio")
             raise
         finally:
+            if route:
+                self._take_late_counts(tl, utterance)
             tl.info["preempted"] = preempted is not None and preempted.adopted
             await self._finish_metrics(tl, text, decision, counted=not unasked)
 
@@ -940,7 +944,8 @@ class Call:
 
     async def _unrouted_turn(self, tl: TurnTimeline, apology: str | None = None,
                              counted: bool = True,
-                             first: Awaitable[None] | None = None) -> None:
+                             first: Awaitable[None] | None = None,
+                             utterance: int | None = None) -> None:
         """End a caller's turn that has no route to answer (its final failed or held no
         words, its key named no entry, it came after the transfer) as a turn stopped before
         its reply ends: with its metrics (operators and benchmarks count turns from them)
@@ -948,7 +953,8 @@ class Call:
         what the turn does before (the speculation's reset, the failure's report), inside
         the turn, so that a barge-in meanwhile still ends it with its metrics. ``apology``:
         the failure it is played for then; its reply stages are the apology's.
-        ``counted``: a hit or miss in the stats (``_finish_metrics``)."""
+        ``counted``: a hit or miss in the stats (``_finish_metrics``). ``utterance``: the
+        speculation's utterance a spoken turn ended (``_take_late_counts``)."""
         try:
             if first is not None:
                 await first
@@ -957,6 +963,7 @@ class Call:
                 await self._apologize(tl, "", apology)
         finally:  # cut off too (in ``first``): the turn was taken all the same
             self._take_counts(tl)
+            self._take_late_counts(tl, utterance)
             tl.info["preempted"] = False
             await self._finish_metrics(tl, "", None, counted=counted)
 
@@ -964,6 +971,14 @@ class Call:
         """The turn's partial counts, taken once: those after are the next turn's."""
         if PARTIAL_COUNTS[0] not in tl.info:
             tl.info.update(self._speculation.take_counts())
+
+    def _take_late_counts(self, tl: TurnTimeline, utterance: int | None) -> None:
+        """The counts of the partials of ``utterance`` (the one the turn ended) and earlier
+        ones whose routing ended after the turn took its counts, as its final decoded: its
+        routing (or reset) has ended the rest, so none comes later."""
+        if utterance is not None:
+            for key, count in self._speculation.take_counts(utterance).items():
+                tl.info[key] = tl.info.get(key, 0) + count
 
     async def _failed_final(self, tl: TurnTimeline, exc: Exception,
                             utterance: int | None = None) -> None:

@@ -64,6 +64,7 @@ class SpeculationRules:
 
 # A turn's partial counts, as turn_metrics name them (``Speculation.take_counts``).
 PARTIAL_COUNTS = ("partials_routed", "partials_skipped", "partials_shed")
+_ROUTED, _SKIPPED, _SHED = range(len(PARTIAL_COUNTS))
 
 
 class Speculation:
@@ -89,10 +90,10 @@ class Speculation:
         self._settling: asyncio.Task[RouteDecision | None] | None = None
         # Routings cancelled without waiting (settle's): reset waits for them.
         self._cancelled: list[asyncio.Task] = []
-        # What the rules saved (bench/capacity.py reads them through the engine).
-        self.partials_routed = 0
-        self.partials_skipped = 0
-        self.partials_shed = 0
+        # What the rules saved (bench/capacity.py reads them through the engine), by the
+        # utterance the partial was of: utterance -> counts in PARTIAL_COUNTS' order (a
+        # routing may end after its turn took its counts: ``take_counts``).
+        self._counts: dict[int, list[int]] = {}
 
     @property
     def utterance(self) -> int:
@@ -111,7 +112,7 @@ class Speculation:
         wanted = normalize_text(text)
         words = _word_count(wanted)
         if words < self._rules.min_words or not self._worth_routing(wanted, words):
-            self.partials_skipped += 1
+            self._count(_SKIPPED, self._utterance)
             return
         self._choose(text, wanted, words)
 
@@ -168,19 +169,19 @@ class Speculation:
         # Normalized: another call's identical text may have been routed in its spelling.
         while self._routed is None or \
                 normalize_text(self._routed.text) != normalize_text(self._latest):
-            text, utterance = self._latest, self._utterance
+            text, utterance, of = self._latest, self._utterance, self._latest_of
             try:
                 decision = await self._router(text, False)
             except asyncio.CancelledError:
                 raise
             except RoutingShed:  # the gateway is busy: the next partial or the final will do
-                self.partials_shed += 1
+                self._count(_SHED, of)
                 self._chosen, self._chosen_words = self._routed_basis()
                 return
             except Exception as exc:
                 self._failed(exc)
                 return
-            self.partials_routed += 1
+            self._count(_ROUTED, of)
             self._record(decision, utterance)
 
     async def _route_urgent(self, text: str) -> RouteDecision | None:
@@ -214,13 +215,20 @@ class Speculation:
         logs.event(log, "speculative_route_failed", logging.WARNING,
                    error=f"{type(exc).__name__}: {exc}"[:200])
 
-    def take_counts(self) -> dict[str, int]:
+    def _count(self, kind: int, utterance: int) -> None:
+        self._counts.setdefault(utterance, [0] * len(PARTIAL_COUNTS))[kind] += 1
+
+    def take_counts(self, upto: int | None = None) -> dict[str, int]:
         """Partials routed, skipped by the rules and shed under load since the last call
-        (keyed by ``PARTIAL_COUNTS``)."""
-        counts = dict(zip(PARTIAL_COUNTS, (self.partials_routed, self.partials_skipped,
-                                           self.partials_shed)))
-        self.partials_routed = self.partials_skipped = self.partials_shed = 0
-        return counts
+        (keyed by ``PARTIAL_COUNTS``); ``upto``: only those of that utterance and earlier
+        ones. A partial's routing is counted when it ends, which may be after its turn
+        took its counts (while its final decoded): ``decide`` ends the utterance's last
+        ones (reused, or cancelled), so its counts taken after that are complete."""
+        totals = [0] * len(PARTIAL_COUNTS)
+        for utterance in [u for u in self._counts if upto is None or u <= upto]:
+            for kind, count in enumerate(self._counts.pop(utterance)):
+                totals[kind] += count
+        return dict(zip(PARTIAL_COUNTS, totals))
 
     def _routed_basis(self) -> tuple[str, int]:
         """What the next partial is compared with after a shed routing: the routed text."""
