@@ -124,6 +124,10 @@ class Playout:
         """Audio the caller has heard so far: sent, and due by the clock."""
         if self._started_at is None:
             return 0.0
+        if self._replayed != self._holds:
+            # Held, or resumed with nothing replayed yet: the client dropped what it had
+            # not played at the hold, and nothing was sent since.
+            return self._held_heard_ms
         elapsed = (self._clock.now() - self._started_at) * 1000.0
         return max(0.0, min(self.sent_ms, elapsed))
 

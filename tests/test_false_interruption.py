@@ -152,17 +152,16 @@ async def test_a_reply_that_failed_while_held_is_resumed_into_its_apology(held):
     assert h.stats.snapshot()["errors"]["false_interruption"] == expected
 
 
-async def test_no_frame_of_a_resumed_answer_leaves_after_a_barge_in_as_it_resumes():
-    # A cough holds a cached answer; its final holds no words, so the answer resumes, and
-    # in that very loop iteration (before the answer's task has run again) the caller
-    # types: the answer is stopped, the client told to drop its audio. The answer, woken
-    # by the resume, went on as if still open and sent its frames after that interrupt.
+async def _typed_as_the_answer_resumes() -> CallHarness:
+    """A cough holds a cached answer (1 s, numbered frames); its final holds no words, so
+    the answer resumes, and in that very loop iteration (before the answer's task has run
+    again) the caller types, which stops it. The call has ended."""
     h = CallHarness(faqs={"opening hours": "hours"}, decode_s=0.5)
     h.output = _OrderedOutput(h.clock)
     h.call = Call(h.deps, h.output, RATE, call_id="test-call")
     await h.start()
     await h.say("what are your opening hours", then_silence_ms=300)
-    await h.wait(800)  # the answer plays (numbered frames, 1 s)
+    await h.wait(800)  # the answer plays
     await h.feed(tone(450, NOISE))  # held
     assert h.call._held is not None
     await h.silence(360)  # the cough's turn ends; its final decodes (0.5 s)
@@ -173,9 +172,28 @@ async def test_no_frame_of_a_resumed_answer_leaves_after_a_barge_in_as_it_resume
     await h.silence(1500)
     await h.stop()
     assert len(h.output.of("resume")) == 1, h.output.events
+    return h
+
+
+async def test_no_frame_of_a_resumed_answer_leaves_after_a_barge_in_as_it_resumes():
+    # The answer, woken by the resume, went on as if still open and sent its frames after
+    # the interrupt that told the client to drop its audio.
+    h = await _typed_as_the_answer_resumes()
     stopped = h.output.log.index(("interrupt", "text"))
     late = [n for kind, n in h.output.log[stopped:] if kind == "frame" and n <= 50]
     assert late == [], f"frames of the stopped answer after its interrupt: {late}"
+
+
+async def test_an_answer_stopped_as_it_resumes_was_heard_up_to_the_resume():
+    # Nothing was replayed between the resume and the stop: the caller heard what they had
+    # at the cough. The playout counted the time held as heard, so the second interrupt
+    # said all of the audio sent was heard (the client had dropped the lead beyond it),
+    # and the context kept words the caller never heard.
+    h = await _typed_as_the_answer_resumes()
+    cough, typed = h.output.of("interrupt")
+    (resume,) = h.output.of("resume")
+    assert typed["heard_ms"] == cough["heard_ms"] == resume["from_ms"], (cough, typed)
+    assert h.metrics()[0]["heard_ms"] == cough["heard_ms"], h.metrics()[0]
 
 
 class _OrderedOutput(RecordingOutput):
