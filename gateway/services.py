@@ -35,8 +35,9 @@ from .settings import Settings
 from .shared_stats import SharedStats
 from .stats import Stats, answer_mark
 from .stores import open_store
+from .transports.call_records import REDIS_TIMEOUT_S
 from .transports.twilio_context import CallContexts
-from .transports.twilio_ended import REDIS_TIMEOUT_S, EndedCalls
+from .transports.twilio_ended import EndedCalls
 from .transports.twilio_rest import TwilioCallControl
 
 log = logging.getLogger("voicegate.services")

@@ -62,16 +62,12 @@ class CallRecords:
         self._redis = redis
         self._prefix = prefix
         self._ttl_s = ttl_s
+        self._ttl_whole_s = max(1, round(ttl_s))  # Redis expires keys in whole seconds
         self._max_local = max_local
         self._timeout_s = timeout_s
         self._count_error = count_error
         # CallSid -> (expires at on the clock, value), oldest first
         self._local: OrderedDict[str, tuple[float, str]] = OrderedDict()
-
-    @property
-    def shared(self) -> bool:
-        """Whether the records reach other replicas (a Redis is configured)."""
-        return self._redis is not None
 
     def key(self, call_sid: str) -> str:
         return f"{self._prefix}twilio:{self.kind}:{call_sid}"
@@ -86,13 +82,12 @@ class CallRecords:
         self._keep_local(call_sid, value)
         if self._redis is None:
             return
-        ex = max(1, round(self._ttl_s))
         if not self.tombstones:
             await self._quietly("record", call_sid, self._redis.set(self.key(call_sid), value,
-                                                                    ex=ex))
+                                                                    ex=self._ttl_whole_s))
             return
         written = await self._quietly("record", call_sid, self._redis.eval(
-            _PUT_UNLESS_TOMBSTONE, 1, self.key(call_sid), value, ex, TOMBSTONE))
+            _PUT_UNLESS_TOMBSTONE, 1, self.key(call_sid), value, self._ttl_whole_s, TOMBSTONE))
         if written == 0:  # deleted for good on another replica: here too
             self._keep_local(call_sid, TOMBSTONE)
 
@@ -107,8 +102,7 @@ class CallRecords:
         if self._redis is None:
             return
         if self.tombstones:
-            request = self._redis.set(self.key(call_sid), TOMBSTONE,
-                                      ex=max(1, round(self._ttl_s)))
+            request = self._redis.set(self.key(call_sid), TOMBSTONE, ex=self._ttl_whole_s)
         else:
             request = self._redis.delete(self.key(call_sid))
         await self._quietly("forget", call_sid, request)

@@ -30,7 +30,8 @@ from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA,
                         ProtocolError, StartMessage, parse_dtmf_digit, parse_json, utf8_bytes_over)
 from ..services import Services
-from .twilio_ended import HUNG_UP, SAFE_ID, TRANSFERRED, EndedCalls
+from .call_records import SAFE_ID
+from .twilio_ended import HUNG_UP, TRANSFERRED, EndedCalls
 from .twilio_rest import TwilioCallControl
 from .twilio_voice import (RESUMED_PARAMETER, TOKEN_PARAMETER, public_base_url,
                            signature_refusal, stream_url)

@@ -26,8 +26,6 @@ import redis.asyncio as aioredis
 from ..clock import Clock
 from .call_records import REDIS_TIMEOUT_S, SAFE_ID, CallRecords
 
-__all__ = ["ENDED_TTL_S", "HUNG_UP", "REDIS_TIMEOUT_S", "SAFE_ID", "TRANSFERRED", "EndedCalls"]
-
 # Twilio asks for the action within seconds of the stream's end; minutes is ample, and a
 # key per ended call does not pile up in Redis.
 ENDED_TTL_S = 300.0
