@@ -612,6 +612,23 @@ async def test_a_key_interrupts_the_bot():
     await h.stop()
 
 
+async def test_a_lone_hash_does_not_stop_the_reply():
+    # A lone `#` does nothing (docs/protocol.md), yet it barged in: pressed after a spoken
+    # question (as callers used to other phone menus do) while the agent was still
+    # thinking, it stopped the reply, whose words waited for a next spoken turn; the
+    # caller, waiting for the answer, heard nothing.
+    h = harness()
+    h.llm.first_token_s = 1.0
+    await h.start()
+    await h.say("where is my parcel", then_silence_ms=600)
+    assert h.call.replying and not h.call.speaking  # the agent is thinking
+    h.call.feed_dtmf("#")
+    await h.wait(1500)
+    await h.stop()
+    assert h.output.of("interrupt") == []
+    assert sources(h) == ["llm"]
+
+
 async def test_a_key_mapped_to_a_missing_entry_is_a_clear_error():
     h = harness({"keypad": {"2": "gone_entry"}})
     await h.start()

@@ -1346,7 +1346,10 @@ class Call:
                 action = self._keypad.expire()
             else:
                 self._caller_active()
-                if self.replying:
+                # A lone `#` does nothing, so it stops nothing either: pressed after a
+                # spoken question while the agent thinks, it would cut that reply, whose
+                # words then wait for a next spoken turn, and the caller hears nothing.
+                if self.replying and not self._keypad.does_nothing(key):
                     await self._barge_in("dtmf")
                 # The key itself stays out of logs: it may be part of a PIN.
                 logs.event(log, "dtmf")

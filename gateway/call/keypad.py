@@ -66,6 +66,10 @@ class Keypad:
     def collecting(self) -> bool:
         return bool(self._keys)
 
+    def does_nothing(self, key: str) -> bool:
+        """Pressing ``key`` now does nothing: a lone `#`, no collection under way."""
+        return key == KEYPAD_END and not self._keys
+
     def press(self, key: str) -> Mapped | Collected | None:
         """One key; what to do now, or None while a collection goes on."""
         key = check_key(key)
