@@ -182,6 +182,26 @@ async def test_a_typed_message_that_gets_no_reply_leaves_the_silence_watched(typ
     await h.stop()
 
 
+async def test_a_resumed_call_whose_caller_stays_silent_is_prompted_and_hung_up_on():
+    # A resumed stream plays no greeting: the phone line's own apology ("... I'm back.") is
+    # the last thing the caller heard. The silence count only ever started at the end of a
+    # reply, so a caller who then said nothing was never prompted nor hung up on: the call
+    # held for good.
+    from gateway.call import Call
+
+    h = harness({"idle_prompt_s": 1})
+    h.call = Call(h.deps, h.output, 16000, call_id="test-call", resumed=True)
+    started = h.clock.now()
+    await h.start()
+    await h.wait(1100)
+    assert sources(h) == ["prompt"]
+    (prompt_at,) = h.output.at("response", source="prompt")
+    assert 1.0 <= prompt_at - started <= 1.05
+    await h.wait(1600)
+    assert sources(h) == ["prompt", "goodbye"]
+    assert await ended(h) and h.call.ended == "idle"
+
+
 async def test_a_caller_who_talks_over_the_goodbye_is_still_watched_for_silence():
     # The goodbye was the idle watch's last step: cut short by the caller, the call goes
     # on, and silence after it must still be prompted (and at last hung up on).
