@@ -332,3 +332,25 @@ async def test_speech_after_a_typed_message_does_not_continue_the_turn_the_messa
     assert h.stats.snapshot()["continuations"] == 0
     assert user_texts(h.llm.requests[-1]) == ["tell me about my card",
                                               "hello where is my parcel"]
+
+
+async def test_a_typed_message_talked_over_while_the_agent_thinks_opens_the_spoken_turn():
+    # As above, but the typed turn had begun (routed, its LLM thinking) when the caller
+    # spoke: stopped before it said anything, its words were lost, neither answered nor
+    # asked with the speech, as spoken words stopped so are (they open the next turn).
+    # A cough over it left the line silent for good.
+    h = CallHarness()
+    h.llm.first_token_s = 1.0
+    await h.start()
+    await h.text("hello")
+    await h.wait(200)
+    assert h.call.replying and h.output.of("route")  # it ran: routed, the agent thinking
+    await h.say("where is my parcel", then_silence_ms=1500)
+    await h.wait(1000)
+    await h.stop()
+    assert [e["cause"] for e in h.output.of("interrupt")] == ["speech"]
+    assert h.transcripts() == ["hello where is my parcel"]
+    assert user_texts(h.llm.requests[-1]) == ["hello where is my parcel"]
+    assert user_texts(h.call.conversation.history) == ["hello where is my parcel"]
+    # The stopped message asked nothing: no hit or miss of its own.
+    assert h.stats.snapshot()["turns"] == 1

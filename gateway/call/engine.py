@@ -775,13 +775,29 @@ class Call:
             tl.mark(stage, at)
         tl.info["input"] = "text"
         if normalize_text(text):
-            # Stopped by the caller's speech before it ran (queued behind a reply still
-            # closing), the message is not lost: it opens the next spoken turn, as spoken
-            # words stopped before their answer do. A later message supersedes it.
-            self._start_reply(tl, self._answer(tl, text, typed=True, utterance=utterance),
+            # Stopped by the caller's speech before it said anything (queued behind a reply
+            # still closing, or as the agent thought: ``_typed_turn``), the message is not
+            # lost: it opens the next spoken turn, as spoken words stopped before their
+            # answer do. A later message supersedes it.
+            self._start_reply(tl, self._typed_turn(tl, text, utterance),
                               if_never_ran=lambda: self._carry_unanswered(_said(text), tl))
         else:
             self._idle.quiet_unless_busy()  # nothing to answer, as above
+
+    async def _typed_turn(self, tl: TurnTimeline, text: str, utterance: int) -> None:
+        """A typed message's turn. Stopped before its reply said anything (the caller spoke
+        while it was routed or the agent thought), its words open the next spoken turn, as
+        spoken words stopped so do (``_spoken_turn``), and the exchange it wrote is the one
+        that turn takes back; a later message or key supersedes them (``_drop_carry``)."""
+        asked_before = self.conversation.last_user_message()
+        try:
+            await self._answer(tl, text, typed=True, utterance=utterance)
+        except asyncio.CancelledError:
+            if not tl.has("first_audio") and not self._transferred:
+                asked = self.conversation.last_user_message()
+                self._carry, self._carry_continues = [_said(text), *self._carry], 0
+                self._carry_exchange = asked if asked is not asked_before else None
+            raise
 
     # ------------------------------------------------------------------ replies
 
@@ -926,10 +942,10 @@ class Call:
                 if "handoff" in tl.info:
                     await self._transfer(tl)
         except asyncio.CancelledError:
-            # A spoken turn stopped before its reply spoke: ``_spoken_turn`` carries its
-            # words into the next turn, which asks them. This one asked nothing: no hit
-            # or miss (nor a missed question of half the words).
-            unasked = not typed and not tl.has("first_audio")
+            # A spoken or typed turn stopped before its reply spoke: ``_spoken_turn`` or
+            # ``_typed_turn`` carries its words into the next turn, which asks them. This
+            # one asked nothing: no hit or miss (nor a missed question of half the words).
+            unasked = tl.info.get("input") != "dtmf" and not tl.has("first_audio")
             raise
         finally:
             if route:
