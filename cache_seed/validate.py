@@ -266,6 +266,7 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
                source: str) -> list[SeedRow]:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
+    header_line = 0
     rows: list[SeedRow] = []
     last_line = 0
     while True:
@@ -287,6 +288,7 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
             # already reported on its line and read as U+FFFD): the required columns it names
             # are read, and the rows checked, instead of a data row taken for the header.
             header = [f.strip().lower() for f in fields]
+            header_line = start
             near = _near_misses(header)
             missing = [c for c in REQUIRED_COLUMNS if c not in header and c not in near.values()]
             duplicated = sorted({c for c in header if c and header.count(c) > 1})
@@ -306,6 +308,12 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
             errors.append(RowError(start, f"not CSV: expected {len(header)} fields as in the "
                                           f"header, found {len(fields)} (quote fields with commas)"))
             continue
+        if _repeats_header(fields, header):
+            # Two exports joined (each with its header, Excel's with a BOM): read as data,
+            # it was an entry "question" answered "answer", published without a word.
+            errors.append(RowError(start, f"this row repeats the header (line {header_line}): "
+                                          "were two CSV files joined? remove it"))
+            continue
         row = _read_row(start, dict(zip(header, fields)), errors)
         if row is not None:
             rows.append(row)
@@ -314,6 +322,13 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
     elif header is not None and not rows and not errors:
         errors.append(RowError(last_line, "no rows after the header"))
     return rows
+
+
+def _repeats_header(fields: list[str], header: list[str]) -> bool:
+    """A data row that names the header's columns again (in any order, any case, a BOM
+    before it: a second file's first line)."""
+    names = sorted(f.strip().lstrip("\ufeff").strip().lower() for f in fields)
+    return names == sorted(header)
 
 
 def _near_misses(header: list[str]) -> dict[int, str]:
