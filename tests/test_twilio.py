@@ -251,6 +251,25 @@ def test_a_start_with_a_format_not_exactly_mulaw_8k_mono_is_refused(media_format
         "encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}).stream_sid == "MZ1"
 
 
+@pytest.mark.parametrize("field", ["callSid", "accountSid"])
+@pytest.mark.parametrize("value", ["../Calls/CA2", "CA1?Status=completed", "CA 1", "x" * 65])
+def test_a_start_whose_sid_is_not_an_id_is_refused(field, value):
+    # The SIDs address the REST API's hang-up and transfer (Calls/{CallSid}); `start` is not
+    # signed, so one that could point a request at another resource is refused, not used.
+    start = {"event": "start", "start": {"streamSid": "MZ1", "callSid": "CA1",
+                                         "accountSid": "AC1", field: value}}
+    with pytest.raises(TwilioError) as refused:
+        parse_start(start)
+    assert refused.value.code == "twilio_invalid_start" and field in str(refused.value)
+
+
+def test_a_null_custom_parameter_is_absent_not_the_text_none():
+    # {"resumed": null} is no resumed stream ("None" would be a non-empty, so true, value).
+    start = parse_start({"event": "start", "start": {
+        "streamSid": "MZ1", "callSid": "CA1", "customParameters": {"resumed": None, "a": 1}}})
+    assert start.parameters == {"a": "1"}
+
+
 async def test_twilio_vanishing_mid_call_ends_the_call(server, runtime):
     before = runtime.stats.active_calls
     line = TwilioLine(stream_url(server), call_sid=sid("CA", 6), stream_sid=sid("MZ", 6))

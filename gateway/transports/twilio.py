@@ -78,10 +78,22 @@ def parse_start(data: dict[str, Any]) -> StreamStart:
                               "expected audio/x-mulaw, 8000 Hz, 1 channel",
                               CLOSE_UNSUPPORTED_DATA)
     raw_params = start.get("customParameters")
-    parameters = ({str(k): str(v) for k, v in raw_params.items()}
+    # A null value is no value (its text "None" would read as set: `resumed`, say).
+    parameters = ({str(k): str(v) for k, v in raw_params.items() if v is not None}
                   if isinstance(raw_params, dict) else {})
-    return StreamStart(stream_sid=stream_sid, call_sid=_text(start.get("callSid")),
-                       account_sid=_text(start.get("accountSid")), parameters=parameters)
+    return StreamStart(stream_sid=stream_sid, call_sid=_sid(start, "callSid"),
+                       account_sid=_sid(start, "accountSid"), parameters=parameters)
+
+
+def _sid(start: dict[str, Any], field: str) -> str:
+    """A SID of `start`, "" when absent. It addresses the REST API's hang-up and transfer
+    (Accounts/{AccountSid}/Calls/{CallSid}), and `start` itself is not signed: one that is
+    not an id ("../Calls/CA2") is refused, never put in a request's path."""
+    value = _text(start.get(field))
+    if value and not SAFE_ID.fullmatch(value):
+        raise TwilioError("twilio_invalid_start", f"`start` has a `{field}` that is not a "
+                          f"Twilio SID (letters, digits, '_' or '-', at most 64)", CLOSE_POLICY)
+    return value
 
 
 def _is_twilio_format(media_format: Any) -> bool:
