@@ -49,7 +49,7 @@ from intents.calibration import (CONFIDENCE, OUT_OF_DOMAIN_TARGET, MisheardCopie
                                  _loosest, fitted_rows)
 from intents.classifier import MIX, OUT_OF_DOMAIN, TWO_VIEWS, IntentClassifier  # noqa: E402
 from intents.embedder import Embedder  # noqa: E402
-from intents.judge import SIGNALS, Judge, read_signals  # noqa: E402
+from intents.judge import NEIGHBOURS, SIGNALS, Judge, read_signals  # noqa: E402
 from intents.misheard import misheard_copies  # noqa: E402
 from intents.negatives import embed_negatives, negatives_for_seed  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
@@ -80,15 +80,47 @@ class Rows:
     matrix: np.ndarray  # the shipped judge's signals
     extra: np.ndarray  # candidate signals (EXTRA order)
     nearest: np.ndarray
+    # The closest seed questions of the fold's training part (seed row numbers, -1: none)
+    # and their similarities, for the local signals (``add_local_signals``).
+    neighbours: np.ndarray
+    neighbour_sims: np.ndarray
 
     @classmethod
     def empty(cls, n: int, width: int) -> "Rows":
         return cls(np.empty(n, dtype=object), np.zeros((n, width)), np.zeros((n, len(EXTRA))),
-                   np.zeros(n))
+                   np.zeros(n), np.full((n, NEIGHBOURS), -1), np.zeros((n, NEIGHBOURS)))
 
 
 EXTRA = ("embedding_p", "characters_p", "embedding_agrees", "characters_agrees",
-         "out_of_domain_p", "entropy", "log_odds", "third_p")
+         "out_of_domain_p", "entropy", "log_odds", "third_p",
+         "local_error", "local_intent_error", "local_precision")
+LOCAL = EXTRA[-3:]
+
+
+def add_local_signals(rows: Rows, oof_predicted: np.ndarray, labels: np.ndarray) -> None:
+    """How reliable the classifier was near each row, from its neighbours' own out-of-fold
+    predictions (each neighbour predicted by a classifier that never saw it):
+
+      local_error         similarity-weighted share of the neighbours it got wrong
+      local_intent_error  the same among the neighbours labelled with the predicted intent
+      local_precision     among the neighbours it predicted the same intent for, the
+                          similarity-weighted share that really were that intent (1 if none)
+
+    A probe with a leak: a neighbour's out-of-fold classifier may have been fitted on the
+    held-out row itself, which a new caller's question never is."""
+    wrong = oof_predicted != labels
+    for i in range(len(rows.predicted)):
+        found = rows.neighbours[i] >= 0
+        nb = rows.neighbours[i][found]
+        w = np.clip(rows.neighbour_sims[i][found], 1e-6, None)
+        same_label = labels[nb] == rows.predicted[i]
+        same_prediction = oof_predicted[nb] == rows.predicted[i]
+        rows.extra[i, EXTRA.index("local_error")] = (w * wrong[nb]).sum() / w.sum()
+        rows.extra[i, EXTRA.index("local_intent_error")] = (
+            (w * wrong[nb])[same_label].sum() / w[same_label].sum() if same_label.any() else 1.0)
+        rows.extra[i, EXTRA.index("local_precision")] = (
+            (w * same_label)[same_prediction].sum() / w[same_prediction].sum()
+            if same_prediction.any() else 1.0)
 
 
 def candidate_signals(clf: ProbedClassifier, combined: np.ndarray, predicted: np.ndarray
@@ -105,7 +137,8 @@ def candidate_signals(clf: ProbedClassifier, combined: np.ndarray, predicted: np
         embedding[rows, column], characters[rows, column],
         embedding.argmax(1) == column, characters.argmax(1) == column,
         combined[:, ood], -(combined * np.log(np.maximum(combined, 1e-12))).sum(1),
-        np.log(top[:, 0] / np.maximum(top[:, 1], 1e-12)), top[:, 2]]).astype(float)
+        np.log(top[:, 0] / np.maximum(top[:, 1], 1e-12)), top[:, 2],
+        *np.zeros((len(LOCAL), len(predicted)))]).astype(float)  # LOCAL: after the folds
 
 
 def held_out_rows(make: Callable[[], ProbedClassifier], vectors: np.ndarray, texts: list[str],
@@ -142,7 +175,12 @@ def held_out_rows(make: Callable[[], ProbedClassifier], vectors: np.ndarray, tex
             rows.matrix[where] = signals.matrix
             rows.extra[where] = candidate_signals(clf, combined, signals.predicted)
             rows.nearest[where] = signals.nearest_similarity
+            sims, found = cache.search_arrays(source_vectors[where], k=NEIGHBOURS)
+            rows.neighbours[where] = np.where(found >= 0, train[np.maximum(found, 0)], -1)
+            rows.neighbour_sims[where] = sims
         print(f"  fold {fold + 1}/{FOLDS}", flush=True)
+    for rows in (seed, negs, spoken):
+        add_local_signals(rows, seed.predicted, labels)
     return seed, negs, spoken
 
 
@@ -215,9 +253,12 @@ PROBES: list[tuple[str, tuple[str, ...], str]] = [
     ("+ each model agrees", ("embedding_agrees", "characters_agrees"), "logistic"),
     ("+ out-of-domain probability", ("out_of_domain_p",), "logistic"),
     ("+ entropy, log odds, third probability", ("entropy", "log_odds", "third_p"), "logistic"),
-    ("+ all of them", EXTRA[:-1], "logistic"),
+    ("+ all of them", EXTRA[:7], "logistic"),
+    ("+ local reliability (leaky)", LOCAL, "logistic"),
+    ("+ local precision (leaky)", ("local_precision",), "logistic"),
     ("gradient boosting, shipped signals", (), "boosting"),
-    ("gradient boosting, all signals", EXTRA[:-1], "boosting"),
+    ("gradient boosting, all signals", EXTRA[:7], "boosting"),
+    ("gradient boosting, + local reliability", LOCAL, "boosting"),
 ]
 
 
@@ -229,6 +270,8 @@ def main() -> None:
     parser.add_argument("--mix", default=None,
                         help="embeddings,characters,words: shares to probe in place of the "
                              "shipped mix (" + ",".join(f"{w:g}" for w in MIX.values()) + ")")
+    parser.add_argument("--shipped-only", action="store_true",
+                        help="probe the shipped classifier only, not the two before it")
     args = parser.parse_args()
     with (DATA / "banking77" / "train.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -258,7 +301,8 @@ def main() -> None:
     for label, make, copied in (
             (first, lambda: ProbedClassifier(mix), misheard),
             ("three views, no misheard copies", lambda: ProbedClassifier(mix), None),
-            (two_views + ", no misheard copies", lambda: ProbedClassifier(TWO_VIEWS), None)):
+            (two_views + ", no misheard copies", lambda: ProbedClassifier(TWO_VIEWS), None)
+    )[:1 if args.shipped_only else 3]:
         print(f"{label}: cross-validating", flush=True)
         seed, negs, spoken_held = held_out_rows(
             make, vectors, texts, labels, neg_vectors, neg_texts, spoken_rows,
