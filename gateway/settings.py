@@ -342,7 +342,9 @@ class Settings(BaseModel):
     # one): the frames due together leave in one WebSocket message, so a playing call
     # costs one wake-up and one write per chunk instead of per frame (bench/capacity.py).
     # The client holds between lead and lead + chunk of audio ahead of what it plays.
-    playout_chunk_ms: Annotated[int, Field(ge=10, le=1000)] = 100
+    # 200 ms since 2026-11-27: half the messages of 100 ms, which on a slow machine freed
+    # the event loop that 500 listening calls had saturated (docs/operations.md).
+    playout_chunk_ms: Annotated[int, Field(ge=10, le=1000)] = 200
 
     # --- LLM (cache misses) --------------------------------------------------------
     # Provider per leg: "openai" (any OpenAI-compatible URL: OpenAI, Ollama, vLLM,

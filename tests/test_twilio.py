@@ -86,10 +86,10 @@ async def test_spoken_question_gets_mulaw_reply_frames_and_marks(server, speak, 
 
     media = line.of("media")
     assert media and all(m["streamSid"] == line.stream_sid for m in media)
-    # whole 20 ms frames, at most playout_chunk_ms (100 ms) of them in one message
+    # whole 20 ms frames, at most playout_chunk_ms (200 ms) of them in one message
     sizes = [len(base64.b64decode(m["media"]["payload"])) for m in media]
-    assert all(n % FRAME_BYTES == 0 and 0 < n <= 5 * FRAME_BYTES for n in sizes)
-    assert max(sizes) == 5 * FRAME_BYTES
+    assert all(n % FRAME_BYTES == 0 and 0 < n <= 10 * FRAME_BYTES for n in sizes)
+    assert max(sizes) == 10 * FRAME_BYTES
     assert rms_dbfs(ulaw_to_pcm16(bytes(line.media))) > -35  # real speech, not silence
     if turn["source"] == "handoff":
         # pre-rendered audio goes out exactly as the bank holds it in μ-law 8 kHz
@@ -101,8 +101,11 @@ async def test_spoken_question_gets_mulaw_reply_frames_and_marks(server, speak, 
     assert marks and all(m["streamSid"] == line.stream_sid for m in line.of("mark"))
     positions = [mark_ms(name) for name in marks]
     assert {t for t, _ in positions} == {turn["turn"]}
-    assert [ms for _, ms in positions] == [100 * (i + 1) for i in range(len(positions))]
-    assert len(marks) == len(line.media) // 800  # one per 100 ms of audio sent
+    # A mark after each message that crosses a 100 ms line (one a 200 ms message, or a
+    # shorter message at a clip's end that crosses one), at the audio sent by then.
+    at = [ms for _, ms in positions]
+    assert all(b // 100 > a // 100 and b - a <= 200 for a, b in zip([0, *at], at))
+    assert len(line.media) // 8 - at[-1] < 100  # the last line crossed is marked
     assert line.echoed == marks and not line.of("clear")
     assert sum(runtime.stats.errors.values()) == errors_before
 

@@ -43,6 +43,7 @@ TWILIO_MEDIA_ENCODING = "audio/x-mulaw"
 _ULAW_BYTES_PER_MS = TWILIO_RATE // 1000
 # A mark every 100 ms of reply audio (after the media message that crosses each 100 ms
 # line): the precision of the confirmed `heard_ms`, at the cost of one small message.
+# Media messages of ``playout_chunk_ms`` (200 ms by default) make it one mark a message.
 _MARK_EVERY_BYTES = 100 * _ULAW_BYTES_PER_MS
 # Replies (or resumes) whose marks an echo may still name: a cleared reply's marks are
 # echoed at once, an earlier reply's late ones within a round trip; this is ample.
