@@ -551,3 +551,17 @@ async def test_a_bug_in_handling_a_partial_loses_that_partial_not_the_next():
     assert "are you open on sunday" in partials, partials
     assert [e["code"] for e in h.output.of("error")] == ["internal_error"]
     assert "stt_failed" not in h.stats.errors
+
+
+async def test_an_empty_typed_message_stops_nothing():
+    # An empty submit (nothing typed before it) says nothing: the reply plays on; it used
+    # to barge in, and the caller was left in silence with nothing to answer.
+    h = CallHarness()
+    h.llm.reply = LONG_REPLY
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1000)
+    await h.text("   ")
+    await h.wait(500)
+    assert not h.output.of("interrupt") and h.call.replying
+    await h.stop()
