@@ -164,11 +164,12 @@ async def test_a_caller_who_answers_the_prompt_is_not_hung_up_on():
     await h.stop()
 
 
-@pytest.mark.parametrize("typed, final", [("", True), ("where is", False)])
+@pytest.mark.parametrize("typed, final", [("where is", False), ("", True)])
 async def test_a_typed_message_that_gets_no_reply_leaves_the_silence_watched(typed, final):
-    # An empty message, or a partial no final follows, is the caller's activity (the count
-    # stops) but starts no reply, and only a reply's end started the count again: a caller
-    # who then went silent was never prompted nor hung up on, the call held for good.
+    # A partial no final follows is the caller's activity (the count stops) but starts no
+    # reply, and only a reply's end started the count again: a caller who then went silent
+    # was never prompted nor hung up on, the call held for good. An empty message with
+    # nothing typed before it says nothing: the count goes on from the reply's end.
     h = harness({"idle_prompt_s": 8})
     await h.start()
     await h.text("hello there")
@@ -178,19 +179,24 @@ async def test_a_typed_message_that_gets_no_reply_leaves_the_silence_watched(typ
     await h.wait(8500)
     assert sources(h) == ["llm", "prompt"]
     (prompt_at,) = h.output.at("response", source="prompt")
-    assert 8.0 <= prompt_at - typed_at <= 8.1
+    if typed:
+        assert 8.0 <= prompt_at - typed_at <= 8.1
+    else:
+        assert 4.0 < prompt_at - typed_at < 8.0
     await h.stop()
 
 
-async def test_a_resumed_call_whose_caller_stays_silent_is_prompted_and_hung_up_on():
-    # A resumed stream plays no greeting: the phone line's own apology ("... I'm back.") is
-    # the last thing the caller heard. The silence count only ever started at the end of a
-    # reply, so a caller who then said nothing was never prompted nor hung up on: the call
-    # held for good.
+@pytest.mark.parametrize("resumed", [True, False])
+async def test_a_call_with_no_greeting_whose_caller_stays_silent_is_prompted_and_hung_up_on(
+        resumed):
+    # No greeting: none is configured (the default), or a resumed stream, whose last words
+    # were the phone line's own apology ("... I'm back."). The silence count only ever
+    # started at the end of a reply, so a caller who said nothing was never prompted nor
+    # hung up on: the call held for good.
     from gateway.call import Call
 
     h = harness({"idle_prompt_s": 1})
-    h.call = Call(h.deps, h.output, 16000, call_id="test-call", resumed=True)
+    h.call = Call(h.deps, h.output, 16000, call_id="test-call", resumed=resumed)
     started = h.clock.now()
     await h.start()
     await h.wait(1100)

@@ -304,11 +304,11 @@ class Call:
                          for name, loop in inputs.items())
             if not self._resumed and self._settings.greeting.strip():
                 self._greet()
-            elif self._resumed:
-                # No greeting again: the line's own apology ("... I'm back.") was the last
-                # thing said, so the caller's silence counts from now, as after a reply (only
-                # a reply's end starts the count: a caller silent from here was never
-                # prompted nor hung up on, the call held for good).
+            else:
+                # No greeting (none configured, or a resumed call: the line's own apology,
+                # "... I'm back.", was the last thing said): the caller's silence counts from
+                # now, as after a reply (only a reply's end started the count: a caller silent
+                # from the start was never prompted nor hung up on, the call held for good).
                 self._idle.bot_finished()
             await self._stopped.wait()
         finally:
