@@ -554,7 +554,7 @@ class Call:
         turns stopped before their reply: nothing was asked, no hit or miss in the stats."""
         if self._carry:
             logs.event(log, "carried_words_dropped", utterances=len(self._carry))
-        self._carry, self._carry_continues, self._carry_exchange = [], 0, None
+        self._carry_words([], 0, None)
         await self._end_carried_turns()
 
     async def _end_carried_turns(self) -> None:
@@ -563,6 +563,19 @@ class Call:
         it ends, so a cancel meanwhile leaves the rest for whatever ends them next."""
         while self._carry_turns:
             await self._unrouted_turn(self._carry_turns.pop(0), counted=False)
+
+    def _carry_words(self, utterances: list[asyncio.Future[Transcript]], continues: int,
+                     exchange: dict[str, Any] | None) -> None:
+        """Words stopped before their answer open the next spoken turn (``_spoken_turn``):
+        ``utterances`` in order, the first ``continues`` of them a question whose reply was
+        cut, and ``exchange`` the one their stopped turn wrote, which that turn takes back."""
+        self._carry, self._carry_continues, self._carry_exchange = utterances, continues, exchange
+
+    def _written_since(self, asked_before: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The exchange a turn wrote since the caller's message ``asked_before`` was the
+        last one asked, if it wrote one."""
+        asked = self.conversation.last_user_message()
+        return asked if asked is not asked_before else None
 
     def _carry_unanswered(self, words: asyncio.Future[Transcript], tl: TurnTimeline) -> None:
         """The turn ``tl`` stopped (or dropped) before it ran: its words open the next
@@ -684,8 +697,8 @@ class Call:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
             texts = [(await asyncio.shield(f)).text for f in utterances]
         except asyncio.CancelledError:
-            self._carry, self._carry_continues = utterances, continuing
-            self._carry_exchange, self._carry_turns = exchange, [*covered, tl]
+            self._carry_words(utterances, continuing, exchange)
+            self._carry_turns = [*covered, tl]
             raise
         except Exception as exc:
             _add_counts(tl, covered)
@@ -734,14 +747,11 @@ class Call:
             # Nothing was said, or the caller went on talking right after the turn ended
             # (a pause mid-sentence): the words open the next turn, and the exchange this
             # turn wrote (if it got that far) is the one the next turn takes back.
-            asked = self.conversation.last_user_message()
-            written = asked if asked is not asked_before else None
+            written = self._written_since(asked_before)
             if not tl.has("first_audio"):
-                self._carry, self._carry_continues = utterances, continuing
-                self._carry_exchange = written
+                self._carry_words(utterances, continuing, written)
             elif self._continues(tl):
-                self._carry, self._carry_continues = utterances, len(utterances)
-                self._carry_exchange = written
+                self._carry_words(utterances, len(utterances), written)
             raise
 
     # ------------------------------------------------------------------ text input
@@ -798,9 +808,8 @@ class Call:
             await self._answer(tl, text, typed=True, utterance=utterance)
         except asyncio.CancelledError:
             if not tl.has("first_audio") and not self._transferred:
-                asked = self.conversation.last_user_message()
-                self._carry, self._carry_continues = [_said(text), *self._carry], 0
-                self._carry_exchange = asked if asked is not asked_before else None
+                self._carry_words([_said(text), *self._carry], 0,
+                                  self._written_since(asked_before))
             raise
 
     # ------------------------------------------------------------------ replies
