@@ -178,8 +178,10 @@ class Playout:
                 lag_s = self._clock.now() - due
             elif now - due > 0.5:
                 # The producer fell behind (slow TTS): restart the clock instead of
-                # bursting, so the client hears a pause, not a fast-forward.
-                self._started_at = now - self.sent_ms / 1000.0 + self._lead_s
+                # bursting, so the client hears a pause, not a fast-forward. It has played
+                # all it was sent: the next frame plays now, and its lead goes at once,
+                # as at the start (heard_ms counts all that was sent as heard).
+                self._started_at = now - self.sent_ms / 1000.0
                 self._paced_from = now
                 lag_s = None
             else:

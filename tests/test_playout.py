@@ -154,3 +154,31 @@ async def test_a_resume_before_the_flush_replays_at_once_and_at_most_the_last_10
     await clock.advance(2.0)  # frames 50-149 play from now: 2 s
     await flushing
     assert playout.sent_ms == 3000
+
+
+async def test_after_a_stalled_producer_the_caller_has_heard_everything_and_gets_a_lead_again():
+    # The TTS stalled for a second mid-reply: the client played all it had and waited.
+    # Playout restarts from that silence: what was sent counts as heard (a barge-in now
+    # must cut the reply at its real end, not 60 ms earlier), and the new audio is paced
+    # as at the start, its lead at once so the client's buffer is not empty again.
+    clock = ManualClock()
+    sent: list[float] = []
+
+    async def send(frame: bytes) -> None:
+        sent.append(round(clock.now() - start, 3))
+
+    start = clock.now()
+    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock)
+    await playout.write(b"\x00" * 640 * 4)  # 80 ms: all of it leaves at t=0 (frame + lead)
+    await clock.advance(1.0)  # the producer stalls; the caller hears the 80 ms, then silence
+    assert playout.heard_ms() == pytest.approx(80.0)
+    sent.clear()
+    writing = asyncio.ensure_future(playout.write(b"\x00" * 640 * 6))  # 120 ms more
+    await clock.advance(0.0)
+    assert playout.heard_ms() == pytest.approx(80.0)  # never less than before the restart
+    assert sent == [1.0] * 4  # the next frame and its 60 ms lead at once
+    assert playout.frames_late == 0
+    await clock.advance(0.2)
+    await writing
+    assert sent == [1.0, 1.0, 1.0, 1.0, 1.02, 1.04]
+    assert playout.heard_ms() == playout.sent_ms == 200
