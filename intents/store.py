@@ -295,9 +295,13 @@ class LocalStore(Store):
             try:
                 with open(self.root / ".publish.lock", "a") as lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)
-                    current = self.current_version()
-                    if replaces is not ANY_VERSION and current != replaces:
-                        raise StoreConflict(conflict_message(replaces, current))
+                    # Read only to check ``replaces``: a whole seed replaces whatever the
+                    # pointer holds, one that cannot be read included (edited by hand; its
+                    # error advises seeding again), as the Redis store's swap does.
+                    if replaces is not ANY_VERSION:
+                        current = self.current_version()
+                        if current != replaces:
+                            raise StoreConflict(conflict_message(replaces, current))
                     missing = sorted(k for k in referenced_audio(manifest) or ()
                                      if not self.has_audio(k))
                     if missing:

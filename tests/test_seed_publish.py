@@ -577,6 +577,20 @@ def test_an_unreadable_pointer_is_a_clear_store_error(tmp_path: Path, pointer) -
     assert cache.last_error is not None and "current-version pointer" in cache.last_error
 
 
+def test_a_seed_replaces_an_unreadable_pointer_as_its_error_advises(tmp_path: Path) -> None:
+    """CURRENT restored by hand in an editor that wrote a BOM (Notepad's "UTF-8"): the error
+    says "set it back ... or seed again", so a whole seed (which replaces whatever is
+    current) must publish. An edit built on a version still cannot tell what it replaces."""
+    store = LocalStore(tmp_path / "store")
+    first = store.publish(empty_bundle())
+    (tmp_path / "store" / "CURRENT").write_bytes(b"\xef\xbb\xbf" + first.encode() + b"\r\n")
+    with pytest.raises(StoreError, match="cannot be read as a version name"):
+        store.publish(empty_bundle(), replaces=first)
+    second = store.publish(empty_bundle())
+    assert store.current_version() == second and store.read()[0] == second
+    assert sorted(store.versions()) == sorted([first, second])
+
+
 def test_a_version_whose_audio_cannot_be_held_leaves_the_serving_one_and_says_why(
         tmp_path: Path) -> None:
     """A new version loads (its manifest, models and audio read back) but one of its clips
