@@ -38,7 +38,10 @@ def generic_negatives() -> tuple[str, ...]:
 
 
 def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
-    """An operator's negatives: a CSV with a ``text`` column (other columns ignored)."""
+    """An operator's negatives: a CSV with a ``text`` column (other columns ignored). Read
+    as the seed CSV is (``cache_seed.validate``): the first line that is not blank is the
+    header, its names in any case; a problem is reported on the line where its row starts,
+    lines ending in LF, CRLF or a lone CR; a quote left open is an error."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -46,26 +49,39 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
     try:
         content = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
+        line = len((raw[:exc.start] + b".").splitlines())  # split as the csv reader splits
         raise NegativesError(f"{path}: line {line}: not UTF-8 text") from exc
-    reader = csv.DictReader(io.StringIO(content, newline=""))
-    if not reader.fieldnames or "text" not in [f.strip() for f in reader.fieldnames]:
-        raise NegativesError(f"{path}: line 1: needs a 'text' column "
-                             f"(found {reader.fieldnames or 'nothing'})")
+    # strict: a quote left open is refused, not read as the rest of the file in one text
+    reader = csv.reader(io.StringIO(content, newline=""), strict=True)
+    column: int | None = None
     texts: list[str] = []
     problems: list[str] = []
+    last_line = 0
     try:
-        for row in reader:
-            value = next((v for k, v in row.items() if k and k.strip() == "text"), None)
-            text = (value or "").strip()
+        for fields in reader:
+            start, last_line = last_line + 1, reader.line_num
+            if column is None:
+                if not any(f.strip() for f in fields):
+                    continue  # blank lines before the header
+                names = [f.strip().lower() for f in fields]
+                if "text" not in names:
+                    raise NegativesError(f"{path}: line {start}: needs a 'text' column "
+                                         f"(found {fields})")
+                column = names.index("text")
+                continue
+            if not fields:
+                continue  # a blank line
+            text = (fields[column] if column < len(fields) else "").strip()
             if not normalize_text(text):
-                problems.append(f"line {reader.line_num}: empty text")
+                problems.append(f"line {start}: empty text")
             elif len(text) > MAX_TEXT_CHARS:
-                problems.append(f"line {reader.line_num}: text over {MAX_TEXT_CHARS} characters")
+                problems.append(f"line {start}: text over {MAX_TEXT_CHARS} characters")
             else:
                 texts.append(text)
     except csv.Error as exc:
-        raise NegativesError(f"{path}: line {reader.line_num}: not CSV: {exc}") from exc
+        raise NegativesError(f"{path}: line {last_line + 1}: not CSV: {exc}") from exc
+    if column is None:
+        raise NegativesError(f"{path}: line 1: needs a 'text' column (found nothing)")
     if problems:
         raise NegativesError(f"{path}: " + "; ".join(problems[:20])
                              + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""))

@@ -12,6 +12,7 @@ import pytest
 
 from cache_seed import SeedValidationError, parse_seed_csv, seed
 from cache_seed.validate import MAX_ANSWER_CHARS, MAX_QUESTION_CHARS
+from intents.negatives import NegativesError, read_negatives_csv
 from intents.store import LocalStore
 from intents.types import Action, entry_id_for
 from tests.intents_support import intent_embedder, tone_render  # noqa: F401
@@ -477,3 +478,32 @@ def test_a_header_repeated_mid_file_is_refused_not_published_as_an_entry(header:
     found = errors_of(data)
     assert [line for line, _ in found] == [3, 5], found
     assert "repeats the header (line 1)" in found[0][1]
+
+
+@pytest.mark.parametrize("data, expected", [
+    # A spreadsheet's capitalised header, as the seed CSV's "Question" is read.
+    (b"Text,Topic\nwhat's the weather,chat\n", ("what's the weather",)),
+    # Blank lines before the header: the first line that is not blank is the header.
+    (b"\n\ntext\nbook me a flight\n", ("book me a flight",)),
+], ids=["capitalised-header", "blank-lines-first"])
+def test_a_negatives_file_is_read_as_the_seed_csv_is(tmp_path: Path, data: bytes,
+                                                     expected: tuple[str, ...]) -> None:
+    path = tmp_path / "never.csv"
+    path.write_bytes(data)
+    assert read_negatives_csv(path) == expected
+
+
+@pytest.mark.parametrize("data, line, reason", [
+    (b"text\rhello\rbad \xff byte\r", 3, "not UTF-8"),  # Excel's "CSV (Macintosh)": CR only
+    (b"text,n\n\"\n\n\",1\nok,2\n", 2, "empty text"),  # a row is named by its first line
+    (b"\nnote\nhello\n", 2, "needs a 'text' column (found ['note'])"),
+    # Read leniently, the rest of the file was one negative, without a word.
+    (b'text\nok\n"abc\nmore\n', 3, "not CSV: unexpected end of data"),
+], ids=["lone-cr-not-utf8", "multi-line-row", "header-after-a-blank-line", "quote-left-open"])
+def test_a_negatives_file_refused_names_the_right_line(tmp_path: Path, data: bytes, line: int,
+                                                       reason: str) -> None:
+    path = tmp_path / "never.csv"
+    path.write_bytes(data)
+    with pytest.raises(NegativesError) as info:
+        read_negatives_csv(path)
+    assert f": line {line}: {reason}" in str(info.value)
