@@ -472,6 +472,25 @@ async def test_a_bad_target_wrong_rate_is_refused_before_the_body_is_read(tmp_pa
 # ---------------------------------------------------------------------- misses
 
 
+@pytest.mark.parametrize("flag", ["on", "", "2", "tru"])
+def test_a_misses_all_flag_it_cannot_read_is_refused_not_taken_for_false(tmp_path, flag):
+    """`?all=on` (a form's checkbox), a bare `?all` or a typo listed the misses without the
+    agent intents, as if all=0, and said nothing: the operator took the list for all of
+    them. A value that is none of 1/true/yes, 0/false/no is a 400 that names them."""
+    from starlette.testclient import TestClient
+
+    app = warm_app(tmp_path / "store", ManualClock())
+    app.state.services._runtime.embedder = None  # no misses: nothing is embedded
+    client = TestClient(app)  # no lifespan: warm_app's services hold no models to load
+    response = client.get("/admin/misses", params={"all": flag}, headers=AUTH)
+    assert response.status_code == 400, response.text
+    assert "'all' must be 1, true or yes" in response.json()["error"]
+    for given, included in (("1", True), ("TRUE", True), ("no", False), ("0", False)):
+        listed = client.get("/admin/misses", params={"all": given}, headers=AUTH)
+        assert listed.status_code == 200, listed.text
+        assert listed.json()["agent_intents_included"] is included
+
+
 async def test_misses_are_grouped_by_meaning(admin_server):
     boston = ["do you have a branch in Boston", "Do you have a branch in Boston?",
               "is there a Boston branch", "is there a Boston branch",

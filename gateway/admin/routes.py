@@ -312,6 +312,9 @@ async def _miss_groups(services: Services, threshold: float, limit: int,
     return len(missed), groups
 
 
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
 @admin_ready
 async def misses(request: Request, services: Services) -> Response:
     query = request.query_params
@@ -322,7 +325,13 @@ async def misses(request: Request, services: Services) -> Response:
         return _bad_request(request, "limit must be an integer and threshold a number")
     if not (limit > 0 and 0.0 < threshold <= 1.0):
         return _bad_request(request, "limit must be positive and threshold in (0, 1]")
-    everything = query.get("all", "").lower() in ("1", "true", "yes")
+    # A value read as neither (`all=on`, a bare `?all`, a typo) is refused: taken for "no",
+    # it listed fewer misses than asked for, without a word.
+    flag = query.get("all", "0").strip().lower()
+    if flag not in _TRUE + _FALSE:
+        return _bad_request(request, f"'all' must be 1, true or yes (include the agent "
+                                     f"intents) or 0, false or no; not {flag[:40]!r}")
+    everything = flag in _TRUE
     total, groups = await _miss_groups(services, threshold, limit, everything)
     return JSONResponse({"total": total, "threshold": threshold,
                          "agent_intents_included": everything, "groups": groups})
