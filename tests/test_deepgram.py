@@ -526,3 +526,59 @@ async def test_a_stalled_socket_to_a_dead_peer_is_reopened_at_once():
         await clock.advance(2.1)
         await asyncio.wait_for(closing, 3)
         await recognizer.aclose()
+
+
+class ReopeningDeepgram:
+    """The fake behind a route that drops its first connection after its first audio, then
+    holds the second handshake (no accept) until ``release``: the stream is reopening for as
+    long as the test needs. Later connections are the fake's."""
+
+    def __init__(self) -> None:
+        self.fake = FakeDeepgram()
+        self.fake.ms_per_word = 40
+        self.connections = 0
+        self.release = threading.Event()
+        self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
+
+    async def _listen(self, websocket: WebSocket) -> None:
+        self.connections += 1
+        if self.connections == 1:
+            await websocket.accept()
+            await websocket.receive()
+            await websocket.close(code=1011)
+            return
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        await self.fake._listen(websocket)
+
+
+async def test_an_utterance_whose_first_audio_was_refused_while_reopening_fails():
+    """The socket dropped between utterances; the caller starts speaking while it reopens.
+    The start of the question is refused (never sent), so what Deepgram hears of it is its
+    tail ("... your opening hours"): answering that is answering another question. Its
+    final fails (the apology), as for an utterance that lost audio to the dropped socket,
+    and the next one is recognised whole."""
+    reopening = ReopeningDeepgram()
+    with ServerThread(reopening.app) as server:
+        recognizer = stt(server, reconnect_s=0.01)
+        stream = recognizer.open_stream()
+        await stream.send_audio(SILENCE)
+        await stream.finalize()  # an utterance ends before the socket drops
+        assert await until(lambda: reopening.connections == 2)  # its handshake is held
+        refused = 0
+        for _ in range(4):  # the caller's question begins: refused, the socket is not back
+            try:
+                await stream.send_audio(VOICE)
+            except ProviderError:
+                refused += 1
+        reopening.release.set()
+        assert await until(lambda: stream.connected)
+        await send(stream, VOICE, 8)  # the rest of the question, on the new socket
+        with pytest.raises(ProviderError, match="1011"):
+            await stream.finalize()  # its start went nowhere: this turn apologises
+        await send(stream, VOICE, 12)  # the next question
+        second = await stream.finalize()
+        await stream.aclose()
+        await recognizer.aclose()
+    assert refused == 4
+    assert second.text == "what are your opening hours"

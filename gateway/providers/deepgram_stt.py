@@ -26,7 +26,8 @@ onto ``STTStream``:
   peer gone dead, about 30 s in all, and a call's teardown or a reopen would wait with it.
 - A socket that fails (dropped by the service or the network) is reopened, after
   ``reconnect_s`` doubling to 5 s; audio meanwhile is refused. The utterance that lost
-  audio to it fails at its ``finalize()`` (the call apologises), and the next one is
+  audio to it, or had audio refused meanwhile (its start: the rest alone would be answered
+  as the question), fails at its ``finalize()`` (the call apologises), and the next one is
   recognised on the new socket. A refused connection (HTTP 4xx: a wrong key) is final.
 
 Results that end before the last finalize/reset (audio time) are dropped, so a late
@@ -100,8 +101,11 @@ class DeepgramStream:
     # ------------------------------------------------------------ STTStream API
 
     async def send_audio(self, pcm16: bytes) -> None:
-        if self._error is not None and self._utterance_has_audio():
-            self._lost = self._error  # refused mid-utterance: its words are incomplete
+        if self._error is not None:
+            # Refused: this utterance's words are incomplete, whether audio of it went out
+            # before (mid-utterance) or not (its start, while the socket reopens: what comes
+            # after would be recognised, and answered, as if it were the whole question).
+            self._lost = self._error
         self._check()
         if self._outbox.qsize() >= _OUTBOX_LIMIT:
             raise ProviderError(NAME, "audio is not draining: the live socket is not connected")
