@@ -9,6 +9,7 @@ from typing import Iterator
 
 import pytest
 from starlette.applications import Starlette
+from starlette.responses import JSONResponse
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -582,3 +583,42 @@ async def test_an_utterance_whose_first_audio_was_refused_while_reopening_fails(
         await recognizer.aclose()
     assert refused == 4
     assert second.text == "what are your opening hours"
+
+
+class BusyDeepgram:
+    """The fake behind a route that refuses the first handshake with ``status`` (429: the
+    account's concurrent streams are all in use, a burst of calls), then takes the rest."""
+
+    def __init__(self, status: int) -> None:
+        self.fake = FakeDeepgram()
+        self.fake.ms_per_word = 40
+        self.status = status
+        self.connections = 0
+        self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
+
+    async def _listen(self, websocket: WebSocket) -> None:
+        self.connections += 1
+        if self.connections == 1:
+            await websocket.send_denial_response(JSONResponse(
+                {"err_code": "TOO_MANY_REQUESTS", "err_msg": "Too many requests."},
+                status_code=self.status, headers={"Retry-After": "1"}))
+            return
+        await self.fake._listen(websocket)
+
+
+@pytest.mark.parametrize("status", [429, 408])
+async def test_a_handshake_refused_for_now_is_retried(status):
+    """A 429 (or 408) at the handshake says "not now", not "never" (as a wrong key's 401
+    does): the stream reopens, so a call that began in a burst is recognised once the
+    service takes it, not failed turn after turn for the rest of the call."""
+    busy = BusyDeepgram(status)
+    # uvicorn's legacy websockets protocol: its sans-I/O one logs a denial as an error.
+    with ServerThread(busy.app, ws="websockets") as server:
+        recognizer = stt(server, reconnect_s=0.01)
+        stream = recognizer.open_stream()
+        assert await until(lambda: busy.connections == 2 and stream.connected)
+        await send(stream, VOICE, 12)
+        final = await stream.finalize()
+        await stream.aclose()
+        await recognizer.aclose()
+    assert final.text == "what are your opening hours"

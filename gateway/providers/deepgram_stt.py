@@ -28,7 +28,8 @@ onto ``STTStream``:
   ``reconnect_s`` doubling to 5 s; audio meanwhile is refused. The utterance that lost
   audio to it, or had audio refused meanwhile (its start: the rest alone would be answered
   as the question), fails at its ``finalize()`` (the call apologises), and the next one is
-  recognised on the new socket. A refused connection (HTTP 4xx: a wrong key) is final.
+  recognised on the new socket. A refused connection (HTTP 4xx: a wrong key) is final,
+  but for 429 (too many concurrent streams) and 408, which are retried the same way.
 
 Results that end before the last finalize/reset (audio time) are dropped, so a late
 reply for an old utterance never leaks into the next one.
@@ -57,6 +58,7 @@ _OUTBOX_LIMIT = 1000  # 20 s of 20 ms frames waiting for a connection that does 
 _EPSILON_S = 0.02
 _RECONNECT_MAX_S = 5.0
 _CLOSE_WAIT_S = 2.0  # aclose: the server's last results after CloseStream, then its close
+_RETRIED_STATUSES = (408, 429)  # refused handshakes worth another try (other 4xx are final)
 
 
 class DeepgramStream:
@@ -341,7 +343,10 @@ class DeepgramStream:
             raise
         except ApiError as exc:
             # Never str(exc): its headers are the request's, including the key.
-            final = 400 <= (exc.status_code or 0) < 500  # a wrong key stays wrong
+            # A wrong key stays wrong; 429 (the account's concurrent streams all in use: a
+            # burst of calls) and 408 say "not now": a call begun then is not deaf for good.
+            status = exc.status_code or 0
+            final = 400 <= status < 500 and status not in _RETRIED_STATUSES
             return ProviderError(NAME, f"connection refused: HTTP {exc.status_code}: "
                                        f"{exc.body}"), final
         except Exception as exc:
