@@ -564,17 +564,17 @@ class Settings(BaseModel):
         """model_dump() is fit for logs: a secret shows only whether it is set (and a Redis
         URL its host)."""
         if info.field_name == "redis_url":
-            return _redact_url(value, query=True)
+            return redact_url(value, query=True)
         return MASK if value else ""
 
     @field_serializer("llm_primary_url", "llm_secondary_url", "elevenlabs_base_url",
                       "deepgram_url", "public_url", "twilio_api_url")
     def _url_without_password(self, value: str) -> str:
-        return _redact_url(value)
+        return redact_url(value)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
-            yield name, _redact_url(value) if name and name.endswith("_url") else value
+            yield name, redact_url(value) if name and name.endswith("_url") else value
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None,
@@ -629,7 +629,7 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _redact_url(url: Any, query: bool = False) -> Any:
+def redact_url(url: Any, query: bool = False) -> Any:
     """``url`` without a password (and, with ``query``, without its query string)."""
     if not isinstance(url, str) or not url:
         return url

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import socket
 from typing import AsyncIterator
 
 import pytest
@@ -204,6 +205,23 @@ async def test_an_api_key_a_server_echoes_is_not_in_the_error(llm_server):
     await model.aclose()
     assert "HTTP 401" in str(failed.value) and "Incorrect API key" in str(failed.value)
     assert key not in str(failed.value), str(failed.value)
+
+
+@pytest.mark.parametrize("chat", [OpenAIChat, GroqChat])
+async def test_a_password_in_the_llm_url_is_not_in_the_error(chat):
+    """A URL's password is a secret (settings mask it in every dump): an LLM that cannot be
+    reached is named by its URL without it, in the error that goes to logs and, as the
+    handoff's reason, to the caller's events."""
+    with socket.socket() as closed:  # bound, never listening: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        model = chat("t", base_url=f"http://proxy-user:s3cret-pass@127.0.0.1:{port}/v1",
+                     api_key="sk-test-0123456789abcdef")
+        with pytest.raises(ProviderError) as failed:
+            [c async for c in model.stream(MESSAGES)]
+        await model.aclose()
+    assert f"cannot reach http://***@127.0.0.1:{port}/" in str(failed.value), str(failed.value)
+    assert "s3cret-pass" not in str(failed.value), str(failed.value)
 
 
 def test_adaptive_delay_tracks_a_high_percentile_with_a_floor():

@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any, AsyncIterator
 
 from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec
+from gateway.settings import redact_url
 
 
 @dataclass
@@ -188,10 +189,15 @@ class SDKChat:
         if isinstance(exc, sdk.APIStatusError):
             return f"HTTP {exc.status_code} from {self.model}: {exc.message}"
         if isinstance(exc, sdk.APITimeoutError):
-            return f"request to {self._client.base_url} timed out"
+            return f"request to {self._url()} timed out"
         if isinstance(exc, sdk.APIConnectionError):
-            return f"cannot reach {self._client.base_url}: {exc}"
+            return f"cannot reach {self._url()}: {exc}"
         return f"stream failed: {exc}"
+
+    def _url(self) -> str:
+        """The endpoint without a password in it (``user:pass@``, as settings mask it): the
+        message goes to logs and to the caller's events."""
+        return redact_url(str(self._client.base_url))
 
     def _redacted(self, message: str) -> str:
         """The message without the API key: OpenAI masks it in its 401 text, but a
