@@ -198,11 +198,15 @@ def _parse_start(data: dict[str, Any]) -> StartMessage:
     return StartMessage(sample_rate=rate, encoding=encoding, metadata=metadata)
 
 
-def check_audio_frame(frame: bytes, max_bytes: int) -> None:
+def check_frame_size(frame: bytes, max_bytes: int) -> None:
     if len(frame) > max_bytes:
         raise ProtocolError("frame_too_large",
                             f"audio frame of {len(frame)} bytes exceeds {max_bytes} bytes",
                             CLOSE_TOO_BIG)
+
+
+def check_audio_frame(frame: bytes, max_bytes: int) -> None:
+    check_frame_size(frame, max_bytes)
     if not frame:  # nothing to hear, and free for the rate limit: refused, counted
         raise ProtocolError("empty_audio_frame", "a binary frame holds no audio; send whole "
                                                  "16-bit samples (20 ms recommended)")

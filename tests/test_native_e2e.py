@@ -155,6 +155,11 @@ START = json.dumps({"type": "start", "sample_rate": 16000, "encoding": "pcm16"})
     (["{not json"], "invalid_json", None),
     ([json.dumps({"type": "dance"})], "unknown_message_type", None),
     ([b"\x00" * 640], "audio_before_start", None),
+    # Before `start` no frame is heard, whatever it holds: the call stays open for its start
+    # (an odd length closed it, 1007, over audio that would have been dropped anyway).
+    ([b"\x00" * 641], "audio_before_start", None),
+    ([b""], "audio_before_start", None),
+    ([b"\x00" * (64 * 1024 + 2)], "frame_too_large", 1009),
     ([json.dumps({"type": "start", "sample_rate": 12345})], "unsupported_sample_rate", 1003),
     ([json.dumps({"type": "start", "sample_rate": 16000, "encoding": "mp3"})],
      "unsupported_encoding", 1003),

@@ -15,7 +15,8 @@ from ..call.session import (CallSession, presented_token, refuse_before_accept,
                             refuse_while_unavailable, token_matches)
 from ..codec import PCM16
 from ..protocol import (DtmfMessage, ProtocolError, StartMessage,
-                        StopMessage, TextMessage, check_audio_frame, parse_text_frame)
+                        StopMessage, TextMessage, check_audio_frame, check_frame_size,
+                        parse_text_frame)
 from ..services import Services
 
 
@@ -74,9 +75,10 @@ def _handle(message: dict[str, Any], session: CallSession, output: NativeOutput,
     settings = services.settings
     data = message.get("bytes")
     if data is not None:
-        check_audio_frame(data, settings.max_frame_bytes)
-        if session.call is None:
+        if session.call is None:  # its size still closes an oversized one (a flood)
+            check_frame_size(data, settings.max_frame_bytes)
             raise ProtocolError("audio_before_start", "send a `start` message before audio frames")
+        check_audio_frame(data, settings.max_frame_bytes)
         session.feed_audio(data)
         return True
     parsed = parse_text_frame(message.get("text") or "", settings.max_frame_bytes)
