@@ -76,6 +76,26 @@ async def test_errors_become_provider_errors_without_the_key(eleven):
     await tts.aclose()
 
 
+@pytest.mark.parametrize(("media_type", "body", "said"), [
+    ("application/json", b'{"detail": {"status": "quota_exceeded", "message": "Quota exceeded"}}',
+     "application/json instead of audio: Quota exceeded"),
+    ("text/html", b"<html><body>Please sign in to continue</body></html>",
+     "text/html instead of audio: <html><body>Please sign in"),
+], ids=["json", "html"])
+async def test_a_body_that_is_no_audio_is_an_error_not_noise(eleven, media_type, body, said):
+    """Something answers 200 for the voice with a body that is not audio (a gateway's JSON
+    error, a proxy's or a captive portal's page, a wrong base URL): read as PCM it is loud
+    noise on the line, and in the cache when a seed renders it. It fails instead, saying
+    what came (the call's tts_failed and the apology; the seed stops)."""
+    fake, server = eleven
+    fake.not_audio = (media_type, body)
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url)
+    with pytest.raises(ProviderError) as info:
+        [chunk async for chunk in tts.synthesize("Your order shipped on Monday.")]
+    await tts.aclose()
+    assert said in str(info.value), str(info.value)
+
+
 def test_a_reseed_after_a_model_or_rate_change_renders_the_answers_again(eleven, tmp_path):
     """The seed keys an answer's audio by its text and voice. ElevenLabs' voice id alone named
     the voice, so a re-seed after changing elevenlabs_model_id or elevenlabs_sample_rate found

@@ -5,11 +5,14 @@
 
 A stream with no audio ``first_audio_timeout_s`` after the request (the request queued,
 the connection hung) fails then (``ProviderError``: the call's ``tts_failed`` and the
-apology), not at httpx's read timeout (30 s) after as long a silence on the line.
+apology), not at httpx's read timeout (30 s) after as long a silence on the line. A 200
+whose body is JSON or text (``Content-Type``), not audio, fails as well: read as PCM it
+would be loud noise.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, AsyncIterator
 
 import httpx
@@ -59,9 +62,7 @@ class ElevenLabsTTS:
                    first_audio_timeout_s=settings.elevenlabs_first_audio_timeout_s, clock=clock)
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        stream = self._client.text_to_speech.stream(
-            self.voice_id, text=text, model_id=self.model_id, output_format=f"pcm_{self.sample_rate}",
-            request_options={"chunk_size": self._chunk_bytes})
+        stream = self._audio(text)
         chunks = aiter(stream)
         carry = b""  # keep chunks sample-aligned: an odd byte waits for the next chunk
         try:
@@ -84,6 +85,26 @@ class ElevenLabsTTS:
         finally:
             await stream.aclose()  # closes the HTTP response on barge-in too
 
+    async def _audio(self, text: str) -> AsyncIterator[bytes]:
+        """The synthesis' body, if it is audio. A 200 whose body is JSON or text (a gateway's
+        error, a proxy's or captive portal's page, a wrong base URL) is no PCM: played, it
+        is loud noise on the line (seeded, in the cache). A ``ProviderError`` instead."""
+        async with self._client.text_to_speech.with_raw_response.stream(
+                self.voice_id, text=text, model_id=self.model_id,
+                output_format=f"pcm_{self.sample_rate}",
+                request_options={"chunk_size": self._chunk_bytes}) as response:
+            kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if kind == "application/json" or kind.startswith("text/"):
+                body = b""
+                async for piece in response.data:
+                    body += piece
+                    if len(body) >= 4096:
+                        break
+                raise ProviderError(self.name, f"answered {kind} instead of audio: "
+                                               f"{_detail(_parsed(body))}")
+            async for chunk in response.data:
+                yield chunk
+
     async def _first_audio(self, chunks: AsyncIterator[bytes]) -> bytes | None:
         """The stream's first bytes (None: it ended without any), within
         ``first_audio_timeout_s`` of the request, else a ``ProviderError``."""
@@ -97,6 +118,15 @@ class ElevenLabsTTS:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _parsed(body: bytes) -> Any:
+    """A body as JSON when it is, else as text."""
+    text = body.decode("utf-8", "replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _detail(body: Any) -> str:

@@ -39,6 +39,9 @@ class FakeElevenLabs:
         self.stall_before_audio = threading.Event()
         self.release = threading.Event()
         self.silent = False  # answer 200 and a body with no audio at all
+        # Answer 200 with this (content type, body) instead of audio: what stands in front
+        # of the voice (a proxy, a captive portal, a wrong base URL) speaking for it.
+        self.not_audio: tuple[str, bytes] | None = None
         self.app = Starlette(routes=[Route("/v1/text-to-speech/{voice_id}/stream", self._stream,
                                            methods=["POST"])])
 
@@ -57,6 +60,9 @@ class FakeElevenLabs:
         if self.status != 200:
             return JSONResponse({"detail": {"status": "server_error", "message": "fake failure"}},
                                 status_code=self.status)
+        if self.not_audio is not None:
+            media_type, content = self.not_audio
+            return Response(content, media_type=media_type)
         rate = int(output_format.split("_")[1])
         pcm = b"" if self.silent else tone(len(body.get("text", "")) * MS_PER_CHAR, rate)
         if self.stall_before_response.is_set():
