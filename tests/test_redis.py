@@ -1,8 +1,10 @@
 """The Redis store and several replicas sharing one cache.
 
 Unit tests use the shared Redis on 127.0.0.1:${REDIS_PORT:-6379} (the one
-scripts/ensure-redis.sh starts) in a database of the test suite's own, 13
-(``VOICEGATE_TEST_REDIS_DB`` picks another; ``VOICEGATE_TEST_REDIS_URL`` another server). Only
+scripts/ensure-redis.sh starts) in a database of the test suite's own, 13, and 14 for the
+second pytest-xdist worker (``VOICEGATE_TEST_REDIS_DB`` picks another first one;
+``VOICEGATE_TEST_REDIS_URL`` another server: one that names a database is shared by the
+workers, so run those tests with ``-n 0``). Only
 that database is flushed, per test (FLUSHDB, never FLUSHALL); database 0, where voicegate and
 the README's commands keep their data by default, is refused. The replica test starts its own
 redis-server (free port, temporary directory, appendonly) and two gateway
@@ -45,7 +47,11 @@ from intents.redis_store import RedisKeys, RedisStore, redacted
 from intents.store import CacheBundle, StoreError, audio_key
 from intents.types import Audio
 
-TEST_REDIS_DB = int(os.environ.get("VOICEGATE_TEST_REDIS_DB", "13"))
+# Under pytest-xdist each worker flushes a database of its own: the next one up per worker
+# (gw0: 13, gw1: 14, ...), so two workers' tests never flush each other's keys.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+TEST_REDIS_DB = int(os.environ.get("VOICEGATE_TEST_REDIS_DB", "13")) + \
+    (int(_WORKER) if _WORKER.isdigit() else 0)
 
 
 def suite_redis_url() -> str:
