@@ -103,6 +103,39 @@ async def test_words_said_over_a_held_answer_open_the_next_turn_when_the_caller_
     assert h.transcripts() == ["no wait please tell me about fees"]
 
 
+async def test_an_empty_slow_final_does_not_resume_the_answer_over_words_said_after_it():
+    # A cough holds the answer; its final takes 1 s (a busy host: no partials either).
+    # Before it is in, the caller asks "fees please" and stops. The cough's final then
+    # comes back empty: _settle_hold saw the caller silent (not in an utterance) and
+    # resumed the old answer, although the question's own final, still decoding, was
+    # the one to decide. The answer played on over the question (its settler found the
+    # hold over and did nothing), which waited behind the whole rest of it.
+    h = CallHarness(decode_s=1.0)
+    h.llm.reply = LONG_REPLY
+    await h.start()
+    stream = h.stt.streams[0]
+
+    async def send_audio_without_partials(pcm16: bytes) -> None:
+        stream._buffer += pcm16  # a recogniser that had no partial ready (busy)
+
+    stream.send_audio = send_audio_without_partials  # type: ignore[method-assign]
+    await h.text("tell me everything")
+    await h.wait(1500)
+    assert h.call.speaking
+    await h.feed(tone(450, NOISE))  # a cough, long enough to barge in: held
+    assert h.call._held is not None
+    await h.silence(360)  # its turn ends (300 ms); its final decodes 1 s
+    h.llm.reply = "Okay."
+    await h.say("fees please", then_silence_ms=400)  # its turn ends before the cough's final
+    assert not h.call._turns.in_utterance and h.call._held is not None
+    said = len(h.output.of("response"))
+    await h.silence(3000)
+    await h.stop()
+    assert h.output.of("resume") == []
+    assert h.transcripts()[-1] == "fees please", h.transcripts()
+    assert [e["text"] for e in h.output.of("response")[said:]] == ["Okay."]
+
+
 async def test_a_stage_failure_while_the_answer_is_held_does_not_play_over_the_caller():
     # The agent's second sentence comes late (a slow LLM); the caller coughs in the gap
     # and the answer is held (its playout open, reply.py:127). The second sentence's

@@ -208,6 +208,9 @@ class Call:
         self._hold_over: asyncio.Future[bool] | None = None
         self._hold_timer: asyncio.Task[None] | None = None
         self._hold_settlers: set[asyncio.Task[None]] = set()
+        # The final of the latest utterance that ended during the hold: a settler of an
+        # earlier one that heard no words leaves the decision to it (``_settle_hold``).
+        self._hold_latest: asyncio.Future[Transcript] | None = None
         # The replies the hold stops if words come: the held one and those it waits for.
         self._hold_replies: frozenset[asyncio.Task[None]] = frozenset()
         # Replies words stopped whose cancel may still be on its way down the queue.
@@ -665,6 +668,7 @@ class Call:
                 self._preempt_over(preempt)
             return
         if self._held is not None:
+            self._hold_latest = final
             settler = asyncio.create_task(self._settle_hold(self._held, final),
                                           name="vg-settle-hold")
             self._hold_settlers.add(settler)
@@ -1233,8 +1237,10 @@ class Call:
             return  # decided meanwhile (words in a partial, a text message, the window)
         if normalize_text(text):
             self._confirm_interruption()
-        elif self._turns.in_utterance:
-            return  # no words, but the caller is talking again: that utterance decides
+        elif self._turns.in_utterance or final is not self._hold_latest:
+            # No words, but the caller is talking again, or has said more since (its final
+            # still decoding, a slow host): that utterance decides, not the silence now.
+            return
         else:
             turn = self._reply_tl.turn if self._reply_tl else self._turns.turns
             await self._resume_reply(turn)
