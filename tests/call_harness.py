@@ -115,7 +115,11 @@ class WordSTTStream:
         if not self._stt.early_finals:
             return None
         self._early = asyncio.ensure_future(self._decode(bytes(self._buffer)))
-        return self._early
+        # As RedecodingStream's: the early words the engine awaits (and may stop awaiting,
+        # cancelled) are not the decode the final takes over.
+        early = asyncio.ensure_future(_shielded(self._early))
+        early.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return early
 
     def speech_resumed(self) -> None:
         if self._early is not None:
@@ -152,6 +156,10 @@ class WordSTTStream:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+async def _shielded(decode: asyncio.Future[Transcript]) -> Transcript:
+    return await asyncio.shield(decode)
 
 
 class WordSTT:
