@@ -270,7 +270,8 @@ class Settings(BaseModel):
     # resumed (false_interruption_s); with that at 0, barge_in_min_speech_ms.
     continuation_min_speech_ms: Pos = 160
     # A barge-in holds the reply this long: if the caller's speech ends with no words
-    # recognised (noise), the reply resumes from the last frame heard. 0: always stop.
+    # recognised (noise), the reply resumes from the last frame heard (speech over by then
+    # whose final still decodes holds it until that final is in). 0: always stop.
     false_interruption_s: Annotated[float, Field(ge=0.0, le=10.0)] = 2.0
     # Speech that stops a reply within this long of the end of the caller's turn continues
     # that turn: the caller had paused mid-sentence after words that sounded finished

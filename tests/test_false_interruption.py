@@ -64,6 +64,30 @@ async def test_noise_that_goes_on_past_the_window_is_a_real_interruption():
     assert h.metrics()[0]["interrupted"] is True
 
 
+@pytest.mark.parametrize("early_finals", [False, True])
+async def test_a_cough_whose_final_decodes_past_the_window_resumes_the_answer(early_finals):
+    # A busy host: the cough's final takes 2 s. The cough is over long before the window
+    # (2 s from the barge-in) is, but its final is not in yet: the window's end took the
+    # undecided hold for a real barge-in, stopped the answer for good, and the cough's
+    # turn, empty, said nothing: the caller was left in silence.
+    h = CallHarness(decode_s=2.0, early_finals=early_finals)
+    h.llm.reply = " ".join(f"Sentence {i} of a long answer." for i in range(30))
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)
+    assert h.call.speaking
+    await h.feed(tone(450, NOISE))  # a cough: held after 400 ms
+    (held_at,) = h.output.interrupted_at
+    await h.silence(2000)  # the window ends; the cough's final is still decoding
+    assert h.call._held is not None
+    await h.silence(2000)
+    await h.stop()
+    (interrupt,) = h.output.of("interrupt")
+    (resume,) = h.output.of("resume")
+    assert resume["from_ms"] == interrupt["heard_ms"]
+    assert [t for t, _ in h.output.frames if t > held_at + 2.5], "the answer never went on"
+
+
 async def test_with_the_window_off_any_barge_in_stops_the_reply():
     h = await CallHarness(faqs={"opening hours": "hours"},
                           settings={"false_interruption_s": 0}).start()

@@ -1137,8 +1137,17 @@ class Call:
             and self._within_continuation(tl, stopped[1])
 
     async def _expire_hold(self, task: asyncio.Task[None], window: float) -> None:
-        """Still undecided after the window (long noise, no final yet): a real barge-in."""
+        """Still undecided after the window (long noise, no final yet): a real barge-in.
+        Not while the caller is quiet and their speech's final is still decoding (a busy
+        host: 1-3 s): that final decides, or a cough stopped the reply for good and its
+        empty turn left the caller in silence. Speaking again by then, they are held no
+        longer than the window (``_settle_hold`` leaves it to that speech)."""
         await self._clock.sleep(window)
+        while self._held is task and not self._turns.in_utterance:
+            settling = [s for s in self._hold_settlers if not s.done()]
+            if not settling:
+                break
+            await asyncio.wait(settling, return_when=asyncio.FIRST_COMPLETED)
         if self._held is task:
             self._confirm_interruption()
 
