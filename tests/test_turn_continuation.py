@@ -42,6 +42,25 @@ async def test_words_soon_after_the_turn_ended_continue_it():
     assert user_texts(h.call.conversation.history) == ["i lost my card while i was abroad"]
 
 
+async def test_a_continued_turn_stopped_before_its_answer_is_one_continuation():
+    # "i lost my card" is answered and cut by "on the train" (a continuation). That whole
+    # question is a miss and the agent is slow; before it says a word the caller goes on
+    # "and my wallet": the continued turn's words are carried again into the third turn.
+    # _spoken_turn counted a continuation each time a turn opened with the cut words, so
+    # the one cut answer counted twice (voicegate_turn_continuations_total).
+    h = CallHarness(faqs={"lost my card": "lost_card"})
+    h.router.typed_only = lambda text: "train" in text  # the whole question: no spoken hit
+    h.llm.reply = "Okay."
+    h.llm.first_token_s = 1.5
+    await h.start()
+    await cut_short(h, "i lost my card", "on the train", gap_ms=600)  # the agent thinks
+    await h.say("and my wallet", then_silence_ms=3000)
+    await h.stop()
+    assert h.transcripts()[-1] == "i lost my card on the train and my wallet"
+    assert [e["source"] for e in h.output.of("response")] == ["cache", "llm"]
+    assert h.stats.snapshot()["continuations"] == 1
+
+
 async def test_a_continued_cached_question_ends_on_the_short_silence():
     # "forgot password" is answered at the pause; the caller goes on "how do I reset it".
     # Those words alone are no cached question, the whole is: the pause after them is

@@ -724,8 +724,7 @@ class Call:
             if exchange is not None:
                 self.conversation.withdraw_exchange(exchange)
             if continuing:
-                tl.info["continues"] = True
-                self._stats.continuation()
+                tl.info["continues"] = True  # counted once it asks them (_finish_metrics)
         tl.mark("final_transcript")
         await self._out.send_event({"type": "transcript", "text": text, "final": True,
                                     "turn": tl.turn})
@@ -1036,6 +1035,10 @@ class Call:
                                       route_score=decision.score if decision else None,
                                       answer=self._reply.said_text(tl.turn), call_id=self.id)
             self.turns_answered += 1
+            if tl.info.get("continues"):
+                # Here, not as the turn opens: one stopped before it asked anything carries
+                # the same cut words on, and the next turn would count them again.
+                self._stats.continuation()
         logs.event(log, "turn", **metrics)
         self._trace.turn(tl, metrics)
         if self._keeper is not None:
