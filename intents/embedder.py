@@ -74,13 +74,17 @@ class Embedder:
             raise FileNotFoundError(f"no sentence-transformers model in {path}")
         self.backend = backend
         self.model_name = recorded_name(model_name, backend)
+        from .model_cache import default_cache_dir
+
+        # Where files derived from the model are kept (its int8 export, vectors of fixed
+        # texts: intents/negatives.py).
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         if backend == "torch":
             self._encode = self._torch_encoder(path, device, threads)
         else:
-            from .model_cache import default_cache_dir
             from .onnx_encoder import OnnxSentenceEncoder, cached_model
 
-            onnx_path = cached_model(path, Path(cache_dir) if cache_dir else default_cache_dir())
+            onnx_path = cached_model(path, self.cache_dir)
             encoder = OnnxSentenceEncoder(onnx_path, path / "tokenizer.json",
                                           max_tokens=_max_tokens(path), threads=threads or 1)
             self.dim = encoder.dim

@@ -15,6 +15,7 @@ import csv
 import functools
 import hashlib
 import io
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +23,9 @@ from typing import Sequence
 import numpy as np
 
 from intents.embedder import Embedder, normalize_text
+from intents.model_cache import build_once
+
+log = logging.getLogger("voicegate.negatives")
 
 MAX_TEXT_CHARS = 2000
 
@@ -103,16 +107,80 @@ def negatives_for_seed(extra: Sequence[str] = (), questions: Sequence[str] = ()
 
 
 _vectors: dict[tuple[str, str], np.ndarray] = {}
+# The shipped set's vectors, per model (``shipped_vectors``).
+_shipped: dict[str, tuple[dict[str, int], np.ndarray]] = {}
+# Texts of the shipped set re-embedded to check vectors read from disk (spread over it).
+_CHECKED_TEXTS = 8
+_AGREEMENT = 0.999  # least cosine between a kept vector and the model's own
 
 
 def embed_negatives(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
-    """Their vectors, kept per model and text set: every re-seed and promotion reuses them."""
+    """Their vectors, kept per model and text set: every re-seed and promotion reuses them.
+    Those of the shipped set come from ``shipped_vectors``: a new process (a CLI seed, a
+    replica's first edit) does not embed its 1,300 questions again."""
     digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
     key = (embedder.model_name, digest)
     found = _vectors.get(key)
     if found is None:
-        found = embedder.encode_batch(list(texts), batch_size=128)
+        rows, shipped = shipped_vectors(embedder)
+        found = np.empty((len(texts), embedder.dim), dtype=np.float32)
+        others = [i for i, text in enumerate(texts) if text not in rows]
+        for i, text in enumerate(texts):
+            if text in rows:
+                found[i] = shipped[rows[text]]
+        if others:
+            found[others] = embedder.encode_batch([texts[i] for i in others], batch_size=128)
         found.setflags(write=False)
         _vectors.clear()  # one set at a time: a process serves one seed's negatives
         _vectors[key] = found
     return found
+
+
+def shipped_vectors(embedder: Embedder) -> tuple[dict[str, int], np.ndarray]:
+    """The shipped set's vectors (and each text's row), embedded once per machine and model:
+    kept in the model cache dir (``negatives-<key>.npy``, written atomically), ~7 s of a
+    seed on two cores otherwise. A file that does not load, or whose vectors the model no
+    longer gives (re-embedded, a few texts spread over the set), is embedded again."""
+    texts = generic_negatives()
+    held = _shipped.get(embedder.model_name)
+    if held is not None:
+        return held
+    key = hashlib.sha256("\n".join((embedder.model_name, *texts)).encode("utf-8")).hexdigest()
+    path = embedder.cache_dir / f"negatives-{key[:16]}.npy"
+    vectors = _read_vectors(path, (len(texts), embedder.dim))
+    if vectors is not None and not _agrees(embedder, texts, vectors):
+        log.warning("negatives_vectors_stale path=%s", path)
+        vectors = None
+    if vectors is None:
+        vectors = embedder.encode_batch(list(texts), batch_size=128)
+        try:
+            path.unlink(missing_ok=True)  # build_once keeps a file that loads
+            build_once(path, lambda tmp: _write_vectors(tmp, vectors),
+                       loads=lambda p: _read_vectors(p, vectors.shape) is not None)
+        except OSError as exc:  # a read-only cache dir costs time, never the seed
+            log.warning("negatives_vectors_not_kept path=%s error=%s", path, exc)
+    vectors.setflags(write=False)
+    held = {text: i for i, text in enumerate(texts)}, vectors
+    _shipped[embedder.model_name] = held
+    return held
+
+
+def _agrees(embedder: Embedder, texts: Sequence[str], vectors: np.ndarray) -> bool:
+    picks = np.linspace(0, len(texts) - 1, num=min(_CHECKED_TEXTS, len(texts))).astype(int)
+    fresh = embedder.encode_batch([texts[i] for i in picks])
+    return bool(np.min(np.sum(fresh * vectors[picks], axis=1)) >= _AGREEMENT)
+
+
+def _read_vectors(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # missing, not an array, empty
+        return None
+    if vectors.shape != shape or vectors.dtype != np.float32 or not np.isfinite(vectors).all():
+        return None
+    return vectors
+
+
+def _write_vectors(path: Path, vectors: np.ndarray) -> None:
+    with open(path, "wb") as out:  # np.save(path) would add ".npy" to the temp name
+        np.save(out, vectors, allow_pickle=False)
