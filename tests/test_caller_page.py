@@ -405,3 +405,49 @@ async def test_the_pages_call_token_stays_out_of_the_servers_log(guarded_server)
     assert any("WebSocket /v1/call" in line and "[accepted]" in line for line in lines), lines
     assert any("WebSocket /v1/call" in line and "403" in line for line in lines), lines
     assert not [line for line in lines if CALL_TOKEN in line or "a-wrong-guess-7" in line]
+
+
+@pytest.fixture
+def idle_server(settings, runtime, page_store):
+    """A gateway that prompts a silent caller after 1 s, and hangs up 1 s later."""
+    server = BackgroundServer(settings.replace(store_dir=str(page_store), cache_poll_s=600.0,
+                                               idle_prompt_s=1.0), runtime).start()
+    yield server
+    server.stop()
+
+
+def test_a_stage_failing_on_the_callers_audio_does_not_fail_the_call(idle_server, monkeypatch,
+                                                                      tmp_path):
+    # A stage that fails on the caller's audio (vad_failed here; stt_failed and
+    # turn_model_failed alike) is sent without a turn, and the call goes on
+    # (docs/protocol.md, "Errors"). The page took every error without a turn for the
+    # call's end: it showed it as the call's error, and when the gateway later ended the
+    # call normally (the idle hang-up, 1000), it showed the call as failed.
+    from gateway.vad import VADBatcher
+
+    original = VADBatcher.score
+    failed: list[int] = []
+
+    async def failing_once(self, state, windows):
+        if not failed:
+            failed.append(len(windows))
+            raise RuntimeError("the VAD model crashed")
+        return await original(self, state, windows)
+
+    monkeypatch.setattr(VADBatcher, "score", failing_once)
+    wav = microphone_wav(tmp_path / "silence.wav", b"", silence_after_s=5.0)
+    with chromium(fake_microphone_flags(wav)) as browser:
+        open_page(browser, idle_server)
+        call(browser)
+        during = wait_state(browser, lambda s: s.get("errorCode") == "vad_failed",
+                            "the failed stage")
+        said = text(browser, "status"), text(browser, "error")
+        # silent: the gateway prompts, says goodbye and ends the call (1000)
+        state = wait_state(browser, lambda s: s["state"] in ("ended", "failed"),
+                           "the gateway's hang-up")
+        ended = state["state"], text(browser, "status"), text(browser, "error")
+        assert failed
+        assert ended == ("ended", "the gateway ended the call", ""), (ended, said)
+        # said while the call went on, in the status line, not as the call's error
+        assert "voice activity detection failed" in said[0] and "goes on" in said[0], said
+        assert "error" not in during and said[1] == "", said

@@ -465,10 +465,23 @@
     internal_error: "The gateway hit an internal error and ended this call. Call again.",
   };
 
+  // The errors after which the gateway closes the call (docs/protocol.md, "Errors"; and
+  // internal_error, below). Any other leaves it open: a stage that failed, of one turn or on
+  // the caller's audio (vad_failed, stt_failed, turn_model_failed: no turn), or one message
+  // dropped (too_many_messages).
+  const CALL_ENDING = new Set([
+    "too_many_calls", "draining", "start_timeout", "audio_too_fast", "client_not_reading",
+    "too_many_bad_messages", "unsupported_sample_rate", "unsupported_encoding",
+    "odd_pcm_length", "frame_too_large",
+  ]);
+
   function onError(current, event) {
-    if (event.turn !== undefined) {
-      // A stage of one turn failed; the call goes on.
-      els.status.textContent = "turn " + event.turn + ": " + event.message + " (" + event.code + ")";
+    const ending = CALL_ENDING.has(event.code) || event.code === "internal_error";
+    if (event.turn !== undefined || !ending) {
+      // The call goes on: said where the call's progress is, not as the call's error.
+      els.status.textContent = (event.turn !== undefined ? "turn " + event.turn + ": " : "") +
+                               event.message + " (" + event.code + "); the call goes on";
+      body.dataset.errorCode = event.code;
       return;
     }
     if (event.code === "internal_error") {
