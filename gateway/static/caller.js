@@ -212,13 +212,15 @@
     return url.toString();
   }
 
-  async function startCall() {
+  function startCall() {
     if (call) return;
     clearError();
     const token = storedToken();
     if (config.token_required && !token) { askToken(); return; }
     const ctx = new AudioContext();
-    try { await ctx.resume(); } catch (e) { /* resumes on the next gesture */ }
+    // Not awaited: the call is begun (`call` set) before anything else runs, so a second
+    // click meanwhile starts no second call.
+    ctx.resume().catch(() => { /* resumes on the next gesture */ });
     const rate = config.sample_rate;
     const current = {
       ctx, rate, token, muted: body.dataset.muted === "true", opened: false, hungUp: false,
