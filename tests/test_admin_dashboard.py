@@ -335,3 +335,37 @@ def test_entering_the_token_again_keeps_one_refresh_loop(browser):
     finally:
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
                                 {"identifier": script})
+
+
+def test_figures_of_one_replica_are_said_to_be_so_while_redis_is_unreachable(
+        browser, dashboard_server, monkeypatch):
+    # With Redis the figures are the cluster's; while Redis is unreachable /admin/stats
+    # answers this replica's own, marked degraded with replicas null (docs/operations.md,
+    # "Cluster stats"). The page showed them as before: every figure dropped to one
+    # replica's, and nothing said why.
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as visible
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from gateway.services import Services
+
+    reason = "cannot read shared counters: ConnectionError: Redis is down"
+    snapshot = Services.stats_snapshot
+
+    async def unreachable(self):  # what SharedStats.cluster_snapshot answers then
+        return dict(await snapshot(self), scope="replica", replicas=None, degraded=True,
+                    degraded_reason=reason)
+
+    monkeypatch.setattr(Services, "stats_snapshot", unreachable)
+    server = dashboard_server
+    browser.get(server.base_url + "/admin/")
+    browser.execute_script(f"sessionStorage.setItem('voicegate.adminToken', '{TOKEN}')")
+    browser.get(server.base_url + "/admin/")
+    wait_loaded(browser)
+    note = browser.find_element(By.ID, "scope-note")
+    assert note.is_displayed(), "nothing says the figures are one replica's"
+    assert "this replica's only" in note.text and reason in note.text, note.text
+
+    monkeypatch.undo()  # Redis is back: the warning goes
+    WebDriverWait(browser, 30).until(visible.invisibility_of_element_located((By.ID,
+                                                                              "scope-note")))
