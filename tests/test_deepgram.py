@@ -529,17 +529,10 @@ async def test_a_stalled_socket_to_a_dead_peer_is_reopened_at_once():
         await recognizer.aclose()
 
 
-class ReopeningDeepgram:
+class ReopeningDeepgram(HangingDeepgram):
     """The fake behind a route that drops its first connection after its first audio, then
     holds the second handshake (no accept) until ``release``: the stream is reopening for as
     long as the test needs. Later connections are the fake's."""
-
-    def __init__(self) -> None:
-        self.fake = FakeDeepgram()
-        self.fake.ms_per_word = 40
-        self.connections = 0
-        self.release = threading.Event()
-        self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
 
     async def _listen(self, websocket: WebSocket) -> None:
         self.connections += 1
