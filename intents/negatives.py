@@ -122,17 +122,26 @@ def embed_negatives(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
     key = (embedder.model_name, digest)
     found = _vectors.get(key)
     if found is None:
-        rows, shipped = shipped_vectors(embedder)
-        found = np.empty((len(texts), embedder.dim), dtype=np.float32)
-        others = [i for i, text in enumerate(texts) if text not in rows]
-        for i, text in enumerate(texts):
-            if text in rows:
-                found[i] = shipped[rows[text]]
-        if others:
-            found[others] = embedder.encode_batch([texts[i] for i in others], batch_size=128)
+        if getattr(embedder, "cache_dir", None) is None:  # no model cache to keep them in
+            found = embedder.encode_batch(list(texts), batch_size=128)
+        else:
+            found = _with_shipped(embedder, texts)
         found.setflags(write=False)
         _vectors.clear()  # one set at a time: a process serves one seed's negatives
         _vectors[key] = found
+    return found
+
+
+def _with_shipped(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
+    """``texts``' vectors: the shipped ones' from ``shipped_vectors``, the others embedded."""
+    rows, shipped = shipped_vectors(embedder)
+    found = np.empty((len(texts), embedder.dim), dtype=np.float32)
+    others = [i for i, text in enumerate(texts) if text not in rows]
+    for i, text in enumerate(texts):
+        if text in rows:
+            found[i] = shipped[rows[text]]
+    if others:
+        found[others] = embedder.encode_batch([texts[i] for i in others], batch_size=128)
     return found
 
 
