@@ -91,8 +91,16 @@ async def test_dashboard_shows_what_the_api_returns(browser, dashboard_server):
     assert browser.execute_script(
         "return sessionStorage.getItem('voicegate.adminToken')") == TOKEN
 
+    # A refresh between two reads of the API that agree: a turn of an earlier test's call
+    # (the runtime's stats are the session's) may still be counted while this one runs.
     stats = httpx.get(server.base_url + "/admin/stats", headers=AUTH).json()
-    shown = wait_loaded(browser, after=shown)  # a refresh that started after the API read
+    for _ in range(10):
+        shown = wait_loaded(browser, after=shown)  # a refresh that started after the API read
+        again = httpx.get(server.base_url + "/admin/stats", headers=AUTH).json()
+        if all(again[k] == stats[k] for k in ("turns", "hits", "misses", "calls",
+                                               "active_calls", "turns_5m")):
+            break
+        stats = again
 
     def text(element_id: str) -> str:
         return browser.find_element(By.ID, element_id).text
