@@ -295,24 +295,47 @@ async def test_a_call_on_deepgram_ends_a_cached_question_at_its_endpoint(deepgra
     assert fake.sessions[0].controls["Finalize"] == 0  # the endpoint's words were the final
 
 
-class DroppingDeepgram:
-    """The fake behind a route that drops the first connection after its first audio (the
-    service or the network failing mid-call); later connections are the fake's."""
+class RouteDeepgram:
+    """The fake behind a route whose first connections misbehave as a subclass says
+    (``_misbehave``: True when it answered the connection itself); the rest are the fake's."""
 
     def __init__(self) -> None:
         self.fake = FakeDeepgram()
         self.fake.ms_per_word = 40
         self.connections = 0
+        self.release = threading.Event()  # what a held handshake waits for
         self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
 
     async def _listen(self, websocket: WebSocket) -> None:
         self.connections += 1
-        if self.connections == 1:
-            await websocket.accept()
-            await websocket.receive()
-            await websocket.close(code=1011)
-            return
-        await self.fake._listen(websocket)
+        if not await self._misbehave(websocket, self.connections):
+            await self.fake._listen(websocket)
+
+    async def _misbehave(self, websocket: WebSocket, connection: int) -> bool:
+        return False
+
+    @staticmethod
+    async def _drop(websocket: WebSocket) -> None:
+        """Accepted, then closed with 1011 after the first audio."""
+        await websocket.accept()
+        await websocket.receive()
+        await websocket.close(code=1011)
+
+    async def _hold(self) -> None:
+        """The handshake is not answered until ``release``."""
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+
+
+class DroppingDeepgram(RouteDeepgram):
+    """The fake behind a route that drops the first connection after its first audio (the
+    service or the network failing mid-call); later connections are the fake's."""
+
+    async def _misbehave(self, websocket: WebSocket, connection: int) -> bool:
+        if connection == 1:
+            await self._drop(websocket)
+            return True
+        return False
 
 
 async def test_a_dropped_socket_fails_its_utterance_and_the_next_one_is_recognised():
@@ -415,24 +438,15 @@ async def test_finalize_answered_with_no_words_is_an_empty_final(deepgram):
     await recognizer.aclose()
 
 
-class HangingDeepgram:
+class HangingDeepgram(RouteDeepgram):
     """The fake behind a route whose first handshake never completes (no accept); later
     connections are the fake's."""
 
-    def __init__(self) -> None:
-        self.fake = FakeDeepgram()
-        self.fake.ms_per_word = 40
-        self.connections = 0
-        self.release = threading.Event()
-        self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
-
-    async def _listen(self, websocket: WebSocket) -> None:
-        self.connections += 1
-        if self.connections == 1:
-            while not self.release.is_set():
-                await asyncio.sleep(0.01)
-            return
-        await self.fake._listen(websocket)
+    async def _misbehave(self, websocket: WebSocket, connection: int) -> bool:
+        if connection == 1:
+            await self._hold()
+            return True
+        return False
 
 
 async def test_a_handshake_that_hangs_fails_the_final_and_the_socket_is_reopened():
@@ -529,21 +543,18 @@ async def test_a_stalled_socket_to_a_dead_peer_is_reopened_at_once():
         await recognizer.aclose()
 
 
-class ReopeningDeepgram(HangingDeepgram):
+class ReopeningDeepgram(RouteDeepgram):
     """The fake behind a route that drops its first connection after its first audio, then
     holds the second handshake (no accept) until ``release``: the stream is reopening for as
     long as the test needs. Later connections are the fake's."""
 
-    async def _listen(self, websocket: WebSocket) -> None:
-        self.connections += 1
-        if self.connections == 1:
-            await websocket.accept()
-            await websocket.receive()
-            await websocket.close(code=1011)
-            return
-        while not self.release.is_set():
-            await asyncio.sleep(0.01)
-        await self.fake._listen(websocket)
+    async def _misbehave(self, websocket: WebSocket, connection: int) -> bool:
+        if connection == 1:
+            await self._drop(websocket)
+            return True
+        if connection == 2:
+            await self._hold()  # then the fake's
+        return False
 
 
 async def test_an_utterance_whose_first_audio_was_refused_while_reopening_fails():
@@ -578,25 +589,21 @@ async def test_an_utterance_whose_first_audio_was_refused_while_reopening_fails(
     assert second.text == "what are your opening hours"
 
 
-class BusyDeepgram:
+class BusyDeepgram(RouteDeepgram):
     """The fake behind a route that refuses the first handshake with ``status`` (429: the
     account's concurrent streams are all in use, a burst of calls), then takes the rest."""
 
     def __init__(self, status: int) -> None:
-        self.fake = FakeDeepgram()
-        self.fake.ms_per_word = 40
+        super().__init__()
         self.status = status
-        self.connections = 0
-        self.app = Starlette(routes=[WebSocketRoute("/v1/listen", self._listen)])
 
-    async def _listen(self, websocket: WebSocket) -> None:
-        self.connections += 1
-        if self.connections == 1:
+    async def _misbehave(self, websocket: WebSocket, connection: int) -> bool:
+        if connection == 1:
             await websocket.send_denial_response(JSONResponse(
                 {"err_code": "TOO_MANY_REQUESTS", "err_msg": "Too many requests."},
                 status_code=self.status, headers={"Retry-After": "1"}))
-            return
-        await self.fake._listen(websocket)
+            return True
+        return False
 
 
 @pytest.mark.parametrize("status", [429, 408])
