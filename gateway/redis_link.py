@@ -16,7 +16,8 @@ from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, RedisError, ResponseError
+from redis.exceptions import (ClusterDownError, ConnectionError, OutOfMemoryError,
+                              ReadOnlyError, RedisError, ResponseError, TryAgainError)
 from redis.retry import Retry
 
 from intents.redis_store import RedisKeys, redacted
@@ -27,6 +28,11 @@ log = logging.getLogger("voicegate.redis")
 
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
+# Replies that refuse a command for now, not for good: a replica promoted or demoted in a
+# failover (READONLY, MASTERDOWN, TRYAGAIN) or memory full. A write refused so is retried,
+# unlike one a foreign value under its key refuses (WRONGTYPE), which would fail again.
+NOT_NOW: tuple[type[ResponseError], ...] = (ReadOnlyError, ClusterDownError, TryAgainError,
+                                            OutOfMemoryError)
 
 
 def open_async_client(url: str, timeout_s: float = 5.0) -> aioredis.Redis:

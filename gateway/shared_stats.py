@@ -48,7 +48,7 @@ from redis.exceptions import RedisError, ResponseError
 from intents.redis_store import DEFAULT_PREFIX, RedisKeys, glob_escape
 
 from . import logs
-from .redis_link import RedisHealth, honour_cancel
+from .redis_link import NOT_NOW, RedisHealth, honour_cancel
 from .stats import outcome_of
 
 log = logging.getLogger("voicegate.shared_stats")
@@ -237,8 +237,17 @@ class SharedStats:
 
     async def flush(self) -> None:
         """Write the pending increments, then the entry marks of a cache version loaded
-        since the last flush (``entries_published``)."""
-        await self._flush_counts()
+        since the last flush (``entries_published``). Increments a foreign value refused
+        are reported after the marks are written: a key overwritten by hand, refusing its
+        increment at every flush, must not hold back a version's marks for good."""
+        try:
+            await self._flush_counts()
+        except RefusedIncrement:
+            await self._flush_marks()
+            raise
+        await self._flush_marks()
+
+    async def _flush_marks(self) -> None:
         published = self._published
         if published is None:
             return
@@ -248,6 +257,8 @@ class SharedStats:
         args = [version] + [part for pair in marks.items() for part in pair]
         try:
             written = await self._redis.eval(_ENTRIES_PUBLISHED, len(keys), *keys, *args)
+        except NOT_NOW:
+            raise  # a failover under way (READONLY, ...): kept, written at a later flush
         except ResponseError as exc:  # a foreign type under a key: dropped, not retried
             self._forget_published(published)
             raise RefusedIncrement(f"cannot reset the hits of changed entries: {exc}") from exc

@@ -30,6 +30,7 @@ from gateway.redis_link import RedisHealth, VersionSubscriber, open_async_client
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.shared_stats import SharedStats
+from gateway.stats import answer_mark
 from cache_seed import parse_seed_csv, seed_plan
 from gateway.admin.publish import Publisher
 from gateway.admin.routes import _publish_failed
@@ -518,6 +519,58 @@ async def test_one_foreign_counter_key_stops_a_busy_replicas_heartbeat(
     assert beat is not None, (
         f"Redis is reachable and {written} turns were written, yet the replica wrote no "
         f"heartbeat in {flushes} flushes (degraded: {health.reason})")
+
+
+async def test_entry_marks_refused_by_a_read_only_replica_are_written_once_redis_writes(
+        prefix: str) -> None:
+    """During a failover Redis answers a write with READONLY (a ResponseError, not a
+    connection error). The marks of the version this replica loaded were dropped then, as
+    if a foreign value had refused them: the entries' hits were never reset for that
+    version. A refusal that says "not now" keeps them for the next flush."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    real_eval = client.eval
+    refusals = 1
+
+    async def eval_read_only_once(*args):
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise redis.exceptions.ReadOnlyError("You can't write against a read only replica.")
+        return await real_eval(*args)
+
+    client.eval = eval_read_only_once  # type: ignore[method-assign]
+    stats = SharedStats(client, prefix=prefix)
+    raw = redis.Redis.from_url(REDIS_URL)
+    try:
+        stats.entries_published({"opening_hours": answer_mark("answer", "Nine to five.")})
+        with pytest.raises(redis.RedisError):
+            await stats.flush()
+        assert raw.hgetall(prefix + "stats:entry_marks") == {}
+        await stats.flush()
+        marks = raw.hgetall(prefix + "stats:entry_marks")
+    finally:
+        raw.close()
+        await stats.aclose()
+    assert marks == {b"opening_hours": answer_mark("answer", "Nine to five.").encode()}
+
+
+async def test_a_foreign_counter_key_does_not_hold_back_the_entry_marks(prefix: str) -> None:
+    """A counters key someone overwrote by hand refuses its increment at every flush (the
+    rest of the batch is written). The marks of a newly loaded version came after the counts
+    in the same flush, so a replica that kept counting errors never wrote them."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(prefix + "stats:errors", "reset by hand")
+    stats = SharedStats(aioredis.Redis.from_url(REDIS_URL), prefix=prefix)
+    try:
+        stats.entries_published({"opening_hours": answer_mark("answer", "Nine to five.")})
+        stats.error("bad_frame")  # refused by the foreign value
+        with pytest.raises(redis.RedisError):
+            await stats.flush()
+        marks = raw.hgetall(prefix + "stats:entry_marks")
+    finally:
+        raw.close()
+        await stats.aclose()
+    assert marks == {b"opening_hours": answer_mark("answer", "Nine to five.").encode()}
 
 
 @pytest.mark.parametrize("key,write", [
