@@ -42,6 +42,7 @@ from gateway.transports.twilio_voice import (GIVE_UP_SAY, HANDOFF_SAY, MAX_STREA
                                              RESUMED_SAY)
 from gateway.agent import Conversation
 from tests.call_harness import RATE, CallHarness
+from tests.redis_faults import FlakyProxy
 from tests.test_redis import REDIS_URL, free_port, own_prefix
 from tests.test_twilio import PhoneCallOutput, SentMessages
 
@@ -500,11 +501,11 @@ async def test_a_save_under_way_as_the_call_is_forgotten_does_not_bring_it_back(
     conversation.add_user("my card number is 4111 1111")
     keeper.changed(conversation)  # the call's last turn ended: its write is under way
     await contexts.forget(CALL_SID)  # /twilio/stream-ended meanwhile: the call is over
-    await keeper.aclose()  # the write lands after the delete
+    await keeper.written()  # the write lands after the delete
     assert await contexts.load(CALL_SID) is None
     conversation.add_assistant("Thanks.")  # the call's end, on a stream lost mid-turn
     keeper.changed(conversation)
-    await keeper.aclose()
+    await keeper.written()
     assert await contexts.load(CALL_SID) is None
 
 
@@ -571,6 +572,49 @@ async def test_a_resumed_call_cancelled_as_it_restores_ends_though_redis_drops_t
     finally:
         h.call.stop()
         await asyncio.gather(h._task, return_exceptions=True)
+
+
+@pytest.fixture
+def stalled() -> Iterator[FlakyProxy]:
+    """A path to the suite's Redis that ``stall()`` stops: connections are accepted, no
+    command is answered until ``resume()``."""
+    proxy = FlakyProxy(REDIS_URL)
+    yield proxy
+    proxy.close()
+
+
+async def test_a_stalled_redis_never_holds_the_calls_end(prefix, stalled):
+    """Redis accepts and never answers. The call's end does not wait for its last save
+    (before: for the write under way, then the last one, each up to its timeout: about 2 s
+    added to every Twilio call's teardown); the save lands once Redis answers, and the
+    replica's shutdown waits for it."""
+    stalled.stall()
+    h = CallHarness(settings={"idle_prompt_s": 0})
+    # Timeouts far beyond the test: the end is not waited for, not cut short by them.
+    contexts = CallContexts(h.clock, open_async_client(stalled.url, timeout_s=60),
+                            prefix=prefix, timeout_s=60)
+    h.llm.reply = "Your balance is twelve dollars."
+    h.call = Call(h.deps, h.output, RATE, call_id=CALL_SID, keeper=contexts.keeper(CALL_SID))
+    await h.start()
+    await h.text("what is my balance")
+    await h.wait(3000)  # the turn ended: its save waits for Redis
+    said = h.call.conversation.snapshot()
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "vg-twilio-context"]
+    assert h._task is not None
+    h.call.stop()  # the stream is lost
+    await h.clock.settle()
+    try:
+        assert h._task.done()
+        assert h.stats.active_calls == 0
+    finally:
+        stalled.resume()
+        await asyncio.wait_for(h._task, 5)
+    await contexts.aclose()  # the replica shuts down: what its calls said is written first
+    other = CallContexts(ManualClock(), open_async_client(REDIS_URL), prefix=prefix)
+    try:
+        assert await other.load(CALL_SID) == said  # the replica resuming the call reads it
+    finally:
+        await other.aclose()
 
 
 async def test_a_kept_conversation_expires_and_one_too_large_is_not_kept():

@@ -339,13 +339,12 @@ class Call:
             await self._speculation.aclose()
             with contextlib.suppress(Exception):
                 await self._turns.aclose()
-            if self._keeper is not None:
-                if self.ended is None and not self._transferred and self._transferring is None:
-                    # A stream lost mid-turn: what the turn got to is kept too. Not a call
-                    # hung up or transferred by us: it is never resumed.
-                    self._keeper.changed(self.conversation)
-                with contextlib.suppress(Exception):
-                    await self._keeper.aclose()
+            if self._keeper is not None and (self.ended is None and not self._transferred
+                                             and self._transferring is None):
+                # A stream lost mid-turn: what the turn got to is kept too, written in the
+                # background (a stalled Redis must not hold the call's end). Not a call
+                # hung up or transferred by us: it is never resumed.
+                self._keeper.changed(self.conversation)
             self._stats.call_ended()
             logs.event(log, "call_ended", turns=self._turns.turns)
             self._trace.end(**{"voicegate.turns": self.turns_answered,

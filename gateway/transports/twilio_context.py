@@ -17,7 +17,10 @@ keeps its copy until it expires.
 
 Saving never delays the call: a turn's end snapshots the conversation (JSON, on the loop)
 and one background write per call sends the newest snapshot; a failure is logged and
-counted (``twilio_context_record_failed``) and the call goes on. Restoring waits for
+counted (``twilio_context_record_failed``) and the call goes on. The call's end does not
+wait for it either (a stalled Redis held every Twilio call's teardown for up to two
+writes' timeouts): the last save outlives the call, and the replica's shutdown
+(``CallContexts.aclose``) waits for the saves under way before it closes. Restoring waits for
 Redis at most ``REDIS_TIMEOUT_S`` (the caller's first words buffer meanwhile); a record
 that is missing, unreadable or too large leaves the call to start afresh, as before.
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Callable
+from typing import Any, Callable, Coroutine
 
 import redis.asyncio as aioredis
 
@@ -57,9 +60,18 @@ class CallContexts:
                                     max_local=max_local, timeout_s=timeout_s,
                                     count_error=count_error, tombstones=True)
         self._count_error = count_error
+        # Writes under way, the last ones of calls already over among them: kept here (the
+        # loop holds tasks weakly) so the replica's shutdown writes them before it closes.
+        self._writers: set[asyncio.Task[None]] = set()
 
     def keeper(self, call_sid: str) -> "ConversationKeeper":
         return ConversationKeeper(self, call_sid)
+
+    def _write_in_background(self, write: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(write, name="vg-twilio-context")
+        self._writers.add(task)
+        task.add_done_callback(self._writers.discard)
+        return task
 
     async def save(self, call_sid: str, snapshot: str) -> None:
         """Record a conversation's snapshot (JSON). Never raises for Redis."""
@@ -108,13 +120,16 @@ class CallContexts:
         logs.event(log, code, logging.WARNING, call_id=call_sid, error=why[:300])
 
     async def aclose(self) -> None:
+        """Write what the calls said (each write bounded by ``timeout_s``: the stream
+        resuming a call on another replica goes on from it), then close."""
+        await asyncio.gather(*self._writers, return_exceptions=True)
         await self._records.aclose()
 
 
 class ConversationKeeper:
     """One Twilio call's conversation: restored when the call resumes a lost stream,
-    saved at each turn's end and as the call ends (``changed``); ``aclose`` waits for the
-    last write."""
+    saved at each turn's end and as the call ends (``changed``). The writes outlive the
+    call: its end never waits for Redis (``CallContexts.aclose`` does)."""
 
     def __init__(self, contexts: CallContexts, call_sid: str) -> None:
         self._contexts = contexts
@@ -158,7 +173,7 @@ class ConversationKeeper:
             return
         self._pending = snapshot
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="vg-twilio-context")
+            self._writer = self._contexts._write_in_background(self._write())
 
     async def _write(self) -> None:
         while self._pending is not None:
@@ -166,7 +181,8 @@ class ConversationKeeper:
             await self._contexts.save(self.call_sid, snapshot)
             self._saved = snapshot
 
-    async def aclose(self) -> None:
-        """Wait for the last write (each waits for Redis ``REDIS_TIMEOUT_S`` at most)."""
+    async def written(self) -> None:
+        """Wait for the writes under way (each waits for Redis ``REDIS_TIMEOUT_S`` at
+        most). Not the call's end: a stalled Redis would hold it."""
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
