@@ -42,7 +42,7 @@ from gateway.transports.twilio_voice import (GIVE_UP_SAY, HANDOFF_SAY, MAX_STREA
                                              RESUMED_SAY)
 from gateway.agent import Conversation
 from tests.call_harness import RATE, CallHarness
-from tests.redis_faults import FlakyProxy
+from tests.redis_faults import DelayingProxy, FlakyProxy
 from tests.test_redis import REDIS_URL, free_port, own_prefix
 from tests.test_twilio import PhoneCallOutput, SentMessages
 
@@ -384,25 +384,31 @@ def start_message(parameters: dict[str, str]) -> str:
 
 @pytest.mark.parametrize("resumed", [False, True])
 async def test_a_resumed_stream_plays_no_greeting_and_is_counted(resumed, caplog):
+    """(And its conversation is kept as the call's next stream: ``resumed`` counts them.)"""
     caplog.set_level(logging.INFO, logger="voicegate")
     h = CallHarness(settings={"greeting": "Welcome to the bank.", "idle_prompt_s": 0})
     tasks: list[asyncio.Task[None]] = []
+    keepers: list[Any] = []
 
     def start_call(build: Any) -> Call:
         session.call = build()
         tasks.append(asyncio.create_task(session.call.run()))
         return session.call
 
+    def new_call(output: Any, start: Any, call_id: Any = None, resumed: bool = False,
+                 keeper: Any = None) -> Call:
+        keepers.append(keeper)
+        return Call(h.deps, output, start.sample_rate, metadata=start.metadata,
+                    call_id=call_id, resumed=resumed, keeper=keeper)
+
     # The stream as the server runs it, its call on the harness's deps (services.new_call).
     services = SimpleNamespace(
         settings=h.settings, stats=h.stats, twilio_control=lambda: None,
         twilio_ended=lambda: EndedCalls(h.clock), twilio_contexts=lambda: CallContexts(h.clock),
-        new_call=lambda output, start, call_id=None, resumed=False, keeper=None: Call(
-            h.deps, output, start.sample_rate, metadata=start.metadata, call_id=call_id,
-            resumed=resumed, keeper=keeper))
+        new_call=new_call)
     session = SimpleNamespace(call=None, outbox=SentMessages(), start_call=start_call)
     stream = TwilioStream(services, session, authenticated=True)  # type: ignore[arg-type]
-    parameters = {"From": "+15550100", "CallSid": CALL_SID, **({"resumed": "1"} if resumed
+    parameters = {"From": "+15550100", "CallSid": CALL_SID, **({"resumed": "2"} if resumed
                                                                else {})}
     stream.handle(start_message(parameters))
     for _ in range(25):  # half a second: a greeting's first audio goes out at once
@@ -411,6 +417,7 @@ async def test_a_resumed_stream_plays_no_greeting_and_is_counted(resumed, caplog
     session.call.stop()
     await asyncio.wait_for(tasks[0], 5)
     assert bool(media) is not resumed
+    assert [k.generation for k in keepers] == [2 if resumed else 0]
     assert h.stats.twilio_calls_resumed == int(resumed)
     assert h.stats.calls == int(not resumed)  # the same phone call, not a second one
     assert h.stats.active_calls == 0
@@ -615,6 +622,47 @@ async def test_a_stalled_redis_never_holds_the_calls_end(prefix, stalled):
         assert await other.load(CALL_SID) == said  # the replica resuming the call reads it
     finally:
         await other.aclose()
+
+
+@pytest.fixture
+def delaying() -> Iterator[DelayingProxy]:
+    """A path to the suite's Redis whose ``hold()`` keeps what is sent until ``release()``."""
+    proxy = DelayingProxy(REDIS_URL)
+    yield proxy
+    proxy.close()
+
+
+async def test_a_cut_off_replicas_late_save_does_not_replace_the_resumed_streams(prefix,
+                                                                               delaying):
+    """The call's replica (a) is cut off from the network: its stream is lost, and its
+    last save reaches Redis only after the replica that resumed the call (b) has saved what
+    was said since. Before, a's older conversation replaced b's: a stream resumed once more
+    lost the turns of the one before. Now the resumed stream saves as the call's next
+    generation, and Redis refuses a save of an older one."""
+    a = CallContexts(ManualClock(), open_async_client(delaying.url, timeout_s=60),
+                     prefix=prefix, timeout_s=60)
+    b = CallContexts(ManualClock(), open_async_client(REDIS_URL), prefix=prefix)
+    fresh = CallContexts(ManualClock(), open_async_client(REDIS_URL), prefix=prefix)
+    try:
+        on_a, said_on_a = a.keeper(CALL_SID), Conversation()
+        said_on_a.add_user("what is my balance")
+        on_a.changed(said_on_a)
+        await on_a.written()
+        delaying.hold()  # the network to Redis goes: a's next save is on its way, late
+        said_on_a.add_assistant("Twelve dollars.")
+        on_a.changed(said_on_a)
+        on_b, said_on_b = b.keeper(CALL_SID, generation=1), Conversation()  # resumed once
+        assert await on_b.restore(said_on_b)
+        said_on_b.add_user("and my savings")
+        on_b.changed(said_on_b)
+        await on_b.written()
+        delaying.release()  # a's save lands
+        await on_a.written()
+        assert await fresh.load(CALL_SID) == said_on_b.snapshot()
+    finally:
+        delaying.release()
+        for contexts in (a, b, fresh):
+            await contexts.aclose()
 
 
 async def test_a_kept_conversation_expires_and_one_too_large_is_not_kept():

@@ -14,6 +14,12 @@ holds ``TOMBSTONE`` (it reads as none, and nothing of the call's is left in it),
 and the write). A write still under way as the record is deleted (a call's last one,
 racing Twilio's request that deletes it, maybe on another replica) does not bring it back.
 
+Such a record can be put with a ``Version``: (the call's stream, the save within it), held
+as ``<stream>:<save>:<value>`` (``split_version`` reads it back). ``put`` then never
+replaces a newer version either, here nor in Redis (the same script: one round trip): the
+late write of a replica cut off from Redis, landing after the stream that resumed its call
+on another replica saved, is refused (logged, ``twilio_<kind>_record_outdated``).
+
 A Redis failure never fails the call: each command waits ``timeout_s`` at most, and a
 failure is logged and counted as ``twilio_<kind>_<what>_failed`` (what: record, lookup,
 forget); the local record stands.
@@ -42,12 +48,39 @@ REDIS_TIMEOUT_S = 1.0
 SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # What a record deleted for good holds until it expires (no record ever is empty).
 TOMBSTONE = ""
-# ``put`` of a record with tombstones: SET, unless the key holds one.
+# A record's version: (the call's stream, 0 and one more for each that resumed it; the
+# save within that stream, from 1). A record held without one (an older replica's) is older.
+Version = tuple[int, int]
+_VERSION_HEAD = re.compile(r"([0-9]{1,9}):([0-9]{1,9}):")
+# ``put`` of a record with tombstones: SET, unless the key holds one (0) or, for a put with
+# a version (ARGV[4], ARGV[5]), a newer version (-1).
 _PUT_UNLESS_TOMBSTONE = """
-if redis.call('GET', KEYS[1]) == ARGV[3] then return 0 end
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[3] then return 0 end
+if held and ARGV[4] then
+  local stream, save = string.match(held, '^(%d+):(%d+):')
+  if stream then
+    stream, save = tonumber(stream), tonumber(save)
+    local put_stream, put_save = tonumber(ARGV[4]), tonumber(ARGV[5])
+    if stream > put_stream or (stream == put_stream and save > put_save) then return -1 end
+  end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
+
+
+def split_version(held: str) -> tuple[Version | None, str]:
+    """A record as ``put`` held it: its version (None: put without one) and its value."""
+    head = _VERSION_HEAD.match(held)
+    if head is None:
+        return None, held
+    return (int(head[1]), int(head[2])), held[head.end():]
+
+
+def newer(version: Version | None, than: Version | None) -> bool:
+    """``version`` is newer than ``than`` (a record without a version is older than any)."""
+    return version is not None and (than is None or version > than)
 
 
 class CallRecords:
@@ -72,13 +105,21 @@ class CallRecords:
     def key(self, call_sid: str) -> str:
         return f"{self._prefix}twilio:{self.kind}:{call_sid}"
 
-    async def put(self, call_sid: str, value: str) -> None:
-        """Record ``value`` for ``call_sid`` (replacing any but a tombstone), here and in
+    async def put(self, call_sid: str, value: str, version: Version | None = None) -> None:
+        """Record ``value`` for ``call_sid`` (replacing any but a tombstone, and with a
+        ``version``, which needs ``tombstones``, any but a newer version), here and in
         Redis."""
         if not SAFE_ID.fullmatch(call_sid):
             return
-        if self.tombstones and self._local_value(call_sid) == TOMBSTONE:
+        held = self._local_value(call_sid) if self.tombstones else None
+        if held == TOMBSTONE:
             return  # deleted for good here: Redis holds the tombstone too (or failed)
+        if version is not None:
+            assert self.tombstones, "a version is kept by the tombstones' script"
+            if held is not None and newer(split_version(held)[0], version):
+                self._outdated(call_sid, version)  # a later save of this replica's went first
+                return
+            value = f"{version[0]}:{version[1]}:{value}"
         self._keep_local(call_sid, value)
         if self._redis is None:
             return
@@ -87,9 +128,17 @@ class CallRecords:
                                                                     ex=self._ttl_whole_s))
             return
         written = await self._quietly("record", call_sid, self._redis.eval(
-            _PUT_UNLESS_TOMBSTONE, 1, self.key(call_sid), value, self._ttl_whole_s, TOMBSTONE))
+            _PUT_UNLESS_TOMBSTONE, 1, self.key(call_sid), value, self._ttl_whole_s, TOMBSTONE,
+            *(version or ())))
         if written == 0:  # deleted for good on another replica: here too
             self._keep_local(call_sid, TOMBSTONE)
+        elif written == -1 and version is not None:
+            self._outdated(call_sid, version)
+
+    def _outdated(self, call_sid: str, version: Version) -> None:
+        """A put refused: a newer version is held (a stream resumed the call meanwhile)."""
+        logs.event(log, f"twilio_{self.kind}_record_outdated", call_id=call_sid,
+                   version=f"{version[0]}:{version[1]}")
 
     async def delete(self, call_sid: str) -> None:
         """Delete the record of ``call_sid``; with ``tombstones``, for good (``ttl_s``)."""

@@ -34,7 +34,7 @@ from .call_records import SAFE_ID
 from .twilio_ended import HUNG_UP, TRANSFERRED, EndedCalls
 from .twilio_rest import TwilioCallControl
 from .twilio_voice import (RESUMED_PARAMETER, TOKEN_PARAMETER, public_base_url,
-                           signature_refusal, stream_url)
+                           signature_refusal, stream_generation, stream_url)
 
 log = logging.getLogger("voicegate.twilio")
 
@@ -394,9 +394,11 @@ class TwilioStream:
         # greeted already (and has just heard Twilio's apology).
         resumed = bool(parameters.get(RESUMED_PARAMETER))
         # Its conversation is kept at every turn's end, for a stream that resumes it; a
-        # resumed one goes on from there (gateway/transports/twilio_context.py).
-        keeper = (self._services.twilio_contexts().keeper(call_id) if call_id is not None
-                  else None)
+        # resumed one goes on from there, and its saves replace those of the streams before
+        # it, never the reverse (gateway/transports/twilio_context.py).
+        generation = stream_generation(parameters.get(RESUMED_PARAMETER, ""))
+        keeper = (self._services.twilio_contexts().keeper(call_id, generation)
+                  if call_id is not None else None)
         call = self._session.start_call(lambda: self._services.new_call(
             output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata), call_id=call_id,
             resumed=resumed, keeper=keeper))

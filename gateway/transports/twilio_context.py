@@ -8,6 +8,13 @@ what the next LLM request would carry) is saved at the end of each of its turns 
 end, as ``CallRecords`` of kind "context" (``<prefix>twilio:context:<CallSid>`` in Redis,
 and in memory); the resumed call restores it before its first turn.
 
+Each save is versioned (``CallRecords`` versions): (the call's stream, the save within
+it). A call's first stream is generation 0, each stream that resumes it one more (its
+``resumed`` parameter: the count /twilio/stream-ended wrote). A save never replaces a newer
+one, here nor in Redis: a replica cut off from the network whose last save reaches Redis
+after the stream that resumed its call saved (or a save of its own, delayed, after a later
+one) is refused, not written over what was said since.
+
 Privacy: the record holds what the caller and the agent said. It expires ``CONTEXT_TTL_S``
 after the call's last save, and /twilio/stream-ended deletes it as soon as the call is not
 to be resumed (over, hung up, transferred, handed to a person): for good, so a save still
@@ -38,7 +45,7 @@ from .. import logs
 from ..agent import Conversation
 from ..clock import Clock
 from ..redis_link import honour_cancel
-from .call_records import REDIS_TIMEOUT_S, CallRecords
+from .call_records import REDIS_TIMEOUT_S, CallRecords, Version, split_version
 
 log = logging.getLogger("voicegate.twilio")
 
@@ -64,8 +71,10 @@ class CallContexts:
         # loop holds tasks weakly) so the replica's shutdown writes them before it closes.
         self._writers: set[asyncio.Task[None]] = set()
 
-    def keeper(self, call_sid: str) -> "ConversationKeeper":
-        return ConversationKeeper(self, call_sid)
+    def keeper(self, call_sid: str, generation: int = 0) -> "ConversationKeeper":
+        """The keeper of ``call_sid``'s stream ``generation``: 0 for the call's first, one
+        more for each that resumed it (its saves replace no later stream's)."""
+        return ConversationKeeper(self, call_sid, generation)
 
     def _write_in_background(self, write: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(write, name="vg-twilio-context")
@@ -73,22 +82,24 @@ class CallContexts:
         task.add_done_callback(self._writers.discard)
         return task
 
-    async def save(self, call_sid: str, snapshot: str) -> None:
-        """Record a conversation's snapshot (JSON). Never raises for Redis."""
+    async def save(self, call_sid: str, snapshot: str, version: Version = (0, 0)) -> None:
+        """Record a conversation's snapshot (JSON) as ``version`` (the call's stream, the
+        save within it): not over a newer one. Never raises for Redis."""
         if len(snapshot.encode("utf-8")) > MAX_CONTEXT_BYTES:
             self._failed("twilio_context_too_large", call_sid,
                          f"over {MAX_CONTEXT_BYTES} bytes: the last one kept stands")
             return
-        await self._records.put(call_sid, snapshot)
+        await self._records.put(call_sid, snapshot, version)
 
     async def load(self, call_sid: str) -> list | None:
         """The call's last snapshot, parsed (any replica's through Redis, newest; this
         replica's without it), or None: none kept, or unreadable (counted)."""
-        found = await self._records.shared_value(call_sid)
-        if found is None:
-            found = self._records.local(call_sid)
-        if found is None:
+        held = await self._records.shared_value(call_sid)
+        if held is None:
+            held = self._records.local(call_sid)
+        if held is None:
             return None
+        found = split_version(held)[1]
         try:
             if len(found.encode("utf-8")) > MAX_CONTEXT_BYTES:
                 raise ValueError(f"over {MAX_CONTEXT_BYTES} bytes")
@@ -131,9 +142,11 @@ class ConversationKeeper:
     saved at each turn's end and as the call ends (``changed``). The writes outlive the
     call: its end never waits for Redis (``CallContexts.aclose`` does)."""
 
-    def __init__(self, contexts: CallContexts, call_sid: str) -> None:
+    def __init__(self, contexts: CallContexts, call_sid: str, generation: int = 0) -> None:
         self._contexts = contexts
         self.call_sid = call_sid
+        self.generation = generation  # the call's stream: its saves are (generation, n)
+        self._saves = 0
         self._saved: str | None = None  # the snapshot last written
         self._pending: str | None = None  # a newer one, waiting for the write under way
         self._writer: asyncio.Task[None] | None = None
@@ -178,7 +191,8 @@ class ConversationKeeper:
     async def _write(self) -> None:
         while self._pending is not None:
             snapshot, self._pending = self._pending, None
-            await self._contexts.save(self.call_sid, snapshot)
+            self._saves += 1
+            await self._contexts.save(self.call_sid, snapshot, (self.generation, self._saves))
             self._saved = snapshot
 
     async def written(self) -> None:

@@ -64,6 +64,14 @@ GIVE_UP_SAY = "Sorry, we are having trouble with this line. Please call us again
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
+def stream_generation(resumed: str) -> int:
+    """Which of its call's streams a stream is, by its ``resumed`` parameter: 0 for the
+    first, else how many were lost before it (1 for a value this gateway did not write)."""
+    if not resumed:
+        return 0
+    return max(1, int(resumed)) if _LOST.fullmatch(resumed) else 1
+
+
 def public_base_url(request: HTTPConnection, public_url: str) -> str:
     """The gateway's base URL as Twilio sees it: the setting, else Host + X-Forwarded-Proto."""
     if public_url:
