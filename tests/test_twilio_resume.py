@@ -665,6 +665,51 @@ async def test_a_cut_off_replicas_late_save_does_not_replace_the_resumed_streams
             await contexts.aclose()
 
 
+class WritesFail:
+    """The suite's Redis, whose writes fail while ``failing`` (a failover under way)."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self._redis = open_async_client(REDIS_URL)
+
+    async def eval(self, *args: Any) -> Any:
+        if self.failing:
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+        return await self._redis.eval(*args)
+
+    async def get(self, key: str) -> Any:
+        return await self._redis.get(key)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+async def test_a_call_resumed_here_goes_on_from_memorys_newer_save_when_redis_missed_it(
+        prefix):
+    """The call's last save failed in Redis (counted), so Redis holds the one before; the
+    stream resumed on the same replica, whose memory has the last. Before, Redis's older
+    copy won: the turn it missed was forgotten. Now the newer of the two is restored."""
+    stats, redis_link = Stats(), WritesFail()
+    contexts = CallContexts(ManualClock(), redis_link, prefix=prefix,  # type: ignore[arg-type]
+                            count_error=stats.error)
+    try:
+        first, said = contexts.keeper(CALL_SID), Conversation()
+        said.add_user("what is my balance")
+        first.changed(said)
+        await first.written()
+        redis_link.failing = True
+        said.add_assistant("Twelve dollars.")
+        first.changed(said)  # the call's last save, as its stream is lost
+        await first.written()
+        assert stats.errors["twilio_context_record_failed"] == 1
+        redis_link.failing = False
+        again = Conversation()
+        assert await contexts.keeper(CALL_SID, generation=1).restore(again)
+        assert again.snapshot() == said.snapshot()
+    finally:
+        await contexts.aclose()
+
+
 async def test_a_kept_conversation_expires_and_one_too_large_is_not_kept():
     stats, clock = Stats(), ManualClock()
     contexts = CallContexts(clock, count_error=stats.error)

@@ -13,7 +13,9 @@ it). A call's first stream is generation 0, each stream that resumes it one more
 ``resumed`` parameter: the count /twilio/stream-ended wrote). A save never replaces a newer
 one, here nor in Redis: a replica cut off from the network whose last save reaches Redis
 after the stream that resumed its call saved (or a save of its own, delayed, after a later
-one) is refused, not written over what was said since.
+one) is refused, not written over what was said since. Restoring takes the newer of
+Redis's copy and this replica's memory's: a save Redis missed (its write failed) is not
+lost to a stream resumed here.
 
 Privacy: the record holds what the caller and the agent said. It expires ``CONTEXT_TTL_S``
 after the call's last save, and /twilio/stream-ended deletes it as soon as the call is not
@@ -45,7 +47,7 @@ from .. import logs
 from ..agent import Conversation
 from ..clock import Clock
 from ..redis_link import honour_cancel
-from .call_records import REDIS_TIMEOUT_S, CallRecords, Version, split_version
+from .call_records import REDIS_TIMEOUT_S, CallRecords, Version, newer, split_version
 
 log = logging.getLogger("voicegate.twilio")
 
@@ -92,11 +94,12 @@ class CallContexts:
         await self._records.put(call_sid, snapshot, version)
 
     async def load(self, call_sid: str) -> list | None:
-        """The call's last snapshot, parsed (any replica's through Redis, newest; this
-        replica's without it), or None: none kept, or unreadable (counted)."""
-        held = await self._records.shared_value(call_sid)
-        if held is None:
-            held = self._records.local(call_sid)
+        """The call's last snapshot, parsed: the newer of Redis's (any replica's) and this
+        replica's memory's (newer when its write to Redis failed), or None: none kept, a
+        tombstone in Redis, or unreadable (counted)."""
+        shared = await self._records.shared_value(call_sid)
+        local = self._records.local(call_sid)  # after Redis's: a tombstone there is here too
+        held = _newer(local, shared)
         if held is None:
             return None
         found = split_version(held)[1]
@@ -135,6 +138,13 @@ class CallContexts:
         resuming a call on another replica goes on from it), then close."""
         await asyncio.gather(*self._writers, return_exceptions=True)
         await self._records.aclose()
+
+
+def _newer(held: str | None, than: str | None) -> str | None:
+    """Of two records as held, the one with the newer version (``than`` when even)."""
+    if held is None or than is None:
+        return than if held is None else held
+    return held if newer(split_version(held)[0], split_version(than)[0]) else than
 
 
 class ConversationKeeper:
