@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import logging
 import threading
 from typing import Iterator
 
@@ -192,6 +194,64 @@ async def test_audio_queued_while_the_socket_was_busy_goes_out_in_few_messages(d
     await stream.aclose()
     # 100 ms a message at most: ten messages, not fifty; every byte arrived, in order.
     assert fake.sessions[0].messages <= 10
+
+
+# ---------------------------------------------------------------- a malformed message
+
+
+def results_json(**fields) -> str:
+    """A ``Results`` message as the service sends it (an interim of "noise" over the first
+    100 ms), with ``fields`` replaced; a field set to ``...`` is left out."""
+    message = {"type": "Results", "channel_index": [0, 1], "start": 0.0, "duration": 0.1,
+               "is_final": True, "speech_final": False, "from_finalize": False,
+               "channel": {"alternatives": [{"transcript": "noise", "confidence": 0.9,
+                                             "words": []}]},
+               "metadata": {"request_id": "r", "model_uuid": "m",
+                            "model_info": {"name": "n", "version": "v", "arch": "a"}}}
+    message.update(fields)
+    return json.dumps({key: value for key, value in message.items() if value is not ...})
+
+
+@pytest.mark.parametrize(("garbage", "kind", "field"), [
+    (results_json(channel=None), "Results", "channel"),
+    (results_json(channel=...), "Results", "channel"),
+    (results_json(channel={"alternatives": "noise"}), "Results", "channel.alternatives"),
+    (results_json(channel={"alternatives": [None]}), "Results", "channel.alternatives[0].transcript"),
+    (results_json(start=...), "Results", "start"),
+    (results_json(duration="0.1 s"), "Results", "duration"),
+    (json.dumps({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": "late"}),
+     "UtteranceEnd", "last_word_end"),
+    (results_json(channel="noise"), None, "type"),  # no message the SDK knows: it gives None
+    ("not json {", None, None),  # dropped by the SDK itself (its own warning)
+], ids=["channel-null", "channel-missing", "alternatives-not-a-list", "alternative-null",
+        "start-missing", "duration-not-a-number",
+        "utterance-end-time-not-a-number", "unknown-shape", "not-json"])
+async def test_a_malformed_message_is_dropped_and_the_utterance_recognised(
+        deepgram, caplog, garbage, kind, field):
+    """The service sends a malformed message mid-utterance: that message is dropped (and
+    logged), never the socket: the utterance's words come from the good ones."""
+    caplog.set_level(logging.INFO, logger="voicegate")
+    fake, server = deepgram
+    fake.ms_per_word = 40
+    recognizer = stt(server)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)
+    assert await until(lambda: stream._text() == "what are")
+    fake.garbage = [garbage] * 3  # one before each of the next three interims
+    await send(stream, VOICE, 8)
+    final = await stream.finalize()
+    kept = stream.connected and len(fake.sessions) == 1
+    await stream.aclose()
+    await recognizer.aclose()
+    assert final == Transcript("what are your opening hours", final=True)
+    assert kept and not fake.garbage
+    logged = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+              if r.getMessage() == "deepgram_malformed_message"]
+    if field is None:  # the SDK's own warning; nothing reached the stream
+        assert not logged and "Skipping unknown WebSocket message" in caplog.text
+    else:
+        assert logged and logged[0]["message_type"] == kind and logged[0]["field"] == field
+    assert "test-key" not in caplog.text
 
 
 # ---------------------------------------------------------------- the early transcript

@@ -33,12 +33,21 @@ onto ``STTStream``:
 
 Results that end before the last finalize/reset (audio time) are dropped, so a late
 reply for an old utterance never leaks into the next one.
+
+A malformed message (the SDK builds its models unchecked: a ``Results`` with no
+``channel``, alternatives that are not a list, a ``start`` that is not a number; or a
+message it matches to no type, which it yields as None) is dropped alone and logged
+(``deepgram_malformed_message``: its type and the field, at most once per
+``_MALFORMED_LOG_EVERY_S`` a type and field); the socket and the utterance go on (a dropped
+interim's words come again in the next result; a dropped final's are missing). Text that
+is not JSON never reaches us: the SDK skips it with a warning of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable
 
@@ -59,6 +68,7 @@ _EPSILON_S = 0.02
 _RECONNECT_MAX_S = 5.0
 _CLOSE_WAIT_S = 2.0  # aclose: the server's last results after CloseStream, then its close
 _RETRIED_STATUSES = (408, 429)  # refused handshakes worth another try (other 4xx are final)
+_MALFORMED_LOG_EVERY_S = 10.0  # a service sending garbage logs one line a kind this often
 
 
 class DeepgramStream:
@@ -97,6 +107,7 @@ class DeepgramStream:
         self._closing_utterance: _Closing | None = None
         self._error: ProviderError | None = None
         self._closing = False
+        self._malformed_logs = logs.Throttle(_MALFORMED_LOG_EVERY_S)
         self.endpoint = asyncio.Event()  # set on speech_final / UtteranceEnd (optional for callers)
         self._runner = asyncio.create_task(self._run(), name="deepgram-stream")
 
@@ -387,39 +398,57 @@ class DeepgramStream:
                 await socket.send_close_stream()
 
     def _on_message(self, message: Any) -> None:
-        self._heard += 1
+        self._heard += 1  # even a malformed one: the socket is alive
         kind = getattr(message, "type", None)
-        if kind == "Results":
-            self._on_results(message)
-        elif kind == "UtteranceEnd":
-            if self._interim:  # nothing more will finalize it
-                self._committed.append(self._interim)
-                self._interim = ""
-            last_word_end = getattr(message, "last_word_end", None)
-            self._mark_endpoint(self._sent_s if last_word_end is None
-                                else self._offset_s + float(last_word_end))
-        elif kind == "Error":
-            self._error = ProviderError(NAME, f"{message.variant}: {message.description}")
-        # Metadata, SpeechStarted: nothing to map.
+        try:
+            if kind == "Results":
+                self._on_results(_Result.of(message))
+            elif kind == "UtteranceEnd":
+                last_word_end = getattr(message, "last_word_end", None)
+                self._on_utterance_end(None if last_word_end is None
+                                       else _seconds(last_word_end, "last_word_end"))
+            elif kind == "Error":
+                self._error = ProviderError(NAME, f"{message.variant}: {message.description}")
+            elif message is None:  # the SDK matched it to no message type it knows
+                raise _Malformed("type")
+            # Metadata, SpeechStarted: nothing to map.
+        except _Malformed as exc:
+            # One bad message costs that message, never the socket (and the utterance's
+            # audio with it). An interim's words come again in the next result; a final's
+            # are missing from the transcript (the log line says is_final).
+            self._malformed(message, kind, exc)
 
-    def _on_results(self, message: Any) -> None:
+    def _malformed(self, message: Any, kind: str | None, exc: "_Malformed") -> None:
+        held = self._malformed_logs.admit(f"{kind}.{exc.field}", self._clock.now())
+        if held is not None:  # the field and the value's type, never the message's words
+            logs.event(log, "deepgram_malformed_message", logging.WARNING, message_type=kind,
+                       field=exc.field, got=exc.got,
+                       is_final=getattr(message, "is_final", None), held_back=held)
+
+    def _on_utterance_end(self, last_word_end: float | None) -> None:
+        if self._interim:  # nothing more will finalize it
+            self._committed.append(self._interim)
+            self._interim = ""
+        self._mark_endpoint(self._sent_s if last_word_end is None
+                            else self._offset_s + last_word_end)
+
+    def _on_results(self, result: "_Result") -> None:
         # The socket's audio time, on the stream's clock (a reopened socket starts at 0).
-        end_s = self._offset_s + float(message.start) + float(message.duration)
-        alternatives = message.channel.alternatives
-        text = alternatives[0].transcript.strip() if alternatives else ""
+        end_s = self._offset_s + result.start_s + result.duration_s
+        text = result.text
         if end_s <= self._cut_s + _EPSILON_S:
             # Audio of an utterance already cut: it completes the one being finalized, or
             # (the reply to a reset's Finalize) is dropped; never leaks into the next one.
             closing = self._closing_utterance
             if closing is not None and closing.start_s + _EPSILON_S < end_s <= \
                     closing.cut_s + _EPSILON_S:
-                closing.add(text, bool(message.is_final), bool(message.from_finalize))
+                closing.add(text, result.is_final, result.from_finalize)
             return
-        if message.is_final:
+        if result.is_final:
             if text:
                 self._committed.append(text)
             self._interim = ""
-            if message.speech_final:
+            if result.speech_final:
                 self._mark_endpoint(end_s)
         else:
             self._interim = text
@@ -449,6 +478,56 @@ def _abort(socket: Any) -> None:
     transport = getattr(getattr(socket, "_websocket", None), "transport", None)
     if transport is not None:
         transport.abort()
+
+
+class _Malformed(Exception):
+    """A message from the service lacks ``field`` or has a value of the wrong type there."""
+
+    def __init__(self, field: str, value: Any = None) -> None:
+        super().__init__(field)
+        self.field = field
+        self.got = type(value).__name__
+
+
+def _seconds(value: Any, field: str) -> float:
+    """``value`` of ``field``, a finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise _Malformed(field, value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class _Result:
+    """A ``Results`` message, checked: every field ``_on_results`` reads, of its type."""
+
+    start_s: float  # audio time of the socket
+    duration_s: float
+    text: str  # the first alternative's transcript
+    is_final: bool
+    speech_final: bool
+    from_finalize: bool
+
+    @classmethod
+    def of(cls, message: Any) -> "_Result":
+        """Raises ``_Malformed`` (before the stream has changed) for a field it cannot read."""
+        channel = getattr(message, "channel", None)
+        if channel is None:
+            raise _Malformed("channel")
+        alternatives = getattr(channel, "alternatives", None)
+        if not isinstance(alternatives, list):
+            raise _Malformed("channel.alternatives", alternatives)
+        text = ""
+        if alternatives:
+            text = getattr(alternatives[0], "transcript", None)
+            if not isinstance(text, str):
+                raise _Malformed("channel.alternatives[0].transcript", text)
+        # The SDK has already made booleans of the flags (absent: None).
+        return cls(start_s=_seconds(getattr(message, "start", None), "start"),
+                   duration_s=_seconds(getattr(message, "duration", None), "duration"),
+                   text=text.strip(),
+                   is_final=bool(message.is_final), speech_final=bool(message.speech_final),
+                   from_finalize=bool(message.from_finalize))
 
 
 @dataclass

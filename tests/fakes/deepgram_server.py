@@ -59,6 +59,9 @@ class FakeDeepgram:
         self.utterances: list[str] = ["what are your opening hours"]
         self.ms_per_word = 100
         self.answer_finalize = True  # False: ignore Finalize (a server that never replies)
+        # Raw text frames sent as they are, one before each of the next results (a service
+        # that sends a malformed message now and then).
+        self.garbage: list[str] = []
         # None: an interim for every new word. A number: at most one per this much audio.
         self.interim_every_ms: float | None = None
         # Finals leave this long (uniform in the range) after the end of speech.
@@ -111,6 +114,8 @@ class FakeDeepgram:
                 due, payload = await outbox.get()
                 if due > loop.time():
                     await asyncio.sleep(due - loop.time())
+                if self.garbage and payload["type"] == "Results":
+                    await websocket.send_text(self.garbage.pop(0))
                 if self.keep_sessions:
                     session.sent.append(payload)
                 await websocket.send_text(json.dumps(payload))
