@@ -603,6 +603,31 @@ async def test_a_stalled_socket_to_a_dead_peer_is_reopened_at_once():
         await recognizer.aclose()
 
 
+@pytest.mark.parametrize("reopening", ["in-backoff", "in-handshake"])
+async def test_a_stream_closed_while_its_socket_reopens_ends_at_once(reopening):
+    """The call hangs up while no live socket is open: the stream waits out its reconnect
+    backoff (here 60 s) or a handshake that does not come. There is nothing to flush
+    (no CloseStream can go out): the close ends the stream at once, not after its 2 s
+    wait for a server's last results."""
+    route = DroppingDeepgram() if reopening == "in-backoff" else HangingDeepgram()
+    with ServerThread(route.app) as server:
+        clock = ManualClock()
+        recognizer = stt(server, reconnect_s=60.0, clock=clock)
+        stream = recognizer.open_stream()
+        await stream.send_audio(VOICE)  # the dropping route drops the socket at it
+        assert await until(lambda: route.connections == 1 and not stream.connected and
+                           (reopening == "in-handshake" or stream._error is not None))
+        started = clock.now()
+        # The clock never moves: the close must not wait on it. (1 s of wall time only
+        # bounds a hang.)
+        await asyncio.wait_for(stream.aclose(), 1)
+        ended = stream._runner.done() and stream.closed and not stream.connected
+        route.release.set()
+        await recognizer.aclose()
+    assert ended and clock.now() == started
+    assert route.connections == 1  # no socket opened for a closed stream
+
+
 class ReopeningDeepgram(RouteDeepgram):
     """The fake behind a route that drops its first connection after its first audio, then
     holds the second handshake (no accept) until ``release``: the stream is reopening for as

@@ -20,7 +20,9 @@ onto ``STTStream``:
   is dropped and reopened like a failed one.
 - ``KeepAlive`` is sent when no audio has gone out for ``keepalive_s`` (Deepgram closes
   an idle socket after about 10 s); ``aclose()`` sends ``CloseStream`` and waits up to
-  2 s (on the stream's ``clock``) for the server's last results and its close.
+  2 s (on the stream's ``clock``) for the server's last results and its close. With no
+  live socket open (the first handshake, or a reopen's backoff or handshake) there is
+  nothing to flush: the stream ends at once.
 - A socket ended from our side (that wait over, or dropped as stalled) is cut at once
   (TCP abort): websockets' own close handshake waits ``close_timeout`` (10 s) a step for a
   peer gone dead, about 30 s in all, and a call's teardown or a reopen would wait with it.
@@ -224,7 +226,11 @@ class DeepgramStream:
             await asyncio.gather(self._runner, return_exceptions=True)
             return
         self._closing = True
-        if not self._runner.done():
+        if not self._connected:
+            # No live socket (reopening: in its backoff, or a handshake that may never come):
+            # nothing to flush, no server to wait for. A call that hung up lets go now.
+            self._runner.cancel()
+        elif not self._runner.done():
             self._outbox.put_nowait("CloseStream")
             self._outbox.put_nowait(None)
             # The server answers CloseStream with its last results and Metadata, then
