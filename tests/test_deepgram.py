@@ -203,7 +203,7 @@ def results_json(**fields) -> str:
     """A ``Results`` message as the service sends it (an interim of "noise" over the first
     100 ms), with ``fields`` replaced; a field set to ``...`` is left out."""
     message = {"type": "Results", "channel_index": [0, 1], "start": 0.0, "duration": 0.1,
-               "is_final": True, "speech_final": False, "from_finalize": False,
+               "is_final": False, "speech_final": False, "from_finalize": False,
                "channel": {"alternatives": [{"transcript": "noise", "confidence": 0.9,
                                              "words": []}]},
                "metadata": {"request_id": "r", "model_uuid": "m",
@@ -252,6 +252,32 @@ async def test_a_malformed_message_is_dropped_and_the_utterance_recognised(
     else:
         assert logged and logged[0]["message_type"] == kind and logged[0]["field"] == field
     assert "test-key" not in caplog.text
+
+
+@pytest.mark.parametrize("garbage", [
+    results_json(is_final=True, channel=None),
+    results_json(is_final=True, start="0.1 s"),
+], ids=["final-without-channel", "final-start-not-a-number"])
+async def test_a_malformed_final_result_loses_its_words_and_the_turn_says_so(deepgram, garbage):
+    """A final result commits its words once: one that cannot be read leaves the utterance
+    without them. Answered as if whole, the rest of the question could get a wrong cached
+    answer; the turn fails instead (the engine apologises and asks again), and the socket
+    carries on for the next one."""
+    fake, server = deepgram
+    fake.ms_per_word = 40
+    recognizer = stt(server)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)
+    assert await until(lambda: stream._text() == "what are")
+    fake.garbage = [garbage]
+    await send(stream, VOICE, 8)
+    assert await until(lambda: not fake.garbage)
+    with pytest.raises(ProviderError, match="malformed"):
+        await stream.finalize()
+    kept = stream.connected and len(fake.sessions) == 1
+    await stream.aclose()
+    await recognizer.aclose()
+    assert kept
 
 
 # ---------------------------------------------------------------- the early transcript

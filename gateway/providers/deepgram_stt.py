@@ -40,9 +40,10 @@ A malformed message (the SDK builds its models unchecked: a ``Results`` with no
 ``channel``, alternatives that are not a list, a ``start`` that is not a number; or a
 message it matches to no type, which it yields as None) is dropped alone and logged
 (``deepgram_malformed_message``: its type and the field, at most once per
-``_MALFORMED_LOG_EVERY_S`` a type and field); the socket and the utterance go on (a dropped
-interim's words come again in the next result; a dropped final's are missing). Text that
-is not JSON never reaches us: the SDK skips it with a warning of its own.
+``_MALFORMED_LOG_EVERY_S`` a type and field); the socket goes on. A dropped interim's words
+come again in the next result; a final's never do, so its utterance fails as one whose
+audio was lost does (the turn apologises rather than answer part of a question). Text
+that is not JSON never reaches us: the SDK skips it with a warning of its own.
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ class DeepgramStream:
             if self._closing_utterance is closing:
                 self._closing_utterance = None
         self._check()
+        if closing.lost is not None:
+            raise closing.lost
         text = closing.text()
         if not answered:
             self._unanswered(closing, text)
@@ -421,8 +424,23 @@ class DeepgramStream:
         except _Malformed as exc:
             # One bad message costs that message, never the socket (and the utterance's
             # audio with it). An interim's words come again in the next result; a final's
-            # are missing from the transcript (the log line says is_final).
+            # never do: its utterance fails rather than be answered without them.
             self._malformed(message, kind, exc)
+            if kind == "Results" and getattr(message, "is_final", None):
+                self._lose_words(exc)
+
+    def _lose_words(self, exc: "_Malformed") -> None:
+        """A final result could not be read: the words it committed are lost. They are the
+        cut utterance's when one waits for its Finalize reply (the reply itself, likeliest),
+        else the utterance's under way."""
+        lost = ProviderError(NAME, f"a final result was malformed ({exc.field}): words of "
+                                   f"the utterance are lost")
+        closing = self._closing_utterance
+        if closing is not None and closing.done is not None and not closing.done.done():
+            closing.lost = lost
+            closing.done.set_result(None)  # no readable reply will complete it
+        elif self._utterance_has_audio():
+            self._lost = lost
 
     def _malformed(self, message: Any, kind: str | None, exc: "_Malformed") -> None:
         held = self._malformed_logs.admit(f"{kind}.{exc.field}", self._clock.now())
@@ -546,6 +564,7 @@ class _Closing:
     cut_s: float
     heard: int = 0  # the stream's messages received when it was cut
     done: asyncio.Future[None] | None = None
+    lost: ProviderError | None = None  # a final result of it could not be read
 
     def add(self, text: str, is_final: bool, from_finalize: bool) -> None:
         if is_final:
