@@ -30,6 +30,28 @@ class RenderError(SeedError):
 
 
 @dataclass(frozen=True)
+class NewAnswerLimit:
+    """At most ``most`` answers not yet in the store are rendered by one seed; ``setting``
+    names where the operator raises it (the refusal says so)."""
+
+    most: int
+    setting: str = "max_new_answers"
+
+
+class TooManyNewAnswers(SeedError):
+    """The seed has more new answers to render than its limit: refused before rendering
+    any (tens of thousands of answers render for hours)."""
+
+    def __init__(self, new: int, reused: int, limit: NewAnswerLimit) -> None:
+        self.new, self.reused, self.limit = new, reused, limit
+        super().__init__(
+            f"this seed would render {new:,} new answers ({reused:,} more are already in the "
+            f"store), over the limit of {limit.most:,} new answers a seed may render "
+            f"({limit.setting}): nothing was rendered or published; raise {limit.setting} "
+            "if so many new answers are meant")
+
+
+@dataclass(frozen=True)
 class SeedReport:
     version: str
     entries: int
@@ -65,32 +87,36 @@ MAX_EMBEDDED_WORDS = 180
 
 def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
          target_wrong_rate: float = 0.01, progress: bool = True,
-         embedder: Embedder | None = None, negatives: Sequence[str] = ()) -> SeedReport:
+         embedder: Embedder | None = None, negatives: Sequence[str] = (),
+         limit: NewAnswerLimit | None = None) -> SeedReport:
     """Validate ``csv_path`` and publish it as the new current cache version of ``store``.
 
-    Raises ``SeedValidationError`` (every bad row) or ``RenderError``; in both cases the
-    previously published version keeps serving.
+    Raises ``SeedValidationError`` (every bad row), ``TooManyNewAnswers`` or
+    ``RenderError``; in each case the previously published version keeps serving.
     """
     plan = read_seed_csv(csv_path)
     return seed_plan(plan, store, render, voice_id, source=Path(csv_path).name,
                      target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder,
-                     negatives=negatives)
+                     negatives=negatives, limit=limit)
 
 
 def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
               source: str = "<rows>", target_wrong_rate: float = 0.01, progress: bool = True,
               embedder: Embedder | None = None, negatives: Sequence[str] = (),
-              replaces: str | None | AnyVersion = ANY_VERSION) -> SeedReport:
+              replaces: str | None | AnyVersion = ANY_VERSION,
+              limit: NewAnswerLimit | None = None) -> SeedReport:
     """Publish an already validated plan (from ``parse_seed_csv`` or ``parse_seed_rows``):
     render the answers not yet in the store, calibrate, publish atomically.
 
     ``negatives``: the operator's own out-of-domain questions (beside the generic set).
     ``replaces``: the version the plan was built from; another one current at publish time
-    raises ``StoreConflict`` (``Store.publish``).
+    raises ``StoreConflict`` (``Store.publish``). ``limit``: more new answers than it allows
+    raise ``TooManyNewAnswers`` before any renders.
 
     Raises ``RenderError``; the previously published version keeps serving.
     """
-    entries, rendered, reused = render_answers(plan, store, render, voice_id, progress)
+    entries, rendered, reused = render_answers(plan, store, render, voice_id, progress,
+                                               limit)
     embedder = embedder or Embedder()
     trained = train_router(embedder, plan.questions, plan.intents, entries,
                            target_wrong_rate=target_wrong_rate, negatives=negatives)
@@ -117,8 +143,10 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
 
 
 def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str,
-                   progress: bool = True) -> tuple[dict[str, Entry], int, int]:
-    """Render each distinct answer not yet in the store; return entries with audio keys."""
+                   progress: bool = True, limit: NewAnswerLimit | None = None
+                   ) -> tuple[dict[str, Entry], int, int]:
+    """Render each distinct answer not yet in the store; return entries with audio keys.
+    Over ``limit`` nothing renders (``TooManyNewAnswers``)."""
     keyed = {eid: dataclasses.replace(e, audio_key=audio_key(e.answer, voice_id) if e.answer
                                       else None)
              for eid, e in plan.entries.items()}
@@ -133,6 +161,8 @@ def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str
             reused += 1
         else:
             todo[entry.audio_key] = entry.answer or ""
+    if limit is not None and len(todo) > limit.most:
+        raise TooManyNewAnswers(len(todo), reused, limit)
     for key, text in tqdm(todo.items(), total=len(todo), desc="rendering answers", unit="answer",
                           disable=not progress):
         store.put_audio(key, _checked_render(render, text))

@@ -213,7 +213,8 @@ def _seed(args: argparse.Namespace) -> int:
             tts = create_tts(settings, executor)
             report = seed_with_voice(args.csv, store, tts, build_embedder(settings),
                                      target_wrong_rate=args.target_wrong_rate,
-                                     progress=not args.quiet, negatives=negatives)
+                                     progress=not args.quiet, negatives=negatives,
+                                     max_new_answers=settings.seed_max_new_answers)
         except KeyboardInterrupt:  # Ctrl-C: the store cleaned up; say which version serves
             print(f"voicegate seed: {_interrupted_seed(store, before)}", file=sys.stderr)
             return 130

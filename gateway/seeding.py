@@ -10,13 +10,21 @@ import asyncio
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cache_seed import SeedPlan, SeedReport, seed, seed_plan
+from cache_seed import NewAnswerLimit, SeedPlan, SeedReport, seed, seed_plan
 from intents.embedder import Embedder
 from intents.store import ANY_VERSION, AnyVersion, Store
 
 from .providers.base import TextToSpeech
 
 Renderer = Callable[[str], tuple[bytes, int]]
+
+# Where the operator raises the limit on new answers per seed (Settings.seed_max_new_answers).
+MAX_NEW_ANSWERS_SETTING = "VOICEGATE_SEED_MAX_NEW_ANSWERS"
+
+
+def new_answer_limit(max_new_answers: int | None) -> NewAnswerLimit | None:
+    return None if max_new_answers is None else NewAnswerLimit(max_new_answers,
+                                                               MAX_NEW_ANSWERS_SETTING)
 
 
 def voice_id(tts: TextToSpeech) -> str:
@@ -49,12 +57,13 @@ def blocking_renderer(tts: TextToSpeech, loop: asyncio.AbstractEventLoop | None 
 
 def seed_with_voice(csv_path: str | Path, store: Store, tts: TextToSpeech, embedder: Embedder,
                     target_wrong_rate: float = 0.01, progress: bool = True,
-                    negatives: Sequence[str] = ()) -> SeedReport:
+                    negatives: Sequence[str] = (),
+                    max_new_answers: int | None = None) -> SeedReport:
     loop = None if hasattr(tts, "synthesize_all") else asyncio.new_event_loop()
     try:
         return seed(csv_path, store, blocking_renderer(tts, loop), voice_id(tts),
                     target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder,
-                    negatives=negatives)
+                    negatives=negatives, limit=new_answer_limit(max_new_answers))
     finally:
         if loop is not None:
             loop.close()
@@ -64,7 +73,8 @@ def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedd
                          source: str, target_wrong_rate: float = 0.01,
                          serving_loop: asyncio.AbstractEventLoop | None = None,
                          negatives: Sequence[str] = (),
-                         replaces: str | None | AnyVersion = ANY_VERSION) -> SeedReport:
+                         replaces: str | None | AnyVersion = ANY_VERSION,
+                         max_new_answers: int | None = None) -> SeedReport:
     """Publish a validated plan (admin API: uploads and entry edits). Blocking: run it on a
     worker thread. A streaming (cloud) TTS synthesizes on ``serving_loop``, the loop its
     client is bound to (a private loop would fail: "bound to a different event loop")."""
@@ -75,7 +85,8 @@ def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedd
     try:
         return seed_plan(plan, store, blocking_renderer(tts, loop), voice_id(tts), source=source,
                          target_wrong_rate=target_wrong_rate, progress=False, embedder=embedder,
-                         negatives=negatives, replaces=replaces)
+                         negatives=negatives, replaces=replaces,
+                         limit=new_answer_limit(max_new_answers))
     finally:
         if private is not None:
             private.close()

@@ -187,6 +187,11 @@ class Settings(BaseModel):
     # rendering its answers to publishing (calibration included).
     cache_versions_kept: Pos = 10
     cache_audio_grace_s: PosF = 3600.0
+    # A seed (`voicegate seed`, POST /admin/seed, an entry edit) with more answers to
+    # render than this (answers whose audio the store has are reused, not counted) is
+    # refused before any renders. Piper takes ~1.1 s an answer on a shared 2-core host:
+    # 2,000 is ~40 min, inside cache_audio_grace_s; a real FAQ has hundreds at most.
+    seed_max_new_answers: Pos = 2000
     # How often a replica checks the store for a newly published cache version.
     cache_poll_s: PosF = 2.0
     # Partial transcripts shorter than this are not routed speculatively.

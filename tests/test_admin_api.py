@@ -376,6 +376,46 @@ def test_seed_upload_raw_and_multipart(own_server):
         assert serving_version(server) == form.json()["version"]  # still serving
 
 
+def test_a_seed_over_the_new_answer_limit_is_a_400_before_anything_renders(
+        settings, runtime, admin_store, tmp_path):
+    """A 5 MB CSV of tens of thousands of distinct answers rendered for hours, holding the
+    seed lock. Over VOICEGATE_SEED_MAX_NEW_ANSWERS it is refused before its first answer
+    renders; answers whose audio the store has are reused and do not count."""
+    store = copy_store(admin_store, tmp_path / "store")
+    server = start_admin_server(settings.replace(seed_max_new_answers=2), runtime, store)
+
+    def with_new_answers(count: int) -> bytes:
+        return (small_faq_csv() + "".join(
+            f'Question {n} about the new thing?,"New answer number {n}.",new_{n},\n'
+            f"Another way to ask question {n}?,,new_{n},\n" for n in range(count))).encode()
+
+    try:
+        version = serving_version(server)
+        audio = sorted(p.name for p in (store / "audio").iterdir())
+        with admin(server) as client:
+            refused = client.post("/admin/seed", content=with_new_answers(3),
+                                  headers={"Content-Type": "text/csv"})
+            assert refused.status_code == 400, refused.text
+            body = refused.json()
+            assert body["error"] == (
+                "this seed would render 3 new answers (4 more are already in the store), over "
+                "the limit of 2 new answers a seed may render (VOICEGATE_SEED_MAX_NEW_ANSWERS): "
+                "nothing was rendered or published; raise VOICEGATE_SEED_MAX_NEW_ANSWERS if so "
+                "many new answers are meant; the previous version keeps serving"), body
+            assert (body["new_answers"], body["reused"], body["limit"], body["setting"]) == \
+                (3, 4, 2, "VOICEGATE_SEED_MAX_NEW_ANSWERS")
+            assert body["version"] == version == serving_version(server)
+            assert sorted(p.name for p in (store / "audio").iterdir()) == audio
+            accepted = client.post("/admin/seed", content=with_new_answers(2),
+                                   headers={"Content-Type": "text/csv"},
+                                   params={"target_wrong_rate": "0.05"})
+            assert accepted.status_code == 200, accepted.text
+            assert (accepted.json()["report"]["rendered"],
+                    accepted.json()["report"]["reused"]) == (2, 4)
+    finally:
+        server.stop()
+
+
 def test_an_uploaded_intent_keeps_its_name_and_id_through_an_edit_of_another(own_server):
     # Every admin edit re-validates the serving version's rows, spaces collapsed: a CSV's name
     # with a run of spaces is read the same way on upload, so the edit renames nothing.

@@ -13,7 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 import intents.store as store_module
-from cache_seed import RenderError, seed
+from cache_seed import NewAnswerLimit, RenderError, TooManyNewAnswers, read_seed_csv, seed
 from gateway.app import create_app
 from gateway.faq_cache import FaqCache
 from gateway.services import Services
@@ -110,6 +110,47 @@ def test_failed_render_mid_seed_leaves_previous_version_serving(
     retry = CountingRender()
     report = seed(BANK_FAQ, store, retry, "voice-b", progress=False, embedder=intent_embedder)
     assert report.reused == 2 and report.rendered == first.rendered - 2
+
+
+def test_a_seed_over_the_new_answer_limit_is_refused_before_any_rendering(
+        tmp_path: Path, intent_embedder: Embedder) -> None:  # noqa: F811
+    """A seed of tens of thousands of distinct answers rendered for hours. Past the limit
+    it is refused before its first answer renders; answers already in the store are reused,
+    so only the new ones count."""
+    store = LocalStore(tmp_path / "store")
+    answers = {e.answer for e in read_seed_csv(BANK_FAQ).entries.values() if e.answer}
+    limit = NewAnswerLimit(len(answers) - 1, "THE_LIMIT")
+    refused = CountingRender()
+    with pytest.raises(TooManyNewAnswers) as info:
+        seed(BANK_FAQ, store, refused, "voice-a", progress=False, embedder=intent_embedder,
+             limit=limit)
+    assert (info.value.new, info.value.reused, info.value.limit) == (len(answers), 0, limit)
+    assert str(info.value) == (
+        f"this seed would render {len(answers)} new answers (0 more are already in the store), "
+        f"over the limit of {len(answers) - 1} new answers a seed may render (THE_LIMIT): "
+        "nothing was rendered or published; raise THE_LIMIT if so many new answers are meant")
+    assert refused.texts == [] and store.current_version() is None
+
+    first = seed(BANK_FAQ, store, CountingRender(), "voice-a", progress=False,
+                 embedder=intent_embedder, limit=NewAnswerLimit(len(answers), "THE_LIMIT"))
+    assert first.rendered == len(answers)  # the limit itself is allowed
+
+    changed_csv = tmp_path / "changed.csv"
+    text = BANK_FAQ.read_text(encoding="utf-8")
+    for old in ("Bluestone ATMs are free for our customers.",
+                "Certificates of deposit pay from"):
+        assert old in text
+        text = text.replace(old, old.rstrip(".") + " (changed).")
+    changed_csv.write_text(text, encoding="utf-8")
+    again = CountingRender()
+    with pytest.raises(TooManyNewAnswers) as info:
+        seed(changed_csv, store, again, "voice-a", progress=False, embedder=intent_embedder,
+             limit=NewAnswerLimit(1, "THE_LIMIT"))
+    assert (info.value.new, info.value.reused) == (2, len(answers) - 2)
+    assert again.texts == [] and store.current_version() == first.version
+    report = seed(changed_csv, store, again, "voice-a", progress=False,
+                  embedder=intent_embedder, limit=NewAnswerLimit(2, "THE_LIMIT"))
+    assert (report.rendered, report.reused, len(again.texts)) == (2, len(answers) - 2, 2)
 
 
 def test_renderer_returning_garbage_is_a_render_error(tmp_path: Path,
@@ -530,7 +571,8 @@ async def test_a_newer_version_that_fails_to_load_here_is_not_blamed_on_this_pub
     report = SeedReport(version="B", entries=1, answer_entries=1, questions=1, rendered=0,
                         reused=1, thresholds=None)  # type: ignore[arg-type]
     monkeypatch.setattr(publish, "seed_plan_with_voice", lambda *a, **k: report)
-    services = SimpleNamespace(cache=Cache(), runtime=SimpleNamespace(tts=None, embedder=None))
+    services = SimpleNamespace(cache=Cache(), runtime=SimpleNamespace(tts=None, embedder=None),
+                               settings=Settings())
     publisher = publish.Publisher(services)  # type: ignore[arg-type]
     published = await publisher._publish(plan=None, source="x", target_wrong_rate=0.01,
                                          negatives=())

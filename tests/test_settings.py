@@ -528,6 +528,34 @@ def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypat
     assert cli.main(seed + ["--target-wrong-rate", "0.05"]) == 0 and started == [0.05]
 
 
+def test_seed_refuses_more_new_answers_than_its_limit_before_rendering_any(monkeypatch,
+                                                                           tmp_path, capsys):
+    # A seed of tens of thousands of distinct answers rendered for hours. Over
+    # VOICEGATE_SEED_MAX_NEW_ANSWERS it is refused, status 1, before any answer renders.
+    import gateway.providers.registry
+    from gateway import cli
+    from intents.store import LocalStore
+
+    rendered: list[str] = []
+    voice = SimpleNamespace(name="fake", audio_id="fake-voice", sample_rate=16000,
+                            synthesize_all=lambda text: rendered.append(text) or b"\0\0")
+    _commands_do_no_heavy_work(monkeypatch)
+    monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda s, ex: voice)
+    monkeypatch.setenv("VOICEGATE_SEED_MAX_NEW_ANSWERS", "2")
+    csv_path = tmp_path / "faq.csv"
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n"
+                        "Where are you?,On Main Street.\nDo you take cards?,Yes: all of them.\n")
+    store = tmp_path / "store"
+    assert cli.main(["seed", str(csv_path), "--store", str(store), "--quiet"]) == 1
+    assert capsys.readouterr().err == (
+        "voicegate seed: this seed would render 3 new answers (0 more are already in the "
+        "store), over the limit of 2 new answers a seed may render "
+        "(VOICEGATE_SEED_MAX_NEW_ANSWERS): nothing was rendered or published; raise "
+        "VOICEGATE_SEED_MAX_NEW_ANSWERS if so many new answers are meant; the previous "
+        "version keeps serving\n")
+    assert rendered == [] and LocalStore(store).current_version() is None
+
+
 def test_a_seed_of_a_directory_and_a_call_timeout_of_nothing_are_refused_by_name(
         monkeypatch, capsys, tmp_path):
     # `voicegate seed /tmp` said "no such file: /tmp"; `call --timeout 0` dialled, then

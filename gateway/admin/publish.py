@@ -141,7 +141,8 @@ class Publisher:
         report = await asyncio.to_thread(seed_plan_with_voice, plan, cache.store, runtime.tts,
                                          runtime.embedder, source, target_wrong_rate,
                                          asyncio.get_running_loop(),
-                                         tuple(negatives), replaces)
+                                         tuple(negatives), replaces,
+                                         services.settings.seed_max_new_answers)
         await asyncio.to_thread(cache.refresh)
         # Ours failed to load here. Not another version's failure (a newer publish from
         # another replica that does not load here is no failure of this one), nor the store

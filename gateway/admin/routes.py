@@ -14,7 +14,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from cache_seed import SeedError, SeedValidationError, parse_target_wrong_rate
+from cache_seed import (SeedError, SeedValidationError, TooManyNewAnswers,
+                        parse_target_wrong_rate)
 
 from ..http_body import BodyTimeout, BodyTooLarge, closing
 from ..protocol import LONE_SURROGATE, has_lone_surrogate
@@ -130,6 +131,12 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
                      version=services.cache.version)  # type: ignore[union-attr]
     if isinstance(exc, SeedBusy):
         return error(str(exc), 409)
+    if isinstance(exc, TooManyNewAnswers):  # refused before rendering: a 400, as bad rows are
+        services.stats.error("admin_bad_request")
+        return error(f"{exc}; the previous version keeps serving", 400,
+                     new_answers=exc.new, reused=exc.reused, limit=exc.limit.most,
+                     setting=exc.limit.setting,
+                     version=services.cache.version)  # type: ignore[union-attr]
     if isinstance(exc, PublishUnconfirmed):  # its swap may still land: not "nothing published"
         return error(str(exc), 503, version=services.cache.version)  # type: ignore[union-attr]
     if isinstance(exc, StoreConflict):  # another replica published first: nothing lost
