@@ -7,6 +7,7 @@ gateway passes its configured voice, tests may pass a cheap renderer.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -51,6 +52,11 @@ class TooManyNewAnswers(SeedError):
             "if so many new answers are meant")
 
 
+class SeedCancelled(SeedError):
+    """The seed was cancelled (``cancel`` set): it stopped before its next answer, or
+    before publishing; nothing is published."""
+
+
 @dataclass(frozen=True)
 class SeedReport:
     version: str
@@ -88,38 +94,44 @@ MAX_EMBEDDED_WORDS = 180
 def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
          target_wrong_rate: float = 0.01, progress: bool = True,
          embedder: Embedder | None = None, negatives: Sequence[str] = (),
-         limit: NewAnswerLimit | None = None) -> SeedReport:
+         limit: NewAnswerLimit | None = None,
+         cancel: threading.Event | None = None) -> SeedReport:
     """Validate ``csv_path`` and publish it as the new current cache version of ``store``.
 
-    Raises ``SeedValidationError`` (every bad row), ``TooManyNewAnswers`` or
-    ``RenderError``; in each case the previously published version keeps serving.
+    Raises ``SeedValidationError`` (every bad row), ``TooManyNewAnswers``, ``SeedCancelled``
+    or ``RenderError``; in each case the previously published version keeps serving.
     """
     plan = read_seed_csv(csv_path)
     return seed_plan(plan, store, render, voice_id, source=Path(csv_path).name,
                      target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder,
-                     negatives=negatives, limit=limit)
+                     negatives=negatives, limit=limit, cancel=cancel)
 
 
 def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
               source: str = "<rows>", target_wrong_rate: float = 0.01, progress: bool = True,
               embedder: Embedder | None = None, negatives: Sequence[str] = (),
               replaces: str | None | AnyVersion = ANY_VERSION,
-              limit: NewAnswerLimit | None = None) -> SeedReport:
+              limit: NewAnswerLimit | None = None,
+              cancel: threading.Event | None = None) -> SeedReport:
     """Publish an already validated plan (from ``parse_seed_csv`` or ``parse_seed_rows``):
     render the answers not yet in the store, calibrate, publish atomically.
 
     ``negatives``: the operator's own out-of-domain questions (beside the generic set).
     ``replaces``: the version the plan was built from; another one current at publish time
     raises ``StoreConflict`` (``Store.publish``). ``limit``: more new answers than it allows
-    raise ``TooManyNewAnswers`` before any renders.
+    raise ``TooManyNewAnswers`` before any renders. ``cancel``: once set, the seed stops
+    before its next answer or before publishing (``SeedCancelled``); a publish under way
+    completes.
 
     Raises ``RenderError``; the previously published version keeps serving.
     """
     entries, rendered, reused = render_answers(plan, store, render, voice_id, progress,
-                                               limit)
+                                               limit, cancel)
     embedder = embedder or Embedder()
     trained = train_router(embedder, plan.questions, plan.intents, entries,
                            target_wrong_rate=target_wrong_rate, negatives=negatives)
+    if cancel is not None and cancel.is_set():  # calibration is not interruptible
+        raise SeedCancelled("seed cancelled while calibrating; nothing published")
     thresholds = trained.router.thresholds
     manifest: dict[str, Any] = {
         "source": source,
@@ -143,10 +155,12 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
 
 
 def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str,
-                   progress: bool = True, limit: NewAnswerLimit | None = None
-                   ) -> tuple[dict[str, Entry], int, int]:
+                   progress: bool = True, limit: NewAnswerLimit | None = None,
+                   cancel: threading.Event | None = None) -> tuple[dict[str, Entry], int, int]:
     """Render each distinct answer not yet in the store; return entries with audio keys.
-    Over ``limit`` nothing renders (``TooManyNewAnswers``)."""
+
+    Over ``limit`` nothing renders (``TooManyNewAnswers``); once ``cancel`` is set, nothing
+    more does (``SeedCancelled``: what rendered stays in the store for the next seed)."""
     keyed = {eid: dataclasses.replace(e, audio_key=audio_key(e.answer, voice_id) if e.answer
                                       else None)
              for eid, e in plan.entries.items()}
@@ -163,8 +177,12 @@ def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str
             todo[entry.audio_key] = entry.answer or ""
     if limit is not None and len(todo) > limit.most:
         raise TooManyNewAnswers(len(todo), reused, limit)
-    for key, text in tqdm(todo.items(), total=len(todo), desc="rendering answers", unit="answer",
-                          disable=not progress):
+    for done, (key, text) in enumerate(tqdm(todo.items(), total=len(todo),
+                                            desc="rendering answers", unit="answer",
+                                            disable=not progress)):
+        if cancel is not None and cancel.is_set():
+            raise SeedCancelled(f"seed cancelled after rendering {done:,} of {len(todo):,} new "
+                                "answers; nothing published")
         store.put_audio(key, _checked_render(render, text))
     return keyed, len(todo), reused
 

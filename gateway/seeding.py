@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -74,10 +75,12 @@ def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedd
                          serving_loop: asyncio.AbstractEventLoop | None = None,
                          negatives: Sequence[str] = (),
                          replaces: str | None | AnyVersion = ANY_VERSION,
-                         max_new_answers: int | None = None) -> SeedReport:
+                         max_new_answers: int | None = None,
+                         cancel: threading.Event | None = None) -> SeedReport:
     """Publish a validated plan (admin API: uploads and entry edits). Blocking: run it on a
     worker thread. A streaming (cloud) TTS synthesizes on ``serving_loop``, the loop its
-    client is bound to (a private loop would fail: "bound to a different event loop")."""
+    client is bound to (a private loop would fail: "bound to a different event loop").
+    ``cancel`` set (from the serving loop) stops it before its next answer."""
     private = None
     loop = serving_loop
     if loop is None and not hasattr(tts, "synthesize_all"):
@@ -86,7 +89,7 @@ def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedd
         return seed_plan(plan, store, blocking_renderer(tts, loop), voice_id(tts), source=source,
                          target_wrong_rate=target_wrong_rate, progress=False, embedder=embedder,
                          negatives=negatives, replaces=replaces,
-                         limit=new_answer_limit(max_new_answers))
+                         limit=new_answer_limit(max_new_answers), cancel=cancel)
     finally:
         if private is not None:
             private.close()

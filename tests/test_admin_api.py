@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -72,7 +75,7 @@ def test_every_route_needs_the_token(admin_server, path):
 
 @pytest.mark.parametrize("method, path", [("POST", "/admin/entries"),
                                           ("DELETE", "/admin/entries/opening_hours"),
-                                          ("POST", "/admin/seed")])
+                                          ("POST", "/admin/seed"), ("DELETE", "/admin/seed")])
 def test_writes_need_the_token(admin_server, method, path):
     version = serving_version(admin_server)
     response = httpx.request(method, admin_server.base_url + path,
@@ -322,6 +325,73 @@ def test_one_seed_at_a_time(own_server):
                 assert "another seed is running" in response.json()["error"]
     finally:
         publisher.lock.release()
+
+
+class GatedVoice:
+    """A voice whose syntheses wait to be let go (``release``): a seed stays under way,
+    rendering its first answer (``rendering`` is set), until the test says."""
+
+    name = "gated"
+    audio_id = "gated-test-voice"  # no audio of the seeded store: every answer is new
+    sample_rate = 16000
+
+    def __init__(self) -> None:
+        self.rendering = threading.Event()
+        self.release = threading.Event()
+        self.texts: list[str] = []
+
+    def synthesize_all(self, text: str) -> bytes:
+        self.texts.append(text)
+        self.rendering.set()
+        if not self.release.wait(timeout=120):
+            raise AssertionError("the test never released the voice")
+        return b"\x01\x00" * 1600
+
+
+def test_a_seed_under_way_is_cancelled_and_publishes_nothing(settings, runtime, admin_store,
+                                                            tmp_path):
+    """A seed rendering for hours could not be stopped: the lock stayed held until it ended.
+    DELETE /admin/seed now stops it before its next answer; the upload's request answers 409
+    "cancelled", nothing is published and the next seed may run."""
+    voice = GatedVoice()
+    # The prompts the real voice rendered stay: the gated one renders only the seed.
+    server = start_admin_server(settings, dataclasses.replace(runtime, tts=voice),
+                                copy_store(admin_store, tmp_path / "store"))
+    csv_upload = {"content": small_faq_csv().encode(), "headers": {"Content-Type": "text/csv"},
+                  "params": {"target_wrong_rate": "0.05"}}
+
+    def upload() -> httpx.Response:
+        with admin(server) as uploader:
+            return uploader.post("/admin/seed", **csv_upload)
+
+    try:
+        version = serving_version(server)
+        with admin(server) as client, ThreadPoolExecutor(max_workers=1) as pool:
+            idle = client.delete("/admin/seed")
+            assert idle.status_code == 409 and idle.json()["error"] == \
+                "no seed is running: nothing to cancel", idle.text
+            seeding = pool.submit(upload)
+            assert voice.rendering.wait(timeout=120), seeding.result()
+            cancelling = client.delete("/admin/seed")
+            assert cancelling.status_code == 202, cancelling.text
+            assert cancelling.json()["cancelling"] is True
+            voice.release.set()  # the answer under way finishes; the next one never starts
+            cancelled = seeding.result(timeout=120)
+            assert cancelled.status_code == 409, cancelled.text
+            body = cancelled.json()
+            assert body["error"] == ("seed cancelled after rendering 1 of 4 new answers; "
+                                     "nothing published; the previous version keeps serving")
+            assert body["cancelled"] is True and body["version"] == version
+            assert len(voice.texts) == 1 and serving_version(server) == version
+            # The lock is released: the next seed runs, reusing the answer rendered.
+            again = client.post("/admin/seed", **csv_upload)
+            assert again.status_code == 200, again.text
+            assert (again.json()["report"]["rendered"], again.json()["report"]["reused"]) == \
+                (3, 1)
+            assert serving_version(server) == again.json()["version"] != version
+    finally:
+        voice.release.set()
+        server.stop()
 
 
 # ---------------------------------------------------------------------- CSV upload

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +15,8 @@ import pytest
 from starlette.testclient import TestClient
 
 import intents.store as store_module
-from cache_seed import NewAnswerLimit, RenderError, TooManyNewAnswers, read_seed_csv, seed
+from cache_seed import (NewAnswerLimit, RenderError, SeedCancelled, TooManyNewAnswers,
+                        read_seed_csv, seed)
 from gateway.app import create_app
 from gateway.faq_cache import FaqCache
 from gateway.services import Services
@@ -26,6 +29,8 @@ from tests.admin_support import small_faq_csv
 from tests.intents_support import BANK_FAQ, intent_embedder, shared_embedder, tone_render  # noqa: F401
 
 ADMIN_TOKEN = "seed-publish-token"
+# the module (the package's `seed` is the function of that name)
+seed_module = importlib.import_module("cache_seed.seed")
 
 
 class CountingRender:
@@ -151,6 +156,52 @@ def test_a_seed_over_the_new_answer_limit_is_refused_before_any_rendering(
     report = seed(changed_csv, store, again, "voice-a", progress=False,
                   embedder=intent_embedder, limit=NewAnswerLimit(2, "THE_LIMIT"))
     assert (report.rendered, report.reused, len(again.texts)) == (2, len(answers) - 2, 2)
+
+
+def test_a_cancelled_seed_stops_at_the_next_answer_and_publishes_nothing(
+        tmp_path: Path, intent_embedder: Embedder) -> None:  # noqa: F811
+    store = LocalStore(tmp_path / "store")
+    first = seed(BANK_FAQ, store, CountingRender(), "voice-a", progress=False,
+                 embedder=intent_embedder)
+    cancel = threading.Event()
+
+    def render(text: str) -> tuple[bytes, int]:
+        rendering.texts.append(text)
+        if len(rendering.texts) == 2:  # cancelled while its second answer renders
+            cancel.set()
+        return tone_render(text)
+
+    rendering = CountingRender()
+    with pytest.raises(SeedCancelled, match=f"cancelled after rendering 2 of {first.rendered} "
+                                            "new answers; nothing published"):
+        seed(BANK_FAQ, store, render, "voice-b", progress=False, embedder=intent_embedder,
+             cancel=cancel)
+    assert len(rendering.texts) == 2
+    assert store.current_version() == first.version and store.versions() == [first.version]
+    # What it rendered is kept (content-addressed) and reused by the next seed.
+    report = seed(BANK_FAQ, store, CountingRender(), "voice-b", progress=False,
+                  embedder=intent_embedder)
+    assert (report.rendered, report.reused) == (first.rendered - 2, 2)
+
+
+def test_a_seed_cancelled_after_its_last_answer_still_publishes_nothing(
+        tmp_path: Path, intent_embedder: Embedder,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled while calibrating (nothing left to render): stopped before the publish."""
+    store = LocalStore(tmp_path / "store")
+    cancel = threading.Event()
+    real_train = seed_module.train_router
+
+    def train(*args, **kwargs):
+        trained = real_train(*args, **kwargs)
+        cancel.set()
+        return trained
+
+    monkeypatch.setattr(seed_module, "train_router", train)
+    with pytest.raises(SeedCancelled, match="cancelled while calibrating; nothing published"):
+        seed(BANK_FAQ, store, CountingRender(), "voice-a", progress=False,
+             embedder=intent_embedder, cancel=cancel)
+    assert store.current_version() is None and store.versions() == []
 
 
 def test_renderer_returning_garbage_is_a_render_error(tmp_path: Path,

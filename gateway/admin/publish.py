@@ -6,7 +6,9 @@ rebuilds the serving version's rows (from its manifest) with the change applied
 and validates those rows as a CSV. Only answers whose text changed are rendered
 (audio is content-addressed). Seeding is CPU-heavy, so it runs on a worker
 thread; one seed at a time per process (an ``asyncio.Lock``), and the cache is
-refreshed at once so the new version serves without waiting for the poll. An entry
+refreshed at once so the new version serves without waiting for the poll. The seed
+under way can be cancelled (``Publisher.cancel``, DELETE /admin/seed): it stops before
+its next answer, or before publishing, and publishes nothing. An entry
 edit publishes only over the version it was built from: another replica's admin API
 may have published meanwhile (one Redis behind a balancer), and a silent last-writer-
 wins would drop that change, so the store refuses it (``StoreConflict``, a 409). An edit
@@ -19,8 +21,10 @@ such: the store names it, this replica keeps serving the one it holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 from cache_seed import (SeedPlan, SeedReport, parse_seed_csv, parse_seed_rows,
                         rows_from_manifest)
@@ -91,12 +95,32 @@ class Publisher:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.lock = asyncio.Lock()
+        self._cancel: threading.Event | None = None  # the running seed's, while it runs
+
+    def cancel(self) -> bool:
+        """Ask the seed under way to stop before its next answer (or before publishing, once
+        its calibration ends); False when no seed runs. A publish under way completes."""
+        if self._cancel is None:
+            return False
+        self._cancel.set()
+        return True
 
     # ------------------------------------------------------------------ helpers
 
     def _claim(self) -> None:
         if self.lock.locked():
             raise SeedBusy("another seed is running; try again when it has finished")
+
+    @contextlib.asynccontextmanager
+    async def _seeding(self) -> AsyncIterator[None]:
+        """One seed at a time (``SeedBusy`` for another), cancellable while it runs."""
+        self._claim()
+        async with self.lock:
+            self._cancel = threading.Event()
+            try:
+                yield
+            finally:
+                self._cancel = None
 
     def _serving_manifest(self) -> tuple[str | None, dict[str, Any]]:
         """(version, manifest) of the version this replica serves (empty when none). Blocking."""
@@ -142,7 +166,7 @@ class Publisher:
                                          runtime.embedder, source, target_wrong_rate,
                                          asyncio.get_running_loop(),
                                          tuple(negatives), replaces,
-                                         services.settings.seed_max_new_answers)
+                                         services.settings.seed_max_new_answers, self._cancel)
         await asyncio.to_thread(cache.refresh)
         # Ours failed to load here. Not another version's failure (a newer publish from
         # another replica that does not load here is no failure of this one), nor the store
@@ -158,8 +182,7 @@ class Publisher:
         """Validate and publish a CSV upload. Raises SeedBusy, SeedValidationError, SeedError.
 
         The wrong-answer target defaults to the serving version's (the CLI's 1 % when none)."""
-        self._claim()
-        async with self.lock:
+        async with self._seeding():
             plan = await asyncio.to_thread(parse_seed_csv, data, source)
             # The serving version's defaults come from memory, not the store: a store that
             # lost that version (Redis restarted empty, a wiped directory) is what a reseed
@@ -178,8 +201,7 @@ class Publisher:
         """Add or replace one entry; returns (report, entry id, created). With
         ``create_only`` an id the serving version has is refused (``EntryExists``)."""
         entry_id, answer, action, questions = _entry_fields(body)
-        self._claim()
-        async with self.lock:
+        async with self._seeding():
             base, manifest = await asyncio.to_thread(self._edit_base)
             existing = _find_entry(manifest, entry_id)
             if existing is not None and create_only:
@@ -211,8 +233,7 @@ class Publisher:
             return report, entry_id_for(entry_id), existing is None
 
     async def delete_entry(self, entry_id: str) -> SeedReport:
-        self._claim()
-        async with self.lock:
+        async with self._seeding():
             base, manifest = await asyncio.to_thread(self._edit_base)
             existing = _find_entry(manifest, entry_id)
             if existing is None:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from cache_seed import (SeedError, SeedValidationError, TooManyNewAnswers,
+from cache_seed import (SeedCancelled, SeedError, SeedValidationError, TooManyNewAnswers,
                         parse_target_wrong_rate)
 
 from ..http_body import BodyTimeout, BodyTooLarge, closing
@@ -136,6 +136,9 @@ def _publish_failed(exc: Exception, services: Services) -> Response:
         return error(f"{exc}; the previous version keeps serving", 400,
                      new_answers=exc.new, reused=exc.reused, limit=exc.limit.most,
                      setting=exc.limit.setting,
+                     version=services.cache.version)  # type: ignore[union-attr]
+    if isinstance(exc, SeedCancelled):  # DELETE /admin/seed stopped it: nothing published
+        return error(f"{exc}; the previous version keeps serving", 409, cancelled=True,
                      version=services.cache.version)  # type: ignore[union-attr]
     if isinstance(exc, PublishUnconfirmed):  # its swap may still land: not "nothing published"
         return error(str(exc), 503, version=services.cache.version)  # type: ignore[union-attr]
@@ -302,6 +305,19 @@ async def seed_upload(request: Request, services: Services) -> Response:
     return JSONResponse({"version": report.version, "report": report_json(report)})
 
 
+@admin_ready
+async def cancel_seed(request: Request, services: Services) -> Response:
+    """Stop the seed under way (an upload, an entry edit, a promotion) before its next
+    answer: it publishes nothing, and its own request answers 409 ``cancelled``."""
+    if not _publisher(request).cancel():
+        return error("no seed is running: nothing to cancel", 409)
+    return JSONResponse({"cancelling": True,
+                         "detail": "the seed under way stops before its next answer (or once "
+                                   "its calibration ends) and publishes nothing; its request "
+                                   "answers 409 with the error. A seed already publishing "
+                                   "completes"}, status_code=202)
+
+
 # ---------------------------------------------------------------------- misses
 
 
@@ -454,6 +470,7 @@ def admin_routes() -> list[BaseRoute]:
         Route("/admin/entries/{entry_id}", get_entry, methods=["GET"]),
         Route("/admin/entries/{entry_id}", delete_entry, methods=["DELETE"]),
         Route("/admin/seed", seed_upload, methods=["POST"]),
+        Route("/admin/seed", cancel_seed, methods=["DELETE"]),
         Route("/admin/misses", misses),
         Route("/admin/misses/promote", promote_miss, methods=["POST"]),
     ]
