@@ -81,7 +81,9 @@ class BackgroundServer:
                 if httpx.get(ready_url, timeout=5).status_code == 200:
                     return self
             except httpx.TransportError:
-                if self._thread.is_alive():
+                # A start-up that cannot succeed stops the server (should_exit): its sockets
+                # close before its thread ends, and that is the failure to report.
+                if self._thread.is_alive() and not self._server.should_exit:
                     raise
             if not self._thread.is_alive():  # stopped by a start-up that cannot succeed
                 raise self._failed()

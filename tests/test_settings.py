@@ -1,10 +1,12 @@
 import json
 import os
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -393,6 +395,44 @@ def test_a_bad_tools_file_stops_the_start_up_before_any_model_loads(monkeypatch,
     server.stop()
     assert str(started.value) == f"the gateway failed to start: {load_failure(info.value)}"
     assert loaded == []
+
+
+def test_a_start_up_that_stops_while_its_readiness_is_polled_reports_why(monkeypatch,
+                                                                        tmp_path):
+    """A start-up that cannot succeed stops the server, whose sockets close before its
+    thread ends: a readiness poll in between got "connection refused", and start() raised
+    that (httpx.ConnectError) instead of the reason (1 run in 3 of the test above)."""
+    import gateway.server
+    import gateway.services
+    from gateway.runtime import load_failure
+    from gateway.server import BackgroundServer
+    from gateway.tools import ToolConfigError
+
+    settings = Settings.load({"host": "127.0.0.1", "port": 0,
+                              "store_dir": str(tmp_path / "store")}, environ={})
+    server = BackgroundServer(settings)
+    problem = ToolConfigError("tools file tools.json: expected a JSON list of tools")
+    polls_refused = 0
+
+    def load_once_listening(*_):  # fails as the models load: after the server listens
+        while not server._server.started:
+            time.sleep(0.005)
+        raise problem
+
+    def refused_while_stopping(url, **_):  # the poll that lands as the server stops
+        nonlocal polls_refused
+        while not server._server.should_exit:
+            time.sleep(0.005)
+        polls_refused += 1
+        raise httpx.ConnectError("All connection attempts failed")
+
+    monkeypatch.setattr(gateway.services.Runtime, "load", load_once_listening)
+    monkeypatch.setattr(gateway.server.httpx, "get", refused_while_stopping)
+    with pytest.raises(RuntimeError) as started:
+        server.start(ready_timeout=60)
+    server.stop()
+    assert str(started.value) == f"the gateway failed to start: {load_failure(problem)}"
+    assert polls_refused >= 1
 
 
 def _demo_on_fakes(monkeypatch) -> dict[str, Any]:
