@@ -35,6 +35,7 @@ from gateway.redis_link import open_async_client
 from gateway.settings import Settings
 from gateway.stats import Stats
 from gateway.transports.twilio import TwilioStream
+from gateway.transports.call_records import split_version
 from gateway.transports.twilio_context import CONTEXT_TTL_S, CallContexts
 from gateway.transports.twilio_ended import EndedCalls
 from gateway.transports.twilio_rest import CallControlError
@@ -708,6 +709,62 @@ async def test_a_call_resumed_here_goes_on_from_memorys_newer_save_when_redis_mi
         assert again.snapshot() == said.snapshot()
     finally:
         await contexts.aclose()
+
+
+class GatedRedis:
+    """A Redis that answers each call's write only once ``answer(key)`` lets it through
+    (a stalled Redis working off its queue), and fails any command once closed."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, str] = {}
+        self.closed = False
+        self._gates: dict[str, asyncio.Event] = {}
+
+    def _gate(self, key: str) -> asyncio.Event:
+        return self._gates.setdefault(key, asyncio.Event())
+
+    def answer(self, key: str) -> None:
+        self._gate(key).set()
+
+    async def eval(self, script: str, numkeys: int, key: str, value: str, *args: Any) -> int:
+        await self._gate(key).wait()
+        if self.closed:
+            raise redis.exceptions.ConnectionError("Connection closed by client")
+        self.held[key] = value
+        return 1
+
+    async def get(self, key: str) -> Any:
+        return self.held.get(key)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_the_shutdown_writes_a_save_handed_over_while_it_waits_for_another():
+    """The replica shuts down while a call's save waits for Redis; meanwhile another call
+    ends (its teardown racing the shutdown: uvicorn cancels what outlived its grace and
+    goes on to the lifespan without waiting) and hands its last save over. Before, aclose
+    waited only for the saves under way as it began, then closed the client under the
+    later one: that call's last turn was lost to the stream resuming it elsewhere."""
+    stats, clock, fake = Stats(), ManualClock(), GatedRedis()
+    contexts = CallContexts(clock, fake, count_error=stats.error)  # type: ignore[arg-type]
+    first_sid, second_sid = CALL_SID, "CA" + "7c" * 16
+    first, second = contexts.keeper(first_sid), contexts.keeper(second_sid)
+    said = Conversation()
+    said.add_user("what is my balance")
+    first.changed(said)
+    closing = asyncio.create_task(contexts.aclose())
+    await clock.settle()
+    second.changed(said)  # the other call's end, as the shutdown waits
+    fake.answer(f"voicegate:twilio:context:{first_sid}")
+    await clock.settle()
+    assert not closing.done()  # the second call's save is still on its way
+    fake.answer(f"voicegate:twilio:context:{second_sid}")
+    await asyncio.wait_for(closing, 5)
+    assert fake.closed
+    held = fake.held[f"voicegate:twilio:context:{second_sid}"]
+    assert json.loads(split_version(held)[1]) == said.snapshot()
+    assert stats.errors["twilio_context_record_failed"] == 0
 
 
 async def test_a_kept_conversation_expires_and_one_too_large_is_not_kept():

@@ -136,7 +136,11 @@ class CallContexts:
     async def aclose(self) -> None:
         """Write what the calls said (each write bounded by ``timeout_s``: the stream
         resuming a call on another replica goes on from it), then close."""
-        await asyncio.gather(*self._writers, return_exceptions=True)
+        # Until none is left, not just those under way now: a call may end while this
+        # waits (uvicorn cancels what outlived its grace and goes on to the lifespan
+        # without waiting), handing its last save over; closing the client under it lost it.
+        while self._writers:
+            await asyncio.gather(*self._writers, return_exceptions=True)
         await self._records.aclose()
 
 
