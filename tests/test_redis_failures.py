@@ -733,7 +733,7 @@ def test_two_replicas_adding_entries_at_once_lose_neither(prefix: str) -> None:
         store = RedisStore(REDIS_URL, prefix=prefix)
         cache = FaqCache(store, shared_embedder())
         cache.refresh()
-        services = SimpleNamespace(cache=cache, runtime=SimpleNamespace(
+        services = SimpleNamespace(cache=cache, settings=Settings(), runtime=SimpleNamespace(
             tts=voice, embedder=shared_embedder()))
         return Publisher(services), cache, store  # type: ignore[arg-type]
 
@@ -787,8 +787,8 @@ async def test_an_entry_edit_over_an_unloadable_current_version_says_retry_forev
         assert cache.refresh()
         serving = cache.version
         raw.set(prefix + "current", "20991231T235959Z-dead00")  # cannot be loaded
-        services = SimpleNamespace(cache=cache, runtime=SimpleNamespace(tts=_HeldVoice(),
-                                                                          embedder=embedder))
+        services = SimpleNamespace(cache=cache, settings=Settings(),
+                                   runtime=SimpleNamespace(tts=_HeldVoice(), embedder=embedder))
         publisher = Publisher(services)  # type: ignore[arg-type]
         answers = []
         for _ in range(2):  # the operator follows the advice and retries
@@ -841,8 +841,8 @@ async def test_an_upload_reseeds_a_store_that_lost_the_serving_version(prefix: s
         else:
             import shutil
             shutil.rmtree(tmp_path / "store")
-        services = SimpleNamespace(cache=cache, runtime=SimpleNamespace(tts=_HeldVoice(),
-                                                                          embedder=embedder))
+        services = SimpleNamespace(cache=cache, settings=Settings(),
+                                   runtime=SimpleNamespace(tts=_HeldVoice(), embedder=embedder))
         publisher = Publisher(services)  # type: ignore[arg-type]
         try:
             report = await publisher.seed_csv(small_faq_csv().encode(), "faq.csv")
