@@ -52,6 +52,20 @@ class TooManyNewAnswers(SeedError):
             "if so many new answers are meant")
 
 
+@dataclass(frozen=True)
+class SeedProgress:
+    """Where a seed is, reported (``on_progress``) from the thread it runs on: as each phase
+    starts and after each answer renders."""
+
+    phase: str  # "rendering", "calibrating" or "publishing"
+    rendered: int  # new answers rendered so far
+    to_render: int  # new answers this seed renders
+    reused: int  # answers whose audio the store already had
+
+
+ProgressCallback = Callable[[SeedProgress], None]
+
+
 class SeedCancelled(SeedError):
     """The seed was cancelled (``cancel`` set): it stopped before its next answer, or
     before publishing; nothing is published."""
@@ -112,7 +126,8 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
               embedder: Embedder | None = None, negatives: Sequence[str] = (),
               replaces: str | None | AnyVersion = ANY_VERSION,
               limit: NewAnswerLimit | None = None,
-              cancel: threading.Event | None = None) -> SeedReport:
+              cancel: threading.Event | None = None,
+              on_progress: ProgressCallback | None = None) -> SeedReport:
     """Publish an already validated plan (from ``parse_seed_csv`` or ``parse_seed_rows``):
     render the answers not yet in the store, calibrate, publish atomically.
 
@@ -121,12 +136,14 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
     raises ``StoreConflict`` (``Store.publish``). ``limit``: more new answers than it allows
     raise ``TooManyNewAnswers`` before any renders. ``cancel``: once set, the seed stops
     before its next answer or before publishing (``SeedCancelled``); a publish under way
-    completes.
+    completes. ``on_progress``: told each phase and each answer rendered (``SeedProgress``).
 
     Raises ``RenderError``; the previously published version keeps serving.
     """
+    tell = on_progress or _ignore_progress
     entries, rendered, reused = render_answers(plan, store, render, voice_id, progress,
-                                               limit, cancel)
+                                               limit, cancel, tell)
+    tell(SeedProgress("calibrating", rendered, rendered, reused))
     embedder = embedder or Embedder()
     trained = train_router(embedder, plan.questions, plan.intents, entries,
                            target_wrong_rate=target_wrong_rate, negatives=negatives)
@@ -144,6 +161,7 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
                      "questions": list(e.questions), "audio_key": e.audio_key}
                     for e in entries.values()],
     }
+    tell(SeedProgress("publishing", rendered, rendered, reused))
     version = store.publish(CacheBundle(manifest, trained.vectors,
                                         trained.router.models_bytes()), replaces)
     return SeedReport(version=version, entries=len(entries),
@@ -156,11 +174,15 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
 
 def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str,
                    progress: bool = True, limit: NewAnswerLimit | None = None,
-                   cancel: threading.Event | None = None) -> tuple[dict[str, Entry], int, int]:
+                   cancel: threading.Event | None = None,
+                   on_progress: ProgressCallback | None = None
+                   ) -> tuple[dict[str, Entry], int, int]:
     """Render each distinct answer not yet in the store; return entries with audio keys.
 
     Over ``limit`` nothing renders (``TooManyNewAnswers``); once ``cancel`` is set, nothing
-    more does (``SeedCancelled``: what rendered stays in the store for the next seed)."""
+    more does (``SeedCancelled``: what rendered stays in the store for the next seed).
+    ``on_progress`` is told the count once it is known and after each answer."""
+    tell = on_progress or _ignore_progress
     keyed = {eid: dataclasses.replace(e, audio_key=audio_key(e.answer, voice_id) if e.answer
                                       else None)
              for eid, e in plan.entries.items()}
@@ -177,6 +199,7 @@ def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str
             todo[entry.audio_key] = entry.answer or ""
     if limit is not None and len(todo) > limit.most:
         raise TooManyNewAnswers(len(todo), reused, limit)
+    tell(SeedProgress("rendering", 0, len(todo), reused))
     for done, (key, text) in enumerate(tqdm(todo.items(), total=len(todo),
                                             desc="rendering answers", unit="answer",
                                             disable=not progress)):
@@ -184,7 +207,12 @@ def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str
             raise SeedCancelled(f"seed cancelled after rendering {done:,} of {len(todo):,} new "
                                 "answers; nothing published")
         store.put_audio(key, _checked_render(render, text))
+        tell(SeedProgress("rendering", done + 1, len(todo), reused))
     return keyed, len(todo), reused
+
+
+def _ignore_progress(progress: SeedProgress) -> None:
+    pass
 
 
 def _checked_render(render: Renderer, text: str) -> Audio:

@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cache_seed import NewAnswerLimit, SeedPlan, SeedReport, seed, seed_plan
+from cache_seed import (NewAnswerLimit, ProgressCallback, SeedPlan, SeedReport, seed,
+                        seed_plan)
 from intents.embedder import Embedder
 from intents.store import ANY_VERSION, AnyVersion, Store
 
@@ -76,11 +77,13 @@ def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedd
                          negatives: Sequence[str] = (),
                          replaces: str | None | AnyVersion = ANY_VERSION,
                          max_new_answers: int | None = None,
-                         cancel: threading.Event | None = None) -> SeedReport:
+                         cancel: threading.Event | None = None,
+                         on_progress: ProgressCallback | None = None) -> SeedReport:
     """Publish a validated plan (admin API: uploads and entry edits). Blocking: run it on a
     worker thread. A streaming (cloud) TTS synthesizes on ``serving_loop``, the loop its
     client is bound to (a private loop would fail: "bound to a different event loop").
-    ``cancel`` set (from the serving loop) stops it before its next answer."""
+    ``cancel`` set (from the serving loop) stops it before its next answer; ``on_progress``
+    is called on this (the seeding) thread."""
     private = None
     loop = serving_loop
     if loop is None and not hasattr(tts, "synthesize_all"):
@@ -89,7 +92,8 @@ def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedd
         return seed_plan(plan, store, blocking_renderer(tts, loop), voice_id(tts), source=source,
                          target_wrong_rate=target_wrong_rate, progress=False, embedder=embedder,
                          negatives=negatives, replaces=replaces,
-                         limit=new_answer_limit(max_new_answers), cancel=cancel)
+                         limit=new_answer_limit(max_new_answers), cancel=cancel,
+                         on_progress=on_progress)
     finally:
         if private is not None:
             private.close()

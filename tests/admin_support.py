@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,33 @@ def small_faq_csv(intents: tuple[str, ...] = SMALL_INTENTS) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+class GatedVoice:
+    """A voice whose syntheses wait to be let go (``release``): a seed stays under way,
+    rendering its answer number ``free + 1`` (``rendering`` is set), until the test says;
+    the ``free`` first answers render at once. It cannot render the start-up prompts: a
+    gateway on it needs them rendered into the shared runtime by a gateway on the real voice
+    started before (a test asks for that server's fixture)."""
+
+    name = "gated"
+    audio_id = "gated-test-voice"  # no audio of the seeded store: every answer is new
+    sample_rate = 16000
+
+    def __init__(self, free: int = 0) -> None:
+        self.free = free
+        self.rendering = threading.Event()
+        self.release = threading.Event()
+        self.texts: list[str] = []
+
+    def synthesize_all(self, text: str) -> bytes:
+        self.texts.append(text)
+        if len(self.texts) <= self.free:
+            return b"\x01\x00" * 1600
+        self.rendering.set()
+        if not self.release.wait(timeout=120):
+            raise AssertionError("the test never released the voice")
+        return b"\x01\x00" * 1600
 
 
 def seed_small(root: Path, runtime) -> str:

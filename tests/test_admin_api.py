@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,13 +15,14 @@ from gateway.client import Caller
 from gateway.clock import ManualClock
 from gateway.server import BackgroundServer
 from intents.types import entry_id_for
-from tests.admin_support import (AUTH, SMALL_INTENTS, admin, copy_store, seed_small,
-                                 serving_version, small_faq_csv, start_admin_server,
-                                 warm_app)
+from tests.admin_support import (AUTH, SMALL_INTENTS, GatedVoice, admin, copy_store,
+                                 seed_small, serving_version, small_faq_csv,
+                                 start_admin_server, warm_app)
 
 pytestmark = pytest.mark.slow
 
-GET_ROUTES = ["/admin/stats", "/admin/entries", "/admin/entries/opening_hours", "/admin/misses"]
+GET_ROUTES = ["/admin/stats", "/admin/entries", "/admin/entries/opening_hours", "/admin/misses",
+              "/admin/seed"]
 
 
 @pytest.fixture(scope="module")
@@ -327,34 +327,14 @@ def test_one_seed_at_a_time(own_server):
         publisher.lock.release()
 
 
-class GatedVoice:
-    """A voice whose syntheses wait to be let go (``release``): a seed stays under way,
-    rendering its first answer (``rendering`` is set), until the test says."""
-
-    name = "gated"
-    audio_id = "gated-test-voice"  # no audio of the seeded store: every answer is new
-    sample_rate = 16000
-
-    def __init__(self) -> None:
-        self.rendering = threading.Event()
-        self.release = threading.Event()
-        self.texts: list[str] = []
-
-    def synthesize_all(self, text: str) -> bytes:
-        self.texts.append(text)
-        self.rendering.set()
-        if not self.release.wait(timeout=120):
-            raise AssertionError("the test never released the voice")
-        return b"\x01\x00" * 1600
-
-
 def test_a_seed_under_way_is_cancelled_and_publishes_nothing(settings, runtime, admin_store,
-                                                            tmp_path):
+                                                            tmp_path, admin_server):
     """A seed rendering for hours could not be stopped: the lock stayed held until it ended.
     DELETE /admin/seed now stops it before its next answer; the upload's request answers 409
     "cancelled", nothing is published and the next seed may run."""
     voice = GatedVoice()
-    # The prompts the real voice rendered stay: the gated one renders only the seed.
+    # The prompts the real voice rendered stay (admin_server's start rendered them into the
+    # shared runtime): the gated one renders only the seed.
     server = start_admin_server(settings, dataclasses.replace(runtime, tts=voice),
                                 copy_store(admin_store, tmp_path / "store"))
     csv_upload = {"content": small_faq_csv().encode(), "headers": {"Content-Type": "text/csv"},
@@ -389,6 +369,64 @@ def test_a_seed_under_way_is_cancelled_and_publishes_nothing(settings, runtime, 
             assert (again.json()["report"]["rendered"], again.json()["report"]["reused"]) == \
                 (3, 1)
             assert serving_version(server) == again.json()["version"] != version
+    finally:
+        voice.release.set()
+        server.stop()
+
+
+def test_the_seed_under_way_and_the_last_one_are_shown(settings, runtime, admin_store,
+                                                       tmp_path, admin_server):
+    """An operator with a long upload running could not see whether it still ran or how far
+    it got. GET /admin/seed shows the seed under way (its phase, answers rendered of those to
+    render, cancelling once DELETE /admin/seed asked), then how the last one ended."""
+    voice = GatedVoice(free=1)  # the first answer renders, the second is held
+    # admin_server's start rendered the prompts with the real voice (GatedVoice: why)
+    server = start_admin_server(settings, dataclasses.replace(runtime, tts=voice),
+                                copy_store(admin_store, tmp_path / "store"))
+    csv_upload = {"content": small_faq_csv().encode(), "headers": {"Content-Type": "text/csv"},
+                  "params": {"target_wrong_rate": "0.05", "name": "faq.csv"}}
+
+    def upload() -> httpx.Response:
+        with admin(server) as uploader:
+            return uploader.post("/admin/seed", **csv_upload)
+
+    try:
+        with admin(server) as client, ThreadPoolExecutor(max_workers=1) as pool:
+            idle = client.get("/admin/seed")
+            assert idle.status_code == 200, idle.text
+            assert idle.json() == {"running": False, "last": None}
+            seeding = pool.submit(upload)
+            assert voice.rendering.wait(timeout=120), seeding.result()
+            running = client.get("/admin/seed").json()
+            started_at, elapsed = running.pop("started_at"), running.pop("elapsed_s")
+            assert running == {"running": True, "kind": "upload", "source": "faq.csv",
+                               "phase": "rendering", "rendered": 1, "to_render": 4,
+                               "reused": 0, "cancelling": False}
+            assert started_at > 1.7e9 and elapsed >= 0
+            assert client.delete("/admin/seed").status_code == 202
+            cancelling = client.get("/admin/seed").json()
+            assert (cancelling["running"], cancelling["cancelling"]) == (True, True)
+            voice.release.set()  # the answer under way finishes; the next one never starts
+            assert seeding.result(timeout=120).status_code == 409
+            ended = client.get("/admin/seed").json()
+            assert ended["running"] is False, ended
+            last = ended["last"]
+            assert last["ended_at"] >= last["started_at"] == started_at, last
+            assert {k: last[k] for k in ("kind", "source", "outcome", "version", "error",
+                                         "phase", "rendered", "to_render", "reused")} == {
+                "kind": "upload", "source": "faq.csv", "outcome": "cancelled", "version": None,
+                "error": "seed cancelled after rendering 2 of 4 new answers; nothing published",
+                "phase": "rendering", "rendered": 2, "to_render": 4, "reused": 0}
+
+            published = client.post("/admin/entries", json={
+                "intent": "opening_hours", "answer": "We open at nine, every weekday."})
+            assert published.status_code == 200, published.text
+            last = client.get("/admin/seed").json()["last"]
+            assert {k: last[k] for k in ("kind", "source", "outcome", "version", "error",
+                                         "phase")} == {
+                "kind": "entry", "source": "admin: entry opening_hours",
+                "outcome": "published", "version": published.json()["version"],
+                "error": None, "phase": "publishing"}
     finally:
         voice.release.set()
         server.stop()

@@ -6,7 +6,9 @@ The browser comes from tests/browser_support.py (skipped without Chromium, excep
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import httpx
 import pytest
 
 from gateway.client import Caller
-from tests.admin_support import AUTH, TOKEN, seed_small, start_admin_server
+from tests.admin_support import (AUTH, TOKEN, GatedVoice, admin, copy_store, seed_small,
+                                 small_faq_csv, start_admin_server)
 from tests.browser_support import chromium
 
 pytestmark = pytest.mark.slow
@@ -29,10 +32,16 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def dashboard_server(tmp_path_factory, settings, runtime):
+def dashboard_store(tmp_path_factory, runtime):
     root = tmp_path_factory.mktemp("dashboard-store") / "store"
     seed_small(root, runtime)
-    server = start_admin_server(settings, runtime, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dashboard_server(tmp_path_factory, settings, runtime, dashboard_store):
+    served = tmp_path_factory.mktemp("dashboard-served") / "store"
+    server = start_admin_server(settings, runtime, copy_store(dashboard_store, served))
     yield server
     server.stop()
 
@@ -337,9 +346,10 @@ def test_entering_the_token_again_keeps_one_refresh_loop(browser):
                 due.forEach((fn) => fn());
                 return window.__fetches.map((f) => f.path);""")
 
-        assert sorted(answer_all_then_tick()) == ["/admin/misses?limit=10", "/admin/stats"]
+        polled = ["/admin/misses?limit=10", "/admin/seed", "/admin/stats"]
+        assert sorted(answer_all_then_tick()) == polled
         assert browser.find_element(By.ID, "dashboard").is_displayed()
-        assert sorted(answer_all_then_tick()) == ["/admin/misses?limit=10", "/admin/stats"]
+        assert sorted(answer_all_then_tick()) == polled
     finally:
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
                                 {"identifier": script})
@@ -377,3 +387,67 @@ def test_figures_of_one_replica_are_said_to_be_so_while_redis_is_unreachable(
     monkeypatch.undo()  # Redis is back: the warning goes
     WebDriverWait(browser, 30).until(visible.invisibility_of_element_located((By.ID,
                                                                               "scope-note")))
+
+
+def test_the_seed_under_way_is_shown_and_its_cancel_button_cancels_it(
+        browser, settings, runtime, dashboard_store, tmp_path, dashboard_server):
+    # An operator with a long upload running had no way to see it on the dashboard, nor to
+    # stop it there: the page shows its phase and "rendered n of m" while it runs, and its
+    # Cancel button sends DELETE /admin/seed; the panel goes once the seed has ended.
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as visible
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    voice = GatedVoice(free=1)  # the first answer renders, the second is held
+    # dashboard_server's start rendered the prompts with the real voice (GatedVoice: why)
+    server = start_admin_server(settings, dataclasses.replace(runtime, tts=voice),
+                                copy_store(dashboard_store, tmp_path / "store"))
+
+    def upload():
+        with admin(server) as uploader:
+            return uploader.post("/admin/seed", content=small_faq_csv().encode(),
+                                 headers={"Content-Type": "text/csv"},
+                                 params={"target_wrong_rate": "0.05", "name": "faq.csv"})
+
+    def seed_state() -> dict:
+        return httpx.get(server.base_url + "/admin/seed", headers=AUTH, timeout=30).json()
+
+    def text(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text
+
+    try:
+        browser.get(server.base_url + "/admin/")
+        browser.execute_script(f"sessionStorage.setItem('voicegate.adminToken', '{TOKEN}')")
+        browser.get(server.base_url + "/admin/")
+        wait_loaded(browser)
+        panel = browser.find_element(By.ID, "seed-status")
+        assert not panel.is_displayed()
+        wait = WebDriverWait(browser, 60)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            seeding = pool.submit(upload)
+            assert voice.rendering.wait(timeout=120), seeding.result()
+            wait.until(visible.visibility_of_element_located((By.ID, "seed-status")))
+            wait.until(lambda d: panel.get_attribute("data-phase") == "rendering")
+            assert text("seed-phase") == "rendering answers"
+            assert text("seed-progress") == "rendered 1 of 4"
+            assert "faq.csv" in text("seed-source") and "upload" in text("seed-source")
+            assert panel.get_attribute("data-cancelling") == "false"
+
+            browser.find_element(By.ID, "seed-cancel").click()
+            confirm = wait.until(lambda d: d.switch_to.alert)
+            assert "publishes nothing" in confirm.text
+            confirm.accept()
+            wait.until(lambda d: seed_state().get("cancelling") is True)
+            wait.until(lambda d: panel.get_attribute("data-cancelling") == "true")
+            assert "cancelling" in text("seed-cancel-result")
+            button = browser.find_element(By.ID, "seed-cancel")
+            assert not button.is_enabled() and button.text == "Cancelling…"
+
+            voice.release.set()  # the answer under way finishes; the next one never starts
+            cancelled = seeding.result(timeout=120)
+            assert cancelled.status_code == 409 and cancelled.json()["cancelled"] is True
+            wait.until(visible.invisibility_of_element_located((By.ID, "seed-status")))
+        assert seed_state()["last"]["outcome"] == "cancelled"
+    finally:
+        voice.release.set()
+        server.stop()

@@ -8,7 +8,8 @@ and validates those rows as a CSV. Only answers whose text changed are rendered
 thread; one seed at a time per process (an ``asyncio.Lock``), and the cache is
 refreshed at once so the new version serves without waiting for the poll. The seed
 under way can be cancelled (``Publisher.cancel``, DELETE /admin/seed): it stops before
-its next answer, or before publishing, and publishes nothing. An entry
+its next answer, or before publishing, and publishes nothing; its phase and counts, then its
+outcome, are kept for GET /admin/seed (``SeedStatus``). An entry
 edit publishes only over the version it was built from: another replica's admin API
 may have published meanwhile (one Redis behind a balancer), and a silent last-writer-
 wins would drop that change, so the store refuses it (``StoreConflict``, a 409). An edit
@@ -26,14 +27,15 @@ import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, Sequence
 
-from cache_seed import (SeedPlan, SeedReport, parse_seed_csv, parse_seed_rows,
-                        rows_from_manifest)
+from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
+                        parse_seed_csv, parse_seed_rows, rows_from_manifest)
 
 from intents.store import ANY_VERSION, AnyVersion, StoreError
 from intents.types import entry_id_for
 
 from ..seeding import seed_plan_with_voice
 from ..services import Services
+from .seed_status import CANCELLED, DELETE, ENTRY, FAILED, PUBLISHED, UPLOAD, SeedStatus
 
 
 class SeedBusy(RuntimeError):
@@ -96,6 +98,8 @@ class Publisher:
         self.services = services
         self.lock = asyncio.Lock()
         self._cancel: threading.Event | None = None  # the running seed's, while it runs
+        self._progress: ProgressCallback | None = None  # the same
+        self.status = SeedStatus()
 
     def cancel(self) -> bool:
         """Ask the seed under way to stop before its next answer (or before publishing, once
@@ -112,15 +116,25 @@ class Publisher:
             raise SeedBusy("another seed is running; try again when it has finished")
 
     @contextlib.asynccontextmanager
-    async def _seeding(self) -> AsyncIterator[None]:
-        """One seed at a time (``SeedBusy`` for another), cancellable while it runs."""
+    async def _seeding(self, kind: str, source: str) -> AsyncIterator[None]:
+        """One seed at a time (``SeedBusy`` for another), cancellable while it runs; its
+        progress and outcome go to ``status``."""
         self._claim()
         async with self.lock:
             self._cancel = threading.Event()
+            self._progress = self.status.start(kind, source, self._cancel)
             try:
                 yield
+            except SeedCancelled as exc:
+                self.status.end(CANCELLED, str(exc))
+                raise
+            except BaseException as exc:
+                self.status.end(FAILED, _failure(exc))
+                raise
+            else:
+                self.status.end(PUBLISHED)
             finally:
-                self._cancel = None
+                self._cancel = self._progress = None
 
     def _serving_manifest(self) -> tuple[str | None, dict[str, Any]]:
         """(version, manifest) of the version this replica serves (empty when none). Blocking."""
@@ -161,12 +175,15 @@ class Publisher:
         runtime = services.runtime
         cache = services.cache
         assert cache is not None
+        self.status.named(source)
         # The voice renders on this (the serving) loop, from the seeding thread.
         report = await asyncio.to_thread(seed_plan_with_voice, plan, cache.store, runtime.tts,
                                          runtime.embedder, source, target_wrong_rate,
                                          asyncio.get_running_loop(),
                                          tuple(negatives), replaces,
-                                         services.settings.seed_max_new_answers, self._cancel)
+                                         services.settings.seed_max_new_answers, self._cancel,
+                                         self._progress)
+        self.status.published(report.version)
         await asyncio.to_thread(cache.refresh)
         # Ours failed to load here. Not another version's failure (a newer publish from
         # another replica that does not load here is no failure of this one), nor the store
@@ -182,7 +199,7 @@ class Publisher:
         """Validate and publish a CSV upload. Raises SeedBusy, SeedValidationError, SeedError.
 
         The wrong-answer target defaults to the serving version's (the CLI's 1 % when none)."""
-        async with self._seeding():
+        async with self._seeding(UPLOAD, source):
             plan = await asyncio.to_thread(parse_seed_csv, data, source)
             # The serving version's defaults come from memory, not the store: a store that
             # lost that version (Redis restarted empty, a wiped directory) is what a reseed
@@ -196,12 +213,13 @@ class Publisher:
 
     # ------------------------------------------------------------------ entries
 
-    async def upsert_entry(self, body: Mapping[str, Any],
-                           create_only: bool = False) -> tuple[SeedReport, str, bool]:
+    async def upsert_entry(self, body: Mapping[str, Any], create_only: bool = False,
+                           kind: str = ENTRY) -> tuple[SeedReport, str, bool]:
         """Add or replace one entry; returns (report, entry id, created). With
-        ``create_only`` an id the serving version has is refused (``EntryExists``)."""
+        ``create_only`` an id the serving version has is refused (``EntryExists``).
+        ``kind`` is what GET /admin/seed calls it (``PROMOTE`` for a promoted miss)."""
         entry_id, answer, action, questions = _entry_fields(body)
-        async with self._seeding():
+        async with self._seeding(kind, f"admin: entry {entry_id}"):
             base, manifest = await asyncio.to_thread(self._edit_base)
             existing = _find_entry(manifest, entry_id)
             if existing is not None and create_only:
@@ -233,7 +251,7 @@ class Publisher:
             return report, entry_id_for(entry_id), existing is None
 
     async def delete_entry(self, entry_id: str) -> SeedReport:
-        async with self._seeding():
+        async with self._seeding(DELETE, f"admin: delete {entry_id}"):
             base, manifest = await asyncio.to_thread(self._edit_base)
             existing = _find_entry(manifest, entry_id)
             if existing is None:
@@ -246,6 +264,13 @@ class Publisher:
             return await self._publish(plan, f"admin: delete {entry_id}",
                                        self._target_wrong_rate(manifest),
                                        manifest.get("negatives") or (), base)
+
+
+def _failure(exc: BaseException) -> str:
+    """Why a seed ended without publishing (or unserved), for GET /admin/seed's ``last``."""
+    if isinstance(exc, EntryNotFound):  # a KeyError: its str() is the quoted id alone
+        return f"no entry {exc.args[0]!r} in the serving cache version"
+    return str(exc) or type(exc).__name__
 
 
 def _find_entry(manifest: Mapping[str, Any], name: str) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from intents.store import PublishUnconfirmed, StoreConflict, StoreError
 from .misses import DEFAULT_THRESHOLD, group_misses, is_agent_intent
 from .publish import (BadEntry, EntryExists, EntryNotFound, LabelledValidationError,
                       PublishedNotServed, Publisher, SeedBusy, report_json)
+from .seed_status import PROMOTE
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_ENTRY_BODY_BYTES = 1024 * 1024  # one entry with its paraphrases, as JSON
@@ -306,6 +307,13 @@ async def seed_upload(request: Request, services: Services) -> Response:
 
 
 @admin_ready
+async def seed_status(request: Request, services: Services) -> Response:
+    """The seed under way in this process (phase, answers rendered of those to render), or
+    how the last one ended (``null`` when none has since the start)."""
+    return JSONResponse(_publisher(request).status.snapshot())
+
+
+@admin_ready
 async def cancel_seed(request: Request, services: Services) -> Response:
     """Stop the seed under way (an upload, an entry edit, a promotion) before its next
     answer: it publishes nothing, and its own request answers 409 ``cancelled``."""
@@ -416,7 +424,8 @@ async def promote_miss(request: Request, services: Services) -> Response:
     entry = {"intent": entry_id, "answer": answer, "action": "answer",
              "questions": group["questions"]}
     try:
-        report, entry_id, _ = await _publisher(request).upsert_entry(entry, create_only=True)
+        report, entry_id, _ = await _publisher(request).upsert_entry(entry, create_only=True,
+                                                                     kind=PROMOTE)
     except BadEntry as exc:
         return _bad_request(request, str(exc))
     except EntryExists as exc:
@@ -469,6 +478,7 @@ def admin_routes() -> list[BaseRoute]:
         Route("/admin/entries", post_entry, methods=["POST"]),
         Route("/admin/entries/{entry_id}", get_entry, methods=["GET"]),
         Route("/admin/entries/{entry_id}", delete_entry, methods=["DELETE"]),
+        Route("/admin/seed", seed_status, methods=["GET"]),
         Route("/admin/seed", seed_upload, methods=["POST"]),
         Route("/admin/seed", cancel_seed, methods=["DELETE"]),
         Route("/admin/misses", misses),
