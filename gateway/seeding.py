@@ -17,11 +17,13 @@ from intents.embedder import Embedder
 from intents.store import ANY_VERSION, AnyVersion, Store
 
 from .providers.base import TextToSpeech
+from .settings import ENV_PREFIX
 
 Renderer = Callable[[str], tuple[bytes, int]]
 
-# Where the operator raises the limit on new answers per seed (Settings.seed_max_new_answers).
-MAX_NEW_ANSWERS_SETTING = "VOICEGATE_SEED_MAX_NEW_ANSWERS"
+# Where the operator raises the limit on new answers per seed: the environment variable
+# of Settings.seed_max_new_answers, named as Settings.load reads it.
+MAX_NEW_ANSWERS_SETTING = ENV_PREFIX + "seed_max_new_answers".upper()
 
 
 def new_answer_limit(max_new_answers: int | None) -> NewAnswerLimit | None:
