@@ -212,6 +212,18 @@ def results_json(**fields) -> str:
     return json.dumps({key: value for key, value in message.items() if value is not ...})
 
 
+async def two_words_heard(deepgram):
+    """A stream whose caller is two words into "what are your opening hours" (a word every
+    40 ms of voice), before the service's next messages: (fake, recognizer, stream)."""
+    fake, server = deepgram
+    fake.ms_per_word = 40
+    recognizer = stt(server)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)
+    assert await until(lambda: stream._text() == "what are")
+    return fake, recognizer, stream
+
+
 @pytest.mark.parametrize(("garbage", "kind", "field"), [
     (results_json(channel=None), "Results", "channel"),
     (results_json(channel=...), "Results", "channel"),
@@ -231,12 +243,7 @@ async def test_a_malformed_message_is_dropped_and_the_utterance_recognised(
     """The service sends a malformed message mid-utterance: that message is dropped (and
     logged), never the socket: the utterance's words come from the good ones."""
     caplog.set_level(logging.INFO, logger="voicegate")
-    fake, server = deepgram
-    fake.ms_per_word = 40
-    recognizer = stt(server)
-    stream = recognizer.open_stream()
-    await send(stream, VOICE, 4)
-    assert await until(lambda: stream._text() == "what are")
+    fake, recognizer, stream = await two_words_heard(deepgram)
     fake.garbage = [garbage] * 3  # one before each of the next three interims
     await send(stream, VOICE, 8)
     final = await stream.finalize()
@@ -263,12 +270,7 @@ async def test_a_malformed_final_result_loses_its_words_and_the_turn_says_so(dee
     without them. Answered as if whole, the rest of the question could get a wrong cached
     answer; the turn fails instead (the engine apologises and asks again), and the socket
     carries on for the next one."""
-    fake, server = deepgram
-    fake.ms_per_word = 40
-    recognizer = stt(server)
-    stream = recognizer.open_stream()
-    await send(stream, VOICE, 4)
-    assert await until(lambda: stream._text() == "what are")
+    fake, recognizer, stream = await two_words_heard(deepgram)
     fake.garbage = [garbage]
     await send(stream, VOICE, 8)
     assert await until(lambda: not fake.garbage)
