@@ -769,3 +769,69 @@ def test_a_version_that_fails_to_load_is_tried_again_later_not_at_every_poll(
     cache.store.current = "v3"  # a newer version: loaded at once
     cache.refresh()
     assert attempts[-1] == "v3"
+
+
+@pytest.mark.parametrize("published", [False, True], ids=["stops-rendering", "was-publishing"])
+async def test_a_cancelled_seed_request_holds_the_lock_until_its_thread_ends(
+        monkeypatch: pytest.MonkeyPatch, published: bool) -> None:
+    """An upload's request cancelled while its seed renders (the server shutting down past
+    its grace, a client gone behind a proxy that cancels) released the seed lock at once,
+    while the worker thread it cannot stop rendered on and could publish: a second seed
+    started beside it. The thread is now asked to stop (as DELETE /admin/seed asks), the
+    lock is held until it has ended, and the status says how it really ended."""
+    import asyncio
+
+    import gateway.admin.publish as publish
+    from cache_seed.seed import SeedReport
+
+    rendering, release = threading.Event(), threading.Event()
+    report = SeedReport(version="B", entries=1, answer_entries=1, questions=1, rendered=1,
+                        reused=0, thresholds=None)  # type: ignore[arg-type]
+
+    def rendering_seed(*args, **kwargs) -> SeedReport:  # seed_plan_with_voice's thread
+        cancel: threading.Event = args[10]
+        rendering.set()
+        assert release.wait(timeout=30), "the test never let the seed go on"
+        if not published and cancel.is_set():  # checked before its next answer
+            raise SeedCancelled("seed cancelled after rendering 1 of 4 new answers; "
+                                "nothing published")
+        return report  # already publishing when asked: a publish under way completes
+
+    class Cache:
+        version = "A"
+        loaded = None
+        last_error: str | None = None
+        failed_version: str | None = None
+        store = object()
+
+        def refresh(self) -> bool:
+            self.version = "B"
+            return True
+
+    monkeypatch.setattr(publish, "seed_plan_with_voice", rendering_seed)
+    services = SimpleNamespace(cache=Cache(), runtime=SimpleNamespace(tts=None, embedder=None),
+                               settings=Settings())
+    publisher = publish.Publisher(services)  # type: ignore[arg-type]
+    upload = asyncio.ensure_future(publisher.seed_csv(small_faq_csv().encode(), "faq.csv"))
+    try:
+        assert await asyncio.to_thread(rendering.wait, 30)
+        upload.cancel()
+        for _ in range(20):  # every step the cancelled request takes on its own
+            await asyncio.sleep(0)
+        assert not upload.done(), "the request ended while its seed's thread still renders"
+        assert publisher.lock.locked()
+        running = publisher.status.snapshot()
+        assert (running["running"], running["cancelling"]) == (True, True), running
+        with pytest.raises(publish.SeedBusy):
+            await publisher.seed_csv(small_faq_csv().encode(), "second.csv")
+    finally:
+        release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await upload
+    assert not publisher.lock.locked()
+    last = publisher.status.snapshot()["last"]
+    if published:
+        assert (last["outcome"], last["version"], last["error"]) == ("published", "B", None)
+    else:
+        assert (last["outcome"], last["version"]) == ("cancelled", None), last
+        assert last["error"].startswith("seed cancelled after rendering 1 of 4"), last

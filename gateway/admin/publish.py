@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
                         parse_seed_csv, parse_seed_rows, rows_from_manifest)
@@ -36,6 +37,8 @@ from intents.types import entry_id_for
 from ..seeding import seed_plan_with_voice
 from ..services import Services
 from .seed_status import CANCELLED, DELETE, ENTRY, FAILED, PUBLISHED, UPLOAD, SeedStatus
+
+T = TypeVar("T")
 
 
 class SeedBusy(RuntimeError):
@@ -115,26 +118,53 @@ class Publisher:
         if self.lock.locked():
             raise SeedBusy("another seed is running; try again when it has finished")
 
-    @contextlib.asynccontextmanager
-    async def _seeding(self, kind: str, source: str) -> AsyncIterator[None]:
-        """One seed at a time (``SeedBusy`` for another), cancellable while it runs; its
-        progress and outcome go to ``status``."""
+    async def _seed(self, kind: str, source: str, seeding: Callable[[], Awaitable[T]]) -> T:
+        """Run ``seeding`` as this process's one seed (``SeedBusy`` for another),
+        cancellable while it runs; its progress and outcome go to ``status``.
+
+        The seed is a task of its own that the request waits for. Its worker thread cannot
+        be stopped, so a request cancelled meanwhile (the server shutting down past its
+        grace, a client gone behind a proxy that cancels) asks the seed to stop, as
+        DELETE /admin/seed does, and still waits for it to end: the lock is never free
+        while a seed's thread runs, and the status records how it really ended."""
         self._claim()
-        async with self.lock:
-            self._cancel = threading.Event()
-            self._progress = self.status.start(kind, source, self._cancel)
-            try:
-                yield
-            except SeedCancelled as exc:
-                self.status.end(CANCELLED, str(exc))
+        await self.lock.acquire()  # free after _claim: taken without yielding to another
+        cancel = threading.Event()
+        seed = asyncio.ensure_future(self._run_seed(kind, source, cancel, seeding))
+        try:
+            return await asyncio.shield(seed)
+        except asyncio.CancelledError:
+            if seed.done():
                 raise
-            except BaseException as exc:
-                self.status.end(FAILED, _failure(exc))
-                raise
-            else:
-                self.status.end(PUBLISHED)
-            finally:
-                self._cancel = self._progress = None
+            cancel.set()
+            while not seed.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([seed])
+            if not seed.cancelled():
+                seed.exception()  # its outcome is in the status; the request is gone
+            raise
+
+    async def _run_seed(self, kind: str, source: str, cancel: threading.Event,
+                        seeding: Callable[[], Awaitable[T]]) -> T:
+        """The seed's task (``_seed``): holds the lock, taken for it, until it ends."""
+        try:
+            self._cancel = cancel
+            self._progress = self.status.start(kind, source, cancel)
+            result = await seeding()
+        except SeedCancelled as exc:
+            self.status.end(CANCELLED, str(exc))
+            raise
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):  # the loop is closing: stop it soon
+                cancel.set()
+            self.status.end(FAILED, _failure(exc))
+            raise
+        else:
+            self.status.end(PUBLISHED)
+            return result
+        finally:
+            self._cancel = self._progress = None
+            self.lock.release()
 
     def _serving_manifest(self) -> tuple[str | None, dict[str, Any]]:
         """(version, manifest) of the version this replica serves (empty when none). Blocking."""
@@ -199,17 +229,21 @@ class Publisher:
         """Validate and publish a CSV upload. Raises SeedBusy, SeedValidationError, SeedError.
 
         The wrong-answer target defaults to the serving version's (the CLI's 1 % when none)."""
-        async with self._seeding(UPLOAD, source):
-            plan = await asyncio.to_thread(parse_seed_csv, data, source)
-            # The serving version's defaults come from memory, not the store: a store that
-            # lost that version (Redis restarted empty, a wiped directory) is what a reseed
-            # repairs, and reading it back would refuse every upload.
-            loaded = self.services.cache.loaded  # type: ignore[union-attr]
-            if target_wrong_rate is None:
-                target_wrong_rate = (loaded.thresholds.target_wrong_rate if loaded is not None
-                                     else 0.01)
-            negatives = loaded.negatives if loaded is not None else ()
-            return await self._publish(plan, source, target_wrong_rate, negatives)
+        return await self._seed(UPLOAD, source, functools.partial(
+            self._seed_csv, data, source, target_wrong_rate))
+
+    async def _seed_csv(self, data: bytes, source: str,
+                        target_wrong_rate: float | None) -> SeedReport:
+        plan = await asyncio.to_thread(parse_seed_csv, data, source)
+        # The serving version's defaults come from memory, not the store: a store that
+        # lost that version (Redis restarted empty, a wiped directory) is what a reseed
+        # repairs, and reading it back would refuse every upload.
+        loaded = self.services.cache.loaded  # type: ignore[union-attr]
+        if target_wrong_rate is None:
+            target_wrong_rate = (loaded.thresholds.target_wrong_rate if loaded is not None
+                                 else 0.01)
+        negatives = loaded.negatives if loaded is not None else ()
+        return await self._publish(plan, source, target_wrong_rate, negatives)
 
     # ------------------------------------------------------------------ entries
 
@@ -219,51 +253,58 @@ class Publisher:
         ``create_only`` an id the serving version has is refused (``EntryExists``).
         ``kind`` is what GET /admin/seed calls it (``PROMOTE`` for a promoted miss)."""
         entry_id, answer, action, questions = _entry_fields(body)
-        async with self._seeding(kind, f"admin: entry {entry_id}"):
-            base, manifest = await asyncio.to_thread(self._edit_base)
-            existing = _find_entry(manifest, entry_id)
-            if existing is not None and create_only:
-                raise EntryExists(f"entry {entry_id!r} already exists; choose a new id (or "
-                                  "edit that entry with POST /admin/entries)")
-            if existing is not None:  # addressed by its id or its intent name
-                entry_id = existing["intent"]
-            if existing is None and questions is _KEEP:
-                raise BadEntry("a new entry needs 'questions': a non-empty list of questions")
-            if existing is not None:
-                answer = existing.get("answer") if answer is _KEEP else answer
-                action = existing.get("action") if action is _KEEP else action
-                if questions is _KEEP:
-                    questions = list(existing["questions"])
-            elif answer is _KEEP:
-                answer = None
-            if action is _KEEP:
-                action = None
-            kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
-            changed = [{"question": q, "answer": answer or "", "intent": entry_id,
-                        "action": action or ""} for q in questions]
-            rows = changed + kept
-            labels = [RowLabel(entry_id, r["question"], True) for r in changed] + \
-                     [RowLabel(r["intent"], r["question"], False) for r in kept]
-            plan = await asyncio.to_thread(_parse_labelled, rows, labels, f"entry {entry_id}")
-            report = await self._publish(plan, f"admin: entry {entry_id}",
-                                         self._target_wrong_rate(manifest),
-                                         manifest.get("negatives") or (), base)
-            return report, entry_id_for(entry_id), existing is None
+        return await self._seed(kind, f"admin: entry {entry_id}", functools.partial(
+            self._upsert_entry, entry_id, answer, action, questions, create_only))
+
+    async def _upsert_entry(self, entry_id: str, answer: Any, action: Any, questions: Any,
+                            create_only: bool) -> tuple[SeedReport, str, bool]:
+        base, manifest = await asyncio.to_thread(self._edit_base)
+        existing = _find_entry(manifest, entry_id)
+        if existing is not None and create_only:
+            raise EntryExists(f"entry {entry_id!r} already exists; choose a new id (or "
+                              "edit that entry with POST /admin/entries)")
+        if existing is not None:  # addressed by its id or its intent name
+            entry_id = existing["intent"]
+        if existing is None and questions is _KEEP:
+            raise BadEntry("a new entry needs 'questions': a non-empty list of questions")
+        if existing is not None:
+            answer = existing.get("answer") if answer is _KEEP else answer
+            action = existing.get("action") if action is _KEEP else action
+            if questions is _KEEP:
+                questions = list(existing["questions"])
+        elif answer is _KEEP:
+            answer = None
+        if action is _KEEP:
+            action = None
+        kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
+        changed = [{"question": q, "answer": answer or "", "intent": entry_id,
+                    "action": action or ""} for q in questions]
+        rows = changed + kept
+        labels = [RowLabel(entry_id, r["question"], True) for r in changed] + \
+                 [RowLabel(r["intent"], r["question"], False) for r in kept]
+        plan = await asyncio.to_thread(_parse_labelled, rows, labels, f"entry {entry_id}")
+        report = await self._publish(plan, f"admin: entry {entry_id}",
+                                     self._target_wrong_rate(manifest),
+                                     manifest.get("negatives") or (), base)
+        return report, entry_id_for(entry_id), existing is None
 
     async def delete_entry(self, entry_id: str) -> SeedReport:
-        async with self._seeding(DELETE, f"admin: delete {entry_id}"):
-            base, manifest = await asyncio.to_thread(self._edit_base)
-            existing = _find_entry(manifest, entry_id)
-            if existing is None:
-                raise EntryNotFound(entry_id)
-            entry_id = existing["intent"]
-            kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
-            labels = [RowLabel(r["intent"], r["question"], False) for r in kept]
-            plan = await asyncio.to_thread(_parse_labelled, kept, labels,
-                                           f"without entry {entry_id}")
-            return await self._publish(plan, f"admin: delete {entry_id}",
-                                       self._target_wrong_rate(manifest),
-                                       manifest.get("negatives") or (), base)
+        return await self._seed(DELETE, f"admin: delete {entry_id}",
+                                functools.partial(self._delete_entry, entry_id))
+
+    async def _delete_entry(self, entry_id: str) -> SeedReport:
+        base, manifest = await asyncio.to_thread(self._edit_base)
+        existing = _find_entry(manifest, entry_id)
+        if existing is None:
+            raise EntryNotFound(entry_id)
+        entry_id = existing["intent"]
+        kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
+        labels = [RowLabel(r["intent"], r["question"], False) for r in kept]
+        plan = await asyncio.to_thread(_parse_labelled, kept, labels,
+                                       f"without entry {entry_id}")
+        return await self._publish(plan, f"admin: delete {entry_id}",
+                                   self._target_wrong_rate(manifest),
+                                   manifest.get("negatives") or (), base)
 
 
 def _failure(exc: BaseException) -> str:
