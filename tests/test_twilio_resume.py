@@ -767,6 +767,43 @@ async def test_the_shutdown_writes_a_save_handed_over_while_it_waits_for_another
     assert stats.errors["twilio_context_record_failed"] == 0
 
 
+async def test_a_call_resumed_here_while_its_save_waits_for_redis_goes_on_from_its_last_turn():
+    """Redis stalls the call's first save (a write stuck on its connection; a lookup still
+    answers). The second turn's save waits behind it, and the stream is lost and resumed on
+    this replica before the first write comes back. Before, that second save reached memory
+    only once the first write ended (up to ``REDIS_TIMEOUT_S``): the resumed call restored
+    the first turn and lost the second. Now a save is in memory as it is made."""
+    fake = GatedRedis()
+    contexts = CallContexts(ManualClock(), fake)  # type: ignore[arg-type]
+    first = CallHarness(settings={"idle_prompt_s": 0})
+    first.llm.reply = "Twelve dollars."
+    first.call = Call(first.deps, first.output, RATE, call_id=CALL_SID,
+                      keeper=contexts.keeper(CALL_SID))
+    await first.start()
+    await first.text("what is my balance")
+    await first.wait(3000)  # its save waits for Redis
+    first.llm.reply = "Forty dollars."
+    await first.text("and my savings")
+    await first.wait(3000)  # this one waits behind it
+    said = first.call.conversation.snapshot()
+    await first.stop()  # the stream is lost
+    again = CallHarness(settings={"idle_prompt_s": 0})
+    again.call = Call(again.deps, again.output, RATE, call_id=CALL_SID, resumed=True,
+                      keeper=contexts.keeper(CALL_SID, generation=1))
+    await again.start()
+    await again.text("thanks")
+    await again.wait(3000)
+    await again.stop()
+    fake.answer(f"voicegate:twilio:context:{CALL_SID}")  # Redis works off its queue
+    await contexts.aclose()
+    assert again.llm.requests[0][1:] == [*said, {"role": "user", "content": "thanks"}]
+    # The first stream's save waiting behind the stalled one, written once Redis answers,
+    # replaced the resumed stream's neither in memory nor in Redis.
+    assert await contexts.load(CALL_SID) == again.call.conversation.snapshot()
+    held = fake.held[f"voicegate:twilio:context:{CALL_SID}"]
+    assert json.loads(split_version(held)[1]) == again.call.conversation.snapshot()
+
+
 async def test_a_kept_conversation_expires_and_one_too_large_is_not_kept():
     stats, clock = Stats(), ManualClock()
     contexts = CallContexts(clock, count_error=stats.error)

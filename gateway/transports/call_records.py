@@ -105,22 +105,32 @@ class CallRecords:
     def key(self, call_sid: str) -> str:
         return f"{self._prefix}twilio:{self.kind}:{call_sid}"
 
-    async def put(self, call_sid: str, value: str, version: Version | None = None) -> None:
-        """Record ``value`` for ``call_sid`` (replacing any but a tombstone, and with a
-        ``version``, which needs ``tombstones``, any but a newer version), here and in
-        Redis."""
+    def hold(self, call_sid: str, value: str, version: Version | None = None) -> str | None:
+        """``put``'s part in this replica's memory, at once: ``value`` as held (with its
+        version), or None when refused (an unsafe id, a tombstone, a newer version)."""
         if not SAFE_ID.fullmatch(call_sid):
-            return
+            return None
         held = self._local_value(call_sid) if self.tombstones else None
         if held == TOMBSTONE:
-            return  # deleted for good here: Redis holds the tombstone too (or failed)
+            return None  # deleted for good here: Redis holds the tombstone too (or failed)
         if version is not None:
             assert self.tombstones, "a version is kept by the tombstones' script"
             if held is not None and newer(split_version(held)[0], version):
                 self._outdated(call_sid, version)  # a later save of this replica's went first
-                return
+                return None
             value = f"{version[0]}:{version[1]}:{value}"
         self._keep_local(call_sid, value)
+        return value
+
+    async def put(self, call_sid: str, value: str, version: Version | None = None) -> None:
+        """Record ``value`` for ``call_sid`` (replacing any but a tombstone, and with a
+        ``version``, which needs ``tombstones``, any but a newer version), here and in
+        Redis. Held here first (``hold``), so a value held since it was made (a newer
+        version, a tombstone) keeps it from Redis too."""
+        held = self.hold(call_sid, value, version)
+        if held is None:
+            return
+        value = held
         if self._redis is None:
             return
         if not self.tombstones:

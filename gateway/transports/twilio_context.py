@@ -24,8 +24,10 @@ under way then (the call's last, on whichever replica it ran) does not write it 
 (``CallRecords`` tombstones). Only the memory of a replica other than the one deleting it
 keeps its copy until it expires.
 
-Saving never delays the call: a turn's end snapshots the conversation (JSON, on the loop)
-and one background write per call sends the newest snapshot; a failure is logged and
+Saving never delays the call: a turn's end snapshots the conversation (JSON, on the loop),
+keeps it in memory at once (a stream resumed here while Redis stalls the write before it
+goes on from it) and one background write per call sends the newest snapshot to Redis
+(versions are numbered as made: those it skips are older); a failure is logged and
 counted (``twilio_context_record_failed``) and the call goes on. The call's end does not
 wait for it either (a stalled Redis held every Twilio call's teardown for up to two
 writes' timeouts): the last save outlives the call, and the replica's shutdown
@@ -84,14 +86,25 @@ class CallContexts:
         task.add_done_callback(self._writers.discard)
         return task
 
+    def keep(self, call_sid: str, snapshot: str, version: Version = (0, 0)) -> bool:
+        """Hold a conversation's snapshot (JSON) as ``version`` in this replica's memory at
+        once, for a stream resumed here before ``save`` reaches Redis; False when it is
+        not kept (too large, deleted for good, a newer one held)."""
+        return self._fits(call_sid, snapshot) and (
+            self._records.hold(call_sid, snapshot, version) is not None)
+
     async def save(self, call_sid: str, snapshot: str, version: Version = (0, 0)) -> None:
         """Record a conversation's snapshot (JSON) as ``version`` (the call's stream, the
-        save within it): not over a newer one. Never raises for Redis."""
-        if len(snapshot.encode("utf-8")) > MAX_CONTEXT_BYTES:
-            self._failed("twilio_context_too_large", call_sid,
-                         f"over {MAX_CONTEXT_BYTES} bytes: the last one kept stands")
-            return
-        await self._records.put(call_sid, snapshot, version)
+        save within it), here and in Redis: not over a newer one. Never raises for Redis."""
+        if self._fits(call_sid, snapshot):
+            await self._records.put(call_sid, snapshot, version)
+
+    def _fits(self, call_sid: str, snapshot: str) -> bool:
+        if len(snapshot.encode("utf-8")) <= MAX_CONTEXT_BYTES:
+            return True
+        self._failed("twilio_context_too_large", call_sid,
+                     f"over {MAX_CONTEXT_BYTES} bytes: the last one kept stands")
+        return False
 
     async def load(self, call_sid: str) -> list | None:
         """The call's last snapshot, parsed: the newer of Redis's (any replica's) and this
@@ -161,8 +174,10 @@ class ConversationKeeper:
         self.call_sid = call_sid
         self.generation = generation  # the call's stream: its saves are (generation, n)
         self._saves = 0
-        self._saved: str | None = None  # the snapshot last written
-        self._pending: str | None = None  # a newer one, waiting for the write under way
+        # The snapshot last kept (in memory at once) or refused: the same again changes nothing
+        self._made: str | None = None
+        # The newest one kept and not yet sent to Redis (the write under way sends it next)
+        self._pending: tuple[str, Version] | None = None
         self._writer: asyncio.Task[None] | None = None
 
     async def restore(self, conversation: Conversation) -> bool:
@@ -179,35 +194,40 @@ class ConversationKeeper:
         except ValueError as exc:  # another version's record, or damaged
             self._contexts.unreadable(self.call_sid, str(exc))
             return False
-        self._saved = json.dumps(conversation.snapshot(), ensure_ascii=False,
-                                 separators=(",", ":"))
+        self._made = json.dumps(conversation.snapshot(), ensure_ascii=False,
+                                separators=(",", ":"))
         return True
 
     def changed(self, conversation: Conversation) -> None:
-        """A turn ended: write the conversation as it now stands, in the background (the
-        newest snapshot only, one write at a time)."""
+        """A turn ended: keep the conversation as it now stands in this replica's memory
+        at once (a stream resumed here goes on from it), and write it to Redis in the
+        background (the newest snapshot only, one write at a time)."""
         try:
             snapshot = json.dumps(conversation.snapshot(), ensure_ascii=False,
                                   separators=(",", ":"))
         except (TypeError, ValueError) as exc:  # a bug: the turn goes on, unkept
             self._contexts.unkeepable(self.call_sid, f"{type(exc).__name__}: {exc}")
             return
-        if snapshot == (self._pending or self._saved):
+        if snapshot == self._made:
             return
-        if snapshot == "[]" and self._pending is None and self._saved is None:
+        if snapshot == "[]" and self._made is None:
             # Nothing to go on from, and nothing kept by this call: a resumed call stopped
             # before its restore ended must not overwrite what it was to restore.
             return
-        self._pending = snapshot
+        # Numbered as made, not as written: memory holds it before the write under way
+        # ends, and the saves it skips in Redis are older.
+        version = (self.generation, self._saves + 1)
+        self._made = snapshot
+        if not self._contexts.keep(self.call_sid, snapshot, version):
+            return  # too large, deleted for good, or a newer stream's kept: not written
+        self._saves, self._pending = version[1], (snapshot, version)
         if self._writer is None or self._writer.done():
             self._writer = self._contexts._write_in_background(self._write())
 
     async def _write(self) -> None:
         while self._pending is not None:
-            snapshot, self._pending = self._pending, None
-            self._saves += 1
-            await self._contexts.save(self.call_sid, snapshot, (self.generation, self._saves))
-            self._saved = snapshot
+            (snapshot, version), self._pending = self._pending, None
+            await self._contexts.save(self.call_sid, snapshot, version)
 
     async def written(self) -> None:
         """Wait for the writes under way (each waits for Redis ``REDIS_TIMEOUT_S`` at
