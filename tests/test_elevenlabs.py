@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from typing import AsyncIterator, Iterator
 
 import pytest
@@ -343,5 +344,178 @@ async def test_a_call_whose_voice_returns_no_audio_hears_the_apology(eleven):
         await h.wait(3000)
         assert [e["source"] for e in h.output.of("response")] == ["apology", "llm"]
     finally:
+        await h.stop()
+        await tts.aclose()
+
+
+# The 429s ElevenLabs documents (its errors page: `code` concurrent_limit_exceeded or
+# rate_limit_exceeded; the legacy `status` too_many_concurrent_requests or system_busy).
+CONCURRENT = {"type": "rate_limit_error", "code": "concurrent_limit_exceeded",
+              "status": "too_many_concurrent_requests",
+              "message": "Too many concurrent requests for your subscription."}
+BUSY = {"status": "system_busy", "message": "Our services are experiencing high traffic."}
+
+
+class WatchedClock:
+    """A ManualClock's time for the adapter, telling the test each wait it begins other
+    than its first-audio deadline's: the wait before a retry, seen and timed on the clock."""
+
+    def __init__(self, inner: ManualClock, deadline_s: float = 4.0) -> None:
+        self.inner = inner
+        self.waits: list[float] = []
+        self._deadline_s = deadline_s
+        self._waited = asyncio.Event()
+
+    def now(self) -> float:
+        return self.inner.now()
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds != self._deadline_s:
+            self.waits.append(seconds)
+            self._waited.set()
+        await self.inner.sleep(seconds)
+
+    async def wait_begun(self, count: int) -> float:
+        while len(self.waits) < count:
+            self._waited.clear()
+            await self._waited.wait()
+        return self.waits[count - 1]
+
+
+async def _retry_wait(clock: WatchedClock, failed: "asyncio.Future[object]", count: int = 1
+                      ) -> float:
+    """The adapter's ``count``-th wait before a retry, once it begins; the test fails if
+    ``failed`` (the synthesis, or the call's error) ends first: no retry, a failure."""
+    waiting = asyncio.ensure_future(clock.wait_begun(count))
+    await asyncio.wait([waiting, failed], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():
+        waiting.cancel()
+        outcome = (failed.exception() or failed.result()) if failed.done() else "nothing in 30 s"
+        raise AssertionError(f"not retried: {outcome}")
+    return waiting.result()
+
+
+@pytest.mark.parametrize(("detail", "headers", "asked"), [
+    (CONCURRENT, {}, None),
+    (BUSY, {}, None),
+    (CONCURRENT, {"Retry-After": "1"}, 1.0),
+], ids=["concurrency", "system-busy", "retry-after"])
+async def test_a_429_is_retried_after_a_short_wait_on_the_clock(eleven, caplog, detail,
+                                                                headers, asked):
+    """ElevenLabs refuses a synthesis with a 429 (the account's concurrency limit, or its
+    traffic): routine and short-lived at call-center scale. The SDK does not retry a
+    streaming request, and the sentence failed (a call's tts_failed and the apology
+    instead of the answer). Now it is asked again after a short wait on the adapter's
+    clock (Retry-After's when ElevenLabs gives one), and the answer is whole."""
+    caplog.set_level(logging.INFO, logger="voicegate")
+    fake, server = eleven
+    fake.refusals = [(429, detail, headers)]
+    clock = WatchedClock(ManualClock())
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url,
+                        first_audio_timeout_s=4.0, clock=clock)
+    text = "Our branches open at nine."
+    synthesis = asyncio.ensure_future(_all(tts.synthesize(text)))
+    try:
+        wait = await _retry_wait(clock, synthesis)
+        assert len(fake.requests) == 1  # refused, and not asked again before the wait
+        if asked is None:
+            assert 0.05 <= wait <= 0.1, wait  # the first backoff, jittered
+        else:
+            assert wait == asked
+        await clock.inner.advance(wait)
+        chunks = await asyncio.wait_for(synthesis, 30)
+    finally:
+        synthesis.cancel()
+        await tts.aclose()
+    assert sum(map(len, chunks)) == 16000 * len(text) * MS_PER_CHAR // 1000 * 2
+    assert len(fake.requests) == 2 and fake.requests[1]["text"] == text
+    retried = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+               if r.getMessage() == "elevenlabs_retry"]
+    assert len(retried) == 1 and retried[0]["status"] == 429, retried
+    assert retried[0]["wait_s"] == round(wait, 3) and retried[0]["retry"] == 1
+    assert "test-key" not in caplog.text and text not in caplog.text
+
+
+async def test_a_429_that_persists_fails_after_a_bounded_number_of_retries(eleven):
+    """A 429 on every request: asked again a bounded number of times with growing waits
+    (all far inside the first-audio budget), then the sentence fails with the 429 itself,
+    not the first-audio deadline's stall."""
+    fake, server = eleven
+    fake.refusals = [(429, BUSY, {})] * 10
+    clock = WatchedClock(ManualClock())
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url,
+                        first_audio_timeout_s=4.0, clock=clock)
+    started = clock.now()
+    synthesis = asyncio.ensure_future(_all(tts.synthesize("Our branches open at nine.")))
+    try:
+        for n in (1, 2, 3):
+            await clock.inner.advance(await _retry_wait(clock, synthesis, n))
+        with pytest.raises(ProviderError, match=r"HTTP 429: Our services .* \(asked 4 times\)"):
+            await asyncio.wait_for(synthesis, 30)
+    finally:
+        synthesis.cancel()
+        await tts.aclose()
+    assert len(fake.requests) == 4 and len(fake.refusals) == 6
+    assert len(clock.waits) == 3 and all(  # 0.1 s doubling, each jittered to 50-100 %
+        base / 2 <= w <= base for w, base in zip(clock.waits, (0.1, 0.2, 0.4))), clock.waits
+    assert clock.now() - started < 1.0
+
+
+@pytest.mark.parametrize(("status", "detail", "headers"), [
+    (400, {"status": "quota_exceeded", "message": "You have insufficient quota"}, {}),
+    (401, {"status": "quota_exceeded", "message": "You have insufficient quota"}, {}),
+    (422, {"status": "invalid_parameters", "message": "bad model"}, {}),
+    (429, {"code": "quota_exceeded", "message": "Quota exceeded"}, {}),
+    (429, CONCURRENT, {"Retry-After": "30"}),
+], ids=["400-quota", "401-quota", "422", "429-quota", "429-retry-after-too-long"])
+async def test_a_refusal_that_will_not_clear_soon_fails_at_once(eleven, status, detail,
+                                                                headers):
+    """Only a refusal that clears in moments is asked again. A bad request, a refused key,
+    an exhausted quota, or a 429 whose Retry-After is beyond the first-audio budget (the
+    caller would hear only silence, then the apology) fail at once, as before."""
+    fake, server = eleven
+    fake.refusals = [(status, detail, headers)]
+    clock = WatchedClock(ManualClock())
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url,
+                        first_audio_timeout_s=4.0, clock=clock)
+    try:
+        with pytest.raises(ProviderError, match=f"HTTP {status}: {detail['message']}$"):
+            await asyncio.wait_for(_all(tts.synthesize("Our branches open at nine.")), 30)
+    finally:
+        await tts.aclose()
+    assert len(fake.requests) == 1 and clock.waits == []
+
+
+async def test_a_call_whose_voice_is_rate_limited_once_hears_the_answer(eleven):
+    # The call's side: the agent's sentence is refused once with a 429 and a Retry-After
+    # of 1 s. The caller heard the apology (tts_failed) instead of the answer; now the
+    # answer, 1 s (of the call's clock) later than it would have been, and no error.
+    fake, server = eleven
+    fake.refusals = [(429, CONCURRENT, {"Retry-After": "1"})]
+    h, tts = await _call_on_the_fake_voice(fake, server)
+    clock = WatchedClock(h.clock)
+    tts._clock = clock  # the call's clock, its waits seen
+
+    async def an_error() -> list[dict[str, object]]:
+        await h.output.until(lambda: h.output.of("error"))
+        return h.output.of("error")
+
+    failed = asyncio.ensure_future(an_error())
+    try:
+        await h.text("when do you open")
+        asked_at = h.clock.now()
+        assert await fake.requests.reach(1), "never asked"
+        wait = await _retry_wait(clock, failed)
+        assert wait == 1.0 and h.output.frames == []
+        await h.wait(1020)  # a frame past it: 51 steps of 20 ms, summed in floats
+        assert await fake.requests.reach(2), "never asked again"
+        assert await h.output.until(lambda: h.output.of("response"))
+        await h.wait(3000)
+        assert [e["source"] for e in h.output.of("response")] == ["llm"]
+        assert h.output.of("error") == [] and not h.stats.errors.get("tts_failed")
+        first_heard = h.output.frames[0][0] - asked_at
+        assert 1.0 <= first_heard < 1.2, first_heard
+    finally:
+        failed.cancel()
         await h.stop()
         await tts.aclose()

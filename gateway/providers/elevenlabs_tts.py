@@ -8,22 +8,38 @@ the connection hung) fails then (``ProviderError``: the call's ``tts_failed`` an
 apology), not at httpx's read timeout (30 s) after as long a silence on the line. A 200
 whose body is JSON or text (``Content-Type``), not audio, fails as well: read as PCM it
 would be loud noise.
+
+A 429 (the account's concurrency or rate limit: routine and short-lived at call-center
+scale) is asked again, up to ``max_retries`` times, after ``retry_backoff_s`` doubling
+(jittered) or the Retry-After ElevenLabs gives, waited on ``clock``, and only while the
+wait ends inside the first-audio budget (counted from the first request): the line is
+never silent longer than that deadline. The SDK's own retries (``max_retries`` in its
+request options) apply only to its non-streaming requests: its ``stream`` sends once.
+Any other refusal (400, 401, 422, a 429 naming a quota, a 5xx) fails at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import json
+import logging
+import random
+import time
 from typing import Any, AsyncIterator
 
 import httpx
 from elevenlabs.client import AsyncElevenLabs
 from elevenlabs.core.api_error import ApiError
 
+from gateway import logs
 from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from gateway.providers.base import ProviderError
 from gateway.settings import Settings
 
 SAMPLE_RATES = (16000, 24000)
+
+log = logging.getLogger("voicegate.elevenlabs")
 
 
 class ElevenLabsTTS:
@@ -34,6 +50,7 @@ class ElevenLabsTTS:
     def __init__(self, api_key: str, *, voice_id: str, model_id: str = "eleven_flash_v2_5",
                  sample_rate: int = 16000, base_url: str = "", timeout_s: float = 30.0,
                  chunk_bytes: int = 1024, first_audio_timeout_s: float = 4.0,
+                 max_retries: int = 3, retry_backoff_s: float = 0.1,
                  clock: Clock = SYSTEM_CLOCK) -> None:
         if not api_key:
             raise ProviderError(self.name, "no API key (set VOICEGATE_ELEVENLABS_API_KEY)")
@@ -44,7 +61,9 @@ class ElevenLabsTTS:
         self.model_id = model_id
         self._chunk_bytes = chunk_bytes  # 1024 bytes = 32 ms at 16 kHz: small enough to start at once
         self._first_audio_timeout_s = first_audio_timeout_s
-        self._clock = clock  # the first-audio deadline's (a test's ManualClock)
+        self._max_retries = max_retries  # of a 429; waits 0.1, 0.2, 0.4 s: 0.7 s of 4 at most
+        self._retry_backoff_s = retry_backoff_s
+        self._clock = clock  # the first-audio deadline's and a retry's wait (a test's ManualClock)
         self._http = httpx.AsyncClient(timeout=timeout_s)
         self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url or None, httpx_client=self._http)
 
@@ -76,8 +95,7 @@ class ElevenLabsTTS:
                     yield chunk
                 chunk = await anext(chunks, None)
         except ApiError as exc:
-            # Never str(exc): it renders headers. Status and body only.
-            raise ProviderError(self.name, f"HTTP {exc.status_code}: {_detail(exc.body)}") from exc
+            raise ProviderError(self.name, _refusal(exc)) from exc
         except httpx.TimeoutException as exc:
             raise ProviderError(self.name, "synthesis timed out") from exc
         except httpx.HTTPError as exc:
@@ -89,10 +107,12 @@ class ElevenLabsTTS:
         """The synthesis' body, if it is audio. A 200 whose body is JSON or text (a gateway's
         error, a proxy's or captive portal's page, a wrong base URL) is no PCM: played, it
         is loud noise on the line (seeded, in the cache). A ``ProviderError`` instead."""
-        async with self._client.text_to_speech.with_raw_response.stream(
-                self.voice_id, text=text, model_id=self.model_id,
-                output_format=f"pcm_{self.sample_rate}",
-                request_options={"chunk_size": self._chunk_bytes}) as response:
+        async with contextlib.AsyncExitStack() as stack:
+            response = await self._accepted(stack, text)
+            # ElevenLabs documents no content type for a PCM stream. (The endpoint's published
+            # OpenAPI names text/event-stream for every output format; the SDK reads the body
+            # as raw bytes regardless. Unverified against the service: were that sent, this
+            # refuses every sentence.) JSON and text, surely no audio, are refused.
             kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
             if kind == "application/json" or kind.startswith("text/"):
                 body = b""
@@ -104,6 +124,45 @@ class ElevenLabsTTS:
                                                f"{_detail(_parsed(body))}")
             async for chunk in response.data:
                 yield chunk
+
+    async def _accepted(self, stack: contextlib.AsyncExitStack, text: str) -> Any:
+        """The synthesis' response (open on ``stack``) once ElevenLabs takes the request; a
+        429 is asked again (``_retry_wait``), any other refusal raised (``ApiError``)."""
+        started = self._clock.now()  # the instant the first-audio deadline started
+        for retry in range(1, self._max_retries + 2):
+            try:
+                return await stack.enter_async_context(
+                    self._client.text_to_speech.with_raw_response.stream(
+                        self.voice_id, text=text, model_id=self.model_id,
+                        output_format=f"pcm_{self.sample_rate}",
+                        request_options={"chunk_size": self._chunk_bytes}))
+            except ApiError as exc:
+                left = self._first_audio_timeout_s - (self._clock.now() - started)
+                wait = self._retry_wait(exc, retry, left)
+                if wait is None:
+                    if retry == 1:
+                        raise
+                    raise ProviderError(self.name, f"{_refusal(exc)} (asked {retry} times)") from exc
+                # The status and ElevenLabs' code only: never the key, the text or a header.
+                logs.event(log, "elevenlabs_retry", logging.WARNING, status=exc.status_code,
+                           code=_code(exc.body), retry=retry, wait_s=round(wait, 3))
+                await self._clock.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _retry_wait(self, exc: ApiError, retry: int, left_s: float) -> float | None:
+        """How long to wait before asking again after ``exc`` (the ``retry``-th refusal),
+        ``left_s`` of the first-audio budget left; None: not again. Only a 429 that is not
+        about a quota: ElevenLabs documents its 429s as its concurrency or rate limit
+        (``code`` concurrent_limit_exceeded or rate_limit_exceeded; the legacy ``status``
+        too_many_concurrent_requests or system_busy), which clear in moments; an exhausted
+        quota (a 400/401 ``quota_exceeded``) does not. A wait that would end past the
+        budget is not taken: the caller would hear silence and then the apology anyway."""
+        if exc.status_code != 429 or "quota" in _code(exc.body) or retry > self._max_retries:
+            return None
+        wait = _retry_after(exc.headers or {})
+        if wait is None:  # jittered, so calls refused together do not all ask again together
+            wait = self._retry_backoff_s * 2 ** (retry - 1) * random.uniform(0.5, 1.0)
+        return wait if wait < left_s else None
 
     async def _first_audio(self, chunks: AsyncIterator[bytes]) -> bytes | None:
         """The stream's first bytes (None: it ended without any), within
@@ -118,6 +177,35 @@ class ElevenLabsTTS:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _refusal(exc: ApiError) -> str:
+    """What ElevenLabs refused with. Never str(exc): it renders headers. Status and body only."""
+    return f"HTTP {exc.status_code}: {_detail(exc.body)}"
+
+
+def _code(body: Any) -> str:
+    """An error's machine-readable name: its ``code``, else the legacy ``status``; "" if none."""
+    detail = body.get("detail", body) if isinstance(body, dict) else None
+    if isinstance(detail, dict):
+        return str(detail.get("code") or detail.get("status") or "")
+    return ""
+
+
+def _retry_after(headers: dict[str, str]) -> float | None:
+    """Retry-After's seconds (a number, or an HTTP date from now); None if absent or unreadable."""
+    value = headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _parsed(body: bytes) -> Any:

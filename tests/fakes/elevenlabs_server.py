@@ -39,6 +39,9 @@ class FakeElevenLabs:
         self.stall_before_audio = threading.Event()
         self.release = threading.Event()
         self.silent = False  # answer 200 and a body with no audio at all
+        # Refusals to answer before any audio, one a request, in order: (status, detail,
+        # headers), e.g. the documented 429 (concurrency or rate limit, maybe a Retry-After).
+        self.refusals: list[tuple[int, dict[str, Any], dict[str, str]]] = []
         # Answer 200 with this (content type, body) instead of audio: what stands in front
         # of the voice (a proxy, a captive portal, a wrong base URL) speaking for it.
         self.not_audio: tuple[str, bytes] | None = None
@@ -57,6 +60,9 @@ class FakeElevenLabs:
         body = await request.json()
         self.requests.append({"voice_id": request.path_params["voice_id"],
                               "output_format": output_format, **body})
+        if self.refusals:
+            status, detail, headers = self.refusals.pop(0)
+            return JSONResponse({"detail": detail}, status_code=status, headers=headers)
         if self.status != 200:
             return JSONResponse({"detail": {"status": "server_error", "message": "fake failure"}},
                                 status_code=self.status)
