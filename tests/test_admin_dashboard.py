@@ -6,7 +6,10 @@ The browser comes from tests/browser_support.py (skipped without Chromium, excep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from decimal import ROUND_HALF_UP, Decimal
@@ -301,20 +304,56 @@ def test_an_api_that_is_not_ready_is_shown_not_hidden(browser, dashboard_server,
     assert browser.find_element(By.ID, "dashboard").is_displayed()
 
 
-# The page's network and timers, held by the test: each fetch answers when the test says so,
-# and each setTimeout runs when the test ticks (no server, no wall-clock wait).
+# The page's network and timers, held by the test: each fetch answers when the test says so
+# (/admin/stats with window.__stats), and each setTimeout runs when the test ticks (no server,
+# no wall-clock wait).
 HELD_PAGE = """
 window.__fetches = [];
 window.__timers = new Map();
+window.__stats = {};
 let nextTimer = 1;
 window.fetch = (path) => new Promise((resolve) => window.__fetches.push({path, answer: () =>
-  resolve({status: 200, ok: true, json: async () => (String(path).includes("misses")
-                                                      ? {groups: []} : {})})}));
+  resolve({status: 200, ok: true, json: async () => (
+    String(path).includes("misses") ? {groups: []}
+    : String(path).includes("stats") ? window.__stats : {})})}));
 const realSetTimeout = window.setTimeout;  // a task after every answer's promises ran
 window.__settle = (done) => realSetTimeout(done, 0);
 window.setTimeout = (fn) => { window.__timers.set(nextTimer, fn); return nextTimer++; };
 window.clearTimeout = (id) => { window.__timers.delete(id); };
 """
+
+
+PAGE = Path(__file__).parents[1] / "gateway" / "admin" / "static" / "dashboard.html"
+
+
+@contextlib.contextmanager
+def held_page(browser, token: str | None = None):
+    """The dashboard from its file, its network and timers held (HELD_PAGE), the token
+    stored or not before its script runs."""
+    stored = f"sessionStorage.setItem('voicegate.adminToken', {json.dumps(token)});" if token \
+        else "sessionStorage.clear();"
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                                     {"source": HELD_PAGE + stored})["identifier"]
+    try:
+        browser.get(PAGE.as_uri())
+        yield
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
+                                {"identifier": script})
+
+
+def answer_all_then_tick(browser) -> list[str]:
+    """Answer every request of a held page, let the page go on, run its timers: the paths
+    asked next."""
+    browser.execute_async_script("""
+        const done = arguments[0];
+        window.__fetches.splice(0).forEach((f) => f.answer());
+        window.__settle(done);""")
+    return browser.execute_script("""
+        const due = [...window.__timers.values()];
+        window.__timers.clear();
+        due.forEach((fn) => fn());
+        return window.__fetches.map((f) => f.path);""")
 
 
 def test_entering_the_token_again_keeps_one_refresh_loop(browser):
@@ -323,36 +362,86 @@ def test_entering_the_token_again_keeps_one_refresh_loop(browser):
     # page polled twice as often, and once more per submit. It restarts the one loop.
     from selenium.webdriver.common.by import By
 
-    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
-                                     {"source": HELD_PAGE})["identifier"]
-    try:
-        page = Path(__file__).parents[1] / "gateway" / "admin" / "static" / "dashboard.html"
-        browser.get(page.as_uri())
-        browser.execute_script("sessionStorage.clear()")
-        browser.get(page.as_uri())
+    with held_page(browser):
         for _ in range(2):  # the first refresh still waits for its answer
             browser.find_element(By.ID, "token-input").send_keys(TOKEN)
             browser.find_element(By.ID, "token-submit").click()
-
-        def answer_all_then_tick() -> list[str]:
-            """Answer every request, let the page go on, run its timers: the paths asked."""
-            browser.execute_async_script("""
-                const done = arguments[0];
-                window.__fetches.splice(0).forEach((f) => f.answer());
-                window.__settle(done);""")
-            return browser.execute_script("""
-                const due = [...window.__timers.values()];
-                window.__timers.clear();
-                due.forEach((fn) => fn());
-                return window.__fetches.map((f) => f.path);""")
-
         polled = ["/admin/misses?limit=10", "/admin/seed", "/admin/stats"]
-        assert sorted(answer_all_then_tick()) == polled
+        assert sorted(answer_all_then_tick(browser)) == polled
         assert browser.find_element(By.ID, "dashboard").is_displayed()
-        assert sorted(answer_all_then_tick()) == polled
-    finally:
-        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
-                                {"identifier": script})
+        assert sorted(answer_all_then_tick(browser)) == polled
+
+
+# What the chart drew: its grid lines, its labels and its bars, by their SVG attributes.
+CHART = """
+const svg = document.getElementById("chart-svg");
+const num = (e, name) => Number(e.getAttribute(name));
+return {lines: [...svg.querySelectorAll("line")].map((e) => ({y: num(e, "y1"), x1: num(e, "x1"),
+                                                            x2: num(e, "x2")})),
+        texts: [...svg.querySelectorAll("text")].map((e) => ({x: num(e, "x"), y: num(e, "y"),
+                                                            text: e.textContent})),
+        bars: [...svg.querySelectorAll("rect")].map((e) => num(e, "height"))};
+"""
+
+
+@pytest.mark.parametrize("busiest", [0, 1, 2, 3, 7, 10, 1000, 1001])
+def test_each_axis_labels_its_grid_lines_with_distinct_true_values(browser, busiest):
+    # The turns axis labelled its three grid lines round(f × busiest minute): "0, 1, 1" with
+    # one turn (or none), and a middle line at 1.5 turns said "2" with three. Each axis's
+    # labels must be distinct, whole, and say where its line is: a bar of n turns reaches
+    # the height the labels give n.
+    minute = 1_700_000_040
+    points = [{"t": minute + 60 * i, "hits": 0, "misses": 0} for i in range(60)]
+    points[40].update(hits=(busiest + 1) // 2, misses=busiest // 2)
+    with held_page(browser, TOKEN):
+        browser.execute_script("window.__stats = {series: {minute_s: 60, points: arguments[0]}}",
+                               points)
+        answer_all_then_tick(browser)
+        chart = browser.execute_script(CHART)
+    grid = sorted({line["y"] for line in chart["lines"]}, reverse=True)  # the bottom first
+    base, height = grid[0], grid[0] - grid[-1]
+    left = min(line["x1"] for line in chart["lines"])
+    right = max(line["x2"] for line in chart["lines"])
+
+    def axis(side) -> list[str]:  # an axis's labels, the bottom first
+        labels = sorted((t for t in chart["texts"] if side(t["x"])), key=lambda t: -t["y"])
+        return [t["text"] for t in labels]
+
+    for labels, unit, top in ((axis(lambda x: x < left), "", None),
+                              (axis(lambda x: x > right), "%", 100)):
+        assert len(labels) == len(grid), labels
+        assert all(re.fullmatch(r"\d+" + unit, label) for label in labels), labels
+        values = [int(label.removesuffix(unit)) for label in labels]
+        assert values[0] == 0 and values == sorted(set(values)), labels  # distinct, rising
+        assert top in (None, values[-1]), labels
+        for value, y in zip(values, grid):
+            assert value / values[-1] == pytest.approx((base - y) / height), \
+                f"the line labelled {value}{unit} is at {(base - y) / height:.3f} of {labels}"
+    turns_top = int(axis(lambda x: x < left)[-1])
+    assert turns_top >= busiest
+    assert sum(chart["bars"]) / height == pytest.approx(busiest / turns_top)
+
+
+def test_the_turns_axis_steps_by_the_smallest_round_whole_number(browser):
+    # chartAxes (the page's pure axis function): the turns axis's lines are 0, step and
+    # 2 × step, step the smallest whole 1, 2, 2.5 or 5 × 10^k with 2 × step >= the busiest
+    # minute (at least 1: an idle hour reads 0, 1, 2); the hit rate's are 0, 50 and 100%.
+    round_steps = sorted([m * 10**k for k in range(12) for m in (1, 2, 5)] +
+                         [25 * 10**k for k in range(11)])
+    maxima = [*range(0, 2001), *(10**k + d for k in range(3, 11) for d in (-1, 0, 1))]
+    with held_page(browser):
+        axes = browser.execute_script("return arguments[0].map((n) => chartAxes(n))", maxima)
+        odd = browser.execute_script("return [NaN, undefined, -3].map((n) => chartAxes(n))")
+    for busiest, got in zip(maxima, axes):
+        step = next(s for s in round_steps if 2 * s >= busiest)
+        assert got["top"] == 2 * step, (busiest, got)
+        assert [(line["f"], line["turns"], line["rate"]) for line in got["lines"]] == \
+            [(0, 0, 0), (0.5, step, 50), (1, 2 * step, 100)], (busiest, got)
+    shown = {n: [line["turns"] for line in got["lines"]] for n, got in zip(maxima, axes)}
+    assert shown[0] == shown[1] == shown[2] == [0, 1, 2]
+    assert shown[3] == [0, 2, 4] and shown[7] == [0, 5, 10] and shown[41] == [0, 25, 50]
+    assert shown[1000] == [0, 500, 1000] and shown[1001] == [0, 1000, 2000]
+    assert all(got == axes[0] for got in odd), odd  # a series without counts: as idle
 
 
 def test_figures_of_one_replica_are_said_to_be_so_while_redis_is_unreachable(
