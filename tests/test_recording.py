@@ -3,11 +3,16 @@ the bot channel cut where the caller stopped hearing it, and a JSON of the turns
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
+import signal
 import time
+import tracemalloc
 import wave
 
 import numpy as np
+import pytest
 
 from gateway.call.recording import CallRecorder
 from gateway.clock import ManualClock
@@ -17,8 +22,12 @@ NOISE = 77  # a sample value that is no word: the recogniser hears nothing in it
 
 
 def channels(path) -> tuple[np.ndarray, np.ndarray]:
+    return channels_at(path, RATE)
+
+
+def channels_at(path, rate: int) -> tuple[np.ndarray, np.ndarray]:
     with wave.open(str(path), "rb") as wav:
-        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (2, 2, RATE)
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (2, 2, rate)
         frames = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").reshape(-1, 2)
     return frames[:, 0], frames[:, 1]
 
@@ -203,3 +212,80 @@ def test_two_calls_of_one_id_in_one_second_keep_both_recordings(tmp_path, monkey
             left = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")[0::2]
         assert set(left.tolist()) == {tone_value}
         assert json.loads(json_path.read_text())["audio"] == wav_path.name
+
+
+@contextlib.contextmanager
+def disk_takes_only(size: int):
+    """Files may grow to ``size`` bytes, no further (EFBIG past it, as a full disk's ENOSPC):
+    the operating system's own failure of a write, in this process, for the block only."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    signal_was = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, signal_was)
+
+
+@pytest.mark.parametrize("fails", ["wav", "json"])
+def test_a_write_that_fails_leaves_no_partial_recording(fails, tmp_path):
+    # The disk fills as a call's recording is written. Before, what had been written
+    # stayed: a WAV cut short whose header says it has no audio, or a WAV with a JSON cut
+    # off mid-way, files a retention job or a pipeline took for a recording.
+    recorder = CallRecorder(tmp_path, "CA0123", 8000, "pcm16", ManualClock())
+    seconds = 2.0 if fails == "wav" else 0.1  # 64 KB of stereo audio, or 3.2 KB
+    recorder.caller_audio(np.full(int(8000 * seconds), 1000, dtype="<i2").tobytes())
+    for turn in range(40 if fails == "json" else 0):  # a JSON of about 20 KB
+        recorder.event({"type": "transcript", "final": True, "turn": turn,
+                        "text": "I would like to know when the branch opens " * 10})
+    with disk_takes_only(16_000), pytest.raises(OSError):
+        recorder.write()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_writing_a_recording_takes_little_memory_beyond_the_calls_audio(tmp_path):
+    # A recording is held in memory until the call ends; writing it built the whole
+    # stereo WAV at once, three more copies of the call's audio besides (the caller
+    # channel joined, the interleaved array, its bytes): a half-hour call at 16 kHz,
+    # 115 MB held, peaked near 460 MB as it was written, at the end of calls that end
+    # together. Now it is written a second at a time.
+    rate, seconds = 16000, 60
+    recorder = CallRecorder(tmp_path, "long-call", rate, "pcm16", ManualClock())
+    caller = np.arange(rate * seconds, dtype="<i2")
+    bot = (caller[::-1] | 1).astype("<i2")
+    frame = rate // 50
+    for i in range(0, len(caller), frame):
+        recorder.caller_audio(caller[i:i + frame].tobytes())
+        recorder.bot_audio(bot[i:i + frame].tobytes())
+    held = caller.nbytes + bot.nbytes  # 3.84 MB
+    tracemalloc.start()
+    try:
+        wav, _ = recorder.write()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < held / 8, f"{peak / held:.2f} x the call's audio"
+    left, right = channels_at(wav, rate)
+    assert np.array_equal(left, caller) and np.array_equal(right, bot)
+
+
+async def test_caller_audio_that_arrives_as_the_recording_is_written_is_left_out(
+        tmp_path, monkeypatch):
+    # A call that ended itself (an idle goodbye) is written while its stream goes on
+    # until the line closes it: frames the transport still fed were appended to the
+    # recording as a worker thread read it, a second at a time.
+    h = CallHarness(settings={"record_dir": str(tmp_path)})
+    await h.start()
+    await h.silence(1000)
+    write = CallRecorder.write
+
+    def write_as_audio_arrives(recorder: CallRecorder):
+        h.call.feed_audio(tone(100, NOISE))  # the transport, meanwhile
+        return write(recorder)
+
+    monkeypatch.setattr(CallRecorder, "write", write_as_audio_arrives)
+    await h.stop()
+    (wav,) = tmp_path.glob("*.wav")
+    caller, _ = channels(wav)
+    assert len(caller) == RATE and not (caller == NOISE).any()

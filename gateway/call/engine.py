@@ -349,8 +349,11 @@ class Call:
             logs.event(log, "call_ended", turns=self._turns.turns)
             self._trace.end(**{"voicegate.turns": self.turns_answered,
                                "voicegate.ended_by": self.ended or "caller"})
-            if self._recorder is not None:
-                await self._write_recording(self._recorder)
+            # Detached first: audio the transport feeds until its stream closes (a call
+            # that ended itself) is past the call, and must not grow what a thread reads.
+            recorder, self._recorder = self._recorder, None
+            if recorder is not None:
+                await self._write_recording(recorder)
 
     async def _restore_conversation(self, keeper: ConversationKeeper) -> None:
         try:

@@ -10,8 +10,9 @@ as the caller lived it.
 The JSON holds the call's events with their time from the start (transcripts, routes,
 responses, interrupts, turn metrics); keypad keys are left out (they may be a PIN).
 
-Held in memory during the call (about 2 MB a minute at 16 kHz), written once at its end
-on a worker thread. Privacy: docs/operations.md, "Recording".
+Held in memory during the call (both channels: about 4 MB a minute at 16 kHz), written
+once at its end on a worker thread, a second at a time; a failed write leaves no file.
+Privacy: docs/operations.md, "Recording".
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class CallRecorder:
         of the call. (Only audio sent faster than real time with no gap left before it
         runs ahead, until the clock catches up.)"""
         now = self._now_bytes()
-        end = len(self._caller) + self._gap + len(self._since_gap)
+        end = self._caller_bytes()
         begin = now - len(pcm16)
         if begin > end:  # a new gap: the last one is final
             self._caller += bytes(self._gap)
@@ -115,29 +116,57 @@ class CallRecorder:
         self.events.append({"t": round(self._clock.now() - self._start, 3), **kept})
 
     def write(self) -> tuple[Path, Path]:
-        """The WAV (caller left, bot right) and the JSON; blocking."""
+        """The WAV (caller left, bot right) and the JSON; blocking. A write that fails
+        (a full disk) raises and leaves neither file: no WAV cut short, no JSON cut off."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        left = np.frombuffer(self._caller + bytes(self._gap) + self._since_gap, dtype="<i2")
-        right = np.frombuffer(bytes(self._bot), dtype="<i2")
-        length = max(len(left), len(right))
-        stereo = np.zeros((length, 2), dtype="<i2")
-        stereo[:len(left), 0] = left
-        stereo[:len(right), 1] = right
+        length = max(self._caller_bytes(), len(self._bot)) // 2
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
         wav_file, wav_path = _new_file(self.directory, f"{stamp}-{self.call_id}", ".wav")
         json_path = wav_path.with_suffix(".json")
-        with wav_file, wave.open(wav_file, "wb") as wav:
-            wav.setnchannels(2)
-            wav.setsampwidth(2)
-            wav.setframerate(self.sample_rate)
-            wav.writeframes(stereo.tobytes())
-        turns = [e for e in self.events if e["type"] == "turn_metrics"]
-        json_path.write_text(json.dumps({
-            "call_id": self.call_id, "started_at": self._started_at,
-            "sample_rate": self.sample_rate, "duration_s": round(length / self.sample_rate, 3),
-            "channels": {"left": "caller", "right": "bot"}, "audio": wav_path.name,
-            "turns": turns, "events": self.events}, indent=1), encoding="utf-8")
+        written = [wav_path]
+        try:
+            with wav_file, wave.open(wav_file, "wb") as wav:
+                wav.setnchannels(2)
+                wav.setsampwidth(2)
+                wav.setframerate(self.sample_rate)
+                wav.setnframes(length)
+                # A second at a time: a long call's audio is never copied whole (held in
+                # memory already, it would be three times over).
+                for begin in range(0, length, self.sample_rate):
+                    end = min(begin + self.sample_rate, length)
+                    stereo = np.zeros((end - begin, 2), dtype="<i2")
+                    left = np.frombuffer(self._caller_pcm(begin * 2, end * 2), dtype="<i2")
+                    right = np.frombuffer(bytes(self._bot[begin * 2:end * 2]), dtype="<i2")
+                    stereo[:len(left), 0] = left
+                    stereo[:len(right), 1] = right
+                    wav.writeframes(stereo.tobytes())
+            turns = [e for e in self.events if e["type"] == "turn_metrics"]
+            written.append(json_path)
+            json_path.write_text(json.dumps({
+                "call_id": self.call_id, "started_at": self._started_at,
+                "sample_rate": self.sample_rate,
+                "duration_s": round(length / self.sample_rate, 3),
+                "channels": {"left": "caller", "right": "bot"}, "audio": wav_path.name,
+                "turns": turns, "events": self.events}, indent=1), encoding="utf-8")
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         return wav_path, json_path
+
+    def _caller_bytes(self) -> int:
+        return len(self._caller) + self._gap + len(self._since_gap)
+
+    def _caller_pcm(self, begin: int, end: int) -> bytes:
+        """Bytes ``begin:end`` of the caller channel: the audio up to the last gap, the
+        gap's silence, the audio since (shorter past the channel's end)."""
+        head, gap_end = len(self._caller), len(self._caller) + self._gap
+        out = bytearray(self._caller[begin:min(end, head)])
+        if begin < gap_end and end > head:
+            out += bytes(min(end, gap_end) - max(begin, head))
+        if end > gap_end:
+            out += self._since_gap[max(begin, gap_end) - gap_end:end - gap_end]
+        return bytes(out)
 
 
 def _new_file(directory: Path, name: str, suffix: str) -> tuple[BinaryIO, Path]:
