@@ -27,7 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
     # --store DIR wins over --redis URL and VOICEGATE_REDIS_URL, as for seed and route.
     settings = Settings.load({"host": args.host, "port": args.port, "store_dir": args.store,
                               "redis_url": "" if args.store else args.redis})
-    if refused := _store_dir_refused(args.store, must_exist=False, settings=settings):
+    if refused := (_store_dir_refused(args.store, must_exist=False, settings=settings)
+                   or _record_dir_refused(settings)):
         return _usage_error("serve", refused)
     logs.configure(settings.log_level)
     app = create_app(settings)
@@ -164,6 +165,30 @@ def _store_dir_refused(store: str | None, must_exist: bool, settings: Any) -> st
         return f"{name}: not a directory: {store}"
     if must_exist and not path.exists():
         return f"{name}: no such directory: {store}"
+    return None
+
+
+def _record_dir_refused(settings: Any) -> str | None:
+    """Why serve cannot write recordings in the ``record_dir`` setting (created if missing,
+    a file made and removed in it); None when it can, or recording is off. Found when the
+    call ends, each call's recording would be lost."""
+    import tempfile
+
+    from .settings import ENV_PREFIX
+
+    if not settings.record_dir:
+        return None
+    name = (ENV_PREFIX + "RECORD_DIR" if os.environ.get(ENV_PREFIX + "RECORD_DIR") is not None
+            else f"record_dir (in {ENV_PREFIX}CONFIG)")
+    path = Path(settings.record_dir)
+    if path.exists() and not path.is_dir():
+        return f"{name}: not a directory: {path}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"{name}: cannot write recordings in {path}: {exc.strerror or exc}"
     return None
 
 
@@ -328,7 +353,8 @@ EXIT_STATUS = ("exit status: 0 done; 1 the command ran and failed (invalid rows 
                "input line that is not UTF-8); 2 a usage error, found before any work (a bad "
                "argument or VOICEGATE_* setting, an input file that is missing or cannot be "
                "read, a store directory (--store or VOICEGATE_STORE_DIR) that is not a directory "
-               "or, for route, is missing); 130 interrupted (Ctrl-C)")
+               "or, for route, is missing, a recording directory (VOICEGATE_RECORD_DIR) serve "
+               "cannot write in); 130 interrupted (Ctrl-C)")
 
 
 def build_parser() -> argparse.ArgumentParser:

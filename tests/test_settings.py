@@ -657,6 +657,33 @@ def test_a_store_dir_setting_is_refused_as_store_is(argv, env, says, monkeypatch
     _refused_before_any_work(argv, says, env, monkeypatch, capsys, tmp_path)
 
 
+# A recording directory serve cannot write in: serve ran, and every call's recording was
+# lost as it ended (`recording_failed`, a log line a call), found after a day of calls.
+@pytest.mark.parametrize("env, says", [
+    ({"VOICEGATE_RECORD_DIR": "{file}"}, "VOICEGATE_RECORD_DIR: not a directory: {file}"),
+    ({"VOICEGATE_RECORD_DIR": "{file}/recordings"},
+     "VOICEGATE_RECORD_DIR: cannot write recordings in {file}/recordings: Not a directory"),
+    ({"VOICEGATE_CONFIG": "{tmp}/recording.json"},
+     "record_dir (in VOICEGATE_CONFIG): not a directory: {file}"),
+], ids=["file", "under-a-file", "config-file"])
+def test_serve_refuses_a_recording_directory_it_cannot_write_in(env, says, monkeypatch,
+                                                                 capsys, tmp_path):
+    (tmp_path / "recording.json").write_text(json.dumps({"record_dir": str(tmp_path / "a-file")}))
+    monkeypatch.delenv("VOICEGATE_RECORD_DIR", raising=False)
+    _refused_before_any_work(["serve", "--port", "0"], says, env, monkeypatch, capsys, tmp_path)
+
+
+def test_serve_creates_the_recording_directory(monkeypatch, tmp_path):
+    from gateway import cli
+
+    seen = _commands_do_no_heavy_work(monkeypatch)
+    monkeypatch.setenv("VOICEGATE_RECORD_DIR", str(tmp_path / "recordings" / "today"))
+    assert cli.main(["serve", "--port", "0", "--store", str(tmp_path / "store")]) == 0
+    assert seen["served"].record_dir == str(tmp_path / "recordings" / "today")
+    assert (tmp_path / "recordings" / "today").is_dir()
+    assert list((tmp_path / "recordings" / "today").iterdir()) == []  # the probe is gone
+
+
 def _refused_before_any_work(argv, says, env, monkeypatch, capsys, tmp_path):
     """``argv`` (with ``env`` set) exits 2 with the one line ``says``, before any work."""
     import gateway.demo
