@@ -174,12 +174,9 @@ def _record_dir_refused(settings: Any) -> str | None:
     call ends, each call's recording would be lost."""
     import tempfile
 
-    from .settings import ENV_PREFIX
-
     if not settings.record_dir:
         return None
-    name = (ENV_PREFIX + "RECORD_DIR" if os.environ.get(ENV_PREFIX + "RECORD_DIR") is not None
-            else f"record_dir (in {ENV_PREFIX}CONFIG)")
+    name = _setting_source(settings, "record_dir") or "record_dir"
     path = Path(settings.record_dir)
     if path.exists() and not path.is_dir():
         return f"{name}: not a directory: {path}"
@@ -192,16 +189,26 @@ def _record_dir_refused(settings: Any) -> str | None:
     return None
 
 
+def _setting_source(settings: Any, field: str) -> str | None:
+    """Where a setting came from, as the operator would look for it: its environment
+    variable, or the config file when it is not the default; None for the default."""
+    from .settings import ENV_PREFIX
+
+    variable = ENV_PREFIX + field.upper()
+    if os.environ.get(variable) is not None:
+        return variable
+    if getattr(settings, field) != type(settings).model_fields[field].default:
+        return f"{field} (in {ENV_PREFIX}CONFIG)"
+    return None
+
+
 def _store_dir_setting(settings: Any) -> str:
     """Where the ``store_dir`` setting came from, as the operator would look for it."""
     from .settings import ENV_PREFIX
 
-    if os.environ.get(ENV_PREFIX + "STORE_DIR") is not None:
-        return ENV_PREFIX + "STORE_DIR"
-    if settings.store_dir != type(settings).model_fields["store_dir"].default:
-        return f"store_dir (in {ENV_PREFIX}CONFIG)"
-    return (f"store_dir (the default; give --store DIR or set {ENV_PREFIX}STORE_DIR, or "
-            f"{ENV_PREFIX}REDIS_URL for the shared store)")
+    return _setting_source(settings, "store_dir") or (
+        f"store_dir (the default; give --store DIR or set {ENV_PREFIX}STORE_DIR, or "
+        f"{ENV_PREFIX}REDIS_URL for the shared store)")
 
 
 def _seed(args: argparse.Namespace) -> int:
