@@ -11,6 +11,17 @@ early if need be. When no leg answers and one of them ended with an empty reply 
 model answered, with nothing), the stream ends with no chunk (``empty_replies``): no
 outage, the agent decides; only when every leg failed otherwise does it raise.
 
+A leg refused for a rate limit (``RateLimited``: a 429 that is no spent quota) before its
+first token is asked again instead, when the wait ends inside its first-token budget
+(counted from its first request, so the caller waits no longer than before): the
+provider's Retry-After, else the exhausted limit's reset when that ends in time, else
+``retry_backoff_s`` doubling (jittered), at most ``rate_limit_retries`` times a leg. Both
+legs normally share one account, so a 429 usually reaches both: failing them both handed
+the caller off though the provider said "in 200 ms". Waiting, the leg is still live (no
+failover: the other leg would be refused too; the hedge delay still starts it), and the
+wait is one more deadline of the race's loop, so a barge-in ends it at once. Any other
+refusal, or a wait past the budget, fails the leg at once, as before.
+
 The stream ends with its winner: a loser's teardown (an HTTP close) still under way
 then goes on without the caller, its outcome retrieved; ``aclose`` waits for what is
 left of them (``CLOSE_TIMEOUT_S`` at most). Before a win every leg is the stream's to
@@ -27,11 +38,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolSpec
+from gateway.providers.base import ChatModel, LLMChunk, ProviderError, RateLimited, ToolSpec
 from . import logs
 from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 
@@ -77,9 +89,10 @@ class AdaptiveDelay:
 @dataclass
 class HedgeStats:
     turns: int = 0
-    requests: int = 0  # legs started
+    requests: int = 0  # requests made: legs started, and legs asked again (``retries``)
     extra_requests: int = 0  # secondary legs started (hedge timer or failover)
     failovers: int = 0  # secondary started early because the primary failed
+    retries: int = 0  # a leg asked again after a rate limit (a 429) before its first token
     primary_wins: int = 0
     secondary_wins: int = 0
     leg_failures: int = 0  # before the first token (then the other leg answers) or after it
@@ -102,10 +115,13 @@ _DONE = object()
 class _Leg:
     role: str  # "primary" | "secondary"
     model: ChatModel
-    started: float
+    started: float  # its first request: its first-token budget counts from here
+    asked: float = 0.0  # its request under way (a later one after a 429)
     task: asyncio.Task[None] | None = None
     failed: bool = False
     empty: bool = False  # it ended with nothing (also failed: it cannot win)
+    retries: int = 0  # times asked again after a 429
+    retry_at: float | None = None  # waiting out a 429: asked again then (no request under way)
 
 
 class HedgedChat:
@@ -114,6 +130,7 @@ class HedgedChat:
     def __init__(self, primary: ChatModel, secondary: ChatModel | None = None, *,
                  hedge_delay_s: float | None = None, adaptive: AdaptiveDelay | None = None,
                  first_token_timeout_s: float = 4.0, idle_timeout_s: float = 10.0,
+                 rate_limit_retries: int = 3, retry_backoff_s: float = 0.1,
                  clock: Clock = SYSTEM_CLOCK) -> None:
         self.name = f"hedged({primary.name}, {secondary.name})" if secondary else primary.name
         self.primary = primary
@@ -122,6 +139,8 @@ class HedgedChat:
         self.adaptive = adaptive or AdaptiveDelay()
         self.first_token_timeout_s = first_token_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.rate_limit_retries = rate_limit_retries  # a leg's, after a 429
+        self.retry_backoff_s = retry_backoff_s  # the first wait when a 429 names none
         self._clock = clock  # the hedge delay's and the timeouts' (a test's ManualClock)
         self.stats = HedgeStats()
         # Losers' teardowns, after their stream: each task, and its leg for the log
@@ -162,11 +181,18 @@ class HedgedChat:
         self.stats.turns += 1
         winner: _Leg | None = None
 
+        def ask(leg: _Leg) -> None:
+            # A leg asked again replaces a pump that has ended: its stream raised at the
+            # request (the 429), so it had nothing left to close.
+            leg.asked, leg.retry_at = clock.now(), None
+            leg.task = asyncio.create_task(_pump(leg, messages, tools, queue),
+                                           name=f"llm-{leg.role}")
+            self.stats.requests += 1
+
         def start(role: str, model: ChatModel) -> None:
             leg = _Leg(role, model, clock.now())
-            leg.task = asyncio.create_task(_pump(leg, messages, tools, queue), name=f"llm-{role}")
             legs.append(leg)
-            self.stats.requests += 1
+            ask(leg)
             if role == "secondary":
                 self.stats.extra_requests += 1
 
@@ -192,7 +218,16 @@ class HedgedChat:
                 if len(legs) == 1 and now >= hedge_at and self.secondary is not None:
                     start("secondary", self.secondary)
                     continue
-                deadlines = [leg.started + self.first_token_timeout_s for leg in live]
+                due = [leg for leg in live if leg.retry_at is not None and now >= leg.retry_at]
+                for leg in due:  # its 429's wait is over
+                    self.stats.retries += 1
+                    ask(leg)
+                if due:
+                    continue
+                # A leg waiting out a 429 wakes the loop when its wait ends, which is before
+                # its first-token deadline (_retry_wait): no other timer, no other task.
+                deadlines = [leg.started + self.first_token_timeout_s if leg.retry_at is None
+                             else leg.retry_at for leg in live]
                 if len(legs) == 1:
                     deadlines.append(hedge_at)
                 try:
@@ -203,7 +238,8 @@ class HedgedChat:
                     leg, item = await timeouts.until(min(deadlines), queue.get())
                 except Expired:
                     for leg in live:
-                        if clock.now() >= leg.started + self.first_token_timeout_s:
+                        if leg.retry_at is None and \
+                                clock.now() >= leg.started + self.first_token_timeout_s:
                             self._fail(leg, "no first token after "
                                             f"{self.first_token_timeout_s:g} s", errors)
                     continue
@@ -219,8 +255,16 @@ class HedgedChat:
                 elif item is _DONE:
                     leg.empty = True
                     self._fail(leg, "empty reply", errors)
+                elif (wait := self._retry_wait(leg, item)) is not None:
+                    leg.retry_at = clock.now() + wait
+                    # Which leg, whose refusal, how long: never the key nor the conversation.
+                    logs.event(log, "llm_retry", logging.WARNING, role=leg.role,
+                               provider=leg.model.name, status=429, retry=leg.retries + 1,
+                               wait_s=round(wait, 3))
+                    leg.retries += 1
                 else:
-                    self._fail(leg, str(item), errors)
+                    asked = f" (asked {leg.retries + 1} times)" if leg.retries else ""
+                    self._fail(leg, f"{item}{asked}", errors)
 
             # Cancelled now (the finally does not cancel them again), not awaited: its
             # stream's teardown (an HTTP close) runs while the winner streams, never before
@@ -283,6 +327,25 @@ class HedgedChat:
                 # moot once it lost); one of the close itself is retrieved here.
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
+    def _retry_wait(self, leg: _Leg, error: object) -> float | None:
+        """How long ``leg`` waits before it is asked again after ``error``, which it raised
+        before its first token; None: it has failed. Only a rate limit (``RateLimited``), at
+        most ``rate_limit_retries`` times a leg, and only a wait that ends inside the leg's
+        first-token budget: past it the caller would wait for nothing, so the leg hands over
+        at once instead. A Retry-After is obeyed (asked sooner, the provider refuses again);
+        without one, the reset of the limit it hit, when sooner than the budget's end (it is
+        whole again then, at the latest), else ``retry_backoff_s`` doubling, jittered so legs
+        and calls refused together do not ask again together."""
+        if not isinstance(error, RateLimited) or leg.retries >= self.rate_limit_retries:
+            return None
+        left = leg.started + self.first_token_timeout_s - self._clock.now()
+        wait = error.retry_after_s
+        if wait is None and error.reset_s is not None and error.reset_s < left:
+            wait = error.reset_s
+        if wait is None:
+            wait = self.retry_backoff_s * 2 ** leg.retries * random.uniform(0.5, 1.0)
+        return wait if wait < left else None
+
     def _fail(self, leg: _Leg, reason: str, errors: list[str]) -> None:
         leg.failed = True
         self.stats.leg_failures += 1
@@ -294,14 +357,16 @@ class HedgedChat:
     def _record_win(self, winner: _Leg, legs: list[_Leg], t0: float) -> None:
         now = self._clock.now()
         self.stats.ttft_s.append(now - t0)
+        # The model's time to first token, from the request that answered: a 429's wait
+        # is the account's, not the model's, and must not lengthen the hedge delay.
         if winner.role == "primary":
             self.stats.primary_wins += 1
-            self.adaptive.observe(now - winner.started)
+            self.adaptive.observe(now - winner.asked)
         else:
             self.stats.secondary_wins += 1
             primary = legs[0]
-            if not primary.failed:  # censored: its TTFT is at least this
-                self.adaptive.observe(now - primary.started)
+            if not primary.failed and primary.retry_at is None:  # censored: at least this
+                self.adaptive.observe(now - primary.asked)
 
 
 async def _pump(leg: _Leg, messages: list[dict[str, Any]], tools: list[ToolSpec] | None,

@@ -366,7 +366,8 @@ class Settings(BaseModel):
     llm_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.3
     llm_max_tokens: Pos = 300
     llm_timeout_s: PosF = 30.0  # whole HTTP request, per leg
-    # SDK-level retries stay off: the hedge is the retry, and it does not wait for backoff.
+    # SDK-level retries stay off: the hedge is the retry (a 429 it waits out itself, on its
+    # clock and inside the first-token budget; the SDKs would sleep on wall time, unbounded).
     llm_max_retries: NonNeg = 0
     # A leg that has produced nothing after this long is treated as failed (a stall).
     llm_first_token_timeout_s: PosF = 4.0

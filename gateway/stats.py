@@ -74,8 +74,12 @@ class _HedgeCounters:
         for name, doc, value in (
                 ("voicegate_llm_rounds", "Agent LLM rounds (hedged pair calls)",
                  s.turns if s else 0),
-                ("voicegate_llm_requests", "LLM requests started (both legs of the hedge)",
+                ("voicegate_llm_requests", "LLM requests started (both legs of the hedge, "
+                 "and a leg asked again after a 429)",
                  s.requests if s else 0),
+                ("voicegate_llm_rate_limit_retries", "LLM legs asked again after a rate "
+                 "limit (a 429) before their first token, within its first-token budget",
+                 s.retries if s else 0),
                 ("voicegate_llm_leg_failures", "LLM requests that failed (error, empty reply, "
                  "no first token in time, a stream that broke or stalled)",
                  s.leg_failures if s else 0),

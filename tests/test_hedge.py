@@ -10,6 +10,7 @@ import socket
 from typing import AsyncIterator
 
 import pytest
+from prometheus_client import generate_latest
 
 from gateway.agent import Agent
 from gateway.audio_bank import AudioBank
@@ -18,7 +19,7 @@ from gateway.hedge import CLOSE_TIMEOUT_S, AdaptiveDelay, HedgedChat
 from gateway.providers.base import LLMChunk, ProviderError
 from gateway.responder import Responder, Turn
 from gateway.timeline import TurnTimeline
-from tests.call_harness import RATE, WordTTS
+from tests.call_harness import RATE, CallHarness, WordTTS
 from gateway.providers.groq_llm import GroqChat
 from gateway.providers.openai_llm import OpenAIChat
 from tests.fakes.openai_server import STALL, Reply
@@ -70,7 +71,8 @@ async def test_secondary_not_started_when_primary_answers_before_the_delay(llm_s
     assert hedged.stats.extra_requests == 0 and fake.stats.requests["b"] == 0
 
 
-@pytest.mark.parametrize("failure", [Reply(status=503), Reply(status=429),
+# A 429 (a rate limit) is asked again first: test_a_429_on_both_legs_is_retried_after_its_wait.
+@pytest.mark.parametrize("failure", [Reply(status=503), Reply(status=400),
                                      Reply(malformed_at=1), Reply(ttft_s=STALL)],
                          ids=["5xx", "4xx", "malformed", "stall"])
 async def test_failure_before_first_token_hands_over_at_once(llm_server, failure):
@@ -795,3 +797,247 @@ async def test_a_tool_call_still_streaming_its_arguments_is_no_stall(llm_server)
     assert [(c.tool_call.name, c.tool_call.arguments) for c in chunks if c.tool_call] == [
         ("create_ticket", arguments)]
     assert not any(c.text for c in chunks) and hedged.stats.primary_wins == 1
+
+
+# ---------------------------------------------------------------- rate limits (429)
+
+# What OpenAI answers an account over its rate limit (the error body of its 429s; Groq's
+# is alike), and one whose quota is spent: a 429 too, that no wait clears.
+RATE_LIMITED = {"message": "Rate limit reached for m in organization org-x on requests per "
+                           "min (RPM): Limit 3, Used 3, Requested 1.",
+                "type": "requests", "param": None, "code": "rate_limit_exceeded"}
+NO_QUOTA = {"message": "You exceeded your current quota, please check your plan and billing "
+                       "details.", "type": "insufficient_quota", "param": None,
+            "code": "insufficient_quota"}
+SECRET = "sk-test-0123456789abcdef"
+
+
+def chat(sdk: str, server, name: str):
+    if sdk == "groq":
+        return GroqChat(name, api_key=SECRET, base_url=server.url, name=name)
+    return OpenAIChat(name, api_key=SECRET, base_url=server.url + "/v1", name=name)
+
+
+async def retries(caplog, count: int, answer: "asyncio.Future[object]") -> list[dict]:
+    """The hedge's first ``count`` ``llm_retry`` lines once logged (polled: the 429s come
+    over a real socket); the test fails if ``answer`` ends first: not retried."""
+    for _ in range(3000):
+        logged = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+                  if r.getMessage() == "llm_retry"]
+        if len(logged) >= count:
+            return logged
+        if answer.done():
+            raise AssertionError(f"not retried: {answer.exception() or answer.result()!r}")
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not retried in 30 s: {len(logged)} llm_retry lines")
+
+
+@pytest.fixture
+def retry_log(caplog, monkeypatch):
+    # Seen by caplog even after a test ran the CLI (its logging stops propagation).
+    monkeypatch.setattr(logging.getLogger("voicegate"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="voicegate")
+    return caplog
+
+
+@pytest.mark.parametrize(("sdk", "headers", "asked"), [
+    ("openai", {"Retry-After": "1"}, 1.0),
+    ("openai", {"retry-after-ms": "250"}, 0.25),
+    # The limit it hit (none left) is whole again in 300 ms; the other one is not the matter.
+    ("openai", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "300ms",
+                "x-ratelimit-remaining-tokens": "39000", "x-ratelimit-reset-tokens": "6m0s"},
+     0.3),
+    ("openai", {}, None),
+    ("groq", {"retry-after": "1"}, 1.0),
+], ids=["retry-after", "retry-after-ms", "ratelimit-reset", "no-header", "groq"])
+async def test_a_429_on_both_legs_is_retried_after_its_wait(llm_server, retry_log, sdk,
+                                                            headers, asked):
+    """Both legs use one account: over its rate limit, it answers 429 to both at once. Each
+    leg failed, the round raised "every LLM failed" and the caller was handed off
+    (llm_failed), though the provider said to ask again in a moment. Each leg now waits
+    what the 429 asks (Retry-After, retry-after-ms, the exhausted limit's reset; else a
+    short jittered backoff) on the hedge's clock, inside its first-token budget, and is
+    asked again; every request is counted."""
+    fake, server = llm_server
+    fake.refusals = [(429, RATE_LIMITED, headers)] * 2
+    fake.default = Reply(hold_after=1)  # answered only once the test lets it: both asked again
+    clock = ManualClock()
+    hedged = HedgedChat(chat(sdk, server, "p"), chat(sdk, server, "s"), clock=clock,
+                        hedge_delay_s=0.0, first_token_timeout_s=4.0)
+    answer = asyncio.ensure_future(collect(hedged))
+    try:
+        logged = await retries(retry_log, 2, answer)
+        waits = [line["wait_s"] for line in logged]
+        if asked is None:
+            assert all(0.05 <= w <= 0.1 for w in waits), waits  # 0.1 s, jittered 50-100 %
+        else:
+            assert waits == [asked, asked]
+        await clock.advance(min(waits) - 0.001)
+        assert not answer.done() and sum(fake.stats.requests.values()) == 2  # not yet
+        await clock.advance(max(waits) - min(waits) + 0.002)  # logged to the millisecond
+        assert await fake.await_for(lambda s: sum(s.requests.values()) == 4)
+        fake.release.set()
+        assert await asyncio.wait_for(answer, 20) == "Hello there. How can I help you today?"
+    finally:
+        answer.cancel()
+        await hedged.aclose()
+    assert sum(fake.stats.requests.values()) == 4 and not fake.refusals
+    stats = hedged.stats
+    assert (stats.requests, stats.extra_requests, stats.retries) == (4, 1, 2)
+    assert stats.leg_failures == stats.all_failed == stats.failovers == 0
+    # The hedge delay learns the model's time to first token, from the request that
+    # answered, not the account's wait: the primary's (won, or censored at the win) is
+    # at most the time the clock moved after it was asked again, never the wait itself.
+    assert hedged.adaptive._samples[-1] <= max(waits) - min(waits) + 0.002, (
+        hedged.adaptive._samples, waits)
+    assert sorted((line["role"], line["provider"], line["status"], line["retry"])
+                  for line in logged) == [("primary", "p", 429, 1), ("secondary", "s", 429, 1)]
+    assert SECRET not in retry_log.text and "opening hours" not in retry_log.text
+
+
+async def test_a_429_that_persists_fails_after_a_bounded_number_of_retries(llm_server,
+                                                                           retry_log):
+    """A 429 to every request: asked again 3 times, after 0.1 s doubling (jittered), then
+    the leg fails with the 429 itself, well inside the first-token budget."""
+    fake, server = llm_server
+    fake.refusals = [(429, RATE_LIMITED, {})] * 10
+    clock = ManualClock()
+    hedged = HedgedChat(chat("openai", server, "p"), None, clock=clock,
+                        first_token_timeout_s=4.0)
+    started = clock.now()
+    answer = asyncio.ensure_future(collect(hedged))
+    try:
+        for n in (1, 2, 3):
+            # wait_s is logged to the millisecond: a millisecond more is past it
+            await clock.advance((await retries(retry_log, n, answer))[-1]["wait_s"] + 0.001)
+        with pytest.raises(ProviderError, match=r"p: HTTP 429 from p: .*Rate limit reached .*"
+                                                r" \(asked 4 times\)$"):
+            await asyncio.wait_for(answer, 20)
+    finally:
+        answer.cancel()
+        await hedged.aclose()
+    waits = [r.fields["wait_s"] for r in retry_log.records  # type: ignore[attr-defined]
+             if r.getMessage() == "llm_retry"]
+    assert len(waits) == 3 and all(base / 2 <= w <= base for w, base in
+                                   zip(waits, (0.1, 0.2, 0.4))), waits
+    assert fake.stats.requests["p"] == 4 and len(fake.refusals) == 6
+    assert clock.now() - started < 1.0
+    stats = hedged.stats
+    assert (stats.requests, stats.retries, stats.leg_failures, stats.all_failed) == (4, 3, 1, 1)
+
+
+@pytest.mark.parametrize(("status", "error", "headers"), [
+    (400, {"message": "bad request", "type": "invalid_request_error", "code": None}, {}),
+    (401, {"message": "Incorrect API key provided", "type": "invalid_request_error",
+           "code": "invalid_api_key"}, {}),
+    (403, {"message": "Country not supported", "type": "invalid_request_error",
+           "code": "unsupported_country_region_territory"}, {}),
+    (404, {"message": "The model `p` does not exist", "type": "invalid_request_error",
+           "code": "model_not_found"}, {}),
+    (429, NO_QUOTA, {}),
+    (429, RATE_LIMITED, {"Retry-After": "30"}),
+    (429, RATE_LIMITED, {"retry-after-ms": "4000"}),
+], ids=["400", "401", "403", "404", "429-quota", "429-retry-after-too-long",
+        "429-retry-after-ms-at-the-budget"])
+async def test_a_refusal_that_will_not_clear_in_time_hands_over_at_once(llm_server, retry_log,
+                                                                        status, error, headers):
+    """Only a rate limit that clears inside the first-token budget is waited for. A bad
+    request, a refused key, a missing model, a spent quota, or a Retry-After ending at or
+    beyond the budget (the caller would wait for nothing) fail the leg at once, as before:
+    the other leg answers, with the clock standing still."""
+    fake, server = llm_server
+    fake.refusals = [(status, error, headers)]
+    fake.replies["s"] = Reply(text="Backup answer.")
+    hedged = HedgedChat(chat("openai", server, "p"), chat("openai", server, "s"),
+                        clock=ManualClock(), hedge_delay_s=600.0, first_token_timeout_s=4.0)
+    try:
+        assert await asyncio.wait_for(collect(hedged), 20) == "Backup answer."
+    finally:
+        await hedged.aclose()
+    assert (fake.stats.requests["p"], fake.stats.requests["s"]) == (1, 1)
+    assert hedged.stats.failovers == 1 and hedged.stats.requests == 2
+    assert "llm_retry" not in [r.getMessage() for r in retry_log.records]
+
+
+async def test_a_leg_asked_again_keeps_its_first_token_deadline(llm_server, retry_log):
+    """The wait is spent from the leg's first-token budget, not added to it: asked again
+    3.5 s in, a leg that then sends nothing fails at 4 s from its first request (the
+    caller waits no longer than before), and the other leg takes over."""
+    fake, server = llm_server
+    fake.refusals = [(429, RATE_LIMITED, {"retry-after-ms": "3500"})]
+    fake.replies["p"] = Reply(ttft_s=STALL)
+    fake.replies["s"] = Reply(text="Backup answer.")
+    clock = ManualClock()
+    hedged = HedgedChat(chat("openai", server, "p"), chat("openai", server, "s"), clock=clock,
+                        hedge_delay_s=600.0, first_token_timeout_s=4.0)
+    answer = asyncio.ensure_future(collect(hedged))
+    try:
+        assert (await retries(retry_log, 1, answer))[0]["wait_s"] == 3.5
+        await clock.advance(3.5)
+        assert await fake.await_for(lambda s: s.requests["p"] == 2)
+        await clock.advance(0.49)
+        assert not answer.done() and fake.stats.requests["s"] == 0
+        await clock.advance(0.01)
+        assert await asyncio.wait_for(answer, 20) == "Backup answer."
+    finally:
+        answer.cancel()
+        await hedged.aclose()
+    assert hedged.stats.failovers == 1 and hedged.stats.requests == 3
+
+
+async def test_a_barge_in_during_the_wait_cancels_it_at_once(llm_server, retry_log):
+    """The caller speaks while the leg waits out a 429: the stream ends at once, with the
+    clock standing still, and the leg is never asked again."""
+    fake, server = llm_server
+    fake.refusals = [(429, RATE_LIMITED, {"Retry-After": "1"})]
+    clock = ManualClock()
+    hedged = HedgedChat(chat("openai", server, "p"), None, clock=clock, first_token_timeout_s=4.0)
+    answer = asyncio.ensure_future(collect(hedged))
+    await retries(retry_log, 1, answer)
+    answer.cancel()
+    assert await until(answer.done) and answer.cancelled()
+    await clock.advance(2.0)
+    assert fake.stats.requests["p"] == 1 and hedged.stats.requests == 1
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("llm-")]
+    assert clock.sleeping == 0
+    await hedged.aclose()
+
+
+async def test_a_call_whose_llm_is_rate_limited_once_hears_the_answer(llm_server, retry_log):
+    # The call's side: both legs refused with a 429 and a Retry-After of 1 s. The caller
+    # heard the handoff (llm_failed); now the answer, 1 s of the call's clock later.
+    fake, server = llm_server
+    fake.refusals = [(429, RATE_LIMITED, {"Retry-After": "1"})] * 2
+    fake.default = Reply(text="We open at nine.")
+    h = CallHarness()
+    h.agent = Agent(HedgedChat(chat("openai", server, "p"), chat("openai", server, "s"),
+                               hedge_delay_s=0.0, clock=h.clock), filler_after_s=None)
+    h.responder._agent = h.agent
+    await h.start()
+    try:
+        await h.text("when do you open")
+        asked_at = h.clock.now()
+
+        async def an_error() -> list[dict]:
+            await h.output.until(lambda: h.output.of("error"))
+            return h.output.of("error")
+
+        failed = asyncio.ensure_future(an_error())
+        await retries(retry_log, 2, failed)
+        failed.cancel()
+        assert h.output.frames == []
+        await h.wait(1020)  # a frame past the wait: 51 steps of 20 ms
+        assert await h.output.until(lambda: h.output.of("response"))
+        await h.wait(2000)
+        assert [e["source"] for e in h.output.of("response")] == ["llm"]
+        assert h.output.of("error") == [] and not h.stats.errors.get("llm_failed")
+        first_heard = h.output.frames[0][0] - asked_at
+        assert 1.0 <= first_heard < 1.2, first_heard
+        h.stats.watch_hedge(h.agent.llm.stats)  # type: ignore[union-attr]
+        exposed = generate_latest(h.stats.prometheus.registry).decode()
+        assert "voicegate_llm_rate_limit_retries_total 2.0" in exposed
+        assert "voicegate_llm_requests_total 4.0" in exposed
+    finally:
+        await h.stop()
+        await h.agent.aclose()
+    assert sum(fake.stats.requests.values()) == 4

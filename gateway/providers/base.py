@@ -21,6 +21,22 @@ class ProviderError(RuntimeError):
         self.provider = provider
 
 
+class RateLimited(ProviderError):
+    """A provider refused a request for its rate limit (HTTP 429), a refusal that clears
+    in moments: the hedge may ask that leg again (gateway/hedge.py). A 429 for a spent
+    quota is a plain ``ProviderError``: no wait clears it.
+
+    ``retry_after_s``: the wait the provider asked for (Retry-After), None if it named
+    none; ``reset_s``: when the limit it hit is whole again at the latest, None if unknown.
+    """
+
+    def __init__(self, provider: str, message: str, *, retry_after_s: float | None = None,
+                 reset_s: float | None = None) -> None:
+        super().__init__(provider, message)
+        self.retry_after_s = retry_after_s
+        self.reset_s = reset_s
+
+
 # ---------------------------------------------------------------- speech to text
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, AsyncIterator
 
-from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec
+from gateway.providers.base import LLMChunk, ProviderError, RateLimited, ToolCall, ToolSpec
+from gateway.providers.rate_limits import reset_s, retry_after_s
 from gateway.settings import redact_url
 
 
@@ -143,8 +144,9 @@ class SDKChat:
     """``ChatModel`` over an OpenAI-style async SDK client (``openai`` or ``groq``).
 
     ``sdk`` is the SDK's module: its ``APIStatusError``, ``APITimeoutError`` and
-    ``APIConnectionError`` become ``ProviderError`` messages; ``base_error`` is the
-    root of its exceptions.
+    ``APIConnectionError`` become ``ProviderError`` messages (its ``RateLimitError`` a
+    ``RateLimited``, unless the quota is spent); ``base_error`` is the root of its
+    exceptions.
     """
 
     def __init__(self, name: str, model: str, client: Any, sdk: ModuleType,
@@ -182,7 +184,14 @@ class SDKChat:
             await response.close()
 
     def _error(self, exc: Exception) -> ProviderError:
-        return ProviderError(self.name, self._redacted(self._describe(exc)))
+        message = self._redacted(self._describe(exc))
+        if isinstance(exc, self._sdk.RateLimitError) and not _quota_spent(exc.body):
+            # A rate limit, with what its headers say of when it clears (the hedge decides
+            # whether to wait): the SDKs' own retries are off (max_retries=0).
+            headers = exc.response.headers
+            return RateLimited(self.name, message, retry_after_s=retry_after_s(headers),
+                               reset_s=reset_s(headers))
+        return ProviderError(self.name, message)
 
     def _describe(self, exc: Exception) -> str:
         sdk = self._sdk
@@ -207,3 +216,10 @@ class SDKChat:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _quota_spent(body: object) -> bool:
+    """A 429 for an account out of credit (OpenAI's ``insufficient_quota``), not over its
+    rate: no wait clears it. The openai SDK hands over the error object, groq its envelope."""
+    error = body.get("error", body) if isinstance(body, dict) else None
+    return isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type"))

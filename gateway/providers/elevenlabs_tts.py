@@ -21,11 +21,9 @@ Any other refusal (400, 401, 422, a 429 naming a quota, a 5xx) fails at once.
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import json
 import logging
 import random
-import time
 from typing import Any, AsyncIterator
 
 import httpx
@@ -35,6 +33,7 @@ from elevenlabs.core.api_error import ApiError
 from gateway import logs
 from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from gateway.providers.base import ProviderError
+from gateway.providers.rate_limits import retry_after_s
 from gateway.settings import Settings
 
 SAMPLE_RATES = (16000, 24000)
@@ -159,7 +158,7 @@ class ElevenLabsTTS:
         budget is not taken: the caller would hear silence and then the apology anyway."""
         if exc.status_code != 429 or "quota" in _code(exc.body) or retry > self._max_retries:
             return None
-        wait = _retry_after(exc.headers or {})
+        wait = retry_after_s(exc.headers or {})
         if wait is None:  # jittered, so calls refused together do not all ask again together
             wait = self._retry_backoff_s * 2 ** (retry - 1) * random.uniform(0.5, 1.0)
         return wait if wait < left_s else None
@@ -190,22 +189,6 @@ def _code(body: Any) -> str:
     if isinstance(detail, dict):
         return str(detail.get("code") or detail.get("status") or "")
     return ""
-
-
-def _retry_after(headers: dict[str, str]) -> float | None:
-    """Retry-After's seconds (a number, or an HTTP date from now); None if absent or unreadable."""
-    value = headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _parsed(body: bytes) -> Any:

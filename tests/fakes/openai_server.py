@@ -66,6 +66,10 @@ class FakeOpenAI:
         # it decodes each one into a map (openai/openai.go, FromCompletionToolCall).
         self.strict_tool_arguments = False
         self.release = threading.Event()  # ends every Reply.hold_after
+        # Refusals before any reply, one a request, in order: (status, error, headers), e.g.
+        # a rate limit's 429 and its Retry-After, which an account over its limit answers to
+        # every request (both legs of a hedge) until it clears.
+        self.refusals: list[tuple[int, dict[str, Any], dict[str, str]]] = []
         self.stats = Stats()
         self._lock = threading.Lock()
 
@@ -120,6 +124,13 @@ class FakeOpenAI:
         with self._lock:
             self.stats.requests[model] += 1
             self.stats.bodies.append(body)
+            refusal = self.refusals.pop(0) if self.refusals else None
+        if refusal is not None:
+            status, error, headers = refusal
+            await _json(send, status, {"error": error}, headers)
+            with self._lock:
+                self.stats.completed[model] += 1
+            return
         if self.strict_tool_arguments and not _tool_arguments_are_objects(body):
             await _json(send, 400, {"error": {"message": "invalid tool call arguments",
                                               "type": "invalid_request_error", "code": None}})
@@ -225,8 +236,10 @@ async def _wait_disconnect(receive: Any) -> None:
             return
 
 
-async def _json(send: Any, status: int, payload: dict[str, Any]) -> None:
+async def _json(send: Any, status: int, payload: dict[str, Any],
+                headers: dict[str, str] | None = None) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json")]})
+                "headers": [(b"content-type", b"application/json"),
+                            *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items())]})
     await send({"type": "http.response.body", "body": body})
