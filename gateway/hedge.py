@@ -17,9 +17,10 @@ first token is asked again instead, when the wait ends inside its first-token bu
 provider's Retry-After, else the exhausted limit's reset when that ends in time, else
 ``retry_backoff_s`` doubling (jittered), at most ``rate_limit_retries`` times a leg. Both
 legs normally share one account, so a 429 usually reaches both: failing them both handed
-the caller off though the provider said "in 200 ms". Waiting, the leg is still live (no
-failover: the other leg would be refused too; the hedge delay still starts it), and the
-wait is one more deadline of the race's loop, so a barge-in ends it at once. Any other
+the caller off though the provider said "in 200 ms". Waiting, the leg is still live, and
+the secondary starts at once, as after a failure (it may be another account or provider;
+on the same account it is refused too and waits its own); the wait is one more deadline of
+the race's loop, so a barge-in ends it at once. Any other
 refusal, or a wait past the budget, fails the leg at once, as before.
 
 The stream ends with its winner: a loser's teardown (an HTTP close) still under way
@@ -262,6 +263,12 @@ class HedgedChat:
                                provider=leg.model.name, status=429, retry=leg.retries + 1,
                                wait_s=round(wait, 3))
                     leg.retries += 1
+                    if len(legs) == 1 and self.secondary is not None:
+                        # As for a failure: the secondary may be another account or
+                        # provider, which need not wait out this one's limit (the same
+                        # account refuses it too, and it waits its own).
+                        self.stats.failovers += 1
+                        start("secondary", self.secondary)
                 else:
                     asked = f" (asked {leg.retries + 1} times)" if leg.retries else ""
                     self._fail(leg, f"{item}{asked}", errors)

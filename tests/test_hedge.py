@@ -962,27 +962,27 @@ async def test_a_refusal_that_will_not_clear_in_time_hands_over_at_once(llm_serv
 async def test_a_leg_asked_again_keeps_its_first_token_deadline(llm_server, retry_log):
     """The wait is spent from the leg's first-token budget, not added to it: asked again
     3.5 s in, a leg that then sends nothing fails at 4 s from its first request (the
-    caller waits no longer than before), and the other leg takes over."""
+    caller waits no longer than before). One leg: a secondary would start at once."""
     fake, server = llm_server
     fake.refusals = [(429, RATE_LIMITED, {"retry-after-ms": "3500"})]
     fake.replies["p"] = Reply(ttft_s=STALL)
-    fake.replies["s"] = Reply(text="Backup answer.")
     clock = ManualClock()
-    hedged = HedgedChat(chat("openai", server, "p"), chat("openai", server, "s"), clock=clock,
-                        hedge_delay_s=600.0, first_token_timeout_s=4.0)
+    hedged = HedgedChat(chat("openai", server, "p"), None, clock=clock,
+                        first_token_timeout_s=4.0)
     answer = asyncio.ensure_future(collect(hedged))
     try:
         assert (await retries(retry_log, 1, answer))[0]["wait_s"] == 3.5
         await clock.advance(3.5)
         assert await fake.await_for(lambda s: s.requests["p"] == 2)
         await clock.advance(0.49)
-        assert not answer.done() and fake.stats.requests["s"] == 0
+        assert not answer.done()
         await clock.advance(0.01)
-        assert await asyncio.wait_for(answer, 20) == "Backup answer."
+        with pytest.raises(ProviderError, match=r"primary p: no first token after 4 s"):
+            await asyncio.wait_for(answer, 20)
     finally:
         answer.cancel()
         await hedged.aclose()
-    assert hedged.stats.failovers == 1 and hedged.stats.requests == 3
+    assert hedged.stats.requests == 2 and hedged.stats.retries == 1
 
 
 async def test_a_barge_in_during_the_wait_cancels_it_at_once(llm_server, retry_log):
@@ -1041,3 +1041,25 @@ async def test_a_call_whose_llm_is_rate_limited_once_hears_the_answer(llm_server
         await h.stop()
         await h.agent.aclose()
     assert sum(fake.stats.requests.values()) == 4
+
+
+async def test_a_primary_waiting_out_a_429_starts_the_secondary_at_once(llm_server, retry_log):
+    """The secondary may be another account or another provider: a primary refused for its
+    rate limit waited out its Retry-After while the secondary started only at the hedge
+    delay (2 s here), though a failure would have started it at once. It now starts at
+    once, as after a failure, and answers while the primary waits."""
+    fake, server = llm_server
+    fake.refusals = [(429, RATE_LIMITED, {"retry-after": "1"})]  # the first request only
+    clock = ManualClock()
+    hedged = HedgedChat(chat("openai", server, "p"), chat("openai", server, "s"), clock=clock,
+                        hedge_delay_s=2.0, first_token_timeout_s=4.0)
+    answer = asyncio.ensure_future(collect(hedged))
+    try:
+        # The clock never moves: neither the primary's wait nor the hedge delay passes.
+        assert await asyncio.wait_for(answer, 10) == "Hello there. How can I help you today?"
+    finally:
+        answer.cancel()
+        await hedged.aclose()
+    stats = hedged.stats
+    assert (stats.secondary_wins, stats.failovers, stats.retries) == (1, 1, 0)
+    assert sum(fake.stats.requests.values()) == 2  # the primary was never asked again
