@@ -39,12 +39,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, RateLimited, ToolSpec
+from gateway.providers.rate_limits import retry_wait
 from . import logs
 from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 
@@ -346,12 +346,10 @@ class HedgedChat:
         if not isinstance(error, RateLimited) or leg.retries >= self.rate_limit_retries:
             return None
         left = leg.started + self.first_token_timeout_s - self._clock.now()
-        wait = error.retry_after_s
-        if wait is None and error.reset_s is not None and error.reset_s < left:
-            wait = error.reset_s
-        if wait is None:
-            wait = self.retry_backoff_s * 2 ** leg.retries * random.uniform(0.5, 1.0)
-        return wait if wait < left else None
+        asked = error.retry_after_s
+        if asked is None and error.reset_s is not None and error.reset_s < left:
+            asked = error.reset_s
+        return retry_wait(asked, leg.retries, self.retry_backoff_s, left)
 
     def _fail(self, leg: _Leg, reason: str, errors: list[str]) -> None:
         leg.failed = True

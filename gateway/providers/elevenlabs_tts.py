@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 from typing import Any, AsyncIterator
 
 import httpx
@@ -33,7 +32,7 @@ from elevenlabs.core.api_error import ApiError
 from gateway import logs
 from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from gateway.providers.base import ProviderError
-from gateway.providers.rate_limits import retry_after_s
+from gateway.providers.rate_limits import retry_after_s, retry_wait
 from gateway.settings import Settings
 
 SAMPLE_RATES = (16000, 24000)
@@ -158,10 +157,8 @@ class ElevenLabsTTS:
         budget is not taken: the caller would hear silence and then the apology anyway."""
         if exc.status_code != 429 or "quota" in _code(exc.body) or retry > self._max_retries:
             return None
-        wait = retry_after_s(exc.headers or {})
-        if wait is None:  # jittered, so calls refused together do not all ask again together
-            wait = self._retry_backoff_s * 2 ** (retry - 1) * random.uniform(0.5, 1.0)
-        return wait if wait < left_s else None
+        return retry_wait(retry_after_s(exc.headers or {}), retry - 1, self._retry_backoff_s,
+                          left_s)
 
     async def _first_audio(self, chunks: AsyncIterator[bytes]) -> bytes | None:
         """The stream's first bytes (None: it ended without any), within

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import random
 import re
 import time
 from typing import Mapping
@@ -33,6 +34,18 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def retry_wait(asked_s: float | None, retries_done: int, backoff_s: float,
+               left_s: float) -> float | None:
+    """How long to wait before asking again: ``asked_s`` (what the provider asked for), else
+    ``backoff_s`` doubling with each retry done, jittered 50-100 % so calls refused together
+    do not ask again together; None when the wait would not end inside ``left_s`` of the
+    budget (the caller would wait for nothing, then hear the failure anyway)."""
+    wait = asked_s
+    if wait is None:
+        wait = backoff_s * 2 ** retries_done * random.uniform(0.5, 1.0)
+    return wait if wait < left_s else None
 
 
 def reset_s(headers: Mapping[str, str]) -> float | None:
