@@ -326,6 +326,10 @@ class Settings(BaseModel):
     turn_incomplete_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     # A pause this long starts the early final decode and the end-of-turn signals.
     early_final_after_ms: Annotated[int, Field(ge=32, le=2000)] = 64
+    # The embedded recogniser's early decode reads the pause's last this many ms once
+    # more at its end (at most early_final_after_ms: only audio heard as silence), so
+    # an early decode started sooner still reads the silence a later one would.
+    early_final_pad_ms: Annotated[int, Field(ge=0, le=2000)] = 0
     # Re-decode the growing utterance for partial transcripts at most this often.
     partial_interval_ms: Pos = 400
     # Longest single utterance kept for STT; older audio is decoded but not re-decoded.
@@ -550,6 +554,11 @@ class Settings(BaseModel):
                              "<= end_of_turn_silence_ms <= incomplete_turn_silence_ms")
         if self.turn_incomplete_threshold > self.turn_complete_threshold:
             raise ValueError("turn_incomplete_threshold must not exceed turn_complete_threshold")
+        # Only what the turn detector heard as silence may be read again.
+        if self.early_final_pad_ms > self.early_final_after_ms:
+            raise ValueError(f"early_final_pad_ms ({self.early_final_pad_ms}) must not exceed "
+                             f"early_final_after_ms ({self.early_final_after_ms}): only the "
+                             "pause's silence is read again")
         # An HTTP header value loses its surrounding whitespace, so a token with some could
         # never be presented: the API or the calls it guards would refuse everyone.
         for name in ("admin_token", "call_token"):

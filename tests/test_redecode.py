@@ -524,3 +524,44 @@ async def test_a_segment_failing_after_its_final_was_cancelled_is_not_left_unret
         gc.collect()
         await asyncio.sleep(0)
     assert "never retrieved" not in caplog.text
+
+
+class RecordingRecognizer(GatedRecognizer):
+    """Keeps every decode's audio."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.audio: list[bytes] = []
+
+    def transcribe(self, pcm16: bytes) -> str:
+        with self.lock:
+            self.audio.append(pcm16)
+        return super().transcribe(pcm16)
+
+
+async def test_the_early_decode_reads_the_pause_s_end_again_as_more_silence(pool):
+    service = RedecodingSTT(RecordingRecognizer(), pool, slots=1,
+                            partial_interval_ms=10_000, early_pad_ms=32)
+    stream = service.open_stream()
+    await stream.send_audio(audio(800, 5) + audio(32, 0))  # a word, then the pause so far
+    early = await stream.speech_paused()
+    decoded = service.recognizer.audio[-1]
+    assert early.text == f"{864 * MS} bytes"
+    assert decoded == audio(800, 5) + audio(64, 0)
+    # The turn ends with no new speech: that padded decode is the final, not decoded again.
+    await stream.send_audio(audio(200, 0))
+    assert (await stream.finalize()).text == early.text
+    # A final without an early decode reads only what was heard.
+    await stream.send_audio(audio(500, 5))
+    await stream.finalize()
+    assert service.recognizer.audio[-1] == audio(500, 5)
+    await stream.aclose()
+
+
+def test_the_early_pad_may_not_exceed_the_silence_heard():
+    from gateway.settings import Settings
+
+    assert Settings(early_final_after_ms=32, early_final_pad_ms=32).early_final_pad_ms == 32
+    with pytest.raises(ValueError, match="early_final_pad_ms .48. must not exceed "
+                                         "early_final_after_ms .32."):
+        Settings(early_final_after_ms=32, early_final_pad_ms=48)

@@ -182,10 +182,13 @@ class RedecodingSTT:
 
     def __init__(self, recognizer: BatchRecognizer, executor: Executor, slots: int,
                  partial_interval_ms: int = 400, max_utterance_s: float = 30.0,
-                 split_pause_ms: int = 0, min_segment_ms: int = 1000) -> None:
+                 split_pause_ms: int = 0, min_segment_ms: int = 1000,
+                 early_pad_ms: int = 0) -> None:
         """``split_pause_ms``: a pause that lasted this long after its early decode
         started, and that the caller then spoke on after, splits the utterance there
-        (0: never); only when the part before it is ``min_segment_ms`` long or more."""
+        (0: never); only when the part before it is ``min_segment_ms`` long or more.
+        ``early_pad_ms``: the early decode reads the utterance's last this many ms (the
+        pause's silence) once more at its end, as if the pause had gone on that long."""
         self.recognizer = recognizer
         self.name = recognizer.name
         self.scheduler = DecodeScheduler(decode_fn(recognizer), executor, slots)
@@ -193,6 +196,7 @@ class RedecodingSTT:
         self.max_utterance_bytes = int(max_utterance_s * SAMPLE_RATE) * 2
         self.split_pause_bytes = split_pause_ms * BYTES_PER_MS
         self.min_segment_bytes = min_segment_ms * BYTES_PER_MS
+        self.early_pad_bytes = early_pad_ms * BYTES_PER_MS
 
     def transcribe(self, pcm16: bytes) -> str:
         return self.recognizer.transcribe(pcm16)
@@ -203,7 +207,7 @@ class RedecodingSTT:
     def open_stream(self) -> "RedecodingStream":
         return RedecodingStream(self.scheduler, self.partial_interval_bytes,
                                 self.max_utterance_bytes, self.split_pause_bytes,
-                                self.min_segment_bytes)
+                                self.min_segment_bytes, self.early_pad_bytes)
 
     async def aclose(self) -> None:
         return None
@@ -222,12 +226,13 @@ class RedecodingStream:
 
     def __init__(self, scheduler: DecodeScheduler, partial_interval_bytes: int,
                  max_utterance_bytes: int, split_pause_bytes: int = 0,
-                 min_segment_bytes: int = 0) -> None:
+                 min_segment_bytes: int = 0, early_pad_bytes: int = 0) -> None:
         self._scheduler = scheduler
         self._partial_interval = partial_interval_bytes
         self._max_bytes = max_utterance_bytes
         self._split_pause = split_pause_bytes  # 0: never split
         self._min_segment = max(min_segment_bytes, MIN_DECODE_BYTES)
+        self._early_pad = early_pad_bytes
         self._buffer = bytearray()
         self._received = 0  # bytes of this utterance, including any trimmed off
         self._partials: asyncio.Queue[Transcript] = asyncio.Queue()
@@ -304,7 +309,7 @@ class RedecodingStream:
         self._pauses += 1
         self._paused_at = len(self._buffer)
         self._early = asyncio.create_task(
-            self._scheduler.decode(self._tail_audio(), FINAL, self._draft),
+            self._scheduler.decode(self._padded(self._tail_audio()), FINAL, self._draft),
             name="vg-stt-early-final")
         # A task, not a bare coroutine: a pause that ends before anyone awaits it (the
         # caller spoke on at once) leaves nothing un-awaited behind.
@@ -312,6 +317,15 @@ class RedecodingStream:
             self._early, self._generation, list(self._segments)))
         transcript.add_done_callback(lambda t: t.cancelled() or t.exception())
         return transcript
+
+    def _padded(self, audio: bytes) -> bytes:
+        """The early decode starts after only a short silence; Moonshine, read a few ms
+        after a last word, can drop that word. Its end, which the turn detector heard as
+        silence, is read again in place of the silence still to come."""
+        pad = self._early_pad
+        if not pad or len(audio) < 2 * pad:
+            return audio
+        return audio + audio[-pad:]
 
     async def _early_transcript(self, early: asyncio.Task[Decoded], generation: int,
                                 segments: list[asyncio.Task[Decoded]]) -> Transcript:
