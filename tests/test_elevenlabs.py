@@ -21,7 +21,7 @@ from gateway.settings import Settings
 from intents.store import LocalStore
 from tests.admin_support import small_faq_csv
 from tests.call_harness import CallHarness, assert_a_stalled_voice_fails_the_turn
-from tests.fakes.elevenlabs_server import MS_PER_CHAR, FakeElevenLabs
+from tests.fakes.elevenlabs_server import MS_PER_CHAR, FakeElevenLabs, tone
 from tests.fakes.server import ServerThread
 
 
@@ -82,7 +82,12 @@ async def test_errors_become_provider_errors_without_the_key(eleven):
      "application/json instead of audio: Quota exceeded"),
     ("text/html", b"<html><body>Please sign in to continue</body></html>",
      "text/html instead of audio: <html><body>Please sign in"),
-], ids=["json", "html"])
+    # Labelled as the OpenAPI labels audio, or as audio, the body still says what it is.
+    ("text/event-stream", b'{"detail": {"status": "busy", "message": "Try later"}}',
+     "text/event-stream instead of audio: Try later"),
+    ("application/octet-stream", b"<!DOCTYPE html><title>Captive portal: log in</title>",
+     "application/octet-stream instead of audio: <!DOCTYPE html><title>Captive"),
+], ids=["json", "html", "json-as-event-stream", "page-as-bytes"])
 async def test_a_body_that_is_no_audio_is_an_error_not_noise(eleven, media_type, body, said):
     """Something answers 200 for the voice with a body that is not audio (a gateway's JSON
     error, a proxy's or a captive portal's page, a wrong base URL): read as PCM it is loud
@@ -95,6 +100,19 @@ async def test_a_body_that_is_no_audio_is_an_error_not_noise(eleven, media_type,
         [chunk async for chunk in tts.synthesize("Your order shipped on Monday.")]
     await tts.aclose()
     assert said in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("media_type", ["text/event-stream", "application/octet-stream", ""])
+async def test_audio_is_played_whatever_its_content_type_says(eleven, media_type):
+    """ElevenLabs documents no content type for PCM (its OpenAPI names text/event-stream
+    for every output format): audio under any label that could be audio plays, whole."""
+    fake, server = eleven
+    fake.audio_media_type = media_type
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url)
+    text = "Your order shipped on Monday."
+    chunks = [chunk async for chunk in tts.synthesize(text)]
+    await tts.aclose()
+    assert b"".join(chunks) == tone(len(text) * MS_PER_CHAR, 16000)
 
 
 def test_a_reseed_after_a_model_or_rate_change_renders_the_answers_again(eleven, tmp_path):

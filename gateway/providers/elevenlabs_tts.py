@@ -6,8 +6,8 @@
 A stream with no audio ``first_audio_timeout_s`` after the request (the request queued,
 the connection hung) fails then (``ProviderError``: the call's ``tts_failed`` and the
 apology), not at httpx's read timeout (30 s) after as long a silence on the line. A 200
-whose body is JSON or text (``Content-Type``), not audio, fails as well: read as PCM it
-would be loud noise.
+whose body is JSON or text, not audio, fails as well (read as PCM it would be loud noise):
+told by its ``Content-Type`` where that is surely no audio, else by its first bytes.
 
 A 429 (the account's concurrency or rate limit: routine and short-lived at call-center
 scale) is asked again, up to ``max_retries`` times, after ``retry_backoff_s`` doubling
@@ -36,6 +36,15 @@ from gateway.providers.rate_limits import retry_after_s, retry_wait
 from gateway.settings import Settings
 
 SAMPLE_RATES = (16000, 24000)
+# Content types that are never PCM. text/event-stream is not among them: see ``_audio``.
+_NOT_AUDIO_TYPES = frozenset({"application/json", "application/problem+json", "text/html",
+                              "text/plain", "text/xml", "application/xml"})
+# A body whose first bytes (what the first read brought, at least 16, at most 64 judged)
+# are all printable text is a message, not audio: 16-bit PCM of speech or of silence is
+# about never 16 bytes of printable ASCII in a row (silence is bytes 0x00 and 0xff).
+_MIN_JUDGED_BYTES = 16
+_SNIFF_BYTES = 64
+_TEXT_BYTES = frozenset(b"\t\n\r" + bytes(range(0x20, 0x7f)))
 
 log = logging.getLogger("voicegate.elevenlabs")
 
@@ -107,20 +116,29 @@ class ElevenLabsTTS:
         is loud noise on the line (seeded, in the cache). A ``ProviderError`` instead."""
         async with contextlib.AsyncExitStack() as stack:
             response = await self._accepted(stack, text)
-            # ElevenLabs documents no content type for a PCM stream. (The endpoint's published
-            # OpenAPI names text/event-stream for every output format; the SDK reads the body
-            # as raw bytes regardless. Unverified against the service: were that sent, this
-            # refuses every sentence.) JSON and text, surely no audio, are refused.
+            # ElevenLabs documents no content type for a PCM stream: its published OpenAPI
+            # names text/event-stream for every output format, while the SDK reads the body
+            # as raw bytes whatever the label. So a label refuses only what is surely no
+            # audio (JSON, a page, plain text); any other body is judged by its first bytes.
             kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-            if kind == "application/json" or kind.startswith("text/"):
-                body = b""
-                async for piece in response.data:
-                    body += piece
+            pieces = aiter(response.data)
+            head = b""
+            while len(head) < _MIN_JUDGED_BYTES:  # judged on what came first: no wait
+                piece = await anext(pieces, None)
+                if piece is None:
+                    break
+                head += piece
+            if kind in _NOT_AUDIO_TYPES or _reads_as_text(head):
+                body = head
+                async for piece in pieces:
                     if len(body) >= 4096:
                         break
-                raise ProviderError(self.name, f"answered {kind} instead of audio: "
-                                               f"{_detail(_parsed(body))}")
-            async for chunk in response.data:
+                    body += piece
+                raise ProviderError(self.name, f"answered {kind or 'no content type'} instead "
+                                               f"of audio: {_detail(_parsed(body[:4096]))}")
+            if head:
+                yield head
+            async for chunk in pieces:
                 yield chunk
 
     async def _accepted(self, stack: contextlib.AsyncExitStack, text: str) -> Any:
@@ -173,6 +191,12 @@ class ElevenLabsTTS:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _reads_as_text(head: bytes) -> bool:
+    """The body's first bytes are a message (JSON, a page, an event stream of text) rather
+    than audio. A whole body shorter than 16 bytes (no speech either way) is not judged."""
+    return len(head) >= _MIN_JUDGED_BYTES and all(byte in _TEXT_BYTES for byte in head[:_SNIFF_BYTES])
 
 
 def _refusal(exc: ApiError) -> str:

@@ -45,6 +45,9 @@ class FakeElevenLabs:
         # Answer 200 with this (content type, body) instead of audio: what stands in front
         # of the voice (a proxy, a captive portal, a wrong base URL) speaking for it.
         self.not_audio: tuple[str, bytes] | None = None
+        # The content type audio is labelled with: ElevenLabs documents none for PCM (its
+        # OpenAPI names text/event-stream for every format).
+        self.audio_media_type = "audio/pcm"
         self.app = Starlette(routes=[Route("/v1/text-to-speech/{voice_id}/stream", self._stream,
                                            methods=["POST"])])
 
@@ -73,7 +76,7 @@ class FakeElevenLabs:
         pcm = b"" if self.silent else tone(len(body.get("text", "")) * MS_PER_CHAR, rate)
         if self.stall_before_response.is_set():
             await self._until_released()
-        return StreamingResponse(self._pieces(pcm), media_type="audio/pcm")
+        return StreamingResponse(self._pieces(pcm), media_type=self.audio_media_type)
 
     async def _until_released(self) -> None:
         while not self.release.is_set():
