@@ -840,6 +840,32 @@ def retry_log(caplog, monkeypatch):
     return caplog
 
 
+@pytest.mark.parametrize("sdk", ["openai", "groq"])
+@pytest.mark.parametrize(("status", "body", "said"), [
+    (400, {"message": "max_tokens is too large", "type": "invalid_request_error",
+           "code": None}, "max_tokens is too large"),
+    (401, {"message": "Invalid API Key", "type": "invalid_request_error",
+           "code": "invalid_api_key"}, "Invalid API Key"),
+    (429, NO_QUOTA, NO_QUOTA["message"]),
+], ids=["400", "401", "quota"])
+async def test_a_refusal_reads_as_what_the_provider_said(llm_server, sdk, status, body, said):
+    """The leg's error goes to logs, to llm_failed and to the operator. groq's SDK renders
+    its refusal as "Error code: 400 - {'error': {'message': ...}}", a Python dict, and both
+    SDKs prefix "Error code: N - ": the error now reads as what the provider said."""
+    fake, server = llm_server
+    fake.refusals = [(status, body, {})]
+    hedged = HedgedChat(chat(sdk, server, "p"), None, clock=ManualClock(),
+                        first_token_timeout_s=4.0)
+    try:
+        with pytest.raises(ProviderError) as info:
+            await asyncio.wait_for(collect(hedged), 20)
+    finally:
+        await hedged.aclose()
+    message = str(info.value)
+    assert message.endswith(f"primary p: p: HTTP {status} from p: {said}"), message
+    assert "{" not in message and "Error code" not in message, message
+
+
 @pytest.mark.parametrize(("sdk", "headers", "asked"), [
     ("openai", {"Retry-After": "1"}, 1.0),
     ("openai", {"retry-after-ms": "250"}, 0.25),

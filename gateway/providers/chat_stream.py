@@ -196,7 +196,7 @@ class SDKChat:
     def _describe(self, exc: Exception) -> str:
         sdk = self._sdk
         if isinstance(exc, sdk.APIStatusError):
-            return f"HTTP {exc.status_code} from {self.model}: {exc.message}"
+            return f"HTTP {exc.status_code} from {self.model}: {_status_text(exc)}"
         if isinstance(exc, sdk.APITimeoutError):
             return f"request to {self._url()} timed out"
         if isinstance(exc, sdk.APIConnectionError):
@@ -216,6 +216,18 @@ class SDKChat:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _status_text(exc: Any) -> str:
+    """What the provider said, without the SDK's wrapping: its ``message`` reads "Error
+    code: 429 - ..." and, with groq, the whole error envelope as a Python dict."""
+    body = exc.body
+    error = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
+        return error["message"]
+    if isinstance(error, str) and error:
+        return error
+    return str(exc.message).removeprefix(f"Error code: {exc.status_code} - ")
 
 
 def _quota_spent(body: object) -> bool:
