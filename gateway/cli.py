@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -31,9 +32,17 @@ def _serve(args: argparse.Namespace) -> int:
                    or _record_dir_refused(settings)):
         return _usage_error("serve", refused)
     logs.configure(settings.log_level)
+    # The port is taken before the models load: one in use fails at once, naming it, and
+    # the page's address printed below is one this process really serves (port 0 too).
+    try:
+        listener = _listening_socket(settings.host, settings.port)
+    except OSError as exc:
+        return _gave_up("serve", f"cannot listen on {settings.host}:{settings.port}: "
+                                 f"{exc.strerror or exc} (--host, --port)")
+    port = listener.getsockname()[1]
     app = create_app(settings)
-    print(f"voicegate: caller page http://{settings.host}:{settings.port}/ · "
-          f"native protocol ws://{settings.host}:{settings.port}/v1/call", flush=True)
+    print(f"voicegate: caller page http://{settings.host}:{port}/ · "
+          f"native protocol ws://{settings.host}:{port}/v1/call", flush=True)
     services = app.state.services
     # SIGTERM drains (no new calls, running ones finish up to drain_timeout_s), then exits.
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port,
@@ -46,10 +55,25 @@ def _serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     services.on_fatal = give_up
-    server.run()
+    with listener:
+        server.run(sockets=[listener])
     if services.fatal_error:
         return _gave_up("serve", services.fatal_error)
     return 0
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn, as uvicorn binds its own (SO_REUSEADDR; IPv6 when
+    the host is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _gave_up(command: str, reason: str) -> int:
@@ -356,8 +380,8 @@ _STORE_HELP = "cache directory (default: VOICEGATE_STORE_DIR); wins over a Redis
 
 
 EXIT_STATUS = ("exit status: 0 done; 1 the command ran and failed (invalid rows in a CSV, a "
-               "store or gateway that cannot be reached, a model that does not load, a `route` "
-               "input line that is not UTF-8); 2 a usage error, found before any work (a bad "
+               "store or gateway that cannot be reached, a model that does not load, a port "
+               "serve cannot listen on, a `route` input line that is not UTF-8); 2 a usage error, found before any work (a bad "
                "argument or VOICEGATE_* setting, an input file that is missing or cannot be "
                "read, a store directory (--store or VOICEGATE_STORE_DIR) that is not a directory "
                "or, for route, is missing, a recording directory (VOICEGATE_RECORD_DIR) serve "

@@ -262,8 +262,11 @@ def _commands_do_no_heavy_work(monkeypatch) -> dict[str, Any]:
 
     monkeypatch.setattr(gateway.logs, "configure", lambda level: None)
     monkeypatch.setattr(gateway.app, "create_app", create_app)
-    monkeypatch.setattr(gateway.drain.DrainingServer, "run",
-                        lambda self: seen.setdefault("port", self.config.port))
+    def run(self, sockets=None):
+        seen.setdefault("port", self.config.port)
+        seen.setdefault("listening", [sock.getsockname() for sock in sockets or []])
+
+    monkeypatch.setattr(gateway.drain.DrainingServer, "run", run)
     monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda s, ex: object())
     monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
     for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
@@ -279,6 +282,39 @@ def test_serve_store_sets_the_store_dir(monkeypatch, tmp_path):
     settings = seen["served"]
     assert settings.store_dir == str(tmp_path / "store") and settings.port == 0
     assert settings.redis_url == "" and seen["port"] == 0
+
+
+def test_serve_on_a_port_in_use_exits_before_loading_naming_the_port(monkeypatch, tmp_path,
+                                                                      capsys):
+    # uvicorn found the port taken only after the models had loaded and the caller page's
+    # address was printed, and exited with its own status 3, which no document lists.
+    import socket
+
+    from gateway import cli
+
+    seen = _commands_do_no_heavy_work(monkeypatch)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status = cli.main(["serve", "--host", "127.0.0.1", "--port", str(port),
+                           "--store", str(tmp_path / "store")])
+    out, err = capsys.readouterr()
+    assert status == 1 and "served" not in seen and out == ""
+    assert err.strip() == (f"voicegate serve: cannot listen on 127.0.0.1:{port}: Address "
+                           "already in use (--host, --port)")
+
+
+def test_serve_on_port_0_prints_the_port_it_listens_on(monkeypatch, tmp_path, capsys):
+    from gateway import cli
+
+    seen = _commands_do_no_heavy_work(monkeypatch)
+    assert cli.main(["serve", "--host", "127.0.0.1", "--port", "0",
+                     "--store", str(tmp_path / "store")]) == 0
+    [(host, port)] = seen["listening"]
+    assert host == "127.0.0.1" and port > 0
+    assert f"caller page http://127.0.0.1:{port}/ · native protocol " \
+           f"ws://127.0.0.1:{port}/v1/call" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("redis_from", ["environment", "--redis"])
