@@ -3,6 +3,7 @@ the bot channel cut where the caller stopped hearing it, and a JSON of the turns
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import resource
@@ -14,7 +15,7 @@ import wave
 import numpy as np
 import pytest
 
-from gateway.call.recording import CallRecorder
+from gateway.call.recording import GAP_SETTLES_S, SPILL_S, CallRecorder
 from gateway.clock import ManualClock
 from tests.call_harness import RATE, CallHarness, tone
 
@@ -289,3 +290,70 @@ async def test_caller_audio_that_arrives_as_the_recording_is_written_is_left_out
     (wav,) = tmp_path.glob("*.wav")
     caller, _ = channels(wav)
     assert len(caller) == RATE and not (caller == NOISE).any()
+
+
+async def spilled(h: CallHarness) -> None:
+    """The block of the recording being written, if any, written."""
+    spill = h.call._spill
+    if spill is not None:
+        await asyncio.wait_for(asyncio.shield(spill), 10)
+
+
+async def test_a_long_call_goes_to_its_file_as_it_goes_and_holds_seconds_in_memory(tmp_path):
+    # A recording was held in memory whole until the call ended: about 4 MB a minute at
+    # 16 kHz, 120 MB for a half-hour call, without a cap; a process that died lost every
+    # call's recording. Now what has settled is written every few seconds.
+    h = CallHarness(settings={"record_dir": str(tmp_path), "idle_prompt_s": 0})
+    start = h.clock.now()
+    h.llm.reply = "Our branches open at nine."  # 500 ms of speech
+    await h.start()
+    marks = []
+    for second in range(60):  # a knock every second: where it lands shows alignment
+        marks.append(h.clock.now() - start)
+        await h.feed(tone(40, NOISE))
+        await h.silence(960)
+        if second == 30:
+            await h.text("when do you open")
+    await spilled(h)
+    recorder = h.call._recorder
+    # Both channels of 60 s are 3.84 MB; held: what has not settled or filled a block.
+    assert recorder.held_bytes <= 2 * (SPILL_S + GAP_SETTLES_S) * RATE * 2
+    # What has gone out is a whole WAV already (its header follows every block): a
+    # process that dies now leaves the call up to here.
+    (part,) = tmp_path.glob("*.wav.part")
+    caller_so_far, _ = channels(part)
+    assert len(caller_so_far) >= 50 * RATE
+
+    await h.stop()
+    assert not list(tmp_path.glob("*.part"))
+    (wav,) = tmp_path.glob("*.wav")
+    caller, bot = channels(wav)
+    assert np.array_equal(caller[:len(caller_so_far)], caller_so_far)
+    knocks = [start for start, _ in stretches(caller)]
+    assert len(knocks) == 60
+    for knock, mark in zip(knocks, marks):
+        assert abs(knock - mark * RATE) <= RATE * 0.02
+    assert all(end - start == RATE * 40 // 1000 for start, end in stretches(caller))
+    (answer,) = stretches(bot)
+    assert abs(answer[0] - (h.output.frames[0][0] - start) * RATE) <= RATE * 0.02
+    assert abs((answer[1] - answer[0]) * 1000 / RATE - 500) <= 20
+    meta = json.loads(wav.with_suffix(".json").read_text())
+    assert meta["audio"] == wav.name and abs(meta["duration_s"] - len(caller) / RATE) < 1e-3
+
+
+async def test_a_disk_that_fills_during_the_call_loses_the_recording_not_the_call(tmp_path):
+    h = CallHarness(settings={"record_dir": str(tmp_path), "idle_prompt_s": 0})
+    h.llm.reply = "Our branches open at nine."
+    await h.start()
+    with disk_takes_only(100_000):  # the first block (5 s, 320 KB of stereo) does not fit
+        for _ in range(12):
+            await h.feed(tone(40, NOISE))
+            await h.silence(960)
+            await spilled(h)
+    assert not list(tmp_path.iterdir())  # the part is gone as its write failed
+    await h.text("when do you open")  # the call goes on
+    await h.wait(1500)
+    assert h.output.frames
+    await h.stop()
+    assert not list(tmp_path.iterdir())
+    assert h.deps.stats.snapshot()["errors"].get("recording_failed") == 1

@@ -135,6 +135,7 @@ class Call:
             self._recorder = CallRecorder(settings.record_dir, self.id, sample_rate,
                                           output.encoding, deps.clock)
             output = RecordedOutput(output, self._recorder)  # type: ignore[assignment]
+        self._spill: asyncio.Future[None] | None = None  # a block of it being written
         self._out = output
         self.encoding = output.encoding
 
@@ -249,7 +250,7 @@ class Call:
         """Caller audio at the call's rate. Hot path: append, and wake the audio loop only
         once a whole VAD window is there (a 20 ms frame alone never makes a 32 ms one)."""
         if self._recorder is not None:
-            self._recorder.caller_audio(pcm16)
+            self._record(self._recorder, pcm16)
         self._inbound += pcm16
         overflow = len(self._inbound) - self._max_inbound
         if overflow > 0:
@@ -379,8 +380,19 @@ class Call:
                                    f"the call's {name} handling failed: {type(exc).__name__}")
         logs.event(log, "loop_stopped", logging.ERROR, loop=name, restarts=LOOP_RESTARTS)
 
+    def _record(self, recorder: CallRecorder, pcm16: bytes) -> None:
+        """The caller's audio into the recording, and every few seconds what has settled
+        out to its file on a worker thread (one block at a time: they go in order)."""
+        recorder.caller_audio(pcm16)
+        if self._spill is None or self._spill.done():
+            block = recorder.take_settled()
+            if block is not None:
+                self._spill = asyncio.ensure_future(asyncio.to_thread(recorder.append, *block))
+
     async def _write_recording(self, recorder: CallRecorder) -> None:
         try:
+            if self._spill is not None:
+                await self._spill  # the block under way first: the rest follows it
             wav, _ = await asyncio.to_thread(recorder.write)
         except Exception as exc:  # a full disk loses the recording, never the call
             self._count("recording_failed")

@@ -10,8 +10,13 @@ as the caller lived it.
 The JSON holds the call's events with their time from the start (transcripts, routes,
 responses, interrupts, turn metrics); keypad keys are left out (they may be a PIN).
 
-Held in memory during the call (both channels: about 4 MB a minute at 16 kHz), written
-once at its end on a worker thread, a second at a time; a failed write leaves no file.
+Written during the call: audio no later frame can change (the caller's before their last
+gap, the bot's before the reply under way) goes to ``<name>.wav.part`` on a worker thread in
+blocks of ``SPILL_S``, so a call holds seconds of audio in memory, not all of it. At the
+call's end the rest follows, the part is renamed ``<name>.wav`` and the JSON written. The
+part's WAV header is brought up to date after every block: a process that dies mid-call
+leaves a playable ``.wav.part`` of the call up to its last block (and no JSON). A write
+that fails (a full disk) stops the recording and leaves no file.
 Privacy: docs/operations.md, "Recording".
 """
 
@@ -29,12 +34,20 @@ import numpy as np
 from ..clock import Clock
 from ..codec import MULAW, ulaw_to_pcm16
 
+# Settled audio goes to the file once there is this much of it (per channel).
+SPILL_S = 5.0
+# Caller audio flowing this long since its last gap has caught up with the clock: that gap
+# can no longer shrink (a backlog read late fills it within moments), so it is final.
+GAP_SETTLES_S = 5.0
 # Events worth keeping with the audio (audio frames and partial transcripts are not).
 _KEPT = {"transcript", "route", "response", "interrupt", "resume", "handoff", "hangup",
          "keypad", "error", "turn_metrics"}
 
 
 class CallRecorder:
+    """One call's recording. Positions are byte offsets of one mono channel from the call's
+    start; what is still in memory starts at ``_flushed`` (the rest is in the file)."""
+
     def __init__(self, directory: str | Path, call_id: str, sample_rate: int, encoding: str,
                  clock: Clock) -> None:
         self.directory = Path(directory)
@@ -44,6 +57,9 @@ class CallRecorder:
         self._clock = clock
         self._start = clock.now()
         self._started_at = time.time()
+        self._spill_bytes = int(SPILL_S * sample_rate) * 2
+        self._gap_settles_bytes = int(GAP_SETTLES_S * sample_rate) * 2
+        self._flushed = 0  # bytes of each channel written to the file
         # The caller (pcm16 at the call's rate): the audio up to the last gap, that gap's
         # silence (not yet written: it may shrink), and the audio since.
         self._caller = bytearray()
@@ -56,6 +72,12 @@ class CallRecorder:
         # sent again from there, but heard_ms still counts from the reply's start.
         self._replay_from_ms = 0.0
         self.events: list[dict[str, Any]] = []
+        # The file (opened at the first block, on the writing thread) and a failed write.
+        self._file: BinaryIO | None = None
+        self._wav: wave.Wave_write | None = None
+        self._part_path: Path | None = None
+        self._wav_path: Path | None = None
+        self._failed: Exception | None = None
 
     def _now_bytes(self) -> int:
         return int((self._clock.now() - self._start) * self.sample_rate) * 2
@@ -73,24 +95,29 @@ class CallRecorder:
         end = self._caller_bytes()
         begin = now - len(pcm16)
         if begin > end:  # a new gap: the last one is final
-            self._caller += bytes(self._gap)
-            self._caller += self._since_gap
-            self._since_gap.clear()
+            self._settle_gap()
             self._gap, end = begin - end, begin
         self._since_gap += pcm16
         ahead = end + len(pcm16) - now
         if ahead > 0:
             self._gap -= min(ahead, self._gap)
 
+    def _settle_gap(self) -> None:
+        self._caller += bytes(self._gap)
+        self._caller += self._since_gap
+        self._since_gap.clear()
+        self._gap = 0
+
     def bot_audio(self, frame: bytes) -> None:
         pcm = ulaw_to_pcm16(frame) if self.encoding == MULAW else frame
         now = self._now_bytes()
         if self._cursor is None:
-            self._cursor = self._reply_start = max(now, len(self._bot))
+            self._cursor = self._reply_start = max(now, self._flushed + len(self._bot))
         self._cursor = max(self._cursor, now)  # a pause in the reply (waiting for TTS)
-        if self._cursor > len(self._bot):
-            self._bot += bytes(self._cursor - len(self._bot))
-        self._bot[self._cursor:self._cursor + len(pcm)] = pcm
+        at = self._cursor - self._flushed
+        if at > len(self._bot):
+            self._bot += bytes(at - len(self._bot))
+        self._bot[at:at + len(pcm)] = pcm
         self._cursor += len(pcm)
 
     def reply_boundary(self, from_ms: float = 0.0) -> None:
@@ -105,7 +132,7 @@ class CallRecorder:
         if self._reply_start is not None:
             heard_here_ms = heard_ms - self._replay_from_ms
             cut = self._reply_start + int(heard_here_ms * self.sample_rate / 1000) * 2
-            del self._bot[max(cut, self._reply_start):]
+            del self._bot[max(cut, self._reply_start) - self._flushed:]
         self.reply_boundary()
 
     def event(self, event: dict[str, Any]) -> None:
@@ -115,51 +142,141 @@ class CallRecorder:
         kept = {k: v for k, v in event.items() if not (kind == "keypad" and k == "keys")}
         self.events.append({"t": round(self._clock.now() - self._start, 3), **kept})
 
-    def write(self) -> tuple[Path, Path]:
-        """The WAV (caller left, bot right) and the JSON; blocking. A write that fails
-        (a full disk) raises and leaves neither file: no WAV cut short, no JSON cut off."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        length = max(self._caller_bytes(), len(self._bot)) // 2
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
-        wav_file, wav_path = _new_file(self.directory, f"{stamp}-{self.call_id}", ".wav")
-        json_path = wav_path.with_suffix(".json")
-        written = [wav_path]
+    # ---- during the call: settled audio to the file (the engine hands it to a thread)
+
+    @property
+    def held_bytes(self) -> int:
+        """Audio held in memory, both channels (the rest is in the file)."""
+        return len(self._caller) + len(self._since_gap) + len(self._bot)
+
+    def _settled(self) -> int:
+        """Where the audio no later frame can change ends: the caller's up to their last
+        gap (one settles once ``GAP_SETTLES_S`` of audio followed it), the bot's up to the
+        reply under way (a barge-in cuts only that one; with none, up to now)."""
+        if len(self._since_gap) >= self._gap_settles_bytes:
+            self._settle_gap()
+        caller = self._flushed + len(self._caller)
+        if self._reply_start is not None:
+            bot = self._reply_start
+        else:
+            bot = max(self._flushed + len(self._bot), self._now_bytes())
+        return min(caller, bot)
+
+    def take_settled(self) -> tuple[bytes, bytes] | None:
+        """Settled audio, once there is ``SPILL_S`` of it, out of memory: (caller, bot),
+        equally long; None while there is less. Hand it to ``append`` (a worker thread)."""
+        size = self._settled() - self._flushed
+        if size < self._spill_bytes:
+            return None
+        caller = bytes(self._caller[:size])
+        del self._caller[:size]
+        bot = bytes(self._bot[:size])
+        del self._bot[:size]
+        self._flushed += size
+        return caller, bot
+
+    def append(self, caller: bytes, bot: bytes) -> None:
+        """Write one block of ``take_settled`` (blocking; one at a time, in order). A write
+        that fails ends the recording: its file is deleted, ``write`` raises the error."""
+        if self._failed is not None:
+            return
         try:
-            with wav_file, wave.open(wav_file, "wb") as wav:
-                wav.setnchannels(2)
-                wav.setsampwidth(2)
-                wav.setframerate(self.sample_rate)
-                wav.setnframes(length)
-                # A second at a time: a long call's audio is never copied whole (held in
-                # memory already, it would be three times over).
-                for begin in range(0, length, self.sample_rate):
-                    end = min(begin + self.sample_rate, length)
-                    stereo = np.zeros((end - begin, 2), dtype="<i2")
-                    left = np.frombuffer(self._caller_pcm(begin * 2, end * 2), dtype="<i2")
-                    right = np.frombuffer(bytes(self._bot[begin * 2:end * 2]), dtype="<i2")
-                    stereo[:len(left), 0] = left
-                    stereo[:len(right), 1] = right
-                    wav.writeframes(stereo.tobytes())
+            self._write_block(caller, bot)
+        except Exception as exc:
+            self._failed = exc
+            self._discard()
+
+    # ---- at the end
+
+    def write(self) -> tuple[Path, Path]:
+        """The rest of the audio, then the WAV renamed from its part and the JSON; blocking.
+        A write that fails (a full disk), now or during the call, raises and leaves no
+        file: no WAV cut short, no JSON cut off."""
+        if self._failed is not None:
+            raise self._failed
+        json_path: Path | None = None
+        try:
+            remaining = max(self._caller_bytes(), self._flushed + len(self._bot)) - self._flushed
+            second = self.sample_rate * 2
+            # A second at a time: a long call's audio is never copied whole.
+            for begin in range(0, remaining, second):
+                end = min(begin + second, remaining)
+                self._write_block(self._caller_pcm(begin, end), bytes(self._bot[begin:end]),
+                                  end - begin)
+            if self._wav is None:  # a call with no audio: an empty WAV
+                self._open()
+            assert self._wav is not None and self._file is not None
+            self._wav.close()
+            self._file.close()
+            frames = self._wav.getnframes()
+            assert self._part_path is not None and self._wav_path is not None
+            self._part_path.rename(self._wav_path)
+            self._part_path = None
+            json_path = self._wav_path.with_suffix(".json")
             turns = [e for e in self.events if e["type"] == "turn_metrics"]
-            written.append(json_path)
             json_path.write_text(json.dumps({
                 "call_id": self.call_id, "started_at": self._started_at,
                 "sample_rate": self.sample_rate,
-                "duration_s": round(length / self.sample_rate, 3),
-                "channels": {"left": "caller", "right": "bot"}, "audio": wav_path.name,
+                "duration_s": round(frames / self.sample_rate, 3),
+                "channels": {"left": "caller", "right": "bot"},
+                "audio": self._wav_path.name,
                 "turns": turns, "events": self.events}, indent=1), encoding="utf-8")
         except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
+            self._discard()
+            for path in (self._wav_path, json_path):
+                if path is not None:
+                    path.unlink(missing_ok=True)
             raise
-        return wav_path, json_path
+        return self._wav_path, json_path
+
+    def _write_block(self, caller: bytes, bot: bytes, size: int | None = None) -> None:
+        """Both channels, interleaved, at the end of the file (opened if need be); each
+        shorter one padded with silence to ``size`` (default: the caller's length)."""
+        if self._wav is None:
+            self._open()
+        assert self._wav is not None
+        size = len(caller) if size is None else size
+        stereo = np.zeros((size // 2, 2), dtype="<i2")
+        left = np.frombuffer(caller, dtype="<i2")
+        right = np.frombuffer(bot, dtype="<i2")
+        stereo[:len(left), 0] = left
+        stereo[:len(right), 1] = right
+        # The wave module brings the header's sizes up to date after every write (the
+        # frame count is never set ahead): the part is a whole WAV after each block.
+        self._wav.writeframes(stereo.tobytes())
+
+    def _open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
+        self._file, self._part_path, self._wav_path = _new_file(
+            self.directory, f"{stamp}-{self.call_id}")
+        self._wav = wave.open(self._file, "wb")
+        self._wav.setnchannels(2)
+        self._wav.setsampwidth(2)
+        self._wav.setframerate(self.sample_rate)
+
+    def _discard(self) -> None:
+        """Close and delete the part file (a failed write)."""
+        if self._wav is not None:
+            try:  # it lets go of the file even when its last header update fails
+                self._wav.close()
+            except (OSError, ValueError):
+                pass
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        if self._part_path is not None:
+            self._part_path.unlink(missing_ok=True)
+        self._wav = None
 
     def _caller_bytes(self) -> int:
-        return len(self._caller) + self._gap + len(self._since_gap)
+        return self._flushed + len(self._caller) + self._gap + len(self._since_gap)
 
     def _caller_pcm(self, begin: int, end: int) -> bytes:
-        """Bytes ``begin:end`` of the caller channel: the audio up to the last gap, the
-        gap's silence, the audio since (shorter past the channel's end)."""
+        """Bytes ``begin:end`` (from ``_flushed``) of the caller channel: the audio up to
+        the last gap, the gap's silence, the audio since (shorter past the channel's end)."""
         head, gap_end = len(self._caller), len(self._caller) + self._gap
         out = bytearray(self._caller[begin:min(end, head)])
         if begin < gap_end and end > head:
@@ -169,13 +286,18 @@ class CallRecorder:
         return bytes(out)
 
 
-def _new_file(directory: Path, name: str, suffix: str) -> tuple[BinaryIO, Path]:
-    """``name + suffix`` created, never an existing file replaced: a second call of the same
-    id starting in the same second (a Twilio CallSid streamed twice) gets ``name-2``."""
+def _new_file(directory: Path, name: str) -> tuple[BinaryIO, Path, Path]:
+    """``name.wav.part`` created to write in, and the ``name.wav`` it becomes; never an
+    existing recording replaced: a second call of the same id starting in the same second
+    (a Twilio CallSid streamed twice) gets ``name-2``."""
     for n in itertools.count(1):
-        path = directory / f"{name if n == 1 else f'{name}-{n}'}{suffix}"
+        stem = name if n == 1 else f"{name}-{n}"
+        wav_path = directory / f"{stem}.wav"
+        part_path = directory / f"{stem}.wav.part"
+        if wav_path.exists():
+            continue
         try:
-            return open(path, "xb"), path
+            return open(part_path, "xb"), part_path, wav_path
         except FileExistsError:
             continue
     raise AssertionError("unreachable")
