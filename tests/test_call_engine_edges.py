@@ -854,3 +854,38 @@ async def test_a_partial_routing_that_ends_while_the_final_decodes_counts_in_its
     assert (metrics["entry_id"], metrics["route_reused"]) == ("parcel", True), metrics
     # "where" too short, "where is my" one word on: skipped; both routings its own.
     assert counts(metrics) == (2, 2, 0), metrics
+
+
+async def test_a_call_cancelled_again_as_it_closes_still_ends_counted_traced_and_recorded(
+        tmp_path):
+    # At shutdown the server cancels what is left of a connection's handler: a call whose
+    # end was under way (its reply tasks being stopped, its recogniser closing) was cut
+    # off there, and what came after never ran: the active-calls gauge stayed up for good
+    # (`/admin/stats`, Prometheus), the call's trace never ended, its recording was lost.
+    h = CallHarness(settings={"record_dir": str(tmp_path)})
+    h.llm.reply = "Our branches open at nine."
+    await h.start()
+    await h.text("when do you open")
+    await h.wait(1500)
+    closing = asyncio.Event()
+    close = h.call._turns.aclose
+
+    async def slow_close() -> None:  # the recogniser's socket, slow to close
+        closing.set()
+        await asyncio.Event().wait()
+        await close()
+
+    h.call._turns.aclose = slow_close
+    assert h.deps.stats.active_calls == 1
+    h.call.stop()
+    await asyncio.wait_for(closing.wait(), 5)
+    h._task.cancel()  # the server's cancel, as the call closes
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(h._task, 5)
+    for _ in range(500):  # the recording is written on a worker thread
+        if list(tmp_path.glob("*.json")):
+            break
+        await asyncio.sleep(0.01)
+    assert h.deps.stats.active_calls == 0
+    (wav,) = tmp_path.glob("*.wav")
+    assert list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.part"))

@@ -56,6 +56,8 @@ log = logging.getLogger("voicegate.call")
 _REPORT_EVERY_S = 5.0
 # How often an input loop is started again after a bug escaped it, in one call.
 LOOP_RESTARTS = 100
+# Recordings being written after their call's task was cancelled (see Call.run).
+_WRITES: set[asyncio.Future[None]] = set()
 
 
 # P(the caller's turn is complete) from the turn's audio (16 kHz PCM16).
@@ -316,45 +318,58 @@ class Call:
                 self._idle.bot_finished()
             await self._stopped.wait()
         finally:
-            # Every reply not yet over (the latest, those it waits for, a held one).
-            pending = [*loops, *self._reply_tasks, *self._finals, *self._carry,
-                       *self._pause_tasks, *self._hold_settlers,
-                       *([self._hold_timer] if self._hold_timer else [])]
-            if self._held is not None:
-                pending.append(self._held)
-            self._drop_preempt()
-            pending.extend(self._preempt_tasks)
-            # A transfer or hang-up request under way is what ended the stream (Twilio's
-            # `stop` may come before its answer): its task ends on its own, not cut off.
-            for task in pending:
-                if task is not self._line_request:
-                    task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            # Turns whose words were carried to a next turn that never came (the caller ended
-            # the call first, a queued one among them) end as turns stopped before their
-            # reply. Not after the call's own `hangup`: nothing follows it.
-            if self.ended is None:
-                with contextlib.suppress(Exception):
-                    await self._end_carried_turns()
-            self._carry_turns = []
-            await self._speculation.aclose()
+            try:
+                await self._close(loops)
+            finally:
+                # Whatever cut the closing short (the server's cancel at shutdown, again as
+                # the call closes), the call is counted ended, traced and recorded.
+                self._stats.call_ended()
+                logs.event(log, "call_ended", turns=self._turns.turns)
+                self._trace.end(**{"voicegate.turns": self.turns_answered,
+                                   "voicegate.ended_by": self.ended or "caller"})
+                # Detached first: audio the transport feeds until its stream closes (a call
+                # that ended itself) is past the call, and must not grow what a thread reads.
+                recorder, self._recorder = self._recorder, None
+                if recorder is not None:
+                    # Shielded: a cancel ends the call's task, not the recording's write
+                    # (held in _WRITES until it ends: the loop keeps no task alive itself).
+                    write = asyncio.ensure_future(self._write_recording(recorder))
+                    _WRITES.add(write)
+                    write.add_done_callback(_WRITES.discard)
+                    await asyncio.shield(write)
+
+    async def _close(self, loops: list[asyncio.Task[None]]) -> None:
+        """Stop every reply not yet over and the input loops, then close the call's stages."""
+        # Every reply not yet over (the latest, those it waits for, a held one).
+        pending = [*loops, *self._reply_tasks, *self._finals, *self._carry,
+                   *self._pause_tasks, *self._hold_settlers,
+                   *([self._hold_timer] if self._hold_timer else [])]
+        if self._held is not None:
+            pending.append(self._held)
+        self._drop_preempt()
+        pending.extend(self._preempt_tasks)
+        # A transfer or hang-up request under way is what ended the stream (Twilio's
+        # `stop` may come before its answer): its task ends on its own, not cut off.
+        for task in pending:
+            if task is not self._line_request:
+                task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        # Turns whose words were carried to a next turn that never came (the caller ended
+        # the call first, a queued one among them) end as turns stopped before their
+        # reply. Not after the call's own `hangup`: nothing follows it.
+        if self.ended is None:
             with contextlib.suppress(Exception):
-                await self._turns.aclose()
-            if self._keeper is not None and (self.ended is None and not self._transferred
-                                             and self._transferring is None):
-                # A stream lost mid-turn: what the turn got to is kept too, written in the
-                # background (a stalled Redis must not hold the call's end). Not a call
-                # hung up or transferred by us: it is never resumed.
-                self._keeper.changed(self.conversation)
-            self._stats.call_ended()
-            logs.event(log, "call_ended", turns=self._turns.turns)
-            self._trace.end(**{"voicegate.turns": self.turns_answered,
-                               "voicegate.ended_by": self.ended or "caller"})
-            # Detached first: audio the transport feeds until its stream closes (a call
-            # that ended itself) is past the call, and must not grow what a thread reads.
-            recorder, self._recorder = self._recorder, None
-            if recorder is not None:
-                await self._write_recording(recorder)
+                await self._end_carried_turns()
+        self._carry_turns = []
+        await self._speculation.aclose()
+        with contextlib.suppress(Exception):
+            await self._turns.aclose()
+        if self._keeper is not None and (self.ended is None and not self._transferred
+                                         and self._transferring is None):
+            # A stream lost mid-turn: what the turn got to is kept too, written in the
+            # background (a stalled Redis must not hold the call's end). Not a call
+            # hung up or transferred by us: it is never resumed.
+            self._keeper.changed(self.conversation)
 
     async def _restore_conversation(self, keeper: ConversationKeeper) -> None:
         try:
