@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import random
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
@@ -26,6 +27,7 @@ from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 from .codec import PCM16, encode
 from .preemption import Preemption
 from .providers.base import ProviderError, TextToSpeech
+from .providers.synthesis_slots import URGENCY
 from .settings import Settings
 from .timeline import TurnTimeline, now
 
@@ -111,15 +113,19 @@ def _has_words(text: str) -> bool:
 
 
 class _Prefetched:
-    """TTS for one sentence, started now, played later: synthesis overlaps playback."""
+    """TTS for one sentence, started now, played later: synthesis overlaps playback.
+    ``place``: the sentence's place in its reply (0 the first), its synthesis's
+    ``URGENCY``: a voice with capped syntheses serves first sentences first."""
 
-    def __init__(self, source: AsyncIterator[bytes]) -> None:
+    def __init__(self, source: AsyncIterator[bytes], place: int = 0) -> None:
         self._chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         self.started = now()
         self.first_chunk_ms: float | None = None  # TTS time to first audio
         self._bytes = 0
         self._complete = False
-        self.task = asyncio.create_task(self._fill(source))
+        context = contextvars.copy_context()
+        context.run(URGENCY.set, place)
+        self.task = asyncio.create_task(self._fill(source), context=context)
 
     def total_bytes(self) -> int | None:
         return self._bytes if self._complete else None
@@ -232,6 +238,7 @@ class Responder:
             # producer never blocks on a full queue nobody reads (a barge-in).
             filler_played = spoke = False
             holds = 0  # hold phrases played this turn
+            sentences = 0  # sentences of the reply so far
             # The filler cue (Slow) is timed on the call's clock, as the rest of the turn.
             events = self._agent.respond(turn.conversation, turn.text, turn.preempted,
                                          clock=tl.clock)
@@ -246,7 +253,8 @@ class Responder:
                         tl.mark("first_token")
                     if isinstance(event, Sentence):
                         spoke = True
-                        fetch = _Prefetched(self._synthesize(turn, event.text))
+                        fetch = _Prefetched(self._synthesize(turn, event.text), sentences)
+                        sentences += 1
                         prefetches.append(fetch)
                         await queue.put(ReplySegment(source="llm", text=event.text,
                                                      audio=fetch.audio_timed(tl),

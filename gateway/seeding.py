@@ -17,6 +17,7 @@ from intents.embedder import Embedder
 from intents.store import ANY_VERSION, AnyVersion, Store
 
 from .providers.base import TextToSpeech
+from .providers.synthesis_slots import SEEDING, URGENCY
 from .settings import ENV_PREFIX
 
 Renderer = Callable[[str], tuple[bytes, int]]
@@ -49,6 +50,7 @@ def blocking_renderer(tts: TextToSpeech, loop: asyncio.AbstractEventLoop | None 
         raise ValueError(f"{tts.name} needs an event loop to render")
 
     async def collect(text: str) -> bytes:
+        URGENCY.set(SEEDING)  # this task's own: behind every caller's sentence
         return b"".join([chunk async for chunk in tts.synthesize(text)])
 
     def render(text: str) -> tuple[bytes, int]:

@@ -416,6 +416,10 @@ class Settings(BaseModel):
     # A synthesis with no audio this long after its request has failed (a stall): the
     # caller hears the apology instead of silence until the HTTP read timeout (30 s).
     elevenlabs_first_audio_timeout_s: PosF = 4.0
+    # The most ElevenLabs syntheses this replica runs at once (0: no cap): your plan's
+    # concurrency limit divided among the replicas. A reply's first sentence gets a freed
+    # slot before sentences fetched ahead, and those before a seed's answers.
+    elevenlabs_max_concurrent: NonNeg = 0
     deepgram_api_key: str = Field(default="", repr=False)
     deepgram_url: str = ""  # empty: wss://api.deepgram.com
     deepgram_model: str = "nova-3"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 from typing import AsyncIterator, Iterator
@@ -14,6 +15,7 @@ from gateway.audio_bank import AudioBank
 from gateway.clock import ManualClock, deadline
 from gateway.providers.base import ProviderError, TextToSpeech
 from gateway.providers.elevenlabs_tts import ElevenLabsTTS
+from gateway.providers.synthesis_slots import SEEDING, URGENCY
 from gateway.providers.registry import create_tts
 from gateway.seeding import blocking_renderer, voice_id
 from gateway.services import Services
@@ -536,4 +538,66 @@ async def test_a_call_whose_voice_is_rate_limited_once_hears_the_answer(eleven):
     finally:
         failed.cancel()
         await h.stop()
+        await tts.aclose()
+
+
+def _urgent(coro, urgency: int) -> "asyncio.Future[list[bytes]]":
+    """``coro`` as a task whose syntheses are this ``URGENCY`` (as the responder starts a
+    sentence fetched ahead, and a seed its answers)."""
+    context = contextvars.copy_context()
+    context.run(URGENCY.set, urgency)
+    return asyncio.get_running_loop().create_task(coro, context=context)
+
+
+async def test_capped_syntheses_wait_for_a_slot_and_a_first_sentence_goes_first(eleven):
+    # Over the account's concurrency limit ElevenLabs refuses with a 429 whichever request
+    # comes: the first sentence a caller waits for in silence as likely as one fetched
+    # ahead or a seed's answer. With a cap, the replica stays under it, and a freed slot
+    # goes to the first sentence.
+    fake, server = eleven
+    fake.hold_after_first.set()
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url, max_concurrent=1)
+    playing = _urgent(_all(tts.synthesize("A sentence being synthesized.")), 0)
+    try:
+        assert await fake.requests.reach(1)
+        seed = _urgent(_all(tts.synthesize("An answer the seed renders.")), SEEDING)
+        ahead = _urgent(_all(tts.synthesize("A second sentence, fetched ahead.")), 1)
+        first = _urgent(_all(tts.synthesize("Another caller's first sentence.")), 0)
+        await asyncio.sleep(0.3)
+        assert len(fake.requests) == 1 and tts.slots.waiting == 3  # none past the cap
+        fake.release.set()
+        for task in (playing, seed, ahead, first):
+            assert await asyncio.wait_for(task, 10)
+        assert [r["text"] for r in fake.requests][1:] == [
+            "Another caller's first sentence.", "A second sentence, fetched ahead.",
+            "An answer the seed renders."]
+        assert tts.slots.busy == 0
+    finally:
+        fake.release.set()
+        await tts.aclose()
+
+
+async def test_a_wait_for_a_slot_past_the_first_audio_budget_fails_saying_so(eleven):
+    fake, server = eleven
+    fake.hold_after_first.set()
+    clock = ManualClock()
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url, max_concurrent=1,
+                        first_audio_timeout_s=4.0, clock=clock)
+    playing = asyncio.ensure_future(_all(tts.synthesize("A long answer, playing.")))
+    try:
+        assert await fake.requests.reach(1)
+        waiting = asyncio.ensure_future(_all(tts.synthesize("Our branches open at nine.")))
+        await clock.advance(4.1)
+        with pytest.raises(ProviderError, match=r"no audio within 4 s of the request "
+                                                r"\(VOICEGATE_ELEVENLABS_FIRST_AUDIO_TIMEOUT_S\):"
+                                                r" all of it waiting for one of the 1 synthesis "
+                                                r"slots, none free "
+                                                r"\(VOICEGATE_ELEVENLABS_MAX_CONCURRENT\)$"):
+            await asyncio.wait_for(waiting, 10)
+        assert len(fake.requests) == 1 and tts.slots.waiting == 0
+        fake.release.set()
+        assert await asyncio.wait_for(playing, 10)
+        assert tts.slots.busy == 0
+    finally:
+        fake.release.set()
         await tts.aclose()

@@ -16,10 +16,16 @@ wait ends inside the first-audio budget (counted from the first request): the li
 never silent longer than that deadline. The SDK's own retries (``max_retries`` in its
 request options) apply only to its non-streaming requests: its ``stream`` sends once.
 Any other refusal (400, 401, 422, a 429 naming a quota, a 5xx) fails at once.
+
+With ``max_concurrent`` (the account's concurrency limit, shared out among the replicas),
+no more syntheses than that run at once; a freed slot goes to the most urgent waiter
+(a reply's first sentence before sentences fetched ahead, those before a seed's answers:
+``synthesis_slots``). The wait for a slot counts in the first-audio budget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -33,6 +39,7 @@ from gateway import logs
 from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from gateway.providers.base import ProviderError
 from gateway.providers.rate_limits import retry_after_s, retry_wait
+from gateway.providers.synthesis_slots import SynthesisSlots
 from gateway.settings import Settings
 
 SAMPLE_RATES = (16000, 24000)
@@ -58,7 +65,7 @@ class ElevenLabsTTS:
                  sample_rate: int = 16000, base_url: str = "", timeout_s: float = 30.0,
                  chunk_bytes: int = 1024, first_audio_timeout_s: float = 4.0,
                  max_retries: int = 3, retry_backoff_s: float = 0.1,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+                 max_concurrent: int = 0, clock: Clock = SYSTEM_CLOCK) -> None:
         if not api_key:
             raise ProviderError(self.name, "no API key (set VOICEGATE_ELEVENLABS_API_KEY)")
         if sample_rate not in SAMPLE_RATES:
@@ -71,6 +78,8 @@ class ElevenLabsTTS:
         self._max_retries = max_retries  # of a 429; waits 0.1, 0.2, 0.4 s: 0.7 s of 4 at most
         self._retry_backoff_s = retry_backoff_s
         self._clock = clock  # the first-audio deadline's and a retry's wait (a test's ManualClock)
+        # At most this many syntheses at once (0: no cap), the most urgent first.
+        self.slots = SynthesisSlots(max_concurrent) if max_concurrent else None
         self._http = httpx.AsyncClient(timeout=timeout_s)
         self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url or None, httpx_client=self._http)
 
@@ -85,14 +94,16 @@ class ElevenLabsTTS:
         return cls(settings.elevenlabs_api_key, voice_id=settings.elevenlabs_voice_id,
                    model_id=settings.elevenlabs_model_id, sample_rate=settings.elevenlabs_sample_rate,
                    base_url=settings.elevenlabs_base_url,
-                   first_audio_timeout_s=settings.elevenlabs_first_audio_timeout_s, clock=clock)
+                   first_audio_timeout_s=settings.elevenlabs_first_audio_timeout_s,
+                   max_concurrent=settings.elevenlabs_max_concurrent, clock=clock)
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        stream = self._audio(text)
+        slot = asyncio.Event()  # set once this synthesis holds a slot (or there is no cap)
+        stream = self._audio(text, slot)
         chunks = aiter(stream)
         carry = b""  # keep chunks sample-aligned: an odd byte waits for the next chunk
         try:
-            chunk = await self._first_audio(chunks)
+            chunk = await self._first_audio(chunks, slot)
             while chunk is not None:
                 if carry:
                     chunk, carry = carry + chunk, b""
@@ -110,12 +121,16 @@ class ElevenLabsTTS:
         finally:
             await stream.aclose()  # closes the HTTP response on barge-in too
 
-    async def _audio(self, text: str) -> AsyncIterator[bytes]:
+    async def _audio(self, text: str, slot: asyncio.Event) -> AsyncIterator[bytes]:
         """The synthesis' body, if it is audio. A 200 whose body is JSON or text (a gateway's
         error, a proxy's or captive portal's page, a wrong base URL) is no PCM: played, it
         is loud noise on the line (seeded, in the cache). A ``ProviderError`` instead."""
         async with contextlib.AsyncExitStack() as stack:
-            response = await self._accepted(stack, text)
+            started = self._clock.now()  # the first-audio deadline's start: a slot's wait counts
+            if self.slots is not None:
+                await stack.enter_async_context(self.slots.slot())
+            slot.set()
+            response = await self._accepted(stack, text, started)
             # ElevenLabs documents no content type for a PCM stream: its published OpenAPI
             # names text/event-stream for every output format, while the SDK reads the body
             # as raw bytes whatever the label. So a label refuses only what is surely no
@@ -141,10 +156,11 @@ class ElevenLabsTTS:
             async for chunk in pieces:
                 yield chunk
 
-    async def _accepted(self, stack: contextlib.AsyncExitStack, text: str) -> Any:
+    async def _accepted(self, stack: contextlib.AsyncExitStack, text: str,
+                        started: float) -> Any:
         """The synthesis' response (open on ``stack``) once ElevenLabs takes the request; a
-        429 is asked again (``_retry_wait``), any other refusal raised (``ApiError``)."""
-        started = self._clock.now()  # the instant the first-audio deadline started
+        429 is asked again (``_retry_wait``), any other refusal raised (``ApiError``).
+        ``started``: the instant the first-audio deadline started."""
         for retry in range(1, self._max_retries + 2):
             try:
                 return await stack.enter_async_context(
@@ -178,16 +194,22 @@ class ElevenLabsTTS:
         return retry_wait(retry_after_s(exc.headers or {}), retry - 1, self._retry_backoff_s,
                           left_s)
 
-    async def _first_audio(self, chunks: AsyncIterator[bytes]) -> bytes | None:
+    async def _first_audio(self, chunks: AsyncIterator[bytes],
+                           slot: asyncio.Event) -> bytes | None:
         """The stream's first bytes (None: it ended without any), within
-        ``first_audio_timeout_s`` of the request, else a ``ProviderError``."""
+        ``first_audio_timeout_s`` of the request, else a ``ProviderError`` (saying so when
+        the time went waiting for a slot: ``slot`` never set)."""
         limit = self._first_audio_timeout_s
         try:
             async with deadline(self._clock, limit):
                 return await anext(chunks, None)
         except Expired:
+            waited = ("" if slot.is_set() else
+                      f": all of it waiting for one of the {self.slots.limit if self.slots else 0} "
+                      "synthesis slots, none free (VOICEGATE_ELEVENLABS_MAX_CONCURRENT)")
             raise ProviderError(self.name, f"no audio within {limit:g} s of the request "
-                                           "(VOICEGATE_ELEVENLABS_FIRST_AUDIO_TIMEOUT_S)") from None
+                                           "(VOICEGATE_ELEVENLABS_FIRST_AUDIO_TIMEOUT_S)"
+                                           f"{waited}") from None
 
     async def aclose(self) -> None:
         await self._http.aclose()
