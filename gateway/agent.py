@@ -88,10 +88,13 @@ APOLOGY_MESSAGE = "Sorry, I had a problem on my side. Could you say that again?"
 # again, the call ends with the goodbye.
 IDLE_PROMPT_MESSAGE = "Are you still there?"
 GOODBYE_MESSAGE = "I haven't heard from you, so I'll end the call now. Goodbye."
+# The call reached max_call_s: said once the reply under way is over, then the call ends.
+TIME_LIMIT_MESSAGE = ("I'm sorry, this call has reached its time limit, so I'll end it now. "
+                      "Please call again if you need more help. Goodbye.")
 # Every phrase pre-rendered once per voice at start-up (Runtime.render_prompts), by key.
 PROMPT_TEXTS: dict[str, str] = {
     "handoff": HANDOFF_MESSAGE, "apology": APOLOGY_MESSAGE, "idle": IDLE_PROMPT_MESSAGE,
-    "goodbye": GOODBYE_MESSAGE, **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)},
+    "goodbye": GOODBYE_MESSAGE, "time_limit": TIME_LIMIT_MESSAGE, **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)},
     **{f"hold:{i}": text for i, text in enumerate(HOLD_PHRASES)}}
 
 

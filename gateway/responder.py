@@ -327,6 +327,10 @@ class Responder:
         """Still silent after the idle prompt: said before the call ends."""
         return self._prompt(turn, "goodbye", "goodbye", {})
 
+    def time_limit(self, turn: Turn) -> ReplySegment:
+        """The call reached its time limit: said before it ends."""
+        return self._prompt(turn, "time_limit", "goodbye", {"time_limit": True})
+
     def _prompt(self, turn: Turn, key: str, source: str, info: dict[str, Any],
                 text: str | None = None) -> ReplySegment:
         prompts = self._prompts

@@ -453,6 +453,10 @@ class Settings(BaseModel):
     # Caller silence after the bot finished: "are you still there?" after this long, a
     # goodbye and the end of the call after as long again. 0: never.
     idle_prompt_s: Annotated[float, Field(ge=0.0, le=600.0)] = 8.0
+    # A call this long (from its stream's start) ends: once the reply under way is over
+    # (at most TIME_LIMIT_GRACE_S more), the bot says so and hangs up. A line left open to
+    # a television never ends otherwise. 4 hours: Twilio's own default call limit. 0: none.
+    max_call_s: Annotated[float, Field(ge=0.0)] = 14400.0
     # Set: one stereo WAV (caller left, bot right) and one JSON of turns per call, here.
     # Off by default: recording callers has legal consequences (docs/operations.md).
     record_dir: str = ""

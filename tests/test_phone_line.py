@@ -12,6 +12,7 @@ import pytest
 from gateway.call.keypad import BadKey, Collected, Keypad, Mapped
 from gateway.providers.base import LLMChunk, ProviderError, ToolSpec
 from gateway.audio_bank import Clip
+from gateway.agent import TIME_LIMIT_MESSAGE
 from tests.call_harness import CallHarness, RecordingOutput, tone
 
 GREETING = "Hello, you are through to the bank."
@@ -1079,3 +1080,65 @@ async def test_dropped_turns_stopped_while_ending_still_end_with_their_metrics()
     await h.wait(3000)
     await h.stop()
     assert sorted(m["turn"] for m in h.metrics()) == [1, 2, 3, 4, 5], h.metrics()
+
+
+# ---------------------------------------------------------------------- time limit
+
+
+async def test_at_its_time_limit_the_call_finishes_its_reply_says_so_and_hangs_up():
+    # A line left open to a television, a caller who never stops, a bot calling the bot:
+    # nothing ended a call that kept talking, and every turn of it costs LLM and voice.
+    h = harness({"max_call_s": 20, "idle_prompt_s": 0})
+    h.llm.reply = " ".join(f"Sentence {i} of a long answer." for i in range(8))  # ~5 s
+    start = h.clock.now()
+    await h.start()
+    await h.wait(16000)
+    await h.text("tell me everything")
+    reply_started = h.output.at("response", source="llm")[0]
+    await h.wait(12000)
+    (limit_at,) = h.output.at("response", source="goodbye")
+    llm_frames = [t for t, _ in h.output.frames if t < limit_at]
+    # the answer went past the limit and played out first, uncut
+    assert reply_started < start + 20.0 < llm_frames[-1]
+    assert limit_at >= llm_frames[-1] and h.output.of("interrupt") == []
+    (said,) = h.output.of("response", source="goodbye")
+    assert said["text"] == TIME_LIMIT_MESSAGE
+    assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
+    assert [r for _, r in h.output.hangups] == ["time_limit"]
+    assert h.output.hangups[0][0] >= h.output.frames[-1][0]  # after the message played
+    assert await ended(h) and h.call.ended == "time_limit"
+
+
+async def test_a_caller_talking_over_the_time_limit_message_is_still_hung_up_on():
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0, "false_interruption_s": 0})
+    h.llm.reply = "Okay."
+    await h.start()
+    await h.wait(10200)
+    assert sources(h) == ["goodbye"]  # nothing playing at the limit: said at once
+    await h.say("wait wait one more thing", then_silence_ms=2000)
+    await h.wait(6000)
+    assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
+    assert await ended(h) and h.call.ended == "time_limit"
+
+
+async def test_a_reply_that_will_not_end_gets_the_time_limit_after_a_grace():
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0})
+    h.llm.reply = " ".join(f"Sentence {i} of a very long answer." for i in range(200))
+    start = h.clock.now()
+    await h.start()
+    await h.text("read me the terms")
+    await h.wait(10000 + 30000 + 8000)
+    assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
+    (limit_at,) = h.output.at("response", source="goodbye")
+    assert start + 10.0 + 30.0 <= limit_at <= start + 10.0 + 30.0 + 0.5
+    (cut,) = h.output.of("interrupt")  # the reply, stopped as by a barge-in
+    assert cut["cause"] == "time_limit" and cut["heard_ms"] > 29_000
+    assert await ended(h)
+
+
+async def test_no_time_limit_when_it_is_0():
+    h = harness({"max_call_s": 0, "idle_prompt_s": 0})
+    await h.start()
+    await h.wait(30000)
+    assert h.output.of("hangup") == [] and not await ended(h)
+    await h.stop()

@@ -31,7 +31,7 @@ from intents.types import Action, RouteDecision
 from .. import logs
 from ..agent import Conversation
 from ..audio import StreamResampler
-from ..clock import SYSTEM_CLOCK, Clock
+from ..clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from ..preemption import Preemption
 from ..providers.base import SpeechToText, Transcript
 from ..responder import Responder, Turn
@@ -56,6 +56,8 @@ log = logging.getLogger("voicegate.call")
 _REPORT_EVERY_S = 5.0
 # How often an input loop is started again after a bug escaped it, in one call.
 LOOP_RESTARTS = 100
+# At the call's time limit, the longest the reply under way may go on, and the message.
+TIME_LIMIT_GRACE_S = 30.0
 # Recordings being written after their call's task was cancelled (see Call.run).
 _WRITES: set[asyncio.Future[None]] = set()
 
@@ -301,6 +303,8 @@ class Call:
                   "texts": self._text_loop, "keypad": self._keypad_loop}
         if self._settings.idle_prompt_s > 0:
             inputs["idle"] = self._idle_loop
+        if self._settings.max_call_s > 0:
+            inputs["time_limit"] = self._time_limit_loop
         loops: list[asyncio.Task[None]] = []
         try:
             if self._resumed and self._keeper is not None:
@@ -1348,6 +1352,30 @@ class Call:
         # cancel this task in its hang-up request and the call would never close.
         await self._until_released()
         await self._hang_up("idle")
+
+    async def _time_limit_loop(self) -> None:
+        """At ``max_call_s`` the reply under way may finish (at most ``TIME_LIMIT_GRACE_S``
+        more), then the bot says the call has reached its limit and hangs up. Run here, not
+        in the reply: a caller who talks over the message stops it, not the hang-up."""
+        await self._clock.sleep(self._settings.max_call_s)
+        logs.event(log, "call_time_limit", limit_s=self._settings.max_call_s)
+        self._trace.event("call_time_limit")
+        grace_ends = self._clock.now() + TIME_LIMIT_GRACE_S
+        while self.replying and self._clock.now() < grace_ends:
+            await self._clock.sleep(0.1)
+        await self._barge_in("time_limit")  # a reply still going after the grace: stopped
+        tl = self._prompt_turn("time_limit")
+        self._start_reply(tl, self._say(tl, self._responder.time_limit))
+        message = self._reply_task
+        if message is not None:
+            with contextlib.suppress(Expired):
+                async with deadline(self._clock, TIME_LIMIT_GRACE_S):
+                    # Waited on, not awaited: its cancel (words over it) must not end this.
+                    await asyncio.wait({message})
+        # The far end's jitter buffer may still hold up to the lead sent ahead of the clock.
+        await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
+        await self._barge_in("time_limit")  # a reply to words over the message: not now
+        await self._hang_up("time_limit")
 
     async def _hang_up(self, reason: str) -> None:
         """The bot ends the call: the client is told, a phone line is hung up."""
