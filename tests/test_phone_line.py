@@ -1142,3 +1142,19 @@ async def test_no_time_limit_when_it_is_0():
     await h.wait(30000)
     assert h.output.of("hangup") == [] and not await ended(h)
     await h.stop()
+
+
+@pytest.mark.parametrize("transfer_s", [0.0, 3.0], ids=["moved", "moving-at-the-limit"])
+async def test_a_call_moved_to_a_person_is_not_hung_up_at_the_time_limit(transfer_s):
+    # The stream may go on after a transfer (Twilio moves the call; the stream's end
+    # comes later): the time limit is the bot's, and must not hang up on the person.
+    h = harness({"keypad": {"0": "handoff"}, "max_call_s": 5, "idle_prompt_s": 0},
+                transfer_s=transfer_s)
+    await h.start()
+    await h.wait(4000 - int(transfer_s * 500))
+    h.call.feed_dtmf("0")
+    await h.wait(40000)
+    assert len(h.output.transfers) == 1 and h.metrics()[0]["transferred"] is True
+    assert sources(h) == ["handoff"] and h.output.of("hangup") == []
+    assert h.output.hangups == [] and h.output.of("interrupt") == []
+    await h.stop()
