@@ -1158,3 +1158,22 @@ async def test_a_call_moved_to_a_person_is_not_hung_up_at_the_time_limit(transfe
     assert sources(h) == ["handoff"] and h.output.of("hangup") == []
     assert h.output.hangups == [] and h.output.of("interrupt") == []
     await h.stop()
+
+
+async def test_no_idle_prompt_or_goodbye_while_the_time_limit_hangs_up():
+    # The time limit hangs up from its own loop, not from a reply: while its hang-up
+    # request was under way (a slow REST round trip) the line looked idle, and the idle
+    # prompt, then a goodbye and a second hang-up, went out after `hangup`.
+    h = harness({"max_call_s": 10, "idle_prompt_s": 8}, hang_up_s=9.0)
+    h.llm.reply = "Okay."
+    await h.start()
+    await h.text("hello there")
+    await h.wait(5000)
+    await h.text("and one more thing")
+    await h.wait(5000 + 15000)
+    assert sources(h) == ["llm", "llm", "goodbye"]
+    types = [e["type"] for e in h.output.events]
+    assert types[types.index("hangup") + 1:] == []
+    assert [r for _, r in h.output.hangups] == ["time_limit"]
+    assert (h.output.hangups_done, h.output.hangups_abandoned) == (1, 0)
+    assert await ended(h) and h.call.ended == "time_limit"

@@ -1324,8 +1324,10 @@ class Call:
 
     def _line_busy(self) -> bool:
         """Something goes on: no idle prompt (a reply, a filler or a tool call running,
-        the caller speaking or keying, or the call handed to a person)."""
+        the caller speaking or keying, the call handed to a person, or hanging up: the
+        time limit's hang-up request runs in no reply)."""
         return (self.replying or self._held is not None or self._transferred
+                or self.ended is not None
                 or self._turns.in_utterance or self._keypad.collecting)
 
     async def _idle_loop(self) -> None:
