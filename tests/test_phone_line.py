@@ -1177,3 +1177,20 @@ async def test_no_idle_prompt_or_goodbye_while_the_time_limit_hangs_up():
     assert [r for _, r in h.output.hangups] == ["time_limit"]
     assert (h.output.hangups_done, h.output.hangups_abandoned) == (1, 0)
     assert await ended(h) and h.call.ended == "time_limit"
+
+
+async def test_a_transfer_that_fails_after_the_time_limit_still_ends_the_call():
+    # A transfer request still under way when the grace ran out (a slow phone company,
+    # twilio_api_timeout_s up to 60 s) made the time limit give up for good: when the
+    # transfer then failed, the caller stayed with the bot and the call had no limit.
+    h = harness({"keypad": {"0": "handoff"}, "max_call_s": 5, "idle_prompt_s": 0},
+                transfer_s=40.0, fail_transfer=True)
+    await h.start()
+    await h.wait(4000)
+    h.call.feed_dtmf("0")
+    await h.wait(60000)
+    assert len(h.output.transfers) == 1 and h.output.transfers_abandoned == 0
+    assert [e["code"] for e in h.output.of("error")] == ["transfer_failed"]
+    assert sources(h) == ["handoff", "goodbye"]
+    assert [r for _, r in h.output.hangups] == ["time_limit"]
+    assert await ended(h) and h.call.ended == "time_limit"

@@ -1365,7 +1365,7 @@ class Call:
         grace_ends = self._clock.now() + TIME_LIMIT_GRACE_S
         while self.replying and self._clock.now() < grace_ends:
             await self._clock.sleep(0.1)
-        if self._moved_or_ending():
+        if await self._moved_or_ending():
             return
         await self._barge_in("time_limit")  # a reply still going after the grace: stopped
         tl = self._prompt_turn("time_limit")
@@ -1378,16 +1378,19 @@ class Call:
                     await asyncio.wait({message})
         # The far end's jitter buffer may still hold up to the lead sent ahead of the clock.
         await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
-        if self._moved_or_ending():
+        if await self._moved_or_ending():
             return
         await self._barge_in("time_limit")  # a reply to words over the message: not now
         await self._hang_up("time_limit")
 
-    def _moved_or_ending(self) -> bool:
-        """The call is with a person (a transfer done or under way: the stream may go on
-        until the line moves it) or already hanging up: not the bot's to end."""
-        return (self._transferred or self._transferring is not None
-                or self.ended is not None)
+    async def _moved_or_ending(self) -> bool:
+        """The call is with a person (a transfer done: the stream may go on until the line
+        moves it) or already hanging up: not the bot's to end. A transfer under way is
+        waited for: one that fails leaves the caller with the bot, and the limit holds."""
+        while self._transferring is not None:
+            # Waited on, not awaited: its request must not be cancelled from here.
+            await asyncio.wait({self._transferring})
+        return self._transferred or self.ended is not None
 
     async def _hang_up(self, reason: str) -> None:
         """The bot ends the call: the client is told, a phone line is hung up."""
