@@ -1194,3 +1194,23 @@ async def test_a_transfer_that_fails_after_the_time_limit_still_ends_the_call():
     assert sources(h) == ["handoff", "goodbye"]
     assert [r for _, r in h.output.hangups] == ["time_limit"]
     assert await ended(h) and h.call.ended == "time_limit"
+
+
+async def test_a_time_limit_loop_restarted_after_a_bug_does_not_wait_the_limit_again():
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0})
+    barge_in = h.call._barge_in
+    failed: list[str] = []
+
+    async def fails_once(cause: str, speech_at: float | None = None) -> None:
+        if cause == "time_limit" and not failed:
+            failed.append(cause)
+            raise RuntimeError("a bug")
+        await barge_in(cause, speech_at)
+
+    h.call._barge_in = fails_once  # type: ignore[method-assign]
+    start = h.clock.now()
+    await h.start()
+    await h.wait(16000)
+    assert failed and [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
+    (limit_at,) = h.output.at("response", source="goodbye")
+    assert limit_at < start + 10.5

@@ -357,3 +357,22 @@ async def test_a_disk_that_fills_during_the_call_loses_the_recording_not_the_cal
     await h.stop()
     assert not list(tmp_path.iterdir())
     assert h.deps.stats.snapshot()["errors"].get("recording_failed") == 1
+
+
+def test_a_closed_recorder_takes_nothing_more_in(tmp_path):
+    # A cancel that cuts a call's close short leaves reply tasks ending on their own: what
+    # they still send must not change the recording a worker thread is writing.
+    clock = ManualClock()
+    recorder = CallRecorder(tmp_path, "c", 8000, "pcm16", clock)
+    recorder.caller_audio(np.full(800, 1000, dtype="<i2").tobytes())
+    recorder.close()
+    held, events = recorder.held_bytes, list(recorder.events)
+    recorder.caller_audio(np.full(800, 2000, dtype="<i2").tobytes())
+    recorder.reply_boundary()
+    recorder.bot_audio(np.full(800, 3000, dtype="<i2").tobytes())
+    recorder.interrupted(50.0)
+    recorder.event({"type": "response", "source": "llm", "text": "late"})
+    assert recorder.held_bytes == held and recorder.events == events
+    wav, _ = recorder.write()
+    caller, bot = channels_at(wav, 8000)
+    assert set(caller.tolist()) == {1000} and not bot.any()

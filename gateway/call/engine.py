@@ -236,6 +236,8 @@ class Call:
         self._keypad = Keypad(settings.keypad, settings.keypad_pause_s)
         # Caller silence once the bot has finished: a prompt, then a goodbye.
         self._idle = IdleWatch(deps.clock, settings.idle_prompt_s, busy=self._line_busy)
+        # When the call's time limit is up (max_call_s after it began; see _time_limit_loop).
+        self._time_limit_at = deps.clock.now() + settings.max_call_s
         self._transferred = False
         # The reply whose handoff message has played, while it transfers the call.
         self._transferring: asyncio.Task[None] | None = None
@@ -335,6 +337,7 @@ class Call:
                 # that ended itself) is past the call, and must not grow what a thread reads.
                 recorder, self._recorder = self._recorder, None
                 if recorder is not None:
+                    recorder.close()  # reply tasks a cancel left running write no more
                     # Shielded: a cancel ends the call's task, not the recording's write
                     # (held in _WRITES until it ends: the loop keeps no task alive itself).
                     write = asyncio.ensure_future(self._write_recording(recorder))
@@ -1359,7 +1362,8 @@ class Call:
         """At ``max_call_s`` the reply under way may finish (at most ``TIME_LIMIT_GRACE_S``
         more), then the bot says the call has reached its limit and hangs up. Run here, not
         in the reply: a caller who talks over the message stops it, not the hang-up."""
-        await self._clock.sleep(self._settings.max_call_s)
+        # Until a fixed instant: a restarted loop (a bug escaped it) does not wait anew.
+        await self._clock.sleep(max(0.0, self._time_limit_at - self._clock.now()))
         logs.event(log, "call_time_limit", limit_s=self._settings.max_call_s)
         self._trace.event("call_time_limit")
         grace_ends = self._clock.now() + TIME_LIMIT_GRACE_S

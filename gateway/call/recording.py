@@ -78,6 +78,12 @@ class CallRecorder:
         self._part_path: Path | None = None
         self._wav_path: Path | None = None
         self._failed: Exception | None = None
+        self.closed = False  # the call is over: nothing more is taken in (see ``close``)
+
+    def close(self) -> None:
+        """The call is over: what its tasks still send (a reply being cancelled, a stream
+        not yet closed) is past the call, and must not change what a thread writes."""
+        self.closed = True
 
     def _now_bytes(self) -> int:
         return int((self._clock.now() - self._start) * self.sample_rate) * 2
@@ -91,6 +97,8 @@ class CallRecorder:
         backlog fills the gap and the channel does not run ahead of the clock for the rest
         of the call. (Only audio sent faster than real time with no gap left before it
         runs ahead, until the clock catches up.)"""
+        if self.closed:
+            return
         now = self._now_bytes()
         end = self._caller_bytes()
         begin = now - len(pcm16)
@@ -109,6 +117,8 @@ class CallRecorder:
         self._gap = 0
 
     def bot_audio(self, frame: bytes) -> None:
+        if self.closed:
+            return
         pcm = ulaw_to_pcm16(frame) if self.encoding == MULAW else frame
         now = self._now_bytes()
         if self._cursor is None:
@@ -123,12 +133,16 @@ class CallRecorder:
     def reply_boundary(self, from_ms: float = 0.0) -> None:
         """A reply starts, or resumes from ``from_ms`` into it: its first frame goes
         where the clock is then."""
+        if self.closed:
+            return
         self._cursor = self._reply_start = None
         self._replay_from_ms = from_ms
 
     def interrupted(self, heard_ms: float) -> None:
         """Barge-in: the bot channel ends where the caller stopped hearing it (``heard_ms``
         into the reply, which for a resumed reply began ``from_ms`` before its resume)."""
+        if self.closed:
+            return
         if self._reply_start is not None:
             heard_here_ms = heard_ms - self._replay_from_ms
             cut = self._reply_start + int(heard_here_ms * self.sample_rate / 1000) * 2
@@ -136,6 +150,8 @@ class CallRecorder:
         self.reply_boundary()
 
     def event(self, event: dict[str, Any]) -> None:
+        if self.closed:
+            return
         kind = event.get("type")
         if kind not in _KEPT or (kind == "transcript" and not event.get("final")):
             return
