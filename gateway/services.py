@@ -191,6 +191,9 @@ class Services:
         self._collector.start()
         if isinstance(runtime.agent.llm, HedgedChat):  # its failures beside the call's errors
             runtime.stats.watch_hedge(runtime.agent.llm.stats)
+        slots = getattr(runtime.tts, "slots", None)
+        if slots is not None:  # a capped cloud voice (elevenlabs_max_concurrent)
+            runtime.stats.watch_slots(slots)
         logs.event(log, "ready", load_times_s=runtime.load_times_s, cache_version=cache.version,
                    store="redis" if self.settings.redis_url else "local")
 

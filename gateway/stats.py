@@ -18,12 +18,13 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .collector import PauseHistogram
 
 if TYPE_CHECKING:
     from .hedge import HedgeStats
+    from .providers.synthesis_slots import SynthesisSlots
 
 # Stages reported per outcome (hit or miss), as named in turn_metrics.
 LATENCY_STAGES = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "first_audio_ms",
@@ -93,6 +94,28 @@ class _HedgeCounters:
             yield CounterMetricFamily(name, doc, value=value)
 
 
+class _SynthesisSlotGauges:
+    """A capped cloud voice's syntheses (providers/synthesis_slots.py), read at each scrape:
+    how many run, how many wait, how many had to wait. Nothing until ``Stats.watch_slots``
+    (no cap set)."""
+
+    def __init__(self) -> None:
+        self.source: "SynthesisSlots | None" = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self.source
+        if s is None:
+            return
+        yield GaugeMetricFamily("voicegate_tts_slots", "Concurrent syntheses the voice may "
+                                "run (elevenlabs_max_concurrent)", value=s.limit)
+        yield GaugeMetricFamily("voicegate_tts_slots_busy", "Syntheses running", value=s.busy)
+        yield GaugeMetricFamily("voicegate_tts_slots_waiting", "Syntheses waiting for a slot",
+                                value=s.waiting)
+        yield CounterMetricFamily("voicegate_tts_slot_waits", "Syntheses that found every "
+                                  "slot busy and waited (often: raise the cap, or the plan)",
+                                  value=s.waits)
+
+
 class _Prometheus:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -127,6 +150,11 @@ class _Prometheus:
         r.register(self.gc_pauses)
         self.hedge = _HedgeCounters()
         r.register(self.hedge)
+        self.slots = _SynthesisSlotGauges()
+        r.register(self.slots)
+        self.hangups = PromCounter("voicegate_hangups", "Calls the bot hung up, by reason "
+                                   "(idle: the caller went silent; time_limit: max_call_s)",
+                                   ["reason"], registry=r)
 
 
 @dataclass
@@ -217,6 +245,14 @@ class Stats:
     def watch_hedge(self, hedge: "HedgeStats") -> None:
         """Export the agent's hedge counters (the LLM pair's failures) with these."""
         self.prometheus.hedge.source = hedge
+
+    def watch_slots(self, slots: "SynthesisSlots") -> None:
+        """Export a capped voice's synthesis slots (busy, waiting, waits) with these."""
+        self.prometheus.slots.source = slots
+
+    def hung_up(self, reason: str) -> None:
+        """The bot ended a call (``idle``, ``time_limit``)."""
+        self.prometheus.hangups.labels(reason=reason).inc()
 
     def entries_published(self, marks: Mapping[str, str], version: str | None = None) -> None:
         """A cache version was loaded: ``marks`` maps each entry id it holds to the

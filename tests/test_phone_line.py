@@ -1107,6 +1107,8 @@ async def test_at_its_time_limit_the_call_finishes_its_reply_says_so_and_hangs_u
     assert [r for _, r in h.output.hangups] == ["time_limit"]
     assert h.output.hangups[0][0] >= h.output.frames[-1][0]  # after the message played
     assert await ended(h) and h.call.ended == "time_limit"
+    registry = h.deps.stats.prometheus.registry
+    assert registry.get_sample_value("voicegate_hangups_total", {"reason": "time_limit"}) == 1
 
 
 async def test_a_caller_talking_over_the_time_limit_message_is_still_hung_up_on():

@@ -122,3 +122,26 @@ def test_a_seed_s_answers_wait_behind_every_caller():
     finally:
         loop.close()
     assert seen == [SEEDING] and URGENCY.get() == 0
+
+
+async def test_the_slots_are_seen_in_prometheus():
+    from gateway.stats import Stats
+
+    stats = Stats()
+    registry = stats.prometheus.registry
+    assert registry.get_sample_value("voicegate_tts_slots_busy") is None  # no cap: nothing
+    slots = SynthesisSlots(1)
+    stats.watch_slots(slots)
+    release = asyncio.Event()
+    log: list[int] = []
+    tasks = [asyncio.create_task(holder(slots, 0, log, release)) for _ in range(3)]
+    await settle()
+    assert registry.get_sample_value("voicegate_tts_slots") == 1
+    assert registry.get_sample_value("voicegate_tts_slots_busy") == 1
+    assert registry.get_sample_value("voicegate_tts_slots_waiting") == 2
+    assert registry.get_sample_value("voicegate_tts_slot_waits_total") == 2
+    release.set()
+    await asyncio.gather(*tasks)
+    assert registry.get_sample_value("voicegate_tts_slots_busy") == 0
+    assert registry.get_sample_value("voicegate_tts_slots_waiting") == 0
+    assert registry.get_sample_value("voicegate_tts_slot_waits_total") == 2

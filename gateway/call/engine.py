@@ -1408,6 +1408,7 @@ class Call:
                 await self._report("hangup_failed", f"hanging up failed: {exc}")
         logs.event(log, "hangup", reason=reason)
         self._trace.event("hangup", reason=reason)
+        self._stats.hung_up(reason)
         self.stop()
 
     async def _ask_line(self, request: Awaitable[Any]) -> Any:

@@ -37,6 +37,7 @@ class SynthesisSlots:
             raise ValueError(f"limit must be at least 1, not {limit}")
         self.limit = limit
         self.busy = 0
+        self.waits = 0  # syntheses that found no slot free and waited (Prometheus)
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
 
@@ -57,6 +58,7 @@ class SynthesisSlots:
         if self.busy < self.limit and not self.waiting:
             self.busy += 1
             return
+        self.waits += 1
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (urgency, next(self._order), granted))
         try:
