@@ -51,6 +51,7 @@ class RoutingShed(Exception):
 
 
 ROUTING_LANES = ("warm", "cold", "warm_finals", "cold_finals")
+PARTIAL_LANES = ("warm", "cold")
 
 
 class RoutingLanes:

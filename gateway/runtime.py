@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from .agent import Agent, build_agent, prompt_texts
 from .audio_bank import AudioBank, Clip
 from .providers.base import SpeechToText, TextToSpeech
 from .providers.registry import create_stt, create_tts
-from .route_batcher import ROUTING_LANES
+from .route_batcher import PARTIAL_LANES, ROUTING_LANES
 from .settings import Settings
 from .stats import Stats
 from .tools import load_tools
@@ -75,9 +77,8 @@ class Runtime:
     turn_executor: ThreadPoolExecutor | None = None
     # Routing: a thread per lane (route_batcher.RoutingLanes), so a final never waits
     # behind partials, nor a cached text behind a forward pass.
-    route_executors: dict[str, ThreadPoolExecutor] = field(default_factory=lambda: {
-        lane: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vg-route-{lane}")
-        for lane in ROUTING_LANES})
+    route_executors: dict[str, ThreadPoolExecutor] = field(
+        default_factory=lambda: routing_executors())
 
     @classmethod
     def load(cls, settings: Settings, stats: Stats | None = None) -> "Runtime":
@@ -118,7 +119,8 @@ class Runtime:
                                           settings.vad_quiet_dbfs if settings.vad_skip_quiet
                                           else None),
                    agent=build_agent(settings), embedder=embedder, load_times_s=times,
-                   stats=stats or Stats(), turn_model=turn_model, turn_executor=turn_pool)
+                   stats=stats or Stats(), turn_model=turn_model, turn_executor=turn_pool,
+                   route_executors=routing_executors(settings.partial_routing_nice))
 
     async def judge_turn(self, pcm16: bytes) -> float:
         """P(the caller's turn is complete) from its audio; needs ``turn_model``."""
@@ -153,6 +155,19 @@ class Runtime:
             executor.shutdown(wait=False, cancel_futures=True)
         if self.turn_executor is not None:
             self.turn_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def routing_executors(partial_nice: int = 0) -> dict[str, ThreadPoolExecutor]:
+    """A thread per routing lane. ``partial_nice``: the partials' lanes' threads run at that
+    much lower an OS priority (Linux nice), so a final's forward pass, the event loop (and
+    whatever else the machine runs) take the cores before a partial's."""
+    def lowered() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), partial_nice)
+
+    return {lane: ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix=f"vg-route-{lane}",
+        initializer=lowered if partial_nice and lane in PARTIAL_LANES else None)
+        for lane in ROUTING_LANES}
 
 
 def build_embedder(settings: Settings) -> Embedder:

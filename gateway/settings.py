@@ -219,6 +219,9 @@ class Settings(BaseModel):
     embedder_backend: Literal["onnx-int8", "torch"] = "onnx-int8"
     # Threads per sentence embedding (routing a partial is one short text).
     embedder_threads: Pos = 1
+    # The partials' routing threads run this much lower an OS priority (Linux nice, 0-19):
+    # a final's forward pass and the event loop take the cores first under load.
+    partial_routing_nice: Annotated[int, Field(ge=0, le=19)] = 0
     # Texts whose vectors are kept (LRU): repeated phrasings and partials route without
     # the model. 0 embeds every text (benchmarks of unseen wording).
     embedder_cache_size: NonNeg = 8192

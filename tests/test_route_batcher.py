@@ -467,3 +467,23 @@ async def test_a_retry_cancelled_by_the_executors_shutdown_hangs_nobody():
             await asyncio.wait_for(batcher.route("opening hours"), 2)
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("nice", [0, 10])
+def test_the_partials_lanes_run_at_a_lower_os_priority_when_asked(nice):
+    import os
+    import threading
+
+    from gateway.runtime import routing_executors
+
+    executors = routing_executors(nice)
+    try:
+        seen = {lane: executor.submit(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+            for lane, executor in executors.items()}
+    finally:
+        for executor in executors.values():
+            executor.shutdown()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen == {"warm": base + nice, "cold": base + nice, "warm_finals": base,
+                    "cold_finals": base}
