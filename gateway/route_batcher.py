@@ -22,13 +22,15 @@ each further text), and batches of one would pay it for every text.
 Few loop iterations: under load one iteration of the event loop takes milliseconds, and
 a routing's hand-offs on the loop are silence its caller hears. A batch's callers are
 answered from the routing thread's completion (``call_soon_threadsafe``), not by a task
-awaiting ``run_in_executor``, which took two iterations more. A batch gathers for one
-iteration (texts arriving in it share the batch), except a final's in a warm lane
-(``gather_finals=False``): with nothing to share there but lookups, it starts at once
-and its decision reaches the caller two iterations after it was asked, where it took
-five; a cold final still waits one iteration, so that a second final arriving with it
-shares its forward pass instead of waiting it out. tests/test_route_batcher.py counts
-the iterations; docs/operations.md ("Capacity") has the measurements.
+awaiting ``run_in_executor``, which took two iterations more. A batch of partials
+gathers for one iteration (texts arriving in it share the batch); a final's starts at once
+(``gather_finals=False``) and its decision reaches the caller two iterations after it was
+asked, where it took five. A cold final too: finals needing a forward pass within one
+iteration of each other are rare (at 200 text calls, ~3 a second), and those arriving
+while one runs share the next pass anyway, so waiting an iteration for company cost every
+one of them an iteration (``route_gather_cold_finals`` brings the wait back).
+tests/test_route_batcher.py counts the iterations; docs/operations.md ("Capacity") has the
+measurements.
 """
 
 from __future__ import annotations
@@ -78,6 +80,17 @@ class RoutingLanes:
         self.warm_finals = warm_finals
         self.cold_finals = cold_finals
         self._is_warm = is_warm
+
+    @classmethod
+    def build(cls, route_many: RouteMany, executors: dict[str, Executor],
+              is_warm: Callable[[str], bool], target_batch_ms: float = 30.0,
+              gather_cold_finals: bool = False) -> "RoutingLanes":
+        """The four lanes, each on its executor (``ROUTING_LANES``). Partials always gather
+        an iteration; a final starts at once unless ``gather_cold_finals`` (a cold one)."""
+        return cls(**{lane: RouteBatcher(
+            route_many, executors[lane], target_batch_ms=target_batch_ms,
+            gather_finals=lane == "cold" or (lane == "cold_finals" and gather_cold_finals))
+            for lane in ROUTING_LANES}, is_warm=is_warm)
 
     async def route(self, text: str, urgent: bool = False) -> RouteDecision:
         if self._is_warm(text):

@@ -26,7 +26,7 @@ from .collector import CollectorPolicy
 from .faq_cache import FaqCache
 from .hedge import HedgedChat
 from .http_body import BodyTimeout, BodyTooLarge, read_body
-from .route_batcher import ROUTING_LANES, RouteBatcher, RoutingLanes
+from .route_batcher import RoutingLanes
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
 from .responder import Responder
@@ -165,12 +165,10 @@ class Services:
         self._runtime = runtime
         self.cache = cache
         target_ms = self.settings.route_batch_target_ms
-        lanes = runtime.route_executors
-        self.route_batcher = RoutingLanes(
-            **{lane: RouteBatcher(cache.route_many, lanes[lane], target_batch_ms=target_ms,
-                                  gather_finals=lane.startswith("cold"))
-               for lane in ROUTING_LANES},
-            is_warm=runtime.embedder.is_cached)
+        self.route_batcher = RoutingLanes.build(
+            cache.route_many, runtime.route_executors, runtime.embedder.is_cached,
+            target_batch_ms=target_ms,
+            gather_cold_finals=self.settings.route_gather_cold_finals)
         self.responder = Responder(runtime.agent, runtime.tts, runtime.prompts, cache.audio,
                                    tts_gap_timeout_s=self.settings.tts_gap_timeout_s)
         self._call_deps = CallDeps(settings=self.settings, vad=runtime.vad_batcher,

@@ -209,6 +209,9 @@ class Settings(BaseModel):
     # Routing batches are filled to about this much work (finals have lanes of their own:
     # gateway/route_batcher.py).
     route_batch_target_ms: PosF = 30.0
+    # A final that needs a forward pass waits one loop iteration for another to share it
+    # (off: finals that close are rare, and the wait cost each one an iteration).
+    route_gather_cold_finals: bool = False
     # With Redis, pub/sub announces new versions; this slow poll is only the safety net.
     redis_poll_s: PosF = 30.0
     # Replica heartbeat (live replica count in the cluster stats); its TTL is three beats.

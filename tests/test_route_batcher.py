@@ -10,7 +10,7 @@ from typing import Sequence
 
 import pytest
 
-from gateway.route_batcher import RouteBatcher, RoutingLanes, RoutingShed
+from gateway.route_batcher import ROUTING_LANES, RouteBatcher, RoutingLanes, RoutingShed
 from intents.types import RouteDecision, miss
 
 
@@ -396,7 +396,7 @@ async def _loop_iterations(awaitable) -> tuple[int, object]:  # type: ignore[no-
 
 @pytest.mark.parametrize("gather_finals, urgent, most", [
     (False, True, 2),  # a warm lane's final: started at once
-    (True, True, 3),  # a cold lane's final: gathered for one iteration
+    (True, True, 3),  # a final gathered for one iteration (route_gather_cold_finals)
     (False, False, 3),  # partials: always gathered
 ])
 async def test_a_routing_reaches_its_caller_in_few_loop_iterations(gather_finals, urgent, most):
@@ -410,6 +410,22 @@ async def test_a_routing_reaches_its_caller_in_few_loop_iterations(gather_finals
     iterations, decision = await _loop_iterations(batcher.route("opening hours", urgent))
     assert decision.text == "opening hours"
     assert iterations <= most, f"{iterations} loop iterations"
+
+
+@pytest.mark.parametrize("gather_cold_finals, most", [(False, 2), (True, 3)])
+async def test_a_final_that_needs_a_forward_pass_starts_it_at_once(gather_cold_finals, most):
+    # A cold final gathered for an iteration, for a second final to share its forward
+    # pass: at 200 text calls ~3 cold finals a second come, rarely two in an iteration,
+    # and every one paid the iteration (a millisecond or more under load).
+    router = RecordingRouter()
+    lanes = RoutingLanes.build(router, {lane: InlineExecutor() for lane in ROUTING_LANES},
+                               is_warm=lambda text: False,
+                               gather_cold_finals=gather_cold_finals)
+    iterations, decision = await _loop_iterations(lanes.route("opening hours", urgent=True))
+    assert decision.text == "opening hours" and router.batches == [["opening hours"]]
+    assert iterations == most, f"{iterations} loop iterations"
+    partials_gather = await _loop_iterations(lanes.route("lost my card"))
+    assert partials_gather[0] == 3  # partials still share their batches
 
 
 async def test_cold_finals_asked_in_one_loop_iteration_share_a_batch(executor):
