@@ -177,9 +177,10 @@ async def test_a_replica_whose_voice_was_down_at_start_becomes_ready_once_it_is_
         try:
             await services.start()
             # The start-up asked the voice, was refused, and asks again (the voice is asked
-            # one prompt at a time: a second request is a retry).
+            # one prompt at a time, and the adapter asks a 503 four times in all: a fifth
+            # request is the start-up's retry).
             assert await voice.requests.reach(1), "the start-up never asked the voice"
-            assert await voice.requests.reach(2), (
+            assert await voice.requests.reach(5), (
                 f"the start-up never asked the voice again: {services.readiness()}")
             assert not services.ready and services.load_error is not None
             voice.status = 200  # the voice is back
@@ -454,6 +455,32 @@ async def test_a_429_is_retried_after_a_short_wait_on_the_clock(eleven, caplog, 
     assert len(retried) == 1 and retried[0]["status"] == 429, retried
     assert retried[0]["wait_s"] == round(wait, 3) and retried[0]["retry"] == 1
     assert "test-key" not in caplog.text and text not in caplog.text
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_a_server_error_before_any_audio_is_asked_again(eleven, caplog, status):
+    """An overloaded or restarting service (or a gateway in front of it) answers 5xx before
+    any audio: gone a moment later, but the sentence failed (tts_failed, the apology, a
+    seed stopped). Nothing was said yet, so it is asked again, as a 429 is."""
+    caplog.set_level(logging.INFO, logger="voicegate")
+    fake, server = eleven
+    fake.refusals = [(status, {"status": "server_error", "message": "try again"}, {})]
+    clock = WatchedClock(ManualClock())
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url,
+                        first_audio_timeout_s=4.0, clock=clock)
+    text = "Our branches open at nine."
+    synthesis = asyncio.ensure_future(_all(tts.synthesize(text)))
+    try:
+        await clock.inner.advance(await _retry_wait(clock, synthesis))
+        chunks = await asyncio.wait_for(synthesis, 30)
+    finally:
+        synthesis.cancel()
+        await tts.aclose()
+    assert sum(map(len, chunks)) == 16000 * len(text) * MS_PER_CHAR // 1000 * 2
+    assert len(fake.requests) == 2
+    retried = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+               if r.getMessage() == "elevenlabs_retry"]
+    assert [r["status"] for r in retried] == [status]
 
 
 async def test_a_429_that_persists_fails_after_a_bounded_number_of_retries(eleven):

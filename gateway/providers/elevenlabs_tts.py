@@ -15,7 +15,8 @@ scale) is asked again, up to ``max_retries`` times, after ``retry_backoff_s`` do
 wait ends inside the first-audio budget (counted from the first request): the line is
 never silent longer than that deadline. The SDK's own retries (``max_retries`` in its
 request options) apply only to its non-streaming requests: its ``stream`` sends once.
-Any other refusal (400, 401, 422, a 429 naming a quota, a 5xx) fails at once.
+A 500, 502, 503 or 504 before any audio (an overloaded or restarting service) is asked
+again the same way. Any other refusal (400, 401, 422, a 429 naming a quota) fails at once.
 
 With ``max_concurrent`` (the account's concurrency limit, shared out among the replicas),
 no more syntheses than that run at once; a freed slot goes to the most urgent waiter
@@ -43,6 +44,10 @@ from gateway.providers.synthesis_slots import SynthesisSlots
 from gateway.settings import Settings
 
 SAMPLE_RATES = (16000, 24000)
+# A server error before any audio (the service or a gateway in front of it overloaded or
+# restarting) is usually gone a moment later: asked again as a 429 is. The text is the same,
+# nothing was said yet, so asking again is safe.
+_PASSING_5XX = frozenset({500, 502, 503, 504})
 # Content types that are never PCM. text/event-stream is not among them: see ``_audio``.
 _NOT_AUDIO_TYPES = frozenset({"application/json", "application/problem+json", "text/html",
                               "text/plain", "text/xml", "application/xml"})
@@ -159,7 +164,8 @@ class ElevenLabsTTS:
     async def _accepted(self, stack: contextlib.AsyncExitStack, text: str,
                         started: float) -> Any:
         """The synthesis' response (open on ``stack``) once ElevenLabs takes the request; a
-        429 is asked again (``_retry_wait``), any other refusal raised (``ApiError``).
+        429 or a passing 5xx is asked again (``_retry_wait``), any other refusal raised
+        (``ApiError``).
         ``started``: the instant the first-audio deadline started."""
         for retry in range(1, self._max_retries + 2):
             try:
@@ -183,13 +189,16 @@ class ElevenLabsTTS:
 
     def _retry_wait(self, exc: ApiError, retry: int, left_s: float) -> float | None:
         """How long to wait before asking again after ``exc`` (the ``retry``-th refusal),
-        ``left_s`` of the first-audio budget left; None: not again. Only a 429 that is not
+        ``left_s`` of the first-audio budget left; None: not again. A 429 that is not
         about a quota: ElevenLabs documents its 429s as its concurrency or rate limit
         (``code`` concurrent_limit_exceeded or rate_limit_exceeded; the legacy ``status``
         too_many_concurrent_requests or system_busy), which clear in moments; an exhausted
-        quota (a 400/401 ``quota_exceeded``) does not. A wait that would end past the
-        budget is not taken: the caller would hear silence and then the apology anyway."""
-        if exc.status_code != 429 or "quota" in _code(exc.body) or retry > self._max_retries:
+        quota (a 400/401 ``quota_exceeded``) does not. And a 500, 502, 503 or 504
+        (``_PASSING_5XX``). A wait that would end past the budget is not taken: the caller
+        would hear silence and then the apology anyway."""
+        passing = exc.status_code in _PASSING_5XX or (exc.status_code == 429
+                                                       and "quota" not in _code(exc.body))
+        if not passing or retry > self._max_retries:
             return None
         return retry_wait(retry_after_s(exc.headers or {}), retry - 1, self._retry_backoff_s,
                           left_s)
