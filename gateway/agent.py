@@ -94,7 +94,8 @@ TIME_LIMIT_MESSAGE = ("I'm sorry, this call has reached its time limit, so I'll 
 # Every phrase pre-rendered once per voice at start-up (Runtime.render_prompts), by key.
 PROMPT_TEXTS: dict[str, str] = {
     "handoff": HANDOFF_MESSAGE, "apology": APOLOGY_MESSAGE, "idle": IDLE_PROMPT_MESSAGE,
-    "goodbye": GOODBYE_MESSAGE, "time_limit": TIME_LIMIT_MESSAGE, **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)},
+    "goodbye": GOODBYE_MESSAGE, "time_limit": TIME_LIMIT_MESSAGE,
+    **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)},
     **{f"hold:{i}": text for i, text in enumerate(HOLD_PHRASES)}}
 
 

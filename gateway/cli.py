@@ -381,7 +381,8 @@ _STORE_HELP = "cache directory (default: VOICEGATE_STORE_DIR); wins over a Redis
 
 EXIT_STATUS = ("exit status: 0 done; 1 the command ran and failed (invalid rows in a CSV, a "
                "store or gateway that cannot be reached, a model that does not load, a port "
-               "serve cannot listen on, a `route` input line that is not UTF-8); 2 a usage error, found before any work (a bad "
+               "serve cannot listen on, a `route` input line that is not UTF-8); 2 a usage "
+               "error, found before any work (a bad "
                "argument or VOICEGATE_* setting, an input file that is missing or cannot be "
                "read, a store directory (--store or VOICEGATE_STORE_DIR) that is not a directory "
                "or, for route, is missing, a recording directory (VOICEGATE_RECORD_DIR) serve "

@@ -213,9 +213,10 @@ class ElevenLabsTTS:
             async with deadline(self._clock, limit):
                 return await anext(chunks, None)
         except Expired:
-            waited = ("" if slot.is_set() else
-                      f": all of it waiting for one of the {self.slots.limit if self.slots else 0} "
-                      "synthesis slots, none free (VOICEGATE_ELEVENLABS_MAX_CONCURRENT)")
+            slots = self.slots  # an unset ``slot`` is only ever a capped voice's wait
+            waited = ("" if slots is None or slot.is_set() else
+                      f": all of it waiting for one of the {slots.limit} synthesis slots, "
+                      "none free (VOICEGATE_ELEVENLABS_MAX_CONCURRENT)")
             raise ProviderError(self.name, f"no audio within {limit:g} s of the request "
                                            "(VOICEGATE_ELEVENLABS_FIRST_AUDIO_TIMEOUT_S)"
                                            f"{waited}") from None
@@ -227,7 +228,8 @@ class ElevenLabsTTS:
 def _reads_as_text(head: bytes) -> bool:
     """The body's first bytes are a message (JSON, a page, an event stream of text) rather
     than audio. A whole body shorter than 16 bytes (no speech either way) is not judged."""
-    return len(head) >= _MIN_JUDGED_BYTES and all(byte in _TEXT_BYTES for byte in head[:_SNIFF_BYTES])
+    return len(head) >= _MIN_JUDGED_BYTES and all(byte in _TEXT_BYTES
+                                                  for byte in head[:_SNIFF_BYTES])
 
 
 def _refusal(exc: ApiError) -> str:
