@@ -7,6 +7,7 @@ server costs is measured apart from what simulating callers costs.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -202,6 +203,9 @@ class Cluster:
         return self.balancer.url
 
     def start(self) -> "Cluster":
+        if shutil.which("haproxy") is None:  # before the replicas load their models
+            sys.exit("--replicas 2 runs HAProxy, which is not installed: "
+                     "bash scripts/ensure-haproxy.sh")
         for replica in self.replicas:
             replica.start()
         self.balancer = Balancer(Path(self._directory), [r.port for r in self.replicas])
