@@ -376,3 +376,37 @@ def test_a_closed_recorder_takes_nothing_more_in(tmp_path):
     wav, _ = recorder.write()
     caller, bot = channels_at(wav, 8000)
     assert set(caller.tolist()) == {1000} and not bot.any()
+
+
+def test_a_recording_finished_while_another_of_its_name_opens_its_part_is_not_replaced(
+        tmp_path, monkeypatch):
+    # Review: _new_file checks that <name>.wav does not exist, then creates <name>.wav.part.
+    # The two are not one step: the first call's end (its rename of <name>.wav.part to
+    # <name>.wav, on another worker thread) can come between them. The second call then
+    # gets <name>.wav.part as free, and its own rename at its end (os.rename replaces)
+    # overwrites the first call's WAV, and its JSON the first call's JSON.
+    import pathlib
+
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
+    first = CallRecorder(tmp_path, "CA0123", 8000, "pcm16", ManualClock())
+    first.caller_audio(np.full(800, 1000, dtype="<i2").tobytes())
+    first.append(*(first._caller[:], b""))  # its first block: <name>.wav.part is open
+    second = CallRecorder(tmp_path, "CA0123", 8000, "pcm16", ManualClock())
+    second.caller_audio(np.full(800, 2000, dtype="<i2").tobytes())
+
+    exists = pathlib.Path.exists
+    written = []
+
+    def interleaved(path, *args, **kwargs):  # the other thread runs between the two steps
+        result = exists(path, *args, **kwargs)
+        if not written and path.name.endswith("CA0123.wav"):
+            written.append(first.write())
+        return result
+
+    monkeypatch.setattr(pathlib.Path, "exists", interleaved)
+    wav_b, json_b = second.write()
+    monkeypatch.setattr(pathlib.Path, "exists", exists)
+    (wav_a, json_a), = written
+    lefts = [set(channels_at(wav, 8000)[0].tolist()) for wav in sorted(tmp_path.glob("*.wav"))]
+    assert {1000} in lefts and {2000} in lefts, (
+        f"both written to {wav_a.name} == {wav_b.name}; the WAVs left hold {lefts}")
