@@ -13,7 +13,9 @@ responses, interrupts, turn metrics); keypad keys are left out (they may be a PI
 Written during the call: audio no later frame can change (the caller's before their last
 gap, the bot's before the reply under way) goes to ``<name>.wav.part`` on a worker thread in
 blocks of ``SPILL_S``, so a call holds seconds of audio in memory, not all of it. At the
-call's end the rest follows, the part is renamed ``<name>.wav`` and the JSON written. The
+call's end the rest follows, the part is renamed ``<name>.wav`` (its first free ``-n``,
+claimed then: never a recording another call of the id finished meanwhile) and the JSON
+written. The
 part's WAV header is brought up to date after every block: a process that dies mid-call
 leaves a playable ``.wav.part`` of the call up to its last block (and no JSON). A write
 that fails (a full disk) stops the recording and leaves no file.
@@ -24,10 +26,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 import wave
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
@@ -75,8 +78,9 @@ class CallRecorder:
         # The file (opened at the first block, on the writing thread) and a failed write.
         self._file: BinaryIO | None = None
         self._wav: wave.Wave_write | None = None
+        self._name = ""  # the recording's name: its start time and call id
         self._part_path: Path | None = None
-        self._wav_path: Path | None = None
+        self._wav_path: Path | None = None  # set once its name is claimed, at the end
         self._failed: Exception | None = None
         self.closed = False  # the call is over: nothing more is taken in (see ``close``)
 
@@ -225,8 +229,11 @@ class CallRecorder:
             self._wav.close()
             self._file.close()
             frames = self._wav.getnframes()
-            assert self._part_path is not None and self._wav_path is not None
-            self._part_path.rename(self._wav_path)
+            assert self._part_path is not None
+            # The name is claimed now, not when the part was opened: another call of this id
+            # may have finished since and taken it.
+            self._wav_path = _claim_name(self.directory, self._name)
+            os.replace(self._part_path, self._wav_path)  # over its own empty claim
             self._part_path = None
             json_path = self._wav_path.with_suffix(".json")
             turns = [e for e in self.events if e["type"] == "turn_metrics"]
@@ -264,8 +271,8 @@ class CallRecorder:
     def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
-        self._file, self._part_path, self._wav_path = _new_file(
-            self.directory, f"{stamp}-{self.call_id}")
+        self._name = f"{stamp}-{self.call_id}"
+        self._file, self._part_path = _new_part(self.directory, self._name)
         self._wav = wave.open(self._file, "wb")
         self._wav.setnchannels(2)
         self._wav.setsampwidth(2)
@@ -302,20 +309,40 @@ class CallRecorder:
         return bytes(out)
 
 
-def _new_file(directory: Path, name: str) -> tuple[BinaryIO, Path, Path]:
-    """``name.wav.part`` created to write in, and the ``name.wav`` it becomes; never an
-    existing recording replaced: a second call of the same id starting in the same second
-    (a Twilio CallSid streamed twice) gets ``name-2``."""
-    for n in itertools.count(1):
-        stem = name if n == 1 else f"{name}-{n}"
-        wav_path = directory / f"{stem}.wav"
+def _stems(name: str) -> Iterator[str]:
+    """``name``, then ``name-2``, ``name-3``... (a second call of the same id starting in
+    the same second: a Twilio CallSid streamed twice)."""
+    yield name
+    for n in itertools.count(2):
+        yield f"{name}-{n}"
+
+
+def _new_part(directory: Path, name: str) -> tuple[BinaryIO, Path]:
+    """A part file of ``name``'s created to write in (``name.wav.part``, or the next free
+    ``-n``); created at once, never one another call writes."""
+    for stem in _stems(name):
         part_path = directory / f"{stem}.wav.part"
-        if wav_path.exists():
-            continue
+        if (directory / f"{stem}.wav").exists():
+            continue  # mostly to keep a part's name beside its WAV's; _claim_name decides
         try:
-            return open(part_path, "xb"), part_path, wav_path
+            return open(part_path, "xb"), part_path
         except FileExistsError:
             continue
+    raise AssertionError("unreachable")
+
+
+def _claim_name(directory: Path, name: str) -> Path:
+    """The first free ``name.wav`` (or ``-n``), claimed by creating it empty in one step:
+    a finished recording never replaces another, whatever finished in between."""
+    for stem in _stems(name):
+        wav_path = directory / f"{stem}.wav"
+        if wav_path.with_suffix(".json").exists():
+            continue
+        try:
+            open(wav_path, "xb").close()
+        except FileExistsError:
+            continue
+        return wav_path
     raise AssertionError("unreachable")
 
 
