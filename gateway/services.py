@@ -20,6 +20,7 @@ from intents.store import Store
 
 from . import logs
 from .call import Call, CallDeps, CallOutput, ConversationKeeper
+from .call.engine import recordings_written
 from .call.session import Admission, CallSession
 from .clock import SYSTEM_CLOCK, Clock
 from .collector import CollectorPolicy
@@ -46,6 +47,8 @@ BODY_REFUSAL_LOG_EVERY_S = 10.0  # a refused body is logged at most this often a
 # Start-up steps that reach the network (the voice rendering the prompts, the store) are
 # retried after a failure: first after this long, doubling up to the cap.
 LOAD_RETRY_S = (1.0, 30.0)
+# At shutdown, how long calls cut short may take to close and write their recordings.
+SHUTDOWN_RECORDINGS_S = 10.0
 
 
 def _counted_on(loop: asyncio.AbstractEventLoop, stats: Stats, code: str) -> Callable[[], None]:
@@ -195,6 +198,21 @@ class Services:
         logs.event(log, "ready", load_times_s=runtime.load_times_s, cache_version=cache.version,
                    store="redis" if self.settings.redis_url else "local")
 
+    async def _finish_recordings(self) -> None:
+        """Calls the shutdown cut short (uvicorn cancels what outlives its grace) still
+        close and write their recordings: let them, up to ``SHUTDOWN_RECORDINGS_S``,
+        before the loop's teardown cancels the writes and leaves ``.wav.part`` files."""
+        if not self.settings.record_dir:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_RECORDINGS_S
+        while self.admission.active and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # a cancelled call's close hands its recording over
+        left = await recordings_written(deadline - loop.time())
+        if left or self.admission.active:
+            logs.event(log, "recordings_unfinished", logging.WARNING, writes=left,
+                       calls=self.admission.active)
+
     def open_store(self) -> Store:
         return open_store(self.settings)
 
@@ -336,6 +354,7 @@ class Services:
         return snapshot
 
     async def aclose(self) -> None:
+        await self._finish_recordings()
         for task in (self._load_task, self._watch_task, *self._redis_tasks):
             if task is not None:
                 task.cancel()

@@ -410,3 +410,43 @@ def test_a_recording_finished_while_another_of_its_name_opens_its_part_is_not_re
     lefts = [set(channels_at(wav, 8000)[0].tolist()) for wav in sorted(tmp_path.glob("*.wav"))]
     assert {1000} in lefts and {2000} in lefts, (
         f"both written to {wav_a.name} == {wav_b.name}; the WAVs left hold {lefts}")
+
+
+async def test_a_shutdown_lets_the_calls_it_cuts_short_write_their_recordings(tmp_path):
+    # Review: uvicorn cancels the calls that outlive its shutdown grace; each call's close
+    # then writes its recording (shielded, held in engine._WRITES), but nothing waited for
+    # it: the loop's teardown cancelled the write and left a .wav.part, its tail and JSON
+    # missing. Services.aclose (the lifespan's shutdown) now lets them finish.
+    from gateway.call import engine
+    from gateway.services import Services
+    from gateway.settings import Settings
+
+    h = CallHarness(settings={"record_dir": str(tmp_path), "idle_prompt_s": 0})
+    await h.start()
+    for _ in range(8):  # past a block of SPILL_S: part of the call is in its .wav.part
+        await h.feed(tone(40, NOISE))
+        await h.silence(960)
+        await spilled(h)
+    assert list(tmp_path.glob("*.wav.part"))
+    services = Services(Settings.load({"record_dir": str(tmp_path),
+                                       "store_dir": str(tmp_path / "store")}, environ={}))
+    assert services.admission.try_enter()  # the harness's call, as its endpoint admits it
+    call_task = h._task
+    assert call_task is not None
+
+    async def cut_short() -> None:  # uvicorn's shutdown, past its grace, then the endpoint
+        call_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call_task
+        services.admission.leave()
+
+    cutting = asyncio.create_task(cut_short())
+    await services.aclose()
+    for write in list(engine._WRITES):  # asyncio.run's teardown: whatever is left is cancelled
+        write.cancel()
+    cutting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await cutting
+    assert not list(tmp_path.glob("*.wav.part"))
+    (wav,) = tmp_path.glob("*.wav")
+    assert json.loads(wav.with_suffix(".json").read_text())["audio"] == wav.name

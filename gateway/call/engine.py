@@ -62,6 +62,15 @@ TIME_LIMIT_GRACE_S = 30.0
 _WRITES: set[asyncio.Future[None]] = set()
 
 
+async def recordings_written(timeout_s: float) -> int:
+    """Wait, at most ``timeout_s``, for the recordings still being written after their calls
+    ended (the process's shutdown would cancel them half written); how many were not."""
+    pending = list(_WRITES)
+    if pending and timeout_s > 0:
+        await asyncio.wait(pending, timeout=timeout_s)
+    return sum(not write.done() for write in pending)
+
+
 # P(the caller's turn is complete) from the turn's audio (16 kHz PCM16).
 TurnModelFn = Callable[[bytes], Awaitable[float]]
 
