@@ -50,16 +50,20 @@ class Deadline:
 
 
 @contextlib.asynccontextmanager
-async def deadline(clock: Clock, seconds: float) -> AsyncIterator[Deadline]:
+async def deadline(clock: Clock, seconds: float,
+                   after: asyncio.Event | None = None) -> AsyncIterator[Deadline]:
     """``asyncio.timeout(seconds)`` on ``clock``: once ``seconds`` of it have passed the
     block is cancelled and ``Expired`` (a ``TimeoutError``) raised instead, so a test's
     ``ManualClock`` decides when (a stage's stall timeout). A cancel from outside meanwhile (a barge-in)
-    stays a cancel. The block must not swallow ``CancelledError``."""
+    stays a cancel. The block must not swallow ``CancelledError``. ``after``: the
+    ``seconds`` start only once this event is set (a wait that is no stall)."""
     task = asyncio.current_task()
     assert task is not None, "deadline() needs a task"
     state = Deadline()
 
     async def expire() -> None:
+        if after is not None:
+            await after.wait()
         await clock.sleep(seconds)
         state.expired = True
         task.cancel()

@@ -587,6 +587,38 @@ async def test_capped_syntheses_wait_for_a_slot_and_a_first_sentence_goes_first(
         await tts.aclose()
 
 
+async def test_a_seed_waits_for_a_slot_as_long_as_callers_hold_them_and_still_renders(eleven):
+    # Review: a seed's answers wait behind every caller's sentence (SEEDING), but that wait
+    # counted in the first-audio budget: under steady call load the seed's renders failed
+    # after 4 s ("waiting for one of the N synthesis slots") and the seed published nothing.
+    # Nobody listens to a seed's answer: its budget starts once it holds a slot.
+    fake, server = eleven
+    fake.hold_after_first.set()
+    clock = ManualClock()
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url, max_concurrent=1,
+                        first_audio_timeout_s=4.0, clock=clock)
+    speaking = tts.synthesize("A long answer, playing.")
+    first = await asyncio.wait_for(anext(speaking), 10)
+    playing = asyncio.ensure_future(_all(speaking))
+    try:
+        assert first and len(fake.requests) == 1
+        seed = _urgent(_all(tts.synthesize("An answer the seed renders.")), SEEDING)
+        await asyncio.sleep(0.1)
+        assert tts.slots.waiting == 1
+        await clock.advance(30.0)  # callers hold the only slot far past the budget
+        await asyncio.sleep(0.1)
+        assert not seed.done() and tts.slots.waiting == 1
+        fake.release.set()
+        assert await asyncio.wait_for(playing, 10)
+        assert await asyncio.wait_for(seed, 10)  # its turn came: rendered, no error
+        assert [r["text"] for r in fake.requests] == ["A long answer, playing.",
+                                                     "An answer the seed renders."]
+        assert tts.slots.busy == 0
+    finally:
+        fake.release.set()
+        await tts.aclose()
+
+
 async def test_a_wait_for_a_slot_past_the_first_audio_budget_fails_saying_so(eleven):
     fake, server = eleven
     fake.hold_after_first.set()

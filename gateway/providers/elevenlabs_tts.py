@@ -21,7 +21,8 @@ again the same way. Any other refusal (400, 401, 422, a 429 naming a quota) fail
 With ``max_concurrent`` (the account's concurrency limit, shared out among the replicas),
 no more syntheses than that run at once; a freed slot goes to the most urgent waiter
 (a reply's first sentence before sentences fetched ahead, those before a seed's answers:
-``synthesis_slots``). The wait for a slot counts in the first-audio budget.
+``synthesis_slots``). The wait for a slot counts in the first-audio budget, except a
+seed's (nobody listens: it waits its turn behind the callers, however long).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from gateway import logs
 from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from gateway.providers.base import ProviderError
 from gateway.providers.rate_limits import retry_after_s, retry_wait
-from gateway.providers.synthesis_slots import SynthesisSlots
+from gateway.providers.synthesis_slots import SEEDING, URGENCY, SynthesisSlots
 from gateway.settings import Settings
 
 SAMPLE_RATES = (16000, 24000)
@@ -134,6 +135,8 @@ class ElevenLabsTTS:
             started = self._clock.now()  # the first-audio deadline's start: a slot's wait counts
             if self.slots is not None:
                 await stack.enter_async_context(self.slots.slot())
+                if _patient():
+                    started = self._clock.now()
             slot.set()
             response = await self._accepted(stack, text, started)
             # ElevenLabs documents no content type for a PCM stream: its published OpenAPI
@@ -210,7 +213,7 @@ class ElevenLabsTTS:
         the time went waiting for a slot: ``slot`` never set)."""
         limit = self._first_audio_timeout_s
         try:
-            async with deadline(self._clock, limit):
+            async with deadline(self._clock, limit, after=slot if _patient() else None):
                 return await anext(chunks, None)
         except Expired:
             slots = self.slots  # an unset ``slot`` is only ever a capped voice's wait
@@ -223,6 +226,13 @@ class ElevenLabsTTS:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _patient() -> bool:
+    """A synthesis nobody waits for in silence (a seed's answer): its wait for a slot is
+    its turn behind the callers, not a stall, and its first-audio budget starts once it
+    holds one."""
+    return URGENCY.get() >= SEEDING
 
 
 def _reads_as_text(head: bytes) -> bool:
