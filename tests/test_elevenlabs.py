@@ -587,21 +587,29 @@ async def test_capped_syntheses_wait_for_a_slot_and_a_first_sentence_goes_first(
         await tts.aclose()
 
 
-async def test_a_seed_waits_for_a_slot_as_long_as_callers_hold_them_and_still_renders(eleven):
-    # Review: a seed's answers wait behind every caller's sentence (SEEDING), but that wait
-    # counted in the first-audio budget: under steady call load the seed's renders failed
-    # after 4 s ("waiting for one of the N synthesis slots") and the seed published nothing.
-    # Nobody listens to a seed's answer: its budget starts once it holds a slot.
-    fake, server = eleven
+async def _the_only_slot_held(fake, server) -> tuple[ElevenLabsTTS, ManualClock,
+                                                     "asyncio.Future[list[bytes]]"]:
+    """A voice capped at one synthesis, on a manual clock, its slot held by a long answer
+    playing (held by the fake until ``fake.release``); its first audio already in, so
+    that only a later synthesis' first-audio deadline can pass."""
     fake.hold_after_first.set()
     clock = ManualClock()
     tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url, max_concurrent=1,
                         first_audio_timeout_s=4.0, clock=clock)
     speaking = tts.synthesize("A long answer, playing.")
     first = await asyncio.wait_for(anext(speaking), 10)
-    playing = asyncio.ensure_future(_all(speaking))
+    assert first and len(fake.requests) == 1
+    return tts, clock, asyncio.ensure_future(_all(speaking))
+
+
+async def test_a_seed_waits_for_a_slot_as_long_as_callers_hold_them_and_still_renders(eleven):
+    # Review: a seed's answers wait behind every caller's sentence (SEEDING), but that wait
+    # counted in the first-audio budget: under steady call load the seed's renders failed
+    # after 4 s ("waiting for one of the N synthesis slots") and the seed published nothing.
+    # Nobody listens to a seed's answer: its budget starts once it holds a slot.
+    fake, server = eleven
+    tts, clock, playing = await _the_only_slot_held(fake, server)
     try:
-        assert first and len(fake.requests) == 1
         seed = _urgent(_all(tts.synthesize("An answer the seed renders.")), SEEDING)
         await asyncio.sleep(0.1)
         assert tts.slots.waiting == 1
@@ -621,16 +629,8 @@ async def test_a_seed_waits_for_a_slot_as_long_as_callers_hold_them_and_still_re
 
 async def test_a_wait_for_a_slot_past_the_first_audio_budget_fails_saying_so(eleven):
     fake, server = eleven
-    fake.hold_after_first.set()
-    clock = ManualClock()
-    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url, max_concurrent=1,
-                        first_audio_timeout_s=4.0, clock=clock)
-    speaking = tts.synthesize("A long answer, playing.")
-    # Its first audio in before the clock moves: only the second synthesis' deadline passes.
-    first = await asyncio.wait_for(anext(speaking), 10)
-    playing = asyncio.ensure_future(_all(speaking))
+    tts, clock, playing = await _the_only_slot_held(fake, server)
     try:
-        assert first and len(fake.requests) == 1
         waiting = asyncio.ensure_future(_all(tts.synthesize("Our branches open at nine.")))
         await clock.advance(4.1)
         with pytest.raises(ProviderError, match=r"no audio within 4 s of the request "
