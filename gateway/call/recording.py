@@ -15,10 +15,9 @@ gap, the bot's before the reply under way) goes to ``<name>.wav.part`` on a work
 blocks of ``SPILL_S``, so a call holds seconds of audio in memory, not all of it. At the
 call's end the rest follows, the part is renamed ``<name>.wav`` (its first free ``-n``,
 claimed then: never a recording another call of the id finished meanwhile) and the JSON
-written. The
-part's WAV header is brought up to date after every block: a process that dies mid-call
-leaves a playable ``.wav.part`` of the call up to its last block (and no JSON). A write
-that fails (a full disk) stops the recording and leaves no file.
+written. The part's WAV header is brought up to date after every block: a process that
+dies mid-call leaves a playable ``.wav.part`` of the call up to its last block (and no
+JSON). A write that fails (a full disk) stops the recording and leaves no file.
 Privacy: docs/operations.md, "Recording".
 """
 
