@@ -59,3 +59,50 @@ async def test_a_store_blip_while_loading_the_new_version_is_not_published_not_s
                     f"{publisher.status.snapshot()['last']}")
     assert published is report
     assert publisher.status.snapshot()["last"]["outcome"] == "published"
+
+
+async def test_a_cancel_just_after_the_publish_is_not_accepted_as_if_it_could_stop_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed has published B (the store's pointer names it) and this replica is loading B
+    (cache.refresh: reading and converting all of B's audio, seconds to minutes for a large
+    seed). DELETE /admin/seed meanwhile is accepted: Publisher.cancel() returns True, the
+    route answers 202 "cancelling ... publishes nothing", and GET /admin/seed shows
+    running, phase "publishing", cancelling: true, with no word that B is already current.
+    Nothing can be stopped any more; the seed then ends "published". The cancel should be
+    refused (or the status say it is published) once the pointer has moved."""
+    import gateway.admin.publish as publish
+
+    report = SeedReport(version="B", entries=1, answer_entries=1, questions=1, rendered=0,
+                        reused=1, thresholds=None)  # type: ignore[arg-type]
+    loading, release = threading.Event(), threading.Event()
+
+    class Cache:
+        version = "A"
+        loaded = None
+        last_error: str | None = None
+        failed_version: str | None = None
+        store = object()
+
+        def refresh(self) -> bool:  # loading B, which the store already serves
+            loading.set()
+            assert release.wait(timeout=30)
+            self.version = "B"
+            return True
+
+    monkeypatch.setattr(publish, "seed_plan_with_voice", lambda *a, **k: report)
+    services = SimpleNamespace(cache=Cache(), runtime=SimpleNamespace(tts=None, embedder=None),
+                               settings=Settings())
+    publisher = publish.Publisher(services)  # type: ignore[arg-type]
+    upload = asyncio.ensure_future(publisher.seed_csv(small_faq_csv().encode(), "faq.csv"))
+    try:
+        assert await asyncio.to_thread(loading.wait, 30)
+        accepted = publisher.cancel()
+        during = publisher.status.snapshot()
+    finally:
+        release.set()
+    assert await upload is report
+    last = publisher.status.snapshot()["last"]
+    assert (last["outcome"], last["version"]) == ("published", "B")
+    assert not accepted, (
+        f"B was already published, yet DELETE /admin/seed was accepted (202 'cancelling', "
+        f"'publishes nothing'); GET /admin/seed meanwhile: {during}")
