@@ -106,3 +106,49 @@ async def test_a_cancel_just_after_the_publish_is_not_accepted_as_if_it_could_st
     assert not accepted, (
         f"B was already published, yet DELETE /admin/seed was accepted (202 'cancelling', "
         f"'publishes nothing'); GET /admin/seed meanwhile: {during}")
+
+
+async def test_a_seed_that_holds_the_lock_can_be_cancelled_and_is_shown_running(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publisher._seed takes the lock and only schedules the seed's task; the task sets
+    ``_cancel`` and starts the status on its first step. In between (one loop iteration, in
+    which other requests' handlers run), a second upload gets 409 "another seed is running"
+    while DELETE /admin/seed answers 409 "no seed is running: nothing to cancel" and GET
+    /admin/seed says running: false; the operator's cancel is lost and the seed publishes."""
+    import gateway.admin.publish as publish
+
+    report = SeedReport(version="B", entries=1, answer_entries=1, questions=1, rendered=0,
+                        reused=1, thresholds=None)  # type: ignore[arg-type]
+    seen_cancel: list[bool] = []
+
+    def seeded(*args, **kwargs) -> SeedReport:
+        cancel: threading.Event = args[10]
+        seen_cancel.append(cancel.is_set())
+        return report
+
+    class Cache:
+        version = "A"
+        loaded = None
+        last_error: str | None = None
+        failed_version: str | None = None
+        store = object()
+
+        def refresh(self) -> bool:
+            self.version = "B"
+            return True
+
+    monkeypatch.setattr(publish, "seed_plan_with_voice", seeded)
+    services = SimpleNamespace(cache=Cache(), runtime=SimpleNamespace(tts=None, embedder=None),
+                               settings=Settings())
+    publisher = publish.Publisher(services)  # type: ignore[arg-type]
+    upload = asyncio.ensure_future(publisher.seed_csv(small_faq_csv().encode(), "faq.csv"))
+    await asyncio.sleep(0)  # the upload's handler ran up to its wait for the seed's task
+    with pytest.raises(publish.SeedBusy):
+        await publisher.seed_csv(small_faq_csv().encode(), "second.csv")
+    running = publisher.status.snapshot()["running"]
+    accepted = publisher.cancel()
+    await upload
+    assert (accepted, running) == (True, True), (
+        f"a second upload was refused as busy, yet DELETE /admin/seed found no seed "
+        f"(cancel() -> {accepted}) and GET /admin/seed said running={running}; the seed then "
+        f"published {publisher.status.snapshot()['last']['version']}")
