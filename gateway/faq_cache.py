@@ -52,6 +52,9 @@ class FaqCache:
         # The version the last load failed on (None once one loads): whose failure
         # ``last_error`` describes when it is a load's.
         self.failed_version: str | None = None
+        # Whether that version failed because the store did not answer while it was read
+        # (retried at the next poll), not because the version itself is bad.
+        self.failed_for_store = False
         self._retry_s = 0.0  # the wait before that version is tried again (0: next poll)
         self._retry_at = 0.0  # clock time it may be tried again
         self._refreshing = threading.Lock()  # one load at a time, the newest wins
@@ -126,6 +129,7 @@ class FaqCache:
             return False
         self._serving = _Serving(current, loaded)
         self.last_error = self.failed_version = None
+        self.failed_for_store = False
         self._retry_s = 0.0
         if self.on_loaded is not None:
             self.on_loaded(loaded)
@@ -143,4 +147,5 @@ class FaqCache:
         else:
             self._retry_s = RETRY_FAILED_S
         self.failed_version = version
+        self.failed_for_store = unavailable
         self._retry_at = self._clock.now() + self._retry_s

@@ -106,11 +106,18 @@ class Publisher:
 
     def cancel(self) -> bool:
         """Ask the seed under way to stop before its next answer (or before publishing, once
-        its calibration ends); False when no seed runs. A publish under way completes."""
-        if self._cancel is None:
+        its calibration ends); False when no seed runs, or it has published already
+        (``published_under_way``). A publish under way completes."""
+        if self._cancel is None or self.published_under_way is not None:
             return False
         self._cancel.set()
         return True
+
+    @property
+    def published_under_way(self) -> str | None:
+        """The version the seed under way has already published (this replica loading it
+        now), None before that: there is nothing left to cancel."""
+        return self.status.publishing_done()
 
     # ------------------------------------------------------------------ helpers
 
@@ -130,7 +137,11 @@ class Publisher:
         self._claim()
         await self.lock.acquire()  # free after _claim: taken without yielding to another
         cancel = threading.Event()
-        seed = asyncio.ensure_future(self._run_seed(kind, source, cancel, seeding))
+        # Cancellable and shown running from now, not from the task's first step: other
+        # requests run in between (a second upload already finds the lock taken).
+        self._cancel = cancel
+        self._progress = self.status.start(kind, source, cancel)
+        seed = asyncio.ensure_future(self._run_seed(cancel, seeding))
         try:
             return await asyncio.shield(seed)
         except asyncio.CancelledError:
@@ -144,12 +155,10 @@ class Publisher:
                 seed.exception()  # its outcome is in the status; the request is gone
             raise
 
-    async def _run_seed(self, kind: str, source: str, cancel: threading.Event,
+    async def _run_seed(self, cancel: threading.Event,
                         seeding: Callable[[], Awaitable[T]]) -> T:
         """The seed's task (``_seed``): holds the lock, taken for it, until it ends."""
         try:
-            self._cancel = cancel
-            self._progress = self.status.start(kind, source, cancel)
             result = await seeding()
         except SeedCancelled as exc:
             self.status.end(CANCELLED, str(exc))
@@ -218,7 +227,8 @@ class Publisher:
         # Ours failed to load here. Not another version's failure (a newer publish from
         # another replica that does not load here is no failure of this one), nor the store
         # unreachable for the refresh (the poll loads ours when it answers again).
-        if cache.version != report.version and cache.failed_version == report.version:
+        if cache.version != report.version and cache.failed_version == report.version \
+                and not cache.failed_for_store:
             raise PublishedNotServed(report, cache.version, cache.last_error or "")
         return report
 

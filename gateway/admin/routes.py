@@ -317,7 +317,12 @@ async def seed_status(request: Request, services: Services) -> Response:
 async def cancel_seed(request: Request, services: Services) -> Response:
     """Stop the seed under way (an upload, an entry edit, a promotion) before its next
     answer: it publishes nothing, and its own request answers 409 ``cancelled``."""
-    if not _publisher(request).cancel():
+    publisher = _publisher(request)
+    published = publisher.published_under_way
+    if published is not None:
+        return error(f"the seed under way has already published version {published} (this "
+                     f"replica is loading it): nothing to cancel", 409)
+    if not publisher.cancel():
         return error("no seed is running: nothing to cancel", 409)
     return JSONResponse({"cancelling": True,
                          "detail": "the seed under way stops before its next answer (or once "

@@ -75,6 +75,11 @@ class SeedStatus:
             if self._run is not None:
                 self._run.version = version
 
+    def publishing_done(self) -> str | None:
+        """The version the seed under way has published, None before (or with none)."""
+        with self._lock:
+            return self._run.version if self._run is not None else None
+
     def end(self, outcome: str, error: str | None = None) -> None:
         with self._lock:
             run, self._run = self._run, None
@@ -93,7 +98,8 @@ class SeedStatus:
                 return {"running": False, "last": self._last}
             return {"running": True, "kind": run.kind, "source": run.source, **run.counts(),
                     "started_at": round(run.started_at, 3), "elapsed_s": self._elapsed(run),
-                    "cancelling": run.cancel.is_set()}
+                    "cancelling": run.cancel.is_set(),
+                    **({"version": run.version} if run.version is not None else {})}
 
     def _elapsed(self, run: _Run) -> float:
         return round(max(0.0, self._clock.now() - run.started), 3)
