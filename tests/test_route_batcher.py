@@ -503,3 +503,81 @@ def test_the_partials_lanes_run_at_a_lower_os_priority_when_asked(nice):
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert seen == {"warm": base + nice, "cold": base + nice, "warm_finals": base,
                     "cold_finals": base}
+
+
+# --- review-lanes: failing tests for suspected bugs -------------------------------------
+
+
+async def test_partials_whose_callers_moved_on_take_no_room_from_live_ones(executor):
+    # A batch holds 3 texts. Four partials queue behind a running batch; the two newest
+    # are cancelled (their calls moved on: a settle or a final cancels the partial's
+    # routing). Two live partials wait and the next batch has room for three: neither
+    # should be shed. The cancelled ones are counted against the room, so the oldest live
+    # partial fails with RoutingShed while the batch goes out with a single text.
+    router = RecordingRouter()
+    batcher = RouteBatcher(router, executor, max_batch=3, min_batch=3)
+    await batcher.route("first")
+    blocker = await _hold_a_batch(batcher, router)
+    partials = [asyncio.ensure_future(batcher.route(f"partial {i}")) for i in range(4)]
+    await asyncio.sleep(0)
+    partials[2].cancel()
+    partials[3].cancel()
+    router.release.set()
+    await blocker
+    results = await asyncio.gather(partials[0], partials[1], return_exceptions=True)
+    assert router.batches[2] == ["partial 0", "partial 1"], router.batches
+    assert not any(isinstance(r, RoutingShed) for r in results), results
+    assert batcher.shed == 0
+
+
+class BrokenBatchRouter:
+    """A batch holding "broken text" fails; alone, "another call's partial" waits for
+    ``gate`` (a forward pass on the partials' thread); the first batch waits for ``hold``."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.hold = threading.Event()
+        self.batches: list[list[str]] = []
+
+    def __call__(self, texts: Sequence[str]) -> list[RouteDecision]:
+        self.batches.append(list(texts))
+        if len(self.batches) == 1:
+            self.hold.wait(10)
+        if "broken text" in texts:
+            raise ValueError("tokenizer broke")
+        if list(texts) == ["another call's partial"]:
+            self.gate.wait(10)
+        return [miss(text, "no entry") for text in texts]
+
+
+async def test_a_final_joined_to_a_broken_partial_batch_does_not_wait_for_its_partials():
+    # A final whose words are under way as a partial joins that routing (RoutingLanes).
+    # The partials' batch breaks on another call's text: it is retried text by text, in
+    # the batch's order, and the final waits behind every stale partial's solo routing
+    # ahead of its own (here one that takes long: in production a forward pass each on
+    # the lowered-priority partials' thread, up to a whole first batch of them), though
+    # finals never queue behind partials.
+    router = BrokenBatchRouter()
+    with ThreadPoolExecutor(max_workers=1) as partials_pool, \
+            ThreadPoolExecutor(max_workers=1) as finals_pool:
+        lanes = RoutingLanes(warm=RouteBatcher(router, partials_pool),
+                             cold=RouteBatcher(router, partials_pool),
+                             warm_finals=RouteBatcher(RecordingRouter(), finals_pool),
+                             cold_finals=RouteBatcher(RecordingRouter(), finals_pool),
+                             is_warm=lambda text: True)
+        partials = [asyncio.ensure_future(lanes.route(text)) for text in
+                    ("another call's partial", "broken text", "what is the swift code")]
+        await _until(lambda: lanes.warm._running)
+        final = asyncio.ensure_future(lanes.route("what is the swift code", urgent=True))
+        await asyncio.sleep(0)
+        router.hold.set()  # the batch breaks
+        try:
+            # The stale partial's solo routing is under way (held at the gate): the final,
+            # had it gone first, is answered by now (its retry set it before this began).
+            await _until(lambda: ["another call's partial"] in router.batches)
+            await asyncio.sleep(0)
+            assert final.done(), f"the final waits behind the partials' retries: {router.batches}"
+        finally:
+            router.gate.set()
+            await asyncio.gather(final, *partials, return_exceptions=True)
+        assert final.result().text == "what is the swift code"
