@@ -156,7 +156,9 @@ class RouteBatcher:
             slot = self._pending.get(key)
             if slot is None:
                 slot = self._pending[key] = _Slot(text, urgent)
-            slot.urgent = slot.urgent or urgent
+        # A final joining a running routing is urgent there too: a batch that breaks
+        # retries its urgent texts first (_run_each).
+        slot.urgent = slot.urgent or urgent
         slot.futures.append(future)
         self._wake(slot.urgent)
         return await future
@@ -208,8 +210,9 @@ class RouteBatcher:
         partials: list[_Slot] = []
         for key, slot in list(self._pending.items()):
             if not slot.urgent:
-                partials.append(slot)
                 del self._pending[key]
+                if slot.live():  # one nobody waits for any more takes no live one's room
+                    partials.append(slot)
             elif len(batch) < limit:
                 del self._pending[key]
                 if slot.live():
@@ -218,7 +221,7 @@ class RouteBatcher:
         cut = max(0, len(partials) - room)
         for slot in partials[:cut]:
             self._shed(slot)
-        batch.extend(slot for slot in partials[cut:] if slot.live())
+        batch.extend(partials[cut:])
         return batch
 
     def _shed(self, slot: _Slot) -> None:
@@ -287,7 +290,9 @@ class RouteBatcher:
         self._start_batch()
 
     async def _run_each(self, batch: list[_Slot]) -> None:
-        for slot in batch:
+        # Finals first (one may have joined a partial's routing): a caller waiting in
+        # silence never waits behind other texts' retries.
+        for slot in sorted(batch, key=lambda s: not s.urgent):
             try:
                 if slot.live():
                     await self._route_alone(slot)
