@@ -53,6 +53,17 @@ async def _hold_a_batch(batcher: RouteBatcher, router: RecordingRouter) -> async
     return blocker
 
 
+async def _three_a_batch_behind_one_held(executor: ThreadPoolExecutor
+                                         ) -> tuple[RecordingRouter, RouteBatcher,
+                                                    asyncio.Future]:
+    """A batcher of three texts a batch (its cost measured), a batch held running: what
+    queues now is taken three at a time once ``router.release`` is set."""
+    router = RecordingRouter()
+    batcher = RouteBatcher(router, executor, max_batch=3, min_batch=3)
+    await batcher.route("first")
+    return router, batcher, await _hold_a_batch(batcher, router)
+
+
 async def test_finals_go_first_and_take_their_queued_partial_along(executor):
     router = RecordingRouter(hold_first=True)
     batcher = RouteBatcher(router, executor)
@@ -154,10 +165,7 @@ async def test_a_failing_text_fails_only_its_own_callers(executor):
 
 
 async def test_under_load_old_partials_are_shed_and_finals_never(executor):
-    router = RecordingRouter()
-    batcher = RouteBatcher(router, executor, max_batch=3, min_batch=3)
-    await batcher.route("first")
-    blocker = await _hold_a_batch(batcher, router)
+    router, batcher, blocker = await _three_a_batch_behind_one_held(executor)
     partials = [asyncio.ensure_future(batcher.route(f"partial {i}")) for i in range(6)]
     finals = [asyncio.ensure_future(batcher.route(f"final {i}", urgent=True)) for i in range(4)]
     await asyncio.sleep(0)
@@ -174,10 +182,7 @@ async def test_under_load_old_partials_are_shed_and_finals_never(executor):
 
 
 async def test_the_newest_partials_that_fit_are_routed_the_older_shed(executor):
-    router = RecordingRouter()
-    batcher = RouteBatcher(router, executor, max_batch=3, min_batch=3)
-    await batcher.route("first")
-    blocker = await _hold_a_batch(batcher, router)
+    router, batcher, blocker = await _three_a_batch_behind_one_held(executor)
     final = asyncio.ensure_future(batcher.route("the final", urgent=True))
     partials = [asyncio.ensure_future(batcher.route(f"partial {i}")) for i in range(5)]
     await asyncio.sleep(0)
@@ -505,19 +510,13 @@ def test_the_partials_lanes_run_at_a_lower_os_priority_when_asked(nice):
                     "cold_finals": base}
 
 
-# --- review-lanes: failing tests for suspected bugs -------------------------------------
-
-
 async def test_partials_whose_callers_moved_on_take_no_room_from_live_ones(executor):
     # A batch holds 3 texts. Four partials queue behind a running batch; the two newest
     # are cancelled (their calls moved on: a settle or a final cancels the partial's
     # routing). Two live partials wait and the next batch has room for three: neither
     # should be shed. The cancelled ones are counted against the room, so the oldest live
     # partial fails with RoutingShed while the batch goes out with a single text.
-    router = RecordingRouter()
-    batcher = RouteBatcher(router, executor, max_batch=3, min_batch=3)
-    await batcher.route("first")
-    blocker = await _hold_a_batch(batcher, router)
+    router, batcher, blocker = await _three_a_batch_behind_one_held(executor)
     partials = [asyncio.ensure_future(batcher.route(f"partial {i}")) for i in range(4)]
     await asyncio.sleep(0)
     partials[2].cancel()
@@ -530,26 +529,6 @@ async def test_partials_whose_callers_moved_on_take_no_room_from_live_ones(execu
     assert batcher.shed == 0
 
 
-class BrokenBatchRouter:
-    """A batch holding "broken text" fails; alone, "another call's partial" waits for
-    ``gate`` (a forward pass on the partials' thread); the first batch waits for ``hold``."""
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.hold = threading.Event()
-        self.batches: list[list[str]] = []
-
-    def __call__(self, texts: Sequence[str]) -> list[RouteDecision]:
-        self.batches.append(list(texts))
-        if len(self.batches) == 1:
-            self.hold.wait(10)
-        if "broken text" in texts:
-            raise ValueError("tokenizer broke")
-        if list(texts) == ["another call's partial"]:
-            self.gate.wait(10)
-        return [miss(text, "no entry") for text in texts]
-
-
 async def test_a_final_joined_to_a_broken_partial_batch_does_not_wait_for_its_partials():
     # A final whose words are under way as a partial joins that routing (RoutingLanes).
     # The partials' batch breaks on another call's text: it is retried text by text, in
@@ -557,7 +536,8 @@ async def test_a_final_joined_to_a_broken_partial_batch_does_not_wait_for_its_pa
     # ahead of its own (here one that takes long: in production a forward pass each on
     # the lowered-priority partials' thread, up to a whole first batch of them), though
     # finals never queue behind partials.
-    router = BrokenBatchRouter()
+    router = OneBreakingTextRouter()  # "slow text": another call's partial, a long pass
+    router.hold.clear()
     with ThreadPoolExecutor(max_workers=1) as partials_pool, \
             ThreadPoolExecutor(max_workers=1) as finals_pool:
         lanes = RoutingLanes(warm=RouteBatcher(router, partials_pool),
@@ -566,7 +546,7 @@ async def test_a_final_joined_to_a_broken_partial_batch_does_not_wait_for_its_pa
                              cold_finals=RouteBatcher(RecordingRouter(), finals_pool),
                              is_warm=lambda text: True)
         partials = [asyncio.ensure_future(lanes.route(text)) for text in
-                    ("another call's partial", "broken text", "what is the swift code")]
+                    ("slow text", "broken text", "what is the swift code")]
         await _until(lambda: lanes.warm._running)
         final = asyncio.ensure_future(lanes.route("what is the swift code", urgent=True))
         await asyncio.sleep(0)
@@ -574,7 +554,7 @@ async def test_a_final_joined_to_a_broken_partial_batch_does_not_wait_for_its_pa
         try:
             # The stale partial's solo routing is under way (held at the gate): the final,
             # had it gone first, is answered by now (its retry set it before this began).
-            await _until(lambda: ["another call's partial"] in router.batches)
+            await _until(lambda: ["slow text"] in router.batches)
             await asyncio.sleep(0)
             assert final.done(), f"the final waits behind the partials' retries: {router.batches}"
         finally:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import importlib
-import asyncio
 import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -601,33 +602,52 @@ def test_a_publish_deletes_the_stale_temporary_files_of_writes_that_died(
     assert store.current_version() == second and store.get_audio(key).pcm == b"\x01\x00\x02\x00"
 
 
+def _published_b(rendered: int = 0) -> SeedReport:
+    """A seed's report: version B published."""
+    return SeedReport(version="B", entries=1, answer_entries=1, questions=1,
+                      rendered=rendered, reused=1 - rendered,
+                      thresholds=None)  # type: ignore[arg-type]
+
+
+class _ServesA:
+    """The serving cache, stood in for: it serves A, and a refresh loads B (what the seed
+    under test publishes)."""
+
+    version: str | None = "A"
+    loaded = None
+    last_error: str | None = None
+    failed_version: str | None = None
+    failed_for_store = False
+    store = object()
+
+    def refresh(self) -> bool:
+        self.version = "B"
+        return True
+
+
+def _publisher_seeding(monkeypatch: pytest.MonkeyPatch, seeding: Any, cache: Any) -> Any:
+    """A Publisher on ``cache`` whose seeds run ``seeding`` in place of the real one."""
+    import gateway.admin.publish as publish
+
+    monkeypatch.setattr(publish, "seed_plan_with_voice", seeding)
+    services = SimpleNamespace(cache=cache, runtime=SimpleNamespace(tts=None, embedder=None),
+                               settings=Settings())
+    return publish.Publisher(services)  # type: ignore[arg-type]
+
+
 async def test_a_newer_version_that_fails_to_load_here_is_not_blamed_on_this_publish(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Another replica publishes C right after this upload's B, and C does not load here:
     B's publish succeeded (it was replaced), so it is not reported as B failing to load
     with C's error (nor is a store unreachable for the refresh)."""
-    from types import SimpleNamespace
-
-    import gateway.admin.publish as publish
-    from cache_seed.seed import SeedReport
-
-    class Cache:
-        version = "A"
-        last_error: str | None = None
-        failed_version: str | None = None
-        store = object()
-
+    class Cache(_ServesA):
         def refresh(self) -> bool:  # the store's current is C, which cannot be loaded here
             self.last_error = "cannot load cache version C: StoreError: torn"
             self.failed_version = "C"
             return False
 
-    report = SeedReport(version="B", entries=1, answer_entries=1, questions=1, rendered=0,
-                        reused=1, thresholds=None)  # type: ignore[arg-type]
-    monkeypatch.setattr(publish, "seed_plan_with_voice", lambda *a, **k: report)
-    services = SimpleNamespace(cache=Cache(), runtime=SimpleNamespace(tts=None, embedder=None),
-                               settings=Settings())
-    publisher = publish.Publisher(services)  # type: ignore[arg-type]
+    report = _published_b()
+    publisher = _publisher_seeding(monkeypatch, lambda *a, **k: report, Cache())
     published = await publisher._publish(plan=None, source="x", target_wrong_rate=0.01,
                                          negatives=())
     assert published is report
@@ -788,8 +808,7 @@ async def test_a_cancelled_seed_request_holds_the_lock_until_its_thread_ends(
     from cache_seed.seed import SeedReport
 
     rendering, release = threading.Event(), threading.Event()
-    report = SeedReport(version="B", entries=1, answer_entries=1, questions=1, rendered=1,
-                        reused=0, thresholds=None)  # type: ignore[arg-type]
+    report = _published_b(rendered=1)
 
     def rendering_seed(*args, **kwargs) -> SeedReport:  # seed_plan_with_voice's thread
         cancel: threading.Event = args[10]
@@ -800,21 +819,7 @@ async def test_a_cancelled_seed_request_holds_the_lock_until_its_thread_ends(
                                 "nothing published")
         return report  # already publishing when asked: a publish under way completes
 
-    class Cache:
-        version = "A"
-        loaded = None
-        last_error: str | None = None
-        failed_version: str | None = None
-        store = object()
-
-        def refresh(self) -> bool:
-            self.version = "B"
-            return True
-
-    monkeypatch.setattr(publish, "seed_plan_with_voice", rendering_seed)
-    services = SimpleNamespace(cache=Cache(), runtime=SimpleNamespace(tts=None, embedder=None),
-                               settings=Settings())
-    publisher = publish.Publisher(services)  # type: ignore[arg-type]
+    publisher = _publisher_seeding(monkeypatch, rendering_seed, _ServesA())
     upload = asyncio.ensure_future(publisher.seed_csv(small_faq_csv().encode(), "faq.csv"))
     try:
         assert await asyncio.to_thread(rendering.wait, 30)
@@ -841,7 +846,7 @@ async def test_a_cancelled_seed_request_holds_the_lock_until_its_thread_ends(
 
 async def test_a_store_blip_while_loading_the_new_version_is_not_published_not_served(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Review: the upload published B; the refresh right after read the pointer (B) and then Redis
+    """Review: the upload published B; the refresh right after read the pointer (B), then Redis
     timed out while B's hash / audio were read (StoreUnavailable). Publisher._publish says
     itself that "the store unreachable for the refresh" is no failure of this publish ("the
     poll loads ours when it answers again"), and FaqCache retries an unavailable store at the
@@ -858,8 +863,7 @@ async def test_a_store_blip_while_loading_the_new_version_is_not_published_not_s
             return self.current
 
     store = Store()
-    report = SeedReport(version="B", entries=1, answer_entries=1, questions=1, rendered=0,
-                        reused=1, thresholds=None)  # type: ignore[arg-type]
+    report = _published_b()
 
     def seeded(*args, **kwargs) -> SeedReport:  # the seed's thread: B is now current
         store.current = "B"
@@ -868,12 +872,9 @@ async def test_a_store_blip_while_loading_the_new_version_is_not_published_not_s
     def load(store_, embedder, version):
         raise StoreUnavailable("Redis at redis://cache is unreachable (read): Timeout")
 
-    monkeypatch.setattr(publish, "seed_plan_with_voice", seeded)
     monkeypatch.setattr(faq_cache, "load_cache", load)
     cache = FaqCache(store, embedder=None, clock=ManualClock())  # type: ignore[arg-type]
-    services = SimpleNamespace(cache=cache, runtime=SimpleNamespace(tts=None, embedder=None),
-                               settings=Settings())
-    publisher = publish.Publisher(services)  # type: ignore[arg-type]
+    publisher = _publisher_seeding(monkeypatch, seeded, cache)
     try:
         published = await publisher.seed_csv(small_faq_csv().encode(), "faq.csv")
     except publish.PublishedNotServed as exc:
@@ -886,36 +887,23 @@ async def test_a_store_blip_while_loading_the_new_version_is_not_published_not_s
 
 async def test_a_cancel_just_after_the_publish_is_not_accepted_as_if_it_could_stop_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Review: the seed has published B (the store's pointer names it) and this replica is loading B
-    (cache.refresh: reading and converting all of B's audio, seconds to minutes for a large
-    seed). DELETE /admin/seed meanwhile is accepted: Publisher.cancel() returns True, the
+    """Review: the seed has published B (the store's pointer names it) and this replica is
+    loading B (cache.refresh: reading and converting all of B's audio, seconds to minutes for
+    a large seed). DELETE /admin/seed meanwhile is accepted: Publisher.cancel() returns True, the
     route answers 202 "cancelling ... publishes nothing", and GET /admin/seed shows
     running, phase "publishing", cancelling: true, with no word that B is already current.
     Nothing can be stopped any more; the seed then ends "published". The cancel should be
     refused (or the status say it is published) once the pointer has moved."""
-    import gateway.admin.publish as publish
-
-    report = SeedReport(version="B", entries=1, answer_entries=1, questions=1, rendered=0,
-                        reused=1, thresholds=None)  # type: ignore[arg-type]
+    report = _published_b()
     loading, release = threading.Event(), threading.Event()
 
-    class Cache:
-        version = "A"
-        loaded = None
-        last_error: str | None = None
-        failed_version: str | None = None
-        store = object()
-
+    class Cache(_ServesA):
         def refresh(self) -> bool:  # loading B, which the store already serves
             loading.set()
             assert release.wait(timeout=30)
-            self.version = "B"
-            return True
+            return super().refresh()
 
-    monkeypatch.setattr(publish, "seed_plan_with_voice", lambda *a, **k: report)
-    services = SimpleNamespace(cache=Cache(), runtime=SimpleNamespace(tts=None, embedder=None),
-                               settings=Settings())
-    publisher = publish.Publisher(services)  # type: ignore[arg-type]
+    publisher = _publisher_seeding(monkeypatch, lambda *a, **k: report, Cache())
     upload = asyncio.ensure_future(publisher.seed_csv(small_faq_csv().encode(), "faq.csv"))
     try:
         assert await asyncio.to_thread(loading.wait, 30)
@@ -940,8 +928,7 @@ async def test_a_seed_that_holds_the_lock_can_be_cancelled_and_is_shown_running(
     /admin/seed says running: false; the operator's cancel is lost and the seed publishes."""
     import gateway.admin.publish as publish
 
-    report = SeedReport(version="B", entries=1, answer_entries=1, questions=1, rendered=0,
-                        reused=1, thresholds=None)  # type: ignore[arg-type]
+    report = _published_b()
     seen_cancel: list[bool] = []
 
     def seeded(*args, **kwargs) -> SeedReport:
@@ -949,21 +936,7 @@ async def test_a_seed_that_holds_the_lock_can_be_cancelled_and_is_shown_running(
         seen_cancel.append(cancel.is_set())
         return report
 
-    class Cache:
-        version = "A"
-        loaded = None
-        last_error: str | None = None
-        failed_version: str | None = None
-        store = object()
-
-        def refresh(self) -> bool:
-            self.version = "B"
-            return True
-
-    monkeypatch.setattr(publish, "seed_plan_with_voice", seeded)
-    services = SimpleNamespace(cache=Cache(), runtime=SimpleNamespace(tts=None, embedder=None),
-                               settings=Settings())
-    publisher = publish.Publisher(services)  # type: ignore[arg-type]
+    publisher = _publisher_seeding(monkeypatch, seeded, _ServesA())
     upload = asyncio.ensure_future(publisher.seed_csv(small_faq_csv().encode(), "faq.csv"))
     await asyncio.sleep(0)  # the upload's handler ran up to its wait for the seed's task
     with pytest.raises(publish.SeedBusy):
