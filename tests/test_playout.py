@@ -182,3 +182,25 @@ async def test_after_a_stalled_producer_the_caller_has_heard_everything_and_gets
     await writing
     assert sent == [1.0, 1.0, 1.0, 1.0, 1.02, 1.04]
     assert playout.heard_ms() == playout.sent_ms == 200
+
+
+async def test_review_a_producer_late_by_less_than_half_a_second_is_not_heard_through_its_gap():
+    # The TTS of the next sentence comes 0.4 s late: the client played the 100 ms it had
+    # (by t=0.1 s) and then waited in silence. At t=0.4 s the next 200 ms arrive and start
+    # playing only now: the caller has heard 100 ms, not 300 (a barge-in now must not
+    # keep in the context words the caller never heard).
+    clock = ManualClock()
+
+    async def send(frame: bytes) -> None:
+        pass
+
+    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock)
+    writing = asyncio.ensure_future(playout.write(b"\x00" * 640 * 5))  # 100 ms
+    await clock.advance(0.4)
+    await writing
+    assert playout.heard_ms() == pytest.approx(100.0)  # all of it, then silence
+    writing = asyncio.ensure_future(playout.write(b"\x00" * 640 * 10))  # 200 ms, late
+    await clock.advance(0.0)
+    # Nothing of the new audio has played yet: the caller heard the first 100 ms.
+    assert playout.heard_ms() == pytest.approx(100.0)
+    writing.cancel()
