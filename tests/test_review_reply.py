@@ -52,3 +52,33 @@ async def test_review_a_sentence_whose_audio_comes_during_a_hold_is_not_announce
     after = events[events.index("interrupt"):]
     await h.stop()
     assert "response" not in after, h.output.events[-3:]
+
+
+async def test_review_a_handoff_decided_during_a_hold_is_not_sent_after_the_interrupt():
+    # A slow LLM: the filler has played, a cough holds the reply, and meanwhile every LLM
+    # fails: the agent hands off. The handoff segment is announced while held: the
+    # `handoff` event (on the native protocol the transfer's contract) goes out after the
+    # interrupt. The caller's words then stop the reply for good, yet the client was told
+    # to transfer the call.
+    from gateway.agent import Agent
+    from tests.call_harness import tone
+
+    h = CallHarness(settings={"turn_continuation_ms": 0}, decode_s=1.5)
+    h.responder._agent = Agent(h.llm, filler_after_s=0.3)  # type: ignore[arg-type]
+    h.llm.first_token_s = 1.6
+    h.llm.fail_next = 1
+    await h.start()
+    await h.text("help me")
+    await h.wait(700)  # the filler (300 ms) has played; the LLM is still thinking
+    assert [e["source"] for e in h.output.of("response")] == ["filler"]
+    await h.feed(tone(450, 77))  # a cough: held
+    assert h.call._held is not None and h.output.of("interrupt")
+    await h.wait(500)  # the LLM fails meanwhile (t=1.6 s): the agent hands off
+    assert h.call._held is not None  # the cough's final is still decoding
+    await h.text("no I want to cancel my card")  # words: the interruption is confirmed
+    await h.wait(1500)
+    events = [e["type"] for e in h.output.events]
+    after = events[events.index("interrupt"):]
+    await h.stop()
+    assert "resume" not in after
+    assert "handoff" not in after, after
