@@ -89,6 +89,12 @@ class Playout:
         self._open.set()
         return first * self.frame_ms
 
+    async def wait_until_open(self) -> None:
+        """Return once nothing holds the playout (at once when nothing does): what is
+        announced with its audio waits here until that audio may leave."""
+        while not self._open.is_set():
+            await self._open.wait()
+
     async def _wait_if_held(self) -> None:
         if self._open.is_set() and self._replayed == self._holds:
             return
@@ -186,6 +192,13 @@ class Playout:
                 lag_s = None
             else:
                 lag_s = now - due
+                if lag_s > self._lead_s:
+                    # Later than the lead: the client played all it had and has waited in
+                    # silence since. Its clock restarts here (heard_ms counts no silence,
+                    # and the frames that waited go paced, not in a burst); the lateness
+                    # is still noted.
+                    self._started_at = now - self.sent_ms / 1000.0
+                    self._paced_from = now
             if self._replayed != self._holds:  # held (and maybe resumed) while these
                 return  # frames waited: the caller goes round again, waits, replays first
         frames = min(len(self._pending) // self._frame_size, self._frames_per_send)

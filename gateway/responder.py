@@ -229,7 +229,9 @@ class Responder:
         """Agent events -> segments. Sentences are synthesized ahead of playback; a filler
         covers a tool call or a slow first token, at most once a turn and never after the
         answer has begun, so it cannot overlap or interrupt it."""
-        queue: asyncio.Queue[ReplySegment] = asyncio.Queue(_PREFETCH_SENTENCES)
+        # One place fewer than the sentences ahead: the producer starts the next sentence's
+        # synthesis before it waits for room, so that one is ahead too.
+        queue: asyncio.Queue[ReplySegment] = asyncio.Queue(max(1, _PREFETCH_SENTENCES - 1))
         prefetches: list[_Prefetched] = []
         tl = turn.timeline
 

@@ -510,18 +510,24 @@ async def test_spoken_words_stopped_by_a_key_are_not_asked_with_later_speech():
     assert asked == ["the caller pressed 5", "what are your hours"], asked
 
 
+async def _an_agent_reply(reply: str) -> tuple[CallHarness, AsyncIterator[Any]]:
+    """A started call and the responder's segments of one agent turn that says ``reply``
+    (nothing plays them: the test takes them itself)."""
+    from gateway.timeline import TurnTimeline
+
+    h = CallHarness()
+    h.llm.reply = reply
+    await h.start()
+    turn = h.call._turn(TurnTimeline(99, clock=h.clock), "hello", None)
+    return h, h.call._responder._agent_reply(turn)
+
+
 async def test_a_cancel_while_the_agent_reply_closes_goes_through():
     # Closing the agent's reply cancels its producer and TTS prefetches and awaits them.
     # A cancel of the reply in that very step (a barge-in) was swallowed there
     # (contextlib.suppress around the gather in responder.py): the reply played on, into
     # a playout the barge-in had frozen, for good.
-    from gateway.timeline import TurnTimeline
-
-    h = CallHarness()
-    h.llm.reply = "One sentence here. And another one."
-    await h.start()
-    turn = h.call._turn(TurnTimeline(99, clock=h.clock), "hello", None)
-    replies = h.call._responder._agent_reply(turn)
+    h, replies = await _an_agent_reply("One sentence here. And another one.")
     await replies.__anext__()  # the first sentence; the producer and its prefetch run on
     closing = asyncio.ensure_future(replies.aclose())
     await asyncio.sleep(0)  # aclose runs into the generator's cleanup, awaiting its tasks
@@ -889,3 +895,18 @@ async def test_a_call_cancelled_again_as_it_closes_still_ends_counted_traced_and
     assert h.deps.stats.active_calls == 0
     (wav,) = tmp_path.glob("*.wav")
     assert list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.part"))
+
+
+async def test_no_more_sentences_are_synthesized_ahead_than_the_prefetch_bound():
+    # Review: responder.py says "A prefetched sentence may run this far ahead of playback"
+    # (2), but the producer started the next synthesis before it waited for room in a
+    # queue of two: three ran ahead, a capped voice's slot and a sentence's cost wasted.
+    h, replies = await _an_agent_reply(
+        "One is here. Two is here. Three is here. Four is here. Five is here.")
+    first = await replies.__anext__()  # the sentence playing; the player stalls on it
+    await h.clock.settle(200)
+    assert first.text.startswith("One")
+    ahead = [t for t in h.tts.spoken if not t.startswith("One")]
+    await replies.aclose()
+    await h.stop()
+    assert len(ahead) <= 2, ahead

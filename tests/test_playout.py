@@ -184,7 +184,7 @@ async def test_after_a_stalled_producer_the_caller_has_heard_everything_and_gets
     assert playout.heard_ms() == playout.sent_ms == 200
 
 
-async def test_review_a_producer_late_by_less_than_half_a_second_is_not_heard_through_its_gap():
+async def test_a_producer_late_by_less_than_half_a_second_is_not_heard_through_its_gap():
     # The TTS of the next sentence comes 0.4 s late: the client played the 100 ms it had
     # (by t=0.1 s) and then waited in silence. At t=0.4 s the next 200 ms arrive and start
     # playing only now: the caller has heard 100 ms, not 300 (a barge-in now must not

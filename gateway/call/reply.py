@@ -205,6 +205,9 @@ class ReplyStage:
                         # Announced with its first audio: a sentence whose synthesis
                         # fails is never announced as said.
                         chunk = await _tts(anext(audio, None))
+                        # Not while held: words may yet stop this reply, and then this
+                        # segment was never said (nor a handoff it carries decided).
+                        await playout.wait_until_open()
                         await self._announce(turn, segment)
                         # Filler, handoff and apology phrases are not the assistant's words.
                         said = segment.text if segment.source in ("llm", "cache") else ""
