@@ -123,6 +123,7 @@ class _Leg:
     empty: bool = False  # it ended with nothing (also failed: it cannot win)
     retries: int = 0  # times asked again after a 429
     retry_at: float | None = None  # waiting out a 429: asked again then (no request under way)
+    cancelled: bool = False  # its task cancelled: once only (again would cut its close short)
 
 
 class HedgedChat:
@@ -312,6 +313,10 @@ class HedgedChat:
         """Cancel ``legs`` and wait for their teardowns (HTTP closes). Cancelled again
         meanwhile (a barge-in, then the call's teardown), the wait ends, as a cancel asks,
         but the closes go on, not cut short: left to ``aclose`` as a loser's are."""
+        # A leg cancelled before (one that failed) is closing already: not cut short by a
+        # second cancel, nor waited for (the caller gets its error now), left to ``aclose``.
+        self._leave_closing([leg for leg in legs if leg.cancelled])
+        legs = [leg for leg in legs if not leg.cancelled]
         _cancel(legs)
         # return_exceptions: a leg's own errors were already reported through the queue.
         # Shielded: a cancel of this wait would reach the legs, in their closes.
@@ -356,8 +361,7 @@ class HedgedChat:
         self.stats.leg_failures += 1
         errors.append(f"{leg.role} {leg.model.name}: {reason}")
         logs.event(log, "llm_leg_failed", logging.WARNING, role=leg.role, model=leg.model.name, reason=str(reason)[:300])
-        if leg.task is not None:
-            leg.task.cancel()  # awaited in the stream's finally
+        _cancel([leg])  # its close goes on; left to ``aclose`` (the stream's finally)
 
     def _record_win(self, winner: _Leg, legs: list[_Leg], t0: float) -> None:
         now = self._clock.now()
@@ -391,6 +395,8 @@ async def _pump(leg: _Leg, messages: list[dict[str, Any]], tools: list[ToolSpec]
 
 
 def _cancel(legs: list[_Leg]) -> None:
+    """Cancel each leg's task once: a second cancel would land in its close under way."""
     for leg in legs:
-        if leg.task is not None:
+        if leg.task is not None and not leg.cancelled:
+            leg.cancelled = True
             leg.task.cancel()  # a no-op on a finished leg
