@@ -735,3 +735,106 @@ async def test_a_handshake_refused_for_now_is_retried(status):
         await stream.aclose()
         await recognizer.aclose()
     assert final.text == "what are your opening hours"
+
+
+# ---------------------------------------------------------------- review-turns: an Error message
+
+
+def _error_json(variant: str = "SchemaError") -> str:
+    return json.dumps({"type": "Error", "variant": variant,
+                       "description": "could not parse the client message",
+                       "message": "{}"})
+
+
+class ErrorThenOpenDeepgram(RouteDeepgram):
+    """The first connection answers its first audio with an ``Error`` message and then
+    stays open (reading, answering nothing more, never closing): an Error that is not the
+    end of the socket (a SchemaError about one client message). Later connections are the
+    fake's."""
+
+    async def _misbehave(self, websocket: WebSocket, connection: int) -> bool:
+        if connection != 1:
+            return False
+        await websocket.accept()
+        await websocket.receive()
+        await websocket.send_text(_error_json())
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return True
+
+
+async def test_review_an_error_message_on_a_socket_left_open_deafens_the_call_for_good():
+    """Deepgram sends an ``Error`` message and leaves the socket open. The stream latches
+    it as ``_error``: every later window is refused and every turn fails, for the rest of
+    the call, because ``_error`` is only cleared by a reopen and a reopen only follows the
+    socket's end, which never comes (the stream's own KeepAlives even keep it open)."""
+    route = ErrorThenOpenDeepgram()
+    with ServerThread(route.app) as server:
+        recognizer = stt(server, reconnect_s=0.01, keepalive_s=0.05)
+        stream = recognizer.open_stream()
+        await stream.send_audio(VOICE)
+        assert await until(lambda: stream._error is not None)  # the Error arrived
+        try:  # the utterance under way may fail: that turn apologises
+            await stream.finalize()
+        except ProviderError:
+            pass
+        # The caller asks again, a while later (3 s bounds any reopen).
+        await until(lambda: route.connections >= 2 and stream.connected, timeout=3.0)
+        outcome: object
+        try:
+            await send(stream, VOICE, 12)
+            outcome = await stream.finalize()
+        except ProviderError as exc:
+            outcome = exc
+        connections, error = route.connections, stream._error
+        await stream.aclose()
+        await recognizer.aclose()
+    assert outcome == Transcript("what are your opening hours", final=True), \
+        f"the next question after the Error: {outcome!r} (connections={connections}, " \
+        f"stream._error={error!r})"
+
+
+class ErrorThenCloseDeepgram(RouteDeepgram):
+    """The first connection answers its first audio with an ``Error`` message, then closes
+    (1011) once ``release`` is set; later connections are the fake's."""
+
+    async def _misbehave(self, websocket: WebSocket, connection: int) -> bool:
+        if connection != 1:
+            return False
+        await websocket.accept()
+        await websocket.receive()
+        await websocket.send_text(_error_json("InternalError"))
+        await self._hold()
+        await websocket.close(code=1011)
+        return True
+
+
+async def test_review_a_final_refused_by_the_error_check_is_not_cut_and_fails_the_next_turn():
+    """An ``Error`` arrives during the caller's pause, before the socket closes; the turn
+    then ends from the pause's route (``end_turn_if_due``: no window sent in between), so
+    ``finalize()`` raises from ``_check()`` before ``_start_utterance()``: the utterance is
+    not cut. When the socket then closes, ``_run`` finds that uncut utterance "has audio"
+    and sets ``_lost``; the stream reopens, and the caller's next question, recognised
+    whole on the new socket, fails at its final with the old socket's error."""
+    route = ErrorThenCloseDeepgram()
+    with ServerThread(route.app) as server:
+        recognizer = stt(server, reconnect_s=0.01)
+        stream = recognizer.open_stream()
+        for _ in range(3):  # the utterance's audio (queued at once: one message on the wire)
+            await stream.send_audio(VOICE)
+        assert await until(lambda: stream._error is not None)  # the Error, socket still open
+        with pytest.raises(ProviderError):
+            stream.finalize()  # the first turn fails: fine
+        route.release.set()  # the socket closes
+        assert await until(lambda: route.connections == 2 and stream.connected)
+        await send(stream, VOICE, 12)  # the next question, on the new socket
+        outcome: object
+        try:
+            outcome = await stream.finalize()
+        except ProviderError as exc:
+            outcome = exc
+        await stream.aclose()
+        await recognizer.aclose()
+    assert outcome == Transcript("what are your opening hours", final=True), \
+        f"the next question, recognised on the new socket: {outcome!r}"
