@@ -737,7 +737,7 @@ async def test_a_handshake_refused_for_now_is_retried(status):
     assert final.text == "what are your opening hours"
 
 
-# ---------------------------------------------------------------- review-turns: an Error message
+# ---------------------------------------------------------------- an Error message (review)
 
 
 def _error_json(variant: str = "SchemaError") -> str:
@@ -764,7 +764,7 @@ class ErrorThenOpenDeepgram(RouteDeepgram):
                 return True
 
 
-async def test_review_an_error_message_on_a_socket_left_open_deafens_the_call_for_good():
+async def test_an_error_message_on_a_socket_left_open_does_not_deafen_the_call_for_good():
     """Deepgram sends an ``Error`` message and leaves the socket open. The stream latches
     it as ``_error``: every later window is refused and every turn fails, for the rest of
     the call, because ``_error`` is only cleared by a reopen and a reopen only follows the
@@ -810,7 +810,7 @@ class ErrorThenCloseDeepgram(RouteDeepgram):
         return True
 
 
-async def test_review_a_final_refused_by_the_error_check_is_not_cut_and_fails_the_next_turn():
+async def test_a_final_refused_by_the_error_check_cuts_its_utterance_and_spares_the_next_turn():
     """An ``Error`` arrives during the caller's pause, before the socket closes; the turn
     then ends from the pause's route (``end_turn_if_due``: no window sent in between), so
     ``finalize()`` raises from ``_check()`` before ``_start_utterance()``: the utterance is

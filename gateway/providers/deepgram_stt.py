@@ -134,7 +134,11 @@ class DeepgramStream:
             lost, self._lost = self._lost, None
             self._start_utterance()
             raise lost
-        self._check()
+        try:
+            self._check()
+        except ProviderError:
+            self._start_utterance()  # this turn fails; the next one's words start here
+            raise
         pending = self._interim or self._utterance_has_audio()
         flush = pending and not (self._endpointed and not self._interim)
         closing = _Closing(committed=list(self._committed), interim=self._interim,
@@ -417,7 +421,11 @@ class DeepgramStream:
                 self._on_utterance_end(None if last_word_end is None
                                        else _seconds(last_word_end, "last_word_end"))
             elif kind == "Error":
-                self._error = ProviderError(NAME, f"{message.variant}: {message.description}")
+                error = ProviderError(NAME, f"{message.variant}: {message.description}")
+                self._error = error
+                # The socket is done for: cut and reopened as a stalled one is. Left open
+                # (its KeepAlives keep it so), it would refuse every window for good.
+                self._drop_socket(error)
             elif message is None:  # the SDK matched it to no message type it knows
                 raise _Malformed("type")
             # Metadata, SpeechStarted: nothing to map.
