@@ -1,0 +1,146 @@
+"""Native endpoint driven end to end over a fake WebSocket (no models, no sockets):
+``native_call`` with a real ``CallSession`` and a real ``Call`` from the harness."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gateway.call import Call
+from gateway.call.session import Admission, CallSession
+from gateway.transports.native import native_call
+from tests.call_harness import CallHarness
+
+
+class FakeWebSocket:
+    def __init__(self, services: Any) -> None:
+        self.app = SimpleNamespace(state=SimpleNamespace(services=services))
+        self.headers: dict[str, str] = {}
+        self.query_params: dict[str, str] = {}
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.events: list[dict[str, Any]] = []
+        self.closed_with: int | None = None
+
+    async def accept(self) -> None:
+        return None
+
+    async def receive(self) -> dict[str, Any]:
+        return await self.inbox.get()
+
+    async def send_text(self, text: str) -> None:
+        self.events.append(json.loads(text))
+
+    async def send_bytes(self, data: bytes) -> None:
+        return None
+
+    async def close(self, code: int = 1000) -> None:
+        self.closed_with = code
+
+    def text(self, message: dict[str, Any]) -> None:
+        self.inbox.put_nowait({"type": "websocket.receive", "text": json.dumps(message)})
+
+    def audio(self, data: bytes) -> None:
+        self.inbox.put_nowait({"type": "websocket.receive", "bytes": data})
+
+    def errors(self) -> list[str]:
+        return [e["code"] for e in self.events if e["type"] == "error"]
+
+
+def services_for(h: CallHarness, max_calls: int = 2) -> SimpleNamespace:
+    admission = Admission(max_calls)
+    services = SimpleNamespace(settings=h.settings, stats=h.stats, admission=admission,
+                               ready=True)
+    services.open_session = lambda ws, transport: CallSession(
+        ws, h.settings, h.stats, admission, transport, clock=h.clock)
+    services.new_call = lambda output, start: Call(h.deps, output, start.sample_rate)
+    return services
+
+
+async def run_call(ws: FakeWebSocket) -> None:
+    await asyncio.wait_for(native_call(ws), 10)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("second", [
+    {"type": "start", "sample_rate": 8001},            # a rate not supported
+    {"type": "start", "sample_rate": 16000, "encoding": "mulaw"},
+    {"type": "start"},                                 # no rate at all
+])
+async def test_a_second_start_is_already_started_and_never_hangs_up_the_running_call(second):
+    """docs/protocol.md: a second `start` is `already_started`, "stays open (ignored)". The
+    endpoint parses (and validates) the message before it checks whether the call has
+    started, so a second `start` whose fields are bad hangs up a running call with
+    1003/1008 and an error naming the sample rate/encoding of a start that was ignored."""
+    h = CallHarness()
+    services = services_for(h)
+    ws = FakeWebSocket(services)
+    ws.text({"type": "start", "sample_rate": 16000})
+    ws.text(second)
+    ws.text({"type": "stop"})
+    await run_call(ws)
+    assert ws.errors() == ["already_started"]
+    assert ws.closed_with == 1000
+    assert services.admission.active == 0
+
+
+async def test_a_valid_second_start_is_already_started():  # the control: this one passes
+    h = CallHarness()
+    ws = FakeWebSocket(services_for(h))
+    ws.text({"type": "start", "sample_rate": 16000})
+    ws.text({"type": "start", "sample_rate": 16000})
+    ws.text({"type": "stop"})
+    await run_call(ws)
+    assert ws.errors() == ["already_started"] and ws.closed_with == 1000
+
+
+class NotReadingWebSocket(FakeWebSocket):
+    """A client whose TCP window is shut: the server's transport is paused, so every send
+    (the close frame included) waits for a `writable` that never comes (uvicorn's
+    websockets-sansio `send` awaits it first, for `websocket.close` too)."""
+
+    def __init__(self, services: Any) -> None:
+        super().__init__(services)
+        self.close_attempts = 0
+
+    async def send_text(self, text: str) -> None:
+        await asyncio.Event().wait()
+
+    async def send_bytes(self, data: bytes) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self, code: int = 1000) -> None:
+        self.close_attempts += 1
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("last", [
+    {"text": json.dumps({"type": "stop"})},   # the caller hangs up
+    {"bytes": b"\x00"},                       # odd_pcm_length: closed 1007
+    {"text": json.dumps({"type": "start", "sample_rate": 16000, "metadata": []})},
+])
+async def test_a_session_of_a_client_that_stopped_reading_ends_whatever_ended_it(last):
+    """The outbox watchdog catches a client that reads nothing only after send_timeout_s
+    (5 s). A call that ends before that (the caller's `stop`, a bad frame that closes it)
+    reaches CallSession.close with outbox.closed False, and there the socket close runs
+    without the _DRAIN_S bound the stuck path has: it waits for a writable transport that
+    a client with a shut window never gives (a keepalive timeout's transport.close() waits
+    for the same buffer to flush, so connection_lost never comes either). The handler,
+    its session and the connection's buffers are held for good."""
+    h = CallHarness(settings={"send_timeout_s": 60.0})
+    services = services_for(h)
+    ws = NotReadingWebSocket(services)
+    if "metadata" not in last.get("text", ""):
+        ws.text({"type": "start", "sample_rate": 16000})
+    ws.inbox.put_nowait({"type": "websocket.receive", **last})
+    handler = asyncio.ensure_future(native_call(ws))  # type: ignore[arg-type]
+    done, _ = await asyncio.wait({handler}, timeout=8)  # _DRAIN_S is 1 s
+    assert services.admission.active == 0
+    try:
+        assert handler in done, (f"native_call still running 8 s after the call ended "
+                                 f"(close attempts: {ws.close_attempts})")
+    finally:
+        handler.cancel()
+        await asyncio.gather(handler, return_exceptions=True)
