@@ -443,13 +443,12 @@ class CallSession:
                        call_id=self.call_id, count=self.errors - self.settings.max_logged_errors)
         if self._ended is not None:
             self._ended.cancel()
-        stuck = self.outbox.closed
         await self.outbox.aclose()
         try:
-            if stuck and self.close_code == CLOSE_POLICY:
-                async with asyncio.timeout(_DRAIN_S):  # not wait_for: it can swallow a cancel
-                    await self.ws.close(code=self.close_code)
-            else:
+            # Bounded whatever ended the call: a client that stopped reading blocks the
+            # close frame too, and the call may end (its stop, a bad frame) before the
+            # outbox's watchdog has found it stuck.
+            async with asyncio.timeout(_DRAIN_S):  # not wait_for: it can swallow a cancel
                 await self.ws.close(code=self.close_code)
         except (*SEND_ERRORS, TimeoutError):
             pass
