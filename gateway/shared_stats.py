@@ -314,6 +314,10 @@ class SharedStats:
         """Best-effort goodbye: flush and drop the heartbeat so the replica count is exact."""
         async def goodbye() -> None:
             await self.flush()
+            # A flush sends one batch: after a failed one, that batch again. What was
+            # counted since is the next batch, lost with the process if not sent now.
+            while self._pending:
+                await self.flush()
             await self._redis.delete(self._prefix + f"replica:{self.replica_id}")
 
         try:
