@@ -146,7 +146,9 @@ def utf8_bytes_over(raw: str, max_bytes: int) -> int | None:
     return None
 
 
-def parse_text_frame(raw: str, max_bytes: int) -> ClientMessage:
+def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> ClientMessage:
+    """One text message of the native protocol. ``started``: the call is running, so a
+    `start` is ``already_started`` whatever its fields (ignored; the call stays open)."""
     size = utf8_bytes_over(raw, max_bytes)
     if size is not None:
         raise ProtocolError("frame_too_large",
@@ -157,6 +159,8 @@ def parse_text_frame(raw: str, max_bytes: int) -> ClientMessage:
         raise ProtocolError("invalid_message", "a message must be a JSON object")
     kind = data.get("type")
     if kind == "start":
+        if started:
+            raise ProtocolError("already_started", "this call has already started")
         return _parse_start(data)
     if kind == "text":
         text = data.get("text")

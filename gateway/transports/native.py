@@ -81,18 +81,11 @@ def _handle(message: dict[str, Any], session: CallSession, output: NativeOutput,
         check_audio_frame(data, settings.max_frame_bytes)
         session.feed_audio(data)
         return True
-    text = message.get("text") or ""
-    try:
-        parsed = parse_text_frame(text, settings.max_frame_bytes)
-    except ProtocolError as exc:
-        # A second `start` is ignored whatever its fields (docs/protocol.md): one with a
-        # bad rate must not close the running call as if it were the first.
-        if session.call is not None and exc.code != "frame_too_large" and _is_start(text):
-            raise ProtocolError("already_started", "this call has already started") from None
-        raise
+    # A second `start` is refused before its fields are read: one with a bad rate must not
+    # close the running call as if it were the first.
+    parsed = parse_text_frame(message.get("text") or "", settings.max_frame_bytes,
+                              started=session.call is not None)
     if isinstance(parsed, StartMessage):
-        if session.call is not None:
-            raise ProtocolError("already_started", "this call has already started")
         call = session.start_call(lambda: services.new_call(output, parsed))
         output.send_json({"type": "ready", "call_id": call.id, "sample_rate": parsed.sample_rate,
                           "encoding": "pcm16", "frame_ms": settings.frame_ms})
@@ -107,12 +100,3 @@ def _handle(message: dict[str, Any], session: CallSession, output: NativeOutput,
     elif isinstance(parsed, StopMessage):
         return False
     return True
-
-
-def _is_start(text: str) -> bool:
-    """The text is a JSON object of type ``start`` (valid or not otherwise)."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and data.get("type") == "start"
