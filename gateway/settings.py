@@ -449,6 +449,12 @@ class Settings(BaseModel):
     # Twilio's REST API; empty: https://api.twilio.com (tests point it at a local fake).
     twilio_api_url: str = ""
     twilio_api_timeout_s: Annotated[float, Field(gt=0.0, le=60.0)] = 10.0
+    # Twilio streams the caller's line without a break, silence included: a started stream
+    # with no `media` this long is dead though its socket looks open (a half-open TCP
+    # connection). It is closed without hanging up, so the <Connect action> resumes the
+    # call on a new stream, instead of the idle goodbye hanging up that resumed call
+    # through the REST API. 0: never.
+    twilio_media_timeout_s: Annotated[float, Field(ge=0.0, le=60.0)] = 5.0
     # Keypad map, JSON: {"0": "handoff", "1": "<entry id>"}. A mapped key pressed first acts
     # at once; other keys are collected and reach the agent as text. `#` ends a collection.
     keypad: dict[str, str] = Field(default_factory=dict)
@@ -553,6 +559,13 @@ class Settings(BaseModel):
     def _idle_prompt(cls, value: float) -> float:
         if 0.0 < value < 1.0:
             raise ValueError("must be 0 (no idle prompt) or at least 1 second")
+        return value
+
+    @field_validator("twilio_media_timeout_s")
+    @classmethod
+    def _media_timeout(cls, value: float) -> float:
+        if 0.0 < value < 1.0:  # Twilio's 20 ms frames arrive in bursts over a jittery path
+            raise ValueError("must be 0 (never) or at least 1 second")
         return value
 
     @model_validator(mode="after")

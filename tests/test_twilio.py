@@ -25,8 +25,9 @@ from gateway.codec import MULAW, encode, ulaw_to_pcm16
 from gateway.playout import Playout
 from gateway.protocol import ProtocolError
 from gateway.server import BackgroundServer
-from gateway.transports.twilio import (TWILIO_RATE, TwilioError, TwilioOutput, TwilioStream,
-                                       parse_start)
+from gateway.clock import ManualClock
+from gateway.transports.twilio import (TWILIO_RATE, MediaWatch, TwilioError, TwilioOutput,
+                                       TwilioStream, parse_start)
 from tests.call_harness import CallHarness, tone
 from tests.fakes.twilio_media import FRAME_BYTES, TwilioLine
 
@@ -757,3 +758,21 @@ async def test_the_stream_ending_before_the_rest_answer_does_not_cut_the_request
     if request_kind == "transfer":
         (metrics,) = [e for e in out.events if e["type"] == "turn_metrics"]
         assert metrics.get("transferred") is True, metrics
+
+
+async def test_media_watch_declares_a_stream_dead_only_after_a_whole_timeout_without_media():
+    clock = ManualClock()
+    frames = [0]
+    dead: list[float] = []
+    watch = asyncio.create_task(MediaWatch(clock, 4.0, lambda: frames[0], dead.append).run())
+    for step in range(30):  # 6 s of frames arriving in bursts a second apart: alive
+        await clock.advance(0.2)
+        if step % 5 == 4:
+            frames[0] += 50
+    assert dead == [] and not watch.done()
+    await clock.advance(3.9)  # the frames stop: not yet a whole timeout
+    assert dead == []
+    await clock.advance(1.2)  # noticed within 1.25 timeouts of the last frame
+    assert watch.done() and len(dead) == 1 and 4.0 <= dead[0] <= 5.0
+    await clock.advance(10.0)
+    assert len(dead) == 1  # once

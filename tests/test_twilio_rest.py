@@ -165,6 +165,43 @@ async def test_an_idle_twilio_call_is_hung_up_through_the_rest_api(settings, run
     assert request["call"] == "CA" + "34" * 16 and request["form"] == {"Status": "completed"}
 
 
+async def test_a_dead_stream_is_closed_without_hanging_up_the_call(settings, runtime, rest):
+    # A stream whose media stopped (a half-open connection: Twilio may already be resuming
+    # the call on a new stream) must not be hung up by the idle goodbye through the REST
+    # API: it is closed as dead, and /twilio/stream-ended finds no record of an end.
+    fake, api = rest
+    server = BackgroundServer(settings.replace(
+        twilio_auth_token=AUTH_TOKEN, public_url=PUBLIC, twilio_api_url=api.url,
+        greeting="Hello.", idle_prompt_s=1, twilio_media_timeout_s=1), runtime).start()
+    before = runtime.stats.errors["twilio_no_media"]
+    try:
+        line = signed_line(server, "CA" + "56" * 16)
+        line.streams_silence = False  # `start`, then nothing: the stream is dead
+        await line.connect()
+        assert await line.closed() == 1011
+        await line.hang_up()
+    finally:
+        server.stop()
+    assert runtime.stats.errors["twilio_no_media"] == before + 1
+    assert fake.requests == []  # no hang-up: the call is the resumed stream's
+
+
+async def test_a_line_streaming_silence_is_not_taken_for_dead(settings, runtime, rest):
+    fake, api = rest
+    server = BackgroundServer(settings.replace(
+        twilio_auth_token=AUTH_TOKEN, public_url=PUBLIC, twilio_api_url=api.url,
+        idle_prompt_s=0, twilio_media_timeout_s=1), runtime).start()
+    before = runtime.stats.errors["twilio_no_media"]
+    try:
+        async with signed_line(server, "CA" + "78" * 16) as line:  # Twilio's silence
+            await asyncio.sleep(2.5)  # over twice the timeout, and its checks
+            assert line.close_code is None
+        assert line.close_code == 1000
+    finally:
+        server.stop()
+    assert runtime.stats.errors["twilio_no_media"] == before
+
+
 # ---------------------------------------------------------------------- native protocol
 
 

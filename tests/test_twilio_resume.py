@@ -407,7 +407,8 @@ async def test_a_resumed_stream_plays_no_greeting_and_is_counted(resumed, caplog
         settings=h.settings, stats=h.stats, twilio_control=lambda: None,
         twilio_ended=lambda: EndedCalls(h.clock), twilio_contexts=lambda: CallContexts(h.clock),
         new_call=new_call)
-    session = SimpleNamespace(call=None, outbox=SentMessages(), start_call=start_call)
+    session = SimpleNamespace(call=None, outbox=SentMessages(), start_call=start_call,
+                              clock=h.clock)
     stream = TwilioStream(services, session, authenticated=True)  # type: ignore[arg-type]
     parameters = {"From": "+15550100", "CallSid": CALL_SID, **({"resumed": "2"} if resumed
                                                                else {})}
@@ -416,6 +417,7 @@ async def test_a_resumed_stream_plays_no_greeting_and_is_counted(resumed, caplog
         await h.clock.advance(0.02)
     media = [m for m in session.outbox.sent if m["event"] == "media"]
     session.call.stop()
+    stream.watch.cancel()  # the media watch the stream's receive loop would cancel
     await asyncio.wait_for(tasks[0], 5)
     assert bool(media) is not resumed
     assert [k.generation for k in keepers] == [2 if resumed else 0]

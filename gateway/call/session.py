@@ -410,6 +410,16 @@ class CallSession:
         self.close_code = CLOSE_POLICY
         self._end()
 
+    def input_stopped(self, code: str, detail: str) -> None:
+        """The client's input stopped though its connection looks open (a Twilio stream
+        with no media): counted, logged and closed (1011). The call is not hung up: a line
+        that can resume it on a new connection does."""
+        self.stats.error(code)
+        logs.event(log, code, logging.WARNING, transport=self.transport, detail=detail,
+                   call_id=self.call_id)
+        self.close_code = CLOSE_INTERNAL_ERROR
+        self._end()
+
     def _call_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return

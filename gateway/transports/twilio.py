@@ -14,11 +14,12 @@ See docs/protocol.md, "Twilio Media Streams".
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from starlette.websockets import WebSocket
 
@@ -26,6 +27,7 @@ from .. import logs
 from ..call import Call
 from ..call.session import (CallSession, Outbox, presented_token, refuse_before_accept,
                             refuse_while_unavailable, token_matches)
+from ..clock import Clock
 from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA,
                         ProtocolError, StartMessage, parse_dtmf_digit, parse_json, utf8_bytes_over)
@@ -294,6 +296,35 @@ def _is_number(text: str) -> bool:
     return 0 < len(text) <= 12 and text.isascii() and text.isdecimal()
 
 
+class MediaWatch:
+    """A started stream whose `media` stopped is dead: Twilio sends the caller's line every
+    20 ms, silence included, so none for ``timeout_s`` is a connection that only looks open
+    (half-open TCP, a stalled proxy). ``on_dead`` is called once.
+
+    The receive loop only counts frames (``media_frames``); this task looks four times a
+    timeout (noticed within 1.25 of it), so no timer is armed per frame. Time is the
+    session's clock."""
+
+    def __init__(self, clock: Clock, timeout_s: float, frames: Callable[[], int],
+                 on_dead: Callable[[float], None]) -> None:
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._frames = frames
+        self._on_dead = on_dead
+
+    async def run(self) -> None:
+        seen = self._frames()
+        since = self._clock.now()
+        while True:
+            await self._clock.sleep(self._timeout_s / 4)
+            now = self._clock.now()
+            if (frames := self._frames()) != seen:
+                seen, since = frames, now
+            elif now - since >= self._timeout_s:
+                self._on_dead(now - since)
+                return
+
+
 class TwilioStream:
     """One Media Stream: parses Twilio's messages, starts the call, feeds it audio."""
 
@@ -306,6 +337,8 @@ class TwilioStream:
         self._authenticated = authenticated
         self.output: TwilioOutput | None = None
         self.stopped = False
+        self.media_frames = 0  # every `media` message since `start`: the stream is alive
+        self.watch: asyncio.Task[None] | None = None  # the MediaWatch, from `start`
 
     @property
     def call(self) -> Call | None:
@@ -344,6 +377,7 @@ class TwilioStream:
     def _on_media(self, data: dict[str, Any]) -> None:
         if self.call is None:
             raise TwilioError("twilio_media_before_start", "`media` before `start`: dropped")
+        self.media_frames += 1
         media = data.get("media")
         if not isinstance(media, dict) or not isinstance(payload := media.get("payload"), str):
             raise TwilioError("twilio_invalid_message", "`media` needs a string `media.payload`")
@@ -404,10 +438,21 @@ class TwilioStream:
             resumed=resumed, keeper=keeper))
         output.call_id = call.id
         logs.event(log, "twilio_start", call_id=call.id, stream_sid=start.stream_sid)
+        if settings.twilio_media_timeout_s > 0:
+            watch = MediaWatch(self._session.clock, settings.twilio_media_timeout_s,
+                               lambda: self.media_frames, self._media_stopped)
+            self.watch = asyncio.create_task(watch.run(), name=f"vg-media-watch-{call.id}")
         if resumed:
             self._services.stats.twilio_call_resumed()
             logs.event(log, "twilio_call_resumed", call_id=call.id,
                        lost=parameters[RESUMED_PARAMETER][:8])
+
+    def _media_stopped(self, silent_s: float) -> None:
+        # Closed, not hung up: no "ended" record, so Twilio's request for the <Connect
+        # action> (if Twilio is still there) resumes the call on a new stream.
+        self._session.input_stopped(
+            "twilio_no_media", f"no `media` for {silent_s:.1f} s (Twilio sends one every "
+                               "20 ms): the stream is dead; closed without hanging up")
 
     def _on_mark(self, data: dict[str, Any]) -> None:
         mark = data.get("mark")
@@ -466,6 +511,8 @@ async def twilio_stream(websocket: WebSocket) -> None:
     except ProtocolError as exc:  # no `start` in time
         session.bad_input(exc)
     finally:
+        if stream.watch is not None:
+            stream.watch.cancel()
         if stream.output is not None:
             logs.event(log, "twilio_stop", call_id=session.call_id,
                        marks_sent=stream.output.marks_sent,

@@ -1,7 +1,8 @@
 """Twilio's side of a bidirectional Media Stream, as its documentation describes it.
 
 ``TwilioLine`` connects to a stream endpoint, sends ``connected`` and ``start``, streams
-caller audio as base64 μ-law ``media`` messages in real time (20 ms frames), and plays
+caller audio as base64 μ-law ``media`` messages in real time (20 ms frames; between what
+``say`` sends, silence, as Twilio streams the line without a break), and plays
 the server's audio the way Twilio does: in real time, echoing each ``mark`` once the
 audio before it has played, and on ``clear`` dropping buffered audio and echoing the
 marks that were still pending.
@@ -26,13 +27,18 @@ FRAME_S = 0.02
 class TwilioLine:
     def __init__(self, url: str, call_sid: str = "CA" + "0" * 32,
                  stream_sid: str = "MZ" + "0" * 32, parameters: dict[str, str] | None = None,
-                 echo_marks: bool = True, headers: dict[str, str] | None = None) -> None:
+                 echo_marks: bool = True, headers: dict[str, str] | None = None,
+                 streams_silence: bool = True) -> None:
         self.url = url
         self.headers = headers or {}  # on the WebSocket upgrade (X-Twilio-Signature)
         self.call_sid = call_sid
         self.stream_sid = stream_sid
         self.parameters = parameters or {}
         self.echo_marks = echo_marks
+        # False: only what `say` sends, as a dead stream (or a client that is not Twilio).
+        self.streams_silence = streams_silence
+        self._started = False  # `start` sent: media may flow
+        self._saying = 0  # `say` calls under way: they send the line's frames meanwhile
         self.received: list[dict[str, Any]] = []  # every server message, in order
         self.media = bytearray()  # every μ-law byte the server sent
         self.played = bytearray()  # what the caller heard
@@ -74,6 +80,8 @@ class TwilioLine:
 
     async def send(self, message: dict[str, Any] | str | bytes) -> None:
         assert self._ws is not None
+        if isinstance(message, dict) and message.get("event") == "start":
+            self._started = True
         await self._ws.send(json.dumps(message) if isinstance(message, dict) else message)
 
     async def send_media(self, ulaw: bytes) -> None:
@@ -89,11 +97,15 @@ class TwilioLine:
         ulaw = pcm16_to_ulaw(pcm16_8k) + b"\xff" * int(silence_s * 8000)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        for i in range(0, len(ulaw), FRAME_BYTES):
-            await self.send_media(ulaw[i:i + FRAME_BYTES].ljust(FRAME_BYTES, b"\xff"))
-            delay = start + (i // FRAME_BYTES + 1) * FRAME_S - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        self._saying += 1
+        try:
+            for i in range(0, len(ulaw), FRAME_BYTES):
+                await self.send_media(ulaw[i:i + FRAME_BYTES].ljust(FRAME_BYTES, b"\xff"))
+                delay = start + (i // FRAME_BYTES + 1) * FRAME_S - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        finally:
+            self._saying -= 1
 
     async def hang_up(self) -> None:
         if self._ws is not None and self.close_code is None:
@@ -170,6 +182,12 @@ class TwilioLine:
                 else:
                     self._buffer[0] = item[len(take):]
             self._changed.set()
+            if self.streams_silence and self._started and not self._saying \
+                    and self.close_code is None:
+                try:
+                    await self.send_media(b"\xff" * FRAME_BYTES)  # the line's silence
+                except Exception:  # closed meanwhile: `_read` records how
+                    pass
             tick += FRAME_S
             await asyncio.sleep(max(0.0, tick - loop.time()))
 
