@@ -62,7 +62,6 @@ import asyncio
 import csv
 import hashlib
 import json
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field

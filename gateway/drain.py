@@ -34,7 +34,7 @@ async def wait_until_idle(active_calls: Callable[[], int], timeout_s: float,
                           clock: Clock = SYSTEM_CLOCK, poll_s: float = _POLL_S) -> int:
     """Wait until no call runs or ``timeout_s`` has passed; the calls still running."""
     deadline = clock.now() + timeout_s
-    while (active := active_calls()) > 0 and clock.now() < deadline:
+    while active_calls() > 0 and clock.now() < deadline:
         await clock.sleep(min(poll_s, max(0.0, deadline - clock.now())))
     return active_calls()
 

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from intents.embedder import Embedder
 from intents.loader import LoadedCache, load_cache
-from intents.store import Store, StoreError, StoreUnavailable
+from intents.store import Store, StoreUnavailable
 from intents.types import Action, RouteDecision, miss
 
 from . import logs
