@@ -565,3 +565,45 @@ def test_the_early_pad_may_not_exceed_the_silence_heard():
     with pytest.raises(ValueError, match="early_final_pad_ms .48. must not exceed "
                                          "early_final_after_ms .32."):
         Settings(early_final_after_ms=32, early_final_pad_ms=48)
+
+
+async def test_decodes_the_model_executors_shutdown_cancelled_hang_nobody():
+    # Runtime.aclose shuts the model executor down with cancel_futures while calls may
+    # still be closing (the VAD batcher was made safe against exactly this:
+    # test_vad.test_a_batch_cancelled_by_the_executors_shutdown_hangs_nobody). The
+    # executor is shared with the TTS: here its only thread is busy, so the decode that
+    # holds the scheduler's slot waits in the executor's queue, and a second decode waits
+    # in the scheduler's own queue. Both must learn of the shutdown as an error.
+    pool = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    pool.submit(release.wait, 10)  # a TTS sentence holds the model thread
+    scheduler = DecodeScheduler(lambda pcm, draft, stop: ("words", []), pool, slots=1)
+    first = asyncio.ensure_future(scheduler.decode(audio(500), FINAL))
+    second = asyncio.ensure_future(scheduler.decode(audio(500), FINAL))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert scheduler.running == 1
+    pool.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    results = []
+    try:
+        await _outcomes((first, second), results)
+    finally:
+        for decode in (first, second):
+            decode.cancel()
+    assert results == ["error", "error"], results
+    assert scheduler.running == 0
+
+
+async def _outcomes(decodes, results):
+    for decode in decodes:
+        try:
+            await asyncio.wait_for(asyncio.shield(decode), 2)
+        except TimeoutError:
+            results.append("hangs")
+        except asyncio.CancelledError:
+            results.append("cancelled")  # its awaiting final looks cancelled: no report
+        except RuntimeError:
+            results.append("error")
+        else:
+            results.append("decoded")

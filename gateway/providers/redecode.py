@@ -41,6 +41,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
+from ..executors import ExecutorShutDown
 from .base import Transcript
 
 SAMPLE_RATE = 16000
@@ -135,11 +136,15 @@ class DecodeScheduler:
             job = heapq.heappop(self._queue)
             if job.future.done():
                 continue
+            try:
+                work = self._executor.submit(self._transcribe, job.pcm16, job.draft, job.stop)
+            except RuntimeError:  # asked after the shutdown (Runtime.aclose): no slot taken
+                job.future.set_exception(ExecutorShutDown("the STT executor shut down"))
+                continue
             self.running += 1
             self.decodes[job.priority] += 1
             self._running[job.seq] = job
-            done = loop.run_in_executor(self._executor, self._transcribe, job.pcm16,
-                                        job.draft, job.stop)
+            done = asyncio.wrap_future(work, loop=loop)
             done.add_done_callback(lambda f, job=job: self._finished(job, f))
         if self.stop_decodes:
             self._stop_partials_for_finals()
@@ -167,7 +172,10 @@ class DecodeScheduler:
         error = None if result.cancelled() else result.exception()
         if not job.future.done():
             if result.cancelled():
-                job.future.cancel()
+                # Only the executor's shutdown cancels the work (``cancel_futures``, before a
+                # thread took it); a cancel of the waiting task reached job.future already.
+                # As a cancel, the final would look withdrawn and nothing would report it.
+                job.future.set_exception(ExecutorShutDown("the STT executor shut down"))
             elif error is not None:
                 job.future.set_exception(error)
             else:
