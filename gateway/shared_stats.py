@@ -382,7 +382,10 @@ class SharedStats:
         # The prefix literally, as the store matches it: `*?[]` in it are no pattern that
         # would count another deployment's replicas (and none of ours).
         pattern = glob_escape(self._prefix) + "replica:*"
-        keys = [key async for key in self._redis.scan_iter(match=pattern, count=500)]
+        # Deduplicated: SCAN may return a key twice (the keyspace shrank meanwhile, keys
+        # expiring), which would count that replica and its calls twice.
+        keys = list(dict.fromkeys([key async for key in
+                                   self._redis.scan_iter(match=pattern, count=500)]))
         values = await self._redis.mget(keys) if keys else []
         replicas = [r for r in map(_heartbeat, values) if r is not None]
         return counts, replicas
@@ -400,7 +403,7 @@ def _heartbeat(value: bytes | None) -> dict[str, Any] | None:
 def _int(value: Any) -> int | None:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a foreign 1e999
         return None
 
 

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -1193,3 +1193,58 @@ async def test_replicas_share_one_cache_through_redis(own_redis: OwnRedis,
     assert name == first
     assert all(store.has_audio(e["audio_key"]) for e in old.manifest["entries"] if e["audio_key"])
     store.close()
+
+
+@pytest.fixture
+def cluster_prefix() -> Iterator[str]:
+    yield from own_prefix("cluster-stats")
+
+
+async def test_a_heartbeat_the_scan_returns_twice_counts_its_replica_once(
+        cluster_prefix: str) -> None:
+    """SCAN may return a key more than once (Redis documents it: the keyspace shrinking
+    between two SCAN calls, e.g. Twilio context keys expiring, re-reports a bucket). That
+    replica must not count twice in `replicas`, nor its calls in `active_calls`."""
+    one = SharedStats(aioredis.Redis.from_url(REDIS_URL), prefix=cluster_prefix,
+                      replica_id="one", describe=lambda: {"active_calls": 2})
+    two = SharedStats(aioredis.Redis.from_url(REDIS_URL), prefix=cluster_prefix,
+                      replica_id="two", describe=lambda: {"active_calls": 3})
+    real_scan_iter = one._redis.scan_iter
+
+    async def scan_iter_as_scan_may(*args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
+        seen: list[bytes] = []
+        async for key in real_scan_iter(*args, **kwargs):
+            seen.append(key)
+            yield key
+        for key in seen[:1]:  # the bucket of a key already returned, returned again
+            yield key
+
+    one._redis.scan_iter = scan_iter_as_scan_may  # type: ignore[method-assign]
+    try:
+        await one.heartbeat()
+        await two.heartbeat()
+        snapshot = await one.cluster_snapshot({"active_calls": 2})
+    finally:
+        await one.aclose()
+        await two.aclose()
+    assert (snapshot["replicas"], snapshot["active_calls"]) == (2, 5), (
+        f"2 live replicas with 2 + 3 calls; /admin/stats says {snapshot['replicas']} "
+        f"replicas, {snapshot['active_calls']} active calls")
+
+
+async def test_a_foreign_heartbeat_with_an_infinite_figure_is_left_out(
+        cluster_prefix: str) -> None:
+    """docs/operations.md: a heartbeat that is not ours (a foreign type or value) is left out
+    of the cluster stats, the rest summed. One whose active_calls is 1e999 (read as inf,
+    which int() refuses with OverflowError) answered /admin/stats with a 500."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(cluster_prefix + "replica:by-hand", '{"active_calls": 1e999}')
+    raw.close()
+    ours = SharedStats(aioredis.Redis.from_url(REDIS_URL), prefix=cluster_prefix,
+                       replica_id="ours", describe=lambda: {"active_calls": 1})
+    try:
+        await ours.heartbeat()
+        snapshot = await ours.cluster_snapshot({"active_calls": 1})
+    finally:
+        await ours.aclose()
+    assert snapshot["scope"] == "cluster" and snapshot["active_calls"] == 1
