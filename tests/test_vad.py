@@ -3,7 +3,8 @@ import math
 
 import numpy as np
 
-from gateway.call.turns import SpeechResumed, TurnDetector, TurnEnded, TurnSettings
+from gateway.call.turns import (SpeechResumed, SpeechStarted, TurnDetector, TurnEnded,
+                                TurnSettings)
 from gateway.clock import ManualClock
 from gateway.providers.base import Transcript
 from gateway.vad import WINDOW_BYTES, WINDOW_MS, SegmentEvent, SileroState, SpeechSegmenter
@@ -463,3 +464,45 @@ async def test_a_batch_cancelled_by_the_executors_shutdown_hangs_nobody():
     else:
         raise AssertionError("a batch asked after the shutdown gave probabilities")
     assert not batcher._running
+
+
+class _HeardSTT(_QuietSTT):
+    """Keeps what the recogniser was sent."""
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+
+    async def send_audio(self, pcm16: bytes) -> None:
+        self.sent += pcm16
+
+
+async def test_a_barge_in_confirmed_through_dips_reaches_the_recogniser_from_its_first_word():
+    # While the bot talks, speech needs 400 ms of voiced windows (13) to count, and a
+    # candidate survives one-window dips: voiced and unvoiced alternating, it is confirmed
+    # 25 windows after it began. Every one of them, and its first word, must reach the
+    # recogniser (a pre-roll of the voiced time alone, 18 windows, cut the first 7).
+    clock = ManualClock()
+    stt = _HeardSTT()
+    detector = TurnDetector(TurnSettings(), stt, clock)  # type: ignore[arg-type]
+    detector.confirm_speech_slowly(True)
+    window = 0
+    started: list[SpeechStarted] = []
+    probabilities = [0.0] * 40 + [0.9, 0.0] * 12 + [0.9]
+    first_voiced = 40
+    for prob in probabilities:
+        await clock.advance(WINDOW_MS / 1000)
+        # Each window's bytes say which window it is.
+        pcm = window.to_bytes(2, "little") * (WINDOW_BYTES // 2)
+        started += [s for s in await detector.push(pcm, prob, clock.now())
+                    if isinstance(s, SpeechStarted)]
+        window += 1
+    assert len(started) == 1 and detector.in_utterance
+    heard = [int.from_bytes(stt.sent[i:i + 2], "little")
+             for i in range(0, len(stt.sent), WINDOW_BYTES)]
+    assert first_voiced in heard and heard[-1] == window - 1
+    assert heard == sorted(heard) and len(heard) == len(set(heard))
+    # The margin before it, not the whole pre-roll of silence.
+    assert heard[0] >= first_voiced - 5
+    # When the speech began: the first voiced window's start (its arrival a window later).
+    first_arrival = 1000.0 + (first_voiced + 1) * WINDOW_MS / 1000
+    assert abs(started[0].speech_at - (first_arrival - WINDOW_MS / 1000)) < 1e-6

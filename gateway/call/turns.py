@@ -65,9 +65,17 @@ class TurnSettings:
 
     @property
     def preroll_windows(self) -> int:
+        """Windows kept before speech is confirmed: the longest confirmation's span plus
+        the margin. A candidate survives one-window dips, so its N voiced windows may
+        span up to 2N - 1 (voiced, unvoiced, voiced, ...): sized for that, no first word
+        is cut however the speech dips while it is confirmed."""
         longest = max(self.min_speech_ms, self.barge_in_min_speech_ms,
-                      self.continuation_min_speech_ms) + _PREROLL_MARGIN_MS
-        return math.ceil(longest / WINDOW_MS)
+                      self.continuation_min_speech_ms)
+        return 2 * math.ceil(longest / WINDOW_MS) - 1 + _margin_windows()
+
+
+def _margin_windows() -> int:
+    return math.ceil(_PREROLL_MARGIN_MS / WINDOW_MS)
 
 
 @dataclass
@@ -111,6 +119,8 @@ class TurnDetector:
                                           end_silence_ms=settings.end_of_turn.silence_ms,
                                           onset_probability=settings.vad_onset_probability)
         self._preroll: deque[bytes] = deque(maxlen=settings.preroll_windows)
+        self._windows = 0  # windows pushed so far
+        self._candidate_from = 0  # the window the speech being confirmed began on
         self._audio = bytearray()  # the turn's audio (last 8 s), for the turn model
         self.in_utterance = False
         self._speech_start_at = 0.0
@@ -133,6 +143,7 @@ class TurnDetector:
     async def push(self, window: bytes, prob: float, at: float) -> list[TurnSignal]:
         """One 32 ms window at 16 kHz with its speech probability, arrived at ``at``."""
         signals: list[TurnSignal] = []
+        self._windows += 1
         if self.in_utterance:
             await self._send(window)
             self._keep_audio(window)
@@ -143,16 +154,21 @@ class TurnDetector:
         self._scored_at = at
         silence_before_ms = self._segmenter.silence_ms  # the pause this window may end
         for event in self._segmenter.push(prob):
-            if event is SegmentEvent.SPEECH_START:
-                needed = (self._segmenter.min_speech_ms_override
-                          or self._settings.min_speech_ms)
-                self._speech_start_at = at - needed / 1000.0
+            if event is SegmentEvent.CANDIDATE:
+                self._candidate_from = self._windows
+            elif event is SegmentEvent.SPEECH_START:
+                # The candidate's whole span, dips included, not only its voiced windows.
+                span = self._windows - self._candidate_from + 1
+                self._speech_start_at = at - span * WINDOW_MS / 1000.0
                 self.in_utterance = True
                 self._paused = False
                 self.policy.new_utterance()
                 self._noted = {}
                 signals.append(SpeechStarted(at, self._speech_start_at))
-                preroll = b"".join(self._preroll)
+                # The span and the margin before it: older windows are silence before the
+                # speech, which would only lengthen every decode.
+                kept = span + _margin_windows()
+                preroll = b"".join(list(self._preroll)[-kept:])
                 self._preroll.clear()
                 self._audio = bytearray()
                 self._keep_audio(preroll)
