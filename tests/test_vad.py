@@ -501,8 +501,18 @@ async def test_a_barge_in_confirmed_through_dips_reaches_the_recogniser_from_its
              for i in range(0, len(stt.sent), WINDOW_BYTES)]
     assert first_voiced in heard and heard[-1] == window - 1
     assert heard == sorted(heard) and len(heard) == len(set(heard))
-    # The margin before it, not the whole pre-roll of silence.
-    assert heard[0] >= first_voiced - 5
+    assert heard[0] >= first_voiced - 5  # the 160 ms margin before it, not more silence
     # When the speech began: the first voiced window's start (its arrival a window later).
     first_arrival = 1000.0 + (first_voiced + 1) * WINDOW_MS / 1000
     assert abs(started[0].speech_at - (first_arrival - WINDOW_MS / 1000)) < 1e-6
+
+
+async def test_speech_confirmed_at_once_keeps_the_pre_roll_every_turn_was_decoded_with():
+    clock = ManualClock()
+    stt = _HeardSTT()
+    detector = TurnDetector(TurnSettings(), stt, clock)  # type: ignore[arg-type]
+    for prob in [0.0] * 40 + [0.9] * 4:  # a turn's 120 ms, no dips
+        await clock.advance(WINDOW_MS / 1000)
+        await detector.push(bytes(WINDOW_BYTES), prob, clock.now())
+    assert detector.in_utterance
+    assert len(stt.sent) == TurnSettings().preroll_sent_windows * WINDOW_BYTES == 18 * WINDOW_BYTES

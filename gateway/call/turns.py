@@ -69,9 +69,19 @@ class TurnSettings:
         the margin. A candidate survives one-window dips, so its N voiced windows may
         span up to 2N - 1 (voiced, unvoiced, voiced, ...): sized for that, no first word
         is cut however the speech dips while it is confirmed."""
-        longest = max(self.min_speech_ms, self.barge_in_min_speech_ms,
-                      self.continuation_min_speech_ms)
-        return 2 * math.ceil(longest / WINDOW_MS) - 1 + _margin_windows()
+        return 2 * math.ceil(self._longest_ms / WINDOW_MS) - 1 + _margin_windows()
+
+    @property
+    def preroll_sent_windows(self) -> int:
+        """At least this much of the pre-roll goes to the recogniser when speech starts:
+        the longest confirmation and the margin (what every turn has always been decoded
+        with; a soft first syllable can sit below the VAD's threshold)."""
+        return math.ceil((self._longest_ms + _PREROLL_MARGIN_MS) / WINDOW_MS)
+
+    @property
+    def _longest_ms(self) -> float:
+        return max(self.min_speech_ms, self.barge_in_min_speech_ms,
+                   self.continuation_min_speech_ms)
 
 
 def _margin_windows() -> int:
@@ -165,9 +175,7 @@ class TurnDetector:
                 self.policy.new_utterance()
                 self._noted = {}
                 signals.append(SpeechStarted(at, self._speech_start_at))
-                # The span and the margin before it: older windows are silence before the
-                # speech, which would only lengthen every decode.
-                kept = span + _margin_windows()
+                kept = max(span + _margin_windows(), self._settings.preroll_sent_windows)
                 preroll = b"".join(list(self._preroll)[-kept:])
                 self._preroll.clear()
                 self._audio = bytearray()
