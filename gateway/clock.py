@@ -51,19 +51,28 @@ class Deadline:
 
 @contextlib.asynccontextmanager
 async def deadline(clock: Clock, seconds: float,
-                   after: asyncio.Event | None = None) -> AsyncIterator[Deadline]:
+                   after: asyncio.Event | tuple[asyncio.Event, ...] | None = None,
+                   ) -> AsyncIterator[Deadline]:
     """``asyncio.timeout(seconds)`` on ``clock``: once ``seconds`` of it have passed the
     block is cancelled and ``Expired`` (a ``TimeoutError``) raised instead, so a test's
     ``ManualClock`` decides when (a stage's stall timeout). A cancel from outside meanwhile (a barge-in)
     stays a cancel. The block must not swallow ``CancelledError``. ``after``: the
-    ``seconds`` start only once this event is set (a wait that is no stall)."""
+    ``seconds`` start only once this event (or the first of these) is set (a wait that
+    is no stall)."""
     task = asyncio.current_task()
     assert task is not None, "deadline() needs a task"
     state = Deadline()
 
     async def expire() -> None:
-        if after is not None:
+        if isinstance(after, asyncio.Event):
             await after.wait()
+        elif after:
+            waits = [asyncio.ensure_future(event.wait()) for event in after]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
         await clock.sleep(seconds)
         state.expired = True
         task.cancel()

@@ -27,7 +27,7 @@ from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 from .codec import PCM16, encode
 from .preemption import Preemption
 from .providers.base import ProviderError, TextToSpeech
-from .providers.synthesis_slots import URGENCY
+from .providers.synthesis_slots import URGENCY, WANTED
 from .settings import Settings
 from .timeline import TurnTimeline, now
 
@@ -125,6 +125,10 @@ class _Prefetched:
         self._complete = False
         context = contextvars.copy_context()
         context.run(URGENCY.set, place)
+        # Set when the reply starts reading this sentence: from then the caller waits.
+        self.wanted = asyncio.Event()
+        if place > 0:  # the first sentence is waited for from its request
+            context.run(WANTED.set, self.wanted)
         self.task = asyncio.create_task(self._fill(source), context=context)
 
     def total_bytes(self) -> int | None:
@@ -145,6 +149,7 @@ class _Prefetched:
             await source.aclose()  # type: ignore[attr-defined]
 
     async def audio(self) -> AsyncIterator[bytes]:
+        self.wanted.set()
         while True:
             item = await self._chunks.get()
             if item is None:

@@ -15,7 +15,7 @@ from gateway.audio_bank import AudioBank
 from gateway.clock import ManualClock, deadline
 from gateway.providers.base import ProviderError, TextToSpeech
 from gateway.providers.elevenlabs_tts import ElevenLabsTTS
-from gateway.providers.synthesis_slots import SEEDING, URGENCY
+from gateway.providers.synthesis_slots import SEEDING, URGENCY, WANTED
 from gateway.providers.registry import create_tts
 from gateway.seeding import blocking_renderer, voice_id
 from gateway.services import Services
@@ -622,6 +622,61 @@ async def test_a_seed_waits_for_a_slot_as_long_as_callers_hold_them_and_still_re
         assert [r["text"] for r in fake.requests] == ["A long answer, playing.",
                                                      "An answer the seed renders."]
         assert tts.slots.busy == 0
+    finally:
+        fake.release.set()
+        await tts.aclose()
+
+
+def _ahead(coro, wanted: asyncio.Event) -> "asyncio.Future[list[bytes]]":
+    """``coro`` as the responder starts a sentence fetched ahead: its place (1) as its
+    ``URGENCY``, and ``WANTED`` set once its reply starts reading it."""
+    context = contextvars.copy_context()
+    context.run(URGENCY.set, 1)
+    context.run(WANTED.set, wanted)
+    return asyncio.get_running_loop().create_task(coro, context=context)
+
+
+async def test_a_sentence_fetched_ahead_has_its_budget_from_its_slot_or_its_reply_waiting(
+        eleven):
+    # Review: a reply's second sentence, fetched while the first plays, waited for a slot
+    # behind other callers' first sentences, and that wait counted in its 4 s budget: it
+    # failed (the apology in the middle of the reply) while the first was still playing,
+    # nobody waiting for it yet. Its budget starts once it holds a slot, or once its reply
+    # waits for it, whichever comes first.
+    fake, server = eleven
+    tts, clock, playing = await _the_only_slot_held(fake, server)
+    try:
+        wanted = asyncio.Event()
+        ahead = _ahead(_all(tts.synthesize("Then bring your card.")), wanted)
+        await asyncio.sleep(0.1)
+        await clock.advance(10.0)  # the first sentence still plays: nobody waits for it
+        await asyncio.sleep(0.1)
+        assert not ahead.done() and tts.slots.waiting == 1
+        wanted.set()  # the first sentence has played: the caller waits from here
+        await asyncio.sleep(0.1)
+        await clock.advance(4.1)
+        with pytest.raises(ProviderError, match=r"all of it waiting for one of the 1 "):
+            await asyncio.wait_for(ahead, 10)
+        fake.release.set()
+        assert await asyncio.wait_for(playing, 10)
+        assert tts.slots.busy == 0 and tts.slots.waiting == 0
+    finally:
+        fake.release.set()
+        await tts.aclose()
+
+
+async def test_a_sentence_fetched_ahead_is_rendered_when_its_slot_comes_in_time(eleven):
+    fake, server = eleven
+    tts, clock, playing = await _the_only_slot_held(fake, server)
+    try:
+        ahead = _ahead(_all(tts.synthesize("Then bring your card.")), asyncio.Event())
+        await asyncio.sleep(0.1)
+        await clock.advance(10.0)
+        fake.release.set()  # the slot frees before anyone waits for the sentence
+        assert await asyncio.wait_for(playing, 10)
+        assert await asyncio.wait_for(ahead, 10)
+        assert [r["text"] for r in fake.requests] == ["A long answer, playing.",
+                                                     "Then bring your card."]
     finally:
         fake.release.set()
         await tts.aclose()

@@ -41,7 +41,7 @@ from gateway import logs
 from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from gateway.providers.base import ProviderError
 from gateway.providers.rate_limits import retry_after_s, retry_wait
-from gateway.providers.synthesis_slots import SEEDING, URGENCY, SynthesisSlots
+from gateway.providers.synthesis_slots import SEEDING, URGENCY, WANTED, SynthesisSlots
 from gateway.settings import Settings
 
 SAMPLE_RATES = (16000, 24000)
@@ -135,7 +135,8 @@ class ElevenLabsTTS:
             started = self._clock.now()  # the first-audio deadline's start: a slot's wait counts
             if self.slots is not None:
                 await stack.enter_async_context(self.slots.slot())
-                if _patient():
+                wanted = WANTED.get()
+                if _patient() or (wanted is not None and not wanted.is_set()):
                     started = self._clock.now()
             slot.set()
             response = await self._accepted(stack, text, started)
@@ -212,8 +213,12 @@ class ElevenLabsTTS:
         ``first_audio_timeout_s`` of the request, else a ``ProviderError`` (saying so when
         the time went waiting for a slot: ``slot`` never set)."""
         limit = self._first_audio_timeout_s
+        wanted = WANTED.get()
+        # A seed's budget starts at its slot; a sentence fetched ahead's at its slot or
+        # once its reply waits for it, whichever comes first; anyone else's at once.
+        after = slot if _patient() else None if wanted is None else (slot, wanted)
         try:
-            async with deadline(self._clock, limit, after=slot if _patient() else None):
+            async with deadline(self._clock, limit, after=after):
                 return await anext(chunks, None)
         except Expired:
             slots = self.slots  # an unset ``slot`` is only ever a capped voice's wait

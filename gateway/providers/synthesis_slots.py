@@ -26,6 +26,11 @@ from typing import AsyncIterator
 URGENCY: ContextVar[int] = ContextVar("voicegate_synthesis_urgency", default=0)
 # A seed's answers: behind every caller's sentence.
 SEEDING = 1_000
+# A sentence fetched ahead of the one playing: set once its reply waits for its audio
+# (the caller would hear silence). Until then, or until it holds a slot, its wait is no
+# stall and its first-audio budget does not run. None: the caller waits from the start.
+WANTED: ContextVar[asyncio.Event | None] = ContextVar("voicegate_synthesis_wanted",
+                                                      default=None)
 
 
 class SynthesisSlots:
