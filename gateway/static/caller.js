@@ -426,8 +426,11 @@
   }
 
   function onResponse(current, event) {
-    // The turn's source is what answered it; a filler only bridged the wait.
-    if (event.source !== "filler" || !els.route.dataset.source) {
+    // The turn's source is what answered it; a filler only bridged the wait. A line the
+    // bot says unasked (greeting, idle prompt, goodbye) has a turn of its own, no route:
+    // it does not rewrite the source of the caller's turn shown.
+    if (String(event.turn) === els.route.dataset.turn &&
+        (event.source !== "filler" || !els.route.dataset.source)) {
       els.route.dataset.source = event.source;
       const source = document.getElementById("route-source");
       if (source) source.textContent = "source " + event.source;
