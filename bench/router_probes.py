@@ -55,7 +55,6 @@ from intents.calibration import (CONFIDENCE, OUT_OF_DOMAIN_TARGET, MisheardCopie
 from intents.classifier import MIX, OUT_OF_DOMAIN, TWO_VIEWS, IntentClassifier  # noqa: E402
 from intents.embedder import Embedder  # noqa: E402
 from intents.judge import NEIGHBOURS, SIGNALS, Judge, read_signals  # noqa: E402
-from intents.misheard import misheard_copies  # noqa: E402
 from intents.negatives import embed_negatives, negatives_for_seed  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
 
@@ -160,9 +159,13 @@ def held_out_rows(make: Callable[[], ProbedClassifier], vectors: np.ndarray, tex
     neg_fold = np.arange(len(neg_texts)) % FOLDS
     per_intent = len(texts) / len(set(labels))
     splitter = StratifiedKFold(FOLDS, shuffle=True, random_state=fold_seed)
+    # The whole seed's copies (seed order), read as held out in their question's fold.
+    _, copy_texts, copy_vectors = (misheard.of(texts) if heard is not None and misheard
+                                   is not None else ((), [], None))
     for fold, (train, test) in enumerate(splitter.split(vectors, labels.astype(str))):
         others = np.flatnonzero(neg_fold != fold)
-        clf = make().fit(*fitted_rows(vectors, labels, texts, train, misheard),
+        clf = make().fit(*fitted_rows(vectors, labels, texts, train, misheard,
+                                      held_out=[texts[i] for i in test]),
                          negative_vectors=neg_vectors[others],
                          negative_texts=[neg_texts[i] for i in others],
                          seed_questions_per_intent=per_intent)
@@ -172,8 +175,8 @@ def held_out_rows(make: Callable[[], ProbedClassifier], vectors: np.ndarray, tex
                 (negs, np.flatnonzero(neg_fold == fold), neg_vectors, neg_texts),
                 (spoken, np.flatnonzero(np.isin(spoken_rows, test)), spoken_vectors,
                  spoken_texts),
-                *([(heard, test, misheard.vectors, list(misheard.texts))]
-                  if heard is not None and misheard is not None else [])):
+                *([(heard, test, copy_vectors, copy_texts)]
+                  if heard is not None and copy_vectors is not None else [])):
             if not len(where):
                 continue
             mine = [source_texts[i] for i in where]
@@ -358,8 +361,7 @@ def main() -> None:
     mix = (None if args.mix is None
            else dict(zip(("embeddings", "characters", "words"),
                          (float(w) for w in args.mix.split(",")))))
-    copies = misheard_copies(texts)
-    misheard = MisheardCopies(embedder.encode_batch(copies, batch_size=128), copies)
+    misheard = MisheardCopies(lambda made: embedder.encode_batch(made, batch_size=128))
     first = "shipped classifier" if mix is None else f"classifier, mix {args.mix}"
     two_views = "two views (" + "/".join(f"{w:g}" for w in TWO_VIEWS.values()) + ")"
     for label, make, copied in (

@@ -63,7 +63,6 @@ from intents.calibration import (CONFIDENCE, MisheardCopies, _loosest,  # noqa: 
 from intents.classifier import IntentClassifier  # noqa: E402
 from intents.embedder import Embedder  # noqa: E402
 from intents.judge import SIGNALS, Judge, read_signals  # noqa: E402
-from intents.misheard import misheard_copies  # noqa: E402
 from intents.negatives import embed_negatives, negatives_for_seed  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
 
@@ -93,8 +92,8 @@ def main() -> None:
     neg_texts = negatives_for_seed((), texts)
     neg_vectors = embed_negatives(embedder, neg_texts)
     # The shipped fit: every fold's classifier also learns its questions' misheard copies.
-    copies = misheard_copies(texts)
-    misheard = MisheardCopies(embedder.encode_batch(copies, batch_size=128), copies)
+    misheard = MisheardCopies(lambda made: embedder.encode_batch(made, batch_size=128))
+    _, copies, copy_vectors = misheard.of(texts)  # the whole seed's, read held out below
     held = cross_validate(vectors, texts, labels, neg_vectors, neg_texts, folds=FOLDS,
                           misheard=misheard, seed=args.fold_seed)
 
@@ -113,7 +112,8 @@ def main() -> None:
     for fold, (train, test) in enumerate(splits):
         mine = np.flatnonzero(np.isin(sp_rows, test))
         others = np.flatnonzero(neg_fold != fold)
-        clf = IntentClassifier().fit(*fitted_rows(vectors, labels, texts, train, misheard),
+        clf = IntentClassifier().fit(*fitted_rows(vectors, labels, texts, train, misheard,
+                                                  held_out=[texts[i] for i in test]),
                                      negative_vectors=neg_vectors[others],
                                      negative_texts=[neg_texts[i] for i in others],
                                      seed_questions_per_intent=per_intent)
@@ -121,7 +121,7 @@ def main() -> None:
         s = read_signals(clf, cache, sp_vectors[mine], [sp_texts[i] for i in mine])
         sp_predicted[mine], sp_matrix[mine] = s.predicted, s.matrix
         sp_similarity[mine] = s.nearest_similarity
-        c = read_signals(clf, cache, misheard.vectors[test], [copies[i] for i in test])
+        c = read_signals(clf, cache, copy_vectors[test], [copies[i] for i in test])
         cp_predicted[test], cp_matrix[test] = c.predicted, c.matrix
         cp_similarity[test] = c.nearest_similarity
 

@@ -62,7 +62,9 @@ from scipy.stats import beta
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from intents.classifier import IntentClassifier
+from intents.embedder import normalize_text
 from intents.judge import SIGNALS, Judge, Signals, read_signals
+from intents.misheard import misheard_copies
 from intents.semantic_cache import SemanticCache
 
 NEVER = 2.0  # a judge confidence no query reaches: the router never hits
@@ -115,13 +117,17 @@ class Thresholds:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def promise(self) -> str:
-        """What the calibration promises, in an operator's words."""
-        precision = 1.0 - self.target_wrong_rate
+        """What the calibration promises, in an operator's words. Targets are printed as
+        given, never rounded (a 0.25% target is no "99.8%" promise)."""
+        precision = _percent(1.0 - self.target_wrong_rate)
         if self.hit_confidence >= NEVER:
             return (f"no cached answer is served: on this seed no threshold kept wrong answers "
-                    f"under {self.target_wrong_rate:.1%}, so every question goes to the agent")
+                    f"under {_percent(self.target_wrong_rate)} over enough held-out answers "
+                    f"to trust it (at least {min_unbounded_hits(self.target_wrong_rate)}), so "
+                    "every question goes to the agent; add paraphrases (a few hundred "
+                    "questions in all)")
         if self.bounded:
-            return (f"at least {precision:.1%} of cached answers are right, with "
+            return (f"at least {precision} of cached answers are right, with "
                     f"{self.confidence_level:.0%} confidence (upper bound on wrong answers "
                     f"{self.wrong_rate_bound:.2%}, from {self.calibration_questions} held-out "
                     f"seed questions); about {self.expected_hit_rate:.0%} of FAQ questions are "
@@ -130,7 +136,7 @@ class Thresholds:
         return (f"this seed is too small to bound the precision at {self.confidence_level:.0%} "
                 f"confidence; on its {self.calibration_questions} held-out questions "
                 f"{1.0 - self.expected_wrong_rate:.1%} of cached answers were right (target "
-                f"{precision:.1%}): add paraphrases (a few hundred questions in all) for a "
+                f"{precision}): add paraphrases (a few hundred questions in all) for a "
                 f"bounded promise{self._transcripts()}")
 
     def _transcripts(self) -> str:
@@ -138,12 +144,19 @@ class Thresholds:
             return ""  # calibrated before transcripts had a threshold, or nothing is served
         if not self.transcript_strict:
             return (f"; spoken questions are served at the same threshold: this seed gives "
-                    f"no stricter one at a {self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR:.1%} "
+                    f"no stricter one at a "
+                    f"{_percent(self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR)} "
                     f"target (too few held-out answers to bound it)")
         return (f"; spoken questions need more certainty (recognition errors make a "
                 f"transcript's answer wrong more often): the threshold of a "
-                f"{self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR:.1%} target, which "
+                f"{_percent(self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR)} target, which "
                 f"serves about {self.transcript_expected_hit_rate:.0%} of typed FAQ questions")
+
+
+def _percent(share: float) -> str:
+    """A target as a percentage, as given (10 significant digits: float noise goes, no
+    digit the operator chose is rounded away): 1%, 0.25%, 99.75%, 99.999%."""
+    return f"{100.0 * share:.10g}%"
 
 
 @dataclass(frozen=True)
@@ -161,9 +174,9 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
                    negative_texts: Sequence[str] = (), folds: int = 5,
                    make_classifier: Callable[[], IntentClassifier] = IntentClassifier,
                    seed: int = 0, misheard: MisheardCopies | None = None) -> HeldOut:
-    """Out-of-fold signals. ``misheard``: one misheard copy of each seed question
-    (``intents.misheard``), fitted beside the questions of its fold's training part (never
-    read as held out: a copy of a held-out question would leak it)."""
+    """Out-of-fold signals. ``misheard``: misheard copies (``intents.misheard``) of each
+    fold's training questions, made from them alone and fitted beside them (never read as
+    held out: a copy of a held-out question, or one of its words, would leak it)."""
     labels = np.asarray(list(intents), dtype=object)
     texts = list(texts)
     n = len(labels)
@@ -191,7 +204,8 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
     for fold, (train, test) in enumerate(splits):
         # The fold's classifier learns the negatives of the other folds as out of domain.
         others = np.flatnonzero(neg_fold != fold)
-        clf = make_classifier().fit(*fitted_rows(vectors, labels, texts, train, misheard),
+        clf = make_classifier().fit(*fitted_rows(vectors, labels, texts, train, misheard,
+                                                 held_out=[texts[i] for i in test]),
                                     negative_vectors=neg_vectors[others],
                                     negative_texts=[neg_texts[i] for i in others],
                                     seed_questions_per_intent=per_intent)
@@ -205,25 +219,53 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
                    len(splits))
 
 
-@dataclass(frozen=True)
 class MisheardCopies:
-    """One misheard copy of every seed question (seed order) and its embedding."""
+    """Misheard copies (``intents.misheard``) of the questions a classifier is fitted on,
+    each set made from those questions' own words. So a calibration fold's copies never
+    carry a word that only its held-out questions say (copies made once from the whole seed
+    did: "cheque" swapped in for "check", a held-out question's word fitted in its fold),
+    and a copy that is word for word a held-out question ("How soon will I get my card?"
+    losing "soon") is left out. Each distinct copy is embedded once, however many folds
+    make it (a question's copy depends on its own text and the vocabulary alone, so most
+    folds make the same one)."""
 
-    vectors: np.ndarray
-    texts: Sequence[str]
+    def __init__(self, embed: Callable[[list[str]], np.ndarray],
+                 make: Callable[[Sequence[str]], list[str]] = misheard_copies) -> None:
+        self._embed = embed
+        self._make = make
+        self._vectors: dict[str, np.ndarray] = {}
+
+    def of(self, texts: Sequence[str], held_out: Collection[str] = ()
+           ) -> tuple[list[int], list[str], np.ndarray | None]:
+        """Copies of ``texts``: the positions copied, the copies and their vectors (None
+        when there is none)."""
+        copies = self._make(list(texts))
+        excluded = {normalize_text(t) for t in held_out}
+        kept = [i for i, copy in enumerate(copies) if normalize_text(copy) not in excluded]
+        missing = list(dict.fromkeys(copies[i] for i in kept if copies[i] not in self._vectors))
+        if missing:
+            self._vectors.update(zip(missing, self._embed(missing)))
+        kept_copies = [copies[i] for i in kept]
+        if not kept_copies:
+            return [], [], None
+        return kept, kept_copies, np.stack([self._vectors[c] for c in kept_copies])
 
 
 def fitted_rows(vectors: np.ndarray, labels: np.ndarray, texts: Sequence[str],
-                rows: np.ndarray, misheard: MisheardCopies | None
-                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The seed rows a classifier is fitted on (vectors, intents, texts), each followed by its
-    misheard copy when there are copies."""
+                rows: np.ndarray, misheard: MisheardCopies | None,
+                held_out: Collection[str] = ()) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The seed rows a classifier is fitted on (vectors, intents, texts), followed by their
+    misheard copies when there are copies (made from these rows alone; none that is word
+    for word one of the ``held_out`` questions)."""
     fit_texts = [texts[i] for i in rows]
     if misheard is None:
         return vectors[rows], labels[rows], fit_texts
-    return (np.concatenate([vectors[rows], misheard.vectors[rows]]),
-            np.concatenate([labels[rows], labels[rows]]),
-            fit_texts + [misheard.texts[i] for i in rows])
+    kept, copies, copy_vectors = misheard.of(fit_texts, held_out)
+    if copy_vectors is None:
+        return vectors[rows], labels[rows], fit_texts
+    return (np.concatenate([vectors[rows], copy_vectors.astype(vectors.dtype, copy=False)]),
+            np.concatenate([labels[rows], labels[rows][kept]]),
+            fit_texts + copies)
 
 
 def _reassemble(parts: list[tuple[np.ndarray, Signals]], n: int) -> Signals:

@@ -12,7 +12,7 @@ the same first letter. Never anything the seed does not say, so no new intent wo
 Chosen on Banking77 *train* only (``bench/router_probes.py --misheard``, the shipped 5-fold
 cross-validation, fold seeds 0 and 1; dev never read), at a rate fixed before the first run:
 see the README's router section for the figures. The copies are deterministic (a fixed
-random seed), so the same seed always fits the same models.
+random seed per question), so the same seed always fits the same models.
 """
 
 from __future__ import annotations
@@ -69,9 +69,12 @@ def misheard_copies(texts: Sequence[str], rate: float = RATE, seed: int = 0) -> 
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate is a share of words, 0..1: {rate}")
     vocabulary = _Vocabulary(texts)
-    rng = random.Random(seed)
     copies = []
     for text in texts:
+        # Drawn per text, not from one stream: a question's copy depends on its own words
+        # and the vocabulary alone, so the copies made for a calibration fold's questions
+        # are, but where the fold's vocabulary differs, those of the whole seed.
+        rng = random.Random(f"{seed}:{text}")
         kept = []
         for word in text.split():
             draw = rng.random()

@@ -30,8 +30,8 @@ from typing import Mapping, Sequence
 import joblib
 import numpy as np
 
-from intents.calibration import (HeldOut, MisheardCopies, Thresholds, calibrate, cross_validate,
-                                 fitted_rows)
+from intents.calibration import (NEVER, HeldOut, MisheardCopies, Thresholds, calibrate,
+                                 cross_validate, fitted_rows)
 from intents.classifier import OUT_OF_DOMAIN, IntentClassifier
 from intents.completeness import Completeness, train_completeness
 from intents.embedder import Embedder, normalize_text
@@ -122,7 +122,10 @@ class Router:
             answerable = entry.action is Action.ANSWER and entry.answer is not None
             verbatim = (similarity >= VERBATIM_SIMILARITY
                         and signals.nearest_intent[i] == predicted)
-            hit = answerable and (verbatim or sure >= t.hit_confidence)
+            # A seed calibrated to serve nothing (NEVER) serves nothing, its own questions
+            # word for word included: its report says every question goes to the agent.
+            hit = answerable and t.hit_confidence < NEVER and (verbatim
+                                                               or sure >= t.hit_confidence)
             spoken_hit = hit and (verbatim or sure >= t.spoken_confidence)
             # Only a hit's words are judged (~50 µs): the end of turn reads them on hits.
             finished = not hit or self.completeness is None or self.completeness.finished(text)
@@ -212,8 +215,7 @@ def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence
     per_intent = len(questions) / len(set(intents))
     misheard = None
     if per_intent >= MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD:
-        copies = misheard_copies(questions)
-        misheard = MisheardCopies(embedder.encode_batch(copies), copies)
+        misheard = MisheardCopies(embedder.encode_batch, misheard_copies)
     held_out = cross_validate(vectors, questions, intents, negative_vectors, negative_texts,
                               folds=folds, misheard=misheard)
     thresholds, judge = calibrate(held_out, answer_intents, target_wrong_rate)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from intents.embedder import Embedder  # noqa: E402
 from intents.loader import LoadedCache, load_cache  # noqa: E402
 from intents.ngrams import CharNgramFeatures  # noqa: E402
 from intents.store import LocalStore  # noqa: E402
+from intents.types import Action, Entry  # noqa: E402
 
 BANK_FAQ = Path(__file__).resolve().parent.parent / "cache_seed" / "examples" / "bank_faq.csv"
 TONE_RATE = 8000
@@ -93,3 +95,32 @@ def two_view_probabilities(state: dict, query: np.ndarray, texts: list[str]) -> 
     tiny = np.finfo(np.float64).tiny
     return probabilities_of_logits(weight * np.log(np.maximum(embedding, tiny))
                                    + (1.0 - weight) * np.log(np.maximum(ngrams, tiny)))
+
+
+class HashEmbedder:
+    """Vectors from a text's words (hashing): deterministic, no model, for calibration tests
+    that need whole routers quickly."""
+
+    model_name = "hash-test-embedder"
+    dim = 64
+
+    def encode_batch(self, texts, batch_size: int = 64):  # type: ignore[no-untyped-def]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"[a-z']+", text.lower()):
+                out[row, sum(map(ord, word)) * 7919 % self.dim] += 1.0
+            out[row] /= max(float(np.linalg.norm(out[row])), 1e-6)
+        return out
+
+    def encode(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    def encode_many(self, texts):  # type: ignore[no-untyped-def]
+        return self.encode_batch(list(texts))
+
+
+def answer_entries(labels: list[str], questions: list[str]) -> dict[str, Entry]:
+    """One answer entry per intent, holding its questions."""
+    return {i: Entry(id=i, intent=i, action=Action.ANSWER, answer=f"about {i}",
+                     questions=tuple(q for q, y in zip(questions, labels) if y == i))
+            for i in dict.fromkeys(labels)}

@@ -12,6 +12,7 @@ from intents.calibration import MisheardCopies, cross_validate, fitted_rows
 from intents.classifier import IntentClassifier
 from intents.misheard import misheard_copies
 from intents.types import Action, Entry
+from tests.intents_support import HashEmbedder, answer_entries
 
 SEED = [
     "can I pay in a cheque at the branch",
@@ -63,7 +64,9 @@ def test_each_fold_fits_the_copies_of_its_training_questions_only() -> None:
     vectors = rng.normal(size=(n, 8)).astype(np.float32)
     texts = [f"question {i}" for i in range(n)]
     labels = ["a", "b"] * (n // 2)
-    copies = MisheardCopies(vectors + 100.0, [f"copy {i}" for i in range(n)])
+    copies = MisheardCopies(
+        embed=lambda made: np.stack([vectors[int(t.split()[1])] + 100.0 for t in made]),
+        make=lambda fitted: [t.replace("question", "copy") for t in fitted])
     folds: list[tuple[list[str], list[str]]] = []  # each fold's (fitted, scored) texts
 
     class Spy(IntentClassifier):
@@ -90,11 +93,17 @@ def test_each_fold_fits_the_copies_of_its_training_questions_only() -> None:
 
 def test_fitted_rows_pairs_every_question_with_its_copy() -> None:
     vectors = np.arange(6, dtype=np.float32).reshape(3, 2)
-    copies = MisheardCopies(-vectors, ["x", "y", "z"])
+    index = {"P": 0, "Q": 1, "R": 2}
+    copies = MisheardCopies(embed=lambda made: -vectors[[index[t] for t in made]],
+                            make=lambda fitted: [t.upper() for t in fitted])
     v, y, t = fitted_rows(vectors, np.array(["a", "b", "c"], dtype=object), ["p", "q", "r"],
                           np.array([0, 2]), copies)
-    assert t == ["p", "r", "x", "z"] and list(y) == ["a", "c", "a", "c"]
+    assert t == ["p", "r", "P", "R"] and list(y) == ["a", "c", "a", "c"]
     assert np.array_equal(v, np.concatenate([vectors[[0, 2]], -vectors[[0, 2]]]))
+    # A copy that is, word for word, a held-out question is not fitted (it would leak it).
+    v, y, t = fitted_rows(vectors, np.array(["a", "b", "c"], dtype=object), ["p", "q", "r"],
+                          np.array([0, 2]), copies, held_out=["r"])
+    assert t == ["p", "r", "P"] and list(y) == ["a", "c", "a"] and len(v) == 3
     v, y, t = fitted_rows(vectors, np.array(["a", "b", "c"], dtype=object), ["p", "q", "r"],
                           np.array([1]), None)
     assert t == ["q"] and list(y) == ["b"]
@@ -137,4 +146,70 @@ def test_only_a_seed_with_enough_questions_an_intent_is_fitted_with_copies(
                for i in ("card", "pin")}
     embedder = _CountingEmbedder()
     intents.router.train_router(embedder, questions, labels, entries)  # type: ignore[arg-type]
-    assert made == ([len(questions)] if copied else [])
+    # Each calibration fold's training questions (4 of 5), then the whole seed.
+    assert made == ([len(questions) * 4 // 5] * 5 + [len(questions)] if copied else [])
+
+
+def test_a_copy_depends_on_its_question_and_the_vocabulary_alone() -> None:
+    # So a fold's copies are those of the whole seed except where its vocabulary differs,
+    # and each is embedded once.
+    whole = misheard_copies(SEED[:8], rate=0.5)
+    assert misheard_copies(SEED[:8][::-1], rate=0.5) == whole[::-1]
+
+
+def test_each_distinct_copy_is_embedded_once_however_many_folds_make_it() -> None:
+    embedded: list[str] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        embedded.extend(texts)
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+    copies = MisheardCopies(embed, make=lambda fitted: [f"copy of {t}" for t in fitted])
+    copies.of(["a", "b", "c"])
+    copies.of(["b", "c", "d"])
+    assert embedded == ["copy of a", "copy of b", "copy of c", "copy of d"]
+
+
+_WORDS = re.compile(r"[a-z']+")
+
+
+def test_a_folds_copies_never_carry_a_word_only_its_held_out_questions_say(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Review: copies made once from the whole seed let a copy of a training question swap
+    # in a word only a held-out question of that fold says ("cheque" for "check"): the
+    # fold's classifier was fitted on the held-out question's own words. On Banking77 train,
+    # 258 held-out questions met a word their fold knew only from such copies.
+    fitted: list[list[str]] = []
+
+    class Spy(IntentClassifier):
+        def fit(self, vectors, intents_, texts=None, **kwargs):  # type: ignore[override]
+            fitted.append(list(texts or ()))
+            return super().fit(vectors, intents_, texts, **kwargs)
+
+    real = intents.router.cross_validate
+
+    def spying(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return real(*args, make_classifier=Spy, **kwargs)
+
+    monkeypatch.setattr(intents.router, "cross_validate", spying)
+    monkeypatch.setattr(intents.router, "negatives_for_seed", lambda extra, questions: tuple(
+        f"weather in town {c}" for c in "abcdefghij"))
+    things = ["savings", "salary", "refund", "rent", "gift", "loan", "bonus", "prize", "tax",
+              "wage", "fee", "sale", "debt", "fund", "tip"]
+    questions = [f"how do I deposit a check for my {t} {u}" for t in things
+                 for u in ("today", "now")][:29] + ["where can I pay in a cheque"]
+    questions += [f"I forgot my pin code {t} {u}" for t in things for u in ("again", "twice")][:30]
+    labels = ["deposit"] * 30 + ["pin"] * 30
+    intents.router.train_router(HashEmbedder(), questions, labels,  # type: ignore[arg-type]
+                                answer_entries(labels, questions))
+    folds = fitted  # the calibration folds' classifiers (the final one is not a Spy)
+    assert len(folds) == 5
+    leaks = []
+    for texts in folds:
+        originals, copies = texts[:len(texts) // 2], texts[len(texts) // 2:]
+        held_out = [q for q in questions if q not in set(originals)]
+        known = {w for t in originals for w in _WORDS.findall(t.lower())}
+        only_held_out = {w for q in held_out for w in _WORDS.findall(q.lower())} - known
+        leaks += [(w, c) for c in copies for w in _WORDS.findall(c.lower())
+                  if w in only_held_out]
+    assert leaks == [], f"fitted copies carry held-out words: {leaks[:3]}"
