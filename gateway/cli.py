@@ -41,8 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
                                  f"{exc.strerror or exc} (--host, --port)")
     port = listener.getsockname()[1]
     app = create_app(settings)
-    print(f"voicegate: caller page http://{settings.host}:{port}/ · "
-          f"native protocol ws://{settings.host}:{port}/v1/call", flush=True)
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6 in a URL
+    print(f"voicegate: caller page http://{shown}:{port}/ · "
+          f"native protocol ws://{shown}:{port}/v1/call", flush=True)
     services = app.state.services
     # SIGTERM drains (no new calls, running ones finish up to drain_timeout_s), then exits.
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port,
@@ -84,6 +85,8 @@ def _gave_up(command: str, reason: str) -> int:
 
 
 def _call(args: argparse.Namespace) -> int:
+    from websockets.exceptions import InvalidStatus, WebSocketException
+
     from .audio import resample_pcm16, write_wav
     from .client import Caller, format_event
 
@@ -114,7 +117,15 @@ def _call(args: argparse.Namespace) -> int:
         return _usage_error("call", refused)
     try:
         return asyncio.run(run())
-    except (OSError, TimeoutError, ConnectionError) as exc:
+    except InvalidStatus as exc:  # the gateway answered the upgrade with an HTTP status
+        status = exc.response.status_code
+        why = {403: ": give --token or VOICEGATE_CALL_TOKEN (the gateway requires a call "
+                    "token)",
+               503: ": the gateway is still loading or is shutting down; try again"}
+        print(f"voicegate call: the gateway refused the call (HTTP {status})"
+              f"{why.get(status, '')}", file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError, ConnectionError, WebSocketException) as exc:
         print(f"voicegate call: {exc}", file=sys.stderr)
         return 1
 
@@ -243,7 +254,7 @@ def _seed(args: argparse.Namespace) -> int:
     from intents.store import PublishUnconfirmed, StoreError
 
     from .providers.registry import create_tts
-    from .runtime import build_embedder
+    from .runtime import build_embedder, load_failure
     from .seeding import seed_with_voice
     from .settings import Settings
 
@@ -260,14 +271,18 @@ def _seed(args: argparse.Namespace) -> int:
         return 1
     store = _store(args, settings)
     with ThreadPoolExecutor(max_workers=1) as executor:
+        try:  # a voice or an embedder that cannot be built: one line, as `serve` ends
+            tts = create_tts(settings, executor)
+            embedder = build_embedder(settings)
+        except Exception as exc:  # noqa: BLE001 - any provider's or model's refusal
+            return _gave_up("seed", load_failure(exc))
         before: Any = _UNREAD
         try:
             try:
                 before = store.current_version()
             except StoreError:  # the seed says so itself, after validating the CSV
                 pass
-            tts = create_tts(settings, executor)
-            report = seed_with_voice(args.csv, store, tts, build_embedder(settings),
+            report = seed_with_voice(args.csv, store, tts, embedder,
                                      target_wrong_rate=args.target_wrong_rate,
                                      progress=not args.quiet, negatives=negatives,
                                      max_new_answers=settings.seed_max_new_answers)
@@ -310,7 +325,7 @@ def _route(args: argparse.Namespace) -> int:
     from intents.loader import load_cache
     from intents.store import StoreError
 
-    from .runtime import build_embedder
+    from .runtime import build_embedder, load_failure
     from .settings import Settings
 
     settings = Settings.load({"redis_url": args.redis})
@@ -318,7 +333,11 @@ def _route(args: argparse.Namespace) -> int:
                                      settings=settings):
         return _usage_error("route", refused)
     try:
-        cache = load_cache(_store(args, settings), build_embedder(settings))
+        embedder = build_embedder(settings)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot load: as `serve` ends
+        return _gave_up("route", load_failure(exc))
+    try:
+        cache = load_cache(_store(args, settings), embedder)
     except StoreError as exc:
         print(f"voicegate route: {exc}", file=sys.stderr)
         return 1
@@ -348,8 +367,7 @@ def _utf8_lines(stream: Any, bad_lines: list[int]) -> Iterator[str]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .runtime import ModelLoadError, load_failure
+    from .demo import DemoStartError, run_demo
 
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -359,8 +377,8 @@ def _demo(args: argparse.Namespace) -> int:
         return _usage_error("demo", f"--out: {why}: {args.out}")
     try:
         return run_demo(Path(args.out), port=args.port)
-    except ModelLoadError as exc:  # the demo loads its models itself: as `serve` ends
-        return _gave_up("demo", load_failure(exc))
+    except DemoStartError as exc:  # its port, its models, its agent: as `serve` ends
+        return _gave_up("demo", str(exc))
 
 
 def _wrong_rate(text: str) -> float:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 
 from .audio import resample_pcm16, write_wav
 from .seeding import seed_with_voice
 from .client import Caller, format_event
-from .runtime import Runtime
+from .runtime import Runtime, load_failure
 from .server import BackgroundServer
 from .settings import Settings
 from .stores import open_store
@@ -25,7 +26,29 @@ CALL_RATE = 16000
 _RECOGNISERS = {"moonshine": "Moonshine base-en", "whisper": "Whisper tiny.en"}
 
 
+class DemoStartError(RuntimeError):
+    """The demo cannot start (its port is taken, a model or the agent cannot be built): one
+    line for ``voicegate demo`` to end with, as ``serve`` does."""
+
+
+def _port_refused(port: int) -> str | None:
+    """Why the demo cannot listen on 127.0.0.1:``port``, found before the models load
+    (0: any free port, never refused)."""
+    if port == 0:
+        return None
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (--port)"
+    return None
+
+
 def run_demo(out_dir: Path, port: int = 0) -> int:
+    """Raises ``DemoStartError`` when it cannot start."""
+    if refused := _port_refused(port):
+        raise DemoStartError(refused)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings.load({"host": "127.0.0.1", "port": port,
                               "store_dir": str(out_dir / "store")})
@@ -48,14 +71,21 @@ def run_demo(out_dir: Path, port: int = 0) -> int:
               f"the demo listens with the embedded Moonshine", flush=True)
         settings = settings.replace(stt_provider="moonshine")
     print(f"loading models ({', '.join(_models(settings))}) ...", flush=True)
-    runtime = Runtime.load(settings)  # a model that fails: ModelLoadError, one line (cli.py)
+    try:
+        runtime = Runtime.load(settings)
+    except Exception as exc:  # a model, the tools file, an LLM leg without its key
+        raise DemoStartError(load_failure(exc)) from exc
     print("  " + ", ".join(f"{k} {v:.2f}s" for k, v in runtime.load_times_s.items()))
     print(f"seeding the FAQ cache from {FAQ_CSV.name} (answers rendered once, then reused) ...",
           flush=True)
     report = seed_with_voice(FAQ_CSV, open_store(settings), runtime.tts,
                              runtime.embedder, progress=False)
     print("  " + report.summary())
-    server = BackgroundServer(settings, runtime).start()
+    try:
+        server = BackgroundServer(settings, runtime).start()
+    except RuntimeError as exc:  # taken since the check above
+        raise DemoStartError(f"the gateway could not start on 127.0.0.1:{port}: {exc}") \
+            from exc
     print(f"gateway listening on {server.call_url}\n", flush=True)
     try:
         code = asyncio.run(_converse(server.call_url, runtime, out_dir))

@@ -123,7 +123,8 @@ class Settings(BaseModel):
                               allow_inf_nan=False, hide_input_in_errors=True)
 
     # --- server -------------------------------------------------------------
-    host: str = "127.0.0.1"
+    # Required: an empty host would be every interface (0.0.0.0), not this default.
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
     port: Port = 8080
     log_level: LogLevel = "info"
     # Largest binary or text message the native protocol accepts (bytes); at most ws_max_size.
@@ -176,7 +177,8 @@ class Settings(BaseModel):
     drain_timeout_s: PosF = 600.0
 
     # --- stores -------------------------------------------------------------
-    store_dir: str = "var/store"
+    # Required: an empty one would be the working directory, wherever a command started.
+    store_dir: Annotated[str, Field(min_length=1)] = "var/store"
     # Set: the shared Redis store replaces store_dir (docs/operations.md). May hold a password.
     redis_url: str = Field(default="", repr=False)
     redis_prefix: str = "voicegate:"  # namespace of every key and channel in that Redis
@@ -552,6 +554,18 @@ class Settings(BaseModel):
             # deployment's data, silently.
             raise ValueError(f"a Redis URL's path is its database number, e.g. {example}; "
                              "this one is not a number")
+        if info.field_name == "redis_url" and parts.query:
+            # A query redis-py cannot use (`?db=x`, a misspelt `?socket_timout=5`) would be
+            # found by the first connection, a traceback in every command: its own parser
+            # and connection class judge it now (no connection is made).
+            import redis.asyncio as aioredis  # here: loading settings imports no client
+
+            try:
+                aioredis.ConnectionPool.from_url(value).make_connection()
+            except (ValueError, TypeError):
+                raise ValueError("the Redis URL's query has an option redis-py does not take "
+                                 "or a value it cannot read (e.g. ?db=1&socket_timeout=5)"
+                                 ) from None
         return value
 
     @field_validator("idle_prompt_s")

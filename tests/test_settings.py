@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -909,3 +910,289 @@ def test_ctrl_c_during_a_seed_is_one_line_saying_which_version_serves(published,
                        f"keeps serving ({previous})\n")
     assert LocalStore(store_dir).current_version() == (interrupted.version if published
                                                        else previous)
+
+# ---------------------------------------------------------------------- review 2026-11-28
+# What an operator gets for a value the loader accepted but a library cannot use, an empty
+# host or store directory, and a command whose start-up fails (each test failed before its
+# fix, ending on a traceback or doing the wrong thing).
+
+CLEARED = ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL", "VOICEGATE_HOST",
+           "VOICEGATE_PORT", "VOICEGATE_TURN_MODEL", "VOICEGATE_STT_PROVIDER",
+           "VOICEGATE_TTS_PROVIDER", "VOICEGATE_PIPER_VOICE", "VOICEGATE_WHISPER_MODEL_DIR",
+           "VOICEGATE_RECORD_DIR")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No VOICEGATE_* of the shell that would change what a command does."""
+    for name in CLEARED:
+        monkeypatch.delenv(name, raising=False)
+
+
+# --- a Redis URL redis-py cannot use ------------------------------------------------------
+# The redis_url validator refuses a path that is no database number (redis-py would use
+# database 0), but not a query redis-py cannot take: `?db=x` (redis-py: ValueError "Invalid
+# value for 'db' in connection URL.") or an option it does not know (`?socket_timout=5`, a
+# typo: redis-py hands it to the connection, TypeError "unexpected keyword argument"). Both
+# are accepted at start-up and then end `voicegate route`/`seed`/`serve` on a traceback.
+
+@pytest.mark.parametrize("url", ["redis://cache:6379/0?db=x", "unix:///run/redis.sock?db=one",
+                                 "redis://cache:6379/0?socket_timout=5"])
+def test_a_redis_url_query_redis_py_refuses_is_refused_at_load(url):
+    with pytest.raises(SettingsError, match="redis_url"):
+        Settings.load({"redis_url": url}, environ={})
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:9/0?db=x",
+                                 "redis://127.0.0.1:9/0?socket_timout=5"])
+def test_route_with_a_redis_url_query_redis_py_refuses_is_status_2_not_a_traceback(
+        url, monkeypatch, capsys, clean_env):
+    import gateway.runtime
+    from gateway import cli
+
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
+    try:
+        status = cli.main(["route", "--redis", url])
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"`voicegate route --redis {url}` ended on a traceback: "
+                    f"{type(exc).__name__}: {exc}")
+    err = capsys.readouterr().err
+    assert status == 2 and "redis_url" in err, err
+
+
+# --- an empty host or store directory -----------------------------------------------------
+# VOICEGATE_HOST= (empty: a compose file's ${HOST} unset) is accepted; serve binds ("", port),
+# which is every interface (0.0.0.0), where the default is 127.0.0.1: the gateway, open by
+# default (no call token), is published to the network, and the banner reads "http://:8080/".
+
+def test_an_empty_host_is_refused_not_every_interface():
+    with pytest.raises(SettingsError, match="host"):
+        Settings.load(environ={"VOICEGATE_HOST": ""})
+
+
+# VOICEGATE_STORE_DIR= (empty) is accepted and the local store is Path(""): the current
+# directory. `seed` publishes versions/, audio/ and CURRENT into wherever it was started,
+# `route` and `serve` read from there; every other path setting's empty value means its
+# default (model_cache_dir, piper_voice, whisper_model_dir) or off (record_dir).
+
+def test_an_empty_store_dir_is_not_the_current_directory():
+    try:
+        settings = Settings.load(environ={"VOICEGATE_STORE_DIR": ""})
+    except SettingsError as exc:
+        assert "store_dir" in str(exc)
+        return
+    assert settings.store_dir != "", "an empty store_dir puts the cache in the current directory"
+
+
+def test_seed_with_an_empty_store_dir_does_not_publish_into_the_working_directory(
+        monkeypatch, tmp_path, clean_env):
+    import gateway.providers.registry
+    import gateway.runtime
+    import gateway.seeding
+    from gateway import cli
+
+    published: list[str] = []
+
+    def seed_with_voice(csv, store, tts, embedder, **_):
+        published.append(str(store.root))
+        return SimpleNamespace(summary=lambda: "published v1")
+
+    monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda s, ex: object())
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
+    monkeypatch.setattr(gateway.seeding, "seed_with_voice", seed_with_voice)
+    monkeypatch.setenv("VOICEGATE_STORE_DIR", "")
+    monkeypatch.chdir(tmp_path)
+    csv_path = tmp_path / "faq.csv"
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    status = cli.main(["seed", str(csv_path), "--quiet"])
+    assert not (status == 0 and published and Path(published[0]).resolve() == tmp_path), (
+        "VOICEGATE_STORE_DIR= (empty) seeded the cache into the working directory "
+        f"(store root {published!r})")
+
+
+# --- demo on a port in use -------------------------------------------------------------
+# `voicegate demo --port N` with N taken: serve names the port and exits 1 (before loading
+# its models); the demo loads its models, seeds, then its BackgroundServer's uvicorn cannot
+# bind, and `RuntimeError: the gateway failed to start` escapes as a traceback, the port
+# never named.
+
+def test_demo_on_a_port_in_use_is_one_line_naming_the_port_not_a_traceback(
+        monkeypatch, tmp_path, capsys, clean_env):
+    from starlette.applications import Starlette
+
+    import gateway.demo
+    import gateway.server
+    from gateway import cli
+
+    runtime = SimpleNamespace(load_times_s={}, tts=object(), embedder=object())
+    monkeypatch.setattr(gateway.demo.Runtime, "load", staticmethod(lambda settings: runtime))
+    monkeypatch.setattr(gateway.demo, "seed_with_voice",
+                        lambda *a, **k: SimpleNamespace(summary=lambda: "published v1"))
+    monkeypatch.setattr(gateway.demo, "open_store", lambda settings: object())
+
+    def create_app(settings, runtime=None):
+        app = Starlette()
+        app.state.services = SimpleNamespace(fatal_error=None, on_fatal=None)
+        return app
+
+    monkeypatch.setattr(gateway.server, "create_app", create_app)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            status = cli.main(["demo", "--out", str(tmp_path / "demo-out"), "--port", str(port)])
+        except Exception as exc:  # noqa: BLE001
+            pytest.fail(f"`voicegate demo --port {port}` (port in use) ended on a traceback: "
+                        f"{type(exc).__name__}: {exc}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err and str(port) in err[-1], (status, err[-3:])
+
+
+# --- demo: a start-up failure that is not a model's ---------------------------------------
+# `voicegate demo` catches only ModelLoadError around Runtime.load. Runtime.load checks the
+# tools file first (ToolConfigError) and builds the agent last, outside _load_warm (a Groq
+# leg without its key: ProviderError). serve turns both into its one-line status 1 (any
+# exception from Runtime.load: Services._load); the demo ends on a traceback.
+
+def test_demo_with_a_bad_tools_file_is_one_line_not_a_traceback(monkeypatch, tmp_path,
+                                                                        capsys, clean_env):
+    from gateway import cli
+
+    monkeypatch.setenv("VOICEGATE_LLM_TOOLS_FILE", str(tmp_path / "no-tools.json"))
+    try:
+        status = cli.main(["demo", "--out", str(tmp_path / "demo-out")])
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"`voicegate demo` with VOICEGATE_LLM_TOOLS_FILE missing ended on a "
+                    f"traceback: {type(exc).__name__}: {exc}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err and "no-tools.json" in err[-1], (status, err[-3:])
+
+
+def test_demo_with_a_groq_leg_without_its_key_is_one_line_not_a_traceback(
+        monkeypatch, tmp_path, capsys, clean_env):
+    import gateway.runtime
+    from gateway import cli
+
+    monkeypatch.setattr(gateway.runtime, "_load_warm",
+                        lambda name, build, times, what: SimpleNamespace(sample_rate=16000))
+    monkeypatch.setenv("VOICEGATE_LLM_PRIMARY_PROVIDER", "groq")
+    monkeypatch.setenv("VOICEGATE_LLM_PRIMARY_MODEL", "llama-3.1-8b-instant")
+    monkeypatch.delenv("VOICEGATE_GROQ_API_KEY", raising=False)
+    monkeypatch.delenv("VOICEGATE_LLM_TOOLS_FILE", raising=False)
+    try:
+        status = cli.main(["demo", "--out", str(tmp_path / "demo-out")])
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"`voicegate demo` with a Groq primary and no key ended on a traceback: "
+                    f"{type(exc).__name__}: {exc}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err and "VOICEGATE_GROQ_API_KEY" in err[-1], (status, err[-3:])
+
+
+# --- seed and route: a provider or model that cannot be built ----------------------------
+# serve wraps every model's construction (Runtime._load_warm: ModelLoadError, one line,
+# status 1). seed builds its voice (create_tts) and its embedder (build_embedder), route its
+# embedder, outside anything that catches their errors: a cloud voice without its key, or a
+# model cache directory that cannot be one, ends the command on a traceback.
+
+def test_seed_with_a_voice_that_cannot_be_built_is_one_line_not_a_traceback(
+        monkeypatch, tmp_path, capsys, clean_env):
+    import gateway.seeding
+    from gateway import cli
+
+    rendered: list[str] = []
+    monkeypatch.setattr(gateway.seeding, "seed_with_voice",
+                        lambda *a, **k: rendered.append("seed"))
+    monkeypatch.setenv("VOICEGATE_TTS_PROVIDER", "elevenlabs")
+    monkeypatch.delenv("VOICEGATE_ELEVENLABS_API_KEY", raising=False)
+    csv_path = tmp_path / "faq.csv"
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    try:
+        status = cli.main(["seed", str(csv_path), "--store", str(tmp_path / "store"), "--quiet"])
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"`voicegate seed` with an ElevenLabs voice and no key ended on a "
+                    f"traceback: {type(exc).__name__}: {exc}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err and "VOICEGATE_ELEVENLABS_API_KEY" in err[-1], (status, err[-3:])
+    assert rendered == []
+
+
+def test_route_with_an_embedder_that_cannot_load_is_one_line_not_a_traceback(
+        monkeypatch, tmp_path, capsys, clean_env):
+    from gateway import cli
+
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    (tmp_path / "store").mkdir()
+    monkeypatch.setenv("VOICEGATE_MODEL_CACHE_DIR", str(not_a_dir))
+    monkeypatch.setenv("VOICEGATE_EMBEDDER_BACKEND", "onnx-int8")
+    try:
+        status = cli.main(["route", "--store", str(tmp_path / "store")])
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"`voicegate route` with VOICEGATE_MODEL_CACHE_DIR a file ended on a "
+                    f"traceback: {type(exc).__name__}: {exc}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status in (1, 2) and err and str(not_a_dir) in err[-1], (status, err[-3:])
+
+
+# --- call: a gateway that refuses the upgrade ------------------------------------------
+# `voicegate call` without the token a gateway requires (VOICEGATE_CALL_TOKEN set on the
+# server, not in the caller's shell), or to a replica still loading (503 not_ready): the
+# upgrade is refused with an HTTP status, websockets raises InvalidStatus (no OSError), and
+# `_call` catches only OSError/TimeoutError/ConnectionError: a traceback instead of "a call
+# that fails: status 1" (README).
+
+def test_call_refused_by_the_gateway_is_one_line_status_1_not_a_traceback(
+        monkeypatch, capsys):
+    import threading
+
+    from gateway import cli
+
+    monkeypatch.delenv("VOICEGATE_CALL_TOKEN", raising=False)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def refuse() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\n\r\n")
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    try:
+        try:
+            status = cli.main(["call", f"ws://127.0.0.1:{port}/v1/call", "--text", "hi"])
+        except Exception as exc:  # noqa: BLE001
+            pytest.fail(f"`voicegate call` refused with HTTP 403 ended on a traceback: "
+                        f"{type(exc).__name__}: {exc}")
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err and "403" in err[-1], (status, err[-3:])
+
+
+# --- serve's banner on an IPv6 host -------------------------------------------------------
+# serve listens on an IPv6 address (_listening_socket picks AF_INET6 for a host with ':')
+# but prints "http://::1:PORT/": no brackets, not a URL a browser or `voicegate call` takes
+# (the port reads as part of the address).
+
+def test_serve_on_an_ipv6_host_prints_urls_with_the_address_in_brackets(
+        monkeypatch, tmp_path, capsys, clean_env):
+    from gateway import cli
+    
+    seen = _commands_do_no_heavy_work(monkeypatch)
+    assert cli.main(["serve", "--host", "::1", "--port", "0",
+                     "--store", str(tmp_path / "store")]) == 0
+    [(host, port, *_)] = seen["listening"]
+    out = capsys.readouterr().out
+    assert f"http://[::1]:{port}/" in out and f"ws://[::1]:{port}/v1/call" in out, out
