@@ -18,6 +18,7 @@ import csv
 import difflib
 import io
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -41,6 +42,7 @@ def parse_target_wrong_rate(text: str) -> float:
 
 REQUIRED_COLUMNS = ("question", "answer")
 OPTIONAL_COLUMNS = ("intent", "action")
+READ_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 # A guard against a pasted document, not a style rule: about two and a half minutes of
 # speech. Callers' real questions run to a few hundred characters (Banking77's longest: 433);
 # the embedder reads the first 256 word pieces of a question and the seed report says how
@@ -291,7 +293,8 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
             header_line = start
             near = _near_misses(header)
             missing = [c for c in REQUIRED_COLUMNS if c not in header and c not in near.values()]
-            duplicated = sorted({c for c in header if c and header.count(c) > 1})
+            # Only a column that is read: two "notes" columns are ignored like one.
+            duplicated = sorted({c for c in header if c in READ_COLUMNS and header.count(c) > 1})
             if near or missing or duplicated:
                 for index, known in near.items():
                     errors.append(RowError(start, f"unknown column {fields[index].strip()!r}: "
@@ -406,7 +409,9 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
         except ValueError:
             errors.append(RowError(line, f"unknown action {action_text!r} (expected answer, llm or "
                                          "handoff)"))
-    if action is Action.ANSWER and not answer:
+    if action is Action.ANSWER and not answer and intent is None:
+        # With an intent, the row is a paraphrase that takes its intent's answer (checked
+        # once rows are grouped, in _plan).
         errors.append(RowError(line, "action 'answer' needs an answer"))
     if not answer and intent is None and question and action is not Action.ANSWER:
         errors.append(RowError(line, "a question without an answer needs an intent"))
@@ -435,7 +440,7 @@ def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
     acted: dict[str, SeedRow] = {}  # question -> the first of its rows with an action written
     unique: list[SeedRow] = []
     for row in rows:
-        key = normalize_text(row.question)
+        key = _duplicate_key(row.question)
         index = seen.get(key)
         if index is None:
             seen[key] = len(unique)
@@ -479,7 +484,7 @@ def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
                 errors.append(RowError(row.line, f"intent {intent!r} already has a different "
                                                  f"answer (line {group.answer_line})"))
                 continue
-        acting = acted.get(normalize_text(row.question))  # on this row or a duplicate's
+        acting = acted.get(_duplicate_key(row.question))  # on this row or a duplicate's
         if acting is not None:
             if group.action is None:
                 group.action, group.action_line = acting.action, acting.line
@@ -503,6 +508,11 @@ def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
                                                      "; rename one of them"))
             continue
         action = group.action or (Action.ANSWER if group.answer else Action.LLM)
+        if action is Action.ANSWER and group.answer is None:
+            errors.append(RowError(group.action_line, f"action 'answer' needs an answer: "
+                                                      f"no row of intent {group.intent!r} "
+                                                      "has one"))
+            continue
         group.rows.sort(key=lambda r: r.line)
         plan.entries[group.intent] = Entry(
             id=entry_id, intent=group.intent, action=action, answer=group.answer,
@@ -513,6 +523,16 @@ def _plan(rows: list[SeedRow], errors: list[RowError]) -> SeedPlan:
     if rows and not errors and len(plan.questions) < 2:
         errors.append(RowError(rows[0].line, "a seed needs at least two distinct questions"))
     return plan
+
+
+_SPACE_BEFORE_MARK = re.compile(r"\s+(?=[^\w\s])")
+
+
+def _duplicate_key(question: str) -> str:
+    """Two questions the embedder cannot tell apart are duplicates: the same text in any
+    Unicode form (NFC "café" and NFD "café" look alike and embed alike), any case or spacing,
+    a space before punctuation included ("hours ?")."""
+    return normalize_text(_SPACE_BEFORE_MARK.sub("", unicodedata.normalize("NFKC", question)))
 
 
 def _new_intent(question: str, groups: dict[str, _Group]) -> str:

@@ -11,6 +11,7 @@ that the FAQ must never answer) as a CSV with a ``text`` column.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import hashlib
@@ -50,8 +51,9 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise NegativesError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # so a bad byte's offset counts in ``raw``
     try:
-        content = raw.decode("utf-8-sig")
+        content = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = len((raw[:exc.start] + b".").splitlines())  # split as the csv reader splits
         raise NegativesError(f"{path}: line {line}: not UTF-8 text") from exc
@@ -73,8 +75,8 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
                                          f"(found {fields})")
                 column = names.index("text")
                 continue
-            if not fields:
-                continue  # a blank line
+            if not any(f.strip() for f in fields):
+                continue  # a blank line, or a spreadsheet's empty row (",,"), as the seed's
             text = (fields[column] if column < len(fields) else "").strip()
             if not normalize_text(text):
                 problems.append(f"line {start}: empty text")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import re
+import unicodedata
 import zipfile
 from pathlib import Path
 
@@ -186,8 +188,11 @@ def test_every_row_of_public_intent_datasets_seeds_unmodified(path: Path,
         writer.writerow([row["text"], f"About {row[intent_column]}.", row[intent_column]])
     plan = parse_seed_csv(buffer.getvalue().encode("utf-8"), source=path.name)
     assert set(plan.entries) == {r[intent_column] for r in rows}
-    distinct = {" ".join(r["text"].split()).casefold() for r in rows}
-    assert len(plan.questions) == len(distinct)  # identical duplicate rows are dropped, no more
+    # Identical duplicate rows are dropped, no more: identical as the embedder reads them
+    # (any case, spacing, Unicode form, a space before punctuation).
+    distinct = {" ".join(re.sub(r"\s+(?=[^\w\s])", "", unicodedata.normalize("NFKC", r["text"]))
+                         .split()).casefold() for r in rows}
+    assert len(plan.questions) == len(distinct)
     ids = [e.id for e in plan.entries.values()]
     assert len(set(ids)) == len(ids)
 
@@ -507,3 +512,110 @@ def test_a_negatives_file_refused_names_the_right_line(tmp_path: Path, data: byt
     with pytest.raises(NegativesError) as info:
         read_negatives_csv(path)
     assert f": line {line}: {reason}" in str(info.value)
+
+
+# ---------------------------------------------------------------------- review 2026-11-28
+
+def _review_errors(data: str) -> list[tuple[int, str]]:
+    with pytest.raises(SeedValidationError) as info:
+        parse_seed_csv(data.encode("utf-8"), source="faq.csv")
+    return [(e.line, e.reason) for e in info.value.errors]
+
+
+# ---------------------------------------------------------------------- negatives CSV
+
+
+@pytest.mark.parametrize("data, line", [
+    # Excel's "CSV UTF-8" starts with a BOM; a row added later in a Latin-1 editor
+    # ("¡Hola?" / "¿Dónde?" start with a byte that is not UTF-8).
+    (b"\xef\xbb\xbftext\n\xa1Hola, qu\xe9 tal?\n", 2),
+    (b"\xef\xbb\xbftext\nbook a flight\n\xbfD\xf3nde est\xe1 el tren?\n", 3),
+], ids=["second-line", "third-line"])
+def test_negatives_with_a_bom_name_the_line_of_the_bad_byte(tmp_path: Path, data: bytes,
+                                                            line: int) -> None:
+    """read_negatives_csv decodes with utf-8-sig, whose error offset does not count the BOM's
+    three bytes; the line is computed on the raw bytes (BOM included), so a bad byte in the
+    first three bytes of a line is blamed on the line before it."""
+    path = tmp_path / "never.csv"
+    path.write_bytes(data)
+    with pytest.raises(NegativesError) as info:
+        read_negatives_csv(path)
+    assert f": line {line}: not UTF-8" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("data", [
+    b"text,notes\nbook me a flight,travel\nwhat's the weather,\n,\n",  # Excel's empty row
+    b"text,notes\nbook me a flight,travel\nwhat's the weather,\n,,\n",
+    b"text\nbook me a flight\nwhat's the weather\n   \n",  # a line of spaces
+], ids=["empty-cells", "empty-cells-extra-comma", "spaces-only"])
+def test_negatives_blank_rows_are_skipped_as_in_the_seed_csv(tmp_path: Path,
+                                                             data: bytes) -> None:
+    """The docs: the negatives file is "read as the seed CSV is". The seed CSV skips a row
+    whose cells are all empty (a spreadsheet's trailing empty row: ",") as a blank line;
+    the negatives file refuses the whole file with "line 4: empty text"."""
+    path = tmp_path / "never.csv"
+    path.write_bytes(data)
+    assert read_negatives_csv(path) == ("book me a flight", "what's the weather")
+    # the seed CSV reads the same kind of row as blank
+    plan = parse_seed_csv(b"question,answer,notes\nWhen are you open?,Nine.,x\n"
+                          b"What are your hours?,Nine.,\n,,\n")
+    assert len(plan.questions) == 2
+
+
+# ---------------------------------------------------------------------- seed CSV
+
+
+def test_a_paraphrase_row_with_action_answer_takes_its_intents_answer() -> None:
+    """A paraphrase need not repeat its intent's answer ("routing number please,,routing,"
+    is accepted, and so is the action written on the answer's row), and an action written
+    on any row is the entry's. Writing the action on every row (a filled-down column) is the
+    same entry, but the paraphrase row is refused "action 'answer' needs an answer": the
+    entry has one, on line 2."""
+    data = (HEADER + "How do I reset my PIN?,Use the app: Cards then PIN.,pin,answer\n"
+                     "reset my pin,,pin,answer\n"
+                     "When are you open?,Nine to five.,hours,\n")
+    plan = parse_seed_csv(data.encode("utf-8"))
+    assert plan.entries["pin"].action is Action.ANSWER
+    assert plan.entries["pin"].questions == ("How do I reset my PIN?", "reset my pin")
+    # the same rows with the action written on the first row only
+    same = data.replace("reset my pin,,pin,answer", "reset my pin,,pin,")
+    assert parse_seed_csv(same.encode("utf-8")).entries["pin"] == plan.entries["pin"]
+
+
+def test_two_ignored_columns_with_the_same_name_do_not_refuse_the_file() -> None:
+    """"Other columns (notes, ids) are ignored": two of them named alike (a ticket export's
+    "tag,tag", two "notes" columns) refuse the whole file "column 'notes' appears twice",
+    though neither is read. Only a known column appearing twice is ambiguous."""
+    plan = parse_seed_csv((
+        "question,answer,intent,notes,notes\n"
+        "When are you open?,Nine to five.,hours,checked,2024\n"
+        "What are your hours?,,hours,,\n").encode("utf-8"))
+    assert plan.entries["hours"].questions == ("When are you open?", "What are your hours?")
+
+
+@pytest.mark.parametrize("first, second", [
+    # the same visible question: precomposed (NFC) and decomposed (NFD, as macOS gives text)
+    ("Où est mon café gratuit ?", "Ou\u0300 est mon cafe\u0301 gratuit ?"),
+    # a space before the question mark (French typography) or not
+    ("What are your opening hours?", "What are your opening hours ?"),
+], ids=["nfc-nfd", "space-before-punctuation"])
+def test_duplicate_questions_the_embedder_cannot_tell_apart_with_conflicting_answers(
+        first: str, second: str) -> None:
+    """Duplicate questions with conflicting answers are refused ("duplicate question (line N)
+    with a conflicting answer"), keyed by normalize_text ("case and spacing never change the
+    vector"). all-MiniLM-L6-v2's tokenizer gives these pairs the very same vector (cosine 1.0:
+    NFD-normalised and split at punctuation), but normalize_text sees two questions: both
+    are published, under two entries with conflicting answers, and a caller asking it is
+    answered by whichever the router picks."""
+    found = _review_errors(HEADER + f"{first},We have no free coffee.,coffee,\n"
+                             f"{second},Free coffee is at the counter.,coffee_promo,\n"
+                             "When are you open?,Nine to five.,hours,\n")
+    assert [line for line, _ in found] == [3], found
+    assert "duplicate question (line 2)" in found[0][1], found
+
+
+def test_an_intent_whose_action_is_answer_with_no_answer_on_any_row_is_refused() -> None:
+    found = _review_errors(HEADER + "How do I reset my PIN?,,pin,answer\n"
+                                    "reset my pin,,pin,\n"
+                                    "When are you open?,Nine to five.,hours,\n")
+    assert found == [(2, "action 'answer' needs an answer: no row of intent 'pin' has one")]
