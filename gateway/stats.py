@@ -303,7 +303,8 @@ class Stats:
         if intent:
             self.intents[str(intent)] += 1
             prom.intents.labels(str(intent), outcome).inc()
-        if metrics.get("interrupted"):
+        # Cut off by the caller; not one the bot stopped itself (the call's time limit).
+        if metrics.get("interrupted") and metrics.get("stopped_by") is None:
             self.interrupted_turns += 1
             prom.interrupted.inc()
         per_outcome = self.latencies.setdefault(outcome, {})

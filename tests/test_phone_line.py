@@ -1216,3 +1216,71 @@ async def test_a_time_limit_loop_restarted_after_a_bug_does_not_wait_the_limit_a
     assert failed and [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
     (limit_at,) = h.output.at("response", source="goodbye")
     assert limit_at < start + 10.5
+
+
+# ---------------------------------------------------------------------- review 2026-11-28
+
+
+def _frames_between(h: CallHarness, start: float, end: float) -> list[float]:
+    return [t for t, _ in h.output.frames if start <= t < end]
+
+
+async def test_collected_keys_are_not_answered_over_a_caller_who_is_speaking():
+    # The caller keys two digits, then starts talking ("uh, I don't have my account
+    # number, can I give you my name instead"). The keypad pause runs out while they
+    # speak: the agent's answer to "the caller pressed 4 5" plays over them, and no
+    # barge-in stops it (their speech began before it).
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.reply = "Thank you, let me look that up for you now."
+    await h.start()
+    h.call.feed_dtmf("4")
+    h.call.feed_dtmf("5")
+    await h.wait(1000)
+    speech_from = h.clock.now()
+    words = "uh I do not have my account number can I give you my name instead please"
+    await h.feed(h.vocabulary.audio(words))  # 3.2 s of speech: the 3 s pause ends inside
+    speech_to = h.clock.now()
+    await h.silence(2000)
+    await h.stop()
+    over_caller = _frames_between(h, speech_from, speech_to)
+    assert over_caller == [], (
+        f"{len(over_caller)} reply frames played while the caller spoke "
+        f"({speech_from:.2f}-{speech_to:.2f} s); responses {sources(h)}")
+    # The keys open the turn the caller's words end: one reply, to both.
+    [keypad] = h.output.of("keypad")
+    [final] = [e for e in h.output.of("transcript") if e["final"]]
+    assert keypad["keys"] == "45" and keypad["turn"] == final["turn"]
+    assert final["text"].startswith("the caller pressed 4 5") and "account number" in final["text"]
+    assert sources(h) == ["llm"]
+
+
+async def test_nothing_follows_hangup_when_the_time_limit_stops_a_reply_to_words_over_its_message():
+    # At the limit the message plays; the caller types over it ("wait, one more thing"):
+    # the message stops and their turn's reply is being prepared (the agent thinking) when
+    # the time limit stops it and hangs up. That turn's metrics went out after `hangup`.
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0})
+    h.llm.first_token_s = 2.0
+    await h.start()
+    await h.wait(10100)
+    assert sources(h) == ["goodbye"]
+    await h.text("wait one more thing")
+    await h.wait(3000)
+    assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
+    types = [e["type"] for e in h.output.events]
+    assert types[types.index("hangup") + 1:] == [], types
+
+
+async def test_a_reply_the_time_limit_stops_is_not_counted_as_a_callers_barge_in():
+    # voicegate_barge_ins_total / interrupted_turns are "replies cut off by the caller"
+    # (docs/operations.md). A reply still going after the time limit's grace is stopped by
+    # the bot itself (`interrupt` cause time_limit): the caller never barged in.
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0})
+    h.llm.reply = " ".join(f"Sentence {i} of a very long answer." for i in range(200))
+    await h.start()
+    await h.text("read me the terms")
+    await h.wait(10000 + 30000 + 8000)
+    (cut,) = h.output.of("interrupt")
+    assert cut["cause"] == "time_limit"
+    registry = h.deps.stats.prometheus.registry
+    assert (h.stats.interrupted_turns,
+            registry.get_sample_value("voicegate_barge_ins_total")) == (0, 0.0)

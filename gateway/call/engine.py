@@ -58,6 +58,9 @@ _REPORT_EVERY_S = 5.0
 LOOP_RESTARTS = 100
 # At the call's time limit, the longest the reply under way may go on, and the message.
 TIME_LIMIT_GRACE_S = 30.0
+# How long the hang-up at the time limit waits for the replies it stopped to end (their
+# LLM streams closing): their metrics go out before `hangup`.
+_STOPPED_REPLIES_WAIT_S = 2.0
 # Recordings being written after their call's task was cancelled (see Call.run).
 _WRITES: set[asyncio.Future[None]] = set()
 
@@ -1143,6 +1146,9 @@ class Call:
                                                    name="vg-hold")
         else:
             task.cancel()
+        if cause == "time_limit" and self._reply_task_tl is not None:
+            # The bot stops its own reply: no barge-in of the caller's in the stats.
+            self._reply_task_tl.info["stopped_by"] = cause
         await self._out.interrupt({"type": "interrupt", "turn": turn, "cause": cause,
                                    "heard_ms": round(heard, 1), "sent_ms": sent})
         logs.event(log, "barge_in", turn=turn, cause=cause, heard_ms=round(heard, 1))
@@ -1393,8 +1399,20 @@ class Call:
         await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
         if await self._moved_or_ending():
             return
+        stopping = set(self._reply_tasks)
         await self._barge_in("time_limit")  # a reply to words over the message: not now
+        await self._until_stopped(stopping)
         await self._hang_up("time_limit")
+
+    async def _until_stopped(self, replies: set[asyncio.Task[None]]) -> None:
+        """The replies the time limit stopped end (their `turn_metrics` sent) before
+        `hangup`, which nothing may follow; bounded, should one be slow to close."""
+        if not replies:
+            return
+        with contextlib.suppress(Expired):
+            async with deadline(self._clock, _STOPPED_REPLIES_WAIT_S):
+                # Waited on, not awaited: their cancels must not end this task.
+                await asyncio.wait(replies)
 
     async def _moved_or_ending(self) -> bool:
         """The call is with a person (a transfer done: the stream may go on until the line
@@ -1482,6 +1500,11 @@ class Call:
                 # reply; nothing may follow `hangup`, the call just closes.
                 continue
             if key is None:
+                if self._turns.in_utterance:
+                    # The caller speaks: the keys open their turn ("the caller pressed 4
+                    # 5, uh, I don't have the rest"), not a reply over their words.
+                    await self._carry_keys(self._keypad.expire())
+                    continue
                 action = self._keypad.expire()
             else:
                 self._caller_active()
@@ -1498,6 +1521,18 @@ class Call:
                 await self._keypad_turn(action)
             if not self._keypad.collecting:
                 self._idle.quiet_unless_busy()  # keys that led to no reply
+
+    async def _carry_keys(self, keys: Collected | None) -> None:
+        """Keys collected while the caller speaks open the turn their words end, as words
+        carried from before do (``_spoken_turn`` joins them, before the words)."""
+        if keys is None:
+            return
+        done: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
+        done.set_result(Transcript(text=keys.text(), final=True))
+        self._carry = [*self._carry, done]
+        # The turn the caller's utterance will end (the detector's next number).
+        await self._out.send_event({"type": "keypad", "turn": self._turns.turns + 1,
+                                    "keys": keys.keys, "action": "agent"})
 
     async def _keypad_turn(self, action: Mapped | Collected) -> None:
         tl = TurnTimeline(self._turns.next_turn_number(), clock=self._clock)
