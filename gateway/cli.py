@@ -478,7 +478,11 @@ def _positive_seconds(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .settings import SettingsError
+    from .settings import SettingsError, unknown_environment
+
+    for name in unknown_environment():  # a typo would leave its default in place unseen
+        print(f"voicegate {args.command}: warning: {name} is not a setting; ignored",
+              file=sys.stderr)
 
     try:
         return int(args.func(args))

@@ -667,6 +667,30 @@ class Settings(BaseModel):
         return type(self).validated({**current, **changes})
 
 
+# VOICEGATE_* names that are no setting but are read elsewhere: the config file's path, and
+# the test suite's browser and Redis.
+_NOT_SETTINGS = frozenset({"CONFIG", "CHROMIUM", "CHROMEDRIVER", "TEST_REDIS_DB",
+                           "TEST_REDIS_URL"})
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``VOICEGATE_*`` variables that name no setting, each with the one it most resembles
+    ("VOICEGATE_MAX_CALL (did you mean VOICEGATE_MAX_CALL_S?)"). A misspelt one is
+    otherwise ignored without a word, and the default it meant to change stays."""
+    import difflib
+
+    env = os.environ if environ is None else environ
+    known = [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+    found = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in known \
+                or name.removeprefix(ENV_PREFIX) in _NOT_SETTINGS:
+            continue
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        found.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return found
+
+
 def _describe(exc: ValidationError) -> str:
     """Every problem, by field name. The values themselves are never echoed: some are secrets."""
     unknown: list[str] = []

@@ -1196,3 +1196,25 @@ def test_serve_on_an_ipv6_host_prints_urls_with_the_address_in_brackets(
     [(host, port, *_)] = seen["listening"]
     out = capsys.readouterr().out
     assert f"http://[::1]:{port}/" in out and f"ws://[::1]:{port}/v1/call" in out, out
+
+
+def test_a_misspelt_voicegate_variable_is_named_with_the_setting_it_resembles():
+    from gateway.settings import unknown_environment
+
+    assert unknown_environment({"VOICEGATE_DRAIN_TIMEOUT": "60", "VOICEGATE_MAX_CALL_S": "60",
+                                "VOICEGATE_CONFIG": "x.json", "VOICEGATE_ZZZ": "1",
+                                "PATH": "/bin"}) == [
+        "VOICEGATE_DRAIN_TIMEOUT (did you mean VOICEGATE_DRAIN_TIMEOUT_S?)", "VOICEGATE_ZZZ"]
+
+
+def test_a_command_warns_of_a_misspelt_variable_and_goes_on(monkeypatch, tmp_path, capsys,
+                                                            clean_env):
+    from gateway import cli
+
+    seen = _commands_do_no_heavy_work(monkeypatch)
+    monkeypatch.setenv("VOICEGATE_IDLE_PROMPT", "20")
+    assert cli.main(["serve", "--port", "0", "--store", str(tmp_path / "store")]) == 0
+    assert seen["listening"]
+    err = capsys.readouterr().err
+    assert ("voicegate serve: warning: VOICEGATE_IDLE_PROMPT (did you mean "
+            "VOICEGATE_IDLE_PROMPT_S?) is not a setting; ignored") in err
