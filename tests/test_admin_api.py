@@ -255,8 +255,10 @@ def test_bad_entries_are_refused_with_the_validation_errors(own_server):
             "questions": ["I lost my card", "Lost card"]})
         assert no_answer.status_code == 400
         errors = no_answer.json()["errors"]
-        assert {e["reason"] for e in errors} == {"action 'answer' needs an answer"}
-        assert [e["question"] for e in errors] == ["I lost my card", "Lost card"]
+        # One error for the entry, on its first row (the rows share the entry's answer).
+        assert [e["reason"] for e in errors] == [
+            "action 'answer' needs an answer: no row of intent 'lost_card' has one"]
+        assert [e["question"] for e in errors] == ["I lost my card"]
         assert all(e["changed"] and e["entry"] == "lost_card" for e in errors)
 
         bad = client.post("/admin/entries", json={
