@@ -41,7 +41,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
-from ..executors import ExecutorShutDown
+from ..executors import ExecutorShutDown, shut_down, submit
 from .base import Transcript
 
 SAMPLE_RATE = 16000
@@ -137,9 +137,10 @@ class DecodeScheduler:
             if job.future.done():
                 continue
             try:
-                work = self._executor.submit(self._transcribe, job.pcm16, job.draft, job.stop)
-            except RuntimeError:  # asked after the shutdown (Runtime.aclose): no slot taken
-                job.future.set_exception(ExecutorShutDown("the STT executor shut down"))
+                work = submit(self._executor, "STT", self._transcribe, job.pcm16, job.draft,
+                              job.stop)
+            except ExecutorShutDown as exc:  # asked after Runtime.aclose: no slot taken
+                job.future.set_exception(exc)
                 continue
             self.running += 1
             self.decodes[job.priority] += 1
@@ -175,7 +176,7 @@ class DecodeScheduler:
                 # Only the executor's shutdown cancels the work (``cancel_futures``, before a
                 # thread took it); a cancel of the waiting task reached job.future already.
                 # As a cancel, the final would look withdrawn and nothing would report it.
-                job.future.set_exception(ExecutorShutDown("the STT executor shut down"))
+                job.future.set_exception(shut_down("STT"))
             elif error is not None:
                 job.future.set_exception(error)
             else:
