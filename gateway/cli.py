@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,7 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
     from . import logs
     from .app import create_app
     from .drain import DrainingServer
-    from .server import uvicorn_options
+    from .server import listening_socket, uvicorn_options
     from .settings import Settings
 
     # --store DIR wins over --redis URL and VOICEGATE_REDIS_URL, as for seed and route.
@@ -35,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     # The port is taken before the models load: one in use fails at once, naming it, and
     # the page's address printed below is one this process really serves (port 0 too).
     try:
-        listener = _listening_socket(settings.host, settings.port)
+        listener = listening_socket(settings.host, settings.port)
     except OSError as exc:
         return _gave_up("serve", f"cannot listen on {settings.host}:{settings.port}: "
                                  f"{exc.strerror or exc} (--host, --port)")
@@ -61,20 +60,6 @@ def _serve(args: argparse.Namespace) -> int:
     if services.fatal_error:
         return _gave_up("serve", services.fatal_error)
     return 0
-
-
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """A bound TCP socket for uvicorn, as uvicorn binds its own (SO_REUSEADDR; IPv6 when
-    the host is an IPv6 address)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _gave_up(command: str, reason: str) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from .audio import resample_pcm16, write_wav
 from .seeding import seed_with_voice
 from .client import Caller, format_event
 from .runtime import Runtime, load_failure
-from .server import BackgroundServer
+from .server import BackgroundServer, listening_socket
 from .settings import Settings
 from .stores import open_store
 
@@ -36,13 +35,11 @@ def _port_refused(port: int) -> str | None:
     (0: any free port, never refused)."""
     if port == 0:
         return None
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as exc:
-            return f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (--port)"
-    return None
+    try:
+        with listening_socket("127.0.0.1", port):  # bound as the server will bind it
+            return None
+    except OSError as exc:
+        return f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (--port)"
 
 
 def run_demo(out_dir: Path, port: int = 0) -> int:

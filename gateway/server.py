@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any
@@ -18,6 +19,20 @@ from .settings import Settings
 # After a drain (or on SIGINT), how long uvicorn waits for what is left (calls it closed
 # with 1012, requests still running) before cancelling it: never forever.
 SHUTDOWN_GRACE_S = 5.0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn, as uvicorn binds its own (SO_REUSEADDR; IPv6 when
+    the host is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class NotListening(RuntimeError):
