@@ -311,10 +311,11 @@ HELD_PAGE = """
 window.__fetches = [];
 window.__timers = new Map();
 window.__stats = {};
+window.__misses = {groups: []};
 let nextTimer = 1;
 window.fetch = (path) => new Promise((resolve) => window.__fetches.push({path, answer: () =>
   resolve({status: 200, ok: true, json: async () => (
-    String(path).includes("misses") ? {groups: []}
+    String(path).includes("misses") ? window.__misses
     : String(path).includes("stats") ? window.__stats : {})})}));
 const realSetTimeout = window.setTimeout;  // a task after every answer's promises ran
 window.__settle = (done) => realSetTimeout(done, 0);

@@ -10,33 +10,15 @@ the caller page is served by its own routes, fed events through a fake WebSocket
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 
 import pytest
 
 from tests.browser_support import chromium
+from tests.test_admin_dashboard import held_page
 
 pytestmark = pytest.mark.slow
 
-PAGE = Path(__file__).parents[1] / "gateway" / "admin" / "static" / "dashboard.html"
 TOKEN = "review-token"
-
-# Every fetch answers when the test says so: /admin/stats with window.__stats, /admin/misses
-# with window.__misses; timers never fire (one refresh only).
-HELD_PAGE = """
-window.__fetches = [];
-window.__stats = {};
-window.__misses = {groups: []};
-window.fetch = (path) => new Promise((resolve) => window.__fetches.push({path, answer: () =>
-  resolve({status: 200, ok: true, json: async () => (
-    String(path).includes("misses") ? window.__misses
-    : String(path).includes("stats") ? window.__stats : {running: false, last: null})})}));
-const realSetTimeout = window.setTimeout;
-window.__settle = (done) => realSetTimeout(done, 0);
-window.setTimeout = () => 0;
-window.clearTimeout = () => {};
-"""
 
 STATS = {"active_calls": 0, "calls": 3, "turns": 4, "hits": 1, "misses": 3, "hit_rate": 0.25,
          "hit_rate_5m": 0.25, "turns_5m": 4, "interrupted_turns": 0, "latency_ms": {},
@@ -50,21 +32,9 @@ def browser():
         yield driver
 
 
-@contextlib.contextmanager
-def held_dashboard(browser):
-    source = HELD_PAGE + f"sessionStorage.setItem('voicegate.adminToken', {json.dumps(TOKEN)});"
-    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
-                                     {"source": source})["identifier"]
-    try:
-        browser.get(PAGE.as_uri())
-        yield
-    finally:
-        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
-                                {"identifier": script})
-
-
 def show(browser, stats: dict, misses: dict) -> None:
-    """One refresh of the held dashboard with these API answers."""
+    """One refresh of the held dashboard (``held_page``: its network and timers held) with
+    these API answers."""
     browser.execute_script("window.__stats = arguments[0]; window.__misses = arguments[1];",
                            stats, misses)
     browser.execute_async_script("""
@@ -88,7 +58,7 @@ def miss_group(question: str, intent: str | None) -> dict:
     ("what is my balance", "x" * 200),
 ], ids=["long-caller-question", "long-intent-name"])
 def test_a_long_unbroken_miss_or_intent_stays_inside_the_dashboard(browser, question, intent):
-    with held_dashboard(browser):
+    with held_page(browser, TOKEN):
         show(browser, STATS, {"groups": [miss_group(question, intent)]})
         layout = browser.execute_script("""
             const box = (id) => document.getElementById(id).getBoundingClientRect();

@@ -913,8 +913,8 @@ def test_ctrl_c_during_a_seed_is_one_line_saying_which_version_serves(published,
 
 # ---------------------------------------------------------------------- review 2026-11-28
 # What an operator gets for a value the loader accepted but a library cannot use, an empty
-# host or store directory, and a command whose start-up fails (each test failed before its
-# fix, ending on a traceback or doing the wrong thing).
+# host or store directory, and a command whose start-up fails. Each test failed before its
+# fix: the command ended on a traceback or did the wrong thing.
 
 CLEARED = ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL", "VOICEGATE_HOST",
            "VOICEGATE_PORT", "VOICEGATE_TURN_MODEL", "VOICEGATE_STT_PROVIDER",
@@ -929,12 +929,24 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+def _command_ends(argv: list[str], capsys, case: str) -> tuple[int, list[str]]:
+    """``voicegate argv``'s exit status and the lines it wrote on stderr; a traceback
+    fails the test, naming the ``case``."""
+    from gateway import cli
+
+    try:
+        status = cli.main(argv)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"`voicegate {argv[0]}` ({case}) ended on a traceback: "
+                    f"{type(exc).__name__}: {exc}")
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
 # --- a Redis URL redis-py cannot use ------------------------------------------------------
-# The redis_url validator refuses a path that is no database number (redis-py would use
-# database 0), but not a query redis-py cannot take: `?db=x` (redis-py: ValueError "Invalid
-# value for 'db' in connection URL.") or an option it does not know (`?socket_timout=5`, a
-# typo: redis-py hands it to the connection, TypeError "unexpected keyword argument"). Both
-# are accepted at start-up and then end `voicegate route`/`seed`/`serve` on a traceback.
+# A query redis-py cannot take, `?db=x` (ValueError "Invalid value for 'db' in connection
+# URL.") or an option it does not know (a misspelt `?socket_timout=5`: TypeError "unexpected
+# keyword argument"), was accepted at start-up, then ended `route`/`seed`/`serve` on a
+# traceback at the first connection.
 
 @pytest.mark.parametrize("url", ["redis://cache:6379/0?db=x", "unix:///run/redis.sock?db=one",
                                  "redis://cache:6379/0?socket_timout=5"])
@@ -948,32 +960,21 @@ def test_a_redis_url_query_redis_py_refuses_is_refused_at_load(url):
 def test_route_with_a_redis_url_query_redis_py_refuses_is_status_2_not_a_traceback(
         url, monkeypatch, capsys, clean_env):
     import gateway.runtime
-    from gateway import cli
 
     monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
-    try:
-        status = cli.main(["route", "--redis", url])
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"`voicegate route --redis {url}` ended on a traceback: "
-                    f"{type(exc).__name__}: {exc}")
-    err = capsys.readouterr().err
-    assert status == 2 and "redis_url" in err, err
+    status, err = _command_ends(["route", "--redis", url], capsys, url)
+    assert status == 2 and "redis_url" in "\n".join(err), err
 
 
 # --- an empty host or store directory -----------------------------------------------------
-# VOICEGATE_HOST= (empty: a compose file's ${HOST} unset) is accepted; serve binds ("", port),
-# which is every interface (0.0.0.0), where the default is 127.0.0.1: the gateway, open by
-# default (no call token), is published to the network, and the banner reads "http://:8080/".
+# VOICEGATE_HOST= (empty: a compose file's ${HOST} unset) made serve bind ("", port): every
+# interface, where the default is 127.0.0.1; the gateway, open by default (no call token),
+# was published to the network. An empty VOICEGATE_STORE_DIR was the working directory.
 
 def test_an_empty_host_is_refused_not_every_interface():
     with pytest.raises(SettingsError, match="host"):
         Settings.load(environ={"VOICEGATE_HOST": ""})
 
-
-# VOICEGATE_STORE_DIR= (empty) is accepted and the local store is Path(""): the current
-# directory. `seed` publishes versions/, audio/ and CURRENT into wherever it was started,
-# `route` and `serve` read from there; every other path setting's empty value means its
-# default (model_cache_dir, piper_voice, whisper_model_dir) or off (record_dir).
 
 def test_an_empty_store_dir_is_not_the_current_directory():
     try:
@@ -1010,11 +1011,11 @@ def test_seed_with_an_empty_store_dir_does_not_publish_into_the_working_director
         f"(store root {published!r})")
 
 
-# --- demo on a port in use -------------------------------------------------------------
-# `voicegate demo --port N` with N taken: serve names the port and exits 1 (before loading
-# its models); the demo loads its models, seeds, then its BackgroundServer's uvicorn cannot
-# bind, and `RuntimeError: the gateway failed to start` escapes as a traceback, the port
-# never named.
+# --- demo: a start-up that cannot succeed -------------------------------------------------
+# serve names a port in use and exits 1 before loading its models, and ends any failure of
+# Runtime.load with one line. The demo caught only ModelLoadError: a port in use (found once
+# its models had loaded and it had seeded), a bad tools file (ToolConfigError) or a Groq leg
+# without its key (ProviderError, the agent built last) ended it on a traceback.
 
 def test_demo_on_a_port_in_use_is_one_line_naming_the_port_not_a_traceback(
         monkeypatch, tmp_path, capsys, clean_env):
@@ -1022,8 +1023,8 @@ def test_demo_on_a_port_in_use_is_one_line_naming_the_port_not_a_traceback(
 
     import gateway.demo
     import gateway.server
-    from gateway import cli
 
+    # Nothing heavy should the port go unchecked: no models, no seed, an empty app.
     runtime = SimpleNamespace(load_times_s={}, tts=object(), embedder=object())
     monkeypatch.setattr(gateway.demo.Runtime, "load", staticmethod(lambda settings: runtime))
     monkeypatch.setattr(gateway.demo, "seed_with_voice",
@@ -1040,39 +1041,22 @@ def test_demo_on_a_port_in_use_is_one_line_naming_the_port_not_a_traceback(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        try:
-            status = cli.main(["demo", "--out", str(tmp_path / "demo-out"), "--port", str(port)])
-        except Exception as exc:  # noqa: BLE001
-            pytest.fail(f"`voicegate demo --port {port}` (port in use) ended on a traceback: "
-                        f"{type(exc).__name__}: {exc}")
-    err = capsys.readouterr().err.strip().splitlines()
+        status, err = _command_ends(["demo", "--out", str(tmp_path / "demo-out"), "--port",
+                                     str(port)], capsys, "its port in use")
     assert status == 1 and err and str(port) in err[-1], (status, err[-3:])
 
 
-# --- demo: a start-up failure that is not a model's ---------------------------------------
-# `voicegate demo` catches only ModelLoadError around Runtime.load. Runtime.load checks the
-# tools file first (ToolConfigError) and builds the agent last, outside _load_warm (a Groq
-# leg without its key: ProviderError). serve turns both into its one-line status 1 (any
-# exception from Runtime.load: Services._load); the demo ends on a traceback.
-
 def test_demo_with_a_bad_tools_file_is_one_line_not_a_traceback(monkeypatch, tmp_path,
-                                                                        capsys, clean_env):
-    from gateway import cli
-
+                                                                capsys, clean_env):
     monkeypatch.setenv("VOICEGATE_LLM_TOOLS_FILE", str(tmp_path / "no-tools.json"))
-    try:
-        status = cli.main(["demo", "--out", str(tmp_path / "demo-out")])
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"`voicegate demo` with VOICEGATE_LLM_TOOLS_FILE missing ended on a "
-                    f"traceback: {type(exc).__name__}: {exc}")
-    err = capsys.readouterr().err.strip().splitlines()
+    status, err = _command_ends(["demo", "--out", str(tmp_path / "demo-out")], capsys,
+                                "VOICEGATE_LLM_TOOLS_FILE missing")
     assert status == 1 and err and "no-tools.json" in err[-1], (status, err[-3:])
 
 
 def test_demo_with_a_groq_leg_without_its_key_is_one_line_not_a_traceback(
         monkeypatch, tmp_path, capsys, clean_env):
     import gateway.runtime
-    from gateway import cli
 
     monkeypatch.setattr(gateway.runtime, "_load_warm",
                         lambda name, build, times, what: SimpleNamespace(sample_rate=16000))
@@ -1080,25 +1064,19 @@ def test_demo_with_a_groq_leg_without_its_key_is_one_line_not_a_traceback(
     monkeypatch.setenv("VOICEGATE_LLM_PRIMARY_MODEL", "llama-3.1-8b-instant")
     monkeypatch.delenv("VOICEGATE_GROQ_API_KEY", raising=False)
     monkeypatch.delenv("VOICEGATE_LLM_TOOLS_FILE", raising=False)
-    try:
-        status = cli.main(["demo", "--out", str(tmp_path / "demo-out")])
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"`voicegate demo` with a Groq primary and no key ended on a traceback: "
-                    f"{type(exc).__name__}: {exc}")
-    err = capsys.readouterr().err.strip().splitlines()
+    status, err = _command_ends(["demo", "--out", str(tmp_path / "demo-out")], capsys,
+                                "a Groq primary and no key")
     assert status == 1 and err and "VOICEGATE_GROQ_API_KEY" in err[-1], (status, err[-3:])
 
 
 # --- seed and route: a provider or model that cannot be built ----------------------------
-# serve wraps every model's construction (Runtime._load_warm: ModelLoadError, one line,
-# status 1). seed builds its voice (create_tts) and its embedder (build_embedder), route its
-# embedder, outside anything that catches their errors: a cloud voice without its key, or a
-# model cache directory that cannot be one, ends the command on a traceback.
+# serve wraps every model's construction (one line, status 1). seed built its voice and its
+# embedder, route its embedder, outside anything that caught their errors: a cloud voice
+# without its key, or a model cache directory that cannot be one, ended on a traceback.
 
 def test_seed_with_a_voice_that_cannot_be_built_is_one_line_not_a_traceback(
         monkeypatch, tmp_path, capsys, clean_env):
     import gateway.seeding
-    from gateway import cli
 
     rendered: list[str] = []
     monkeypatch.setattr(gateway.seeding, "seed_with_voice",
@@ -1107,46 +1085,32 @@ def test_seed_with_a_voice_that_cannot_be_built_is_one_line_not_a_traceback(
     monkeypatch.delenv("VOICEGATE_ELEVENLABS_API_KEY", raising=False)
     csv_path = tmp_path / "faq.csv"
     csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
-    try:
-        status = cli.main(["seed", str(csv_path), "--store", str(tmp_path / "store"), "--quiet"])
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"`voicegate seed` with an ElevenLabs voice and no key ended on a "
-                    f"traceback: {type(exc).__name__}: {exc}")
-    err = capsys.readouterr().err.strip().splitlines()
+    status, err = _command_ends(["seed", str(csv_path), "--store", str(tmp_path / "store"),
+                                 "--quiet"], capsys, "an ElevenLabs voice and no key")
     assert status == 1 and err and "VOICEGATE_ELEVENLABS_API_KEY" in err[-1], (status, err[-3:])
     assert rendered == []
 
 
 def test_route_with_an_embedder_that_cannot_load_is_one_line_not_a_traceback(
         monkeypatch, tmp_path, capsys, clean_env):
-    from gateway import cli
-
     not_a_dir = tmp_path / "a-file"
     not_a_dir.write_text("")
     (tmp_path / "store").mkdir()
     monkeypatch.setenv("VOICEGATE_MODEL_CACHE_DIR", str(not_a_dir))
     monkeypatch.setenv("VOICEGATE_EMBEDDER_BACKEND", "onnx-int8")
-    try:
-        status = cli.main(["route", "--store", str(tmp_path / "store")])
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"`voicegate route` with VOICEGATE_MODEL_CACHE_DIR a file ended on a "
-                    f"traceback: {type(exc).__name__}: {exc}")
-    err = capsys.readouterr().err.strip().splitlines()
+    status, err = _command_ends(["route", "--store", str(tmp_path / "store")], capsys,
+                                "VOICEGATE_MODEL_CACHE_DIR a file")
     assert status in (1, 2) and err and str(not_a_dir) in err[-1], (status, err[-3:])
 
 
 # --- call: a gateway that refuses the upgrade ------------------------------------------
-# `voicegate call` without the token a gateway requires (VOICEGATE_CALL_TOKEN set on the
-# server, not in the caller's shell), or to a replica still loading (503 not_ready): the
-# upgrade is refused with an HTTP status, websockets raises InvalidStatus (no OSError), and
-# `_call` catches only OSError/TimeoutError/ConnectionError: a traceback instead of "a call
-# that fails: status 1" (README).
+# Without the token a gateway requires, or to a replica still loading (503), the upgrade
+# is refused with an HTTP status: websockets raises InvalidStatus (no OSError), which
+# `voicegate call` did not catch: a traceback instead of "a call that fails: status 1".
 
 def test_call_refused_by_the_gateway_is_one_line_status_1_not_a_traceback(
         monkeypatch, capsys):
     import threading
-
-    from gateway import cli
 
     monkeypatch.delenv("VOICEGATE_CALL_TOKEN", raising=False)
     server = socket.socket()
@@ -1169,27 +1133,22 @@ def test_call_refused_by_the_gateway_is_one_line_status_1_not_a_traceback(
     thread = threading.Thread(target=refuse, daemon=True)
     thread.start()
     try:
-        try:
-            status = cli.main(["call", f"ws://127.0.0.1:{port}/v1/call", "--text", "hi"])
-        except Exception as exc:  # noqa: BLE001
-            pytest.fail(f"`voicegate call` refused with HTTP 403 ended on a traceback: "
-                        f"{type(exc).__name__}: {exc}")
+        status, err = _command_ends(["call", f"ws://127.0.0.1:{port}/v1/call", "--text", "hi"],
+                                    capsys, "refused with HTTP 403")
     finally:
         thread.join(timeout=5)
         server.close()
-    err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and err and "403" in err[-1], (status, err[-3:])
 
 
 # --- serve's banner on an IPv6 host -------------------------------------------------------
-# serve listens on an IPv6 address (_listening_socket picks AF_INET6 for a host with ':')
-# but prints "http://::1:PORT/": no brackets, not a URL a browser or `voicegate call` takes
-# (the port reads as part of the address).
+# serve listens on an IPv6 address (listening_socket picks AF_INET6 for a host with ':') but
+# printed "http://::1:PORT/": no brackets, not a URL a browser or `voicegate call` takes.
 
 def test_serve_on_an_ipv6_host_prints_urls_with_the_address_in_brackets(
         monkeypatch, tmp_path, capsys, clean_env):
     from gateway import cli
-    
+
     seen = _commands_do_no_heavy_work(monkeypatch)
     assert cli.main(["serve", "--host", "::1", "--port", "0",
                      "--store", str(tmp_path / "store")]) == 0
