@@ -63,11 +63,11 @@ async def deadline(clock: Clock, seconds: float,
     assert task is not None, "deadline() needs a task"
     state = Deadline()
 
+    starts = (after,) if isinstance(after, asyncio.Event) else after or ()
+
     async def expire() -> None:
-        if isinstance(after, asyncio.Event):
-            await after.wait()
-        elif after:
-            waits = [asyncio.ensure_future(event.wait()) for event in after]
+        if starts:
+            waits = [asyncio.ensure_future(event.wait()) for event in starts]
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
