@@ -55,6 +55,8 @@ class FaqCache:
         # Whether that version failed because the store did not answer while it was read
         # (retried at the next poll), not because the version itself is bad.
         self.failed_for_store = False
+        # Whether the last refresh could not even ask the store which version is current.
+        self._unreachable = False
         self._retry_s = 0.0  # the wait before that version is tried again (0: next poll)
         self._retry_at = 0.0  # clock time it may be tried again
         self._refreshing = threading.Lock()  # one load at a time, the newest wins
@@ -84,6 +86,12 @@ class FaqCache:
             return [miss(text, "no FAQ cache is published") for text in texts]
         return serving.cache.router.route_many(texts)
 
+    @property
+    def store_unanswered(self) -> bool:
+        """Nothing is served because the store did not answer (unreachable, or lost while
+        the current version was read): not an empty store, nor a bad version."""
+        return self._serving is None and (self._unreachable or self.failed_for_store)
+
     def refresh(self) -> bool:
         """Load the store's current version if it is not the one serving. Blocking.
 
@@ -99,7 +107,9 @@ class FaqCache:
             current = self.store.current_version()
         except Exception as exc:  # the store is unreachable: keep serving what we hold
             self.last_error = f"store unavailable: {exc}"
+            self._unreachable = True
             return False
+        self._unreachable = False
         if current is None and self.version is not None:
             # The store lost what it published (Redis restarted without persistence, a wiped
             # directory): keep serving from memory, and say so; a replica started now has none.

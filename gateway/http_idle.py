@@ -6,7 +6,9 @@ be opened by one client). This protocol arms the same timer when the connection 
 made; the first bytes of a request disarm it, as they do between requests. From
 then on the request's headers must be complete within ``HEADERS_TIMEOUT_S``, or
 the connection gets 408 and is closed (a client that sends a request line and then
-nothing, slowloris, would hold it forever too).
+nothing, slowloris, would hold it forever too). Bytes of a body that come after its
+request was answered (a 413 or a 401 sent before the body was read) cancel the keep-alive
+timer, as any byte does in uvicorn, yet start no request: the timer is armed again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,21 @@ HEADERS_TIMEOUT_S = 10.0
 
 class IdleTimeoutHttpToolsProtocol(HttpToolsProtocol):
     _headers_deadline: asyncio.TimerHandle | None = None
+    _upgraded = False  # a WebSocket now: its own protocol times it
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if (not self._upgraded and self.timeout_keep_alive_task is None
+                and self._headers_deadline is None and not self.pipeline
+                and self.cycle is not None and self.cycle.response_complete
+                and not self.transport.is_closing()):
+            # The rest of an answered request's body: idle between requests still.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def handle_websocket_upgrade(self) -> None:
+        self._upgraded = True
+        super().handle_websocket_upgrade()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -16,7 +16,7 @@ from starlette.websockets import WebSocket
 
 from intents.loader import LoadedCache
 from intents.redis_store import RedisKeys
-from intents.store import Store
+from intents.store import Store, StoreUnavailable
 
 from . import logs
 from .call import Call, CallDeps, CallOutput, ConversationKeeper
@@ -47,8 +47,9 @@ BODY_REFUSAL_LOG_EVERY_S = 10.0  # a refused body is logged at most this often a
 # Start-up steps that reach the network (the voice rendering the prompts, the store) are
 # retried after a failure: first after this long, doubling up to the cap.
 LOAD_RETRY_S = (1.0, 30.0)
-# At shutdown, how long calls cut short may take to close and write their recordings.
-SHUTDOWN_RECORDINGS_S = 10.0
+# At shutdown, how long calls cut short may take to close (their last counts) and write
+# their recordings.
+SHUTDOWN_CLOSE_S = 10.0
 
 
 def _counted_on(loop: asyncio.AbstractEventLoop, stats: Stats, code: str) -> Callable[[], None]:
@@ -158,6 +159,8 @@ class Services:
                     cache.on_loaded = _entries_published_on(asyncio.get_running_loop(),
                                                             runtime.stats)
                 await asyncio.to_thread(cache.refresh)
+                if cache.store_unanswered:  # refresh keeps its failure; ready means read
+                    raise StoreUnavailable(cache.last_error or "the store did not answer")
                 break
             except Exception as exc:
                 self.load_error = f"{type(exc).__name__}: {exc}"
@@ -198,20 +201,20 @@ class Services:
         logs.event(log, "ready", load_times_s=runtime.load_times_s, cache_version=cache.version,
                    store="redis" if self.settings.redis_url else "local")
 
-    async def _finish_recordings(self) -> None:
+    async def _let_cut_calls_close(self) -> None:
         """Calls the shutdown cut short (uvicorn cancels what outlives its grace) still
-        close and write their recordings: let them, up to ``SHUTDOWN_RECORDINGS_S``,
-        before the loop's teardown cancels the writes and leaves ``.wav.part`` files."""
-        if not self.settings.record_dir:
-            return
+        close: they count their last turns (for the shared counters, detached next) and
+        write their recordings. Let them, up to ``SHUTDOWN_CLOSE_S``, before the loop's
+        teardown cancels what is left (``.wav.part`` files, turns never counted)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + SHUTDOWN_RECORDINGS_S
+        deadline = loop.time() + SHUTDOWN_CLOSE_S
         while self.admission.active and loop.time() < deadline:
             await asyncio.sleep(0.05)  # a cancelled call's close hands its recording over
-        left = await recordings_written(deadline - loop.time())
+        left = (await recordings_written(deadline - loop.time())
+                if self.settings.record_dir else 0)
         if left or self.admission.active:
-            logs.event(log, "recordings_unfinished", logging.WARNING, writes=left,
-                       calls=self.admission.active)
+            logs.event(log, "calls_unfinished_at_shutdown", logging.WARNING,
+                       recordings=left, calls=self.admission.active)
 
     def open_store(self) -> Store:
         return open_store(self.settings)
@@ -354,7 +357,7 @@ class Services:
         return snapshot
 
     async def aclose(self) -> None:
-        await self._finish_recordings()
+        await self._let_cut_calls_close()
         for task in (self._load_task, self._watch_task, *self._redis_tasks):
             if task is not None:
                 task.cancel()

@@ -312,12 +312,18 @@ class SharedStats:
 
     async def leave(self, timeout_s: float = 2.0) -> None:
         """Best-effort goodbye: flush and drop the heartbeat so the replica count is exact."""
+        async def flush_applied() -> None:
+            try:
+                await self.flush()
+            except RefusedIncrement as exc:  # one foreign key: the rest of it was applied
+                logs.event(log, "shared_stats_refused", logging.WARNING, error=str(exc))
+
         async def goodbye() -> None:
-            await self.flush()
+            await flush_applied()
             # A flush sends one batch: after a failed one, that batch again. What was
             # counted since is the next batch, lost with the process if not sent now.
             while self._pending:
-                await self.flush()
+                await flush_applied()
             await self._redis.delete(self._prefix + f"replica:{self.replica_id}")
 
         try:

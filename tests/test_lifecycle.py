@@ -1,0 +1,333 @@
+"""The process lifecycle and its glue: idle HTTP connections (http_idle), start-up
+readiness and shutdown (services), the shared counters' goodbye, the compose file's grace.
+
+Each test failed before its fix and names the production failure it showed. None times
+anything on the wall clock: timers are held and fired by hand (the HTTP protocol), and waits
+poll a condition with a generous bound only so that a regression fails instead of hanging.
+
+Redis: 127.0.0.1:6379, database 11 (no other test uses it, and no test flushes it), each
+test under a key prefix of its own, deleted after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
+
+import pytest
+import redis
+import uvicorn
+from uvicorn.server import ServerState
+
+from gateway.audio_bank import AudioBank
+from gateway.http_idle import IdleTimeoutHttpToolsProtocol
+from gateway.redis_link import RedisHealth, open_async_client
+from gateway.runtime import routing_executors
+from gateway.services import Services
+from gateway.settings import Settings
+from gateway.shared_stats import SharedStats
+from gateway.stats import Stats
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = "redis://127.0.0.1:6379/11"
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {REDIS_URL} ({exc})")
+    name = f"vglifecycle{secrets.token_hex(3)}:"
+    yield name
+    keys = list(client.scan_iter(match=name + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def until(condition: Callable[[], Any], what: str, bound_s: float = 30.0) -> None:
+    """Wait for a condition (the bound only turns a regression into a failure)."""
+    give_up = time.monotonic() + bound_s
+    while not condition():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. gateway/http_idle.py: a connection whose request was answered before its body arrived
+#    is held forever once one more byte of that body comes.
+
+class HeldTimers:
+    """The protocol's loop: the running loop for everything but ``call_later``, whose timers
+    are held here and fired only when the test lets time pass (``elapse``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._timers: list[asyncio.TimerHandle] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+    def call_later(self, delay: float, callback: Callable[..., None], *args: Any
+                   ) -> asyncio.TimerHandle:
+        handle = asyncio.TimerHandle(self._loop.time() + delay, callback, args, self._loop)
+        self._timers.append(handle)
+        return handle
+
+    @property
+    def armed(self) -> int:
+        return sum(not h.cancelled() for h in self._timers)
+
+    def elapse(self) -> None:
+        """Any amount of time passes: every timer armed fires (again, for those it arms)."""
+        for _ in range(5):
+            due, self._timers = self._timers, []
+            for handle in due:
+                if not handle.cancelled():
+                    handle._run()  # noqa: SLF001
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8080),
+                "peername": ("203.0.113.9", 40000)}.get(name, default)
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def answers_without_reading_the_body(scope: Any, receive: Any, send: Any) -> None:
+    """As the gateway answers a request it refuses before reading its body: an admin POST
+    without the token (401), a declared Content-Length over the limit (413,
+    ``_json_body``), or any GET sent with a body (/healthz)."""
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def test_a_connection_answered_before_its_body_arrived_is_never_closed() -> None:
+    """uvicorn's data_received cancels the keep-alive timer on every byte; after the response
+    only ``on_response_complete`` arms it, and http_idle re-arms nothing but the headers
+    deadline (on_message_begin). Bytes of a body still due after the answer are no new
+    message: the timer they cancel is never armed again, and the connection, with its file
+    descriptor, stays open for good. One client can so hold thousands (the replicas' own
+    ports are published: docker-compose.yml 8081/8082), which http_idle is there to
+    prevent."""
+    config = uvicorn.Config(answers_without_reading_the_body, http=IdleTimeoutHttpToolsProtocol,
+                            log_level="warning")
+    config.load()
+    timers = HeldTimers(asyncio.get_running_loop())
+    protocol = IdleTimeoutHttpToolsProtocol(config, ServerState(), {}, _loop=timers)
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"POST /admin/entries HTTP/1.1\r\nHost: gw\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: 9000000\r\n\r\n")
+    for _ in range(20):  # the ASGI task answers
+        await asyncio.sleep(0)
+    assert transport.written.startswith(b"HTTP/1.1 413"), bytes(transport.written[:80])
+    assert timers.armed == 1  # the keep-alive timer, as after any response
+
+    protocol.data_received(b"{")  # one byte of the body it declared, then nothing
+    timers.elapse()  # minutes, hours: every timer there is fires
+    try:
+        assert transport.closed, (
+            f"the request was answered and its client then went quiet, yet after any amount "
+            f"of time the connection is still open (timers armed: {timers.armed}): the byte "
+            f"cancelled the keep-alive timer and nothing armed another")
+    finally:
+        protocol.connection_lost(None)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. gateway/services.py _load: a store that does not answer at start-up is not retried;
+#    the replica turns ready with no FAQ cache at all.
+
+def fake_runtime() -> SimpleNamespace:
+    """What Services._load uses of a Runtime, without models."""
+    async def render_prompts(greeting: str | None = None) -> None:
+        return None
+
+    return SimpleNamespace(
+        render_prompts=render_prompts, stats=Stats(), load_times_s={},
+        embedder=SimpleNamespace(is_cached=lambda text: False),
+        route_executors=routing_executors(),
+        agent=SimpleNamespace(llm=None, new_conversation=lambda: None),
+        tts=SimpleNamespace(name="tts"), stt=SimpleNamespace(name="stt"),
+        prompts=AudioBank(), vad_batcher=None, turn_model=None, judge_turn=None)
+
+
+async def test_a_replica_started_while_redis_is_down_is_not_ready_without_its_cache(
+        tmp_path: Path) -> None:
+    """README and docs/operations.md ("A replica that cannot start"): /readyz is 503 "until
+    the models are warm, the prompts rendered and the cache read. A voice or store that
+    fails meanwhile (a cloud voice or Redis briefly down) is tried again after 1 s, then
+    twice as long each time up to 30 s". Services._load retries only when cache.refresh
+    raises, but FaqCache.refresh catches the store's failure (StoreUnavailable), records it
+    in last_error and returns False: _load goes on as if the cache were read. The replica
+    turns ready with no cache (every caller a miss: a handoff where no LLM is configured),
+    and HAProxy's leastconn sends the fresh, empty replica the most new calls. A rolling
+    deploy during a Redis blip does this to every replica it restarts."""
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(tmp_path),
+                              "redis_url": f"redis://127.0.0.1:{free_port()}/11",
+                              "gc_full_interval_s": 0}, environ={})
+    runtime = fake_runtime()
+    services = Services(settings, runtime)  # type: ignore[arg-type]
+    await services.start()
+    try:
+        # The first attempt to read the cache has been made once either is true: the load
+        # gave up on this attempt (retrying, its error shown) or it went on (finished).
+        await until(lambda: services.load_error is not None or services._load_task.done(),
+                    "the first attempt to read the cache from the store")
+        body = services.readiness()
+        assert not body["ready"], (
+            f"Redis (the store) did not answer at start-up, yet /readyz says ready with no "
+            f"cache: cache_version={body.get('cache_version')}, "
+            f"cache_error={body.get('cache_error')!r}")
+    finally:
+        await services.aclose()
+        for executor in runtime.route_executors.values():
+            executor.shutdown(wait=False)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. gateway/services.py aclose: the shared counters are detached before the calls the
+#    shutdown cut short have closed (without record_dir it does not wait for them at all).
+
+async def test_the_turns_of_calls_cut_short_at_shutdown_reach_the_cluster_counters(
+        tmp_path: Path, prefix: str) -> None:
+    """uvicorn cancels the calls that outlive its 5 s grace and goes straight on to the
+    lifespan's shutdown (Services.aclose); each cancelled call still closes over a few loop
+    iterations (session.close waits for the call's task, which stops its replies and ends
+    its turns: turn_finished, call_ended). Only with a record_dir does aclose wait for
+    ``admission.active`` to reach 0 (_finish_recordings); without one (the default) it
+    removes the SharedStats observer at once, and what those calls count from then on never
+    reaches Redis: /admin/stats' cluster totals lose the cut turns of every shutdown."""
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(tmp_path),
+                              "redis_url": REDIS_URL}, environ={})
+    assert not settings.record_dir
+    runtime = fake_runtime()
+    services = Services(settings, runtime)  # type: ignore[arg-type]
+    services._runtime = runtime  # type: ignore[assignment]  # as _load leaves it
+    shared = SharedStats(open_async_client(REDIS_URL), prefix=prefix, health=RedisHealth(),
+                         replica_id="cut")
+    runtime.stats.attach(shared)
+    services.shared_stats = shared
+    raw = redis.Redis.from_url(REDIS_URL)
+
+    # One call, cancelled by uvicorn at the end of its grace, still closing.
+    assert services.admission.try_enter()
+    runtime.stats.call_started()
+
+    async def call_closing() -> None:
+        await asyncio.sleep(0)  # its stages' tasks being cancelled and gathered
+        await asyncio.sleep(0)
+        runtime.stats.turn_finished({"source": "llm", "hit": False, "intent": "balance",
+                                     "interrupted": True})
+        runtime.stats.call_ended()
+        services.admission.leave()
+
+    closing = asyncio.create_task(call_closing())
+    try:
+        await services.aclose()
+        await closing
+        totals = {k.decode(): int(v) for k, v in
+                  raw.hgetall(prefix + "stats:totals").items()}
+    finally:
+        raw.close()
+        for executor in runtime.route_executors.values():
+            executor.shutdown(wait=False)
+    assert totals.get("turns") == 1, (
+        f"the call counted its last turn while it closed, after the shutdown began; the "
+        f"cluster's counters hold {totals} (shared stats still pending in the departed "
+        f"replica: {shared.pending})")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. gateway/shared_stats.py leave: one foreign counter key keeps a departed replica in
+#    the cluster view.
+
+async def test_a_departing_replica_with_one_foreign_counter_key_leaves_the_cluster_view(
+        prefix: str) -> None:
+    """``leave`` is "best-effort goodbye: flush and drop the heartbeat so the replica count
+    is exact". Its flush raises RefusedIncrement (a ResponseError) whenever one increment
+    hits a key someone reset by hand, as every flush that carries a finished turn does
+    then (test_redis_failures covers the flusher's side of this); leave() takes that for
+    Redis being unreachable and gives up before deleting its heartbeat. Redis answers, yet
+    the departed replica stays in /admin/stats' `replicas` and `active_calls` (its last
+    heartbeat's) for three heartbeats, on every shutdown or drain of every replica."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(prefix + "stats:sources", "reset by hand")  # a string where a hash belongs
+    stats = SharedStats(open_async_client(REDIS_URL), prefix=prefix, health=RedisHealth(),
+                        replica_id="leaving", describe=lambda: {"active_calls": 3})
+    try:
+        await stats.heartbeat()
+        assert raw.get(prefix + "replica:leaving") is not None
+        stats.turn_finished({"source": "llm", "hit": False, "intent": "balance"})
+        await stats.leave()
+        beat = raw.get(prefix + "replica:leaving")
+        turns = int(raw.hget(prefix + "stats:totals", "turns") or 0)
+    finally:
+        raw.close()
+        await stats.aclose()
+    assert turns == 1  # Redis answered: the rest of the batch was written
+    assert beat is None, (
+        f"the replica left while Redis answered, yet its heartbeat is still there "
+        f"({beat!r}): the cluster view counts it, and its 3 calls, until the key expires")
+
+
+# ---------------------------------------------------------------------------------------
+# 5. docker-compose.yml: stop_grace_period is shorter than the shutdown it must cover.
+
+def test_the_compose_grace_period_covers_the_whole_shutdown() -> None:
+    """docker-compose.yml gives each replica stop_grace_period 610s for
+    VOICEGATE_DRAIN_TIMEOUT_S 600. After the drain, uvicorn waits up to SHUTDOWN_GRACE_S
+    (5 s) for the calls it closed, then Services.aclose waits up to SHUTDOWN_CLOSE_S
+    (10 s, added by f796a9f) for the recordings of the calls it cut, then SharedStats.leave
+    (2 s) flushes the counters: up to 617 s. Docker SIGKILLs at 610 s, in the middle of the
+    very wait that keeps the recordings from being left as .wav.part (and before the last
+    counters are flushed). docs/operations.md: "Give the orchestrator a longer grace period
+    than both"."""
+    from gateway.server import SHUTDOWN_GRACE_S
+    from gateway.services import SHUTDOWN_CLOSE_S
+
+    compose = (ROOT / "docker-compose.yml").read_text()
+    grace = int(re.search(r"stop_grace_period:\s*(\d+)s", compose).group(1))  # type: ignore[union-attr]
+    drain = float(re.search(r'VOICEGATE_DRAIN_TIMEOUT_S:\s*"(\d+)"', compose).group(1))  # type: ignore[union-attr]
+    leave_s = 2.0  # SharedStats.leave's default timeout
+    needed = drain + SHUTDOWN_GRACE_S + SHUTDOWN_CLOSE_S + leave_s
+    assert grace >= needed, (
+        f"stop_grace_period {grace}s < drain {drain:g} s + uvicorn's grace "
+        f"{SHUTDOWN_GRACE_S:g} s + recordings {SHUTDOWN_CLOSE_S:g} s + goodbye flush "
+        f"{leave_s:g} s = {needed:g} s: SIGKILL lands inside the shutdown")
