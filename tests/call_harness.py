@@ -25,7 +25,8 @@ from gateway.agent import Agent, prompt_texts
 from gateway.audio_bank import AudioBank, Clip
 from gateway.call import Call, CallDeps
 from gateway.clock import ManualClock
-from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec, Transcript
+from gateway.providers.base import (LLMChunk, ProviderError, ToolCall, ToolSpec, Transcript,
+                                    drop_queued_partials)
 from gateway.responder import Responder
 from gateway.settings import Settings
 from gateway.stats import Stats
@@ -130,6 +131,7 @@ class WordSTTStream:
         snapshot = bytes(self._buffer)
         self._buffer.clear()
         self._last_partial = ""
+        drop_queued_partials(self._partials)  # as every stream does (STTStream.partials)
         self._stt.utterances.append(snapshot)
         early, self._early = self._early, None
         return self._final(early, snapshot)
@@ -153,6 +155,7 @@ class WordSTTStream:
 
     async def reset(self) -> None:
         self._buffer.clear()
+        drop_queued_partials(self._partials)
 
     async def aclose(self) -> None:
         self.closed = True

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.call import Call
 from gateway.providers.base import LLMChunk, ProviderError, Transcript
-from tests.call_harness import (RATE, CallHarness, RecordingOutput,
+from tests.call_harness import (RATE, WORD_SAMPLES, CallHarness, RecordingOutput,
                                 assert_a_stalled_voice_fails_the_turn, tone,
                                 voice_that_fails_on_cue)
 
@@ -910,3 +910,30 @@ async def test_no_more_sentences_are_synthesized_ahead_than_the_prefetch_bound()
     await replies.aclose()
     await h.stop()
     assert len(ahead) <= 2, ahead
+
+
+async def test_a_partial_queued_before_a_turns_end_is_not_the_next_utterances():
+    # Review: the partials loop's only guard was ``self._turns.in_utterance``. Partials
+    # of utterance 1 still queued when one audio pass ends its turn and starts the next
+    # utterance (a client sending audio in larger chunks, a loaded loop) were read with
+    # in_utterance True again: sent to the client as what the caller says now, after the
+    # `interrupt` the new speech caused, and offered to the speculation as the new
+    # utterance's partials (routed as its speculation).
+    h = await CallHarness(faqs={"open": "opening_hours"},
+                          settings={"route_step_words": 1}).start()
+    asked: list[tuple[str, bool, int]] = []
+    h.router.fail = lambda text, urgent: bool(asked.append((text, urgent, len(h.output.events))))
+    try:
+        first = h.vocabulary.audio("what time do you open")
+        gap = bytes(RATE * 1200 // 1000 * 2)  # past turn_continuation_ms: a new utterance
+        onset = h.vocabulary.audio("and")[:int(WORD_SAMPLES * 0.8) * 2]  # speech, no word yet
+        h.call.feed_audio(first + gap + onset)  # one audio pass
+        await h.clock.settle()
+        interrupt = next(i for i, e in enumerate(h.output.events) if e["type"] == "interrupt")
+        stale_events = [e["text"] for e in h.output.events[interrupt:]
+                        if e["type"] == "transcript" and not e["final"]]
+        stale_routings = [(t, at) for t, urgent, at in asked if not urgent and at > interrupt]
+        assert stale_events == [], f"utterance 1's partials sent after the barge-in: {stale_events}"
+        assert stale_routings == [], f"routed as utterance 2's partials: {stale_routings}"
+    finally:
+        await h.stop()

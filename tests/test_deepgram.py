@@ -92,6 +92,21 @@ async def test_interim_results_are_partials_and_finalize_returns_the_final(deepg
     await recognizer.aclose()
 
 
+async def test_a_partial_still_unread_at_the_cut_is_not_the_next_utterances(deepgram):
+    # Review: interim results queued before a turn's cut were read after it, by a consumer
+    # a loop pass behind, as the next utterance's.
+    fake, server = deepgram
+    fake.ms_per_word = 40
+    recognizer = stt(server)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)  # two words revealed, nobody reading yet
+    assert await until(lambda: stream._partials.qsize() == 2)
+    assert (await stream.finalize()).text == "what are"
+    assert stream._partials.empty()
+    await stream.aclose()
+    await recognizer.aclose()
+
+
 async def test_speech_final_and_utterance_end_make_finalize_immediate(deepgram):
     fake, server = deepgram
     fake.utterances = ["hello there", "second question please"]

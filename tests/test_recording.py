@@ -9,12 +9,14 @@ import json
 import resource
 import signal
 import time
+import threading
 import tracemalloc
 import wave
 
 import numpy as np
 import pytest
 
+from gateway.call.engine import RECORDING_END_WAIT_S, RECORDING_STALL_S
 from gateway.call.recording import GAP_SETTLES_S, SPILL_S, CallRecorder
 from gateway.clock import ManualClock
 from tests.call_harness import RATE, CallHarness, tone
@@ -450,3 +452,67 @@ async def test_a_shutdown_lets_the_calls_it_cuts_short_write_their_recordings(tm
     assert not list(tmp_path.glob("*.wav.part"))
     (wav,) = tmp_path.glob("*.wav")
     assert json.loads(wav.with_suffix(".json").read_text())["audio"] == wav.name
+
+
+async def test_a_stalled_recording_disk_does_not_hold_the_call_open(tmp_path, monkeypatch):
+    # Review: the record_dir's disk stalls (an NFS or EBS hiccup), and the recording's
+    # final write blocks in its worker thread. Call.run awaited that write (shielded)
+    # before it returned, and CallSession.close awaits Call.run before it leaves the
+    # admission slot and closes the socket: every call that ended while the disk was stuck
+    # stayed open, holding a max_calls slot, until the disk answered. It now waits
+    # RECORDING_END_WAIT_S; the write goes on, held for the shutdown.
+    stalled, entered = threading.Event(), threading.Event()
+    write = CallRecorder.write
+
+    def stuck_write(recorder: CallRecorder):
+        entered.set()
+        stalled.wait()  # the disk does not answer
+        return write(recorder)
+
+    monkeypatch.setattr(CallRecorder, "write", stuck_write)
+    h = CallHarness(settings={"record_dir": str(tmp_path), "idle_prompt_s": 0})
+    await h.start()
+    await h.feed(tone(400, 77))
+    await h.silence(600)
+    task = h._task
+    assert task is not None
+    h.call.stop()
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)  # the write is under way, stuck
+        await h.clock.advance(RECORDING_END_WAIT_S + 0.1)
+        assert task.done(), "the call's end waits for the recording's disk"
+    finally:
+        stalled.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_block_the_disk_never_takes_gives_the_recording_up_not_the_call(
+        tmp_path, monkeypatch):
+    # Review: while one block of the recording was stuck on its disk, no later block was
+    # taken: the whole call piled up in memory (4 MB a minute at 16 kHz, for every call of
+    # the replica) until the disk answered. Past RECORDING_STALL_S the recording is given
+    # up, counted, and the call goes on.
+    stalled, entered = threading.Event(), threading.Event()
+
+    def stuck_append(recorder: CallRecorder, *block):
+        entered.set()
+        stalled.wait()
+
+    monkeypatch.setattr(CallRecorder, "append", stuck_append)
+    h = CallHarness(settings={"record_dir": str(tmp_path), "idle_prompt_s": 0})
+    h.llm.reply = "Our branches open at nine."
+    await h.start()
+    try:
+        for _ in range(int(SPILL_S + GAP_SETTLES_S + RECORDING_STALL_S) + 5):
+            await h.feed(tone(40, NOISE))
+            await h.silence(960)
+        assert entered.is_set()
+        assert h.call._recorder is None  # given up: nothing more is held for it
+        assert h.deps.stats.snapshot()["errors"].get("recording_failed") == 1
+        await h.text("when do you open")  # the call goes on
+        await h.wait(1500)
+        assert h.output.frames
+    finally:
+        stalled.set()
+        await h.stop()
+    assert h.deps.stats.snapshot()["errors"].get("recording_failed") == 1

@@ -109,6 +109,25 @@ async def test_the_early_transcript_is_offered_as_a_partial(pool):
     await stream.aclose()
 
 
+async def test_a_partial_still_unread_at_the_cut_is_not_the_next_utterances(pool):
+    # Review: partials queued before a turn's cut were read after it, by a consumer a
+    # loop pass behind, as the next utterance's (sent to the client after its barge-in,
+    # routed as its speculation).
+    service = stt(pool, interval_ms=10_000)
+    stream = service.open_stream()
+    await stream.send_audio(audio(500))
+    await stream.speech_paused()  # offered as a partial, not read yet
+    assert not stream._partials.empty()
+    final = stream.finalize()
+    await stream.send_audio(audio(300, 2))
+    await stream.speech_paused()  # the next utterance's first partial
+    partials = stream.partials()
+    assert (await asyncio.wait_for(anext(partials), 2)).text == f"{300 * MS} bytes"
+    assert (await final).text == f"{500 * MS} bytes"
+    await partials.aclose()
+    await stream.aclose()
+
+
 async def test_partials_follow_new_audio_not_the_wall_clock(pool):
     service = stt(pool, slots=2, interval_ms=400)
     stream = service.open_stream()

@@ -330,3 +330,26 @@ async def test_the_final_does_not_wait_for_the_calls_partial_routing() -> None:
     assert not reused and router.texts[-1] == ("what time do your branches", True)
     assert not router.lane.is_set()
     await spec.aclose()
+
+
+async def test_a_partial_offered_just_before_a_new_utterance_settles_none_of_the_next():
+    # Review: _route_latest read the utterance when its routing *starts*
+    # (self._utterance), not the one the partial was chosen in (self._latest_of). A
+    # partial chosen in the iteration the caller begins the next utterance (the engine
+    # reads a queued partial of the last utterance, then SpeechStarted) is routed after
+    # new_utterance(): its hit counts as the next utterance's agreement, which settles
+    # on one routing of its own words, and its later partials are skipped.
+    router = Router(decide=hit)
+    spec = Speculation(router, SpeculationRules(min_words=3, step_words=1, settle_after=2),
+                       on_failure=lambda exc: None)
+    spec.offer("what time do you open")  # the last utterance's partial, task not started
+    spec.new_utterance()  # same loop iteration: the caller begins the next utterance
+    await asyncio.sleep(0.001)
+    spec.offer("and on sunday")  # the next utterance's first partial (the same entry)
+    await asyncio.sleep(0.001)
+    assert not spec.settled, "settled on one routing of the new utterance's words"
+    spec.offer("and on sunday at noon")
+    await asyncio.sleep(0.001)
+    assert ("and on sunday at noon", False) in router.texts, router.texts
+    # The partial is counted as the earlier utterance's (of), yet agreed as the next one's.
+    await spec.aclose()

@@ -63,6 +63,12 @@ TIME_LIMIT_GRACE_S = 30.0
 _STOPPED_REPLIES_WAIT_S = 2.0
 # Recordings being written after their call's task was cancelled (see Call.run).
 _WRITES: set[asyncio.Future[None]] = set()
+# A recording whose disk has not taken a block for this long is given up (a stalled NFS or
+# EBS volume): the call goes on, and its audio stops piling up in memory behind the write.
+RECORDING_STALL_S = 30.0
+# How long a call's end waits for its recording's last write before it closes (its slot
+# freed); the write goes on meanwhile, and the shutdown waits for it (recordings_written).
+RECORDING_END_WAIT_S = 0.5
 
 
 async def recordings_written(timeout_s: float) -> int:
@@ -152,6 +158,7 @@ class Call:
                                           output.encoding, deps.clock)
             output = RecordedOutput(output, self._recorder)  # type: ignore[assignment]
         self._spill: asyncio.Future[None] | None = None  # a block of it being written
+        self._spill_at = 0.0  # when that block was handed to its thread
         self._out = output
         self.encoding = output.encoding
 
@@ -355,7 +362,9 @@ class Call:
                     write = asyncio.ensure_future(self._write_recording(recorder))
                     _WRITES.add(write)
                     write.add_done_callback(_WRITES.discard)
-                    await asyncio.shield(write)
+                    with contextlib.suppress(Expired):  # a stalled disk never holds the call
+                        async with deadline(self._clock, RECORDING_END_WAIT_S):
+                            await asyncio.shield(write)
 
     async def _close(self, loops: list[asyncio.Task[None]]) -> None:
         """Stop every reply not yet over and the input loops, then close the call's stages."""
@@ -422,6 +431,13 @@ class Call:
             block = recorder.take_settled()
             if block is not None:
                 self._spill = asyncio.ensure_future(asyncio.to_thread(recorder.append, *block))
+                self._spill_at = self._clock.now()
+        elif self._clock.now() - self._spill_at > RECORDING_STALL_S:
+            self._recorder = None  # nothing more is kept for it; the stuck write ends alone
+            recorder.close()
+            self._count("recording_failed")
+            logs.event(log, "recording_failed", logging.ERROR,
+                       detail=f"its disk took no block for {RECORDING_STALL_S:g} s: given up")
 
     async def _write_recording(self, recorder: CallRecorder) -> None:
         try:

@@ -169,7 +169,9 @@ class Speculation:
         # Normalized: another call's identical text may have been routed in its spelling.
         while self._routed is None or \
                 normalize_text(self._routed.text) != normalize_text(self._latest):
-            text, utterance, of = self._latest, self._utterance, self._latest_of
+            # Of the utterance its partial was chosen in, which may have ended since (a
+            # partial offered in the same loop pass as the next utterance's start).
+            text, of = self._latest, self._latest_of
             try:
                 decision = await self._router(text, False)
             except asyncio.CancelledError:
@@ -182,7 +184,7 @@ class Speculation:
                 self._failed(exc)
                 return
             self._count(_ROUTED, of)
-            self._record(decision, utterance)
+            self._record(decision, of)
 
     async def _route_urgent(self, text: str) -> RouteDecision | None:
         """The early final's routing; None when it failed (the final is routed again)."""

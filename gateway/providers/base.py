@@ -6,6 +6,7 @@ name to a factory. The call loop only ever sees these interfaces.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Protocol, runtime_checkable
 
@@ -64,7 +65,9 @@ class STTStream(Protocol):
         """
 
     def partials(self) -> AsyncIterator[Transcript]:
-        """Partial transcripts, in order, while the caller is speaking."""
+        """Partial transcripts, in order, while the caller is speaking. One not yet read
+        when its utterance is cut (``finalize``, ``reset``) is dropped: read later, it
+        would pass for the next utterance's (``drop_queued_partials``)."""
 
     async def reset(self) -> None:
         """Drop the current utterance without a final (e.g. a noise that was not speech)."""
@@ -141,3 +144,14 @@ class ChatModel(Protocol):
     def stream(self, messages: list[dict[str, Any]],
                tools: list[ToolSpec] | None = None) -> AsyncIterator[LLMChunk]:
         """Stream a completion. Closing the iterator (``aclose``) closes the HTTP stream."""
+
+
+def drop_queued_partials(queue: "asyncio.Queue[Transcript | None]") -> None:
+    """Empty a stream's queue of partials at an utterance's cut: those still unread are the
+    cut utterance's (a consumer a loop pass behind, audio sent in large chunks). The end
+    of the partials (None), if queued, stays."""
+    ended = False
+    while not queue.empty():
+        ended |= queue.get_nowait() is None
+    if ended:
+        queue.put_nowait(None)

@@ -59,7 +59,7 @@ from deepgram.core.api_error import ApiError
 from deepgram.environment import DeepgramClientEnvironment
 
 from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
-from gateway.providers.base import ProviderError, Transcript
+from gateway.providers.base import ProviderError, Transcript, drop_queued_partials
 from gateway.settings import Settings
 from .. import logs
 
@@ -282,6 +282,7 @@ class DeepgramStream:
         self._interim = ""
         self._last_partial = ""
         self._forget_endpoint()
+        drop_queued_partials(self._partials)
         self._cut_s = self._resumed_s = self._sent_s
 
     async def _run(self) -> None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
 from ..executors import ExecutorShutDown, shut_down, submit
-from .base import Transcript
+from .base import Transcript, drop_queued_partials
 
 SAMPLE_RATE = 16000
 BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
@@ -430,6 +430,7 @@ class RedecodingStream:
         self._partial_task = None
         self._last_partial_text = ""
         self._draft = []
+        drop_queued_partials(self._partials)
 
     async def aclose(self) -> None:
         self._closed = True
