@@ -437,3 +437,24 @@ async def test_a_resumed_pause_forgets_what_its_signals_said():
     assert h.transcripts() == ["tell me about my savings account"]
     # The turn model saw the audio up to each pause, the last time the whole turn.
     assert h.turn_model.heard[-1] == "tell me about my savings account"
+
+
+async def test_a_slow_turn_model_does_not_hold_a_finished_miss_to_the_long_silence():
+    # Review: a miss whose words read finished: the turn model is asked at the pause, and
+    # can only make the turn wait longer (p < 0.05: 1200 ms), never shorter. Its answer
+    # was awaited inside the early words' task, before note_early_done, so while it ran
+    # the policy read "pending" (the early words on their way): the turn could not end on
+    # the open silence (300 ms here) until the model answered, up to the long one (1200
+    # ms). The model runs on one thread for every call of the process (Smart Turn took
+    # ~190 ms a run on this machine): calls pausing together queue behind each other, and
+    # every finished miss of every call waits for the queue.
+    h = CallHarness(early_finals=True, turn_model=True, decode_s=0.01)
+    h.turn_model.delay_s = 1.0  # the shared turn model is busy with other calls' pauses
+    await h.start()
+    await h.say("where is the nearest branch", then_silence_ms=2000)
+    await h.stop()
+    (metrics,) = h.metrics()
+    assert h.transcripts() == ["where is the nearest branch"]
+    assert metrics["end_of_turn_ms"] < 600, (
+        f"judged {metrics['end_of_turn']!r}, ended {metrics['end_of_turn_ms']} ms after the "
+        "last word (open silence: 300 ms)")

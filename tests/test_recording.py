@@ -516,3 +516,40 @@ async def test_a_block_the_disk_never_takes_gives_the_recording_up_not_the_call(
         stalled.set()
         await h.stop()
     assert h.deps.stats.snapshot()["errors"].get("recording_failed") == 1
+
+
+async def test_a_barge_in_after_a_voice_stall_keeps_the_heard_audio_in_the_recording(tmp_path):
+    # Review: the reply's second sentence comes late from the voice: the caller hears the
+    # first, then a second of silence, then the second. heard_ms counts no silence (the
+    # playout's clock restarts after a late producer), but the recorder placed the second
+    # sentence where it was sent (after the silence) and cut the bot channel at
+    # reply_start + heard_ms: the cut fell a whole stall too early.
+    h = CallHarness(settings={"record_dir": str(tmp_path), "false_interruption_s": 0})
+    start = h.clock.now()
+    h.llm.reply = ("One two three four five six. "
+                   "Seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+                   "seventeen eighteen nineteen twenty twenty-one twenty-two twenty-three.")
+    speak = h.tts.synthesize
+
+    async def late_second_sentence(text: str) -> AsyncIterator[bytes]:
+        if text.startswith("Seven"):
+            await h.clock.sleep(1.5)  # the voice is slow to start this sentence
+        async for chunk in speak(text):
+            yield chunk
+
+    h.tts.synthesize = late_second_sentence  # type: ignore[method-assign]
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)  # the first sentence, the stall (its words are confirmed in the second)
+    await h.say("stop now please", then_silence_ms=1500)
+    await h.stop()
+    (interrupt,) = h.output.of("interrupt")
+    assert interrupt["sent_ms"] > interrupt["heard_ms"] > 600  # heard into sentence two
+    (wav,) = tmp_path.glob("*.wav")
+    _, bot = channels(wav)
+    first_reply = [s for s in stretches(bot)
+                   if s[0] < (h.output.interrupted_at[0] - start) * RATE]
+    recorded_ms = sum(end - begin for begin, end in first_reply) * 1000 / RATE
+    assert abs(recorded_ms - interrupt["heard_ms"]) <= 40, (
+        f"the caller heard {interrupt['heard_ms']:.0f} ms of the reply; the recording "
+        f"keeps {recorded_ms:.0f} ms of it ({first_reply})")

@@ -581,15 +581,17 @@ class Call:
 
         The turn model is asked only when the words and the cache leave the turn open
         (not a hit, not lexically unfinished): it never competes with the early decode
-        for the cores, and a cached question's end never waits for it."""
+        for the cores, and a cached question's end never waits for it. It is asked once
+        the words are in, beside the silence: a busy model (one for every call of the
+        process) never holds a finished miss past the open silence."""
         assert paused.early is not None
+        judge = False
         try:
             try:
                 early = await paused.early
             except Exception:  # no early words (Deepgram did not endpoint in time, or the
                 # decode failed: the final will be reported): the audio model alone
-                if self._deps.turn_model is not None:
-                    await self._judge_turn(paused)
+                judge = True
                 return
             self._turns.note_transcript(paused.pause, early.text)
             decision = await self._speculation.settle(self._with_carried_words(early.text))
@@ -599,8 +601,7 @@ class Call:
             if not (decision and decision.hit) \
                     and normalize_text(early.text) and not lexically_incomplete(early.text):
                 self._preempt_agent(early.text, decision)
-                if self._deps.turn_model is not None:
-                    await self._judge_turn(paused)
+                judge = True
         finally:  # the silence no longer waits for this pause's words
             self._turns.note_early_done(paused.pause)
             # A cached question's silence has usually passed by now: its turn ends at
@@ -611,6 +612,9 @@ class Call:
                 ended = self._turns.end_turn_if_due(paused.pause, self._clock.now())
                 if ended is not None:
                     self._on_turn_ended(ended)
+                elif judge and self._deps.turn_model is not None:
+                    self._pause_tasks.append(asyncio.create_task(self._judge_turn(paused),
+                                                                 name="vg-turn-model"))
 
     async def _drop_carry(self) -> None:
         """Spoken words never answered (their reply stopped before it spoke, by a text

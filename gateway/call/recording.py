@@ -70,6 +70,11 @@ class CallRecorder:
         self._bot = bytearray()
         self._cursor: int | None = None  # where the current reply's next frame goes
         self._reply_start: int | None = None
+        # The current reply's stretches of audio between pauses (a voice late with its next
+        # sentence): (bytes of the reply's audio before it, where it starts in the channel).
+        # The caller hears no pause in ``heard_ms``: a cut is found through these.
+        self._stretches: list[tuple[int, int]] = []
+        self._placed = 0  # bytes of the current reply's audio placed
         # Where in the reply (ms) its audio since _reply_start begins: a resumed reply is
         # sent again from there, but heard_ms still counts from the reply's start.
         self._replay_from_ms = 0.0
@@ -126,12 +131,16 @@ class CallRecorder:
         now = self._now_bytes()
         if self._cursor is None:
             self._cursor = self._reply_start = max(now, self._flushed + len(self._bot))
-        self._cursor = max(self._cursor, now)  # a pause in the reply (waiting for TTS)
+            self._stretches, self._placed = [(0, self._cursor)], 0
+        elif now > self._cursor:  # a pause in the reply (waiting for TTS)
+            self._cursor = now
+            self._stretches.append((self._placed, now))
         at = self._cursor - self._flushed
         if at > len(self._bot):
             self._bot += bytes(at - len(self._bot))
         self._bot[at:at + len(pcm)] = pcm
         self._cursor += len(pcm)
+        self._placed += len(pcm)
 
     def reply_boundary(self, from_ms: float = 0.0) -> None:
         """A reply starts, or resumes from ``from_ms`` into it: its first frame goes
@@ -147,8 +156,12 @@ class CallRecorder:
         if self.closed:
             return
         if self._reply_start is not None:
-            heard_here_ms = heard_ms - self._replay_from_ms
-            cut = self._reply_start + int(heard_here_ms * self.sample_rate / 1000) * 2
+            heard = int((heard_ms - self._replay_from_ms) * self.sample_rate / 1000) * 2
+            cut = self._reply_start
+            for before, start in self._stretches:  # the stretch the caller stopped in
+                if before > heard:
+                    break
+                cut = start + heard - before
             del self._bot[max(cut, self._reply_start) - self._flushed:]
         self.reply_boundary()
 
