@@ -109,8 +109,9 @@ def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
          target_wrong_rate: float = 0.01, progress: bool = True,
          embedder: Embedder | None = None, negatives: Sequence[str] = (),
          limit: NewAnswerLimit | None = None,
-         cancel: threading.Event | None = None) -> SeedReport:
+         cancel: threading.Event | None = None, jobs: int = 1) -> SeedReport:
     """Validate ``csv_path`` and publish it as the new current cache version of ``store``.
+    ``jobs``: classifiers the calibration fits at once (``train_router``).
 
     Raises ``SeedValidationError`` (every bad row), ``TooManyNewAnswers``, ``SeedCancelled``
     or ``RenderError``; in each case the previously published version keeps serving.
@@ -118,7 +119,7 @@ def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
     plan = read_seed_csv(csv_path)
     return seed_plan(plan, store, render, voice_id, source=Path(csv_path).name,
                      target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder,
-                     negatives=negatives, limit=limit, cancel=cancel)
+                     negatives=negatives, limit=limit, cancel=cancel, jobs=jobs)
 
 
 def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
@@ -127,7 +128,7 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
               replaces: str | None | AnyVersion = ANY_VERSION,
               limit: NewAnswerLimit | None = None,
               cancel: threading.Event | None = None,
-              on_progress: ProgressCallback | None = None) -> SeedReport:
+              on_progress: ProgressCallback | None = None, jobs: int = 1) -> SeedReport:
     """Publish an already validated plan (from ``parse_seed_csv`` or ``parse_seed_rows``):
     render the answers not yet in the store, calibrate, publish atomically.
 
@@ -137,6 +138,8 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
     raise ``TooManyNewAnswers`` before any renders. ``cancel``: once set, the seed stops
     before its next answer or before publishing (``SeedCancelled``); a publish under way
     completes. ``on_progress``: told each phase and each answer rendered (``SeedProgress``).
+``jobs``: classifiers the calibration fits at once (``train_router``; 1 inside a serving
+gateway, whose calls need the other cores).
 
     Raises ``RenderError``; the previously published version keeps serving.
     """
@@ -146,7 +149,8 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
     tell(SeedProgress("calibrating", rendered, rendered, reused))
     embedder = embedder or Embedder()
     trained = train_router(embedder, plan.questions, plan.intents, entries,
-                           target_wrong_rate=target_wrong_rate, negatives=negatives)
+                           target_wrong_rate=target_wrong_rate, negatives=negatives,
+                           jobs=jobs)
     if cancel is not None and cancel.is_set():  # calibration is not interruptible
         raise SeedCancelled("seed cancelled while calibrating; nothing published")
     thresholds = trained.router.thresholds

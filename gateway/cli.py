@@ -241,7 +241,7 @@ def _seed(args: argparse.Namespace) -> int:
     from .providers.registry import create_tts
     from .runtime import build_embedder, load_failure
     from .seeding import seed_with_voice
-    from .settings import Settings
+    from .settings import Settings, usable_cpus
 
     settings = Settings.load({"redis_url": args.redis})
     refused = (_input_file_refused(args.csv)
@@ -258,7 +258,9 @@ def _seed(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(max_workers=1) as executor:
         try:  # a voice or an embedder that cannot be built: one line, as `serve` ends
             tts = create_tts(settings, executor)
-            embedder = build_embedder(settings)
+            # Alone in its process: every core embeds and fits (a seed by the admin API
+            # runs in the gateway, on one, beside its calls).
+            embedder = build_embedder(settings, threads=usable_cpus())
         except Exception as exc:  # noqa: BLE001 - any provider's or model's refusal
             return _gave_up("seed", load_failure(exc))
         before: Any = _UNREAD
@@ -270,7 +272,8 @@ def _seed(args: argparse.Namespace) -> int:
             report = seed_with_voice(args.csv, store, tts, embedder,
                                      target_wrong_rate=args.target_wrong_rate,
                                      progress=not args.quiet, negatives=negatives,
-                                     max_new_answers=settings.seed_max_new_answers)
+                                     max_new_answers=settings.seed_max_new_answers,
+                                     jobs=usable_cpus())
         except KeyboardInterrupt:  # Ctrl-C: the store cleaned up; say which version serves
             print(f"voicegate seed: {_interrupted_seed(store, before)}", file=sys.stderr)
             return 130

@@ -170,9 +170,11 @@ def routing_executors(partial_nice: int = 0) -> dict[str, ThreadPoolExecutor]:
         for lane in ROUTING_LANES}
 
 
-def build_embedder(settings: Settings) -> Embedder:
-    """The router's embedder as the settings ask (serve, seed and route use the same)."""
-    return Embedder(threads=settings.embedder_threads, cache_size=settings.embedder_cache_size,
+def build_embedder(settings: Settings, threads: int | None = None) -> Embedder:
+    """The router's embedder as the settings ask (serve, seed and route use the same);
+    ``threads`` instead of ``embedder_threads`` (a seed alone in its process takes all)."""
+    return Embedder(threads=threads or settings.embedder_threads,
+                    cache_size=settings.embedder_cache_size,
                     backend=settings.embedder_backend,
                     cache_dir=settings.model_cache_dir or None)
 

@@ -64,12 +64,12 @@ def blocking_renderer(tts: TextToSpeech, loop: asyncio.AbstractEventLoop | None 
 def seed_with_voice(csv_path: str | Path, store: Store, tts: TextToSpeech, embedder: Embedder,
                     target_wrong_rate: float = 0.01, progress: bool = True,
                     negatives: Sequence[str] = (),
-                    max_new_answers: int | None = None) -> SeedReport:
+                    max_new_answers: int | None = None, jobs: int = 1) -> SeedReport:
     loop = None if hasattr(tts, "synthesize_all") else asyncio.new_event_loop()
     try:
         return seed(csv_path, store, blocking_renderer(tts, loop), voice_id(tts),
                     target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder,
-                    negatives=negatives, limit=new_answer_limit(max_new_answers))
+                    negatives=negatives, limit=new_answer_limit(max_new_answers), jobs=jobs)
     finally:
         if loop is not None:
             loop.close()

@@ -55,9 +55,10 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Collection, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
+from joblib import Parallel, delayed
 from scipy.stats import beta
 from sklearn.model_selection import KFold, StratifiedKFold
 
@@ -173,10 +174,13 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
                    negative_vectors: np.ndarray | None = None,
                    negative_texts: Sequence[str] = (), folds: int = 5,
                    make_classifier: Callable[[], IntentClassifier] = IntentClassifier,
-                   seed: int = 0, misheard: MisheardCopies | None = None) -> HeldOut:
+                   seed: int = 0, misheard: MisheardCopies | None = None,
+                   jobs: int = 1) -> HeldOut:
     """Out-of-fold signals. ``misheard``: misheard copies (``intents.misheard``) of each
     fold's training questions, made from them alone and fitted beside them (never read as
-    held out: a copy of a held-out question, or one of its words, would leak it)."""
+    held out: a copy of a held-out question, or one of its words, would leak it).
+    ``jobs``: folds fitted at once, each in a worker process (1: one after the other, in
+    this process; a seed run inside the serving gateway leaves its calls the other cores)."""
     labels = np.asarray(list(intents), dtype=object)
     texts = list(texts)
     n = len(labels)
@@ -199,24 +203,45 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
                    if negative_vectors is None else negative_vectors)
     neg_fold = np.arange(len(neg_texts)) % len(splits)
     per_intent = n / len(np.unique(labels.astype(str)))  # the whole seed's, for every fold
-    parts: list[tuple[np.ndarray, Signals]] = []
-    neg_parts: list[tuple[np.ndarray, Signals]] = []
+    folds_work = []
     for fold, (train, test) in enumerate(splits):
         # The fold's classifier learns the negatives of the other folds as out of domain.
         others = np.flatnonzero(neg_fold != fold)
-        clf = make_classifier().fit(*fitted_rows(vectors, labels, texts, train, misheard,
-                                                 held_out=[texts[i] for i in test]),
-                                    negative_vectors=neg_vectors[others],
-                                    negative_texts=[neg_texts[i] for i in others],
-                                    seed_questions_per_intent=per_intent)
-        cache = SemanticCache(vectors[train], labels[train])
-        parts.append((test, read_signals(clf, cache, vectors[test], [texts[i] for i in test])))
         mine = np.flatnonzero(neg_fold == fold)
-        if len(mine):
-            neg_parts.append((mine, read_signals(clf, cache, neg_vectors[mine],
-                                                 [neg_texts[i] for i in mine])))
+        folds_work.append(delayed(_held_out_fold)(
+            make_classifier,
+            fitted_rows(vectors, labels, texts, train, misheard,
+                        held_out=[texts[i] for i in test]),
+            neg_vectors[others], [neg_texts[i] for i in others], per_intent,
+            vectors[train], labels[train],
+            vectors[test], [texts[i] for i in test],
+            neg_vectors[mine], [neg_texts[i] for i in mine]))
+    # Each fold in a process of its own when ``jobs`` > 1: a fit holds the GIL.
+    results = Parallel(n_jobs=jobs)(folds_work)
+    parts = [(test, held) for (_, test), (held, _) in zip(splits, results)]
+    neg_parts = [(np.flatnonzero(neg_fold == fold), neg)
+                 for fold, (_, neg) in enumerate(results) if neg is not None]
     return HeldOut(labels, _reassemble(parts, n), _reassemble(neg_parts, len(neg_texts)),
                    len(splits))
+
+
+def _held_out_fold(make_classifier: Callable[[], IntentClassifier],
+                   fitted: tuple[np.ndarray, np.ndarray, list[str]],
+                   negative_vectors: np.ndarray, negative_texts: list[str],
+                   per_intent: float, index_vectors: np.ndarray, index_labels: np.ndarray,
+                   test_vectors: np.ndarray, test_texts: list[str],
+                   own_negative_vectors: np.ndarray, own_negative_texts: list[str]
+                   ) -> tuple[Signals, Signals | None]:
+    """One fold: fit on its training rows (and the other folds' negatives), then read the
+    signals of its held-out questions and of its own negatives (None when it has none)."""
+    clf = make_classifier().fit(*fitted, negative_vectors=negative_vectors,
+                                negative_texts=negative_texts,
+                                seed_questions_per_intent=per_intent)
+    cache = SemanticCache(index_vectors, index_labels)
+    held = read_signals(clf, cache, test_vectors, test_texts)
+    if not len(own_negative_texts):
+        return held, None
+    return held, read_signals(clf, cache, own_negative_vectors, own_negative_texts)
 
 
 class MisheardCopies:
@@ -230,10 +255,13 @@ class MisheardCopies:
     folds make the same one)."""
 
     def __init__(self, embed: Callable[[list[str]], np.ndarray],
-                 make: Callable[[Sequence[str]], list[str]] = misheard_copies) -> None:
+                 make: Callable[[Sequence[str]], list[str]] = misheard_copies,
+                 known: Mapping[str, np.ndarray] | None = None) -> None:
+        """``known``: texts already embedded (the seed's questions: a copy that misheard
+        nothing is its question, a quarter of Banking77's), never embedded again."""
         self._embed = embed
         self._make = make
-        self._vectors: dict[str, np.ndarray] = {}
+        self._vectors: dict[str, np.ndarray] = dict(known or {})
 
     def of(self, texts: Sequence[str], held_out: Collection[str] = ()
            ) -> tuple[list[int], list[str], np.ndarray | None]:

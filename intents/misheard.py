@@ -17,6 +17,7 @@ random seed per question), so the same seed always fits the same models.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from typing import Sequence
@@ -63,6 +64,14 @@ class _Vocabulary:
         return self._near[word]
 
 
+def _chosen(alternatives: list[str], key: str) -> str:
+    """The alternative ranked first for ``key`` (rendezvous hashing): the same one from any
+    vocabulary that holds it, whatever else that vocabulary holds or lacks (a random pick
+    by index changed with every word another fold lacks, and so did the draws after it)."""
+    return max(alternatives,
+               key=lambda word: hashlib.blake2b(f"{key}:{word}".encode(), digest_size=8).digest())
+
+
 def misheard_copies(texts: Sequence[str], rate: float = RATE, seed: int = 0) -> list[str]:
     """One misheard copy of each text, in order (a copy that would lose every word is the
     text itself)."""
@@ -73,10 +82,11 @@ def misheard_copies(texts: Sequence[str], rate: float = RATE, seed: int = 0) -> 
     for text in texts:
         # Drawn per text, not from one stream: a question's copy depends on its own words
         # and the vocabulary alone, so the copies made for a calibration fold's questions
-        # are, but where the fold's vocabulary differs, those of the whole seed.
+        # are, but where the fold's vocabulary lacks the word swapped in, those of the
+        # whole seed (embedded once for all of them: intents.calibration.MisheardCopies).
         rng = random.Random(f"{seed}:{text}")
         kept = []
-        for word in text.split():
+        for position, word in enumerate(text.split()):
             draw = rng.random()
             if draw < rate / 2:
                 continue  # dropped
@@ -84,7 +94,7 @@ def misheard_copies(texts: Sequence[str], rate: float = RATE, seed: int = 0) -> 
                 bare = re.sub(r"[^a-z']", "", word.lower())
                 alternatives = vocabulary.alternatives(bare) if bare else []
                 if alternatives:
-                    kept.append(rng.choice(alternatives))
+                    kept.append(_chosen(alternatives, f"{seed}:{text}:{position}"))
                     continue
             kept.append(word)
         copies.append(" ".join(kept) if kept else text)

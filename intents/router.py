@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -199,10 +200,12 @@ class TrainedRouter:
 def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence[str],
                  entries: Mapping[str, Entry], *, target_wrong_rate: float = 0.01,
                  vectors: np.ndarray | None = None, folds: int = 5,
-                 negatives: Sequence[str] = ()) -> TrainedRouter:
+                 negatives: Sequence[str] = (), jobs: int = 1) -> TrainedRouter:
     """Embed the seed's questions, calibrate by cross-validation, fit on all of them.
 
     ``negatives``: the operator's own out-of-domain questions, beside the generic set.
+    ``jobs``: classifiers fitted at once (the calibration's folds in worker processes, the
+    served one beside them); 1 keeps every fit in this thread, one after the other.
     """
     if len(questions) != len(intents):
         raise ValueError("need one intent per question")
@@ -215,16 +218,23 @@ def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence
     per_intent = len(questions) / len(set(intents))
     misheard = None
     if per_intent >= MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD:
-        misheard = MisheardCopies(embedder.encode_batch, misheard_copies)
-    held_out = cross_validate(vectors, questions, intents, negative_vectors, negative_texts,
-                              folds=folds, misheard=misheard)
-    thresholds, judge = calibrate(held_out, answer_intents, target_wrong_rate)
+        misheard = MisheardCopies(embedder.encode_batch, misheard_copies,
+                                  known=dict(zip(questions, vectors)))
     labels = np.asarray(list(intents), dtype=object)
-    every = np.arange(len(labels))
-    classifier = IntentClassifier().fit(*fitted_rows(vectors, labels, questions, every, misheard),
-                                        negative_vectors=negative_vectors,
-                                        negative_texts=negative_texts,
-                                        seed_questions_per_intent=per_intent)
+    # The whole seed's copies first: a fold's are mostly among them, embedded once.
+    every_row = fitted_rows(vectors, labels, questions, np.arange(len(labels)), misheard)
+
+    def fit_served() -> IntentClassifier:
+        return IntentClassifier().fit(*every_row, negative_vectors=negative_vectors,
+                                      negative_texts=negative_texts,
+                                      seed_questions_per_intent=per_intent)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-fit") as beside:
+        served = beside.submit(fit_served) if jobs > 1 else None
+        held_out = cross_validate(vectors, questions, intents, negative_vectors,
+                                  negative_texts, folds=folds, misheard=misheard, jobs=jobs)
+        thresholds, judge = calibrate(held_out, answer_intents, target_wrong_rate)
+        classifier = served.result() if served is not None else fit_served()
     router = Router(embedder, classifier, judge, SemanticCache(vectors, intents), entries,
                     thresholds, train_completeness(questions, negative_texts))
     return TrainedRouter(router, vectors, tuple(questions), tuple(intents), held_out)

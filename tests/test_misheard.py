@@ -146,8 +146,8 @@ def test_only_a_seed_with_enough_questions_an_intent_is_fitted_with_copies(
                for i in ("card", "pin")}
     embedder = _CountingEmbedder()
     intents.router.train_router(embedder, questions, labels, entries)  # type: ignore[arg-type]
-    # Each calibration fold's training questions (4 of 5), then the whole seed.
-    assert made == ([len(questions) * 4 // 5] * 5 + [len(questions)] if copied else [])
+    # The whole seed (its copies serve most folds), then each fold's training questions.
+    assert made == ([len(questions)] + [len(questions) * 4 // 5] * 5 if copied else [])
 
 
 def test_a_copy_depends_on_its_question_and_the_vocabulary_alone() -> None:
@@ -155,6 +155,30 @@ def test_a_copy_depends_on_its_question_and_the_vocabulary_alone() -> None:
     # and each is embedded once.
     whole = misheard_copies(SEED[:8], rate=0.5)
     assert misheard_copies(SEED[:8][::-1], rate=0.5) == whole[::-1]
+
+
+def test_a_folds_copy_is_the_whole_seeds_wherever_the_fold_says_its_words() -> None:
+    # So the whole seed's copies, embedded first, serve every fold but where the word
+    # swapped in is one only the fold's held-out questions say. A swap picked by index
+    # among the alternatives changed with every alternative a fold lacked (and so did
+    # every draw after it): about 3,200 more copies of Banking77 train were embedded.
+    # "cash" may be heard as any of ten words only one question each says: a fold lacks
+    # some of them.
+    seed = [f"can I {a} my {b} {i}" for a in ("check", "cheque") for b in ("cash", "card")
+            for i in range(10)]
+    seed += [f"the {word} is here" for word in
+             ("cask", "cast", "casa", "cass", "case", "cash", "cant", "cane", "cape", "care")]
+    whole = dict(zip(seed, misheard_copies(seed, rate=0.6)))
+    rng = np.random.default_rng(8)
+    compared = 0
+    for _ in range(20):
+        fold = [t for t in seed if rng.random() < 0.7]
+        says = _words(fold)
+        for text, copy in zip(fold, misheard_copies(fold, rate=0.6)):
+            if set(whole[text].split()) <= says:
+                compared += 1
+                assert copy == whole[text], (text, copy, whole[text])
+    assert compared > 150
 
 
 def test_each_distinct_copy_is_embedded_once_however_many_folds_make_it() -> None:

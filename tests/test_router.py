@@ -400,6 +400,25 @@ def test_each_calibration_fold_learns_every_negative_but_its_own() -> None:
     assert sorted(n for fold in left_out for n in fold) == sorted(negatives)  # once each
 
 
+def test_folds_fitted_in_worker_processes_read_what_one_process_reads() -> None:
+    # `voicegate seed` fits the folds in worker processes (jobs = its cores): the held-out
+    # signals, and so the thresholds it promises, must not depend on where a fold ran.
+    rng = np.random.default_rng(6)
+    centres = rng.normal(size=(4, 16))
+    seed = _clusters(rng, centres[:3], 240)
+    labels = ["card", "pin", "loan"] * 80
+    texts = [f"{label} question {i}" for i, label in enumerate(labels)]
+    negatives = [f"unrelated {i}" for i in range(25)]
+    runs = [cross_validate(seed, texts, labels, _clusters(np.random.default_rng(7),
+                                                          centres[3:], 25),
+                           negatives, folds=5, jobs=jobs) for jobs in (1, 2)]
+    one, two = runs
+    assert np.array_equal(one.true_intent, two.true_intent)
+    for mine, theirs in ((one.signals, two.signals), (one.negatives, two.negatives)):
+        assert np.array_equal(mine.predicted, theirs.predicted)
+        assert np.array_equal(mine.matrix, theirs.matrix)
+
+
 def test_transcripts_are_served_at_the_threshold_of_a_stricter_target() -> None:
     # Right answers at every similarity, a few wrong ones among the lower scores: half
     # the target must serve fewer questions, and that threshold is the transcripts'.
