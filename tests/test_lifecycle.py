@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
@@ -33,6 +31,7 @@ from gateway.services import Services
 from gateway.settings import Settings
 from gateway.shared_stats import SharedStats
 from gateway.stats import Stats
+from tests.test_redis import free_port, poll
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -51,21 +50,6 @@ def prefix() -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def until(condition: Callable[[], Any], what: str, bound_s: float = 30.0) -> None:
-    """Wait for a condition (the bound only turns a regression into a failure)."""
-    give_up = time.monotonic() + bound_s
-    while not condition():
-        if time.monotonic() > give_up:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,7 +192,7 @@ async def test_a_replica_started_while_redis_is_down_is_not_ready_without_its_ca
     try:
         # The first attempt to read the cache has been made once either is true: the load
         # gave up on this attempt (retrying, its error shown) or it went on (finished).
-        await until(lambda: services.load_error is not None or services._load_task.done(),
+        await poll(lambda: services.load_error is not None or services._load_task.done(),
                     "the first attempt to read the cache from the store")
         body = services.readiness()
         assert not body["ready"], (

@@ -12,6 +12,7 @@ import time
 import threading
 import tracemalloc
 import wave
+from typing import AsyncIterator
 
 import numpy as np
 import pytest
