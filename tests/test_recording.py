@@ -8,8 +8,8 @@ import contextlib
 import json
 import resource
 import signal
-import time
 import threading
+import time
 import tracemalloc
 import wave
 from typing import AsyncIterator
