@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, AsyncIterator
 
+import httpx
+
 from gateway.providers.base import LLMChunk, ProviderError, RateLimited, ToolCall, ToolSpec
 from gateway.providers.rate_limits import reset_s, retry_after_s
 from gateway.settings import redact_url
@@ -27,8 +29,10 @@ class _PartialCall:
 
 
 class ToolCallAssembler:
-    """Collects indexed tool-call deltas; a call is complete when the next index
-    starts or when the choice finishes."""
+    """Collects indexed tool-call deltas. A call is complete when the choice finishes, or
+    earlier, once a later index starts, if its arguments are already a whole JSON object
+    (OpenAI streams parallel calls one after the other: the first runs while the next is
+    written; a server that interleaves them has each wait for its own fragments)."""
 
     def __init__(self) -> None:
         self._open: dict[int, _PartialCall] = {}
@@ -42,14 +46,20 @@ class ToolCallAssembler:
             if index is None:  # some OpenAI-compatible servers omit it
                 index = self._unindexed(delta)
             self._next = max(self._next, index + 1)
-            if index not in self._open:
-                # A new index means every earlier call has received all its fragments.
-                done.extend(self._close(before=index))
+            call_id = getattr(delta, "id", None)
+            open_call = self._open.get(index)
+            if open_call is not None and call_id and open_call.id and call_id != open_call.id:
+                # A new call at an index in use (servers that send each call whole, all at
+                # index 0): the one there is whole.
+                done.extend(self._emit(index))
+                open_call = None
+            if open_call is None:
+                done.extend(self._close_whole(before=index))
                 self._open[index] = _PartialCall()
                 self._order.append(index)
             partial = self._open[index]
-            if getattr(delta, "id", None):
-                partial.id = delta.id
+            if call_id:
+                partial.id = call_id
             function = getattr(delta, "function", None)
             if function is not None:
                 if getattr(function, "name", None) and not partial.name:
@@ -71,19 +81,40 @@ class ToolCallAssembler:
         return self._order[-1]
 
     def finish(self) -> list[ToolCall]:
-        return self._close(before=None)
-
-    def _close(self, before: int | None) -> list[ToolCall]:
-        done = []
+        done: list[ToolCall] = []
         for index in list(self._order):
-            if before is not None and index >= before:
-                continue
-            partial = self._open.pop(index)
-            self._order.remove(index)
-            if partial.name:
-                done.append(ToolCall(id=partial.id or f"call_{index}", name=partial.name,
-                                     arguments="".join(partial.arguments) or "{}"))
+            done.extend(self._emit(index))
         return done
+
+    def drop(self) -> int:
+        """Forget the open calls (their fragments were cut); how many there were."""
+        count = len(self._order)
+        self._open.clear()
+        self._order.clear()
+        return count
+
+    def _close_whole(self, before: int) -> list[ToolCall]:
+        """The calls below ``before`` whose arguments are already a whole JSON object."""
+        done: list[ToolCall] = []
+        for index in list(self._order):
+            if index < before and _whole_object(self._open[index].arguments):
+                done.extend(self._emit(index))
+        return done
+
+    def _emit(self, index: int) -> list[ToolCall]:
+        partial = self._open.pop(index)
+        self._order.remove(index)
+        if not partial.name:
+            return []
+        return [ToolCall(id=partial.id or f"call_{index}", name=partial.name,
+                         arguments="".join(partial.arguments) or "{}")]
+
+
+def _whole_object(arguments: list[str]) -> bool:
+    try:
+        return isinstance(json.loads("".join(arguments)), dict)
+    except ValueError:
+        return False
 
 
 def request_args(model: str, messages: list[dict[str, Any]], tools: list[ToolSpec] | None,
@@ -130,6 +161,10 @@ async def chunks(stream: AsyncIterator[Any]) -> AsyncIterator[LLMChunk]:
                         # (the hedge's first token, no idle stall), though the call is
                         # only run once whole.
                         yield LLMChunk(tool_call_fragment=True)
+            if choice.finish_reason == "length" and assembler.drop():
+                # Stopped at max_tokens while writing a call: its arguments are cut as
+                # surely as by a dropped connection, and it must not run.
+                raise CutShort("the answer reached llm_max_tokens while writing a tool call")
             if choice.finish_reason:
                 finished = True
                 for call in assembler.finish():
@@ -175,6 +210,11 @@ class SDKChat:
             raise self._error(exc) from exc
         except CutShort as exc:
             raise ProviderError(self.name, str(exc)) from exc
+        except httpx.TimeoutException as exc:  # groq's stream lets httpx's own through
+            raise ProviderError(self.name, f"{self.model} timed out mid-answer") from exc
+        except httpx.TransportError as exc:
+            raise ProviderError(self.name, f"lost {self._url()} mid-answer: "
+                                           f"{type(exc).__name__}") from exc
         except (json.JSONDecodeError, ValueError, AttributeError, TypeError) as exc:
             raise ProviderError(self.name, f"malformed stream chunk: {exc}") from exc
         finally:

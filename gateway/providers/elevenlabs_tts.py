@@ -28,6 +28,7 @@ seed's (nobody listens: it waits its turn behind the callers, however long).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -86,8 +87,12 @@ class ElevenLabsTTS:
         self._clock = clock  # the first-audio deadline's and a retry's wait (a test's ManualClock)
         # At most this many syntheses at once (0: no cap), the most urgent first.
         self.slots = SynthesisSlots(max_concurrent) if max_concurrent else None
+        self._api_key = api_key
         self._http = httpx.AsyncClient(timeout=timeout_s)
-        self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url or None, httpx_client=self._http)
+        # The SDK sends its own timeout (240 s unless told) with every request, over the
+        # client's: both are ours.
+        self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url or None,
+                                       httpx_client=self._http, timeout=timeout_s)
 
     @property
     def audio_id(self) -> str:
@@ -119,7 +124,12 @@ class ElevenLabsTTS:
                     yield chunk
                 chunk = await anext(chunks, None)
         except ApiError as exc:
-            raise ProviderError(self.name, _refusal(exc)) from exc
+            raise ProviderError(self.name, self._redacted(_refusal(exc))) from exc
+        except ProviderError as exc:  # what the endpoint said may echo the key: never shown
+            if self._api_key in str(exc):
+                raise ProviderError(self.name, self._redacted(
+                    str(exc).removeprefix(f"{self.name}: "))) from exc
+            raise
         except httpx.TimeoutException as exc:
             raise ProviderError(self.name, "synthesis timed out") from exc
         except httpx.HTTPError as exc:
@@ -229,6 +239,12 @@ class ElevenLabsTTS:
                                            "(VOICEGATE_ELEVENLABS_FIRST_AUDIO_TIMEOUT_S)"
                                            f"{waited}") from None
 
+    def _redacted(self, message: str) -> str:
+        """The message without the API key: a compatible server (a proxy at
+        ``elevenlabs_base_url``) may echo it, and the message goes to logs and events."""
+        key = self._api_key
+        return message.replace(key, "[API key]") if len(key) >= 8 else message
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -242,9 +258,21 @@ def _patient() -> bool:
 
 def _reads_as_text(head: bytes) -> bool:
     """The body's first bytes are a message (JSON, a page, an event stream of text) rather
-    than audio. A whole body shorter than 16 bytes (no speech either way) is not judged."""
-    return len(head) >= _MIN_JUDGED_BYTES and all(byte in _TEXT_BYTES
-                                                  for byte in head[:_SNIFF_BYTES])
+    than audio: printable UTF-8 (a BOM, an en dash in a page's title are text too; audio's
+    silence is NUL bytes, which are not). A whole body shorter than 16 bytes (no speech
+    either way) is not judged."""
+    if len(head) < _MIN_JUDGED_BYTES:
+        return False
+    sniffed = head[:_SNIFF_BYTES].removeprefix(codecs.BOM_UTF8)
+    if all(byte in _TEXT_BYTES for byte in sniffed):
+        return True
+    # The sniff may end inside a character: decode what is whole.
+    text = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    try:
+        decoded = text.decode(sniffed)
+    except UnicodeDecodeError:
+        return False
+    return bool(decoded) and all(ch.isprintable() or ch in "\t\n\r" for ch in decoded)
 
 
 def _refusal(exc: ApiError) -> str:
