@@ -130,7 +130,9 @@ def request_args(model: str, messages: list[dict[str, Any]], tools: list[ToolSpe
     if temperature is not None:
         args["temperature"] = temperature
     if max_tokens is not None:
-        args["max_tokens"] = max_tokens
+        # Not ``max_tokens``: deprecated, and refused by OpenAI's current models (GPT-5,
+        # the o-series); Groq takes either.
+        args["max_completion_tokens"] = max_tokens
     return args
 
 

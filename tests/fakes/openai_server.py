@@ -131,6 +131,15 @@ class FakeOpenAI:
             with self._lock:
                 self.stats.completed[model] += 1
             return
+        if "max_tokens" in body:  # as OpenAI's current models (GPT-5, o-series) answer it
+            await _json(send, 400, {"error": {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                           "model. Use 'max_completion_tokens' instead.",
+                "type": "invalid_request_error", "param": "max_tokens",
+                "code": "unsupported_parameter"}})
+            with self._lock:
+                self.stats.completed[model] += 1
+            return
         if self.strict_tool_arguments and not _tool_arguments_are_objects(body):
             await _json(send, 400, {"error": {"message": "invalid tool call arguments",
                                               "type": "invalid_request_error", "code": None}})
