@@ -117,8 +117,11 @@ class FaqCache:
                                "from memory; a replica started now has no cache: seed again")
             return False
         if current is None or current == self.version:
-            if current is not None:
-                self.last_error = None  # the store answers again and we serve its version
+            # The store answers, with nothing new to load: we serve its version, or it has
+            # none and neither do we. An earlier failure (the store unreachable, or lost
+            # while a version was read, then emptied) is over.
+            self.failed_version, self.failed_for_store = None, False
+            self.last_error = None
             return False
         if current == self.failed_version and self._clock.now() < self._retry_at:
             return False  # it failed to load a moment ago: last_error still says why

@@ -61,7 +61,9 @@ import numpy as np
 from joblib import Parallel, delayed
 from scipy.stats import beta
 from sklearn.model_selection import KFold, StratifiedKFold
+from threadpoolctl import threadpool_limits
 
+from intents import classifier as classifier_module
 from intents.classifier import IntentClassifier
 from intents.embedder import normalize_text
 from intents.judge import SIGNALS, Judge, Signals, read_signals
@@ -209,15 +211,16 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
         others = np.flatnonzero(neg_fold != fold)
         mine = np.flatnonzero(neg_fold == fold)
         folds_work.append(delayed(_held_out_fold)(
-            make_classifier,
+            make_classifier, _ClassifierConfig.here(),
             fitted_rows(vectors, labels, texts, train, misheard,
                         held_out=[texts[i] for i in test]),
             neg_vectors[others], [neg_texts[i] for i in others], per_intent,
             vectors[train], labels[train],
             vectors[test], [texts[i] for i in test],
             neg_vectors[mine], [neg_texts[i] for i in mine]))
-    # Each fold in a process of its own when ``jobs`` > 1: a fit holds the GIL.
-    results = Parallel(n_jobs=jobs)(folds_work)
+    # Each fold in a process of its own when ``jobs`` > 1 (a fit holds the GIL), no more
+    # processes than folds.
+    results = Parallel(n_jobs=max(1, min(jobs, len(splits))))(folds_work)
     parts = [(test, held) for (_, test), (held, _) in zip(splits, results)]
     neg_parts = [(np.flatnonzero(neg_fold == fold), neg)
                  for fold, (_, neg) in enumerate(results) if neg is not None]
@@ -225,7 +228,28 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
                    len(splits))
 
 
-def _held_out_fold(make_classifier: Callable[[], IntentClassifier],
+@dataclass(frozen=True)
+class _ClassifierConfig:
+    """What shapes a classifier's fit beyond its arguments, read from this process: a fold
+    fitted in a worker process applies it there (a benchmark's ablation sets these here;
+    a worker that imported them afresh would calibrate another model than the one served)."""
+
+    mix: Any
+    min_for_ngrams: float
+    min_for_negatives: float
+
+    @classmethod
+    def here(cls) -> "_ClassifierConfig":
+        return cls(IntentClassifier.mix, classifier_module.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS,
+                   classifier_module.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES)
+
+    def apply(self) -> None:
+        IntentClassifier.mix = self.mix
+        classifier_module.MIN_QUESTIONS_PER_INTENT_FOR_NGRAMS = self.min_for_ngrams
+        classifier_module.MIN_QUESTIONS_PER_INTENT_FOR_NEGATIVES = self.min_for_negatives
+
+
+def _held_out_fold(make_classifier: Callable[[], IntentClassifier], config: _ClassifierConfig,
                    fitted: tuple[np.ndarray, np.ndarray, list[str]],
                    negative_vectors: np.ndarray, negative_texts: list[str],
                    per_intent: float, index_vectors: np.ndarray, index_labels: np.ndarray,
@@ -233,7 +257,24 @@ def _held_out_fold(make_classifier: Callable[[], IntentClassifier],
                    own_negative_vectors: np.ndarray, own_negative_texts: list[str]
                    ) -> tuple[Signals, Signals | None]:
     """One fold: fit on its training rows (and the other folds' negatives), then read the
-    signals of its held-out questions and of its own negatives (None when it has none)."""
+    signals of its held-out questions and of its own negatives (None when it has none).
+    Its BLAS on one thread wherever it runs: a sum's order, and so the last bits of the
+    signals and the thresholds, must not depend on ``jobs`` (a worker gets cores // jobs)."""
+    if config != _ClassifierConfig.here():
+        config.apply()  # a worker process: as the process that asked
+    with threadpool_limits(limits=1):
+        return _fold_signals(make_classifier, fitted, negative_vectors, negative_texts,
+                             per_intent, index_vectors, index_labels, test_vectors,
+                             test_texts, own_negative_vectors, own_negative_texts)
+
+
+def _fold_signals(make_classifier: Callable[[], IntentClassifier],
+                  fitted: tuple[np.ndarray, np.ndarray, list[str]],
+                  negative_vectors: np.ndarray, negative_texts: list[str],
+                  per_intent: float, index_vectors: np.ndarray, index_labels: np.ndarray,
+                  test_vectors: np.ndarray, test_texts: list[str],
+                  own_negative_vectors: np.ndarray, own_negative_texts: list[str]
+                  ) -> tuple[Signals, Signals | None]:
     clf = make_classifier().fit(*fitted, negative_vectors=negative_vectors,
                                 negative_texts=negative_texts,
                                 seed_questions_per_intent=per_intent)

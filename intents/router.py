@@ -23,10 +23,11 @@ call it from an executor, never on the event loop.
 from __future__ import annotations
 
 import io
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import joblib
 import numpy as np
@@ -197,6 +198,25 @@ class TrainedRouter:
     held_out: HeldOut
 
 
+T = TypeVar("T")
+
+
+def _beside(fit: Callable[[], T]) -> "Future[T]":
+    """``fit`` on a daemon thread: a calibration that stops (Ctrl-C, a fold's worker
+    dying) reaches its caller at once, and the process exits without waiting for a fit
+    nobody will use (a pool's thread would be joined at the exit)."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fit())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="vg-fit", daemon=True).start()
+    return future
+
+
 def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence[str],
                  entries: Mapping[str, Entry], *, target_wrong_rate: float = 0.01,
                  vectors: np.ndarray | None = None, folds: int = 5,
@@ -229,12 +249,11 @@ def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence
                                       negative_texts=negative_texts,
                                       seed_questions_per_intent=per_intent)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vg-fit") as beside:
-        served = beside.submit(fit_served) if jobs > 1 else None
-        held_out = cross_validate(vectors, questions, intents, negative_vectors,
-                                  negative_texts, folds=folds, misheard=misheard, jobs=jobs)
-        thresholds, judge = calibrate(held_out, answer_intents, target_wrong_rate)
-        classifier = served.result() if served is not None else fit_served()
+    served = _beside(fit_served) if jobs > 1 else None
+    held_out = cross_validate(vectors, questions, intents, negative_vectors,
+                              negative_texts, folds=folds, misheard=misheard, jobs=jobs)
+    thresholds, judge = calibrate(held_out, answer_intents, target_wrong_rate)
+    classifier = served.result() if served is not None else fit_served()
     router = Router(embedder, classifier, judge, SemanticCache(vectors, intents), entries,
                     thresholds, train_completeness(questions, negative_texts))
     return TrainedRouter(router, vectors, tuple(questions), tuple(intents), held_out)

@@ -23,7 +23,10 @@ import redis
 import uvicorn
 from uvicorn.server import ServerState
 
+import gateway.faq_cache
+import gateway.services
 from gateway.audio_bank import AudioBank
+from gateway.faq_cache import FaqCache
 from gateway.http_idle import IdleTimeoutHttpToolsProtocol
 from gateway.redis_link import RedisHealth, open_async_client
 from gateway.runtime import routing_executors
@@ -31,6 +34,7 @@ from gateway.services import Services
 from gateway.settings import Settings
 from gateway.shared_stats import SharedStats
 from gateway.stats import Stats
+from intents.store import StoreUnavailable
 from tests.test_redis import free_port, poll
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,3 +319,68 @@ def test_the_compose_grace_period_covers_the_whole_shutdown() -> None:
         f"stop_grace_period {grace}s < drain {drain:g} s + uvicorn's grace "
         f"{SHUTDOWN_GRACE_S:g} s + recordings {SHUTDOWN_CLOSE_S:g} s + goodbye flush "
         f"{leave_s:g} s = {needed:g} s: SIGKILL lands inside the shutdown")
+
+
+# ---------------------------------------------------------------------------------------
+# FaqCache.store_unanswered: a store that comes back empty has answered.
+
+class FlakyStore:
+    """A store that names version v1 as current, loses its connection while v1 is read,
+    and comes back empty (Redis restarted without persistence)."""
+
+    def __init__(self) -> None:
+        self.current: list[str | None] = ["v1"]
+        self.on_cleanup_failed = None
+
+    def current_version(self) -> str | None:
+        return self.current[0]
+
+
+def test_a_store_that_comes_back_empty_is_no_longer_unanswered(monkeypatch) -> None:
+    # Review: the flag of a version the store was lost under stayed set when the store
+    # came back answering that nothing is published.
+    store = FlakyStore()
+
+    def lost_mid_read(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("Redis went away while v1 was read")
+
+    monkeypatch.setattr(gateway.faq_cache, "load_cache", lost_mid_read)
+    cache = FaqCache(store, embedder=SimpleNamespace())  # type: ignore[arg-type]
+    cache.refresh()
+    assert cache.store_unanswered  # right: the store failed under the read
+    store.current[0] = None  # Redis is back, and answers: nothing is published
+    cache.refresh()
+    assert not cache.store_unanswered, (
+        f"the store answered (no published version, as on a fresh Redis), yet the cache "
+        f"still says it did not answer: failed_for_store={cache.failed_for_store}, "
+        f"last_error={cache.last_error!r}")
+
+
+async def test_a_replica_whose_store_comes_back_empty_becomes_ready(
+        tmp_path: Path, monkeypatch) -> None:
+    """The production symptom of the stale flag: Services._load retries for as long as
+    ``store_unanswered`` holds, so the replica stays unready (/readyz 503) until somebody
+    seeds, while a replica started a moment later against the same empty store is ready."""
+    store = FlakyStore()
+
+    def lost_mid_read(*args: Any, **kwargs: Any) -> Any:
+        store.current[0] = None  # ... and Redis restarts empty
+        raise StoreUnavailable("Redis went away while v1 was read")
+
+    monkeypatch.setattr(gateway.faq_cache, "load_cache", lost_mid_read)
+    monkeypatch.setattr(gateway.services, "LOAD_RETRY_S", (0.001, 0.001))
+    monkeypatch.setattr(Services, "open_store", lambda self: store)
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(tmp_path),
+                              "gc_full_interval_s": 0}, environ={})
+    runtime = fake_runtime()
+    services = Services(settings, runtime)  # type: ignore[arg-type]
+    await services.start()
+    try:
+        await poll(lambda: services.readiness()["ready"],
+                   "the replica turns ready", timeout=5.0)
+        assert services.readiness()["ready"], (f"the store answers (empty) yet the replica never turns ready: "
+                       f"{services.readiness()}")
+    finally:
+        await services.aclose()
+        for executor in runtime.route_executors.values():
+            executor.shutdown(wait=False)
