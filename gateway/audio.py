@@ -23,8 +23,9 @@ def pcm16_to_float(pcm16: bytes) -> np.ndarray:
 
 
 def float_to_pcm16(samples: np.ndarray) -> bytes:
-    clipped = np.clip(samples, -1.0, 1.0)
-    return (clipped * 32767.0).astype("<i2").tobytes()
+    """The inverse of ``pcm16_to_float``: scaled by 32768 and rounded (16-bit samples come
+    back exactly; truncating at 32767 moved every one a step toward zero), clipped."""
+    return np.clip(np.rint(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
 def duration_ms(pcm16: bytes | bytearray | memoryview, sample_rate: int) -> float:

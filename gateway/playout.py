@@ -40,7 +40,11 @@ class Playout:
         self._clock = clock
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms
-        self._frame_size = sample_rate * frame_ms // 1000 * SAMPLE_WIDTH[encoding]
+        samples = sample_rate * frame_ms // 1000
+        self._frame_size = samples * SAMPLE_WIDTH[encoding]
+        # What a frame holds, which is what it is paced and counted heard by: at 22050 Hz
+        # 10 ms is 220.5 samples, so 220 (9.977 ms); paced as 10, the client ran dry.
+        self._frame_duration_ms = samples * 1000 / sample_rate
         self._silence = SILENCE_BYTE[encoding]
         self._lead_s = lead_ms / 1000.0
         self._pending = bytearray()
@@ -62,6 +66,9 @@ class Playout:
         # producer is away (waiting on TTS); the next frame must still replay.
         self._holds = 0
         self._replayed = 0
+        # Set by a resume, cleared once it is replayed: a wait for a frame's time (or the
+        # last frame's end) ends at it, so the replay leaves at the resume, not after.
+        self._resumed = asyncio.Event()
         # How late frames left against their due time (an overloaded event loop shows here).
         self.frames_late = 0  # more than LATE_FRAME_MS
         self.max_lag_ms = 0.0
@@ -82,12 +89,14 @@ class Playout:
         """The interruption was noise: play on from the frame heard at ``heard_ms``.
         Returns where the replay starts (ms): that frame's start, or the oldest frame
         still kept when the caller heard less than that."""
-        first = int(min(heard_ms, self.sent_ms) // self.frame_ms)
+        first = int(min(heard_ms, self.sent_ms) // self._frame_duration_ms)
         if self._recent:  # older audio than was kept cannot be sent again
             first = max(first, min(self._recent[0][0], self._sent_frames))
         self._resume_frame = first
         self._open.set()
-        return first * self.frame_ms
+        if self._replayed != self._holds:  # a hold to replay
+            self._resumed.set()
+        return first * self._frame_duration_ms
 
     async def wait_until_open(self) -> None:
         """Return once nothing holds the playout (at once when nothing does): what is
@@ -103,6 +112,7 @@ class Playout:
         while not self._open.is_set():
             await self._open.wait()
         self._replayed = self._holds
+        self._resumed.clear()
         # The client dropped what it had not played: from the heard frame on, what was
         # sent goes back in front of what is pending, and is sent again at its time.
         first = self._resume_frame
@@ -124,7 +134,7 @@ class Playout:
 
     @property
     def sent_ms(self) -> float:
-        return self._sent_frames * self.frame_ms
+        return self._sent_frames * self._frame_duration_ms
 
     def heard_ms(self) -> float:
         """Audio the caller has heard so far: sent, and due by the clock."""
@@ -144,7 +154,8 @@ class Playout:
         if lag_ms > self.max_lag_ms:
             self.max_lag_ms = lag_ms
         if lag_ms > LATE_FRAME_MS:
-            self.frames_late += min(frames, math.ceil((lag_ms - LATE_FRAME_MS) / self.frame_ms))
+            self.frames_late += min(frames, math.ceil((lag_ms - LATE_FRAME_MS) /
+                                                        self._frame_duration_ms))
 
     async def write(self, audio: bytes) -> None:
         """Queue reply audio (call rate and encoding) and send every complete frame, paced."""
@@ -161,10 +172,22 @@ class Playout:
                 await self._send_next()
             remaining = self._started_at + self.sent_ms / 1000.0 - self._clock.now()
             if remaining > 0:
-                await self._clock.sleep(remaining)
+                await self._sleep_unless_resumed(remaining)
             if self._replayed == self._holds:
                 return
             await self._wait_if_held()  # held while the end played: replay, then wait again
+
+    async def _sleep_unless_resumed(self, seconds: float) -> None:
+        """Sleep ``seconds`` of the clock, or until a hold since is resumed."""
+        if self._resumed.is_set() and self._replayed != self._holds:
+            return
+        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        resumed = asyncio.ensure_future(self._resumed.wait())
+        try:
+            await asyncio.wait((timer, resumed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            resumed.cancel()
 
     async def _send_next(self) -> None:
         """Send the next whole frames of ``_pending`` when the first of them is due: as
@@ -180,7 +203,7 @@ class Playout:
             due = max(self._started_at + self.sent_ms / 1000.0 - self._lead_s,
                       self._paced_from)
             if due > now:
-                await self._clock.sleep(due - now)
+                await self._sleep_unless_resumed(due - now)
                 lag_s = self._clock.now() - due
             elif now - due > 0.5:
                 # The producer fell behind (slow TTS): restart the clock instead of

@@ -1,3 +1,5 @@
+import wave
+
 import numpy as np
 
 from gateway.audio import (StreamResampler, duration_ms, frame_bytes, read_wav, resample_pcm16,
@@ -63,3 +65,20 @@ def test_wav_round_trip_and_stereo_downmix(tmp_path):
         w.writeframes(np.stack([mono, mono], axis=1).astype("<i2").tobytes())
     down, rate = read_wav(stereo)
     assert rate == 8000 and len(down) == len(mono) * 2
+
+
+def test_read_wav_keeps_16_bit_samples_exactly(tmp_path):
+    # Review: a 16-bit mono WAV is already pcm16: reading it must not change a sample.
+    # read_wav went through float (/32768) and back (*32767, truncated), so every non-zero
+    # sample moved one step toward zero (1 -> 0, -32768 -> -32767): a small crossover
+    # distortion on every clip the CLI's test caller speaks from a file.
+    samples = np.array([0, 1, -1, 2, -2, 100, -100, 32767, -32768, 12345], dtype="<i2")
+    path = tmp_path / "exact.wav"
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(8000)
+        wav.writeframes(samples.tobytes())
+    pcm, rate = read_wav(path)
+    assert rate == 8000
+    assert np.frombuffer(pcm, dtype="<i2").tolist() == samples.tolist()

@@ -5,6 +5,7 @@ import pytest
 from gateway.clock import ManualClock
 
 from gateway.playout import Playout
+from gateway.settings import SUPPORTED_SAMPLE_RATES, Settings
 from gateway.call import heard_text
 from tests.call_harness import frame_numbers, numbered_frames
 
@@ -204,3 +205,94 @@ async def test_a_producer_late_by_less_than_half_a_second_is_not_heard_through_i
     # Nothing of the new audio has played yet: the caller heard the first 100 ms.
     assert playout.heard_ms() == pytest.approx(100.0)
     writing.cancel()
+
+
+async def _play_long_reply(rate: int, frame_ms: int, seconds: float
+                           ) -> tuple[list[tuple[float, int]], Playout, float]:
+    """Play ``seconds`` of pcm16 at ``rate`` through a Playout with the default lead and
+    chunk; returns (seconds since start, bytes) of every message, the playout, and the
+    clock time at which the playout said it was done."""
+    clock = ManualClock()
+    start = clock.now()
+    sent: list[tuple[float, int]] = []
+
+    async def send(message: bytes) -> None:
+        sent.append((clock.now() - start, len(message)))
+
+    playout = Playout(send, rate, frame_ms=frame_ms, lead_ms=60, clock=clock, chunk_ms=200)
+    audio = b"\x01\x00" * int(rate * seconds)
+    playing = asyncio.ensure_future(playout.write(audio))
+    await clock.advance(seconds + 1.0)
+    await playing
+    return sent, playout, clock.now() - start
+
+
+@pytest.mark.parametrize("frame_ms, seconds", [(10, 60.0), (30, 120.0)])
+async def test_playout_at_22050_hz_keeps_real_time_over_a_long_reply(frame_ms, seconds):
+    # Review: 22050 Hz is a supported native rate and 10/30 ms are allowed frame_ms
+    # values, but a frame of them is not a whole number of samples (220.5, 661.5): the
+    # playout cut each frame to 220 (661) samples yet paced and counted it as a full
+    # frame_ms. Over a 60 s
+    # reply (10 ms frames; 120 s with 30 ms) the client is sent ~136 ms (~91 ms) less
+    # audio than the time the playout lets pass:
+    # once the 60 ms lead is used up it runs dry (the caller hears gaps), and heard_ms
+    # says the caller heard audio that does not exist.
+    rate = 22050
+    assert rate in SUPPORTED_SAMPLE_RATES
+    assert frame_ms in Settings.model_fields["frame_ms"].annotation.__args__
+    sent, playout, _ = await _play_long_reply(rate, frame_ms, seconds)
+    # The client plays from the first message on, back to back: before each message
+    # arrives it must still have audio left (lead), never a deficit.
+    first_at = sent[0][0]
+    received_ms = 0.0
+    worst_buffer_ms = float("inf")
+    for at, nbytes in sent:
+        played_ms = (at - first_at) * 1000.0
+        worst_buffer_ms = min(worst_buffer_ms, received_ms - played_ms)
+        received_ms += nbytes / 2 / rate * 1000.0
+    assert worst_buffer_ms >= 0.0, (
+        f"the client ran dry: {-worst_buffer_ms:.1f} ms short of audio before a message")
+
+
+async def test_playout_sent_ms_is_the_audio_actually_sent_at_22050_hz():
+    # sent_ms (and heard_ms, capped by it) decide which words the agent's context keeps
+    # on a barge-in: they must measure the audio that left, not frames x frame_ms.
+    rate = 22050
+    sent, playout, _ = await _play_long_reply(rate, 10, 30.0)
+    actual_ms = sum(n for _, n in sent) / 2 / rate * 1000.0
+    assert playout.sent_ms == pytest.approx(actual_ms, abs=1.0)
+    assert playout.heard_ms() == pytest.approx(actual_ms, abs=1.0)
+
+
+async def test_a_resume_during_the_last_frames_wait_replays_at_once():
+    # Review: a noise barge-in holds the reply while its end plays (flush waits for it);
+    # the hold ends with no words shortly after. The replay should leave at the resume, as
+    # it does for a resume before the flush, but flush was still sleeping until
+    # the *old* end would have played (up to lead + chunk = 260 ms), and only then
+    # replays: dead air on the line after the resume, heard_ms frozen meanwhile.
+    clock = ManualClock()
+    start = clock.now()
+    sent: list[tuple[float, list[int]]] = []
+
+    async def send(message: bytes) -> None:
+        sent.append((round(clock.now() - start, 3), frame_numbers([message])))
+
+    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock, chunk_ms=200)
+    async def reply() -> None:
+        await playout.write(numbered_frames(1000))  # 1 s: 200 ms messages, paced
+        await playout.flush()
+
+    flushing = asyncio.ensure_future(reply())
+    await clock.advance(0.75)  # the last message (frames 41-50) left at 0.74
+    assert sent[-1] == (0.74, list(range(41, 51)))
+    assert playout.hold() == pytest.approx(750.0)  # a cough: frames up to 38 heard
+    await clock.advance(0.05)
+    resumed_at = round(clock.now() - start, 3)
+    assert playout.resume_from(750.0) == 740.0  # the replay starts at frame 38
+    await clock.advance(0.0)
+    replays = [at for at, numbers in sent if numbers and numbers[0] == 38]
+    await clock.advance(1.0)
+    await flushing
+    assert replays == [resumed_at], (
+        f"resumed at {resumed_at} s, replay left at "
+        f"{[at for at, numbers in sent if numbers and numbers[0] == 38]}")
