@@ -494,8 +494,10 @@ async def test_a_block_the_disk_never_takes_gives_the_recording_up_not_the_call(
     # the replica) until the disk answered. Past RECORDING_STALL_S the recording is given
     # up, counted, and the call goes on.
     stalled, entered = threading.Event(), threading.Event()
+    threads: list[str] = []
 
     def stuck_append(recorder: CallRecorder, *block):
+        threads.append(threading.current_thread().name)
         entered.set()
         stalled.wait()
 
@@ -508,6 +510,9 @@ async def test_a_block_the_disk_never_takes_gives_the_recording_up_not_the_call(
             await h.feed(tone(40, NOISE))
             await h.silence(960)
         assert entered.is_set()
+        # On the recordings' own threads: a stuck disk never holds the loop's default
+        # executor (the cache's refresh runs there).
+        assert threads and all(name.startswith("vg-record") for name in threads)
         assert h.call._recorder is None  # given up: nothing more is held for it
         assert h.deps.stats.snapshot()["errors"].get("recording_failed") == 1
         await h.text("when do you open")  # the call goes on

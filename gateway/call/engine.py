@@ -43,7 +43,7 @@ from ..vad import SAMPLE_RATE as VAD_RATE
 from ..vad import WINDOW_BYTES, pcm16_windows
 from .idle import IdleWatch
 from .keypad import Collected, Keypad, Mapped, check_key
-from .recording import CallRecorder, RecordedOutput
+from .recording import WRITER, CallRecorder, RecordedOutput
 from .reply import CallOutput, ReplyStage, StageFailed
 from .speculation import PARTIAL_COUNTS, RouteFn, Speculation, SpeculationRules
 from .end_of_turn import EndOfTurnSettings, lexically_incomplete
@@ -430,7 +430,8 @@ class Call:
         if self._spill is None or self._spill.done():
             block = recorder.take_settled()
             if block is not None:
-                self._spill = asyncio.ensure_future(asyncio.to_thread(recorder.append, *block))
+                self._spill = asyncio.get_running_loop().run_in_executor(
+                    WRITER, recorder.append, *block)
                 self._spill_at = self._clock.now()
         elif self._clock.now() - self._spill_at > RECORDING_STALL_S:
             self._recorder = None  # nothing more is kept for it; the stuck write ends alone
@@ -443,7 +444,7 @@ class Call:
         try:
             if self._spill is not None:
                 await self._spill  # the block under way first: the rest follows it
-            wav, _ = await asyncio.to_thread(recorder.write)
+            wav, _ = await asyncio.get_running_loop().run_in_executor(WRITER, recorder.write)
         except Exception as exc:  # a full disk loses the recording, never the call
             self._count("recording_failed")
             logs.event(log, "recording_failed", logging.ERROR, detail=str(exc)[:300])

@@ -28,6 +28,7 @@ import json
 import os
 import time
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -38,6 +39,10 @@ from ..codec import MULAW, ulaw_to_pcm16
 
 # Settled audio goes to the file once there is this much of it (per channel).
 SPILL_S = 5.0
+# The recordings' disk writes, on threads of their own: a stalled disk (a hung NFS or EBS
+# volume) holds these, never the event loop's default executor (the cache's refresh, the
+# admin API's seeds and edits run there).
+WRITER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vg-record")
 # Caller audio flowing this long since its last gap has caught up with the clock: that gap
 # can no longer shrink (a backlog read late fills it within moments), so it is final.
 GAP_SETTLES_S = 5.0
