@@ -178,7 +178,8 @@ class Playout:
             await self._wait_if_held()  # held while the end played: replay, then wait again
 
     async def _sleep_unless_resumed(self, seconds: float) -> None:
-        """Sleep ``seconds`` of the clock, or until a hold since is resumed."""
+        """Sleep ``seconds`` of the clock, or until a hold since is resumed (the last
+        frame's end: up to lead + chunk, once a reply)."""
         if self._resumed.is_set() and self._replayed != self._holds:
             return
         timer = asyncio.ensure_future(self._clock.sleep(seconds))
@@ -203,7 +204,9 @@ class Playout:
             due = max(self._started_at + self.sent_ms / 1000.0 - self._lead_s,
                       self._paced_from)
             if due > now:
-                await self._sleep_unless_resumed(due - now)
+                # A plain sleep (at most chunk - lead): a race with the resume here would
+                # cost two futures a message on every call's hot path.
+                await self._clock.sleep(due - now)
                 lag_s = self._clock.now() - due
             elif now - due > 0.5:
                 # The producer fell behind (slow TTS): restart the clock instead of
