@@ -35,6 +35,7 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 from .. import logs
 from ..http_body import BodyTimeout, BodyTooLarge, closing
 from ..services import Services
+from ..settings import redact_url
 from .twilio_ended import TRANSFERRED
 from .twilio_rest import dial
 
@@ -74,8 +75,10 @@ def stream_generation(resumed: str) -> int:
 
 def public_base_url(request: HTTPConnection, public_url: str) -> str:
     """The gateway's base URL as Twilio sees it: the setting, else Host + X-Forwarded-Proto."""
-    if public_url:
-        return public_url.rstrip("/")
+    if public_url:  # its scheme as Twilio reads it ("HTTPS" is https; TwiML's wss too)
+        scheme, sep, rest = public_url.rstrip("/").partition("://")
+        return f"{scheme.lower()}{sep}{rest}"
+
     proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
     scheme = proto or request.url.scheme
     host = request.headers.get("host") or request.url.netloc
@@ -268,6 +271,9 @@ def signature_refusal(connection: HTTPConnection, public_url: str,
     # Counted while the models load too: these counters are the runtime's once loaded.
     services.stats.error("twilio_bad_signature")
     reason = "missing" if not signature else "does not match"
-    logs.event(log, "twilio_bad_signature", logging.WARNING, url=url, reason=reason)
-    return (f"X-Twilio-Signature {reason} for {url}: check VOICEGATE_TWILIO_AUTH_TOKEN, and "
+    # Neither the URL's password (Twilio's HTTP auth) nor its query (a call token) is
+    # logged or told to whoever sent the request.
+    shown = redact_url(url, query=True)
+    logs.event(log, "twilio_bad_signature", logging.WARNING, url=shown, reason=reason)
+    return (f"X-Twilio-Signature {reason} for {shown}: check VOICEGATE_TWILIO_AUTH_TOKEN, and "
             "set VOICEGATE_PUBLIC_URL if Twilio reaches this gateway through a proxy")
