@@ -381,6 +381,12 @@ def _restored_message(message: Any, unanswered: set[str]) -> dict[str, Any]:
     return {"role": "assistant", "content": content, "tool_calls": kept}
 
 
+def _canonical_arguments(text: str) -> str:
+    """Arguments as one spelling of their value (key order and spacing aside)."""
+    arguments = parse_arguments(text)
+    return text if arguments is None else json.dumps(arguments, sort_keys=True)
+
+
 def _readable_arguments(call: ToolCall) -> str:
     """The call's arguments as the context keeps them. Arguments that are no JSON object
     (the runner refused them, and its result says so) are kept as "{}": sent back as
@@ -501,6 +507,9 @@ class Agent:
             return StillWorking((holds - held_holds) * (self.hold_after_s or 0.0))
 
         round_no = 0
+        # This turn's tool runs by (tool, arguments): a call the model repeats is answered
+        # with the first one's result, never sent to its webhook again.
+        ran: dict[tuple[str, str], asyncio.Task[tuple[str, bool]]] = {}
         while round_no <= self.max_tool_rounds:
             tools = self._tools_for(round_no)
             chunker = SentenceChunker()
@@ -600,7 +609,7 @@ class Agent:
                     continue
                 yield Handoff("the LLM returned an empty reply twice", error="llm_empty_reply")
                 return
-            tasks = [asyncio.create_task(self.runner.run(call, clock)) for call in calls]
+            tasks = [self._run_once(call, clock, ran) for call in calls]
             gathered = asyncio.gather(*tasks)
             # Its outcome retrieved also when a barge-in left it unread.
             gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -625,6 +634,28 @@ class Agent:
                 _record_results(conversation, calls, tasks)
                 await asyncio.gather(*tasks, return_exceptions=True)
             round_no += 1
+
+    def _run_once(self, call: ToolCall, clock: Clock,
+                  ran: dict[tuple[str, str], "asyncio.Task[tuple[str, bool]]"]
+                  ) -> "asyncio.Task[tuple[str, bool]]":
+        """The task answering ``call``: its webhook's run, or, for a call this turn made
+        already (same tool, same arguments: a small model repeats one in a round, or the
+        next), the first one's result (a ticket, a payment acts once). A first run that
+        failed is run again: retrying it is what the model asks."""
+        key = (call.name, _canonical_arguments(call.arguments))
+        first = ran.get(key)
+        if first is None:
+            task = ran[key] = asyncio.create_task(self.runner.run(call, clock))
+            return task
+
+        async def same_as_first() -> tuple[str, bool]:
+            content, ok = await asyncio.shield(first)
+            if ok:
+                logs.event(log, "tool_call_repeated", tool=call.name)
+                return content, ok
+            return await self.runner.run(call, clock)
+
+        return asyncio.create_task(same_as_first())
 
     async def aclose(self) -> None:
         await self.runner.aclose()

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 
 from gateway.clock import SYSTEM_CLOCK, Clock, deadline
 from gateway.providers.base import ToolCall, ToolSpec
+from gateway.settings import redact_url
 from . import logs
 
 log = logging.getLogger("voicegate.tools")
@@ -58,9 +61,9 @@ def load_tools(path: str) -> list[ToolSpec]:
             raise ToolConfigError(f"tools file {path}: tool {name!r} is declared twice")
         url = str(item["url"])
         problem = _url_problem(url)
-        if problem:
+        if problem:  # never its password (a webhook's credentials travel in its URL)
             raise ToolConfigError(f"tools file {path}: tool {name!r} has a bad url "
-                                  f"{url!r}: {problem}")
+                                  f"{redact_url(url, query=True)!r}: {problem}")
         timeout_s = item.get("timeout_s", 5.0)
         # 0 or less fails every call at once; infinite (JSON's Infinity) lets a hung
         # webhook hold the turn in silence for good.
@@ -68,13 +71,36 @@ def load_tools(path: str) -> list[ToolSpec]:
                 or not math.isfinite(timeout_s) or timeout_s <= 0:
             raise ToolConfigError(f"tools file {path}: tool {name!r} has a bad timeout_s "
                                   f"{timeout_s!r}: expected seconds above zero")
-        parameters = item.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(parameters, dict):
+        parameters = item.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
+        # Found here, not by callers: a schema the chat API refuses fails every request
+        # that offers the tools (every miss a handoff).
+        problem = _schema_problem(parameters)
+        if problem:
             raise ToolConfigError(f"tools file {path}: tool {name!r} has bad parameters: "
-                                  "expected a JSON schema object")
-        tools.append(ToolSpec(name=name, description=str(item.get("description", "")),
+                                  f"{problem}")
+        description = item.get("description", "")
+        if not isinstance(description, str):
+            raise ToolConfigError(f"tools file {path}: tool {name!r} has a bad description: "
+                                  "expected a string")
+        tools.append(ToolSpec(name=name, description=description,
                               parameters=parameters, url=url, timeout_s=float(timeout_s)))
     return tools
+
+
+def _schema_problem(parameters: Any) -> str | None:
+    """Why ``parameters`` is no JSON schema of an object's arguments, or None."""
+    if not isinstance(parameters, dict):
+        return "expected a JSON schema object"
+    if parameters.get("type") != "object":
+        return "the schema's type must be \"object\" (a tool's arguments are an object)"
+    try:
+        Draft202012Validator.check_schema(parameters)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        return f"not a JSON schema{f' at {where}' if where else ''}: {exc.message}"
+    return None
 
 
 def _url_problem(url: str) -> str | None:
@@ -93,8 +119,11 @@ def _url_problem(url: str) -> str | None:
 class ToolRunner:
     def __init__(self, tools: list[ToolSpec], http: httpx.AsyncClient | None = None) -> None:
         self.tools = {tool.name: tool for tool in tools}
-        self._http = http or httpx.AsyncClient()
-        self._owns_http = http is None
+        self._validators = {tool.name: Draft202012Validator(tool.parameters) for tool in tools}
+        # A connection pool per tool unless one client is given: a webhook that hangs
+        # holds its own tool's connections, never every other tool's.
+        self._http = http
+        self._clients: dict[str, httpx.AsyncClient] = {}
 
     async def run(self, call: ToolCall, clock: Clock = SYSTEM_CLOCK) -> tuple[str, bool]:
         """(content for the model, ok). ``timeout_s`` bounds the whole call on ``clock``
@@ -105,17 +134,22 @@ class ToolRunner:
         arguments = parse_arguments(call.arguments)
         if arguments is None:
             return _error(f"the arguments for {call.name} were not a JSON object"), False
+        wrong = next(iter(self._validators[call.name].iter_errors(arguments)), None)
+        if wrong is not None:  # the webhook's contract: never sent what it forbids
+            where = "/".join(str(p) for p in wrong.absolute_path) or "arguments"
+            return _error(f"the arguments for {call.name} do not fit its parameters: "
+                          f"{where}: {wrong.message}"), False
         started = clock.now()
         try:
             # httpx's timeout bounds each read, not the call: a webhook that trickles its
             # answer a byte at a time would hold the turn for ever. timeout_s bounds it all.
             async with deadline(clock, tool.timeout_s):
-                async with self._http.stream(
+                async with self._client(call.name).stream(
                         "POST", tool.url, timeout=tool.timeout_s,
                         json={"tool": call.name, "call_id": call.id, "arguments": arguments}
                 ) as response:
                     status = response.status_code
-                    content = await _head(response, MAX_RESULT_CHARS) if status < 400 else ""
+                    content = await _head(response, MAX_RESULT_CHARS) if status < 300 else ""
         except (httpx.TimeoutException, TimeoutError):
             logs.event(log, "tool_timeout", logging.WARNING, tool=call.name, after_s=tool.timeout_s)
             return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), False
@@ -129,15 +163,31 @@ class ToolRunner:
                        detail=str(exc)[:300])
             return _error(f"{call.name} could not be called with these arguments"), False
         ms = (clock.now() - started) * 1000
+        if 300 <= status < 400:
+            # Not followed (a POST redirected may not arrive, or not to whom it should):
+            # taken for a success, the model would say a payment went through that never
+            # reached the service.
+            logs.event(log, "tool_redirected", logging.WARNING, tool=call.name, status=status)
+            return _error(f"{call.name} failed: its service answered with a redirect "
+                          f"(status {status})"), False
         if status >= 400:
             logs.event(log, "tool_failed", logging.WARNING, tool=call.name, status=status, ms=round(ms))
             return _error(f"{call.name} failed with status {status}"), False
         logs.event(log, "tool_done", tool=call.name, status=status, ms=round(ms))
         return content, True
 
+    def _client(self, tool: str) -> httpx.AsyncClient:
+        if self._http is not None:
+            return self._http
+        client = self._clients.get(tool)
+        if client is None:
+            client = self._clients[tool] = httpx.AsyncClient()
+        return client
+
     async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
 
 
 async def _head(response: httpx.Response, chars: int) -> str:
@@ -155,12 +205,25 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: json.loads reads inf, a strict parser refuses it
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _float_sized_int(text: str) -> int:
+    _finite_float(text)  # a strict parser reads every number as a double
+    return int(text)
+
+
 def parse_arguments(text: str) -> dict[str, Any] | None:
     """A tool call's arguments as the object they must be; None when they are not one
-    (cut short, an array, NaN or Infinity, which json.loads takes and strict parsers
-    such as Ollama's do not). Empty or ``null``: no arguments."""
+    (cut short, an array, NaN or Infinity or a number past a double's range, which
+    json.loads takes and strict parsers such as Ollama's do not). Empty or ``null``: no arguments."""
     try:
-        arguments = json.loads(text or "{}", parse_constant=_refuse_constant)
+        arguments = json.loads(text or "{}", parse_constant=_refuse_constant,
+                               parse_float=_finite_float, parse_int=_float_sized_int)
     except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return None
     if arguments is None:

@@ -490,7 +490,7 @@ def test_route_command_says_which_stdin_line_is_not_utf8_and_routes_the_rest(
     import gateway.runtime
     from gateway import cli
 
-    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: shared_embedder())
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings, **_: shared_embedder())
     monkeypatch.delenv("VOICEGATE_CONFIG", raising=False)
     lines = "\ufeffwhen are you open\r\ncafé near the branch\nis my money FDIC insured\n"
     data = lines.replace("café", "caf\udce9").encode("utf-8", "surrogateescape")

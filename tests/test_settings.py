@@ -269,7 +269,7 @@ def _commands_do_no_heavy_work(monkeypatch) -> dict[str, Any]:
 
     monkeypatch.setattr(gateway.drain.DrainingServer, "run", run)
     monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda s, ex: object())
-    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings, **_: object())
     for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
     return seen
@@ -588,7 +588,7 @@ def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypat
         return SimpleNamespace(summary=lambda: "published v1: ...")
 
     monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda settings, ex: object())
-    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings, **_: object())
     monkeypatch.setattr(gateway.seeding, "seed_with_voice", seed_with_voice)
     for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
@@ -961,7 +961,7 @@ def test_route_with_a_redis_url_query_redis_py_refuses_is_status_2_not_a_traceba
         url, monkeypatch, capsys, clean_env):
     import gateway.runtime
 
-    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings, **_: object())
     status, err = _command_ends(["route", "--redis", url], capsys, url)
     assert status == 2 and "redis_url" in "\n".join(err), err
 
@@ -999,7 +999,7 @@ def test_seed_with_an_empty_store_dir_does_not_publish_into_the_working_director
         return SimpleNamespace(summary=lambda: "published v1")
 
     monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda s, ex: object())
-    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings: object())
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings, **_: object())
     monkeypatch.setattr(gateway.seeding, "seed_with_voice", seed_with_voice)
     monkeypatch.setenv("VOICEGATE_STORE_DIR", "")
     monkeypatch.chdir(tmp_path)

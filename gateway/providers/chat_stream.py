@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, AsyncIterator
@@ -106,7 +107,8 @@ class ToolCallAssembler:
         self._order.remove(index)
         if not partial.name:
             return []
-        return [ToolCall(id=partial.id or f"call_{index}", name=partial.name,
+        # A server that sends no id: one made up, unique (a webhook keys on call_id).
+        return [ToolCall(id=partial.id or f"call_{uuid.uuid4().hex[:24]}", name=partial.name,
                          arguments="".join(partial.arguments) or "{}")]
 
 
