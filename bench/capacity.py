@@ -22,7 +22,7 @@ Per step: server ``first_audio_ms`` of cache hits p50/p99 (end of turn -> first 
 frame), client final (or end of speech) -> first reply audio, route time of finals with
 a new word (server ``route_decided_ms``), outbound frame lag (server: share of frames
 more than 20 ms behind their time and the worst; client: p99 of arrival lateness),
-gateway CPU per call (% of one core), memory per call (RSS growth / calls), errors.
+gateway CPU per call (% of one core), memory per call (RSS growth over the gateway's RSS before its first step / calls), errors.
 Turns that start in the first ``--warmup-s`` of a step are left out of latencies.
 """
 
@@ -36,7 +36,9 @@ import random
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +221,10 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+# Each gateway's RSS before its first step (memory per call is measured against it).
+_RSS_BASELINE: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+
+
 async def run_step(gateway: GatewayProcess | Cluster, mode: str, calls: int, step_s: float,
                    warmup_s: float, speech: list[bytes], line_noise: bytes = b"",
                    step_index: int = 0) -> tuple[Step, float, float, float]:
@@ -226,7 +232,9 @@ async def run_step(gateway: GatewayProcess | Cluster, mode: str, calls: int, ste
     now = time.monotonic()
     step.counting_from = now + warmup_s
     until = now + step_s
-    rss_before = gateway.rss_mb()
+    # Memory per call against the gateway's RSS before its first step, not before this
+    # one: what earlier (smaller) steps' calls left behind is reused by this step's calls.
+    rss_before = _RSS_BASELINE.setdefault(gateway, gateway.rss_mb())
     if mode == "text":
         callers = [text_caller(gateway.call_url, step, until, i, step_index)
                    for i in range(calls)]
@@ -292,8 +300,12 @@ def render_speech(noise_dbfs: float | None) -> tuple[list[bytes], bytes]:
     from gateway.audio import resample_pcm16
     from gateway.providers.piper_tts import PiperTTS
 
+    from bench.speech_corpus import trim
+
     tts = PiperTTS(ThreadPoolExecutor(1))
-    clips = [resample_pcm16(tts.synthesize_all(text), tts.sample_rate, RATE)
+    # Trimmed: Piper ends a clip on 100-175 ms of its own silence, and the client's clock
+    # ("end of speech -> first audio") starts when the clip has been streamed.
+    clips = [trim(resample_pcm16(tts.synthesize_all(text), tts.sample_rate, RATE))
              for text in FAQ_PARAPHRASES]
     if noise_dbfs is None:
         return clips, b""

@@ -23,12 +23,12 @@ FAQ_CSV = ROOT / "cache_seed" / "examples" / "bank_faq.csv"
 # Paraphrases of the example FAQ that are not in the seed (each routes to a cached answer).
 FAQ_PARAPHRASES = [
     "what time do your branches open on saturday",
-    "I need the routing number for a direct deposit",
+    "which routing number do I give my employer for my paycheck",
     "I forgot the password for online banking",
     "what is the swift code for an international transfer",
     "are your branches open on the weekend",
     "where can I find your routing number",
-    "how do I reset my online banking password",
+    "I can't log in to online banking, how do I get a new password",
     "what code do I need for a wire from abroad",
 ]
 

@@ -81,14 +81,14 @@ def main() -> None:
     env = {}
     if args.embedder_cache_size is not None:
         env["VOICEGATE_EMBEDDER_CACHE_SIZE"] = str(args.embedder_cache_size)
-    gateway = GatewayProcess(seed_store(args.store), env).start()
-    try:
-        url = gateway.call_url
-        print(f"cache hits: server-side first_audio_ms (end of turn -> first reply frame), "
-              f"words every {WORD_S * 1000:.0f} ms")
-        for calls in args.calls:
+    store = seed_store(args.store)
+    print(f"cache hits: server-side first_audio_ms (end of turn -> first reply frame), "
+          f"words every {WORD_S * 1000:.0f} ms; a gateway of its own per level (cold caches)")
+    for calls in args.calls:
+        gateway = GatewayProcess(store, env).start()
+        try:
             turns = max(2, args.turns_total // calls)
-            metrics = asyncio.run(run_level(url, calls, turns))
+            metrics = asyncio.run(run_level(gateway.call_url, calls, turns))
             hits = [m for m in metrics if m.get("source") == "cache"]
             first = [m["first_audio_ms"] for m in hits]
             # Each caller's first turn meets a cold embedding cache while every other caller
@@ -101,8 +101,8 @@ def main() -> None:
                   f"max {max(first) if first else float('nan'):7.2f}"
                   f" | after each caller's first turn ({len(later)}): p50 {pct(later, 50):7.2f}  "
                   f"p99 {pct(later, 99):7.2f}")
-    finally:
-        gateway.stop()
+        finally:
+            gateway.stop()
 
 
 if __name__ == "__main__":
