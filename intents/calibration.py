@@ -263,26 +263,14 @@ def _held_out_fold(make_classifier: Callable[[], IntentClassifier], config: _Cla
     if config != _ClassifierConfig.here():
         config.apply()  # a worker process: as the process that asked
     with threadpool_limits(limits=1):
-        return _fold_signals(make_classifier, fitted, negative_vectors, negative_texts,
-                             per_intent, index_vectors, index_labels, test_vectors,
-                             test_texts, own_negative_vectors, own_negative_texts)
-
-
-def _fold_signals(make_classifier: Callable[[], IntentClassifier],
-                  fitted: tuple[np.ndarray, np.ndarray, list[str]],
-                  negative_vectors: np.ndarray, negative_texts: list[str],
-                  per_intent: float, index_vectors: np.ndarray, index_labels: np.ndarray,
-                  test_vectors: np.ndarray, test_texts: list[str],
-                  own_negative_vectors: np.ndarray, own_negative_texts: list[str]
-                  ) -> tuple[Signals, Signals | None]:
-    clf = make_classifier().fit(*fitted, negative_vectors=negative_vectors,
-                                negative_texts=negative_texts,
-                                seed_questions_per_intent=per_intent)
-    cache = SemanticCache(index_vectors, index_labels)
-    held = read_signals(clf, cache, test_vectors, test_texts)
-    if not len(own_negative_texts):
-        return held, None
-    return held, read_signals(clf, cache, own_negative_vectors, own_negative_texts)
+        clf = make_classifier().fit(*fitted, negative_vectors=negative_vectors,
+                                    negative_texts=negative_texts,
+                                    seed_questions_per_intent=per_intent)
+        cache = SemanticCache(index_vectors, index_labels)
+        held = read_signals(clf, cache, test_vectors, test_texts)
+        if not len(own_negative_texts):
+            return held, None
+        return held, read_signals(clf, cache, own_negative_vectors, own_negative_texts)
 
 
 class MisheardCopies:

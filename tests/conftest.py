@@ -13,6 +13,7 @@ from gateway.audio import resample_pcm16  # noqa: E402
 from gateway.runtime import Runtime  # noqa: E402
 from gateway.server import BackgroundServer  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
+from tests.fakes.elevenlabs_server import FakeElevenLabs  # noqa: E402
 from tests.fakes.openai_server import FakeOpenAI  # noqa: E402
 from tests.fakes.server import ServerThread  # noqa: E402
 from tests.fakes.webhook_server import FakeWebhook  # noqa: E402
@@ -64,6 +65,17 @@ def llm_server() -> Iterator[tuple[FakeOpenAI, ServerThread]]:
             yield fake, server
         finally:
             fake.release.set()  # no held reply outlives its test
+
+
+@pytest.fixture
+def eleven() -> Iterator[tuple[FakeElevenLabs, ServerThread]]:
+    """An ElevenLabs-compatible streaming TTS server on 127.0.0.1."""
+    fake = FakeElevenLabs()
+    with ServerThread(fake.app) as server:
+        try:
+            yield fake, server
+        finally:
+            fake.release.set()  # no stalled stream outlives its test
 
 
 @pytest.fixture

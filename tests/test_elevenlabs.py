@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 import pytest
 
@@ -25,16 +25,6 @@ from tests.admin_support import small_faq_csv
 from tests.call_harness import CallHarness, assert_a_stalled_voice_fails_the_turn
 from tests.fakes.elevenlabs_server import MS_PER_CHAR, FakeElevenLabs, tone
 from tests.fakes.server import ServerThread
-
-
-@pytest.fixture
-def eleven() -> Iterator[tuple[FakeElevenLabs, ServerThread]]:
-    fake = FakeElevenLabs()
-    with ServerThread(fake.app) as server:
-        try:
-            yield fake, server
-        finally:
-            fake.release.set()  # no stalled stream outlives its test
 
 
 @pytest.mark.parametrize("rate", [16000, 24000])

@@ -24,7 +24,6 @@ from gateway.providers.base import ProviderError, ToolSpec
 from gateway.providers.elevenlabs_tts import ElevenLabsTTS
 from gateway.providers.groq_llm import GroqChat
 from gateway.providers.openai_llm import OpenAIChat
-from tests.fakes.elevenlabs_server import FakeElevenLabs
 from tests.fakes.server import ServerThread
 
 MESSAGES = [{"role": "user", "content": "What is the status of order 42 and account 7?"}]
@@ -258,16 +257,6 @@ async def test_groq_mid_stream_transport_failure_is_a_provider_error(sse, fault)
 
 
 # ------------------------------------------------------------------ ElevenLabs
-
-
-@pytest.fixture
-def eleven() -> Iterator[tuple[FakeElevenLabs, ServerThread]]:
-    fake = FakeElevenLabs()
-    with ServerThread(fake.app) as server:
-        try:
-            yield fake, server
-        finally:
-            fake.release.set()
 
 
 async def test_elevenlabs_requests_carry_the_configured_http_timeout(eleven):
