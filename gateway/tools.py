@@ -26,6 +26,7 @@ from . import logs
 log = logging.getLogger("voicegate.tools")
 
 MAX_RESULT_CHARS = 4000  # what goes back into the context; a webhook may answer a lot
+MAX_REFUSAL_CHARS = 300  # of a 4xx's body: why the service refused the arguments
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the function names OpenAI takes
 
 
@@ -149,7 +150,11 @@ class ToolRunner:
                         json={"tool": call.name, "call_id": call.id, "arguments": arguments}
                 ) as response:
                     status = response.status_code
-                    content = await _head(response, MAX_RESULT_CHARS) if status < 300 else ""
+                    # A refusal's reason too (a 422 "account is required": the model can
+                    # ask the caller), briefly; a 5xx's body is the service's, not ours.
+                    content = (await _head(response, MAX_RESULT_CHARS) if status < 300 else
+                               await _head(response, MAX_REFUSAL_CHARS)
+                               if 400 <= status < 500 else "")
         except (httpx.TimeoutException, TimeoutError):
             logs.event(log, "tool_timeout", logging.WARNING, tool=call.name, after_s=tool.timeout_s)
             return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), False
@@ -172,7 +177,9 @@ class ToolRunner:
                           f"(status {status})"), False
         if status >= 400:
             logs.event(log, "tool_failed", logging.WARNING, tool=call.name, status=status, ms=round(ms))
-            return _error(f"{call.name} failed with status {status}"), False
+            said = " ".join(content.split())
+            return _error(f"{call.name} failed with status {status}"
+                          + (f": {said}" if said else "")), False
         logs.event(log, "tool_done", tool=call.name, status=status, ms=round(ms))
         return content, True
 

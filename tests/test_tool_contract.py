@@ -291,3 +291,26 @@ async def test_one_hung_webhook_does_not_starve_every_other_tool(webhook):
         await runner.aclose()
     assert ok and balance_calls, (
         f"get_balance answered {content!r}; its webhook received {len(balance_calls)} calls")
+
+
+async def test_a_refusal_tells_the_model_why(webhook):
+    # Review (suspicion, proven): a 4xx answer's body was never read: a 422 saying
+    # "account is required" reached the model as "failed with status 422", nothing it
+    # could act on (ask the caller). The reason goes with the status now, briefly; a
+    # 5xx's body (the service's own trouble) does not.
+    hook, hook_server = webhook
+    hook.status = 422
+    hook.handler = lambda payload: {"detail": "account is required"}
+    runner = ToolRunner([ToolSpec("get_balance", "", url=hook_server.url + "/tool/get_balance",
+                                  timeout_s=10.0)])
+    try:
+        content, ok = await runner.run(ToolCall("c1", "get_balance", "{}"), ManualClock())
+        assert not ok
+        assert json.loads(content)["error"] == (
+            'get_balance failed with status 422: {"detail":"account is required"}')
+        hook.status = 503
+        hook.handler = lambda payload: {"trace": "internal stack"}
+        content, ok = await runner.run(ToolCall("c2", "get_balance", "{}"), ManualClock())
+        assert not ok and json.loads(content)["error"] == "get_balance failed with status 503"
+    finally:
+        await runner.aclose()
