@@ -138,8 +138,8 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
     raise ``TooManyNewAnswers`` before any renders. ``cancel``: once set, the seed stops
     before its next answer or before publishing (``SeedCancelled``); a publish under way
     completes. ``on_progress``: told each phase and each answer rendered (``SeedProgress``).
-``jobs``: classifiers the calibration fits at once (``train_router``; 1 inside a serving
-gateway, whose calls need the other cores).
+    ``jobs``: classifiers the calibration fits at once (``train_router``; 1 inside a serving
+    gateway, whose calls need the other cores).
 
     Raises ``RenderError``; the previously published version keeps serving.
     """

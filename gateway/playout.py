@@ -180,7 +180,7 @@ class Playout:
     async def _sleep_unless_resumed(self, seconds: float) -> None:
         """Sleep ``seconds`` of the clock, or until a hold since is resumed (the last
         frame's end: up to lead + chunk, once a reply)."""
-        if self._resumed.is_set() and self._replayed != self._holds:
+        if self._resumed.is_set():  # set only while a hold waits to be replayed
             return
         timer = asyncio.ensure_future(self._clock.sleep(seconds))
         resumed = asyncio.ensure_future(self._resumed.wait())

@@ -150,11 +150,8 @@ class ToolRunner:
                         json={"tool": call.name, "call_id": call.id, "arguments": arguments}
                 ) as response:
                     status = response.status_code
-                    # A refusal's reason too (a 422 "account is required": the model can
-                    # ask the caller), briefly; a 5xx's body is the service's, not ours.
-                    content = (await _head(response, MAX_RESULT_CHARS) if status < 300 else
-                               await _head(response, MAX_REFUSAL_CHARS)
-                               if 400 <= status < 500 else "")
+                    chars = _chars_read(status)
+                    content = await _head(response, chars) if chars else ""
         except (httpx.TimeoutException, TimeoutError):
             logs.event(log, "tool_timeout", logging.WARNING, tool=call.name, after_s=tool.timeout_s)
             return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), False
@@ -195,6 +192,15 @@ class ToolRunner:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+def _chars_read(status: int) -> int:
+    """How much of an answer's body the model gets: a success's result, a refusal's reason
+    (a 422 "account is required": the model can ask the caller), briefly; nothing of a
+    redirect or of a 5xx (the service's own trouble)."""
+    if status < 300:
+        return MAX_RESULT_CHARS
+    return MAX_REFUSAL_CHARS if 400 <= status < 500 else 0
 
 
 async def _head(response: httpx.Response, chars: int) -> str:

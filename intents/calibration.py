@@ -206,10 +206,10 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
     neg_fold = np.arange(len(neg_texts)) % len(splits)
     per_intent = n / len(np.unique(labels.astype(str)))  # the whole seed's, for every fold
     folds_work = []
-    for fold, (train, test) in enumerate(splits):
+    own_negatives = [np.flatnonzero(neg_fold == fold) for fold in range(len(splits))]
+    for fold, ((train, test), mine) in enumerate(zip(splits, own_negatives)):
         # The fold's classifier learns the negatives of the other folds as out of domain.
         others = np.flatnonzero(neg_fold != fold)
-        mine = np.flatnonzero(neg_fold == fold)
         folds_work.append(delayed(_held_out_fold)(
             make_classifier, _ClassifierConfig.here(),
             fitted_rows(vectors, labels, texts, train, misheard,
@@ -222,8 +222,8 @@ def cross_validate(vectors: np.ndarray, texts: Sequence[str], intents: Sequence[
     # processes than folds.
     results = Parallel(n_jobs=max(1, min(jobs, len(splits))))(folds_work)
     parts = [(test, held) for (_, test), (held, _) in zip(splits, results)]
-    neg_parts = [(np.flatnonzero(neg_fold == fold), neg)
-                 for fold, (_, neg) in enumerate(results) if neg is not None]
+    neg_parts = [(mine, neg) for mine, (_, neg) in zip(own_negatives, results)
+                 if neg is not None]
     return HeldOut(labels, _reassemble(parts, n), _reassemble(neg_parts, len(neg_texts)),
                    len(splits))
 

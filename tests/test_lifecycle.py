@@ -5,15 +5,14 @@ Each test failed before its fix and names the production failure it showed. None
 anything on the wall clock: timers are held and fired by hand (the HTTP protocol), and waits
 poll a condition with a generous bound only so that a regression fails instead of hanging.
 
-Redis: 127.0.0.1:6379, database 11 (no other test uses it, and no test flushes it), each
-test under a key prefix of its own, deleted after.
+Redis: the suite's database (tests/test_redis.py), each test under a key prefix of its own,
+deleted after; under CI a missing Redis fails, never skips.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
@@ -35,25 +34,14 @@ from gateway.settings import Settings
 from gateway.shared_stats import SharedStats
 from gateway.stats import Stats
 from intents.store import StoreUnavailable
-from tests.test_redis import free_port, poll
+from tests.test_redis import REDIS_URL, free_port, own_prefix, poll
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = "redis://127.0.0.1:6379/11"
 
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL} ({exc})")
-    name = f"vglifecycle{secrets.token_hex(3)}:"
-    yield name
-    keys = list(client.scan_iter(match=name + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    yield from own_prefix("lifecycle")
 
 
 # ---------------------------------------------------------------------------------------

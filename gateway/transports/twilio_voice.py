@@ -78,7 +78,6 @@ def public_base_url(request: HTTPConnection, public_url: str) -> str:
     if public_url:  # its scheme as Twilio reads it ("HTTPS" is https; TwiML's wss too)
         scheme, sep, rest = public_url.rstrip("/").partition("://")
         return f"{scheme.lower()}{sep}{rest}"
-
     proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
     scheme = proto or request.url.scheme
     host = request.headers.get("host") or request.url.netloc
