@@ -155,3 +155,10 @@ def drop_queued_partials(queue: "asyncio.Queue[Transcript | None]") -> None:
         ended |= queue.get_nowait() is None
     if ended:
         queue.put_nowait(None)
+
+
+def without_key(message: str, key: str) -> str:
+    """``message`` with the API ``key`` masked: a compatible server (a proxy at a custom
+    base URL) may echo it whole, and the message goes to logs and the caller's events. A
+    key too short to be one masks nothing (it would mask ordinary words)."""
+    return message.replace(key, "[API key]") if len(key) >= 8 else message

@@ -17,7 +17,8 @@ from typing import Any, AsyncIterator
 
 import httpx
 
-from gateway.providers.base import LLMChunk, ProviderError, RateLimited, ToolCall, ToolSpec
+from gateway.providers.base import (LLMChunk, ProviderError, RateLimited, ToolCall, ToolSpec,
+                                    without_key)
 from gateway.providers.rate_limits import reset_s, retry_after_s
 from gateway.settings import redact_url
 
@@ -255,8 +256,7 @@ class SDKChat:
     def _redacted(self, message: str) -> str:
         """The message without the API key: OpenAI masks it in its 401 text, but a
         compatible server may echo it whole, and the message goes to logs and events."""
-        key = getattr(self._client, "api_key", "") or ""
-        return message.replace(key, "[API key]") if len(key) >= 8 else message
+        return without_key(message, getattr(self._client, "api_key", "") or "")
 
     async def aclose(self) -> None:
         await self._client.close()

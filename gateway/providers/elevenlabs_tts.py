@@ -40,7 +40,7 @@ from elevenlabs.core.api_error import ApiError
 
 from gateway import logs
 from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
-from gateway.providers.base import ProviderError
+from gateway.providers.base import ProviderError, without_key
 from gateway.providers.rate_limits import retry_after_s, retry_wait
 from gateway.providers.synthesis_slots import SEEDING, URGENCY, WANTED, SynthesisSlots
 from gateway.settings import Settings
@@ -54,11 +54,10 @@ _PASSING_5XX = frozenset({500, 502, 503, 504})
 _NOT_AUDIO_TYPES = frozenset({"application/json", "application/problem+json", "text/html",
                               "text/plain", "text/xml", "application/xml"})
 # A body whose first bytes (what the first read brought, at least 16, at most 64 judged)
-# are all printable text is a message, not audio: 16-bit PCM of speech or of silence is
-# about never 16 bytes of printable ASCII in a row (silence is bytes 0x00 and 0xff).
+# are all printable text (UTF-8) is a message, not audio: 16-bit PCM of speech or of
+# silence is about never 16 bytes of printable text in a row (silence is bytes 0x00, 0xff).
 _MIN_JUDGED_BYTES = 16
 _SNIFF_BYTES = 64
-_TEXT_BYTES = frozenset(b"\t\n\r" + bytes(range(0x20, 0x7f)))
 
 log = logging.getLogger("voicegate.elevenlabs")
 
@@ -240,10 +239,7 @@ class ElevenLabsTTS:
                                            f"{waited}") from None
 
     def _redacted(self, message: str) -> str:
-        """The message without the API key: a compatible server (a proxy at
-        ``elevenlabs_base_url``) may echo it, and the message goes to logs and events."""
-        key = self._api_key
-        return message.replace(key, "[API key]") if len(key) >= 8 else message
+        return without_key(message, self._api_key)  # a proxy at elevenlabs_base_url may echo it
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -264,8 +260,6 @@ def _reads_as_text(head: bytes) -> bool:
     if len(head) < _MIN_JUDGED_BYTES:
         return False
     sniffed = head[:_SNIFF_BYTES].removeprefix(codecs.BOM_UTF8)
-    if all(byte in _TEXT_BYTES for byte in sniffed):
-        return True
     # The sniff may end inside a character: decode what is whole.
     text = codecs.getincrementaldecoder("utf-8")(errors="strict")
     try:
