@@ -484,25 +484,26 @@ async def main() -> None:
         # WAIT_REPLY_S + WAIT_END_S, long enough for the gateway's goodbye and hang-up.
         env = {"VOICEGATE_STT_PROVIDER": stt, "VOICEGATE_IDLE_PROMPT_S": "0", **extra,
                **variant}
-        for callers in map(int, args.callers.split(",")):
-            for rate in map(int, args.rates.split(",")):
-                # A gateway of its own per configuration: one that has routed these clips'
-                # words already answers them from its embedding cache.
-                gateway = GatewayProcess(store, env=env)
-                try:
-                    gateway.start()
-                except SystemExit:
-                    print(f"{name}: the gateway did not start with this recogniser; skipped")
-                    gateway.stop()
-                    break
-                try:
-                    got, cpu_s = await run_config(gateway, name, callers, rate, clips)
-                finally:
-                    gateway.stop()
-                summary = summarize(got, cpu_s)
-                rows.append((name, callers, rate, summary))
-                records.extend(got)
-                print_table(rows[-1:])
+        configs = [(callers, rate) for callers in map(int, args.callers.split(","))
+                   for rate in map(int, args.rates.split(","))]
+        for callers, rate in configs:
+            # A gateway of its own per configuration: one that has routed these clips'
+            # words already answers them from its embedding cache.
+            gateway = GatewayProcess(store, env=env)
+            try:
+                gateway.start()
+            except SystemExit:
+                print(f"{name}: the gateway did not start with this recogniser; skipped")
+                gateway.stop()
+                break
+            try:
+                got, cpu_s = await run_config(gateway, name, callers, rate, clips)
+            finally:
+                gateway.stop()
+            summary = summarize(got, cpu_s)
+            rows.append((name, callers, rate, summary))
+            records.extend(got)
+            print_table(rows[-1:])
     print()
     print_table(rows)
     print("v2v: caller's last speech sample (when it was spoken) -> first reply audio "
