@@ -195,6 +195,8 @@ class Services:
         self._collector.start()
         if isinstance(runtime.agent.llm, HedgedChat):  # its failures beside the call's errors
             runtime.stats.watch_hedge(runtime.agent.llm.stats)
+        if runtime.agent.tools:  # webhook failures are misses, not call errors: count them
+            runtime.stats.watch_tools(runtime.agent.runner)
         slots = getattr(runtime.tts, "slots", None)
         if slots is not None:  # a capped cloud voice (elevenlabs_max_concurrent)
             runtime.stats.watch_slots(slots)

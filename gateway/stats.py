@@ -25,6 +25,7 @@ from .collector import PauseHistogram
 if TYPE_CHECKING:
     from .hedge import HedgeStats
     from .providers.synthesis_slots import SynthesisSlots
+    from .tools import ToolRunner
 
 # Stages reported per outcome (hit or miss), as named in turn_metrics.
 LATENCY_STAGES = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "first_audio_ms",
@@ -94,6 +95,26 @@ class _HedgeCounters:
             yield CounterMetricFamily(name, doc, value=value)
 
 
+class _ToolCounters:
+    """The agent's tool calls by tool and outcome (gateway/tools.py ``ToolRunner.outcomes``),
+    read at each scrape. Nothing until ``Stats.watch_tools`` (no tools configured)."""
+
+    def __init__(self) -> None:
+        self.source: "ToolRunner | None" = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        if self.source is None:
+            return
+        family = CounterMetricFamily(
+            "voicegate_tool_calls", "Agent tool (webhook) calls by tool and outcome: ok, "
+            "the model's mistakes (unknown_tool, bad_arguments, not_sent) or the service's "
+            "(timeout, unreachable, redirected, refused: 4xx, failed: 5xx)",
+            labels=["tool", "outcome"])
+        for (tool, outcome), count in sorted(self.source.outcomes.items()):
+            family.add_metric([tool, outcome], count)
+        yield family
+
+
 class _SynthesisSlotGauges:
     """A capped cloud voice's syntheses (providers/synthesis_slots.py), read at each scrape:
     how many run, how many wait, how many had to wait. Nothing until ``Stats.watch_slots``
@@ -152,6 +173,8 @@ class _Prometheus:
         r.register(self.hedge)
         self.slots = _SynthesisSlotGauges()
         r.register(self.slots)
+        self.tools = _ToolCounters()
+        r.register(self.tools)
         self.hangups = PromCounter("voicegate_hangups", "Calls the bot hung up, by reason "
                                    "(idle: the caller went silent; time_limit: max_call_s)",
                                    ["reason"], registry=r)
@@ -245,6 +268,10 @@ class Stats:
     def watch_hedge(self, hedge: "HedgeStats") -> None:
         """Export the agent's hedge counters (the LLM pair's failures) with these."""
         self.prometheus.hedge.source = hedge
+
+    def watch_tools(self, runner: "ToolRunner") -> None:
+        """Export the agent's tool calls by tool and outcome with these."""
+        self.prometheus.tools.source = runner
 
     def watch_slots(self, slots: "SynthesisSlots") -> None:
         """Export a capped voice's synthesis slots (busy, waiting, waits) with these."""

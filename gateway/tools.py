@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,12 @@ log = logging.getLogger("voicegate.tools")
 
 MAX_RESULT_CHARS = 4000  # what goes back into the context; a webhook may answer a lot
 MAX_REFUSAL_CHARS = 300  # of a 4xx's body: why the service refused the arguments
+UNKNOWN_TOOL = "(unknown)"  # the tool label of a call to a name no tool has
+# What became of a tool call (voicegate_tool_calls' outcome): ok; the model's own mistake
+# (unknown_tool, bad_arguments, not_sent: arguments httpx cannot send); the service's
+# (timeout, unreachable, redirected, refused: a 4xx, failed: a 5xx).
+OUTCOMES = ("ok", "unknown_tool", "bad_arguments", "not_sent", "timeout", "unreachable",
+            "redirected", "refused", "failed")
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the function names OpenAI takes
 
 
@@ -125,21 +132,32 @@ class ToolRunner:
         # holds its own tool's connections, never every other tool's.
         self._http = http
         self._clients: dict[str, httpx.AsyncClient] = {}
+        # Calls per (tool, outcome), read by /metrics (voicegate_tool_calls): a webhook
+        # that fails is a miss the caller hears as "I could not do that", never an error
+        # of the call, so nothing else counts it. A name no tool has counts as UNKNOWN_TOOL:
+        # the model makes names up, and each would be a metric series of its own.
+        self.outcomes: Counter[tuple[str, str]] = Counter()
 
     async def run(self, call: ToolCall, clock: Clock = SYSTEM_CLOCK) -> tuple[str, bool]:
         """(content for the model, ok). ``timeout_s`` bounds the whole call on ``clock``
         (the call's, which the agent hands on: a test's ``ManualClock``)."""
+        content, outcome = await self._run(call, clock)
+        self.outcomes[call.name if call.name in self.tools else UNKNOWN_TOOL, outcome] += 1
+        return content, outcome == "ok"
+
+    async def _run(self, call: ToolCall, clock: Clock) -> tuple[str, str]:
+        """(content for the model, outcome: one of ``OUTCOMES``)."""
         tool = self.tools.get(call.name)
         if tool is None:
-            return _error(f"there is no tool named {call.name}"), False
+            return _error(f"there is no tool named {call.name}"), "unknown_tool"
         arguments = parse_arguments(call.arguments)
         if arguments is None:
-            return _error(f"the arguments for {call.name} were not a JSON object"), False
+            return _error(f"the arguments for {call.name} were not a JSON object"), "bad_arguments"
         wrong = next(iter(self._validators[call.name].iter_errors(arguments)), None)
         if wrong is not None:  # the webhook's contract: never sent what it forbids
             where = "/".join(str(p) for p in wrong.absolute_path) or "arguments"
             return _error(f"the arguments for {call.name} do not fit its parameters: "
-                          f"{where}: {wrong.message}"), False
+                          f"{where}: {wrong.message}"), "bad_arguments"
         started = clock.now()
         try:
             # httpx's timeout bounds each read, not the call: a webhook that trickles its
@@ -154,16 +172,16 @@ class ToolRunner:
                     content = await _head(response, chars) if chars else ""
         except (httpx.TimeoutException, TimeoutError):
             logs.event(log, "tool_timeout", logging.WARNING, tool=call.name, after_s=tool.timeout_s)
-            return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), False
+            return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), "timeout"
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError
             logs.event(log, "tool_unreachable", logging.WARNING, tool=call.name, error=type(exc).__name__)
-            return _error(f"{call.name} could not be reached"), False
+            return _error(f"{call.name} could not be reached"), "unreachable"
         except Exception as exc:
             # Arguments httpx cannot send (NaN, a lone surrogate: json.loads takes both), or
             # a bug: still a string for the model, never a failed reply.
             logs.event(log, "tool_error", logging.WARNING, tool=call.name, error=type(exc).__name__,
                        detail=str(exc)[:300])
-            return _error(f"{call.name} could not be called with these arguments"), False
+            return _error(f"{call.name} could not be called with these arguments"), "not_sent"
         ms = (clock.now() - started) * 1000
         if 300 <= status < 400:
             # Not followed (a POST redirected may not arrive, or not to whom it should):
@@ -171,14 +189,14 @@ class ToolRunner:
             # reached the service.
             logs.event(log, "tool_redirected", logging.WARNING, tool=call.name, status=status)
             return _error(f"{call.name} failed: its service answered with a redirect "
-                          f"(status {status})"), False
+                          f"(status {status})"), "redirected"
         if status >= 400:
             logs.event(log, "tool_failed", logging.WARNING, tool=call.name, status=status, ms=round(ms))
             said = " ".join(content.split())
             return _error(f"{call.name} failed with status {status}"
-                          + (f": {said}" if said else "")), False
+                          + (f": {said}" if said else "")), "refused" if status < 500 else "failed"
         logs.event(log, "tool_done", tool=call.name, status=status, ms=round(ms))
-        return content, True
+        return content, "ok"
 
     def _client(self, tool: str) -> httpx.AsyncClient:
         if self._http is not None:

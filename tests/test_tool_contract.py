@@ -314,3 +314,49 @@ async def test_a_refusal_tells_the_model_why(webhook):
         assert not ok and json.loads(content)["error"] == "get_balance failed with status 503"
     finally:
         await runner.aclose()
+
+
+# ------------------------------------------------------------------- tool metrics
+
+
+async def test_every_tool_call_is_counted_by_tool_and_outcome_for_prometheus():
+    """A webhook that fails is not an error of the call (the model tells the caller it
+    could not do it), so before voicegate_tool_calls nothing an operator watches showed a
+    tool service down or a model making calls up. Each outcome is counted under its tool;
+    a made-up name under one label, never a series of its own."""
+    from gateway.stats import Stats
+
+    async def ok(request: Request) -> JSONResponse:
+        return JSONResponse({"balance": "12.00"})
+
+    async def refused(request: Request) -> JSONResponse:
+        return JSONResponse({"error": "account is required"}, status_code=422)
+
+    async def broken(request: Request) -> JSONResponse:
+        return JSONResponse({}, status_code=503)
+
+    app = Starlette(routes=[Route("/ok", ok, methods=["POST"]),
+                            Route("/refused", refused, methods=["POST"]),
+                            Route("/broken", broken, methods=["POST"])])
+    stats = Stats()
+    with ServerThread(app) as server:
+        runner = ToolRunner([ToolSpec(name, "", BALANCE.parameters, url=f"{server.url}/{name}",
+                                      timeout_s=10.0) for name in ("ok", "refused", "broken")])
+        stats.watch_tools(runner)
+        try:
+            for call in (ToolCall("c1", "ok", '{"account": "42"}'),
+                         ToolCall("c2", "ok", '{"account": "43"}'),
+                         ToolCall("c3", "ok", '{"account": 42}'),
+                         ToolCall("c4", "refused", '{"account": "42"}'),
+                         ToolCall("c5", "broken", '{"account": "42"}'),
+                         ToolCall("c6", "made_up", "{}"),
+                         ToolCall("c7", "also_made_up", "{}")):
+                await runner.run(call, ManualClock())
+        finally:
+            await runner.aclose()
+    registry = stats.prometheus.registry
+    counted = {(s.labels["tool"], s.labels["outcome"]): s.value
+               for metric in registry.collect() if metric.name == "voicegate_tool_calls"
+               for s in metric.samples}
+    assert counted == {("ok", "ok"): 2, ("ok", "bad_arguments"): 1, ("refused", "refused"): 1,
+                       ("broken", "failed"): 1, ("(unknown)", "unknown_tool"): 2}, counted
