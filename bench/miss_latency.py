@@ -3,8 +3,9 @@
     python bench/miss_latency.py [--turns 40]
 
 A fake OpenAI-compatible upstream (tests/fakes, in its own process) answers with a
-100 ms time to first token; the gateway (embedded Piper TTS, real openai SDK, hedged
-pair with the default adaptive delay) answers text turns from a native-protocol client.
+100 ms time to first token; the gateway, in a process of its own (bench/gateway_process.py:
+embedded Piper TTS, real openai SDK, hedged pair with the default adaptive delay, no filler)
+answers text turns from a native-protocol client in this one.
 Per turn, from the server's ``turn_metrics``:
 
     first_audio_ms      end of turn -> first reply audio frame sent
@@ -20,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -35,13 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gateway.agent import Agent  # noqa: E402
+from bench.gateway_process import GatewayProcess, free_port, seed_store  # noqa: E402
 from gateway.client import Caller  # noqa: E402
-from gateway.hedge import HedgedChat  # noqa: E402
-from gateway.providers.openai_llm import OpenAIChat  # noqa: E402
-from gateway.runtime import Runtime  # noqa: E402
-from gateway.server import BackgroundServer  # noqa: E402
-from gateway.settings import Settings  # noqa: E402
 
 UPSTREAM_TTFT_S = 0.100
 FAKE = f"""
@@ -53,12 +47,6 @@ fake.default = Reply(text="Sure, I can help with that. Let me explain the detail
                      ttft_s={UPSTREAM_TTFT_S})
 uvicorn.run(fake, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", lifespan="off")
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -88,12 +76,11 @@ def main() -> None:
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        settings = Settings.load({"port": 0})
-        runtime = Runtime.load(settings)
-        chats = [OpenAIChat(m, base_url=f"http://127.0.0.1:{port}/v1", name=m)
-                 for m in ("primary", "secondary")]
-        agent = Agent(HedgedChat(chats[0], chats[1]), filler_after_s=None)
-        server = BackgroundServer(settings, dataclasses.replace(runtime, agent=agent)).start()
+        upstream = f"http://127.0.0.1:{port}/v1"
+        server = GatewayProcess(seed_store(), {
+            "VOICEGATE_LLM_PRIMARY_URL": upstream, "VOICEGATE_LLM_PRIMARY_MODEL": "primary",
+            "VOICEGATE_LLM_SECONDARY_URL": upstream, "VOICEGATE_LLM_SECONDARY_MODEL": "secondary",
+            "VOICEGATE_LLM_FILLER_AFTER_MS": "0"}).start()
         try:
             asyncio.run(run_turns(server.call_url, 3))  # warm the HTTP pools
             metrics = asyncio.run(run_turns(server.call_url, args.turns))
