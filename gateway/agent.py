@@ -11,9 +11,9 @@ responder turns into audio:
   (the call's: ``turn.timeline.clock``; ``SYSTEM_CLOCK`` by default), like the hedge.
 - ``StillWorking(waited_s)``: a tool call (or the round after it) has left the line quiet for
   ``waited_s`` since the tool was called, nothing said since: a hold phrase plays ("still
-  checking"), every ``hold_after_s``, at most ``MAX_HOLD_PHRASES`` a turn. The one filler
-  covers the first second or two of a tool; a webhook that takes its whole ``timeout_s``
-  would otherwise leave the caller in silence for the rest.
+  checking"), every ``hold_after_s`` for as long as the quiet lasts (the phrases in turn).
+  The one filler covers the first second or two of a tool; a webhook that takes its whole
+  ``timeout_s`` would otherwise leave the caller in silence for the rest.
 - ``Handoff(reason, error)``: no LLM configured, every LLM failed before anything was said
   (``error`` ``llm_failed``: an outage, the call reports it too), or the model answered a
   round with nothing (no word, no tool call: common right after a tool result) and again
@@ -74,13 +74,12 @@ FILLER_PHRASES: tuple[str, ...] = (
     "Just a second while I check.",
 )
 # Said while a tool (or the answer after it) keeps the line quiet: every hold_after_s of
-# silence since the tool call, at most MAX_HOLD_PHRASES a turn (then the tool's own timeout
-# bounds the wait).
+# silence since the tool call, in turn, for as long as it lasts (a tool's timeout_s has no
+# cap, and a silent line is worse than a slow one). None promises how long is left.
 HOLD_PHRASES: tuple[str, ...] = (
     "Still checking, thanks for waiting.",
-    "Thanks for holding, I'm nearly there.",
+    "Thanks for holding, I'm still working on it.",
 )
-MAX_HOLD_PHRASES = len(HOLD_PHRASES)
 HANDOFF_MESSAGE = "I'm going to connect you with a colleague who can help. Please stay on the line."
 # A stage of the reply failed (a TTS or LLM error): the call goes on and the caller says it again.
 APOLOGY_MESSAGE = "Sorry, I had a problem on my side. Could you say that again?"
@@ -492,7 +491,7 @@ class Agent:
             called, then a hold phrase while a tool call keeps the line quiet."""
             if not (spoke or filler):
                 return None if self.filler_after_s is None else started + self.filler_after_s
-            if held_since is None or self.hold_after_s is None or holds >= MAX_HOLD_PHRASES:
+            if held_since is None or self.hold_after_s is None:
                 return None
             # Every hold_after_s of this quiet stretch: a tool called after words said
             # (a second tool, after a first one's hold) waits hold_after_s, not twice that.

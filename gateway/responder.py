@@ -308,9 +308,9 @@ class Responder:
         return self._prompt(turn, key, "filler", {"tool": tool} if tool else {})
 
     def hold(self, turn: Turn, index: int, waited_s: float) -> ReplySegment:
-        """The turn's ``index``-th hold phrase (0-based; each one different): a tool keeps
+        """The turn's ``index``-th hold phrase (0-based; the phrases in turn): a tool keeps
         the line quiet. A filler to every metric and to the client."""
-        key = f"hold:{min(index, len(HOLD_PHRASES) - 1)}"
+        key = f"hold:{index % len(HOLD_PHRASES)}"
         return self._prompt(turn, key, "filler", {"hold": True, "waited_s": waited_s})
 
     def apology(self, turn: Turn, code: str) -> ReplySegment:

@@ -1272,13 +1272,26 @@ def held_agent(clock: ManualClock, tool_s: float, first_token_s: float = 0.0) ->
 async def test_a_slow_tool_gets_hold_phrases_not_silence():
     """The filler plays once, at the tool call; a webhook that then takes 9 s left the
     caller in silence for all of it (a silent line is worse than a slow one). Every
-    hold_after_s of silence since (4 s of the call's clock) the agent cues a hold phrase,
-    at most MAX_HOLD_PHRASES a turn; the answer still comes when the tool returns."""
+    hold_after_s of silence since (4 s of the call's clock) the agent cues a hold phrase;
+    the answer still comes when the tool returns."""
     clock = ManualClock()
     agent = held_agent(clock, tool_s=9.0)
     events = agent.respond(agent.new_conversation(), "where is my order", clock=clock)
     assert await collect(events, clock, 12.0) == [
         ToolStarted("get_order", "c1"), StillWorking(4.0), StillWorking(8.0),
+        Sentence("It shipped on Monday.")]
+
+
+async def test_a_tool_slower_than_two_hold_phrases_is_held_until_it_answers():
+    """Review (stop 58, left alone then): hold phrases stopped after two a turn, while a
+    tool's timeout_s has no cap: a 30 s webhook left the caller 22 s in silence after the
+    second. Every hold_after_s of the quiet gets one, for as long as it lasts."""
+    clock = ManualClock()
+    agent = held_agent(clock, tool_s=21.0)
+    events = agent.respond(agent.new_conversation(), "where is my order", clock=clock)
+    assert await collect(events, clock, 30.0) == [
+        ToolStarted("get_order", "c1"), StillWorking(4.0), StillWorking(8.0),
+        StillWorking(12.0), StillWorking(16.0), StillWorking(20.0),
         Sentence("It shipped on Monday.")]
 
 
@@ -1322,12 +1335,31 @@ async def test_a_call_holds_a_slow_tool_with_spoken_phrases_then_answers():
         ("llm", "It shipped on Monday.")]
 
 
+async def test_a_long_hold_plays_the_phrases_in_turn_through_a_whole_call():
+    """A 13 s tool: three hold phrases (4, 8, 12 s), the third the first phrase again,
+    each heard as a filler segment; then the answer."""
+    h = CallHarness()
+    h.agent.tools = [ToolSpec("get_order", "The caller's order.")]
+    h.agent.runner = SlowTool(13.0)
+    h.agent.hold_after_s = 4.0
+    h.llm.tool_calls = [ToolCall("c1", "get_order", "{}")]
+    h.llm.reply = "It shipped on Monday."
+    await h.start()
+    await h.text("where is my order")
+    await h.wait(20000)
+    await h.stop()
+    responses = h.output.of("response", turn=1)
+    assert [(e["source"], e["text"]) for e in responses[1:]] == [
+        ("filler", HOLD_PHRASES[0]), ("filler", HOLD_PHRASES[1]), ("filler", HOLD_PHRASES[0]),
+        ("llm", "It shipped on Monday.")]
+
+
 async def test_a_second_tool_after_words_is_held_after_hold_after_s_not_twice_that():
     """A turn's first tool got its hold phrase at 4 s, then the answer began ("It shipped
     on Monday.") and the model called a second tool of 7 s. The next hold was timed as
     the turn's second one from the new call: 8 s after it, so the caller heard 7 s of
     silence (the filler plays once a turn). Each quiet stretch is held hold_after_s
-    after its tool call, within MAX_HOLD_PHRASES a turn."""
+    after its tool call."""
     class Runner:
         async def run(self, call: ToolCall, clock: Clock) -> tuple[str, bool]:
             await clock.sleep({"get_order": 5.0, "get_refund": 7.0}[call.name])
