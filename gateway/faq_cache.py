@@ -52,6 +52,7 @@ class FaqCache:
         # The version the last load failed on (None once one loads): whose failure
         # ``last_error`` describes when it is a load's.
         self.failed_version: str | None = None
+        self._failed_error: str | None = None  # why it failed (last_error then)
         # Whether that version failed because the store did not answer while it was read
         # (retried at the next poll), not because the version itself is bad.
         self.failed_for_store = False
@@ -105,9 +106,16 @@ class FaqCache:
     def _refresh(self) -> bool:
         try:
             current = self.store.current_version()
-        except Exception as exc:  # the store is unreachable: keep serving what we hold
+        except StoreUnavailable as exc:  # the store is unreachable: keep serving what we hold
             self.last_error = f"store unavailable: {exc}"
             self._unreachable = True
+            return False
+        except Exception as exc:
+            # The store answered with a pointer that names no version (set by hand, a key of
+            # another type, an unreadable file): no outage to wait out. A replica starting
+            # now turns ready without a cache, as it does on a bad version, and says why.
+            self.last_error = f"cannot read the current version: {exc}"
+            self._unreachable = False
             return False
         self._unreachable = False
         if current is None and self.version is not None:
@@ -124,7 +132,10 @@ class FaqCache:
             self.last_error = None
             return False
         if current == self.failed_version and self._clock.now() < self._retry_at:
-            return False  # it failed to load a moment ago: last_error still says why
+            # It failed to load a moment ago; say why again (an outage in between may
+            # have said something else).
+            self.last_error = self._failed_error
+            return False
         started = time.perf_counter()
         try:
             loaded = load_cache(self.store, self.embedder, current)
@@ -135,7 +146,8 @@ class FaqCache:
             # cannot be converted (torn PCM, a foreign rate) leaves the serving clips whole.
             self.audio.replace_all(clips)
         except Exception as exc:  # corrupt or foreign: refuse it, keep what we serve
-            self.last_error = f"cannot load cache version {current}: {type(exc).__name__}: {exc}"
+            self.last_error = self._failed_error = \
+                f"cannot load cache version {current}: {type(exc).__name__}: {exc}"
             self._schedule_retry(current, unavailable=isinstance(exc, StoreUnavailable))
             logs.event(log, "cache_load_failed", logging.ERROR, version=current, error=str(exc),
                        retry_in_s=self._retry_s)

@@ -25,6 +25,7 @@ from starlette.testclient import TestClient
 
 import gateway.faq_cache as faq_cache
 from gateway.app import create_app
+from gateway.clock import ManualClock
 from gateway.faq_cache import FaqCache
 from gateway.redis_link import RedisHealth, VersionSubscriber, open_async_client
 from gateway.services import Services
@@ -35,7 +36,7 @@ from cache_seed import parse_seed_csv, seed_plan
 from gateway.admin.publish import Publisher
 from gateway.admin.routes import _publish_failed
 from intents.redis_store import RedisKeys, RedisStore
-from intents.store import MANIFEST_FORMAT, LocalStore, StoreConflict, StoreError
+from intents.store import MANIFEST_FORMAT, LocalStore, StoreConflict, StoreError, StoreUnavailable
 from tests.admin_support import small_faq_csv
 from tests.intents_support import shared_embedder, tone_render
 from tests.redis_faults import DelayingProxy, FlakyProxy
@@ -923,3 +924,68 @@ async def test_the_goodbye_flush_after_a_failed_flush_writes_what_was_counted_si
         await stats.aclose()
     assert turns == 2, (f"two turns counted before the goodbye, Redis holds {turns}; "
                         f"still pending in the departed replica: {stats.pending}")
+
+
+def test_a_pointer_redis_answers_with_garbage_is_not_reported_as_redis_unreachable(
+        prefix: str) -> None:
+    """Review (stop 59): Redis answers, but `current` was set by hand to bytes that are no version name (or a
+    foreign type): a StoreError, not StoreUnavailable. FaqCache takes any failure of
+    current_version() for "store unavailable": /readyz cache_error says Redis is
+    unreachable, and store_unanswered is True, so a replica starting now never becomes
+    ready (services._load retries for ever) although the store answered; a bad version
+    (corrupt hash) leaves it ready without a cache instead."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(prefix + "current", b"\xff\xfe-set-by-hand")
+    raw.close()
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    cache = FaqCache(store, SimpleNamespace(model_name="m", dim=4))
+    try:
+        assert cache.refresh() is False
+    finally:
+        store.close()
+    assert cache.last_error is not None
+    assert not cache.last_error.startswith("store unavailable"), cache.last_error
+    assert cache.store_unanswered is False, (
+        "Redis answered (the pointer is garbage), yet the cache says the store did not "
+        "answer: a replica starting now is kept unready for good")
+
+
+class _Pointer:
+    """A store whose pointer a test moves, or makes unreachable."""
+
+    def __init__(self, current: str) -> None:
+        self.current = current
+        self.down = False
+
+    def current_version(self) -> str:
+        if self.down:
+            raise StoreUnavailable("Redis at redis://x is unreachable (current_version): gone")
+        return self.current
+
+
+def test_a_version_that_failed_to_load_is_not_said_to_be_redis_unreachable_once_it_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (stop 59): v2 fails to load (corrupt): tried again in 10 s, last_error says why. Redis blips
+    once meanwhile (a poll finds it unreachable), then answers again: until the retry (up to
+    5 min once it doubled) /readyz cache_error says "store unavailable", an outage that is
+    over, and never again why v2 is refused; an entry edit's 503 quotes the same."""
+    def load_cache(store, embedder, version):
+        if version == "v2":
+            raise StoreError("cannot read cache version v2 in Redis: corrupt manifest")
+        return SimpleNamespace(version=version, entries={})
+
+    monkeypatch.setattr(faq_cache, "load_cache", load_cache)
+    store, clock = _Pointer("v1"), ManualClock()
+    cache = FaqCache(store, embedder=None, clock=clock)  # type: ignore[arg-type]
+    assert cache.refresh() and cache.version == "v1"
+    store.current = "v2"
+    assert not cache.refresh()
+    assert "corrupt manifest" in (cache.last_error or "")
+    store.down = True
+    assert not cache.refresh()  # a poll meets the blip
+    store.down = False
+    assert not cache.refresh()  # Redis answers again; v2 waits for its retry
+    assert cache.store_unanswered is False
+    assert "corrupt manifest" in (cache.last_error or ""), (
+        f"Redis answers again and v2 is still refused, but cache_error says: "
+        f"{cache.last_error}")
