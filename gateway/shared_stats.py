@@ -49,7 +49,7 @@ from intents.redis_store import DEFAULT_PREFIX, RedisKeys, glob_escape
 
 from . import logs
 from .redis_link import NOT_NOW, RedisHealth, honour_cancel
-from .stats import outcome_of
+from .stats import barged_in, outcome_of
 
 log = logging.getLogger("voicegate.shared_stats")
 
@@ -179,7 +179,7 @@ class SharedStats:
         if metrics.get("intent"):
             self._add("stats:intents", str(metrics["intent"]))
         self._add("stats:sources", str(metrics.get("source") or "none"))
-        if metrics.get("interrupted"):
+        if barged_in(metrics):  # as Stats counts it: stops by the bot or the call's end are not
             self._add("stats:totals", "interrupted_turns")
 
     def entries_published(self, marks: Mapping[str, str], version: str | None = None) -> None:

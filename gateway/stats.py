@@ -42,6 +42,13 @@ def outcome_of(metrics: dict[str, Any]) -> str:
     return "hit" if metrics.get("source") == "cache" else "miss"
 
 
+def barged_in(metrics: dict[str, Any]) -> bool:
+    """The caller cut the reply off (a barge-in): not the bot stopping it itself (the
+    call's time limit) nor the call's end (a hang-up, a lost stream, a drain): those set
+    ``stopped_by``."""
+    return bool(metrics.get("interrupted")) and metrics.get("stopped_by") is None
+
+
 def answer_mark(action: str, answer: str | None) -> str:
     """What a hit on an entry plays, in a few characters: its hit count belongs to that.
     A publish that changes an entry's answer text or action starts its count again; one
@@ -330,8 +337,7 @@ class Stats:
         if intent:
             self.intents[str(intent)] += 1
             prom.intents.labels(str(intent), outcome).inc()
-        # Cut off by the caller; not one the bot stopped itself (the call's time limit).
-        if metrics.get("interrupted") and metrics.get("stopped_by") is None:
+        if barged_in(metrics):
             self.interrupted_turns += 1
             prom.interrupted.inc()
         per_outcome = self.latencies.setdefault(outcome, {})

@@ -937,3 +937,30 @@ async def test_a_partial_queued_before_a_turns_end_is_not_the_next_utterances():
         assert stale_routings == [], f"routed as utterance 2's partials: {stale_routings}"
     finally:
         await h.stop()
+
+
+async def test_a_reply_cut_by_the_end_of_the_call_is_no_barge_in() -> None:
+    """Review (stop 59): ``voicegate_barge_ins_total`` is "replies cut off by the caller" (docs/operations.md),
+    the rate an operator tunes barge_in_min_speech_ms and false_interruption_s by; the
+    bot stopping its own reply (time_limit) is kept out of it with ``stopped_by``. A
+    reply still playing when the call ends is cancelled by ``Call._close``, and
+    ``ReplyStage`` marks any cancel ``interrupted``: every call that ends mid-answer
+    (a caller hanging up, a Twilio stream gone silent, a drain's timeout cutting every
+    call) counts as a barge-in, with no `interrupt` ever sent."""
+    from tests.call_harness import CallHarness
+
+    h = CallHarness()
+    h.llm.reply = " ".join(["word"] * 40)  # 4 s of speech
+    await h.start()
+    await h.text("tell me everything about my account")
+    await h.wait(1000)
+    assert h.call.speaking
+    await h.stop()  # the caller hangs up mid-answer
+    assert h.output.of("interrupt") == [], "no barge-in happened"
+    (metrics,) = h.metrics()
+    barge_ins = h.stats.prometheus.registry.get_sample_value("voicegate_barge_ins_total")
+    assert (h.stats.interrupted_turns, barge_ins) == (0, 0.0), (
+        f"the call's end counted as a barge-in: interrupted_turns="
+        f"{h.stats.interrupted_turns}, voicegate_barge_ins_total={barge_ins}; "
+        f"turn_metrics interrupted={metrics.get('interrupted')} "
+        f"stopped_by={metrics.get('stopped_by')}")

@@ -12,11 +12,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
 from gateway.app import create_app
-from gateway.call.session import AudioRateLimit, Outbox, TokenBucket
+from gateway.call.session import Admission, AudioRateLimit, CallSession, Outbox, TokenBucket
 from gateway.client import Caller, TurnResult, utterance_answered
 from gateway.clock import ManualClock
 from gateway.protocol import ProtocolError, parse_text_frame
 from gateway.server import BackgroundServer
+from gateway.settings import Settings
+from gateway.stats import Stats
 from gateway.transports.twilio import TwilioOutput, TwilioStream
 from tests.fakes.server import ServerThread
 
@@ -440,3 +442,109 @@ async def test_waiting_for_a_turns_metrics_skips_an_empty_turns():
     metrics = await caller.wait_for_answered_turn(start=0, timeout=5)
     await later
     assert metrics == {"type": "turn_metrics", "turn": 2, "hit": True}
+
+
+class QuietSocket:
+    """A WebSocket that accepts every send and never delivers a message."""
+
+    def __init__(self) -> None:
+        self.closed_with: int | None = None
+
+    async def send_text(self, text: str) -> None:
+        pass
+
+    async def send_bytes(self, data: bytes) -> None:
+        pass
+
+    async def receive(self) -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def close(self, code: int = 1000) -> None:
+        self.closed_with = code
+
+
+class SlowClosingCall:
+    """A call whose close takes a while (its stages' streams closing, a recording being
+    written): ``run`` returns only once ``closed`` is set after ``stop``."""
+
+    sample_rate = 16000
+
+    def __init__(self) -> None:
+        self.id = "slow-close"
+        self.ended = None
+        self.stopped = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    async def run(self) -> None:
+        await self.stopped.wait()
+        await self.closed.wait()
+
+
+async def test_a_session_close_cancelled_while_the_call_closes_still_frees_its_slot() -> None:
+    """Review (stop 59): uvicorn cancels the handlers that outlive its graceful-shutdown timeout (5 s) once;
+    a handler then is often inside ``session.close``, awaiting its call's task (the call
+    closing its stages: a Deepgram flush waits up to 2 s, a recording up to its bound).
+    The cancel lands in ``await asyncio.gather(task)`` and nothing after it runs:
+    ``admission.leave()`` never does, so ``admission.active`` stays up for good (Services
+    ._let_cut_calls_close then waits its whole 10 s for a call that is gone and logs it as
+    unfinished; a drain counts it), and the outbox's writer and watchdog tasks outlive
+    the session (the docstring: "nothing outlives it")."""
+    settings = Settings.load({}, environ={})
+    admission = Admission(limit=2)
+    session = CallSession(QuietSocket(), settings, Stats(), admission, "native")  # type: ignore[arg-type]
+    call = SlowClosingCall()
+    session.start_call(lambda: call)  # type: ignore[arg-type,return-value]
+    assert admission.active == 1
+    await asyncio.sleep(0)
+
+    closing = asyncio.create_task(session.close())
+    await call.stopped.wait()
+    await asyncio.sleep(0)
+    closing.cancel()  # the server's one cancel at the end of its grace
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    call.closed.set()
+    await asyncio.sleep(0)
+    try:
+        assert admission.active == 0, (
+            f"the session was closed (cancelled in its close) but its max_calls slot is "
+            f"still taken: admission.active == {admission.active}")
+        assert session.outbox._writer.done() and session.outbox._watchdog.done(), \
+            "the session's outbox tasks outlived its close"
+    finally:
+        await session.outbox.aclose()
+
+
+class BackpressuredSocket(QuietSocket):
+    """Review (stop 59): A socket whose every send waits a few loop iterations for the transport to drain
+    (uvicorn's ``send`` awaits ``writable`` while the write buffer is over its mark)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    async def send_text(self, text: str) -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self.sent.append(text)
+
+
+async def test_the_last_message_being_sent_is_not_cut_off_by_the_close() -> None:
+    """A client that reads a little slowly (the goodbye's audio filled the socket's
+    buffer) gets its last event, `hangup` or the `too_many_calls` error, in the
+    writer's hands when the session closes. ``aclose`` sees an empty queue, skips its
+    1 s flush and cancels the writer in the middle of that send: the event is lost,
+    though the socket would have taken it an instant later."""
+    ws = BackpressuredSocket()
+    stuck: list[str] = []
+    outbox = Outbox(ws, limit=16, send_timeout_s=5.0, on_stuck=stuck.append)  # type: ignore[arg-type]
+    outbox.send_text('{"type": "hangup", "reason": "idle"}')
+    await asyncio.sleep(0)  # the writer takes it and starts sending
+    await outbox.aclose()
+    assert ws.sent == ['{"type": "hangup", "reason": "idle"}'], (
+        f"the message being sent when the outbox closed never reached the client: "
+        f"sent {ws.sent}")

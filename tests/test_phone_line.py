@@ -1284,3 +1284,34 @@ async def test_a_reply_the_time_limit_stops_is_not_counted_as_a_callers_barge_in
     registry = h.deps.stats.prometheus.registry
     assert (h.stats.interrupted_turns,
             registry.get_sample_value("voicegate_barge_ins_total")) == (0, 0.0)
+
+
+async def test_keys_ended_by_hash_while_the_caller_speaks_are_not_answered_over_them() -> None:
+    """Review (stop 59): A caller reads out and keys their account number ("it's four five ... hash,
+    and I also want to ask ..."): the `#` lands while they speak. ``_keypad_loop`` carries
+    keys into the caller's turn only when the *pause* runs out during speech
+    (``_carry_keys``); a `#` (or the 32nd key) goes straight to ``_keypad_turn``, whose
+    reply starts while the caller is mid-utterance. Their speech began before it, so no
+    barge-in stops it: the bot talks over the caller, the very thing
+    tests/test_phone_line.py::test_collected_keys_are_not_answered_over_a_caller_who_is_speaking
+    rules out for the pause."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.reply = "Thank you, let me look that up for you now."
+    await h.start()
+    h.call.feed_dtmf("4")
+    h.call.feed_dtmf("5")
+    await h.wait(500)
+    speech_from = h.clock.now()
+    first = "uh that is my account number and"
+    rest = "I also want to ask about my card please"
+    await h.feed(h.vocabulary.audio(first))
+    assert h.call._turns.in_utterance
+    h.call.feed_dtmf("#")  # the end of the number, pressed mid-sentence
+    await h.feed(h.vocabulary.audio(rest))
+    speech_to = h.clock.now()
+    await h.silence(2000)
+    await h.stop()
+    over_caller = _frames_between(h, speech_from, speech_to)
+    assert over_caller == [], (
+        f"{len(over_caller)} reply frames played while the caller spoke "
+        f"({speech_from:.2f}-{speech_to:.2f} s); responses {sources(h)}")

@@ -42,7 +42,7 @@ from cache_seed.validate import read_seed_csv
 from gateway.client import Caller
 from gateway.redis_link import RedisHealth, VersionSubscriber
 from gateway.shared_stats import SharedStats
-from gateway.stats import answer_mark
+from gateway.stats import Stats, answer_mark
 from intents.redis_store import RedisKeys, RedisStore, redacted
 from intents.store import CacheBundle, StoreError, audio_key
 from intents.types import Audio
@@ -1248,3 +1248,31 @@ async def test_a_foreign_heartbeat_with_an_infinite_figure_is_left_out(
     finally:
         await ours.aclose()
     assert snapshot["scope"] == "cluster" and snapshot["active_calls"] == 1
+
+
+async def test_the_cluster_counts_no_time_limit_stop_as_a_barge_in(cluster_prefix: str) -> None:
+    """Review (stop 59): A reply the time limit stops is "no barge-in of the caller's" (docs/protocol.md,
+    ``stopped_by``); Stats.turn_finished leaves it out of ``interrupted_turns`` and
+    ``voicegate_barge_ins_total``. With Redis, /admin/stats answers the cluster's figure
+    (SharedStats.cluster_snapshot), which SharedStats.turn_finished counts from
+    ``interrupted`` alone: the same replica's /admin/stats says 1 barge-in with Redis and
+    0 without."""
+    from gateway.redis_link import open_async_client
+
+    stats = Stats()
+    shared = SharedStats(open_async_client(REDIS_URL), prefix=cluster_prefix,
+                         health=RedisHealth(), replica_id="review")
+    stats.attach(shared)
+    try:
+        stats.turn_finished({"turn": 1, "source": "llm", "interrupted": True,
+                             "stopped_by": "time_limit", "heard_ms": 30000.0})
+        await shared.flush()
+        local = stats.snapshot()
+        cluster = await shared.cluster_snapshot(local)
+    finally:
+        await shared.aclose()
+    assert cluster["scope"] == "cluster"
+    assert local["interrupted_turns"] == 0
+    assert cluster["interrupted_turns"] == local["interrupted_turns"], (
+        f"a time-limit stop: the replica counts {local['interrupted_turns']} barge-ins, "
+        f"the cluster {cluster['interrupted_turns']}")

@@ -376,6 +376,12 @@ class Call:
             pending.append(self._held)
         self._drop_preempt()
         pending.extend(self._preempt_tasks)
+        # A reply the call's end cuts off is no barge-in (the caller hung up, the stream
+        # died, a drain ran out): said in its turn_metrics, kept out of the stats. Not a
+        # reply the caller's speech already stopped (held for a false interruption).
+        for tl in (self._reply_tl, self._reply_task_tl):
+            if tl is not None and not (self._held is not None and tl is self._reply_tl):
+                tl.info.setdefault("stopped_by", "call_end")
         # A transfer or hang-up request under way is what ended the stream (Twilio's
         # `stop` may come before its answer): its task ends on its own, not cut off.
         for task in pending:
@@ -1538,6 +1544,11 @@ class Call:
                 logs.event(log, "dtmf")
                 self._trace.event("dtmf")
                 action = self._keypad.press(key)
+                if isinstance(action, Collected) and self._turns.in_utterance:
+                    # Ended by `#` (or the longest number) mid-sentence: carried into the
+                    # turn the caller's words end, as a pause that runs out is.
+                    await self._carry_keys(action)
+                    continue
             if action is not None:
                 await self._keypad_turn(action)
             if not self._keypad.collecting:

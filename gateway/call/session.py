@@ -202,13 +202,19 @@ class Outbox:
         """Let what is queued go out (briefly), then stop the writer."""
         if not self.closed:
             deadline = asyncio.get_running_loop().time() + _DRAIN_S
-            while not self._queue.empty() and not self._writer.done() and \
-                    asyncio.get_running_loop().time() < deadline:
+            # The message the writer holds too: a client reading slowly (a full socket
+            # buffer) still gets the last one, the `hangup`, an instant later.
+            while (not self._queue.empty() or self._sending_since is not None) and \
+                    not self._writer.done() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.01)
+        self.abort()
+        await asyncio.gather(self._writer, self._watchdog, return_exceptions=True)
+
+    def abort(self) -> None:
+        """Stop the writer now, whatever is queued."""
         self.closed = True
         self._writer.cancel()
         self._watchdog.cancel()
-        await asyncio.gather(self._writer, self._watchdog, return_exceptions=True)
 
 
 class CallSession:
@@ -315,6 +321,15 @@ class CallSession:
         if not self._awaiting_start:
             self._awaiting_start = True
             self.admission.awaiting_start += 1
+
+    def _leave(self) -> None:
+        """The call is over: its start hold and its max_calls slot freed, once."""
+        self._release_start_hold()
+        if self._admitted:
+            self._admitted = False
+            self.admission.leave()
+        if self._ended is not None:
+            self._ended.cancel()
 
     def _release_start_hold(self) -> None:
         if self._awaiting_start:
@@ -442,17 +457,20 @@ class CallSession:
         if self.call is not None:
             self.call.stop()
         task, self._call_task = self._call_task, None
-        if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
-        self._release_start_hold()
-        if self._admitted:
-            self._admitted = False
-            self.admission.leave()
+        try:
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        except asyncio.CancelledError:
+            # The server's cancel at the end of its shutdown grace, while the call closed
+            # its stages: the slot is freed and the outbox's tasks stopped all the same
+            # (the shutdown waits for max_calls' count to fall; nothing outlives us).
+            self._leave()
+            self.outbox.abort()
+            raise
+        self._leave()
         if self.errors > self.settings.max_logged_errors:
             logs.event(log, "bad_input_not_logged", logging.WARNING, transport=self.transport,
                        call_id=self.call_id, count=self.errors - self.settings.max_logged_errors)
-        if self._ended is not None:
-            self._ended.cancel()
         await self.outbox.aclose()
         try:
             # Bounded whatever ended the call: a client that stopped reading blocks the
