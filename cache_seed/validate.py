@@ -266,6 +266,9 @@ def _decode(data: bytes, errors: list[RowError]) -> tuple[str, set[int]]:
 
 def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
                source: str) -> list[SeedRow]:
+    # The csv module's own cap on a cell (128 Ki characters) would stop the check at a long
+    # cell with a reason that names no column; the length checks below say what is wrong.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
     header_line = 0
@@ -278,7 +281,7 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
         except StopIteration:
             break
         except csv.Error as exc:
-            errors.append(RowError(start, f"not CSV: {exc}"))
+            errors.append(RowError(start, f"not CSV: {csv_problem(exc)}"))
             break  # the structure after a broken quote cannot be trusted
         last_line = reader.line_num
         if header is not None and any(line in bad_lines for line in range(start, last_line + 1)):
@@ -325,6 +328,25 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
     elif header is not None and not rows and not errors:
         errors.append(RowError(last_line, "no rows after the header"))
     return rows
+
+
+# Invisible characters that are part of ordinary spelling (Persian, Hindi, emoji sequences):
+# the zero-width non-joiner and joiner. isprintable() refuses them with every other format
+# character.
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _printable(text: str) -> bool:
+    return all(c.isprintable() or c in _JOINERS for c in text)
+
+
+def csv_problem(exc: csv.Error) -> str:
+    """What a csv.Error means for the row it stopped at (which starts on the line the
+    caller names)."""
+    if "unexpected end of data" in str(exc):  # strict: the file ended inside quotes
+        return ("a quoted field that starts on this line is never closed (a '\"' is missing; "
+                "a '\"' inside a quoted field is written '\"\"')")
+    return str(exc)
 
 
 def _repeats_header(fields: list[str], header: list[str]) -> bool:
@@ -388,7 +410,7 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     if answer and len(answer) > MAX_ANSWER_CHARS:
         errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
                                      f"{MAX_ANSWER_CHARS})"))
-    if intent is not None and not intent_text.isprintable():  # a tab is refused, not collapsed
+    if intent is not None and not _printable(intent_text):  # a tab is refused, not collapsed
         errors.append(RowError(line, f"bad intent {intent_text!r}: it contains a control or "
                                      "invisible separator character"))
     elif intent is not None and len(intent) > MAX_INTENT_CHARS:

@@ -16,7 +16,7 @@ The threshold is the loosest one whose wrong-answer rate is *bounded* by the tar
 the one-sided Clopper-Pearson upper bound at ``CONFIDENCE`` (95%) of wrong cached
 answers / cached answers served, over held-out seed questions, stays at or below the
 target, and the share of out-of-domain negatives answered (a point estimate: a bound on
-1,300 negatives would allow two) stays at or below ``out_of_domain_target``. A point estimate on the seed lands below its target on
+1,267 negatives would allow two) stays at or below ``out_of_domain_target``. A point estimate on the seed lands below its target on
 questions the seed never saw (measured: a 99% target gave 98.5-98.9%); the bound
 keeps the promise with margin. A seed too small to bound the rate (fewer than about
 300 held-out hits for a 1% target) falls back on the point estimate over at least
@@ -444,7 +444,7 @@ def _loosest(scores: np.ndarray, wrong: np.ndarray, neg_scores_desc: np.ndarray,
     last_of_tie = np.r_[s[1:] != s[:-1], True]
     neg_served = np.searchsorted(-neg_scores_desc, -s, side="right")  # negatives >= s
     bound = wrong_rate_bound(wrongs, served, confidence)
-    # Out-of-domain answers: the point estimate (a bound on 1,300 negatives would allow two).
+    # Out-of-domain answers: the point estimate (a bound on 1,267 negatives would allow two).
     neg_ok = neg_served <= neg_target * max(negatives, 1)
     for bounded, ok in ((True, (bound <= target) & neg_ok),
                         (False, (wrongs / served <= target) & (served >= min_unbounded_hits(target))

@@ -74,7 +74,7 @@ MIX: Mapping[str, float] = MappingProxyType(
 # The mix from 2026-11-25 until the word view: the versions published then record it (0.7,
 # their ``mix_weight``) and route with it; benchmarks compare with it.
 TWO_VIEWS: Mapping[str, float] = MappingProxyType({"embeddings": 0.7, "characters": 1.0 - 0.7})
-# The negatives' class weighs at most this many average intents (banking77: 1,300
+# The negatives' class weighs at most this many average intents (banking77: 1,267
 # negatives against ~130 questions an intent, at full weight); against a smaller seed each
 # negative counts for less, so the class cannot swallow the seed's own paraphrases.
 NEGATIVES_WEIGHT_IN_INTENTS = 10

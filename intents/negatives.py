@@ -3,7 +3,7 @@
 Every seed calibrates against them (``intents.calibration``): the judge learns what an
 unrelated question looks like from the router's point of view, and the threshold
 keeps the share of them served from the cache under a bound. A generic set ships
-with the package (``intents/data/negatives.csv``: 1,300 questions from CLINC150's
+with the package (``intents/data/negatives.csv``: 1,267 questions from CLINC150's
 train split outside banking and credit cards, CC BY 3.0, Larson et al. 2019; built by
 ``scripts/build_negatives.py``); an operator adds their own (questions callers ask
 that the FAQ must never answer) as a CSV with a ``text`` column.
@@ -57,7 +57,9 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
     except UnicodeDecodeError as exc:
         line = len((raw[:exc.start] + b".").splitlines())  # split as the csv reader splits
         raise NegativesError(f"{path}: line {line}: not UTF-8 text") from exc
-    # strict: a quote left open is refused, not read as the rest of the file in one text
+    # strict: a quote left open is refused, not read as the rest of the file in one text;
+    # the csv module's cell cap (128 Ki) raised, so a long text is told by its own check.
+    csv.field_size_limit(max(csv.field_size_limit(), len(content) + 1))
     reader = csv.reader(io.StringIO(content, newline=""), strict=True)
     column: int | None = None
     texts: list[str] = []
@@ -74,11 +76,15 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
                     raise NegativesError(f"{path}: line {start}: needs a 'text' column "
                                          f"(found {fields})")
                 column = names.index("text")
+                width = len(names)
                 continue
             if not any(f.strip() for f in fields):
                 continue  # a blank line, or a spreadsheet's empty row (",,"), as the seed's
             text = (fields[column] if column < len(fields) else "").strip()
-            if not normalize_text(text):
+            if len(fields) > width:  # "Hi, can you ..." unquoted: cut at its comma
+                problems.append(f"line {start}: expected {width} fields as in the header, "
+                                f"found {len(fields)} (quote texts with commas)")
+            elif not normalize_text(text):
                 problems.append(f"line {start}: empty text")
             elif len(text) > MAX_TEXT_CHARS:
                 problems.append(f"line {start}: text over {MAX_TEXT_CHARS} characters")
@@ -119,7 +125,7 @@ _AGREEMENT = 0.999  # least cosine between a kept vector and the model's own
 def embed_negatives(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
     """Their vectors, kept per model and text set: every re-seed and promotion reuses them.
     Those of the shipped set come from ``shipped_vectors``: a new process (a CLI seed, a
-    replica's first edit) does not embed its 1,300 questions again."""
+    replica's first edit) does not embed its 1,267 questions again."""
     digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
     key = (embedder.model_name, digest)
     found = _vectors.get(key)

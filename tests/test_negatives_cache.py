@@ -1,5 +1,5 @@
 """The shipped negatives' vectors, kept on disk per model (intents/negatives.py): a new
-process seeds without embedding the 1,300 questions again, and a kept file is only
+process seeds without embedding the 1,267 questions again, and a kept file is only
 trusted while the model still gives its vectors."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class CountingEmbedder:
 
 @pytest.fixture(autouse=True)
 def few_negatives(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shipped set's first 40 questions stand for all 1,300 (the same code paths, a
+    """The shipped set's first 40 questions stand for all 1,267 (the same code paths, a
     fraction of the embedding)."""
     shipped = negatives.generic_negatives()[:40]
     monkeypatch.setattr(negatives, "generic_negatives", lambda: shipped)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from cache_seed import SeedValidationError, parse_seed_csv, seed
+from cache_seed import SeedValidationError, parse_seed_csv, read_seed_csv, seed
 from cache_seed.validate import MAX_ANSWER_CHARS, MAX_QUESTION_CHARS
-from intents.negatives import NegativesError, read_negatives_csv
+from intents.negatives import NegativesError, negatives_for_seed, read_negatives_csv
 from intents.store import LocalStore
 from intents.types import Action, entry_id_for
-from tests.intents_support import intent_embedder, tone_render  # noqa: F401
+from tests.intents_support import BANK_FAQ, bank_cache, intent_embedder, tone_render  # noqa: F401
 
 HEADER = "question,answer,intent,action\n"
 DATA = Path("/work/shared/data")  # Banking77 and CLINC150, where this machine has them
@@ -619,3 +619,72 @@ def test_an_intent_whose_action_is_answer_with_no_answer_on_any_row_is_refused()
                                     "reset my pin,,pin,\n"
                                     "When are you open?,Nine to five.,hours,\n")
     assert found == [(2, "action 'answer' needs an answer: no row of intent 'pin' has one")]
+
+
+def test_a_huge_answer_is_too_long_on_its_line_and_the_rows_after_it_are_still_checked() -> None:
+    """Review (stop 59): cache_seed/validate.py:280: a field over the csv module's field_size_limit (131,072
+    characters; uploads may be 5 MB) surfaces as "not CSV: field larger than field limit
+    (131072)" and the loop stops: no "answer too long", and the unknown action two lines
+    later is never reported (every bad row is promised)."""
+    found = errors_of(HEADER + "q one," + "x" * 200_000 + ",,\nq two,a,,\nq three,b,,bogus\n")
+    assert (2, "answer too long (200000 characters, at most 1200)") in found, found
+    assert any(line == 4 and "unknown action 'bogus'" in reason for line, reason in found), found
+
+
+def test_a_quote_left_open_in_a_large_file_is_named_as_a_quote_not_a_field_limit() -> None:
+    """Review (stop 59): cache_seed/validate.py:280: a quote left open on line 3 of a file over 128 KiB is
+    reported as "not CSV: field larger than field limit (131072)": the operator hunts for a
+    huge cell that does not exist. (The same quote in a small file says "unexpected end of
+    data".) The reason should say a quoted field opened on that line is never closed."""
+    rows = "".join(f"question number {i},answer {i},,\n" for i in range(8000))
+    [(line, reason)] = errors_of(HEADER + "q one,a,,\n\"q two,b,,\n" + rows)
+    assert line == 3
+    assert "field limit" not in reason and "quote" in reason, reason
+
+
+def test_a_negative_with_an_unquoted_comma_is_not_silently_cut_at_it(tmp_path: Path) -> None:
+    """Review (stop 59): intents/negatives.py:80: the natural negatives file is one question a line under a
+    'text' header. A question with a comma, unquoted, is read as two fields and silently
+    cut to its first: "Hi, can you tell me a joke" becomes the negative "Hi". The seed CSV
+    refuses such a row with its line ("expected N fields ... quote fields with commas"); the
+    negatives file is documented as read as the seed CSV is."""
+    path = tmp_path / "never.csv"
+    path.write_bytes(b"text\nbook me a flight\nHi, can you tell me a joke\n")
+    try:
+        texts = read_negatives_csv(path)
+    except NegativesError as exc:  # refused on its line, as the seed CSV does: fine
+        assert ": line 3:" in str(exc), str(exc)
+        return
+    assert texts == ("book me a flight", "Hi, can you tell me a joke"), texts
+
+
+@pytest.mark.parametrize("intent", [
+    "درخواست\u200cکارت",  # Persian "card request": ZWNJ is part of its spelling
+    "कार्ड\u200dखो गया",  # Devanagari with a ZWJ (half-form)
+], ids=["persian-zwnj", "devanagari-zwj"])
+def test_an_intent_name_written_in_a_script_that_needs_zwnj_or_zwj_seeds(intent: str) -> None:
+    """Review (stop 59): cache_seed/validate.py:391: "any printable intent name" is checked with
+    str.isprintable(), which is False for the zero-width (non-)joiner that Persian, Hindi and
+    other scripts need in ordinary words: such a name is refused as containing "a control or
+    invisible separator character", with no way to write it otherwise."""
+    plan = parse_seed_csv((HEADER + f"I lost my card,Call us.,{intent},\n"
+                                    "When are you open?,Nine to five.,hours,\n").encode())
+    assert intent in plan.entries
+
+
+def test_the_shipped_negatives_hold_no_question_the_shipped_bank_faq_answers(bank_cache) -> None:  # noqa: F811
+    """Review (stop 59): intents/data/negatives.csv (scripts/build_negatives.py keeps every CLINC domain but
+    banking and credit cards): its "unrelated" questions include CLINC's oos row "how much is
+    an overdraft fee for bank" and the travel domain's travel_notification ("tell my bank
+    that i'm going to france"). The shipped example FAQ answers both (overdraft_fee,
+    travel_notice), and the router says so; yet every seed calibrates against them as
+    questions that must never get a cached answer, so a right answer counts against the
+    out-of-domain bound and trains the judge that it is wrong."""
+    plan = read_seed_csv(BANK_FAQ)
+    in_domain = {"how much is an overdraft fee for bank": "overdraft_fee",
+                 "tell my bank that i'm going to france": "travel_notice",
+                 "i need to inform the bank i am going out of country": "travel_notice"}
+    for text, intent in in_domain.items():  # the FAQ's own entries for them
+        assert bank_cache.router.route(text).intent == intent, text
+    negatives = set(negatives_for_seed((), plan.questions))
+    assert not negatives & set(in_domain), sorted(negatives & set(in_domain))
