@@ -234,7 +234,7 @@ def _store_dir_setting(settings: Any) -> str:
 def _seed(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
-    from cache_seed import SeedError, SeedValidationError
+    from cache_seed import SeedError, SeedValidationError, read_seed_csv
     from intents.negatives import NegativesError, read_negatives_csv
     from intents.store import PublishUnconfirmed, StoreError
 
@@ -253,6 +253,13 @@ def _seed(args: argparse.Namespace) -> int:
         negatives = read_negatives_csv(args.negatives) if args.negatives else ()
     except NegativesError as exc:  # its content (as the CSV's rows): the command failed
         print(f"voicegate seed: negatives: {exc}", file=sys.stderr)
+        return 1
+    try:
+        # Checked before the voice and the embedder load (seconds, a minute for a cloud
+        # voice's first request): a bad row is told at once, and even where no voice loads.
+        read_seed_csv(args.csv)
+    except SeedValidationError as exc:
+        print(f"voicegate seed: {exc}", file=sys.stderr)
         return 1
     store = _store(args, settings)
     with ThreadPoolExecutor(max_workers=1) as executor:

@@ -593,7 +593,8 @@ def test_seed_refuses_an_out_of_range_target_before_rendering_anything(monkeypat
     for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
     csv_path = tmp_path / "faq.csv"
-    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n"
+                        "Where are you?,On Main Street.\n")
     seed = ["seed", str(csv_path), "--store", str(tmp_path / "store"), "--quiet"]
     for bad in ("0", "1", "1.5", "-0.01", "nan", "one percent"):
         with pytest.raises(SystemExit) as info:
@@ -737,7 +738,8 @@ def _refused_before_any_work(argv, says, env, monkeypatch, capsys, tmp_path):
     names = {"tmp": str(tmp_path), "csv": str(tmp_path / "faq.csv"),
              "file": str(tmp_path / "a-file"), "locked": str(tmp_path / "locked.csv")}
     for name in ("csv", "file", "locked"):
-        Path(names[name]).write_text("question,answer\nWhen are you open?,Nine to five.\n")
+        Path(names[name]).write_text("question,answer\nWhen are you open?,Nine to five.\n"
+                                     "Where are you?,On Main Street.\n")
     # Tests run as root, who reads every file: refuse it as mode 000 refuses anyone else.
     real_open = Path.open
 
@@ -788,7 +790,8 @@ def test_a_bad_setting_is_one_line_naming_the_field_and_exit_status_2(command, m
     _commands_do_no_heavy_work(monkeypatch)
     monkeypatch.setenv("VOICEGATE_MAX_CALLS", "abc")
     csv_path = tmp_path / "faq.csv"
-    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n"
+                        "Where are you?,On Main Street.\n")
     store = str(tmp_path / "store")
     argv = {"serve": ["serve", "--port", "0", "--store", store],
             "route": ["route", "--store", store],
@@ -895,7 +898,8 @@ def test_ctrl_c_during_a_seed_is_one_line_saying_which_version_serves(published,
 
     monkeypatch.setattr(gateway.seeding, "seed_with_voice", interrupted)
     csv_path = tmp_path / "faq.csv"
-    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n"
+                        "Where are you?,On Main Street.\n")
     try:
         code = cli.main(["seed", str(csv_path), "--store", str(store_dir), "--quiet"])
     except KeyboardInterrupt:
@@ -1004,7 +1008,8 @@ def test_seed_with_an_empty_store_dir_does_not_publish_into_the_working_director
     monkeypatch.setenv("VOICEGATE_STORE_DIR", "")
     monkeypatch.chdir(tmp_path)
     csv_path = tmp_path / "faq.csv"
-    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n"
+                        "Where are you?,On Main Street.\n")
     status = cli.main(["seed", str(csv_path), "--quiet"])
     assert not (status == 0 and published and Path(published[0]).resolve() == tmp_path), (
         "VOICEGATE_STORE_DIR= (empty) seeded the cache into the working directory "
@@ -1084,7 +1089,8 @@ def test_seed_with_a_voice_that_cannot_be_built_is_one_line_not_a_traceback(
     monkeypatch.setenv("VOICEGATE_TTS_PROVIDER", "elevenlabs")
     monkeypatch.delenv("VOICEGATE_ELEVENLABS_API_KEY", raising=False)
     csv_path = tmp_path / "faq.csv"
-    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n")
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n"
+                        "Where are you?,On Main Street.\n")
     status, err = _command_ends(["seed", str(csv_path), "--store", str(tmp_path / "store"),
                                  "--quiet"], capsys, "an ElevenLabs voice and no key")
     assert status == 1 and err and "VOICEGATE_ELEVENLABS_API_KEY" in err[-1], (status, err[-3:])
@@ -1177,3 +1183,22 @@ def test_a_command_warns_of_a_misspelt_variable_and_goes_on(monkeypatch, tmp_pat
     err = capsys.readouterr().err
     assert ("voicegate serve: warning: VOICEGATE_IDLE_PROMPT (did you mean "
             "VOICEGATE_IDLE_PROMPT_S?) is not a setting; ignored") in err
+
+
+def test_seed_tells_a_bad_csv_before_any_voice_or_model_loads(monkeypatch, tmp_path, capsys):
+    # Review (stop 59): `voicegate seed` validated the CSV only inside the seed, after the
+    # voice and the embedder had loaded: a bad row was told a minute late, and never where
+    # the voice could not load (its error hid every bad row).
+    import gateway.providers.registry
+    from gateway import cli
+
+    def no_voice(settings, executor):
+        raise RuntimeError("the voice cannot load here")
+
+    monkeypatch.setattr(gateway.providers.registry, "create_tts", no_voice)
+    csv_path = tmp_path / "faq.csv"
+    csv_path.write_text("question,answer,action\nWhen are you open?,Nine to five.,bogus\n")
+    assert cli.main(["seed", str(csv_path), "--store", str(tmp_path / "store"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "line 2" in err and "unknown action 'bogus'" in err, err
+    assert "cannot load" not in err, err
