@@ -336,6 +336,11 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
 _JOINERS = frozenset("\u200c\u200d")
 
 
+def _visible(text: str) -> bool:
+    """Something shows: not only spaces and format characters (zero-width spaces, a BOM)."""
+    return any(c.isprintable() and not c.isspace() for c in text)
+
+
 def _printable(text: str) -> bool:
     return all(c.isprintable() or c in _JOINERS for c in text)
 
@@ -402,12 +407,14 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     intent = " ".join(intent_text.split()) or None
     action_text = values.get("action", "").strip().lower()
     action: Action | None = None
-    if not question:
+    if not _visible(question):  # a zero-width space alone is no question
         errors.append(RowError(line, "empty question"))
     elif len(question) > MAX_QUESTION_CHARS:
         errors.append(RowError(line, f"question too long ({len(question)} characters, at most "
                                      f"{MAX_QUESTION_CHARS})"))
-    if answer and len(answer) > MAX_ANSWER_CHARS:
+    if answer is not None and not _visible(answer):
+        errors.append(RowError(line, "empty answer: it holds only invisible characters"))
+    elif answer and len(answer) > MAX_ANSWER_CHARS:
         errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
                                      f"{MAX_ANSWER_CHARS})"))
     if intent is not None and not _printable(intent_text):  # a tab is refused, not collapsed

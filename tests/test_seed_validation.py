@@ -688,3 +688,13 @@ def test_the_shipped_negatives_hold_no_question_the_shipped_bank_faq_answers(ban
         assert bank_cache.router.route(text).intent == intent, text
     negatives = set(negatives_for_seed((), plan.questions))
     assert not negatives & set(in_domain), sorted(negatives & set(in_domain))
+
+
+def test_a_cell_of_invisible_characters_alone_is_empty() -> None:
+    """Review (stop 59): a question or answer of a zero-width space or a BOM alone passed
+    the empty check: the question was embedded as next to nothing (a vector any garbage
+    may land near) and the answer spoken as silence."""
+    found = errors_of(HEADER + "\u200b,Nine to five.,,\nWhen are you open?,\ufeff,,\n"
+                               "Where are you?,On Main Street.,,\n")
+    assert (2, "empty question") in found, found
+    assert (3, "empty answer: it holds only invisible characters") in found, found
