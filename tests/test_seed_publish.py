@@ -618,7 +618,7 @@ class _ServesA:
     last_error: str | None = None
     failed_version: str | None = None
     failed_for_store = False
-    store = object()
+    store = SimpleNamespace(current_version=lambda: None)  # read for an upload's defaults
 
     def refresh(self) -> bool:
         self.version = "B"
@@ -861,6 +861,9 @@ async def test_a_store_blip_while_loading_the_new_version_is_not_published_not_s
 
         def current_version(self) -> str:
             return self.current
+
+        def read(self, version: str | None = None) -> Any:  # an upload's defaults: timed out
+            raise StoreUnavailable("Redis at redis://cache is unreachable (read): Timeout")
 
     store = Store()
     report = _published_b()

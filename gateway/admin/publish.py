@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
                         parse_seed_csv, parse_seed_rows, rows_from_manifest)
 
-from intents.store import ANY_VERSION, AnyVersion, StoreError
+from intents.store import ANY_VERSION, AnyVersion, StoreError, StoreUnavailable
 from intents.types import entry_id_for
 
 from ..seeding import seed_plan_with_voice
@@ -191,6 +191,13 @@ class Publisher:
         cache = self.services.cache
         assert cache is not None
         cache.refresh()
+        if cache.failed_for_store:
+            # The store did not answer while the current version was read: a moment's
+            # trouble (its retry is the next refresh), never a reason to replace it.
+            cache.refresh()
+            if cache.failed_for_store:
+                raise StoreUnavailable("the store did not answer while the current cache "
+                                       "version was read: retry the request")
         error = cache.last_error
         if error is not None:
             current = cache.store.current_version()
@@ -245,15 +252,30 @@ class Publisher:
     async def _seed_csv(self, data: bytes, source: str,
                         target_wrong_rate: float | None) -> SeedReport:
         plan = await asyncio.to_thread(parse_seed_csv, data, source)
-        # The serving version's defaults come from memory, not the store: a store that
-        # lost that version (Redis restarted empty, a wiped directory) is what a reseed
-        # repairs, and reading it back would refuse every upload.
-        loaded = self.services.cache.loaded  # type: ignore[union-attr]
+        target, negatives = await asyncio.to_thread(self._upload_defaults)
         if target_wrong_rate is None:
-            target_wrong_rate = (loaded.thresholds.target_wrong_rate if loaded is not None
-                                 else 0.01)
-        negatives = loaded.negatives if loaded is not None else ()
+            target_wrong_rate = target
         return await self._publish(plan, source, target_wrong_rate, negatives)
+
+    def _upload_defaults(self) -> tuple[float, tuple[str, ...]]:
+        """The target and the operator's own negatives of the version an upload replaces:
+        the store's current one, whether this replica serves it, is behind it (another
+        replica, the CLI, published since its last poll) or cannot load it (an answer's
+        audio lost). Memory's copy when the store lost it (Redis restarted empty, a wiped
+        directory: what a reseed repairs) or does not answer; the CLI's 1% when there is
+        none. Blocking."""
+        cache = self.services.cache
+        assert cache is not None
+        loaded = cache.loaded
+        with contextlib.suppress(StoreError):
+            current = cache.store.current_version()
+            if current is not None and (loaded is None or current != loaded.version):
+                _, bundle = cache.store.read(current)
+                return (self._target_wrong_rate(bundle.manifest),
+                        tuple(bundle.manifest.get("negatives") or ()))
+        if loaded is not None:
+            return loaded.thresholds.target_wrong_rate, tuple(loaded.negatives)
+        return 0.01, ()
 
     # ------------------------------------------------------------------ entries
 
@@ -309,6 +331,11 @@ class Publisher:
             raise EntryNotFound(entry_id)
         entry_id = existing["intent"]
         kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
+        if not kept:  # parse_seed_rows would say "no rows after the header": whose?
+            raise LabelledValidationError([{
+                "line": None, "entry": entry_id, "question": None, "changed": True,
+                "reason": f"{entry_id!r} is the only entry: a version keeps at least one; "
+                          "publish a new seed (POST /admin/seed) to replace it"}])
         labels = [RowLabel(r["intent"], r["question"], False) for r in kept]
         plan = await asyncio.to_thread(_parse_labelled, kept, labels,
                                        f"without entry {entry_id}")

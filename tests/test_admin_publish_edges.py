@@ -1,0 +1,193 @@
+"""The admin API's publishing at its edges (gateway/admin/publish.py, routes.py): what an
+upload inherits from the version it replaces, and what the operator is told when an edit
+cannot be made. Each test failed before its fix (a review, stop 59).
+
+The Publisher is driven directly, on a real store and the real embedder, with a cheap
+deterministic voice (a tone): what is checked is what gets published, and what the
+operator is told."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from cache_seed import parse_seed_csv, seed_plan
+from gateway.admin.publish import Publisher
+from gateway.admin.routes import _publish_failed
+from gateway.faq_cache import FaqCache
+from gateway.settings import Settings
+from gateway.stats import Stats
+from intents.store import LocalStore, StoreUnavailable
+from tests.admin_support import small_faq_csv
+from tests.intents_support import TONE_RATE, shared_embedder, tone_render
+
+OPERATOR_NEGATIVES = ("do you sell car insurance", "can I book a flight with you")
+OPERATOR_TARGET = 0.05
+
+
+class ToneVoice:
+    """A local voice (``synthesize_all``, as Piper has) whose audio is ``tone_render``'s, under
+    the voice id the stores below are seeded with: answers seeded before are reused."""
+
+    name = audio_id = "tone"
+    sample_rate = TONE_RATE
+
+    def synthesize_all(self, text: str) -> bytes:
+        return tone_render(text)[0]
+
+
+def publisher_on(cache: FaqCache) -> tuple[Publisher, SimpleNamespace]:
+    services = SimpleNamespace(cache=cache, settings=Settings(), stats=Stats(),
+                               runtime=SimpleNamespace(tts=ToneVoice(),
+                                                       embedder=shared_embedder()))
+    return Publisher(services), services  # type: ignore[arg-type]
+
+
+def cli_seed(store, csv_text: str, target: float = OPERATOR_TARGET,
+             negatives: tuple[str, ...] = OPERATOR_NEGATIVES) -> str:
+    """What `voicegate seed --target-wrong-rate T --negatives N.csv faq.csv` publishes."""
+    return seed_plan(parse_seed_csv(csv_text.encode()), store, tone_render, "tone",
+                     source="faq.csv", target_wrong_rate=target, progress=False,
+                     embedder=shared_embedder(), negatives=negatives).version
+
+
+def manifest(store, version: str | None = None) -> dict:
+    return store.read(version)[1].manifest
+
+
+# ------------------------------------------------------------------------------------------
+# The operator's negatives and wrong-answer target, lost by an upload (the earlier review's
+# suspicion: proven).
+
+
+async def test_an_upload_on_a_replica_without_a_loaded_version_drops_the_operators_negatives_and_target(
+        tmp_path: Path) -> None:
+    """The store's current version was seeded with the operator's own negatives and a 5 %
+    wrong-answer target, and does not load on this replica (one answer's audio is gone):
+    the replica starts ready with no cache (``loaded is None``), and /readyz says why. The
+    docs' way out is to seed again (POST /admin/seed). The upload takes its defaults from
+    ``cache.loaded`` only, so the new version is calibrated at 1 % (docs: "default: the
+    serving version's, 0.01 when nothing is published"; a version *is* published) and
+    without the negatives, which the admin API gives no way to send again: every later
+    edit carries the loss. Out-of-domain questions the operator listed to stop wrong cached
+    answers are no longer trained against."""
+    store = LocalStore(tmp_path / "store")
+    published = cli_seed(store, small_faq_csv())
+    keys = [e["audio_key"] for e in manifest(store)["entries"] if e["audio_key"]]
+    (tmp_path / "store" / "audio" / f"{keys[0]}.wav").unlink()  # unloadable, manifest fine
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh() is False and cache.loaded is None  # a replica started now
+    assert cache.last_error and published in cache.last_error
+    publisher, _ = publisher_on(cache)
+
+    report = await publisher.seed_csv(small_faq_csv().encode(), "faq.csv")
+
+    new = manifest(store, report.version)
+    assert store.current_version() == report.version == cache.version  # repaired and served
+    lost = {"target_wrong_rate": new["thresholds"]["target_wrong_rate"],
+            "negatives": new["negatives"]}
+    assert lost == {"target_wrong_rate": OPERATOR_TARGET,
+                    "negatives": list(OPERATOR_NEGATIVES)}, (
+        f"the reseed replaced {published} (target {OPERATOR_TARGET}, negatives "
+        f"{list(OPERATOR_NEGATIVES)}) and published {lost}")
+
+
+async def test_an_upload_on_a_replica_behind_the_store_takes_the_defaults_of_a_version_it_does_not_replace(
+        tmp_path: Path) -> None:
+    """The operator re-seeds with the CLI (`voicegate seed --negatives ... --target-wrong-rate
+    0.05`) while a gateway runs; before that gateway's poll (2 s local, 30 s Redis; or a
+    pub/sub message missed) picks it up, an upload arrives through the admin API. An entry
+    edit refreshes first and builds on the store's current version; an upload does not: it
+    replaces the CLI's version with the defaults of the older one this replica still holds
+    (1 %, no negatives), and the operator's negatives are gone for good."""
+    store = LocalStore(tmp_path / "store")
+    cli_seed(store, small_faq_csv(), target=0.01, negatives=())
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh()
+    newer = cli_seed(store, small_faq_csv())  # the CLI's seed; this replica has not polled yet
+    publisher, _ = publisher_on(cache)
+
+    report = await publisher.seed_csv(small_faq_csv().encode(), "faq.csv")
+
+    new = manifest(store, report.version)
+    got = {"target_wrong_rate": new["thresholds"]["target_wrong_rate"],
+           "negatives": new["negatives"]}
+    assert got == {"target_wrong_rate": OPERATOR_TARGET, "negatives": list(OPERATOR_NEGATIVES)}, (
+        f"the upload replaced {newer} (target {OPERATOR_TARGET}, negatives "
+        f"{list(OPERATOR_NEGATIVES)}) and published {got}: the defaults of the version this "
+        "replica held")
+
+
+# ------------------------------------------------------------------------------------------
+# Misleading errors
+
+
+class BlinkingStore(LocalStore):
+    """A store that does not answer one read of one version (as a Redis timeout reading a
+    large version's hash does: ``StoreUnavailable``), then answers again."""
+
+    fail_read_of: str | None = None
+
+    def read(self, version=None):
+        if version is not None and version == self.fail_read_of:
+            self.fail_read_of = None
+            raise StoreUnavailable("Redis at redis://cache:6379/0 is unreachable (read): "
+                                   "Timeout reading from socket")
+        return super().read(version)
+
+
+async def test_an_edit_after_a_store_timeout_is_told_to_replace_a_good_version_with_a_whole_csv(
+        tmp_path: Path) -> None:
+    """Another replica (or the CLI) published B; this replica, serving A, reads B and the
+    store does not answer that once (a timeout). The cache marks it as the store's failure
+    (``failed_for_store``: retried at the next poll, nothing wrong with B). An entry edit
+    then refreshes, finds ``last_error`` set and B not serving, and answers 503 "entries
+    cannot be edited while the current cache version cannot be loaded ...: seed a whole CSV
+    to replace it". B is fine and a retry succeeds; following the advice replaces B (and
+    every edit made since the operator's last CSV) with an old CSV."""
+    store = BlinkingStore(tmp_path / "store")
+    cli_seed(store, small_faq_csv())
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh()
+    serving = cache.version
+    b = cli_seed(store, small_faq_csv().replace("Our branches are open",
+                                                "All our branches are open"))
+    store.fail_read_of = b
+    publisher, services = publisher_on(cache)
+    try:
+        await publisher.upsert_entry({"intent": "swift_code",
+                                      "answer": "Our SWIFT code is VGBKUS33."})
+    except Exception as exc:  # noqa: BLE001 - what the admin route answers
+        response = _publish_failed(exc, services)  # type: ignore[arg-type]
+        answer = (response.status_code, json.loads(response.body)["error"])
+    else:
+        answer = (200, "published")
+    assert answer[0] == 200 or "retry" in answer[1], answer
+    assert "seed a whole CSV" not in answer[1], (
+        f"{b} is current and loadable (one read timed out; this replica serves {serving}); "
+        f"the edit answered {answer}")
+
+
+async def test_deleting_the_last_entry_is_refused_in_csv_jargon_naming_no_entry(
+        tmp_path: Path) -> None:
+    """DELETE /admin/entries/{id} of a version's only entry: the rebuilt seed has no rows, and
+    the operator gets 400 with `{"line": 1, "reason": "no rows after the header", "entry":
+    null}`: a CSV's header the operator never sent, no word of the entry or why it cannot
+    go (a version keeps at least one entry and two questions)."""
+    store = LocalStore(tmp_path / "store")
+    cli_seed(store, "question,answer,intent\nwhen are you open,Nine to five.,hours\n"
+                    "what are your opening hours,Nine to five.,hours\n")
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh()
+    publisher, services = publisher_on(cache)
+    with pytest.raises(Exception) as caught:
+        await publisher.delete_entry("hours")
+    response = _publish_failed(caught.value, services)  # type: ignore[arg-type]
+    body = json.loads(response.body)
+    assert response.status_code == 400, body
+    said = json.dumps(body)
+    assert "header" not in said and "hours" in said, (
+        f"deleting the only entry 'hours' answered: {body}")
