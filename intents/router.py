@@ -43,8 +43,10 @@ from intents.negatives import embed_negatives, negatives_for_seed
 from intents.semantic_cache import SemanticCache
 from intents.types import Action, Entry, RouteDecision, miss
 
-# A text this close to a seed question is that question (same words; an embedding is
-# deterministic): the operator's own label answers it, whatever the judge's margin.
+# A text that is a seed question word for word (case and spaces aside), and this close to it,
+# is that question: the operator's own label answers it, whatever the judge's margin. Its
+# words, not its vector alone: accents, [UNK] symbols and what the embedder truncates leave
+# different texts one vector, and two intents may hold such questions.
 VERBATIM_SIMILARITY = 0.9999
 
 
@@ -57,6 +59,11 @@ class Router:
         unknown = set(classifier.intents) - set(by_intent)
         if unknown:
             raise ValueError(f"classifier intents without an entry: {sorted(unknown)}")
+        # Each seed question (normalized) -> the intents that hold it, for VERBATIM_SIMILARITY.
+        self._asked: dict[str, set[str]] = {}
+        for entry in by_intent.values():
+            for question in entry.questions:
+                self._asked.setdefault(normalize_text(question), set()).add(entry.intent)
         self.embedder = embedder
         self.classifier = classifier
         self.judge = judge
@@ -110,7 +117,8 @@ class Router:
                     confidence=probability, margin=margin, certainty=sure,
                     reason="out of scope", ms=_ms(start)))
                 continue
-            if signals.predicted[i] == OUT_OF_DOMAIN and similarity < VERBATIM_SIMILARITY:
+            own = self._own_intent(text) if similarity >= VERBATIM_SIMILARITY else None
+            if signals.predicted[i] == OUT_OF_DOMAIN and own is None:
                 # the negatives' class won
                 out.append(RouteDecision(
                     text=text, intent=None, action=Action.LLM, hit=False, score=similarity,
@@ -119,11 +127,10 @@ class Router:
                 continue
             predicted = str(signals.predicted[i])
             if predicted == OUT_OF_DOMAIN:  # a seed question, word for word: its own label
-                predicted = str(signals.nearest_intent[i])
+                predicted = own  # type: ignore[assignment]
             entry = self.entries[predicted]
             answerable = entry.action is Action.ANSWER and entry.answer is not None
-            verbatim = (similarity >= VERBATIM_SIMILARITY
-                        and signals.nearest_intent[i] == predicted)
+            verbatim = own == predicted
             # A seed calibrated to serve nothing (NEVER) serves nothing, its own questions
             # word for word included: its report says every question goes to the agent.
             hit = answerable and t.hit_confidence < NEVER and (verbatim
@@ -137,6 +144,11 @@ class Router:
                 confidence=probability, margin=margin, certainty=sure, finished=finished,
                 reason=_reason(hit, entry), ms=_ms(start), spoken_hit=spoken_hit))
         return out
+
+    def _own_intent(self, text: str) -> str | None:
+        """The one intent whose seed questions include ``text`` word for word, else None."""
+        holders = self._asked.get(normalize_text(text))
+        return next(iter(holders)) if holders is not None and len(holders) == 1 else None
 
     def models_bytes(self) -> bytes:
         """The trained models as one blob (``CacheBundle.classifier``)."""
