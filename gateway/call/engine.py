@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import types
 import uuid
@@ -319,7 +320,8 @@ class Call:
             self._stats.call_resumed()
         else:
             self._stats.call_started()
-        logs.event(log, "call_started", sample_rate=self.sample_rate, resumed=self._resumed)
+        logs.event(log, "call_started", sample_rate=self.sample_rate, resumed=self._resumed,
+                   **({"metadata": _for_log(self.metadata)} if self.metadata else {}))
         inputs = {"audio": self._audio_loop, "partials": self._partials_loop,
                   "texts": self._text_loop, "keypad": self._keypad_loop}
         if self._settings.idle_prompt_s > 0:
@@ -1600,6 +1602,16 @@ class Call:
                                  score=1.0, reason=f"key {action.key}")
         self._start_reply(tl, self._answer(tl, text, route=False, decision=decision,
                                            typed=True))
+
+
+_METADATA_LOGGED_CHARS = 1000  # of a call's `start.metadata`, as compact JSON
+
+
+def _for_log(metadata: dict[str, Any]) -> str:
+    """The client's metadata for ``call_started`` (docs/protocol.md: "anything you want in
+    logs"), capped: a message may carry up to a MiB of it."""
+    text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), default=str)
+    return text[:_METADATA_LOGGED_CHARS]
 
 
 @types.coroutine

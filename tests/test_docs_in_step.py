@@ -1,0 +1,89 @@
+"""The operator- and client-facing docs (README.md, docs/operations.md, docs/protocol.md)
+in step with the code: every setting documented, every turn_metrics field, and what
+`start.metadata` is said to do. Each failed when written (a review, stop 59)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+
+from gateway.settings import Settings
+from tests.call_harness import CallHarness
+from tests.test_native_handler import FakeWebSocket, run_call, services_for
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+PROTOCOL = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+
+
+def _section(text: str, start: str, end: str) -> str:
+    begin = text.index(start)
+    return text[begin:text.index(end, begin)]
+
+
+def test_every_setting_is_documented_somewhere_an_operator_reads():
+    """docs/operations.md, "Other settings": "Every field of gateway/settings.py:Settings is a
+    setting ... The README, the sections above and protocol.md give the ones most often
+    changed; these are the rest". `early_final_pad_ms` (settings.py) is in none of the three:
+    an operator cannot learn it exists, its default (0) or its bound (<= early_final_after_ms,
+    which start-up enforces)."""
+    docs = README + OPERATIONS + PROTOCOL
+    missing = [name for name in Settings.model_fields
+               if not re.search(rf"`{name}`", docs) and f"VOICEGATE_{name.upper()}" not in docs]
+    assert missing == []
+
+
+async def test_start_metadata_reaches_the_logs():
+    """docs/protocol.md, `start`: "`metadata` (object, optional: caller id, campaign,
+    anything you want in logs)". The endpoint parses it and hands it to the Call
+    (services.new_call -> Call(metadata=...)), which reads only its `transport` for the
+    trace: no log line (call_started logs sample_rate and resumed), no recording field
+    carries it. A client that tags its calls with a campaign finds the tag nowhere."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("voicegate")
+    handler, level = Keep(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        h = CallHarness()
+        services = services_for(h)
+        from gateway.call import Call
+        services.new_call = lambda output, start: Call(h.deps, output, start.sample_rate,
+                                                       metadata=start.metadata)
+        ws = FakeWebSocket(services)
+        ws.text({"type": "start", "sample_rate": 16000,
+                 "metadata": {"campaign": "spring-sale-7731"}})
+        ws.text({"type": "text", "text": "hello there"})
+        ws.inbox.put_nowait({"type": "websocket.receive", "text": '{"type": "stop"}'})
+        await run_call(ws)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    logged = " ".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in records)
+    assert "call_started" in logged  # the call's own lines were captured
+    assert "spring-sale-7731" in logged
+
+
+async def test_every_turn_metrics_field_is_documented():
+    """docs/protocol.md, "`turn_metrics`": the table lists the fields of a turn's timeline.
+    gateway/call/reply.py adds `frames_sent`, `frames_late` and `frame_lag_max_ms` to every
+    turn that played a reply (tl.info.update in ReplyPlayer's finally), which the doc never
+    names: a client cannot tell what they measure or whether it may rely on them."""
+    h = CallHarness(faqs={"opening hours": "hours"})
+    await h.start()
+    await h.text("opening hours")
+    await h.wait(2000)
+    await h.stop()
+    (metrics,) = h.metrics()
+    section = _section(PROTOCOL, "### `turn_metrics`", "## Turn taking and barge-in")
+    documented = set(re.findall(r"`([a-z_]+)`", section))
+    undocumented = sorted(k for k in metrics if k != "type" and k not in documented)
+    assert undocumented == []
