@@ -43,7 +43,12 @@ again on a rebuilt transcript sample, fold seeds 0 / 1 (the same bench, ``--fold
 transcripts 0.9817 / 0.9815. A threshold calibrated per seed on the held-out misheard copies
 (the bench's last rows) was not adopted: bound at the target, 99.24% / 98.98% of the
 transcripts' cached answers were right; bound at 0.7 or 0.5 of it, it answered fewer
-transcripts than the factor does. A seed
+transcripts than the factor does. Re-chosen 2026-11-28 by a rule written down before that
+run's figures were read: the loosest factor of 1.0, 0.8, 0.7, 0.6, 0.5 at which the train
+transcripts (both voices, 2,002) are at least 99.2% right (the spoken bar's precision) on
+fold seeds 0 and 1 (bench/transcript_calibration.py). Right at 1.0 / 0.8 / 0.7 / 0.6 / 0.5:
+98.81 / 99.16 / 99.15 / 99.21 / 99.61% (seed 0), 99.13 / 99.08 / 99.35 / 99.54 / 99.87%
+(seed 1), answered at 0.6 44.5% / 43.9% against 38.8% / 38.0% at 0.5: 0.6. A seed
 where the stricter target gives no higher threshold serves transcripts at the typed one
 (``transcript_strict`` False), as before: one too small to bound the stricter target
 falls back on its point estimate, which finds no threshold or one the typed threshold
@@ -73,7 +78,7 @@ from intents.semantic_cache import SemanticCache
 NEVER = 2.0  # a judge confidence no query reaches: the router never hits
 CONFIDENCE = 0.95  # of the upper bound on the wrong-answer rate
 OUT_OF_DOMAIN_TARGET = 0.005  # out-of-domain questions answered from the cache, at most
-TRANSCRIPT_TARGET_FACTOR = 0.5  # transcripts: the threshold of half the target (see above)
+TRANSCRIPT_TARGET_FACTOR = 0.6  # transcripts: the threshold of 0.6 of the target (see above)
 
 
 def min_unbounded_hits(target: float) -> int:
