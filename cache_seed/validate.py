@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from intents.csv_text import allow_cells_of, csv_problem
 from intents.embedder import normalize_text
 from intents.types import Action, Entry, entry_id_for
 
@@ -266,9 +267,7 @@ def _decode(data: bytes, errors: list[RowError]) -> tuple[str, set[int]]:
 
 def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
                source: str) -> list[SeedRow]:
-    # The csv module's own cap on a cell (128 Ki characters) would stop the check at a long
-    # cell with a reason that names no column; the length checks below say what is wrong.
-    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    allow_cells_of(text)  # a long cell is told "too long" on its line, below
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
     header_line = 0
@@ -345,15 +344,6 @@ def _printable(text: str) -> bool:
     return all(c.isprintable() or c in _JOINERS for c in text)
 
 
-def csv_problem(exc: csv.Error) -> str:
-    """What a csv.Error means for the row it stopped at (which starts on the line the
-    caller names)."""
-    if "unexpected end of data" in str(exc):  # strict: the file ended inside quotes
-        return ("a quoted field that starts on this line is never closed (a '\"' is missing; "
-                "a '\"' inside a quoted field is written '\"\"')")
-    return str(exc)
-
-
 def _repeats_header(fields: list[str], header: list[str]) -> bool:
     """A data row that names the header's columns again (in any order, any case, a BOM
     before it: a second file's first line)."""
@@ -417,7 +407,8 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     elif answer and len(answer) > MAX_ANSWER_CHARS:
         errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
                                      f"{MAX_ANSWER_CHARS})"))
-    if intent is not None and not _printable(intent_text):  # a tab is refused, not collapsed
+    if intent is not None and (not _printable(intent_text) or not _visible(intent)):
+        # a tab is refused, not collapsed; joiners alone show nothing
         errors.append(RowError(line, f"bad intent {intent_text!r}: it contains a control or "
                                      "invisible separator character"))
     elif intent is not None and len(intent) > MAX_INTENT_CHARS:

@@ -116,6 +116,7 @@ class FaqCache:
             # now turns ready without a cache, as it does on a bad version, and says why.
             self.last_error = f"cannot read the current version: {exc}"
             self._unreachable = False
+            self.failed_version, self.failed_for_store = None, False  # no earlier blip's either
             return False
         self._unreachable = False
         if current is None and self.version is not None:

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from intents.csv_text import allow_cells_of, csv_problem
 from intents.embedder import Embedder, normalize_text
 from intents.model_cache import build_once
 
@@ -57,9 +58,8 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
     except UnicodeDecodeError as exc:
         line = len((raw[:exc.start] + b".").splitlines())  # split as the csv reader splits
         raise NegativesError(f"{path}: line {line}: not UTF-8 text") from exc
-    # strict: a quote left open is refused, not read as the rest of the file in one text;
-    # the csv module's cell cap (128 Ki) raised, so a long text is told by its own check.
-    csv.field_size_limit(max(csv.field_size_limit(), len(content) + 1))
+    # strict: a quote left open is refused, not read as the rest of the file in one text
+    allow_cells_of(content)  # a long text is told by its own check, on its line
     reader = csv.reader(io.StringIO(content, newline=""), strict=True)
     column: int | None = None
     texts: list[str] = []
@@ -91,7 +91,7 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
             else:
                 texts.append(text)
     except csv.Error as exc:
-        raise NegativesError(f"{path}: line {last_line + 1}: not CSV: {exc}") from exc
+        raise NegativesError(f"{path}: line {last_line + 1}: not CSV: {csv_problem(exc)}") from exc
     if column is None:
         raise NegativesError(f"{path}: line 1: needs a 'text' column (found nothing)")
     if problems:

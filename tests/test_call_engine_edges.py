@@ -964,3 +964,34 @@ async def test_a_reply_cut_by_the_end_of_the_call_is_no_barge_in() -> None:
         f"{h.stats.interrupted_turns}, voicegate_barge_ins_total={barge_ins}; "
         f"turn_metrics interrupted={metrics.get('interrupted')} "
         f"stopped_by={metrics.get('stopped_by')}")
+
+
+async def test_a_callers_barge_in_is_not_recounted_as_the_calls_end_while_its_reply_closes(
+) -> None:
+    """Review (stop 59, of this session\'s change): engine.py Call._close: ``stopped_by = "call_end"`` is set on ``_reply_tl`` whatever
+    stopped that reply. A reply the caller cut off (an ``interrupt`` with cause ``dtmf``
+    went out) whose task is still closing (its LLM stream's teardown: ``close_s``) when the
+    call ends, the caller hanging up right after the key, is then no barge-in in
+    turn_metrics nor in voicegate_barge_ins_total / interrupted_turns (stats.barged_in).
+    Only a reply not yet stopped (no barge-in under way: ``_reply.live``, not already
+    frozen/cancelling) should be marked."""
+    from tests.call_harness import CallHarness
+
+    h = CallHarness(settings={"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.reply = "This is one sentence of many. " * 10  # 6 s of speech
+    h.llm.close_s = 1.0  # an HTTP stream's teardown after a cancel
+    await h.start()
+    await h.text("tell me everything about my account")
+    await h.wait(1000)
+    assert h.call.speaking
+    h.call.feed_dtmf("1")  # the caller cuts the reply off with a key
+    await h.clock.settle()
+    assert [e.get("cause") for e in h.output.of("interrupt")] == ["dtmf"]
+    await h.stop()  # and hangs up while the cut reply's LLM stream still closes
+    first = [m for m in h.metrics() if m.get("turn") == 1]
+    barge_ins = h.stats.prometheus.registry.get_sample_value("voicegate_barge_ins_total")
+    assert first and first[0].get("interrupted") is True, first
+    assert (h.stats.interrupted_turns, barge_ins) == (1, 1.0), (
+        f"the caller's barge-in (interrupt cause dtmf sent) was counted as the call's end: "
+        f"interrupted_turns={h.stats.interrupted_turns}, voicegate_barge_ins_total="
+        f"{barge_ins}; turn 1 stopped_by={first[0].get('stopped_by')}")

@@ -548,3 +548,95 @@ async def test_the_last_message_being_sent_is_not_cut_off_by_the_close() -> None
     assert ws.sent == ['{"type": "hangup", "reason": "idle"}'], (
         f"the message being sent when the outbox closed never reached the client: "
         f"sent {ws.sent}")
+
+
+class StuckSocket:
+    """Review (stop 59, of this session\'s change): A client that reads nothing: every send waits for ever."""
+
+    def __init__(self) -> None:
+        self.closed_with: int | None = None
+
+    async def send_text(self, text: str) -> None:
+        await asyncio.Event().wait()
+
+    async def send_bytes(self, data: bytes) -> None:
+        await asyncio.Event().wait()
+
+    async def receive(self) -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def close(self, code: int = 1000) -> None:
+        self.closed_with = code
+
+
+async def test_an_outbox_close_cancelled_while_it_drains_leaves_no_writer_running() -> None:
+    """Review (stop 59, of this session\'s change): session.py Outbox.aclose: it now also waits while the writer holds a message
+    (``_sending_since``), up to _DRAIN_S for a client that reads nothing. A cancel in that
+    wait (the server's one cancel at the end of its shutdown grace, the very case d8a446f
+    handles in CallSession.close) skips ``abort()``: the writer and the watchdog outlive
+    the outbox. ``abort`` belongs in a ``finally``."""
+    outbox = Outbox(StuckSocket(), limit=16, send_timeout_s=30.0,  # type: ignore[arg-type]
+                    on_stuck=lambda why: None)
+    outbox.send_text('{"type": "hangup"}')
+    await asyncio.sleep(0)  # the writer takes it; its send never completes
+    assert outbox._sending_since is not None
+    closing = asyncio.create_task(outbox.aclose())
+    await asyncio.sleep(0)  # in its drain wait
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    for _ in range(3):
+        await asyncio.sleep(0)
+    try:
+        assert outbox._writer.done() and outbox._watchdog.done(), (
+            "Outbox.aclose was cancelled in its drain wait and its writer / watchdog tasks "
+            f"run on (writer done: {outbox._writer.done()}, watchdog done: "
+            f"{outbox._watchdog.done()})")
+    finally:
+        outbox.abort()
+
+
+class EndedCall:
+    sample_rate = 16000
+
+    def __init__(self) -> None:
+        self.id = "ended"
+        self.ended = None
+
+    def stop(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        return None
+
+
+async def test_a_session_close_cancelled_in_its_outbox_drain_leaves_no_outbox_task() -> None:
+    """Review (stop 59, of this session\'s change): session.py CallSession.close: the cancel is handled only around the call task's
+    wait; one landing in ``outbox.aclose()`` (a client that stopped reading holds it up to
+    _DRAIN_S now that the message being sent is waited for) leaves the outbox's writer and
+    watchdog running after the session ("nothing outlives us")."""
+    settings = Settings.load({}, environ={})
+    admission = Admission(limit=2)
+    ws = StuckSocket()
+    session = CallSession(ws, settings, Stats(), admission, "native")  # type: ignore[arg-type]
+    session.start_call(lambda: EndedCall())  # type: ignore[arg-type,return-value]
+    session.outbox.send_text('{"type": "hangup", "reason": "idle"}')
+    for _ in range(3):
+        await asyncio.sleep(0)
+    closing = asyncio.create_task(session.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing.done()  # draining the stuck send
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    for _ in range(3):
+        await asyncio.sleep(0)
+    try:
+        assert admission.active == 0
+        assert session.outbox._writer.done() and session.outbox._watchdog.done(), (
+            "the session's close was cancelled while its outbox drained: the outbox's "
+            "writer / watchdog outlive the session")
+    finally:
+        session.outbox.abort()

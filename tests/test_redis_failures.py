@@ -15,7 +15,7 @@ import json
 import secrets
 import threading
 from types import SimpleNamespace
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -989,3 +989,43 @@ def test_a_version_that_failed_to_load_is_not_said_to_be_redis_unreachable_once_
     assert "corrupt manifest" in (cache.last_error or ""), (
         f"Redis answers again and v2 is still refused, but cache_error says: "
         f"{cache.last_error}")
+
+
+class _GarblingPointer:
+    """Review (stop 59, of this session\'s change): A store whose pointer a test moves, makes unreachable, or makes garbage."""
+
+    def __init__(self, current: str) -> None:
+        self.current = current
+        self.down = False
+        self.garbage = False
+
+    def current_version(self) -> str:
+        if self.down:
+            raise StoreUnavailable("Redis at redis://x is unreachable (current_version): gone")
+        if self.garbage:
+            raise StoreError("the current-version pointer cannot be read as a version name")
+        return self.current
+
+
+def test_a_garbage_pointer_after_a_version_lost_mid_read_does_not_keep_the_replica_unready(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (stop 59, of this session\'s change): faq_cache.py _refresh, the new ``except Exception`` branch: the store answers (the
+    pointer is garbage, no outage) and ``_unreachable`` is cleared, but ``failed_for_store``
+    from an earlier read the store dropped is left set. ``store_unanswered`` stays True, so a
+    starting replica stays unready for good: the very bug the commit fixes, by another path
+    (and an entry edit answers 503 "retry" instead of CurrentUnloadable)."""
+    def load_cache(store: Any, embedder: Any, version: str) -> Any:
+        raise StoreUnavailable("Redis at redis://x is unreachable (read): connection reset")
+
+    monkeypatch.setattr(faq_cache, "load_cache", load_cache)
+    store = _GarblingPointer("v1")
+    cache = FaqCache(store, embedder=None, clock=ManualClock())  # type: ignore[arg-type]
+    assert not cache.refresh()
+    assert cache.failed_for_store and cache.store_unanswered  # a blip mid-read: unready, fine
+    store.garbage = True  # the store answers now, with a pointer that names no version
+    assert not cache.refresh()
+    assert cache.last_error is not None and "cannot read the current version" in cache.last_error
+    assert cache.store_unanswered is False, (
+        "the store answered (its pointer is garbage: no outage), yet store_unanswered is "
+        "still True from the earlier blip (failed_for_store never cleared): the replica "
+        "stays unready for good")

@@ -9,6 +9,7 @@ import re
 import unicodedata
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -503,7 +504,7 @@ def test_a_negatives_file_is_read_as_the_seed_csv_is(tmp_path: Path, data: bytes
     (b"text,n\n\"\n\n\",1\nok,2\n", 2, "empty text"),  # a row is named by its first line
     (b"\nnote\nhello\n", 2, "needs a 'text' column (found ['note'])"),
     # Read leniently, the rest of the file was one negative, without a word.
-    (b'text\nok\n"abc\nmore\n', 3, "not CSV: unexpected end of data"),
+    (b'text\nok\n"abc\nmore\n', 3, "not CSV: a quoted field that starts on this line is never closed"),
 ], ids=["lone-cr-not-utf8", "multi-line-row", "header-after-a-blank-line", "quote-left-open"])
 def test_a_negatives_file_refused_names_the_right_line(tmp_path: Path, data: bytes, line: int,
                                                        reason: str) -> None:
@@ -698,3 +699,34 @@ def test_a_cell_of_invisible_characters_alone_is_empty() -> None:
                                "Where are you?,On Main Street.,,\n")
     assert (2, "empty question") in found, found
     assert (3, "empty answer: it holds only invisible characters") in found, found
+
+
+def test_an_intent_named_by_joiners_alone_is_refused_as_an_invisible_name() -> None:
+    """Review (stop 59, of this session\'s change): cache_seed/validate.py _read_row: ZWJ/ZWNJ are now let into intent names (_printable),
+    but nothing checks a name shows anything, as 345e3ab does for questions and answers
+    (_visible). An intent of a zero-width joiner alone (isprintable refused it before)
+    now seeds: an entry whose name is blank in the dashboard, logs and stats labels, and
+    "Card lost" and "Card lost\u200d" are two intents that look one."""
+    from cache_seed import SeedValidationError, parse_seed_csv
+
+    data = ("question,answer,intent\n"
+            "how do I reset my pin,Open the app and choose PIN.,\u200d\n"
+            "where is my card,It is on its way.,Card lost\n").encode("utf-8")
+    with pytest.raises(SeedValidationError) as raised:
+        plan = parse_seed_csv(data, "seed.csv")
+        pytest.fail(f"an intent of a zero-width joiner alone seeded: {sorted(plan.entries)!r}")
+    assert any(e.line == 2 for e in raised.value.errors), raised.value
+
+
+def test_a_negatives_csv_with_a_quote_left_open_names_the_open_quote(tmp_path: Any) -> None:
+    """Review (stop 59, of this session\'s change): intents/negatives.py read_negatives_csv: 5b783ef names an open quote in the seed CSV
+    (validate.csv_problem) but the negatives CSV, read "as the seed CSV is", still says
+    the csv module's "unexpected end of data", a missed call site."""
+    from intents.negatives import NegativesError, read_negatives_csv
+
+    path = tmp_path / "negatives.csv"
+    path.write_text('text\nwhat is the weather\n"is it going to rain today\nhello\n',
+                    encoding="utf-8")
+    with pytest.raises(NegativesError) as raised:
+        read_negatives_csv(path)
+    assert "never closed" in str(raised.value), str(raised.value)

@@ -207,6 +207,8 @@ class Call:
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._reply_tl: TurnTimeline | None = None  # the reply that runs (not one queued)
         self._reply_task_tl: TurnTimeline | None = None  # the latest reply's, run or queued
+        # The replies the last barge-in stopped (theirs is no call_end, whenever they end).
+        self._barged: tuple[TurnTimeline | None, ...] = ()
         # Finals of utterances the bot never answered (the caller went on talking):
         # they open the next turn's text, so no words are lost.
         self._carry: list[asyncio.Future[Transcript]] = []
@@ -379,10 +381,10 @@ class Call:
         self._drop_preempt()
         pending.extend(self._preempt_tasks)
         # A reply the call's end cuts off is no barge-in (the caller hung up, the stream
-        # died, a drain ran out): said in its turn_metrics, kept out of the stats. Not a
-        # reply the caller's speech already stopped (held for a false interruption).
+        # died, a drain ran out): said in its turn_metrics, kept out of the stats. Not one
+        # a barge-in already stopped (held for a false interruption, or still closing).
         for tl in (self._reply_tl, self._reply_task_tl):
-            if tl is not None and not (self._held is not None and tl is self._reply_tl):
+            if tl is not None and not any(tl is cut for cut in self._barged):
                 tl.info.setdefault("stopped_by", "call_end")
         # A transfer or hang-up request under way is what ended the stream (Twilio's
         # `stop` may come before its answer): its task ends on its own, not cut off.
@@ -1175,6 +1177,7 @@ class Call:
                                                    name="vg-hold")
         else:
             task.cancel()
+        self._barged = (self._reply_tl, self._reply_task_tl)
         if cause == "time_limit" and self._reply_task_tl is not None:
             # The bot stops its own reply: no barge-in of the caller's in the stats.
             self._reply_task_tl.info["stopped_by"] = cause

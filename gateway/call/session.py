@@ -200,14 +200,17 @@ class Outbox:
 
     async def aclose(self) -> None:
         """Let what is queued go out (briefly), then stop the writer."""
-        if not self.closed:
-            deadline = asyncio.get_running_loop().time() + _DRAIN_S
-            # The message the writer holds too: a client reading slowly (a full socket
-            # buffer) still gets the last one, the `hangup`, an instant later.
-            while (not self._queue.empty() or self._sending_since is not None) and \
-                    not self._writer.done() and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.01)
-        self.abort()
+        try:
+            if not self.closed:
+                deadline = asyncio.get_running_loop().time() + _DRAIN_S
+                # The message the writer holds too: a client reading slowly (a full socket
+                # buffer) still gets the last one, the `hangup`, an instant later.
+                while (not self._queue.empty() or self._sending_since is not None) and \
+                        not self._writer.done() and \
+                        asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.01)
+        finally:  # cancelled while it drains (a shutdown's cancel): nothing outlives us
+            self.abort()
         await asyncio.gather(self._writer, self._watchdog, return_exceptions=True)
 
     def abort(self) -> None:
