@@ -485,6 +485,7 @@ class Agent:
         held_since: float | None = None  # the tool call nothing was said since; None: not held
         holds = 0  # hold phrases cued this turn
         held_holds = 0  # of them, cued before held_since (an earlier quiet stretch's)
+        last_hold: float | None = None  # when the last one was cued
 
         def next_cue() -> float | None:
             """When (clock time) the next cue is due: the filler until something is said or
@@ -495,14 +496,18 @@ class Agent:
                 return None
             # Every hold_after_s of this quiet stretch: a tool called after words said
             # (a second tool, after a first one's hold) waits hold_after_s, not twice that.
-            return held_since + (holds - held_holds + 1) * self.hold_after_s
+            # Never closer than that to the last one: a consumer that stalled (a frozen
+            # playout) would otherwise get every phrase it missed back to back.
+            due = held_since + (holds - held_holds + 1) * self.hold_after_s
+            return due if last_hold is None else max(due, last_hold + self.hold_after_s)
 
         def cue() -> Slow | StillWorking:
-            nonlocal filler, holds
+            nonlocal filler, holds, last_hold
             if not (spoke or filler):
                 filler = True
                 return Slow(self.filler_after_s or 0.0)
             holds += 1
+            last_hold = clock.now()
             return StillWorking((holds - held_holds) * (self.hold_after_s or 0.0))
 
         round_no = 0

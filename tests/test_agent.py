@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from typing import Any, AsyncIterator
@@ -1293,6 +1294,32 @@ async def test_a_tool_slower_than_two_hold_phrases_is_held_until_it_answers():
         ToolStarted("get_order", "c1"), StillWorking(4.0), StillWorking(8.0),
         StillWorking(12.0), StillWorking(16.0), StillWorking(20.0),
         Sentence("It shipped on Monday.")]
+
+
+async def test_a_consumer_that_stalls_gets_no_burst_of_hold_phrases():
+    """Review (stop 59, of the uncapped holds): the responder reads the agent's events as it
+    plays them; one that stalls (a playout frozen by a barge-in held for a false
+    interruption) for 9 s after the first hold read every phrase it missed back to back on
+    resume ("Still checking ... Thanks for holding ...") where the cap of two had bounded
+    it. The next one is never sooner than hold_after_s after the last."""
+    clock = ManualClock()
+    agent = held_agent(clock, tool_s=30.0)
+    events = agent.respond(agent.new_conversation(), "where is my order", clock=clock)
+    seen = []
+
+    async def read() -> None:
+        async for event in events:
+            seen.append((clock.now(), event))
+            if isinstance(event, StillWorking) and len(seen) == 2:
+                await clock.sleep(9.0)  # the consumer stalls after the first hold
+
+    reader = asyncio.create_task(read())
+    await clock.advance(20.0)
+    reader.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reader
+    holds = [at for at, event in seen if isinstance(event, StillWorking)]
+    assert all(later - earlier >= 4.0 for earlier, later in zip(holds, holds[1:])), seen
 
 
 async def test_the_round_after_a_tool_is_held_too_and_a_quick_tool_is_not():
