@@ -940,13 +940,13 @@ async def test_a_partial_queued_before_a_turns_end_is_not_the_next_utterances():
 
 
 async def test_a_reply_cut_by_the_end_of_the_call_is_no_barge_in() -> None:
-    """Review (stop 59): ``voicegate_barge_ins_total`` is "replies cut off by the caller" (docs/operations.md),
-    the rate an operator tunes barge_in_min_speech_ms and false_interruption_s by; the
-    bot stopping its own reply (time_limit) is kept out of it with ``stopped_by``. A
-    reply still playing when the call ends is cancelled by ``Call._close``, and
-    ``ReplyStage`` marks any cancel ``interrupted``: every call that ends mid-answer
-    (a caller hanging up, a Twilio stream gone silent, a drain's timeout cutting every
-    call) counts as a barge-in, with no `interrupt` ever sent."""
+    """Review (stop 59): ``voicegate_barge_ins_total`` is "replies cut off by the caller"
+    (docs/operations.md), the rate an operator tunes barge_in_min_speech_ms and
+    false_interruption_s by; the bot stopping its own reply (time_limit) is kept out of it
+    with ``stopped_by``. A reply still playing when the call ends is cancelled by
+    ``Call._close``, and ``ReplyStage`` marks any cancel ``interrupted``: every call that
+    ends mid-answer (a caller hanging up, a Twilio stream gone silent, a drain's timeout
+    cutting every call) counts as a barge-in, with no `interrupt` ever sent."""
     from tests.call_harness import CallHarness
 
     h = CallHarness()
@@ -968,13 +968,13 @@ async def test_a_reply_cut_by_the_end_of_the_call_is_no_barge_in() -> None:
 
 async def test_a_callers_barge_in_is_not_recounted_as_the_calls_end_while_its_reply_closes(
 ) -> None:
-    """Review (stop 59, of this session\'s change): engine.py Call._close: ``stopped_by = "call_end"`` is set on ``_reply_tl`` whatever
-    stopped that reply. A reply the caller cut off (an ``interrupt`` with cause ``dtmf``
-    went out) whose task is still closing (its LLM stream's teardown: ``close_s``) when the
-    call ends, the caller hanging up right after the key, is then no barge-in in
-    turn_metrics nor in voicegate_barge_ins_total / interrupted_turns (stats.barged_in).
-    Only a reply not yet stopped (no barge-in under way: ``_reply.live``, not already
-    frozen/cancelling) should be marked."""
+    """Review (stop 59, of this session's change): engine.py Call._close: ``stopped_by =
+    "call_end"`` is set on ``_reply_tl`` whatever stopped that reply. A reply the caller cut
+    off (an ``interrupt`` with cause ``dtmf`` went out) whose task is still closing (its LLM
+    stream's teardown: ``close_s``) when the call ends, the caller hanging up right after
+    the key, is then no barge-in in turn_metrics nor in voicegate_barge_ins_total /
+    interrupted_turns (stats.barged_in). Only a reply not yet stopped (no barge-in under
+    way: ``_reply.live``, not already frozen/cancelling) should be marked."""
     from tests.call_harness import CallHarness
 
     h = CallHarness(settings={"keypad_pause_s": 3, "idle_prompt_s": 0})

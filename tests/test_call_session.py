@@ -485,14 +485,14 @@ class SlowClosingCall:
 
 
 async def test_a_session_close_cancelled_while_the_call_closes_still_frees_its_slot() -> None:
-    """Review (stop 59): uvicorn cancels the handlers that outlive its graceful-shutdown timeout (5 s) once;
-    a handler then is often inside ``session.close``, awaiting its call's task (the call
-    closing its stages: a Deepgram flush waits up to 2 s, a recording up to its bound).
-    The cancel lands in ``await asyncio.gather(task)`` and nothing after it runs:
-    ``admission.leave()`` never does, so ``admission.active`` stays up for good (Services
-    ._let_cut_calls_close then waits its whole 10 s for a call that is gone and logs it as
-    unfinished; a drain counts it), and the outbox's writer and watchdog tasks outlive
-    the session (the docstring: "nothing outlives it")."""
+    """Review (stop 59): uvicorn cancels the handlers that outlive its graceful-shutdown
+    timeout (5 s) once; a handler then is often inside ``session.close``, awaiting its
+    call's task (the call closing its stages: a Deepgram flush waits up to 2 s, a recording
+    up to its bound). The cancel lands in ``await asyncio.gather(task)`` and nothing after
+    it runs: ``admission.leave()`` never does, so ``admission.active`` stays up for good
+    (Services ._let_cut_calls_close then waits its whole 10 s for a call that is gone and
+    logs it as unfinished; a drain counts it), and the outbox's writer and watchdog tasks
+    outlive the session (the docstring: "nothing outlives it")."""
     settings = Settings.load({}, environ={})
     admission = Admission(limit=2)
     session = CallSession(QuietSocket(), settings, Stats(), admission, "native")  # type: ignore[arg-type]
@@ -520,8 +520,9 @@ async def test_a_session_close_cancelled_while_the_call_closes_still_frees_its_s
 
 
 class BackpressuredSocket(QuietSocket):
-    """Review (stop 59): A socket whose every send waits a few loop iterations for the transport to drain
-    (uvicorn's ``send`` awaits ``writable`` while the write buffer is over its mark)."""
+    """A socket whose every send waits a few loop iterations for the
+    transport to drain (uvicorn's ``send`` awaits ``writable`` while the write buffer is
+    over its mark)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -551,7 +552,8 @@ async def test_the_last_message_being_sent_is_not_cut_off_by_the_close() -> None
 
 
 class StuckSocket:
-    """Review (stop 59, of this session\'s change): A client that reads nothing: every send waits for ever."""
+    """A client that reads nothing: every send
+    waits for ever."""
 
     def __init__(self) -> None:
         self.closed_with: int | None = None
@@ -571,11 +573,11 @@ class StuckSocket:
 
 
 async def test_an_outbox_close_cancelled_while_it_drains_leaves_no_writer_running() -> None:
-    """Review (stop 59, of this session\'s change): session.py Outbox.aclose: it now also waits while the writer holds a message
-    (``_sending_since``), up to _DRAIN_S for a client that reads nothing. A cancel in that
-    wait (the server's one cancel at the end of its shutdown grace, the very case d8a446f
-    handles in CallSession.close) skips ``abort()``: the writer and the watchdog outlive
-    the outbox. ``abort`` belongs in a ``finally``."""
+    """Review (stop 59, of this session's change): session.py Outbox.aclose: it now also
+    waits while the writer holds a message (``_sending_since``), up to _DRAIN_S for a client
+    that reads nothing. A cancel in that wait (the server's one cancel at the end of its
+    shutdown grace, the very case d8a446f handles in CallSession.close) skips ``abort()``:
+    the writer and the watchdog outlive the outbox. ``abort`` belongs in a ``finally``."""
     outbox = Outbox(StuckSocket(), limit=16, send_timeout_s=30.0,  # type: ignore[arg-type]
                     on_stuck=lambda why: None)
     outbox.send_text('{"type": "hangup"}')
@@ -612,10 +614,11 @@ class EndedCall:
 
 
 async def test_a_session_close_cancelled_in_its_outbox_drain_leaves_no_outbox_task() -> None:
-    """Review (stop 59, of this session\'s change): session.py CallSession.close: the cancel is handled only around the call task's
-    wait; one landing in ``outbox.aclose()`` (a client that stopped reading holds it up to
-    _DRAIN_S now that the message being sent is waited for) leaves the outbox's writer and
-    watchdog running after the session ("nothing outlives us")."""
+    """Review (stop 59, of this session's change): session.py CallSession.close: the cancel
+    is handled only around the call task's wait; one landing in ``outbox.aclose()`` (a
+    client that stopped reading holds it up to _DRAIN_S now that the message being sent is
+    waited for) leaves the outbox's writer and watchdog running after the session ("nothing
+    outlives us")."""
     settings = Settings.load({}, environ={})
     admission = Admission(limit=2)
     ws = StuckSocket()

@@ -296,3 +296,22 @@ async def test_a_handoff_decided_during_a_hold_is_not_sent_after_the_interrupt()
     await h.stop()
     assert "resume" not in after
     assert "handoff" not in after, after
+
+
+async def test_a_resumed_reply_cut_by_the_calls_end_is_no_barge_in():
+    """Review (stop 59, of this session's change): a reply a cough held, then resumed, was
+    remembered as one a barge-in stopped; the call ending under it (the caller hung up)
+    then counted a barge-in, where a reply cut by the call's end is ``call_end``."""
+    h = await CallHarness(faqs={"opening hours": "hours"}).start()
+    await h.say("what are your opening hours", then_silence_ms=300)
+    await h.wait(100)  # the answer plays (1 s)
+    await h.feed(tone(450, NOISE))  # a cough: long enough to barge in
+    for _ in range(40):
+        if h.output.of("resume"):
+            break
+        await h.silence(20)
+    assert h.output.of("resume") and h.call.speaking, "the answer resumed and plays on"
+    await h.stop()  # the caller hangs up mid-answer
+    metrics = [m for m in h.metrics() if m.get("source") == "cache"]
+    assert [m.get("stopped_by") for m in metrics] == ["call_end"], h.metrics()
+    assert h.stats.interrupted_turns == 0

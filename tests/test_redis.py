@@ -1251,12 +1251,12 @@ async def test_a_foreign_heartbeat_with_an_infinite_figure_is_left_out(
 
 
 async def test_the_cluster_counts_no_time_limit_stop_as_a_barge_in(cluster_prefix: str) -> None:
-    """Review (stop 59): A reply the time limit stops is "no barge-in of the caller's" (docs/protocol.md,
-    ``stopped_by``); Stats.turn_finished leaves it out of ``interrupted_turns`` and
-    ``voicegate_barge_ins_total``. With Redis, /admin/stats answers the cluster's figure
-    (SharedStats.cluster_snapshot), which SharedStats.turn_finished counts from
-    ``interrupted`` alone: the same replica's /admin/stats says 1 barge-in with Redis and
-    0 without."""
+    """Review (stop 59): A reply the time limit stops is "no barge-in of the caller's"
+    (docs/protocol.md, ``stopped_by``); Stats.turn_finished leaves it out of
+    ``interrupted_turns`` and ``voicegate_barge_ins_total``. With Redis, /admin/stats
+    answers the cluster's figure (SharedStats.cluster_snapshot), which
+    SharedStats.turn_finished counts from ``interrupted`` alone: the same replica's
+    /admin/stats says 1 barge-in with Redis and 0 without."""
     from gateway.redis_link import open_async_client
 
     stats = Stats()

@@ -144,6 +144,12 @@ def test_an_unreadable_current_pointer_is_a_clear_store_error(prefix: str) -> No
     finally:
         store.close()
     assert cache.last_error is not None and "current-version pointer" in cache.last_error
+    # Review (stop 59): Redis answered, so this is no outage. It was reported as "store
+    # unavailable" with store_unanswered True: a replica starting now stayed unready for
+    # good (services._load retries for ever), where a bad version leaves it ready without
+    # a cache.
+    assert not cache.last_error.startswith("store unavailable"), cache.last_error
+    assert cache.store_unanswered is False
 
 
 # --------------------------------------------------------------------------------------
@@ -926,49 +932,29 @@ async def test_the_goodbye_flush_after_a_failed_flush_writes_what_was_counted_si
                         f"still pending in the departed replica: {stats.pending}")
 
 
-def test_a_pointer_redis_answers_with_garbage_is_not_reported_as_redis_unreachable(
-        prefix: str) -> None:
-    """Review (stop 59): Redis answers, but `current` was set by hand to bytes that are no version name (or a
-    foreign type): a StoreError, not StoreUnavailable. FaqCache takes any failure of
-    current_version() for "store unavailable": /readyz cache_error says Redis is
-    unreachable, and store_unanswered is True, so a replica starting now never becomes
-    ready (services._load retries for ever) although the store answered; a bad version
-    (corrupt hash) leaves it ready without a cache instead."""
-    raw = redis.Redis.from_url(REDIS_URL)
-    raw.set(prefix + "current", b"\xff\xfe-set-by-hand")
-    raw.close()
-    store = RedisStore(REDIS_URL, prefix=prefix)
-    cache = FaqCache(store, SimpleNamespace(model_name="m", dim=4))
-    try:
-        assert cache.refresh() is False
-    finally:
-        store.close()
-    assert cache.last_error is not None
-    assert not cache.last_error.startswith("store unavailable"), cache.last_error
-    assert cache.store_unanswered is False, (
-        "Redis answered (the pointer is garbage), yet the cache says the store did not "
-        "answer: a replica starting now is kept unready for good")
-
-
 class _Pointer:
-    """A store whose pointer a test moves, or makes unreachable."""
+    """A store whose pointer a test moves, makes unreachable, or makes garbage."""
 
     def __init__(self, current: str) -> None:
         self.current = current
         self.down = False
+        self.garbage = False
 
     def current_version(self) -> str:
         if self.down:
             raise StoreUnavailable("Redis at redis://x is unreachable (current_version): gone")
+        if self.garbage:
+            raise StoreError("the current-version pointer cannot be read as a version name")
         return self.current
 
 
 def test_a_version_that_failed_to_load_is_not_said_to_be_redis_unreachable_once_it_answers(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Review (stop 59): v2 fails to load (corrupt): tried again in 10 s, last_error says why. Redis blips
-    once meanwhile (a poll finds it unreachable), then answers again: until the retry (up to
-    5 min once it doubled) /readyz cache_error says "store unavailable", an outage that is
-    over, and never again why v2 is refused; an entry edit's 503 quotes the same."""
+    """Review (stop 59): v2 fails to load (corrupt): tried again in 10 s, last_error says
+    why. Redis blips once meanwhile (a poll finds it unreachable), then answers again: until
+    the retry (up to 5 min once it doubled) /readyz cache_error says "store unavailable", an
+    outage that is over, and never again why v2 is refused; an entry edit's 503 quotes the
+    same."""
     def load_cache(store, embedder, version):
         if version == "v2":
             raise StoreError("cannot read cache version v2 in Redis: corrupt manifest")
@@ -991,34 +977,19 @@ def test_a_version_that_failed_to_load_is_not_said_to_be_redis_unreachable_once_
         f"{cache.last_error}")
 
 
-class _GarblingPointer:
-    """Review (stop 59, of this session\'s change): A store whose pointer a test moves, makes unreachable, or makes garbage."""
-
-    def __init__(self, current: str) -> None:
-        self.current = current
-        self.down = False
-        self.garbage = False
-
-    def current_version(self) -> str:
-        if self.down:
-            raise StoreUnavailable("Redis at redis://x is unreachable (current_version): gone")
-        if self.garbage:
-            raise StoreError("the current-version pointer cannot be read as a version name")
-        return self.current
-
-
 def test_a_garbage_pointer_after_a_version_lost_mid_read_does_not_keep_the_replica_unready(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Review (stop 59, of this session\'s change): faq_cache.py _refresh, the new ``except Exception`` branch: the store answers (the
-    pointer is garbage, no outage) and ``_unreachable`` is cleared, but ``failed_for_store``
-    from an earlier read the store dropped is left set. ``store_unanswered`` stays True, so a
-    starting replica stays unready for good: the very bug the commit fixes, by another path
-    (and an entry edit answers 503 "retry" instead of CurrentUnloadable)."""
+    """Review (stop 59, of this session's change): faq_cache.py _refresh, the new ``except
+    Exception`` branch: the store answers (the pointer is garbage, no outage) and
+    ``_unreachable`` is cleared, but ``failed_for_store`` from an earlier read the store
+    dropped is left set. ``store_unanswered`` stays True, so a starting replica stays
+    unready for good: the very bug the commit fixes, by another path (and an entry edit
+    answers 503 "retry" instead of CurrentUnloadable)."""
     def load_cache(store: Any, embedder: Any, version: str) -> Any:
         raise StoreUnavailable("Redis at redis://x is unreachable (read): connection reset")
 
     monkeypatch.setattr(faq_cache, "load_cache", load_cache)
-    store = _GarblingPointer("v1")
+    store = _Pointer("v1")
     cache = FaqCache(store, embedder=None, clock=ManualClock())  # type: ignore[arg-type]
     assert not cache.refresh()
     assert cache.failed_for_store and cache.store_unanswered  # a blip mid-read: unready, fine

@@ -623,20 +623,21 @@ def test_an_intent_whose_action_is_answer_with_no_answer_on_any_row_is_refused()
 
 
 def test_a_huge_answer_is_too_long_on_its_line_and_the_rows_after_it_are_still_checked() -> None:
-    """Review (stop 59): cache_seed/validate.py:280: a field over the csv module's field_size_limit (131,072
-    characters; uploads may be 5 MB) surfaces as "not CSV: field larger than field limit
-    (131072)" and the loop stops: no "answer too long", and the unknown action two lines
-    later is never reported (every bad row is promised)."""
+    """Review (stop 59): cache_seed/validate.py:280: a field over the csv module's
+    field_size_limit (131,072 characters; uploads may be 5 MB) surfaces as "not CSV: field
+    larger than field limit (131072)" and the loop stops: no "answer too long", and the
+    unknown action two lines later is never reported (every bad row is promised)."""
     found = errors_of(HEADER + "q one," + "x" * 200_000 + ",,\nq two,a,,\nq three,b,,bogus\n")
     assert (2, "answer too long (200000 characters, at most 1200)") in found, found
     assert any(line == 4 and "unknown action 'bogus'" in reason for line, reason in found), found
 
 
 def test_a_quote_left_open_in_a_large_file_is_named_as_a_quote_not_a_field_limit() -> None:
-    """Review (stop 59): cache_seed/validate.py:280: a quote left open on line 3 of a file over 128 KiB is
-    reported as "not CSV: field larger than field limit (131072)": the operator hunts for a
-    huge cell that does not exist. (The same quote in a small file says "unexpected end of
-    data".) The reason should say a quoted field opened on that line is never closed."""
+    """Review (stop 59): cache_seed/validate.py:280: a quote left open on line 3 of a file
+    over 128 KiB is reported as "not CSV: field larger than field limit (131072)": the
+    operator hunts for a huge cell that does not exist. (The same quote in a small file says
+    "unexpected end of data".) The reason should say a quoted field opened on that line is
+    never closed."""
     rows = "".join(f"question number {i},answer {i},,\n" for i in range(8000))
     [(line, reason)] = errors_of(HEADER + "q one,a,,\n\"q two,b,,\n" + rows)
     assert line == 3
@@ -644,11 +645,11 @@ def test_a_quote_left_open_in_a_large_file_is_named_as_a_quote_not_a_field_limit
 
 
 def test_a_negative_with_an_unquoted_comma_is_not_silently_cut_at_it(tmp_path: Path) -> None:
-    """Review (stop 59): intents/negatives.py:80: the natural negatives file is one question a line under a
-    'text' header. A question with a comma, unquoted, is read as two fields and silently
-    cut to its first: "Hi, can you tell me a joke" becomes the negative "Hi". The seed CSV
-    refuses such a row with its line ("expected N fields ... quote fields with commas"); the
-    negatives file is documented as read as the seed CSV is."""
+    """Review (stop 59): intents/negatives.py:80: the natural negatives file is one question
+    a line under a 'text' header. A question with a comma, unquoted, is read as two fields
+    and silently cut to its first: "Hi, can you tell me a joke" becomes the negative "Hi".
+    The seed CSV refuses such a row with its line ("expected N fields ... quote fields with
+    commas"); the negatives file is documented as read as the seed CSV is."""
     path = tmp_path / "never.csv"
     path.write_bytes(b"text\nbook me a flight\nHi, can you tell me a joke\n")
     try:
@@ -674,13 +675,13 @@ def test_an_intent_name_written_in_a_script_that_needs_zwnj_or_zwj_seeds(intent:
 
 
 def test_the_shipped_negatives_hold_no_question_the_shipped_bank_faq_answers(bank_cache) -> None:  # noqa: F811
-    """Review (stop 59): intents/data/negatives.csv (scripts/build_negatives.py keeps every CLINC domain but
-    banking and credit cards): its "unrelated" questions include CLINC's oos row "how much is
-    an overdraft fee for bank" and the travel domain's travel_notification ("tell my bank
-    that i'm going to france"). The shipped example FAQ answers both (overdraft_fee,
-    travel_notice), and the router says so; yet every seed calibrates against them as
-    questions that must never get a cached answer, so a right answer counts against the
-    out-of-domain bound and trains the judge that it is wrong."""
+    """Review (stop 59): intents/data/negatives.csv (scripts/build_negatives.py keeps every
+    CLINC domain but banking and credit cards): its "unrelated" questions include CLINC's
+    oos row "how much is an overdraft fee for bank" and the travel domain's
+    travel_notification ("tell my bank that i'm going to france"). The shipped example FAQ
+    answers both (overdraft_fee, travel_notice), and the router says so; yet every seed
+    calibrates against them as questions that must never get a cached answer, so a right
+    answer counts against the out-of-domain bound and trains the judge that it is wrong."""
     plan = read_seed_csv(BANK_FAQ)
     in_domain = {"how much is an overdraft fee for bank": "overdraft_fee",
                  "tell my bank that i'm going to france": "travel_notice",
@@ -702,11 +703,12 @@ def test_a_cell_of_invisible_characters_alone_is_empty() -> None:
 
 
 def test_an_intent_named_by_joiners_alone_is_refused_as_an_invisible_name() -> None:
-    """Review (stop 59, of this session\'s change): cache_seed/validate.py _read_row: ZWJ/ZWNJ are now let into intent names (_printable),
-    but nothing checks a name shows anything, as 345e3ab does for questions and answers
-    (_visible). An intent of a zero-width joiner alone (isprintable refused it before)
-    now seeds: an entry whose name is blank in the dashboard, logs and stats labels, and
-    "Card lost" and "Card lost\u200d" are two intents that look one."""
+    """Review (stop 59, of this session's change): cache_seed/validate.py _read_row:
+    ZWJ/ZWNJ are now let into intent names (_printable), but nothing checks a name shows
+    anything, as 345e3ab does for questions and answers (_visible). An intent of a zero-
+    width joiner alone (isprintable refused it before) now seeds: an entry whose name is
+    blank in the dashboard, logs and stats labels, and "Card lost" and "Card lost\u200d" are
+    two intents that look one."""
     from cache_seed import SeedValidationError, parse_seed_csv
 
     data = ("question,answer,intent\n"
@@ -719,9 +721,10 @@ def test_an_intent_named_by_joiners_alone_is_refused_as_an_invisible_name() -> N
 
 
 def test_a_negatives_csv_with_a_quote_left_open_names_the_open_quote(tmp_path: Any) -> None:
-    """Review (stop 59, of this session\'s change): intents/negatives.py read_negatives_csv: 5b783ef names an open quote in the seed CSV
-    (validate.csv_problem) but the negatives CSV, read "as the seed CSV is", still says
-    the csv module's "unexpected end of data", a missed call site."""
+    """Review (stop 59, of this session's change): intents/negatives.py read_negatives_csv:
+    5b783ef names an open quote in the seed CSV (validate.csv_problem) but the negatives
+    CSV, read "as the seed CSV is", still says the csv module's "unexpected end of data", a
+    missed call site."""
     from intents.negatives import NegativesError, read_negatives_csv
 
     path = tmp_path / "negatives.csv"

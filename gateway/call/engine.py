@@ -1262,6 +1262,7 @@ class Call:
         from_ms = self._reply.resume()
         if from_ms is None:
             return
+        self._barged = ()  # no barge-in after all: a call's end under it is call_end
         self._restart_window_if_held_the_floor(held)
         await self._tell_resumed(turn, from_ms)
 
