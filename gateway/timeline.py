@@ -23,6 +23,10 @@ class TurnTimeline:
     marks: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     clock: Clock = field(default=SYSTEM_CLOCK, repr=False, compare=False)
+    # The reply's own words began to play: not a filler or hold phrase, which mark
+    # ``first_audio`` (the silence ended) but answer nothing. Words the caller goes on with
+    # before it are the same question, carried into the next turn.
+    answered: bool = field(default=False, compare=False)
 
     def mark(self, stage: str, at: float | None = None, *, overwrite: bool = False) -> None:
         if stage not in STAGES:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.agent import Conversation
+from gateway.agent import Agent, Conversation
 from gateway.providers.base import ToolCall
 from tests.call_harness import CallHarness, tone
 
@@ -373,3 +373,79 @@ async def test_a_typed_message_talked_over_while_the_agent_thinks_opens_the_spok
     assert user_texts(h.call.conversation.history) == ["hello where is my parcel"]
     # The stopped message asked nothing: no hit or miss of its own.
     assert h.stats.snapshot()["turns"] == 1
+
+
+async def test_the_pause_after_carried_words_is_judged_lexically_on_the_whole_question():
+    # Review (stop 59). "my card number is" waits the long silence (it reads unfinished) and
+    # the slow agent is asked; the caller reads "four one two seven" over it, which stops it
+    # before it said anything: those words open the next turn, carrying "my card number is".
+    # The pause after the first group of digits is judged on the early words alone
+    # (TurnDetector.note_transcript gets early.text, not _with_carried_words), and "four one
+    # two seven" has no number noun: the open silence (300 ms here), not the long one (1200
+    # ms) that "my card number is four one two seven" gets. The turn ends between the groups;
+    # the agent is asked with half a card number and the caller, going on with "eight eight
+    # three one", must barge in again (with a faster LLM the bot talks over a caller reading
+    # out digits). docs: "the pause after them is judged ... with the carried words before
+    # them (the whole question)".
+    h = CallHarness(early_finals=True)
+    h.llm.first_token_s = 3.0
+    await h.start()
+    await h.say("my card number is", then_silence_ms=1500)  # its turn ends (incomplete)
+    await h.say("four one two seven", then_silence_ms=700)  # a reader's pause
+    await h.say("eight eight three one", then_silence_ms=2000)
+    await h.wait(4000)
+    await h.stop()
+    second = h.metrics()[1]
+    assert second["end_of_turn"] == "incomplete", second
+    assert "my card number is four one two seven" not in h.transcripts(), h.transcripts()
+    assert h.transcripts()[-1] == "my card number is four one two seven eight eight three one"
+
+
+async def test_keys_carried_while_a_stopped_reply_closes_are_not_lost():
+    # Review (stop 59). "where is my parcel" is a miss; the agent thinks. The caller starts
+    # "my order ..." (the reply is held, then stopped by the words) and, still speaking, keys
+    # "123#": the keys are carried into the turn the caller's words end (`keypad` event, turn
+    # 2). The stopped reply was still closing its LLM stream (close_s): its cancel handling in
+    # _spoken_turn then calls _carry_words([its final], ...), which replaces self._carry and
+    # drops the keys. Turn 2 is asked without them although the client was told they belong to
+    # it. (_typed_turn keeps the carry: [_said(text), *self._carry].)
+    h = CallHarness(settings={"turn_continuation_ms": 200})
+    h.llm.first_token_s = 3.0
+    h.llm.close_s = 1.0  # an HTTP stream's teardown
+    await h.start()
+    await h.say("where is my parcel", then_silence_ms=1000)
+    await h.feed(h.vocabulary.audio("my order"))  # held, then stopped by the words
+    for key in "123#":
+        h.call.feed_dtmf(key)
+        await h.clock.settle()
+    await h.feed(h.vocabulary.audio("number is"))
+    await h.wait(8000)
+    await h.stop()
+    assert [(e["turn"], e["keys"]) for e in h.output.of("keypad")] == [(2, "123")]
+    asked = h.transcripts()[-1]
+    assert "the caller pressed 1 2 3" in asked, asked
+    assert "the caller pressed 1 2 3" in user_texts(h.llm.requests[-1])[-1]
+
+
+async def test_words_after_a_filler_alone_open_the_next_turn():
+    # Review (stop 59). The agent is slow: the filler ("Let me check that for you.") plays, no
+    # answer yet. The caller goes on ("and my letter"). Without the filler the words of the
+    # turn are carried (nothing was said: tests/test_turn_continuation.py,
+    # test_words_before_any_answer_are_carried_but_are_no_continuation) and the question is
+    # asked once, whole. A filler is no answer (reply.py: "Filler, handoff and apology phrases
+    # are not the assistant's words"), yet _spoken_turn decides on tl.has("first_audio"),
+    # which the filler set: the first half is dropped as a question of its own (a miss, a
+    # missed question "where is my parcel"), the second half is routed alone (a cache may hit
+    # a fragment: the wrong answer), and the agent gets two user messages in a row.
+    h = CallHarness(settings={"turn_continuation_ms": 200})
+    h.responder._agent = Agent(h.llm, filler_after_s=0.3)  # type: ignore[arg-type]
+    h.llm.first_token_s = 3.0
+    await h.start()
+    await h.say("where is my parcel", then_silence_ms=1000)
+    assert [e["source"] for e in h.output.of("response")] == ["filler"]
+    await h.say("and my letter", then_silence_ms=4000)
+    await h.stop()
+    assert h.transcripts()[-1] == "where is my parcel and my letter", h.transcripts()
+    assert user_texts(h.llm.requests[-1]) == ["where is my parcel and my letter"]
+    assert [q.text for q in h.stats.missed_questions()] == \
+        ["where is my parcel and my letter"]

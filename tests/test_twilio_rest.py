@@ -4,6 +4,10 @@ of the call resource), keypad presses on both endpoints, and the bot hanging up 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -233,3 +237,35 @@ async def test_native_keypad_and_the_idle_hang_up(native_server):
                 break
             await asyncio.sleep(0.05)
     assert caller.closed_code == 1000
+
+
+def test_the_first_rest_request_imports_nothing_on_the_event_loop():
+    # Review (stop 59): gateway/transports/twilio_rest.py (client.calls(call_sid)): the
+    # SDK's call resource (twilio.rest.api.v2010.account.call and ~90 modules around it) is imported
+    # lazily, on the first transfer or hang-up: module imports (file reads, compiles) on
+    # the serving loop, stalling every call's audio on the replica (~40-70 ms warm, far
+    # more from a cold disk). Loaded with the gateway, the request imports nothing.
+    script = textwrap.dedent("""
+        import asyncio, sys
+        import gateway.app  # what the server loads at start-up
+        from gateway.transports.twilio_rest import TwilioCallControl
+
+        async def main():
+            control = TwilioCallControl("token", "http://127.0.0.1:9", timeout_s=2)
+            before = set(sys.modules)
+            try:
+                await control.hang_up("AC" + "0" * 32, "CA" + "1" * 32)
+            except Exception:
+                pass  # nothing listens on port 9: the request fails, as is fine here
+            await control.aclose()
+            imported = sorted(m for m in set(sys.modules) - before if m.startswith("twilio"))
+            print(len(imported), " ".join(imported[:8]))
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                                       "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    count, _, names = done.stdout.strip().partition(" ")
+    assert int(count) == 0, f"{count} twilio modules imported on the loop: {names} ..."

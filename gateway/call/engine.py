@@ -604,8 +604,11 @@ class Call:
                 # decode failed: the final will be reported): the audio model alone
                 judge = True
                 return
-            self._turns.note_transcript(paused.pause, early.text)
-            decision = await self._speculation.settle(self._with_carried_words(early.text))
+            # The whole question: words carried from a stopped turn, then these ("my card
+            # number is" ... "four one two seven" reads unfinished as a whole).
+            whole = self._with_carried_words(early.text)
+            self._turns.note_transcript(paused.pause, whole)
+            decision = await self._speculation.settle(whole)
             if decision is not None:
                 decision = decision.as_spoken()  # the recogniser's words: the stricter bar
                 self._turns.note_route(paused.pause, decision.hit, decision.finished)
@@ -780,7 +783,7 @@ class Call:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
             texts = [(await asyncio.shield(f)).text for f in utterances]
         except asyncio.CancelledError:
-            self._carry_words(utterances, continuing, exchange)
+            self._carry_words([*utterances, *self._carry], continuing, exchange)
             self._carry_turns = [*covered, tl]
             raise
         except Exception as exc:
@@ -830,10 +833,12 @@ class Call:
             # (a pause mid-sentence): the words open the next turn, and the exchange this
             # turn wrote (if it got that far) is the one the next turn takes back.
             written = self._written_since(asked_before)
-            if not tl.has("first_audio"):
-                self._carry_words(utterances, continuing, written)
+            # Keys or words carried meanwhile (``_carry_keys``, ``_carry_unanswered``) come
+            # after this turn's words, never dropped.
+            if not tl.answered:  # nothing said but a filler: the same question goes on
+                self._carry_words([*utterances, *self._carry], continuing, written)
             elif self._continues(tl):
-                self._carry_words(utterances, len(utterances), written)
+                self._carry_words([*utterances, *self._carry], len(utterances), written)
             raise
 
     # ------------------------------------------------------------------ text input
@@ -889,7 +894,7 @@ class Call:
         try:
             await self._answer(tl, text, typed=True, utterance=utterance)
         except asyncio.CancelledError:
-            if not tl.has("first_audio") and not self._transferred:
+            if not tl.answered and not self._transferred:
                 self._carry_words([_said(text), *self._carry], 0,
                                   self._written_since(asked_before))
             raise
@@ -1040,7 +1045,7 @@ class Call:
             # A spoken or typed turn stopped before its reply spoke: ``_spoken_turn`` or
             # ``_typed_turn`` carries its words into the next turn, which asks them. This
             # one asked nothing: no hit or miss (nor a missed question of half the words).
-            unasked = tl.info.get("input") != "dtmf" and not tl.has("first_audio")
+            unasked = tl.info.get("input") != "dtmf" and not tl.answered
             raise
         finally:
             if route:

@@ -182,8 +182,11 @@ class ReplyStage:
         tl = turn.timeline
 
         async def send_frame(frame: bytes) -> None:
-            if not tl.has("first_audio"):
-                tl.mark("first_audio")
+            if not tl.answered:
+                if not tl.has("first_audio"):
+                    tl.mark("first_audio")
+                if playing is not None and playing.source != "filler":
+                    tl.answered = True
             await self._out.send_audio(frame)
 
         encoding = turn.encoding

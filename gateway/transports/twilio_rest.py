@@ -20,6 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+# The call resource, which the SDK would import on the first request: ~90 modules read and
+# compiled on the serving loop, every call's audio stalled meanwhile. Here, with the app.
+import twilio.rest.api.v2010.account.call  # noqa: F401
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
