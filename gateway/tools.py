@@ -172,7 +172,8 @@ class ToolRunner:
                     content = await _head(response, chars) if chars else ""
         except (httpx.TimeoutException, TimeoutError):
             logs.event(log, "tool_timeout", logging.WARNING, tool=call.name, after_s=tool.timeout_s)
-            return _error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"), "timeout"
+            return (_error(f"{call.name} did not answer within {tool.timeout_s:g} seconds"),
+                    "timeout")
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError
             logs.event(log, "tool_unreachable", logging.WARNING, tool=call.name, error=type(exc).__name__)
             return _error(f"{call.name} could not be reached"), "unreachable"
