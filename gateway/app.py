@@ -21,7 +21,7 @@ from .settings import Settings
 from .tracing import configure_from_env as configure_tracing
 from .transports.native import native_call
 from .transports.twilio import twilio_stream
-from .transports.twilio_voice import twilio_stream_ended, twilio_voice
+from .transports.twilio_voice import twilio_dial_ended, twilio_stream_ended, twilio_voice
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -65,6 +65,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
         WebSocketRoute("/v1/call", native_call),
         Route("/twilio/voice", twilio_voice, methods=["POST"]),
         Route("/twilio/stream-ended", twilio_stream_ended, methods=["POST"]),
+        Route("/twilio/dial-ended", twilio_dial_ended, methods=["POST"]),
         WebSocketRoute("/twilio/stream", twilio_stream),
         *admin_routes(),
         *caller_routes(),

@@ -716,7 +716,8 @@ class SlowRestApi:
         await self._clock.sleep(self._answer_s)
         self.answered.append(what)
 
-    async def transfer(self, account_sid: str, call_sid: str, target: str) -> None:
+    async def transfer(self, account_sid: str, call_sid: str, target: str,
+                       action: str = "") -> None:
         await self._request("transfer")
 
     async def hang_up(self, account_sid: str, call_sid: str) -> None:

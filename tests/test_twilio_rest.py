@@ -116,7 +116,9 @@ async def test_a_handoff_redirects_the_live_call_after_the_message_played(phone_
         sent = len(line.media)
     (request,) = fake.requests
     assert (request["account"], request["call"]) == (ACCOUNT, CALL_SID)
-    assert request["form"]["Twiml"].endswith(f"<Dial><Number>{NUMBER}</Number></Dial></Response>")
+    # With the way back (/twilio/dial-ended) if the desk does not answer.
+    assert request["form"]["Twiml"].endswith(
+        f'<Dial action="{PUBLIC}/twilio/dial-ended"><Number>{NUMBER}</Number></Dial></Response>')
     handoff_audio = runtime.prompts.audio("handoff", 8000, "mulaw")
     assert len(handoff_audio) <= sent < len(handoff_audio) + 160  # all of it went first ...
     assert played_by_then >= sent - 8 * 100  # ... and had played (but Twilio's buffer)
@@ -138,7 +140,7 @@ async def test_a_failed_transfer_keeps_the_caller_on_the_line(phone_server, runt
         await press(line, "0")  # the next try works
         await line.wait_until(lambda: len(fake.requests) == 2, timeout=30)
     assert runtime.stats.errors["transfer_failed"] == before + 1
-    assert fake.requests[1]["form"]["Twiml"].count("<Dial>") == 1
+    assert fake.requests[1]["form"]["Twiml"].count("<Dial ") == 1
 
 
 async def test_a_bad_twilio_digit_is_refused_and_the_stream_goes_on(phone_server, runtime):

@@ -38,7 +38,7 @@ from gateway.transports.twilio import TwilioStream
 from gateway.transports.call_records import split_version
 from gateway.transports.twilio_context import CONTEXT_TTL_S, CallContexts
 from gateway.transports.twilio_ended import EndedCalls
-from gateway.transports.twilio_rest import CallControlError
+from gateway.transports.twilio_rest import CallControlError, dial_twiml
 from gateway.transports.twilio_voice import (GIVE_UP_SAY, HANDOFF_SAY, MAX_STREAM_RECONNECTS,
                                              RESUMED_SAY)
 from gateway.agent import Conversation
@@ -210,7 +210,8 @@ class FailingRestApi:
     def __init__(self) -> None:
         self.asked: list[str] = []
 
-    async def transfer(self, account_sid: str, call_sid: str, target: str) -> None:
+    async def transfer(self, account_sid: str, call_sid: str, target: str,
+                       action: str = "") -> None:
         self.asked.append("transfer")
         raise CallControlError("Twilio refused to transfer: HTTP 500")
 
@@ -249,7 +250,8 @@ async def test_a_transferred_call_is_not_resumed_and_a_failed_transfer_is(plain)
     services = plain.state.services
 
     class RestApi(FailingRestApi):
-        async def transfer(self, account_sid: str, call_sid: str, target: str) -> None:
+        async def transfer(self, account_sid: str, call_sid: str, target: str,
+                           action: str = "") -> None:
             # Twilio may close the stream and ask for the action before answering us.
             self.ended_meanwhile = await services.twilio_ended().ended(call_sid)
 
@@ -280,7 +282,8 @@ async def test_a_stream_lost_while_its_transfer_is_under_way_is_put_through(with
     asked = asyncio.Event()
 
     class HangingRestApi(FailingRestApi):
-        async def transfer(self, account_sid: str, call_sid: str, target: str) -> None:
+        async def transfer(self, account_sid: str, call_sid: str, target: str,
+                           action: str = "") -> None:
             asked.set()
             await asyncio.Event().wait()  # never answered: the process is gone
 
@@ -856,3 +859,71 @@ async def test_a_save_landing_after_another_replica_forgot_the_call_is_dropped(r
             assert await app.state.services.twilio_contexts().load(CALL_SID) is None
     finally:
         client.close()
+
+
+# ------------------------------------------------- a transfer nobody answers (a review)
+
+
+def dial_action(twiml: str) -> str:
+    dial = ElementTree.fromstring(twiml).find("./Dial")
+    assert dial is not None, twiml
+    return dial.get("action", "")
+
+
+@pytest.mark.parametrize("case", ["transfer_under_way", "past_the_bound"])
+async def test_every_dial_asks_back_when_it_is_over(with_handoff, case):
+    # Review (stop 59): every <Dial> we wrote (the REST transfer's and /twilio/stream-
+    # ended's) had no action and nothing after it: a desk busy or not answering ended the
+    # call, and the caller promised a person was hung up on. Each now has the action.
+    app = with_handoff
+    if case == "transfer_under_way":
+        await app.state.services.twilio_ended().mark(CALL_SID, "transfer")
+        path = "/twilio/stream-ended?lost=0"
+    else:
+        path = f"/twilio/stream-ended?lost={MAX_STREAM_RECONNECTS}"
+    reply = await post(app, path, sign=True)
+    assert dial_action(reply.text) == PUBLIC + "/twilio/dial-ended", reply.text
+
+
+async def test_the_rest_transfer_dials_with_the_action_of_its_stream():
+    asked: list[tuple[str, str]] = []
+
+    class RestApi(FailingRestApi):
+        async def transfer(self, account_sid: str, call_sid: str, target: str,
+                           action: str = "") -> None:
+            asked.append((target, action))
+
+    out = PhoneCallOutput(control=RestApi(), account_sid="AC1", call_sid=CALL_SID,
+                          handoff_number=NUMBER, dial_action=PUBLIC + "/twilio/dial-ended")
+    assert await out.transfer("handoff") is True
+    assert asked == [(NUMBER, PUBLIC + "/twilio/dial-ended")]
+    assert dial_action(dial_twiml(NUMBER, PUBLIC + "/twilio/dial-ended")) == \
+        PUBLIC + "/twilio/dial-ended"
+
+
+@pytest.mark.parametrize("dial_status", ["busy", "no-answer", "failed", "canceled"])
+async def test_a_desk_that_does_not_answer_gives_the_caller_back_to_the_bot(with_handoff,
+                                                                            dial_status):
+    services = with_handoff.state.services
+    await services.twilio_ended().mark(CALL_SID, "transfer")
+    reply = await post(with_handoff, "/twilio/dial-ended",
+                       {**FORM, "DialCallStatus": dial_status}, sign=True)
+    assert reply.status_code == 200, reply.text
+    assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"], reply.text
+    action, url, parameters = connect_of(reply.text)
+    assert action == PUBLIC + "/twilio/stream-ended?lost=0"
+    assert parameters.get("CallSid") == CALL_SID
+    # No longer a transfer: a stream lost from here on resumes, it does not dial again.
+    assert await services.twilio_ended().ended(CALL_SID) is None
+
+
+@pytest.mark.parametrize("dial_status", ["completed", "answered"])
+async def test_a_call_the_desk_took_ends_with_it(with_handoff, dial_status):
+    reply = await post(with_handoff, "/twilio/dial-ended",
+                       {**FORM, "DialCallStatus": dial_status}, sign=True)
+    assert is_hangup(reply.text), reply.text
+
+
+async def test_the_dial_ended_webhook_is_signed_like_the_others(with_handoff):
+    reply = await post(with_handoff, "/twilio/dial-ended", {**FORM, "DialCallStatus": "busy"})
+    assert reply.status_code == 403, reply.text

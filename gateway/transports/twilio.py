@@ -35,8 +35,8 @@ from ..services import Services
 from .call_records import SAFE_ID
 from .twilio_ended import HUNG_UP, TRANSFERRED, EndedCalls
 from .twilio_rest import TwilioCallControl
-from .twilio_voice import (RESUMED_PARAMETER, TOKEN_PARAMETER, public_base_url,
-                           signature_refusal, stream_generation, stream_url)
+from .twilio_voice import (RESUMED_PARAMETER, TOKEN_PARAMETER, dial_ended_url,
+                           public_base_url, signature_refusal, stream_generation, stream_url)
 
 log = logging.getLogger("voicegate.twilio")
 
@@ -144,8 +144,11 @@ class TwilioOutput:
     def __init__(self, outbox: Outbox, stream_sid: str, call_id: str,
                  control: TwilioCallControl | None = None, account_sid: str = "",
                  call_sid: str = "", handoff_number: str = "",
-                 ended: EndedCalls | None = None) -> None:
+                 ended: EndedCalls | None = None, dial_action: str = "") -> None:
         self._outbox = outbox
+        # The transfer's <Dial action> (/twilio/dial-ended): a desk that does not answer
+        # gives the caller back to the bot instead of ending the call.
+        self._dial_action = dial_action
         self.call_id = call_id
         # The REST side of this call (transfer, hang up); None without an auth token.
         self._control = control
@@ -213,7 +216,7 @@ class TwilioOutput:
         await self._mark_ended(TRANSFERRED)
         try:
             await self._control.transfer(self._account_sid, self._call_sid,
-                                         self._handoff_number)
+                                         self._handoff_number, self._dial_action)
         except Exception:
             if self._ended is not None:  # the caller stays with the bot: a lost stream resumes
                 await self._ended.forget(self._call_sid)
@@ -328,9 +331,11 @@ class MediaWatch:
 class TwilioStream:
     """One Media Stream: parses Twilio's messages, starts the call, feeds it audio."""
 
-    def __init__(self, services: Services, session: CallSession, authenticated: bool) -> None:
+    def __init__(self, services: Services, session: CallSession, authenticated: bool,
+                 base_url: str = "") -> None:
         self._services = services
         self._session = session
+        self._base_url = base_url  # the public URL Twilio reaches us at (webhooks' base)
         self._max_bytes = services.settings.max_frame_bytes
         # False: a call token is required and the upgrade did not carry it, so the
         # stream's `start` must (a <Parameter name="token"> of the TwiML <Stream>).
@@ -422,7 +427,9 @@ class TwilioStream:
                               control=self._services.twilio_control(),
                               account_sid=start.account_sid, call_sid=start.call_sid,
                               handoff_number=settings.handoff_number,
-                              ended=self._services.twilio_ended())
+                              ended=self._services.twilio_ended(),
+                              dial_action=dial_ended_url(self._base_url)
+                              if self._base_url else "")
         self.output = output
         # A stream /twilio/stream-ended reconnected after one was lost: the caller was
         # greeted already (and has just heard Twilio's apology).
@@ -495,7 +502,7 @@ async def twilio_stream(websocket: WebSocket) -> None:
     await websocket.accept()
     session = services.open_session(websocket, "twilio")
     session.hold_drain_until_start()  # Twilio cannot retry a stream: a drain must not drop it
-    stream = TwilioStream(services, session, authenticated)
+    stream = TwilioStream(services, session, authenticated, base)
     try:
         while not stream.stopped and (message := await session.receive()) is not None:
             try:

@@ -37,9 +37,12 @@ class CallControlError(RuntimeError):
     """Twilio refused the request or could not be reached; the message says which."""
 
 
-def dial(target: str) -> Dial:
-    """The ``<Dial>`` that connects the call to ``target``: a phone number or a SIP URI."""
-    verb = Dial()
+def dial(target: str, action: str = "") -> Dial:
+    """The ``<Dial>`` that connects the call to ``target``: a phone number or a SIP URI.
+    ``action``: what Twilio asks when the dial is over. Without it (and with no verb after)
+    Twilio ends the call when the desk is busy or does not answer: a caller promised a
+    person would be hung up on."""
+    verb = Dial(action=action) if action else Dial()
     if target.startswith(("sip:", "sips:")):
         verb.sip(target)
     else:
@@ -47,10 +50,12 @@ def dial(target: str) -> Dial:
     return verb
 
 
-def dial_twiml(target: str) -> str:
-    """TwiML that connects the call to ``target``: a phone number or a SIP URI."""
+def dial_twiml(target: str, action: str = "") -> str:
+    """TwiML that connects the call to ``target``: a phone number or a SIP URI; ``action``:
+    the URL Twilio asks once the dial is over (``/twilio/dial-ended``), which takes the
+    caller back when nobody answered."""
     response = VoiceResponse()
-    response.append(dial(target))
+    response.append(dial(target, action))
     return str(response)
 
 
@@ -74,8 +79,10 @@ class TwilioCallControl:
             self._clients[account_sid] = (client, http)
         return self._clients[account_sid][0]
 
-    async def transfer(self, account_sid: str, call_sid: str, target: str) -> None:
-        await self._update(account_sid, call_sid, "transfer", twiml=dial_twiml(target))
+    async def transfer(self, account_sid: str, call_sid: str, target: str,
+                       action: str = "") -> None:
+        await self._update(account_sid, call_sid, "transfer",
+                           twiml=dial_twiml(target, action))
 
     async def hang_up(self, account_sid: str, call_sid: str) -> None:
         await self._update(account_sid, call_sid, "hang up", status="completed")

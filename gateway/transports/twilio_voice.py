@@ -49,6 +49,10 @@ TOKEN_PARAMETER = "token"
 # The stream parameter of a call resumed after its stream was lost (how many times, 1..).
 RESUMED_PARAMETER = "resumed"
 STREAM_ENDED_PATH = "/twilio/stream-ended"
+# The <Dial action>: Twilio asks it when a transfer's dial is over (answered, busy, ...).
+DIAL_ENDED_PATH = "/twilio/dial-ended"
+# DialCallStatus of a dial the person took: the call is over when they are done.
+_DIAL_TAKEN = frozenset({"completed", "answered"})
 # New streams for one call after its stream was lost: a replica gone is one, a rolling
 # deploy may cost another; a call that keeps losing its stream goes to a person instead.
 MAX_STREAM_RECONNECTS = 2
@@ -60,6 +64,7 @@ _CALL_OVER = frozenset({"completed", "canceled", "failed", "busy", "no-answer"})
 RESUMED_SAY = "Sorry, the line dropped for a moment. I'm back."
 HANDOFF_SAY = "Sorry, we are having trouble with this line. Let me put you through to a person."
 GIVE_UP_SAY = "Sorry, we are having trouble with this line. Please call us again."
+NO_ONE_FREE_SAY = "Sorry, no one could take your call just now. I'm back with you."
 # Anything but XML 1.0's Char production (most C0 controls, surrogates, U+FFFE/U+FFFF):
 # TwiML holding one is not XML, and Twilio rejects it. The TwiML library escapes markup only.
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -104,6 +109,11 @@ def not_xml_refusal(fields: Mapping[str, str]) -> str | None:
 def stream_ended_url(base_url: str, lost: int) -> str:
     """The ``<Connect action>``: Twilio requests it when the stream ends."""
     return f"{base_url}{STREAM_ENDED_PATH}?lost={lost}"
+
+
+def dial_ended_url(base_url: str) -> str:
+    """The ``<Dial action>``: Twilio requests it when a transfer's dial is over."""
+    return f"{base_url}{DIAL_ENDED_PATH}"
 
 
 def twiml_connect(url: str, parameters: dict[str, str], action: str, say: str = "") -> str:
@@ -230,7 +240,7 @@ async def twilio_stream_ended(request: Request) -> Response:
         # The stream ended while the transfer was under way (its REST request may never
         # have landed): the person the caller was promised, whoever asked Twilio last.
         logs.event(log, "twilio_stream_ended", outcome="transfer", **event)
-        response.append(dial(handoff))
+        response.append(dial(handoff, dial_ended_url(base)))
     elif status in _CALL_OVER or how is not None:
         # Hung up by the gateway, or the caller is gone: nothing to resume.
         logs.event(log, "twilio_stream_ended", outcome="hangup", **event)
@@ -240,11 +250,39 @@ async def twilio_stream_ended(request: Request) -> Response:
                    outcome="handoff" if handoff else "hangup", **event)
         if handoff:
             response.say(HANDOFF_SAY)
-            response.append(dial(handoff))
+            response.append(dial(handoff, dial_ended_url(base)))
         else:
             response.say(GIVE_UP_SAY)
             response.hangup()
     return _xml(str(response))
+
+
+async def twilio_dial_ended(request: Request) -> Response:
+    """A transfer's dial is over (Twilio's ``<Dial action>``). The person took the call:
+    it ends with them. Nobody did (busy, no answer, failed): the caller is back with the
+    bot, told so, on a new stream, never hung up on."""
+    services: Services = request.app.state.services
+    signed = await signed_form(request)
+    if isinstance(signed, Response):
+        return signed
+    params, base = signed
+    url = stream_url(base)
+    forwarded = stream_parameters(services, params, url)
+    if isinstance(forwarded, Response):
+        return forwarded
+    call_sid = forwarded["CallSid"]
+    dial_status = params.get("DialCallStatus", "")[:32]
+    status = params.get("CallStatus", "")
+    event = {"call_id": call_sid or None, "dial_status": dial_status, "call_status": status[:32]}
+    if dial_status in _DIAL_TAKEN or status in _CALL_OVER:
+        logs.event(log, "twilio_dial_ended", outcome="hangup", **event)
+        response = VoiceResponse()
+        response.hangup()
+        return _xml(str(response))
+    # Not transferred after all: a stream lost from here on resumes, not dials again.
+    await services.twilio_ended().forget(call_sid)
+    logs.event(log, "twilio_dial_ended", logging.WARNING, outcome="back_to_bot", **event)
+    return _xml(twiml_connect(url, forwarded, stream_ended_url(base, 0), say=NO_ONE_FREE_SAY))
 
 
 def signature_refusal(connection: HTTPConnection, public_url: str,
