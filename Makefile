@@ -24,6 +24,7 @@ test: install
 	bash scripts/ensure-redis.sh
 	bash scripts/ensure-browser.sh
 	bash scripts/ensure-haproxy.sh
+	bash scripts/ensure-node.sh
 	# Two workers, a module's tests on one (its fixtures load once): ~10 min, not ~18, on
 	# two cores, most tests waiting on processes, sockets or a model on the other core.
 	$(PY) -m pytest -n 2 --dist loadfile

@@ -267,8 +267,15 @@
     call = null;
     if (current.mic) { current.mic.source.disconnect(); current.mic.node.port.onmessage = null; }
     if (current.stream) current.stream.getTracks().forEach((t) => t.stop());
-    if (current.player.sources.size) current.player.stop("idle");
-    current.ctx.close().catch(() => {});
+    if (current.serverHangup) {
+      // The gateway hung up after its goodbye: it sends `hangup` once the goodbye left,
+      // and the page plays each reply PLAYBACK_LEAD_S behind: let its last words play out.
+      const left = Math.max(0, current.player.nextAt - current.ctx.currentTime);
+      setTimeout(() => current.ctx.close().catch(() => {}), left * 1000 + 50);
+    } else {
+      if (current.player.sources.size) current.player.stop("idle");
+      current.ctx.close().catch(() => {});
+    }
     els.call.disabled = false;
     els.hangup.disabled = true;
     els.textInput.disabled = true;
@@ -290,7 +297,9 @@
     } else if (current.lastError) {
       setState("failed", "call ended by the gateway");  // the error is already on screen
     } else if (event.code === 1000) {
-      setState("ended", "the gateway ended the call");
+      setState("ended", "the gateway ended the call" +
+               (current.serverHangup ? " (" + (HANGUP_WORDS[current.serverHangup] ||
+                                               current.serverHangup) + ")" : ""));
     } else if (event.code === 1006 || event.code === 1001 || event.code === 1012) {
       showError("The connection to the gateway was lost: it stopped, restarted or the network " +
                 "dropped. Call again when it is back.");
@@ -326,7 +335,15 @@
       askToken("The gateway refused the call: the token is wrong. Enter it again.");
       setState("failed", "call refused");
     } else if (answer) {
-      showError("The gateway at " + callUrl("") + " refused the call.");
+      // A ready gateway refusing a call without a token: it may have been restarted with
+      // one since the page read its settings (or was down then). Read them again.
+      await loadConfig();
+      if (call !== null) return;
+      if (config.token_required) {
+        askToken("This gateway now requires a call token.");
+      } else {
+        showError("The gateway at " + callUrl("") + " refused the call.");
+      }
       setState("failed", "call refused");
     } else {
       showError("Could not reach the gateway at " + callUrl("") + ". Is it running?");
@@ -360,7 +377,16 @@
         appendReply(current, event.turn, null, "→ the call should go to a person (" +
                     (event.reason || "handoff") + ")");
         break;
+      case "hangup":  // the gateway hangs up (its goodbye has left): the close follows
+        current.serverHangup = event.reason || "hangup";
+        break;
       case "interrupt": {
+        if (event.cause === "time_limit") {  // the bot stops its own reply: no barge-in
+          current.player.stop("stopped");
+          body.dataset.interruptCause = event.cause;
+          els.status.textContent = "the call reached its time limit";
+          break;
+        }
         bump("interrupts");
         const before = Number(body.dataset.framesDropped || 0);
         current.player.stop("stopped");
@@ -458,6 +484,11 @@
     li.append(whoEl, text);
     els.history.append(li);
   }
+
+  const HANGUP_WORDS = {  // a `hangup` event's reason, as the status says it
+    idle: "no one spoke",
+    time_limit: "the call reached its time limit",
+  };
 
   const ERROR_WORDS = {
     too_many_calls: "The gateway is busy: it is already carrying as many calls as it allows. " +
