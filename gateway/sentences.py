@@ -50,11 +50,13 @@ _NEXT_WORD = re.compile(r"\s*[\"'(“‘*]*([^\W\d_]*)(\.?)")
 _DOTTED = re.compile(r"(?:[a-z]{1,2}\.)+[a-z]{1,2}")
 _SENTENCE_END = ".!?…"
 _CLAUSE_END = ",;:—–"
-_MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d+\.\s+(?=\D))", re.MULTILINE)
+# A numbered list's item marker is "1." to "99.": a longer number with a period after it
+# ("Your confirmation number. 48213. Keep it handy.") is said, never taken for a marker.
+_MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d{1,2}\.\s+(?=\D))", re.MULTILINE)
 _SPACES = re.compile(r"\s+")
 # "2. " opening a line: a numbered list's item, whose period ends no sentence.
-_LIST_ITEM = re.compile(r"[ \t]*\d+\.\s")
-_LIST_MARKER = re.compile(r"\s*\d+")
+_LIST_ITEM = re.compile(r"[ \t]*\d{1,2}\.\s")
+_LIST_MARKER = re.compile(r"\s*\d{1,2}")
 
 
 def speakable(text: str) -> str:

@@ -1459,3 +1459,21 @@ async def test_a_call_plays_the_preface_before_a_tool_and_no_filler_after_it():
     await h.stop()
     assert [(e["source"], e["text"]) for e in h.output.of("response", turn=1)] == [
         ("llm", "Sure, let me look that up"), ("llm", "Your balance is twelve dollars.")]
+
+
+@pytest.mark.parametrize("tokens", ["word", "char"])
+@pytest.mark.parametrize("text, number", [
+    # A number read back as a sentence of its own, after a sentence cut.
+    ("Here is your confirmation number. 48213. Please keep it handy.", "48213"),
+    # The reply opens with the number (the buffer opens with it).
+    ("48213. That is your new reference number.", "48213"),
+])
+def test_a_number_said_as_a_sentence_of_its_own_is_spoken(tokens, text, number):
+    """Review (stop 59): the list-marker rule took any number opening the buffer for a list
+    item's "2." (the clause-cut case was fixed, the sentence-cut case not): speakable()
+    stripped it and the caller never heard the confirmation number, nor did the context
+    keep it. A marker is "1." to "99."."""
+    pieces = chunk_all(text, tokens)
+    assert number in " ".join(pieces), pieces
+    whole = SentenceChunker()
+    assert number in " ".join([*whole.feed(text), whole.flush()])
