@@ -184,18 +184,27 @@ def _xml(twiml: str) -> Response:
     return Response(twiml, media_type="application/xml")
 
 
-async def twilio_voice(request: Request) -> Response:
-    services: Services = request.app.state.services
+async def _call_webhook(request: Request) -> tuple[ImmutableMultiDict[str, str], str,
+                                                   dict[str, str]] | Response:
+    """A webhook about a call (signed, size-limited): its form, the public base URL and the
+    parameters a stream of the call is given; or the refusal."""
     signed = await signed_form(request)
     if isinstance(signed, Response):
         return signed
     params, base = signed
-    url = stream_url(base)
-    forwarded = stream_parameters(services, params, url)
+    forwarded = stream_parameters(request.app.state.services, params, stream_url(base))
     if isinstance(forwarded, Response):
         return forwarded
+    return params, base, forwarded
+
+
+async def twilio_voice(request: Request) -> Response:
+    webhook = await _call_webhook(request)
+    if isinstance(webhook, Response):
+        return webhook
+    _, base, forwarded = webhook
     logs.event(log, "twilio_voice", call_id=forwarded["CallSid"] or None)
-    return _xml(twiml_connect(url, forwarded, stream_ended_url(base, 0)))
+    return _xml(twiml_connect(stream_url(base), forwarded, stream_ended_url(base, 0)))
 
 
 async def twilio_stream_ended(request: Request) -> Response:
@@ -262,14 +271,10 @@ async def twilio_dial_ended(request: Request) -> Response:
     it ends with them. Nobody did (busy, no answer, failed): the caller is back with the
     bot, told so, on a new stream, never hung up on."""
     services: Services = request.app.state.services
-    signed = await signed_form(request)
-    if isinstance(signed, Response):
-        return signed
-    params, base = signed
-    url = stream_url(base)
-    forwarded = stream_parameters(services, params, url)
-    if isinstance(forwarded, Response):
-        return forwarded
+    webhook = await _call_webhook(request)
+    if isinstance(webhook, Response):
+        return webhook
+    params, base, forwarded = webhook
     call_sid = forwarded["CallSid"]
     dial_status = params.get("DialCallStatus", "")[:32]
     status = params.get("CallStatus", "")
@@ -282,7 +287,8 @@ async def twilio_dial_ended(request: Request) -> Response:
     # Not transferred after all: a stream lost from here on resumes, not dials again.
     await services.twilio_ended().forget(call_sid)
     logs.event(log, "twilio_dial_ended", logging.WARNING, outcome="back_to_bot", **event)
-    return _xml(twiml_connect(url, forwarded, stream_ended_url(base, 0), say=NO_ONE_FREE_SAY))
+    return _xml(twiml_connect(stream_url(base), forwarded, stream_ended_url(base, 0),
+                              say=NO_ONE_FREE_SAY))
 
 
 def signature_refusal(connection: HTTPConnection, public_url: str,
