@@ -447,7 +447,7 @@ def test_a_stage_failing_on_the_callers_audio_does_not_fail_the_call(idle_server
                            "the gateway's hang-up")
         ended = state["state"], text(browser, "status"), text(browser, "error")
         assert failed
-        assert ended == ("ended", "the gateway ended the call", ""), (ended, said)
+        assert ended == ("ended", "the gateway ended the call (no one spoke)", ""), (ended, said)
         # said while the call went on, in the status line, not as the call's error
         assert "voice activity detection failed" in said[0] and "goes on" in said[0], said
         assert "error" not in during and said[1] == "", said
