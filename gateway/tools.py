@@ -29,11 +29,6 @@ log = logging.getLogger("voicegate.tools")
 MAX_RESULT_CHARS = 4000  # what goes back into the context; a webhook may answer a lot
 MAX_REFUSAL_CHARS = 300  # of a 4xx's body: why the service refused the arguments
 UNKNOWN_TOOL = "(unknown)"  # the tool label of a call to a name no tool has
-# What became of a tool call (voicegate_tool_calls' outcome): ok; the model's own mistake
-# (unknown_tool, bad_arguments, not_sent: arguments httpx cannot send); the service's
-# (timeout, unreachable, redirected, refused: a 4xx, failed: a 5xx).
-OUTCOMES = ("ok", "unknown_tool", "bad_arguments", "not_sent", "timeout", "unreachable",
-            "redirected", "refused", "failed")
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the function names OpenAI takes
 
 
@@ -146,7 +141,10 @@ class ToolRunner:
         return content, outcome == "ok"
 
     async def _run(self, call: ToolCall, clock: Clock) -> tuple[str, str]:
-        """(content for the model, outcome: one of ``OUTCOMES``)."""
+        """(content for the model, outcome). The outcome (voicegate_tool_calls' label): ok;
+        the model's own mistake (unknown_tool, bad_arguments, not_sent: arguments httpx
+        cannot send); the service's (timeout, unreachable, redirected, refused: a 4xx,
+        failed: a 5xx)."""
         tool = self.tools.get(call.name)
         if tool is None:
             return _error(f"there is no tool named {call.name}"), "unknown_tool"

@@ -1341,12 +1341,15 @@ async def test_the_round_after_a_tool_is_held_too_and_a_quick_tool_is_not():
         Slow(0.9), ToolStarted("get_order", "c1"), Sentence("It shipped on Monday.")]
 
 
-async def test_a_call_holds_a_slow_tool_with_spoken_phrases_then_answers():
-    """Through a whole call: the filler at the tool call, then each hold phrase (different
-    ones) as a filler segment at 4 s and 8 s of the call's clock, then the answer."""
+@pytest.mark.parametrize("tool_s, phrases", [(9.0, [0, 1]), (13.0, [0, 1, 0])],
+                         ids=["two-holds", "phrases-in-turn"])
+async def test_a_call_holds_a_slow_tool_with_spoken_phrases_then_answers(tool_s, phrases):
+    """Through a whole call: the filler at the tool call, then a hold phrase as a filler
+    segment every 4 s of the call's clock, the phrases in turn (a 13 s tool: the third is
+    the first again), then the answer."""
     h = CallHarness()
     h.agent.tools = [ToolSpec("get_order", "The caller's order.")]
-    h.agent.runner = SlowTool(9.0)
+    h.agent.runner = SlowTool(tool_s)
     h.agent.hold_after_s = 4.0
     h.llm.tool_calls = [ToolCall("c1", "get_order", "{}")]
     h.llm.reply = "It shipped on Monday."
@@ -1354,31 +1357,11 @@ async def test_a_call_holds_a_slow_tool_with_spoken_phrases_then_answers():
     await h.text("where is my order")
     await h.wait(3900)
     assert [e["source"] for e in h.output.of("response", turn=1)] == ["filler"]
-    await h.wait(12000)
+    await h.wait(int(tool_s * 1000) + 7000)
     await h.stop()
     responses = h.output.of("response", turn=1)
     assert [(e["source"], e["text"]) for e in responses[1:]] == [
-        ("filler", HOLD_PHRASES[0]), ("filler", HOLD_PHRASES[1]),
-        ("llm", "It shipped on Monday.")]
-
-
-async def test_a_long_hold_plays_the_phrases_in_turn_through_a_whole_call():
-    """A 13 s tool: three hold phrases (4, 8, 12 s), the third the first phrase again,
-    each heard as a filler segment; then the answer."""
-    h = CallHarness()
-    h.agent.tools = [ToolSpec("get_order", "The caller's order.")]
-    h.agent.runner = SlowTool(13.0)
-    h.agent.hold_after_s = 4.0
-    h.llm.tool_calls = [ToolCall("c1", "get_order", "{}")]
-    h.llm.reply = "It shipped on Monday."
-    await h.start()
-    await h.text("where is my order")
-    await h.wait(20000)
-    await h.stop()
-    responses = h.output.of("response", turn=1)
-    assert [(e["source"], e["text"]) for e in responses[1:]] == [
-        ("filler", HOLD_PHRASES[0]), ("filler", HOLD_PHRASES[1]), ("filler", HOLD_PHRASES[0]),
-        ("llm", "It shipped on Monday.")]
+        *[("filler", HOLD_PHRASES[i]) for i in phrases], ("llm", "It shipped on Monday.")]
 
 
 async def test_a_second_tool_after_words_is_held_after_hold_after_s_not_twice_that():

@@ -551,25 +551,14 @@ async def test_the_last_message_being_sent_is_not_cut_off_by_the_close() -> None
         f"sent {ws.sent}")
 
 
-class StuckSocket:
-    """A client that reads nothing: every send
-    waits for ever."""
-
-    def __init__(self) -> None:
-        self.closed_with: int | None = None
+class StuckSocket(QuietSocket):
+    """A client that reads nothing: every send waits for ever."""
 
     async def send_text(self, text: str) -> None:
         await asyncio.Event().wait()
 
     async def send_bytes(self, data: bytes) -> None:
         await asyncio.Event().wait()
-
-    async def receive(self) -> dict[str, Any]:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def close(self, code: int = 1000) -> None:
-        self.closed_with = code
 
 
 async def test_an_outbox_close_cancelled_while_it_drains_leaves_no_writer_running() -> None:
