@@ -17,8 +17,8 @@ the one-sided Clopper-Pearson upper bound at ``CONFIDENCE`` (95%) of wrong cache
 answers / cached answers served, over held-out seed questions, stays at or below the
 target, and the share of out-of-domain negatives answered (a point estimate: a bound on
 1,267 negatives would allow two) stays at or below ``out_of_domain_target``. A point
-estimate on the seed lands below its target on questions the seed never saw (measured: a 99% target gave 98.5-98.9%); the bound
-keeps the promise with margin. A seed too small to bound the rate (fewer than about
+estimate on the seed lands below its target on questions the seed never saw (measured: a
+99% target gave 98.5-98.9%); the bound keeps the promise with margin. A seed too small to bound the rate (fewer than about
 300 held-out hits for a 1% target) falls back on the point estimate over at least
 ``min_unbounded_hits`` held-out hits (50 at 1%), and says so (``Thresholds.bounded``, the seed
 report): its precision is then a measurement on few questions, not a promise.

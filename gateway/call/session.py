@@ -465,12 +465,12 @@ class CallSession:
                 await asyncio.gather(task, return_exceptions=True)
         except asyncio.CancelledError:
             # The server's cancel at the end of its shutdown grace, while the call closed
-            # its stages: the slot is freed and the outbox's tasks stopped all the same
-            # (the shutdown waits for max_calls' count to fall; nothing outlives us).
-            self._leave()
+            # its stages: the outbox's tasks are stopped and (below) the slot freed all the
+            # same (the shutdown waits for max_calls' count to fall; nothing outlives us).
             self.outbox.abort()
             raise
-        self._leave()
+        finally:
+            self._leave()
         if self.errors > self.settings.max_logged_errors:
             logs.event(log, "bad_input_not_logged", logging.WARNING, transport=self.transport,
                        call_id=self.call_id, count=self.errors - self.settings.max_logged_errors)
