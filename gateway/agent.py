@@ -164,6 +164,9 @@ class Conversation:
         self.history: list[dict[str, Any]] = []
 
     def add_user(self, text: str) -> None:
+        # Every turn begins here, LLM or not: a call the cache answers throughout (no
+        # request is built, nothing else trims) keeps within the budget too.
+        self._trim()
         self.history.append({"role": "user", "content": text})
 
     def add_assistant(self, text: str, tool_calls: list[ToolCall] | None = None) -> None:
@@ -274,6 +277,15 @@ class Conversation:
             return
         budget = self.budget_chars - _size({"role": "system", "content": self.system_prompt})
         sizes = [_size(m) for m in history]
+        # The results messages() writes for calls left unanswered are sent too: each
+        # counted with the message that made the call (its exchange's, never cut).
+        made, at = 0, 0
+        for message in _answer_every_tool_call(history):
+            if at < len(history) and message is history[at]:
+                made = at if message["role"] != "tool" else made
+                at += 1
+            else:
+                sizes[made] += _size(message)
         if sum(sizes) <= budget:
             return
         starts = [i for i, m in enumerate(history) if m["role"] == "user"]

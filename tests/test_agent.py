@@ -1085,6 +1085,24 @@ def test_a_tool_call_left_without_a_result_is_said_to_be_of_unknown_outcome():
     assert "pay_bill" in error and "unknown whether" in error
 
 
+def test_the_results_written_for_unanswered_tool_calls_count_against_the_budget():
+    """Review (stop 60): a tool call left without a result (the turn stopped before it
+    ran) gets one written as the request is built (``_answer_every_tool_call``), after the
+    trim: each such call sent a couple of hundred characters past ``budget_chars``."""
+    conversation = Conversation("system", budget_chars=600)
+    conversation.add_user("pay my bill")
+    conversation.add_assistant("", [ToolCall("c1", "pay_bill", "{}")])
+    conversation.add_user("hello?")
+    conversation.add_assistant("y" * 200)
+    conversation.add_user("are you there?")
+    sent = conversation.messages()
+    assert sum(len(json.dumps(m)) for m in sent) <= 600, [m["role"] for m in sent]
+    assert sent[-1]["content"] == "are you there?"
+    # No call is left unanswered by the trim: each one sent keeps its result.
+    calls = {c["id"] for m in sent for c in m.get("tool_calls", [])}
+    assert calls == {m["tool_call_id"] for m in sent if m["role"] == "tool"}
+
+
 def test_openai_without_url_or_key_fails_at_start_up():
     from gateway.settings import SettingsError
     with pytest.raises(SettingsError, match="OPENAI_API_KEY"):

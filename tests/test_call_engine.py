@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 
 import pytest
 
@@ -277,6 +278,28 @@ async def test_a_cache_hit_replays_the_entry_and_the_partials_decided_it():
     assert route["hit"] and route["entry_id"] == "hours" and route["reused"] is True
     assert [e["source"] for e in h.output.of("response")] == ["cache"]
     assert h.metrics()[0]["first_audio_ms"] is not None
+
+
+async def test_a_call_answered_from_the_cache_alone_keeps_its_context_within_the_budget():
+    """Review (stop 60): a cache hit wrote its exchange to the context untrimmed (only an
+    LLM round, building its request, trimmed it): a call the cache answered throughout,
+    with no keeper to snapshot it, grew its history for as long as it lasted."""
+    h = CallHarness(faqs={"opening hours": "hours"})
+    conversation = h.call.conversation
+    conversation.budget_chars = len(json.dumps({"role": "system",
+                                                "content": conversation.system_prompt})) + 400
+    await h.start()
+    for n in range(12):
+        await h.text(f"what are your opening hours {n}")
+        await h.wait(1500)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response")] == ["cache"] * 12
+    assert h.llm.requests == []
+    *earlier, asked, answer = conversation.history
+    assert (asked["content"], answer["content"]) == ("what are your opening hours 11",
+                                                     "answer hours")
+    # What came before the latest exchange is what the budget holds (as an LLM turn's is).
+    assert 0 < sum(len(json.dumps(m)) for m in earlier) <= 400, len(earlier)
 
 
 async def test_partials_routed_only_when_they_can_change_the_decision():

@@ -126,6 +126,26 @@ async def test_the_caller_can_barge_in_over_the_greeting():
     assert sources(h) == ["greeting", "llm"]
 
 
+async def test_a_greeting_cut_short_stays_in_the_context_only_as_far_as_it_was_heard():
+    """Review (stop 60): the greeting went into the context whole before it played, and
+    its reply was never cut on a barge-in (``record_heard``), unlike every other reply the
+    agent's context holds: the model was told the caller heard words they talked over."""
+    h = harness({"greeting": GREETING, "false_interruption_s": 0})
+    h.responder._prompts.add(Clip("greeting", GREETING, tone(5000, 700), 16000))  # 5 s long
+    h.llm.reply = "Sure."
+    await h.start()
+    await h.wait(2500)
+    await h.say("cancel my card please", then_silence_ms=1500)
+    await h.stop()
+    (interrupt,) = h.output.of("interrupt")
+    words = GREETING.split()  # spread evenly over the clip's 5 s
+    heard = words[:int(len(words) * interrupt["heard_ms"] / 5000)]
+    assert 0 < len(heard) < len(words), interrupt
+    request = h.llm.requests[-1]
+    assert [(m["role"], m["content"]) for m in request[1:]] == [
+        ("assistant", " ".join(heard)), ("user", "cancel my card please")]
+
+
 # ---------------------------------------------------------------------- silence
 
 

@@ -1354,11 +1354,13 @@ class Call:
         tl.info["input"] = kind
         return tl
 
-    async def _say(self, tl: TurnTimeline, segment_for: Callable[[Turn], Any]) -> bool:
-        """Play one pre-rendered phrase as a reply of its own; True when it played out."""
+    async def _say(self, tl: TurnTimeline, segment_for: Callable[[Turn], Any],
+                   record_heard: bool = False) -> bool:
+        """Play one pre-rendered phrase as a reply of its own; True when it played out.
+        ``record_heard``: the context holds the phrase, cut to what was heard if stopped."""
         turn = self._turn(tl, "", None)
         try:
-            await self._reply.play_segment(turn, segment_for(turn))
+            await self._reply.play_segment(turn, segment_for(turn), record_heard=record_heard)
         except StageFailed as exc:  # not even the pre-rendered phrase: say so, stay up
             await self._report(exc.code, str(exc), tl.turn)
             return False
@@ -1371,7 +1373,9 @@ class Call:
             self._keeper.changed(self.conversation)  # so does a resumed call's
         tl = self._prompt_turn("greeting")
         self._trace.event("greeting", turn=tl.turn)
-        self._start_reply(tl, self._say(tl, lambda turn: self._responder.greeting(turn, text)))
+        # Cut on a barge-in as any reply is: the agent must not think the caller heard it all.
+        self._start_reply(tl, self._say(tl, lambda turn: self._responder.greeting(turn, text),
+                                        record_heard=True))
 
     # ------------------------------------------------------------------ silence
 

@@ -74,6 +74,8 @@ ReportFn = Callable[[str, str, int], Awaitable[None]]
 
 # What the assistant said, where: (spoken text, start ms, end ms) within the reply audio.
 Spoken = tuple[str, float, float]
+# The sources whose words the agent's context holds: a barge-in cuts them to the heard ones.
+_SAID = ("llm", "cache", "greeting")
 
 
 class ReplyStage:
@@ -171,12 +173,14 @@ class ReplyStage:
         """Play the responder's reply to ``turn``. Raises the failure of any stage."""
         await self._play_segments(turn, self._responder.respond(turn), record_heard=True)
 
-    async def play_segment(self, turn: Turn, segment: ReplySegment) -> None:
-        """Play one pre-rendered segment (an apology) as a reply of its own."""
+    async def play_segment(self, turn: Turn, segment: ReplySegment, *,
+                           record_heard: bool = False) -> None:
+        """Play one pre-rendered segment (an apology) as a reply of its own.
+        ``record_heard``: the context holds its words (the greeting), cut as a reply's are."""
         async def one() -> Any:
             yield segment
 
-        await self._play_segments(turn, one(), record_heard=False)
+        await self._play_segments(turn, one(), record_heard=record_heard)
 
     async def _play_segments(self, turn: Turn, segments: Any, record_heard: bool) -> None:
         tl = turn.timeline
@@ -212,8 +216,9 @@ class ReplyStage:
                         # segment was never said (nor a handoff it carries decided).
                         await playout.wait_until_open()
                         await self._announce(turn, segment)
-                        # Filler, handoff and apology phrases are not the assistant's words.
-                        said = segment.text if segment.source in ("llm", "cache") else ""
+                        # Filler, handoff and apology phrases are not the assistant's
+                        # words; the greeting is (the context holds it, to be cut).
+                        said = segment.text if segment.source in _SAID else ""
                         if said:
                             self._note_said(tl.turn, said)
                         spoken.append((said, playout.sent_ms, float("inf")))
