@@ -511,11 +511,14 @@ def test_trimming_measures_each_message_once(monkeypatch):
     """_trim measured the whole history again for every exchange it dropped: quadratic in
     the call's length, on the event loop, at every LLM round of a long call."""
     conversation = Conversation("system", budget_chars=600)
-    for n in range(300):
-        conversation.add_user(f"question {n} " + "x" * 50)
-        conversation.add_assistant(f"answer {n} " + "y" * 50)
-    conversation.add_user("the latest question")
+    # A long history restored whole (a resumed call's snapshot): add_user trims as it goes
+    # since stop 60, so only restore leaves _trim this much to drop at once.
+    long_call = [message for n in range(300) for message in (
+        {"role": "user", "content": f"question {n} " + "x" * 50},
+        {"role": "assistant", "content": f"answer {n} " + "y" * 50})]
+    conversation.restore(long_call + [{"role": "user", "content": "the latest question"}])
     measured = len(conversation.history)
+    assert measured == 601
     real_dumps = json.dumps
     calls = 0
 
