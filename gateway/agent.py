@@ -83,6 +83,10 @@ HOLD_PHRASES: tuple[str, ...] = (
 HANDOFF_MESSAGE = "I'm going to connect you with a colleague who can help. Please stay on the line."
 # A stage of the reply failed (a TTS or LLM error): the call goes on and the caller says it again.
 APOLOGY_MESSAGE = "Sorry, I had a problem on my side. Could you say that again?"
+# The transfer after a handoff message failed (Twilio refused it or did not answer): said at
+# once, the caller was promised a person and would otherwise hear nothing; the bot goes on.
+TRANSFER_FAILED_MESSAGE = ("Sorry, I couldn't put you through just now. "
+                           "I'm still here: how can I help?")
 # The caller has said nothing for idle_prompt_s since the bot finished; then, after as long
 # again, the call ends with the goodbye.
 IDLE_PROMPT_MESSAGE = "Are you still there?"
@@ -92,7 +96,8 @@ TIME_LIMIT_MESSAGE = ("I'm sorry, this call has reached its time limit, so I'll 
                       "Please call again if you need more help. Goodbye.")
 # Every phrase pre-rendered once per voice at start-up (Runtime.render_prompts), by key.
 PROMPT_TEXTS: dict[str, str] = {
-    "handoff": HANDOFF_MESSAGE, "apology": APOLOGY_MESSAGE, "idle": IDLE_PROMPT_MESSAGE,
+    "handoff": HANDOFF_MESSAGE, "apology": APOLOGY_MESSAGE,
+    "transfer_failed": TRANSFER_FAILED_MESSAGE, "idle": IDLE_PROMPT_MESSAGE,
     "goodbye": GOODBYE_MESSAGE, "time_limit": TIME_LIMIT_MESSAGE,
     **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)},
     **{f"hold:{i}": text for i, text in enumerate(HOLD_PHRASES)}}

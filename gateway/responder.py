@@ -314,8 +314,10 @@ class Responder:
         return self._prompt(turn, key, "filler", {"hold": True, "waited_s": waited_s})
 
     def apology(self, turn: Turn, code: str) -> ReplySegment:
-        """What the caller hears when a stage of the reply failed (the call goes on)."""
-        return self._prompt(turn, "apology", "apology", {"code": code})
+        """What the caller hears when a stage of the reply failed (the call goes on); a
+        failed transfer has its own ("I couldn't put you through"), not "say that again"."""
+        key = "transfer_failed" if code == "transfer_failed" else "apology"
+        return self._prompt(turn, key, "apology", {"code": code})
 
     def handoff(self, turn: Turn, reason: str) -> ReplySegment:
         segment = self._prompt(turn, "handoff", "handoff", {"reason": reason})

@@ -172,6 +172,10 @@ class _Prometheus:
             "voicegate_twilio_calls_resumed",
             "Twilio calls whose media stream was lost (a replica gone, a cut connection) and "
             "that went on over a new stream (/twilio/stream-ended)", registry=r)
+        self.twilio_hangups_already_ended = PromCounter(
+            "voicegate_twilio_hangups_already_ended",
+            "Twilio hang-ups the REST API answered with the call already over (404, or "
+            "21220 not in-progress): the caller hung up first; no failure", registry=r)
         self.degraded = Gauge("voicegate_degraded",
                               "1 while a shared store (Redis) is unreachable", registry=r)
         self.gc_pauses = PauseHistogram()
@@ -271,6 +275,10 @@ class Stats:
         """A Twilio call's stream was lost and the call went on over a new one."""
         self.twilio_calls_resumed += 1
         self.prometheus.twilio_resumed.inc()
+
+    def twilio_hangup_already_ended(self) -> None:
+        """The bot hung up a Twilio call the caller had already left: no failure."""
+        self.prometheus.twilio_hangups_already_ended.inc()
 
     def watch_hedge(self, hedge: "HedgeStats") -> None:
         """Export the agent's hedge counters (the LLM pair's failures) with these."""

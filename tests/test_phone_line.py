@@ -12,7 +12,7 @@ import pytest
 from gateway.call.keypad import BadKey, Collected, Keypad, Mapped
 from gateway.providers.base import LLMChunk, ProviderError, ToolSpec
 from gateway.audio_bank import Clip
-from gateway.agent import TIME_LIMIT_MESSAGE
+from gateway.agent import TIME_LIMIT_MESSAGE, TRANSFER_FAILED_MESSAGE
 from tests.call_harness import CallHarness, RecordingOutput, tone
 
 GREETING = "Hello, you are through to the bank."
@@ -1027,8 +1027,36 @@ async def test_a_failed_transfer_is_reported_and_the_call_goes_on():
     await h.text("are you still there")
     await h.wait(1500)
     await h.stop()
-    assert sources(h) == ["handoff", "llm"]
+    assert sources(h) == ["handoff", "apology", "llm"]
     assert not await ended(h) or h.call.ended is None
+
+
+async def test_a_failed_transfer_is_followed_by_an_apology_not_dead_air():
+    """Review (stop 60): the caller heard "I'm going to connect you with a colleague", the
+    transfer request failed, and then nothing: no word until they spoke again (or the
+    idle prompt, if any). They hear at once that they were not put through, and the bot
+    goes on with the call."""
+    h = harness({"keypad": {"0": "handoff"}, "idle_prompt_s": 0}, fail_transfer=True)
+    await h.start()
+    h.call.feed_dtmf("0")
+    while not h.output.transfers:
+        await h.wait(20)
+    frames_before = len(h.output.frames)
+    await h.wait(2000)
+    assert sources(h) == ["handoff", "apology"]
+    apology = h.output.of("response")[-1]
+    assert apology["text"] == TRANSFER_FAILED_MESSAGE and apology["turn"] == 1
+    ((failed_at, _),) = h.output.transfers
+    after = h.output.frames[frames_before:]
+    assert after and after[0][0] - failed_at < 0.2  # at once, not after a silence
+    assert h.stats.errors["transfer_failed"] == 1
+    (metrics,) = h.metrics()  # the handoff's turn, ended by the apology, not transferred
+    assert metrics["handoff"] and metrics["source"] == "apology" and "transferred" not in metrics
+    await h.text("are you still there")
+    await h.wait(1500)
+    await h.stop()
+    assert sources(h) == ["handoff", "apology", "llm"]
+    assert h.call.ended is None
 
 
 @pytest.mark.parametrize("env, message", [
@@ -1213,7 +1241,8 @@ async def test_a_transfer_that_fails_after_the_time_limit_still_ends_the_call():
     await h.wait(60000)
     assert len(h.output.transfers) == 1 and h.output.transfers_abandoned == 0
     assert [e["code"] for e in h.output.of("error")] == ["transfer_failed"]
-    assert sources(h) == ["handoff", "goodbye"]
+    # The caller hears that they were not put through, then the time-limit message.
+    assert sources(h) == ["handoff", "apology", "goodbye"]
     assert [r for _, r in h.output.hangups] == ["time_limit"]
     assert await ended(h) and h.call.ended == "time_limit"
 

@@ -4,6 +4,7 @@ of the call resource), keypad presses on both endpoints, and the bot hanging up 
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,8 @@ from twilio.request_validator import RequestValidator
 
 from gateway.client import Caller
 from gateway.server import BackgroundServer
+from gateway.stats import Stats
+from gateway.transports.twilio import TwilioOutput
 from gateway.transports.twilio_rest import CallControlError, TwilioCallControl, dial_twiml
 from tests.fakes.server import ServerThread
 from tests.fakes.twilio_media import TwilioLine
@@ -73,6 +76,42 @@ async def test_refusals_and_an_unreachable_api_are_clear_errors(rest):
     with pytest.raises(CallControlError, match="could not reach Twilio"):
         await gone.transfer(ACCOUNT, CALL_SID, NUMBER)
     await gone.aclose()
+
+
+@pytest.mark.parametrize("status, code", [(404, None), (400, 21220)])
+async def test_hanging_up_a_call_already_over_is_no_failure(rest, status, code, caplog):
+    """Review (stop 60): the caller hung up as the bot did (its idle goodbye, the time
+    limit), and Twilio answers the hang-up 404 (20404), or 400 with 21220 "Call is not
+    in-progress". The call is over, as asked: that was raised as a failure, which the call
+    counted `hangup_failed` and logged as a failed stage. It is counted apart, no error."""
+    fake, server = rest
+    fake.status, fake.code = status, code
+    caplog.set_level(logging.INFO)
+    stats = Stats()
+    control = TwilioCallControl(AUTH_TOKEN, server.url)
+    output = TwilioOutput(None, "MZ1", CALL_SID, control=control,  # type: ignore[arg-type]
+                          account_sid=ACCOUNT, call_sid=CALL_SID, stats=stats)
+    try:
+        await output.hang_up("idle")  # no CallControlError: the call reports no failure
+    finally:
+        await control.aclose()
+    assert fake.requests[0]["form"] == {"Status": "completed"}
+    assert not stats.errors
+    assert stats.prometheus.registry.get_sample_value(
+        "voicegate_twilio_hangups_already_ended_total") == 1.0
+    ours = [r for r in caplog.records if r.name.startswith("voicegate")]
+    assert [(r.getMessage(), r.levelname) for r in ours] == [
+        ("twilio_hangup_already_ended", "INFO")]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    fake.status, fake.code = 500, None  # Twilio failing is still a failure
+    control = TwilioCallControl(AUTH_TOKEN, server.url)
+    output = TwilioOutput(None, "MZ1", CALL_SID, control=control,  # type: ignore[arg-type]
+                          account_sid=ACCOUNT, call_sid=CALL_SID, stats=stats)
+    try:
+        with pytest.raises(CallControlError, match="HTTP 500"):
+            await output.hang_up("idle")
+    finally:
+        await control.aclose()
 
 
 def test_dial_twiml_for_a_number_and_a_sip_uri():

@@ -1502,16 +1502,23 @@ class Call:
         # reply (``_barge_in``). Cancelled in its request, the transfer would be abandoned
         # halfway, the call moved or not and nobody the wiser; their input waits for it.
         self._transferring = asyncio.current_task()
+        failed: Exception | None = None
         try:
             # By the clock the message has played (the playout waited); the far end's
             # jitter buffer may lag by up to the lead we send ahead, so that much longer.
             await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
             moved = await self._ask_line(transfer(str(tl.info["handoff"])))
-        except Exception as exc:  # the caller stays with the bot; the next turn works
-            await self._report("transfer_failed", f"the transfer failed: {exc}", tl.turn)
-            return
+        except Exception as exc:
+            failed = exc
         finally:
             self._transferring = None
+        if failed is not None:
+            # The caller stays with the bot, and hears so at once: after "I'm going to
+            # connect you" a silent line (until they spoke again) was the worst answer.
+            # The apology is a reply as any: the caller may talk over it.
+            await self._report("transfer_failed", f"the transfer failed: {failed}", tl.turn)
+            await self._apologize(tl, "", "transfer_failed")
+            return
         if moved:
             self._transferred = True
             tl.info["transferred"] = True

@@ -32,9 +32,10 @@ from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA,
                         ProtocolError, StartMessage, parse_dtmf_digit, parse_json, utf8_bytes_over)
 from ..services import Services
+from ..stats import Stats
 from .call_records import SAFE_ID
 from .twilio_ended import HUNG_UP, TRANSFERRED, EndedCalls
-from .twilio_rest import TwilioCallControl
+from .twilio_rest import CallAlreadyEnded, TwilioCallControl
 from .twilio_voice import (RESUMED_PARAMETER, TOKEN_PARAMETER, dial_ended_url,
                            public_base_url, signature_refusal, stream_generation, stream_url)
 
@@ -144,8 +145,10 @@ class TwilioOutput:
     def __init__(self, outbox: Outbox, stream_sid: str, call_id: str,
                  control: TwilioCallControl | None = None, account_sid: str = "",
                  call_sid: str = "", handoff_number: str = "",
-                 ended: EndedCalls | None = None, dial_action: str = "") -> None:
+                 ended: EndedCalls | None = None, dial_action: str = "",
+                 stats: Stats | None = None) -> None:
         self._outbox = outbox
+        self._stats = stats  # counts a hang-up that found the call already over
         # The transfer's <Dial action> (/twilio/dial-ended): a desk that does not answer
         # gives the caller back to the bot instead of ending the call.
         self._dial_action = dial_action
@@ -227,12 +230,20 @@ class TwilioOutput:
     async def hang_up(self, reason: str) -> None:
         """End the phone call (Status=completed). Recorded as ended first: if the REST
         request fails (or there are no REST credentials) closing the stream ends the
-        call, and /twilio/stream-ended then answers ``<Hangup/>`` instead of resuming it."""
+        call, and /twilio/stream-ended then answers ``<Hangup/>`` instead of resuming it.
+        A call Twilio says is already over (the caller hung up as we did) is ended, as
+        asked: no failure, counted apart and logged at info."""
         await self._mark_ended()
         if self._control is None:
             logs.event(log, "twilio_hangup_by_closing_stream", call_id=self.call_id)
             return
-        await self._control.hang_up(self._account_sid, self._call_sid)
+        try:
+            await self._control.hang_up(self._account_sid, self._call_sid)
+        except CallAlreadyEnded as exc:
+            if self._stats is not None:
+                self._stats.twilio_hangup_already_ended()
+            logs.event(log, "twilio_hangup_already_ended", call_id=self.call_id,
+                       detail=str(exc))
 
     async def _mark_ended(self, how: str = HUNG_UP) -> None:
         if self._ended is not None:
@@ -429,7 +440,7 @@ class TwilioStream:
                               handoff_number=settings.handoff_number,
                               ended=self._services.twilio_ended(),
                               dial_action=dial_ended_url(self._base_url)
-                              if self._base_url else "")
+                              if self._base_url else "", stats=self._services.stats)
         self.output = output
         # A stream /twilio/stream-ended reconnected after one was lost: the caller was
         # greeted already (and has just heard Twilio's apology).

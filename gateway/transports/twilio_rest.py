@@ -6,7 +6,9 @@ made here with the official ``twilio`` SDK on its asyncio HTTP client:
 
 - transfer: new TwiML for the live call, ``<Dial>`` to ``VOICEGATE_HANDOFF_NUMBER``
   (a phone number, or ``<Sip>`` for a SIP URI); Twilio ends our stream and dials;
-- hang up: ``Status=completed``.
+- hang up: ``Status=completed``. A call already over (the caller hung up first) is
+  answered 404, or 400 with Twilio's error 21220 ("Call is not in-progress"):
+  ``CallAlreadyEnded``, which for a hang-up is no failure.
 
 Credentials: the call's account SID (from the stream's ``start``) and
 ``VOICEGATE_TWILIO_AUTH_TOKEN``. ``VOICEGATE_TWILIO_API_URL`` replaces
@@ -33,8 +35,17 @@ from .. import logs
 log = logging.getLogger("voicegate.twilio")
 
 
+# Twilio's error for a live-call operation on a call that is not in progress (completed).
+CALL_NOT_IN_PROGRESS = 21220
+
+
 class CallControlError(RuntimeError):
     """Twilio refused the request or could not be reached; the message says which."""
+
+
+class CallAlreadyEnded(CallControlError):
+    """Twilio answered that the call is over: HTTP 404 (the call is no longer live to
+    update), or ``CALL_NOT_IN_PROGRESS``. The caller hung up before the request landed."""
 
 
 def dial(target: str, action: str = "") -> Dial:
@@ -95,8 +106,10 @@ class TwilioCallControl:
             async with asyncio.timeout(self._timeout_s):
                 await client.calls(call_sid).update_async(**changes)
         except TwilioRestException as exc:
-            raise CallControlError(f"Twilio refused to {what} call {call_sid}: HTTP "
-                                   f"{exc.status} {exc.msg}"[:300]) from None
+            over = exc.status == 404 or exc.code == CALL_NOT_IN_PROGRESS
+            raise (CallAlreadyEnded if over else CallControlError)(
+                f"Twilio refused to {what} call {call_sid}: HTTP {exc.status} "
+                f"{exc.msg}"[:300]) from None
         except TimeoutError:
             raise CallControlError(f"Twilio did not answer the {what} request within "
                                    f"{self._timeout_s:g} s") from None

@@ -4,7 +4,8 @@
 (account SID : auth token) and a form body (``Twiml``, ``Status``, ...), answered with
 the call's JSON as Twilio documents it. Errors use Twilio's error shape
 (``{"code", "message", "more_info", "status"}``): 401 for wrong credentials, or the
-``status`` a test sets. Every request is recorded, refused ones too.
+``status`` a test sets (with Twilio's ``code``, if it sets one: 21220 "Call is not
+in-progress"). Every request is recorded, refused ones too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class FakeTwilioRest:
         self.auth_token = auth_token
         self.requests: list[dict[str, Any]] = []
         self.status = 200  # set to 404 / 500 to fail the next requests
+        self.code: int | None = None  # Twilio's error code for them (else 20404 / 20500)
         self.app = Starlette(routes=[Route(
             "/2010-04-01/Accounts/{account}/Calls/{call}.json", self._update_call,
             methods=["POST"])])
@@ -46,6 +48,8 @@ class FakeTwilioRest:
                               "content_type": request.headers.get("content-type", "")})
         if (user, password) != (self.account_sid, self.auth_token) or account != user:
             return self._error(401, 20003, "Authenticate")
+        if self.status != 200 and self.code == 21220:
+            return self._error(self.status, 21220, "Call is not in-progress. Cannot redirect.")
         if self.status != 200:
             return self._error(self.status, 20404 if self.status == 404 else 20500,
                                "The requested resource was not found" if self.status == 404
