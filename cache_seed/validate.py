@@ -344,6 +344,12 @@ def _printable(text: str) -> bool:
     return all(c.isprintable() or c in _JOINERS for c in text)
 
 
+def bad_intent_characters(name: str) -> str:
+    """Why an intent name (stripped) with a control or invisible separator character is
+    refused: the seed CSV's reason, the admin API's too (gateway/admin/publish.py)."""
+    return f"bad intent {name!r}: it contains a control or invisible separator character"
+
+
 def _repeats_header(fields: list[str], header: list[str]) -> bool:
     """A data row that names the header's columns again (in any order, any case, a BOM
     before it: a second file's first line)."""
@@ -409,8 +415,7 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
                                      f"{MAX_ANSWER_CHARS})"))
     if intent is not None and (not _printable(intent_text) or not _visible(intent)):
         # a tab is refused, not collapsed; joiners alone show nothing
-        errors.append(RowError(line, f"bad intent {intent_text!r}: it contains a control or "
-                                     "invisible separator character"))
+        errors.append(RowError(line, bad_intent_characters(intent_text)))
     elif intent is not None and len(intent) > MAX_INTENT_CHARS:
         errors.append(RowError(line, f"bad intent {intent[:40]!r}...: {len(intent)} characters, "
                                      f"at most {MAX_INTENT_CHARS}"))

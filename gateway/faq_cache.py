@@ -112,7 +112,7 @@ class FaqCache:
             return False
         except Exception as exc:
             # The store answered with a pointer that names no version (set by hand, a key of
-            # another type, an unreadable file): no outage to wait out. A replica starting
+            # another type, a directory): no outage to wait out. A replica starting
             # now turns ready without a cache, as it does on a bad version, and says why.
             self.last_error = f"cannot read the current version: {exc}"
             self._unreachable = False

@@ -452,8 +452,14 @@ class LocalStore(Store):
             return self._pointer.read_text(encoding="ascii").strip() or None
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as exc:  # edited by hand, or a disk fault
+        except (IsADirectoryError, UnicodeDecodeError) as exc:  # edited by hand: no name
             raise StoreError(unreadable_pointer_message(str(self._pointer), exc)) from exc
+        except OSError as exc:
+            # The disk did not answer (EIO, a lost NFS mount, no permission): an outage to
+            # wait out, as an unreachable Redis is, never a pointer that names no version.
+            raise StoreUnavailable(f"the current-version pointer ({self._pointer}) cannot be "
+                                   f"read: {exc.strerror or exc} (the store's disk did not "
+                                   "answer; read again at the next refresh)") from exc
 
     def read(self, version: str | None = None) -> tuple[str, CacheBundle]:
         name = version or self.current_version()

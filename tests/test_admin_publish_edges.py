@@ -121,6 +121,49 @@ async def test_an_upload_on_a_replica_behind_the_store_takes_the_defaults_of_a_v
         "replica held")
 
 
+class SilentPointerStore(LocalStore):
+    """A store that does not answer the next ``silent`` reads of its pointer (a Redis
+    timeout: ``StoreUnavailable``), then answers again."""
+
+    silent = 0
+
+    def current_version(self):
+        if self.silent:
+            self.silent -= 1
+            raise StoreUnavailable("Redis at redis://cache:6379/0 is unreachable "
+                                   "(current_version): Timeout reading from socket")
+        return super().current_version()
+
+
+async def test_an_upload_while_the_store_does_not_answer_is_refused_not_seeded_with_memorys_defaults(
+        tmp_path: Path) -> None:
+    """Review (stop 60): gateway/admin/publish.py _upload_defaults: the store did not answer
+    the read of its current version's target and negatives (one timeout), so the upload
+    took this replica's copy, silently. Here that copy is behind: the CLI has published
+    the operator's negatives and 5 % since this replica's last poll. The store answers
+    again for the publish, and replaces them with 1 % and none. Nothing in the answer said
+    which defaults were used; the operator's negatives are gone for good. The upload is to
+    be refused as the store's outage (retry it), publishing nothing."""
+    store = SilentPointerStore(tmp_path / "store")
+    cli_seed(store, small_faq_csv(), target=0.01, negatives=())
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh()
+    newer = cli_seed(store, small_faq_csv())  # the CLI's seed; this replica has not polled yet
+    publisher, services = publisher_on(cache)
+    store.silent = 1  # the defaults' read
+
+    with pytest.raises(StoreUnavailable) as raised:
+        report = await publisher.seed_csv(small_faq_csv().encode(), "faq.csv")
+        new = manifest(store, report.version)
+        pytest.fail(f"the upload replaced {newer} (target {OPERATOR_TARGET}, negatives "
+                    f"{list(OPERATOR_NEGATIVES)}) with target "
+                    f"{new['thresholds']['target_wrong_rate']}, negatives {new['negatives']}")
+    assert store.current_version() == newer
+    response = _publish_failed(raised.value, services)  # type: ignore[arg-type]
+    said = json.loads(response.body)["error"]
+    assert response.status_code == 503 and "negatives" in said and "retry" in said, said
+
+
 # ------------------------------------------------------------------------------------------
 # Misleading errors
 

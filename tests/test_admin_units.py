@@ -142,6 +142,32 @@ def test_rows_validate_like_a_csv_with_line_numbers_by_row():
     assert again.entries == plan.entries and again.questions == plan.questions
 
 
+@pytest.mark.parametrize("separator", ["\t", "\n", "\xa0", "\u3000"],
+                         ids=["tab", "line-feed", "no-break-space", "ideographic-space"])
+def test_an_intent_name_the_seed_csv_refuses_for_its_whitespace_is_refused_by_the_admin_api(
+        separator):
+    """Review (stop 60): gateway/admin/publish.py _entry_fields collapsed every run of
+    whitespace in a name, so POST /admin/entries published "Card<TAB>lost" as "Card lost",
+    where the seed CSV refuses it (cache_seed/validate.py _read_row: "a tab is refused, not
+    collapsed", a cell boundary pasted into the name). One name, two verdicts by the way
+    it came in. The admin API is to refuse it too, with the CSV's reason."""
+    from cache_seed import parse_seed_csv
+    from gateway.admin.publish import BadEntry, _entry_fields
+
+    name = f"Card{separator}lost"
+    with pytest.raises(SeedValidationError) as csv_refusal:
+        parse_seed_csv(("question,answer,intent,action\n"
+                        f'I lost my bank card,Call us to block it.,"{name}",\n'
+                        "When are you open?,Nine to five.,opening_hours,\n").encode())
+    [reason] = [e.reason for e in csv_refusal.value.errors]
+    for field in ("intent", "id"):
+        with pytest.raises(BadEntry) as admin_refusal:
+            fields = _entry_fields({field: name, "answer": "Call us to block it.",
+                                    "questions": ["I lost my bank card"]})
+            pytest.fail(f"the CSV refuses {name!r} ({reason}); the admin API took {fields}")
+        assert str(admin_refusal.value) == reason
+
+
 def test_a_csv_intents_name_survives_the_rows_an_admin_edit_rebuilds():
     # An admin edit of any entry re-validates every row of the serving version: an intent name
     # published from a CSV must come back the same (same entry id, same URL).

@@ -677,7 +677,7 @@ def test_a_torn_models_blob_retrained_at_load_is_said_in_the_log(
 @pytest.mark.parametrize("pointer", [b"\xff\xfe20261127T000000Z-abcdef", None],
                          ids=["not-ascii", "a-directory"])
 def test_an_unreadable_pointer_is_a_clear_store_error(tmp_path: Path, pointer) -> None:
-    # CURRENT edited by hand (or a disk fault): a StoreError that names it, so the admin API
+    # CURRENT edited by hand: a StoreError that names it, so the admin API
     # answers its JSON error and a replica keeps what it serves, never a bare 500.
     store = LocalStore(tmp_path / "store")
     current = tmp_path / "store" / "CURRENT"
@@ -691,6 +691,30 @@ def test_an_unreadable_pointer_is_a_clear_store_error(tmp_path: Path, pointer) -
     cache = FaqCache(store, embedder=SimpleNamespace(model_name="m", dim=4))
     assert cache.refresh() is False and cache.version is None
     assert cache.last_error is not None and "current-version pointer" in cache.last_error
+
+
+def test_a_disk_fault_reading_the_pointer_is_an_outage_not_a_bad_pointer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (stop 60): intents/store.py LocalStore.current_version: an EIO reading CURRENT
+    (a failing disk, an NFS server gone) was a plain StoreError, which FaqCache takes for
+    a pointer that names no version: a replica starting now turns ready with no cache and
+    does not wait for the store. The Redis store says StoreUnavailable for a store that
+    does not answer; a disk that does not answer is the same outage."""
+    store = LocalStore(tmp_path / "store")
+    store.publish(empty_bundle())
+    pointer = tmp_path / "store" / "CURRENT"
+    read_text = Path.read_text
+
+    def failing_disk(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == pointer:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", failing_disk)
+    with pytest.raises(StoreUnavailable, match="Input/output error"):
+        store.current_version()
+    cache = FaqCache(store, embedder=SimpleNamespace(model_name="m", dim=4))
+    assert cache.refresh() is False and cache.store_unanswered, cache.last_error
 
 
 def test_a_seed_replaces_an_unreadable_pointer_as_its_error_advises(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
                         parse_seed_csv, parse_seed_rows, rows_from_manifest)
+from cache_seed.validate import bad_intent_characters
 
 from intents.store import ANY_VERSION, AnyVersion, StoreError, StoreUnavailable
 from intents.types import entry_id_for
@@ -262,17 +263,26 @@ class Publisher:
         the store's current one, whether this replica serves it, is behind it (another
         replica, the CLI, published since its last poll) or cannot load it (an answer's
         audio lost). Memory's copy when the store lost it (Redis restarted empty, a wiped
-        directory: what a reseed repairs) or does not answer; the CLI's 1% when there is
-        none. Blocking."""
+        directory: what a reseed repairs) or holds one that cannot be read; the CLI's 1% when
+        there is none. ``StoreUnavailable`` when the store does not answer. Blocking."""
         cache = self.services.cache
         assert cache is not None
         loaded = cache.loaded
-        with contextlib.suppress(StoreError):
+        try:
             current = cache.store.current_version()
             if current is not None and (loaded is None or current != loaded.version):
                 _, bundle = cache.store.read(current)
                 return (self._target_wrong_rate(bundle.manifest),
                         tuple(bundle.manifest.get("negatives") or ()))
+        except StoreUnavailable as exc:
+            # Memory's copy may be behind the store's (the CLI or another replica published
+            # since the last poll): the store answering again for the publish would replace
+            # the operator's negatives and target with it, unsaid.
+            raise StoreUnavailable(f"the store did not answer while the current version's "
+                                   f"wrong-answer target and negatives were read, to keep "
+                                   f"them ({exc}): retry the upload") from exc
+        except StoreError:
+            pass  # not readable as a version (what a reseed repairs): memory's copy
         if loaded is not None:
             return loaded.thresholds.target_wrong_rate, tuple(loaded.negatives)
         return 0.01, ()
@@ -402,6 +412,11 @@ def _entry_fields(body: Mapping[str, Any]) -> tuple[str, Any, Any, Any]:
     for name, value in (("id", entry_id), ("intent", intent)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise BadEntry(f"'{name}' must be a non-empty string")
+        if value is not None and any(c.isspace() and c != " " for c in value.strip()):
+            # A tab or line break inside a name is refused, as the seed CSV refuses it, not
+            # collapsed into a space: the rows collapse whitespace, so their own check (the
+            # one other control characters meet) never sees it.
+            raise BadEntry(bad_intent_characters(value.strip()))
     # Whitespace as the seed stores the name ("Card  lost" is published as "Card lost"):
     # the entry is found, and answered, under the name it is published with.
     entry_id, intent = (" ".join(v.split()) if isinstance(v, str) else v
