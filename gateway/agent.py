@@ -10,7 +10,8 @@ responder turns into audio:
   make no sentence yet); filler bridges the gap. Timed on the ``clock`` given to ``respond``
   (the call's: ``turn.timeline.clock``; ``SYSTEM_CLOCK`` by default), like the hedge.
 - ``StillWorking(waited_s)``: a tool call (or the round after it) has left the line quiet for
-  ``waited_s`` since the tool was called, nothing said since: a hold phrase plays ("still
+  ``waited_s`` since the tool was called, nothing said since, or a model has said nothing
+  for ``waited_s`` since the filler (a first token, then a stall): a hold phrase plays ("still
   checking"), every ``hold_after_s`` for as long as the quiet lasts (the phrases in turn).
   The one filler covers the first second or two of a tool; a webhook that takes its whole
   ``timeout_s`` would otherwise leave the caller in silence for the rest.
@@ -499,10 +500,11 @@ class Agent:
         retried = False  # a broken round is asked again at most once a turn
         reasked_empty = False  # and an empty one
         started = clock.now()  # the filler's wait counts from here
-        held_since: float | None = None  # the tool call nothing was said since; None: not held
+        held_since: float | None = None  # the tool call (or filler) nothing was said since
         holds = 0  # hold phrases cued this turn
         held_holds = 0  # of them, cued before held_since (an earlier quiet stretch's)
         last_hold: float | None = None  # when the last one was cued
+        stalled = False  # held_since is the Slow cue's (no tool call yet): a call restarts it
 
         def next_cue() -> float | None:
             """When (clock time) the next cue is due: the filler until something is said or
@@ -519,9 +521,12 @@ class Agent:
             return due if last_hold is None else max(due, last_hold + self.hold_after_s)
 
         def cue() -> Slow | StillWorking:
-            nonlocal filler, holds, last_hold
+            nonlocal filler, holds, last_hold, held_since, held_holds, stalled
             if not (spoke or filler):
                 filler = True
+                # Held from here too: a model that stalls (a first token, then nothing until
+                # llm_idle_timeout_s, then a retry) must not leave dead air after the filler.
+                held_since, held_holds, stalled = clock.now(), holds, True
                 return Slow(self.filler_after_s or 0.0)
             holds += 1
             last_hold = clock.now()
@@ -574,8 +579,10 @@ class Agent:
                     elif item.tool_call is not None:
                         calls.append(item.tool_call)
                         filler = True
-                        if held_since is None:  # the silence a hold phrase covers starts here
-                            held_since, held_holds = clock.now(), holds
+                        # The silence a hold phrase covers starts here (a stall's, at
+                        # the filler, gives way: the model is answering after all).
+                        if held_since is None or stalled:
+                            held_since, held_holds, stalled = clock.now(), holds, False
                         yield ToolStarted(item.tool_call.name, item.tool_call.id)
                 tail = chunker.flush()
                 if tail:

@@ -158,3 +158,22 @@ def test_a_promotion_takes_every_wording_of_its_group_off_the_misses_list(promot
         assert promoted.json()["promoted"]["questions"] == 50
         listed = client.get("/admin/misses", params={"limit": 100}).json()
         assert listed["groups"] == [] and listed["total"] == 0
+
+
+@pytest.mark.parametrize("reply", ["We open at nine. FAIL the rest of it.",
+                                   "We open at nine. We close at FAIL."])
+async def test_a_reply_that_failed_half_way_is_no_draft_answer(reply):
+    """Review (stop 60): a reply that broke off (here its voice failed on a later sentence,
+    the caller hearing the first, then the apology) is half an answer: kept as the miss's
+    draft, the most recent one, a promotion without an answer would publish it, and a
+    wrong cached answer is worse than a miss."""
+    h = CallHarness()
+    h.llm.reply = reply
+    await h.start()
+    await h.text("when do you open on mondays")
+    await h.wait(3000)
+    await h.stop()
+    assert h.stats.errors["tts_failed"] == 1, h.stats.errors
+    assert [e["source"] for e in h.output.of("response")] == ["llm", "apology"]
+    (missed,) = h.stats.missed_questions()
+    assert missed.text == "when do you open on mondays" and missed.answer is None

@@ -456,6 +456,34 @@ async def test_a_stall_after_the_first_token_still_gets_a_filler():
         "caller hears nothing at all")
 
 
+async def test_a_stall_after_the_filler_gets_hold_phrases_not_silence():
+    """Review (stop 60): the winner sends "Sure" and stalls. The filler plays at
+    filler_after_s, and then nothing did until llm_idle_timeout_s (10 s) failed the round
+    and the retry's own first-token wait began: many seconds of dead air after "let me
+    check that", which hold phrases cover for a slow tool. A stall is held the same way:
+    every hold_after_s of silence since the filler, until something is said."""
+    clock = ManualClock()
+    leg = StallsAfterFirstToken()
+    agent = Agent(HedgedChat(leg, None, hedge_delay_s=0.0, idle_timeout_s=600.0,  # type: ignore[arg-type]
+                             clock=clock), filler_after_s=0.9, hold_after_s=4.0)
+    events = agent.respond(agent.new_conversation(), "what's my balance", clock=clock)
+    seen: list = []
+    start = clock.now()
+
+    async def read() -> None:
+        async for event in events:
+            seen.append((round(clock.now() - start, 3), event))
+
+    reader = asyncio.create_task(read())
+    try:
+        await clock.advance(10.0)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await events.aclose()
+    assert seen == [(0.9, Slow(0.9)), (4.9, StillWorking(4.0)), (8.9, StillWorking(8.0))], seen
+
+
 async def test_a_second_cancel_while_the_llm_stream_closes_keeps_what_was_said():
     """A barge-in cancels the reply as the responder waits to queue its next segment; the
     agent's events are closed, and its LLM stream's close takes a second (an HTTP

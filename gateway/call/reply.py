@@ -102,7 +102,8 @@ class ReplyStage:
         self._said: tuple[int, list[str]] = (0, [])
 
     def said_text(self, turn: int) -> str:
-        """What the assistant said (in full) in ``turn``'s reply; empty when nothing."""
+        """What the assistant said (in full) in ``turn``'s reply; empty when nothing, or
+        when the reply failed part-way (half an answer)."""
         said_turn, texts = self._said
         return " ".join(texts) if said_turn == turn else ""
 
@@ -229,6 +230,8 @@ class ReplyStage:
                     spoken[-1] = (said, spoken[-1][1], playout.sent_ms)
             await playout.flush()
         except Exception as exc:
+            # Half an answer is no draft for the FAQ (a promotion would publish it as is).
+            self._unsay(tl.turn)
             # The agent wrote every sentence it made; the caller gets what was sent before
             # the failure (then the apology): the context keeps only that.
             if record_heard:
@@ -273,6 +276,10 @@ class ReplyStage:
         if self._said[0] != turn:
             self._said = (turn, [])
         self._said[1].append(text)
+
+    def _unsay(self, turn: int) -> None:
+        if self._said[0] == turn:
+            self._said = (turn, [])
 
     async def _announce(self, turn: Turn, segment: ReplySegment) -> None:
         tl = turn.timeline
