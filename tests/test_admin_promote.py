@@ -134,6 +134,26 @@ async def test_the_engine_keeps_the_agents_answer_and_call_of_a_miss():
     assert missed.answer == "We open at nine. See you soon." and missed.call_id == "test-call"
 
 
+async def test_a_reply_the_caller_cut_off_is_no_draft_answer():
+    """Review (stop 60): a reply stopped part-way (here by the caller's barge-in) left the
+    sentences that had started as the miss's draft, the most recent one: a promotion
+    without an answer would publish the first sentences of an answer as all of it."""
+    h = CallHarness()
+    h.llm.reply = " ".join(f"Sentence {i} of a long answer." for i in range(30))
+    await h.start()
+    await h.text("tell me everything about my account")
+    await h.wait(800)
+    assert h.call.speaking
+    await h.say("cancel my card please", then_silence_ms=1500)
+    await h.stop()
+    assert h.output.of("interrupt")
+    asked = {m.text: m.answer for m in h.stats.missed_questions()}
+    assert asked["tell me everything about my account"] is None, asked
+    # The call's end cut the second reply short too (a reply played out keeps its draft:
+    # test_the_engine_keeps_the_agents_answer_and_call_of_a_miss).
+    assert asked["cancel my card please"] is None, asked
+
+
 def test_groups_count_calls_and_take_the_latest_answer(runtime):
     missed = [MissedQuestion("is the branch open late", None, "llm", 10.0, 0.1, "Old.", "c1"),
               MissedQuestion("is the branch open late", None, "llm", 20.0, 0.1, "New.", "c2"),

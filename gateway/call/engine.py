@@ -1115,9 +1115,12 @@ class Call:
         if counted:
             # Keys are no question to add to the FAQ (and may be a PIN): never a "miss" text.
             asked = None if tl.info.get("input") == "dtmf" else text
+            # A reply stopped part-way (a barge-in, the time limit, the call's end) is no
+            # draft for the FAQ: a promotion would publish its first sentences as all of it.
+            answer = None if metrics.get("interrupted") else self._reply.said_text(tl.turn)
             self._stats.turn_finished(metrics, asked,
                                       route_score=decision.score if decision else None,
-                                      answer=self._reply.said_text(tl.turn), call_id=self.id)
+                                      answer=answer, call_id=self.id)
             self.turns_answered += 1
             if tl.info.get("continues"):
                 # Here, not as the turn opens: one stopped before it asked anything carries
