@@ -170,10 +170,14 @@ class Conversation:
         self.history: list[dict[str, Any]] = []
 
     def add_user(self, text: str) -> None:
-        # Every turn begins here, LLM or not: a call the cache answers throughout (no
-        # request is built, nothing else trims) keeps within the budget too.
-        self._trim()
         self.history.append({"role": "user", "content": text})
+
+    def trim(self) -> None:
+        """Keep the history within the budget. Every request does (``messages``); the call
+        does it at each turn's end too, so a call the cache answers throughout (no request
+        built) keeps within it. Not as a turn begins: a cache hit's first audio would wait
+        for it (~0.35 ms for a full budget)."""
+        self._trim()
 
     def add_assistant(self, text: str, tool_calls: list[ToolCall] | None = None) -> None:
         message: dict[str, Any] = {"role": "assistant", "content": text or None}

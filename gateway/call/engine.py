@@ -1128,6 +1128,7 @@ class Call:
                 self._stats.continuation()
         logs.event(log, "turn", **metrics)
         self._trace.turn(tl, metrics)
+        self.conversation.trim()  # whatever answered: the cache builds no request, which trims
         if self._keeper is not None:
             self._keeper.changed(self.conversation)
         await self._out.send_event({"type": "turn_metrics", **metrics})
