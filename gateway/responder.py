@@ -23,7 +23,7 @@ from .agent import (FILLER_PHRASES, HOLD_PHRASES, PROMPT_TEXTS, Agent, Conversat
                     Sentence, Slow, StillWorking, ToolStarted)
 from .audio import StreamResampler
 from .audio_bank import AudioBank
-from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
+from .clock import SYSTEM_CLOCK, Clock, Expired, Timeouts, deadline
 from .codec import PCM16, encode
 from .preemption import Preemption
 from .providers.base import ProviderError, TextToSpeech
@@ -80,13 +80,26 @@ async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM
     sends none for ``gap_timeout_s`` (of ``clock``: the call's) while asked for more has
     stalled mid-stream: a ``ProviderError`` then (the turn's ``tts_failed``, the apology),
     not silence until the provider's own read timeout, or for good. The wait for the
-    first audio is the provider's (ElevenLabs' ``first_audio_timeout_s``); a synthesis
-    of words that ends with no audio at all fails too (``ProviderError``)."""
+    first audio is the provider's where it has a deadline for it (``times_first_audio``:
+    ElevenLabs' ``first_audio_timeout_s``), else ``gap_timeout_s`` too (Piper), from the
+    request or, for a sentence fetched ahead, from when its reply waits for it
+    (``WANTED``); a synthesis of words that ends with no audio at all fails too
+    (``ProviderError``)."""
     resampler = StreamResampler(tts.sample_rate, rate)
     gaps = Timeouts(clock)
     try:
         async with contextlib.aclosing(tts.synthesize(text)) as chunks:  # type: ignore[type-var]
-            chunk = await anext(chunks, None)
+            if getattr(tts, "times_first_audio", False):
+                chunk = await anext(chunks, None)
+            else:
+                # Piper has no deadline of its own: a sentence queued behind STT decodes
+                # on the pool they share, or a voice that hung, would be silence for good.
+                try:
+                    async with deadline(clock, gap_timeout_s, after=WANTED.get()):
+                        chunk = await anext(chunks, None)
+                except Expired:
+                    raise ProviderError(tts.name, f"no first audio within {gap_timeout_s:g} s "
+                                                  "(VOICEGATE_TTS_GAP_TIMEOUT_S)") from None
             if chunk is None and _has_words(text):
                 # A voice that answers with nothing: silence on the line, and the sentence
                 # announced and kept in the context as said. A failure (tts_failed) instead.
@@ -130,6 +143,17 @@ class _Prefetched:
         if place > 0:  # the first sentence is waited for from its request
             context.run(WANTED.set, self.wanted)
         self.task = asyncio.create_task(self._fill(source), context=context)
+        self.task.add_done_callback(self._cancelled)
+
+    def _cancelled(self, task: "asyncio.Task[None]") -> None:
+        """A fill that ended cancelled queued no end: its reader would wait for good. Its
+        reply cancels it only once nobody reads; anything else (pool work the executor's
+        shutdown cancelled, whose CancelledError reaches this task; a cancel from elsewhere)
+        is a failed synthesis to its reader (tts_failed, the apology). Queued after an end
+        already there, it is never read."""
+        if task.cancelled():
+            self._chunks.put_nowait(RuntimeError("the synthesis was cancelled before its "
+                                                 "audio ended"))
 
     def total_bytes(self) -> int | None:
         return self._bytes if self._complete else None

@@ -238,7 +238,8 @@ class Settings(BaseModel):
     # stalled mid-stream: the turn's tts_failed and the apology, not silence. 4 s (as the
     # first audio's and first token's deadlines) is far beyond a healthy gap: ElevenLabs
     # streams faster than real time, Piper's gap is one sentence's synthesis (0.7 s for
-    # 5-7 s of speech on a shared 2-core host).
+    # 5-7 s of speech on a shared 2-core host). A voice with no first-audio deadline of
+    # its own (Piper, whose pool STT decodes share) has this long for its first audio too.
     tts_gap_timeout_s: PosF = 4.0
     # Threads per Moonshine decode (cpu_workers decodes run at once).
     moonshine_threads: Pos = 1

@@ -588,6 +588,112 @@ async def test_a_voice_that_stalls_mid_sentence_fails_the_turn_at_the_gap_timeou
         await h.stop()
 
 
+async def test_a_voice_that_never_sends_its_first_audio_fails_the_turn_at_the_gap_timeout():
+    """Review (stop 60): only a gap after a first chunk was timed (tts_gap_timeout_s); the
+    first chunk's wait was the provider's, and Piper (its pool shared with STT decodes)
+    has none: a first sentence whose synthesis never started or hung left the caller in
+    silence for good, the turn never over. Now the turn fails tts_gap_timeout_s after the
+    request: tts_failed, the apology, the stream closed, the call goes on."""
+    h = CallHarness()
+    h.llm.reply = "Our branches open at nine."
+    speak = h.tts.synthesize
+    stalled_at: list[float] = []
+    closed: list[str] = []
+
+    async def synthesize(text: str) -> AsyncIterator[bytes]:
+        if "nine" in text and not stalled_at:
+            try:
+                stalled_at.append(h.clock.now())
+                await asyncio.Event().wait()  # queued behind the pool's decodes, or hung
+            finally:
+                closed.append(text)
+        async for chunk in speak(text):
+            yield chunk
+
+    h.tts.synthesize = synthesize  # type: ignore[method-assign]
+    await h.start()
+    try:
+        await h.text("when do you open")
+        assert len(stalled_at) == 1 and not h.output.frames
+        await assert_a_stalled_voice_fails_the_turn(
+            h, stalled_at[0], "no first audio within 4 s", ["apology"],
+            meanwhile=lambda: closed == [])
+        assert closed == ["Our branches open at nine."]
+
+        await h.wait(1000)
+        await h.text("and on saturday")
+        await h.wait(3000)
+        assert [e["source"] for e in h.output.of("response")] == ["apology", "llm"]
+    finally:
+        await h.stop()
+
+
+async def test_a_sentence_whose_synthesis_is_cancelled_by_its_pool_fails_the_turn():
+    """Review (stop 60): gateway/responder.py _Prefetched._fill caught ``Exception`` only. A
+    sentence's synthesis awaiting pool work that the pool's shutdown cancelled
+    (``cancel_futures``: Piper awaited ``run_in_executor`` on the executor STT shares) gets
+    a CancelledError nobody sent its task: the fill task ended cancelled with nothing
+    queued, and ``audio()`` waited on the queue for good. The reply hung, silent, its turn
+    never over. Now it fails as a synthesis does: tts_failed, the apology, the call goes
+    on."""
+    h = CallHarness()
+    h.llm.reply = "Our branches open at nine."
+    speak = h.tts.synthesize
+    pool_work: list[asyncio.Future[bytes]] = []
+
+    async def synthesize(text: str) -> AsyncIterator[bytes]:
+        if "nine" in text and not pool_work:
+            work: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            pool_work.append(work)
+            yield await work  # as a wrapped pool future: cancelled by the pool, not by us
+        async for chunk in speak(text):
+            yield chunk
+
+    h.tts.synthesize = synthesize  # type: ignore[method-assign]
+    await h.start()
+    try:
+        await h.text("when do you open")
+        assert len(pool_work) == 1 and not h.output.of("response")
+        pool_work[0].cancel()  # the pool's shutdown cancels the queued work
+        await h.wait(1000)
+        errors = h.output.of("error")
+        assert [(e["code"], e["turn"]) for e in errors] == [("tts_failed", 1)], \
+            f"the reply hung on a cancelled synthesis: {errors}"
+        assert [e["source"] for e in h.output.of("response")] == ["apology"]
+        assert len(h.metrics()) == 1  # the turn ended
+
+        await h.text("and on saturday")  # the call goes on
+        await h.wait(3000)
+        assert [e["source"] for e in h.output.of("response")] == ["apology", "llm"]
+    finally:
+        await h.stop()
+
+
+async def test_a_prefetched_sentence_whose_fill_is_cancelled_from_outside_fails_its_reader():
+    """Review (stop 60): a sentence's fill task cancelled by anything but its reply (which
+    cancels it only once it no longer reads) left ``audio()`` waiting for good; its reader
+    now gets a failure (tts_failed), as from a synthesis that broke."""
+    from gateway.responder import _Prefetched
+
+    async def never() -> AsyncIterator[bytes]:
+        await asyncio.Event().wait()
+        yield b""
+
+    fetch = _Prefetched(never())
+    reader = asyncio.ensure_future(anext(fetch.audio()))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    fetch.task.cancel()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    try:
+        assert reader.done(), "the reader waits for good on a cancelled fill"
+        with pytest.raises(RuntimeError, match="synthesis was cancelled"):
+            reader.result()
+    finally:
+        reader.cancel()
+
+
 async def test_a_barge_in_on_a_reply_not_begun_reports_none_of_it_heard():
     # "no wait" stops the answer (its `interrupt` says what was heard of it); their turn
     # ends and its final decodes, nothing of its reply sent, when the caller types. That

@@ -102,3 +102,34 @@ def test_a_voice_replaced_under_the_same_name_renders_the_answers_again(tmp_path
     elsewhere.symlink_to(shipped)
     shutil.copy(f"{voice}.json", f"{elsewhere}.json")
     assert PiperTTS(executor, voice_path=elsewhere).audio_id == replaced
+
+
+async def test_a_synthesis_whose_pool_work_the_shutdown_cancelled_fails_as_a_shutdown():
+    """Review (stop 60): gateway/providers/piper_tts.py awaited ``run_in_executor`` itself.
+    Its pool is the one STT decodes share; a sentence queued behind them when the runtime
+    shuts it down (``cancel_futures``) got a CancelledError nobody sent: to the reply that
+    is no failure but a cancel it never asked for (a sentence fetched ahead ended with
+    nothing for its reader). As every pool's work does (``executors.run_in``), it is now
+    an ``ExecutorShutDown``: a synthesis that failed (tts_failed, the apology)."""
+    import asyncio
+    import threading
+
+    from gateway.executors import ExecutorShutDown
+
+    pool = ThreadPoolExecutor(1)
+    busy = threading.Event()
+    try:
+        tts = PiperTTS(pool)
+        pool.submit(busy.wait)  # an STT decode holds the pool's one thread
+        sentence = asyncio.ensure_future(anext(tts.synthesize("Our branches open at nine.")))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not sentence.done()  # queued behind the decode
+        pool.shutdown(wait=False, cancel_futures=True)
+        # Bounded only so a regression cannot hang the suite: the answer is a few loop
+        # iterations away (the pool's cancel reaches the loop thread-safely).
+        with pytest.raises(ExecutorShutDown, match="TTS executor shut down"):
+            await asyncio.wait_for(sentence, 5)
+    finally:
+        busy.set()
+        pool.shutdown()

@@ -105,6 +105,99 @@ async def test_a_barge_in_during_a_gap_stays_a_cancel():
     assert clock.sleeping == 0
 
 
+class SilentVoice:
+    """A voice that never sends its first audio, its stream open (Piper's pool saturated
+    by STT decodes, or Piper hung); ``own_deadline``: it times its first audio itself, as
+    ElevenLabs does, and sends it ``first_after_s`` after the request."""
+
+    name = "silent"
+    sample_rate = RATE
+    audio_id = "silent"
+
+    def __init__(self, clock: ManualClock, own_deadline: bool = False,
+                 first_after_s: float | None = None) -> None:
+        self.clock = clock
+        self.times_first_audio = own_deadline
+        self.first_after_s = first_after_s
+        self.closed = False
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        try:
+            if self.first_after_s is None:
+                await asyncio.Event().wait()
+            await self.clock.sleep(self.first_after_s)
+            yield CHUNK
+        finally:
+            self.closed = True
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_voice_that_never_sends_its_first_audio_fails_at_the_gap_timeout():
+    """Review (stop 60): responder.tts_audio timed only the gaps after a first chunk; the
+    wait for the first was left to the provider (ElevenLabs' first_audio_timeout_s). Piper
+    has none: a sentence queued behind STT decodes on the pool they share, or a Piper that
+    hung, kept the caller in silence for good. Every voice without a first-audio deadline
+    of its own now has tts_gap_timeout_s for it too: tts_failed, the apology."""
+    clock = ManualClock()
+    voice = SilentVoice(clock)
+    audio = asyncio.ensure_future(drain(tts_audio(voice, "Our branches open at nine.", RATE,
+                                                  clock=clock, gap_timeout_s=4.0)))
+    try:
+        await clock.advance(3.99)
+        assert not audio.done()
+        await clock.advance(0.02)
+        assert audio.done(), "a voice with no first audio keeps the line silent for good"
+        with pytest.raises(ProviderError, match=r"silent: no first audio within 4 s"):
+            audio.result()
+        assert voice.closed
+        await clock.settle()
+        assert clock.sleeping == 0
+    finally:
+        audio.cancel()
+
+
+async def test_a_sentence_fetched_ahead_is_timed_once_its_reply_waits_for_it():
+    """Review (stop 60): the first-audio bound of a sentence fetched ahead starts when its
+    reply reads it (``WANTED``), as ElevenLabs' does: before that, the caller hears the
+    sentence before it, and a wait behind the pool is no stall."""
+    from gateway.responder import _Prefetched
+
+    clock = ManualClock()
+    voice = SilentVoice(clock)
+    fetch = _Prefetched(tts_audio(voice, "And on Saturdays at ten.", RATE, clock=clock,
+                                  gap_timeout_s=4.0), place=1)
+    await clock.advance(30.0)  # the sentence before it plays
+    assert not fetch.task.done()
+    reader = asyncio.ensure_future(drain(fetch.audio()))
+    try:
+        await clock.advance(3.99)
+        assert not reader.done()
+        await clock.advance(0.02)
+        assert reader.done()
+        with pytest.raises(ProviderError, match=r"no first audio within 4 s"):
+            reader.result()
+        await clock.settle()
+        assert voice.closed and fetch.task.done() and clock.sleeping == 0
+    finally:
+        reader.cancel()
+        fetch.task.cancel()
+
+
+async def test_a_voice_that_times_its_own_first_audio_keeps_its_budget():
+    # ElevenLabs bounds its first audio itself (elevenlabs_first_audio_timeout_s, which an
+    # operator may set past tts_gap_timeout_s, and which a slot's wait counts in): not
+    # cut short here.
+    clock = ManualClock()
+    voice = SilentVoice(clock, own_deadline=True, first_after_s=6.0)
+    audio = asyncio.ensure_future(drain(tts_audio(voice, "Hello.", RATE, clock=clock,
+                                                  gap_timeout_s=4.0)))
+    await clock.advance(6.0)
+    await clock.settle()
+    assert audio.done() and len(audio.result()) >= 1 and voice.closed
+
+
 async def test_timeouts_time_each_wait_and_nothing_between_them():
     clock = ManualClock()
     timeouts = Timeouts(clock)

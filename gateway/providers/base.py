@@ -98,7 +98,10 @@ class TextToSpeech(Protocol):
     audio_id: str
 
     def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        """Stream 16-bit mono PCM at ``sample_rate``; the first chunk comes as soon as it exists."""
+        """Stream 16-bit mono PCM at ``sample_rate``; the first chunk comes as soon as it exists.
+        A voice that bounds the wait for its first chunk itself says so with a class
+        attribute ``times_first_audio = True`` (ElevenLabs); any other has the call's
+        ``tts_gap_timeout_s`` for it (``responder.tts_audio``)."""
 
     async def aclose(self) -> None: ...
 

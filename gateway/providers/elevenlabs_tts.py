@@ -66,6 +66,9 @@ class ElevenLabsTTS:
     """``TextToSpeech``; one HTTP connection pool shared by every call."""
 
     name = "elevenlabs"
+    # Its first audio has a deadline of its own (``first_audio_timeout_s``, a slot's wait
+    # and a 429's retries in it): responder.tts_audio times only the gaps after it.
+    times_first_audio = True
 
     def __init__(self, api_key: str, *, voice_id: str, model_id: str = "eleven_flash_v2_5",
                  sample_rate: int = 16000, base_url: str = "", timeout_s: float = 30.0,

@@ -7,12 +7,12 @@ rest is still being synthesized.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
+from ..executors import run_in
 from .base import ProviderError
 
 _DONE = object()
@@ -72,10 +72,11 @@ class PiperTTS:
         return b"".join(self._sentences(text))
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:  # type: ignore[override]
-        loop = asyncio.get_running_loop()
         sentences = self._sentences(text)
         while True:
-            audio = await loop.run_in_executor(self._executor, next, sentences, _DONE)
+            # Through run_in: work the pool's shutdown cancels (queued behind STT decodes)
+            # is an ExecutorShutDown, a failed synthesis, not a cancel nobody asked for.
+            audio = await run_in(self._executor, "TTS", next, sentences, _DONE)
             if audio is _DONE:
                 return
             yield audio  # type: ignore[misc]
