@@ -87,6 +87,9 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
                                 f"found {len(fields)} (quote texts with commas)")
             elif not normalize_text(text):
                 problems.append(f"line {start}: empty text")
+            elif not same_question(text):
+                # negatives_for_seed would drop it without a word (its key is empty): say so
+                problems.append(f"line {start}: no words, only punctuation ({text!r})")
             elif len(text) > MAX_TEXT_CHARS:
                 problems.append(f"line {start}: text over {MAX_TEXT_CHARS} characters")
             else:

@@ -241,8 +241,10 @@ class LocalStore(Store):
                 if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
                     raise StoreError(f"{path}: not 16-bit mono")
                 return Audio(wav.readframes(wav.getnframes()), wav.getframerate())
-        except (OSError, wave.Error, EOFError) as exc:
+        except (*_NOT_THERE, wave.Error, EOFError) as exc:  # missing or torn: a bad version
             raise StoreError(f"cannot read audio {path}: {exc}") from exc
+        except OSError as exc:
+            raise _disk_unavailable(f"audio {path}", exc) from exc
 
     def put_audio(self, key: str, audio: Audio) -> None:
         if len(audio.pcm) % 2:
@@ -454,12 +456,9 @@ class LocalStore(Store):
             return None
         except (IsADirectoryError, UnicodeDecodeError) as exc:  # edited by hand: no name
             raise StoreError(unreadable_pointer_message(str(self._pointer), exc)) from exc
-        except OSError as exc:
-            # The disk did not answer (EIO, a lost NFS mount, no permission): an outage to
-            # wait out, as an unreachable Redis is, never a pointer that names no version.
-            raise StoreUnavailable(f"the current-version pointer ({self._pointer}) cannot be "
-                                   f"read: {exc.strerror or exc} (the store's disk did not "
-                                   "answer; read again at the next refresh)") from exc
+        except OSError as exc:  # never a pointer that names no version
+            raise _disk_unavailable(f"the current-version pointer ({self._pointer})",
+                                    exc) from exc
 
     def read(self, version: str | None = None) -> tuple[str, CacheBundle]:
         name = version or self.current_version()
@@ -470,8 +469,10 @@ class LocalStore(Store):
             manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
             vectors = np.load(directory / "vectors.npy", allow_pickle=False)
             classifier = (directory / "classifier.joblib").read_bytes()
-        except (OSError, ValueError) as exc:
+        except (*_NOT_THERE, ValueError) as exc:  # not there, or corrupt: a bad version
             raise StoreError(f"cannot read cache version {name} in {self.root}: {exc}") from exc
+        except OSError as exc:  # never a bad version: FaqCache would not wait for the disk
+            raise _disk_unavailable(f"cache version {name} in {self.root}", exc) from exc
         check_format(name, manifest)
         return name, CacheBundle(manifest, vectors, classifier)
 
@@ -508,6 +509,19 @@ def missing_audio_message(version: str, missing: list[str]) -> str:
 def conflict_message(replaces: object, current: str | None) -> str:
     return (f"the cache changed while this was being published: it was built on version "
             f"{replaces or '(none)'}, and {current or '(none)'} is now current")
+
+
+# An OSError reading a store's file that says it is not there (or is the wrong kind of
+# entry): what it names is missing, a bad version or pointer. Any other (EIO, a lost NFS
+# mount, no permission) is ``_disk_unavailable``.
+_NOT_THERE = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def _disk_unavailable(what: str, exc: OSError) -> StoreUnavailable:
+    """A read the disk did not answer: an outage to wait out, as an unreachable Redis is
+    (StoreUnavailable: FaqCache stays unready and reads again at the next poll)."""
+    return StoreUnavailable(f"{what} cannot be read: {exc.strerror or exc} (the store's disk "
+                            "did not answer; read again at the next refresh)")
 
 
 def _write_failed(path: Path, exc: OSError) -> StoreError:

@@ -1101,3 +1101,67 @@ async def test_a_callers_barge_in_is_not_recounted_as_the_calls_end_while_its_re
         f"the caller's barge-in (interrupt cause dtmf sent) was counted as the call's end: "
         f"interrupted_turns={h.stats.interrupted_turns}, voicegate_barge_ins_total="
         f"{barge_ins}; turn 1 stopped_by={first[0].get('stopped_by')}")
+
+
+async def test_an_apology_that_fails_too_is_counted_under_its_own_code() -> None:
+    """Review (stop 60): engine.py Call._apologize: when the apology itself fails (prompts
+    not pre-rendered and the voice down), it was only logged (``apology_failed``): nothing in
+    voicegate_errors_total or /admin/stats said that a caller was left in silence, only the
+    reply's tts_failed, which normally comes with an apology. It is counted (and sent, as
+    other failures are) under its own code; the call goes on."""
+    from gateway.agent import APOLOGY_MESSAGE
+    from gateway.audio_bank import AudioBank
+
+    h = CallHarness()
+    h.responder._prompts = AudioBank(rates=(RATE,), encoded=())  # nothing pre-rendered
+    speak = h.tts.synthesize
+
+    async def voice_down_for_the_apology(text: str) -> AsyncIterator[bytes]:
+        if text == APOLOGY_MESSAGE:
+            raise ProviderError("word-tts", "the voice service is down")
+        async for chunk in speak(text):
+            yield chunk
+
+    h.tts.synthesize = voice_down_for_the_apology  # type: ignore[method-assign]
+    h.llm.reply = "FAIL this sentence breaks the voice."
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(2000)
+    h.llm.reply = "Okay."
+    await h.text("hello again")
+    await h.wait(2000)
+    await h.stop()
+    assert "apology" not in [e["source"] for e in h.output.of("response")]  # nothing heard
+    assert h.stats.errors["tts_failed"] == 1
+    counted = h.stats.prometheus.registry.get_sample_value(
+        "voicegate_errors_total", {"code": "apology_failed"})
+    assert (h.stats.errors["apology_failed"], counted) == (1, 1.0), dict(h.stats.errors)
+    assert [(e["code"], e.get("turn")) for e in h.output.of("error")] == \
+        [("tts_failed", 1), ("apology_failed", 1)]
+    assert h.output.of("response")[-1]["text"] == "Okay."  # the call goes on
+
+
+async def test_an_apology_the_output_fails_is_counted_and_nothing_more_is_sent() -> None:
+    """Review (stop 60), with the test above: an apology that failed in the output (the
+    connection) rather than in the voice is counted as apology_failed, and no error event
+    is written to that output again."""
+    h = CallHarness()
+    send_event = h.output.send_event
+    failed: list[dict[str, Any]] = []
+
+    async def broken_after_the_failure(event: dict[str, Any]) -> None:
+        if failed or event.get("source") == "apology":
+            failed.append(event)
+            raise ConnectionResetError("the client's connection is gone")
+        await send_event(event)
+
+    h.output.send_event = broken_after_the_failure  # type: ignore[method-assign]
+    h.llm.reply = "FAIL this sentence breaks the voice."
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(2000)
+    await h.stop()
+    assert h.stats.errors["apology_failed"] == 1, dict(h.stats.errors)
+    assert [e["code"] for e in h.output.of("error")] == ["tts_failed"]
+    assert failed[0]["source"] == "apology", failed
+    assert [e for e in failed if e.get("type") == "error"] == [], failed  # none tried

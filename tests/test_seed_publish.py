@@ -717,6 +717,53 @@ def test_a_disk_fault_reading_the_pointer_is_an_outage_not_a_bad_pointer(
     assert cache.refresh() is False and cache.store_unanswered, cache.last_error
 
 
+def test_a_disk_fault_reading_a_version_is_an_outage_not_a_bad_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (stop 60): intents/store.py LocalStore.read (and get_audio, which the load reads
+    the version's answers with): any OSError reading the version's files was a plain
+    StoreError, so an EIO (a failing disk, an NFS server gone) was taken for a bad version:
+    FaqCache records it failed, waits its backoff, and a replica starting now turns ready
+    with no cache. A disk that does not answer is an outage (StoreUnavailable), as for the
+    pointer; a version or file that is not there stays a bad version."""
+    store = LocalStore(tmp_path / "store")
+    key = audio_key("Hello.", "tone")
+    store.put_audio(key, Audio(b"\x00\x01" * 80, 8000))
+    version = store.publish(empty_bundle(key))
+    manifest = tmp_path / "store" / "versions" / version / "manifest.json"
+    read_text = Path.read_text
+
+    def failing_disk(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == manifest:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return read_text(self, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "read_text", failing_disk)
+        with pytest.raises(StoreUnavailable, match="Input/output error"):
+            store.read()
+        cache = FaqCache(store, embedder=SimpleNamespace(model_name="m", dim=4))
+        assert cache.refresh() is False and cache.store_unanswered, cache.last_error
+
+    def no_permission(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(errno.EACCES, "Permission denied", str(args[0]))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store_module.wave, "open", no_permission)
+        with pytest.raises(StoreUnavailable, match="Permission denied"):
+            store.get_audio(key)
+
+    # Not there: a bad version (or audio), never an outage to wait out.
+    for missing in (lambda: store.read("20260101T000000Z-000000"),
+                    lambda: store.get_audio(audio_key("Gone.", "tone"))):
+        with pytest.raises(StoreError) as raised:
+            missing()
+        assert not isinstance(raised.value, StoreUnavailable), raised.value
+    (tmp_path / "store" / "versions" / version / "vectors.npy").unlink()
+    with pytest.raises(StoreError, match="vectors.npy") as raised:
+        store.read()
+    assert not isinstance(raised.value, StoreUnavailable), raised.value
+
+
 def test_a_seed_replaces_an_unreadable_pointer_as_its_error_advises(tmp_path: Path) -> None:
     """CURRENT restored by hand in an editor that wrote a BOM (Notepad's "UTF-8"): the error
     says "set it back ... or seed again", so a whole seed (which replaces whatever is

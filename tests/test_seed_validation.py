@@ -748,3 +748,18 @@ def test_a_negatives_csv_with_a_quote_left_open_names_the_open_quote(tmp_path: A
     with pytest.raises(NegativesError) as raised:
         read_negatives_csv(path)
     assert "never closed" in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize("text", ["???", "...", "¿?", "- ! -"])
+def test_a_negative_of_punctuation_alone_is_refused_on_its_line(tmp_path: Any,
+                                                                text: str) -> None:
+    """Review (stop 60): intents/negatives.py read_negatives_csv: a row of punctuation alone
+    ("???", "...") was read as a negative, then silently dropped by negatives_for_seed (its
+    same_question key is empty): the operator's file loads and one of its rows does nothing.
+    It is refused when the file is read, on its line and saying why, as an empty one is."""
+    path = tmp_path / "negatives.csv"
+    path.write_text(f'text\nwhat is the weather\n"{text}"\nhello\n', encoding="utf-8")
+    with pytest.raises(NegativesError) as raised:
+        texts = read_negatives_csv(path)
+        pytest.fail(f"read as negatives, {negatives_for_seed(texts)[-2:]!r} kept: {texts!r}")
+    assert ": line 3: no words, only punctuation" in str(raised.value), str(raised.value)

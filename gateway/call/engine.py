@@ -1063,6 +1063,14 @@ class Call:
             await self._reply.play_segment(turn, self._responder.apology(turn, code))
         except StageFailed as exc:  # not even the pre-rendered phrase: say so, stay up
             logs.event(log, "apology_failed", logging.ERROR, code=exc.code, detail=str(exc))
+            # Counted under its own code: the reply's failure alone reads as "apologised
+            # for", and this caller heard nothing. Sent only when the voice failed: anything
+            # else may be the connection itself, which is not to be written to again.
+            if exc.code == "tts_failed":
+                await self._report("apology_failed", f"the apology failed too: {exc}",
+                                   tl.turn)
+            else:
+                self._count("apology_failed")
 
     async def _unrouted_turn(self, tl: TurnTimeline, apology: str | None = None,
                              counted: bool = True,
