@@ -469,7 +469,7 @@ class LocalStore(Store):
             manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
             vectors = np.load(directory / "vectors.npy", allow_pickle=False)
             classifier = (directory / "classifier.joblib").read_bytes()
-        except (*_NOT_THERE, ValueError) as exc:  # not there, or corrupt: a bad version
+        except (*_NOT_THERE, ValueError, EOFError) as exc:  # not there, or corrupt (cut short)
             raise StoreError(f"cannot read cache version {name} in {self.root}: {exc}") from exc
         except OSError as exc:  # never a bad version: FaqCache would not wait for the disk
             raise _disk_unavailable(f"cache version {name} in {self.root}", exc) from exc

@@ -764,6 +764,20 @@ def test_a_disk_fault_reading_a_version_is_an_outage_not_a_bad_version(
     assert not isinstance(raised.value, StoreUnavailable), raised.value
 
 
+def test_a_version_with_an_empty_vectors_file_is_a_bad_version(tmp_path: Path) -> None:
+    """Review (stop 60): an empty vectors.npy (a disk filled as it was written, a copy cut
+    short) made np.load raise EOFError, which LocalStore.read let out bare: the CLI and the
+    admin API, which catch StoreError, failed with a traceback instead of naming the version."""
+    store = LocalStore(tmp_path / "store")
+    key = audio_key("Hello.", "tone")
+    store.put_audio(key, Audio(b"\x00\x01" * 80, 8000))
+    version = store.publish(empty_bundle(key))
+    (tmp_path / "store" / "versions" / version / "vectors.npy").write_bytes(b"")
+    with pytest.raises(StoreError, match=f"cannot read cache version {version}") as raised:
+        store.read()
+    assert not isinstance(raised.value, StoreUnavailable), raised.value
+
+
 def test_a_seed_replaces_an_unreadable_pointer_as_its_error_advises(tmp_path: Path) -> None:
     """CURRENT restored by hand in an editor that wrote a BOM (Notepad's "UTF-8"): the error
     says "set it back ... or seed again", so a whole seed (which replaces whatever is
