@@ -12,8 +12,9 @@ import pytest
 from gateway.call.keypad import BadKey, Collected, Keypad, Mapped
 from gateway.providers.base import LLMChunk, ProviderError, ToolSpec
 from gateway.audio_bank import Clip
-from gateway.agent import TIME_LIMIT_MESSAGE, TRANSFER_FAILED_MESSAGE
-from tests.call_harness import CallHarness, RecordingOutput, tone
+from gateway.agent import HANDOFF_MESSAGE, TIME_LIMIT_MESSAGE, TRANSFER_FAILED_MESSAGE
+from intents.types import Action, RouteDecision
+from tests.call_harness import CallHarness, RecordingOutput, ScriptedRouter, tone
 
 GREETING = "Hello, you are through to the bank."
 
@@ -1057,6 +1058,52 @@ async def test_a_failed_transfer_is_followed_by_an_apology_not_dead_air():
     await h.stop()
     assert sources(h) == ["handoff", "apology", "llm"]
     assert h.call.ended is None
+
+
+class PersonRouter(ScriptedRouter):
+    """Words asking for a person are routed to a human (an intent whose action is handoff)."""
+
+    async def __call__(self, text: str, urgent: bool) -> RouteDecision:
+        decision = await super().__call__(text, urgent)
+        if "person" not in text:
+            return decision
+        return RouteDecision(text=text, intent="speak_to_person", action=Action.HANDOFF,
+                             hit=False)
+
+
+@pytest.mark.parametrize("handoff", ["intent", "key", "agent"])
+async def test_the_agent_is_told_a_failed_transfer_left_the_caller_with_the_bot(handoff):
+    """Review (stop 60): after a handoff whose transfer failed the context held the caller's
+    words and nothing else: not the handoff message, not the apology. On the next turn the
+    model, never told it had promised a colleague nor that the transfer failed, answered
+    as if nothing had happened (or as if the caller were with a person). It reads what
+    the caller heard: the handoff message, then that they were not put through."""
+    h = harness({"keypad": {"0": "handoff"}, "idle_prompt_s": 0}, fail_transfer=True)
+    from gateway.call import Call
+
+    h.router = PersonRouter()
+    h.deps.router = h.router
+    h.call = Call(h.deps, h.output, 16000, call_id="test-call")
+    await h.start()
+    if handoff == "intent":
+        await h.text("I want a person please")
+    elif handoff == "key":
+        h.call.feed_dtmf("0")
+    else:
+        h.llm.fail_next = 1  # every LLM failed before a word: a person takes over
+        await h.text("tell me about loans")
+    await h.wait(3000)
+    assert sources(h) == ["handoff", "apology"]
+    asked = len(h.llm.requests)
+    await h.text("hello are you there")
+    await h.wait(1500)
+    await h.stop()
+    assert sources(h) == ["handoff", "apology", "llm"]
+    (request,) = h.llm.requests[asked:]
+    assert [m["content"] for m in request if m["role"] == "assistant"] == [
+        f"{HANDOFF_MESSAGE} {TRANSFER_FAILED_MESSAGE}"], request
+    assert request[-2]["role"] == "assistant"
+    assert request[-1] == {"role": "user", "content": "hello are you there"}
 
 
 @pytest.mark.parametrize("env, message", [

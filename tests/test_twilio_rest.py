@@ -78,12 +78,15 @@ async def test_refusals_and_an_unreachable_api_are_clear_errors(rest):
     await gone.aclose()
 
 
-@pytest.mark.parametrize("status, code", [(404, None), (400, 21220)])
-async def test_hanging_up_a_call_already_over_is_no_failure(rest, status, code, caplog):
+@pytest.mark.parametrize("status, code, level", [(404, None, "WARNING"), (400, 21220, "INFO")],
+                         ids=["20404", "21220"])
+async def test_hanging_up_a_call_already_over_is_no_failure(rest, status, code, level, caplog):
     """Review (stop 60): the caller hung up as the bot did (its idle goodbye, the time
     limit), and Twilio answers the hang-up 404 (20404), or 400 with 21220 "Call is not
     in-progress". The call is over, as asked: that was raised as a failure, which the call
-    counted `hangup_failed` and logged as a failed stage. It is counted apart, no error."""
+    counted `hangup_failed` and logged as a failed stage. It is counted apart, no error.
+    Twilio's 20404 is also its answer for a call this API host cannot see (the account's
+    calls processed in another region): a warning naming the account, not silence."""
     fake, server = rest
     fake.status, fake.code = status, code
     caplog.set_level(logging.INFO)
@@ -101,8 +104,10 @@ async def test_hanging_up_a_call_already_over_is_no_failure(rest, status, code, 
         "voicegate_twilio_hangups_already_ended_total") == 1.0
     ours = [r for r in caplog.records if r.name.startswith("voicegate")]
     assert [(r.getMessage(), r.levelname) for r in ours] == [
-        ("twilio_hangup_already_ended", "INFO")]
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        ("twilio_hangup_already_ended", level)]
+    if level == "WARNING":
+        fields = ours[0].fields  # type: ignore[attr-defined]
+        assert fields["account_sid"] == ACCOUNT and fields["api_url"] == server.url, fields
     fake.status, fake.code = 500, None  # Twilio failing is still a failure
     control = TwilioCallControl(AUTH_TOKEN, server.url)
     output = TwilioOutput(None, "MZ1", CALL_SID, control=control,  # type: ignore[arg-type]
@@ -112,6 +117,27 @@ async def test_hanging_up_a_call_already_over_is_no_failure(rest, status, code, 
             await output.hang_up("idle")
     finally:
         await control.aclose()
+
+
+async def test_a_404_that_is_not_twilios_is_a_failure_not_a_call_over(rest):
+    """Review (stop 60): any 404 was taken for a call already over, and a hang-up so
+    answered counted as no failure. A 404 without Twilio's error body (its code 20404)
+    is not Twilio saying anything of the call: a proxy's, or a VOICEGATE_TWILIO_API_URL
+    that is not Twilio's API. A configuration error: hangup_failed, as any refusal."""
+    fake, server = rest
+    fake.status, fake.twilio_body = 404, False
+    stats = Stats()
+    control = TwilioCallControl(AUTH_TOKEN, server.url)
+    output = TwilioOutput(None, "MZ1", CALL_SID, control=control,  # type: ignore[arg-type]
+                          account_sid=ACCOUNT, call_sid=CALL_SID, stats=stats)
+    try:
+        with pytest.raises(CallControlError, match="HTTP 404") as refused:
+            await output.hang_up("idle")
+    finally:
+        await control.aclose()
+    assert type(refused.value) is CallControlError, refused.value
+    assert stats.prometheus.registry.get_sample_value(
+        "voicegate_twilio_hangups_already_ended_total") == 0.0
 
 
 def test_dial_twiml_for_a_number_and_a_sip_uri():
@@ -180,6 +206,34 @@ async def test_a_failed_transfer_keeps_the_caller_on_the_line(phone_server, runt
         await line.wait_until(lambda: len(fake.requests) == 2, timeout=30)
     assert runtime.stats.errors["transfer_failed"] == before + 1
     assert fake.requests[1]["form"]["Twiml"].count("<Dial ") == 1
+
+
+@pytest.mark.parametrize("status, code, level", [(400, 21220, "INFO"), (404, None, "WARNING")],
+                         ids=["21220", "20404"])
+async def test_a_transfer_of_a_call_already_over_is_no_failure(phone_server, runtime, caplog,
+                                                               status, code, level):
+    """Review (stop 60): the caller hung up as the handoff message ended, and Twilio answers
+    the transfer 400 with 21220 "Call is not in-progress" (or 404, 20404). That was counted
+    `transfer_failed`, and the apology played to nobody. The call is over: no failure, no
+    apology, the stream closed. Twilio answers 20404 also for a call this API host cannot
+    see (another region's): that one is logged as a warning naming the account."""
+    fake, server = phone_server
+    fake.status, fake.code = status, code
+    caplog.set_level(logging.INFO)
+    before = runtime.stats.errors["transfer_failed"]
+    async with signed_line(server, "CA" + "9a" * 16) as line:
+        await press(line, "0")
+        await line.wait_until(lambda: bool(fake.requests), timeout=30)
+        sent = len(line.media)
+        assert await line.closed() == 1000  # the gateway ends the call
+    assert len(line.media) == sent  # no apology
+    assert runtime.stats.errors["transfer_failed"] == before
+    ours = [(r.getMessage(), r.levelname) for r in caplog.records
+            if r.getMessage() in ("twilio_transfer_already_ended", "stage_failed")]
+    assert ours == [("twilio_transfer_already_ended", level)]
+    if level == "WARNING":
+        (record,) = [r for r in caplog.records if r.getMessage() == ours[0][0]]
+        assert ACCOUNT in str(getattr(record, "fields", {})), vars(record)
 
 
 async def test_a_bad_twilio_digit_is_refused_and_the_stream_goes_on(phone_server, runtime):

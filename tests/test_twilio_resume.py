@@ -29,7 +29,7 @@ from starlette.applications import Starlette
 from twilio.request_validator import RequestValidator
 
 from gateway.app import create_app
-from gateway.call import Call
+from gateway.call import Call, LineEnded
 from gateway.clock import ManualClock
 from gateway.redis_link import open_async_client
 from gateway.settings import Settings
@@ -38,7 +38,7 @@ from gateway.transports.twilio import TwilioStream
 from gateway.transports.call_records import split_version
 from gateway.transports.twilio_context import CONTEXT_TTL_S, CallContexts
 from gateway.transports.twilio_ended import EndedCalls
-from gateway.transports.twilio_rest import CallControlError, dial_twiml
+from gateway.transports.twilio_rest import CallAlreadyEnded, CallControlError, dial_twiml
 from gateway.transports.twilio_voice import (GIVE_UP_SAY, HANDOFF_SAY, MAX_STREAM_RECONNECTS,
                                              RESUMED_SAY)
 from gateway.agent import Conversation
@@ -298,6 +298,29 @@ async def test_a_stream_lost_while_its_transfer_is_under_way_is_put_through(with
         await transfer
     again = await post(with_handoff, "/twilio/stream-ended?lost=1", sign=True)
     assert [v.tag for v in verbs(again.text)] == ["Dial"]
+
+
+async def test_a_transfer_answered_not_found_still_reaches_the_person_if_the_call_lives(
+        with_handoff):
+    # Review (stop 60): Twilio answers a transfer 404 (20404) for a call already over, and
+    # for one its API host cannot see (the account's calls in another region). The call
+    # takes it as over (no apology) and ends its stream; the transfer's record stays, so if
+    # the call was live after all Twilio's request for the stream's end gets the <Dial>.
+    services = with_handoff.state.services
+
+    class NotFoundRestApi(FailingRestApi):
+        api_url = "https://api.twilio.com"
+
+        async def transfer(self, account_sid: str, call_sid: str, target: str,
+                           action: str = "") -> None:
+            raise CallAlreadyEnded("Twilio refused to transfer: HTTP 404", certain=False)
+
+    out = PhoneCallOutput(control=NotFoundRestApi(), account_sid="AC1", call_sid=CALL_SID,
+                          handoff_number=NUMBER, ended=services.twilio_ended())
+    with pytest.raises(LineEnded):
+        await out.transfer("handoff")
+    reply = await post(with_handoff, "/twilio/stream-ended?lost=0", sign=True)
+    assert [(v.tag, v.findtext("Number")) for v in verbs(reply.text)] == [("Dial", NUMBER)]
 
 
 async def test_a_transfer_this_replica_cannot_dial_is_resumed_not_hung_up(plain):

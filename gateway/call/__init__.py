@@ -14,6 +14,7 @@
 """
 
 from .engine import Call, CallDeps, ConversationKeeper
-from .reply import CallOutput, ConfirmsPlayback, StageFailed, heard_text
+from .reply import CallOutput, ConfirmsPlayback, LineEnded, StageFailed, heard_text
 
-__all__ = ["Call", "CallDeps", "CallOutput", "ConversationKeeper", "ConfirmsPlayback", "StageFailed", "heard_text"]
+__all__ = ["Call", "CallDeps", "CallOutput", "ConversationKeeper", "ConfirmsPlayback", "LineEnded",
+           "StageFailed", "heard_text"]

@@ -30,7 +30,7 @@ from intents.embedder import normalize_text
 from intents.types import Action, RouteDecision
 
 from .. import logs
-from ..agent import Conversation
+from ..agent import HANDOFF_MESSAGE, TRANSFER_FAILED_MESSAGE, Conversation
 from ..audio import StreamResampler
 from ..clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from ..preemption import Preemption
@@ -45,7 +45,7 @@ from ..vad import WINDOW_BYTES, pcm16_windows
 from .idle import IdleWatch
 from .keypad import Collected, Keypad, Mapped, check_key
 from .recording import WRITER, CallRecorder, RecordedOutput
-from .reply import CallOutput, ReplyStage, StageFailed
+from .reply import CallOutput, LineEnded, ReplyStage, StageFailed
 from .speculation import PARTIAL_COUNTS, RouteFn, Speculation, SpeculationRules
 from .end_of_turn import EndOfTurnSettings, lexically_incomplete
 from .turns import (SpeechPaused, SpeechResumed, SpeechStarted, TurnDetector, TurnEnded,
@@ -265,7 +265,8 @@ class Call:
         self._transferring: asyncio.Task[None] | None = None
         # The task awaiting a transfer or hang-up request to the phone line (``_ask_line``).
         self._line_request: asyncio.Task[None] | None = None
-        # Why the call ended itself (``idle``), None while the caller ends it.
+        # Why the call ended itself (``idle``, ``time_limit``; ``call_over``: a transfer
+        # the line answered with the call already over), None while the caller ends it.
         self.ended: str | None = None
         # The call's span (OpenTelemetry) and its turns' child spans.
         self._trace = CallTrace(deps.tracer, deps.clock, {
@@ -1515,20 +1516,38 @@ class Call:
         # halfway, the call moved or not and nobody the wiser; their input waits for it.
         self._transferring = asyncio.current_task()
         failed: Exception | None = None
+        over = False
         try:
             # By the clock the message has played (the playout waited); the far end's
             # jitter buffer may lag by up to the lead we send ahead, so that much longer.
             await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
             moved = await self._ask_line(transfer(str(tl.info["handoff"])))
+        except LineEnded:
+            over = True
         except Exception as exc:
             failed = exc
         finally:
             self._transferring = None
+        if over:
+            # The caller hung up as the message ended (the line says so): no failure and
+            # nobody to apologise to. The call ends here, its stream closed (the
+            # transport's record of the transfer decides what Twilio does next).
+            self.ended = "call_over"
+            logs.event(log, "transfer_found_call_over", turn=tl.turn)
+            self._trace.event("transfer_found_call_over", turn=tl.turn)
+            self.stop()
+            return
         if failed is not None:
             # The caller stays with the bot, and hears so at once: after "I'm going to
             # connect you" a silent line (until they spoke again) was the worst answer.
             # The apology is a reply as any: the caller may talk over it.
             await self._report("transfer_failed", f"the transfer failed: {failed}", tl.turn)
+            # The agent is told too, as the caller heard it: the context keeps no handoff
+            # message (the call leaves the bot) nor apology ("say that again": the question
+            # stays unanswered); here the model must know it promised a colleague, and that
+            # the caller is still with it. Whole, before it plays: talked over, the fact
+            # stands all the same.
+            self.conversation.add_assistant(f"{HANDOFF_MESSAGE} {TRANSFER_FAILED_MESSAGE}")
             await self._apologize(tl, "", "transfer_failed")
             return
         if moved:

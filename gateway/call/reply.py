@@ -61,6 +61,11 @@ class ConfirmsPlayback(Protocol):
         """After a ``clear``, the reply is sent again from ``from_ms``."""
 
 
+class LineEnded(Exception):
+    """A phone line's transfer found the call already over (the caller hung up as the
+    handoff message ended): no failure, nobody to put through or apologise to."""
+
+
 class StageFailed(Exception):
     """A stage of the reply failed; ``code`` names it for the client and the counters."""
 

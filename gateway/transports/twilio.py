@@ -24,7 +24,7 @@ from typing import Any, Callable
 from starlette.websockets import WebSocket
 
 from .. import logs
-from ..call import Call
+from ..call import Call, LineEnded
 from ..call.session import (CallSession, Outbox, presented_token, refuse_before_accept,
                             refuse_while_unavailable, token_matches)
 from ..clock import Clock
@@ -206,7 +206,8 @@ class TwilioOutput:
 
     async def transfer(self, reason: str) -> bool:
         """The handoff message has played: redirect the live call to a person through
-        Twilio's REST API. False (and a log line) when no number is configured."""
+        Twilio's REST API. False (and a log line) when no number is configured.
+        ``LineEnded`` when Twilio says the call is already over (the caller hung up)."""
         if not self._handoff_number or self._control is None:
             logs.event(log, "twilio_handoff_not_transferred", call_id=self.call_id,
                        hint="set VOICEGATE_HANDOFF_NUMBER (and VOICEGATE_TWILIO_AUTH_TOKEN) "
@@ -220,6 +221,12 @@ class TwilioOutput:
         try:
             await self._control.transfer(self._account_sid, self._call_sid,
                                          self._handoff_number, self._dial_action)
+        except CallAlreadyEnded as exc:
+            # No failure, and no apology played to nobody. The record stays: a call Twilio
+            # could not see from here (a 20404) but still live gets its <Dial> as the
+            # stream ends (/twilio/stream-ended).
+            self._call_over("twilio_transfer_already_ended", exc)
+            raise LineEnded(str(exc)) from None
         except Exception:
             if self._ended is not None:  # the caller stays with the bot: a lost stream resumes
                 await self._ended.forget(self._call_sid)
@@ -242,8 +249,21 @@ class TwilioOutput:
         except CallAlreadyEnded as exc:
             if self._stats is not None:
                 self._stats.twilio_hangup_already_ended()
-            logs.event(log, "twilio_hangup_already_ended", call_id=self.call_id,
-                       detail=str(exc))
+            self._call_over("twilio_hangup_already_ended", exc)
+
+    def _call_over(self, name: str, exc: CallAlreadyEnded) -> None:
+        """Log a request Twilio answered with the call already over: at info when it said
+        so (21220); a 404 (20404) is also its answer for a call the API host does not see
+        (the account's calls in another region): a warning naming where we asked."""
+        if exc.certain:
+            logs.event(log, name, call_id=self.call_id, detail=str(exc))
+            return
+        api_url = self._control.api_url if self._control is not None else ""
+        logs.event(log, name, logging.WARNING, call_id=self.call_id, detail=str(exc),
+                   account_sid=self._account_sid, api_url=api_url,
+                   hint="the caller hung up first, or the account's calls are not at "
+                        "api_url: if every call says so, set VOICEGATE_TWILIO_API_URL to "
+                        "their region's API")
 
     async def _mark_ended(self, how: str = HUNG_UP) -> None:
         if self._ended is not None:

@@ -6,9 +6,18 @@ made here with the official ``twilio`` SDK on its asyncio HTTP client:
 
 - transfer: new TwiML for the live call, ``<Dial>`` to ``VOICEGATE_HANDOFF_NUMBER``
   (a phone number, or ``<Sip>`` for a SIP URI); Twilio ends our stream and dials;
-- hang up: ``Status=completed``. A call already over (the caller hung up first) is
-  answered 404, or 400 with Twilio's error 21220 ("Call is not in-progress"):
-  ``CallAlreadyEnded``, which for a hang-up is no failure.
+- hang up: ``Status=completed``.
+
+A call already over (the caller hung up first) is answered 400 with Twilio's error 21220
+("Call is not in-progress"), or 404 with Twilio's 20404: ``CallAlreadyEnded``, no failure
+for a hang-up or a transfer. 20404 is ambiguous: it is also Twilio's answer for a call
+this API host cannot see (an account whose calls are processed in another region than
+``VOICEGATE_TWILIO_API_URL``'s). The SIDs cannot be wrong (both come from the stream's
+``start``), and credentials of another account are answered 401, so the host is what
+a 20404 may mean besides a caller gone: ``CallAlreadyEnded.certain`` is False, and the
+output logs it as a warning naming the account and the host. A 404 without Twilio's
+error body (a proxy's, a base URL that is not Twilio's API) says nothing of the call:
+a ``CallControlError`` like any refusal.
 
 Credentials: the call's account SID (from the stream's ``start``) and
 ``VOICEGATE_TWILIO_AUTH_TOKEN``. ``VOICEGATE_TWILIO_API_URL`` replaces
@@ -37,6 +46,10 @@ log = logging.getLogger("voicegate.twilio")
 
 # Twilio's error for a live-call operation on a call that is not in progress (completed).
 CALL_NOT_IN_PROGRESS = 21220
+# Twilio's error for a resource it does not have (in its 404's JSON body; the SDK puts
+# the HTTP status in ``code`` when a body has none, as a proxy's page).
+RESOURCE_NOT_FOUND = 20404
+DEFAULT_API_URL = "https://api.twilio.com"
 
 
 class CallControlError(RuntimeError):
@@ -44,8 +57,14 @@ class CallControlError(RuntimeError):
 
 
 class CallAlreadyEnded(CallControlError):
-    """Twilio answered that the call is over: HTTP 404 (the call is no longer live to
-    update), or ``CALL_NOT_IN_PROGRESS``. The caller hung up before the request landed."""
+    """Twilio answered that the call is over: ``CALL_NOT_IN_PROGRESS``, or HTTP 404 with
+    ``RESOURCE_NOT_FOUND`` (the call is no longer live to update). The caller hung up
+    before the request landed. ``certain``: False for the 404, which Twilio answers too
+    for a call this API host does not see (another region's)."""
+
+    def __init__(self, message: str, certain: bool) -> None:
+        super().__init__(message)
+        self.certain = certain
 
 
 def dial(target: str, action: str = "") -> Dial:
@@ -77,6 +96,11 @@ class TwilioCallControl:
         self._timeout_s = timeout_s
         self._clients: dict[str, tuple[Client, AsyncTwilioHttpClient]] = {}
 
+    @property
+    def api_url(self) -> str:
+        """Where the requests go (a 20404's warning names it: the calls' region)."""
+        return self._api_url or DEFAULT_API_URL
+
     def _client(self, account_sid: str) -> Client:
         if not account_sid:
             raise CallControlError("the stream's `start` named no account SID: the call "
@@ -106,10 +130,13 @@ class TwilioCallControl:
             async with asyncio.timeout(self._timeout_s):
                 await client.calls(call_sid).update_async(**changes)
         except TwilioRestException as exc:
-            over = exc.status == 404 or exc.code == CALL_NOT_IN_PROGRESS
-            raise (CallAlreadyEnded if over else CallControlError)(
-                f"Twilio refused to {what} call {call_sid}: HTTP {exc.status} "
-                f"{exc.msg}"[:300]) from None
+            message = (f"Twilio refused to {what} call {call_sid}: HTTP {exc.status} "
+                       f"{exc.msg}"[:300])
+            if exc.code == CALL_NOT_IN_PROGRESS:
+                raise CallAlreadyEnded(message, certain=True) from None
+            if exc.status == 404 and exc.code == RESOURCE_NOT_FOUND:
+                raise CallAlreadyEnded(message, certain=False) from None
+            raise CallControlError(message) from None
         except TimeoutError:
             raise CallControlError(f"Twilio did not answer the {what} request within "
                                    f"{self._timeout_s:g} s") from None

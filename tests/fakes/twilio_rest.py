@@ -5,7 +5,8 @@
 the call's JSON as Twilio documents it. Errors use Twilio's error shape
 (``{"code", "message", "more_info", "status"}``): 401 for wrong credentials, or the
 ``status`` a test sets (with Twilio's ``code``, if it sets one: 21220 "Call is not
-in-progress"). Every request is recorded, refused ones too.
+in-progress"), or with ``twilio_body`` off a bare page (a proxy's, a wrong base URL's).
+Every request is recorded, refused ones too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class FakeTwilioRest:
         self.requests: list[dict[str, Any]] = []
         self.status = 200  # set to 404 / 500 to fail the next requests
         self.code: int | None = None  # Twilio's error code for them (else 20404 / 20500)
+        self.twilio_body = True  # False: the error is a bare page, not Twilio's JSON
         self.app = Starlette(routes=[Route(
             "/2010-04-01/Accounts/{account}/Calls/{call}.json", self._update_call,
             methods=["POST"])])
@@ -48,6 +50,8 @@ class FakeTwilioRest:
                               "content_type": request.headers.get("content-type", "")})
         if (user, password) != (self.account_sid, self.auth_token) or account != user:
             return self._error(401, 20003, "Authenticate")
+        if self.status != 200 and not self.twilio_body:
+            return Response("Not Found", status_code=self.status, media_type="text/plain")
         if self.status != 200 and self.code == 21220:
             return self._error(self.status, 21220, "Call is not in-progress. Cannot redirect.")
         if self.status != 200:
