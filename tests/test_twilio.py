@@ -92,23 +92,30 @@ async def test_spoken_question_gets_mulaw_reply_frames_and_marks(server, speak, 
     assert all(n % FRAME_BYTES == 0 and 0 < n <= 10 * FRAME_BYTES for n in sizes)
     assert max(sizes) == 10 * FRAME_BYTES
     assert rms_dbfs(ulaw_to_pcm16(bytes(line.media))) > -35  # real speech, not silence
-    if turn["source"] == "handoff":
-        # pre-rendered audio goes out exactly as the bank holds it in μ-law 8 kHz
-        clip = runtime.prompts.audio("handoff", 8000, MULAW)
-        padded = clip + b"\xff" * (-len(clip) % FRAME_BYTES)
-        assert bytes(line.media) == padded
+    first_reply = len(line.media)
+    if turn.get("handoff"):
+        # No LLM here, and no number to transfer to: the handoff message, then the failed
+        # transfer's apology (a second reply of the turn, marked "<turn>.1"), each
+        # pre-rendered audio sent exactly as the bank holds it in μ-law 8 kHz.
+        assert turn["source"] == "apology"
+        clips = [runtime.prompts.audio(key, 8000, MULAW) for key in ("handoff", "transfer_failed")]
+        padded = [clip + b"\xff" * (-len(clip) % FRAME_BYTES) for clip in clips]
+        assert bytes(line.media) == b"".join(padded)
+        first_reply = len(padded[0])
 
     marks = [m["mark"]["name"] for m in line.of("mark")]
     assert marks and all(m["streamSid"] == line.stream_sid for m in line.of("mark"))
+    assert line.echoed == marks and not line.of("clear")
+    marks = [name for name in marks if name.split(":")[0] == str(turn["turn"])]
     positions = [mark_ms(name) for name in marks]
-    assert {t for t, _ in positions} == {turn["turn"]}
+    assert positions and {t for t, _ in positions} == {turn["turn"]}
     # A mark after each message that crosses a 100 ms line (one a 200 ms message, or a
     # shorter message at a clip's end that crosses one), at the audio sent by then.
     at = [ms for _, ms in positions]
     assert all(b // 100 > a // 100 and b - a <= 200 for a, b in zip([0, *at], at))
-    assert len(line.media) // 8 - at[-1] < 100  # the last line crossed is marked
-    assert line.echoed == marks and not line.of("clear")
-    assert sum(runtime.stats.errors.values()) == errors_before
+    assert first_reply // 8 - at[-1] < 100  # the last line crossed is marked
+    failed_transfers = 1 if turn.get("handoff") else 0
+    assert sum(runtime.stats.errors.values()) == errors_before + failed_transfers
 
 
 async def test_barge_in_clears_and_heard_ms_is_what_twilio_confirmed(server, speak,

@@ -364,3 +364,15 @@ def test_the_first_rest_request_imports_nothing_on_the_event_loop():
     assert done.returncode == 0, done.stderr
     count, _, names = done.stdout.strip().partition(" ")
     assert int(count) == 0, f"{count} twilio modules imported on the loop: {names} ..."
+
+
+async def test_a_handoff_with_no_number_to_call_is_a_failed_transfer():
+    """Review (stop 60): with no VOICEGATE_HANDOFF_NUMBER, a handoff told the caller "I'm
+    going to connect you with a colleague. Please stay on the line", and the transfer
+    returned False: no error, no apology, nothing in the agent's context; the caller sat in
+    silence. It fails as a refused transfer does (transfer_failed, the apology), naming the
+    setting."""
+    output = TwilioOutput(None, "MZ1", CALL_SID, account_sid=ACCOUNT,  # type: ignore[arg-type]
+                          call_sid=CALL_SID)
+    with pytest.raises(CallControlError, match="VOICEGATE_HANDOFF_NUMBER"):
+        await output.transfer("intent talk_to_person is routed to a human")

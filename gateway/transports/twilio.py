@@ -35,7 +35,7 @@ from ..services import Services
 from ..stats import Stats
 from .call_records import SAFE_ID
 from .twilio_ended import HUNG_UP, TRANSFERRED, EndedCalls
-from .twilio_rest import CallAlreadyEnded, TwilioCallControl
+from .twilio_rest import CallAlreadyEnded, CallControlError, TwilioCallControl
 from .twilio_voice import (RESUMED_PARAMETER, TOKEN_PARAMETER, dial_ended_url,
                            public_base_url, signature_refusal, stream_generation, stream_url)
 
@@ -206,13 +206,12 @@ class TwilioOutput:
 
     async def transfer(self, reason: str) -> bool:
         """The handoff message has played: redirect the live call to a person through
-        Twilio's REST API. False (and a log line) when no number is configured.
-        ``LineEnded`` when Twilio says the call is already over (the caller hung up)."""
+        Twilio's REST API. ``CallControlError`` when no number is configured: a failed
+        transfer (the caller was told "stay on the line": they hear it did not happen, not
+        silence). ``LineEnded`` when Twilio says the call is already over (the caller hung up)."""
         if not self._handoff_number or self._control is None:
-            logs.event(log, "twilio_handoff_not_transferred", call_id=self.call_id,
-                       hint="set VOICEGATE_HANDOFF_NUMBER (and VOICEGATE_TWILIO_AUTH_TOKEN) "
-                            "to transfer the caller")
-            return False
+            raise CallControlError("no one to transfer to: set VOICEGATE_HANDOFF_NUMBER (and "
+                                   "VOICEGATE_TWILIO_AUTH_TOKEN) to put callers through")
         # Recorded first: Twilio ends the stream once it has the new TwiML, maybe before
         # our request is answered, and asks /twilio/stream-ended, which must not resume it;
         # a stream lost before the request landed (this replica killed meanwhile) is
