@@ -48,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port,
                                            **uvicorn_options(settings)),
                             begin_drain=services.begin_drain,
-                            active_calls=lambda: services.admission.held,
+                            active_calls=lambda: services.held,
                             timeout_s=settings.drain_timeout_s)
 
     def give_up(reason: str) -> None:  # a model that does not load: exit, not unready for good

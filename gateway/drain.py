@@ -5,7 +5,8 @@ drains answers 503 there, refuses new WebSocket upgrades with HTTP 503 (HAProxy
 retries them on another replica) and a ``start`` that still reaches it with
 ``draining`` (close 1013; a Twilio stream upgraded before the drain is served instead,
 and counted by ``active_calls`` until it starts), while the calls it carries go on.
-``DrainingServer`` starts the drain on SIGTERM and shuts uvicorn down once no call is left or
+``DrainingServer`` starts the drain on SIGTERM and shuts uvicorn down once nothing is held (no
+call, none still closing its socket, no admin seed under way: ``Services.held``) or
 ``drain_timeout_s`` has passed (uvicorn then closes what remains with 1012 and
 waits at most ``SHUTDOWN_GRACE_S`` for it, gateway/server.py). A second SIGTERM
 exits at once (uvicorn's force exit); SIGINT shuts down as plain uvicorn does.

@@ -103,6 +103,9 @@ class Services:
         self._twilio_control: TwilioCallControl | None = None
         self._twilio_ended: EndedCalls | None = None
         self._twilio_contexts: CallContexts | None = None
+        # The admin API's seed lock (gateway/admin/publish.py), once it has one: a drain
+        # waits for a seed under way as for a call, not cancel it 5 s after a drain of no call.
+        self.seed_lock: asyncio.Lock | None = None
 
     @property
     def ready(self) -> bool:
@@ -111,6 +114,13 @@ class Services:
     @property
     def draining(self) -> bool:
         return self.admission.draining
+
+    @property
+    def held(self) -> int:
+        """What a drain waits for (gateway/drain.py): the calls (``Admission.held``) and a
+        seed under way."""
+        seeding = self.seed_lock is not None and self.seed_lock.locked()
+        return self.admission.held + int(seeding)
 
     def begin_drain(self) -> None:
         """Take no new calls (``/readyz`` 503, upgrades 503, ``start`` refused); the

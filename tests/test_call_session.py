@@ -632,3 +632,45 @@ async def test_a_session_close_cancelled_in_its_outbox_drain_leaves_no_outbox_ta
             "writer / watchdog outlive the session")
     finally:
         session.outbox.abort()
+
+
+class HeldSocket(QuietSocket):
+    """A client reading a little late: each send completes once ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.sent: list[str] = []
+
+    async def send_text(self, text: str) -> None:
+        await self.release.wait()
+        self.sent.append(text)
+
+
+async def test_a_drain_holds_until_the_last_call_has_its_last_message_and_close() -> None:
+    """Review (stop 60): the drain ends when ``admission.held`` reaches 0 (gateway/cli.py),
+    and uvicorn's shutdown then closes every connection still open with 1012. The last
+    call's slot was freed as soon as its task ended, before its session flushed what was
+    queued (its `hangup`, its last `turn_metrics`: up to _DRAIN_S) and sent its own close
+    frame: the drain saw no call, and uvicorn's 1012 (service restart: an SDK reconnects)
+    cut a call that had ended, under its last messages, instead of its 1000."""
+    settings = Settings.load({}, environ={})
+    admission = Admission(limit=2)
+    ws = HeldSocket()
+    session = CallSession(ws, settings, Stats(), admission, "native")  # type: ignore[arg-type]
+    session.start_call(lambda: EndedCall())  # type: ignore[arg-type,return-value]
+    session.outbox.send_text('{"type": "hangup", "reason": "idle"}')
+    closing = asyncio.create_task(session.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    try:
+        assert not closing.done() and ws.closed_with is None  # still flushing its `hangup`
+        assert admission.held == 1, (
+            f"the session is still sending its last message and has not closed its socket, "
+            f"yet the drain sees {admission.held} call: it ends, and uvicorn closes this "
+            f"one with 1012")
+    finally:
+        ws.release.set()
+        await closing
+    assert ws.sent == ['{"type": "hangup", "reason": "idle"}'] and ws.closed_with == 1000
+    assert admission.held == 0 and admission.active == 0

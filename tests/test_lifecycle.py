@@ -372,3 +372,55 @@ async def test_a_replica_whose_store_comes_back_empty_becomes_ready(
         await services.aclose()
         for executor in runtime.route_executors.values():
             executor.shutdown(wait=False)
+
+
+# ---------------------------------------------------------------------------------------
+# gateway/cli.py serve: the drain waits for calls only, not for an admin seed under way.
+
+async def test_a_drain_waits_for_an_admin_seed_under_way(monkeypatch, tmp_path: Path) -> None:
+    """Review (stop 60): SIGTERM drains until what `serve` hands the DrainingServer as
+    ``active_calls`` reaches 0; that counted calls only. A replica carrying no call while an
+    operator's seed runs on it (POST /admin/seed: minutes of rendering; a rolling deploy's
+    SIGTERM) ended its drain at once: 5 s later uvicorn cancelled the request, the seed was
+    cancelled and nothing published, the upload lost though the drain had up to
+    drain_timeout_s to give it."""
+    import gateway.drain
+    import gateway.logs
+    from gateway import cli
+    from gateway.admin.publish import Publisher
+    from gateway.admin.seed_status import UPLOAD
+
+    hooks: dict[str, Any] = {}
+
+    class NotServed:
+        def __init__(self, config: Any, begin_drain: Callable[[], None],
+                     active_calls: Callable[[], int], timeout_s: float) -> None:
+            hooks.update(begin_drain=begin_drain, held=active_calls)
+            self.should_exit = False
+
+        def run(self, sockets: Any = None) -> None:
+            pass
+
+    monkeypatch.setattr(gateway.drain, "DrainingServer", NotServed)
+    monkeypatch.setattr(gateway.logs, "configure", lambda level: None)
+    for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["serve", "--port", "0", "--store", str(tmp_path / "store")]) == 0
+    services = hooks["begin_drain"].__self__
+    publisher = Publisher(services)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def seeding() -> None:
+        started.set()
+        await release.wait()
+
+    seed = asyncio.create_task(publisher._seed(UPLOAD, "faq.csv", seeding))
+    await started.wait()
+    try:
+        assert hooks["held"]() == 1, (
+            "a seed is under way, yet the drain counts nothing to wait for: it ends at once "
+            "and the shutdown cancels the seed")
+    finally:
+        release.set()
+        await seed
+    assert hooks["held"]() == 0

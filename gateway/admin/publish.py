@@ -101,6 +101,7 @@ class Publisher:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.lock = asyncio.Lock()
+        services.seed_lock = self.lock  # a drain waits for the seed under way
         self._cancel: threading.Event | None = None  # the running seed's, while it runs
         self._progress: ProgressCallback | None = None  # the same
         self.status = SeedStatus()

@@ -56,11 +56,15 @@ class Admission:
         # Twilio streams upgraded with no `start` yet: their phone call is up, and a stream
         # cannot be retried, so a drain waits for them too (CallSession.hold_drain_until_start).
         self.awaiting_start = 0
+        # Sessions flushing their last messages and closing their socket (CallSession.close):
+        # a drain that ended meanwhile had uvicorn close them with 1012, under those messages.
+        self.closing = 0
 
     @property
     def held(self) -> int:
-        """What a drain waits for: the running calls and the Twilio streams not started yet."""
-        return self.active + self.awaiting_start
+        """What a drain waits for: the running calls, the Twilio streams not started yet and
+        the sessions still closing."""
+        return self.active + self.awaiting_start + self.closing
 
     def try_enter(self) -> bool:
         if self.active >= self.limit:
@@ -457,6 +461,15 @@ class CallSession:
 
     async def close(self) -> None:
         """End the call (if any), flush briefly and close the socket; safe to call twice."""
+        # Held for the drain until the socket is closed, not only until the slot is freed:
+        # the client gets its last messages and our close code, not uvicorn's 1012.
+        self.admission.closing += 1
+        try:
+            await self._close()
+        finally:
+            self.admission.closing -= 1
+
+    async def _close(self) -> None:
         if self.call is not None:
             self.call.stop()
         task, self._call_task = self._call_task, None
