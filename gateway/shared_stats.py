@@ -21,13 +21,14 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
     <prefix>stats:entry_marks_version  string  the cache version those marks are of
     <prefix>stats:sources         hash  source -> turns
     <prefix>stats:errors          hash  error code -> count
-    <prefix>stats:minute:<epoch minute>   hash turns, hits (expires after 10 minutes)
+    <prefix>stats:minute:<epoch minute>   hash turns, hits (expires after 61 minutes)
     <prefix>stats:applied:<replica id>:<run>  string this SharedStats' highest applied
                                   batch sequence (expires: BATCH_SEQUENCE_TTL_S, 7 days)
     <prefix>replica:<id>          string JSON {active_calls, cache_version, ...}, TTL 3 heartbeats
 
 Latency percentiles cannot be summed across replicas; a cluster snapshot carries the
-local replica's (``latency_scope: "replica"``).
+local replica's (``latency_scope: "replica"``) and its ``replica_id``. Its per-minute
+``series`` is the cluster's, read from the minute buckets.
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ from intents.redis_store import DEFAULT_PREFIX, RedisKeys, glob_escape
 
 from . import logs
 from .redis_link import NOT_NOW, RedisHealth, honour_cancel
-from .stats import barged_in, outcome_of
+from .stats import SERIES_MINUTES, barged_in, outcome_of
 
 log = logging.getLogger("voicegate.shared_stats")
 
-MINUTE_BUCKET_TTL_S = 600
+# The minute buckets feed hit_rate_5m and the dashboard's chart of the last SERIES_MINUTES:
+# a bucket must outlive that hour from its first write (its expiry is renewed by every
+# write), a minute more for slack. 61 small hashes at most.
+MINUTE_BUCKET_TTL_S = (SERIES_MINUTES + 1) * 60
 # hit_rate_5m / turns_5m: the last 300 s, as a replica's own Stats. They cover six minute
 # buckets, the oldest only partly: its counts are weighted by the share of it still inside.
 RECENT_WINDOW_S = 300
@@ -348,7 +352,7 @@ class SharedStats:
             reason = f"cannot read shared counters: {type(exc).__name__}: {exc}"
             return dict(local, scope="replica", replicas=None, degraded=True,
                         degraded_reason=self._health.reason or reason,
-                        latency_scope="replica")
+                        latency_scope="replica", replica_id=self.replica_id)
         totals = counts["totals"]
         hits, misses = totals.get("hits", 0), totals.get("misses", 0)
         recent_turns, recent_hits = counts["recent_turns"], counts["recent_hits"]  # weighted
@@ -362,29 +366,40 @@ class SharedStats:
             turns_5m=turns_5m, interrupted_turns=totals.get("interrupted_turns", 0),
             sources=counts["sources"], intents=counts["intents"], errors=counts["errors"],
             entry_hits=counts["entries"], degraded=self._health.degraded,
-            degraded_reason=self._health.reason, latency_scope="replica")
+            degraded_reason=self._health.reason,
+            # The chart beside the cluster's figures counts the cluster's minutes too.
+            series={"minute_s": 60, "points": counts["series"]},
+            # Latency and the misses list stay this replica's: the page names it.
+            latency_scope="replica", replica_id=self.replica_id)
 
     async def _read_cluster(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        # The window [now - 300 s, now] spans six minute buckets: the current one (partial)
-        # back to the one `start` falls in, of which only its last (1 - fraction) is inside.
-        start = time.time() - RECENT_WINDOW_S
-        first_minute, fraction = divmod(start / 60, 1)
-        minutes = range(int(first_minute), int(first_minute) + RECENT_WINDOW_S // 60 + 1)
-        weights = [1.0 - fraction] + [1.0] * (len(minutes) - 1)
+        # The chart's hour of minute buckets, the current one (partial) last; the 5 min
+        # window [now - 300 s, now] is their last six, of which the oldest counts only for
+        # its last (1 - fraction), the share of it inside the window.
+        now = time.time()
+        current = int(now // 60)
+        hour = range(current - SERIES_MINUTES + 1, current + 1)
         pipe = self._redis.pipeline(transaction=False)
         for name in _HASHES:
             pipe.hgetall(self._prefix + f"stats:{name}")
-        for minute in minutes:
+        for minute in hour:
             pipe.hmget(self._prefix + f"stats:minute:{minute}", ["turns", "hits"])
         # A reply that is an error (a foreign type under one key: WRONGTYPE) is left out, as
         # a foreign field is; a lost connection still raises.
         results = [None if isinstance(r, Exception) else r
                    for r in await pipe.execute(raise_on_error=False)]
         counts: dict[str, Any] = {name: _ints(raw or {}) for name, raw in zip(_HASHES, results)}
-        buckets = [(w, tuple(raw or (None, None))) for w, raw in
-                   zip(weights, results[len(_HASHES):])]
-        counts["recent_turns"] = sum(w * (_int(t) or 0) for w, (t, _) in buckets)
-        counts["recent_hits"] = sum(w * (_int(h) or 0) for w, (_, h) in buckets)
+        buckets = {minute: tuple(_int(v) or 0 for v in (raw or (None, None)))
+                   for minute, raw in zip(hour, results[len(_HASHES):])}
+        first_minute, fraction = divmod((now - RECENT_WINDOW_S) / 60, 1)
+        minutes = range(int(first_minute), int(first_minute) + RECENT_WINDOW_S // 60 + 1)
+        weights = [1.0 - fraction] + [1.0] * (len(minutes) - 1)
+        recent = [(w, buckets.get(m, (0, 0))) for w, m in zip(weights, minutes)]
+        counts["recent_turns"] = sum(w * t for w, (t, _) in recent)
+        counts["recent_hits"] = sum(w * h for w, (_, h) in recent)
+        # Misses are turns less hits; a foreign bucket with more hits than turns draws none.
+        counts["series"] = [{"t": m * 60, "hits": h, "misses": max(0, t - h)}
+                            for m, (t, h) in buckets.items()]
         # The prefix literally, as the store matches it: `*?[]` in it are no pattern that
         # would count another deployment's replicas (and none of ours).
         pattern = glob_escape(self._prefix) + "replica:*"

@@ -1276,3 +1276,48 @@ async def test_the_cluster_counts_no_time_limit_stop_as_a_barge_in(cluster_prefi
     assert cluster["interrupted_turns"] == local["interrupted_turns"], (
         f"a time-limit stop: the replica counts {local['interrupted_turns']} barge-ins, "
         f"the cluster {cluster['interrupted_turns']}")
+
+
+async def test_the_cluster_chart_is_the_clusters_and_outlives_its_hour(cluster_prefix: str) -> None:
+    """Review (stop 60): /admin/stats' counters are the cluster's, but its ``series`` (the
+    dashboard's per-minute chart beside them) was the local Stats': behind a balancer each
+    reload drew another replica's minutes under the cluster's figures, and no hour of the
+    chart added up to them. The minute buckets in Redis (turns, hits) hold the cluster's
+    minutes, but expired after 10 of the chart's 60: they must last its hour."""
+    from gateway.redis_link import open_async_client
+    from gateway.stats import SERIES_MINUTES
+
+    stats = {name: Stats() for name in ("one", "two")}
+    shared = {name: SharedStats(open_async_client(REDIS_URL), prefix=cluster_prefix,
+                                health=RedisHealth(), replica_id=name) for name in stats}
+    for name in stats:
+        stats[name].attach(shared[name])
+    for _ in range(2):
+        stats["one"].turn_finished(hit("opening_hours"))
+    for _ in range(3):
+        stats["two"].turn_finished({"turn": 1, "source": "llm", "intent": "balance"})
+    raw = redis.Redis.from_url(REDIS_URL)
+    try:
+        for replica in shared.values():
+            await replica.flush()
+        # A foreign bucket (hits above its turns) draws no negative bar.
+        foreign = int(time.time() // 60) - 30
+        raw.hset(cluster_prefix + f"stats:minute:{foreign}", mapping={"turns": 1, "hits": 3})
+        cluster = await shared["one"].cluster_snapshot(stats["one"].snapshot())
+        buckets = [k for k in raw.keys(cluster_prefix + "stats:minute:*")
+                   if not k.endswith(str(foreign).encode())]
+        lifetimes = [raw.ttl(k) for k in buckets]
+    finally:
+        raw.close()
+        for replica in shared.values():
+            await replica.aclose()
+    assert (cluster["scope"], cluster["hits"], cluster["misses"]) == ("cluster", 2, 3)
+    points = cluster["series"]["points"]
+    assert len(points) == SERIES_MINUTES
+    assert all(p["hits"] >= 0 and p["misses"] >= 0 for p in points), points
+    counted = [p for p in points if p["t"] != foreign * 60]
+    assert (sum(p["hits"] for p in counted), sum(p["misses"] for p in counted)) == (2, 3), (
+        "the chart beside the cluster's 2 hits and 3 misses drew one replica's minutes")
+    assert cluster["replica_id"] == "one"  # whose latency and misses the page shows
+    assert buckets and min(lifetimes) >= SERIES_MINUTES * 60, (
+        f"a minute bucket expires after {min(lifetimes)} s: the chart shows an hour")
