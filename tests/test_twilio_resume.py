@@ -40,7 +40,7 @@ from gateway.transports.twilio_context import CONTEXT_TTL_S, CallContexts
 from gateway.transports.twilio_ended import EndedCalls
 from gateway.transports.twilio_rest import CallAlreadyEnded, CallControlError, dial_twiml
 from gateway.transports.twilio_voice import (GIVE_UP_SAY, HANDOFF_SAY, MAX_STREAM_RECONNECTS,
-                                             RESUMED_SAY)
+                                             NO_ONE_FREE_SAY, RESUMED_SAY)
 from gateway.agent import Conversation
 from tests.call_harness import RATE, CallHarness
 from tests.redis_faults import DelayingProxy, FlakyProxy
@@ -901,11 +901,12 @@ async def test_every_dial_asks_back_when_it_is_over(with_handoff, case):
     app = with_handoff
     if case == "transfer_under_way":
         await app.state.services.twilio_ended().mark(CALL_SID, "transfer")
-        path = "/twilio/stream-ended?lost=0"
+        path, back = "/twilio/stream-ended?lost=0", ""
     else:
         path = f"/twilio/stream-ended?lost={MAX_STREAM_RECONNECTS}"
+        back = f"?stream={MAX_STREAM_RECONNECTS}"  # the stream a dial-back goes on from
     reply = await post(app, path, sign=True)
-    assert dial_action(reply.text) == PUBLIC + "/twilio/dial-ended", reply.text
+    assert dial_action(reply.text) == PUBLIC + "/twilio/dial-ended" + back, reply.text
 
 
 async def test_the_rest_transfer_dials_with_the_action_of_its_stream():
@@ -934,10 +935,39 @@ async def test_a_desk_that_does_not_answer_gives_the_caller_back_to_the_bot(with
     assert reply.status_code == 200, reply.text
     assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"], reply.text
     action, url, parameters = connect_of(reply.text)
-    assert action == PUBLIC + "/twilio/stream-ended?lost=0"
-    assert parameters.get("CallSid") == CALL_SID
+    # The call's second stream (the same call going on), its losses counted afresh.
+    assert action == PUBLIC + "/twilio/stream-ended?lost=0&stream=1"
+    assert parameters == {"From": FORM["From"], "CallSid": CALL_SID, "resumed": "1",
+                          "dial_back": "1"}
     # No longer a transfer: a stream lost from here on resumes, it does not dial again.
     assert await services.twilio_ended().ended(CALL_SID) is None
+    # ... and its generation goes on climbing (its saves win), while `lost` restarts.
+    lost = await post(with_handoff, "/twilio/stream-ended?lost=0&stream=1", sign=True)
+    action, _, parameters = connect_of(lost.text)
+    assert action == PUBLIC + "/twilio/stream-ended?lost=1&stream=2"
+    assert parameters["resumed"] == "2" and "dial_back" not in parameters
+
+
+@pytest.mark.parametrize("path", ["/twilio/dial-ended?stream=x",
+                                  "/twilio/dial-ended?stream=1&stream=2",
+                                  "/twilio/stream-ended?lost=0&stream=-1"])
+async def test_a_stream_count_we_never_wrote_is_refused(plain, path):
+    reply = await post(plain, path, {**FORM, "DialCallStatus": "busy"})
+    assert reply.status_code == 400 and "is not a count of streams" in reply.text, reply.text
+
+
+async def test_what_a_dialled_call_said_is_kept_until_the_dial_is_over(with_handoff):
+    contexts = with_handoff.state.services.twilio_contexts()
+    said = [{"role": "user", "content": "what is my balance"}]
+    await contexts.save(CALL_SID, json.dumps(said))
+    reply = await post(with_handoff, f"/twilio/stream-ended?lost={MAX_STREAM_RECONNECTS}",
+                       sign=True)
+    assert [v.tag for v in verbs(reply.text)] == ["Say", "Dial"]
+    assert await contexts.load(CALL_SID) == said  # for the bot, if nobody takes the call
+    reply = await post(with_handoff, "/twilio/dial-ended?stream=2",
+                       {**FORM, "DialCallStatus": "completed"}, sign=True)
+    assert is_hangup(reply.text)
+    assert await contexts.load(CALL_SID) is None  # the person took it: over
 
 
 @pytest.mark.parametrize("dial_status", ["completed", "answered"])
@@ -950,3 +980,119 @@ async def test_a_call_the_desk_took_ends_with_it(with_handoff, dial_status):
 async def test_the_dial_ended_webhook_is_signed_like_the_others(with_handoff):
     reply = await post(with_handoff, "/twilio/dial-ended", {**FORM, "DialCallStatus": "busy"})
     assert reply.status_code == 403, reply.text
+
+
+class PhoneStream:
+    """One stream of a Twilio call as the server runs it (``TwilioStream``, the records of
+    ``app``'s services), its call on ``h``'s deps."""
+
+    def __init__(self, h: CallHarness, app: Starlette, parameters: dict[str, str],
+                 control: Any = None) -> None:
+        self.h, self.tasks, self.keepers = h, [], []
+        records = app.state.services
+
+        def new_call(output: Any, start: Any, call_id: Any = None, resumed: bool = False,
+                     keeper: Any = None) -> Call:
+            self.keepers.append(keeper)
+            return Call(h.deps, output, start.sample_rate, metadata=start.metadata,
+                        call_id=call_id, resumed=resumed, keeper=keeper)
+
+        def start_call(build: Any) -> Call:
+            h.call = self.session.call = build()
+            self.tasks.append(asyncio.create_task(h.call.run()))
+            return h.call
+
+        services = SimpleNamespace(
+            settings=h.settings, stats=h.stats, twilio_control=lambda: control,
+            twilio_ended=records.twilio_ended, twilio_contexts=records.twilio_contexts,
+            new_call=new_call)
+        self.session = SimpleNamespace(call=None, outbox=SentMessages(), start_call=start_call,
+                                       clock=h.clock, feed_dtmf=lambda key: h.call.feed_dtmf(key))
+        self.stream = TwilioStream(services, self.session, authenticated=True,  # type: ignore
+                                   base_url=PUBLIC)
+        self.stream.handle(start_message(parameters))
+
+    def media(self) -> list[dict[str, Any]]:
+        return [m for m in self.session.outbox.sent if m["event"] == "media"]
+
+    async def end(self) -> None:
+        """Twilio closes the stream (the call went elsewhere, or the stream was lost)."""
+        self.h.call.stop()
+        await asyncio.wait_for(self.tasks[0], 5)
+
+
+def phone_harness(**settings: Any) -> CallHarness:
+    h = CallHarness(settings={"greeting": "Welcome to the bank.", "idle_prompt_s": 0,
+                              "twilio_media_timeout_s": 0, "keypad": {"0": "handoff"},
+                              "twilio_auth_token": TOKEN, "handoff_number": NUMBER,
+                              **settings})
+    h.llm.reply = "Your balance is twelve dollars."
+    return h
+
+
+@pytest.mark.parametrize("path", ["rest_transfer", "transfer_under_way", "past_the_bound"])
+async def test_a_caller_back_from_a_desk_nobody_answered_goes_on_with_the_bot(with_handoff,
+                                                                             path):
+    """Review (stop 60): /twilio/dial-ended's new stream carried no ``resumed``: the caller,
+    just told "I'm back with you", was greeted again as a new call, the conversation was
+    not restored (deleted when /twilio/stream-ended answered the <Dial>), and the agent
+    never learnt that the transfer had not happened. Now the dial-back goes on as the same
+    call, its context told what the caller heard, and its saves win over the streams'
+    before it (its generation is past theirs)."""
+    app = with_handoff
+    asked: list[str] = []
+
+    class RestApi(FailingRestApi):
+        async def transfer(self, account_sid: str, call_sid: str, target: str,
+                           action: str = "") -> None:
+            asked.append(action)
+
+    first = phone_harness()
+    # Past the bound: the call's third stream (two lost before it) is lost in turn.
+    lost = MAX_STREAM_RECONNECTS if path == "past_the_bound" else 0
+    line = PhoneStream(first, app, {"From": "+15550100", "CallSid": CALL_SID,
+                                    **({"resumed": str(lost)} if lost else {})}, RestApi())
+    await first.wait(1000)
+    await first.text("what is my balance")
+    await first.wait(3000)
+    if path == "rest_transfer":
+        line.stream.handle(json.dumps({"event": "dtmf", "streamSid": "MZ1",
+                                       "dtmf": {"digit": "0"}}))
+        for _ in range(500):  # the handoff message plays, then the REST transfer
+            if asked:
+                break
+            await first.clock.advance(0.02)
+        (dial_ended,) = asked
+    elif path == "transfer_under_way":
+        await app.state.services.twilio_ended().mark(CALL_SID, "transfer")
+    await line.end()
+    if path != "rest_transfer":
+        reply = await post(app, f"/twilio/stream-ended?lost={lost}", sign=True)
+        dial_ended = dial_action(reply.text)
+    assert dial_ended.startswith(PUBLIC + "/twilio/dial-ended"), dial_ended
+    reply = await post(app, dial_ended.removeprefix(PUBLIC),
+                       {**FORM, "DialCallStatus": "no-answer"}, sign=True)
+    assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"], reply.text
+    assert verbs(reply.text)[0].text == NO_ONE_FREE_SAY
+    _, _, parameters = connect_of(reply.text)
+
+    again = phone_harness()
+    again.llm.reply = "Your savings are three dollars."
+    back = PhoneStream(again, app, parameters)
+    await again.wait(1000)
+    assert back.media() == []  # not greeted again: Twilio's "I'm back with you" was last
+    await again.text("and my savings")
+    await again.wait(3000)
+    request = again.llm.requests[0]
+    assert {"role": "user", "content": "what is my balance"} in request
+    assert request[-2:] == [{"role": "assistant", "content": NO_ONE_FREE_SAY},
+                            {"role": "user", "content": "and my savings"}], request
+    # Its saves are the call's newest: a stream lost from here on goes on from them.
+    assert back.keepers[0].generation > line.keepers[0].generation
+    await back.keepers[0].written()
+    kept = await app.state.services.twilio_contexts().load(CALL_SID)
+    assert kept is not None and kept[-1] == {"role": "assistant",
+                                             "content": "Your savings are three dollars."}
+    await back.end()
+    # The same phone call, not a second one; and no lost stream (the metric's meaning).
+    assert (again.stats.calls, again.stats.twilio_calls_resumed) == (0, 0)

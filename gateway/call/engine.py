@@ -139,9 +139,10 @@ class Call:
     def __init__(self, deps: CallDeps, output: CallOutput, sample_rate: int,
                  metadata: dict[str, Any] | None = None, call_id: str | None = None,
                  resumed: bool = False, keeper: ConversationKeeper | None = None) -> None:
-        """``resumed``: a phone call going on over a new stream (its first was lost): the
-        caller was greeted already, it is no new call in the stats, and its conversation
-        is restored from ``keeper``, which keeps it at every turn's end."""
+        """``resumed``: a phone call going on over a new stream (its first was lost, or a
+        transfer nobody took): the caller was greeted already, it is no new call in the
+        stats, and its conversation is restored from ``keeper``, which keeps it at every
+        turn's end."""
         self.id = call_id or uuid.uuid4().hex[:12]
         self._resumed = resumed
         self._keeper = keeper
@@ -407,7 +408,8 @@ class Call:
                                          and self._transferring is None):
             # A stream lost mid-turn: what the turn got to is kept too, written in the
             # background (a stalled Redis must not hold the call's end). Not a call
-            # hung up or transferred by us: it is never resumed.
+            # hung up or transferred by us: never resumed (a transfer nobody takes comes
+            # back to its turns' saves, /twilio/dial-ended).
             self._keeper.changed(self.conversation)
 
     async def _restore_conversation(self, keeper: ConversationKeeper) -> None:

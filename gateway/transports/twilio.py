@@ -36,8 +36,9 @@ from ..stats import Stats
 from .call_records import SAFE_ID
 from .twilio_ended import HUNG_UP, TRANSFERRED, EndedCalls
 from .twilio_rest import CallAlreadyEnded, CallControlError, TwilioCallControl
-from .twilio_voice import (RESUMED_PARAMETER, TOKEN_PARAMETER, dial_ended_url,
-                           public_base_url, signature_refusal, stream_generation, stream_url)
+from .twilio_voice import (DIAL_BACK_PARAMETER, NO_ONE_FREE_SAY, RESUMED_PARAMETER,
+                           TOKEN_PARAMETER, dial_ended_url, public_base_url, signature_refusal,
+                           stream_generation, stream_url)
 
 log = logging.getLogger("voicegate.twilio")
 
@@ -451,6 +452,19 @@ class TwilioStream:
         metadata = {"transport": "twilio", "stream_sid": start.stream_sid,
                     "call_sid": start.call_sid, "account_sid": start.account_sid,
                     "parameters": parameters}
+        # A stream /twilio/stream-ended reconnected after one was lost, or /twilio/dial-
+        # ended after a dial nobody took: the caller was greeted already (and has just
+        # heard Twilio's apology).
+        resumed = bool(parameters.get(RESUMED_PARAMETER))
+        dial_back = bool(parameters.get(DIAL_BACK_PARAMETER))
+        # Its conversation is kept at every turn's end, for a stream that resumes it; a
+        # resumed one goes on from there, and its saves replace those of the streams before
+        # it, never the reverse (gateway/transports/twilio_context.py).
+        generation = stream_generation(parameters.get(RESUMED_PARAMETER, ""))
+        # Back from a dial: the agent learns what the caller heard (nobody took the call).
+        keeper = (self._services.twilio_contexts().keeper(
+            call_id, generation, heard=NO_ONE_FREE_SAY if dial_back else "")
+            if call_id is not None else None)
         # The call id is the CallSid when there is one, so logs match Twilio's console.
         settings = self._services.settings
         output = TwilioOutput(self._session.outbox, start.stream_sid, call_id or "",
@@ -458,18 +472,9 @@ class TwilioStream:
                               account_sid=start.account_sid, call_sid=start.call_sid,
                               handoff_number=settings.handoff_number,
                               ended=self._services.twilio_ended(),
-                              dial_action=dial_ended_url(self._base_url)
+                              dial_action=dial_ended_url(self._base_url, generation)
                               if self._base_url else "", stats=self._services.stats)
         self.output = output
-        # A stream /twilio/stream-ended reconnected after one was lost: the caller was
-        # greeted already (and has just heard Twilio's apology).
-        resumed = bool(parameters.get(RESUMED_PARAMETER))
-        # Its conversation is kept at every turn's end, for a stream that resumes it; a
-        # resumed one goes on from there, and its saves replace those of the streams before
-        # it, never the reverse (gateway/transports/twilio_context.py).
-        generation = stream_generation(parameters.get(RESUMED_PARAMETER, ""))
-        keeper = (self._services.twilio_contexts().keeper(call_id, generation)
-                  if call_id is not None else None)
         call = self._session.start_call(lambda: self._services.new_call(
             output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata), call_id=call_id,
             resumed=resumed, keeper=keeper))
@@ -479,7 +484,12 @@ class TwilioStream:
             watch = MediaWatch(self._session.clock, settings.twilio_media_timeout_s,
                                lambda: self.media_frames, self._media_stopped)
             self.watch = asyncio.create_task(watch.run(), name=f"vg-media-watch-{call.id}")
-        if resumed:
+        if dial_back:
+            # Not in voicegate_twilio_calls_resumed: that counts lost streams (replicas
+            # gone, connections cut); a desk nobody answered is no fault of the line.
+            logs.event(log, "twilio_call_back_from_dial", call_id=call.id,
+                       stream=parameters[RESUMED_PARAMETER][:8])
+        elif resumed:
             self._services.stats.twilio_call_resumed()
             logs.event(log, "twilio_call_resumed", call_id=call.id,
                        lost=parameters[RESUMED_PARAMETER][:8])

@@ -17,12 +17,16 @@ one) is refused, not written over what was said since. Restoring takes the newer
 Redis's copy and this replica's memory's: a save Redis missed (its write failed) is not
 lost to a stream resumed here.
 
+A call whose transfer's dial nobody took comes back to the bot the same way
+(/twilio/dial-ended): a new stream, one generation on, going on from the conversation.
+
 Privacy: the record holds what the caller and the agent said. It expires ``CONTEXT_TTL_S``
 after the call's last save, and /twilio/stream-ended deletes it as soon as the call is not
-to be resumed (over, hung up, transferred, handed to a person): for good, so a save still
-under way then (the call's last, on whichever replica it ran) does not write it again
-(``CallRecords`` tombstones). Only the memory of a replica other than the one deleting it
-keeps its copy until it expires.
+to be resumed (over, hung up, given up on); a call dialled to a person keeps it until
+/twilio/dial-ended says the person took it or the caller is gone (or it expires): for good,
+so a save still under way then (the call's last, on whichever replica it ran) does not
+write it again (``CallRecords`` tombstones). Only the memory of a replica other than the
+one deleting it keeps its copy until it expires.
 
 Saving never delays the call: a turn's end snapshots the conversation (JSON, on the loop),
 keeps it in memory at once (a stream resumed here while Redis stalls the write before it
@@ -75,10 +79,13 @@ class CallContexts:
         # loop holds tasks weakly) so the replica's shutdown writes them before it closes.
         self._writers: set[asyncio.Task[None]] = set()
 
-    def keeper(self, call_sid: str, generation: int = 0) -> "ConversationKeeper":
+    def keeper(self, call_sid: str, generation: int = 0,
+               heard: str = "") -> "ConversationKeeper":
         """The keeper of ``call_sid``'s stream ``generation``: 0 for the call's first, one
-        more for each that resumed it (its saves replace no later stream's)."""
-        return ConversationKeeper(self, call_sid, generation)
+        more for each that resumed it (its saves replace no later stream's). ``heard``: what
+        Twilio told the caller before this stream (after a dial nobody took), added to the
+        restored conversation as the agent's."""
+        return ConversationKeeper(self, call_sid, generation, heard)
 
     def _write_in_background(self, write: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(write, name="vg-twilio-context")
@@ -169,10 +176,12 @@ class ConversationKeeper:
     saved at each turn's end and as the call ends (``changed``). The writes outlive the
     call: its end never waits for Redis (``CallContexts.aclose`` does)."""
 
-    def __init__(self, contexts: CallContexts, call_sid: str, generation: int = 0) -> None:
+    def __init__(self, contexts: CallContexts, call_sid: str, generation: int = 0,
+                 heard: str = "") -> None:
         self._contexts = contexts
         self.call_sid = call_sid
         self.generation = generation  # the call's stream: its saves are (generation, n)
+        self._heard = heard
         self._saves = 0
         # The snapshot last kept (in memory at once) or refused: the same again changes nothing
         self._made: str | None = None
@@ -181,21 +190,30 @@ class ConversationKeeper:
         self._writer: asyncio.Task[None] | None = None
 
     async def restore(self, conversation: Conversation) -> bool:
-        """Put the call's kept conversation into ``conversation``; False when there is
-        none (the call starts afresh)."""
+        """Put the call's kept conversation into ``conversation``, then what the caller
+        heard meanwhile (``heard``); False when none was kept (the call starts afresh)."""
         history = await self._contexts.load(self.call_sid)
         # Redis's send can swallow a cancel (redis_link.honour_cancel): the call cancelled
         # meanwhile must stop, not start its loops and wait for a stop that never comes.
         honour_cancel()
-        if history is None:
-            return False
+        restored = history is not None and self._restore(conversation, history)
+        if self._heard:
+            # Twilio's words, not the agent's: without them the model would not know the
+            # caller was told the transfer did not happen (the context keeps no handoff).
+            conversation.add_assistant(self._heard)
+        if restored or self._heard:
+            # Saved with the call's next change: alone, the line heard must not replace a
+            # record this lookup could not read.
+            self._made = json.dumps(conversation.snapshot(), ensure_ascii=False,
+                                    separators=(",", ":"))
+        return restored
+
+    def _restore(self, conversation: Conversation, history: list) -> bool:
         try:
             conversation.restore(history)
         except ValueError as exc:  # another version's record, or damaged
             self._contexts.unreadable(self.call_sid, str(exc))
             return False
-        self._made = json.dumps(conversation.snapshot(), ensure_ascii=False,
-                                separators=(",", ":"))
         return True
 
     def changed(self, conversation: Conversation) -> None:

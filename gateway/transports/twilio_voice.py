@@ -17,6 +17,13 @@ landed); else, up to
 ``MAX_STREAM_RECONNECTS`` times a call (``lost`` counts them), a short apology and a new
 ``<Connect><Stream>`` marked ``resumed`` (no greeting again); past that, a ``<Dial>`` to
 ``VOICEGATE_HANDOFF_NUMBER`` (a person takes the call) or an apology and ``<Hangup/>``.
+
+Every ``<Dial>`` has ``/twilio/dial-ended`` as its action: a dial nobody took gives the
+caller back to the bot on a new stream, marked ``resumed`` (and ``dial_back``) as a lost
+one's: the same call, its conversation restored. ``stream`` in both actions' query is the
+generation of the call's last stream (its saves' version, twilio_context.py): the new
+stream's is one more, so its saves replace theirs. Left out where it tells nothing new
+(``lost`` in a call never dialled back; 0 in a dial's), and read so when absent.
 """
 
 from __future__ import annotations
@@ -46,8 +53,12 @@ STREAM_PATH = "/twilio/stream"
 FORWARDED_PARAMETERS = ("From", "CallSid")
 # The stream parameter that carries VOICEGATE_CALL_TOKEN (Twilio's stream URL takes no query).
 TOKEN_PARAMETER = "token"
-# The stream parameter of a call resumed after its stream was lost (how many times, 1..).
+# The stream parameter of a call going on over a new stream (its stream lost, or a dial
+# nobody took): the stream's generation, how many streams the call had before it (1..).
 RESUMED_PARAMETER = "resumed"
+# The stream parameter of a call back from a dial nobody took (its value "1"): the caller
+# heard NO_ONE_FREE_SAY, which the agent is told (the restored context has no word of it).
+DIAL_BACK_PARAMETER = "dial_back"
 STREAM_ENDED_PATH = "/twilio/stream-ended"
 # The <Dial action>: Twilio asks it when a transfer's dial is over (answered, busy, ...).
 DIAL_ENDED_PATH = "/twilio/dial-ended"
@@ -106,14 +117,27 @@ def not_xml_refusal(fields: Mapping[str, str]) -> str | None:
     return None
 
 
-def stream_ended_url(base_url: str, lost: int) -> str:
-    """The ``<Connect action>``: Twilio requests it when the stream ends."""
-    return f"{base_url}{STREAM_ENDED_PATH}?lost={lost}"
+def stream_ended_url(base_url: str, lost: int, stream: int | None = None) -> str:
+    """The ``<Connect action>``: Twilio requests it when the stream ends. ``stream``: the
+    stream's generation, when it is not ``lost`` (a stream after a dial nobody took)."""
+    more = "" if stream is None or stream == lost else f"&stream={stream}"
+    return f"{base_url}{STREAM_ENDED_PATH}?lost={lost}{more}"
 
 
-def dial_ended_url(base_url: str) -> str:
-    """The ``<Dial action>``: Twilio requests it when a transfer's dial is over."""
-    return f"{base_url}{DIAL_ENDED_PATH}"
+def dial_ended_url(base_url: str, stream: int = 0) -> str:
+    """The ``<Dial action>``: Twilio requests it when a transfer's dial is over.
+    ``stream``: the generation of the call's stream before the dial."""
+    return f"{base_url}{DIAL_ENDED_PATH}" + (f"?stream={stream}" if stream else "")
+
+
+def _count_refusal(request: Request, name: str) -> str | None:
+    """Why the query's ``name`` is refused (not one count we wrote), or None; absent is
+    fine (the caller decides what that means)."""
+    values = request.query_params.getlist(name)
+    if not values or (len(values) == 1 and _LOST.fullmatch(values[0])):
+        return None
+    return (f"{name}={','.join(values)[:40]!r} is not a count of streams ({name}=N, N a "
+            "number from 0, as the action URL this gateway wrote)")
 
 
 def twiml_connect(url: str, parameters: dict[str, str], action: str, say: str = "") -> str:
@@ -222,6 +246,11 @@ async def twilio_stream_ended(request: Request) -> Response:
                                          f"({STREAM_ENDED_PATH}?lost=N, N a number from 0, as "
                                          "the <Connect action> this gateway wrote)")
     lost = int(lost_values[0])
+    refused = _count_refusal(request, "stream")
+    if refused is not None:
+        return invalid_webhook(services, refused)
+    # The ended stream's generation: `lost` unless a dial nobody took came between.
+    stream = int(request.query_params.get("stream", lost))
     url = stream_url(base)
     forwarded = stream_parameters(services, params, url)
     if isinstance(forwarded, Response):
@@ -240,27 +269,29 @@ async def twilio_stream_ended(request: Request) -> Response:
         how = None
     if how is None and status not in _CALL_OVER and lost < MAX_STREAM_RECONNECTS:
         logs.event(log, "twilio_stream_lost", logging.WARNING, outcome="resume", **event)
-        resumed = {**forwarded, RESUMED_PARAMETER: str(lost + 1)}
-        return _xml(twiml_connect(url, resumed, stream_ended_url(base, lost + 1),
+        resumed = {**forwarded, RESUMED_PARAMETER: str(stream + 1)}
+        return _xml(twiml_connect(url, resumed, stream_ended_url(base, lost + 1, stream + 1),
                                   say=RESUMED_SAY))
-    # Not resumed: what the call said is kept no longer (twilio_context.py).
-    await services.twilio_contexts().forget(call_sid)
+    # Not resumed. A call dialled keeps what it said (twilio_context.py) until the dial is
+    # over: a desk nobody answers gives the caller back to the bot, which goes on from it.
     if how == TRANSFERRED and handoff:
         # The stream ended while the transfer was under way (its REST request may never
         # have landed): the person the caller was promised, whoever asked Twilio last.
         logs.event(log, "twilio_stream_ended", outcome="transfer", **event)
-        response.append(dial(handoff, dial_ended_url(base)))
+        response.append(dial(handoff, dial_ended_url(base, stream)))
     elif status in _CALL_OVER or how is not None:
         # Hung up by the gateway, or the caller is gone: nothing to resume.
         logs.event(log, "twilio_stream_ended", outcome="hangup", **event)
+        await services.twilio_contexts().forget(call_sid)
         response.hangup()
     else:
         logs.event(log, "twilio_stream_lost", logging.WARNING,
                    outcome="handoff" if handoff else "hangup", **event)
         if handoff:
             response.say(HANDOFF_SAY)
-            response.append(dial(handoff, dial_ended_url(base)))
+            response.append(dial(handoff, dial_ended_url(base, stream)))
         else:
+            await services.twilio_contexts().forget(call_sid)
             response.say(GIVE_UP_SAY)
             response.hangup()
     return _xml(str(response))
@@ -269,25 +300,37 @@ async def twilio_stream_ended(request: Request) -> Response:
 async def twilio_dial_ended(request: Request) -> Response:
     """A transfer's dial is over (Twilio's ``<Dial action>``). The person took the call:
     it ends with them. Nobody did (busy, no answer, failed): the caller is back with the
-    bot, told so, on a new stream, never hung up on."""
+    bot, told so, on a new stream that goes on with the call (as a lost stream's does),
+    never hung up on."""
     services: Services = request.app.state.services
     webhook = await _call_webhook(request)
     if isinstance(webhook, Response):
         return webhook
     params, base, forwarded = webhook
+    refused = _count_refusal(request, "stream")
+    if refused is not None:
+        return invalid_webhook(services, refused)
+    # Absent from a dial this gateway started before it wrote `stream`: the first stream's.
+    stream = int(request.query_params.get("stream", 0))
     call_sid = forwarded["CallSid"]
     dial_status = params.get("DialCallStatus", "")[:32]
     status = params.get("CallStatus", "")
     event = {"call_id": call_sid or None, "dial_status": dial_status, "call_status": status[:32]}
     if dial_status in _DIAL_TAKEN or status in _CALL_OVER:
         logs.event(log, "twilio_dial_ended", outcome="hangup", **event)
+        # The call will not come back to the bot: what it said is kept no longer.
+        await services.twilio_contexts().forget(call_sid)
         response = VoiceResponse()
         response.hangup()
         return _xml(str(response))
     # Not transferred after all: a stream lost from here on resumes, not dials again.
     await services.twilio_ended().forget(call_sid)
     logs.event(log, "twilio_dial_ended", logging.WARNING, outcome="back_to_bot", **event)
-    return _xml(twiml_connect(stream_url(base), forwarded, stream_ended_url(base, 0),
+    # The same call going on, as after a lost stream: not greeted again, its conversation
+    # restored, its saves replacing those of the streams before the dial (one generation
+    # on). Its losses are counted afresh (lost=0): a lost stream resumes, not dials again.
+    back = {**forwarded, RESUMED_PARAMETER: str(stream + 1), DIAL_BACK_PARAMETER: "1"}
+    return _xml(twiml_connect(stream_url(base), back, stream_ended_url(base, 0, stream + 1),
                               say=NO_ONE_FREE_SAY))
 
 
