@@ -12,7 +12,8 @@ import pytest
 from gateway.call.keypad import BadKey, Collected, Keypad, Mapped
 from gateway.providers.base import LLMChunk, ProviderError, ToolSpec
 from gateway.audio_bank import Clip
-from gateway.agent import HANDOFF_MESSAGE, TIME_LIMIT_MESSAGE, TRANSFER_FAILED_MESSAGE
+from gateway.agent import (GOODBYE_MESSAGE, HANDOFF_MESSAGE, IDLE_PROMPT_MESSAGE,
+                           TIME_LIMIT_MESSAGE, TRANSFER_FAILED_MESSAGE)
 from intents.types import Action, RouteDecision
 from tests.call_harness import CallHarness, RecordingOutput, ScriptedRouter, tone
 
@@ -244,6 +245,30 @@ async def test_a_caller_who_talks_over_the_goodbye_is_still_watched_for_silence(
     assert h.output.of("hangup") == [] and not await ended(h)
     await h.wait(9000)
     assert sources(h)[-1] == "goodbye" and await ended(h) and h.call.ended == "idle"
+
+
+@pytest.mark.parametrize("answered", ["prompt", "goodbye"])
+async def test_the_agent_knows_the_idle_prompt_or_goodbye_the_caller_answers(answered):
+    """Review (stop 60): the idle prompt and the goodbye never reached the agent's context.
+    The agent asks "Shall I block your card?", the caller goes quiet, the bot asks "Are you
+    still there?" and the caller says "yes": the agent saw its own question, then "yes", and
+    took it for the go-ahead to block the card. Talking over the goodbye ("no wait, I'm
+    here") read as an answer to the last question too."""
+    h = harness({"idle_prompt_s": 8})
+    h.llm.reply = "Shall I block your card?"
+    await h.start()
+    await h.text("I lost my card")
+    await h.wait(1500)
+    while not h.output.of("response", source=answered):
+        await h.wait(20)
+    await h.wait(100)
+    await h.text("yes" if answered == "prompt" else "no wait I am here")
+    await h.wait(1500)
+    await h.stop()
+    assert h.output.of("hangup") == []
+    said = [m["content"] for m in h.llm.requests[-1] if m["role"] == "assistant"]
+    expected = [IDLE_PROMPT_MESSAGE] + ([GOODBYE_MESSAGE] if answered == "goodbye" else [])
+    assert said == ["Shall I block your card?", *expected], said
 
 
 async def test_a_key_or_text_while_the_call_hangs_up_does_not_stop_the_hang_up():
@@ -1411,3 +1436,51 @@ async def test_keys_ended_by_hash_while_the_caller_speaks_are_not_answered_over_
     assert over_caller == [], (
         f"{len(over_caller)} reply frames played while the caller spoke "
         f"({speech_from:.2f}-{speech_to:.2f} s); responses {sources(h)}")
+
+
+@pytest.mark.parametrize("key, source", [("1", "cache"), ("0", "handoff")])
+async def test_a_mapped_key_pressed_while_the_caller_speaks_is_not_answered_over_them(
+        key, source):
+    """Review (stop 60): keys whose pause runs out (or `#`) while the caller speaks are
+    carried into their turn, but a mapped key pressed mid-sentence ("uh I want to know [1]
+    when you are open on sunday") played its cached answer (or the handoff message) at once,
+    over the caller's words, and no barge-in stopped it (their speech began before it). It
+    acts as their words end, and supersedes them, as a key pressed while the agent thinks
+    does: one reply, the key's."""
+    h = harness({"keypad": {"0": "handoff", "1": "hours"}, "idle_prompt_s": 0},
+                faqs={"opening hours": "hours"})
+    h.llm.reply = "Okay."
+    await h.start()
+    speech_from = h.clock.now()
+    await h.feed(h.vocabulary.audio("uh I want to know"))
+    assert h.call._turns.in_utterance
+    h.call.feed_dtmf(key)
+    await h.feed(h.vocabulary.audio("when you are open on sunday please"))
+    speech_to = h.clock.now()
+    await h.silence(3000)
+    await h.stop()
+    over_caller = _frames_between(h, speech_from, speech_to)
+    assert over_caller == [], (
+        f"{len(over_caller)} reply frames played while the caller spoke "
+        f"({speech_from:.2f}-{speech_to:.2f} s); responses {sources(h)}")
+    assert sources(h) == [source], sources(h)
+    assert [e["action"] for e in h.output.of("keypad")] == [{"1": "hours", "0": "handoff"}[key]]
+    assert h.llm.requests == []  # the words the key superseded were not asked
+    assert sorted(m["turn"] for m in h.metrics()) == [1, 2], h.metrics()
+
+
+async def test_a_mapped_key_pressed_over_noise_that_never_ends_still_acts():
+    """Review (stop 60), with the test above: the key waits for the caller's words to end,
+    but a line whose noise never ends (a television) must not hold it for good: it acts a
+    keypad pause later."""
+    h = harness({"keypad": {"1": "hours"}, "keypad_pause_s": 2, "idle_prompt_s": 0},
+                faqs={"opening hours": "hours"})
+    await h.start()
+    await h.feed(tone(1000))
+    pressed = h.clock.now()
+    h.call.feed_dtmf("1")
+    await h.feed(tone(4000))
+    assert h.call._turns.in_utterance  # the noise goes on
+    await h.stop()
+    (started,) = h.output.at("response", source="cache")
+    assert pressed + 2.0 <= started <= pressed + 2.1, started - pressed

@@ -257,6 +257,9 @@ class Call:
         # Keypad presses wait here for the keypad loop (bounded like texts).
         self._keys: asyncio.Queue[str] = asyncio.Queue(settings.max_queued_texts * 4)
         self._keypad = Keypad(settings.keypad, settings.keypad_pause_s)
+        # Set as each of the caller's spoken turns ends (its reply started): a mapped key
+        # pressed mid-sentence waits for it (``_keypad_loop``).
+        self._turn_ended = asyncio.Event()
         # Caller silence once the bot has finished: a prompt, then a goodbye.
         self._idle = IdleWatch(deps.clock, settings.idle_prompt_s, busy=self._line_busy)
         # When the call's time limit is up (max_call_s after it began; see _time_limit_loop).
@@ -579,6 +582,7 @@ class Call:
     def _on_turn_ended(self, ended: TurnEnded) -> None:
         self._end_pause(turn_ended=True)
         self._start_spoken_turn(ended)
+        self._turn_ended.set()
 
     async def _judge_turn(self, paused: SpeechPaused) -> None:
         assert self._deps.turn_model is not None
@@ -1370,12 +1374,19 @@ class Call:
         return tl
 
     async def _say(self, tl: TurnTimeline, segment_for: Callable[[Turn], Any],
-                   record_heard: bool = False) -> bool:
+                   record_heard: bool = False, told: bool = False) -> bool:
         """Play one pre-rendered phrase as a reply of its own; True when it played out.
-        ``record_heard``: the context holds the phrase, cut to what was heard if stopped."""
+        ``record_heard``: the context holds the phrase, cut to what was heard if stopped.
+        ``told``: the context holds it whole, from when it starts (the idle prompt, the
+        goodbye): what the caller says next answers it, not the agent's last question."""
         turn = self._turn(tl, "", None)
+        segment = segment_for(turn)
+        if told:
+            # Here, in the reply: one stopped while queued was never said. Not cut to the
+            # heard words (record_heard cuts the whole last exchange, the agent's answer too).
+            self.conversation.add_assistant(segment.text)
         try:
-            await self._reply.play_segment(turn, segment_for(turn), record_heard=record_heard)
+            await self._reply.play_segment(turn, segment, record_heard=record_heard)
         except StageFailed as exc:  # not even the pre-rendered phrase: say so, stay up
             await self._report(exc.code, str(exc), tl.turn)
             return False
@@ -1412,14 +1423,16 @@ class Call:
             self._trace.event(f"idle_{step}")
             tl = self._prompt_turn("idle")
             if step == "prompt":
-                self._start_reply(tl, self._say(tl, self._responder.idle_prompt))
+                # Told to the agent: "yes" after "Are you still there?" is no yes to the
+                # question it asked before the silence.
+                self._start_reply(tl, self._say(tl, self._responder.idle_prompt, told=True))
             else:
                 # No return: the goodbye ends the call, unless the caller talks over it
                 # (then the call goes on, and its silence is watched again).
                 self._start_reply(tl, self._say_goodbye(tl))
 
     async def _say_goodbye(self, tl: TurnTimeline) -> None:
-        if await self._say(tl, self._responder.goodbye):
+        if await self._say(tl, self._responder.goodbye, told=True):  # talked over: known
             # As before a transfer: the far end's jitter buffer may still hold up to the
             # lead we send ahead of the clock, and hanging up would cut the goodbye's end.
             await self._clock.sleep(self._settings.playout_lead_ms / 1000.0)
@@ -1604,6 +1617,20 @@ class Call:
                     # turn the caller's words end, as a pause that runs out is.
                     await self._carry_keys(action)
                     continue
+                if isinstance(action, Mapped) and self._turns.in_utterance:
+                    # Not played over the caller's words (their speech began before it, so
+                    # nothing would stop it): it acts as they end, and supersedes them, as
+                    # a key pressed while the agent thinks does. Keys meanwhile wait. At most
+                    # a keypad pause: noise that never ends must not hold the key for good.
+                    with contextlib.suppress(Expired):
+                        async with deadline(self._clock, self._keypad.pause_s):
+                            while self._turns.in_utterance:
+                                self._turn_ended.clear()
+                                await self._turn_ended.wait()
+                    if self.ended is not None:
+                        continue
+                    if self.replying:
+                        await self._barge_in("dtmf")
             if action is not None:
                 await self._keypad_turn(action)
             if not self._keypad.collecting:
