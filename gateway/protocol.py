@@ -196,6 +196,13 @@ def _parse_start(data: dict[str, Any]) -> StartMessage:
         raise ProtocolError("unsupported_encoding",
                             f"encoding {str(encoding)[:32]!r} is not supported; use pcm16 "
                             "(16-bit little-endian mono)", CLOSE_UNSUPPORTED_DATA)
+    # Frames are mono: a stereo client's interleaved samples would be heard as mono at
+    # twice the rate (garbled, then `audio_too_fast`, which names the wrong fault).
+    channels = data.get("channels", 1)
+    if channels != 1 or isinstance(channels, bool) or not isinstance(channels, int):
+        raise ProtocolError("unsupported_channels",
+                            f"`channels` {str(channels)[:32]} is not supported; audio is "
+                            "mono: send 1 (or leave it out)", CLOSE_UNSUPPORTED_DATA)
     metadata = data.get("metadata", {})
     if not isinstance(metadata, dict):
         raise ProtocolError("invalid_message", "`metadata` must be a JSON object", CLOSE_POLICY)

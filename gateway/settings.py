@@ -170,6 +170,13 @@ class Settings(BaseModel):
     # every call on the replica its event loop's time, is cut off.
     max_bad_message_rate: PosF = 100.0
     bad_message_burst: Pos = 500
+    # Messages of any kind a started call may send a second (its bucket holds
+    # STALL_ALLOWANCE_S of them, for a backlog a stalled server reads at once); a flood
+    # beyond closes it (`messages_too_fast`, 1008). `audio_too_fast` counts audio seconds,
+    # not messages: one-sample frames passed it at 32,000 a second, each costing every call
+    # on the replica the event loop's time. 20 ms frames are 50 a second; 128-sample
+    # frames at 48 kHz (a browser's render quantum), 375.
+    max_message_rate: PosF = 1000.0
     # SIGTERM drains the replica (gateway/drain.py): /readyz 503, new calls refused
     # (`draining`), running calls finish for up to this long, then the process exits.
     # Ten minutes: contact-center calls last minutes, and a rolling deploy should not cut

@@ -149,3 +149,48 @@ async def test_a_session_of_a_client_that_stopped_reading_ends_whatever_ended_it
     finally:
         handler.cancel()
         await asyncio.gather(handler, return_exceptions=True)
+
+
+async def test_a_flood_of_tiny_valid_messages_is_closed_by_name():
+    """Review (stop 60): docs/protocol.md allows audio frames of "any whole number of
+    samples", and the only bound on a started call's frames is `audio_too_fast`, which
+    counts audio seconds, not messages: one-sample frames pass it at 32,000 messages a
+    second (2x real time at 16 kHz), as do lone `#` keys, each costing the event loop a
+    receive, a parse and a feed that every other call on the replica waits behind. Nothing
+    names or stops such a flood. The clock stands still: 9,000 frames of one sample are
+    0.56 s of audio, within the audio budget, and must be refused as messages."""
+    h = CallHarness()
+    services = services_for(h)
+    ws = FakeWebSocket(services)
+    ws.text({"type": "start", "sample_rate": 16000})
+    for _ in range(9000):
+        ws.audio(b"\x01\x00")
+    ws.text({"type": "stop"})
+    await run_call(ws)
+    assert ws.errors() == ["messages_too_fast"]
+    error = next(e for e in ws.events if e["type"] == "error")
+    assert "1000" in error["message"] and "a second" in error["message"]
+    assert ws.closed_with == 1008
+    assert services.admission.active == 0
+
+
+async def test_a_client_sending_small_frames_in_real_time_is_not_refused():
+    # The control: 128-sample frames at 48 kHz (an AudioWorklet's render quantum, 375 a
+    # second) go on; so does eight seconds' backlog of them read all at once.
+    h = CallHarness()
+    services = services_for(h)
+    ws = FakeWebSocket(services)
+    ws.text({"type": "start", "sample_rate": 48000})
+    run = asyncio.ensure_future(run_call(ws))
+    for second in range(10):
+        for _ in range(375):
+            ws.audio(b"\x00\x00" * 128)
+        while not ws.inbox.empty():  # read before the clock moves on
+            await asyncio.sleep(0)
+        h.clock._now += 1.0
+    h.clock._now += 8.0  # a stalled server: 8 s of frames wait, then are read in a burst
+    for _ in range(375 * 8):
+        ws.audio(b"\x00\x00" * 128)
+    ws.text({"type": "stop"})
+    await run
+    assert ws.errors() == [] and ws.closed_with == 1000

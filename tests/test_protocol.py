@@ -52,3 +52,23 @@ def test_audio_frame_checks():
     with pytest.raises(ProtocolError) as big:
         check_audio_frame(b"\x00" * (MAX + 2), MAX)
     assert (big.value.code, big.value.close_code) == ("frame_too_large", CLOSE_TOO_BIG)
+
+
+@pytest.mark.parametrize("channels", [2, 0, -1, "stereo", 1.5, True, None])
+def test_a_start_that_is_not_mono_is_refused_by_name(channels):
+    """Review (stop 60): binary frames are mono, but a `start` saying `"channels": 2` was
+    accepted without a word: its interleaved stereo was heard as mono at twice the rate
+    (garbled, then closed as `audio_too_fast`, "stream it at the pace it is spoken", which
+    names the wrong fault). The Twilio stream refuses a `channels` other than 1; so must
+    the native `start`, naming the field and what is allowed."""
+    raw = json.dumps({"type": "start", "sample_rate": 16000, "channels": channels})
+    with pytest.raises(ProtocolError) as info:
+        parse_text_frame(raw, MAX)
+    assert (info.value.code, info.value.close_code) == ("unsupported_channels",
+                                                        CLOSE_UNSUPPORTED_DATA)
+    assert "`channels`" in info.value.message and "1" in info.value.message
+
+
+def test_a_mono_start_may_say_so():
+    raw = json.dumps({"type": "start", "sample_rate": 16000, "channels": 1})
+    assert parse_text_frame(raw, MAX) == StartMessage(sample_rate=16000)

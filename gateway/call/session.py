@@ -243,6 +243,7 @@ class CallSession:
         self._admit_while_draining = False
         self._awaiting_start = False
         self._rate: AudioRateLimit | None = None
+        self._messages: TokenBucket | None = None  # a started call's messages, any kind
         self._start_deadline = asyncio.get_running_loop().time() + settings.start_timeout_s
         self.close_code = CLOSE_NORMAL
         self.errors = 0
@@ -287,6 +288,12 @@ class CallSession:
         if message["type"] == "websocket.disconnect":
             self.outbox.closed = True
             return None
+        if self._messages is not None and not self._messages.take():
+            rate = self.settings.max_message_rate
+            raise ProtocolError("messages_too_fast",
+                                f"more than {rate:g} messages a second (beyond a backlog of "
+                                f"{rate * STALL_ALLOWANCE_S:g}): send audio in frames of "
+                                "10-40 ms, keys and texts as they are typed", CLOSE_POLICY)
         return message
 
     async def _receive_before_start(self) -> dict[str, Any] | None:
@@ -362,6 +369,8 @@ class CallSession:
         self._rate = AudioRateLimit(call.sample_rate, self.settings.max_audio_rate,
                                     self.settings.audio_rate_grace_s, self.clock,
                                     max_frame_bytes=self.settings.max_frame_bytes)
+        rate = self.settings.max_message_rate
+        self._messages = TokenBucket(rate, rate * STALL_ALLOWANCE_S, self.clock)
         self._call_task = asyncio.create_task(call.run(), name=f"vg-call-{call.id}")
         self._call_task.add_done_callback(self._call_done)
         return call

@@ -507,8 +507,8 @@
   // dropped (too_many_messages).
   const CALL_ENDING = new Set([
     "too_many_calls", "draining", "start_timeout", "audio_too_fast", "client_not_reading",
-    "too_many_bad_messages", "unsupported_sample_rate", "unsupported_encoding",
-    "odd_pcm_length", "frame_too_large",
+    "too_many_bad_messages", "messages_too_fast", "unsupported_sample_rate",
+    "unsupported_encoding", "unsupported_channels", "odd_pcm_length", "frame_too_large",
   ]);
 
   function onError(current, event) {

@@ -63,7 +63,7 @@ async def native_call(websocket: WebSocket) -> None:
                 session.bad_input(exc)
                 if exc.close_code is not None:
                     break
-    except ProtocolError as exc:  # before the loop could run, or a start timeout
+    except ProtocolError as exc:  # a start timeout, or messages too fast (session.receive)
         session.bad_input(exc)
     finally:
         await session.close()

@@ -555,7 +555,7 @@ async def twilio_stream(websocket: WebSocket) -> None:
                 session.bad_input(exc)
                 if exc.close_code is not None:
                     break
-    except ProtocolError as exc:  # no `start` in time
+    except ProtocolError as exc:  # no `start` in time, or messages too fast
         session.bad_input(exc)
     finally:
         if stream.watch is not None:
