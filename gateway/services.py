@@ -261,10 +261,10 @@ class Services:
 
     def new_call(self, output: CallOutput, start: StartMessage,
                  call_id: str | None = None, resumed: bool = False,
-                 keeper: ConversationKeeper | None = None) -> Call:
+                 keeper: ConversationKeeper | None = None, transport: str = "native") -> Call:
         assert self._call_deps is not None, "new_call before the runtime is ready"
         return Call(self._call_deps, output, start.sample_rate, metadata=start.metadata,
-                    call_id=call_id, resumed=resumed, keeper=keeper)
+                    call_id=call_id, resumed=resumed, keeper=keeper, transport=transport)
 
     def twilio_control(self) -> TwilioCallControl | None:
         """Twilio's REST API for transfers and hang-ups; None without an auth token."""

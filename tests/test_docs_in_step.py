@@ -39,8 +39,8 @@ def test_every_setting_is_documented_somewhere_an_operator_reads():
 async def test_start_metadata_reaches_the_logs():
     """docs/protocol.md, `start`: "`metadata` (object, optional: caller id, campaign,
     anything you want in logs)". The endpoint parses it and hands it to the Call
-    (services.new_call -> Call(metadata=...)), which reads only its `transport` for the
-    trace: no log line (call_started logs sample_rate and resumed), no recording field
+    (services.new_call -> Call(metadata=...)), which read only its `transport` for the
+    trace (since stop 60 not even that: the endpoint names it): no log line (call_started logs sample_rate and resumed), no recording field
     carries it. A client that tags its calls with a campaign finds the tag nowhere."""
     records: list[logging.LogRecord] = []
 

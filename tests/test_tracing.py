@@ -135,3 +135,20 @@ def test_spans_are_exported_over_otlp_when_the_endpoint_is_set():
     assert [s.name for s in spans] == ["voicegate.call"]
     attributes = {a.key: a.value.string_value for a in spans[0].attributes}
     assert attributes["voicegate.call_id"] == "otlp-call"
+
+
+async def test_a_client_cannot_relabel_its_calls_transport(spans):
+    """Review (stop 60): the call span's transport was read from `start.metadata`, which is
+    the client's to write: a native call saying {"transport": "twilio"} was traced as a
+    phone call (and any 64 KiB value went into the attribute). It is the endpoint's."""
+    from gateway.call import Call
+
+    tracer, exporter = spans
+    h = CallHarness()
+    h.deps.tracer = tracer
+    h.call = Call(h.deps, h.output, 16000, call_id="test-call",
+                  metadata={"transport": "twilio", "note": "x" * 100})
+    await h.start()
+    await h.stop()
+    (call,) = [s for s in exporter.get_finished_spans() if s.name == "voicegate.call"]
+    assert call.attributes["voicegate.transport"] == "native"

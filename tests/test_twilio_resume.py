@@ -423,10 +423,10 @@ async def test_a_resumed_stream_plays_no_greeting_and_is_counted(resumed, caplog
         return session.call
 
     def new_call(output: Any, start: Any, call_id: Any = None, resumed: bool = False,
-                 keeper: Any = None) -> Call:
+                 keeper: Any = None, transport: str = "native") -> Call:
         keepers.append(keeper)
         return Call(h.deps, output, start.sample_rate, metadata=start.metadata,
-                    call_id=call_id, resumed=resumed, keeper=keeper)
+                    call_id=call_id, resumed=resumed, keeper=keeper, transport=transport)
 
     # The stream as the server runs it, its call on the harness's deps (services.new_call).
     services = SimpleNamespace(
@@ -992,10 +992,10 @@ class PhoneStream:
         records = app.state.services
 
         def new_call(output: Any, start: Any, call_id: Any = None, resumed: bool = False,
-                     keeper: Any = None) -> Call:
+                     keeper: Any = None, transport: str = "native") -> Call:
             self.keepers.append(keeper)
             return Call(h.deps, output, start.sample_rate, metadata=start.metadata,
-                        call_id=call_id, resumed=resumed, keeper=keeper)
+                        call_id=call_id, resumed=resumed, keeper=keeper, transport=transport)
 
         def start_call(build: Any) -> Call:
             h.call = self.session.call = build()

@@ -138,11 +138,13 @@ def end_of_turn_settings(settings: Settings) -> EndOfTurnSettings:
 class Call:
     def __init__(self, deps: CallDeps, output: CallOutput, sample_rate: int,
                  metadata: dict[str, Any] | None = None, call_id: str | None = None,
-                 resumed: bool = False, keeper: ConversationKeeper | None = None) -> None:
+                 resumed: bool = False, keeper: ConversationKeeper | None = None,
+                 transport: str = "native") -> None:
         """``resumed``: a phone call going on over a new stream (its first was lost, or a
         transfer nobody took): the caller was greeted already, it is no new call in the
         stats, and its conversation is restored from ``keeper``, which keeps it at every
-        turn's end."""
+        turn's end. ``transport``: the endpoint the call came in on, for its trace (never
+        read from ``metadata``, which is the client's to write)."""
         self.id = call_id or uuid.uuid4().hex[:12]
         self._resumed = resumed
         self._keeper = keeper
@@ -275,7 +277,7 @@ class Call:
         # The call's span (OpenTelemetry) and its turns' child spans.
         self._trace = CallTrace(deps.tracer, deps.clock, {
             "voicegate.call_id": self.id, "voicegate.sample_rate": sample_rate,
-            "voicegate.transport": str(self.metadata.get("transport", "native"))})
+            "voicegate.transport": transport})
 
     # ------------------------------------------------------------------ inbound API
 

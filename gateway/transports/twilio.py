@@ -477,7 +477,7 @@ class TwilioStream:
         self.output = output
         call = self._session.start_call(lambda: self._services.new_call(
             output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata), call_id=call_id,
-            resumed=resumed, keeper=keeper))
+            resumed=resumed, keeper=keeper, transport="twilio"))
         output.call_id = call.id
         logs.event(log, "twilio_start", call_id=call.id, stream_sid=start.stream_sid)
         if settings.twilio_media_timeout_s > 0:
