@@ -130,14 +130,20 @@ def dial_ended_url(base_url: str, stream: int = 0) -> str:
     return f"{base_url}{DIAL_ENDED_PATH}" + (f"?stream={stream}" if stream else "")
 
 
-def _count_refusal(request: Request, name: str) -> str | None:
-    """Why the query's ``name`` is refused (not one count we wrote), or None; absent is
-    fine (the caller decides what that means)."""
+def _query_count(request: Request, name: str, absent: int | None, should_be: str) -> int | str:
+    """The action URL's count ``name`` (``lost``, ``stream``: one we wrote, 0-999);
+    ``absent`` when it is not there (None: it must be). A ``str``: why it is refused, it
+    ``should_be`` what."""
     values = request.query_params.getlist(name)
-    if not values or (len(values) == 1 and _LOST.fullmatch(values[0])):
-        return None
-    return (f"{name}={','.join(values)[:40]!r} is not a count of streams ({name}=N, N a "
-            "number from 0, as the action URL this gateway wrote)")
+    if not values and absent is not None:
+        return absent
+    if len(values) == 1 and _LOST.fullmatch(values[0]):
+        return int(values[0])
+    return f"{name}={','.join(values)[:40]!r} is {should_be}"
+
+
+_NOT_A_STREAM_COUNT = ("not a count of streams (stream=N, N a number from 0, as the action "
+                       "URL this gateway wrote)")
 
 
 def twiml_connect(url: str, parameters: dict[str, str], action: str, say: str = "") -> str:
@@ -239,18 +245,15 @@ async def twilio_stream_ended(request: Request) -> Response:
     if isinstance(signed, Response):
         return signed
     params, base = signed
-    lost_values = request.query_params.getlist("lost")
-    if len(lost_values) != 1 or not _LOST.fullmatch(lost_values[0]):
-        shown = ",".join(lost_values)[:40]
-        return invalid_webhook(services, f"lost={shown!r} is not the count of lost streams "
-                                         f"({STREAM_ENDED_PATH}?lost=N, N a number from 0, as "
-                                         "the <Connect action> this gateway wrote)")
-    lost = int(lost_values[0])
-    refused = _count_refusal(request, "stream")
-    if refused is not None:
-        return invalid_webhook(services, refused)
+    lost = _query_count(request, "lost", None,
+                        f"not the count of lost streams ({STREAM_ENDED_PATH}?lost=N, N a "
+                        "number from 0, as the <Connect action> this gateway wrote)")
+    if isinstance(lost, str):
+        return invalid_webhook(services, lost)
     # The ended stream's generation: `lost` unless a dial nobody took came between.
-    stream = int(request.query_params.get("stream", lost))
+    stream = _query_count(request, "stream", lost, _NOT_A_STREAM_COUNT)
+    if isinstance(stream, str):
+        return invalid_webhook(services, stream)
     url = stream_url(base)
     forwarded = stream_parameters(services, params, url)
     if isinstance(forwarded, Response):
@@ -307,11 +310,10 @@ async def twilio_dial_ended(request: Request) -> Response:
     if isinstance(webhook, Response):
         return webhook
     params, base, forwarded = webhook
-    refused = _count_refusal(request, "stream")
-    if refused is not None:
-        return invalid_webhook(services, refused)
     # Absent from a dial this gateway started before it wrote `stream`: the first stream's.
-    stream = int(request.query_params.get("stream", 0))
+    stream = _query_count(request, "stream", 0, _NOT_A_STREAM_COUNT)
+    if isinstance(stream, str):
+        return invalid_webhook(services, stream)
     call_sid = forwarded["CallSid"]
     dial_status = params.get("DialCallStatus", "")[:32]
     status = params.get("CallStatus", "")
