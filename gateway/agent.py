@@ -172,13 +172,6 @@ class Conversation:
     def add_user(self, text: str) -> None:
         self.history.append({"role": "user", "content": text})
 
-    def trim(self) -> None:
-        """Keep the history within the budget. Every request does (``messages``); the call
-        does it at each turn's end too, so a call the cache answers throughout (no request
-        built) keeps within it. Not as a turn begins: a cache hit's first audio would wait
-        for it (~0.35 ms for a full budget)."""
-        self._trim()
-
     def add_assistant(self, text: str, tool_calls: list[ToolCall] | None = None) -> None:
         message: dict[str, Any] = {"role": "assistant", "content": text or None}
         if tool_calls:
@@ -194,7 +187,7 @@ class Conversation:
         self.history.append({"role": "tool", "tool_call_id": call.id, "content": content})
 
     def messages(self) -> list[dict[str, Any]]:
-        self._trim()
+        self.trim()
         return [{"role": "system", "content": self.system_prompt}, *_answer_every_tool_call(self.history)]
 
     def snapshot(self) -> list[dict[str, Any]]:
@@ -279,7 +272,11 @@ class Conversation:
                 return i
         return 0
 
-    def _trim(self) -> None:
+    def trim(self) -> None:
+        """Keep the history within the budget. Every request does (``messages``); the call
+        does it at each turn's end too, so a call the cache answers throughout (no request
+        built) keeps within it. Not as a turn begins: a cache hit's first audio would wait
+        for it (~0.35 ms for a full budget)."""
         # Linear: each message is measured once (a cut one again), then exchanges are
         # summed and dropped by arithmetic; this runs on the event loop every LLM round.
         history = self.history

@@ -536,11 +536,11 @@ def test_context_is_trimmed_by_whole_exchanges_keeping_the_latest():
 
 
 def test_trimming_measures_each_message_once(monkeypatch):
-    """_trim measured the whole history again for every exchange it dropped: quadratic in
-    the call's length, on the event loop, at every LLM round of a long call."""
+    """Conversation.trim measured the whole history again for every exchange it dropped:
+    quadratic in the call's length, on the event loop, at every LLM round of a long call."""
     conversation = Conversation("system", budget_chars=600)
-    # A long history restored whole (a resumed call's snapshot): add_user trims as it goes
-    # since stop 60, so only restore leaves _trim this much to drop at once.
+    # A long history restored whole (a resumed call's snapshot): since stop 60 the call
+    # trims at every turn's end, so only restore leaves trim this much to drop at once.
     long_call = [message for n in range(300) for message in (
         {"role": "user", "content": f"question {n} " + "x" * 50},
         {"role": "assistant", "content": f"answer {n} " + "y" * 50})]
