@@ -14,7 +14,9 @@ responder turns into audio:
   for ``waited_s`` since the filler (a first token, then a stall): a hold phrase plays ("still
   checking"), every ``hold_after_s`` for as long as the quiet lasts (the phrases in turn).
   The one filler covers the first second or two of a tool; a webhook that takes its whole
-  ``timeout_s`` would otherwise leave the caller in silence for the rest.
+  ``timeout_s`` would otherwise leave the caller in silence for the rest. A stall once a
+  sentence was said (no tool call since) is no cue: the responder holds it, as only it
+  knows when the caller has heard the answer so far (gateway/responder.py).
 - ``Handoff(reason, error)``: no LLM configured, every LLM failed before anything was said
   (``error`` ``llm_failed``: an outage, the call reports it too), or the model answered a
   round with nothing (no word, no tool call: common right after a tool result) and again
@@ -76,7 +78,9 @@ FILLER_PHRASES: tuple[str, ...] = (
 )
 # Said while a tool (or the answer after it) keeps the line quiet: every hold_after_s of
 # silence since the tool call, in turn, for as long as it lasts (a tool's timeout_s has no
-# cap, and a silent line is worse than a slow one). None promises how long is left.
+# cap, and a silent line is worse than a slow one); so does a model that stalls after the
+# filler, or mid-answer once the caller has heard what it said (the responder's). None
+# promises how long is left.
 HOLD_PHRASES: tuple[str, ...] = (
     "Still checking, thanks for waiting.",
     "Thanks for holding, I'm still working on it.",

@@ -191,18 +191,32 @@ class _Prefetched:
                 yield chunk
 
 
-async def _next_segment(queue: "asyncio.Queue[ReplySegment]",
-                        producer: "asyncio.Task[None]") -> ReplySegment | None:
-    """The producer's next segment; None once it has finished (its failure is raised)."""
+# What ``_next_segment`` returns when its ``until`` passed first: nothing to play yet.
+_QUIET = object()
+
+
+async def _next_segment(queue: "asyncio.Queue[ReplySegment]", producer: "asyncio.Task[None]",
+                        clock: Clock = SYSTEM_CLOCK, until: float | None = None) -> Any:
+    """The producer's next segment; None once it has finished (its failure is raised);
+    ``_QUIET`` when ``until`` (a time of ``clock``) passes before either."""
     if queue.empty() and not producer.done():
         getter = asyncio.ensure_future(queue.get())
+        waits: set[asyncio.Future[Any]] = {getter, producer}
+        timer = None if until is None else asyncio.ensure_future(
+            clock.sleep(until - clock.now()))
+        if timer is not None:
+            waits.add(timer)
         try:
-            await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not getter.done():
                 getter.cancel()
+            if timer is not None:
+                timer.cancel()
         if getter.done() and not getter.cancelled():
             return getter.result()
+        if timer is not None and timer.done() and queue.empty() and not producer.done():
+            return _QUIET
     if not queue.empty():
         return queue.get_nowait()
     producer.result()  # raises the producer's failure, if any
@@ -257,18 +271,36 @@ class Responder:
     async def _agent_reply(self, turn: Turn) -> AsyncIterator[ReplySegment]:
         """Agent events -> segments. Sentences are synthesized ahead of playback; a filler
         covers a tool call or a slow first token, at most once a turn and never after the
-        answer has begun, so it cannot overlap or interrupt it."""
+        answer has begun, so it cannot overlap or interrupt it.
+
+        A stall once the answer has begun (a sentence said, then no new one: no token,
+        or tokens that make no sentence yet) is held here, where the caller's silence is
+        known: when the caller has heard every segment so far (the reply waits for the
+        next) and ``hold_after_s`` of that silence passed, a hold phrase plays, then one
+        every ``hold_after_s`` after the last for as long as it lasts; between segments
+        only, never over a sentence. A tool call after words is the agent's to hold
+        (``StillWorking``), as before any words."""
         # One place fewer than the sentences ahead: the producer starts the next sentence's
         # synthesis before it waits for room, so that one is ahead too.
         queue: asyncio.Queue[ReplySegment] = asyncio.Queue(max(1, _PREFETCH_SENTENCES - 1))
         prefetches: list[_Prefetched] = []
         tl = turn.timeline
+        clock = tl.clock
+        hold_after_s = self._agent.hold_after_s or None  # 0 or None: never (llm_hold_after_ms)
+        holds = 0  # hold phrases played this turn (the agent's and the stall's: in turn)
+        # The answer has begun and the agent holds no quiet of its own (no tool call since
+        # its last sentence): a stall is this loop's to hold. Cleared by a tool call.
+        answering = False
+        # Since the last sentence played: when the caller's silence began, and when its
+        # last hold phrase did (None: not yet).
+        quiet_since: float | None = None
+        held_at: float | None = None
 
         async def produce() -> None:
             # Never puts an end marker: the consumer watches this task itself, so a
             # producer never blocks on a full queue nobody reads (a barge-in).
+            nonlocal holds, answering
             filler_played = spoke = False
-            holds = 0  # hold phrases played this turn
             sentences = 0  # sentences of the reply so far
             # The filler cue (Slow) is timed on the call's clock, as the rest of the turn.
             events = self._agent.respond(turn.conversation, turn.text, turn.preempted,
@@ -283,7 +315,7 @@ class Responder:
                     if isinstance(event, (Sentence, ToolStarted)):
                         tl.mark("first_token")
                     if isinstance(event, Sentence):
-                        spoke = True
+                        spoke = answering = True
                         fetch = _Prefetched(self._synthesize(turn, event.text), sentences)
                         sentences += 1
                         prefetches.append(fetch)
@@ -291,6 +323,7 @@ class Responder:
                                                      audio=fetch.audio_timed(tl),
                                                      total_bytes=fetch.total_bytes))
                     elif isinstance(event, ToolStarted):
+                        answering = False  # the agent holds a tool's quiet (StillWorking)
                         if not filler_played and not spoke:
                             filler_played = True
                             await queue.put(self.filler(turn, tool=event.name))
@@ -310,7 +343,26 @@ class Responder:
 
         producer = asyncio.create_task(produce(), name="vg-agent-reply")
         try:
-            while (segment := await _next_segment(queue, producer)) is not None:
+            while True:
+                # Asked for the next segment, the reply has played every one so far
+                # (but its lead): from now the caller hears nothing until one comes.
+                until = None
+                if answering and hold_after_s is not None and queue.empty() \
+                        and not producer.done():
+                    now = clock.now()
+                    quiet_since = now if quiet_since is None else quiet_since
+                    until = quiet_since + hold_after_s if held_at is None \
+                        else max(now, held_at + hold_after_s)
+                segment = await _next_segment(queue, producer, clock, until)
+                if segment is None:
+                    break
+                if segment is _QUIET:
+                    assert quiet_since is not None
+                    held_at = clock.now()
+                    segment = self.hold(turn, holds, round(held_at - quiet_since, 3))
+                    holds += 1
+                elif segment.source == "llm":  # words again: a stall after them is new
+                    quiet_since = held_at = None
                 yield segment
         finally:
             producer.cancel()
@@ -332,8 +384,9 @@ class Responder:
         return self._prompt(turn, key, "filler", {"tool": tool} if tool else {})
 
     def hold(self, turn: Turn, index: int, waited_s: float) -> ReplySegment:
-        """The turn's ``index``-th hold phrase (0-based; the phrases in turn): a tool keeps
-        the line quiet. A filler to every metric and to the client."""
+        """The turn's ``index``-th hold phrase (0-based; the phrases in turn): a tool, or a
+        stall (after the filler, or mid-answer), keeps the line quiet. A filler to every
+        metric and to the client."""
         key = f"hold:{index % len(HOLD_PHRASES)}"
         return self._prompt(turn, key, "filler", {"hold": True, "waited_s": waited_s})
 

@@ -414,8 +414,10 @@ class Settings(BaseModel):
     # silence for the first sentence).
     llm_filler_after_ms: NonNeg = 900
     # A tool call (or the round after it) that keeps the line quiet this long after the
-    # call, nothing said since: a hold phrase ("still checking"), again every as long for
-    # as long as the quiet lasts (0: never; the filler alone covers a tool).
+    # call, nothing said since, or a stall after the filler; or, once the answer has begun,
+    # this long of the caller's silence after what was said (no new sentence): a hold
+    # phrase ("still checking"), again every as long for as long as the quiet lasts, never
+    # over a sentence (0: never; the filler alone covers a tool).
     llm_hold_after_ms: NonNeg = 4000
     # Preemptive generation: at a pause whose words are a miss that sounds finished, start
     # the agent's LLM call while the end-of-turn silence runs; the turn adopts the stream if

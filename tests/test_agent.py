@@ -12,8 +12,8 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 
-from gateway.agent import (DEFAULT_SYSTEM_PROMPT, HOLD_PHRASES, Agent, Conversation, Handoff,
-                           Sentence, Slow, StillWorking, ToolStarted)
+from gateway.agent import (APOLOGY_MESSAGE, DEFAULT_SYSTEM_PROMPT, HOLD_PHRASES, Agent,
+                           Conversation, Handoff, Sentence, Slow, StillWorking, ToolStarted)
 from gateway.clock import Clock, ManualClock
 from gateway.hedge import HedgedChat
 from gateway.providers.base import LLMChunk, ProviderError, ToolCall, ToolSpec
@@ -1441,6 +1441,77 @@ async def test_a_second_tool_after_words_is_held_after_hold_after_s_not_twice_th
         ToolStarted("get_order", "c1"), StillWorking(4.0), Sentence("It shipped on Monday."),
         ToolStarted("get_refund", "c2"), StillWorking(4.0),
         Sentence("Your refund is on its way.")]
+
+
+def stalled_mid_answer(script: list, **hedge: Any) -> CallHarness:
+    """A call whose agent streams ``script`` (chunks; a float: that many seconds of the
+    call's clock pass with nothing) through the hedge, holding after 4 s."""
+    h = CallHarness()
+    llm = HedgedChat(ScriptLLM(script, clock=h.clock), None,  # type: ignore[arg-type]
+                     hedge_delay_s=0.0, clock=h.clock, **hedge)
+    h.agent = Agent(llm, filler_after_s=0.9, hold_after_s=4.0)
+    h.responder._agent = h.agent
+    return h
+
+
+def longest_silence(h: CallHarness) -> float:
+    """The longest stretch (s of the call's clock) with no reply frame sent, from the
+    call's first frame to its last."""
+    times = [at for at, _ in h.output.frames]
+    return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+async def test_a_stall_after_the_answer_began_gets_hold_phrases_then_the_answer_goes_on():
+    """Review (stop 61): the model said "Your balance is twelve dollars." and then sent no
+    token for 9 s before going on. The agent cued hold phrases only while nothing had been
+    said (a tool call, a stall after the filler): once a sentence was out, the caller heard
+    it and then silence until the stream went on, or until llm_idle_timeout_s (10 s) failed
+    the turn. Once the caller has heard everything said so far, every hold_after_s (4 s)
+    of silence is held as a stall after the filler is; the answer then goes on."""
+    h = stalled_mid_answer([LLMChunk(text="Your balance is twelve dollars. "), 9.0,
+                            LLMChunk(text="Anything else?")], idle_timeout_s=600.0)
+    await h.start()
+    await h.text("what is my balance")
+    await h.wait(12000)
+    await h.stop()
+    responses = [(e["source"], e["text"]) for e in h.output.of("response", turn=1)]
+    assert responses == [("llm", "Your balance is twelve dollars."),
+                         ("filler", HOLD_PHRASES[0]), ("filler", HOLD_PHRASES[1]),
+                         ("llm", "Anything else?")], responses
+    assert h.output.of("error") == []
+    # The sentence's half second, then at most hold_after_s of silence at a time.
+    assert longest_silence(h) <= 4.0 + 0.1, longest_silence(h)
+
+
+async def test_a_stall_after_the_answer_began_is_held_until_the_idle_timeout_fails_it():
+    """Review (stop 61): the same stall, never ending: the caller heard the first sentence
+    and then 6 s of silence (llm_idle_timeout_s here), then the apology. A hold phrase
+    covers the silence; the timeout still fails the turn (llm_failed, the apology)."""
+    h = stalled_mid_answer([LLMChunk(text="Your balance is twelve dollars. "), 600.0,
+                            LLMChunk(text="Anything else?")], idle_timeout_s=6.0)
+    await h.start()
+    await h.text("what is my balance")
+    await h.wait(9000)
+    await h.stop()
+    responses = [(e["source"], e["text"]) for e in h.output.of("response", turn=1)]
+    assert responses == [("llm", "Your balance is twelve dollars."),
+                         ("filler", HOLD_PHRASES[0]), ("apology", APOLOGY_MESSAGE)], responses
+    assert [e["code"] for e in h.output.of("error", turn=1)] == ["llm_failed"]
+    assert longest_silence(h) <= 4.0 + 0.1, longest_silence(h)
+
+
+async def test_a_pause_mid_answer_the_caller_never_hears_gets_no_hold_phrase():
+    """The hold phrase is for the caller's silence, not the model's: a pause of 5 s after
+    a first sentence 4 s long (40 words) leaves the caller 1 s of silence, and no phrase
+    cuts into the answer; nor does one ever play over a sentence under way."""
+    first = " ".join(["word"] * 39) + " end. "
+    h = stalled_mid_answer([LLMChunk(text=first), 5.0, LLMChunk(text="Anything else?")],
+                           idle_timeout_s=600.0)
+    await h.start()
+    await h.text("what is my balance")
+    await h.wait(8000)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["llm", "llm"]
 
 
 PREFACED_CALL = ToolCall("c1", "get_balance", "{}")
