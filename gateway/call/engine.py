@@ -269,6 +269,9 @@ class Call:
         self._transferred = False
         # The reply whose handoff message has played, while it transfers the call.
         self._transferring: asyncio.Task[None] | None = None
+        # The reply of a key mapped to handoff (queued, its message playing, transferring):
+        # the handoff key again meanwhile does nothing (``_handing_off``).
+        self._handoff_reply: asyncio.Task[None] | None = None
         # The task awaiting a transfer or hang-up request to the phone line (``_ask_line``).
         self._line_request: asyncio.Task[None] | None = None
         # Why the call ended itself (``idle``, ``time_limit``; ``call_over``: a transfer
@@ -1545,6 +1548,8 @@ class Call:
             failed = exc
         finally:
             self._transferring = None
+            if self._handoff_reply is asyncio.current_task():
+                self._handoff_reply = None  # failed, the handoff is over: a key may ask again
         if over:
             # The caller hung up as the message ended (the line says so): no failure and
             # nobody to apologise to. The call ends here, its stream closed (the
@@ -1605,6 +1610,13 @@ class Call:
                 action = self._keypad.expire()
             else:
                 self._caller_active()
+                if self._keypad.hands_off(key) and self._handing_off():
+                    # The handoff key again (impatience, a habit of phone menus) while the
+                    # caller is being put through: it would stop the handoff message and
+                    # start it over, a second handoff turn and transfer behind it.
+                    logs.event(log, "dtmf_ignored", reason="handoff_under_way")
+                    self._trace.event("dtmf_ignored")
+                    continue
                 # A lone `#` does nothing, so it stops nothing either: pressed after a
                 # spoken question while the agent thinks, it would cut that reply, whose
                 # words then wait for a next spoken turn, and the caller hears nothing.
@@ -1638,6 +1650,15 @@ class Call:
             if not self._keypad.collecting:
                 self._idle.quiet_unless_busy()  # keys that led to no reply
 
+    def _handing_off(self) -> bool:
+        """The caller is being put through: a transfer request runs, or a handoff key's
+        reply (queued or its message playing) goes on, not stopped (a barge-in, a hold)."""
+        if self._transferring is not None:
+            return True
+        task = self._handoff_reply
+        return (task is not None and not task.done() and not task.cancelling()
+                and self._held is None)
+
     async def _carry_keys(self, keys: Collected | None) -> None:
         """Keys collected while the caller speaks open the turn their words end, as words
         carried from before do (``_spoken_turn`` joins them, before the words)."""
@@ -1669,6 +1690,7 @@ class Call:
                                      hit=False, reason=f"key {action.key} is mapped to handoff")
             self._start_reply(tl, self._answer(tl, text, route=False, decision=decision,
                                                typed=True))
+            self._handoff_reply = self._reply_task
             return
         cache = self._responder.cache_audio
         clip = None if cache is None else cache.find(action.action)

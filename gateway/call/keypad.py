@@ -70,6 +70,10 @@ class Keypad:
         """Pressing ``key`` now does nothing: a lone `#`, no collection under way."""
         return key == KEYPAD_END and not self._keys
 
+    def hands_off(self, key: str) -> bool:
+        """Pressing ``key`` now asks for a person: mapped to handoff, no collection under way."""
+        return not self._keys and self.mapping.get(key) == KEYPAD_HANDOFF
+
     def press(self, key: str) -> Mapped | Collected | None:
         """One key; what to do now, or None while a collection goes on."""
         key = check_key(key)
