@@ -14,7 +14,8 @@ counted in ``dropped`` (as is a batch left unconfirmed for half of
 
 Key layout (``prefix`` defaults to ``voicegate:``)::
 
-    <prefix>stats:totals          hash  calls, turns, hits, misses, interrupted_turns
+    <prefix>stats:totals          hash  calls, turns, hits, misses, keypad_turns,
+                                        interrupted_turns
     <prefix>stats:intents         hash  intent -> turns
     <prefix>stats:entries         hash  entry id -> cache hits
     <prefix>stats:entry_marks     hash  entry id -> answer mark its hits were counted for
@@ -50,7 +51,7 @@ from intents.redis_store import DEFAULT_PREFIX, RedisKeys, glob_escape
 
 from . import logs
 from .redis_link import NOT_NOW, RedisHealth, honour_cancel
-from .stats import SERIES_MINUTES, barged_in, outcome_of
+from .stats import SERIES_MINUTES, barged_in, keyed, outcome_of
 
 log = logging.getLogger("voicegate.shared_stats")
 
@@ -171,6 +172,11 @@ class SharedStats:
         self._add("stats:errors", code)
 
     def turn_finished(self, metrics: dict[str, Any]) -> None:
+        if barged_in(metrics):  # as Stats counts it: stops by the bot or the call's end are not
+            self._add("stats:totals", "interrupted_turns")
+        if keyed(metrics):  # no hit or miss (Stats.turn_finished)
+            self._add("stats:totals", "keypad_turns")
+            return
         outcome = outcome_of(metrics)
         minute = f"stats:minute:{int(time.time() // 60)}"
         self._add("stats:totals", "turns")
@@ -183,8 +189,6 @@ class SharedStats:
         if metrics.get("intent"):
             self._add("stats:intents", str(metrics["intent"]))
         self._add("stats:sources", str(metrics.get("source") or "none"))
-        if barged_in(metrics):  # as Stats counts it: stops by the bot or the call's end are not
-            self._add("stats:totals", "interrupted_turns")
 
     def entries_published(self, marks: Mapping[str, str], version: str | None = None) -> None:
         """A cache version was loaded here: its entries' marks are written at the next
@@ -360,7 +364,8 @@ class SharedStats:
         return dict(
             local, scope="cluster", replicas=len(replicas),
             active_calls=sum(_int(r.get("active_calls")) or 0 for r in replicas),
-            calls=totals.get("calls", 0), turns=totals.get("turns", 0), hits=hits,
+            calls=totals.get("calls", 0), turns=totals.get("turns", 0),
+            keypad_turns=totals.get("keypad_turns", 0), hits=hits,
             misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None,
             hit_rate_5m=recent_hits / recent_turns if turns_5m else None,
             turns_5m=turns_5m, interrupted_turns=totals.get("interrupted_turns", 0),

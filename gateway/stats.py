@@ -42,6 +42,12 @@ def outcome_of(metrics: dict[str, Any]) -> str:
     return "hit" if metrics.get("source") == "cache" else "miss"
 
 
+def keyed(metrics: dict[str, Any]) -> bool:
+    """A keypad turn (a mapped key, or keys collected for the agent): no question the cache
+    could have answered or missed, so no hit or miss; counted as ``keypad_turns``."""
+    return metrics.get("input") == "dtmf"
+
+
 def barged_in(metrics: dict[str, Any]) -> bool:
     """The caller cut the reply off (a barge-in): not the bot stopping it itself (the
     call's time limit) nor the call's end (a hang-up, a lost stream, a drain): those set
@@ -150,8 +156,12 @@ class _Prometheus:
         r = self.registry
         self.active_calls = Gauge("voicegate_active_calls", "Calls in progress", registry=r)
         self.calls = PromCounter("voicegate_calls", "Calls started", registry=r)
-        self.turns = PromCounter("voicegate_turns", "Caller turns answered",
+        self.turns = PromCounter("voicegate_turns", "Caller turns answered (questions, "
+                                 "spoken or typed: the cache's hits and misses)",
                                  ["outcome", "source"], registry=r)
+        self.keypad_turns = PromCounter("voicegate_keypad_turns", "Keypad turns answered "
+                                        "(a mapped key, keys for the agent): no hit or miss",
+                                        ["source"], registry=r)
         self.intents = PromCounter("voicegate_intent_turns", "Turns per routed intent",
                                    ["intent", "outcome"], registry=r)
         self.interrupted = PromCounter("voicegate_barge_ins", "Replies cut off by the caller",
@@ -196,7 +206,8 @@ class Stats:
     window: int = 10_000  # latency samples kept per stage and outcome
     active_calls: int = 0
     calls: int = 0
-    turns: int = 0
+    turns: int = 0  # questions (spoken or typed): hits and misses
+    keypad_turns: int = 0  # keys (``keyed``): neither
     interrupted_turns: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     sources: Counter[str] = field(default_factory=Counter)
@@ -321,9 +332,26 @@ class Stats:
                       call_id: str | None = None) -> None:
         """Count one finished turn. ``text`` (the caller's final transcript), ``route_score``
         (similarity of the nearest seed question), the agent's ``answer`` and the ``call_id``
-        are kept on a miss for ``/admin/misses`` (and for promoting a group to an entry)."""
-        outcome = outcome_of(metrics)
+        are kept on a miss for ``/admin/misses`` (and for promoting a group to an entry).
+        A keypad turn is no hit or miss: only ``keypad_turns`` and barge-ins count it."""
         source = str(metrics.get("source") or "none")
+        prom = self.prometheus
+        if keyed(metrics):
+            self.keypad_turns += 1
+            prom.keypad_turns.labels(source).inc()
+        else:
+            self._question_finished(metrics, source, text, route_score, answer, call_id)
+        if barged_in(metrics):
+            self.interrupted_turns += 1
+            prom.interrupted.inc()
+        for observer in self.observers:
+            observer.turn_finished(metrics)
+
+    def _question_finished(self, metrics: dict[str, Any], source: str, text: str | None,
+                           route_score: float | None, answer: str | None,
+                           call_id: str | None) -> None:
+        """A question's turn: a hit or a miss, with its latencies."""
+        outcome = outcome_of(metrics)
         self.turns += 1
         self.outcomes[outcome] += 1
         self.sources[source] += 1
@@ -345,17 +373,12 @@ class Stats:
         if intent:
             self.intents[str(intent)] += 1
             prom.intents.labels(str(intent), outcome).inc()
-        if barged_in(metrics):
-            self.interrupted_turns += 1
-            prom.interrupted.inc()
         per_outcome = self.latencies.setdefault(outcome, {})
         for stage in LATENCY_STAGES:
             value = metrics.get(stage)
             if value is not None:
                 per_outcome.setdefault(stage, deque(maxlen=self.window)).append(float(value))
                 prom.latency.labels(stage.removesuffix("_ms"), outcome).observe(value / 1000.0)
-        for observer in self.observers:
-            observer.turn_finished(metrics)
 
     def _count_minute(self, minute: int, hit: bool) -> None:
         if not self.minutes or self.minutes[-1][0] != minute:
@@ -401,7 +424,7 @@ class Stats:
         hits, misses = self.outcomes["hit"], self.outcomes["miss"]
         recent_rate, recent_turns = self.recent_hit_rate()
         return {"active_calls": self.active_calls, "calls": self.calls, "turns": self.turns,
-                "hits": hits, "misses": misses,
+                "keypad_turns": self.keypad_turns, "hits": hits, "misses": misses,
                 "hit_rate": hits / (hits + misses) if hits + misses else None,
                 "hit_rate_5m": recent_rate, "turns_5m": recent_turns,
                 "interrupted_turns": self.interrupted_turns, "sources": dict(self.sources),

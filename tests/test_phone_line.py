@@ -795,7 +795,9 @@ async def test_a_key_stopped_while_queued_behind_a_reply_ends_its_turn_with_metr
     elif goes_on == "speech":  # its partials, spoken while the key waited, are its own
         assert h.metrics()[2]["partials_routed"] >= 1, h.metrics()
     # Nothing was asked or answered in it: no hit or miss in the stats.
-    assert h.stats.turns == len(turns) - 1, dict(h.stats.outcomes)
+    # (A key's turn after it is a keypad turn: no hit or miss either.)
+    assert (h.stats.turns, h.stats.keypad_turns) == {
+        "key": (1, 1), "text": (2, 0), "speech": (2, 0), "call ends": (1, 0)}[goes_on]
 
 
 @pytest.mark.parametrize("playing", [False, True])
@@ -829,7 +831,8 @@ async def test_a_key_stopped_before_its_reply_task_ran_ends_its_turn_with_metric
     key = h.metrics()[first - 1]
     assert key["input"] == "dtmf" and "source" not in key, key
     assert key["route_decided_ms"] is None and key["first_audio_ms"] is None, key
-    assert h.stats.turns == len(turns) - 1, dict(h.stats.outcomes)
+    # The second key's is a keypad turn (no hit or miss); the stopped one is in neither.
+    assert (h.stats.turns, h.stats.keypad_turns) == (1 if playing else 0, 1), h.stats.outcomes
 
 
 @pytest.mark.parametrize("how", ["text", "speech"])
@@ -896,7 +899,7 @@ async def test_spoken_words_superseded_by_a_typed_turn_end_their_turn_with_metri
     assert sorted({(e["turn"], e["source"]) for e in h.output.of("response")}) == \
         [(1, "llm"), (3, "cache")]
     assert "fees" not in " ".join(h.transcripts())
-    assert h.stats.turns == 2, dict(h.stats.outcomes)
+    assert (h.stats.turns, h.stats.keypad_turns) == {"text": (2, 0), "key": (1, 1)}[next_turn]
 
 
 async def test_a_key_is_answered_from_one_lookup_of_the_audio_bank():
@@ -921,6 +924,46 @@ async def test_a_key_is_answered_from_one_lookup_of_the_audio_bank():
     # swap, which the fixed path never triggers), with no error.
     assert h.output.of("error") == [] and h.stats.errors == {}
     assert sources(h) == ["cache"]
+
+
+async def test_keypad_turns_are_no_hit_or_miss_in_the_stats():
+    """Review (stop 61): keypad turns counted in the cache's hit rate. A key mapped to an
+    entry was a hit (and an entry hit, with an end of turn of 0 ms in the hits' latencies),
+    keys collected for the agent and the handoff key were misses: a caller who keys through
+    a menu moved the FAQ hit rate the operators watch, though no question was asked that
+    the cache could have answered or missed. Keypad turns are counted on their own
+    (``keypad_turns``, ``voicegate_keypad_turns_total`` by source)."""
+    h = harness({"keypad": {"0": "handoff", "1": "hours"}}, faqs={"opening hours": "hours"})
+    await h.start()
+    await h.text("what are your opening hours")  # a question: the cache answers it
+    await h.wait(1500)
+    h.call.feed_dtmf("1")  # the same answer, by key
+    await h.wait(1500)
+    for key in "45#":  # keys for the agent
+        h.call.feed_dtmf(key)
+    await h.wait(1500)
+    h.call.feed_dtmf("0")  # a person
+    await h.wait(2000)
+    await h.stop()
+    assert sources(h) == ["cache", "cache", "llm", "handoff"]
+    assert [m["input"] for m in h.metrics()] == ["text", "dtmf", "dtmf", "dtmf"]
+    snapshot = h.stats.snapshot()
+    assert (snapshot["turns"], snapshot["hits"], snapshot["misses"]) == (1, 1, 0), snapshot
+    assert snapshot["hit_rate"] == 1.0 and snapshot["hit_rate_5m"] == 1.0, snapshot
+    assert sum(p["hits"] + p["misses"] for p in snapshot["series"]["points"]) == 1
+    assert snapshot["entry_hits"] == {"hours": 1} and snapshot["intents"] == {"hours": 1}
+    assert snapshot["sources"] == {"cache": 1}
+    assert snapshot["latency_ms"]["hit"]["end_of_turn"]["n"] == 1
+    assert "miss" not in snapshot["latency_ms"], snapshot["latency_ms"]
+    assert snapshot["keypad_turns"] == 3
+    registry = h.stats.prometheus.registry
+    assert registry.get_sample_value("voicegate_turns_total",
+                                     {"outcome": "hit", "source": "cache"}) == 1
+    assert registry.get_sample_value("voicegate_turns_total",
+                                     {"outcome": "miss", "source": "llm"}) is None
+    assert {source: registry.get_sample_value("voicegate_keypad_turns_total",
+                                              {"source": source})
+            for source in ("cache", "llm", "handoff")} == {"cache": 1, "llm": 1, "handoff": 1}
 
 
 async def test_a_bad_key_is_refused():
@@ -1073,9 +1116,9 @@ async def test_input_dropped_behind_a_transfer_ends_its_turn_and_leaves_no_words
     assert dropped["input"] == {"speech": "audio", "text": "text", "key": "dtmf"}[goes_on]
     assert "source" not in dropped and dropped["first_audio_ms"] is None, dropped
     assert dropped["reply_ms"] is None and dropped["preempted"] is False, dropped
-    # Its words were for the person: no question the cache missed (the handoff's turn is
-    # the only one in the stats).
-    assert h.stats.turns == 1, dict(h.stats.outcomes)
+    # Its words were for the person: no question the cache missed (the handoff key's turn,
+    # a keypad turn, is the only one counted).
+    assert (h.stats.turns, h.stats.keypad_turns) == (0, 1), dict(h.stats.outcomes)
     routed = len(h.router.calls)
     await h.say("and one more thing", then_silence_ms=1500)
     later = [text for text, _ in h.router.calls[routed:]]
@@ -1107,7 +1150,8 @@ async def test_a_spoken_turn_stopped_while_queued_behind_a_transfer_ends_with_me
     assert stopped["input"] == "audio" and "source" not in stopped, stopped
     assert stopped["first_audio_ms"] is None and stopped["preempted"] is False, stopped
     assert h.metrics()[2]["input"] == {"speech": "audio", "text": "text", "key": "dtmf"}[then]
-    assert h.stats.turns == 1, dict(h.stats.outcomes)
+    # The handoff key's turn is a keypad turn, no hit or miss (nor is the stopped one).
+    assert (h.stats.turns, h.stats.keypad_turns) == (0, 1), dict(h.stats.outcomes)
     await h.stop()
 
 

@@ -709,6 +709,29 @@ async def test_counters_add_up_over_replicas(redis_url: str) -> None:
         await replica.aclose()
 
 
+async def test_keypad_turns_are_no_hit_or_miss_in_the_cluster(redis_url: str) -> None:
+    """Review (stop 61): a keypad turn (a key mapped to an entry, keys for the agent, the
+    handoff key) was a hit or a miss in the cluster's counters and minutes, skewing the
+    hit rate of the questions the cache answers. It is counted in keypad_turns only (and
+    as a barge-in when the caller cut its reply off)."""
+    stats = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:")
+    stats.turn_finished(hit("opening_hours"))
+    stats.turn_finished({**hit("opening_hours"), "input": "dtmf"})
+    stats.turn_finished({"source": "llm", "input": "dtmf", "interrupted": True})
+    stats.turn_finished({"source": "handoff", "input": "dtmf", "intent": "keypad",
+                         "action": "handoff", "hit": False})
+    await stats.flush()
+    await stats.heartbeat()
+    cluster = await stats.cluster_snapshot({"latency_ms": {}})
+    assert (cluster["turns"], cluster["hits"], cluster["misses"]) == (1, 1, 0), cluster
+    assert cluster["hit_rate"] == 1.0 and cluster["hit_rate_5m"] == 1.0, cluster
+    assert cluster["turns_5m"] == 1 and cluster["keypad_turns"] == 3, cluster
+    assert cluster["entry_hits"] == {"opening_hours": 1}, cluster
+    assert cluster["intents"] == {"opening_hours": 1} and cluster["sources"] == {"cache": 1}
+    assert cluster["interrupted_turns"] == 1
+    await stats.aclose()
+
+
 async def test_a_publish_clears_the_cluster_hits_of_dropped_and_changed_entries(
         redis_url: str) -> None:
     # The cluster's hits per entry belong to the entry as published: each replica writes the
