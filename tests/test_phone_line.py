@@ -1484,7 +1484,8 @@ async def test_collected_keys_are_not_answered_over_a_caller_who_is_speaking():
     [keypad] = h.output.of("keypad")
     [final] = [e for e in h.output.of("transcript") if e["final"]]
     assert keypad["keys"] == "45" and keypad["turn"] == final["turn"]
-    assert final["text"].startswith("the caller pressed 4 5") and "account number" in final["text"]
+    assert h.llm.requests[-1][-1]["content"] == f"the caller pressed 4 5 {words}"
+    assert final["text"] == words  # the keys are the agent's alone (review, stop 61)
     assert sources(h) == ["llm"]
 
 
@@ -1597,3 +1598,107 @@ async def test_a_mapped_key_pressed_over_noise_that_never_ends_still_acts():
     await h.stop()
     (started,) = h.output.at("response", source="cache")
     assert pressed + 2.0 <= started <= pressed + 2.1, started - pressed
+
+
+# ---------------------------------------------------------------------- review (stop 61)
+
+# The caller keys their account number, then talks; the keypad pause (3 s) runs out 2 s into
+# their words, so the keys open the turn those words end ("the caller pressed 4 9 2 1").
+_SPOKEN = "uh I do not have my account number can I give you my name instead please"
+
+
+async def _keys_then_words(h: CallHarness, end: str = "pause") -> None:
+    """Keys, then words the keys are carried into: their pause runs out mid-utterance
+    (``pause``), or the caller presses `#` mid-utterance (``hash``)."""
+    await h.start()
+    for key in "4921":
+        h.call.feed_dtmf(key)
+    await h.wait(1000)
+    words = _SPOKEN.split()
+    if end == "hash":
+        await h.feed(h.vocabulary.audio(" ".join(words[:6])))
+        assert h.call._turns.in_utterance
+        h.call.feed_dtmf("#")
+        await h.feed(h.vocabulary.audio(" ".join(words[6:])))
+    else:
+        await h.feed(h.vocabulary.audio(_SPOKEN))  # 3.2 s: the 3 s pause ends inside
+    await h.silence(2000)
+    await h.stop()
+    [keypad] = h.output.of("keypad")
+    assert keypad["keys"] == "4921" and keypad["action"] == "agent", keypad
+    # The agent is still asked the keys with the words: that is why they are carried.
+    asked = [m["content"] for m in h.llm.requests[-1] if m["role"] == "user"][-1]
+    assert asked == f"the caller pressed 4 9 2 1 {_SPOKEN}", asked
+
+
+def _holds_keys(text: object) -> bool:
+    return "pressed" in str(text) or "4 9 2 1" in str(text) or "4921" in str(text)
+
+
+@pytest.mark.parametrize("end", ["pause", "hash"])
+async def test_keys_carried_into_a_spoken_turn_are_no_missed_question(end):
+    """Review (stop 61): docs/protocol.md promises collected keys are never listed as missed
+    questions (they may be a PIN or an account number), but keys collected while the caller
+    speaks are joined into the words of their turn (``_carry_keys``, ``_spoken_turn``), and
+    that joined text was the turn's missed question on /admin/misses: "the caller pressed 4 9
+    2 1 uh I do not have my account number ...", which an operator can promote into the cache
+    as a seed question. The words alone are the missed question."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    await _keys_then_words(h, end)
+    assert [q.text for q in h.stats.missed_questions()] == [_SPOKEN]
+
+
+async def test_the_answer_to_keys_carried_into_a_spoken_turn_is_no_draft_answer():
+    """Review (stop 61): a missed question keeps the agent's answer as the draft a promotion
+    publishes (``draft_answer``). Asked with the caller's keys, that answer is about them (it
+    may read them back, or what they unlocked): no FAQ answer to the words alone, and the
+    keys would reach the cache through it. A turn that carried keys leaves no draft."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.reply = "Thank you, I have found account 4 9 2 1 for you."
+    await _keys_then_words(h)
+    [missed] = h.stats.missed_questions()
+    assert missed.answer is None, missed
+
+
+@pytest.mark.parametrize("early_finals", [False, True])
+@pytest.mark.parametrize("end", ["pause", "hash"])
+async def test_keys_carried_into_a_spoken_turn_are_not_routed(end, early_finals):
+    """Review (stop 61): keys carried into a spoken turn were routed against the FAQ cache as
+    if spoken: the final's routing, the early final's at the pause (``_route_early``) and the
+    partials' (``_with_carried_words``) all took "the caller pressed 4 9 2 1 ..." (a cached
+    question the keys happen to precede may be missed, a number matched to an entry), and the
+    `route` event (kept in a recording) carried the keys as its text. The cache routes the
+    caller's words only."""
+    h = CallHarness(settings={"keypad_pause_s": 3, "idle_prompt_s": 0},
+                    early_finals=early_finals)
+    await _keys_then_words(h, end)
+    routed = [text for text, _ in h.router.calls]
+    assert routed and not any(_holds_keys(text) for text in routed), routed
+    [route] = h.output.of("route")
+    assert route["text"] == _SPOKEN, route
+    [final] = [e for e in h.output.of("transcript") if e["final"]]
+    assert final["text"] == _SPOKEN, final
+
+
+async def test_keys_carried_into_a_turn_of_noise_still_reach_the_agent():
+    """Review (stop 61), with the tests above: keys carried into an utterance that held no
+    words (noise on the line, the keypad's own tones heard as speech) were routed as the
+    turn's text ("the caller pressed 4 9 2 1") and listed as its missed question. They are
+    still the agent's to answer, not an empty turn: the turn asks them, unrouted, with an
+    empty transcript, and lists no missed question."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    await h.start()
+    for key in "4921":
+        h.call.feed_dtmf(key)
+    await h.wait(1000)
+    await h.feed(tone(3200, value=77))  # no word: the recogniser hears nothing in it
+    await h.silence(2000)
+    await h.stop()
+    [keypad] = h.output.of("keypad")
+    assert keypad["turn"] == 1, keypad
+    assert [m["content"] for m in h.llm.requests[-1] if m["role"] == "user"][-1] == \
+        "the caller pressed 4 9 2 1"
+    assert sources(h) == ["llm"]
+    assert h.router.calls == [] and h.output.of("route") == []
+    assert [e["text"] for e in h.output.of("transcript") if e["final"]] == [""]
+    assert h.stats.missed_questions() == []

@@ -161,6 +161,30 @@ async def test_keys_are_not_written_to_the_recording(tmp_path):
     assert "1234" not in text
 
 
+async def test_keys_carried_into_a_spoken_turn_are_not_in_the_recording(tmp_path):
+    """Review (stop 61): a recording leaves keypad keys out (they may be a PIN), but keys
+    collected while the caller speaks (their pause runs out mid-utterance) are joined into
+    the words of the turn those words end (``_carry_keys``): the final `transcript` and the
+    `route` the recording keeps said "the caller pressed 4 9 2 1 uh I do not have ...".
+    Both hold the caller's words alone; the agent is still asked the keys with them."""
+    h = CallHarness(settings={"record_dir": str(tmp_path), "keypad_pause_s": 3,
+                              "idle_prompt_s": 0})
+    await h.start()
+    for key in "4921":
+        h.call.feed_dtmf(key)
+    await h.wait(1000)
+    words = "uh I do not have my account number can I give you my name instead please"
+    await h.feed(h.vocabulary.audio(words))  # 3.2 s: the keys' 3 s pause ends inside
+    await h.wait(2000)
+    await h.stop()
+    assert h.llm.requests[-1][-1]["content"] == f"the caller pressed 4 9 2 1 {words}"
+    (meta,) = tmp_path.glob("*.json")
+    events = json.loads(meta.read_text())["events"]
+    kept = {e["type"]: e for e in events if e["type"] in ("transcript", "route")}
+    assert kept["transcript"]["text"] == words and kept["route"]["text"] == words, kept
+    assert "pressed" not in meta.read_text() and "4 9 2 1" not in meta.read_text()
+
+
 async def test_nothing_is_recorded_by_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     h = await CallHarness().start()

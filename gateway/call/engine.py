@@ -687,17 +687,19 @@ class Call:
         self._carry_turns.append(tl)
 
     def _with_carried_words(self, text: str) -> str:
-        """What this utterance's turn will be asked: the words it carries (a turn cut off
+        """What this utterance's turn will route: the words it carries (a turn cut off
         mid-sentence, or stopped before it spoke), already decoded, before ``text``, as
         ``_spoken_turn`` joins them. The pause is judged on the whole question ("I forgot
         my password for the app, ... how do I reset it?" is a cached question; "how do I
-        reset it?" alone is not) and the final then finds its route made."""
+        reset it?" alone is not) and the final then finds its route made. Carried keys
+        (``_CarriedKeys``) are no words: never routed."""
         if not self._carry or not normalize_text(text):
             return text
         if not all(f.done() and not f.cancelled() and f.exception() is None
                    for f in self._carry):
             return text  # still decoding: the final routes the whole question
-        return _joined([*(f.result().text for f in self._carry), text])
+        return _joined([*(f.result().text for f in self._carry
+                          if not isinstance(f.result(), _CarriedKeys)), text])
 
     def _preempt_agent(self, text: str, decision: RouteDecision | None) -> None:
         """A miss whose words sound finished: the agent's LLM call starts now, while the
@@ -793,7 +795,7 @@ class Call:
         self._take_counts(tl)  # its utterance is over: later partials are the next turn's
         try:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
-            texts = [(await asyncio.shield(f)).text for f in utterances]
+            said = [await asyncio.shield(f) for f in utterances]
         except asyncio.CancelledError:
             self._carry_words([*utterances, *self._carry], continuing, exchange)
             self._carry_turns = [*covered, tl]
@@ -805,12 +807,17 @@ class Call:
                                       utterance=utterance)
             return
         _add_counts(tl, covered)  # its metrics cover the carried turns: their partials too
-        if continuing and not any(normalize_text(t) for t in texts[continuing:]):
+        if continuing and not any(normalize_text(t.text) for t in said[continuing:]):
             # What stopped the answer held no words after all (noise outlasting the
             # hold): the cut question is not asked again. Words after it (an utterance
             # whose reply was stopped before it spoke) keep it: they continue it.
-            texts = texts[continuing:]
-        carried, text = _joined(texts[:-1]), _joined(texts)
+            said = said[continuing:]
+        carried = _joined([t.text for t in said[:-1]])
+        # The agent is asked the keys carried into the turn with the words, in the order
+        # they came ("the caller pressed 4 9 2 1 uh I don't have the rest"); the transcript,
+        # the routing and a missed question hold the caller's words alone (keys may be a PIN).
+        asked = _joined([t.text for t in said])
+        text = _joined([t.text for t in said if not isinstance(t, _CarriedKeys)])
         if carried:  # words of a turn the caller had not finished
             # Its exchange, if it got one, is taken back: the agent is asked once, with the
             # whole question (that very exchange: the same words may have been asked and
@@ -822,7 +829,7 @@ class Call:
         tl.mark("final_transcript")
         await self._out.send_event({"type": "transcript", "text": text, "final": True,
                                     "turn": tl.turn})
-        if not normalize_text(text):
+        if not normalize_text(asked):
             logs.event(log, "empty_turn", turn=tl.turn)
             # Nothing to answer, but a turn all the same: it ends with its metrics. Noise
             # (a cough over a reply) is no question, so no hit or miss in the stats.
@@ -834,12 +841,14 @@ class Call:
                                       first=self._speculation.reset(utterance),
                                       utterance=utterance)
             return
-        if preempt is not None and normalize_text(text) != normalize_text(preempt.text):
+        if preempt is not None and normalize_text(asked) != normalize_text(preempt.text):
             preempt.cancel()  # the final is not what was preempted: a fresh call
             preempt = None
         asked_before = self.conversation.last_user_message()
         try:
-            await self._answer(tl, text, preempted=preempt, utterance=utterance)
+            # Keys alone (their utterance held no words): the agent's, nothing to route.
+            await self._answer(tl, text, route=bool(normalize_text(text)), preempted=preempt,
+                               utterance=utterance, asked=asked)
         except asyncio.CancelledError:
             # Nothing was said, or the caller went on talking right after the turn ended
             # (a pause mid-sentence): the words open the next turn, and the exchange this
@@ -1011,13 +1020,18 @@ class Call:
     async def _answer(self, tl: TurnTimeline, text: str, *, route: bool = True,
                       decision: RouteDecision | None = None,
                       preempted: Preemption | None = None, typed: bool = False,
-                      utterance: int | None = None) -> None:
+                      utterance: int | None = None, asked: str | None = None) -> None:
         """Answer ``text``: routed (a caller's words), or with the ``decision`` given
         (keypad keys: a mapped entry or handoff, else None, the agent). ``preempted``: the
         agent's LLM call already started on these words (adopted if it still fits).
         ``typed``: a text message or keys, which supersede spoken words still carried;
         routed as text (a transcript needs the router's stricter ``spoken_hit``).
-        ``utterance``: the speculation's utterance the words end (``Speculation.decide``)."""
+        ``utterance``: the speculation's utterance the words end (``Speculation.decide``).
+        ``asked``: what the agent is asked when it is not ``text`` alone: the words with
+        keys carried into their turn (``_carry_keys``). Only the agent's conversation gets
+        it: ``text`` is what is routed and listed as a missed question, and the answer to
+        keys is no draft for the FAQ."""
+        asked = text if asked is None else asked
         self._take_counts(tl)
         unasked = False
         try:
@@ -1034,6 +1048,8 @@ class Call:
                     decision, reused = None, False
                 if decision is not None and not typed:  # a transcript: the stricter bar
                     decision = decision.as_spoken()
+            elif utterance is not None:  # as the final's routing would have (_unrouted_turn)
+                await self._speculation.reset(utterance)
             tl.mark("route_decided")
             tl.info["route_reused"] = reused
             if decision is not None:
@@ -1041,7 +1057,7 @@ class Call:
                                hit=decision.hit, entry_id=decision.entry_id)
                 await self._out.send_event({"type": "route", "turn": tl.turn, "reused": reused,
                                             **decision.as_json()})
-            turn = self._turn(tl, text, decision)
+            turn = self._turn(tl, asked, decision)
             turn.preempted = preempted
             try:
                 await self._reply.play(turn)
@@ -1060,10 +1076,10 @@ class Call:
             unasked = tl.info.get("input") != "dtmf" and not tl.answered
             raise
         finally:
-            if route:
-                self._take_late_counts(tl, utterance)
+            self._take_late_counts(tl, utterance)
             tl.info["preempted"] = preempted is not None and preempted.adopted
-            await self._finish_metrics(tl, text, decision, counted=not unasked)
+            await self._finish_metrics(tl, text, decision, counted=not unasked,
+                                       drafted=asked == text)
 
     def _turn(self, tl: TurnTimeline, text: str, decision: RouteDecision | None) -> Turn:
         return Turn(number=tl.turn, text=text, sample_rate=self.sample_rate, timeline=tl,
@@ -1128,16 +1144,21 @@ class Call:
         await self._report("stt_failed", f"the final transcript failed: {exc}", tl.turn)
 
     async def _finish_metrics(self, tl: TurnTimeline, text: str,
-                              decision: RouteDecision | None, counted: bool = True) -> None:
+                              decision: RouteDecision | None, counted: bool = True,
+                              drafted: bool = True) -> None:
         """Send the turn's metrics. ``counted``: a hit or a miss in the stats (not a turn
-        with no words: nothing was asked)."""
+        with no words: nothing was asked). ``drafted``: the reply may be a missed question's
+        draft answer (not one to keys carried with the words)."""
         metrics = tl.metrics()
         if counted:
             # Keys are no question to add to the FAQ (and may be a PIN): never a "miss" text.
             asked = None if tl.info.get("input") == "dtmf" else text
             # A reply stopped part-way (a barge-in, the time limit, the call's end) is no
             # draft for the FAQ: a promotion would publish its first sentences as all of it.
-            answer = None if metrics.get("interrupted") else self._reply.said_text(tl.turn)
+            # Nor is one to keys carried with the words: it may read them back, or what they
+            # unlocked (an account's details), and answers more than the words listed.
+            answer = None if metrics.get("interrupted") or not drafted \
+                else self._reply.said_text(tl.turn)
             self._stats.turn_finished(metrics, asked,
                                       route_score=decision.score if decision else None,
                                       answer=answer, call_id=self.id)
@@ -1661,11 +1682,12 @@ class Call:
 
     async def _carry_keys(self, keys: Collected | None) -> None:
         """Keys collected while the caller speaks open the turn their words end, as words
-        carried from before do (``_spoken_turn`` joins them, before the words)."""
+        carried from before do (``_spoken_turn`` joins them, before the words, for the
+        agent only: as ``_CarriedKeys``, never routed, transcribed or a missed question)."""
         if keys is None:
             return
         done: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
-        done.set_result(Transcript(text=keys.text(), final=True))
+        done.set_result(_CarriedKeys(text=keys.text(), final=True))
         self._carry = [*self._carry, done]
         # The turn the caller's utterance will end (the detector's next number).
         await self._out.send_event({"type": "keypad", "turn": self._turns.turns + 1,
@@ -1741,6 +1763,14 @@ def _add_counts(tl: TurnTimeline, carried: list[TurnTimeline]) -> None:
     for other in carried:
         for key in PARTIAL_COUNTS:
             tl.info[key] = tl.info.get(key, 0) + other.info.get(key, 0)
+
+
+@dataclass(frozen=True)
+class _CarriedKeys(Transcript):
+    """Keys carried into a spoken turn (``_carry_keys``), in the carry's form: the agent is
+    asked them with the words; they are no words, so the turn's transcript, its routing
+    (early, partial and final), a missed question and its draft answer leave them out
+    (keys may be a PIN or an account number: docs/protocol.md, "Keypad")."""
 
 
 def _said(text: str) -> asyncio.Future[Transcript]:
