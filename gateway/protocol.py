@@ -174,8 +174,12 @@ def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> Clie
         return StopMessage()
     if kind == "dtmf":
         return DtmfMessage(parse_dtmf_digit(data.get("digit"), "invalid_dtmf"))
-    if kind is None:
-        raise ProtocolError("invalid_message", "message has no `type` field")
+    if not isinstance(kind, str):  # not "unknown": no type name was sent at all
+        if "type" not in data:
+            raise ProtocolError("invalid_message", "message has no `type` field")
+        raise ProtocolError("invalid_message",
+                            "`type` must be a string: start, text, dtmf or stop (this one is "
+                            f"{'null' if kind is None else _kind_of(kind)})")
     raise ProtocolError("unknown_message_type",
                         f"unknown message type {str(kind)[:64]!r}; expected start, text, dtmf "
                         "or stop")
