@@ -103,3 +103,26 @@ def redact_server_logs() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactQueryToken) for f in logger.filters):
             logger.addFilter(RedactQueryToken())
+
+
+# uvicorn's websockets-sansio protocol (gateway/server.py's ws=) answers a text message that
+# is not UTF-8 with ``logger.exception(`` this ``)`` on "uvicorn.error", a traceback at ERROR,
+# then closes the connection 1007 (no reason). Any client can do that on every connection it
+# opens: the session counts and logs it once as bad input (``invalid_utf8``) instead. Matched
+# by its text: should uvicorn reword it, the line just comes back, nothing else changes.
+UVICORN_INVALID_UTF8 = "Invalid UTF-8 sequence received from client."
+
+
+class DropInvalidUtf8Traceback(logging.Filter):
+    """Drops uvicorn's traceback for a text message that is not UTF-8 (``invalid_utf8``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != UVICORN_INVALID_UTF8
+
+
+def quiet_invalid_utf8() -> None:
+    """Keep uvicorn's traceback for a client's text that is not UTF-8 out of the log (the
+    session logs it as bad input); safe to call again."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, DropInvalidUtf8Traceback) for f in logger.filters):
+        logger.addFilter(DropInvalidUtf8Traceback())

@@ -122,6 +122,7 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
     every frame cost ~20% of the event loop's CPU with 200 calls (py-spy).
     """
     logs.redact_server_logs()  # uvicorn logs each upgrade's query: the page's ?token= too
+    logs.quiet_invalid_utf8()  # text not UTF-8: uvicorn's traceback; the session logs it
     # httptools, plus a deadline for connections that never send a request.
     return {"loop": "uvloop", "http": IdleTimeoutHttpToolsProtocol, "ws": "websockets-sansio",
             "ws_per_message_deflate": False,

@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from cache_seed import SeedValidationError, parse_seed_csv
 from gateway.call.session import AudioRateLimit
+from gateway.client import Caller
 from gateway.clock import ManualClock
 from gateway.server import BackgroundServer
 from tests.call_harness import CallHarness
@@ -343,6 +344,106 @@ async def test_a_flood_of_empty_audio_frames_is_refused_or_limited(guarded):
     errors = [json.loads(m) for m in received if isinstance(m, str)
               and json.loads(m)["type"] == "error"]
     assert errors or code != 1000, "20000 empty frames: no error, closed 1000"
+
+
+class _KeptRecords(logging.Handler):
+    """Every record of the loggers it is put on, at any level, whatever their propagation
+    (uvicorn configures "uvicorn" not to propagate to the root logger, the gateway does the
+    same for "voicegate")."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._loggers = [logging.getLogger(name) for name in names]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "_KeptRecords":
+        for logger in self._loggers:
+            logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for logger in self._loggers:
+            logger.removeHandler(self)
+
+
+def _twilio_start(n: int) -> str:
+    return json.dumps({"event": "start", "streamSid": f"MZ61{n}", "start": {
+        "streamSid": f"MZ61{n}", "callSid": f"CA61utf8{n}", "accountSid": "AC61"}})
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_1007_with_one_log_line_not_a_traceback(
+        server, runtime):
+    """A text frame whose bytes are not UTF-8 (RFC 6455 requires text to be) is failed by
+    uvicorn's websockets-sansio layer with 1007 (no reason) after
+    ``logger.exception("Invalid UTF-8 sequence received from client.")``: a traceback at
+    ERROR on "uvicorn.error" for every such connection, which any client can open again and
+    again, and nothing counted. Now that line is dropped (logs.quiet_invalid_utf8) and the
+    session, seeing a 1007 it did not send, counts and logs it as bad input: one WARNING
+    `bad_input` line (code `invalid_utf8`, its transport and call) per connection, nothing
+    at ERROR, no traceback, on both endpoints, before and after `start`; the call running
+    alongside goes on untouched.
+
+    One bad frame per connection: uvicorn closes the socket as soon as its close frame is
+    written, and a client still sending then gets a TCP reset that can lose that frame
+    (1006); so the client sends one and reads until the close."""
+    base = server.base_url.replace("http://", "ws://")
+    bad_texts = [b"\xff\xfe{}", b'{"type": "text", "text": "caf\xc3"}', b"\xc0\xaf",
+                 b'{"type": "text", "text": "\xed\xa0\x80"}']
+    # (endpoint, what the client sends first, the call id its log line names)
+    connections = [("native", "start", None), ("native", None, None),
+                   ("twilio", _twilio_start(0), "CA61utf80"), ("twilio", None, None),
+                   ("native", "start", None), ("twilio", _twilio_start(1), "CA61utf81")]
+    before = runtime.stats.errors["invalid_utf8"]
+    closes: list[tuple[int | None, str | None]] = []
+    expected: list[tuple[str, str | None]] = []
+    with _KeptRecords("uvicorn.error", "uvicorn", "voicegate", "websockets") as kept:
+        async with Caller(server.call_url) as healthy:
+            healthy_turn = asyncio.create_task(healthy.say_text("do you have branches downtown"))
+            for n, (transport, first, call_id) in enumerate(connections):
+                path = "/v1/call" if transport == "native" else "/twilio/stream"
+                async with connect(base + path) as ws:
+                    if first == "start":
+                        await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+                        while call_id is None:  # the call is started: its id is known
+                            message = await asyncio.wait_for(ws.recv(), 30)
+                            if isinstance(message, str) and json.loads(message)["type"] == "ready":
+                                call_id = json.loads(message)["call_id"]
+                    elif first is not None:
+                        await ws.send(first)
+                    await ws.send(bad_texts[n % len(bad_texts)], text=True)
+                    await messages_until_closed(ws)
+                closes.append((ws.close_code, ws.close_reason))
+                expected.append((transport, call_id))
+                for _ in range(200):  # the session counts it as it reads the disconnect
+                    if runtime.stats.errors["invalid_utf8"] >= before + n + 1:
+                        break
+                    await asyncio.sleep(0.05)
+                assert runtime.stats.errors["invalid_utf8"] == before + n + 1, \
+                    (n, transport, first, runtime.stats.errors["invalid_utf8"] - before)
+            # The gateway's own 1007 (a binary frame of odd length) is not this refusal.
+            odd_before = runtime.stats.errors["odd_pcm_length"]
+            async with connect(base + "/v1/call") as ws:
+                await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+                await ws.send(b"\x00\x01\x02")
+                await messages_until_closed(ws)
+            closes.append((ws.close_code, ws.close_reason))
+            assert runtime.stats.errors["odd_pcm_length"] == odd_before + 1
+            turn = await healthy_turn
+        healthy_code = healthy.closed_code
+    assert closes == [(1007, "")] * (len(connections) + 1), closes
+    loud = [r for r in kept.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert loud == [], [(r.name, r.getMessage()) for r in loud]
+    assert not any("Invalid UTF-8" in r.getMessage() for r in kept.records)
+    lines = [r for r in kept.records if getattr(r, "fields", {}).get("code") == "invalid_utf8"]
+    assert [(r.levelno, r.getMessage()) for r in lines] == \
+        [(logging.WARNING, "bad_input")] * len(connections)
+    assert [(r.fields["transport"], r.fields["call_id"]) for r in lines] == expected
+    assert runtime.stats.errors["invalid_utf8"] == before + len(connections)
+    assert turn.first("response") is not None and turn.first("error") is None
+    assert healthy_code == 1000, healthy_code
 
 
 # ---------------------------------------------------------------- session limits

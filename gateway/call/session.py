@@ -33,8 +33,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import logs
 from ..clock import SYSTEM_CLOCK, Clock
-from ..protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER,
-                        ProtocolError)
+from ..protocol import (CLOSE_INTERNAL_ERROR, CLOSE_INVALID_PAYLOAD, CLOSE_NORMAL, CLOSE_POLICY,
+                        CLOSE_TRY_AGAIN_LATER, ProtocolError)
 from ..settings import Settings
 from ..stats import Stats
 from .engine import Call
@@ -254,6 +254,7 @@ class CallSession:
         self._ended: asyncio.Future[bool] | None = None
         self._receiving: asyncio.Task[Any] | None = None  # the task awaiting a frame
         self._interrupted = False
+        self._closing_socket = False  # this session's close (any code) is under way
         # Filled by the endpoint: how an error reaches its client (Twilio has no channel).
         self.send_error: Callable[[dict[str, Any]], None] = lambda event: None
 
@@ -286,7 +287,7 @@ class CallSession:
         finally:
             self._receiving = None
         if message["type"] == "websocket.disconnect":
-            self.outbox.closed = True
+            self._gone(message)
             return None
         if self._messages is not None and not self._messages.take():
             rate = self.settings.max_message_rate
@@ -310,7 +311,7 @@ class CallSession:
         if receive in finished:
             message = receive.result()
             if message["type"] == "websocket.disconnect":
-                self.outbox.closed = True
+                self._gone(message)
                 return None
             return message
         if not finished:
@@ -318,6 +319,19 @@ class CallSession:
                                 f"no `start` within {self.settings.start_timeout_s:g} s",
                                 CLOSE_POLICY)
         return None
+
+    def _gone(self, disconnect: dict[str, Any]) -> None:
+        """The connection is closed. A 1007 that this session did not send is the WebSocket
+        layer's: uvicorn fails a connection whose text message is not UTF-8 with 1007 and no
+        reason (its traceback for it is dropped from the log: logs.quiet_invalid_utf8). That
+        is this client's bad input: counted and logged here, once, as any other. (A client
+        that closes with 1007 itself, saying our text was not UTF-8, looks the same here.)"""
+        self.outbox.closed = True
+        if disconnect.get("code") == CLOSE_INVALID_PAYLOAD and not self._closing_socket:
+            self.bad_input(ProtocolError(
+                "invalid_utf8", "a text message was not valid UTF-8 (RFC 6455 requires text "
+                                "to be): the WebSocket layer closed the connection",
+                CLOSE_INVALID_PAYLOAD))
 
     def _end(self) -> None:
         """The session must end (stuck client, failed call): wake the receiving loop."""
@@ -502,6 +516,7 @@ class CallSession:
             # close frame too, and the call may end (its stop, a bad frame) before the
             # outbox's watchdog has found it stuck.
             async with asyncio.timeout(_DRAIN_S):  # not wait_for: it can swallow a cancel
+                self._closing_socket = True  # a 1007 from here on is ours, not uvicorn's
                 await self.ws.close(code=self.close_code)
         except (*SEND_ERRORS, TimeoutError):
             pass
