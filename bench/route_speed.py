@@ -12,12 +12,14 @@ the call loop routes changed partials. Figures per router:
 
 Routers: the shipped bank FAQ (cache_seed/examples/bank_faq.csv, ~230 questions) and
 banking77 train (10k questions, 77 intents) to see the index size matter. Each embedder
-backend in turn, in one run (onnx-int8, the default, and torch: sentence-transformers),
-with its load time (the int8 export is cached beforehand: a server start, not the first).
+backend in turn, in one run (onnx-int8-dynamic, the default; onnx-int8, blockwise weight-only
+int8; torch: sentence-transformers), with its load time (the int8 exports are cached
+beforehand: a server start, not the first); ``--rounds`` repeats the bank FAQ's figures
+with the backends interleaved.
 
 Run (from the repository root):
-  .venv/bin/python bench/route_speed.py [--utterances 300] [--threads 1]
-                                        [--backends onnx-int8,torch] [--no-banking77]
+  .venv/bin/python bench/route_speed.py [--utterances 300] [--threads 1] [--rounds 1]
+                          [--backends onnx-int8-dynamic,onnx-int8,torch] [--no-banking77]
 Nothing here asserts a timing; it prints figures.
 """
 
@@ -105,7 +107,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="routing time per partial")
     parser.add_argument("--utterances", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1, help="threads per embedding")
-    parser.add_argument("--backends", default="onnx-int8,torch")
+    parser.add_argument("--backends", default="onnx-int8-dynamic,onnx-int8,torch")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="bank FAQ rounds, the backends in turn in each (a machine's speed "
+                             "drifts: interleaved rounds compare them at the same moment)")
     parser.add_argument("--no-banking77", action="store_true", help="the bank FAQ only")
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs, {args.threads} thread(s) per embedding")
@@ -113,17 +118,25 @@ def main() -> None:
         dev = [r["text"] for r in csv.DictReader(f)]
     step = max(1, len(dev) // args.utterances)
     utterances = dev[::step][:args.utterances]
+    embedders: dict[str, Embedder] = {}
+    banks: dict[str, Router] = {}
     for backend in args.backends.split(","):
         Embedder(backend=backend)  # the int8 export, once (not part of a start)
         start = time.perf_counter()
-        embedder = Embedder(threads=args.threads, backend=backend)
+        embedder = embedders[backend] = Embedder(threads=args.threads, backend=backend)
         embedder.warm_up()
-        print(f"\n== {backend}: loaded in {time.perf_counter() - start:.2f} s")
+        print(f"== {backend}: loaded in {time.perf_counter() - start:.2f} s")
         plan = read_seed_csv(BANK_FAQ)
-        bank = train_router(embedder, plan.questions, plan.intents, plan.entries).router
-        measure("bank FAQ router", bank, utterances)
+        banks[backend] = train_router(embedder, plan.questions, plan.intents,
+                                      plan.entries).router
+    for round_ in range(1, args.rounds + 1):
+        for backend, bank in banks.items():
+            print(f"\n== {backend}, round {round_}")
+            measure("bank FAQ router", bank, utterances)
+    for backend, embedder in embedders.items():
         if args.no_banking77:
-            continue
+            break
+        print(f"\n== {backend}")
         with (BANKING77 / "train.csv").open(encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
         texts, labels = [r["text"] for r in rows], [r["category"] for r in rows]

@@ -226,9 +226,11 @@ class Settings(BaseModel):
     # Replica heartbeat (live replica count in the cluster stats); its TTL is three beats.
     redis_heartbeat_s: PosF = 5.0
     # The router's sentence embedder: all-MiniLM-L6-v2 as int8 ONNX on onnxruntime (no
-    # torch in the serving process; exported once into model_cache_dir), or as shipped
-    # on sentence-transformers (torch). A version seeded by the other is re-embedded.
-    embedder_backend: Literal["onnx-int8", "torch"] = "onnx-int8"
+    # torch in the serving process; exported once into model_cache_dir): dynamic int8
+    # (weights and activations, the fastest) or weight-only int8 (the float model's vectors),
+    # or as shipped on sentence-transformers (torch). A version seeded by another backend is
+    # re-embedded and calibrated again at load.
+    embedder_backend: Literal["onnx-int8-dynamic", "onnx-int8", "torch"] = "onnx-int8-dynamic"
     # Threads per sentence embedding (routing a partial is one short text).
     embedder_threads: Pos = 1
     # The partials' routing threads run this much lower an OS priority (Linux nice, 0-19):

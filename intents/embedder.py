@@ -1,10 +1,10 @@
 """Sentence embeddings for routing: all-MiniLM-L6-v2, offline, normalized, cached.
 
-Two backends of the same model: ``onnx-int8`` (the default: onnxruntime, int8 weights,
-no torch in the process; intents/onnx_encoder.py) and ``torch`` (sentence-transformers
-as shipped). The model is loaded once per process; partial transcripts repeat a lot
-("how do I", "how do I reset"), so single-text encodes go through an LRU cache keyed
-by the normalized text.
+Backends of the same model: ``onnx-int8-dynamic`` (the default) and ``onnx-int8``
+(onnxruntime, two int8 quantizations, no torch in the process; intents/onnx_encoder.py)
+and ``torch`` (sentence-transformers as shipped). The model is loaded once per process;
+partial transcripts repeat a lot ("how do I", "how do I reset"), so single-text encodes go
+through an LRU cache keyed by the normalized text.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import numpy as np
 
 # Name recorded in published cache versions: vectors from another model are not comparable.
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-BACKENDS = ("onnx-int8", "torch")
-DEFAULT_BACKEND = "onnx-int8"
+# backend -> the int8 export's quantization (intents/onnx_encoder.py); torch: none
+BACKENDS = {"onnx-int8": "blockwise", "onnx-int8-dynamic": "dynamic", "torch": None}
+DEFAULT_BACKEND = "onnx-int8-dynamic"
 
 _SPACES = re.compile(r"\s+")
 
@@ -50,10 +51,10 @@ def default_model_dir() -> Path:
 
 
 def recorded_name(model_name: str, backend: str) -> str:
-    """The name a published version records. The int8 backend's vectors are within cosine
-    0.9997 of the float ones, but a seed's calibration is set at the margin of its own
-    vectors: a version is served by the backend that embedded it (loader.py re-embeds
-    a version from the other one)."""
+    """The name a published version records. The blockwise int8 backend's vectors are
+    within cosine 0.9997 of the float ones (the dynamic one's 0.993), but a seed's
+    calibration is set at the margin of its own vectors: a version is served by the backend
+    that embedded it (loader.py re-embeds a version from another one)."""
     return model_name if backend == "torch" else f"{model_name}#{backend}"
 
 
@@ -82,11 +83,13 @@ class Embedder:
         if backend == "torch":
             self._encode = self._torch_encoder(path, device, threads)
         else:
-            from .onnx_encoder import OnnxSentenceEncoder, cached_model
+            from .onnx_encoder import ONE_TEXT_PER_RUN, OnnxSentenceEncoder, cached_model
 
-            onnx_path = cached_model(path, self.cache_dir)
+            quantization = BACKENDS[backend]
+            onnx_path = cached_model(path, self.cache_dir, quantization)
             encoder = OnnxSentenceEncoder(onnx_path, path / "tokenizer.json",
-                                          max_tokens=_max_tokens(path), threads=threads or 1)
+                                          max_tokens=_max_tokens(path), threads=threads or 1,
+                                          one_text_per_run=quantization in ONE_TEXT_PER_RUN)
             self.dim = encoder.dim
             self._encode = encoder.encode
         # Per instance (not a module-level cache) so each Embedder owns its memory.
@@ -129,7 +132,8 @@ class Embedder:
         """(n, dim) vectors through the LRU cache; the misses are encoded in ONE batch.
 
         The gateway routes every call's newest partial together: one batched forward
-        pass costs far less per text than one pass per text.
+        pass costs less per text than one pass per text (the dynamic int8 backend still
+        runs its texts one by one: intents/onnx_encoder.py).
         """
         keys = [normalize_text(t) for t in texts]
         out = np.empty((len(keys), self.dim), dtype=np.float32)

