@@ -180,10 +180,13 @@ RECOVERABLE = [
     (json.dumps(["start"]), "twilio_invalid_message"),
     (json.dumps({"streamSid": "MZ"}), "twilio_invalid_message"),
     (json.dumps({"event": "dance"}), "twilio_unknown_event"),
+    (json.dumps({"event": 5}), "twilio_invalid_message"),  # not a name: malformed, not unknown
     (media("@@@not base64@@@"), "twilio_invalid_base64"),
     (media(GOOD_FRAME[:-1]), "twilio_invalid_base64"),  # odd length: not whole base64 quanta
     (media(""), "twilio_empty_media"),
     (json.dumps({"event": "media", "media": {}}), "twilio_invalid_message"),
+    (json.dumps({"event": "media", "media": {"track": None, "payload": GOOD_FRAME}}),
+     "twilio_invalid_message"),
     (media("A" * (64 * 1024 + 4)), "twilio_frame_too_large"),
     (json.dumps({"event": "mark", "mark": {"name": "not ours"}}), "twilio_unknown_mark"),
     (json.dumps({"event": "dtmf", "dtmf": {}}), "twilio_invalid_message"),
@@ -279,6 +282,107 @@ def test_a_null_custom_parameter_is_absent_not_the_text_none():
     start = parse_start({"event": "start", "start": {
         "streamSid": "MZ1", "callSid": "CA1", "customParameters": {"resumed": None, "a": 1}}})
     assert start.parameters == {"a": "1"}
+
+
+@pytest.mark.parametrize("event", [5, ["media"], None, True, {}, {"name": "media"}, 1.5])
+def test_an_event_that_is_not_a_string_is_an_invalid_message_by_name(event):
+    """Review (stop 61): `{"event": 5}` or `{"event": ["media"]}` got `twilio_unknown_event`,
+    "unknown event '5'" (or Python's repr of the list), the answer the string "5" gets: the
+    stream is told its event is unknown when it sent no event name at all, and
+    `{"event": null}` was told the message "has no `event` field" though it had one. As the
+    native protocol's `type`: `twilio_invalid_message`, saying `event` must be a string and
+    what came instead; the stream goes on, as for any malformed message."""
+    stream, _ = started_stream()
+    with pytest.raises(TwilioError) as info:
+        stream.handle(json.dumps({"event": event, "streamSid": "MZ1"}))
+    assert (info.value.code, info.value.close_code) == ("twilio_invalid_message", None)
+    assert "`event` must be a string" in info.value.message, info.value.message
+    assert "[" not in info.value.message and "'" not in info.value.message  # no repr
+    with pytest.raises(TwilioError) as missing:  # no `event` at all still says so
+        stream.handle(json.dumps({"streamSid": "MZ1"}))
+    assert missing.value.code == "twilio_invalid_message"
+    assert "no `event` field" in missing.value.message
+    with pytest.raises(TwilioError) as unknown:  # a name we do not know is still unknown
+        stream.handle(json.dumps({"event": "5"}))
+    assert unknown.value.code == "twilio_unknown_event"
+
+
+@pytest.mark.parametrize("track", [5, None, ["inbound"], {"name": "inbound"}, True])
+def test_a_media_track_that_is_not_a_string_is_an_invalid_message_not_dropped(track):
+    """Review (stop 61): a `media` whose `media.track` was not a string (5, null, a list) was
+    taken for another track than `inbound` and dropped without a word: the caller's audio
+    lost, no error counted. It is `twilio_invalid_message` naming `media.track`; the
+    stream goes on, and a string track other than `inbound` is still skipped quietly."""
+    stream, _ = started_stream()
+    fed: list[bytes] = []
+    stream._session.feed_audio = fed.append  # type: ignore[attr-defined]
+    message = {"event": "media", "streamSid": "MZ1",
+               "media": {"track": track, "payload": GOOD_FRAME}}
+    with pytest.raises(TwilioError) as info:
+        stream.handle(json.dumps(message))
+    assert (info.value.code, info.value.close_code) == ("twilio_invalid_message", None)
+    assert "`media.track` must be a string" in info.value.message, info.value.message
+    stream.handle(json.dumps({**message, "media": {"track": "outbound", "payload": GOOD_FRAME}}))
+    assert fed == []
+    stream.handle(json.dumps({**message, "media": {"payload": GOOD_FRAME}}))  # inbound by default
+    assert fed == [ulaw_to_pcm16(b"\xff" * FRAME_BYTES)]
+
+
+@pytest.mark.parametrize("where, field, value", [
+    ("start", "streamSid", 5),
+    ("start", "streamSid", ["MZ1"]),
+    ("message", "streamSid", {"sid": "MZ1"}),
+    ("start", "callSid", 12345),
+    ("start", "callSid", ["CA1"]),
+    ("start", "accountSid", True),
+    ("start", "customParameters", ["token", "s3cret"]),
+    ("start", "customParameters", "token=s3cret"),
+    ("start", "mediaFormat", "audio/x-mulaw"),
+    ("start", "mediaFormat", ["audio/x-mulaw", 8000, 1]),
+])
+def test_a_start_field_of_the_wrong_type_is_an_invalid_start_by_name(where, field, value):
+    """Review (stop 61): `start` fields of the wrong JSON type were misnamed or not seen:
+    a `streamSid` of 5 was "`start` has no `streamSid`" (it had one); a `callSid` or
+    `accountSid` that is a number was taken for none (the call then had no SID for the REST
+    hang-up and transfer, and a generated id); `customParameters` that is not an object was
+    taken for no parameters (a required token then read `unauthorized`); a `mediaFormat`
+    "audio/x-mulaw" was `twilio_unsupported_media_format`, "media format audio/x-mulaw is
+    not supported; expected audio/x-mulaw ...". Each is a malformed `start`:
+    `twilio_invalid_start` (closed 1008), naming the field and what came instead of it."""
+    start: dict[str, Any] = {"streamSid": "MZ1", "callSid": "CA1", "accountSid": "AC1"}
+    message: dict[str, Any] = {"event": "start", "start": start}
+    if where == "start":
+        start[field] = value
+    else:  # the message's own streamSid, read when `start` has none
+        del start[field]
+        message[field] = value
+    with pytest.raises(TwilioError) as refused:
+        parse_start(message)
+    assert (refused.value.code, refused.value.close_code) == ("twilio_invalid_start", 1008)
+    assert f"`{field}` must be" in refused.value.message, refused.value.message
+    assert "s3cret" not in refused.value.message and "[" not in refused.value.message
+
+
+@pytest.mark.parametrize("value", [False, True, ["1"], {"n": "1"}])
+def test_a_custom_parameter_that_is_not_a_string_is_refused_not_read_as_set(value):
+    """Review (stop 61): a custom parameter's value went through `str()`: `{"resumed":
+    false}` became "False", a non-empty and so true value, and the stream was taken for a
+    resumed one (its call counted in voicegate_twilio_calls_resumed_total, its lost
+    conversation looked up); a list became Python's repr "['1']". TwiML's <Parameter> values
+    are strings: another value is a malformed `start`, `twilio_invalid_start` (closed 1008),
+    naming the parameter, never its value (it may be the token). null is still absent, and
+    a number still reads as its digits."""
+    start = {"streamSid": "MZ1", "callSid": "CA1",
+             "customParameters": {"token": "s3cret", "resumed": value}}
+    with pytest.raises(TwilioError) as refused:
+        parse_start({"event": "start", "start": start})
+    assert (refused.value.code, refused.value.close_code) == ("twilio_invalid_start", 1008)
+    assert "`customParameters.resumed` must be a string" in refused.value.message, (
+        refused.value.message)
+    assert "s3cret" not in refused.value.message
+    ok = {"streamSid": "MZ1", "customParameters": {"token": "s3cret", "resumed": None, "n": 2}}
+    assert parse_start({"event": "start", "start": ok}).parameters == {"token": "s3cret",
+                                                                        "n": "2"}
 
 
 async def test_twilio_vanishing_mid_call_ends_the_call(server, runtime):

@@ -29,8 +29,8 @@ from ..call.session import (CallSession, Outbox, presented_token, refuse_before_
                             refuse_while_unavailable, token_matches)
 from ..clock import Clock
 from ..codec import MULAW, ulaw_to_pcm16
-from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA,
-                        ProtocolError, StartMessage, parse_dtmf_digit, parse_json, utf8_bytes_over)
+from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA, ProtocolError, StartMessage,
+                        _kind_of, parse_dtmf_digit, parse_json, utf8_bytes_over)
 from ..services import Services
 from ..stats import Stats
 from .call_records import SAFE_ID
@@ -71,21 +71,32 @@ def parse_start(data: dict[str, Any]) -> StreamStart:
     if not isinstance(start, dict):
         raise TwilioError("twilio_invalid_start", "`start` message has no `start` object",
                           CLOSE_POLICY)
-    stream_sid = start.get("streamSid") or data.get("streamSid")
-    if not isinstance(stream_sid, str) or not stream_sid:
+    stream_sid = start.get("streamSid")
+    if stream_sid is None or stream_sid == "":  # the message's own, when `start` has none
+        stream_sid = data.get("streamSid")
+    if stream_sid is not None:
+        _start_field_is(str, "streamSid", stream_sid)
+    if not stream_sid:
         raise TwilioError("twilio_invalid_start", "`start` has no `streamSid`: replies cannot "
                                                   "be addressed", CLOSE_POLICY)
     media_format = start.get("mediaFormat")
     if media_format is not None:
+        _start_field_is(dict, "mediaFormat", media_format)
         if not _is_twilio_format(media_format):
             raise TwilioError("twilio_unsupported_media_format",
                               f"media format {str(media_format)[:120]} is not supported; "
                               "expected audio/x-mulaw, 8000 Hz, 1 channel",
                               CLOSE_UNSUPPORTED_DATA)
     raw_params = start.get("customParameters")
-    # A null value is no value (its text "None" would read as set: `resumed`, say).
+    if raw_params is not None:
+        _start_field_is(dict, "customParameters", raw_params)
+    # A null value is no value (its text "None" would read as set: `resumed`, say); nor
+    # is false "False". TwiML's <Parameter> values are strings (a number reads as its digits).
+    for name, value in (raw_params or {}).items():
+        if isinstance(value, (bool, list, dict)):  # not null, a string or a number
+            _start_field_is(str, f"customParameters.{name[:64]}", value)
     parameters = ({str(k): str(v) for k, v in raw_params.items() if v is not None}
-                  if isinstance(raw_params, dict) else {})
+                  if raw_params else {})
     return StreamStart(stream_sid=stream_sid, call_sid=_sid(start, "callSid"),
                        account_sid=_sid(start, "accountSid"), parameters=parameters)
 
@@ -94,11 +105,28 @@ def _sid(start: dict[str, Any], field: str) -> str:
     """A SID of `start`, "" when absent. It addresses the REST API's hang-up and transfer
     (Accounts/{AccountSid}/Calls/{CallSid}), and `start` itself is not signed: one that is
     not an id ("../Calls/CA2") is refused, never put in a request's path."""
-    value = _text(start.get(field))
+    value = start.get(field)
+    if value is None:
+        return ""
+    _start_field_is(str, field, value)
     if value and not SAFE_ID.fullmatch(value):
         raise TwilioError("twilio_invalid_start", f"`start` has a `{field}` that is not a "
                           f"Twilio SID (letters, digits, '_' or '-', at most 64)", CLOSE_POLICY)
     return value
+
+
+def _start_field_is(kind: type, field: str, value: Any) -> None:
+    """A `start` field of the wrong JSON type is a malformed `start`, named as such: never
+    taken for an absent one, an unsupported value, or Python's repr of it."""
+    if not isinstance(value, kind):
+        expected = "an object" if kind is dict else "a string"
+        raise TwilioError("twilio_invalid_start", f"`{field}` must be {expected} (this one is "
+                          f"{_kind(value)})", CLOSE_POLICY)
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value of the wrong type is, never what it holds (it may be a token)."""
+    return "null" if value is None else _kind_of(value)
 
 
 def _is_twilio_format(media_format: Any) -> bool:
@@ -123,10 +151,6 @@ def call_id_from_sid(call_sid: str) -> str | None:
     else (an unsigned stream can send any string) gets a generated id: the id names
     recording files and log fields, where a "/" or a newline does not belong."""
     return call_sid if SAFE_ID.fullmatch(call_sid) else None
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
 
 
 class TwilioOutput:
@@ -403,8 +427,12 @@ class TwilioStream:
         elif event == "connected":
             logs.event(log, "twilio_connected", logging.DEBUG, protocol=str(data.get("protocol")),
                        version=str(data.get("version")))
-        elif event is None:
-            raise TwilioError("twilio_invalid_message", "message has no `event` field")
+        elif not isinstance(event, str):  # not "unknown": no event name was sent at all
+            if "event" not in data:
+                raise TwilioError("twilio_invalid_message", "message has no `event` field")
+            raise TwilioError("twilio_invalid_message",
+                              "`event` must be a string: connected, start, media, mark, dtmf "
+                              f"or stop (this one is {_kind(event)})")
         else:
             raise TwilioError("twilio_unknown_event",
                               f"unknown event {str(event)[:64]!r}; expected connected, start, "
@@ -417,7 +445,11 @@ class TwilioStream:
         media = data.get("media")
         if not isinstance(media, dict) or not isinstance(payload := media.get("payload"), str):
             raise TwilioError("twilio_invalid_message", "`media` needs a string `media.payload`")
-        if media.get("track", "inbound") != "inbound":
+        track = media.get("track", "inbound")
+        if not isinstance(track, str):
+            raise TwilioError("twilio_invalid_message",
+                              f"`media.track` must be a string (this one is {_kind(track)})")
+        if track != "inbound":
             return  # only the caller's side is the call's input
         try:
             ulaw = binascii.a2b_base64(payload, strict_mode=True)
