@@ -74,12 +74,12 @@ def parse_dtmf_digit(digit: Any, code: str) -> str:
     The error says what kind of value came, never the value: it is logged (``bad_input``),
     and keys sent together in one message ("4921") may be the caller's PIN."""
     if not isinstance(digit, str) or digit not in DTMF_KEYS:
-        raise ProtocolError(code, f"`digit` is not a keypad key ({_kind_of(digit)}); send one "
+        raise ProtocolError(code, f"`digit` is not a keypad key ({json_kind(digit)}); send one "
                                   "of 0-9, * or # per message, as a string")
     return digit
 
 
-def _kind_of(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """What ``value`` is, without what it holds."""
     if isinstance(value, str):
         return f"a string of {len(value)} characters" if len(value) != 1 else "another character"
@@ -179,7 +179,7 @@ def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> Clie
             raise ProtocolError("invalid_message", "message has no `type` field")
         raise ProtocolError("invalid_message",
                             "`type` must be a string: start, text, dtmf or stop (this one is "
-                            f"{'null' if kind is None else _kind_of(kind)})")
+                            f"{'null' if kind is None else json_kind(kind)})")
     raise ProtocolError("unknown_message_type",
                         f"unknown message type {str(kind)[:64]!r}; expected start, text, dtmf "
                         "or stop")

@@ -30,7 +30,7 @@ from ..call.session import (CallSession, Outbox, presented_token, refuse_before_
 from ..clock import Clock
 from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA, ProtocolError, StartMessage,
-                        _kind_of, parse_dtmf_digit, parse_json, utf8_bytes_over)
+                        json_kind, parse_dtmf_digit, parse_json, utf8_bytes_over)
 from ..services import Services
 from ..stats import Stats
 from .call_records import SAFE_ID
@@ -126,7 +126,7 @@ def _start_field_is(kind: type, field: str, value: Any) -> None:
 
 def _kind(value: Any) -> str:
     """What a JSON value of the wrong type is, never what it holds (it may be a token)."""
-    return "null" if value is None else _kind_of(value)
+    return "null" if value is None else json_kind(value)
 
 
 def _is_twilio_format(media_format: Any) -> bool:
