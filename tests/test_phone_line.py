@@ -1702,3 +1702,165 @@ async def test_keys_carried_into_a_turn_of_noise_still_reach_the_agent():
     assert h.router.calls == [] and h.output.of("route") == []
     assert [e["text"] for e in h.output.of("transcript") if e["final"]] == [""]
     assert h.stats.missed_questions() == []
+
+
+# Keys carried into a spoken turn (``_carry_keys``), then a typed message or a key that comes
+# first: the carried *words* it supersedes are not asked (``_drop_carry``), but the keys are
+# deliberate input their `keypad` event promised the agent: they go with that turn.
+
+def _user_messages(h: CallHarness) -> list[str]:
+    """Every caller message the agent's context held, over all its requests, in order."""
+    seen: list[str] = []
+    for request in h.llm.requests:
+        for m in request:
+            if m["role"] == "user" and m["content"] not in seen:
+                seen.append(m["content"])
+    return seen
+
+
+def _nothing_else_holds_keys(h: CallHarness) -> None:
+    """Keys carried with another turn stay the agent's alone (the previous fix). (A mapped
+    key's own `route` says "the caller pressed 1", as ever: the carried keys are 4 9 2 1.)"""
+    def carried(text: object) -> bool:
+        return "4 9 2 1" in str(text) or "4921" in str(text)
+    routed = [text for text, _ in h.router.calls]
+    assert not any(carried(text) for text in routed), routed
+    for kind in ("route", "transcript"):
+        assert not any(carried(e.get("text")) for e in h.output.of(kind)), h.output.of(kind)
+    assert not any(carried(q.text) or carried(q.answer)
+                   for q in h.stats.missed_questions()), h.stats.missed_questions()
+
+
+async def test_keys_carried_into_a_spoken_turn_go_with_a_message_typed_before_it_ends():
+    """Review (stop 61): keys whose pause runs out while the caller speaks are carried into
+    the turn their words end, and their `keypad` event names that turn; a `text` message
+    typed before those words end (the caller types their question as they talk) is a turn
+    of its own, whose ``_answer`` ran ``_drop_carry``: the carry's keys were thrown away
+    with any carried words. The account number the caller keyed never reached the agent,
+    and nothing told the client. They go with the typed turn, before its text, to the agent
+    alone; that turn took the number the `keypad` event named."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    await h.start()
+    for key in "4921":
+        h.call.feed_dtmf(key)
+    await h.wait(1000)
+    words = _SPOKEN.split()
+    await h.feed(h.vocabulary.audio(" ".join(words[:12])))  # the 3 s pause runs out in it
+    assert h.call._turns.in_utterance
+    [keypad] = h.output.of("keypad")
+    assert keypad["keys"] == "4921" and keypad["action"] == "agent", keypad
+    await h.text("what is my balance")
+    await h.feed(h.vocabulary.audio(" ".join(words[12:])))
+    await h.silence(2000)
+    await h.stop()
+    asked = _user_messages(h)
+    assert "the caller pressed 4 9 2 1 what is my balance" in asked, asked
+    [typed] = [m for m in h.metrics() if m.get("input") == "text"]
+    assert typed["turn"] == keypad["turn"], (typed, keypad)
+    _nothing_else_holds_keys(h)
+    assert [q.text for q in h.stats.missed_questions()] == ["what is my balance", _SPOKEN]
+
+
+async def test_keys_carried_with_words_a_typed_message_supersedes_go_with_the_message():
+    """Review (stop 61), with the test above: the caller keys their number, talks, and types
+    while the agent thinks about it. The message stops that spoken turn before it said
+    anything and supersedes its words (not asked: ``_drop_carry``), and the keys carried in
+    them were dropped too. The keys go with the message."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.first_token_s = 2.0
+    await h.start()
+    for key in "4921":
+        h.call.feed_dtmf(key)
+    await h.wait(1000)
+    await h.feed(h.vocabulary.audio(_SPOKEN))
+    await h.silence(600)  # the turn ended; the agent thinks
+    assert h.output.of("response") == []
+    await h.text("sorry what is my balance")
+    await h.wait(4000)
+    await h.stop()
+    asked = _user_messages(h)
+    assert asked[-1] == "the caller pressed 4 9 2 1 sorry what is my balance", asked
+    assert not any(_SPOKEN in m and m.endswith("balance") for m in asked), asked
+    _nothing_else_holds_keys(h)
+
+
+async def test_keys_carried_into_words_a_mapped_key_supersedes_go_with_the_key():
+    """Review (stop 61), with the tests above: keys carried into the caller's words, then a
+    mapped key pressed before those words end: it acts as they end and supersedes them, and
+    the carried keys were dropped with them. They go with the mapped key's turn: the agent's
+    context holds them (asked the next time, here after a typed message)."""
+    h = harness({"keypad": {"1": "hours"}, "keypad_pause_s": 3, "idle_prompt_s": 0},
+                faqs={"opening hours": "hours"})
+    await h.start()
+    for key in "4921":
+        h.call.feed_dtmf(key)
+    await h.wait(1000)
+    words = _SPOKEN.split()
+    await h.feed(h.vocabulary.audio(" ".join(words[:12])))
+    assert h.call._turns.in_utterance and h.output.of("keypad")
+    h.call.feed_dtmf("1")
+    await h.feed(h.vocabulary.audio(" ".join(words[12:])))
+    await h.silence(3000)
+    await h.text("thanks and one more thing")
+    await h.wait(2000)
+    await h.stop()
+    assert sources(h) == ["cache", "llm"], sources(h)
+    asked = _user_messages(h)
+    assert "the caller pressed 4 9 2 1 the caller pressed 1" in asked, asked
+    _nothing_else_holds_keys(h)
+
+
+async def test_keys_carried_after_a_message_took_its_turn_stay_with_the_turn_they_name():
+    """Review (stop 61), with the tests above: a message typed while the caller talks over a
+    reply still closing (its LLM stream's teardown) takes its turn number at once but is
+    asked only once that reply is over; keys whose pause runs out meanwhile are named for
+    the turn after it (the caller's words). They were dropped by the message's turn as it
+    began; taken up by it, they would reach the agent before the message, out of order, in
+    a turn their `keypad` event did not name. They stay carried for the turn they name."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0, "false_interruption_s": 0})
+    h.llm.first_token_s = 1.5
+    h.llm.close_s = 2.0
+    await h.start()
+    for key in "4921":
+        h.call.feed_dtmf(key)
+    await h.wait(1000)
+    await h.text("hello there")  # turn 1: the agent thinks
+    words = _SPOKEN.split()
+    await h.feed(h.vocabulary.audio(" ".join(words[:4])))  # talked over: turn 1 stops
+    assert h.call._turns.in_utterance and h.output.of("keypad") == []
+    await h.text("what is my balance")  # turn 2, behind turn 1's stream closing
+    await h.feed(h.vocabulary.audio(" ".join(words[4:])))  # the keys' pause runs out
+    await h.silence(2000)
+    await h.wait(6000)
+    await h.stop()
+    [keypad] = h.output.of("keypad")
+    assert keypad["turn"] == 3, keypad
+    assert [m["turn"] for m in h.metrics() if m.get("input") == "text"] == [1, 2]
+    asked = [[m["content"] for m in r if m["role"] == "user"][-1] for r in h.llm.requests]
+    assert asked == ["hello there", "what is my balance",
+                     f"the caller pressed 4 9 2 1 {_SPOKEN}"], asked
+    _nothing_else_holds_keys(h)
+
+
+async def test_keys_a_message_took_up_go_on_with_it_when_the_caller_talks_over_it():
+    """Review (stop 61), with the tests above: a message that took up carried keys and is
+    then talked over before its reply says anything hands its words on to the next spoken
+    turn (``_typed_turn``); the keys go on with them, before them, not lost with its reply."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0, "false_interruption_s": 0})
+    h.llm.first_token_s = 2.0
+    await h.start()
+    for key in "4921":
+        h.call.feed_dtmf(key)
+    await h.wait(1000)
+    await h.feed(h.vocabulary.audio(_SPOKEN))
+    await h.silence(600)  # the turn ended; the agent thinks
+    await h.text("sorry what is my balance")  # supersedes the words, takes the keys
+    await h.wait(500)
+    assert h.output.of("response") == []
+    await h.say("and my savings too")  # talked over before its reply said anything
+    await h.wait(4000)
+    await h.stop()
+    asked = [[m["content"] for m in r if m["role"] == "user"][-1] for r in h.llm.requests]
+    assert asked[-1] == "the caller pressed 4 9 2 1 sorry what is my balance and my savings " \
+        "too", asked
+    _nothing_else_holds_keys(h)

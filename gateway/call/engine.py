@@ -642,17 +642,29 @@ class Call:
                     self._pause_tasks.append(asyncio.create_task(self._judge_turn(paused),
                                                                  name="vg-turn-model"))
 
-    async def _drop_carry(self) -> None:
+    async def _drop_carry(self, tl: TurnTimeline) -> list[asyncio.Future[Transcript]]:
         """Spoken words never answered (their reply stopped before it spoke, by a text
-        message or a key) open the next *spoken* turn; a typed or keypad turn comes first
-        and supersedes them. Kept, they would be asked with whatever the caller says next,
-        however much later: stale words, and a joined text the cache may route wrongly.
+        message or a key) open the next *spoken* turn; a typed or keypad turn (``tl``) comes
+        first and supersedes them. Kept, they would be asked with whatever the caller says
+        next, however much later: stale words, and a joined text the cache may route wrongly.
         Their turns that sent no metrics (``_carry_turns``) end here, before this one, as
-        turns stopped before their reply: nothing was asked, no hit or miss in the stats."""
-        if self._carry:
-            logs.event(log, "carried_words_dropped", utterances=len(self._carry))
-        self._carry_words([], 0, None)
+        turns stopped before their reply: nothing was asked, no hit or miss in the stats.
+
+        Keys carried (``_carry_keys``) are no such words: deliberate input (an account
+        number), never routed, that their `keypad` event promised the agent. Those named for
+        this turn or an earlier one are taken from the carry and returned, in order, for
+        ``tl`` to ask before its own text; any named for a later turn (pressed after ``tl``
+        took its number, as it waited behind a reply still closing) stay carried for the
+        turn they name. All stay carried while the superseded turns end: a cancel meanwhile
+        leaves them to the next turn."""
+        words = sum(1 for f in self._carry if _carried_keys(f) is None)
+        if words:
+            logs.event(log, "carried_words_dropped", utterances=words)
+        self._carry_words([f for f in self._carry if _carried_keys(f) is not None], 0, None)
         await self._end_carried_turns()
+        taken = [f for f in self._carry if _keys_for(f, tl.turn)]
+        self._carry = [f for f in self._carry if f not in taken]
+        return taken
 
     async def _end_carried_turns(self) -> None:
         """The carried turns that sent no metrics end, one by one, as turns stopped before
@@ -916,7 +928,11 @@ class Call:
             await self._answer(tl, text, typed=True, utterance=utterance)
         except asyncio.CancelledError:
             if not tl.answered and not self._transferred:
-                self._carry_words([_said(text), *self._carry], 0,
+                # After the carried keys it took up (``_answer`` hands them back), which
+                # came before it; before anything carried since.
+                keys = [f for f in self._carry if _keys_for(f, tl.turn)]
+                self._carry_words([*keys, _said(text),
+                                   *(f for f in self._carry if f not in keys)], 0,
                                   self._written_since(asked_before))
             raise
 
@@ -1034,9 +1050,12 @@ class Call:
         asked = text if asked is None else asked
         self._take_counts(tl)
         unasked = False
+        keys: list[asyncio.Future[Transcript]] = []  # carried keys it takes up
         try:
             if typed:
-                await self._drop_carry()
+                # Keys carried into the words it supersedes are asked with it, first.
+                keys = await self._drop_carry(tl)
+                asked = _joined([*(f.result().text for f in keys), asked])
             reused = False
             if route:
                 try:
@@ -1074,6 +1093,10 @@ class Call:
             # ``_typed_turn`` carries its words into the next turn, which asks them. This
             # one asked nothing: no hit or miss (nor a missed question of half the words).
             unasked = tl.info.get("input") != "dtmf" and not tl.answered
+            if keys and not tl.answered and not self._transferred:
+                # Nothing said: the keys it took up go on to the next turn, never lost
+                # (``_typed_turn`` puts its words after them, as they came).
+                self._carry = [*keys, *self._carry]
             raise
         finally:
             self._take_late_counts(tl, utterance)
@@ -1687,10 +1710,12 @@ class Call:
         if keys is None:
             return
         done: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
-        done.set_result(_CarriedKeys(text=keys.text(), final=True))
+        # The turn the caller's utterance will end (the detector's next number), unless a
+        # message or key takes that number first: then the keys go with it (``_drop_carry``).
+        turn = self._turns.turns + 1
+        done.set_result(_CarriedKeys(text=keys.text(), final=True, turn=turn))
         self._carry = [*self._carry, done]
-        # The turn the caller's utterance will end (the detector's next number).
-        await self._out.send_event({"type": "keypad", "turn": self._turns.turns + 1,
+        await self._out.send_event({"type": "keypad", "turn": turn,
                                     "keys": keys.keys, "action": "agent"})
 
     async def _keypad_turn(self, action: Mapped | Collected) -> None:
@@ -1770,7 +1795,25 @@ class _CarriedKeys(Transcript):
     """Keys carried into a spoken turn (``_carry_keys``), in the carry's form: the agent is
     asked them with the words; they are no words, so the turn's transcript, its routing
     (early, partial and final), a missed question and its draft answer leave them out
-    (keys may be a PIN or an account number: docs/protocol.md, "Keypad")."""
+    (keys may be a PIN or an account number: docs/protocol.md, "Keypad"). ``turn``: the
+    turn their `keypad` event named."""
+
+    turn: int = 0
+
+
+def _carried_keys(carried: asyncio.Future[Transcript]) -> _CarriedKeys | None:
+    """A carry's entry as keys (always decoded), or None: words (which may still decode)."""
+    if not carried.done() or carried.cancelled() or carried.exception() is not None:
+        return None
+    said = carried.result()
+    return said if isinstance(said, _CarriedKeys) else None
+
+
+def _keys_for(carried: asyncio.Future[Transcript], turn: int) -> bool:
+    """A carry's entry is keys a turn numbered ``turn`` takes up (``_drop_carry``): named
+    for it or an earlier one."""
+    keys = _carried_keys(carried)
+    return keys is not None and keys.turn <= turn
 
 
 def _said(text: str) -> asyncio.Future[Transcript]:
