@@ -1452,6 +1452,102 @@ async def test_a_time_limit_loop_restarted_after_a_bug_does_not_wait_the_limit_a
     assert limit_at < start + 10.5
 
 
+
+_LIMIT_CLIP_MS = 5000  # the time-limit message, as long as a real one (~5 s)
+
+
+def _long_time_limit_message(h: CallHarness) -> None:
+    h.responder._prompts.add(Clip("time_limit", TIME_LIMIT_MESSAGE,
+                                  tone(_LIMIT_CLIP_MS, 700), 16000))
+
+
+def _message_frames(h: CallHarness) -> list[float]:
+    """When each frame of the time-limit message went out."""
+    (said_at,) = h.output.at("response", source="goodbye")
+    later = [t for t, e in zip(h.output.times, h.output.events)
+             if t >= said_at and e["type"] == "response" and e.get("source") != "goodbye"]
+    return _frames_between(h, said_at, min(later, default=float("inf")))
+
+
+async def test_the_time_limit_waits_for_a_caller_speaking_at_it_and_answers_them_first():
+    """Review (stop 61): the time limit came while the caller was mid-sentence (the VAD
+    voiced): nothing was replying, so the message started at once, over their words, and
+    nothing stopped it (their speech began before it): the caller talked through most of
+    "this call has reached its time limit" and was hung up on. The idle prompt never starts
+    while the caller speaks (``_line_busy``); the time limit now waits for their words too
+    (within its grace), lets their turn's reply play out as it does the one under way, then
+    says the message, whole, and hangs up."""
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0})
+    _long_time_limit_message(h)
+    h.llm.reply = "Okay."
+    start = h.clock.now()
+    await h.start()
+    await h.wait(8000)
+    speech_from = h.clock.now()
+    words = " ".join(f"word{i}" for i in range(20))  # 4 s, across the limit at 10 s
+    await h.feed(h.vocabulary.audio(words))
+    speech_to = h.clock.now()
+    await h.silence(10000)
+    assert speech_from < start + 10.0 < speech_to
+    over_caller = _frames_between(h, speech_from, speech_to)
+    assert over_caller == [], (f"{len(over_caller)} frames played over the caller "
+                               f"({speech_from - start:.2f}-{speech_to - start:.2f} s)")
+    assert sources(h) == ["llm", "goodbye"]  # their words answered, then the message
+    assert h.output.of("interrupt") == []
+    assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
+    assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
+    assert h.output.hangups[0][0] >= h.output.frames[-1][0]
+    assert await ended(h) and h.call.ended == "time_limit"
+
+
+@pytest.mark.parametrize("how", ["speech", "text", "key"])
+async def test_the_time_limit_message_is_heard_whole_whatever_the_caller_does_over_it(how):
+    """Review (stop 61): the caller who spoke (typed, keyed) over the time-limit message
+    stopped it, as a barge-in, and the hang-up followed anyway: cut off mid-sentence,
+    never told why the call ended (a caller who had paused mid-sentence as it began heard
+    next to nothing of it). Nothing the caller does keeps the call now, so nothing they do
+    stops the message: it plays whole. Their turn, queued behind it, gets no reply: one
+    started after the message (a cache hit at once) played a few frames in the playout lead
+    before the hang-up stopped it. It ends with its metrics before `hangup`."""
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0, "keypad_pause_s": 1},
+                faqs={"wait wait one more thing": "one_more_thing"})
+    _long_time_limit_message(h)
+    await h.start()
+    await h.wait(10500)
+    assert sources(h) == ["goodbye"]
+    await _caller_goes_on(h, how, "wait wait one more thing")
+    await h.wait(8000)
+    assert h.output.of("interrupt") == []
+    assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
+    assert sources(h) == ["goodbye"]  # nothing after it: not a frame of an answer
+    assert [m["turn"] for m in h.metrics()] == [2]  # their turn ended, with metrics
+    assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
+    assert h.output.hangups[0][0] >= h.output.frames[-1][0]
+    types = [e["type"] for e in h.output.events]
+    assert types[types.index("hangup") + 1:] == [], types
+    assert await ended(h) and h.call.ended == "time_limit"
+
+
+async def test_a_caller_who_never_stops_still_hears_the_whole_time_limit_message():
+    """Review (stop 61): a caller who keeps talking (or a television), sentence after
+    sentence: after the grace the message plays over them, and their next sentence stopped
+    it as a barge-in, the call hung up with the message barely begun. It plays whole."""
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0})
+    _long_time_limit_message(h)
+    h.llm.reply = "Okay."
+    start = h.clock.now()
+    await h.start()
+    await h.wait(9000)
+    while h.clock.now() < start + 10 + 30 + 10 and h.call.ended is None:
+        await h.say("and another thing about my card", then_silence_ms=400)
+    await h.wait(3000)
+    (said_at,) = h.output.at("response", source="goodbye")
+    assert start + 10 + 30 <= said_at <= start + 10 + 30 + 1.0  # the grace ran out
+    assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
+    assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
+    assert await ended(h) and h.call.ended == "time_limit"
+
+
 # ---------------------------------------------------------------------- review 2026-11-28
 
 
@@ -1491,8 +1587,10 @@ async def test_collected_keys_are_not_answered_over_a_caller_who_is_speaking():
 
 async def test_nothing_follows_hangup_when_the_time_limit_stops_a_reply_to_words_over_its_message():
     # At the limit the message plays; the caller types over it ("wait, one more thing"):
-    # the message stops and their turn's reply is being prepared (the agent thinking) when
-    # the time limit stops it and hangs up. That turn's metrics went out after `hangup`.
+    # the message stopped and their turn's reply was being prepared (the agent thinking)
+    # when the time limit stopped it and hung up. That turn's metrics went out after
+    # `hangup`. (Since review stop 61 the message plays whole and the turn queued behind it
+    # gets no reply: its metrics still come before `hangup`.)
     h = harness({"max_call_s": 10, "idle_prompt_s": 0})
     h.llm.first_token_s = 2.0
     await h.start()

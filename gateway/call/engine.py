@@ -57,7 +57,8 @@ log = logging.getLogger("voicegate.call")
 _REPORT_EVERY_S = 5.0
 # How often an input loop is started again after a bug escaped it, in one call.
 LOOP_RESTARTS = 100
-# At the call's time limit, the longest the reply under way may go on, and the message.
+# At the call's time limit, the longest the exchange under way (the reply playing, the
+# caller's words and the reply to them) may go on, and the message.
 TIME_LIMIT_GRACE_S = 30.0
 # How long the hang-up at the time limit waits for the replies it stopped to end (their
 # LLM streams closing): their metrics go out before `hangup`.
@@ -267,6 +268,8 @@ class Call:
         # When the call's time limit is up (max_call_s after it began; see _time_limit_loop).
         self._time_limit_at = deps.clock.now() + settings.max_call_s
         self._transferred = False
+        # The time-limit message's reply: the caller's input does not stop it (_barge_in).
+        self._limit_message: asyncio.Task[None] | None = None
         # The reply whose handoff message has played, while it transfers the call.
         self._transferring: asyncio.Task[None] | None = None
         # The reply of a key mapped to handoff (queued, its message playing, transferring):
@@ -971,6 +974,15 @@ class Call:
                     # miss in the stats.
                     await self._unrouted_turn(tl, counted=False)
                 return
+            if self._limit_message is not None \
+                    and asyncio.current_task() is not self._limit_message:
+                # Queued behind the time-limit message (the caller went on over it): the
+                # call hangs up after it, and a reply started in the playout lead before the
+                # hang-up would be cut a few frames in. Ended with its metrics, as above.
+                logs.event(log, "reply_after_time_limit_dropped", turn=tl.turn)
+                if caller:
+                    await self._unrouted_turn(tl, counted=False)
+                return
             self._reply_tl = tl
             await turn
 
@@ -1128,9 +1140,10 @@ class Call:
                              first: Awaitable[None] | None = None,
                              utterance: int | None = None) -> None:
         """End a caller's turn that has no route to answer (its final failed or held no
-        words, its key named no entry, it came after the transfer) as a turn stopped before
-        its reply ends: with its metrics (operators and benchmarks count turns from them)
-        and its own partial counts, which would otherwise go to the next turn's. ``first``:
+        words, its key named no entry, it came after the transfer or behind the time-limit
+        message) as a turn stopped before its reply ends: with its metrics (operators and
+        benchmarks count turns from them) and its own partial counts, which would otherwise
+        go to the next turn's. ``first``:
         what the turn does before (the speculation's reset, the failure's report), inside
         the turn, so that a barge-in meanwhile still ends it with its metrics. ``apology``:
         the failure it is played for then; its reply stages are the apology's.
@@ -1213,6 +1226,12 @@ class Call:
             return
         if task is self._transferring:
             return  # the handoff message has played, the transfer is under way (_transfer)
+        if cause != "time_limit" and self._limit_message is not None \
+                and not self._limit_message.done():
+            # The time-limit message plays whole: the hang-up follows it whatever the caller
+            # does, and stopped it would only leave them cut off, never told why. What they
+            # say, type or key meanwhile queues behind it and gets no reply (_start_reply).
+            return
         if task.cancelling():
             # Already stopped, still cutting its context to the heard words (its LLM
             # streams closing): cancelled again, the agent would not write what it said.
@@ -1493,22 +1512,24 @@ class Call:
         await self._hang_up("idle")
 
     async def _time_limit_loop(self) -> None:
-        """At ``max_call_s`` the reply under way may finish (at most ``TIME_LIMIT_GRACE_S``
-        more), then the bot says the call has reached its limit and hangs up. Run here, not
-        in the reply: a caller who talks over the message stops it, not the hang-up."""
+        """At ``max_call_s`` the exchange under way may finish (at most ``TIME_LIMIT_GRACE_S``
+        more): the reply playing, and a caller speaking (as the idle prompt, the message never
+        starts over their words) with the reply to their words. Then the bot says the call has
+        reached its limit, whole (``_barge_in`` lets nothing the caller does stop it), and
+        hangs up. Run here, not in the reply: the hang-up is no reply to stop."""
         # Until a fixed instant: a restarted loop (a bug escaped it) does not wait anew.
         await self._clock.sleep(max(0.0, self._time_limit_at - self._clock.now()))
         logs.event(log, "call_time_limit", limit_s=self._settings.max_call_s)
         self._trace.event("call_time_limit")
         grace_ends = self._clock.now() + TIME_LIMIT_GRACE_S
-        while self.replying and self._clock.now() < grace_ends:
+        while (self.replying or self._turns.in_utterance) and self._clock.now() < grace_ends:
             await self._clock.sleep(0.1)
         if await self._moved_or_ending():
             return
         await self._barge_in("time_limit")  # a reply still going after the grace: stopped
         tl = self._prompt_turn("time_limit")
         self._start_reply(tl, self._say(tl, self._responder.time_limit))
-        message = self._reply_task
+        message = self._limit_message = self._reply_task
         if message is not None:
             with contextlib.suppress(Expired):
                 async with deadline(self._clock, TIME_LIMIT_GRACE_S):
@@ -1519,7 +1540,7 @@ class Call:
         if await self._moved_or_ending():
             return
         stopping = set(self._reply_tasks)
-        await self._barge_in("time_limit")  # a reply to words over the message: not now
+        await self._barge_in("time_limit")  # a reply to input over the message: not now
         await self._until_stopped(stopping)
         await self._hang_up("time_limit")
 
