@@ -48,8 +48,8 @@ How to run (from the repository root):
   (GPTCache's sqlite store needs sqlalchemy: .venv-bench/bin/pip install sqlalchemy, or GPTCache
   tries to pip-install it itself at run time.)
   options: --data DIR  --limit N (utterances per dev set)  --no-prefixes  --target 0.01
-           --backend onnx-int8-dynamic|onnx-int8|torch (the embedder; default: what the
-             gateway serves, intents.embedder.DEFAULT_BACKEND)
+           --backend auto|onnx-int8-dynamic|onnx-int8|torch (the embedder; default auto,
+             what the gateway serves: intents.embedder.resolve_backend)
            --vector-cache DIR (keep the embeddings between runs: embedding ~30k texts takes minutes)
            --systems voicegate,no-misheard,gptcache,semantic-router (default: all that are
              installed; no-misheard: the row "before 5" alone, also among the ablations)
@@ -80,7 +80,7 @@ import numpy as np  # noqa: E402
 import intents.classifier  # noqa: E402
 import intents.router  # noqa: E402
 from intents.classifier import TWO_VIEWS, IntentClassifier  # noqa: E402
-from intents.embedder import BACKENDS, DEFAULT_BACKEND, Embedder, default_model_dir  # noqa: E402
+from intents.embedder import AUTO, BACKENDS, DEFAULT_BACKEND, Embedder, default_model_dir  # noqa: E402
 from intents.router import Router, train_router  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
 from intents.types import Action, Entry, RouteDecision  # noqa: E402
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="CLINC150 directory: its val questions outside banking and credit "
                              "cards measure out-of-domain false hits")
     parser.add_argument("--backend", default=DEFAULT_BACKEND,
-                        help=f"the embedder's backend: one of {', '.join(BACKENDS)} "
+                        help=f"the embedder's backend: one of {', '.join([AUTO, *BACKENDS])} "
                              f"(default {DEFAULT_BACKEND}, the gateway's)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="write the precision/coverage curves on dev and dev_spoken to this "

@@ -228,9 +228,10 @@ class Settings(BaseModel):
     # The router's sentence embedder: all-MiniLM-L6-v2 as int8 ONNX on onnxruntime (no
     # torch in the serving process; exported once into model_cache_dir): dynamic int8
     # (weights and activations, the fastest) or weight-only int8 (the float model's vectors),
-    # or as shipped on sentence-transformers (torch). A version seeded by another backend is
-    # re-embedded and calibrated again at load.
-    embedder_backend: Literal["onnx-int8-dynamic", "onnx-int8", "torch"] = "onnx-int8-dynamic"
+    # or as shipped on sentence-transformers (torch). auto: dynamic on a CPU with exact int8
+    # dot products (VNNI, AMX, Arm's dot product), else weight-only (intents/embedder.py). A
+    # version seeded by another backend is re-embedded and calibrated again at load.
+    embedder_backend: Literal["auto", "onnx-int8-dynamic", "onnx-int8", "torch"] = "auto"
     # Threads per sentence embedding (routing a partial is one short text).
     embedder_threads: Pos = 1
     # The partials' routing threads run this much lower an OS priority (Linux nice, 0-19):

@@ -48,7 +48,11 @@ run's figures were read: the loosest factor of 1.0, 0.8, 0.7, 0.6, 0.5 at which 
 transcripts (both voices, 2,002) are at least 99.2% right (the spoken bar's precision) on
 fold seeds 0 and 1 (bench/transcript_calibration.py). Right at 1.0 / 0.8 / 0.7 / 0.6 / 0.5:
 98.81 / 99.16 / 99.15 / 99.21 / 99.61% (seed 0), 99.13 / 99.08 / 99.35 / 99.54 / 99.87%
-(seed 1), answered at 0.6 44.5% / 43.9% against 38.8% / 38.0% at 0.5: 0.6. A seed
+(seed 1), answered at 0.6 44.5% / 43.9% against 38.8% / 38.0% at 0.5: 0.6. Checked again
+by the same rule when the router's embedder became onnx-int8-dynamic (2026-11-28, another
+model's vectors; a new sample of the same 2,002 train questions): right at 1.0 / 0.8 / 0.7 /
+0.6 / 0.5: 98.79 / 98.87 / 98.96 / 99.31 / 99.61% (seed 0), 98.75 / 99.11 / 99.26 / 99.43 /
+99.52% (seed 1), answered at 0.6 43.4% / 44.1%: 0.6 still. A seed
 where the stricter target gives no higher threshold serves transcripts at the typed one
 (``transcript_strict`` False), as before: one too small to bound the stricter target
 falls back on its point estimate, which finds no threshold or one the typed threshold

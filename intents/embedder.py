@@ -1,8 +1,9 @@
 """Sentence embeddings for routing: all-MiniLM-L6-v2, offline, normalized, cached.
 
-Backends of the same model: ``onnx-int8-dynamic`` (the default) and ``onnx-int8``
-(onnxruntime, two int8 quantizations, no torch in the process; intents/onnx_encoder.py)
-and ``torch`` (sentence-transformers as shipped). The model is loaded once per process;
+Backends of the same model: ``onnx-int8-dynamic`` and ``onnx-int8`` (onnxruntime, two int8
+quantizations, no torch in the process; intents/onnx_encoder.py) and ``torch``
+(sentence-transformers as shipped). The default, ``auto``, is the dynamic one where the CPU
+computes its int8 products exactly, else ``onnx-int8`` (``resolve_backend``). The model is loaded once per process;
 partial transcripts repeat a lot ("how do I", "how do I reset"), so single-text encodes go
 through an LRU cache keyed by the normalized text.
 """
@@ -22,7 +23,15 @@ import numpy as np
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # backend -> the int8 export's quantization (intents/onnx_encoder.py); torch: none
 BACKENDS = {"onnx-int8": "blockwise", "onnx-int8-dynamic": "dynamic", "torch": None}
-DEFAULT_BACKEND = "onnx-int8-dynamic"
+# Not a backend: the dynamic one on a CPU whose int8 products are exact, else blockwise
+# (``resolve_backend``).
+AUTO = "auto"
+DEFAULT_BACKEND = AUTO
+# CPU features whose int8 dot products accumulate in 32 bits (x86 VNNI, AMX; Arm's dot
+# product). Without them onnxruntime multiplies uint8 activations by int8 weights with
+# AVX2's pairwise 16-bit sums, which saturate (its quantization docs): the dynamic
+# backend's vectors would then differ from one CPU to another.
+_EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
 
 _SPACES = re.compile(r"\s+")
 
@@ -58,6 +67,30 @@ def recorded_name(model_name: str, backend: str) -> str:
     return model_name if backend == "torch" else f"{model_name}#{backend}"
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them (x86 ``flags``, Arm ``Features``); empty
+    where /proc/cpuinfo cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_backend(backend: str, flags: frozenset[str] | None = None) -> str:
+    """The backend ``backend`` names: ``auto`` is ``onnx-int8-dynamic`` on a CPU with exact
+    int8 dot products (``_EXACT_INT8_FLAGS``), else ``onnx-int8``. A seed records the
+    resolved one, so a replica on another class of CPU re-embeds it (loader.py)."""
+    if backend != AUTO:
+        return backend
+    exact = _EXACT_INT8_FLAGS & (cpu_flags() if flags is None else flags)
+    return "onnx-int8-dynamic" if exact else "onnx-int8"
+
+
 class Embedder:
     """Text → unit-length float32 vector. Thread-safe for concurrent ``encode`` calls."""
 
@@ -65,8 +98,10 @@ class Embedder:
                  device: str = "cpu", threads: int | None = None,
                  model_name: str = DEFAULT_MODEL_NAME, backend: str = DEFAULT_BACKEND,
                  cache_dir: str | Path | None = None) -> None:
+        backend = resolve_backend(backend)
         if backend not in BACKENDS:
-            raise ValueError(f"unknown embedder backend {backend!r}: one of {', '.join(BACKENDS)}")
+            raise ValueError(f"unknown embedder backend {backend!r}: one of "
+                             f"{', '.join([AUTO, *BACKENDS])}")
         # Never reach for the Hub: the model must come from disk, always.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -86,7 +86,9 @@ def _export_int8(model_dir: Path, target: Path, quantization: str) -> None:
     except ImportError as exc:
         raise EncoderExportError(f"exporting the embedder needs torch, transformers and "
                                  f"onnx-ir once ({exc}); install them, or point "
-                                 f"model_cache_dir at a cache that holds the export; or "
+                                 f"model_cache_dir at a cache that holds the export "
+                                 f"(minilm-int8-* for embedder_backend=onnx-int8, "
+                                 f"minilm-dynint8-* for onnx-int8-dynamic); or "
                                  f"embedder_backend=torch") from exc
 
     class LastHiddenState(torch.nn.Module):
@@ -179,5 +181,8 @@ class OnnxSentenceEncoder:
 
 
 if __name__ == "__main__":  # the child process of cached_model: MODEL_DIR TARGET QUANTIZATION
+    if len(sys.argv) != 4 or sys.argv[3] not in QUANTIZATIONS:
+        sys.exit(f"usage: python -m intents.onnx_encoder MODEL_DIR TARGET "
+                 f"{'|'.join(QUANTIZATIONS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _export_int8(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from intents.embedder import Embedder, default_model_dir
+from intents.embedder import Embedder, default_model_dir, resolve_backend
 from intents.onnx_encoder import cached_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,31 @@ def test_the_dynamic_int8_backend_is_its_own_model_near_the_float_one(
         cached_model(default_model_dir(), model_cache, "fp4")
 
 
+@pytest.mark.parametrize("flags, backend", [
+    ({"avx2", "avx512f", "avx512_vnni"}, "onnx-int8-dynamic"),
+    ({"avx2", "avx_vnni"}, "onnx-int8-dynamic"),
+    ({"avx2", "amx_int8"}, "onnx-int8-dynamic"),
+    ({"fp", "asimd", "asimddp"}, "onnx-int8-dynamic"),  # Arm's dot product
+    ({"avx2", "avx512f", "avx512bw"}, "onnx-int8"),  # AVX2/AVX-512 alone: 16-bit sums saturate
+    ({"fp", "asimd"}, "onnx-int8"),
+    (set(), "onnx-int8"),  # no /proc/cpuinfo
+])
+def test_auto_is_the_dynamic_backend_only_where_int8_products_are_exact(flags, backend) -> None:
+    assert resolve_backend("auto", frozenset(flags)) == backend
+    for named in ("onnx-int8", "onnx-int8-dynamic", "torch"):
+        assert resolve_backend(named, frozenset(flags)) == named
+
+
+def test_the_default_embedder_records_the_backend_auto_chose(model_cache: Path) -> None:
+    """A seed records the resolved backend, so a replica on another class of CPU re-embeds
+    it instead of serving vectors its calibration never saw."""
+    embedder = Embedder(cache_dir=model_cache, cache_size=0)
+    assert embedder.backend == resolve_backend("auto") != "auto"
+    assert embedder.model_name.endswith(f"#{embedder.backend}")
+    with pytest.raises(ValueError, match="one of auto, onnx-int8"):
+        Embedder(backend="int4", cache_dir=model_cache)
+
+
 def test_batches_pad_without_changing_a_vector(onnx_embedder: Embedder) -> None:
     texts = ["hi", "how do I change the PIN of the card I got last week at the branch"]
     together = onnx_embedder.encode_batch(texts)
@@ -150,7 +175,7 @@ def test_an_empty_cached_model_file_is_rebuilt_not_fatal(settings, tmp_path) -> 
     from intents.model_cache import source_key
     from intents.onnx_encoder import EXPORT_VERSION, QUANTIZATIONS
 
-    recipe, stem = QUANTIZATIONS[BACKENDS[settings.embedder_backend]]
+    recipe, stem = QUANTIZATIONS[BACKENDS[resolve_backend(settings.embedder_backend)]]
     key = source_key(default_model_dir() / "model.safetensors", f"{EXPORT_VERSION}:{recipe}")
     cached = tmp_path / f"{stem}-{key}.onnx"
     cached.write_bytes(b"")  # what a crash right after the first build can leave
