@@ -1155,6 +1155,26 @@ async def test_a_spoken_turn_stopped_while_queued_behind_a_transfer_ends_with_me
     await h.stop()
 
 
+async def test_no_preemptive_agent_call_starts_once_the_call_is_transferred():
+    """Review (stop 61): after the transfer (the call is with a person) the caller's words
+    still reached ``_route_early`` and, with ``preemptive_agent`` on (the default), a miss
+    that sounded finished started the agent's speculative LLM call at its pause
+    (``_preempt_agent``): a paid model request whose answer could never play, the turn it
+    was for dropped behind the transfer. Once transferred, none starts."""
+    h = harness({"keypad": {"0": "handoff"}, "idle_prompt_s": 0})
+    h.stt.early_finals = True  # a pause's words are routed, and a miss preempted
+    await h.start()
+    h.call.feed_dtmf("0")
+    await h.wait(2000)
+    assert h.output.transfers_done == 1 and h.metrics()[0]["transferred"] is True
+    assert h.llm.requests == []  # the handoff key asks no model
+    await h.say("where is my parcel", then_silence_ms=2500)
+    await h.stop()
+    assert sources(h) == ["handoff"]
+    assert h.llm.requests == [], h.llm.requests
+    assert h.stats.preempts == {}, h.stats.preempts
+
+
 async def test_a_failed_transfer_is_reported_and_the_call_goes_on():
     h = harness({"keypad": {"0": "handoff"}}, fail_transfer=True)
     await h.start()

@@ -720,10 +720,13 @@ class Call:
         """A miss whose words sound finished: the agent's LLM call starts now, while the
         silence runs, and the turn adopts it if it ends on these words with the context
         unchanged (gateway/preemption.py). Not while a reply runs or is held, nor with
-        unanswered words to carry: that turn's context or text would differ anyway."""
+        unanswered words to carry: that turn's context or text would differ anyway. Nor
+        once the call is transferred: its turn is dropped (the call is with a person), and
+        the model request would be paid for nothing."""
         self._drop_preempt()
         if not self._settings.preemptive_agent or self.replying or self._held is not None \
-                or self._carry or (decision is not None and decision.action is Action.HANDOFF):
+                or self._carry or self._transferred \
+                or (decision is not None and decision.action is Action.HANDOFF):
             return
         preempt = self._responder.preempt(self.conversation, text)
         if preempt is None:  # no LLM configured: a miss is a handoff
