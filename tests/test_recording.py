@@ -185,6 +185,35 @@ async def test_keys_carried_into_a_spoken_turn_are_not_in_the_recording(tmp_path
     assert "pressed" not in meta.read_text() and "4 9 2 1" not in meta.read_text()
 
 
+@pytest.mark.parametrize("key, action", [("1", "hours"), ("0", "handoff")])
+async def test_a_mapped_key_is_not_in_the_recording(tmp_path, key, action):
+    """Review (stop 61): a recording leaves keypad keys out (docs/protocol.md, "Keypad"),
+    but a key mapped to an entry (or to handoff) makes a turn whose `route` event, kept in
+    the recording, said `text` "the caller pressed 1" and `reason` "key 1" ("key 0 is mapped
+    to handoff"). The client still gets them (it has the key in the `keypad` event anyway);
+    the recording keeps that route's decision without them."""
+    h = CallHarness(settings={"record_dir": str(tmp_path), "keypad": {key: action},
+                              "idle_prompt_s": 0},
+                    faqs={"opening hours": "hours"})
+    await h.start()
+    h.call.feed_dtmf(key)
+    await h.wait(2000)
+    await h.text("what are your opening hours")  # a routed turn: its route keeps its text
+    await h.wait(1500)
+    await h.stop()
+    (keyed, asked) = h.output.of("route")
+    assert keyed["text"] == f"the caller pressed {key}", keyed  # the protocol, as ever
+    (meta,) = tmp_path.glob("*.json")
+    text = meta.read_text()
+    events = json.loads(text)["events"]
+    recorded = [e for e in events if e["type"] == "route"]
+    assert [e["turn"] for e in recorded] == [keyed["turn"], asked["turn"]]
+    assert "text" not in recorded[0] and "reason" not in recorded[0], recorded[0]
+    assert recorded[0]["intent"] == keyed["intent"] and recorded[0]["hit"] == keyed["hit"]
+    assert recorded[1]["text"] == "what are your opening hours", recorded[1]
+    assert "pressed" not in text and f"key {key}" not in text, text
+
+
 async def test_nothing_is_recorded_by_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     h = await CallHarness().start()

@@ -8,7 +8,8 @@ in the recording: the overlap of the caller's voice and the bot's end shows the 
 as the caller lived it.
 
 The JSON holds the call's events with their time from the start (transcripts, routes,
-responses, interrupts, turn metrics); keypad keys are left out (they may be a PIN).
+responses, interrupts, turn metrics); keypad keys are left out (they may be a PIN), and so
+are the `text` and `reason` of a mapped key's `route`, which name the key.
 
 Written during the call: audio no later frame can change (the caller's before their last
 gap, the bot's before the reply under way) goes to ``<name>.wav.part`` on a worker thread in
@@ -84,6 +85,9 @@ class CallRecorder:
         # sent again from there, but heard_ms still counts from the reply's start.
         self._replay_from_ms = 0.0
         self.events: list[dict[str, Any]] = []
+        # Turns of a mapped key (their `keypad` event's action an entry or handoff): their
+        # `route` names the key ("the caller pressed 1", "key 1"), kept without those.
+        self._keyed_turns: set[Any] = set()
         # The file (opened at the first block, on the writing thread) and a failed write.
         self._file: BinaryIO | None = None
         self._wav: wave.Wave_write | None = None
@@ -176,7 +180,16 @@ class CallRecorder:
         kind = event.get("type")
         if kind not in _KEPT or (kind == "transcript" and not event.get("final")):
             return
-        kept = {k: v for k, v in event.items() if not (kind == "keypad" and k == "keys")}
+        left_out: set[str] = set()
+        if kind == "keypad":
+            left_out = {"keys"}
+            # A mapped key's own turn. Keys for the agent ("agent") are never routed: their
+            # turn has no `route`, or the one of the words they were carried into.
+            if event.get("action") != "agent":
+                self._keyed_turns.add(event.get("turn"))
+        elif kind == "route" and event.get("turn") in self._keyed_turns:
+            left_out = {"text", "reason"}  # the decision stays: intent, entry, hit
+        kept = {k: v for k, v in event.items() if k not in left_out}
         self.events.append({"t": round(self._clock.now() - self._start, 3), **kept})
 
     # ---- during the call: settled audio to the file (the engine hands it to a thread)
