@@ -118,35 +118,33 @@ def main() -> None:
         dev = [r["text"] for r in csv.DictReader(f)]
     step = max(1, len(dev) // args.utterances)
     utterances = dev[::step][:args.utterances]
-    embedders: dict[str, Embedder] = {}
+    plan = read_seed_csv(BANK_FAQ)
     banks: dict[str, Router] = {}
     for backend in args.backends.split(","):
         Embedder(backend=backend)  # the int8 export, once (not part of a start)
         start = time.perf_counter()
-        embedder = embedders[backend] = Embedder(threads=args.threads, backend=backend)
+        embedder = Embedder(threads=args.threads, backend=backend)
         embedder.warm_up()
         print(f"== {backend}: loaded in {time.perf_counter() - start:.2f} s")
-        plan = read_seed_csv(BANK_FAQ)
         banks[backend] = train_router(embedder, plan.questions, plan.intents,
                                       plan.entries).router
     for round_ in range(1, args.rounds + 1):
         for backend, bank in banks.items():
             print(f"\n== {backend}, round {round_}")
             measure("bank FAQ router", bank, utterances)
-    for backend, embedder in embedders.items():
-        if args.no_banking77:
-            break
+    if args.no_banking77:
+        return
+    with (BANKING77 / "train.csv").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    texts, labels = [r["text"] for r in rows], [r["category"] for r in rows]
+    entries = {y: Entry(id=y, intent=y, action=Action.ANSWER, answer=y, questions=())
+               for y in set(labels)}
+    for backend, bank in banks.items():
         print(f"\n== {backend}")
-        with (BANKING77 / "train.csv").open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-        texts, labels = [r["text"] for r in rows], [r["category"] for r in rows]
-        entries = {y: Entry(id=y, intent=y, action=Action.ANSWER, answer=y, questions=())
-                   for y in set(labels)}
         start = time.perf_counter()
-        big = train_router(embedder, texts, labels, entries).router
+        big = train_router(bank.embedder, texts, labels, entries).router
         print(f"banking77 trained and calibrated in {time.perf_counter() - start:.0f} s")
         measure("banking77 router (10k questions)", big, utterances)
-
 
 if __name__ == "__main__":
     main()

@@ -92,6 +92,20 @@ def json_kind(value: Any) -> str:
     return "a list" if isinstance(value, list) else "an object"
 
 
+def present_kind(value: Any) -> str:
+    """What a JSON value given with the wrong type is (``json_kind``; null is given)."""
+    return "null" if value is None else json_kind(value)
+
+
+def unnamed(data: dict[str, Any], field: str, names: str) -> str:
+    """Why a message whose ``field`` (the name of its kind: native `type`, Twilio's `event`)
+    is not a string names no kind: absent, or of another JSON type (never "unknown": no
+    name was sent at all). ``names``: the kinds there are, for the error."""
+    if field not in data:
+        return f"message has no `{field}` field"
+    return f"`{field}` must be a string: {names} (this one is {present_kind(data[field])})"
+
+
 def parse_json(raw: str, code: str) -> Any:
     """``json.loads`` whose every failure is a ProtocolError ``code`` (the call goes on).
 
@@ -174,12 +188,8 @@ def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> Clie
         return StopMessage()
     if kind == "dtmf":
         return DtmfMessage(parse_dtmf_digit(data.get("digit"), "invalid_dtmf"))
-    if not isinstance(kind, str):  # not "unknown": no type name was sent at all
-        if "type" not in data:
-            raise ProtocolError("invalid_message", "message has no `type` field")
-        raise ProtocolError("invalid_message",
-                            "`type` must be a string: start, text, dtmf or stop (this one is "
-                            f"{'null' if kind is None else json_kind(kind)})")
+    if not isinstance(kind, str):
+        raise ProtocolError("invalid_message", unnamed(data, "type", "start, text, dtmf or stop"))
     raise ProtocolError("unknown_message_type",
                         f"unknown message type {str(kind)[:64]!r}; expected start, text, dtmf "
                         "or stop")

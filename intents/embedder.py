@@ -3,9 +3,9 @@
 Backends of the same model: ``onnx-int8-dynamic`` and ``onnx-int8`` (onnxruntime, two int8
 quantizations, no torch in the process; intents/onnx_encoder.py) and ``torch``
 (sentence-transformers as shipped). The default, ``auto``, is the dynamic one where the CPU
-computes its int8 products exactly, else ``onnx-int8`` (``resolve_backend``). The model is loaded once per process;
-partial transcripts repeat a lot ("how do I", "how do I reset"), so single-text encodes go
-through an LRU cache keyed by the normalized text.
+computes its int8 products exactly, else ``onnx-int8`` (``resolve_backend``). The model is
+loaded once per process; partial transcripts repeat a lot ("how do I", "how do I reset"), so
+single-text encodes go through an LRU cache keyed by the normalized text.
 """
 
 from __future__ import annotations

@@ -1509,9 +1509,7 @@ async def test_the_time_limit_waits_for_a_caller_speaking_at_it_and_answers_them
     speech_to = h.clock.now()
     await h.silence(10000)
     assert speech_from < start + 10.0 < speech_to
-    over_caller = _frames_between(h, speech_from, speech_to)
-    assert over_caller == [], (f"{len(over_caller)} frames played over the caller "
-                               f"({speech_from - start:.2f}-{speech_to - start:.2f} s)")
+    _assert_nothing_played_between(h, speech_from, speech_to)
     assert sources(h) == ["llm", "goodbye"]  # their words answered, then the message
     assert h.output.of("interrupt") == []
     assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
@@ -1575,6 +1573,14 @@ def _frames_between(h: CallHarness, start: float, end: float) -> list[float]:
     return [t for t, _ in h.output.frames if start <= t < end]
 
 
+def _assert_nothing_played_between(h: CallHarness, start: float, end: float) -> None:
+    """No reply frame left in [start, end) (while the caller spoke)."""
+    over_caller = _frames_between(h, start, end)
+    assert over_caller == [], (
+        f"{len(over_caller)} reply frames played while the caller spoke "
+        f"({start:.2f}-{end:.2f} s); responses {sources(h)}")
+
+
 async def test_collected_keys_are_not_answered_over_a_caller_who_is_speaking():
     # The caller keys two digits, then starts talking ("uh, I don't have my account
     # number, can I give you my name instead"). The keypad pause runs out while they
@@ -1592,10 +1598,7 @@ async def test_collected_keys_are_not_answered_over_a_caller_who_is_speaking():
     speech_to = h.clock.now()
     await h.silence(2000)
     await h.stop()
-    over_caller = _frames_between(h, speech_from, speech_to)
-    assert over_caller == [], (
-        f"{len(over_caller)} reply frames played while the caller spoke "
-        f"({speech_from:.2f}-{speech_to:.2f} s); responses {sources(h)}")
+    _assert_nothing_played_between(h, speech_from, speech_to)
     # The keys open the turn the caller's words end: one reply, to both.
     [keypad] = h.output.of("keypad")
     [final] = [e for e in h.output.of("transcript") if e["final"]]
@@ -1664,10 +1667,7 @@ async def test_keys_ended_by_hash_while_the_caller_speaks_are_not_answered_over_
     speech_to = h.clock.now()
     await h.silence(2000)
     await h.stop()
-    over_caller = _frames_between(h, speech_from, speech_to)
-    assert over_caller == [], (
-        f"{len(over_caller)} reply frames played while the caller spoke "
-        f"({speech_from:.2f}-{speech_to:.2f} s); responses {sources(h)}")
+    _assert_nothing_played_between(h, speech_from, speech_to)
 
 
 @pytest.mark.parametrize("key, source", [("1", "cache"), ("0", "handoff")])
@@ -1691,10 +1691,7 @@ async def test_a_mapped_key_pressed_while_the_caller_speaks_is_not_answered_over
     speech_to = h.clock.now()
     await h.silence(3000)
     await h.stop()
-    over_caller = _frames_between(h, speech_from, speech_to)
-    assert over_caller == [], (
-        f"{len(over_caller)} reply frames played while the caller spoke "
-        f"({speech_from:.2f}-{speech_to:.2f} s); responses {sources(h)}")
+    _assert_nothing_played_between(h, speech_from, speech_to)
     assert sources(h) == [source], sources(h)
     assert [e["action"] for e in h.output.of("keypad")] == [{"1": "hours", "0": "handoff"}[key]]
     assert h.llm.requests == []  # the words the key superseded were not asked

@@ -37,7 +37,7 @@ from ..preemption import Preemption
 from ..providers.base import SpeechToText, Transcript
 from ..responder import Responder, Turn
 from ..settings import Settings
-from ..stats import Stats
+from ..stats import Stats, keyed
 from ..timeline import TurnTimeline
 from ..tracing import CallTrace
 from ..vad import SAMPLE_RATE as VAD_RATE
@@ -665,8 +665,7 @@ class Call:
             logs.event(log, "carried_words_dropped", utterances=words)
         self._carry_words([f for f in self._carry if _carried_keys(f) is not None], 0, None)
         await self._end_carried_turns()
-        taken = [f for f in self._carry if _keys_for(f, tl.turn)]
-        self._carry = [f for f in self._carry if f not in taken]
+        taken, self._carry = _keys_taken_by(self._carry, tl.turn)
         return taken
 
     async def _end_carried_turns(self) -> None:
@@ -713,8 +712,8 @@ class Call:
         if not all(f.done() and not f.cancelled() and f.exception() is None
                    for f in self._carry):
             return text  # still decoding: the final routes the whole question
-        return _joined([*(f.result().text for f in self._carry
-                          if not isinstance(f.result(), _CarriedKeys)), text])
+        return _joined([*(f.result().text for f in self._carry if _carried_keys(f) is None),
+                        text])
 
     def _preempt_agent(self, text: str, decision: RouteDecision | None) -> None:
         """A miss whose words sound finished: the agent's LLM call starts now, while the
@@ -936,9 +935,8 @@ class Call:
             if not tl.answered and not self._transferred:
                 # After the carried keys it took up (``_answer`` hands them back), which
                 # came before it; before anything carried since.
-                keys = [f for f in self._carry if _keys_for(f, tl.turn)]
-                self._carry_words([*keys, _said(text),
-                                   *(f for f in self._carry if f not in keys)], 0,
+                keys, rest = _keys_taken_by(self._carry, tl.turn)
+                self._carry_words([*keys, _said(text), *rest], 0,
                                   self._written_since(asked_before))
             raise
 
@@ -1191,7 +1189,7 @@ class Call:
         metrics = tl.metrics()
         if counted:
             # Keys are no question to add to the FAQ (and may be a PIN): never a "miss" text.
-            asked = None if tl.info.get("input") == "dtmf" else text
+            asked = None if keyed(metrics) else text
             # A reply stopped part-way (a barge-in, the time limit, the call's end) is no
             # draft for the FAQ: a promotion would publish its first sentences as all of it.
             # Nor is one to keys carried with the words: it may read them back, or what they
@@ -1833,11 +1831,14 @@ def _carried_keys(carried: asyncio.Future[Transcript]) -> _CarriedKeys | None:
     return said if isinstance(said, _CarriedKeys) else None
 
 
-def _keys_for(carried: asyncio.Future[Transcript], turn: int) -> bool:
-    """A carry's entry is keys a turn numbered ``turn`` takes up (``_drop_carry``): named
-    for it or an earlier one."""
-    keys = _carried_keys(carried)
-    return keys is not None and keys.turn <= turn
+def _keys_taken_by(carry: list[asyncio.Future[Transcript]], turn: int
+                   ) -> tuple[list[asyncio.Future[Transcript]], list[asyncio.Future[Transcript]]]:
+    """The carry split, each in order, into the keys a turn numbered ``turn`` takes up
+    (``_drop_carry``: named for it or an earlier one) and the rest."""
+    def taken(carried: asyncio.Future[Transcript]) -> bool:
+        keys = _carried_keys(carried)
+        return keys is not None and keys.turn <= turn
+    return [f for f in carry if taken(f)], [f for f in carry if not taken(f)]
 
 
 def _said(text: str) -> asyncio.Future[Transcript]:

@@ -254,7 +254,6 @@ class CallSession:
         self._ended: asyncio.Future[bool] | None = None
         self._receiving: asyncio.Task[Any] | None = None  # the task awaiting a frame
         self._interrupted = False
-        self._closing_socket = False  # this session's close (any code) is under way
         # Filled by the endpoint: how an error reaches its client (Twilio has no channel).
         self.send_error: Callable[[dict[str, Any]], None] = lambda event: None
 
@@ -321,13 +320,14 @@ class CallSession:
         return None
 
     def _gone(self, disconnect: dict[str, Any]) -> None:
-        """The connection is closed. A 1007 that this session did not send is the WebSocket
-        layer's: uvicorn fails a connection whose text message is not UTF-8 with 1007 and no
-        reason (its traceback for it is dropped from the log: logs.quiet_invalid_utf8). That
-        is this client's bad input: counted and logged here, once, as any other. (A client
-        that closes with 1007 itself, saying our text was not UTF-8, looks the same here.)"""
+        """The connection is closed. A 1007 read here is the WebSocket layer's (the session
+        reads nothing once it closes the socket itself, whatever its code): uvicorn fails a
+        connection whose text message is not UTF-8 with 1007 and no reason (its traceback for
+        it is dropped from the log: logs.quiet_invalid_utf8). That is this client's bad
+        input: counted and logged here, once, as any other. (A client that closes with 1007
+        itself, saying our text was not UTF-8, looks the same here.)"""
         self.outbox.closed = True
-        if disconnect.get("code") == CLOSE_INVALID_PAYLOAD and not self._closing_socket:
+        if disconnect.get("code") == CLOSE_INVALID_PAYLOAD:
             self.bad_input(ProtocolError(
                 "invalid_utf8", "a text message was not valid UTF-8 (RFC 6455 requires text "
                                 "to be): the WebSocket layer closed the connection",
@@ -516,7 +516,6 @@ class CallSession:
             # close frame too, and the call may end (its stop, a bad frame) before the
             # outbox's watchdog has found it stuck.
             async with asyncio.timeout(_DRAIN_S):  # not wait_for: it can swallow a cancel
-                self._closing_socket = True  # a 1007 from here on is ours, not uvicorn's
                 await self.ws.close(code=self.close_code)
         except (*SEND_ERRORS, TimeoutError):
             pass

@@ -30,7 +30,7 @@ from ..call.session import (CallSession, Outbox, presented_token, refuse_before_
 from ..clock import Clock
 from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA, ProtocolError, StartMessage,
-                        json_kind, parse_dtmf_digit, parse_json, utf8_bytes_over)
+                        parse_dtmf_digit, parse_json, present_kind, unnamed, utf8_bytes_over)
 from ..services import Services
 from ..stats import Stats
 from .call_records import SAFE_ID
@@ -121,12 +121,7 @@ def _start_field_is(kind: type, field: str, value: Any) -> None:
     if not isinstance(value, kind):
         expected = "an object" if kind is dict else "a string"
         raise TwilioError("twilio_invalid_start", f"`{field}` must be {expected} (this one is "
-                          f"{_kind(value)})", CLOSE_POLICY)
-
-
-def _kind(value: Any) -> str:
-    """What a JSON value of the wrong type is, never what it holds (it may be a token)."""
-    return "null" if value is None else json_kind(value)
+                          f"{present_kind(value)})", CLOSE_POLICY)
 
 
 def _is_twilio_format(media_format: Any) -> bool:
@@ -427,12 +422,9 @@ class TwilioStream:
         elif event == "connected":
             logs.event(log, "twilio_connected", logging.DEBUG, protocol=str(data.get("protocol")),
                        version=str(data.get("version")))
-        elif not isinstance(event, str):  # not "unknown": no event name was sent at all
-            if "event" not in data:
-                raise TwilioError("twilio_invalid_message", "message has no `event` field")
+        elif not isinstance(event, str):
             raise TwilioError("twilio_invalid_message",
-                              "`event` must be a string: connected, start, media, mark, dtmf "
-                              f"or stop (this one is {_kind(event)})")
+                              unnamed(data, "event", "connected, start, media, mark, dtmf or stop"))
         else:
             raise TwilioError("twilio_unknown_event",
                               f"unknown event {str(event)[:64]!r}; expected connected, start, "
@@ -448,7 +440,7 @@ class TwilioStream:
         track = media.get("track", "inbound")
         if not isinstance(track, str):
             raise TwilioError("twilio_invalid_message",
-                              f"`media.track` must be a string (this one is {_kind(track)})")
+                              f"`media.track` must be a string (this one is {present_kind(track)})")
         if track != "inbound":
             return  # only the caller's side is the call's input
         try:
