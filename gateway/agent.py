@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Union
 
@@ -80,7 +81,8 @@ FILLER_PHRASES: tuple[str, ...] = (
 # silence since the tool call, in turn, for as long as it lasts (a tool's timeout_s has no
 # cap, and a silent line is worse than a slow one); so does a model that stalls after the
 # filler, or mid-answer once the caller has heard what it said (the responder's). None
-# promises how long is left.
+# promises how long is left. Each must be said in well under HOLD_AFTER_MIN_MS
+# (gateway/settings.py, the least llm_hold_after_ms: tests/test_piper_voice.py measures).
 HOLD_PHRASES: tuple[str, ...] = (
     "Still checking, thanks for waiting.",
     "Thanks for holding, I'm still working on it.",
@@ -456,7 +458,13 @@ def _answer_every_tool_call(history: list[dict[str, Any]]) -> list[dict[str, Any
 
 class Agent:
     """Shared by every call (it holds the LLM clients and their hedge statistics);
-    per-call state lives in ``Conversation``."""
+    per-call state lives in ``Conversation``.
+
+    ``filler_after_s`` (the ``Slow`` cue) and ``hold_after_s`` (``StillWorking``, every as
+    long): seconds, or None or 0 for never, as ``llm_filler_after_ms`` and
+    ``llm_hold_after_ms`` read 0 (a hold_after_s of 0 would time every hold phrase at the
+    tool call itself, a tight loop of them). Kept as None then; a negative or non-finite
+    delay raises ValueError, given to the constructor or set later."""
 
     def __init__(self, llm: ChatModel | None, tools: list[ToolSpec] | None = None, *,
                  runner: ToolRunner | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
@@ -470,6 +478,22 @@ class Agent:
         self.max_tool_rounds = max_tool_rounds
         self.filler_after_s = filler_after_s
         self.hold_after_s = hold_after_s
+
+    @property
+    def filler_after_s(self) -> float | None:
+        return self._filler_after_s
+
+    @filler_after_s.setter
+    def filler_after_s(self, seconds: float | None) -> None:
+        self._filler_after_s = _delay("filler_after_s", seconds)
+
+    @property
+    def hold_after_s(self) -> float | None:
+        return self._hold_after_s
+
+    @hold_after_s.setter
+    def hold_after_s(self, seconds: float | None) -> None:
+        self._hold_after_s = _delay("hold_after_s", seconds)
 
     def new_conversation(self) -> Conversation:
         return Conversation(self.system_prompt, self.context_chars)
@@ -698,6 +722,17 @@ class Agent:
             close = getattr(model, "aclose", None)
             if close is not None:
                 await close()
+
+
+def _delay(name: str, seconds: float | None) -> float | None:
+    """A cue's delay as ``Agent`` keeps it: None (never) for None or 0, as the settings
+    read 0; a negative or non-finite one is no delay (ValueError, naming ``name``)."""
+    if seconds is None or seconds == 0:
+        return None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{name} must be a positive number of seconds, or 0 or None "
+                         f"(never), not {seconds!r}")
+    return float(seconds)
 
 
 def _record_results(conversation: Conversation, calls: list[ToolCall],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
@@ -279,7 +280,15 @@ class Responder:
         next) and ``hold_after_s`` of that silence passed, a hold phrase plays, then one
         every ``hold_after_s`` after the last for as long as it lasts; between segments
         only, never over a sentence. A tool call after words is the agent's to hold
-        (``StillWorking``), as before any words."""
+        (``StillWorking``), as before any words.
+
+        Either way a hold phrase never plays back to back with the filler or the hold
+        before it: one the agent cues while that one is still queued or playing is
+        skipped (the agent cues the next ``hold_after_s`` later), and a stall's next one
+        is due at the first multiple of ``hold_after_s`` after the last began that comes
+        once the caller has heard it out. A phrase longer than ``hold_after_s`` (an Agent
+        built with a short one: ``llm_hold_after_ms`` is at least 3 s) would otherwise
+        play behind the last for as long as the quiet lasts."""
         # One place fewer than the sentences ahead: the producer starts the next sentence's
         # synthesis before it waits for room, so that one is ahead too.
         queue: asyncio.Queue[ReplySegment] = asyncio.Queue(max(1, _PREFETCH_SENTENCES - 1))
@@ -295,11 +304,13 @@ class Responder:
         # last hold phrase did (None: not yet).
         quiet_since: float | None = None
         held_at: float | None = None
+        # A filler or hold phrase is queued or playing (the caller has not heard it out).
+        cue_unheard = False
 
         async def produce() -> None:
             # Never puts an end marker: the consumer watches this task itself, so a
             # producer never blocks on a full queue nobody reads (a barge-in).
-            nonlocal holds, answering
+            nonlocal holds, answering, cue_unheard
             filler_played = spoke = False
             sentences = 0  # sentences of the reply so far
             # The filler cue (Slow) is timed on the call's clock, as the rest of the turn.
@@ -309,7 +320,7 @@ class Responder:
                 async for event in events:
                     if isinstance(event, Slow):
                         if not filler_played and not spoke:
-                            filler_played = True
+                            filler_played = cue_unheard = True
                             await queue.put(self.filler(turn))
                         continue
                     if isinstance(event, (Sentence, ToolStarted)):
@@ -325,11 +336,15 @@ class Responder:
                     elif isinstance(event, ToolStarted):
                         answering = False  # the agent holds a tool's quiet (StillWorking)
                         if not filler_played and not spoke:
-                            filler_played = True
+                            filler_played = cue_unheard = True
                             await queue.put(self.filler(turn, tool=event.name))
                     elif isinstance(event, StillWorking):
                         # The agent cues it only while nothing has been said since the
-                        # tool call: it never cuts into an answer.
+                        # tool call: it never cuts into an answer. Nor does it play the
+                        # moment the last filler or hold phrase ends: skipped then.
+                        if cue_unheard:
+                            continue
+                        cue_unheard = True
                         await queue.put(self.hold(turn, holds, event.waited_s))
                         holds += 1
                     elif isinstance(event, Handoff):
@@ -351,8 +366,10 @@ class Responder:
                         and not producer.done():
                     now = clock.now()
                     quiet_since = now if quiet_since is None else quiet_since
-                    until = quiet_since + hold_after_s if held_at is None \
-                        else max(now, held_at + hold_after_s)
+                    # Every hold_after_s after the last one began; a time that passed
+                    # while it played is skipped, not taken the moment it ended.
+                    until = quiet_since + hold_after_s if held_at is None else held_at + \
+                        hold_after_s * (math.floor((now - held_at) / hold_after_s) + 1)
                 segment = await _next_segment(queue, producer, clock, until)
                 if segment is None:
                     break
@@ -361,9 +378,12 @@ class Responder:
                     held_at = clock.now()
                     segment = self.hold(turn, holds, round(held_at - quiet_since, 3))
                     holds += 1
+                    cue_unheard = True
                 elif segment.source == "llm":  # words again: a stall after them is new
                     quiet_since = held_at = None
                 yield segment
+                if segment.source == "filler":
+                    cue_unheard = False  # asked for the next: the caller heard it out
         finally:
             producer.cancel()
             for fetch in prefetches:

@@ -99,6 +99,12 @@ SECRET_FIELDS: frozenset[str] = frozenset({
 MASK = "***"
 
 
+# llm_hold_after_ms, other than 0 (never), is at least this: how often a hold phrase starts,
+# and the longest (gateway/agent.py, HOLD_PHRASES: "Thanks for holding, I'm still working on
+# it.") takes the shipped Piper voice 2.4 s to say, so a shorter period leaves the caller no
+# quiet between them (tests/test_piper_voice.py measures the phrases against it).
+HOLD_AFTER_MIN_MS = 3000
+
 # Bounds shared by many fields: nothing that sizes, times or counts may be zero or negative
 # unless 0 has a documented meaning (then NonNeg). A poll interval of 0 would spin.
 Pos = Annotated[int, Field(gt=0)]
@@ -420,7 +426,8 @@ class Settings(BaseModel):
     # call, nothing said since, or a stall after the filler; or, once the answer has begun,
     # this long of the caller's silence after what was said (no new sentence): a hold
     # phrase ("still checking"), again every as long for as long as the quiet lasts, never
-    # over a sentence (0: never; the filler alone covers a tool).
+    # over a sentence (0: never; the filler alone covers a tool). Else at least
+    # HOLD_AFTER_MIN_MS: a hold phrase takes up to about 2.5 s to say.
     llm_hold_after_ms: NonNeg = 4000
     # Preemptive generation: at a pause whose words are a miss that sounds finished, start
     # the agent's LLM call while the end-of-turn silence runs; the turn adopts the stream if
@@ -586,6 +593,15 @@ class Settings(BaseModel):
     def _idle_prompt(cls, value: float) -> float:
         if 0.0 < value < 1.0:
             raise ValueError("must be 0 (no idle prompt) or at least 1 second")
+        return value
+
+    @field_validator("llm_hold_after_ms")
+    @classmethod
+    def _hold_after(cls, value: int) -> int:
+        if 0 < value < HOLD_AFTER_MIN_MS:
+            raise ValueError(f"must be 0 (no hold phrase) or at least {HOLD_AFTER_MIN_MS} ms: "
+                             "a hold phrase takes up to about 2.5 s to say, and the next "
+                             "must not start as it ends")
         return value
 
     @field_validator("twilio_media_timeout_s")

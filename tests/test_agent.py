@@ -22,7 +22,8 @@ from gateway.sentences import SentenceChunker
 from gateway.settings import Settings
 from gateway.tools import MAX_RESULT_CHARS, ToolConfigError, ToolRunner, load_tools
 from gateway.agent import build_agent
-from tests.call_harness import CallHarness, ScriptedLLM
+from gateway.audio_bank import Clip
+from tests.call_harness import FRAME_MS, RATE, CallHarness, ScriptedLLM, frame_number, tone
 from tests.fakes.openai_server import STALL, Reply
 
 BALANCE = ToolSpec(name="get_balance", description="The caller's account balance.",
@@ -1309,14 +1310,15 @@ class SlowTool:
         pass
 
 
-def held_agent(clock: ManualClock, tool_s: float, first_token_s: float = 0.0) -> Agent:
+def held_agent(clock: ManualClock, tool_s: float, first_token_s: float = 0.0,
+               hold_after_s: float | None = 4.0) -> Agent:
     leg = ScriptedLLM(clock)
     leg.tool_calls = [ToolCall("c1", "get_order", "{}")]
     leg.reply, leg.first_token_s = "It shipped on Monday.", first_token_s
     return Agent(HedgedChat(leg, None, hedge_delay_s=0.0, idle_timeout_s=600.0,  # type: ignore[arg-type]
                             first_token_timeout_s=600.0, clock=clock),
                  [ToolSpec("get_order", "The caller's order.")], runner=SlowTool(tool_s),
-                 filler_after_s=0.9, hold_after_s=4.0)
+                 filler_after_s=0.9, hold_after_s=hold_after_s)
 
 
 async def test_a_slow_tool_gets_hold_phrases_not_silence():
@@ -1512,6 +1514,110 @@ async def test_a_pause_mid_answer_the_caller_never_hears_gets_no_hold_phrase():
     await h.wait(8000)
     await h.stop()
     assert [e["source"] for e in h.output.of("response", turn=1)] == ["llm", "llm"]
+
+
+async def test_a_hold_delay_of_zero_is_no_hold_phrase_not_a_tight_loop_of_them():
+    """Review (stop 62): build_agent maps llm_hold_after_ms 0 to None (never), and the
+    responder reads a hold_after_s of 0 as never too; but an Agent built (or set) directly
+    with hold_after_s=0.0 timed every hold phrase at the tool call itself (held_since +
+    n * 0): the due time never advanced, and StillWorking came in a tight loop for as long
+    as the tool ran. 0 is never, as in the settings; a negative delay is refused."""
+    clock = ManualClock()
+    agent = held_agent(clock, tool_s=9.0, hold_after_s=0.0)
+    events = agent.respond(agent.new_conversation(), "where is my order", clock=clock)
+    seen = await collect(events, clock, 12.0)
+    assert seen == [ToolStarted("get_order", "c1"), Sentence("It shipped on Monday.")], \
+        f"{sum(isinstance(e, StillWorking) for e in seen)} hold cues: {seen[:4]}"
+    assert agent.hold_after_s is None
+    agent.hold_after_s = 0  # set, as tests/call_harness.py's calls do: the same
+    assert agent.hold_after_s is None
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="hold_after_s"):
+            Agent(None, hold_after_s=bad)
+        with pytest.raises(ValueError, match="hold_after_s"):
+            agent.hold_after_s = bad
+
+
+async def test_a_filler_delay_of_zero_is_no_filler_as_in_the_settings():
+    """Review (stop 62): llm_filler_after_ms 0 is never (build_agent maps it to None), but
+    an Agent built directly with filler_after_s=0.0 cued the filler at once, Slow(0.0) as
+    the turn began, and a negative delay the same. Read as the settings read it: 0 is never;
+    a negative delay is refused."""
+    clock = ManualClock()
+    leg = ScriptedLLM(clock)
+    leg.reply, leg.first_token_s = "Here you go.", 1.0
+    agent = Agent(HedgedChat(leg, None, hedge_delay_s=0.0, clock=clock),  # type: ignore[arg-type]
+                  filler_after_s=0.0)
+    assert agent.filler_after_s is None
+    events = agent.respond(agent.new_conversation(), "hi", clock=clock)
+    assert await collect(events, clock, 2.0) == [Sentence("Here you go.")]
+    with pytest.raises(ValueError, match="filler_after_s"):
+        Agent(None, filler_after_s=-0.5)
+
+
+HOLD_TONE = 900  # the hold phrases' samples, below: told apart from every other segment's
+
+
+def with_long_hold_phrases(h: CallHarness, ms: int = 2500) -> CallHarness:
+    """``h`` whose hold phrases take ``ms`` to say (a real voice's: the longest, 2.4 s in
+    the shipped Piper voice), not the harness's 300 ms."""
+    for i, text in enumerate(HOLD_PHRASES):
+        h.responder._prompts.add(Clip(f"hold:{i}", text, tone(ms, HOLD_TONE), RATE))
+    return h
+
+
+def hold_phrase_runs(h: CallHarness) -> list[int]:
+    """The hold phrases as heard: the frames of each stretch of their audio with no break
+    (no silence, no other segment) in it."""
+    runs: list[int] = []
+    last: tuple[float, bool] | None = None  # the frame before: when, and whether a hold's
+    for at, frame in h.output.frames:
+        hold = frame_number(frame) == HOLD_TONE
+        if hold:
+            if last is not None and last[1] and at - last[0] <= FRAME_MS / 1000 + 1e-6:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        last = (at, hold)
+    return runs
+
+
+def slow_tool_call(tool_s: float) -> CallHarness:
+    h = CallHarness()
+    h.agent.tools = [ToolSpec("get_order", "The caller's order.")]
+    h.agent.runner = SlowTool(tool_s)  # type: ignore[assignment]
+    h.llm.tool_calls = [ToolCall("c1", "get_order", "{}")]
+    h.llm.reply = "It shipped on Monday."
+    return h
+
+
+@pytest.mark.parametrize("quiet", ["tool", "stall-mid-answer"])
+async def test_hold_phrases_longer_than_hold_after_s_never_play_back_to_back(quiet):
+    """Review (stop 62): hold phrases are timed from the start of the last one (the agent's
+    StillWorking every hold_after_s since the tool call; the responder's stall holds every
+    hold_after_s after the last one began), while they take a voice 2 to 2.5 s to say. A
+    hold_after_s shorter than that (an Agent built directly, or llm_hold_after_ms, which
+    nothing bounded) queued each phrase behind the one still playing: the caller heard
+    them back to back for as long as the tool (or the stall) lasted, never a moment of
+    quiet. A phrase is never queued behind another nor started as it ends: a hold due
+    while the last one plays is skipped, the next comes hold_after_s later."""
+    if quiet == "tool":
+        h = slow_tool_call(12.0)
+    else:
+        h = stalled_mid_answer([LLMChunk(text="Your balance is twelve dollars. "), 12.0,
+                                LLMChunk(text="Anything else?")], idle_timeout_s=600.0)
+    h.agent.hold_after_s = 1.0
+    with_long_hold_phrases(h, 2500)
+    await h.start()
+    await h.text("where is my order")
+    await h.wait(16000)
+    await h.stop()
+    responses = h.output.of("response", turn=1)
+    holds = [e for e in responses if e["source"] == "filler" and e["text"] in HOLD_PHRASES]
+    assert len(holds) >= 3, responses  # the quiet is still held, all along
+    assert responses[-1]["source"] == "llm", responses  # and the answer comes
+    # Each phrase heard whole (2.5 s: 125 frames) and alone, silence before the next.
+    assert hold_phrase_runs(h) == [125] * len(holds), hold_phrase_runs(h)
 
 
 PREFACED_CALL = ToolCall("c1", "get_balance", "{}")

@@ -133,3 +133,16 @@ async def test_a_synthesis_whose_pool_work_the_shutdown_cancelled_fails_as_a_shu
     finally:
         busy.set()
         pool.shutdown()
+
+
+def test_the_shipped_voice_says_every_hold_phrase_within_the_hold_floor(executor):
+    """llm_hold_after_ms is refused below HOLD_AFTER_MIN_MS (gateway/settings.py): how often
+    a hold phrase starts, so each must be said in less, with quiet after it. Measured, not
+    assumed: the shipped voice says every hold phrase with half a second to spare."""
+    from gateway.agent import HOLD_PHRASES
+    from gateway.settings import HOLD_AFTER_MIN_MS
+
+    tts = PiperTTS(executor)
+    for text in HOLD_PHRASES:
+        seconds = len(tts.synthesize_all(text)) / 2 / tts.sample_rate
+        assert seconds + 0.5 <= HOLD_AFTER_MIN_MS / 1000, (text, seconds)

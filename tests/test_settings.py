@@ -125,6 +125,21 @@ def test_a_filler_delay_of_zero_turns_the_filler_off():
     assert build_agent(Settings.load(environ={})).filler_after_s == 0.9
 
 
+@pytest.mark.parametrize("ms", [1, 1000, 2999])
+def test_a_hold_delay_shorter_than_a_hold_phrase_is_refused(ms):
+    """Review (stop 62): llm_hold_after_ms took any value from 1 up, though it is how often
+    a hold phrase starts and a hold phrase takes a voice 2 to 2.5 s to say: below that the
+    phrases ran back to back for as long as a tool kept the line quiet. Refused by name
+    below 3 s (gateway/settings.py, HOLD_AFTER_MIN_MS); 0 stays never."""
+    with pytest.raises(SettingsError) as info:
+        Settings.load({"llm_hold_after_ms": ms}, environ={})
+    assert str(info.value) == ("invalid setting(s): llm_hold_after_ms: must be 0 (no hold "
+                               "phrase) or at least 3000 ms: a hold phrase takes up to about "
+                               "2.5 s to say, and the next must not start as it ends")
+    assert Settings.load({"llm_hold_after_ms": 0}, environ={}).llm_hold_after_ms == 0
+    assert Settings.load({"llm_hold_after_ms": 3000}, environ={}).llm_hold_after_ms == 3000
+
+
 def test_environment_text_is_read_as_the_field_expects():
     env = {"VOICEGATE_LOG_LEVEL": " DEBUG ", "VOICEGATE_FRAME_MS": "30",
            "VOICEGATE_ELEVENLABS_SAMPLE_RATE": "24000", "VOICEGATE_CACHE_POLL_S": "0.5"}
