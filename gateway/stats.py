@@ -43,9 +43,10 @@ def outcome_of(metrics: dict[str, Any]) -> str:
 
 
 def keyed(metrics: dict[str, Any]) -> bool:
-    """A keypad turn (a mapped key, or keys collected for the agent): no question the cache
-    could have answered or missed, so no hit or miss; counted as ``keypad_turns``."""
-    return metrics.get("input") == "dtmf"
+    """A keypad turn (a mapped key, or keys collected for the agent, also those carried into
+    an utterance that held no words: ``keys_only``): no question the cache could have
+    answered or missed, so no hit or miss; counted as ``keypad_turns``."""
+    return metrics.get("input") == "dtmf" or bool(metrics.get("keys_only"))
 
 
 def barged_in(metrics: dict[str, Any]) -> bool:

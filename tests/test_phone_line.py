@@ -1518,6 +1518,59 @@ async def test_the_time_limit_waits_for_a_caller_speaking_at_it_and_answers_them
     assert await ended(h) and h.call.ended == "time_limit"
 
 
+async def test_the_time_limit_waits_for_a_caller_keying_at_it_and_answers_the_keys_first():
+    """Review (stop 62): the grace before the time-limit message waited for a caller who
+    was speaking, but not for one keying a number (an account number, a PIN: each key
+    within the keypad pause of the last): the message started at once, mid-number, and the
+    keys, handed over as their pause ran out, were queued behind it and dropped
+    (``reply_after_time_limit_dropped``): the caller keyed the rest for nothing, never
+    answered. The idle prompt waits for keys being collected (``_line_busy``); the time
+    limit now does too, within the same grace, answers them, then says the message."""
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0, "keypad_pause_s": 3})
+    _long_time_limit_message(h)
+    h.llm.reply = "Thank you, I have found your account."
+    start = h.clock.now()
+    await h.start()
+    await h.wait(8500)
+    keyed_from = h.clock.now()
+    for key in "4921":  # one a second, across the limit at 10 s
+        h.call.feed_dtmf(key)
+        await h.wait(1000)
+    keyed_to = h.clock.now()
+    await h.wait(12000)
+    assert keyed_from < start + 10.0 < keyed_to
+    _assert_nothing_played_between(h, keyed_from, keyed_to)
+    assert [m["content"] for m in h.llm.requests[-1] if m["role"] == "user"][-1] == \
+        "the caller pressed 4 9 2 1"
+    assert sources(h) == ["llm", "goodbye"]  # the keys answered, then the message
+    (limit_at,) = h.output.at("response", source="goodbye")
+    assert limit_at >= max(t for t, _ in h.output.frames if t < limit_at)
+    assert h.output.of("interrupt") == []
+    assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
+    assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
+    assert await ended(h) and h.call.ended == "time_limit"
+
+
+async def test_a_caller_who_keys_on_and_on_still_gets_the_time_limit_after_the_grace():
+    """Review (stop 62), with the test above: waiting for keys being collected is bounded
+    as waiting for speech is (``TIME_LIMIT_GRACE_S``): a key every two seconds, never a
+    keypad pause, holds no call open past its grace (a collection hands over at most
+    ``MAX_COLLECTED_KEYS`` keys, 64 s of them here)."""
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0, "keypad_pause_s": 3})
+    _long_time_limit_message(h)
+    start = h.clock.now()
+    await h.start()
+    await h.wait(9000)
+    while h.clock.now() < start + 10 + 30 + 10 and h.call.ended is None:
+        h.call.feed_dtmf("4")
+        await h.wait(2000)
+    (limit_at,) = h.output.at("response", source="goodbye")
+    assert start + 10.0 + 30.0 <= limit_at <= start + 10.0 + 30.0 + 0.5
+    assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
+    assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
+    assert await ended(h) and h.call.ended == "time_limit"
+
+
 @pytest.mark.parametrize("how", ["speech", "text", "key"])
 async def test_the_time_limit_message_is_heard_whole_whatever_the_caller_does_over_it(how):
     """Review (stop 61): the caller who spoke (typed, keyed) over the time-limit message
@@ -1817,6 +1870,39 @@ async def test_keys_carried_into_a_turn_of_noise_still_reach_the_agent():
     assert h.router.calls == [] and h.output.of("route") == []
     assert [e["text"] for e in h.output.of("transcript") if e["final"]] == [""]
     assert h.stats.missed_questions() == []
+
+
+async def test_keys_carried_into_a_turn_of_noise_are_a_keypad_turn_in_the_stats():
+    """Review (stop 62): keys carried into an utterance that held no words (noise) make a
+    turn that asks the agent the keys alone, but its metrics say `input` `audio`, so
+    ``stats.keyed`` did not know it: it was counted as a question, a miss (`turns`,
+    `misses`, the hit rate, `voicegate_turns_total{outcome="miss"}`), though no question was
+    asked that the cache could answer or miss. It is a keypad turn (``keys_only``): counted
+    in `keypad_turns`, as the same keys pressed without the noise are; `input` stays `audio`
+    (a client waits for its utterance's metrics by it)."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    await h.start()
+    for key in "4921":
+        h.call.feed_dtmf(key)
+    await h.wait(1000)
+    await h.feed(tone(3200, value=77))  # no word: the recogniser hears nothing in it
+    await h.silence(2000)
+    for key in "45#":  # the same without noise: a keypad turn
+        h.call.feed_dtmf(key)
+    await h.wait(1500)
+    await h.stop()
+    assert sources(h) == ["llm", "llm"]
+    noise, keys = h.metrics()
+    assert (noise["input"], noise.get("keys_only"), noise.get("empty")) == ("audio", True, None)
+    assert keys["input"] == "dtmf" and "keys_only" not in keys
+    snapshot = h.stats.snapshot()
+    assert (snapshot["turns"], snapshot["hits"], snapshot["misses"],
+            snapshot["keypad_turns"]) == (0, 0, 0, 2), snapshot
+    assert snapshot["sources"] == {} and "miss" not in snapshot["latency_ms"], snapshot
+    registry = h.stats.prometheus.registry
+    assert registry.get_sample_value("voicegate_turns_total",
+                                     {"outcome": "miss", "source": "llm"}) is None
+    assert registry.get_sample_value("voicegate_keypad_turns_total", {"source": "llm"}) == 2
 
 
 # Keys carried into a spoken turn (``_carry_keys``), then a typed message or a key that comes

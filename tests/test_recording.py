@@ -214,6 +214,37 @@ async def test_a_mapped_key_is_not_in_the_recording(tmp_path, key, action):
     assert "pressed" not in text and f"key {key}" not in text, text
 
 
+async def test_a_key_mapped_to_a_missing_entry_is_not_named_in_the_log_or_the_recording(
+        tmp_path, caplog):
+    """Review (stop 62): a key mapped to an entry the cache does not hold reported
+    `keypad_unknown_entry` with the message "key 7 is mapped to entry 'gone_entry', ...":
+    logged (``stage_failed``'s detail) and kept as the recording's `error` event, though
+    docs/protocol.md (Keypad) promises keys never appear in logs or in a recording. The
+    message names the entry (what the operator fixes in VOICEGATE_KEYPAD), not the key."""
+    import logging
+
+    from gateway.logs import JsonFormatter
+
+    caplog.set_level(logging.DEBUG, logger="voicegate")
+    h = CallHarness(settings={"record_dir": str(tmp_path), "keypad": {"7": "gone_entry"},
+                              "idle_prompt_s": 0})
+    await h.start()
+    h.call.feed_dtmf("7")
+    await h.wait(2000)
+    await h.stop()
+    (error,) = h.output.of("error")
+    assert error["code"] == "keypad_unknown_entry" and "'gone_entry'" in error["message"]
+    (meta,) = tmp_path.glob("*.json")
+    text = meta.read_text()
+    recorded = [e for e in json.loads(text)["events"] if e["type"] == "error"]
+    assert [e["code"] for e in recorded] == ["keypad_unknown_entry"], recorded
+    lines = "\n".join(JsonFormatter().format(r) for r in caplog.records
+                      if r.name.startswith("voicegate"))
+    assert "stage_failed" in lines and "gone_entry" in lines
+    for where in (error["message"], text, lines):
+        assert "key 7" not in where and '"7"' not in where and "'7'" not in where, where
+
+
 async def test_nothing_is_recorded_by_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     h = await CallHarness().start()

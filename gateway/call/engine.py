@@ -861,6 +861,10 @@ class Call:
         if preempt is not None and normalize_text(asked) != normalize_text(preempt.text):
             preempt.cancel()  # the final is not what was preempted: a fresh call
             preempt = None
+        if not normalize_text(text):
+            # Keys alone (their utterance held no words): no question the cache answered or
+            # missed, a keypad turn in the stats (``stats.keyed``); `input` stays `audio`.
+            tl.info["keys_only"] = True
         asked_before = self.conversation.last_user_message()
         try:
             # Keys alone (their utterance held no words): the agent's, nothing to route.
@@ -1514,16 +1518,21 @@ class Call:
 
     async def _time_limit_loop(self) -> None:
         """At ``max_call_s`` the exchange under way may finish (at most ``TIME_LIMIT_GRACE_S``
-        more): the reply playing, and a caller speaking (as the idle prompt, the message never
-        starts over their words) with the reply to their words. Then the bot says the call has
-        reached its limit, whole (``_barge_in`` lets nothing the caller does stop it), and
-        hangs up. Run here, not in the reply: the hang-up is no reply to stop."""
+        more): the reply playing, and a caller speaking or keying (as the idle prompt, the
+        message never starts over their words, nor mid-number: ``_line_busy``) with the reply
+        to their words or keys. Then the bot says the call has reached its limit, whole
+        (``_barge_in`` lets nothing the caller does stop it), and hangs up. Run here, not in
+        the reply: the hang-up is no reply to stop."""
         # Until a fixed instant: a restarted loop (a bug escaped it) does not wait anew.
         await self._clock.sleep(max(0.0, self._time_limit_at - self._clock.now()))
         logs.event(log, "call_time_limit", limit_s=self._settings.max_call_s)
         self._trace.event("call_time_limit")
         grace_ends = self._clock.now() + TIME_LIMIT_GRACE_S
-        while (self.replying or self._turns.in_utterance) and self._clock.now() < grace_ends:
+        # Keys handed over (their pause, `#`) start their reply with no step between: the
+        # `keypad` event ``_keypad_turn`` sends first is sent without suspending (every
+        # call output's is). Keys handed over mid-utterance wait with the words.
+        while (self.replying or self._turns.in_utterance or self._keypad.collecting) \
+                and self._clock.now() < grace_ends:
             await self._clock.sleep(0.1)
         if await self._moved_or_ending():
             return
@@ -1764,10 +1773,11 @@ class Call:
         cache = self._responder.cache_audio
         clip = None if cache is None else cache.find(action.action)
         if clip is None:
+            # The entry, not the key: the message is logged and recorded, and keys never
+            # are (docs/protocol.md, "Keypad"); the operator finds the key by the entry.
             await self._report("keypad_unknown_entry",
-                               f"key {action.key} is mapped to entry {action.action!r}, which "
-                               "the serving cache version does not hold (VOICEGATE_KEYPAD)",
-                               tl.turn)
+                               f"a key is mapped to entry {action.action!r}, which the serving "
+                               "cache version does not hold (VOICEGATE_KEYPAD)", tl.turn)
             self._start_reply(tl, self._unrouted_turn(tl, apology="keypad_unknown_entry"))
             return
         decision = RouteDecision(text=text, intent=action.action, action=Action.ANSWER, hit=True,
