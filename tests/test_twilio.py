@@ -191,6 +191,9 @@ RECOVERABLE = [
     (json.dumps({"event": "mark", "mark": {"name": "not ours"}}), "twilio_unknown_mark"),
     (json.dumps({"event": "dtmf", "dtmf": {}}), "twilio_invalid_message"),
     (b"\x00" * 160, "twilio_binary_frame"),
+    # another stream's messages (here the healthy one's): refused, ignored, not a `stop`
+    (media(GOOD_FRAME, stream_sid=sid("MZ", 4)), "twilio_wrong_stream"),
+    (json.dumps({"event": "stop", "streamSid": sid("MZ", 4)}), "twilio_wrong_stream"),
 ]
 
 
@@ -265,6 +268,46 @@ def test_a_start_with_a_format_not_exactly_mulaw_8k_mono_is_refused(media_format
         "encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}).stream_sid == "MZ1"
 
 
+SUPPORTED_FORMAT = 'supported: "audio/x-mulaw", 8000 Hz, 1 channel'
+
+
+@pytest.mark.parametrize("media_format, received", [
+    ({"encoding": "audio/x-l16", "sampleRate": 16000, "channels": 1},
+     'encoding "audio/x-l16", sampleRate 16000, channels 1'),
+    ({"encoding": "audio/x-mulaw", "sampleRate": "8000", "channels": 1},
+     'sampleRate "8000" (not a number)'),
+    ({"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": True},
+     "channels true (not a number)"),
+    ({"encoding": "audio/x-mulaw", "sampleRate": 8000.9}, "sampleRate 8000.9, channels absent"),
+    ({"encoding": ["audio/x-mulaw"], "sampleRate": 8000, "channels": 2},
+     "encoding a list, sampleRate 8000, channels 2"),
+    ({"encoding": "x" * 500, "sampleRate": 10 ** 300, "channels": 1e999}, "channels Infinity"),
+    ({"encoding": "\x00" * 500, "sampleRate": "\x01" * 500, "channels": "\x02" * 500},
+     "channels "),
+], ids=["l16-16k", "rate-a-string", "channels-true", "rate-8000.9", "encoding-a-list", "huge",
+        "long-escapes"])
+def test_an_unsupported_media_format_is_named_field_by_field_not_a_python_repr(media_format,
+                                                                               received):
+    """Review (stop 62): `twilio_unsupported_media_format` said "media format {'encoding':
+    'audio/x-l16', 'sampleRate': 16000, 'channels': 1} is not supported": Python's repr of
+    the `mediaFormat` object (single quotes, True for JSON's true, a string "8000" looking
+    like the number but for its quotes), cut at 120 characters wherever that fell, in the
+    log line the operator reads (`bad_input`, detail). It now names the encoding,
+    sampleRate and channels received, each as JSON writes it (a field absent says so, one
+    that should be a number and is not says so, a list or object says what kind it is),
+    then the format supported; short enough for the log's 200 characters."""
+    with pytest.raises(TwilioError) as refused:
+        parse_start({"event": "start", "start": {"streamSid": "MZ1",
+                                                 "mediaFormat": media_format}})
+    message = refused.value.message
+    assert (refused.value.code, refused.value.close_code) == (
+        "twilio_unsupported_media_format", 1003)
+    assert received in message, message
+    assert message.endswith(SUPPORTED_FORMAT), message
+    assert "{" not in message and "'" not in message and "True" not in message, message
+    assert len(message) <= 200, message
+
+
 @pytest.mark.parametrize("field", ["callSid", "accountSid"])
 @pytest.mark.parametrize("value", ["../Calls/CA2", "CA1?Status=completed", "CA 1", "x" * 65])
 def test_a_start_whose_sid_is_not_an_id_is_refused(field, value):
@@ -277,11 +320,31 @@ def test_a_start_whose_sid_is_not_an_id_is_refused(field, value):
     assert refused.value.code == "twilio_invalid_start" and field in str(refused.value)
 
 
-def test_a_null_custom_parameter_is_absent_not_the_text_none():
-    # {"resumed": null} is no resumed stream ("None" would be a non-empty, so true, value).
-    start = parse_start({"event": "start", "start": {
-        "streamSid": "MZ1", "callSid": "CA1", "customParameters": {"resumed": None, "a": 1}}})
-    assert start.parameters == {"a": "1"}
+@pytest.mark.parametrize("value", [0, 2, 1.0, -0.0, 1e999, None])
+def test_a_custom_parameter_that_is_a_number_or_null_is_refused_like_any_other_non_string(
+        value):
+    """Review (stop 62): stop 61 refused a custom parameter of true/false, a list or an
+    object, but a number still went through `str()` (parse_start's dict comprehension):
+    `{"resumed": 0}` became "0", a non-empty and so true value, the resumed stream stop 61
+    kept `false` from making (counted in voicegate_twilio_calls_resumed_total, its lost
+    conversation looked up); 1.0 became "1.0", 1e999 "inf", -0.0 "-0.0", none of them "its
+    digits" as docs/protocol.md said; and a null was dropped without a word. Twilio sends
+    every custom parameter as a string (TwiML's <Parameter value="...">, an XML attribute):
+    any other value comes from a client that is not Twilio, and now gets what the others
+    get: `twilio_invalid_start` (closed 1008) naming the parameter and the kind of value,
+    never the value (it may be the token)."""
+    start = {"streamSid": "MZ1", "callSid": "CA1",
+             "customParameters": {"token": "s3cret", "resumed": value}}
+    with pytest.raises(TwilioError) as refused:
+        parse_start({"event": "start", "start": start})
+    assert (refused.value.code, refused.value.close_code) == ("twilio_invalid_start", 1008)
+    kind = "null" if value is None else "a number"
+    assert (f"`customParameters.resumed` must be a string (this one is {kind})"
+            in refused.value.message), refused.value.message
+    assert "s3cret" not in refused.value.message
+    strings = {"token": "s3cret", "resumed": "1", "n": "2", "empty": ""}
+    assert parse_start({"event": "start", "start": {
+        "streamSid": "MZ1", "customParameters": strings}}).parameters == strings
 
 
 @pytest.mark.parametrize("event", [5, ["media"], None, True, {}, {"name": "media"}, 1.5])
@@ -370,8 +433,8 @@ def test_a_custom_parameter_that_is_not_a_string_is_refused_not_read_as_set(valu
     resumed one (its call counted in voicegate_twilio_calls_resumed_total, its lost
     conversation looked up); a list became Python's repr "['1']". TwiML's <Parameter> values
     are strings: another value is a malformed `start`, `twilio_invalid_start` (closed 1008),
-    naming the parameter, never its value (it may be the token). null is still absent, and
-    a number still reads as its digits."""
+    naming the parameter, never its value (it may be the token). (Since stop 62 a number
+    and null are refused too.)"""
     start = {"streamSid": "MZ1", "callSid": "CA1",
              "customParameters": {"token": "s3cret", "resumed": value}}
     with pytest.raises(TwilioError) as refused:
@@ -380,7 +443,7 @@ def test_a_custom_parameter_that_is_not_a_string_is_refused_not_read_as_set(valu
     assert "`customParameters.resumed` must be a string" in refused.value.message, (
         refused.value.message)
     assert "s3cret" not in refused.value.message
-    ok = {"streamSid": "MZ1", "customParameters": {"token": "s3cret", "resumed": None, "n": 2}}
+    ok = {"streamSid": "MZ1", "customParameters": {"token": "s3cret", "n": "2"}}
     assert parse_start({"event": "start", "start": ok}).parameters == {"token": "s3cret",
                                                                         "n": "2"}
 
@@ -675,6 +738,48 @@ async def test_an_echoed_mark_we_never_sent_is_twilio_unknown_mark():
         with pytest.raises(TwilioError) as info:
             stream.handle(echo(name))
         assert info.value.code == "twilio_unknown_mark"
+
+
+async def test_a_message_for_another_stream_is_twilio_wrong_stream_and_ignored():
+    """Review (stop 62): the `streamSid` of `media`, `mark`, `dtmf` and `stop` was never
+    compared with the stream's own (from `start`): another stream's audio was fed to this
+    call as the caller's, its keys pressed here, its mark echo taken as this reply heard,
+    and its `stop` ended this call. Twilio's messages each carry their stream's
+    `streamSid`; one naming another stream is `twilio_wrong_stream` (counted, logged),
+    naming both, and ignored: the stream goes on (it is not hung up), as after any bad
+    message. A message without `streamSid` is still taken (the tests' Twilio fake and
+    older messages here omit it on some); one that is not a string is
+    `twilio_invalid_message`, naming the field."""
+    stream, out = started_stream()
+    fed: list[bytes] = []
+    keys: list[str] = []
+    stream._session.feed_audio = fed.append  # type: ignore[attr-defined]
+    stream._session.feed_dtmf = keys.append  # type: ignore[attr-defined]
+    out.reply_started(1)
+    await out.send_audio(b"\xff" * 800)  # 100 ms sent: mark 1:100
+    messages = [{"event": "media", "media": {"payload": GOOD_FRAME}},
+                {"event": "mark", "mark": {"name": "1:100"}},
+                {"event": "dtmf", "dtmf": {"digit": "1"}},
+                {"event": "stop"}]
+    for message in messages:
+        with pytest.raises(TwilioError) as info:
+            stream.handle(json.dumps({**message, "streamSid": "MZ2"}))
+        assert (info.value.code, info.value.close_code) == ("twilio_wrong_stream", None)
+        assert "MZ2" in info.value.message and "MZ1" in info.value.message
+        assert f"`{message['event']}`" in info.value.message, info.value.message
+        with pytest.raises(TwilioError) as info:
+            stream.handle(json.dumps({**message, "streamSid": 5}))
+        assert (info.value.code, info.value.close_code) == ("twilio_invalid_message", None)
+        assert "`streamSid` must be a string" in info.value.message, info.value.message
+    assert fed == [] and keys == [] and stream.media_frames == 0 and not stream.stopped
+    assert out.confirmed_heard_ms() is None and out.marks_confirmed == 0
+    for message in messages[:3]:  # this stream's own, and one that names none
+        stream.handle(json.dumps({**message, "streamSid": "MZ1"}))
+        stream.handle(json.dumps(message))
+    assert len(fed) == 2 and len(keys) == 2 and stream.media_frames == 2
+    assert out.confirmed_heard_ms() == 100.0
+    stream.handle(json.dumps({"event": "stop", "streamSid": "MZ1"}))
+    assert stream.stopped
 
 
 def test_the_message_limit_counts_utf8_bytes_not_characters():

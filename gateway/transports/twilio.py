@@ -84,19 +84,18 @@ def parse_start(data: dict[str, Any]) -> StreamStart:
         _start_field_is(dict, "mediaFormat", media_format)
         if not _is_twilio_format(media_format):
             raise TwilioError("twilio_unsupported_media_format",
-                              f"media format {str(media_format)[:120]} is not supported; "
-                              "expected audio/x-mulaw, 8000 Hz, 1 channel",
-                              CLOSE_UNSUPPORTED_DATA)
+                              f"media format not supported: {_format_text(media_format)}; "
+                              f"supported: \"{TWILIO_MEDIA_ENCODING}\", {TWILIO_RATE} Hz, "
+                              "1 channel", CLOSE_UNSUPPORTED_DATA)
     raw_params = start.get("customParameters")
     if raw_params is not None:
         _start_field_is(dict, "customParameters", raw_params)
-    # A null value is no value (its text "None" would read as set: `resumed`, say); nor
-    # is false "False". TwiML's <Parameter> values are strings (a number reads as its digits).
+    # TwiML's <Parameter> values are strings (an XML attribute), and Twilio sends them so.
+    # Anything else is refused by name, never made text: null's "None", false's "False" or
+    # 0's "0" would read as set (a `resumed` stream), 1e999 as "inf".
     for name, value in (raw_params or {}).items():
-        if isinstance(value, (bool, list, dict)):  # not null, a string or a number
-            _start_field_is(str, f"customParameters.{name[:64]}", value)
-    parameters = ({str(k): str(v) for k, v in raw_params.items() if v is not None}
-                  if raw_params else {})
+        _start_field_is(str, f"customParameters.{name[:64]}", value)
+    parameters: dict[str, str] = dict(raw_params) if raw_params else {}
     return StreamStart(stream_sid=stream_sid, call_sid=_sid(start, "callSid"),
                        account_sid=_sid(start, "accountSid"), parameters=parameters)
 
@@ -131,6 +130,32 @@ def _is_twilio_format(media_format: Any) -> bool:
     return (media_format.get("encoding", TWILIO_MEDIA_ENCODING) == TWILIO_MEDIA_ENCODING
             and _equals_number(media_format.get("sampleRate", TWILIO_RATE), TWILIO_RATE)
             and _equals_number(media_format.get("channels", 1), 1))
+
+
+_ABSENT = object()
+
+
+def _format_text(media_format: dict[str, Any]) -> str:
+    """A refused `mediaFormat` in words: its encoding, sampleRate and channels as JSON
+    writes them (cut short: the three and the format supported fit the log's 200
+    characters), never Python's repr of the object."""
+    return ", ".join([_format_field(media_format, "encoding", 24, number=False),
+                      _format_field(media_format, "sampleRate", 13, number=True),
+                      _format_field(media_format, "channels", 13, number=True)])
+
+
+def _format_field(media_format: dict[str, Any], name: str, limit: int, number: bool) -> str:
+    value = media_format.get(name, _ABSENT)
+    if value is _ABSENT:
+        return f"{name} absent"
+    if isinstance(value, (list, dict)):
+        return f"{name} {present_kind(value)}"
+    # A string, number, true/false or null as JSON writes it (1e999 is Infinity).
+    text = json.dumps(value, ensure_ascii=False)
+    if len(text) > limit:
+        text = text[:limit - 3] + ('..."' if isinstance(value, str) else "...")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{name} {text}" + (" (not a number)" if number and not is_number else "")
 
 
 def _equals_number(value: Any, expected: int) -> bool:
@@ -180,6 +205,7 @@ class TwilioOutput:
         self._account_sid = account_sid
         self._call_sid = call_sid
         self._handoff_number = handoff_number
+        self.stream_sid = stream_sid  # what Twilio's messages for this stream carry
         sid = json.dumps(stream_sid)
         # Per-frame messages are string concatenation around these, not json.dumps.
         self._media_head = '{"event":"media","streamSid":' + sid + ',"media":{"payload":"'
@@ -416,6 +442,7 @@ class TwilioStream:
         elif event == "start":
             self._on_start(data)
         elif event == "stop":
+            self._check_stream(data, "stop")
             self.stopped = True
         elif event == "dtmf":
             self._on_dtmf(data)
@@ -433,6 +460,7 @@ class TwilioStream:
     def _on_media(self, data: dict[str, Any]) -> None:
         if self.call is None:
             raise TwilioError("twilio_media_before_start", "`media` before `start`: dropped")
+        self._check_stream(data, "media")  # another stream's: not this line alive either
         self.media_frames += 1
         media = data.get("media")
         if not isinstance(media, dict) or not isinstance(payload := media.get("payload"), str):
@@ -518,6 +546,21 @@ class TwilioStream:
             logs.event(log, "twilio_call_resumed", call_id=call.id,
                        lost=parameters[RESUMED_PARAMETER][:8])
 
+    def _check_stream(self, data: dict[str, Any], event: str) -> None:
+        """A started stream's message names this stream, or none: Twilio's each carry their
+        stream's `streamSid`. Another stream's (audio, keys, a mark, a `stop`) is not this
+        call's: refused, so ignored, and the stream goes on."""
+        if self.output is None or "streamSid" not in data:
+            return
+        sid = data["streamSid"]
+        if not isinstance(sid, str):
+            raise TwilioError("twilio_invalid_message", f"`streamSid` must be a string (this "
+                                                        f"one is {present_kind(sid)}): ignored")
+        if sid != self.output.stream_sid:
+            raise TwilioError("twilio_wrong_stream",
+                              f"`{event}` for stream {sid[:64]}, not this one "
+                              f"({self.output.stream_sid[:64]}): ignored")
+
     def _media_stopped(self, silent_s: float) -> None:
         # Closed, not hung up: no "ended" record, so Twilio's request for the <Connect
         # action> (if Twilio is still there) resumes the call on a new stream.
@@ -532,12 +575,14 @@ class TwilioStream:
             raise TwilioError("twilio_invalid_message", "`mark` needs a string `mark.name`")
         if self.output is None or self.call is None:
             raise TwilioError("twilio_not_started", "`mark` before `start`: ignored")
+        self._check_stream(data, "mark")
         if not self.output.mark_played(name):
             raise TwilioError("twilio_unknown_mark", f"mark {name[:64]!r} was not sent by us")
 
     def _on_dtmf(self, data: dict[str, Any]) -> None:
         if self.call is None:
             raise TwilioError("twilio_not_started", "`dtmf` before `start`: ignored")
+        self._check_stream(data, "dtmf")
         dtmf = data.get("dtmf")
         if not isinstance(dtmf, dict) or not isinstance(dtmf.get("digit"), str):
             raise TwilioError("twilio_invalid_message", "`dtmf` needs a string `dtmf.digit`")
