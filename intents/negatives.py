@@ -63,6 +63,7 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
     allow_cells_of(content)  # a long text is told by its own check, on its line
     reader = csv.reader(io.StringIO(content, newline=""), strict=True)
     column: int | None = None
+    header_line = 0
     texts: list[str] = []
     problems: list[str] = []
     last_line = 0
@@ -76,7 +77,10 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
                 if "text" not in names:
                     raise NegativesError(f"{path}: line {start}: needs a 'text' column "
                                          f"(found {fields})")
-                column = names.index("text")
+                if names.count("text") > 1:  # the seed CSV refuses a column twice too
+                    raise NegativesError(f"{path}: line {start}: column 'text' appears twice "
+                                         "(only one is read: merge them, or rename one)")
+                column, header_line = names.index("text"), start
                 width = len(names)
                 continue
             if not any(f.strip() for f in fields):
@@ -98,6 +102,10 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
         raise NegativesError(f"{path}: line {last_line + 1}: not CSV: {csv_problem(exc)}") from exc
     if column is None:
         raise NegativesError(f"{path}: line 1: needs a 'text' column (found nothing)")
+    if not texts and not problems:  # as the seed CSV: --negatives was given to add some
+        raise NegativesError(f"{path}: line {header_line}: no rows after the header (no "
+                             "negatives to add: leave out --negatives to seed with the "
+                             "shipped set alone)")
     if problems:
         raise NegativesError(f"{path}: " + "; ".join(problems[:20])
                              + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""))

@@ -288,6 +288,33 @@ def test_bad_entries_are_refused_with_the_validation_errors(own_server):
     assert serving_version(server) == version
 
 
+def test_a_blank_answer_is_refused_not_taken_for_no_answer(own_server):
+    """Review (stop 62): an entry's "answer" of spaces (or "") was collapsed to no answer
+    by the rows: a new entry was published as an agent (llm) entry, 201, though an answer
+    was given, and an edit of a cached answer got "no row of intent ... has one". A blank
+    string is now refused as such (null is how an entry has no answer); nothing published."""
+    server = own_server
+    version = serving_version(server)
+    with admin(server) as client:
+        for body in ({"intent": "lost_card", "answer": "   ",
+                      "questions": ["I lost my card", "My card was stolen"]},
+                     {"intent": "lost_card", "answer": "",
+                      "questions": ["I lost my card", "My card was stolen"]},
+                     {"id": "opening_hours", "answer": " \n\t "}):
+            response = client.post("/admin/entries", json=body)
+            assert response.status_code == 400, (body, response.text)
+            assert "'answer' is blank" in response.json()["error"], response.text
+        ids = {e["id"] for e in client.get("/admin/entries").json()["entries"]}
+        assert "lost_card" not in ids
+        # null is still an entry without an answer
+        agent = client.post("/admin/entries", json={
+            "intent": "lost_card", "answer": None, "action": "handoff",
+            "questions": ["I lost my card", "My card was stolen"]})
+        assert agent.status_code == 201, agent.text
+        assert agent.json()["entry"]["action"] == "handoff"
+    assert serving_version(server) != version
+
+
 def test_an_edit_that_would_leave_an_entry_without_questions_is_refused(own_server):
     """Given questions replace an entry's, and an entry has at least one. An edit with
     "questions": [] published the new answer with the old questions kept, silently, and
@@ -625,6 +652,44 @@ async def test_a_bad_target_wrong_rate_is_refused_before_the_body_is_read(tmp_pa
     # a good value waits for the body, as before
     sent, done = await post("target_wrong_rate=0.05")
     assert not done and sent == []
+
+
+async def test_an_upload_option_the_seed_would_not_read_is_refused_not_ignored(tmp_path):
+    """Review (stop 62): POST /admin/seed read target_wrong_rate and name and ignored any
+    other query parameter or multipart field: `?target-wrong-rate=0.2` (the CLI's
+    spelling), a typo, or `curl -F file=@faq.csv -F target_wrong_rate=0.2` seeded at the
+    current version's target (or 1 %), answering 200, and of `target_wrong_rate` given twice
+    the last was taken. Each is now a 400 naming it (the query's at once, before the body
+    is read), counted; nothing is published."""
+    app = warm_app(tmp_path / "store", ManualClock())
+    csv_type = {"content-type": "text/csv"}
+    bad_row = b"question,answer\nWhen are you open?,=1+1\nWhere are you?,Main St\n"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=AUTH) as client:
+        for query, named in (("target-wrong-rate=0.2", "'target-wrong-rate'"),
+                             ("target_wrong_rate=0.05&targetWrongRate=0.2",
+                              "'targetWrongRate'"),
+                             ("target_wrong_rate=0.05&target_wrong_rate=0.2",
+                              "'target_wrong_rate' given more than once")):
+            response = await client.post(f"/admin/seed?{query}", content=bad_row,
+                                         headers=csv_type)
+            assert response.status_code == 400, (query, response.text)
+            error = response.json()["error"]
+            assert named in error and "nothing published" in error, (query, error)
+            assert "errors" not in response.json(), (query, response.json())  # rows unread
+        form = await client.post("/admin/seed", files={"file": ("faq.csv", bad_row)},
+                                 data={"target_wrong_rate": "0.2"})
+        assert form.status_code == 400, form.text
+        error = form.json()["error"]
+        assert "'target_wrong_rate'" in error and "query parameters" in error, error
+        # what is read is still read
+        named = await client.post("/admin/seed?name=mine.csv&target_wrong_rate=0.05",
+                                  content=bad_row, headers=csv_type)
+        assert named.status_code == 400 and named.json()["error"].startswith("mine.csv: 1 bad")
+        assert [e["line"] for e in named.json()["errors"]] == [2]
+        stats = (await client.get("/admin/stats")).json()
+    assert stats["errors"] == {"admin_bad_request": 5}, stats["errors"]
+    assert not (tmp_path / "store" / "CURRENT").exists()
 
 
 # ---------------------------------------------------------------------- misses

@@ -763,3 +763,23 @@ def test_a_negative_of_punctuation_alone_is_refused_on_its_line(tmp_path: Any,
         texts = read_negatives_csv(path)
         pytest.fail(f"read as negatives, {negatives_for_seed(texts)[-2:]!r} kept: {texts!r}")
     assert ": line 3: no words, only punctuation" in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize("data, line, reason", [
+    (b"text\n", 1, "no rows after the header"),
+    (b"\ntext,notes\n,\n\n", 2, "no rows after the header"),
+    (b"text,Text\nbook me a flight,what's the weather\n", 1, "column 'text' appears twice"),
+], ids=["header-only", "blank-rows-only", "text-twice"])
+def test_a_negatives_file_that_adds_nothing_or_half_is_refused(tmp_path: Path, data: bytes,
+                                                               line: int, reason: str) -> None:
+    """Review (stop 62): intents/negatives.py read_negatives_csv returned () for a file
+    with a header and no rows, and read the first of two 'text' columns, dropping the
+    other's questions: `voicegate seed --negatives` seeded without the operator's
+    negatives, or half of them, and said nothing (exit 0). The seed CSV, which the
+    negatives file is documented to be read as, refuses both ("no rows after the header",
+    "column ... appears twice"); so does the negatives file now, naming the line."""
+    path = tmp_path / "never.csv"
+    path.write_bytes(data)
+    with pytest.raises(NegativesError) as info:
+        read_negatives_csv(path)
+    assert f": line {line}: {reason}" in str(info.value)

@@ -430,6 +430,11 @@ def _entry_fields(body: Mapping[str, Any]) -> tuple[str, Any, Any, Any]:
     answer = body["answer"] if "answer" in body else _KEEP
     if answer is not _KEEP and answer is not None and not isinstance(answer, str):
         raise BadEntry("'answer' must be a string or null")
+    if isinstance(answer, str) and not answer.strip():
+        # The rows collapse it to no answer: a new entry was published as an agent (llm)
+        # entry, 201, and an edit told "no row of intent ... has one".
+        raise BadEntry("'answer' is blank: give the text the cache plays, or null for an "
+                       "entry without an answer (action llm or handoff)")
     action = body["action"] if "action" in body else _KEEP
     if action is not _KEEP and action is not None and not isinstance(action, str):
         raise BadEntry("'action' must be one of answer, llm, handoff")

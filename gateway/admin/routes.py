@@ -227,6 +227,13 @@ async def _multipart_file(request: Request) -> tuple[bytes, str] | str:
             if not isinstance(upload, UploadFile):
                 return ("multipart upload without a 'file' field (send the CSV as field 'file',"
                         " or the raw CSV with Content-Type: text/csv)")
+            # curl -F target_wrong_rate=0.05: ignored, the seed published at another target
+            other = sorted(name for name in form.keys() if name != "file")
+            if other:
+                return (f"multipart field(s) {_names(other)} are not read: the upload takes "
+                        f"the CSV as field 'file' and its options as query parameters "
+                        f"({_SEED_PARAMS_HELP}); nothing published, the previous version "
+                        "keeps serving")
             return await upload.read(), upload.filename or "upload.csv"
     except HTTPException as exc:  # Starlette's report of a malformed multipart body
         return f"malformed multipart upload: {exc.detail}"
@@ -240,6 +247,31 @@ async def _multipart_file(request: Request) -> tuple[bytes, str] | str:
 _CSV_TYPES = ("", "application/csv", "application/vnd.ms-excel", "application/octet-stream",
               "multipart/form-data")
 _FORM = "application/x-www-form-urlencoded"
+
+
+# The query parameters POST /admin/seed reads. Another one (the CLI's spelling
+# target-wrong-rate, a typo) or one given twice was ignored, or one of its values taken,
+# and the seed published at a target the operator did not ask for, answering 200.
+_SEED_PARAMS = ("target_wrong_rate", "name")
+_SEED_PARAMS_HELP = "?target_wrong_rate=0.05&name=faq.csv"
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(n[:40]) for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _unread_params(request: Request) -> str | None:
+    """Why the upload's query parameters are not all read as given, or None."""
+    query = request.query_params
+    unknown = sorted(name for name in query.keys() if name not in _SEED_PARAMS)
+    if unknown:
+        return (f"unknown query parameter(s) {_names(unknown)}: POST /admin/seed takes "
+                f"target_wrong_rate and name ({_SEED_PARAMS_HELP})")
+    twice = [name for name in _SEED_PARAMS if len(query.getlist(name)) > 1]
+    if twice:
+        return f"query parameter(s) {_names(twice)} given more than once: give each once"
+    return None
 
 
 def _media_type(content_type: str) -> str:
@@ -267,6 +299,10 @@ async def seed_upload(request: Request, services: Services) -> Response:
     if refused is not None:
         return _bad_request(request, refused, 415)
     # Checked before the body is read: a wrong parameter must not wait for 5 MB to arrive.
+    unread = _unread_params(request)
+    if unread is not None:
+        return _bad_request(request, f"{unread}; nothing published, the previous version "
+                                     "keeps serving")
     target: float | None = None
     if "target_wrong_rate" in request.query_params:
         try:  # read as the CLI's --target-wrong-rate is
