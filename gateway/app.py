@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from .admin import admin_routes
+from .admin import admin_exception_handlers, admin_routes
 from .caller_page import caller_routes
 from .runtime import Runtime
 from .services import Services
@@ -69,6 +69,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
         WebSocketRoute("/twilio/stream", twilio_stream),
         *admin_routes(),
         *caller_routes(),
-    ], lifespan=lifespan)
+    ], exception_handlers=admin_exception_handlers(), lifespan=lifespan)
     app.state.services = services
     return app

@@ -804,3 +804,137 @@ async def test_read_body_stops_reading_once_the_limit_passes():
     with pytest.raises(BodyTooLarge):
         await read_body(request, 10_000, 60.0)
     assert pulled == 11  # the chunk that passed the limit was the last one read
+
+
+# ---------------------------------------------------------------------- unmatched routes
+
+
+async def test_an_admin_route_or_method_that_does_not_exist_answers_json(tmp_path):
+    """Review (stop 62): a path or method the admin API has no route for got Starlette's
+    plain text, `404 Not Found` or `405 Method Not Allowed`, though every admin route is
+    documented to answer JSON: `POST /admin/entries/opening_hours` (an entry is changed with
+    POST /admin/entries), an entry addressed by an intent name holding a slash (`/` or
+    `%2F`, decoded before routing, so no route matches), a typo. A 405's `Allow` named the
+    first route of the path only (`PUT /admin/seed`: "GET, HEAD", not POST or DELETE). Each
+    is now JSON in the admin API's error shape, saying which methods the path takes or which
+    routes there are (and how to address such an entry: by its id), counted as every
+    refusal is; the token is checked first, as on every admin route. Other paths keep
+    Starlette's answers (and an admin path's trailing slash its redirect)."""
+    app = warm_app(tmp_path / "store", ManualClock())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=AUTH) as client:
+        post_entry = await client.post("/admin/entries/opening_hours", json={"answer": "x"})
+        put_seed = await client.put("/admin/seed", content=b"question,answer\n")
+        post_admin = await client.post("/admin")
+        slash = await client.delete("/admin/entries/card/lost")
+        encoded = await client.get("/admin/entries/card%2Flost")
+        typo = await client.get("/admin/stat")
+        stats = (await client.get("/admin/stats")).json()
+        no_token = await client.get("/admin/stat", headers={"Authorization": "Bearer no"})
+        # not admin routes: Starlette's own answers, as before
+        other = await client.get("/nope")
+        healthz = await client.post("/healthz")
+        trailing = await client.get("/admin/stats/")
+    for response in (post_entry, put_seed, post_admin, slash, encoded, typo, no_token):
+        assert response.headers["content-type"] == "application/json", (
+            response.request.method, response.request.url.path, response.status_code,
+            response.text[:100])
+    assert post_entry.status_code == 405, post_entry.text
+    body = post_entry.json()
+    assert body["allowed"] == ["GET", "HEAD", "DELETE"], body
+    assert post_entry.headers["allow"] == "GET, HEAD, DELETE"
+    assert "POST is not allowed" in body["error"] and "POST /admin/entries" in body["error"]
+    assert put_seed.status_code == 405 and put_seed.json()["allowed"] == [
+        "GET", "HEAD", "POST", "DELETE"], put_seed.text
+    assert post_admin.status_code == 405 and post_admin.json()["allowed"] == ["GET", "HEAD"]
+    card_id = entry_id_for("card/lost")
+    for response in (slash, encoded):
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert "%2F" in error and repr(card_id) in error, error
+    assert typo.status_code == 404
+    assert "no admin route GET /admin/stat" in typo.json()["error"]
+    assert "GET /admin/stats" in typo.json()["error"]  # the routes there are
+    assert stats["errors"] == {"admin_bad_request": 6}, stats["errors"]
+    assert no_token.status_code == 401
+    assert (other.status_code, other.headers["content-type"], other.text) == (
+        404, "text/plain; charset=utf-8", "Not Found")
+    assert (healthz.status_code, healthz.text) == (405, "Method Not Allowed")
+    assert (trailing.status_code, trailing.headers["location"]) == (
+        307, "http://gateway/admin/stats")
+
+
+def test_an_unmatched_admin_path_is_off_with_the_admin_api(tmp_path):
+    """With no token configured every /admin path answers the documented 404, unmatched ones
+    too (they answered Starlette's plain "Not Found")."""
+    from starlette.testclient import TestClient
+
+    from gateway.app import create_app
+    from gateway.settings import Settings
+
+    client = TestClient(create_app(Settings(store_dir=str(tmp_path / "store"), port=0)))
+    for method, path in (("GET", "/admin/nope"), ("POST", "/admin/entries/x"),
+                         ("DELETE", "/admin/entries/a/b")):
+        response = client.request(method, path, headers=AUTH)
+        assert response.status_code == 404, (method, path)
+        assert response.json() == {"error": "admin API is disabled: set VOICEGATE_ADMIN_TOKEN"}
+
+
+# ---------------------------------------------------------------------- misses parameters
+
+
+@pytest.mark.parametrize("query, named", [
+    ("treshold=0.6", "unknown query parameter(s) 'treshold'"),
+    ("limit=10&Limit=5", "unknown query parameter(s) 'Limit'"),
+    ("limit=5&limit=6", "'limit' given more than once"),
+    ("threshold=0.6&threshold=0.9", "'threshold' given more than once"),
+    ("all=1&all=0", "'all' given more than once"),
+    ("limit=1_0", "limit must be"),
+    ("limit=+5", "limit must be"),
+    ("limit= 5", "limit must be"),
+    ("limit=\u0665", "limit must be"),  # an Arabic-Indic 5: int() reads it
+    ("limit=0", "limit must be"),
+    ("limit=" + "9" * 5000, "limit must be"),
+    ("limit=2001", "limit must be a whole number of groups from 1 to 2000"),
+    ("threshold=1e-320", "threshold must be"),
+    ("threshold=1_0", "threshold must be"),
+    ("threshold=0.6_0", "threshold must be"),
+    ("threshold=inf", "threshold must be"),
+    ("threshold=nan", "threshold must be"),
+    ("threshold=%200.6", "threshold must be"),
+    ("threshold=0", "threshold must be"),
+    ("threshold=1.5", "threshold must be"),
+])
+def test_misses_parameters_are_read_as_given_or_refused(tmp_path, query, named):
+    """Review (stop 62): GET /admin/misses ignored a parameter it does not read
+    (`?treshold=0.6` listed the groups at 0.75), took the last of one given twice, and read
+    `limit=1_0` as 10 (int() takes underscores, signs, spaces and any script's digits),
+    `threshold=1e-320` or `1_0` as numbers: the list answered 200 for something the
+    operator did not ask for. As POST /admin/seed's options (the same check): an unknown or
+    repeated parameter is a 400 naming it, `limit` plain digits (1 or more) and `threshold`
+    a plain decimal in (0, 1]; counted."""
+    from starlette.testclient import TestClient
+
+    app = warm_app(tmp_path / "store", ManualClock())
+    app.state.services._runtime.embedder = None  # no misses: nothing is embedded
+    client = TestClient(app)
+    response = client.get(f"/admin/misses?{query}", headers=AUTH)
+    assert response.status_code == 400, (query, response.status_code, response.text[:300])
+    assert named in response.json()["error"], (query, response.json())
+    errors = client.get("/admin/stats", headers=AUTH).json()["errors"]
+    assert errors == {"admin_bad_request": 1}, errors
+
+
+def test_misses_parameters_given_plainly_are_read(tmp_path):
+    from starlette.testclient import TestClient
+
+    app = warm_app(tmp_path / "store", ManualClock())
+    app.state.services._runtime.embedder = None
+    client = TestClient(app)
+    for query, threshold in (("", 0.75), ("limit=5&threshold=0.6&all=1", 0.6),
+                             ("threshold=1", 1.0), ("threshold=.5", 0.5),
+                             ("threshold=0.80&limit=0020", 0.8),
+                             ("limit=2000&threshold=1.", 1.0), ("limit=" + "0" * 50 + "7", 0.75)):
+        response = client.get(f"/admin/misses?{query}", headers=AUTH)
+        assert response.status_code == 200, (query, response.text)
+        assert response.json()["threshold"] == threshold

@@ -234,3 +234,41 @@ async def test_deleting_the_last_entry_is_refused_in_csv_jargon_naming_no_entry(
     said = json.dumps(body)
     assert "header" not in said and "hours" in said, (
         f"deleting the only entry 'hours' answered: {body}")
+
+
+async def test_an_entry_is_found_by_its_intent_name_by_get_as_by_delete(tmp_path: Path) -> None:
+    """Review (stop 62): GET /admin/entries/{id} looked the entry up by its id alone, while
+    DELETE on the same path (and POST /admin/entries) also take its intent name: for the
+    intent "Card lost" (id Card_lost-<hash>) GET /admin/entries/Card%20lost answered 404 "no
+    entry", and DELETE on that same URL deleted the entry. The three find an entry one way
+    now (its id or its intent name)."""
+    import httpx
+
+    from gateway.clock import ManualClock
+    from intents.types import entry_id_for
+    from tests.admin_support import AUTH, warm_app
+
+    store_dir = tmp_path / "store"
+    store = LocalStore(store_dir)
+    cli_seed(store, small_faq_csv() + "I lost my bank card,Call us to block it.,Card lost,\n"
+                                      "my bank card was stolen,,Card lost,\n")
+    app = warm_app(store_dir, ManualClock())
+    services = app.state.services
+    services.cache = FaqCache(store, shared_embedder())
+    assert services.cache.refresh()
+    services._runtime.tts, services._runtime.embedder = ToneVoice(), shared_embedder()
+    card_id = entry_id_for("Card lost")
+    assert card_id != "Card lost"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=AUTH) as client:
+        by_id = await client.get(f"/admin/entries/{card_id}")
+        by_name = await client.get("/admin/entries/Card%20lost")
+        assert by_id.status_code == 200, by_id.text
+        assert by_name.status_code == 200, by_name.text
+        assert by_name.json() == by_id.json()
+        assert by_name.json()["entry"]["id"] == card_id
+        deleted = await client.delete("/admin/entries/Card%20lost")
+        assert deleted.status_code == 200, deleted.text
+        for path in (f"/admin/entries/{card_id}", "/admin/entries/Card%20lost"):
+            gone = await client.get(path)
+            assert gone.status_code == 404, (path, gone.text)

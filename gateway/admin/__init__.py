@@ -5,6 +5,6 @@ One concern per module: ``auth`` (bearer token), ``routes`` (HTTP handlers),
 (grouping missed questions), ``static/dashboard.html`` (the page).
 """
 
-from .routes import admin_routes
+from .routes import admin_exception_handlers, admin_routes
 
-__all__ = ["admin_routes"]
+__all__ = ["admin_exception_handlers", "admin_routes"]

@@ -26,7 +26,7 @@ import contextlib
 import functools
 import threading
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
                         parse_seed_csv, parse_seed_rows, rows_from_manifest)
@@ -40,6 +40,7 @@ from ..services import Services
 from .seed_status import CANCELLED, DELETE, ENTRY, FAILED, PUBLISHED, UPLOAD, SeedStatus
 
 T = TypeVar("T")
+E = TypeVar("E")  # an entry, as find_entry reads it
 
 
 class SeedBusy(RuntimeError):
@@ -362,9 +363,17 @@ def _failure(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def find_entry(entries: Iterable[E], name: str,
+               names: Callable[[E], tuple[str, str]]) -> E | None:
+    """The first of ``entries`` whose id (as in URLs) or intent name is ``name``: how GET and
+    DELETE /admin/entries/{id} and POST /admin/entries find an entry. ``names`` gives an
+    entry's (id, intent)."""
+    return next((e for e in entries if name in names(e)), None)
+
+
 def _find_entry(manifest: Mapping[str, Any], name: str) -> dict[str, Any] | None:
     """The manifest entry whose id (as in URLs) or intent name is ``name``."""
-    return next((e for e in manifest["entries"] if name in (e["id"], e["intent"])), None)
+    return find_entry(manifest["entries"], name, lambda e: (e["id"], e["intent"]))
 
 
 class _Keep:

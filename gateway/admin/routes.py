@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 from importlib import resources
 from typing import Any, Awaitable, Callable
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse,
+                                 RedirectResponse, Response)
+from starlette.routing import BaseRoute, Match, Route
 
 from cache_seed import (SeedCancelled, SeedError, SeedValidationError, TooManyNewAnswers,
                         parse_target_wrong_rate)
@@ -20,14 +22,16 @@ from cache_seed import (SeedCancelled, SeedError, SeedValidationError, TooManyNe
 from ..http_body import BodyTimeout, BodyTooLarge, closing
 from ..protocol import LONE_SURROGATE, has_lone_surrogate
 from ..services import Services
+from ..stats import MISSED_KEPT
 from . import auth
 from .auth import admin_only, error
 from intents.embedder import normalize_text
 from intents.store import PublishUnconfirmed, StoreConflict, StoreError
+from intents.types import entry_id_for
 
 from .misses import DEFAULT_THRESHOLD, group_misses, is_agent_intent
 from .publish import (BadEntry, EntryExists, EntryNotFound, LabelledValidationError,
-                      PublishedNotServed, Publisher, SeedBusy, report_json)
+                      PublishedNotServed, Publisher, SeedBusy, find_entry, report_json)
 from .seed_status import PROMOTE
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
@@ -105,11 +109,14 @@ async def list_entries(request: Request, services: Services) -> Response:
 async def get_entry(request: Request, services: Services) -> Response:
     entry_id = request.path_params["entry_id"]
     loaded = services.cache.loaded  # type: ignore[union-attr]
-    entry = loaded.entries.get(entry_id) if loaded else None
+    # By its id or its intent name, as DELETE and POST find it (by the id alone it was 404
+    # for a name DELETE deleted).
+    entry = find_entry(loaded.entries.values(), entry_id,
+                       lambda e: (e.id, e.intent)) if loaded else None
     if entry is None:
         return error(f"no entry {entry_id!r} in the serving cache version "
                      f"({loaded.version if loaded else 'none published'})", 404)
-    hits = (await _entry_hits(services)).get(entry_id, 0)
+    hits = (await _entry_hits(services)).get(entry.id, 0)
     return JSONResponse({"version": loaded.version,  # type: ignore[union-attr]
                          "entry": _entry_json(entry, hits)})
 
@@ -261,14 +268,16 @@ def _names(names: list[str]) -> str:
     return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _unread_params(request: Request) -> str | None:
-    """Why the upload's query parameters are not all read as given, or None."""
+def _unread_params(request: Request, route: str, known: tuple[str, ...],
+                   example: str) -> str | None:
+    """Why the request's query parameters are not all read as given (one ``route``, e.g.
+    ``POST /admin/seed``, does not read, or one given twice), or None."""
     query = request.query_params
-    unknown = sorted(name for name in query.keys() if name not in _SEED_PARAMS)
+    unknown = sorted(name for name in query.keys() if name not in known)
     if unknown:
-        return (f"unknown query parameter(s) {_names(unknown)}: POST /admin/seed takes "
-                f"target_wrong_rate and name ({_SEED_PARAMS_HELP})")
-    twice = [name for name in _SEED_PARAMS if len(query.getlist(name)) > 1]
+        takes = ", ".join(known[:-1]) + " and " + known[-1] if len(known) > 1 else known[0]
+        return f"unknown query parameter(s) {_names(unknown)}: {route} takes {takes} ({example})"
+    twice = [name for name in known if len(query.getlist(name)) > 1]
     if twice:
         return f"query parameter(s) {_names(twice)} given more than once: give each once"
     return None
@@ -299,7 +308,7 @@ async def seed_upload(request: Request, services: Services) -> Response:
     if refused is not None:
         return _bad_request(request, refused, 415)
     # Checked before the body is read: a wrong parameter must not wait for 5 MB to arrive.
-    unread = _unread_params(request)
+    unread = _unread_params(request, "POST /admin/seed", _SEED_PARAMS, _SEED_PARAMS_HELP)
     if unread is not None:
         return _bad_request(request, f"{unread}; nothing published, the previous version "
                                      "keeps serving")
@@ -386,17 +395,35 @@ async def _miss_groups(services: Services, threshold: float, limit: int,
 
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
+# What GET /admin/misses reads; another parameter (`treshold`) or one given twice was ignored,
+# or its last value taken, and the groups listed for something not asked, answering 200.
+_MISSES_PARAMS = ("limit", "threshold", "all")
+_MISSES_PARAMS_HELP = "?limit=20&threshold=0.75&all=1"
+# Plain ASCII digits, and a plain decimal: int() and float() also take underscores (1_0),
+# signs, spaces, other scripts' digits, exponents (1e-320), inf and nan. No more groups than
+# the misses kept can be listed, so that is the most a limit asks for.
+_LIMIT = re.compile(r"0*([0-9]{1,4})")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
 
 @admin_ready
 async def misses(request: Request, services: Services) -> Response:
     query = request.query_params
-    try:
-        limit = int(query.get("limit", "20"))
-        threshold = float(query.get("threshold", str(DEFAULT_THRESHOLD)))
-    except ValueError:
-        return _bad_request(request, "limit must be an integer and threshold a number")
-    if not (limit > 0 and 0.0 < threshold <= 1.0):
-        return _bad_request(request, "limit must be positive and threshold in (0, 1]")
+    unread = _unread_params(request, "GET /admin/misses", _MISSES_PARAMS, _MISSES_PARAMS_HELP)
+    if unread is not None:
+        return _bad_request(request, unread)
+    given_limit = query.get("limit", "20")
+    digits = _LIMIT.fullmatch(given_limit)
+    limit = int(digits.group(1)) if digits else 0
+    if not 1 <= limit <= MISSED_KEPT:
+        return _bad_request(request, f"limit must be a whole number of groups from 1 to "
+                                     f"{MISSED_KEPT}, in digits (e.g. 20); not "
+                                     f"{given_limit[:40]!r}")
+    given_threshold = query.get("threshold", str(DEFAULT_THRESHOLD))
+    threshold = float(given_threshold) if _DECIMAL.fullmatch(given_threshold) else -1.0
+    if not 0.0 < threshold <= 1.0:
+        return _bad_request(request, f"threshold must be a decimal number in (0, 1], e.g. "
+                                     f"{DEFAULT_THRESHOLD}; not {given_threshold[:40]!r}")
     # A value read as neither (`all=on`, a bare `?all`, a typo) is refused: taken for "no",
     # it listed fewer misses than asked for, without a word.
     flag = query.get("all", "0").strip().lower()
@@ -508,6 +535,78 @@ async def to_dashboard(request: Request) -> Response:
     if not auth.configured_token(request):
         return auth.disabled_response()
     return RedirectResponse("/admin/", status_code=307)
+
+
+# ---------------------------------------------------------------------- no such route
+
+
+def _is_admin(path: str) -> bool:
+    return path == "/admin" or path.startswith("/admin/")
+
+
+def _admin_routes_of(request: Request) -> list[Route]:
+    return [r for r in request.app.router.routes if isinstance(r, Route) and _is_admin(r.path)]
+
+
+def _method_order(method: str) -> tuple[int, str]:
+    known = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    return (known.index(method) if method in known else len(known), method)
+
+
+def _shown(methods: Any) -> str:
+    return ", ".join(m for m in sorted(set(methods), key=_method_order) if m != "HEAD")
+
+
+async def unmatched(request: Request, exc: Exception) -> Response:
+    """Starlette's 404 (no route has the path) and 405 (none of the path's routes has the
+    method): under /admin JSON in the admin API's error shape, saying which methods the
+    path takes or which routes there are, the token checked first and the refusal counted,
+    as on every admin route; elsewhere Starlette's own plain-text answer, as before."""
+    assert isinstance(exc, HTTPException)
+    scope = request.scope
+    path = scope["path"]
+    if scope.get("root_path") and path.startswith(scope["root_path"]):
+        path = path[len(scope["root_path"]):]
+    if not _is_admin(path):
+        return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    refused = auth.check(request)
+    if refused is not None:
+        return refused
+    routes = _admin_routes_of(request)
+    # Starlette's own Allow names the first of the path's routes only (GET, not DELETE).
+    matching = [r for r in routes if r.matches(scope)[0] is not Match.NONE]
+    allowed = sorted({m for r in matching for m in r.methods or ()}, key=_method_order)
+    if matching and request.method in allowed:  # raised by a route's own handler
+        return error(str(exc.detail), exc.status_code)
+    if matching:
+        hint = ("; an entry is added or changed with POST /admin/entries, its intent in the "
+                "body" if matching[0].path == "/admin/entries/{entry_id}"
+                and request.method in ("POST", "PUT", "PATCH") else "")
+        response = _bad_request(request, f"{request.method} is not allowed on {path}: "
+                                         f"{matching[0].path} takes {_shown(allowed)}{hint}",
+                                405, allowed=allowed)
+        response.headers["Allow"] = ", ".join(allowed)
+        return response
+    entries = "/admin/entries/"
+    if path.startswith(entries) and "/" in path[len(entries):].strip("/"):
+        # %2F is decoded before routing, so no URL holds a '/' in an id; ids never have one
+        name = path[len(entries):]
+        return _bad_request(request, (
+            f"no admin route {request.method} {path}: an entry's id holds no '/', and a '/' "
+            f"in the URL, %2F included (it is decoded before routing), ends the id. An entry "
+            f"whose intent name holds a '/' is addressed by its id, as GET /admin/entries "
+            f"lists it: {entry_id_for(name)!r} for the intent {name!r}"), 404)
+    paths: dict[str, list[str]] = {}
+    for route in routes:
+        paths.setdefault(route.path, []).extend(route.methods or ())
+    listing = "; ".join(f"{_shown(methods)} {p}" for p, methods in paths.items())
+    return _bad_request(request, f"no admin route {request.method} {path}: the admin API's "
+                                 f"routes are {listing} (docs/operations.md, Admin API)", 404)
+
+
+def admin_exception_handlers() -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
+    """For the app: JSON for a path or method under /admin that no route takes."""
+    return {404: unmatched, 405: unmatched}
 
 
 def admin_routes() -> list[BaseRoute]:
