@@ -83,7 +83,7 @@ from intents.classifier import TWO_VIEWS, IntentClassifier  # noqa: E402
 from intents.embedder import AUTO, BACKENDS, DEFAULT_BACKEND, Embedder, default_model_dir  # noqa: E402
 from intents.router import Router, train_router  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
-from intents.types import Action, Entry, RouteDecision  # noqa: E402
+from intents.types import DEFAULT_TARGET_WRONG_RATE, Action, Entry, RouteDecision  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/banking77")
 DEFAULT_CLINC = Path("/work/shared/data/clinc150")
@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--limit", type=int, default=0, help="utterances per dev set (0: all)")
     parser.add_argument("--no-prefixes", action="store_true", help="skip word-by-word prefixes")
-    parser.add_argument("--target", type=float, default=0.01, help="target wrong-answer rate")
+    parser.add_argument("--target", type=float, default=DEFAULT_TARGET_WRONG_RATE,
+                        help="target wrong-answer rate")
     parser.add_argument("--vector-cache", type=Path, default=None,
                         help="directory keeping embeddings between runs")
     parser.add_argument("--systems", default="voicegate,legacy,ablations,gptcache,semantic-router",

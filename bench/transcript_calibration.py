@@ -40,6 +40,15 @@ bounded at the target. Measured 2026-11-27, fold seed 0: 47.8% of the transcript
 99.16% right (8 wrong of 956), against half the target's 41.4%, 99.64% (3 of 828). On dev
 (README, "Probed 2026-11-27") it served transcripts at 99.02%: not kept.
 
+Probe 3, not shipped (2026-11-29): the default target at 0.7% (the router issue's 99.3%
+typed bar) with the factor re-chosen by the rule above (``--target 0.007``, fold seeds 0 / 1,
+the grid with 0.9 added before the run). Typed held-out train at 0.7%: 73.4% / 72.7% answered,
+99.39% / 99.45% right; transcripts right at 1.0 / 0.9 / 0.8 of it: 98.84 / 98.93 / 99.64%
+(seed 0), 99.26 / 99.44 / 99.53% (seed 1), answered at 0.8 41.5% / 42.6%: 0.8 by the rule. Not
+adopted, and dev never read for it: at 0.7% the shipped example FAQ (229 questions, too few to
+bound either target) finds no threshold at all on its point estimate (at least 72 held-out
+hits, at most 0.7% of them wrong) and would serve nothing, where 1% serves 72.8% of it.
+
 Run: .venv/bin/python bench/transcript_calibration.py [--per-intent 26] [--fold-seed 0]
 (the first run transcribes the sample: about 10 minutes on 2 cores)
 """
@@ -65,6 +74,7 @@ from intents.embedder import Embedder  # noqa: E402
 from intents.judge import SIGNALS, Judge, read_signals  # noqa: E402
 from intents.negatives import embed_negatives, negatives_for_seed  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
+from intents.types import DEFAULT_TARGET_WRONG_RATE  # noqa: E402
 
 FOLDS = 5
 COPY_FACTORS = (1.0, 0.7, 0.5)
@@ -73,7 +83,7 @@ COPY_FACTORS = (1.0, 0.7, 0.5)
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--per-intent", type=int, default=26)
-    parser.add_argument("--target", type=float, default=0.01)
+    parser.add_argument("--target", type=float, default=DEFAULT_TARGET_WRONG_RATE)
     parser.add_argument("--fold-seed", type=int, default=0,
                         help="the cross-validation's folds (StratifiedKFold, cross_validate)")
     args = parser.parse_args()
@@ -168,7 +178,7 @@ def main() -> None:
     print(f"\n{'typed target':>12}  {'threshold':>9}  {'typed (held-out train)':<40}  "
           f"transcripts of the same questions: all voices; "
           + "; ".join(by_voice))
-    for factor in (1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3):
+    for factor in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3):
         t, _ = calibrate(held, answers, args.target * factor)
         line = served(t.hit_confidence, typed_score[sp_rows], right[sp_rows],
                       typed_eligible[sp_rows])

@@ -77,6 +77,7 @@ from intents.classifier import IntentClassifier
 from intents.embedder import normalize_text
 from intents.judge import SIGNALS, Judge, Signals, read_signals
 from intents.misheard import misheard_copies
+from intents.types import DEFAULT_TARGET_WRONG_RATE
 from intents.semantic_cache import SemanticCache
 
 NEVER = 2.0  # a judge confidence no query reaches: the router never hits
@@ -358,7 +359,7 @@ def wrong_rate_bound(wrong: Any, served: Any, confidence: float = CONFIDENCE) ->
 
 
 def calibrate(held_out: HeldOut, answer_intents: Collection[str],
-              target_wrong_rate: float = 0.01, *,
+              target_wrong_rate: float = DEFAULT_TARGET_WRONG_RATE, *,
               out_of_domain_target: float = OUT_OF_DOMAIN_TARGET,
               confidence: float = CONFIDENCE, out_of_scope_quantile: float = 0.01,
               seed: int = 0) -> tuple[Thresholds, Judge]:

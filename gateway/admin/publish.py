@@ -33,7 +33,7 @@ from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
 from cache_seed.validate import bad_intent_characters
 
 from intents.store import ANY_VERSION, AnyVersion, StoreError, StoreUnavailable
-from intents.types import entry_id_for
+from intents.types import DEFAULT_TARGET_WRONG_RATE, entry_id_for
 
 from ..seeding import seed_plan_with_voice
 from ..services import Services
@@ -213,7 +213,7 @@ class Publisher:
 
     def _target_wrong_rate(self, manifest: Mapping[str, Any]) -> float:
         thresholds = manifest.get("thresholds") or {}
-        return float(thresholds.get("target_wrong_rate", 0.01))
+        return float(thresholds.get("target_wrong_rate", DEFAULT_TARGET_WRONG_RATE))
 
     async def _publish(self, plan: SeedPlan, source: str, target_wrong_rate: float,
                        negatives: Sequence[str],
@@ -265,7 +265,7 @@ class Publisher:
         the store's current one, whether this replica serves it, is behind it (another
         replica, the CLI, published since its last poll) or cannot load it (an answer's
         audio lost). Memory's copy when the store lost it (Redis restarted empty, a wiped
-        directory: what a reseed repairs) or holds one that cannot be read; the CLI's 1% when
+        directory: what a reseed repairs) or holds one that cannot be read; the CLI's default (1%) when
         there is none. ``StoreUnavailable`` when the store does not answer. Blocking."""
         cache = self.services.cache
         assert cache is not None
@@ -287,7 +287,7 @@ class Publisher:
             pass  # not readable as a version (what a reseed repairs): memory's copy
         if loaded is not None:
             return loaded.thresholds.target_wrong_rate, tuple(loaded.negatives)
-        return 0.01, ()
+        return DEFAULT_TARGET_WRONG_RATE, ()
 
     # ------------------------------------------------------------------ entries
 
