@@ -39,9 +39,11 @@ measurements.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import Executor, Future
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 from intents.embedder import normalize_text
 from intents.types import RouteDecision
@@ -87,11 +89,19 @@ class RoutingLanes:
     @classmethod
     def build(cls, route_many: RouteMany, executors: dict[str, Executor],
               is_warm: Callable[[str], bool], target_batch_ms: float = 30.0,
-              gather_cold_finals: bool = False) -> "RoutingLanes":
+              gather_cold_finals: bool = False,
+              embed_one: Callable[[str], object] | None = None) -> "RoutingLanes":
         """The four lanes, each on its executor (``ROUTING_LANES``). Partials always gather
-        an iteration; a final starts at once unless ``gather_cold_finals`` (a cold one)."""
+        an iteration; a final starts at once unless ``gather_cold_finals`` (a cold one).
+        ``embed_one`` (a text into the embedder's vector cache), given where texts embedded
+        together share no forward pass: cold finals go first (``FinalsFirst``)."""
+        routes = dict.fromkeys(ROUTING_LANES, route_many)
+        if embed_one is not None:
+            gate = FinalsFirst()
+            routes["cold"] = gate.partials(route_many, embed_one)
+            routes["cold_finals"] = gate.finals(route_many)
         return cls(**{lane: RouteBatcher(
-            route_many, executors[lane], target_batch_ms=target_batch_ms,
+            routes[lane], executors[lane], target_batch_ms=target_batch_ms,
             gather_finals=lane == "cold" or (lane == "cold_finals" and gather_cold_finals))
             for lane in ROUTING_LANES}, is_warm=is_warm)
 
@@ -111,6 +121,57 @@ class RoutingLanes:
     @property
     def shed(self) -> int:
         return self.warm.shed + self.cold.shed
+
+
+class FinalsFirst:
+    """A cold final's forward pass before the partials': while a final is routed, the
+    partials' cold lane waits between its texts (at most ``max_wait_s`` each time).
+
+    Two cores hold the event loop, the recogniser or the load, and both cold lanes; a
+    partials' batch (up to ``target_batch_ms`` of forward passes) running beside a final's
+    pass takes part of the core the final needs while its caller waits in silence. Only
+    where a batch's texts are embedded one by one anyway (the dynamic int8 backend):
+    embedding them one at a time first, the cache then holding every vector, splits no
+    shared pass.
+    """
+
+    def __init__(self, max_wait_s: float = 0.05) -> None:
+        self._max_wait_s = max_wait_s
+        self._finals = 0  # finals being routed now
+        self._changed = threading.Condition()
+        self.pauses = 0  # times a partials' batch waited for a final
+
+    def finals(self, route_many: RouteMany) -> RouteMany:
+        def route(texts: Sequence[str]) -> list[RouteDecision]:
+            with self._final():
+                return route_many(texts)
+        return route
+
+    def partials(self, route_many: RouteMany, embed_one: Callable[[str], object]) -> RouteMany:
+        def route(texts: Sequence[str]) -> list[RouteDecision]:
+            for text in texts:
+                self._let_finals_pass()
+                embed_one(text)
+            return route_many(texts)  # every vector cached by now: no forward pass
+        return route
+
+    @contextmanager
+    def _final(self) -> Iterator[None]:
+        with self._changed:
+            self._finals += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._finals -= 1
+                if not self._finals:
+                    self._changed.notify_all()
+
+    def _let_finals_pass(self) -> None:
+        with self._changed:
+            if self._finals:
+                self.pauses += 1
+                self._changed.wait_for(lambda: not self._finals, timeout=self._max_wait_s)
 
 
 class _Slot:

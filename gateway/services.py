@@ -184,7 +184,9 @@ class Services:
         self.route_batcher = RoutingLanes.build(
             cache.route_many, runtime.route_executors, runtime.embedder.is_cached,
             target_batch_ms=target_ms,
-            gather_cold_finals=self.settings.route_gather_cold_finals)
+            gather_cold_finals=self.settings.route_gather_cold_finals,
+            embed_one=(None if runtime.embedder.batches_share_a_pass
+                       else runtime.embedder.encode))
         self.responder = Responder(runtime.agent, runtime.tts, runtime.prompts, cache.audio,
                                    tts_gap_timeout_s=self.settings.tts_gap_timeout_s)
         self._call_deps = CallDeps(settings=self.settings, vad=runtime.vad_batcher,

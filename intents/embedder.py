@@ -110,6 +110,9 @@ class Embedder:
             raise FileNotFoundError(f"no sentence-transformers model in {path}")
         self.backend = backend
         self.model_name = recorded_name(model_name, backend)
+        # Whether texts embedded together share a forward pass (the dynamic int8 backend runs
+        # each text alone: intents/onnx_encoder.py): callers that could split a batch keep it.
+        self.batches_share_a_pass = True
         from .model_cache import default_cache_dir
 
         # Where files derived from the model are kept (its int8 export, vectors of fixed
@@ -127,6 +130,7 @@ class Embedder:
                                           one_text_per_run=quantization in ONE_TEXT_PER_RUN)
             self.dim = encoder.dim
             self._encode = encoder.encode
+            self.batches_share_a_pass = quantization not in ONE_TEXT_PER_RUN
         # Per instance (not a module-level cache) so each Embedder owns its memory.
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size

@@ -10,7 +10,8 @@ from typing import Sequence
 
 import pytest
 
-from gateway.route_batcher import ROUTING_LANES, RouteBatcher, RoutingLanes, RoutingShed
+from gateway.route_batcher import (ROUTING_LANES, FinalsFirst, RouteBatcher, RoutingLanes,
+                                   RoutingShed)
 from intents.types import RouteDecision, miss
 
 
@@ -561,3 +562,62 @@ async def test_a_final_joined_to_a_broken_partial_batch_does_not_wait_for_its_pa
             router.gate.set()
             await asyncio.gather(final, *partials, return_exceptions=True)
         assert final.result().text == "what is the swift code"
+
+
+def test_a_cold_final_goes_before_the_rest_of_a_partials_batch() -> None:
+    """FinalsFirst: while a final is routed, the partials' lane waits between its texts
+    (where texts share no forward pass, splitting costs nothing), so the final's pass has
+    the core; the partials' texts are embedded one by one, then routed together."""
+    gate = FinalsFirst(max_wait_s=30.0)  # long: only the final's end may release the wait
+    order: list[str] = []
+    final_started, release_final = threading.Event(), threading.Event()
+
+    def final_route_many(texts: Sequence[str]) -> list[RouteDecision]:
+        final_started.set()
+        release_final.wait(10)
+        order.append("final routed")
+        return [miss(t, "final") for t in texts]
+
+    batches: list[list[str]] = []
+
+    def partials_route_many(texts: Sequence[str]) -> list[RouteDecision]:
+        batches.append(list(texts))
+        return [miss(t, "partial") for t in texts]
+
+    route_final = gate.finals(final_route_many)
+    route_partials = gate.partials(partials_route_many, lambda text: order.append(text))
+    final = threading.Thread(target=route_final, args=(["my card is lost"],))
+    final.start()
+    assert final_started.wait(10)
+    partials = threading.Thread(target=route_partials, args=(["my", "my card"],))
+    partials.start()
+    deadline = time.monotonic() + 10
+    while gate.pauses == 0:  # the partials' lane is waiting for the final
+        assert time.monotonic() < deadline, "the partials' lane never waited"
+        time.sleep(0.001)
+    assert order == []
+    release_final.set()
+    final.join(10)
+    partials.join(10)
+    assert order == ["final routed", "my", "my card"]
+    assert batches == [["my", "my card"]]
+    # No final under way: no wait.
+    route_partials(["my card was"])
+    assert gate.pauses == 1 and order[-1] == "my card was"
+
+
+def test_lanes_split_partials_only_where_texts_share_no_pass(executor) -> None:
+    """RoutingLanes.build: without ``embed_one`` every lane routes batches as they are;
+    with it the cold partials' lane embeds text by text first."""
+    embedded: list[str] = []
+    router = RecordingRouter()
+    executors = dict.fromkeys(ROUTING_LANES, executor)
+
+    async def route_cold_partials(lanes: RoutingLanes) -> None:
+        await asyncio.gather(lanes.route("a b"), lanes.route("a b c"))
+
+    asyncio.run(route_cold_partials(RoutingLanes.build(router, executors, lambda t: False)))
+    assert embedded == [] and router.batches == [["a b", "a b c"]]
+    asyncio.run(route_cold_partials(RoutingLanes.build(
+        router, executors, lambda t: False, embed_one=embedded.append)))
+    assert embedded == ["a b", "a b c"] and router.batches[-1] == ["a b", "a b c"]
