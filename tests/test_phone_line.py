@@ -1848,12 +1848,8 @@ async def test_keys_carried_into_a_spoken_turn_are_not_routed(end, early_finals)
     assert final["text"] == _SPOKEN, final
 
 
-async def test_keys_carried_into_a_turn_of_noise_still_reach_the_agent():
-    """Review (stop 61), with the tests above: keys carried into an utterance that held no
-    words (noise on the line, the keypad's own tones heard as speech) were routed as the
-    turn's text ("the caller pressed 4 9 2 1") and listed as its missed question. They are
-    still the agent's to answer, not an empty turn: the turn asks them, unrouted, with an
-    empty transcript, and lists no missed question."""
+async def _keys_then_noise() -> CallHarness:
+    """A call that keys 4921, then makes noise the recogniser hears no word in."""
     h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
     await h.start()
     for key in "4921":
@@ -1861,6 +1857,16 @@ async def test_keys_carried_into_a_turn_of_noise_still_reach_the_agent():
     await h.wait(1000)
     await h.feed(tone(3200, value=77))  # no word: the recogniser hears nothing in it
     await h.silence(2000)
+    return h
+
+
+async def test_keys_carried_into_a_turn_of_noise_still_reach_the_agent():
+    """Review (stop 61), with the tests above: keys carried into an utterance that held no
+    words (noise on the line, the keypad's own tones heard as speech) were routed as the
+    turn's text ("the caller pressed 4 9 2 1") and listed as its missed question. They are
+    still the agent's to answer, not an empty turn: the turn asks them, unrouted, with an
+    empty transcript, and lists no missed question."""
+    h = await _keys_then_noise()
     await h.stop()
     [keypad] = h.output.of("keypad")
     assert keypad["turn"] == 1, keypad
@@ -1880,13 +1886,7 @@ async def test_keys_carried_into_a_turn_of_noise_are_a_keypad_turn_in_the_stats(
     asked that the cache could answer or miss. It is a keypad turn (``keys_only``): counted
     in `keypad_turns`, as the same keys pressed without the noise are; `input` stays `audio`
     (a client waits for its utterance's metrics by it)."""
-    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
-    await h.start()
-    for key in "4921":
-        h.call.feed_dtmf(key)
-    await h.wait(1000)
-    await h.feed(tone(3200, value=77))  # no word: the recogniser hears nothing in it
-    await h.silence(2000)
+    h = await _keys_then_noise()
     for key in "45#":  # the same without noise: a keypad turn
         h.call.feed_dtmf(key)
     await h.wait(1500)
