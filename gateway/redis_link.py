@@ -15,6 +15,7 @@ import logging
 from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import (ClusterDownError, ConnectionError, OutOfMemoryError,
                               ReadOnlyError, RedisError, ResponseError, TryAgainError)
@@ -35,11 +36,22 @@ NOT_NOW: tuple[type[ResponseError], ...] = (ReadOnlyError, ClusterDownError, Try
                                             OutOfMemoryError)
 
 
-def open_async_client(url: str, timeout_s: float = 5.0) -> aioredis.Redis:
+def open_async_client(url: str, timeout_s: float = 5.0, *,
+                      reconnect_once: bool = False) -> aioredis.Redis:
     """An asyncio client whose failures surface at once: the callers own the retry loops
-    (redis-py's silent reconnects would hide an outage and skip the catch-up)."""
+    (redis-py's silent reconnects would hide an outage and skip the catch-up).
+
+    ``reconnect_once``: for callers with no loop of their own, whose every command may be
+    sent twice to the same end (the Twilio records: a SET, a GET, a DEL, their put script).
+    redis-py's pool hands out a connection Redis has closed (a restart, a failover, its idle
+    ``timeout``, a balancer's reset) as open, and its command fails though Redis answers
+    again: such a command is sent again at once on a new connection. A connection error
+    only: a timeout is not retried. (The asyncio ``Retry``: the sync one, which redis-py's
+    asyncio client also takes, calls the command without awaiting it and retries nothing.)"""
+    retry = (AsyncRetry(NoBackoff(), 1, supported_errors=(ConnectionError,)) if reconnect_once
+             else Retry(NoBackoff(), 0))
     return aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s,
-                                   socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+                                   socket_timeout=timeout_s, retry=retry)
 
 
 def honour_cancel() -> None:

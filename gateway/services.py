@@ -299,9 +299,12 @@ class Services:
         return self._twilio_contexts
 
     def _twilio_redis(self) -> aioredis.Redis | None:
-        """A client of its own for each kind of Twilio record (each closes its own)."""
+        """A client of its own for each kind of Twilio record (each closes its own). A
+        record is one command, not a loop: one whose connection Redis had closed (a
+        restart, its idle timeout) is sent again at once on a new one."""
         url = self.settings.redis_url
-        return open_async_client(url, timeout_s=REDIS_TIMEOUT_S) if url else None
+        return (open_async_client(url, timeout_s=REDIS_TIMEOUT_S, reconnect_once=True)
+                if url else None)
 
     async def read_body(self, request: Request, limit: int) -> bytes:
         """A request's body, at most ``limit`` bytes and in full within

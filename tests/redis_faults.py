@@ -23,6 +23,8 @@ class FlakyProxy:
     - ``kill_existing_silently()``: every open connection becomes a black hole (what a
       failover, a NAT/LB reset or a vanished host looks like to a client: no RST, no FIN);
       new connections work.
+    - ``close_existing()``: every open connection is closed (what a Redis restart, a
+      failover or its idle ``timeout`` does to its clients); new connections work.
     - ``stall()`` / ``resume()``: nothing gets through, either way, until ``resume()``; then
       everything held is delivered in order (a Redis that stops answering for a while, e.g.
       stuck behind a slow command or a fork, and then works off its queue).
@@ -85,6 +87,18 @@ class FlakyProxy:
 
     def resume(self) -> None:
         self._flowing.set()
+
+    def close_existing(self) -> None:
+        """Close every open connection (FIN both ways), as a Redis restart, a failover or
+        Redis's idle ``timeout`` closes its clients' connections; new ones work."""
+        with self._lock:
+            links = list(self._links)
+        for link in links:
+            for s in (link.client, link.upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def kill_existing_silently(self) -> None:
         with self._lock:

@@ -884,6 +884,43 @@ async def test_a_save_landing_after_another_replica_forgot_the_call_is_dropped(r
         client.close()
 
 
+async def test_the_call_records_go_on_at_once_when_redis_closed_their_connections(settings,
+                                                                                  prefix):
+    """Review (stop 62): the Twilio records' Redis client (contexts and ended calls, one
+    command each, no retry loop of their own) sent each command once, on a pooled
+    connection. A connection Redis had closed (a restart, a failover, its idle `timeout`, a
+    balancer's reset) is handed out as open, and the command failed ("Connection closed by
+    server") though Redis answered again: after every restart, each pooled connection cost
+    one record. A resumed call's lookup failed on the replica it reached (the call started
+    afresh, the caller saying it all again), a turn's save was lost, a hang-up was not
+    recorded for the other replicas. Now such a command is sent again at once on a new
+    connection."""
+    proxy = FlakyProxy(REDIS_URL)
+    a, b = (app_with(settings, redis_url=proxy.url, redis_prefix=prefix) for _ in "ab")
+    said = [{"role": "user", "content": "what is my balance"},
+            {"role": "assistant", "content": "Twelve dollars."}]
+    more = said + [{"role": "user", "content": "and my savings?"}]
+    hung_up = "CA" + "6f" * 16
+    try:
+        await a.state.services.twilio_contexts().save(CALL_SID, json.dumps(said), (0, 1))
+        assert await b.state.services.twilio_contexts().load(CALL_SID) == said
+        assert await b.state.services.twilio_ended().ended(hung_up) is None
+        await a.state.services.twilio_ended().mark(CALL_SID)
+        proxy.close_existing()  # Redis restarted (or closed its idle clients): back at once
+        await a.state.services.twilio_contexts().save(CALL_SID, json.dumps(more), (0, 2))
+        await a.state.services.twilio_ended().mark(hung_up)
+        # Another replica, whose connections were closed too, reads what was written since.
+        assert await b.state.services.twilio_contexts().load(CALL_SID) == more
+        assert await b.state.services.twilio_ended().ended(hung_up) == "hangup"
+        for app in (a, b):
+            assert not app.state.services.stats.errors, app.state.services.stats.errors
+    finally:
+        for app in (a, b):
+            await app.state.services.twilio_ended().aclose()
+            await app.state.services.twilio_contexts().aclose()
+        proxy.close()
+
+
 # ------------------------------------------------- a transfer nobody answers (a review)
 
 

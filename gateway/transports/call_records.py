@@ -22,7 +22,9 @@ on another replica saved, is refused (logged, ``twilio_<kind>_record_outdated``)
 
 A Redis failure never fails the call: each command waits ``timeout_s`` at most, and a
 failure is logged and counted as ``twilio_<kind>_<what>_failed`` (what: record, lookup,
-forget); the local record stands.
+forget); the local record stands. The gateway's client for them (``Services._twilio_redis``)
+sends a command again at once on a new connection when Redis had closed its pooled one (a
+restart, its idle ``timeout``): every command here has the same outcome sent twice.
 """
 
 from __future__ import annotations
