@@ -23,7 +23,11 @@ on the same account it is refused too and waits its own); the wait is one more d
 the race's loop, so a barge-in ends it at once. Any other
 refusal, or a wait past the budget, fails the leg at once, as before.
 
-The stream ends with its winner: a loser's teardown (an HTTP close) still under way
+The stream ends with its winner, at its model's finish (``LLMChunk.finished``: the
+``finish_reason``) rather than its body's end: the rest ([DONE], the end of the response)
+normally comes with it and is read, a body not ended within ``FINISH_GRACE_S`` is cut,
+and one that breaks then fails nothing (a proxy holding the connection open stalled a
+whole answer into the idle timeout). A loser's teardown (an HTTP close) still under way
 then goes on without the caller, its outcome retrieved; ``aclose`` waits for what is
 left of them (``CLOSE_TIMEOUT_S`` at most). Before a win every leg is the stream's to
 close, and its end waits (for the winner's close too); cancelled again meanwhile (a
@@ -53,6 +57,9 @@ log = logging.getLogger("voicegate.hedge")
 # How long ``aclose`` waits for the losers' teardowns (HTTP closes, normally milliseconds):
 # a provider whose close hangs must not hang the shutdown with it.
 CLOSE_TIMEOUT_S = 5.0
+# How long a winner whose model finished (``finish_reason``) may take to end its body
+# ([DONE], the end of the response) before it is cut: both normally come with the finish.
+FINISH_GRACE_S = 0.2
 
 
 class AdaptiveDelay:
@@ -182,6 +189,7 @@ class HedgedChat:
         t0 = clock.now()
         self.stats.turns += 1
         winner: _Leg | None = None
+        finished = False  # the winner's model finished its answer (``LLMChunk.finished``)
 
         def ask(leg: _Leg) -> None:
             # A leg asked again replaces a pump that has ended: its stream raised at the
@@ -247,6 +255,8 @@ class HedgedChat:
                     continue
                 if leg.failed:
                     continue  # a late item from a leg already given up on
+                if isinstance(item, LLMChunk) and item.finished:
+                    item = _DONE  # finished with nothing said: an empty reply, body or not
                 if isinstance(item, LLMChunk):
                     if item.tool_call is None and not item.tool_call_fragment \
                             and not item.text.strip():
@@ -281,7 +291,7 @@ class HedgedChat:
             self._record_win(winner, legs, t0)
             assert first is not None
             yield first
-            while True:
+            while not finished:
                 try:
                     leg, item = await timeouts.within(self.idle_timeout_s, queue.get())
                 except Expired:
@@ -295,6 +305,11 @@ class HedgedChat:
                 if isinstance(item, BaseException):
                     self.stats.leg_failures += 1  # the winner broke after its first token
                     raise item
+                if item.finished:
+                    # The answer is whole: the round ends now, not when the body does
+                    # (a connection held open would stall it, one reset would fail it).
+                    finished = True
+                    continue
                 yield item
         finally:
             # Normal end, error, consumer's aclose() or cancellation (a barge-in): every
@@ -307,7 +322,29 @@ class HedgedChat:
                 await self._stop(legs)
             else:
                 self._leave_closing([leg for leg in legs if leg is not winner])
-                await self._stop([winner])
+                await (self._finish(winner) if finished else self._stop([winner]))
+
+    async def _finish(self, winner: _Leg) -> None:
+        """The winner's model finished its answer: the rest of its body ([DONE], its end)
+        normally comes with the finish, and is read (its connection is reused); a body
+        not ended within ``FINISH_GRACE_S`` of the clock (held open, or a proxy's
+        heartbeats) is cut then, and one that breaks is no failure: the answer is whole."""
+        task = winner.task
+        if task is not None and not task.done():
+            timeouts = Timeouts(self._clock)
+            try:
+                # asyncio.wait: neither the pump's own error (moot now) nor a cancel of
+                # this wait reaches its task.
+                await timeouts.within(FINISH_GRACE_S, asyncio.wait({task}))
+            except Expired:
+                pass
+            except asyncio.CancelledError:  # a barge-in as it ended: the close goes on
+                _cancel([winner])
+                self._leave_closing([winner])
+                raise
+            finally:
+                timeouts.close()
+        await self._stop([winner])
 
     async def _stop(self, legs: list[_Leg]) -> None:
         """Cancel ``legs`` and wait for their teardowns (HTTP closes). Cancelled again

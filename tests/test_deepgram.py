@@ -752,6 +752,54 @@ async def test_a_handshake_refused_for_now_is_retried(status):
     assert final.text == "what are your opening hours"
 
 
+class FlakyDeepgram(RouteDeepgram):
+    """The fake behind a route that drops each of its first three connections (1011) at its
+    first audio, whenever that comes; later connections are the fake's."""
+
+    async def _misbehave(self, websocket: WebSocket, connection: int) -> bool:
+        if connection > 3:
+            return False
+        await websocket.accept()
+        while True:  # a KeepAlive (text) is no audio
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect" or message.get("bytes"):
+                break
+        await websocket.close(code=1011)
+        return True
+
+
+async def test_a_socket_that_worked_a_while_is_reopened_after_the_shortest_wait(caplog):
+    """Review (stop 62): the reopen's backoff (0.5 s doubling to 5 s) doubled with every
+    failure of the call, never starting over: a long call whose socket the network dropped
+    now and then waited 1 s, 2 s, 4 s, then 5 s at every later drop, however long the
+    socket had worked in between, and every word the caller said meanwhile was refused
+    (their turn apologised for, "say that again"). A socket that stayed open as long as
+    the longest wait (5 s of the stream's clock) was working: its failure is a new one,
+    and the wait starts over. One that fails sooner still doubles it (no tight loop of
+    handshakes against a service that drops every socket at once)."""
+    caplog.set_level(logging.INFO, logger="voicegate")
+    flaky = FlakyDeepgram()
+
+    def waits() -> list[float]:
+        return [r.fields["reconnect_s"] for r in caplog.records  # type: ignore[attr-defined]
+                if r.getMessage() == "deepgram_stream_ended"]
+
+    with ServerThread(flaky.app) as server:
+        clock = ManualClock()
+        recognizer = stt(server, reconnect_s=0.01, clock=clock)
+        stream = recognizer.open_stream()
+        for drop, lived_s in enumerate((6.0, 6.0, 0.0), start=1):
+            assert await until(lambda: flaky.connections == drop and stream.connected)
+            await clock.advance(lived_s)  # the socket works this long, then drops
+            await stream.send_audio(VOICE)
+            assert await until(lambda: len(waits()) == drop)
+        assert await until(lambda: flaky.connections == 4 and stream.connected)
+        await stream.aclose()
+        await recognizer.aclose()
+    # Each socket that lived 6 s failed anew; the one that failed at once doubled the wait.
+    assert waits() == [0.01, 0.01, 0.02]
+
+
 # ---------------------------------------------------------------- an Error message (review)
 
 

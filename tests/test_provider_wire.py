@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from gateway.agent import Agent, Handoff
+from gateway.agent import Agent, Handoff, Sentence
 from gateway.clock import ManualClock
 from gateway.hedge import HedgedChat
 from gateway.providers.base import ProviderError, ToolSpec
@@ -191,6 +191,89 @@ async def test_interleaved_tool_calls_never_reach_a_webhook_without_their_argume
     assert not any(isinstance(e, Handoff) for e in events)
     arguments = {c["tool"]: c["arguments"] for c in hook.calls}
     assert arguments == {"get_order": {"order": "42"}, "get_account": {"account": "7"}}
+
+
+@pytest.mark.parametrize("sdk", ["openai", "groq"])
+@pytest.mark.parametrize("content", [[{"type": "text", "text": "We open at nine."}], 9],
+                         ids=["a-list-of-parts", "a-number"])
+async def test_a_chunk_whose_content_is_no_text_fails_its_leg_not_the_hedge(sse, sdk,
+                                                                            content):
+    """Review (stop 62): the SDKs build chunks unchecked, so a ``delta.content`` that is not
+    a string (a list of typed parts, as some OpenAI-compatible APIs stream a reasoning
+    model's answer; any other value) reached the hedge as ``LLMChunk.text``, and its race
+    loop crashed on it (``AttributeError: 'list' object has no attribute 'strip'``): not
+    the leg's failure but the round's, escaping the hedge raw. The other leg, which had
+    the answer, was never asked; the call apologised (``reply_failed``, naming no
+    provider), on every miss. It is a malformed chunk: that leg fails, saying so, and
+    the other answers."""
+    odd = sse(ScriptedSSE([ROLE, chunk({"content": content}), chunk({}, "stop"), DONE]))
+    good = sse(ScriptedSSE([ROLE, chunk({"content": "We open at nine."}), chunk({}, "stop"),
+                            DONE]))
+    # The secondary starts only when the primary fails (the clock never reaches the delay).
+    hedged = HedgedChat(chat(sdk, odd.url), chat(sdk, good.url), hedge_delay_s=30.0,
+                        clock=ManualClock())
+    try:
+        said = "".join([piece.text async for piece in hedged.stream(MESSAGES)])
+    finally:
+        await hedged.aclose()
+        await hedged.primary.aclose()
+        await hedged.secondary.aclose()  # type: ignore[union-attr]
+    assert said == "We open at nine."
+    assert hedged.stats.failovers == 1 and hedged.stats.secondary_wins == 1
+
+
+async def _events(events: Any) -> list[Any]:
+    return [event async for event in events]
+
+
+@pytest.mark.parametrize("sdk", ["openai", "groq"])
+@pytest.mark.parametrize("after_finish", ["held_open", "dropped"])
+async def test_a_finished_answer_is_whole_whatever_its_body_does_after(sse, webhook, sdk,
+                                                                       after_finish):
+    """Review (stop 62): a model's answer is whole at its ``finish_reason``, but the hedge
+    waited for the HTTP body's end ([DONE], then the close) before it ended the round. A
+    body that does not end then (a proxy or server holding the connection open: groq's SDK
+    reads on to the close even after [DONE]) stalled the round until
+    ``llm_idle_timeout_s`` (10 s) and failed it as a stall; one that breaks then (a reset)
+    failed it at once. Either way after the model had finished: the answer's last sentence
+    (held by the chunker until the stream's end) was never said, the caller heard the
+    apology after a complete answer (``llm_failed``), and a finished tool call never ran
+    (the round's calls run at its end), the caller handed off instead. Each round now ends
+    at its finish; what the body does after is no failure."""
+    hook, hook_server = webhook
+    app = ScriptedSSE(
+        [ROLE, tools(call(0, id="call_a", name="get_order", arguments='{"order": "42"}')),
+         chunk({}, "tool_calls")],  # no [DONE]: the openai SDK drains a body after it
+        [ROLE, chunk({"content": "Order 42 left today."}),
+         chunk({"content": " It arrives on Monday"}), chunk({}, "stop")],
+        abort=after_finish == "dropped", hold=after_finish == "held_open")
+    server = sse(app)
+    spec = ToolSpec(ORDER.name, ORDER.description, ORDER.parameters,
+                    url=f"{hook_server.url}/tool/{ORDER.name}")
+    clock = ManualClock()
+    # No timeout of the hedge passes as the clock moves (a stall would fail the round at
+    # its idle timeout): only the body's rest is timed after the finish.
+    agent = Agent(HedgedChat(chat(sdk, server.url), clock=clock, first_token_timeout_s=3600,
+                             idle_timeout_s=3600), [spec],
+                  filler_after_s=None, hold_after_s=None)
+    conversation = agent.new_conversation()
+    turn = asyncio.ensure_future(_events(agent.respond(conversation, "where is order 42",
+                                                       clock=clock)))
+    try:
+        for _ in range(500):  # 10 s of wall time only bounds a hang
+            if turn.done():
+                break
+            await clock.advance(0.05)  # the body's rest is cut once its grace passes
+            await asyncio.sleep(0.02)
+        events = turn.result()
+    finally:
+        turn.cancel()
+        app.release.set()
+        await agent.aclose()
+    assert [c["arguments"] for c in hook.calls] == [{"order": "42"}]
+    assert [e.text for e in events if isinstance(e, Sentence)] == [
+        "Order 42 left today.", "It arrives on Monday"]
+    assert not any(isinstance(e, Handoff) for e in events)
 
 
 @pytest.mark.parametrize("sdk", ["openai", "groq"])

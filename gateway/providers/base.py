@@ -120,11 +120,14 @@ class ToolCall:
 class LLMChunk:
     """One streamed piece of a chat completion: text, a complete tool call, or word that
     a tool call is being written (``tool_call_fragment``: its pieces arrive, the call
-    comes whole in a later chunk; nothing to say or run yet, but no stall either)."""
+    comes whole in a later chunk; nothing to say or run yet, but no stall either), or
+    that the model finished its answer (``finished``: its ``finish_reason`` came; nothing
+    of the answer follows, whatever the HTTP body does after: [DONE], its end)."""
 
     text: str = ""
     tool_call: ToolCall | None = None
     tool_call_fragment: bool = False
+    finished: bool = False
 
 
 @dataclass

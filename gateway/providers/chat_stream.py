@@ -146,7 +146,8 @@ class CutShort(Exception):
 
 async def chunks(stream: AsyncIterator[Any]) -> AsyncIterator[LLMChunk]:
     """LLMChunks from an SDK stream of ChatCompletionChunk objects (no error mapping).
-    Raises ``CutShort`` when the stream ends before its choice finished."""
+    Raises ``CutShort`` when the stream ends before its choice finished; says the finish
+    itself at once (``LLMChunk(finished=True)``, after its tool calls), then reads on."""
     assembler = ToolCallAssembler()
     finished = False
     async for completion_chunk in stream:
@@ -155,8 +156,14 @@ async def chunks(stream: AsyncIterator[Any]) -> AsyncIterator[LLMChunk]:
                 continue  # n > 1 is never requested
             delta = choice.delta
             if delta is not None:
-                if delta.content:
-                    yield LLMChunk(text=delta.content)
+                content = delta.content
+                if content is not None and not isinstance(content, str):
+                    # The SDKs build chunks unchecked: a list of typed parts, or anything
+                    # else, is no text to say. This leg's malformed chunk (the other leg
+                    # answers), never a crash of the hedge reading ``LLMChunk.text``.
+                    raise ValueError(f"delta.content is a {type(content).__name__}, not text")
+                if content:
+                    yield LLMChunk(text=content)
                 if delta.tool_calls:
                     done = assembler.add(list(delta.tool_calls))
                     for call in done:
@@ -174,6 +181,10 @@ async def chunks(stream: AsyncIterator[Any]) -> AsyncIterator[LLMChunk]:
                 finished = True
                 for call in assembler.finish():
                     yield LLMChunk(tool_call=call)
+                # Said at once: the answer is whole, and its consumer (the hedge) need not
+                # wait for the body's end ([DONE], the close), which a server or proxy
+                # holding the connection may never send, nor fail the answer if it breaks.
+                yield LLMChunk(finished=True)
     if not finished:
         # The SDKs end quietly when the body just stops (no [DONE] either): without this,
         # half an answer was spoken as a whole one, and a half-streamed tool call run.

@@ -27,7 +27,8 @@ onto ``STTStream``:
   (TCP abort): websockets' own close handshake waits ``close_timeout`` (10 s) a step for a
   peer gone dead, about 30 s in all, and a call's teardown or a reopen would wait with it.
 - A socket that fails (dropped by the service or the network) is reopened, after
-  ``reconnect_s`` doubling to 5 s; audio meanwhile is refused. The utterance that lost
+  ``reconnect_s`` doubling to 5 s (starting over after a socket that stayed open 5 s of
+  the ``clock``: it worked, its failure is a new one); audio meanwhile is refused. The utterance that lost
   audio to it, or had audio refused meanwhile (its start: the rest alone would be answered
   as the question), fails at its ``finalize()`` (the call apologises), and the next one is
   recognised on the new socket. A refused connection (HTTP 4xx: a wrong key) is final,
@@ -100,6 +101,7 @@ class DeepgramStream:
         self._sockets = 0  # live sockets opened so far
         self._heard = 0  # messages received so far (over every socket)
         self._socket_task: asyncio.Task[tuple[ProviderError | None, bool]] | None = None
+        self._opened_at: float | None = None  # when the current socket opened (clock time)
         self._stalled: ProviderError | None = None  # why _drop_socket ended the socket
         # Why the current utterance lost audio (to a failed socket), if it did.
         self._lost: ProviderError | None = None
@@ -289,9 +291,15 @@ class DeepgramStream:
         backoff = self._reconnect_s
         try:
             while not self._closing:
+                self._opened_at = None
                 failure, final = await self._socket_connection()
                 if failure is None or self._closing:
                     return
+                opened = self._opened_at
+                if opened is not None and self._clock.now() - opened >= _RECONNECT_MAX_S:
+                    # That socket worked a while: this failure is a new one, and the wait
+                    # (audio refused meanwhile) starts over, not at the last one's double.
+                    backoff = self._reconnect_s
                 self._error = failure
                 if self._utterance_has_audio():
                     self._lost = failure  # the utterance under way lost audio with it
@@ -346,6 +354,7 @@ class DeepgramStream:
                 self._sockets += 1
                 self._error = None
                 self._connected = True
+                self._opened_at = self._clock.now()
                 sender = asyncio.create_task(self._send_loop(socket), name="deepgram-send")
                 try:
                     async for message in socket:
