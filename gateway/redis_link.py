@@ -21,7 +21,7 @@ from redis.exceptions import (ClusterDownError, ConnectionError, OutOfMemoryErro
                               ReadOnlyError, RedisError, ResponseError, TryAgainError)
 from redis.retry import Retry
 
-from intents.redis_store import RedisKeys, redacted
+from intents.redis_store import RedisKeys, redacted, refused_credentials
 
 from . import logs
 
@@ -41,8 +41,10 @@ def open_async_client(url: str, timeout_s: float = 5.0, *,
     """An asyncio client whose failures surface at once: the callers own the retry loops
     (redis-py's silent reconnects would hide an outage and skip the catch-up).
 
-    ``reconnect_once``: for callers with no loop of their own, whose every command may be
-    sent twice to the same end (the Twilio records: a SET, a GET, a DEL, their put script).
+    ``reconnect_once``: for callers whose every command may be sent twice to the same end
+    (the Twilio records: a SET, a GET, a DEL, their put script; the shared counters: a batch
+    under its sequence number, applied at most once, the entry marks' idempotent script,
+    the heartbeat's SET, reads).
     redis-py's pool hands out a connection Redis has closed (a restart, a failover, its idle
     ``timeout``, a balancer's reset) as open, and its command fails though Redis answers
     again: such a command is sent again at once on a new connection. A connection error
@@ -125,8 +127,10 @@ class VersionSubscriber:
                 await self._refresh()
                 await self._listen(pubsub)
             except (RedisError, OSError) as exc:
-                # An error reply (an ACL without the channel) is no outage: say which.
-                what = "refused" if isinstance(exc, ResponseError) else "unreachable"
+                # An error reply (an ACL without the channel) or credentials Redis refused
+                # (a wrong password, an unknown user) is no outage: say which.
+                what = ("refused the credentials" if refused_credentials(exc)
+                        else "refused" if isinstance(exc, ResponseError) else "unreachable")
                 self._health.down("subscriber", f"Redis at {redacted(self._url)} {what}: "
                                                 f"{type(exc).__name__}: {exc}")
             finally:

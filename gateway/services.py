@@ -234,11 +234,16 @@ class Services:
         return open_store(self.settings)
 
     def _start_redis(self, runtime: Runtime, cache: FaqCache) -> None:
-        """Pub/sub reloads, degraded-mode tracking and the shared counters."""
+        """Pub/sub reloads, degraded-mode tracking and the shared counters. The counters'
+        commands are sent again at once on a new connection when Redis had closed their
+        pooled one (a restart, its idle timeout): a batch is applied at most once (its
+        sequence number), the rest are idempotent. The subscriber's client retries nothing:
+        its reconnect must be seen (its catch-up refresh)."""
         settings = self.settings
         health = RedisHealth(on_change=runtime.stats.set_degraded)
         shared = SharedStats(
-            open_async_client(settings.redis_url), prefix=settings.redis_prefix, health=health,
+            open_async_client(settings.redis_url, reconnect_once=True),
+            prefix=settings.redis_prefix, health=health,
             heartbeat_s=settings.redis_heartbeat_s,
             describe=lambda: {"active_calls": runtime.stats.active_calls,
                               "cache_version": cache.version})

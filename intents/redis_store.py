@@ -207,13 +207,28 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
+# redis-py takes a password from the query too (`?password=...`).
+_QUERY_PASSWORD = re.compile(r"(^|&)(password=)[^&]*")
+
+
 def redacted(url: str) -> str:
-    """The URL without its password, fit for error messages and logs."""
+    """The URL without its password (in the user part or the query), fit for error messages
+    and logs."""
     parts = urlsplit(url)
+    if parts.query:  # in place: urlunsplit would turn unix:///path into unix:/path
+        query = _QUERY_PASSWORD.sub(r"\1\2***", parts.query)
+        url = url.replace("?" + parts.query, "?" + query, 1)
+        parts = urlsplit(url)
     if parts.password is None:
         return url
     netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def refused_credentials(exc: BaseException) -> bool:
+    """Redis refused the URL's user or password (WRONGPASS, NOAUTH): no outage, a setting
+    to fix. redis-py raises these as a ConnectionError."""
+    return isinstance(exc, redis.AuthenticationError)
 
 
 class RedisKeys:
@@ -260,7 +275,10 @@ class RedisStore(Store):
         try:
             return operation()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis at {redacted(self.url)} is unreachable ({what}): "
+            # Still unavailable (retried, as an outage is): fixed on Redis's side (an ACL
+            # user's password set), it answers again. Said as refused, not unreachable.
+            state = "refused the credentials" if refused_credentials(exc) else "is unreachable"
+            raise StoreUnavailable(f"Redis at {redacted(self.url)} {state} ({what}): "
                                    f"{exc}") from exc
         except redis.RedisError as exc:  # an answer (a key of a foreign type): not transient
             raise StoreError(f"Redis at {redacted(self.url)} failed ({what}): {exc}") from exc

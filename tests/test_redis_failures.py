@@ -1000,3 +1000,136 @@ def test_a_garbage_pointer_after_a_version_lost_mid_read_does_not_keep_the_repli
         "the store answered (its pointer is garbage: no outage), yet store_unanswered is "
         "still True from the earlier blip (failed_for_store never cleared): the replica "
         "stays unready for good")
+
+
+async def test_the_counters_go_on_at_once_when_redis_closed_their_connections(
+        prefix: str, proxy: FlakyProxy, tmp_path) -> None:
+    """Review (stop 62): the shared counters' client (Services._start_redis) sent each
+    command once, on a pooled connection. After a Redis restart (or its idle `timeout`, a
+    failover) the pool hands out a connection Redis has closed, and the next flush failed
+    ("Connection closed by server") though Redis answered again: /readyz and
+    `voicegate_degraded` said degraded for a flush, with an extra `redis_degraded` /
+    `redis_recovered` pair, and /admin/stats could answer this replica's figures alone. A
+    batch is applied at most once (its sequence number), so the flush is sent again at once
+    on a new connection. The subscriber's drop is still seen: its catch-up refresh."""
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(tmp_path),
+                              "redis_url": proxy.url, "redis_prefix": prefix}, environ={})
+    services = Services(settings)
+    reasons: list[str | None] = []
+    set_degraded = services.stats.set_degraded
+
+    def recorded(reason: str | None) -> None:
+        reasons.append(reason)
+        set_degraded(reason)
+
+    services.stats.set_degraded = recorded  # type: ignore[method-assign]
+    runtime = SimpleNamespace(stats=services.stats)
+    cache = SimpleNamespace(version=None, refresh=lambda: False)
+    raw = redis.Redis.from_url(REDIS_URL)
+
+    def calls() -> int:
+        return int(raw.hget(prefix + "stats:totals", "calls") or 0)
+
+    services._start_redis(runtime, cache)  # type: ignore[arg-type]
+    shared, health = services.shared_stats, services.redis_health
+    assert shared is not None and health is not None
+    try:
+        shared.call_started()
+        await poll(lambda: calls() == 1 and not health.degraded, "a first flush, subscribed",
+                   10)
+        proxy.close_existing()  # Redis restarted (or closed its idle clients): back at once
+        shared.call_started()
+        await poll(lambda: calls() == 2, "the flush after the close", 10)
+        await poll(lambda: any("subscriber" in (r or "") for r in reasons),
+                   "the subscriber sees its link drop (it catches up once back)", 10)
+        assert not [r for r in reasons if "counters" in (r or "")], reasons
+        proxy.close_existing()  # again, before /admin/stats reads the counters
+        snapshot = await shared.cluster_snapshot({"calls": 0})
+        assert snapshot["scope"] == "cluster" and snapshot["calls"] == 2, snapshot
+    finally:
+        for task in services._redis_tasks:
+            task.cancel()
+        await asyncio.gather(*services._redis_tasks, return_exceptions=True)
+        await shared.aclose()
+        raw.close()
+
+
+async def test_a_counters_flush_applied_before_its_connection_closed_is_not_counted_twice(
+        prefix: str) -> None:
+    """Review (stop 62): the counters' client sends a command again when its connection
+    closed; a batch Redis applied before the close (its reply lost) is sent again under the
+    same sequence number, and not counted twice."""
+    client = open_async_client(REDIS_URL, reconnect_once=True)  # as Services._start_redis
+    sent = client._send_command_parse_response
+    lost = 1
+
+    async def reply_lost_once(conn, command_name, *args, **options):
+        nonlocal lost
+        reply = await sent(conn, command_name, *args, **options)  # applied by Redis
+        if command_name == "EVAL" and lost:
+            lost -= 1
+            raise redis.ConnectionError("Connection closed by server.")
+        return reply
+
+    client._send_command_parse_response = reply_lost_once  # type: ignore[method-assign]
+    stats = SharedStats(client, prefix=prefix)
+    raw = redis.Redis.from_url(REDIS_URL)
+    try:
+        stats.turn_finished(hit("opening_hours"))
+        await stats.flush()
+        hits = int(raw.hget(prefix + "stats:totals", "hits") or 0)
+    finally:
+        raw.close()
+        await stats.aclose()
+    assert lost == 0 and hits == 1, f"one hit turn, its reply lost once: counted {hits}"
+
+
+# --------------------------------------------------------------------------------------
+# Credentials Redis refuses (a wrong password, an ACL user that does not exist) are said as
+# such, not as "unreachable": the operator fixes the password, not the network. The
+# password never shows.
+
+SECRET = "not-the-password-" + secrets.token_hex(3)
+
+
+def refused_url(where: str) -> str:
+    user = f"vg_nobody_{secrets.token_hex(3)}"
+    if where == "netloc":
+        return REDIS_URL.replace("redis://", f"redis://{user}:{SECRET}@", 1)
+    return REDIS_URL + f"?username={user}&password={SECRET}"
+
+
+@pytest.mark.parametrize("where", ["netloc", "query"])
+async def test_the_subscriber_says_redis_refused_the_credentials(prefix: str,
+                                                                 where: str) -> None:
+    """Review (stop 62): the subscriber reported an AuthenticationError (WRONGPASS, NOAUTH)
+    as "Redis at ... unreachable", sending the operator to the network."""
+    async def refresh() -> None:
+        pass
+
+    health = _RecordedHealth()
+    task = asyncio.create_task(VersionSubscriber(refused_url(where), RedisKeys(prefix),
+                                                 refresh, health, ping_s=2.0).run())
+    try:
+        await poll(lambda: health.reports, "a refused attempt to subscribe", 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    reason = health.reason or ""
+    assert "refused the credentials" in reason and "unreachable" not in reason, reason
+    assert SECRET not in reason, reason
+
+
+@pytest.mark.parametrize("where", ["netloc", "query"])
+def test_the_store_says_redis_refused_the_credentials(where: str) -> None:
+    """Review (stop 62): the store (`voicegate seed --redis`, a replica's loads, the admin
+    API's publishes) said "Redis at ... is unreachable" for credentials Redis refused."""
+    store = RedisStore(refused_url(where), timeout_s=2.0)
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            store.current_version()
+    finally:
+        store.close()
+    message = str(raised.value)
+    assert "refused the credentials" in message and "unreachable" not in message, message
+    assert SECRET not in message, message
