@@ -6,6 +6,7 @@ docs/protocol.md is the human-readable version of this module.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,17 +107,56 @@ def unnamed(data: dict[str, Any], field: str, names: str) -> str:
     return f"`{field}` must be a string: {names} (this one is {present_kind(data[field])})"
 
 
-def parse_json(raw: str, code: str) -> Any:
+class _NotJson(ValueError):
+    """What json.loads takes and RFC 8259 JSON is not (or parsers read differently)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJson(f"message is not JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: json.loads reads inf
+        raise _NotJson(f"message is not JSON a parser can read: number {text[:24]} is past "
+                       "a double's range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):  # the last would silently win; other parsers take the first
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _NotJson(f"message gives the key {json.dumps(key)[:40]} twice in one "
+                               "object (JSON parsers differ on which one counts)")
+            seen.add(key)
+    return data
+
+
+# One decoder for every message (json.loads with hooks would build one per call).
+_STRICT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float,
+                           object_pairs_hook=_unique_keys)
+
+
+def parse_json(raw: str, code: str, strict: bool = False) -> Any:
     """``json.loads`` whose every failure is a ProtocolError ``code`` (the call goes on).
 
     Besides syntax errors: nesting deeper than the parser's recursion limit
-    (RecursionError) and integers longer than Python converts (ValueError).
+    (RecursionError) and integers longer than Python converts (ValueError). ``strict``
+    (the native protocol): also what json.loads takes but RFC 8259 does not, or parsers
+    read differently: NaN, Infinity, numbers past a double's range (1e999) and an object
+    with a key given twice. (Twilio's stream reads its `start` leniently: a `mediaFormat`
+    rate of 1e999 is refused by name there, 1003, not left to the start timeout.)
     """
     try:
-        data = json.loads(raw)
+        data = _STRICT.decode(raw) if strict else json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ProtocolError(code, f"message is not JSON: {exc.msg} at position {exc.pos}"
                             ) from None
+    except _NotJson as exc:
+        raise ProtocolError(code, str(exc)) from None
     except RecursionError:
         raise ProtocolError(code, "message is nested too deeply to parse") from None
     except ValueError as exc:  # e.g. an integer of more than 4,300 digits
@@ -168,14 +208,17 @@ def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> Clie
         raise ProtocolError("frame_too_large",
                             f"text message of {size} bytes exceeds {max_bytes} bytes",
                             CLOSE_TOO_BIG)
-    data = parse_json(raw, "invalid_json")
+    data = parse_json(raw, "invalid_json", strict=True)
     if not isinstance(data, dict):
         raise ProtocolError("invalid_message", "a message must be a JSON object")
     kind = data.get("type")
     if kind == "start":
         if started:
             raise ProtocolError("already_started", "this call has already started")
+        _check_fields(data, kind, CLOSE_POLICY)
         return _parse_start(data)
+    if isinstance(kind, str) and kind in FIELDS:
+        _check_fields(data, kind, None)
     if kind == "text":
         text = data.get("text")
         if not isinstance(text, str):
@@ -195,6 +238,31 @@ def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> Clie
                         "or stop")
 
 
+# The fields of each message. Any other is refused by name: a typo ignored is silent and
+# costly (`"encodng": "mulaw"` heard as pcm16, `"fnal": false` a final). `metadata` holds
+# anything the client wants.
+FIELDS = {"start": ("type", "sample_rate", "encoding", "channels", "metadata"),
+          "text": ("type", "text", "final"), "dtmf": ("type", "digit"), "stop": ("type",)}
+
+
+def _check_fields(data: dict[str, Any], kind: str, close_code: int | None) -> None:
+    unknown = [key for key in data if key not in FIELDS[kind]]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ProtocolError("invalid_message",
+                            f"`{kind}` has no field {_as_json(unknown[0], 40)}{more}; its "
+                            f"fields are {', '.join(FIELDS[kind])}", close_code)
+
+
+def _as_json(value: Any, limit: int) -> str:
+    """A value received, as JSON writes it (cut short), a list or object by its kind:
+    never Python's repr (None, True, single quotes)."""
+    if isinstance(value, (list, dict)):
+        return json_kind(value)
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _parse_start(data: dict[str, Any]) -> StartMessage:
     rate = data.get("sample_rate")
     if not isinstance(rate, int) or isinstance(rate, bool):
@@ -208,14 +276,14 @@ def _parse_start(data: dict[str, Any]) -> StartMessage:
     encoding = data.get("encoding", "pcm16")
     if encoding not in SUPPORTED_ENCODINGS:
         raise ProtocolError("unsupported_encoding",
-                            f"encoding {str(encoding)[:32]!r} is not supported; use pcm16 "
+                            f"encoding {_as_json(encoding, 32)} is not supported; use pcm16 "
                             "(16-bit little-endian mono)", CLOSE_UNSUPPORTED_DATA)
     # Frames are mono: a stereo client's interleaved samples would be heard as mono at
     # twice the rate (garbled, then `audio_too_fast`, which names the wrong fault).
     channels = data.get("channels", 1)
     if channels != 1 or isinstance(channels, bool) or not isinstance(channels, int):
         raise ProtocolError("unsupported_channels",
-                            f"`channels` {str(channels)[:32]} is not supported; audio is "
+                            f"`channels` {_as_json(channels, 32)} is not supported; audio is "
                             "mono: send 1 (or leave it out)", CLOSE_UNSUPPORTED_DATA)
     metadata = data.get("metadata", {})
     if not isinstance(metadata, dict):

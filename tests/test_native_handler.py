@@ -194,3 +194,30 @@ async def test_a_client_sending_small_frames_in_real_time_is_not_refused():
     ws.text({"type": "stop"})
     await run
     assert ws.errors() == [] and ws.closed_with == 1000
+
+
+async def test_a_message_with_a_field_it_does_not_have_is_refused_and_the_call_goes_on():
+    """Review (stop 62): a field a message does not have was ignored: `{"type": "text",
+    "text": "...", "fnal": false}` (a typo of `final`) was taken as a final, and ended the
+    caller's turn on what was meant as a partial, with nothing said. It is now
+    `invalid_message` naming the field, the message is dropped and the call goes on: the
+    next message is answered, and the caller's `stop` still closes with 1000."""
+    h = CallHarness(faqs={"opening hours": "We open at nine."})
+    services = services_for(h)
+    ws = FakeWebSocket(services)
+    ws.text({"type": "start", "sample_rate": 16000})
+    ws.text({"type": "text", "text": "what are your", "fnal": False})
+    ws.text({"type": "text", "text": "opening hours"})
+    handler = asyncio.ensure_future(run_call(ws))
+    for _ in range(10_000):  # until the good message's transcript is out (no clock involved)
+        if any(e["type"] == "transcript" for e in ws.events) or handler.done():
+            break
+        await asyncio.sleep(0)
+    ws.text({"type": "stop"})
+    await handler
+    assert ws.errors() == ["invalid_message"]
+    error = next(e for e in ws.events if e["type"] == "error")
+    assert '"fnal"' in error["message"], error["message"]
+    assert [e["text"] for e in ws.events if e["type"] == "transcript"] == ["opening hours"]
+    assert ws.closed_with == 1000
+    assert services.admission.active == 0

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from gateway.protocol import (CLOSE_INVALID_PAYLOAD, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED_DATA,
-                              ProtocolError, StartMessage, StopMessage, TextMessage,
-                              check_audio_frame, parse_text_frame)
+from gateway.protocol import (CLOSE_INVALID_PAYLOAD, CLOSE_POLICY, CLOSE_TOO_BIG,
+                              CLOSE_UNSUPPORTED_DATA, ProtocolError, StartMessage, StopMessage,
+                              TextMessage, check_audio_frame, parse_text_frame)
 
 MAX = 64 * 1024
 
@@ -97,3 +97,86 @@ def test_a_message_without_type_still_says_so():
     with pytest.raises(ProtocolError) as info:
         parse_text_frame('{"text": "x"}', MAX)
     assert "no `type` field" in info.value.message
+
+
+@pytest.mark.parametrize("raw, named", [
+    ('{"type": "text", "text": "hi", "final": false, "final": true}', '"final"'),
+    ('{"type": "stop", "type": "start", "sample_rate": 16000}', '"type"'),
+    ('{"type": "start", "sample_rate": 16000, "metadata": {"a": 1, "a": 2}}', '"a"'),
+    ('{"type": "start", "sample_rate": 16000, "metadata": {"score": NaN}}', "NaN"),
+    ('{"type": "start", "sample_rate": 16000, "metadata": {"limit": Infinity}}', "Infinity"),
+    ('{"type": "start", "sample_rate": 16000, "metadata": {"limit": -Infinity}}', "-Infinity"),
+    ('{"type": "start", "sample_rate": 16000, "metadata": {"limit": 1e999}}', "1e999"),
+], ids=["dup-final", "dup-type", "dup-nested", "nan", "inf", "minus-inf", "1e999"])
+def test_json_that_parsers_read_differently_is_invalid_json_by_name(raw, named):
+    """Review (stop 62): json.loads takes what RFC 8259 does not: NaN, Infinity and
+    -Infinity (no JSON numbers), a number past a double's range (1e999, read as inf), and
+    an object with the same key twice (the last one silently wins: `"final": false,
+    "final": true` was a final, `"type": "stop", "type": "start"` a start). Each was
+    accepted without a word (a NaN in `metadata` reached the call's log line as NaN); a
+    strict parser, a proxy or a client library reads such a message differently, or not at
+    all. docs/protocol.md promises `invalid_json` for a text frame that is not JSON; the
+    error names the key or the number, and the call stays open."""
+    for started in (False, True):
+        with pytest.raises(ProtocolError) as info:
+            parse_text_frame(raw, MAX, started=started)
+        assert (info.value.code, info.value.close_code) == ("invalid_json", None)
+        assert named in info.value.message, info.value.message
+
+
+def test_ordinary_numbers_and_distinct_keys_still_parse():
+    raw = json.dumps({"type": "start", "sample_rate": 16000,
+                      "metadata": {"score": 0.25, "big": 1e300, "n": -3, "a": {"a": 1}}})
+    assert parse_text_frame(raw, MAX).metadata == {"score": 0.25, "big": 1e300, "n": -3,
+                                                   "a": {"a": 1}}
+
+
+@pytest.mark.parametrize("message, field, close", [
+    ({"type": "start", "sample_rate": 8000, "encodng": "mulaw"}, "encodng", CLOSE_POLICY),
+    ({"type": "start", "sample_rate": 16000, "channel": 2}, "channel", CLOSE_POLICY),
+    ({"type": "start", "sampleRate": 16000}, "sampleRate", CLOSE_POLICY),
+    ({"type": "text", "text": "hi", "fnal": False}, "fnal", None),
+    ({"type": "dtmf", "digit": "5", "duration_ms": 100}, "duration_ms", None),
+    ({"type": "stop", "reason": "done"}, "reason", None),
+], ids=["start-encodng", "start-channel", "start-sampleRate", "text-fnal", "dtmf-extra",
+        "stop-extra"])
+def test_a_field_the_message_does_not_have_is_refused_by_name(message, field, close):
+    """Review (stop 62): fields a message does not have were ignored without a word. A
+    typo is then silent and costly: `"encodng": "mulaw"` started a call that heard its
+    μ-law bytes as pcm16 (noise), `"channel": 2` interleaved stereo as mono at twice the
+    rate (the fault stop 60's `unsupported_channels` names, missed by one letter), `"fnal":
+    false` ended the caller's turn on a partial. Such a message is `invalid_message` naming
+    the field and the fields the message has: a `start` is closed 1008 as any malformed
+    `start`, the rest are dropped and the call goes on. (`metadata` holds anything.)"""
+    with pytest.raises(ProtocolError) as info:
+        parse_text_frame(json.dumps(message), MAX)
+    assert (info.value.code, info.value.close_code) == ("invalid_message", close)
+    assert f'"{field}"' in info.value.message, info.value.message
+    assert message["type"] in info.value.message
+
+
+@pytest.mark.parametrize("fields, shown", [
+    ({"encoding": None}, "encoding null"),
+    ({"encoding": True}, "encoding true"),
+    ({"encoding": ["pcm16"]}, "encoding a list"),
+    ({"encoding": {"name": "pcm16"}}, "encoding an object"),
+    ({"encoding": "PCM16"}, 'encoding "PCM16"'),
+    ({"channels": None}, "`channels` null"),
+    ({"channels": True}, "`channels` true"),
+    ({"channels": "stereo"}, '`channels` "stereo"'),
+    ({"channels": [1]}, "`channels` a list"),
+    ({"channels": 2}, "`channels` 2"),
+])
+def test_an_unsupported_encoding_or_channels_is_shown_as_json_not_a_python_repr(fields, shown):
+    """Review (stop 62): `unsupported_encoding` and `unsupported_channels` wrote the value
+    received with Python's str/repr: `"encoding": null` came back as "encoding 'None'",
+    `true` as True, a list as "['pcm16']" (single quotes), the string "stereo" without
+    quotes: a JavaScript client is told of values it never sent. The Twilio stream's
+    media-format refusal was fixed for the same (stop 62); the native `start` now shows the
+    value as JSON writes it, a list or object by its kind."""
+    with pytest.raises(ProtocolError) as info:
+        parse_text_frame(json.dumps({"type": "start", "sample_rate": 16000, **fields}), MAX)
+    message = info.value.message
+    assert info.value.close_code == CLOSE_UNSUPPORTED_DATA
+    assert shown in message, message
+    assert "'" not in message and "None" not in message and "True" not in message, message
