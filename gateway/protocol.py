@@ -240,9 +240,10 @@ def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> Clie
 
 # The fields of each message. Any other is refused by name: a typo ignored is silent and
 # costly (`"encodng": "mulaw"` heard as pcm16, `"fnal": false` a final). `metadata` holds
-# anything the client wants.
+# anything the client wants. A `stop` is taken whatever else it carries: refused, it would
+# keep open a call its client wants ended.
 FIELDS = {"start": ("type", "sample_rate", "encoding", "channels", "metadata"),
-          "text": ("type", "text", "final"), "dtmf": ("type", "digit"), "stop": ("type",)}
+          "text": ("type", "text", "final"), "dtmf": ("type", "digit")}
 
 
 def _check_fields(data: dict[str, Any], kind: str, close_code: int | None) -> None:
