@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from intents.csv_text import allow_cells_of, csv_problem
+from intents.csv_text import NUL_LINE, allow_cells_of, csv_problem, field_count_problem
 from intents.embedder import normalize_text
 from intents.types import Action, Entry, entry_id_for
 
@@ -135,6 +135,7 @@ def rows_from_manifest(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
+    data = without_extra_boms(data)
     wide = _wide_encoding(data)
     if wide is not None:
         # Every line of it would be "a NUL byte (a binary file?)": one error that says what
@@ -163,6 +164,15 @@ def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
     if errors:
         raise SeedValidationError(source, errors)
     return plan
+
+
+def without_extra_boms(data: bytes) -> bytes:
+    """``data`` with one UTF-8 BOM at most at its start: a second one (an editor that adds a
+    BOM to text already carrying one) is no part of the header's first name, and was told
+    as "unknown column '\\ufeffquestion'", a character the operator cannot see."""
+    while data.startswith(codecs.BOM_UTF8 * 2):
+        data = data[len(codecs.BOM_UTF8):]
+    return data
 
 
 _WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
@@ -254,7 +264,7 @@ def _decode(data: bytes, errors: list[RowError]) -> tuple[str, set[int]]:
     for number, raw in enumerate(data.splitlines(), start=1):
         if b"\x00" in raw:
             bad.add(number)
-            errors.append(RowError(number, "not CSV: the line contains a NUL byte (a binary file?)"))
+            errors.append(RowError(number, NUL_LINE))
             continue
         try:
             raw.decode("utf-8")
@@ -268,7 +278,11 @@ def _decode(data: bytes, errors: list[RowError]) -> tuple[str, set[int]]:
 def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
                source: str) -> list[SeedRow]:
     allow_cells_of(text)  # a long cell is told "too long" on its line, below
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    # Physical lines as the csv reader takes them (LF, CRLF, a lone CR): after a row that is
+    # not CSV, reading starts again at the line after it.
+    lines = io.StringIO(text, newline="").readlines()
+    reader = csv.reader(iter(lines), strict=True)
+    skipped = 0  # lines before the reader's first (read past after a row that is not CSV)
     header: list[str] | None = None
     header_line = 0
     rows: list[SeedRow] = []
@@ -280,9 +294,16 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
         except StopIteration:
             break
         except csv.Error as exc:
-            errors.append(RowError(start, f"not CSV: {csv_problem(exc)}"))
-            break  # the structure after a broken quote cannot be trusted
-        last_line = reader.line_num
+            failed = skipped + reader.line_num  # the line the error is on
+            reason, resume = _not_csv(exc, lines, start, failed, header is None)
+            if header is None or not any(n in bad_lines for n in range(start, failed + 1)):
+                errors.append(RowError(start, reason))  # else reported as not UTF-8 or NUL
+            if not resume:
+                break
+            skipped = last_line = failed
+            reader = csv.reader(iter(lines[failed:]), strict=True)
+            continue
+        last_line = skipped + reader.line_num
         if header is not None and any(line in bad_lines for line in range(start, last_line + 1)):
             continue  # already reported as not UTF-8
         if not any(f.strip() for f in fields):
@@ -310,8 +331,7 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
                 return []
             continue
         if len(fields) != len(header):
-            errors.append(RowError(start, f"not CSV: expected {len(header)} fields as in the "
-                                          f"header, found {len(fields)} (quote fields with commas)"))
+            errors.append(RowError(start, f"not CSV: {field_count_problem(fields, len(header))}"))
             continue
         if _repeats_header(fields, header):
             # Two exports joined (each with its header, Excel's with a BOM): read as data,
@@ -327,6 +347,34 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
     elif header is not None and not rows and not errors:
         errors.append(RowError(last_line, "no rows after the header"))
     return rows
+
+
+def _not_csv(exc: csv.Error, lines: list[str], start: int, failed: int,
+             in_header: bool) -> tuple[str, bool]:
+    """The reason for a row (from line ``start``) the strict csv reader refused on line
+    ``failed``, and whether the lines after ``failed`` can still be read: only when the row,
+    read leniently, ends with that line. A quote never closed, or one the bad line leaves
+    open, makes every later line's cells a guess: the check stops and says so."""
+    reason = f"not CSV: {csv_problem(exc)}"
+    if "unexpected end of data" in str(exc):  # the reader went on to the file's end
+        if any(line.strip() for line in lines[start:]):
+            reason += "; the rest of the file was not checked: it is inside that quote"
+        return reason, False
+    if failed > start:
+        reason += f" (a quoted field carries this row on to line {failed}, where the error is)"
+    rest = any(line.strip() for line in lines[failed:])
+    if in_header:  # the next line read as the header would be a data row
+        return reason + ("; the rows were not checked: the header could not be read"
+                         if rest else ""), False
+    lenient = csv.reader(iter(lines[start - 1:]), strict=False)
+    try:
+        next(lenient, None)
+    except csv.Error:  # not expected (cells are not capped, NUL is read): stop, as before
+        return reason + ("; the rest of the file was not checked" if rest else ""), False
+    if start - 1 + lenient.line_num > failed:
+        return reason + (f"; the rest of the file was not checked: line {failed} also opens a "
+                         "quote it does not close, so where the next row starts is unknown"), False
+    return reason, True
 
 
 # Invisible characters that are part of ordinary spelling (Persian, Hindi, emoji sequences):

@@ -21,4 +21,27 @@ def csv_problem(exc: csv.Error) -> str:
     if "unexpected end of data" in str(exc):  # strict: the file ended inside quotes
         return ("a quoted field that starts on this line is never closed (a '\"' is missing; "
                 "a '\"' inside a quoted field is written '\"\"')")
+    if "expected after" in str(exc):  # strict: "',' expected after '\"'"
+        return ("text follows a quoted field's closing '\"' before the next comma (a cell "
+                "holding a '\"' is quoted whole, each '\"' in it doubled: \"say \"\"hi\"\" "
+                "now\")")
     return str(exc)
+
+
+NUL_LINE = "not CSV: the line contains a NUL byte (a binary file?)"
+
+
+def field_count_problem(fields: list[str], width: int, cells: str = "fields") -> str:
+    """Why a row of ``fields`` does not fit a header of ``width`` columns, with the advice its
+    shape calls for. Extra fields all empty are likely a trailing comma, but an unquoted
+    comma in a cell of a row whose last columns are empty looks the same: removing a comma
+    would then shift the cells, so the advice names both."""
+    found = f"expected {width} fields as in the header, found {len(fields)}"
+    extra = len(fields) - width
+    if extra < 0:
+        return f"{found} (write a comma for every column, empty cells too)"
+    if not any(f.strip() for f in fields[width:]):
+        what = ("the last one empty: a trailing comma? remove it" if extra == 1 else
+                f"the last {extra} empty: trailing commas? remove them")
+        return f"{found}, {what} (but if a cell holds a comma, quote that cell instead)"
+    return f"{found} (quote {cells} with commas)"

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from intents.csv_text import allow_cells_of, csv_problem
+from intents.csv_text import NUL_LINE, allow_cells_of, csv_problem, field_count_problem
 from intents.embedder import Embedder, normalize_text
 from intents.model_cache import build_once
 
@@ -53,7 +53,8 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise NegativesError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    raw = raw.removeprefix(codecs.BOM_UTF8)  # so a bad byte's offset counts in ``raw``
+    while raw.startswith(codecs.BOM_UTF8):  # so a bad byte's offset counts in ``raw``; a
+        raw = raw[len(codecs.BOM_UTF8):]  # second BOM is an editor's artefact, as in the seed's
     try:
         content = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -62,6 +63,8 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
     # strict: a quote left open is refused, not read as the rest of the file in one text
     allow_cells_of(content)  # a long text is told by its own check, on its line
     reader = csv.reader(io.StringIO(content, newline=""), strict=True)
+    # lines as the reader numbers them; the seed CSV refuses such a line (the csv module reads it)
+    nul_lines = {n for n, line in enumerate(raw.splitlines(), start=1) if b"\x00" in line}
     column: int | None = None
     header_line = 0
     texts: list[str] = []
@@ -70,6 +73,12 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
     try:
         for fields in reader:
             start, last_line = last_line + 1, reader.line_num
+            nul = next((n for n in range(start, last_line + 1) if n in nul_lines), None)
+            if nul is not None and column is None:
+                raise NegativesError(f"{path}: line {nul}: {NUL_LINE}")
+            if nul is not None:
+                problems.append(f"line {nul}: {NUL_LINE}")
+                continue
             if column is None:
                 if not any(f.strip() for f in fields):
                     continue  # blank lines before the header
@@ -87,8 +96,7 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
                 continue  # a blank line, or a spreadsheet's empty row (",,"), as the seed's
             text = (fields[column] if column < len(fields) else "").strip()
             if len(fields) > width:  # "Hi, can you ..." unquoted: cut at its comma
-                problems.append(f"line {start}: expected {width} fields as in the header, "
-                                f"found {len(fields)} (quote texts with commas)")
+                problems.append(f"line {start}: {field_count_problem(fields, width, 'texts')}")
             elif not normalize_text(text):
                 problems.append(f"line {start}: empty text")
             elif not same_question(text):
