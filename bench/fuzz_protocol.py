@@ -8,8 +8,9 @@ audio), and a healthy Twilio stream sends μ-law silence (it must stay open). Fu
 connections, many at once, each send a batch of one kind of malformed input to
 `/v1/call` or `/twilio/stream` and go away (often abruptly). Kinds: random bytes,
 broken JSON, wrong field types, unknown types, non-objects, deep nesting, huge
-integers, oversized messages, odd PCM, audio before start, second start, text
-floods, Twilio bad base64 / unknown events / odd marks / media before start,
+integers, oversized messages (before `start`, which closes 1009, and in a call, which
+drops them and goes on), odd PCM (dropped, the call goes on), audio before start,
+second start, text floods, Twilio bad base64 / unknown events / odd marks / media before start,
 abrupt disconnects, slow readers that never read, connections that never start,
 raw TCP connections that send nothing.
 
@@ -78,7 +79,9 @@ def native_kinds(rng: random.Random) -> dict[str, Callable[[], Batch]]:
         "huge_integer": n(lambda: '{"type": "start", "sample_rate": 1' + "0" * 5000 + "}", 5),
         "oversized": n(lambda: b"\x00" * (64 * 1024 + 2), 3),
         "near_ws_limit": n(lambda: "x" * (1024 * 1024 - 64), 1),
-        "odd_pcm": lambda: [START, b"\x00" * 641],
+        "oversized_in_call": lambda: [START] + [b"\x00" * (64 * 1024 + 2),
+                                                "x" * (64 * 1024 + 1), b"\x00" * 640] * 3,
+        "odd_pcm": lambda: [START] + [b"\x00" * 641, b"\x00" * 640] * 10,
         "audio_before_start": n(lambda: b"\x00" * 640),
         "second_start": lambda: [START] * 40,
         "bad_start_rate": lambda: [json.dumps({"type": "start", "sample_rate": 12345})],

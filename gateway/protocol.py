@@ -202,12 +202,11 @@ def utf8_bytes_over(raw: str, max_bytes: int) -> int | None:
 
 def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> ClientMessage:
     """One text message of the native protocol. ``started``: the call is running, so a
-    `start` is ``already_started`` whatever its fields (ignored; the call stays open)."""
+    `start` is ``already_started`` whatever its fields (ignored; the call stays open), and
+    a message over ``max_bytes`` is dropped, not closed (``too_large``)."""
     size = utf8_bytes_over(raw, max_bytes)
     if size is not None:
-        raise ProtocolError("frame_too_large",
-                            f"text message of {size} bytes exceeds {max_bytes} bytes",
-                            CLOSE_TOO_BIG)
+        raise too_large("text message", size, max_bytes, started)
     data = parse_json(raw, "invalid_json", strict=True)
     if not isinstance(data, dict):
         raise ProtocolError("invalid_message", "a message must be a JSON object")
@@ -234,8 +233,8 @@ def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> Clie
     if not isinstance(kind, str):
         raise ProtocolError("invalid_message", unnamed(data, "type", "start, text, dtmf or stop"))
     raise ProtocolError("unknown_message_type",
-                        f"unknown message type {str(kind)[:64]!r}; expected start, text, dtmf "
-                        "or stop")
+                        f"unknown message type {_as_json(kind, 64)}; expected start, text, "
+                        "dtmf or stop")
 
 
 # The fields of each message. Any other is refused by name: a typo ignored is silent and
@@ -271,7 +270,7 @@ def _parse_start(data: dict[str, Any]) -> StartMessage:
                             CLOSE_POLICY)
     if rate not in SUPPORTED_SAMPLE_RATES:
         raise ProtocolError("unsupported_sample_rate",
-                            f"sample rate {rate} Hz is not supported; use one of "
+                            f"sample rate {_as_json(rate, 24)} Hz is not supported; use one of "
                             f"{', '.join(map(str, SUPPORTED_SAMPLE_RATES))}",
                             CLOSE_UNSUPPORTED_DATA)
     encoding = data.get("encoding", "pcm16")
@@ -292,19 +291,32 @@ def _parse_start(data: dict[str, Any]) -> StartMessage:
     return StartMessage(sample_rate=rate, encoding=encoding, metadata=metadata)
 
 
-def check_frame_size(frame: bytes, max_bytes: int) -> None:
+def too_large(what: str, size: int, max_bytes: int, started: bool) -> ProtocolError:
+    """``frame_too_large``. The message was read whole (the WebSocket layer closes 1009
+    itself past ``ws_max_size``): a running call drops it and goes on (the bad-message
+    limit stops a flood of them). Before `start` there is no call to keep, and a text may be
+    the `start` itself: closed 1009, not left to wait for the start timeout."""
+    if started:
+        return ProtocolError("frame_too_large", f"{what} of {size} bytes exceeds {max_bytes} "
+                                                "bytes: dropped, the call goes on")
+    return ProtocolError("frame_too_large", f"{what} of {size} bytes exceeds {max_bytes} bytes",
+                         CLOSE_TOO_BIG)
+
+
+def check_frame_size(frame: bytes, max_bytes: int, *, started: bool = False) -> None:
     if len(frame) > max_bytes:
-        raise ProtocolError("frame_too_large",
-                            f"audio frame of {len(frame)} bytes exceeds {max_bytes} bytes",
-                            CLOSE_TOO_BIG)
+        raise too_large("audio frame", len(frame), max_bytes, started)
 
 
 def check_audio_frame(frame: bytes, max_bytes: int) -> None:
-    check_frame_size(frame, max_bytes)
+    """A started call's binary frame: each refusal drops the frame and the call goes on."""
+    check_frame_size(frame, max_bytes, started=True)
     if not frame:  # nothing to hear, and free for the rate limit: refused, counted
         raise ProtocolError("empty_audio_frame", "a binary frame holds no audio; send whole "
                                                  "16-bit samples (20 ms recommended)")
+    # Each frame is whole samples on its own: dropped, the next one starts on a sample
+    # boundary, so the audio stays aligned (a hang-up over a few bytes would be worse).
     if len(frame) % 2:
         raise ProtocolError("odd_pcm_length",
-                            f"audio frame of {len(frame)} bytes is not whole 16-bit samples",
-                            CLOSE_INVALID_PAYLOAD)
+                            f"audio frame of {len(frame)} bytes is not whole 16-bit samples "
+                            "(2 bytes each): dropped, the call goes on")

@@ -423,17 +423,22 @@ async def test_a_text_frame_that_is_not_utf8_closes_1007_with_one_log_line_not_a
                     await asyncio.sleep(0.05)
                 assert runtime.stats.errors["invalid_utf8"] == before + n + 1, \
                     (n, transport, first, runtime.stats.errors["invalid_utf8"] - before)
-            # The gateway's own 1007 (a binary frame of odd length) is not this refusal.
+            # A binary frame of odd length was the gateway's own 1007, not this refusal;
+            # since stop 62 it closes nothing (dropped, `odd_pcm_length`, the call goes on):
+            # counted under its own code, never as invalid_utf8, and the `stop` ends it.
             odd_before = runtime.stats.errors["odd_pcm_length"]
             async with connect(base + "/v1/call") as ws:
                 await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
                 await ws.send(b"\x00\x01\x02")
-                await messages_until_closed(ws)
+                await ws.send(json.dumps({"type": "stop"}))
+                received = await messages_until_closed(ws)
             closes.append((ws.close_code, ws.close_reason))
             assert runtime.stats.errors["odd_pcm_length"] == odd_before + 1
+            assert [json.loads(m)["code"] for m in received if isinstance(m, str)
+                    and json.loads(m)["type"] == "error"] == ["odd_pcm_length"]
             turn = await healthy_turn
         healthy_code = healthy.closed_code
-    assert closes == [(1007, "")] * (len(connections) + 1), closes
+    assert closes == [(1007, "")] * len(connections) + [(1000, "")], closes
     loud = [r for r in kept.records if r.exc_info or r.levelno >= logging.ERROR]
     assert loud == [], [(r.name, r.getMessage()) for r in loud]
     assert not any("Invalid UTF-8" in r.getMessage() for r in kept.records)

@@ -117,14 +117,17 @@ class NotReadingWebSocket(FakeWebSocket):
 
 
 @pytest.mark.parametrize("last", [
-    {"text": json.dumps({"type": "stop"})},   # the caller hangs up
-    {"bytes": b"\x00"},                       # odd_pcm_length: closed 1007
-    {"text": json.dumps({"type": "start", "sample_rate": 16000, "metadata": []})},
-])
+    [{"text": json.dumps({"type": "stop"})}],  # the caller hangs up
+    # Bad frames that close it: since stop 62 one odd-length frame no longer does (it is
+    # dropped, `odd_pcm_length`, the call goes on), so it takes a flood of them past the
+    # bad-message burst (1 here): too_many_bad_messages, closed 1008.
+    [{"bytes": b"\x00"}] * 3,
+    [{"text": json.dumps({"type": "start", "sample_rate": 16000, "metadata": []})}],
+], ids=["stop", "bad-frames", "bad-start"])
 async def test_a_session_of_a_client_that_stopped_reading_ends_whatever_ended_it(
         last, monkeypatch):
     """The outbox watchdog catches a client that reads nothing only after send_timeout_s
-    (5 s). A call that ends before that (the caller's `stop`, a bad frame that closes it)
+    (5 s). A call that ends before that (the caller's `stop`, bad frames that close it)
     reaches CallSession.close with outbox.closed False, and there the socket close runs
     without the _DRAIN_S bound the stuck path has: it waits for a writable transport that
     a client with a shut window never gives (a keepalive timeout's transport.close() waits
@@ -134,12 +137,13 @@ async def test_a_session_of_a_client_that_stopped_reading_ends_whatever_ended_it
 
     # The bound made short: the wait below is for a hang, not for the bound to pass.
     monkeypatch.setattr(session_module, "_DRAIN_S", 0.05)
-    h = CallHarness(settings={"send_timeout_s": 60.0})
+    h = CallHarness(settings={"send_timeout_s": 60.0, "bad_message_burst": 1})
     services = services_for(h)
     ws = NotReadingWebSocket(services)
-    if "metadata" not in last.get("text", ""):
+    if "metadata" not in last[0].get("text", ""):
         ws.text({"type": "start", "sample_rate": 16000})
-    ws.inbox.put_nowait({"type": "websocket.receive", **last})
+    for message in last:
+        ws.inbox.put_nowait({"type": "websocket.receive", **message})
     handler = asyncio.ensure_future(native_call(ws))  # type: ignore[arg-type]
     done, _ = await asyncio.wait({handler}, timeout=8)
     assert services.admission.active == 0
@@ -220,4 +224,101 @@ async def test_a_message_with_a_field_it_does_not_have_is_refused_and_the_call_g
     assert '"fnal"' in error["message"], error["message"]
     assert [e["text"] for e in ws.events if e["type"] == "transcript"] == ["opening hours"]
     assert ws.closed_with == 1000
+    assert services.admission.active == 0
+
+
+async def _until(ws: FakeWebSocket, handler: asyncio.Future[Any], kind: str) -> None:
+    for _ in range(10_000):  # until an event of that kind is out (no clock involved)
+        if any(e["type"] == kind for e in ws.events) or handler.done():
+            return
+        await asyncio.sleep(0)
+
+
+async def _one_bad_message_then_a_question(bad: dict[str, Any]) -> tuple[FakeWebSocket, Any]:
+    """A running call gets ``bad`` (a raw receive message), then a question: the events
+    and the harness, once the caller's `stop` has ended it."""
+    h = CallHarness(faqs={"opening hours": "We open at nine."})
+    services = services_for(h)
+    ws = FakeWebSocket(services)
+    ws.text({"type": "start", "sample_rate": 16000})
+    ws.audio(b"\x00\x00" * 320)
+    ws.inbox.put_nowait({"type": "websocket.receive", **bad})
+    ws.audio(b"\x00\x00" * 320)  # the next frame starts on a sample boundary: heard
+    ws.text({"type": "text", "text": "opening hours"})
+    handler = asyncio.ensure_future(run_call(ws))
+    await _until(ws, handler, "transcript")
+    ws.text({"type": "stop"})
+    await handler
+    assert services.admission.active == 0
+    return ws, h
+
+
+async def test_one_misaligned_audio_frame_is_dropped_and_the_call_goes_on():
+    """Review (stop 62): one binary frame of an odd length (not whole 16-bit samples)
+    closed a running call with 1007, the caller hung up over a few bytes. Dropping the
+    frame keeps the samples aligned (each frame is whole samples on its own, the next one
+    starts on a sample boundary), as `empty_audio_frame` is dropped: it is `odd_pcm_length`
+    by name, counted as bad input, and the call goes on (a flood of them still meets the
+    bad-message limit)."""
+    ws, h = await _one_bad_message_then_a_question({"bytes": b"\x00" * 641})
+    assert ws.errors() == ["odd_pcm_length"]
+    assert [e["text"] for e in ws.events if e["type"] == "transcript"] == ["opening hours"]
+    assert ws.closed_with == 1000
+    assert h.stats.errors["odd_pcm_length"] == 1
+    error = next(e for e in ws.events if e["type"] == "error")
+    assert "641 bytes" in error["message"] and "dropped" in error["message"], error
+
+
+@pytest.mark.parametrize("bad", [
+    {"bytes": b"\x00" * (64 * 1024 + 2)},
+    {"text": json.dumps({"type": "text", "text": "x" * (64 * 1024)})},
+], ids=["audio", "text"])
+async def test_one_message_over_the_frame_limit_is_dropped_and_the_call_goes_on(bad):
+    """Review (stop 62): one message over `max_frame_bytes` (64 KiB) but within the
+    WebSocket layer's own limit (1 MiB) closed a running call with 1009, though the server
+    had already read it whole and could simply drop it. It is `frame_too_large` by name,
+    counted as bad input, and the call goes on: the next frame is heard, the next question
+    answered. (Beyond 1 MiB the WebSocket layer still closes 1009 by itself.)"""
+    ws, h = await _one_bad_message_then_a_question(bad)
+    assert ws.errors() == ["frame_too_large"]
+    assert [e["text"] for e in ws.events if e["type"] == "transcript"] == ["opening hours"]
+    assert ws.closed_with == 1000
+    assert h.stats.errors["frame_too_large"] == 1
+    error = next(e for e in ws.events if e["type"] == "error")
+    assert "65536 bytes" in error["message"] and "dropped" in error["message"], error
+
+
+@pytest.mark.parametrize("bad", [
+    {"bytes": b"\x00" * (64 * 1024 + 2)},
+    {"text": json.dumps({"type": "start", "sample_rate": 16000,
+                         "metadata": {"notes": "x" * (64 * 1024)}})},
+], ids=["audio", "text"])
+async def test_a_message_over_the_frame_limit_before_start_still_closes_1009(bad):
+    """Before `start` there is no call to keep: an oversized text may be the `start`
+    itself (left open, the client would wait for `ready` until the start timeout), and an
+    oversized binary frame is not heard in any case. Both still close 1009 by name."""
+    h = CallHarness()
+    services = services_for(h)
+    ws = FakeWebSocket(services)
+    ws.inbox.put_nowait({"type": "websocket.receive", **bad})
+    await run_call(ws)
+    assert ws.errors() == ["frame_too_large"] and ws.closed_with == 1009
+    assert services.admission.active == 0
+
+
+async def test_a_flood_of_misaligned_frames_still_meets_the_bad_message_limit():
+    """Dropping one odd-length frame keeps the call; hundreds of them are a flood, closed
+    by the bad-message limit (`too_many_bad_messages`, 1008) as any other. The clock stands
+    still: the burst (bad_message_burst) is all there is."""
+    h = CallHarness(settings={"bad_message_burst": 50})
+    services = services_for(h)
+    ws = FakeWebSocket(services)
+    ws.text({"type": "start", "sample_rate": 16000})
+    for _ in range(60):
+        ws.audio(b"\x00\x00\x00")
+    ws.text({"type": "stop"})
+    await run_call(ws)
+    errors = ws.errors()
+    assert errors[-1] == "too_many_bad_messages" and set(errors[:-1]) == {"odd_pcm_length"}
+    assert ws.closed_with == 1008
     assert services.admission.active == 0

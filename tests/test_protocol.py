@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from gateway.protocol import (CLOSE_INVALID_PAYLOAD, CLOSE_POLICY, CLOSE_TOO_BIG,
+from gateway.protocol import (CLOSE_POLICY, CLOSE_TOO_BIG,
                               CLOSE_UNSUPPORTED_DATA, ProtocolError, StartMessage, StopMessage,
-                              TextMessage, check_audio_frame, parse_text_frame)
+                              TextMessage, check_audio_frame, check_frame_size,
+                              parse_text_frame)
 
 MAX = 64 * 1024
 
@@ -40,18 +41,68 @@ def test_bad_text_frames(raw, code, close):
 
 
 def test_oversized_text_counts_utf8_bytes():
+    # Before `start` (no call to keep: it may be the `start` itself) an oversized text
+    # closes 1009; a running call's is dropped and the call goes on (stop 62, below).
     raw = json.dumps({"type": "text", "text": "é" * (MAX // 2)})
     assert code_of(raw) == ("frame_too_large", CLOSE_TOO_BIG)
+    with pytest.raises(ProtocolError) as info:
+        parse_text_frame(raw, MAX, started=True)
+    assert (info.value.code, info.value.close_code) == ("frame_too_large", None)
 
 
 def test_audio_frame_checks():
+    """A started call's frame checks. Since stop 62 neither an odd length (`odd_pcm_length`,
+    was closed 1007) nor an oversized frame (`frame_too_large`, was closed 1009) closes the
+    call: the frame, read whole, is dropped (the next one starts on a sample boundary), as an
+    empty one is. Before `start` an oversized frame still closes 1009 (check_frame_size)."""
     check_audio_frame(b"\x00" * 640, MAX)
     with pytest.raises(ProtocolError) as odd:
         check_audio_frame(b"\x00" * 641, MAX)
-    assert (odd.value.code, odd.value.close_code) == ("odd_pcm_length", CLOSE_INVALID_PAYLOAD)
+    assert (odd.value.code, odd.value.close_code) == ("odd_pcm_length", None)
     with pytest.raises(ProtocolError) as big:
         check_audio_frame(b"\x00" * (MAX + 2), MAX)
-    assert (big.value.code, big.value.close_code) == ("frame_too_large", CLOSE_TOO_BIG)
+    assert (big.value.code, big.value.close_code) == ("frame_too_large", None)
+    with pytest.raises(ProtocolError) as empty:
+        check_audio_frame(b"", MAX)
+    assert (empty.value.code, empty.value.close_code) == ("empty_audio_frame", None)
+    with pytest.raises(ProtocolError) as before:
+        check_frame_size(b"\x00" * (MAX + 2), MAX)
+    assert (before.value.code, before.value.close_code) == ("frame_too_large", CLOSE_TOO_BIG)
+
+
+@pytest.mark.parametrize("kind, shown", [
+    ("dial", '"dial"'), ("it's", '"it\'s"'), ('say "hi"', '"say \\"hi\\""'),
+    ("", '""'), ("x" * 500, '"' + "x" * 40),
+])
+def test_an_unknown_message_type_is_quoted_as_json_not_a_python_repr(kind, shown):
+    """Review (stop 62): `unknown_message_type` quoted the type with Python's repr: `{"type":
+    "dial"}` came back as "unknown message type 'dial'" (single quotes, which JSON has not;
+    "it's" in double quotes, a quote inside as \\' ), unlike the other refusals, which show
+    what was received as JSON writes it since stop 62 (`_as_json`). A long type is cut short."""
+    for started in (False, True):
+        with pytest.raises(ProtocolError) as info:
+            parse_text_frame(json.dumps({"type": kind}), MAX, started=started)
+        message = info.value.message
+        assert (info.value.code, info.value.close_code) == ("unknown_message_type", None)
+        assert f"unknown message type {shown}" in message, message
+        assert "'dial'" not in message and len(message) < 160, message
+
+
+def test_an_unsupported_sample_rate_is_not_echoed_whole():
+    """Review (stop 62): an out-of-list `sample_rate` was echoed in full in its error: an
+    integer of up to 4,300 digits (what Python converts) made a 4 KB error event and
+    `bad_input` log line. It is cut short, as other values received are; the rates
+    supported are still listed, and an ordinary wrong rate is still shown whole."""
+    huge = int("9" * 4300)
+    with pytest.raises(ProtocolError) as info:
+        parse_text_frame('{"type": "start", "sample_rate": ' + str(huge) + "}", MAX)
+    message = info.value.message
+    assert (info.value.code, info.value.close_code) == ("unsupported_sample_rate",
+                                                        CLOSE_UNSUPPORTED_DATA)
+    assert len(message) < 200 and "99999" in message and "16000" in message, message
+    with pytest.raises(ProtocolError) as ordinary:
+        parse_text_frame('{"type": "start", "sample_rate": 11025}', MAX)
+    assert "sample rate 11025 Hz" in ordinary.value.message
 
 
 @pytest.mark.parametrize("channels", [2, 0, -1, "stereo", 1.5, True, None])

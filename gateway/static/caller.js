@@ -504,11 +504,12 @@
   // The errors after which the gateway closes the call (docs/protocol.md, "Errors"; and
   // internal_error, below). Any other leaves it open: a stage that failed, of one turn or on
   // the caller's audio (vad_failed, stt_failed, turn_model_failed: no turn), or one message
-  // dropped (too_many_messages).
+  // dropped (too_many_messages; odd_pcm_length and frame_too_large in a running call: the
+  // page sends `start` first, and only before it does frame_too_large close).
   const CALL_ENDING = new Set([
     "too_many_calls", "draining", "start_timeout", "audio_too_fast", "client_not_reading",
     "too_many_bad_messages", "messages_too_fast", "unsupported_sample_rate",
-    "unsupported_encoding", "unsupported_channels", "odd_pcm_length", "frame_too_large",
+    "unsupported_encoding", "unsupported_channels",
   ]);
 
   function onError(current, event) {

@@ -75,7 +75,7 @@ def _handle(message: dict[str, Any], session: CallSession, output: NativeOutput,
     settings = services.settings
     data = message.get("bytes")
     if data is not None:
-        if session.call is None:  # its size still closes an oversized one (a flood)
+        if session.call is None:  # an oversized one still closes: there is no call to keep
             check_frame_size(data, settings.max_frame_bytes)
             raise ProtocolError("audio_before_start", "send a `start` message before audio frames")
         check_audio_frame(data, settings.max_frame_bytes)
