@@ -362,11 +362,17 @@ async def test_an_endpoint_that_arrives_after_the_caller_resumed_is_stale(deepgr
 
 async def test_no_endpoint_in_time_means_no_early_words(deepgram):
     fake, server = deepgram
-    recognizer = stt(server, early_timeout_s=0.05)
+    clock = ManualClock()
+    recognizer = stt(server, early_timeout_s=0.8, clock=clock)
     stream = recognizer.open_stream()
     await send(stream, VOICE, 4)  # speech, never a silence: Deepgram cannot endpoint
+    early = asyncio.ensure_future(stream.speech_paused())
+    await clock.advance(0.7)
+    assert not early.done()  # the wait runs on the stream's clock, not the wall's
+    await clock.advance(0.2)
+    assert early.done()  # ...past its early_timeout_s: no early words
     with pytest.raises(TimeoutError):
-        await stream.speech_paused()
+        await early
     await stream.aclose()
     await recognizer.aclose()
 
@@ -537,6 +543,43 @@ async def test_finalize_answered_with_no_words_is_an_empty_final(deepgram):
     await send(stream, VOICE, 2)
     await clock.advance(5.0)
     assert stream.connected and len(fake.sessions) == 1
+    await stream.aclose()
+    await recognizer.aclose()
+
+
+async def test_a_second_finalize_before_the_first_ones_reply_leaves_each_its_own(
+        deepgram, caplog):
+    """Review (stop 62): a second ``finalize()`` before the first one's Finalize reply
+    arrived took the stream's one slot for a reply under way: the first reply, no longer
+    the newest utterance's audio, was dropped, and the first turn waited the whole finalize
+    timeout (1 s) to end with the words heard before its cut. (A caller whose next
+    utterance ends quickly after the last one.) Each finalize now gets its own reply."""
+    fake, server = deepgram
+    fake.utterances = ["hello there", "second question please"]
+    fake.ms_per_word = 40
+    clock = ManualClock()
+    recognizer = stt(server, finalize_timeout_s=1.0, clock=clock)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)  # "hello there" (two words revealed)
+    first = asyncio.ensure_future(stream.finalize())
+    # The next utterance, and its cut, before the event loop has read anything: the first
+    # reply cannot have arrived yet (send_audio never yields).
+    for _ in range(6):
+        await stream.send_audio(VOICE)
+    second = asyncio.ensure_future(stream.finalize())
+    assert stream._outbox.qsize() > 2  # both Finalize messages still queued
+    with caplog.at_level(logging.WARNING, logger="voicegate.deepgram"):
+        assert await asyncio.wait_for(second, 5) == Transcript("second question please",
+                                                               final=True)
+        # Replies come in order: the first one's is in, and the clock has not moved.
+        await clock.settle()
+        assert first.done()
+        assert await first == Transcript("hello there", final=True)
+    session = fake.sessions[0]
+    assert session.controls["Finalize"] == 2
+    assert [m["channel"]["alternatives"][0]["transcript"] for m in session.sent
+            if m.get("from_finalize")] == ["hello there", "second question please"]
+    assert "deepgram_finalize_late" not in caplog.text
     await stream.aclose()
     await recognizer.aclose()
 

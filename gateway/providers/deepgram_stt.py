@@ -9,10 +9,13 @@ onto ``STTStream``:
 - ``speech_paused()`` (the caller paused): the words so far once Deepgram endpoints after
   them (``speech_final``: every word final), the early transcript the engine routes before
   the turn ends; ``speech_resumed()`` makes an endpoint so far stale. No endpoint within
-  ``early_timeout_s``: no early words (the turn waits its silence).
+  ``early_timeout_s`` (on the stream's ``clock``): no early words (the turn waits its silence).
 - ``finalize()``: if Deepgram has already endpointed with nothing pending, the committed
   text is returned at once; otherwise a ``Finalize`` message flushes the server and the
-  reply marked ``from_finalize`` completes the transcript. No reply within
+  reply marked ``from_finalize`` completes the transcript. Each finalize waits for its own
+  reply (a next one may be cut before it arrives): a result is the utterance's whose audio
+  it ends in, and Deepgram answers Finalize messages in order, so a ``from_finalize``
+  reply also completes any earlier finalize still waiting. No reply within
   ``finalize_timeout_s`` (on the stream's ``clock``): the words so far are the final, and
   an utterance of audio with no word at all fails (``ProviderError``: the call apologises),
   never an empty final (a reply with no words, the caller's noise, still is one). A socket
@@ -82,7 +85,8 @@ class DeepgramStream:
                  finalize_timeout_s: float, keepalive_s: float, early_timeout_s: float,
                  reconnect_s: float = 0.5, clock: Clock = SYSTEM_CLOCK) -> None:
         self._client = client
-        self._clock = clock  # the Finalize reply's deadline (a test's ManualClock)
+        # The Finalize replies' and the early words' deadlines (a test's ManualClock).
+        self._clock = clock
         self._reconnect_s = reconnect_s
         self._early_timeout_s = early_timeout_s
         self._options = options
@@ -108,8 +112,9 @@ class DeepgramStream:
         self._cut_s = 0.0  # audio time of the last finalize/reset
         self._resumed_s = 0.0  # audio time the caller last spoke again after a pause
         self._early_task: asyncio.Task[Transcript] | None = None  # the pause's early words
-        # The utterance cut by finalize() whose Finalize reply is still on its way.
-        self._closing_utterance: _Closing | None = None
+        # Utterances cut by finalize() whose Finalize reply is still on its way, oldest
+        # first (a caller's next utterance may end before the last one's reply arrives).
+        self._closings: list[_Closing] = []
         self._error: ProviderError | None = None
         self._closing = False
         self._malformed_logs = logs.Throttle(_MALFORMED_LOG_EVERY_S)
@@ -148,7 +153,7 @@ class DeepgramStream:
         self._start_utterance()
         if flush:
             closing.done = asyncio.get_running_loop().create_future()
-            self._closing_utterance = closing
+            self._closings.append(closing)
             self._outbox.put_nowait("Finalize")
         return self._final(closing)
 
@@ -161,8 +166,7 @@ class DeepgramStream:
         except Expired:
             answered = False
         finally:
-            if self._closing_utterance is closing:
-                self._closing_utterance = None
+            self._closings = [other for other in self._closings if other is not closing]
         self._check()
         if closing.lost is not None:
             raise closing.lost
@@ -215,8 +219,8 @@ class DeepgramStream:
 
     async def _early(self) -> Transcript:
         self._check()
-        # TimeoutError: no early words; the engine lets the silence decide.
-        async with asyncio.timeout(self._early_timeout_s):  # not wait_for: see _final
+        # TimeoutError (Expired): no early words; the engine lets the silence decide.
+        async with deadline(self._clock, self._early_timeout_s):
             await self.endpoint.wait()
         self._check()
         return Transcript(text=self._text(), final=False)
@@ -318,10 +322,9 @@ class DeepgramStream:
         return self._sent_s > self._cut_s + _EPSILON_S
 
     def _release_final(self) -> None:
-        """A final waiting for its Finalize reply gets what it has: no reply will come."""
-        closing = self._closing_utterance
-        if closing is not None and closing.done is not None and not closing.done.done():
-            closing.done.set_result(None)
+        """The finals waiting for their Finalize replies get what they have: no reply will come."""
+        for closing in self._closings:
+            closing.finish()
 
     async def _socket_connection(self) -> tuple[ProviderError | None, bool]:
         """``_connection`` in a task of its own, which ``_drop_socket`` may cancel."""
@@ -453,10 +456,12 @@ class DeepgramStream:
         else the utterance's under way."""
         lost = ProviderError(NAME, f"a final result was malformed ({exc.field}): words of "
                                    f"the utterance are lost")
-        closing = self._closing_utterance
-        if closing is not None and closing.done is not None and not closing.done.done():
+        # Replies come in the order of the Finalize messages: the oldest still waiting.
+        closing = next((c for c in self._closings if c.done is not None and not c.done.done()),
+                       None)
+        if closing is not None:
             closing.lost = lost
-            closing.done.set_result(None)  # no readable reply will complete it
+            closing.finish()  # no readable reply will complete it
         elif self._utterance_has_audio():
             self._lost = lost
 
@@ -479,12 +484,18 @@ class DeepgramStream:
         end_s = self._offset_s + result.start_s + result.duration_s
         text = result.text
         if end_s <= self._cut_s + _EPSILON_S:
-            # Audio of an utterance already cut: it completes the one being finalized, or
-            # (the reply to a reset's Finalize) is dropped; never leaks into the next one.
-            closing = self._closing_utterance
-            if closing is not None and closing.start_s + _EPSILON_S < end_s <= \
-                    closing.cut_s + _EPSILON_S:
-                closing.add(text, result.is_final, result.from_finalize)
+            # Audio of an utterance already cut: it completes the one being finalized whose
+            # audio it is, or (the reply to a reset's Finalize) is dropped; never leaks into
+            # the next one.
+            for index, closing in enumerate(self._closings):
+                if closing.start_s + _EPSILON_S < end_s <= closing.cut_s + _EPSILON_S:
+                    closing.add(text, result.is_final)
+                    if result.from_finalize:
+                        # Deepgram answers Finalize messages in order: this reply is the
+                        # last of any earlier one's too (which may send no from_finalize).
+                        for answered in self._closings[:index + 1]:
+                            answered.finish()
+                    break
             return
         if result.is_final:
             if text:
@@ -584,14 +595,17 @@ class _Closing:
     done: asyncio.Future[None] | None = None
     lost: ProviderError | None = None  # a final result of it could not be read
 
-    def add(self, text: str, is_final: bool, from_finalize: bool) -> None:
+    def add(self, text: str, is_final: bool) -> None:
         if is_final:
             if text:
                 self.committed.append(text)
             self.interim = ""
         else:
             self.interim = text
-        if from_finalize and self.done is not None and not self.done.done():
+
+    def finish(self) -> None:
+        """Its reply is in (or will not come): ``finalize`` returns what it has."""
+        if self.done is not None and not self.done.done():
             self.done.set_result(None)
 
     def text(self) -> str:
