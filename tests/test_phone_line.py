@@ -2065,3 +2065,74 @@ async def test_keys_a_message_took_up_go_on_with_it_when_the_caller_talks_over_i
     assert asked[-1] == "the caller pressed 4 9 2 1 sorry what is my balance and my savings " \
         "too", asked
     _nothing_else_holds_keys(h)
+
+
+# ---------------------------------------------------------------------- review (stop 62)
+
+
+async def test_a_provider_dead_for_the_call_hands_off_after_three_failed_turns():
+    """Review (stop 62): a provider dead for the rest of the call (Deepgram refusing every
+    reconnect after a key rotation, a revoked LLM or voice key) failed every turn, and
+    every turn got the apology ("could you say that again"): the caller repeated themselves
+    for good, never reaching anyone who could help. The third turn in a row a provider
+    fails is handed off as a ``handoff`` intent is: its message, its event, the transfer."""
+    h = await harness().start()
+    h.stt.fail_finals = 10_000  # speech recognition is gone for the rest of the call
+    for words in ("my card was stolen", "my card was stolen", "please my card"):
+        await h.say(words, then_silence_ms=1500)
+    await h.wait(1000)
+    assert sources(h) == ["apology", "apology", "handoff"]
+    (handoff,) = h.output.of("handoff")
+    assert "repeated provider failure" in handoff["reason"] and "stt_failed" in handoff["reason"]
+    assert [reason for _, reason in h.output.transfers] == [handoff["reason"]]
+    assert h.stats.errors["repeated_failure_handoff"] == 1
+    assert h.metrics()[-1]["transferred"] is True
+    await h.stop()
+
+
+async def test_an_answered_turn_starts_the_count_of_failed_turns_again():
+    h = harness()
+    h.llm.reply = "FAIL the voice is gone."  # every LLM sentence fails its synthesis
+    await h.start()
+    for words in ("where is my card", "where is my card"):
+        await h.text(words)
+        await h.wait(1500)
+    h.llm.reply = "It is on its way."  # answered: the count starts again
+    await h.text("where is my card")
+    await h.wait(1500)
+    h.llm.reply = "FAIL the voice is gone again."
+    for words in ("and my pin", "and my pin"):
+        await h.text(words)
+        await h.wait(1500)
+    await h.stop()
+    assert sources(h) == ["apology", "apology", "llm", "apology", "apology"]
+    assert h.output.transfers == [] and h.output.of("handoff") == []
+
+
+async def test_a_line_that_cannot_hand_off_keeps_apologising_and_stays_up():
+    # A phone line with nowhere to transfer to (no handoff number): the apology, as
+    # before, not a handoff message promising a colleague, and never a hang-up.
+    h = harness()
+    h.output.can_transfer = False  # type: ignore[attr-defined]
+    h.llm.reply = "FAIL the voice is gone."
+    await h.start()
+    for _ in range(4):
+        await h.text("where is my card")
+        await h.wait(1500)
+    await h.stop()
+    assert sources(h) == ["apology"] * 4
+    assert h.output.transfers == [] and h.output.hangups == []
+    assert h.call.ended is None and "repeated_failure_handoff" not in h.stats.errors
+
+
+async def test_on_the_native_protocol_the_repeated_failure_is_the_handoff_event():
+    h = CallHarness()  # no transfer: the `handoff` event is the contract
+    h.llm.reply = "FAIL the voice is gone."
+    await h.start()
+    for _ in range(3):
+        await h.text("where is my card")
+        await h.wait(1500)
+    await h.stop()
+    assert sources(h) == ["apology", "apology", "handoff"]
+    (handoff,) = h.output.of("handoff")
+    assert handoff["turn"] == 3 and "tts_failed" in handoff["reason"]

@@ -677,6 +677,20 @@ async def test_marks_confirm_only_the_current_uncleared_reply():
     assert not out.mark_played("hello")
 
 
+def test_a_twilio_line_can_transfer_only_with_a_number_and_the_rest_credentials():
+    """Review (stop 62): the call hands off after a provider failed turn after turn only
+    where the transfer has somewhere to go; without, the apology goes on (no promise of
+    a colleague the line cannot keep)."""
+    control = object()  # the REST side: only whether there is one matters here
+    assert not TwilioOutput(None, "MZ1", "call").can_transfer  # type: ignore[arg-type]
+    assert not TwilioOutput(None, "MZ1", "call", control,  # type: ignore[arg-type]
+                            handoff_number="").can_transfer
+    assert not TwilioOutput(None, "MZ1", "call",  # type: ignore[arg-type]
+                            handoff_number="+15551230000").can_transfer
+    assert TwilioOutput(None, "MZ1", "call", control,  # type: ignore[arg-type]
+                        handoff_number="+15551230000").can_transfer
+
+
 async def test_a_resumed_reply_counts_only_the_marks_sent_after_the_resume():
     sent: list[dict[str, Any]] = []
 

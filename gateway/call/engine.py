@@ -7,7 +7,9 @@ a manual clock.
 
 A stage failure never ends the call: it is counted (stats and Prometheus), the
 client gets an ``error`` event with a specific code, the caller hears a short
-apology when a turn could not be answered, and the next turn works.
+apology when a turn could not be answered, and the next turn works. A provider that
+fails FAILED_TURNS_BEFORE_HANDOFF turns in a row (dead for the call) gets the caller
+handed off instead, where the line can hand off (``_turn_failed``).
 
 Cancellation (``stop``): the loops, the reply, the final decodes and the
 speculation are cancelled and awaited; the STT stream is closed. No task of the
@@ -57,6 +59,13 @@ log = logging.getLogger("voicegate.call")
 _REPORT_EVERY_S = 5.0
 # How often an input loop is started again after a bug escaped it, in one call.
 LOOP_RESTARTS = 100
+# A provider failing the caller's turns this many times in a row (a revoked key, a service
+# refusing every reconnect: the apology on every turn, "say that again" for good) hands the
+# call to a person instead, where the line can (``_turn_failed``). A turn answered resets it.
+FAILED_TURNS_BEFORE_HANDOFF = 3
+# The turn failures that are a provider's (speech recognition, the LLM, the voice): not a
+# bug of ours (``reply_failed``), a key mapped to nothing, or a caller who said nothing.
+_PROVIDER_FAILURES = frozenset({"stt_failed", "llm_failed", "tts_failed"})
 # At the call's time limit, the longest the exchange under way (the reply playing, the
 # caller's words and the reply to them) may go on, and the message.
 TIME_LIMIT_GRACE_S = 30.0
@@ -268,6 +277,9 @@ class Call:
         # When the call's time limit is up (max_call_s after it began; see _time_limit_loop).
         self._time_limit_at = deps.clock.now() + settings.max_call_s
         self._transferred = False
+        # The codes of the caller's turns a provider failed in a row, since the last turn
+        # answered (``_turn_failed``): at FAILED_TURNS_BEFORE_HANDOFF, the handoff.
+        self._failed_turns: list[str] = []
         # The time-limit message's reply: the caller's input does not stop it (_barge_in).
         self._limit_message: asyncio.Task[None] | None = None
         # The reply whose handoff message has played, while it transfers the call.
@@ -1101,8 +1113,9 @@ class Call:
                 await self._report(exc.code, str(exc), tl.turn)
                 if await self._until_released():  # held: the apology waits as the reply did
                     await self._resume_into_apology(tl.turn)
-                await self._apologize(tl, text, exc.code)
+                await self._turn_failed(tl, text, exc.code)
             else:
+                self._failed_turns = []  # answered: the providers work (again)
                 if "handoff" in tl.info:
                     await self._transfer(tl)
         except asyncio.CancelledError:
@@ -1124,6 +1137,45 @@ class Call:
     def _turn(self, tl: TurnTimeline, text: str, decision: RouteDecision | None) -> Turn:
         return Turn(number=tl.turn, text=text, sample_rate=self.sample_rate, timeline=tl,
                     conversation=self.conversation, decision=decision, encoding=self.encoding)
+
+    async def _turn_failed(self, tl: TurnTimeline, text: str, code: str) -> None:
+        """The turn could not be answered (``code``): the apology, unless a provider has
+        failed FAILED_TURNS_BEFORE_HANDOFF of the caller's turns in a row (a revoked key,
+        a service refusing every reconnect: "say that again" would go on for good). Then
+        the handoff, as a ``handoff`` intent's (its message, its event, the transfer),
+        where the line can hand off (``_can_hand_off``); where it cannot, the apology still:
+        a call the bot hung up on would be worse."""
+        if code not in _PROVIDER_FAILURES:
+            await self._apologize(tl, text, code)
+            return
+        self._failed_turns.append(code)
+        if len(self._failed_turns) < FAILED_TURNS_BEFORE_HANDOFF or not self._can_hand_off():
+            await self._apologize(tl, text, code)
+            return
+        failed, self._failed_turns = self._failed_turns, []
+        reason = f"repeated provider failure: {', '.join(failed)} on {len(failed)} turns in a row"
+        self._count("repeated_failure_handoff")
+        logs.event(log, "repeated_failure_handoff", logging.WARNING, turn=tl.turn,
+                   codes=",".join(failed))
+        self._trace.event("repeated_failure_handoff", turn=tl.turn)
+        turn = self._turn(tl, text, None)
+        try:
+            await self._reply.play_segment(turn, self._responder.handoff(turn, reason))
+        except StageFailed as exc:  # not even the handoff message: the apology, as before
+            logs.event(log, "handoff_message_failed", logging.ERROR, code=exc.code,
+                       detail=str(exc)[:300])
+            await self._apologize(tl, text, code)
+            return
+        if "handoff" in tl.info:
+            await self._transfer(tl)
+
+    def _can_hand_off(self) -> bool:
+        """Whether a handoff reaches a person: on the native protocol the ``handoff`` event
+        is the contract (the client moves the caller); a phone line transfers where it has
+        somewhere to (``can_transfer``: Twilio's handoff number and REST credentials)."""
+        if getattr(self._out, "transfer", None) is None:
+            return True
+        return bool(getattr(self._out, "can_transfer", True))
 
     async def _apologize(self, tl: TurnTimeline, text: str, code: str) -> None:
         turn = self._turn(tl, text, None)
@@ -1159,7 +1211,7 @@ class Call:
                 await first
             self._take_counts(tl)
             if apology is not None:
-                await self._apologize(tl, "", apology)
+                await self._turn_failed(tl, "", apology)
         finally:  # cut off too (in ``first``): the turn was taken all the same
             self._take_counts(tl)
             self._take_late_counts(tl, utterance)

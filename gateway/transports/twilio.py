@@ -250,6 +250,12 @@ class TwilioOutput:
             del sent[next(iter(sent))]  # the oldest label: its echoes are long back
         sent[self._label] = max(ms, sent.get(self._label, 0))
 
+    @property
+    def can_transfer(self) -> bool:
+        """A transfer has somewhere to go (a handoff number, the REST credentials): the call
+        hands off to a person after providers failed turn after turn, not without."""
+        return bool(self._handoff_number) and self._control is not None
+
     async def transfer(self, reason: str) -> bool:
         """The handoff message has played: redirect the live call to a person through
         Twilio's REST API. ``CallControlError`` when no number is configured: a failed
