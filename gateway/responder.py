@@ -50,6 +50,9 @@ class Turn:
     # The agent's first LLM round, started on these words before the turn ended: the
     # agent adopts it when it still fits, a cached answer or a handoff cancels it.
     preempted: Preemption | None = None
+    # The line puts a handoff through (the call's ``_can_hand_off``): where it cannot, the
+    # agent's handoff after a failure is the apology instead (``HandoffUnavailable``).
+    can_hand_off: bool = True
 
 
 @dataclass

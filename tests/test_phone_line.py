@@ -2136,3 +2136,29 @@ async def test_on_the_native_protocol_the_repeated_failure_is_the_handoff_event(
     assert sources(h) == ["apology", "apology", "handoff"]
     (handoff,) = h.output.of("handoff")
     assert handoff["turn"] == 3 and "tts_failed" in handoff["reason"]
+
+
+async def test_a_line_that_cannot_hand_off_apologises_when_every_llm_failed():
+    """Review (stop 62): on a phone line with nowhere to transfer to (no handoff number or
+    no REST credentials), every LLM failing made the agent hand off: the caller heard "I'm
+    going to connect you with a colleague ... stay on the line", then "I couldn't put you
+    through", every turn, a promise the line could never keep. Where the line cannot hand
+    off, a handoff that comes from a failure is the ordinary apology: no handoff message,
+    no transfer attempted, counted as ``handoff_unavailable``, and the call goes on."""
+    h = harness()
+    h.output.can_transfer = False  # type: ignore[attr-defined]
+    await h.start()
+    for _ in range(3):
+        h.llm.fail_next = 1  # every LLM failed before a word
+        await h.text("tell me about loans")
+        await h.wait(1500)
+    h.llm.reply = "Loans start at five percent."
+    await h.text("tell me about loans")
+    await h.wait(1500)
+    await h.stop()
+    assert sources(h) == ["apology", "apology", "apology", "llm"]
+    assert h.output.of("handoff") == [] and h.output.transfers == []
+    assert [e["code"] for e in h.output.of("error")] == ["llm_failed"]  # sent once, rate-limited
+    assert h.stats.errors["llm_failed"] == 3 and h.stats.errors["handoff_unavailable"] == 3
+    assert "transfer_failed" not in h.stats.errors
+    assert h.call.ended is None and h.output.hangups == []

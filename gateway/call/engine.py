@@ -47,7 +47,7 @@ from ..vad import WINDOW_BYTES, pcm16_windows
 from .idle import IdleWatch
 from .keypad import Collected, Keypad, Mapped, check_key
 from .recording import WRITER, CallRecorder, RecordedOutput
-from .reply import CallOutput, LineEnded, ReplyStage, StageFailed
+from .reply import CallOutput, HandoffUnavailable, LineEnded, ReplyStage, StageFailed
 from .speculation import PARTIAL_COUNTS, RouteFn, Speculation, SpeculationRules
 from .end_of_turn import EndOfTurnSettings, lexically_incomplete
 from .turns import (SpeechPaused, SpeechResumed, SpeechStarted, TurnDetector, TurnEnded,
@@ -1110,6 +1110,10 @@ class Call:
             try:
                 await self._reply.play(turn)
             except StageFailed as exc:
+                if isinstance(exc, HandoffUnavailable):  # the agent's handoff, nowhere to go
+                    self._count("handoff_unavailable")
+                    logs.event(log, "handoff_unavailable", logging.WARNING, turn=tl.turn,
+                               code=exc.code)
                 await self._report(exc.code, str(exc), tl.turn)
                 if await self._until_released():  # held: the apology waits as the reply did
                     await self._resume_into_apology(tl.turn)
@@ -1136,7 +1140,8 @@ class Call:
 
     def _turn(self, tl: TurnTimeline, text: str, decision: RouteDecision | None) -> Turn:
         return Turn(number=tl.turn, text=text, sample_rate=self.sample_rate, timeline=tl,
-                    conversation=self.conversation, decision=decision, encoding=self.encoding)
+                    conversation=self.conversation, decision=decision, encoding=self.encoding,
+                    can_hand_off=self._can_hand_off())
 
     async def _turn_failed(self, tl: TurnTimeline, text: str, code: str) -> None:
         """The turn could not be answered (``code``): the apology, unless a provider has

@@ -74,6 +74,12 @@ class StageFailed(Exception):
         self.code = code
 
 
+class HandoffUnavailable(StageFailed):
+    """The agent handed off after a failure (every LLM failed: ``code``) on a line that
+    cannot hand off (``Turn.can_hand_off``): the turn failed, and gets the apology, not a
+    handoff message promising a colleague the line cannot reach."""
+
+
 # Reports a stage failure that did not stop the reply: (code, message, turn).
 ReportFn = Callable[[str, str, int], Awaitable[None]]
 
@@ -211,6 +217,11 @@ class ReplyStage:
         try:
             async with contextlib.aclosing(segments) as replies:
                 async for segment in replies:
+                    if segment.source == "handoff" and segment.error is not None \
+                            and not turn.can_hand_off:
+                        reason = segment.info.get("reason", "")
+                        raise HandoffUnavailable(segment.error,
+                                                 f"{reason} (the line cannot hand off)")
                     if segment.error is not None and self._report is not None:
                         # Reported before its audio: counted even if the caller cuts it off.
                         await self._report(segment.error, segment.info.get("reason", ""), tl.turn)
