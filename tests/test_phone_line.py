@@ -84,6 +84,19 @@ def harness(settings: dict[str, Any] | None = None, faqs: dict[str, str] | None 
     return h
 
 
+async def _keyed_4921(h: CallHarness) -> None:
+    """The call starts and the caller keys 4 9 2 1, then a second passes."""
+    await h.start()
+    for key in "4921":
+        h.call.feed_dtmf(key)
+    await h.wait(1000)
+
+
+def _last_asked(h: CallHarness) -> list[str]:
+    """The caller's last message in each of the agent's requests, in order."""
+    return [[m["content"] for m in r if m["role"] == "user"][-1] for r in h.llm.requests]
+
+
 def sources(h: CallHarness) -> list[str]:
     return [e["source"] for e in h.output.of("response")]
 
@@ -1540,8 +1553,7 @@ async def test_the_time_limit_waits_for_a_caller_keying_at_it_and_answers_the_ke
     await h.wait(12000)
     assert keyed_from < start + 10.0 < keyed_to
     _assert_nothing_played_between(h, keyed_from, keyed_to)
-    assert [m["content"] for m in h.llm.requests[-1] if m["role"] == "user"][-1] == \
-        "the caller pressed 4 9 2 1"
+    assert _last_asked(h)[-1] == "the caller pressed 4 9 2 1"
     assert sources(h) == ["llm", "goodbye"]  # the keys answered, then the message
     (limit_at,) = h.output.at("response", source="goodbye")
     assert limit_at >= max(t for t, _ in h.output.frames if t < limit_at)
@@ -1778,10 +1790,7 @@ _SPOKEN = "uh I do not have my account number can I give you my name instead ple
 async def _keys_then_words(h: CallHarness, end: str = "pause") -> None:
     """Keys, then words the keys are carried into: their pause runs out mid-utterance
     (``pause``), or the caller presses `#` mid-utterance (``hash``)."""
-    await h.start()
-    for key in "4921":
-        h.call.feed_dtmf(key)
-    await h.wait(1000)
+    await _keyed_4921(h)
     words = _SPOKEN.split()
     if end == "hash":
         await h.feed(h.vocabulary.audio(" ".join(words[:6])))
@@ -1795,7 +1804,7 @@ async def _keys_then_words(h: CallHarness, end: str = "pause") -> None:
     [keypad] = h.output.of("keypad")
     assert keypad["keys"] == "4921" and keypad["action"] == "agent", keypad
     # The agent is still asked the keys with the words: that is why they are carried.
-    asked = [m["content"] for m in h.llm.requests[-1] if m["role"] == "user"][-1]
+    asked = _last_asked(h)[-1]
     assert asked == f"the caller pressed 4 9 2 1 {_SPOKEN}", asked
 
 
@@ -1851,10 +1860,7 @@ async def test_keys_carried_into_a_spoken_turn_are_not_routed(end, early_finals)
 async def _keys_then_noise() -> CallHarness:
     """A call that keys 4921, then makes noise the recogniser hears no word in."""
     h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
-    await h.start()
-    for key in "4921":
-        h.call.feed_dtmf(key)
-    await h.wait(1000)
+    await _keyed_4921(h)
     await h.feed(tone(3200, value=77))  # no word: the recogniser hears nothing in it
     await h.silence(2000)
     return h
@@ -1870,8 +1876,7 @@ async def test_keys_carried_into_a_turn_of_noise_still_reach_the_agent():
     await h.stop()
     [keypad] = h.output.of("keypad")
     assert keypad["turn"] == 1, keypad
-    assert [m["content"] for m in h.llm.requests[-1] if m["role"] == "user"][-1] == \
-        "the caller pressed 4 9 2 1"
+    assert _last_asked(h)[-1] == "the caller pressed 4 9 2 1"
     assert sources(h) == ["llm"]
     assert h.router.calls == [] and h.output.of("route") == []
     assert [e["text"] for e in h.output.of("transcript") if e["final"]] == [""]
@@ -1941,10 +1946,7 @@ async def test_keys_carried_into_a_spoken_turn_go_with_a_message_typed_before_it
     and nothing told the client. They go with the typed turn, before its text, to the agent
     alone; that turn took the number the `keypad` event named."""
     h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
-    await h.start()
-    for key in "4921":
-        h.call.feed_dtmf(key)
-    await h.wait(1000)
+    await _keyed_4921(h)
     words = _SPOKEN.split()
     await h.feed(h.vocabulary.audio(" ".join(words[:12])))  # the 3 s pause runs out in it
     assert h.call._turns.in_utterance
@@ -1969,10 +1971,7 @@ async def test_keys_carried_with_words_a_typed_message_supersedes_go_with_the_me
     them were dropped too. The keys go with the message."""
     h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
     h.llm.first_token_s = 2.0
-    await h.start()
-    for key in "4921":
-        h.call.feed_dtmf(key)
-    await h.wait(1000)
+    await _keyed_4921(h)
     await h.feed(h.vocabulary.audio(_SPOKEN))
     await h.silence(600)  # the turn ended; the agent thinks
     assert h.output.of("response") == []
@@ -1992,10 +1991,7 @@ async def test_keys_carried_into_words_a_mapped_key_supersedes_go_with_the_key()
     context holds them (asked the next time, here after a typed message)."""
     h = harness({"keypad": {"1": "hours"}, "keypad_pause_s": 3, "idle_prompt_s": 0},
                 faqs={"opening hours": "hours"})
-    await h.start()
-    for key in "4921":
-        h.call.feed_dtmf(key)
-    await h.wait(1000)
+    await _keyed_4921(h)
     words = _SPOKEN.split()
     await h.feed(h.vocabulary.audio(" ".join(words[:12])))
     assert h.call._turns.in_utterance and h.output.of("keypad")
@@ -2021,10 +2017,7 @@ async def test_keys_carried_after_a_message_took_its_turn_stay_with_the_turn_the
     h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0, "false_interruption_s": 0})
     h.llm.first_token_s = 1.5
     h.llm.close_s = 2.0
-    await h.start()
-    for key in "4921":
-        h.call.feed_dtmf(key)
-    await h.wait(1000)
+    await _keyed_4921(h)
     await h.text("hello there")  # turn 1: the agent thinks
     words = _SPOKEN.split()
     await h.feed(h.vocabulary.audio(" ".join(words[:4])))  # talked over: turn 1 stops
@@ -2037,7 +2030,7 @@ async def test_keys_carried_after_a_message_took_its_turn_stay_with_the_turn_the
     [keypad] = h.output.of("keypad")
     assert keypad["turn"] == 3, keypad
     assert [m["turn"] for m in h.metrics() if m.get("input") == "text"] == [1, 2]
-    asked = [[m["content"] for m in r if m["role"] == "user"][-1] for r in h.llm.requests]
+    asked = _last_asked(h)
     assert asked == ["hello there", "what is my balance",
                      f"the caller pressed 4 9 2 1 {_SPOKEN}"], asked
     _nothing_else_holds_keys(h)
@@ -2049,10 +2042,7 @@ async def test_keys_a_message_took_up_go_on_with_it_when_the_caller_talks_over_i
     turn (``_typed_turn``); the keys go on with them, before them, not lost with its reply."""
     h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0, "false_interruption_s": 0})
     h.llm.first_token_s = 2.0
-    await h.start()
-    for key in "4921":
-        h.call.feed_dtmf(key)
-    await h.wait(1000)
+    await _keyed_4921(h)
     await h.feed(h.vocabulary.audio(_SPOKEN))
     await h.silence(600)  # the turn ended; the agent thinks
     await h.text("sorry what is my balance")  # supersedes the words, takes the keys
@@ -2061,7 +2051,7 @@ async def test_keys_a_message_took_up_go_on_with_it_when_the_caller_talks_over_i
     await h.say("and my savings too")  # talked over before its reply said anything
     await h.wait(4000)
     await h.stop()
-    asked = [[m["content"] for m in r if m["role"] == "user"][-1] for r in h.llm.requests]
+    asked = _last_asked(h)
     assert asked[-1] == "the caller pressed 4 9 2 1 sorry what is my balance and my savings " \
         "too", asked
     _nothing_else_holds_keys(h)
