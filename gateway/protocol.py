@@ -233,7 +233,7 @@ def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> Clie
     if not isinstance(kind, str):
         raise ProtocolError("invalid_message", unnamed(data, "type", "start, text, dtmf or stop"))
     raise ProtocolError("unknown_message_type",
-                        f"unknown message type {_as_json(kind, 64)}; expected start, text, "
+                        f"unknown message type {as_json(kind, 64)}; expected start, text, "
                         "dtmf or stop")
 
 
@@ -250,17 +250,20 @@ def _check_fields(data: dict[str, Any], kind: str, close_code: int | None) -> No
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise ProtocolError("invalid_message",
-                            f"`{kind}` has no field {_as_json(unknown[0], 40)}{more}; its "
+                            f"`{kind}` has no field {as_json(unknown[0], 40)}{more}; its "
                             f"fields are {', '.join(FIELDS[kind])}", close_code)
 
 
-def _as_json(value: Any, limit: int) -> str:
-    """A value received, as JSON writes it (cut short), a list or object by its kind:
-    never Python's repr (None, True, single quotes)."""
+def as_json(value: Any, limit: int) -> str:
+    """A value received, as JSON writes it (cut short, a string's quote closed), a list or
+    object by its kind: never Python's repr (None, True, single quotes). For error messages
+    of both transports."""
     if isinstance(value, (list, dict)):
         return json_kind(value)
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    text = json.dumps(value, ensure_ascii=False)  # 1e999 is Infinity
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3] + ('..."' if isinstance(value, str) else "...")
 
 
 def _parse_start(data: dict[str, Any]) -> StartMessage:
@@ -270,20 +273,20 @@ def _parse_start(data: dict[str, Any]) -> StartMessage:
                             CLOSE_POLICY)
     if rate not in SUPPORTED_SAMPLE_RATES:
         raise ProtocolError("unsupported_sample_rate",
-                            f"sample rate {_as_json(rate, 24)} Hz is not supported; use one of "
+                            f"sample rate {as_json(rate, 24)} Hz is not supported; use one of "
                             f"{', '.join(map(str, SUPPORTED_SAMPLE_RATES))}",
                             CLOSE_UNSUPPORTED_DATA)
     encoding = data.get("encoding", "pcm16")
     if encoding not in SUPPORTED_ENCODINGS:
         raise ProtocolError("unsupported_encoding",
-                            f"encoding {_as_json(encoding, 32)} is not supported; use pcm16 "
+                            f"encoding {as_json(encoding, 32)} is not supported; use pcm16 "
                             "(16-bit little-endian mono)", CLOSE_UNSUPPORTED_DATA)
     # Frames are mono: a stereo client's interleaved samples would be heard as mono at
     # twice the rate (garbled, then `audio_too_fast`, which names the wrong fault).
     channels = data.get("channels", 1)
     if channels != 1 or isinstance(channels, bool) or not isinstance(channels, int):
         raise ProtocolError("unsupported_channels",
-                            f"`channels` {_as_json(channels, 32)} is not supported; audio is "
+                            f"`channels` {as_json(channels, 32)} is not supported; audio is "
                             "mono: send 1 (or leave it out)", CLOSE_UNSUPPORTED_DATA)
     metadata = data.get("metadata", {})
     if not isinstance(metadata, dict):

@@ -78,7 +78,7 @@ def test_an_unknown_message_type_is_quoted_as_json_not_a_python_repr(kind, shown
     """Review (stop 62): `unknown_message_type` quoted the type with Python's repr: `{"type":
     "dial"}` came back as "unknown message type 'dial'" (single quotes, which JSON has not;
     "it's" in double quotes, a quote inside as \\' ), unlike the other refusals, which show
-    what was received as JSON writes it since stop 62 (`_as_json`). A long type is cut short."""
+    what was received as JSON writes it since stop 62 (`as_json`). A long type is cut short."""
     for started in (False, True):
         with pytest.raises(ProtocolError) as info:
             parse_text_frame(json.dumps({"type": kind}), MAX, started=started)

@@ -29,7 +29,7 @@ from ..call.session import (CallSession, Outbox, presented_token, refuse_before_
                             refuse_while_unavailable, token_matches)
 from ..clock import Clock
 from ..codec import MULAW, ulaw_to_pcm16
-from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA, ProtocolError, StartMessage,
+from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA, ProtocolError, StartMessage, as_json,
                         parse_dtmf_digit, parse_json, present_kind, unnamed, utf8_bytes_over)
 from ..services import Services
 from ..stats import Stats
@@ -148,12 +148,7 @@ def _format_field(media_format: dict[str, Any], name: str, limit: int, number: b
     value = media_format.get(name, _ABSENT)
     if value is _ABSENT:
         return f"{name} absent"
-    if isinstance(value, (list, dict)):
-        return f"{name} {present_kind(value)}"
-    # A string, number, true/false or null as JSON writes it (1e999 is Infinity).
-    text = json.dumps(value, ensure_ascii=False)
-    if len(text) > limit:
-        text = text[:limit - 3] + ('..."' if isinstance(value, str) else "...")
+    text = as_json(value, limit)
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     return f"{name} {text}" + (" (not a number)" if number and not is_number else "")
 
