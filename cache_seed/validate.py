@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from intents.csv_text import NUL_LINE, allow_cells_of, csv_problem, field_count_problem
+from intents.csv_text import (NUL_LINE, allow_cells_of, csv_problem, field_count_problem,
+                              without_extra_boms)
 from intents.embedder import normalize_text
 from intents.types import Action, Entry, entry_id_for
 
@@ -164,15 +165,6 @@ def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
     if errors:
         raise SeedValidationError(source, errors)
     return plan
-
-
-def without_extra_boms(data: bytes) -> bytes:
-    """``data`` with one UTF-8 BOM at most at its start: a second one (an editor that adds a
-    BOM to text already carrying one) is no part of the header's first name, and was told
-    as "unknown column '\\ufeffquestion'", a character the operator cannot see."""
-    while data.startswith(codecs.BOM_UTF8 * 2):
-        data = data[len(codecs.BOM_UTF8):]
-    return data
 
 
 _WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),

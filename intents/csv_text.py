@@ -4,7 +4,17 @@ and not the reverse."""
 
 from __future__ import annotations
 
+import codecs
 import csv
+
+
+def without_extra_boms(data: bytes) -> bytes:
+    """``data`` with one UTF-8 BOM at most at its start: a second one (an editor that adds a
+    BOM to text already carrying one) is no part of the header's first name, and was told
+    as "unknown column '\\ufeffquestion'", a character the operator cannot see."""
+    while data.startswith(codecs.BOM_UTF8 * 2):
+        data = data[len(codecs.BOM_UTF8):]
+    return data
 
 
 def allow_cells_of(text: str) -> None:

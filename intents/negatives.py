@@ -24,7 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from intents.csv_text import NUL_LINE, allow_cells_of, csv_problem, field_count_problem
+from intents.csv_text import (NUL_LINE, allow_cells_of, csv_problem, field_count_problem,
+                              without_extra_boms)
 from intents.embedder import Embedder, normalize_text
 from intents.model_cache import build_once
 
@@ -53,8 +54,8 @@ def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise NegativesError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    while raw.startswith(codecs.BOM_UTF8):  # so a bad byte's offset counts in ``raw``; a
-        raw = raw[len(codecs.BOM_UTF8):]  # second BOM is an editor's artefact, as in the seed's
+    # So a bad byte's offset counts in ``raw``; a second BOM is skipped as the seed CSV's is.
+    raw = without_extra_boms(raw).removeprefix(codecs.BOM_UTF8)
     try:
         content = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
