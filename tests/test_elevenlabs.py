@@ -20,7 +20,7 @@ from gateway.providers.registry import create_tts
 from gateway.seeding import blocking_renderer, voice_id
 from gateway.services import Services
 from gateway.settings import Settings
-from intents.store import LocalStore
+from intents.store import LocalStore, audio_key
 from tests.admin_support import small_faq_csv
 from tests.call_harness import CallHarness, assert_a_stalled_voice_fails_the_turn
 from tests.fakes.elevenlabs_server import MS_PER_CHAR, FakeElevenLabs, tone
@@ -105,6 +105,104 @@ async def test_audio_is_played_whatever_its_content_type_says(eleven, media_type
     chunks = [chunk async for chunk in tts.synthesize(text)]
     await tts.aclose()
     assert b"".join(chunks) == tone(len(text) * MS_PER_CHAR, 16000)
+
+
+def _mp3_frames(count: int = 6) -> bytes:
+    """MP3 as a stream of it starts, with no ID3 tag: MPEG-1 Layer III frames, 128 kb/s at
+    44.1 kHz (ElevenLabs' default mp3_44100_128), each a 4-byte header and 413 bytes."""
+    return b"".join(b"\xff\xfb\x90\x64" + bytes((n * 7 + i) % 256 for i in range(413))
+                    for n in range(count))
+
+
+_BINARY = bytes(range(256)) * 12  # what follows a header: no text, no signature
+OTHER_AUDIO = {
+    # By their label: an audio type that is surely not PCM, whatever the bytes.
+    "mp3-labelled": ("audio/mpeg", _mp3_frames(), "audio/mpeg (MP3)"),
+    "mp3-labelled-mp3": ("audio/mp3", _mp3_frames(), "audio/mp3 (MP3)"),
+    "ogg-labelled": ("audio/ogg", b"OggS\x00\x02" + _BINARY, "audio/ogg (Ogg)"),
+    "wav-labelled": ("audio/wav", b"RIFF\x24\x08\x00\x00WAVEfmt " + _BINARY, "audio/wav (WAV)"),
+    "flac-labelled": ("audio/flac", b"fLaC\x00\x00\x00\x22" + _BINARY, "audio/flac (FLAC)"),
+    "ulaw-labelled": ("audio/basic", b"\xff\x7f" * 1000, "audio/basic (mu-law)"),
+    "webm-labelled": ("audio/webm", b"\x1a\x45\xdf\xa3" + _BINARY, "audio/webm (WebM)"),
+    # By their first bytes: under a label that could be PCM, or none.
+    "mp3-id3-as-bytes": ("application/octet-stream",
+                         b"ID3\x04\x00\x00\x00\x00\x00\x23" + _BINARY + _mp3_frames(),
+                         "MP3 (by its first bytes; labelled application/octet-stream)"),
+    "mp3-frames-as-event-stream": ("text/event-stream", _mp3_frames(),
+                                   "MP3 (by its first bytes; labelled text/event-stream)"),
+    "ogg-as-bytes": ("application/octet-stream", b"OggS\x00\x02" + _BINARY,
+                     "Ogg (by its first bytes; labelled application/octet-stream)"),
+    "wav-unlabelled": ("", b"RIFF\x24\x08\x00\x00WAVEfmt " + _BINARY,
+                       "WAV (by its first bytes; labelled no content type)"),
+    "flac-as-pcm": ("audio/pcm", b"fLaC\x80\x00\x00\x22" + _BINARY,
+                    "FLAC (by its first bytes; labelled audio/pcm)"),
+    "webm-as-bytes": ("application/octet-stream", b"\x1a\x45\xdf\xa3" + _BINARY,
+                      "WebM (by its first bytes; labelled application/octet-stream)"),
+}
+
+
+@pytest.mark.parametrize(("media_type", "body", "said"), OTHER_AUDIO.values(),
+                         ids=OTHER_AUDIO.keys())
+async def test_audio_in_another_encoding_than_the_pcm_asked_for_is_an_error_not_noise(
+        eleven, media_type, body, said):
+    """Review (stop 63): a 200 whose body was audio, but not the raw PCM asked for (MP3, as
+    ElevenLabs' default mp3_44100_128 comes back when the output format never reaches it:
+    a proxy, a misconfigured base URL or account; Ogg/Opus, WAV with its header, FLAC,
+    mu-law, WebM), was neither text nor labelled as such, so it was played as PCM: loud
+    noise on the line, and seeded into the cache as an answer's audio for every caller. It
+    fails now as a body that is no audio does, naming what came: by its label where that
+    is an audio type surely not PCM, else by its first bytes' signature."""
+    fake, server = eleven
+    fake.other_audio = (media_type, body)
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url)
+    played: list[bytes] = []
+    with pytest.raises(ProviderError) as info:
+        async for chunk in tts.synthesize("Your order shipped on Monday."):
+            played.append(chunk)
+    await tts.aclose()
+    assert played == []
+    assert f"answered {said} instead of the pcm_16000 asked for" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("start", [
+    b"\xff\xfb",  # a first sample of -1025: an MP3 frame's sync and Layer III bits
+    b"\xff\xfb\x90\x64",  # and a whole valid MP3 frame header, with no frame after it
+    b"\xff\xff\xff\xff",  # silence just under zero: sync bits, no valid header
+    b"ID3\x00",  # two loud samples spelling ID3, but no ID3 tag header
+], ids=["ff-fb", "mp3-header", "minus-one", "id3-letters"])
+@pytest.mark.parametrize("media_type",
+                         ["audio/pcm", "application/octet-stream", "text/event-stream"])
+async def test_pcm_that_starts_like_another_encoding_is_still_played(eleven, start, media_type):
+    """PCM is any bytes: only a signature long and specific enough (or a second MP3 frame
+    header where the first one says it is) is taken for another encoding."""
+    fake, server = eleven
+    pcm = start + tone(len("Your order shipped on Monday.") * MS_PER_CHAR, 16000)
+    fake.other_audio = (media_type, pcm)
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url)
+    chunks = [chunk async for chunk in tts.synthesize("Your order shipped on Monday.")]
+    await tts.aclose()
+    assert b"".join(chunks) == pcm
+
+
+def test_a_seed_whose_voice_answers_mp3_fails_and_stores_no_audio(eleven, tmp_path):
+    """Review (stop 63): the seed's side: the MP3 body was stored as an answer's audio and
+    published, replayed as noise to every caller asking. Now the seed fails, nothing is
+    stored for the answers."""
+    fake, server = eleven
+    fake.other_audio = ("audio/mpeg", _mp3_frames())
+    store = LocalStore(tmp_path / "store")
+    plan = parse_seed_csv(small_faq_csv().encode("utf-8"), "faq.csv")
+    loop = asyncio.new_event_loop()
+    tts = ElevenLabsTTS("test-key", voice_id="voice-1", base_url=server.url)
+    try:
+        with pytest.raises(Exception, match="audio/mpeg \\(MP3\\) instead of the pcm_16000"):
+            render_answers(plan, store, blocking_renderer(tts, loop), voice_id(tts),
+                           progress=False)
+    finally:
+        loop.run_until_complete(tts.aclose())
+        loop.close()
+    keys = {audio_key(e.answer, voice_id(tts)) for e in plan.entries.values() if e.answer}
+    assert fake.requests and keys and not [key for key in keys if store.has_audio(key)]
 
 
 def test_a_reseed_after_a_model_or_rate_change_renders_the_answers_again(eleven, tmp_path):
@@ -350,6 +448,33 @@ async def test_a_call_whose_voice_returns_no_audio_hears_the_apology(eleven):
         assert h.stats.errors["tts_failed"] == 1, h.stats.errors
 
         fake.silent = False  # the voice is well again
+        await h.text("and on saturday")
+        assert await h.output.until(lambda: h.output.of("response", source="llm"))
+        await h.wait(3000)
+        assert [e["source"] for e in h.output.of("response")] == ["apology", "llm"]
+    finally:
+        await h.stop()
+        await tts.aclose()
+
+
+async def test_a_call_whose_voice_answers_mp3_hears_the_apology_not_noise(eleven):
+    # Review (stop 63): the call's side: the voice answered MP3 for the pcm_16000 asked
+    # for and the caller heard it played as PCM, loud noise. Now the turn fails as
+    # `tts_failed` (the apology), and the next turn works once the voice is right again.
+    fake, server = eleven
+    fake.other_audio = ("audio/mpeg", _mp3_frames())
+    h, tts = await _call_on_the_fake_voice(fake, server)
+    try:
+        await h.text("when do you open")
+        assert await h.output.until(lambda: h.output.of("error") or h.output.of("response"))
+        await h.wait(3000)
+        errors = h.output.of("error")
+        assert [(e["code"], e["turn"]) for e in errors] == [("tts_failed", 1)], errors
+        assert "audio/mpeg (MP3) instead of the pcm_16000" in errors[0]["message"], errors
+        assert [e["source"] for e in h.output.of("response")] == ["apology"]
+        assert h.stats.errors["tts_failed"] == 1, h.stats.errors
+
+        fake.other_audio = None
         await h.text("and on saturday")
         assert await h.output.until(lambda: h.output.of("response", source="llm"))
         await h.wait(3000)

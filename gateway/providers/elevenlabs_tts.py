@@ -7,7 +7,11 @@ A stream with no audio ``first_audio_timeout_s`` after the request (the request 
 the connection hung) fails then (``ProviderError``: the call's ``tts_failed`` and the
 apology), not at httpx's read timeout (30 s) after as long a silence on the line. A 200
 whose body is JSON or text, not audio, fails as well (read as PCM it would be loud noise):
-told by its ``Content-Type`` where that is surely no audio, else by its first bytes.
+told by its ``Content-Type`` where that is surely no audio, else by its first bytes. So
+does one whose body is audio in another encoding than the PCM asked for (MP3, as the
+default mp3_44100_128 comes back when the output format never reaches ElevenLabs; Ogg,
+WAV, FLAC, mu-law, WebM): told by a label that is such a type, else by a signature in its
+first bytes.
 
 A 429 (the account's concurrency or rate limit: routine and short-lived at call-center
 scale) is asked again, up to ``max_retries`` times, after ``retry_backoff_s`` doubling
@@ -58,6 +62,23 @@ _NOT_AUDIO_TYPES = frozenset({"application/json", "application/problem+json", "t
 # silence is about never 16 bytes of printable text in a row (silence is bytes 0x00, 0xff).
 _MIN_JUDGED_BYTES = 16
 _SNIFF_BYTES = 64
+# Audio types that are surely not the raw PCM asked for (ElevenLabs' other output formats,
+# what a proxy or another service may hand on): refused by their label alone.
+_OTHER_AUDIO_TYPES = {
+    "audio/mpeg": "MP3", "audio/mp3": "MP3", "audio/mpeg3": "MP3", "audio/x-mpeg": "MP3",
+    "audio/ogg": "Ogg", "application/ogg": "Ogg", "audio/opus": "Opus",
+    "audio/wav": "WAV", "audio/x-wav": "WAV", "audio/wave": "WAV", "audio/vnd.wave": "WAV",
+    "audio/flac": "FLAC", "audio/x-flac": "FLAC",
+    "audio/basic": "mu-law", "audio/x-mulaw": "mu-law", "audio/mulaw": "mu-law",
+    "audio/pcmu": "mu-law", "audio/alaw": "A-law", "audio/x-alaw": "A-law",
+    "audio/pcma": "A-law", "audio/webm": "WebM", "video/webm": "WebM",
+    "audio/aac": "AAC", "audio/mp4": "MP4", "audio/x-m4a": "MP4",
+}
+# MPEG audio Layer III (MP3): kbit/s by a header's bitrate index (MPEG-1; MPEG-2 and 2.5)
+# and sample rates by its rate index (MPEG-1, MPEG-2, MPEG-2.5: version bits 3, 2, 0).
+_MP3_KBPS = {3: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+             2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
 
 log = logging.getLogger("voicegate.elevenlabs")
 
@@ -140,9 +161,10 @@ class ElevenLabsTTS:
             await stream.aclose()  # closes the HTTP response on barge-in too
 
     async def _audio(self, text: str, slot: asyncio.Event) -> AsyncIterator[bytes]:
-        """The synthesis' body, if it is audio. A 200 whose body is JSON or text (a gateway's
-        error, a proxy's or captive portal's page, a wrong base URL) is no PCM: played, it
-        is loud noise on the line (seeded, in the cache). A ``ProviderError`` instead."""
+        """The synthesis' body, if it is the PCM asked for. A 200 whose body is JSON or text
+        (a gateway's error, a proxy's or captive portal's page, a wrong base URL), or audio
+        in another encoding (MP3, Ogg, WAV...), is no PCM: played, it is loud noise on the
+        line (seeded, in the cache). A ``ProviderError`` instead."""
         async with contextlib.AsyncExitStack() as stack:
             started = self._clock.now()  # the first-audio deadline's start: a slot's wait counts
             if self.slots is not None:
@@ -155,7 +177,8 @@ class ElevenLabsTTS:
             # ElevenLabs documents no content type for a PCM stream: its published OpenAPI
             # names text/event-stream for every output format, while the SDK reads the body
             # as raw bytes whatever the label. So a label refuses only what is surely no
-            # audio (JSON, a page, plain text); any other body is judged by its first bytes.
+            # audio (JSON, a page, plain text) or surely other audio (audio/mpeg...); any
+            # other body is judged by its first bytes.
             kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
             pieces = aiter(response.data)
             head = b""
@@ -172,6 +195,14 @@ class ElevenLabsTTS:
                     body += piece
                 raise ProviderError(self.name, f"answered {kind or 'no content type'} instead "
                                                f"of audio: {_detail(_parsed(body[:4096]))}")
+            other: str | None = None  # audio, but surely not the PCM asked for
+            if kind in _OTHER_AUDIO_TYPES:
+                other = f"{kind} ({_OTHER_AUDIO_TYPES[kind]})"
+            elif encoding := _encoding(head):
+                other = f"{encoding} (by its first bytes; labelled {kind or 'no content type'})"
+            if other:
+                raise ProviderError(self.name, f"answered {other} instead of the "
+                                               f"pcm_{self.sample_rate} asked for")
             if head:
                 yield head
             async for chunk in pieces:
@@ -270,6 +301,60 @@ def _reads_as_text(head: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return bool(decoded) and all(ch.isprintable() or ch in "\t\n\r" for ch in decoded)
+
+
+def _encoding(head: bytes) -> str | None:
+    """The encoding other than raw PCM that the body's first bytes surely are (None: none
+    known). PCM is any bytes, so only signatures 16-bit PCM about never starts with count:
+    RIFF....WAVE (8 bytes), OggS and version 0, fLaC and its STREAMINFO block's header,
+    EBML's 4-byte magic (WebM), an ID3v2 tag's 10-byte header, or two MP3 frame headers,
+    one where the first one's length says (``_mp3_frames``). A body under 16 bytes is not
+    judged (no speech either way)."""
+    if len(head) < _MIN_JUDGED_BYTES:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "WAV"
+    if head[:5] == b"OggS\x00":
+        return "Ogg"
+    if head[:4] == b"fLaC" and head[4] & 0x7F == 0 and head[5:8] == b"\x00\x00\x22":
+        return "FLAC"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "WebM"
+    if (head[:3] == b"ID3" and 2 <= head[3] <= 4 and head[4] == 0 and head[5] & 0x0F == 0
+            and all(b < 0x80 for b in head[6:10])):
+        return "MP3"
+    return "MP3" if _mp3_frames(head) else None
+
+
+def _mp3_frames(head: bytes) -> bool:
+    """``head`` starts with an MP3 (MPEG audio Layer III) frame whose next frame's header
+    follows where its length says, alike (version, sample rate). One header alone is not
+    enough: 0xFF 0xFB (a first sample of -1025) is a frame sync and Layer III's bits. For
+    two, PCM's first sample must be one of six values (-1025, -1281, -3073, -3329, -7169,
+    -7425: a header's first two bytes, which silence near zero never is), its next byte
+    a valid bitrate and rate, and 3 bytes hundreds of bytes on match a header again: about
+    1 in 10^5 even then. Judged on what came first only: a frame longer than that (320
+    kbit/s at 44.1 kHz is 1044 bytes, over the SDK's 1024-byte chunks) is not told."""
+    first = _mp3_frame(head, 0)
+    if first is None:
+        return False
+    return (_mp3_frame(head, first) is not None
+            and head[first + 1] & 0x18 == head[1] & 0x18
+            and head[first + 2] & 0x0C == head[2] & 0x0C)
+
+
+def _mp3_frame(head: bytes, at: int) -> int | None:
+    """The length of the MP3 frame whose 4-byte header starts at ``at`` in ``head``; None:
+    no valid Layer III header there (free-format bitrate too: its length is unknown)."""
+    header = head[at:at + 4]
+    if len(header) < 4 or header[0] != 0xFF or header[1] & 0xE6 != 0xE2:  # sync, Layer III
+        return None
+    version, bitrate, rate = (header[1] >> 3) & 3, header[2] >> 4, (header[2] >> 2) & 3
+    if version == 1 or bitrate in (0, 15) or rate == 3:  # reserved, free or bad
+        return None
+    kbps = _MP3_KBPS[3 if version == 3 else 2][bitrate]
+    return ((144 if version == 3 else 72) * kbps * 1000 // _MP3_RATES[version][rate]
+            + ((header[2] >> 1) & 1))
 
 
 def _refusal(exc: ApiError) -> str:

@@ -45,6 +45,11 @@ class FakeElevenLabs:
         # Answer 200 with this (content type, body) instead of audio: what stands in front
         # of the voice (a proxy, a captive portal, a wrong base URL) speaking for it.
         self.not_audio: tuple[str, bytes] | None = None
+        # Answer 200 with this (content type, body): audio, streamed in pieces as PCM is,
+        # but in another encoding than the pcm_* asked for (MP3, Ogg, WAV...), as when
+        # the output format never reaches ElevenLabs (a proxy dropping the query, a
+        # misconfigured base URL or account) and its default mp3_44100_128 comes back.
+        self.other_audio: tuple[str, bytes] | None = None
         # The content type audio is labelled with: ElevenLabs documents none for PCM (its
         # OpenAPI names text/event-stream for every format).
         self.audio_media_type = "audio/pcm"
@@ -72,6 +77,9 @@ class FakeElevenLabs:
         if self.not_audio is not None:
             media_type, content = self.not_audio
             return Response(content, media_type=media_type)
+        if self.other_audio is not None:
+            media_type, content = self.other_audio
+            return StreamingResponse(self._pieces(content), media_type=media_type or None)
         rate = int(output_format.split("_")[1])
         pcm = b"" if self.silent else tone(len(body.get("text", "")) * MS_PER_CHAR, rate)
         if self.stall_before_response.is_set():
