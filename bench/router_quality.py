@@ -83,7 +83,7 @@ from intents.classifier import TWO_VIEWS, IntentClassifier  # noqa: E402
 from intents.embedder import AUTO, BACKENDS, DEFAULT_BACKEND, Embedder, default_model_dir  # noqa: E402
 from intents.router import Router, train_router  # noqa: E402
 from intents.semantic_cache import SemanticCache  # noqa: E402
-from intents.types import DEFAULT_TARGET_WRONG_RATES, Action, Entry, RouteDecision  # noqa: E402
+from intents.types import DEFAULT_TARGET_WRONG_RATE, Action, Entry, RouteDecision  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/banking77")
 DEFAULT_CLINC = Path("/work/shared/data/clinc150")
@@ -176,7 +176,7 @@ def evaluate(decide: Decide, dev: DevSet, vectors: np.ndarray,
 
 
 def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: list[str],
-                     train_vectors: np.ndarray, target: float | None, *, ngrams: bool = True,
+                     train_vectors: np.ndarray, target: float, *, ngrams: bool = True,
                      negatives: bool = True, negatives_class: bool = True,
                      arithmetic_mix: bool = False, two_views: bool = False,
                      misheard: bool = True,
@@ -221,9 +221,7 @@ def voicegate_system(embedder: Embedder, train_texts: list[str], train_labels: l
     t = trained.router.thresholds
     print(f"{label}: trained and calibrated in {time.perf_counter() - started:.0f} s on "
           f"{len(train_texts)} train utterances and {t.negatives} negatives: judge >= "
-          f"{t.hit_confidence:.3f} (target {t.target_wrong_rate:.2%}"
-          f"{', the default' if t.default_target else ''}), in-scope similarity >= "
-          f"{t.min_similarity}; held out on "
+          f"{t.hit_confidence:.3f}, in-scope similarity >= {t.min_similarity}; held out on "
           f"train: hit rate {t.expected_hit_rate:.1%}, wrong {t.expected_wrong_rate:.2%}, bound "
           f"{t.wrong_rate_bound:.2%} ({'bounded' if t.bounded else 'NOT bounded'}), negatives "
           f"answered {t.out_of_domain_hit_rate:.2%}; transcripts: judge >= "
@@ -429,10 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--limit", type=int, default=0, help="utterances per dev set (0: all)")
     parser.add_argument("--no-prefixes", action="store_true", help="skip word-by-word prefixes")
-    parser.add_argument("--target", type=float, default=None,
-                        help="target wrong-answer rate (default: voicegate's default promise, "
-                             "the strictest of %s the seed bounds; the peers and the 0.1 rule "
-                             "at the strictest)" % (DEFAULT_TARGET_WRONG_RATES,))
+    parser.add_argument("--target", type=float, default=DEFAULT_TARGET_WRONG_RATE,
+                        help="target wrong-answer rate")
     parser.add_argument("--vector-cache", type=Path, default=None,
                         help="directory keeping embeddings between runs")
     parser.add_argument("--systems", default="voicegate,legacy,ablations,gptcache,semantic-router",
@@ -492,12 +488,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"embedded train, dev sets and their prefixes in {time.perf_counter() - started:.0f} s")
 
     wanted = set(args.systems.split(","))
-    peer_target = args.target if args.target is not None else DEFAULT_TARGET_WRONG_RATES[0]
     systems: list[tuple[str, Decide]] = []
     curves: list[tuple[str, Router]] = []  # routers whose threshold sweep is drawn
     if "legacy" in wanted:
         systems.append(("voicegate 0.1 rule",
-                        legacy_system(train_texts, train_labels, train_vectors, peer_target)))
+                        legacy_system(train_texts, train_labels, train_vectors, args.target)))
     if "ablations" in wanted:
         for label, kwargs in (("judge, embeddings only, no negatives",
                                {"ngrams": False, "negatives": False}),
@@ -553,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
                                 gptcache_system(train_texts, train_labels, vectors_by_text,
                                                 workdir)))
             if "semantic-router" in wanted:
-                systems.extend(semantic_router_systems(train_texts, train_labels, peer_target))
+                systems.extend(semantic_router_systems(train_texts, train_labels, args.target))
             points = report(systems, dev_sets, encoded, curves, train_texts)
     else:
         points = report(systems, dev_sets, encoded, curves, train_texts)

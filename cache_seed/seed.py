@@ -20,7 +20,7 @@ from intents.completeness import CompletenessReport
 from intents.embedder import Embedder
 from intents.router import train_router
 from intents.store import ANY_VERSION, AnyVersion, CacheBundle, Store, audio_key
-from intents.types import Action, Audio, Entry
+from intents.types import DEFAULT_TARGET_WRONG_RATE, Action, Audio, Entry
 
 # text -> (16-bit mono PCM bytes, sample rate)
 Renderer = Callable[[str], tuple[bytes, int]]
@@ -106,7 +106,7 @@ MAX_EMBEDDED_WORDS = 180
 
 
 def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
-         target_wrong_rate: float | None = None, progress: bool = True,
+         target_wrong_rate: float = DEFAULT_TARGET_WRONG_RATE, progress: bool = True,
          embedder: Embedder | None = None, negatives: Sequence[str] = (),
          limit: NewAnswerLimit | None = None,
          cancel: threading.Event | None = None, jobs: int = 1) -> SeedReport:
@@ -123,7 +123,7 @@ def seed(csv_path: str | Path, store: Store, render: Renderer, voice_id: str,
 
 
 def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
-              source: str = "<rows>", target_wrong_rate: float | None = None, progress: bool = True,
+              source: str = "<rows>", target_wrong_rate: float = DEFAULT_TARGET_WRONG_RATE, progress: bool = True,
               embedder: Embedder | None = None, negatives: Sequence[str] = (),
               replaces: str | None | AnyVersion = ANY_VERSION,
               limit: NewAnswerLimit | None = None,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from intents.types import DEFAULT_TARGET_WRONG_RATES
+from intents.types import DEFAULT_TARGET_WRONG_RATE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models ship in packages; never reach for a hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -440,11 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--store", help=_STORE_HELP)
     seed.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     seed.add_argument("--target-wrong-rate", type=_wrong_rate,
-                      default=None,
+                      default=DEFAULT_TARGET_WRONG_RATE,
                       help="calibrate thresholds to this wrong-answer rate, between 0 and 1 "
-                           f"(exclusive; default: {DEFAULT_TARGET_WRONG_RATES[0]} where the "
-                           f"seed's held-out questions bound it at 95%% confidence, else "
-                           f"{DEFAULT_TARGET_WRONG_RATES[-1]})")
+                           f"(exclusive; default {DEFAULT_TARGET_WRONG_RATE})")
     seed.add_argument("--quiet", action="store_true", help="no progress bars")
     seed.add_argument("--negatives", metavar="CSV", default=None,
                       help="your own out-of-domain questions (a 'text' column) that must never "

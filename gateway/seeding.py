@@ -15,6 +15,7 @@ from cache_seed import (NewAnswerLimit, ProgressCallback, SeedPlan, SeedReport, 
                         seed_plan)
 from intents.embedder import Embedder
 from intents.store import ANY_VERSION, AnyVersion, Store
+from intents.types import DEFAULT_TARGET_WRONG_RATE
 
 from .providers.base import TextToSpeech
 from .providers.synthesis_slots import SEEDING, URGENCY
@@ -62,7 +63,7 @@ def blocking_renderer(tts: TextToSpeech, loop: asyncio.AbstractEventLoop | None 
 
 
 def seed_with_voice(csv_path: str | Path, store: Store, tts: TextToSpeech, embedder: Embedder,
-                    target_wrong_rate: float | None = None, progress: bool = True,
+                    target_wrong_rate: float = DEFAULT_TARGET_WRONG_RATE, progress: bool = True,
                     negatives: Sequence[str] = (),
                     max_new_answers: int | None = None, jobs: int = 1) -> SeedReport:
     loop = None if hasattr(tts, "synthesize_all") else asyncio.new_event_loop()
@@ -76,7 +77,7 @@ def seed_with_voice(csv_path: str | Path, store: Store, tts: TextToSpeech, embed
 
 
 def seed_plan_with_voice(plan: SeedPlan, store: Store, tts: TextToSpeech, embedder: Embedder,
-                         source: str, target_wrong_rate: float | None = None,
+                         source: str, target_wrong_rate: float = DEFAULT_TARGET_WRONG_RATE,
                          serving_loop: asyncio.AbstractEventLoop | None = None,
                          negatives: Sequence[str] = (),
                          replaces: str | None | AnyVersion = ANY_VERSION,

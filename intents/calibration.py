@@ -23,22 +23,13 @@ estimate on the seed lands below its target on questions the seed never saw (mea
 ``min_unbounded_hits`` held-out hits (50 at 1%), and says so (``Thresholds.bounded``, the seed
 report): its precision is then a measurement on few questions, not a promise.
 
-With no target named (``target_wrong_rate=None``), the promise is the strictest of
-``DEFAULT_TARGET_WRONG_RATES`` (0.7%, then 1%) the seed bounds, else 1% on its point
-estimate: a point estimate is never taken at 0.7%, so a seed that bounds 1% is never held to
-a looser measurement instead. 0.7% is the router issue's precision bar (99.3%), not a figure
-read off any evaluation; on Banking77 the 1% promise landed at 99.02% on dev (2026-11-28),
-below that bar. The 1% step keeps a small FAQ served: the shipped example (229 questions)
-finds no threshold at 0.7% even on its point estimate, and serves 72.8% of its questions at
-1%.
-
 Held-out questions whose intent has no other question in the training folds act
 as "unseen intent" probes: any hit on them is counted as a wrong answer.
 
 Spoken questions reach the router as transcripts, whose recognition errors the seed's
 typed questions never show, so the same threshold is wrong more often on them. They get
 a stricter one (``Thresholds.transcript_confidence``): the threshold the same promise
-would have at a share of the target (``transcript_target``). The factor was chosen on
+would have at ``TRANSCRIPT_TARGET_FACTOR`` times the target. The factor was chosen on
 Banking77 *train* spoken by two voices through an 8 kHz channel and transcribed by
 Moonshine (bench/spoken_train.py, bench/transcript_calibration.py): at the typed
 threshold 98.8% of the cached answers to those transcripts were right (99.3% typed); at
@@ -61,11 +52,7 @@ fold seeds 0 and 1 (bench/transcript_calibration.py). Right at 1.0 / 0.8 / 0.7 /
 by the same rule when the router's embedder became onnx-int8-dynamic (2026-11-28, another
 model's vectors; a new sample of the same 2,002 train questions): right at 1.0 / 0.8 / 0.7 /
 0.6 / 0.5: 98.79 / 98.87 / 98.96 / 99.31 / 99.61% (seed 0), 98.75 / 99.11 / 99.26 / 99.43 /
-99.52% (seed 1), answered at 0.6 43.4% / 44.1%: 0.6 still. At the 0.7% target, by the
-same rule with 0.9 added to the grid before the run (2026-11-29, ``--target 0.007``): right at
-1.0 / 0.9 / 0.8: 98.84 / 98.93 / 99.64% (seed 0), 99.26 / 99.44 / 99.53% (seed 1), answered at
-0.8 41.5% / 42.6%: 0.8 (a 0.56% target, where 1% takes 0.6%). A target the operator names
-takes 1%'s factor, 0.6. A seed
+99.52% (seed 1), answered at 0.6 43.4% / 44.1%: 0.6 still. A seed
 where the stricter target gives no higher threshold serves transcripts at the typed one
 (``transcript_strict`` False), as before: one too small to bound the stricter target
 falls back on its point estimate, which finds no threshold or one the typed threshold
@@ -90,20 +77,13 @@ from intents.classifier import IntentClassifier
 from intents.embedder import normalize_text
 from intents.judge import SIGNALS, Judge, Signals, read_signals
 from intents.misheard import misheard_copies
-from intents.types import DEFAULT_TARGET_WRONG_RATES
+from intents.types import DEFAULT_TARGET_WRONG_RATE
 from intents.semantic_cache import SemanticCache
 
 NEVER = 2.0  # a judge confidence no query reaches: the router never hits
 CONFIDENCE = 0.95  # of the upper bound on the wrong-answer rate
 OUT_OF_DOMAIN_TARGET = 0.005  # out-of-domain questions answered from the cache, at most
-# Transcripts: the threshold of this share of the target, chosen on train transcripts at each
-# of the default's targets (above); any other target takes the 1% one's.
-TRANSCRIPT_TARGET_FACTORS = {0.007: 0.8, 0.01: 0.6}
-
-
-def transcript_target(target: float) -> float:
-    """The wrong-answer rate whose threshold spoken transcripts are served at."""
-    return target * TRANSCRIPT_TARGET_FACTORS.get(target, TRANSCRIPT_TARGET_FACTORS[0.01])
+TRANSCRIPT_TARGET_FACTOR = 0.6  # transcripts: the threshold of 0.6 of the target (see above)
 
 
 def min_unbounded_hits(target: float) -> int:
@@ -133,9 +113,6 @@ class Thresholds:
     transcript_confidence: float | None = None
     transcript_strict: bool = False  # True: stricter than typed text (the seed allowed it)
     transcript_expected_hit_rate: float | None = None  # held-out typed questions above it
-    # True: the operator named no target; the seed got the strictest default it bounds
-    # (``DEFAULT_TARGET_WRONG_RATES``), and a re-seed or an edit chooses again.
-    default_target: bool = False
 
     @property
     def spoken_confidence(self) -> float:
@@ -168,21 +145,12 @@ class Thresholds:
                     f"{self.wrong_rate_bound:.2%}, from {self.calibration_questions} held-out "
                     f"seed questions); about {self.expected_hit_rate:.0%} of FAQ questions are "
                     f"answered from the cache, and {self.out_of_domain_hit_rate:.2%} of "
-                    f"{self.negatives} unrelated questions were{self._transcripts()}"
-                    f"{self._default_note()}")
+                    f"{self.negatives} unrelated questions were{self._transcripts()}")
         return (f"this seed is too small to bound the precision at {self.confidence_level:.0%} "
                 f"confidence; on its {self.calibration_questions} held-out questions "
                 f"{1.0 - self.expected_wrong_rate:.1%} of cached answers were right (target "
                 f"{precision}): add paraphrases (a few hundred questions in all) for a "
-                f"bounded promise{self._transcripts()}{self._default_note()}")
-
-    def _default_note(self) -> str:
-        strictest = DEFAULT_TARGET_WRONG_RATES[0]
-        if not self.default_target or self.target_wrong_rate == strictest:
-            return ""
-        return (f"; the default promise is {_percent(1.0 - strictest)} where a seed's held-out "
-                f"questions bound it, and this seed's do not: it is held to "
-                f"{_percent(1.0 - self.target_wrong_rate)}")
+                f"bounded promise{self._transcripts()}")
 
     def _transcripts(self) -> str:
         if self.transcript_expected_hit_rate is None or self.hit_confidence >= NEVER:
@@ -190,11 +158,11 @@ class Thresholds:
         if not self.transcript_strict:
             return (f"; spoken questions are served at the same threshold: this seed gives "
                     f"no stricter one at a "
-                    f"{_percent(transcript_target(self.target_wrong_rate))} "
+                    f"{_percent(self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR)} "
                     f"target (too few held-out answers to bound it)")
         return (f"; spoken questions need more certainty (recognition errors make a "
                 f"transcript's answer wrong more often): the threshold of a "
-                f"{_percent(transcript_target(self.target_wrong_rate))} target, which "
+                f"{_percent(self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR)} target, which "
                 f"serves about {self.transcript_expected_hit_rate:.0%} of typed FAQ questions")
 
 
@@ -391,16 +359,13 @@ def wrong_rate_bound(wrong: Any, served: Any, confidence: float = CONFIDENCE) ->
 
 
 def calibrate(held_out: HeldOut, answer_intents: Collection[str],
-              target_wrong_rate: float | None = None, *,
+              target_wrong_rate: float = DEFAULT_TARGET_WRONG_RATE, *,
               out_of_domain_target: float = OUT_OF_DOMAIN_TARGET,
               confidence: float = CONFIDENCE, out_of_scope_quantile: float = 0.01,
               seed: int = 0) -> tuple[Thresholds, Judge]:
     """The judge (fitted on every held-out row) and the loosest threshold that keeps the
-    promise on honestly scored rows. ``target_wrong_rate`` None: the default promise, the
-    strictest of ``DEFAULT_TARGET_WRONG_RATES`` the seed bounds, else the last one on its
-    point estimate."""
-    targets = DEFAULT_TARGET_WRONG_RATES if target_wrong_rate is None else (target_wrong_rate,)
-    if not all(0.0 < target < 1.0 for target in targets):
+    promise on honestly scored rows."""
+    if not 0.0 < target_wrong_rate < 1.0:
         raise ValueError("target_wrong_rate must be between 0 and 1")
     if not 0.0 < out_of_domain_target < 1.0:
         raise ValueError("out_of_domain_target must be between 0 and 1")
@@ -422,13 +387,11 @@ def calibrate(held_out: HeldOut, answer_intents: Collection[str],
     scores, wrong = seed_score[mine], ~right[mine]
     neg_scores = np.sort(neg_score[eligible(neg)])[::-1]
     n_answer = int(sum(t in answers for t in held_out.true_intent))
-    for target in targets:  # the strictest first; only the last may fall back on its estimate
-        choice = _loosest(scores, wrong, neg_scores, len(neg), target, out_of_domain_target,
-                          confidence, estimate_allowed=target == targets[-1])
-        if choice is not None:
-            break
-    stricter = _loosest(scores, wrong, neg_scores, len(neg), transcript_target(target),
-                        out_of_domain_target, confidence)
+    choice = _loosest(scores, wrong, neg_scores, len(neg), target_wrong_rate,
+                      out_of_domain_target, confidence)
+    stricter = _loosest(scores, wrong, neg_scores, len(neg),
+                        target_wrong_rate * TRANSCRIPT_TARGET_FACTOR, out_of_domain_target,
+                        confidence)
     judge = Judge().fit(rows, outcome)
     if choice is None:
         threshold, served, wrongs, bounded, bound, neg_hits = NEVER, 0, 0, False, 1.0, 0
@@ -441,7 +404,7 @@ def calibrate(held_out: HeldOut, answer_intents: Collection[str],
     spoken_served = int((scores >= spoken).sum()) if spoken < NEVER else 0
     thresholds = Thresholds(
         min_similarity=round(floor, 4), hit_confidence=float(threshold),
-        target_wrong_rate=target, bounded=bounded, confidence_level=confidence,
+        target_wrong_rate=target_wrong_rate, bounded=bounded, confidence_level=confidence,
         wrong_rate_bound=round(float(bound), 5),
         expected_hit_rate=round(served / n_answer, 4) if n_answer else 0.0,
         expected_wrong_rate=round(wrongs / served, 4) if served else 0.0,
@@ -450,8 +413,7 @@ def calibrate(held_out: HeldOut, answer_intents: Collection[str],
         negatives=len(neg), calibration_questions=len(h), folds=held_out.folds,
         hit_similarity=round(float(hit_sims.min()), 4) if len(hit_sims) else NEVER,
         transcript_confidence=float(spoken), transcript_strict=strict,
-        transcript_expected_hit_rate=round(spoken_served / n_answer, 4) if n_answer else 0.0,
-        default_target=target_wrong_rate is None)
+        transcript_expected_hit_rate=round(spoken_served / n_answer, 4) if n_answer else 0.0)
     return thresholds, judge
 
 
@@ -478,11 +440,10 @@ def judge_folds(rows: np.ndarray, outcome: np.ndarray, seed: int, folds: int = 5
 
 
 def _loosest(scores: np.ndarray, wrong: np.ndarray, neg_scores_desc: np.ndarray,
-             negatives: int, target: float, neg_target: float, confidence: float, *,
-             estimate_allowed: bool = True) -> tuple[float, int, int, bool, float, int] | None:
+             negatives: int, target: float, neg_target: float, confidence: float
+             ) -> tuple[float, int, int, bool, float, int] | None:
     """(threshold, served, wrong, bounded, bound, negatives served) of the loosest threshold
-    meeting the bound, else (``estimate_allowed``) the point estimate over enough held-out
-    hits, else None."""
+    meeting the bound, else the point estimate with one imagined mistake, else None."""
     if not len(scores):
         return None
     order = np.argsort(-scores, kind="stable")
@@ -495,11 +456,9 @@ def _loosest(scores: np.ndarray, wrong: np.ndarray, neg_scores_desc: np.ndarray,
     bound = wrong_rate_bound(wrongs, served, confidence)
     # Out-of-domain answers: the point estimate (a bound on 1,267 negatives would allow two).
     neg_ok = neg_served <= neg_target * max(negatives, 1)
-    rules = [(True, (bound <= target) & neg_ok)]
-    if estimate_allowed:
-        rules.append((False, (wrongs / served <= target)
-                      & (served >= min_unbounded_hits(target)) & neg_ok))
-    for bounded, ok in rules:
+    for bounded, ok in ((True, (bound <= target) & neg_ok),
+                        (False, (wrongs / served <= target) & (served >= min_unbounded_hits(target))
+                         & neg_ok)):
         good = np.flatnonzero(ok & last_of_tie)
         if len(good):
             i = int(good.max())

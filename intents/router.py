@@ -41,7 +41,7 @@ from intents.judge import Judge, read_signals
 from intents.misheard import MIN_QUESTIONS_PER_INTENT_FOR_MISHEARD, misheard_copies
 from intents.negatives import embed_negatives, negatives_for_seed
 from intents.semantic_cache import SemanticCache
-from intents.types import Action, Entry, RouteDecision, miss
+from intents.types import DEFAULT_TARGET_WRONG_RATE, Action, Entry, RouteDecision, miss
 
 # A text that is a seed question word for word (case and spaces aside), and this close to it,
 # is that question: the operator's own label answers it, whatever the judge's margin. Its
@@ -231,7 +231,7 @@ def _beside(fit: Callable[[], T]) -> "Future[T]":
 
 def train_router(embedder: Embedder, questions: Sequence[str], intents: Sequence[str],
                  entries: Mapping[str, Entry], *,
-                 target_wrong_rate: float | None = None,
+                 target_wrong_rate: float = DEFAULT_TARGET_WRONG_RATE,
                  vectors: np.ndarray | None = None, folds: int = 5,
                  negatives: Sequence[str] = (), jobs: int = 1) -> TrainedRouter:
     """Embed the seed's questions, calibrate by cross-validation, fit on all of them.

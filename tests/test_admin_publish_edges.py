@@ -46,7 +46,7 @@ def publisher_on(cache: FaqCache) -> tuple[Publisher, SimpleNamespace]:
     return Publisher(services), services  # type: ignore[arg-type]
 
 
-def cli_seed(store, csv_text: str, target: float | None = OPERATOR_TARGET,
+def cli_seed(store, csv_text: str, target: float = OPERATOR_TARGET,
              negatives: tuple[str, ...] = OPERATOR_NEGATIVES) -> str:
     """What `voicegate seed --target-wrong-rate T --negatives N.csv faq.csv` publishes."""
     return seed_plan(parse_seed_csv(csv_text.encode()), store, tone_render, "tone",
@@ -119,30 +119,6 @@ async def test_an_upload_on_a_replica_behind_the_store_takes_the_defaults_of_a_v
         f"the upload replaced {newer} (target {OPERATOR_TARGET}, negatives "
         f"{list(OPERATOR_NEGATIVES)}) and published {got}: the defaults of the version this "
         "replica held")
-
-
-async def test_an_upload_keeps_a_named_target_and_chooses_the_default_again(
-        tmp_path: Path) -> None:
-    """Stop 63: the default promise is the strictest target the seed bounds (0.7%, else 1%),
-    so a version seeded on it records that it took the default (``default_target``): an
-    upload or an edit without a target chooses again, and a seed grown large enough gets
-    the stricter one; a target the operator named is kept, as before."""
-    store = LocalStore(tmp_path / "store")
-    cli_seed(store, small_faq_csv(), target=None, negatives=())
-    defaulted = manifest(store)["thresholds"]
-    assert defaulted["default_target"] is True
-    assert defaulted["target_wrong_rate"] == 0.01  # a small seed bounds neither
-    cache = FaqCache(store, shared_embedder())
-    assert cache.refresh()
-    publisher, _ = publisher_on(cache)
-    report = await publisher.seed_csv(small_faq_csv().encode(), "faq.csv")
-    assert manifest(store, report.version)["thresholds"]["default_target"] is True
-    named = await publisher.seed_csv(small_faq_csv().encode(), "faq.csv",
-                                     target_wrong_rate=OPERATOR_TARGET)
-    assert cache.version == named.version
-    again = await publisher.seed_csv(small_faq_csv().encode(), "faq.csv")
-    kept = manifest(store, again.version)["thresholds"]
-    assert (kept["target_wrong_rate"], kept["default_target"]) == (OPERATOR_TARGET, False)
 
 
 class SilentPointerStore(LocalStore):

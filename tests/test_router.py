@@ -17,8 +17,8 @@ from sklearn.linear_model import LogisticRegression
 
 import intents.router
 from cache_seed import route_lines
-from intents.calibration import (NEVER, HeldOut, Thresholds, calibrate,
-                                 cross_validate, transcript_target, wrong_rate_bound)
+from intents.calibration import (NEVER, TRANSCRIPT_TARGET_FACTOR, HeldOut, Thresholds, calibrate,
+                                 cross_validate, wrong_rate_bound)
 from intents.classifier import (OUT_OF_DOMAIN, TWO_VIEWS, IntentClassifier, _char_ngrams,
                                 fitted_probabilities)
 from intents.embedder import Embedder
@@ -27,7 +27,7 @@ from intents.loader import LoadedCache, load_cache
 from intents.router import Router, models_from_bytes, models_to_bytes
 from intents.semantic_cache import SemanticCache
 from intents.store import CacheBundle, LocalStore
-from intents.types import DEFAULT_TARGET_WRONG_RATES, Action, Entry
+from intents.types import Action, Entry
 from tests.intents_support import (HashEmbedder, _seeded_bank_store, answer_entries,  # noqa: F401
                                    bank_cache, intent_embedder, shared_embedder,
                                    two_view_probabilities, two_view_state)
@@ -421,55 +421,6 @@ def test_folds_fitted_in_worker_processes_read_what_one_process_reads() -> None:
         assert np.array_equal(mine.matrix, theirs.matrix)
 
 
-def _clean_seed(n_right: int) -> HeldOut:
-    """``n_right`` held-out answers all right, close to the seed: no mistake to leave out, so
-    only the count decides what the seed can bound (0.7% needs 428 clean hits, 1% 299)."""
-    return _held_out(["a"] * n_right, ["a"] * n_right, [0.9] * n_right, [0.8] * n_right,
-                     negatives=([0.4] * 700, [0.1] * 700))
-
-
-def test_the_default_promise_is_the_strictest_the_seed_bounds() -> None:
-    """Stop 63: with no target named, a seed large enough to bound 0.7% (the router issue's
-    99.3% precision bar) is held to it; one that bounds only 1% gets 1%, bounded, and its
-    promise says why it is not held to the stricter one; one too small for either is served
-    on its 1% point estimate, as every small seed was before."""
-    assert DEFAULT_TARGET_WRONG_RATES == (0.007, 0.01)
-    large, _ = calibrate(_clean_seed(500), {"a"})
-    assert (large.target_wrong_rate, large.bounded, large.default_target) == (0.007, True, True)
-    assert large.wrong_rate_bound <= 0.007
-    assert "99.3% of cached answers are right" in large.promise()
-    assert "default promise" not in large.promise()
-    mid, _ = calibrate(_clean_seed(350), {"a"})
-    assert (mid.target_wrong_rate, mid.bounded, mid.default_target) == (0.01, True, True)
-    assert 0.007 < mid.wrong_rate_bound <= 0.01
-    assert "the default promise is 99.3% where a seed's held-out questions bound it" in \
-        mid.promise()
-    small, _ = calibrate(_clean_seed(100), {"a"})
-    assert (small.target_wrong_rate, small.bounded, small.default_target) == (0.01, False, True)
-    assert small.expected_hit_rate == 1.0 and "held to 99%" in small.promise()
-
-
-def test_a_named_target_is_never_loosened() -> None:
-    """Stop 63: an operator's own 0.7% on a seed too small to bound it falls back on 0.7%'s
-    point estimate, never on the default's looser 1%; and the version says the target was
-    named, so a re-seed keeps it."""
-    named, _ = calibrate(_clean_seed(350), {"a"}, target_wrong_rate=0.007)
-    assert (named.target_wrong_rate, named.bounded, named.default_target) == (0.007, False, False)
-    assert "default promise" not in named.promise()
-    assert Thresholds.from_json(named.as_json()).default_target is False
-    # A version calibrated before the default had tiers reads as a named target.
-    old = {k: v for k, v in named.as_json().items() if k != "default_target"}
-    assert Thresholds.from_json(old).default_target is False
-
-
-def test_transcripts_take_the_factor_chosen_at_their_target() -> None:
-    """Stop 63: the transcripts' factor was chosen on train transcripts at each default target
-    (0.8 at 0.7%, 0.6 at 1%); a target named by the operator takes the 1% one's."""
-    assert transcript_target(0.007) == pytest.approx(0.0056)
-    assert transcript_target(0.01) == pytest.approx(0.006)
-    assert transcript_target(0.02) == pytest.approx(0.012)
-
-
 def test_transcripts_are_served_at_the_threshold_of_a_stricter_target() -> None:
     # Right answers at every similarity, a few wrong ones among the lower scores: half
     # the target must serve fewer questions, and that threshold is the transcripts'.
@@ -480,7 +431,7 @@ def test_transcripts_are_served_at_the_threshold_of_a_stricter_target() -> None:
     held = _held_out(["a"] * 3030, ["a"] * 3000 + ["b"] * 30, sims,
                      [s - 0.1 for s in sims], negatives=([0.3] * 700, [0.1] * 700))
     t, _ = calibrate(held, {"a", "b"}, target_wrong_rate=0.01)
-    half, _ = calibrate(held, {"a", "b"}, target_wrong_rate=transcript_target(0.01))
+    half, _ = calibrate(held, {"a", "b"}, target_wrong_rate=0.01 * TRANSCRIPT_TARGET_FACTOR)
     assert t.bounded and half.bounded and half.hit_confidence > t.hit_confidence
     assert t.transcript_strict and t.spoken_confidence == half.hit_confidence
     assert t.transcript_expected_hit_rate == half.expected_hit_rate < t.expected_hit_rate

@@ -33,7 +33,7 @@ from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
 from cache_seed.validate import bad_intent_characters
 
 from intents.store import ANY_VERSION, AnyVersion, StoreError, StoreUnavailable
-from intents.types import entry_id_for
+from intents.types import DEFAULT_TARGET_WRONG_RATE, entry_id_for
 
 from ..seeding import seed_plan_with_voice
 from ..services import Services
@@ -211,15 +211,11 @@ class Publisher:
                     f"seed`) to replace it")
         return self._serving_manifest()
 
-    def _target_wrong_rate(self, manifest: Mapping[str, Any]) -> float | None:
-        """The version's own target; None where it took the default (which the next
-        calibration chooses again: a seed grown large enough gets the stricter one)."""
+    def _target_wrong_rate(self, manifest: Mapping[str, Any]) -> float:
         thresholds = manifest.get("thresholds") or {}
-        if thresholds.get("default_target") or "target_wrong_rate" not in thresholds:
-            return None
-        return float(thresholds["target_wrong_rate"])
+        return float(thresholds.get("target_wrong_rate", DEFAULT_TARGET_WRONG_RATE))
 
-    async def _publish(self, plan: SeedPlan, source: str, target_wrong_rate: float | None,
+    async def _publish(self, plan: SeedPlan, source: str, target_wrong_rate: float,
                        negatives: Sequence[str],
                        replaces: str | None | AnyVersion = ANY_VERSION) -> SeedReport:
         """Publish ``plan`` with the serving version's own ``negatives``; with ``replaces``,
@@ -252,8 +248,7 @@ class Publisher:
                        target_wrong_rate: float | None = None) -> SeedReport:
         """Validate and publish a CSV upload. Raises SeedBusy, SeedValidationError, SeedError.
 
-        The wrong-answer target defaults to the serving version's (the default promise,
-        ``intents.types.DEFAULT_TARGET_WRONG_RATES``, when none or when it took that)."""
+        The wrong-answer target defaults to the serving version's (the CLI's 1 % when none)."""
         return await self._seed(UPLOAD, source, functools.partial(
             self._seed_csv, data, source, target_wrong_rate))
 
@@ -265,13 +260,13 @@ class Publisher:
             target_wrong_rate = target
         return await self._publish(plan, source, target_wrong_rate, negatives)
 
-    def _upload_defaults(self) -> tuple[float | None, tuple[str, ...]]:
+    def _upload_defaults(self) -> tuple[float, tuple[str, ...]]:
         """The target and the operator's own negatives of the version an upload replaces:
         the store's current one, whether this replica serves it, is behind it (another
         replica, the CLI, published since its last poll) or cannot load it (an answer's
         audio lost). Memory's copy when the store lost it (Redis restarted empty, a wiped
-        directory: what a reseed repairs) or holds one that cannot be read; the default promise
-        (None) when there is none. ``StoreUnavailable`` when the store does not answer. Blocking."""
+        directory: what a reseed repairs) or holds one that cannot be read; the CLI's default (1%) when
+        there is none. ``StoreUnavailable`` when the store does not answer. Blocking."""
         cache = self.services.cache
         assert cache is not None
         loaded = cache.loaded
@@ -291,10 +286,8 @@ class Publisher:
         except StoreError:
             pass  # not readable as a version (what a reseed repairs): memory's copy
         if loaded is not None:
-            thresholds = loaded.thresholds
-            return (None if thresholds.default_target else thresholds.target_wrong_rate,
-                    tuple(loaded.negatives))
-        return None, ()
+            return loaded.thresholds.target_wrong_rate, tuple(loaded.negatives)
+        return DEFAULT_TARGET_WRONG_RATE, ()
 
     # ------------------------------------------------------------------ entries
 
