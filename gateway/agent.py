@@ -94,6 +94,11 @@ APOLOGY_MESSAGE = "Sorry, I had a problem on my side. Could you say that again?"
 # once, the caller was promised a person and would otherwise hear nothing; the bot goes on.
 TRANSFER_FAILED_MESSAGE = ("Sorry, I couldn't put you through just now. "
                            "I'm still here: how can I help?")
+# A handoff asked for (a handoff intent, the handoff key, no LLM to ask) on a line that
+# cannot transfer (Twilio with no handoff number or REST credentials): said instead of the
+# handoff message, whose promise of a colleague the line could not keep; the bot goes on.
+HANDOFF_UNAVAILABLE_MESSAGE = ("I can't put you through to a colleague on this line, "
+                               "but I can keep helping you here.")
 # The caller has said nothing for idle_prompt_s since the bot finished; then, after as long
 # again, the call ends with the goodbye.
 IDLE_PROMPT_MESSAGE = "Are you still there?"
@@ -104,8 +109,8 @@ TIME_LIMIT_MESSAGE = ("I'm sorry, this call has reached its time limit, so I'll 
 # Every phrase pre-rendered once per voice at start-up (Runtime.render_prompts), by key.
 PROMPT_TEXTS: dict[str, str] = {
     "handoff": HANDOFF_MESSAGE, "apology": APOLOGY_MESSAGE,
-    "transfer_failed": TRANSFER_FAILED_MESSAGE, "idle": IDLE_PROMPT_MESSAGE,
-    "goodbye": GOODBYE_MESSAGE, "time_limit": TIME_LIMIT_MESSAGE,
+    "transfer_failed": TRANSFER_FAILED_MESSAGE, "handoff_unavailable": HANDOFF_UNAVAILABLE_MESSAGE,
+    "idle": IDLE_PROMPT_MESSAGE, "goodbye": GOODBYE_MESSAGE, "time_limit": TIME_LIMIT_MESSAGE,
     **{f"filler:{i}": text for i, text in enumerate(FILLER_PHRASES)},
     **{f"hold:{i}": text for i, text in enumerate(HOLD_PHRASES)}}
 

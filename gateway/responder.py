@@ -51,7 +51,8 @@ class Turn:
     # agent adopts it when it still fits, a cached answer or a handoff cancels it.
     preempted: Preemption | None = None
     # The line puts a handoff through (the call's ``_can_hand_off``): where it cannot, the
-    # agent's handoff after a failure is the apology instead (``HandoffUnavailable``).
+    # agent's handoff after a failure is the apology instead (``HandoffUnavailable``), and
+    # one asked for is "I can't put you through ... on this line" (``handoff_unavailable``).
     can_hand_off: bool = True
 
 
@@ -415,8 +416,10 @@ class Responder:
 
     def apology(self, turn: Turn, code: str) -> ReplySegment:
         """What the caller hears when a stage of the reply failed (the call goes on); a
-        failed transfer has its own ("I couldn't put you through"), not "say that again"."""
-        key = "transfer_failed" if code == "transfer_failed" else "apology"
+        failed transfer has its own ("I couldn't put you through"), not "say that again",
+        and so has a handoff asked for on a line that cannot transfer
+        (``handoff_unavailable``: "I can't put you through ... on this line")."""
+        key = code if code in ("transfer_failed", "handoff_unavailable") else "apology"
         return self._prompt(turn, key, "apology", {"code": code})
 
     def handoff(self, turn: Turn, reason: str) -> ReplySegment:

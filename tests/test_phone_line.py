@@ -12,8 +12,8 @@ import pytest
 from gateway.call.keypad import BadKey, Collected, Keypad, Mapped
 from gateway.providers.base import LLMChunk, ProviderError, ToolSpec
 from gateway.audio_bank import Clip
-from gateway.agent import (GOODBYE_MESSAGE, HANDOFF_MESSAGE, IDLE_PROMPT_MESSAGE,
-                           TIME_LIMIT_MESSAGE, TRANSFER_FAILED_MESSAGE)
+from gateway.agent import (GOODBYE_MESSAGE, HANDOFF_MESSAGE, HANDOFF_UNAVAILABLE_MESSAGE,
+                           IDLE_PROMPT_MESSAGE, TIME_LIMIT_MESSAGE, TRANSFER_FAILED_MESSAGE)
 from intents.types import Action, RouteDecision
 from tests.call_harness import CallHarness, RecordingOutput, ScriptedRouter, tone
 
@@ -2152,3 +2152,90 @@ async def test_a_line_that_cannot_hand_off_apologises_when_every_llm_failed():
     assert h.stats.errors["llm_failed"] == 3 and h.stats.errors["handoff_unavailable"] == 3
     assert "transfer_failed" not in h.stats.errors
     assert h.call.ended is None and h.output.hangups == []
+
+
+# ---------------------------------------------------------------------- review (stop 63)
+
+
+def _person_line(settings: dict[str, Any] | None = None, *,
+                 can_transfer: bool | None = False) -> CallHarness:
+    """A call whose router sends words asking for a person to a ``handoff`` intent, with
+    the handoff key 0: a phone line that cannot transfer (``can_transfer`` False: no
+    handoff number or no REST credentials), or (None) the native protocol, no transfer."""
+    from gateway.call import Call
+
+    # As TwilioOutput.transfer with no number: a transfer tried anyway fails.
+    h = harness({"keypad": {"0": "handoff"}, "idle_prompt_s": 0, **(settings or {})},
+                fail_transfer=can_transfer is False)
+    if can_transfer is None:
+        h.output = RecordingOutput(h.clock)  # native: the `handoff` event is the contract
+    else:
+        h.output.can_transfer = can_transfer  # type: ignore[attr-defined]
+    h.router = PersonRouter()
+    h.deps.router = h.router
+    h.call = Call(h.deps, h.output, 16000, call_id="test-call")
+    return h
+
+
+async def _ask_for_a_person(h: CallHarness, how: str) -> None:
+    if how == "intent":  # a FAQ entry whose action is handoff
+        await h.text("I want a person please")
+    elif how == "key":
+        h.call.feed_dtmf("0")
+    else:  # the agent's own handoff: no LLM configured, a miss is a handoff
+        await h.text("tell me about loans")
+    await h.wait(3000)
+
+
+@pytest.mark.parametrize("how", ["intent", "key", "no_llm"])
+async def test_a_line_that_cannot_transfer_never_promises_a_colleague(how):
+    """Review (stop 63): on a phone line that cannot transfer (no handoff number or no
+    REST credentials: ``can_transfer`` False) a handoff asked for (a ``handoff`` intent, the
+    handoff key, the agent handing off with no LLM to ask) still played "I'm going to
+    connect you with a colleague ... please stay on the line", sent its `handoff` event
+    and tried a transfer bound to fail, then "I couldn't put you through": a promise the
+    line could never keep. Only a handoff after a failure was spared it (stop 62). Where
+    the line cannot hand off, no handoff plays its message: the caller hears that they
+    cannot be put through on this line and that the bot goes on helping, nothing is
+    transferred, it is counted and logged as ``handoff_unavailable``, the call stays up, and
+    the agent's next turn knows what the caller heard."""
+    h = _person_line()
+    if how == "no_llm":
+        h.agent.llm = None
+    await h.start()
+    await _ask_for_a_person(h, how)
+    texts = [e["text"] for e in h.output.of("response")]
+    assert HANDOFF_MESSAGE not in texts and TRANSFER_FAILED_MESSAGE not in texts, texts
+    assert texts == [HANDOFF_UNAVAILABLE_MESSAGE] and sources(h) == ["apology"], texts
+    assert h.output.of("handoff") == [] and h.output.transfers == []
+    assert h.output.of("error") == []  # nothing failed: counted and logged only
+    assert h.stats.errors["handoff_unavailable"] == 1
+    assert "transfer_failed" not in h.stats.errors
+    (metrics,) = h.metrics()  # no handoff, no transfer: a turn the bot answered itself
+    assert "handoff" not in metrics and "transferred" not in metrics
+    assert metrics["source"] == "apology" and metrics["handoff_unavailable"]
+    if how == "no_llm":
+        await h.stop()
+        return
+    asked = len(h.llm.requests)
+    await h.text("hello are you there")
+    await h.wait(1500)
+    await h.stop()
+    assert sources(h) == ["apology", "llm"]
+    assert h.call.ended is None and h.output.hangups == []
+    (request,) = h.llm.requests[asked:]
+    assert [m["content"] for m in request if m["role"] == "assistant"] == [
+        HANDOFF_UNAVAILABLE_MESSAGE], request
+    assert request[-1] == {"role": "user", "content": "hello are you there"}
+
+
+@pytest.mark.parametrize("how", ["intent", "key"])
+async def test_on_the_native_protocol_a_handoff_asked_for_is_still_the_handoff(how):
+    # Natively the client moves the caller (the `handoff` event): always able to hand off.
+    h = _person_line(can_transfer=None)
+    await h.start()
+    await _ask_for_a_person(h, how)
+    await h.stop()
+    assert sources(h) == ["handoff"] and len(h.output.of("handoff")) == 1
+    assert h.output.of("response")[0]["text"] == HANDOFF_MESSAGE
+    assert "handoff_unavailable" not in h.stats.errors

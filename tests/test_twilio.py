@@ -93,15 +93,15 @@ async def test_spoken_question_gets_mulaw_reply_frames_and_marks(server, speak, 
     assert max(sizes) == 10 * FRAME_BYTES
     assert rms_dbfs(ulaw_to_pcm16(bytes(line.media))) > -35  # real speech, not silence
     first_reply = len(line.media)
-    if turn.get("handoff"):
-        # No LLM here, and no number to transfer to: the handoff message, then the failed
-        # transfer's apology (a second reply of the turn, marked "<turn>.1"), each
-        # pre-rendered audio sent exactly as the bank holds it in μ-law 8 kHz.
+    # No number to transfer to: nothing hands off, nor tries a transfer bound to fail.
+    assert "handoff" not in turn and "transferred" not in turn
+    if turn.get("handoff_unavailable"):
+        # No LLM here (a miss is a handoff): no handoff message promising a colleague, but
+        # "I can't put you through ... on this line", pre-rendered audio sent exactly as the
+        # bank holds it in μ-law 8 kHz.
         assert turn["source"] == "apology"
-        clips = [runtime.prompts.audio(key, 8000, MULAW) for key in ("handoff", "transfer_failed")]
-        padded = [clip + b"\xff" * (-len(clip) % FRAME_BYTES) for clip in clips]
-        assert bytes(line.media) == b"".join(padded)
-        first_reply = len(padded[0])
+        clip = runtime.prompts.audio("handoff_unavailable", 8000, MULAW)
+        assert bytes(line.media) == clip + b"\xff" * (-len(clip) % FRAME_BYTES)
 
     marks = [m["mark"]["name"] for m in line.of("mark")]
     assert marks and all(m["streamSid"] == line.stream_sid for m in line.of("mark"))
@@ -114,8 +114,8 @@ async def test_spoken_question_gets_mulaw_reply_frames_and_marks(server, speak, 
     at = [ms for _, ms in positions]
     assert all(b // 100 > a // 100 and b - a <= 200 for a, b in zip([0, *at], at))
     assert first_reply // 8 - at[-1] < 100  # the last line crossed is marked
-    failed_transfers = 1 if turn.get("handoff") else 0
-    assert sum(runtime.stats.errors.values()) == errors_before + failed_transfers
+    unavailable = 1 if turn.get("handoff_unavailable") else 0
+    assert sum(runtime.stats.errors.values()) == errors_before + unavailable
 
 
 async def test_barge_in_clears_and_heard_ms_is_what_twilio_confirmed(server, speak,

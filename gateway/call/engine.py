@@ -32,7 +32,8 @@ from intents.embedder import normalize_text
 from intents.types import Action, RouteDecision
 
 from .. import logs
-from ..agent import HANDOFF_MESSAGE, TRANSFER_FAILED_MESSAGE, Conversation
+from ..agent import (HANDOFF_MESSAGE, HANDOFF_UNAVAILABLE_MESSAGE, TRANSFER_FAILED_MESSAGE,
+                     Conversation)
 from ..audio import StreamResampler
 from ..clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from ..preemption import Preemption
@@ -1134,6 +1135,7 @@ class Call:
             raise
         finally:
             self._take_late_counts(tl, utterance)
+            self._handoff_unavailable(tl)
             tl.info["preempted"] = preempted is not None and preempted.adopted
             await self._finish_metrics(tl, text, decision, counted=not unasked,
                                        drafted=asked == text)
@@ -1173,6 +1175,21 @@ class Call:
             return
         if "handoff" in tl.info:
             await self._transfer(tl)
+
+    def _handoff_unavailable(self, tl: TurnTimeline) -> None:
+        """The turn asked for a person (a ``handoff`` intent, the handoff key, no LLM to ask)
+        on a line that cannot hand off, and the caller heard so instead of the handoff
+        message (``ReplyStage``): counted and logged as the failure's is
+        (``HandoffUnavailable``), and the agent told, whole (as a failed transfer's message:
+        talked over, the fact stands), so the next turn's model knows the caller is still
+        with it, and that it cannot put them through."""
+        reason = tl.info.get("handoff_unavailable")
+        if reason is None:
+            return
+        self._count("handoff_unavailable")
+        logs.event(log, "handoff_unavailable", logging.WARNING, turn=tl.turn,
+                   reason=str(reason)[:200])
+        self.conversation.add_assistant(HANDOFF_UNAVAILABLE_MESSAGE)
 
     def _can_hand_off(self) -> bool:
         """Whether a handoff reaches a person: on the native protocol the ``handoff`` event

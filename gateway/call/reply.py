@@ -77,7 +77,9 @@ class StageFailed(Exception):
 class HandoffUnavailable(StageFailed):
     """The agent handed off after a failure (every LLM failed: ``code``) on a line that
     cannot hand off (``Turn.can_hand_off``): the turn failed, and gets the apology, not a
-    handoff message promising a colleague the line cannot reach."""
+    handoff message promising a colleague the line cannot reach. A handoff asked for there
+    (no failure) is no failed turn: ``ReplyStage`` plays "I can't put you through ... on
+    this line" in its place (``handoff_unavailable``)."""
 
 
 # Reports a stage failure that did not stop the reply: (code, message, turn).
@@ -217,11 +219,17 @@ class ReplyStage:
         try:
             async with contextlib.aclosing(segments) as replies:
                 async for segment in replies:
-                    if segment.source == "handoff" and segment.error is not None \
-                            and not turn.can_hand_off:
+                    if segment.source == "handoff" and not turn.can_hand_off:
                         reason = segment.info.get("reason", "")
-                        raise HandoffUnavailable(segment.error,
-                                                 f"{reason} (the line cannot hand off)")
+                        if segment.error is not None:
+                            raise HandoffUnavailable(segment.error,
+                                                     f"{reason} (the line cannot hand off)")
+                        # A handoff asked for (a ``handoff`` intent, the handoff key, no LLM
+                        # to ask) promises a colleague the line cannot reach too: the caller
+                        # hears so instead, no `handoff` event, no transfer. The call counts
+                        # it (tl.info's ``handoff_unavailable``, ``Call._answer``).
+                        tl.info["handoff_unavailable"] = reason
+                        segment = self._responder.apology(turn, "handoff_unavailable")
                     if segment.error is not None and self._report is not None:
                         # Reported before its audio: counted even if the caller cuts it off.
                         await self._report(segment.error, segment.info.get("reason", ""), tl.turn)
