@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from intents.embedder import Embedder
 from intents.loader import LoadedCache, load_cache
-from intents.store import Store, StoreUnavailable
+from intents.store import Store, StoreStarting, StoreUnavailable
 from intents.types import Action, RouteDecision, miss
 
 from . import logs
@@ -107,7 +107,9 @@ class FaqCache:
         try:
             current = self.store.current_version()
         except StoreUnavailable as exc:  # the store is unreachable: keep serving what we hold
-            self.last_error = f"store unavailable: {exc}"
+            # or still starting (Redis loading its dataset): the same, said as such
+            state = "starting" if isinstance(exc, StoreStarting) else "unavailable"
+            self.last_error = f"store {state}: {exc}"
             self._unreachable = True
             return False
         except Exception as exc:

@@ -5,7 +5,11 @@
 calls ``refresh`` for every published version; when the connection drops it marks
 the replica degraded, reconnects with backoff, and on return refreshes once to
 catch up with anything published meanwhile. While degraded the replica keeps
-serving the version it holds: nothing here ever unloads a cache.
+serving the version it holds: nothing here ever unloads a cache. A Redis still loading
+its dataset (-LOADING) confirms a subscription but serves no read: the link is up only
+once it serves one, and till then degraded as "loading its dataset" (starting), not as
+unreachable. A Redis refusing writes (-MISCONF) refuses the keep-alive PING too: an answer,
+so the link stays up.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from redis.exceptions import (ClusterDownError, ConnectionError, OutOfMemoryErro
                               ReadOnlyError, RedisError, ResponseError, TryAgainError)
 from redis.retry import Retry
 
-from intents.redis_store import RedisKeys, redacted, refused_credentials
+from intents.redis_store import (LOADING_SAID, MISCONF_SAID, RedisKeys, cannot_persist,
+                                 redacted, refused_credentials, still_loading)
 
 from . import logs
 
@@ -54,6 +59,16 @@ def open_async_client(url: str, timeout_s: float = 5.0, *,
              else Retry(NoBackoff(), 0))
     return aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s,
                                    socket_timeout=timeout_s, retry=retry)
+
+
+def failure_said(exc: BaseException) -> str:
+    """A Redis failure as an operator reads it: what Redis is doing (loading its dataset,
+    refusing writes for want of a disk) said plainly, else the error's type and message."""
+    if still_loading(exc):
+        return f"Redis {LOADING_SAID}: {exc}"
+    if cannot_persist(exc):
+        return f"{MISCONF_SAID}. Redis said: {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def honour_cancel() -> None:
@@ -121,6 +136,9 @@ class VersionSubscriber:
             try:
                 await pubsub.subscribe(self._keys.channel)
                 await self._confirmed(pubsub)
+                # Redis confirms a SUBSCRIBE while it is still loading its dataset (after a
+                # restart) and refuses every read: up once it serves a read.
+                await client.exists(self._keys.current)
                 self._health.up("subscriber")
                 backoff = BACKOFF_MIN_S
                 # Subscribed first, then refresh: a version published in between is not missed.
@@ -129,7 +147,9 @@ class VersionSubscriber:
             except (RedisError, OSError) as exc:
                 # An error reply (an ACL without the channel) or credentials Redis refused
                 # (a wrong password, an unknown user) is no outage: say which.
-                what = ("refused the credentials" if refused_credentials(exc)
+                # Still loading its dataset (-LOADING) is no outage either: Redis is starting.
+                what = (LOADING_SAID if still_loading(exc)
+                        else "refused the credentials" if refused_credentials(exc)
                         else "refused" if isinstance(exc, ResponseError) else "unreachable")
                 self._health.down("subscriber", f"Redis at {redacted(self._url)} {what}: "
                                                 f"{type(exc).__name__}: {exc}")
@@ -154,7 +174,15 @@ class VersionSubscriber:
         pinged = False  # a PING is out and nothing has come back since
         while True:
             honour_cancel()
-            message = await pubsub.get_message(timeout=self._ping_s)
+            try:
+                message = await pubsub.get_message(timeout=self._ping_s)
+            except ResponseError as exc:
+                if not cannot_persist(exc):
+                    raise
+                # Redis refusing writes (MISCONF) refuses PING too: an answer all the same,
+                # the link is alive (the counters and publishes report the refused writes).
+                pinged = False
+                continue
             if message is None:
                 if pinged:
                     raise ConnectionError(f"no reply to PING within {self._ping_s:g} s")

@@ -47,10 +47,10 @@ from typing import Any, Callable, Mapping
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from intents.redis_store import DEFAULT_PREFIX, RedisKeys, glob_escape
+from intents.redis_store import DEFAULT_PREFIX, RedisKeys, cannot_persist, glob_escape
 
 from . import logs
-from .redis_link import NOT_NOW, RedisHealth, honour_cancel
+from .redis_link import NOT_NOW, RedisHealth, failure_said, honour_cancel
 from .stats import SERIES_MINUTES, barged_in, keyed, outcome_of
 
 log = logging.getLogger("voicegate.shared_stats")
@@ -238,8 +238,8 @@ class SharedStats:
             if problem is None:
                 self._health.up("counters")
             else:
-                self._health.down("counters", f"cannot write counters: "
-                                              f"{type(problem).__name__}: {problem}")
+                self._health.down("counters",
+                                  f"cannot write counters: {failure_said(problem)}")
             honour_cancel()  # a cancel redis-py swallowed: shutdown waits for this task
             await asyncio.sleep(self._flush_s)
 
@@ -268,6 +268,8 @@ class SharedStats:
         except NOT_NOW:
             raise  # a failover under way (READONLY, ...): kept, written at a later flush
         except ResponseError as exc:  # a foreign type under a key: dropped, not retried
+            if cannot_persist(exc):
+                raise  # Redis refuses writes for now (MISCONF): kept, written at a later flush
             self._forget_published(published)
             raise RefusedIncrement(f"cannot reset the hits of changed entries: {exc}") from exc
         self._forget_published(published)  # else (unreachable) it is written at a later flush

@@ -70,9 +70,9 @@ from redis.retry import Retry
 
 from intents.store import (ANY_VERSION, AUDIO_GRACE_S, KEEP_VERSIONS, MANIFEST_FORMAT,
                            AnyVersion, CacheBundle, PublishUnconfirmed, Store, StoreConflict,
-                           StoreError, StoreUnavailable, check_format, conflict_message,
-                           kept_versions, missing_audio_message, referenced_audio,
-                           unreadable_pointer_message)
+                           StoreError, StoreStarting, StoreUnavailable, check_format,
+                           conflict_message, kept_versions, missing_audio_message,
+                           referenced_audio, unreadable_pointer_message)
 from intents.types import Audio
 
 DEFAULT_PREFIX = "voicegate:"
@@ -225,6 +225,27 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+# Said for a write Redis refuses because it cannot persist (-MISCONF: a failed BGSAVE with
+# stop-writes-on-bgsave-error yes, or a failed AOF write): an operator's fix, not an outage.
+MISCONF_SAID = ("Redis refuses writes: it cannot persist to disk (MISCONF); fix its disk or "
+                "stop-writes-on-bgsave-error")
+# Said for a Redis that answers -LOADING (redis-py BusyLoadingError): still loading its
+# dataset after a restart (or a replica's full sync); reads and writes are tried again later.
+LOADING_SAID = "is loading its dataset: it is starting, not ready yet (tried again later)"
+
+
+def cannot_persist(exc: BaseException) -> bool:
+    """Redis refused a write because it cannot persist (-MISCONF). redis-py has no class for
+    it: a ResponseError whose message starts with the code (a script's too)."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("MISCONF")
+
+
+def still_loading(exc: BaseException) -> bool:
+    """Redis answered -LOADING: it is up, loading its dataset. redis-py raises it as a
+    ConnectionError (BusyLoadingError), which is what an outage raises too."""
+    return isinstance(exc, redis.BusyLoadingError)
+
+
 def refused_credentials(exc: BaseException) -> bool:
     """Redis refused the URL's user or password (WRONGPASS, NOAUTH): no outage, a setting
     to fix. redis-py raises these as a ConnectionError."""
@@ -274,6 +295,9 @@ class RedisStore(Store):
         """Run one Redis operation, turning any redis-py failure into a clear StoreError."""
         try:
             return operation()
+        except redis.BusyLoadingError as exc:  # retried, as an outage is, then still so
+            raise StoreStarting(f"Redis at {redacted(self.url)} {LOADING_SAID} ({what}): "
+                                f"{exc}") from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Still unavailable (retried, as an outage is): fixed on Redis's side (an ACL
             # user's password set), it answers again. Said as refused, not unreachable.
@@ -281,6 +305,9 @@ class RedisStore(Store):
             raise StoreUnavailable(f"Redis at {redacted(self.url)} {state} ({what}): "
                                    f"{exc}") from exc
         except redis.RedisError as exc:  # an answer (a key of a foreign type): not transient
+            if cannot_persist(exc):  # nothing written: the operator fixes Redis's disk
+                raise StoreError(f"Redis at {redacted(self.url)} ({what}): {MISCONF_SAID}. "
+                                 f"Redis said: {exc}") from exc
             raise StoreError(f"Redis at {redacted(self.url)} failed ({what}): {exc}") from exc
 
     # -- audio ---------------------------------------------------------------------

@@ -83,6 +83,11 @@ class StoreUnavailable(StoreError):
     request may succeed as it is once the store is back; what it asked for is not at fault."""
 
 
+class StoreStarting(StoreUnavailable):
+    """The store answers but is still starting (Redis LOADING its dataset after a restart or
+    a replica's sync): not ready yet, nothing it holds is at fault; retried as an outage is."""
+
+
 class StoreConflict(StoreError):
     """A publish that was to replace one version found another current (a second
     publisher got there first): nothing was published."""

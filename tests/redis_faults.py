@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import threading
+import time
+from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from tests.test_redis import free_port
+from tests.test_redis import OwnRedis, free_port
 
 
 class _Link:
@@ -214,3 +220,135 @@ class DelayingProxy:
                         s.close()
                     except OSError:
                         pass
+
+
+def _direct(url: str) -> redis.Redis:
+    """A client that retries nothing: a helper sees what Redis answers."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30,
+                                retry=Retry(NoBackoff(), 0))
+
+
+class StartingRedis(OwnRedis):
+    """A redis-server of the test's own (RDB persistence) that ``restart_loading()`` restarts
+    into a real LOADING state that lasts until ``finish_loading()``: Redis's own
+    ``key-load-delay`` (a delay per key loaded, microseconds) slows the load of a dataset
+    padded with ``filler`` random keys, each larger than ``loading-process-events-interval-
+    bytes``, so Redis answers its clients (``-LOADING``, or SUBSCRIBE, CONFIG, which it serves
+    while loading) after every key. ``finish_loading`` sets the delay to 0 (CONFIG is served
+    while loading) and waits until Redis serves reads: no clock decides when it ends."""
+
+    FILLER = 2000
+    KEY_DELAY_US = 200_000  # 0.2 s a key: 400 s of loading unless finished
+
+    def start(self) -> None:
+        self._launch()
+        client = _direct(self.url)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start: see {self.dir}/redis.log")
+            time.sleep(0.05)
+        client.close()
+
+    def _launch(self, *extra: str) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
+             str(self.dir), "--appendonly", "no", "--save", "", "--dbfilename", "dump.rdb",
+             "--logfile", str(self.dir / "redis.log"), *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def restart_loading(self) -> None:
+        client = _direct(self.url)
+        pipe = client.pipeline(transaction=False)
+        for i in range(self.FILLER):
+            pipe.set(f"filler:{i}", os.urandom(1100))
+        pipe.execute()
+        client.save()
+        client.close()
+        self.stop()
+        self._launch("--key-load-delay", str(self.KEY_DELAY_US),
+                     "--loading-process-events-interval-bytes", "1024")
+        client = _direct(self.url)
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                try:
+                    client.get("filler:0")
+                    raise RuntimeError("redis-server loaded its dataset at once")
+                except redis.BusyLoadingError:
+                    return
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server did not start: see "
+                                           f"{self.dir}/redis.log")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def finish_loading(self) -> None:
+        client = _direct(self.url)
+        try:
+            client.config_set("key-load-delay", 0)
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.BusyLoadingError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+
+class MisconfRedis(OwnRedis):
+    """A redis-server of the test's own that ``refuse_writes()`` makes refuse every write
+    with ``-MISCONF`` as a full or broken disk does: its RDB file name is a directory, so
+    BGSAVE cannot rename its snapshot into place and fails, and with a save point and
+    ``stop-writes-on-bgsave-error yes`` (the default) Redis refuses writes until a BGSAVE
+    succeeds. ``heal()`` removes the directory and saves again."""
+
+    def start(self) -> None:
+        self.blocker = self.dir / "snapshot.rdb"
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
+             str(self.dir), "--appendonly", "no", "--save", "3600 1", "--dbfilename",
+             "snapshot.rdb", "--stop-writes-on-bgsave-error", "yes",
+             "--shutdown-on-sigterm", "nosave", "--logfile",
+             str(self.dir / "redis.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = _direct(self.url)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start: see {self.dir}/redis.log")
+            time.sleep(0.05)
+        client.close()
+
+    def _bgsave(self, want: str) -> None:
+        client = _direct(self.url)
+        try:
+            while client.info("persistence")["rdb_bgsave_in_progress"]:
+                time.sleep(0.05)
+            client.bgsave()
+            while True:
+                info = client.info("persistence")
+                if not info["rdb_bgsave_in_progress"] and \
+                        info["rdb_last_bgsave_status"] == want:
+                    return
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def refuse_writes(self) -> None:
+        Path(self.blocker).mkdir()
+        self._bgsave("err")
+
+    def heal(self) -> None:
+        Path(self.blocker).rmdir()
+        self._bgsave("ok")

@@ -4,7 +4,10 @@ operator gets a clear error, no published version is damaged, no counter counts 
 
 Redis: the suite's database (tests/test_redis.py: 127.0.0.1:6379, database 13); each test
 keeps to a key prefix of its own and deletes its keys. tests/redis_faults.FlakyProxy
-stands between a client and Redis where a test needs a stall or a dead link.
+stands between a client and Redis where a test needs a stall or a dead link;
+tests/redis_faults.StartingRedis and MisconfRedis are redis-servers of a test's own, one
+restarted into a real LOADING state that lasts until the test ends it, one refusing writes
+with a real MISCONF (its snapshot cannot be written) until the test heals it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import io
 import json
 import secrets
+import shutil
 import threading
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -39,8 +43,10 @@ from intents.redis_store import RedisKeys, RedisStore
 from intents.store import MANIFEST_FORMAT, LocalStore, StoreConflict, StoreError, StoreUnavailable
 from tests.admin_support import small_faq_csv
 from tests.intents_support import shared_embedder, tone_render
-from tests.redis_faults import DelayingProxy, FlakyProxy
-from tests.test_redis import REDIS_URL, bundle, free_port, hit, own_prefix, poll
+from intents.types import Audio
+from tests.redis_faults import DelayingProxy, FlakyProxy, MisconfRedis, StartingRedis
+from tests.test_redis import (REDIS_URL, bundle, free_port, hit, own_prefix, poll,
+                              unavailable)
 
 
 @pytest.fixture
@@ -1133,3 +1139,242 @@ def test_the_store_says_redis_refused_the_credentials(where: str) -> None:
     message = str(raised.value)
     assert "refused the credentials" in message and "unreachable" not in message, message
     assert SECRET not in message, message
+
+
+# --------------------------------------------------------------------------------------
+# Review (stop 63): a Redis still LOADING its dataset after a restart (-LOADING, redis-py
+# BusyLoadingError), and one that refuses writes because it cannot persist (-MISCONF).
+
+MISCONF_SAID = ("Redis refuses writes: it cannot persist to disk (MISCONF); fix its disk or "
+                "stop-writes-on-bgsave-error")
+
+
+@pytest.fixture
+def starting_redis(tmp_path) -> Iterator[StartingRedis]:
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not installed")
+    directory = tmp_path / "starting-redis"
+    directory.mkdir()
+    server = StartingRedis(directory)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def misconf_redis(tmp_path) -> Iterator[MisconfRedis]:
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not installed")
+    directory = tmp_path / "misconf-redis"
+    directory.mkdir()
+    server = MisconfRedis(directory)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _loads_anything(store: Any, embedder: Any, version: str) -> Any:
+    return SimpleNamespace(version=version, entries={})
+
+
+def _readiness(url: str, cache: FaqCache, health: RedisHealth) -> dict[str, Any]:
+    """What /readyz answers for a warm replica with this cache and Redis health."""
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "redis_url": url}, environ={})
+    services = Services(settings)
+    services._runtime = SimpleNamespace(load_times_s={}, stt=SimpleNamespace(name="stt"),
+                                        tts=SimpleNamespace(name="tts"))
+    services.responder = object()
+    services.cache, services.redis_health = cache, health
+    return services.readiness()
+
+
+async def test_a_redis_still_loading_its_dataset_is_said_to_be_starting_not_healthy(
+        starting_redis: StartingRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (stop 63): Redis restarted and is LOADING its dataset: it confirms a SUBSCRIBE
+    (served while loading) and refuses every read with -LOADING. The version subscriber
+    reported the link healthy as soon as the subscription was confirmed, then, at its PING,
+    "unreachable"; the store and /readyz cache_error said "Redis ... is unreachable" too: an
+    operator is sent to the network while Redis is only starting. Wanted: not healthy, said
+    to be loading (starting), reads retried later, the cache in memory kept serving, nothing
+    published damaged; once loaded, all well again."""
+    monkeypatch.setattr(faq_cache, "load_cache", _loads_anything)
+    url, prefix = starting_redis.url, "vgload:"
+    store = RedisStore(url, prefix=prefix, timeout_s=5.0)
+    health = _RecordedHealth()
+    task: asyncio.Task[None] | None = None
+    try:
+        v1 = store.publish(bundle("v1"))
+        cache = FaqCache(store, embedder=None, clock=ManualClock())  # type: ignore[arg-type]
+        assert cache.refresh() and cache.version == v1
+        await asyncio.to_thread(starting_redis.restart_loading)
+
+        async def refresh() -> None:
+            await asyncio.to_thread(cache.refresh)
+
+        task = asyncio.create_task(VersionSubscriber(url, RedisKeys(prefix), refresh, health,
+                                                     ping_s=1.0).run())
+        await poll(lambda: any(kind == "down" for kind, _ in health.reports),
+                   "the subscriber's first report while Redis loads", 60)
+        assert ("up", "") not in health.reports, (
+            f"Redis is still loading its dataset, yet the link was reported healthy: "
+            f"{health.reports}")
+        reason = health.reason or ""
+        assert health.degraded and "loading" in reason and "unreachable" not in reason, reason
+
+        # A serving replica keeps its cache; a poll says why nothing new is read.
+        assert not await asyncio.to_thread(cache.refresh)
+        assert cache.version == v1 and cache.store_unanswered is False
+        error = cache.last_error or ""
+        assert "loading" in error and "unreachable" not in error, error
+        # A replica starting now stays unready (retried), saying why.
+        starting = FaqCache(store, embedder=None, clock=ManualClock())  # type: ignore[arg-type]
+        assert not await asyncio.to_thread(starting.refresh)
+        assert starting.store_unanswered and starting.version is None
+        error = starting.last_error or ""
+        assert "loading" in error and "unreachable" not in error, error
+        ready = _readiness(url, cache, health)
+        assert ready["degraded"] and "loading" in ready["degraded_reason"], ready
+        assert "unreachable" not in ready["degraded_reason"] + (ready["cache_error"] or ""), \
+            ready
+        # A publish meanwhile is refused as "starting", nothing written.
+        with pytest.raises(StoreUnavailable) as raised:
+            await asyncio.to_thread(store.publish, bundle("v2"))
+        assert "loading" in str(raised.value) and "unreachable" not in str(raised.value), \
+            str(raised.value)
+
+        await asyncio.to_thread(starting_redis.finish_loading)
+        await poll(lambda: not health.degraded and cache.last_error is None
+                   and health.reports[-1] == ("up", ""),
+                   "the subscriber and the cache recover once Redis has loaded", 60)
+        assert await asyncio.to_thread(store.current_version) == v1 == cache.version
+        assert (await asyncio.to_thread(store.read))[1].manifest["marker"] == "v1"
+        assert await asyncio.to_thread(starting.refresh) and starting.version == v1
+        v2 = await asyncio.to_thread(store.publish, bundle("v2"))
+        await poll(lambda: cache.version == v2, "the subscriber hears the next publish", 30)
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        store.close()
+
+
+def test_a_publish_redis_refuses_for_misconf_says_so(misconf_redis: MisconfRedis) -> None:
+    """Review (stop 63): Redis refuses writes because it cannot persist (-MISCONF, a
+    ResponseError): a publish (admin API, `voicegate seed`) failed with "Redis at ... failed
+    (publish: write version): MISCONF Redis is configured to save RDB snapshots, ...", a
+    generic error that names no fix. Wanted: said plainly, with the fix; nothing published,
+    the published version whole."""
+    store = RedisStore(misconf_redis.url, prefix="vgmisconf:", timeout_s=5.0)
+    try:
+        v1 = store.publish(bundle("v1"))
+        misconf_redis.refuse_writes()
+        failures = []
+        for attempt in (lambda: store.publish(bundle("v2")),
+                        lambda: store.put_audio("ab" * 32, Audio(b"\x00\x00", 16000))):
+            with pytest.raises(StoreError) as raised:
+                attempt()
+            failures.append(raised.value)
+        services = SimpleNamespace(cache=SimpleNamespace(version=v1),
+                                   stats=SimpleNamespace(error=lambda code: None))
+        answer = json.loads(_publish_failed(failures[0], services).body)  # type: ignore[arg-type]
+        for said in [str(f) for f in failures] + [answer["error"]]:
+            assert MISCONF_SAID in said, said
+        assert store.current_version() == v1 and store.versions() == [v1]
+        assert store.read()[1].manifest["marker"] == "v1"
+        misconf_redis.heal()
+        assert store.current_version() == v1
+        assert store.publish(bundle("v2")) == store.current_version() != v1
+    finally:
+        store.close()
+
+
+async def test_entry_marks_redis_refuses_for_misconf_are_kept_and_said(
+        misconf_redis: MisconfRedis) -> None:
+    """Review (stop 63): the counters' flush met -MISCONF (a ResponseError): a loaded
+    version's entry marks were dropped for good as if a foreign value refused them
+    ("cannot reset the hits of changed entries"), and the replica's health said a generic
+    "ResponseError: MISCONF ...". Wanted: a failed write, kept and written once Redis writes
+    again; the health says Redis refuses writes and why."""
+    prefix = "vgmisconf:"
+    health = RedisHealth()
+    stats = SharedStats(open_async_client(misconf_redis.url, reconnect_once=True),
+                        prefix=prefix, health=health, replica_id="r", flush_s=0.05)
+    raw = redis.Redis.from_url(misconf_redis.url)
+    task: asyncio.Task[None] | None = None
+    try:
+        await asyncio.to_thread(misconf_redis.refuse_writes)
+        stats.entries_published({"e1": "m1"}, version="v1")
+        task = asyncio.create_task(stats.run())
+        await poll(lambda: health.degraded, "the counters report the refused writes", 30)
+        assert stats._published is not None, "the entry marks Redis refused were dropped"
+        assert MISCONF_SAID in (health.reason or ""), health.reason
+        stats.turn_finished(hit("opening_hours"))  # counted while Redis refuses writes
+        await poll(lambda: stats._inflight is not None, "a flush of the turn refused", 30)
+        assert stats.dropped == 0 and stats.pending > 0  # kept, not dropped
+        await asyncio.to_thread(misconf_redis.heal)
+        await poll(lambda: not health.degraded and stats.pending == 0,
+                   "the counters write once Redis writes again", 30)
+        await poll(lambda: raw.hget(prefix + "stats:entry_marks", "e1") == b"m1",
+                   "the entry marks are written once Redis writes again", 30)
+        assert raw.hget(prefix + "stats:totals", "turns") == b"1"
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        raw.close()
+        await stats.aclose()
+
+
+async def test_call_records_redis_refuses_for_misconf_never_fail_the_call(
+        misconf_redis: MisconfRedis) -> None:
+    """Stop 63 check (held before any change): a Twilio call record Redis refuses with
+    -MISCONF is a failed write, logged and counted; the call's hang-up goes on and this
+    replica's record stands."""
+    from gateway.transports.twilio_ended import HUNG_UP, EndedCalls
+    counted: list[str] = []
+    ended = EndedCalls(ManualClock(), open_async_client(misconf_redis.url, timeout_s=1.0,
+                                                        reconnect_once=True),
+                       prefix="vgmisconf:", count_error=counted.append)
+    try:
+        await asyncio.to_thread(misconf_redis.refuse_writes)
+        await ended.mark("CA" + "0" * 32)
+        assert await ended.ended("CA" + "0" * 32) == HUNG_UP
+        assert counted == ["twilio_ended_record_failed"], counted
+    finally:
+        await ended.aclose()
+
+
+async def test_a_redis_refusing_writes_for_misconf_keeps_the_version_subscription(
+        misconf_redis: MisconfRedis) -> None:
+    """Review (stop 63): Redis refusing writes (-MISCONF) refuses PING too, the subscriber's
+    keep-alive: each PING's refusal was taken for a dead link, the subscription dropped,
+    the replica reported "refused" and reconnected, over and over, though Redis answers and
+    publishes. Wanted: a refused PING is an answer; the subscription stays, healthy."""
+    prefix = "vgmisconf:"
+    health = _RecordedHealth()
+    refreshes: list[int] = []
+
+    async def refresh() -> None:
+        refreshes.append(1)
+
+    raw = redis.Redis.from_url(misconf_redis.url)
+
+    def pings() -> int:
+        stat = raw.info("commandstats").get("cmdstat_ping") or {}
+        return int(stat.get("calls", 0)) + int(stat.get("rejected_calls", 0))
+
+    task = asyncio.create_task(VersionSubscriber(misconf_redis.url, RedisKeys(prefix), refresh,
+                                                 health, ping_s=0.2).run())
+    try:
+        await poll(lambda: refreshes, "the subscriber's first refresh", 10)
+        await asyncio.to_thread(misconf_redis.refuse_writes)
+        raw.config_resetstat()
+        await poll(lambda: pings() >= 3, "three keep-alive PINGs Redis refused", 30)
+        assert health.reports == [("up", "")] and len(refreshes) == 1, (
+            health.reports, len(refreshes))
+        raw.publish(RedisKeys(prefix).channel, "v9")  # PUBLISH is served under MISCONF
+        await poll(lambda: len(refreshes) == 2, "the subscriber hears a publish", 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raw.close()
