@@ -22,7 +22,14 @@ responder turns into audio:
   round with nothing (no word, no tool call: common right after a tool result) and again
   when asked again (``llm_empty_reply``: no outage); play the handoff message and tell the
   client. A winner whose stream breaks after its first token, before the round said or
-  called anything, is not that: the round is asked again (once a turn) first.
+  called anything, is not that: the round is asked again (once a turn) first. Also the
+  model's own handoff: it called ``transfer_to_person`` (``TRANSFER_TOOL``, gateway/tools.py;
+  offered with the operator's tools on every round that offers tools, where the line can
+  hand off: ``respond(..., can_hand_off)``), no error: ``reason`` "the agent handed off: <its
+  reason>". No webhook runs for it; the round's words come first, the turn ends there (other
+  tools called with it are not run), counted as ``ToolRunner.outcomes``' (transfer_to_person,
+  handoff) and logged ``agent_handoff``. The system prompt (built-in or the operator's) is
+  followed by ``TRANSFER_PROMPT`` there, by ``NO_TRANSFER_PROMPT`` on a line that cannot.
 
 Cancelling the consumer (a barge-in) closes every LLM stream and cancels the tool calls
 still running; the results that came back stay in the context, the others say they did
@@ -49,7 +56,8 @@ from gateway.preemption import Preemption
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
 from gateway.sentences import SentenceChunker
 from gateway.settings import Settings, SettingsError
-from gateway.tools import ToolRunner, load_tools, parse_arguments
+from gateway.tools import (TRANSFER_TOOL, TRANSFER_TOOL_NAME, ToolRunner, load_tools,
+                           parse_arguments)
 from . import logs
 
 log = logging.getLogger("voicegate.agent")
@@ -64,9 +72,19 @@ Write plain spoken sentences: no markdown, no lists, no headings, no emoji, no U
 say numbers the way a person would say them.
 When you need account or order data, call a tool instead of guessing; if a tool fails, \
 say so briefly and offer another way to help.
-If the caller asks for a person, or you cannot help, say you will transfer them.
 The caller may interrupt you; if your last reply was cut short, do not repeat what was \
 already said unless asked."""
+
+# What the system prompt says about transfers, appended to it (the built-in one or an
+# operator's ``llm_system_prompt``) by the agent, as the call's line allows: where the model
+# is offered ``transfer_to_person`` (gateway/tools.py), to call it; where not (a Twilio line
+# with no handoff number or REST credentials, or no tool rounds), never to promise a transfer.
+TRANSFER_PROMPT = ("If the caller asks for a person, or you cannot help, call "
+                   f"{TRANSFER_TOOL_NAME} to transfer them: only calling it puts them "
+                   "through, words alone do not.")
+NO_TRANSFER_PROMPT = ("You cannot transfer this call to a person: never promise a transfer or "
+                      "a colleague; if the caller asks for one, say you cannot put them through "
+                      "on this line, and offer what you can.")
 
 
 # Texts for the responder to pre-render at start-up (the agent never speaks them itself):
@@ -177,8 +195,18 @@ class Conversation:
 
     def __init__(self, system_prompt: str = DEFAULT_SYSTEM_PROMPT, budget_chars: int = 8000) -> None:
         self.system_prompt = system_prompt
+        # What the system prompt says about transfers on this call's line (TRANSFER_PROMPT
+        # or NO_TRANSFER_PROMPT), appended to it: set by the agent each turn, as the line
+        # allows; empty (nothing appended) until then.
+        self.handoff_prompt = ""
         self.budget_chars = budget_chars
         self.history: list[dict[str, Any]] = []
+
+    def system(self) -> str:
+        """The system message's text: the prompt, then what it says about transfers."""
+        if not self.handoff_prompt:
+            return self.system_prompt
+        return f"{self.system_prompt.rstrip()}\n{self.handoff_prompt}"
 
     def add_user(self, text: str) -> None:
         self.history.append({"role": "user", "content": text})
@@ -199,7 +227,7 @@ class Conversation:
 
     def messages(self) -> list[dict[str, Any]]:
         self.trim()
-        return [{"role": "system", "content": self.system_prompt}, *_answer_every_tool_call(self.history)]
+        return [{"role": "system", "content": self.system()}, *_answer_every_tool_call(self.history)]
 
     def snapshot(self) -> list[dict[str, Any]]:
         """The history as the next request would carry it (trimmed, every tool call
@@ -223,10 +251,12 @@ class Conversation:
                 raise ValueError(f"message {index}: {exc}") from None
         self.history = restored
 
-    def messages_for(self, text: str) -> list[dict[str, Any]]:
+    def messages_for(self, text: str, handoff_prompt: str | None = None) -> list[dict[str, Any]]:
         """The request the next turn would send for the caller's ``text``, built on a copy:
-        this conversation is not changed (a preemptive start commits nothing)."""
+        this conversation is not changed (a preemptive start commits nothing).
+        ``handoff_prompt``: the turn's (its line's), if not this conversation's."""
         peek = Conversation(self.system_prompt, self.budget_chars)
+        peek.handoff_prompt = self.handoff_prompt if handoff_prompt is None else handoff_prompt
         # Trimming builds a new list (a cut tool result a new message), never edits one.
         peek.history = list(self.history)
         peek.add_user(text)
@@ -293,7 +323,7 @@ class Conversation:
         history = self.history
         if not history:
             return
-        budget = self.budget_chars - _size({"role": "system", "content": self.system_prompt})
+        budget = self.budget_chars - _size({"role": "system", "content": self.system()})
         sizes = [_size(m) for m in history]
         # The results messages() writes for calls left unanswered are sent too: each
         # counted with the message that made the call (its exchange's, never cut).
@@ -477,6 +507,9 @@ class Agent:
                  filler_after_s: float | None = 0.9, hold_after_s: float | None = 4.0) -> None:
         self.llm = llm
         self.tools = list(tools or [])
+        if any(tool.name == TRANSFER_TOOL_NAME for tool in self.tools):
+            raise ValueError(f"tool {TRANSFER_TOOL_NAME!r} is built in (the agent's handoff "
+                             "to a person, no webhook): rename yours")
         self.runner = runner or ToolRunner(self.tools)
         self.system_prompt = system_prompt
         self.context_chars = context_chars
@@ -503,27 +536,49 @@ class Agent:
     def new_conversation(self) -> Conversation:
         return Conversation(self.system_prompt, self.context_chars)
 
-    def preempt(self, conversation: Conversation, text: str) -> Preemption | None:
+    def preempt(self, conversation: Conversation, text: str, *,
+                can_hand_off: bool = True) -> Preemption | None:
         """Start the first LLM round for ``text`` now, before the caller's turn has ended
         (gateway/preemption.py); None when no LLM is configured (a miss is a handoff).
-        Nothing is committed: ``respond`` adopts it, or it is cancelled."""
+        Nothing is committed: ``respond`` adopts it, or it is cancelled. ``can_hand_off``:
+        the line's, as ``respond`` takes it (the request differs by it: a start made for
+        another line's request is never adopted)."""
         if self.llm is None:
             return None
-        return Preemption(self.llm, conversation.messages_for(text), self._tools_for(0), text)
+        return Preemption(self.llm, conversation.messages_for(
+            text, self.handoff_prompt(can_hand_off)), self._tools_for(0, can_hand_off), text)
 
-    def _tools_for(self, round_no: int) -> list[ToolSpec] | None:
-        # The last round offers no tools, so the model must answer in words.
-        return self.tools if self.tools and round_no < self.max_tool_rounds else None
+    def offers_transfer(self, can_hand_off: bool) -> bool:
+        """Whether the model may call ``transfer_to_person`` on a line that can (or cannot)
+        hand off: only there, and only with tool rounds to call it in."""
+        return can_hand_off and self.max_tool_rounds > 0
+
+    def handoff_prompt(self, can_hand_off: bool) -> str:
+        """What the system prompt says about transfers on such a line."""
+        return TRANSFER_PROMPT if self.offers_transfer(can_hand_off) else NO_TRANSFER_PROMPT
+
+    def _tools_for(self, round_no: int, can_hand_off: bool = True) -> list[ToolSpec] | None:
+        # The last round offers no tools, so the model must answer in words. Every other
+        # offers the operator's tools and, where the line can hand off, the built-in
+        # transfer (with no tools file, the only one).
+        if round_no >= self.max_tool_rounds:
+            return None
+        tools = [*self.tools, TRANSFER_TOOL] if self.offers_transfer(can_hand_off) else self.tools
+        return tools or None
 
     async def respond(self, conversation: Conversation, text: str,
                       preempted: Preemption | None = None, *,
-                      clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[AgentEvent]:
+                      clock: Clock = SYSTEM_CLOCK,
+                      can_hand_off: bool = True) -> AsyncIterator[AgentEvent]:
         """``preempted``: a stream started for these words before the turn ended; the first
         round takes it when its request is the one this turn would send, else it is
         cancelled and a fresh call made. ``clock``: the call's; ``filler_after_s`` (the
         ``Slow`` cue), ``hold_after_s`` (``StillWorking``) and each tool's ``timeout_s`` are
-        timed on it (a test's ``ManualClock``)."""
+        timed on it (a test's ``ManualClock``). ``can_hand_off``: the line puts a handoff
+        through (``Turn.can_hand_off``): the model is offered ``transfer_to_person`` and
+        told to call it; where not, neither, and told it cannot transfer."""
         conversation.add_user(text)
+        conversation.handoff_prompt = self.handoff_prompt(can_hand_off)
         if self.llm is None:
             if preempted is not None:
                 preempted.cancel()
@@ -571,12 +626,13 @@ class Agent:
         # with the first one's result, never sent to its webhook again.
         ran: dict[tuple[str, str], asyncio.Task[tuple[str, bool]]] = {}
         while round_no <= self.max_tool_rounds:
-            tools = self._tools_for(round_no)
+            tools = self._tools_for(round_no, can_hand_off)
             chunker = SentenceChunker()
             spoken: list[str] = []  # the pieces as emitted: what the caller will hear
             calls: list[ToolCall] = []
             answered = False  # has a chunk come (a leg won the race)?
             ignored: str | None = None  # a tool the model called though none was offered
+            transfer: ToolCall | None = None  # the model handed the caller off (no webhook)
             retry = False
             messages = conversation.messages()
             if preempted is not None and preempted.usable(messages, tools):
@@ -604,7 +660,18 @@ class Agent:
                         spoken.append(piece)
                         spoke, held_since = True, None
                         yield Sentence(piece)
-                    if item.tool_call is not None and tools is None:
+                    if item.tool_call is not None \
+                            and item.tool_call.name == TRANSFER_TOOL_NAME \
+                            and self.offers_transfer(can_hand_off):
+                        # The built-in handoff: no webhook, no filler (the handoff message
+                        # follows the round's words). Also in the last round, which offers
+                        # no tools: a model calling it there meant it, and the line can.
+                        # A second one in the round is only answered "not run", below.
+                        if transfer is None:
+                            transfer = item.tool_call
+                        else:
+                            calls.append(item.tool_call)
+                    elif item.tool_call is not None and tools is None:
                         # Not offered (the last round, or no tools): never run, and no
                         # filler; without words the turn hands off below, not into silence.
                         ignored = item.tool_call.name
@@ -625,7 +692,8 @@ class Agent:
                     yield Sentence(tail)
             except ProviderError as exc:
                 logs.event(log, "llm_failed", logging.WARNING, round=round_no, error=str(exc)[:300])
-                called, calls = bool(calls), []  # a half-streamed tool call is not run
+                # A half-streamed tool call is not run, nor a transfer in a broken round.
+                called, calls, transfer = bool(calls or transfer), [], None
                 if spoke:
                     # Half an answer, or a preface before a tool ("let me check that"), then
                     # nothing: never end so in silence. Raised: the call reports
@@ -646,12 +714,31 @@ class Agent:
                 # is in the context, for record_heard() to cut to what was played. Written
                 # before the closes, as the tools' results below: a second cancel during
                 # them (a stream's close taking a while) must not lose what was heard.
-                conversation.add_assistant(" ".join(spoken), calls)
+                conversation.add_assistant(" ".join(spoken),
+                                           [*calls, *([transfer] if transfer else [])])
                 await events.aclose()
                 await stream.aclose()  # type: ignore[attr-defined]
             if retry:
                 retried = True
                 continue
+            if transfer is not None:
+                # The turn ends with the handoff (its message, the `handoff` event, a phone
+                # line's transfer), after the words this round said; other calls made with
+                # it are not run (the caller is leaving), and the context says so.
+                for call in calls:
+                    conversation.add_tool_result(call, json.dumps({
+                        "error": f"{call.name} was not run: the caller was being transferred "
+                                 "to a person"}))
+                conversation.add_tool_result(transfer, json.dumps(
+                    {"result": "the caller is being transferred to a person"}))
+                reason = _transfer_reason(transfer)
+                outcomes = getattr(self.runner, "outcomes", None)
+                if outcomes is not None:  # voicegate_tool_calls_total{outcome="handoff"}
+                    outcomes[TRANSFER_TOOL_NAME, "handoff"] += 1
+                logs.event(log, "agent_handoff", round=round_no, reason=reason[:200],
+                           skipped=len(calls))
+                yield Handoff("the agent handed off" + (f": {reason}" if reason else ""))
+                return
             if not calls:
                 if spoken:
                     return  # the answer
@@ -738,6 +825,16 @@ def _delay(name: str, seconds: float | None) -> float | None:
         raise ValueError(f"{name} must be a positive number of seconds, or 0 or None "
                          f"(never), not {seconds!r}")
     return float(seconds)
+
+
+def _transfer_reason(call: ToolCall) -> str:
+    """The reason a model gave ``transfer_to_person``, on one line and short (it goes to
+    the client's `handoff` event and the log); "" when it gave none (or no object)."""
+    arguments = parse_arguments(call.arguments) or {}
+    reason = arguments.get("reason")
+    if not isinstance(reason, str):
+        return ""
+    return " ".join(reason.split())[:200]
 
 
 def _record_results(conversation: Conversation, calls: list[ToolCall],

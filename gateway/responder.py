@@ -52,7 +52,8 @@ class Turn:
     preempted: Preemption | None = None
     # The line puts a handoff through (the call's ``_can_hand_off``): where it cannot, the
     # agent's handoff after a failure is the apology instead (``HandoffUnavailable``), and
-    # one asked for is "I can't put you through ... on this line" (``handoff_unavailable``).
+    # one asked for is "I can't put you through ... on this line" (``handoff_unavailable``);
+    # the model is offered no ``transfer_to_person`` there, and told it cannot transfer.
     can_hand_off: bool = True
 
 
@@ -241,10 +242,12 @@ class Responder:
         self._prompts = prompts
         self.cache_audio = cache_audio
 
-    def preempt(self, conversation: Conversation, text: str) -> Preemption | None:
+    def preempt(self, conversation: Conversation, text: str, *,
+                can_hand_off: bool = True) -> Preemption | None:
         """Start the agent's LLM call for a miss's words before the turn ends (None: no
-        LLM configured). Nothing is said until a turn adopts it (``Turn.preempted``)."""
-        return self._agent.preempt(conversation, text)
+        LLM configured). Nothing is said until a turn adopts it (``Turn.preempted``).
+        ``can_hand_off``: the line's, as the turn's will be (``Turn.can_hand_off``)."""
+        return self._agent.preempt(conversation, text, can_hand_off=can_hand_off)
 
     async def respond(self, turn: Turn) -> AsyncIterator[ReplySegment]:
         decision = turn.decision
@@ -318,8 +321,9 @@ class Responder:
             filler_played = spoke = False
             sentences = 0  # sentences of the reply so far
             # The filler cue (Slow) is timed on the call's clock, as the rest of the turn.
+            # The line's handoff decides whether the model may transfer (and is told so).
             events = self._agent.respond(turn.conversation, turn.text, turn.preempted,
-                                         clock=tl.clock)
+                                         clock=tl.clock, can_hand_off=turn.can_hand_off)
             try:
                 async for event in events:
                     if isinstance(event, Slow):

@@ -207,7 +207,9 @@ class Services:
         self._collector.start()
         if isinstance(runtime.agent.llm, HedgedChat):  # its failures beside the call's errors
             runtime.stats.watch_hedge(runtime.agent.llm.stats)
-        if runtime.agent.tools:  # webhook failures are misses, not call errors: count them
+        # Webhook failures are misses, not call errors: count them; and the model's own
+        # handoffs (transfer_to_person, offered whenever there is an LLM and the line can).
+        if runtime.agent.tools or runtime.agent.llm is not None:
             runtime.stats.watch_tools(runtime.agent.runner)
         slots = getattr(runtime.tts, "slots", None)
         if slots is not None:  # a capped cloud voice (elevenlabs_max_concurrent)

@@ -111,7 +111,8 @@ class _HedgeCounters:
 
 class _ToolCounters:
     """The agent's tool calls by tool and outcome (gateway/tools.py ``ToolRunner.outcomes``),
-    read at each scrape. Nothing until ``Stats.watch_tools`` (no tools configured)."""
+    read at each scrape, and the model's own handoffs (tool ``transfer_to_person``, outcome
+    ``handoff``). Nothing until ``Stats.watch_tools`` (no tools file and no LLM)."""
 
     def __init__(self) -> None:
         self.source: "ToolRunner | None" = None
@@ -122,7 +123,8 @@ class _ToolCounters:
         family = CounterMetricFamily(
             "voicegate_tool_calls", "Agent tool (webhook) calls by tool and outcome: ok, "
             "the model's mistakes (unknown_tool, bad_arguments, not_sent) or the service's "
-            "(timeout, unreachable, redirected, refused: 4xx, failed: 5xx)",
+            "(timeout, unreachable, redirected, refused: 4xx, failed: 5xx); the built-in "
+            "transfer_to_person's as handoff",
             labels=["tool", "outcome"])
         for (tool, outcome), count in sorted(self.source.outcomes.items()):
             family.add_metric([tool, outcome], count)

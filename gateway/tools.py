@@ -36,6 +36,21 @@ class ToolConfigError(ValueError):
     """The tools file is missing or malformed."""
 
 
+# The agent's own handoff (gateway/agent.py): offered to the model beside the tools file's,
+# on a line that can hand off; never a webhook. Its name is the agent's: a tools file that
+# declares it too is refused at load (which one would a call of it mean?).
+TRANSFER_TOOL_NAME = "transfer_to_person"
+TRANSFER_TOOL = ToolSpec(
+    name=TRANSFER_TOOL_NAME,
+    description=("Transfer the caller to a human colleague: call it when the caller asks for "
+                 "a person, or when you cannot help them. The caller then hears that they "
+                 "are being connected; say nothing after calling it."),
+    parameters={"type": "object",
+                "properties": {"reason": {"type": "string",
+                                          "description": "Why, in a few words, for the "
+                                                         "colleague who takes the call."}}})
+
+
 def load_tools(path: str) -> list[ToolSpec]:
     """Read a JSON list of ``{name, description, parameters, url, timeout_s}``."""
     if not path:
@@ -60,6 +75,9 @@ def load_tools(path: str) -> list[ToolSpec]:
         if not _TOOL_NAME.fullmatch(name):
             raise ToolConfigError(f"tools file {path}: tool {name!r} has a bad name: use "
                                   "letters, digits, '_' and '-', at most 64")
+        if name == TRANSFER_TOOL_NAME:
+            raise ToolConfigError(f"tools file {path}: tool {name!r} is built in (the agent's "
+                                  "handoff to a person, no webhook): rename yours")
         if any(tool.name == name for tool in tools):
             raise ToolConfigError(f"tools file {path}: tool {name!r} is declared twice")
         url = str(item["url"])

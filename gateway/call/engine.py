@@ -740,7 +740,8 @@ class Call:
                 or self._carry or self._transferred \
                 or (decision is not None and decision.action is Action.HANDOFF):
             return
-        preempt = self._responder.preempt(self.conversation, text)
+        preempt = self._responder.preempt(self.conversation, text,
+                                          can_hand_off=self._can_hand_off())
         if preempt is None:  # no LLM configured: a miss is a handoff
             return
         self._preempt = preempt
