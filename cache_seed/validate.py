@@ -28,17 +28,19 @@ from intents.csv_text import (NUL_LINE, allow_cells_of, csv_problem, field_count
 from intents.embedder import normalize_text
 from intents.types import Action, Entry, entry_id_for
 
+# A plain decimal: ASCII digits and one point. float() also takes an exponent (5e-2), spaces,
+# underscores (0.0_5), a sign, other scripts' digits (Arabic-Indic, full-width), inf and nan.
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
+
 def parse_target_wrong_rate(text: str) -> float:
     """A seed's target wrong-answer rate as an operator writes it (``voicegate seed
-    --target-wrong-rate``, the admin API's ``target_wrong_rate``): a number strictly
-    between 0 and 1. Raises ValueError saying what was given."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value < 1.0:  # NaN too
-        raise ValueError(f"must be a number between 0 and 1 (exclusive), e.g. 0.01; "
-                         f"not {text[:40]!r}")
+    --target-wrong-rate``, the admin API's ``target_wrong_rate``): a plain decimal number
+    (digits, one point) strictly between 0 and 1. Raises ValueError saying what was given."""
+    value = float(text) if _PLAIN_DECIMAL.fullmatch(text) else -1.0
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"must be a number between 0 and 1 (exclusive), written in digits "
+                         f"with one point, e.g. 0.01; not {text[:40]!r}")
     return value
 
 

@@ -260,3 +260,43 @@ def test_every_route_the_operator_docs_name_exists(tmp_path):
                                        headers={"Authorization": "Bearer t"},
                                        follow_redirects=False).status_code in (404, 405))
     assert missing == []
+
+
+# Each is read by float() (an exponent, spaces, an underscore, a sign, other scripts' digits,
+# full-width digits, a no-break space) but is not a plain decimal number.
+NOT_PLAIN_DECIMALS = ["5e-2", "1E-2", " 0.05 ", "0.05\n", "0.0_5", "+.05", "+0.05",
+                      "\u0660.\u0660\u0665", "\uff10.\uff10\uff15", "0.05\u00a0", "0.05.1",
+                      "nan", "inf", "-0.05", "1", "0", "0.0", "1.0", ""]
+
+
+@pytest.mark.parametrize("text", NOT_PLAIN_DECIMALS)
+def test_a_target_wrong_rate_is_a_plain_decimal_in_the_cli_and_the_admin_api(text, capsys):
+    """Review (stop 63): cache_seed parse_target_wrong_rate (the admin API's
+    `target_wrong_rate`, the CLI's --target-wrong-rate) read the value with float(), which
+    takes `5e-2`, ` 0.05 `, `0.0_5`, `+.05` and Arabic-Indic or full-width digits: a value an
+    operator did not write as a number of the docs' form seeded, where GET /admin/misses'
+    threshold is refused for the same. Only digits with one point, strictly between 0 and 1,
+    are read; anything else is refused with the message showing the value, by both."""
+    from cache_seed import parse_target_wrong_rate
+    from gateway.cli import build_parser
+
+    with pytest.raises(ValueError) as info:
+        value = parse_target_wrong_rate(text)
+        pytest.fail(f"{text!r} read as {value!r}")
+    assert str(info.value).startswith("must be a number between 0 and 1"), info.value
+    assert f"not {text!r}" in str(info.value), info.value
+    with pytest.raises(SystemExit):
+        args = build_parser().parse_args(["seed", "--target-wrong-rate", text, "faq.csv"])
+        pytest.fail(f"the CLI read {text!r} as {args.target_wrong_rate!r}")
+    assert f"not {text!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, value", [("0.05", 0.05), (".05", 0.05), ("0.01", 0.01),
+                                         ("0.5", 0.5), ("00.2", 0.2), ("0.999", 0.999)])
+def test_a_plain_decimal_target_wrong_rate_is_read_as_before(text, value):
+    from cache_seed import parse_target_wrong_rate
+    from gateway.cli import build_parser
+
+    assert parse_target_wrong_rate(text) == value
+    args = build_parser().parse_args(["seed", "--target-wrong-rate", text, "faq.csv"])
+    assert args.target_wrong_rate == value
