@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
 
 from gateway.admin.publish import Publisher
 from gateway.client import Caller
@@ -938,3 +939,84 @@ def test_misses_parameters_given_plainly_are_read(tmp_path):
         response = client.get(f"/admin/misses?{query}", headers=AUTH)
         assert response.status_code == 200, (query, response.text)
         assert response.json()["threshold"] == threshold
+
+
+# ---------------------------------------------------------------------- review stop 63
+
+
+def test_a_target_wrong_rate_float_reads_but_no_plain_decimal_is_refused_by_the_api(tmp_path):
+    """Review (stop 63): POST /admin/seed?target_wrong_rate=5e-2 (or ` 0.05 `, `0.0_5`,
+    Arabic-Indic digits) was read by float() and seeded; it is refused with a 400 showing the
+    value, as the CLI's --target-wrong-rate refuses it (one parser for both)."""
+    app = warm_app(tmp_path / "store", ManualClock())
+    client = TestClient(app, headers=AUTH)  # no lifespan: warm_app holds no models
+    for value in ("5e-2", " 0.05 ", "0.0_5", "+.05", "\u0660.\u0660\u0665"):
+        response = client.post("/admin/seed", params={"target_wrong_rate": value},
+                               content=b"question,answer\n",
+                               headers={"Content-Type": "text/csv"})
+        assert response.status_code == 400, (value, response.text)
+        error = response.json()["error"]
+        assert error.startswith("target_wrong_rate must be a number between 0 and 1"), error
+        assert f"not {value!r}" in error, error
+    assert not (tmp_path / "store" / "CURRENT").exists()
+
+
+# Each admin API route that reads no query parameter, with one an operator might believe
+# took effect: (method, path, query, JSON body or None).
+UNREAD_QUERIES = [
+    ("GET", "/admin/stats", "reset=1", None),
+    ("GET", "/admin/entries", "limit=5", None),
+    ("POST", "/admin/entries", "target_wrong_rate=0.05", {"intent": "x"}),
+    ("GET", "/admin/entries/opening_hours", "version=3", None),
+    ("DELETE", "/admin/entries/x", "force=1", None),
+    ("GET", "/admin/seed", "wait=1", None),
+    ("DELETE", "/admin/seed", "force=1", None),
+    ("POST", "/admin/misses/promote", "threshold=0.6", {"question": "q", "intent": "x"}),
+]
+
+
+@pytest.mark.parametrize("method, path, query, body", UNREAD_QUERIES,
+                         ids=[f"{m} {p}?{q}" for m, p, q, _ in UNREAD_QUERIES])
+def test_an_admin_route_refuses_a_query_parameter_it_does_not_read(tmp_path, method, path,
+                                                                   query, body):
+    """Review (stop 63): only POST /admin/seed and GET /admin/misses refused query
+    parameters they do not read; every other admin route ignored its query string:
+    `DELETE /admin/entries/x?force=1`, `GET /admin/entries?limit=5` or `POST
+    /admin/entries?target_wrong_rate=0.05` answered as without it, and an operator believing
+    the option took effect had no sign it did not. Each route now refuses a parameter it does
+    not read with a 400 naming it and saying the route takes none, before any work (the token
+    still checked first), counted as every refusal is."""
+    app = warm_app(tmp_path / "store", ManualClock())
+    app.state.services.runtime.embedder = None  # no misses to group: none is embedded
+    name = query.split("=")[0]
+    client = TestClient(app)  # no lifespan: warm_app holds no models
+    unauthorized = client.request(method, f"{path}?{query}")
+    assert unauthorized.status_code == 401, unauthorized.text  # the token first
+    response = client.request(method, f"{path}?{query}", headers=AUTH,
+                              content=None if body is None else json.dumps(body))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert f"unknown query parameter(s) {name!r}" in error, error
+    route = path.replace("opening_hours", "{entry_id}").replace("/x", "/{entry_id}")
+    assert f"{method} {route} takes no query parameters" in error, error
+    stats = client.get("/admin/stats", headers=AUTH).json()
+    assert stats["errors"] == {"admin_unauthorized": 1, "admin_bad_request": 1}, stats["errors"]
+    assert not (tmp_path / "store" / "CURRENT").exists()
+
+
+def test_the_dashboards_own_requests_are_not_refused(tmp_path):
+    """Review (stop 63): what the dashboard page sends (gateway/admin/static/dashboard.html:
+    GET /admin/stats, GET /admin/misses?limit=10, GET /admin/seed, DELETE /admin/seed, no
+    cache-busting parameter: it asks with cache: "no-store") is still answered, and the page
+    itself, opened in a browser with any query string, is served."""
+    app = warm_app(tmp_path / "store", ManualClock())
+    app.state.services.runtime.embedder = None  # no misses to group: none is embedded
+    client = TestClient(app, headers=AUTH)  # no lifespan: warm_app holds no models
+    for method, path in (("GET", "/admin/stats"), ("GET", "/admin/misses?limit=10"),
+                         ("GET", "/admin/seed")):
+        response = client.request(method, path)
+        assert response.status_code == 200, (path, response.text)
+    assert client.delete("/admin/seed").status_code == 409  # none running, as before
+    assert client.get("/admin/?utm_source=mail").status_code == 200
+    stats = client.get("/admin/stats").json()
+    assert stats["errors"] == {}, stats["errors"]

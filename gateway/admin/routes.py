@@ -53,20 +53,41 @@ def _publisher(request: Request) -> Publisher:
     return publisher
 
 
-def admin_ready(handler: Callable[[Request, Services], Awaitable[Response]]
-                ) -> Callable[[Request], Awaitable[Response]]:
-    """An admin data route: the token is checked first, then that models and the cache
-    are loaded (503 until then); the handler receives the services."""
+Handler = Callable[[Request, Services], Awaitable[Response]]
 
-    @admin_only
-    @functools.wraps(handler)
-    async def route(request: Request) -> Response:
-        services = _services(request)
-        if not services.ready or services.cache is None:
-            return error(NOT_READY, 503, load_error=services.load_error)
-        return await handler(request, services)
 
-    return route
+def admin_ready(handler: Handler | None = None, *, reads_query: bool = False) -> Any:
+    """An admin data route: the token is checked first, then (unless the handler
+    ``reads_query`` and checks its own, as POST /admin/seed and GET /admin/misses do) that
+    the request has no query parameter, then that models and the cache are loaded (503
+    until then); the handler receives the services. A parameter no route reads
+    (`DELETE /admin/entries/x?force=1`, `GET /admin/entries?limit=5`) was ignored: the
+    operator believed it took effect; it is refused with 400 naming it, before any work."""
+
+    def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        @admin_only
+        @functools.wraps(handler)
+        async def route(request: Request) -> Response:
+            if not reads_query:
+                unread = _unread_params(request, _route_name(request), (), "")
+                if unread is not None:
+                    return _bad_request(request, unread)
+            services = _services(request)
+            if not services.ready or services.cache is None:
+                return error(NOT_READY, 503, load_error=services.load_error)
+            return await handler(request, services)
+
+        return route
+
+    return wrap if handler is None else wrap(handler)
+
+
+def _route_name(request: Request) -> str:
+    """``METHOD /path`` of the admin route the request matched, as the docs name it
+    (``DELETE /admin/entries/{entry_id}``)."""
+    path = next((r.path for r in _admin_routes_of(request)
+                 if r.matches(request.scope)[0] is Match.FULL), request.url.path)
+    return f"{request.method} {path}"
 
 
 # ---------------------------------------------------------------------- stats
@@ -271,9 +292,13 @@ def _names(names: list[str]) -> str:
 def _unread_params(request: Request, route: str, known: tuple[str, ...],
                    example: str) -> str | None:
     """Why the request's query parameters are not all read as given (one ``route``, e.g.
-    ``POST /admin/seed``, does not read, or one given twice), or None."""
+    ``POST /admin/seed``, does not read, or one given twice), or None. ``known`` empty: the
+    route takes none."""
     query = request.query_params
     unknown = sorted(name for name in query.keys() if name not in known)
+    if unknown and not known:
+        return (f"unknown query parameter(s) {_names(unknown)}: {route} takes no query "
+                "parameters (one it would not read is refused, not ignored); nothing was done")
     if unknown:
         takes = ", ".join(known[:-1]) + " and " + known[-1] if len(known) > 1 else known[0]
         return f"unknown query parameter(s) {_names(unknown)}: {route} takes {takes} ({example})"
@@ -301,7 +326,7 @@ def _how_to_upload(why: str) -> str:
             "published, the previous version keeps serving")
 
 
-@admin_ready
+@admin_ready(reads_query=True)
 async def seed_upload(request: Request, services: Services) -> Response:
     media = _media_type(request.headers.get("content-type", ""))
     refused = _not_a_csv_upload(media)
@@ -406,7 +431,7 @@ _LIMIT = re.compile(r"0*([0-9]{1,4})")
 _DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
-@admin_ready
+@admin_ready(reads_query=True)
 async def misses(request: Request, services: Services) -> Response:
     query = request.query_params
     unread = _unread_params(request, "GET /admin/misses", _MISSES_PARAMS, _MISSES_PARAMS_HELP)
