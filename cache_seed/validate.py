@@ -23,8 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from intents.csv_text import (NUL_LINE, allow_cells_of, csv_problem, field_count_problem,
-                              without_extra_boms)
+from intents.csv_text import csv_rows, field_count_problem, line_problems, without_extra_boms
 from intents.embedder import normalize_text
 from intents.types import Action, Entry, entry_id_for
 
@@ -250,54 +249,30 @@ def _other_separator(data: bytes) -> tuple[int, str] | None:
 
 
 def _decode(data: bytes, errors: list[RowError]) -> tuple[str, set[int]]:
-    """Decode as UTF-8 (a BOM is fine); every line that is not UTF-8 is an error.
+    """Decode as UTF-8 (a BOM is fine); every line that is not UTF-8, or holds a NUL byte,
+    is an error.
 
     Lines end as the csv reader ends them (LF, CRLF or a lone CR: Excel's "CSV
     (Macintosh)"), so an error's line number is the row's."""
-    bad: set[int] = set()
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if b"\x00" in raw:
-            bad.add(number)
-            errors.append(RowError(number, NUL_LINE))
-            continue
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            bad.add(number)
-            errors.append(RowError(number, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column "
-                                           f"{exc.start + 1}); save the file as UTF-8"))
-    return data.decode("utf-8-sig", errors="replace"), bad
+    bad = line_problems(data)
+    errors.extend(RowError(number, reason) for number, reason in bad.items())
+    return data.decode("utf-8-sig", errors="replace"), set(bad)
 
 
 def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
                source: str) -> list[SeedRow]:
-    allow_cells_of(text)  # a long cell is told "too long" on its line, below
-    # Physical lines as the csv reader takes them (LF, CRLF, a lone CR): after a row that is
-    # not CSV, reading starts again at the line after it.
-    lines = io.StringIO(text, newline="").readlines()
-    reader = csv.reader(iter(lines), strict=True)
-    skipped = 0  # lines before the reader's first (read past after a row that is not CSV)
+    # A long cell is told "too long" on its line, below; after a row that is not CSV,
+    # reading starts again at the line after it (csv_rows).
     header: list[str] | None = None
     header_line = 0
     rows: list[SeedRow] = []
     last_line = 0
-    while True:
-        start = last_line + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            failed = skipped + reader.line_num  # the line the error is on
-            reason, resume = _not_csv(exc, lines, start, failed, header is None)
-            if header is None or not any(n in bad_lines for n in range(start, failed + 1)):
-                errors.append(RowError(start, reason))  # else reported as not UTF-8 or NUL
-            if not resume:
-                break
-            skipped = last_line = failed
-            reader = csv.reader(iter(lines[failed:]), strict=True)
+    for read in csv_rows(text, lambda: header is None):
+        start, last_line, fields = read.start, read.end, read.fields
+        if fields is None:
+            if header is None or not any(n in bad_lines for n in range(start, last_line + 1)):
+                errors.append(RowError(start, read.problem))  # else reported as not UTF-8 or NUL
             continue
-        last_line = skipped + reader.line_num
         if header is not None and any(line in bad_lines for line in range(start, last_line + 1)):
             continue  # already reported as not UTF-8
         if not any(f.strip() for f in fields):
@@ -341,34 +316,6 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
     elif header is not None and not rows and not errors:
         errors.append(RowError(last_line, "no rows after the header"))
     return rows
-
-
-def _not_csv(exc: csv.Error, lines: list[str], start: int, failed: int,
-             in_header: bool) -> tuple[str, bool]:
-    """The reason for a row (from line ``start``) the strict csv reader refused on line
-    ``failed``, and whether the lines after ``failed`` can still be read: only when the row,
-    read leniently, ends with that line. A quote never closed, or one the bad line leaves
-    open, makes every later line's cells a guess: the check stops and says so."""
-    reason = f"not CSV: {csv_problem(exc)}"
-    if "unexpected end of data" in str(exc):  # the reader went on to the file's end
-        if any(line.strip() for line in lines[start:]):
-            reason += "; the rest of the file was not checked: it is inside that quote"
-        return reason, False
-    if failed > start:
-        reason += f" (a quoted field carries this row on to line {failed}, where the error is)"
-    rest = any(line.strip() for line in lines[failed:])
-    if in_header:  # the next line read as the header would be a data row
-        return reason + ("; the rows were not checked: the header could not be read"
-                         if rest else ""), False
-    lenient = csv.reader(iter(lines[start - 1:]), strict=False)
-    try:
-        next(lenient, None)
-    except csv.Error:  # not expected (cells are not capped, NUL is read): stop, as before
-        return reason + ("; the rest of the file was not checked" if rest else ""), False
-    if start - 1 + lenient.line_num > failed:
-        return reason + (f"; the rest of the file was not checked: line {failed} also opens a "
-                         "quote it does not close, so where the next row starts is unknown"), False
-    return reason, True
 
 
 # Invisible characters that are part of ordinary spelling (Persian, Hindi, emoji sequences):

@@ -441,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--redis", metavar="URL", help=_REDIS_HELP)
     seed.add_argument("--target-wrong-rate", type=_wrong_rate,
                       default=DEFAULT_TARGET_WRONG_RATE,
-                      help="calibrate thresholds to this wrong-answer rate, between 0 and 1 "
-                           f"(exclusive; default {DEFAULT_TARGET_WRONG_RATE})")
+                      help="calibrate thresholds to this wrong-answer rate, a decimal between 0 "
+                           f"and 1 (exclusive; default {DEFAULT_TARGET_WRONG_RATE})")
     seed.add_argument("--quiet", action="store_true", help="no progress bars")
     seed.add_argument("--negatives", metavar="CSV", default=None,
                       help="your own out-of-domain questions (a 'text' column) that must never "

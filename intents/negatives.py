@@ -24,8 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from intents.csv_text import (NUL_LINE, allow_cells_of, csv_problem, field_count_problem,
-                              without_extra_boms)
+from intents.csv_text import csv_rows, field_count_problem, line_problems, without_extra_boms
 from intents.embedder import Embedder, normalize_text
 from intents.model_cache import build_once
 
@@ -47,77 +46,77 @@ def generic_negatives() -> tuple[str, ...]:
 
 def read_negatives_csv(path: str | Path) -> tuple[str, ...]:
     """An operator's negatives: a CSV with a ``text`` column (other columns ignored). Read
-    as the seed CSV is (``cache_seed.validate``): the first line that is not blank is the
-    header, its names in any case; a problem is reported on the line where its row starts,
-    lines ending in LF, CRLF or a lone CR; a quote left open is an error."""
+    as the seed CSV is (``cache_seed.validate``, with the same ``csv_rows``): the first line
+    that is not blank is the header, its names in any case; a problem is reported on the
+    line where its row starts, lines ending in LF, CRLF or a lone CR; every bad row is
+    reported at once, reading on after a row that is not CSV (a stray quote) when where the
+    next row starts is certain; a quote left open is an error, and ends the check there."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise NegativesError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    # So a bad byte's offset counts in ``raw``; a second BOM is skipped as the seed CSV's is.
+    # So a bad byte's line counts in ``raw``; a second BOM is skipped as the seed CSV's is.
     raw = without_extra_boms(raw).removeprefix(codecs.BOM_UTF8)
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = len((raw[:exc.start] + b".").splitlines())  # split as the csv reader splits
-        raise NegativesError(f"{path}: line {line}: not UTF-8 text") from exc
-    # strict: a quote left open is refused, not read as the rest of the file in one text
-    allow_cells_of(content)  # a long text is told by its own check, on its line
-    reader = csv.reader(io.StringIO(content, newline=""), strict=True)
-    # lines as the reader numbers them; the seed CSV refuses such a line (the csv module reads it)
-    nul_lines = {n for n, line in enumerate(raw.splitlines(), start=1) if b"\x00" in line}
+    # Lines that are not UTF-8 or hold a NUL byte (the seed CSV refuses such a line; the csv
+    # module reads it), every one of them, numbered as the reader numbers lines.
+    bad_lines = line_problems(raw)
+    problems: list[tuple[int, str]] = list(bad_lines.items())
+    content = raw.decode("utf-8", errors="replace")
     column: int | None = None
     header_line = 0
     texts: list[str] = []
-    problems: list[str] = []
-    last_line = 0
-    try:
-        for fields in reader:
-            start, last_line = last_line + 1, reader.line_num
-            nul = next((n for n in range(start, last_line + 1) if n in nul_lines), None)
-            if nul is not None and column is None:
-                raise NegativesError(f"{path}: line {nul}: {NUL_LINE}")
-            if nul is not None:
-                problems.append(f"line {nul}: {NUL_LINE}")
-                continue
+    for read in csv_rows(content, lambda: column is None):
+        start, fields = read.start, read.fields
+        spanned = [n for n in range(start, read.end + 1) if n in bad_lines]
+        if fields is None:
+            if column is None or not spanned:  # else reported as not UTF-8 or NUL
+                problems.append((start, read.problem))
             if column is None:
-                if not any(f.strip() for f in fields):
-                    continue  # blank lines before the header
-                names = [f.strip().lower() for f in fields]
-                if "text" not in names:
-                    raise NegativesError(f"{path}: line {start}: needs a 'text' column "
-                                         f"(found {fields})")
-                if names.count("text") > 1:  # the seed CSV refuses a column twice too
-                    raise NegativesError(f"{path}: line {start}: column 'text' appears twice "
-                                         "(only one is read: merge them, or rename one)")
-                column, header_line = names.index("text"), start
-                width = len(names)
-                continue
+                break  # the header could not be read (csv_rows stops there too)
+            continue
+        if column is None:
             if not any(f.strip() for f in fields):
-                continue  # a blank line, or a spreadsheet's empty row (",,"), as the seed's
-            text = (fields[column] if column < len(fields) else "").strip()
-            if len(fields) > width:  # "Hi, can you ..." unquoted: cut at its comma
-                problems.append(f"line {start}: {field_count_problem(fields, width, 'texts')}")
-            elif not normalize_text(text):
-                problems.append(f"line {start}: empty text")
-            elif not same_question(text):
-                # negatives_for_seed would drop it without a word (its key is empty): say so
-                problems.append(f"line {start}: no words, only punctuation ({text!r})")
-            elif len(text) > MAX_TEXT_CHARS:
-                problems.append(f"line {start}: text over {MAX_TEXT_CHARS} characters")
-            else:
-                texts.append(text)
-    except csv.Error as exc:
-        raise NegativesError(f"{path}: line {last_line + 1}: not CSV: {csv_problem(exc)}") from exc
-    if column is None:
+                continue  # blank lines before the header
+            # The first line that is not blank is the header, UTF-8 or not, as the seed
+            # CSV's (a bad byte is already told on its line, and read as U+FFFD).
+            names = [f.strip().lower() for f in fields]
+            if "text" not in names:
+                problems.append((start, f"needs a 'text' column (found {fields})"))
+                break
+            if names.count("text") > 1:  # the seed CSV refuses a column twice too
+                problems.append((start, "column 'text' appears twice (only one is read: "
+                                        "merge them, or rename one)"))
+                break
+            column, header_line = names.index("text"), start
+            width = len(names)
+            continue
+        if spanned:
+            continue  # already reported as not UTF-8 or NUL
+        if not any(f.strip() for f in fields):
+            continue  # a blank line, or a spreadsheet's empty row (",,"), as the seed's
+        text = (fields[column] if column < len(fields) else "").strip()
+        if len(fields) > width:  # "Hi, can you ..." unquoted: cut at its comma
+            problems.append((start, field_count_problem(fields, width, "texts")))
+        elif not normalize_text(text):
+            problems.append((start, "empty text"))
+        elif not same_question(text):
+            # negatives_for_seed would drop it without a word (its key is empty): say so
+            problems.append((start, f"no words, only punctuation ({text!r})"))
+        elif len(text) > MAX_TEXT_CHARS:
+            problems.append((start, f"text over {MAX_TEXT_CHARS} characters"))
+        else:
+            texts.append(text)
+    if column is None and not problems:
         raise NegativesError(f"{path}: line 1: needs a 'text' column (found nothing)")
     if not texts and not problems:  # as the seed CSV: --negatives was given to add some
         raise NegativesError(f"{path}: line {header_line}: no rows after the header (no "
                              "negatives to add: leave out --negatives to seed with the "
                              "shipped set alone)")
     if problems:
-        raise NegativesError(f"{path}: " + "; ".join(problems[:20])
-                             + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""))
+        problems.sort(key=lambda problem: problem[0])  # a line's own problems in their order
+        told = [f"line {line}: {reason}" for line, reason in problems]
+        raise NegativesError(f"{path}: " + "; ".join(told[:20])
+                             + (f" (and {len(told) - 20} more)" if len(told) > 20 else ""))
     return tuple(texts)
 
 

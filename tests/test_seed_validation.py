@@ -880,3 +880,45 @@ def test_a_negative_holding_a_nul_byte_is_refused_as_the_seed_csv_refuses_it(
         texts = read_negatives_csv(path)
         pytest.fail(f"read as negatives: {texts!r}")
     assert ": line 3: not CSV: the line contains a NUL byte" in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------------- review stop 63
+
+
+def test_a_negatives_file_with_several_bad_rows_names_every_one_in_one_pass(
+        tmp_path: Path) -> None:
+    """Review (stop 63): intents/negatives.py read_negatives_csv stopped at its first row
+    that is not CSV (a stray quote): an operator fixing the file saw one error per attempt,
+    where the seed CSV (cache_seed/validate.py) reads on after a row confined to its line
+    and names every bad row with its line. The negatives file is read on the same way: each
+    stray quote, the trailing comma, the text of punctuation alone and the line that is not
+    UTF-8 after them, all in one error."""
+    path = tmp_path / "never.csv"
+    path.write_bytes(b'text\nbook me a flight\n"when" open\nwhat\'s the weather\n'
+                     b'say "hi" "there"x,\n"..."\nbad \xff byte\n"is it" raining\nhello\n')
+    with pytest.raises(NegativesError) as info:
+        texts = read_negatives_csv(path)
+        pytest.fail(f"read as negatives: {texts!r}")
+    message = str(info.value)
+    for line, reason in ((3, "not CSV: text follows a quoted field's closing"),
+                         (6, "no words, only punctuation"), (7, "not UTF-8"),
+                         (8, "not CSV: text follows a quoted field's closing")):
+        assert f"line {line}: {reason}" in message, (line, message)
+    # line 5 is two cells (a comma): told once, as the seed CSV tells it
+    assert "line 5: " in message, message
+    assert [int(n) for n in re.findall(r"line (\d+): ", message)] == [3, 5, 6, 7, 8], message
+
+
+def test_a_negatives_file_stopped_by_a_quote_left_open_still_names_the_rows_before_it(
+        tmp_path: Path) -> None:
+    """Review (stop 63): a quote never closed swallows the rest of the file, so the check
+    stops there, as the seed CSV's does, saying the rest was not checked; the bad rows before
+    it are still named with it."""
+    path = tmp_path / "never.csv"
+    path.write_bytes(b'text\n???\nbook me a flight\n"is it going to rain\nhello\n')
+    with pytest.raises(NegativesError) as info:
+        read_negatives_csv(path)
+    message = str(info.value)
+    assert "line 2: no words, only punctuation" in message, message
+    assert "line 4: not CSV: a quoted field that starts on this line is never closed" in message
+    assert "the rest of the file was not checked" in message, message
