@@ -297,8 +297,9 @@ def _parse_start(data: dict[str, Any]) -> StartMessage:
 def too_large(what: str, size: int, max_bytes: int, started: bool) -> ProtocolError:
     """``frame_too_large``. The message was read whole (the WebSocket layer closes 1009
     itself past ``ws_max_size``): a running call drops it and goes on (the bad-message
-    limit stops a flood of them). Before `start` there is no call to keep, and a text may be
-    the `start` itself: closed 1009, not left to wait for the start timeout."""
+    limits, by count and by bytes, stop a flood of them). Before `start` there is no call to
+    keep, and a text may be the `start` itself: closed 1009, not left to wait for the start
+    timeout."""
     if started:
         return ProtocolError("frame_too_large", f"{what} of {size} bytes exceeds {max_bytes} "
                                                 "bytes: dropped, the call goes on")

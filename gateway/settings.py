@@ -176,6 +176,15 @@ class Settings(BaseModel):
     # every call on the replica its event loop's time, is cut off.
     max_bad_message_rate: PosF = 100.0
     bad_message_burst: Pos = 500
+    # The bytes of those bad messages, budgeted too: a burst of bad_bytes_burst, then this
+    # many a second; beyond, the connection is closed the same way. Each bad message was read
+    # whole (up to ws_max_size) before it was refused: 500 of 1 MiB were 500 MiB of garbage
+    # read and parsed. The burst holds at least one message of ws_max_size (start-up checks):
+    # an occasional oversized message is only dropped, a stream of them is a flood. The rate
+    # is above a real-time stream's bytes at 48 kHz (96,000 a second): a client whose every
+    # frame is bad (one per 20 ms, as for the count) never trips it.
+    bad_bytes_burst: Pos = 4 * 1024 * 1024
+    max_bad_bytes_rate: PosF = 128 * 1024
     # Messages of any kind a started call may send a second (its bucket holds
     # STALL_ALLOWANCE_S of them, for a backlog a stalled server reads at once); a flood
     # beyond closes it (`messages_too_fast`, 1008). `audio_too_fast` counts audio seconds,
@@ -643,6 +652,11 @@ class Settings(BaseModel):
             raise ValueError(f"max_frame_bytes ({self.max_frame_bytes}) must not exceed "
                              f"ws_max_size ({self.ws_max_size}), the WebSocket message limit "
                              "uvicorn enforces")
+        # A single message the WebSocket layer lets through must not close a call as a flood.
+        if self.bad_bytes_burst < self.ws_max_size:
+            raise ValueError(f"bad_bytes_burst ({self.bad_bytes_burst}) must be at least "
+                             f"ws_max_size ({self.ws_max_size}): one bad message of the "
+                             "largest size allowed must be dropped, not close the call")
         return self
 
     @field_serializer(*sorted(SECRET_FIELDS))

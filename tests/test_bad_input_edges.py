@@ -533,6 +533,65 @@ async def test_keypad_collection_does_not_grow_without_bound():
         longest, prompt)
 
 
+@pytest.mark.parametrize("transport", ["native", "twilio"])
+async def test_a_message_over_ws_max_size_is_closed_1009_unread_and_counted(transport,
+                                                                           tmp_path):
+    """Review (stop 63): what bounds a single message. One over `ws_max_size` (1 MiB) is
+    refused by the WebSocket layer (uvicorn, websockets-sansio) on its frame header, its
+    payload never read and the gateway's code never handed it: closed 1009 with the layer's
+    reason. It went uncounted (only a 1007 from that layer was): the operator saw nothing of
+    the clients sent away for size. The session reads that 1009 and counts it as
+    `frame_too_large`, the code a smaller oversized message gets. A message of exactly
+    1 MiB is read whole and is the gateway's own (`frame_too_large` by name before `start`,
+    closed 1009; a running call would drop it, within the bad-bytes budget)."""
+    import threading
+
+    import uvicorn
+
+    from gateway.server import uvicorn_options
+
+    app = _warm_app(tmp_path / "store", ManualClock())
+    stats = app.state.services.stats
+    options = uvicorn_options(app.state.services.settings)
+    options.update(log_level="warning", lifespan="off")  # warm already: no models to load
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, **options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        path = "/v1/call" if transport == "native" else "/twilio/stream"
+        url = f"ws://127.0.0.1:{port}{path}"
+        closes = []
+        # Twilio drops a binary frame of 1 MiB and waits for its `start`: only the larger.
+        sizes = (1024 * 1024, 1024 * 1024 + 1) if transport == "native" else (1024 * 1024 + 1,)
+        for size in sizes:
+            async with connect(url, max_size=None) as ws:
+                await ws.send(b"\x00" * size)
+                received = await messages_until_closed(ws)
+            closes.append((size, ws.close_code, [json.loads(m)["code"] for m in received]))
+            if size > 1024 * 1024:
+                assert ws.close_reason == "frame with 1048577 bytes exceeds limit of 1048576 " \
+                                          "bytes", ws.close_reason
+        for _ in range(100):  # the session counts it as it reads the disconnect
+            if stats.errors["frame_too_large"] >= 1 + (transport == "native"):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        server.should_exit = True
+        await asyncio.to_thread(thread.join, 10)
+    if transport == "native":  # 1 MiB: the gateway's own refusal before `start`, by name
+        assert closes == [(1024 * 1024, 1009, ["frame_too_large"]),
+                          (1024 * 1024 + 1, 1009, [])], closes
+        assert stats.errors["frame_too_large"] == 2, stats.errors
+    else:
+        assert closes == [(1024 * 1024 + 1, 1009, [])], closes
+        assert stats.errors["frame_too_large"] == 1, stats.errors
+
+
 # ---------------------------------------------------------------- admin seeding
 
 

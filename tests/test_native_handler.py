@@ -322,3 +322,117 @@ async def test_a_flood_of_misaligned_frames_still_meets_the_bad_message_limit():
     assert errors[-1] == "too_many_bad_messages" and set(errors[:-1]) == {"odd_pcm_length"}
     assert ws.closed_with == 1008
     assert services.admission.active == 0
+
+
+# ------------------------------------------------------------- bytes of bad messages
+
+WS_MAX = 1024 * 1024  # ws_max_size: the largest message the WebSocket layer lets through
+BAD_BYTES_BUDGET = 4 * 1024 * 1024  # docs/protocol.md: bad messages' bytes, in a burst
+
+
+class CountingWebSocket(FakeWebSocket):
+    """Counts the messages (and their bytes) the server read off the connection."""
+
+    def __init__(self, services: Any) -> None:
+        super().__init__(services)
+        self.read_messages = 0
+        self.read_bytes = 0
+
+    async def receive(self) -> dict[str, Any]:
+        message = await super().receive()
+        self.read_messages += 1
+        self.read_bytes += len(message.get("bytes") or b"") + \
+            len((message.get("text") or "").encode("utf-8", "surrogatepass"))
+        return message
+
+
+@pytest.mark.parametrize("frame", [
+    {"bytes": b"\x00" * WS_MAX},                                        # oversized audio
+    {"bytes": b"\x00" * (WS_MAX - 1)},                                  # odd, and oversized
+    {"text": json.dumps({"type": "text", "text": "x" * (WS_MAX - 40)})},  # oversized text
+], ids=["audio", "odd-audio", "text"])
+async def test_a_flood_of_oversized_messages_is_closed_by_its_bytes_not_after_500(frame):
+    """Review (stop 63): since stop 62 a running call drops a message over `max_frame_bytes`
+    (64 KiB) and goes on, and the only bound on a stream of them was the bad-message count
+    (`bad_message_burst`, 500, then 100 a second). Every one of them is read whole (up to
+    the WebSocket layer's 1 MiB, `ws_max_size`) before it is refused, so one connection
+    made the replica read about 500 MiB of garbage before it was closed, costing every call
+    on it CPU and memory. Bad messages are budgeted by their bytes too: past a burst of
+    4 MiB the connection is closed (`too_many_bad_messages`, 1008), with an error naming
+    the bytes; the clock stands still, the burst is all there is."""
+    h = CallHarness()
+    services = services_for(h)
+    ws = CountingWebSocket(services)
+    ws.text({"type": "start", "sample_rate": 16000})
+    message = {"type": "websocket.receive", **frame}
+    for _ in range(600):  # the same object: 600 MiB offered, none of it allocated here
+        ws.inbox.put_nowait(message)
+    ws.text({"type": "stop"})
+    await run_call(ws)
+    errors = ws.errors()
+    assert errors[-1] == "too_many_bad_messages", (errors[-3:], len(errors), ws.read_bytes)
+    # Read before the close: the burst's bytes, plus the message that went over it.
+    assert ws.read_bytes <= BAD_BYTES_BUDGET + WS_MAX + 1024, ws.read_bytes
+    assert ws.closed_with == 1008
+    flood = next(e for e in ws.events if e.get("code") == "too_many_bad_messages")
+    assert "bytes" in flood["message"] and "4 MiB" in flood["message"], flood["message"]
+    assert services.admission.active == 0
+
+
+async def test_an_occasional_oversized_message_is_only_dropped_for_the_whole_call():
+    # The control: a 1 MiB message now and then (one every 20 s, a few back to back once)
+    # is dropped with its `frame_too_large` and the call goes on to the caller's `stop`.
+    h = CallHarness()
+    services = services_for(h)
+    ws = FakeWebSocket(services)
+    ws.text({"type": "start", "sample_rate": 16000})
+    handler = asyncio.ensure_future(run_call(ws))
+    for n in range(12):
+        for _ in range(3 if n == 0 else 1):
+            ws.audio(b"\x00" * WS_MAX)
+        ws.audio(b"\x00\x00" * 320)
+        while not ws.inbox.empty() and not handler.done():  # read before the clock moves on
+            await asyncio.sleep(0)
+        h.clock._now += 20.0
+    ws.text({"type": "stop"})
+    await handler
+    assert ws.errors() == ["frame_too_large"] * 14 and ws.closed_with == 1000
+
+
+async def test_a_twilio_stream_flooded_with_large_messages_is_closed_by_their_bytes():
+    """Review (stop 63): a Twilio Media Stream drops a message over `max_frame_bytes`
+    (`twilio_frame_too_large`) and a binary frame (`twilio_binary_frame`) and goes on,
+    before `start` too: up to 500 of them, of up to 1 MiB each, read whole, before the
+    bad-message count closed it. The same budget of bad bytes closes it past 4 MiB."""
+    from gateway.transports.twilio import twilio_stream
+
+    h = CallHarness(settings={"public_url": "https://gateway.example"})
+    services = services_for(h)
+    for frame in ({"bytes": b"\x00" * WS_MAX}, {"text": "x" * WS_MAX}):
+        ws = CountingWebSocket(services)
+        message = {"type": "websocket.receive", **frame}
+        for _ in range(600):
+            ws.inbox.put_nowait(message)
+        await asyncio.wait_for(twilio_stream(ws), 10)  # type: ignore[arg-type]
+        assert ws.read_bytes <= BAD_BYTES_BUDGET + WS_MAX, (frame.keys(), ws.read_bytes)
+        assert ws.closed_with == 1008, ws.closed_with
+        assert h.stats.errors["too_many_bad_messages"] >= 1
+
+
+async def test_a_real_time_client_whose_every_frame_is_bad_is_not_closed_for_their_bytes():
+    # The control: one bad frame per 20 ms (50 a second, the count's own allowance) of
+    # 48 kHz audio is 96,000 bytes a second, under the bytes' rate: 200 s of them go on.
+    h = CallHarness()
+    services = services_for(h)
+    ws = FakeWebSocket(services)
+    ws.text({"type": "start", "sample_rate": 48000})
+    handler = asyncio.ensure_future(run_call(ws))
+    for second in range(200):
+        for _ in range(50):
+            ws.audio(b"\x00" * 1921)  # 20 ms and one byte: odd, dropped
+        while not ws.inbox.empty() and not handler.done():  # read before the clock moves on
+            await asyncio.sleep(0)
+        h.clock._now += 1.0
+    ws.text({"type": "stop"})
+    await handler
+    assert set(ws.errors()) == {"odd_pcm_length"} and ws.closed_with == 1000

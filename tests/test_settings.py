@@ -154,6 +154,8 @@ def test_environment_text_is_read_as_the_field_expects():
     ({"llm_timeout_s": float("nan")}, "llm_timeout_s"),
     ({"log_level": "trace"}, "log_level"),  # uvicorn's, not a logging level
     ({"llm_hedge_min_delay_ms": 3000, "llm_hedge_max_delay_ms": 2000}, "llm_hedge_min_delay_ms"),
+    # One bad message of the largest size the WebSocket layer passes must only be dropped.
+    ({"ws_max_size": 8 * 1024 * 1024}, r"bad_bytes_burst \(4194304\) must be at least"),
 ])
 def test_values_that_pass_a_type_check_but_make_no_sense_are_refused(changes, name):
     with pytest.raises(SettingsError, match=name):

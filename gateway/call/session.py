@@ -12,8 +12,9 @@ An endpoint (native protocol, Twilio Media Streams) only translates its wire for
 - inbound audio faster than ``max_audio_rate`` x real time for longer than
   ``audio_rate_grace_s`` is refused (``audio_too_fast``, close 1008);
 - every bad input is counted; warnings are logged for the first few per call only; a
-  flood of them (over ``bad_message_burst``, then ``max_bad_message_rate`` a second) closes
-  the connection (``too_many_bad_messages``, 1008);
+  flood of them (over ``bad_message_burst``, then ``max_bad_message_rate`` a second; or by
+  size, over ``bad_bytes_burst`` bytes, then ``max_bad_bytes_rate`` a second, since each was
+  read whole) closes the connection (``too_many_bad_messages``, 1008);
 - a call that fails inside the gateway is counted, reported and closed with 1011.
 
 Cancellation: ``close`` stops the call, drains the outbox for a bounded time, cancels
@@ -34,7 +35,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .. import logs
 from ..clock import SYSTEM_CLOCK, Clock
 from ..protocol import (CLOSE_INTERNAL_ERROR, CLOSE_INVALID_PAYLOAD, CLOSE_NORMAL, CLOSE_POLICY,
-                        CLOSE_TRY_AGAIN_LATER, ProtocolError)
+                        CLOSE_TOO_BIG, CLOSE_TRY_AGAIN_LATER, ProtocolError)
 from ..settings import Settings
 from ..stats import Stats
 from .engine import Call
@@ -140,6 +141,25 @@ class AudioRateLimit:
     def add(self, nbytes: int) -> bool:
         """Audio of ``nbytes`` arrived; True when the client is too fast."""
         return not self._seconds.take(nbytes / self._bytes_per_s)
+
+
+def message_bytes(message: dict[str, Any]) -> int:
+    """The size on the wire of a WebSocket message (a text's UTF-8 bytes). For a refused
+    message only, not the per-frame path: a text is encoded once more if it is not ASCII."""
+    data = message.get("bytes")
+    if data is not None:
+        return len(data)
+    text = message.get("text") or ""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _size(nbytes: float) -> str:
+    """4194304 -> "4 MiB (4194304 bytes)", for the messages that name a limit."""
+    exact = f"{nbytes:.0f} bytes"
+    for unit, scale in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes / scale:g} {unit} ({exact})"
+    return exact
 
 
 class Outbox:
@@ -250,6 +270,9 @@ class CallSession:
         # Bad messages: a burst of bad_message_burst, then max_bad_message_rate a second.
         self._bad_messages = TokenBucket(settings.max_bad_message_rate,
                                          settings.bad_message_burst, clock)
+        # and their bytes: each was read whole (up to ws_max_size) before it was refused.
+        self._bad_bytes = TokenBucket(settings.max_bad_bytes_rate, settings.bad_bytes_burst,
+                                      clock)
         self.done = asyncio.Event()  # set when the session must end (stuck client, failed call)
         self._ended: asyncio.Future[bool] | None = None
         self._receiving: asyncio.Task[Any] | None = None  # the task awaiting a frame
@@ -325,9 +348,18 @@ class CallSession:
         connection whose text message is not UTF-8 with 1007 and no reason (its traceback for
         it is dropped from the log: logs.quiet_invalid_utf8). That is this client's bad
         input: counted and logged here, once, as any other. (A client that closes with 1007
-        itself, saying our text was not UTF-8, looks the same here.)"""
+        itself, saying our text was not UTF-8, looks the same here.) So is a 1009: uvicorn's
+        refusal of a message over ``ws_max_size``, on its header (the payload is never read),
+        counted as ``frame_too_large``, the code a smaller oversized message gets (a client
+        closing with 1009 itself, our message too big for it, looks the same)."""
         self.outbox.closed = True
-        if disconnect.get("code") == CLOSE_INVALID_PAYLOAD:
+        if disconnect.get("code") == CLOSE_TOO_BIG:
+            # A message over ws_max_size: refused on its frame header, its payload never read.
+            self.bad_input(ProtocolError(
+                "frame_too_large", f"a message over {self.settings.ws_max_size} bytes "
+                                   "(ws_max_size): the WebSocket layer closed the connection "
+                                   "without reading it", CLOSE_TOO_BIG))
+        elif disconnect.get("code") == CLOSE_INVALID_PAYLOAD:
             self.bad_input(ProtocolError(
                 "invalid_utf8", "a text message was not valid UTF-8 (RFC 6455 requires text "
                                 "to be): the WebSocket layer closed the connection",
@@ -419,8 +451,9 @@ class CallSession:
 
     # ------------------------------------------------------------------ failures
 
-    def bad_input(self, exc: ProtocolError) -> None:
-        """Count a bad message, tell the client, log the first few of this connection."""
+    def bad_input(self, exc: ProtocolError, message: dict[str, Any] | None = None) -> None:
+        """Count a bad message, tell the client, log the first few of this connection.
+        ``message``: the WebSocket message refused, whose bytes count against the budget."""
         self.errors += 1
         self.stats.error(exc.code)
         if self.errors <= self.settings.max_logged_errors:
@@ -429,18 +462,27 @@ class CallSession:
         self.send_error(exc.event())
         if exc.close_code is not None:
             self.close_code = exc.close_code
-        elif not self._bad_messages.take():
-            self._flooded()
+        else:
+            counted = self._bad_messages.take()
+            sized = self._bad_bytes.take(message_bytes(message)) if message else True
+            if not counted:
+                s = self.settings
+                self._flooded(f"more than {s.bad_message_burst} bad messages, then over "
+                              f"{s.max_bad_message_rate:g} a second")
+            elif not sized:
+                s = self.settings
+                self._flooded(f"bad messages of more than {_size(s.bad_bytes_burst)} in all, "
+                              f"then over {_size(s.max_bad_bytes_rate)} a second (each was "
+                              "read whole before it was refused)")
 
-    def _flooded(self) -> None:
-        """Bad messages faster than any client with a bug sends them: a flood, which costs
-        every call on this replica the event loop's time. The connection is closed."""
-        s = self.settings
+    def _flooded(self, why: str) -> None:
+        """Bad messages faster (or bigger) than any client with a bug sends them: a flood,
+        which costs every call on this replica the event loop's time (and its memory, for
+        messages read whole). The connection is closed."""
         flood = ProtocolError(
             "too_many_bad_messages",
-            f"more than {s.bad_message_burst} bad messages, then over "
-            f"{s.max_bad_message_rate:g} a second: the connection is closed (the errors "
-            "before this one said what was wrong)", CLOSE_POLICY)
+            f"{why}: the connection is closed (the errors before this one said what was "
+            "wrong)", CLOSE_POLICY)
         self.stats.error(flood.code)
         logs.event(log, "bad_input_flood", logging.WARNING, transport=self.transport,
                    errors=self.errors, call_id=self.call_id)

@@ -60,7 +60,7 @@ async def native_call(websocket: WebSocket) -> None:
                 if not _handle(message, session, output, services):
                     break
             except ProtocolError as exc:
-                session.bad_input(exc)
+                session.bad_input(exc, message)  # its bytes count too: it was read whole
                 if exc.close_code is not None:
                     break
     except ProtocolError as exc:  # a start timeout, or messages too fast (session.receive)

@@ -622,7 +622,7 @@ async def twilio_stream(websocket: WebSocket) -> None:
                                       "binary frame: Twilio sends JSON text messages")
                 stream.handle(text)
             except ProtocolError as exc:
-                session.bad_input(exc)
+                session.bad_input(exc, message)  # its bytes count too: it was read whole
                 if exc.close_code is not None:
                     break
     except ProtocolError as exc:  # no `start` in time, or messages too fast
