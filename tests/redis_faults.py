@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -239,27 +238,7 @@ class StartingRedis(OwnRedis):
 
     FILLER = 2000
     KEY_DELAY_US = 200_000  # 0.2 s a key: 400 s of loading unless finished
-
-    def start(self) -> None:
-        self._launch()
-        client = _direct(self.url)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: see {self.dir}/redis.log")
-            time.sleep(0.05)
-        client.close()
-
-    def _launch(self, *extra: str) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
-             str(self.dir), "--appendonly", "no", "--save", "", "--dbfilename", "dump.rdb",
-             "--logfile", str(self.dir / "redis.log"), *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    PERSISTENCE = ("--appendonly", "no", "--save", "", "--dbfilename", "dump.rdb")
 
     def restart_loading(self) -> None:
         client = _direct(self.url)
@@ -270,8 +249,8 @@ class StartingRedis(OwnRedis):
         client.save()
         client.close()
         self.stop()
-        self._launch("--key-load-delay", str(self.KEY_DELAY_US),
-                     "--loading-process-events-interval-bytes", "1024")
+        self.launch(*self.PERSISTENCE, "--key-load-delay", str(self.KEY_DELAY_US),
+                    "--loading-process-events-interval-bytes", "1024")
         client = _direct(self.url)
         deadline = time.monotonic() + 30
         try:
@@ -310,25 +289,12 @@ class MisconfRedis(OwnRedis):
     ``stop-writes-on-bgsave-error yes`` (the default) Redis refuses writes until a BGSAVE
     succeeds. ``heal()`` removes the directory and saves again."""
 
+    PERSISTENCE = ("--appendonly", "no", "--save", "3600 1", "--dbfilename", "snapshot.rdb",
+                   "--stop-writes-on-bgsave-error", "yes", "--shutdown-on-sigterm", "nosave")
+
     def start(self) -> None:
         self.blocker = self.dir / "snapshot.rdb"
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
-             str(self.dir), "--appendonly", "no", "--save", "3600 1", "--dbfilename",
-             "snapshot.rdb", "--stop-writes-on-bgsave-error", "yes",
-             "--shutdown-on-sigterm", "nosave", "--logfile",
-             str(self.dir / "redis.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = _direct(self.url)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: see {self.dir}/redis.log")
-            time.sleep(0.05)
-        client.close()
+        super().start()
 
     def _bgsave(self, want: str) -> None:
         client = _direct(self.url)

@@ -1008,24 +1008,39 @@ class OwnRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
+    # Persistence: the append-only file (a restart keeps the data). Subclasses choose theirs.
+    PERSISTENCE: tuple[str, ...] = ("--appendonly", "yes", "--save", "")
+
     def start(self) -> None:
+        self.launch(*self.PERSISTENCE)
+        self.until_serving()
+
+    def launch(self, *options: str) -> None:
+        """Start redis-server on this port and directory with ``options``; not waited for."""
         self.process = subprocess.Popen(
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
-             str(self.dir), "--appendonly", "yes", "--save", "", "--logfile",
-             str(self.dir / "redis.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             str(self.dir), "--logfile", str(self.dir / "redis.log"), *options],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def until_serving(self) -> None:
+        """Wait (30 s at most) until Redis answers PING, through a dataset's loading too."""
+        assert self.process is not None
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.BusyLoadingError:
-                pass
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: see {self.dir}/redis.log")
-            time.sleep(0.05)
-        client.close()
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.BusyLoadingError:
+                    pass
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server did not start: see "
+                                           f"{self.dir}/redis.log")
+                time.sleep(0.05)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         """SIGTERM: Redis flushes its append-only file and exits, like a restart in production."""

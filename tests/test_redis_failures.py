@@ -19,7 +19,8 @@ import secrets
 import shutil
 import threading
 from types import SimpleNamespace
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import pytest
@@ -45,6 +46,7 @@ from tests.admin_support import small_faq_csv
 from tests.intents_support import shared_embedder, tone_render
 from intents.types import Audio
 from tests.redis_faults import DelayingProxy, FlakyProxy, MisconfRedis, StartingRedis
+from tests.test_redis import OwnRedis
 from tests.test_redis import (REDIS_URL, bundle, free_port, hit, own_prefix, poll,
                               unavailable)
 
@@ -1149,28 +1151,27 @@ MISCONF_SAID = ("Redis refuses writes: it cannot persist to disk (MISCONF); fix 
                 "stop-writes-on-bgsave-error")
 
 
-@pytest.fixture
-def starting_redis(tmp_path) -> Iterator[StartingRedis]:
+OwnRedisT = TypeVar("OwnRedisT", bound=OwnRedis)
+
+
+def _own_redis(kind: type[OwnRedisT], directory: Path) -> Iterator[OwnRedisT]:
     if shutil.which("redis-server") is None:
         unavailable("redis-server is not installed")
-    directory = tmp_path / "starting-redis"
     directory.mkdir()
-    server = StartingRedis(directory)
+    server = kind(directory)
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def starting_redis(tmp_path) -> Iterator[StartingRedis]:
+    yield from _own_redis(StartingRedis, tmp_path / "starting-redis")
 
 
 @pytest.fixture
 def misconf_redis(tmp_path) -> Iterator[MisconfRedis]:
-    if shutil.which("redis-server") is None:
-        unavailable("redis-server is not installed")
-    directory = tmp_path / "misconf-redis"
-    directory.mkdir()
-    server = MisconfRedis(directory)
-    server.start()
-    yield server
-    server.stop()
+    yield from _own_redis(MisconfRedis, tmp_path / "misconf-redis")
 
 
 def _loads_anything(store: Any, embedder: Any, version: str) -> Any:
