@@ -26,9 +26,11 @@ script (``_swap_pointer``: it checks its keys' types first, as MULTI/EXEC would 
 back, that the version's hash exists and that every audio key it names exists): a replica
 told about a version can always read all of it. A publish that fails before the swap (the
 write or the swap refused, failed or timed out) deletes the version's hash unless ``current``
-names it or ``published`` lists it (a swap that timed out may have been applied); if Redis
-cannot be reached for that, it is logged (``cache_publish_cleanup_failed``) and left, and a
-swap that went unanswered raises ``PublishUnconfirmed``: delivered late, it still publishes.
+names it or ``published`` lists it (a swap that timed out may have been applied); a hash that
+is not there (Redis refused its write: -MISCONF, -READONLY) is nothing to delete, and no write
+is sent for it; if Redis cannot be reached for that, or refuses the delete of a hash written
+before it began refusing writes, it is logged (``cache_publish_cleanup_failed``) and left, and
+a swap that went unanswered raises ``PublishUnconfirmed``: delivered late, it still publishes.
 
 Then the clean-up (``intents.store``: retention): versions in ``published`` beyond the
 newest ``keep_versions`` are deleted (never the one ``current`` names); a version hash
@@ -113,6 +115,15 @@ return {1, ARGV[1]}
 # ARGV[1] its name. -1: `current` names it or `published` lists it (the swap went through,
 # maybe followed by another publish): kept; 0: dropped (or already gone). A key of a foreign
 # type names nothing (the swap checks their types: it cannot have gone through then).
+# The only thing a publish writes before its swap is that hash, in one HSET: a single command
+# (no pipeline), applied whole or not at all. The swap is one script that checks everything
+# before its first write (SET), where a refusal stops it: nothing of it applied. So what may be
+# left is that hash, and only if it was written: the HSET answered OK (the swap then refused,
+# failed or unanswered), or an HSET unanswered (a lost connection: applied or not, and redis-py
+# sends it again). EXISTS says which: a hash that is not there is nothing to delete, and no DEL
+# is sent for it. A Redis refusing every write (-MISCONF, -READONLY: a ResponseError, a
+# ReadOnlyError) refused the HSET too and refuses a DEL even of a missing key, but runs this
+# script (no flags) up to its first write; -OOM refuses the HSET but never a DEL.
 _DROP_UNPUBLISHED = """
 if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
   return -1
@@ -120,6 +131,7 @@ end
 if redis.call('TYPE', KEYS[3]).ok == 'zset' and redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   return -1
 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 redis.call('DEL', KEYS[2])
 return 0
 """

@@ -41,7 +41,8 @@ from cache_seed import parse_seed_csv, seed_plan
 from gateway.admin.publish import Publisher
 from gateway.admin.routes import _publish_failed
 from intents.redis_store import RedisKeys, RedisStore
-from intents.store import MANIFEST_FORMAT, LocalStore, StoreConflict, StoreError, StoreUnavailable
+from intents.store import (MANIFEST_FORMAT, LocalStore, PublishUnconfirmed, StoreConflict,
+                           StoreError, StoreUnavailable)
 from tests.admin_support import small_faq_csv
 from tests.intents_support import shared_embedder, tone_render
 from intents.types import Audio
@@ -1379,3 +1380,136 @@ async def test_a_redis_refusing_writes_for_misconf_keeps_the_version_subscriptio
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         raw.close()
+
+
+def _refusing_redis(kind: str, directory: Path) -> Iterator[tuple[OwnRedis, Any]]:
+    """A redis-server of the test's own and how to make it refuse every write: -MISCONF (it
+    cannot persist), or -READONLY (made a replica, of a master that is not there: it keeps
+    its dataset and serves reads)."""
+    if kind == "misconf":
+        for server in _own_redis(MisconfRedis, directory):
+            yield server, server.refuse_writes
+        return
+    for own in _own_redis(OwnRedis, directory):
+        def demote() -> None:
+            raw = redis.Redis.from_url(own.url)
+            raw.replicaof("127.0.0.1", str(free_port()))
+            raw.close()
+        yield own, demote
+
+
+@pytest.fixture(params=["misconf", "readonly"])
+def refusing_redis(request, tmp_path) -> Iterator[tuple[OwnRedis, Any]]:
+    yield from _refusing_redis(request.param, tmp_path / "refusing-redis")
+
+
+def _version_keys(url: str, prefix: str) -> list[str]:
+    raw = redis.Redis.from_url(url)
+    try:
+        return sorted(k.decode() for k in raw.keys(prefix + "version:*"))
+    finally:
+        raw.close()
+
+
+def test_a_publish_whose_writes_redis_refused_does_not_say_its_hash_may_be_left(
+        refusing_redis: tuple[OwnRedis, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Review (stop 63): Redis refuses every write (-MISCONF: it cannot persist; -READONLY:
+    a replica after a failover): the publish fails, rightly, and its clean-up's DEL, a write,
+    is refused too, so it logged a WARNING ``cache_publish_cleanup_failed`` saying the
+    version's hash "may be left in Redis". Redis wrote nothing (the version's HSET was
+    refused): the warning sends an operator hunting for garbage that does not exist.
+    Wanted: no clean-up failure said when nothing of the version is in Redis."""
+    server, refuse_writes = refusing_redis
+    prefix = "vgrefused:"
+    store = RedisStore(server.url, prefix=prefix, timeout_s=5.0)
+    try:
+        v1 = store.publish(bundle("v1"))
+        refuse_writes()
+        caplog.set_level("INFO", logger="voicegate.store")
+        with pytest.raises(StoreError):
+            store.publish(bundle("v2"))
+        assert _version_keys(server.url, prefix) == [prefix + "version:" + v1]  # nothing left
+        said = [r.getMessage() for r in caplog.records
+                if "cache_publish_cleanup_failed" in r.getMessage() or "may be left" in
+                r.getMessage()]
+        assert not said, f"nothing of the version is in Redis, yet the log says: {said}"
+        assert store.current_version() == v1
+    finally:
+        store.close()
+
+
+def test_a_publish_refused_after_its_version_was_written_says_what_is_left(
+        misconf_redis: MisconfRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """Review (stop 63), held: the version's hash was written, then Redis began refusing
+    writes (a BGSAVE failed in between) and refused the pointer swap and the clean-up's
+    DEL: the hash is left in Redis, and the warning names it."""
+    prefix = "vgrefused:"
+    store = RedisStore(misconf_redis.url, prefix=prefix, timeout_s=5.0)
+    swap = store._swap_pointer
+
+    def swap_once_redis_refuses_writes(version: str, replaces: object) -> None:
+        misconf_redis.refuse_writes()
+        swap(version, replaces)  # type: ignore[arg-type]
+
+    try:
+        v1 = store.publish(bundle("v1"))
+        store._swap_pointer = swap_once_redis_refuses_writes  # type: ignore[method-assign]
+        caplog.set_level("INFO", logger="voicegate.store")
+        with pytest.raises(StoreError, match="MISCONF"):
+            store.publish(bundle("v2"))
+        left = [k for k in _version_keys(misconf_redis.url, prefix) if not k.endswith(v1)]
+        assert len(left) == 1, left
+        warned = [r for r in caplog.records
+                  if "cache_publish_cleanup_failed" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelname == "WARNING", warned
+        assert left[0] in warned[0].getMessage() and "may be left" in warned[0].getMessage()
+        assert store.current_version() == v1
+    finally:
+        store.close()
+
+
+def test_a_restart_between_the_version_write_and_the_swap_is_said_unknown_and_retried_cleanly(
+        starting_redis: StartingRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """Stop 63 check (held before any change): Redis restarts after the version's hash was
+    written and before the pointer swap, which meets -LOADING (after a lost connection: it
+    may have been applied before the restart). The publish is unconfirmed, not "nothing
+    published"; the clean-up, refused too, warns that the written hash may be left (it is).
+    Once loaded, the previous version serves, and a retry built on it publishes (no conflict);
+    its clean-up finds the first attempt's hash (stamped for the retention): no other left."""
+    prefix = "vgload:"
+    store = RedisStore(starting_redis.url, prefix=prefix, timeout_s=5.0)
+    swap = store._swap_pointer
+
+    def swap_after_a_restart(version: str, replaces: object) -> None:
+        starting_redis.restart_loading()
+        swap(version, replaces)  # type: ignore[arg-type]
+
+    try:
+        v1 = store.publish(bundle("v1"))
+        store._swap_pointer = swap_after_a_restart  # type: ignore[method-assign]
+        caplog.set_level("INFO", logger="voicegate.store")
+        with pytest.raises(PublishUnconfirmed) as raised:
+            store.publish(bundle("v2"))
+        store._swap_pointer = swap  # type: ignore[method-assign]
+        services = SimpleNamespace(cache=SimpleNamespace(version=v1))
+        answer = _publish_failed(raised.value, services)  # type: ignore[arg-type]
+        said = json.loads(answer.body)["error"]
+        assert answer.status_code == 503 and "nothing published" not in said, said
+        assert "loading" in said and "is unknown" in said, said
+        starting_redis.finish_loading()
+        assert store.current_version() == v1
+        left = [k for k in _version_keys(starting_redis.url, prefix) if not k.endswith(v1)]
+        assert len(left) == 1, left  # the first attempt's hash, written before the restart
+        warned = [r.getMessage() for r in caplog.records
+                  if "cache_publish_cleanup_failed" in r.getMessage()]
+        assert len(warned) == 1 and left[0] in warned[0] and "may be left" in warned[0], warned
+        v2 = store.publish(bundle("v2"), replaces=v1)  # built on v1: v1 is still current
+        assert store.current_version() == v2 and store.versions() == sorted([v1, v2])
+        orphans = [k for k in _version_keys(starting_redis.url, prefix)
+                   if not k.endswith((v1, v2))]
+        assert orphans == left  # one, and known to the retention (deleted after the grace)
+        raw = redis.Redis.from_url(starting_redis.url)
+        assert raw.hget(left[0], "seen") is not None
+        raw.close()
+    finally:
+        store.close()
