@@ -65,7 +65,7 @@ def failure_said(exc: BaseException) -> str:
     """A Redis failure as an operator reads it: what Redis is doing (loading its dataset,
     refusing writes for want of a disk) said plainly, else the error's type and message."""
     if still_loading(exc):
-        return f"Redis {LOADING_SAID}: {exc}"
+        return f"Redis {LOADING_SAID} (tried again later): {exc}"
     if cannot_persist(exc):
         return f"{MISCONF_SAID}. Redis said: {exc}"
     return f"{type(exc).__name__}: {exc}"
@@ -148,7 +148,7 @@ class VersionSubscriber:
                 # An error reply (an ACL without the channel) or credentials Redis refused
                 # (a wrong password, an unknown user) is no outage: say which.
                 # Still loading its dataset (-LOADING) is no outage either: Redis is starting.
-                what = (LOADING_SAID if still_loading(exc)
+                what = (f"{LOADING_SAID} (tried again later)" if still_loading(exc)
                         else "refused the credentials" if refused_credentials(exc)
                         else "refused" if isinstance(exc, ResponseError) else "unreachable")
                 self._health.down("subscriber", f"Redis at {redacted(self._url)} {what}: "

@@ -242,8 +242,9 @@ def redacted(url: str) -> str:
 MISCONF_SAID = ("Redis refuses writes: it cannot persist to disk (MISCONF); fix its disk or "
                 "stop-writes-on-bgsave-error")
 # Said for a Redis that answers -LOADING (redis-py BusyLoadingError): still loading its
-# dataset after a restart (or a replica's full sync); reads and writes are tried again later.
-LOADING_SAID = "is loading its dataset: it is starting, not ready yet (tried again later)"
+# dataset after a restart (or a replica's full sync). Reads are tried again later (the poll,
+# the subscriber say so); a refused write (a publish) is the operator's to send again.
+LOADING_SAID = "is loading its dataset: it is starting, not ready yet"
 
 
 def cannot_persist(exc: BaseException) -> bool:

@@ -1243,6 +1243,8 @@ async def test_a_redis_still_loading_its_dataset_is_said_to_be_starting_not_heal
             await asyncio.to_thread(store.publish, bundle("v2"))
         assert "loading" in str(raised.value) and "unreachable" not in str(raised.value), \
             str(raised.value)
+        # Nothing retries a publish (review, stop 63): its error must not say it will be.
+        assert "tried again" not in str(raised.value), str(raised.value)
 
         await asyncio.to_thread(starting_redis.finish_loading)
         await poll(lambda: not health.degraded and cache.last_error is None
