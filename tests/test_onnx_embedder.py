@@ -190,13 +190,14 @@ def test_an_empty_cached_model_file_is_rebuilt_not_fatal(settings, tmp_path) -> 
     assert cached.stat().st_size > 0
 
 
-def test_a_version_seeded_by_the_other_backend_is_reembedded() -> None:
-    """The suite's bank FAQ store (seeded with the default int8 backend), served by torch."""
+def test_a_version_seeded_by_the_other_backend_is_reembedded(tmp_path: Path) -> None:
+    """The suite's bank FAQ store (seeded with the default int8 backend), served by torch.
+    Its own model cache dir: the re-embedding is kept there (intents/reembedded.py)."""
     from intents.loader import load_cache
     from intents.store import LocalStore
     from tests.intents_support import _seeded_bank_store
 
-    torch_embedder = Embedder(backend="torch")
+    torch_embedder = Embedder(backend="torch", cache_dir=tmp_path)
     cache = load_cache(LocalStore(_seeded_bank_store()), torch_embedder)
     assert cache.router.embedder is torch_embedder
     entry = next(e for e in cache.entries.values() if e.pcm is not None and e.paraphrases)
