@@ -1,8 +1,11 @@
 """Chunk a streamed LLM reply into speakable pieces for TTS.
 
 A piece ends at a sentence end (after any closing quote or bracket: 'says "shipped."'),
-or at a clause boundary (comma, semicolon, colon, dash) once it is long enough, so the
-first TTS request starts after a few words, not after the whole first sentence. Markdown
+in any script: Latin ". ! ? …" before whitespace (abbreviations, decimals and initials
+kept whole), another script's sentence mark ("。", "？", "।", "؟", "։", "።": Unicode's
+Sentence_Terminal) with no space needed after it; or at a clause boundary (comma,
+semicolon, colon, dash, before whitespace) once it is long enough, so the first TTS
+request starts after a few words, not after the whole first sentence. Markdown
 that slips through is stripped; a numbered list's item ("2. Tap Settings") is a piece of
 its own, without its number.
 """
@@ -49,6 +52,29 @@ _NEXT_WORD = re.compile(r"\s*[\"'(“‘*]*([^\W\d_]*)(\.?)")
 # Letters and dots before the final one: "U.K", "U.S.A", "Ph.D" (also "e.g").
 _DOTTED = re.compile(r"(?:[a-z]{1,2}\.)+[a-z]{1,2}")
 _SENTENCE_END = ".!?…"
+# The sentence marks of other scripts: Unicode's Sentence_Terminal property (UAX #29's
+# STerm; PropList.txt) in the Basic Multilingual Plane, less "." "!" "?" (the Latin rules
+# above and below) and U+2024 ONE DOT LEADER (a leader dot, seldom a full stop).
+# unicodedata has no such property: this list was made with the ``regex`` package's
+# \p{Sentence_Terminal} (regex 2026.11.19), and tests/test_sentences.py checks it against
+# that when regex is installed. Among them the ideographic full stop "。", the full-width
+# "！" "？" "．", the Devanagari danda "।" and "॥", the Arabic "؟" and "۔", the Armenian
+# "։", the Ethiopic "።", the Myanmar "။", the Khmer "។". Chinese and Japanese put no space
+# after them, so none is needed: the mark (and any closing bracket or quote after it, and
+# any mark after it: "？！") ends the sentence once the next character is known, unless it
+# stands between two digits (a decimal point or a time: "３．１４").
+SENTENCE_TERMINALS = frozenset(
+    "\u0589\u061d\u061e\u061f\u06d4\u0700\u0701\u0702\u07f9\u0837\u0839\u083d\u083e"
+    "\u0964\u0965\u104a\u104b\u1362\u1367\u1368\u166e\u1735\u1736\u17d4\u17d5\u1803"
+    "\u1809\u1944\u1945\u1aa8\u1aa9\u1aaa\u1aab\u1b4e\u1b4f\u1b5a\u1b5b\u1b5e\u1b5f"
+    "\u1b7d\u1b7e\u1b7f\u1c3b\u1c3c\u1c7e\u1c7f\u203c\u203d\u2047\u2048\u2049\u2cf9"
+    "\u2cfa\u2cfb\u2e2e\u2e3c\u2e53\u2e54\u2e60\u2e61\u3002\ua4ff\ua60e\ua60f\ua6f3"
+    "\ua6f7\ua876\ua877\ua8ce\ua8cf\ua92f\ua9c8\ua9c9\uaa5d\uaa5e\uaa5f\uaaf0\uaaf1"
+    "\uabeb\ufe12\ufe15\ufe16\ufe52\ufe56\ufe57\uff01\uff0e\uff1f\uff61"
+)
+# What closes a quotation or a bracket after a sentence's mark: 'says "shipped." It', and
+# the CJK corner brackets, full-width brackets and quotes: "「設定を開いてください。」".
+_CLOSERS = "\"')]”’」』）】〕〉》〗〙〛］｝｣＂＇"
 _CLAUSE_END = ",;:—–"
 # A numbered list's item marker is "1." to "99.": a longer number with a period after it
 # ("Your confirmation number. 48213. Keep it handy.") is said, never taken for a marker.
@@ -125,6 +151,11 @@ class SentenceChunker:
                 return i + 2, False
             if ch == "\n" and _LIST_ITEM.match(buf, i + 1) and speakable(buf[:i]):
                 return i + 1, False  # an item starts a piece of its own, its marker stripped there
+            if ch in SENTENCE_TERMINALS and not (i > 0 and buf[i - 1].isdigit() and nxt.isdigit()):
+                # Another script's mark: no whitespace after it needed ("。请").
+                end = self._after_closers(buf, i + 1, marks=True)
+                if end < len(buf):
+                    return end, False
             if ch in _SENTENCE_END:
                 # The whitespace may come after closing quotes or brackets: 'says "shipped." It'.
                 end = self._after_closers(buf, i + 1)
@@ -187,7 +218,9 @@ class SentenceChunker:
         return not (line < 0 and mid_sentence) or buf[line + 1:i].strip() == "1"
 
     @staticmethod
-    def _after_closers(buf: str, j: int) -> int:
-        while j < len(buf) and buf[j] in "\"')]”’":
+    def _after_closers(buf: str, j: int, marks: bool = False) -> int:
+        """Past the closing quotes and brackets from ``j`` (and, with ``marks``, other
+        scripts' sentence marks: "？！" is one end)."""
+        while j < len(buf) and (buf[j] in _CLOSERS or marks and buf[j] in SENTENCE_TERMINALS):
             j += 1
         return j
