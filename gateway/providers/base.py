@@ -40,6 +40,72 @@ class RateLimited(ProviderError):
 
 # ---------------------------------------------------------------- speech to text
 
+# Quote marks, by kind: a mark pairs only with one of its own kind.
+_QUOTE_KINDS = {'"': '"', "“": '"', "”": '"', "„": '"', "'": "'", "‘": "'", "’": "'", "‚": "'"}
+_OPENING, _CLOSING = "“„‘‚", "”’"
+# Words spelt with an apostrophe first ("'cause"): no quotation opens there.
+_ELISIONS = ("cause", "cos", "em", "til", "tis", "twas", "bout", "round", "n")
+# What may follow a transcript's last words besides quote marks.
+_TRAILING = set(".,;:!?…") | {" "}
+
+
+def _apostrophe(text: str, i: int) -> bool:
+    """Whether the single quote mark at ``i`` is an apostrophe: inside a word ("don't",
+    "O'Brien"), before a year's digits ("the '90s") or an elided word ("'cause")."""
+    before = text[i - 1] if i > 0 else ""
+    after = text[i + 1:i + 2]
+    if before.isalnum() and after.isalpha():
+        return True
+    if before.isalnum():
+        return False  # closes a quotation, or a plural's possessive ("parents'"): see below
+    if after.isdigit():
+        return True
+    word = text[i + 1:].split(maxsplit=1)[0].rstrip(".,;:!?…\"'”’").lower() if after else ""
+    return word in _ELISIONS
+
+
+def strip_stray_quotes(text: str) -> str:
+    """A recognised transcript without the quote marks at its start or end that pair with
+    none ('"\'I forgot my password.' -> 'I forgot my password.'): a recogniser's stray
+    output, never words. A quotation ('says "declined"', '"Declined," it says') and an
+    apostrophe (don't, the '90s, 'cause, parents') are kept, as is any mark between the
+    words. For recognised speech only: typed text is the caller's own."""
+    marks: list[tuple[int, str, bool]] = []  # (index, kind, opens)
+    for i, ch in enumerate(text):
+        kind = _QUOTE_KINDS.get(ch)
+        if kind is None or kind == "'" and _apostrophe(text, i):
+            continue
+        if ch in _OPENING or ch in _CLOSING:
+            opens = ch in _OPENING
+        else:  # a straight quote opens after a space (or at the start), else closes
+            opens = i == 0 or text[i - 1].isspace() or text[i - 1] in "([{" or (
+                _QUOTE_KINDS.get(text[i - 1]) is not None and marks != []
+                and marks[-1][0] == i - 1 and marks[-1][2])
+        marks.append((i, kind, opens))
+    open_at: dict[str, list[int]] = {'"': [], "'": []}
+    unpaired: set[int] = set()
+    for i, kind, opens in marks:
+        if opens:
+            open_at[kind].append(i)
+        elif open_at[kind]:
+            open_at[kind].pop()
+        elif not (kind == "'" and i > 0 and text[i - 1] in "sS"):  # "parents'" is a word
+            unpaired.add(i)
+    unpaired.update(*open_at.values())
+    if not unpaired:
+        return text
+    start = 0  # the leading marks and spaces: up to the first word
+    while start < len(text) and (text[start].isspace() or text[start] in _QUOTE_KINDS):
+        start += 1
+    end = len(text)  # the trailing ones, with sentence punctuation among them
+    while end > start and (text[end - 1].isspace() or text[end - 1] in _QUOTE_KINDS
+                           or text[end - 1] in _TRAILING):
+        end -= 1
+    kept = "".join(ch for i, ch in enumerate(text)
+                   if not (i in unpaired and (i < start or i >= end)))
+    return kept.strip()
+
+
 
 @dataclass(frozen=True)
 class Transcript:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
 from ..executors import ExecutorShutDown, shut_down, submit
-from .base import Transcript, drop_queued_partials
+from .base import Transcript, drop_queued_partials, strip_stray_quotes
 
 SAMPLE_RATE = 16000
 BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
@@ -74,11 +74,16 @@ class BatchRecognizer(Protocol):
 
 def decode_fn(recognizer: BatchRecognizer) -> DecodeFn:
     """The recogniser's stoppable decode with a draft when it has one
-    (``transcribe_ids(pcm16, draft, stop)``), else its plain ``transcribe``."""
+    (``transcribe_ids(pcm16, draft, stop)``), else its plain ``transcribe``; its text
+    without stray quote marks at its ends (``strip_stray_quotes``: Moonshine can start
+    one with the token '▁"\''), its ids as they were (the next decode's draft)."""
     with_draft = getattr(recognizer, "transcribe_ids", None)
     if with_draft is not None:
-        return with_draft  # type: ignore[no-any-return]
-    return lambda pcm16, draft, stop: (recognizer.transcribe(pcm16), [])
+        def decode(pcm16: bytes, draft: Sequence[int], stop: threading.Event) -> Decoded:
+            text, ids = with_draft(pcm16, draft, stop)
+            return strip_stray_quotes(text), ids
+        return decode
+    return lambda pcm16, draft, stop: (strip_stray_quotes(recognizer.transcribe(pcm16)), [])
 
 
 @dataclass(order=True)
@@ -208,7 +213,7 @@ class RedecodingSTT:
         self.early_pad_bytes = early_pad_ms * BYTES_PER_MS
 
     def transcribe(self, pcm16: bytes) -> str:
-        return self.recognizer.transcribe(pcm16)
+        return strip_stray_quotes(self.recognizer.transcribe(pcm16))
 
     def warm_up(self) -> None:
         self.recognizer.warm_up()
