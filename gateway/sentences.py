@@ -4,15 +4,20 @@ A piece ends at a sentence end (after any closing quote or bracket: 'says "shipp
 in any script: Latin ". ! ? …" before whitespace (abbreviations, decimals and initials
 kept whole), another script's sentence mark ("。", "？", "।", "؟", "։", "።": Unicode's
 Sentence_Terminal) with no space needed after it; or at a clause boundary (comma,
-semicolon, colon, dash, before whitespace) once it is long enough, so the first TTS
-request starts after a few words, not after the whole first sentence. Markdown
-that slips through is stripped; a numbered list's item ("2. Tap Settings") is a piece of
-its own, without its number.
+semicolon, colon, dash, before whitespace; or the full-width "，" "；" "：", the
+ideographic "、", the Arabic "،" "؛", no space needed) once it is long enough, so the
+first TTS request starts after a few words, not after the whole first sentence. A piece
+never exceeds max_chars: with no boundary in sight it ends at the last space or wide
+clause mark before the limit, else (CJK text has no spaces) at the limit, never inside
+a character as seen (a letter and its accent, an emoji sequence). Markdown that slips
+through is stripped; a numbered list's item ("2. Tap Settings") is a piece of its own,
+without its number.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # Words ending in a period that do not end a sentence.
 _ABBREVIATIONS = frozenset({
@@ -76,6 +81,13 @@ SENTENCE_TERMINALS = frozenset(
 # the CJK corner brackets, full-width brackets and quotes: "「設定を開いてください。」".
 _CLOSERS = "\"')]”’」』）】〕〉》〗〙〛］｝｣＂＇"
 _CLAUSE_END = ",;:—–"
+# Clause marks written with no space after them (Chinese, Japanese) or of another script:
+# the full-width comma, semicolon and colon, the ideographic comma "、", the Arabic comma
+# "،" and semicolon "؛". None needs whitespace after it, only the next character known
+# and no digit either side ("１２，３４５" is a number).
+_WIDE_CLAUSE_END = "\uff0c\u3001\uff1b\uff1a\u060c\u061b"
+# U+200D ZERO WIDTH JOINER, and the emoji modifiers (skin tones) U+1F3FB to U+1F3FF.
+_ZWJ = "\u200d"
 # A numbered list's item marker is "1." to "99.": a longer number with a period after it
 # ("Your confirmation number. 48213. Keep it handy.") is said, never taken for a marker.
 _MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d{1,2}\.\s+(?=\D))", re.MULTILINE)
@@ -100,6 +112,28 @@ def _next_word(buf: str, end: int) -> str | None:
     letters, period = found.groups()
     # A single letter and a period: another initial ("B. J. Smith"), no sentence opener.
     return "" if len(letters) == 1 and period else letters
+
+
+def _is_wide_clause_mark(buf: str, i: int) -> bool:
+    """A wide or Arabic clause mark at ``i`` ("，"), not between two digits ("１２，３４５")."""
+    return buf[i] in _WIDE_CLAUSE_END and not (
+        0 < i < len(buf) - 1 and buf[i - 1].isdigit() and buf[i + 1].isdigit())
+
+
+def _grapheme_boundary(buf: str, cut: int) -> bool:
+    """Whether ``buf[cut - 1]`` and ``buf[cut]`` belong to two characters as a reader sees
+    them (UAX #29's grapheme clusters, the rules that matter in a reply): not before a
+    combining mark (an accent, a vowel sign, a variation selector), an emoji modifier or a
+    tag, not on either side of a joiner, not inside a pair of regional indicators (a flag)."""
+    before, after = buf[cut - 1], buf[cut]
+    if unicodedata.category(after).startswith("M") or _ZWJ in (before, after):
+        return False
+    if 0x1F3FB <= ord(after) <= 0x1F3FF or 0xE0020 <= ord(after) <= 0xE007F:
+        return False
+    regional = 0
+    while regional < cut and 0x1F1E6 <= ord(buf[cut - 1 - regional]) <= 0x1F1FF:
+        regional += 1
+    return not (regional % 2 and 0x1F1E6 <= ord(after) <= 0x1F1FF)
 
 
 class SentenceChunker:
@@ -166,16 +200,34 @@ class SentenceChunker:
                         break  # "No." before what: a number or a new sentence? Wait and see.
                     if not abbreviation:
                         return end, False
-            if not nxt.isspace():
-                continue
-            if ch in _CLAUSE_END and clause_cut is None and len(speakable(buf[: i + 1])) >= min_clause:
+            if clause_cut is None and (
+                    ch in _CLAUSE_END and nxt.isspace() or _is_wide_clause_mark(buf, i)) and len(
+                    speakable(buf[: i + 1])) >= min_clause:
                 clause_cut = i + 1
         if clause_cut is not None:
             return clause_cut, True
-        if len(buf) >= self.max_chars:  # no boundary in sight: cut at the last space
-            space = buf.rfind(" ", 0, self.max_chars)
-            return (space + 1 if space > 0 else self.max_chars), True
+        if len(buf) >= self.max_chars:
+            cut = self._limit_cut(buf)
+            return None if cut is None else (cut, True)
         return None
+
+    def _limit_cut(self, buf: str) -> int | None:
+        """Where a piece that reached max_chars with no boundary in sight ends: after the
+        last space or wide clause mark ("，": CJK text has no space) before the limit, else
+        at the limit (an ideograph is a word of its own), stepped back to a boundary
+        between two characters as seen (never between a letter and its combining accent,
+        an emoji and its skin tone, or inside a ZWJ sequence or a flag); None while the
+        character after the limit, which may belong to the one before it, is not known."""
+        limit = self.max_chars
+        for j in range(limit - 1, 0, -1):
+            if buf[j] == " " or _is_wide_clause_mark(buf, j):
+                return j + 1
+        if len(buf) == limit:
+            return None
+        cut = limit
+        while cut > 0 and not _grapheme_boundary(buf, cut):
+            cut -= 1
+        return cut or limit  # one character of more than max_chars code points: cut anyway
 
     @staticmethod
     def _is_abbreviation(buf: str, i: int, end: int) -> bool | None:

@@ -85,3 +85,101 @@ def test_every_sentence_terminal_of_unicode_ends_a_sentence():
     for mark in sorted(SENTENCE_TERMINALS):
         assert [p for _, p in streamed(f"Ab{mark}Cd{mark}", "char")] == [
             f"Ab{mark}", f"Cd{mark}"], hex(ord(mark))
+
+
+CLAUSE_MARKS = ["\uff0c", "\u3001", "\uff1b", "\uff1a", "\u060c", "\u061b"]  # ， 、 ； ： ، ؛
+
+
+@pytest.mark.parametrize("tokens", ["char", "whole"])
+@pytest.mark.parametrize("mark", CLAUSE_MARKS)
+def test_a_long_first_sentence_is_cut_at_a_full_width_or_arabic_clause_mark(mark, tokens):
+    """Review (stop 63): the long-clause cut (a first sentence past 24 characters goes out
+    at a clause mark, so the caller hears something sooner) knew only the Latin ", ; : —"
+    before whitespace: a long Chinese first sentence ("，" "、" "；" "：", no space after
+    them) or an Arabic one ("،" "؛") waited for its full stop. Those marks cut too, with
+    no space after them needed, under the same minimum length."""
+    first, rest = "一" * 30 + mark, "二" * 10 + "。"
+    as_fed = streamed(first + rest, tokens)
+    assert [piece for _, piece in as_fed] == [first, rest], as_fed
+    if tokens == "char":  # out when the character after the mark came, not at the 。
+        assert len(as_fed[0][0]) == len(first) + 1
+
+
+def test_a_long_chinese_first_sentence_goes_out_at_its_first_comma_past_the_minimum():
+    """Review (stop 63): a real reply: its first sentence is cut at the first "，" past the
+    first piece's minimum (24 characters; "您好，" is too short), the next pieces need 60,
+    so "点击设置页面，" waits for the 。 as a Latin clause of its length would."""
+    text = "您好，我可以帮您重置您的网上银行密码，然后您需要打开手机应用，点击设置页面，再选择安全选项。请稍等。"
+    assert [piece for _, piece in streamed(text, "char")] == [
+        "您好，我可以帮您重置您的网上银行密码，然后您需要打开手机应用，",
+        "点击设置页面，再选择安全选项。", "请稍等。"]
+
+
+def test_an_arabic_comma_cuts_a_long_first_sentence():
+    """Review (stop 63): Arabic writes a space after its comma "،"; it is a clause mark as
+    "," is."""
+    text = "مرحبا، يمكنني مساعدتك في إعادة تعيين كلمة المرور الخاصة بك، ثم افتح التطبيق واختر الإعدادات."
+    assert [piece for _, piece in streamed(text, "char")] == [
+        "مرحبا، يمكنني مساعدتك في إعادة تعيين كلمة المرور الخاصة بك،",
+        "ثم افتح التطبيق واختر الإعدادات."]
+
+
+def test_a_full_width_comma_between_digits_cuts_nothing():
+    """Review (stop 63): "１，０００" is a number: a clause mark between two digits is a
+    separator, as the sentence marks' rule has it."""
+    first = "您好，根据我们的记录，您的储蓄账户目前的可用余额一共是人民币１２，３４５，６７８元整，"
+    text = first + "谢谢您的耐心等待和理解。"
+    assert first.index("１２，") > 24
+    assert [piece for _, piece in streamed(text, "char")] == [first, "谢谢您的耐心等待和理解。"]
+
+
+def limited(text: str, max_chars: int, tokens: str = "char") -> list[str]:
+    chunker = SentenceChunker(min_clause_chars=1000, first_min_clause_chars=1000,
+                              max_chars=max_chars)
+    pieces: list[str] = []
+    for part in (list(text) if tokens == "char" else [text]):
+        pieces += chunker.feed(part)
+    tail = chunker.flush()
+    return pieces + ([tail] if tail else [])
+
+
+@pytest.mark.parametrize("tokens", ["char", "whole"])
+def test_the_length_cut_in_text_without_spaces_prefers_a_clause_mark(tokens):
+    """Review (stop 63): a piece never exceeds max_chars, cut at the last space before the
+    limit; CJK text has no space, so it was cut at exactly the limit, even when a clause
+    mark ("，") stood a few characters before it. Now after the last clause mark in the
+    window, else at the limit (an ideograph is a word of its own)."""
+    text = "一" * 30 + "，" + "二" * 20 + "、" + "三" * 60
+    assert limited(text, 40, tokens) == ["一" * 30 + "，", "二" * 20 + "、", "三" * 40, "三" * 20]
+
+
+@pytest.mark.parametrize("tokens", ["char", "whole"])
+@pytest.mark.parametrize("unit", [
+    "e\u0301",  # e and a combining acute accent
+    "\u0915\u093f",  # Devanagari ki: a consonant and its vowel sign
+    "\U0001F44D\U0001F3FD",  # thumbs up, medium skin tone
+    "\U0001F468\u200d\U0001F469\u200d\U0001F467",  # a family: ZWJ sequence
+    "\U0001F1EF\U0001F1F5",  # a flag: two regional indicators
+    "\u2764\ufe0f",  # a heart and its emoji variation selector
+])
+def test_the_length_cut_never_splits_a_character_from_its_marks(unit, tokens):
+    """Review (stop 63): cut at exactly max_chars code points, a letter was split from its
+    combining accent (the next piece opened with a bare "\u0301"), an emoji from its skin
+    tone, a ZWJ sequence or a flag in two: each half is spoken (or read out) as garbage.
+    The cut steps back to the last boundary between two user-perceived characters."""
+    text = unit * 40
+    pieces = limited(text, 11, tokens)
+    assert "".join(pieces) == text
+    for piece in pieces:
+        assert len(piece) <= 11 and piece == unit * (len(piece) // len(unit)), pieces
+    regex = pytest.importorskip("regex")
+    assert all(regex.fullmatch(r"\X", g) for p in pieces for g in regex.findall(r"\X", p))
+
+
+@pytest.mark.parametrize("tokens", ["char", "whole"])
+def test_the_length_cut_in_latin_text_is_still_at_the_last_space(tokens):
+    """Review (stop 63): pinned before the change: Latin text is cut at the last space
+    before max_chars, a word longer than that at the limit."""
+    assert limited("alpha beta gamma delta epsilon zeta", 20, tokens) == [
+        "alpha beta gamma", "delta epsilon zeta"]
+    assert limited("x" * 25, 10, tokens) == ["x" * 10, "x" * 10, "x" * 5]
