@@ -655,10 +655,12 @@ def test_chunker_emits_early_clauses_and_whole_sentences():
 
 
 def chunk_as_fed(text: str, tokens: str = "word") -> list[tuple[str, str]]:
-    """The pieces the chunker makes of ``text`` streamed word by word (or char by char),
-    each with the text fed when it came out (all of it for the flush's)."""
+    """The pieces the chunker makes of ``text`` streamed word by word, char by char
+    ("char") or as one token ("whole"), each with the text fed when it came out (all of it
+    for the flush's)."""
     chunker = SentenceChunker()
-    parts = [w + " " for w in text.split(" ")] if tokens == "word" else list(text)
+    parts = ([w + " " for w in text.split(" ")] if tokens == "word"
+             else [text] if tokens == "whole" else list(text))
     fed = ""
     pieces: list[tuple[str, str]] = []
     for part in parts:

@@ -9,20 +9,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.sentences import SentenceChunker
-
-
-def streamed(text: str, tokens: str) -> list[tuple[str, str]]:
-    """The pieces of ``text`` fed character by character (or as one token), each with the
-    text fed when it came out (all of it for the flush's)."""
-    chunker = SentenceChunker()
-    parts = list(text) if tokens == "char" else [text]
-    fed = ""
-    pieces: list[tuple[str, str]] = []
-    for part in parts:
-        fed += part
-        pieces += [(fed, piece) for piece in chunker.feed(part)]
-    tail = chunker.flush()
-    return pieces + ([(fed, tail)] if tail else [])
+from tests.test_agent import chunk_as_fed as streamed
 
 
 @pytest.mark.parametrize("tokens", ["char", "whole"])
