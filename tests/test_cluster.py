@@ -507,6 +507,45 @@ def test_compose_brings_its_services_back_and_names_the_replicas_through_docker_
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_compose_keeps_the_replicas_model_cache_on_a_named_volume() -> None:
+    """Review (stop 63): a replica keeps in its model cache dir (VOICEGATE_MODEL_CACHE_DIR)
+    what it built at its first start: the embedder's and Moonshine's ONNX exports, the
+    shipped negatives' vectors, and a version seeded by another embedder backend as
+    re-embedded here (minutes for a 10k-question FAQ, /readyz 503 meanwhile). The image
+    builds none of it (the Dockerfile sets no VOICEGATE_MODEL_CACHE_DIR and runs no export:
+    ~/.cache/voicegate, in the container's own layer), and docker-compose.yml mounted no
+    volume for it: every re-created container (an upgrade, --force-recreate) did it all again.
+
+    Now every replica sets the dir and mounts one shared named volume there (writes are
+    temp file + rename, temp names unique per writer: tests/test_reembedded_cache.py), at a
+    path the image ships nothing in, so the volume hides nothing an upgrade would bring."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    replicas = {name: service for name, service in compose["services"].items()
+                if name.startswith("gateway-")}
+    assert sorted(replicas) == ["gateway-1", "gateway-2"]
+    mounts = set()
+    for name, service in replicas.items():
+        path = str(service["environment"].get("VOICEGATE_MODEL_CACHE_DIR", ""))
+        assert path.startswith("/"), f"{name}: no absolute VOICEGATE_MODEL_CACHE_DIR"
+        volume = next((v.split(":")[0] for v in service.get("volumes", [])
+                       if v.split(":")[1] == path), None)
+        assert volume is not None, f"{name}: nothing mounted at {path}"
+        assert ":ro" not in next(v for v in service["volumes"] if v.startswith(volume + ":"))
+        mounts.add((volume, path))
+    # One volume shared by the replicas (one host, one image, one CPU class: the same keys),
+    # a named one (declared at the top level, not a bind mount of a host directory).
+    (volume, path), = mounts
+    assert volume in (compose.get("volumes") or {})
+    # Not over the application (WORKDIR /app) nor anything the image builds: a named volume
+    # is filled from the image only when first created, so an upgrade's files would be hidden.
+    assert not (path == "/app" or path.startswith("/app/") or "/app".startswith(path + "/"))
+    # No build step writes there (an ENV naming the same path would be harmless).
+    steps = (ROOT / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ").splitlines()
+    building = [line for line in steps if line.split()[:1] in (["RUN"], ["COPY"], ["ADD"])]
+    assert building and not [line for line in building
+                             if path in line or "MODEL_CACHE_DIR" in line or ".cache" in line]
+
+
 class NamedReplica:
     """A stand-in replica on one loopback address: ready, and says which it is."""
 

@@ -239,3 +239,40 @@ def test_old_versions_kept_files_are_pruned_per_backend(tmp_path: Path) -> None:
     reembedded.prune(models, "model#ours")
     assert sorted(p for p in models.iterdir()) == sorted(
         [*ours[:reembedded.KEEP_PER_BACKEND], theirs, export])
+
+
+def test_two_writers_of_the_same_file_never_share_a_temp_file(tmp_path: Path) -> None:
+    """Review (stop 63): docker-compose.yml now gives the replicas one shared model cache
+    volume, so two replicas write the same file names (both re-embed a version at the same
+    start, both export the same model). intents/model_cache.write_atomically writes a temp
+    file and renames it: two writers under way at once must each have their own temp file
+    (tempfile.mkstemp: a random name, created exclusively), or one would rename the other's
+    half-written file into place. Passed when written: pins the property the volume needs."""
+    import threading
+
+    from intents.model_cache import write_atomically
+
+    target = tmp_path / "reembedded-model-version.npz"
+    both_open = threading.Barrier(2, timeout=10)
+    temps: list[Path] = []
+
+    def writer(payload: bytes) -> None:
+        def build(tmp: Path) -> None:
+            temps.append(tmp)
+            tmp.write_bytes(payload[:10])
+            both_open.wait()  # both temp files exist, each half written
+            with open(tmp, "ab") as out:
+                out.write(payload[10:])
+
+        write_atomically(target, build)
+
+    payloads = (b"a" * 1000, b"b" * 2000)
+    threads = [threading.Thread(target=writer, args=(p,)) for p in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert len(temps) == 2 and temps[0] != temps[1]
+    assert all(t.parent == tmp_path for t in temps)
+    assert target.read_bytes() in payloads  # one writer's whole file, never a mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temp left
