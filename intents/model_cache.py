@@ -7,6 +7,19 @@ here (intents/reembedded.py). A file is keyed by its source's identity and the r
 version, written atomically (temp file synced to disk, rename, directory
 synced: replicas starting together and a crash mid-write or just after never leave a half
 or empty file), and built again when the cached one does not load or has no graph.
+
+Superseded exports are pruned. A source's key holds its modification time, which
+``pip install`` sets, so every image rebuild exports again under a new name. After writing
+an export, ``build_once(..., key=key)`` removes older files of the same kind: the names that
+match the new one's exactly except for the key (``minilm-int8-<16 hex>.onnx``; never
+``minilm-dynint8-*``, a temp file, or another look-alike), beyond the newest
+``KEEP_PER_KIND`` by modification time (the new one counts and is never removed). Two stay,
+so the exports of a rolling upgrade's old replicas (and of a rollback by one image) are
+still there when one of them restarts; one superseded longer ago is rebuilt once by a
+replica that still needs it. Deleting a file another process has open or mapped is safe on
+Linux (the inode lives until it is closed). A removal that fails is logged, never raised.
+A kind is assumed to have one source: the shipped model files (a second model exported
+under the same kind's names would count among its two).
 """
 
 from __future__ import annotations
@@ -14,11 +27,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("voicegate.models")
+
+# Exports of a kind kept after a new one is written (the new one included).
+KEEP_PER_KIND = 2
 
 
 def default_cache_dir() -> Path:
@@ -57,13 +74,58 @@ def _fsync(path: Path | str) -> None:
 
 
 def build_once(target: Path, build: Callable[[Path], None],
-               loads: Callable[[Path], bool] = onnx_loads) -> Path:
-    """``target``, built by ``build(temp_path)`` unless a whole one is already there."""
+               loads: Callable[[Path], bool] = onnx_loads, *, key: str | None = None) -> Path:
+    """``target``, built by ``build(temp_path)`` unless a whole one is already there.
+
+    ``key``: the source key in ``target``'s name; once a new ``target`` is written, the
+    other files of its kind beyond the newest ``KEEP_PER_KIND`` are deleted (``prune``)."""
     if target.is_file() and loads(target):
         return target
     write_atomically(target, build)
     log.info("model_cached path=%s", target)
+    if key is not None:
+        prune(target.parent, kind_pattern(target.name, key), KEEP_PER_KIND, spare=target)
     return target
+
+
+def kind_pattern(name: str, key: str) -> re.Pattern[str]:
+    """File names of ``name``'s kind: ``name`` with any lowercase hex key of ``key``'s
+    length in place of ``key`` (its last occurrence), and nothing else."""
+    at = name.rindex(key)
+    return re.compile(re.escape(name[:at]) + f"[0-9a-f]{{{len(key)}}}"
+                      + re.escape(name[at + len(key):]))
+
+
+def prune(directory: Path, pattern: re.Pattern[str], keep: int, *,
+          spare: Path | None = None, logger: logging.Logger = log,
+          event: str = "model_cache") -> None:
+    """Delete the files of ``directory`` whose whole name matches ``pattern``, beyond the
+    newest ``keep`` by modification time (``spare`` never); never raises: a failure is
+    logged (``<event>_prune_failed``), each removal too (``<event>_pruned``)."""
+    try:
+        found = []
+        for path in Path(directory).iterdir():
+            if not pattern.fullmatch(path.name):
+                continue
+            try:
+                found.append((path.stat().st_mtime_ns, path.name, path))
+            except FileNotFoundError:
+                continue  # pruned by another replica meanwhile
+    except OSError as exc:
+        logger.warning("%s_prune_failed dir=%s error=%s: %s", event, directory,
+                       type(exc).__name__, exc)
+        return
+    found.sort(reverse=True)
+    for _, _, path in found[keep:]:
+        if spare is not None and path.name == spare.name:
+            continue
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("%s_prune_failed path=%s error=%s: %s", event, path,
+                           type(exc).__name__, exc)
+            continue
+        logger.info("%s_pruned path=%s", event, path)
 
 
 def write_atomically(target: Path, build: Callable[[Path], None]) -> None:

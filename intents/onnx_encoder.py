@@ -71,7 +71,7 @@ def cached_model(model_dir: Path, cache_dir: Path, quantization: str = "blockwis
         if done.returncode != 0:
             raise EncoderExportError(f"exporting the embedder failed: {done.stderr[-1500:]}")
 
-    return build_once(cache_dir / f"{stem}-{key}.onnx", export)
+    return build_once(cache_dir / f"{stem}-{key}.onnx", export, key=key)
 
 
 def _export_int8(model_dir: Path, target: Path, quantization: str) -> None:

@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from intents import model_cache
 from intents.calibration import Thresholds
 from intents.model_cache import write_atomically
 
@@ -160,17 +161,7 @@ def keep(path: Path, *, model_name: str, version: str, digest: str, vectors: np.
 
 def prune(directory: Path, model_name: str, keep: int = KEEP_PER_BACKEND) -> None:
     """Delete ``model_name``'s kept files beyond the newest ``keep``; never raises."""
-    try:
-        found = []
-        for path in Path(directory).glob(f"{_PREFIX}{_model_key(model_name)}-*.npz"):
-            try:
-                found.append((path.stat().st_mtime_ns, path.name, path))
-            except FileNotFoundError:
-                continue  # pruned by another replica meanwhile
-        found.sort(reverse=True)
-        for _, _, path in found[keep:]:
-            path.unlink(missing_ok=True)
-            log.info("cache_reembedded_pruned path=%s", path)
-    except OSError as exc:
-        log.warning("cache_reembedded_prune_failed dir=%s error=%s: %s", directory,
-                    type(exc).__name__, exc)
+    key = "0" * 16  # kept_path's version key: any other of that length is this model's too
+    name = f"{_PREFIX}{_model_key(model_name)}-{key}.npz"
+    model_cache.prune(directory, model_cache.kind_pattern(name, key), keep, logger=log,
+                      event="cache_reembedded")

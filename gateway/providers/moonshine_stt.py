@@ -247,7 +247,7 @@ def converted_model(ort_path: Path, cache_dir: Path) -> Path:
         tmp.write_bytes(ort_to_onnx(ort_path).SerializeToString())
 
     key = source_key(ort_path, _CONVERTER_VERSION)
-    return build_once(cache_dir / f"moonshine-{ort_path.stem}-{key}.onnx", convert)
+    return build_once(cache_dir / f"moonshine-{ort_path.stem}-{key}.onnx", convert, key=key)
 
 
 def int8_model(ort_path: Path, cache_dir: Path) -> Path:
@@ -263,4 +263,5 @@ def int8_model(ort_path: Path, cache_dir: Path) -> Path:
                                       f"{done.stderr[-1500:]}")
 
     key = source_key(ort_path, f"{_CONVERTER_VERSION}:{_INT8_VERSION}:{BITS}:{BLOCK_SIZE}")
-    return build_once(cache_dir / f"moonshine-{ort_path.stem}-int8-{key}.onnx", build)
+    return build_once(cache_dir / f"moonshine-{ort_path.stem}-int8-{key}.onnx", build,
+                      key=key)
