@@ -67,6 +67,24 @@ def recorded_name(model_name: str, backend: str) -> str:
     return model_name if backend == "torch" else f"{model_name}#{backend}"
 
 
+# Kept vectors (the shipped negatives', a re-embedded version's) are checked against the model
+# before use: this many of their texts, spread over them, embedded again must agree with them
+# at least this closely (another export under the same name gives other vectors).
+CHECKED_TEXTS = 8
+AGREEMENT = 0.999
+
+
+def least_agreement(embedder: "Embedder", texts: Sequence[str], vectors: np.ndarray) -> float:
+    """The lowest cosine between ``vectors`` (kept, one per text) and the model's own for
+    ``CHECKED_TEXTS`` of ``texts``, spread over them; 1.0 for no texts."""
+    if not len(texts):
+        return 1.0
+    picks = np.unique(np.linspace(0, len(texts) - 1,
+                                  num=min(CHECKED_TEXTS, len(texts))).astype(int))
+    fresh = embedder.encode_batch([texts[i] for i in picks])
+    return float(np.min(np.sum(fresh * vectors[picks], axis=1)))
+
+
 def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags as Linux lists them (x86 ``flags``, Arm ``Features``); empty
     where /proc/cpuinfo cannot be read."""

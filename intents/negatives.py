@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from intents.csv_text import csv_rows, field_count_problem, line_problems, without_extra_boms
-from intents.embedder import Embedder, normalize_text
+from intents.embedder import AGREEMENT, Embedder, least_agreement, normalize_text
 from intents.model_cache import build_once
 
 log = logging.getLogger("voicegate.negatives")
@@ -148,9 +148,6 @@ def same_question(text: str) -> str:
 _vectors: dict[tuple[str, str], np.ndarray] = {}
 # The shipped set's vectors, per model (``shipped_vectors``).
 _shipped: dict[str, tuple[dict[str, int], np.ndarray]] = {}
-# Texts of the shipped set re-embedded to check vectors read from disk (spread over it).
-_CHECKED_TEXTS = 8
-_AGREEMENT = 0.999  # least cosine between a kept vector and the model's own
 
 
 def embed_negatives(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
@@ -196,7 +193,7 @@ def shipped_vectors(embedder: Embedder) -> tuple[dict[str, int], np.ndarray]:
     key = hashlib.sha256("\n".join((embedder.model_name, *texts)).encode("utf-8")).hexdigest()
     path = embedder.cache_dir / f"negatives-{key[:16]}.npy"
     vectors = _read_vectors(path, (len(texts), embedder.dim))
-    if vectors is not None and not _agrees(embedder, texts, vectors):
+    if vectors is not None and not least_agreement(embedder, texts, vectors) >= AGREEMENT:
         log.warning("negatives_vectors_stale path=%s", path)
         vectors = None
     if vectors is None:
@@ -211,12 +208,6 @@ def shipped_vectors(embedder: Embedder) -> tuple[dict[str, int], np.ndarray]:
     held = {text: i for i, text in enumerate(texts)}, vectors
     _shipped[embedder.model_name] = held
     return held
-
-
-def _agrees(embedder: Embedder, texts: Sequence[str], vectors: np.ndarray) -> bool:
-    picks = np.linspace(0, len(texts) - 1, num=min(_CHECKED_TEXTS, len(texts))).astype(int)
-    fresh = embedder.encode_batch([texts[i] for i in picks])
-    return bool(np.min(np.sum(fresh * vectors[picks], axis=1)) >= _AGREEMENT)
 
 
 def _read_vectors(path: Path, shape: tuple[int, int]) -> np.ndarray | None:

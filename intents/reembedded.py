@@ -44,6 +44,7 @@ import numpy as np
 
 from intents import model_cache
 from intents.calibration import Thresholds
+from intents.embedder import AGREEMENT, least_agreement
 from intents.model_cache import write_atomically
 
 log = logging.getLogger("voicegate.cache")
@@ -54,10 +55,6 @@ FORMAT = 1
 # Banking77's 10,003, plus the models blob).
 KEEP_PER_BACKEND = 3
 _PREFIX = "reembedded-"
-# Questions embedded again to check the kept vectors (spread over them), and the least
-# cosine between a kept vector and the model's own (as intents/negatives.py checks its own).
-_CHECKED_TEXTS = 8
-_AGREEMENT = 0.999
 
 
 class Mismatch(ValueError):
@@ -113,13 +110,11 @@ def read(path: Path, *, model_name: str, version: str, digest: str,
     thresholds = Thresholds.from_json(header["thresholds"])
     if thresholds.target_wrong_rate != target_wrong_rate:
         raise Mismatch(f"calibrated for a target of {thresholds.target_wrong_rate}")
-    if questions:
-        picks = np.unique(np.linspace(0, len(questions) - 1,
-                                      num=min(_CHECKED_TEXTS, len(questions))).astype(int))
-        fresh = embedder.encode_batch([questions[i] for i in picks])
-        agreement = float(np.min(np.sum(fresh * vectors[picks], axis=1)))
-        if not agreement >= _AGREEMENT:
-            raise Mismatch(f"the model no longer gives its vectors (cosine {agreement:.4f})")
+    # A few questions embedded again (intents.embedder.least_agreement), as the shipped
+    # negatives' kept vectors are checked.
+    agreement = least_agreement(embedder, questions, vectors)
+    if not agreement >= AGREEMENT:
+        raise Mismatch(f"the model no longer gives its vectors (cosine {agreement:.4f})")
     return vectors, models, thresholds
 
 

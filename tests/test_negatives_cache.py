@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from intents import negatives
-from intents.embedder import Embedder
+from intents.embedder import CHECKED_TEXTS, Embedder
 from intents.negatives import embed_negatives, negatives_for_seed
 from tests.intents_support import shared_embedder
 
@@ -67,7 +67,7 @@ def test_a_new_process_reads_the_shipped_vectors_instead_of_embedding_them(kept,
     texts = negatives_for_seed(extra, questions=["where is the nearest atm"])
     again = embed_negatives(second.inner, texts)
     # Only the few texts that check the file, and the operator's own.
-    assert second.embedded == negatives._CHECKED_TEXTS + len(extra)
+    assert second.embedded == CHECKED_TEXTS + len(extra)
     shipped = len(texts) - len(extra)
     assert np.allclose(again[:shipped], vectors, atol=1e-5)
     assert np.allclose(again[shipped:], second.inner.encode_batch(extra), atol=1e-5)
