@@ -10,9 +10,14 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from intents import reembedded
 from intents.calibration import Thresholds
+from intents.classifier import IntentClassifier
+from intents.completeness import Completeness
 from intents.embedder import Embedder
+from intents.judge import Judge
 from intents.router import Router, completeness_for_seed, models_from_bytes, train_router
 from intents.semantic_cache import SemanticCache
 from intents.store import Store, StoreError
@@ -56,6 +61,21 @@ def entries_from_manifest(manifest: dict) -> dict[str, Entry]:
             for e in manifest["entries"]}
 
 
+# What ``models_from_bytes`` reads from a version's models blob.
+Models = tuple[IntentClassifier, Judge, Completeness | None]
+
+
+def _router_from(models: Models, vectors: np.ndarray, embedder: Embedder, texts: list[str],
+                 intents: list[str], entries: dict[str, Entry], thresholds: Thresholds,
+                 negatives: Sequence[str]) -> Router:
+    """The router a version's models (``models_from_bytes``) and question vectors make."""
+    classifier, judge, completeness = models
+    if completeness is None:  # seeded before the model existed: learn it now
+        completeness = completeness_for_seed(texts, negatives)
+    return Router(embedder, classifier, judge, SemanticCache(vectors, intents), entries,
+                  thresholds, completeness)
+
+
 def _reembedded(name: str, manifest: dict, embedder: Embedder, texts: list[str],
                 intents: list[str], entries: dict[str, Entry], thresholds: Thresholds,
                 negatives: Sequence[str], embedded_by: object) -> Router:
@@ -72,11 +92,8 @@ def _reembedded(name: str, manifest: dict, embedder: Embedder, texts: list[str],
                 path, model_name=embedder.model_name, version=name, digest=digest,
                 questions=texts, embedder=embedder,
                 target_wrong_rate=thresholds.target_wrong_rate)
-            classifier, judge, completeness = models_from_bytes(blob)
-            if completeness is None:
-                completeness = completeness_for_seed(texts, negatives)
-            router = Router(embedder, classifier, judge, SemanticCache(vectors, intents),
-                            entries, kept_thresholds, completeness)
+            router = _router_from(models_from_bytes(blob), vectors, embedder, texts, intents,
+                                  entries, kept_thresholds, negatives)
         except (FileNotFoundError, NotADirectoryError):
             pass  # its first load on this disk (or no cache dir: told when not kept)
         except Exception as exc:  # noqa: BLE001 - torn, foreign, stale: recompute
@@ -120,7 +137,7 @@ def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> 
         thresholds = router.thresholds
     else:
         try:
-            classifier, judge, completeness = models_from_bytes(bundle.classifier)
+            models = models_from_bytes(bundle.classifier)
         except ValueError as exc:
             # Saved by another scikit-learn (or torn: a blob cut short inside an array reads
             # the same): train again from the stored vectors and texts (same data, same folds,
@@ -131,10 +148,8 @@ def load_cache(store: Store, embedder: Embedder, version: str | None = None) -> 
                                   target_wrong_rate=thresholds.target_wrong_rate,
                                   vectors=bundle.vectors, negatives=negatives).router
         else:
-            if completeness is None:  # seeded before the model existed: learn it now
-                completeness = completeness_for_seed(texts, negatives)
-            router = Router(embedder, classifier, judge, SemanticCache(bundle.vectors, intents),
-                            entries, thresholds, completeness)
+            router = _router_from(models, bundle.vectors, embedder, texts, intents, entries,
+                                  thresholds, negatives)
     cached: dict[str, CachedEntry] = {}
     for entry in entries.values():
         audio = store.get_audio(entry.audio_key) if entry.audio_key else None
