@@ -4,7 +4,6 @@ replica disk: the result is kept in the model cache dir and a later load reuses 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 from pathlib import Path
