@@ -43,7 +43,7 @@ import threading
 import time
 from concurrent.futures import Executor, Future
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Protocol, Sequence
 
 from intents.embedder import normalize_text
 from intents.types import RouteDecision
@@ -51,6 +51,17 @@ from intents.types import RouteDecision
 from .executors import run_in
 
 RouteMany = Callable[[Sequence[str]], list[RouteDecision]]
+
+
+class EarlyRouteMany(Protocol):
+    """A ``RouteMany`` that can answer a text before its batch ends: ``urgent()`` gives the
+    indices of the texts a final now waits for (asked while the batch runs), and
+    ``answer(i, decision)`` is called, on the routing thread, once ``texts[i]`` is decided
+    ahead of the rest. It still returns every text's decision."""
+
+    def __call__(self, texts: Sequence[str], urgent: Callable[[], Collection[int]] = ...,
+                 answer: Callable[[int, RouteDecision], None] | None = ...
+                 ) -> list[RouteDecision]: ...
 
 
 class RoutingShed(Exception):
@@ -102,7 +113,8 @@ class RoutingLanes:
             routes["cold_finals"] = gate.finals(route_many)
         return cls(**{lane: RouteBatcher(
             routes[lane], executors[lane], target_batch_ms=target_batch_ms,
-            gather_finals=lane == "cold" or (lane == "cold_finals" and gather_cold_finals))
+            gather_finals=lane == "cold" or (lane == "cold_finals" and gather_cold_finals),
+            answers_early=lane == "cold" and embed_one is not None)
             for lane in ROUTING_LANES}, is_warm=is_warm)
 
     async def route(self, text: str, urgent: bool = False) -> RouteDecision:
@@ -147,12 +159,35 @@ class FinalsFirst:
                 return route_many(texts)
         return route
 
-    def partials(self, route_many: RouteMany, embed_one: Callable[[str], object]) -> RouteMany:
-        def route(texts: Sequence[str]) -> list[RouteDecision]:
-            for text in texts:
-                self._let_finals_pass()
-                embed_one(text)
-            return route_many(texts)  # every vector cached by now: no forward pass
+    def partials(self, route_many: RouteMany, embed_one: Callable[[str], object]
+                 ) -> "EarlyRouteMany":
+        """The partials' cold lane: texts embedded one by one, waiting between them while
+        a final is routed. A final that joined one of these texts (``urgent``) is a caller
+        waiting in silence: its text is embedded next, without waiting, and decided and
+        ``answer``-ed at once, not at the batch's end (up to ``target_batch_ms`` later)."""
+        def route(texts: Sequence[str], urgent: Callable[[], Collection[int]] = frozenset,
+                  answer: Callable[[int, RouteDecision], None] | None = None
+                  ) -> list[RouteDecision]:
+            left = dict.fromkeys(range(len(texts)))  # in order; a final's first
+            answered: dict[int, RouteDecision] = {}
+            while left:
+                waiting = [j for j in urgent() if j in left]
+                if not waiting:
+                    self._let_finals_pass()
+                    waiting = [j for j in urgent() if j in left]
+                i = waiting[0] if waiting else next(iter(left))
+                del left[i]
+                embed_one(texts[i])
+                if answer is not None:  # a final's text embedded by now is decided now
+                    for j in urgent():
+                        if j not in left and j not in answered:
+                            (answered[j],) = route_many([texts[j]])
+                            answer(j, answered[j])
+            rest = [j for j in range(len(texts)) if j not in answered]
+            # Every vector cached by now: no forward pass.
+            decided = dict(zip(rest, route_many([texts[j] for j in rest]))) if rest else {}
+            decided.update(answered)
+            return [decided[j] for j in range(len(texts))]
         return route
 
     @contextmanager
@@ -177,12 +212,13 @@ class FinalsFirst:
 class _Slot:
     """One text to route and everyone waiting for its decision."""
 
-    __slots__ = ("text", "futures", "urgent")
+    __slots__ = ("text", "futures", "urgent", "decision")
 
     def __init__(self, text: str, urgent: bool) -> None:
         self.text = text
         self.futures: list[asyncio.Future[RouteDecision]] = []
         self.urgent = urgent
+        self.decision: RouteDecision | None = None  # answered before its batch ended
 
     def live(self) -> bool:
         """Somebody still waits (a call that moved on cancels its future)."""
@@ -193,11 +229,14 @@ class _Slot:
 class RouteBatcher:
     def __init__(self, route_many: RouteMany, executor: Executor, max_batch: int = 128,
                  target_batch_ms: float = 30.0, min_batch: int = 8,
-                 gather_finals: bool = True) -> None:
+                 gather_finals: bool = True, answers_early: bool = False) -> None:
         """``gather_finals``: a final waits one loop iteration for others to share its
         batch, as partials do; worth it only where a batch has a fixed cost to share (a
-        forward pass), so the warm lanes start a final's batch at once."""
+        forward pass), so the warm lanes start a final's batch at once. ``answers_early``:
+        ``route_many`` is an ``EarlyRouteMany``, and a final that joins a running batch
+        is answered as soon as its text is decided."""
         self._route_many = route_many
+        self._answers_early = answers_early
         self._gather_finals = gather_finals
         self._executor = executor
         self._max_batch = max_batch
@@ -206,7 +245,10 @@ class RouteBatcher:
         self._per_text_s = 0.0  # running estimate of one text's routing cost
         self._pending: dict[str, _Slot] = {}  # insertion order = arrival order
         self._running: dict[str, _Slot] = {}
+        self._positions: dict[str, int] = {}  # the running batch's texts: their place in it
+        self._urgent_now: frozenset[int] = frozenset()  # of those, the ones finals wait for
         self._active = False
+        self.answered_early = 0
         self.batches = 0
         self.routed = 0
         self.shed = 0
@@ -216,10 +258,14 @@ class RouteBatcher:
         future: asyncio.Future[RouteDecision] = loop.create_future()
         key = normalize_text(text)  # what the router sees: case and spacing never matter
         slot = self._running.get(key)
+        if slot is not None and slot.decision is not None:
+            return slot.decision  # decided already, ahead of its batch
         if slot is None:
             slot = self._pending.get(key)
             if slot is None:
                 slot = self._pending[key] = _Slot(text, urgent)
+        elif urgent:
+            self._hurry(key)
         # A final joining a running routing is urgent there too: a batch that breaks
         # retries its urgent texts first (_run_each).
         slot.urgent = slot.urgent or urgent
@@ -255,10 +301,26 @@ class RouteBatcher:
         if mine is not None:
             mine.futures.extend(slot.futures)
             mine.urgent = True
+            if key in self._running:
+                self._hurry(key)
             return
         slot.urgent = True
         self._pending[key] = slot
         self._wake(urgent=True)
+
+    def _hurry(self, key: str) -> None:
+        """A final waits for ``key``, in the batch under way: where the lane can, it is
+        decided next and answered at once (read by the routing thread: a new frozenset)."""
+        if self._answers_early:
+            self._urgent_now = self._urgent_now | {self._positions[key]}
+
+    def _answer_early(self, slot: _Slot, decision: RouteDecision) -> None:
+        """On the loop: a running batch's text decided ahead of the rest."""
+        slot.decision = decision
+        self.answered_early += 1
+        for future in slot.futures:
+            if not future.done():
+                future.set_result(decision)
 
     def batch_limit(self) -> int:
         """How many texts fit in ``target_batch_ms`` at the cost measured so far."""
@@ -302,13 +364,23 @@ class RouteBatcher:
             self._active = False
             return
         self._running = {normalize_text(slot.text): slot for slot in batch}
+        self._positions = {key: i for i, key in enumerate(self._running)}
+        self._urgent_now = frozenset(i for i, slot in enumerate(batch) if slot.urgent)
         # Handed to the thread here and answered from its completion, not through a task
         # awaiting run_in_executor: under load every event-loop iteration takes
         # milliseconds, and that path cost a routing two more of them (the task's first
         # step, and its resumption after the executor future's result).
         loop = asyncio.get_running_loop()
+
+        def answer(i: int, decision: RouteDecision) -> None:  # on the routing thread
+            try:
+                loop.call_soon_threadsafe(self._answer_early, batch[i], decision)
+            except RuntimeError:  # the loop is closed: nobody is left to answer
+                pass
+
         try:
-            work = self._executor.submit(self._timed_route_many, [s.text for s in batch])
+            work = self._executor.submit(self._timed_route_many, [s.text for s in batch],
+                                         answer if self._answers_early else None)
         except RuntimeError as exc:  # the executor is shut down: nobody hangs
             self._finish(batch, exc)
             return
@@ -321,9 +393,15 @@ class RouteBatcher:
 
         work.add_done_callback(done)
 
-    def _timed_route_many(self, texts: list[str]) -> tuple[list[RouteDecision], float]:
+    def _timed_route_many(self, texts: list[str],
+                          answer: Callable[[int, RouteDecision], None] | None = None
+                          ) -> tuple[list[RouteDecision], float]:
         started = time.perf_counter()
-        decisions = self._route_many(texts)
+        if answer is None:
+            decisions = self._route_many(texts)
+        else:
+            decisions = self._route_many(texts, urgent=lambda: self._urgent_now,
+                                         answer=answer)  # type: ignore[call-arg]
         return decisions, time.perf_counter() - started
 
     def _finish(self, batch: list[_Slot], work: "Future | BaseException") -> None:
@@ -344,7 +422,7 @@ class RouteBatcher:
         per_text = seconds / len(batch)
         self._per_text_s = per_text if self._per_text_s <= 0.0 else (
             0.7 * self._per_text_s + 0.3 * per_text)
-        self._running = {}
+        self._running, self._positions, self._urgent_now = {}, {}, frozenset()
         self.batches += 1
         self.routed += len(batch)
         for slot, decision in zip(batch, decisions):

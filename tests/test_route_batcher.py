@@ -618,6 +618,57 @@ def test_lanes_split_partials_only_where_texts_share_no_pass(executor) -> None:
 
     asyncio.run(route_cold_partials(RoutingLanes.build(router, executors, lambda t: False)))
     assert embedded == [] and router.batches == [["a b", "a b c"]]
-    asyncio.run(route_cold_partials(RoutingLanes.build(
-        router, executors, lambda t: False, embed_one=embedded.append)))
+    split = RoutingLanes.build(router, executors, lambda t: False, embed_one=embedded.append)
+    asyncio.run(route_cold_partials(split))
     assert embedded == ["a b", "a b c"] and router.batches[-1] == ["a b", "a b c"]
+    # Only that lane can answer a final joining its batch before the batch ends.
+    assert [lane for lane in ROUTING_LANES if getattr(split, lane)._answers_early] == ["cold"]
+
+
+async def test_a_final_joining_a_running_partials_batch_is_answered_before_the_rest():
+    """Review (stop 64): a final whose words were in the partials' cold batch under way
+    joined it and waited for the whole batch (every other call's forward pass, up to
+    ``target_batch_ms``): stop 63's per-turn metrics showed hits decided 15-26 ms after
+    their final. Its text is now embedded next and its caller answered at once."""
+    embedded: list[str] = []
+    routed: list[list[str]] = []
+    first_started, release_first = threading.Event(), threading.Event()
+
+    final_answered = threading.Event()
+
+    def embed_one(text: str) -> None:
+        if not embedded:
+            first_started.set()
+            assert release_first.wait(10)
+        elif text != "my card is lost":  # the rest wait until the final was answered
+            final_answered.wait(10)
+        embedded.append(text)
+
+    def route_many(texts: Sequence[str]) -> list[RouteDecision]:
+        routed.append(list(texts))
+        return [miss(t, "routed") for t in texts]
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        batcher = RouteBatcher(FinalsFirst().partials(route_many, embed_one), pool,
+                               answers_early=True)
+        partials = [asyncio.ensure_future(batcher.route(t))
+                    for t in ("my", "where is", "my card is lost", "how do i")]
+        await _until(first_started.is_set)  # "my" is being embedded: the batch runs
+        final = asyncio.ensure_future(batcher.route("My card is LOST", urgent=True))
+        await asyncio.sleep(0)
+        release_first.set()
+        decision = await asyncio.wait_for(final, 5)
+        final_answered.set()
+        assert decision.text == "my card is lost"
+        assert embedded[:2] == ["my", "my card is lost"]  # embedded next, not third
+        assert ["my card is lost"] in routed  # decided alone, ahead of the batch
+        decisions = await asyncio.gather(*partials)
+        assert [d.text for d in decisions] == ["my", "where is", "my card is lost",
+                                               "how do i"]
+        assert routed[-1] == ["my", "where is", "how do i"]  # not decided twice
+        assert batcher.answered_early == 1
+    finally:
+        final_answered.set()
+        release_first.set()
+        pool.shutdown(wait=True)
