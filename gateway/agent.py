@@ -105,6 +105,11 @@ HOLD_PHRASES: tuple[str, ...] = (
     "Still checking, thanks for waiting.",
     "Thanks for holding, I'm still working on it.",
 )
+# transfer_to_person's result in the context, and what it becomes when the caller stops the
+# handoff message before the transfer is made (``Conversation.transfer_not_made``).
+TRANSFER_UNDER_WAY = "the caller is being transferred to a person"
+TRANSFER_NOT_MADE = ("not transferred: the caller spoke over the handoff message and is "
+                     "still on the line with you")
 HANDOFF_MESSAGE = "I'm going to connect you with a colleague who can help. Please stay on the line."
 # A stage of the reply failed (a TTS or LLM error): the call goes on and the caller says it again.
 APOLOGY_MESSAGE = "Sorry, I had a problem on my side. Could you say that again?"
@@ -224,6 +229,19 @@ class Conversation:
 
     def add_tool_result(self, call: ToolCall, content: str) -> None:
         self.history.append({"role": "tool", "tool_call_id": call.id, "content": content})
+
+    def transfer_not_made(self) -> None:
+        """The handoff message of a ``transfer_to_person`` call was stopped (the caller
+        talked over it) before the transfer was made: its result in the last exchange says
+        so, not that the caller is being transferred (the next turn's model would believe
+        a transfer under way)."""
+        under_way = json.dumps({"result": TRANSFER_UNDER_WAY})
+        start = self._last_exchange_start()
+        for index in range(start, len(self.history)):
+            message = self.history[index]
+            if message["role"] == "tool" and message.get("content") == under_way:
+                self.history[index] = {**message,
+                                       "content": json.dumps({"result": TRANSFER_NOT_MADE})}
 
     def messages(self) -> list[dict[str, Any]]:
         self.trim()
@@ -730,7 +748,7 @@ class Agent:
                         "error": f"{call.name} was not run: the caller was being transferred "
                                  "to a person"}))
                 conversation.add_tool_result(transfer, json.dumps(
-                    {"result": "the caller is being transferred to a person"}))
+                    {"result": TRANSFER_UNDER_WAY}))
                 reason = _transfer_reason(transfer)
                 outcomes = getattr(self.runner, "outcomes", None)
                 if outcomes is not None:  # voicegate_tool_calls_total{outcome="handoff"}

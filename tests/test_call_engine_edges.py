@@ -1165,3 +1165,29 @@ async def test_an_apology_the_output_fails_is_counted_and_nothing_more_is_sent()
     assert [e["code"] for e in h.output.of("error")] == ["tts_failed"]
     assert failed[0]["source"] == "apology", failed
     assert [e for e in failed if e.get("type") == "error"] == [], failed  # none tried
+
+
+async def test_a_handoff_message_the_caller_stops_leaves_no_transfer_claim_in_the_context():
+    """Review (stop 64): the model called transfer_to_person; the caller talked over the
+    handoff message ("actually never mind ..."), which stopped it before the transfer was
+    made, and the call went on with the bot. The agent's context still answered the call
+    with "the caller is being transferred to a person": the next turn's model believed a
+    transfer under way (it would tell the caller to hold for a colleague nobody was
+    calling). The tool's result now says the transfer was not made."""
+    from gateway.providers.base import ToolCall
+    h = CallHarness()
+    h.llm.tool_calls = [ToolCall("c1", "transfer_to_person", '{"reason": "asked"}')]
+    await h.start()
+    await h.text("can I talk to a person")
+    await h.wait(100)  # the handoff message plays (300 ms)
+    assert [e["source"] for e in h.output.of("response")] == ["handoff"]
+    h.llm.reply = "Sure."
+    await h.text("actually never mind, what are your hours")
+    await h.wait(1500)
+    await h.stop()
+    assert h.output.of("interrupt"), "the handoff message was not stopped"
+    request = h.llm.requests[-1]
+    results = [m["content"] for m in request if m["role"] == "tool"]
+    assert len(results) == 1, request
+    assert "being transferred" not in results[0], results
+    assert "not transferred" in results[0], results

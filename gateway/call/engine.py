@@ -1129,6 +1129,10 @@ class Call:
             # ``_typed_turn`` carries its words into the next turn, which asks them. This
             # one asked nothing: no hit or miss (nor a missed question of half the words).
             unasked = tl.info.get("input") != "dtmf" and not tl.answered
+            if "handoff" in tl.info and not tl.info.get("transferred"):
+                # The handoff message was stopped before its transfer: the caller stays
+                # with the bot, and a transfer_to_person result must not say otherwise.
+                self.conversation.transfer_not_made()
             if keys and not tl.answered and not self._transferred:
                 # Nothing said: the keys it took up go on to the next turn, never lost
                 # (``_typed_turn`` puts its words after them, as they came).
