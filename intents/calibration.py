@@ -19,9 +19,15 @@ target, and the share of out-of-domain negatives answered (a point estimate: a b
 1,267 negatives would allow two) stays at or below ``out_of_domain_target``. A point
 estimate on the seed lands below its target on questions the seed never saw (measured: a
 99% target gave 98.5-98.9%); the bound keeps the promise with margin. A seed too small to bound the rate (fewer than about
-300 held-out hits for a 1% target) falls back on the point estimate over at least
-``min_unbounded_hits`` held-out hits (50 at 1%), and says so (``Thresholds.bounded``, the seed
-report): its precision is then a measurement on few questions, not a promise.
+300 held-out hits for a 1% target: even none of them wrong would not bound it) falls back on
+the point estimate over at least ``min_unbounded_hits`` held-out hits (50 at 1%), and says so
+(``Thresholds.bounded``, the seed report): its precision is then a measurement on few
+questions, not a promise. A seed large enough to bound the target whose held-out answers do
+not meet the bound at any threshold serves nothing at that target and says why (wrong too
+often, not too small): falling back there let a stricter target get a looser threshold than
+a looser one met with its bound. Across the line between the two (a target the seed is too
+small to bound beside a looser one it bounds) the point estimate can still serve more; the
+report says which rule gave the threshold.
 
 Held-out questions whose intent has no other question in the training folds act
 as "unseen intent" probes: any hit on them is counted as a wrong answer.
@@ -56,8 +62,8 @@ model's vectors; a new sample of the same 2,002 train questions): right at 1.0 /
 where the stricter target gives no higher threshold serves transcripts at the typed one
 (``transcript_strict`` False), as before: one too small to bound the stricter target
 falls back on its point estimate, which finds no threshold or one the typed threshold
-already meets (the shipped example, 229 questions; the voice-to-voice bench's seed, 800).
-Banking77's 10,003 questions bound it.
+already meets (the shipped example, 229 questions); one large enough to bound it whose
+answers miss it gets no stricter threshold either. Banking77's 10,003 questions bound it.
 """
 
 from __future__ import annotations
@@ -97,7 +103,9 @@ class Thresholds:
     min_similarity: float  # below: out of scope (no intent)
     hit_confidence: float  # the judge's confidence that the intent is right, at least
     target_wrong_rate: float  # promised: wrong cached answers / cached answers served
-    bounded: bool  # True: the promise holds at ``confidence_level``; False: seed too small
+    # True: the seed is large enough to bound the target, and the promise holds at
+    # ``confidence_level`` (vacuously when nothing is served); False: seed too small.
+    bounded: bool
     confidence_level: float
     wrong_rate_bound: float  # upper bound on the wrong-answer rate at the chosen threshold
     expected_hit_rate: float  # held-out FAQ (action answer) questions served from the cache
@@ -133,6 +141,15 @@ class Thresholds:
         """What the calibration promises, in an operator's words. Targets are printed as
         given, never rounded (a 0.25% target is no "99.8%" promise)."""
         precision = _percent(1.0 - self.target_wrong_rate)
+        if self.hit_confidence >= NEVER and self.bounded:
+            return (f"no cached answer is served: this seed's {self.calibration_questions} "
+                    f"held-out questions are enough to bound a {precision} promise at "
+                    f"{self.confidence_level:.0%} confidence, but no threshold met it: its "
+                    "held-out cached answers are wrong too often for this promise (or more "
+                    f"than {_percent(self.out_of_domain_target)} of its {self.negatives} "
+                    "unrelated questions get one), so every question goes to the agent; "
+                    "loosen the target (a larger wrong-answer rate) or fix the seed's "
+                    "questions that get the wrong intent")
         if self.hit_confidence >= NEVER:
             return (f"no cached answer is served: on this seed no threshold kept wrong answers "
                     f"under {_percent(self.target_wrong_rate)} over enough held-out answers "
@@ -156,10 +173,12 @@ class Thresholds:
         if self.transcript_expected_hit_rate is None or self.hit_confidence >= NEVER:
             return ""  # calibrated before transcripts had a threshold, or nothing is served
         if not self.transcript_strict:
+            why = ("no higher threshold keeps the held-out answers' wrong ones bounded under it"
+                   if self.bounded else "too few held-out answers to bound it")
             return (f"; spoken questions are served at the same threshold: this seed gives "
                     f"no stricter one at a "
                     f"{_percent(self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR)} "
-                    f"target (too few held-out answers to bound it)")
+                    f"target ({why})")
         return (f"; spoken questions need more certainty (recognition errors make a "
                 f"transcript's answer wrong more often): the threshold of a "
                 f"{_percent(self.target_wrong_rate * TRANSCRIPT_TARGET_FACTOR)} target, which "
@@ -394,7 +413,10 @@ def calibrate(held_out: HeldOut, answer_intents: Collection[str],
                         confidence)
     judge = Judge().fit(rows, outcome)
     if choice is None:
-        threshold, served, wrongs, bounded, bound, neg_hits = NEVER, 0, 0, False, 1.0, 0
+        # Nothing served; ``bounded`` tells a seed too small to bound the target from one
+        # that could but whose held-out answers miss it (``Thresholds.promise``).
+        threshold, served, wrongs, bound, neg_hits = NEVER, 0, 0, 1.0, 0
+        bounded = can_bound(len(scores), target_wrong_rate, confidence)
     else:
         threshold, served, wrongs, bounded, bound, neg_hits = choice
     hit_sims = h.nearest_similarity[mine][scores >= threshold]
@@ -443,7 +465,10 @@ def _loosest(scores: np.ndarray, wrong: np.ndarray, neg_scores_desc: np.ndarray,
              negatives: int, target: float, neg_target: float, confidence: float
              ) -> tuple[float, int, int, bool, float, int] | None:
     """(threshold, served, wrong, bounded, bound, negatives served) of the loosest threshold
-    meeting the bound, else the point estimate with one imagined mistake, else None."""
+    meeting the bound, else None; on a seed too small for the bound (``can_bound`` false
+    even with no wrong answer among all its ``scores``) the loosest whose point estimate
+    meets the target over at least ``min_unbounded_hits``, else None. A seed that can bound
+    the target never falls back: a stricter target would get a looser threshold."""
     if not len(scores):
         return None
     order = np.argsort(-scores, kind="stable")
@@ -456,12 +481,19 @@ def _loosest(scores: np.ndarray, wrong: np.ndarray, neg_scores_desc: np.ndarray,
     bound = wrong_rate_bound(wrongs, served, confidence)
     # Out-of-domain answers: the point estimate (a bound on 1,267 negatives would allow two).
     neg_ok = neg_served <= neg_target * max(negatives, 1)
-    for bounded, ok in ((True, (bound <= target) & neg_ok),
-                        (False, (wrongs / served <= target) & (served >= min_unbounded_hits(target))
-                         & neg_ok)):
-        good = np.flatnonzero(ok & last_of_tie)
-        if len(good):
-            i = int(good.max())
-            return (float(s[i]), int(served[i]), int(wrongs[i]), bounded, float(bound[i]),
-                    int(neg_served[i]))
-    return None
+    if can_bound(len(s), target, confidence):
+        bounded, ok = True, bound <= target
+    else:  # no threshold can meet the bound: the point estimate, over enough hits
+        bounded, ok = False, (wrongs / served <= target) & (served >= min_unbounded_hits(target))
+    good = np.flatnonzero(ok & neg_ok & last_of_tie)
+    if not len(good):
+        return None
+    i = int(good.max())
+    return (float(s[i]), int(served[i]), int(wrongs[i]), bounded, float(bound[i]),
+            int(neg_served[i]))
+
+
+def can_bound(hits: int, target: float, confidence: float = CONFIDENCE) -> bool:
+    """Whether ``hits`` held-out answers, none of them wrong, would bound ``target``: a seed
+    that can is held to the bound, one that cannot falls back on its point estimate."""
+    return bool(wrong_rate_bound(0, hits, confidence) <= target)

@@ -17,8 +17,8 @@ from sklearn.linear_model import LogisticRegression
 
 import intents.router
 from cache_seed import route_lines
-from intents.calibration import (NEVER, TRANSCRIPT_TARGET_FACTOR, HeldOut, Thresholds, calibrate,
-                                 cross_validate, wrong_rate_bound)
+from intents.calibration import (NEVER, TRANSCRIPT_TARGET_FACTOR, HeldOut, Thresholds, _loosest,
+                                 calibrate, cross_validate, wrong_rate_bound)
 from intents.classifier import (OUT_OF_DOMAIN, TWO_VIEWS, IntentClassifier, _char_ngrams,
                                 fitted_probabilities)
 from intents.embedder import Embedder
@@ -598,3 +598,40 @@ def test_verbatim_override_never_serves_a_text_two_intents_hold_word_for_word() 
                 wrong.append((text, decision.intent, round(decision.certainty, 3),
                               decision.reason))
     assert not wrong, f"another intent's answer served as 'verbatim': {wrong}"
+
+
+def test_a_stricter_target_never_falls_back_to_a_looser_threshold_on_a_seed_that_can_bound_it(
+) -> None:
+    """Review (stop 64): a target whose bound was not met fell back on the point estimate
+    whatever the seed's size, so on a seed large enough to bound it a stricter promise could
+    get a looser router: here 0.3% served all 2,000 held-out hits (5 wrong) where 0.5%, met
+    with its bound, served 1,981 (4 wrong). The point estimate is for seeds too small to
+    bound the target at all; a seed that can bound it and does not meet it serves nothing."""
+    n = 2000
+    scores = np.linspace(1.0, 0.0, n)
+    wrong = np.zeros(n, dtype=bool)
+    wrong[[400, 1000, 1600, 1980, 1981]] = True
+    assert wrong_rate_bound(0, n) <= 0.003  # this seed can bound either target
+    loose = _loosest(scores, wrong, np.array([]), 0, 0.005, 1.0, 0.95)
+    assert loose is not None and loose[3] and loose[1] == 1981
+    assert _loosest(scores, wrong, np.array([]), 0, 0.003, 1.0, 0.95) is None
+    # A seed too small to bound the target still falls back on its point estimate.
+    small = _loosest(scores[:250], wrong[:250], np.array([]), 0, 0.01, 1.0, 0.95)
+    assert wrong_rate_bound(0, 250) > 0.01
+    assert small is not None and not small[3] and small[1] == 250
+
+
+def test_a_seed_that_could_bound_the_target_but_misses_it_serves_nothing_and_says_why() -> None:
+    """Review (stop 64): 1,008 held-out questions, 8 of them wrong and indistinguishable from
+    the right ones: enough to bound 1%, wrong too often for it (bound 1.4%). The cache served
+    every one on the point estimate (99.2% right) and told the operator the seed was "too
+    small to bound the precision" and to add paraphrases."""
+    held = _held_out(["a"] * 1000 + ["b"] * 8, ["a"] * 1008, [0.9] * 1008, [0.8] * 1008,
+                     negatives=([0.4] * 700, [0.1] * 700))
+    t, _ = calibrate(held, {"a", "b"}, target_wrong_rate=0.01)
+    assert t.hit_confidence == NEVER and t.expected_hit_rate == 0.0
+    assert t.bounded  # not a seed too small: one that could bound the promise
+    promise = t.promise()
+    assert "no cached answer is served" in promise and "too small" not in promise
+    assert "wrong too often" in promise and "loosen the target" in promise
+    assert "spoken" not in promise  # nothing is served, typed or spoken
