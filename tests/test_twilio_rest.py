@@ -376,3 +376,35 @@ async def test_a_handoff_with_no_number_to_call_is_a_failed_transfer():
                           call_sid=CALL_SID)
     with pytest.raises(CallControlError, match="VOICEGATE_HANDOFF_NUMBER"):
         await output.transfer("intent talk_to_person is routed to a human")
+
+
+@pytest.mark.parametrize("forwarded, scheme", [("wss", "https"), (None, "http")])
+async def test_the_transfers_way_back_is_an_http_url_whatever_scheme_the_upgrade_came_with(
+        settings, runtime, rest, forwarded, scheme):
+    """Review (stop 64): without VOICEGATE_PUBLIC_URL the stream took its base URL from its
+    own WebSocket upgrade, whose scheme is `ws`/`wss` (Starlette's for a WebSocket, or the
+    `X-Forwarded-Proto: wss` Traefik sets on upgrades), and wrote it into the transfer's
+    `<Dial action>`: `wss://host/twilio/dial-ended`, a URL Twilio cannot request. A caller
+    whose desk did not answer was not given back to the bot. The base is an HTTP URL (the
+    webhooks'): `wss` is `https`, `ws` is `http`; the stream's own URL stays `wss`/`ws`."""
+    fake, api = rest
+    server = BackgroundServer(settings.replace(
+        twilio_auth_token=AUTH_TOKEN, handoff_number=NUMBER, twilio_api_url=api.url,
+        keypad={"0": "handoff"}, idle_prompt_s=0), runtime).start()
+    try:
+        host = server.base_url.split("://", 1)[1]
+        signed = f"{'wss' if forwarded else 'ws'}://{host}/twilio/stream"
+        headers = {"X-Twilio-Signature": RequestValidator(AUTH_TOKEN).compute_signature(
+            signed, {})}
+        if forwarded:
+            headers["X-Forwarded-Proto"] = forwarded
+        line = TwilioLine(f"ws://{host}/twilio/stream", call_sid="CA" + "12" * 16,
+                          stream_sid="MZ" + "cd" * 16, headers=headers)
+        async with line:
+            await press(line, "0")  # the keypad map's handoff
+            await line.wait_until(lambda: bool(fake.requests), timeout=30)
+    finally:
+        server.stop()
+    (request,) = fake.requests
+    assert f'<Dial action="{scheme}://{host}/twilio/dial-ended">' in request["form"]["Twiml"], \
+        request["form"]["Twiml"]

@@ -89,13 +89,22 @@ def stream_generation(resumed: str) -> int:
     return max(1, int(resumed)) if _LOST.fullmatch(resumed) else 1
 
 
+# A WebSocket upgrade's scheme (Starlette's for one, or the X-Forwarded-Proto some proxies,
+# Traefik among them, set on upgrades) as the HTTP base it stands for.
+_HTTP_SCHEME = {"wss": "https", "ws": "http"}
+
+
 def public_base_url(request: HTTPConnection, public_url: str) -> str:
-    """The gateway's base URL as Twilio sees it: the setting, else Host + X-Forwarded-Proto."""
+    """The gateway's base URL as Twilio sees it: the setting, else Host + X-Forwarded-Proto.
+    An HTTP URL (the webhooks' base) also when taken from the stream's WebSocket upgrade:
+    a `wss` scheme is `https` (``stream_url`` makes it `wss` again), so the `<Dial action>`
+    a stream writes is a URL Twilio can request."""
     if public_url:  # its scheme as Twilio reads it ("HTTPS" is https; TwiML's wss too)
         scheme, sep, rest = public_url.rstrip("/").partition("://")
         return f"{scheme.lower()}{sep}{rest}"
     proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
     scheme = proto or request.url.scheme
+    scheme = _HTTP_SCHEME.get(scheme, scheme)
     host = request.headers.get("host") or request.url.netloc
     return f"{scheme}://{host}"
 
