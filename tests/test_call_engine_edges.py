@@ -714,12 +714,17 @@ async def test_a_barge_in_on_a_reply_not_begun_reports_none_of_it_heard():
 
 
 class _SlowMetricsOutput(RecordingOutput):
-    """turn_metrics recorded at once, then 100 ms of the clock to drain (a socket's send)."""
+    """turn_metrics recorded at once, then ``drain_s`` of the clock to drain (a socket's
+    send)."""
+
+    def __init__(self, clock: Any, drain_s: float = 0.1) -> None:
+        super().__init__(clock)
+        self._drain_s = drain_s
 
     async def send_event(self, event: dict[str, Any]) -> None:
         await super().send_event(event)
         if event["type"] == "turn_metrics":
-            await self._clock.sleep(0.1)
+            await self._clock.sleep(self._drain_s)
 
 
 async def test_a_barge_in_after_the_last_frame_reports_the_whole_reply_heard():
@@ -743,6 +748,46 @@ async def test_a_barge_in_after_the_last_frame_reports_the_whole_reply_heard():
         assert (interrupt["turn"], interrupt["heard_ms"], interrupt["sent_ms"]) == \
             (1, 500, 500), interrupt
         await h.wait(1000)
+    finally:
+        await h.stop()
+
+
+async def test_noise_that_holds_a_reply_after_its_last_frame_is_resumed():
+    # A cough begins as the answer's last frames play; it is confirmed as speech (400 ms)
+    # once they have all been sent, the reply's task still ending (its turn_metrics
+    # drain): the reply is held, `interrupt` sent. The cough's final holds no words, but
+    # ReplyStage.resume found no playout (closed once its last frame played) and
+    # _resume_reply said nothing: the client never got its `resume` (client.py counted the
+    # answer cut by the caller, the page showed it stopped), and the reply stage stayed
+    # frozen until the next reply.
+    h = CallHarness()
+    h.output = _SlowMetricsOutput(h.clock, drain_s=1.0)
+    h.call = Call(h.deps, h.output, RATE, call_id="test-call")
+    h.llm.reply = "Our branches open at nine."  # 500 ms of speech
+    await h.start()
+    try:
+        await h.text("when do you open")
+        await h.wait(300)
+        assert h.call.speaking and not h.output.of("turn_metrics", turn=1)
+        await h.feed(tone(450, NOISE))  # confirmed 400 ms in: after the last frame
+        (interrupt,) = h.output.of("interrupt")
+        assert h.output.of("turn_metrics", turn=1)  # the reply had played out, task ending
+        assert h.call._held is not None and (interrupt["turn"], interrupt["sent_ms"]) == \
+            (1, 500), interrupt
+        await h.silence(600)  # the cough's turn ends; its final holds no words
+        assert h.call._held is None
+        (resume,) = h.output.of("resume")
+        assert (resume["turn"], resume["from_ms"]) == (1, interrupt["heard_ms"]), resume
+        assert h.output.events.index(resume) > h.output.events.index(interrupt)
+        assert not h.call._reply.held and h.call._reply.heard_ms() == 0.0
+        assert h.stats.snapshot()["errors"]["false_interruption"] == 1
+        frames = len(h.output.frames)
+        await h.wait(1500)
+        assert len(h.output.frames) == frames  # nothing of the reply is sent again
+        h.llm.reply = "Hello there."
+        await h.text("thanks")
+        await h.wait(1500)
+        assert h.output.of("response", turn=3) and h.output.of("interrupt") == [interrupt]
     finally:
         await h.stop()
 

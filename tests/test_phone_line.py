@@ -532,7 +532,8 @@ async def test_speech_just_after_the_goodbye_is_settled_before_the_hang_up(sound
         await h.stop()
     else:
         types = [e["type"] for e in h.output.events]
-        assert types[types.index("interrupt") + 1:] == ["hangup"]
+        # The client is told the interrupt is taken back (nothing follows), then `hangup`.
+        assert types[types.index("interrupt") + 1:] == ["resume", "hangup"]
         assert (h.output.hangups_done, h.output.hangups_abandoned) == (1, 0)
         assert await ended(h) and h.call.ended == "idle"
     assert sources(h) == ["llm", "prompt", "goodbye"] + (["llm"] if sound == "words" else [])
@@ -563,8 +564,9 @@ async def test_speech_stopping_the_reply_queued_behind_the_goodbye_as_its_hold_e
     await h.wait(3000)
     types = [e["type"] for e in h.output.events]
     first = types.index("interrupt")
-    # The speech was confirmed before `hangup` went out (the race happened) ...
-    assert types[first + 1:] == ["interrupt", "hangup"]
+    # The noise's hold ended (`resume`, nothing left to play); the speech was confirmed
+    # before `hangup` went out (the race happened) ...
+    assert types[first + 1:] == ["resume", "interrupt", "hangup"]
     # ... and the hang-up it raced still ran to its end: the call closed.
     assert (h.output.hangups_done, h.output.hangups_abandoned) == (1, 0)
     assert await ended(h) and h.call.ended == "idle"

@@ -164,10 +164,19 @@ class ReplyStage:
     def resume(self) -> float | None:
         """The barge-in was noise: play on from the frame the caller last heard.
 
-        Returns that position (ms), or None when there is no held reply."""
+        Returns that position (ms), or None when there is no held reply. A reply that
+        had sent its last frame when the barge-in held it (its task still ending) has
+        nothing to play on: the hold ends, and the caller heard ``heard`` of it, as the
+        interrupt said. Not one that failed under the hold: ``release`` ends that hold,
+        and the apology plays afresh."""
         playout, heard = self._playout, self._frozen_heard_ms
-        if playout is None or heard is None:
+        if heard is None:
             return None
+        if playout is None:
+            if self._ended is None:  # closed under the hold (it failed): ``release``
+                return None
+            self._frozen_heard_ms = None
+            return heard
         self._frozen_heard_ms = None
         replay_from = playout.resume_from(heard)
         if self._confirms is not None:  # marks count from where the replay starts
