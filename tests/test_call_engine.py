@@ -576,6 +576,33 @@ async def test_a_bug_in_handling_a_partial_loses_that_partial_not_the_next():
     assert "stt_failed" not in h.stats.errors
 
 
+async def test_a_typed_utterance_emptied_before_its_final_ends_as_an_empty_turn():
+    """Review (stop 64): partials typed and then an empty final (the caller typed words and
+    deleted them before submitting) took a turn number and ended it with no `turn_metrics`:
+    a client waiting for that utterance's metrics (Caller.say_text) waited forever, the next
+    turn's number skipped one, and the partials' routing counts went to the next turn. It
+    ends now as a spoken final with no words does: an empty turn, `empty` true."""
+    h = CallHarness()
+    await h.start()
+    await h.text("where is my", final=False)
+    await h.text("where is my parcel", final=False)
+    await h.wait(300)
+    await h.text("  ", final=True)
+    await h.wait(500)
+    empty = h.metrics()
+    assert [m["turn"] for m in empty] == [1], empty
+    assert empty[0]["empty"] is True and empty[0]["input"] == "text"
+    assert empty[0]["partials_routed"] == 1  # its own partials, counted in its turn
+    assert empty[0].get("source") is None and empty[0].get("route_decided_ms") is None
+    await h.text("what are your hours")
+    await h.wait(3000)
+    assert [m["turn"] for m in h.metrics()] == [1, 2]
+    assert not h.output.of("route", turn=1)
+    # The emptied utterance's partials were its own: the next turn routed none.
+    assert h.metrics()[1].get("partials_routed", 0) == 0, h.metrics()[1]
+    await h.stop()
+
+
 async def test_an_empty_typed_message_stops_nothing():
     # An empty submit (nothing typed before it) says nothing: the reply plays on; it used
     # to barge in, and the caller was left in silence with nothing to answer.

@@ -939,6 +939,15 @@ class Call:
             self._start_reply(tl, self._typed_turn(tl, text, utterance),
                               if_never_ran=lambda: self._carry_unanswered(_said(text), tl))
         else:
+            # Partials typed, then an empty final (the words deleted before the submit): a
+            # turn all the same, ended with its metrics as a spoken final with no words is
+            # (``empty``: a client waiting for this utterance's metrics gets them), its
+            # partials' counts and routing its own, not the next turn's.
+            logs.event(log, "empty_turn", turn=tl.turn)
+            tl.info["empty"] = True
+            await self._unrouted_turn(tl, counted=False,
+                                      first=self._speculation.reset(utterance),
+                                      utterance=utterance)
             self._idle.quiet_unless_busy()  # nothing to answer, as above
 
     async def _typed_turn(self, tl: TurnTimeline, text: str, utterance: int) -> None:
