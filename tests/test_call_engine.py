@@ -576,6 +576,30 @@ async def test_a_bug_in_handling_a_partial_loses_that_partial_not_the_next():
     assert "stt_failed" not in h.stats.errors
 
 
+@pytest.mark.parametrize("partial", ["", "   ", "\n"])
+async def test_an_empty_partial_with_nothing_typed_stops_nothing(partial):
+    """Review (stop 64): a `final: false` text with no words and nothing typed before it
+    barged in on the reply playing (`interrupt`, cause `text`), though it says nothing: a
+    client relaying a streaming STT's interim results (the doc's use of partials; Deepgram
+    sends empty ones in silence and noise) or a chat box's content as it changes (cleared)
+    cut the bot off and left the caller in silence with nothing to answer. Only an empty
+    final was exempt; an empty partial now stops nothing either."""
+    h = CallHarness()
+    h.llm.reply = LONG_REPLY
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1000)
+    assert h.call.replying
+    await h.text(partial, final=False)
+    await h.wait(500)
+    assert not h.output.of("interrupt") and h.call.replying
+    # Typing words after it is a typed utterance as ever: it interrupts.
+    await h.text("what are", final=False)
+    await h.wait(100)
+    assert [e["cause"] for e in h.output.of("interrupt")] == ["text"]
+    await h.stop()
+
+
 async def test_a_typed_utterance_emptied_before_its_final_ends_as_an_empty_turn():
     """Review (stop 64): partials typed and then an empty final (the caller typed words and
     deleted them before submitting) took a turn number and ended it with no `turn_metrics`:

@@ -909,9 +909,11 @@ class Call:
             # The call hangs up: `hangup` told the client it is over, so nothing may follow
             # it (no transcript, no reply); the call just closes.
             return
-        if final and not self._typing and not normalize_text(text):
+        if not self._typing and not normalize_text(text):
             # An empty submit with nothing typed before it says nothing: it stops nothing
-            # (a barge-in here left the caller in silence with nothing to answer).
+            # (a barge-in here left the caller in silence with nothing to answer). Nor does
+            # an empty partial: a streaming STT's empty interim result relayed, a chat box
+            # cleared; it begins no typed utterance.
             return
         self._caller_active()
         if self.replying:
