@@ -25,8 +25,8 @@ from redis.exceptions import (ClusterDownError, ConnectionError, OutOfMemoryErro
                               ReadOnlyError, RedisError, ResponseError, TryAgainError)
 from redis.retry import Retry
 
-from intents.redis_store import (LOADING_SAID, MISCONF_SAID, RedisKeys, cannot_persist,
-                                 redacted, refused_credentials, still_loading)
+from intents.redis_store import (LOADING_SAID, RedisKeys, cannot_persist, redacted,
+                                 refused_credentials, refused_writes, still_loading)
 
 from . import logs
 
@@ -63,11 +63,13 @@ def open_async_client(url: str, timeout_s: float = 5.0, *,
 
 def failure_said(exc: BaseException) -> str:
     """A Redis failure as an operator reads it: what Redis is doing (loading its dataset,
-    refusing writes for want of a disk) said plainly, else the error's type and message."""
+    refusing writes: for want of a disk, as a read-only replica, for want of memory) said
+    plainly, as a publish says it, else the error's type and message."""
     if still_loading(exc):
         return f"Redis {LOADING_SAID} (tried again later): {exc}"
-    if cannot_persist(exc):
-        return f"{MISCONF_SAID}. Redis said: {exc}"
+    said = refused_writes(exc)
+    if said:
+        return f"{said}. Redis said: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -241,6 +241,16 @@ def redacted(url: str) -> str:
 # stop-writes-on-bgsave-error yes, or a failed AOF write): an operator's fix, not an outage.
 MISCONF_SAID = ("Redis refuses writes: it cannot persist to disk (MISCONF); fix its disk or "
                 "stop-writes-on-bgsave-error")
+# Said for a write a read-only replica refuses (-READONLY, redis-py ReadOnlyError): the URL
+# names a replica, or a failover demoted the Redis it names.
+READONLY_SAID = ("Redis refuses writes: it is a read-only replica (READONLY); point the Redis "
+                 "URL at the primary")
+# Said for a write Redis refuses for want of memory (-OOM, redis-py OutOfMemoryError: used
+# memory over maxmemory under maxmemory-policy noeviction, which it must keep: an evicting
+# policy would drop published versions and audio; docs/operations.md).
+OOM_SAID = ("Redis refuses writes: its memory is full (OOM: used memory over maxmemory); "
+            "raise maxmemory or free memory, and keep maxmemory-policy noeviction (an "
+            "evicting policy drops published versions and audio)")
 # Said for a Redis that answers -LOADING (redis-py BusyLoadingError): still loading its
 # dataset after a restart (or a replica's full sync). Reads are tried again later (the poll,
 # the subscriber say so); a refused write (a publish) is the operator's to send again.
@@ -251,6 +261,23 @@ def cannot_persist(exc: BaseException) -> bool:
     """Redis refused a write because it cannot persist (-MISCONF). redis-py has no class for
     it: a ResponseError whose message starts with the code (a script's too)."""
     return isinstance(exc, redis.ResponseError) and str(exc).startswith("MISCONF")
+
+
+def refused_writes(exc: BaseException) -> str | None:
+    """Why Redis refused a write, said with its fix, when the refusal is Redis's state, not
+    the write's (a key of a foreign type): it cannot persist (-MISCONF), it is a read-only
+    replica (-READONLY), its memory is full (-OOM). None for any other failure. redis-py
+    strips the codes it has a class for from the message: the class says which, the code
+    is checked too (a reply it did not map)."""
+    if not isinstance(exc, redis.ResponseError):
+        return None
+    if cannot_persist(exc):
+        return MISCONF_SAID
+    if isinstance(exc, redis.ReadOnlyError) or str(exc).startswith("READONLY "):
+        return READONLY_SAID
+    if isinstance(exc, redis.OutOfMemoryError) or str(exc).startswith("OOM "):
+        return OOM_SAID
+    return None
 
 
 def still_loading(exc: BaseException) -> bool:
@@ -318,8 +345,9 @@ class RedisStore(Store):
             raise StoreUnavailable(f"Redis at {redacted(self.url)} {state} ({what}): "
                                    f"{exc}") from exc
         except redis.RedisError as exc:  # an answer (a key of a foreign type): not transient
-            if cannot_persist(exc):  # nothing written: the operator fixes Redis's disk
-                raise StoreError(f"Redis at {redacted(self.url)} ({what}): {MISCONF_SAID}. "
+            said = refused_writes(exc)
+            if said:  # nothing written: the operator fixes Redis (its disk, URL, memory)
+                raise StoreError(f"Redis at {redacted(self.url)} ({what}): {said}. "
                                  f"Redis said: {exc}") from exc
             raise StoreError(f"Redis at {redacted(self.url)} failed ({what}): {exc}") from exc
 

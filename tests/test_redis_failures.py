@@ -32,7 +32,7 @@ import gateway.faq_cache as faq_cache
 from gateway.app import create_app
 from gateway.clock import ManualClock
 from gateway.faq_cache import FaqCache
-from gateway.redis_link import RedisHealth, VersionSubscriber, open_async_client
+from gateway.redis_link import RedisHealth, VersionSubscriber, failure_said, open_async_client
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.shared_stats import SharedStats
@@ -1286,6 +1286,77 @@ def test_a_publish_redis_refuses_for_misconf_says_so(misconf_redis: MisconfRedis
         assert store.current_version() == v1 and store.versions() == [v1]
         assert store.read()[1].manifest["marker"] == "v1"
         misconf_redis.heal()
+        assert store.current_version() == v1
+        assert store.publish(bundle("v2")) == store.current_version() != v1
+    finally:
+        store.close()
+
+
+# Review (stop 64): a publish Redis refuses as a read-only replica (-READONLY) or for want of
+# memory (-OOM), each said as plainly as -MISCONF is, with its fix.
+READONLY_SAID = ("Redis refuses writes: it is a read-only replica (READONLY); point the Redis "
+                 "URL at the primary")
+OOM_SAID = ("Redis refuses writes: its memory is full (OOM: used memory over maxmemory); "
+            "raise maxmemory or free memory, and keep maxmemory-policy noeviction (an "
+            "evicting policy drops published versions and audio)")
+
+
+def _refusing_writes_for(kind: str, own: OwnRedis) -> tuple[Any, Any]:
+    """How to make ``own`` refuse every write as ``kind`` says, and how to undo it:
+    -READONLY (made a replica of a master that is not there: it keeps its dataset and serves
+    reads), -OOM (maxmemory below what it uses, with the default noeviction policy)."""
+    def configure(*command: str) -> None:
+        raw = redis.Redis.from_url(own.url)
+        try:
+            raw.execute_command(*command)
+        finally:
+            raw.close()
+    if kind == "readonly":
+        return (lambda: configure("REPLICAOF", "127.0.0.1", str(free_port())),
+                lambda: configure("REPLICAOF", "NO", "ONE"))
+    return (lambda: configure("CONFIG", "SET", "maxmemory", "1"),
+            lambda: configure("CONFIG", "SET", "maxmemory", "0"))
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[OwnRedis]:
+    yield from _own_redis(OwnRedis, tmp_path / "own-redis")
+
+
+@pytest.mark.parametrize("kind,said", [("readonly", READONLY_SAID), ("oom", OOM_SAID)])
+def test_a_publish_redis_refuses_as_a_read_only_replica_or_full_says_why_and_the_fix(
+        own_redis: OwnRedis, kind: str, said: str) -> None:
+    """Review (stop 64): a publish (admin API, `voicegate seed`) Redis refused as a read-only
+    replica (-READONLY: the URL names a replica, or a failover demoted it) or for want of
+    memory (-OOM: used memory over maxmemory, noeviction) failed with "Redis at ... failed
+    (publish: write version): You can't write against a read only replica." or "...: command
+    not allowed when used memory > 'maxmemory'.": a generic failure that names neither the
+    cause nor the fix, where -MISCONF is said plainly. Wanted: each said as MISCONF is, with
+    its fix, by the store, the admin API's answer and the replica's health (the counters meet
+    the same refusals); nothing published, the published version whole and serving."""
+    refuse_writes, heal = _refusing_writes_for(kind, own_redis)
+    prefix = "vgrefused:"
+    store = RedisStore(own_redis.url, prefix=prefix, timeout_s=5.0)
+    try:
+        v1 = store.publish(bundle("v1"))
+        refuse_writes()
+        failures = []
+        for attempt in (lambda: store.publish(bundle("v2")),
+                        lambda: store.put_audio("ab" * 32, Audio(b"\x00\x00", 16000))):
+            with pytest.raises(StoreError) as raised:
+                attempt()
+            failures.append(raised.value)
+        services = SimpleNamespace(cache=SimpleNamespace(version=v1),
+                                   stats=SimpleNamespace(error=lambda code: None))
+        answer = json.loads(_publish_failed(failures[0], services).body)  # type: ignore[arg-type]
+        health = failure_said(failures[0].__cause__)  # type: ignore[arg-type]
+        for text in [str(f) for f in failures] + [answer["error"], health]:
+            assert said in text, text
+            assert "failed" not in text.split("Redis said:")[0], text
+        assert store.current_version() == v1 and store.versions() == [v1]
+        assert store.read()[1].manifest["marker"] == "v1"
+        assert _version_keys(own_redis.url, prefix) == [prefix + "version:" + v1]
+        heal()
         assert store.current_version() == v1
         assert store.publish(bundle("v2")) == store.current_version() != v1
     finally:
