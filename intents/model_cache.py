@@ -12,8 +12,10 @@ Superseded exports are pruned. A source's key holds its modification time, which
 ``pip install`` sets, so every image rebuild exports again under a new name. After writing
 an export, ``build_once(..., key=key)`` removes older files of the same kind: the names that
 match the new one's exactly except for the key (``minilm-int8-<16 hex>.onnx``; never
-``minilm-dynint8-*``, a temp file, or another look-alike), beyond the newest
-``KEEP_PER_KIND`` by modification time (the new one counts and is never removed). Two stay,
+``minilm-dynint8-*`` or another look-alike), beyond the newest
+``KEEP_PER_KIND`` by modification time (the new one counts and is never removed), and the
+temp files a crashed write of that kind left, once last written ``TEMPORARY_GRACE_S`` ago
+(a write under way, another replica's on a shared volume, is younger). Two stay,
 so the exports of a rolling upgrade's old replicas (and of a rollback by one image) are
 still there when one of them restarts; one superseded longer ago is rebuilt once by a
 replica that still needs it. Deleting a file another process has open or mapped is safe on
@@ -28,7 +30,9 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +40,10 @@ log = logging.getLogger("voicegate.models")
 
 # Exports of a kind kept after a new one is written (the new one included).
 KEEP_PER_KIND = 2
+# A temp file of ``write_atomically`` this much older than its last write is a crashed
+# write's, swept by ``prune``: a write under way (another replica's, on a shared volume)
+# is younger, an export's conversion included (minutes at most, its temp file created first).
+TEMPORARY_GRACE_S = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -96,15 +104,34 @@ def kind_pattern(name: str, key: str) -> re.Pattern[str]:
                       + re.escape(name[at + len(key):]))
 
 
+def temporary_pattern(pattern: re.Pattern[str]) -> re.Pattern[str]:
+    """The names ``write_atomically`` gives the temp files of ``pattern``'s files
+    (``tempfile.mkstemp``: the target's name, 8 random characters, ``.tmp``)."""
+    return re.compile(f"(?:{pattern.pattern})" + r"[a-z0-9_]{8}\.tmp")
+
+
 def prune(directory: Path, pattern: re.Pattern[str], keep: int, *,
           spare: Path | None = None, logger: logging.Logger = log,
           event: str = "model_cache") -> None:
     """Delete the files of ``directory`` whose whole name matches ``pattern``, beyond the
-    newest ``keep`` by modification time (``spare`` never); never raises: a failure is
-    logged (``<event>_prune_failed``), each removal too (``<event>_pruned``)."""
+    newest ``keep`` by modification time (``spare`` never), and the temp files a crashed
+    ``write_atomically`` of such a file left (a killed process runs no clean-up), once
+    last written ``TEMPORARY_GRACE_S`` ago (regular files only); never raises: a failure
+    is logged (``<event>_prune_failed``), each removal too (``<event>_pruned``)."""
+    temporary = temporary_pattern(pattern)
+    cutoff = time.time() - TEMPORARY_GRACE_S
+    crashed: list[Path] = []
     try:
         found = []
         for path in Path(directory).iterdir():
+            if temporary.fullmatch(path.name):
+                try:
+                    info = os.lstat(path)
+                except FileNotFoundError:
+                    continue  # renamed into place or swept meanwhile
+                if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
+                    crashed.append(path)
+                continue
             if not pattern.fullmatch(path.name):
                 continue
             try:
@@ -116,7 +143,7 @@ def prune(directory: Path, pattern: re.Pattern[str], keep: int, *,
                        type(exc).__name__, exc)
         return
     found.sort(reverse=True)
-    for _, _, path in found[keep:]:
+    for path in crashed + [path for _, _, path in found[keep:]]:
         if spare is not None and path.name == spare.name:
             continue
         try:

@@ -26,8 +26,10 @@ Never written into the shared store: the other replicas may be the other CPU cla
 Bounded: after each write, the newest ``KEEP_PER_BACKEND`` files of the serving model are
 kept (by when last written or reused: a reuse touches its file) and older ones deleted; a
 version a replica no longer serves is one of these unless it came back within a few
-versions (a rollback, a promotion of an older one). Other models' files are left alone (a
-cache dir shared by replicas of both classes holds each class's own).
+versions (a rollback, a promotion of an older one), and the temp files of the serving model's
+writes a crash left are deleted once old enough (``model_cache.prune``, as for the exports).
+Other models' files are left alone (a cache dir shared by replicas of both classes holds
+each class's own).
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ def keep(path: Path, *, model_name: str, version: str, digest: str, vectors: np.
 
 
 def prune(directory: Path, model_name: str, keep: int = KEEP_PER_BACKEND) -> None:
-    """Delete ``model_name``'s kept files beyond the newest ``keep``; never raises."""
+    """Delete ``model_name``'s kept files beyond the newest ``keep``, and the temp files its
+    crashed writes left (``model_cache.prune``); never raises."""
     key = "0" * 16  # kept_path's version key: any other of that length is this model's too
     name = f"{_PREFIX}{_model_key(model_name)}-{key}.npz"
     model_cache.prune(directory, model_cache.kind_pattern(name, key), keep, logger=log,

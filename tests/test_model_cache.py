@@ -60,8 +60,9 @@ def test_superseded_exports_of_a_kind_are_pruned_to_the_newest_two(
     again under a new name and the old exports stay in the cache dir forever (~150 MB per
     upgrade on the shared volume). Three blockwise exports written with different source keys
     leave the newest 2 of that kind; the dynamic export's files (another kind, maybe in use by
-    replicas on another CPU class sharing the volume), other cached files, temp files and
-    look-alike names are untouched."""
+    replicas on another CPU class sharing the volume), other cached files, a temp file of a
+    write under way and look-alike names are untouched. (Stop 64: a temp file of that kind
+    last written longer ago than the grace, a crashed write's, is deleted.)"""
     model_dir, cache = tmp_path / "model", tmp_path / "cache"
     model_dir.mkdir()
     cache.mkdir()
@@ -69,9 +70,12 @@ def test_superseded_exports_of_a_kind_are_pruned_to_the_newest_two(
     others = _placed(cache, [f"minilm-dynint8-{i:016x}.onnx" for i in range(3)]
                      + ["negatives-0123456789abcdef.npy",
                         "reembedded-01234567-0123456789abcdef.npz",
-                        "minilm-int8-0123456789abcdef.onnx0a1b2c3d.tmp",
+                        "minilm-int8-0123456789abcdef.onnx0a1b2c3d.tmp.bak",
                         "minilm-int8-notes.onnx", "minilm-int8-0123456789abcdef.onnx.bak",
                         "moonshine-encoder_model-0123456789abcdef.onnx"], at=10)
+    writing = cache / "minilm-int8-0123456789abcdef.onnx0a1b2c3d.tmp"  # written just now
+    writing.write_bytes(b"half")
+    crashed = _placed(cache, ["minilm-int8-fedcba9876543210.onnxq_7z0k2m.tmp"], at=10)[0]
     exports = []
     for i in range(3):
         _installed_again(model_dir / "model.safetensors", OLD + 100 * i)
@@ -80,7 +84,8 @@ def test_superseded_exports_of_a_kind_are_pruned_to_the_newest_two(
         if i < 2:
             os.utime(export, (OLD + i, OLD + i))  # written in this order, long ago
         exports.append(export)
-    assert sorted(cache.iterdir()) == sorted([*others, *exports[1:]])
+    assert sorted(cache.iterdir()) == sorted([*others, writing, *exports[1:]])
+    assert not crashed.exists()
     assert onnx_encoder.cached_model(model_dir, cache) == exports[2]  # still loads
 
 

@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import intents.loader
@@ -275,3 +276,78 @@ def test_two_writers_of_the_same_file_never_share_a_temp_file(tmp_path: Path) ->
     assert all(t.parent == tmp_path for t in temps)
     assert target.read_bytes() in payloads  # one writer's whole file, never a mix
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temp left
+
+
+_CRASHING_KEEP = """
+import os, sys
+from pathlib import Path
+import numpy as np
+from intents import reembedded
+from tests.test_reembedded_cache import _thresholds
+
+real = Path.write_bytes
+
+def crash(self, data):
+    real(self, data[: len(data) // 2])
+    os._exit(9)  # killed mid-write: nothing of the writer's own clean-up runs
+
+Path.write_bytes = crash
+models = Path(sys.argv[1])
+reembedded.keep(reembedded.kept_path(models, "model#ours", "v1", "1" * 16),
+                model_name="model#ours", version="v1", digest="1" * 16,
+                vectors=np.zeros((3, 4), np.float32), models=b"m", thresholds=_thresholds())
+"""
+
+
+def _thresholds() -> object:
+    from intents.calibration import Thresholds
+    return Thresholds(min_similarity=0.5, hit_confidence=0.5, target_wrong_rate=0.05,
+                      bounded=True, confidence_level=0.95, wrong_rate_bound=0.05,
+                      expected_hit_rate=0.5, expected_wrong_rate=0.05,
+                      out_of_domain_target=0.05, out_of_domain_hit_rate=0.0, negatives=0,
+                      calibration_questions=10, folds=5, hit_similarity=0.6)
+
+
+def test_a_write_that_crashed_leaves_no_temp_file_for_good(tmp_path: Path) -> None:
+    """Review (stop 64): a replica killed while writing a re-embedded version (an OOM kill, a
+    deploy's SIGKILL, a power cut) left its ``reembedded-*.npz<random>.tmp`` in the model
+    cache dir for good: nothing ever deleted it (the prune after each write matches only
+    finished files), and each is as large as the kept file (15 MB and more), on a volume
+    the replicas share. Wanted: the next write's clean-up deletes the temp files a crashed
+    write of that model left, once older than the grace a write under way needs (another
+    replica may be writing one right now: kept), as the model exports' clean-up does."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from intents import model_cache, reembedded
+
+    models = tmp_path / "models"
+    models.mkdir()
+    crashed = subprocess.run([sys.executable, "-c", _CRASHING_KEEP, str(models)],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                             text=True, timeout=120)
+    assert crashed.returncode == 9, crashed.stderr
+    left = list(models.iterdir())
+    assert len(left) == 1 and left[0].name.startswith("reembedded-") \
+        and left[0].name.endswith(".tmp"), left
+    long_ago = time.time() - model_cache.TEMPORARY_GRACE_S - 60
+    os.utime(left[0], (long_ago, long_ago))
+    # Another replica's write under way (same model), another model's crashed write, and a
+    # look-alike: none is this clean-up's to delete.
+    writing = models / (reembedded.kept_path(models, "model#ours", "v3", "3" * 16).name
+                        + "k2j_x9q0.tmp")
+    theirs = models / (reembedded.kept_path(models, "model#theirs", "v1", "1" * 16).name
+                       + "a1b2c3d4.tmp")
+    notes = models / "reembedded-notes.tmp"
+    for path in (writing, theirs, notes):
+        path.write_bytes(b"half")
+    for path in (theirs, notes):
+        os.utime(path, (long_ago, long_ago))
+
+    kept = reembedded.kept_path(models, "model#ours", "v2", "2" * 16)
+    assert reembedded.keep(kept, model_name="model#ours", version="v2", digest="2" * 16,
+                           vectors=np.zeros((3, 4), np.float32), models=b"m",
+                           thresholds=_thresholds())  # type: ignore[arg-type]
+    assert sorted(models.iterdir()) == sorted([kept, writing, theirs, notes])
