@@ -1262,6 +1262,20 @@ async def test_a_redis_still_loading_its_dataset_is_said_to_be_starting_not_heal
         store.close()
 
 
+def _refused_publish(store: RedisStore, current: str) -> tuple[list[StoreError], dict]:
+    """A publish and a seed's first write (its audio) to a Redis refusing writes: both
+    failures, and the admin API's answer to the first."""
+    failures = []
+    for attempt in (lambda: store.publish(bundle("v2")),
+                    lambda: store.put_audio("ab" * 32, Audio(b"\x00\x00", 16000))):
+        with pytest.raises(StoreError) as raised:
+            attempt()
+        failures.append(raised.value)
+    services = SimpleNamespace(cache=SimpleNamespace(version=current),
+                               stats=SimpleNamespace(error=lambda code: None))
+    return failures, json.loads(_publish_failed(failures[0], services).body)  # type: ignore[arg-type]
+
+
 def test_a_publish_redis_refuses_for_misconf_says_so(misconf_redis: MisconfRedis) -> None:
     """Review (stop 63): Redis refuses writes because it cannot persist (-MISCONF, a
     ResponseError): a publish (admin API, `voicegate seed`) failed with "Redis at ... failed
@@ -1272,15 +1286,7 @@ def test_a_publish_redis_refuses_for_misconf_says_so(misconf_redis: MisconfRedis
     try:
         v1 = store.publish(bundle("v1"))
         misconf_redis.refuse_writes()
-        failures = []
-        for attempt in (lambda: store.publish(bundle("v2")),
-                        lambda: store.put_audio("ab" * 32, Audio(b"\x00\x00", 16000))):
-            with pytest.raises(StoreError) as raised:
-                attempt()
-            failures.append(raised.value)
-        services = SimpleNamespace(cache=SimpleNamespace(version=v1),
-                                   stats=SimpleNamespace(error=lambda code: None))
-        answer = json.loads(_publish_failed(failures[0], services).body)  # type: ignore[arg-type]
+        failures, answer = _refused_publish(store, v1)
         for said in [str(f) for f in failures] + [answer["error"]]:
             assert MISCONF_SAID in said, said
         assert store.current_version() == v1 and store.versions() == [v1]
@@ -1340,15 +1346,7 @@ def test_a_publish_redis_refuses_as_a_read_only_replica_or_full_says_why_and_the
     try:
         v1 = store.publish(bundle("v1"))
         refuse_writes()
-        failures = []
-        for attempt in (lambda: store.publish(bundle("v2")),
-                        lambda: store.put_audio("ab" * 32, Audio(b"\x00\x00", 16000))):
-            with pytest.raises(StoreError) as raised:
-                attempt()
-            failures.append(raised.value)
-        services = SimpleNamespace(cache=SimpleNamespace(version=v1),
-                                   stats=SimpleNamespace(error=lambda code: None))
-        answer = json.loads(_publish_failed(failures[0], services).body)  # type: ignore[arg-type]
+        failures, answer = _refused_publish(store, v1)
         health = failure_said(failures[0].__cause__)  # type: ignore[arg-type]
         for text in [str(f) for f in failures] + [answer["error"], health]:
             assert said in text, text
