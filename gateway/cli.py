@@ -98,7 +98,7 @@ def _call(args: argparse.Namespace) -> int:
                 print(f"reply audio: {args.out} ({len(audio) / 2 / args.rate:.2f} s)")
         return 0
 
-    if not args.wav and not args.text:
+    if not args.wav and args.text is None:
         return _usage_error("call", "give --wav FILE and/or --text TEXT")
     if refused := _call_arguments_refused(args):
         return _usage_error("call", refused)
@@ -118,21 +118,34 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _call_arguments_refused(args: argparse.Namespace) -> str | None:
-    """What is wrong with ``call``'s URL, --wav or --out, found before dialling (reads the
-    WAV into ``args.wav_audio``); None when nothing is."""
+    """What is wrong with ``call``'s URL, --text, --wav or --out, found before dialling
+    (reads the WAV into ``args.wav_audio``); None when nothing is."""
     import wave
     from urllib.parse import urlsplit
 
-    from .audio import read_wav
+    from .audio import read_wav, resample_pcm16
 
     if urlsplit(args.url).scheme.lower() not in ("ws", "wss"):
         return f"{args.url} is not a WebSocket URL: give ws://HOST:PORT/v1/call (or wss://)"
+    if args.text is not None and not args.text.strip():
+        # The gateway answers nothing to an empty text with nothing typed before it: the
+        # call would only wait out --timeout for a turn that never comes.
+        return ("--text is blank: the gateway answers nothing to an empty text; give the "
+                "caller's words")
     if args.wav:
         try:
             args.wav_audio = read_wav(args.wav)
         except (OSError, EOFError, wave.Error, ValueError) as exc:
             why = "an empty or cut-off file" if isinstance(exc, EOFError) else str(exc)
             return f"cannot read --wav {args.wav}: {why} (a PCM WAV file is needed)"
+        # At the call's rate once (``_call`` sends it as is). A header and no samples, or
+        # too few to leave one at that rate: nothing to say (``say`` refuses no audio).
+        pcm, rate = args.wav_audio
+        args.wav_audio = (resample_pcm16(pcm, rate, args.rate), args.rate)
+        if not args.wav_audio[0]:
+            return (f"cannot read --wav {args.wav}: it holds no audio" if not pcm else
+                    f"cannot read --wav {args.wav}: {len(pcm) // 2} sample(s) at {rate} Hz "
+                    f"leave no audio at --rate {args.rate}")
     if args.out:
         out = Path(args.out)
         if out.is_dir():

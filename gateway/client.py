@@ -158,8 +158,11 @@ class Caller:
         """Speak ``pcm16`` (at the call's rate) into the line; returns once it has been sent.
 
         The line is a real-time microphone: 20 ms frames at real pace, silence between
-        utterances, so VAD hears pauses and turn ends as it would on a real call.
+        utterances, so VAD hears pauses and turn ends as it would on a real call. No audio
+        returns at once (only a frame sent of it would end the wait for the line to drain).
         """
+        if not pcm16:
+            return
         if self._line is None:
             self._line = asyncio.create_task(self._run_line())
         self._speech += pcm16
@@ -200,7 +203,12 @@ class Caller:
         mid-sentence and the caller talked on) is not the end: those words continue in a
         later turn, whose reply is waited for too, unless nothing (no event, no audio)
         comes for ``nothing_heard_ms`` after the cut turn ended (what stopped the reply
-        held no words, so no turn follows)."""
+        held no words, so no turn follows).
+
+        No audio (``b""``) is refused (ValueError): there is nothing to hear, no turn."""
+        if not pcm16:
+            raise ValueError("say() needs audio: no audio is no utterance, the gateway hears "
+                             "nothing to answer")
         index = len(self.events)
         await self.stream_audio(pcm16)
         deadline = time.monotonic() + timeout
@@ -228,7 +236,14 @@ class Caller:
     async def say_text(self, text: str, partial_words: bool = False,
                        word_interval_s: float = 0.15, timeout: float = 60.0) -> TurnResult:
         """Send a transcript and wait for the turn to end; with ``partial_words`` word by
-        word as STT partials would come."""
+        word as STT partials would come.
+
+        A blank text (empty, or spaces only) is refused at once (ValueError): the gateway
+        answers nothing to it (docs/protocol.md: an empty text with nothing typed before it
+        says nothing), so no ``turn_metrics`` would ever come to end the wait."""
+        if not text.strip():
+            raise ValueError(f"say_text() got a blank text ({text!r}): the gateway answers "
+                             "nothing to an empty text (no turn, no turn_metrics); give words")
         index = len(self.events)
         await self.send_transcript(text, partial_words, word_interval_s)
         await self.wait_for("turn_metrics", timeout=timeout, start=index)
