@@ -299,10 +299,14 @@ def too_large(what: str, size: int, max_bytes: int, started: bool) -> ProtocolEr
     itself past ``ws_max_size``): a running call drops it and goes on (the bad-message
     limits, by count and by bytes, stop a flood of them). Before `start` there is no call to
     keep, and a text may be the `start` itself: closed 1009, not left to wait for the start
-    timeout."""
+    timeout. An oversized message is never parsed (what the limit guards against), so a
+    text one is dropped whatever its type: a `stop` too, which then ends nothing (the
+    message says so; docs/protocol.md: a `stop` must fit the limit)."""
     if started:
+        dropped = "dropped unread (whatever its type, a `stop` too)" if what.startswith(
+            "text") else "dropped"
         return ProtocolError("frame_too_large", f"{what} of {size} bytes exceeds {max_bytes} "
-                                                "bytes: dropped, the call goes on")
+                                                f"bytes: {dropped}, the call goes on")
     return ProtocolError("frame_too_large", f"{what} of {size} bytes exceeds {max_bytes} bytes",
                          CLOSE_TOO_BIG)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -286,6 +287,26 @@ async def test_one_message_over_the_frame_limit_is_dropped_and_the_call_goes_on(
     assert h.stats.errors["frame_too_large"] == 1
     error = next(e for e in ws.events if e["type"] == "error")
     assert "65536 bytes" in error["message"] and "dropped" in error["message"], error
+
+
+async def test_a_stop_over_the_frame_limit_is_dropped_unread_and_says_so():
+    """Review (stop 64): docs/protocol.md said "A `stop` ends the call whatever else it
+    carries", yet a `stop` over `max_frame_bytes` (64 KiB) in a running call is dropped as
+    `frame_too_large` and the call goes on. That is by design (an oversized message is
+    never parsed: reading it is what the limit guards against), so the doc now says a
+    `stop` must fit the frame limit, and the error says the message was dropped unread,
+    whatever its type, a `stop` too."""
+    bad = {"text": json.dumps({"type": "stop", "metadata": "x" * (64 * 1024)})}
+    ws, h = await _one_bad_message_then_a_question(bad)
+    assert ws.errors() == ["frame_too_large"]
+    assert [e["text"] for e in ws.events if e["type"] == "transcript"] == ["opening hours"]
+    assert ws.closed_with == 1000  # the later, small `stop`
+    error = next(e for e in ws.events if e["type"] == "error")
+    assert "dropped unread" in error["message"] and "a `stop` too" in error["message"], error
+    assert "the call goes on" in error["message"], error
+    protocol = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    said = protocol[protocol.index("A `stop`\nends the call whatever else it carries"):][:400]
+    assert "64 KiB" in said and "frame_too_large" in said, said
 
 
 @pytest.mark.parametrize("bad", [
