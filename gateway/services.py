@@ -283,7 +283,8 @@ class Services:
         if self._twilio_control is None:
             self._twilio_control = TwilioCallControl(settings.twilio_auth_token,
                                                      settings.twilio_api_url,
-                                                     settings.twilio_api_timeout_s)
+                                                     settings.twilio_api_timeout_s,
+                                                     settings.twilio_account_sid)
         return self._twilio_control
 
     def twilio_ended(self) -> EndedCalls:

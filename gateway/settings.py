@@ -32,6 +32,7 @@ KEYPAD_HANDOFF = "handoff"
 _ENTRY_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _SIP_URI = re.compile(r"sips?:[^@\s<>]{1,64}@[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(;[^\s<>]*)?")
+_ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 
 
 # URL settings: the schemes each takes and an example for its error (empty: the default).
@@ -468,6 +469,10 @@ class Settings(BaseModel):
     # --- admin ----------------------------------------------------------------
     admin_token: str = Field(default="", repr=False)
     twilio_auth_token: str = Field(default="", repr=False)
+    # The Twilio account (AC + 32 hex digits) whose auth token that is. Set: a stream whose
+    # `start` names another account is refused (`twilio_wrong_account`), and the REST API
+    # is only ever asked about this account's calls. Empty: the stream's own (unchecked).
+    twilio_account_sid: str = ""
     # The gateway's public base URL as Twilio reaches it (https://voice.example.com). Empty:
     # derived per request from Host and X-Forwarded-Proto. Used for the TwiML stream URL and
     # for checking X-Twilio-Signature, which signs the exact URL Twilio requested.
@@ -612,6 +617,15 @@ class Settings(BaseModel):
             raise ValueError(f"must be 0 (no hold phrase) or at least {HOLD_AFTER_MIN_MS} ms: "
                              "a hold phrase takes up to about 2.5 s to say, and the next "
                              "must not start as it ends")
+        return value
+
+    @field_validator("twilio_account_sid")
+    @classmethod
+    def _account_sid(cls, value: str) -> str:
+        value = value.strip()
+        if value and not _ACCOUNT_SID.fullmatch(value):
+            raise ValueError("must be empty or a Twilio account SID: AC and 32 hex digits "
+                             "(the Account SID on the Twilio console's dashboard)")
         return value
 
     @field_validator("twilio_media_timeout_s")

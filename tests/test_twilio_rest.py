@@ -408,3 +408,74 @@ async def test_the_transfers_way_back_is_an_http_url_whatever_scheme_the_upgrade
     (request,) = fake.requests
     assert f'<Dial action="{scheme}://{host}/twilio/dial-ended">' in request["form"]["Twiml"], \
         request["form"]["Twiml"]
+
+
+async def test_streams_naming_made_up_accounts_do_not_pile_up_rest_clients(rest, monkeypatch):
+    """Review (stop 64): the REST side made (and kept) one twilio client, with its own HTTP
+    session, for every `start.accountSid` it was asked to hang up or transfer on. `start`
+    is not signed, and the upgrade's signature is the same for every stream: whoever saw
+    one could make a replica build sessions for made-up accounts without end. Every request
+    goes through one HTTP session, whatever account it names (auth is per request)."""
+    from gateway.transports import twilio_rest
+
+    made: list[object] = []
+
+    class Counted(twilio_rest.AsyncTwilioHttpClient):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(twilio_rest, "AsyncTwilioHttpClient", Counted)
+    fake, server = rest
+    control = TwilioCallControl(AUTH_TOKEN, server.url)
+    try:
+        await control.hang_up(ACCOUNT, CALL_SID)
+        for n in range(1, 6):
+            with pytest.raises(CallControlError, match="HTTP 401"):
+                await control.hang_up("AC" + str(n) * 32, CALL_SID)
+    finally:
+        await control.aclose()
+    assert len(made) == 1, f"{len(made)} HTTP sessions for one gateway's REST requests"
+    assert [r["user"] for r in fake.requests][:1] == [ACCOUNT]
+
+
+async def test_a_configured_account_is_the_only_one_the_rest_api_is_asked_about(rest):
+    """Review (stop 64): with `twilio_account_sid` set, a hang-up or transfer for a call of
+    another account (a forged `start`) is refused here, never sent: the line is controlled
+    only through the gateway's own account."""
+    fake, server = rest
+    control = TwilioCallControl(AUTH_TOKEN, server.url, account_sid=ACCOUNT)
+    try:
+        with pytest.raises(CallControlError, match="not this gateway's Twilio account"):
+            await control.hang_up("AC" + "1" * 32, CALL_SID)
+        with pytest.raises(CallControlError, match="not this gateway's Twilio account"):
+            await control.transfer("AC" + "1" * 32, CALL_SID, NUMBER)
+        assert fake.requests == []
+        await control.hang_up(ACCOUNT, CALL_SID)
+    finally:
+        await control.aclose()
+    assert [(r["user"], r["form"]) for r in fake.requests] == [
+        (ACCOUNT, {"Status": "completed"})]
+
+
+async def test_a_stream_of_another_account_than_the_configured_one_is_refused(settings, runtime,
+                                                                               rest):
+    """Review (stop 64): with `twilio_account_sid` set, a `start` naming another account
+    (Twilio's never does: the number is the account's) is refused at once, 1008, by name
+    (`twilio_wrong_account`): no call starts, and nothing is ever asked of the REST API
+    about that account's calls. The configured account's stream is served."""
+    fake, api = rest
+    server = BackgroundServer(settings.replace(
+        twilio_auth_token=AUTH_TOKEN, public_url=PUBLIC, twilio_api_url=api.url,
+        twilio_account_sid="AC" + "1" * 32, greeting="Hello.", idle_prompt_s=1), runtime).start()
+    before = runtime.stats.errors["twilio_wrong_account"]
+    calls = runtime.stats.calls
+    try:
+        line = signed_line(server, "CA" + "78" * 16)  # its `start` names AC000…
+        await line.connect()
+        assert await line.closed() == 1008
+        await line.hang_up()
+    finally:
+        server.stop()
+    assert runtime.stats.errors["twilio_wrong_account"] == before + 1
+    assert runtime.stats.calls == calls and fake.requests == []

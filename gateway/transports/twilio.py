@@ -500,6 +500,14 @@ class TwilioStream:
             raise TwilioError("unauthorized", "the stream carries no valid call token "
                                               f"(a `{TOKEN_PARAMETER}` custom parameter)",
                               CLOSE_POLICY)
+        settings = self._services.settings
+        # `start` is not signed: with the gateway's account configured, a stream naming
+        # another is no call of ours, and its line is never controlled through that account.
+        account_sid = settings.twilio_account_sid or start.account_sid
+        if start.account_sid and start.account_sid != account_sid:
+            raise TwilioError("twilio_wrong_account",
+                              f"`start` names account {start.account_sid[:64]}, not this "
+                              "gateway's (VOICEGATE_TWILIO_ACCOUNT_SID): refused", CLOSE_POLICY)
         call_id = call_id_from_sid(start.call_sid)
         parameters = {k: v for k, v in start.parameters.items() if k != TOKEN_PARAMETER}
         metadata = {"transport": "twilio", "stream_sid": start.stream_sid,
@@ -519,10 +527,9 @@ class TwilioStream:
             call_id, generation, heard=NO_ONE_FREE_SAY if dial_back else "")
             if call_id is not None else None)
         # The call id is the CallSid when there is one, so logs match Twilio's console.
-        settings = self._services.settings
         output = TwilioOutput(self._session.outbox, start.stream_sid, call_id or "",
                               control=self._services.twilio_control(),
-                              account_sid=start.account_sid, call_sid=start.call_sid,
+                              account_sid=account_sid, call_sid=start.call_sid,
                               handoff_number=settings.handoff_number,
                               ended=self._services.twilio_ended(),
                               dial_action=dial_ended_url(self._base_url, generation)

@@ -21,9 +21,14 @@ a ``CallControlError`` like any refusal.
 
 Credentials: the call's account SID (from the stream's ``start``) and
 ``VOICEGATE_TWILIO_AUTH_TOKEN``. ``VOICEGATE_TWILIO_API_URL`` replaces
-https://api.twilio.com (tests point it at a local fake).
+https://api.twilio.com (tests point it at a local fake). ``start`` is not signed: with
+``VOICEGATE_TWILIO_ACCOUNT_SID`` set, a request for any other account is refused here,
+never sent (the stream is refused before, at its ``start``).
 
-Cleanup: ``aclose`` closes the HTTP sessions (one per account, made on first use).
+One HTTP session carries every request, whatever account it names (the SDK sends the
+credentials with each request); the SDK's ``Client`` around it is made per request, so
+nothing is kept per account a ``start`` names. Cleanup: ``aclose`` closes that session
+(made on first use).
 """
 
 from __future__ import annotations
@@ -90,11 +95,14 @@ def dial_twiml(target: str, action: str = "") -> str:
 
 
 class TwilioCallControl:
-    def __init__(self, auth_token: str, api_url: str = "", timeout_s: float = 10.0) -> None:
+    def __init__(self, auth_token: str, api_url: str = "", timeout_s: float = 10.0,
+                 account_sid: str = "") -> None:
         self._auth_token = auth_token
         self._api_url = api_url.rstrip("/")
         self._timeout_s = timeout_s
-        self._clients: dict[str, tuple[Client, AsyncTwilioHttpClient]] = {}
+        # The gateway's own account (VOICEGATE_TWILIO_ACCOUNT_SID); "": any the stream names.
+        self._account_sid = account_sid
+        self._http: AsyncTwilioHttpClient | None = None
 
     @property
     def api_url(self) -> str:
@@ -105,14 +113,17 @@ class TwilioCallControl:
         if not account_sid:
             raise CallControlError("the stream's `start` named no account SID: the call "
                                    "cannot be addressed through the REST API")
-        if account_sid not in self._clients:
-            # Made on the serving loop (its aiohttp session is bound to it), once per account.
-            http = AsyncTwilioHttpClient(timeout=self._timeout_s)
-            client = Client(account_sid, self._auth_token, http_client=http)
-            if self._api_url:
-                client.api.base_url = self._api_url
-            self._clients[account_sid] = (client, http)
-        return self._clients[account_sid][0]
+        if self._account_sid and account_sid != self._account_sid:
+            raise CallControlError(f"account {account_sid[:64]} is not this gateway's Twilio "
+                                   "account (VOICEGATE_TWILIO_ACCOUNT_SID): not asked")
+        if self._http is None:
+            # Made on the serving loop (its aiohttp session is bound to it), once: one
+            # session for every account, never one per SID an unsigned `start` names.
+            self._http = AsyncTwilioHttpClient(timeout=self._timeout_s)
+        client = Client(account_sid, self._auth_token, http_client=self._http)
+        if self._api_url:
+            client.api.base_url = self._api_url
+        return client
 
     async def transfer(self, account_sid: str, call_sid: str, target: str,
                        action: str = "") -> None:
@@ -146,7 +157,6 @@ class TwilioCallControl:
         logs.event(log, "twilio_call_updated", action=what, call_id=call_sid)
 
     async def aclose(self) -> None:
-        clients, self._clients = self._clients, {}
-        for _, http in clients.values():
-            if http.session is not None:
-                await http.session.close()
+        http, self._http = self._http, None
+        if http is not None and http.session is not None:
+            await http.session.close()
