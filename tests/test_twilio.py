@@ -1007,3 +1007,39 @@ async def test_media_watch_declares_a_stream_dead_only_after_a_whole_timeout_wit
     assert watch.done() and len(dead) == 1 and 4.0 <= dead[0] <= 5.0
     await clock.advance(10.0)
     assert len(dead) == 1  # once
+
+
+@pytest.mark.parametrize("transport", ["twilio", "native"])
+async def test_a_call_that_fails_to_start_inside_the_gateway_is_an_internal_error(
+        server, runtime, monkeypatch, caplog, transport):
+    """Review (stop 64): an exception at `start` that is no protocol error (here from
+    `new_call`) went past the session: the socket closed with the default 1000, as a call
+    ended normally, with nothing logged by the gateway nor counted. It is what a call that
+    fails inside the gateway is: logged with its traceback, counted `internal_error`,
+    told so (native), and closed 1011, on both transports alike."""
+    def broken(*args: Any, **kwargs: Any) -> Call:
+        raise RuntimeError("the call could not be built")
+
+    monkeypatch.setattr(server.app.state.services, "new_call", broken)
+    caplog.set_level(logging.INFO)
+    before = runtime.stats.errors["internal_error"]
+    active = runtime.stats.active_calls
+    received: list[Any] = []
+    if transport == "twilio":
+        url, start = stream_url(server), TwilioLine(stream_url(server)).start_message()
+    else:
+        url, start = server.base_url.replace("http://", "ws://") + "/v1/call", {
+            "type": "start", "sample_rate": 16000}
+    async with connect(url) as ws:
+        await ws.send(json.dumps(start))
+        with pytest.raises(Exception):
+            while True:
+                received.append(await asyncio.wait_for(ws.recv(), 10))
+    assert ws.close_code == 1011
+    assert runtime.stats.errors["internal_error"] == before + 1
+    assert runtime.stats.active_calls == active  # its slot is freed
+    failed = [r for r in caplog.records if r.name.startswith("voicegate")
+              and r.levelno >= logging.ERROR]
+    assert failed and failed[0].exc_info and "could not be built" in str(failed[0].exc_info[1])
+    if transport == "native":
+        assert [json.loads(m)["code"] for m in received] == ["internal_error"]

@@ -514,7 +514,13 @@ class CallSession:
             if self.call is not None and self.call.ended is not None:
                 self._end()  # the bot hung up (idle): close the connection normally
             return
-        log.error("call_failed", exc_info=task.exception(),
+        self.failed(task.exception())
+
+    def failed(self, exc: BaseException | None) -> None:
+        """The call (or its start: building it, on the endpoint's receive loop) failed inside
+        the gateway, no fault of the client's: logged with its traceback, counted, reported
+        and closed (1011), whichever transport and whenever it happened."""
+        log.error("call_failed", exc_info=exc,
                   extra={"fields": {"call_id": self.call_id, "transport": self.transport}})
         self.stats.error("internal_error")
         self.send_error({"type": "error", "code": "internal_error",

@@ -65,6 +65,8 @@ async def native_call(websocket: WebSocket) -> None:
                     break
     except ProtocolError as exc:  # a start timeout, or messages too fast (session.receive)
         session.bad_input(exc)
+    except Exception as exc:  # the gateway's own failure (building the call): 1011, not 1000
+        session.failed(exc)
     finally:
         await session.close()
 

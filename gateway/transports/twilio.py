@@ -634,6 +634,8 @@ async def twilio_stream(websocket: WebSocket) -> None:
                     break
     except ProtocolError as exc:  # no `start` in time, or messages too fast
         session.bad_input(exc)
+    except Exception as exc:  # the gateway's own failure (building the call): 1011, not 1000
+        session.failed(exc)
     finally:
         if stream.watch is not None:
             stream.watch.cancel()
