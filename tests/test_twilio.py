@@ -1043,3 +1043,32 @@ async def test_a_call_that_fails_to_start_inside_the_gateway_is_an_internal_erro
     assert failed and failed[0].exc_info and "could not be built" in str(failed[0].exc_info[1])
     if transport == "native":
         assert [json.loads(m)["code"] for m in received] == ["internal_error"]
+
+
+async def test_an_event_loop_stall_does_not_make_a_live_stream_look_dead():
+    """Review (stop 64): the watch judged the silence from the session's clock alone. An
+    event-loop stall of a timeout or more (5 s) stalls the receive loop as long,
+    and the watch's overdue wake may run before the receive loop has counted the `media`
+    queued meanwhile: every Twilio call on the replica was closed `twilio_no_media`,
+    though the audio rate limit tolerates an 8 s stall. A stall is the loop's time, not
+    the line's: only the receive side's progress over the watch's own wakes counts."""
+    clock = ManualClock()
+    frames = [0]
+    dead: list[float] = []
+    watch = asyncio.create_task(MediaWatch(clock, 5.0, lambda: frames[0], dead.append).run())
+    for _ in range(25):  # 5 s of the line's frames, 20 ms each, counted as they come
+        frames[0] += 10
+        await clock.advance(0.2)  # the watch wakes at 1.25, 2.5, 3.75, 5 s: alive
+    # Right after that wake the loop stalls for 6 s (the rate limit tolerates 8): nothing
+    # runs, time passes, the line's frames queue unread.
+    clock._now += 6.0  # type: ignore[attr-defined]
+    await clock.advance(0)  # the watch's wake is overdue: it runs first
+    frames[0] += 300  # then the receive loop counts the 6 s of queued media
+    for _ in range(30):  # and the line goes on
+        await clock.advance(0.2)
+        frames[0] += 10
+    assert dead == [] and not watch.done(), f"a live stream declared dead: {dead}"
+    await clock.advance(5.0)  # then it really stops: still noticed within 1.25 timeouts
+    assert dead == []
+    await clock.advance(1.25)
+    assert watch.done() and len(dead) == 1 and 5.0 <= dead[0] <= 6.25, dead

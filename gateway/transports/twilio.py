@@ -383,7 +383,15 @@ class MediaWatch:
 
     The receive loop only counts frames (``media_frames``); this task looks four times a
     timeout (noticed within 1.25 of it), so no timer is armed per frame. Time is the
-    session's clock."""
+    session's clock.
+
+    The silence is what the receive side had the time to end: each look adds the time
+    since the previous one, at most two looks' worth. An event-loop stall (a GC pause, a
+    blocking call) stalls the receive loop as long, and the overdue look may run before it
+    has counted the `media` queued meanwhile; counted whole, a stall of a timeout would
+    close every Twilio call on the replica as dead, though the audio rate limit tolerates
+    stalls of 8 s. A line that really stopped is still noticed: the looks after the stall
+    each add their own time."""
 
     def __init__(self, clock: Clock, timeout_s: float, frames: Callable[[], int],
                  on_dead: Callable[[float], None]) -> None:
@@ -393,15 +401,19 @@ class MediaWatch:
         self._on_dead = on_dead
 
     async def run(self) -> None:
+        period = self._timeout_s / 4
         seen = self._frames()
-        since = self._clock.now()
+        silent = 0.0  # the receive side's time without a new frame, stalls cut short
+        last = self._clock.now()
         while True:
-            await self._clock.sleep(self._timeout_s / 4)
+            await self._clock.sleep(period)
             now = self._clock.now()
+            silent += min(now - last, 2 * period)
+            last = now
             if (frames := self._frames()) != seen:
-                seen, since = frames, now
-            elif now - since >= self._timeout_s:
-                self._on_dead(now - since)
+                seen, silent = frames, 0.0
+            elif silent >= self._timeout_s:
+                self._on_dead(silent)
                 return
 
 
