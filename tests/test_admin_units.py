@@ -300,3 +300,33 @@ def test_a_plain_decimal_target_wrong_rate_is_read_as_before(text, value):
     assert parse_target_wrong_rate(text) == value
     args = build_parser().parse_args(["seed", "--target-wrong-rate", text, "faq.csv"])
     assert args.target_wrong_rate == value
+
+
+def test_a_token_beyond_ascii_is_accepted_as_curl_and_as_a_browser_send_it(tmp_path):
+    """Review (stop 64): a VOICEGATE_ADMIN_TOKEN with a letter beyond ASCII ("Schlüssel-...")
+    was refused, 401 "missing or wrong admin token", to every request curl or a script sent
+    with it: they send the header's text as UTF-8, the server reads a header's bytes as
+    Latin-1, and the two never compared equal. Only a browser's fetch (the dashboard), which
+    sends Latin-1, got in. Both spellings of the configured token are accepted now; anything
+    else is still refused."""
+    from gateway.clock import ManualClock
+    from tests.admin_support import warm_app
+
+    app = warm_app(tmp_path / "store", ManualClock())
+    token = "Schlüssel-ñ-0f3c"
+    services = app.state.services
+    services.settings = services.settings.replace(admin_token=token)
+    client = TestClient(app)
+
+    def status(header: bytes) -> int:
+        return client.get("/admin/stats", headers=[(b"authorization", header)]).status_code
+
+    assert status(b"Bearer " + token.encode("utf-8")) == 200  # curl, httpx, requests
+    assert status(b"Bearer " + token.encode("latin-1")) == 200  # a browser's fetch
+    for wrong in ("Schlussel-ñ-0f3c", "Schlüssel-ñ-0f3", "Schlüssel-ñ-0f3cX"):
+        for encoding in ("utf-8", "latin-1"):
+            assert status(b"Bearer " + wrong.encode(encoding)) == 401, (wrong, encoding)
+    # a token of characters no browser can send (beyond Latin-1) works for curl
+    services.settings = services.settings.replace(admin_token="ключ-0f3c")
+    assert status(b"Bearer " + "ключ-0f3c".encode("utf-8")) == 200
+    assert status(b"Bearer " + "ключ-0f3d".encode("utf-8")) == 401
