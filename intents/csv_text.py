@@ -77,6 +77,14 @@ def line_problems(data: bytes) -> dict[int, str]:
     return bad
 
 
+# How both files are read. skipinitialspace: spaces after a comma are not the next cell's
+# start, so a hand-written `"When are you open?", "Nine to five, weekdays"` reads its quoted
+# cells as quoted; read with the spaces, the second cell was ` "Nine to five` and ` weekdays"`
+# (one cell too many), and `, "Nine to five"` was published quotes and all. The readers strip
+# every cell anyway. Only spaces: a tab starting a cell is still seen (CSV injection).
+READING: dict[str, bool] = {"strict": True, "skipinitialspace": True}
+
+
 @dataclass(frozen=True)
 class CsvRow:
     """A row as ``csv_rows`` reads it: its first and last lines, and its fields, or (fields
@@ -98,7 +106,7 @@ def csv_rows(text: str, in_header: Callable[[], bool]) -> Iterator[CsvRow]:
     # Physical lines as the csv reader takes them (LF, CRLF, a lone CR): after a row that is
     # not CSV, reading starts again at the line after it.
     lines = io.StringIO(text, newline="").readlines()
-    reader = csv.reader(iter(lines), strict=True)
+    reader = csv.reader(iter(lines), **READING)
     skipped = 0  # lines before the reader's first (read past after a row that is not CSV)
     last_line = 0
     while True:
@@ -114,7 +122,7 @@ def csv_rows(text: str, in_header: Callable[[], bool]) -> Iterator[CsvRow]:
             if not resume:
                 return
             skipped = last_line = failed
-            reader = csv.reader(iter(lines[failed:]), strict=True)
+            reader = csv.reader(iter(lines[failed:]), **READING)
             continue
         last_line = skipped + reader.line_num
         yield CsvRow(start, last_line, fields)
@@ -137,7 +145,7 @@ def not_csv(exc: csv.Error, lines: list[str], start: int, failed: int,
     if in_header:  # the next line read as the header would be a data row
         return reason + ("; the rows were not checked: the header could not be read"
                          if rest else ""), False
-    lenient = csv.reader(iter(lines[start - 1:]), strict=False)
+    lenient = csv.reader(iter(lines[start - 1:]), **dict(READING, strict=False))
     try:
         next(lenient, None)
     except csv.Error:  # not expected (cells are not capped, NUL is read): stop, as before

@@ -922,3 +922,26 @@ def test_a_negatives_file_stopped_by_a_quote_left_open_still_names_the_rows_befo
     assert "line 2: no words, only punctuation" in message, message
     assert "line 4: not CSV: a quoted field that starts on this line is never closed" in message
     assert "the rest of the file was not checked" in message, message
+
+
+def test_a_quoted_cell_after_a_space_is_read_as_quoted_not_published_with_its_quotes() -> None:
+    """Review (stop 64): a hand-written CSV with a space after each comma (`question, answer`
+    is a header it already read) quoted its cells after that space: `"When are you open?",
+    "Nine to five", hours`. The csv reader took the space for the cell's start and the quotes
+    for its text, so the answer was published as `"Nine to five"`, quote marks and all, without
+    a word; a quoted cell holding a comma (`, "Nine to five, weekdays"`) was split there and
+    told "quote fields with commas", though it was quoted. Spaces after a comma are skipped
+    (cells are stripped anyway): the quotes delimit the cell, as the operator wrote them."""
+    plan = parse_seed_csv((
+        "question, answer, intent\n"
+        '"When are you open?", "Nine to five, weekdays.", hours\n'
+        'What are your hours?,  "Nine to five, weekdays.", hours\n'
+        'Where are you?, "On ""Main"" Street.", \n').encode("utf-8"))  # no intent
+    assert plan.entries["hours"].answer == "Nine to five, weekdays."
+    assert plan.entries["hours"].questions == ("When are you open?", "What are your hours?")
+    assert [e.answer for e in plan.entries.values()] == ["Nine to five, weekdays.",
+                                                         'On "Main" Street.']
+    # A space inside the quotes is the cell's own (then stripped as any cell's); a tab after
+    # the comma is no space: a cell starting with one is still refused (CSV injection).
+    errors = errors_of('question,answer\nWhen are you open?,\t"=1+1"\nWhere are you?,Main St\n')
+    assert [line for line, _ in errors] == [2] and "formula" in errors[0][1], errors
