@@ -330,3 +330,33 @@ def test_a_token_beyond_ascii_is_accepted_as_curl_and_as_a_browser_send_it(tmp_p
     services.settings = services.settings.replace(admin_token="ключ-0f3c")
     assert status(b"Bearer " + "ключ-0f3c".encode("utf-8")) == 200
     assert status(b"Bearer " + "ключ-0f3d".encode("utf-8")) == 401
+
+
+def test_the_last_seed_s_bad_rows_are_summed_up_in_the_seed_status_not_all_kept(tmp_path):
+    """Review (stop 64): GET /admin/seed's ``last.error`` held the refused upload's whole
+    listing of bad rows, one line per row: a 4 MB CSV whose every row was refused (a column
+    mixed up) kept over 100 MB of text there, JSON-encoded on the serving loop and sent on
+    every poll of the dashboard (each 3 s), until the next seed. It now says how many rows
+    were bad and shows the first ones; the upload's own answer still lists every one."""
+    from gateway.clock import ManualClock
+    from tests.admin_support import AUTH, warm_app
+
+    app = warm_app(tmp_path / "store", ManualClock())
+    client = TestClient(app)
+    rows = "".join(f"Question {n}?,=x{n}\n" for n in range(2, 3002))
+    upload = client.post("/admin/seed?name=faq.csv", content="question,answer\n" + rows,
+                         headers={**AUTH, "content-type": "text/csv"})
+    assert upload.status_code == 400 and len(upload.json()["errors"]) == 3000
+    last = client.get("/admin/seed", headers=AUTH).json()["last"]
+    assert last["outcome"] == "failed", last
+    error = last["error"]
+    assert len(error) < 3000, len(error)
+    assert error.startswith("faq.csv: 3000 bad row(s), nothing published"), error
+    assert "line 3: answer looks like a spreadsheet formula" in error, error  # the first ones
+    assert "line 3001" not in error and "2995 more" in error, error
+    # a short listing is kept whole, as before
+    client.post("/admin/seed?name=faq.csv", content="question,answer\nA?,=x\nB?,ok\n",
+                headers={**AUTH, "content-type": "text/csv"})
+    error = client.get("/admin/seed", headers=AUTH).json()["last"]["error"]
+    assert error.startswith("faq.csv: 1 bad row(s)") and "line 2: answer looks like" in error
+    assert "more" not in error, error

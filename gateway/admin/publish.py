@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
-                        parse_seed_csv, parse_seed_rows, rows_from_manifest)
+                        SeedValidationError, parse_seed_csv, parse_seed_rows, rows_from_manifest)
 from cache_seed.validate import bad_intent_characters
 
 from intents.store import ANY_VERSION, AnyVersion, StoreError, StoreUnavailable
@@ -356,10 +356,22 @@ class Publisher:
                                    manifest.get("negatives") or (), base)
 
 
+# Bad rows GET /admin/seed's ``last.error`` shows. It is kept until the next seed and sent on
+# every poll (the dashboard's: each 3 s): a file of 4 MB whose every row was bad kept its whole
+# listing there, over 100 MB JSON-encoded on the serving loop per poll. The upload's own
+# answer lists every row.
+FAILED_ROWS_SHOWN = 5
+
+
 def _failure(exc: BaseException) -> str:
     """Why a seed ended without publishing (or unserved), for GET /admin/seed's ``last``."""
     if isinstance(exc, EntryNotFound):  # a KeyError: its str() is the quoted id alone
         return f"no entry {exc.args[0]!r} in the serving cache version"
+    if isinstance(exc, SeedValidationError) and len(exc.errors) > FAILED_ROWS_SHOWN:
+        shown = "\n".join(f"  {e}" for e in exc.errors[:FAILED_ROWS_SHOWN])
+        return (f"{exc.source}: {len(exc.errors)} bad row(s), nothing published:\n{shown}\n"
+                f"  ... and {len(exc.errors) - FAILED_ROWS_SHOWN} more (the upload's answer "
+                "listed every one)")
     return str(exc) or type(exc).__name__
 
 
@@ -394,8 +406,6 @@ class LabelledValidationError(ValueError):
 
 def _parse_labelled(rows: Sequence[Mapping[str, str]], labels: Sequence[RowLabel],
                     source: str) -> SeedPlan:
-    from cache_seed import SeedValidationError
-
     try:
         return parse_seed_rows(rows, source=source)
     except SeedValidationError as exc:
