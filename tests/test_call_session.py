@@ -674,3 +674,27 @@ async def test_a_drain_holds_until_the_last_call_has_its_last_message_and_close(
         await closing
     assert ws.sent == ['{"type": "hangup", "reason": "idle"}'] and ws.closed_with == 1000
     assert admission.held == 0 and admission.active == 0
+
+
+@pytest.mark.parametrize("where", ["bearer", "query"])
+def test_a_call_token_beyond_ascii_matches_as_a_client_sends_it(where: str) -> None:
+    """Review (stop 64): a call token beyond ASCII (VOICEGATE_CALL_TOKEN=Schlüssel-...) sent
+    in `Authorization: Bearer` never matched: Starlette decodes a header's bytes as Latin-1
+    and the comparison took that string as UTF-8, so a client's UTF-8 header was refused
+    (403) on every call while the same token as `?token=` got in."""
+    from urllib.parse import quote
+
+    from starlette.requests import HTTPConnection
+
+    from gateway.call.session import presented_token, token_matches
+
+    token = "Schlüssel-ëxtra-2"
+    if where == "bearer":
+        headers = [(b"authorization", b"Bearer " + token.encode("utf-8"))]
+        query = b""
+    else:
+        headers, query = [], f"token={quote(token)}".encode()
+    connection = HTTPConnection({"type": "websocket", "path": "/v1/call", "headers": headers,
+                                 "query_string": query})
+    assert token_matches(presented_token(connection), token)
+    assert not token_matches(presented_token(connection), "Schlussel-extra-2")

@@ -78,10 +78,17 @@ class Admission:
 
 
 def presented_token(connection: HTTPConnection) -> str:
-    """The call token a client presented: ``Authorization: Bearer`` or ``?token=``."""
+    """The call token a client presented: ``Authorization: Bearer`` or ``?token=``.
+
+    A header's bytes reach us decoded as Latin-1: clients send a token beyond ASCII as
+    UTF-8, so the header's value is read as UTF-8 where it is that (as ``?token=`` is)."""
     scheme, _, value = connection.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
+        raw = value.strip().encode("latin-1")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.strip()
     return connection.query_params.get("token", "")
 
 
