@@ -371,7 +371,7 @@ def _failure(exc: BaseException) -> str:
         shown = "\n".join(f"  {e}" for e in exc.errors[:FAILED_ROWS_SHOWN])
         return (f"{exc.source}: {len(exc.errors)} bad row(s), nothing published:\n{shown}\n"
                 f"  ... and {len(exc.errors) - FAILED_ROWS_SHOWN} more (the upload's answer "
-                "listed every one)")
+                "listed up to 1000)")
     return str(exc) or type(exc).__name__
 
 

@@ -36,6 +36,9 @@ from .seed_status import PROMOTE
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_ENTRY_BODY_BYTES = 1024 * 1024  # one entry with its paraphrases, as JSON
+# Bad rows an upload's 400 lists: enough to fix a file in one go, while a 5 MB file of bad
+# rows (hundreds of thousands) is no 100 MB answer JSON-encoded on the serving loop.
+MAX_LISTED_BAD_ROWS = 1000
 
 
 NOT_READY = "not ready: models are loading (see /readyz)"
@@ -367,9 +370,12 @@ async def seed_upload(request: Request, services: Services) -> Response:
     try:
         report = await _publisher(request).seed_csv(body, source, target)
     except SeedValidationError as exc:
+        listed = exc.errors[:MAX_LISTED_BAD_ROWS]
+        more = (f" (the first {len(listed)} listed)" if len(exc.errors) > len(listed) else "")
         return _bad_request(request, f"{source}: {len(exc.errors)} bad row(s), nothing "
-                            "published; the previous version keeps serving",
-                            errors=[{"line": e.line, "reason": e.reason} for e in exc.errors],
+                            f"published; the previous version keeps serving{more}",
+                            errors=[{"line": e.line, "reason": e.reason} for e in listed],
+                            bad_rows=len(exc.errors),
                             version=services.cache.version)  # type: ignore[union-attr]
     except (SeedBusy, SeedError, StoreError, PublishedNotServed) as exc:
         return _publish_failed(exc, services)
