@@ -152,7 +152,8 @@ def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
         raise SeedValidationError(source, [RowError(1, (
             f"not CSV: the file is {binary}, not CSV text; export it as CSV UTF-8 (Excel: "
             "\"CSV UTF-8 (Comma delimited)\")"))])
-    separated = _other_separator(data)
+    data, separated = _separator_hint(data)
+    separated = separated or _other_separator(data)
     if separated is not None:
         # Read with commas its header is one column: "missing column" for every column it has.
         line, name = separated
@@ -227,6 +228,29 @@ def _is_ods(data: bytes) -> bool:
     start = 38 + int.from_bytes(data[28:30], "little")
     return data[30:38] == b"mimetype" and data[start:].startswith(
         b"application/vnd.oasis.opendocument.spreadsheet")
+
+
+_SEPARATOR_NAMES = {";": "semicolons", "\t": "tabs", ",": "commas"}
+
+
+def _separator_hint(data: bytes) -> tuple[bytes, tuple[int, str] | None]:
+    """Excel's separator hint ("sep=,", a first line Excel reads and never shows): a comma
+    one is blanked (its line still counted, so errors keep their line numbers); another
+    separator's is (line, its name), refused as a header of that separator is."""
+    offset = 0
+    for number, raw in enumerate(data.splitlines(keepends=True), start=1):
+        line = raw.rstrip(b"\r\n")
+        if line.strip():
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace")
+            hint = re.fullmatch(r'"?sep=(.)"?', text.strip(" "), re.IGNORECASE | re.DOTALL)
+            if hint is None:
+                return data, None
+            separator = hint.group(1)
+            if separator == ",":
+                return data[:offset] + raw[len(line):] + data[offset + len(raw):], None
+            return data, (number, _SEPARATOR_NAMES.get(separator, repr(separator)))
+        offset += len(raw)
+    return data, None
 
 
 def _other_separator(data: bytes) -> tuple[int, str] | None:

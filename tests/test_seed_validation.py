@@ -945,3 +945,28 @@ def test_a_quoted_cell_after_a_space_is_read_as_quoted_not_published_with_its_qu
     # the comma is no space: a cell starting with one is still refused (CSV injection).
     errors = errors_of('question,answer\nWhen are you open?,\t"=1+1"\nWhere are you?,Main St\n')
     assert [line for line, _ in errors] == [2] and "formula" in errors[0][1], errors
+
+
+@pytest.mark.parametrize("hint", ["sep=,", '"sep=,"', "SEP=,"])
+def test_excel_s_separator_hint_line_before_a_comma_header_is_skipped(hint: str) -> None:
+    """Review (stop 64): a CSV saved for Excel can start with its separator hint ("sep=,",
+    which Excel reads and never shows). It was taken for the header: "missing column
+    'question' (header is: sep=, )" and the same for 'answer', naming neither the line nor
+    the fix. A comma hint says what voicegate reads anyway: the line is skipped."""
+    plan = parse_seed_csv((f"{hint}\r\nquestion,answer,intent\r\n"
+                           "When are you open?,Nine to five.,hours\r\n"
+                           "What are your hours?,Nine to five.,hours\r\n").encode())
+    assert list(plan.questions) == ["When are you open?", "What are your hours?"]
+
+
+@pytest.mark.parametrize("separator, named", [(";", "semicolons"), ("\t", "tabs")])
+def test_a_separator_hint_of_another_separator_names_it(separator: str, named: str) -> None:
+    """Review (stop 64): "sep=;" (or a tab) before a semicolon file's header: one error on
+    its line naming the separator and the fix, as a semicolon header gets, not "missing
+    column" for the hint."""
+    text = (f"sep={separator}\nquestion{separator}answer\n"
+            f"When are you open?{separator}Nine to five.\n")
+    found = errors_of(text)
+    assert len(found) == 1, found
+    assert found[0][0] == 1 and found[0][1].startswith(
+        f"the file is separated by {named}; voicegate reads comma-separated CSV"), found
