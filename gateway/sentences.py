@@ -7,9 +7,11 @@ Sentence_Terminal) with no space needed after it; or at a clause boundary (comma
 semicolon, colon, dash, before whitespace; or the full-width "，" "；" "：", the
 ideographic "、", the Arabic "،" "؛", no space needed) once it is long enough, so the
 first TTS request starts after a few words, not after the whole first sentence. A piece
-never exceeds max_chars: with no boundary in sight it ends at the last space or wide
-clause mark before the limit, else (CJK text has no spaces) at the limit, never inside
-a character as seen (a letter and its accent, an emoji sequence). Markdown that slips
+never exceeds max_chars (240), the first one first_max_chars (100: a run-on answer with no
+punctuation at all starts speaking after about 20 words, not 50): with no boundary in
+sight it ends at the last space or wide clause mark before the limit, else (CJK text has
+no spaces) at the limit, never inside a character as seen (a letter and its accent, an
+emoji sequence). Markdown that slips
 through is stripped; a numbered list's item ("2. Tap Settings") is a piece of its own,
 without its number.
 """
@@ -140,10 +142,13 @@ class SentenceChunker:
     """``feed`` tokens, get finished pieces; ``flush`` at the end of the stream."""
 
     def __init__(self, min_clause_chars: int = 60, first_min_clause_chars: int = 24,
-                 max_chars: int = 240) -> None:
+                 max_chars: int = 240, first_max_chars: int = 100) -> None:
         self.min_clause_chars = min_clause_chars
         self.first_min_clause_chars = first_min_clause_chars
         self.max_chars = max_chars
+        # The first piece's limit: a reply with no punctuation at all (a run-on answer)
+        # starts speaking after about 20 words, not 50 (or at the stream's end).
+        self.first_max_chars = min(first_max_chars, max_chars)
         self._buffer = ""
         self._emitted = 0
         # The last cut was inside a sentence (a clause boundary, or max_chars): the buffer
@@ -206,19 +211,20 @@ class SentenceChunker:
                 clause_cut = i + 1
         if clause_cut is not None:
             return clause_cut, True
-        if len(buf) >= self.max_chars:
-            cut = self._limit_cut(buf)
+        limit = self.first_max_chars if self._emitted == 0 else self.max_chars
+        if len(buf) >= limit:
+            cut = self._limit_cut(buf, limit)
             return None if cut is None else (cut, True)
         return None
 
-    def _limit_cut(self, buf: str) -> int | None:
-        """Where a piece that reached max_chars with no boundary in sight ends: after the
+    def _limit_cut(self, buf: str, limit: int) -> int | None:
+        """Where a piece that reached ``limit`` (max_chars, or first_max_chars for the
+        first piece) with no boundary in sight ends: after the
         last space or wide clause mark ("，": CJK text has no space) before the limit, else
         at the limit (an ideograph is a word of its own), stepped back to a boundary
         between two characters as seen (never between a letter and its combining accent,
         an emoji and its skin tone, or inside a ZWJ sequence or a flag); None while the
         character after the limit, which may belong to the one before it, is not known."""
-        limit = self.max_chars
         for j in range(limit - 1, 0, -1):
             if buf[j] == " " or _is_wide_clause_mark(buf, j):
                 return j + 1

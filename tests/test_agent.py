@@ -784,6 +784,31 @@ def test_a_capital_letter_ends_a_sentence_before_an_opener_not_before_a_name(tok
     assert as_fed[0][0].rstrip() == "Choose plan B. It"  # out as soon as "It" came
 
 
+@pytest.mark.parametrize("tokens", ["word", "char"])
+def test_a_run_on_answer_with_no_punctuation_starts_speaking_after_a_few_words(tokens):
+    """Review (stop 64): a reply with no punctuation at all (small models write run-on
+    answers; the system prompt asks for no markdown, some drop the commas too) had no cut
+    before max_chars (240): the caller heard nothing of it until about 50 words were
+    written (seconds of a slower model, the filler and a hold phrase meanwhile), and a
+    shorter one not until the stream ended. The first piece now ends at the last space
+    before ``first_max_chars`` (100); the pieces after it keep the 240-character limit."""
+    text = ("sure so what you want to do is open the app and tap settings then scroll down "
+            "to the bottom where it says account and tap that and then you will see the "
+            "option for closing your account so tap that and confirm with your pin and "
+            "after that we will send you an email within two business days to let you "
+            "know that the account is closed and any money left in it is sent to the "
+            "account you named when you opened it")
+    pieces = chunk_as_fed(text, tokens)
+    (fed, first), *rest = pieces
+    # Out while the model is still writing, after no more than 100 characters of it.
+    assert len(fed) <= 110 and fed != text, pieces
+    assert first == "sure so what you want to do is open the app and tap settings then scroll " \
+                    "down to the bottom where"  # at the last space before 100
+    assert " ".join(piece for _, piece in pieces) == text
+    assert [len(piece) > 100 for _, piece in rest] == [True, False]  # 240 after the first
+    assert all(len(piece) <= 240 for _, piece in rest)
+
+
 def test_a_sentence_ending_inside_a_closing_quote_or_bracket_is_its_own_piece():
     text = ('The status says "shipped." It left the warehouse (on Monday.) Did you get my '
             "note, 'where is it?' Dr. Smith said “yes.” \"Mr.\" Jones signed (e.g.) for it. ")
