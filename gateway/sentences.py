@@ -11,9 +11,10 @@ never exceeds max_chars (240), the first one first_max_chars (100: a run-on answ
 punctuation at all starts speaking after about 20 words, not 50): with no boundary in
 sight it ends at the last space or wide clause mark before the limit, else (CJK text has
 no spaces) at the limit, never inside a character as seen (a letter and its accent, an
-emoji sequence). Markdown that slips
-through is stripped; a numbered list's item ("2. Tap Settings") is a piece of its own,
-without its number.
+emoji sequence). Markdown that slips through is stripped; a line ends a piece: a list's
+item is a piece of its own, without its marker (numbered, "2. Tap Settings", or bulleted,
+"- Tap Settings", often with no period), and so is any other line ("Our hours" / "Monday
+to Friday 9 to 5").
 """
 
 from __future__ import annotations
@@ -94,8 +95,6 @@ _ZWJ = "\u200d"
 # ("Your confirmation number. 48213. Keep it handy.") is said, never taken for a marker.
 _MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d{1,2}\.\s+(?=\D))", re.MULTILINE)
 _SPACES = re.compile(r"\s+")
-# "2. " opening a line: a numbered list's item, whose period ends no sentence.
-_LIST_ITEM = re.compile(r"[ \t]*\d{1,2}\.\s")
 _LIST_MARKER = re.compile(r"\s*\d{1,2}")
 
 
@@ -188,8 +187,11 @@ class SentenceChunker:
             ch, nxt = buf[i], buf[i + 1]
             if ch == "\n" and nxt == "\n":
                 return i + 2, False
-            if ch == "\n" and _LIST_ITEM.match(buf, i + 1) and speakable(buf[:i]):
-                return i + 1, False  # an item starts a piece of its own, its marker stripped there
+            if ch == "\n" and speakable(buf[:i]):
+                # A line ends a piece: a list's item (numbered, its marker stripped there,
+                # or bulleted: "- ", "* ", "• "; items often have no period) or a plain line
+                # ("Our hours" / "Monday to Friday 9 to 5"), never run into the next one.
+                return i + 1, False
             if ch in SENTENCE_TERMINALS and not (i > 0 and buf[i - 1].isdigit() and nxt.isdigit()):
                 # Another script's mark: no whitespace after it needed ("。请").
                 end = self._after_closers(buf, i + 1, marks=True)

@@ -693,6 +693,25 @@ def test_numbered_list_markers_are_not_spoken_as_sentences(tokens):
                               ["Open the app", "Tap Settings", "Choose Reset"]), pieces
 
 
+@pytest.mark.parametrize("tokens", ["word", "char", "whole"])
+@pytest.mark.parametrize("marker", ["- ", "* ", "• ", ""], ids=["dash", "star", "bullet", "none"])
+def test_each_line_of_a_bulleted_list_is_a_piece_of_its_own(tokens, marker):
+    """Review (stop 64): a numbered list's items were pieces of their own, but a bulleted
+    one's (markdown's "- ", "* ", "• ": the list LLMs write most, items with no period) or
+    plain lines ("Our hours" / "Monday to Friday 9 to 5") were joined into one piece: the
+    bullets stripped, the caller heard "To reset it: Open the app Tap Settings Choose Reset
+    password" in one breath, and nothing of it before the whole list was written (or
+    max_chars). A line break ends a piece, as a numbered item's does."""
+    text = (f"To reset it:\n{marker}Open the app\n{marker}Tap Settings\n"
+            f"{marker}Choose Reset password")
+    assert chunk_all(text, tokens) == ["To reset it:", "Open the app", "Tap Settings",
+                                       "Choose Reset password"]
+    # Each line goes out once the next one starts, not at the end of the reply.
+    (fed, first), (fed_2, second), *_ = chunk_as_fed(text, "char")
+    assert first == "To reset it:" and fed == f"To reset it:\n{marker[:1] or 'O'}"
+    assert second == "Open the app" and fed_2.endswith("Open the app\n" + (marker[:1] or "T"))
+
+
 @pytest.mark.parametrize("tokens", ["word", "char"])
 def test_a_number_after_a_clause_cut_is_spoken_not_stripped_as_a_list_marker(tokens):
     """Streamed, the first piece is cut at the colon (a clause boundary past 24 chars), so
