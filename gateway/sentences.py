@@ -14,7 +14,8 @@ no spaces) at the limit, never inside a character as seen (a letter and its acce
 emoji sequence). Markdown that slips through is stripped; a line ends a piece: a list's
 item is a piece of its own, without its marker (numbered, "2. Tap Settings", or bulleted,
 "- Tap Settings", often with no period), and so is any other line ("Our hours" / "Monday
-to Friday 9 to 5").
+to Friday 9 to 5"). Within a line ("Open the app. 2. Tap Settings.") a number after a
+sentence's end is an item's marker only as a list's first or next one: "How many? 3." says it.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ _ZWJ = "\u200d"
 _MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d{1,2}\.\s+(?=\D))", re.MULTILINE)
 _SPACES = re.compile(r"\s+")
 _LIST_MARKER = re.compile(r"\s*\d{1,2}")
+_ITEM_OPENING = re.compile(r"\s*(\d{1,2})\.\s")  # a piece opening with its item's marker
 
 
 def speakable(text: str) -> str:
@@ -153,6 +155,9 @@ class SentenceChunker:
         # The last cut was inside a sentence (a clause boundary, or max_chars): the buffer
         # then opens mid-sentence, so a number there ("is: 48213. Keep it") is no list item.
         self._mid_sentence = False
+        # The last cut was a line's end: a number opening the buffer opens a line.
+        self._line_start = False
+        self._last_item = 0  # the number of the last list item cut (0: none yet)
 
     def feed(self, text: str) -> list[str]:
         self._buffer += text
@@ -162,7 +167,12 @@ class SentenceChunker:
             if found is None:
                 break
             cut, self._mid_sentence = found
-            piece, self._buffer = speakable(self._buffer[:cut]), self._buffer[cut:]
+            raw, self._buffer = self._buffer[:cut], self._buffer[cut:]
+            self._line_start = raw.endswith("\n")
+            item = _ITEM_OPENING.match(raw)  # its marker's period did not end the piece
+            if item is not None:
+                self._last_item = int(item.group(1))
+            piece = speakable(raw)
             if piece:
                 pieces.append(piece)
                 self._emitted += 1
@@ -200,8 +210,7 @@ class SentenceChunker:
             if ch in _SENTENCE_END:
                 # The whitespace may come after closing quotes or brackets: 'says "shipped." It'.
                 end = self._after_closers(buf, i + 1)
-                if end < len(buf) and buf[end].isspace() and not self._is_list_marker(
-                        buf, i, self._mid_sentence):
+                if end < len(buf) and buf[end].isspace() and not self._is_list_marker(buf, i):
                     abbreviation = self._is_abbreviation(buf, i, end)
                     if abbreviation is None:
                         break  # "No." before what: a number or a new sentence? Wait and see.
@@ -267,15 +276,19 @@ class SentenceChunker:
             return not (after[:1].isupper() and after.lower() in _SENTENCE_OPENERS)
         return False
 
-    @staticmethod
-    def _is_list_marker(buf: str, i: int, mid_sentence: bool = False) -> bool:
+    def _is_list_marker(self, buf: str, i: int) -> bool:
         """The period of "1." opening a line (or the buffer: "Open the app. 2. Tap ...").
         A buffer that opens mid-sentence, after a clause cut, opens no item but a list's
-        first ("Do this: 1. Open the app"): "is: 48213. Keep it" says its number."""
+        first ("Do this: 1. Open the app"): "is: 48213. Keep it" says its number. One
+        that opens after a sentence's end opens a list's first item or the next one, no
+        other: "How many? 3. One of them virtual." says its 3."""
         line = buf.rfind("\n", 0, i)
         if buf[i] != "." or _LIST_MARKER.fullmatch(buf, line + 1, i) is None:
             return False
-        return not (line < 0 and mid_sentence) or buf[line + 1:i].strip() == "1"
+        if line >= 0 or self._line_start:
+            return True
+        number = int(buf[:i])
+        return number == 1 or (not self._mid_sentence and number == self._last_item + 1)
 
     @staticmethod
     def _after_closers(buf: str, j: int, marks: bool = False) -> int:

@@ -1732,3 +1732,19 @@ def test_a_number_said_as_a_sentence_of_its_own_is_spoken(tokens, text, number):
     assert number in " ".join(pieces), pieces
     whole = SentenceChunker()
     assert number in " ".join([*whole.feed(text), whole.flush()])
+
+
+@pytest.mark.parametrize("tokens", ["word", "char", "whole"])
+def test_a_small_number_said_as_a_sentence_is_spoken_not_taken_for_a_list_item(tokens):
+    """Review (stop 64): "N." opening the buffer after a sentence's end was taken for an
+    inline list's item ("Open the app. 2. Tap Settings.") whatever N was, and speakable()
+    stripped it: "How many cards can I have? 3. One of them virtual." was heard as "How
+    many cards can I have?" / "One of them virtual.", never the answer. Inline, a number
+    is an item's only as a list's first ("1.") or the item after the last one."""
+    assert chunk_all("How many cards can I have? 3. One of them virtual.", tokens) == [
+        "How many cards can I have?", "3.", "One of them virtual."]
+    # An inline list still loses its markers, a number after it that is no next item not.
+    assert chunk_all("Here is how. 1. Open the app. 2. Tap Settings. 3. Choose Reset. "
+                     "It takes 5. Minutes, that is.", tokens) == [
+        "Here is how.", "Open the app.", "Tap Settings.", "Choose Reset.", "It takes 5.",
+        "Minutes, that is."]
