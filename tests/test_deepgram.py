@@ -944,3 +944,31 @@ async def test_a_final_refused_by_the_error_check_cuts_its_utterance_and_spares_
         await recognizer.aclose()
     assert outcome == Transcript("what are your opening hours", final=True), \
         f"the next question, recognised on the new socket: {outcome!r}"
+
+
+async def test_an_utterance_end_of_the_cut_utterance_does_not_commit_the_next_ones_interim(
+        deepgram):
+    """Review (stop 64): Deepgram's UtteranceEnd for an utterance already cut (sent once
+    ``utterance_end_ms`` of audio followed its last word: audio that is now the next
+    utterance's) arrived after that next utterance's first interim. It committed that
+    interim as if final, and the interim's words came again in their own final: the
+    caller's next question reached the agent (and the transcript) with its first words
+    twice ("what what are your opening hours")."""
+    fake, server = deepgram
+    fake.utterances = ["hello there", "what are your opening hours"]
+    fake.ms_per_word = 40
+    recognizer = stt(server)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)  # "hello there", audio 0-80 ms
+    assert (await stream.finalize()).text == "hello there"
+    await send(stream, VOICE, 2)  # the next utterance's first word
+    assert await until(lambda: stream._text() == "what")
+    # The first utterance's UtteranceEnd, late: before the next utterance's next interim.
+    fake.garbage = [json.dumps({"type": "UtteranceEnd", "channel": [0, 1],
+                                "last_word_end": 0.08})]
+    await send(stream, VOICE, 8)
+    assert await until(lambda: not fake.garbage)
+    final = await stream.finalize()
+    await stream.aclose()
+    await recognizer.aclose()
+    assert final == Transcript("what are your opening hours", final=True)
