@@ -108,6 +108,7 @@ class RoutingLanes:
         ``embed_one`` (a text into the embedder's vector cache), given where texts embedded
         together share no forward pass: cold finals go first (``FinalsFirst``)."""
         routes = dict.fromkeys(ROUTING_LANES, route_many)
+        gate: FinalsFirst | None = None
         if embed_one is not None:
             gate = FinalsFirst()
             routes["cold"] = gate.partials(route_many, embed_one)
@@ -115,7 +116,8 @@ class RoutingLanes:
         return cls(**{lane: RouteBatcher(
             routes[lane], executors[lane], target_batch_ms=target_batch_ms,
             gather_finals=lane == "cold" or (lane == "cold_finals" and gather_cold_finals),
-            answers_early=lane == "cold" and embed_one is not None)
+            answers_early=lane == "cold" and gate is not None,
+            on_hurry=gate.hurry if lane == "cold" and gate is not None else None)
             for lane in ROUTING_LANES}, is_warm=is_warm)
 
     async def route(self, text: str, urgent: bool = False) -> RouteDecision:
@@ -171,19 +173,27 @@ class FinalsFirst:
                   ) -> list[RouteDecision]:
             left = dict.fromkeys(range(len(texts)))  # in order; a final's first
             answered: dict[int, RouteDecision] = {}
-            while left:
-                waiting = [j for j in urgent() if j in left]
-                if not waiting:
-                    self._let_finals_pass()
-                    waiting = [j for j in urgent() if j in left]
-                i = waiting[0] if waiting else next(iter(left))
-                del left[i]
-                embed_one(texts[i])
-                if answer is not None:  # a final's text embedded by now is decided now
+
+            def decide_embedded() -> None:  # a final's text embedded by now is decided now
+                if answer is not None:
                     for j in urgent():
                         if j not in left and j not in answered:
                             (answered[j],) = route_many([texts[j]])
                             answer(j, answered[j])
+
+            def hurried() -> bool:  # a final waits for a text not decided yet
+                return any(j in left or (answer is not None and j not in answered)
+                           for j in urgent())
+
+            while left:
+                decide_embedded()  # before another text's embedding
+                if not any(j in left for j in urgent()) and self._let_finals_pass(hurried):
+                    continue  # a final joined: its text first, then the pause goes on
+                waiting = [j for j in urgent() if j in left]
+                i = waiting[0] if waiting else next(iter(left))
+                del left[i]
+                embed_one(texts[i])
+            decide_embedded()
             rest = [j for j in range(len(texts)) if j not in answered]
             # Every vector cached by now: no forward pass.
             decided = dict(zip(rest, route_many([texts[j] for j in rest]))) if rest else {}
@@ -203,11 +213,21 @@ class FinalsFirst:
                 if not self._finals:
                     self._changed.notify_all()
 
-    def _let_finals_pass(self) -> None:
+    def hurry(self) -> None:
+        """A final now waits for a text of the partials' batch under way (its ``urgent()``
+        changed): a pause between the batch's texts ends, so that text goes next."""
         with self._changed:
-            if self._finals:
+            self._changed.notify_all()
+
+    def _let_finals_pass(self, hurried: Callable[[], bool] = lambda: False) -> bool:
+        """Wait while a final is routed, unless (or until: ``hurry``) a final waits for one
+        of this batch's texts (``hurried``): then True, the wait not over."""
+        with self._changed:
+            if self._finals and not hurried():
                 self.pauses += 1
-                self._changed.wait_for(lambda: not self._finals, timeout=self._max_wait_s)
+                self._changed.wait_for(lambda: not self._finals or hurried(),
+                                       timeout=self._max_wait_s)
+            return bool(self._finals) and hurried()
 
 
 class _Slot:
@@ -230,14 +250,18 @@ class _Slot:
 class RouteBatcher:
     def __init__(self, route_many: RouteMany, executor: Executor, max_batch: int = 128,
                  target_batch_ms: float = 30.0, min_batch: int = 8,
-                 gather_finals: bool = True, answers_early: bool = False) -> None:
+                 gather_finals: bool = True, answers_early: bool = False,
+                 on_hurry: Callable[[], None] | None = None) -> None:
         """``gather_finals``: a final waits one loop iteration for others to share its
         batch, as partials do; worth it only where a batch has a fixed cost to share (a
         forward pass), so the warm lanes start a final's batch at once. ``answers_early``:
         ``route_many`` is an ``EarlyRouteMany``, and a final that joins a running batch
-        is answered as soon as its text is decided."""
+        is answered as soon as its text is decided; ``on_hurry`` is called (on the loop)
+        once the batch's ``urgent()`` changed, to wake a routing thread pausing between its
+        texts (``FinalsFirst.hurry``)."""
         self._route_many = route_many
         self._answers_early = answers_early
+        self._on_hurry = on_hurry
         self._gather_finals = gather_finals
         self._executor = executor
         self._max_batch = max_batch
@@ -314,6 +338,8 @@ class RouteBatcher:
         decided next and answered at once (read by the routing thread: a new frozenset)."""
         if self._answers_early:
             self._urgent_now = self._urgent_now | {self._positions[key]}
+            if self._on_hurry is not None:  # after the change: the thread's check sees it
+                self._on_hurry()
 
     def _answer_early(self, slot: _Slot, decision: RouteDecision) -> None:
         """On the loop: a running batch's text decided ahead of the rest."""

@@ -623,6 +623,8 @@ def test_lanes_split_partials_only_where_texts_share_no_pass(executor) -> None:
     assert embedded == ["a b", "a b c"] and router.batches[-1] == ["a b", "a b c"]
     # Only that lane can answer a final joining its batch before the batch ends.
     assert [lane for lane in ROUTING_LANES if getattr(split, lane)._answers_early] == ["cold"]
+    # ... and a final joining it wakes that lane from a pause for another final.
+    assert [lane for lane in ROUTING_LANES if getattr(split, lane)._on_hurry] == ["cold"]
 
 
 async def test_a_final_joining_a_running_partials_batch_is_answered_before_the_rest():
@@ -671,4 +673,67 @@ async def test_a_final_joining_a_running_partials_batch_is_answered_before_the_r
     finally:
         final_answered.set()
         release_first.set()
+        pool.shutdown(wait=True)
+
+
+async def test_a_final_joining_a_partials_batch_paused_for_another_final_is_answered_at_once():
+    """Review (stop 64): the partials' cold lane, paused between its texts while another
+    call's final is routed (``FinalsFirst``, up to ``max_wait_s``), did not notice a final
+    joining one of its texts: that caller waited out the other final's pass (and then
+    another text's embedding, when its own text was embedded already). The pause now ends
+    for it: a text embedded already is decided at once, one not yet is embedded next; the
+    other texts still wait for the other final."""
+    gate = FinalsFirst(max_wait_s=30.0)  # long: only the other final's end, or a hurry
+    embedded: list[str] = []
+    routed: list[list[str]] = []
+    first_started, release_first = threading.Event(), threading.Event()
+    other_final_started, release_other_final = threading.Event(), threading.Event()
+
+    def embed_one(text: str) -> None:
+        if not embedded:
+            first_started.set()
+            assert release_first.wait(10)
+        embedded.append(text)
+
+    def route_many(texts: Sequence[str]) -> list[RouteDecision]:
+        routed.append(list(texts))
+        return [miss(t, "routed") for t in texts]
+
+    def other_final_route_many(texts: Sequence[str]) -> list[RouteDecision]:
+        other_final_started.set()
+        release_other_final.wait(10)
+        return [miss(t, "final") for t in texts]
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    other = threading.Thread(target=gate.finals(other_final_route_many), args=(["hello"],))
+    try:
+        batcher = RouteBatcher(gate.partials(route_many, embed_one), pool,
+                               answers_early=True, on_hurry=gate.hurry)
+        partials = [asyncio.ensure_future(batcher.route(t))
+                    for t in ("my card is lost", "where is", "how do i")]
+        await _until(first_started.is_set)  # "my card is lost" is being embedded
+        other.start()  # another call's final: the partials' lane pauses after this text
+        assert other_final_started.wait(10)
+        release_first.set()
+        await _until(lambda: gate.pauses == 1)  # paused before "where is"
+        final = asyncio.ensure_future(batcher.route("My card is LOST", urgent=True))
+        decision = await asyncio.wait_for(final, 5)
+        assert decision.text == "my card is lost"
+        assert embedded == ["my card is lost"]  # the partials still wait for the final
+        # A final joining a text not embedded yet, while paused: embedded next.
+        await _until(lambda: gate.pauses == 2)
+        final = asyncio.ensure_future(batcher.route("how do i", urgent=True))
+        decision = await asyncio.wait_for(final, 5)
+        assert decision.text == "how do i"
+        assert embedded == ["my card is lost", "how do i"]
+        release_other_final.set()
+        decisions = await asyncio.wait_for(asyncio.gather(*partials), 5)
+        assert [d.text for d in decisions] == ["my card is lost", "where is", "how do i"]
+        assert routed == [["my card is lost"], ["how do i"], ["where is"]]
+        assert batcher.answered_early == 2
+    finally:
+        release_first.set()
+        release_other_final.set()
+        if other.is_alive():
+            other.join(10)
         pool.shutdown(wait=True)
