@@ -323,6 +323,11 @@ class RouteBatcher:
     def _adopt(self, slot: _Slot) -> None:
         key = normalize_text(slot.text)
         mine = self._running.get(key) or self._pending.get(key)
+        if mine is not None and mine.decision is not None:  # decided ahead of its batch
+            for future in slot.futures:
+                if not future.done():
+                    future.set_result(mine.decision)
+            return
         if mine is not None:
             mine.futures.extend(slot.futures)
             mine.urgent = True
@@ -463,7 +468,8 @@ class RouteBatcher:
         # silence never waits behind other texts' retries.
         for slot in sorted(batch, key=lambda s: not s.urgent):
             try:
-                if slot.live():
+                # One answered early (a final joined it) was decided: its callers have it.
+                if slot.decision is None and slot.live():
                     await self._route_alone(slot)
             finally:
                 # Done with: the same words asked from now on are a routing of their own

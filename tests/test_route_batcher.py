@@ -737,3 +737,46 @@ async def test_a_final_joining_a_partials_batch_paused_for_another_final_is_answ
         if other.is_alive():
             other.join(10)
         pool.shutdown(wait=True)
+
+
+async def test_a_text_answered_early_is_not_routed_again_when_its_batch_breaks():
+    """Review (stop 64): a partials' batch that broke after one of its texts was answered
+    early (a final joined it) retried that text alone too, first of all (it is urgent):
+    a routing nobody waits for, ahead of the retries of every other caller's text."""
+    embedded: list[str] = []
+    routed: list[list[str]] = []
+    first_started, release_first = threading.Event(), threading.Event()
+
+    def embed_one(text: str) -> None:
+        if not embedded:
+            first_started.set()
+            assert release_first.wait(10)
+        if text == "broken text":
+            raise ValueError("tokenizer broke")
+        embedded.append(text)
+
+    def route_many(texts: Sequence[str]) -> list[RouteDecision]:
+        routed.append(list(texts))
+        return [miss(t, "routed") for t in texts]
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        batcher = RouteBatcher(FinalsFirst().partials(route_many, embed_one), pool,
+                               answers_early=True)
+        partials = [asyncio.ensure_future(batcher.route(t))
+                    for t in ("my card is lost", "broken text", "where is")]
+        await _until(first_started.is_set)
+        final = asyncio.ensure_future(batcher.route("My card is LOST", urgent=True))
+        await asyncio.sleep(0)
+        release_first.set()
+        assert (await asyncio.wait_for(final, 5)).text == "my card is lost"
+        results = await asyncio.wait_for(
+            asyncio.gather(*partials, return_exceptions=True), 5)
+        assert results[0].text == "my card is lost"
+        assert isinstance(results[1], ValueError)
+        assert results[2].text == "where is"
+        assert routed.count(["my card is lost"]) == 1, routed
+        assert not batcher._running
+    finally:
+        release_first.set()
+        pool.shutdown(wait=True)
