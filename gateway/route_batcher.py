@@ -6,8 +6,9 @@ silence for them, so they go first, a batch never waits for more partials, and a
 final whose text is already queued as a partial takes that routing along with it
 instead of being routed twice (``RoutingLanes`` gives finals lanes of their own: the
 queued routing moves there; one under way is joined, and where that lane embeds its
-texts one by one, ``FinalsFirst``, the final's is embedded next and answered at once).
-The same text from several calls is routed once. Routing has its own threads, so a batch never delays VAD.
+texts one by one, ``FinalsFirst``, the final's is embedded next, even where the lane
+pauses for another final, and answered at once). The same text from several calls is
+routed once. Routing has its own threads, so a batch never delays VAD.
 
 Under load partials are shed, never finals: when more partials wait than fit in the
 next batch, the newest of them are taken and the older ones fail with ``RoutingShed``
