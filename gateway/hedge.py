@@ -24,15 +24,19 @@ the race's loop, so a barge-in ends it at once. Any other
 refusal, or a wait past the budget, fails the leg at once, as before.
 
 The stream ends with its winner, at its model's finish (``LLMChunk.finished``: the
-``finish_reason``) rather than its body's end: the rest ([DONE], the end of the response)
-normally comes with it and is read, a body not ended within ``FINISH_GRACE_S`` is cut,
-and one that breaks then fails nothing (a proxy holding the connection open stalled a
-whole answer into the idle timeout). A loser's teardown (an HTTP close) still under way
-then goes on without the caller, its outcome retrieved; ``aclose`` waits for what is
-left of them (``CLOSE_TIMEOUT_S`` at most). Before a win every leg is the stream's to
-close, and its end waits (for the winner's close too); cancelled again meanwhile (a
-barge-in, then the call's teardown), it stops waiting, and those closes go on, left to
-``aclose`` as well: a cancel never cuts a close under way short.
+``finish_reason``), at once, rather than at its body's end: the consumer says the answer's
+last piece and runs its tool calls at the stream's end, which must not wait for the body.
+The rest ([DONE], the end of the response) normally comes with the finish and is read
+after the stream's end, without the caller (its connection reused), a body not ended
+within ``FINISH_GRACE_S`` is cut, and one that breaks then fails nothing (a proxy holding
+the connection open stalled a whole answer into the idle timeout, then, until the
+stream's end no longer waited for it, its last piece by the grace). That, and a loser's
+teardown (an HTTP close) still under way, goes on without the caller, its outcome
+retrieved; ``aclose`` waits for what is left of them (``CLOSE_TIMEOUT_S`` at most).
+Before a win every leg is the stream's to close, and its end waits (for an unfinished
+winner's close too); cancelled again meanwhile (a barge-in, then the call's teardown), it
+stops waiting, and those closes go on, left to ``aclose`` as well: a cancel never cuts a
+close under way short.
 
 The hedge delay and both timeouts run on a ``Clock`` (gateway/clock.py; the monotonic
 ``SYSTEM_CLOCK`` in production), so a test's ``ManualClock`` decides when they pass.
@@ -322,13 +326,31 @@ class HedgedChat:
                 await self._stop(legs)
             else:
                 self._leave_closing([leg for leg in legs if leg is not winner])
-                await (self._finish(winner) if finished else self._stop([winner]))
+                if finished:
+                    # Not awaited: the consumer learns the answer is whole (its last
+                    # piece said, its tool calls run) now, not after the body's grace.
+                    self._finish_later(winner)
+                else:
+                    await self._stop([winner])
+
+    def _finish_later(self, winner: _Leg) -> None:
+        """``_finish`` the winner without the stream's consumer, as a loser's teardown
+        goes on: in a task of its own, left to ``aclose``."""
+        task = winner.task
+        if task is None or task.done():
+            return
+        finishing = asyncio.create_task(self._finish(winner), name="llm-finish")
+        self._closing[finishing] = f"{winner.role} {winner.model.name}"
+        finishing.add_done_callback(lambda t: self._closing.pop(t, None))
+        finishing.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _finish(self, winner: _Leg) -> None:
         """The winner's model finished its answer: the rest of its body ([DONE], its end)
         normally comes with the finish, and is read (its connection is reused); a body
         not ended within ``FINISH_GRACE_S`` of the clock (held open, or a proxy's
-        heartbeats) is cut then, and one that breaks is no failure: the answer is whole."""
+        heartbeats) is cut then, and one that breaks is no failure: the answer is whole.
+        Run after the stream has ended (``_finish_later``): cancelled (``aclose`` past its
+        timeout), the winner's close goes on, left to ``aclose``."""
         task = winner.task
         if task is not None and not task.done():
             timeouts = Timeouts(self._clock)
@@ -338,7 +360,7 @@ class HedgedChat:
                 await timeouts.within(FINISH_GRACE_S, asyncio.wait({task}))
             except Expired:
                 pass
-            except asyncio.CancelledError:  # a barge-in as it ended: the close goes on
+            except asyncio.CancelledError:  # aclose past its timeout: the close goes on
                 _cancel([winner])
                 self._leave_closing([winner])
                 raise

@@ -1748,3 +1748,67 @@ def test_a_small_number_said_as_a_sentence_is_spoken_not_taken_for_a_list_item(t
                      "It takes 5. Minutes, that is.", tokens) == [
         "Here is how.", "Open the app.", "Tap Settings.", "Choose Reset.", "It takes 5.",
         "Minutes, that is."]
+
+
+# A body held open after the model's finish: the round's last piece waited out the body's grace.
+
+
+class HeldOpenLLM(ScriptLLM):
+    """``ScriptLLM`` whose every body stays open after its last item (a proxy holding the
+    connection after the ``finish_reason``); ``closed`` counts the streams torn down."""
+
+    def __init__(self, *scripts: list, clock: ManualClock) -> None:
+        super().__init__(*scripts, clock=clock)
+        self.closed = 0
+
+    async def stream(self, messages, tools=None):
+        try:
+            async for chunk in super().stream(messages, tools):
+                yield chunk
+            await asyncio.Event().wait()  # no [DONE], no end of the response
+        finally:
+            self.closed += 1
+
+
+class TimedRunner(BalanceRunner):
+    """``BalanceRunner`` that also notes when (clock time) each call ran."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.ran_at: list[float] = []
+
+    async def run(self, call: ToolCall, clock: Clock) -> tuple[str, bool]:
+        self.ran_at.append(self.clock.now())
+        return await super().run(call, clock)
+
+
+async def test_the_last_piece_is_said_at_the_models_finish_not_after_the_bodys_grace():
+    """Review (stop 64): the hedge ended its stream only after the winner's body ended or
+    its grace (``FINISH_GRACE_S``, 0.2 s) passed, though the model had finished; the agent
+    speaks a round's last piece (the chunker's tail) and runs its tool calls at the
+    stream's end. Behind a proxy holding the connection open after the finish, every
+    round waited out the grace: the tool ran 0.2 s late and the answer's last sentence (a
+    one-sentence answer: all of it) reached TTS 0.2 s after the model had finished, the
+    caller in silence meanwhile. Both now happen at the finish; the body is still cut at
+    its grace, after it, and a shutdown waits for that."""
+    clock = ManualClock()
+    llm = HeldOpenLLM(
+        [LLMChunk(tool_call=ToolCall("call_1", "get_balance", '{"account": "42"}')),
+         LLMChunk(finished=True)],
+        [LLMChunk(text="Your balance is twelve dollars"), LLMChunk(finished=True)],
+        clock=clock)
+    runner = TimedRunner(clock)
+    agent = Agent(HedgedChat(llm, None, hedge_delay_s=0.0, first_token_timeout_s=600.0,  # type: ignore[arg-type]
+                             idle_timeout_s=600.0, clock=clock),
+                  [BALANCE], runner=runner, filler_after_s=None, hold_after_s=None)  # type: ignore[arg-type]
+    start = clock.now()
+    events = agent.respond(agent.new_conversation(), "what is my balance", clock=clock)
+    try:
+        assert await collect(events, clock, 1.0, timed=True) == [
+            (0.0, ToolStarted("get_balance", "call_1")),
+            (0.0, Sentence("Your balance is twelve dollars"))]
+        assert runner.ran_at == [start]  # the tool ran at the first round's finish
+        assert llm.closed == 2  # each body still cut at its grace
+    finally:
+        await agent.aclose()

@@ -1132,3 +1132,61 @@ async def test_a_leg_failed_for_no_first_token_is_not_cut_short_when_every_leg_f
     primary.release.set()
     await hedged.aclose()
     assert primary.closed == 1
+
+
+class FinishingLeg:
+    """A leg that answers ``text`` and its finish at once, then holds its body open for
+    ``body_s`` of the clock (None: for ever) before it ends ([DONE], the response's end)."""
+
+    name = "finishing"
+
+    def __init__(self, clock: ManualClock, text: str, body_s: float | None) -> None:
+        self.clock = clock
+        self.text = text
+        self.body_s = body_s
+        self.read_to_end = False  # its body was read to its end (the connection reusable)
+        self.closed_at: float | None = None
+
+    async def stream(self, messages, tools=None) -> AsyncIterator[LLMChunk]:
+        try:
+            yield LLMChunk(text=self.text)
+            yield LLMChunk(finished=True)
+            if self.body_s is None:
+                await asyncio.Event().wait()
+            await self.clock.sleep(self.body_s)
+            self.read_to_end = True
+        finally:
+            self.closed_at = self.clock.now()
+
+
+@pytest.mark.parametrize("body_s", [None, 0.1], ids=["held-open", "ends-within-the-grace"])
+async def test_the_stream_ends_at_the_models_finish_not_at_its_bodys_end(body_s):
+    """Review (stop 64): the stream ended (its consumer's StopAsyncIteration) only once
+    the winner's body had ended or its grace (``FINISH_GRACE_S``) passed, though its model
+    had finished: the agent says a round's last piece at the stream's end, so a proxy
+    holding the connection open delayed it by the whole grace. The stream now ends at the
+    finish; the body's rest is still read (its connection reused) or cut at the grace,
+    without the consumer, and ``aclose`` waits for it."""
+    clock = ManualClock()
+    leg = FinishingLeg(clock, "We open at nine.", body_s)
+    hedged = HedgedChat(leg, None, hedge_delay_s=0.0, clock=clock)  # type: ignore[arg-type]
+    start = clock.now()
+    ended: list[float] = []
+
+    async def consume() -> None:
+        async for chunk in hedged.stream(MESSAGES):
+            assert chunk.text == "We open at nine."
+        ended.append(clock.now())
+
+    task = asyncio.ensure_future(consume())
+    await clock.advance(0.0)
+    assert await until(task.done) and task.exception() is None
+    assert ended == [start] and leg.closed_at is None  # its body is still being read
+    closing = asyncio.ensure_future(hedged.aclose())  # a shutdown waits for it
+    await clock.advance(0.3)
+    assert await until(closing.done) and closing.exception() is None
+    if body_s is None:
+        assert not leg.read_to_end and leg.closed_at == start + 0.2  # cut at its grace
+    else:
+        assert leg.read_to_end and leg.closed_at == start + body_s  # read to its end
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("llm-")]
