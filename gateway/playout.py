@@ -163,13 +163,16 @@ class Playout:
         while len(self._pending) >= self._frame_size:
             await self._send_next()
 
-    async def flush(self) -> None:
-        """Send the last partial frame, padded with silence, then wait until it has played."""
+    async def flush(self, sent: Callable[[], None] | None = None) -> None:
+        """Send the last partial frame, padded with silence, then wait until it has played.
+        ``sent``: called once the last frame has gone out (again after a replay)."""
         while self._started_at is not None or self._pending:
             await self._wait_if_held()  # a hold since the last frame: replay first
             self._pending += self._silence * (-len(self._pending) % self._frame_size)
             while self._pending:
                 await self._send_next()
+            if sent is not None:
+                sent()
             remaining = self._started_at + self.sent_ms / 1000.0 - self._clock.now()
             if remaining > 0:
                 await self._sleep_unless_resumed(remaining)

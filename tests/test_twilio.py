@@ -109,11 +109,12 @@ async def test_spoken_question_gets_mulaw_reply_frames_and_marks(server, speak, 
     marks = [name for name in marks if name.split(":")[0] == str(turn["turn"])]
     positions = [mark_ms(name) for name in marks]
     assert positions and {t for t, _ in positions} == {turn["turn"]}
-    # A mark after each message that crosses a 100 ms line (one a 200 ms message, or a
-    # shorter message at a clip's end that crosses one), at the audio sent by then.
+    # A mark after each message that crosses a 100 ms line (one a 200 ms message), and
+    # where the audio sent stops (a sentence's end, the last frame), at the audio sent by
+    # then: the reply's end is marked, so all of it can be confirmed heard.
     at = [ms for _, ms in positions]
-    assert all(b // 100 > a // 100 and b - a <= 200 for a, b in zip([0, *at], at))
-    assert first_reply // 8 - at[-1] < 100  # the last line crossed is marked
+    assert all(a < b <= a + 200 for a, b in zip([0, *at], at)), at
+    assert at[-1] == first_reply // 8, (at, first_reply)
     unavailable = 1 if turn.get("handoff_unavailable") else 0
     assert sum(runtime.stats.errors.values()) == errors_before + unavailable
 
@@ -928,6 +929,127 @@ async def test_a_late_echo_of_a_failed_reply_is_not_taken_for_the_apology_heard(
     interrupt = next(e for e in out.events if e["type"] == "interrupt")
     assert interrupt["heard_ms"] == 100.0, interrupt
     assert not set(apology) & set(failed), (failed, apology)
+    await h.stop()
+
+
+class PlayingPhoneLine(PhoneCallOutput):
+    """A phone line's output whose far end plays as Twilio does, on the call's manual clock:
+    each message plays once the one before it has, ``delay_s`` after it was sent; each mark
+    is echoed ``delay_s`` after the audio before it played; a ``clear`` drops what was not
+    played and echoes the marks still pending. ``echo_due()`` delivers the echoes due."""
+
+    def __init__(self, clock: ManualClock, delay_s: float = 0.05) -> None:
+        super().__init__()
+        self._clock, self._delay_s = clock, delay_s
+        self._played_at = 0.0  # when what was sent so far has played (clock time)
+        self._pending: list[tuple[float, str]] = []  # (echo due, mark name)
+        self._seen = 0
+
+    def _take_sent(self) -> None:
+        for message in self._outbox.sent[self._seen:]:
+            if message["event"] == "media":
+                ms = len(base64.b64decode(message["media"]["payload"])) / 8
+                self._played_at = max(self._played_at, self._clock.now() + self._delay_s) \
+                    + ms / 1000
+            elif message["event"] == "mark":
+                self._pending.append((self._played_at + self._delay_s, message["mark"]["name"]))
+            elif message["event"] == "clear":
+                for _, name in self._pending:
+                    self.mark_played(name)
+                self._pending, self._played_at = [], self._clock.now()
+        self._seen = len(self._outbox.sent)
+
+    def echo_due(self) -> None:
+        self._take_sent()
+        now = self._clock.now() + 1e-9
+        for due, name in [p for p in self._pending if p[0] <= now]:
+            self.mark_played(name)
+        self._pending = [p for p in self._pending if p[0] > now]
+
+
+async def _play_until(h: CallHarness, out: PlayingPhoneLine, ms: int) -> None:
+    """Advance the clock in 10 ms steps, echoing marks as they fall due, until ``ms`` after
+    the reply's first frame."""
+    first = None
+    for _ in range(1000):
+        out.echo_due()
+        if first is None and any(m["event"] == "media" for m in out._outbox.sent):
+            first = h.clock.now()
+        if first is not None and h.clock.now() - first >= ms / 1000 - 1e-9:
+            return
+        await h.clock.advance(0.01)
+    raise AssertionError("the reply never played")
+
+
+def _said(h: CallHarness) -> list[str]:
+    return [m["content"] for m in h.call.conversation.messages() if m["role"] == "assistant"]
+
+
+async def test_a_sentence_played_out_before_a_pause_is_confirmed_heard_whole():
+    """Review (stop 64): Twilio marks were sent only after a message crossing a 100 ms line
+    of reply audio, so the audio after a reply's last line (a sentence ending at 1050 ms:
+    its last 40 ms, all that was sent) was never confirmed heard, however long it had
+    played. The caller heard "Your card is blocked." whole, the next sentence's voice took
+    its time, they spoke in the pause: heard_ms said 1000 (the last line's mark) of the
+    1040 ms sent, and the agent's context was cut to "Your card is", the word the caller
+    heard last dropped (a line without marks, on the clock's estimate, kept it).
+    A mark now goes out when a segment's audio has all been sent, and after a reply's
+    last frame: what went out before a pause is confirmed once it has played."""
+    h = CallHarness()
+    h.llm.reply = "Your card is blocked. Call us back tomorrow."
+    speak = h.tts.synthesize
+
+    async def synthesize(text: str) -> Any:
+        if text.startswith("Your"):  # 1050 ms: no whole number of 100 ms lines
+            yield tone(1050)
+            return
+        await h.clock.sleep(1.5)  # the next sentence's voice is slow to start
+        async for chunk in speak(text):
+            yield chunk
+
+    h.tts.synthesize = synthesize  # type: ignore[method-assign]
+    out = PlayingPhoneLine(h.clock)
+    h.call = Call(h.deps, out, 8000, call_id="test-call")
+    await h.start()
+    await h.text("is my card ok")
+    await _play_until(h, out, 1400)  # the first sentence has played, and its marks are back
+    await h.text("why")  # the caller speaks in the pause
+    interrupt = next(e for e in out.events if e["type"] == "interrupt")
+    assert (interrupt["heard_ms"], interrupt["sent_ms"]) == (1040.0, 1040.0), (interrupt,
+                                                                                out.marks)
+    assert _said(h)[0] == "Your card is blocked.", _said(h)
+    await h.stop()
+
+
+async def test_a_reply_end_is_marked_and_a_clear_after_it_leaves_it_unconfirmed():
+    """Review (stop 64): a reply's last part under 100 ms (1000 -> 1060 ms) got no mark.
+    Its whole frames now get one as the sentence's audio ends ("1:1040"), its last frame
+    (padded) another ("1:1060"). Twilio echoes a mark only once played (here 50 ms each
+    way): a barge-in after the whole reply was sent, before those echoes, is heard as far
+    as was echoed (900), its `clear` echoes the dropped marks back, and they count neither
+    as this reply heard nor as the next one's audio."""
+    h = CallHarness()
+    h.llm.reply = "Your card is blocked."
+
+    async def synthesize(text: str) -> Any:
+        yield tone(1050)  # no whole number of 100 ms lines
+
+    h.tts.synthesize = synthesize  # type: ignore[method-assign]
+    out = PlayingPhoneLine(h.clock)
+    h.call = Call(h.deps, out, 8000, call_id="test-call")
+    await h.start()
+    await h.text("is my card ok")
+    await _play_until(h, out, 1050)  # all sent; the end plays on, "1:1000" not echoed yet
+    assert out.marks[-3:] == ["1:1000", "1:1040", "1:1060"], out.marks[-4:]
+    await h.text("why")
+    interrupt = next(e for e in out.events if e["type"] == "interrupt")
+    assert (interrupt["heard_ms"], interrupt["sent_ms"]) == (900.0, 1060.0), interrupt
+    out.echo_due()  # the clear's echoes of "1:1000", "1:1040" and "1:1060": not counted,
+    assert out.marks_confirmed == 9  # nor heard of the next reply (under way: none yet)
+    assert out.confirmed_heard_ms() == 0.0
+    await _play_until(h, out, 3000)  # the next reply plays out, every mark echoed
+    assert out.marks[-3:] == ["2:1000", "2:1040", "2:1060"], out.marks[-4:]
+    assert out.confirmed_heard_ms() == 1060.0
     await h.stop()
 
 

@@ -47,7 +47,9 @@ class ConfirmsPlayback(Protocol):
     """Optional for a CallOutput whose far end reports what it has played (Twilio marks).
 
     The call's own figure for what the caller heard is a clock estimate; a confirmed
-    figure replaces it on barge-in.
+    figure replaces it on barge-in. Optional: ``reply_audio_sent()``, called where the
+    audio sent stops for now (a segment's end, the reply's last frame), so the far end
+    can confirm all of it (Twilio: a mark there).
     """
 
     def reply_started(self, turn: int) -> None:
@@ -222,6 +224,9 @@ class ReplyStage:
         self._playout, self._frozen_heard_ms, self._ended = playout, None, None
         if self._confirms is not None:
             self._confirms.reply_started(tl.turn)
+        # Optional (Twilio's): the audio sent so far is all out, more may not follow soon
+        # (a segment's end, the last frame): the far end is asked to confirm it whole.
+        all_sent = getattr(self._confirms, "reply_audio_sent", None)
         spoken: list[Spoken] = []
         bytes_per_ms = self._sample_rate // 1000 * SAMPLE_WIDTH[encoding]
         playing: ReplySegment | None = None
@@ -261,7 +266,9 @@ class ReplyStage:
                             await playout.write(chunk)
                             chunk = await _tts(anext(audio, None))
                     spoken[-1] = (said, spoken[-1][1], playout.sent_ms)
-            await playout.flush()
+                    if all_sent is not None:
+                        all_sent()
+            await playout.flush(all_sent)
         except Exception as exc:
             # Half an answer is no draft for the FAQ (a promotion would publish it as is).
             self._unsay(tl.turn)

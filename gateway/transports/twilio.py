@@ -48,6 +48,8 @@ _ULAW_BYTES_PER_MS = TWILIO_RATE // 1000
 # A mark every 100 ms of reply audio (after the media message that crosses each 100 ms
 # line): the precision of the confirmed `heard_ms`, at the cost of one small message.
 # Media messages of ``playout_chunk_ms`` (200 ms by default) make it one mark a message.
+# And one where the audio sent stops for now (a segment's end, the reply's last frame,
+# ``reply_audio_sent``): what went out before a pause or the end is confirmed whole.
 _MARK_EVERY_BYTES = 100 * _ULAW_BYTES_PER_MS
 # Replies (or resumes) whose marks an echo may still name: a cleared reply's marks are
 # echoed at once, an earlier reply's late ones within a round trip; this is ample.
@@ -211,6 +213,7 @@ class TwilioOutput:
         self._relabels = 0  # the turn's labels after its first: resumes, later replies
         self._reply_bytes = 0
         self._next_mark = _MARK_EVERY_BYTES
+        self._marked_bytes = 0  # where the reply's last mark sent stands
         self._confirmed_ms = 0.0
         self._cleared = False
         self._echoes_marks = False  # the far end has echoed a mark: its figure can be trusted
@@ -234,10 +237,24 @@ class TwilioOutput:
         if self._reply_bytes >= self._next_mark:
             while self._next_mark <= self._reply_bytes:  # the next line not yet crossed
                 self._next_mark += _MARK_EVERY_BYTES
-            ms = self._reply_bytes // _ULAW_BYTES_PER_MS
-            self._outbox.send_text(f'{self._mark_head}{self._label}:{ms}"}}}}')
-            self.marks_sent += 1
-            self._note_mark_sent(ms)
+            self._send_mark()
+
+    def reply_audio_sent(self) -> None:
+        """The reply's audio so far has all gone out, and more may not follow soon (a
+        segment's end, the reply's last frame): a mark where it ends, unless one stands
+        there. Without, the part after the last 100 ms line (1000 -> 1040 ms) was never
+        confirmed heard, however long it had played: a barge-in in the pause after it (the
+        next sentence's voice slow to start) cut the words the caller heard last. Not
+        after a ``clear``: nothing of the reply is playing, nor will be until a resume."""
+        if not self._cleared and self._reply_bytes > self._marked_bytes:
+            self._send_mark()
+
+    def _send_mark(self) -> None:
+        ms = self._reply_bytes // _ULAW_BYTES_PER_MS
+        self._marked_bytes = self._reply_bytes
+        self._outbox.send_text(f'{self._mark_head}{self._label}:{ms}"}}}}')
+        self.marks_sent += 1
+        self._note_mark_sent(ms)
 
     def _note_mark_sent(self, ms: int) -> None:
         sent = self._sent_marks
@@ -332,7 +349,7 @@ class TwilioOutput:
             self._relabel()
         else:
             self._turn, self._label, self._relabels = turn, str(turn), 0
-        self._reply_bytes = 0
+        self._reply_bytes = self._marked_bytes = 0
         self._next_mark = _MARK_EVERY_BYTES
         self._confirmed_ms = 0.0
         self._cleared = False
@@ -344,7 +361,7 @@ class TwilioOutput:
 
     def reply_resumed(self, from_ms: float) -> None:
         self._relabel()
-        self._reply_bytes = int(from_ms) * _ULAW_BYTES_PER_MS
+        self._reply_bytes = self._marked_bytes = int(from_ms) * _ULAW_BYTES_PER_MS
         self._next_mark = self._reply_bytes + _MARK_EVERY_BYTES
         self._confirmed_ms = from_ms
         self._cleared = False
