@@ -20,7 +20,7 @@ from gateway.providers.deepgram_stt import DeepgramSTT
 from gateway.call import Call
 from gateway.clock import ManualClock
 from tests.call_harness import RATE, WORD_MS, CallHarness
-from tests.fakes.deepgram_server import FakeDeepgram, SilentDeepgram
+from tests.fakes.deepgram_server import FakeDeepgram, SilentDeepgram, StallingProxy
 from tests.fakes.server import ServerThread
 
 FRAME = 320  # samples: 20 ms at 16 kHz
@@ -499,34 +499,89 @@ async def unanswered_final(stream, session, clock: ManualClock):
 NO_WORD = "ProviderError('deepgram: no final transcript within 1 s of Finalize; the live socket is not answering')"
 
 
+async def stalled_final(stream, clock: ManualClock):
+    """``stream.finalize()`` on a socket whose peer has stalled (nothing reaches it, nothing
+    comes back), once the stream's clock has passed its finalize_timeout_s (1 s) and then
+    its ping_timeout_s (0.5 s) with no pong: a Transcript or the error it raised."""
+    final = asyncio.ensure_future(stream.finalize())
+    assert await until(lambda: stream._outbox.empty())  # the Finalize went out
+    await clock.advance(1.0)
+    assert await until(lambda: clock.sleeping == 1)  # then a ping waits for its pong
+    await clock.advance(0.4)
+    assert not final.done()  # the pong's wait runs on the stream's clock, not the wall's
+    await clock.advance(0.2)
+    return (await asyncio.gather(final, return_exceptions=True))[0]
+
+
 @pytest.mark.parametrize(("ms_per_word", "frames", "heard", "outcome"), [
     (10_000, 10, "", NO_WORD),  # audio, but not a word of it recognised
     (40, 4, "what are", repr(Transcript("what are", final=True))),  # interims, never committed
 ], ids=["no-word-fails", "words-heard-are-the-final"])
 async def test_an_unanswered_finalize_ends_the_turn_and_the_silent_socket_is_reopened(
         deepgram, ms_per_word, frames, heard, outcome):
-    """Deepgram stalls mid-stream: the socket stays open, the caller's audio goes out, no
-    reply to Finalize comes back. The words already heard are the final (best effort, no
-    error); with no word at all the turn fails (the call apologises), never an empty final
-    (a caller who spoke would hear nothing). Either way the socket, silent since that
-    Finalize, is reopened and the next utterance recognised on the new one."""
+    """Deepgram stalls mid-stream: the socket stays open, the caller's audio goes out, and
+    nothing comes back, neither a reply to Finalize nor the pong to a ping (a network path
+    gone dead between the gateway and the fake). The words already heard are the final
+    (best effort, no error); with no word at all the turn fails (the call apologises),
+    never an empty final (a caller who spoke would hear nothing). Either way the socket,
+    silent since that Finalize and deaf to a ping, is reopened and the next utterance
+    recognised on the new one."""
     fake, server = deepgram
-    fake.answer_finalize = False
+    fake.ms_per_word = ms_per_word
+    with StallingProxy(server.port) as proxy:
+        clock = ManualClock()
+        recognizer = stt(proxy, finalize_timeout_s=1.0, reconnect_s=0.01, clock=clock)
+        stream = recognizer.open_stream()
+        await send(stream, VOICE, frames)
+        assert await until(lambda: len(fake.sessions) == 1 and stream._text() == heard)
+        proxy.stall()
+        assert repr(await stalled_final(stream, clock)) == outcome
+        assert fake.sessions[0].controls["Finalize"] == 0  # it never reached the service
+
+        fake.ms_per_word = 40  # the service is back
+        assert await until(lambda: len(fake.sessions) == 2 and stream.connected)
+        await send(stream, VOICE, 12)
+        final = await stream.finalize()
+        await stream.aclose()
+        await recognizer.aclose()
+    assert final == Transcript("what are your opening hours", final=True)
+
+
+@pytest.mark.parametrize(("ms_per_word", "frames", "heard"), [
+    (10_000, 10, ""),  # the caller's noise: not a word of it recognised
+    (40, 4, "what are"),  # interims, never committed
+], ids=["no-word-is-an-empty-final", "words-heard-are-the-final"])
+async def test_a_finalize_a_live_socket_leaves_unanswered_ends_the_turn_and_keeps_the_socket(
+        deepgram, ms_per_word, frames, heard):
+    """Review (stop 64): Deepgram does not promise a reply to Finalize ("not guaranteed if
+    there is no significant amount of audio data to process": a turn cut after every word
+    was final but before its speech_final, a noise-only utterance). A socket that sent
+    nothing since an unanswered Finalize was taken for a stalled one: dropped and
+    reopened, audio refused meanwhile (an utterance begun then failed: the apology), and
+    a noise-only turn failed (the apology) instead of being an empty final. A socket that
+    answers a ping is alive: it is kept, the words so far are the final, none at all an
+    empty final, and the next utterance goes out on it at once."""
+    fake, server = deepgram
+    fake.answer_finalize = False  # alive (the server library answers pings), no reply
     fake.ms_per_word = ms_per_word
     clock = ManualClock()
     recognizer = stt(server, finalize_timeout_s=1.0, reconnect_s=0.01, clock=clock)
     stream = recognizer.open_stream()
     await send(stream, VOICE, frames)
     assert await until(lambda: len(fake.sessions) == 1 and stream._text() == heard)
-    assert repr(await unanswered_final(stream, fake.sessions[0], clock)) == outcome
+    assert await unanswered_final(stream, fake.sessions[0], clock) == \
+        Transcript(heard, final=True)
+    assert stream.connected and stream._error is None
 
-    fake.answer_finalize, fake.ms_per_word = True, 40  # the service is back
-    assert await until(lambda: len(fake.sessions) == 2 and stream.connected)
-    await send(stream, VOICE, 12)
+    fake.answer_finalize, fake.ms_per_word = True, 40
+    await send(stream, VOICE, 12)  # the next utterance: not refused, on the same socket
     final = await stream.finalize()
+    await clock.advance(5.0)
+    kept = stream.connected and len(fake.sessions) == 1
     await stream.aclose()
     await recognizer.aclose()
     assert final == Transcript("what are your opening hours", final=True)
+    assert kept
 
 
 async def test_finalize_answered_with_no_words_is_an_empty_final(deepgram):
@@ -623,7 +678,45 @@ async def test_a_call_whose_deepgram_goes_silent_apologises_and_answers_the_next
     never a silent line; the stream reopens its socket and the next question is answered."""
     fake, server = deepgram
     fake.utterances = ["what are your opening hours"]
-    fake.answer_finalize, fake.ms_per_word = False, 1_000_000  # stalled: no word, no reply
+    fake.ms_per_word = WORD_MS
+    with StallingProxy(server.port) as proxy:
+        h = CallHarness(faqs={"opening hours": "hours"}, settings={"end_of_turn_silence_ms": 900})
+        recognizer = stt(proxy, endpointing_ms=100, early_timeout_s=5.0, finalize_timeout_s=1.0,
+                         reconnect_s=0.01, clock=h.clock)
+        h.call = Call(dataclasses.replace(h.deps, stt=recognizer), h.output, RATE, call_id="dg")
+        await h.start()
+        stream = h.call._turns.stt
+        assert await until(lambda: stream.connected and len(fake.sessions) == 1)
+        proxy.stall()  # stalled: the audio reaches nothing, no word, no reply, no pong
+        await h.say("what are your opening hours", then_silence_ms=3000)
+        assert [e["source"] for e in h.output.of("response")] == ["apology"]
+        assert h.stats.errors["stt_failed"] == 1
+        (error,) = h.output.of("error")
+        assert error["code"] == "stt_failed"
+        assert "no final transcript within 1 s" in error["message"]
+
+        # The service is back: the stalled socket was dropped, a new one relayed.
+        assert await until(lambda: len(fake.sessions) == 2 and stream.connected)
+        await h.say("what are your opening hours", then_silence_ms=200)  # Deepgram endpoints
+        assert await until(lambda: stream.endpoint.is_set() or h.output.of("route"))
+        await h.clock.settle()
+        await h.silence(3000)
+        await h.stop()
+        await recognizer.aclose()
+    assert [e["source"] for e in h.output.of("response")] == ["apology", "cache"]
+    assert h.stats.errors["stt_failed"] == 1
+    assert h.transcripts()[-1] == "what are your opening hours"
+
+
+async def test_a_call_whose_noise_deepgram_leaves_unanswered_keeps_its_socket(deepgram):
+    """Review (stop 64): the engine with the real Deepgram stream. The caller makes only
+    noise; Deepgram, alive, sends nothing for it, not even a reply to Finalize (none is
+    promised with no speech to process). That turn was apologised for (``stt_failed``)
+    and the socket reopened as stalled; now it is an empty final (no response, no error),
+    the socket is kept and the next question is answered on it."""
+    fake, server = deepgram
+    fake.utterances = ["what are your opening hours"]
+    fake.answer_finalize, fake.ms_per_word = False, 1_000_000  # noise: no word, no reply
     h = CallHarness(faqs={"opening hours": "hours"}, settings={"end_of_turn_silence_ms": 900})
     recognizer = stt(server, endpointing_ms=100, early_timeout_s=5.0, finalize_timeout_s=1.0,
                      reconnect_s=0.01, clock=h.clock)
@@ -631,21 +724,21 @@ async def test_a_call_whose_deepgram_goes_silent_apologises_and_answers_the_next
     await h.start()
     stream = h.call._turns.stt
     await h.say("what are your opening hours", then_silence_ms=3000)
-    assert [e["source"] for e in h.output.of("response")] == ["apology"]
-    assert h.stats.errors["stt_failed"] == 1
-    (error,) = h.output.of("error")
-    assert error["code"] == "stt_failed" and "no final transcript within 1 s" in error["message"]
+    assert await until(lambda: fake.sessions[0].controls["Finalize"] == 1)
+    await h.silence(1000)
+    assert h.output.of("response") == [] and not h.output.of("error")
+    assert stream.connected and len(fake.sessions) == 1
 
-    fake.answer_finalize, fake.ms_per_word = True, WORD_MS  # the service is back
-    assert await until(lambda: len(fake.sessions) == 2 and stream.connected)
+    fake.answer_finalize, fake.ms_per_word = True, WORD_MS  # the caller speaks
     await h.say("what are your opening hours", then_silence_ms=200)  # Deepgram endpoints
     assert await until(lambda: stream.endpoint.is_set() or h.output.of("route"))
     await h.clock.settle()
     await h.silence(3000)
     await h.stop()
     await recognizer.aclose()
-    assert [e["source"] for e in h.output.of("response")] == ["apology", "cache"]
-    assert h.stats.errors["stt_failed"] == 1
+    assert [e["source"] for e in h.output.of("response")] == ["cache"]
+    assert not h.stats.errors["stt_failed"]
+    assert len(fake.sessions) == 1
     assert h.transcripts()[-1] == "what are your opening hours"
 
 
@@ -670,17 +763,15 @@ async def test_closing_a_socket_whose_peer_went_silent_takes_at_most_two_seconds
 
 
 async def test_a_stalled_socket_to_a_dead_peer_is_reopened_at_once():
-    """A Finalize unanswered by a peer that has gone dead: the socket is dropped and a new
-    one opened without waiting for the dead one's close handshake."""
+    """A Finalize unanswered by a peer that has gone dead (and so is a ping): the socket is
+    dropped and a new one opened without waiting for the dead one's close handshake."""
     with SilentDeepgram() as peer:
         clock = ManualClock()
         recognizer = stt(peer, finalize_timeout_s=1.0, reconnect_s=0.01, clock=clock)
         stream = recognizer.open_stream()
         await send(stream, VOICE, 3)
         assert await until(lambda: stream.connected)
-        final = asyncio.ensure_future(stream.finalize())
-        await clock.advance(1.1)
-        outcome = (await asyncio.gather(final, return_exceptions=True))[0]
+        outcome = await stalled_final(stream, clock)
         assert isinstance(outcome, ProviderError)
         assert await peer.connections.reach(2, timeout=3)  # reopened (3 s bounds a hang)
         closing = asyncio.ensure_future(stream.aclose())

@@ -19,11 +19,16 @@ onto ``STTStream``:
   reply (a next one may be cut before it arrives): a result is the utterance's whose audio
   it ends in, and Deepgram answers Finalize messages in order, so a ``from_finalize``
   reply also completes any earlier finalize still waiting. No reply within
-  ``finalize_timeout_s`` (on the stream's ``clock``): the words so far are the final, and
-  an utterance of audio with no word at all fails (``ProviderError``: the call apologises),
-  never an empty final (a reply with no words, the caller's noise, still is one). A socket
-  that sent nothing at all since that Finalize has stalled (or its handshake hangs): it
-  is dropped and reopened like a failed one.
+  ``finalize_timeout_s`` (on the stream's ``clock``): the words so far are the final. Deepgram
+  does not promise one (none when too little audio is buffered: a turn cut after every word
+  was final, the caller's noise), so the live socket is then sent a WebSocket ping. A pong
+  within ``ping_timeout_s`` (the stream's ``clock``): the socket is alive and kept, and an
+  utterance with no word at all is an empty final (as a reply with no words is). No pong in
+  time, or no live socket (its handshake hangs): it has stalled, and is dropped and
+  reopened like a failed one; an utterance with no word at all then fails
+  (``ProviderError``: the call apologises), never an empty final (a caller who spoke would
+  hear nothing). The SDK has no public way to the connection to ping (``_websocket``); a
+  socket client without it is taken for a stalled one, as before there was a ping.
 - ``KeepAlive`` is sent when no audio has gone out for ``keepalive_s`` (Deepgram closes
   an idle socket after about 10 s); ``aclose()`` sends ``CloseStream`` and waits up to
   2 s (on the stream's ``clock``) for the server's last results and its close. With no
@@ -86,7 +91,8 @@ class DeepgramStream:
 
     def __init__(self, client: AsyncDeepgramClient, options: dict[str, Any], sample_rate: int,
                  finalize_timeout_s: float, keepalive_s: float, early_timeout_s: float,
-                 reconnect_s: float = 0.5, clock: Clock = SYSTEM_CLOCK) -> None:
+                 reconnect_s: float = 0.5, clock: Clock = SYSTEM_CLOCK,
+                 ping_timeout_s: float = 0.5) -> None:
         self._client = client
         # The Finalize replies' and the early words' deadlines (a test's ManualClock).
         self._clock = clock
@@ -95,6 +101,8 @@ class DeepgramStream:
         self._options = options
         self._sample_rate = sample_rate
         self._finalize_timeout_s = finalize_timeout_s
+        # An unanswered Finalize: a socket whose pong takes longer than this has stalled.
+        self._ping_timeout_s = ping_timeout_s
         self._keepalive_s = keepalive_s
         self._outbox: asyncio.Queue[bytes | str | None] = asyncio.Queue()
         self._partials: asyncio.Queue[Transcript | None] = asyncio.Queue()
@@ -105,6 +113,7 @@ class DeepgramStream:
         self._sent_s = 0.0  # audio time sent on this stream (over every socket)
         self._offset_s = 0.0  # stream audio time at which the current socket's audio starts
         self._connected = False
+        self._socket: Any = None  # the SDK's socket client while a live socket is open
         self._sockets = 0  # live sockets opened so far
         self._heard = 0  # messages received so far (over every socket)
         self._socket_task: asyncio.Task[tuple[ProviderError | None, bool]] | None = None
@@ -161,13 +170,17 @@ class DeepgramStream:
         return self._final(closing)
 
     async def _final(self, closing: "_Closing") -> Transcript:
-        answered = True
+        answered = alive = True
         try:
             if closing.done is not None:
-                async with deadline(self._clock, self._finalize_timeout_s):
-                    await asyncio.shield(closing.done)
-        except Expired:
-            answered = False
+                try:
+                    async with deadline(self._clock, self._finalize_timeout_s):
+                        await asyncio.shield(closing.done)
+                except Expired:
+                    # Deepgram does not promise a reply (none for too little audio to
+                    # process): is the socket alive? (Its reply, late, still completes this.)
+                    alive = await self._answers_ping()
+                    answered = closing.done.done()
         finally:
             self._closings = [other for other in self._closings if other is not closing]
         self._check()
@@ -175,22 +188,41 @@ class DeepgramStream:
             raise closing.lost
         text = closing.text()
         if not answered:
-            self._unanswered(closing, text)
+            self._unanswered(closing, text, alive)
         return Transcript(text=text, final=True)
 
-    def _unanswered(self, closing: "_Closing", text: str) -> None:
-        """No reply to the Finalize of ``closing`` in time. A socket silent since is dropped
-        (reopened for the next utterance); no word at all is a failure, never an empty final."""
+    def _unanswered(self, closing: "_Closing", text: str, alive: bool) -> None:
+        """No reply to the Finalize of ``closing`` in time. On a socket that answered a ping
+        the words so far are the final, an empty one (the caller's noise) included. One that
+        did not is dropped (reopened for the next utterance), and no word at all is then a
+        failure, never an empty final (a caller who spoke would hear nothing)."""
         waited = f"{self._finalize_timeout_s:g} s"
-        silent = self._heard == closing.heard
         logs.event(log, "deepgram_finalize_late", logging.WARNING, after_s=self._finalize_timeout_s,
-                   words=bool(text), silent=silent)
-        if silent:
-            self._drop_socket(ProviderError(NAME, f"no reply within {waited} of Finalize: the "
-                                                  "live socket is not answering"))
+                   words=bool(text), silent=self._heard == closing.heard, alive=alive)
+        if alive:
+            return
+        self._drop_socket(ProviderError(NAME, f"no reply within {waited} of Finalize: the "
+                                              "live socket is not answering"))
         if not text:
             raise ProviderError(NAME, f"no final transcript within {waited} of Finalize; the "
                                       "live socket is not answering")
+
+    async def _answers_ping(self) -> bool:
+        """The live socket answers a WebSocket ping within ``ping_timeout_s`` (on the
+        stream's ``clock``). False with no live socket (failed, reopening) or none to ping."""
+        connection = _websocket(self._socket) if self._connected else None
+        if connection is None:
+            return False
+        try:
+            async with deadline(self._clock, self._ping_timeout_s):
+                # Sending may wait too: a peer that reads nothing fills the socket's buffer.
+                pong = await connection.ping()
+                await asyncio.shield(pong)
+        except Expired:
+            return False
+        except Exception:  # closed meanwhile (ConnectionClosed), or not a connection at all
+            return False
+        return True
 
     def _drop_socket(self, error: ProviderError) -> None:
         """End the live socket (or its handshake) as failed with ``error``: audio is refused
@@ -359,7 +391,7 @@ class DeepgramStream:
                     self._offset_s = self._sent_s
                 self._sockets += 1
                 self._error = None
-                self._connected = True
+                self._socket, self._connected = socket, True
                 self._opened_at = self._clock.now()
                 sender = asyncio.create_task(self._send_loop(socket), name="deepgram-send")
                 try:
@@ -372,7 +404,7 @@ class DeepgramStream:
                     _abort(socket)
                     raise
                 finally:
-                    self._connected = False
+                    self._socket, self._connected = None, False
                     sender.cancel()
                     await asyncio.gather(sender, return_exceptions=True)
                 if self._closing:
@@ -533,10 +565,19 @@ class DeepgramStream:
         self.endpoint.set()
 
 
+def _websocket(socket: Any) -> Any:
+    """The websockets connection under the SDK's socket client, or None. deepgram-sdk
+    7.17.0 (checked with websockets 17.4: its legacy client protocol) has no public way to
+    it; ``AsyncV1SocketClient`` keeps it in ``_websocket``. Should a later SDK drop that
+    attribute, the callers fall back: an unanswered Finalize drops the socket as stalled
+    (no ping), and an abort leaves the socket to websockets' own (slow) close."""
+    return getattr(socket, "_websocket", None)
+
+
 def _abort(socket: Any) -> None:
     """Close the TCP connection under the SDK's socket now, without a close handshake.
     (The SDK's connect() takes no close_timeout; without the transport, the slow close.)"""
-    transport = getattr(getattr(socket, "_websocket", None), "transport", None)
+    transport = getattr(_websocket(socket), "transport", None)
     if transport is not None:
         transport.abort()
 
@@ -629,7 +670,8 @@ class DeepgramSTT:
                  language: str = "en-US", sample_rate: int = 16000, endpointing_ms: int = 300,
                  utterance_end_ms: int = 1000, finalize_timeout_s: float = 1.0,
                  keepalive_s: float = 4.0, early_timeout_s: float = 0.8,
-                 reconnect_s: float = 0.5, clock: Clock = SYSTEM_CLOCK) -> None:
+                 reconnect_s: float = 0.5, clock: Clock = SYSTEM_CLOCK,
+                 ping_timeout_s: float = 0.5) -> None:
         if not api_key:
             raise ProviderError(NAME, "no API key (set VOICEGATE_DEEPGRAM_API_KEY)")
         self.sample_rate = sample_rate
@@ -651,6 +693,7 @@ class DeepgramSTT:
         self._early_timeout_s = early_timeout_s
         self._reconnect_s = reconnect_s  # a failed live socket is reopened after this
         self._clock = clock  # times each stream's wait for a Finalize reply
+        self._ping_timeout_s = ping_timeout_s  # and then for a pong (is the socket alive?)
         self._streams: set[DeepgramStream] = set()
 
     @classmethod
@@ -663,7 +706,8 @@ class DeepgramSTT:
         self._streams = {s for s in self._streams if not s.closed}
         stream = DeepgramStream(self._client, self._options, self.sample_rate,
                                 self._finalize_timeout_s, self._keepalive_s,
-                                self._early_timeout_s, self._reconnect_s, self._clock)
+                                self._early_timeout_s, self._reconnect_s, self._clock,
+                                self._ping_timeout_s)
         self._streams.add(stream)
         return stream
 

@@ -288,6 +288,78 @@ class SilentDeepgram:
         self._thread.join(timeout=5)
 
 
+class StallingProxy:
+    """A TCP relay to a fake's ``port`` on 127.0.0.1 whose live connections can be made to
+    stall: after ``stall()`` every connection open then stops relaying either way, and
+    reads nothing more (the bytes in flight are held, never passed on): a service, or a
+    network path, gone dead mid-stream. Nothing answers on it any more, a WebSocket ping
+    included (the server library would answer one itself), yet the TCP connection stays
+    open. Connections made after the stall are relayed as usual (the service is back)."""
+
+    def __init__(self, port: int) -> None:
+        from tests.fakes.server import Arrivals
+
+        self._upstream = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.connections: Arrivals = Arrivals()  # (client, upstream, stalled) per connection
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="stalling-proxy")
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def stall(self) -> None:
+        for _, _, stalled in self.connections:
+            stalled.set()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._upstream))
+            stalled = threading.Event()
+            self.connections.append((conn, upstream, stalled))
+            for source, sink in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._relay, args=(source, sink, stalled),
+                                 daemon=True, name="stalling-proxy-relay").start()
+
+    @staticmethod
+    def _relay(source: socket.socket, sink: socket.socket, stalled: threading.Event) -> None:
+        try:
+            while not stalled.is_set():
+                data = source.recv(65536)
+                if stalled.is_set():
+                    return  # held: neither passed on nor read any further
+                if not data:
+                    sink.shutdown(socket.SHUT_WR)
+                    return
+                sink.sendall(data)
+        except OSError:  # closed under it (the end of the test)
+            return
+
+    def __enter__(self) -> "StallingProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        except OSError:
+            pass
+        self._listener.close()
+        for conn, upstream, _ in self.connections:
+            for sock in (conn, upstream):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a relay blocked in recv()
+                except OSError:
+                    pass
+                sock.close()
+        self._thread.join(timeout=5)
+
+
 def main() -> None:
     """The fake in a process of its own (benchmarks): ``--realistic`` timing."""
     import uvicorn
