@@ -235,23 +235,59 @@ class _Segment:
         self.revealed = self.finalized = self.shown = 0
 
 
-class SilentDeepgram:
+class _RawListener:
+    """A raw-socket peer on 127.0.0.1 serving ``_serve`` on a thread of its own; as a
+    context manager, started and, at the end, closed with every connection it holds
+    (``_sockets``) shut down, which wakes a thread blocked reading one."""
+
+    def __init__(self, name: str) -> None:
+        from tests.fakes.server import Arrivals
+
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.connections: Arrivals = Arrivals()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name=name)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+    def _sockets(self) -> list[socket.socket]:
+        raise NotImplementedError
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        except OSError:
+            pass
+        self._listener.close()
+        for sock in self._sockets():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a relay blocked in recv()
+            except OSError:
+                pass
+            sock.close()
+        self._thread.join(timeout=5)
+
+
+class SilentDeepgram(_RawListener):
     """A /v1/listen peer gone dead after the handshake (a stalled service, a network that
     black-holes the socket): it accepts the WebSocket upgrade, then reads nothing, answers
     nothing (no result, no close frame) and never closes the TCP connection. Raw sockets,
     not uvicorn: a server library answers a close frame by itself. Any key is accepted."""
 
     def __init__(self) -> None:
-        from tests.fakes.server import Arrivals
+        super().__init__("silent-deepgram")  # connections: each upgraded (then held) socket
 
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self.connections: Arrivals = Arrivals()  # each upgraded (then held) socket
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="silent-deepgram")
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+    def _sockets(self) -> list[socket.socket]:
+        return list(self.connections)
 
     def _serve(self) -> None:
         while True:
@@ -273,22 +309,8 @@ class SilentDeepgram:
                          b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
             self.connections.append(conn)  # held open, never read again
 
-    def __enter__(self) -> "SilentDeepgram":
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
-        except OSError:
-            pass
-        self._listener.close()
-        for conn in self.connections:
-            conn.close()
-        self._thread.join(timeout=5)
-
-
-class StallingProxy:
+class StallingProxy(_RawListener):
     """A TCP relay to a fake's ``port`` on 127.0.0.1 whose live connections can be made to
     stall: after ``stall()`` every connection open then stops relaying either way, and
     reads nothing more (the bytes in flight are held, never passed on): a service, or a
@@ -297,17 +319,11 @@ class StallingProxy:
     open. Connections made after the stall are relayed as usual (the service is back)."""
 
     def __init__(self, port: int) -> None:
-        from tests.fakes.server import Arrivals
-
+        super().__init__("stalling-proxy")  # connections: (client, upstream, stalled) each
         self._upstream = port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self.connections: Arrivals = Arrivals()  # (client, upstream, stalled) per connection
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="stalling-proxy")
 
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+    def _sockets(self) -> list[socket.socket]:
+        return [sock for conn, upstream, _ in self.connections for sock in (conn, upstream)]
 
     def stall(self) -> None:
         for _, _, stalled in self.connections:
@@ -340,24 +356,6 @@ class StallingProxy:
         except OSError:  # closed under it (the end of the test)
             return
 
-    def __enter__(self) -> "StallingProxy":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
-        except OSError:
-            pass
-        self._listener.close()
-        for conn, upstream, _ in self.connections:
-            for sock in (conn, upstream):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # wakes a relay blocked in recv()
-                except OSError:
-                    pass
-                sock.close()
-        self._thread.join(timeout=5)
 
 
 def main() -> None:
