@@ -253,6 +253,14 @@ class _RawListener:
         return f"ws://127.0.0.1:{self.port}"
 
     def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
         raise NotImplementedError
 
     def _sockets(self) -> list[socket.socket]:
@@ -289,25 +297,20 @@ class SilentDeepgram(_RawListener):
     def _sockets(self) -> list[socket.socket]:
         return list(self.connections)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:  # closed
-                return
-            request = b""
-            while b"\r\n\r\n" not in request:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                request += chunk
-            key = next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-                        if line.lower().startswith(b"sec-websocket-key:")), b"")
-            accept = base64.b64encode(hashlib.sha1(
-                key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-            self.connections.append(conn)  # held open, never read again
+    def _accepted(self, conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            request += chunk
+        key = next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                    if line.lower().startswith(b"sec-websocket-key:")), b"")
+        accept = base64.b64encode(hashlib.sha1(
+            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        self.connections.append(conn)  # held open, never read again
 
 
 class StallingProxy(_RawListener):
@@ -329,18 +332,13 @@ class StallingProxy(_RawListener):
         for _, _, stalled in self.connections:
             stalled.set()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:  # closed
-                return
-            upstream = socket.create_connection(("127.0.0.1", self._upstream))
-            stalled = threading.Event()
-            self.connections.append((conn, upstream, stalled))
-            for source, sink in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._relay, args=(source, sink, stalled),
-                                 daemon=True, name="stalling-proxy-relay").start()
+    def _accepted(self, conn: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self._upstream))
+        stalled = threading.Event()
+        self.connections.append((conn, upstream, stalled))
+        for source, sink in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=self._relay, args=(source, sink, stalled),
+                             daemon=True, name="stalling-proxy-relay").start()
 
     @staticmethod
     def _relay(source: socket.socket, sink: socket.socket, stalled: threading.Event) -> None:
@@ -355,7 +353,6 @@ class StallingProxy(_RawListener):
                 sink.sendall(data)
         except OSError:  # closed under it (the end of the test)
             return
-
 
 
 def main() -> None:
