@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .drain import DrainingServer
     from .server import listening_socket, uvicorn_options
+    from .services import loads_under_way
     from .settings import Settings
 
     # --store DIR wins over --redis URL and VOICEGATE_REDIS_URL, as for seed and route.
@@ -57,11 +59,27 @@ def _serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     services.on_fatal = give_up
+    interrupted = False
     with listener:
-        server.run(sockets=[listener])
-    if services.fatal_error:
-        return _gave_up("serve", services.fatal_error)
-    return 0
+        try:
+            server.run(sockets=[listener])
+        except KeyboardInterrupt:  # SIGINT, re-raised by uvicorn once it has shut down
+            if not loads_under_way():
+                raise
+            print("voicegate serve: interrupted", file=sys.stderr)
+            interrupted = True
+    code = (130 if interrupted else _gave_up("serve", services.fatal_error)
+            if services.fatal_error else 0)
+    if loads_under_way():
+        # Stopped while its models or a cache version load (minutes for a re-embedded
+        # FAQ): the interpreter's teardown would wait for that thread or kill it inside a
+        # model's native code (abort, segfault). Exit now, after the exit handlers (the
+        # traces' last export, the logs' flush).
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _gave_up(command: str, reason: str) -> int:

@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, TypeVar
 
 import redis.asyncio as aioredis
 from starlette.requests import Request
@@ -50,6 +52,59 @@ LOAD_RETRY_S = (1.0, 30.0)
 # At shutdown, how long calls cut short may take to close (their last counts) and write
 # their recordings.
 SHUTDOWN_CLOSE_S = 10.0
+
+
+T = TypeVar("T")
+_LOADING: set[threading.Thread] = set()  # _off_loop's threads still running
+
+
+def loads_under_way() -> bool:
+    """A load (``_off_loop``) still runs: the process must end without the interpreter's
+    teardown (gateway/cli.py ``serve``), which would kill its thread inside a model's
+    native code (an abort, a segfault) or wait for it."""
+    return any(thread.is_alive() for thread in list(_LOADING))
+
+
+async def _off_loop(work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on a daemon thread of its own, awaited (as ``asyncio.to_thread``).
+
+    For the loads a shutdown must not wait for: the models (``Runtime.load``) and a cache
+    version (``FaqCache.refresh``: minutes when it is re-embedded). On asyncio's default
+    executor, ``asyncio.run`` (uvicorn's run) waits for such a thread at its end, and the
+    interpreter joins executor threads at exit: a replica stopped while it loads stayed up
+    until the load was done (as a container's PID 1 the re-raised SIGTERM is ignored, and a
+    second one finds no handler). A daemon thread ends with the process; what it wrote it
+    wrote atomically (the model cache, re-embedded versions); `serve` ends a process whose
+    load still runs with ``os._exit`` (``loads_under_way``)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if done.done():  # the awaiting task was cancelled (a shutdown)
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = context.run(work, *args), None
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+            result, exc = None, error
+        finally:
+            _LOADING.discard(threading.current_thread())
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop has closed (shut down meanwhile): nobody waits
+            pass
+
+    thread = threading.Thread(target=run, name=f"vg-{getattr(work, '__name__', 'load')}",
+                              daemon=True)
+    _LOADING.add(thread)
+    thread.start()
+    return await done
 
 
 def _counted_on(loop: asyncio.AbstractEventLoop, stats: Stats, code: str) -> Callable[[], None]:
@@ -139,7 +194,7 @@ class Services:
     async def _load(self, runtime: Runtime | None) -> None:
         try:
             if runtime is None:
-                runtime = await asyncio.to_thread(Runtime.load, self.settings, self.stats)
+                runtime = await _off_loop(Runtime.load, self.settings, self.stats)
         except Exception as exc:
             # Not retried: loading the models reaches no network, so what failed (a file,
             # a setting, a package) fails again. Kept up, the replica would answer
@@ -168,7 +223,7 @@ class Services:
                         asyncio.get_running_loop(), runtime.stats, "cache_cleanup_failed")
                     cache.on_loaded = _entries_published_on(asyncio.get_running_loop(),
                                                             runtime.stats)
-                await asyncio.to_thread(cache.refresh)
+                await _off_loop(cache.refresh)
                 if cache.store_unanswered:  # refresh keeps its failure; ready means read
                     raise StoreUnavailable(cache.last_error or "the store did not answer")
                 break
@@ -258,7 +313,7 @@ class Services:
 
     async def _refresh(self, cache: FaqCache) -> None:
         try:
-            await asyncio.to_thread(cache.refresh)
+            await _off_loop(cache.refresh)
         except Exception:  # a bad version must not stop the watcher
             log.exception("cache_refresh_failed")
 

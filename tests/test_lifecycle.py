@@ -424,3 +424,55 @@ async def test_a_drain_waits_for_an_admin_seed_under_way(monkeypatch, tmp_path: 
         release.set()
         await seed
     assert hooks["held"]() == 0
+
+
+# ---------------------------------------------------------------------------------------
+# gateway/services.py: a shutdown waits for a model load (or a cache load) under way.
+
+def test_a_replica_stopped_while_it_loads_exits_without_waiting_for_the_load(
+        monkeypatch, tmp_path: Path) -> None:
+    """Review (stop 64): the models (Runtime.load) and the cache (FaqCache.refresh: a
+    version re-embedded for this replica's embedder takes minutes for a 10k-question FAQ)
+    load on asyncio's default executor. A SIGTERM meanwhile (a rolling deploy stopping a
+    replica still starting, `docker compose stop`) drains at once (no call) and shuts down,
+    but ``asyncio.run`` then waits for the executor's thread to finish the load. Outside a
+    container the re-raised SIGTERM kills the process first; as a container's PID 1 (the
+    Dockerfile's exec-form CMD) that re-raise is ignored, so the replica stayed up until the
+    load was done (minutes), and a second SIGTERM, its handler gone, did nothing either:
+    only the orchestrator's SIGKILL after `stop_grace_period` (620 s) ended it. Here: the
+    serving loop, shut down while a load blocks, must end without that load ending."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def load_that_blocks(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait()
+        raise RuntimeError("released by the test")
+
+    monkeypatch.setattr(gateway.services.Runtime, "load", load_that_blocks)
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(tmp_path),
+                              "gc_full_interval_s": 0}, environ={})
+
+    async def serve_then_shut_down() -> None:
+        services = Services(settings)
+        await services.start()
+        await poll(entered.is_set, "the model load to start")
+        await services.aclose()  # what the lifespan's shutdown does
+
+    loop_ended = threading.Event()
+
+    def serving_loop() -> None:
+        asyncio.run(serve_then_shut_down())  # as uvicorn's run: its teardown included
+        loop_ended.set()
+
+    runner = threading.Thread(target=serving_loop, daemon=True)
+    runner.start()
+    try:
+        # A bound only so that a regression fails instead of hanging (the load never ends).
+        assert loop_ended.wait(timeout=30), (
+            "the replica was shut down while its models loaded, yet its event loop does not "
+            "end until the load does: the process outlives its SIGTERM by the whole load")
+    finally:
+        release.set()
+        runner.join(timeout=30)
