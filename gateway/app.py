@@ -19,6 +19,7 @@ from .runtime import Runtime
 from .services import Services
 from .settings import Settings
 from .tracing import configure_from_env as configure_tracing
+from .tracing import flush_traces
 from .transports.native import native_call
 from .transports.twilio import twilio_stream
 from .transports.twilio_voice import twilio_dial_ended, twilio_stream_ended, twilio_voice
@@ -57,6 +58,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None,
         await services.start()
         yield
         await services.aclose()
+        await asyncio.to_thread(flush_traces)  # the drain's last calls' spans, sent now
 
     app = Starlette(routes=[
         Route("/healthz", healthz),

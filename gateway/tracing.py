@@ -56,6 +56,16 @@ def configure_from_env(environ: Mapping[str, str] | None = None) -> Any | None:
     return provider
 
 
+def flush_traces(timeout_s: float = 5.0) -> None:
+    """Export the spans ended so far now (blocking: off the loop). Called at the app's
+    shutdown: a drained replica outside a container dies by the re-raised SIGTERM, which
+    skips the exit handlers, so the batch exporter's last spans (the calls the drain
+    waited for) were never sent."""
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:  # the SDK's provider (tracing on); the no-op API's has none
+        flush(int(timeout_s * 1000))
+
+
 def _attributes(values: Mapping[str, Any]) -> dict[str, Any]:
     """Only what a span attribute may hold (no None, no nested values)."""
     return {k: v for k, v in values.items() if isinstance(v, (str, bool, int, float))}

@@ -137,6 +137,60 @@ def test_spans_are_exported_over_otlp_when_the_endpoint_is_set():
     assert attributes["voicegate.call_id"] == "otlp-call"
 
 
+def test_the_spans_ended_are_exported_at_shutdown_even_if_the_process_then_dies():
+    """Review (stop 64): the batch exporter sends its spans every few seconds and at the
+    interpreter's exit. A replica drained outside a container dies by the SIGTERM uvicorn
+    re-raises, which skips the exit handlers: the spans of the calls the drain waited for
+    were lost. The app's shutdown now flushes them (``flush_traces``); here the process
+    then dies without its exit handlers (``os._exit``), as such a replica does."""
+    import subprocess
+    import sys
+
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from tests.fakes.server import ServerThread
+
+    received: list[bytes] = []
+
+    async def collect(request):
+        received.append(await request.body())
+        return Response(b"", media_type="application/x-protobuf")
+
+    app = Starlette(routes=[Route("/v1/traces", collect, methods=["POST"])])
+    script = (
+        "import os\n"
+        "from gateway.tracing import CallTrace, configure_from_env, flush_traces\n"
+        "from gateway.clock import SYSTEM_CLOCK\n"
+        "assert configure_from_env() is not None\n"
+        "CallTrace(None, SYSTEM_CLOCK, {'voicegate.call_id': 'drained-call'}).end()\n"
+        "flush_traces()\n"
+        "os._exit(0)\n")
+    with ServerThread(app) as collector:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "PATH": "/usr/bin:/bin",
+               "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert received, "the span ended before the process died was never exported"
+
+
+def test_the_apps_shutdown_flushes_the_traces(settings, runtime, monkeypatch):
+    """Review (stop 64): the flush above is the app's last shutdown step, after its calls
+    closed (their spans ended), so no drained replica skips it."""
+    from starlette.testclient import TestClient
+
+    from gateway import app as app_module
+
+    flushed: list[bool] = []
+    monkeypatch.setattr(app_module, "flush_traces", lambda: flushed.append(True))
+    with TestClient(app_module.create_app(settings, runtime)) as client:
+        assert client.get("/healthz").status_code == 200
+        assert flushed == []
+    assert flushed == [True]
+
+
 async def test_a_client_cannot_relabel_its_calls_transport(spans):
     """Review (stop 60): the call span's transport was read from `start.metadata`, which is
     the client's to write: a native call saying {"transport": "twilio"} was traced as a
