@@ -233,8 +233,10 @@ def _record_dir_refused(settings: Any) -> str | None:
     path = Path(settings.record_dir)
     if path.exists() and not path.is_dir():
         return f"{name}: not a directory: {path}"
+    from .call.recording import make_private_dir
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path)  # 0700: recordings are personal data
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import signal
+import stat
 import threading
 import time
 import tracemalloc
@@ -643,3 +645,41 @@ async def test_a_barge_in_after_a_voice_stall_keeps_the_heard_audio_in_the_recor
     assert abs(recorded_ms - interrupt["heard_ms"]) <= 40, (
         f"the caller heard {interrupt['heard_ms']:.0f} ms of the reply; the recording "
         f"keeps {recorded_ms:.0f} ms of it ({first_reply})")
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    was = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(was)
+
+
+def test_recordings_are_readable_by_the_gateways_user_only(tmp_path):
+    """Review (stop 64): a recording is personal data (the caller's voice, account numbers,
+    transcripts in the JSON), yet the gateway made its files with the process's default
+    mode: under the usual umask 022 the `.wav.part` written during the call, the `.wav`
+    and the `.json` were 0644 and the directory it created 0755, readable by every local
+    user and every other process on a shared volume, until an operator found the docs'
+    `chmod 700`. Files are now created 0600 and a directory the gateway creates 0700 (one
+    that exists keeps the operator's mode)."""
+    directory = tmp_path / "recordings" / "today"
+    recorder = CallRecorder(directory, "CA0123", 8000, "pcm16", ManualClock())
+    with umask(0o022):
+        recorder.append(np.full(8000, 1000, dtype="<i2").tobytes(), b"")  # a block mid-call
+        (part,) = directory.glob("*.wav.part")
+        part_mode = stat.S_IMODE(part.stat().st_mode)
+        wav, meta = recorder.write()
+    assert part_mode == 0o600, oct(part_mode)
+    assert stat.S_IMODE(wav.stat().st_mode) == 0o600, oct(wav.stat().st_mode)
+    assert stat.S_IMODE(meta.stat().st_mode) == 0o600, oct(meta.stat().st_mode)
+    for created in (directory, directory.parent):
+        assert stat.S_IMODE(created.stat().st_mode) == 0o700, (created, created.stat())
+    # A directory the operator made (and its mode, their choice) is left as it is.
+    mine = tmp_path / "theirs"
+    mine.mkdir(mode=0o750)
+    os.chmod(mine, 0o750)
+    with umask(0o022):
+        CallRecorder(mine, "CA0124", 8000, "pcm16", ManualClock()).write()
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o750

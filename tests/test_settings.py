@@ -1219,3 +1219,23 @@ def test_seed_tells_a_bad_csv_before_any_voice_or_model_loads(monkeypatch, tmp_p
     err = capsys.readouterr().err
     assert "line 2" in err and "unknown action 'bogus'" in err, err
     assert "cannot load" not in err, err
+
+
+def test_serve_creates_the_recording_directory_for_the_gateways_user_only(monkeypatch,
+                                                                          tmp_path):
+    """Review (stop 64): serve created a missing recording directory (and its parents) with
+    the default mode, 0755 under the usual umask: every local user could list the calls and,
+    with files made 0644, listen to them. Now 0700 (recordings are personal data)."""
+    import stat
+
+    from gateway import cli
+
+    _commands_do_no_heavy_work(monkeypatch)
+    monkeypatch.setenv("VOICEGATE_RECORD_DIR", str(tmp_path / "recordings" / "today"))
+    was = os.umask(0o022)
+    try:
+        assert cli.main(["serve", "--port", "0", "--store", str(tmp_path / "store")]) == 0
+    finally:
+        os.umask(was)
+    for made in (tmp_path / "recordings", tmp_path / "recordings" / "today"):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, (made, oct(made.stat().st_mode))

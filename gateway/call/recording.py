@@ -19,6 +19,7 @@ claimed then: never a recording another call of the id finished meanwhile) and t
 written. The part's WAV header is brought up to date after every block: a process that
 dies mid-call leaves a playable ``.wav.part`` of the call up to its last block (and no
 JSON). A write that fails (a full disk) stops the recording and leaves no file.
+Files are created 0600 and a missing directory 0700 (the gateway's user only).
 Privacy: docs/operations.md, "Recording".
 """
 
@@ -47,6 +48,10 @@ WRITER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vg-record")
 # Caller audio flowing this long since its last gap has caught up with the clock: that gap
 # can no longer shrink (a backlog read late fills it within moments), so it is final.
 GAP_SETTLES_S = 5.0
+# A recording is personal data: its files are the gateway's user's alone (0600), and so is
+# a directory the gateway creates for them (0700); one that exists keeps its mode.
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
 # Events worth keeping with the audio (audio frames and partial transcripts are not).
 _KEPT = {"transcript", "route", "response", "interrupt", "resume", "handoff", "hangup",
          "keypad", "error", "turn_metrics"}
@@ -267,13 +272,13 @@ class CallRecorder:
             self._part_path = None
             json_path = self._wav_path.with_suffix(".json")
             turns = [e for e in self.events if e["type"] == "turn_metrics"]
-            json_path.write_text(json.dumps({
+            _write_private(json_path, json.dumps({
                 "call_id": self.call_id, "started_at": self._started_at,
                 "sample_rate": self.sample_rate,
                 "duration_s": round(frames / self.sample_rate, 3),
                 "channels": {"left": "caller", "right": "bot"},
                 "audio": self._wav_path.name,
-                "turns": turns, "events": self.events}, indent=1), encoding="utf-8")
+                "turns": turns, "events": self.events}, indent=1))
         except BaseException:
             self._discard()
             for path in (self._wav_path, json_path):
@@ -299,7 +304,7 @@ class CallRecorder:
         self._wav.writeframes(stereo.tobytes())
 
     def _open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.directory)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
         self._name = f"{stamp}-{self.call_id}"
         self._file, self._part_path = _new_part(self.directory, self._name)
@@ -339,6 +344,34 @@ class CallRecorder:
         return bytes(out)
 
 
+def make_private_dir(directory: Path) -> None:
+    """``directory`` and its missing parents, each created ``DIRECTORY_MODE`` (``mkdir``'s
+    ``parents`` would make the parents with the default mode); existing ones are left as
+    they are."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=DIRECTORY_MODE)
+        except FileExistsError:  # made meanwhile (another call): as it was made
+            if not path.is_dir():
+                raise
+
+
+def _create(path: Path) -> BinaryIO:
+    """``path`` created (never opened if it exists: ``FileExistsError``), ``FILE_MODE``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                 FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``text`` (UTF-8) to ``path``, created ``FILE_MODE``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
+                 FILE_MODE)
+    with os.fdopen(fd, "wb") as file:
+        file.write(text.encode("utf-8"))
+
+
 def _stems(name: str) -> Iterator[str]:
     """``name``, then ``name-2``, ``name-3``... (a second call of the same id starting in
     the same second: a Twilio CallSid streamed twice)."""
@@ -355,7 +388,7 @@ def _new_part(directory: Path, name: str) -> tuple[BinaryIO, Path]:
         if (directory / f"{stem}.wav").exists():
             continue  # mostly to keep a part's name beside its WAV's; _claim_name decides
         try:
-            return open(part_path, "xb"), part_path
+            return _create(part_path), part_path
         except FileExistsError:
             continue
     raise AssertionError("unreachable")
@@ -369,7 +402,7 @@ def _claim_name(directory: Path, name: str) -> Path:
         if wav_path.with_suffix(".json").exists():
             continue
         try:
-            open(wav_path, "xb").close()
+            _create(wav_path).close()
         except FileExistsError:
             continue
         return wav_path
