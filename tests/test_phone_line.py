@@ -2241,3 +2241,68 @@ async def test_on_the_native_protocol_a_handoff_asked_for_is_still_the_handoff(h
     assert sources(h) == ["handoff"] and len(h.output.of("handoff")) == 1
     assert h.output.of("response")[0]["text"] == HANDOFF_MESSAGE
     assert "handoff_unavailable" not in h.stats.errors
+
+
+# ---------------------------------------------------------------------- review (stop 64)
+
+_SHORT = "I do not have the rest"  # 1.2 s: the caller stops before the keys' 3 s pause ends
+
+
+@pytest.mark.parametrize("early_finals", [False, True])
+async def test_keys_then_a_short_sentence_are_one_turn_keys_first(early_finals):
+    """Review (stop 64): keys, then words that end before the keypad pause runs out (the
+    caller keys 4 9 2 1 and says "I do not have the rest" in a second): the words' turn was
+    answered on its own, the agent asked "I do not have the rest" with no keys before it,
+    and the keys' pause ran out after that reply, a second turn and reply behind it, the
+    agent asked "the caller pressed 4 9 2 1" last: two replies, in the reverse of the order
+    the caller acted. Only keys whose pause ran out mid-utterance went with the words. Keys
+    still being collected when the caller's words are decoded now open that turn too: one
+    reply, the agent asked the keys before the words; the keys stay out of its transcript
+    and routing."""
+    h = CallHarness(settings={"keypad_pause_s": 3, "idle_prompt_s": 0},
+                    early_finals=early_finals)
+    await _keyed_4921(h)
+    await h.say(_SHORT, then_silence_ms=4000)
+    await h.stop()
+    assert _last_asked(h) == [f"the caller pressed 4 9 2 1 {_SHORT}"], _last_asked(h)
+    assert sources(h) == ["llm"], sources(h)
+    [keypad] = h.output.of("keypad")
+    [final] = [e for e in h.output.of("transcript") if e["final"]]
+    assert keypad["keys"] == "4921" and keypad["action"] == "agent", keypad
+    assert keypad["turn"] == final["turn"] and final["text"] == _SHORT, (keypad, final)
+    assert not any(_holds_keys(text) for text, _ in h.router.calls), h.router.calls
+    assert [m["turn"] for m in h.metrics()] == [final["turn"]], h.metrics()
+
+
+async def test_keys_pressed_around_noise_that_ends_stay_one_number():
+    """Review (stop 64), with the test above: noise that ends while keys are collected (a
+    cough, the keypad's own tones heard as speech) has no words to go with: the collection
+    goes on, and the keys pressed after it are the same number."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    await h.start()
+    for key in "49":
+        h.call.feed_dtmf(key)
+    await h.feed(tone(400, value=77))  # no word: the recogniser hears nothing in it
+    await h.silence(500)
+    for key in "21":
+        h.call.feed_dtmf(key)
+    await h.wait(4000)
+    await h.stop()
+    assert [e["keys"] for e in h.output.of("keypad")] == ["4921"]
+    assert _last_asked(h) == ["the caller pressed 4 9 2 1"], _last_asked(h)
+
+
+async def test_keys_then_words_stopped_before_their_reply_spoke_go_on_with_the_next_words():
+    """Review (stop 64), with the tests above: the keys the words' turn took up are carried
+    with those words when the caller talks on before its reply says anything: the next
+    turn asks them all, in order, once."""
+    h = CallHarness(settings={"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.first_token_s = 2.0  # the agent thinks while the caller goes on
+    await _keyed_4921(h)
+    await h.say(_SHORT, then_silence_ms=600)
+    await h.say("but here is my name", then_silence_ms=4000)
+    await h.stop()
+    answered = [r for r in _last_asked(h)]
+    assert answered[-1] == f"the caller pressed 4 9 2 1 {_SHORT} but here is my name", answered
+    assert sources(h) == ["llm"], sources(h)
+    assert [e["keys"] for e in h.output.of("keypad")] == ["4921"]

@@ -732,12 +732,13 @@ class Call:
         """A miss whose words sound finished: the agent's LLM call starts now, while the
         silence runs, and the turn adopts it if it ends on these words with the context
         unchanged (gateway/preemption.py). Not while a reply runs or is held, nor with
-        unanswered words to carry: that turn's context or text would differ anyway. Nor
+        unanswered words to carry, nor keys being collected (the turn asks them first):
+        that turn's context or text would differ anyway. Nor
         once the call is transferred: its turn is dropped (the call is with a person), and
         the model request would be paid for nothing."""
         self._drop_preempt()
         if not self._settings.preemptive_agent or self.replying or self._held is not None \
-                or self._carry or self._transferred \
+                or self._carry or self._transferred or self._keypad.collecting \
                 or (decision is not None and decision.action is Action.HANDOFF):
             return
         preempt = self._responder.preempt(self.conversation, text,
@@ -838,6 +839,21 @@ class Call:
                                       utterance=utterance)
             return
         _add_counts(tl, covered)  # its metrics cover the carried turns: their partials too
+        if self._keypad.collecting and normalize_text(said[-1].text):
+            # Keys still being collected as the caller's words end ("4 9 2 1 ... I don't
+            # have the rest", before the keypad pause ran out): they open this turn, before
+            # its words, as keys whose pause runs out mid-utterance do (``_carry_keys``).
+            # Left collecting, they were answered after it, a second reply in the reverse
+            # order. Not into words-less noise (a cough mid-number): the collection goes on.
+            keys = self._keypad.expire()
+            assert keys is not None
+            done: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
+            done.set_result(_CarriedKeys(text=keys.text(), final=True, turn=tl.turn))
+            # Carried on with the words should this turn be stopped before it speaks.
+            utterances.insert(len(utterances) - 1, done)
+            said.insert(len(said) - 1, done.result())
+            await self._out.send_event({"type": "keypad", "turn": tl.turn,
+                                        "keys": keys.keys, "action": "agent"})
         if continuing and not any(normalize_text(t.text) for t in said[continuing:]):
             # What stopped the answer held no words after all (noise outlasting the
             # hold): the cut question is not asked again. Words after it (an utterance
