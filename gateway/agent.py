@@ -587,14 +587,20 @@ class Agent:
     async def respond(self, conversation: Conversation, text: str,
                       preempted: Preemption | None = None, *,
                       clock: Clock = SYSTEM_CLOCK,
-                      can_hand_off: bool = True) -> AsyncIterator[AgentEvent]:
+                      can_hand_off: bool = True,
+                      on_first_token: Callable[[], None] | None = None
+                      ) -> AsyncIterator[AgentEvent]:
         """``preempted``: a stream started for these words before the turn ended; the first
         round takes it when its request is the one this turn would send, else it is
         cancelled and a fresh call made. ``clock``: the call's; ``filler_after_s`` (the
         ``Slow`` cue), ``hold_after_s`` (``StillWorking``) and each tool's ``timeout_s`` are
         timed on it (a test's ``ManualClock``). ``can_hand_off``: the line puts a handoff
         through (``Turn.can_hand_off``): the model is offered ``transfer_to_person`` and
-        told to call it; where not, neither, and told it cannot transfer."""
+        told to call it; where not, neither, and told it cannot transfer.
+        ``on_first_token``: called once, as the turn's first token comes (words, or the
+        first fragment of a tool call; whitespace is none, as for the hedge): the turn's
+        ``first_token`` stage, not its first whole sentence or tool call, which may take
+        the model seconds more to write."""
         conversation.add_user(text)
         conversation.handoff_prompt = self.handoff_prompt(can_hand_off)
         if self.llm is None:
@@ -667,6 +673,11 @@ class Agent:
                         yield cue()
                         continue
                     answered = True
+                    if on_first_token is not None and (
+                            item.text.strip() or item.tool_call is not None
+                            or item.tool_call_fragment):
+                        on_first_token()
+                        on_first_token = None  # once a turn
                     pieces = chunker.feed(item.text) if item.text else []
                     if item.tool_call is not None or item.tool_call_fragment:
                         # The model moved on to a tool call: its preface ("Sure, let me

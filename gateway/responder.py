@@ -322,8 +322,10 @@ class Responder:
             sentences = 0  # sentences of the reply so far
             # The filler cue (Slow) is timed on the call's clock, as the rest of the turn.
             # The line's handoff decides whether the model may transfer (and is told so).
+            # ``first_token``: the model's first token, not its first whole sentence.
             events = self._agent.respond(turn.conversation, turn.text, turn.preempted,
-                                         clock=tl.clock, can_hand_off=turn.can_hand_off)
+                                         clock=tl.clock, can_hand_off=turn.can_hand_off,
+                                         on_first_token=lambda: tl.mark("first_token"))
             try:
                 async for event in events:
                     if isinstance(event, Slow):
@@ -331,8 +333,6 @@ class Responder:
                             filler_played = cue_unheard = True
                             await queue.put(self.filler(turn))
                         continue
-                    if isinstance(event, (Sentence, ToolStarted)):
-                        tl.mark("first_token")
                     if isinstance(event, Sentence):
                         spoke = answering = True
                         fetch = _Prefetched(self._synthesize(turn, event.text), sentences)

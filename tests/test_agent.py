@@ -1812,3 +1812,37 @@ async def test_the_last_piece_is_said_at_the_models_finish_not_after_the_bodys_g
         assert llm.closed == 2  # each body still cut at its grace
     finally:
         await agent.aclose()
+
+
+@pytest.mark.parametrize("writes", ["a sentence", "a tool call"])
+async def test_first_token_ms_is_the_models_first_token_not_its_first_whole_sentence(writes):
+    """Review (stop 64): ``first_token_ms`` (and ``voicegate_stage_seconds{stage=
+    "first_token"}``, the admin stats' ``first_token`` p50/p99) is documented as speech end
+    -> the agent's first token: what an operator reads as the model's time to first token.
+    It was stamped at the first whole sentence (or whole tool call) instead: a model that
+    answered "Sure," 0.2 s in and took 0.8 s more to end the sentence showed 1000 ms; one
+    writing a tool call's arguments for 3 s showed 3 s, though its first token came at once.
+    """
+    h = CallHarness()
+    if writes == "a sentence":
+        llm = ScriptLLM([0.2, LLMChunk(text="Sure, "), 0.8,
+                         LLMChunk(text="your card ships today.")], clock=h.clock)
+        h.agent = Agent(llm, filler_after_s=None)  # type: ignore[arg-type]
+    else:
+        llm = ScriptLLM([0.2, LLMChunk(tool_call_fragment=True), 0.8,
+                         LLMChunk(tool_call=ToolCall("call_1", "get_balance", "{}"))],
+                        [LLMChunk(text="Twelve dollars.")], clock=h.clock)
+        h.agent = Agent(llm, [BALANCE], runner=BalanceRunner(),  # type: ignore[arg-type]
+                        filler_after_s=None)
+    h.responder._agent = h.agent
+    await h.start()
+    await h.text("when does my card arrive")
+    await h.wait(3000)
+    await h.stop()
+    [metrics] = h.metrics()
+    assert metrics["source"] == "llm"
+    assert metrics["first_token_ms"] == pytest.approx(200, abs=25), (
+        f"the model's first token came 200 ms in, first_token_ms says "
+        f"{metrics['first_token_ms']} ms (its first whole {writes} came at 1000 ms)")
+    [sample] = h.stats.latencies["miss"]["first_token_ms"]
+    assert sample == metrics["first_token_ms"]
