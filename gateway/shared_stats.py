@@ -359,13 +359,20 @@ class SharedStats:
             return dict(local, scope="replica", replicas=None, degraded=True,
                         degraded_reason=self._health.reason or reason,
                         latency_scope="replica", replica_id=self.replica_id)
+        # The answering replica's own calls are its live count, not its last heartbeat's
+        # (up to a heartbeat old: a call begun or ended here meanwhile was missed, or shown
+        # still on); the others' are their heartbeats. It answers, so it is one of them.
+        own = _int(local.get("active_calls"))
+        if own is not None:
+            replicas = [r for r in replicas if r.get("replica") != self.replica_id]
+        active_calls = sum(_int(r.get("active_calls")) or 0 for r in replicas) + (own or 0)
+        live = len(replicas) + (own is not None)
         totals = counts["totals"]
         hits, misses = totals.get("hits", 0), totals.get("misses", 0)
         recent_turns, recent_hits = counts["recent_turns"], counts["recent_hits"]  # weighted
         turns_5m = round(recent_turns)
         return dict(
-            local, scope="cluster", replicas=len(replicas),
-            active_calls=sum(_int(r.get("active_calls")) or 0 for r in replicas),
+            local, scope="cluster", replicas=live, active_calls=active_calls,
             calls=totals.get("calls", 0), turns=totals.get("turns", 0),
             keypad_turns=totals.get("keypad_turns", 0), hits=hits,
             misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None,

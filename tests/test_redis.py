@@ -1359,3 +1359,38 @@ async def test_the_cluster_chart_is_the_clusters_and_outlives_its_hour(cluster_p
     assert cluster["replica_id"] == "one"  # whose latency and misses the page shows
     assert buckets and min(lifetimes) >= SERIES_MINUTES * 60, (
         f"a minute bucket expires after {min(lifetimes)} s: the chart shows an hour")
+
+
+async def test_the_answering_replicas_own_active_calls_are_live_not_its_last_heartbeats(
+        cluster_prefix: str) -> None:
+    """Review (stop 64): with Redis, /admin/stats' ``active_calls`` (the dashboard's "Active
+    calls") summed the replicas' heartbeats, the answering replica's own included: written
+    every ``redis_heartbeat_s`` (5 s), it said 0 for up to 5 s after a call began on the
+    very replica answering, and 1 as long after it ended, though that replica's own figure
+    (its ``Stats``, ``voicegate_active_calls``) was exact. Other replicas' come from their
+    heartbeats; its own is its live count, and it is one of the replicas answering."""
+    stats = Stats()
+    ours = SharedStats(aioredis.Redis.from_url(REDIS_URL), prefix=cluster_prefix,
+                       replica_id="ours", describe=lambda: {"active_calls": stats.active_calls})
+    other = SharedStats(aioredis.Redis.from_url(REDIS_URL), prefix=cluster_prefix,
+                        replica_id="other", describe=lambda: {"active_calls": 3})
+    stats.attach(ours)
+    try:
+        await ours.heartbeat()  # 0 calls here
+        await other.heartbeat()
+        stats.call_started()  # a call begins here, before this replica's next heartbeat
+        await ours.flush()
+        begun = await ours.cluster_snapshot(stats.snapshot())
+        await ours.heartbeat()  # 1 call here
+        stats.call_ended()
+        await ours.flush()
+        ended = await ours.cluster_snapshot(stats.snapshot())
+    finally:
+        await ours.aclose()
+        await other.aclose()
+    assert (begun["replicas"], begun["active_calls"]) == (2, 4), (
+        f"1 call here and 3 on the other replica; /admin/stats says {begun['active_calls']}")
+    assert stats.prometheus.registry.get_sample_value("voicegate_active_calls") == 0
+    assert (ended["replicas"], ended["active_calls"]) == (2, 3), (
+        f"the call here ended, 3 on the other replica; /admin/stats says "
+        f"{ended['active_calls']}")
