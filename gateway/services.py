@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import logging
 import threading
+from functools import partial
 from typing import Any, Callable, TypeVar
 
 import redis.asyncio as aioredis
@@ -119,8 +120,11 @@ def _entries_published_on(loop: asyncio.AbstractEventLoop,
     (its hits are counted for that: a changed or dropped entry's count is cleared)."""
     def published(loaded: LoadedCache) -> None:
         marks = {e.id: answer_mark(e.action.value, e.answer) for e in loaded.entries.values()}
+        # Its intents, in seed order: only they are counted by name (a bounded label set).
+        intents = list(dict.fromkeys(e.intent for e in loaded.entries.values()))
         try:
-            loop.call_soon_threadsafe(stats.entries_published, marks, loaded.version)
+            loop.call_soon_threadsafe(partial(stats.entries_published, marks, loaded.version,
+                                              intents=intents))
         except RuntimeError:  # the loop closed (shut down) while the version loaded
             pass
     return published

@@ -16,7 +16,9 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
 
     <prefix>stats:totals          hash  calls, turns, hits, misses, keypad_turns,
                                         interrupted_turns
-    <prefix>stats:intents         hash  intent -> turns
+    <prefix>stats:intents         hash  intent -> turns (the served version's intents, at
+                                        most MAX_INTENT_SERIES, and OTHER_INTENT; pruned
+                                        to a version's at its marks' write)
     <prefix>stats:entries         hash  entry id -> cache hits
     <prefix>stats:entry_marks     hash  entry id -> answer mark its hits were counted for
     <prefix>stats:entry_marks_version  string  the cache version those marks are of
@@ -42,7 +44,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -51,7 +53,7 @@ from intents.redis_store import DEFAULT_PREFIX, RedisKeys, cannot_persist, glob_
 
 from . import logs
 from .redis_link import NOT_NOW, RedisHealth, failure_said, honour_cancel
-from .stats import SERIES_MINUTES, barged_in, keyed, outcome_of
+from .stats import OTHER_INTENT, SERIES_MINUTES, IntentLabels, barged_in, keyed, outcome_of
 
 log = logging.getLogger("voicegate.shared_stats")
 
@@ -88,8 +90,10 @@ return failed
 _HASHES = ("totals", "intents", "entries", "sources", "errors")
 # A cache version loaded (Stats.entries_published), in the cluster's counters: KEYS[1] the
 # entries hash, KEYS[2] the marks hash, KEYS[3] the version those marks are of, KEYS[4] the
-# store's `current` pointer; ARGV[1] the version ('' unknown), then entry id, answer mark,
-# ... of the version. An id whose mark differs from the one recorded loses its hits; ids the
+# store's `current` pointer, KEYS[5] the intents hash; ARGV[1] the version ('' unknown),
+# ARGV[2] how many intent names follow (-1: not known, the intents hash is left as it is),
+# those names (the version's counted by name, and OTHER_INTENT: the intents hash keeps only
+# them), then entry id, answer mark, ... of the version. An id whose mark differs from the one recorded loses its hits; ids the
 # version does not hold lose their hits and mark. Idempotent: every replica that loads the
 # version runs it, and only the first changes anything (the others find the marks already
 # in place). Written late (a replica's flush failed while Redis was down, retried after a
@@ -107,12 +111,14 @@ _HASHES = ("totals", "intents", "entries", "sources", "errors")
 # Returns 1 when written, 0 when ignored.
 _ENTRIES_PUBLISHED = """
 local version = ARGV[1]
+local named = tonumber(ARGV[2])
+local first = 3 + math.max(named, 0)
 local applied = redis.call('GET', KEYS[3])
 local current = redis.pcall('GET', KEYS[4])
 if type(current) ~= 'string' then current = false end
 if version ~= '' and applied and current and version ~= current then return 0 end
 local held = {}
-for i = 2, #ARGV, 2 do
+for i = first, #ARGV, 2 do
   local id, mark = ARGV[i], ARGV[i + 1]
   held[id] = true
   local old = redis.call('HGET', KEYS[2], id)
@@ -124,6 +130,13 @@ end
 for k = 1, 2 do
   for _, id in ipairs(redis.call('HKEYS', KEYS[k])) do
     if not held[id] then redis.call('HDEL', KEYS[k], id) end
+  end
+end
+if named >= 0 then
+  local kept = {}
+  for i = 3, first - 1 do kept[ARGV[i]] = true end
+  for _, name in ipairs(redis.call('HKEYS', KEYS[5])) do
+    if not kept[name] then redis.call('HDEL', KEYS[5], name) end
   end
 end
 if version ~= '' then redis.call('SET', KEYS[3], version) end
@@ -161,7 +174,9 @@ class SharedStats:
         self._inflight: tuple[int, Counter[tuple[str, str]], float] | None = None
         # The cache version last loaded ('' unknown) and its entry marks, until written
         # (entries_published): one pending at most, a newer version's replacing it.
-        self._published: tuple[str, dict[str, str]] | None = None
+        # And the intent names it counts by name (None: not known).
+        self._published: tuple[str, dict[str, str], list[str] | None] | None = None
+        self._intent_labels = IntentLabels()  # as Stats.intent_labels: bounded
         self.dropped = 0
 
     # -- recording (StatsObserver; called on the event loop, never blocks) ---------------
@@ -187,10 +202,11 @@ class SharedStats:
             if metrics.get("entry_id"):
                 self._add("stats:entries", str(metrics["entry_id"]))
         if metrics.get("intent"):
-            self._add("stats:intents", str(metrics["intent"]))
+            self._add("stats:intents", self._intent_labels.label(str(metrics["intent"])))
         self._add("stats:sources", str(metrics.get("source") or "none"))
 
-    def entries_published(self, marks: Mapping[str, str], version: str | None = None) -> None:
+    def entries_published(self, marks: Mapping[str, str], version: str | None = None,
+                          intents: Iterable[str] | None = None) -> None:
         """A cache version was loaded here: its entries' marks are written at the next
         flush, after that flush's increments, clearing the cluster's hits of the ids it
         dropped or whose answer changed (``Stats.entries_published``). Hits this replica
@@ -202,10 +218,15 @@ class SharedStats:
         one, the ``cache_version`` that ``describe`` reports, the version serving as the
         marks arrive. Written late, after a newer version's
         marks, they are ignored (``_ENTRIES_PUBLISHED``). Marks not yet written are replaced
-        by these: only the newest version loaded is ever pending."""
+        by these: only the newest version loaded is ever pending.
+
+        ``intents``: the version's intent names: only they (its first MAX_INTENT_SERIES) are
+        counted by name from now on, the rest as OTHER_INTENT, and the marks' write prunes
+        the cluster's intents hash to them (as it does the entries')."""
         if version is None:
             version = self._describe().get("cache_version")
-        self._published = (str(version or ""), dict(marks))
+        served = None if intents is None else sorted(self._intent_labels.serve(intents))
+        self._published = (str(version or ""), dict(marks), served)
 
     def _add(self, key: str, field: str) -> None:
         slot = (self._prefix + key, field)
@@ -259,10 +280,13 @@ class SharedStats:
         published = self._published
         if published is None:
             return
-        version, marks = published
+        version, marks, intents = published
         keys = [self._prefix + "stats:entries", self._prefix + "stats:entry_marks",
-                self._prefix + "stats:entry_marks_version", RedisKeys(self._prefix).current]
-        args = [version] + [part for pair in marks.items() for part in pair]
+                self._prefix + "stats:entry_marks_version", RedisKeys(self._prefix).current,
+                self._prefix + "stats:intents"]
+        named = [] if intents is None else [*intents, OTHER_INTENT]
+        args = [version, len(named) if intents is not None else -1, *named]
+        args += [part for pair in marks.items() for part in pair]
         try:
             written = await self._redis.eval(_ENTRIES_PUBLISHED, len(keys), *keys, *args)
         except NOT_NOW:
@@ -276,7 +300,8 @@ class SharedStats:
         if not written:
             logs.event(log, "shared_stats_entry_marks_superseded", version=version)
 
-    def _forget_published(self, published: tuple[str, dict[str, str]]) -> None:
+    def _forget_published(self, published: tuple[str, dict[str, str], list[str] | None]
+                          ) -> None:
         if self._published is published:  # not replaced by a newer version meanwhile
             self._published = None
 

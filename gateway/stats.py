@@ -12,7 +12,7 @@ import json
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -33,6 +33,12 @@ LATENCY_STAGES = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "first
 RECENT_WINDOW_S = 300.0
 SERIES_MINUTES = 60  # per-minute hits/misses kept for the dashboard's chart
 MISSED_KEPT = 2000  # most recent missed questions kept for /admin/misses
+# Intent names come from the operator's seed CSV, unbounded in number: only the served cache
+# version's intents (its first MAX_INTENT_SERIES, in seed order) are counted by name in
+# voicegate_intent_turns_total{intent} and the stats' ``intents``; any other (a version's
+# beyond the cap, one a newer version dropped or renamed) counts under OTHER_INTENT.
+MAX_INTENT_SERIES = 1000
+OTHER_INTENT = "__other__"
 _BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0,
               1.5, 2.0, 3.0, 5.0)
 
@@ -56,6 +62,34 @@ def barged_in(metrics: dict[str, Any]) -> bool:
     return bool(metrics.get("interrupted")) and metrics.get("stopped_by") is None
 
 
+class IntentLabels:
+    """Which intent names are counted by name (Prometheus label, stats field): those of the
+    served version (``serve``), its first ``MAX_INTENT_SERIES``; before any version is
+    known, the first ``MAX_INTENT_SERIES`` names seen. Any other is ``OTHER_INTENT``."""
+
+    def __init__(self, limit: int = MAX_INTENT_SERIES) -> None:
+        self.limit = limit
+        self.served: frozenset[str] | None = None  # None: no version known yet
+        self._seen: set[str] = set()
+
+    def serve(self, intents: Iterable[str]) -> frozenset[str]:
+        """A version's intents, in seed order: the names counted from now on."""
+        self.served = frozenset(list(dict.fromkeys(map(str, intents)))[:self.limit])
+        return self.served
+
+    def kept(self, label: str) -> bool:
+        """``label`` (a name counted before) is still counted by name."""
+        return label == OTHER_INTENT or self.served is None or label in self.served
+
+    def label(self, intent: str) -> str:
+        if self.served is not None:
+            return intent if intent in self.served else OTHER_INTENT
+        if intent in self._seen or len(self._seen) < self.limit:
+            self._seen.add(intent)
+            return intent
+        return OTHER_INTENT
+
+
 def answer_mark(action: str, answer: str | None) -> str:
     """What a hit on an entry plays, in a few characters: its hit count belongs to that.
     A publish that changes an entry's answer text or action starts its count again; one
@@ -74,8 +108,8 @@ class StatsObserver(Protocol):
 
     def error(self, code: str) -> None: ...
 
-    def entries_published(self, marks: Mapping[str, str], version: str | None = None
-                          ) -> None: ...
+    def entries_published(self, marks: Mapping[str, str], version: str | None = None,
+                          intents: Iterable[str] | None = None) -> None: ...
 
 
 class _HedgeCounters:
@@ -228,6 +262,8 @@ class Stats:
     # Each entry id of the serving version -> answer_mark of what it plays (entries_published)
     entry_marks: dict[str, str] = field(default_factory=dict)
     entry_marks_version: str | None = None  # the version they are of
+    # The intents counted by name (the served version's, bounded), the rest as OTHER_INTENT.
+    intent_labels: IntentLabels = field(default_factory=IntentLabels)
     # [minute (epoch seconds // 60), hits, misses], oldest first, the last SERIES_MINUTES.
     minutes: deque[list[int]] = field(default_factory=lambda: deque(maxlen=SERIES_MINUTES))
     # The final text of recent missed turns, for grouping into "which FAQ to add next".
@@ -235,6 +271,8 @@ class Stats:
     prometheus: _Prometheus = field(default_factory=_Prometheus)
     observers: list[StatsObserver] = field(default_factory=list)
     degraded_reason: str | None = None  # why the replica is degraded, None when it is not
+    # (intent label, outcome) of each voicegate_intent_turns series, to remove dropped ones
+    _intent_series: set[tuple[str, str]] = field(default_factory=set)
 
     def attach(self, observer: StatsObserver) -> None:
         """Tell ``observer`` of every event from now on, and of the calls and errors counted
@@ -247,7 +285,9 @@ class Stats:
             for _ in range(count):
                 observer.error(code)
         if self.entry_marks:  # the cache version loaded with the models
-            observer.entries_published(dict(self.entry_marks), self.entry_marks_version)
+            served = self.intent_labels.served
+            observer.entries_published(dict(self.entry_marks), self.entry_marks_version,
+                                       intents=None if served is None else sorted(served))
         self.observers.append(observer)
 
     def call_started(self) -> None:
@@ -310,13 +350,26 @@ class Stats:
         """The bot ended a call (``idle``, ``time_limit``)."""
         self.prometheus.hangups.labels(reason=reason).inc()
 
-    def entries_published(self, marks: Mapping[str, str], version: str | None = None) -> None:
+    def entries_published(self, marks: Mapping[str, str], version: str | None = None,
+                          intents: Iterable[str] | None = None) -> None:
         """A cache version was loaded: ``marks`` maps each entry id it holds to the
         ``answer_mark`` of what a hit on it plays. Hit counts belong to the entry as
         published: an id the version no longer holds loses its count (an entry published
         again under it later starts at 0), and so does an id whose answer or action changed;
         an id with the same answer keeps counting. ``version``: the version's name (the
-        shared stats ignore an older version's marks written late)."""
+        shared stats ignore an older version's marks written late). ``intents``: the
+        version's intent names, in seed order: only they (the first MAX_INTENT_SERIES) are
+        counted by name from now on; the counts and Prometheus series of names it does not
+        hold are removed (``OTHER_INTENT`` counts the rest)."""
+        if intents is not None:
+            intents = list(intents)
+            labels = self.intent_labels
+            labels.serve(intents)
+            for label in [i for i in self.intents if not labels.kept(i)]:
+                del self.intents[label]
+            for label, outcome in [k for k in self._intent_series if not labels.kept(k[0])]:
+                self.prometheus.intents.remove(label, outcome)
+                self._intent_series.discard((label, outcome))
         for entry_id in [e for e in self.entry_hits if e not in marks]:
             del self.entry_hits[entry_id]
         for entry_id, mark in marks.items():
@@ -324,7 +377,7 @@ class Stats:
                 self.entry_hits.pop(entry_id, None)
         self.entry_marks, self.entry_marks_version = dict(marks), version
         for observer in self.observers:
-            observer.entries_published(marks, version)
+            observer.entries_published(marks, version, intents=intents)
 
     def set_degraded(self, reason: str | None) -> None:
         self.degraded_reason = reason
@@ -374,8 +427,10 @@ class Stats:
         prom.turns.labels(outcome, source).inc()
         intent = metrics.get("intent")
         if intent:
-            self.intents[str(intent)] += 1
-            prom.intents.labels(str(intent), outcome).inc()
+            label = self.intent_labels.label(str(intent))
+            self.intents[label] += 1
+            prom.intents.labels(label, outcome).inc()
+            self._intent_series.add((label, outcome))
         per_outcome = self.latencies.setdefault(outcome, {})
         for stage in LATENCY_STAGES:
             value = metrics.get(stage)

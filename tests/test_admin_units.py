@@ -88,7 +88,7 @@ class RecordingObserver:
     def error(self, code: str) -> None:
         self.events.append(("error", code))
 
-    def entries_published(self, marks, version=None) -> None:
+    def entries_published(self, marks, version=None, intents=None) -> None:
         self.events.append(("entries", dict(marks)))
         self.versions.append(version)
 

@@ -1394,3 +1394,58 @@ async def test_the_answering_replicas_own_active_calls_are_live_not_its_last_hea
     assert (ended["replicas"], ended["active_calls"]) == (2, 3), (
         f"the call here ended, 3 on the other replica; /admin/stats says "
         f"{ended['active_calls']}")
+
+
+# -- bounded intent cardinality -------------------------------------------------------------
+
+def _intent_series(stats: Stats) -> set[str]:
+    return {s.labels["intent"] for metric in stats.prometheus.intents.collect()
+            for s in metric.samples if s.name == "voicegate_intent_turns_total"}
+
+
+def test_intent_labels_are_bounded_to_the_served_version() -> None:
+    """Review (stop 64): voicegate_intent_turns_total{intent} and /admin/stats' intents
+    took every intent name ever routed as a label, with no bound: a seed of tens of
+    thousands of intents, or re-seeds renaming intents, grew the series for the process's
+    life. Only the served version's intents (the first MAX_INTENT_SERIES of them) have a
+    series; others count under OTHER_INTENT, and a new version drops the series of intents
+    it no longer holds."""
+    from gateway.stats import MAX_INTENT_SERIES, OTHER_INTENT
+    stats = Stats()
+    stats.entries_published({"a": "m", "b": "m"}, "v1", intents=["opening_hours", "balance"])
+    stats.turn_finished(hit("opening_hours"))
+    stats.turn_finished({"source": "llm", "hit": False, "intent": "balance"})
+    stats.turn_finished({"source": "llm", "hit": False, "intent": "renamed_away"})
+    assert _intent_series(stats) == {"opening_hours", "balance", OTHER_INTENT}
+    assert stats.snapshot()["intents"] == {"opening_hours": 1, "balance": 1, OTHER_INTENT: 1}
+    stats.entries_published({"b": "m"}, "v2", intents=["balance"])
+    assert _intent_series(stats) == {"balance", OTHER_INTENT}
+    assert stats.snapshot()["intents"] == {"balance": 1, OTHER_INTENT: 1}
+    many = [f"intent_{n}" for n in range(MAX_INTENT_SERIES + 500)]
+    stats.entries_published({}, "v3", intents=many)
+    for name in many:
+        stats.turn_finished({"source": "llm", "hit": False, "intent": name})
+    assert len(_intent_series(stats)) == MAX_INTENT_SERIES + 1
+    assert len(stats.snapshot()["intents"]) == MAX_INTENT_SERIES + 1
+    fresh = Stats()  # no version known yet: the first MAX_INTENT_SERIES names seen
+    for name in many:
+        fresh.turn_finished({"source": "llm", "hit": False, "intent": name})
+    assert len(_intent_series(fresh)) == MAX_INTENT_SERIES + 1
+
+
+async def test_the_cluster_intents_hash_is_bounded_and_pruned_on_publish(redis_url: str) -> None:
+    """Review (stop 64): the shared stats:intents hash kept every intent ever routed, in
+    Redis for good. Intents the served version does not hold count under OTHER_INTENT, and
+    a version's publish prunes the hash to its intents."""
+    from gateway.stats import OTHER_INTENT
+    stats = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:")
+    for name in ("opening_hours", "balance", "old_name"):
+        stats.turn_finished({"source": "llm", "hit": False, "intent": name})
+    await stats.flush()
+    stats.entries_published({"opening_hours": "m"}, "", intents=["opening_hours"])
+    stats.turn_finished({"source": "llm", "hit": False, "intent": "balance"})
+    stats.turn_finished(hit("opening_hours"))
+    await stats.flush()
+    cluster = await stats.cluster_snapshot({"latency_ms": {}})
+    assert cluster["intents"] == {"opening_hours": 2, OTHER_INTENT: 1}, cluster
+    await stats.aclose()
