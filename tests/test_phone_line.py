@@ -2306,3 +2306,34 @@ async def test_keys_then_words_stopped_before_their_reply_spoke_go_on_with_the_n
     assert answered[-1] == f"the caller pressed 4 9 2 1 {_SHORT} but here is my name", answered
     assert sources(h) == ["llm"], sources(h)
     assert [e["keys"] for e in h.output.of("keypad")] == ["4921"]
+
+
+@pytest.mark.parametrize("how", ["intent", "key"])
+async def test_a_native_caller_waiting_for_a_person_is_not_hung_up_as_idle(how):
+    """Review (stop 64): on the native protocol the `handoff` event is the contract (the
+    client puts the caller through), but only a Twilio transfer stopped the idle count. A
+    caller told "I'm going to connect you with a colleague ... stay on the line" who then
+    waited in silence (as asked; the client connecting the person with the socket still
+    open) heard "Are you still there?" after idle_prompt_s, then the goodbye, and `hangup`
+    closed the call on them, the person never reached. After a handoff the silence is the
+    caller waiting, not gone: no prompt, no goodbye, no hang-up. Once the caller acts again
+    (the client kept them with the bot) the bot answers and its silence is watched again."""
+    h = _person_line({"idle_prompt_s": 8}, can_transfer=None)
+    await h.start()
+    await _ask_for_a_person(h, how)
+    assert sources(h) == ["handoff"] and len(h.output.of("handoff")) == 1
+    await h.silence(10000)  # the client streams the line while it connects the person
+    await h.feed(tone(400, value=77))  # a cough: no words, no reply, still waiting
+    await h.silence(30000)
+    assert sources(h) == ["handoff"], sources(h)
+    assert h.output.of("hangup") == [] and h.call.ended is None
+    # The caller is back with the bot: answered, then the idle watch as before.
+    h.llm.reply = "Sure."
+    await h.text("hello is anyone there")
+    await h.wait(2000)
+    assert sources(h)[-1] in ("llm", "handoff"), sources(h)
+    after = len(sources(h))
+    await h.wait(20000)
+    assert sources(h)[after:] == ["prompt", "goodbye"], sources(h)
+    assert [e["reason"] for e in h.output.of("hangup")] == ["idle"]
+    await h.stop()

@@ -278,6 +278,10 @@ class Call:
         # When the call's time limit is up (max_call_s after it began; see _time_limit_loop).
         self._time_limit_at = deps.clock.now() + settings.max_call_s
         self._transferred = False
+        # Natively: the handoff message has played and its `handoff` event gone out, and no
+        # reply answered the caller since. They wait for the person the client puts them
+        # through to (the socket may stay open meanwhile): no idle line (``_line_busy``).
+        self._handed_off = False
         # The codes of the caller's turns a provider failed in a row, since the last turn
         # answered (``_turn_failed``): at FAILED_TURNS_BEFORE_HANDOFF, the handoff.
         self._failed_turns: list[str] = []
@@ -1039,6 +1043,15 @@ class Call:
         self._reply_task_tl = tl
         self._reply_tasks.add(self._reply_task)
         self._reply_task.add_done_callback(self._reply_tasks.discard)
+
+        def spoke_again(_: asyncio.Task[None]) -> None:
+            # After a native handoff the bot answered the caller again (the client kept
+            # them with it): their silence counts once more. Noise, an empty turn, keys
+            # that led nowhere answer nothing: the caller still waits for the person.
+            if tl.answered and "handoff" not in tl.info:
+                self._handed_off = False
+
+        self._reply_task.add_done_callback(spoke_again)
         self._reply_task.add_done_callback(self._reply_done)
 
         # Cancelled while queued behind the previous reply (a barge-in, the call's end),
@@ -1589,9 +1602,11 @@ class Call:
 
     def _line_busy(self) -> bool:
         """Something goes on: no idle prompt (a reply, a filler or a tool call running,
-        the caller speaking or keying, the call handed to a person, or hanging up: the
-        time limit's hang-up request runs in no reply)."""
+        the caller speaking or keying, the call handed to a person (natively: until the
+        bot answers the caller again), or hanging up: the time limit's hang-up request runs
+        in no reply)."""
         return (self.replying or self._held is not None or self._transferred
+                or self._handed_off
                 or self.ended is not None
                 or self._turns.in_utterance or self._keypad.collecting)
 
@@ -1711,6 +1726,10 @@ class Call:
         without a transfer (the native protocol) has the ``handoff`` event as its contract."""
         transfer = getattr(self._out, "transfer", None)
         if transfer is None:
+            # The client puts the caller through: silence while it does is the caller
+            # waiting as asked, not gone. No idle prompt or goodbye until the bot answers
+            # the caller again (``_start_reply``).
+            self._handed_off = True
             return
         # The message has played: nothing the caller says, types or keys now stops this
         # reply (``_barge_in``). Cancelled in its request, the transfer would be abandoned
