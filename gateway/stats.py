@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 # Stages reported per outcome (hit or miss), as named in turn_metrics.
 LATENCY_STAGES = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "first_audio_ms",
                   "reply_latency_ms")
+# Stages that measure the silence a caller hears after speaking: a typed turn marks its speech
+# end and end of turn at the moment it arrives (0 and its first_audio_ms), so it is kept out.
+SPOKEN_STAGES = ("end_of_turn_ms", "reply_latency_ms")
 RECENT_WINDOW_S = 300.0
 SERIES_MINUTES = 60  # per-minute hits/misses kept for the dashboard's chart
 MISSED_KEPT = 2000  # most recent missed questions kept for /admin/misses
@@ -406,7 +409,8 @@ class Stats:
     def _question_finished(self, metrics: dict[str, Any], source: str, text: str | None,
                            route_score: float | None, answer: str | None,
                            call_id: str | None) -> None:
-        """A question's turn: a hit or a miss, with its latencies."""
+        """A question's turn: a hit or a miss, with its latencies (a typed one's without
+        ``SPOKEN_STAGES``: nobody waited through a silence for it)."""
         outcome = outcome_of(metrics)
         self.turns += 1
         self.outcomes[outcome] += 1
@@ -432,7 +436,10 @@ class Stats:
             prom.intents.labels(label, outcome).inc()
             self._intent_series.add((label, outcome))
         per_outcome = self.latencies.setdefault(outcome, {})
+        typed = metrics.get("input") == "text"
         for stage in LATENCY_STAGES:
+            if typed and stage in SPOKEN_STAGES:
+                continue
             value = metrics.get(stage)
             if value is not None:
                 per_outcome.setdefault(stage, deque(maxlen=self.window)).append(float(value))

@@ -44,6 +44,38 @@ def test_stats_keep_entry_hits_a_minute_series_and_the_missed_questions():
     assert set(snap["latency_ms"]["hit"]) >= {"end_of_turn", "first_audio"}
 
 
+def test_a_typed_turn_is_not_in_the_silence_a_caller_hears():
+    """Review (stop 64): a typed turn (native `text`) marks speech end, end of turn and its
+    final transcript at the moment it arrives: `end_of_turn_ms` 0, `reply_latency_ms` its
+    `first_audio_ms`. Stats counted them in the same end-of-turn and reply-latency
+    percentiles and `voicegate_stage_seconds` histograms as spoken turns ("the silence the
+    caller hears"), so a deployment mixing a chat channel with phone calls saw both look
+    better than its callers heard. A typed turn is still a hit or a miss, and in
+    `first_audio` (its own figure, from the end of turn), but not in those two."""
+    stats = Stats()
+    stats.turn_finished({"source": "cache", "input": "audio", "end_of_turn_ms": 300.0,
+                         "route_decided_ms": 301.0, "first_audio_ms": 5.0,
+                         "reply_latency_ms": 305.0}, "when are you open")
+    for _ in range(3):
+        stats.turn_finished({"source": "cache", "input": "text", "end_of_turn_ms": 0.0,
+                             "route_decided_ms": 1.0, "first_audio_ms": 4.0,
+                             "reply_latency_ms": 4.0}, "opening hours?")
+    snap = stats.snapshot()
+    assert (snap["hits"], snap["misses"], snap["turns"]) == (4, 0, 4)
+    hit = snap["latency_ms"]["hit"]
+    assert hit["end_of_turn"] == {"p50": 300.0, "p99": 300.0, "n": 1}
+    assert hit["reply_latency"] == {"p50": 305.0, "p99": 305.0, "n": 1}
+    assert hit["first_audio"]["n"] == 4 and hit["route_decided"]["n"] == 4
+    registry = stats.prometheus.registry
+
+    def observed(stage: str) -> float | None:
+        return registry.get_sample_value("voicegate_stage_seconds_count",
+                                         {"stage": stage, "outcome": "hit"})
+
+    assert (observed("end_of_turn"), observed("reply_latency")) == (1.0, 1.0)
+    assert (observed("first_audio"), observed("route_decided")) == (4.0, 4.0)
+
+
 def test_a_hit_count_belongs_to_the_entry_as_published():
     # Counts are per entry id; a publish that drops an id, or changes what a hit on it plays
     # (answer or action), starts it again at 0, and an id published again after its delete
