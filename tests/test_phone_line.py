@@ -968,7 +968,9 @@ async def test_keypad_turns_are_no_hit_or_miss_in_the_stats():
     assert sum(p["hits"] + p["misses"] for p in snapshot["series"]["points"]) == 1
     assert snapshot["entry_hits"] == {"hours": 1} and snapshot["intents"] == {"hours": 1}
     assert snapshot["sources"] == {"cache": 1}
-    assert snapshot["latency_ms"]["hit"]["end_of_turn"]["n"] == 1
+    # Only the typed question is in the latencies (and not in the spoken-only end of turn).
+    assert snapshot["latency_ms"]["hit"]["first_audio"]["n"] == 1
+    assert "end_of_turn" not in snapshot["latency_ms"]["hit"], snapshot["latency_ms"]
     assert "miss" not in snapshot["latency_ms"], snapshot["latency_ms"]
     assert snapshot["keypad_turns"] == 3
     registry = h.stats.prometheus.registry
