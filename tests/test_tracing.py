@@ -93,14 +93,12 @@ def test_otlp_export_only_when_the_endpoint_is_set():
     assert configure_from_env({}) is None
 
 
-def test_spans_are_exported_over_otlp_when_the_endpoint_is_set():
-    """In a process of its own (the tracer provider is process-wide): a call's span reaches
-    a local OTLP/HTTP collector as protobuf."""
+def _exported_by_a_process(script: str) -> list[bytes]:
+    """Run ``script`` in a Python process of its own (the tracer provider is process-wide)
+    with OTLP export pointed at a local collector; the request bodies it received."""
     import subprocess
     import sys
 
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest)
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Route
@@ -114,7 +112,22 @@ def test_spans_are_exported_over_otlp_when_the_endpoint_is_set():
         return Response(b"", media_type="application/x-protobuf")
 
     app = Starlette(routes=[Route("/v1/traces", collect, methods=["POST"])])
-    script = (
+    with ServerThread(app) as collector:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "PATH": "/usr/bin:/bin",
+               "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return received
+
+
+def test_spans_are_exported_over_otlp_when_the_endpoint_is_set():
+    """In a process of its own (the tracer provider is process-wide): a call's span reaches
+    a local OTLP/HTTP collector as protobuf."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest)
+
+    received = _exported_by_a_process(
         "import asyncio\n"
         "from opentelemetry import trace\n"
         "from gateway.tracing import CallTrace, configure_from_env\n"
@@ -123,12 +136,6 @@ def test_spans_are_exported_over_otlp_when_the_endpoint_is_set():
         "assert provider is not None\n"
         "CallTrace(None, SYSTEM_CLOCK, {'voicegate.call_id': 'otlp-call'}).end()\n"
         "provider.shutdown()\n")
-    with ServerThread(app) as collector:
-        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "PATH": "/usr/bin:/bin",
-               "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                              text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
     assert received
     request = ExportTraceServiceRequest.FromString(received[0])
     spans = [s for r in request.resource_spans for ss in r.scope_spans for s in ss.spans]
@@ -143,23 +150,7 @@ def test_the_spans_ended_are_exported_at_shutdown_even_if_the_process_then_dies(
     re-raises, which skips the exit handlers: the spans of the calls the drain waited for
     were lost. The app's shutdown now flushes them (``flush_traces``); here the process
     then dies without its exit handlers (``os._exit``), as such a replica does."""
-    import subprocess
-    import sys
-
-    from starlette.applications import Starlette
-    from starlette.responses import Response
-    from starlette.routing import Route
-
-    from tests.fakes.server import ServerThread
-
-    received: list[bytes] = []
-
-    async def collect(request):
-        received.append(await request.body())
-        return Response(b"", media_type="application/x-protobuf")
-
-    app = Starlette(routes=[Route("/v1/traces", collect, methods=["POST"])])
-    script = (
+    received = _exported_by_a_process(
         "import os\n"
         "from gateway.tracing import CallTrace, configure_from_env, flush_traces\n"
         "from gateway.clock import SYSTEM_CLOCK\n"
@@ -167,12 +158,6 @@ def test_the_spans_ended_are_exported_at_shutdown_even_if_the_process_then_dies(
         "CallTrace(None, SYSTEM_CLOCK, {'voicegate.call_id': 'drained-call'}).end()\n"
         "flush_traces()\n"
         "os._exit(0)\n")
-    with ServerThread(app) as collector:
-        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "PATH": "/usr/bin:/bin",
-               "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                              text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
     assert received, "the span ended before the process died was never exported"
 
 
