@@ -42,7 +42,11 @@ def sources(turn) -> list[str]:
 
 async def test_llm_reply_streams_sentences_to_audio(agent_gateway):
     server, fake, _ = agent_gateway
-    fake.replies["primary"] = Reply(text="Our branches open at nine. On Saturdays they open at ten.")
+    # The primary answers once the secondary's request has reached the server: on a loaded
+    # machine the loser could otherwise be cancelled while still connecting, its request
+    # never seen, and no disconnect to count (a CI run, stop 64).
+    fake.replies["primary"] = Reply(text="Our branches open at nine. On Saturdays they open at ten.",
+                                    after_request_of="secondary")
     fake.replies["secondary"] = Reply(text="Secondary answer.", ttft_s=STALL)
     async with Caller(server.call_url) as caller:
         turn = await caller.say_text("when do you open")

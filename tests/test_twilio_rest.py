@@ -323,6 +323,10 @@ async def test_native_keypad_and_the_idle_hang_up(native_server):
         keypad = await caller.wait_for("keypad")
         assert keypad["keys"] == "0" and keypad["action"] == "handoff"
         await caller.wait_for("handoff")  # the native contract: the event
+        # (stop 64) A caller waiting for a person is never prompted nor hung up as idle:
+        # the idle hang-up is a second call's, one left silent.
+    async with Caller(native_server.call_url) as caller:
+        await caller.wait_for("response", source="greeting")
         await caller.wait_for("response", source="prompt", timeout=30)
         await caller.wait_for("response", source="goodbye", timeout=30)
         hangup = await caller.wait_for("hangup", timeout=30)
