@@ -88,7 +88,7 @@ async def test_twilio_start_with_a_lone_surrogate_token_is_refused_not_a_crash(
     the socket closed 1000 as if Twilio had hung up. Now the message is refused as not
     valid Unicode, counted, and the stream that never started closes 1008; and the
     comparison itself no longer raises on such a string."""
-    from gateway.call.session import token_matches
+    from gateway.credentials import token_matches
 
     caplog.set_level(logging.ERROR)
     before = runtime.stats.errors["twilio_invalid_json"]

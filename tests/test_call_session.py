@@ -686,7 +686,8 @@ def test_a_call_token_beyond_ascii_matches_as_a_client_sends_it(where: str) -> N
 
     from starlette.requests import HTTPConnection
 
-    from gateway.call.session import presented_token, token_matches
+    from gateway.call.session import presented_token
+    from gateway.credentials import token_matches
 
     token = "Schlüssel-ëxtra-2"
     if where == "bearer":

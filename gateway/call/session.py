@@ -24,7 +24,6 @@ its writer and closes the socket; nothing outlives it.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from typing import Any, Callable
 
@@ -34,6 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import logs
 from ..clock import SYSTEM_CLOCK, Clock
+from ..credentials import bearer_token
 from ..protocol import (CLOSE_INTERNAL_ERROR, CLOSE_INVALID_PAYLOAD, CLOSE_NORMAL, CLOSE_POLICY,
                         CLOSE_TOO_BIG, CLOSE_TRY_AGAIN_LATER, ProtocolError)
 from ..settings import Settings
@@ -78,26 +78,8 @@ class Admission:
 
 
 def presented_token(connection: HTTPConnection) -> str:
-    """The call token a client presented: ``Authorization: Bearer`` or ``?token=``.
-
-    A header's bytes reach us decoded as Latin-1: clients send a token beyond ASCII as
-    UTF-8, so the header's value is read as UTF-8 where it is that (as ``?token=`` is)."""
-    scheme, _, value = connection.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        raw = value.strip().encode("latin-1")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return value.strip()
-    return connection.query_params.get("token", "")
-
-
-def token_matches(presented: str, expected: str) -> bool:
-    """Constant-time comparison; an empty expected token means authentication is off."""
-    if not expected:
-        return True
-    # surrogatepass: a token parsed from JSON may hold a lone surrogate; it just fails to match.
-    return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), expected.encode())
+    """The call token a client presented: ``Authorization: Bearer`` or ``?token=``."""
+    return bearer_token(connection) or connection.query_params.get("token", "")
 
 
 # Audio time a real-time client may bank beyond the grace: a server that stalls (a busy

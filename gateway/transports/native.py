@@ -12,7 +12,8 @@ from typing import Any
 from starlette.websockets import WebSocket
 
 from ..call.session import (CallSession, presented_token, refuse_before_accept,
-                            refuse_while_unavailable, token_matches)
+                            refuse_while_unavailable)
+from ..credentials import token_matches
 from ..codec import PCM16
 from ..protocol import (DtmfMessage, ProtocolError, StartMessage,
                         StopMessage, TextMessage, check_audio_frame, check_frame_size,

@@ -26,8 +26,9 @@ from starlette.websockets import WebSocket
 from .. import logs
 from ..call import Call, LineEnded
 from ..call.session import (CallSession, Outbox, presented_token, refuse_before_accept,
-                            refuse_while_unavailable, token_matches)
+                            refuse_while_unavailable)
 from ..clock import Clock
+from ..credentials import token_matches
 from ..codec import MULAW, ulaw_to_pcm16
 from ..protocol import (CLOSE_POLICY, CLOSE_UNSUPPORTED_DATA, ProtocolError, StartMessage, as_json,
                         parse_dtmf_digit, parse_json, present_kind, unnamed, utf8_bytes_over)
