@@ -233,24 +233,35 @@ def _is_ods(data: bytes) -> bool:
 _SEPARATOR_NAMES = {";": "semicolons", "\t": "tabs", ",": "commas"}
 
 
-def _separator_hint(data: bytes) -> tuple[bytes, tuple[int, str] | None]:
-    """Excel's separator hint ("sep=,", a first line Excel reads and never shows): a comma
-    one is blanked (its line still counted, so errors keep their line numbers); another
-    separator's is (line, its name), refused as a header of that separator is."""
+def _first_line(data: bytes) -> tuple[int, int, bytes, str] | None:
+    """The first line that is not blank, as ``_decode`` numbers and reads it: (its number,
+    its offset in ``data``, its bytes with their line end, its text without)."""
     offset = 0
     for number, raw in enumerate(data.splitlines(keepends=True), start=1):
         line = raw.rstrip(b"\r\n")
         if line.strip():
-            text = line.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace")
-            hint = re.fullmatch(r'"?sep=(.)"?', text.strip(" "), re.IGNORECASE | re.DOTALL)
-            if hint is None:
-                return data, None
-            separator = hint.group(1)
-            if separator == ",":
-                return data[:offset] + raw[len(line):] + data[offset + len(raw):], None
-            return data, (number, _SEPARATOR_NAMES.get(separator, repr(separator)))
+            return number, offset, raw, line.decode("utf-8-sig" if number == 1 else "utf-8",
+                                                   errors="replace")
         offset += len(raw)
-    return data, None
+    return None
+
+
+def _separator_hint(data: bytes) -> tuple[bytes, tuple[int, str] | None]:
+    """Excel's separator hint ("sep=,", a first line Excel reads and never shows): a comma
+    one is blanked (its line still counted, so errors keep their line numbers); another
+    separator's is (line, its name), refused as a header of that separator is."""
+    first = _first_line(data)
+    if first is None:
+        return data, None
+    number, offset, raw, text = first
+    hint = re.fullmatch(r'"?sep=(.)"?', text.strip(" "), re.IGNORECASE | re.DOTALL)
+    if hint is None:
+        return data, None
+    separator = hint.group(1)
+    if separator == ",":
+        ending = raw[len(raw.rstrip(b"\r\n")):]
+        return data[:offset] + ending + data[offset + len(raw):], None
+    return data, (number, _SEPARATOR_NAMES.get(separator, repr(separator)))
 
 
 def _other_separator(data: bytes) -> tuple[int, str] | None:
@@ -258,17 +269,16 @@ def _other_separator(data: bytes) -> tuple[int, str] | None:
     no comma and known column names between semicolons or tabs (Excel saves "CSV" with
     semicolons where a comma is the decimal separator, and "Text (Tab delimited)"). Named,
     not guessed and read: a comma file's questions can hold semicolons."""
-    for number, raw in enumerate(data.splitlines(), start=1):  # lines as _decode numbers them
-        if not raw.strip():
-            continue
-        header = raw.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace")
-        if "," in header:
-            return None
-        for separator, name in ((";", "semicolons"), ("\t", "tabs")):
-            names = [n.strip().strip('"').strip().lower() for n in header.split(separator)]
-            if len(names) > 1 and set(names) & set(REQUIRED_COLUMNS + OPTIONAL_COLUMNS):
-                return number, name
+    first = _first_line(data)
+    if first is None:
         return None
+    number, _, _, header = first
+    if "," in header:
+        return None
+    for separator in (";", "\t"):
+        names = [n.strip().strip('"').strip().lower() for n in header.split(separator)]
+        if len(names) > 1 and set(names) & set(REQUIRED_COLUMNS + OPTIONAL_COLUMNS):
+            return number, _SEPARATOR_NAMES[separator]
     return None
 
 
