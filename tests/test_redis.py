@@ -4,8 +4,9 @@ Unit tests use the shared Redis on 127.0.0.1:${REDIS_PORT:-6379} (the one
 scripts/ensure-redis.sh starts) in a database of the test suite's own, 13, and 14 for the
 second pytest-xdist worker (``VOICEGATE_TEST_REDIS_DB`` picks another first one;
 ``VOICEGATE_TEST_REDIS_URL`` another server: one that names a database is shared by the
-workers, so run those tests with ``-n 0``). Only
-that database is flushed, per test (FLUSHDB, never FLUSHALL); database 0, where voicegate and
+workers, so run those tests with ``-n 0``); when another test process on this machine holds
+that database (a lock file each), the highest free one. Only that database is flushed, per
+test (FLUSHDB, never FLUSHALL); database 0, where voicegate and
 the README's commands keep their data by default, is refused. The replica test starts its own
 redis-server (free port, temporary directory, appendonly) and two gateway
 processes, and restarts that Redis mid-test. Without Redis these tests skip, except
@@ -15,6 +16,7 @@ under CI (``CI=true``), where they fail with the reason.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import logging
 import os
@@ -24,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,8 +53,28 @@ from intents.types import Audio
 # Under pytest-xdist each worker flushes a database of its own: the next one up per worker
 # (gw0: 13, gw1: 14, ...), so two workers' tests never flush each other's keys.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-TEST_REDIS_DB = int(os.environ.get("VOICEGATE_TEST_REDIS_DB", "13")) + \
+_WANTED_DB = int(os.environ.get("VOICEGATE_TEST_REDIS_DB", "13")) + \
     (int(_WORKER) if _WORKER.isdigit() else 0)
+_HELD_LOCKS: list[Any] = []  # open (so locked) until this process exits
+
+
+def _claim_test_db(wanted: int) -> int:
+    """The database this process flushes, locked against every other test process on this
+    machine (a lock file per Redis port and database): two suites at once on one Redis (a
+    fresh-clone CI beside a targeted run) would flush each other's keys. The wanted one
+    when free, else the highest free one (never 0)."""
+    port = os.environ.get("REDIS_PORT", "6379")
+    for db in [wanted] + [d for d in range(15, 0, -1) if d != wanted]:
+        handle = open(Path(tempfile.gettempdir()) / f"voicegate-test-redis-{port}-{db}.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        _HELD_LOCKS.append(handle)
+        return db
+    raise RuntimeError(f"every Redis database 1-15 on port {port} is in use by another test "
+                       "process on this machine")
 
 
 def suite_redis_url() -> str:
@@ -60,7 +83,7 @@ def suite_redis_url() -> str:
                          f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}")
     if urlsplit(url).path.strip("/") or "db=" in urlsplit(url).query:
         return url
-    return f"{url.rstrip('/')}/{TEST_REDIS_DB}"
+    return f"{url.rstrip('/')}/{_claim_test_db(_WANTED_DB)}"
 
 
 REDIS_URL = suite_redis_url()
@@ -120,6 +143,23 @@ def bundle(marker: str = "a", dim: int = 4) -> CacheBundle:
     vectors = np.arange(3 * dim, dtype=np.float32).reshape(3, dim)
     return CacheBundle({"marker": marker, "entries": [], "questions": []}, vectors,
                        b"classifier-" + marker.encode())
+
+
+def test_a_second_test_process_on_this_machine_gets_another_database() -> None:
+    """Review (stop 65): two test processes on one machine (a fresh-clone CI beside a
+    targeted run) both took database 13 and could flush each other's keys: the likely
+    cause of a CI run whose cluster test found its seed's audio gone (alone it passed).
+    Each test process now locks its database; another process takes a free one."""
+    if os.environ.get("VOICEGATE_TEST_REDIS_URL"):
+        pytest.skip("VOICEGATE_TEST_REDIS_URL names the database: it is shared by design")
+    other = subprocess.run(
+        [sys.executable, "-c", "from tests.test_redis import REDIS_URL; print(REDIS_URL)"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+        timeout=120)
+    assert other.returncode == 0, other.stderr[-2000:]
+    theirs = other.stdout.strip().rsplit("/", 1)
+    ours = REDIS_URL.rsplit("/", 1)
+    assert theirs[0] == ours[0] and theirs[1] != ours[1] and theirs[1] != "0", (ours, theirs)
 
 
 # -- RedisStore ------------------------------------------------------------------------------
