@@ -247,7 +247,8 @@ class Settings(BaseModel):
     # or as shipped on sentence-transformers (torch). auto: dynamic on a CPU with exact int8
     # dot products (VNNI, AMX, Arm's dot product), else weight-only (intents/embedder.py). A
     # version seeded by another backend is re-embedded and calibrated again at load.
-    embedder_backend: Literal["auto", "onnx-int8-dynamic", "onnx-int8", "torch"] = "auto"
+    embedder_backend: Literal["auto", "onnx-int8-dynamic", "onnx-int8-dynamic-7bit", "onnx-int8",
+                              "torch"] = "auto"
     # Threads per sentence embedding (routing a partial is one short text).
     embedder_threads: Pos = 1
     # The partials' routing threads run this much lower an OS priority (Linux nice, 0-19):

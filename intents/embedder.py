@@ -22,7 +22,8 @@ import numpy as np
 # Name recorded in published cache versions: vectors from another model are not comparable.
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # backend -> the int8 export's quantization (intents/onnx_encoder.py); torch: none
-BACKENDS = {"onnx-int8": "blockwise", "onnx-int8-dynamic": "dynamic", "torch": None}
+BACKENDS = {"onnx-int8": "blockwise", "onnx-int8-dynamic": "dynamic",
+            "onnx-int8-dynamic-7bit": "dynamic-7bit", "torch": None}
 # Not a backend: the dynamic one on a CPU whose int8 products are exact, else blockwise
 # (``resolve_backend``).
 AUTO = "auto"

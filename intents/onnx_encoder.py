@@ -47,9 +47,10 @@ EXPORT_VERSION = "1"
 BLOCK_SIZE = 32
 # quantization -> (recipe in the cache key, file name stem)
 QUANTIZATIONS = {"blockwise": (str(BLOCK_SIZE), "minilm-int8"),
-                 "dynamic": ("dynamic", "minilm-dynint8")}
+                 "dynamic": ("dynamic", "minilm-dynint8"),
+                 "dynamic-7bit": ("dynamic-7bit", "minilm-dynint7")}
 # Quantizations whose activation scale spans the batch: one text per run (module docstring).
-ONE_TEXT_PER_RUN = frozenset({"dynamic"})
+ONE_TEXT_PER_RUN = frozenset({"dynamic", "dynamic-7bit"})
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -115,7 +116,7 @@ def _export_int8(model_dir: Path, target: Path, quantization: str) -> None:
         fused = optimizer.optimize_model(str(plain), model_type="bert",
                                          num_heads=config.num_attention_heads,
                                          hidden_size=config.hidden_size, opt_level=1)
-        if quantization == "dynamic":
+        if quantization in ("dynamic", "dynamic-7bit"):
             weights = {w.name for w in fused.model.graph.initializer}
             # Attention's products (scores, weighted values) multiply two activations:
             # quantizing those costs accuracy for little speed. Only linear layers go int8.
@@ -124,7 +125,8 @@ def _export_int8(model_dir: Path, target: Path, quantization: str) -> None:
             source = Path(work) / "fused.onnx"
             fused.save_model_to_file(str(source))
             quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
-                             per_channel=True, op_types_to_quantize=["MatMul"],
+                             per_channel=True, reduce_range=quantization == "dynamic-7bit",
+                             op_types_to_quantize=["MatMul"],
                              nodes_to_exclude=products,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             return
