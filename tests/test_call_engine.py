@@ -7,10 +7,13 @@ import asyncio
 import inspect
 import json
 
+import numpy as np
 import pytest
 
 from gateway.timeline import TurnTimeline
-from tests.call_harness import TTS_MS_PER_WORD, CallHarness, tone
+from gateway.vad import SileroState, VADBatcher
+from tests.call_harness import FRAME_MS, RATE, TTS_MS_PER_WORD, CallHarness, tone
+from tests.test_route_batcher import InlineExecutor
 
 NOISE = 77  # a sample value that is no word (see test_false_interruption)
 
@@ -228,7 +231,7 @@ async def test_a_stage_failing_over_and_over_is_reported_once_every_few_seconds(
     assert h.stats.errors["vad_failed"] > 2
 
 
-async def test_a_vad_failure_loses_only_that_audio():
+async def test_a_vad_failure_on_silence_leaves_the_next_turn_whole():
     h = await CallHarness().start()
     h.vad.fail_next = 1
     await h.silence(100)
@@ -236,6 +239,71 @@ async def test_a_vad_failure_loses_only_that_audio():
     await h.stop()
     assert h.stats.errors["vad_failed"] == 1
     assert h.transcripts() == ["still here"]
+
+
+class _ModelThatFailsOn:
+    """Stands in for ``SileroVAD`` under a real ``VADBatcher``: a window holding any sample
+    is speech (as ``ScriptedVad``), and a run holding a window of ``poison`` samples raises,
+    as a bad input breaks a real batch. Records how many calls each failed run carried."""
+
+    def __init__(self, poison: int) -> None:
+        self._poison = np.float32(poison / 32768.0)
+        self.failed_runs: list[int] = []
+
+    def probabilities_batch(self, states: list[SileroState],
+                            windows: list[list[np.ndarray]]) -> list[list[float]]:
+        if any(np.any(w == self._poison) for call in windows for w in call):
+            self.failed_runs.append(len(windows))
+            raise RuntimeError("Silero run failed")
+        return [[0.95 if np.abs(w).max() > 0 else 0.02 for w in call] for call in windows]
+
+
+async def test_windows_the_vad_failed_to_score_still_reach_the_recogniser():
+    """Review (stop 65): a VAD scoring failure dropped those windows from the recogniser.
+    The audio loop skipped a block whose scoring raised (`vad_failed`, "this chunk is
+    lost"), so a caller mid-sentence lost the words in it: the transcript missed them.
+    Wanted: a failing stage never loses caller audio. Windows the VAD could not score go
+    on in order where any window goes (the recogniser mid-utterance, else the pre-roll),
+    holding the segmenter still (no turn end, no barge-in on them); the failure is counted
+    and reported as before, the call stays up, and another call in the same VAD batch is
+    unaffected."""
+    caller, other = CallHarness(), CallHarness()
+    # One word, one sample value across both calls: only the caller's "book" breaks a run.
+    other.vocabulary = other.stt.vocabulary = caller.vocabulary
+    model = _ModelThatFailsOn(caller.vocabulary.value("book"))
+    batcher = VADBatcher(model, InlineExecutor())  # type: ignore[arg-type]
+    caller.deps.vad = other.deps.vad = batcher
+    await caller.start()
+    await other.start()
+
+    async def both(ours: bytes, theirs: bytes) -> None:
+        """Both calls stream in step, a 20 ms frame each per step: their windows are
+        scored in the same batches."""
+        step = RATE * FRAME_MS // 1000 * 2
+        size = max(len(ours), len(theirs))
+        ours, theirs = ours.ljust(size, b"\0"), theirs.ljust(size, b"\0")
+        for i in range(0, size, step):
+            caller.call.feed_audio(ours[i:i + step])
+            other.call.feed_audio(theirs[i:i + step])
+            await caller.clock.advance(FRAME_MS / 1000)
+            await other.clock.advance(FRAME_MS / 1000)
+
+    silence = bytes(RATE * 1500 // 1000 * 2)
+    words = caller.vocabulary.audio("please book a table")
+    await both(silence[:RATE], silence[:RATE])
+    await both(words + silence, caller.vocabulary.audio("what time do you open") + silence)
+    assert caller.call.ended is None and other.call.ended is None
+    await caller.stop()
+    await other.stop()
+    assert 2 in model.failed_runs, model.failed_runs  # it broke a batch of both calls
+    print("caller heard:", caller.transcripts(), "errors:", dict(caller.stats.errors))
+    assert caller.stats.errors["vad_failed"] >= 1
+    assert [e["code"] for e in caller.output.of("error")] == ["vad_failed"]
+    assert words in caller.stt.utterances[0], "the recogniser missed audio"
+    assert caller.transcripts() == ["please book a table"]
+    assert [e["source"] for e in caller.output.of("response")] == ["llm"]
+    assert other.transcripts() == ["what time do you open"]
+    assert other.output.of("error") == [] and "vad_failed" not in other.stats.errors
 
 
 async def test_a_barge_in_keeps_the_callers_first_word():

@@ -516,3 +516,25 @@ async def test_speech_confirmed_at_once_keeps_the_pre_roll_every_turn_was_decode
         await detector.push(bytes(WINDOW_BYTES), prob, clock.now())
     assert detector.in_utterance
     assert len(stt.sent) == TurnSettings().preroll_sent_windows * WINDOW_BYTES == 18 * WINDOW_BYTES
+
+
+async def test_windows_the_vad_failed_to_score_neither_start_speech_nor_end_a_turn():
+    """Review (stop 65): windows whose VAD scoring failed now reach the detector unscored
+    (``prob`` None) instead of being dropped, so their audio reaches the recogniser. Their
+    voice is unknown: they must not confirm speech (a barge-in on a failure) nor count as
+    silence (a turn cut mid-sentence, by the segmenter or by a late ``end_turn_if_due``)."""
+    d = _Driver()
+    d.detector.confirm_speech_slowly(True)  # the bot is talking: speech would barge in
+    for _ in range(40):
+        assert await d.push(None) == []
+    assert not d.detector.in_utterance
+    d.detector.confirm_speech_slowly(False)
+    for prob in [0.9] * 10 + [0.0] * 3:  # speech, then a pause
+        await d.push(prob)
+    assert d.detector.in_utterance
+    for _ in range(40):  # 1.3 s unscored, far past the silence that ends a turn
+        assert not _ended(await d.push(None))
+    assert d.detector.end_turn_if_due(d.detector.pause, d.at) is None
+    assert d.detector.in_utterance
+    # Scored again, the silence ends the turn as it would have.
+    assert any([_ended(await d.push(0.0)) for _ in range(math.ceil(3000 / WINDOW_MS))])

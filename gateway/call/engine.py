@@ -26,7 +26,7 @@ import logging
 import types
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, Generator, Protocol
+from typing import Any, Awaitable, Callable, Coroutine, Generator, Protocol, Sequence
 
 from intents.embedder import normalize_text
 from intents.types import Action, RouteDecision
@@ -548,11 +548,12 @@ class Call:
             block = self._windows()
             if not block:
                 continue
+            probs: Sequence[float | None]
             try:
                 probs = await self._deps.vad.score(self._turns.vad_state, pcm16_windows(block))
-            except Exception as exc:  # this chunk is lost, the call goes on
+            except Exception as exc:  # fail open: the windows go on unscored, the call goes on
                 await self._report("vad_failed", f"voice activity detection failed: {exc}")
-                continue
+                probs = [None] * (len(block) // WINDOW_BYTES)
             for index, prob in enumerate(probs):
                 window = block[index * WINDOW_BYTES:(index + 1) * WINDOW_BYTES]
                 speaking = self.speaking

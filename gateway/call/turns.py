@@ -135,7 +135,7 @@ class TurnDetector:
         self.in_utterance = False
         self._speech_start_at = 0.0
         self._speech_end_at = 0.0
-        self._scored_at = 0.0  # arrival of the newest window the segmenter has counted
+        self._scored_at = 0.0  # arrival of the newest window pushed (scored or not)
         self._paused = False  # SpeechPaused was signalled for the current pause
         self._noted: dict[str, float] = {}  # when each signal of this pause arrived
         self.pause = 0  # number of the current (or last) pause
@@ -150,8 +150,14 @@ class TurnDetector:
             None if not slowly else
             float(s.continuation_min_speech_ms if continuing else s.barge_in_min_speech_ms))
 
-    async def push(self, window: bytes, prob: float, at: float) -> list[TurnSignal]:
-        """One 32 ms window at 16 kHz with its speech probability, arrived at ``at``."""
+    async def push(self, window: bytes, prob: float | None, at: float) -> list[TurnSignal]:
+        """One 32 ms window at 16 kHz with its speech probability, arrived at ``at``.
+
+        ``prob`` None: the VAD failed to score it. The window still goes where any window
+        goes (to the recogniser mid-utterance, else the pre-roll), so no caller audio is
+        lost, and the segmenter holds still: a window of unknown voice neither confirms
+        speech (no barge-in) nor counts as silence (no turn end, here or in
+        ``end_turn_if_due``)."""
         signals: list[TurnSignal] = []
         self._windows += 1
         if self.in_utterance:
@@ -163,7 +169,9 @@ class TurnDetector:
         self._segmenter.end_silence_ms = self.policy.required_silence_ms()
         self._scored_at = at
         silence_before_ms = self._segmenter.silence_ms  # the pause this window may end
-        for event in self._segmenter.push(prob):
+        # Unscored: the segmenter holds (no event), its silence and voiced time unchanged.
+        events = self._segmenter.push(prob) if prob is not None else []
+        for event in events:
             if event is SegmentEvent.CANDIDATE:
                 self._candidate_from = self._windows
             elif event is SegmentEvent.SPEECH_START:
@@ -247,8 +255,9 @@ class TurnDetector:
         up to a window (32 ms) plus the VAD's batching later, for nothing: a cached
         question's turn waits for its early route, which usually comes after the short
         silence has passed. The silence counts the windows scored and the time since the
-        newest of them arrived (audio not scored yet is taken as still quiet: speech in
-        it opens the next turn, as any speech just after a turn's end does)."""
+        newest window arrived (one the VAD failed to score is no silence; audio not scored
+        yet is taken as still quiet: speech in it opens the next turn, as any speech just
+        after a turn's end does)."""
         if not (self.in_utterance and self._paused and pause == self.pause):
             return None
         unscored_ms = max(0.0, at - self._scored_at) * 1000
