@@ -72,8 +72,9 @@ def _serve(args: argparse.Namespace) -> int:
             if services.fatal_error else 0)
     if loads_under_way():
         # Stopped while its models or a cache version load (minutes for a re-embedded
-        # FAQ): the interpreter's teardown would wait for that thread or kill it inside a
-        # model's native code (abort, segfault). Exit now, after the exit handlers (the
+        # FAQ), or while a cancelled admin seed still renders or calibrates: the
+        # interpreter's teardown would wait for that thread or kill it inside a model's
+        # native code (abort, segfault). Exit now, after the exit handlers (the
         # traces' last export, the logs' flush).
         atexit._run_exitfuncs()
         sys.stdout.flush()

@@ -11,7 +11,7 @@ import contextvars
 import logging
 import threading
 from functools import partial
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import redis.asyncio as aioredis
 from starlette.requests import Request
@@ -60,17 +60,19 @@ _LOADING: set[threading.Thread] = set()  # _off_loop's threads still running
 
 
 def loads_under_way() -> bool:
-    """A load (``_off_loop``) still runs: the process must end without the interpreter's
-    teardown (gateway/cli.py ``serve``), which would kill its thread inside a model's
-    native code (an abort, a segfault) or wait for it."""
+    """A load (``_off_loop``) still runs, or an admin seed's step (gateway/admin/publish.py):
+    the process must end without the interpreter's teardown (gateway/cli.py ``serve``),
+    which would kill its thread inside a model's native code (an abort, a segfault) or wait
+    for it."""
     return any(thread.is_alive() for thread in list(_LOADING))
 
 
 async def _off_loop(work: Callable[..., T], *args: Any) -> T:
     """``work(*args)`` on a daemon thread of its own, awaited (as ``asyncio.to_thread``).
 
-    For the loads a shutdown must not wait for: the models (``Runtime.load``) and a cache
-    version (``FaqCache.refresh``: minutes when it is re-embedded). On asyncio's default
+    For the loads a shutdown must not wait for: the models (``Runtime.load``), a cache
+    version (``FaqCache.refresh``: minutes when it is re-embedded) and an admin seed's steps
+    (its rendering and calibration: minutes, gateway/admin/publish.py). On asyncio's default
     executor, ``asyncio.run`` (uvicorn's run) waits for such a thread at its end, and the
     interpreter joins executor threads at exit: a replica stopped while it loads stayed up
     until the load was done (as a container's PID 1 the re-raised SIGTERM is ignored, and a
@@ -165,6 +167,8 @@ class Services:
         # The admin API's seed lock (gateway/admin/publish.py), once it has one: a drain
         # waits for a seed under way as for a call, not cancel it 5 s after a drain of no call.
         self.seed_lock: asyncio.Lock | None = None
+        # Its ``Publisher.shut_down``: the shutdown cancels the seed still under way.
+        self.stop_seed: Callable[[float], Awaitable[None]] | None = None
 
     @property
     def ready(self) -> bool:
@@ -290,6 +294,14 @@ class Services:
         if left or self.admission.active:
             logs.event(log, "calls_unfinished_at_shutdown", logging.WARNING,
                        recordings=left, calls=self.admission.active)
+
+    async def _stop_seed(self) -> None:
+        """An admin seed still under way (the drain waited for it up to its timeout) is
+        cancelled, and gets as long as the calls cut short to end; a seed whose thread does
+        not end in that time is left to the process's exit (``_off_loop``, gateway/cli.py
+        ``serve``): nothing is half-published, the store's publish moves its pointer last."""
+        if self.stop_seed is not None:
+            await self.stop_seed(SHUTDOWN_CLOSE_S)
 
     def open_store(self) -> Store:
         return open_store(self.settings)
@@ -441,7 +453,7 @@ class Services:
         return snapshot
 
     async def aclose(self) -> None:
-        await self._let_cut_calls_close()
+        await asyncio.gather(self._let_cut_calls_close(), self._stop_seed())
         for task in (self._load_task, self._watch_task, *self._redis_tasks):
             if task is not None:
                 task.cancel()

@@ -476,3 +476,86 @@ def test_a_replica_stopped_while_it_loads_exits_without_waiting_for_the_load(
     finally:
         release.set()
         runner.join(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------
+# gateway/admin/publish.py: a shutdown waits for an admin seed's worker thread.
+
+def test_a_replica_shut_down_during_an_admin_seed_cancels_it_and_exits_without_its_thread(
+        monkeypatch, caplog, tmp_path: Path) -> None:
+    """Review (stop 65): an admin seed (POST /admin/seed) runs on asyncio's default executor.
+    A SIGTERM meanwhile drains (the drain waits for the seed up to drain_timeout_s), then
+    uvicorn cancels the request, which asks the seed to stop before its next answer; but an
+    answer rendering or a calibration under way goes on (minutes), and ``asyncio.run``'s
+    teardown, then the interpreter's exit, wait for that non-daemon thread: the replica
+    outlives the drain's bounds until the orchestrator SIGKILLs it. Wanted: the shutdown
+    cancels the seed itself, logs that it did (the operator seeds again), and the serving loop
+    ends without the seed's thread, which `serve` then leaves to ``os._exit``
+    (``loads_under_way``); the thread, once it stops, has published nothing."""
+    import logging
+    import threading
+
+    import gateway.admin.publish
+    from gateway.admin.publish import Publisher
+    from intents.store import LocalStore
+    from tests.admin_support import GatedVoice, small_faq_csv
+
+    monkeypatch.setattr(gateway.services, "SHUTDOWN_CLOSE_S", 0.2)  # the seed never ends in it
+    caplog.set_level(logging.INFO, logger="voicegate")
+    voice = GatedVoice()  # its first answer renders until the test lets it go
+    runtime = fake_runtime()
+    runtime.tts = voice
+    store = LocalStore(tmp_path / "store")
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(tmp_path),
+                              "gc_full_interval_s": 0}, environ={})
+    seen: dict[str, Any] = {}
+    seeding = gateway.admin.publish.seed_plan_with_voice
+
+    def seed_thread(*args: Any) -> Any:
+        seen["thread"] = threading.current_thread()
+        return seeding(*args)
+
+    monkeypatch.setattr(gateway.admin.publish, "seed_plan_with_voice", seed_thread)
+
+    async def serve_then_shut_down() -> None:
+        services = Services(settings, runtime)  # type: ignore[arg-type]
+        services._runtime = runtime  # type: ignore[assignment]  # as loaded
+        services.cache = SimpleNamespace(store=store, loaded=None)  # type: ignore[assignment]
+        publisher = Publisher(services)
+        request = asyncio.create_task(publisher.seed_csv(small_faq_csv().encode(), "faq.csv"))
+        await poll(voice.rendering.is_set, "the seed to render its first answer")
+        request.cancel()  # uvicorn, past the drain and its grace
+        await services.aclose()  # the lifespan's shutdown
+        seen["cancelling"] = publisher.status.snapshot().get("cancelling")
+
+    loop_ended = threading.Event()
+
+    def serving_loop() -> None:
+        asyncio.run(serve_then_shut_down())  # as uvicorn's run: its teardown included
+        loop_ended.set()
+
+    runner = threading.Thread(target=serving_loop, daemon=True)
+    runner.start()
+    try:
+        # A bound only so that a regression fails instead of hanging (the render never ends).
+        assert loop_ended.wait(timeout=30), (
+            "the replica was shut down while an admin seed rendered, yet its event loop does "
+            "not end until the seed's thread does: the process outlives the drain's bounds")
+        assert seen["thread"].is_alive() and gateway.services.loads_under_way(), (
+            "the seed's thread still runs: `serve` must end the process without waiting "
+            "for it (os._exit)")
+        assert seen["cancelling"] is True, "the shutdown did not cancel the seed"
+        logged = [r for r in caplog.records if r.getMessage() == "seed_cancelled_at_shutdown"]
+        assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+        fields = logged[0].fields  # type: ignore[attr-defined]
+        assert (fields["kind"], fields["source"], fields["ended"]) == ("upload", "faq.csv",
+                                                                       False), fields
+        assert "seed again" in fields["detail"], fields
+    finally:
+        voice.release.set()
+        runner.join(timeout=30)
+    # The answer under way finishes; the cancel stops the seed before the next: nothing
+    # published, the store holds no version.
+    seen["thread"].join(timeout=30)
+    assert not seen["thread"].is_alive()
+    assert len(voice.texts) == 1 and store.current_version() is None

@@ -9,7 +9,9 @@ thread; one seed at a time per process (an ``asyncio.Lock``), and the cache is
 refreshed at once so the new version serves without waiting for the poll. The seed
 under way can be cancelled (``Publisher.cancel``, DELETE /admin/seed): it stops before
 its next answer, or before publishing, and publishes nothing; its phase and counts, then its
-outcome, are kept for GET /admin/seed (``SeedStatus``). An entry
+outcome, are kept for GET /admin/seed (``SeedStatus``). A shutdown cancels the seed under
+way (``Publisher.shut_down``); its steps run on daemon threads (``_off_loop``) that the
+process's exit does not wait for. An entry
 edit publishes only over the version it was built from: another replica's admin API
 may have published meanwhile (one Redis behind a balancer), and a silent last-writer-
 wins would drop that change, so the store refuses it (``StoreConflict``, a 409). An edit
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
@@ -35,10 +38,12 @@ from cache_seed.validate import bad_intent_characters
 from intents.store import ANY_VERSION, AnyVersion, StoreError, StoreUnavailable
 from intents.types import DEFAULT_TARGET_WRONG_RATE, entry_id_for
 
+from .. import logs
 from ..seeding import seed_plan_with_voice
-from ..services import Services
+from ..services import Services, _off_loop
 from .seed_status import CANCELLED, DELETE, ENTRY, FAILED, PUBLISHED, UPLOAD, SeedStatus
 
+log = logging.getLogger("voicegate.admin")
 T = TypeVar("T")
 E = TypeVar("E")  # an entry, as find_entry reads it
 
@@ -103,6 +108,7 @@ class Publisher:
         self.services = services
         self.lock = asyncio.Lock()
         services.seed_lock = self.lock  # a drain waits for the seed under way
+        services.stop_seed = self.shut_down  # a shutdown cancels it
         self._cancel: threading.Event | None = None  # the running seed's, while it runs
         self._progress: ProgressCallback | None = None  # the same
         self.status = SeedStatus()
@@ -115,6 +121,35 @@ class Publisher:
             return False
         self._cancel.set()
         return True
+
+    async def shut_down(self, timeout_s: float) -> None:
+        """The replica shuts down (``Services.aclose``) with a seed still under way, past the
+        drain that waited for it: cancel it (as DELETE /admin/seed does) and wait up to
+        ``timeout_s`` for it to end. An answer rendering or a calibration may take minutes
+        more: its thread (``_off_loop``) is left to the process's exit, and a publish it had
+        begun is whole or absent (the store moves its pointer last). Logged for the operator
+        (``seed_cancelled_at_shutdown``), who runs the seed again."""
+        if not self.lock.locked():
+            return
+        run = self.status.snapshot()
+        self.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.lock.locked() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        last = None if self.lock.locked() else self.status.snapshot()["last"]
+        published = last["version"] if last is not None else self.published_under_way
+        if published is not None:  # published before the cancel: nothing to run again
+            logs.event(log, "seed_published_at_shutdown", kind=run.get("kind"),
+                       source=run.get("source"), version=published)
+            return
+        logs.event(log, "seed_cancelled_at_shutdown", logging.WARNING, kind=run.get("kind"),
+                   source=run.get("source"), phase=(last or run).get("phase"),
+                   ended=last is not None, error=last["error"] if last else None,
+                   detail="the replica shut down during this seed: nothing was published"
+                          + ("" if last else " (unless its publish had begun: the store's "
+                             "current version is then this seed's, whole)")
+                          + ", the previous version keeps serving; seed again")
 
     @property
     def published_under_way(self) -> str | None:
@@ -226,14 +261,14 @@ class Publisher:
         assert cache is not None
         self.status.named(source)
         # The voice renders on this (the serving) loop, from the seeding thread.
-        report = await asyncio.to_thread(seed_plan_with_voice, plan, cache.store, runtime.tts,
-                                         runtime.embedder, source, target_wrong_rate,
-                                         asyncio.get_running_loop(),
-                                         tuple(negatives), replaces,
-                                         services.settings.seed_max_new_answers, self._cancel,
-                                         self._progress)
+        report = await _off_loop(seed_plan_with_voice, plan, cache.store, runtime.tts,
+                                 runtime.embedder, source, target_wrong_rate,
+                                 asyncio.get_running_loop(),
+                                 tuple(negatives), replaces,
+                                 services.settings.seed_max_new_answers, self._cancel,
+                                 self._progress)
         self.status.published(report.version)
-        await asyncio.to_thread(cache.refresh)
+        await _off_loop(cache.refresh)
         # Ours failed to load here. Not another version's failure (a newer publish from
         # another replica that does not load here is no failure of this one), nor the store
         # unreachable for the refresh (the poll loads ours when it answers again).
@@ -254,8 +289,8 @@ class Publisher:
 
     async def _seed_csv(self, data: bytes, source: str,
                         target_wrong_rate: float | None) -> SeedReport:
-        plan = await asyncio.to_thread(parse_seed_csv, data, source)
-        target, negatives = await asyncio.to_thread(self._upload_defaults)
+        plan = await _off_loop(parse_seed_csv, data, source)
+        target, negatives = await _off_loop(self._upload_defaults)
         if target_wrong_rate is None:
             target_wrong_rate = target
         return await self._publish(plan, source, target_wrong_rate, negatives)
@@ -302,7 +337,7 @@ class Publisher:
 
     async def _upsert_entry(self, entry_id: str, answer: Any, action: Any, questions: Any,
                             create_only: bool) -> tuple[SeedReport, str, bool]:
-        base, manifest = await asyncio.to_thread(self._edit_base)
+        base, manifest = await _off_loop(self._edit_base)
         existing = _find_entry(manifest, entry_id)
         if existing is not None and create_only:
             raise EntryExists(f"entry {entry_id!r} already exists; choose a new id (or "
@@ -326,7 +361,7 @@ class Publisher:
         rows = changed + kept
         labels = [RowLabel(entry_id, r["question"], True) for r in changed] + \
                  [RowLabel(r["intent"], r["question"], False) for r in kept]
-        plan = await asyncio.to_thread(_parse_labelled, rows, labels, f"entry {entry_id}")
+        plan = await _off_loop(_parse_labelled, rows, labels, f"entry {entry_id}")
         report = await self._publish(plan, f"admin: entry {entry_id}",
                                      self._target_wrong_rate(manifest),
                                      manifest.get("negatives") or (), base)
@@ -337,7 +372,7 @@ class Publisher:
                                 functools.partial(self._delete_entry, entry_id))
 
     async def _delete_entry(self, entry_id: str) -> SeedReport:
-        base, manifest = await asyncio.to_thread(self._edit_base)
+        base, manifest = await _off_loop(self._edit_base)
         existing = _find_entry(manifest, entry_id)
         if existing is None:
             raise EntryNotFound(entry_id)
@@ -349,8 +384,7 @@ class Publisher:
                 "reason": f"{entry_id!r} is the only entry: a version keeps at least one; "
                           "publish a new seed (POST /admin/seed) to replace it"}])
         labels = [RowLabel(r["intent"], r["question"], False) for r in kept]
-        plan = await asyncio.to_thread(_parse_labelled, kept, labels,
-                                       f"without entry {entry_id}")
+        plan = await _off_loop(_parse_labelled, kept, labels, f"without entry {entry_id}")
         return await self._publish(plan, f"admin: delete {entry_id}",
                                    self._target_wrong_rate(manifest),
                                    manifest.get("negatives") or (), base)
