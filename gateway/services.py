@@ -56,18 +56,18 @@ SHUTDOWN_CLOSE_S = 10.0
 
 
 T = TypeVar("T")
-_LOADING: set[threading.Thread] = set()  # _off_loop's threads still running
+_LOADING: set[threading.Thread] = set()  # off_loop's threads still running
 
 
 def loads_under_way() -> bool:
-    """A load (``_off_loop``) still runs, or an admin seed's step (gateway/admin/publish.py):
+    """A load (``off_loop``) still runs, or an admin seed's step (gateway/admin/publish.py):
     the process must end without the interpreter's teardown (gateway/cli.py ``serve``),
     which would kill its thread inside a model's native code (an abort, a segfault) or wait
     for it."""
     return any(thread.is_alive() for thread in list(_LOADING))
 
 
-async def _off_loop(work: Callable[..., T], *args: Any) -> T:
+async def off_loop(work: Callable[..., T], *args: Any) -> T:
     """``work(*args)`` on a daemon thread of its own, awaited (as ``asyncio.to_thread``).
 
     For the loads a shutdown must not wait for: the models (``Runtime.load``), a cache
@@ -202,7 +202,7 @@ class Services:
     async def _load(self, runtime: Runtime | None) -> None:
         try:
             if runtime is None:
-                runtime = await _off_loop(Runtime.load, self.settings, self.stats)
+                runtime = await off_loop(Runtime.load, self.settings, self.stats)
         except Exception as exc:
             # Not retried: loading the models reaches no network, so what failed (a file,
             # a setting, a package) fails again. Kept up, the replica would answer
@@ -231,7 +231,7 @@ class Services:
                         asyncio.get_running_loop(), runtime.stats, "cache_cleanup_failed")
                     cache.on_loaded = _entries_published_on(asyncio.get_running_loop(),
                                                             runtime.stats)
-                await _off_loop(cache.refresh)
+                await off_loop(cache.refresh)
                 if cache.store_unanswered:  # refresh keeps its failure; ready means read
                     raise StoreUnavailable(cache.last_error or "the store did not answer")
                 break
@@ -298,7 +298,7 @@ class Services:
     async def _stop_seed(self) -> None:
         """An admin seed still under way (the drain waited for it up to its timeout) is
         cancelled, and gets as long as the calls cut short to end; a seed whose thread does
-        not end in that time is left to the process's exit (``_off_loop``, gateway/cli.py
+        not end in that time is left to the process's exit (``off_loop``, gateway/cli.py
         ``serve``): nothing is half-published, the store's publish moves its pointer last."""
         if self.stop_seed is not None:
             await self.stop_seed(SHUTDOWN_CLOSE_S)
@@ -329,7 +329,7 @@ class Services:
 
     async def _refresh(self, cache: FaqCache) -> None:
         try:
-            await _off_loop(cache.refresh)
+            await off_loop(cache.refresh)
         except Exception:  # a bad version must not stop the watcher
             log.exception("cache_refresh_failed")
 

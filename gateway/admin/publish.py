@@ -10,7 +10,7 @@ refreshed at once so the new version serves without waiting for the poll. The se
 under way can be cancelled (``Publisher.cancel``, DELETE /admin/seed): it stops before
 its next answer, or before publishing, and publishes nothing; its phase and counts, then its
 outcome, are kept for GET /admin/seed (``SeedStatus``). A shutdown cancels the seed under
-way (``Publisher.shut_down``); its steps run on daemon threads (``_off_loop``) that the
+way (``Publisher.shut_down``); its steps run on daemon threads (``off_loop``) that the
 process's exit does not wait for. An entry
 edit publishes only over the version it was built from: another replica's admin API
 may have published meanwhile (one Redis behind a balancer), and a silent last-writer-
@@ -40,7 +40,7 @@ from intents.types import DEFAULT_TARGET_WRONG_RATE, entry_id_for
 
 from .. import logs
 from ..seeding import seed_plan_with_voice
-from ..services import Services, _off_loop
+from ..services import Services, off_loop
 from .seed_status import CANCELLED, DELETE, ENTRY, FAILED, PUBLISHED, UPLOAD, SeedStatus
 
 log = logging.getLogger("voicegate.admin")
@@ -126,7 +126,7 @@ class Publisher:
         """The replica shuts down (``Services.aclose``) with a seed still under way, past the
         drain that waited for it: cancel it (as DELETE /admin/seed does) and wait up to
         ``timeout_s`` for it to end. An answer rendering or a calibration may take minutes
-        more: its thread (``_off_loop``) is left to the process's exit, and a publish it had
+        more: its thread (``off_loop``) is left to the process's exit, and a publish it had
         begun is whole or absent (the store moves its pointer last). Logged for the operator
         (``seed_cancelled_at_shutdown``), who runs the seed again."""
         if not self.lock.locked():
@@ -261,14 +261,14 @@ class Publisher:
         assert cache is not None
         self.status.named(source)
         # The voice renders on this (the serving) loop, from the seeding thread.
-        report = await _off_loop(seed_plan_with_voice, plan, cache.store, runtime.tts,
+        report = await off_loop(seed_plan_with_voice, plan, cache.store, runtime.tts,
                                  runtime.embedder, source, target_wrong_rate,
                                  asyncio.get_running_loop(),
                                  tuple(negatives), replaces,
                                  services.settings.seed_max_new_answers, self._cancel,
                                  self._progress)
         self.status.published(report.version)
-        await _off_loop(cache.refresh)
+        await off_loop(cache.refresh)
         # Ours failed to load here. Not another version's failure (a newer publish from
         # another replica that does not load here is no failure of this one), nor the store
         # unreachable for the refresh (the poll loads ours when it answers again).
@@ -289,8 +289,8 @@ class Publisher:
 
     async def _seed_csv(self, data: bytes, source: str,
                         target_wrong_rate: float | None) -> SeedReport:
-        plan = await _off_loop(parse_seed_csv, data, source)
-        target, negatives = await _off_loop(self._upload_defaults)
+        plan = await off_loop(parse_seed_csv, data, source)
+        target, negatives = await off_loop(self._upload_defaults)
         if target_wrong_rate is None:
             target_wrong_rate = target
         return await self._publish(plan, source, target_wrong_rate, negatives)
@@ -337,7 +337,7 @@ class Publisher:
 
     async def _upsert_entry(self, entry_id: str, answer: Any, action: Any, questions: Any,
                             create_only: bool) -> tuple[SeedReport, str, bool]:
-        base, manifest = await _off_loop(self._edit_base)
+        base, manifest = await off_loop(self._edit_base)
         existing = _find_entry(manifest, entry_id)
         if existing is not None and create_only:
             raise EntryExists(f"entry {entry_id!r} already exists; choose a new id (or "
@@ -361,7 +361,7 @@ class Publisher:
         rows = changed + kept
         labels = [RowLabel(entry_id, r["question"], True) for r in changed] + \
                  [RowLabel(r["intent"], r["question"], False) for r in kept]
-        plan = await _off_loop(_parse_labelled, rows, labels, f"entry {entry_id}")
+        plan = await off_loop(_parse_labelled, rows, labels, f"entry {entry_id}")
         report = await self._publish(plan, f"admin: entry {entry_id}",
                                      self._target_wrong_rate(manifest),
                                      manifest.get("negatives") or (), base)
@@ -372,7 +372,7 @@ class Publisher:
                                 functools.partial(self._delete_entry, entry_id))
 
     async def _delete_entry(self, entry_id: str) -> SeedReport:
-        base, manifest = await _off_loop(self._edit_base)
+        base, manifest = await off_loop(self._edit_base)
         existing = _find_entry(manifest, entry_id)
         if existing is None:
             raise EntryNotFound(entry_id)
@@ -384,7 +384,7 @@ class Publisher:
                 "reason": f"{entry_id!r} is the only entry: a version keeps at least one; "
                           "publish a new seed (POST /admin/seed) to replace it"}])
         labels = [RowLabel(r["intent"], r["question"], False) for r in kept]
-        plan = await _off_loop(_parse_labelled, kept, labels, f"without entry {entry_id}")
+        plan = await off_loop(_parse_labelled, kept, labels, f"without entry {entry_id}")
         return await self._publish(plan, f"admin: delete {entry_id}",
                                    self._target_wrong_rate(manifest),
                                    manifest.get("negatives") or (), base)
