@@ -20,7 +20,7 @@ to about ``target_batch_ms``, so partials never hold a lane for long. A batch
 still takes at least ``min_batch`` texts when that many wait: every forward pass has
 a fixed cost (~15 ms for one MiniLM pass on this 2-core machine, against ~3 ms for
 each further text), and batches of one would pay it for every text. The dynamic int8
-embedder (``onnx-int8-dynamic``, the default on CPUs with exact int8 products) runs its
+embedders (``onnx-int8-dynamic`` and ``-7bit``, the default on every CPU) run their
 texts one by one (intents/onnx_encoder.py): a batch then shares no pass, only the hops
 between the loop and the routing thread, and ``route_gather_cold_finals`` buys nothing.
 

