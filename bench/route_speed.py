@@ -12,14 +12,16 @@ the call loop routes changed partials. Figures per router:
 
 Routers: the shipped bank FAQ (cache_seed/examples/bank_faq.csv, ~230 questions) and
 banking77 train (10k questions, 77 intents) to see the index size matter. Each embedder
-backend in turn, in one run (onnx-int8-dynamic, the default; onnx-int8, blockwise weight-only
-int8; torch: sentence-transformers), with its load time (the int8 exports are cached
+backend in turn, in one run (onnx-int8-dynamic, the default on CPUs with int8 dot products;
+onnx-int8-dynamic-7bit, the default elsewhere; onnx-int8, blockwise weight-only int8;
+torch: sentence-transformers), with its load time (the int8 exports are cached
 beforehand: a server start, not the first); ``--rounds`` repeats the bank FAQ's figures
 with the backends interleaved.
 
 Run (from the repository root):
   .venv/bin/python bench/route_speed.py [--utterances 300] [--threads 1] [--rounds 1]
-                          [--backends onnx-int8-dynamic,onnx-int8,torch] [--no-banking77]
+                          [--backends onnx-int8-dynamic,onnx-int8-dynamic-7bit,onnx-int8,torch]
+                          [--no-banking77]
 Nothing here asserts a timing; it prints figures.
 """
 
@@ -107,7 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="routing time per partial")
     parser.add_argument("--utterances", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1, help="threads per embedding")
-    parser.add_argument("--backends", default="onnx-int8-dynamic,onnx-int8,torch")
+    parser.add_argument("--backends",
+                        default="onnx-int8-dynamic,onnx-int8-dynamic-7bit,onnx-int8,torch")
     parser.add_argument("--rounds", type=int, default=1,
                         help="bank FAQ rounds, the backends in turn in each (a machine's speed "
                              "drifts: interleaved rounds compare them at the same moment)")
