@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 import redis
@@ -426,6 +427,21 @@ async def test_a_drain_waits_for_an_admin_seed_under_way(monkeypatch, tmp_path: 
     assert hooks["held"]() == 0
 
 
+def _serve_on_a_thread(
+        main: Callable[[], Awaitable[None]]) -> tuple[threading.Event, threading.Thread]:
+    """``asyncio.run(main())`` on a daemon thread, as uvicorn's run (its teardown included);
+    the event is set once that loop has ended."""
+    loop_ended = threading.Event()
+
+    def serving_loop() -> None:
+        asyncio.run(main())
+        loop_ended.set()
+
+    runner = threading.Thread(target=serving_loop, daemon=True)
+    runner.start()
+    return loop_ended, runner
+
+
 # ---------------------------------------------------------------------------------------
 # gateway/services.py: a shutdown waits for a model load (or a cache load) under way.
 
@@ -441,7 +457,6 @@ def test_a_replica_stopped_while_it_loads_exits_without_waiting_for_the_load(
     load was done (minutes), and a second SIGTERM, its handler gone, did nothing either:
     only the orchestrator's SIGKILL after `stop_grace_period` (620 s) ended it. Here: the
     serving loop, shut down while a load blocks, must end without that load ending."""
-    import threading
 
     entered, release = threading.Event(), threading.Event()
 
@@ -460,14 +475,7 @@ def test_a_replica_stopped_while_it_loads_exits_without_waiting_for_the_load(
         await poll(entered.is_set, "the model load to start")
         await services.aclose()  # what the lifespan's shutdown does
 
-    loop_ended = threading.Event()
-
-    def serving_loop() -> None:
-        asyncio.run(serve_then_shut_down())  # as uvicorn's run: its teardown included
-        loop_ended.set()
-
-    runner = threading.Thread(target=serving_loop, daemon=True)
-    runner.start()
+    loop_ended, runner = _serve_on_a_thread(serve_then_shut_down)
     try:
         # A bound only so that a regression fails instead of hanging (the load never ends).
         assert loop_ended.wait(timeout=30), (
@@ -493,7 +501,6 @@ def test_a_replica_shut_down_during_an_admin_seed_cancels_it_and_exits_without_i
     ends without the seed's thread, which `serve` then leaves to ``os._exit``
     (``loads_under_way``); the thread, once it stops, has published nothing."""
     import logging
-    import threading
 
     import gateway.admin.publish
     from gateway.admin.publish import Publisher
@@ -528,14 +535,7 @@ def test_a_replica_shut_down_during_an_admin_seed_cancels_it_and_exits_without_i
         await services.aclose()  # the lifespan's shutdown
         seen["cancelling"] = publisher.status.snapshot().get("cancelling")
 
-    loop_ended = threading.Event()
-
-    def serving_loop() -> None:
-        asyncio.run(serve_then_shut_down())  # as uvicorn's run: its teardown included
-        loop_ended.set()
-
-    runner = threading.Thread(target=serving_loop, daemon=True)
-    runner.start()
+    loop_ended, runner = _serve_on_a_thread(serve_then_shut_down)
     try:
         # A bound only so that a regression fails instead of hanging (the render never ends).
         assert loop_ended.wait(timeout=30), (
