@@ -30,9 +30,11 @@ if TYPE_CHECKING:
 # Stages reported per outcome (hit or miss), as named in turn_metrics.
 LATENCY_STAGES = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "first_audio_ms",
                   "reply_latency_ms")
-# Stages that measure the silence a caller hears after speaking: a typed turn marks its speech
-# end and end of turn at the moment it arrives (0 and its first_audio_ms), so it is kept out.
-SPOKEN_STAGES = ("end_of_turn_ms", "reply_latency_ms")
+# Stages measured from the end of the caller's speech (TurnTimeline.metrics), spoken turns'
+# only: a typed turn marks its speech end and end of turn at the moment it arrives, so its
+# figures lack the end-of-turn wait a spoken turn's include (its end_of_turn_ms 0, its
+# reply_latency_ms its first_audio_ms). first_audio_ms, from the end of turn, is every one's.
+FROM_SPEECH_END = ("end_of_turn_ms", "route_decided_ms", "first_token_ms", "reply_latency_ms")
 RECENT_WINDOW_S = 300.0
 SERIES_MINUTES = 60  # per-minute hits/misses kept for the dashboard's chart
 MISSED_KEPT = 2000  # most recent missed questions kept for /admin/misses
@@ -410,7 +412,7 @@ class Stats:
                            route_score: float | None, answer: str | None,
                            call_id: str | None) -> None:
         """A question's turn: a hit or a miss, with its latencies (a typed one's without
-        ``SPOKEN_STAGES``: nobody waited through a silence for it)."""
+        ``FROM_SPEECH_END``: it has no speech end, nor a wait for its end of turn)."""
         outcome = outcome_of(metrics)
         self.turns += 1
         self.outcomes[outcome] += 1
@@ -438,7 +440,7 @@ class Stats:
         per_outcome = self.latencies.setdefault(outcome, {})
         typed = metrics.get("input") == "text"
         for stage in LATENCY_STAGES:
-            if typed and stage in SPOKEN_STAGES:
+            if typed and stage in FROM_SPEECH_END:
                 continue
             value = metrics.get(stage)
             if value is not None:

@@ -14,7 +14,8 @@ from cache_seed import SeedValidationError, parse_seed_rows, rows_from_manifest
 from gateway.admin.misses import QUESTIONS_PER_GROUP, group_misses, is_agent_intent
 from gateway.app import create_app
 from gateway.settings import Settings
-from gateway.stats import MissedQuestion, Stats, answer_mark
+from gateway.stats import FROM_SPEECH_END, LATENCY_STAGES, MissedQuestion, Stats, answer_mark
+from gateway.timeline import TurnTimeline
 from intents.embedder import normalize_text
 from intents.types import entry_id_for
 
@@ -65,7 +66,7 @@ def test_a_typed_turn_is_not_in_the_silence_a_caller_hears():
     hit = snap["latency_ms"]["hit"]
     assert hit["end_of_turn"] == {"p50": 300.0, "p99": 300.0, "n": 1}
     assert hit["reply_latency"] == {"p50": 305.0, "p99": 305.0, "n": 1}
-    assert hit["first_audio"]["n"] == 4 and hit["route_decided"]["n"] == 4
+    assert hit["first_audio"]["n"] == 4 and hit["route_decided"]["n"] == 1  # stop 65
     registry = stats.prometheus.registry
 
     def observed(stage: str) -> float | None:
@@ -73,7 +74,53 @@ def test_a_typed_turn_is_not_in_the_silence_a_caller_hears():
                                          {"stage": stage, "outcome": "hit"})
 
     assert (observed("end_of_turn"), observed("reply_latency")) == (1.0, 1.0)
-    assert (observed("first_audio"), observed("route_decided")) == (4.0, 4.0)
+    assert (observed("first_audio"), observed("route_decided")) == (4.0, 1.0)
+
+
+def test_a_typed_turn_is_in_no_stage_measured_from_speech_end():
+    """Review (stop 65): stop 64 took typed turns (native `text`) out of `end_of_turn` and
+    `reply_latency`, but left them in `route_decided` and `first_token`, which are measured
+    from speech end too (`TurnTimeline.metrics`): a spoken turn's include the end-of-turn
+    wait, a typed turn's (speech end stamped as it arrives) do not, so the /admin/stats
+    percentiles and `voicegate_stage_seconds` histograms of those stages mixed two clocks
+    and a chat channel pulled a phone line's figures down. Every stage measured from speech
+    end is spoken turns' only; `first_audio` (from the end of turn, the same for both) keeps
+    every question, and the per-turn `turn_metrics` are unchanged."""
+    # The stages left out are exactly those the timeline measures from speech end.
+    tl = TurnTimeline(1)
+    for offset, stage in enumerate(("speech_end", "end_of_turn", "route_decided",
+                                    "first_token", "first_audio")):
+        tl.mark(stage, 10.0 + offset)
+    moved = TurnTimeline(1, marks=dict(tl.marks, speech_end=9.0))
+    from_speech_end = {stage for stage in LATENCY_STAGES
+                       if tl.metrics()[stage] != moved.metrics()[stage]}
+    assert from_speech_end == set(FROM_SPEECH_END) == {
+        "end_of_turn_ms", "route_decided_ms", "first_token_ms", "reply_latency_ms"}
+
+    stats = Stats()
+    stats.turn_finished({"source": "llm", "input": "audio", "end_of_turn_ms": 900.0,
+                         "route_decided_ms": 905.0, "first_token_ms": 1400.0,
+                         "first_audio_ms": 600.0, "reply_latency_ms": 1500.0}, "do you lend")
+    for _ in range(3):
+        stats.turn_finished({"source": "llm", "input": "text", "end_of_turn_ms": 0.0,
+                             "route_decided_ms": 5.0, "first_token_ms": 500.0,
+                             "first_audio_ms": 600.0, "reply_latency_ms": 600.0}, "loans?")
+    snap = stats.snapshot()
+    assert (snap["hits"], snap["misses"], snap["turns"]) == (0, 4, 4)
+    miss = snap["latency_ms"]["miss"]
+    assert miss["route_decided"] == {"p50": 905.0, "p99": 905.0, "n": 1}
+    assert miss["first_token"] == {"p50": 1400.0, "p99": 1400.0, "n": 1}
+    assert miss["end_of_turn"]["n"] == 1 and miss["reply_latency"]["n"] == 1
+    assert miss["first_audio"]["n"] == 4
+    registry = stats.prometheus.registry
+
+    def observed(stage: str) -> float | None:
+        return registry.get_sample_value("voicegate_stage_seconds_count",
+                                         {"stage": stage, "outcome": "miss"})
+
+    assert [observed(stage) for stage in ("end_of_turn", "route_decided", "first_token",
+                                          "reply_latency", "first_audio")] == \
+        [1.0, 1.0, 1.0, 1.0, 4.0]
 
 
 def test_a_hit_count_belongs_to_the_entry_as_published():

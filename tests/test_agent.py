@@ -1844,5 +1844,6 @@ async def test_first_token_ms_is_the_models_first_token_not_its_first_whole_sent
     assert metrics["first_token_ms"] == pytest.approx(200, abs=25), (
         f"the model's first token came 200 ms in, first_token_ms says "
         f"{metrics['first_token_ms']} ms (its first whole {writes} came at 1000 ms)")
-    [sample] = h.stats.latencies["miss"]["first_token_ms"]
-    assert sample == metrics["first_token_ms"]
+    # A typed turn's is in no aggregate measured from speech end (stop 65: it has no
+    # end-of-turn wait); tests/test_admin_units.py has a spoken turn's in them.
+    assert "first_token_ms" not in h.stats.latencies["miss"]
