@@ -683,3 +683,73 @@ def test_recordings_are_readable_by_the_gateways_user_only(tmp_path):
     with umask(0o022):
         CallRecorder(mine, "CA0124", 8000, "pcm16", ManualClock()).write()
     assert stat.S_IMODE(mine.stat().st_mode) == 0o750
+
+
+async def _chat_call(directory, *, spill: bool, knocks_after_s: float | None = None):
+    """A chat call: a text turn every 3 s for two minutes and no caller audio (with
+    ``knocks_after_s``, a knock every second from then on). ``spill=False`` keeps the whole
+    recording in memory to the end: what the file was before blocks went out mid-call. The
+    clock moves without a frame fed (``h.wait`` feeds silence, as a phone line does)."""
+    if not spill:
+        # A caller frame's spill is all that wrote a block before.
+        original = CallRecorder.take_settled
+        CallRecorder.take_settled = lambda recorder: None  # type: ignore[method-assign]
+    try:
+        h = CallHarness(settings={"record_dir": str(directory), "idle_prompt_s": 0})
+        h.llm.reply = "Our branches open at nine."  # 500 ms of speech
+        await h.start()
+        held = []
+        for second in range(120):
+            if second % 3 == 0:
+                await h.text(f"question {second}")
+            if knocks_after_s is not None and second >= knocks_after_s:
+                await h.feed(tone(40, NOISE))
+                await h.clock.advance(0.96)
+            else:
+                await h.clock.advance(1.0)
+            await spilled(h)
+            held.append(h.call._recorder.held_bytes)
+        parts = [channels(part) for part in directory.glob("*.wav.part")]
+        await h.stop()
+    finally:
+        if not spill:
+            CallRecorder.take_settled = original  # type: ignore[method-assign]
+    (wav,) = directory.glob("*.wav")
+    return h, held, parts, wav
+
+
+async def test_a_text_only_call_writes_its_bots_audio_as_it_goes(tmp_path):
+    """Review (stop 65): a call whose caller only types (native `text` turns, no caller
+    audio) still records the bot's replies, but held them all in memory to the call's end:
+    blocks were taken only as caller audio arrived, and no more than the caller's channel
+    had settled, which a call with no caller audio never has. Two minutes of chat held the
+    whole two minutes (a chat call of hours, ~115 MB an hour at 16 kHz, without a cap), and
+    a process that died lost it. The caller's silence is now final once they have sent no
+    audio for a while, and the bot's frames take settled blocks out too: the call holds
+    seconds, its `.wav.part` grows as it goes, and the file is the one it was."""
+    h, held, parts, wav = await _chat_call(tmp_path / "spilled", spill=True)
+    assert len(h.output.of("response")) == 40 and len(h.output.frames) >= 40 * 25
+    assert max(held) <= 2 * (SPILL_S + GAP_SETTLES_S) * RATE * 2, max(held)
+    (part,) = parts  # on disk mid-call: a process that dies now keeps the call so far
+    assert len(part[1]) >= 90 * RATE and np.count_nonzero(part[1]) >= 30 * RATE // 2
+    caller, bot = channels(wav)
+    assert not caller.any()
+    assert np.array_equal(bot[:len(part[1])], part[1])
+    # The same call recorded whole in memory, as before: the same file, sample for sample.
+    _, held_before, _, wav_before = await _chat_call(tmp_path / "whole", spill=False)
+    assert max(held_before) > 100 * RATE * 2  # (what the review saw)
+    assert np.array_equal(np.stack(channels(wav)), np.stack(channels(wav_before)))
+    assert len(stretches(bot)) == 40
+
+
+async def test_a_chat_call_that_later_sends_audio_records_both_channels_aligned(tmp_path):
+    """Review (stop 65): once the caller's silence counts as final, audio they send later
+    (a chat that turns to voice) still lands where it was sent, and the file is the one
+    recorded whole in memory."""
+    h, held, _, wav = await _chat_call(tmp_path / "spilled", spill=True, knocks_after_s=60)
+    assert max(held) <= 2 * (SPILL_S + GAP_SETTLES_S) * RATE * 2, max(held)
+    caller, bot = channels(wav)
+    knocks = stretches(caller)
+    assert len(knocks) == 60 and all(end - first == RATE * 40 // 1000 for first, end in knocks)
+    _, _, _, wav_before = await _chat_call(tmp_path / "whole", spill=False, knocks_after_s=60)
+    assert np.array_equal(np.stack(channels(wav)), np.stack(channels(wav_before)))

@@ -171,7 +171,8 @@ class Call:
         if settings.record_dir:
             self._recorder = CallRecorder(settings.record_dir, self.id, sample_rate,
                                           output.encoding, deps.clock)
-            output = RecordedOutput(output, self._recorder)  # type: ignore[assignment]
+            output = RecordedOutput(output, self._recorder,  # type: ignore[assignment]
+                                    self._spill_recording)
         self._spill: asyncio.Future[None] | None = None  # a block of it being written
         self._spill_at = 0.0  # when that block was handed to its thread
         self._out = output
@@ -465,9 +466,17 @@ class Call:
         logs.event(log, "loop_stopped", logging.ERROR, loop=name, restarts=LOOP_RESTARTS)
 
     def _record(self, recorder: CallRecorder, pcm16: bytes) -> None:
-        """The caller's audio into the recording, and every few seconds what has settled
-        out to its file on a worker thread (one block at a time: they go in order)."""
+        """The caller's audio into the recording, then what has settled to its file."""
         recorder.caller_audio(pcm16)
+        self._spill_recording()
+
+    def _spill_recording(self) -> None:
+        """Every few seconds, what of the recording has settled out to its file on a worker
+        thread (one block at a time: they go in order). At every frame of the caller's and
+        of the bot's: a chat call sends none of the caller's."""
+        recorder = self._recorder
+        if recorder is None:
+            return
         if self._spill is None or self._spill.done():
             block = recorder.take_settled()
             if block is not None:

@@ -13,7 +13,10 @@ are the `text` and `reason` of a mapped key's `route`, which name the key.
 
 Written during the call: audio no later frame can change (the caller's before their last
 gap, the bot's before the reply under way) goes to ``<name>.wav.part`` on a worker thread in
-blocks of ``SPILL_S``, so a call holds seconds of audio in memory, not all of it. At the
+blocks of ``SPILL_S``, so a call holds seconds of audio in memory, not all of it. A caller
+who has sent no audio for ``SILENCE_SETTLES_S`` (a chat call's text turns) is silent up to
+then for good, so the bot's audio goes out as the call goes too; silence past both channels'
+audio is written only once audio follows it (a call's file ends where its audio ends). At the
 call's end the rest follows, the part is renamed ``<name>.wav`` (its first free ``-n``,
 claimed then: never a recording another call of the id finished meanwhile) and the JSON
 written. The part's WAV header is brought up to date after every block: a process that
@@ -32,7 +35,7 @@ import time
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -48,6 +51,10 @@ WRITER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vg-record")
 # Caller audio flowing this long since its last gap has caught up with the clock: that gap
 # can no longer shrink (a backlog read late fills it within moments), so it is final.
 GAP_SETTLES_S = 5.0
+# A caller who has sent no audio this long (a chat call's text turns, or audio not begun) is
+# silent up to then for good: audio they send later leaves a gap its backlog fills by about
+# GAP_SETTLES_S at most (then that gap settles); twice that leaves room to spare.
+SILENCE_SETTLES_S = 2 * GAP_SETTLES_S
 # A recording is personal data: its files are the gateway's user's alone (0600), and so is
 # a directory the gateway creates for them (0700); one that exists keeps its mode.
 FILE_MODE = 0o600
@@ -72,7 +79,11 @@ class CallRecorder:
         self._started_at = time.time()
         self._spill_bytes = int(SPILL_S * sample_rate) * 2
         self._gap_settles_bytes = int(GAP_SETTLES_S * sample_rate) * 2
+        self._silence_settles_bytes = int(SILENCE_SETTLES_S * sample_rate) * 2
         self._flushed = 0  # bytes of each channel written to the file
+        # Of those, the last ones that are silence past both channels' audio, not yet in the
+        # file: written before the next block (audio follows), never if the call ends first.
+        self._silence = 0
         # The caller (pcm16 at the call's rate): the audio up to the last gap, that gap's
         # silence (not yet written: it may shrink), and the audio since.
         self._caller = bytearray()
@@ -206,36 +217,53 @@ class CallRecorder:
 
     def _settled(self) -> int:
         """Where the audio no later frame can change ends: the caller's up to their last
-        gap (one settles once ``GAP_SETTLES_S`` of audio followed it), the bot's up to the
-        reply under way (a barge-in cuts only that one; with none, up to now)."""
+        gap (one settles once ``GAP_SETTLES_S`` of audio followed it; with no audio for
+        ``SILENCE_SETTLES_S``, up to then), the bot's up to the reply under way (a barge-in
+        cuts only that one; with none, up to now)."""
         if len(self._since_gap) >= self._gap_settles_bytes:
             self._settle_gap()
         caller = self._flushed + len(self._caller)
+        silent_since = self._now_bytes() - self._silence_settles_bytes
+        if self._caller_bytes() <= silent_since:
+            # No caller audio for a while (a chat call): without this, a call with none kept
+            # the bot's audio in memory to its end. Their last gap is final too (a frame
+            # now starts a new one).
+            self._settle_gap()
+            caller = silent_since
         if self._reply_start is not None:
             bot = self._reply_start
         else:
             bot = max(self._flushed + len(self._bot), self._now_bytes())
         return min(caller, bot)
 
-    def take_settled(self) -> tuple[bytes, bytes] | None:
-        """Settled audio, once there is ``SPILL_S`` of it, out of memory: (caller, bot),
-        equally long; None while there is less. Hand it to ``append`` (a worker thread)."""
+    def take_settled(self) -> tuple[bytes, bytes, int] | None:
+        """Settled audio, once there is ``SPILL_S`` of it, out of memory: (caller, bot,
+        the silence before them), the first two equally long; None while there is less, or
+        when it is all silence past both channels' audio (counted, not held: it goes before
+        the next block). Hand it to ``append`` (a worker thread)."""
         size = self._settled() - self._flushed
         if size < self._spill_bytes:
             return None
-        caller = bytes(self._caller[:size])
+        # Past the channels' audio only silence has settled: the file must not grow by it
+        # unless audio follows (the file ends where its audio ends, as it always did).
+        audio = min(size, max(self._caller_bytes(), self._flushed + len(self._bot))
+                    - self._flushed)
+        caller = bytes(self._caller[:audio]).ljust(audio, b"\0")
         del self._caller[:size]
-        bot = bytes(self._bot[:size])
+        bot = bytes(self._bot[:audio])
         del self._bot[:size]
         self._flushed += size
-        return caller, bot
+        silence, self._silence = (self._silence, 0) if audio else (0, self._silence)
+        self._silence += size - audio
+        return (caller, bot, silence) if audio else None
 
-    def append(self, caller: bytes, bot: bytes) -> None:
+    def append(self, caller: bytes, bot: bytes, silence: int = 0) -> None:
         """Write one block of ``take_settled`` (blocking; one at a time, in order). A write
         that fails ends the recording: its file is deleted, ``write`` raises the error."""
         if self._failed is not None:
             return
         try:
+            self._write_silence(silence)
             self._write_block(caller, bot)
         except Exception as exc:
             self._failed = exc
@@ -253,6 +281,8 @@ class CallRecorder:
         try:
             remaining = max(self._caller_bytes(), self._flushed + len(self._bot)) - self._flushed
             second = self.sample_rate * 2
+            if remaining:  # audio follows the silence settled before it
+                self._write_silence(self._silence)
             # A second at a time: a long call's audio is never copied whole.
             for begin in range(0, remaining, second):
                 end = min(begin + second, remaining)
@@ -302,6 +332,12 @@ class CallRecorder:
         # The wave module brings the header's sizes up to date after every write (the
         # frame count is never set ahead): the part is a whole WAV after each block.
         self._wav.writeframes(stereo.tobytes())
+
+    def _write_silence(self, size: int) -> None:
+        """``size`` bytes of silence on both channels, a second at a time (it may be hours)."""
+        second = self.sample_rate * 2
+        for begin in range(0, size, second):
+            self._write_block(b"", b"", min(second, size - begin))
 
     def _open(self) -> None:
         make_private_dir(self.directory)
@@ -412,9 +448,11 @@ def _claim_name(directory: Path, name: str) -> Path:
 class RecordedOutput:
     """A CallOutput that tells the recorder what it sends, then sends it."""
 
-    def __init__(self, inner: Any, recorder: CallRecorder) -> None:
+    def __init__(self, inner: Any, recorder: CallRecorder,
+                 spill: Callable[[], None] | None = None) -> None:
         self._inner = inner
         self._recorder = recorder
+        self._spill = spill  # settled audio out to the file (the call's, on its thread)
         self.encoding = inner.encoding
 
     async def send_event(self, event: dict[str, Any]) -> None:
@@ -422,6 +460,10 @@ class RecordedOutput:
         await self._inner.send_event(event)
 
     async def send_audio(self, frame: bytes) -> None:
+        if self._spill is not None:
+            # Before the frame: a reply's first one fills the bot channel with silence up
+            # to now, which after a long quiet spell in a chat call would all be held.
+            self._spill()
         self._recorder.bot_audio(frame)
         await self._inner.send_audio(frame)
 
