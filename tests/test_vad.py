@@ -3,8 +3,8 @@ import math
 
 import numpy as np
 
-from gateway.call.turns import (SpeechResumed, SpeechStarted, TurnDetector, TurnEnded,
-                                TurnSettings)
+from gateway.call.turns import (UNSCORED_TURN_END_MS, SpeechResumed, SpeechStarted, TurnDetector,
+                                TurnEnded, TurnSettings)
 from gateway.clock import ManualClock
 from gateway.providers.base import Transcript
 from gateway.vad import WINDOW_BYTES, WINDOW_MS, SegmentEvent, SileroState, SpeechSegmenter
@@ -538,3 +538,28 @@ async def test_windows_the_vad_failed_to_score_neither_start_speech_nor_end_a_tu
     assert d.detector.in_utterance
     # Scored again, the silence ends the turn as it would have.
     assert any([_ended(await d.push(0.0)) for _ in range(math.ceil(3000 / WINDOW_MS))])
+
+
+async def test_a_vad_that_stays_failed_mid_utterance_still_ends_the_turn():
+    """Review (stop 65, second look): unscored windows hold the segmenter still, so a VAD
+    that stays failed (a broken model session) while the caller speaks left the turn open
+    for good: no silence is ever counted, end_turn_if_due never finds enough, and the idle
+    prompt waits while the caller is mid-utterance. The caller heard nothing until
+    max_call_s (4 h by default; never with 0). Wanted: a run of unscored windows that long
+    (``UNSCORED_TURN_END_MS``, far past a turn's longest silence) ends the turn, so the
+    words so far are answered; a short failure (above: 1.3 s) still ends none."""
+    d = _Driver()
+    for prob in [0.9] * 10:
+        await d.push(prob)
+    assert d.detector.in_utterance
+    ended_at = None
+    for n in range(1, math.ceil(60_000 / WINDOW_MS)):  # a minute of a failed VAD
+        if _ended(await d.push(None)):
+            ended_at = n * WINDOW_MS
+            break
+    assert ended_at is not None and UNSCORED_TURN_END_MS <= ended_at \
+        < UNSCORED_TURN_END_MS + WINDOW_MS
+    assert not d.detector.in_utterance
+    # Still failed: no new turn starts (its audio goes to the pre-roll, as before).
+    for _ in range(100):
+        assert await d.push(None) == []

@@ -41,6 +41,11 @@ from .end_of_turn import EndOfTurnPolicy, EndOfTurnSettings
 _PREROLL_MARGIN_MS = 160.0
 # The turn model looks at the last 8 s of the turn; the detector keeps that much.
 TURN_AUDIO_BYTES = 8 * SAMPLE_RATE * 2
+# A run of windows the VAD failed to score this long mid-utterance ends the turn: the VAD
+# is out (a broken model session), and unscored windows never count as silence, so the
+# turn would otherwise stay open, the caller unanswered, until max_call_s. Far past a
+# turn's longest silence and a failed batch or two: a short failure ends no turn.
+UNSCORED_TURN_END_MS = 10_000.0
 
 
 class VadScorer(Protocol):
@@ -136,6 +141,7 @@ class TurnDetector:
         self._speech_start_at = 0.0
         self._speech_end_at = 0.0
         self._scored_at = 0.0  # arrival of the newest window pushed (scored or not)
+        self._unscored_ms = 0.0  # the run of windows the VAD failed to score, up to now
         self._paused = False  # SpeechPaused was signalled for the current pause
         self._noted: dict[str, float] = {}  # when each signal of this pause arrived
         self.pause = 0  # number of the current (or last) pause
@@ -157,7 +163,8 @@ class TurnDetector:
         goes (to the recogniser mid-utterance, else the pre-roll), so no caller audio is
         lost, and the segmenter holds still: a window of unknown voice neither confirms
         speech (no barge-in) nor counts as silence (no turn end, here or in
-        ``end_turn_if_due``)."""
+        ``end_turn_if_due``), up to ``UNSCORED_TURN_END_MS`` of them in a row
+        mid-utterance: the VAD is out, and the turn ends there."""
         signals: list[TurnSignal] = []
         self._windows += 1
         if self.in_utterance:
@@ -171,6 +178,12 @@ class TurnDetector:
         silence_before_ms = self._segmenter.silence_ms  # the pause this window may end
         # Unscored: the segmenter holds (no event), its silence and voiced time unchanged.
         events = self._segmenter.push(prob) if prob is not None else []
+        self._unscored_ms = self._unscored_ms + WINDOW_MS if prob is None else 0.0
+        if self.in_utterance and self._unscored_ms >= UNSCORED_TURN_END_MS:
+            if not self._paused:  # speaking when the VAD failed: their end is unknown
+                self._speech_end_at = at
+            self._segmenter.end_turn()
+            signals.append(self._end_turn(at))
         for event in events:
             if event is SegmentEvent.CANDIDATE:
                 self._candidate_from = self._windows
