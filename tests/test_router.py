@@ -64,7 +64,10 @@ OUT_OF_SCOPE = [
 AGENT_AND_HUMAN = [
     ("how much money is in my savings account right now", "account_balance", Action.LLM),
     ("please move a hundred dollars into my savings", "transfer_money", Action.LLM),
-    ("there are payments on my card that I never made", "fraud", Action.HANDOFF),
+    # Not "there are payments on my card that I never made": its fraud and recent_transactions
+    # are a near tie (0.58), fraud with the blockwise int8 embedder, recent_transactions with
+    # both dynamic ones (stop 65): a test of the kernels' rounding, not of the routing rule.
+    ("someone made payments with my card", "fraud", Action.HANDOFF),
     ("I'd like to speak with a person please", "speak_to_person", Action.HANDOFF),
 ]
 
