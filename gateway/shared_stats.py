@@ -53,7 +53,8 @@ from intents.redis_store import DEFAULT_PREFIX, RedisKeys, cannot_persist, glob_
 
 from . import logs
 from .redis_link import NOT_NOW, RedisHealth, failure_said, honour_cancel
-from .stats import OTHER_INTENT, SERIES_MINUTES, IntentLabels, barged_in, keyed, outcome_of
+from .stats import (OTHER_INTENT, SERIES_MINUTES, IntentLabels, barged_in, intent_label, keyed,
+                    outcome_of)
 
 log = logging.getLogger("voicegate.shared_stats")
 
@@ -91,9 +92,9 @@ _HASHES = ("totals", "intents", "entries", "sources", "errors")
 # A cache version loaded (Stats.entries_published), in the cluster's counters: KEYS[1] the
 # entries hash, KEYS[2] the marks hash, KEYS[3] the version those marks are of, KEYS[4] the
 # store's `current` pointer, KEYS[5] the intents hash; ARGV[1] the version ('' unknown),
-# ARGV[2] how many intent names follow (-1: not known, the intents hash is left as it is),
-# those names (the version's counted by name, and OTHER_INTENT: the intents hash keeps only
-# them), then entry id, answer mark, ... of the version. An id whose mark differs from the one recorded loses its hits; ids the
+# ARGV[2] how many intent labels follow (-1: not known, the intents hash is left as it is),
+# those labels (intent_label of the version's intents counted by name, and OTHER_INTENT: the
+# intents hash keeps only them), then entry id, answer mark, ... of the version. An id whose mark differs from the one recorded loses its hits; ids the
 # version does not hold lose their hits and mark. Idempotent: every replica that loads the
 # version runs it, and only the first changes anything (the others find the marks already
 # in place). Written late (a replica's flush failed while Redis was down, retried after a
@@ -284,7 +285,7 @@ class SharedStats:
         keys = [self._prefix + "stats:entries", self._prefix + "stats:entry_marks",
                 self._prefix + "stats:entry_marks_version", RedisKeys(self._prefix).current,
                 self._prefix + "stats:intents"]
-        named = [] if intents is None else [*intents, OTHER_INTENT]
+        named = [] if intents is None else [*map(intent_label, intents), OTHER_INTENT]
         args = [version, len(named) if intents is not None else -1, *named]
         args += [part for pair in marks.items() for part in pair]
         try:

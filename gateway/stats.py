@@ -41,7 +41,8 @@ MISSED_KEPT = 2000  # most recent missed questions kept for /admin/misses
 # Intent names come from the operator's seed CSV, unbounded in number: only the served cache
 # version's intents (its first MAX_INTENT_SERIES, in seed order) are counted by name in
 # voicegate_intent_turns_total{intent} and the stats' ``intents``; any other (a version's
-# beyond the cap, one a newer version dropped or renamed) counts under OTHER_INTENT.
+# beyond the cap, one a newer version dropped or renamed) counts under OTHER_INTENT. Only the
+# overflow is ever labelled OTHER_INTENT: a real intent so named is escaped (intent_label).
 MAX_INTENT_SERIES = 1000
 OTHER_INTENT = "__other__"
 _BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -67,31 +68,45 @@ def barged_in(metrics: dict[str, Any]) -> bool:
     return bool(metrics.get("interrupted")) and metrics.get("stopped_by") is None
 
 
+def intent_label(intent: str) -> str:
+    """The label of an intent counted by name: its name, except one that reads as
+    ``OTHER_INTENT`` in as many more underscores each side (``__other__``, ``___other___``,
+    ...), which gets one more each side: ``OTHER_INTENT`` is only ever the overflow's label,
+    and no two intents share one."""
+    pad = (len(intent) - len(OTHER_INTENT)) // 2
+    if pad >= 0 and intent == "_" * pad + OTHER_INTENT + "_" * pad:
+        return f"_{intent}_"
+    return intent
+
+
 class IntentLabels:
     """Which intent names are counted by name (Prometheus label, stats field): those of the
     served version (``serve``), its first ``MAX_INTENT_SERIES``; before any version is
-    known, the first ``MAX_INTENT_SERIES`` names seen. Any other is ``OTHER_INTENT``."""
+    known, the first ``MAX_INTENT_SERIES`` names seen. Any other is ``OTHER_INTENT``. A
+    name counted by name is labelled ``intent_label(name)``."""
 
     def __init__(self, limit: int = MAX_INTENT_SERIES) -> None:
         self.limit = limit
         self.served: frozenset[str] | None = None  # None: no version known yet
+        self._served_labels: frozenset[str] = frozenset()
         self._seen: set[str] = set()
 
     def serve(self, intents: Iterable[str]) -> frozenset[str]:
         """A version's intents, in seed order: the names counted from now on."""
         self.served = frozenset(list(dict.fromkeys(map(str, intents)))[:self.limit])
+        self._served_labels = frozenset(map(intent_label, self.served))
         return self.served
 
     def kept(self, label: str) -> bool:
-        """``label`` (a name counted before) is still counted by name."""
-        return label == OTHER_INTENT or self.served is None or label in self.served
+        """``label`` (a label counted before) is still counted."""
+        return label == OTHER_INTENT or self.served is None or label in self._served_labels
 
     def label(self, intent: str) -> str:
         if self.served is not None:
-            return intent if intent in self.served else OTHER_INTENT
+            return intent_label(intent) if intent in self.served else OTHER_INTENT
         if intent in self._seen or len(self._seen) < self.limit:
             self._seen.add(intent)
-            return intent
+            return intent_label(intent)
         return OTHER_INTENT
 
 

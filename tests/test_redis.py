@@ -1473,6 +1473,55 @@ def test_intent_labels_are_bounded_to_the_served_version() -> None:
     assert len(_intent_series(fresh)) == MAX_INTENT_SERIES + 1
 
 
+def test_a_real_intent_named_like_the_overflow_bucket_keeps_a_label_of_its_own() -> None:
+    """Review (stop 65): an operator's seed may name an intent ``__other__`` (seeding takes
+    any printable name), and its turns were counted under OTHER_INTENT, the overflow bucket's
+    label: in voicegate_intent_turns_total, /admin/stats' intents and the cluster's
+    stats:intents hash the real intent and the overflow shared one count, and neither could
+    be told from the other. A real intent never shares the overflow's label: one named
+    ``__other__`` (or ``___other___``, ...) is labelled with one more underscore each side;
+    every other name keeps its label, and the labels stay bounded."""
+    from gateway.stats import OTHER_INTENT
+    assert OTHER_INTENT == "__other__"
+    stats = Stats()
+    stats.entries_published({}, "v1", intents=["balance", "__other__", "___other___"])
+    for name in ("balance", "__other__", "___other___", "not_served"):
+        stats.turn_finished({"source": "llm", "hit": False, "intent": name})
+    expected = {"balance": 1, "___other___": 1, "____other____": 1, OTHER_INTENT: 1}
+    assert stats.snapshot()["intents"] == expected
+    assert _intent_series(stats) == set(expected)
+    stats.entries_published({}, "v2", intents=["balance", "__other__"])  # kept: still served
+    assert stats.snapshot()["intents"] == {"balance": 1, "___other___": 1, OTHER_INTENT: 1}
+    assert _intent_series(stats) == {"balance", "___other___", OTHER_INTENT}
+    fresh = Stats()  # no version known yet: the names seen are escaped the same way
+    fresh.turn_finished({"source": "llm", "hit": False, "intent": "__other__"})
+    assert fresh.snapshot()["intents"] == {"___other___": 1}
+    from gateway.stats import intent_label
+    assert [intent_label(n) for n in ("other", "_other_", "__other___", "x__other__")] == \
+        ["other", "_other_", "__other___", "x__other__"]
+
+    class Recorded:  # the cluster's counters: what the pending increments and the prune name
+        def __init__(self) -> None:
+            self.args: tuple[Any, ...] = ()
+
+        async def eval(self, *args: Any) -> int:
+            self.args = args
+            return 1
+
+    redis_client = Recorded()
+    shared = SharedStats(redis_client, prefix="vgtest:")  # type: ignore[arg-type]
+    shared.entries_published({}, "v1", intents=["balance", "__other__"])
+    for name in ("balance", "__other__", "not_served"):
+        shared.turn_finished({"source": "llm", "hit": False, "intent": name})
+    assert {f for (key, f) in shared._pending if key == "vgtest:stats:intents"} == \
+        {"balance", "___other___", OTHER_INTENT}
+    asyncio.run(shared._flush_marks())
+    _script, key_count, *rest = redis_client.args
+    _version, name_count, *rest = rest[key_count:]
+    kept = rest[:name_count]  # the names the intents hash is pruned to
+    assert sorted(kept) == sorted(["balance", "___other___", OTHER_INTENT])
+
+
 async def test_the_cluster_intents_hash_is_bounded_and_pruned_on_publish(redis_url: str) -> None:
     """Review (stop 64): the shared stats:intents hash kept every intent ever routed, in
     Redis for good. Intents the served version does not hold count under OTHER_INTENT, and
