@@ -133,10 +133,10 @@ class Publisher:
             return
         run = self.status.snapshot()
         self.cancel()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self.lock.locked() and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                async with self.lock:  # free once the seed's task ends (nothing queues on it)
+                    pass
         last = None if self.lock.locked() else self.status.snapshot()["last"]
         published = last["version"] if last is not None else self.published_under_way
         if published is not None:  # published before the cancel: nothing to run again
