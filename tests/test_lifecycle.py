@@ -12,6 +12,7 @@ deleted after; under CI a missing Redis fails, never skips.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 from pathlib import Path
@@ -559,3 +560,45 @@ def test_a_replica_shut_down_during_an_admin_seed_cancels_it_and_exits_without_i
     seen["thread"].join(timeout=30)
     assert not seen["thread"].is_alive()
     assert len(voice.texts) == 1 and store.current_version() is None
+
+
+async def test_the_shutdown_itself_cancels_an_admin_seed_whose_request_still_runs(
+        caplog, tmp_path: Path) -> None:
+    """Review (stop 65, read-back): the test above cancels the seed's request first (as
+    uvicorn does past its grace), which alone asks the seed to stop, so it passed with
+    ``Publisher.shut_down`` not cancelling at all. Here the request still runs when the
+    shutdown comes: the shutdown's own cancel must stop the seed before its next answer,
+    and say so; without it the seed renders on and publishes."""
+    import logging
+
+    from gateway.admin.publish import Publisher
+    from intents.store import LocalStore
+    from tests.admin_support import GatedVoice, small_faq_csv
+
+    caplog.set_level(logging.INFO, logger="voicegate")
+    voice = GatedVoice()
+    runtime = fake_runtime()
+    runtime.tts = voice
+    store = LocalStore(tmp_path / "store")
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "store_dir": str(tmp_path),
+                              "gc_full_interval_s": 0}, environ={})
+    services = Services(settings, runtime)  # type: ignore[arg-type]
+    services._runtime = runtime  # type: ignore[assignment]  # as loaded
+    services.cache = SimpleNamespace(store=store, loaded=None)  # type: ignore[assignment]
+    publisher = Publisher(services)
+    request = asyncio.create_task(publisher.seed_csv(small_faq_csv().encode(), "faq.csv"))
+    try:
+        await poll(voice.rendering.is_set, "the seed to render its first answer")
+        stopping = asyncio.create_task(publisher.shut_down(30.0))
+        await poll(lambda: publisher.status.snapshot().get("cancelling") is True,
+                   "the shutdown to cancel the seed")
+        voice.release.set()  # the answer under way ends; the seed must not render another
+        await stopping
+    finally:
+        voice.release.set()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await request
+    assert len(voice.texts) == 1 and store.current_version() is None
+    logged = [r for r in caplog.records if r.getMessage() == "seed_cancelled_at_shutdown"]
+    assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+    assert logged[0].fields["ended"] is True  # type: ignore[attr-defined]
