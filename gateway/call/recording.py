@@ -246,8 +246,7 @@ class CallRecorder:
             return None
         # Past the channels' audio only silence has settled: the file must not grow by it
         # unless audio follows (the file ends where its audio ends, as it always did).
-        audio = min(size, max(self._caller_bytes(), self._flushed + len(self._bot))
-                    - self._flushed)
+        audio = min(size, self._audio_end() - self._flushed)
         caller = bytes(self._caller[:audio]).ljust(audio, b"\0")
         del self._caller[:size]
         bot = bytes(self._bot[:audio])
@@ -279,7 +278,7 @@ class CallRecorder:
             raise self._failed
         json_path: Path | None = None
         try:
-            remaining = max(self._caller_bytes(), self._flushed + len(self._bot)) - self._flushed
+            remaining = self._audio_end() - self._flushed
             second = self.sample_rate * 2
             if remaining:  # audio follows the silence settled before it
                 self._write_silence(self._silence)
@@ -367,6 +366,10 @@ class CallRecorder:
 
     def _caller_bytes(self) -> int:
         return self._flushed + len(self._caller) + self._gap + len(self._since_gap)
+
+    def _audio_end(self) -> int:
+        """Where the later of the two channels' audio ends (bytes from the call's start)."""
+        return max(self._caller_bytes(), self._flushed + len(self._bot))
 
     def _caller_pcm(self, begin: int, end: int) -> bytes:
         """Bytes ``begin:end`` (from ``_flushed``) of the caller channel: the audio up to
