@@ -90,7 +90,10 @@ async def test_every_llm_failing_hands_off_with_audio(agent_gateway):
 async def test_barge_in_cancels_the_streams_and_trims_the_context(agent_gateway):
     server, fake, _ = agent_gateway
     long_answer = " ".join(f"Sentence number {i} of a long answer." for i in range(1, 40))
-    fake.replies["primary"] = Reply(text=long_answer, token_delay_s=0.05)
+    # As above: the primary answers once the secondary's request has reached the server, or
+    # the loser may be cancelled while still connecting, never seen (a CI run, stop 65).
+    fake.replies["primary"] = Reply(text=long_answer, token_delay_s=0.05,
+                                    after_request_of="secondary")
     fake.replies["secondary"] = Reply(text=long_answer, token_delay_s=0.05, ttft_s=STALL)
     async with Caller(server.call_url) as caller:
         index = len(caller.events)
