@@ -383,6 +383,100 @@ async def test_a_hang_up_on_one_replica_is_seen_by_another(replicas, prefix):
     assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"]
 
 
+@pytest.fixture
+async def dialling_replicas(settings: Settings,
+                            prefix: str) -> AsyncIterator[tuple[Starlette, Starlette]]:
+    """Two gateways sharing the suite's Redis, each with a handoff number to dial."""
+    apps = tuple(app_with(settings, redis_url=REDIS_URL, redis_prefix=prefix,
+                          twilio_auth_token=TOKEN, public_url=PUBLIC, handoff_number=NUMBER)
+                 for _ in "ab")
+    yield apps  # type: ignore[misc]
+    for app in apps:
+        await app.state.services.twilio_ended().aclose()
+        await app.state.services.twilio_contexts().aclose()
+
+
+class TransferringRestApi(FailingRestApi):
+    """Twilio's REST API taking every transfer."""
+
+    async def transfer(self, account_sid: str, call_sid: str, target: str,
+                       action: str = "") -> None:
+        self.asked.append("transfer")
+
+
+async def test_a_transfer_another_replica_gave_back_to_the_bot_is_not_dialled_again(
+        dialling_replicas):
+    """Review (stop 66): replica a transferred the call (its record "transfer", in its
+    memory and in Redis). Nobody took the dial, and Twilio's request for the dial's action
+    reached replica b, which gave the caller back to the bot and cleared the record: in
+    Redis and in b's memory, not in a's. A lookup read a replica's memory first and Redis
+    only when it held nothing, so a's stale "transfer" stood for 5 minutes: the new stream
+    lost meanwhile (a replica killed in a deploy), its action reaching a, got the `<Dial>`
+    to the desk that had just not answered, not the bot again. A transfer a replica
+    recorded (and Redis took) is now read from Redis, which says whether it still is one."""
+    a, b = dialling_replicas
+    out = PhoneCallOutput(control=TransferringRestApi(), account_sid="AC1", call_sid=CALL_SID,
+                          handoff_number=NUMBER, ended=a.state.services.twilio_ended())
+    assert await out.transfer("handoff") is True
+    busy = await post(b, "/twilio/dial-ended", {**FORM, "DialCallStatus": "busy"}, sign=True)
+    assert [v.tag for v in verbs(busy.text)] == ["Say", "Connect"], busy.text
+    for app in (a, b):  # the stream back with the bot is lost: resumed wherever asked
+        reply = await post(app, "/twilio/stream-ended?lost=0&stream=1", sign=True)
+        assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"], reply.text
+        assert await app.state.services.twilio_ended().ended(CALL_SID) is None
+
+
+class ScriptedRedis:
+    """The few commands CallRecords sends, on a dict; ``failing``: each raises as a Redis
+    that cannot be reached does."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}
+        self.failing = False
+
+    def _check(self) -> None:
+        if self.failing:
+            raise redis.ConnectionError("Redis is unreachable")
+
+    async def set(self, key: str, value: str, ex: int = 0) -> bool:
+        self._check()
+        self.keys[key] = value
+        return True
+
+    async def get(self, key: str) -> str | None:
+        self._check()
+        return self.keys.get(key)
+
+    async def delete(self, key: str) -> int:
+        self._check()
+        return int(self.keys.pop(key, None) is not None)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_transfer_recorded_here_stands_where_redis_cannot_tell_otherwise():
+    """What a replica's own record of a transfer is worth once Redis is read for it: it
+    stands where Redis never took it (Redis failed at the record) or cannot be asked, and
+    only Redis answering that it holds none (another replica cleared it) ends it."""
+    shared = ScriptedRedis()
+    ended = EndedCalls(ManualClock(), shared)  # type: ignore[arg-type]
+    shared.failing = True
+    await ended.mark(CALL_SID, "transfer")  # Redis refused the record: only here
+    shared.failing = False
+    assert await ended.ended(CALL_SID) == "transfer"  # Redis has none: it never had it
+    other = "CA" + "7" * 32
+    await ended.mark(other, "transfer")
+    shared.failing = True
+    assert await ended.ended(other) == "transfer"  # Redis cannot be asked: what is known here
+    shared.failing = False
+    shared.keys.clear()  # cleared by another replica
+    assert await ended.ended(other) is None
+    await ended.mark(other, "hangup")  # a hang-up is never cleared: this replica's stands
+    shared.keys.clear()
+    assert await ended.ended(other) == "hangup"
+
+
 async def test_redis_down_never_breaks_a_hang_up(caplog):
     # Nothing listens on that port: every Redis command fails at once.
     stats = Stats()

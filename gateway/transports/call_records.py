@@ -124,21 +124,20 @@ class CallRecords:
         self._keep_local(call_sid, value)
         return value
 
-    async def put(self, call_sid: str, value: str, version: Version | None = None) -> None:
+    async def put(self, call_sid: str, value: str, version: Version | None = None) -> bool:
         """Record ``value`` for ``call_sid`` (replacing any but a tombstone, and with a
         ``version``, which needs ``tombstones``, any but a newer version), here and in
         Redis. Held here first (``hold``), so a value held since it was made (a newer
-        version, a tombstone) keeps it from Redis too."""
+        version, a tombstone) keeps it from Redis too. True when Redis took it."""
         held = self.hold(call_sid, value, version)
         if held is None:
-            return
+            return False
         value = held
         if self._redis is None:
-            return
+            return False
         if not self.tombstones:
-            await self._quietly("record", call_sid, self._redis.set(self.key(call_sid), value,
-                                                                    ex=self._ttl_whole_s))
-            return
+            return bool(await self._quietly("record", call_sid, self._redis.set(
+                self.key(call_sid), value, ex=self._ttl_whole_s)))
         written = await self._quietly("record", call_sid, self._redis.eval(
             _PUT_UNLESS_TOMBSTONE, 1, self.key(call_sid), value, self._ttl_whole_s, TOMBSTONE,
             *(version or ())))
@@ -146,6 +145,7 @@ class CallRecords:
             self._keep_local(call_sid, TOMBSTONE)
         elif written == -1 and version is not None:
             self._outdated(call_sid, version)
+        return written == 1
 
     def _outdated(self, call_sid: str, version: Version) -> None:
         """A put refused: a newer version is held (a stream resumed the call meanwhile)."""
@@ -189,12 +189,15 @@ class CallRecords:
         del self._local[call_sid]
         return None
 
-    async def shared_value(self, call_sid: str) -> str | None:
-        """Redis's record of ``call_sid`` (any replica's); None without Redis, when there
-        is none (or a tombstone), or when Redis fails (counted)."""
+    async def shared_value(self, call_sid: str, failed: Any = None) -> Any:
+        """Redis's record of ``call_sid`` (any replica's); None without Redis or when there
+        is none (or a tombstone); ``failed`` when Redis fails (counted)."""
         if self._redis is None or not SAFE_ID.fullmatch(call_sid):
             return None
-        found = await self._quietly("lookup", call_sid, self._redis.get(self.key(call_sid)))
+        found = await self._quietly("lookup", call_sid, self._redis.get(self.key(call_sid)),
+                                    failed)
+        if found is failed:
+            return failed
         if isinstance(found, bytes):
             found = found.decode("utf-8", errors="replace")
         if found == TOMBSTONE and self.tombstones:
@@ -202,9 +205,10 @@ class CallRecords:
             return None
         return found
 
-    async def _quietly(self, what: str, call_sid: str, request: Awaitable[Any]) -> Any:
+    async def _quietly(self, what: str, call_sid: str, request: Awaitable[Any],
+                       failed: Any = None) -> Any:
         """Await one Redis command within ``timeout_s``; a failure is logged and counted
-        (None)."""
+        (``failed``)."""
         try:
             async with asyncio.timeout(self._timeout_s):  # not wait_for: it can swallow a cancel
                 return await request
@@ -214,7 +218,7 @@ class CallRecords:
                 self._count_error(code)
             logs.event(log, code, logging.WARNING, call_id=call_sid,
                        error=f"{type(exc).__name__}: {exc}"[:300])
-            return None
+            return failed
 
     async def aclose(self) -> None:
         if self._redis is not None:

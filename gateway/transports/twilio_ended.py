@@ -15,10 +15,18 @@ Redis failure never fails a hang-up: it is logged and counted
 How it ended is kept too: ``HUNG_UP`` or ``TRANSFERRED``. A stream lost while a transfer
 is under way (the replica killed while its REST request is in flight) must still reach
 the person it was promised: /twilio/stream-ended answers that call a ``<Dial>``.
+
+A transfer's record is cleared again where its dial ends with nobody taking the call
+(/twilio/dial-ended: the caller is back with the bot), on whichever replica Twilio asks:
+in Redis and there, not in the memory of the replica that made it. So that replica reads
+a transfer it recorded, and Redis took, from Redis: Redis says whether it still is one
+(its own record stands only when Redis cannot be asked). A hang-up is never cleared: the
+memory's record of one stands.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable
 
 import redis.asyncio as aioredis
@@ -35,6 +43,7 @@ MAX_LOCAL_ENDED = 10_000
 HUNG_UP = "hangup"
 TRANSFERRED = "transfer"
 _HOW = (HUNG_UP, TRANSFERRED)
+_UNASKED = object()  # Redis could not be asked
 
 
 class EndedCalls:
@@ -45,15 +54,25 @@ class EndedCalls:
         self._records = CallRecords("ended", clock, redis, prefix=prefix, ttl_s=ttl_s,
                                     max_local=max_local, timeout_s=timeout_s,
                                     count_error=count_error)
+        self._max_local = max_local
+        # Transfers recorded here that Redis took (oldest first): another replica may have
+        # cleared them since, and only Redis says so.
+        self._shared_transfers: OrderedDict[str, None] = OrderedDict()
 
     async def mark(self, call_sid: str, how: str = HUNG_UP) -> None:
         """Remember ``call_sid`` as ended on purpose, ``how`` (``HUNG_UP`` or
         ``TRANSFERRED``). Never raises for Redis."""
         assert how in _HOW, how
-        await self._records.put(call_sid, how)
+        self._shared_transfers.pop(call_sid, None)
+        if await self._records.put(call_sid, how) and how == TRANSFERRED:
+            self._shared_transfers[call_sid] = None
+            while len(self._shared_transfers) > self._max_local:
+                self._shared_transfers.popitem(last=False)
 
     async def forget(self, call_sid: str) -> None:
-        """``call_sid`` goes on after all (its transfer failed): a lost stream resumes it."""
+        """``call_sid`` goes on after all (its transfer failed, or its dial ended with
+        nobody taking the call): a lost stream resumes it."""
+        self._shared_transfers.pop(call_sid, None)
         await self._records.delete(call_sid)
 
     async def ended(self, call_sid: str) -> str | None:
@@ -63,7 +82,12 @@ class EndedCalls:
         if not SAFE_ID.fullmatch(call_sid):
             return None
         found = self._records.local(call_sid)
-        if found is None:
+        if found == TRANSFERRED and call_sid in self._shared_transfers:
+            # Maybe cleared on another replica since (a dial nobody took): Redis says.
+            shared = await self._records.shared_value(call_sid, failed=_UNASKED)
+            if shared is not _UNASKED:
+                found = shared
+        elif found is None:
             found = await self._records.shared_value(call_sid)
         if found is None:
             return None
