@@ -139,8 +139,11 @@ PROMPT_TEXTS: dict[str, str] = {
 
 
 def prompt_texts(greeting: str = "") -> dict[str, str]:
-    """Every phrase to pre-render: the fixed ones, plus the configured greeting (if any)."""
-    return {**PROMPT_TEXTS, **({"greeting": greeting} if greeting.strip() else {})}
+    """Every phrase to pre-render: the fixed ones, plus the configured greeting (if any),
+    stripped as the call says it: rendered with a trailing newline (a YAML block scalar),
+    it never matched, and every call synthesized its greeting live."""
+    greeting = greeting.strip()
+    return {**PROMPT_TEXTS, **({"greeting": greeting} if greeting else {})}
 
 
 # ------------------------------------------------------------------------- events

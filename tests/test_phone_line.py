@@ -119,6 +119,30 @@ async def test_the_greeting_plays_when_the_call_starts():
     await h.stop()
 
 
+@pytest.mark.parametrize("configured", [f"{GREETING}\n", f"  {GREETING} "])
+async def test_a_greeting_configured_with_surrounding_whitespace_is_still_pre_rendered(
+        configured):
+    """Review (stop 66): the greeting was pre-rendered with its text as configured, a
+    trailing newline included (a YAML block scalar, an env file), but the call asks for
+    it stripped: the two never matched, so every call synthesized its greeting live (a
+    voice request per call start, its latency before the first word) and, with the voice
+    down, the call began in silence where the pre-rendered greeting would have played."""
+    h = harness({"greeting": configured})
+
+    async def down(text: str) -> AsyncIterator[bytes]:
+        raise ProviderError("word-tts", "voice service unavailable")
+        yield b""  # pragma: no cover
+
+    h.tts.synthesize = down  # type: ignore[method-assign]
+    await h.start()
+    await h.wait(3000)
+    (response,) = h.output.of("response")
+    assert response["source"] == "greeting" and response["text"] == GREETING
+    assert h.output.of("error") == []
+    assert h.output.frames and h.output.frames[0][0] == pytest.approx(1000.0)
+    await h.stop()
+
+
 async def test_no_greeting_when_it_is_empty():
     h = await harness({"greeting": ""}).start()
     await h.wait(2000)
