@@ -29,6 +29,7 @@ from .codec import PCM16, encode
 from .preemption import Preemption
 from .providers.base import ProviderError, TextToSpeech
 from .providers.synthesis_slots import URGENCY, WANTED
+from .sentences import without_emoji
 from .settings import Settings
 from .timeline import TurnTimeline, now
 
@@ -90,7 +91,11 @@ async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM
     ElevenLabs' ``first_audio_timeout_s``), else ``gap_timeout_s`` too (Piper), from the
     request or, for a sentence fetched ahead, from when its reply waits for it
     (``WANTED``); a synthesis of words that ends with no audio at all fails too
-    (``ProviderError``)."""
+    (``ProviderError``). The voice is asked for ``text`` without its emoji, which it would
+    read out by name, and for nothing when that leaves nothing to say."""
+    text = without_emoji(text)
+    if not text:  # "😊" alone: no request (a cloud voice may refuse an empty text)
+        return
     resampler = StreamResampler(tts.sample_rate, rate)
     gaps = Timeouts(clock)
     try:

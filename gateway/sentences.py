@@ -16,6 +16,8 @@ item is a piece of its own, without its marker (numbered, "2. Tap Settings", or 
 "- Tap Settings", often with no period), and so is any other line ("Our hours" / "Monday
 to Friday 9 to 5"). Within a line ("Open the app. 2. Tap Settings.") a number after a
 sentence's end is an item's marker only as a list's first or next one: "How many? 3." says it.
+``without_emoji`` is a piece as a voice should read it (responder.tts_audio): a voice reads an
+emoji by name.
 """
 
 from __future__ import annotations
@@ -96,6 +98,14 @@ _ZWJ = "\u200d"
 # ("Your confirmation number. 48213. Keep it handy.") is said, never taken for a marker.
 _MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d{1,2}\.\s+(?=\D))", re.MULTILINE)
 _SPACES = re.compile(r"\s+")
+# Emoji, which a voice reads by name (Piper: "😊" is "smiling face with smiling eyes", "👍"
+# "thumbs up"): the pictographs (Unicode's emoji blocks, less the dingbats' circled digits,
+# said as numbers), each with its presentation selectors, tags and ZWJ sequence, and a
+# keycap's marks ("1️⃣": its digit is said). Not a joiner in a word (Indic conjuncts).
+_PICTOGRAPH = ("[\U0001F10D-\U0001FAFF\u2600-\u2775\u2794-\u27BF\u2B00-\u2BFF"
+               "\u231A\u231B\u23E9-\u23F3\u23F8-\u23FA]")
+_EMOJI = re.compile(rf"\s*(?:{_PICTOGRAPH}(?:[\ufe0e\ufe0f\U000E0020-\U000E007F]"
+                    rf"|\u200d{_PICTOGRAPH})*|[\ufe0e\ufe0f]?\u20e3|\ufe0f)")
 _LIST_MARKER = re.compile(r"\s*\d{1,2}")
 _ITEM_OPENING = re.compile(r"\s*(\d{1,2})\.\s")  # a piece opening with its item's marker
 
@@ -103,6 +113,12 @@ _ITEM_OPENING = re.compile(r"\s*(\d{1,2})\.\s")  # a piece opening with its item
 def speakable(text: str) -> str:
     """Text without markdown markers and with single spaces."""
     return _SPACES.sub(" ", _MARKDOWN.sub("", text)).strip()
+
+
+def without_emoji(text: str) -> str:
+    """``text`` as a voice should read it: without its emoji (the model is told to write
+    none; one that slips through would be read out by name)."""
+    return _EMOJI.sub("", text).strip()
 
 
 def _next_word(buf: str, end: int) -> str | None:

@@ -260,3 +260,54 @@ async def test_a_timeout_the_timed_work_raises_is_not_the_clocks():
             await times_out()
     assert not isinstance(raised.value, Expired)
     await clock.settle()
+
+
+class RecordingVoice:
+    """A voice that says whatever it is asked (10 ms of audio a word), noting each text."""
+
+    name = "recording"
+    sample_rate = RATE
+    audio_id = "recording"
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        self.asked.append(text)
+        for _ in text.split():
+            yield CHUNK
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("sentence", "said"), [
+    ("Done \U0001F44D your card is blocked \u2705.", "Done your card is blocked."),
+    ("Glad I could help! \U0001F60A\U0001F44B\U0001F3FD", "Glad I could help!"),
+    ("Your family \U0001F468\u200d\U0001F469\u200d\U0001F467 and the UK \U0001F1EC\U0001F1E7 "
+     "are covered \u2764\ufe0f \u2b50", "Your family and the UK are covered"),
+    ("Press 1\ufe0f\u20e3 for cards.", "Press 1 for cards."),
+    # Symbols a voice says as meant, and a joiner inside a word, are said.
+    ("It is 25°C, © 2026, item \u2460 (\u0915\u094d\u200d\u0937).",
+     "It is 25°C, © 2026, item \u2460 (\u0915\u094d\u200d\u0937)."),
+])
+async def test_emoji_in_a_reply_are_not_read_aloud(sentence, said):
+    """Review (stop 66): a reply's emoji went to the voice as written, and the default
+    voice reads them by name: Piper (espeak's English dictionary) says "😊" as "smiling
+    face with smiling eyes", "Great 👍 done." as "Great thumbs up done", "I ❤️ you" as
+    "I red heart you". The model is told to write none (the agent's system prompt), but
+    one that slips through was read out to the caller. Every synthesis of a call now asks
+    the voice for the sentence without them (the response event keeps the text)."""
+    voice = RecordingVoice()
+    audio = await drain(tts_audio(voice, sentence, RATE))
+    assert voice.asked == [said]
+    assert audio
+
+
+async def test_a_sentence_of_emoji_alone_asks_the_voice_for_nothing():
+    """Review (stop 66): "Glad I could help! 😊" is two pieces, the second an emoji alone:
+    read by name as a sentence of its own (Piper), or sent to a cloud voice as a request
+    with nothing to say. Nothing is asked of the voice for it now, and no failure."""
+    voice = RecordingVoice()
+    assert await drain(tts_audio(voice, " \U0001F60A \U0001F44D\U0001F3FD", RATE)) == []
+    assert voice.asked == []
