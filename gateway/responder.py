@@ -111,7 +111,7 @@ async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM
                 except Expired:
                     raise ProviderError(tts.name, f"no first audio within {gap_timeout_s:g} s "
                                                   "(VOICEGATE_TTS_GAP_TIMEOUT_S)") from None
-            if chunk is None and _has_words(text):
+            if chunk is None and has_words(text):
                 # A voice that answers with nothing: silence on the line, and the sentence
                 # announced and kept in the context as said. A failure (tts_failed) instead.
                 raise ProviderError(tts.name, f"returned no audio for a sentence of "
@@ -131,7 +131,7 @@ async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM
         yield encode(tail, encoding)
 
 
-def _has_words(text: str) -> bool:
+def has_words(text: str) -> bool:
     """Whether ``text`` has anything a voice must say (punctuation alone may be silent)."""
     return any(ch.isalnum() for ch in text)
 

@@ -20,8 +20,9 @@ from intents.embedder import Embedder
 
 from .agent import Agent, build_agent, prompt_texts
 from .audio_bank import AudioBank, Clip
-from .providers.base import SpeechToText, TextToSpeech
+from .providers.base import ProviderError, SpeechToText, TextToSpeech
 from .providers.registry import create_stt, create_tts
+from .responder import has_words
 from .route_batcher import PARTIAL_LANES, ROUTING_LANES
 from .settings import Settings
 from .stats import Stats
@@ -142,6 +143,11 @@ class Runtime:
             if key in self.prompts and self.prompts.clip(key).text == text:
                 continue
             audio = b"".join([chunk async for chunk in self.tts.synthesize(text)])
+            if not audio and has_words(text):
+                # A voice answering an empty body: kept, the phrase (the apology, a filler,
+                # the handoff message) would be silence for the life of the process. The
+                # start-up fails instead, and asks again (Services._load).
+                raise ProviderError(self.tts.name, f"returned no audio for the {key} phrase")
             self.prompts.add(Clip(key, text, audio, self.tts.sample_rate))
         self.load_times_s["prompts"] = time.perf_counter() - start
 

@@ -283,6 +283,42 @@ async def test_a_replica_whose_voice_was_down_at_start_becomes_ready_once_it_is_
             await tts.aclose()
 
 
+@pytest.mark.slow
+async def test_a_voice_that_renders_the_prompts_as_no_audio_keeps_the_replica_unready(
+        settings, runtime, monkeypatch) -> None:
+    """Review (stop 66): start-up kept whatever the voice rendered for each prompt, no audio
+    included. A voice answering 200 and an empty body at start-up (what a reply's
+    sentence fails as tts_failed: responder.tts_audio) left the replica ready with silent
+    clips for the life of the process: every failed turn's apology, every filler and hold
+    phrase and the handoff message were silence, even once the voice answered again. A
+    phrase rendered as no audio now fails the render: /readyz says why, the start-up asks
+    again, and the replica is ready once the voice answers with audio."""
+    monkeypatch.setattr("gateway.services.LOAD_RETRY_S", (0.05, 0.1))
+    voice = FakeElevenLabs()
+    voice.silent = True
+    with ServerThread(voice.app) as fake:
+        cloud = settings.replace(tts_provider="elevenlabs", elevenlabs_api_key=voice.api_key,
+                                 elevenlabs_base_url=fake.url)
+        tts = create_tts(cloud, runtime.model_executor)
+        booting = dataclasses.replace(runtime, tts=tts, prompts=AudioBank())
+        services = Services(cloud, booting)
+        try:
+            await services.start()
+            # Asked once, then again by the start-up's retry: never ready meanwhile.
+            assert await voice.requests.reach(2), f"never asked again: {services.readiness()}"
+            assert not services.ready
+            assert "returned no audio" in (services.load_error or ""), services.readiness()
+            assert len(booting.prompts) == 0
+            voice.silent = False  # the voice answers with audio again
+            assert services._load_task is not None
+            await asyncio.wait([services._load_task], timeout=30)
+            assert services.ready, services.readiness()
+            assert booting.prompts.audio("apology", 16000, "pcm16"), "a silent apology"
+        finally:
+            await services.aclose()
+            await tts.aclose()
+
+
 @pytest.mark.parametrize("stall", ["stall_before_response", "stall_before_audio"])
 async def test_a_stream_with_no_audio_fails_at_its_first_audio_deadline(eleven, stall):
     # A stalled synthesis (no answer, or headers and then nothing) used to wait for httpx's
