@@ -1847,3 +1847,29 @@ async def test_first_token_ms_is_the_models_first_token_not_its_first_whole_sent
     # A typed turn's is in no aggregate measured from speech end (stop 65: it has no
     # end-of-turn wait); tests/test_admin_units.py has a spoken turn's in them.
     assert "first_token_ms" not in h.stats.latencies["miss"]
+
+
+async def test_a_reply_of_emoji_alone_is_an_empty_reply_never_silence():
+    """Review (stop 66): the voice is asked for a sentence without its emoji (a voice reads
+    them by name), and for nothing when that leaves nothing to say. A reply of emoji alone
+    ("👍" to "thanks") was then a reply said in silence: the turn ended with the caller
+    hearing nothing. Such a piece is no words: the round said nothing, so it is asked
+    again, as an empty reply is, and the second answer is the reply."""
+    llm = ScriptLLM([LLMChunk(text="👍")], [LLMChunk(text="You're welcome. 😊")])
+    agent = Agent(HedgedChat(llm, None, clock=ManualClock()),  # type: ignore[arg-type]
+                  [], filler_after_s=None)
+    events, conversation = await run(agent, "thanks")
+    assert events == [Sentence("You're welcome.")], events
+    assert len(llm.requests) == 2  # asked again once
+    assert conversation.history[-1] == {"role": "assistant", "content": "You're welcome."}
+
+
+async def test_emoji_alone_twice_hands_off():
+    """Review (stop 66): emoji alone when asked again too: a person takes over, as for an
+    empty reply, never a turn said in silence."""
+    llm = ScriptLLM([LLMChunk(text="👍🙂")], [LLMChunk(text=" 😊 ")])
+    agent = Agent(HedgedChat(llm, None, clock=ManualClock()),  # type: ignore[arg-type]
+                  [], filler_after_s=None)
+    events, _ = await run(agent, "thanks")
+    assert len(events) == 1 and isinstance(events[0], Handoff), events
+    assert events[0].reason == "the LLM returned an empty reply twice"
