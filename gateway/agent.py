@@ -56,8 +56,8 @@ from gateway.preemption import Preemption
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
 from gateway.sentences import SentenceChunker, without_emoji
 from gateway.settings import Settings, SettingsError
-from gateway.tools import (TRANSFER_TOOL, TRANSFER_TOOL_NAME, ToolRunner, load_tools,
-                           parse_arguments)
+from gateway.tools import (TRANSFER_TOOL, TRANSFER_TOOL_NAME, ToolRunner, chat_tool_name,
+                           load_tools, parse_arguments)
 from . import logs
 
 log = logging.getLogger("voicegate.agent")
@@ -230,7 +230,7 @@ class Conversation:
         message: dict[str, Any] = {"role": "assistant", "content": text or None}
         if tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
-                                      "function": {"name": c.name,
+                                      "function": {"name": chat_tool_name(c.name),
                                                    "arguments": _readable_arguments(c)}}
                                      for c in tool_calls]
         if message["content"] is None and not tool_calls:

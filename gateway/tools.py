@@ -279,5 +279,16 @@ def parse_arguments(text: str) -> dict[str, Any] | None:
     return arguments if isinstance(arguments, dict) else None
 
 
+def chat_tool_name(name: str) -> str:
+    """``name`` as a chat request's history may hold it (a tool call the model made): as
+    is when the chat APIs take it (``_TOOL_NAME``), else its other characters as "_", cut
+    to 64. OpenAI refuses a request whose history holds any other name (HTTP 400 "string
+    does not match pattern"), and a model does write them: GPT-4o's leaked
+    ``multi_tool_use.parallel``, a small model's ``functions.get_balance``."""
+    if _TOOL_NAME.fullmatch(name):
+        return name
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "_"
+
+
 def _error(message: str) -> str:
     return json.dumps({"error": message})

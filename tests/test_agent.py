@@ -1342,6 +1342,47 @@ async def test_a_tool_call_with_malformed_arguments_does_not_poison_the_context(
         "error": "the arguments for get_balance were not a JSON object"}
 
 
+@pytest.mark.parametrize("name", ["multi_tool_use.parallel", "functions.get_balance",
+                                  "get balance", "get_balance_" + "x" * 60],
+                         ids=["gpt-4o-wrapper", "namespaced", "a-space", "past-64"])
+async def test_a_tool_call_named_as_no_chat_api_takes_does_not_poison_the_context(
+        llm_server, webhook, name):
+    """Review (stop 66): a model calls a tool by a name no chat API takes back: GPT-4o's
+    leaked parallel wrapper ``multi_tool_use.parallel`` (a known OpenAI bug, now and
+    then), a namespaced ``functions.get_balance`` (small models do), a space, or past 64
+    characters. The runner rightly answers "there is no tool named ...", but the context
+    kept the call's name as streamed, and OpenAI refuses a request whose history holds one
+    (400 "Invalid 'messages[2].tool_calls[0].function.name': string does not match
+    pattern"): the round after the tool failed (the caller heard the filler, then the
+    handoff), and so did every later question of the call the cache missed. The context
+    keeps a name the API takes; the tool's result names what the model called."""
+    fake, server = llm_server
+    hook, hook_server = webhook
+    fake.strict_tool_names = True
+
+    def script(body: dict[str, Any]) -> Reply:
+        last = body["messages"][-1]
+        if last["role"] == "tool":
+            return Reply(text="Sorry, I could not look that up.")
+        if last["content"] == "and my savings?":
+            return Reply(text="Your savings balance is twelve dollars.")
+        return Reply(text="", tool_calls=[(name, '{"account": "42"}')])
+
+    fake.script = script
+    agent = make_agent(server, "m", tools=[BALANCE], webhook_url=hook_server.url)
+    try:
+        first, conversation = await run(agent, "What's my balance?")
+        second, _ = await run(agent, "and my savings?", conversation)
+    finally:
+        await agent.aclose()
+    assert isinstance(first[0], ToolStarted) and first[1:] == [
+        Sentence("Sorry, I could not look that up.")], first
+    assert second == [Sentence("Your savings balance is twelve dollars.")], second
+    assert hook.calls == []  # no webhook has that name
+    tool_message = [m for m in fake.stats.bodies[1]["messages"] if m["role"] == "tool"][0]
+    assert json.loads(tool_message["content"]) == {"error": f"there is no tool named {name}"}
+
+
 class SlowTool:
     """A tool runner whose every call takes ``seconds`` of the call's clock."""
 

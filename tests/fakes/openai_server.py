@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -65,6 +66,10 @@ class FakeOpenAI:
         # object (400 "invalid tool call arguments"), as Ollama's OpenAI compatibility does:
         # it decodes each one into a map (openai/openai.go, FromCompletionToolCall).
         self.strict_tool_arguments = False
+        # Refuse a request whose history holds a tool call named outside [a-zA-Z0-9_-] or
+        # past 64 characters, as OpenAI does (400 "Invalid 'messages[N].tool_calls[i]
+        # .function.name': string does not match pattern").
+        self.strict_tool_names = False
         self.release = threading.Event()  # ends every Reply.hold_after
         # Refusals before any reply, one a request, in order: (status, error, headers), e.g.
         # a rate limit's 429 and its Retry-After, which an account over its limit answers to
@@ -143,6 +148,15 @@ class FakeOpenAI:
         if self.strict_tool_arguments and not _tool_arguments_are_objects(body):
             await _json(send, 400, {"error": {"message": "invalid tool call arguments",
                                               "type": "invalid_request_error", "code": None}})
+            with self._lock:
+                self.stats.completed[model] += 1
+            return
+        bad_name = _bad_tool_name(body) if self.strict_tool_names else None
+        if bad_name is not None:
+            await _json(send, 400, {"error": {
+                "message": f"Invalid '{bad_name}': string does not match pattern. Expected a "
+                           "string that matches the pattern '^[a-zA-Z0-9_-]+$'.",
+                "type": "invalid_request_error", "param": bad_name, "code": "invalid_value"}})
             with self._lock:
                 self.stats.completed[model] += 1
             return
@@ -231,6 +245,16 @@ def _tool_arguments_are_objects(body: dict[str, Any]) -> bool:
             if not isinstance(arguments, (dict, type(None))):
                 return False
     return True
+
+
+def _bad_tool_name(body: dict[str, Any]) -> str | None:
+    """Where the history holds a tool call whose name OpenAI refuses, else None."""
+    for m, message in enumerate(body.get("messages") or ()):
+        for c, call in enumerate(message.get("tool_calls") or ()):
+            name = (call.get("function") or {}).get("name")
+            if not (isinstance(name, str) and re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", name)):
+                return f"messages[{m}].tool_calls[{c}].function.name"
+    return None
 
 
 def _split_words(text: str) -> list[str]:
