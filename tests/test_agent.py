@@ -1383,6 +1383,30 @@ async def test_a_tool_call_named_as_no_chat_api_takes_does_not_poison_the_contex
     assert json.loads(tool_message["content"]) == {"error": f"there is no tool named {name}"}
 
 
+@pytest.mark.parametrize("name", [5, ["get_balance"]], ids=["a-number", "a-list"])
+async def test_a_tool_call_whose_name_is_no_text_is_the_legs_malformed_chunk(llm_server, name):
+    """Review (stop 66): a leg streams a tool call whose ``function.name`` is no string (a
+    number, a list: the SDKs build chunks unchecked, as for ``delta.content``). The call
+    was assembled as is and its first fragment won the race: a list crashed the agent
+    (unhashable, out of ``respond``: the apology), a number went to the runner ("no tool
+    named 5") and into the context, which OpenAI then refused (400, the name is no string)
+    at the next round and every later miss of the call. It is this leg's malformed chunk,
+    before its first token: the other leg answers, nothing of it reaches the context."""
+    fake, server = llm_server
+    fake.strict_tool_names = True
+    fake.replies["bad"] = Reply(text="", tool_calls=[(name, '{"account": "42"}')])
+    fake.replies["good"] = Reply(text="Your balance is twelve dollars.")
+    # A hedge delay the clock never reaches: only the failover can start the secondary.
+    agent = make_agent(server, "bad", "good", tools=[BALANCE], hedge_delay_s=600.0)
+    try:
+        events, conversation = await run(agent, "What's my balance?")
+    finally:
+        await agent.aclose()
+    assert events == [Sentence("Your balance is twelve dollars.")], events
+    assert isinstance(agent.llm, HedgedChat) and agent.llm.stats.failovers == 1
+    assert [m for m in conversation.messages() if m.get("tool_calls")] == []
+
+
 class SlowTool:
     """A tool runner whose every call takes ``seconds`` of the call's clock."""
 

@@ -360,3 +360,18 @@ async def test_every_tool_call_is_counted_by_tool_and_outcome_for_prometheus():
                for s in metric.samples}
     assert counted == {("ok", "ok"): 2, ("ok", "bad_arguments"): 1, ("refused", "refused"): 1,
                        ("broken", "failed"): 1, ("(unknown)", "unknown_tool"): 2}, counted
+
+
+@pytest.mark.parametrize("call_id", [7, ["call_1"]], ids=["a-number", "a-list"])
+def test_a_tool_call_id_that_is_no_text_is_a_malformed_chunk(call_id):
+    """Review (stop 66): a server streams a tool call whose ``id`` is no string (the SDKs
+    build chunks unchecked). The assembler kept it: the webhook got it as its call_id,
+    and the context sent it back, which a chat API refuses (the id must be a string) at
+    every later request of the call. It is the leg's malformed chunk (a ValueError, read
+    as "malformed stream chunk"), as a ``delta.content`` that is no string is."""
+    fragment = SimpleNamespace(index=0, id=call_id, type="function",
+                               function=SimpleNamespace(name="pay_bill", arguments="{}"))
+    assembler = ToolCallAssembler()
+    with pytest.raises(ValueError, match="tool call's id is a"):
+        assembler.add([fragment])
+        print("assembled:", assembler.finish())

@@ -44,6 +44,7 @@ class ToolCallAssembler:
     def add(self, delta_calls: list[Any]) -> list[ToolCall]:
         done: list[ToolCall] = []
         for delta in delta_calls:
+            _check_text(delta)
             index = getattr(delta, "index", None)
             if index is None:  # some OpenAI-compatible servers omit it
                 index = self._unindexed(delta)
@@ -111,6 +112,18 @@ class ToolCallAssembler:
         # A server that sends no id: one made up, unique (a webhook keys on call_id).
         return [ToolCall(id=partial.id or f"call_{uuid.uuid4().hex[:24]}", name=partial.name,
                          arguments="".join(partial.arguments) or "{}")]
+
+
+def _check_text(delta: Any) -> None:
+    """A call's id and name are text, or absent. The SDKs build chunks unchecked: another
+    value (a number, a list) crashed the agent's runner, or went into the context, which
+    the chat API then refused at every later request of the call. This leg's malformed
+    chunk instead (a name comes in a call's first fragment: the other leg answers)."""
+    function = getattr(delta, "function", None)
+    for field, value in (("id", getattr(delta, "id", None)),
+                         ("function.name", getattr(function, "name", None))):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"a tool call's {field} is a {type(value).__name__}, not text")
 
 
 def _whole_object(arguments: list[str]) -> bool:

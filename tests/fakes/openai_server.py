@@ -200,7 +200,9 @@ class FakeOpenAI:
         for word in _split_words(reply.text):
             pieces.append(chunk({"content": word}))
         for n, (name, arguments) in enumerate(reply.tool_calls):
-            call_id = f"call_{n}_{abs(hash((name, arguments))) % 10**8}"
+            # (A name that is no string, as a broken server sends, is sent as it is.)
+            named = name if isinstance(name, str) else repr(name)
+            call_id = f"call_{n}_{abs(hash((named, arguments))) % 10**8}"
             index = {} if reply.omit_tool_index else {"index": n}
             pieces.append(chunk({"tool_calls": [{**index, "id": call_id, "type": "function",
                                                  "function": {"name": name, "arguments": ""}}]}))
