@@ -18,6 +18,9 @@ from typing import Any
 import httpx
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from referencing import Registry
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012
 
 from gateway.clock import SYSTEM_CLOCK, Clock, deadline
 from gateway.providers.base import ToolCall, ToolSpec
@@ -121,6 +124,35 @@ def _schema_problem(parameters: Any) -> str | None:
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         return f"not a JSON schema{f' at {where}' if where else ''}: {exc.message}"
+    ref = _unresolved_ref(parameters, Registry().resolver_with_root(
+        DRAFT202012.create_resource(parameters)))
+    if ref is not None:
+        # check_schema takes any URI: resolved only at a call, it raised out of the runner.
+        return (f"$ref {ref[:100]!r} does not resolve (a tool's schema refers only within "
+                "itself: no schema is fetched)")
+    return None
+
+
+def _unresolved_ref(node: Any, resolver: Any) -> str | None:
+    """The first ``$ref`` under ``node`` that does not resolve (a typo, a remote URI: no
+    schema is fetched), each from where it stands (a nested ``$id`` moves its base)."""
+    if isinstance(node, dict):
+        resolver = resolver.in_subresource(DRAFT202012.create_resource(node))
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            try:
+                resolver.lookup(ref)
+            except Unresolvable:
+                return ref
+        children: Any = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _unresolved_ref(child, resolver)
+        if found is not None:
+            return found
     return None
 
 
@@ -169,7 +201,13 @@ class ToolRunner:
         arguments = parse_arguments(call.arguments)
         if arguments is None:
             return _error(f"the arguments for {call.name} were not a JSON object"), "bad_arguments"
-        wrong = next(iter(self._validators[call.name].iter_errors(arguments)), None)
+        try:
+            wrong = next(iter(self._validators[call.name].iter_errors(arguments)), None)
+        except Exception as exc:  # a schema load_tools did not check (built in code): not sent
+            logs.event(log, "tool_schema_error", logging.WARNING, tool=call.name,
+                       error=type(exc).__name__, detail=str(exc)[:300])
+            return _error(f"{call.name} could not be called: its parameters could not be "
+                          "checked"), "not_sent"
         if wrong is not None:  # the webhook's contract: never sent what it forbids
             where = "/".join(str(p) for p in wrong.absolute_path) or "arguments"
             return _error(f"the arguments for {call.name} do not fit its parameters: "

@@ -375,3 +375,50 @@ def test_a_tool_call_id_that_is_no_text_is_a_malformed_chunk(call_id):
     with pytest.raises(ValueError, match="tool call's id is a"):
         assembler.add([fragment])
         print("assembled:", assembler.finish())
+
+
+_REF_TO_NOTHING = {"type": "object",
+                   "properties": {"account": {"$ref": "#/$defs/Account"}},
+                   "$defs": {"Acount": {"type": "string"}}}  # the operator's typo
+
+
+def test_a_tools_file_schema_with_a_ref_to_nothing_stops_the_start_up(tmp_path):
+    """Review (stop 66): a tools file's schema refers to a definition it lacks (a typo in
+    ``$defs``, or a remote ``$ref``). ``check_schema`` only checks that a ``$ref`` is a
+    URI, so the start-up accepted it (docs/architecture.md: the tools file's schemas are
+    checked at start-up), and the ref was resolved at the first call: jsonschema raised
+    out of ToolRunner.run, every call of the tool failed the caller's turn (the apology,
+    "the gateway failed" in the context). The start-up stops, naming the tool and the ref."""
+    for parameters in (_REF_TO_NOTHING,
+                       {"type": "object", "properties": {
+                           "account": {"$ref": "https://schemas.example.com/account.json"}}}):
+        bad = tmp_path / "tools.json"
+        bad.write_text(json.dumps([{"name": "get_balance", "url": "http://127.0.0.1:9/tool",
+                                    "parameters": parameters}]))
+        with pytest.raises(ToolConfigError, match=r"get_balance.*\$ref"):
+            specs = load_tools(str(bad))
+            print("accepted:", specs)
+    fine = tmp_path / "fine.json"
+    fine.write_text(json.dumps([{"name": "get_balance", "url": "http://127.0.0.1:9/tool",
+                                 "parameters": {**_REF_TO_NOTHING,
+                                                "$defs": {"Account": {"type": "string"}}}}]))
+    assert [spec.name for spec in load_tools(str(fine))] == ["get_balance"]
+
+
+async def test_a_schema_that_cannot_be_checked_is_a_result_for_the_model_not_a_crash(webhook):
+    """Review (stop 66): ToolRunner is also built from specs in code (not only the tools
+    file), and its promise is that the model gets a string back whatever happens. A schema
+    whose check raises (a ``$ref`` to nothing) raised out of ``run``: the turn failed with
+    the apology instead of the model saying it could not do it. The webhook is never
+    called with arguments that were not checked."""
+    hook, hook_server = webhook
+    runner = ToolRunner([ToolSpec("get_balance", "", _REF_TO_NOTHING,
+                                  url=hook_server.url + "/tool/get_balance", timeout_s=10.0)])
+    try:
+        content, ok = await runner.run(ToolCall("c1", "get_balance", '{"account": "42"}'),
+                                       ManualClock())
+    finally:
+        await runner.aclose()
+    assert not ok and "get_balance" in json.loads(content)["error"], content
+    assert list(hook.calls) == []
+    assert runner.outcomes[("get_balance", "not_sent")] == 1
