@@ -138,7 +138,7 @@ class Caller:
                         and (where is None or where(event))):
                     return event
             if self._reader is not None and self._reader.done():
-                raise ConnectionError(f"connection closed ({self.closed_code}) before {kind!r}")
+                raise self._closed(repr(kind))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no {kind!r} event within {timeout}s")
@@ -147,6 +147,17 @@ class Caller:
                 await asyncio.wait_for(self._new_event.wait(), remaining)
             except TimeoutError:
                 pass
+
+    def _closed(self, before: str) -> ConnectionError:
+        """The connection closed ``before`` what the caller waited for: its close code, and
+        the gateway's own word on why when it sent one (its last `error` outside a turn, or
+        its `hangup`). The code alone hides it: 1003 is any refused `start`, 1008 one of
+        half a dozen limits, and the `error` before it names which."""
+        code = self.closed_code if self.closed_code is not None else (
+            self._ws.close_code if self._ws is not None else None)
+        why = _gateway_said(self.events)
+        return ConnectionError(f"connection closed ({code}) before {before}"
+                               + (f"; {why}" if why else ""))
 
     async def wait_for_answered_turn(self, start: int = 0, timeout: float = 30.0
                                      ) -> dict[str, Any]:
@@ -280,6 +291,17 @@ class Caller:
         await self._ws.close()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def _gateway_said(events: list[dict[str, Any]]) -> str | None:
+    """The gateway's last word on a call it may have ended: its last `hangup`, or `error`
+    that is no turn's (a turn's stage failing leaves the call open)."""
+    for event in reversed(events):
+        if event.get("type") == "hangup":
+            return f"the gateway hung up ({event.get('reason')})"
+        if event.get("type") == "error" and "turn" not in event:
+            return f"the gateway's last error: {event.get('code')}: {event.get('message')}"
+    return None
 
 
 def utterance_answered(events: list[dict[str, Any]]) -> bool:

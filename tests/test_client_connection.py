@@ -1,0 +1,92 @@
+"""The client SDK (gateway/client.py) when the gateway ends the call: a clear
+ConnectionError saying why, at once, never a silent result or a wait for ever. Each test
+dials a scripted gateway on 127.0.0.1 (websockets' own server) that speaks the native
+protocol's messages for its scenario."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.client import Caller
+
+READY = {"type": "ready", "call_id": "c1", "sample_rate": 16000, "encoding": "pcm16",
+         "frame_ms": 20}
+REFUSED_RATE = {"type": "error", "code": "unsupported_sample_rate",
+                "message": "sample rate 11025 Hz is not supported; use one of 8000, 16000"}
+FRAME = bytes(640)  # 20 ms at 16 kHz
+
+Script = Callable[[Any], Awaitable[None]]
+
+
+@asynccontextmanager
+async def scripted_gateway(script: Script) -> AsyncIterator[str]:
+    """A gateway whose every connection runs ``script``; yields its call URL."""
+    from websockets.asyncio.server import serve
+
+    async with serve(script, "127.0.0.1", 0) as listener:
+        port = listener.sockets[0].getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/v1/call"
+
+
+async def refuses_the_rate(ws: Any) -> None:
+    """A `start` at a rate the gateway does not take: `error`, then 1003."""
+    await ws.recv()
+    await ws.send(json.dumps(REFUSED_RATE))
+    await ws.close(1003)
+
+
+async def hangs_up_after_ready(ws: Any) -> None:
+    """The call starts, then the gateway hangs up (its goodbye said): `hangup`, 1000."""
+    await ws.recv()
+    await ws.send(json.dumps(READY))
+    await ws.send(json.dumps({"type": "hangup", "reason": "idle"}))
+    await ws.close(1000)
+
+
+async def test_a_refused_start_raises_naming_the_gateways_error():
+    """Review (stop 66): a `start` the gateway refused (a rate it does not take, a full
+    replica, a draining one) raised only "connection closed (1003) before 'ready'": the
+    `error` the gateway sent first, which says what was wrong and what to send instead, was
+    left in ``caller.events`` (``voicegate call`` printed the same bare line). Now the
+    exception carries it."""
+    async with scripted_gateway(refuses_the_rate) as url:
+        caller = Caller(url, sample_rate=11025)
+        with pytest.raises(ConnectionError) as closed:
+            await asyncio.wait_for(caller.connect(), 10)
+        await caller.close()
+    message = str(closed.value)
+    assert message.startswith("connection closed (1003) before 'ready'"), message
+    assert "unsupported_sample_rate" in message and REFUSED_RATE["message"] in message, message
+
+
+async def test_waiting_on_a_call_the_gateway_hung_up_says_it_hung_up():
+    """Review (stop 66): the same for a wait cut short by the gateway's own hang-up: the
+    exception says it hung up and why (`hangup`'s reason), not only the close code."""
+    async with scripted_gateway(hangs_up_after_ready) as url:
+        async with Caller(url) as caller:
+            with pytest.raises(ConnectionError) as closed:
+                await caller.wait_for("turn_metrics", timeout=10)
+    assert str(closed.value) == ("connection closed (1000) before 'turn_metrics'; the "
+                                 "gateway hung up (idle)"), closed.value
+
+
+async def test_a_turns_error_is_not_given_as_why_the_call_ended():
+    """A stage that failed in a turn (`error` with a `turn`) leaves the call open: it is
+    not named as the reason of a close that came later for no stated reason."""
+    async def fails_a_turn_then_drops(ws: Any) -> None:
+        await ws.recv()
+        await ws.send(json.dumps(READY))
+        await ws.send(json.dumps({"type": "error", "code": "stt_failed", "turn": 1,
+                                  "message": "the recogniser failed"}))
+        await ws.close(1011)
+
+    async with scripted_gateway(fails_a_turn_then_drops) as url:
+        async with Caller(url) as caller:
+            with pytest.raises(ConnectionError) as closed:
+                await caller.wait_for("turn_metrics", timeout=10)
+    assert str(closed.value) == "connection closed (1011) before 'turn_metrics'", closed.value
