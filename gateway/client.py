@@ -16,6 +16,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from .audio import frame_bytes
 
 EventHook = Callable[[dict[str, Any]], None]
+# How long a line found down waits for the reader to take the gateway's last messages.
+_CLOSING_S = 1.0
 
 
 @dataclass
@@ -171,14 +173,28 @@ class Caller:
         The line is a real-time microphone: 20 ms frames at real pace, silence between
         utterances, so VAD hears pauses and turn ends as it would on a real call. No audio
         returns at once (only a frame sent of it would end the wait for the line to drain).
+        A line that is down (the connection closed) raises ConnectionError: none of the
+        audio, or not all of it, went out.
         """
         if not pcm16:
             return
         if self._line is None:
             self._line = asyncio.create_task(self._run_line())
+        elif self._line.done():  # down since an earlier utterance: nothing would send this
+            raise await self._line_down()
         self._speech += pcm16
         self._drained.clear()
         await self._drained.wait()
+        if self._line.done():  # it went down under this audio, before its end went out
+            raise await self._line_down()
+
+    async def _line_down(self) -> ConnectionError:
+        """The line stopped (its send failed: the connection closed). Said once the reader
+        has taken what the gateway sent before its close: the `error` that says why."""
+        self._speech.clear()  # never to be sent
+        if self._reader is not None:
+            await asyncio.wait({self._reader}, timeout=_CLOSING_S)
+        return self._closed("the audio was sent")
 
     async def _run_line(self) -> None:
         assert self._ws is not None

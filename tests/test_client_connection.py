@@ -90,3 +90,47 @@ async def test_a_turns_error_is_not_given_as_why_the_call_ended():
             with pytest.raises(ConnectionError) as closed:
                 await caller.wait_for("turn_metrics", timeout=10)
     assert str(closed.value) == "connection closed (1011) before 'turn_metrics'", closed.value
+
+
+async def test_speaking_on_a_call_the_gateway_hung_up_raises_every_time():
+    """Review (stop 66): once the connection had closed, the line that sends the caller's
+    audio stopped at its first failed send. ``stream_audio`` then returned as if the audio
+    had gone out, and the next call (the next utterance: ``say``, a load generator's next
+    turn) waited for ever for a line that would never drain it: bench/capacity.py's callers
+    hung on a call the gateway had ended. Now each raises ConnectionError at once, saying
+    why the gateway ended the call."""
+    async with scripted_gateway(hangs_up_after_ready) as url:
+        async with Caller(url) as caller:
+            with pytest.raises(ConnectionError):  # the connection is closed
+                await caller.wait_for("turn_metrics", timeout=10)
+            for attempt in range(2):
+                with pytest.raises(ConnectionError) as closed:
+                    await asyncio.wait_for(caller.stream_audio(FRAME), 10)
+                assert str(closed.value) == ("connection closed (1000) before the audio was "
+                                             "sent; the gateway hung up (idle)"), attempt
+
+
+async def test_audio_the_gateway_stopped_taking_midway_raises_naming_its_error():
+    """Review (stop 66): the gateway closed the call while an utterance was going out (here
+    `audio_too_fast`, 1008): ``stream_audio`` returned as if all of it had been sent."""
+    async def closes_after_three_frames(ws: Any) -> None:
+        frames = 0
+        async for message in ws:
+            if isinstance(message, str):
+                await ws.send(json.dumps(READY))
+                continue
+            frames += 1
+            if frames == 3:
+                await ws.send(json.dumps({"type": "error", "code": "audio_too_fast",
+                                          "message": "audio arrives too fast"}))
+                await ws.close(1008)
+                return
+
+    async with scripted_gateway(closes_after_three_frames) as url:
+        async with Caller(url) as caller:
+            with pytest.raises(ConnectionError) as closed:  # 5 s of speech, cut short
+                await asyncio.wait_for(caller.stream_audio(FRAME * 250), 10)
+    assert str(closed.value) == ("connection closed (1008) before the audio was sent; the "
+                                 "gateway's last error: audio_too_fast: audio arrives too "
+                                 "fast"), closed.value
+
