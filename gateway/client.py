@@ -232,7 +232,8 @@ class Caller:
         comes for ``nothing_heard_ms`` after the cut turn ended (what stopped the reply
         held no words, so no turn follows).
 
-        No audio (``b""``) is refused (ValueError): there is nothing to hear, no turn."""
+        No audio (``b""``) is refused (ValueError): there is nothing to hear, no turn. A
+        connection that closes before the utterance is answered raises ConnectionError."""
         if not pcm16:
             raise ValueError("say() needs audio: no audio is no utterance, the gateway hears "
                              "nothing to answer")
@@ -245,6 +246,9 @@ class Caller:
             events = self.events[index:]
             if utterance_answered(events):
                 break
+            if self._reader is not None and self._reader.done():
+                # Closed before its answer: nothing more comes (say_text's wait raises too).
+                raise self._closed("the utterance was answered")
             now = time.monotonic()
             if (len(self.events), len(self.audio)) != seen:
                 seen, changed_at = (len(self.events), len(self.audio)), now

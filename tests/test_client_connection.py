@@ -134,3 +134,29 @@ async def test_audio_the_gateway_stopped_taking_midway_raises_naming_its_error()
                                  "gateway's last error: audio_too_fast: audio arrives too "
                                  "fast"), closed.value
 
+
+async def test_a_call_that_ends_before_the_utterance_is_answered_raises_at_once():
+    """Review (stop 66): ``say`` went on waiting after the connection closed: once the
+    gateway had sent a transcript of the utterance, for its whole timeout (60 s by default,
+    ``voicegate call --wav``'s too), then returned the turn without its answer as if the
+    call had gone on (``say_text``, whose wait raises ConnectionError, did not). Now it
+    raises at once, with the gateway's error."""
+    async def fails_the_call_on_the_first_frame(ws: Any) -> None:
+        async for message in ws:
+            if isinstance(message, str):
+                await ws.send(json.dumps(READY))
+                continue
+            await ws.send(json.dumps({"type": "transcript", "text": "what time do you open",
+                                      "final": True, "turn": 1}))
+            await ws.send(json.dumps({"type": "error", "code": "internal_error",
+                                      "message": "the call failed inside the gateway"}))
+            await ws.close(1011)
+            return
+
+    async with scripted_gateway(fails_the_call_on_the_first_frame) as url:
+        async with Caller(url) as caller:
+            with pytest.raises(ConnectionError) as closed:
+                await asyncio.wait_for(caller.say(FRAME, timeout=30), 10)
+    assert str(closed.value) == ("connection closed (1011) before the utterance was answered; "
+                                 "the gateway's last error: internal_error: the call failed "
+                                 "inside the gateway"), closed.value
