@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from .audio import frame_bytes
 
@@ -68,6 +69,7 @@ class Caller:
         self._keep_audio = keep_audio
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._read_error: Exception | None = None  # what stopped the reader, if not a close
         self._new_event = asyncio.Event()
         self._turn_audio: dict[int, bytearray] = {}
         self._current_turn = 0
@@ -122,8 +124,13 @@ class Caller:
                 if self._on_event:
                     self._on_event(event)
                 self._new_event.set()
-        except Exception:
-            pass
+        except ConnectionClosed:
+            pass  # closed abnormally (lost, a protocol error): closed_code says how
+        except Exception as exc:  # the caller's own on_event or on_audio raised (or a
+            self._read_error = exc  # message was not JSON: no gateway sends one)
+            # Nothing reads this call any more: end it (the gateway would only find the
+            # client stuck), and say why in every wait (_closed) rather than "closed (None)".
+            await self._ws.close()
         finally:
             self.closed_code = self._ws.close_code
             self._new_event.set()
@@ -158,8 +165,13 @@ class Caller:
         code = self.closed_code if self.closed_code is not None else (
             self._ws.close_code if self._ws is not None else None)
         why = _gateway_said(self.events)
-        return ConnectionError(f"connection closed ({code}) before {before}"
-                               + (f"; {why}" if why else ""))
+        if self._read_error is not None:
+            why = (f"the client closed it: reading raised {self._read_error!r} (in on_event "
+                   "or on_audio, or a message that is not JSON)")
+        closed = ConnectionError(f"connection closed ({code}) before {before}"
+                                 + (f"; {why}" if why else ""))
+        closed.__cause__ = self._read_error
+        return closed
 
     async def wait_for_answered_turn(self, start: int = 0, timeout: float = 30.0
                                      ) -> dict[str, Any]:

@@ -160,3 +160,38 @@ async def test_a_call_that_ends_before_the_utterance_is_answered_raises_at_once(
     assert str(closed.value) == ("connection closed (1011) before the utterance was answered; "
                                  "the gateway's last error: internal_error: the call failed "
                                  "inside the gateway"), closed.value
+
+
+async def test_an_event_hook_that_raises_is_named_and_the_call_ended():
+    """Review (stop 66): an exception in the caller's ``on_event`` (``voicegate call
+    --json`` piped into a reader that went away: BrokenPipeError) stopped the SDK's reader
+    silently. Every wait then raised "connection closed (None)", a close that had not
+    happened, the hook's exception lost; the connection stayed open, unread (until the
+    caller's own close, or the gateway found the client stuck). Now the wait names the
+    hook's exception (chained) and the SDK closes the call itself."""
+    gateway_saw: list[int | None] = []
+    gateway_closed = asyncio.Event()
+
+    async def sends_a_transcript(ws: Any) -> None:
+        await ws.recv()
+        await ws.send(json.dumps(READY))
+        await ws.send(json.dumps({"type": "transcript", "text": "hello", "final": False}))
+        await ws.wait_closed()
+        gateway_saw.append(ws.close_code)
+        gateway_closed.set()
+
+    def hook(event: dict[str, Any]) -> None:
+        if event["type"] == "transcript":
+            raise BrokenPipeError(32, "Broken pipe")
+
+    async with scripted_gateway(sends_a_transcript) as url:
+        async with Caller(url, on_event=hook) as caller:
+            with pytest.raises(ConnectionError) as closed:
+                await caller.wait_for("turn_metrics", timeout=10)
+            await asyncio.wait_for(gateway_closed.wait(), 10)  # closed by the SDK itself
+    assert str(closed.value) == ("connection closed (1000) before 'turn_metrics'; the client "
+                                 "closed it: reading raised BrokenPipeError(32, 'Broken pipe') "
+                                 "(in on_event or on_audio, or a message that is not JSON)"
+                                 ), closed.value
+    assert isinstance(closed.value.__cause__, BrokenPipeError)
+    assert gateway_saw == [1000]
