@@ -316,6 +316,7 @@ class Caller:
         if self._line is not None:
             self._line.cancel()
             await asyncio.gather(self._line, return_exceptions=True)
+            self._drained.set()  # audio still going out never will: its wait raises (down)
         try:
             await self.send_json({"type": "stop"})
         except Exception:

@@ -195,3 +195,26 @@ async def test_an_event_hook_that_raises_is_named_and_the_call_ended():
                                  ), closed.value
     assert isinstance(closed.value.__cause__, BrokenPipeError)
     assert gateway_saw == [1000]
+
+
+async def test_audio_still_going_out_when_the_caller_hangs_up_raises_not_waits_for_ever():
+    """Review (stop 66): ``close()`` stopped the line while another task's ``stream_audio``
+    (or ``say``) still had audio going out: nothing ever woke that wait (the line's stop is
+    a cancel, which ends it without marking the audio gone), so the task waited for ever.
+    Now it raises ConnectionError as soon as the call is closed."""
+    async def keeps_the_call(ws: Any) -> None:
+        await ws.recv()
+        await ws.send(json.dumps(READY))
+        async for _ in ws:
+            pass
+
+    async with scripted_gateway(keeps_the_call) as url:
+        caller = Caller(url)
+        await caller.connect()
+        speaking = asyncio.create_task(caller.stream_audio(FRAME * 250))  # 5 s of speech
+        await asyncio.sleep(0)  # its line started
+        await caller.close()
+        with pytest.raises(ConnectionError) as closed:
+            await asyncio.wait_for(speaking, 10)
+    assert str(closed.value).startswith("connection closed (1000) before the audio was sent"), \
+        closed.value
