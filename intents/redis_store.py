@@ -255,6 +255,15 @@ OOM_SAID = ("Redis refuses writes: its memory is full (OOM: used memory over max
 # dataset after a restart (or a replica's full sync). Reads are tried again later (the poll,
 # the subscriber say so); a refused write (a publish) is the operator's to send again.
 LOADING_SAID = "is loading its dataset: it is starting, not ready yet"
+# Said for a Redis that refuses every command for as long as its cause lasts, reads too: a
+# script running past busy-reply-threshold (-BUSY: until it ends or SCRIPT KILL stops it), a
+# replica cut off from its primary with replica-serve-stale-data no (-MASTERDOWN, redis-py
+# MasterDownError). A store that did not answer, as an unreachable one: retried, not a
+# pointer naming no version.
+BUSY_SAID = ("is busy running a script (BUSY) and serves nothing until it ends or SCRIPT KILL "
+             "stops it")
+MASTERDOWN_SAID = ("is a replica cut off from its primary and serves no reads (MASTERDOWN: "
+                   "replica-serve-stale-data no); point the Redis URL at the primary")
 
 
 def cannot_persist(exc: BaseException) -> bool:
@@ -284,6 +293,18 @@ def still_loading(exc: BaseException) -> bool:
     """Redis answered -LOADING: it is up, loading its dataset. redis-py raises it as a
     ConnectionError (BusyLoadingError), which is what an outage raises too."""
     return isinstance(exc, redis.BusyLoadingError)
+
+
+def refusing_for_now(exc: BaseException) -> str | None:
+    """What Redis is doing when it refuses every command for now (-BUSY, -MASTERDOWN), said
+    as ``BUSY_SAID`` or ``MASTERDOWN_SAID``; None for any other failure. redis-py has no class
+    for -BUSY (a ResponseError whose message starts with the code) and strips MASTERDOWN
+    from its message (its class says it)."""
+    if isinstance(exc, redis.exceptions.MasterDownError):
+        return MASTERDOWN_SAID
+    if isinstance(exc, redis.ResponseError) and str(exc).startswith("BUSY "):
+        return BUSY_SAID
+    return None
 
 
 def refused_credentials(exc: BaseException) -> bool:
@@ -349,6 +370,10 @@ class RedisStore(Store):
             if said:  # nothing written: the operator fixes Redis (its disk, URL, memory)
                 raise StoreError(f"Redis at {redacted(self.url)} ({what}): {said}. "
                                  f"Redis said: {exc}") from exc
+            said = refusing_for_now(exc)
+            if said:  # it serves nothing for now, reads neither: retried, as an outage is
+                raise StoreUnavailable(f"Redis at {redacted(self.url)} {said} ({what}): "
+                                       f"{exc}") from exc
             raise StoreError(f"Redis at {redacted(self.url)} failed ({what}): {exc}") from exc
 
     # -- audio ---------------------------------------------------------------------

@@ -318,3 +318,60 @@ class MisconfRedis(OwnRedis):
     def heal(self) -> None:
         Path(self.blocker).rmdir()
         self._bgsave("ok")
+
+
+class ReadRefusingRedis(OwnRedis):
+    """A redis-server of the test's own that ``refuse(how)`` makes refuse every read for now,
+    as a production Redis does, until ``serve()``:
+
+    - ``"busy"``: a Lua script that never ends runs; past ``busy-reply-threshold`` (set low
+      here) Redis answers every other command ``-BUSY``, until SCRIPT KILL stops the script
+      (it wrote nothing, so it may be killed).
+    - ``"masterdown"``: Redis is made a replica of a primary that is not there, with
+      ``replica-serve-stale-data no``: it answers reads ``-MASTERDOWN`` until ``REPLICAOF NO
+      ONE`` (its data is kept: no sync ever began)."""
+
+    PERSISTENCE = OwnRedis.PERSISTENCE + ("--busy-reply-threshold", "50")
+
+    def refuse(self, how: str) -> None:
+        self._how = how
+        client = _direct(self.url)
+        try:
+            if how == "busy":
+                self._script = threading.Thread(target=self._run_forever, daemon=True)
+                self._script.start()
+            else:
+                client.config_set("replica-serve-stale-data", "no")
+                client.replicaof("127.0.0.1", free_port())
+            while True:  # until a read meets the refusal
+                try:
+                    client.get("refusing:probe")
+                except redis.ResponseError as exc:
+                    if str(exc).startswith("BUSY") or \
+                            isinstance(exc, redis.exceptions.MasterDownError):
+                        return
+                    raise
+                time.sleep(0.01)
+        finally:
+            client.close()
+
+    def _run_forever(self) -> None:
+        client = _direct(self.url)
+        try:
+            client.eval("while true do end", 0)
+        except redis.ResponseError:
+            pass  # SCRIPT KILL ended it
+        finally:
+            client.close()
+
+    def serve(self) -> None:
+        client = _direct(self.url)
+        try:
+            if self._how == "busy":
+                client.script_kill()
+                self._script.join(30)
+            else:
+                client.replicaof("NO", "ONE")
+            client.get("refusing:probe")  # served again
+        finally:
+            client.close()

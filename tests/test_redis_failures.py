@@ -46,7 +46,8 @@ from intents.store import (MANIFEST_FORMAT, LocalStore, PublishUnconfirmed, Stor
 from tests.admin_support import small_faq_csv
 from tests.intents_support import shared_embedder, tone_render
 from intents.types import Audio
-from tests.redis_faults import DelayingProxy, FlakyProxy, MisconfRedis, StartingRedis
+from tests.redis_faults import (DelayingProxy, FlakyProxy, MisconfRedis, ReadRefusingRedis,
+                                StartingRedis)
 from tests.test_redis import OwnRedis
 from tests.test_redis import (REDIS_URL, bundle, free_port, hit, own_prefix, poll,
                               unavailable)
@@ -1582,5 +1583,49 @@ def test_a_restart_between_the_version_write_and_the_swap_is_said_unknown_and_re
         raw = redis.Redis.from_url(starting_redis.url)
         assert raw.hget(left[0], "seen") is not None
         raw.close()
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def read_refusing_redis(tmp_path) -> Iterator[ReadRefusingRedis]:
+    yield from _own_redis(ReadRefusingRedis, tmp_path / "read-refusing-redis")
+
+
+@pytest.mark.parametrize("how,said", [("busy", "busy"), ("masterdown", "MASTERDOWN")])
+def test_a_redis_refusing_reads_for_now_is_a_store_that_did_not_answer(
+        read_refusing_redis: ReadRefusingRedis, how: str, said: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (stop 66): Redis answering every read with a refusal that lasts only while its
+    cause does (-BUSY: a script running past busy-reply-threshold; -MASTERDOWN: a replica cut
+    off from its primary with replica-serve-stale-data no) was taken for a store that answered
+    with a pointer naming no version ("cannot read the current version"): a replica starting
+    then turned ready with no FAQ cache (every caller's question a miss) instead of staying
+    unready and trying again as for an unreachable or loading Redis. Wanted: a store that did
+    not answer, said as what Redis is doing; the serving replica keeps its version; once
+    Redis serves again, all well."""
+    monkeypatch.setattr(faq_cache, "load_cache", _loads_anything)
+    store = RedisStore(read_refusing_redis.url, prefix="vgrefusing:", timeout_s=5.0)
+    try:
+        v1 = store.publish(bundle("v1"))
+        serving = FaqCache(store, embedder=None, clock=ManualClock())  # type: ignore[arg-type]
+        assert serving.refresh() and serving.version == v1
+        read_refusing_redis.refuse(how)
+        try:
+            starting = FaqCache(store, embedder=None, clock=ManualClock())  # type: ignore[arg-type]
+            assert not starting.refresh() and starting.version is None
+            error = starting.last_error or ""
+            # Services._load keeps a replica whose store did not answer unready, and retries.
+            assert starting.store_unanswered, error
+            assert said in error and "cannot read the current version" not in error, error
+            assert not serving.refresh() and serving.version == v1
+            assert said in (serving.last_error or ""), serving.last_error
+            with pytest.raises(StoreUnavailable) as raised:
+                store.current_version()
+            assert said in str(raised.value), str(raised.value)
+        finally:
+            read_refusing_redis.serve()
+        assert starting.refresh() and starting.version == v1
+        assert not serving.refresh() and serving.last_error is None
     finally:
         store.close()
