@@ -49,7 +49,8 @@ from typing import Any, Callable, Iterable, Mapping
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from intents.redis_store import DEFAULT_PREFIX, RedisKeys, cannot_persist, glob_escape
+from intents.redis_store import (DEFAULT_PREFIX, RedisKeys, cannot_persist, glob_escape,
+                                 refusing_for_now)
 
 from . import logs
 from .redis_link import NOT_NOW, RedisHealth, failure_said, honour_cancel
@@ -293,8 +294,10 @@ class SharedStats:
         except NOT_NOW:
             raise  # a failover under way (READONLY, ...): kept, written at a later flush
         except ResponseError as exc:  # a foreign type under a key: dropped, not retried
-            if cannot_persist(exc):
-                raise  # Redis refuses writes for now (MISCONF): kept, written at a later flush
+            if cannot_persist(exc) or refusing_for_now(exc):
+                # Redis refuses writes for now (MISCONF), or everything (BUSY behind a
+                # script): kept, written at a later flush
+                raise
             self._forget_published(published)
             raise RefusedIncrement(f"cannot reset the hits of changed entries: {exc}") from exc
         self._forget_published(published)  # else (unreachable) it is written at a later flush

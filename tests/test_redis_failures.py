@@ -1629,3 +1629,33 @@ def test_a_redis_refusing_reads_for_now_is_a_store_that_did_not_answer(
         assert not serving.refresh() and serving.last_error is None
     finally:
         store.close()
+
+
+async def test_entry_marks_redis_refuses_while_busy_behind_a_script_are_written_after(
+        read_refusing_redis: ReadRefusingRedis) -> None:
+    """Review (stop 66): a replica loaded a version while Redis was busy behind a script
+    (-BUSY, past busy-reply-threshold: a ResponseError with no class of its own). Its entry
+    marks' script met -BUSY and the marks were dropped as if a foreign value had refused them:
+    the cluster's hits of the entries that version changed or dropped were never reset for it
+    (until a later publish), and degraded said "cannot reset the hits of changed entries".
+    Redis being busy is a refusal for now, as READONLY or MISCONF is: kept and written once
+    Redis serves again."""
+    url, prefix = read_refusing_redis.url, "vgbusymarks:"
+    stats = SharedStats(open_async_client(url, reconnect_once=True), prefix=prefix)
+    raw = redis.Redis.from_url(url)
+    mark = answer_mark("answer", "Nine to five.")
+    try:
+        stats.entries_published({"opening_hours": mark}, "v1")
+        read_refusing_redis.refuse("busy")
+        try:
+            with pytest.raises(redis.RedisError) as raised:
+                await stats.flush()
+            assert "BUSY" in str(raised.value), str(raised.value)
+        finally:
+            read_refusing_redis.serve()
+        assert raw.hgetall(prefix + "stats:entry_marks") == {}
+        await stats.flush()
+        assert raw.hgetall(prefix + "stats:entry_marks") == {b"opening_hours": mark.encode()}
+    finally:
+        raw.close()
+        await stats.aclose()
