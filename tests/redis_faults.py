@@ -326,12 +326,13 @@ class ReadRefusingRedis(OwnRedis):
 
     - ``"busy"``: a Lua script that never ends runs; past ``busy-reply-threshold`` (set low
       here) Redis answers every other command ``-BUSY``, until SCRIPT KILL stops the script
-      (it wrote nothing, so it may be killed).
+      (it wrote nothing, so it may be killed). The threshold is set by its older name,
+      ``lua-time-limit``, which Redis 6 (Ubuntu 22.04's apt package) knows too.
     - ``"masterdown"``: Redis is made a replica of a primary that is not there, with
       ``replica-serve-stale-data no``: it answers reads ``-MASTERDOWN`` until ``REPLICAOF NO
       ONE`` (its data is kept: no sync ever began)."""
 
-    PERSISTENCE = OwnRedis.PERSISTENCE + ("--busy-reply-threshold", "50")
+    PERSISTENCE = OwnRedis.PERSISTENCE + ("--lua-time-limit", "50")
 
     def refuse(self, how: str) -> None:
         self._how = how
