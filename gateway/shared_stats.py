@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Mapping
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from intents.redis_store import (DEFAULT_PREFIX, RedisKeys, cannot_persist, glob_escape,
+from intents.redis_store import (DEFAULT_PREFIX, RedisKeys, glob_escape, refused_writes,
                                  refusing_for_now)
 
 from . import logs
@@ -294,9 +294,9 @@ class SharedStats:
         except NOT_NOW:
             raise  # a failover under way (READONLY, ...): kept, written at a later flush
         except ResponseError as exc:  # a foreign type under a key: dropped, not retried
-            if cannot_persist(exc) or refusing_for_now(exc):
-                # Redis refuses writes for now (MISCONF), or everything (BUSY behind a
-                # script): kept, written at a later flush
+            if refused_writes(exc) or refusing_for_now(exc):
+                # Redis refuses writes for now (MISCONF, NOREPLICAS, ...), or everything
+                # (BUSY behind a script): kept, written at a later flush
                 raise
             self._forget_published(published)
             raise RefusedIncrement(f"cannot reset the hits of changed entries: {exc}") from exc

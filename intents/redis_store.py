@@ -251,6 +251,11 @@ READONLY_SAID = ("Redis refuses writes: it is a read-only replica (READONLY); po
 OOM_SAID = ("Redis refuses writes: its memory is full (OOM: used memory over maxmemory); "
             "raise maxmemory or free memory, and keep maxmemory-policy noeviction (an "
             "evicting policy drops published versions and audio)")
+# Said for a write Redis refuses because fewer replicas than min-replicas-to-write are in
+# sync with it (-NOREPLICAS: a ResponseError redis-py has no class for), for as long as they lag.
+NOREPLICAS_SAID = ("Redis refuses writes: fewer replicas than min-replicas-to-write are in "
+                   "sync with it (NOREPLICAS); bring its replicas back or lower "
+                   "min-replicas-to-write")
 # Said for a Redis that answers -LOADING (redis-py BusyLoadingError): still loading its
 # dataset after a restart (or a replica's full sync). Reads are tried again later (the poll,
 # the subscriber say so); a refused write (a publish) is the operator's to send again.
@@ -275,9 +280,9 @@ def cannot_persist(exc: BaseException) -> bool:
 def refused_writes(exc: BaseException) -> str | None:
     """Why Redis refused a write, said with its fix, when the refusal is Redis's state, not
     the write's (a key of a foreign type): it cannot persist (-MISCONF), it is a read-only
-    replica (-READONLY), its memory is full (-OOM). None for any other failure. redis-py
-    strips the codes it has a class for from the message: the class says which, the code
-    is checked too (a reply it did not map)."""
+    replica (-READONLY), its memory is full (-OOM), its replicas lag (-NOREPLICAS). None for
+    any other failure. redis-py strips the codes it has a class for from the message: the
+    class says which, the code is checked too (a reply it did not map)."""
     if not isinstance(exc, redis.ResponseError):
         return None
     if cannot_persist(exc):
@@ -286,6 +291,8 @@ def refused_writes(exc: BaseException) -> str | None:
         return READONLY_SAID
     if isinstance(exc, redis.OutOfMemoryError) or str(exc).startswith("OOM "):
         return OOM_SAID
+    if str(exc).startswith("NOREPLICAS "):
+        return NOREPLICAS_SAID
     return None
 
 

@@ -1306,12 +1306,17 @@ READONLY_SAID = ("Redis refuses writes: it is a read-only replica (READONLY); po
 OOM_SAID = ("Redis refuses writes: its memory is full (OOM: used memory over maxmemory); "
             "raise maxmemory or free memory, and keep maxmemory-policy noeviction (an "
             "evicting policy drops published versions and audio)")
+# Review (stop 66): -NOREPLICAS (min-replicas-to-write, fewer replicas in sync) said too.
+NOREPLICAS_SAID = ("Redis refuses writes: fewer replicas than min-replicas-to-write are in "
+                   "sync with it (NOREPLICAS); bring its replicas back or lower "
+                   "min-replicas-to-write")
 
 
 def _refusing_writes_for(kind: str, own: OwnRedis) -> tuple[Any, Any]:
     """How to make ``own`` refuse every write as ``kind`` says, and how to undo it:
     -READONLY (made a replica of a master that is not there: it keeps its dataset and serves
-    reads), -OOM (maxmemory below what it uses, with the default noeviction policy)."""
+    reads), -OOM (maxmemory below what it uses, with the default noeviction policy),
+    -NOREPLICAS (min-replicas-to-write 1, and it has none)."""
     def configure(*command: str) -> None:
         raw = redis.Redis.from_url(own.url)
         try:
@@ -1321,6 +1326,9 @@ def _refusing_writes_for(kind: str, own: OwnRedis) -> tuple[Any, Any]:
     if kind == "readonly":
         return (lambda: configure("REPLICAOF", "127.0.0.1", str(free_port())),
                 lambda: configure("REPLICAOF", "NO", "ONE"))
+    if kind == "noreplicas":
+        return (lambda: configure("CONFIG", "SET", "min-replicas-to-write", "1"),
+                lambda: configure("CONFIG", "SET", "min-replicas-to-write", "0"))
     return (lambda: configure("CONFIG", "SET", "maxmemory", "1"),
             lambda: configure("CONFIG", "SET", "maxmemory", "0"))
 
@@ -1330,7 +1338,8 @@ def own_redis(tmp_path) -> Iterator[OwnRedis]:
     yield from _own_redis(OwnRedis, tmp_path / "own-redis")
 
 
-@pytest.mark.parametrize("kind,said", [("readonly", READONLY_SAID), ("oom", OOM_SAID)])
+@pytest.mark.parametrize("kind,said", [("readonly", READONLY_SAID), ("oom", OOM_SAID),
+                                       ("noreplicas", NOREPLICAS_SAID)])
 def test_a_publish_redis_refuses_as_a_read_only_replica_or_full_says_why_and_the_fix(
         own_redis: OwnRedis, kind: str, said: str) -> None:
     """Review (stop 64): a publish (admin API, `voicegate seed`) Redis refused as a read-only
@@ -1656,6 +1665,33 @@ async def test_entry_marks_redis_refuses_while_busy_behind_a_script_are_written_
         assert raw.hgetall(prefix + "stats:entry_marks") == {}
         await stats.flush()
         assert raw.hgetall(prefix + "stats:entry_marks") == {b"opening_hours": mark.encode()}
+    finally:
+        raw.close()
+        await stats.aclose()
+
+
+async def test_entry_marks_redis_refuses_for_want_of_replicas_are_kept_and_said(
+        own_redis: OwnRedis) -> None:
+    """Review (stop 66): Redis with min-replicas-to-write and fewer replicas in sync refuses
+    every write with -NOREPLICAS (a ResponseError with no class of its own), for as long as its
+    replicas lag: the marks of a version loaded meanwhile were dropped as if a foreign value had
+    refused them ("cannot reset the hits of changed entries"): the cluster's hits of the
+    entries it changed were never reset for it. Wanted: kept and written once Redis writes
+    again, the refusal said with its fix, as -MISCONF is."""
+    refuse_writes, heal = _refusing_writes_for("noreplicas", own_redis)
+    prefix = "vgnoreplicas:"
+    stats = SharedStats(open_async_client(own_redis.url, reconnect_once=True), prefix=prefix)
+    raw = redis.Redis.from_url(own_redis.url)
+    try:
+        refuse_writes()
+        stats.entries_published({"e1": "m1"}, version="v1")
+        with pytest.raises(redis.RedisError) as raised:
+            await stats.flush()
+        assert NOREPLICAS_SAID in failure_said(raised.value), failure_said(raised.value)
+        assert stats._published is not None, "the entry marks Redis refused were dropped"
+        heal()
+        await stats.flush()
+        assert raw.hgetall(prefix + "stats:entry_marks") == {b"e1": b"m1"}
     finally:
         raw.close()
         await stats.aclose()
