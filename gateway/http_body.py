@@ -3,7 +3,7 @@ than it allows, nor waits for the rest of a body for longer than ``body_timeout_
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .clock import SYSTEM_CLOCK, Clock, Expired, deadline
@@ -16,6 +16,12 @@ class BodyTooLarge(Exception):
 class BodyTimeout(Exception):
     """The body did not arrive in full in time: answer 408 with ``closing`` (the rest of
     it, if it ever comes, must not be read as the next request)."""
+
+
+class BodyAbandoned(Exception):
+    """The client closed its connection before its body arrived in full (an interrupted
+    upload, a dropped link): nothing was done, and the answer reaches nobody. Starlette's
+    ``ClientDisconnect`` escaping the handler was logged by uvicorn as an ERROR traceback."""
 
 
 async def read_body(request: Request, limit: int, timeout_s: float,
@@ -36,6 +42,9 @@ async def read_body(request: Request, limit: int, timeout_s: float,
                 body += chunk
                 if len(body) > limit:
                     raise BodyTooLarge(f"the body is larger than {limit} bytes")
+    except ClientDisconnect:
+        raise BodyAbandoned(f"the client closed the connection before its body arrived in "
+                            f"full ({len(body)} bytes by then)") from None
     except Expired:
         raise BodyTimeout(f"the body did not arrive in full within {timeout_s:g} s "
                           f"({len(body)} bytes by then; VOICEGATE_BODY_TIMEOUT_S)") from None

@@ -29,7 +29,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .collector import CollectorPolicy
 from .faq_cache import FaqCache
 from .hedge import HedgedChat
-from .http_body import BodyTimeout, BodyTooLarge, read_body
+from .http_body import BodyAbandoned, BodyTimeout, BodyTooLarge, read_body
 from .route_batcher import RoutingLanes
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
@@ -389,8 +389,8 @@ class Services:
         """A request's body, at most ``limit`` bytes and in full within
         ``settings.body_timeout_s`` (``BodyTooLarge``, ``BodyTimeout``: gateway/http_body.py).
         A body refused is counted here (``body_timeout``, answered 408; ``body_too_large``,
-        413), where every handler that answers it reads it, as every refusal is counted
-        under its code."""
+        413; ``body_abandoned``, its client gone: ``BodyAbandoned``), where every handler
+        that answers it reads it, as every refusal is counted under its code."""
         try:
             return await read_body(request, limit, self.settings.body_timeout_s, self.clock)
         except BodyTimeout as exc:
@@ -398,6 +398,9 @@ class Services:
             raise
         except BodyTooLarge as exc:
             self._refuse_body("body_too_large", request, exc)
+            raise
+        except BodyAbandoned as exc:
+            self._refuse_body("body_abandoned", request, exc)
             raise
 
     def _refuse_body(self, code: str, request: Request, reason: Exception) -> None:

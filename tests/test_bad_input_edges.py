@@ -238,6 +238,54 @@ async def test_a_request_whose_body_stalls_gets_408_at_its_deadline(path, conten
     assert 'voicegate_errors_total{code="body_timeout"} 1.0' in metrics, metrics
 
 
+@pytest.mark.parametrize("path, content_type", [
+    ("/admin/seed", "text/csv"),
+    ("/admin/entries", "application/json"),
+    ("/twilio/voice", "application/x-www-form-urlencoded"),
+])
+async def test_a_client_gone_before_its_body_arrived_is_counted_not_a_traceback(
+        path, content_type, tmp_path, caplog):
+    """Review (stop 66): a client that closed its connection before its body had arrived in
+    full (curl interrupted mid-upload, a dropped link; anyone, on the Twilio webhook) made
+    Starlette's ``ClientDisconnect`` escape the handler: uvicorn logged "Exception in ASGI
+    application" with a traceback at ERROR for each, and nothing was counted. It is now
+    counted as ``body_abandoned`` and logged as the other refused bodies are (one line,
+    throttled, no traceback); the handler ends normally, nothing done."""
+    app = _warm_app(tmp_path / "store", ManualClock())
+    first = True
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b"question,answer\n", "more_body": True}
+        return {"type": "http.disconnect"}  # the client is gone: the rest never comes
+
+    async def send(message: dict[str, Any]) -> None:
+        pass  # a real server drops what is sent to a closed connection
+
+    headers = [(b"host", b"gateway"), (b"content-type", content_type.encode()),
+               (b"content-length", b"1000"),
+               (b"authorization", ADMIN["Authorization"].encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "root_path": "", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080)}
+    with caplog.at_level(logging.INFO):
+        await asyncio.wait_for(app(scope, receive, send), 5)  # raised ClientDisconnect
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], \
+        caplog.text
+    assert (f"body_abandoned path={path} client=127.0.0.1: the client closed the connection "
+            f"before its body arrived in full (16 bytes by then)") in caplog.text, caplog.text
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=ADMIN) as client:
+        stats = (await client.get("/admin/stats")).json()
+        metrics = (await client.get("/metrics")).text
+    assert stats["errors"] == {"body_abandoned": 1}, stats["errors"]
+    assert 'voicegate_errors_total{code="body_abandoned"} 1.0' in metrics, metrics
+    assert not (tmp_path / "store" / "CURRENT").exists()
+
+
 @pytest.mark.parametrize("path, content_type, limit", [
     ("/admin/seed", "text/csv", 5 * 1024 * 1024),
     ("/admin/entries", "application/json", 1024 * 1024),

@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Match, Route
 from cache_seed import (SeedCancelled, SeedError, SeedValidationError, TooManyNewAnswers,
                         parse_target_wrong_rate)
 
-from ..http_body import BodyTimeout, BodyTooLarge, closing
+from ..http_body import BodyAbandoned, BodyTimeout, BodyTooLarge, closing
 from ..protocol import LONE_SURROGATE, has_lone_surrogate
 from ..services import Services
 from ..stats import MISSED_KEPT
@@ -200,6 +200,8 @@ async def _json_body(request: Request) -> Any:
         return error(str(exc), 413)
     except BodyTimeout as exc:
         return closing(error(f"{exc}; nothing was changed", 408))
+    except BodyAbandoned as exc:  # nobody reads this answer; counted and logged, as refused
+        return error(f"{exc}; nothing was changed", 400)
     except RecursionError:
         return _bad_request(request, "the body is not usable JSON: nested too deeply")
     except (ValueError, UnicodeDecodeError) as exc:  # incl. integers of over 4,300 digits
@@ -354,6 +356,8 @@ async def seed_upload(request: Request, services: Services) -> Response:
     except BodyTimeout as exc:
         return closing(error(f"the upload stalled: {exc}; nothing published, the previous "
                              "version keeps serving", 408))
+    except BodyAbandoned as exc:  # nobody reads this answer; counted and logged, as refused
+        return error(f"{exc}; nothing published, the previous version keeps serving", 400)
     # curl -d strips CR and LF; a lone CR is a line break too (Excel's "CSV (Macintosh)")
     if media == _FORM and not any(b in body.strip() for b in b"\r\n"):
         return _bad_request(request, _how_to_upload(

@@ -40,7 +40,7 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from .. import logs
-from ..http_body import BodyTimeout, BodyTooLarge, closing
+from ..http_body import BodyAbandoned, BodyTimeout, BodyTooLarge, closing
 from ..services import Services
 from ..settings import redact_url
 from .twilio_ended import TRANSFERRED
@@ -185,6 +185,8 @@ async def signed_form(request: Request) -> tuple[ImmutableMultiDict[str, str], s
         return PlainTextResponse(str(exc), status_code=413)
     except BodyTimeout as exc:
         return closing(PlainTextResponse(str(exc), status_code=408))
+    except BodyAbandoned as exc:  # the poster is gone: nobody reads this answer
+        return PlainTextResponse(str(exc), status_code=400)
     params = ImmutableMultiDict(parse_qsl(body, keep_blank_values=True))
     base = public_base_url(request, services.settings.public_url)
     # Twilio signs the exact URL it requested, query string included, plus the form fields.
