@@ -272,3 +272,35 @@ async def test_an_entry_is_found_by_its_intent_name_by_get_as_by_delete(tmp_path
         for path in (f"/admin/entries/{card_id}", "/admin/entries/Card%20lost"):
             gone = await client.get(path)
             assert gone.status_code == 404, (path, gone.text)
+
+
+async def test_an_edit_rebuilds_the_versions_rows_off_the_serving_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (stop 66): an entry edit, a deletion and a promotion rebuilt every row of the
+    serving version (one per question) on the serving event loop, before handing them to
+    the worker thread that validates them: for a FAQ of tens of thousands of questions a
+    tenth of a second and more in which no call on the replica got a frame. The rows are
+    now rebuilt on the worker thread, as they are validated."""
+    import threading
+
+    import gateway.admin.publish as publish
+
+    store = LocalStore(tmp_path / "store")
+    cli_seed(store, small_faq_csv())
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh()
+    publisher, _ = publisher_on(cache)
+    loop_thread = threading.get_ident()
+    rebuilt_on: list[int] = []
+    rows_from_manifest = publish.rows_from_manifest
+
+    def recorded(manifest):
+        rebuilt_on.append(threading.get_ident())
+        return rows_from_manifest(manifest)
+
+    monkeypatch.setattr(publish, "rows_from_manifest", recorded)
+    await publisher.upsert_entry({"intent": "lost_card", "answer": "Call us to block it.",
+                                  "questions": ["I lost my card", "my card was stolen"]})
+    await publisher.delete_entry("lost_card")
+    assert len(rebuilt_on) == 2 and loop_thread not in rebuilt_on, (
+        "the version's rows were rebuilt on the serving loop")

@@ -355,13 +355,9 @@ class Publisher:
             answer = None
         if action is _KEEP:
             action = None
-        kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
         changed = [{"question": q, "answer": answer or "", "intent": entry_id,
                     "action": action or ""} for q in questions]
-        rows = changed + kept
-        labels = [RowLabel(entry_id, r["question"], True) for r in changed] + \
-                 [RowLabel(r["intent"], r["question"], False) for r in kept]
-        plan = await off_loop(_parse_labelled, rows, labels, f"entry {entry_id}")
+        plan = await off_loop(_rebuilt_plan, manifest, entry_id, changed, f"entry {entry_id}")
         report = await self._publish(plan, f"admin: entry {entry_id}",
                                      self._target_wrong_rate(manifest),
                                      manifest.get("negatives") or (), base)
@@ -377,14 +373,8 @@ class Publisher:
         if existing is None:
             raise EntryNotFound(entry_id)
         entry_id = existing["intent"]
-        kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
-        if not kept:  # parse_seed_rows would say "no rows after the header": whose?
-            raise LabelledValidationError([{
-                "line": None, "entry": entry_id, "question": None, "changed": True,
-                "reason": f"{entry_id!r} is the only entry: a version keeps at least one; "
-                          "publish a new seed (POST /admin/seed) to replace it"}])
-        labels = [RowLabel(r["intent"], r["question"], False) for r in kept]
-        plan = await off_loop(_parse_labelled, kept, labels, f"without entry {entry_id}")
+        plan = await off_loop(_rebuilt_plan, manifest, entry_id, [],
+                              f"without entry {entry_id}")
         return await self._publish(plan, f"admin: delete {entry_id}",
                                    self._target_wrong_rate(manifest),
                                    manifest.get("negatives") or (), base)
@@ -436,6 +426,22 @@ class LabelledValidationError(ValueError):
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         self.errors = errors
         super().__init__(f"{len(errors)} validation error(s), nothing published")
+
+
+def _rebuilt_plan(manifest: Mapping[str, Any], entry_id: str,
+                  changed: list[dict[str, str]], source: str) -> SeedPlan:
+    """The version's rows with entry ``entry_id``'s replaced by ``changed`` (none: deleted),
+    validated. Blocking: a version of tens of thousands of questions takes a tenth of a
+    second and more to rebuild, which on the serving loop every call would wait out."""
+    kept = [row for row in rows_from_manifest(manifest) if row["intent"] != entry_id]
+    if not changed and not kept:  # parse_seed_rows would say "no rows after the header": whose?
+        raise LabelledValidationError([{
+            "line": None, "entry": entry_id, "question": None, "changed": True,
+            "reason": f"{entry_id!r} is the only entry: a version keeps at least one; "
+                      "publish a new seed (POST /admin/seed) to replace it"}])
+    labels = [RowLabel(entry_id, r["question"], True) for r in changed] + \
+             [RowLabel(r["intent"], r["question"], False) for r in kept]
+    return _parse_labelled(changed + kept, labels, source)
 
 
 def _parse_labelled(rows: Sequence[Mapping[str, str]], labels: Sequence[RowLabel],
