@@ -373,9 +373,28 @@ def _route(args: argparse.Namespace) -> int:
         print(f"voicegate route: {exc}", file=sys.stderr)
         return 1
     bad_lines: list[int] = []
-    for result in route_lines(cache.router, _utf8_lines(sys.stdin.buffer, bad_lines)):
-        print(json.dumps(result), flush=True)
+    try:
+        for result in route_lines(cache.router, _utf8_lines(sys.stdin.buffer, bad_lines)):
+            print(json.dumps(result), flush=True)
+    except BrokenPipeError:  # the reader stopped reading (`| head`): stop, quietly
+        _discard_stdout()
+        return 1
     return 1 if bad_lines else 0
+
+
+def _discard_stdout() -> None:
+    """stdout's reader is gone: what is left in its buffer goes to /dev/null, so the
+    interpreter's flush at exit does not fail again ("Exception ignored ... BrokenPipeError")."""
+    fileno = getattr(sys.stdout, "fileno", None)
+    try:
+        if fileno is not None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, fileno())
+            finally:
+                os.close(devnull)
+    except (OSError, ValueError):  # no file behind it (closed, or not a file): nothing to flush
+        pass
 
 
 def _utf8_lines(stream: Any, bad_lines: list[int]) -> Iterator[str]:
@@ -430,7 +449,8 @@ _STORE_HELP = "cache directory (default: VOICEGATE_STORE_DIR); wins over a Redis
 
 EXIT_STATUS = ("exit status: 0 done; 1 the command ran and failed (invalid rows in a CSV, a "
                "store or gateway that cannot be reached, a model that does not load, a port "
-               "serve cannot listen on, a `route` input line that is not UTF-8); 2 a usage "
+               "serve cannot listen on, a `route` input line that is not UTF-8 or output its "
+               "reader stopped reading); 2 a usage "
                "error, found before any work (a bad "
                "argument or VOICEGATE_* setting, an input file that is missing or cannot be "
                "read, a store directory (--store or VOICEGATE_STORE_DIR) that is not a directory "

@@ -514,6 +514,51 @@ def test_route_command_says_which_stdin_line_is_not_utf8_and_routes_the_rest(
     assert [r["text"] for r in rows] == ["when are you open", "is my money FDIC insured"]
 
 
+def test_route_command_whose_reader_stops_reading_stops_quietly(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review (stop 66): `voicegate route < questions.txt | head -1` ended on a
+    BrokenPipeError traceback once head had exited (the next line's print). The command now
+    stops routing at once, says nothing (the reader asked for no more), and exits 1: not all
+    of its output was read."""
+    import sys
+
+    import gateway.runtime
+    from gateway import cli
+
+    class ReaderGone:
+        """stdout whose reader exits after the first line, as `| head -1` does."""
+
+        def __init__(self) -> None:
+            self.out: list[str] = []
+            self.flushed = False
+            self.refused = 0
+
+        def write(self, text: str) -> int:
+            if self.flushed:
+                self.refused += 1
+                raise BrokenPipeError(32, "Broken pipe")
+            self.out.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            self.flushed = True
+
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings, **_: shared_embedder())
+    monkeypatch.delenv("VOICEGATE_CONFIG", raising=False)
+    lines = "".join(f"when are you open on day {n}\n" for n in range(50)).encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
+    stdout = ReaderGone()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        code = cli.main(["route", "--store", _seeded_bank_store()])
+    except BrokenPipeError as exc:
+        pytest.fail(f"`voicegate route | head -1` raised {exc!r}")
+    assert code == 1
+    assert capsys.readouterr().err == ""
+    assert json.loads("".join(stdout.out))["text"] == "when are you open on day 0"
+    assert stdout.refused == 1  # no line routed after the reader was gone
+
+
 def _stated_precision(promise: str) -> float:
     found = re.search(r"at least ([0-9.]+)% of cached answers are right", promise)
     assert found, promise
