@@ -136,8 +136,8 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
     ``replaces``: the version the plan was built from; another one current at publish time
     raises ``StoreConflict`` (``Store.publish``). ``limit``: more new answers than it allows
     raise ``TooManyNewAnswers`` before any renders. ``cancel``: once set, the seed stops
-    before its next answer or before publishing (``SeedCancelled``); a publish under way
-    completes. ``on_progress``: told each phase and each answer rendered (``SeedProgress``).
+    before its next answer, before calibrating or before publishing (``SeedCancelled``); a
+    publish under way completes. ``on_progress``: told each phase and each answer rendered (``SeedProgress``).
     ``jobs``: classifiers the calibration fits at once (``train_router``; 1 inside a serving
     gateway, whose calls need the other cores).
 
@@ -146,6 +146,10 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
     tell = on_progress or _ignore_progress
     entries, rendered, reused = render_answers(plan, store, render, voice_id, progress,
                                                limit, cancel, tell)
+    if cancel is not None and cancel.is_set():
+        # Asked while it validated (nothing to render) or rendered its last answer: the
+        # calibration (minutes for a large seed) would run only to be thrown away.
+        raise SeedCancelled("seed cancelled before calibrating; nothing published")
     tell(SeedProgress("calibrating", rendered, rendered, reused))
     embedder = embedder or Embedder()
     trained = train_router(embedder, plan.questions, plan.intents, entries,

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 import intents.store as store_module
 from cache_seed.seed import SeedReport
 from cache_seed import (NewAnswerLimit, RenderError, SeedCancelled, TooManyNewAnswers,
-                        read_seed_csv, seed)
+                        parse_seed_csv, read_seed_csv, seed, seed_plan)
 from gateway.app import create_app
 from gateway.clock import ManualClock
 from gateway.faq_cache import FaqCache
@@ -205,6 +205,46 @@ def test_a_seed_cancelled_after_its_last_answer_still_publishes_nothing(
     with pytest.raises(SeedCancelled, match="cancelled while calibrating; nothing published"):
         seed(BANK_FAQ, store, CountingRender(), "voice-a", progress=False,
              embedder=intent_embedder, cancel=cancel)
+    assert store.current_version() is None and store.versions() == []
+
+
+def test_a_seed_cancelled_before_its_calibration_does_not_calibrate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (stop 66): a cancel that came while the seed validated (an upload whose answers
+    the store all has: nothing to render) or while its last answer rendered was first
+    checked once the calibration had ended: seconds for a few hundred questions, minutes for
+    ten thousand, on the gateway's CPU beside its calls, for a seed nobody wanted, its lock
+    held (every other seed 409) and GET /admin/seed showing it calibrating. It now stops
+    before calibrating."""
+    store = LocalStore(tmp_path / "store")
+    plan = parse_seed_csv(small_faq_csv().encode())
+    answers = len({e.answer for e in plan.entries.values() if e.answer})
+    calibrated: list[bool] = []
+    real_train = seed_module.train_router
+
+    def train(*args, **kwargs):
+        calibrated.append(True)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(seed_module, "train_router", train)
+    cancel = threading.Event()
+    rendered: list[str] = []
+
+    def render(text: str) -> tuple[bytes, int]:
+        rendered.append(text)
+        if len(rendered) == answers:  # cancelled while its last answer renders
+            cancel.set()
+        return tone_render(text)
+
+    with pytest.raises(SeedCancelled, match="before calibrating; nothing published"):
+        seed_plan(plan, store, render, "tone", progress=False, embedder=shared_embedder(),
+                  cancel=cancel)
+    assert len(rendered) == answers and calibrated == []
+    # Nothing to render (the store has every answer now), cancelled while it validated.
+    with pytest.raises(SeedCancelled, match="before calibrating; nothing published"):
+        seed_plan(plan, store, render, "tone", progress=False, embedder=shared_embedder(),
+                  cancel=cancel)
+    assert len(rendered) == answers and calibrated == []
     assert store.current_version() is None and store.versions() == []
 
 

@@ -114,8 +114,8 @@ class Publisher:
         self.status = SeedStatus()
 
     def cancel(self) -> bool:
-        """Ask the seed under way to stop before its next answer (or before publishing, once
-        its calibration ends); False when no seed runs, or it has published already
+        """Ask the seed under way to stop before its next answer (or before calibrating, or
+        once a calibration under way ends); False when no seed runs, or it has published already
         (``published_under_way``). A publish under way completes."""
         if self._cancel is None or self.published_under_way is not None:
             return False

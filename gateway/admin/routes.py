@@ -405,8 +405,9 @@ async def cancel_seed(request: Request, services: Services) -> Response:
     if not publisher.cancel():
         return error("no seed is running: nothing to cancel", 409)
     return JSONResponse({"cancelling": True,
-                         "detail": "the seed under way stops before its next answer (or once "
-                                   "its calibration ends) and publishes nothing; its request "
+                         "detail": "the seed under way stops before its next answer (or before "
+                                   "its calibration, or once a calibration under way ends) "
+                                   "and publishes nothing; its request "
                                    "answers 409 with the error. A seed already publishing "
                                    "completes"}, status_code=202)
 
