@@ -306,6 +306,29 @@ async def test_windows_the_vad_failed_to_score_still_reach_the_recogniser():
     assert other.output.of("error") == [] and "vad_failed" not in other.stats.errors
 
 
+async def test_words_the_vad_could_not_score_during_a_pause_are_in_the_final():
+    """Review (stop 66): with early finals (the embedded recognisers'), words the caller
+    said during a pause while the VAD failed were lost. The windows reached the recogniser
+    (stop 65), but the pause's early decode, started before them, stood as the final when
+    the turn ended with no speech scored since: "please book ... a table" was answered as
+    "please book". Wanted: a window the VAD could not score mid-pause may be the caller's
+    words, so the pause's early decode and signals are dropped (as when speech resumes),
+    and the pause is armed afresh, its early decode of all the audio, once the VAD scores
+    a quiet window again."""
+    h = await CallHarness(early_finals=True).start()
+    await h.say("please book", then_silence_ms=160)  # paused: the early decode is armed
+    assert h.stt.streams[0].paused_hints == 1
+    h.vad.fail_next = 10_000  # out while the caller goes on
+    await h.feed(h.vocabulary.audio("a table"))
+    h.vad.fail_next = 0
+    await h.silence(1500)
+    await h.stop()
+    assert h.stats.errors["vad_failed"] >= 1
+    assert h.transcripts() == ["please book a table"]
+    assert [e["source"] for e in h.output.of("response")] == ["llm"]
+    assert h.llm.requests[-1][-1]["content"] == "please book a table"
+
+
 async def test_a_barge_in_keeps_the_callers_first_word():
     h = CallHarness()
     h.llm.reply = " ".join(f"Sentence {i} of a long answer." for i in range(30))

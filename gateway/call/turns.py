@@ -164,7 +164,8 @@ class TurnDetector:
         lost, and the segmenter holds still: a window of unknown voice neither confirms
         speech (no barge-in) nor counts as silence (no turn end, here or in
         ``end_turn_if_due``), up to ``UNSCORED_TURN_END_MS`` of them in a row
-        mid-utterance: the VAD is out, and the turn ends there."""
+        mid-utterance: the VAD is out, and the turn ends there. Mid-pause, such a window
+        ends the pause as speech resuming would (``_unscored_in_pause``)."""
         signals: list[TurnSignal] = []
         self._windows += 1
         if self.in_utterance:
@@ -179,6 +180,8 @@ class TurnDetector:
         # Unscored: the segmenter holds (no event), its silence and voiced time unchanged.
         events = self._segmenter.push(prob) if prob is not None else []
         self._unscored_ms = self._unscored_ms + WINDOW_MS if prob is None else 0.0
+        if prob is None and self.in_utterance and self._paused:
+            signals.append(self._unscored_in_pause())
         if self.in_utterance and self._unscored_ms >= UNSCORED_TURN_END_MS:
             if not self._paused:  # speaking when the VAD failed: their end is unknown
                 self._speech_end_at = at
@@ -214,7 +217,7 @@ class TurnDetector:
                     signals.append(SpeechResumed(self.pause))
             elif event is SegmentEvent.TURN_END:
                 signals.append(self._end_turn(at))
-        if self.in_utterance and not self._paused and \
+        if self.in_utterance and not self._paused and prob is not None and \
                 self._segmenter.silence_ms >= self._settings.early_final_after_ms:
             self._paused = True
             self.pause += 1
@@ -222,6 +225,17 @@ class TurnDetector:
             self.policy.awaiting_early = early is not None
             signals.append(SpeechPaused(self.pause, early, bytes(self._audio)))
         return signals
+
+    def _unscored_in_pause(self) -> SpeechResumed:
+        """A window the VAD could not score mid-pause may be the caller's next words, which
+        the pause's early decode (the final-to-be: the embedded recognisers') never heard:
+        the pause is over as if speech resumed, its signals stale. It is armed afresh, its
+        early decode reading all the audio, once the VAD scores a window again."""
+        self.policy.reset()
+        self._noted = {}
+        self._paused = False
+        self._hint("speech_resumed")
+        return SpeechResumed(self.pause)
 
     async def _send(self, pcm16: bytes) -> None:
         """Audio for the recogniser. One that refuses it (a remote socket gone) must not stop
