@@ -510,6 +510,60 @@ async def test_spoken_words_stopped_by_a_key_are_not_asked_with_later_speech():
     assert asked == ["the caller pressed 5", "what are your hours"], asked
 
 
+async def test_keys_a_stopped_turn_asked_are_not_asked_again_by_the_key_that_stops_it():
+    """Review (stop 66): keys asked once were asked twice. The caller keys 4 while saying
+    "my account number is": the keys go into that turn, and the agent is asked "the caller
+    pressed 4 my account number is" (the exchange written). Before it says a word the caller
+    keys 2 and #: the key stops that reply and its keys turn took the carried 4 up again,
+    asking "the caller pressed 4 the caller pressed 2" while the stopped exchange, which
+    asked the 4 already, stayed in the context: the model read 4 pressed twice (an account
+    number 4 4 2). Wanted: the superseded words' exchange is taken back (they are not
+    asked, as the docs say), so every key reaches the agent once, in the order pressed."""
+    h = CallHarness(settings={"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.reply = "Okay."
+    h.llm.first_token_s = 2.0  # the agent thinks while the caller keys on
+    await h.start()
+    await h.feed(h.vocabulary.audio("my account"))
+    h.call.feed_dtmf("4")
+    await h.say("number is", then_silence_ms=600)  # the turn ends; the agent is asked
+    assert [r[-1]["content"] for r in h.llm.requests] == [
+        "the caller pressed 4 my account number is"]
+    h.call.feed_dtmf("2")  # stops the reply before it spoke
+    h.call.feed_dtmf("#")
+    await h.wait(4000)
+    await h.stop()
+    asked = [m["content"] for m in h.llm.requests[-1] if m["role"] == "user"]
+    assert asked == ["the caller pressed 4 the caller pressed 2"], asked
+    assert [e["source"] for e in h.output.of("response")] == ["llm"]
+
+
+async def test_carried_keys_a_stopped_keypad_turn_asked_are_not_asked_again_by_speech():
+    """Review (stop 66), with the test above: a keypad turn that took carried keys up and
+    asked them, stopped by the caller's speech before it spoke, handed them back to the
+    carry while its exchange, which asked them, stayed in the context: the spoken turn
+    asked them again ("the caller pressed 4 the caller pressed 5", then "the caller pressed
+    4 hello there"). Wanted: keys a stopped keypad turn asked stay asked, once."""
+    h = CallHarness(decode_s=1.0, settings={"keypad_pause_s": 0.5, "idle_prompt_s": 0})
+    h.llm.reply = "Okay."
+    h.llm.first_token_s = 2.0  # the agent thinks while the caller goes on
+    await h.start()
+    await h.feed(h.vocabulary.audio("my account"))
+    h.call.feed_dtmf("4")  # its pause runs out mid-utterance: carried into the turn
+    await h.say("number is one of these", then_silence_ms=500)
+    h.call.feed_dtmf("5")  # stops that reply while its final decodes (nothing asked yet)
+    await h.wait(800)  # 5's pause runs out: its turn asks the 4 and the 5
+    assert [r[-1]["content"] for r in h.llm.requests] == [
+        "the caller pressed 4 the caller pressed 5"]
+    await h.say("hello there", then_silence_ms=3000)  # stops it before it spoke
+    await h.wait(3000)
+    await h.stop()
+    asked = [m["content"] for m in h.llm.requests[-1] if m["role"] == "user"]
+    said = " ".join(asked)
+    assert said.count("pressed 4") == 1 and said.count("pressed 5") == 1, asked
+    assert asked[-1] == "hello there", asked
+    assert [e["source"] for e in h.output.of("response")] == ["llm"]
+
+
 async def _an_agent_reply(reply: str) -> tuple[CallHarness, AsyncIterator[Any]]:
     """A started call and the responder's segments of one agent turn that says ``reply``
     (nothing plays them: the test takes them itself)."""

@@ -233,6 +233,9 @@ class Call:
         self._carry_continues = 0
         # The conversation's message the carried turn began, if it got that far (by identity).
         self._carry_exchange: dict[str, Any] | None = None
+        # The carried entries that exchange asked (keys among them): superseded, an exchange
+        # that stays in the context asked them already (``_supersede_carry``).
+        self._carry_asked: frozenset[asyncio.Future[Transcript]] = frozenset()
         # The carried turns that sent no turn_metrics (stopped before they ran, or while
         # their words decoded), each with the partial counts it had when it was stopped:
         # the turn their words open covers them; dropped (``_drop_carry``), they end.
@@ -686,14 +689,28 @@ class Call:
         ``tl`` to ask before its own text; any named for a later turn (pressed after ``tl``
         took its number, as it waited behind a reply still closing) stay carried for the
         turn they name. All stay carried while the superseded turns end: a cancel meanwhile
-        leaves them to the next turn."""
-        words = sum(1 for f in self._carry if _carried_keys(f) is None)
-        if words:
-            logs.event(log, "carried_words_dropped", utterances=words)
-        self._carry_words([f for f in self._carry if _carried_keys(f) is not None], 0, None)
+        leaves them to the next turn. ``_supersede_carry`` has dropped the words first."""
         await self._end_carried_turns()
         taken, self._carry = _keys_taken_by(self._carry, tl.turn)
         return taken
+
+    def _supersede_carry(self) -> None:
+        """The carried words are superseded (``_drop_carry``): dropped, their keys kept.
+        The stopped turn may have asked the agent already (it was thinking): that exchange
+        is taken back, as a spoken turn takes back the exchange of the words it carries,
+        so the words are not asked and the keys are asked once, by the superseding turn.
+        One that stays (it called a tool, or the caller heard some of its answer: a
+        continued turn) asked its keys (``_carry_asked``): they are not asked again, or they
+        would read as pressed twice."""
+        words = sum(1 for f in self._carry if _carried_keys(f) is None)
+        if words:
+            logs.event(log, "carried_words_dropped", utterances=words)
+        exchange, asked = self._carry_exchange, self._carry_asked
+        if exchange is not None and not self._carry_continues \
+                and self.conversation.withdraw_exchange(exchange):
+            asked = frozenset()
+        self._carry_words([f for f in self._carry
+                           if _carried_keys(f) is not None and f not in asked], 0, None)
 
     async def _end_carried_turns(self) -> None:
         """The carried turns that sent no metrics end, one by one, as turns stopped before
@@ -703,11 +720,14 @@ class Call:
             await self._unrouted_turn(self._carry_turns.pop(0), counted=False)
 
     def _carry_words(self, utterances: list[asyncio.Future[Transcript]], continues: int,
-                     exchange: dict[str, Any] | None) -> None:
+                     exchange: dict[str, Any] | None,
+                     asked: Sequence[asyncio.Future[Transcript]] = ()) -> None:
         """Words stopped before their answer open the next spoken turn (``_spoken_turn``):
         ``utterances`` in order, the first ``continues`` of them a question whose reply was
-        cut, and ``exchange`` the one their stopped turn wrote, which that turn takes back."""
+        cut, and ``exchange`` the one their stopped turn wrote, which that turn takes back;
+        ``asked``: the utterances (and keys) that exchange asked."""
         self._carry, self._carry_continues, self._carry_exchange = utterances, continues, exchange
+        self._carry_asked = frozenset(asked) if exchange is not None else frozenset()
 
     def _written_since(self, asked_before: dict[str, Any] | None) -> dict[str, Any] | None:
         """The exchange a turn wrote since the caller's message ``asked_before`` was the
@@ -837,13 +857,15 @@ class Call:
         utterances, self._carry = [*self._carry, final], []
         continuing, self._carry_continues = self._carry_continues, 0
         exchange, self._carry_exchange = self._carry_exchange, None
+        exchange_asked, self._carry_asked = self._carry_asked, frozenset()
         covered, self._carry_turns = self._carry_turns, []
         self._take_counts(tl)  # its utterance is over: later partials are the next turn's
         try:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
             said = [await asyncio.shield(f) for f in utterances]
         except asyncio.CancelledError:
-            self._carry_words([*utterances, *self._carry], continuing, exchange)
+            self._carry_words([*utterances, *self._carry], continuing, exchange,
+                              exchange_asked)
             self._carry_turns = [*covered, tl]
             raise
         except Exception as exc:
@@ -922,9 +944,11 @@ class Call:
             # Keys or words carried meanwhile (``_carry_keys``, ``_carry_unanswered``) come
             # after this turn's words, never dropped.
             if not tl.answered:  # nothing said but a filler: the same question goes on
-                self._carry_words([*utterances, *self._carry], continuing, written)
+                self._carry_words([*utterances, *self._carry], continuing, written,
+                                  utterances)
             elif self._continues(tl):
-                self._carry_words([*utterances, *self._carry], len(utterances), written)
+                self._carry_words([*utterances, *self._carry], len(utterances), written,
+                                  utterances)
             raise
 
     # ------------------------------------------------------------------ text input
@@ -987,16 +1011,17 @@ class Call:
         while it was routed or the agent thought), its words open the next spoken turn, as
         spoken words stopped so do (``_spoken_turn``), and the exchange it wrote is the one
         that turn takes back; a later message or key supersedes them (``_drop_carry``)."""
-        asked_before = self.conversation.last_user_message()
+        wrote: list[dict[str, Any] | None] = []  # the exchange it wrote, if any (``_answer``)
         try:
-            await self._answer(tl, text, typed=True, utterance=utterance)
+            await self._answer(tl, text, typed=True, utterance=utterance, wrote=wrote)
         except asyncio.CancelledError:
             if not tl.answered and not self._transferred:
                 # After the carried keys it took up (``_answer`` hands them back), which
                 # came before it; before anything carried since.
                 keys, rest = _keys_taken_by(self._carry, tl.turn)
-                self._carry_words([*keys, _said(text), *rest], 0,
-                                  self._written_since(asked_before))
+                said = _said(text)
+                self._carry_words([*keys, said, *rest], 0, wrote[0] if wrote else None,
+                                  [*keys, said])
             raise
 
     # ------------------------------------------------------------------ replies
@@ -1117,7 +1142,8 @@ class Call:
     async def _answer(self, tl: TurnTimeline, text: str, *, route: bool = True,
                       decision: RouteDecision | None = None,
                       preempted: Preemption | None = None, typed: bool = False,
-                      utterance: int | None = None, asked: str | None = None) -> None:
+                      utterance: int | None = None, asked: str | None = None,
+                      wrote: list[dict[str, Any] | None] | None = None) -> None:
         """Answer ``text``: routed (a caller's words), or with the ``decision`` given
         (keypad keys: a mapped entry or handoff, else None, the agent). ``preempted``: the
         agent's LLM call already started on these words (adopted if it still fits).
@@ -1130,11 +1156,16 @@ class Call:
         keys is no draft for the FAQ."""
         asked = text if asked is None else asked
         self._take_counts(tl)
+        asked_before = self.conversation.last_user_message()
         unasked = False
         keys: list[asyncio.Future[Transcript]] = []  # carried keys it takes up
         try:
             if typed:
                 # Keys carried into the words it supersedes are asked with it, first.
+                self._supersede_carry()
+                # After the superseded words' exchange was taken back: an older message is
+                # the last one asked now, and nothing of it this turn's.
+                asked_before = self.conversation.last_user_message()
                 keys = await self._drop_carry(tl)
                 asked = _joined([*(f.result().text for f in keys), asked])
             reused = False
@@ -1183,9 +1214,16 @@ class Call:
                 # The handoff message was stopped before its transfer: the caller stays
                 # with the bot, and a transfer_to_person result must not say otherwise.
                 self.conversation.transfer_not_made()
-            if keys and not tl.answered and not self._transferred:
+            written = self._written_since(asked_before)
+            if wrote is not None:
+                wrote.append(written)
+            typed_message = tl.info.get("input") == "text"
+            if keys and not tl.answered and not self._transferred \
+                    and (typed_message or written is None):
                 # Nothing said: the keys it took up go on to the next turn, never lost
-                # (``_typed_turn`` puts its words after them, as they came).
+                # (``_typed_turn`` puts its words after them, as they came). Not those a
+                # keypad turn asked: its exchange stays in the context, and nothing takes
+                # it back (asked again, they would read as pressed twice).
                 self._carry = [*keys, *self._carry]
             raise
         finally:
