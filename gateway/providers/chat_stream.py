@@ -120,10 +120,10 @@ def _check_text(delta: Any) -> None:
     the chat API then refused at every later request of the call. This leg's malformed
     chunk instead (a name comes in a call's first fragment: the other leg answers)."""
     function = getattr(delta, "function", None)
-    for field, value in (("id", getattr(delta, "id", None)),
-                         ("function.name", getattr(function, "name", None))):
+    for name, value in (("id", getattr(delta, "id", None)),
+                        ("function.name", getattr(function, "name", None))):
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"a tool call's {field} is a {type(value).__name__}, not text")
+            raise ValueError(f"a tool call's {name} is a {type(value).__name__}, not text")
 
 
 def _whole_object(arguments: list[str]) -> bool:
