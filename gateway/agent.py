@@ -463,7 +463,10 @@ def _restored_message(message: Any, unanswered: set[str]) -> dict[str, Any]:
                 and isinstance(function.get("arguments"), str)):
             raise ValueError("a tool call needs an id, a function name and its arguments")
         kept.append({"id": call["id"], "type": "function",
-                     "function": {"name": function["name"], "arguments": function["arguments"]}})
+                     # As add_assistant names it: a snapshot written before that (a name
+                     # the chat API refuses) would have the call's every request refused.
+                     "function": {"name": chat_tool_name(function["name"]),
+                                  "arguments": function["arguments"]}})
         unanswered.add(call["id"])
     return {"role": "assistant", "content": content, "tool_calls": kept}
 

@@ -1938,3 +1938,18 @@ async def test_emoji_alone_twice_hands_off():
     events, _ = await run(agent, "thanks")
     assert len(events) == 1 and isinstance(events[0], Handoff), events
     assert events[0].reason == "the LLM returned an empty reply twice"
+
+
+def test_a_restored_tool_call_name_is_one_the_chat_api_takes():
+    """Review (stop 66): a snapshot written before tool names were made ones the chat API
+    takes back (a call resumed on another replica mid-deploy) kept "multi_tool_use.parallel"
+    as written: every later request of that call would be refused (HTTP 400)."""
+    conversation = Conversation("system")
+    conversation.restore([
+        {"role": "user", "content": "what's my balance"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "multi_tool_use.parallel", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"error\": \"no such tool\"}"}])
+    call = conversation.history[-2]["tool_calls"][0]
+    assert call["function"]["name"] == "multi_tool_use_parallel", call
