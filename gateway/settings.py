@@ -407,7 +407,7 @@ class Settings(BaseModel):
     groq_api_key: str = Field(default="", repr=False)
     llm_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.3
     llm_max_tokens: Pos = 300
-    llm_timeout_s: PosF = 30.0  # whole HTTP request, per leg
+    llm_timeout_s: PosF = 30.0  # per leg: connect, each read or write (httpx's; not the whole request)
     # SDK-level retries stay off: the hedge is the retry (a 429 it waits out itself, on its
     # clock and inside the first-token budget; the SDKs would sleep on wall time, unbounded).
     llm_max_retries: NonNeg = 0

@@ -33,8 +33,9 @@ class _PartialCall:
 class ToolCallAssembler:
     """Collects indexed tool-call deltas. A call is complete when the choice finishes, or
     earlier, once a later index starts, if its arguments are already a whole JSON object
-    (OpenAI streams parallel calls one after the other: the first runs while the next is
-    written; a server that interleaves them has each wait for its own fragments)."""
+    (OpenAI streams parallel calls one after the other: the first is announced, its filler
+    cued, while the next is written; every call runs once the round's stream has ended; a
+    server that interleaves them has each wait for its own fragments)."""
 
     def __init__(self) -> None:
         self._open: dict[int, _PartialCall] = {}
