@@ -54,7 +54,7 @@ from gateway.clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 from gateway.hedge import AdaptiveDelay, HedgedChat
 from gateway.preemption import Preemption
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
-from gateway.sentences import SentenceChunker, without_emoji
+from gateway.sentences import SentenceChunker, has_words, without_emoji
 from gateway.settings import Settings, SettingsError
 from gateway.tools import (TRANSFER_TOOL, TRANSFER_TOOL_NAME, ToolRunner, chat_tool_name,
                            load_tools, parse_arguments)
@@ -171,10 +171,10 @@ class StillWorking:
 
 
 def _speaks(piece: str) -> bool:
-    """A piece the voice is asked to say: emoji alone is not one (the voice is never asked
-    for them, responder.tts_audio), so a reply of emoji alone ("👍") is an empty reply,
-    asked again, never a turn said in silence."""
-    return bool(without_emoji(piece))
+    """A piece with words for the voice: emoji (the voice is never asked for them,
+    responder.tts_audio) and punctuation alone are none, so a reply of emoji alone ("👍",
+    "😊.") is an empty reply, asked again, never a turn said in silence."""
+    return has_words(without_emoji(piece))
 
 
 @dataclass(frozen=True)

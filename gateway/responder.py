@@ -29,7 +29,7 @@ from .codec import PCM16, encode
 from .preemption import Preemption
 from .providers.base import ProviderError, TextToSpeech
 from .providers.synthesis_slots import URGENCY, WANTED
-from .sentences import without_emoji
+from .sentences import has_words, without_emoji
 from .settings import Settings
 from .timeline import TurnTimeline, now
 
@@ -92,9 +92,9 @@ async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM
     request or, for a sentence fetched ahead, from when its reply waits for it
     (``WANTED``); a synthesis of words that ends with no audio at all fails too
     (``ProviderError``). The voice is asked for ``text`` without its emoji, which it would
-    read out by name, and for nothing when that leaves nothing to say."""
+    read out by name, and for nothing when that leaves no words ("😊", "👍!")."""
     text = without_emoji(text)
-    if not text:  # "😊" alone: no request (a cloud voice may refuse an empty text)
+    if not has_words(text):  # no request (a cloud voice may refuse a text with no words)
         return
     resampler = StreamResampler(tts.sample_rate, rate)
     gaps = Timeouts(clock)
@@ -129,11 +129,6 @@ async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM
     tail = resampler.process(b"", last=True)
     if tail:
         yield encode(tail, encoding)
-
-
-def has_words(text: str) -> bool:
-    """Whether ``text`` has anything a voice must say (punctuation alone may be silent)."""
-    return any(ch.isalnum() for ch in text)
 
 
 class _Prefetched:

@@ -22,7 +22,7 @@ from .agent import Agent, build_agent, prompt_texts
 from .audio_bank import AudioBank, Clip
 from .providers.base import ProviderError, SpeechToText, TextToSpeech
 from .providers.registry import create_stt, create_tts
-from .responder import has_words
+from .sentences import has_words, rendered_text
 from .route_batcher import PARTIAL_LANES, ROUTING_LANES
 from .settings import Settings
 from .stats import Stats
@@ -142,7 +142,7 @@ class Runtime:
         for key, text in texts.items():
             if key in self.prompts and self.prompts.clip(key).text == text:
                 continue
-            audio = b"".join([chunk async for chunk in self.tts.synthesize(text)])
+            audio = b"".join([chunk async for chunk in self.tts.synthesize(rendered_text(text))])
             if not audio and has_words(text):
                 # A voice answering an empty body: kept, the phrase (the apology, a filler,
                 # the handoff message) would be silence for the life of the process. The

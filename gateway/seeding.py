@@ -19,6 +19,7 @@ from intents.types import DEFAULT_TARGET_WRONG_RATE
 
 from .providers.base import TextToSpeech
 from .providers.synthesis_slots import SEEDING, URGENCY
+from .sentences import rendered_text
 from .settings import ENV_PREFIX
 
 Renderer = Callable[[str], tuple[bytes, int]]
@@ -46,13 +47,13 @@ def blocking_renderer(tts: TextToSpeech, loop: asyncio.AbstractEventLoop | None 
     running in another thread (the admin API), whose HTTP clients are bound to it."""
     whole = getattr(tts, "synthesize_all", None)
     if whole is not None:
-        return lambda text: (whole(text), tts.sample_rate)
+        return lambda text: (whole(rendered_text(text)), tts.sample_rate)
     if loop is None:
         raise ValueError(f"{tts.name} needs an event loop to render")
 
     async def collect(text: str) -> bytes:
         URGENCY.set(SEEDING)  # this task's own: behind every caller's sentence
-        return b"".join([chunk async for chunk in tts.synthesize(text)])
+        return b"".join([chunk async for chunk in tts.synthesize(rendered_text(text))])
 
     def render(text: str) -> tuple[bytes, int]:
         if loop.is_running():  # another thread's loop: hand the synthesis to it, wait here

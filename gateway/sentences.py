@@ -117,8 +117,27 @@ def speakable(text: str) -> str:
 
 def without_emoji(text: str) -> str:
     """``text`` as a voice should read it: without its emoji (the model is told to write
-    none; one that slips through would be read out by name)."""
-    return _EMOJI.sub("", text).strip()
+    none; one that slips through would be read out by name). An emoji between two words
+    leaves a space ("Great👍done": "Great done")."""
+    def dropped(match: re.Match[str]) -> str:
+        start, end = match.span()
+        between_words = start > 0 and text[start - 1].isalnum() and \
+            end < len(text) and text[end].isalnum()
+        return " " if between_words else ""
+    return _EMOJI.sub(dropped, text).strip()
+
+
+def rendered_text(text: str) -> str:
+    """What a voice is asked for a phrase rendered once and played many times (a seeded
+    answer, a prompt): ``text`` without its emoji, unless that leaves no words (then as
+    written: an emoji read by name beats a silent answer)."""
+    spoken = without_emoji(text)
+    return spoken if has_words(spoken) else text
+
+
+def has_words(text: str) -> bool:
+    """Whether ``text`` has anything a voice must say (punctuation alone may be silent)."""
+    return any(ch.isalnum() for ch in text)
 
 
 def _next_word(buf: str, end: int) -> str | None:

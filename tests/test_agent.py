@@ -1953,3 +1953,14 @@ def test_a_restored_tool_call_name_is_one_the_chat_api_takes():
         {"role": "tool", "tool_call_id": "call_1", "content": "{\"error\": \"no such tool\"}"}])
     call = conversation.history[-2]["tool_calls"][0]
     assert call["function"]["name"] == "multi_tool_use_parallel", call
+
+
+@pytest.mark.parametrize("reply", ["👍!", "😊.", "👍 :)"])
+async def test_emoji_with_punctuation_alone_is_an_empty_reply_too(reply):
+    """Review (stop 66, second look): "👍!" was a piece with something left once its emoji
+    went ("!"), so it counted as said while the voice had no words for it: a silent turn."""
+    llm = ScriptLLM([LLMChunk(text=reply)], [LLMChunk(text="You're welcome.")])
+    agent = Agent(HedgedChat(llm, None, clock=ManualClock()),  # type: ignore[arg-type]
+                  [], filler_after_s=None)
+    events, _ = await run(agent, "thanks")
+    assert events == [Sentence("You're welcome.")], events

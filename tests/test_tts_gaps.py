@@ -10,7 +10,9 @@ import pytest
 
 from gateway.clock import Expired, ManualClock, Timeouts, deadline
 from gateway.providers.base import ProviderError
+from gateway.audio_bank import AudioBank
 from gateway.responder import tts_audio
+from gateway.settings import Settings
 
 RATE = 16000
 CHUNK = b"\x01\x00" * 160  # 10 ms
@@ -287,6 +289,7 @@ class RecordingVoice:
     ("Your family \U0001F468\u200d\U0001F469\u200d\U0001F467 and the UK \U0001F1EC\U0001F1E7 "
      "are covered \u2764\ufe0f \u2b50", "Your family and the UK are covered"),
     ("Press 1\ufe0f\u20e3 for cards.", "Press 1 for cards."),
+    ("Great\U0001F44Ddone.", "Great done."),  # between two words: a space, not "Greatdone"
     # Symbols a voice says as meant, and a joiner inside a word, are said.
     ("It is 25°C, © 2026, item \u2460 (\u0915\u094d\u200d\u0937).",
      "It is 25°C, © 2026, item \u2460 (\u0915\u094d\u200d\u0937)."),
@@ -311,3 +314,53 @@ async def test_a_sentence_of_emoji_alone_asks_the_voice_for_nothing():
     voice = RecordingVoice()
     assert await drain(tts_audio(voice, " \U0001F60A \U0001F44D\U0001F3FD", RATE)) == []
     assert voice.asked == []
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["local-voice", "cloud-voice"])
+def test_a_seeded_answers_emoji_are_not_rendered_by_name(streaming):
+    """Review (stop 66, second look): a reply's emoji were kept from the voice, but a seeded
+    answer ("We're open 9 to 5 😊") was rendered as written, read by name on every cache
+    hit. Its audio is rendered without them now; an answer of emoji alone as written (read
+    by name beats a silent answer)."""
+    from gateway.seeding import blocking_renderer
+
+    asked: list[str] = []
+
+    class LocalVoice:
+        name, sample_rate = "local", 16000
+
+        def synthesize_all(self, text: str) -> bytes:
+            asked.append(text)
+            return b"\x00\x00"
+
+    class CloudVoice:
+        name, sample_rate = "cloud", 16000
+
+        async def synthesize(self, text: str):
+            asked.append(text)
+            yield b"\x00\x00"
+
+    loop = asyncio.new_event_loop()
+    try:
+        render = blocking_renderer(CloudVoice() if streaming else LocalVoice(), loop)
+        render("We're open 9 to 5 \U0001F60A")
+        render("\U0001F44D")
+    finally:
+        loop.close()
+    assert asked == ["We're open 9 to 5", "\U0001F44D"]
+
+
+async def test_a_prompts_emoji_are_not_rendered_by_name():
+    """Review (stop 66, second look): a configured greeting ("Hi 👋, thanks for calling")
+    was pre-rendered as written ("Hi waving hand"), while a live synthesis of the same
+    words left the emoji out: the greeting sounded different by the path that played it."""
+    from gateway.runtime import Runtime
+
+    voice = RecordingVoice()
+    runtime = Runtime.__new__(Runtime)  # only what render_prompts reads
+    runtime.settings = Settings(greeting="Hi \U0001F44B, thanks for calling")
+    runtime.tts, runtime.load_times_s = voice, {}
+    runtime.prompts = AudioBank()
+    await runtime.render_prompts()
+    assert "Hi, thanks for calling" in voice.asked
+    assert runtime.prompts.clip("greeting").text == "Hi \U0001F44B, thanks for calling"
