@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
+import socket
 from typing import AsyncIterator
 
 import pytest
@@ -25,6 +26,7 @@ from tests.admin_support import small_faq_csv
 from tests.call_harness import CallHarness, assert_a_stalled_voice_fails_the_turn
 from tests.fakes.elevenlabs_server import MS_PER_CHAR, FakeElevenLabs, tone
 from tests.fakes.server import ServerThread
+from tests.fakes.tcp_drops import DroppingDoor
 
 
 @pytest.mark.parametrize("rate", [16000, 24000])
@@ -700,6 +702,160 @@ async def test_a_call_whose_voice_is_rate_limited_once_hears_the_answer(eleven):
         failed.cancel()
         await h.stop()
         await tts.aclose()
+
+
+def _unanswered_url() -> str:
+    """A local address where nothing listens: a connection there is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(("drop", "error"), [("close", "RemoteProtocolError"),
+                                             ("reset", "ReadError")])
+async def test_a_connection_dropped_before_any_response_is_asked_again(eleven, caplog, drop,
+                                                                       error):
+    """Review (stop 66): a connection that failed before any response (closed or reset
+    by a load balancer or a restarting gateway: httpx's RemoteProtocolError "Server
+    disconnected without sending a response", ReadError, ConnectError, which the SDK
+    lets through) was not asked again, as a passing 5xx is: a network blip was the
+    call's tts_failed and the apology instead of the answer. Now it is asked again after
+    the same short wait on the clock, logged with the error's name, and the answer is
+    whole: nothing was said yet."""
+    caplog.set_level(logging.INFO, logger="voicegate")
+    fake, server = eleven
+    clock = WatchedClock(ManualClock())
+    text = "Our branches open at nine."
+    with DroppingDoor(server.port) as door:
+        door.drops = [drop]
+        tts = ElevenLabsTTS("test-key", voice_id="v", base_url=door.url,
+                            first_audio_timeout_s=4.0, clock=clock)
+        synthesis = asyncio.ensure_future(_all(tts.synthesize(text)))
+        try:
+            wait = await _retry_wait(clock, synthesis)
+            assert 0.05 <= wait <= 0.1, wait  # the first backoff, jittered
+            assert list(door.connections) == [drop] and fake.requests == []
+            await clock.inner.advance(wait)
+            chunks = await asyncio.wait_for(synthesis, 30)
+        finally:
+            synthesis.cancel()
+            await tts.aclose()
+    assert sum(map(len, chunks)) == 16000 * len(text) * MS_PER_CHAR // 1000 * 2
+    assert list(door.connections) == [drop, None] and len(fake.requests) == 1
+    retried = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+               if r.getMessage() == "elevenlabs_retry"]
+    assert retried == [{"error": error, "retry": 1, "wait_s": round(wait, 3)}], retried
+    assert "test-key" not in caplog.text and text not in caplog.text
+
+
+@pytest.mark.parametrize(("drop", "error"), [("close", "RemoteProtocolError"),
+                                             ("reset", "ReadError"),
+                                             ("refused", "ConnectError")])
+async def test_a_connection_that_fails_every_time_fails_clearly_after_the_retries(
+        eleven, drop, error):
+    """Review (stop 66): the same failure on every attempt (the voice unreachable) is
+    asked again a bounded number of times (``max_retries``: 3), with the 5xx's growing
+    waits, far inside the first-audio budget, then fails saying what happened and how
+    often it was asked."""
+    fake, server = eleven
+    clock = WatchedClock(ManualClock())
+    with DroppingDoor(server.port) as door:
+        door.drops = [drop] * 10
+        url = _unanswered_url() if drop == "refused" else door.url
+        tts = ElevenLabsTTS("test-key", voice_id="v", base_url=url,
+                            first_audio_timeout_s=4.0, clock=clock)
+        started = clock.now()
+        synthesis = asyncio.ensure_future(_all(tts.synthesize("Our branches open at nine.")))
+        try:
+            for n in (1, 2, 3):
+                await clock.inner.advance(await _retry_wait(clock, synthesis, n))
+            with pytest.raises(ProviderError, match=(
+                    rf"^elevenlabs: cannot reach the synthesis endpoint: {error} "
+                    r"\(asked 4 times\)$")):
+                await asyncio.wait_for(synthesis, 30)
+        finally:
+            synthesis.cancel()
+            await tts.aclose()
+    assert fake.requests == []
+    assert len(door.connections) == (0 if drop == "refused" else 4)
+    assert len(clock.waits) == 3 and all(  # 0.1 s doubling, each jittered to 50-100 %
+        base / 2 <= w <= base for w, base in zip(clock.waits, (0.1, 0.2, 0.4))), clock.waits
+    assert clock.now() - started < 1.0
+
+
+async def test_a_dropped_connection_is_not_asked_again_past_the_first_audio_budget(eleven):
+    """Review (stop 66): a retry after a dropped connection waits only when the wait ends
+    inside the first-audio budget (here 0.15 s: the first wait, 0.05-0.1 s, fits; the
+    second, 0.1-0.2 s, never does): past it the sentence fails at once, saying so, rather
+    than leave the caller in silence for nothing."""
+    fake, server = eleven
+    clock = WatchedClock(ManualClock(), deadline_s=0.15)
+    with DroppingDoor(server.port) as door:
+        door.drops = ["close"] * 10
+        tts = ElevenLabsTTS("test-key", voice_id="v", base_url=door.url,
+                            first_audio_timeout_s=0.15, clock=clock)
+        started = clock.now()
+        synthesis = asyncio.ensure_future(_all(tts.synthesize("Our branches open at nine.")))
+        try:
+            await clock.inner.advance(await _retry_wait(clock, synthesis))
+            with pytest.raises(ProviderError, match=r"RemoteProtocolError \(asked 2 times\)$"):
+                await asyncio.wait_for(synthesis, 30)
+        finally:
+            synthesis.cancel()
+            await tts.aclose()
+    assert len(door.connections) == 2 and len(clock.waits) == 1
+    assert clock.now() - started < 0.15
+
+
+async def test_a_connection_lost_after_audio_began_is_not_asked_again(eleven):
+    """Once any audio came, a lost connection fails the sentence: asked again, the caller
+    would hear its start twice."""
+    fake, server = eleven
+    clock = WatchedClock(ManualClock())
+    with DroppingDoor(server.port) as door:
+        door.drops = [("cut", 1500)]  # the headers and some of the audio, then closed
+        tts = ElevenLabsTTS("test-key", voice_id="v", base_url=door.url, clock=clock)
+        got: list[bytes] = []
+        try:
+            with pytest.raises(ProviderError, match="RemoteProtocolError$"):
+                async for chunk in tts.synthesize("Our branches open at nine, every day."):
+                    got.append(chunk)
+        finally:
+            await tts.aclose()
+    assert got and len(door.connections) == 1 and len(fake.requests) == 1
+    assert clock.waits == []
+
+
+async def test_a_call_whose_voice_drops_a_connection_once_hears_the_answer(eleven):
+    # The call's side: the agent's sentence goes out on a connection that is closed with
+    # no response. The caller heard the apology (tts_failed); now the answer, a short
+    # wait (of the call's clock) later, and no error.
+    fake, server = eleven
+    with DroppingDoor(server.port) as door:
+        door.drops = ["close"]
+        h, tts = await _call_on_the_fake_voice(fake, door)
+        clock = WatchedClock(h.clock)
+        tts._clock = clock  # the call's clock, its waits seen
+
+        async def an_error() -> list[dict[str, object]]:
+            await h.output.until(lambda: h.output.of("error"))
+            return h.output.of("error")
+
+        failed = asyncio.ensure_future(an_error())
+        try:
+            await h.text("when do you open")
+            wait = await _retry_wait(clock, failed)
+            assert wait <= 0.1 and h.output.frames == []
+            await h.wait(120)
+            assert await h.output.until(lambda: h.output.of("response"))
+            await h.wait(3000)
+            assert [e["source"] for e in h.output.of("response")] == ["llm"]
+            assert h.output.of("error") == [] and not h.stats.errors.get("tts_failed")
+            assert list(door.connections)[:2] == ["close", None] and len(fake.requests) == 1
+        finally:
+            failed.cancel()
+            await h.stop()
+            await tts.aclose()
 
 
 def _urgent(coro, urgency: int) -> "asyncio.Future[list[bytes]]":

@@ -20,7 +20,12 @@ wait ends inside the first-audio budget (counted from the first request): the li
 never silent longer than that deadline. The SDK's own retries (``max_retries`` in its
 request options) apply only to its non-streaming requests: its ``stream`` sends once.
 A 500, 502, 503 or 504 before any audio (an overloaded or restarting service) is asked
-again the same way. Any other refusal (400, 401, 422, a 429 naming a quota) fails at once.
+again the same way. So is a connection that failed before any response (refused, or
+closed or reset unanswered: httpx's ConnectError, ReadError, WriteError or
+RemoteProtocolError, which the SDK lets through as raised), logged with the error's name
+instead of a status; one failing every time ends as "cannot reach the synthesis endpoint:
+<error> (asked N times)". Once any audio came, nothing is asked again: the caller would
+hear it twice. Any other refusal (400, 401, 422, a 429 naming a quota) fails at once.
 
 With ``max_concurrent`` (the account's concurrency limit, shared out among the replicas),
 no more syntheses than that run at once; a freed slot goes to the most urgent waiter
@@ -54,6 +59,12 @@ SAMPLE_RATES = (16000, 24000)
 # restarting) is usually gone a moment later: asked again as a 429 is. The text is the same,
 # nothing was said yet, so asking again is safe.
 _PASSING_5XX = frozenset({500, 502, 503, 504})
+# A connection that failed before any response was read (refused; closed or reset unanswered,
+# as a restarting service or a load balancer dropping a kept-alive connection does; a read
+# or write cut short), which the SDK lets through as httpx raised it: asked again as a
+# passing 5xx is. The request may never have arrived, and nothing was said yet. A timeout
+# is not among them: httpx's (30 s) is far past the first-audio budget.
+_DROPPED = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 # Content types that are never PCM. text/event-stream is not among them: see ``_audio``.
 _NOT_AUDIO_TYPES = frozenset({"application/json", "application/problem+json", "text/html",
                               "text/plain", "text/xml", "application/xml"})
@@ -105,7 +116,7 @@ class ElevenLabsTTS:
         self.model_id = model_id
         self._chunk_bytes = chunk_bytes  # 1024 bytes = 32 ms at 16 kHz: small enough to start at once
         self._first_audio_timeout_s = first_audio_timeout_s
-        self._max_retries = max_retries  # of a 429; waits 0.1, 0.2, 0.4 s: 0.7 s of 4 at most
+        self._max_retries = max_retries  # of a 429, 5xx, dropped connection: waits 0.1, 0.2, 0.4 s
         self._retry_backoff_s = retry_backoff_s
         self._clock = clock  # the first-audio deadline's and a retry's wait (a test's ManualClock)
         # At most this many syntheses at once (0: no cap), the most urgent first.
@@ -156,7 +167,7 @@ class ElevenLabsTTS:
         except httpx.TimeoutException as exc:
             raise ProviderError(self.name, "synthesis timed out") from exc
         except httpx.HTTPError as exc:
-            raise ProviderError(self.name, f"cannot reach the synthesis endpoint: {type(exc).__name__}") from exc
+            raise ProviderError(self.name, _unreachable(exc)) from exc
         finally:
             await stream.aclose()  # closes the HTTP response on barge-in too
 
@@ -211,8 +222,8 @@ class ElevenLabsTTS:
     async def _accepted(self, stack: contextlib.AsyncExitStack, text: str,
                         started: float) -> Any:
         """The synthesis' response (open on ``stack``) once ElevenLabs takes the request; a
-        429 or a passing 5xx is asked again (``_retry_wait``), any other refusal raised
-        (``ApiError``).
+        429, a passing 5xx or a connection failed before any response is asked again
+        (``_retry_wait``), any other refusal raised (``ApiError``).
         ``started``: the instant the first-audio deadline started."""
         for retry in range(1, self._max_retries + 2):
             try:
@@ -221,34 +232,38 @@ class ElevenLabsTTS:
                         self.voice_id, text=text, model_id=self.model_id,
                         output_format=f"pcm_{self.sample_rate}",
                         request_options={"chunk_size": self._chunk_bytes}))
-            except ApiError as exc:
+            except (ApiError, *_DROPPED) as exc:
                 left = self._first_audio_timeout_s - (self._clock.now() - started)
                 wait = self._retry_wait(exc, retry, left)
                 if wait is None:
                     if retry == 1:
                         raise
-                    raise ProviderError(self.name, f"{_refusal(exc)} (asked {retry} times)") from exc
-                # The status and ElevenLabs' code only: never the key, the text or a header.
-                logs.event(log, "elevenlabs_retry", logging.WARNING, status=exc.status_code,
-                           code=_code(exc.body), retry=retry, wait_s=round(wait, 3))
+                    raise ProviderError(self.name, f"{_failure(exc)} (asked {retry} times)") from exc
+                logs.event(log, "elevenlabs_retry", logging.WARNING, **_retried(exc),
+                           retry=retry, wait_s=round(wait, 3))
                 await self._clock.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _retry_wait(self, exc: ApiError, retry: int, left_s: float) -> float | None:
+    def _retry_wait(self, exc: ApiError | httpx.HTTPError, retry: int,
+                    left_s: float) -> float | None:
         """How long to wait before asking again after ``exc`` (the ``retry``-th refusal),
         ``left_s`` of the first-audio budget left; None: not again. A 429 that is not
         about a quota: ElevenLabs documents its 429s as its concurrency or rate limit
         (``code`` concurrent_limit_exceeded or rate_limit_exceeded; the legacy ``status``
         too_many_concurrent_requests or system_busy), which clear in moments; an exhausted
         quota (a 400/401 ``quota_exceeded``) does not. And a 500, 502, 503 or 504
-        (``_PASSING_5XX``). A wait that would end past the budget is not taken: the caller
-        would hear silence and then the apology anyway."""
-        passing = exc.status_code in _PASSING_5XX or (exc.status_code == 429
-                                                       and "quota" not in _code(exc.body))
+        (``_PASSING_5XX``), or a connection failed before any response (``_DROPPED``: the
+        backoff, no Retry-After to read). A wait that would end past the budget is not
+        taken: the caller would hear silence and then the apology anyway."""
+        if isinstance(exc, ApiError):
+            passing = exc.status_code in _PASSING_5XX or (exc.status_code == 429
+                                                           and "quota" not in _code(exc.body))
+            asked = retry_after_s(exc.headers or {})
+        else:
+            passing, asked = isinstance(exc, _DROPPED), None
         if not passing or retry > self._max_retries:
             return None
-        return retry_wait(retry_after_s(exc.headers or {}), retry - 1, self._retry_backoff_s,
-                          left_s)
+        return retry_wait(asked, retry - 1, self._retry_backoff_s, left_s)
 
     async def _first_audio(self, chunks: AsyncIterator[bytes],
                            slot: asyncio.Event) -> bytes | None:
@@ -355,6 +370,24 @@ def _mp3_frame(head: bytes, at: int) -> int | None:
     kbps = _MP3_KBPS[3 if version == 3 else 2][bitrate]
     return ((144 if version == 3 else 72) * kbps * 1000 // _MP3_RATES[version][rate]
             + ((header[2] >> 1) & 1))
+
+
+def _failure(exc: ApiError | httpx.HTTPError) -> str:
+    """What failed a request: ElevenLabs' refusal, or the connection's error."""
+    return _refusal(exc) if isinstance(exc, ApiError) else _unreachable(exc)
+
+
+def _unreachable(exc: httpx.HTTPError) -> str:
+    """A connection's failure, by its error's name (httpx's message may be empty)."""
+    return f"cannot reach the synthesis endpoint: {type(exc).__name__}"
+
+
+def _retried(exc: ApiError | httpx.HTTPError) -> dict[str, Any]:
+    """What ``elevenlabs_retry`` logs of the failure asked again: the status and ElevenLabs'
+    code, or the connection error's name. Never the key, the text or a header."""
+    if isinstance(exc, ApiError):
+        return {"status": exc.status_code, "code": _code(exc.body)}
+    return {"error": type(exc).__name__}
 
 
 def _refusal(exc: ApiError) -> str:
