@@ -125,9 +125,9 @@ class Router:
                     confidence=probability, margin=margin, certainty=sure,
                     reason="out of domain", ms=_ms(start)))
                 continue
-            predicted = str(signals.predicted[i])
-            if predicted == OUT_OF_DOMAIN:  # a seed question, word for word: its own label
-                predicted = own  # type: ignore[assignment]
+            # A seed question, word for word, is its own label's, whichever class won it
+            # (the negatives' or another intent's): the operator labelled these very words.
+            predicted = str(signals.predicted[i]) if own is None else own
             entry = self.entries[predicted]
             answerable = entry.action is Action.ANSWER and entry.answer is not None
             verbatim = own == predicted

@@ -683,3 +683,34 @@ def test_a_seed_that_could_bound_the_target_but_misses_it_serves_nothing_and_say
     assert "no cached answer is served" in promise and "too small" not in promise
     assert "wrong too often" in promise and "loosen the target" in promise
     assert "spoken" not in promise  # nothing is served, typed or spoken
+
+
+def test_a_seed_question_asked_word_for_word_is_never_served_another_intents_answer() -> None:
+    """Review (stop 66): a seed question asked word for word is "that question: answered
+    whatever the judge's margin (the operator's own label)" (docs/architecture.md). The
+    router kept that promise only when the negatives' class won the text: when another
+    intent won it (a "card" question whose vector reads like the "pin" questions), it was
+    judged as that intent and, the judge sure, served the "pin" answer to the operator's
+    own "card" question."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(2, 16))
+    seed = _clusters(rng, centres, 80)
+    intents = ["card", "pin"] * 40
+    stray = seed[1:2] * 1.0  # a "card" question among the "pin" ones
+    vectors = np.concatenate([seed, stray])
+    labels = intents + ["card"]
+    clf = IntentClassifier().fit(vectors, labels)
+    assert clf.scores_arrays(stray)[0][0] == "pin"  # the premise: another intent wins it
+    entries = {
+        "card": Entry(id="card", intent="card", action=Action.ANSWER, answer="about card",
+                      questions=("my card is stuck in the machine",)),
+        "pin": Entry(id="pin", intent="pin", action=Action.ANSWER, answer="about pin",
+                     questions=("how do I change my pin",)),
+    }
+    judge = Judge().fit(np.zeros((2, len(SIGNALS))), [1, 1])  # confidence: probability
+    router = Router(shared_embedder(), clf, judge, SemanticCache(vectors, labels), entries,
+                    _open_thresholds(0.5))
+    own, other = router.route_vectors(["My card is stuck in the machine", "q"],
+                                      np.concatenate([stray, stray]))
+    assert own.intent == "card" and own.hit and own.answer == "about card", own
+    assert other.intent == "pin"  # words of no seed question: the classifier's intent
