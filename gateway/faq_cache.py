@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from intents.embedder import Embedder
@@ -78,14 +78,15 @@ class FaqCache:
         serving = self._serving
         if serving is None:
             return miss(text, "no FAQ cache is published")
-        return serving.cache.router.route(text)
+        return replace(serving.cache.router.route(text), version=serving.version)
 
     def route_many(self, texts: Sequence[str]) -> list[RouteDecision]:
         """Route a batch (one embedding pass); CPU: call it off the event loop."""
         serving = self._serving
         if serving is None:
             return [miss(text, "no FAQ cache is published") for text in texts]
-        return serving.cache.router.route_many(texts)
+        return [replace(decision, version=serving.version)
+                for decision in serving.cache.router.route_many(texts)]
 
     @property
     def store_unanswered(self) -> bool:

@@ -257,7 +257,8 @@ class Services:
                                    router=self.route_batcher.route, stats=runtime.stats,
                                    new_conversation=runtime.agent.new_conversation,
                                    turn_model=(runtime.judge_turn if runtime.turn_model
-                                               else None))
+                                               else None),
+                                   cache_version=lambda: cache.version)
         poll_s = self.settings.cache_poll_s
         if self.settings.redis_url:
             self._start_redis(runtime, cache)

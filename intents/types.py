@@ -57,6 +57,9 @@ class RouteDecision:
     # ``hit`` for a spoken transcript, which needs more certainty than typed text
     # (intents.calibration, ``Thresholds.spoken_confidence``); None: the same as ``hit``.
     spoken_hit: bool | None = None
+    # The published cache version that decided it (None: none was, or no cache decided it):
+    # a decision is reused only while its version serves (gateway.call.speculation).
+    version: str | None = None
 
     def as_spoken(self) -> "RouteDecision":
         """This decision for words a recogniser transcribed: not a hit when the judge
@@ -69,6 +72,7 @@ class RouteDecision:
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["action"] = self.action.value
+        del data["version"]  # the gateway's own bookkeeping, not the route event's
         return data
 
 

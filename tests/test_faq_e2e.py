@@ -181,3 +181,27 @@ async def test_a_reply_routed_before_a_reload_says_one_answer_and_plays_another(
     assert heard == clip(said), (
         f"the reply event and the agent's context say {said!r} (recorded: {recorded!r}), "
         f"but the caller heard {heard_answer}")
+
+
+def test_every_decision_names_the_version_that_made_it(tmp_path) -> None:
+    """Review (stop 66): a call reuses a partial's decision at the final only while the
+    version that made it serves (gateway.call.speculation); the cache stamps it on every
+    decision, single and batched, and a new version's decisions name the new one."""
+    store = LocalStore(tmp_path / "store")
+    embedder = shared_embedder()
+    faq = small_faq_csv()
+    cache = FaqCache(store, embedder)
+    assert cache.route("What are your opening hours?").version is None  # none published
+    seed_plan(parse_seed_csv(faq.encode()), store, tone_render, "tone", source="faq.csv",
+              target_wrong_rate=0.05, progress=False, embedder=embedder)
+    assert cache.refresh() and cache.version is not None
+    first = cache.version
+    assert cache.route("What are your opening hours?").version == first
+    assert [d.version for d in cache.route_many(["What are your opening hours?", ""])] \
+        == [first, first]
+    seed_plan(parse_seed_csv(faq.replace(OLD_HOURS, NEW_HOURS).encode()), store, tone_render,
+              "tone", source="faq.csv", target_wrong_rate=0.05, progress=False,
+              embedder=embedder)
+    assert cache.refresh() and cache.version != first
+    assert cache.route("What are your opening hours?").version == cache.version
+    assert "version" not in cache.route("What are your opening hours?").as_json()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -353,3 +354,39 @@ async def test_a_partial_offered_just_before_a_new_utterance_settles_none_of_the
     assert ("and on sunday at noon", False) in router.texts, router.texts
     # The partial is counted as the earlier utterance's (of), yet agreed as the next one's.
     await spec.aclose()
+
+
+async def test_a_decision_made_on_a_version_no_longer_served_is_not_reused() -> None:
+    """Review (stop 66): a partial's decision was reused at the final whatever cache
+    version decided it. The operator publishes a fix while the caller speaks (the question
+    "can I pay by cheque" moved from "cheques" to "payments"): the partial was routed on
+    the old version, the final's words are the same, so the old version's intent was
+    served, an answer the serving version's router would not give. Now a decision of
+    another version is routed again (so is the early final's)."""
+    serving = {"version": "v1"}
+
+    def decide(text: str) -> RouteDecision:
+        entry = "cheques" if serving["version"] == "v1" else "payments"
+        return dataclasses.replace(hit(text, entry), version=serving["version"])
+
+    router = Router(decide)
+    spec = Speculation(router, rules(step=1, settle=0), on_failure=lambda exc: None,
+                       version=lambda: serving["version"])
+    spec.offer("can I pay by cheque")
+    await asyncio.sleep(0.001)
+    serving["version"] = "v2"  # the new version swapped in before the turn ended
+    decision, reused = await spec.decide("can I pay by cheque")
+    assert decision is not None and not reused, decision
+    assert (decision.entry_id, decision.version) == ("payments", "v2")
+    # The early final's decision, routed on v2, then v3 swapped in before the final.
+    early = await spec.settle("can I pay by cheque please")
+    assert early is not None and early.version == "v2"
+    serving["version"] = "v3"
+    decision, reused = await spec.decide("can I pay by cheque please")
+    assert decision is not None and decision.version == "v3" and not reused
+    # The same version still serving: reused, as before.
+    spec.offer("what time do you open")
+    await asyncio.sleep(0.001)
+    routings = len(router.texts)
+    decision, reused = await spec.decide("what time do you open")
+    assert reused and decision is not None and len(router.texts) == routings

@@ -132,6 +132,9 @@ class CallDeps:
     turn_model: TurnModelFn | None = None
     # OpenTelemetry tracer (tests: the SDK's, with an in-memory exporter); None: the global one.
     tracer: Any = None
+    # The FAQ cache version serving now: a partial's decision is reused only while the
+    # version that made it serves (``Speculation``); None: always.
+    cache_version: Callable[[], str | None] | None = None
 
 
 def end_of_turn_settings(settings: Settings) -> EndOfTurnSettings:
@@ -210,7 +213,7 @@ class Call:
             deps.router, SpeculationRules(min_words=settings.route_min_words,
                                           step_words=settings.route_step_words,
                                           settle_after=settings.route_settle_after),
-            on_failure=lambda exc: self._count("route_failed"))
+            on_failure=lambda exc: self._count("route_failed"), version=deps.cache_version)
         self._responder = deps.responder
         self._reply = ReplyStage(deps.responder, output, sample_rate, frame_ms=settings.frame_ms,
                                  lead_ms=settings.playout_lead_ms, clock=deps.clock,

@@ -22,6 +22,9 @@ a partial is routed only when it can change the decision (``SpeculationRules``):
   hit (the final is still routed on its own words, unless it is a routed text); each
   utterance starts unsettled (``new_utterance``).
 
+A decision is reused (by the early final or the final) only while the cache version that
+made it serves: one published in between may answer the same words otherwise.
+
 A final's ``decide`` names its utterance: one decided after the caller began the next
 (its final came late) forgets that utterance's partials only, not the next one's (its
 chosen text, its routing under way, its agreement), so the next final can still reuse them.
@@ -51,6 +54,8 @@ log = logging.getLogger("voicegate.call")
 RouteFn = Callable[[str, bool], Awaitable[RouteDecision]]
 # Told when a routing of a partial failed (the engine counts it).
 OnFailure = Callable[[BaseException], None]
+# The cache version serving now (``RouteDecision.version``).
+VersionFn = Callable[[], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,10 @@ _ROUTED, _SKIPPED, _SHED = range(len(PARTIAL_COUNTS))
 
 class Speculation:
     def __init__(self, router: RouteFn | None, rules: SpeculationRules | int,
-                 on_failure: OnFailure) -> None:
+                 on_failure: OnFailure, version: VersionFn | None = None) -> None:
+        """``version``: the cache version serving now; None: every decision is current."""
         self._router = router
+        self._version = version
         # An int is the old signature's min_words, with no other rule.
         self._rules = rules if isinstance(rules, SpeculationRules) else SpeculationRules(
             min_words=rules, step_words=1, settle_after=0)
@@ -154,7 +161,8 @@ class Speculation:
         self._latest, self._chosen, self._chosen_words = text, wanted, words
         self._latest_of = self._utterance
         routed = self._routed
-        if routed is not None and normalize_text(routed.text) == wanted:
+        if routed is not None and normalize_text(routed.text) == wanted \
+                and self._current(routed):
             return routed  # a partial of these very words was routed already
         if self._settling is None:
             self._settling = asyncio.create_task(self._route_urgent(text),
@@ -202,6 +210,11 @@ class Speculation:
         if normalize_text(self._latest) == normalize_text(text):  # no newer partial chosen
             self._record(decision, utterance)
         return decision
+
+    def _current(self, decision: RouteDecision) -> bool:
+        """``decision`` was made on the cache version serving now (a new one may route
+        the same words to another entry, or to none)."""
+        return self._version is None or decision.version == self._version()
 
     def _record(self, decision: RouteDecision, utterance: int) -> None:
         """``decision`` is the newest routing; of the utterance numbered ``utterance``."""
@@ -256,14 +269,15 @@ class Speculation:
             return None, False
         wanted = normalize_text(text)
         routed = self._routed
-        if routed is not None and normalize_text(routed.text) == wanted:
+        if routed is not None and normalize_text(routed.text) == wanted \
+                and self._current(routed):
             await self.reset(utterance)
             return routed, True
         settling = self._settling
         if settling is not None and self._urgent == wanted:
             # None when a later utterance's pause dropped it: routed on their own below.
             decision = await _unless_dropped(settling)
-            if decision is not None:
+            if decision is not None and self._current(decision):
                 await self.reset(utterance)
                 return decision, False
         stale = self._forget(utterance)
