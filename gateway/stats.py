@@ -64,8 +64,10 @@ def keyed(metrics: dict[str, Any]) -> bool:
 def barged_in(metrics: dict[str, Any]) -> bool:
     """The caller cut the reply off (a barge-in): not the bot stopping it itself (the
     call's time limit) nor the call's end (a hang-up, a lost stream, a drain): those set
-    ``stopped_by``."""
-    return bool(metrics.get("interrupted")) and metrics.get("stopped_by") is None
+    ``stopped_by``. Nor a reply stopped before its first audio (keys pressed again while
+    the agent thought): ``interrupted`` says its task was cancelled, but nothing was cut."""
+    return (bool(metrics.get("interrupted")) and metrics.get("stopped_by") is None
+            and metrics.get("first_audio_ms") is not None)
 
 
 def intent_label(intent: str) -> str:

@@ -1202,6 +1202,44 @@ async def test_a_callers_barge_in_is_not_recounted_as_the_calls_end_while_its_re
         f"{barge_ins}; turn 1 stopped_by={first[0].get('stopped_by')}")
 
 
+async def test_keys_pressed_again_before_the_agent_answered_the_first_are_no_barge_in(
+) -> None:
+    """Review (stop 66): ``voicegate_barge_ins_total`` and ``interrupted_turns`` are "replies
+    cut off by the caller". Keys collected for the agent (``1234#``) whose reply is still
+    being thought (the LLM's first token not in) when the caller presses more keys make a
+    keypad turn whose reply never played a frame; ``ReplyStage`` marks any cancel
+    ``interrupted``, and a keypad turn is counted even when stopped (its keys were asked),
+    so it was counted as a barge-in though the caller cut nothing off (`interrupt` heard_ms
+    0, sent_ms 0). A question stopped so is no turn in the stats at all, so no barge-in
+    either: only keypad (and apology) turns inflated the figure. A barge-in is a reply the
+    caller cut off once its audio had begun (``first_audio_ms``)."""
+    from tests.call_harness import CallHarness
+
+    h = CallHarness(settings={"idle_prompt_s": 0, "keypad_pause_s": 1})
+    h.llm.reply = "Thanks, one moment."
+    h.llm.first_token_s = 2.0  # the agent thinks
+    await h.start()
+    for key in "1234#":
+        h.call.feed_dtmf(key)
+    await h.wait(500)
+    for key in "5#":  # more keys before the agent said a word
+        h.call.feed_dtmf(key)
+    await h.wait(5000)
+    await h.stop()
+    (interrupt,) = h.output.of("interrupt")
+    assert (interrupt["cause"], interrupt["heard_ms"], interrupt["sent_ms"]) == \
+        ("dtmf", 0.0, 0.0), interrupt
+    first, second = h.metrics()
+    assert first.get("first_audio_ms") is None and first.get("frames_sent") == 0, first
+    assert second.get("source") == "llm" and second.get("interrupted") is False, second
+    barge_ins = h.stats.prometheus.registry.get_sample_value("voicegate_barge_ins_total")
+    assert h.stats.keypad_turns == 2  # the first keys were asked all the same
+    assert (h.stats.interrupted_turns, barge_ins) == (0, 0.0), (
+        f"a reply that never played was counted as cut off by the caller: "
+        f"interrupted_turns={h.stats.interrupted_turns}, voicegate_barge_ins_total="
+        f"{barge_ins}; turn 1 interrupted={first.get('interrupted')}")
+
+
 async def test_an_apology_that_fails_too_is_counted_under_its_own_code() -> None:
     """Review (stop 60): engine.py Call._apologize: when the apology itself fails (prompts
     not pre-rendered and the voice down), it was only logged (``apology_failed``): nothing in
