@@ -124,8 +124,11 @@ def _schema_problem(parameters: Any) -> str | None:
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         return f"not a JSON schema{f' at {where}' if where else ''}: {exc.message}"
-    ref = _unresolved_ref(parameters, Registry().resolver_with_root(
-        DRAFT202012.create_resource(parameters)))
+    try:
+        root = DRAFT202012.create_resource(parameters)
+        ref = _unresolved_ref(root, Registry().resolver_with_root(root))
+    except Exception:  # noqa: BLE001 - a schema the walk cannot read: the runner's guard
+        ref = None  # (a check that raises is a result for the model) covers it at a call
     if ref is not None:
         # check_schema takes any URI: resolved only at a call, it raised out of the runner.
         return (f"$ref {ref[:100]!r} does not resolve (a tool's schema refers only within "
@@ -133,24 +136,20 @@ def _schema_problem(parameters: Any) -> str | None:
     return None
 
 
-def _unresolved_ref(node: Any, resolver: Any) -> str | None:
-    """The first ``$ref`` under ``node`` that does not resolve (a typo, a remote URI: no
-    schema is fetched), each from where it stands (a nested ``$id`` moves its base)."""
-    if isinstance(node, dict):
-        resolver = resolver.in_subresource(DRAFT202012.create_resource(node))
-        ref = node.get("$ref")
-        if isinstance(ref, str):
-            try:
-                resolver.lookup(ref)
-            except Unresolvable:
-                return ref
-        children: Any = node.values()
-    elif isinstance(node, list):
-        children = node
-    else:
-        return None
-    for child in children:
-        found = _unresolved_ref(child, resolver)
+def _unresolved_ref(resource: Any, resolver: Any) -> str | None:
+    """The first ``$ref`` of ``resource``'s schemas that does not resolve (a typo, a remote
+    URI: no schema is fetched), each from where it stands (a nested ``$id`` moves its base).
+    Only the keywords that hold schemas are walked (``subresources``): a property named
+    ``$id``, or a ``default`` or ``const`` holding a ``$ref``, is data, never resolved."""
+    contents = resource.contents
+    ref = contents.get("$ref") if isinstance(contents, dict) else None
+    if isinstance(ref, str):
+        try:
+            resolver.lookup(ref)
+        except Unresolvable:
+            return ref
+    for subresource in resource.subresources():
+        found = _unresolved_ref(subresource, resolver.in_subresource(subresource))
         if found is not None:
             return found
     return None

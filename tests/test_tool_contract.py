@@ -405,6 +405,24 @@ def test_a_tools_file_schema_with_a_ref_to_nothing_stops_the_start_up(tmp_path):
     assert [spec.name for spec in load_tools(str(fine))] == ["get_balance"]
 
 
+@pytest.mark.parametrize("parameters", [
+    {"type": "object", "properties": {"$id": {"type": "string"}}},
+    {"type": "object", "properties": {"doc": {"type": "object", "default": {"$ref": "x"}}}},
+    {"type": "object", "properties": {"kind": {"const": {"$ref": "#/nope"}}}},
+    {"type": "object", "properties": {"kind": {"enum": [{"$ref": "#/nope"}, "a"]}}},
+], ids=["property-named-$id", "$ref-in-a-default", "$ref-in-a-const", "$ref-in-an-enum"])
+def test_a_valid_schema_whose_data_looks_like_keywords_still_loads(tmp_path, parameters):
+    """Review (stop 66, second look): the $ref check walked every object of the schema as a
+    schema, data included. A property named "$id" crashed the start-up (AttributeError out
+    of referencing), and a "$ref" inside a default or a const, which jsonschema never
+    resolves, was refused: tools files that loaded before kept the replica from starting.
+    Only the keywords that hold schemas are walked now."""
+    good = tmp_path / "tools.json"
+    good.write_text(json.dumps([{"name": "get_record", "url": "http://127.0.0.1:9/tool",
+                                 "parameters": parameters}]))
+    assert [spec.name for spec in load_tools(str(good))] == ["get_record"]
+
+
 async def test_a_schema_that_cannot_be_checked_is_a_result_for_the_model_not_a_crash(webhook):
     """Review (stop 66): ToolRunner is also built from specs in code (not only the tools
     file), and its promise is that the model gets a string back whatever happens. A schema
