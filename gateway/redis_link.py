@@ -26,7 +26,8 @@ from redis.exceptions import (ClusterDownError, ConnectionError, OutOfMemoryErro
 from redis.retry import Retry
 
 from intents.redis_store import (LOADING_SAID, RedisKeys, cannot_persist, redacted,
-                                 refused_credentials, refused_writes, still_loading)
+                                 refused_credentials, refused_writes, refusing_for_now,
+                                 still_loading)
 
 from . import logs
 
@@ -63,13 +64,17 @@ def open_async_client(url: str, timeout_s: float = 5.0, *,
 
 def failure_said(exc: BaseException) -> str:
     """A Redis failure as an operator reads it: what Redis is doing (loading its dataset,
-    refusing writes: for want of a disk, as a read-only replica, for want of memory) said
-    plainly, as a publish says it, else the error's type and message."""
+    refusing writes: for want of a disk, as a read-only replica, for want of memory; busy
+    behind a script, a replica cut off from its primary) said plainly, as a publish says
+    it, else the error's type and message."""
     if still_loading(exc):
         return f"Redis {LOADING_SAID} (tried again later): {exc}"
     said = refused_writes(exc)
     if said:
         return f"{said}. Redis said: {exc}"
+    busy = refusing_for_now(exc)  # a script past its time limit, a replica cut off
+    if busy:
+        return f"Redis {busy} (tried again later): {exc}"
     return f"{type(exc).__name__}: {exc}"
 
 

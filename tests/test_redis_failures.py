@@ -1695,3 +1695,19 @@ async def test_entry_marks_redis_refuses_for_want_of_replicas_are_kept_and_said(
     finally:
         raw.close()
         await stats.aclose()
+
+
+def test_a_redis_busy_or_cut_off_is_said_plainly_in_the_health_reason() -> None:
+    """Review (stop 66, second look): the degraded reason (/readyz, /admin/stats) said a
+    Redis busy behind a script or a replica cut off from its primary as a bare error type
+    ("ResponseError: BUSY ..."), where a publish says what Redis is doing and that it is
+    tried again."""
+    import redis as redis_py
+
+    from intents.redis_store import BUSY_SAID, MASTERDOWN_SAID
+
+    busy = failure_said(redis_py.ResponseError(
+        "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE."))
+    cut_off = failure_said(redis_py.exceptions.MasterDownError("Link with MASTER is down"))
+    assert BUSY_SAID in busy and "tried again later" in busy, busy
+    assert MASTERDOWN_SAID in cut_off and "tried again later" in cut_off, cut_off
