@@ -104,8 +104,10 @@ _SPACES = re.compile(r"\s+")
 # keycap's marks ("1️⃣": its digit is said). Not a joiner in a word (Indic conjuncts).
 _PICTOGRAPH = ("[\U0001F10D-\U0001FAFF\u2600-\u2775\u2794-\u27BF\u2B00-\u2BFF"
                "\u231A\u231B\u23E9-\u23F3\u23F8-\u23FA]")
-_EMOJI = re.compile(rf"\s*(?:{_PICTOGRAPH}(?:[\ufe0e\ufe0f\U000E0020-\U000E007F]"
-                    rf"|\u200d{_PICTOGRAPH})*|[\ufe0e\ufe0f]?\u20e3|\ufe0f)")
+# A run of them (a skin tone, a flag's two letters, "👍 👍") is one match: its neighbours are
+# the words around the run.
+_EMOJI = re.compile(rf"(?:\s*(?:{_PICTOGRAPH}(?:[\ufe0e\ufe0f\U000E0020-\U000E007F]"
+                    rf"|\u200d{_PICTOGRAPH})*|[\ufe0e\ufe0f]?\u20e3|\ufe0f))+")
 _LIST_MARKER = re.compile(r"\s*\d{1,2}")
 _ITEM_OPENING = re.compile(r"\s*(\d{1,2})\.\s")  # a piece opening with its item's marker
 

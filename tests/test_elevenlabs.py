@@ -1008,3 +1008,22 @@ async def test_a_wait_for_a_slot_past_the_first_audio_budget_fails_saying_so(ele
     finally:
         fake.release.set()
         await tts.aclose()
+
+
+def test_the_dropping_door_closes_at_once() -> None:
+    """Review (stop 66, second look): closing the door's listener did not wake its
+    accept() (Linux), so every test with a door waited out the 5 s join, its event loop
+    frozen, and left the thread behind. Shut down first, it returns at once."""
+    import socket
+
+    from tests.fakes.tcp_drops import DroppingDoor
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    door = DroppingDoor(port)
+    door.__enter__()
+    door.__exit__(None, None, None)
+    # Its join waits for the thread (5 s at most): a thread still blocked in accept() is
+    # alive after it, whatever the machine's speed.
+    assert not door._thread.is_alive()

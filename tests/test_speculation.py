@@ -390,3 +390,23 @@ async def test_a_decision_made_on_a_version_no_longer_served_is_not_reused() -> 
     routings = len(router.texts)
     decision, reused = await spec.decide("what time do you open")
     assert reused and decision is not None and len(router.texts) == routings
+
+
+async def test_the_early_final_settled_again_after_a_swap_is_not_the_old_versions() -> None:
+    """Review (stop 66, second look): a second pause with the same words settled them
+    again, and the routing of the first pause, made on the version replaced since, was
+    returned as it was: the end of turn took the old version's hit (or miss) for these
+    words. Routed again on the serving version."""
+    serving = {"version": "v1"}
+
+    def decide(text: str) -> RouteDecision:
+        entry = "cheques" if serving["version"] == "v1" else "payments"
+        return dataclasses.replace(hit(text, entry), version=serving["version"])
+
+    spec = Speculation(Router(decide), rules(step=1, settle=0), on_failure=lambda exc: None,
+                       version=lambda: serving["version"])
+    first = await spec.settle("can I pay by cheque")
+    assert first is not None and first.version == "v1"
+    serving["version"] = "v2"
+    again = await spec.settle("can I pay by cheque")
+    assert again is not None and (again.entry_id, again.version) == ("payments", "v2"), again

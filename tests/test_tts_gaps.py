@@ -290,6 +290,10 @@ class RecordingVoice:
      "are covered \u2764\ufe0f \u2b50", "Your family and the UK are covered"),
     ("Press 1\ufe0f\u20e3 for cards.", "Press 1 for cards."),
     ("Great\U0001F44Ddone.", "Great done."),  # between two words: a space, not "Greatdone"
+    # A run of them between two words, too (a skin tone, two, a flag's two letters, spaced).
+    ("Great\U0001F44D\U0001F3FDdone.", "Great done."),
+    ("Great\U0001F44D \U0001F44Ddone.", "Great done."),
+    ("UK\U0001F1EC\U0001F1E7flag.", "UK flag."),
     # Symbols a voice says as meant, and a joiner inside a word, are said.
     ("It is 25°C, © 2026, item \u2460 (\u0915\u094d\u200d\u0937).",
      "It is 25°C, © 2026, item \u2460 (\u0915\u094d\u200d\u0937)."),

@@ -164,6 +164,11 @@ class Speculation:
         if routed is not None and normalize_text(routed.text) == wanted \
                 and self._current(routed):
             return routed  # a partial of these very words was routed already
+        if self._settling is not None and self._settling.done() \
+                and not self._settling.cancelled() and self._settling.exception() is None:
+            earlier = self._settling.result()
+            if earlier is not None and not self._current(earlier):
+                self._settling = None  # these words, routed on a version replaced since
         if self._settling is None:
             self._settling = asyncio.create_task(self._route_urgent(text),
                                                  name="vg-route-early")

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -49,6 +50,10 @@ class DroppingDoor:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # shutdown first: on Linux, close alone does not wake an accept() blocked in the
+        # door's thread (its join waited out its whole timeout, and the thread stayed).
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         with self._lock:
             for sock in self._open:
