@@ -492,10 +492,12 @@ class Stats:
         self.missed = deque(kept, maxlen=self.missed.maxlen)
         return dropped
 
-    def recent_hit_rate(self, window_s: float = RECENT_WINDOW_S) -> tuple[float | None, int]:
+    def recent_hit_rate(self, window_s: float = RECENT_WINDOW_S,
+                        now: float | None = None) -> tuple[float | None, int]:
+        """Hit rate and turns of the last ``window_s`` (up to ``now``, time.monotonic's)."""
         # Newest first, up to the cutoff (appended in time order): the window's turns only,
         # not the 100,000 kept (the dashboard asks every 3 s, on the serving loop).
-        cutoff = time.monotonic() - window_s
+        cutoff = (time.monotonic() if now is None else now) - window_s
         hits = turns = 0
         for at, hit in reversed(self.recent):
             if at < cutoff:
