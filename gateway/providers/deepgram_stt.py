@@ -19,15 +19,17 @@ onto ``STTStream``:
   reply (a next one may be cut before it arrives): a result is the utterance's whose audio
   it ends in, and Deepgram answers Finalize messages in order, so a ``from_finalize``
   reply also completes any earlier finalize still waiting. No reply within
-  ``finalize_timeout_s`` (on the stream's ``clock``): the words so far are the final. Deepgram
-  does not promise one (none when too little audio is buffered: a turn cut after every word
-  was final, the caller's noise), so the live socket is then sent a WebSocket ping. A pong
-  within ``ping_timeout_s`` (the stream's ``clock``): the socket is alive and kept, and an
-  utterance with no word at all is an empty final (as a reply with no words is). No pong in
+  ``finalize_timeout_s`` (on the stream's ``clock``): Deepgram does not promise one (none
+  when too little audio is buffered: a turn cut after every word was final, the caller's
+  noise), so the live socket is then sent a WebSocket ping. A pong within
+  ``ping_timeout_s`` (the stream's ``clock``): the socket is alive and kept, and the words
+  so far are the final (an utterance with no word at all is an empty final, as a reply
+  with no words is). No pong in
   time, or no live socket (its handshake hangs): it has stalled, and is dropped and
-  reopened like a failed one; an utterance with no word at all then fails
-  (``ProviderError``: the call apologises), never an empty final (a caller who spoke would
-  hear nothing). The SDK has no public way to the connection to ping (``_websocket``); a
+  reopened like a failed one; the utterance then fails (``ProviderError``: the call
+  apologises), never an empty final (a caller who spoke would hear nothing) nor the words
+  heard before the stall (the audio after it never reached the service: they may be only
+  the start of the question). The SDK has no public way to the connection to ping (``_websocket``); a
   socket client without it is taken for a stalled one, as before there was a ping.
 - ``KeepAlive`` is sent when no audio has gone out for ``keepalive_s`` (Deepgram closes
   an idle socket after about 10 s); ``aclose()`` sends ``CloseStream`` and waits up to
@@ -194,8 +196,10 @@ class DeepgramStream:
     def _unanswered(self, closing: "_Closing", text: str, alive: bool) -> None:
         """No reply to the Finalize of ``closing`` in time. On a socket that answered a ping
         the words so far are the final, an empty one (the caller's noise) included. One that
-        did not is dropped (reopened for the next utterance), and no word at all is then a
-        failure, never an empty final (a caller who spoke would hear nothing)."""
+        did not is dropped (reopened for the next utterance), and the utterance fails, as
+        one whose socket failed does: never an empty final (a caller who spoke would hear
+        nothing), nor the words heard before the stall (the audio after it never reached
+        the service: they may be only the start of the question)."""
         waited = f"{self._finalize_timeout_s:g} s"
         logs.event(log, "deepgram_finalize_late", logging.WARNING, after_s=self._finalize_timeout_s,
                    words=bool(text), silent=self._heard == closing.heard, alive=alive)
@@ -203,9 +207,8 @@ class DeepgramStream:
             return
         self._drop_socket(ProviderError(NAME, f"no reply within {waited} of Finalize: the "
                                               "live socket is not answering"))
-        if not text:
-            raise ProviderError(NAME, f"no final transcript within {waited} of Finalize; the "
-                                      "live socket is not answering")
+        raise ProviderError(NAME, f"no final transcript within {waited} of Finalize; the "
+                                  "live socket is not answering")
 
     async def _answers_ping(self) -> bool:
         """The live socket answers a WebSocket ping within ``ping_timeout_s`` (on the
