@@ -626,3 +626,47 @@ async def _outcomes(decodes, results):
             results.append("error")
         else:
             results.append("decoded")
+
+
+async def test_an_utterance_longer_than_the_longest_kept_is_decoded_whole(pool):
+    """Review (stop 66): an utterance longer than ``max_utterance_s`` (a caller who talks
+    on without a pause that ends the turn) had its oldest audio dropped from the buffer
+    undecoded: the final read only the last ``max_utterance_s``, the end of a question
+    answered as if it were the whole (docs/operations.md: "older audio is decoded but not
+    re-decoded"). Now the tail is split off as a segment, decoded once, when it reaches
+    that length; the final reads what follows and joins the two, so every byte is heard
+    once, and the buffer stays bounded."""
+    service = RedecodingSTT(GatedRecognizer(), pool, slots=2, partial_interval_ms=10_000,
+                            max_utterance_s=1.0)
+    stream = service.open_stream()
+    for _ in range(25):  # 2.5 s in 100 ms frames
+        await stream.send_audio(audio(100))
+    assert len(stream._buffer) <= 32_000 + 100 * MS  # bounded: a segment holds the rest
+    final = await stream.finalize()
+    assert final.text == "32000 bytes 32000 bytes 16000 bytes"
+    assert sorted(service.recognizer.decoded) == [16000, 32000, 32000]
+    await stream.aclose()
+
+
+async def test_a_long_utterance_is_not_split_while_its_pause_decodes(pool):
+    """The tail passes ``max_utterance_s`` in a pause whose early decode runs: that decode
+    (the final-to-be) reads the words, so nothing is split off (no second decode of them)
+    until the caller speaks on, and then the split comes at the next audio."""
+    service = RedecodingSTT(GatedRecognizer(), pool, slots=2, partial_interval_ms=10_000,
+                            max_utterance_s=1.0)
+    stream = service.open_stream()
+    await stream.send_audio(audio(900))
+    early = stream.speech_paused()
+    for _ in range(3):  # the pause's silence passes the longest kept length
+        await stream.send_audio(audio(100, 0))
+    assert (await early).text == "28800 bytes" and not stream._segments
+    assert (await stream.finalize()).text == "28800 bytes"
+
+    await stream.send_audio(audio(900))  # the next utterance: the caller speaks on after
+    stream.speech_paused()
+    await stream.send_audio(audio(300, 0))
+    stream.speech_resumed()
+    await stream.send_audio(audio(100))
+    await stream.send_audio(audio(100))
+    assert (await stream.finalize()).text == "41600 bytes 3200 bytes"
+    await stream.aclose()

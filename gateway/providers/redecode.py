@@ -10,6 +10,9 @@ decodes it again when that is worth it:
 - Splits: an utterance is cut at a long pause the caller spoke on after
   (``split_pause_ms``): the early decode started at that pause is kept as the utterance's
   first segment, and later decodes read only the audio after it (``RedecodingStream``).
+- Long utterances: a tail that reaches ``max_utterance_s`` (a caller who talks on without
+  a pause that ends the turn) is split off as a segment the same way, decoded once, and
+  its audio let go: the buffer stays bounded and no audio goes undecoded.
 - Partials: after every ``partial_interval_ms`` of new audio, but only when a decode
   slot of the process is free and none of this call's decodes is running. Under load a
   caller gets fewer partials, never a later final. A partial still running when the
@@ -261,6 +264,7 @@ class RedecodingStream:
         # utterance's text is theirs joined with the tail's.
         self._segments: list[asyncio.Task[Decoded]] = []
         self._tail = 0
+        self._whole = True  # _buffer still holds the utterance's first audio
         self._generation = 0
         self._closed = False
         self.partials_skipped = 0  # due, but the process had no free decode slot
@@ -269,10 +273,14 @@ class RedecodingStream:
     async def send_audio(self, pcm16: bytes) -> None:
         self._buffer += pcm16
         self._received += len(pcm16)
-        overflow = len(self._buffer) - self._max_bytes
+        if len(self._buffer) - self._tail >= self._max_bytes and self._early is None:
+            self._split_long()
+        # Only audio a segment holds is let go: the tail is never dropped undecoded.
+        overflow = min(len(self._buffer) - self._max_bytes, self._tail)
         if overflow > 0:
             del self._buffer[:overflow]
-            self._tail = max(0, self._tail - overflow)
+            self._tail -= overflow
+            self._whole = False
             if self._paused_at is not None:
                 self._paused_at = max(0, self._paused_at - overflow)
         if self._received - self._partial_at < self._partial_interval:
@@ -285,6 +293,17 @@ class RedecodingStream:
         self._partial_at = self._received
         self._partial_task = asyncio.create_task(self._decode_partial(self._tail_audio()),
                                                  name="vg-stt-partial")
+
+    def _split_long(self) -> None:
+        """The tail is ``max_utterance_bytes`` long (the caller talks on without a
+        pause that ends the turn): it is split off as a segment, decoded once (the cut may
+        fall inside a word), so that its audio can be let go without going unheard; later
+        decodes read what follows. Not while a pause's decode runs: that one reads it."""
+        self._segments.append(asyncio.create_task(
+            self._scheduler.decode(self._tail_audio(), FINAL, self._draft),
+            name="vg-stt-long-segment"))
+        self._tail, self._draft = len(self._buffer), []
+        self.splits += 1
 
     def _tail_audio(self) -> bytes:
         with memoryview(self._buffer) as view:
@@ -389,7 +408,7 @@ class RedecodingStream:
         segments = self._segments
         self._segments = []
         tail, draft = self._tail_audio(), self._draft
-        whole = bytes(self._buffer) if segments else b""
+        whole = bytes(self._buffer) if segments and self._whole else b""
         self._start_utterance()
         return self._final(early, segments, tail, draft, whole)
 
@@ -406,6 +425,8 @@ class RedecodingStream:
             except Exception:  # a segment's decode failed: the utterance is decoded whole
                 log.warning("stt_segment_failed", exc_info=True)
                 _stop(segments)
+                if not whole:  # its start let go (a long one): words of it are lost
+                    raise
                 text, _ = await self._scheduler.decode(whole, FINAL)
                 return Transcript(text=text, final=True)
         except BaseException:
@@ -429,6 +450,7 @@ class RedecodingStream:
         self._generation += 1
         self._buffer.clear()
         self._received = self._partial_at = self._tail = 0
+        self._whole = True
         self._paused_at = None
         if self._partial_task is not None and not self._partial_task.done():
             self._partial_task.cancel()
