@@ -852,6 +852,46 @@ async def test_an_utterance_whose_first_audio_was_refused_while_reopening_fails(
     assert second.text == "what are your opening hours"
 
 
+class SlowDeepgram(RouteDeepgram):
+    """The fake behind a route whose first handshake is answered only at ``release`` (a
+    service or a network path slow for a while); then the fake serves it."""
+
+    async def _misbehave(self, websocket: WebSocket, connection: int) -> bool:
+        if connection == 1:
+            await self._hold()
+        return False
+
+
+async def test_an_utterance_whose_audio_was_refused_for_a_full_outbox_fails():
+    """Review (stop 66): audio that cannot go out piles up in the stream's outbox (a
+    handshake slow to answer); once it is full, the caller's next audio is refused ("audio
+    is not draining"), but the utterance was not marked as having lost audio (as one
+    refused while a socket reopens is). The socket then opened, the audio queued before
+    the refusal went out, and the final was Deepgram's words for it: a question with a
+    piece cut out, answered as if whole. Now that final fails (the apology) and the next
+    utterance is recognised whole."""
+    from gateway.providers import deepgram_stt
+
+    slow = SlowDeepgram()
+    with ServerThread(slow.app) as server:
+        recognizer = stt(server)
+        stream = recognizer.open_stream()
+        assert await until(lambda: slow.connections == 1)  # its handshake is held
+        for _ in range(deepgram_stt._OUTBOX_LIMIT):
+            await stream.send_audio(VOICE)
+        with pytest.raises(ProviderError, match="not draining"):
+            await stream.send_audio(VOICE)  # this piece of the question is lost
+        slow.release.set()
+        assert await until(lambda: stream.connected and stream._outbox.empty())
+        with pytest.raises(ProviderError, match="not draining"):
+            await stream.finalize()  # words of it went nowhere: this turn apologises
+        await send(stream, VOICE, 12)  # the next question
+        second = await stream.finalize()
+        await stream.aclose()
+        await recognizer.aclose()
+    assert second.text == "what are your opening hours"
+
+
 class BusyDeepgram(RouteDeepgram):
     """The fake behind a route that refuses the first handshake with ``status`` (429: the
     account's concurrent streams are all in use, a burst of calls), then takes the rest."""

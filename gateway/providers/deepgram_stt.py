@@ -46,6 +46,8 @@ onto ``STTStream``:
   as the question), fails at its ``finalize()`` (the call apologises), and the next one is
   recognised on the new socket. A refused connection (HTTP 4xx: a wrong key) is final,
   but for 429 (too many concurrent streams) and 408, which are retried the same way.
+  Audio that cannot go out yet (a handshake slow to answer) queues, up to
+  ``_OUTBOX_LIMIT`` messages; audio refused past that fails its utterance the same way.
 
 Results that end before the last finalize/reset (audio time) are dropped, so a late
 reply for an old utterance never leaks into the next one.
@@ -145,7 +147,11 @@ class DeepgramStream:
             self._lost = self._error
         self._check()
         if self._outbox.qsize() >= _OUTBOX_LIMIT:
-            raise ProviderError(NAME, "audio is not draining: the live socket is not connected")
+            # Refused too: what goes out of this utterance, once the socket drains, has a
+            # piece cut out (answered, it would be answered as the whole question).
+            self._lost = ProviderError(NAME, "audio is not draining: the live socket is not "
+                                             "connected")
+            raise self._lost
         self._outbox.put_nowait(pcm16)
         self._sent_s += len(pcm16) / 2 / self._sample_rate
 
