@@ -54,7 +54,7 @@ from gateway.clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 from gateway.hedge import AdaptiveDelay, HedgedChat
 from gateway.preemption import Preemption
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
-from gateway.sentences import SentenceChunker, has_words, without_emoji
+from gateway.sentences import SentenceChunker, spoken_text
 from gateway.settings import Settings, SettingsError
 from gateway.tools import (TRANSFER_TOOL, TRANSFER_TOOL_NAME, ToolRunner, chat_tool_name,
                            load_tools, parse_arguments)
@@ -168,13 +168,6 @@ class Slow:
 @dataclass(frozen=True)
 class StillWorking:
     waited_s: float  # of silence since the tool call
-
-
-def _speaks(piece: str) -> bool:
-    """A piece with words for the voice: emoji (the voice is never asked for them,
-    responder.tts_audio) and punctuation alone are none, so a reply of emoji alone ("👍",
-    "😊.") is an empty reply, asked again, never a turn said in silence."""
-    return has_words(without_emoji(piece))
 
 
 @dataclass(frozen=True)
@@ -698,7 +691,7 @@ class Agent:
                         # ToolStarted (the filler), not after it at the round's end.
                         tail = chunker.flush()
                         pieces += [tail] if tail else []
-                    for piece in filter(_speaks, pieces):
+                    for piece in filter(spoken_text, pieces):  # no words: nothing said ("👍")
                         spoken.append(piece)
                         spoke, held_since = True, None
                         yield Sentence(piece)
@@ -728,7 +721,7 @@ class Agent:
                             held_since, held_holds, stalled = clock.now(), holds, False
                         yield ToolStarted(item.tool_call.name, item.tool_call.id)
                 tail = chunker.flush()
-                if tail and _speaks(tail):
+                if tail and spoken_text(tail):
                     spoken.append(tail)
                     spoke, held_since = True, None
                     yield Sentence(tail)

@@ -29,7 +29,7 @@ from .codec import PCM16, encode
 from .preemption import Preemption
 from .providers.base import ProviderError, TextToSpeech
 from .providers.synthesis_slots import URGENCY, WANTED
-from .sentences import has_words, without_emoji
+from .sentences import has_words, spoken_text
 from .settings import Settings
 from .timeline import TurnTimeline, now
 
@@ -93,8 +93,8 @@ async def tts_audio(tts: TextToSpeech, text: str, rate: int, encoding: str = PCM
     (``WANTED``); a synthesis of words that ends with no audio at all fails too
     (``ProviderError``). The voice is asked for ``text`` without its emoji, which it would
     read out by name, and for nothing when that leaves no words ("😊", "👍!")."""
-    text = without_emoji(text)
-    if not has_words(text):  # no request (a cloud voice may refuse a text with no words)
+    text = spoken_text(text)
+    if not text:  # no request (a cloud voice may refuse a text with no words)
         return
     resampler = StreamResampler(tts.sample_rate, rate)
     gaps = Timeouts(clock)

@@ -16,8 +16,8 @@ item is a piece of its own, without its marker (numbered, "2. Tap Settings", or 
 "- Tap Settings", often with no period), and so is any other line ("Our hours" / "Monday
 to Friday 9 to 5"). Within a line ("Open the app. 2. Tap Settings.") a number after a
 sentence's end is an item's marker only as a list's first or next one: "How many? 3." says it.
-``without_emoji`` is a piece as a voice should read it (responder.tts_audio): a voice reads an
-emoji by name.
+``spoken_text`` is a piece as a voice should be asked for it (the agent, responder.tts_audio):
+without its emoji (a voice reads one by name), nothing when no words are left.
 """
 
 from __future__ import annotations
@@ -129,12 +129,19 @@ def without_emoji(text: str) -> str:
     return _EMOJI.sub(dropped, text).strip()
 
 
+def spoken_text(text: str) -> str:
+    """What a voice is asked to say for ``text``: without its emoji; "" when that leaves no
+    words ("👍", "😊."): nothing to ask, a reply's piece that says nothing
+    (agent, responder.tts_audio)."""
+    spoken = without_emoji(text)
+    return spoken if has_words(spoken) else ""
+
+
 def rendered_text(text: str) -> str:
     """What a voice is asked for a phrase rendered once and played many times (a seeded
-    answer, a prompt): ``text`` without its emoji, unless that leaves no words (then as
-    written: an emoji read by name beats a silent answer)."""
-    spoken = without_emoji(text)
-    return spoken if has_words(spoken) else text
+    answer, a prompt): its ``spoken_text``, unless that is nothing (then as written: an
+    emoji read by name beats a silent answer)."""
+    return spoken_text(text) or text
 
 
 def has_words(text: str) -> bool:
