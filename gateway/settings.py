@@ -269,6 +269,11 @@ class Settings(BaseModel):
     # 5-7 s of speech on a shared 2-core host). A voice with no first-audio deadline of
     # its own (Piper, whose pool STT decodes share) has this long for its first audio too.
     tts_gap_timeout_s: PosF = 4.0
+    # A turn whose final transcript has not come this long after the turn ended (a hung
+    # decode) is stt_failed and the apology, never a silent line. Far beyond a healthy
+    # final: any one decode reads at most max_utterance_s of audio (a 7 s question takes
+    # ~0.5 s on a slow 2-core host); Deepgram's own Finalize deadline is 1 s.
+    stt_final_timeout_s: PosF = 5.0
     # Threads per Moonshine decode (cpu_workers decodes run at once).
     moonshine_threads: Pos = 1
     # Moonshine's decoder weights: int8 blocks (MatMulNBits, built once into model_cache_dir;

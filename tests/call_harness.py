@@ -143,7 +143,11 @@ class WordSTTStream:
 
     async def _decode(self, snapshot: bytes) -> Transcript:
         self._stt.decodes += 1
-        await self._stt.clock.sleep(self._stt.decode_s)
+        try:
+            await self._stt.clock.sleep(self._stt.decode_s)
+        except asyncio.CancelledError:
+            self._stt.decodes_stopped += 1
+            raise
         if self._stt.fail_finals:
             self._stt.fail_finals -= 1
             raise ProviderError("word-stt", "decoder crashed")
@@ -176,6 +180,7 @@ class WordSTT:
         self.decode_s = decode_s
         self.early_finals = early_finals
         self.decodes = 0
+        self.decodes_stopped = 0  # cancelled while decoding
         self.fail_finals = 0
         self.streams: list[WordSTTStream] = []
         self.utterances: list[bytes] = []

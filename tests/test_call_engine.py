@@ -217,6 +217,29 @@ async def test_a_failed_final_transcript_gets_an_apology_and_the_call_goes_on():
     assert h.transcripts() == ["second try works"]
 
 
+async def test_a_final_transcript_that_never_comes_gets_an_apology_and_the_call_goes_on():
+    """Review (stop 67): a final decode that hangs (a stuck recogniser) was awaited for
+    ever: the line stayed silent until the caller spoke again. ``stt_final_timeout_s`` of
+    the call's clock after the turn ended, the turn is stt_failed and the caller hears
+    the apology; the hung decode is stopped, and the next turn is answered."""
+    h = await CallHarness(settings={"stt_final_timeout_s": 5.0}).start()
+    h.stt.decode_s = 3600.0  # never, as far as the call can tell
+    await h.say("something the decoder hangs on", then_silence_ms=4000)
+    assert not h.output.of("error")  # a slow final is still waited for
+    await h.wait(2000)  # the turn ended ~0.3 s after the words: 5 s have passed since
+    (error,) = h.output.of("error")
+    assert error["code"] == "stt_failed"
+    assert "did not come within 5 s" in error["message"], error
+    assert h.stt.decodes_stopped == 1
+    assert [e["source"] for e in h.output.of("response")] == ["apology"]
+    h.stt.decode_s = 0.05
+    await h.say("second try works", then_silence_ms=1500)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response")] == ["apology", "llm"]
+    assert h.transcripts() == ["second try works"]
+    assert h.stats.errors["stt_failed"] == 1
+
+
 async def test_a_stage_failing_over_and_over_is_reported_once_every_few_seconds():
     # Counted every time; told to the client (and logged) at most once every
     # _REPORT_EVERY_S (5 s) of the call's clock: a VAD failing on every frame must not

@@ -863,9 +863,13 @@ class Call:
         exchange_asked, self._carry_asked = self._carry_asked, frozenset()
         covered, self._carry_turns = self._carry_turns, []
         self._take_counts(tl)  # its utterance is over: later partials are the next turn's
+        waited_s = self._settings.stt_final_timeout_s
         try:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
-            said = [await asyncio.shield(f) for f in utterances]
+            # Timed: a decode that never ends (a hung recogniser) must not leave the line
+            # silent until the caller speaks again; the apology asks them to.
+            async with deadline(self._clock, waited_s):
+                said = [await asyncio.shield(f) for f in utterances]
         except asyncio.CancelledError:
             self._carry_words([*utterances, *self._carry], continuing, exchange,
                               exchange_asked)
@@ -873,8 +877,15 @@ class Call:
             raise
         except Exception as exc:
             _add_counts(tl, covered)
+            if isinstance(exc, Expired):
+                for late in utterances:
+                    late.cancel()  # stops its decode (a slot of the process): nobody reads it
+                reason = (f"the final transcript did not come within {waited_s:g} s of the "
+                          "end of the turn (VOICEGATE_STT_FINAL_TIMEOUT_S)")
+            else:
+                reason = f"the final transcript failed: {exc}"
             await self._unrouted_turn(tl, apology="stt_failed",
-                                      first=self._failed_final(tl, exc, utterance),
+                                      first=self._failed_final(tl, reason, utterance),
                                       utterance=utterance)
             return
         _add_counts(tl, covered)  # its metrics cover the carried turns: their partials too
@@ -1349,10 +1360,10 @@ class Call:
             for key, count in self._speculation.take_counts(utterance).items():
                 tl.info[key] = tl.info.get(key, 0) + count
 
-    async def _failed_final(self, tl: TurnTimeline, exc: Exception,
+    async def _failed_final(self, tl: TurnTimeline, reason: str,
                             utterance: int | None = None) -> None:
         await self._speculation.reset(utterance)  # as the final's routing would have (_answer)
-        await self._report("stt_failed", f"the final transcript failed: {exc}", tl.turn)
+        await self._report("stt_failed", reason, tl.turn)
 
     async def _finish_metrics(self, tl: TurnTimeline, text: str,
                               decision: RouteDecision | None, counted: bool = True,
