@@ -315,3 +315,27 @@ async def test_a_resumed_reply_cut_by_the_calls_end_is_no_barge_in():
     metrics = [m for m in h.metrics() if m.get("source") == "cache"]
     assert [m.get("stopped_by") for m in metrics] == ["call_end"], h.metrics()
     assert h.stats.interrupted_turns == 0
+
+
+async def test_a_hold_whose_final_never_comes_ends_in_the_apology():
+    """Review (stop 67): the caller spoke over a reply (held), and that utterance's final
+    never came (a decode hung). The hold waited for it, the turn's reply queued behind the
+    hold, and the line stayed silent for good. ``stt_final_timeout_s`` after the turn
+    ended, the hold is a real barge-in and the turn gets the apology."""
+    h = CallHarness(settings={"stt_final_timeout_s": 5.0})
+    h.llm.reply = " ".join(f"Sentence {i} of a long answer." for i in range(30))
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1500)
+    assert h.call.speaking
+    h.stt.decode_s = 3600.0  # the next final hangs
+    await h.feed(tone(450, NOISE))  # held after 400 ms; its final never comes
+    await h.silence(4000)
+    assert h.call._held is not None and not h.output.of("error")  # still waited for
+    await h.silence(2000)  # 5 s have passed since the turn ended
+    await h.stop()
+    (error,) = h.output.of("error")
+    assert error["code"] == "stt_failed" and "did not come within 5 s" in error["message"]
+    assert h.output.of("interrupt") and not h.output.of("resume")
+    assert [e["source"] for e in h.output.of("response")][-1] == "apology"
+    assert h.stt.decodes_stopped == 1

@@ -864,11 +864,14 @@ class Call:
         covered, self._carry_turns = self._carry_turns, []
         self._take_counts(tl)  # its utterance is over: later partials are the next turn's
         waited_s = self._settings.stt_final_timeout_s
+        # From the turn's end, not from now: this reply may have queued behind a held one
+        # whose hold waited for the same final (``_settle_hold``).
+        left_s = waited_s - (self._clock.now() - tl.marks.get("end_of_turn", self._clock.now()))
         try:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
             # Timed: a decode that never ends (a hung recogniser) must not leave the line
             # silent until the caller speaks again; the apology asks them to.
-            async with deadline(self._clock, waited_s):
+            async with deadline(self._clock, max(0.0, left_s)):
                 said = [await asyncio.shield(f) for f in utterances]
         except asyncio.CancelledError:
             self._carry_words([*utterances, *self._carry], continuing, exchange,
@@ -1604,9 +1607,12 @@ class Call:
         """The utterance that stopped the bot ended: words confirm the barge-in, none
         resume the reply."""
         try:
-            text = (await asyncio.shield(final)).text
-        except Exception:
-            text = "?"  # unknown: treated as words, the old behaviour
+            # Timed as the turn's reply times it (``_spoken_turn``), which queues behind
+            # the held reply: a final that never comes must not hold the line for good.
+            async with deadline(self._clock, self._settings.stt_final_timeout_s):
+                text = (await asyncio.shield(final)).text
+        except Exception:  # failed or never came: unknown, treated as words
+            text = "?"
         if self._held is not held:
             return  # decided meanwhile (words in a partial, a text message, the window)
         if normalize_text(text):
