@@ -369,6 +369,16 @@ async def _call_on_the_fake_voice(fake: FakeElevenLabs, server: ServerThread
     return h, tts
 
 
+def _an_error(h: CallHarness) -> "asyncio.Future[list[dict[str, object]]]":
+    """The call's ``error`` events once there are any: what ``_retry_wait`` races a retry
+    against (the turn failed instead of asking again)."""
+    async def errors() -> list[dict[str, object]]:
+        await h.output.until(lambda: h.output.of("error"))
+        return h.output.of("error")
+
+    return asyncio.ensure_future(errors())
+
+
 async def test_a_call_whose_voice_stalls_hears_the_apology_at_the_deadline(eleven):
     # The call's side: the agent's sentence goes to a voice that never answers. The turn
     # fails as `tts_failed` when the first-audio deadline (the setting's default, on the
@@ -679,11 +689,7 @@ async def test_a_call_whose_voice_is_rate_limited_once_hears_the_answer(eleven):
     clock = WatchedClock(h.clock)
     tts._clock = clock  # the call's clock, its waits seen
 
-    async def an_error() -> list[dict[str, object]]:
-        await h.output.until(lambda: h.output.of("error"))
-        return h.output.of("error")
-
-    failed = asyncio.ensure_future(an_error())
+    failed = _an_error(h)
     try:
         await h.text("when do you open")
         asked_at = h.clock.now()
@@ -837,11 +843,7 @@ async def test_a_call_whose_voice_drops_a_connection_once_hears_the_answer(eleve
         clock = WatchedClock(h.clock)
         tts._clock = clock  # the call's clock, its waits seen
 
-        async def an_error() -> list[dict[str, object]]:
-            await h.output.until(lambda: h.output.of("error"))
-            return h.output.of("error")
-
-        failed = asyncio.ensure_future(an_error())
+        failed = _an_error(h)
         try:
             await h.text("when do you open")
             wait = await _retry_wait(clock, failed)
