@@ -860,6 +860,122 @@ async def test_a_call_whose_voice_drops_a_connection_once_hears_the_answer(eleve
             await tts.aclose()
 
 
+async def test_a_200_whose_connection_drops_before_its_first_audio_is_asked_again(eleven,
+                                                                                  caplog):
+    """Review (stop 67): a 200 whose connection dropped after its headers, before any audio
+    byte came, was not asked again: the caller heard the apology though nothing was played
+    and the budget had time left. Now it is asked again as a drop before any response is,
+    logged with the status and the error's name, and the second answer is played whole."""
+    caplog.set_level(logging.INFO, logger="voicegate")
+    fake, server = eleven
+    clock = WatchedClock(ManualClock())
+    text = "Our branches open at nine."
+    with DroppingDoor(server.port) as door:
+        door.drops = ["headers"]
+        tts = ElevenLabsTTS("test-key", voice_id="v", base_url=door.url,
+                            first_audio_timeout_s=4.0, clock=clock)
+        synthesis = asyncio.ensure_future(_all(tts.synthesize(text)))
+        try:
+            wait = await _retry_wait(clock, synthesis)
+            assert 0.05 <= wait <= 0.1, wait  # the first backoff, jittered
+            assert list(door.connections) == ["headers"] and len(fake.requests) == 1
+            await clock.inner.advance(wait)
+            chunks = await asyncio.wait_for(synthesis, 30)
+        finally:
+            synthesis.cancel()
+            await tts.aclose()
+    assert b"".join(chunks) == tone(len(text) * MS_PER_CHAR, 16000)
+    # Both requests reached ElevenLabs: the first one's characters may be billed too.
+    assert list(door.connections) == ["headers", None] and len(fake.requests) == 2
+    retried = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+               if r.getMessage() == "elevenlabs_retry"]
+    assert retried == [{"status": 200, "error": "RemoteProtocolError", "retry": 1,
+                        "wait_s": round(wait, 3)}], retried
+    assert "test-key" not in caplog.text and text not in caplog.text
+
+
+async def test_a_200_whose_connection_drops_before_audio_every_time_fails_after_the_retries(
+        eleven):
+    """Review (stop 67): a 200 dropped before its first audio byte on every attempt is
+    asked again ``max_retries`` (3) times, with the growing waits, then fails naming the
+    drop and how often it was asked."""
+    fake, server = eleven
+    clock = WatchedClock(ManualClock())
+    with DroppingDoor(server.port) as door:
+        door.drops = ["headers"] * 10
+        tts = ElevenLabsTTS("test-key", voice_id="v", base_url=door.url,
+                            first_audio_timeout_s=4.0, clock=clock)
+        started = clock.now()
+        synthesis = asyncio.ensure_future(_all(tts.synthesize("Our branches open at nine.")))
+        try:
+            for n in (1, 2, 3):
+                await clock.inner.advance(await _retry_wait(clock, synthesis, n))
+            with pytest.raises(ProviderError, match=(
+                    r"^elevenlabs: answered 200, then the connection dropped before any "
+                    r"audio: RemoteProtocolError \(asked 4 times\)$")):
+                await asyncio.wait_for(synthesis, 30)
+        finally:
+            synthesis.cancel()
+            await tts.aclose()
+    assert len(door.connections) == 4 and len(fake.requests) == 4
+    assert len(clock.waits) == 3 and all(  # 0.1 s doubling, each jittered to 50-100 %
+        base / 2 <= w <= base for w, base in zip(clock.waits, (0.1, 0.2, 0.4))), clock.waits
+    assert clock.now() - started < 1.0
+
+
+async def test_a_call_whose_voice_drops_a_200_before_its_audio_hears_the_answer(eleven):
+    """Review (stop 67): the call's side: the sentence's 200 lost its connection before
+    any audio; the caller heard the apology (tts_failed). Now the answer, after a short
+    wait of the call's clock, and no error."""
+    fake, server = eleven
+    with DroppingDoor(server.port) as door:
+        door.drops = ["headers"]
+        h, tts = await _call_on_the_fake_voice(fake, door)
+        clock = WatchedClock(h.clock)
+        tts._clock = clock  # the call's clock, its waits seen
+        failed = _an_error(h)
+        try:
+            await h.text("when do you open")
+            wait = await _retry_wait(clock, failed)
+            assert wait <= 0.1 and h.output.frames == []
+            await h.wait(120)
+            assert await h.output.until(lambda: h.output.of("response"))
+            await h.wait(3000)
+            assert [e["source"] for e in h.output.of("response")] == ["llm"]
+            assert h.output.of("error") == [] and not h.stats.errors.get("tts_failed")
+            assert list(door.connections)[:2] == ["headers", None]
+            assert len(fake.requests) == 2
+        finally:
+            failed.cancel()
+            await h.stop()
+            await tts.aclose()
+
+
+async def test_a_call_whose_voice_drops_after_some_audio_hears_the_apology_once(eleven):
+    """Review (stop 67): once any audio of the sentence came, a dropped connection is not
+    asked again (the caller would hear its start twice): the turn fails as tts_failed and
+    the apology follows, one request made."""
+    fake, server = eleven
+    with DroppingDoor(server.port) as door:
+        door.drops = [("cut", 1500)]  # the headers and some of the audio, then closed
+        h, tts = await _call_on_the_fake_voice(fake, door)
+        clock = WatchedClock(h.clock)
+        tts._clock = clock
+        try:
+            await h.text("when do you open")
+            assert await h.output.until(lambda: h.output.of("error"))
+            await h.wait(3000)
+            errors = h.output.of("error")
+            assert [(e["code"], e["turn"]) for e in errors] == [("tts_failed", 1)], errors
+            assert "RemoteProtocolError" in errors[0]["message"], errors[0]["message"]
+            assert [e["source"] for e in h.output.of("response")] == ["llm", "apology"]
+            assert clock.waits == [] and len(fake.requests) == 1
+            assert list(door.connections)[:1] == [("cut", 1500)]
+        finally:
+            await h.stop()
+            await tts.aclose()
+
+
 def _urgent(coro, urgency: int) -> "asyncio.Future[list[bytes]]":
     """``coro`` as a task whose syntheses are this ``URGENCY`` (as the responder starts a
     sentence fetched ahead, and a seed its answers)."""

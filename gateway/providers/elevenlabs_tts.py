@@ -24,8 +24,15 @@ again the same way. So is a connection that failed before any response (refused,
 closed or reset unanswered: httpx's ConnectError, ReadError, WriteError or
 RemoteProtocolError, which the SDK lets through as raised), logged with the error's name
 instead of a status; one failing every time ends as "cannot reach the synthesis endpoint:
-<error> (asked N times)". Once any audio came, nothing is asked again: the caller would
+<error> (asked N times)". So is a 200 whose connection failed the same ways after its
+headers, before the SDK handed on any audio byte (logged with status 200 and the error's
+name; failing every time: "answered 200, then the connection dropped before any audio:
+<error> (asked N times)"). Once any audio came, nothing is asked again: the caller would
 hear it twice. Any other refusal (400, 401, 422, a 429 naming a quota) fails at once.
+Asking again may bill the text's characters twice: a request refused before it was taken
+is not charged, but one whose connection dropped may have reached ElevenLabs (and a 200
+dropped before its audio surely did: its synthesis may be charged although none of it
+came). Only a retry that ends in audio is heard; at most ``max_retries`` extra times.
 
 With ``max_concurrent`` (the account's concurrency limit, shared out among the replicas),
 no more syntheses than that run at once; a freed slot goes to the most urgent waiter
@@ -63,7 +70,8 @@ _PASSING_5XX = frozenset({500, 502, 503, 504})
 # as a restarting service or a load balancer dropping a kept-alive connection does; a read
 # or write cut short), which the SDK lets through as httpx raised it: asked again as a
 # passing 5xx is. The request may never have arrived, and nothing was said yet. A timeout
-# is not among them: httpx's (30 s) is far past the first-audio budget.
+# is not among them: httpx's (30 s) is far past the first-audio budget. The same errors
+# reading a 200's body before its first byte are asked again too: nothing was said yet.
 _DROPPED = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 # Content types that are never PCM. text/event-stream is not among them: see ``_audio``.
 _NOT_AUDIO_TYPES = frozenset({"application/json", "application/problem+json", "text/html",
@@ -184,16 +192,15 @@ class ElevenLabsTTS:
                 if _patient() or (wanted is not None and not wanted.is_set()):
                     started = self._clock.now()
             slot.set()
-            response = await self._accepted(stack, text, started)
+            response, pieces, first = await self._accepted(stack, text, started)
             # ElevenLabs documents no content type for a PCM stream: its published OpenAPI
             # names text/event-stream for every output format, while the SDK reads the body
             # as raw bytes whatever the label. So a label refuses only what is surely no
             # audio (JSON, a page, plain text) or surely other audio (audio/mpeg...); any
             # other body is judged by its first bytes.
             kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-            pieces = aiter(response.data)
-            head = b""
-            while len(head) < _MIN_JUDGED_BYTES:  # judged on what came first: no wait
+            head = first or b""
+            while first is not None and len(head) < _MIN_JUDGED_BYTES:  # what came first
                 piece = await anext(pieces, None)
                 if piece is None:
                     break
@@ -219,27 +226,36 @@ class ElevenLabsTTS:
             async for chunk in pieces:
                 yield chunk
 
-    async def _accepted(self, stack: contextlib.AsyncExitStack, text: str,
-                        started: float) -> Any:
-        """The synthesis' response (open on ``stack``) once ElevenLabs takes the request; a
-        429, a passing 5xx or a connection failed before any response is asked again
-        (``_retry_wait``), any other refusal raised (``ApiError``).
+    async def _accepted(self, stack: contextlib.AsyncExitStack, text: str, started: float
+                        ) -> tuple[Any, AsyncIterator[bytes], bytes | None]:
+        """The synthesis' response (open on ``stack``) once ElevenLabs takes the request,
+        its body's pieces and the first of them (None: a body with none). A 429, a passing
+        5xx, or a connection failed before any response or before the body's first piece
+        is asked again (``_retry_wait``), any other refusal raised (``ApiError``).
         ``started``: the instant the first-audio deadline started."""
         for retry in range(1, self._max_retries + 2):
+            # The attempt's response, closed at once when it is asked again, else with ``stack``.
+            attempt = await stack.enter_async_context(contextlib.AsyncExitStack())
+            status: int | None = None  # the response's, once its headers came
             try:
-                return await stack.enter_async_context(
+                response = await attempt.enter_async_context(
                     self._client.text_to_speech.with_raw_response.stream(
                         self.voice_id, text=text, model_id=self.model_id,
                         output_format=f"pcm_{self.sample_rate}",
                         request_options={"chunk_size": self._chunk_bytes}))
+                status = response.status_code
+                pieces = aiter(response.data)
+                return response, pieces, await anext(pieces, None)
             except (ApiError, *_DROPPED) as exc:
+                await attempt.aclose()
                 left = self._first_audio_timeout_s - (self._clock.now() - started)
                 wait = self._retry_wait(exc, retry, left)
                 if wait is None:
-                    if retry == 1:
+                    if retry == 1 and status is None:
                         raise
-                    raise ProviderError(self.name, f"{_failure(exc)} (asked {retry} times)") from exc
-                logs.event(log, "elevenlabs_retry", logging.WARNING, **_retried(exc),
+                    asked = f" (asked {retry} times)" if retry > 1 else ""
+                    raise ProviderError(self.name, f"{_failure(exc, status)}{asked}") from exc
+                logs.event(log, "elevenlabs_retry", logging.WARNING, **_retried(exc, status),
                            retry=retry, wait_s=round(wait, 3))
                 await self._clock.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
@@ -252,9 +268,9 @@ class ElevenLabsTTS:
         (``code`` concurrent_limit_exceeded or rate_limit_exceeded; the legacy ``status``
         too_many_concurrent_requests or system_busy), which clear in moments; an exhausted
         quota (a 400/401 ``quota_exceeded``) does not. And a 500, 502, 503 or 504
-        (``_PASSING_5XX``), or a connection failed before any response (``_DROPPED``: the
-        backoff, no Retry-After to read). A wait that would end past the budget is not
-        taken: the caller would hear silence and then the apology anyway."""
+        (``_PASSING_5XX``), or a connection failed before any response or any audio
+        (``_DROPPED``: the backoff, no Retry-After to read). A wait that would end past the
+        budget is not taken: the caller would hear silence and then the apology anyway."""
         if isinstance(exc, ApiError):
             passing = exc.status_code in _PASSING_5XX or (exc.status_code == 429
                                                            and "quota" not in _code(exc.body))
@@ -372,9 +388,15 @@ def _mp3_frame(head: bytes, at: int) -> int | None:
             + ((header[2] >> 1) & 1))
 
 
-def _failure(exc: ApiError | httpx.HTTPError) -> str:
-    """What failed a request: ElevenLabs' refusal, or the connection's error."""
-    return _refusal(exc) if isinstance(exc, ApiError) else _unreachable(exc)
+def _failure(exc: ApiError | httpx.HTTPError, status: int | None = None) -> str:
+    """What failed a request: ElevenLabs' refusal, or the connection's error (after a
+    response with ``status``, before its first audio byte, when that came)."""
+    if isinstance(exc, ApiError):
+        return _refusal(exc)
+    if status is not None:
+        return (f"answered {status}, then the connection dropped before any audio: "
+                f"{type(exc).__name__}")
+    return _unreachable(exc)
 
 
 def _unreachable(exc: httpx.HTTPError) -> str:
@@ -382,12 +404,14 @@ def _unreachable(exc: httpx.HTTPError) -> str:
     return f"cannot reach the synthesis endpoint: {type(exc).__name__}"
 
 
-def _retried(exc: ApiError | httpx.HTTPError) -> dict[str, Any]:
+def _retried(exc: ApiError | httpx.HTTPError, status: int | None = None) -> dict[str, Any]:
     """What ``elevenlabs_retry`` logs of the failure asked again: the status and ElevenLabs'
-    code, or the connection error's name. Never the key, the text or a header."""
+    code, or the connection error's name (and the status of the response it cut before its
+    first audio byte, when one came). Never the key, the text or a header."""
     if isinstance(exc, ApiError):
         return {"status": exc.status_code, "code": _code(exc.body)}
-    return {"error": type(exc).__name__}
+    cut = {} if status is None else {"status": status}
+    return {**cut, "error": type(exc).__name__}
 
 
 def _refusal(exc: ApiError) -> str:

@@ -10,6 +10,10 @@
   with no response (httpx: ``ReadError``, "Connection reset by peer").
 - ``("cut", n)``: passed on, but the response is cut (FIN) after its first ``n`` bytes,
   headers included: a connection lost mid-answer, after some audio.
+- ``"headers"``: passed on, but the response is cut (FIN) right after its headers (a 200),
+  before any byte of its body: a connection lost once answered, before the first audio
+  (httpx: ``RemoteProtocolError``, "peer closed connection without sending complete
+  message body").
 
 ``connections`` records each connection's treatment (None: passed on whole).
 """
@@ -86,7 +90,10 @@ class DroppingDoor:
             self._open.append(upstream)
         limit = drop[1] if isinstance(drop, tuple) else None
         threading.Thread(target=_pump, args=(client, upstream, None), daemon=True).start()
-        _pump(upstream, client, limit)
+        if drop == "headers":
+            _pump_headers(upstream, client)
+        else:
+            _pump(upstream, client, limit)
 
 
 def _read_request(sock: socket.socket) -> None:
@@ -122,6 +129,24 @@ def _pump(source: socket.socket, sink: socket.socket, limit: int | None) -> None
                 piece = piece[:limit - sent]
             sink.sendall(piece)
             sent += len(piece)
+    except OSError:
+        pass
+    _close(sink)
+    _close(source)
+
+
+def _pump_headers(source: socket.socket, sink: socket.socket) -> None:
+    """The response's headers from ``source`` to ``sink``, none of its body, then both
+    closed (the answer cut before its first byte)."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            piece = source.recv(65536)
+            if not piece:
+                break
+            data += piece
+        head, found, _ = data.partition(b"\r\n\r\n")
+        sink.sendall(head + found)
     except OSError:
         pass
     _close(sink)
