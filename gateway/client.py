@@ -86,16 +86,25 @@ class Caller:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def connect(self, start: bool = True) -> None:
+    async def connect(self, start: bool = True, ready_timeout: float = 30.0) -> None:
+        """Open the call; with ``start``, send `start` and wait up to ``ready_timeout`` s for
+        `ready` (TimeoutError naming it; ConnectionError, with the gateway's `error`, when it
+        closed first). Failed or cancelled once the socket is open, it closes the socket
+        and its reader before the error goes on: a program that retries leaks neither."""
         # No permessage-deflate: audio does not compress; deflating only costs CPU.
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         self._ws = await connect(self.url, max_size=2 ** 20, compression=None,
                                  additional_headers=headers)
         self._reader = asyncio.create_task(self._read())
-        if start:
+        if not start:
+            return
+        try:
             await self.send_json({"type": "start", "sample_rate": self.sample_rate,
                                   "encoding": "pcm16", "metadata": self.metadata})
-            self.ready = await self.wait_for("ready", timeout=30)
+            self.ready = await self.wait_for("ready", timeout=ready_timeout)
+        except BaseException:  # a timeout, the gateway's close, a cancel (Ctrl-C)
+            await self.close()
+            raise
 
     async def send_json(self, message: dict[str, Any]) -> None:
         assert self._ws is not None

@@ -218,3 +218,45 @@ async def test_audio_still_going_out_when_the_caller_hangs_up_raises_not_waits_f
             await asyncio.wait_for(speaking, 10)
     assert str(closed.value).startswith("connection closed (1000) before the audio was sent"), \
         closed.value
+
+
+@pytest.mark.parametrize("failure", ["no-ready-in-time", "cancelled", "refused"])
+async def test_a_connect_that_fails_closes_the_socket_and_reader_it_opened(failure: str):
+    """Review (stop 67): a ``connect`` that failed once its socket was open (no `ready`
+    within its timeout, a cancel) left the WebSocket and its reader task open, a leak in any
+    program that retries; now it closes both before the error propagates, which stays
+    specific (what was waited for, how long). A gateway's `error` and close leaves none too."""
+    started = asyncio.Event()
+    handlers: list[asyncio.Task[Any]] = []
+    gateway_saw: list[int | None] = []
+
+    async def never_ready(ws: Any) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        await ws.recv()  # the `start`
+        started.set()
+        if failure == "refused":
+            await ws.send(json.dumps(REFUSED_RATE))
+            await ws.close(1003)
+        await ws.wait_closed()
+        gateway_saw.append(ws.close_code)
+
+    async with scripted_gateway(never_ready) as url:
+        before = asyncio.all_tasks()
+        caller = Caller(url)
+        connecting = asyncio.create_task(caller.connect(ready_timeout=0.1))
+        if failure == "cancelled":
+            await asyncio.wait_for(started.wait(), 10)
+            connecting.cancel()
+        raised = {"no-ready-in-time": TimeoutError, "cancelled": asyncio.CancelledError,
+                  "refused": ConnectionError}[failure]
+        with pytest.raises(raised) as failed:
+            await asyncio.wait_for(connecting, 10)
+        await asyncio.wait_for(asyncio.gather(*handlers), 10)  # the gateway saw the close
+        for _ in range(3):  # let cancelled tasks (the connection's keepalive) finish
+            await asyncio.sleep(0)
+        left = {t for t in asyncio.all_tasks() - before if not t.done()}
+    assert gateway_saw == [1003 if failure == "refused" else 1000]
+    assert left == set(), left
+    assert caller._reader is not None and caller._reader.done()
+    if failure == "no-ready-in-time":
+        assert str(failed.value) == "no 'ready' event within 0.1s", failed.value
