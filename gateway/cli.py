@@ -96,11 +96,17 @@ def _call(args: argparse.Namespace) -> int:
     from .audio import resample_pcm16, write_wav
     from .client import Caller, format_event
 
+    stdout_gone: list[BrokenPipeError] = []  # its reader stopped reading (`| head`)
+
+    def out(line: str) -> None:
+        try:
+            print(line, flush=True)
+        except BrokenPipeError as exc:
+            stdout_gone.append(exc)
+            raise  # in on_event: the SDK ends the call, its wait raises ConnectionError
+
     def show(event: dict[str, Any]) -> None:
-        if args.json:
-            print(json.dumps(event), flush=True)
-        else:
-            print(format_event(event), flush=True)
+        out(json.dumps(event) if args.json else format_event(event))
 
     async def run() -> int:
         async with Caller(args.url, sample_rate=args.rate, on_event=show,
@@ -114,15 +120,16 @@ def _call(args: argparse.Namespace) -> int:
         if args.out:
             write_wav(args.out, audio, args.rate)
             if not args.json:
-                print(f"reply audio: {args.out} ({len(audio) / 2 / args.rate:.2f} s)")
+                out(f"reply audio: {args.out} ({len(audio) / 2 / args.rate:.2f} s)")
         return 0
 
     if not args.wav and args.text is None:
         return _usage_error("call", "give --wav FILE and/or --text TEXT")
     if refused := _call_arguments_refused(args):
         return _usage_error("call", refused)
+    code = 1
     try:
-        return asyncio.run(run())
+        code = asyncio.run(run())
     except InvalidStatus as exc:  # the gateway answered the upgrade with an HTTP status
         status = exc.response.status_code
         why = {403: ": give --token or VOICEGATE_CALL_TOKEN (the gateway requires a call "
@@ -132,8 +139,13 @@ def _call(args: argparse.Namespace) -> int:
               f"{why.get(status, '')}", file=sys.stderr)
         return 1
     except (OSError, TimeoutError, ConnectionError, WebSocketException) as exc:
-        print(f"voicegate call: {exc}", file=sys.stderr)
+        if not stdout_gone:  # else the call ended because nothing read it (below)
+            print(f"voicegate call: {exc}", file=sys.stderr)
+            return 1
+    if stdout_gone:  # the reader stopped reading, mid-call or at its last line: stop, quietly
+        _discard_stdout()
         return 1
+    return code
 
 
 def _call_arguments_refused(args: argparse.Namespace) -> str | None:
@@ -449,8 +461,8 @@ _STORE_HELP = "cache directory (default: VOICEGATE_STORE_DIR); wins over a Redis
 
 EXIT_STATUS = ("exit status: 0 done; 1 the command ran and failed (invalid rows in a CSV, a "
                "store or gateway that cannot be reached, a model that does not load, a port "
-               "serve cannot listen on, a `route` input line that is not UTF-8 or output its "
-               "reader stopped reading); 2 a usage "
+               "serve cannot listen on, a `route` input line that is not UTF-8, `route` or `call` "
+               "output its reader stopped reading); 2 a usage "
                "error, found before any work (a bad "
                "argument or VOICEGATE_* setting, an input file that is missing or cannot be "
                "read, a store directory (--store or VOICEGATE_STORE_DIR) that is not a directory "

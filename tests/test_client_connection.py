@@ -1,12 +1,15 @@
 """The client SDK (gateway/client.py) when the gateway ends the call: a clear
 ConnectionError saying why, at once, never a silent result or a wait for ever. Each test
 dials a scripted gateway on 127.0.0.1 (websockets' own server) that speaks the native
-protocol's messages for its scenario."""
+protocol's messages for its scenario. And `voicegate call`, the SDK's own caller, when its
+output's reader goes away."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -260,3 +263,61 @@ async def test_a_connect_that_fails_closes_the_socket_and_reader_it_opened(failu
     assert caller._reader is not None and caller._reader.done()
     if failure == "no-ready-in-time":
         assert str(failed.value) == "no 'ready' event within 0.1s", failed.value
+
+
+TURN_METRICS = {"type": "turn_metrics", "turn": 1, "reply_latency_ms": 120.0}
+
+
+@pytest.mark.parametrize("reader_goes", ["mid-turn", "at-the-turns-end"])
+def test_call_command_whose_reader_stops_reading_stops_quietly(
+        reader_goes: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review (stop 67): `voicegate call --json | head -1` ended on "connection closed
+    (1000) before 'turn_metrics'; the client closed it: reading raised BrokenPipeError" (or,
+    the pipe gone at the turn's last event, status 0) and Python's "Exception ignored"
+    line. Now the call is ended and the command stops as `route` does: quietly, status 1."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.server import serve
+
+    from gateway import cli
+    from tests.fakes.reader_gone import ReaderGone
+
+    turn = [TURN_METRICS] if reader_goes == "at-the-turns-end" else [
+        {"type": "transcript", "text": "hello", "final": True, "turn": 1},
+        {"type": "response", "turn": 1, "source": "cache", "text": "Hi."}, TURN_METRICS]
+    gateway_saw: list[int | None] = []
+    call_over = threading.Event()
+
+    def answers_one_turn(ws: Any) -> None:
+        try:
+            ws.recv()  # `start`
+            ws.send(json.dumps(READY))
+            ws.recv()  # the caller's text
+            for event in turn:
+                ws.send(json.dumps(event))
+            for _ in ws:
+                pass
+        except ConnectionClosed:
+            pass
+        finally:
+            gateway_saw.append(ws.close_code)
+            call_over.set()
+
+    stdout = ReaderGone()
+    with serve(answers_one_turn, "127.0.0.1", 0) as gateway:
+        listening = threading.Thread(target=gateway.serve_forever, daemon=True)
+        listening.start()
+        url = f"ws://127.0.0.1:{gateway.socket.getsockname()[1]}/v1/call"
+        monkeypatch.setattr(sys, "stdout", stdout)
+        try:
+            code = cli.main(["call", url, "--text", "hello", "--json", "--timeout", "10"])
+        except BrokenPipeError as exc:
+            pytest.fail(f"`voicegate call --json | head -1` raised {exc!r}")
+        assert call_over.wait(10)
+        gateway.shutdown()
+    listening.join(10)
+    assert capsys.readouterr().err == ""
+    assert code == 1
+    assert json.loads("".join(stdout.out)) == READY
+    assert stdout.refused == 1  # nothing printed after the reader was gone
+    assert gateway_saw == [1000]  # the call was ended, not left open

@@ -524,24 +524,7 @@ def test_route_command_whose_reader_stops_reading_stops_quietly(
 
     import gateway.runtime
     from gateway import cli
-
-    class ReaderGone:
-        """stdout whose reader exits after the first line, as `| head -1` does."""
-
-        def __init__(self) -> None:
-            self.out: list[str] = []
-            self.flushed = False
-            self.refused = 0
-
-        def write(self, text: str) -> int:
-            if self.flushed:
-                self.refused += 1
-                raise BrokenPipeError(32, "Broken pipe")
-            self.out.append(text)
-            return len(text)
-
-        def flush(self) -> None:
-            self.flushed = True
+    from tests.fakes.reader_gone import ReaderGone
 
     monkeypatch.setattr(gateway.runtime, "build_embedder", lambda settings, **_: shared_embedder())
     monkeypatch.delenv("VOICEGATE_CONFIG", raising=False)
