@@ -24,6 +24,7 @@ from opentelemetry.trace import Span, Tracer
 
 from . import logs
 from .clock import Clock
+from .settings import redact_url
 from .timeline import STAGES, TurnTimeline
 
 log = logging.getLogger("voicegate.tracing")
@@ -52,7 +53,8 @@ def configure_from_env(environ: Mapping[str, str] | None = None) -> Any | None:
         "service.name": env.get("OTEL_SERVICE_NAME", "voicegate")}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
-    logs.event(log, "tracing_on", endpoint=endpoint)
+    # A collector's basic-auth password may be in it (https://user:pass@collector).
+    logs.event(log, "tracing_on", endpoint=redact_url(endpoint))
     return provider
 
 

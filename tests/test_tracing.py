@@ -144,6 +144,27 @@ def test_spans_are_exported_over_otlp_when_the_endpoint_is_set():
     assert attributes["voicegate.call_id"] == "otlp-call"
 
 
+def test_the_tracing_on_line_names_the_endpoint_without_its_password():
+    """Review (stop 67): `tracing_on` logged OTEL_EXPORTER_OTLP_ENDPOINT as set, a
+    collector's basic-auth password (`https://user:pass@collector`) included; it is logged
+    without it, as every URL the gateway logs is."""
+    import subprocess
+    import sys
+
+    script = ("from gateway import logs\n"
+              "from gateway.tracing import configure_from_env\n"
+              "logs.configure('info')\n"
+              "assert configure_from_env() is not None\n")
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://tracer:s3cret-pass@127.0.0.1:9/otlp",
+           "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if '"tracing_on"' in line]
+    assert "s3cret-pass" not in line
+    assert "127.0.0.1:9/otlp" in line
+
+
 def test_the_spans_ended_are_exported_at_shutdown_even_if_the_process_then_dies():
     """Review (stop 64): the batch exporter sends its spans every few seconds and at the
     interpreter's exit. A replica drained outside a container dies by the SIGTERM uvicorn
