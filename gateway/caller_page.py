@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from .services import Services
 
@@ -45,9 +46,20 @@ async def caller_config(request: Request) -> JSONResponse:
                         headers={"Cache-Control": "no-store"})
 
 
+class CallerFiles(StaticFiles):
+    """The page's files. The page itself is one of them (``/caller/caller.html``): there it
+    gets the headers it gets at ``/``, or any site could frame it, its microphone too."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        if path.endswith(".html"):
+            response.headers.update(PAGE_HEADERS)
+        return response
+
+
 def caller_routes() -> list[BaseRoute]:
     return [
         Route("/", caller_page),
         Route("/caller/config.json", caller_config),
-        Mount("/caller", StaticFiles(packages=[("gateway", "static")]), name="caller-static"),
+        Mount("/caller", CallerFiles(packages=[("gateway", "static")]), name="caller-static"),
     ]

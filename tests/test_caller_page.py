@@ -152,6 +152,25 @@ def test_page_and_its_files_are_served(page_server):
     assert httpx.get(page_server.base_url + "/caller/nothing.js", timeout=10).status_code == 404
 
 
+def test_the_page_keeps_its_headers_at_its_static_address_too(settings):
+    """Review (stop 67): the page is also a static file (`/caller/caller.html`), served
+    there without the page's headers: framed by any site (no `frame-ancestors 'none'`), its
+    microphone not kept to it. Every address of the page now sends the same headers."""
+    from starlette.testclient import TestClient
+
+    from gateway.app import create_app
+
+    client = TestClient(create_app(settings))  # no lifespan: the page needs no models
+    page = client.get("/")
+    static = client.get("/caller/caller.html")
+    assert static.status_code == 200 and static.text == page.text
+    for name in ("content-security-policy", "permissions-policy", "cache-control"):
+        assert static.headers.get(name) == page.headers[name], name
+    assert "frame-ancestors 'none'" in static.headers["content-security-policy"]
+    # The page's scripts and styles are files as before (no page headers needed there).
+    assert client.get("/caller/caller.js").status_code == 200
+
+
 def test_spoken_faq_question_gets_the_cached_answer(page_server, speak, tmp_path):
     wav = microphone_wav(tmp_path / "question.wav",
                          speak("Hi, what time do your branches open on Saturday?"))
