@@ -492,3 +492,19 @@ async def test_the_stats_percentiles_are_computed_off_the_serving_loop():
     assert threads and threads[0] is not threading.main_thread()
     assert snapshot["latency_ms"] == stats.snapshot()["latency_ms"]
     assert snapshot["latency_ms"]["hit"]["first_audio"] == {"p50": 50.5, "p99": 99.01, "n": 100}
+
+
+def test_no_other_site_may_frame_the_dashboard(tmp_path):
+    """Review (stop 67): the dashboard's Content-Security-Policy had no `frame-ancestors`:
+    any site could frame it, its delete and promote buttons under a decoy (clickjacking) in a
+    tab whose session still holds the token. It now says `frame-ancestors 'none'`, as the
+    caller page's does."""
+    from gateway.settings import Settings
+
+    settings = Settings.load({"store_dir": str(tmp_path / "store"), "admin_token": "t-0f3c"},
+                             environ={})
+    client = TestClient(create_app(settings))  # no lifespan: the page needs no models
+    for path in ("/admin/", "/admin"):
+        page = client.get(path)
+        assert page.status_code == 200
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"], path

@@ -563,7 +563,9 @@ async def dashboard(request: Request) -> Response:
     return HTMLResponse(_dashboard_html(), headers={
         "Cache-Control": "no-store",
         "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                                   "style-src 'unsafe-inline'; img-src 'self' data:"})
+                                   "style-src 'unsafe-inline'; img-src 'self' data:; "
+                                   # no other site may frame it (clickjacking its buttons)
+                                   "frame-ancestors 'none'"})
 
 
 async def to_dashboard(request: Request) -> Response:
