@@ -193,6 +193,11 @@ class Playout:
             timer.cancel()
             resumed.cancel()
 
+    def _restart(self, now: float) -> None:
+        """The client has played all it was sent and waits: the next frame plays ``now``."""
+        self._started_at = now - self.sent_ms / 1000.0
+        self._paced_from = now
+
     async def _send_next(self) -> None:
         """Send the next whole frames of ``_pending`` when the first of them is due: as
         many as are ready, up to ``chunk_ms``, in one message."""
@@ -210,24 +215,23 @@ class Playout:
                 # A plain sleep (at most chunk - lead): a race with the resume here would
                 # cost two futures a message on every call's hot path.
                 await self._clock.sleep(due - now)
-                lag_s = self._clock.now() - due
+                now = self._clock.now()
+                lag_s = now - due
             elif now - due > 0.5:
                 # The producer fell behind (slow TTS): restart the clock instead of
                 # bursting, so the client hears a pause, not a fast-forward. It has played
                 # all it was sent: the next frame plays now, and its lead goes at once,
                 # as at the start (heard_ms counts all that was sent as heard).
-                self._started_at = now - self.sent_ms / 1000.0
-                self._paced_from = now
+                self._restart(now)
                 lag_s = None
             else:
                 lag_s = now - due
-                if lag_s > self._lead_s:
-                    # Later than the lead: the client played all it had and has waited in
-                    # silence since. Its clock restarts here (heard_ms counts no silence,
-                    # and the frames that waited go paced, not in a burst); the lateness
-                    # is still noted.
-                    self._started_at = now - self.sent_ms / 1000.0
-                    self._paced_from = now
+            if lag_s is not None and lag_s > self._lead_s:
+                # Later than the lead (a late producer, or the loop stalled in the sleep):
+                # the client played all it had and has waited in silence since. Its clock
+                # restarts here (heard_ms counts no silence, and the frames that waited go
+                # paced, not in a burst); the lateness is still noted.
+                self._restart(now)
             if self._replayed != self._holds:  # held (and maybe resumed) while these
                 return  # frames waited: the caller goes round again, waits, replays first
         frames = min(len(self._pending) // self._frame_size, self._frames_per_send)

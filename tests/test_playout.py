@@ -207,6 +207,34 @@ async def test_a_producer_late_by_less_than_half_a_second_is_not_heard_through_i
     writing.cancel()
 
 
+async def test_an_event_loop_stall_in_a_frames_wait_restarts_the_clock_without_a_burst():
+    """Review (stop 67): the event loop stalled (or the clock jumped) while the playout slept
+    until a message's time, longer than the lead: the client played all it had and waited in
+    silence, as after a late producer. The clock restarts there: one message goes, not two at
+    once, and heard_ms counts no silence."""
+    clock = ManualClock()
+    start = clock.now()
+    sent: list[tuple[float, int]] = []
+
+    async def send(message: bytes) -> None:
+        sent.append((round(clock.now() - start, 3), len(message) // 640))
+
+    playout = Playout(send, 16000, frame_ms=20, lead_ms=60, clock=clock, chunk_ms=200)
+    writing = asyncio.ensure_future(playout.write(b"\x00" * 640 * 100))  # 2 s
+    await clock.advance(0.5)  # messages at 0, 0.14, 0.34; the next is due at 0.54
+    assert sent == [(0.0, 10), (0.14, 10), (0.34, 10)]
+    clock._now += 1.0  # the loop is blocked for a second: the client plays 600 ms, then waits
+    await clock.advance(0.0)  # the sleep ends, at 1.5 s
+    assert sent[3:] == [(1.5, 10)], "frames 30-39 and no burst behind them"
+    assert playout.heard_ms() == pytest.approx(600.0)  # nothing of them has played yet
+    assert playout.frames_late > 0  # the stall is still noted
+    await clock.advance(0.1)
+    assert playout.heard_ms() == pytest.approx(700.0)
+    await clock.advance(0.04)  # 1.64: the next message, the lead ahead of their end
+    assert sent[4:] == [(1.64, 10)]
+    writing.cancel()
+
+
 async def _play_long_reply(rate: int, frame_ms: int, seconds: float
                            ) -> tuple[list[tuple[float, int]], Playout, float]:
     """Play ``seconds`` of pcm16 at ``rate`` through a Playout with the default lead and
