@@ -48,12 +48,16 @@ class StreamResampler:
     """Resamples a PCM16 stream chunk by chunk, keeping filter state between chunks.
 
     soxr's filters hold audio back: "HQ" releases 8 kHz caller audio about 66 ms late,
-    "QQ" (cubic) at once. A caller's live audio takes ``LIVE_QUALITY``: every ms held back
-    delays the end of their turn (same recogniser WER on phone-band speech, see
-    docs/architecture.md); audio played to the caller keeps "HQ".
+    "QQ" (cubic) at once. A caller's live audio (``live``) takes ``LIVE_QUALITY`` up to
+    16 kHz: every ms held back delays the end of their turn (same recogniser WER on
+    phone-band speech, see docs/architecture.md). Down to it, ``LIVE_DOWN_QUALITY``: cubic
+    interpolation has no low-pass, and folded all above 8 kHz into the speech band at full
+    strength; "LQ" filters it out (flat to 6 kHz), holding ~11-16 ms back (HQ ~21-32).
+    Audio played to the caller keeps "HQ".
     """
 
     LIVE_QUALITY = "QQ"
+    LIVE_DOWN_QUALITY = "LQ"
 
     def __init__(self, from_rate: int, to_rate: int, quality: str = "HQ") -> None:
         self.from_rate = from_rate
@@ -61,6 +65,12 @@ class StreamResampler:
         self._stream = (None if from_rate == to_rate else
                         soxr.ResampleStream(from_rate, to_rate, 1, dtype="int16",
                                             quality=quality))
+
+    @classmethod
+    def live(cls, from_rate: int, to_rate: int) -> "StreamResampler":
+        """A caller's live audio: the least held back that folds nothing."""
+        return cls(from_rate, to_rate,
+                   cls.LIVE_DOWN_QUALITY if from_rate > to_rate else cls.LIVE_QUALITY)
 
     def process(self, pcm16: bytes, last: bool = False) -> bytes:
         if self._stream is None:

@@ -1,9 +1,12 @@
 import wave
 
 import numpy as np
+import pytest
 
 from gateway.audio import (StreamResampler, duration_ms, frame_bytes, read_wav, resample_pcm16,
                            split_frames, write_wav)
+from gateway.settings import SUPPORTED_SAMPLE_RATES
+from gateway.vad import SAMPLE_RATE as VAD_RATE
 
 
 def tone(rate: int, seconds: float, freq: float = 440.0) -> bytes:
@@ -47,6 +50,22 @@ def test_the_live_resampler_holds_no_caller_audio_back():
             assert held_ms <= most_ms, held_ms
         else:
             assert held_ms > 30  # the reason: HQ would hold tens of ms
+
+
+@pytest.mark.parametrize("rate", [r for r in SUPPORTED_SAMPLE_RATES if r > VAD_RATE])
+def test_live_caller_audio_above_16_khz_is_low_passed_not_folded_into_the_speech_band(rate):
+    """Review (stop 67): a native caller at 22.05-48 kHz comes down to 16 kHz through a
+    low-pass: an 11 kHz tone (above the 8 kHz Nyquist) is gone, not folded to 5 kHz at full
+    strength as cubic interpolation did; little is held back, and the speech band is kept."""
+    frame = frame_bytes(rate, 20)
+    for freq, heard in ((11000.0, False), (4000.0, True)):
+        stream = StreamResampler.live(rate, VAD_RATE)
+        out = b"".join(stream.process(f) for f in split_frames(tone(rate, 1.0, freq), rate, 20))
+        samples = np.frombuffer(out, dtype="<i2").astype(np.float64)[1600:]
+        level_db = 20 * np.log10(max(float(np.sqrt(np.mean(samples ** 2))), 1e-3) / 8485.0)
+        assert (level_db > -1.0) if heard else (level_db < -60.0), (freq, level_db)
+        held_ms = (frame * 50 * VAD_RATE / rate - len(out)) / 2 / 16
+        assert held_ms <= 32.0, held_ms  # HQ: up to ~58 ms
 
 
 def test_wav_round_trip_and_stereo_downmix(tmp_path):

@@ -190,7 +190,7 @@ class Call:
         self._max_inbound = (sample_rate * 2 * settings.inbound_buffer_ms // 1000
                              + settings.max_frame_bytes) // 2 * 2
         self.dropped_audio_bytes = 0
-        self._to16k = StreamResampler(sample_rate, VAD_RATE, StreamResampler.LIVE_QUALITY)
+        self._to16k = StreamResampler.live(sample_rate, VAD_RATE)
         self._pending16k = bytearray()
         # Text turns wait here until the call runs: a text sent right after `start` counts.
         self._texts: asyncio.Queue[tuple[str, bool]] = asyncio.Queue(settings.max_queued_texts)
