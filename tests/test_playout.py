@@ -7,7 +7,10 @@ from gateway.clock import ManualClock
 from gateway.playout import Playout
 from gateway.settings import SUPPORTED_SAMPLE_RATES, Settings
 from gateway.call import heard_text
-from tests.call_harness import frame_numbers, numbered_frames
+from gateway.call.reply import ReplyStage
+from gateway.responder import ReplySegment, Turn
+from gateway.timeline import TurnTimeline
+from tests.call_harness import RecordingOutput, frame_numbers, numbered_frames
 
 
 async def test_frames_are_paced_and_padded():
@@ -233,6 +236,45 @@ async def test_an_event_loop_stall_in_a_frames_wait_restarts_the_clock_without_a
     await clock.advance(0.04)  # 1.64: the next message, the lead ahead of their end
     assert sent[4:] == [(1.64, 10)]
     writing.cancel()
+
+
+async def test_a_sentence_cut_at_22050_hz_keeps_the_words_the_caller_heard():
+    """Review (stop 67): at 22050 Hz a ms of pcm16 is 44.1 bytes, not 44: a sentence cut by
+    a barge-in was measured 0.23% longer than its audio, and the context kept fewer words
+    than the caller heard (89 of a 10 s, 100-word sentence after 9 s, not 90)."""
+    clock = ManualClock()
+    rate = 22050
+    words = " ".join(f"w{n}" for n in range(100))
+    audio = bytes(rate * 2 * 10)  # 10 s: a word every 100 ms
+
+    class OneClip:
+        def respond(self, turn: Turn):
+            async def once():
+                yield audio
+
+            async def segments():
+                yield ReplySegment(source="cache", text=words, audio=once(),
+                                   total_bytes=lambda: len(audio))
+            return segments()
+
+    class Context:
+        heard = ""
+
+        def record_heard(self, text: str) -> None:
+            self.heard = text
+
+    context = Context()
+    stage = ReplyStage(OneClip(), RecordingOutput(clock), rate,  # type: ignore[arg-type]
+                       frame_ms=20, lead_ms=60, clock=clock, chunk_ms=200)
+    turn = Turn(number=1, text="q", sample_rate=rate, timeline=TurnTimeline(1, clock=clock),
+                conversation=context)  # type: ignore[arg-type]
+    playing = asyncio.ensure_future(stage.play(turn))
+    await clock.advance(9.0)
+    assert stage.freeze() == (9000.0, pytest.approx(9200.0, abs=60))  # the barge-in
+    playing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await playing
+    assert context.heard.split() == words.split()[:90]
 
 
 async def _play_long_reply(rate: int, frame_ms: int, seconds: float

@@ -228,7 +228,8 @@ class ReplyStage:
         # (a segment's end, the last frame): the far end is asked to confirm it whole.
         all_sent = getattr(self._confirms, "reply_audio_sent", None)
         spoken: list[Spoken] = []
-        bytes_per_ms = self._sample_rate // 1000 * SAMPLE_WIDTH[encoding]
+        # Not rate // 1000: at 22050 Hz a ms is 44.1 bytes (44 read a sentence 0.23% long).
+        bytes_per_ms = self._sample_rate * SAMPLE_WIDTH[encoding] / 1000
         playing: ReplySegment | None = None
         try:
             async with contextlib.aclosing(segments) as replies:
@@ -344,7 +345,7 @@ async def _tts(next_chunk: Awaitable[bytes | None]) -> bytes | None:
 
 
 def _end_cut_sentence(spoken: list[Spoken], playing: ReplySegment | None,
-                      bytes_per_ms: int) -> None:
+                      bytes_per_ms: float) -> None:
     """The sentence cut short (end still ``inf``): its words spread over its whole audio,
     as far as it is known, so only the words of the part sent count as said."""
     total = playing.total_bytes() if playing is not None else None
