@@ -602,3 +602,43 @@ async def test_the_shutdown_itself_cancels_an_admin_seed_whose_request_still_run
     logged = [r for r in caplog.records if r.getMessage() == "seed_cancelled_at_shutdown"]
     assert len(logged) == 1, [r.getMessage() for r in caplog.records]
     assert logged[0].fields["ended"] is True  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------
+# gateway/admin/routes.py: a draining replica starts no publish.
+
+async def test_a_draining_replica_refuses_a_new_publish_and_still_cancels(tmp_path: Path) -> None:
+    """Review (stop 67): a draining replica answers a new seed, entry edit, deletion or
+    promotion with 503 `draining` before reading its body, so no seed starts that the drain
+    would wait for and the shutdown then cancel; DELETE /admin/seed still works."""
+    import httpx
+
+    from gateway.clock import ManualClock
+    from tests.admin_support import AUTH, small_faq_csv, warm_app
+
+    app = warm_app(tmp_path / "store", ManualClock())
+    services = app.state.services
+    services.begin_drain()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway", headers=AUTH) as client:
+        writes = {
+            "POST /admin/seed": await client.post(
+                "/admin/seed", content=small_faq_csv().encode(),
+                headers={"content-type": "text/csv"}),
+            "POST /admin/entries": await client.post(
+                "/admin/entries", json={"intent": "lost_card", "answer": "Call us.",
+                                        "questions": ["I lost my card"]}),
+            "DELETE /admin/entries/{id}": await client.delete("/admin/entries/opening_hours"),
+            "POST /admin/misses/promote": await client.post(
+                "/admin/misses/promote", json={"question": "is there a Boston branch",
+                                               "entry_id": "boston", "answer": "No."}),
+        }
+        cancel = await client.delete("/admin/seed")
+    for route, response in writes.items():
+        assert response.status_code == 503, (route, response.status_code, response.text)
+        body = response.json()
+        assert body["draining"] is True and "shutting down" in body["error"], (route, body)
+        assert "nothing was published" in body["error"], (route, body)
+    assert services.held == 0, "a publish started on a draining replica holds its drain"
+    assert app.state.admin_publisher.status.snapshot() == {"running": False, "last": None}
+    assert cancel.status_code == 409 and "no seed is running" in cancel.json()["error"]

@@ -42,6 +42,9 @@ MAX_LISTED_BAD_ROWS = 1000
 
 
 NOT_READY = "not ready: models are loading (see /readyz)"
+DRAINING = ("this replica is shutting down (draining) and starts no seed or edit: send the "
+            "request to another replica (the balancer takes this one out of rotation within "
+            "about a second); nothing was published")
 
 
 def _services(request: Request) -> Services:
@@ -59,13 +62,17 @@ def _publisher(request: Request) -> Publisher:
 Handler = Callable[[Request, Services], Awaitable[Response]]
 
 
-def admin_ready(handler: Handler | None = None, *, reads_query: bool = False) -> Any:
+def admin_ready(handler: Handler | None = None, *, reads_query: bool = False,
+                publishes: bool = False) -> Any:
     """An admin data route: the token is checked first, then (unless the handler
     ``reads_query`` and checks its own, as POST /admin/seed and GET /admin/misses do) that
     the request has no query parameter, then that models and the cache are loaded (503
     until then); the handler receives the services. A parameter no route reads
     (`DELETE /admin/entries/x?force=1`, `GET /admin/entries?limit=5`) was ignored: the
-    operator believed it took effect; it is refused with 400 naming it, before any work."""
+    operator believed it took effect; it is refused with 400 naming it, before any work.
+    A route that ``publishes`` (a seed, an entry edit or deletion, a promotion) is refused
+    with 503 while the replica drains, before its body is read: a seed begun then would
+    hold the drain (``Services.held``) up to its timeout and then be cancelled, unpublished."""
 
     def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         @admin_only
@@ -78,6 +85,8 @@ def admin_ready(handler: Handler | None = None, *, reads_query: bool = False) ->
             services = _services(request)
             if not services.ready or services.cache is None:
                 return error(NOT_READY, 503, load_error=services.load_error)
+            if publishes and services.draining:
+                return error(DRAINING, 503, draining=True, version=services.cache.version)
             return await handler(request, services)
 
         return route
@@ -211,7 +220,7 @@ async def _json_body(request: Request) -> Any:
     return body
 
 
-@admin_ready
+@admin_ready(publishes=True)
 async def post_entry(request: Request, services: Services) -> Response:
     body = await _json_body(request)
     if isinstance(body, Response):
@@ -229,7 +238,7 @@ async def post_entry(request: Request, services: Services) -> Response:
                          "report": report_json(report)}, status_code=201 if created else 200)
 
 
-@admin_ready
+@admin_ready(publishes=True)
 async def delete_entry(request: Request, services: Services) -> Response:
     entry_id = request.path_params["entry_id"]
     try:
@@ -331,7 +340,7 @@ def _how_to_upload(why: str) -> str:
             "published, the previous version keeps serving")
 
 
-@admin_ready(reads_query=True)
+@admin_ready(reads_query=True, publishes=True)
 async def seed_upload(request: Request, services: Services) -> Response:
     media = _media_type(request.headers.get("content-type", ""))
     refused = _not_a_csv_upload(media)
@@ -504,7 +513,7 @@ def _promotion(body: Any) -> tuple[str, str, str | None, float, bool]:
     return question, intent.strip(), answer, float(threshold), everything
 
 
-@admin_ready
+@admin_ready(publishes=True)
 async def promote_miss(request: Request, services: Services) -> Response:
     """One group of missed questions -> a new FAQ entry, published like a seed."""
     body = await _json_body(request)
