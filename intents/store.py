@@ -245,7 +245,13 @@ class LocalStore(Store):
             with wave.open(str(path), "rb") as wav:
                 if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
                     raise StoreError(f"{path}: not 16-bit mono")
-                return Audio(wav.readframes(wav.getnframes()), wav.getframerate())
+                pcm = wav.readframes(wav.getnframes())
+                if len(pcm) != 2 * wav.getnframes():
+                    # The wave module reads what is there: a file that lost its tail on a
+                    # sample boundary would be served cut off mid-word, never said.
+                    raise StoreError(f"{path}: cut short ({len(pcm) // 2:,} of its "
+                                     f"{wav.getnframes():,} samples)")
+                return Audio(pcm, wav.getframerate())
         except (*_NOT_THERE, wave.Error, EOFError) as exc:  # missing or torn: a bad version
             raise StoreError(f"cannot read audio {path}: {exc}") from exc
         except OSError as exc:

@@ -836,7 +836,8 @@ def test_a_version_whose_audio_cannot_be_held_leaves_the_serving_one_and_says_wh
         tmp_path: Path) -> None:
     """A new version loads (its manifest, models and audio read back) but one of its clips
     cannot be converted to the call formats: a WAV cut short inside a sample (a disk that
-    lost its tail) reads as an odd number of bytes of 16-bit PCM. The replica must keep
+    lost its tail) read as an odd number of bytes of 16-bit PCM (since stop 67 the store
+    refuses it first, as any WAV shorter than its header says). The replica must keep
     serving the old version whole, and say why as for any load that fails (/readyz
     cache_error, the poll tries again), not let the error escape the refresh unreported."""
     store = LocalStore(tmp_path / "store")
@@ -868,9 +869,42 @@ def test_a_version_whose_audio_cannot_be_held_leaves_the_serving_one_and_says_wh
     assert loaded is False and cache.version == first.version
     assert cache.failed_version == second.version
     assert cache.last_error and second.version in cache.last_error
-    assert repr(clips[0]) in cache.last_error  # which clip
+    assert key in cache.last_error  # which clip's file
     assert {key: (cache.audio.clip(key), cache.audio.audio(key, 8000))
             for key in clips} == before
+
+
+def test_a_version_whose_audio_file_lost_its_tail_is_refused_not_served_cut_short(
+        tmp_path: Path) -> None:
+    """Review (stop 67): a WAV cut short on a sample boundary (a disk that lost its tail, a
+    copy that did not finish) read back as shorter audio, not an error: the replica served
+    the answer cut off mid-word. Now the store refuses it (fewer frames than its header
+    says) and the replica keeps serving the previous version and says which file."""
+    store = LocalStore(tmp_path / "store")
+    plan_csv = tmp_path / "faq.csv"
+    plan_csv.write_text(small_faq_csv(), encoding="utf-8")
+    first = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
+                 progress=False, embedder=shared_embedder())
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh() and cache.version == first.version
+    changed = next(e.answer for e in cache.loaded.entries.values()
+                   if e.action is Action.ANSWER)
+    plan_csv.write_text(small_faq_csv().replace(changed, changed + " Thank you."),
+                        encoding="utf-8")
+    second = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
+                  progress=False, embedder=shared_embedder())
+    (key,) = ({e["audio_key"] for e in store.read(second.version)[1].manifest["entries"]}
+              - {e["audio_key"] for e in store.read(first.version)[1].manifest["entries"]})
+    wav = tmp_path / "store" / "audio" / f"{key}.wav"
+    whole = wav.read_bytes()
+    wav.write_bytes(whole[:len(whole) - 400])  # 200 whole samples gone: an even cut
+
+    with pytest.raises(StoreError, match="cut short") as raised:
+        store.get_audio(key)
+    assert not isinstance(raised.value, StoreUnavailable), raised.value
+    assert cache.refresh() is False and cache.version == first.version
+    assert cache.failed_version == second.version
+    assert cache.last_error and key in cache.last_error
 
 
 def test_a_version_that_fails_to_load_is_tried_again_later_not_at_every_poll(
