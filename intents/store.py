@@ -500,7 +500,14 @@ def unreadable_pointer_message(where: str, exc: BaseException) -> str:
             f"published version's name, or seed again")
 
 
-def check_format(version: str, manifest: dict[str, Any]) -> None:
+_JSON_KINDS = {list: "a JSON array", type(None): "null", str: "a JSON string",
+               int: "a JSON number", float: "a JSON number", bool: "a JSON boolean"}
+
+
+def check_format(version: str, manifest: Any) -> None:
+    if not isinstance(manifest, dict):  # JSON, but a list or null: a bad version, said so
+        kind = _JSON_KINDS.get(type(manifest), type(manifest).__name__)
+        raise StoreError(f"cache version {version}: its manifest is {kind}, not a JSON object")
     found = manifest.get("format")
     if found != MANIFEST_FORMAT:
         older = isinstance(found, int) and found < MANIFEST_FORMAT

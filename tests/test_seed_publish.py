@@ -346,6 +346,31 @@ def test_an_upload_published_but_not_loadable_here_says_which_version_serves(
     assert body["report"]["version"] == published
 
 
+@pytest.mark.parametrize("manifest", ["[]", "null", '"v"'], ids=["list", "null", "string"])
+def test_a_manifest_that_is_json_but_no_object_is_a_bad_version_a_seed_replaces(
+        tmp_path: Path, manifest: str) -> None:
+    """Review (stop 67): a version's manifest.json that parses but is no JSON object (a list,
+    null) made the store's read raise AttributeError, not StoreError: the whole upload that
+    replaces the bad version (what the error advises) failed with a 500. Now the read says
+    the version is bad, and the upload publishes over it."""
+    store_dir = tmp_path / "store"
+    first = _local_client(store_dir).post("/admin/seed", content=small_faq_csv(),
+                                          headers={"Content-Type": "text/csv"})
+    assert first.status_code == 200, first.text
+    bad = first.json()["version"]
+    (store_dir / "versions" / bad / "manifest.json").write_text(manifest, encoding="utf-8")
+    with pytest.raises(StoreError, match=f"cache version {bad}") as raised:
+        LocalStore(store_dir).read()
+    assert not isinstance(raised.value, StoreUnavailable), raised.value
+
+    client = _local_client(store_dir)  # a replica started since: it cannot load the bad one
+    assert client.app.state.services.cache.refresh() is False
+    response = client.post("/admin/seed", content=small_faq_csv(),
+                           headers={"Content-Type": "text/csv"})
+    assert response.status_code == 200, response.text
+    assert LocalStore(store_dir).current_version() == response.json()["version"] != bad
+
+
 def test_a_full_disk_while_publishing_a_version_leaves_the_previous_one_and_no_debris(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The version's files or the pointer cannot be written (disk full): a StoreError naming
