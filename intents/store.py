@@ -153,8 +153,9 @@ class Store(ABC):
 
     @abstractmethod
     def claim_audio(self, key: str) -> bool:
-        """Whether the audio is stored; if it is, a seed is about to use it: the clean-up
-        after another publish spares it for the grace period (no version names it yet)."""
+        """Whether the audio is stored (whole: a local WAV cut short is not, and is rendered
+        again); if it is, a seed is about to use it: the clean-up after another publish
+        spares it for the grace period (no version names it yet)."""
 
     @abstractmethod
     def get_audio(self, key: str) -> Audio: ...
@@ -226,12 +227,19 @@ class LocalStore(Store):
         return self._audio_path(key).is_file()
 
     def claim_audio(self, key: str) -> bool:
+        path = self._audio_path(key)
         try:
-            self._stamp(self._audio_path(key))
+            if not _whole_wav(path):
+                # Reused, it would be published again by every seed, each version failing
+                # to load ("cut short"): rendered again instead, the file replaced whole.
+                log.warning("cache_audio_torn path=%s (shorter than its header says: "
+                            "rendered again)", path)
+                return False
+            self._stamp(path)
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise _write_failed(self._audio_path(key), exc) from exc
+            raise _write_failed(path, exc) from exc
         return True
 
     def _stamp(self, path: Path) -> None:
@@ -546,6 +554,17 @@ def _write_failed(path: Path, exc: OSError) -> StoreError:
     """A failed write (no space left, read-only, no permission) as a StoreError naming the
     file and the reason: the admin API and the CLI then say nothing was published."""
     return StoreError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def _whole_wav(path: Path) -> bool:
+    """Whether a stored WAV holds every sample its header says (reads its header only)."""
+    with open(path, "rb") as f:
+        try:
+            with wave.open(f, "rb") as wav:  # leaves ``f`` at the first sample
+                end = f.tell() + wav.getnframes() * wav.getsampwidth() * wav.getnchannels()
+        except (wave.Error, EOFError):
+            return False
+        return os.fstat(f.fileno()).st_size >= end
 
 
 def _write_synced(path: Path, data: bytes) -> None:

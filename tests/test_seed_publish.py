@@ -932,6 +932,32 @@ def test_a_version_whose_audio_file_lost_its_tail_is_refused_not_served_cut_shor
     assert cache.last_error and key in cache.last_error
 
 
+def test_a_seed_renders_again_an_answer_whose_audio_file_lost_its_tail(
+        tmp_path: Path) -> None:
+    """Review (stop 67): a seed reused any audio file that existed, so an answer's WAV cut
+    short on disk was published again by every seed: the version failed to load ("cut
+    short") however often the operator seeded again, as the error advises. Now a seed
+    renders such an answer again (the file is replaced whole) and the version loads."""
+    store = LocalStore(tmp_path / "store")
+    plan_csv = tmp_path / "faq.csv"
+    plan_csv.write_text(small_faq_csv(), encoding="utf-8")
+    first = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
+                 progress=False, embedder=shared_embedder())
+    key = next(e["audio_key"] for e in store.read(first.version)[1].manifest["entries"]
+               if e["audio_key"])
+    wav = tmp_path / "store" / "audio" / f"{key}.wav"
+    whole = wav.read_bytes()
+    wav.write_bytes(whole[:len(whole) - 400])
+
+    again = CountingRender()
+    second = seed(plan_csv, store, again, "tone", target_wrong_rate=0.05,
+                  progress=False, embedder=shared_embedder())
+    assert (second.rendered, second.reused) == (1, first.rendered - 1)
+    assert wav.read_bytes() == whole
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh() and cache.version == second.version, cache.last_error
+
+
 def test_a_version_that_fails_to_load_is_tried_again_later_not_at_every_poll(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # Loading a version reads all its audio and models (retraining them when their blob
