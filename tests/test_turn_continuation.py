@@ -450,3 +450,26 @@ async def test_words_after_a_filler_alone_open_the_next_turn():
     assert user_texts(h.llm.requests[-1]) == ["where is my parcel and my letter"]
     assert [q.text for q in h.stats.missed_questions()] == \
         ["where is my parcel and my letter"]
+
+
+async def test_a_continued_question_superseded_before_its_answer_leaves_no_exchange():
+    """Review (stop 67): a continued turn stopped while the agent thinks, then superseded by
+    a typed message, leaves no exchange of its words: the agent is asked the message alone,
+    as after any words a message supersedes."""
+    # "i lost my card" is answered from the cache and cut by "on the train" (a
+    # continuation: that exchange is withdrawn). The whole question is a miss and the agent
+    # thinks; the caller types "what are your hours" before it says anything. The words
+    # are superseded, but the continued turn's exchange ("i lost my card on the train",
+    # asked, nothing heard) was kept as if it held an answer the caller heard: the agent
+    # got two user messages in a row, the superseded words among them.
+    h = CallHarness(faqs={"lost my card": "lost_card"})
+    h.router.typed_only = lambda text: "train" in text  # the whole question: no spoken hit
+    h.llm.first_token_s = 1.5
+    await h.start()
+    await cut_short(h, "i lost my card", "on the train", gap_ms=600)
+    assert h.llm.requests and not h.output.of("response", turn=2)  # asked, thinking
+    await h.text("what are your hours")
+    await h.wait(3000)
+    await h.stop()
+    assert user_texts(h.llm.requests[-1]) == ["what are your hours"]
+    assert user_texts(h.call.conversation.history) == ["what are your hours"]

@@ -236,6 +236,10 @@ class Call:
         self._carry_continues = 0
         # The conversation's message the carried turn began, if it got that far (by identity).
         self._carry_exchange: dict[str, Any] | None = None
+        # The caller heard some of that exchange's answer (a continued turn's, cut): it stays
+        # in the context when the words are superseded (``_supersede_carry``). Not one a
+        # continued turn asked again and was stopped before it spoke: nothing of it was heard.
+        self._carry_heard = False
         # The carried entries that exchange asked (keys among them): superseded, an exchange
         # that stays in the context asked them already (``_supersede_carry``).
         self._carry_asked: frozenset[asyncio.Future[Transcript]] = frozenset()
@@ -703,13 +707,15 @@ class Call:
         is taken back, as a spoken turn takes back the exchange of the words it carries,
         so the words are not asked and the keys are asked once, by the superseding turn.
         One that stays (it called a tool, or the caller heard some of its answer: a
-        continued turn) asked its keys (``_carry_asked``): they are not asked again, or they
-        would read as pressed twice."""
+        continued turn, ``_carry_heard``) asked its keys (``_carry_asked``): they are not
+        asked again, or they would read as pressed twice. A continued question asked again
+        whole and stopped before its answer spoke stays no more than any unanswered words:
+        until stop 67 it did, and the agent was asked the superseded words."""
         words = sum(1 for f in self._carry if _carried_keys(f) is None)
         if words:
             logs.event(log, "carried_words_dropped", utterances=words)
         exchange, asked = self._carry_exchange, self._carry_asked
-        if exchange is not None and not self._carry_continues \
+        if exchange is not None and not self._carry_heard \
                 and self.conversation.withdraw_exchange(exchange):
             asked = frozenset()
         self._carry_words([f for f in self._carry
@@ -724,13 +730,16 @@ class Call:
 
     def _carry_words(self, utterances: list[asyncio.Future[Transcript]], continues: int,
                      exchange: dict[str, Any] | None,
-                     asked: Sequence[asyncio.Future[Transcript]] = ()) -> None:
+                     asked: Sequence[asyncio.Future[Transcript]] = (),
+                     heard: bool = False) -> None:
         """Words stopped before their answer open the next spoken turn (``_spoken_turn``):
         ``utterances`` in order, the first ``continues`` of them a question whose reply was
         cut, and ``exchange`` the one their stopped turn wrote, which that turn takes back;
-        ``asked``: the utterances (and keys) that exchange asked."""
+        ``asked``: the utterances (and keys) that exchange asked; ``heard``: the caller heard
+        some of its answer (``_carry_heard``)."""
         self._carry, self._carry_continues, self._carry_exchange = utterances, continues, exchange
         self._carry_asked = frozenset(asked) if exchange is not None else frozenset()
+        self._carry_heard = heard and exchange is not None
 
     def _written_since(self, asked_before: dict[str, Any] | None) -> dict[str, Any] | None:
         """The exchange a turn wrote since the caller's message ``asked_before`` was the
@@ -861,6 +870,7 @@ class Call:
         continuing, self._carry_continues = self._carry_continues, 0
         exchange, self._carry_exchange = self._carry_exchange, None
         exchange_asked, self._carry_asked = self._carry_asked, frozenset()
+        exchange_heard, self._carry_heard = self._carry_heard, False
         covered, self._carry_turns = self._carry_turns, []
         self._take_counts(tl)  # its utterance is over: later partials are the next turn's
         waited_s = self._settings.stt_final_timeout_s
@@ -875,7 +885,7 @@ class Call:
                 said = [await asyncio.shield(f) for f in utterances]
         except asyncio.CancelledError:
             self._carry_words([*utterances, *self._carry], continuing, exchange,
-                              exchange_asked)
+                              exchange_asked, exchange_heard)
             self._carry_turns = [*covered, tl]
             raise
         except Exception as exc:
@@ -963,9 +973,9 @@ class Call:
             if not tl.answered:  # nothing said but a filler: the same question goes on
                 self._carry_words([*utterances, *self._carry], continuing, written,
                                   utterances)
-            elif self._continues(tl):
+            elif self._continues(tl):  # the caller heard some of the answer
                 self._carry_words([*utterances, *self._carry], len(utterances), written,
-                                  utterances)
+                                  utterances, heard=True)
             raise
 
     # ------------------------------------------------------------------ text input
