@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.agent import Agent, Conversation
-from gateway.providers.base import ToolCall
+from gateway.providers.base import ToolCall, ToolSpec
 from tests.call_harness import CallHarness, tone
 
 NOISE = 77  # a sample value that is no word (see test_false_interruption)
@@ -473,3 +473,36 @@ async def test_a_continued_question_superseded_before_its_answer_leaves_no_excha
     await h.stop()
     assert user_texts(h.llm.requests[-1]) == ["what are your hours"]
     assert user_texts(h.call.conversation.history) == ["what are your hours"]
+
+
+class _Balance:
+    """A tool runner whose every call answers at once."""
+
+    async def run(self, call: ToolCall, clock: object = None) -> tuple[str, bool]:
+        return '{"balance": 5}', True
+
+
+async def test_a_continued_answer_that_called_a_tool_is_not_asked_again():
+    """Review (stop 67): a cut answer that called a tool stays in the context (the agent must
+    know what its tools did), so the turn that continues it asks the agent the new words
+    only: the cut question is not said to it twice. The transcript and routing keep the
+    whole question."""
+    # Before, the exchange stayed and the whole question was asked after it too: the agent
+    # read "what is my balance" twice, the second time as a new question.
+    h = CallHarness()
+    tools = [ToolSpec("balance", "the caller's balance")]
+    h.responder._agent = Agent(h.llm, tools, runner=_Balance(),  # type: ignore[arg-type]
+                               filler_after_s=None)
+    h.llm.tool_calls = [ToolCall("c1", "balance", "{}")]
+    h.llm.reply = "Your balance is five pounds and that is all for now, thank you."
+    await h.start()
+    await cut_short(h, "what is my balance", "on my savings account", gap_ms=700)
+    await h.wait(2000)
+    await h.stop()
+    assert [e["cause"] for e in h.output.of("interrupt")] == ["speech"]
+    assert h.metrics()[-1]["continues"] is True
+    assert h.transcripts()[-1] == "what is my balance on my savings account"
+    assert h.router.calls[-1][0] == "what is my balance on my savings account"
+    assert user_texts(h.llm.requests[-1]) == ["what is my balance", "on my savings account"]
+    assert user_texts(h.call.conversation.history) == ["what is my balance",
+                                                      "on my savings account"]

@@ -240,6 +240,10 @@ class Call:
         # in the context when the words are superseded (``_supersede_carry``). Not one a
         # continued turn asked again and was stopped before it spoke: nothing of it was heard.
         self._carry_heard = False
+        # The carried entries an exchange that stayed in the context asked (a cut answer that
+        # called a tool: ``withdraw_exchange`` keeps it): the agent has them, and the turn
+        # they open asks it the rest only, though it routes and transcribes the whole.
+        self._carry_in_context: frozenset[asyncio.Future[Transcript]] = frozenset()
         # The carried entries that exchange asked (keys among them): superseded, an exchange
         # that stays in the context asked them already (``_supersede_carry``).
         self._carry_asked: frozenset[asyncio.Future[Transcript]] = frozenset()
@@ -718,8 +722,8 @@ class Call:
         if exchange is not None and not self._carry_heard \
                 and self.conversation.withdraw_exchange(exchange):
             asked = frozenset()
-        self._carry_words([f for f in self._carry
-                           if _carried_keys(f) is not None and f not in asked], 0, None)
+        self._carry_words([f for f in self._carry if _carried_keys(f) is not None
+                           and f not in asked and f not in self._carry_in_context], 0, None)
 
     async def _end_carried_turns(self) -> None:
         """The carried turns that sent no metrics end, one by one, as turns stopped before
@@ -731,15 +735,18 @@ class Call:
     def _carry_words(self, utterances: list[asyncio.Future[Transcript]], continues: int,
                      exchange: dict[str, Any] | None,
                      asked: Sequence[asyncio.Future[Transcript]] = (),
-                     heard: bool = False) -> None:
+                     heard: bool = False,
+                     in_context: frozenset[asyncio.Future[Transcript]] = frozenset()) -> None:
         """Words stopped before their answer open the next spoken turn (``_spoken_turn``):
         ``utterances`` in order, the first ``continues`` of them a question whose reply was
         cut, and ``exchange`` the one their stopped turn wrote, which that turn takes back;
         ``asked``: the utterances (and keys) that exchange asked; ``heard``: the caller heard
-        some of its answer (``_carry_heard``)."""
+        some of its answer (``_carry_heard``); ``in_context``: those an exchange that stayed
+        asked (``_carry_in_context``)."""
         self._carry, self._carry_continues, self._carry_exchange = utterances, continues, exchange
         self._carry_asked = frozenset(asked) if exchange is not None else frozenset()
         self._carry_heard = heard and exchange is not None
+        self._carry_in_context = in_context
 
     def _written_since(self, asked_before: dict[str, Any] | None) -> dict[str, Any] | None:
         """The exchange a turn wrote since the caller's message ``asked_before`` was the
@@ -871,6 +878,7 @@ class Call:
         exchange, self._carry_exchange = self._carry_exchange, None
         exchange_asked, self._carry_asked = self._carry_asked, frozenset()
         exchange_heard, self._carry_heard = self._carry_heard, False
+        in_context, self._carry_in_context = self._carry_in_context, frozenset()
         covered, self._carry_turns = self._carry_turns, []
         self._take_counts(tl)  # its utterance is over: later partials are the next turn's
         waited_s = self._settings.stt_final_timeout_s
@@ -885,7 +893,7 @@ class Call:
                 said = [await asyncio.shield(f) for f in utterances]
         except asyncio.CancelledError:
             self._carry_words([*utterances, *self._carry], continuing, exchange,
-                              exchange_asked, exchange_heard)
+                              exchange_asked, exchange_heard, in_context)
             self._carry_turns = [*covered, tl]
             raise
         except Exception as exc:
@@ -923,19 +931,21 @@ class Call:
             # whose reply was stopped before it spoke) keep it: they continue it.
             said = said[continuing:]
         carried = _joined([t.text for t in said[:-1]])
-        # The agent is asked the keys carried into the turn with the words, in the order
-        # they came ("the caller pressed 4 9 2 1 uh I don't have the rest"); the transcript,
-        # the routing and a missed question hold the caller's words alone (keys may be a PIN).
-        asked = _joined([t.text for t in said])
         text = _joined([t.text for t in said if not isinstance(t, _CarriedKeys)])
         if carried:  # words of a turn the caller had not finished
             # Its exchange, if it got one, is taken back: the agent is asked once, with the
             # whole question (that very exchange: the same words may have been asked and
-            # answered before).
-            if exchange is not None:
-                self.conversation.withdraw_exchange(exchange)
+            # answered before). One that stays (it called a tool: the agent must know what
+            # its tools did) holds the words it asked: the agent is asked the rest only.
+            if exchange is not None and not self.conversation.withdraw_exchange(exchange):
+                in_context = in_context | exchange_asked
             if continuing:
                 tl.info["continues"] = True  # counted once it asks them (_finish_metrics)
+        # The agent is asked the keys carried into the turn with the words, in the order
+        # they came ("the caller pressed 4 9 2 1 uh I don't have the rest"); the transcript,
+        # the routing and a missed question hold the caller's words alone (keys may be a PIN).
+        known = {id(f.result()) for f in in_context}  # ``said`` holds these very results
+        asked = _joined([t.text for t in said if id(t) not in known])
         tl.mark("final_transcript")
         await self._out.send_event({"type": "transcript", "text": text, "final": True,
                                     "turn": tl.turn})
@@ -972,10 +982,10 @@ class Call:
             # after this turn's words, never dropped.
             if not tl.answered:  # nothing said but a filler: the same question goes on
                 self._carry_words([*utterances, *self._carry], continuing, written,
-                                  utterances)
+                                  utterances, in_context=in_context)
             elif self._continues(tl):  # the caller heard some of the answer
                 self._carry_words([*utterances, *self._carry], len(utterances), written,
-                                  utterances, heard=True)
+                                  utterances, heard=True, in_context=in_context)
             raise
 
     # ------------------------------------------------------------------ text input
