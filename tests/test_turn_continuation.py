@@ -506,3 +506,30 @@ async def test_a_continued_answer_that_called_a_tool_is_not_asked_again():
     assert user_texts(h.llm.requests[-1]) == ["what is my balance", "on my savings account"]
     assert user_texts(h.call.conversation.history) == ["what is my balance",
                                                       "on my savings account"]
+
+
+async def test_keys_over_noise_that_cut_an_answer_do_not_ask_the_cut_question_again():
+    """Review (stop 67): keys pressed during noise that stopped an answer soon after its
+    turn ended are no words: the cut question is not asked (nor answered) again, its heard
+    exchange stays, and the keys alone are the turn's, asked of the agent."""
+    # The noise outlasts the hold (a real stop) and began within the continuation window,
+    # so the cut question is carried; "12#" mid-noise is carried into the noise's turn.
+    # The keys' text counted as words after the cut question: "i lost my card" was asked
+    # again with the keys, answered from the cache a second time (the keys never reached
+    # the agent), counted as a continuation, and the heard answer withdrawn.
+    h = CallHarness(faqs={"lost my card": "lost_card"}, settings={"false_interruption_s": 0.5})
+    await h.start()
+    await h.say("i lost my card", then_silence_ms=600)
+    await h.feed(tone(900, NOISE))  # held, then stopped: the window ran out mid-noise
+    assert h.call._held is None and h.call._turns.in_utterance
+    for key in "12#":
+        h.call.feed_dtmf(key)
+        await h.clock.settle()
+    await h.feed(tone(500, NOISE))
+    await h.wait(2000)
+    await h.stop()
+    assert [(e["turn"], e["keys"]) for e in h.output.of("keypad")] == [(2, "12")]
+    assert [e["source"] for e in h.output.of("response")] == ["cache", "llm"]
+    assert user_texts(h.llm.requests[-1]) == ["i lost my card", "the caller pressed 1 2"]
+    assert h.stats.snapshot()["continuations"] == 0
+    assert "continues" not in h.metrics()[-1]

@@ -925,12 +925,15 @@ class Call:
             said.insert(len(said) - 1, done.result())
             await self._out.send_event({"type": "keypad", "turn": tl.turn,
                                         "keys": keys.keys, "action": "agent"})
-        if continuing and not any(normalize_text(t.text) for t in said[continuing:]):
+        if continuing and not any(normalize_text(t.text) for t in said[continuing:]
+                                  if not isinstance(t, _CarriedKeys)):
             # What stopped the answer held no words after all (noise outlasting the
-            # hold): the cut question is not asked again. Words after it (an utterance
-            # whose reply was stopped before it spoke) keep it: they continue it.
+            # hold; keys pressed meanwhile are no words): the cut question is not asked
+            # again. Words after it (an utterance whose reply was stopped before it
+            # spoke) keep it: they continue it.
             said = said[continuing:]
-        carried = _joined([t.text for t in said[:-1]])
+        # Carried words (keys are none): a question the caller went on with.
+        carried = _joined([t.text for t in said[:-1] if not isinstance(t, _CarriedKeys)])
         text = _joined([t.text for t in said if not isinstance(t, _CarriedKeys)])
         if carried:  # words of a turn the caller had not finished
             # Its exchange, if it got one, is taken back: the agent is asked once, with the
