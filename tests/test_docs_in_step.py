@@ -8,6 +8,7 @@ import asyncio
 import logging
 import re
 from pathlib import Path
+from typing import get_args
 
 from gateway.settings import Settings
 from tests.call_harness import CallHarness
@@ -87,3 +88,29 @@ async def test_every_turn_metrics_field_is_documented():
     documented = set(re.findall(r"`([a-z_]+)`", section))
     undocumented = sorted(k for k in metrics if k != "type" and k not in documented)
     assert undocumented == []
+
+
+ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+GATEWAY = ROOT / "gateway"
+
+
+def _sources() -> dict[Path, str]:
+    return {path: path.read_text(encoding="utf-8") for path in sorted(GATEWAY.rglob("*.py"))}
+
+
+def test_every_call_span_event_is_documented():
+    """Review (stop 67): docs/operations.md, "Traces", lists the events of the `voicegate.call`
+    span. The call engine adds every one through `self._trace.event(...)` (and `barge_in`
+    through CallTrace.barge_in); each name it adds must be in that list, or an operator reading
+    a trace meets events the docs never explain."""
+    from gateway.call.idle import IdleStep
+
+    engine = (GATEWAY / "call" / "engine.py").read_text(encoding="utf-8")
+    added = set(re.findall(r'_trace\.event\(\s*"([a-z_]+)"', engine))
+    if 'self._trace.event(f"idle_{step}")' in engine:  # one per idle step
+        added |= {f"idle_{step}" for step in get_args(IdleStep)}
+    assert added, "no call span event found: the pattern above no longer matches the engine"
+    added.add("barge_in")
+    section = _section(OPERATIONS, "## Traces (OpenTelemetry)", "and every caller turn a child span")
+    listed = set(re.findall(r"`([a-z_]+)`", section.split("events", 1)[1]))
+    assert sorted(added - listed) == []
