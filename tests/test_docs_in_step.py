@@ -1,6 +1,8 @@
-"""The operator- and client-facing docs (README.md, docs/operations.md, docs/protocol.md)
-in step with the code: every setting documented, every turn_metrics field, and what
-`start.metadata` is said to do. Each failed when written (a review, stop 59)."""
+"""The operator- and client-facing docs (README.md, docs/operations.md, docs/protocol.md,
+docs/architecture.md) in step with the code: every setting documented, every turn_metrics
+field, what `start.metadata` is said to do (a review, stop 59), every call span event,
+every error code counted by name and every script in the map (stop 67). Each failed when
+written."""
 
 from __future__ import annotations
 
@@ -134,3 +136,17 @@ def test_every_error_code_counted_by_name_is_documented():
     undocumented = sorted(f"{code} ({where})" for code, where in counted.items()
                           if f"`{code}`" not in docs)
     assert undocumented == []
+
+
+def test_every_script_is_in_the_architecture_map():
+    """Review (stop 67): docs/architecture.md, "Layout", is the map of the repository and
+    names the files of scripts/ (those `make test` runs among them). scripts/ensure-node.sh,
+    which `make test` runs to install nodejs for the caller page's logic tests, was missing."""
+    layout = _section(ARCHITECTURE, "## Layout", "## Data flow of one call")
+    names = re.findall(r"[A-Za-z0-9_-]+\.(?:sh|py)", layout)
+    # The map abbreviates siblings: "ensure-redis/-browser/-haproxy.sh".
+    for group in re.findall(r"([a-z]+)-([a-z]+(?:/-[a-z]+)+)\.sh", layout):
+        names += [f"{group[0]}-{part.lstrip('-')}.sh" for part in group[1].split("/")]
+    missing = sorted(path.name for path in (ROOT / "scripts").iterdir()
+                     if path.is_file() and path.name not in names)
+    assert missing == []
