@@ -1,7 +1,9 @@
 """OpenTelemetry for the gateway: the process's tracer provider and one call's spans.
 
 Spans: ``voicegate.call`` per call (attributes: call id, transport, sample rate; events:
-greeting, dtmf, idle_<step> prompts, transferred, hangup, barge_in) and ``voicegate.turn`` per caller
+greeting, dtmf, idle_<step> prompts, transferred, transfer_found_call_over,
+repeated_failure_handoff, hangup, barge_in: docs/operations.md, "Traces", lists them all) and
+``voicegate.turn`` per caller
 turn, its child, from the start of the caller's speech to the end of the reply, with
 one event per stage at the moment the call's clock stamped it (speech_end,
 end_of_turn, final_transcript, route_decided, first_token, first_audio, barge_in).
