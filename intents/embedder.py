@@ -213,6 +213,8 @@ class Embedder:
             fresh = np.ascontiguousarray(fresh, dtype=np.float32)
             with self._lock:
                 for (key, rows), vector in zip(missing.items(), fresh):
+                    # Its own floats: a row (a view) would keep its whole batch alive.
+                    vector = vector.copy()
                     vector.setflags(write=False)  # shared by every caller of the cache
                     out[rows] = vector
                     self._cache[key] = vector

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import json
 import re
 import shutil
+import weakref
 
 import joblib
 
@@ -159,6 +161,27 @@ def test_embedding_cache_can_be_off_or_cleared() -> None:
     cached.clear_cache()
     cached.encode("what are your opening hours")
     assert (cached.cache_hits, cached.cache_misses) == (0, 2)
+
+
+def test_a_cached_vector_keeps_only_its_own_floats_alive() -> None:
+    """Review (stop 67): a vector kept in the embedder's LRU is its own 384 floats, not a
+    view of the batch it was embedded with: a text still cached once the rest of its batch
+    was evicted no longer holds the whole batch in memory (a batch is up to 128 texts)."""
+    embedder = Embedder(cache_size=1)
+    batches: list[weakref.ref] = []
+    encode = embedder._encode
+
+    def tracked(texts, batch_size=64):  # type: ignore[no-untyped-def]
+        vectors = encode(texts, batch_size=batch_size)
+        batches.append(weakref.ref(vectors))
+        return vectors
+
+    embedder._encode = tracked
+    embedder.encode_many(["what are your opening hours", "where is the nearest branch",
+                          "how do i reset my pin"])
+    gc.collect()
+    assert embedder.is_cached("how do i reset my pin") and len(batches) == 1
+    assert batches[0]() is None
 
 
 def test_a_version_from_before_the_completeness_model_learns_it_at_load(
