@@ -5,11 +5,13 @@ quantizations, no torch in the process; intents/onnx_encoder.py) and ``torch``
 (sentence-transformers as shipped). The default, ``auto``, is the dynamic one where the CPU
 computes its int8 products exactly, else ``onnx-int8`` (``resolve_backend``). The model is
 loaded once per process; partial transcripts repeat a lot ("how do I", "how do I reset"), so
-single-text encodes go through an LRU cache keyed by the normalized text.
+routed texts go through an LRU cache keyed by the normalized text (a long one by a digest of
+it: ``cache_key``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -36,6 +38,13 @@ _EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
 
 _SPACES = re.compile(r"\s+")
 
+# The longest text (normalized) the LRU is keyed by; a longer one is keyed by its SHA-256.
+# The LRU's bound is in texts, so their keys' length bounds its memory: a caller may type
+# messages of up to 64 KiB (``max_frame_bytes``), 512 MiB of keys at the default 8,192 texts.
+# A spoken question is ~50 characters, a minute's monologue ~900.
+MAX_KEY_CHARS = 1000
+CacheKey = str | bytes
+
 
 def normalize_text(text: str) -> str:
     """The form used for cache keys and duplicate detection.
@@ -43,6 +52,14 @@ def normalize_text(text: str) -> str:
     The model's tokenizer is uncased, so case and spacing never change the vector.
     """
     return _SPACES.sub(" ", text).strip().casefold()
+
+
+def cache_key(normalized: str) -> CacheKey:
+    """The LRU's key for a normalized text: itself, or beyond ``MAX_KEY_CHARS`` its digest
+    (bytes: never equal to a text's key)."""
+    if len(normalized) <= MAX_KEY_CHARS:
+        return normalized
+    return hashlib.sha256(normalized.encode("utf-8", "surrogatepass")).digest()
 
 
 def _max_tokens(model_dir: Path) -> int:
@@ -153,7 +170,7 @@ class Embedder:
             self._encode = encoder.encode
             self.batches_share_a_pass = quantization not in ONE_TEXT_PER_RUN
         # Per instance (not a module-level cache) so each Embedder owns its memory.
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[CacheKey, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self.cache_hits = 0
@@ -178,7 +195,7 @@ class Embedder:
 
     def is_cached(self, text: str) -> bool:
         """Whether ``text``'s vector is in the LRU (encoding it needs no model run)."""
-        return normalize_text(text) in self._cache
+        return cache_key(normalize_text(text)) in self._cache
 
     def encode(self, text: str) -> np.ndarray:
         """One text → read-only (dim,) float32 unit vector (cached)."""
@@ -195,9 +212,10 @@ class Embedder:
         pass costs less per text than one pass per text (the dynamic int8 backend still
         runs its texts one by one: intents/onnx_encoder.py).
         """
-        keys = [normalize_text(t) for t in texts]
+        normalized = [normalize_text(t) for t in texts]
+        keys = [cache_key(n) for n in normalized]
         out = np.empty((len(keys), self.dim), dtype=np.float32)
-        missing: dict[str, list[int]] = {}
+        missing: dict[CacheKey, list[int]] = {}
         with self._lock:
             for i, key in enumerate(keys):
                 vector = self._cache.get(key)
@@ -209,7 +227,8 @@ class Embedder:
             self.cache_hits += len(keys) - sum(len(v) for v in missing.values())
             self.cache_misses += len(missing)
         if missing:
-            fresh = self._encode(list(missing), batch_size=max(32, len(missing)))
+            fresh = self._encode([normalized[rows[0]] for rows in missing.values()],
+                                 batch_size=max(32, len(missing)))
             fresh = np.ascontiguousarray(fresh, dtype=np.float32)
             with self._lock:
                 for (key, rows), vector in zip(missing.items(), fresh):

@@ -11,7 +11,8 @@ the vectorizer's dtype; ``tests/test_ngrams.py`` compares them on Banking77 and 
 
 Characters go further. ``char_wb`` n-grams belong to single words, so a text's counts are
 the sum of its words' counts: each word is analysed once and cached (every partial repeats
-the previous one's words), and a text costs a few dictionary lookups plus the arithmetic.
+the previous one's words; a word longer than ``MAX_CACHED_WORD_CHARS`` is analysed each time),
+and a text costs a few dictionary lookups plus the arithmetic.
 Word n-grams span neighbouring words, so a text is analysed whole (a regular expression and
 a bigram join: a few microseconds on a spoken question).
 """
@@ -27,6 +28,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 # Distinct words kept (callers' words are unbounded; a bank's vocabulary is a few thousand).
 WORD_CACHE_SIZE = 65_536
+# The longest word kept there: words, not their length, are counted, and a caller may type
+# one of 64 KiB (a message without spaces). A longer one is analysed each time it is read.
+MAX_CACHED_WORD_CHARS = 64
 
 _EMPTY = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
 for _array in _EMPTY:
@@ -130,7 +134,8 @@ class CharNgramFeatures(NgramFeatures):
         return columns, counts
 
     def _counts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        parts = [self._word(w) for w in text.split()]
+        parts = [self._word(w) if len(w) <= MAX_CACHED_WORD_CHARS else self._word_counts(w)
+                 for w in text.split()]
         parts = [p for p in parts if len(p[0])]
         if not parts:
             return _EMPTY

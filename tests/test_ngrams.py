@@ -12,7 +12,8 @@ import pytest
 
 from cache_seed import read_seed_csv
 from intents.classifier import MIX, TWO_VIEWS, IntentClassifier, _char_ngrams, _word_ngrams
-from intents.ngrams import CharNgramFeatures, NgramFeatures, WordNgramFeatures
+from intents.ngrams import (MAX_CACHED_WORD_CHARS, CharNgramFeatures, NgramFeatures,
+                            WordNgramFeatures)
 from tests.intents_support import BANK_FAQ, two_view_probabilities, two_view_state
 
 BANKING77 = Path("/work/shared/data/banking77")  # where this machine has it
@@ -75,6 +76,18 @@ def test_rows_stay_scikit_learns_once_the_word_cache_is_warm() -> None:
     for _ in range(3):  # the second and third passes are served from the cache
         got = features.transform(texts)
         assert np.abs(got - vectorizer.transform(texts)).max() < 1e-6
+
+
+def test_a_word_too_long_to_keep_is_counted_but_never_kept() -> None:
+    """Review (stop 67): the per-word cache keeps words of at most ``MAX_CACHED_WORD_CHARS``;
+    a longer one (a typed message of one 64 KiB "word") is analysed each time, so the cache
+    holds 65,536 words, not 65,536 such messages."""
+    vectorizer = _char_ngrams().fit(bank_questions())
+    features = CharNgramFeatures(vectorizer)
+    texts = ["card" * 5000, "my card " + "pin" * (MAX_CACHED_WORD_CHARS // 3 + 1)]
+    for _ in range(2):
+        assert np.abs(features.transform(texts) - vectorizer.transform(texts)).max() < 1e-6
+    assert features._word.cache_info().currsize == 2  # "my" and "card"
 
 
 def test_settings_it_cannot_reproduce_are_refused() -> None:

@@ -23,7 +23,7 @@ from intents.calibration import (NEVER, TRANSCRIPT_TARGET_FACTOR, HeldOut, Thres
                                  calibrate, cross_validate, wrong_rate_bound)
 from intents.classifier import (OUT_OF_DOMAIN, TWO_VIEWS, IntentClassifier, _char_ngrams,
                                 fitted_probabilities)
-from intents.embedder import Embedder
+from intents.embedder import MAX_KEY_CHARS, Embedder
 from intents.judge import SIGNALS, Judge, Signals
 from intents.loader import LoadedCache, load_cache
 from intents.router import Router, models_from_bytes, models_to_bytes
@@ -182,6 +182,22 @@ def test_a_cached_vector_keeps_only_its_own_floats_alive() -> None:
     gc.collect()
     assert embedder.is_cached("how do i reset my pin") and len(batches) == 1
     assert batches[0]() is None
+
+
+def test_a_long_text_is_kept_under_a_short_key() -> None:
+    """Review (stop 67): a text longer than ``MAX_KEY_CHARS`` is kept in the LRU under a
+    digest of its words, not the words themselves: its bound in texts is then one in memory
+    too (a caller's typed messages, up to 64 KiB each, were kept whole as keys: 512 MiB at
+    the default size). It is still embedded once, and apart from a text one character off."""
+    embedder = Embedder(cache_size=4)
+    long = "x" * MAX_KEY_CHARS + " card"
+    first = embedder.encode(long)
+    assert embedder.is_cached("  " + long.upper()) and not embedder.is_cached(long + "s")
+    assert np.array_equal(embedder.encode(long), first)
+    assert (embedder.cache_hits, embedder.cache_misses) == (1, 1)
+    assert np.allclose(first, embedder.encode_batch([long])[0], atol=1e-5)
+    assert not np.allclose(embedder.encode("x" * MAX_KEY_CHARS + " lost"), first, atol=1e-3)
+    assert all(len(key) <= 32 for key in embedder._cache)
 
 
 def test_a_version_from_before_the_completeness_model_learns_it_at_load(
