@@ -1,9 +1,10 @@
 """Sentence embeddings for routing: all-MiniLM-L6-v2, offline, normalized, cached.
 
-Backends of the same model: ``onnx-int8-dynamic`` and ``onnx-int8`` (onnxruntime, two int8
-quantizations, no torch in the process; intents/onnx_encoder.py) and ``torch``
-(sentence-transformers as shipped). The default, ``auto``, is the dynamic one where the CPU
-computes its int8 products exactly, else ``onnx-int8`` (``resolve_backend``). The model is
+Backends of the same model: ``onnx-int8-dynamic``, ``onnx-int8-dynamic-7bit`` and
+``onnx-int8`` (onnxruntime, int8 quantizations, no torch in the process;
+intents/onnx_encoder.py) and ``torch`` (sentence-transformers as shipped). The default,
+``auto``, is the dynamic one where the CPU computes its int8 products exactly, else the
+dynamic one with 7-bit weights (``resolve_backend``). The model is
 loaded once per process; partial transcripts repeat a lot ("how do I", "how do I reset"), so
 routed texts go through an LRU cache keyed by the normalized text (a long one by a digest of
 it: ``cache_key``).
