@@ -652,9 +652,10 @@ class Agent:
             return StillWorking((holds - held_holds) * (self.hold_after_s or 0.0))
 
         round_no = 0
-        # This turn's tool runs by (tool, arguments): a call the model repeats is answered
-        # with the first one's result, never sent to its webhook again.
-        ran: dict[tuple[str, str], asyncio.Task[tuple[str, bool]]] = {}
+        # This turn's tool runs by (tool, arguments), with the round each was made in: a
+        # call the model repeats is answered with the first one's result, never sent to its
+        # webhook again (but one that failed in an earlier round: the model retries it).
+        ran: dict[tuple[str, str], tuple[int, asyncio.Task[tuple[str, bool]]]] = {}
         while round_no <= self.max_tool_rounds:
             tools = self._tools_for(round_no, can_hand_off)
             chunker = SentenceChunker()
@@ -793,7 +794,7 @@ class Agent:
                     continue
                 yield Handoff("the LLM returned an empty reply twice", error="llm_empty_reply")
                 return
-            tasks = [self._run_once(call, clock, ran) for call in calls]
+            tasks = [self._run_once(call, clock, round_no, ran) for call in calls]
             gathered = asyncio.gather(*tasks)
             # Its outcome retrieved also when a barge-in left it unread.
             gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -819,27 +820,34 @@ class Agent:
                 await asyncio.gather(*tasks, return_exceptions=True)
             round_no += 1
 
-    def _run_once(self, call: ToolCall, clock: Clock,
-                  ran: dict[tuple[str, str], "asyncio.Task[tuple[str, bool]]"]
+    def _run_once(self, call: ToolCall, clock: Clock, round_no: int,
+                  ran: dict[tuple[str, str], tuple[int, "asyncio.Task[tuple[str, bool]]"]]
                   ) -> "asyncio.Task[tuple[str, bool]]":
         """The task answering ``call``: its webhook's run, or, for a call this turn made
         already (same tool, same arguments: a small model repeats one in a round, or the
-        next), the first one's result (a ticket, a payment acts once). A first run that
-        failed is run again: retrying it is what the model asks."""
+        next), the first one's result (a ticket, a payment acts once). A first run of an
+        earlier round that failed is run again: the model saw its failure, and retrying it
+        is what it asks. One of this round shares the first's result whatever it is: the
+        model has seen nothing of it (a repeat, no retry), and a timeout may have acted."""
         key = (call.name, _canonical_arguments(call.arguments))
-        first = ran.get(key)
-        if first is None:
-            task = ran[key] = asyncio.create_task(self.runner.run(call, clock))
+        made = ran.get(key)
+        if made is None:
+            task = asyncio.create_task(self.runner.run(call, clock))
+            ran[key] = (round_no, task)
             return task
+        first_round, first = made
 
         async def same_as_first() -> tuple[str, bool]:
             content, ok = await asyncio.shield(first)
-            if ok:
+            if ok or first_round == round_no:
                 logs.event(log, "tool_call_repeated", tool=call.name)
                 return content, ok
             return await self.runner.run(call, clock)
 
-        return asyncio.create_task(same_as_first())
+        task = asyncio.create_task(same_as_first())
+        if first_round != round_no:
+            ran[key] = (round_no, task)  # this round's repeats share it: one retry, not one each
+        return task
 
     async def aclose(self) -> None:
         await self.runner.aclose()

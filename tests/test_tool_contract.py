@@ -190,6 +190,44 @@ async def test_the_same_tool_call_is_not_run_twice_in_one_turn(scripts):
         f"{[(c.id, c.arguments) for c in runner.calls]}")
 
 
+class TimingOutRunner(RecordingRunner):
+    """A tool runner whose webhook never answers in time: every call comes back as the
+    timeout's error, after the service may have acted."""
+
+    async def run(self, call: ToolCall, clock: Any) -> tuple[str, bool]:
+        self.calls.append(call)
+        return json.dumps({"error": f"{call.name} did not answer within 5 seconds"}), False
+
+
+@pytest.mark.parametrize("scripts, runs", [
+    # Repeated in the round of the first: one POST.
+    ([[LLMChunk(tool_call=ToolCall("c1", "create_ticket", SAME)),
+       LLMChunk(tool_call=ToolCall("c2", "create_ticket", SAME))]], 1),
+    # Failed in round one, retried twice in round two (the model saw the failure): the
+    # retry is one POST, its repeat in its round shares it.
+    ([[LLMChunk(tool_call=ToolCall("c1", "create_ticket", SAME))],
+      [LLMChunk(tool_call=ToolCall("c2", "create_ticket", SAME)),
+       LLMChunk(tool_call=ToolCall("c3", "create_ticket", SAME))]], 2),
+], ids=["same-round", "retried-twice-in-the-next-round"])
+async def test_a_call_repeated_in_its_round_is_not_sent_again_when_the_first_failed(scripts,
+                                                                                   runs):
+    """Review (stop 67): a call the model repeats in the same round (same tool, same
+    arguments) shares the first one's result even when that one failed (a timeout: the
+    service may have acted): the model never saw that failure, so the repeat is no retry,
+    and it is never POSTed again (nor does the turn wait a second timeout). A retry in a
+    later round is one POST however often that round repeats it."""
+    runner = TimingOutRunner()
+    agent = Agent(ScriptLLM(*scripts, [LLMChunk(text="Sorry, the ticket service is slow.")]),
+                  [TICKET], runner=runner, filler_after_s=None)  # type: ignore[arg-type]
+    events, conversation = await run(agent, "I lost my card, open a ticket please")
+    assert Sentence("Sorry, the ticket service is slow.") in events
+    assert len(runner.calls) == runs, (
+        f"{runs} webhook calls expected, {len(runner.calls)} made")
+    results = [m["content"] for m in conversation.messages() if m["role"] == "tool"]
+    assert len(results) == sum(map(len, scripts)) and \
+        all("did not answer" in r for r in results), results
+
+
 def _go_float(text: str) -> float:
     """What a strict server (Ollama: Go's encoding/json into a map) makes of a JSON number:
     one outside float64's range is an error ("cannot unmarshal number 1e999")."""
