@@ -31,6 +31,8 @@ log = logging.getLogger("voicegate.tools")
 
 MAX_RESULT_CHARS = 4000  # what goes back into the context; a webhook may answer a lot
 MAX_REFUSAL_CHARS = 300  # of a 4xx's body: why the service refused the arguments
+# How an answer longer than these ends, within them: the model must know it has only a part.
+_CUT_NOTE = " … [the rest of this answer was cut: the service sent more]"
 UNKNOWN_TOOL = "(unknown)"  # the tool label of a call to a name no tool has
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the function names OpenAI takes
 
@@ -277,13 +279,17 @@ def _chars_read(status: int) -> int:
 
 async def _head(response: httpx.Response, chars: int) -> str:
     """The body's first ``chars`` characters. A webhook may answer megabytes (a whole
-    history): reading stops there, about 4 bytes a character at most, not at its end."""
+    history): reading stops there, about 4 bytes a character at most, not at its end. One
+    longer ends with ``_CUT_NOTE`` (within ``chars``): cut mid-row without a word, the model
+    took the first rows of a history for all of it."""
     text = ""
     async for part in response.aiter_text():
         text += part
-        if len(text) >= chars:
+        if len(text) > chars:
             break  # leaving the stream closes the connection: the rest is never read
-    return text[:chars]
+    if len(text) <= chars:
+        return text
+    return text[:chars - len(_CUT_NOTE)] + _CUT_NOTE
 
 
 def _refuse_constant(name: str) -> Any:

@@ -25,7 +25,7 @@ from gateway.agent import Agent, Sentence
 from gateway.clock import ManualClock
 from gateway.providers.base import LLMChunk, ToolCall, ToolSpec
 from gateway.providers.chat_stream import ToolCallAssembler
-from gateway.tools import ToolConfigError, ToolRunner, load_tools
+from gateway.tools import MAX_RESULT_CHARS, ToolConfigError, ToolRunner, load_tools
 from tests.fakes.server import ServerThread
 from tests.test_agent import BALANCE, ScriptLLM, run
 
@@ -65,6 +65,28 @@ async def test_a_redirecting_webhook_is_not_taken_for_an_empty_success():
     assert followed or refused, (
         f"a 307 came back as ok={ok} with content {content!r}; the service that acts was "
         f"called {len(hits)} times")
+
+
+async def test_an_answer_cut_to_what_the_model_gets_says_it_was_cut(webhook):
+    """Review (stop 67): a webhook's answer longer than MAX_RESULT_CHARS reaches the model
+    cut (its JSON broken off mid-row) and saying so, within MAX_RESULT_CHARS: the model must
+    not take the first rows of a long history for the whole of it. An answer that fits is
+    given whole, with no note."""
+    hook, hook_server = webhook
+    rows = [{"id": n, "amount": "12.50"} for n in range(2000)]
+    runner = ToolRunner([ToolSpec("get_history", "", url=hook_server.url + "/tool/get_history",
+                                  timeout_s=10.0)])
+    try:
+        hook.handler = lambda payload: {"transactions": rows}
+        content, ok = await runner.run(ToolCall("c1", "get_history", "{}"), ManualClock())
+        hook.handler = lambda payload: {"transactions": rows[:3]}
+        whole, _ = await runner.run(ToolCall("c2", "get_history", "{}"), ManualClock())
+    finally:
+        await runner.aclose()
+    assert ok and len(content) <= MAX_RESULT_CHARS
+    assert content.startswith('{"transactions":[{"id":0,'), content[:80]
+    assert "cut" in content[-200:], f"the model is not told the answer was cut: ...{content[-80:]}"
+    assert json.loads(whole) == {"transactions": rows[:3]}
 
 
 # ------------------------------------------------------- arguments against the schema
