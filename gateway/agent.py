@@ -54,7 +54,7 @@ from gateway.clock import SYSTEM_CLOCK, Clock, Expired, Timeouts
 from gateway.hedge import AdaptiveDelay, HedgedChat
 from gateway.preemption import Preemption
 from gateway.providers.base import ChatModel, LLMChunk, ProviderError, ToolCall, ToolSpec
-from gateway.sentences import SentenceChunker, spoken_text
+from gateway.sentences import SentenceChunker, ends_sentence, spoken_text
 from gateway.settings import Settings, SettingsError
 from gateway.tools import (TRANSFER_TOOL, TRANSFER_TOOL_NAME, ToolRunner, chat_tool_name,
                            load_tools, parse_arguments)
@@ -662,6 +662,7 @@ class Agent:
             spoken: list[str] = []  # the pieces as emitted: what the caller will hear
             calls: list[ToolCall] = []
             answered = False  # has a chunk come (a leg won the race)?
+            cut = False  # the model stopped at llm_max_tokens (finish_reason "length")
             ignored: str | None = None  # a tool the model called though none was offered
             transfer: ToolCall | None = None  # the model handed the caller off (no webhook)
             retry = False
@@ -680,6 +681,9 @@ class Agent:
                         yield cue()
                         continue
                     answered = True
+                    if item.cut:
+                        cut = True
+                        continue
                     if on_first_token is not None and (
                             item.text.strip() or item.tool_call is not None
                             or item.tool_call_fragment):
@@ -722,6 +726,13 @@ class Agent:
                             held_since, held_holds, stalled = clock.now(), holds, False
                         yield ToolStarted(item.tool_call.name, item.tool_call.id)
                 tail = chunker.flush()
+                if tail and cut and spoken and not ends_sentence(tail):
+                    # Broken off at llm_max_tokens ("It arrives on"): never said, nor kept
+                    # in the context; the whole sentences before it are the answer. With
+                    # none before it, said as it is: better than nothing.
+                    logs.event(log, "llm_answer_cut", logging.WARNING, round=round_no,
+                               dropped_chars=len(tail))
+                    tail = None
                 if tail and spoken_text(tail):
                     spoken.append(tail)
                     spoke, held_since = True, None

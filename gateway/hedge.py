@@ -313,6 +313,8 @@ class HedgedChat:
                     # The answer is whole: the round ends now, not when the body does
                     # (a connection held open would stall it, one reset would fail it).
                     finished = True
+                    if item.cut:  # at max_tokens: the consumer drops a sentence broken off
+                        yield item
                     continue
                 yield item
         finally:

@@ -144,6 +144,13 @@ def rendered_text(text: str) -> str:
     return spoken_text(text) or text
 
 
+def ends_sentence(text: str) -> bool:
+    """Whether ``text`` ends with a sentence's mark (closing quotes or brackets after it
+    aside): a piece a stream cut off at its token limit that is a whole sentence still."""
+    stripped = text.rstrip().rstrip(_CLOSERS)
+    return bool(stripped) and (stripped[-1] in _SENTENCE_END or stripped[-1] in SENTENCE_TERMINALS)
+
+
 def has_words(text: str) -> bool:
     """Whether ``text`` has anything a voice must say (punctuation alone may be silent)."""
     return any(ch.isalnum() for ch in text)

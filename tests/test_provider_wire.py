@@ -314,6 +314,32 @@ async def test_a_tool_call_cut_at_max_tokens_is_no_finished_call(sse, sdk):
     assert calls == [], "a tool call cut at max_tokens was emitted as a finished call"
 
 
+@pytest.mark.parametrize("sdk", ["openai", "groq"])
+async def test_an_answer_cut_at_max_tokens_mid_sentence_says_its_whole_sentences_only(sse, sdk):
+    """Review (stop 67): ``finish_reason: "length"`` mid-sentence (llm_max_tokens reached):
+    the sentences before the cut are said and kept in the context, the one it broke off
+    ("It arrives on") is neither said nor kept; a cut answer with no whole sentence is
+    said as it is (better than nothing, then the apology of an empty round)."""
+    app = ScriptedSSE(
+        [ROLE, chunk({"content": "Order 42 left today."}), chunk({"content": " It arrives on"}),
+         chunk({}, "length"), DONE],
+        [ROLE, chunk({"content": "Order 42 left today and it arrives on"}),
+         chunk({}, "length"), DONE])
+    server = sse(app)
+    agent = Agent(HedgedChat(chat(sdk, server.url)), filler_after_s=None, hold_after_s=None)
+    conversation = agent.new_conversation()
+    try:
+        first = await _events(agent.respond(conversation, "where is order 42"))
+        kept = conversation.messages()[-1]["content"]
+        second = await _events(agent.respond(conversation, "and when does it arrive"))
+    finally:
+        await agent.aclose()
+    assert [e.text for e in first if isinstance(e, Sentence)] == ["Order 42 left today."]
+    assert kept == "Order 42 left today."
+    assert [e.text for e in second if isinstance(e, Sentence)] == [
+        "Order 42 left today and it arrives on"]
+
+
 @pytest.mark.parametrize("fault", ["connection_dropped", "read_timeout"])
 async def test_groq_mid_stream_transport_failure_is_a_provider_error(sse, fault):
     """The groq SDK (unlike openai's, which maps them to APIConnectionError/APITimeoutError)

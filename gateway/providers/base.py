@@ -188,12 +188,14 @@ class LLMChunk:
     a tool call is being written (``tool_call_fragment``: its pieces arrive, the call
     comes whole in a later chunk; nothing to say or run yet, but no stall either), or
     that the model finished its answer (``finished``: its ``finish_reason`` came; nothing
-    of the answer follows, whatever the HTTP body does after: [DONE], its end)."""
+    of the answer follows, whatever the HTTP body does after: [DONE], its end), ``cut``
+    with it when that was ``length`` (``llm_max_tokens`` reached: its text broke off)."""
 
     text: str = ""
     tool_call: ToolCall | None = None
     tool_call_fragment: bool = False
     finished: bool = False
+    cut: bool = False
 
 
 @dataclass

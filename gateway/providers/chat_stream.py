@@ -198,7 +198,8 @@ async def chunks(stream: AsyncIterator[Any]) -> AsyncIterator[LLMChunk]:
                 # Said at once: the answer is whole, and its consumer (the hedge) need not
                 # wait for the body's end ([DONE], the close), which a server or proxy
                 # holding the connection may never send, nor fail the answer if it breaks.
-                yield LLMChunk(finished=True)
+                # ``cut``: stopped at max_tokens, its last sentence maybe broken off.
+                yield LLMChunk(finished=True, cut=choice.finish_reason == "length")
     if not finished:
         # The SDKs end quietly when the body just stops (no [DONE] either): without this,
         # half an answer was spoken as a whole one, and a half-streamed tool call run.
