@@ -69,26 +69,49 @@ FINISH_GRACE_S = 0.2
 class AdaptiveDelay:
     """A percentile of the primary's recent time to first token, clamped to [floor, ceiling].
 
-    A primary cancelled as the loser at time t contributes t: its true TTFT is at least
-    that, and t is above the current delay, so the percentile estimate keeps the right
-    count of samples above it.
+    A primary cancelled as the loser at time t contributes t (``observe_lost``): its true
+    TTFT is at least that, and t is above the current delay, so the percentile estimate
+    keeps the right count of samples above it.
+
+    A primary that lost ``degraded_after`` races in a row is degraded (hung, or far slower
+    than it was): the secondary then starts at the floor until the primary wins again.
+    Those losses push the percentile up by the secondary's own time each window, towards
+    the ceiling, so every miss waited up to the ceiling (2 s) before the only leg that
+    answers was even asked. Healthy, the secondary wins a race only now and then.
     """
 
     def __init__(self, percentile: float = 0.9, floor_s: float = 0.06, ceiling_s: float = 2.0,
-                 initial_s: float = 0.4, window: int = 200, min_samples: int = 20) -> None:
+                 initial_s: float = 0.4, window: int = 200, min_samples: int = 20,
+                 degraded_after: int = 3) -> None:
         self.percentile = percentile
         self.floor_s = floor_s
         self.ceiling_s = ceiling_s
         self.initial_s = initial_s
         self.min_samples = min_samples
+        self.degraded_after = degraded_after  # 0: never
         self._samples: deque[float] = deque(maxlen=window)
         self._cached: float | None = None
+        self._lost_in_a_row = 0
 
     def observe(self, ttft_s: float) -> None:
+        """The primary won, its first token ``ttft_s`` after its request."""
         self._samples.append(ttft_s)
         self._cached = None
+        self._lost_in_a_row = 0
+
+    def observe_lost(self, at_least_s: float) -> None:
+        """The primary lost the race, cancelled ``at_least_s`` after its request."""
+        self._samples.append(at_least_s)
+        self._cached = None
+        self._lost_in_a_row += 1
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degraded_after) and self._lost_in_a_row >= self.degraded_after
 
     def delay_s(self) -> float:
+        if self.degraded:
+            return self.floor_s
         if len(self._samples) < self.min_samples:
             return self.initial_s
         if self._cached is None:
@@ -436,7 +459,7 @@ class HedgedChat:
             self.stats.secondary_wins += 1
             primary = legs[0]
             if not primary.failed and primary.retry_at is None:  # censored: at least this
-                self.adaptive.observe(now - primary.asked)
+                self.adaptive.observe_lost(now - primary.asked)
 
 
 async def _pump(leg: _Leg, messages: list[dict[str, Any]], tools: list[ToolSpec] | None,

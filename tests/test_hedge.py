@@ -240,6 +240,27 @@ def test_adaptive_delay_tracks_a_high_percentile_with_a_floor():
     assert delay.delay_s() == 2.0  # the ceiling
 
 
+def test_a_primary_that_keeps_losing_gets_its_secondary_at_the_floor_until_it_wins():
+    """Review (stop 67): a primary that loses race after race (hung, or far slower than it
+    was) fed the percentile samples of the delay plus the secondary's time, so the delay
+    climbed towards the ceiling and every miss waited up to 2 s before the leg that
+    answers was asked. After ``degraded_after`` losses in a row the delay is the floor;
+    the primary's next win ends it."""
+    delay = AdaptiveDelay(percentile=0.9, floor_s=0.05, ceiling_s=2.0, initial_s=0.4,
+                          min_samples=10, degraded_after=3)
+    for _ in range(40):
+        delay.observe(0.3)
+    delay.observe_lost(0.9)  # a loss now and then is no degradation
+    delay.observe(0.3)
+    delay.observe_lost(0.9)
+    delay.observe_lost(0.9)
+    assert delay.delay_s() == 0.3 and not delay.degraded
+    delay.observe_lost(0.9)  # the third in a row
+    assert delay.degraded and delay.delay_s() == 0.05
+    delay.observe(0.3)
+    assert not delay.degraded and delay.delay_s() == 0.3  # the percentile again
+
+
 # A barge-in cancels the reply as the LLM's next token arrives: on Python 3.11
 # asyncio.wait_for swallowed such a cancel, so the hedged stream went on with nobody
 # reading it, the reply's producer blocked on its full queue and the reply (and every
@@ -381,6 +402,46 @@ def scripted_pair(primary: ScriptedLeg, secondary: ScriptedLeg | None,
         if leg is not None:
             leg.clock = clock
     return HedgedChat(primary, secondary, clock=clock, **kwargs), clock  # type: ignore[arg-type]
+
+
+class SlowLeg(ScriptedLeg):
+    """A ScriptedLeg whose first word comes ``first_s`` of the clock after its request."""
+
+    def __init__(self, name: str, text: str, first_s: float) -> None:
+        super().__init__(name, text)
+        self.first_s = first_s
+
+    async def stream(self, messages, tools=None) -> AsyncIterator[LLMChunk]:
+        assert self.clock is not None
+        self.opened.append(self.clock.now())
+        try:
+            await self.clock.sleep(self.first_s)
+            yield LLMChunk(text=self.text or "")
+        finally:
+            self.closed += 1
+
+
+async def test_a_hung_primary_does_not_push_the_secondary_later_turn_after_turn():
+    """Review (stop 67): with the primary hung, each turn's secondary started at the
+    delay, and the primary's censored time (delay + the secondary's 0.5 s) raised the
+    delay: 0.4, 0.9, 1.4 ... up to 2 s of silence before the answering leg was asked.
+    From the third loss in a row it is asked at the floor."""
+    primary = ScriptedLeg("primary", None)  # never a first token
+    secondary = SlowLeg("secondary", "Hi.", first_s=0.5)
+    hedged, clock = scripted_pair(primary, secondary, first_token_timeout_s=4.0,
+                                  adaptive=AdaptiveDelay(initial_s=0.4, floor_s=0.06,
+                                                         min_samples=2, degraded_after=3))
+    waits = []
+    for _ in range(8):
+        start = clock.now()
+        answer = asyncio.ensure_future(collect(hedged))
+        while not answer.done():
+            await clock.advance(0.01)
+        assert answer.result() == "Hi."
+        waits.append(round(secondary.opened[-1] - start, 2))
+    assert waits[:3] == [0.4, 0.4, 0.9]  # the percentile of the first censored times
+    assert waits[3:] == [0.06] * 5
+    assert hedged.stats.secondary_wins == 8
 
 
 async def test_the_secondary_starts_exactly_when_the_clock_passes_the_hedge_delay():
