@@ -533,3 +533,26 @@ async def test_keys_over_noise_that_cut_an_answer_do_not_ask_the_cut_question_ag
     assert user_texts(h.llm.requests[-1]) == ["i lost my card", "the caller pressed 1 2"]
     assert h.stats.snapshot()["continuations"] == 0
     assert "continues" not in h.metrics()[-1]
+
+
+async def test_words_after_a_keys_only_turn_stopped_while_thinking_ask_the_keys_once():
+    """Review (stop 67): keys pressed over noise are a turn of their own (keys alone),
+    asked of the agent; stopped by the caller's words before it answered, its exchange
+    is taken back and the next turn asks the keys once, with the words."""
+    # The keys' exchange was kept since carried keys stopped counting as carried words
+    # (1f3a97d): the agent was asked "the caller pressed 1 2" twice, two user messages.
+    h = CallHarness(settings={"turn_continuation_ms": 200})
+    h.llm.first_token_s = 3.0
+    await h.start()
+    await h.feed(tone(300, NOISE))
+    for key in "12#":
+        h.call.feed_dtmf(key)
+        await h.clock.settle()
+    await h.feed(tone(300, NOISE))
+    await h.wait(1000)  # the keys' turn asked the agent; it thinks
+    assert h.llm.requests and not h.output.of("response")
+    await h.say("my account", then_silence_ms=4000)
+    await h.stop()
+    assert [(e["turn"], e["keys"]) for e in h.output.of("keypad")] == [(1, "12")]
+    assert user_texts(h.llm.requests[-1]) == ["the caller pressed 1 2 my account"]
+    assert user_texts(h.call.conversation.history) == ["the caller pressed 1 2 my account"]

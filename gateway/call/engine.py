@@ -935,7 +935,9 @@ class Call:
         # Carried words (keys are none): a question the caller went on with.
         carried = _joined([t.text for t in said[:-1] if not isinstance(t, _CarriedKeys)])
         text = _joined([t.text for t in said if not isinstance(t, _CarriedKeys)])
-        if carried:  # words of a turn the caller had not finished
+        # Or keys its stopped exchange asked (a turn of keys alone): asked again here.
+        asked_ids = {id(f.result()) for f in exchange_asked}
+        if carried or any(id(t) in asked_ids and normalize_text(t.text) for t in said[:-1]):
             # Its exchange, if it got one, is taken back: the agent is asked once, with the
             # whole question (that very exchange: the same words may have been asked and
             # answered before). One that stays (it called a tool: the agent must know what
