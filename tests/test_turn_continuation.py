@@ -556,3 +556,31 @@ async def test_words_after_a_keys_only_turn_stopped_while_thinking_ask_the_keys_
     assert [(e["turn"], e["keys"]) for e in h.output.of("keypad")] == [(1, "12")]
     assert user_texts(h.llm.requests[-1]) == ["the caller pressed 1 2 my account"]
     assert user_texts(h.call.conversation.history) == ["the caller pressed 1 2 my account"]
+
+
+async def test_keys_over_noise_that_cut_an_answer_then_stopped_leave_it_answered():
+    """Review (stop 67): the keys' turn after noise that cut an answer (the cut question
+    stays answered) is stopped by the caller's words while the agent thinks: the next turn
+    asks the keys and the words, not the cut question again, and continues nothing."""
+    # The keys' turn dropped the cut question from what it asked, but carried it on when
+    # stopped, still counted as continued: "i lost my card" came back before the keys.
+    h = CallHarness(faqs={"lost my card": "lost_card"},
+                    settings={"false_interruption_s": 0.5})
+    h.llm.first_token_s = 3.0
+    await h.start()
+    await h.say("i lost my card", then_silence_ms=600)
+    await h.feed(tone(900, NOISE))  # held, then stopped: the window ran out mid-noise
+    assert h.call._held is None and h.call._turns.in_utterance
+    for key in "12#":
+        h.call.feed_dtmf(key)
+        await h.clock.settle()
+    await h.feed(tone(500, NOISE))
+    await h.wait(1000)  # the keys' turn asked the agent; it thinks
+    assert h.llm.requests and [e["source"] for e in h.output.of("response")] == ["cache"]
+    await h.say("my account", then_silence_ms=4000)
+    await h.stop()
+    assert user_texts(h.llm.requests[-1]) == ["i lost my card",
+                                              "the caller pressed 1 2 my account"]
+    assert h.transcripts()[-1] == "my account", h.transcripts()
+    assert h.stats.snapshot()["continuations"] == 0
+    assert [e["source"] for e in h.output.of("response")] == ["cache", "llm"]

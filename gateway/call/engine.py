@@ -930,8 +930,10 @@ class Call:
             # What stopped the answer held no words after all (noise outlasting the
             # hold; keys pressed meanwhile are no words): the cut question is not asked
             # again. Words after it (an utterance whose reply was stopped before it
-            # spoke) keep it: they continue it.
-            said = said[continuing:]
+            # spoke) keep it: they continue it. Nor carried on should this turn (keys
+            # alone) be stopped before it speaks: the question stays answered.
+            said, utterances = said[continuing:], utterances[continuing:]
+            continuing = 0
         # Carried words (keys are none): a question the caller went on with.
         carried = _joined([t.text for t in said[:-1] if not isinstance(t, _CarriedKeys)])
         text = _joined([t.text for t in said if not isinstance(t, _CarriedKeys)])
