@@ -673,11 +673,11 @@ async def test_a_long_utterance_is_not_split_while_its_pause_decodes(pool):
 
 
 async def test_partials_come_sooner_while_the_process_decodes_nothing_else(pool):
-    """With ``partial_interval_idle_ms`` a partial is due after that much new audio while
+    """With ``idle_partial_interval_ms`` a partial is due after that much new audio while
     no decode of the process runs or waits, and after ``partial_interval_ms`` otherwise:
     idle cores give a fresher draft, a busy process is asked for no more."""
     service = RedecodingSTT(GatedRecognizer(), pool, slots=2, partial_interval_ms=400,
-                            partial_interval_idle_ms=200)
+                            idle_partial_interval_ms=200)
     alone, other = service.open_stream(), service.open_stream()
     await alone.send_audio(audio(200))  # nothing else decodes: due at 200 ms
     await until(lambda: service.recognizer.decoded == [200 * MS])

@@ -16,10 +16,9 @@ decodes it again when that is worth it:
 - Partials: after every ``partial_interval_ms`` of new audio, but only when a decode
   slot of the process is free and none of this call's decodes is running. Under load a
   caller gets fewer partials, never a later final. While no decode of the process runs
-  nor waits, after ``partial_interval_idle_ms`` (when shorter): the pause's early decode
-  then starts from a fresher draft and has fewer steps left, at no cost to other callers.
-  A partial still running when the caller paused is dropped when it ends: the pause's
-  early decode read more audio.
+  nor waits, after ``idle_partial_interval_ms`` (when shorter): the pause's early decode
+  then starts from a fresher draft and has fewer steps left, at no cost to other callers. A partial still running when the
+  caller paused is dropped when it ends: the pause's early decode read more audio.
 
 ``DecodeScheduler`` is shared by every call of the process: at most ``slots`` decodes run
 at once on the model executor, and finals (early or not) are taken before partials. A
@@ -208,8 +207,8 @@ class RedecodingSTT:
     def __init__(self, recognizer: BatchRecognizer, executor: Executor, slots: int,
                  partial_interval_ms: int = 400, max_utterance_s: float = 30.0,
                  split_pause_ms: int = 0, min_segment_ms: int = 1000,
-                 early_pad_ms: int = 0, partial_interval_idle_ms: int = 0) -> None:
-        """``partial_interval_idle_ms``: a partial is due after this much new audio
+                 early_pad_ms: int = 0, idle_partial_interval_ms: int = 0) -> None:
+        """``idle_partial_interval_ms``: a partial is due after this much new audio
         instead while the process decodes nothing (0: always ``partial_interval_ms``).
         ``split_pause_ms``: a pause that lasted this long after its early decode
         started, and that the caller then spoke on after, splits the utterance there
@@ -224,7 +223,7 @@ class RedecodingSTT:
         self.split_pause_bytes = split_pause_ms * BYTES_PER_MS
         self.min_segment_bytes = min_segment_ms * BYTES_PER_MS
         self.early_pad_bytes = early_pad_ms * BYTES_PER_MS
-        self.partial_interval_idle_bytes = partial_interval_idle_ms * BYTES_PER_MS
+        self.idle_partial_interval_bytes = idle_partial_interval_ms * BYTES_PER_MS
 
     def transcribe(self, pcm16: bytes) -> str:
         return strip_stray_quotes(self.recognizer.transcribe(pcm16))
@@ -236,7 +235,7 @@ class RedecodingSTT:
         return RedecodingStream(self.scheduler, self.partial_interval_bytes,
                                 self.max_utterance_bytes, self.split_pause_bytes,
                                 self.min_segment_bytes, self.early_pad_bytes,
-                                self.partial_interval_idle_bytes)
+                                self.idle_partial_interval_bytes)
 
     async def aclose(self) -> None:
         return None
@@ -256,10 +255,10 @@ class RedecodingStream:
     def __init__(self, scheduler: DecodeScheduler, partial_interval_bytes: int,
                  max_utterance_bytes: int, split_pause_bytes: int = 0,
                  min_segment_bytes: int = 0, early_pad_bytes: int = 0,
-                 partial_interval_idle_bytes: int = 0) -> None:
+                 idle_partial_interval_bytes: int = 0) -> None:
         self._scheduler = scheduler
         self._partial_interval = partial_interval_bytes
-        self._idle_interval = partial_interval_idle_bytes  # 0: none
+        self._idle_interval = idle_partial_interval_bytes  # 0: none
         self._max_bytes = max_utterance_bytes
         self._split_pause = split_pause_bytes  # 0: never split
         self._min_segment = max(min_segment_bytes, MIN_DECODE_BYTES)

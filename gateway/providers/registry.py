@@ -43,7 +43,7 @@ def _redecoding(recognizer: "BatchRecognizer", settings: Settings,
                          split_pause_ms=settings.split_pause_ms,
                          min_segment_ms=settings.split_min_segment_ms,
                          early_pad_ms=settings.early_final_pad_ms,
-                         partial_interval_idle_ms=settings.partial_interval_idle_ms)
+                         idle_partial_interval_ms=settings.partial_interval_idle_ms)
 
 
 def _piper(settings: Settings, executor: Executor) -> TextToSpeech:
