@@ -375,9 +375,6 @@ class Settings(BaseModel):
     early_final_pad_ms: Annotated[int, Field(ge=0, le=2000)] = 0
     # Re-decode the growing utterance for partial transcripts at most this often.
     partial_interval_ms: Pos = 400
-    # ... or after this much while the process decodes nothing else (0: never sooner):
-    # a fresher draft for the pause's early decode when the cores are idle anyway.
-    partial_interval_idle_ms: NonNeg = 0
     # Longest single utterance kept for STT; older audio is decoded but not re-decoded.
     max_utterance_s: PosF = 30.0
     # The embedded recogniser splits an utterance at a pause that lasted this long after

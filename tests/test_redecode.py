@@ -670,27 +670,3 @@ async def test_a_long_utterance_is_not_split_while_its_pause_decodes(pool):
     await stream.send_audio(audio(100))
     assert (await stream.finalize()).text == "41600 bytes 3200 bytes"
     await stream.aclose()
-
-
-async def test_partials_come_sooner_while_the_process_decodes_nothing_else(pool):
-    """With ``idle_partial_interval_ms`` a partial is due after that much new audio while
-    no decode of the process runs or waits, and after ``partial_interval_ms`` otherwise:
-    idle cores give a fresher draft, a busy process is asked for no more."""
-    service = RedecodingSTT(GatedRecognizer(), pool, slots=2, partial_interval_ms=400,
-                            idle_partial_interval_ms=200)
-    alone, other = service.open_stream(), service.open_stream()
-    await alone.send_audio(audio(200))  # nothing else decodes: due at 200 ms
-    await until(lambda: service.recognizer.decoded == [200 * MS])
-    await until(lambda: service.scheduler.idle)
-    service.recognizer.gate.clear()
-    await other.send_audio(audio(200))  # its partial runs, held at the gate
-    await until(lambda: service.scheduler.running == 1)
-    await alone.send_audio(audio(200))  # 200 ms new, the process busy: not due
-    await asyncio.sleep(0.05)
-    assert service.scheduler.decodes[PARTIAL] == 2
-    await alone.send_audio(audio(200))  # 400 ms new: due as usual
-    await until(lambda: service.scheduler.decodes[PARTIAL] == 3)
-    service.recognizer.gate.set()
-    await until(lambda: service.scheduler.idle)
-    await alone.aclose()
-    await other.aclose()

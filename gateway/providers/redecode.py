@@ -15,9 +15,7 @@ decodes it again when that is worth it:
   its audio let go: the buffer stays bounded and no audio goes undecoded.
 - Partials: after every ``partial_interval_ms`` of new audio, but only when a decode
   slot of the process is free and none of this call's decodes is running. Under load a
-  caller gets fewer partials, never a later final. While no decode of the process runs
-  nor waits, after ``idle_partial_interval_ms`` (when shorter): the pause's early decode
-  then starts from a fresher draft and has fewer steps left, at no cost to other callers. A partial still running when the
+  caller gets fewer partials, never a later final. A partial still running when the
   caller paused is dropped when it ends: the pause's early decode read more audio.
 
 ``DecodeScheduler`` is shared by every call of the process: at most ``slots`` decodes run
@@ -123,11 +121,6 @@ class DecodeScheduler:
     def has_free_slot(self) -> bool:
         return self.running + len(self._queue) < self.slots
 
-    @property
-    def idle(self) -> bool:
-        """No decode runs or waits: a partial now delays nobody's."""
-        return self.running == 0 and not self._queue
-
     async def decode(self, pcm16: bytes, priority: int, draft: Sequence[int] = ()) -> Decoded:
         if len(pcm16) < MIN_DECODE_BYTES:
             return "", []
@@ -207,10 +200,8 @@ class RedecodingSTT:
     def __init__(self, recognizer: BatchRecognizer, executor: Executor, slots: int,
                  partial_interval_ms: int = 400, max_utterance_s: float = 30.0,
                  split_pause_ms: int = 0, min_segment_ms: int = 1000,
-                 early_pad_ms: int = 0, idle_partial_interval_ms: int = 0) -> None:
-        """``idle_partial_interval_ms``: a partial is due after this much new audio
-        instead while the process decodes nothing (0: always ``partial_interval_ms``).
-        ``split_pause_ms``: a pause that lasted this long after its early decode
+                 early_pad_ms: int = 0) -> None:
+        """``split_pause_ms``: a pause that lasted this long after its early decode
         started, and that the caller then spoke on after, splits the utterance there
         (0: never); only when the part before it is ``min_segment_ms`` long or more.
         ``early_pad_ms``: the early decode reads the utterance's last this many ms (the
@@ -223,7 +214,6 @@ class RedecodingSTT:
         self.split_pause_bytes = split_pause_ms * BYTES_PER_MS
         self.min_segment_bytes = min_segment_ms * BYTES_PER_MS
         self.early_pad_bytes = early_pad_ms * BYTES_PER_MS
-        self.idle_partial_interval_bytes = idle_partial_interval_ms * BYTES_PER_MS
 
     def transcribe(self, pcm16: bytes) -> str:
         return strip_stray_quotes(self.recognizer.transcribe(pcm16))
@@ -234,8 +224,7 @@ class RedecodingSTT:
     def open_stream(self) -> "RedecodingStream":
         return RedecodingStream(self.scheduler, self.partial_interval_bytes,
                                 self.max_utterance_bytes, self.split_pause_bytes,
-                                self.min_segment_bytes, self.early_pad_bytes,
-                                self.idle_partial_interval_bytes)
+                                self.min_segment_bytes, self.early_pad_bytes)
 
     async def aclose(self) -> None:
         return None
@@ -254,11 +243,9 @@ class RedecodingStream:
 
     def __init__(self, scheduler: DecodeScheduler, partial_interval_bytes: int,
                  max_utterance_bytes: int, split_pause_bytes: int = 0,
-                 min_segment_bytes: int = 0, early_pad_bytes: int = 0,
-                 idle_partial_interval_bytes: int = 0) -> None:
+                 min_segment_bytes: int = 0, early_pad_bytes: int = 0) -> None:
         self._scheduler = scheduler
         self._partial_interval = partial_interval_bytes
-        self._idle_interval = idle_partial_interval_bytes  # 0: none
         self._max_bytes = max_utterance_bytes
         self._split_pause = split_pause_bytes  # 0: never split
         self._min_segment = max(min_segment_bytes, MIN_DECODE_BYTES)
@@ -296,10 +283,7 @@ class RedecodingStream:
             self._whole = False
             if self._paused_at is not None:
                 self._paused_at = max(0, self._paused_at - overflow)
-        due = self._partial_interval
-        if self._idle_interval and self._scheduler.idle:
-            due = min(due, self._idle_interval)
-        if self._received - self._partial_at < due:
+        if self._received - self._partial_at < self._partial_interval:
             return
         if self._early is not None or (self._partial_task and not self._partial_task.done()):
             return  # this call's own decode runs: a partial now would only delay it

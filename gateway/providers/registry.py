@@ -42,8 +42,7 @@ def _redecoding(recognizer: "BatchRecognizer", settings: Settings,
                          max_utterance_s=settings.max_utterance_s,
                          split_pause_ms=settings.split_pause_ms,
                          min_segment_ms=settings.split_min_segment_ms,
-                         early_pad_ms=settings.early_final_pad_ms,
-                         idle_partial_interval_ms=settings.partial_interval_idle_ms)
+                         early_pad_ms=settings.early_final_pad_ms)
 
 
 def _piper(settings: Settings, executor: Executor) -> TextToSpeech:
