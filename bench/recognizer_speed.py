@@ -57,15 +57,18 @@ class TimedSession:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=30)
+    parser.add_argument("--voices", default="piper,espeak",
+                        help="the voices that speak the questions, in turn (piper, espeak)")
     args = parser.parse_args()
     from bench.voice_to_voice import seed_intents
 
+    voices = [v.strip() for v in args.voices.split(",") if v.strip()]
     synth = Synthesizer()
     texts = [t for t, _ in hit_questions(seed_intents(), args.n)]
-    clips = [(t, phone_band(synth.speak(t, ("piper", "espeak")[i % 2])))
+    clips = [(t, phone_band(synth.speak(t, voices[i % len(voices)])))
              for i, t in enumerate(texts)]
     speech_s = sum(len(c) / 32000 for _, c in clips)
-    print(f"{len(clips)} utterances, {speech_s:.0f} s, phone band, Piper + espeak-ng")
+    print(f"{len(clips)} utterances, {speech_s:.0f} s, phone band, voices {', '.join(voices)}")
     from gateway.providers.moonshine_stt import MoonshineRecognizer
     from gateway.providers.whisper_stt import WhisperRecognizer
 
