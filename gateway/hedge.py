@@ -77,18 +77,24 @@ class AdaptiveDelay:
     than it was): the secondary then starts at the floor until the primary wins again.
     Those losses push the percentile up by the secondary's own time each window, towards
     the ceiling, so every miss waited up to the ceiling (2 s) before the only leg that
-    answers was even asked. Healthy, the secondary wins a race only now and then.
+    answers was even asked. Healthy, the secondary wins a race only now and then. Every
+    ``probe_every``-th race while degraded is a probe at the percentile: at the floor a
+    primary back to health, but slower than the floor plus the secondary's time, never won,
+    and every turn went to the secondary (two requests) for good. A loss at the floor is
+    no sample: cut that early it would drag the percentile under the primary's own times,
+    and the probe with it.
     """
 
     def __init__(self, percentile: float = 0.9, floor_s: float = 0.06, ceiling_s: float = 2.0,
                  initial_s: float = 0.4, window: int = 200, min_samples: int = 20,
-                 degraded_after: int = 3) -> None:
+                 degraded_after: int = 3, probe_every: int = 10) -> None:
         self.percentile = percentile
         self.floor_s = floor_s
         self.ceiling_s = ceiling_s
         self.initial_s = initial_s
         self.min_samples = min_samples
         self.degraded_after = degraded_after  # 0: never
+        self.probe_every = probe_every  # 0: no probe (at the floor until the primary wins)
         self._samples: deque[float] = deque(maxlen=window)
         self._cached: float | None = None
         self._lost_in_a_row = 0
@@ -100,17 +106,26 @@ class AdaptiveDelay:
         self._lost_in_a_row = 0
 
     def observe_lost(self, at_least_s: float) -> None:
-        """The primary lost the race, cancelled ``at_least_s`` after its request."""
-        self._samples.append(at_least_s)
-        self._cached = None
+        """The primary lost the race, cancelled ``at_least_s`` after its request (a sample
+        unless its secondary started at the floor)."""
+        if not self._at_floor():
+            self._samples.append(at_least_s)
+            self._cached = None
         self._lost_in_a_row += 1
 
     @property
     def degraded(self) -> bool:
         return bool(self.degraded_after) and self._lost_in_a_row >= self.degraded_after
 
+    def _at_floor(self) -> bool:
+        """Degraded, and the next race no probe (every ``probe_every``-th is)."""
+        if not self.degraded:
+            return False
+        races = self._lost_in_a_row - self.degraded_after  # lost since it was degraded
+        return not self.probe_every or (races + 1) % self.probe_every != 0
+
     def delay_s(self) -> float:
-        if self.degraded:
+        if self._at_floor():
             return self.floor_s
         if len(self._samples) < self.min_samples:
             return self.initial_s

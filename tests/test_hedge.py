@@ -444,6 +444,33 @@ async def test_a_hung_primary_does_not_push_the_secondary_later_turn_after_turn(
     assert hedged.stats.secondary_wins == 8
 
 
+async def test_a_primary_back_to_health_wins_again_after_a_degraded_spell():
+    """Review (stop 67): a degraded primary (3 losses in a row) whose secondary starts at
+    the floor could win again only by beating the floor plus the secondary's own time: one
+    healthy but slower than that (here 0.6 s against 0.06 + 0.2 s) never did, and every
+    turn went to the secondary, two requests each, for good. Every 10th race while
+    degraded is a probe at the percentile, which losses at the floor do not drag down."""
+    primary = SlowLeg("primary", "From the primary.", first_s=30.0)  # hung: no first token
+    secondary = SlowLeg("secondary", "From the secondary.", first_s=0.2)
+    hedged, clock = scripted_pair(primary, secondary, first_token_timeout_s=4.0,
+                                  adaptive=AdaptiveDelay(initial_s=0.4, floor_s=0.06,
+                                                         min_samples=2, degraded_after=3,
+                                                         window=20))
+
+    async def race() -> str:
+        answer = asyncio.ensure_future(collect(hedged))
+        while not answer.done():
+            await clock.advance(0.01)
+        return answer.result()
+
+    answers = [await race() for _ in range(60)]  # a spell longer than the window
+    assert set(answers) == {"From the secondary."} and hedged.adaptive.degraded
+    primary.first_s = 0.6  # back, slower than the secondary as it always was
+    answers = [await race() for _ in range(12)]
+    assert "From the primary." in answers, "the primary never won again: degraded for good"
+    assert not hedged.adaptive.degraded and answers[-1] == "From the primary."
+
+
 async def test_the_secondary_starts_exactly_when_the_clock_passes_the_hedge_delay():
     primary = ScriptedLeg("primary", None)
     secondary = ScriptedLeg("secondary", "From the secondary.")
