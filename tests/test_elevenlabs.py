@@ -832,13 +832,17 @@ async def test_a_connection_lost_after_audio_began_is_not_asked_again(eleven):
     assert clock.waits == []
 
 
-async def test_a_call_whose_voice_drops_a_connection_once_hears_the_answer(eleven):
+@pytest.mark.parametrize("drop, requests", [("close", 1), ("headers", 2)],
+                         ids=["before-any-response", "a-200-before-its-audio"])
+async def test_a_call_whose_voice_drops_a_connection_once_hears_the_answer(eleven, drop,
+                                                                           requests):
     # The call's side: the agent's sentence goes out on a connection that is closed with
-    # no response. The caller heard the apology (tts_failed); now the answer, a short
-    # wait (of the call's clock) later, and no error.
+    # no response (or, Review (stop 67), after a 200's headers, before any audio: both
+    # requests reached the fake). The caller heard the apology (tts_failed); now the
+    # answer, a short wait (of the call's clock) later, and no error.
     fake, server = eleven
     with DroppingDoor(server.port) as door:
-        door.drops = ["close"]
+        door.drops = [drop]
         h, tts = await _call_on_the_fake_voice(fake, door)
         clock = WatchedClock(h.clock)
         tts._clock = clock  # the call's clock, its waits seen
@@ -853,7 +857,8 @@ async def test_a_call_whose_voice_drops_a_connection_once_hears_the_answer(eleve
             await h.wait(3000)
             assert [e["source"] for e in h.output.of("response")] == ["llm"]
             assert h.output.of("error") == [] and not h.stats.errors.get("tts_failed")
-            assert list(door.connections)[:2] == ["close", None] and len(fake.requests) == 1
+            assert list(door.connections)[:2] == [drop, None]
+            assert len(fake.requests) == requests
         finally:
             failed.cancel()
             await h.stop()
@@ -921,34 +926,6 @@ async def test_a_200_whose_connection_drops_before_audio_every_time_fails_after_
     assert len(clock.waits) == 3 and all(  # 0.1 s doubling, each jittered to 50-100 %
         base / 2 <= w <= base for w, base in zip(clock.waits, (0.1, 0.2, 0.4))), clock.waits
     assert clock.now() - started < 1.0
-
-
-async def test_a_call_whose_voice_drops_a_200_before_its_audio_hears_the_answer(eleven):
-    """Review (stop 67): the call's side: the sentence's 200 lost its connection before
-    any audio; the caller heard the apology (tts_failed). Now the answer, after a short
-    wait of the call's clock, and no error."""
-    fake, server = eleven
-    with DroppingDoor(server.port) as door:
-        door.drops = ["headers"]
-        h, tts = await _call_on_the_fake_voice(fake, door)
-        clock = WatchedClock(h.clock)
-        tts._clock = clock  # the call's clock, its waits seen
-        failed = _an_error(h)
-        try:
-            await h.text("when do you open")
-            wait = await _retry_wait(clock, failed)
-            assert wait <= 0.1 and h.output.frames == []
-            await h.wait(120)
-            assert await h.output.until(lambda: h.output.of("response"))
-            await h.wait(3000)
-            assert [e["source"] for e in h.output.of("response")] == ["llm"]
-            assert h.output.of("error") == [] and not h.stats.errors.get("tts_failed")
-            assert list(door.connections)[:2] == ["headers", None]
-            assert len(fake.requests) == 2
-        finally:
-            failed.cancel()
-            await h.stop()
-            await tts.aclose()
 
 
 async def test_a_call_whose_voice_drops_after_some_audio_hears_the_apology_once(eleven):

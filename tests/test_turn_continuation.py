@@ -508,6 +508,18 @@ async def test_a_continued_answer_that_called_a_tool_is_not_asked_again():
                                                       "on my savings account"]
 
 
+async def _keys_over_noise_that_cut_an_answer(h: CallHarness) -> None:
+    """A cached question answered, then noise that stops the answer (held, the window runs
+    out mid-noise) with "12#" pressed over it."""
+    await h.say("i lost my card", then_silence_ms=600)
+    await h.feed(tone(900, NOISE))  # held, then stopped: the window ran out mid-noise
+    assert h.call._held is None and h.call._turns.in_utterance
+    for key in "12#":
+        h.call.feed_dtmf(key)
+        await h.clock.settle()
+    await h.feed(tone(500, NOISE))
+
+
 async def test_keys_over_noise_that_cut_an_answer_do_not_ask_the_cut_question_again():
     """Review (stop 67): keys pressed during noise that stopped an answer soon after its
     turn ended are no words: the cut question is not asked (nor answered) again, its heard
@@ -519,13 +531,7 @@ async def test_keys_over_noise_that_cut_an_answer_do_not_ask_the_cut_question_ag
     # the agent), counted as a continuation, and the heard answer withdrawn.
     h = CallHarness(faqs={"lost my card": "lost_card"}, settings={"false_interruption_s": 0.5})
     await h.start()
-    await h.say("i lost my card", then_silence_ms=600)
-    await h.feed(tone(900, NOISE))  # held, then stopped: the window ran out mid-noise
-    assert h.call._held is None and h.call._turns.in_utterance
-    for key in "12#":
-        h.call.feed_dtmf(key)
-        await h.clock.settle()
-    await h.feed(tone(500, NOISE))
+    await _keys_over_noise_that_cut_an_answer(h)
     await h.wait(2000)
     await h.stop()
     assert [(e["turn"], e["keys"]) for e in h.output.of("keypad")] == [(2, "12")]
@@ -568,13 +574,7 @@ async def test_keys_over_noise_that_cut_an_answer_then_stopped_leave_it_answered
                     settings={"false_interruption_s": 0.5})
     h.llm.first_token_s = 3.0
     await h.start()
-    await h.say("i lost my card", then_silence_ms=600)
-    await h.feed(tone(900, NOISE))  # held, then stopped: the window ran out mid-noise
-    assert h.call._held is None and h.call._turns.in_utterance
-    for key in "12#":
-        h.call.feed_dtmf(key)
-        await h.clock.settle()
-    await h.feed(tone(500, NOISE))
+    await _keys_over_noise_that_cut_an_answer(h)
     await h.wait(1000)  # the keys' turn asked the agent; it thinks
     assert h.llm.requests and [e["source"] for e in h.output.of("response")] == ["cache"]
     await h.say("my account", then_silence_ms=4000)
