@@ -63,6 +63,8 @@ def main() -> None:
     from bench.voice_to_voice import seed_intents
 
     voices = [v.strip() for v in args.voices.split(",") if v.strip()]
+    if not voices:
+        parser.error("--voices names no voice (piper, espeak)")
     synth = Synthesizer()
     texts = [t for t, _ in hit_questions(seed_intents(), args.n)]
     clips = [(t, phone_band(synth.speak(t, voices[i % len(voices)])))
