@@ -304,6 +304,12 @@ class SpeechSegmenter:
         return self._in_speech
 
     @property
+    def in_candidate(self) -> bool:
+        """Voice heard, not yet long enough to be speech nor quiet long enough to be
+        rejected (at most a few windows)."""
+        return self._in_candidate
+
+    @property
     def silence_ms(self) -> float:
         """Silence since the last voiced window (0 while voiced)."""
         return self._silence_ms

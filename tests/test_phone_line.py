@@ -308,6 +308,61 @@ async def test_the_agent_knows_the_idle_prompt_or_goodbye_the_caller_answers(ans
     assert said == ["Shall I block your card?", *expected], said
 
 
+async def _silent_until_the_prompt_is_due_but(h: CallHarness, ms: int) -> float:
+    """The call answers one message, then the caller stays silent until ``ms`` before the
+    idle prompt is due (8 s after the reply's last frame); returns when it is due."""
+    h.responder._prompts.add(Clip("idle", IDLE_PROMPT_MESSAGE, tone(2000, 700), 16000))
+    await h.start()
+    await h.text("hello there")
+    await h.wait(1000)
+    due = h.output.frames[-1][0] + 0.02 + 8
+    await h.wait(round((due - h.clock.now()) * 1000) - ms)
+    return due
+
+
+async def test_a_caller_whose_voice_began_just_before_the_idle_prompt_is_not_talked_over():
+    """Review (stop 67): the prompt came while the caller's first 120 ms of voice were still
+    being confirmed as speech: nothing counted as speaking, so "Are you still there?" began
+    over them, and with the bot talking their speech then needed 400 ms to stop it. Voice
+    being confirmed holds the prompt as speech does; their words get the reply."""
+    h = harness({"idle_prompt_s": 8, "false_interruption_s": 0})
+    h.llm.reply = "Okay."
+    await _silent_until_the_prompt_is_due_but(h, 40)
+    await h.say("I want to block my card", then_silence_ms=1500)
+    assert sources(h) == ["llm", "llm"]  # their words answered, no prompt over them
+    assert h.output.of("interrupt") == []
+    await h.stop()
+
+
+async def test_a_click_just_before_the_idle_prompt_still_lets_it_come():
+    """Review (stop 67): voice too short to be speech (a click, rejected after two quiet
+    windows) held the prompt only while it was being confirmed: the prompt comes at once
+    after, not never."""
+    h = harness({"idle_prompt_s": 8})
+    due = await _silent_until_the_prompt_is_due_but(h, 40)
+    await h.feed(tone(40, 12345))
+    await h.wait(400)
+    (prompt_at,) = h.output.at("response", source="prompt")
+    assert due <= prompt_at <= due + 0.2
+    await h.stop()
+
+
+async def test_a_lone_hash_pressed_during_a_click_still_leaves_the_silence_watched():
+    """Review (stop 67): a key that leads nowhere (a lone `#`) stops the count and starts it
+    again only if the line is quiet; pressed while a click was being confirmed as speech,
+    the count must start when the click is rejected, or no prompt or goodbye ever came."""
+    h = harness({"idle_prompt_s": 8})
+    await _silent_until_the_prompt_is_due_but(h, 4000)
+    await h.feed(tone(40, 12345))
+    assert h.call._turns.hears_voice
+    h.call.feed_dtmf("#")
+    pressed_at = h.clock.now()
+    await h.wait(8500)
+    (prompt_at,) = h.output.at("response", source="prompt")
+    assert 8.0 <= prompt_at - pressed_at <= 8.2
+    await h.stop()
+
+
 async def test_a_key_or_text_while_the_call_hangs_up_does_not_stop_the_hang_up():
     # `hangup` tells the client the call is over: the hang-up request under way then (an
     # HTTP round trip to Twilio) is not abandoned by a key or a text, and the call ends.
@@ -1556,6 +1611,29 @@ async def test_the_time_limit_waits_for_a_caller_speaking_at_it_and_answers_them
     assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
     assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
     assert h.output.hangups[0][0] >= h.output.frames[-1][0]
+    assert await ended(h) and h.call.ended == "time_limit"
+
+
+async def test_the_time_limit_waits_for_a_caller_whose_voice_began_just_before_it():
+    """Review (stop 67): the caller's voice began 40 ms before the limit, still being
+    confirmed as speech (120 ms): nothing counted as speaking, so the message started over
+    them, and nothing stops it. Voice being confirmed is waited for as speech is: their words
+    are answered, then the message, whole, and the hang-up."""
+    h = harness({"max_call_s": 10, "idle_prompt_s": 0})
+    _long_time_limit_message(h)
+    h.llm.reply = "Okay."
+    start = h.clock.now()
+    await h.start()
+    await h.wait(10000 - 40)
+    speech_from = h.clock.now()
+    await h.feed(h.vocabulary.audio("I want to block my card"))
+    speech_to = h.clock.now()
+    await h.silence(10000)
+    assert speech_from < start + 10.0 < speech_to
+    _assert_nothing_played_between(h, speech_from, speech_to)
+    assert sources(h) == ["llm", "goodbye"]  # their words answered, then the message
+    assert h.output.of("interrupt") == []
+    assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
     assert await ended(h) and h.call.ended == "time_limit"
 
 

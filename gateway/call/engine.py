@@ -581,11 +581,15 @@ class Call:
                 window = block[index * WINDOW_BYTES:(index + 1) * WINDOW_BYTES]
                 speaking = self.speaking
                 self._turns.confirm_speech_slowly(speaking, speaking and self._may_continue())
+                heard_voice = self._turns.hears_voice
                 try:
                     signals = await self._turns.push(window, prob, arrived)
                 except Exception as exc:  # a bug in the detector: this window is lost
                     await self._report("stt_failed", f"speech recognition failed: {exc}")
                     continue
+                finally:
+                    if heard_voice and not self._turns.hears_voice:
+                        self._idle.recheck()  # a click, not speech: a prompt held may be due
                 refused = self._turns.take_stt_error()
                 if refused is not None:  # the detector went on; the turn fails at its final
                     await self._report("stt_failed", f"speech recognition failed: {refused}")
@@ -1697,13 +1701,19 @@ class Call:
 
     def _line_busy(self) -> bool:
         """Something goes on: no idle prompt (a reply, a filler or a tool call running,
-        the caller speaking or keying, the call handed to a person (natively: until the
-        bot answers the caller again), or hanging up: the time limit's hang-up request runs
-        in no reply)."""
+        the caller speaking (or their voice just begun, not yet confirmed as speech: the
+        prompt started then talked over them) or keying, the call handed to a person
+        (natively: until the bot answers the caller again), or hanging up: the time limit's
+        hang-up request runs in no reply)."""
         return (self.replying or self._held is not None or self._transferred
                 or self._handed_off
                 or self.ended is not None
-                or self._turns.in_utterance or self._keypad.collecting)
+                or self._caller_busy())
+
+    def _caller_busy(self) -> bool:
+        """The caller speaks (or their voice has just begun) or keys a number: nothing the
+        bot says unasked (idle prompt, time-limit message) starts over them."""
+        return self._turns.in_utterance or self._turns.hears_voice or self._keypad.collecting
 
     async def _idle_loop(self) -> None:
         while True:
@@ -1747,8 +1757,7 @@ class Call:
         # Keys handed over (their pause, `#`) start their reply with no step between: the
         # `keypad` event ``_keypad_turn`` sends first is sent without suspending (every
         # call output's is). Keys handed over mid-utterance wait with the words.
-        while (self.replying or self._turns.in_utterance or self._keypad.collecting) \
-                and self._clock.now() < grace_ends:
+        while (self.replying or self._caller_busy()) and self._clock.now() < grace_ends:
             await self._clock.sleep(0.1)
         if await self._moved_or_ending():
             return

@@ -1,11 +1,12 @@
 """Caller silence once the bot has finished: first a prompt, then a goodbye.
 
 ``IdleWatch`` is told what happens on the line (``caller_active``, ``bot_started``,
-``bot_finished``) and asks the call whether anything is going on right now
-(``busy``: a reply, a filler or tool call inside it, the caller speaking, keys being
-collected). ``next`` returns ``"prompt"`` after ``idle_s`` of quiet since the bot
-finished, and ``"goodbye"`` after a second period in which the caller stayed silent;
-anything the caller does starts the count afresh.
+``bot_finished``; ``recheck`` when ``busy`` ended with nothing said) and asks the call
+whether anything is going on right now (``busy``: a reply, a filler or tool call inside it,
+the caller speaking or their voice just begun, keys being collected). ``next`` returns
+``"prompt"`` after ``idle_s`` of quiet since the bot finished, and ``"goodbye"`` after a
+second period in which the caller stayed silent; anything the caller does starts the
+count afresh.
 
 Time is the call's ``Clock``. Cancellation: ``next`` cancels its own waits (one clock
 sleep, one event wait); it owns nothing else.
@@ -44,6 +45,14 @@ class IdleWatch:
     def bot_finished(self) -> None:
         """The bot's latest reply is over: the silence counts from now."""
         self._since = self._clock.now()
+        self._changed.set()
+
+    def recheck(self) -> None:
+        """``busy`` ended with nothing said (voice that was no speech): look again. A count
+        running goes on from where it was; one a key or a typed partial stopped meanwhile
+        (``quiet_unless_busy`` found the line busy) starts from now."""
+        if self._since is None:
+            self.quiet_unless_busy()
         self._changed.set()
 
     def quiet_unless_busy(self) -> None:

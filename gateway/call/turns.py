@@ -148,6 +148,12 @@ class TurnDetector:
         self.turns = 0
         self.stt_error: Exception | None = None  # a refusal the engine has not reported
 
+    @property
+    def hears_voice(self) -> bool:
+        """Voice has begun that may be the caller starting to speak, not yet confirmed as
+        speech (``min_speech_ms``) nor rejected: the bot should not start talking unasked."""
+        return not self.in_utterance and self._segmenter.in_candidate
+
     def confirm_speech_slowly(self, slowly: bool, continuing: bool = False) -> None:
         """While the bot talks, speech must last longer to count (barge-in), unless the
         caller is ``continuing`` the turn that just ended (continuation_min_speech_ms)."""
