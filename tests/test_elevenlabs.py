@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
+import re
 import socket
 from typing import AsyncIterator
 
@@ -717,17 +718,22 @@ def _unanswered_url() -> str:
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-@pytest.mark.parametrize(("drop", "error"), [("close", "RemoteProtocolError"),
-                                             ("reset", "ReadError")])
+@pytest.mark.parametrize(("drop", "logged", "reached"), [
+    ("close", {"error": "RemoteProtocolError"}, 0),
+    ("reset", {"error": "ReadError"}, 0),
+    ("headers", {"status": 200, "error": "RemoteProtocolError"}, 1)],
+    ids=["close", "reset", "a-200-before-its-audio"])
 async def test_a_connection_dropped_before_any_response_is_asked_again(eleven, caplog, drop,
-                                                                       error):
+                                                                       logged, reached):
     """Review (stop 66): a connection that failed before any response (closed or reset
     by a load balancer or a restarting gateway: httpx's RemoteProtocolError "Server
     disconnected without sending a response", ReadError, ConnectError, which the SDK
     lets through) was not asked again, as a passing 5xx is: a network blip was the
     call's tts_failed and the apology instead of the answer. Now it is asked again after
     the same short wait on the clock, logged with the error's name, and the answer is
-    whole: nothing was said yet."""
+    whole: nothing was said yet. Review (stop 67): so is a 200 whose connection dropped
+    after its headers, before any audio byte (``headers``), logged with its status; its
+    request reached ElevenLabs (``reached``), so its characters may be billed too."""
     caplog.set_level(logging.INFO, logger="voicegate")
     fake, server = eleven
     clock = WatchedClock(ManualClock())
@@ -740,29 +746,37 @@ async def test_a_connection_dropped_before_any_response_is_asked_again(eleven, c
         try:
             wait = await _retry_wait(clock, synthesis)
             assert 0.05 <= wait <= 0.1, wait  # the first backoff, jittered
-            assert list(door.connections) == [drop] and fake.requests == []
+            assert list(door.connections) == [drop] and len(fake.requests) == reached
             await clock.inner.advance(wait)
             chunks = await asyncio.wait_for(synthesis, 30)
         finally:
             synthesis.cancel()
             await tts.aclose()
-    assert sum(map(len, chunks)) == 16000 * len(text) * MS_PER_CHAR // 1000 * 2
-    assert list(door.connections) == [drop, None] and len(fake.requests) == 1
+    assert b"".join(chunks) == tone(len(text) * MS_PER_CHAR, 16000)
+    assert list(door.connections) == [drop, None] and len(fake.requests) == reached + 1
     retried = [r.fields for r in caplog.records  # type: ignore[attr-defined]
                if r.getMessage() == "elevenlabs_retry"]
-    assert retried == [{"error": error, "retry": 1, "wait_s": round(wait, 3)}], retried
+    assert retried == [{**logged, "retry": 1, "wait_s": round(wait, 3)}], retried
     assert "test-key" not in caplog.text and text not in caplog.text
 
 
-@pytest.mark.parametrize(("drop", "error"), [("close", "RemoteProtocolError"),
-                                             ("reset", "ReadError"),
-                                             ("refused", "ConnectError")])
+_UNREACHABLE = "cannot reach the synthesis endpoint"
+_DROPPED_200 = "answered 200, then the connection dropped before any audio"
+
+
+@pytest.mark.parametrize(("drop", "failure", "reached"), [
+    ("close", f"{_UNREACHABLE}: RemoteProtocolError", 0),
+    ("reset", f"{_UNREACHABLE}: ReadError", 0),
+    ("refused", f"{_UNREACHABLE}: ConnectError", 0),
+    ("headers", f"{_DROPPED_200}: RemoteProtocolError", 4)],
+    ids=["close", "reset", "refused", "a-200-before-its-audio"])
 async def test_a_connection_that_fails_every_time_fails_clearly_after_the_retries(
-        eleven, drop, error):
+        eleven, drop, failure, reached):
     """Review (stop 66): the same failure on every attempt (the voice unreachable) is
     asked again a bounded number of times (``max_retries``: 3), with the 5xx's growing
     waits, far inside the first-audio budget, then fails saying what happened and how
-    often it was asked."""
+    often it was asked. Review (stop 67): a 200 dropped before its first audio byte every
+    time too, naming the drop (every request reached ElevenLabs: ``reached``)."""
     fake, server = eleven
     clock = WatchedClock(ManualClock())
     with DroppingDoor(server.port) as door:
@@ -776,13 +790,12 @@ async def test_a_connection_that_fails_every_time_fails_clearly_after_the_retrie
             for n in (1, 2, 3):
                 await clock.inner.advance(await _retry_wait(clock, synthesis, n))
             with pytest.raises(ProviderError, match=(
-                    rf"^elevenlabs: cannot reach the synthesis endpoint: {error} "
-                    r"\(asked 4 times\)$")):
+                    rf"^elevenlabs: {re.escape(failure)} \(asked 4 times\)$")):
                 await asyncio.wait_for(synthesis, 30)
         finally:
             synthesis.cancel()
             await tts.aclose()
-    assert fake.requests == []
+    assert len(fake.requests) == reached
     assert len(door.connections) == (0 if drop == "refused" else 4)
     assert len(clock.waits) == 3 and all(  # 0.1 s doubling, each jittered to 50-100 %
         base / 2 <= w <= base for w, base in zip(clock.waits, (0.1, 0.2, 0.4))), clock.waits
@@ -863,69 +876,6 @@ async def test_a_call_whose_voice_drops_a_connection_once_hears_the_answer(eleve
             failed.cancel()
             await h.stop()
             await tts.aclose()
-
-
-async def test_a_200_whose_connection_drops_before_its_first_audio_is_asked_again(eleven,
-                                                                                  caplog):
-    """Review (stop 67): a 200 whose connection dropped after its headers, before any audio
-    byte came, was not asked again: the caller heard the apology though nothing was played
-    and the budget had time left. Now it is asked again as a drop before any response is,
-    logged with the status and the error's name, and the second answer is played whole."""
-    caplog.set_level(logging.INFO, logger="voicegate")
-    fake, server = eleven
-    clock = WatchedClock(ManualClock())
-    text = "Our branches open at nine."
-    with DroppingDoor(server.port) as door:
-        door.drops = ["headers"]
-        tts = ElevenLabsTTS("test-key", voice_id="v", base_url=door.url,
-                            first_audio_timeout_s=4.0, clock=clock)
-        synthesis = asyncio.ensure_future(_all(tts.synthesize(text)))
-        try:
-            wait = await _retry_wait(clock, synthesis)
-            assert 0.05 <= wait <= 0.1, wait  # the first backoff, jittered
-            assert list(door.connections) == ["headers"] and len(fake.requests) == 1
-            await clock.inner.advance(wait)
-            chunks = await asyncio.wait_for(synthesis, 30)
-        finally:
-            synthesis.cancel()
-            await tts.aclose()
-    assert b"".join(chunks) == tone(len(text) * MS_PER_CHAR, 16000)
-    # Both requests reached ElevenLabs: the first one's characters may be billed too.
-    assert list(door.connections) == ["headers", None] and len(fake.requests) == 2
-    retried = [r.fields for r in caplog.records  # type: ignore[attr-defined]
-               if r.getMessage() == "elevenlabs_retry"]
-    assert retried == [{"status": 200, "error": "RemoteProtocolError", "retry": 1,
-                        "wait_s": round(wait, 3)}], retried
-    assert "test-key" not in caplog.text and text not in caplog.text
-
-
-async def test_a_200_whose_connection_drops_before_audio_every_time_fails_after_the_retries(
-        eleven):
-    """Review (stop 67): a 200 dropped before its first audio byte on every attempt is
-    asked again ``max_retries`` (3) times, with the growing waits, then fails naming the
-    drop and how often it was asked."""
-    fake, server = eleven
-    clock = WatchedClock(ManualClock())
-    with DroppingDoor(server.port) as door:
-        door.drops = ["headers"] * 10
-        tts = ElevenLabsTTS("test-key", voice_id="v", base_url=door.url,
-                            first_audio_timeout_s=4.0, clock=clock)
-        started = clock.now()
-        synthesis = asyncio.ensure_future(_all(tts.synthesize("Our branches open at nine.")))
-        try:
-            for n in (1, 2, 3):
-                await clock.inner.advance(await _retry_wait(clock, synthesis, n))
-            with pytest.raises(ProviderError, match=(
-                    r"^elevenlabs: answered 200, then the connection dropped before any "
-                    r"audio: RemoteProtocolError \(asked 4 times\)$")):
-                await asyncio.wait_for(synthesis, 30)
-        finally:
-            synthesis.cancel()
-            await tts.aclose()
-    assert len(door.connections) == 4 and len(fake.requests) == 4
-    assert len(clock.waits) == 3 and all(  # 0.1 s doubling, each jittered to 50-100 %
-        base / 2 <= w <= base for w, base in zip(clock.waits, (0.1, 0.2, 0.4))), clock.waits
-    assert clock.now() - started < 1.0
 
 
 async def test_a_call_whose_voice_drops_after_some_audio_hears_the_apology_once(eleven):

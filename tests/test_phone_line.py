@@ -1585,6 +1585,17 @@ def _message_frames(h: CallHarness) -> list[float]:
     return _frames_between(h, said_at, min(later, default=float("inf")))
 
 
+def _assert_answered_then_the_whole_message(h: CallHarness, limit_at: float,
+                                            speech_from: float, speech_to: float) -> None:
+    """The caller spoke across the time limit (``limit_at``): nothing played over their
+    words, which were answered, then the limit's message, heard whole, never interrupted."""
+    assert speech_from < limit_at < speech_to
+    _assert_nothing_played_between(h, speech_from, speech_to)
+    assert sources(h) == ["llm", "goodbye"]  # their words answered, then the message
+    assert h.output.of("interrupt") == []
+    assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
+
+
 async def test_the_time_limit_waits_for_a_caller_speaking_at_it_and_answers_them_first():
     """Review (stop 61): the time limit came while the caller was mid-sentence (the VAD
     voiced): nothing was replying, so the message started at once, over their words, and
@@ -1604,11 +1615,7 @@ async def test_the_time_limit_waits_for_a_caller_speaking_at_it_and_answers_them
     await h.feed(h.vocabulary.audio(words))
     speech_to = h.clock.now()
     await h.silence(10000)
-    assert speech_from < start + 10.0 < speech_to
-    _assert_nothing_played_between(h, speech_from, speech_to)
-    assert sources(h) == ["llm", "goodbye"]  # their words answered, then the message
-    assert h.output.of("interrupt") == []
-    assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
+    _assert_answered_then_the_whole_message(h, start + 10.0, speech_from, speech_to)
     assert [e["reason"] for e in h.output.of("hangup")] == ["time_limit"]
     assert h.output.hangups[0][0] >= h.output.frames[-1][0]
     assert await ended(h) and h.call.ended == "time_limit"
@@ -1629,11 +1636,7 @@ async def test_the_time_limit_waits_for_a_caller_whose_voice_began_just_before_i
     await h.feed(h.vocabulary.audio("I want to block my card"))
     speech_to = h.clock.now()
     await h.silence(10000)
-    assert speech_from < start + 10.0 < speech_to
-    _assert_nothing_played_between(h, speech_from, speech_to)
-    assert sources(h) == ["llm", "goodbye"]  # their words answered, then the message
-    assert h.output.of("interrupt") == []
-    assert len(_message_frames(h)) == _LIMIT_CLIP_MS // 20  # heard whole
+    _assert_answered_then_the_whole_message(h, start + 10.0, speech_from, speech_to)
     assert await ended(h) and h.call.ended == "time_limit"
 
 

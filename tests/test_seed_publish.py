@@ -857,6 +857,37 @@ def test_a_seed_replaces_an_unreadable_pointer_as_its_error_advises(tmp_path: Pa
     assert sorted(store.versions()) == sorted([first, second])
 
 
+def _seeded_again_one_answer_changed(tmp_path: Path) -> tuple[
+        LocalStore, FaqCache, SeedReport, SeedReport, str, Path]:
+    """The small FAQ seeded and loaded, then seeded again with one answer changed: the
+    store, the cache (still serving the first version), both seeds' reports, and the
+    changed answer's new clip: its audio key and its WAV file."""
+    store = LocalStore(tmp_path / "store")
+    plan_csv = tmp_path / "faq.csv"
+    plan_csv.write_text(small_faq_csv(), encoding="utf-8")
+    first = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
+                 progress=False, embedder=shared_embedder())
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh() and cache.version == first.version
+    changed = next(e.answer for e in cache.loaded.entries.values()
+                   if e.action is Action.ANSWER)
+    plan_csv.write_text(small_faq_csv().replace(changed, changed + " Thank you."),
+                        encoding="utf-8")
+    second = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
+                  progress=False, embedder=shared_embedder())
+    (key,) = ({e["audio_key"] for e in store.read(second.version)[1].manifest["entries"]}
+              - {e["audio_key"] for e in store.read(first.version)[1].manifest["entries"]})
+    return store, cache, first, second, key, tmp_path / "store" / "audio" / f"{key}.wav"
+
+
+def _lose_its_tail(wav: Path) -> bytes:
+    """The file cut short by 200 whole samples (an even cut, as a disk that lost its tail
+    leaves it); what it held before."""
+    whole = wav.read_bytes()
+    wav.write_bytes(whole[:len(whole) - 400])
+    return whole
+
+
 def test_a_version_whose_audio_cannot_be_held_leaves_the_serving_one_and_says_why(
         tmp_path: Path) -> None:
     """A new version loads (its manifest, models and audio read back) but one of its clips
@@ -865,25 +896,10 @@ def test_a_version_whose_audio_cannot_be_held_leaves_the_serving_one_and_says_wh
     refuses it first, as any WAV shorter than its header says). The replica must keep
     serving the old version whole, and say why as for any load that fails (/readyz
     cache_error, the poll tries again), not let the error escape the refresh unreported."""
-    store = LocalStore(tmp_path / "store")
-    plan_csv = tmp_path / "faq.csv"
-    plan_csv.write_text(small_faq_csv(), encoding="utf-8")
-    first = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
-                 progress=False, embedder=shared_embedder())
-    cache = FaqCache(store, shared_embedder())
-    assert cache.refresh() and cache.version == first.version
+    store, cache, first, second, key, wav = _seeded_again_one_answer_changed(tmp_path)
     clips = [e.id for e in cache.loaded.entries.values() if e.action is Action.ANSWER]
     before = {key: (cache.audio.clip(key), cache.audio.audio(key, 8000)) for key in clips}
-
-    changed = cache.loaded.entries[clips[0]].answer
-    plan_csv.write_text(small_faq_csv().replace(changed, changed + " Thank you."),
-                        encoding="utf-8")
-    second = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
-                  progress=False, embedder=shared_embedder())
     assert second.rendered == 1
-    (key,) = ({e["audio_key"] for e in store.read(second.version)[1].manifest["entries"]}
-              - {e["audio_key"] for e in store.read(first.version)[1].manifest["entries"]})
-    wav = tmp_path / "store" / "audio" / f"{key}.wav"
     wav.write_bytes(wav.read_bytes()[:-1])  # torn inside its last sample
 
     try:
@@ -905,24 +921,8 @@ def test_a_version_whose_audio_file_lost_its_tail_is_refused_not_served_cut_shor
     copy that did not finish) read back as shorter audio, not an error: the replica served
     the answer cut off mid-word. Now the store refuses it (fewer frames than its header
     says) and the replica keeps serving the previous version and says which file."""
-    store = LocalStore(tmp_path / "store")
-    plan_csv = tmp_path / "faq.csv"
-    plan_csv.write_text(small_faq_csv(), encoding="utf-8")
-    first = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
-                 progress=False, embedder=shared_embedder())
-    cache = FaqCache(store, shared_embedder())
-    assert cache.refresh() and cache.version == first.version
-    changed = next(e.answer for e in cache.loaded.entries.values()
-                   if e.action is Action.ANSWER)
-    plan_csv.write_text(small_faq_csv().replace(changed, changed + " Thank you."),
-                        encoding="utf-8")
-    second = seed(plan_csv, store, tone_render, "tone", target_wrong_rate=0.05,
-                  progress=False, embedder=shared_embedder())
-    (key,) = ({e["audio_key"] for e in store.read(second.version)[1].manifest["entries"]}
-              - {e["audio_key"] for e in store.read(first.version)[1].manifest["entries"]})
-    wav = tmp_path / "store" / "audio" / f"{key}.wav"
-    whole = wav.read_bytes()
-    wav.write_bytes(whole[:len(whole) - 400])  # 200 whole samples gone: an even cut
+    store, cache, first, second, key, wav = _seeded_again_one_answer_changed(tmp_path)
+    _lose_its_tail(wav)
 
     with pytest.raises(StoreError, match="cut short") as raised:
         store.get_audio(key)
@@ -946,8 +946,7 @@ def test_a_seed_renders_again_an_answer_whose_audio_file_lost_its_tail(
     key = next(e["audio_key"] for e in store.read(first.version)[1].manifest["entries"]
                if e["audio_key"])
     wav = tmp_path / "store" / "audio" / f"{key}.wav"
-    whole = wav.read_bytes()
-    wav.write_bytes(whole[:len(whole) - 400])
+    whole = _lose_its_tail(wav)
 
     again = CountingRender()
     second = seed(plan_csv, store, again, "tone", target_wrong_rate=0.05,

@@ -13,6 +13,7 @@ import yaml
 
 import gateway.settings as settings_module
 from gateway.settings import SECRET_FIELDS, Settings, SettingsError, usable_cpus
+from tests.fakes.tcp_drops import read_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -1144,12 +1145,8 @@ def test_call_refused_by_the_gateway_is_one_line_status_1_not_a_traceback(
     def refuse() -> None:
         conn, _ = server.accept()
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
+            if b"\r\n\r\n" not in read_head(conn):
+                return
             conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n"
                          b"Connection: close\r\n\r\n")
 

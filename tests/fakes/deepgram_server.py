@@ -42,6 +42,8 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from tests.fakes.tcp_drops import read_head
+
 
 @dataclass
 class Session:
@@ -298,12 +300,7 @@ class SilentDeepgram(_RawListener):
         return list(self.connections)
 
     def _accepted(self, conn: socket.socket) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            request += chunk
+        request = read_head(conn)
         key = next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
                     if line.lower().startswith(b"sec-websocket-key:")), b"")
         accept = base64.b64encode(hashlib.sha1(

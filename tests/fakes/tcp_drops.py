@@ -96,14 +96,22 @@ class DroppingDoor:
             _pump(upstream, client, limit)
 
 
-def _read_request(sock: socket.socket) -> None:
+def read_head(sock: socket.socket) -> bytes:
+    """What ``sock`` sends until an HTTP message's head is whole (its blank line; the
+    bytes after it too, as they came), or all it sent before it closed."""
     data = b""
     while b"\r\n\r\n" not in data:
         piece = sock.recv(65536)
         if not piece:
-            return
+            break
         data += piece
-    head, _, body = data.partition(b"\r\n\r\n")
+    return data
+
+
+def _read_request(sock: socket.socket) -> None:
+    head, found, body = read_head(sock).partition(b"\r\n\r\n")
+    if not found:
+        return
     length = 0
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -138,14 +146,8 @@ def _pump(source: socket.socket, sink: socket.socket, limit: int | None) -> None
 def _pump_headers(source: socket.socket, sink: socket.socket) -> None:
     """The response's headers from ``source`` to ``sink``, none of its body, then both
     closed (the answer cut before its first byte)."""
-    data = b""
     try:
-        while b"\r\n\r\n" not in data:
-            piece = source.recv(65536)
-            if not piece:
-                break
-            data += piece
-        head, found, _ = data.partition(b"\r\n\r\n")
+        head, found, _ = read_head(source).partition(b"\r\n\r\n")
         sink.sendall(head + found)
     except OSError:
         pass
