@@ -854,7 +854,7 @@ class Call:
             return
         if self._held is not None:
             self._hold_latest = final
-            settler = asyncio.create_task(self._settle_hold(self._held, final),
+            settler = asyncio.create_task(self._settle_hold(self._held, final, ended.timeline),
                                           name="vg-settle-hold")
             self._hold_settlers.add(settler)
             settler.add_done_callback(self._hold_settlers.discard)
@@ -885,15 +885,11 @@ class Call:
         in_context, self._carry_in_context = self._carry_in_context, frozenset()
         covered, self._carry_turns = self._carry_turns, []
         self._take_counts(tl)  # its utterance is over: later partials are the next turn's
-        waited_s = self._settings.stt_final_timeout_s
-        # From the turn's end, not from now: this reply may have queued behind a held one
-        # whose hold waited for the same final (``_settle_hold``).
-        left_s = waited_s - (self._clock.now() - tl.marks.get("end_of_turn", self._clock.now()))
         try:
             # Shielded: a barge-in cancels the reply, not the decode its words may need.
             # Timed: a decode that never ends (a hung recogniser) must not leave the line
             # silent until the caller speaks again; the apology asks them to.
-            async with deadline(self._clock, max(0.0, left_s)):
+            async with deadline(self._clock, self._final_wait_s(tl)):
                 said = [await asyncio.shield(f) for f in utterances]
         except asyncio.CancelledError:
             self._carry_words([*utterances, *self._carry], continuing, exchange,
@@ -905,8 +901,9 @@ class Call:
             if isinstance(exc, Expired):
                 for late in utterances:
                     late.cancel()  # stops its decode (a slot of the process): nobody reads it
-                reason = (f"the final transcript did not come within {waited_s:g} s of the "
-                          "end of the turn (VOICEGATE_STT_FINAL_TIMEOUT_S)")
+                reason = ("the final transcript did not come within "
+                          f"{self._settings.stt_final_timeout_s:g} s of the end of the turn "
+                          "(VOICEGATE_STT_FINAL_TIMEOUT_S)")
             else:
                 reason = f"the final transcript failed: {exc}"
             await self._unrouted_turn(tl, apology="stt_failed",
@@ -942,8 +939,9 @@ class Call:
         carried = _joined([t.text for t in said[:-1] if not isinstance(t, _CarriedKeys)])
         text = _joined([t.text for t in said if not isinstance(t, _CarriedKeys)])
         # Or keys its stopped exchange asked (a turn of keys alone): asked again here.
-        asked_ids = {id(f.result()) for f in exchange_asked}
-        if carried or any(id(t) in asked_ids and normalize_text(t.text) for t in said[:-1]):
+        # (``said`` holds ``utterances``' transcripts, in their order.)
+        if carried or any(f in exchange_asked and normalize_text(t.text)
+                          for f, t in zip(utterances[:-1], said[:-1])):
             # Its exchange, if it got one, is taken back: the agent is asked once, with the
             # whole question (that very exchange: the same words may have been asked and
             # answered before). One that stays (it called a tool: the agent must know what
@@ -955,8 +953,7 @@ class Call:
         # The agent is asked the keys carried into the turn with the words, in the order
         # they came ("the caller pressed 4 9 2 1 uh I don't have the rest"); the transcript,
         # the routing and a missed question hold the caller's words alone (keys may be a PIN).
-        known = {id(f.result()) for f in in_context}  # ``said`` holds these very results
-        asked = _joined([t.text for t in said if id(t) not in known])
+        asked = _joined([t.text for f, t in zip(utterances, said) if f not in in_context])
         tl.mark("final_transcript")
         await self._out.send_event({"type": "transcript", "text": text, "final": True,
                                     "turn": tl.turn})
@@ -1394,6 +1391,13 @@ class Call:
             for key, count in self._speculation.take_counts(utterance).items():
                 tl.info[key] = tl.info.get(key, 0) + count
 
+    def _final_wait_s(self, tl: TurnTimeline) -> float:
+        """How much longer the final of the turn ``tl`` may be waited for:
+        ``stt_final_timeout_s`` from the turn's end, whoever waits (its reply, which may
+        have queued behind a held one; the hold's settling) and whenever they start."""
+        ended = tl.marks.get("end_of_turn", self._clock.now())
+        return max(0.0, self._settings.stt_final_timeout_s - (self._clock.now() - ended))
+
     async def _failed_final(self, tl: TurnTimeline, reason: str,
                             utterance: int | None = None) -> None:
         await self._speculation.reset(utterance)  # as the final's routing would have (_answer)
@@ -1633,14 +1637,14 @@ class Call:
             self._hold_timer.cancel()
             self._hold_timer = None
 
-    async def _settle_hold(self, held: asyncio.Task[None],
-                           final: asyncio.Future[Transcript]) -> None:
+    async def _settle_hold(self, held: asyncio.Task[None], final: asyncio.Future[Transcript],
+                           tl: TurnTimeline) -> None:
         """The utterance that stopped the bot ended: words confirm the barge-in, none
         resume the reply."""
         try:
             # Timed as the turn's reply times it (``_spoken_turn``), which queues behind
             # the held reply: a final that never comes must not hold the line for good.
-            async with deadline(self._clock, self._settings.stt_final_timeout_s):
+            async with deadline(self._clock, self._final_wait_s(tl)):
                 text = (await asyncio.shield(final)).text
         except Exception:  # failed or never came: unknown, treated as words
             text = "?"
