@@ -150,12 +150,12 @@ async def first_audio_after(caller: Caller, frames_before: int, clock: FrameCloc
     return time.monotonic()
 
 
-async def text_caller(url: str, step: Step, until: float, seed: int, step_index: int = 0
-                      ) -> None:
+async def text_caller(url: str, step: Step, until: float, seed: int, step_index: int = 0,
+                      arrive_s: float = 2.0) -> None:
     # Each step draws its own questions and new words (the runs of one step the same ones):
     # a step repeating the last one's finals would find their new words already embedded.
     rng = random.Random(f"{step_index}:{seed}")
-    await asyncio.sleep(rng.uniform(0, 2.0))  # callers do not all start on one tick
+    await asyncio.sleep(rng.uniform(0, arrive_s))  # callers do not all start on one tick
     clock = FrameClock(step)
     turn = 0
     try:
@@ -195,9 +195,9 @@ async def finish_turn(caller: Caller, step: Step, clock: FrameClock, index: int,
 
 
 async def audio_caller(url: str, step: Step, until: float, seed: int,
-                       speech: list[bytes], line_noise: bytes) -> None:
+                       speech: list[bytes], line_noise: bytes, arrive_s: float = 2.0) -> None:
     rng = random.Random(seed)
-    await asyncio.sleep(rng.uniform(0, 2.0))
+    await asyncio.sleep(rng.uniform(0, arrive_s))
     clock = FrameClock(step)
     try:
         async with Caller(url, on_audio=clock, keep_audio=False,
@@ -227,7 +227,8 @@ _RSS_BASELINE: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictiona
 
 async def run_step(gateway: GatewayProcess | Cluster, mode: str, calls: int, step_s: float,
                    warmup_s: float, speech: list[bytes], line_noise: bytes = b"",
-                   step_index: int = 0) -> tuple[Step, float, float, float]:
+                   step_index: int = 0, arrive_s: float = 2.0
+                   ) -> tuple[Step, float, float, float]:
     step = Step(calls)
     now = time.monotonic()
     step.counting_from = now + warmup_s
@@ -236,11 +237,11 @@ async def run_step(gateway: GatewayProcess | Cluster, mode: str, calls: int, ste
     # one: what earlier (smaller) steps' calls left behind is reused by this step's calls.
     rss_before = _RSS_BASELINE.setdefault(gateway, gateway.rss_mb())
     if mode == "text":
-        callers = [text_caller(gateway.call_url, step, until, i, step_index)
+        callers = [text_caller(gateway.call_url, step, until, i, step_index, arrive_s)
                    for i in range(calls)]
     else:
-        callers = [audio_caller(gateway.call_url, step, until, i, speech, line_noise)
-                   for i in range(calls)]
+        callers = [audio_caller(gateway.call_url, step, until, i, speech, line_noise,
+                                arrive_s) for i in range(calls)]
     tasks = [asyncio.ensure_future(c) for c in callers]
     await asyncio.sleep(warmup_s)
     cpu0, wall0, own0 = gateway.cpu_s(), time.monotonic(), time.process_time()
@@ -275,6 +276,10 @@ def report(name: str, step: Step, cpu_cores: float, rss_mb: float, gen_cores: fl
           f"{rss_mb * 1024 / step.calls:6.1f} KB per call | load generator "
           f"{gen_cores * 100:5.1f}% of a core | errors {len(step.errors)}"
           f"{' e.g. ' + step.errors[0] if step.errors else ''} | {load}", flush=True)
+    refused = sum("HTTP 503" in error for error in step.errors)
+    if refused:  # counted among the errors too: the step did not carry that many calls
+        print(f"      refused at the upgrade (503: overloaded, too_many_calls): {refused} of "
+              f"{step.calls} callers", flush=True)
 
 
 def holds_bar(mode: str, step: Step) -> bool:
@@ -353,6 +358,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200, 300, 500])
     parser.add_argument("--step-s", type=float, default=30.0)
     parser.add_argument("--warmup-s", type=float, default=6.0)
+    parser.add_argument("--arrive-s", type=float, default=2.0,
+                        help="callers join over this long (uniformly), not all at once: "
+                             "long enough, a replica past its capacity refuses the late "
+                             "ones (overloaded, 503; gateway/overload.py)")
     parser.add_argument("--store", help="an already seeded store of the example FAQ")
     parser.add_argument("--turn-model", default=None, choices=["smart_turn", "none"],
                         help="audio mode: the end-of-turn model (default: the gateway's)")
@@ -437,7 +446,7 @@ def main() -> None:
                     t0 = time.monotonic()
                     step, cpu, rss, gen = asyncio.run(
                         run_step(gateway, mode, calls, args.step_s, args.warmup_s, speech,
-                                 line_noise, step_index=index))
+                                 line_noise, step_index=index, arrive_s=args.arrive_s))
                     load = machine_load()
                     if fake is not None:
                         load += f", Deepgram fake {100 * (fake.cpu_s() - fake_cpu0) / (time.monotonic() - t0):.0f}% of a core"

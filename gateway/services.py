@@ -30,6 +30,7 @@ from .collector import CollectorPolicy
 from .faq_cache import FaqCache
 from .hedge import HedgedChat
 from .http_body import BodyAbandoned, BodyTimeout, BodyTooLarge, read_body
+from .overload import OverloadGate, watch_loop_lag
 from .route_batcher import RoutingLanes
 from .protocol import StartMessage
 from .redis_link import RedisHealth, VersionSubscriber, open_async_client
@@ -144,6 +145,10 @@ class Services:
         # Counters exist before the models load: refusals while loading are counted too.
         self.stats: Stats = runtime.stats if runtime is not None else Stats()
         self.admission = Admission(settings.max_calls)
+        # How far behind the event loop runs; refuses new calls while too far (overload.py).
+        self.overload = OverloadGate(settings.overload_loop_lag_ms / 1000.0)
+        self.stats.watch_overload(self.overload)
+        self._lag_task: asyncio.Task[None] | None = None
         self._call_deps: CallDeps | None = None
         self.cache: FaqCache | None = None
         self.route_batcher: RoutingLanes | None = None
@@ -198,6 +203,8 @@ class Services:
 
     async def start(self) -> None:
         self._load_task = asyncio.create_task(self._load(self._given_runtime))
+        self._lag_task = asyncio.create_task(watch_loop_lag(self.overload, self.clock),
+                                             name="vg-loop-lag")
 
     async def _load(self, runtime: Runtime | None) -> None:
         try:
@@ -429,6 +436,8 @@ class Services:
         # not: a balancer must stop sending calls here.
         return {"ready": not self.draining, "draining": self.draining,
                 "active_calls": self.admission.active,
+                "overloaded": self.overload.overloaded,
+                "loop_lag_ms": round(self.overload.lag_s * 1000.0, 1),
                 "load_times_s": self._runtime.load_times_s,
                 "stt": self._runtime.stt.name, "tts": self._runtime.tts.name,
                 "store": "redis" if self.settings.redis_url else "local",
@@ -461,7 +470,7 @@ class Services:
 
     async def aclose(self) -> None:
         await asyncio.gather(self._let_cut_calls_close(), self._stop_seed())
-        for task in (self._load_task, self._watch_task, *self._redis_tasks):
+        for task in (self._load_task, self._watch_task, self._lag_task, *self._redis_tasks):
             if task is not None:
                 task.cancel()
         if self._collector is not None:

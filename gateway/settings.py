@@ -151,6 +151,10 @@ class Settings(BaseModel):
     # the host's core count) for text or remote-STT calls; an embedded-STT call that speaks
     # costs far more, see docs/operations.md.
     max_calls: Pos = Field(default_factory=lambda: 250 * usable_cpus())
+    # While the event loop wakes timers this late (the median of the last 2 s), new calls
+    # are refused at the upgrade with HTTP 503 `overloaded` (a balancer retries them on
+    # another replica), until it is under half of it again (gateway/overload.py). 0: off.
+    overload_loop_lag_ms: NonNeg = 200
     # Set: callers must present it (Authorization: Bearer, or ?token=; Twilio: a stream
     # <Parameter name="token">). Empty: open, for the local demo.
     call_token: str = Field(default="", repr=False)

@@ -24,6 +24,7 @@ from .collector import PauseHistogram
 
 if TYPE_CHECKING:
     from .hedge import HedgeStats
+    from .overload import OverloadGate
     from .providers.synthesis_slots import SynthesisSlots
     from .tools import ToolRunner
 
@@ -209,6 +210,25 @@ class _SynthesisSlotGauges:
                                   value=s.waits)
 
 
+class _OverloadGauges:
+    """The event loop's lateness and the overload gate (gateway/overload.py), read at each
+    scrape. Nothing until ``Stats.watch_overload``."""
+
+    def __init__(self) -> None:
+        self.source: "OverloadGate | None" = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = self.source
+        if g is None:
+            return
+        yield GaugeMetricFamily("voicegate_event_loop_lag_seconds", "How late the event loop "
+                                "wakes a timer: the median of the last 2 s (every call's "
+                                "next step waits as long)", value=g.lag_s)
+        yield GaugeMetricFamily("voicegate_overloaded", "1 while new calls are refused for "
+                                "the loop's lateness (overload_loop_lag_ms)",
+                                value=float(g.overloaded))
+
+
 class _Prometheus:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -253,6 +273,8 @@ class _Prometheus:
         r.register(self.hedge)
         self.slots = _SynthesisSlotGauges()
         r.register(self.slots)
+        self.overload = _OverloadGauges()
+        r.register(self.overload)
         self.tools = _ToolCounters()
         r.register(self.tools)
         self.hangups = PromCounter("voicegate_hangups", "Calls the bot hung up, by reason "
@@ -367,6 +389,10 @@ class Stats:
     def watch_slots(self, slots: "SynthesisSlots") -> None:
         """Export a capped voice's synthesis slots (busy, waiting, waits) with these."""
         self.prometheus.slots.source = slots
+
+    def watch_overload(self, gate: "OverloadGate") -> None:
+        """Export the event loop's lateness and the overload gate with these."""
+        self.prometheus.overload.source = gate
 
     def hung_up(self, reason: str) -> None:
         """The bot ended a call (``idle``, ``time_limit``)."""

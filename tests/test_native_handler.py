@@ -13,6 +13,7 @@ import pytest
 
 from gateway.call import Call
 from gateway.call.session import Admission, CallSession
+from gateway.overload import OverloadGate
 from gateway.transports.native import native_call
 from tests.call_harness import CallHarness
 
@@ -54,7 +55,7 @@ class FakeWebSocket:
 def services_for(h: CallHarness, max_calls: int = 2) -> SimpleNamespace:
     admission = Admission(max_calls)
     services = SimpleNamespace(settings=h.settings, stats=h.stats, admission=admission,
-                               ready=True)
+                               ready=True, overload=OverloadGate(0.0))
     services.open_session = lambda ws, transport: CallSession(
         ws, h.settings, h.stats, admission, transport, clock=h.clock)
     services.new_call = lambda output, start: Call(h.deps, output, start.sample_rate)

@@ -559,14 +559,19 @@ class CallSession:
 
 
 async def refuse_while_unavailable(websocket: WebSocket, stats: Stats | None) -> bool:
-    """A draining replica, or one whose models are still loading, answers the upgrade with
-    HTTP 503 (a balancer retries it on another replica; past a 101 it could not); True when
-    it did."""
+    """A draining replica, one whose models are still loading, or one too far behind on its
+    calls (gateway/overload.py), answers the upgrade with HTTP 503 (a balancer retries it on
+    another replica; past a 101 it could not); True when it did."""
     services = websocket.app.state.services
     if services.admission.draining:
         code, message = "draining", "this replica is shutting down; use another"
     elif not services.ready:
         code, message = "not_ready", "models are still loading; retry shortly or use another"
+    elif services.overload.overloaded:
+        services.overload.refused += 1
+        code, message = "overloaded", ("this replica is behind on the calls it has and takes "
+                                       "no new one until it catches up; retry shortly or use "
+                                       "another")
     else:
         return False
     if stats is not None:

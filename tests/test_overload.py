@@ -1,0 +1,156 @@
+"""New calls refused while the replica's event loop is too far behind (gateway/overload.py).
+
+Stop 68: at 500 speaking calls on one 2-core replica (``bench/capacity.py --mode audio
+--steps 500``) every call was seconds late and 14 were hung up as idle, their audio
+dropped behind the loop: ``max_calls`` (250 a CPU) admits what a speaking caller's cost
+cannot carry, and nothing refused the next call. The gate's decisions are driven with
+given lateness; the end-to-end test really holds up a server's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from gateway.client import Caller
+from gateway.clock import ManualClock
+from gateway.overload import OverloadGate, watch_loop_lag
+from gateway.server import BackgroundServer
+
+
+def feed(gate: OverloadGate, lags_s: list[float], start: float = 0.0,
+         every_s: float = 0.1) -> float:
+    now = start
+    for lag in lags_s:
+        now += every_s + lag
+        gate.observe(lag, now)
+    return now
+
+
+def test_sustained_lateness_closes_the_gate_and_catching_up_opens_it() -> None:
+    gate = OverloadGate(threshold_s=0.2)
+    now = feed(gate, [0.01] * 20)
+    assert not gate.overloaded and gate.lag_s == pytest.approx(0.01)
+    now = feed(gate, [0.3] * 4, now)  # the median of the window is still short
+    assert not gate.overloaded
+    now = feed(gate, [0.3] * 6, now)  # now most of the window's wake-ups were late
+    assert gate.overloaded and gate.lag_s >= 0.2
+    # Under the threshold, not yet under half of it: still refusing (no flapping).
+    now = feed(gate, [0.15] * 30, now)
+    assert gate.overloaded
+    feed(gate, [0.02] * 30, now)
+    assert not gate.overloaded
+
+
+def test_one_long_stall_among_prompt_wake_ups_refuses_nothing() -> None:
+    gate = OverloadGate(threshold_s=0.2)
+    now = feed(gate, [0.005] * 30)
+    now = feed(gate, [3.0], now)  # a 3 s stall: alone in its 2 s window but for the minimum
+    assert not gate.overloaded
+    feed(gate, [0.005] * 3, now)
+    assert not gate.overloaded
+
+
+def test_a_loop_seconds_behind_is_refused_within_a_few_wake_ups() -> None:
+    """Each wake-up a second late: the 2 s window holds one or two, and the minimum of five
+    samples decides (not twenty, which would take twenty seconds at that lateness)."""
+    gate = OverloadGate(threshold_s=0.2)
+    now = feed(gate, [0.005] * 30)
+    now = feed(gate, [1.0] * 2, now)
+    assert not gate.overloaded
+    feed(gate, [1.0] * 1, now)
+    assert gate.overloaded
+
+
+def test_a_threshold_of_zero_never_refuses() -> None:
+    gate = OverloadGate(threshold_s=0.0)
+    feed(gate, [5.0] * 50)
+    assert not gate.overloaded and gate.lag_s == pytest.approx(5.0)
+
+
+class LateClock(ManualClock):
+    """A ManualClock whose sleeps wake ``late_s`` after they were due, as a busy loop's."""
+
+    late_s = 0.0
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + self.late_s)
+
+
+async def test_the_watch_measures_how_late_its_wake_ups_come() -> None:
+    clock = LateClock()
+    gate = OverloadGate(threshold_s=0.2)
+    watch = asyncio.ensure_future(watch_loop_lag(gate, clock))
+    try:
+        await clock.advance(1.0)
+        assert not gate.overloaded and gate.lag_s == pytest.approx(0.0, abs=1e-9)
+        clock.late_s = 0.25
+        await clock.advance(3.0)
+        assert gate.overloaded and gate.lag_s == pytest.approx(0.25)
+        clock.late_s = 0.0
+        await clock.advance(3.0)
+        assert not gate.overloaded
+    finally:
+        watch.cancel()
+
+
+@pytest.fixture
+def lagging_server(settings, runtime):
+    srv = BackgroundServer(settings.replace(overload_loop_lag_ms=100), runtime).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def wait_for(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def readiness(server: BackgroundServer) -> dict:
+    return httpx.get(server.base_url + "/readyz", timeout=30).json()
+
+
+async def test_an_overloaded_replica_refuses_new_calls_with_503_and_keeps_its_own(
+        lagging_server) -> None:
+    services = lagging_server.app.state.services
+    loop = services._lag_task.get_loop()
+    stop = threading.Event()
+
+    def hog() -> None:  # the server's loop busy 0.3 s at a time: what 500 callers do to it
+        if not stop.is_set():
+            time.sleep(0.3)
+            loop.call_later(0.05, hog)
+
+    async with Caller(lagging_server.call_url) as running:
+        loop.call_soon_threadsafe(hog)
+        try:
+            assert await asyncio.to_thread(wait_for, lambda: services.overload.overloaded)
+            with pytest.raises(InvalidStatus) as refused:
+                await Caller(lagging_server.call_url).connect()
+            response = refused.value.response
+            assert response.status_code == 503
+            assert b'"overloaded"' in response.body
+            assert services.overload.refused >= 1
+        finally:
+            stop.set()
+        # Caught up: new calls come in again, and the call it kept was never cut.
+        assert await asyncio.to_thread(wait_for, lambda: not readiness(lagging_server)
+                                       ["overloaded"])
+        async with Caller(lagging_server.call_url) as later:
+            turn = await later.say_text("What are your opening hours?", timeout=60)
+            assert turn.first("response") is not None
+        turn = await running.say_text("What are your opening hours?", timeout=60)
+        assert turn.first("response") is not None
+    metrics = httpx.get(lagging_server.base_url + "/metrics", timeout=30).text
+    assert 'voicegate_errors_total{code="overloaded"}' in metrics
+    assert "voicegate_event_loop_lag_seconds" in metrics
