@@ -120,9 +120,33 @@ class DropInvalidUtf8Traceback(logging.Filter):
         return record.msg != UVICORN_INVALID_UTF8
 
 
+# uvicorn's websockets-sansio protocol never marks the handshake complete after a denial
+# response (HTTP 503 to an upgrade: draining, not_ready, overloaded), so when the handler
+# returns it logs this at ERROR on "uvicorn.error" for every refused call, though the client
+# got its 503 (uvicorn PR #3138, open). Alerting on ERROR would page for each. Dropped only
+# in the task that sent the denial (``denial_sent``): any other handler returning without a
+# handshake is a bug and keeps its line.
+UVICORN_NO_HANDSHAKE = "ASGI callable returned without completing handshake."
+_DENIED: contextvars.ContextVar[bool] = contextvars.ContextVar("vg_denial_sent", default=False)
+
+
+def denial_sent() -> None:
+    """This connection's task answered its upgrade with an HTTP response (a denial)."""
+    _DENIED.set(True)
+
+
+class DropDenialHandshakeError(logging.Filter):
+    """Drops uvicorn's "without completing handshake" after a denial this task sent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == UVICORN_NO_HANDSHAKE and _DENIED.get())
+
+
 def quiet_invalid_utf8() -> None:
     """Keep uvicorn's traceback for a client's text that is not UTF-8 out of the log (the
     session logs it as bad input); safe to call again."""
     logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, DropInvalidUtf8Traceback) for f in logger.filters):
         logger.addFilter(DropInvalidUtf8Traceback())
+    if not any(isinstance(f, DropDenialHandshakeError) for f in logger.filters):
+        logger.addFilter(DropDenialHandshakeError())

@@ -9,6 +9,8 @@ given lateness; the end-to-end test really holds up a server's loop."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import threading
 import time
 
@@ -16,6 +18,7 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from gateway import logs
 from gateway.client import Caller
 from gateway.clock import ManualClock
 from gateway.overload import OverloadGate, watch_loop_lag
@@ -154,3 +157,49 @@ async def test_an_overloaded_replica_refuses_new_calls_with_503_and_keeps_its_ow
     metrics = httpx.get(lagging_server.base_url + "/metrics", timeout=30).text
     assert 'voicegate_errors_total{code="overloaded"}' in metrics
     assert "voicegate_event_loop_lag_seconds" in metrics
+
+
+class Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_a_refused_upgrade_leaves_no_error_in_the_server_log(server) -> None:
+    """Review (stop 68): every upgrade refused with HTTP 503 (draining, not_ready,
+    overloaded) made uvicorn's websockets-sansio protocol log "ASGI callable returned
+    without completing handshake." at ERROR (it never marks a denial as a finished
+    handshake; uvicorn PR #3138): 314 such lines in one overloaded bench run, a page for
+    each where alerts follow ERROR lines. The client did get its 503."""
+    kept = Kept()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(kept)
+    services = server.app.state.services
+    services.admission.draining = True
+    try:
+        with pytest.raises(InvalidStatus) as refused:
+            await Caller(server.call_url).connect()
+        assert refused.value.response.status_code == 503
+        await asyncio.sleep(0.2)  # the handler's return, on the server's thread
+    finally:
+        services.admission.draining = False
+        uvicorn_log.removeHandler(kept)
+    assert not [r for r in kept.records if r.levelno >= logging.ERROR], \
+        [r.getMessage() for r in kept.records]
+
+
+def test_a_handler_that_returns_without_a_handshake_unrefused_keeps_its_error_line() -> None:
+    """The filter drops uvicorn's line only in a task that sent a denial."""
+    record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1,
+                               logs.UVICORN_NO_HANDSHAKE, None, None)
+    drop = logs.DropDenialHandshakeError()
+    assert contextvars.Context().run(drop.filter, record)
+
+    def after_denial() -> bool:
+        logs.denial_sent()
+        return drop.filter(record)
+
+    assert not contextvars.Context().run(after_denial)

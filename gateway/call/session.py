@@ -576,6 +576,7 @@ async def refuse_while_unavailable(websocket: WebSocket, stats: Stats | None) ->
         return False
     if stats is not None:
         stats.error(code)
+    logs.denial_sent()  # uvicorn's spurious ERROR line for it is dropped (gateway/logs.py)
     await websocket.send_denial_response(JSONResponse(
         {"error": code, "message": message}, status_code=503, headers={"retry-after": "1"}))
     return True
