@@ -1104,3 +1104,34 @@ async def test_an_utterance_end_of_the_cut_utterance_does_not_commit_the_next_on
     await stream.aclose()
     await recognizer.aclose()
     assert final == Transcript("what are your opening hours", final=True)
+
+
+async def test_an_utterance_end_with_an_interim_pending_does_not_make_the_interim_final(
+        deepgram):
+    """Review (stop 68): Deepgram's UtteranceEnd marks a gap after the last *finalized*
+    word; an interim still pending then is of later words (the caller went on: "what are
+    your opening hours, umm, on sunday", the filler untranscribed, so the turn detector
+    heard no pause), which Deepgram finalizes itself. The UtteranceEnd committed that
+    interim as if final, and its words came again in their own final: "on on sunday"
+    reached the agent (a guess of Deepgram's kept as said, a cache miss); with the turn
+    cut then, no Finalize went out and the words after the interim were never asked for."""
+    fake, server = deepgram
+    fake.utterances = ["what are your opening hours", "on sunday"]
+    fake.ms_per_word = 40
+    recognizer = stt(server, endpointing_ms=100, utterance_end_ms=5000)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 10)  # "what are your opening hours", audio 0-200 ms
+    await send(stream, SILENCE, 5)  # finalized by Deepgram
+    assert await until(lambda: stream._committed == ["what are your opening hours"])
+    await send(stream, VOICE, 2)  # the caller goes on: interim "on"
+    assert await until(lambda: stream._interim == "on")
+    # UtteranceEnd of the finalized words, after the later words' first interim.
+    fake.garbage = [json.dumps({"type": "UtteranceEnd", "channel": [0, 1],
+                                "last_word_end": 0.2})]
+    await send(stream, VOICE, 2)
+    assert await until(lambda: not fake.garbage and stream._interim == "on sunday")
+    assert stream._text() == "what are your opening hours on sunday"
+    final = await stream.finalize()
+    await stream.aclose()
+    await recognizer.aclose()
+    assert final == Transcript("what are your opening hours on sunday", final=True)

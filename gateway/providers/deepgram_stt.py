@@ -6,9 +6,11 @@ onto ``STTStream``:
 - interim ``Results`` (``is_final: false``): a partial (finalized segments so far + the interim).
 - ``Results`` with ``is_final: true``: the segment is committed to the utterance;
   ``speech_final: true`` or an ``UtteranceEnd`` marks Deepgram's endpoint. An
-  ``UtteranceEnd`` of words before the cut (or before the caller spoke again) arrives late:
-  it is ignored, and never commits the interim, which is of newer words (their own final
-  would commit them a second time).
+  ``UtteranceEnd`` never commits the interim: it marks a gap after the last finalized
+  word, so an interim pending then is of newer words, which their own final (or the
+  Finalize reply) commits; committed twice, they would be said twice. Such an
+  ``UtteranceEnd``, or one of words before the cut (or before the caller spoke again),
+  arriving late, is ignored: no endpoint of the words under way.
 - ``speech_paused()`` (the caller paused): the words so far once Deepgram endpoints after
   them (``speech_final``: every word final), the early transcript the engine routes before
   the turn ends; ``speech_resumed()`` makes an endpoint so far stale. No endpoint within
@@ -518,14 +520,14 @@ class DeepgramStream:
 
     def _on_utterance_end(self, last_word_end: float | None) -> None:
         audio_s = self._sent_s if last_word_end is None else self._offset_s + last_word_end
-        if audio_s <= self._resumed_s:
-            # The end of words before the cut (or before the caller spoke again): the
-            # interim now is of later words, which their own final will commit. Committed
-            # here as well, they would be said twice ("what what are your opening hours").
+        if audio_s <= self._resumed_s or self._interim:
+            # The end of words before the cut (or before the caller spoke again), or a gap
+            # after the last finalized word with an interim pending: that interim is of
+            # later words (the caller went on), which their own final (or the Finalize
+            # reply) commits. It is never committed here: its words would be said twice
+            # ("what what are your opening hours"), and a cut then would ask no Finalize
+            # for the words after it. Nor is it an endpoint of those words.
             return
-        if self._interim:  # nothing more will finalize it
-            self._committed.append(self._interim)
-            self._interim = ""
         self._mark_endpoint(audio_s)
 
     def _on_results(self, result: "_Result") -> None:
