@@ -1227,3 +1227,19 @@ async def test_a_caller_back_from_a_desk_nobody_answered_goes_on_with_the_bot(wi
     await back.end()
     # The same phone call, not a second one; and no lost stream (the metric's meaning).
     assert (again.stats.calls, again.stats.twilio_calls_resumed) == (0, 0)
+
+
+async def test_a_dial_back_mark_without_resumed_starts_a_new_call_not_an_internal_error(plain):
+    """Review (stop 68): a `start` whose custom parameters carry ``dial_back`` but no
+    ``resumed`` (Twilio sends them only together, from our own TwiML; anything else is a
+    client that is not Twilio) started the call, then raised KeyError reading ``resumed``
+    for the log line: the bad input became the gateway's ``internal_error`` (1011) with a
+    traceback, its call closed. ``dial_back`` only means something on a resumed stream: a
+    lone one is a new call, greeted as any other."""
+    h = phone_harness()
+    line = PhoneStream(h, plain, {"From": "+15550100", "CallSid": CALL_SID, "dial_back": "1"})
+    await h.wait(1000)
+    assert line.media()  # greeted: a new call
+    assert line.keepers[0].generation == 0
+    await line.end()
+    assert (h.stats.calls, h.stats.twilio_calls_resumed) == (1, 0)

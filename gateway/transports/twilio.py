@@ -547,7 +547,9 @@ class TwilioStream:
         # ended after a dial nobody took: the caller was greeted already (and has just
         # heard Twilio's apology).
         resumed = bool(parameters.get(RESUMED_PARAMETER))
-        dial_back = bool(parameters.get(DIAL_BACK_PARAMETER))
+        # Only on a resumed stream, as /twilio/dial-ended writes it: a lone one (no TwiML of
+        # ours) is a new call, not a back-from-dial one with no stream before it.
+        dial_back = resumed and bool(parameters.get(DIAL_BACK_PARAMETER))
         # Its conversation is kept at every turn's end, for a stream that resumes it; a
         # resumed one goes on from there, and its saves replace those of the streams before
         # it, never the reverse (gateway/transports/twilio_context.py).
