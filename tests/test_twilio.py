@@ -28,6 +28,7 @@ from gateway.server import BackgroundServer
 from gateway.clock import ManualClock
 from gateway.transports.twilio import (TWILIO_RATE, MediaWatch, TwilioError, TwilioOutput,
                                        TwilioStream, parse_start)
+from gateway.transports.twilio_voice import stream_key
 from tests.call_harness import CallHarness, tone
 from tests.fakes.twilio_media import FRAME_BYTES, TwilioLine
 
@@ -622,7 +623,8 @@ async def test_stream_upgrade_must_be_signed_when_an_auth_token_is_set(signed_se
     signature = RequestValidator(TOKEN).compute_signature(url, {})
     before_calls = runtime.stats.calls
     line = TwilioLine(endpoint, call_sid=sid("CA", 9), stream_sid=sid("MZ", 9),
-                      headers={"X-Twilio-Signature": signature})
+                      headers={"X-Twilio-Signature": signature},
+                      parameters={"stream_key": stream_key(TOKEN, sid("CA", 9))})
     await line.connect()
     await line.say(b"\x00\x00" * 1600)
     await line.hang_up()

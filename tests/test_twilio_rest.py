@@ -19,6 +19,7 @@ from gateway.server import BackgroundServer
 from gateway.stats import Stats
 from gateway.transports.twilio import TwilioOutput
 from gateway.transports.twilio_rest import CallControlError, TwilioCallControl, dial_twiml
+from gateway.transports.twilio_voice import stream_key
 from tests.fakes.server import ServerThread
 from tests.fakes.twilio_media import TwilioLine
 from tests.fakes.twilio_rest import FakeTwilioRest
@@ -163,7 +164,8 @@ def signed_line(server: BackgroundServer, call_sid: str = CALL_SID) -> TwilioLin
                                                                "/twilio/stream", {})
     return TwilioLine(server.base_url.replace("http://", "ws://") + "/twilio/stream",
                       call_sid=call_sid, stream_sid="MZ" + "cd" * 16,
-                      headers={"X-Twilio-Signature": signature})
+                      headers={"X-Twilio-Signature": signature},
+                      parameters={"stream_key": stream_key(AUTH_TOKEN, call_sid)})
 
 
 async def press(line: TwilioLine, digit: str) -> None:
@@ -403,7 +405,8 @@ async def test_the_transfers_way_back_is_an_http_url_whatever_scheme_the_upgrade
         if forwarded:
             headers["X-Forwarded-Proto"] = forwarded
         line = TwilioLine(f"ws://{host}/twilio/stream", call_sid="CA" + "12" * 16,
-                          stream_sid="MZ" + "cd" * 16, headers=headers)
+                          stream_sid="MZ" + "cd" * 16, headers=headers,
+                          parameters={"stream_key": stream_key(AUTH_TOKEN, "CA" + "12" * 16)})
         async with line:
             await press(line, "0")  # the keypad map's handoff
             await line.wait_until(lambda: bool(fake.requests), timeout=30)

@@ -34,13 +34,13 @@ from gateway.clock import ManualClock
 from gateway.redis_link import open_async_client
 from gateway.settings import Settings
 from gateway.stats import Stats
-from gateway.transports.twilio import TwilioStream
+from gateway.transports.twilio import TwilioError, TwilioStream
 from gateway.transports.call_records import split_version
 from gateway.transports.twilio_context import CONTEXT_TTL_S, CallContexts
 from gateway.transports.twilio_ended import EndedCalls
 from gateway.transports.twilio_rest import CallAlreadyEnded, CallControlError, dial_twiml
 from gateway.transports.twilio_voice import (GIVE_UP_SAY, HANDOFF_SAY, MAX_STREAM_RECONNECTS,
-                                             NO_ONE_FREE_SAY, RESUMED_SAY)
+                                             NO_ONE_FREE_SAY, RESUMED_SAY, stream_key)
 from gateway.agent import Conversation
 from tests.call_harness import RATE, CallHarness
 from tests.redis_faults import DelayingProxy, FlakyProxy
@@ -119,7 +119,8 @@ async def test_the_voice_webhook_connects_with_an_action_for_the_streams_end(sig
     action, url, params = connect_of(reply.text)
     assert action == f"{PUBLIC}/twilio/stream-ended?lost=0"
     assert url == "wss://voice.example.com/twilio/stream"
-    assert params == {"From": FORM["From"], "CallSid": CALL_SID, "token": CALL_TOKEN}
+    assert params == {"From": FORM["From"], "CallSid": CALL_SID, "token": CALL_TOKEN,
+                      "stream_key": stream_key(TOKEN, CALL_SID)}  # the call's own stream
 
 
 # ---------------------------------------------------------------------- stream-ended
@@ -1069,7 +1070,7 @@ async def test_a_desk_that_does_not_answer_gives_the_caller_back_to_the_bot(with
     # The call's second stream (the same call going on), its losses counted afresh.
     assert action == PUBLIC + "/twilio/stream-ended?lost=0&stream=1"
     assert parameters == {"From": FORM["From"], "CallSid": CALL_SID, "resumed": "1",
-                          "dial_back": "1"}
+                          "dial_back": "1", "stream_key": stream_key(TOKEN, CALL_SID)}
     # No longer a transfer: a stream lost from here on resumes, it does not dial again.
     assert await services.twilio_ended().ended(CALL_SID) is None
     # ... and its generation goes on climbing (its saves win), while `lost` restarts.
@@ -1118,9 +1119,12 @@ class PhoneStream:
     ``app``'s services), its call on ``h``'s deps."""
 
     def __init__(self, h: CallHarness, app: Starlette, parameters: dict[str, str],
-                 control: Any = None) -> None:
+                 control: Any = None, keyed: bool = True) -> None:
         self.h, self.tasks, self.keepers = h, [], []
         records = app.state.services
+        if keyed and h.settings.twilio_auth_token:  # as the call's TwiML gives its streams
+            parameters = {**parameters,
+                          "stream_key": stream_key(h.settings.twilio_auth_token, CALL_SID)}
 
         def new_call(output: Any, start: Any, call_id: Any = None, resumed: bool = False,
                      keeper: Any = None, transport: str = "native") -> Call:
@@ -1243,3 +1247,34 @@ async def test_a_dial_back_mark_without_resumed_starts_a_new_call_not_an_interna
     assert line.keepers[0].generation == 0
     await line.end()
     assert (h.stats.calls, h.stats.twilio_calls_resumed) == (1, 0)
+
+
+async def test_a_replayed_stream_signature_cannot_start_a_call_without_its_calls_key(
+        with_handoff):
+    """Review (stop 68): Twilio signs a stream's upgrade over the wss:// URL with no fields,
+    so its X-Twilio-Signature is the same for every stream: one seen once (a proxy's log)
+    opens streams for good. With the auth token set and no call token, that was all a
+    `start` needed: any CallSid, any `resumed` (a live call's conversation restored to a
+    stranger, its saves overtaken by a later generation). The TwiML now gives each call's
+    stream its key (an HMAC of its CallSid under the auth token): a `start` without it, or
+    with another call's, is refused (`unauthorized`, 1008) before any call starts."""
+    app = with_handoff
+    _, _, parameters = connect_of((await post(app, "/twilio/voice", sign=True)).text)
+    other = {**FORM, "CallSid": "CA" + "7" * 32}
+    _, _, others = connect_of((await post(app, "/twilio/voice", other, sign=True)).text)
+    for forged in ({"From": "+15550100", "CallSid": CALL_SID, "resumed": "9"},
+                   {**others, "CallSid": CALL_SID, "resumed": "9"}):
+        h = phone_harness()
+        harness_call = h.call
+        with pytest.raises(TwilioError) as refused:
+            PhoneStream(h, app, forged, keyed=False)
+        assert (refused.value.code, refused.value.close_code) == ("unauthorized", 1008)
+        assert h.call is harness_call  # no call started
+    # The stream the TwiML starts (and one it resumes) is served.
+    resumed = connect_of((await post(app, "/twilio/stream-ended?lost=0", sign=True)).text)[2]
+    for given in (parameters, resumed):
+        h = phone_harness()
+        line = PhoneStream(h, app, given, keyed=False)
+        await h.wait(500)
+        await line.end()
+        assert "stream_key" not in str(h.call.metadata)  # not the call's, nor logged

@@ -38,8 +38,9 @@ from .call_records import SAFE_ID
 from .twilio_ended import HUNG_UP, TRANSFERRED, EndedCalls
 from .twilio_rest import CallAlreadyEnded, CallControlError, TwilioCallControl
 from .twilio_voice import (DIAL_BACK_PARAMETER, NO_ONE_FREE_SAY, RESUMED_PARAMETER,
-                           TOKEN_PARAMETER, dial_ended_url, public_base_url, signature_refusal,
-                           stream_generation, stream_url)
+                           STREAM_KEY_PARAMETER, TOKEN_PARAMETER, dial_ended_url,
+                           public_base_url, signature_refusal, stream_generation, stream_key,
+                           stream_url)
 
 log = logging.getLogger("voicegate.twilio")
 
@@ -531,6 +532,14 @@ class TwilioStream:
                                               f"(a `{TOKEN_PARAMETER}` custom parameter)",
                               CLOSE_POLICY)
         settings = self._services.settings
+        # The upgrade's signature is every stream's (replayable): with the auth token set,
+        # the stream proves it is the call's own by the key its TwiML gave it.
+        if settings.twilio_auth_token and not token_matches(
+                start.parameters.get(STREAM_KEY_PARAMETER, ""),
+                stream_key(settings.twilio_auth_token, start.call_sid)):
+            raise TwilioError("unauthorized", "the stream carries no valid key for its call "
+                              f"(a `{STREAM_KEY_PARAMETER}` custom parameter, which the TwiML "
+                              "of /twilio/voice gives each call's stream)", CLOSE_POLICY)
         # `start` is not signed: with the gateway's account configured, a stream naming
         # another is no call of ours, and its line is never controlled through that account.
         account_sid = settings.twilio_account_sid or start.account_sid
@@ -539,7 +548,8 @@ class TwilioStream:
                               f"`start` names account {start.account_sid[:64]}, not this "
                               "gateway's (VOICEGATE_TWILIO_ACCOUNT_SID): refused", CLOSE_POLICY)
         call_id = call_id_from_sid(start.call_sid)
-        parameters = {k: v for k, v in start.parameters.items() if k != TOKEN_PARAMETER}
+        parameters = {k: v for k, v in start.parameters.items()
+                      if k not in (TOKEN_PARAMETER, STREAM_KEY_PARAMETER)}
         metadata = {"transport": "twilio", "stream_sid": start.stream_sid,
                     "call_sid": start.call_sid, "account_sid": start.account_sid,
                     "parameters": parameters}

@@ -28,6 +28,8 @@ stream's is one more, so its saves replace theirs. Left out where it tells nothi
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 from typing import Mapping
@@ -53,6 +55,10 @@ STREAM_PATH = "/twilio/stream"
 FORWARDED_PARAMETERS = ("From", "CallSid")
 # The stream parameter that carries VOICEGATE_CALL_TOKEN (Twilio's stream URL takes no query).
 TOKEN_PARAMETER = "token"
+# The stream parameter that binds a stream to its call (with an auth token set):
+# ``stream_key`` of the call's CallSid. The upgrade's signature cannot: it is the same
+# for every stream, so one seen once could be replayed for any call.
+STREAM_KEY_PARAMETER = "stream_key"
 # The stream parameter of a call going on over a new stream (its stream lost, or a dial
 # nobody took): the stream's generation, how many streams the call had before it (1..).
 RESUMED_PARAMETER = "resumed"
@@ -79,6 +85,14 @@ NO_ONE_FREE_SAY = "Sorry, no one could take your call just now. I'm back with yo
 # Anything but XML 1.0's Char production (most C0 controls, surrogates, U+FFFE/U+FFFF):
 # TwiML holding one is not XML, and Twilio rejects it. The TwiML library escapes markup only.
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def stream_key(auth_token: str, call_sid: str) -> str:
+    """The key a stream of ``call_sid`` must carry: an HMAC of the CallSid under the
+    Twilio auth token, so only a TwiML this gateway answered a signed webhook with holds
+    it, and it opens streams of that call only."""
+    return hmac.new(auth_token.encode(), f"voicegate-stream:{call_sid}".encode(),
+                    hashlib.sha256).hexdigest()
 
 
 def stream_generation(resumed: str) -> int:
@@ -218,6 +232,9 @@ def stream_parameters(services: Services, params: Mapping[str, str],
     # Twilio auth token anyone could read it here (docs/operations.md).
     if settings.call_token and settings.twilio_auth_token:
         forwarded[TOKEN_PARAMETER] = settings.call_token
+    if settings.twilio_auth_token:  # the stream's `start` must carry it (twilio.py)
+        forwarded[STREAM_KEY_PARAMETER] = stream_key(settings.twilio_auth_token,
+                                                     forwarded["CallSid"])
     return forwarded
 
 
