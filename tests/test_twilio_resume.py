@@ -90,6 +90,13 @@ async def post(app: Starlette, path: str, form: dict[str, str] | None = None,
         return await client.post(path, data=form, headers=headers)
 
 
+async def ran(app: Starlette, call_sid: str = CALL_SID) -> None:
+    """The call ran on its first stream: its greeting is kept as it starts (in the app's
+    memory and, with Redis, for every replica), so a stream it loses is resumed."""
+    greeted = json.dumps([{"role": "assistant", "content": "Welcome to the bank."}])
+    await app.state.services.twilio_contexts().save(call_sid, greeted, (0, 1))
+
+
 def verbs(twiml: str) -> list[ElementTree.Element]:
     root = ElementTree.fromstring(twiml)
     assert root.tag == "Response", twiml
@@ -131,6 +138,7 @@ async def test_a_lost_stream_is_resumed_with_an_apology_and_the_same_parameters(
                                                                                   caplog):
     caplog.set_level(logging.INFO, logger="voicegate")
     voice = connect_of((await post(signed, "/twilio/voice", sign=True)).text)
+    await ran(signed)
     reply = await post(signed, f"/twilio/stream-ended?lost={lost}", sign=True)
     assert reply.status_code == 200 and reply.headers["content-type"].startswith(
         "application/xml")
@@ -243,6 +251,7 @@ async def test_a_call_the_gateway_hung_up_is_not_resumed(plain, rest):
     assert api is None or api.asked == ["hang_up"]
     reply = await post(plain, "/twilio/stream-ended?lost=0")  # CallStatus still in-progress
     assert reply.status_code == 200 and is_hangup(reply.text), reply.text
+    await ran(plain, "CA" + "1" * 32)
     other = await post(plain, "/twilio/stream-ended?lost=0", {**FORM, "CallSid": "CA" + "1" * 32})
     assert [v.tag for v in verbs(other.text)] == ["Say", "Connect"]  # only that call
 
@@ -271,6 +280,7 @@ async def test_a_transferred_call_is_not_resumed_and_a_failed_transfer_is(plain)
     with pytest.raises(CallControlError):
         await out.transfer("handoff")
     # The caller stayed with the bot: a stream lost later is resumed.
+    await ran(plain, failing_sid)
     reply = await post(plain, "/twilio/stream-ended?lost=0", {**FORM, "CallSid": failing_sid})
     assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"]
 
@@ -329,6 +339,7 @@ async def test_a_transfer_this_replica_cannot_dial_is_resumed_not_hung_up(plain)
     # one, configured without a number, gets Twilio's request. Hanging up would drop the
     # caller: the bot takes the call back instead (and can hand it off no further).
     await plain.state.services.twilio_ended().mark(CALL_SID, "transfer")
+    await ran(plain)
     reply = await post(plain, "/twilio/stream-ended?lost=0")
     assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"]
 
@@ -381,7 +392,8 @@ async def test_a_hang_up_on_one_replica_is_seen_by_another(replicas, prefix):
     assert is_hangup((await post(b, "/twilio/stream-ended?lost=0")).text)
     await a.state.services.twilio_ended().forget(CALL_SID)
     reply = await post(b, "/twilio/stream-ended?lost=0")
-    assert [v.tag for v in verbs(reply.text)] == ["Say", "Connect"]
+    # Connected again, not hung up (what it said went with the hang-up: connected afresh).
+    assert [v.tag for v in verbs(reply.text)] == ["Connect"]
 
 
 @pytest.fixture
@@ -1278,3 +1290,32 @@ async def test_a_replayed_stream_signature_cannot_start_a_call_without_its_calls
         await h.wait(500)
         await line.end()
         assert "stream_key" not in str(h.call.metadata)  # not the call's, nor logged
+
+
+async def test_a_call_whose_first_stream_was_refused_is_greeted_on_the_next_not_resumed(
+        with_handoff):
+    """Review (stop 68): a call's first stream refused at its `start` (a replica at
+    max_calls, a drain, a bad token) or given none ran no call, yet /twilio/stream-ended
+    answered it as a lost one: "Sorry, the line dropped for a moment. I'm back." to a
+    caller who had heard nothing, and a `resumed` stream that played no greeting (nor
+    whatever it announces) and was counted in voicegate_twilio_calls_resumed, never in
+    voicegate_calls_total. A first stream that kept nothing of its call (a call's greeting
+    is kept as it starts) is now connected again as /twilio/voice does: greeted, one call;
+    its losses still counted, so a call refused every time still reaches the bound."""
+    app = with_handoff
+    voice = connect_of((await post(app, "/twilio/voice", sign=True)).text)
+    reply = await post(app, "/twilio/stream-ended?lost=0", sign=True)  # refused: nothing kept
+    assert [v.tag for v in verbs(reply.text)] == ["Connect"], reply.text
+    action, url, parameters = connect_of(reply.text)
+    assert (url, parameters) == voice[1:]  # no `resumed`: a call that starts here
+    assert action == f"{PUBLIC}/twilio/stream-ended?lost=1&stream=0"
+    h = phone_harness()
+    line = PhoneStream(h, app, parameters, keyed=False)
+    await h.wait(1000)
+    assert line.media()  # greeted
+    await line.end()
+    assert (h.stats.calls, h.stats.twilio_calls_resumed) == (1, 0)
+    # That stream ran the call: its loss resumes it, not greeted again.
+    again = await post(app, action.removeprefix(PUBLIC), sign=True)
+    assert [v.tag for v in verbs(again.text)] == ["Say", "Connect"], again.text
+    assert connect_of(again.text)[2]["resumed"] == "1"

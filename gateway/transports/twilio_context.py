@@ -134,6 +134,12 @@ class CallContexts:
             return None
         return history
 
+    async def kept(self, call_sid: str) -> bool:
+        """Something of the call is kept (here or, through Redis, by any replica): a call
+        ran on one of its streams (a greeting is kept as it starts). Not read nor parsed."""
+        return (self._records.local(call_sid) is not None
+                or await self._records.shared_value(call_sid) is not None)
+
     async def forget(self, call_sid: str) -> None:
         """The call will not be resumed: its conversation is deleted from Redis and from
         this replica's memory, for good (a save still under way does not bring it back).

@@ -15,7 +15,9 @@ gateway/transports/twilio_ended.py; or its CallStatus says so), the ``<Dial>`` t
 handoff number for one whose transfer was under way (the REST request may never have
 landed); else, up to
 ``MAX_STREAM_RECONNECTS`` times a call (``lost`` counts them), a short apology and a new
-``<Connect><Stream>`` marked ``resumed`` (no greeting again); past that, a ``<Dial>`` to
+``<Connect><Stream>`` marked ``resumed`` (no greeting again), or, for a first stream that
+ran no call (refused at its ``start``: nothing of the call kept), the ``<Connect>`` of
+``/twilio/voice`` again (a new call, greeted); past that, a ``<Dial>`` to
 ``VOICEGATE_HANDOFF_NUMBER`` (a person takes the call) or an apology and ``<Hangup/>``.
 
 Every ``<Dial>`` has ``/twilio/dial-ended`` as its action: a dial nobody took gives the
@@ -299,6 +301,12 @@ async def twilio_stream_ended(request: Request) -> Response:
                    hint="set VOICEGATE_HANDOFF_NUMBER alike on every replica")
         how = None
     if how is None and status not in _CALL_OVER and lost < MAX_STREAM_RECONNECTS:
+        if stream == 0 and not await services.twilio_contexts().kept(call_sid):
+            # The call's first stream never ran it (refused at its `start`: a full
+            # replica, a bad token; or no `start` came): nothing to resume, and the caller
+            # has heard nothing. Connected again as /twilio/voice does: greeted, one call.
+            logs.event(log, "twilio_stream_lost", logging.WARNING, outcome="restart", **event)
+            return _xml(twiml_connect(url, forwarded, stream_ended_url(base, lost + 1, 0)))
         logs.event(log, "twilio_stream_lost", logging.WARNING, outcome="resume", **event)
         resumed = {**forwarded, RESUMED_PARAMETER: str(stream + 1)}
         return _xml(twiml_connect(url, resumed, stream_ended_url(base, lost + 1, stream + 1),
