@@ -21,7 +21,9 @@ Key layout (``prefix`` defaults to ``voicegate:``)::
                                         to a version's at its marks' write)
     <prefix>stats:entries         hash  entry id -> cache hits
     <prefix>stats:entry_marks     hash  entry id -> answer mark its hits were counted for
-    <prefix>stats:entry_marks_version  string  the cache version those marks are of
+    <prefix>stats:entry_marks_version  string  the cache version those marks are of (gone:
+                                  Redis lost the marks; each heartbeat looks, and they are
+                                  written again)
     <prefix>stats:sources         hash  source -> turns
     <prefix>stats:errors          hash  error code -> count
     <prefix>stats:minute:<epoch minute>   hash turns, hits (expires after 61 minutes)
@@ -178,6 +180,9 @@ class SharedStats:
         # (entries_published): one pending at most, a newer version's replacing it.
         # And the intent names it counts by name (None: not known).
         self._published: tuple[str, dict[str, str], list[str] | None] | None = None
+        # The last of them Redis answered for: written again should Redis lose them
+        # (restarted empty), which the heartbeat looks for.
+        self._marks_sent: tuple[str, dict[str, str], list[str] | None] | None = None
         self._intent_labels = IntentLabels()  # as Stats.intent_labels: bounded
         self.dropped = 0
 
@@ -301,6 +306,7 @@ class SharedStats:
             self._forget_published(published)
             raise RefusedIncrement(f"cannot reset the hits of changed entries: {exc}") from exc
         self._forget_published(published)  # else (unreachable) it is written at a later flush
+        self._marks_sent = published
         if not written:
             logs.event(log, "shared_stats_entry_marks_superseded", version=version)
 
@@ -343,11 +349,23 @@ class SharedStats:
             raise RefusedIncrement(f"cannot add to {key} {field}: not a hash of integers")
 
     async def heartbeat(self) -> None:
+        """Announce this replica (its key expires after 3 beats), and look whether Redis
+        still holds the entry marks it wrote: a Redis restarted empty (no persistence) or
+        flushed lost them, and the next version's would be taken for the first ever,
+        clearing no hits of a changed answer. Lost, they are written again at the next
+        flush (as a version's load writes them: one newer already written wins)."""
         body = dict(self._describe(), replica=self.replica_id, pending=self.pending,
                     dropped=self.dropped, at=time.time())
-        await self._redis.set(self._prefix + f"replica:{self.replica_id}",
-                              json.dumps(body, default=str),
-                              ex=max(1, round(self._heartbeat_s * 3)))
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(self._prefix + f"replica:{self.replica_id}", json.dumps(body, default=str),
+                 ex=max(1, round(self._heartbeat_s * 3)))
+        pipe.exists(self._prefix + "stats:entry_marks_version")
+        _, marks_held = await pipe.execute()
+        sent = self._marks_sent
+        # A write without a version name records none: nothing to look for then.
+        if not marks_held and sent is not None and sent[0] and self._published is None:
+            self._published = sent
+            logs.event(log, "shared_stats_entry_marks_lost", logging.WARNING, version=sent[0])
 
     async def leave(self, timeout_s: float = 2.0) -> None:
         """Best-effort goodbye: flush and drop the heartbeat so the replica count is exact."""

@@ -880,6 +880,43 @@ async def test_an_older_versions_marks_written_late_keep_the_newer_versions_hits
     await b.aclose()
 
 
+async def test_a_publish_after_redis_came_back_empty_still_clears_a_changed_answers_hits(
+        redis_url: str) -> None:
+    """Review (stop 68): Redis restarted without persistence (or flushed) loses the entry
+    marks with the counters, and the replicas, still serving their version, never wrote them
+    again: the next publish's marks were taken for the first ever, clearing nothing, so the
+    hits counted on an answer since the restart stayed on the id once its answer changed
+    (the admin API showed the new answer with the old one's hits). A replica whose marks
+    are gone from Redis (its heartbeat looks) writes them again."""
+    replica = SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:")
+    old, new = answer_mark("answer", "Nine to five."), answer_mark("answer", "Eight to eight.")
+    atm = answer_mark("answer", "Next to the station.")
+
+    async def entry_hits() -> dict[str, int]:
+        return (await replica.cluster_snapshot({}))["entry_hits"]
+
+    replica.entries_published({"opening_hours": old, "find_atm": atm}, "v1",
+                              intents=["opening_hours", "find_atm"])
+    replica.turn_finished(hit("opening_hours"))
+    await replica.flush()
+    await replica.heartbeat()
+    direct = redis.Redis.from_url(redis_url)
+    direct.flushdb()  # Redis restarted empty: the replica keeps serving v1
+    direct.close()
+    for intent in ("opening_hours", "opening_hours", "find_atm"):
+        replica.turn_finished(hit(intent))
+    await replica.flush()
+    await replica.heartbeat()  # its next beat, seconds later
+    await replica.flush()
+    assert await entry_hits() == {"opening_hours": 2, "find_atm": 1}
+    # v2 changes the hours' answer: their hits (of the old answer) are cleared.
+    replica.entries_published({"opening_hours": new, "find_atm": atm}, "v2",
+                              intents=["opening_hours", "find_atm"])
+    await replica.flush()
+    assert await entry_hits() == {"find_atm": 1}, "the old answer's hits stayed on it"
+    await replica.aclose()
+
+
 async def test_replicas_are_counted_under_a_prefix_that_reads_as_a_glob(redis_url: str) -> None:
     # A deployment's prefix is taken literally, as the store takes it: `[eu]` is no character
     # class that would count another deployment's replicas ("vgteste:") and none of its own.
