@@ -30,11 +30,16 @@ from intents.redis_store import (LOADING_SAID, RedisKeys, cannot_persist, redact
                                  still_loading)
 
 from . import logs
+from .clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("voicegate.redis")
 
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
+# A degraded replica whose cause changes (Redis back with another password, refusing
+# writes) logs the new one: at most this often, as a link's errors may word the same
+# failure differently from one attempt to the next.
+REASON_LOG_EVERY_S = 60.0
 # Replies that refuse a command for now, not for good: a replica promoted or demoted in a
 # failover (READONLY, MASTERDOWN, TRYAGAIN) or memory full. A write refused so is retried,
 # unlike one a foreign value under its key refuses (WRONGTYPE), which would fail again.
@@ -92,9 +97,12 @@ def honour_cancel() -> None:
 class RedisHealth:
     """Degraded while any user of the link (subscriber, counters) reports Redis down."""
 
-    def __init__(self, on_change: Callable[[str | None], None] | None = None) -> None:
+    def __init__(self, on_change: Callable[[str | None], None] | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._down: dict[str, str] = {}  # who -> why
         self._on_change = on_change
+        self._clock = clock
+        self._logged: tuple[str | None, float] = (None, 0.0)  # the reason logged, and when
 
     @property
     def degraded(self) -> bool:
@@ -105,10 +113,16 @@ class RedisHealth:
         return "; ".join(f"{who}: {why}" for who, why in sorted(self._down.items())) or None
 
     def down(self, who: str, why: str) -> None:
+        """``who`` failed, for ``why``: logged when the replica turns degraded, and again
+        when the reason differs from the one logged (at most every REASON_LOG_EVERY_S):
+        each link says its failure again at each attempt."""
         was = self.reason
         self._down[who] = why
-        if was is None:
+        logged, at = self._logged
+        now = self._clock.now()
+        if was is None or (self.reason != logged and now - at >= REASON_LOG_EVERY_S):
             logs.event(log, "redis_degraded", logging.WARNING, reason=self.reason)
+            self._logged = (self.reason, now)
         self._changed(was)
 
     def up(self, who: str) -> None:

@@ -43,7 +43,8 @@ import gateway.shared_stats
 from cache_seed.seed import render_answers
 from cache_seed.validate import read_seed_csv
 from gateway.client import Caller
-from gateway.redis_link import RedisHealth, VersionSubscriber
+from gateway.clock import ManualClock
+from gateway.redis_link import REASON_LOG_EVERY_S, RedisHealth, VersionSubscriber
 from gateway.shared_stats import SharedStats
 from gateway.stats import Stats, answer_mark
 from intents.redis_store import RedisKeys, RedisStore, redacted
@@ -714,6 +715,32 @@ async def test_an_unreachable_redis_degrades_the_replica() -> None:
     assert not health.degraded and changes[-1] is None
 
 
+async def test_a_degraded_replica_whose_cause_changes_logs_the_new_one(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review (stop 68): only the first failure was logged (``redis_degraded``): a Redis
+    that went away and came back with another password (or refusing writes, out of memory)
+    kept the replica degraded for a new cause its log never named; an operator reading it
+    chased an unreachable Redis. A changed cause is logged too, at most once every
+    ``REASON_LOG_EVERY_S`` of the link's failures (their errors' words may differ from one
+    attempt to the next); the same cause repeated is not."""
+    clock = ManualClock()
+    health = RedisHealth(clock=clock)
+    unreachable = "Redis at redis://r:6379/0 unreachable: ConnectionError: refused"
+    refused = "Redis at redis://r:6379/0 refused the credentials: AuthenticationError: ..."
+
+    def degraded_lines() -> list[str]:
+        return [r.fields["reason"] for r in caplog.records  # type: ignore[attr-defined]
+                if r.getMessage() == "redis_degraded"]
+
+    with caplog.at_level(logging.INFO, logger="voicegate.redis"):
+        health.down("subscriber", unreachable)
+        health.down("subscriber", unreachable)
+        health.down("subscriber", refused)  # at once: held back for now
+        assert degraded_lines() == [f"subscriber: {unreachable}"]
+        await clock.advance(REASON_LOG_EVERY_S)
+        health.down("subscriber", refused)  # the next attempt's failure says it
+        health.down("subscriber", refused)
+        assert degraded_lines() == [f"subscriber: {unreachable}", f"subscriber: {refused}"]
 # -- shared counters -----------------------------------------------------------------------
 
 def hit(intent: str) -> dict[str, Any]:
