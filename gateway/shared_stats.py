@@ -185,6 +185,11 @@ class SharedStats:
         self._marks_sent: tuple[str, dict[str, str], list[str] | None] | None = None
         self._intent_labels = IntentLabels()  # as Stats.intent_labels: bounded
         self.dropped = 0
+        # A counters key whose foreign value refused an increment, and that refusal: it
+        # refuses every one, so the replica stays degraded naming it (not only until the
+        # next flush with nothing to write: a flapping /readyz, a log line pair a turn)
+        # until an increment to it is written or the key is gone (the heartbeat looks).
+        self._refused: tuple[RefusedIncrement, str] | None = None
 
     # -- recording (StatsObserver; called on the event loop, never blocks) ---------------
     def call_started(self) -> None:
@@ -263,6 +268,8 @@ class SharedStats:
             except (RedisError, OSError) as exc:
                 problem = exc
                 next_beat = 0.0  # announce ourselves again as soon as Redis is back
+            if problem is None and self._refused is not None:
+                problem = self._refused[0]
             if problem is None:
                 self._health.up("counters")
             else:
@@ -346,21 +353,32 @@ class SharedStats:
             index = int(failed[0]) - 1
             self.dropped += sum(slots[int(i) - 1][1] for i in failed)
             (key, field), _ = slots[index]
-            raise RefusedIncrement(f"cannot add to {key} {field}: not a hash of integers")
+            refused = RefusedIncrement(f"cannot add to {key} {field}: not a hash of integers")
+            if not key.startswith(self._prefix + "stats:minute:"):  # not past its minute
+                self._refused = (refused, key)
+            raise refused
+        if self._refused is not None and any(key == self._refused[1] for (key, _), _ in slots):
+            self._refused = None  # an increment to it was written
 
     async def heartbeat(self) -> None:
         """Announce this replica (its key expires after 3 beats), and look whether Redis
         still holds the entry marks it wrote: a Redis restarted empty (no persistence) or
         flushed lost them, and the next version's would be taken for the first ever,
         clearing no hits of a changed answer. Lost, they are written again at the next
-        flush (as a version's load writes them: one newer already written wins)."""
+        flush (as a version's load writes them: one newer already written wins). And
+        whether a foreign key that refused an increment is still there."""
         body = dict(self._describe(), replica=self.replica_id, pending=self.pending,
                     dropped=self.dropped, at=time.time())
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(self._prefix + f"replica:{self.replica_id}", json.dumps(body, default=str),
                  ex=max(1, round(self._heartbeat_s * 3)))
         pipe.exists(self._prefix + "stats:entry_marks_version")
-        _, marks_held = await pipe.execute()
+        refused = self._refused
+        if refused is not None:
+            pipe.exists(refused[1])
+        _, marks_held, *refusing = await pipe.execute()
+        if refused is not None and not refusing[0] and self._refused is refused:
+            self._refused = None  # the foreign key is gone (deleted by hand)
         sent = self._marks_sent
         # A write without a version name records none: nothing to look for then.
         if not marks_held and sent is not None and sent[0] and self._published is None:

@@ -571,6 +571,47 @@ async def test_entry_marks_refused_by_a_read_only_replica_are_written_once_redis
     assert marks == {b"opening_hours": answer_mark("answer", "Nine to five.").encode()}
 
 
+async def test_a_foreign_counter_key_keeps_the_replica_degraded_not_flapping(
+        prefix: str) -> None:
+    """Review (stop 68): a counters key overwritten by hand refuses every increment to it,
+    yet the replica was degraded only until its next flush with nothing to write (a quarter
+    of a second later): on a quiet line each turn logged `redis_degraded` then
+    `redis_recovered`, and `/readyz` and `voicegate_degraded` flapped (an alert on it too),
+    the key named for a moment only. It stays degraded, naming the key, until an increment
+    to that key is written or the key is gone (its heartbeat looks)."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(prefix + "stats:sources", "reset by hand")
+    changes: list[str | None] = []
+    stats = SharedStats(open_async_client(REDIS_URL), prefix=prefix,
+                        health=RedisHealth(on_change=changes.append), flush_s=0.01,
+                        heartbeat_s=0.05)
+    flushing = stats.flush
+    flushes = 0
+
+    async def counted_flush() -> None:
+        nonlocal flushes
+        flushes += 1
+        await flushing()
+
+    stats.flush = counted_flush  # type: ignore[method-assign]
+    task = asyncio.create_task(stats.run())
+    try:
+        await poll(lambda: flushes >= 2, "the flusher running")
+        stats.turn_finished({"source": "llm", "intent": "balance"})  # one quiet turn
+        await poll(lambda: changes, "the refused increment reported")
+        seen = flushes
+        await poll(lambda: flushes >= seen + 10, "ten flushes with nothing to write")
+        assert changes == [changes[0]] and "stats:sources" in str(changes[0]), changes
+        raw.delete(prefix + "stats:sources")  # fixed by hand; no turn since
+        await poll(lambda: changes[-1] is None, "healthy once the key is gone")
+        assert len(changes) == 2, changes
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raw.close()
+        await stats.aclose()
+
+
 async def test_a_foreign_counter_key_does_not_hold_back_the_entry_marks(prefix: str) -> None:
     """A counters key someone overwrote by hand refuses its increment at every flush (the
     rest of the batch is written). The marks of a newly loaded version came after the counts
