@@ -443,13 +443,23 @@ class SharedStats:
             misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None,
             hit_rate_5m=recent_hits / recent_turns if turns_5m else None,
             turns_5m=turns_5m, interrupted_turns=totals.get("interrupted_turns", 0),
-            sources=counts["sources"], intents=counts["intents"], errors=counts["errors"],
+            sources=counts["sources"], intents=self._served_intents(counts["intents"]),
+            errors=counts["errors"],
             entry_hits=counts["entries"], degraded=self._health.degraded,
             degraded_reason=self._health.reason,
             # The chart beside the cluster's figures counts the cluster's minutes too.
             series={"minute_s": 60, "points": counts["series"]},
             # Latency and the misses list stay this replica's: the page names it.
             latency_scope="replica", replica_id=self.replica_id)
+
+    def _served_intents(self, intents: dict[str, int]) -> dict[str, int]:
+        """The cluster's intents, those this replica's version does not hold under
+        OTHER_INTENT: a replica still on the version before (loading the new one) counts
+        them by name after the first to load it pruned them, until the next publish."""
+        folded: Counter[str] = Counter()
+        for label, turns in intents.items():
+            folded[label if self._intent_labels.kept(label) else OTHER_INTENT] += turns
+        return dict(folded)
 
     async def _read_cluster(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         # The chart's hour of minute buckets, the current one (partial) last; the 5 min

@@ -1606,3 +1606,30 @@ async def test_the_cluster_intents_hash_is_bounded_and_pruned_on_publish(redis_u
     cluster = await stats.cluster_snapshot({"latency_ms": {}})
     assert cluster["intents"] == {"opening_hours": 2, OTHER_INTENT: 1}, cluster
     await stats.aclose()
+
+
+async def test_an_intent_a_lagging_replica_counts_after_the_prune_is_not_shown_by_name(
+        redis_url: str) -> None:
+    """Review (stop 68): the first replica to load a version prunes the cluster's intents to
+    its own, but a replica still loading it (seconds: its audio, its router) routes with the
+    version before and counts the intents the new one dropped or renamed by name, after the
+    prune: /admin/stats' intents showed them until the next publish, though only the serving
+    version's intents are counted by name (docs/operations.md). The cluster view counts an
+    intent the answering replica's version does not hold under OTHER_INTENT, as it counts
+    only that version's entries in entry_hits."""
+    from gateway.stats import OTHER_INTENT
+    first, lagging = (SharedStats(aioredis.Redis.from_url(redis_url), prefix="vgtest:")
+                      for _ in range(2))
+    for replica in (first, lagging):
+        replica.entries_published({}, "v1", intents=["opening_hours", "find_atm"])
+        await replica.flush()
+    first.entries_published({}, "v2", intents=["opening_hours", "cash_machine"])  # renamed
+    await first.flush()  # the prune: find_atm is gone
+    lagging.turn_finished({"source": "llm", "hit": False, "intent": "find_atm"})  # still v1
+    first.turn_finished({"source": "llm", "hit": False, "intent": "cash_machine"})
+    await lagging.flush()
+    await first.flush()
+    cluster = await first.cluster_snapshot({"latency_ms": {}})
+    assert cluster["intents"] == {"cash_machine": 1, OTHER_INTENT: 1}, cluster
+    for replica in (first, lagging):
+        await replica.aclose()
