@@ -1328,3 +1328,34 @@ async def test_a_handoff_message_the_caller_stops_leaves_no_transfer_claim_in_th
     assert len(results) == 1, request
     assert "being transferred" not in results[0], results
     assert "not transferred" in results[0], results
+
+
+@pytest.mark.parametrize("first_token_s", [0.0, 1.0])
+async def test_keys_pressed_after_the_words_end_follow_them_whole(first_token_s):
+    """Review (stop 68): the caller says "my account number is" and keys the number in the
+    silence after it, a key every half second. The words read unfinished, so their turn
+    ended after the long silence (1.2 s), with two keys pressed: those went with the words,
+    before them ("the caller pressed 4 9 my account number is"), the agent answered
+    that, the next key stopped the answer, and the rest of the number was a turn of its own
+    ("the caller pressed 2 1 7 7 8 8"): the number split in two, the words asked after
+    keys pressed after them (a slow agent: the words dropped, the two halves asked as
+    two). Keys begun after the words' turn fell silent are waited for: one turn, the words
+    then the whole number, one reply."""
+    h = CallHarness(settings={"keypad_pause_s": 3, "idle_prompt_s": 0}, early_finals=True)
+    h.llm.first_token_s = first_token_s
+    h.llm.reply = "Thank you."
+    await h.start()
+    await h.say("my account number is", then_silence_ms=400)
+    for key in "49217788":
+        h.call.feed_dtmf(key)
+        await h.wait(500)
+    await h.wait(5000)
+    await h.stop()
+    asked = [[m["content"] for m in r if m["role"] == "user"][-1] for r in h.llm.requests]
+    assert asked == ["my account number is the caller pressed 4 9 2 1 7 7 8 8"], asked
+    assert [(e["keys"], e["turn"]) for e in h.output.of("keypad")] == [("49217788", 1)]
+    assert h.output.of("interrupt") == []
+    assert [e["source"] for e in h.output.of("response")] == ["llm"]
+    # The keys stay the agent's alone: the turn's transcript and routing hold the words.
+    assert h.transcripts() == ["my account number is"]
+    assert not any("pressed" in text for text, _ in h.router.calls), h.router.calls

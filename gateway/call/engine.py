@@ -285,6 +285,9 @@ class Call:
         # Keypad presses wait here for the keypad loop (bounded like texts).
         self._keys: asyncio.Queue[str] = asyncio.Queue(settings.max_queued_texts * 4)
         self._keypad = Keypad(settings.keypad, settings.keypad_pause_s)
+        # A spoken turn waits here for keys the caller began after its words (``_keys_for``):
+        # the keypad loop hands it the collection as it ends, instead of a turn of its own.
+        self._keys_awaited: asyncio.Future[Collected | None] | None = None
         # Set as each of the caller's spoken turns ends (its reply started): a mapped key
         # pressed mid-sentence waits for it (``_keypad_loop``).
         self._turn_ended = asyncio.Event()
@@ -874,6 +877,34 @@ class Call:
         preempt.cancel()
         self._stats.preempt("used" if preempt.adopted else "discarded")
 
+    async def _keys_for(self, tl: TurnTimeline, words: Transcript
+                        ) -> tuple[Collected | None, bool]:
+        """Keys still being collected as the caller's ``words`` (the turn's last utterance)
+        are decoded, and whether they follow the words. Begun before the words ended ("4 9
+        2 1 ... I don't have the rest", before the keypad pause ran out): they open this
+        turn, before its words, as keys whose pause runs out mid-utterance do
+        (``_carry_keys``); left collecting, they were answered after it, a second reply in
+        the reverse order. Begun in the silence after them ("my account number is" ... 4 9
+        2 1, a key every half second): the turn waits for the rest (``#`` or the keypad
+        pause), and they follow the words; taken as the words' turn ended, the number was
+        cut there, asked before the words, and its rest was a turn of its own. The turn's
+        input ended with its last key: its timeline counts from there. Not into words-less
+        noise (a cough mid-number): the collection goes on. A cancel while waiting (the
+        caller speaks, types) leaves the collection going and the words carried."""
+        if not (self._keypad.collecting and normalize_text(words.text)):
+            return None, False
+        began, spoken = self._keypad.began_at, tl.marks.get("speech_end")
+        if began is None or spoken is None or began <= spoken:
+            return self._keypad.expire(), False
+        self._keys_awaited = asyncio.get_running_loop().create_future()
+        try:
+            keys = await self._keys_awaited
+        finally:
+            self._keys_awaited = None
+        for stage in ("speech_end", "end_of_turn"):
+            tl.mark(stage, overwrite=True)
+        return keys, True
+
     async def _spoken_turn(self, tl: TurnTimeline, final: asyncio.Future[Transcript],
                            preempt: Preemption | None = None,
                            utterance: int | None = None) -> None:
@@ -891,6 +922,7 @@ class Call:
             # silent until the caller speaks again; the apology asks them to.
             async with deadline(self._clock, self._final_wait_s(tl)):
                 said = [await asyncio.shield(f) for f in utterances]
+            keys, keys_last = await self._keys_for(tl, said[-1])
         except asyncio.CancelledError:
             self._carry_words([*utterances, *self._carry], continuing, exchange,
                               exchange_asked, exchange_heard, in_context)
@@ -911,19 +943,13 @@ class Call:
                                       utterance=utterance)
             return
         _add_counts(tl, covered)  # its metrics cover the carried turns: their partials too
-        if self._keypad.collecting and normalize_text(said[-1].text):
-            # Keys still being collected as the caller's words end ("4 9 2 1 ... I don't
-            # have the rest", before the keypad pause ran out): they open this turn, before
-            # its words, as keys whose pause runs out mid-utterance do (``_carry_keys``).
-            # Left collecting, they were answered after it, a second reply in the reverse
-            # order. Not into words-less noise (a cough mid-number): the collection goes on.
-            keys = self._keypad.expire()
-            assert keys is not None
+        if keys is not None:
             done: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
             done.set_result(_CarriedKeys(text=keys.text(), final=True, turn=tl.turn))
             # Carried on with the words should this turn be stopped before it speaks.
-            utterances.insert(len(utterances) - 1, done)
-            said.insert(len(said) - 1, done.result())
+            at = len(utterances) if keys_last else len(utterances) - 1
+            utterances.insert(at, done)
+            said.insert(at, done.result())
             await self._out.send_event({"type": "keypad", "turn": tl.turn,
                                         "keys": keys.keys, "action": "agent"})
         if continuing and not any(normalize_text(t.text) for t in said[continuing:]
@@ -936,7 +962,8 @@ class Call:
             said, utterances = said[continuing:], utterances[continuing:]
             continuing = 0
         # Carried words (keys are none): a question the caller went on with.
-        carried = _joined([t.text for t in said[:-1] if not isinstance(t, _CarriedKeys)])
+        carried = _joined([t.text for f, t in zip(utterances, said)
+                           if f is not final and not isinstance(t, _CarriedKeys)])
         text = _joined([t.text for t in said if not isinstance(t, _CarriedKeys)])
         # Or keys its stopped exchange asked (a turn of keys alone): asked again here.
         # (``said`` holds ``utterances``' transcripts, in their order.)
@@ -1910,6 +1937,9 @@ class Call:
                 # reply; nothing may follow `hangup`, the call just closes.
                 continue
             if key is None:
+                if self._keys_wanted:
+                    self._hand_keys(self._keypad.expire())
+                    continue
                 if self._turns.in_utterance:
                     # The caller speaks: the keys open their turn ("the caller pressed 4
                     # 5, uh, I don't have the rest"), not a reply over their words.
@@ -1928,12 +1958,17 @@ class Call:
                 # A lone `#` does nothing, so it stops nothing either: pressed after a
                 # spoken question while the agent thinks, it would cut that reply, whose
                 # words then wait for a next spoken turn, and the caller hears nothing.
-                if self.replying and not self._keypad.does_nothing(key):
+                # Nor a key of the number a spoken turn waits for (``_keys_for``).
+                if self.replying and not self._keypad.does_nothing(key) \
+                        and not self._keys_wanted:
                     await self._barge_in("dtmf")
                 # The key itself stays out of logs: it may be part of a PIN.
                 logs.event(log, "dtmf")
                 self._trace.event("dtmf")
-                action = self._keypad.press(key)
+                action = self._keypad.press(key, self._clock.now())
+                if isinstance(action, Collected) and self._keys_wanted:
+                    self._hand_keys(action)
+                    continue
                 if isinstance(action, Collected) and self._turns.in_utterance:
                     # Ended by `#` (or the longest number) mid-sentence: carried into the
                     # turn the caller's words end, as a pause that runs out is.
@@ -1957,6 +1992,17 @@ class Call:
                 await self._keypad_turn(action)
             if not self._keypad.collecting:
                 self._idle.quiet_unless_busy()  # keys that led to no reply
+
+    @property
+    def _keys_wanted(self) -> bool:
+        """A spoken turn waits for the keys being collected (``_keys_for``)."""
+        return self._keys_awaited is not None and not self._keys_awaited.done()
+
+    def _hand_keys(self, keys: Collected | None) -> None:
+        """The collection ended (``#``, the pause) while a spoken turn waits for it: handed
+        to that turn, which asks it after its words, not made a turn of its own."""
+        assert self._keys_awaited is not None
+        self._keys_awaited.set_result(keys)
 
     def _handing_off(self) -> bool:
         """The caller is being put through: a transfer request runs, or a handoff key's

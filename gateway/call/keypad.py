@@ -61,6 +61,7 @@ class Keypad:
         self.mapping = dict(mapping)
         self.pause_s = pause_s
         self._keys: list[str] = []
+        self.began_at: float | None = None  # when the collection's first key came (``press``)
 
     @property
     def collecting(self) -> bool:
@@ -74,13 +75,16 @@ class Keypad:
         """Pressing ``key`` now asks for a person: mapped to handoff, no collection under way."""
         return not self._keys and self.mapping.get(key) == KEYPAD_HANDOFF
 
-    def press(self, key: str) -> Mapped | Collected | None:
-        """One key; what to do now, or None while a collection goes on."""
+    def press(self, key: str, at: float | None = None) -> Mapped | Collected | None:
+        """One key (pressed at ``at``, clock time); what to do now, or None while a
+        collection goes on."""
         key = check_key(key)
         if key == KEYPAD_END:
             return self.expire()  # a lone `#` ends nothing and does nothing
         if not self._keys and key in self.mapping:
             return Mapped(key, self.mapping[key])
+        if not self._keys:
+            self.began_at = at
         self._keys.append(key)
         if len(self._keys) >= MAX_COLLECTED_KEYS:  # handed over as if `#` were pressed
             return self.expire()
@@ -90,5 +94,5 @@ class Keypad:
         """The pause ran out (or `#`): the collection so far, if any."""
         if not self._keys:
             return None
-        keys, self._keys = "".join(self._keys), []
+        keys, self._keys, self.began_at = "".join(self._keys), [], None
         return Collected(keys)
