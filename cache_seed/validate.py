@@ -54,6 +54,13 @@ MAX_QUESTION_CHARS = 2000
 MAX_ANSWER_CHARS = 1200  # about 80 s of speech: longer answers belong to the agent
 MAX_INTENT_CHARS = 200  # any printable name; the entry id derived from it is URL-safe
 _SLUG = re.compile(r"[^a-z0-9]+")
+# An answer that is only an audio file's name or URL (an IVR's prompt export, a CMS's media
+# link): the voice would read the reference itself to callers. One word, ending in an audio
+# file's extension (a URL's query or fragment after it); not .au or .al, which end web
+# addresses ("www.bank.com.au" is an answer).
+_AUDIO_REFERENCE = re.compile(
+    r"\S+\.(?:wav|mp3|ogg|oga|opus|m4a|aac|flac|ulaw|alaw|aif|aiff|wma|amr|gsm|vox|webm"
+    r"|raw|pcm)(?:[?#]\S*)?", re.IGNORECASE)
 # How close an unknown column's name must be to a known column's (difflib's ratio) to be read as
 # a misspelling of it: 'actions', 'intents', 'acton' (0.91+) are; 'intent_id', 'answer_id' (0.8)
 # are extra columns and ignored.
@@ -436,6 +443,11 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     elif answer and len(answer) > MAX_ANSWER_CHARS:
         errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
                                      f"{MAX_ANSWER_CHARS})"))
+    elif answer and _AUDIO_REFERENCE.fullmatch(answer):
+        errors.append(RowError(line, f"answer {answer[:80]!r} is a reference to an audio file, "
+                                     "not words to say: the configured voice renders each "
+                                     "answer's text (it would read the reference aloud); "
+                                     "write the answer's words"))
     if intent is not None and (not _printable(intent_text) or not _visible(intent)):
         # a tab is refused, not collapsed; joiners alone show nothing
         errors.append(RowError(line, bad_intent_characters(intent_text)))

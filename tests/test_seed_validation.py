@@ -970,3 +970,25 @@ def test_a_separator_hint_of_another_separator_names_it(separator: str, named: s
     assert len(found) == 1, found
     assert found[0][0] == 1 and found[0][1].startswith(
         f"the file is separated by {named}; voicegate reads comma-separated CSV"), found
+
+
+@pytest.mark.parametrize("answer", [
+    "prompts/opening_hours.wav", "OPENING-HOURS.WAV", "hours.mp3",
+    "https://cdn.example.com/ivr/hours.mp3?v=2", "s3://bucket/prompts/hours.ulaw",
+    "file:///var/lib/ivr/hours.ogg",
+])
+def test_an_answer_that_is_an_audio_file_reference_is_refused_on_its_line(answer: str) -> None:
+    """Review (stop 68): an answer cell holding an audio file's name or URL (an IVR's prompt
+    export: "prompts/opening_hours.wav") seeded as text: the voice rendered it, and every
+    caller asking for the opening hours heard "prompts slash opening underscore hours dot
+    wav" from the cache, a wrong cached answer published without a word. It is refused on
+    its line, saying the answer must be the words to say; an answer that mentions a file or
+    a web address among its words is still an answer."""
+    found = errors_of(HEADER + f"When are you open?,{answer},hours,\n"
+                               "Where are you?,On Main Street.,where,\n")
+    assert len(found) == 1 and found[0][0] == 2, found
+    assert "audio file" in found[0][1] and "words" in found[0][1], found
+    plan = parse_seed_csv((HEADER + "When are you open?,Hear our hours at bank.example/hours.mp3"
+                                    " or call us.,hours,\n"
+                                    "What is your website?,www.bank.com.au,site,\n").encode())
+    assert plan.entries["site"].answer == "www.bank.com.au"
