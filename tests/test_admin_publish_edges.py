@@ -304,3 +304,47 @@ async def test_an_edit_rebuilds_the_versions_rows_off_the_serving_loop(
     await publisher.delete_entry("lost_card")
     assert len(rebuilt_on) == 2 and loop_thread not in rebuilt_on, (
         "the version's rows were rebuilt on the serving loop")
+
+
+async def test_an_upload_does_not_replace_an_edit_published_while_it_ran(tmp_path: Path) -> None:
+    """Review (stop 68): an upload publishes over whatever is current when its calibration
+    ends (minutes for a large seed). Another replica's admin API (one Redis behind a
+    balancer) corrected an answer meanwhile, and answered that edit 200: the upload then
+    published over it, and the wrong answer the edit had fixed served again, no one told.
+    An upload now replaces only the version current when it began, as an edit does: a
+    version published meanwhile is kept, and the upload answers 409, nothing published."""
+    store = LocalStore(tmp_path / "store")
+    first = cli_seed(store, small_faq_csv())
+    cache = FaqCache(store, shared_embedder())
+    assert cache.refresh()
+    edited: list[str] = []
+
+    class EditMeanwhile(ToneVoice):
+        """Renders the upload's new answer while another replica publishes an edit."""
+
+        def synthesize_all(self, text: str) -> bytes:
+            if not edited:  # replica B's POST /admin/entries, built on (and replacing) first
+                fixed = small_faq_csv().replace("Our branches are open",
+                                                "All our branches are open")
+                edited.append(seed_plan(parse_seed_csv(fixed.encode()), store, tone_render,
+                                        "tone", source="admin: entry opening_hours",
+                                        target_wrong_rate=OPERATOR_TARGET, progress=False,
+                                        embedder=shared_embedder(),
+                                        negatives=OPERATOR_NEGATIVES, replaces=first).version)
+            return super().synthesize_all(text)
+
+    publisher, services = publisher_on(cache)
+    services.runtime.tts = EditMeanwhile()
+    upload = small_faq_csv().replace("Bluestone Bank's routing number",
+                                     "The routing number")  # one answer to render
+    try:
+        report = await publisher.seed_csv(upload.encode(), "faq.csv")
+    except Exception as exc:  # noqa: BLE001 - what the admin route answers
+        response = _publish_failed(exc, services)  # type: ignore[arg-type]
+        answer = (response.status_code, json.loads(response.body)["error"])
+    else:
+        answer = (200, f"published {report.version}")
+    assert edited, "the voice rendered nothing: the edit never happened"
+    assert store.current_version() == edited[0], (
+        f"the upload answered {answer} and replaced the edit {edited[0]} published meanwhile")
+    assert answer[0] == 409 and edited[0] in answer[1], answer

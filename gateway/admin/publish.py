@@ -35,7 +35,8 @@ from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
                         SeedValidationError, parse_seed_csv, parse_seed_rows, rows_from_manifest)
 from cache_seed.validate import bad_intent_characters
 
-from intents.store import ANY_VERSION, AnyVersion, StoreError, StoreUnavailable
+from intents.store import (ANY_VERSION, AnyVersion, StoreConflict, StoreError,
+                           StoreUnavailable)
 from intents.types import DEFAULT_TARGET_WRONG_RATE, entry_id_for
 
 from .. import logs
@@ -290,27 +291,40 @@ class Publisher:
     async def _seed_csv(self, data: bytes, source: str,
                         target_wrong_rate: float | None) -> SeedReport:
         plan = await off_loop(parse_seed_csv, data, source)
-        target, negatives = await off_loop(self._upload_defaults)
+        target, negatives, replaces = await off_loop(self._upload_defaults)
         if target_wrong_rate is None:
             target_wrong_rate = target
-        return await self._publish(plan, source, target_wrong_rate, negatives)
+        try:
+            return await self._publish(plan, source, target_wrong_rate, negatives, replaces)
+        except StoreConflict as exc:
+            raise StoreConflict(
+                f"{exc}: published while this upload ran (an entry edit, a promotion or a "
+                "seed on another replica, or `voicegate seed`), and an upload replaces only "
+                "the version current when it began; look at what serves (GET /admin/entries) "
+                "before uploading again") from exc
 
-    def _upload_defaults(self) -> tuple[float, tuple[str, ...]]:
+    def _upload_defaults(self) -> tuple[float, tuple[str, ...], str | None | AnyVersion]:
         """The target and the operator's own negatives of the version an upload replaces:
         the store's current one, whether this replica serves it, is behind it (another
         replica, the CLI, published since its last poll) or cannot load it (an answer's
         audio lost). Memory's copy when the store lost it (Redis restarted empty, a wiped
         directory: what a reseed repairs) or holds one that cannot be read; the CLI's default (1%) when
-        there is none. ``StoreUnavailable`` when the store does not answer. Blocking."""
+        there is none. ``StoreUnavailable`` when the store does not answer. Blocking.
+
+        Third, what the upload's publish replaces: the store's current version as read now
+        (an edit another replica publishes while this seed calibrates is not silently
+        undone: ``StoreConflict``), or any version when the pointer cannot be read (a
+        whole seed is what repairs it)."""
         cache = self.services.cache
         assert cache is not None
         loaded = cache.loaded
+        replaces: str | None | AnyVersion = ANY_VERSION
         try:
-            current = cache.store.current_version()
+            current = replaces = cache.store.current_version()
             if current is not None and (loaded is None or current != loaded.version):
                 _, bundle = cache.store.read(current)
                 return (self._target_wrong_rate(bundle.manifest),
-                        tuple(bundle.manifest.get("negatives") or ()))
+                        tuple(bundle.manifest.get("negatives") or ()), current)
         except StoreUnavailable as exc:
             # Memory's copy may be behind the store's (the CLI or another replica published
             # since the last poll): the store answering again for the publish would replace
@@ -321,8 +335,8 @@ class Publisher:
         except StoreError:
             pass  # not readable as a version (what a reseed repairs): memory's copy
         if loaded is not None:
-            return loaded.thresholds.target_wrong_rate, tuple(loaded.negatives)
-        return DEFAULT_TARGET_WRONG_RATE, ()
+            return loaded.thresholds.target_wrong_rate, tuple(loaded.negatives), replaces
+        return DEFAULT_TARGET_WRONG_RATE, (), replaces
 
     # ------------------------------------------------------------------ entries
 
