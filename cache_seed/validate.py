@@ -17,6 +17,7 @@ import codecs
 import csv
 import difflib
 import io
+import json
 import re
 import unicodedata
 from dataclasses import dataclass, field, replace
@@ -206,12 +207,26 @@ _BINARY_MAGIC = ((b"PK\x03\x04", "a zip archive (as an .xlsx or .ods workbook is
                  (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
                   "an Excel 97-2003 workbook (.xls) or another Office document"),
                  (b"%PDF-", "a PDF document"),
-                 (b"\x1f\x8b", "a gzip archive"))
+                 (b"\x1f\x8b", "a gzip archive"),
+                 (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+                 (b"GIF8", "a GIF image"), (b"ID3", "audio (an MP3 file)"),
+                 (b"RIFF", "audio (a WAV file) or another RIFF file"),
+                 (b"OggS", "audio (an Ogg file)"), (b"fLaC", "audio (a FLAC file)"))
+
+# Text that is not CSV, by how its first line starts (a BOM and spaces aside): a sheet's link
+# fetched without its sign-in saves the sign-in page. Read as CSV, markup's quotes gave
+# "text follows a quoted field's closing '\"'", JSON "missing column 'question'".
+_MARKUP = (("<!doctype html", "an HTML page (a web page saved or downloaded in place of the "
+                              "CSV: a sign-in or sharing page?)"),
+           ("<html", "an HTML page (a web page saved or downloaded in place of the CSV: a "
+                     "sign-in or sharing page?)"),
+           ("<?xml", "an XML document (Excel's \"XML Spreadsheet\"?)"))
 
 
 def _binary_kind(data: bytes) -> str | None:
-    """What a file that is not text is ("an Excel workbook (.xlsx)", ...), else None. Called
-    after _wide_encoding: UTF-16 and UTF-32 text have NUL bytes too."""
+    """What a file that is not CSV text is ("an Excel workbook (.xlsx)", "an HTML page",
+    "JSON", ...), else None. Called after _wide_encoding: UTF-16 and UTF-32 text have NUL
+    bytes too."""
     for magic, kind in _BINARY_MAGIC:
         if data.startswith(magic):
             # a zip's member names are stored as they are, in its central directory
@@ -222,9 +237,20 @@ def _binary_kind(data: bytes) -> str | None:
             return kind
     # Any other binary: no text file has a NUL byte in its header (a data row with one
     # is reported on its own line, the rest of the file still checked).
-    header = next((line for line in data[:4096].splitlines() if line.strip()), b"")
+    text = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    header = next((line for line in text[:4096].splitlines() if line.strip()), b"")
     if b"\x00" in header:
         return "binary (its first line holds a NUL byte)"
+    start = header.decode("utf-8", errors="replace").lstrip(" \t").lower()
+    for opening, kind in _MARKUP:
+        if start.startswith(opening):
+            return kind
+    if start[:1] in ("{", "["):
+        try:  # no CSV is a JSON object or array
+            if isinstance(json.loads(text.decode("utf-8")), (dict, list)):
+                return "JSON"
+        except ValueError:  # not UTF-8 (UnicodeDecodeError is one) or not JSON
+            pass
     return None
 
 

@@ -992,3 +992,35 @@ def test_an_answer_that_is_an_audio_file_reference_is_refused_on_its_line(answer
                                     " or call us.,hours,\n"
                                     "What is your website?,www.bank.com.au,site,\n").encode())
     assert plan.entries["site"].answer == "www.bank.com.au"
+
+
+@pytest.mark.parametrize("data, kind", [
+    (b"\xef\xbb\xbf\n<!DOCTYPE html>\n<html lang=\"en\"><head><title>Sign in - Google Accounts"
+     b"</title>\n<script nonce=\"x\">var a = \"b\";</script>\n</head><body>question,answer"
+     b"</body></html>\n", "an HTML page"),
+    (b"<html>\n<body><table><tr><td>question</td><td>answer</td></tr></table></body>\n</html>\n",
+     "an HTML page"),
+    (b'<?xml version="1.0"?>\n<?mso-application progid="Excel.Sheet"?>\n<Workbook '
+     b'xmlns="urn:schemas-microsoft-com:office:spreadsheet">\n</Workbook>\n', "an XML document"),
+    (b'[\n  {"question": "When are you open?", "answer": "Nine to five."},\n'
+     b'  {"question": "Where are you?", "answer": "On Main Street."}\n]\n', "JSON"),
+    (b'{"rows": [{"question": "When are you open?", "answer": "Nine to five."}]}\n', "JSON"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00" + bytes(range(256)) * 4,
+     "a PNG image"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\n" + bytes(range(256)) * 4, "a JPEG image"),
+    (b"ID3\x04\x00\x00\x00\x00\x00\x00\n" + bytes(range(256)) * 4, "audio"),
+], ids=["html-sign-in-page", "html-table", "excel-xml", "json-list", "json-object", "png", "jpeg",
+        "mp3"])
+def test_a_web_page_json_or_an_image_is_named_as_such_not_a_broken_quote(data: bytes,
+                                                                         kind: str) -> None:
+    """Review (stop 68): a sheet's CSV link fetched without its sign-in (curl -L ... >
+    faq.csv) saves Google's HTML sign-in page; uploaded, it was refused on line 1 for "text
+    follows a quoted field's closing '\"'" (the markup's attribute quotes), JSON for
+    "missing column 'question' (header is: [)", a PNG screenshot with "not UTF-8" and a
+    missing column per line: true, and no word of what the file is. One error on line 1 now
+    names it, as a workbook or a PDF is named."""
+    found = errors_of(data)
+    assert len(found) == 1, found[:4]
+    line, reason = found[0]
+    assert line == 1 and reason.startswith(f"not CSV: the file is {kind}"), reason
+    assert "export it as CSV UTF-8" in reason, reason
