@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 
 from intents.csv_text import csv_rows, field_count_problem, line_problems, without_extra_boms
 from intents.embedder import normalize_text
+from intents.negatives import same_question
 from intents.types import Action, Entry, entry_id_for
 
 # A plain decimal: ASCII digits and one point. float() also takes an exponent (5e-2), spaces,
@@ -461,11 +462,19 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     action: Action | None = None
     if not _visible(question):  # a zero-width space alone is no question
         errors.append(RowError(line, "empty question"))
+    elif not same_question(question):  # "?": nothing to learn, as the negatives file says
+        errors.append(RowError(line, f"question has no words, only punctuation "
+                                     f"({question[:40]!r})"))
     elif len(question) > MAX_QUESTION_CHARS:
         errors.append(RowError(line, f"question too long ({len(question)} characters, at most "
                                      f"{MAX_QUESTION_CHARS})"))
     if answer is not None and not _visible(answer):
         errors.append(RowError(line, "empty answer: it holds only invisible characters"))
+    elif answer is not None and not same_question(answer):
+        # A sheet's placeholder ("-", "..."): a voice renders it as nothing, or a breath.
+        errors.append(RowError(line, f"answer has no words, only punctuation ({answer[:40]!r}):"
+                                     " a placeholder? leave the cell empty for a question that "
+                                     "takes its intent's answer or goes to the agent"))
     elif answer and len(answer) > MAX_ANSWER_CHARS:
         errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
                                      f"{MAX_ANSWER_CHARS})"))

@@ -1024,3 +1024,21 @@ def test_a_web_page_json_or_an_image_is_named_as_such_not_a_broken_quote(data: b
     line, reason = found[0]
     assert line == 1 and reason.startswith(f"not CSV: the file is {kind}"), reason
     assert "export it as CSV UTF-8" in reason, reason
+
+
+def test_a_cell_of_punctuation_alone_is_refused_on_its_line() -> None:
+    """Review (stop 68): a spreadsheet's placeholder for "no answer yet" ("-", "...", "—")
+    passed validation as an answer. Piper renders it as no audio at all, so the seed failed
+    after validation, at that answer's render ("returned no 16-bit PCM": no line, and the
+    other such rows unsaid); a cloud voice renders a breath, published as a cached answer
+    of silence. A question of punctuation alone ("?") was trained on as a question. Each is
+    refused on its line, as the negatives file refuses its own."""
+    found = errors_of(HEADER + "When are you open?,-,hours,\n"
+                               "Where are you?,...,where,\n"
+                               "Do you have a branch in Leeds?,\u2014,leeds,\n"
+                               "?,Nine to five.,hours,\n"
+                               "What is your fee?,$5 a month.,fee,\n"
+                               "Who are you?,\u2605\u2605\u2605,who,\n")
+    assert [line for line, _ in found] == [2, 3, 4, 5], found
+    assert all("no words, only punctuation" in reason for _, reason in found), found
+    assert found[0][1].startswith("answer") and found[3][1].startswith("question"), found
