@@ -456,8 +456,9 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     answer = " ".join(values["answer"].split()) or None
     intent_text = values.get("intent", "").strip()
     # A run of spaces is one space, as parse_seed_rows (the admin API's rows) makes it: a name
-    # is the same, and so is its entry id, whichever path published it.
-    intent = " ".join(intent_text.split()) or None
+    # is the same, and so is its entry id, whichever path published it. Composed (NFC): "é"
+    # as one character or as e and an accent looks the same and is one intent.
+    intent = unicodedata.normalize("NFC", " ".join(intent_text.split())) or None
     action_text = values.get("action", "").strip().lower()
     action: Action | None = None
     if not _visible(question):  # a zero-width space alone is no question

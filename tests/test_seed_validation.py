@@ -1042,3 +1042,31 @@ def test_a_cell_of_punctuation_alone_is_refused_on_its_line() -> None:
     assert [line for line, _ in found] == [2, 3, 4, 5], found
     assert all("no words, only punctuation" in reason for _, reason in found), found
     assert found[0][1].startswith("answer") and found[3][1].startswith("question"), found
+
+
+def test_an_intent_name_in_two_unicode_forms_is_one_intent() -> None:
+    """Review (stop 68): rows pasted from two sources spelt one intent "résiliation" in two
+    Unicode forms (é as one character, NFC, and as e plus a combining accent, NFD, as macOS
+    and PDFs give it): identical on screen, they seeded two intents. The rows without an
+    answer formed one of their own, published as an agent (llm) entry: its questions never
+    got the cached answer, and the classifier split what is one intent in two. A name is
+    read in its composed form (NFC), as its spaces are collapsed, in the CSV and in the
+    admin API's rows alike."""
+    composed = unicodedata.normalize("NFC", "résiliation")
+    decomposed = unicodedata.normalize("NFD", "résiliation")
+    assert composed != decomposed
+    rows = (HEADER + f"How do I close my account?,Call us to close it.,{composed},\n"
+                     f"I want to cancel my account,,{decomposed},\n"
+                     "When are you open?,Nine to five.,hours,\n")
+    plan = parse_seed_csv(rows.encode())
+    assert sorted(plan.entries) == sorted([composed, "hours"]), sorted(plan.entries)
+    entry = plan.entries[composed]
+    assert entry.action is Action.ANSWER and entry.answer == "Call us to close it."
+    assert entry.questions == ("How do I close my account?", "I want to cancel my account")
+    from cache_seed import parse_seed_rows
+    again = parse_seed_rows([{"question": "I want to cancel my account", "intent": decomposed},
+                             {"question": "How do I close my account?",
+                              "answer": "Call us to close it.", "intent": composed},
+                             {"question": "When are you open?", "answer": "Nine to five.",
+                              "intent": "hours"}])
+    assert sorted(again.entries) == sorted(plan.entries)

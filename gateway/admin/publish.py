@@ -28,6 +28,7 @@ import contextlib
 import functools
 import logging
 import threading
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
 
@@ -491,10 +492,11 @@ def _entry_fields(body: Mapping[str, Any]) -> tuple[str, Any, Any, Any]:
             # collapsed into a space: the rows collapse whitespace, so their own check (the
             # one other control characters meet) never sees it.
             raise BadEntry(bad_intent_characters(value.strip()))
-    # Whitespace as the seed stores the name ("Card  lost" is published as "Card lost"):
-    # the entry is found, and answered, under the name it is published with.
-    entry_id, intent = (" ".join(v.split()) if isinstance(v, str) else v
-                        for v in (entry_id, intent))
+    # Whitespace and Unicode form as the seed stores the name ("Card  lost" is published as
+    # "Card lost", an NFD "é" as NFC): the entry is found, and answered, under the name it is
+    # published with.
+    entry_id, intent = (unicodedata.normalize("NFC", " ".join(v.split()))
+                        if isinstance(v, str) else v for v in (entry_id, intent))
     if entry_id and intent and entry_id != intent:
         raise BadEntry("'id' and 'intent' name the same entry; give one, or the same value")
     name = entry_id or intent or ""
