@@ -63,6 +63,11 @@ _SLUG = re.compile(r"[^a-z0-9]+")
 _AUDIO_REFERENCE = re.compile(
     r"\S+\.(?:wav|mp3|ogg|oga|opus|m4a|aac|flac|ulaw|alaw|aif|aiff|wma|amr|gsm|vox|webm"
     r"|raw|pcm)(?:[?#]\S*)?", re.IGNORECASE)
+# HTML in an answer (a help centre's export: Zendesk, Intercom): a tag or an entity, which
+# the voice reads aloud ("less than p greater than", "ampersand n b s p"). A "<" or "&" in
+# plain words is neither.
+_MARKUP_IN_ANSWER = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>"
+                               r"|&(?:[A-Za-z][A-Za-z0-9]*|#[0-9]+|#[xX][0-9A-Fa-f]+);")
 # How close an unknown column's name must be to a known column's (difflib's ratio) to be read as
 # a misspelling of it: 'actions', 'intents', 'acton' (0.91+) are; 'intent_id', 'answer_id' (0.8)
 # are extra columns and ignored.
@@ -484,6 +489,10 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
                                      "not words to say: the configured voice renders each "
                                      "answer's text (it would read the reference aloud); "
                                      "write the answer's words"))
+    elif answer and (markup := _MARKUP_IN_ANSWER.search(answer)) is not None:
+        errors.append(RowError(line, f"answer holds HTML markup ({markup.group()[:40]!r}): the "
+                                     "voice would read it aloud; write the answer as plain "
+                                     "words (a help centre's export? export its text)"))
     if intent is not None and (not _printable(intent_text) or not _visible(intent)):
         # a tab is refused, not collapsed; joiners alone show nothing
         errors.append(RowError(line, bad_intent_characters(intent_text)))

@@ -1070,3 +1070,26 @@ def test_an_intent_name_in_two_unicode_forms_is_one_intent() -> None:
                              {"question": "When are you open?", "answer": "Nine to five.",
                               "intent": "hours"}])
     assert sorted(again.entries) == sorted(plan.entries)
+
+
+@pytest.mark.parametrize("answer, shown", [
+    ("<p>Our branches are open nine to five.</p>", "<p>"),
+    ('Open <b>nine</b> to five; see <a href="https://bank.example/hours">hours</a>.', "<b>"),
+    ("Open nine&nbsp;to&nbsp;five.", "&nbsp;"),
+    ("Call us on 0800 123 456.<br/>", "<br/>"),
+])
+def test_an_answer_holding_html_markup_is_refused_on_its_line(answer: str, shown: str) -> None:
+    """Review (stop 68): a help centre's export (Zendesk, Intercom) carries its answers as
+    HTML. Seeded as they were, the voice read the markup aloud: "<p>Our branches are open
+    nine to five.</p>" took Piper 3.0 s where the words take 2.1, "nine&nbsp;to&nbsp;five"
+    4.2 s, every caller hearing the tags and entities spelt out from the cache. Such an
+    answer is refused on its line, naming the markup; a "<" or "&" in plain words is not
+    markup."""
+    found = errors_of(HEADER + f'When are you open?,"{answer.replace(chr(34), chr(34) * 2)}",'
+                               "hours,\nWhere are you?,On Main Street.,where,\n")
+    assert len(found) == 1 and found[0][0] == 2, found
+    assert "HTML" in found[0][1] and shown in found[0][1], found
+    plan = parse_seed_csv((HEADER + "What is the minimum?,Deposits of < 5 pounds & more are "
+                                    "fine; R&D is closed.,minimum,\n"
+                                    "Where are you?,On Main Street.,where,\n").encode())
+    assert plan.entries["minimum"].answer.startswith("Deposits of < 5 pounds & more")
