@@ -63,11 +63,18 @@ _SLUG = re.compile(r"[^a-z0-9]+")
 _AUDIO_REFERENCE = re.compile(
     r"\S+\.(?:wav|mp3|ogg|oga|opus|m4a|aac|flac|ulaw|alaw|aif|aiff|wma|amr|gsm|vox|webm"
     r"|raw|pcm)(?:[?#]\S*)?", re.IGNORECASE)
-# HTML in an answer (a help centre's export: Zendesk, Intercom): a tag or an entity, which
-# the voice reads aloud ("less than p greater than", "ampersand n b s p"). A "<" or "&" in
-# plain words is neither.
-_MARKUP_IN_ANSWER = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>"
-                               r"|&(?:[A-Za-z][A-Za-z0-9]*|#[0-9]+|#[xX][0-9A-Fa-f]+);")
+# What an answer may hold that is no words to say, by what it is: HTML (a help centre's export:
+# Zendesk, Intercom), Markdown (a chat assistant's writing), a template's placeholder (a help
+# desk's macro). The voice reads markup aloud ("less than p greater than", "asterisk
+# asterisk") and skips a placeholder ("Our branches are open."). A "<", "&", "*" or brace in
+# plain words is none of them.
+_NOT_WORDS_IN_ANSWER = (
+    ("HTML markup", re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>"
+                               r"|&(?:[A-Za-z][A-Za-z0-9]*|#[0-9]+|#[xX][0-9A-Fa-f]+);")),
+    ("Markdown", re.compile(r"\*\*\S(?:[^*]*\S)?\*\*|__\S(?:[^_]*\S)?__"
+                            r"|\[[^\[\]]+\]\([^()\s]+\)")),
+    ("a template placeholder", re.compile(r"\{\{[^{}]*\}\}|\$\{[^{}]*\}")),
+)
 # How close an unknown column's name must be to a known column's (difflib's ratio) to be read as
 # a misspelling of it: 'actions', 'intents', 'acton' (0.91+) are; 'intent_id', 'answer_id' (0.8)
 # are extra columns and ignored.
@@ -412,6 +419,15 @@ def bad_intent_characters(name: str) -> str:
     return f"bad intent {name!r}: it contains a control or invisible separator character"
 
 
+def _not_words(answer: str) -> tuple[str, str] | None:
+    """(what, the text) of the first markup or placeholder ``answer`` holds, else None."""
+    for kind, pattern in _NOT_WORDS_IN_ANSWER:
+        found = pattern.search(answer)
+        if found is not None:
+            return kind, found.group()
+    return None
+
+
 def _repeats_header(fields: list[str], header: list[str]) -> bool:
     """A data row that names the header's columns again (in any order, any case, a BOM
     before it: a second file's first line)."""
@@ -489,10 +505,11 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
                                      "not words to say: the configured voice renders each "
                                      "answer's text (it would read the reference aloud); "
                                      "write the answer's words"))
-    elif answer and (markup := _MARKUP_IN_ANSWER.search(answer)) is not None:
-        errors.append(RowError(line, f"answer holds HTML markup ({markup.group()[:40]!r}): the "
-                                     "voice would read it aloud; write the answer as plain "
-                                     "words (a help centre's export? export its text)"))
+    elif answer and (found := _not_words(answer)) is not None:
+        kind, text = found
+        errors.append(RowError(line, f"answer holds {kind} ({text[:40]!r}): the voice would "
+                                     "read it aloud or skip it; write the answer as the plain "
+                                     "words to say"))
     if intent is not None and (not _printable(intent_text) or not _visible(intent)):
         # a tab is refused, not collapsed; joiners alone show nothing
         errors.append(RowError(line, bad_intent_characters(intent_text)))

@@ -1093,3 +1093,27 @@ def test_an_answer_holding_html_markup_is_refused_on_its_line(answer: str, shown
                                     "fine; R&D is closed.,minimum,\n"
                                     "Where are you?,On Main Street.,where,\n").encode())
     assert plan.entries["minimum"].answer.startswith("Deposits of < 5 pounds & more")
+
+
+@pytest.mark.parametrize("answer, kind, shown", [
+    ("**Open** nine to five.", "Markdown", "**Open**"),
+    ("Open nine to five, see [our site](https://bank.example/hours).", "Markdown",
+     "[our site](https://bank.example/hours)"),
+    ("Our branches are open {{branch_hours}}.", "template placeholder", "{{branch_hours}}"),
+    ("Your card arrives in ${delivery_days} days.", "template placeholder", "${delivery_days}"),
+])
+def test_an_answer_in_markdown_or_with_a_template_placeholder_is_refused_on_its_line(
+        answer: str, kind: str, shown: str) -> None:
+    """Review (stop 68): answers written by a chat assistant come in Markdown, and a help
+    desk's macros carry placeholders. Seeded as they were, "**Open** nine to five." took
+    Piper 3.7 s where the words take 1.5 (the asterisks spelt out), a link's brackets and
+    address 6.2 s against 2.6, and "Our branches are open {{branch_hours}}." was said as
+    "Our branches are open.": a wrong cached answer. Each is refused on its line, naming
+    what it holds; an asterisk or a brace in plain words is neither."""
+    found = errors_of(HEADER + f'When are you open?,"{answer}",hours,\n'
+                               "Where are you?,On Main Street.,where,\n")
+    assert len(found) == 1 and found[0][0] == 2, found
+    assert kind in found[0][1] and shown in found[0][1], found
+    plan = parse_seed_csv((HEADER + "Any fees?,No fees* on transfers (*terms apply) {or so}.,"
+                                    "fees,\nWhere are you?,On Main Street.,where,\n").encode())
+    assert plan.entries["fees"].answer.startswith("No fees*")
