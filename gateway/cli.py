@@ -305,7 +305,8 @@ def _seed(args: argparse.Namespace) -> int:
     try:
         # Checked before the voice and the embedder load (seconds, a minute for a cloud
         # voice's first request): a bad row is told at once, and even where no voice loads.
-        read_seed_csv(args.csv)
+        # Read once: a pipe (`<(curl ...)`, /dev/stdin) read again is empty.
+        plan = read_seed_csv(args.csv)
     except SeedValidationError as exc:
         print(f"voicegate seed: {exc}", file=sys.stderr)
         return 1
@@ -328,7 +329,7 @@ def _seed(args: argparse.Namespace) -> int:
                                      target_wrong_rate=args.target_wrong_rate,
                                      progress=not args.quiet, negatives=negatives,
                                      max_new_answers=settings.seed_max_new_answers,
-                                     jobs=usable_cpus())
+                                     jobs=usable_cpus(), plan=plan)
         except KeyboardInterrupt:  # Ctrl-C: the store cleaned up; say which version serves
             print(f"voicegate seed: {_interrupted_seed(store, before)}", file=sys.stderr)
             return 130

@@ -66,9 +66,18 @@ def blocking_renderer(tts: TextToSpeech, loop: asyncio.AbstractEventLoop | None 
 def seed_with_voice(csv_path: str | Path, store: Store, tts: TextToSpeech, embedder: Embedder,
                     target_wrong_rate: float = DEFAULT_TARGET_WRONG_RATE, progress: bool = True,
                     negatives: Sequence[str] = (),
-                    max_new_answers: int | None = None, jobs: int = 1) -> SeedReport:
+                    max_new_answers: int | None = None, jobs: int = 1,
+                    plan: SeedPlan | None = None) -> SeedReport:
+    """Seed ``csv_path``; ``plan``: its rows as already read and validated (the CLI reads
+    them before the voice loads), so the file is read once: a pipe (``<(curl ...)``,
+    /dev/stdin) read again is empty."""
     loop = None if hasattr(tts, "synthesize_all") else asyncio.new_event_loop()
     try:
+        if plan is not None:
+            return seed_plan(plan, store, blocking_renderer(tts, loop), voice_id(tts),
+                             source=Path(csv_path).name, target_wrong_rate=target_wrong_rate,
+                             progress=progress, embedder=embedder, negatives=negatives,
+                             limit=new_answer_limit(max_new_answers), jobs=jobs)
         return seed(csv_path, store, blocking_renderer(tts, loop), voice_id(tts),
                     target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder,
                     negatives=negatives, limit=new_answer_limit(max_new_answers), jobs=jobs)

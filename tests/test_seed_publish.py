@@ -1162,3 +1162,36 @@ async def test_a_seed_that_holds_the_lock_can_be_cancelled_and_is_shown_running(
         f"a second upload was refused as busy, yet DELETE /admin/seed found no seed "
         f"(cancel() -> {accepted}) and GET /admin/seed said running={running}; the seed then "
         f"published {publisher.status.snapshot()['last']['version']}")
+
+
+def test_voicegate_seed_reads_a_csv_given_as_a_pipe_once(tmp_path: Path, monkeypatch,
+                                                         capsys) -> None:
+    """Review (stop 68): `voicegate seed <(curl -s "$SHEET_CSV_URL")` (or /dev/stdin) gave a
+    pipe: the command read it to validate the rows before loading the voice, then the seed
+    read the path again, found it drained and refused it, "line 1: missing columns question,
+    answer: the file is empty", once the voice and the embedder had loaded. The CSV is read
+    once; the rows validated are the rows published."""
+    import gateway.providers.registry
+    import gateway.runtime
+    from gateway import cli
+
+    voice = SimpleNamespace(name="tone", audio_id="tone", sample_rate=8000,
+                            synthesize_all=lambda text: tone_render(text)[0])
+    monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda s, ex: voice)
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda s, **_: shared_embedder())
+    for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    read, write = os.pipe()
+    os.write(write, b"question,answer\nWhen are you open?,Nine to five.\n"
+                    b"Where are you?,On Main Street.\n")
+    os.close(write)
+    store = tmp_path / "store"
+    try:
+        status = cli.main(["seed", f"/proc/self/fd/{read}", "--store", str(store), "--quiet"])
+    finally:
+        os.close(read)
+    err = capsys.readouterr().err
+    assert status == 0, err
+    manifest = LocalStore(store).read()[1].manifest
+    assert [q["text"] for q in manifest["questions"]] == ["When are you open?",
+                                                          "Where are you?"]
