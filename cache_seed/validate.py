@@ -474,7 +474,8 @@ def looks_like_formula(cell: str) -> bool:
 def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> SeedRow | None:
     before = len(errors)
     question = " ".join(values["question"].split())
-    answer = " ".join(values["answer"].split()) or None
+    # Composed (NFC), as an intent's name: one answer pasted in two Unicode forms is one.
+    answer = unicodedata.normalize("NFC", " ".join(values["answer"].split())) or None
     intent_text = values.get("intent", "").strip()
     # A run of spaces is one space, as parse_seed_rows (the admin API's rows) makes it: a name
     # is the same, and so is its entry id, whichever path published it. Composed (NFC): "é"

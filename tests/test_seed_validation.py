@@ -1117,3 +1117,18 @@ def test_an_answer_in_markdown_or_with_a_template_placeholder_is_refused_on_its_
     plan = parse_seed_csv((HEADER + "Any fees?,No fees* on transfers (*terms apply) {or so}.,"
                                     "fees,\nWhere are you?,On Main Street.,where,\n").encode())
     assert plan.entries["fees"].answer.startswith("No fees*")
+
+
+def test_an_answer_repeated_in_two_unicode_forms_is_one_answer() -> None:
+    """Review (stop 68): an intent's rows that each carry its answer, pasted from two
+    sources, spelt "Our café opens at nine." with é composed (NFC) on one row and as e plus
+    a combining accent (NFD) on the other: identical on screen, refused as "intent 'cafe'
+    already has a different answer", a difference the operator cannot see to fix. An answer
+    is read in its composed form, as an intent's name is."""
+    composed = unicodedata.normalize("NFC", "Our café opens at nine.")
+    decomposed = unicodedata.normalize("NFD", composed)
+    plan = parse_seed_csv((HEADER + f"When does the cafe open?,{composed},cafe,\n"
+                                    f"Cafe opening time?,{decomposed},cafe,\n"
+                                    "Where are you?,On Main Street.,where,\n").encode())
+    assert plan.entries["cafe"].answer == composed
+    assert len(plan.entries["cafe"].questions) == 2
