@@ -75,6 +75,10 @@ _NOT_WORDS_IN_ANSWER = (
                             r"|\[[^\[\]]+\]\([^()\s]+\)")),
     ("a template placeholder", re.compile(r"\{\{[^{}]*\}\}|\$\{[^{}]*\}")),
 )
+# A sheet's marks for an answer still to write: a cell of one of them alone (punctuation and
+# case aside) is no answer; the voice would say "T B D" to callers.
+_PLACEHOLDER_ANSWERS = frozenset({"tbd", "tba", "tbc", "todo", "fixme", "na", "xxx",
+                                  "placeholder"})
 # How close an unknown column's name must be to a known column's (difflib's ratio) to be read as
 # a misspelling of it: 'actions', 'intents', 'acton' (0.91+) are; 'intent_id', 'answer_id' (0.8)
 # are extra columns and ignored.
@@ -419,6 +423,12 @@ def bad_intent_characters(name: str) -> str:
     return f"bad intent {name!r}: it contains a control or invisible separator character"
 
 
+def _placeholder(answer: str) -> bool:
+    """"TBD", "N/A", "[TODO]": a mark for an answer still to write (_PLACEHOLDER_ANSWERS)."""
+    words = re.sub(r"[^\w]+", " ", same_question(answer)).strip()
+    return words in _PLACEHOLDER_ANSWERS or words.replace(" ", "") in _PLACEHOLDER_ANSWERS
+
+
 def _not_words(answer: str) -> tuple[str, str] | None:
     """(what, the text) of the first markup or placeholder ``answer`` holds, else None."""
     for kind, pattern in _NOT_WORDS_IN_ANSWER:
@@ -498,6 +508,10 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
         errors.append(RowError(line, f"answer has no words, only punctuation ({answer[:40]!r}):"
                                      " a placeholder? leave the cell empty for a question that "
                                      "takes its intent's answer or goes to the agent"))
+    elif answer is not None and _placeholder(answer):
+        errors.append(RowError(line, f"answer {answer[:40]!r} is a placeholder, not an answer: "
+                                     "write the answer, or leave the cell empty for a question "
+                                     "that takes its intent's answer or goes to the agent"))
     elif answer and len(answer) > MAX_ANSWER_CHARS:
         errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
                                      f"{MAX_ANSWER_CHARS})"))

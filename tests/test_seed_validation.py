@@ -1132,3 +1132,18 @@ def test_an_answer_repeated_in_two_unicode_forms_is_one_answer() -> None:
                                     "Where are you?,On Main Street.,where,\n").encode())
     assert plan.entries["cafe"].answer == composed
     assert len(plan.entries["cafe"].questions) == 2
+
+
+@pytest.mark.parametrize("answer", ["TBD", "n/a", "TODO", "tbc.", "N.A.", "[TBD]", "xxx", "?TODO?"])
+def test_an_answer_that_is_a_placeholder_word_is_refused_on_its_line(answer: str) -> None:
+    """Review (stop 68): a sheet's answers still to write ("TBD", "N/A", "TODO") seeded as
+    answers: callers asking were told "T B D" from the cache, a wrong cached answer. A cell
+    that is such a placeholder alone is refused on its line, as one of punctuation alone
+    is; an answer using the word among others is an answer."""
+    found = errors_of(HEADER + f"When are you open?,{answer},hours,\n"
+                               "Where are you?,On Main Street.,where,\n")
+    assert len(found) == 1 and found[0][0] == 2, found
+    assert "placeholder" in found[0][1], found
+    plan = parse_seed_csv((HEADER + "When are you open?,Hours are TBD for the holidays.,hours,\n"
+                                    "Where are you?,On Main Street.,where,\n").encode())
+    assert plan.entries["hours"].answer == "Hours are TBD for the holidays."
