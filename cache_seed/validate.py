@@ -481,6 +481,32 @@ def looks_like_formula(cell: str) -> bool:
     return False
 
 
+def _formula_problem(column: str, cell: str) -> str:
+    # The advice must be one the check accepts: leading spaces do not count.
+    return (f"{column} looks like a spreadsheet formula ({cell.strip()[:40]!r}): cells "
+            "starting with =, @, a tab, or + or - before anything but a digit, a space or a "
+            "dot are refused, leading spaces not counted (CSV injection); if meant, reword it "
+            "to start otherwise (e.g. 'The code is =SAVE10')")
+
+
+def question_problems(cell: str) -> list[str]:
+    """Why a question cell cannot be seeded, whatever the rest of its row (empty, no words,
+    too long, a formula), in the seed's words; none when it can. The seed's own check of
+    each row, and the admin API's promotion of caller wordings (gateway/admin/routes.py)."""
+    question = " ".join(cell.split())
+    problems = []
+    if not _visible(question):  # a zero-width space alone is no question
+        problems.append("empty question")
+    elif not same_question(question):  # "?": nothing to learn, as the negatives file says
+        problems.append(f"question has no words, only punctuation ({question[:40]!r})")
+    elif len(question) > MAX_QUESTION_CHARS:
+        problems.append(f"question too long ({len(question)} characters, at most "
+                        f"{MAX_QUESTION_CHARS})")
+    if looks_like_formula(cell):
+        problems.append(_formula_problem("question", cell))
+    return problems
+
+
 def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> SeedRow | None:
     before = len(errors)
     question = " ".join(values["question"].split())
@@ -493,14 +519,7 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     intent = unicodedata.normalize("NFC", " ".join(intent_text.split())) or None
     action_text = values.get("action", "").strip().lower()
     action: Action | None = None
-    if not _visible(question):  # a zero-width space alone is no question
-        errors.append(RowError(line, "empty question"))
-    elif not same_question(question):  # "?": nothing to learn, as the negatives file says
-        errors.append(RowError(line, f"question has no words, only punctuation "
-                                     f"({question[:40]!r})"))
-    elif len(question) > MAX_QUESTION_CHARS:
-        errors.append(RowError(line, f"question too long ({len(question)} characters, at most "
-                                     f"{MAX_QUESTION_CHARS})"))
+    errors.extend(RowError(line, problem) for problem in question_problems(values["question"]))
     if answer is not None and not _visible(answer):
         errors.append(RowError(line, "empty answer: it holds only invisible characters"))
     elif answer is not None and not same_question(answer):
@@ -531,15 +550,8 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     elif intent is not None and len(intent) > MAX_INTENT_CHARS:
         errors.append(RowError(line, f"bad intent {intent[:40]!r}...: {len(intent)} characters, "
                                      f"at most {MAX_INTENT_CHARS}"))
-    for column in ("question", "answer"):
-        if looks_like_formula(values.get(column) or ""):
-            # The advice must be one the check accepts: leading spaces do not count.
-            errors.append(RowError(line, f"{column} looks like a spreadsheet formula "
-                                         f"({(values.get(column) or '').strip()[:40]!r}): cells "
-                                         "starting with =, @, a tab, or + or - before anything but "
-                                         "a digit, a space or a dot are refused, leading spaces "
-                                         "not counted (CSV injection); if meant, reword it to "
-                                         "start otherwise (e.g. 'The code is =SAVE10')"))
+    if looks_like_formula(values.get("answer") or ""):
+        errors.append(RowError(line, _formula_problem("answer", values.get("answer") or "")))
     if action_text:
         try:
             action = Action(action_text)

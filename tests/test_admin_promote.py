@@ -66,7 +66,8 @@ async def test_a_group_of_misses_becomes_an_entry_that_answers_at_once(promote_s
         assert body["version"] != before and serving_version(promote_server) == body["version"]
         assert body["entry"]["answer"] == INSURANCE[-1][2]
         assert set(body["entry"]["paraphrases"]) == set(group["questions"])
-        assert body["promoted"] == {"questions": 4, "calls": 3, "answer": INSURANCE[-1][2]}
+        assert body["promoted"] == {"questions": 4, "calls": 3, "answer": INSURANCE[-1][2],
+                                    "skipped": []}
         assert body["report"]["rendered"] == 1  # only the new answer was rendered
         listed = client.get("/admin/misses", params={"limit": 100}).json()["groups"]
         assert not any("do you sell car insurance" in g["questions"] for g in listed)
@@ -197,3 +198,31 @@ async def test_a_reply_that_failed_half_way_is_no_draft_answer(reply):
     assert [e["source"] for e in h.output.of("response")] == ["llm", "apology"]
     (missed,) = h.stats.missed_questions()
     assert missed.text == "when do you open on mondays" and missed.answer is None
+
+
+def test_a_group_holding_a_wording_no_seed_takes_is_promoted_without_it(promote_server, runtime):
+    """Review (stop 68): a group of misses is every wording callers used, typed ones too: a
+    caller who typed "@bank do you exchange euros" (a formula to a spreadsheet), or a
+    message past the 2,000 characters a seed question may have, put a wording in the group
+    that the seed's validation refuses. Its promotion answered 400 every time (the rows do
+    not validate), and neither the API nor the dashboard can leave a wording out: the
+    group could never become an entry. The wordings a seed would refuse are left out and
+    listed (``promoted.skipped``, with why); the rest become the entry."""
+    for text, call_id in (("do you exchange euros", "call-g"),
+                          ("can I exchange euros with you", "call-h"),
+                          ("@bank do you exchange euros", "call-i")):
+        miss(runtime, text, call_id, "Yes, at any branch.")
+    with admin(promote_server) as client:
+        group = group_with(client, "do you exchange euros")
+        assert "@bank do you exchange euros" in group["questions"], group
+        promoted = client.post("/admin/misses/promote", json={
+            "question": "do you exchange euros", "intent": "euro_exchange"})
+        assert promoted.status_code == 201, promoted.text
+        body = promoted.json()
+        assert "@bank do you exchange euros" not in body["entry"]["paraphrases"]
+        assert "do you exchange euros" in body["entry"]["paraphrases"]
+        [skipped] = body["promoted"]["skipped"]
+        assert skipped["question"] == "@bank do you exchange euros"
+        assert "formula" in skipped["reason"], skipped
+        listed = client.get("/admin/misses", params={"limit": 100}).json()["groups"]
+        assert not any("exchange euros" in q for g in listed for q in g["questions"]), listed

@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Match, Route
 
 from cache_seed import (SeedCancelled, SeedError, SeedValidationError, TooManyNewAnswers,
                         parse_target_wrong_rate)
+from cache_seed.validate import question_problems
 
 from ..http_body import BodyAbandoned, BodyTimeout, BodyTooLarge, closing
 from ..protocol import LONE_SURROGATE, has_lone_surrogate
@@ -534,8 +535,17 @@ async def promote_miss(request: Request, services: Services) -> Response:
     if not answer:
         return _bad_request(request, "the agent never answered these questions, so there is "
                                      "no draft: give the entry's 'answer'")
-    entry = {"intent": entry_id, "answer": answer, "action": "answer",
-             "questions": group["questions"]}
+    # Wordings are callers' own, typed ones too ("@bank do you ...", a message of pages): one
+    # the seed would refuse is left out, and said, or the group could never be promoted.
+    checked = [(q, question_problems(q)) for q in group["questions"]]
+    skipped = [{"question": q, "reason": "; ".join(problems)} for q, problems in checked
+               if problems]
+    questions = [q for q, problems in checked if not problems]
+    if not questions:
+        return _bad_request(request, "no question of this group can be a seed question: "
+                                     + "; ".join(f"{s['question'][:80]!r}: {s['reason']}"
+                                                 for s in skipped[:5]))
+    entry = {"intent": entry_id, "answer": answer, "action": "answer", "questions": questions}
     try:
         report, entry_id, _ = await _publisher(request).upsert_entry(entry, create_only=True,
                                                                      kind=PROMOTE)
@@ -552,8 +562,9 @@ async def promote_miss(request: Request, services: Services) -> Response:
     published = loaded.entries.get(entry_id) if loaded else None
     return JSONResponse({"version": report.version, "created": True,
                          "entry": _entry_json(published, 0) if published else None,
-                         "promoted": {"questions": len(group["questions"]),
-                                      "calls": group["calls"], "answer": answer},
+                         "promoted": {"questions": len(questions),
+                                      "calls": group["calls"], "answer": answer,
+                                      "skipped": skipped},
                          "report": report_json(report)}, status_code=201)
 
 
