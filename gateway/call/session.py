@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any, Callable
 
 from starlette.requests import HTTPConnection
@@ -36,7 +37,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..credentials import bearer_token
 from ..protocol import (CLOSE_INTERNAL_ERROR, CLOSE_INVALID_PAYLOAD, CLOSE_NORMAL, CLOSE_POLICY,
                         CLOSE_TOO_BIG, CLOSE_TRY_AGAIN_LATER, ProtocolError)
-from ..settings import Settings
+from ..settings import SUPPORTED_SAMPLE_RATES, Settings
 from ..stats import Stats
 from .engine import Call
 
@@ -85,6 +86,11 @@ def presented_token(connection: HTTPConnection) -> str:
 # Audio time a real-time client may bank beyond the grace: a server that stalls (a busy
 # event loop) and then reads the backlog in one burst must not look like a fast client.
 STALL_ALLOWANCE_S = 8.0
+# Audio sustained past this pace (x real time) beyond that backlog is no client catching
+# up, though under max_audio_rate: named once (`audio_pace_mismatch`), the call goes on.
+PACE_WARN_RATE = 1.5
+# The stretch of the latest audio whose pace an error gives.
+PACE_WINDOW_S = 10.0
 
 
 class TokenBucket:
@@ -118,18 +124,75 @@ class AudioRateLimit:
     takes its length. A 3x client empties it after ``grace_s`` (and a frame); a real-time
     client never does, even when the server reads several seconds of its audio late and
     all at once, because the bucket refilled at twice real time while the audio waited.
+
+    A second bucket, the same but refilled at ``PACE_WARN_RATE``, tells audio sustained
+    past real time that is no catching up, though under ``max_rate``: above all a `start`
+    that declared half the audio's rate (8000 for 16 kHz audio), exactly 2x, which the
+    first never refuses (``off_pace``; the call goes on). ``described`` names the rate such
+    audio sounds like, from its pace over the last ``PACE_WINDOW_S``.
     """
 
     def __init__(self, sample_rate: int, max_rate: float, grace_s: float,
                  clock: Clock = SYSTEM_CLOCK, bytes_per_sample: int = 2,
                  max_frame_bytes: int = 0) -> None:
+        self.sample_rate = sample_rate
         self._bytes_per_s = sample_rate * bytes_per_sample
         start_s = grace_s + max_frame_bytes / self._bytes_per_s
         self._seconds = TokenBucket(max_rate, start_s + STALL_ALLOWANCE_S, clock, start=start_s)
+        self._pace = TokenBucket(min(PACE_WARN_RATE, max_rate), start_s + STALL_ALLOWANCE_S,
+                                 clock, start=start_s)
+        self._clock = clock
+        self._audio_s = 0.0  # all audio taken
+        self._marks: deque[tuple[float, float]] = deque()  # (time, audio before it), 1 s apart
+        self._off_pace = False  # the pace bucket ran dry
+        self._pace_said = False
+        self._max_rate = max_rate
 
     def add(self, nbytes: int) -> bool:
         """Audio of ``nbytes`` arrived; True when the client is too fast."""
-        return not self._seconds.take(nbytes / self._bytes_per_s)
+        seconds = nbytes / self._bytes_per_s
+        now = self._clock.now()
+        if not self._marks or now - self._marks[-1][0] >= 1.0:
+            self._marks.append((now, self._audio_s))
+            while len(self._marks) > 1 and now - self._marks[1][0] >= PACE_WINDOW_S:
+                self._marks.popleft()
+        self._audio_s += seconds
+        if not self._pace.take(seconds):
+            self._off_pace = True
+        return not self._seconds.take(seconds)
+
+    def off_pace(self) -> bool:
+        """True once: the first time audio ran past ``PACE_WARN_RATE`` beyond the backlog,
+        at a pace the limit itself does not refuse (faster, ``add`` is about to: one error
+        says it, not a warning that the call goes on and then its close)."""
+        if not self._off_pace or self._pace_said:
+            return False
+        pace = self.pace()
+        if pace is None or pace > self._max_rate:
+            return False
+        self._pace_said = True
+        return True
+
+    def pace(self) -> float | None:
+        """Audio seconds a second over the last ``PACE_WINDOW_S``, from mark to mark (whole
+        seconds: audio that lands in bursts is not counted ahead of its time); None before
+        a second has passed."""
+        if len(self._marks) < 2:
+            return None
+        (first, before), (last, upto) = self._marks[0], self._marks[-1]
+        return (upto - before) / (last - first)
+
+    def described(self) -> str:
+        """The pace, for an error: "2.0x real time for the declared 8000 Hz (it sounds
+        like 16000 Hz audio)", the rate when the pace makes a supported one (within 5%)."""
+        pace = self.pace()
+        if pace is None:
+            return f"for the declared {self.sample_rate} Hz"
+        heard = self.sample_rate * pace
+        rate = min(SUPPORTED_SAMPLE_RATES, key=lambda r: abs(r - heard))
+        like = (f" (it sounds like {rate} Hz audio)" if rate != self.sample_rate
+                and abs(rate - heard) <= 0.05 * rate else "")
+        return f"{pace:.1f}x real time for the declared {self.sample_rate} Hz{like}"
 
 
 def message_bytes(message: dict[str, Any]) -> int:
@@ -416,9 +479,25 @@ class CallSession:
         if self._rate.add(len(pcm16)):
             raise ProtocolError("audio_too_fast",
                                 f"audio arrives faster than {self.settings.max_audio_rate:g}x "
-                                f"real time for over {self.settings.audio_rate_grace_s:g} s; "
-                                "stream it at the pace it is spoken", CLOSE_POLICY)
+                                f"real time for over {self.settings.audio_rate_grace_s:g} s "
+                                f"({self._rate.described()}); {self._pace_advice()}",
+                                CLOSE_POLICY)
+        if self._rate.off_pace():
+            self.bad_input(ProtocolError(
+                "audio_pace_mismatch",
+                f"audio has kept arriving at {self._rate.described()}, longer than a client "
+                "catching up would: the call goes on, but its audio is heard slowed down and "
+                f"will not be understood; {self._pace_advice()}"))
         self.call.feed_audio(pcm16)
+
+    def _pace_advice(self) -> str:
+        """What a client whose audio runs past real time should do. The commonest cause is
+        no client racing but a native `start` whose sample_rate is not the audio's (48 kHz
+        audio sent as 16000 is 3x, 16 kHz sent as 8000 is 2x), streamed at the pace spoken."""
+        if self.transport == "native":
+            return ("`start` must give the audio's own sample_rate, and audio be streamed at "
+                    "the pace it is spoken")
+        return "stream it at the pace it is spoken"
 
     def feed_dtmf(self, digit: str) -> None:
         """A keypad key (already checked by the endpoint's parser)."""
