@@ -94,7 +94,7 @@ def _call(args: argparse.Namespace) -> int:
     from websockets.exceptions import InvalidStatus, WebSocketException
 
     from .audio import resample_pcm16, write_wav
-    from .client import Caller, format_event
+    from .client import Caller, MessageRefused, format_event
 
     stdout_gone: list[BrokenPipeError] = []  # its reader stopped reading (`| head`)
 
@@ -138,7 +138,7 @@ def _call(args: argparse.Namespace) -> int:
         print(f"voicegate call: the gateway refused the call (HTTP {status})"
               f"{why.get(status, '')}", file=sys.stderr)
         return 1
-    except (OSError, TimeoutError, ConnectionError, WebSocketException) as exc:
+    except (OSError, TimeoutError, ConnectionError, WebSocketException, MessageRefused) as exc:
         if not stdout_gone:  # else the call ended because nothing read it (below)
             print(f"voicegate call: {exc}", file=sys.stderr)
             return 1

@@ -21,6 +21,22 @@ EventHook = Callable[[dict[str, Any]], None]
 _CLOSING_S = 1.0
 
 
+class MessageRefused(ValueError):
+    """The gateway refused a message the client sent (its `error` with no turn, the call
+    going on): ``code`` and ``message`` are the gateway's."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"the gateway refused the message: {code}: {message}")
+        self.code = code
+        self.message = message
+
+
+# The codes of a text message the gateway dropped (docs/protocol.md, "Errors"): no turn
+# follows it, so a wait for its turn would only end at its timeout.
+TEXT_REFUSALS = frozenset({"invalid_json", "invalid_message", "unknown_message_type",
+                           "not_started", "frame_too_large", "too_many_messages"})
+
+
 @dataclass
 class TurnResult:
     number: int
@@ -146,15 +162,20 @@ class Caller:
 
     async def wait_for(self, kind: str, timeout: float = 30.0, start: int = 0,
                        where: Callable[[dict[str, Any]], bool] | None = None,
+                       refused: frozenset[str] = frozenset(),
                        **match: Any) -> dict[str, Any]:
         """The first event of ``kind`` (matching ``match``, and ``where`` holding for it) at
-        or after index ``start``."""
+        or after index ``start``. An `error` of no turn whose code is in ``refused`` before
+        it raises MessageRefused: the message waited on was dropped."""
         deadline = time.monotonic() + timeout
         while True:
             for event in self.events[start:]:
                 if (event.get("type") == kind and all(event.get(k) == v for k, v in match.items())
                         and (where is None or where(event))):
                     return event
+                if (event.get("type") == "error" and "turn" not in event
+                        and event.get("code") in refused):
+                    raise MessageRefused(str(event.get("code")), str(event.get("message")))
             if self._reader is not None and self._reader.done():
                 raise self._closed(repr(kind))
             remaining = deadline - time.monotonic()
@@ -292,13 +313,16 @@ class Caller:
 
         A blank text (empty, or spaces only) is refused at once (ValueError): the gateway
         answers nothing to it (docs/protocol.md: an empty text with nothing typed before it
-        says nothing), so no ``turn_metrics`` would ever come to end the wait."""
+        says nothing), so no ``turn_metrics`` would ever come to end the wait. A text the
+        gateway refuses (over 64 KiB, not valid Unicode, too many waiting) raises
+        MessageRefused with its error, at once: no turn follows it either."""
         if not text.strip():
             raise ValueError(f"say_text() got a blank text ({text!r}): the gateway answers "
                              "nothing to an empty text (no turn, no turn_metrics); give words")
         index = len(self.events)
         await self.send_transcript(text, partial_words, word_interval_s)
-        await self.wait_for("turn_metrics", timeout=timeout, start=index)
+        await self.wait_for("turn_metrics", timeout=timeout, start=index,
+                            refused=TEXT_REFUSALS)
         return self._turn_since(index)
 
     async def send_transcript(self, text: str, partial_words: bool = True,

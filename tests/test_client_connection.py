@@ -321,3 +321,31 @@ def test_call_command_whose_reader_stops_reading_stops_quietly(
     assert json.loads("".join(stdout.out)) == READY
     assert stdout.refused == 1  # nothing printed after the reader was gone
     assert gateway_saw == [1000]  # the call was ended, not left open
+
+
+@pytest.mark.parametrize("code", ["frame_too_large", "invalid_json", "too_many_messages"])
+async def test_a_text_the_gateway_refuses_raises_its_error_at_once(code):
+    """Review (stop 68): a text the gateway drops (over 64 KiB: `frame_too_large`; a lone
+    surrogate, which json.dumps escapes: `invalid_json`; 16 already waiting:
+    `too_many_messages`) gets an `error` and no turn, the call going on. ``say_text`` waited
+    for that turn's `turn_metrics` for its whole timeout (60 s by default, `voicegate call
+    --text` too), then raised "no 'turn_metrics' event within 60s", the gateway's own word
+    on what was wrong left in ``caller.events``. Now it raises MessageRefused with the
+    gateway's code and message at once."""
+    from gateway.client import MessageRefused
+
+    async def refuses_texts(ws: Any) -> None:
+        async for message in ws:
+            if json.loads(message).get("type") == "start":
+                await ws.send(json.dumps(READY))
+            elif json.loads(message).get("type") == "text":
+                await ws.send(json.dumps({"type": "error", "code": code,
+                                          "message": "this text was dropped"}))
+
+    async with scripted_gateway(refuses_texts) as url:
+        async with Caller(url) as caller:
+            with pytest.raises(MessageRefused) as refused:
+                await asyncio.wait_for(caller.say_text("what are your opening hours",
+                                                       timeout=30), 5)
+    assert (refused.value.code, refused.value.message) == (code, "this text was dropped")
+    assert code in str(refused.value)
