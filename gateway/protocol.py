@@ -213,7 +213,11 @@ def parse_text_frame(raw: str, max_bytes: int, *, started: bool = False) -> Clie
     kind = data.get("type")
     if kind == "start":
         if started:
-            raise ProtocolError("already_started", "this call has already started")
+            # Said whole: a client changing rate mid-call would stream on at the new one.
+            raise ProtocolError("already_started",
+                                "this call has already started: a second `start` is ignored "
+                                "whatever it asks; the call keeps its sample_rate and "
+                                "encoding (to change them, end it and start a new call)")
         _check_fields(data, kind, CLOSE_POLICY)
         return _parse_start(data)
     if isinstance(kind, str) and kind in FIELDS:

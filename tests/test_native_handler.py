@@ -535,3 +535,21 @@ async def test_a_real_time_client_is_never_told_its_pace_is_off():
     ws.text({"type": "stop"})
     await run
     assert ws.errors() == [] and ws.closed_with == 1000
+
+
+async def test_a_second_start_says_it_changes_nothing_not_only_that_the_call_began():
+    """Review (stop 68): a client that changes its microphone mid-call (48 kHz now) and
+    sends a second `start` with the new rate got `already_started`, "this call has already
+    started", and went on streaming the new rate into a call still at the old one (garbled,
+    then `audio_too_fast`): nothing said the `start` was ignored, its rate not taken. The
+    error now says so, and how to change the rate: a new call."""
+    h = CallHarness()
+    ws = FakeWebSocket(services_for(h))
+    ws.text({"type": "start", "sample_rate": 16000})
+    ws.text({"type": "start", "sample_rate": 48000})
+    ws.text({"type": "stop"})
+    await run_call(ws)
+    error = next(e for e in ws.events if e["type"] == "error")
+    assert error["code"] == "already_started"
+    assert "ignored" in error["message"] and "sample_rate" in error["message"], error
+    assert "new call" in error["message"], error
