@@ -553,3 +553,48 @@ async def test_a_second_start_says_it_changes_nothing_not_only_that_the_call_beg
     assert error["code"] == "already_started"
     assert "ignored" in error["message"] and "sample_rate" in error["message"], error
     assert "new call" in error["message"], error
+
+
+async def paced_for(ws: FakeWebSocket, h: CallHarness, run: asyncio.Future[None],
+                    seconds: float, frame: bytes, every_s: float = 0.02) -> None:
+    """A frame every ``every_s`` of the clock, for ``seconds``, each read as it comes."""
+    for _ in range(round(seconds / every_s)):
+        ws.audio(frame)
+        while not ws.inbox.empty() and not run.done():
+            await asyncio.sleep(0)
+        h.clock._now += every_s
+
+
+async def test_audio_declared_at_twice_its_rate_is_named_and_the_call_goes_on():
+    """Review (stop 68): a client sending 8 kHz audio under the SDK's default `start`,
+    16000 Hz, streams, at the pace it is spoken, half the audio the gateway expects: every
+    word is heard twice as fast, an octave up, never understood, and nothing was said (no
+    limit is about audio too slow). Frames that keep coming (no pause in sending) yet carry
+    half their time's audio are now named once, `audio_pace_mismatch`, with the rate the
+    audio sounds like; the call goes on."""
+    h = CallHarness(settings={"idle_prompt_s": 0})
+    ws = FakeWebSocket(services_for(h))
+    ws.text({"type": "start", "sample_rate": 16000})
+    run = asyncio.ensure_future(run_call(ws))
+    await paced_for(ws, h, run, 15, bytes(320))  # 20 ms of 8 kHz audio: "10 ms" at 16 kHz
+    ws.text({"type": "stop"})
+    await run
+    assert ws.errors() == ["audio_pace_mismatch"]
+    error = next(e for e in ws.events if e["type"] == "error")
+    assert "0.5x real time" in error["message"] and "8000 Hz" in error["message"], error
+    assert ws.closed_with == 1000
+
+
+async def test_a_client_sending_only_while_its_caller_speaks_is_not_taken_as_slow():
+    """The control: audio in real time, but only while the caller speaks (a client that
+    gates its microphone), pauses of seconds between, is no rate mismatch."""
+    h = CallHarness(settings={"idle_prompt_s": 0})
+    ws = FakeWebSocket(services_for(h))
+    ws.text({"type": "start", "sample_rate": 16000})
+    run = asyncio.ensure_future(run_call(ws))
+    for _ in range(8):
+        await paced_for(ws, h, run, 1, bytes(640))
+        h.clock._now += 3.0
+    ws.text({"type": "stop"})
+    await run
+    assert ws.errors() == [] and ws.closed_with == 1000

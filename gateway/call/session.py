@@ -91,6 +91,10 @@ STALL_ALLOWANCE_S = 8.0
 PACE_WARN_RATE = 1.5
 # The stretch of the latest audio whose pace an error gives.
 PACE_WINDOW_S = 10.0
+# Frames that keep coming (each within 3x its own audio, + 50 ms, of the one before: no
+# pause in sending) carrying at most this share of their time's audio, over PACE_WINDOW_S
+# of them, are too slow: a `start` declaring twice the audio's rate (16000 for 8 kHz).
+PACE_SLOW_RATE = 0.6
 
 
 class TokenBucket:
@@ -147,6 +151,11 @@ class AudioRateLimit:
         self._off_pace = False  # the pace bucket ran dry
         self._pace_said = False
         self._max_rate = max_rate
+        # The flow: frames sent with no pause between, their audio and the time it took.
+        self._last: tuple[float, float] | None = None  # (arrival, audio seconds) of the last
+        self._flow_audio_s = 0.0
+        self._flow_s = 0.0
+        self._slow_pace: float | None = None  # the flow's pace, once found too slow
 
     def add(self, nbytes: int) -> bool:
         """Audio of ``nbytes`` arrived; True when the client is too fast."""
@@ -159,7 +168,27 @@ class AudioRateLimit:
         self._audio_s += seconds
         if not self._pace.take(seconds):
             self._off_pace = True
+        self._follow(now, seconds)
         return not self._seconds.take(seconds)
+
+    def _follow(self, now: float, seconds: float) -> None:
+        """Too slow cannot be told from the audio per second: a client may send only while
+        its caller speaks. It is the frames that keep coming: each interval to the next
+        frame is paired with the audio the frame before it held, and a pause in sending
+        (longer than 3x that audio, + 50 ms) is left out; a burst read late only adds."""
+        if self._last is not None and not self._pace_said:
+            at, held = self._last
+            gap = now - at
+            if gap <= 3 * held + 0.05:
+                self._flow_audio_s += held
+                self._flow_s += gap
+            if self._flow_s >= PACE_WINDOW_S:
+                pace = self._flow_audio_s / self._flow_s
+                if pace <= PACE_SLOW_RATE:
+                    self._slow_pace = pace
+                    self._off_pace = True
+                self._flow_audio_s = self._flow_s = 0.0
+        self._last = (now, seconds)
 
     def off_pace(self) -> bool:
         """True once: the first time audio ran past ``PACE_WARN_RATE`` beyond the backlog,
@@ -167,7 +196,7 @@ class AudioRateLimit:
         says it, not a warning that the call goes on and then its close)."""
         if not self._off_pace or self._pace_said:
             return False
-        pace = self.pace()
+        pace = self._slow_pace or self.pace()
         if pace is None or pace > self._max_rate:
             return False
         self._pace_said = True
@@ -182,10 +211,16 @@ class AudioRateLimit:
         (first, before), (last, upto) = self._marks[0], self._marks[-1]
         return (upto - before) / (last - first)
 
+    def pace_fault(self) -> str:
+        """What ``off_pace`` found, for its error."""
+        if self._slow_pace is not None:
+            return "slower than real time though it keeps coming: it is heard sped up"
+        return "longer than a client catching up would: it is heard slowed down"
+
     def described(self) -> str:
         """The pace, for an error: "2.0x real time for the declared 8000 Hz (it sounds
         like 16000 Hz audio)", the rate when the pace makes a supported one (within 5%)."""
-        pace = self.pace()
+        pace = self._slow_pace or self.pace()
         if pace is None:
             return f"for the declared {self.sample_rate} Hz"
         heard = self.sample_rate * pace
@@ -485,9 +520,9 @@ class CallSession:
         if self._rate.off_pace():
             self.bad_input(ProtocolError(
                 "audio_pace_mismatch",
-                f"audio has kept arriving at {self._rate.described()}, longer than a client "
-                "catching up would: the call goes on, but its audio is heard slowed down and "
-                f"will not be understood; {self._pace_advice()}"))
+                f"audio has kept arriving at {self._rate.described()}, "
+                f"{self._rate.pace_fault()}: the call goes on, but it will not be understood; "
+                f"{self._pace_advice()}"))
         self.call.feed_audio(pcm16)
 
     def _pace_advice(self) -> str:
