@@ -36,6 +36,17 @@ def agent_gateway(settings, runtime, llm_server, webhook):
     server.stop()
 
 
+def long_answer(fake, sentences: int, **reply) -> str:
+    """The primary answers ``sentences`` sentences (seconds of speech each), set on ``fake``;
+    the secondary stalls. The primary answers once the secondary's request has reached the
+    server, or the loser may be cancelled while still connecting, never seen (a CI run,
+    stop 65). For a reply still playing when a loaded machine's barge-in comes."""
+    text = " ".join(f"Sentence number {i} of a long answer." for i in range(1, sentences + 1))
+    fake.replies["primary"] = Reply(text=text, after_request_of="secondary", **reply)
+    fake.replies["secondary"] = Reply(text=text, ttft_s=STALL, **reply)
+    return text
+
+
 def sources(turn) -> list[str]:
     return [e["source"] for e in turn.events if e["type"] == "response"]
 
@@ -89,12 +100,7 @@ async def test_every_llm_failing_hands_off_with_audio(agent_gateway):
 
 async def test_barge_in_cancels_the_streams_and_trims_the_context(agent_gateway):
     server, fake, _ = agent_gateway
-    long_answer = " ".join(f"Sentence number {i} of a long answer." for i in range(1, 40))
-    # As above: the primary answers once the secondary's request has reached the server, or
-    # the loser may be cancelled while still connecting, never seen (a CI run, stop 65).
-    fake.replies["primary"] = Reply(text=long_answer, token_delay_s=0.05,
-                                    after_request_of="secondary")
-    fake.replies["secondary"] = Reply(text=long_answer, token_delay_s=0.05, ttft_s=STALL)
+    answer = long_answer(fake, 39, token_delay_s=0.05)
     async with Caller(server.call_url) as caller:
         index = len(caller.events)
         await caller.send_json({"type": "text", "text": "tell me everything", "final": True})
@@ -124,5 +130,5 @@ async def test_barge_in_cancels_the_streams_and_trims_the_context(agent_gateway)
                        f"interrupt {interrupt}")
     heard = assistant[0]["content"]
     # the context keeps what the caller heard, not the whole long answer
-    assert heard and long_answer.startswith(heard) and len(heard) < len(long_answer) / 2
+    assert heard and answer.startswith(heard) and len(heard) < len(answer) / 2
     assert sources(turn) == ["llm"]
