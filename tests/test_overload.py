@@ -23,6 +23,7 @@ from gateway.client import Caller
 from gateway.clock import ManualClock
 from gateway.overload import OverloadGate, watch_loop_lag
 from gateway.server import BackgroundServer
+from tests.test_cluster import wait_for
 
 
 def feed(gate: OverloadGate, lags_s: list[float], start: float = 0.0,
@@ -110,15 +111,6 @@ def lagging_server(settings, runtime):
         srv.stop()
 
 
-def wait_for(condition, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def readiness(server: BackgroundServer) -> dict:
     return httpx.get(server.base_url + "/readyz", timeout=30).json()
 
@@ -137,7 +129,7 @@ async def test_an_overloaded_replica_refuses_new_calls_with_503_and_keeps_its_ow
     async with Caller(lagging_server.call_url) as running:
         loop.call_soon_threadsafe(hog)
         try:
-            assert await asyncio.to_thread(wait_for, lambda: services.overload.overloaded)
+            assert await asyncio.to_thread(wait_for, lambda: services.overload.overloaded, 60.0)
             with pytest.raises(InvalidStatus) as refused:
                 await Caller(lagging_server.call_url).connect()
             response = refused.value.response
@@ -148,7 +140,7 @@ async def test_an_overloaded_replica_refuses_new_calls_with_503_and_keeps_its_ow
             stop.set()
         # Caught up: new calls come in again, and the call it kept was never cut.
         assert await asyncio.to_thread(wait_for, lambda: not readiness(lagging_server)
-                                       ["overloaded"])
+                                       ["overloaded"], 60.0)
         async with Caller(lagging_server.call_url) as later:
             turn = await later.say_text("What are your opening hours?", timeout=60)
             assert turn.first("response") is not None
