@@ -113,7 +113,11 @@ def _call(args: argparse.Namespace) -> int:
                           token=args.token) as caller:
             if args.wav:
                 pcm, rate = args.wav_audio
-                await caller.say(resample_pcm16(pcm, rate, args.rate), timeout=args.timeout)
+                turn = await caller.say(resample_pcm16(pcm, rate, args.rate),
+                                        timeout=args.timeout)
+                if not turn.number:  # say() returns no turn, not raise, when none came
+                    print(f"voicegate call: {_no_reply(args, turn.events)}", file=sys.stderr)
+                    return 1
             if args.text:
                 await caller.say_text(args.text, timeout=args.timeout)
             audio = bytes(caller.audio)
@@ -146,6 +150,17 @@ def _call(args: argparse.Namespace) -> int:
         _discard_stdout()
         return 1
     return code
+
+
+def _no_reply(args: argparse.Namespace, events: list[dict[str, Any]]) -> str:
+    """Why ``--wav``'s utterance got no turn: the gateway heard no words in it, or heard
+    some and answered nothing within ``--timeout``."""
+    heard = [e.get("text") for e in events if e.get("type") == "transcript"]
+    if not heard:
+        return (f"no reply to --wav {args.wav}: the gateway heard no words in it (no "
+                "transcript came)")
+    return (f"no reply to --wav {args.wav} within --timeout {args.timeout:g} s (the gateway "
+            f"heard {heard[-1]!r})")
 
 
 def _call_arguments_refused(args: argparse.Namespace) -> str | None:
@@ -463,7 +478,7 @@ _STORE_HELP = "cache directory (default: VOICEGATE_STORE_DIR); wins over a Redis
 EXIT_STATUS = ("exit status: 0 done; 1 the command ran and failed (invalid rows in a CSV, a "
                "store or gateway that cannot be reached, a model that does not load, a port "
                "serve cannot listen on, a `route` input line that is not UTF-8, `route` or `call` "
-               "output its reader stopped reading); 2 a usage "
+               "output its reader stopped reading, a `call` utterance no reply came to); 2 a usage "
                "error, found before any work (a bad "
                "argument or VOICEGATE_* setting, an input file that is missing or cannot be "
                "read, a store directory (--store or VOICEGATE_STORE_DIR) that is not a directory "

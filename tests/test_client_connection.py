@@ -352,3 +352,48 @@ async def test_a_text_the_gateway_refuses_raises_its_error_at_once(code):
                                                        timeout=30), 5)
     assert (refused.value.code, refused.value.message) == (code, "this text was dropped")
     assert code in str(refused.value)
+
+
+@pytest.mark.parametrize("gateway_hears", ["nothing", "words-but-never-answers"])
+def test_call_command_whose_utterance_gets_no_answer_says_so_and_fails(
+        gateway_hears: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review (stop 68): `voicegate call --wav FILE` against a gateway that took the call
+    but never answered the utterance (no transcript at all, or a transcript and then no
+    turn) printed nothing more and exited 0, as a call that was answered does: ``say()``
+    returns its events with no turn when its wait runs out (``say_text`` raises). Now the
+    command says on stderr that no reply came, and exits 1."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.server import serve
+
+    from gateway import cli
+    from gateway.audio import write_wav
+
+    def never_answers(ws: Any) -> None:
+        try:
+            ws.recv()  # `start`
+            ws.send(json.dumps(READY))
+            if gateway_hears != "nothing":
+                ws.recv()  # the utterance's first frame: its words are heard
+                ws.send(json.dumps({"type": "transcript", "text": "hello", "final": True,
+                                    "turn": 1}))
+            for _ in ws:  # the caller's audio, then its line's silence: never a reply
+                pass
+        except ConnectionClosed:
+            pass
+
+    wav = tmp_path / "question.wav"
+    write_wav(wav, b"\x10\x00" * 1600, 16000)  # 0.1 s
+    with serve(never_answers, "127.0.0.1", 0) as gateway:
+        listening = threading.Thread(target=gateway.serve_forever, daemon=True)
+        listening.start()
+        url = f"ws://127.0.0.1:{gateway.socket.getsockname()[1]}/v1/call"
+        code = cli.main(["call", url, "--wav", str(wav), "--timeout", "1"])
+        gateway.shutdown()
+    listening.join(10)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith(f"voicegate call: no reply to --wav {wav}"), err
+    if gateway_hears == "nothing":
+        assert "heard no words" in err, err
+    else:
+        assert "within --timeout 1 s" in err and "'hello'" in err, err
