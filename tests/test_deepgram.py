@@ -377,6 +377,32 @@ async def test_no_endpoint_in_time_means_no_early_words(deepgram):
     await recognizer.aclose()
 
 
+async def test_the_wait_for_early_words_follows_the_endpointing_setting(deepgram):
+    """Review (stop 68): a pause waited a fixed 0.8 s for Deepgram's endpoint (the default
+    300 ms of endpointing plus the service's delay), whatever ``deepgram_endpointing_ms``
+    said: an operator who set it to 700 ms or more got no early words on any turn (the
+    endpoint cannot come before its silence), each turn waiting out its whole silence.
+    Now the wait is the endpointing setting plus the service's usual delay (0.5 s)."""
+    from gateway.settings import Settings
+
+    fake, server = deepgram
+    clock = ManualClock()
+    settings = Settings(deepgram_api_key="test-key", deepgram_url=server.ws_url,
+                        deepgram_endpointing_ms=1000)
+    recognizer = DeepgramSTT.from_settings(settings, clock=clock)
+    stream = recognizer.open_stream()
+    await send(stream, VOICE, 4)  # speech, never a silence: Deepgram cannot endpoint
+    early = asyncio.ensure_future(stream.speech_paused())
+    await clock.advance(1.4)
+    assert not early.done()  # a 1 s endpoint, and its delay, can still come
+    await clock.advance(0.2)
+    assert early.done()  # past endpointing + delay: no early words
+    with pytest.raises(TimeoutError):
+        await early
+    await stream.aclose()
+    await recognizer.aclose()
+
+
 async def test_a_call_on_deepgram_ends_a_cached_question_at_its_endpoint(deepgram):
     """The engine with the real Deepgram stream: the endpoint's words are routed at the
     pause, so a cached question ends at the short silence, not the open one."""

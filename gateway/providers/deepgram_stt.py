@@ -14,7 +14,8 @@ onto ``STTStream``:
 - ``speech_paused()`` (the caller paused): the words so far once Deepgram endpoints after
   them (``speech_final``: every word final), the early transcript the engine routes before
   the turn ends; ``speech_resumed()`` makes an endpoint so far stale. No endpoint within
-  ``early_timeout_s`` (on the stream's ``clock``): no early words (the turn waits its silence).
+  ``early_timeout_s`` (on the stream's ``clock``; by default the endpointing silence plus
+  ``ENDPOINT_DELAY_S``): no early words (the turn waits its silence).
 - ``finalize()``: if Deepgram has already endpointed with nothing pending, the committed
   text is returned at once; otherwise a ``Finalize`` message flushes the server and the
   reply marked ``from_finalize`` completes the transcript. Each finalize waits for its own
@@ -672,6 +673,11 @@ class _Closing:
         return " ".join(part for part in (*self.committed, self.interim) if part)
 
 
+# Deepgram's usual delay from the end of its endpointing silence to the endpoint's result
+# (the network and its decoding): a pause waits endpointing_ms plus this for early words.
+ENDPOINT_DELAY_S = 0.5
+
+
 class DeepgramSTT:
     """``SpeechToText`` factory of live streams; one SDK client for every call."""
 
@@ -680,7 +686,7 @@ class DeepgramSTT:
     def __init__(self, api_key: str, *, base_url: str = "", model: str = "nova-3",
                  language: str = "en-US", sample_rate: int = 16000, endpointing_ms: int = 300,
                  utterance_end_ms: int = 1000, finalize_timeout_s: float = 1.0,
-                 keepalive_s: float = 4.0, early_timeout_s: float = 0.8,
+                 keepalive_s: float = 4.0, early_timeout_s: float | None = None,
                  reconnect_s: float = 0.5, clock: Clock = SYSTEM_CLOCK,
                  ping_timeout_s: float = 0.5) -> None:
         if not api_key:
@@ -701,7 +707,9 @@ class DeepgramSTT:
         self._keepalive_s = keepalive_s
         # A pause's early transcript waits this long for Deepgram's endpoint (endpointing_ms
         # of silence plus the service's delay); later, the silence alone ends the turn.
-        self._early_timeout_s = early_timeout_s
+        # Follows endpointing_ms: a fixed wait shorter than it would never see an endpoint.
+        self._early_timeout_s = (endpointing_ms / 1000.0 + ENDPOINT_DELAY_S
+                                 if early_timeout_s is None else early_timeout_s)
         self._reconnect_s = reconnect_s  # a failed live socket is reopened after this
         self._clock = clock  # times each stream's wait for a Finalize reply
         self._ping_timeout_s = ping_timeout_s  # and then for a pong (is the socket alive?)
