@@ -25,12 +25,17 @@ from tests.fakes.server import ServerThread
 pytestmark = pytest.mark.slow
 
 TOKEN = "s3cret-call-token"
+START_TIMEOUT_S = 2.0  # the guarded gateway's
 
 
 @pytest.fixture(scope="module")
 def guarded(settings, runtime) -> Iterator[BackgroundServer]:
-    """A gateway with a call token, one call at most and short timeouts."""
-    srv = BackgroundServer(settings.replace(max_calls=1, call_token=TOKEN, start_timeout_s=0.5,
+    """A gateway with a call token, one call at most and short timeouts. Every call to it
+    must send `start` within ``START_TIMEOUT_S`` of its upgrade: short, for the test of a
+    connection that never starts, but not so short that a loaded machine's stall fails a
+    call that does (0.5 s did)."""
+    srv = BackgroundServer(settings.replace(max_calls=1, call_token=TOKEN,
+                                            start_timeout_s=START_TIMEOUT_S,
                                             audio_rate_grace_s=0.3, max_logged_errors=3),
                            runtime).start()
     yield srv
@@ -98,6 +103,7 @@ async def test_a_connection_that_never_starts_is_closed(guarded):
     async with connect(guarded.call_url + f"?token={TOKEN}") as ws:
         events = await events_until_closed(ws)
     assert [e["code"] for e in events] == ["start_timeout"]
+    assert events[0]["message"] == f"no `start` within {START_TIMEOUT_S:g} s"
     assert ws.close_code == 1008
 
 
