@@ -418,9 +418,11 @@ def test_a_hung_replica_leaves_rotation_on_a_one_second_check(tmp_path: Path, in
         assert wait_for(lambda: down in balancer.log.read_text(errors="replace"), 30), \
             balancer.log.read_text(errors="replace")[-3000:]
         line = next(l for l in balancer.log.read_text(errors="replace").splitlines() if down in l)
-        # HAProxy's own measure of the failed check, not the test's wall clock.
+        # HAProxy's own measure of the failed check, not the test's wall clock; its loop
+        # on a loaded machine can take the timeout late (1.1 s was too tight), but a check
+        # bounded by `inter` (the failure: 5 s) is told apart.
         duration_ms = int(line.split("check duration: ")[1].split("ms")[0])
-        assert "Layer7 timeout" in line and duration_ms <= 1100, line
+        assert "Layer7 timeout" in line and duration_ms < 2500, line
     finally:
         balancer.stop()
         for replica in replicas:
