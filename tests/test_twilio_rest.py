@@ -288,14 +288,18 @@ async def test_a_dead_stream_is_closed_without_hanging_up_the_call(settings, run
 
 
 async def test_a_line_streaming_silence_is_not_taken_for_dead(settings, runtime, rest):
+    # The real clock: the line's frames come from this test's thread, the watch runs in the
+    # server's. A media timeout of 1 s let a 1 s stall of this thread on a loaded machine
+    # (no frame sent meanwhile) close the line as dead; at 4 s it takes a 3 s stall.
     fake, api = rest
     server = BackgroundServer(settings.replace(
         twilio_auth_token=AUTH_TOKEN, public_url=PUBLIC, twilio_api_url=api.url,
-        idle_prompt_s=0, twilio_media_timeout_s=1), runtime).start()
+        idle_prompt_s=0, twilio_media_timeout_s=4), runtime).start()
     before = runtime.stats.errors["twilio_no_media"]
     try:
         async with signed_line(server, "CA" + "78" * 16) as line:  # Twilio's silence
-            await asyncio.sleep(2.5)  # over twice the timeout, and its checks
+            # Past the timeout and its checks (a dead line is closed within 1.25 of it).
+            await asyncio.sleep(5.5)
             assert line.close_code is None
         assert line.close_code == 1000
     finally:
