@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
+import html.entities
 import io
 import json
 import re
@@ -63,6 +64,8 @@ _SLUG = re.compile(r"[^a-z0-9]+")
 _AUDIO_REFERENCE = re.compile(
     r"\S+\.(?:wav|mp3|ogg|oga|opus|m4a|aac|flac|ulaw|alaw|aif|aiff|wma|amr|gsm|vox|webm"
     r"|raw|pcm)(?:[?#]\S*)?", re.IGNORECASE)
+# HTML's named entities (nbsp, amp, ...): "&T;" in "AT&T; Verizon" is none.
+_HTML_ENTITIES = frozenset(name[:-1] for name in html.entities.html5 if name.endswith(";"))
 # What an answer may hold that is no words to say, by what it is: HTML (a help centre's export:
 # Zendesk, Intercom), Markdown (a chat assistant's writing), a template's placeholder (a help
 # desk's macro). The voice reads markup aloud ("less than p greater than", "asterisk
@@ -432,9 +435,11 @@ def _placeholder(answer: str) -> bool:
 def _not_words(answer: str) -> tuple[str, str] | None:
     """(what, the text) of the first markup or placeholder ``answer`` holds, else None."""
     for kind, pattern in _NOT_WORDS_IN_ANSWER:
-        found = pattern.search(answer)
-        if found is not None:
-            return kind, found.group()
+        for found in pattern.finditer(answer):
+            text = found.group()
+            if text[0] == "&" and text[1] != "#" and text[1:-1] not in _HTML_ENTITIES:
+                continue  # "&T;" of "AT&T; Verizon": no entity HTML has
+            return kind, text
     return None
 
 

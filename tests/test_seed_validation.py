@@ -1095,6 +1095,23 @@ def test_an_answer_holding_html_markup_is_refused_on_its_line(answer: str, shown
     assert plan.entries["minimum"].answer.startswith("Deposits of < 5 pounds & more")
 
 
+@pytest.mark.parametrize("answer", [
+    "We support AT&T; Verizon and T-Mobile.",
+    "Ask our Q&A; it lists every fee.",
+    "Brands we accept: M&S; H&M; B&Q.",
+])
+def test_an_ampersand_word_before_a_semicolon_is_no_html_entity(answer: str) -> None:
+    """Review (stop 68): an answer was refused as HTML markup for any "&letters;": a carriers'
+    list, "We support AT&T; Verizon and T-Mobile.", was refused on its line for "holds HTML
+    markup ('&T;')", though it holds none and the voice says it right; a brand list
+    ("M&S; H&M; B&Q.") alike. Only HTML's own entity names (&nbsp;, &amp;, ...) are markup."""
+    plan = parse_seed_csv((HEADER + f'Which carriers?,"{answer}",carriers,\n'
+                                    "Where are you?,On Main Street.,where,\n").encode())
+    assert plan.entries["carriers"].answer == answer
+    found = errors_of(HEADER + "When are you open?,Nine&ensp;to five &amp; on Sundays.,hours,\n")
+    assert len(found) == 1 and "HTML" in found[0][1] and "&ensp;" in found[0][1], found
+
+
 @pytest.mark.parametrize("answer, kind, shown", [
     ("**Open** nine to five.", "Markdown", "**Open**"),
     ("Open nine to five, see [our site](https://bank.example/hours).", "Markdown",
