@@ -585,6 +585,27 @@ async def test_audio_declared_at_twice_its_rate_is_named_and_the_call_goes_on():
     assert ws.closed_with == 1000
 
 
+async def test_audio_too_fast_after_a_slow_stretch_gives_its_own_pace_not_the_slow_one():
+    """Review (stop 68): once a call's audio had been named slow (`audio_pace_mismatch`,
+    0.5x), the pace in every later message stayed that one: a client that then sent 4x
+    real time was closed `audio_too_fast` "faster than 2x real time ... (0.5x real time for
+    the declared 16000 Hz (it sounds like 8000 Hz audio))", a reason contradicting itself
+    and naming the wrong fault. The close now gives the pace of the last seconds."""
+    h = CallHarness(settings={"idle_prompt_s": 0})
+    ws = FakeWebSocket(services_for(h))
+    ws.text({"type": "start", "sample_rate": 16000})
+    run = asyncio.ensure_future(run_call(ws))
+    await paced_for(ws, h, run, 15, bytes(320))  # 0.5x: named slow
+    await paced_for(ws, h, run, 15, bytes(2560))  # then 4x: closed
+    await run
+    assert ws.errors() == ["audio_pace_mismatch", "audio_too_fast"], ws.errors()
+    closing = [e for e in ws.events if e["type"] == "error"][-1]["message"]
+    assert "0.5x" not in closing and "8000 Hz" not in closing, closing
+    pace = float(closing.split("(", 1)[1].split("x real time", 1)[0])
+    assert pace > 2.0, closing
+    assert ws.closed_with == 1008
+
+
 async def test_a_client_sending_only_while_its_caller_speaks_is_not_taken_as_slow():
     """The control: audio in real time, but only while the caller speaks (a client that
     gates its microphone), pauses of seconds between, is no rate mismatch."""

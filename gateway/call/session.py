@@ -217,10 +217,12 @@ class AudioRateLimit:
             return "slower than real time though it keeps coming: it is heard sped up"
         return "longer than a client catching up would: it is heard slowed down"
 
-    def described(self) -> str:
+    def described(self, found: bool = False) -> str:
         """The pace, for an error: "2.0x real time for the declared 8000 Hz (it sounds
-        like 16000 Hz audio)", the rate when the pace makes a supported one (within 5%)."""
-        pace = self._slow_pace or self.pace()
+        like 16000 Hz audio)", the rate when the pace makes a supported one (within 5%).
+        ``found``: the pace ``off_pace`` found (a flow too slow); else the last seconds'
+        (a client going too fast after a slow stretch is closed for its own pace)."""
+        pace = (self._slow_pace if found else None) or self.pace()
         if pace is None:
             return f"for the declared {self.sample_rate} Hz"
         heard = self.sample_rate * pace
@@ -520,7 +522,7 @@ class CallSession:
         if self._rate.off_pace():
             self.bad_input(ProtocolError(
                 "audio_pace_mismatch",
-                f"audio has kept arriving at {self._rate.described()}, "
+                f"audio has kept arriving at {self._rate.described(found=True)}, "
                 f"{self._rate.pace_fault()}: the call goes on, but it will not be understood; "
                 f"{self._pace_advice()}"))
         self.call.feed_audio(pcm16)
