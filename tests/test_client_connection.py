@@ -397,3 +397,36 @@ def test_call_command_whose_utterance_gets_no_answer_says_so_and_fails(
         assert "heard no words" in err, err
     else:
         assert "within --timeout 1 s" in err and "'hello'" in err, err
+
+
+@pytest.mark.parametrize("code", ["overloaded", "draining"])
+def test_call_command_refused_with_503_says_the_gateways_own_reason(
+        code: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review (stop 68): `voicegate call` refused with HTTP 503 said "the gateway is still
+    loading or is shutting down; try again" whatever the 503 was, and since the overload
+    gate (gateway/overload.py) a 503 is mostly `overloaded`, a replica running and behind
+    on its calls: the operator was sent looking at start-up and shutdowns. The gateway's
+    own body (`error`, `message`) is now what the command says."""
+    from websockets.sync.server import serve
+
+    from gateway import cli
+
+    message = {"overloaded": "this replica is behind on the calls it has",
+               "draining": "this replica is shutting down; use another"}[code]
+
+    def refuses(connection: Any, request: Any) -> Any:
+        response = connection.respond(503, json.dumps({"error": code, "message": message}))
+        response.headers["Content-Type"] = "application/json"
+        return response
+
+    with serve(lambda ws: None, "127.0.0.1", 0, process_request=refuses) as gateway:
+        listening = threading.Thread(target=gateway.serve_forever, daemon=True)
+        listening.start()
+        url = f"ws://127.0.0.1:{gateway.socket.getsockname()[1]}/v1/call"
+        exit_code = cli.main(["call", url, "--text", "hello", "--timeout", "10"])
+        gateway.shutdown()
+    listening.join(10)
+    err = capsys.readouterr().err
+    assert exit_code == 1
+    assert "HTTP 503" in err and code in err and message in err, err
+    assert "still loading" not in err, err
