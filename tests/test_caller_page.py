@@ -349,6 +349,36 @@ def test_a_gateway_taking_no_calls_for_now_keeps_the_token(guarded_server):
         hang_up(browser)
 
 
+def test_an_overloaded_gateway_keeps_the_token_and_says_it_is_busy(guarded_server):
+    """Review (stop 68): an overloaded replica refuses the upgrade with HTTP 503
+    `overloaded` while its /readyz stays 200 (gateway/overload.py). The browser hides the
+    503, and the page, asking /readyz why and told "ready", took the refusal for a wrong
+    token: it forgot the token the operator had typed and said "the token is wrong". It now
+    reads /readyz's `overloaded` and says the gateway is busy, the token kept."""
+    server = guarded_server
+    services = server.app.state.services
+    with chromium(["--use-fake-ui-for-media-stream",  # no microphone: the call is the point
+                   "--autoplay-policy=no-user-gesture-required"]) as browser:
+        open_page(browser, server)
+        # Held overloaded: a threshold of 0 stops the loop's watch from opening the gate.
+        services.overload.threshold_s, services.overload.overloaded = 0.0, True
+        try:
+            by_testid(browser, "token").send_keys(CALL_TOKEN)
+            by_testid(browser, "token").submit()
+            state = wait_state(browser, lambda s: s["state"] == "failed", "a refused call",
+                               SHORT_S)
+        finally:
+            services.overload.threshold_s = services.settings.overload_loop_lag_ms / 1000.0
+            services.overload.overloaded = False
+        assert browser.execute_script(
+            "return sessionStorage.getItem('voicegate.callToken')") == CALL_TOKEN
+        assert not by_testid(browser, "token").is_displayed()
+        assert state.get("errorCode") == "overloaded", state
+        assert "busy" in text(browser, "error")
+        call(browser)  # with the kept token, nothing asked
+        hang_up(browser)
+
+
 def test_a_lost_message_is_not_shown_as_the_call_ending(page_server, monkeypatch):
     # A bug in handling one input (a typed message here) loses that input and is sent as
     # an `internal_error` without a turn, while the call goes on (docs/protocol.md). The

@@ -322,7 +322,8 @@
       const response = await fetch("/readyz", { cache: "no-store" });
       let ready = {};
       try { ready = await response.json(); } catch (e) { /* not JSON: the status says it */ }
-      answer = { status: response.status, draining: !!ready.draining };
+      answer = { status: response.status, draining: !!ready.draining,
+                 overloaded: !!ready.overloaded };
     } catch (e) { /* no answer at all: unreachable */ }
     if (call !== null) return;  // the operator called again meanwhile: that call speaks
     if (answer && answer.status === 503) {
@@ -330,6 +331,12 @@
       body.dataset.errorCode = code;
       showError(ERROR_WORDS[code]);
       setState("failed", "gateway not taking calls");
+    } else if (answer && answer.overloaded) {
+      // Refused with 503 `overloaded` while /readyz stays 200 (gateway/overload.py): no
+      // token problem, so the token is kept.
+      body.dataset.errorCode = "overloaded";
+      showError(ERROR_WORDS.overloaded);
+      setState("failed", "gateway busy");
     } else if (answer && current.token) {
       try { sessionStorage.removeItem(TOKEN_KEY); } catch (e) { /* private mode */ }
       askToken("The gateway refused the call: the token is wrong. Enter it again.");
@@ -495,6 +502,8 @@
                     "Try again in a moment.",
     not_ready: "The gateway is still loading its speech models. Try again in a few seconds.",
     draining: "The gateway is shutting down and takes no new calls. Try again in a moment.",
+    overloaded: "The gateway is busy: it is behind on the calls it has and takes no new one " +
+                "until it catches up. Try again in a moment.",
     audio_too_fast: "The gateway ended the call: audio arrived faster than real time.",
     client_not_reading: "The gateway ended the call: this page stopped reading its messages.",
     start_timeout: "The gateway ended the call: the call did not start in time.",
