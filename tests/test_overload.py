@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+import websockets
 from websockets.exceptions import InvalidStatus
 
 from gateway import logs
@@ -136,6 +137,11 @@ async def test_an_overloaded_replica_refuses_new_calls_with_503_and_keeps_its_ow
             assert response.status_code == 503
             assert b'"overloaded"' in response.body
             assert services.overload.refused >= 1
+            # A Twilio stream is taken all the same: its phone call is already answered,
+            # and the upgrade cannot say whether it resumes a live call (review, stop 68).
+            twilio = lagging_server.call_url.replace("/v1/call", "/twilio/stream")
+            async with websockets.connect(twilio, open_timeout=30):
+                pass
         finally:
             stop.set()
         # Caught up: new calls come in again, and the call it kept was never cut.

@@ -674,16 +674,22 @@ class CallSession:
             pass
 
 
-async def refuse_while_unavailable(websocket: WebSocket, stats: Stats | None) -> bool:
+async def refuse_while_unavailable(websocket: WebSocket, stats: Stats | None,
+                                   overload_refuses: bool = True) -> bool:
     """A draining replica, one whose models are still loading, or one too far behind on its
     calls (gateway/overload.py), answers the upgrade with HTTP 503 (a balancer retries it on
-    another replica; past a 101 it could not); True when it did."""
+    another replica; past a 101 it could not); True when it did. ``overload_refuses``
+    False (a Twilio stream): an overloaded replica takes it anyway. Its upgrade cannot say
+    whether it resumes a live call (Twilio's stream URL takes no query), and a refused one
+    is reconnected at once, refused again within the same seconds and, past
+    MAX_STREAM_RECONNECTS, handed off or hung up: a phone call already answered is kept,
+    late, rather than dropped."""
     services = websocket.app.state.services
     if services.admission.draining:
         code, message = "draining", "this replica is shutting down; use another"
     elif not services.ready:
         code, message = "not_ready", "models are still loading; retry shortly or use another"
-    elif services.overload.overloaded:
+    elif overload_refuses and services.overload.overloaded:
         services.overload.refused += 1
         code, message = "overloaded", ("this replica is behind on the calls it has and takes "
                                        "no new one until it catches up; retry shortly or use "

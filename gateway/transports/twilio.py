@@ -656,7 +656,7 @@ async def twilio_stream(websocket: WebSocket) -> None:
         await refuse_before_accept(websocket, "wrong call token", services.stats,
                                    "unauthorized")
         return
-    if await refuse_while_unavailable(websocket, services.stats):
+    if await refuse_while_unavailable(websocket, services.stats, overload_refuses=False):
         return
     await websocket.accept()
     session = services.open_session(websocket, "twilio")
