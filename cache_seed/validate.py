@@ -23,7 +23,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 from intents.csv_text import csv_rows, field_count_problem, line_problems, without_extra_boms
 from intents.embedder import normalize_text
@@ -138,10 +138,12 @@ def read_seed_csv(path: str | Path) -> SeedPlan:
     return parse_seed_csv(data, source=str(path))
 
 
-def parse_seed_rows(rows: Iterable[Mapping[str, str | None]], source: str = "<rows>") -> SeedPlan:
+def parse_seed_rows(rows: Iterable[Mapping[str, str | None]], source: str = "<rows>",
+                    published: Collection[int] = ()) -> SeedPlan:
     """Validate rows given as mappings (``question``, ``answer``, ``intent``, ``action``)
     exactly as the same rows in a CSV file: row ``i`` (0-based) is reported as line ``i + 2``,
-    the header being line 1."""
+    the header being line 1. ``published``: indexes of rows a serving version holds unchanged
+    (an admin edit of another entry): what their words say is not judged again (``_read_row``)."""
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
@@ -151,7 +153,8 @@ def parse_seed_rows(rows: Iterable[Mapping[str, str | None]], source: str = "<ro
                          for column in REQUIRED_COLUMNS + OPTIONAL_COLUMNS])
     # surrogatepass: a lone surrogate (JSON lets "\ud800" through) becomes bytes that are
     # not UTF-8, reported on its row like any such byte, instead of an exception here.
-    return parse_seed_csv(buffer.getvalue().encode("utf-8", "surrogatepass"), source=source)
+    return parse_seed_csv(buffer.getvalue().encode("utf-8", "surrogatepass"), source=source,
+                          published_lines=frozenset(i + 2 for i in published))
 
 
 def rows_from_manifest(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -164,7 +167,8 @@ def rows_from_manifest(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
+def parse_seed_csv(data: bytes, source: str = "<csv>",
+                   published_lines: frozenset[int] = frozenset()) -> SeedPlan:
     data = without_extra_boms(data)
     wide = _wide_encoding(data)
     if wide is not None:
@@ -190,7 +194,7 @@ def parse_seed_csv(data: bytes, source: str = "<csv>") -> SeedPlan:
             "as CSV UTF-8 (Excel: \"CSV UTF-8 (Comma delimited)\")"))])
     errors: list[RowError] = []
     text, bad_lines = _decode(data, errors)
-    rows = _read_rows(text, bad_lines, errors, source)
+    rows = _read_rows(text, bad_lines, errors, source, published_lines)
     plan = _plan(rows, errors)
     if errors:
         raise SeedValidationError(source, errors)
@@ -347,7 +351,7 @@ def _decode(data: bytes, errors: list[RowError]) -> tuple[str, set[int]]:
 
 
 def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
-               source: str) -> list[SeedRow]:
+               source: str, published_lines: frozenset[int] = frozenset()) -> list[SeedRow]:
     # A long cell is told "too long" on its line, below; after a row that is not CSV,
     # reading starts again at the line after it (csv_rows).
     header: list[str] | None = None
@@ -395,7 +399,7 @@ def _read_rows(text: str, bad_lines: set[int], errors: list[RowError],
             errors.append(RowError(start, f"this row repeats the header (line {header_line}): "
                                           "were two CSV files joined? remove it"))
             continue
-        row = _read_row(start, dict(zip(header, fields)), errors)
+        row = _read_row(start, dict(zip(header, fields)), errors, start in published_lines)
         if row is not None:
             rows.append(row)
     if header is None and not errors:
@@ -494,15 +498,16 @@ def _formula_problem(column: str, cell: str) -> str:
             "to start otherwise (e.g. 'The code is =SAVE10')")
 
 
-def question_problems(cell: str) -> list[str]:
+def question_problems(cell: str, published: bool = False) -> list[str]:
     """Why a question cell cannot be seeded, whatever the rest of its row (empty, no words,
     too long, a formula), in the seed's words; none when it can. The seed's own check of
-    each row, and the admin API's promotion of caller wordings (gateway/admin/routes.py)."""
+    each row, and the admin API's promotion of caller wordings (gateway/admin/routes.py).
+    ``published``: a serving version's question, unchanged (``_read_row``)."""
     question = " ".join(cell.split())
     problems = []
     if not _visible(question):  # a zero-width space alone is no question
         problems.append("empty question")
-    elif not same_question(question):  # "?": nothing to learn, as the negatives file says
+    elif not published and not same_question(question):  # "?": nothing to learn
         problems.append(f"question has no words, only punctuation ({question[:40]!r})")
     elif len(question) > MAX_QUESTION_CHARS:
         problems.append(f"question too long ({len(question)} characters, at most "
@@ -512,7 +517,13 @@ def question_problems(cell: str) -> list[str]:
     return problems
 
 
-def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> SeedRow | None:
+def _read_row(line: int, values: dict[str, str], errors: list[RowError],
+              published: bool = False) -> SeedRow | None:
+    """One row, read and checked. ``published``: a row a serving version holds unchanged (an
+    admin edit of another entry rebuilds the version from its rows): what its words say
+    (punctuation alone, a placeholder, an audio file's name, markup: rules a version published
+    before them may break) is not judged again, or every edit of any entry would be refused
+    until a whole new seed; its structure still is."""
     before = len(errors)
     question = " ".join(values["question"].split())
     # Composed (NFC), as an intent's name: one answer pasted in two Unicode forms is one.
@@ -524,9 +535,15 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
     intent = unicodedata.normalize("NFC", " ".join(intent_text.split())) or None
     action_text = values.get("action", "").strip().lower()
     action: Action | None = None
-    errors.extend(RowError(line, problem) for problem in question_problems(values["question"]))
+    errors.extend(RowError(line, problem)
+                  for problem in question_problems(values["question"], published))
     if answer is not None and not _visible(answer):
         errors.append(RowError(line, "empty answer: it holds only invisible characters"))
+    elif answer and len(answer) > MAX_ANSWER_CHARS:
+        errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
+                                     f"{MAX_ANSWER_CHARS})"))
+    elif published:
+        pass  # its words were judged when it was published
     elif answer is not None and not same_question(answer):
         # A sheet's placeholder ("-", "..."): a voice renders it as nothing, or a breath.
         errors.append(RowError(line, f"answer has no words, only punctuation ({answer[:40]!r}):"
@@ -536,9 +553,6 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError]) -> Seed
         errors.append(RowError(line, f"answer {answer[:40]!r} is a placeholder, not an answer: "
                                      "write the answer, or leave the cell empty for a question "
                                      "that takes its intent's answer or goes to the agent"))
-    elif answer and len(answer) > MAX_ANSWER_CHARS:
-        errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
-                                     f"{MAX_ANSWER_CHARS})"))
     elif answer and _AUDIO_REFERENCE.fullmatch(answer):
         errors.append(RowError(line, f"answer {answer[:80]!r} is a reference to an audio file, "
                                      "not words to say: the configured voice renders each "

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from cache_seed import parse_seed_csv, seed_plan
-from gateway.admin.publish import Publisher
+from gateway.admin.publish import LabelledValidationError, Publisher, _rebuilt_plan
 from gateway.admin.routes import _publish_failed
 from gateway.faq_cache import FaqCache
 from gateway.settings import Settings
@@ -348,3 +348,33 @@ async def test_an_upload_does_not_replace_an_edit_published_while_it_ran(tmp_pat
     assert store.current_version() == edited[0], (
         f"the upload answered {answer} and replaced the edit {edited[0]} published meanwhile")
     assert answer[0] == 409 and edited[0] in answer[1], answer
+
+
+def test_an_entry_published_before_a_newer_rule_does_not_block_edits_of_the_others() -> None:
+    """Review (stop 68): this stop's seed rules refuse answers that are a placeholder
+    ("TBD"), markup or an audio file's name, and questions of punctuation alone. Every entry
+    edit, deletion or promotion re-checks the whole version's rows, so a version published
+    before the rules, holding one such row, refused every edit of any other entry (400), and
+    with two such entries fixing one still failed on the other: only a whole new seed got out.
+    The other entries' rows are now taken as published; the entry being edited still meets
+    every rule."""
+    manifest = {"entries": [
+        {"intent": "hours", "answer": "TBD", "action": "answer",
+         "questions": ["when are you open", "?"]},
+        {"intent": "fees", "answer": "<p>No fees.</p>", "action": "answer",
+         "questions": ["what are the fees"]},
+        {"intent": "cards", "answer": "Cards arrive in a week.", "action": "answer",
+         "questions": ["when does my card arrive"]}]}
+    edited = [{"question": "when will my card come", "answer": "Cards arrive in five days.",
+               "intent": "cards", "action": "answer"}]
+    plan = _rebuilt_plan(manifest, "cards", edited, "entry cards")
+    assert set(plan.entries) == {"hours", "fees", "cards"}
+    assert plan.entries["cards"].answer == "Cards arrive in five days."
+    deleted = _rebuilt_plan(manifest, "fees", [], "entry fees")  # deleting one of them
+    assert set(deleted.entries) == {"hours", "cards"}
+    # The entry edited is held to every rule.
+    with pytest.raises(LabelledValidationError) as refused:
+        _rebuilt_plan(manifest, "hours", [{"question": "when are you open", "answer": "N/A",
+                                           "intent": "hours", "action": "answer"}],
+                      "entry hours")
+    assert [(e["entry"], e["changed"]) for e in refused.value.errors] == [("hours", True)]

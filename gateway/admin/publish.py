@@ -30,7 +30,8 @@ import logging
 import threading
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import (Any, Awaitable, Callable, Collection, Iterable, Mapping, Sequence,
+                    TypeVar)
 
 from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
                         SeedValidationError, parse_seed_csv, parse_seed_rows, rows_from_manifest)
@@ -456,13 +457,16 @@ def _rebuilt_plan(manifest: Mapping[str, Any], entry_id: str,
                       "publish a new seed (POST /admin/seed) to replace it"}])
     labels = [RowLabel(entry_id, r["question"], True) for r in changed] + \
              [RowLabel(r["intent"], r["question"], False) for r in kept]
-    return _parse_labelled(changed + kept, labels, source)
+    # The other entries' rows serve as published: a rule added since (an upgrade) does not
+    # refuse them, or no entry could be edited until a whole new seed.
+    published = range(len(changed), len(changed) + len(kept))
+    return _parse_labelled(changed + kept, labels, source, published)
 
 
 def _parse_labelled(rows: Sequence[Mapping[str, str]], labels: Sequence[RowLabel],
-                    source: str) -> SeedPlan:
+                    source: str, published: Collection[int] = ()) -> SeedPlan:
     try:
-        return parse_seed_rows(rows, source=source)
+        return parse_seed_rows(rows, source=source, published=published)
     except SeedValidationError as exc:
         errors = []
         for err in exc.errors:
