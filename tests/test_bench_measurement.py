@@ -275,7 +275,7 @@ async def test_capacity_memory_per_call_does_not_shrink_after_a_smaller_step(
     the 100-call step after a 50-call one reports 0.25 MB (300 after 200: 0.17 MB)."""
     gateway = RetainingGateway()
 
-    async def fake_text_caller(url, step, until, seed, step_index=0):  # noqa: ANN001
+    async def fake_text_caller(url, step, until, seed, step_index=0, arrive_s=2.0):  # noqa: ANN001
         gateway.active += 1
         gateway.most = max(gateway.most, gateway.active)
         while capacity.time.monotonic() < until:
