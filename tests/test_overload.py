@@ -174,6 +174,15 @@ async def test_a_refused_upgrade_leaves_no_error_in_the_server_log(server) -> No
     each where alerts follow ERROR lines. The client did get its 503."""
     kept = Kept()
     uvicorn_log = logging.getLogger("uvicorn.error")
+    # Sees every line before the logger's filters drop any: the test waits until uvicorn
+    # has said it (when the handler returns, on the server's thread), not a guessed while.
+    said: list[logging.LogRecord] = []
+
+    def seen(record: logging.LogRecord) -> bool:
+        said.append(record)
+        return True
+
+    uvicorn_log.filters.insert(0, seen)
     uvicorn_log.addHandler(kept)
     services = server.app.state.services
     services.admission.draining = True
@@ -181,10 +190,16 @@ async def test_a_refused_upgrade_leaves_no_error_in_the_server_log(server) -> No
         with pytest.raises(InvalidStatus) as refused:
             await Caller(server.call_url).connect()
         assert refused.value.response.status_code == 503
-        await asyncio.sleep(0.2)  # the handler's return, on the server's thread
+        assert await asyncio.to_thread(wait_for, lambda: any(
+            r.msg == logs.UVICORN_NO_HANDSHAKE for r in said), 30.0), \
+            "uvicorn no longer logs its line after a denial: DropDenialHandshakeError can go"
+        # The server's loop answers this only after the step that logged the line, its
+        # handlers included, has run: what reaches `kept` has reached it.
+        await asyncio.to_thread(httpx.get, server.base_url + "/healthz", timeout=30)
     finally:
         services.admission.draining = False
         uvicorn_log.removeHandler(kept)
+        uvicorn_log.removeFilter(seen)
     assert not [r for r in kept.records if r.levelno >= logging.ERROR], \
         [r.getMessage() for r in kept.records]
 
