@@ -532,7 +532,12 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError],
     # A run of spaces is one space, as parse_seed_rows (the admin API's rows) makes it: a name
     # is the same, and so is its entry id, whichever path published it. Composed (NFC): "é"
     # as one character or as e and an accent looks the same and is one intent.
-    intent = unicodedata.normalize("NFC", " ".join(intent_text.split())) or None
+    intent = " ".join(intent_text.split()) or None
+    if intent is not None and not published:
+        # A published row keeps its name as it serves: a version from before names were
+        # read composed may hold one in both forms as two entries (merged on an edit of
+        # another entry, they would refuse it for each other's action or answer).
+        intent = unicodedata.normalize("NFC", intent)
     action_text = values.get("action", "").strip().lower()
     action: Action | None = None
     errors.extend(RowError(line, problem)

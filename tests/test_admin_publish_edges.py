@@ -378,3 +378,30 @@ def test_an_entry_published_before_a_newer_rule_does_not_block_edits_of_the_othe
                                            "intent": "hours", "action": "answer"}],
                       "entry hours")
     assert [(e["entry"], e["changed"]) for e in refused.value.errors] == [("hours", True)]
+
+
+def test_an_intent_published_in_two_unicode_forms_does_not_block_edits_of_the_others() -> None:
+    """Review (stop 68): an intent name is now read composed (NFC), so "résiliation" typed
+    with é as one character and as e plus an accent is one intent. A version published
+    before that holds both as entries of their own (the rows without an answer an agent,
+    llm, entry: the very split the rule fixes). Every entry edit, deletion or promotion
+    rebuilds the version from its rows, and read composed the two became one intent with two
+    actions: every edit of any other entry was refused (400, "intent 'résiliation' has
+    action 'answer' on line 3, not 'llm'"), for an entry nobody touched. The other entries'
+    rows keep their names as published (their own entries, as they serve)."""
+    composed, decomposed = "r\u00e9siliation", "re\u0301siliation"
+    manifest = {"entries": [
+        {"intent": composed, "answer": "Call us to cancel.", "action": "answer",
+         "questions": ["how do I cancel"]},
+        {"intent": decomposed, "answer": None, "action": "llm",
+         "questions": ["I want to end my contract"]},
+        {"intent": "cards", "answer": "Cards arrive in a week.", "action": "answer",
+         "questions": ["when does my card arrive"]}]}
+    edited = [{"question": "when will my card come", "answer": "Cards arrive in five days.",
+               "intent": "cards", "action": "answer"}]
+    plan = _rebuilt_plan(manifest, "cards", edited, "entry cards")
+    assert plan.entries["cards"].answer == "Cards arrive in five days."
+    assert set(plan.entries) == {composed, decomposed, "cards"}  # served as before
+    assert plan.entries[decomposed].action.value == "llm"
+    deleted = _rebuilt_plan(manifest, "cards", [], "entry cards")
+    assert set(deleted.entries) == {composed, decomposed}
