@@ -745,8 +745,11 @@ async def test_a_call_whose_noise_deepgram_leaves_unanswered_keeps_its_socket(de
     fake.utterances = ["what are your opening hours"]
     fake.answer_finalize, fake.ms_per_word = False, 1_000_000  # noise: no word, no reply
     h = CallHarness(faqs={"opening hours": "hours"}, settings={"end_of_turn_silence_ms": 900})
+    # The ping that tells a live socket from a dead one waits on the call's clock, which
+    # the harness moves by the frame: at 0.5 s it expired before a real pong came back on
+    # a loaded machine (the CI run of stop 68), and the turn failed as a dead socket's.
     recognizer = stt(server, endpointing_ms=100, early_timeout_s=5.0, finalize_timeout_s=1.0,
-                     reconnect_s=0.01, clock=h.clock)
+                     reconnect_s=0.01, clock=h.clock, ping_timeout_s=30.0)
     h.call = Call(dataclasses.replace(h.deps, stt=recognizer), h.output, RATE, call_id="dg")
     await h.start()
     stream = h.call._turns.stt
