@@ -148,5 +148,11 @@ def quiet_invalid_utf8() -> None:
     logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, DropInvalidUtf8Traceback) for f in logger.filters):
         logger.addFilter(DropInvalidUtf8Traceback())
+
+
+def quiet_denial_handshake_error() -> None:
+    """Keep uvicorn's "without completing handshake" line for an upgrade refused with an HTTP
+    response (``denial_sent``) out of the log; safe to call again."""
+    logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, DropDenialHandshakeError) for f in logger.filters):
         logger.addFilter(DropDenialHandshakeError())

@@ -123,6 +123,7 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
     """
     logs.redact_server_logs()  # uvicorn logs each upgrade's query: the page's ?token= too
     logs.quiet_invalid_utf8()  # text not UTF-8: uvicorn's traceback; the session logs it
+    logs.quiet_denial_handshake_error()  # its spurious ERROR after each 503 refusal
     # httptools, plus a deadline for connections that never send a request.
     return {"loop": "uvloop", "http": IdleTimeoutHttpToolsProtocol, "ws": "websockets-sansio",
             "ws_per_message_deflate": False,

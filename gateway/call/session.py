@@ -698,7 +698,7 @@ async def refuse_while_unavailable(websocket: WebSocket, stats: Stats | None,
         return False
     if stats is not None:
         stats.error(code)
-    logs.denial_sent()  # uvicorn's spurious ERROR line for it is dropped (gateway/logs.py)
+    logs.denial_sent()  # so logs.quiet_denial_handshake_error drops uvicorn's spurious line
     await websocket.send_denial_response(JSONResponse(
         {"error": code, "message": message}, status_code=503, headers={"retry-after": "1"}))
     return True
