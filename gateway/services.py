@@ -147,7 +147,6 @@ class Services:
         self.admission = Admission(settings.max_calls)
         # How far behind the event loop runs; refuses new calls while too far (overload.py).
         self.overload = OverloadGate(settings.overload_loop_lag_ms / 1000.0)
-        self.stats.watch_overload(self.overload)
         self._lag_task: asyncio.Task[None] | None = None
         self._call_deps: CallDeps | None = None
         self.cache: FaqCache | None = None
@@ -203,6 +202,9 @@ class Services:
 
     async def start(self) -> None:
         self._load_task = asyncio.create_task(self._load(self._given_runtime))
+        # Exported by the Services that watches its loop: one built and never started (tests
+        # build several on a shared runtime's Stats) does not take over the gauges.
+        self.stats.watch_overload(self.overload)
         self._lag_task = asyncio.create_task(watch_loop_lag(self.overload, self.clock),
                                              name="vg-loop-lag")
 
