@@ -517,6 +517,30 @@ def question_problems(cell: str, published: bool = False) -> list[str]:
     return problems
 
 
+def _answer_wording_problem(answer: str) -> str | None:
+    """Why what a (visible, not too long) answer says is no words to say to a caller, if it
+    is not: punctuation alone, a placeholder, an audio file's name, markup."""
+    if not same_question(answer):
+        # A sheet's placeholder ("-", "..."): a voice renders it as nothing, or a breath.
+        return (f"answer has no words, only punctuation ({answer[:40]!r}): a placeholder? "
+                "leave the cell empty for a question that takes its intent's answer or goes "
+                "to the agent")
+    if _placeholder(answer):
+        return (f"answer {answer[:40]!r} is a placeholder, not an answer: write the answer, or "
+                "leave the cell empty for a question that takes its intent's answer or goes to "
+                "the agent")
+    if _AUDIO_REFERENCE.fullmatch(answer):
+        return (f"answer {answer[:80]!r} is a reference to an audio file, not words to say: the "
+                "configured voice renders each answer's text (it would read the reference "
+                "aloud); write the answer's words")
+    found = _not_words(answer)
+    if found is not None:
+        kind, text = found
+        return (f"answer holds {kind} ({text[:40]!r}): the voice would read it aloud or skip "
+                "it; write the answer as the plain words to say")
+    return None
+
+
 def _read_row(line: int, values: dict[str, str], errors: list[RowError],
               published: bool = False) -> SeedRow | None:
     """One row, read and checked. ``published``: a row a serving version holds unchanged (an
@@ -547,27 +571,10 @@ def _read_row(line: int, values: dict[str, str], errors: list[RowError],
     elif answer and len(answer) > MAX_ANSWER_CHARS:
         errors.append(RowError(line, f"answer too long ({len(answer)} characters, at most "
                                      f"{MAX_ANSWER_CHARS})"))
-    elif published:
-        pass  # its words were judged when it was published
-    elif answer is not None and not same_question(answer):
-        # A sheet's placeholder ("-", "..."): a voice renders it as nothing, or a breath.
-        errors.append(RowError(line, f"answer has no words, only punctuation ({answer[:40]!r}):"
-                                     " a placeholder? leave the cell empty for a question that "
-                                     "takes its intent's answer or goes to the agent"))
-    elif answer is not None and _placeholder(answer):
-        errors.append(RowError(line, f"answer {answer[:40]!r} is a placeholder, not an answer: "
-                                     "write the answer, or leave the cell empty for a question "
-                                     "that takes its intent's answer or goes to the agent"))
-    elif answer and _AUDIO_REFERENCE.fullmatch(answer):
-        errors.append(RowError(line, f"answer {answer[:80]!r} is a reference to an audio file, "
-                                     "not words to say: the configured voice renders each "
-                                     "answer's text (it would read the reference aloud); "
-                                     "write the answer's words"))
-    elif answer and (found := _not_words(answer)) is not None:
-        kind, text = found
-        errors.append(RowError(line, f"answer holds {kind} ({text[:40]!r}): the voice would "
-                                     "read it aloud or skip it; write the answer as the plain "
-                                     "words to say"))
+    elif answer is not None and not published:  # a published one's words were judged then
+        problem = _answer_wording_problem(answer)
+        if problem is not None:
+            errors.append(RowError(line, problem))
     if intent is not None and (not _printable(intent_text) or not _visible(intent)):
         # a tab is refused, not collapsed; joiners alone show nothing
         errors.append(RowError(line, bad_intent_characters(intent_text)))
