@@ -350,6 +350,13 @@ async def test_an_upload_does_not_replace_an_edit_published_while_it_ran(tmp_pat
     assert answer[0] == 409 and edited[0] in answer[1], answer
 
 
+# An entry no rule refuses, and an edit of it: what the tests of rebuilt versions edit.
+CARDS = {"intent": "cards", "answer": "Cards arrive in a week.", "action": "answer",
+         "questions": ["when does my card arrive"]}
+CARDS_EDITED = [{"question": "when will my card come", "answer": "Cards arrive in five days.",
+                 "intent": "cards", "action": "answer"}]
+
+
 def test_an_entry_published_before_a_newer_rule_does_not_block_edits_of_the_others() -> None:
     """Review (stop 68): this stop's seed rules refuse answers that are a placeholder
     ("TBD"), markup or an audio file's name, and questions of punctuation alone. Every entry
@@ -363,11 +370,8 @@ def test_an_entry_published_before_a_newer_rule_does_not_block_edits_of_the_othe
          "questions": ["when are you open", "?"]},
         {"intent": "fees", "answer": "<p>No fees.</p>", "action": "answer",
          "questions": ["what are the fees"]},
-        {"intent": "cards", "answer": "Cards arrive in a week.", "action": "answer",
-         "questions": ["when does my card arrive"]}]}
-    edited = [{"question": "when will my card come", "answer": "Cards arrive in five days.",
-               "intent": "cards", "action": "answer"}]
-    plan = _rebuilt_plan(manifest, "cards", edited, "entry cards")
+        CARDS]}
+    plan = _rebuilt_plan(manifest, "cards", CARDS_EDITED, "entry cards")
     assert set(plan.entries) == {"hours", "fees", "cards"}
     assert plan.entries["cards"].answer == "Cards arrive in five days."
     deleted = _rebuilt_plan(manifest, "fees", [], "entry fees")  # deleting one of them
@@ -395,11 +399,8 @@ def test_an_intent_published_in_two_unicode_forms_does_not_block_edits_of_the_ot
          "questions": ["how do I cancel"]},
         {"intent": decomposed, "answer": None, "action": "llm",
          "questions": ["I want to end my contract"]},
-        {"intent": "cards", "answer": "Cards arrive in a week.", "action": "answer",
-         "questions": ["when does my card arrive"]}]}
-    edited = [{"question": "when will my card come", "answer": "Cards arrive in five days.",
-               "intent": "cards", "action": "answer"}]
-    plan = _rebuilt_plan(manifest, "cards", edited, "entry cards")
+        CARDS]}
+    plan = _rebuilt_plan(manifest, "cards", CARDS_EDITED, "entry cards")
     assert plan.entries["cards"].answer == "Cards arrive in five days."
     assert set(plan.entries) == {composed, decomposed, "cards"}  # served as before
     assert plan.entries[decomposed].action.value == "llm"

@@ -10,6 +10,7 @@ speed checks (bench/ measures speed).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import tempfile
@@ -322,59 +323,54 @@ async def test_token_typing_and_errors_in_plain_words(guarded_server):
         assert "connection to the gateway was lost" in text(browser, "error")
 
 
-def test_a_gateway_taking_no_calls_for_now_keeps_the_token(guarded_server):
-    # A draining (or still loading) gateway refuses the upgrade with HTTP 503, which the
-    # browser hides like any refused upgrade: the page took it for a wrong token, forgot the
-    # token the operator had typed and asked for it again, so the next call, once the gateway
-    # took calls again, failed for want of a token.
-    server = guarded_server
-    services = server.app.state.services
-    with chromium(["--use-fake-ui-for-media-stream",  # no microphone: the call is the point
-                   "--autoplay-policy=no-user-gesture-required"]) as browser:
-        open_page(browser, server)
-        services.admission.draining = True
-        try:
-            by_testid(browser, "token").send_keys(CALL_TOKEN)
-            by_testid(browser, "token").submit()
-            state = wait_state(browser, lambda s: s["state"] == "failed", "a refused call",
-                               SHORT_S)
-        finally:
-            services.admission.draining = False
-        assert browser.execute_script(
-            "return sessionStorage.getItem('voicegate.callToken')") == CALL_TOKEN
-        assert not by_testid(browser, "token").is_displayed()
-        assert state.get("errorCode") == "draining", state
-        assert "shutting down" in text(browser, "error")
-        call(browser)  # with the kept token, nothing asked
-        hang_up(browser)
+@contextlib.contextmanager
+def draining(services):
+    services.admission.draining = True
+    try:
+        yield
+    finally:
+        services.admission.draining = False
 
 
-def test_an_overloaded_gateway_keeps_the_token_and_says_it_is_busy(guarded_server):
-    """Review (stop 68): an overloaded replica refuses the upgrade with HTTP 503
-    `overloaded` while its /readyz stays 200 (gateway/overload.py). The browser hides the
-    503, and the page, asking /readyz why and told "ready", took the refusal for a wrong
-    token: it forgot the token the operator had typed and said "the token is wrong". It now
+@contextlib.contextmanager
+def overloaded(services):
+    # Held overloaded: a threshold of 0 stops the loop's watch from opening the gate.
+    services.overload.threshold_s, services.overload.overloaded = 0.0, True
+    try:
+        yield
+    finally:
+        services.overload.threshold_s = services.settings.overload_loop_lag_ms / 1000.0
+        services.overload.overloaded = False
+
+
+@pytest.mark.parametrize("refusing, code, said", [(draining, "draining", "shutting down"),
+                                                  (overloaded, "overloaded", "busy")])
+def test_a_gateway_taking_no_calls_for_now_keeps_the_token(guarded_server, refusing, code,
+                                                           said):
+    """A draining (or still loading) gateway refuses the upgrade with HTTP 503, which the
+    browser hides like any refused upgrade: the page took it for a wrong token, forgot the
+    token the operator had typed and asked for it again, so the next call, once the gateway
+    took calls again, failed for want of a token.
+
+    Review (stop 68): an overloaded replica refuses the upgrade with HTTP 503 `overloaded`
+    while its /readyz stays 200 (gateway/overload.py). The page, asking /readyz why and told
+    "ready", took that refusal for a wrong token too, and said "the token is wrong". It now
     reads /readyz's `overloaded` and says the gateway is busy, the token kept."""
     server = guarded_server
     services = server.app.state.services
     with chromium(["--use-fake-ui-for-media-stream",  # no microphone: the call is the point
                    "--autoplay-policy=no-user-gesture-required"]) as browser:
         open_page(browser, server)
-        # Held overloaded: a threshold of 0 stops the loop's watch from opening the gate.
-        services.overload.threshold_s, services.overload.overloaded = 0.0, True
-        try:
+        with refusing(services):
             by_testid(browser, "token").send_keys(CALL_TOKEN)
             by_testid(browser, "token").submit()
             state = wait_state(browser, lambda s: s["state"] == "failed", "a refused call",
                                SHORT_S)
-        finally:
-            services.overload.threshold_s = services.settings.overload_loop_lag_ms / 1000.0
-            services.overload.overloaded = False
         assert browser.execute_script(
             "return sessionStorage.getItem('voicegate.callToken')") == CALL_TOKEN
         assert not by_testid(browser, "token").is_displayed()
-        assert state.get("errorCode") == "overloaded", state
-        assert "busy" in text(browser, "error")
+        assert state.get("errorCode") == code, state
+        assert said in text(browser, "error")
         call(browser)  # with the kept token, nothing asked
         hang_up(browser)
 
