@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .drain import DrainingServer
     from .server import listening_socket, uvicorn_options
     from .services import loads_under_way
-    from .settings import Settings
+    from .settings import Settings, short_tokens
 
     # --store DIR wins over --redis URL and VOICEGATE_REDIS_URL, as for seed and route.
     settings = Settings.load({"host": args.host, "port": args.port, "store_dir": args.store,
@@ -35,6 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
                    or _record_dir_refused(settings)):
         return _usage_error("serve", refused)
     logs.configure(settings.log_level)
+    for warning in short_tokens(settings):
+        print(f"voicegate serve: warning: {warning}", file=sys.stderr)
     # The port is taken before the models load: one in use fails at once, naming it, and
     # the page's address printed below is one this process really serves (port 0 too).
     try:

@@ -742,6 +742,21 @@ _NOT_SETTINGS = frozenset({"CONFIG", "CHROMIUM", "CHROMEDRIVER", "TEST_REDIS_DB"
                            "TEST_REDIS_URL"})
 
 
+# Shorter tokens are guessable: the admin token publishes what callers hear, the call token
+# spends the LLM and TTS budget. Not refused (a running deployment must still start), warned.
+MIN_TOKEN_CHARS = 16
+
+
+def short_tokens(settings: "Settings") -> list[str]:
+    """Warnings for ``admin_token`` and ``call_token`` set shorter than ``MIN_TOKEN_CHARS``
+    (the lengths only: never a token)."""
+    return [f"{name} is only {len(token)} characters: a token that short can be guessed; "
+            f"use a long random one (python -c 'import secrets; "
+            f"print(secrets.token_urlsafe(32))')"
+            for name in ("admin_token", "call_token")
+            if 0 < len(token := getattr(settings, name)) < MIN_TOKEN_CHARS]
+
+
 def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     """``VOICEGATE_*`` variables that name no setting, each with the one it most resembles
     ("VOICEGATE_MAX_CALL (did you mean VOICEGATE_MAX_CALL_S?)"). A misspelt one is

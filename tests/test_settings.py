@@ -324,6 +324,37 @@ def test_serve_on_a_port_in_use_exits_before_loading_naming_the_port(monkeypatch
                            "already in use (--host, --port)")
 
 
+@pytest.mark.parametrize("name", ["admin_token", "call_token"])
+def test_serve_warns_of_a_short_token_without_showing_it(monkeypatch, tmp_path, capsys, name):
+    """Review (stop 69): a one-character admin token (it publishes what callers hear) or call
+    token started without a word. The serve command now warns, naming the setting and the
+    length, never the token; it still starts (a running deployment must not stop)."""
+    import socket
+
+    from gateway import cli
+    from gateway.settings import MIN_TOKEN_CHARS
+
+    _commands_do_no_heavy_work(monkeypatch)
+    monkeypatch.setenv(f"VOICEGATE_{name.upper()}", "pw-6")
+    with socket.socket() as taken:  # stop right after the warnings, before any load
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cli.main(["serve", "--host", "127.0.0.1", "--port", str(taken.getsockname()[1]),
+                  "--store", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert f"voicegate serve: warning: {name} is only 4 characters" in err
+    assert "pw-6" not in err
+    other = "call_token" if name == "admin_token" else "admin_token"
+    assert other not in err
+    monkeypatch.setenv(f"VOICEGATE_{name.upper()}", "x" * MIN_TOKEN_CHARS)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cli.main(["serve", "--host", "127.0.0.1", "--port", str(taken.getsockname()[1]),
+                  "--store", str(tmp_path / "store")])
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_serve_on_port_0_prints_the_port_it_listens_on(monkeypatch, tmp_path, capsys):
     from gateway import cli
 
