@@ -17,13 +17,25 @@ threshold. The calls it has go on; nothing else changes.
 A single stall (a long garbage collection, a blocking call) is one late sample among
 several and never trips the gate: the median needs most of the window late, and the
 window always holds at least ``MIN_SAMPLES`` wake-ups.
+
+Lateness comes last, though: a timer waits only for the iteration under way, while each
+call's frames wait behind every call's work. At 500 speaking callers arriving over 40 s
+the median lateness stayed under 200 ms while a quarter of the frames left late (stop 68).
+So the gate also weighs how busy the loop's own thread is: the CPU time it used over the
+window's wall time (``overload_loop_busy``, a share of one core). A loop busy nearly all
+the time has no slack left for the next call; it closes the gate as the lateness does,
+and reopens it once the share is ``BUSY_REOPEN_BELOW`` under the threshold. (A starved
+loop, its core taken by other processes, uses little CPU while it falls behind: the
+lateness still sees that.)
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import time
 from collections import deque
+from typing import Callable
 
 from . import logs
 from .clock import Clock
@@ -35,50 +47,69 @@ log = logging.getLogger("voicegate.overload")
 TICK_S = 0.1
 WINDOW_S = 2.0
 MIN_SAMPLES = 5
+# The busy share must fall this far under its threshold before calls are taken again.
+BUSY_REOPEN_BELOW = 0.1
 
 
 class OverloadGate:
     """Whether the loop's recent lateness says "take no new call".
 
-    ``observe(lag_s, now)`` takes one wake-up's lateness; ``overloaded`` is set once the
-    median of the samples of the last ``window_s`` (and at least the last ``min_samples``)
-    reaches ``threshold_s``, and cleared once it falls under half of it. A threshold of 0
-    turns the gate off."""
+    ``observe(lag_s, now, cpu_s)`` takes one wake-up's lateness and the loop thread's CPU
+    clock then; ``overloaded`` is set once, over the samples of the last ``window_s`` (and
+    at least the last ``min_samples``), the median lateness reaches ``threshold_s`` or the
+    loop's busy share (CPU seconds over wall seconds) reaches ``busy_threshold``; it is
+    cleared once the lateness is under half its threshold and the share
+    ``BUSY_REOPEN_BELOW`` under its own. A threshold of 0 turns its signal off."""
 
     def __init__(self, threshold_s: float, window_s: float = WINDOW_S,
-                 min_samples: int = MIN_SAMPLES) -> None:
+                 min_samples: int = MIN_SAMPLES, busy_threshold: float = 0.0) -> None:
         self.threshold_s = threshold_s
+        self.busy_threshold = busy_threshold
         self.window_s = window_s
         self.min_samples = min_samples
         self.overloaded = False
         self.lag_s = 0.0  # the window's median lateness, for /metrics and /readyz
+        self.busy = 0.0  # the window's share of one core the loop's thread used
         self.refused = 0  # calls refused since start
-        self._samples: deque[tuple[float, float]] = deque()  # (when, lateness)
+        self._samples: deque[tuple[float, float, float]] = deque()  # (when, lateness, cpu)
 
-    def observe(self, lag_s: float, now: float) -> None:
+    def observe(self, lag_s: float, now: float, cpu_s: float = 0.0) -> None:
         samples = self._samples
-        samples.append((now, max(0.0, lag_s)))
+        samples.append((now, max(0.0, lag_s), cpu_s))
         while len(samples) > self.min_samples and samples[0][0] < now - self.window_s:
             samples.popleft()
-        self.lag_s = statistics.median(lag for _, lag in samples)
-        if not self.threshold_s:
+        self.lag_s = statistics.median(lag for _, lag, _ in samples)
+        span_s = now - samples[0][0]
+        self.busy = max(0.0, (cpu_s - samples[0][2]) / span_s) if span_s > 0 else 0.0
+        if len(samples) < self.min_samples:
             return
-        if not self.overloaded and len(samples) >= self.min_samples \
-                and self.lag_s >= self.threshold_s:
+        lagging = bool(self.threshold_s) and self.lag_s >= self.threshold_s
+        busy = bool(self.busy_threshold) and self.busy >= self.busy_threshold
+        if not self.overloaded and (lagging or busy):
             self.overloaded = True
-            logs.event(log, "overloaded", logging.WARNING, loop_lag_ms=round(self.lag_s * 1e3),
-                       threshold_ms=round(self.threshold_s * 1e3))
-        elif self.overloaded and self.lag_s < self.threshold_s / 2:
+            logs.event(log, "overloaded", logging.WARNING,
+                       reason="loop_lag" if lagging else "loop_busy",
+                       loop_lag_ms=round(self.lag_s * 1e3), loop_busy=round(self.busy, 2),
+                       threshold_ms=round(self.threshold_s * 1e3),
+                       busy_threshold=self.busy_threshold)
+        elif self.overloaded and self._caught_up():
             self.overloaded = False
             logs.event(log, "overload_over", loop_lag_ms=round(self.lag_s * 1e3),
-                       refused=self.refused)
+                       loop_busy=round(self.busy, 2), refused=self.refused)
+
+    def _caught_up(self) -> bool:
+        return ((not self.threshold_s or self.lag_s < self.threshold_s / 2)
+                and (not self.busy_threshold
+                     or self.busy < self.busy_threshold - BUSY_REOPEN_BELOW))
 
 
-async def watch_loop_lag(gate: OverloadGate, clock: Clock, tick_s: float = TICK_S) -> None:
+async def watch_loop_lag(gate: OverloadGate, clock: Clock, tick_s: float = TICK_S,
+                         cpu_clock: Callable[[], float] = time.thread_time) -> None:
     """Forever: sleep ``tick_s`` on ``clock`` and tell ``gate`` how much later than asked
-    the loop woke us (the time every call's next step waited too)."""
+    the loop woke us (the time every call's next step waited too), and the CPU time of
+    the loop's thread (``cpu_clock``, read on it) by then."""
     while True:
         asked = clock.now()
         await clock.sleep(tick_s)
         now = clock.now()
-        gate.observe(now - asked - tick_s, now)
+        gate.observe(now - asked - tick_s, now, cpu_clock())

@@ -146,7 +146,8 @@ class Services:
         self.stats: Stats = runtime.stats if runtime is not None else Stats()
         self.admission = Admission(settings.max_calls)
         # How far behind the event loop runs; refuses new calls while too far (overload.py).
-        self.overload = OverloadGate(settings.overload_loop_lag_ms / 1000.0)
+        self.overload = OverloadGate(settings.overload_loop_lag_ms / 1000.0,
+                                     busy_threshold=settings.overload_loop_busy)
         self._lag_task: asyncio.Task[None] | None = None
         self._call_deps: CallDeps | None = None
         self.cache: FaqCache | None = None
@@ -440,6 +441,7 @@ class Services:
                 "active_calls": self.admission.active,
                 "overloaded": self.overload.overloaded,
                 "loop_lag_ms": round(self.overload.lag_s * 1000.0, 1),
+                "loop_busy": round(self.overload.busy, 3),
                 "load_times_s": self._runtime.load_times_s,
                 "stt": self._runtime.stt.name, "tts": self._runtime.tts.name,
                 "store": "redis" if self.settings.redis_url else "local",

@@ -108,6 +108,10 @@ HOLD_AFTER_MIN_MS = 3000
 
 # Bounds shared by many fields: nothing that sizes, times or counts may be zero or negative
 # unless 0 has a documented meaning (then NonNeg). A poll interval of 0 would spin.
+# Chosen at stop 69 (docs/operations.md, "Capacity"): at 500 speaking callers on one
+# 2-core replica the calls admitted kept 0.26% of frames late, none refused at 200.
+DEFAULT_OVERLOAD_LOOP_BUSY = 0.8
+
 Pos = Annotated[int, Field(gt=0)]
 PosF = Annotated[float, Field(gt=0.0)]
 NonNeg = Annotated[int, Field(ge=0)]
@@ -155,6 +159,12 @@ class Settings(BaseModel):
     # are refused at the upgrade with HTTP 503 `overloaded` (a balancer retries them on
     # another replica), until it is under half of it again (gateway/overload.py). 0: off.
     overload_loop_lag_ms: NonNeg = 200
+    # ... and while the loop's own thread is this busy (CPU time over wall time, the last
+    # 2 s; a share of one core): a loop near 1.0 has no slack for another call. Refused
+    # until 0.1 under it. 0: off. (A default_factory: the test suite, whose servers'
+    # loops share a machine with the whole suite, turns it off in tests/conftest.py.)
+    overload_loop_busy: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default_factory=lambda: DEFAULT_OVERLOAD_LOOP_BUSY)
     # Set: callers must present it (Authorization: Bearer, or ?token=; Twilio: a stream
     # <Parameter name="token">). Empty: open, for the local demo.
     call_token: str = Field(default="", repr=False)

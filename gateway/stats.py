@@ -224,9 +224,12 @@ class _OverloadGauges:
         yield GaugeMetricFamily("voicegate_event_loop_lag_seconds", "How late the event loop "
                                 "wakes a timer: the median of the last 2 s (every call's "
                                 "next step waits as long)", value=g.lag_s)
+        yield GaugeMetricFamily("voicegate_event_loop_busy_ratio", "The share of one core "
+                                "the event loop's thread used over the last 2 s (near 1: "
+                                "no slack for another call)", value=g.busy)
         yield GaugeMetricFamily("voicegate_overloaded", "1 while new calls are refused for "
-                                "the loop's lateness (overload_loop_lag_ms)",
-                                value=float(g.overloaded))
+                                "the loop's lateness or busy share (overload_loop_lag_ms, "
+                                "overload_loop_busy)", value=float(g.overloaded))
 
 
 class _Prometheus:

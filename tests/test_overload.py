@@ -77,6 +77,58 @@ def test_a_threshold_of_zero_never_refuses() -> None:
     assert not gate.overloaded and gate.lag_s == pytest.approx(5.0)
 
 
+def feed_busy(gate: OverloadGate, busy: float, ticks: int, now: float = 0.0,
+              cpu: float = 0.0, every_s: float = 0.1) -> tuple[float, float]:
+    """``ticks`` prompt wake-ups, the loop's thread busy ``busy`` of each interval."""
+    for _ in range(ticks):
+        now += every_s
+        cpu += every_s * busy
+        gate.observe(0.001, now, cpu)
+    return now, cpu
+
+
+def test_a_loop_busy_nearly_all_the_time_closes_the_gate_before_it_runs_late(caplog) -> None:
+    """Review (stop 69): the lateness of a timer, the gate's only signal, stayed under its
+    200 ms at 500 speaking callers while a quarter of their frames left late (stop 68):
+    admitted calls were already hurt. The loop's busy share (its thread's CPU over wall
+    time) closes the gate as well, with wake-ups still prompt, and reopens it only
+    ``BUSY_REOPEN_BELOW`` under its threshold."""
+    gate = OverloadGate(threshold_s=0.2, busy_threshold=0.9)
+    now, cpu = feed_busy(gate, 0.6, 30)
+    assert not gate.overloaded and gate.busy == pytest.approx(0.6)
+    with caplog.at_level(logging.WARNING, logger="voicegate.overload"):
+        now, cpu = feed_busy(gate, 0.97, 30, now, cpu)
+    assert gate.overloaded and gate.lag_s < 0.01 and gate.busy == pytest.approx(0.97)
+    assert [r.fields["reason"] for r in caplog.records if r.getMessage() == "overloaded"] \
+        == ["loop_busy"]
+    now, cpu = feed_busy(gate, 0.85, 30, now, cpu)  # under 0.9, not 0.1 under: no flapping
+    assert gate.overloaded
+    feed_busy(gate, 0.7, 30, now, cpu)
+    assert not gate.overloaded
+
+
+def test_a_busy_threshold_of_zero_weighs_only_the_lateness() -> None:
+    gate = OverloadGate(threshold_s=0.2, busy_threshold=0.0)
+    feed_busy(gate, 1.0, 50)
+    assert not gate.overloaded and gate.busy == pytest.approx(1.0)
+
+
+def test_a_late_loop_reopens_only_once_it_is_also_no_longer_busy() -> None:
+    """Closed by either signal, the gate opens when neither holds: a loop that caught up
+    on its timers while still using all of its core takes no call yet."""
+    gate = OverloadGate(threshold_s=0.2, busy_threshold=0.9)
+    now, cpu = 0.0, 0.0
+    for _ in range(20):  # late and busy
+        now += 0.4
+        cpu += 0.4
+        gate.observe(0.3, now, cpu)
+    assert gate.overloaded
+    now, cpu = feed_busy(gate, 0.95, 30, now, cpu)  # prompt again, still busy
+    assert gate.overloaded and gate.lag_s < 0.1
+    feed_busy(gate, 0.5, 30, now, cpu)
+    assert not gate.overloaded
+
+
 class LateClock(ManualClock):
     """A ManualClock whose sleeps wake ``late_s`` after they were due, as a busy loop's."""
 
@@ -99,6 +151,19 @@ async def test_the_watch_measures_how_late_its_wake_ups_come() -> None:
         clock.late_s = 0.0
         await clock.advance(3.0)
         assert not gate.overloaded
+    finally:
+        watch.cancel()
+
+
+async def test_the_watch_reads_the_loop_threads_cpu_clock_at_each_wake_up() -> None:
+    clock = ManualClock()
+    gate = OverloadGate(threshold_s=0.2, busy_threshold=0.9)
+    # The loop's thread busy 95% of the time: its CPU clock runs at 0.95 of the wall's.
+    watch = asyncio.ensure_future(watch_loop_lag(gate, clock,
+                                                 cpu_clock=lambda: clock.now() * 0.95))
+    try:
+        await clock.advance(3.0)
+        assert gate.busy == pytest.approx(0.95) and gate.overloaded
     finally:
         watch.cancel()
 
@@ -155,6 +220,49 @@ async def test_an_overloaded_replica_refuses_new_calls_with_503_and_keeps_its_ow
     metrics = httpx.get(lagging_server.base_url + "/metrics", timeout=30).text
     assert 'voicegate_errors_total{code="overloaded"}' in metrics
     assert "voicegate_event_loop_lag_seconds" in metrics
+    assert "voicegate_event_loop_busy_ratio" in metrics
+    assert 0.0 <= readiness(lagging_server)["loop_busy"] <= 1.0
+
+
+@pytest.fixture
+def busy_server(settings, runtime):
+    srv = BackgroundServer(settings.replace(overload_loop_lag_ms=0, overload_loop_busy=0.5),
+                           runtime).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def test_a_replica_whose_loop_is_busy_refuses_new_calls_before_it_runs_late(
+        busy_server) -> None:
+    """Review (stop 69): the loop's busy share alone (its lateness signal off here) refuses
+    new calls; once the loop has slack again they are taken."""
+    services = busy_server.app.state.services
+    loop = services._lag_task.get_loop()
+    stop = threading.Event()
+
+    def spin() -> None:  # the loop's thread computing 0.3 s out of every 0.35 s
+        if not stop.is_set():
+            until = time.thread_time() + 0.3
+            while time.thread_time() < until:
+                pass
+            loop.call_later(0.05, spin)
+
+    loop.call_soon_threadsafe(spin)
+    try:
+        assert await asyncio.to_thread(wait_for, lambda: services.overload.overloaded, 60.0)
+        assert services.overload.busy >= 0.5
+        with pytest.raises(InvalidStatus) as refused:
+            await Caller(busy_server.call_url).connect()
+        assert refused.value.response.status_code == 503
+    finally:
+        stop.set()
+    assert await asyncio.to_thread(wait_for, lambda: not readiness(busy_server)
+                                   ["overloaded"], 60.0)
+    async with Caller(busy_server.call_url) as later:
+        turn = await later.say_text("What are your opening hours?", timeout=60)
+        assert turn.first("response") is not None
 
 
 class Kept(logging.Handler):
