@@ -181,6 +181,14 @@ def readiness(server: BackgroundServer) -> dict:
     return httpx.get(server.base_url + "/readyz", timeout=30).json()
 
 
+async def takes_calls_again(server: BackgroundServer) -> None:
+    """The gate opens once the loop has caught up, and a new call is answered."""
+    assert await asyncio.to_thread(wait_for, lambda: not readiness(server)["overloaded"], 60.0)
+    async with Caller(server.call_url) as later:
+        turn = await later.say_text("What are your opening hours?", timeout=60)
+        assert turn.first("response") is not None
+
+
 async def test_an_overloaded_replica_refuses_new_calls_with_503_and_keeps_its_own(
         lagging_server) -> None:
     services = lagging_server.app.state.services
@@ -210,11 +218,7 @@ async def test_an_overloaded_replica_refuses_new_calls_with_503_and_keeps_its_ow
         finally:
             stop.set()
         # Caught up: new calls come in again, and the call it kept was never cut.
-        assert await asyncio.to_thread(wait_for, lambda: not readiness(lagging_server)
-                                       ["overloaded"], 60.0)
-        async with Caller(lagging_server.call_url) as later:
-            turn = await later.say_text("What are your opening hours?", timeout=60)
-            assert turn.first("response") is not None
+        await takes_calls_again(lagging_server)
         turn = await running.say_text("What are your opening hours?", timeout=60)
         assert turn.first("response") is not None
     metrics = httpx.get(lagging_server.base_url + "/metrics", timeout=30).text
@@ -258,11 +262,7 @@ async def test_a_replica_whose_loop_is_busy_refuses_new_calls_before_it_runs_lat
         assert refused.value.response.status_code == 503
     finally:
         stop.set()
-    assert await asyncio.to_thread(wait_for, lambda: not readiness(busy_server)
-                                   ["overloaded"], 60.0)
-    async with Caller(busy_server.call_url) as later:
-        turn = await later.say_text("What are your opening hours?", timeout=60)
-        assert turn.first("response") is not None
+    await takes_calls_again(busy_server)
 
 
 class Kept(logging.Handler):
