@@ -81,8 +81,8 @@ class OverloadGate:
         self.lag_s = statistics.median(lag for _, lag, _ in samples)
         span_s = now - samples[0][0]
         self.busy = max(0.0, (cpu_s - samples[0][2]) / span_s) if span_s > 0 else 0.0
-        if len(samples) < self.min_samples:
-            return
+        if len(samples) < self.min_samples or not (self.threshold_s or self.busy_threshold):
+            return  # too few samples to judge, or the gate is off (it neither closes nor opens)
         lagging = bool(self.threshold_s) and self.lag_s >= self.threshold_s
         busy = bool(self.busy_threshold) and self.busy >= self.busy_threshold
         if not self.overloaded and (lagging or busy):

@@ -107,6 +107,16 @@ def test_a_loop_busy_nearly_all_the_time_closes_the_gate_before_it_runs_late(cap
     assert not gate.overloaded
 
 
+def test_a_gate_with_both_signals_off_neither_closes_nor_opens() -> None:
+    """Read-back (stop 69): with the busy signal added, a gate with both thresholds 0 that
+    was held closed (tests/test_caller_page.py holds one so) reopened on the next prompt
+    wake-up. Off means it does nothing."""
+    gate = OverloadGate(threshold_s=0.0, busy_threshold=0.0)
+    gate.overloaded = True
+    feed_busy(gate, 0.1, 30)
+    assert gate.overloaded
+
+
 def test_a_busy_threshold_of_zero_weighs_only_the_lateness() -> None:
     gate = OverloadGate(threshold_s=0.2, busy_threshold=0.0)
     feed_busy(gate, 1.0, 50)
