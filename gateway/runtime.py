@@ -168,7 +168,11 @@ def routing_executors(partial_nice: int = 0) -> dict[str, ThreadPoolExecutor]:
     much lower an OS priority (Linux nice), so a final's forward pass, the event loop (and
     whatever else the machine runs) take the cores before a partial's."""
     def lowered() -> None:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), partial_nice)
+        # Below the thread's own (inherited) niceness, not set to it: a gateway started
+        # under `nice -n 5` keeps its partials 10 below itself, not 5 (the kernel caps 19).
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread,
+                       os.getpriority(os.PRIO_PROCESS, thread) + partial_nice)
 
     return {lane: ThreadPoolExecutor(
         max_workers=1, thread_name_prefix=f"vg-route-{lane}",

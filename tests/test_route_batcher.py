@@ -493,6 +493,9 @@ async def test_a_retry_cancelled_by_the_executors_shutdown_hangs_nobody():
 
 @pytest.mark.parametrize("nice", [0, 10])
 def test_the_partials_lanes_run_at_a_lower_os_priority_when_asked(nice):
+    """Review (stop 69): run under `nice -n 5` (a CI run of this stop), the lanes were set
+    to niceness 10, not 15: the setting was taken as the niceness itself, not as that much
+    below the gateway's own."""
     import os
     import threading
 
