@@ -741,16 +741,18 @@ class Agent:
                 logs.event(log, "llm_failed", logging.WARNING, round=round_no, error=str(exc)[:300])
                 # A half-streamed tool call is not run, nor a transfer in a broken round.
                 called, calls, transfer = bool(calls or transfer), [], None
-                if spoke:
+                if answered and not spoken and not called and not retried:
+                    # The winner broke after its first token, the other leg already
+                    # cancelled, and this round emitted nothing: one leg failed, not every
+                    # LLM. Asked again (the hedged pair) before a person takes over or the
+                    # apology plays; also after a round before it spoke (a preface before
+                    # a tool): this round has said nothing the caller would hear twice.
+                    retry = True
+                elif spoke:
                     # Half an answer, or a preface before a tool ("let me check that"), then
                     # nothing: never end so in silence. Raised: the call reports
                     # ``llm_failed`` and apologises after what was heard.
                     raise
-                if answered and not called and not retried:
-                    # The winner broke after its first token, the other leg already
-                    # cancelled, and this round emitted nothing: one leg failed, not every
-                    # LLM. Asked again (the hedged pair) before a person takes over.
-                    retry = True
                 else:
                     # Nothing said yet (a filler alone is not an answer): a person takes over.
                     yield Handoff(f"LLM failed: {exc}", error="llm_failed")

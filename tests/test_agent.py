@@ -227,6 +227,38 @@ async def test_a_winner_breaking_again_on_the_retry_is_handed_off():
     assert llm.scripts == [] and conversation.history[-1]["role"] == "user"
 
 
+@pytest.mark.parametrize("again", ["answers", "breaks-too"])
+async def test_a_round_after_a_tool_whose_winner_breaks_is_asked_again_too(again):
+    """Review (stop 69): the round after a tool call, its preface ("Let me check that for
+    you.") said in the round before, won by a stream that broke after its first token
+    before the round said a word, was never asked again, though the docs say a round
+    broken so is ("before the round said or called anything"): the turn had spoken, so
+    the agent raised at once, and the caller heard the apology and was asked to say it
+    all again, the tool already run and its result one request away. Asked again once;
+    broken again, the apology as before."""
+    call = ToolCall("call_1", "get_balance", "{}")
+    broken = [LLMChunk(text="Your"), ProviderError("openai:primary", "connection reset")]
+    retry = [LLMChunk(text="Your balance is twelve dollars.")] if again == "answers" \
+        else list(broken)
+    llm = ScriptLLM([LLMChunk(text="Let me check that for you. "), LLMChunk(tool_call=call)],
+                    list(broken), retry)
+    runner = BalanceRunner()
+    agent = Agent(llm, [BALANCE], runner=runner, filler_after_s=None)  # type: ignore[arg-type]
+    conversation = agent.new_conversation()
+    seen: list = []
+    with contextlib.suppress(ProviderError) if again == "breaks-too" else contextlib.nullcontext():
+        async for event in agent.respond(conversation, "what is my balance", clock=ManualClock()):
+            seen.append(event)
+    assert llm.scripts == [] and len(runner.calls) == 1  # asked again once; the tool ran once
+    said = [Sentence("Let me check that for you."), ToolStarted("get_balance", "call_1")]
+    if again == "answers":
+        assert seen == [*said, Sentence("Your balance is twelve dollars.")], seen
+        assert conversation.history[-1] == {"role": "assistant",
+                                            "content": "Your balance is twelve dollars."}
+    else:  # raised: the call reports llm_failed and apologises after the preface
+        assert seen == said and conversation.history[-1]["role"] == "tool"
+
+
 async def test_an_empty_reply_after_a_tool_result_is_asked_again(llm_server, webhook):
     """The model answers the round after a tool result with nothing (no text, no tool
     call), as small models often do. The hedge took that for a failed leg: the caller
