@@ -11,7 +11,9 @@ never exceeds max_chars (240), the first one first_max_chars (100: a run-on answ
 punctuation at all starts speaking after about 20 words, not 50): with no boundary in
 sight it ends at the last space or wide clause mark before the limit, else (CJK text has
 no spaces) at the limit, never inside a character as seen (a letter and its accent, an
-emoji sequence). Markdown that slips through is stripped; a line ends a piece: a list's
+emoji sequence). Markdown that slips through is stripped: a link ("[our help page](https://
+...)") is said as its text, never its address, and no piece is cut inside one still being
+written (its end, and whether it is one, not known yet). A line ends a piece: a list's
 item is a piece of its own, without its marker (numbered, "2. Tap Settings", or bulleted,
 "- Tap Settings", often with no period), and so is any other line ("Our hours" / "Monday
 to Friday 9 to 5"). Within a line ("Open the app. 2. Tap Settings.") a number after a
@@ -98,6 +100,13 @@ _ZWJ = "\u200d"
 # ("Your confirmation number. 48213. Keep it handy.") is said, never taken for a marker.
 _MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d{1,2}\.\s+(?=\D))", re.MULTILINE)
 _SPACES = re.compile(r"\s+")
+# A markdown link: said as its text; its address, read out by a voice character by
+# character ("h t t p s colon slash slash ..."), and its brackets are dropped.
+_LINK = re.compile(r"\[([^\[\]\n]*)\]\([^()\s]*\)")
+# One still being written at the buffer's end ("[our he", "[our help page]", "[our help
+# page](https://ba"): the chunker cuts no piece inside it (``_find_cut``). A bracket with
+# 100 characters after it and no "]" is no link's: its text is a few words.
+_LINK_UNDER_WAY = re.compile(r"\[[^\[\]\n]{0,100}(?:\](?:\([^()\s]*)?)?\Z")
 # Emoji, which a voice reads by name (Piper: "😊" is "smiling face with smiling eyes", "👍"
 # "thumbs up"): the pictographs (Unicode's emoji blocks, less the dingbats' circled digits,
 # said as numbers), each with its presentation selectors, tags and ZWJ sequence, and a
@@ -113,8 +122,8 @@ _ITEM_OPENING = re.compile(r"\s*(\d{1,2})\.\s")  # a piece opening with its item
 
 
 def speakable(text: str) -> str:
-    """Text without markdown markers and with single spaces."""
-    return _SPACES.sub(" ", _MARKDOWN.sub("", text)).strip()
+    """Text without markdown markers (a link as its text) and with single spaces."""
+    return _SPACES.sub(" ", _MARKDOWN.sub("", _LINK.sub(r"\1", text))).strip()
 
 
 def without_emoji(text: str) -> str:
@@ -211,7 +220,8 @@ class SentenceChunker:
         self._last_item = 0  # the number of the last list item cut (0: none yet)
 
     def feed(self, text: str) -> list[str]:
-        self._buffer += text
+        # A link written whole is its text from here on: no cut falls inside it.
+        self._buffer = _LINK.sub(r"\1", self._buffer + text)
         pieces: list[str] = []
         while True:
             found = self._find_cut()
@@ -240,6 +250,11 @@ class SentenceChunker:
         """Where the next piece ends, and whether that is inside a sentence (a clause
         boundary, or max_chars); None while no boundary is known yet."""
         buf = self._buffer
+        # A link still being written: read up to it (cut before it, or wait for its end).
+        # Brackets open for longer than a piece may be are no link: read on.
+        under_way = _LINK_UNDER_WAY.search(buf)
+        if under_way is not None and len(buf) - under_way.start() <= self.max_chars:
+            buf = buf[:under_way.start()]
         min_clause = self.first_min_clause_chars if self._emitted == 0 else self.min_clause_chars
         clause_cut: int | None = None
         # A boundary counts only once the next character is known (whitespace),

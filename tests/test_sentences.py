@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.sentences import SentenceChunker
-from tests.test_agent import chunk_as_fed as streamed
+from tests.test_agent import chunk_all, chunk_as_fed as streamed
 
 
 @pytest.mark.parametrize("tokens", ["char", "whole"])
@@ -170,3 +170,33 @@ def test_the_length_cut_in_latin_text_is_still_at_the_last_space(tokens):
     assert limited("alpha beta gamma delta epsilon zeta", 20, tokens) == [
         "alpha beta gamma", "delta epsilon zeta"]
     assert limited("x" * 25, 10, tokens) == ["x" * 10, "x" * 10, "x" * 5]
+
+
+@pytest.mark.parametrize("tokens", ["char", "word", "whole"])
+@pytest.mark.parametrize("text, said", [
+    # Past first_max_chars: the length cut fell inside the link, between its words, and
+    # neither half was a link any more.
+    ("You can reset your passcode in the app under [Security settings]"
+     "(https://bank.example.com/security/passcode/reset?from=voice). Anything else?",
+     ["You can reset your passcode in the app under Security settings.", "Anything else?"]),
+    # Within it: the link whole in one piece, said with its address.
+    ("Sure. Open [our help page](https://bank.example.com/help) and tap Reset.",
+     ["Sure.", "Open our help page and tap Reset."]),
+    # Brackets that are no link are said as written.
+    ("Press [1] for English. Thanks.", ["Press [1] for English.", "Thanks."]),
+], ids=["past-the-first-limit", "within-it", "no-link"])
+def test_a_markdown_link_is_said_as_its_text_never_its_address(tokens, text, said):
+    """Review (stop 69): markdown that slips through is stripped, the chunker says, but a
+    link was not: the voice read its address out ("h t t p s colon slash slash bank dot
+    example dot com slash ...") and its brackets, and a link past the first piece's length
+    was cut between its words, so no later rule could know it for one. A link is said as
+    its text; the chunker cuts no piece inside one still being written."""
+    assert chunk_all(text, tokens) == said
+
+
+def test_a_bracket_that_opens_no_link_holds_the_first_piece_back_only_briefly():
+    # A link's text is a few words: a bracket never closed is read on past 100 characters,
+    # and the first piece goes out at its length limit soon after, not at max_chars.
+    text = "Your reference is [ABC " + "and then some more words " * 12 + "done."
+    (fed, first), *_ = streamed(text, "word")
+    assert first.startswith("Your reference is [ABC and") and len(fed) < 140, (fed, first)
