@@ -67,7 +67,8 @@ FINISH_GRACE_S = 0.2
 
 
 class AdaptiveDelay:
-    """A percentile of the primary's recent time to first token, clamped to [floor, ceiling].
+    """A percentile of the primary's recent time to first token, clamped to [floor, ceiling]
+    (``initial_s`` too, until ``min_samples`` races were seen).
 
     A primary cancelled as the loser at time t contributes t (``observe_lost``): its true
     TTFT is at least that, and t is above the current delay, so the percentile estimate
@@ -128,7 +129,8 @@ class AdaptiveDelay:
         if self._at_floor():
             return self.floor_s
         if len(self._samples) < self.min_samples:
-            return self.initial_s
+            # Clamped as the percentile is: the ceiling is the latest a secondary starts.
+            return min(self.ceiling_s, max(self.floor_s, self.initial_s))
         if self._cached is None:
             ordered = sorted(self._samples)
             rank = min(len(ordered) - 1, max(0, math.ceil(self.percentile * len(ordered)) - 1))

@@ -12,11 +12,12 @@ from typing import AsyncIterator
 import pytest
 from prometheus_client import generate_latest
 
-from gateway.agent import Agent
+from gateway.agent import Agent, build_llm
 from gateway.audio_bank import AudioBank
 from gateway.clock import ManualClock
 from gateway.hedge import CLOSE_TIMEOUT_S, AdaptiveDelay, HedgedChat
 from gateway.providers.base import LLMChunk, ProviderError
+from gateway.settings import Settings
 from gateway.responder import Responder, Turn
 from gateway.timeline import TurnTimeline
 from tests.call_harness import RATE, CallHarness, WordTTS
@@ -725,6 +726,32 @@ async def test_an_adaptive_delay_is_timed_on_the_clock_too():
     await clock.advance(0.39)
     assert secondary.opened == []
     await clock.advance(0.01)
+    assert len(secondary.opened) == 1
+    assert await asyncio.wait_for(answer, 5) == "Hi."
+
+
+async def test_the_initial_delay_keeps_within_the_min_and_max_delays():
+    """Review (stop 69): the adaptive delay is clamped to llm_hedge_min_delay_ms and
+    llm_hedge_max_delay_ms, but its initial value (llm_hedge_initial_delay_ms, 400, until
+    20 races were seen) was not: an operator who set the max to 200 ms, so that no caller
+    waits longer for the secondary, had every race of a fresh replica wait 400 ms before
+    it was asked; a min above 400 was not kept either."""
+    assert AdaptiveDelay(floor_s=0.06, ceiling_s=0.2, initial_s=0.4).delay_s() == 0.2
+    assert AdaptiveDelay(floor_s=0.5, ceiling_s=2.0, initial_s=0.4).delay_s() == 0.5
+    llm = build_llm(Settings(llm_primary_model="a", llm_primary_url="http://127.0.0.1:9/v1",
+                             llm_secondary_model="b", llm_secondary_url="http://127.0.0.1:9/v1",
+                             llm_hedge_max_delay_ms=200))
+    try:
+        assert isinstance(llm, HedgedChat) and llm.hedge_delay_s() == 0.2
+    finally:
+        await Agent(llm).aclose()
+    # On the clock: the secondary is asked at the max, not at the initial delay past it.
+    primary = ScriptedLeg("primary", None)
+    secondary = ScriptedLeg("secondary", "Hi.")
+    hedged, clock = scripted_pair(primary, secondary,
+                                  adaptive=AdaptiveDelay(ceiling_s=0.2, initial_s=0.4))
+    answer = asyncio.ensure_future(collect(hedged))
+    await clock.advance(0.2)
     assert len(secondary.opened) == 1
     assert await asyncio.wait_for(answer, 5) == "Hi."
 
