@@ -33,7 +33,8 @@ responder turns into audio:
 
 Cancelling the consumer (a barge-in) closes every LLM stream and cancels the tool calls
 still running; the results that came back stay in the context, the others say they did
-not finish and that it is unknown whether they acted. Then call
+not finish and that it is unknown whether they acted. A call the round had made while its
+stream was still read (tools run only once it has ended) says it was not run. Then call
 ``Conversation.record_heard`` with what the caller actually heard.
 
 ``Agent.preempt(conversation, text)`` starts the first LLM round before the caller's
@@ -487,10 +488,19 @@ def _unfinished_result(name: str, why: str = "the caller interrupted") -> str:
                                 "ask the caller, before doing it again"})
 
 
+def _not_run_result(name: str) -> str:
+    """The result of a tool call the round made but never ran: the turn stopped (a
+    barge-in) while the round's stream was still read, before any of its calls ran. Sure,
+    unlike one cancelled under way (``_unfinished_result``): nothing was sent."""
+    return json.dumps({"error": f"{name} was not run (the caller interrupted before it was "
+                                "called): nothing was done"})
+
+
 def _answer_every_tool_call(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Chat APIs reject a tool call without a result (HTTP 400). The agent writes a result
-    for every call it ran (gateway/agent.py, ``_record_results``); one the turn stopped
-    before it could (a cancel as its stream closed) gets an "unknown" one here."""
+    for every call it ran (gateway/agent.py, ``_record_results``) and for every one it
+    stopped before running (``_not_run_result``); one left without any gets an "unknown"
+    one here."""
     out: list[dict[str, Any]] = []
     pending: list[tuple[str, str]] = []  # (call id, tool name)
 
@@ -666,6 +676,7 @@ class Agent:
             ignored: str | None = None  # a tool the model called though none was offered
             transfer: ToolCall | None = None  # the model handed the caller off (no webhook)
             retry = False
+            read = False  # the round's stream was read to its end (its calls may run)
             messages = conversation.messages()
             if preempted is not None and preempted.usable(messages, tools):
                 stream = preempted.adopt()  # what it received so far at once, then the rest
@@ -737,6 +748,7 @@ class Agent:
                     spoken.append(tail)
                     spoke, held_since = True, None
                     yield Sentence(tail)
+                read = True
             except ProviderError as exc:
                 logs.event(log, "llm_failed", logging.WARNING, round=round_no, error=str(exc)[:300])
                 # A half-streamed tool call is not run, nor a transfer in a broken round.
@@ -763,8 +775,14 @@ class Agent:
                 # is in the context, for record_heard() to cut to what was played. Written
                 # before the closes, as the tools' results below: a second cancel during
                 # them (a stream's close taking a while) must not lose what was heard.
-                conversation.add_assistant(" ".join(spoken),
-                                           [*calls, *([transfer] if transfer else [])])
+                made = [*calls, *([transfer] if transfer else [])]
+                conversation.add_assistant(" ".join(spoken), made)
+                if not read:
+                    # Stopped as its stream was read (a barge-in): a tool runs only once
+                    # the round's stream has ended, so none of these ran, and the context
+                    # says so, not "unknown" as of a webhook cancelled mid-request.
+                    for call in made:
+                        conversation.add_tool_result(call, _not_run_result(call.name))
                 await events.aclose()
                 await stream.aclose()  # type: ignore[attr-defined]
             if retry:

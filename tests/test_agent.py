@@ -1182,9 +1182,42 @@ async def test_a_barge_in_during_tool_calls_keeps_the_results_that_came_back(llm
     assert "get_balance" in unknown and "did not finish" in unknown and "unknown" in unknown
 
 
+@pytest.mark.parametrize("name", ["pay_bill", "transfer_to_person"])
+async def test_a_call_a_barge_in_stopped_before_it_ran_is_said_not_to_have_run(name):
+    """Review (stop 69): the model called a tool (announced: ToolStarted, the filler) and
+    was still writing its round (a second call, the finish) when the caller barged in. The
+    call was never sent: tools run only once the round's stream has ended. Yet the context
+    said what it says of a webhook cancelled mid-request: "did not finish ... it is unknown
+    whether it was carried out; check, or ask the caller, before doing it again", so the
+    next turn's model told the caller it could not say whether their payment went through
+    (or that a transfer might be under way), and hesitated to make the call they asked
+    for. A call the round made but never ran says so."""
+    clock = ManualClock()
+    call = ToolCall("call_1", name, '{"amount": "12"}')
+    llm = ScriptLLM([LLMChunk(tool_call=call), 60.0, LLMChunk(text="More.")], clock=clock)
+    runner = BalanceRunner()
+    agent = Agent(llm, [ToolSpec("pay_bill", "Pay the bill.")],  # type: ignore[arg-type]
+                  runner=runner, filler_after_s=None)  # type: ignore[arg-type]
+    conversation = agent.new_conversation()
+    events = agent.respond(conversation, "pay my bill", clock=clock)
+    if name == "pay_bill":
+        assert await events.__anext__() == ToolStarted("pay_bill", "call_1")
+    else:  # the handoff has no ToolStarted: the round stops as it writes on
+        waiting = asyncio.ensure_future(events.__anext__())
+        await clock.settle()
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+    await events.aclose()  # the barge-in, the round still streaming
+    assert runner.calls == []
+    (result,) = [m for m in conversation.messages() if m["role"] == "tool"]
+    assert result["tool_call_id"] == "call_1"
+    error = json.loads(result["content"])["error"]
+    assert f"{name} was not run" in error and "unknown" not in error, error
+
+
 def test_a_tool_call_left_without_a_result_is_said_to_be_of_unknown_outcome():
-    # A call with no result in the context (the turn stopped before it ran, or as it
-    # ran) is never said to have not happened.
+    # A call with no result in the context (one the agent wrote none for) is never said to
+    # have not happened.
     conversation = Conversation("system")
     conversation.add_user("pay my bill")
     conversation.add_assistant("", [ToolCall("c1", "pay_bill", "{}")])
