@@ -11,9 +11,10 @@ never exceeds max_chars (240), the first one first_max_chars (100: a run-on answ
 punctuation at all starts speaking after about 20 words, not 50): with no boundary in
 sight it ends at the last space or wide clause mark before the limit, else (CJK text has
 no spaces) at the limit, never inside a character as seen (a letter and its accent, an
-emoji sequence). Markdown that slips through is stripped: a link ("[our help page](https://
-...)") is said as its text, never its address, and no piece is cut inside one still being
-written (its end, and whether it is one, not known yet). A line ends a piece: a list's
+emoji sequence). Markdown that slips through is stripped (bold and italics: never an
+"asterisk" said; a keypad's star stays): a link ("[our help page](https://...)") is said
+as its text, never its address, and no piece is cut inside one still being written (its
+end, and whether it is one, not known yet). A line ends a piece: a list's
 item is a piece of its own, without its marker (numbered, "2. Tap Settings", or bulleted,
 "- Tap Settings", often with no period), and so is any other line ("Our hours" / "Monday
 to Friday 9 to 5"). Within a line ("Open the app. 2. Tap Settings.") a number after a
@@ -98,7 +99,11 @@ _WIDE_CLAUSE_END = "\uff0c\u3001\uff1b\uff1a\u060c\u061b"
 _ZWJ = "\u200d"
 # A numbered list's item marker is "1." to "99.": a longer number with a period after it
 # ("Your confirmation number. 48213. Keep it handy.") is said, never taken for a marker.
-_MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d{1,2}\.\s+(?=\D))", re.MULTILINE)
+# Italics' single asterisks ("*Security*", which Piper reads "asterisk security asterisk"):
+# one before a letter with no word before it, one after a word with none after it; a
+# keypad's star ("Press * to go back", "dial *72") stays.
+_MARKDOWN = re.compile(r"(\*\*|__|`+|^#{1,6}\s+|^\s*[-*•]\s+|^\s*\d{1,2}\.\s+(?=\D)"
+                       r"|(?<![\w*])\*(?=[^\W\d_])|(?<=[^\s*\d])\*(?![\w*]))", re.MULTILINE)
 _SPACES = re.compile(r"\s+")
 # A markdown link: said as its text; its address, read out by a voice character by
 # character ("h t t p s colon slash slash ..."), and its brackets are dropped.

@@ -200,3 +200,14 @@ def test_a_bracket_that_opens_no_link_holds_the_first_piece_back_only_briefly():
     text = "Your reference is [ABC " + "and then some more words " * 12 + "done."
     (fed, first), *_ = streamed(text, "word")
     assert first.startswith("Your reference is [ABC and") and len(fed) < 140, (fed, first)
+
+
+@pytest.mark.parametrize("tokens", ["char", "word", "whole"])
+def test_a_word_emphasised_between_single_asterisks_is_said_without_them(tokens):
+    """Review (stop 69): markdown's bold ("**Settings**") was stripped, its italics
+    ("*Security*") were not, and Piper reads each asterisk out: "choose asterisk security
+    asterisk". A keypad's star is still said ("Press * to go back", "dial *72")."""
+    assert chunk_all("Then choose *Security* and tap *Reset passcode*. Press * to go back, "
+                     "or dial *72 first.", tokens) == [
+        "Then choose Security and tap Reset passcode.",
+        "Press * to go back, or dial *72 first."]
