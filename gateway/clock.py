@@ -44,9 +44,12 @@ class Expired(TimeoutError):
 
 
 class Deadline:
-    """What ``deadline`` yields: whether it expired (its ``Expired``, not another error)."""
+    """What ``deadline`` yields: whether it expired (its ``Expired``, not another error), and
+    when its ``seconds`` began to run (``started_at``, a time of its clock; None while it
+    waits for ``after``): what is left of it, for work inside that plans waits of its own."""
 
     expired = False
+    started_at: float | None = None
 
 
 @contextlib.asynccontextmanager
@@ -64,6 +67,8 @@ async def deadline(clock: Clock, seconds: float,
     state = Deadline()
 
     starts = (after,) if isinstance(after, asyncio.Event) else after or ()
+    if not starts:
+        state.started_at = clock.now()
 
     async def expire() -> None:
         if starts:
@@ -73,6 +78,7 @@ async def deadline(clock: Clock, seconds: float,
             finally:
                 for wait in waits:
                     wait.cancel()
+            state.started_at = clock.now()
         await clock.sleep(seconds)
         state.expired = True
         task.cancel()

@@ -1055,6 +1055,45 @@ async def test_a_wait_for_a_slot_past_the_first_audio_budget_fails_saying_so(ele
         await tts.aclose()
 
 
+async def test_a_sentence_fetched_ahead_its_reply_waits_for_is_asked_again_after_a_429(eleven):
+    """Review (stop 69): a reply's second sentence, fetched ahead while the first played,
+    waited for a slot; its reply came to it (``WANTED``: its 4 s first-audio budget starts
+    there) before the slot did, and the request it then made got a routine 429. That is
+    asked again while the wait ends inside the budget, but the retry's budget was counted
+    from the sentence's request, seconds before its reply wanted it, not from when its
+    first-audio deadline started: nothing was left, the 429 failed the sentence at once
+    (the caller heard the apology mid-reply) with 3 s of the budget still to run. A retry
+    now counts from where the first-audio deadline started."""
+    fake, server = eleven
+    fake.hold_after_first.set()
+    clock = WatchedClock(ManualClock())
+    tts = ElevenLabsTTS("test-key", voice_id="v", base_url=server.url, max_concurrent=1,
+                        first_audio_timeout_s=4.0, clock=clock)
+    speaking = tts.synthesize("A long answer, playing.")
+    assert await asyncio.wait_for(anext(speaking), 10)
+    playing = asyncio.ensure_future(_all(speaking))
+    text = "Then bring your card."
+    try:
+        wanted = asyncio.Event()
+        ahead = _ahead(_all(tts.synthesize(text)), wanted)
+        await asyncio.sleep(0.1)
+        await clock.inner.advance(10.0)  # the first sentence plays on: nobody waits for it
+        wanted.set()  # its reply waits for it from here: its 4 s start now
+        await asyncio.sleep(0.1)
+        await clock.inner.advance(1.0)
+        fake.refusals = [(429, CONCURRENT, {})]
+        fake.release.set()  # the slot frees, 3 s of the budget left: the request is refused
+        wait = await _retry_wait(clock, ahead)
+        await clock.inner.advance(wait)
+        chunks = await asyncio.wait_for(ahead, 10)
+        assert await asyncio.wait_for(playing, 10)
+    finally:
+        fake.release.set()
+        await tts.aclose()
+    assert sum(map(len, chunks)) == 16000 * len(text) * MS_PER_CHAR // 1000 * 2
+    assert [r["text"] for r in fake.requests] == ["A long answer, playing.", text, text]
+
+
 def test_the_dropping_door_closes_at_once() -> None:
     """Review (stop 66, second look): closing the door's listener did not wake its
     accept() (Linux), so every test with a door waited out the 5 s join, its event loop

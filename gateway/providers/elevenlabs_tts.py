@@ -16,8 +16,9 @@ first bytes.
 A 429 (the account's concurrency or rate limit: routine and short-lived at call-center
 scale) is asked again, up to ``max_retries`` times, after ``retry_backoff_s`` doubling
 (jittered) or the Retry-After ElevenLabs gives, waited on ``clock``, and only while the
-wait ends inside the first-audio budget (counted from the first request): the line is
-never silent longer than that deadline. The SDK's own retries (``max_retries`` in its
+wait ends inside the first-audio budget (what is left of its deadline, which starts at
+the first request, or as said below for a wait for a slot): the line is never silent
+longer than that deadline. The SDK's own retries (``max_retries`` in its
 request options) apply only to its non-streaming requests: its ``stream`` sends once.
 A 500, 502, 503 or 504 before any audio (an overloaded or restarting service) is asked
 again the same way. So is a connection that failed before any response (refused, or
@@ -55,7 +56,7 @@ from elevenlabs.client import AsyncElevenLabs
 from elevenlabs.core.api_error import ApiError
 
 from gateway import logs
-from gateway.clock import SYSTEM_CLOCK, Clock, Expired, deadline
+from gateway.clock import SYSTEM_CLOCK, Clock, Deadline, Expired, deadline
 from gateway.providers.base import ProviderError, without_key
 from gateway.providers.rate_limits import retry_after_s, retry_wait
 from gateway.providers.synthesis_slots import SEEDING, URGENCY, WANTED, SynthesisSlots
@@ -151,12 +152,12 @@ class ElevenLabsTTS:
                    max_concurrent=settings.elevenlabs_max_concurrent, clock=clock)
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        slot = asyncio.Event()  # set once this synthesis holds a slot (or there is no cap)
-        stream = self._audio(text, slot)
+        budget = _Budget()
+        stream = self._audio(text, budget)
         chunks = aiter(stream)
         carry = b""  # keep chunks sample-aligned: an odd byte waits for the next chunk
         try:
-            chunk = await self._first_audio(chunks, slot)
+            chunk = await self._first_audio(chunks, budget)
             while chunk is not None:
                 if carry:
                     chunk, carry = carry + chunk, b""
@@ -179,20 +180,16 @@ class ElevenLabsTTS:
         finally:
             await stream.aclose()  # closes the HTTP response on barge-in too
 
-    async def _audio(self, text: str, slot: asyncio.Event) -> AsyncIterator[bytes]:
+    async def _audio(self, text: str, budget: "_Budget") -> AsyncIterator[bytes]:
         """The synthesis' body, if it is the PCM asked for. A 200 whose body is JSON or text
         (a gateway's error, a proxy's or captive portal's page, a wrong base URL), or audio
         in another encoding (MP3, Ogg, WAV...), is no PCM: played, it is loud noise on the
         line (seeded, in the cache). A ``ProviderError`` instead."""
         async with contextlib.AsyncExitStack() as stack:
-            started = self._clock.now()  # the first-audio deadline's start: a slot's wait counts
             if self.slots is not None:
                 await stack.enter_async_context(self.slots.slot())
-                wanted = WANTED.get()
-                if _patient() or (wanted is not None and not wanted.is_set()):
-                    started = self._clock.now()
-            slot.set()
-            response, pieces, first = await self._accepted(stack, text, started)
+            budget.slot.set()
+            response, pieces, first = await self._accepted(stack, text, budget)
             # ElevenLabs documents no content type for a PCM stream: its published OpenAPI
             # names text/event-stream for every output format, while the SDK reads the body
             # as raw bytes whatever the label. So a label refuses only what is surely no
@@ -226,13 +223,13 @@ class ElevenLabsTTS:
             async for chunk in pieces:
                 yield chunk
 
-    async def _accepted(self, stack: contextlib.AsyncExitStack, text: str, started: float
+    async def _accepted(self, stack: contextlib.AsyncExitStack, text: str, budget: "_Budget"
                         ) -> tuple[Any, AsyncIterator[bytes], bytes | None]:
         """The synthesis' response (open on ``stack``) once ElevenLabs takes the request,
         its body's pieces and the first of them (None: a body with none). A 429, a passing
         5xx, or a connection failed before any response or before the body's first piece
         is asked again (``_retry_wait``), any other refusal raised (``ApiError``).
-        ``started``: the instant the first-audio deadline started."""
+        ``budget``: the first-audio budget, whose deadline a wait must end inside."""
         for retry in range(1, self._max_retries + 2):
             # The attempt's response, closed at once when it is asked again, else with ``stack``.
             attempt = await stack.enter_async_context(contextlib.AsyncExitStack())
@@ -248,7 +245,7 @@ class ElevenLabsTTS:
                 return response, pieces, await anext(pieces, None)
             except (ApiError, *_DROPPED) as exc:
                 await attempt.aclose()
-                left = self._first_audio_timeout_s - (self._clock.now() - started)
+                left = budget.left_s(self._clock, self._first_audio_timeout_s)
                 wait = self._retry_wait(exc, retry, left)
                 if wait is None:
                     if retry == 1 and status is None:
@@ -282,17 +279,19 @@ class ElevenLabsTTS:
         return retry_wait(asked, retry - 1, self._retry_backoff_s, left_s)
 
     async def _first_audio(self, chunks: AsyncIterator[bytes],
-                           slot: asyncio.Event) -> bytes | None:
+                           budget: "_Budget") -> bytes | None:
         """The stream's first bytes (None: it ended without any), within
         ``first_audio_timeout_s`` of the request, else a ``ProviderError`` (saying so when
-        the time went waiting for a slot: ``slot`` never set)."""
+        the time went waiting for a slot: ``budget.slot`` never set)."""
         limit = self._first_audio_timeout_s
         wanted = WANTED.get()
+        slot = budget.slot
         # A seed's budget starts at its slot; a sentence fetched ahead's at its slot or
         # once its reply waits for it, whichever comes first; anyone else's at once.
         after = slot if _patient() else None if wanted is None else (slot, wanted)
         try:
-            async with deadline(self._clock, limit, after=after):
+            async with deadline(self._clock, limit, after=after) as running:
+                budget.deadline = running  # the retries before the first audio wait inside it
                 return await anext(chunks, None)
         except Expired:
             slots = self.slots  # an unset ``slot`` is only ever a capped voice's wait
@@ -308,6 +307,23 @@ class ElevenLabsTTS:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+class _Budget:
+    """One synthesis' first-audio budget: ``slot`` set once it holds a synthesis slot (or
+    the voice has no cap), ``deadline`` the first-audio deadline once ``_first_audio`` runs
+    it. A retry before the first audio (``_accepted``) waits only inside what is left of
+    that very deadline, wherever it started: the request, the slot (a seed's), or the slot
+    or the reply waiting, whichever came first (a sentence fetched ahead's)."""
+
+    def __init__(self) -> None:
+        self.slot = asyncio.Event()
+        self.deadline: Deadline | None = None
+
+    def left_s(self, clock: Clock, limit_s: float) -> float:
+        """Seconds of the budget left; all of them while its deadline has not started."""
+        started = self.deadline.started_at if self.deadline is not None else None
+        return limit_s if started is None else limit_s - (clock.now() - started)
 
 
 def _patient() -> bool:
