@@ -21,8 +21,9 @@ from .clock import SYSTEM_CLOCK, Clock
 from .codec import PCM16, SAMPLE_WIDTH, SILENCE_BYTE
 
 SendFrame = Callable[[bytes], Awaitable[None]]
-# Sent frames kept for a resume: what was sent but not yet heard is at most the lead
-# plus a late producer's catch-up, far less than this.
+# Sent frames kept for a resume, at least: what was sent but not yet heard is at most the
+# lead and one message (a message leaves when its first frame is due, minus the lead), which
+# a playout keeps twice over when that is more (a long lead, long messages of short frames).
 _KEPT_FRAMES = 100
 # A frame that leaves this much after its time counts as late (bench/capacity.py's bar:
 # the lead absorbs less, and the caller hears a gap).
@@ -56,7 +57,9 @@ class Playout:
         self.first_frame_at: float | None = None
         self._frames_per_send = max(1, (chunk_ms or frame_ms) // frame_ms)
         # (index of the first frame, the message) of what was sent lately, for a resume:
-        # at least _KEPT_FRAMES frames, whatever the messages' sizes.
+        # at least _kept_frames frames, whatever the messages' sizes.
+        self._kept_frames = max(_KEPT_FRAMES,
+                                2 * (math.ceil(lead_ms / frame_ms) + self._frames_per_send))
         self._recent: deque[tuple[int, bytes]] = deque()
         self._open = asyncio.Event()
         self._open.set()
@@ -246,6 +249,7 @@ class Playout:
             self.first_frame_at = self._clock.now()
         self._recent.append((self._sent_frames, data))
         self._sent_frames += frames
-        # Messages are contiguous: drop the oldest while the rest hold _KEPT_FRAMES.
-        while len(self._recent) > 1 and self._sent_frames - self._recent[1][0] >= _KEPT_FRAMES:
+        # Messages are contiguous: drop the oldest while the rest hold _kept_frames.
+        while len(self._recent) > 1 and \
+                self._sent_frames - self._recent[1][0] >= self._kept_frames:
             self._recent.popleft()

@@ -1,5 +1,6 @@
 import asyncio
 
+import numpy as np
 import pytest
 
 from gateway.clock import ManualClock
@@ -138,7 +139,7 @@ async def test_the_lead_sent_at_the_start_is_not_late():
 
 
 
-async def test_a_resume_before_the_flush_replays_at_once_and_at_most_the_last_100_frames():
+async def test_a_resume_before_the_flush_replays_at_once_all_the_caller_has_not_heard():
     clock = ManualClock()
     sent: list[int] = []
 
@@ -149,13 +150,15 @@ async def test_a_resume_before_the_flush_replays_at_once_and_at_most_the_last_10
     playout = Playout(send, 16000, frame_ms=20, lead_ms=5000, clock=clock, chunk_ms=100)
     await playout.write(b"\x00" * 640 * 150)
     assert playout.hold() == 0.0  # nothing played yet
-    # Only the last 100 frames were kept: the replay starts at frame 50, not 0.
-    assert playout.resume_from(0.0) == 1000.0
+    # All 150 frames are kept (the lead and two messages' worth, more than 100): the replay
+    # starts at frame 0. (Review, stop 69: only the last 100 were, and the caller never
+    # heard frames 0-49, a second of the reply.)
+    assert playout.resume_from(0.0) == 0.0
     sent.clear()
     flushing = asyncio.ensure_future(playout.flush())
     await clock.advance(0.0)
-    assert sum(sent) == 100  # replayed now, not once the old end would have played
-    await clock.advance(2.0)  # frames 50-149 play from now: 2 s
+    assert sum(sent) == 150  # replayed now, not once the old end would have played
+    await clock.advance(3.0)  # frames 0-149 play from now: 3 s
     await flushing
     assert playout.sent_ms == 3000
 
@@ -366,3 +369,37 @@ async def test_a_resume_during_the_last_frames_wait_replays_at_once():
     assert replays == [resumed_at], (
         f"resumed at {resumed_at} s, replay left at "
         f"{[at for at, numbers in sent if numbers and numbers[0] == 38]}")
+
+
+async def test_a_resume_replays_from_the_heard_frame_with_short_frames_in_long_messages():
+    """Review (stop 69): a resume replays what was sent after the heard frame from the
+    sent messages the playout keeps: the last 100 frames, "far more than the lead plus a
+    late producer's catch-up". Not with settings the gateway takes: 10 ms frames in 1 s
+    messages (up to 106 frames sent ahead of the ear), or a lead of 2 s or more (see
+    test_a_resume_before_the_flush_replays_at_once_all_the_caller_has_not_heard). The
+    frames after the heard one that were no longer kept were never played again (the
+    caller missed 50 ms here), and the replay started later than the `resume` event's
+    from_ms said. The playout now keeps the lead and two messages' worth, at least 100
+    frames."""
+    clock = ManualClock()
+    sent: list[bytes] = []
+
+    async def send(message: bytes) -> None:
+        sent.append(message)
+
+    frame_ms = 10
+    size = 16000 * frame_ms // 1000  # samples a frame
+    count = 300
+    audio = np.repeat(np.arange(1, count + 1, dtype="<i2"), size).tobytes()  # numbered frames
+    playout = Playout(send, 16000, frame_ms=frame_ms, lead_ms=60, clock=clock, chunk_ms=1000)
+    writing = asyncio.ensure_future(playout.write(audio))
+    await clock.advance(0.95)  # the second message (frames 101-200) left at 0.94
+    heard = playout.hold()
+    first_unheard = int(heard // frame_ms)  # the frame playing, its number first_unheard + 1
+    assert playout.frames_sent - first_unheard > 100  # more sent ahead than 100 frames
+    assert playout.resume_from(heard) == first_unheard * frame_ms
+    sent.clear()
+    await clock.advance(10.0)
+    await writing
+    replayed = [int(n) for m in sent for n in np.frombuffer(m, dtype="<i2")[::size]]
+    assert replayed[:3] == [first_unheard + 1, first_unheard + 2, first_unheard + 3]
