@@ -52,6 +52,40 @@ async def test_words_over_the_answer_stop_it_for_good():
     assert h.transcripts()[-1] == "no wait a second"
 
 
+@pytest.mark.parametrize("words", ["no wait a second", None])
+async def test_the_reply_time_of_an_answer_the_caller_stops_ends_at_the_interruption(words):
+    """Review (stop 69): reply_ms is first reply frame -> last reply frame played, or the
+    interruption (docs/protocol.md), and the turn's trace span ends there too. A barge-in
+    by speech holds the reply, and the reply stage marked its end only when the task
+    ended: once the caller's words had ended and been recognised (here 750 ms after the
+    interrupt), or the window had run out over long noise (2 s): no frame had left since
+    the interrupt. Its end is now the interruption: the reply played as long as the caller
+    heard it."""
+    h = await CallHarness(faqs={"opening hours": "hours"}, answer_ms=3000,
+                          settings={"turn_continuation_ms": 0}).start()
+    stream = h.stt.streams[0]
+
+    async def send_audio_without_partials(pcm16: bytes) -> None:
+        stream._buffer += pcm16  # no partial ready (a remote recogniser): the final decides
+
+    stream.send_audio = send_audio_without_partials  # type: ignore[method-assign]
+    await h.say("what are your opening hours", then_silence_ms=300)
+    await h.wait(300)
+    if words is not None:
+        await h.say(words, then_silence_ms=1500)
+    else:
+        await h.feed(tone(2600, NOISE))  # noise past the window: a real interruption
+        await h.silence(1000)
+    await h.stop()
+    (interrupt,) = h.output.of("interrupt")
+    assert not h.output.of("resume")
+    metrics = h.metrics()[0]
+    assert metrics["interrupted"] is True
+    played = (h.output.interrupted_at[0] - h.output.frames[0][0]) * 1000
+    assert metrics["reply_ms"] == pytest.approx(played, abs=1.0), (metrics["reply_ms"], played)
+    assert metrics["reply_ms"] == pytest.approx(interrupt["heard_ms"], abs=1.0)
+
+
 async def test_noise_that_goes_on_past_the_window_is_a_real_interruption():
     h = await CallHarness(faqs={"opening hours": "hours"},
                           settings={"false_interruption_s": 0.5}).start()

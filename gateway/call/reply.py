@@ -108,6 +108,7 @@ class ReplyStage:
         self._clock = clock
         self._playout: Playout | None = None
         self._frozen_heard_ms: float | None = None  # set by freeze() at a barge-in
+        self._frozen_at = 0.0  # when (the clock's time): no frame left after it
         # (turn, playout) of the last reply that ended unstopped (played out, or failed),
         # until the next begins: its task may still run (metrics, a transfer, the apology's
         # wait), and a barge-in then stops a reply the caller heard, not one not begun.
@@ -149,6 +150,7 @@ class ReplyStage:
         """A barge-in on ``turn``'s reply: no frame leaves after this; what was heard is
         fixed now. Returns (heard_ms, sent_ms) of the reply it stops."""
         self._frozen_heard_ms = round(self.heard_ms(turn), 1)  # as the interrupt event says
+        self._frozen_at = self._clock.now()
         if self._playout is not None:
             self._playout.hold()
         stopped = self._stopped_by(turn)
@@ -299,8 +301,12 @@ class ReplyStage:
             raise
         finally:
             # The turn's last reply ends it: the apology after a failed one (whose end,
-            # marked first, came before the apology's first frame) overwrites that.
-            tl.mark("reply_end", overwrite=True)
+            # marked first, came before the apology's first frame) overwrites that. One
+            # that ends frozen (a barge-in; a failure under its hold) played its last frame
+            # at the freeze, not now: words confirming a hold end it seconds later, the
+            # agent's streams closing a moment later.
+            tl.mark("reply_end", None if self._frozen_heard_ms is None else self._frozen_at,
+                    overwrite=True)
             tl.info.update(frames_sent=playout.frames_sent, frames_late=playout.frames_late,
                            frame_lag_max_ms=round(playout.max_lag_ms, 1))
             self._playout = None
