@@ -231,6 +231,56 @@ async def test_a_tts_failure_leaves_the_context_with_the_words_the_caller_heard(
     assert assistant == ["Here is the first part."], assistant
 
 
+FIRST_OF_TEN = "One two three four five six seven eight nine ten."
+
+
+async def answer_failing_under_the_words_that_stop_it() -> tuple[CallHarness, dict[str, Any]]:
+    """The caller's words hold the answer near the end of its first sentence (ten words,
+    1 s), all of it sent (the lead, 300 ms here, runs ahead of the ear); under the hold the
+    voice fails on the second sentence; the words are recognised and confirm the hold.
+    Returns the harness (the call over) and the `interrupt` event."""
+    h = CallHarness(settings={"playout_lead_ms": 300, "turn_continuation_ms": 0})
+    h.llm.reply = f"{FIRST_OF_TEN} Then the voice breaks here."
+    voice_fails = voice_that_fails_on_cue(h, "Then the voice breaks here.")
+    await h.start()
+    stream = h.stt.streams[0]
+
+    async def send_audio_without_partials(pcm16: bytes) -> None:
+        stream._buffer += pcm16  # no partial ready (a remote recogniser): the final decides
+
+    stream.send_audio = send_audio_without_partials  # type: ignore[method-assign]
+    await h.text("explain my statement")
+    await h.wait(400)  # the first sentence plays, all of it sent by 700 ms
+    await h.feed(h.vocabulary.audio("no wait please"))  # held 400 ms in: the sentence plays on
+    (interrupt,) = h.output.of("interrupt")
+    assert h.call._held is not None and interrupt["sent_ms"] == 1000
+    voice_fails.set()  # the second sentence fails while the answer is held
+    await h.clock.settle()
+    h.llm.reply = "Okay."
+    await h.silence(1500)  # the words end and are recognised: the hold is confirmed
+    await h.stop()
+    assert [e["code"] for e in h.output.of("error")] == ["tts_failed"]
+    assert not h.output.of("resume") and not h.output.of("response", source="apology")
+    return h, interrupt
+
+
+async def test_a_reply_failing_under_a_hold_keeps_only_the_words_the_interrupt_says_were_heard():
+    """Review (stop 69): the voice failed while the caller's words held the answer: the
+    reply stage cut the agent's context to what was *sent* (all ten words of the first
+    sentence), as for a failure the caller hears up to its end. But the client dropped
+    what it had not played at the interrupt, and nothing of this reply is played again
+    (the words stop it; noise would resume into the apology): the caller heard what the
+    interrupt's heard_ms says (seven words), and the context kept three words they never
+    heard. Now it keeps those the interrupt says were heard."""
+    from tests.call_harness import TTS_MS_PER_WORD
+
+    h, interrupt = await answer_failing_under_the_words_that_stop_it()
+    heard_words = int(interrupt["heard_ms"] // TTS_MS_PER_WORD)
+    assert 0 < heard_words < 10, interrupt
+    assistant = [m["content"] for m in h.call.conversation.history if m["role"] == "assistant"]
+    assert assistant[0] == " ".join(FIRST_OF_TEN.split()[:heard_words]), (assistant, interrupt)
+
+
 async def resumed_after_two_coughs() -> CallHarness:
     """A long answer plays; the caller coughs (held), and coughs again before the first
     cough's final is in: the reply queued behind the held answer is cancelled

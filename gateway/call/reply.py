@@ -276,13 +276,18 @@ class ReplyStage:
             # Half an answer is no draft for the FAQ (a promotion would publish it as is).
             self._unsay(tl.turn)
             # The agent wrote every sentence it made; the caller gets what was sent before
-            # the failure (then the apology): the context keeps only that.
+            # the failure (then the apology): the context keeps only that. Failed under a
+            # hold, what the interrupt said was heard: the client dropped the rest, and
+            # nothing of this reply is played again (words stop it; noise resumes into the
+            # apology).
             if record_heard:
                 sent = playout.sent_ms
+                heard = sent if self._frozen_heard_ms is None else min(self._frozen_heard_ms,
+                                                                       sent)
                 _end_cut_sentence(spoken, playing, bytes_per_ms)
                 if spoken and spoken[-1][2] == float("inf"):  # its length unknown (streamed):
                     spoken[-1] = ("", spoken[-1][1], sent)  # not said, not kept
-                turn.conversation.record_heard(heard_text(spoken, sent, sent))
+                turn.conversation.record_heard(heard_text(spoken, heard, sent))
             if isinstance(exc, StageFailed):
                 raise
             if isinstance(exc, ProviderError):  # the LLM broke off an answer under way
