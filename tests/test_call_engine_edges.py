@@ -281,6 +281,21 @@ async def test_a_reply_failing_under_a_hold_keeps_only_the_words_the_interrupt_s
     assert assistant[0] == " ".join(FIRST_OF_TEN.split()[:heard_words]), (assistant, interrupt)
 
 
+async def test_a_reply_failing_under_a_hold_the_words_confirm_is_counted_as_cut_off():
+    """Review (stop 69): the same call's first turn was cut off by the caller (an
+    `interrupt`, then words), but its turn_metrics had no `interrupted` nor `heard_ms`
+    and the stats counted no barge-in: the reply stage marks an interruption only when
+    its reply is cancelled, and this one had ended (failed) under the hold before the
+    words stopped it, in the apology's wait. It is a barge-in, heard as far as the
+    interrupt said."""
+    h, interrupt = await answer_failing_under_the_words_that_stop_it()
+    first = h.metrics()[0]
+    assert first["turn"] == interrupt["turn"] == 1
+    assert first.get("interrupted") is True, first
+    assert first.get("heard_ms") == interrupt["heard_ms"], first
+    assert h.stats.snapshot()["interrupted_turns"] == 1
+
+
 async def resumed_after_two_coughs() -> CallHarness:
     """A long answer plays; the caller coughs (held), and coughs again before the first
     cough's final is in: the reply queued behind the held answer is cancelled

@@ -1270,7 +1270,17 @@ class Call:
                     logs.event(log, "handoff_unavailable", logging.WARNING, turn=tl.turn,
                                code=exc.code)
                 await self._report(exc.code, str(exc), tl.turn)
-                if await self._until_released():  # held: the apology waits as the reply did
+                try:
+                    released = await self._until_released()
+                except asyncio.CancelledError:
+                    # Words stopped it under the hold its failure came in: the caller cut it
+                    # off where the interrupt said (the reply stage, which marks a reply
+                    # cancelled as interrupted, saw this one fail first).
+                    heard = self._reply.frozen_heard_ms
+                    tl.info.update(interrupted=True,
+                                   **({} if heard is None else {"heard_ms": heard}))
+                    raise
+                if released:  # held: the apology waits as the reply did
                     await self._resume_into_apology(tl.turn)
                 await self._turn_failed(tl, text, exc.code)
             else:

@@ -161,6 +161,12 @@ class ReplyStage:
         return self._frozen_heard_ms is not None
 
     @property
+    def frozen_heard_ms(self) -> float | None:
+        """What the caller heard of the reply a barge-in froze (the interrupt's heard_ms),
+        until the freeze is lifted or the next reply begins; None: nothing frozen."""
+        return self._frozen_heard_ms
+
+    @property
     def live(self) -> bool:
         """A reply's playout is open: a barge-in now has audio to hold."""
         return self._playout is not None and self._frozen_heard_ms is None
