@@ -183,6 +183,25 @@ async def test_the_reply_time_of_a_failed_answer_covers_its_apology(reply):
     assert metrics["reply_ms"] >= round((last_sent - first_sent) * 1000), metrics
 
 
+async def test_the_frames_of_a_failed_answer_count_with_its_apologys():
+    """Review (stop 69): turn_metrics' frames_sent, frames_late and frame_lag_max_ms are
+    the reply's audio frames (docs/protocol.md). A turn whose voice failed mid-answer
+    plays two replies, the answer's first sentence and then the apology, and the apology's
+    figures replaced the answer's: 15 frames sent of the 40 the caller was sent (and the
+    answer's late frames, the ones bench/capacity.py counts, were lost). They add up now,
+    the worst lag the worst of both."""
+    h = CallHarness()  # 20 ms messages: one frame each
+    h.llm.reply = "Here is the first part. FAIL this sentence breaks the voice."
+    await h.start()
+    await h.text("explain my statement")
+    await h.wait(3000)
+    await h.stop()
+    assert [e["source"] for e in h.output.of("response", turn=1)] == ["llm", "apology"]
+    (metrics,) = h.metrics()
+    assert metrics["frames_sent"] == len(h.output.frames) == 25 + 15, metrics
+    assert metrics["frames_late"] == 0 and metrics["frame_lag_max_ms"] < 1.0, metrics
+
+
 async def test_a_failed_routing_of_a_partial_is_counted_and_the_call_goes_on():
     h = CallHarness(faqs={"opening hours": "hours"})
     h.router.fail = lambda text, urgent: not urgent

@@ -318,8 +318,12 @@ class ReplyStage:
             # agent's streams closing a moment later.
             tl.mark("reply_end", None if self._frozen_heard_ms is None else self._frozen_at,
                     overwrite=True)
-            tl.info.update(frames_sent=playout.frames_sent, frames_late=playout.frames_late,
-                           frame_lag_max_ms=round(playout.max_lag_ms, 1))
+            # The turn's replies together (an answer that failed, then its apology).
+            info = tl.info
+            info["frames_sent"] = info.get("frames_sent", 0) + playout.frames_sent
+            info["frames_late"] = info.get("frames_late", 0) + playout.frames_late
+            info["frame_lag_max_ms"] = max(info.get("frame_lag_max_ms", 0.0),
+                                           round(playout.max_lag_ms, 1))
             self._playout = None
             if self._frozen_heard_ms is None:  # not stopped: a barge-in now stops all of it
                 self._ended = (tl.turn, playout)
