@@ -109,7 +109,7 @@ def _call(args: argparse.Namespace) -> int:
     from websockets.exceptions import InvalidStatus, WebSocketException
 
     from .audio import resample_pcm16, write_wav
-    from .client import Caller, MessageRefused, format_event
+    from .client import Caller, MessageRefused, NoReply, format_event
 
     stdout_gone: list[BrokenPipeError] = []  # its reader stopped reading (`| head`)
 
@@ -128,10 +128,12 @@ def _call(args: argparse.Namespace) -> int:
                           token=args.token) as caller:
             if args.wav:
                 pcm, rate = args.wav_audio
-                turn = await caller.say(resample_pcm16(pcm, rate, args.rate),
-                                        timeout=args.timeout)
-                if not turn.number:  # say() returns no turn, not raise, when none came
-                    print(f"voicegate call: {_no_reply(args, turn.events)}", file=sys.stderr)
+                try:
+                    await caller.say(resample_pcm16(pcm, rate, args.rate),
+                                     timeout=args.timeout)
+                except NoReply as exc:  # said in the command's own terms (--wav, --timeout)
+                    print(f"voicegate call: {_no_reply(args, exc.result.events)}",
+                          file=sys.stderr)
                     return 1
             if args.text:
                 await caller.say_text(args.text, timeout=args.timeout)
@@ -170,10 +172,11 @@ def _call(args: argparse.Namespace) -> int:
 def _no_reply(args: argparse.Namespace, events: list[dict[str, Any]]) -> str:
     """Why ``--wav``'s utterance got no turn: the gateway heard no words in it, or heard
     some and answered nothing within ``--timeout``."""
-    heard = [e.get("text") for e in events if e.get("type") == "transcript"]
+    heard = [e.get("text") for e in events if e.get("type") == "transcript" and e.get("text")]
     if not heard:
-        return (f"no reply to --wav {args.wav}: the gateway heard no words in it (no "
-                "transcript came)")
+        came = any(e.get("type") == "transcript" for e in events)
+        return (f"no reply to --wav {args.wav}: the gateway heard no words in it ("
+                + ("only noise: its turn ended empty)" if came else "no transcript came)"))
     return (f"no reply to --wav {args.wav} within --timeout {args.timeout:g} s (the gateway "
             f"heard {heard[-1]!r})")
 

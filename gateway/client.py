@@ -31,6 +31,17 @@ class MessageRefused(ValueError):
         self.message = message
 
 
+class NoReply(TimeoutError):
+    """``say()``'s utterance got no reply: the gateway heard no words in it (no transcript
+    came, or only turns that ended empty: noise), or its reply did not end within the
+    timeout. ``result`` is what came of it meanwhile (the words heard, a reply begun), as
+    a reply's TurnResult holds it, with no turn (``number`` 0)."""
+
+    def __init__(self, message: str, result: "TurnResult") -> None:
+        super().__init__(message)
+        self.result = result
+
+
 # The codes of a text message the gateway dropped (docs/protocol.md, "Errors"): no turn
 # follows it, so a wait for its turn would only end at its timeout.
 TEXT_REFUSALS = frozenset({"invalid_json", "invalid_message", "unknown_message_type",
@@ -274,8 +285,12 @@ class Caller:
         comes for ``nothing_heard_ms`` after the cut turn ended (what stopped the reply
         held no words, so no turn follows).
 
-        No audio (``b""``) is refused (ValueError): there is nothing to hear, no turn. A
-        connection that closes before the utterance is answered raises ConnectionError."""
+        No audio (``b""``) is refused (ValueError): there is nothing to hear, no turn. No
+        reply raises NoReply (a TimeoutError; ``result`` holds what came): no transcript
+        within ``nothing_heard_ms`` of the utterance's end, or only turns that ended empty
+        (noise) and then nothing for as long (the gateway heard no words in it), or no
+        answered turn within ``timeout`` s. A connection that closes before the utterance
+        is answered raises ConnectionError."""
         if not pcm16:
             raise ValueError("say() needs audio: no audio is no utterance, the gateway hears "
                              "nothing to answer")
@@ -284,7 +299,7 @@ class Caller:
         deadline = time.monotonic() + timeout
         quiet_until = time.monotonic() + nothing_heard_ms / 1000.0
         seen, changed_at = (len(self.events), len(self.audio)), time.monotonic()
-        while time.monotonic() < deadline:
+        while True:
             events = self.events[index:]
             if utterance_answered(events):
                 break
@@ -294,14 +309,23 @@ class Caller:
             now = time.monotonic()
             if (len(self.events), len(self.audio)) != seen:
                 seen, changed_at = (len(self.events), len(self.audio)), now
-            if _ended_turns(events) and now - changed_at > nothing_heard_ms / 1000.0:
+            quiet = now - changed_at > nothing_heard_ms / 1000.0
+            if _ended_turns(events) and quiet:
                 break  # the cut turn ended and nothing came of the words after it
-            if time.monotonic() > quiet_until and not any(
-                    e.get("type") == "transcript" for e in events):
-                break  # the gateway heard nothing it counts as speech
+            if now > quiet_until and not any(e.get("type") == "transcript" for e in events):
+                raise NoReply("no reply: the gateway heard no words in the utterance (no "
+                              f"transcript came within {nothing_heard_ms} ms of its end)",
+                              self._turn_since(index))
+            if quiet and (empty := _only_empty_turns(events)):
+                turns = "turns" if "," in empty else "turn"
+                raise NoReply("no reply: the gateway heard no words in the utterance (its "
+                              f"{turns} {empty} ended empty: noise)", self._turn_since(index))
+            if now >= deadline:
+                raise NoReply(f"no reply to the utterance within {timeout:g} s "
+                              f"({_what_came(events)})", self._turn_since(index))
             self._new_event.clear()
             try:
-                await asyncio.wait_for(self._new_event.wait(), 0.1)
+                await asyncio.wait_for(self._new_event.wait(), min(0.1, deadline - now))
             except TimeoutError:
                 pass
         return self._turn_since(index)
@@ -384,6 +408,32 @@ def _asked(metrics: dict[str, Any]) -> bool:
 def _ended_turns(events: list[dict[str, Any]]) -> list[int]:
     """Turns that ended, but empty ones (``_asked``)."""
     return [int(e["turn"]) for e in events if e.get("type") == "turn_metrics" and _asked(e)]
+
+
+def _only_empty_turns(events: list[dict[str, Any]]) -> str:
+    """The turns that ended empty (noise heard as speech: no words), as "1" or "1, 2",
+    when every turn that ended was empty and no words have come since the last (a
+    transcript after it: words whose turn has not ended yet); else ""."""
+    ends = [i for i, e in enumerate(events) if e.get("type") == "turn_metrics"]
+    if not ends or _ended_turns(events) or any(
+            e.get("type") == "transcript" for e in events[ends[-1] + 1:]):
+        return ""
+    return ", ".join(str(events[i].get("turn")) for i in ends)
+
+
+_UNASKED = ("greeting", "prompt", "goodbye")
+
+
+def _what_came(events: list[dict[str, Any]]) -> str:
+    """What an unanswered utterance got, for NoReply: the last words heard, a reply begun."""
+    words = [e.get("text") for e in events if e.get("type") == "transcript" and e.get("text")]
+    if not words:
+        return "the gateway heard no words"
+    # A line the bot says unasked (the greeting, the idle prompt) answers nothing.
+    began = any(e.get("type") == "response" and e.get("source") not in _UNASKED
+                for e in events)
+    return (f"the gateway heard {words[-1]!r}; "
+            + ("its reply began and did not end" if began else "no reply began"))
 
 
 def _cut_by_the_caller(events: list[dict[str, Any]]) -> set[int]:

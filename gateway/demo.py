@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .audio import resample_pcm16, write_wav
 from .seeding import seed_with_voice
-from .client import Caller, format_event
+from .client import Caller, NoReply, format_event
 from .runtime import Runtime, load_failure
 from .server import BackgroundServer, listening_socket
 from .settings import Settings
@@ -119,13 +119,19 @@ def _tell_how_to_talk(store_dir: str) -> None:
 
 async def _converse(url: str, runtime: Runtime, out_dir: Path) -> int:
     render = getattr(runtime.tts, "synthesize_all")
+    code = 0
     async with Caller(url, sample_rate=CALL_RATE) as caller:
         for i, line in enumerate(CALLER_LINES, start=1):
             speech = resample_pcm16(render(line), runtime.tts.sample_rate, CALL_RATE)
             print(f"caller {i}: says {line!r} ({len(speech) / 2 / CALL_RATE:.1f} s of audio, "
                   "streamed in real time)", flush=True)
             started = time.perf_counter()
-            turn = await caller.say(speech)
+            try:
+                turn = await caller.say(speech)
+            except NoReply as exc:  # no reply-N.wav of silence: said, and the demo fails
+                print(f"  {exc}\n", flush=True)
+                code = 1
+                continue
             for event in turn.events:
                 if event.get("type") in ("transcript", "route", "response", "handoff",
                                          "turn_metrics", "interrupt", "error") and not (
@@ -135,4 +141,4 @@ async def _converse(url: str, runtime: Runtime, out_dir: Path) -> int:
             write_wav(path, bytes(turn.audio), CALL_RATE)
             print(f"  audio  {path} ({len(turn.audio) / 2 / CALL_RATE:.1f} s) "
                   f"[turn took {time.perf_counter() - started:.1f} s wall]\n", flush=True)
-    return 0
+    return code

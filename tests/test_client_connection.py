@@ -430,3 +430,52 @@ def test_call_command_refused_with_503_says_the_gateways_own_reason(
     assert exit_code == 1
     assert "HTTP 503" in err and code in err and message in err, err
     assert "still loading" not in err, err
+
+
+@pytest.mark.parametrize("gateway_hears", ["nothing", "noise", "words-but-never-answers"])
+async def test_say_that_gets_no_reply_raises_saying_what_came(gateway_hears: str):
+    """Review (stop 69): ``say()`` returned a result with no turn (number 0, no audio) when
+    no reply came, as if the utterance had been answered with silence: the gateway heard no
+    words in it (no transcript), or heard some and ended no turn within ``timeout``. Only
+    `voicegate call` looked at ``number``; the demo wrote an empty reply-N.wav, an SDK
+    program went on. Noise heard as speech (its turn ended empty) was waited on for the
+    whole timeout. Now each raises NoReply (a TimeoutError) saying which, what came of the
+    utterance kept in its ``result``; the noise's at once the line is quiet."""
+    from gateway.client import NoReply
+
+    heard = {"nothing": [],
+             "noise": [{"type": "transcript", "text": "", "final": True, "turn": 1},
+                       {"type": "turn_metrics", "turn": 1, "input": "audio", "empty": True}],
+             "words-but-never-answers": [
+                 {"type": "transcript", "text": "hello", "final": False},
+                 {"type": "transcript", "text": "hello", "final": True, "turn": 1}]}[gateway_hears]
+
+    async def never_answers(ws: Any) -> None:
+        async for message in ws:
+            if isinstance(message, str):
+                await ws.send(json.dumps(READY))
+            elif heard:
+                for event in heard:  # at the utterance's first frame
+                    await ws.send(json.dumps(event))
+                heard.clear()
+
+    timeout = 1 if gateway_hears == "words-but-never-answers" else 30
+    async with scripted_gateway(never_answers) as url:
+        async with Caller(url) as caller:
+            with pytest.raises(NoReply) as no_reply:
+                await asyncio.wait_for(caller.say(FRAME * 5, timeout=timeout,
+                                                  nothing_heard_ms=300), 10)
+    assert isinstance(no_reply.value, TimeoutError)
+    result, message = no_reply.value.result, str(no_reply.value)
+    assert result.number == 0 and not result.audio
+    if gateway_hears == "nothing":
+        assert message == ("no reply: the gateway heard no words in the utterance (no "
+                           "transcript came within 300 ms of its end)"), message
+    elif gateway_hears == "noise":
+        assert message == ("no reply: the gateway heard no words in the utterance (its turn "
+                           "1 ended empty: noise)"), message
+        assert result.first("turn_metrics", empty=True) is not None
+    else:
+        assert message == ("no reply to the utterance within 1 s (the gateway heard 'hello'; "
+                           "no reply began)"), message
+        assert result.transcript == "hello"
