@@ -174,10 +174,12 @@ class Caller:
     async def wait_for(self, kind: str, timeout: float = 30.0, start: int = 0,
                        where: Callable[[dict[str, Any]], bool] | None = None,
                        refused: frozenset[str] = frozenset(),
+                       refused_where: Callable[[dict[str, Any]], bool] | None = None,
                        **match: Any) -> dict[str, Any]:
         """The first event of ``kind`` (matching ``match``, and ``where`` holding for it) at
-        or after index ``start``. An `error` of no turn whose code is in ``refused`` before
-        it raises MessageRefused: the message waited on was dropped."""
+        or after index ``start``. An `error` of no turn whose code is in ``refused`` (and
+        ``refused_where`` holds for it: it can be the message's) before it raises
+        MessageRefused: the message waited on was dropped."""
         deadline = time.monotonic() + timeout
         while True:
             for event in self.events[start:]:
@@ -185,7 +187,8 @@ class Caller:
                         and (where is None or where(event))):
                     return event
                 if (event.get("type") == "error" and "turn" not in event
-                        and event.get("code") in refused):
+                        and event.get("code") in refused
+                        and (refused_where is None or refused_where(event))):
                     raise MessageRefused(str(event.get("code")), str(event.get("message")))
             if self._reader is not None and self._reader.done():
                 raise self._closed(repr(kind))
@@ -339,26 +342,31 @@ class Caller:
         answers nothing to it (docs/protocol.md: an empty text with nothing typed before it
         says nothing), so no ``turn_metrics`` would ever come to end the wait. A text the
         gateway refuses (over 64 KiB, not valid Unicode, too many waiting) raises
-        MessageRefused with its error, at once: no turn follows it either."""
+        MessageRefused with its error, at once: no turn follows it either. (A refusal that
+        cannot be of these messages, one sent before them refused late, is not theirs.)"""
         if not text.strip():
             raise ValueError(f"say_text() got a blank text ({text!r}): the gateway answers "
                              "nothing to an empty text (no turn, no turn_metrics); give words")
         index = len(self.events)
-        await self.send_transcript(text, partial_words, word_interval_s)
+        sent = _text_messages(text, partial_words)
+        started = self.ready is not None
+        await self._send_texts(sent, word_interval_s)
         await self.wait_for("turn_metrics", timeout=timeout, start=index,
-                            refused=TEXT_REFUSALS)
+                            refused=TEXT_REFUSALS,
+                            refused_where=lambda error: _can_refuse(error, sent, started))
         return self._turn_since(index)
 
     async def send_transcript(self, text: str, partial_words: bool = True,
                               word_interval_s: float = 0.15) -> None:
         """The final transcript, after (``partial_words``) one partial per word at speaking pace."""
-        if partial_words:
-            words = text.split()
-            for n in range(1, len(words) + 1):
-                await self.send_json({"type": "text", "text": " ".join(words[:n]),
-                                      "final": False})
-                await asyncio.sleep(word_interval_s)
-        await self.send_json({"type": "text", "text": text, "final": True})
+        await self._send_texts(_text_messages(text, partial_words), word_interval_s)
+
+    async def _send_texts(self, messages: list[str], word_interval_s: float) -> None:
+        """``_text_messages``' messages, the partials ``word_interval_s`` apart."""
+        for message in messages[:-1]:
+            await self.send_raw(message)
+            await asyncio.sleep(word_interval_s)
+        await self.send_raw(messages[-1])
 
     def _turn_since(self, index: int) -> TurnResult:
         """The events since ``index``; the number and audio of the last turn that ended."""
@@ -392,6 +400,43 @@ def _gateway_said(events: list[dict[str, Any]]) -> str | None:
         if event.get("type") == "error" and "turn" not in event:
             return f"the gateway's last error: {event.get('code')}: {event.get('message')}"
     return None
+
+
+def _text_messages(text: str, partial_words: bool) -> list[str]:
+    """The `text` messages of a transcript, as sent: with ``partial_words`` one partial per
+    word first, then the final."""
+    words = text.split() if partial_words else []
+    return [json.dumps({"type": "text", "text": " ".join(words[:n]), "final": False})
+            for n in range(1, len(words) + 1)] + [
+        json.dumps({"type": "text", "text": text, "final": True})]
+
+
+def _can_refuse(error: dict[str, Any], sent: list[str], started: bool) -> bool:
+    """Whether the gateway's refusal ``error`` (a TEXT_REFUSALS code) can be of one of the
+    text messages ``sent`` (as sent; ``started``: the call had started). The gateway names
+    no message it refuses, and one sent before them (a malformed message, a key while too
+    many wait, an audio frame or another text over the limit) is refused with the same
+    codes, its error perhaps arriving once these went out: it is not theirs. What each
+    refusal says tells (docs/protocol.md, "Errors")."""
+    code, said = error.get("code"), str(error.get("message", ""))
+    if code == "too_many_messages":  # a text's, not a key's ("keypad presses are waiting")
+        return "text message" in said
+    if code == "frame_too_large":  # names the size it dropped; json.dumps writes ASCII
+        return any(said.startswith(f"text message of {len(message)} bytes ")
+                   for message in sent)
+    if code == "invalid_json":  # json.dumps writes JSON; the gateway refuses a lone surrogate
+        return any(not _valid_unicode(json.loads(message)["text"]) for message in sent)
+    if code == "not_started":
+        return not started
+    return False  # invalid_message, unknown_message_type: no message of these is either
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 def utterance_answered(events: list[dict[str, Any]]) -> bool:

@@ -336,22 +336,86 @@ async def test_a_text_the_gateway_refuses_raises_its_error_at_once(code):
     on what was wrong left in ``caller.events``. Now it raises MessageRefused with the
     gateway's code and message at once."""
     from gateway.client import MessageRefused
+    from gateway.protocol import LONE_SURROGATE, too_large
+
+    # Each text as the gateway refuses it, with its own words (stop 69: the client blames
+    # on its text only a refusal that can be that text's).
+    text = {"frame_too_large": "what are your opening hours " * 3000,
+            "invalid_json": "what are your opening hours \ud800",
+            "too_many_messages": "what are your opening hours"}[code]
+    said: list[str] = []
 
     async def refuses_texts(ws: Any) -> None:
         async for message in ws:
             if json.loads(message).get("type") == "start":
                 await ws.send(json.dumps(READY))
             elif json.loads(message).get("type") == "text":
+                said.append({"frame_too_large": too_large(
+                                 "text message", len(message.encode("utf-8")), 65536,
+                                 started=True).message,
+                             "invalid_json": LONE_SURROGATE,
+                             "too_many_messages": "16 text messages are already waiting; "
+                                                  "this one was dropped"}[code])
                 await ws.send(json.dumps({"type": "error", "code": code,
-                                          "message": "this text was dropped"}))
+                                          "message": said[-1]}))
 
     async with scripted_gateway(refuses_texts) as url:
         async with Caller(url) as caller:
             with pytest.raises(MessageRefused) as refused:
-                await asyncio.wait_for(caller.say_text("what are your opening hours",
-                                                       timeout=30), 5)
-    assert (refused.value.code, refused.value.message) == (code, "this text was dropped")
+                await asyncio.wait_for(caller.say_text(text, timeout=30), 5)
+    assert (refused.value.code, refused.value.message) == (code, said[-1])
     assert code in str(refused.value)
+
+
+@pytest.mark.parametrize("earlier", ["malformed", "key", "audio-frame", "longer-text"])
+async def test_a_refusal_of_an_earlier_message_is_not_blamed_on_the_text(earlier: str):
+    """Review (stop 69): ``say_text`` raised MessageRefused for any refusal (an `error` of
+    no turn with a code that drops a message) that arrived once it had begun, though the
+    gateway names no message it refuses: a message sent just before (a malformed one, a
+    key while too many wait, an audio frame or another text over 64 KiB), refused after
+    the text went out, was blamed on the text, whose turn then came unread. A refusal is
+    now blamed on the text only when it can be the text's (the size it names, a lone
+    surrogate for invalid JSON, a text's own too_many_messages), and its turn is
+    returned."""
+    from gateway.protocol import too_large
+
+    before = {"malformed": ({"type": "hello"}, "unknown_message_type",
+                            'unknown message type "hello"; expected start, text, dtmf or stop'),
+              "key": ({"type": "dtmf", "digit": "5"}, "too_many_messages",
+                      "too many keypad presses are waiting; this one was dropped"),
+              "audio-frame": (bytes(70000), "frame_too_large",
+                              too_large("audio frame", 70000, 65536, started=True).message),
+              "longer-text": ({"type": "text", "text": "x" * 70000, "final": True},
+                              "frame_too_large", too_large("text message", 70043, 65536,
+                                                           started=True).message)}[earlier]
+    message, code, why = before
+
+    async def refuses_the_earlier_message_late(ws: Any) -> None:
+        refusal = None
+        async for received in ws:
+            kind = json.loads(received).get("type") if isinstance(received, str) else None
+            if kind == "start":
+                await ws.send(json.dumps(READY))
+            elif refusal is None:  # the earlier message: its refusal goes out after the text
+                refusal = {"type": "error", "code": code, "message": why}
+            elif kind == "text":
+                await ws.send(json.dumps(refusal))
+                for event in ({"type": "transcript", "text": "hello", "final": True},
+                              {"type": "response", "turn": 1, "source": "cache", "text": "Hi."},
+                              {"type": "turn_metrics", "turn": 1, "input": "text"}):
+                    await ws.send(json.dumps(event))
+
+    if earlier == "longer-text":  # the size the gateway names is this message's
+        assert len(json.dumps(message)) == 70043
+    async with scripted_gateway(refuses_the_earlier_message_late) as url:
+        async with Caller(url) as caller:
+            if isinstance(message, bytes):
+                await caller.send_raw(message)
+            else:
+                await caller.send_json(message)
+            turn = await asyncio.wait_for(caller.say_text("hello", timeout=30), 10)
+    assert turn.number == 1 and turn.first("response")["text"] == "Hi."
+    assert turn.first("error", code=code) is not None  # kept among the events
 
 
 @pytest.mark.parametrize("gateway_hears", ["nothing", "words-but-never-answers"])
