@@ -82,7 +82,14 @@ class Caller:
         """``keep_audio=False``: reply audio goes to ``on_audio`` only, never kept (a load
         generator's hundreds of callers would otherwise hold gigabytes of it).
         ``line_noise``: what the line carries between utterances, looped (pcm16 at the
-        call's rate; empty: digital silence)."""
+        call's rate; empty: digital silence).
+
+        ``frame_ms`` is the line's own (the gateway never sees it): one that is not a whole
+        number of milliseconds above 0 is refused here (ValueError), not left to stop the
+        line at its first frame, every wait for the audio to go out then waiting for ever."""
+        if not isinstance(frame_ms, int) or isinstance(frame_ms, bool) or frame_ms <= 0:
+            raise ValueError(f"frame_ms must be a whole number of milliseconds above 0 (20 "
+                             f"recommended), not {frame_ms!r}")
         self.url = url
         self.token = token  # sent as `Authorization: Bearer` (VOICEGATE_CALL_TOKEN)
         self.sample_rate = sample_rate

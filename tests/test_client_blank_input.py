@@ -112,3 +112,16 @@ def test_call_command_refuses_a_wav_too_short_to_leave_a_sample_at_the_call_rate
     err = capsys.readouterr().err
     assert code == 2 and err == (f"voicegate call: cannot read --wav {wav}: 1 sample(s) at "
                                  "48000 Hz leave no audio at --rate 16000\n"), err
+
+
+@pytest.mark.parametrize("frame_ms", [0, -20, 2.5, "20"])
+def test_a_caller_whose_frame_length_is_no_whole_positive_ms_is_refused_at_once(frame_ms):
+    """Review (stop 69): ``Caller(url, frame_ms=0)`` (or -20, 2.5, "20" read from a
+    config) was taken and the call started (the gateway never sees frame_ms), then the
+    first ``say``/``stream_audio`` waited for ever: the line that sends the audio died on
+    its first frame (a division by a frame of no bytes, a slice by a float or a string;
+    -20 spun first) before any went out, and nothing woke the wait for it to drain. Now a
+    ValueError naming the argument, before anything is dialled."""
+    with pytest.raises(ValueError, match="frame_ms") as refused:
+        Caller("ws://127.0.0.1:9/v1/call", frame_ms=frame_ms)
+    assert "a whole number of milliseconds" in str(refused.value), refused.value
