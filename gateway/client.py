@@ -95,23 +95,28 @@ class Caller:
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms
         self.metadata = metadata or {}
-        self.events: list[dict[str, Any]] = []
-        self.audio = bytearray()  # all reply audio received, in order
-        self.closed_code: int | None = None
         self._on_event = on_event
         self._on_audio = on_audio  # every reply frame as it arrives (benchmarks time them)
         self._keep_audio = keep_audio
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._line_noise = line_noise
+        self._new_call()
+
+    def _new_call(self) -> None:
+        """The state of one call, fresh at each ``connect``: nothing of the last call's (its
+        `ready`, its events, its line) passes for the new one's."""
+        self.events: list[dict[str, Any]] = []
+        self.audio = bytearray()  # all reply audio received, in order
+        self.closed_code: int | None = None
+        self.ready: dict[str, Any] | None = None
         self._read_error: Exception | None = None  # what stopped the reader, if not a close
         self._new_event = asyncio.Event()
         self._turn_audio: dict[int, bytearray] = {}
         self._current_turn = 0
-        self.ready: dict[str, Any] | None = None
         self._speech = bytearray()  # caller audio waiting to go out on the line
         self._drained = asyncio.Event()
         self._line: asyncio.Task[None] | None = None
-        self._line_noise = line_noise
 
     async def __aenter__(self) -> "Caller":
         await self.connect()
@@ -124,7 +129,16 @@ class Caller:
         """Open the call; with ``start``, send `start` and wait up to ``ready_timeout`` s for
         `ready` (TimeoutError naming it; ConnectionError, with the gateway's `error`, when it
         closed first). Failed or cancelled once the socket is open, it closes the socket
-        and its reader before the error goes on: a program that retries leaks neither."""
+        and its reader before the error goes on: a program that retries leaks neither.
+
+        Each connect is a new call: the last one's events, audio and line are dropped (a
+        call still open is refused, RuntimeError: ``close`` it first)."""
+        if self._reader is not None and not self._reader.done():
+            raise RuntimeError("this Caller's call is still open: close() it before "
+                               "connecting again")
+        if self._ws is not None:
+            await self.close()  # the last call's line, if it ended without a close()
+        self._new_call()
         # No permessage-deflate: audio does not compress; deflating only costs CPU.
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         self._ws = await connect(self.url, max_size=2 ** 20, compression=None,

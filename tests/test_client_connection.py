@@ -543,3 +543,61 @@ async def test_say_that_gets_no_reply_raises_saying_what_came(gateway_hears: str
         assert message == ("no reply to the utterance within 1 s (the gateway heard 'hello'; "
                            "no reply began)"), message
         assert result.transcript == "hello"
+
+
+async def test_a_caller_connected_again_is_a_new_call_not_the_last_ones():
+    """Review (stop 69): ``connect()`` again on a Caller closed after a call (a program
+    that retries, as connect's docstring has it, or dials the next call) kept the last
+    call's state: its wait for `ready` returned the last call's at once (``ready`` named
+    the old call, before the new one had started, or one refused), the line that had sent
+    the last call's audio was over, so every ``stream_audio``/``say`` raised at once with
+    the last call's hang-up as the reason, and a close of the new call before it said why
+    was blamed on an earlier one's `error`. Each connect is now a call of its own: its
+    events, audio and line; connecting one still open is refused (its socket and reader
+    would leak)."""
+    calls: list[str] = []
+    frames: dict[str, int] = {}
+
+    async def four_calls(ws: Any) -> None:
+        call_id = f"c{len(calls) + 1}"
+        calls.append(call_id)
+        await ws.recv()  # `start`
+        if call_id == "c2":  # refused: full
+            await ws.send(json.dumps({"type": "error", "code": "too_many_calls",
+                                      "message": "this gateway is at its limit"}))
+            await ws.close(1013)
+            return
+        if call_id == "c3":  # dropped, no reason given
+            await ws.close(1011)
+            return
+        await ws.send(json.dumps({**READY, "call_id": call_id}))
+        async for message in ws:
+            if isinstance(message, bytes):
+                frames[call_id] = frames.get(call_id, 0) + 1
+                if call_id == "c1" and frames[call_id] == 3:  # the bot hangs up
+                    await ws.send(json.dumps({"type": "hangup", "reason": "idle"}))
+                    await ws.close(1000)
+                    return
+
+    async with scripted_gateway(four_calls) as url:
+        caller = Caller(url)
+        await asyncio.wait_for(caller.connect(), 10)
+        await asyncio.wait_for(caller.stream_audio(FRAME * 3), 10)
+        with pytest.raises(ConnectionError):  # hung up
+            await caller.wait_for("turn_metrics", timeout=10)
+        await caller.close()
+        with pytest.raises(ConnectionError, match="too_many_calls"):  # c2: refused
+            await asyncio.wait_for(caller.connect(), 10)
+        with pytest.raises(ConnectionError) as dropped:  # c3: closed, saying nothing
+            await asyncio.wait_for(caller.connect(), 10)
+        await asyncio.wait_for(caller.connect(), 10)  # c4: taken
+        try:
+            assert caller.ready is not None and caller.ready["call_id"] == "c4", caller.ready
+            assert [e["type"] for e in caller.events] == ["ready"], caller.events
+            await asyncio.wait_for(caller.stream_audio(FRAME * 3), 10)  # goes out
+            with pytest.raises(RuntimeError, match="close"):  # still open: not dialled again
+                await caller.connect()
+        finally:
+            await caller.close()
+    assert str(dropped.value) == "connection closed (1011) before 'ready'", dropped.value
+    assert calls == ["c1", "c2", "c3", "c4"] and frames.get("c4", 0) >= 3, (calls, frames)
