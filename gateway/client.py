@@ -31,6 +31,22 @@ class MessageRefused(ValueError):
         self.message = message
 
 
+class CallClosed(ConnectionError):
+    """The connection closed before what was waited for. ``close_code``: its WebSocket
+    close code (1006: lost, no close frame; None: none known); ``error``: the code of the
+    gateway's last `error` outside a turn, when that is its last word (too_many_calls and
+    draining, 1013, are worth a retry; unsupported_sample_rate, 1003, is not), and
+    ``hangup`` the reason of its `hangup` (idle, time_limit) when the bot ended the call;
+    None when it said neither. The message says the same in words."""
+
+    def __init__(self, message: str, close_code: int | None, error: str | None = None,
+                 hangup: str | None = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+        self.error = error
+        self.hangup = hangup
+
+
 class NoReply(TimeoutError):
     """``say()``'s utterance got no reply: the gateway heard no words in it (no transcript
     came, or only turns that ended empty: noise), or its reply did not end within the
@@ -155,12 +171,18 @@ class Caller:
             raise
 
     async def send_json(self, message: dict[str, Any]) -> None:
-        assert self._ws is not None
-        await self._ws.send(json.dumps(message))
+        await self.send_raw(json.dumps(message))
 
     async def send_raw(self, data: bytes | str) -> None:
+        """One message; a call closed under it raises CallClosed saying why, as every wait
+        does (not the WebSocket library's own exception)."""
         assert self._ws is not None
-        await self._ws.send(data)
+        try:
+            await self._ws.send(data)
+        except ConnectionClosed:
+            if self._reader is not None:  # it takes what the gateway said before its close
+                await asyncio.wait({self._reader}, timeout=_CLOSING_S)
+            raise self._closed("the message was sent") from None
 
     async def _read(self) -> None:
         assert self._ws is not None
@@ -222,19 +244,25 @@ class Caller:
             except TimeoutError:
                 pass
 
-    def _closed(self, before: str) -> ConnectionError:
+    def _closed(self, before: str) -> CallClosed:
         """The connection closed ``before`` what the caller waited for: its close code, and
         the gateway's own word on why when it sent one (its last `error` outside a turn, or
         its `hangup`). The code alone hides it: 1003 is any refused `start`, 1008 one of
         half a dozen limits, and the `error` before it names which."""
         code = self.closed_code if self.closed_code is not None else (
             self._ws.close_code if self._ws is not None else None)
-        why = _gateway_said(self.events)
+        said = _gateway_said(self.events) or {}
+        kind = said.get("type")
+        error = said.get("code") if kind == "error" else None
+        hangup = said.get("reason") if kind == "hangup" else None
+        why = {"hangup": f"the gateway hung up ({hangup})",
+               "error": f"the gateway's last error: {error}: {said.get('message')}"}.get(kind)
         if self._read_error is not None:
             why = (f"the client closed it: reading raised {self._read_error!r} (in on_event "
                    "or on_audio, or a message that is not JSON)")
-        closed = ConnectionError(f"connection closed ({code}) before {before}"
-                                 + (f"; {why}" if why else ""))
+            error = hangup = None  # the client's own close, not the gateway's word
+        closed = CallClosed(f"connection closed ({code}) before {before}"
+                            + (f"; {why}" if why else ""), code, error, hangup)
         closed.__cause__ = self._read_error
         return closed
 
@@ -412,14 +440,14 @@ class Caller:
             await asyncio.gather(self._reader, return_exceptions=True)
 
 
-def _gateway_said(events: list[dict[str, Any]]) -> str | None:
+def _gateway_said(events: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The gateway's last word on a call it may have ended: its last `hangup`, or `error`
     that is no turn's (a turn's stage failing leaves the call open)."""
     for event in reversed(events):
         if event.get("type") == "hangup":
-            return f"the gateway hung up ({event.get('reason')})"
+            return event
         if event.get("type") == "error" and "turn" not in event:
-            return f"the gateway's last error: {event.get('code')}: {event.get('message')}"
+            return event
     return None
 
 

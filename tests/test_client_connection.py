@@ -601,3 +601,65 @@ async def test_a_caller_connected_again_is_a_new_call_not_the_last_ones():
             await caller.close()
     assert str(dropped.value) == "connection closed (1011) before 'ready'", dropped.value
     assert calls == ["c1", "c2", "c3", "c4"] and frames.get("c4", 0) >= 3, (calls, frames)
+
+
+@pytest.mark.parametrize("ending", ["refused-rate", "full", "hung-up", "lost"])
+async def test_a_call_that_closes_says_its_close_code_and_the_gateways_code_as_values(
+        ending: str):
+    """Review (stop 69): a call the gateway closed raised a bare ConnectionError whose
+    words alone held the close code and the gateway's error code: a program that retries
+    a full or draining replica (1013: too_many_calls, draining), and not a `start` it must
+    fix (1003: unsupported_sample_rate), or dials again after a hang-up, had to parse
+    English. Now CallClosed, a ConnectionError, carries them: ``close_code``, ``error``
+    (the gateway's code) and ``hangup`` (its reason)."""
+    from gateway.client import CallClosed
+
+    async def full(ws: Any) -> None:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "error", "code": "too_many_calls",
+                                  "message": "this gateway is at its limit"}))
+        await ws.close(1013)
+
+    async def lost(ws: Any) -> None:
+        await ws.recv()
+        await ws.send(json.dumps(READY))
+        await ws.send(json.dumps({"type": "error", "code": "stt_failed", "turn": 1,
+                                  "message": "a turn's stage: the call goes on"}))
+        ws.transport.abort()  # no close frame: 1006
+
+    script = {"refused-rate": refuses_the_rate, "full": full, "hung-up": hangs_up_after_ready,
+              "lost": lost}[ending]
+    async with scripted_gateway(script) as url:
+        caller = Caller(url, sample_rate=11025 if ending == "refused-rate" else 16000)
+        try:
+            with pytest.raises(CallClosed) as closed:
+                await asyncio.wait_for(caller.connect(), 10)
+                await caller.wait_for("turn_metrics", timeout=10)
+        finally:
+            await caller.close()
+    assert isinstance(closed.value, ConnectionError)
+    expected = {"refused-rate": (1003, "unsupported_sample_rate", None),
+                "full": (1013, "too_many_calls", None), "hung-up": (1000, None, "idle"),
+                "lost": (1006, None, None)}[ending]
+    assert (closed.value.close_code, closed.value.error, closed.value.hangup) == expected
+
+
+async def test_a_message_sent_on_a_closed_call_raises_why_it_closed():
+    """Review (stop 69): ``say_text`` (``send_json``, ``send_transcript``) on a call the
+    gateway had ended raised the WebSocket library's own ConnectionClosedOK ("received
+    1000 (OK); then sent 1000 (OK)"), no ConnectionError, the gateway's reason (its
+    `hangup`) left out, where ``say`` and ``stream_audio`` say it (stop 66). Now the same
+    CallClosed as every wait."""
+    from gateway.client import CallClosed
+
+    async with scripted_gateway(hangs_up_after_ready) as url:
+        async with Caller(url) as caller:
+            with pytest.raises(ConnectionError):
+                await caller.wait_for("turn_metrics", timeout=10)
+            for send in (lambda: caller.say_text("hello", timeout=10),
+                         lambda: caller.send_json({"type": "dtmf", "digit": "1"})):
+                with pytest.raises(CallClosed) as closed:
+                    await asyncio.wait_for(send(), 10)
+                assert (closed.value.close_code, closed.value.hangup) == (1000, "idle")
+                assert str(closed.value) == ("connection closed (1000) before the message "
+                                             "was sent; the gateway hung up (idle)"), closed.value
