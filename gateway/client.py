@@ -83,9 +83,10 @@ class TurnResult:
 
     @property
     def metrics(self) -> dict[str, Any] | None:
-        ended = _ended_turns(self.events)  # not a turn of noise (no words) before it
+        """This result's turn's (``number``) metrics: not those of a turn that ended before
+        it in the same wait (noise, words cut off and continued, words a text superseded)."""
         return next((e for e in self.events if e.get("type") == "turn_metrics"
-                     and e.get("turn") in ended), None)
+                     and e.get("turn") == self.number and _asked(e)), None)
 
 
 class Caller:
@@ -384,8 +385,9 @@ class Caller:
 
     async def say_text(self, text: str, partial_words: bool = False,
                        word_interval_s: float = 0.15, timeout: float = 60.0) -> TurnResult:
-        """Send a transcript and wait for the turn to end; with ``partial_words`` word by
-        word as STT partials would come.
+        """Send a transcript and wait for its turn to end (its own: a spoken turn that ends
+        first, words the text superseded or noise, is not it); with ``partial_words`` word
+        by word as STT partials would come.
 
         A blank text (empty, or spaces only) is refused at once (ValueError): the gateway
         answers nothing to it (docs/protocol.md: an empty text with nothing typed before it
@@ -401,7 +403,7 @@ class Caller:
         started = self.ready is not None
         await self._send_texts(sent, word_interval_s)
         await self.wait_for("turn_metrics", timeout=timeout, start=index,
-                            refused=TEXT_REFUSALS,
+                            where=_typed_turn, refused=TEXT_REFUSALS,
                             refused_where=lambda error: _can_refuse(error, sent, started))
         return self._turn_since(index)
 
@@ -497,6 +499,13 @@ def _asked(metrics: dict[str, Any]) -> bool:
     """A turn's metrics, but an empty turn's (its final transcript held no words: noise, a
     cough over the reply): it ends with its metrics too, and answers nothing."""
     return not metrics.get("empty")
+
+
+def _typed_turn(metrics: dict[str, Any]) -> bool:
+    """A text message's own turn's metrics (``input`` text, or not given), not a spoken
+    turn's: words a text supersedes end their turn, unanswered, before the text's
+    (docs/protocol.md), and noise heard as speech ends an empty one (``_asked``)."""
+    return metrics.get("input", "text") == "text" and _asked(metrics)
 
 
 def _ended_turns(events: list[dict[str, Any]]) -> list[int]:

@@ -663,3 +663,62 @@ async def test_a_message_sent_on_a_closed_call_raises_why_it_closed():
                 assert (closed.value.close_code, closed.value.hangup) == (1000, "idle")
                 assert str(closed.value) == ("connection closed (1000) before the message "
                                              "was sent; the gateway hung up (idle)"), closed.value
+
+
+@pytest.mark.parametrize("before", ["superseded-words", "noise"])
+async def test_say_text_returns_its_texts_turn_not_a_spoken_one_that_ended_first(before: str):
+    """Review (stop 69): ``say_text`` returned at the first `turn_metrics` after it began,
+    whichever turn they were: the caller's spoken words the text superseded (the gateway
+    ends their turn, unanswered, before the text's: docs/protocol.md), or noise on the
+    line heard as speech (an empty turn). The result then held no reply (``number`` that
+    turn's, or 0), and the text's answer came after it, unread. It now waits for its text
+    turn's metrics (``input`` text, not empty)."""
+    spoken = {"superseded-words": [{"type": "turn_metrics", "turn": 1, "input": "audio",
+                                    "end_of_turn": "complete"}],
+              "noise": [{"type": "transcript", "text": "", "final": True, "turn": 1},
+                        {"type": "turn_metrics", "turn": 1, "input": "audio",
+                         "empty": True}]}[before]
+    answer = [{"type": "transcript", "text": "what time do you open", "final": True},
+              {"type": "route", "turn": 2, "text": "what time do you open", "hit": True,
+               "action": "answer", "intent": "opening_hours", "score": 0.9},
+              {"type": "response", "turn": 2, "source": "cache", "text": "We open at nine."},
+              {"type": "turn_metrics", "turn": 2, "input": "text", "source": "cache"}]
+    spoken_ended = asyncio.Event()  # the client has read the spoken turn's end
+
+    async def ends_the_spoken_turn_first(ws: Any) -> None:
+        async for message in ws:
+            if json.loads(message)["type"] == "start":
+                await ws.send(json.dumps(READY))
+                continue
+            for event in spoken:
+                await ws.send(json.dumps(event))
+            await spoken_ended.wait()
+            for event in answer:
+                await ws.send(json.dumps(event))
+
+    def read(event: dict[str, Any]) -> None:
+        if event["type"] == "turn_metrics" and event["turn"] == 1:
+            spoken_ended.set()
+
+    async with scripted_gateway(ends_the_spoken_turn_first) as url:
+        async with Caller(url, on_event=read) as caller:
+            turn = await asyncio.wait_for(caller.say_text("what time do you open",
+                                                          timeout=30), 10)
+    assert turn.number == 2, turn.events
+    assert turn.first("response") is not None
+    assert turn.first("response")["text"] == "We open at nine."
+    assert turn.metrics is not None and turn.metrics["input"] == "text"
+
+
+def test_a_results_metrics_are_its_own_turns():
+    """Review (stop 69): ``TurnResult.metrics`` gave the first non-empty `turn_metrics` in
+    the result, not its own turn's: a ``say`` whose words were cut off at a pause and
+    continued in turn 2 reported turn 1's metrics (its reply cut, ``interrupted``) for
+    turn 2's answer, a ``say_text`` those of the spoken turn its text superseded."""
+    from gateway.client import TurnResult
+
+    events = [{"type": "interrupt", "turn": 1, "cause": "speech"},
+              {"type": "turn_metrics", "turn": 1, "interrupted": True},
+              {"type": "turn_metrics", "turn": 2, "interrupted": False, "continues": True}]
+    assert TurnResult(number=2, events=events).metrics == events[2]
+    assert TurnResult(number=0, events=events[:2]).metrics is None
