@@ -317,7 +317,7 @@ def _seed(args: argparse.Namespace) -> int:
 
     from cache_seed import SeedError, SeedValidationError, read_seed_csv
     from intents.negatives import NegativesError, read_negatives_csv
-    from intents.store import PublishUnconfirmed, StoreError
+    from intents.store import ANY_VERSION, PublishUnconfirmed, StoreConflict, StoreError
 
     from .providers.registry import create_tts
     from .runtime import build_embedder, load_failure
@@ -358,14 +358,26 @@ def _seed(args: argparse.Namespace) -> int:
                 before = store.current_version()
             except StoreError:  # the seed says so itself, after validating the CSV
                 pass
+            # Published only over the version current now, as an upload through the admin
+            # API is: an entry edited there (or another seed) while this one renders and
+            # calibrates, minutes for a large seed, is not undone unsaid. A pointer that
+            # cannot be read is replaced (a whole seed is what repairs it).
             report = seed_with_voice(args.csv, store, tts, embedder,
                                      target_wrong_rate=args.target_wrong_rate,
                                      progress=not args.quiet, negatives=negatives,
                                      max_new_answers=settings.seed_max_new_answers,
-                                     jobs=usable_cpus(), plan=plan)
+                                     jobs=usable_cpus(), plan=plan,
+                                     replaces=ANY_VERSION if before is _UNREAD else before)
         except KeyboardInterrupt:  # Ctrl-C: the store cleaned up; say which version serves
             print(f"voicegate seed: {_interrupted_seed(store, before)}", file=sys.stderr)
             return 130
+        except StoreConflict as exc:  # the newer version serves, not "the previous" one
+            print(f"voicegate seed: {exc}: published while this seed ran (an entry edit, a "
+                  "promotion or an upload through the admin API, or another seed), and a seed "
+                  "replaces only the version current when it began; nothing was published "
+                  "(the answers rendered are kept for the next seed): look at what serves "
+                  "(GET /admin/entries) and seed again", file=sys.stderr)
+            return 1
         except (SeedValidationError, PublishUnconfirmed) as exc:  # each says what holds
             print(f"voicegate seed: {exc}", file=sys.stderr)
             return 1

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cache_seed import (NewAnswerLimit, ProgressCallback, SeedPlan, SeedReport, seed,
+from cache_seed import (NewAnswerLimit, ProgressCallback, SeedPlan, SeedReport, read_seed_csv,
                         seed_plan)
 from intents.embedder import Embedder
 from intents.store import ANY_VERSION, AnyVersion, Store
@@ -67,20 +67,20 @@ def seed_with_voice(csv_path: str | Path, store: Store, tts: TextToSpeech, embed
                     target_wrong_rate: float = DEFAULT_TARGET_WRONG_RATE, progress: bool = True,
                     negatives: Sequence[str] = (),
                     max_new_answers: int | None = None, jobs: int = 1,
-                    plan: SeedPlan | None = None) -> SeedReport:
+                    plan: SeedPlan | None = None,
+                    replaces: str | None | AnyVersion = ANY_VERSION) -> SeedReport:
     """Seed ``csv_path``; ``plan``: its rows as already read and validated (the CLI reads
     them before the voice loads), so the file is read once: a pipe (``<(curl ...)``,
-    /dev/stdin) read again is empty."""
+    /dev/stdin) read again is empty. ``replaces``: publish only over that version
+    (``Store.publish``; else ``StoreConflict``)."""
+    if plan is None:
+        plan = read_seed_csv(csv_path)
     loop = None if hasattr(tts, "synthesize_all") else asyncio.new_event_loop()
     try:
-        if plan is not None:
-            return seed_plan(plan, store, blocking_renderer(tts, loop), voice_id(tts),
-                             source=Path(csv_path).name, target_wrong_rate=target_wrong_rate,
-                             progress=progress, embedder=embedder, negatives=negatives,
-                             limit=new_answer_limit(max_new_answers), jobs=jobs)
-        return seed(csv_path, store, blocking_renderer(tts, loop), voice_id(tts),
-                    target_wrong_rate=target_wrong_rate, progress=progress, embedder=embedder,
-                    negatives=negatives, limit=new_answer_limit(max_new_answers), jobs=jobs)
+        return seed_plan(plan, store, blocking_renderer(tts, loop), voice_id(tts),
+                         source=Path(csv_path).name, target_wrong_rate=target_wrong_rate,
+                         progress=progress, embedder=embedder, negatives=negatives,
+                         replaces=replaces, limit=new_answer_limit(max_new_answers), jobs=jobs)
     finally:
         if loop is not None:
             loop.close()

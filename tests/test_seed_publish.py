@@ -1195,3 +1195,45 @@ def test_voicegate_seed_reads_a_csv_given_as_a_pipe_once(tmp_path: Path, monkeyp
     manifest = LocalStore(store).read()[1].manifest
     assert [q["text"] for q in manifest["questions"]] == ["When are you open?",
                                                           "Where are you?"]
+
+
+def test_voicegate_seed_does_not_undo_a_version_published_while_it_ran(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    """Review (stop 69): `voicegate seed` published over whatever was current when its
+    calibration ended (Store.publish with any version): an answer corrected through the admin
+    API while the command rendered and calibrated (minutes for a large seed), answered 200,
+    was silently undone, where an upload through the admin API refuses that (409). The
+    command publishes only over the version current when it began: the other version keeps
+    serving, and it says so and exits 1."""
+    import gateway.providers.registry
+    import gateway.runtime
+    from gateway import cli
+
+    store = tmp_path / "store"
+    empty = lambda: CacheBundle({"entries": [], "questions": []},  # noqa: E731
+                                np.zeros((0, 4), np.float32), b"")
+    before = LocalStore(store).publish(empty())
+    edited: list[str] = []
+
+    def synthesize_all(text: str) -> bytes:  # meanwhile, an edit through the admin API
+        if not edited:
+            edited.append(LocalStore(store).publish(empty()))
+        return tone_render(text)[0]
+
+    voice = SimpleNamespace(name="tone", audio_id="tone", sample_rate=8000,
+                            synthesize_all=synthesize_all)
+    monkeypatch.setattr(gateway.providers.registry, "create_tts", lambda s, ex: voice)
+    monkeypatch.setattr(gateway.runtime, "build_embedder", lambda s, **_: shared_embedder())
+    for name in ("VOICEGATE_CONFIG", "VOICEGATE_STORE_DIR", "VOICEGATE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    csv_path = tmp_path / "faq.csv"
+    csv_path.write_text("question,answer\nWhen are you open?,Nine to five.\n"
+                        "Where are you?,On Main Street.\n", encoding="utf-8")
+    status = cli.main(["seed", str(csv_path), "--store", str(store), "--quiet"])
+    err = capsys.readouterr().err
+    assert edited and edited[0] != before
+    assert LocalStore(store).current_version() == edited[0], (
+        f"the version published while the seed ran was replaced (status {status}): {err}")
+    assert status == 1
+    assert f"built on version {before}, and {edited[0]} is now current" in err
+    assert "nothing was published" in err and "seed again" in err
