@@ -185,14 +185,18 @@ def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str
                    cancel: threading.Event | None = None,
                    on_progress: ProgressCallback | None = None
                    ) -> tuple[dict[str, Entry], int, int]:
-    """Render each distinct answer not yet in the store; return entries with audio keys.
+    """Render each distinct answer of an `answer` entry not yet in the store; return entries
+    with audio keys (None for an entry without one, or of another action).
 
     Over ``limit`` nothing renders (``TooManyNewAnswers``); once ``cancel`` is set, nothing
     more does (``SeedCancelled``: what rendered stays in the store for the next seed).
     ``on_progress`` is told the count once it is known and after each answer."""
     tell = on_progress or _ignore_progress
-    keyed = {eid: dataclasses.replace(e, audio_key=audio_key(e.answer, voice_id) if e.answer
-                                      else None)
+    # Only an `answer` entry's answer is ever played (an `llm` or `handoff` one goes to the
+    # agent or a person, whatever its answer cell says): no other is rendered, billed by a
+    # cloud voice and counted against ``limit``, for audio no caller hears.
+    keyed = {eid: dataclasses.replace(e, audio_key=audio_key(e.answer, voice_id)
+                                      if e.answer and e.action is Action.ANSWER else None)
              for eid, e in plan.entries.items()}
     todo: dict[str, str] = {}  # key -> answer text, each distinct answer once
     reused = 0

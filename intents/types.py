@@ -94,7 +94,9 @@ class Entry:
     action: Action
     answer: str | None
     questions: tuple[str, ...]  # the seed's paraphrases
-    audio_key: str | None = None  # content hash of (voice, answer); None without an answer
+    # content hash of (voice, answer); None when no caller hears one (no answer, or an
+    # `llm` or `handoff` entry)
+    audio_key: str | None = None
 
 
 @dataclass(frozen=True)

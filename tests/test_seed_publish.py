@@ -162,6 +162,29 @@ def test_a_seed_over_the_new_answer_limit_is_refused_before_any_rendering(
     assert (report.rendered, report.reused, len(again.texts)) == (2, len(answers) - 2, 2)
 
 
+def test_an_agent_or_handoff_intents_answer_is_never_rendered(tmp_path: Path) -> None:
+    """Review (stop 69): an `llm` or `handoff` intent is never answered from the cache (the
+    agent or a person answers), yet an answer written on its rows (a help centre's export
+    keeps every answer; the operator marks the personal ones `llm`) was rendered by the
+    voice, billed by a cloud one, counted against the new-answer limit and loaded by every
+    replica, for audio no caller hears. Only `answer` entries' answers are rendered; the
+    others keep their answer text and have no audio."""
+    from cache_seed import render_answers
+
+    plan = parse_seed_csv(b"question,answer,intent,action\n"
+                          b"When are you open?,Nine to five.,hours,\n"
+                          b"What's my balance?,Your balance is in the app.,balance,llm\n"
+                          b"I want a person,Transferring you now.,person,handoff\n")
+    render = CountingRender()
+    entries, rendered, reused = render_answers(plan, LocalStore(tmp_path / "store"), render,
+                                               "voice-a", progress=False,
+                                               limit=NewAnswerLimit(1, "THE_LIMIT"))
+    assert render.texts == ["Nine to five."] and (rendered, reused) == (1, 0)
+    assert entries["hours"].audio_key == audio_key("Nine to five.", "voice-a")
+    assert (entries["balance"].audio_key, entries["person"].audio_key) == (None, None)
+    assert entries["balance"].answer == "Your balance is in the app."
+
+
 def test_a_cancelled_seed_stops_at_the_next_answer_and_publishes_nothing(
         tmp_path: Path, intent_embedder: Embedder) -> None:  # noqa: F811
     store = LocalStore(tmp_path / "store")
