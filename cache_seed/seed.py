@@ -199,16 +199,17 @@ def render_answers(plan: SeedPlan, store: Store, render: Renderer, voice_id: str
                                       if e.answer and e.action is Action.ANSWER else None)
              for eid, e in plan.entries.items()}
     todo: dict[str, str] = {}  # key -> answer text, each distinct answer once
-    reused = 0
+    claimed: set[str] = set()  # keys reused, each distinct answer once too
     for entry in keyed.values():
-        if entry.audio_key is None or entry.audio_key in todo:
+        if entry.audio_key is None or entry.audio_key in todo or entry.audio_key in claimed:
             continue
         # Claimed, not just found: the clean-up after another publish spares audio a seed
         # is about to use, though no version names it until this one is published.
         if store.claim_audio(entry.audio_key):
-            reused += 1
+            claimed.add(entry.audio_key)
         else:
             todo[entry.audio_key] = entry.answer or ""
+    reused = len(claimed)
     if limit is not None and len(todo) > limit.most:
         raise TooManyNewAnswers(len(todo), reused, limit)
     tell(SeedProgress("rendering", 0, len(todo), reused))

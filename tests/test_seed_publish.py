@@ -99,6 +99,37 @@ def test_reseed_renders_only_changed_answers(tmp_path: Path,
     assert len(other_voice.texts) == first.rendered  # audio is keyed by voice too
 
 
+def test_an_answer_two_intents_share_is_counted_once_rendered_or_reused(tmp_path: Path) -> None:
+    """Review (stop 69): each distinct answer renders once, and `rendered` counts it once, but
+    `reused` counted it once per intent holding it: a re-seed of a FAQ whose intents share
+    an answer ("Please call us on 0800 ...") reported more answers reused than the first
+    seed rendered, and the new-answer limit's refusal said so ("... more are already in the
+    store"). Reused answers are counted as rendered ones are: each distinct answer once."""
+    from cache_seed import render_answers
+
+    plan = parse_seed_csv(b"question,answer,intent,action\n"
+                          b"I lost my card,Please call us on 0800 123.,lost_card,\n"
+                          b"My card was stolen,Please call us on 0800 123.,stolen_card,\n"
+                          b"When are you open?,Nine to five.,hours,\n")
+    store = LocalStore(tmp_path / "store")
+    first = CountingRender()
+    _, rendered, reused = render_answers(plan, store, first, "voice-a", progress=False)
+    assert (rendered, reused, len(first.texts)) == (2, 0, 2)
+    again = CountingRender()
+    _, rendered, reused = render_answers(plan, store, again, "voice-a", progress=False)
+    assert (rendered, reused, again.texts) == (0, 2, [])
+    grown = parse_seed_csv(b"question,answer,intent,action\n"
+                           b"I lost my card,Please call us on 0800 123.,lost_card,\n"
+                           b"My card was stolen,Please call us on 0800 123.,stolen_card,\n"
+                           b"When are you open?,Nine to five.,hours,\n"
+                           b"Where are you?,On Main Street.,where,\n")
+    with pytest.raises(TooManyNewAnswers) as refused:
+        render_answers(grown, store, again, "voice-a", progress=False,
+                       limit=NewAnswerLimit(0, "THE_LIMIT"))
+    assert (refused.value.new, refused.value.reused) == (1, 2)
+    assert "(2 more are already in the store)" in str(refused.value)
+
+
 def test_failed_render_mid_seed_leaves_previous_version_serving(
         tmp_path: Path, intent_embedder: Embedder) -> None:  # noqa: F811
     store = LocalStore(tmp_path / "store")
