@@ -247,6 +247,30 @@ def test_an_intent_name_the_seed_csv_refuses_for_its_whitespace_is_refused_by_th
         assert str(admin_refusal.value) == reason
 
 
+def test_an_entry_posted_with_its_id_and_intent_as_the_listing_gives_them_is_one_entry():
+    """Review (stop 69): GET /admin/entries lists an entry's `id` beside its `intent`; for a
+    name not safe in a URL ("Card lost") the id is a slug and a hash of it. A client posting
+    the entry back with both, as listed, was refused with 400 "'id' and 'intent' name the
+    same entry; give one, or the same value": they did name the same entry. Both as listed
+    are that one entry (its name); an id of another entry beside a name is still refused,
+    naming both."""
+    from gateway.admin.publish import BadEntry, _entry_fields
+
+    listed_id = entry_id_for("Card lost")
+    assert listed_id != "Card lost"
+    body = {"id": listed_id, "intent": "Card lost", "answer": "Call us to block it.",
+            "questions": ["I lost my bank card"]}
+    name, answer, _, questions = _entry_fields(body)
+    assert (name, answer, questions) == ("Card lost", "Call us to block it.",
+                                         ["I lost my bank card"])
+    assert _entry_fields({"id": "opening_hours", "intent": "opening_hours"})[0] == \
+        "opening_hours"
+    with pytest.raises(BadEntry) as refused:
+        _entry_fields({"id": "opening_hours", "intent": "Card lost", "answer": "x"})
+    assert "'opening_hours'" in str(refused.value) and "'Card lost'" in str(refused.value)
+    assert listed_id in str(refused.value)  # what the id of that intent is
+
+
 def test_a_csv_intents_name_survives_the_rows_an_admin_edit_rebuilds():
     # An admin edit of any entry re-validates every row of the serving version: an intent name
     # published from a CSV must come back the same (same entry id, same URL).

@@ -501,9 +501,15 @@ def _entry_fields(body: Mapping[str, Any]) -> tuple[str, Any, Any, Any]:
     # published with.
     entry_id, intent = (unicodedata.normalize("NFC", " ".join(v.split()))
                         if isinstance(v, str) else v for v in (entry_id, intent))
-    if entry_id and intent and entry_id != intent:
-        raise BadEntry("'id' and 'intent' name the same entry; give one, or the same value")
-    name = entry_id or intent or ""
+    # Both given: one entry, as GET /admin/entries lists it, its intent name beside its id,
+    # which for a name not safe in a URL ("Card lost") is a slug and a hash of it
+    # (entry_id_for); only an id that is neither the name nor the name's id is another entry.
+    if entry_id and intent and entry_id not in (intent, entry_id_for(intent)):
+        raise BadEntry(f"'id' {entry_id[:80]!r} and 'intent' {intent[:80]!r} name different "
+                       f"entries (the id of intent {intent[:80]!r} is "
+                       f"{entry_id_for(intent)!r}): give one, or both as GET /admin/entries "
+                       "lists them")
+    name = intent or entry_id or ""
     if not name:
         raise BadEntry("give the entry's 'intent' (or 'id')")
     answer = body["answer"] if "answer" in body else _KEEP
