@@ -1023,3 +1023,38 @@ def test_the_dashboards_own_requests_are_not_refused(tmp_path):
     assert client.get("/admin/?utm_source=mail").status_code == 200
     stats = client.get("/admin/stats").json()
     assert stats["errors"] == {}, stats["errors"]
+
+
+@pytest.mark.parametrize("upload", ["multipart", "raw"])
+def test_an_uploads_name_parameter_is_the_source_it_is_published_under(tmp_path, monkeypatch,
+                                                                        upload):
+    """Review (stop 69): POST /admin/seed?name=faq-2026-11.csv with the CSV as the multipart
+    field `file` recorded the version under the file's own name (faq.csv) and answered as
+    usual: the `name` the operator gave was taken and not read, where every other parameter
+    no route reads is refused (400) for that reason. A given `name` is the source, multipart
+    or raw; without it, the file's name (multipart) or upload.csv (raw)."""
+    from gateway.admin.publish import SeedBusy
+
+    sources: list[str] = []
+
+    async def seed_csv(self, data, source, target_wrong_rate=None):
+        sources.append(source)
+        raise SeedBusy("another seed is running; try again when it has finished")
+
+    monkeypatch.setattr(Publisher, "seed_csv", seed_csv)
+    app = warm_app(tmp_path / "store", ManualClock())
+    client = TestClient(app, headers=AUTH)  # no lifespan: warm_app holds no models
+    csv_text = "question,answer\nWhen are you open?,Nine to five.\nWhere are you?,On Main St.\n"
+
+    def post(query: str):
+        if upload == "multipart":
+            return client.post(f"/admin/seed{query}",
+                               files={"file": ("faq.csv", csv_text, "text/csv")})
+        return client.post(f"/admin/seed{query}", content=csv_text,
+                           headers={"Content-Type": "text/csv"})
+
+    for query in ("?name=faq-2026-11.csv", ""):
+        response = post(query)
+        assert response.status_code == 409, response.text  # the fake's SeedBusy
+    unnamed = "faq.csv" if upload == "multipart" else "upload.csv"
+    assert sources == ["faq-2026-11.csv", unnamed]

@@ -372,12 +372,15 @@ async def seed_upload(request: Request, services: Services) -> Response:
     if media == _FORM and not any(b in body.strip() for b in b"\r\n"):
         return _bad_request(request, _how_to_upload(
             f"and this {_FORM} body has no line breaks (curl -d removes them)"), 415)
-    source = request.query_params.get("name") or "upload.csv"
+    named = request.query_params.get("name")
+    source = named or "upload.csv"
     if media == "multipart/form-data":
         found = await _multipart_file(request)  # parses the body already read above
         if isinstance(found, str):
             return _bad_request(request, found)
-        body, source = found
+        # The file's own name unless the query names it: `?name=` given and not read was
+        # an option taken for nothing, the version recorded under the file's name.
+        body, source = found[0], named or found[1]
     if not body.strip():
         return _bad_request(request, "empty upload: send the CSV (columns question, answer, "
                                      "intent, action)")
