@@ -305,18 +305,26 @@ def test_an_api_that_is_not_ready_is_shown_not_hidden(browser, dashboard_server,
 
 
 # The page's network and timers, held by the test: each fetch answers when the test says so
-# (/admin/stats with window.__stats), and each setTimeout runs when the test ticks (no server,
-# no wall-clock wait).
+# (/admin/stats with window.__stats; "METHOD path" with window.__replies' {status, body} when
+# it has one), and each setTimeout runs when the test ticks (no server, no wall-clock wait).
 HELD_PAGE = """
 window.__fetches = [];
 window.__timers = new Map();
 window.__stats = {};
 window.__misses = {groups: []};
+window.__replies = {};
 let nextTimer = 1;
-window.fetch = (path) => new Promise((resolve) => window.__fetches.push({path, answer: () =>
-  resolve({status: 200, ok: true, json: async () => (
-    String(path).includes("misses") ? window.__misses
-    : String(path).includes("stats") ? window.__stats : {})})}));
+window.fetch = (path, options) => new Promise((resolve) => {
+  const method = (options && options.method) || "GET";
+  window.__fetches.push({path, method, body: options && options.body, answer: () => {
+    const given = window.__replies[method + " " + path];
+    const status = given ? given.status : 200;
+    resolve({status, ok: status >= 200 && status < 300, json: async () => (
+      given ? given.body
+      : String(path).includes("misses") ? window.__misses
+      : String(path).includes("stats") ? window.__stats : {})});
+  }});
+});
 const realSetTimeout = window.setTimeout;  // a task after every answer's promises ran
 window.__settle = (done) => realSetTimeout(done, 0);
 window.setTimeout = (fn) => { window.__timers.set(nextTimer, fn); return nextTimer++; };
@@ -541,6 +549,46 @@ def test_the_seed_under_way_is_shown_and_its_cancel_button_cancels_it(
     finally:
         voice.release.set()
         server.stop()
+
+
+# GET /admin/seed while an upload renders (docs/operations.md, "GET /admin/seed").
+SEED_RUNNING = {"running": True, "kind": "upload", "source": "faq.csv", "phase": "rendering",
+                "rendered": 3, "to_render": 40, "reused": 2, "started_at": 1_795_302_132.418,
+                "elapsed_s": 95.2, "cancelling": False}
+
+
+def show_seed(browser, seed: dict) -> None:
+    """One refresh of a held page (``held_page``) whose GET /admin/seed answers ``seed``."""
+    browser.execute_script("window.__replies['GET /admin/seed'] = {status: 200, body: arguments[0]}",
+                           seed)
+    answer_all_then_tick(browser)
+
+
+@pytest.mark.parametrize("step, offered", [
+    ({"phase": "calibrating", "rendered": 38, "to_render": 38}, True),
+    ({"phase": "publishing", "rendered": 38, "to_render": 38}, False),
+    ({"phase": "publishing", "rendered": 38, "to_render": 38, "version": "v-2f9c"}, False),
+], ids=["calibrating", "writing-its-version", "published-loading"])
+def test_a_seed_past_the_point_of_cancelling_is_offered_no_cancel(browser, step, offered):
+    """Review (stop 69): a seed writing its version (phase ``publishing``: cache_seed checks
+    the cancel before it, never during) completes whatever is asked, and one that has
+    published it (``version``: this replica loading it) is refused by DELETE /admin/seed with
+    409 "already published". The panel still offered "Cancel the seed", whose confirmation
+    promised "publishes nothing", for both: the new version then served all the same."""
+    from selenium.webdriver.common.by import By
+
+    with held_page(browser, TOKEN):
+        show_seed(browser, dict(SEED_RUNNING, **step))
+        assert browser.find_element(By.ID, "seed-status").is_displayed()
+        assert browser.find_element(By.ID, "seed-cancel").is_displayed() is offered, step
+        phase = browser.find_element(By.ID, "seed-phase").text
+        if "version" in step:  # what it is doing now: its version serves once loaded
+            assert "published v-2f9c" in phase, phase
+        elif not offered:  # a cancel asked elsewhere meanwhile does not stop it: said so
+            show_seed(browser, dict(SEED_RUNNING, cancelling=True, **step))
+            assert not browser.find_element(By.ID, "seed-cancel").is_displayed()
+            said = browser.find_element(By.ID, "seed-cancel-result").text
+            assert "too late" in said, said
 
 
 # The page's script in node with a minimal fake DOM (as tests/test_caller_page_logic.py runs
