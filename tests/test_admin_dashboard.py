@@ -491,7 +491,7 @@ def test_the_seed_under_way_is_shown_and_its_cancel_button_cancels_it(
         browser, settings, runtime, dashboard_store, tmp_path, dashboard_server):
     # An operator with a long upload running had no way to see it on the dashboard, nor to
     # stop it there: the page shows its phase and "rendered n of m" while it runs, and its
-    # Cancel button sends DELETE /admin/seed; the panel goes once the seed has ended.
+    # Cancel button sends DELETE /admin/seed; once the seed has ended the panel says how.
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as visible
     from selenium.webdriver.support.ui import WebDriverWait
@@ -544,7 +544,10 @@ def test_the_seed_under_way_is_shown_and_its_cancel_button_cancels_it(
             voice.release.set()  # the answer under way finishes; the next one never starts
             cancelled = seeding.result(timeout=120)
             assert cancelled.status_code == 409 and cancelled.json()["cancelled"] is True
-            wait.until(visible.invisibility_of_element_located((By.ID, "seed-status")))
+            # Ended: the panel says how, and offers nothing to cancel.
+            wait.until(lambda d: panel.get_attribute("data-outcome") == "cancelled")
+            assert not browser.find_element(By.ID, "seed-cancel").is_displayed()
+            assert "cancelled while rendering answers: nothing published" in panel.text
         assert seed_state()["last"]["outcome"] == "cancelled"
     finally:
         voice.release.set()
@@ -589,6 +592,47 @@ def test_a_seed_past_the_point_of_cancelling_is_offered_no_cancel(browser, step,
             assert not browser.find_element(By.ID, "seed-cancel").is_displayed()
             said = browser.find_element(By.ID, "seed-cancel-result").text
             assert "too late" in said, said
+
+
+@pytest.mark.parametrize("last, said", [
+    ({"kind": "upload", "source": "faq.csv", "outcome": "published", "version": "v-7f3a",
+      "error": None, "phase": "publishing", "rendered": 4, "to_render": 4, "reused": 32},
+     ["published", "v-7f3a", "faq.csv"]),
+    ({"kind": "upload", "source": "faq.csv", "outcome": "failed", "version": None,
+      "error": "faq.csv: 2 bad row(s), nothing published:\n  line 3: empty answer\n"
+               "  line 9: <b>markup</b> in the answer",
+      "phase": "validating", "rendered": 0, "to_render": 0, "reused": 0},
+     ["failed", "nothing published", "line 3: empty answer", "<b>markup</b>"]),
+    ({"kind": "promote", "source": "admin: entry boston_branch", "outcome": "cancelled",
+      "version": None, "error": "seed cancelled after rendering 813 of 2,000 new answers; "
+                                "nothing published",
+      "phase": "rendering", "rendered": 813, "to_render": 2000, "reused": 36},
+     ["cancelled", "813 of 2,000", "boston_branch"]),
+], ids=["published", "failed", "cancelled"])
+def test_how_the_last_seed_ended_is_shown(browser, last, said):
+    """Review (stop 69): the seed panel went as soon as a seed ended, and nothing on the page
+    said whether it had published (which version), failed (and why: bad rows, the new-answer
+    limit, the store) or been cancelled: GET /admin/seed's ``last`` was never read, so an
+    operator back at an upload they started saw no trace of it, and a failed one looked
+    like one that had not run. The panel now says how the last seed ended, offering no
+    Cancel; the error, a caller's or an operator's text among it, is shown as text."""
+    from selenium.webdriver.common.by import By
+
+    times = {"started_at": 1_795_302_132.418, "ended_at": 1_795_303_040.951,
+             "elapsed_s": 908.2}
+    with held_page(browser, TOKEN):
+        show_seed(browser, {"running": False, "last": None})  # none since the start: no panel
+        panel = browser.find_element(By.ID, "seed-status")
+        assert not panel.is_displayed()
+        show_seed(browser, {"running": False, "last": dict(last, **times)})
+        assert panel.is_displayed()
+        assert panel.get_attribute("data-outcome") == last["outcome"]
+        assert not browser.find_element(By.ID, "seed-cancel").is_displayed()
+        assert not browser.find_elements(By.CSS_SELECTOR, "#seed-status b")  # text, not markup
+        shown = panel.text
+        for words in said:
+            assert words in shown, (words, shown)
+        assert "15 min 08 s" in shown, shown  # how long it ran
 
 
 # The page's script in node with a minimal fake DOM (as tests/test_caller_page_logic.py runs
