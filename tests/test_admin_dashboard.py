@@ -635,6 +635,57 @@ def test_how_the_last_seed_ended_is_shown(browser, last, said):
         assert "15 min 08 s" in shown, shown  # how long it ran
 
 
+def promote_group(question: str, draft: str | None = None) -> dict:
+    """A group of GET /admin/misses, as the page lists it."""
+    return {"question": question, "count": 3, "examples": [{"text": question, "count": 3}],
+            "distinct": 1, "intents": [{"intent": None, "count": 3}], "last_at": 1.7e9,
+            "calls": 2, "draft_answer": draft, "questions": [question]}
+
+
+# window.prompt answered by the test: each answer in turn (null: Cancel), what it asked kept.
+STUB_PROMPTS = """
+window.__prompts = [];
+window.__promptAnswers = arguments[0];
+window.prompt = (message, value) => {
+  window.__prompts.push([message, value]);
+  return window.__promptAnswers.length ? window.__promptAnswers.shift() : value;
+};"""
+
+
+def test_the_promote_prompt_tells_the_naming_rule_and_the_id_it_got(browser):
+    """Review (stop 69): the promote prompt asked for an id of "letters, digits, _", but the
+    server takes any printable name on one line as the new entry's intent (``Boston
+    branch?``, ``Öffnungszeiten``) and derives its URL-safe id from it
+    (``intents.types.entry_id_for``): the operator was held to a rule that is not the
+    server's, and after publishing told "published as <name>" while the admin API
+    (``/admin/entries/{id}``) addresses the entry by an id the page never showed."""
+    from selenium.webdriver.common.by import By
+
+    from intents.types import entry_id_for
+
+    name = "Boston branch?"
+    question = "do you have a branch in Boston"
+    with held_page(browser, TOKEN):
+        browser.execute_script("window.__misses = arguments[0]",
+                               {"groups": [promote_group(question, "Yes, on Main Street.")]})
+        answer_all_then_tick(browser)
+        browser.execute_script(STUB_PROMPTS, [name])
+        browser.find_element(By.CSS_SELECTOR, "#top-misses button.promote").click()
+        sent = browser.execute_script(
+            "return window.__fetches.filter((f) => f.method === 'POST').map((f) => f.body)")
+        assert [json.loads(b)["intent"] for b in sent] == [name]
+        browser.execute_script(
+            "window.__replies['POST /admin/misses/promote'] = {status: 201, body: arguments[0]}",
+            {"version": "v-9", "created": True,
+             "entry": {"id": entry_id_for(name), "intent": name, "action": "answer"}})
+        answer_all_then_tick(browser)
+        asked = browser.execute_script("return window.__prompts[0][0]")
+        status = browser.find_element(By.ID, "promote-result").text
+    assert "letters, digits, _)" not in asked and "any text" in asked, asked
+    assert entry_id_for(name) != name and entry_id_for(name) in status, status
+    assert name in status and "v-9" in status, status
+
+
 # The page's script in node with a minimal fake DOM (as tests/test_caller_page_logic.py runs
 # caller.js): deterministic, no browser needed. fetch answers /admin/stats with STATS and
 # the misses with MISSES; timers never run. Prints what the test asks for, as JSON.

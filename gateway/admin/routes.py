@@ -492,7 +492,7 @@ def _promotion(body: Any) -> tuple[str, str, str | None, float, bool]:
     """(question, new entry id, answer or None for the draft, threshold, all) or BadEntry."""
     if not isinstance(body, dict):
         raise BadEntry("the body must be a JSON object: {\"question\": <a group's question>, "
-                       "\"intent\": <the new entry's id>, \"answer\": <optional>}")
+                       "\"intent\": <the new entry's name>, \"answer\": <optional>}")
     unknown = sorted(set(body) - _PROMOTE_FIELDS)
     if unknown:
         raise BadEntry(f"unknown field(s): {', '.join(unknown)} "
@@ -502,7 +502,8 @@ def _promotion(body: Any) -> tuple[str, str, str | None, float, bool]:
         raise BadEntry("'question' must name the group: one of its questions, as listed by "
                        "GET /admin/misses")
     if not isinstance(intent, str) or not intent.strip():
-        raise BadEntry("'intent' must be the new entry's id, a non-empty string")
+        raise BadEntry("'intent' must be the new entry's name (its intent), a non-empty "
+                       "string")
     if answer is not None and (not isinstance(answer, str) or not answer.strip()):
         raise BadEntry("'answer' must be a non-empty string, or left out for the agent's "
                        "most recent answer")
