@@ -642,13 +642,15 @@ def promote_group(question: str, draft: str | None = None) -> dict:
             "calls": 2, "draft_answer": draft, "questions": [question]}
 
 
-# window.prompt answered by the test: each answer in turn (null: Cancel), what it asked kept.
+# window.prompt answered by the test: each answer in turn (null, or none left: OK on the
+# text it offered), what it asked kept.
 STUB_PROMPTS = """
 window.__prompts = [];
 window.__promptAnswers = arguments[0];
 window.prompt = (message, value) => {
   window.__prompts.push([message, value]);
-  return window.__promptAnswers.length ? window.__promptAnswers.shift() : value;
+  const given = window.__promptAnswers.shift();
+  return given === undefined || given === null ? value : given;
 };"""
 
 
@@ -684,6 +686,50 @@ def test_the_promote_prompt_tells_the_naming_rule_and_the_id_it_got(browser):
     assert "letters, digits, _)" not in asked and "any text" in asked, asked
     assert entry_id_for(name) != name and entry_id_for(name) in status, status
     assert name in status and "v-9" in status, status
+
+
+def test_a_promotion_under_way_cannot_be_sent_again_nor_beside_another(browser):
+    """Review (stop 69): the "Make it an FAQ entry" buttons stayed live while a promotion
+    was under way (a seed: seconds to minutes), in the list as every refresh redrew it. A
+    second click, on another group or the same, sent a second promotion, which the server
+    refuses (409: one seed at a time); its refusal was then overwritten in the one status
+    line by the first's "published as ...", and the operator took both groups for
+    promoted. Every button is off until the answer comes (a refusal's too), then on again."""
+    from selenium.webdriver.common.by import By
+
+    groups = [promote_group("do you have a branch in Boston", "Yes, on Main Street."),
+              promote_group("can I pay in coins", "Yes, up to 20 pounds a day.")]
+
+    def buttons():
+        return browser.find_elements(By.CSS_SELECTOR, "#top-misses button.promote")
+
+    def posts() -> int:
+        return browser.execute_script(
+            "return window.__fetches.filter((f) => f.method === 'POST').length")
+
+    with held_page(browser, TOKEN):
+        browser.execute_script("window.__misses = arguments[0]", {"groups": groups})
+        answer_all_then_tick(browser)
+        browser.execute_script(STUB_PROMPTS, ["boston_branch", None, "coins", None])
+        buttons()[0].click()
+        assert posts() == 1
+        # A refresh while it runs redraws the list: its buttons are off too.
+        browser.execute_async_script("""
+            const done = arguments[0];
+            const gets = window.__fetches.filter((f) => f.method === "GET");
+            window.__fetches = window.__fetches.filter((f) => f.method !== "GET");
+            gets.forEach((f) => f.answer());
+            window.__settle(done);""")
+        assert len(buttons()) == 2 and not any(b.is_enabled() for b in buttons())
+        for button in buttons():
+            button.click()
+        assert posts() == 1, "a second promotion was sent while the first ran"
+        browser.execute_script(
+            "window.__replies['POST /admin/misses/promote'] = {status: 409, body: "
+            "{error: 'another seed is running; try again when it has finished'}}")
+        answer_all_then_tick(browser)  # the first is refused: the operator may try again
+        assert buttons() and all(b.is_enabled() for b in buttons())
+        assert "409" in browser.find_element(By.ID, "promote-result").text
 
 
 # The page's script in node with a minimal fake DOM (as tests/test_caller_page_logic.py runs
