@@ -315,6 +315,7 @@ window.__misses = {groups: []};
 window.__replies = {};
 let nextTimer = 1;
 window.fetch = (path, options) => new Promise((resolve) => {
+  new Headers((options && options.headers) || {});  // throws as fetch does: a header it cannot send
   const method = (options && options.method) || "GET";
   window.__fetches.push({path, method, body: options && options.body, answer: () => {
     const given = window.__replies[method + " " + path];
@@ -730,6 +731,35 @@ def test_a_promotion_under_way_cannot_be_sent_again_nor_beside_another(browser):
         answer_all_then_tick(browser)  # the first is refused: the operator may try again
         assert buttons() and all(b.is_enabled() for b in buttons())
         assert "409" in browser.find_element(By.ID, "promote-result").text
+
+
+@pytest.mark.parametrize("typed", ["ключ-0f3c", "admin\u2011token"], ids=["cyrillic", "nb-hyphen"])
+def test_a_token_a_browser_cannot_send_is_refused_at_the_form(browser, typed):
+    """Review (stop 69): a header holds Latin-1 only, so fetch throws on a token with any
+    other character (``ключ``, a non-breaking hyphen pasted from a document) before sending
+    anything. The page took that for an unreachable gateway: it showed an empty dashboard
+    with "Failed to execute 'fetch' on 'Window': ... non ISO-8859-1 code point", kept the
+    token and retried it every 3 s for good, never asking for it again. The form refuses
+    it, saying why (docs/operations.md, Authentication), and keeps nothing."""
+    from selenium.webdriver.common.by import By
+
+    with held_page(browser):
+        browser.find_element(By.ID, "token-input").send_keys(typed)
+        browser.find_element(By.ID, "token-submit").click()
+        answer_all_then_tick(browser)
+        assert browser.find_element(By.ID, "token-input").is_displayed()
+        assert not browser.find_element(By.ID, "dashboard").is_displayed()
+        said = browser.find_element(By.ID, "auth-error").text
+        assert "cannot send" in said and "Latin-1" in said, said
+        assert browser.execute_script(
+            "return sessionStorage.getItem('voicegate.adminToken')") is None
+        assert browser.execute_script("return window.__fetches.length") == 0
+        # A Latin-1 one is sent (the server reads it: docs/operations.md, Authentication).
+        browser.find_element(By.ID, "token-input").send_keys("Schlüssel-0f3c")
+        browser.find_element(By.ID, "token-submit").click()
+        assert browser.execute_script("return window.__fetches.length") == 3
+        assert browser.execute_script(
+            "return sessionStorage.getItem('voicegate.adminToken')") == "Schlüssel-0f3c"
 
 
 # The page's script in node with a minimal fake DOM (as tests/test_caller_page_logic.py runs
