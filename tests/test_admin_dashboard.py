@@ -314,8 +314,10 @@ window.__stats = {};
 window.__misses = {groups: []};
 window.__replies = {};
 let nextTimer = 1;
-window.fetch = (path, options) => new Promise((resolve) => {
+window.fetch = (path, options) => new Promise((resolve, reject) => {
   new Headers((options && options.headers) || {});  // throws as fetch does: a header it cannot send
+  const signal = options && options.signal;  // an abort rejects it, as fetch's does
+  if (signal) signal.addEventListener("abort", () => reject(signal.reason));
   const method = (options && options.method) || "GET";
   window.__fetches.push({path, method, body: options && options.body, answer: () => {
     const given = window.__replies[method + " " + path];
@@ -762,6 +764,31 @@ def test_a_token_a_browser_cannot_send_is_refused_at_the_form(browser, typed):
             "return sessionStorage.getItem('voicegate.adminToken')") == "Schlüssel-0f3c"
 
 
+def test_a_refresh_the_gateway_never_answers_is_said_and_retried(browser):
+    """Review (stop 69): a refresh waited for its three answers without a limit (fetch has
+    none). A gateway that took the request and never answered (its host gone without a
+    reset, a stuck proxy, a replica whose loop is blocked) left the refresh waiting for good:
+    no error, no next refresh, the figures of minutes or hours ago shown as if current
+    ("updated" the only trace). A refresh not answered within 30 s (ANSWER_WITHIN_MS) is given up,
+    said on the dashboard, and the next one goes out as after any failure."""
+    from selenium.webdriver.common.by import By
+
+    polled = ["/admin/misses?limit=10", "/admin/seed", "/admin/stats"]
+    tick = """
+        const done = arguments[0];
+        const due = [...window.__timers.values()];
+        window.__timers.clear();
+        due.forEach((fn) => fn());
+        window.__settle(() => done(window.__fetches.map((f) => f.path)));"""
+    with held_page(browser, TOKEN):
+        assert sorted(answer_all_then_tick(browser)) == polled  # a first answer: figures
+        browser.execute_async_script(tick)  # the second refresh is never answered ...
+        box = browser.find_element(By.ID, "load-error")
+        assert box.is_displayed(), "a refresh never answered is not said"
+        assert "no answer within" in box.text, box.text
+        assert sorted(browser.execute_async_script(tick)) == sorted(polled * 2)  # it goes on
+
+
 # The page's script in node with a minimal fake DOM (as tests/test_caller_page_logic.py runs
 # caller.js): deterministic, no browser needed. fetch answers /admin/stats with STATS and
 # the misses with MISSES; timers never run. Prints what the test asks for, as JSON.
@@ -800,7 +827,7 @@ const store = {"voicegate.adminToken": "t"};
 const answers = {stats: JSON.parse(process.env.STATS), misses: JSON.parse(process.env.MISSES)};
 const ctx = vm.createContext({
   document, console, JSON, Math, Number, String, Object, Array, Boolean, Date, Promise, Map,
-  Set, Error,
+  Set, Error, AbortController,
   sessionStorage: {getItem: (k) => store[k] || null, setItem: (k, v) => { store[k] = v; },
                    removeItem: (k) => { delete store[k]; }},
   fetch: async (path) => ({status: 200, ok: true, json: async () => (
