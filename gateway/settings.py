@@ -106,6 +106,11 @@ MASK = "***"
 # quiet between them (tests/test_piper_voice.py measures the phrases against it).
 HOLD_AFTER_MIN_MS = 3000
 
+# Once the caller's speech is under way, a VAD window counts as voiced down to this much
+# below vad_threshold (gateway/vad.py, SpeechSegmenter): a threshold at or below it would
+# make every window voiced, silence included, and no turn would ever end.
+VAD_HYSTERESIS = 0.15
+
 # Bounds shared by many fields: nothing that sizes, times or counts may be zero or negative
 # unless 0 has a documented meaning (then NonNeg). A poll interval of 0 would spin.
 # Chosen at stop 69 (docs/operations.md, "Capacity"): at 500 speaking callers on one
@@ -647,6 +652,18 @@ class Settings(BaseModel):
         if value and not _ACCOUNT_SID.fullmatch(value):
             raise ValueError("must be empty or a Twilio account SID: AC and 32 hex digits "
                              "(the Account SID on the Twilio console's dashboard)")
+        return value
+
+    @field_validator("vad_threshold")
+    @classmethod
+    def _vad_threshold(cls, value: float) -> float:
+        # Once speech runs, a window is voiced down to VAD_HYSTERESIS below the threshold:
+        # at or below it, every window (silence scores 0.0 and up) is, and no turn ends.
+        if value <= VAD_HYSTERESIS:
+            raise ValueError(f"must be above {VAD_HYSTERESIS:g}: once speech runs a window "
+                             f"counts as voiced down to {VAD_HYSTERESIS:g} below the "
+                             "threshold, so every window, silence included, would be voiced "
+                             "and no turn would ever end")
         return value
 
     @field_validator("twilio_media_timeout_s")

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime
 
 from .executors import run_in
+from .settings import VAD_HYSTERESIS
 
 SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 512  # 32 ms: the window size Silero v5+ is trained on at 16 kHz
@@ -31,6 +32,9 @@ QUIET_SETTLE_WINDOWS = 4
 # ... and only while the model's latest word on this call was silence (a soft word ending
 # can stay voiced for the model below the energy floor; it keeps the model until it is not).
 SETTLED_PROBABILITY = 0.2
+# Once voiced (a candidate or speech under way), a window stays voiced down to this much
+# below the threshold; the settings refuse a threshold at or below it.
+HYSTERESIS = VAD_HYSTERESIS
 
 
 def silero_model_path() -> Path:
@@ -322,8 +326,8 @@ class SpeechSegmenter:
                 and self._onset_deferrals < self.max_onset_deferrals)
 
     def push(self, prob: float) -> list[SegmentEvent]:
-        # Hysteresis: once voiced, a window stays voiced down to threshold - 0.15.
-        voiced = prob >= (self.threshold - 0.15 if (self._in_candidate or self._in_speech)
+        # Hysteresis: once voiced, a window stays voiced down to threshold - HYSTERESIS.
+        voiced = prob >= (self.threshold - HYSTERESIS if (self._in_candidate or self._in_speech)
                           and not self._paused else self.threshold)
         events: list[SegmentEvent] = []
         needed = self.min_speech_ms_override or self.min_speech_ms

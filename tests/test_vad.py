@@ -2,11 +2,13 @@ import asyncio
 import math
 
 import numpy as np
+import pytest
 
 from gateway.call.turns import (UNSCORED_TURN_END_MS, SpeechResumed, SpeechStarted, TurnDetector,
                                 TurnEnded, TurnSettings)
 from gateway.clock import ManualClock
 from gateway.providers.base import Transcript
+from gateway.settings import Settings, SettingsError
 from gateway.vad import WINDOW_BYTES, WINDOW_MS, SegmentEvent, SileroState, SpeechSegmenter
 
 
@@ -563,3 +565,18 @@ async def test_a_vad_that_stays_failed_mid_utterance_still_ends_the_turn():
     # Still failed: no new turn starts (its audio goes to the pre-roll, as before).
     for _ in range(100):
         assert await d.push(None) == []
+
+
+def test_a_vad_threshold_at_or_below_the_hysteresis_is_refused():
+    """Review (stop 69): VOICEGATE_VAD_THRESHOLD was accepted anywhere in (0, 1), but once
+    speech runs a window counts as voiced down to 0.15 below the threshold: at 0.15 or less
+    that is 0.0 or less, every window is voiced (a quiet window the batcher skips scores
+    exactly 0.0), no pause nor turn end ever comes, and the caller is never answered. Such a
+    threshold is now refused at load, naming the field."""
+    stuck = SpeechSegmenter(threshold=0.15, min_speech_ms=120, end_silence_ms=300)
+    events = run(stuck, [0.9] * windows(320) + [0.0] * windows(3000))
+    assert SegmentEvent.SPEECH_START in events and SegmentEvent.TURN_END not in events
+    for threshold in (0.15, 0.1):
+        with pytest.raises(SettingsError, match="vad_threshold"):
+            Settings.load({"vad_threshold": threshold}, environ={})
+    assert Settings.load({"vad_threshold": 0.2}, environ={}).vad_threshold == 0.2
