@@ -59,6 +59,26 @@ def test_the_nearest_open_endings_stay_incomplete(text):
     assert lexically_incomplete(text)
 
 
+@pytest.mark.parametrize("text", ["my card number is forty one twenty",
+                                  "my pin is nineteen", "my account number is four hundred",
+                                  "My sort code is twenty, thirty", "my reference is fifteen"])
+def test_a_number_read_out_in_tens_and_teens_is_incomplete(text):
+    """Review (stop 69): a group of a number read out as words ended the turn's words only
+    when it ended on a digit word ("my pin is nine": unfinished), never on a teen, a ten,
+    "hundred" or "thousand" ("my pin is nineteen", "my card number is forty one twenty":
+    finished), so a caller reading their number in pairs ("forty one, twenty seven") got
+    the default silence, or a cached question's short one, at the pause after "twenty"
+    instead of the long one, and was cut off mid-number. Number words are now read as the
+    digits are."""
+    assert lexically_incomplete(text)
+
+
+@pytest.mark.parametrize("text", ["I was born in nineteen", "can I withdraw a hundred",
+                                  "I am twenty", "is the limit a thousand"])
+def test_a_number_word_with_no_number_being_read_out_is_no_continuation(text):
+    assert not lexically_incomplete(text)
+
+
 def test_a_cached_question_ending_on_a_closed_wh_clause_ends_on_the_short_silence():
     p = policy(transcript="I don't know what my password is.", cache_hit=True,
                words_finished=True)

@@ -44,8 +44,14 @@ um uh er erm hmm uhm
 i i'm i'd i've it's
 """.split())
 _WORD = re.compile(r"[a-z0-9']+")
-# Digits read out in groups ("my card number is 4127 ... 8831"): a group is no end.
-_DIGIT_WORDS = frozenset("zero oh one two three four five six seven eight nine".split())
+# Digits read out in groups ("my card number is 4127 ... 8831"): a group is no end. Read
+# as words, a group ends on a digit, a teen, a ten or a multiplier as often ("forty one,
+# twenty seven", "nineteen ... eighty four", "four hundred ... and twelve").
+_DIGIT_WORDS = frozenset("""
+zero oh one two three four five six seven eight nine
+ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen
+twenty thirty forty fifty sixty seventy eighty ninety hundred thousand
+""".split())
 _NUMBER_NOUNS = frozenset("""
 number code pin digits iban account card phone sort passcode postcode zip reference
 """.split())
