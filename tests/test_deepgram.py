@@ -1165,3 +1165,21 @@ async def test_an_utterance_end_with_an_interim_pending_does_not_make_the_interi
     await stream.aclose()
     await recognizer.aclose()
     assert final == Transcript("what are your opening hours on sunday", final=True)
+
+
+async def test_a_recogniser_that_takes_another_rate_than_the_calls_16_khz_is_refused():
+    """Review (stop 69): a call feeds its recogniser the VAD's 16 kHz windows whatever the
+    recogniser's ``sample_rate`` says (STTStream: audio "at SpeechToText.sample_rate"), so
+    a DeepgramSTT built with ``sample_rate=8000`` (a phone line's rate) was sent 16 kHz audio
+    declared as 8 kHz: Deepgram heard every caller slowed down an octave low, and the turns
+    came back garbled or empty, with no error anywhere. Such a recogniser is now refused
+    where a call's dependencies are put together, naming the rate."""
+    harness = CallHarness()
+    recognizer = DeepgramSTT("test-key", sample_rate=8000)
+    try:
+        with pytest.raises(ValueError, match="16000 Hz.*8000 Hz"):
+            dataclasses.replace(harness.deps, stt=recognizer)
+        assert dataclasses.replace(harness.deps, stt=DeepgramSTT("test-key")).stt.sample_rate \
+            == RATE
+    finally:
+        await recognizer.aclose()

@@ -136,6 +136,16 @@ class CallDeps:
     # version that made it serves (``Speculation``); None: always.
     cache_version: Callable[[], str | None] | None = None
 
+    def __post_init__(self) -> None:
+        # The call feeds its recogniser the VAD's windows, 16 kHz whatever the line's rate;
+        # one declared at another rate (DeepgramSTT(sample_rate=8000)) would be sent audio
+        # it hears slowed down or sped up, and return garbled words without an error.
+        rate = getattr(self.stt, "sample_rate", VAD_RATE)
+        if rate != VAD_RATE:
+            raise ValueError(f"the recogniser ({getattr(self.stt, 'name', self.stt)!s}) must "
+                             f"take {VAD_RATE} Hz audio, what a call sends it (the VAD's "
+                             f"windows, whatever the line's rate), not {rate} Hz")
+
 
 def end_of_turn_settings(settings: Settings) -> EndOfTurnSettings:
     return EndOfTurnSettings(silence_ms=settings.end_of_turn_silence_ms,

@@ -117,7 +117,9 @@ class Transcript:
 class STTStream(Protocol):
     """One caller's streaming recognition session.
 
-    Audio is 16-bit little-endian mono PCM at ``SpeechToText.sample_rate``.
+    Audio is 16-bit little-endian mono PCM at ``SpeechToText.sample_rate``. A call sends
+    its recogniser the VAD's 16 kHz windows, whatever the line's rate: ``CallDeps``
+    refuses a recogniser declared at another rate.
     """
 
     async def send_audio(self, pcm16: bytes) -> None:
