@@ -1183,3 +1183,23 @@ async def test_a_recogniser_that_takes_another_rate_than_the_calls_16_khz_is_ref
             == RATE
     finally:
         await recognizer.aclose()
+
+
+async def test_an_utterance_reset_after_its_socket_dropped_does_not_fail_the_next_one():
+    """Review (stop 69): ``reset()`` drops the utterance under way without a final, but kept
+    the record that its audio went down with a failed socket: the next utterance, recognised
+    whole on the new socket, failed at its ``finalize()`` for the dropped one's loss (its
+    turn apologised). The record now goes with the utterance it was about."""
+    dropping = DroppingDeepgram()
+    with ServerThread(dropping.app) as server:
+        recognizer = stt(server, reconnect_s=0.05)
+        stream = recognizer.open_stream()
+        for _ in range(3):  # a noise, not speech after all: the socket drops meanwhile
+            await stream.send_audio(VOICE)
+        assert await until(lambda: dropping.connections == 2 and stream.connected)
+        await stream.reset()
+        await send(stream, VOICE, 12)  # the caller's question, on the new socket
+        final = await asyncio.gather(stream.finalize(), return_exceptions=True)
+        await stream.aclose()
+        await recognizer.aclose()
+    assert final == [Transcript("what are your opening hours", final=True)]

@@ -331,6 +331,9 @@ class DeepgramStream:
 
     def _start_utterance(self) -> None:
         self._drop_early()
+        # A loss is the utterance's it happened to (finalize raises it; reset drops it with
+        # its utterance): kept, it would fail the next one, recognised whole.
+        self._lost = None
         self._committed = []
         self._interim = ""
         self._last_partial = ""
