@@ -111,12 +111,13 @@ HOLD_AFTER_MIN_MS = 3000
 # make every window voiced, silence included, and no turn would ever end.
 VAD_HYSTERESIS = 0.15
 
-# Bounds shared by many fields: nothing that sizes, times or counts may be zero or negative
-# unless 0 has a documented meaning (then NonNeg). A poll interval of 0 would spin.
-# Chosen at stop 69 (docs/operations.md, "Capacity"): at 500 speaking callers on one
-# 2-core replica the calls admitted kept 0.26% of frames late, none refused at 200.
+# overload_loop_busy's default, chosen at stop 69 (docs/operations.md, "Capacity"): at 500
+# speaking callers on one 2-core replica the calls admitted kept 0.26% of frames late, none
+# refused at 200. A module constant: tests/conftest.py sets 0 (off) for the test servers.
 DEFAULT_OVERLOAD_LOOP_BUSY = 0.8
 
+# Bounds shared by many fields: nothing that sizes, times or counts may be zero or negative
+# unless 0 has a documented meaning (then NonNeg). A poll interval of 0 would spin.
 Pos = Annotated[int, Field(gt=0)]
 PosF = Annotated[float, Field(gt=0.0)]
 NonNeg = Annotated[int, Field(ge=0)]
