@@ -296,7 +296,7 @@ class WordEmbedder:
 
     vocabulary = ["boston", "branch", "mortgage", "loan", "car", "insurance"]
 
-    def encode_batch(self, texts, **_):
+    def encode_many(self, texts, **_):
         out = np.zeros((len(texts), len(self.vocabulary)), dtype=np.float32)
         for i, text in enumerate(texts):
             for j, word in enumerate(self.vocabulary):
@@ -323,6 +323,31 @@ def test_misses_group_by_meaning_most_frequent_first():
     assert groups[2]["question"] == "car insurance"
     assert group_misses([], WordEmbedder()) == []
     assert len(group_misses(questions, WordEmbedder(), limit=1)) == 1
+
+
+def test_the_dashboards_refresh_embeds_no_missed_question_again(runtime, monkeypatch):
+    """Review (stop 69): GET /admin/misses, which the dashboard asks every 3 s, embedded
+    every distinct missed question again past the router's cache (up to 2,000: ~5 s of
+    forward passes a refresh on this machine, a core taken from the calls), and scored each
+    against every group one by one in Python (~2 s more, holding the GIL). A question
+    routed (or grouped) before is read from the cache now, and the groups are the same."""
+    embedder = runtime.embedder
+    encoded: list[str] = []
+    original = embedder._encode
+
+    def counting(texts, **kwargs):
+        encoded.extend(texts)
+        return original(texts, **kwargs)
+
+    monkeypatch.setattr(embedder, "_encode", counting)
+    questions = [missed(f"can I open a {kind} account {when}") for kind in
+                 ("savings", "joint", "student", "business") for when in ("today", "online")]
+    questions += [missed("what is the weather in paris"), missed("weather in paris today")]
+    first = group_misses(questions, embedder, threshold=0.75)
+    encoded.clear()
+    again = group_misses(questions, embedder, threshold=0.75)
+    assert encoded == [] and again == first
+    assert sum(g["count"] for g in first) == len(questions) and 1 < len(first) < len(questions)
 
 
 def test_a_group_holds_every_wordings_key_for_a_promotion_to_forget():
