@@ -693,13 +693,17 @@ class Settings(BaseModel):
                              f"early_final_after_ms ({self.early_final_after_ms}): only the "
                              "pause's silence is read again")
         # An HTTP header value loses its surrounding whitespace, so a token with some could
-        # never be presented: the API or the calls it guards would refuse everyone.
-        for name in ("admin_token", "call_token"):
+        # never be presented: the API or the calls it guards would refuse everyone. Twilio's
+        # auth token has none (32 hex digits): one read with a secret file's trailing newline
+        # failed every webhook's signature (403: every phone call) and every REST request.
+        for name, why in (("admin_token", "no request could present it"),
+                          ("call_token", "no request could present it"),
+                          ("twilio_auth_token", "Twilio's signatures and REST API would "
+                                                "refuse every call")):
             token = getattr(self, name)
             if token != token.strip():
-                raise ValueError(f"{name} must not begin or end with whitespace (no request "
-                                 "could present it)" + ("; it is only whitespace" if
-                                                       not token.strip() else ""))
+                raise ValueError(f"{name} must not begin or end with whitespace ({why})"
+                                 + ("; it is only whitespace" if not token.strip() else ""))
         # uvicorn closes a message over ws_max_size itself: frames between the two limits would
         # never get the gateway's `frame_too_large` error, only a bare close 1009.
         if self.max_frame_bytes > self.ws_max_size:

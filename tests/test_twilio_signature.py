@@ -91,3 +91,20 @@ def test_a_public_url_with_an_upper_case_scheme_gives_a_wss_stream_url(tmp_path)
     stream = ElementTree.fromstring(reply.text).find("./Connect/Stream")
     assert stream is not None
     assert stream.get("url", "").startswith("wss://"), stream.get("url")
+
+
+@pytest.mark.parametrize("value", [TOKEN + "\n", " " + TOKEN, "   "])
+def test_a_twilio_auth_token_with_surrounding_whitespace_is_refused_at_start_up(tmp_path, value):
+    """Review (stop 69): VOICEGATE_TWILIO_AUTH_TOKEN was taken as it came, whitespace and
+    all (a secret file's trailing newline). A Twilio auth token has none, so every
+    webhook's and every stream upgrade's X-Twilio-Signature, which Twilio computes with the
+    real token, was refused (403: every phone call failed at its first request), and every
+    REST hang-up or transfer was answered 401; "   " turned the checks on with a token
+    nobody signs with. It is refused at start-up by name, as the call and admin tokens are,
+    never echoing the value."""
+    from gateway.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="twilio_auth_token") as info:
+        Settings.load(environ={"VOICEGATE_TWILIO_AUTH_TOKEN": value})
+    assert TOKEN not in str(info.value)
+    assert Settings.load(environ={"VOICEGATE_TWILIO_AUTH_TOKEN": TOKEN}).twilio_auth_token == TOKEN
