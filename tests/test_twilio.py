@@ -1203,3 +1203,47 @@ async def test_an_event_loop_stall_does_not_make_a_live_stream_look_dead():
     assert dead == []
     await clock.advance(1.25)
     assert watch.done() and len(dead) == 1 and 5.0 <= dead[0] <= 6.25, dead
+
+
+async def test_a_hang_up_on_a_stream_whose_media_stopped_leaves_the_call_to_be_resumed():
+    """Review (stop 69): the idle goodbye (or the time limit) hung a call up through the
+    REST API whatever its stream's state. A stream whose `media` stopped (a half-open
+    connection: Twilio sends one every 20 ms) is dead, and its watch closes it without
+    hanging up so that Twilio resumes the call; but the silence the idle watch counted may
+    be that dead line's (the caller's "yes" after the prompt never arrived), and the
+    goodbye came first whenever the count had begun before the stream died: the REST
+    hang-up then dropped a call Twilio was resuming, or would have. A hang-up on a stream
+    with no `media` since its watch last looked now leaves the call as the watch does: no
+    REST request, no "ended" record (so `/twilio/stream-ended` resumes it), logged
+    `twilio_hangup_skipped_no_media`. A live line is hung up as before."""
+    from gateway.transports.twilio_ended import HUNG_UP, EndedCalls
+
+    class Control:
+        api_url = "https://api.twilio.com"
+
+        def __init__(self) -> None:
+            self.hung_up: list[str] = []
+
+        async def hang_up(self, account_sid: str, call_sid: str) -> None:
+            self.hung_up.append(call_sid)
+
+    clock = ManualClock()
+    frames = [0]
+    watch = MediaWatch(clock, 5.0, lambda: frames[0], lambda silent: None)
+    task = asyncio.create_task(watch.run())
+    control, ended = Control(), EndedCalls(clock)
+
+    def output(call_sid: str) -> TwilioOutput:
+        return TwilioOutput(SentMessages(), "MZ1", call_sid, control=control,  # type: ignore[arg-type]
+                            account_sid="AC1", call_sid=call_sid, ended=ended,
+                            line_silent_s=lambda: watch.silent_s)
+
+    for _ in range(15):  # 3 s of the line's frames: alive
+        frames[0] += 10
+        await clock.advance(0.2)
+    await output("CA1").hang_up("idle")
+    assert control.hung_up == ["CA1"] and await ended.ended("CA1") == HUNG_UP
+    await clock.advance(2.2)  # then no media: the watch's look at 5 s finds none since 3.75
+    await output("CA2").hang_up("idle")
+    assert control.hung_up == ["CA1"] and await ended.ended("CA2") is None
+    task.cancel()

@@ -190,8 +190,12 @@ class TwilioOutput:
                  control: TwilioCallControl | None = None, account_sid: str = "",
                  call_sid: str = "", handoff_number: str = "",
                  ended: EndedCalls | None = None, dial_action: str = "",
-                 stats: Stats | None = None) -> None:
+                 stats: Stats | None = None,
+                 line_silent_s: Callable[[], float] | None = None) -> None:
         self._outbox = outbox
+        # The stream's time without `media` as its MediaWatch last counted it (0 while the
+        # line's frames come); None without a watch.
+        self._line_silent_s = line_silent_s
         self._stats = stats  # counts a hang-up that found the call already over
         # The transfer's <Dial action> (/twilio/dial-ended): a desk that does not answer
         # gives the caller back to the bot instead of ending the call.
@@ -304,7 +308,18 @@ class TwilioOutput:
         request fails (or there are no REST credentials) closing the stream ends the
         call, and /twilio/stream-ended then answers ``<Hangup/>`` instead of resuming it.
         A call Twilio says is already over (the caller hung up as we did) is ended, as
-        asked: no failure, counted apart and logged at info."""
+        asked: no failure, counted apart and logged at info.
+
+        Not on a stream whose `media` stopped (none since its watch last looked: Twilio
+        sends one every 20 ms): the caller's "silence" that led here may be a dead
+        connection's, and Twilio resumes such a call on a new stream once it finds the
+        stream gone (maybe has already, elsewhere). Hung up, it would be dropped; it is
+        left as a dead stream is (closed without an "ended" record)."""
+        silent_s = self._line_silent_s() if self._line_silent_s is not None else 0.0
+        if silent_s > 0:
+            logs.event(log, "twilio_hangup_skipped_no_media", logging.WARNING,
+                       call_id=self.call_id, reason=reason[:64], silent_s=round(silent_s, 2))
+            return
         await self._mark_ended()
         if self._control is None:
             logs.event(log, "twilio_hangup_by_closing_stream", call_id=self.call_id)
@@ -410,7 +425,8 @@ class MediaWatch:
     has counted the `media` queued meanwhile; counted whole, a stall of a timeout would
     close every Twilio call on the replica as dead, though the audio rate limit tolerates
     stalls of 8 s. A line that really stopped is still noticed: the looks after the stall
-    each add their own time."""
+    each add their own time. ``silent_s``: that count as of the last look (0 while frames
+    come), which the output reads before it hangs up."""
 
     def __init__(self, clock: Clock, timeout_s: float, frames: Callable[[], int],
                  on_dead: Callable[[float], None]) -> None:
@@ -418,21 +434,21 @@ class MediaWatch:
         self._timeout_s = timeout_s
         self._frames = frames
         self._on_dead = on_dead
+        self.silent_s = 0.0  # the receive side's time without a new frame, stalls cut short
 
     async def run(self) -> None:
         period = self._timeout_s / 4
         seen = self._frames()
-        silent = 0.0  # the receive side's time without a new frame, stalls cut short
         last = self._clock.now()
         while True:
             await self._clock.sleep(period)
             now = self._clock.now()
-            silent += min(now - last, 2 * period)
+            self.silent_s += min(now - last, 2 * period)
             last = now
             if (frames := self._frames()) != seen:
-                seen, silent = frames, 0.0
-            elif silent >= self._timeout_s:
-                self._on_dead(silent)
+                seen, self.silent_s = frames, 0.0
+            elif self.silent_s >= self._timeout_s:
+                self._on_dead(self.silent_s)
                 return
 
 
@@ -568,6 +584,10 @@ class TwilioStream:
         keeper = (self._services.twilio_contexts().keeper(
             call_id, generation, heard=NO_ONE_FREE_SAY if dial_back else "")
             if call_id is not None else None)
+        # Made before the output, which asks it before hanging up; run once the call starts.
+        watch = (MediaWatch(self._session.clock, settings.twilio_media_timeout_s,
+                            lambda: self.media_frames, self._media_stopped)
+                 if settings.twilio_media_timeout_s > 0 else None)
         # The call id is the CallSid when there is one, so logs match Twilio's console.
         output = TwilioOutput(self._session.outbox, start.stream_sid, call_id or "",
                               control=self._services.twilio_control(),
@@ -575,16 +595,15 @@ class TwilioStream:
                               handoff_number=settings.handoff_number,
                               ended=self._services.twilio_ended(),
                               dial_action=dial_ended_url(self._base_url, generation)
-                              if self._base_url else "", stats=self._services.stats)
+                              if self._base_url else "", stats=self._services.stats,
+                              line_silent_s=(lambda: watch.silent_s) if watch else None)
         self.output = output
         call = self._session.start_call(lambda: self._services.new_call(
             output, StartMessage(sample_rate=TWILIO_RATE, metadata=metadata), call_id=call_id,
             resumed=resumed, keeper=keeper, transport="twilio"))
         output.call_id = call.id
         logs.event(log, "twilio_start", call_id=call.id, stream_sid=start.stream_sid)
-        if settings.twilio_media_timeout_s > 0:
-            watch = MediaWatch(self._session.clock, settings.twilio_media_timeout_s,
-                               lambda: self.media_frames, self._media_stopped)
+        if watch is not None:
             self.watch = asyncio.create_task(watch.run(), name=f"vg-media-watch-{call.id}")
         if dial_back:
             # Not in voicegate_twilio_calls_resumed: that counts lost streams (replicas
