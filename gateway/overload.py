@@ -24,7 +24,8 @@ the median lateness stayed under 200 ms while a quarter of the frames left late 
 So the gate also weighs how busy the loop's own thread is: the CPU time it used over the
 window's wall time (``overload_loop_busy``, a share of one core). A loop busy nearly all
 the time has no slack left for the next call; it closes the gate as the lateness does,
-and reopens it once the share is ``BUSY_REOPEN_BELOW`` under the threshold. (A starved
+and reopens it once the share is ``BUSY_REOPEN_BELOW`` under the threshold (half the
+threshold, when that is less). (A starved
 loop, its core taken by other processes, uses little CPU while it falls behind: the
 lateness still sees that.)
 """
@@ -47,7 +48,8 @@ log = logging.getLogger("voicegate.overload")
 TICK_S = 0.1
 WINDOW_S = 2.0
 MIN_SAMPLES = 5
-# The busy share must fall this far under its threshold before calls are taken again.
+# The busy share must fall this far under its threshold before calls are taken again
+# (half the threshold when that is less: a share cannot fall to 0 or below).
 BUSY_REOPEN_BELOW = 0.1
 
 
@@ -59,7 +61,7 @@ class OverloadGate:
     at least the last ``min_samples``), the median lateness reaches ``threshold_s`` or the
     loop's busy share (CPU seconds over wall seconds) reaches ``busy_threshold``; it is
     cleared once the lateness is under half its threshold and the share
-    ``BUSY_REOPEN_BELOW`` under its own. A threshold of 0 turns its signal off."""
+    ``BUSY_REOPEN_BELOW`` under its own (or half its own, when that is less). A threshold of 0 turns its signal off."""
 
     def __init__(self, threshold_s: float, window_s: float = WINDOW_S,
                  min_samples: int = MIN_SAMPLES, busy_threshold: float = 0.0) -> None:
@@ -100,7 +102,12 @@ class OverloadGate:
     def _caught_up(self) -> bool:
         return ((not self.threshold_s or self.lag_s < self.threshold_s / 2)
                 and (not self.busy_threshold
-                     or self.busy < self.busy_threshold - BUSY_REOPEN_BELOW))
+                     or self.busy < self.busy_threshold - self._busy_margin()))
+
+    def _busy_margin(self) -> float:
+        """How far under its threshold the busy share must fall to reopen: at most half
+        the threshold, so a low one (0.1 or less) still reopens for an idle loop."""
+        return min(BUSY_REOPEN_BELOW, self.busy_threshold / 2)
 
 
 async def watch_loop_lag(gate: OverloadGate, clock: Clock, tick_s: float = TICK_S,

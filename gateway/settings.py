@@ -167,8 +167,9 @@ class Settings(BaseModel):
     overload_loop_lag_ms: NonNeg = 200
     # ... and while the loop's own thread is this busy (CPU time over wall time, the last
     # 2 s; a share of one core): a loop near 1.0 has no slack for another call. Refused
-    # until 0.1 under it. 0: off. (A default_factory: the test suite, whose servers'
-    # loops share a machine with the whole suite, turns it off in tests/conftest.py.)
+    # until 0.1 under it (half of it, when that is less). 0: off. (A default_factory: the
+    # test suite, whose servers' loops share a machine with the whole suite, turns it off
+    # in tests/conftest.py.)
     overload_loop_busy: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         default_factory=lambda: DEFAULT_OVERLOAD_LOOP_BUSY)
     # Set: callers must present it (Authorization: Bearer, or ?token=; Twilio: a stream

@@ -107,6 +107,20 @@ def test_a_loop_busy_nearly_all_the_time_closes_the_gate_before_it_runs_late(cap
     assert not gate.overloaded
 
 
+@pytest.mark.parametrize("threshold", [0.1, 0.05])
+def test_a_low_busy_threshold_still_reopens_once_the_loop_is_idle(threshold: float) -> None:
+    """Review (stop 69): the gate reopened only once the busy share was 0.1 under its
+    threshold, and overload_loop_busy takes any share from 0 to 1: set to 0.1 or less, the
+    share had to fall to 0 or below, which no loop's does, so the first busy moment closed
+    the gate for good and the replica refused every new call until restarted. The margin is
+    now at most half the threshold: an idle loop reopens it."""
+    gate = OverloadGate(threshold_s=0.2, busy_threshold=threshold)
+    now, cpu = feed_busy(gate, 0.5, 30)
+    assert gate.overloaded
+    feed_busy(gate, 0.01, 30, now, cpu)
+    assert not gate.overloaded
+
+
 def test_a_gate_with_both_signals_off_neither_closes_nor_opens() -> None:
     """Read-back (stop 69): with the busy signal added, a gate with both thresholds 0 that
     was held closed (tests/test_caller_page.py holds one so) reopened on the next prompt
