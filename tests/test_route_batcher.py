@@ -495,7 +495,11 @@ async def test_a_retry_cancelled_by_the_executors_shutdown_hangs_nobody():
 def test_the_partials_lanes_run_at_a_lower_os_priority_when_asked(nice):
     """Review (stop 69): run under `nice -n 5` (a CI run of this stop), the lanes were set
     to niceness 10, not 15: the setting was taken as the niceness itself, not as that much
-    below the gateway's own."""
+    below the gateway's own.
+
+    Review (stop 69): this test itself expected base + nice unclamped, so under the suite's
+    own `nice -n 10` (tests run niced on a shared machine) it asked for niceness 20, which
+    the kernel caps at 19 (as runtime.py says), and failed on correct code."""
     import os
     import threading
 
@@ -510,7 +514,8 @@ def test_the_partials_lanes_run_at_a_lower_os_priority_when_asked(nice):
         for executor in executors.values():
             executor.shutdown()
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    assert seen == {"warm": base + nice, "cold": base + nice, "warm_finals": base,
+    lowered = min(19, base + nice)  # Linux clamps a niceness past 19 to 19
+    assert seen == {"warm": lowered, "cold": lowered, "warm_finals": base,
                     "cold_finals": base}
 
 
