@@ -403,7 +403,8 @@ class Caller:
         started = self.ready is not None
         await self._send_texts(sent, word_interval_s)
         await self.wait_for("turn_metrics", timeout=timeout, start=index,
-                            where=_typed_turn, refused=TEXT_REFUSALS,
+                            where=lambda m: _answers_text(m, self.events, text),
+                            refused=TEXT_REFUSALS,
                             refused_where=lambda error: _can_refuse(error, sent, started))
         return self._turn_since(index)
 
@@ -501,11 +502,22 @@ def _asked(metrics: dict[str, Any]) -> bool:
     return not metrics.get("empty")
 
 
-def _typed_turn(metrics: dict[str, Any]) -> bool:
-    """A text message's own turn's metrics (``input`` text, or not given), not a spoken
-    turn's: words a text supersedes end their turn, unanswered, before the text's
-    (docs/protocol.md), and noise heard as speech ends an empty one (``_asked``)."""
-    return metrics.get("input", "text") == "text" and _asked(metrics)
+def _answers_text(metrics: dict[str, Any], events: list[dict[str, Any]], text: str) -> bool:
+    """Whether ``metrics`` end the turn that answered the text message ``text``: its own
+    (``input`` text, or not given), not a spoken turn's: words a text supersedes end their
+    turn, unanswered, before the text's (docs/protocol.md), and noise heard as speech ends
+    an empty one (``_asked``). Or the spoken turn the text was carried into: stopped by the
+    caller's speech before its reply spoke, a text opens the next spoken turn, which asks
+    it with those words (its final `transcript` holds both) and sends the only metrics."""
+    if not _asked(metrics):
+        return False
+    if metrics.get("input", "text") == "text":
+        return True
+    wanted = " ".join(text.casefold().split())
+    return any(e.get("type") == "transcript" and e.get("final") and
+               e.get("turn") == metrics.get("turn") and
+               wanted in " ".join(str(e.get("text", "")).casefold().split())
+               for e in events)
 
 
 def _ended_turns(events: list[dict[str, Any]]) -> list[int]:

@@ -710,6 +710,35 @@ async def test_say_text_returns_its_texts_turn_not_a_spoken_one_that_ended_first
     assert turn.metrics is not None and turn.metrics["input"] == "text"
 
 
+async def test_say_text_returns_the_spoken_turn_its_text_was_carried_into():
+    """Review (stop 69, the whole-change review): a text the caller's speech stopped before
+    its reply spoke is carried into the next spoken turn, which asks it with those words
+    and sends the only `turn_metrics` (``input`` audio; docs/protocol.md). ``say_text``,
+    waiting for metrics of ``input`` text alone, ran to its timeout though the text was
+    answered. It returns that turn; a spoken turn without the text still is not its."""
+    events = [{"type": "transcript", "text": "what time do you open", "final": True},
+              {"type": "transcript", "text": "uh", "final": False},
+              {"type": "transcript", "text": "what time do you open uh on sunday",
+               "final": True, "turn": 3},
+              {"type": "response", "turn": 3, "source": "agent", "text": "At ten on Sundays."},
+              {"type": "turn_metrics", "turn": 3, "input": "audio"}]
+
+    async def carries_the_text(ws: Any) -> None:
+        async for message in ws:
+            if json.loads(message)["type"] == "start":
+                await ws.send(json.dumps(READY))
+                continue
+            for event in events:
+                await ws.send(json.dumps(event))
+
+    async with scripted_gateway(carries_the_text) as url:
+        async with Caller(url) as caller:
+            turn = await asyncio.wait_for(caller.say_text("What time do you open",
+                                                          timeout=30), 10)
+    assert turn.number == 3, turn.events
+    assert turn.first("response")["text"] == "At ten on Sundays."
+
+
 def test_a_results_metrics_are_its_own_turns():
     """Review (stop 69): ``TurnResult.metrics`` gave the first non-empty `turn_metrics` in
     the result, not its own turn's: a ``say`` whose words were cut off at a pause and
