@@ -36,6 +36,15 @@ async def scripted_gateway(script: Script) -> AsyncIterator[str]:
         yield f"ws://127.0.0.1:{port}/v1/call"
 
 
+async def after_ready(ws: Any) -> AsyncIterator[dict[str, Any]]:
+    """A scripted gateway's messages after its `start` (answered `ready`), as JSON."""
+    async for message in ws:
+        if json.loads(message)["type"] == "start":
+            await ws.send(json.dumps(READY))
+            continue
+        yield json.loads(message)
+
+
 async def refuses_the_rate(ws: Any) -> None:
     """A `start` at a rate the gateway does not take: `error`, then 1003."""
     await ws.recv()
@@ -686,10 +695,7 @@ async def test_say_text_returns_its_texts_turn_not_a_spoken_one_that_ended_first
     spoken_ended = asyncio.Event()  # the client has read the spoken turn's end
 
     async def ends_the_spoken_turn_first(ws: Any) -> None:
-        async for message in ws:
-            if json.loads(message)["type"] == "start":
-                await ws.send(json.dumps(READY))
-                continue
+        async for _ in after_ready(ws):
             for event in spoken:
                 await ws.send(json.dumps(event))
             await spoken_ended.wait()
@@ -724,10 +730,7 @@ async def test_say_text_returns_the_spoken_turn_its_text_was_carried_into():
               {"type": "turn_metrics", "turn": 3, "input": "audio"}]
 
     async def carries_the_text(ws: Any) -> None:
-        async for message in ws:
-            if json.loads(message)["type"] == "start":
-                await ws.send(json.dumps(READY))
-                continue
+        async for _ in after_ready(ws):
             for event in events:
                 await ws.send(json.dumps(event))
 
