@@ -25,9 +25,8 @@ So the gate also weighs how busy the loop's own thread is: the CPU time it used 
 window's wall time (``overload_loop_busy``, a share of one core). A loop busy nearly all
 the time has no slack left for the next call; it closes the gate as the lateness does,
 and reopens it once the share is ``BUSY_REOPEN_BELOW`` under the threshold (half the
-threshold, when that is less). (A starved
-loop, its core taken by other processes, uses little CPU while it falls behind: the
-lateness still sees that.)
+threshold, when that is less). A starved loop, its core taken by other processes, uses
+little CPU while it falls behind: the lateness still sees that.
 """
 
 from __future__ import annotations
@@ -61,7 +60,8 @@ class OverloadGate:
     at least the last ``min_samples``), the median lateness reaches ``threshold_s`` or the
     loop's busy share (CPU seconds over wall seconds) reaches ``busy_threshold``; it is
     cleared once the lateness is under half its threshold and the share
-    ``BUSY_REOPEN_BELOW`` under its own (or half its own, when that is less). A threshold of 0 turns its signal off."""
+    ``BUSY_REOPEN_BELOW`` under its own (or half its own, when that is less). A threshold
+    of 0 turns its signal off."""
 
     def __init__(self, threshold_s: float, window_s: float = WINDOW_S,
                  min_samples: int = MIN_SAMPLES, busy_threshold: float = 0.0) -> None:

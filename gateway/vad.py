@@ -32,9 +32,6 @@ QUIET_SETTLE_WINDOWS = 4
 # ... and only while the model's latest word on this call was silence (a soft word ending
 # can stay voiced for the model below the energy floor; it keeps the model until it is not).
 SETTLED_PROBABILITY = 0.2
-# Once voiced (a candidate or speech under way), a window stays voiced down to this much
-# below the threshold; the settings refuse a threshold at or below it.
-HYSTERESIS = VAD_HYSTERESIS
 
 
 def silero_model_path() -> Path:
@@ -326,9 +323,11 @@ class SpeechSegmenter:
                 and self._onset_deferrals < self.max_onset_deferrals)
 
     def push(self, prob: float) -> list[SegmentEvent]:
-        # Hysteresis: once voiced, a window stays voiced down to threshold - HYSTERESIS.
-        voiced = prob >= (self.threshold - HYSTERESIS if (self._in_candidate or self._in_speech)
-                          and not self._paused else self.threshold)
+        # Hysteresis: once voiced, a window stays voiced down to threshold - VAD_HYSTERESIS
+        # (the settings refuse a threshold at or below it).
+        voiced = prob >= (self.threshold - VAD_HYSTERESIS
+                          if (self._in_candidate or self._in_speech) and not self._paused
+                          else self.threshold)
         events: list[SegmentEvent] = []
         needed = self.min_speech_ms_override or self.min_speech_ms
         self._last_probability = prob
