@@ -1,7 +1,8 @@
 """Where published cache versions and rendered audio live.
 
 ``Store`` is the interface; ``LocalStore`` (a directory, nothing to start) is the
-embedded default. A Redis store will implement the same methods.
+embedded default, and ``intents.redis_store.RedisStore`` the shared one, with the same
+guarantees.
 
 Publishing is atomic: a version is written completely under a temporary name,
 renamed into place, and only then does the ``CURRENT`` pointer move (``os.replace``,
