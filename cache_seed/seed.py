@@ -170,6 +170,10 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
                     for e in entries.values()],
     }
     tell(SeedProgress("publishing", rendered, rendered, reused))
+    if cancel is not None and cancel.is_set():
+        # Accepted just before the phase said "publishing" (the admin API refuses a cancel
+        # from then on, under the lock ``tell`` takes): honoured, never accepted and ignored.
+        raise SeedCancelled("seed cancelled before publishing; nothing published")
     version = store.publish(CacheBundle(manifest, trained.vectors,
                                         trained.router.models_bytes()), replaces)
     return SeedReport(version=version, entries=len(entries),

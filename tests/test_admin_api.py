@@ -1025,6 +1025,34 @@ def test_the_dashboards_own_requests_are_not_refused(tmp_path):
     assert stats["errors"] == {}, stats["errors"]
 
 
+def test_a_cancel_while_the_seed_writes_its_version_is_refused_not_accepted(tmp_path):
+    """Review (stop 70): DELETE /admin/seed while the seed under way was writing its version
+    to the store (GET /admin/seed: phase "publishing") answered 202 {"cancelling": true}
+    ("stops ... and publishes nothing"), and the dashboard said "cancelling ... publishes
+    nothing"; the write cannot be stopped, and the seed then published, its own request
+    answering 200. The operator is told at once that it cannot be cancelled: 409, the cancel
+    not asked for."""
+    import threading
+
+    from cache_seed import SeedProgress
+    from gateway.admin.seed_status import UPLOAD
+
+    app = warm_app(tmp_path / "store", ManualClock())
+    publisher = Publisher(app.state.services)
+    app.state.admin_publisher = publisher
+    cancel = threading.Event()
+    publisher._cancel = cancel  # as Publisher._seed sets them for the seed it runs
+    progress = publisher.status.start(UPLOAD, "faq.csv", cancel)
+    progress(SeedProgress("publishing", 3, 3, 1))  # cache_seed: right before Store.publish
+    client = TestClient(app, headers=AUTH)  # no lifespan: warm_app holds no models
+    response = client.delete("/admin/seed")
+    assert response.status_code == 409, response.text
+    assert "cannot be cancelled" in response.json()["error"], response.text
+    assert not cancel.is_set()
+    status = client.get("/admin/seed").json()
+    assert (status["phase"], status["cancelling"]) == ("publishing", False), status
+
+
 @pytest.mark.parametrize("upload", ["multipart", "raw"])
 def test_an_uploads_name_parameter_is_the_source_it_is_published_under(tmp_path, monkeypatch,
                                                                         upload):

@@ -262,6 +262,27 @@ def test_a_seed_cancelled_after_its_last_answer_still_publishes_nothing(
     assert store.current_version() is None and store.versions() == []
 
 
+def test_a_cancel_that_lands_as_the_publish_begins_publishes_nothing(
+        tmp_path: Path) -> None:
+    """Review (stop 70): the seed checked its cancel after calibrating, then said "publishing"
+    and published. A DELETE /admin/seed in between (the status still "calibrating": accepted,
+    202 "publishes nothing") was never checked again, and the seed published. A cancel is
+    now refused once the status says "publishing" (gateway/admin/seed_status.py), and the
+    seed checks it once more after saying so: one accepted before is honoured."""
+    store = LocalStore(tmp_path / "store")
+    plan = parse_seed_csv(small_faq_csv().encode())
+    cancel = threading.Event()
+
+    def progress(step) -> None:
+        if step.phase == "publishing":  # the cancel accepted just before the phase changed
+            cancel.set()
+
+    with pytest.raises(SeedCancelled, match="before publishing; nothing published"):
+        seed_plan(plan, store, tone_render, "tone", progress=False, embedder=shared_embedder(),
+                  cancel=cancel, on_progress=progress)
+    assert store.current_version() is None and store.versions() == []
+
+
 def test_a_seed_cancelled_before_its_calibration_does_not_calibrate(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Review (stop 66): a cancel that came while the seed validated (an upload whose answers

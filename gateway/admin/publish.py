@@ -44,7 +44,8 @@ from intents.types import DEFAULT_TARGET_WRONG_RATE, entry_id_for
 from .. import logs
 from ..seeding import seed_plan_with_voice
 from ..services import Services, off_loop
-from .seed_status import CANCELLED, DELETE, ENTRY, FAILED, PUBLISHED, UPLOAD, SeedStatus
+from .seed_status import (CANCELLED, CANCELLING, DELETE, ENTRY, FAILED, NO_SEED, PUBLISHED,
+                          UPLOAD, SeedStatus)
 
 log = logging.getLogger("voicegate.admin")
 T = TypeVar("T")
@@ -118,12 +119,16 @@ class Publisher:
 
     def cancel(self) -> bool:
         """Ask the seed under way to stop before its next answer (or before calibrating, or
-        once a calibration under way ends); False when no seed runs, or it has published already
-        (``published_under_way``). A publish under way completes."""
-        if self._cancel is None or self.published_under_way is not None:
-            return False
-        self._cancel.set()
-        return True
+        once a calibration under way ends); False when no seed runs, or it is writing its
+        version or has published (``cancel_seed`` says which)."""
+        return self.cancel_seed()[0] == CANCELLING
+
+    def cancel_seed(self) -> tuple[str, str | None]:
+        """``SeedStatus.cancel``: CANCELLING, or why not (NO_SEED, WRITING, PUBLISHED with
+        the version)."""
+        if self._cancel is None:
+            return NO_SEED, None
+        return self.status.cancel()
 
     async def shut_down(self, timeout_s: float) -> None:
         """The replica shuts down (``Services.aclose``) with a seed still under way, past the

@@ -33,7 +33,7 @@ from intents.types import entry_id_for
 from .misses import DEFAULT_THRESHOLD, group_misses, is_agent_intent
 from .publish import (BadEntry, EntryExists, EntryNotFound, LabelledValidationError,
                       PublishedNotServed, Publisher, SeedBusy, find_entry, report_json)
-from .seed_status import PROMOTE
+from .seed_status import CANCELLING, PROMOTE, PUBLISHED, WRITING
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_ENTRY_BODY_BYTES = 1024 * 1024  # one entry with its paraphrases, as JSON
@@ -409,20 +409,23 @@ async def seed_status(request: Request, services: Services) -> Response:
 @admin_ready
 async def cancel_seed(request: Request, services: Services) -> Response:
     """Stop the seed under way (an upload, an entry edit, a promotion) before its next
-    answer: it publishes nothing, and its own request answers 409 ``cancelled``."""
-    publisher = _publisher(request)
-    published = publisher.published_under_way
-    if published is not None:
+    answer: it publishes nothing, and its own request answers 409 ``cancelled``. One writing
+    its version, or done writing it, cannot be stopped: 409, nothing asked of it."""
+    found, published = _publisher(request).cancel_seed()
+    if found == PUBLISHED:
         return error(f"the seed under way has already published version {published} (this "
                      f"replica is loading it): nothing to cancel", 409)
-    if not publisher.cancel():
+    if found == WRITING:
+        return error("the seed under way is writing its version to the store (phase "
+                     "publishing): that cannot be cancelled; its request answers how it ends "
+                     "(200 once published), as GET /admin/seed does", 409)
+    if found != CANCELLING:
         return error("no seed is running: nothing to cancel", 409)
     return JSONResponse({"cancelling": True,
                          "detail": "the seed under way stops before its next answer (or before "
                                    "its calibration, or once a calibration under way ends) "
                                    "and publishes nothing; its request "
-                                   "answers 409 with the error. A seed already publishing "
-                                   "completes"}, status_code=202)
+                                   "answers 409 with the error"}, status_code=202)
 
 
 # ---------------------------------------------------------------------- misses

@@ -21,6 +21,11 @@ from ..clock import SYSTEM_CLOCK, Clock
 UPLOAD, ENTRY, DELETE, PROMOTE = "upload", "entry", "delete", "promote"
 # How a seed ended (``last.outcome``).
 PUBLISHED, CANCELLED, FAILED = "published", "cancelled", "failed"
+# What a cancel found (``SeedStatus.cancel``): a seed it asked to stop, none, one writing its
+# version (past stopping), one that has published.
+CANCELLING, NO_SEED, WRITING = "cancelling", "none", "writing"
+# cache_seed's phase from just before ``Store.publish`` on: the write cannot be stopped.
+PUBLISHING = "publishing"
 
 
 @dataclass
@@ -79,6 +84,23 @@ class SeedStatus:
         """The version the seed under way has published, None before (or with none)."""
         with self._lock:
             return self._run.version if self._run is not None else None
+
+    def cancel(self) -> tuple[str, str | None]:
+        """Ask the seed under way to stop: (CANCELLING, None); or why not: (NO_SEED, None),
+        (WRITING, None) once it is writing its version, (PUBLISHED, its version) once it has
+        published. Under the lock its progress takes, so a cancel lands either before the
+        seed says "publishing" (which then checks it: ``cache_seed.seed_plan``) or is refused:
+        never accepted for a seed that publishes anyway."""
+        with self._lock:
+            run = self._run
+            if run is None:
+                return NO_SEED, None
+            if run.version is not None:
+                return PUBLISHED, run.version
+            if run.phase == PUBLISHING:
+                return WRITING, None
+            run.cancel.set()
+            return CANCELLING, None
 
     def end(self, outcome: str, error: str | None = None) -> None:
         with self._lock:
