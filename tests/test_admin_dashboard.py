@@ -615,7 +615,14 @@ def test_a_seed_past_the_point_of_cancelling_is_offered_no_cancel(browser, step,
                                 "nothing published",
       "phase": "rendering", "rendered": 813, "to_render": 2000, "reused": 36},
      ["cancelled", "813 of 2,000", "boston_branch"]),
-], ids=["published", "failed", "cancelled"])
+    # Review (stop 70): it read "failed while publishing: nothing published" over an error
+    # saying whether it published is unknown.
+    ({"kind": "upload", "source": "faq.csv", "outcome": "unconfirmed", "version": None,
+      "error": "Redis at redis://cache is unreachable (publish: move pointer): Timeout; "
+               "whether version v-7f3a was published is unknown: ...",
+      "phase": "publishing", "rendered": 4, "to_render": 4, "reused": 32},
+     ["unconfirmed while publishing: whether it published is unknown", "v-7f3a"]),
+], ids=["published", "failed", "cancelled", "unconfirmed"])
 def test_how_the_last_seed_ended_is_shown(browser, last, said):
     """Review (stop 69): the seed panel went as soon as a seed ended, and nothing on the page
     said whether it had published (which version), failed (and why: bad rows, the new-answer

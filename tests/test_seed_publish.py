@@ -1174,6 +1174,30 @@ async def test_a_store_blip_while_loading_the_new_version_is_not_published_not_s
     assert publisher.status.snapshot()["last"]["outcome"] == "published"
 
 
+async def test_a_seed_whose_swap_went_unanswered_is_not_shown_as_failed_unpublished(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review (stop 70): Redis stopped answering during the pointer swap (a stall, a lost
+    connection), so whether version B was published is unknown; the upload's own answer (503)
+    says so. GET /admin/seed then showed it ended "failed", version null (how a seed that
+    published nothing ends), and the dashboard's panel read "failed while publishing: nothing
+    published" above the error saying the opposite; B may well be serving everywhere. It
+    ends "unconfirmed", and the error says how to tell."""
+    from intents.redis_store import unconfirmed_message
+    from intents.store import PublishUnconfirmed
+
+    def seeded(*args, **kwargs) -> SeedReport:
+        lost = StoreUnavailable("Redis at redis://cache is unreachable (publish: move "
+                                "pointer): Timeout reading from socket")
+        raise PublishUnconfirmed(unconfirmed_message("B", lost))
+
+    publisher = _publisher_seeding(monkeypatch, seeded, _ServesA())
+    with pytest.raises(PublishUnconfirmed):
+        await publisher.seed_csv(small_faq_csv().encode(), "faq.csv")
+    last = publisher.status.snapshot()["last"]
+    assert (last["outcome"], last["version"]) == ("unconfirmed", None), last
+    assert "whether version B was published is unknown" in last["error"], last
+
+
 async def test_a_cancel_just_after_the_publish_is_not_accepted_as_if_it_could_stop_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: the seed has published B (the store's pointer names it) and this replica is

@@ -37,15 +37,15 @@ from cache_seed import (ProgressCallback, SeedCancelled, SeedPlan, SeedReport,
                         SeedValidationError, parse_seed_csv, parse_seed_rows, rows_from_manifest)
 from cache_seed.validate import bad_intent_characters
 
-from intents.store import (ANY_VERSION, AnyVersion, StoreConflict, StoreError,
-                           StoreUnavailable)
+from intents.store import (ANY_VERSION, AnyVersion, PublishUnconfirmed, StoreConflict,
+                           StoreError, StoreUnavailable)
 from intents.types import DEFAULT_TARGET_WRONG_RATE, entry_id_for
 
 from .. import logs
 from ..seeding import seed_plan_with_voice
 from ..services import Services, off_loop
 from .seed_status import (CANCELLED, CANCELLING, DELETE, ENTRY, FAILED, NO_SEED, PUBLISHED,
-                          UPLOAD, SeedStatus)
+                          UNCONFIRMED, UPLOAD, SeedStatus)
 
 log = logging.getLogger("voicegate.admin")
 T = TypeVar("T")
@@ -208,6 +208,9 @@ class Publisher:
             result = await seeding()
         except SeedCancelled as exc:
             self.status.end(CANCELLED, str(exc))
+            raise
+        except PublishUnconfirmed as exc:  # not "failed": that reads as nothing published
+            self.status.end(UNCONFIRMED, str(exc))
             raise
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):  # the loop is closing: stop it soon

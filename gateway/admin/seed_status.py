@@ -19,8 +19,10 @@ from ..clock import SYSTEM_CLOCK, Clock
 
 # What a seed was started for: the Publisher's entry points.
 UPLOAD, ENTRY, DELETE, PROMOTE = "upload", "entry", "delete", "promote"
-# How a seed ended (``last.outcome``).
+# How a seed ended (``last.outcome``). UNCONFIRMED: its pointer swap went unanswered, so
+# whether it published is unknown (``PublishUnconfirmed``; its error says how to tell).
 PUBLISHED, CANCELLED, FAILED = "published", "cancelled", "failed"
+UNCONFIRMED = "unconfirmed"
 # What a cancel found (``SeedStatus.cancel``): a seed it asked to stop, none, one writing its
 # version (past stopping), one that has published.
 CANCELLING, NO_SEED, WRITING = "cancelling", "none", "writing"
