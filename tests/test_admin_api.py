@@ -1053,6 +1053,42 @@ def test_a_cancel_while_the_seed_writes_its_version_is_refused_not_accepted(tmp_
     assert (status["phase"], status["cancelling"]) == ("publishing", False), status
 
 
+def test_an_edit_published_but_not_loaded_here_is_not_answered_with_the_old_entry(
+        tmp_path, monkeypatch):
+    """Review (stop 70): an entry edit published version B, then the store did not answer
+    while this replica loaded B (a Redis timeout: it answers 200, the next poll loads B). The
+    answer paired "version": B with "entry" read from A, the version still serving here: the
+    old answer, as if B held it. An entry is given only from the version published; else
+    null (GET /admin/entries/{id} shows it once this replica serves B)."""
+    from types import SimpleNamespace
+
+    import gateway.admin.routes as routes
+    from intents.loader import CachedEntry
+    from intents.types import Action
+
+    app = warm_app(tmp_path / "store", ManualClock())
+    services = app.state.services
+    old = CachedEntry(id="opening_hours", intent="opening_hours", action=Action.ANSWER,
+                      answer="We open at eight.", paraphrases=("When are you open?",),
+                      pcm=b"\0\0" * 1600, sample_rate=16000)
+    services.cache = SimpleNamespace(version="A", loaded=SimpleNamespace(
+        version="A", entries={"opening_hours": old}))
+
+    class Published:  # the edit's publish: B, which this replica did not load
+        async def upsert_entry(self, body, create_only=False, kind="entry"):
+            return SimpleNamespace(version="B"), "opening_hours", False
+
+    app.state.admin_publisher = Published()
+    monkeypatch.setattr(routes, "report_json", lambda report: {"version": report.version})
+    client = TestClient(app, headers=AUTH)  # no lifespan: warm_app holds no models
+    response = client.post("/admin/entries", json={"intent": "opening_hours",
+                                                   "answer": "We open at nine."})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["version"] == "B"
+    assert body["entry"] is None, body
+
+
 @pytest.mark.parametrize("upload", ["multipart", "raw"])
 def test_an_uploads_name_parameter_is_the_source_it_is_published_under(tmp_path, monkeypatch,
                                                                         upload):

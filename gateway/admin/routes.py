@@ -221,6 +221,16 @@ async def _json_body(request: Request) -> Any:
     return body
 
 
+def _published_entry(services: Services, version: str, entry_id: str) -> Any:
+    """The entry as ``version`` (just published) holds it, when this replica serves that
+    version; else None. A replica that could not load it yet (the store did not answer: the
+    next poll loads it) serves the version before, whose entry is not the one published."""
+    loaded = services.cache.loaded  # type: ignore[union-attr]
+    if loaded is None or loaded.version != version:
+        return None
+    return loaded.entries.get(entry_id)
+
+
 @admin_ready(publishes=True)
 async def post_entry(request: Request, services: Services) -> Response:
     body = await _json_body(request)
@@ -232,8 +242,7 @@ async def post_entry(request: Request, services: Services) -> Response:
         return _bad_request(request, str(exc))
     except _PUBLISH_FAILURES as exc:
         return _publish_failed(exc, services)
-    loaded = services.cache.loaded  # type: ignore[union-attr]
-    entry = loaded.entries.get(entry_id) if loaded else None
+    entry = _published_entry(services, report.version, entry_id)
     return JSONResponse({"version": report.version, "created": created,
                          "entry": _entry_json(entry, 0) if entry else None,
                          "report": report_json(report)}, status_code=201 if created else 200)
@@ -565,8 +574,7 @@ async def promote_miss(request: Request, services: Services) -> Response:
     # Answered from now on: every wording of the group leaves the misses list, not only the
     # QUESTIONS_PER_GROUP most frequent the entry learnt (the rest would come back as a group).
     services.runtime.stats.forget_missed(set(group["keys"]), normalize_text)
-    loaded = services.cache.loaded  # type: ignore[union-attr]
-    published = loaded.entries.get(entry_id) if loaded else None
+    published = _published_entry(services, report.version, entry_id)
     return JSONResponse({"version": report.version, "created": True,
                          "entry": _entry_json(published, 0) if published else None,
                          "promoted": {"questions": len(questions),
