@@ -1198,6 +1198,47 @@ async def test_a_seed_whose_swap_went_unanswered_is_not_shown_as_failed_unpublis
     assert "whether version B was published is unknown" in last["error"], last
 
 
+async def test_a_shutdown_during_a_swap_redis_never_answered_is_not_logged_as_unpublished(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Review (stop 70): the replica shut down while the seed wrote its version, and Redis
+    never answered its pointer swap (whether B was published is unknown). The shutdown
+    logged seed_cancelled_at_shutdown, "nothing was published, the previous version keeps
+    serving; seed again", over an error saying the opposite. It is logged as
+    seed_unconfirmed_at_shutdown, the error saying how to tell."""
+    import logging
+
+    from cache_seed import SeedProgress
+    from intents.redis_store import unconfirmed_message
+    from intents.store import PublishUnconfirmed
+
+    caplog.set_level(logging.INFO, logger="voicegate")
+    writing, release = threading.Event(), threading.Event()
+
+    def seeded(*args, **kwargs) -> SeedReport:
+        args[11](SeedProgress("publishing", 1, 1, 0))  # on_progress: Store.publish begins
+        writing.set()
+        assert release.wait(timeout=30)
+        lost = StoreUnavailable("Redis at redis://cache is unreachable (publish: move "
+                                "pointer): Timeout reading from socket")
+        raise PublishUnconfirmed(unconfirmed_message("B", lost))
+
+    publisher = _publisher_seeding(monkeypatch, seeded, _ServesA())
+    upload = asyncio.ensure_future(publisher.seed_csv(small_faq_csv().encode(), "faq.csv"))
+    try:
+        assert await asyncio.to_thread(writing.wait, 30)
+        stopping = asyncio.ensure_future(publisher.shut_down(30.0))
+        await asyncio.sleep(0)
+    finally:
+        release.set()
+    await stopping
+    with pytest.raises(PublishUnconfirmed):
+        await upload
+    said = {r.getMessage(): r for r in caplog.records if "_at_shutdown" in r.getMessage()}
+    assert list(said) == ["seed_unconfirmed_at_shutdown"], list(said)
+    fields = said["seed_unconfirmed_at_shutdown"].fields  # type: ignore[attr-defined]
+    assert "whether version B was published is unknown" in fields["error"], fields
+
+
 async def test_a_cancel_just_after_the_publish_is_not_accepted_as_if_it_could_stop_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: the seed has published B (the store's pointer names it) and this replica is

@@ -151,6 +151,10 @@ class Publisher:
             logs.event(log, "seed_published_at_shutdown", kind=run.get("kind"),
                        source=run.get("source"), version=published)
             return
+        if last is not None and last["outcome"] == UNCONFIRMED:  # not "nothing published"
+            logs.event(log, "seed_unconfirmed_at_shutdown", logging.WARNING,
+                       kind=run.get("kind"), source=run.get("source"), error=last["error"])
+            return
         logs.event(log, "seed_cancelled_at_shutdown", logging.WARNING, kind=run.get("kind"),
                    source=run.get("source"), phase=(last or run).get("phase"),
                    ended=last is not None, error=last["error"] if last else None,
