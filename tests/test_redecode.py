@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from gateway.clock import ManualClock
 from gateway.providers.redecode import (FINAL, PARTIAL, DecodeScheduler, DecodeStopped,
                                         RedecodingSTT, decode_fn)
 
@@ -670,3 +672,51 @@ async def test_a_long_utterance_is_not_split_while_its_pause_decodes(pool):
     await stream.send_audio(audio(100))
     assert (await stream.finalize()).text == "41600 bytes 3200 bytes"
     await stream.aclose()
+
+
+class BrokenRecognizer(GatedRecognizer):
+    """A local model that fails every decode (a corrupt file, a library that broke)."""
+
+    def transcribe(self, pcm16: bytes) -> str:
+        raise RuntimeError("model crashed")
+
+
+async def test_a_recogniser_whose_partials_keep_failing_does_not_flood_the_log(
+        pool, caplog, monkeypatch):
+    """Review (stop 70): every failed partial decode logged ``stt_partial_failed`` with its
+    traceback: a broken local recogniser wrote a traceback for each partial of every call,
+    several a second a call, and the operator's log was that and nothing else. A stream now
+    logs its first failure with the traceback, then at most one line every 10 s of its
+    clock, counting the failures held back since (``held_back``); another call's stream
+    logs its own first failure at once."""
+    # Seen by caplog even after a test ran the CLI (its logging stops propagation).
+    monkeypatch.setattr(logging.getLogger("voicegate"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="voicegate.stt")
+    clock = ManualClock()
+    service = RedecodingSTT(BrokenRecognizer(), pool, slots=1, partial_interval_ms=500,
+                            max_utterance_s=120.0, clock=clock)
+
+    async def speak(stream, seconds: int) -> None:
+        """``seconds`` of speech in 500 ms steps of the clock: a failed partial each."""
+        for _ in range(seconds * 2):
+            await stream.send_audio(audio(500))
+            await until(lambda: stream._partial_task is not None and stream._partial_task.done())
+            await clock.advance(0.5)
+
+    def lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "stt_partial_failed"]
+
+    stream = service.open_stream()
+    await speak(stream, 25)  # 50 failures, at 0, 0.5, ... 24.5 s
+    logged = lines()
+    assert len(logged) == 3, f"{len(logged)} lines for 50 failed partials in 25 s"
+    assert logged[0].exc_info is not None and "model crashed" in caplog.text
+    assert [r.exc_info for r in logged[1:]] == [None, None]  # one traceback, then counts
+    assert [r.fields["held_back"] for r in logged] == [0, 19, 19]  # type: ignore[attr-defined]
+    assert all("model crashed" in r.fields["error"] for r in logged)  # type: ignore[attr-defined]
+    await stream.aclose()
+
+    other = service.open_stream()  # another call: its own first failure, traceback and all
+    await speak(other, 1)
+    assert len(lines()) == 4 and lines()[-1].exc_info is not None
+    await other.aclose()

@@ -44,6 +44,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
+from .. import logs
+from ..clock import SYSTEM_CLOCK, Clock
 from ..executors import ExecutorShutDown, shut_down, submit
 from .base import Transcript, drop_queued_partials, strip_stray_quotes
 
@@ -54,6 +56,9 @@ MIN_DECODE_BYTES = 2 * SAMPLE_RATE // 10
 log = logging.getLogger("voicegate.stt")
 
 FINAL, PARTIAL = 0, 1  # decode priorities: lower runs first
+# A stream's failed partials after its first (logged with its traceback): a line this often
+# at most, counting those held back (a broken recogniser fails every one, several a second).
+PARTIAL_FAILURE_LOG_EVERY_S = 10.0
 # A decode's text and token ids (no ids: the recogniser takes no drafts).
 Decoded = tuple[str, list[int]]
 # (audio, draft, stop): a decode that can stop early checks ``stop`` between its steps.
@@ -200,12 +205,14 @@ class RedecodingSTT:
     def __init__(self, recognizer: BatchRecognizer, executor: Executor, slots: int,
                  partial_interval_ms: int = 400, max_utterance_s: float = 30.0,
                  split_pause_ms: int = 0, min_segment_ms: int = 1000,
-                 early_pad_ms: int = 0) -> None:
+                 early_pad_ms: int = 0, clock: Clock = SYSTEM_CLOCK) -> None:
         """``split_pause_ms``: a pause that lasted this long after its early decode
         started, and that the caller then spoke on after, splits the utterance there
         (0: never); only when the part before it is ``min_segment_ms`` long or more.
         ``early_pad_ms``: the early decode reads the utterance's last this many ms (the
-        pause's silence) once more at its end, as if the pause had gone on that long."""
+        pause's silence) once more at its end, as if the pause had gone on that long.
+        ``clock``: what spaces a stream's lines for its failed partials (a test's
+        ``ManualClock``)."""
         self.recognizer = recognizer
         self.name = recognizer.name
         self.scheduler = DecodeScheduler(decode_fn(recognizer), executor, slots)
@@ -214,6 +221,7 @@ class RedecodingSTT:
         self.split_pause_bytes = split_pause_ms * BYTES_PER_MS
         self.min_segment_bytes = min_segment_ms * BYTES_PER_MS
         self.early_pad_bytes = early_pad_ms * BYTES_PER_MS
+        self.clock = clock
 
     def transcribe(self, pcm16: bytes) -> str:
         return strip_stray_quotes(self.recognizer.transcribe(pcm16))
@@ -224,7 +232,7 @@ class RedecodingSTT:
     def open_stream(self) -> "RedecodingStream":
         return RedecodingStream(self.scheduler, self.partial_interval_bytes,
                                 self.max_utterance_bytes, self.split_pause_bytes,
-                                self.min_segment_bytes, self.early_pad_bytes)
+                                self.min_segment_bytes, self.early_pad_bytes, self.clock)
 
     async def aclose(self) -> None:
         return None
@@ -243,8 +251,10 @@ class RedecodingStream:
 
     def __init__(self, scheduler: DecodeScheduler, partial_interval_bytes: int,
                  max_utterance_bytes: int, split_pause_bytes: int = 0,
-                 min_segment_bytes: int = 0, early_pad_bytes: int = 0) -> None:
+                 min_segment_bytes: int = 0, early_pad_bytes: int = 0,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._scheduler = scheduler
+        self._clock = clock
         self._partial_interval = partial_interval_bytes
         self._max_bytes = max_utterance_bytes
         self._split_pause = split_pause_bytes  # 0: never split
@@ -268,6 +278,8 @@ class RedecodingStream:
         self._generation = 0
         self._closed = False
         self.partials_skipped = 0  # due, but the process had no free decode slot
+        self.partials_failed = 0  # their decode raised (a broken recogniser)
+        self._failure_logs = logs.Throttle(PARTIAL_FAILURE_LOG_EVERY_S)
         self.splits = 0  # segments split off (tests read it)
 
     async def send_audio(self, pcm16: bytes) -> None:
@@ -316,8 +328,8 @@ class RedecodingStream:
             text = await _joined(segments, text)
         except DecodeStopped:  # a final took its slot: the next partial is due as usual
             return
-        except Exception:  # a failed partial is not fatal: the final decides
-            log.warning("stt_partial_failed", exc_info=True)
+        except Exception as exc:  # a failed partial is not fatal: the final decides
+            self._partial_failed(exc)
             return
         # A partial of an utterance that has since ended must not leak into the next one;
         # nor one of audio that has since been split off (its words would be said twice);
@@ -327,6 +339,17 @@ class RedecodingStream:
                 and pauses == self._pauses and not self._closed:
             self._draft = ids
             self._offer_partial(text)
+
+    def _partial_failed(self, exc: Exception) -> None:
+        """Log a failed partial: the stream's first with its traceback, then a line every
+        ``PARTIAL_FAILURE_LOG_EVERY_S`` of its clock at most, ``held_back`` counting the
+        failures not logged since (every partial of a broken recogniser fails)."""
+        self.partials_failed += 1
+        held = self._failure_logs.admit("partial", self._clock.now())
+        if held is not None:
+            logs.event(log, "stt_partial_failed", logging.WARNING,
+                       exc_info=exc if self.partials_failed == 1 else None,
+                       error=f"{type(exc).__name__}: {exc}"[:300], held_back=held)
 
     def _offer_partial(self, text: str) -> None:
         if text and text != self._last_partial_text:
