@@ -92,24 +92,11 @@ def _gave_up(command: str, reason: str) -> int:
     return 1
 
 
-def _refusal_reason(body: bytes | None) -> str:
-    """The gateway's own word on a refused upgrade, from its JSON body (a 503's `error` and
-    `message`: not_ready, draining, overloaded), as ": <error>: <message>"; "" when the
-    body says none (a proxy's page)."""
-    try:
-        said = json.loads(body or b"")
-    except ValueError:
-        return ""
-    if not isinstance(said, dict) or not isinstance(said.get("error"), str):
-        return ""
-    return f": {said['error'][:64]}: {str(said.get('message', ''))[:300]}"
-
-
 def _call(args: argparse.Namespace) -> int:
-    from websockets.exceptions import InvalidStatus, WebSocketException
+    from websockets.exceptions import WebSocketException
 
     from .audio import resample_pcm16, write_wav
-    from .client import Caller, MessageRefused, NoReply, format_event
+    from .client import CallRefused, Caller, MessageRefused, NoReply, format_event
 
     stdout_gone: list[BrokenPipeError] = []  # its reader stopped reading (`| head`)
 
@@ -151,13 +138,9 @@ def _call(args: argparse.Namespace) -> int:
     code = 1
     try:
         code = asyncio.run(run())
-    except InvalidStatus as exc:  # the gateway answered the upgrade with an HTTP status
-        status = exc.response.status_code
-        why = {403: ": give --token or VOICEGATE_CALL_TOKEN (the gateway requires a call "
-                    "token)",
-               503: ": the gateway is still loading, shutting down or overloaded; try again"}
-        print(f"voicegate call: the gateway refused the call (HTTP {status})"
-              f"{_refusal_reason(exc.response.body) or why.get(status, '')}", file=sys.stderr)
+    except CallRefused as exc:  # the gateway answered the upgrade with an HTTP status
+        token = "; give it with --token" if exc.status == 403 else ""
+        print(f"voicegate call: {exc}{token}", file=sys.stderr)
         return 1
     except (OSError, TimeoutError, ConnectionError, WebSocketException, MessageRefused) as exc:
         if not stdout_gone:  # else the call ended because nothing read it (below)

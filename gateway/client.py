@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Response
 
 from .audio import frame_bytes
+from .providers.rate_limits import retry_after_s
 
 EventHook = Callable[[dict[str, Any]], None]
 # How long a line found down waits for the reader to take the gateway's last messages.
@@ -45,6 +47,46 @@ class CallClosed(ConnectionError):
         self.close_code = close_code
         self.error = error
         self.hangup = hangup
+
+
+class CallRefused(ConnectionError, InvalidStatus):
+    """The gateway refused the call at its WebSocket upgrade, with an HTTP ``status``
+    (docs/protocol.md): 403, the call token missing or wrong; 503, a replica still loading
+    (``not_ready``), shutting down (``draining``) or ``overloaded``, worth a retry, on
+    another replica or after ``retry_after_s`` (its Retry-After; None: none). ``error`` and
+    ``message`` are the gateway's own (its JSON body's; None when it gave none: its 403
+    has no body, a proxy's page is not its word). The message says the same in words.
+    Still websockets' ``InvalidStatus`` (its ``response``), which was raised before."""
+
+    def __init__(self, response: Response) -> None:
+        said = _refusal(response.body)
+        self.status = response.status_code
+        self.error = said.get("error")
+        self.message = said.get("message")
+        self.retry_after_s = retry_after_s(response.headers)
+        why = f"{self.error}: {self.message}" if self.error else _REFUSALS.get(self.status)
+        ConnectionError.__init__(self, f"the gateway refused the call (HTTP {self.status})"
+                                       + (f": {why}" if why else ""))
+        self.response = response
+
+
+# Why a status refuses a call when the gateway's body does not say (docs/protocol.md).
+_REFUSALS = {403: "it takes calls that carry its call token (VOICEGATE_CALL_TOKEN), and this "
+                  "one carried none or another",
+             503: "it is still loading, shutting down or overloaded; try again"}
+
+
+def _refusal(body: bytes | None) -> dict[str, str]:
+    """The gateway's `error` and `message` in a refused upgrade's JSON body (a 503's:
+    not_ready, draining, overloaded), cut short; {} when the body says none (none at all,
+    or a proxy's page)."""
+    try:
+        said = json.loads(body or b"")
+    except ValueError:
+        return {}
+    if not isinstance(said, dict) or not isinstance(said.get("error"), str):
+        return {}
+    return {"error": said["error"][:64], "message": str(said.get("message", ""))[:300]}
 
 
 class NoReply(TimeoutError):
@@ -148,8 +190,9 @@ class Caller:
         closed first). Failed or cancelled once the socket is open, it closes the socket
         and its reader before the error goes on: a program that retries leaks neither.
 
-        Each connect is a new call: the last one's events, audio and line are dropped (a
-        call still open is refused, RuntimeError: ``close`` it first)."""
+        A gateway that refuses the call at the upgrade (HTTP 403, 503) raises CallRefused,
+        saying why. Each connect is a new call: the last one's events, audio and line are
+        dropped (a call still open is refused, RuntimeError: ``close`` it first)."""
         if self._reader is not None and not self._reader.done():
             raise RuntimeError("this Caller's call is still open: close() it before "
                                "connecting again")
@@ -158,8 +201,11 @@ class Caller:
         self._new_call()
         # No permessage-deflate: audio does not compress; deflating only costs CPU.
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self._ws = await connect(self.url, max_size=2 ** 20, compression=None,
-                                 additional_headers=headers)
+        try:
+            self._ws = await connect(self.url, max_size=2 ** 20, compression=None,
+                                     additional_headers=headers)
+        except InvalidStatus as refused:  # its reason is in the response: said, as values
+            raise CallRefused(refused.response) from refused
         self._reader = asyncio.create_task(self._read())
         if not start:
             return

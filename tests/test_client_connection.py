@@ -505,6 +505,59 @@ def test_call_command_refused_with_503_says_the_gateways_own_reason(
     assert "still loading" not in err, err
 
 
+OVERLOADED = ("this replica is behind on the calls it has and takes no new one until it "
+              "catches up; retry shortly or use another")
+
+
+@pytest.mark.parametrize(("status", "body", "headers", "error", "said"), [
+    (503, {"error": "overloaded", "message": OVERLOADED}, {"Retry-After": "1"}, "overloaded",
+     f"the gateway refused the call (HTTP 503): overloaded: {OVERLOADED}"),
+    (503, {"error": "not_ready", "message": "models are still loading"}, {"Retry-After": "2"},
+     "not_ready", "the gateway refused the call (HTTP 503): not_ready: models are still loading"),
+    # The gateway's 403 (a missing or wrong call token) has no body: its status says why.
+    (403, None, {}, None, "the gateway refused the call (HTTP 403): it takes calls that "
+                          "carry its call token (VOICEGATE_CALL_TOKEN), and this one carried "
+                          "none or another"),
+    # A proxy's page is no word of the gateway's: the status alone, and the body unread.
+    (503, "<html>Service Unavailable</html>", {}, None,
+     "the gateway refused the call (HTTP 503): it is still loading, shutting down or "
+     "overloaded; try again"),
+], ids=["overloaded", "not-ready", "unauthorized", "a-proxys-page"])
+async def test_a_call_the_gateway_refuses_raises_its_status_and_reason(
+        status: int, body: Any, headers: dict[str, str], error: str | None, said: str) -> None:
+    """Review (stop 70): a call refused at its upgrade (HTTP 403 without the call token;
+    503 while the replica loads, drains or is overloaded) raised websockets' own
+    InvalidStatus, "server rejected WebSocket connection: HTTP 503": the gateway's reason
+    (its body's `error` and `message`, its Retry-After) was left inside the response, where
+    only `voicegate call` looked. It now raises CallRefused, a ConnectionError like every
+    other way a call ends, carrying the status, the gateway's `error` and `message` and
+    ``retry_after_s``, and saying them; still an InvalidStatus (its ``response``) for code
+    that caught that."""
+    from websockets.asyncio.server import serve
+    from websockets.exceptions import InvalidStatus
+
+    def refuses(connection: Any, request: Any) -> Any:
+        text = json.dumps(body) if isinstance(body, dict) else body or ""
+        response = connection.respond(status, text)
+        for name, value in headers.items():
+            response.headers[name] = value
+        return response
+
+    async with serve(lambda ws: None, "127.0.0.1", 0, process_request=refuses) as gateway:
+        url = f"ws://127.0.0.1:{gateway.sockets[0].getsockname()[1]}/v1/call"
+        caller = Caller(url)
+        with pytest.raises(ConnectionError) as refused:
+            await caller.connect()
+    exc: Any = refused.value
+    assert type(exc).__name__ == "CallRefused", repr(exc)
+    assert (exc.status, exc.error) == (status, error)
+    assert exc.message == (body["message"] if isinstance(body, dict) else None)
+    assert exc.retry_after_s == (float(headers["Retry-After"]) if headers else None)
+    assert str(exc) == said
+    assert isinstance(exc, InvalidStatus) and exc.response.status_code == status
+    assert caller._ws is None and caller._reader is None  # nothing opened, nothing to close
+
+
 @pytest.mark.parametrize("gateway_hears", ["nothing", "noise", "words-but-never-answers"])
 async def test_say_that_gets_no_reply_raises_saying_what_came(gateway_hears: str):
     """Review (stop 69): ``say()`` returned a result with no turn (number 0, no audio) when
