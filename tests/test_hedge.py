@@ -42,27 +42,21 @@ async def collect(model) -> str:
     return "".join([chunk.text async for chunk in model.stream(MESSAGES)])
 
 
-async def test_faster_stream_wins_and_loser_is_closed(llm_server):
+@pytest.mark.parametrize("faster", ["secondary", "primary"])
+async def test_the_faster_stream_wins_and_the_loser_is_closed(llm_server, faster):
     fake, server = llm_server
     fake.replies["slow"] = Reply(text="From the slow one.", ttft_s=STALL)
     fake.replies["fast"] = Reply(text="From the fast one.", after_request_of="slow")
-    hedged = pair(server, "slow", "fast", hedge_delay_s=0.0)
+    legs = ("slow", "fast") if faster == "secondary" else ("fast", "slow")
+    hedged = pair(server, *legs, hedge_delay_s=0.0)
 
     assert await collect(hedged) == "From the fast one."
-    assert hedged.stats.secondary_wins == 1 and hedged.stats.extra_requests == 1
+    wins = {"primary": hedged.stats.primary_wins, "secondary": hedged.stats.secondary_wins}
+    assert wins == {"primary": 0, "secondary": 0, faster: 1}
+    assert hedged.stats.extra_requests == 1
     # The loser's HTTP stream was closed: the upstream saw the client go away.
     assert await fake.await_for(lambda s: s.disconnects["slow"] == 1)
-    assert fake.stats.completed["fast"] == 1
-
-
-async def test_primary_wins_when_it_is_faster(llm_server):
-    fake, server = llm_server
-    fake.replies["fast"] = Reply(text="Primary answer.", after_request_of="slow")
-    fake.replies["slow"] = Reply(text="Secondary answer.", ttft_s=STALL)
-    hedged = pair(server, "fast", "slow", hedge_delay_s=0.0)
-    assert await collect(hedged) == "Primary answer."
-    assert hedged.stats.primary_wins == 1
-    assert await fake.await_for(lambda s: s.disconnects["slow"] == 1)
+    assert await fake.await_for(lambda s: s.completed["fast"] == 1)
 
 
 async def test_secondary_not_started_when_primary_answers_before_the_delay(llm_server):
@@ -717,13 +711,17 @@ async def test_a_losers_close_under_way_as_the_stream_ends_is_not_cut_short():
     assert secondary.closed == 1 and not llm_tasks() and not hedged._closing
 
 
-async def test_an_adaptive_delay_is_timed_on_the_clock_too():
+@pytest.mark.parametrize(("adaptive", "asked_at"), [
+    ({"initial_s": 0.4, "min_samples": 20}, 0.4),
+    # Review (stop 69): at the max (llm_hedge_max_delay_ms), not the initial delay past it.
+    ({"ceiling_s": 0.2, "initial_s": 0.4}, 0.2),
+], ids=["initial", "initial-past-the-max"])
+async def test_an_adaptive_delay_is_timed_on_the_clock_too(adaptive, asked_at):
     primary = ScriptedLeg("primary", None)
     secondary = ScriptedLeg("secondary", "Hi.")
-    hedged, clock = scripted_pair(primary, secondary,
-                                  adaptive=AdaptiveDelay(initial_s=0.4, min_samples=20))
+    hedged, clock = scripted_pair(primary, secondary, adaptive=AdaptiveDelay(**adaptive))
     answer = asyncio.ensure_future(collect(hedged))
-    await clock.advance(0.39)
+    await clock.advance(asked_at - 0.01)
     assert secondary.opened == []
     await clock.advance(0.01)
     assert len(secondary.opened) == 1
@@ -735,7 +733,8 @@ async def test_the_initial_delay_keeps_within_the_min_and_max_delays():
     llm_hedge_max_delay_ms, but its initial value (llm_hedge_initial_delay_ms, 400, until
     20 races were seen) was not: an operator who set the max to 200 ms, so that no caller
     waits longer for the secondary, had every race of a fresh replica wait 400 ms before
-    it was asked; a min above 400 was not kept either."""
+    it was asked; a min above 400 was not kept either. On the clock:
+    test_an_adaptive_delay_is_timed_on_the_clock_too[initial-past-the-max]."""
     assert AdaptiveDelay(floor_s=0.06, ceiling_s=0.2, initial_s=0.4).delay_s() == 0.2
     assert AdaptiveDelay(floor_s=0.5, ceiling_s=2.0, initial_s=0.4).delay_s() == 0.5
     llm = build_llm(Settings(llm_primary_model="a", llm_primary_url="http://127.0.0.1:9/v1",
@@ -745,15 +744,6 @@ async def test_the_initial_delay_keeps_within_the_min_and_max_delays():
         assert isinstance(llm, HedgedChat) and llm.hedge_delay_s() == 0.2
     finally:
         await Agent(llm).aclose()
-    # On the clock: the secondary is asked at the max, not at the initial delay past it.
-    primary = ScriptedLeg("primary", None)
-    secondary = ScriptedLeg("secondary", "Hi.")
-    hedged, clock = scripted_pair(primary, secondary,
-                                  adaptive=AdaptiveDelay(ceiling_s=0.2, initial_s=0.4))
-    answer = asyncio.ensure_future(collect(hedged))
-    await clock.advance(0.2)
-    assert len(secondary.opened) == 1
-    assert await asyncio.wait_for(answer, 5) == "Hi."
 
 
 async def test_a_leg_with_no_first_token_fails_when_the_clock_passes_the_timeout():
@@ -1206,42 +1196,29 @@ async def test_a_primary_waiting_out_a_429_starts_the_secondary_at_once(llm_serv
     assert sum(fake.stats.requests.values()) == 2  # the primary was never asked again
 
 
-async def test_a_leg_failed_for_no_first_token_is_not_cut_short_in_its_close_at_the_win():
+@pytest.mark.parametrize("secondary_says", ["Backup answer.", None],
+                         ids=["at-the-win", "when-every-leg-fails"])
+async def test_a_leg_failed_for_no_first_token_is_not_cut_short_in_its_close(secondary_says):
     """Review: the primary gets no first token within first_token_timeout_s: ``_fail`` cancels it
     and its HTTP close starts. The secondary (the failover) then answers, and at the win
     ``_cancel`` cancels every non-winner again, the failed primary included, whose close
-    is still under way: the close is cut short (the SDK's response never released)."""
+    is still under way: the close is cut short (the SDK's response never released). Or
+    the secondary fails too (an empty reply at once): the stream's end (``_stop``) cancels
+    the primary again while its close is under way."""
     clock = ManualClock()
     ends = asyncio.Event()
     primary = LegWhoseCloseWaits("primary")  # no token, ever; its close waits for release
-    secondary = LegWhoseCloseWaits("secondary", first="Backup answer.", ends=ends)
+    secondary = LegWhoseCloseWaits("secondary", first=secondary_says, ends=ends)
     secondary.release.set()
     hedged = HedgedChat(primary, secondary, hedge_delay_s=600.0,  # type: ignore[arg-type]
                         first_token_timeout_s=4.0, clock=clock)
+    if secondary_says is None:
+        ends.set()  # nothing, then its end: an empty reply as soon as it is asked
     answer = asyncio.ensure_future(collect(hedged))
     await clock.advance(4.0)  # the primary's first-token timeout: it fails, its close starts
     assert await until(lambda: primary.closing == 1)
     ends.set()
-    assert await until(answer.done) and answer.result() == "Backup answer."
-    assert primary.cut == 0, "the failed primary's close under way was cancelled again (cut short)"
-    primary.release.set()
-    await hedged.aclose()
-    assert primary.closed == 1
-
-
-async def test_a_leg_failed_for_no_first_token_is_not_cut_short_when_every_leg_fails():
-    """As above, but the secondary fails too: the stream's end (``_stop``) cancels the
-    primary again while its close is under way."""
-    clock = ManualClock()
-    primary = LegWhoseCloseWaits("primary")
-    secondary = LegWhoseCloseWaits("secondary", ends=asyncio.Event())
-    secondary.ends.set()  # an empty reply at once
-    secondary.release.set()
-    hedged = HedgedChat(primary, secondary, hedge_delay_s=600.0,  # type: ignore[arg-type]
-                        first_token_timeout_s=4.0, clock=clock)
-    answer = asyncio.ensure_future(collect(hedged))
-    await clock.advance(4.0)
-    assert await until(answer.done)
+    assert await until(answer.done) and answer.result() == (secondary_says or "")
     assert primary.closing == 1
     assert primary.cut == 0, "the failed primary's close under way was cancelled again (cut short)"
     primary.release.set()

@@ -70,12 +70,20 @@ async def run_call(ws: FakeWebSocket) -> None:
     {"type": "start", "sample_rate": 8001},            # a rate not supported
     {"type": "start", "sample_rate": 16000, "encoding": "mulaw"},
     {"type": "start"},                                 # no rate at all
-])
+    {"type": "start", "sample_rate": 16000},           # the control: a valid one
+    {"type": "start", "sample_rate": 48000},           # a valid one asking another rate
+], ids=["bad-rate", "bad-encoding", "no-rate", "the-same", "another-rate"])
 async def test_a_second_start_is_already_started_and_never_hangs_up_the_running_call(second):
     """docs/protocol.md: a second `start` is `already_started`, "stays open (ignored)". The
     endpoint parses (and validates) the message before it checks whether the call has
     started, so a second `start` whose fields are bad hangs up a running call with
-    1003/1008 and an error naming the sample rate/encoding of a start that was ignored."""
+    1003/1008 and an error naming the sample rate/encoding of a start that was ignored.
+
+    Review (stop 68): a client that changes its microphone mid-call (48 kHz now) and sends
+    a second `start` with the new rate got `already_started`, "this call has already
+    started", and went on streaming the new rate into a call still at the old one
+    (garbled, then `audio_too_fast`): nothing said the `start` was ignored, its rate not
+    taken. The error now says so, and how to change the rate: a new call."""
     h = CallHarness()
     services = services_for(h)
     ws = FakeWebSocket(services)
@@ -84,18 +92,11 @@ async def test_a_second_start_is_already_started_and_never_hangs_up_the_running_
     ws.text({"type": "stop"})
     await run_call(ws)
     assert ws.errors() == ["already_started"]
+    error = next(e for e in ws.events if e["type"] == "error")
+    assert "ignored" in error["message"] and "sample_rate" in error["message"], error
+    assert "new call" in error["message"], error
     assert ws.closed_with == 1000
     assert services.admission.active == 0
-
-
-async def test_a_valid_second_start_is_already_started():  # the control: this one passes
-    h = CallHarness()
-    ws = FakeWebSocket(services_for(h))
-    ws.text({"type": "start", "sample_rate": 16000})
-    ws.text({"type": "start", "sample_rate": 16000})
-    ws.text({"type": "stop"})
-    await run_call(ws)
-    assert ws.errors() == ["already_started"] and ws.closed_with == 1000
 
 
 class NotReadingWebSocket(FakeWebSocket):
@@ -255,39 +256,32 @@ async def _one_bad_message_then_a_question(bad: dict[str, Any]) -> tuple[FakeWeb
     return ws, h
 
 
-async def test_one_misaligned_audio_frame_is_dropped_and_the_call_goes_on():
+@pytest.mark.parametrize(("bad", "code", "size"), [
+    ({"bytes": b"\x00" * 641}, "odd_pcm_length", "641 bytes"),
+    ({"bytes": b"\x00" * (64 * 1024 + 2)}, "frame_too_large", "65536 bytes"),
+    ({"text": json.dumps({"type": "text", "text": "x" * (64 * 1024)})}, "frame_too_large",
+     "65536 bytes"),
+], ids=["misaligned-audio", "audio-over-the-limit", "text-over-the-limit"])
+async def test_one_bad_message_is_dropped_and_the_call_goes_on(bad, code, size):
     """Review (stop 62): one binary frame of an odd length (not whole 16-bit samples)
     closed a running call with 1007, the caller hung up over a few bytes. Dropping the
     frame keeps the samples aligned (each frame is whole samples on its own, the next one
     starts on a sample boundary), as `empty_audio_frame` is dropped: it is `odd_pcm_length`
     by name, counted as bad input, and the call goes on (a flood of them still meets the
-    bad-message limit)."""
-    ws, h = await _one_bad_message_then_a_question({"bytes": b"\x00" * 641})
-    assert ws.errors() == ["odd_pcm_length"]
-    assert [e["text"] for e in ws.events if e["type"] == "transcript"] == ["opening hours"]
-    assert ws.closed_with == 1000
-    assert h.stats.errors["odd_pcm_length"] == 1
-    error = next(e for e in ws.events if e["type"] == "error")
-    assert "641 bytes" in error["message"] and "dropped" in error["message"], error
+    bad-message limit).
 
-
-@pytest.mark.parametrize("bad", [
-    {"bytes": b"\x00" * (64 * 1024 + 2)},
-    {"text": json.dumps({"type": "text", "text": "x" * (64 * 1024)})},
-], ids=["audio", "text"])
-async def test_one_message_over_the_frame_limit_is_dropped_and_the_call_goes_on(bad):
-    """Review (stop 62): one message over `max_frame_bytes` (64 KiB) but within the
+    Review (stop 62): one message over `max_frame_bytes` (64 KiB) but within the
     WebSocket layer's own limit (1 MiB) closed a running call with 1009, though the server
     had already read it whole and could simply drop it. It is `frame_too_large` by name,
     counted as bad input, and the call goes on: the next frame is heard, the next question
     answered. (Beyond 1 MiB the WebSocket layer still closes 1009 by itself.)"""
     ws, h = await _one_bad_message_then_a_question(bad)
-    assert ws.errors() == ["frame_too_large"]
+    assert ws.errors() == [code]
     assert [e["text"] for e in ws.events if e["type"] == "transcript"] == ["opening hours"]
     assert ws.closed_with == 1000
-    assert h.stats.errors["frame_too_large"] == 1
+    assert h.stats.errors[code] == 1
     error = next(e for e in ws.events if e["type"] == "error")
-    assert "65536 bytes" in error["message"] and "dropped" in error["message"], error
+    assert size in error["message"] and "dropped" in error["message"], error
 
 
 async def test_a_stop_over_the_frame_limit_is_dropped_unread_and_says_so():
@@ -535,24 +529,6 @@ async def test_a_real_time_client_is_never_told_its_pace_is_off():
     ws.text({"type": "stop"})
     await run
     assert ws.errors() == [] and ws.closed_with == 1000
-
-
-async def test_a_second_start_says_it_changes_nothing_not_only_that_the_call_began():
-    """Review (stop 68): a client that changes its microphone mid-call (48 kHz now) and
-    sends a second `start` with the new rate got `already_started`, "this call has already
-    started", and went on streaming the new rate into a call still at the old one (garbled,
-    then `audio_too_fast`): nothing said the `start` was ignored, its rate not taken. The
-    error now says so, and how to change the rate: a new call."""
-    h = CallHarness()
-    ws = FakeWebSocket(services_for(h))
-    ws.text({"type": "start", "sample_rate": 16000})
-    ws.text({"type": "start", "sample_rate": 48000})
-    ws.text({"type": "stop"})
-    await run_call(ws)
-    error = next(e for e in ws.events if e["type"] == "error")
-    assert error["code"] == "already_started"
-    assert "ignored" in error["message"] and "sample_rate" in error["message"], error
-    assert "new call" in error["message"], error
 
 
 async def paced_for(ws: FakeWebSocket, h: CallHarness, run: asyncio.Future[None],
