@@ -23,7 +23,7 @@ from gateway.timeline import TurnTimeline
 from tests.call_harness import RATE, CallHarness, WordTTS
 from gateway.providers.groq_llm import GroqChat
 from gateway.providers.openai_llm import OpenAIChat
-from tests.fakes.openai_server import STALL, Reply
+from tests.fakes.openai_server import STALL, FakeOpenAI, Reply
 
 MESSAGES = [{"role": "user", "content": "What are your opening hours?"}]
 
@@ -943,6 +943,33 @@ def retry_log(caplog, monkeypatch):
     monkeypatch.setattr(logging.getLogger("voicegate"), "propagate", True)
     caplog.set_level(logging.INFO, logger="voicegate")
     return caplog
+
+
+def test_the_fake_servers_never_close_a_connection_their_clients_may_reuse():
+    """Review (stop 70): test_a_429_on_both_legs_is_retried_after_its_wait failed once on a
+    loaded machine. A leg asked again after its 429 reuses the connection the 429 came on,
+    idle meanwhile for as long as the test takes to see both 429s (seconds, loaded). The
+    fake servers (uvicorn) closed an idle connection after 5 s, the SDKs' pools (httpx)
+    keep one 5 s too: a request sent on it as the server closed it failed ("Connection
+    error.", the leg failed, not retried), 3 times in 200 tries at that moment. The fake
+    servers now keep an idle connection for longer than any test runs: the client's pool
+    ends it, with nothing under way."""
+    import groq
+    import httpx
+    import openai
+
+    from tests.fakes.server import ServerThread
+
+    pooled_s = max(httpx.Limits().keepalive_expiry or 0.0,
+                   openai.DEFAULT_CONNECTION_LIMITS.keepalive_expiry or 0.0,
+                   groq.DEFAULT_CONNECTION_LIMITS.keepalive_expiry or 0.0)
+    test_timeout_s = 300  # pyproject.toml's pytest timeout: no test runs longer
+    server = ServerThread(FakeOpenAI())
+    try:
+        kept_s = server._server.config.timeout_keep_alive
+    finally:
+        server._sock.close()
+    assert kept_s > max(pooled_s, test_timeout_s), (kept_s, pooled_s)
 
 
 @pytest.mark.parametrize("sdk", ["openai", "groq"])

@@ -10,6 +10,11 @@ from typing import Any
 
 import uvicorn
 
+# How long a fake server keeps an idle connection open: past any test (pytest's 300 s). The
+# client's pool then ends it (httpx: after 5 s idle), never the server under a request the
+# client sends on it as it closes (uvicorn's 5 s met the SDKs' 5 s: "Connection error.").
+KEEP_ALIVE_S = 3600
+
 
 class Arrivals(list):
     """A list a fake server's thread appends to (requests, bytes sent) that a test awaits
@@ -43,7 +48,8 @@ class ServerThread:
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="off", ws=ws,
-                                timeout_graceful_shutdown=1, backlog=2048)
+                                timeout_graceful_shutdown=1, backlog=2048,
+                                timeout_keep_alive=KEEP_ALIVE_S)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         daemon=True, name="fake-server")
