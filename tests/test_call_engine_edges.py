@@ -1424,3 +1424,28 @@ async def test_keys_pressed_after_the_words_end_follow_them_whole(first_token_s)
     # The keys stay the agent's alone: the turn's transcript and routing hold the words.
     assert h.transcripts() == ["my account number is"]
     assert not any("pressed" in text for text, _ in h.router.calls), h.router.calls
+
+
+async def test_keys_whose_pause_runs_out_as_the_words_after_them_decode_open_their_turn():
+    """Review (stop 70): the caller keys "4 9", then says "I do not have the rest". Keys still
+    being collected as those words' turn ends go with the words, keys first, one reply
+    (``_keys_for``). But with a slow final (a busy recogniser: 2 s) the keypad pause ran out
+    while the words were still decoding: the keys became a turn of their own, queued behind
+    the words' turn, so the caller heard the answer to "I do not have the rest" and then a
+    second answer to "the caller pressed 4 9", the number asked apart from the words it was
+    for. The keys now wait for the turn whose words are decoding, and open it."""
+    h = CallHarness(decode_s=2.0, settings={"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.reply = "Thank you."
+    await h.start()
+    h.call.feed_dtmf("4")
+    h.call.feed_dtmf("9")
+    await h.wait(500)
+    await h.say("i do not have the rest", then_silence_ms=6000)
+    await h.stop()
+    asked = [[m["content"] for m in r if m["role"] == "user"][-1] for r in h.llm.requests]
+    assert asked == ["the caller pressed 4 9 i do not have the rest"], asked
+    [keypad] = h.output.of("keypad")
+    assert (keypad["keys"], keypad["turn"]) == ("49", 1), keypad
+    assert [(e["source"], e["turn"]) for e in h.output.of("response")] == [("llm", 1)]
+    assert h.transcripts() == ["i do not have the rest"]
+    assert [m["turn"] for m in h.metrics()] == [1], h.metrics()

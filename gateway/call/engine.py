@@ -298,6 +298,10 @@ class Call:
         # A spoken turn waits here for keys the caller began after its words (``_keys_for``):
         # the keypad loop hands it the collection as it ends, instead of a turn of its own.
         self._keys_awaited: asyncio.Future[Collected | None] | None = None
+        # The latest spoken turn that has not yet taken the keys being collected (its words
+        # still decoding), and what resolves once it has (``_keys_for``) or is over: keys
+        # whose collection ends meanwhile wait for it (``_until_words_take_keys``).
+        self._keys_taker: tuple[TurnTimeline, asyncio.Future[None]] | None = None
         # Set as each of the caller's spoken turns ends (its reply started): a mapped key
         # pressed mid-sentence waits for it (``_keypad_loop``).
         self._turn_ended = asyncio.Event()
@@ -879,9 +883,40 @@ class Call:
         self._start_reply(ended.timeline,
                           self._spoken_turn(ended.timeline, final, preempt, utterance),
                           if_never_ran=lambda: self._carry_unanswered(final, ended.timeline))
+        self._await_keys_taken(ended.timeline)
         if preempt is not None:  # whatever became of the turn, nothing of it outlives it
             assert self._reply_task is not None
             self._reply_task.add_done_callback(lambda _: self._preempt_over(preempt))
+
+    def _await_keys_taken(self, tl: TurnTimeline) -> None:
+        """The spoken turn ``tl`` (its reply the latest) will take the keys still being
+        collected once its words are decoded (``_keys_for``): until it has, or is over, a
+        collection that ends (its pause) waits for it (``_until_words_take_keys``)."""
+        taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._keys_taker = (tl, taken)
+        assert self._reply_task is not None
+        self._reply_task.add_done_callback(lambda _: self._keys_taken(tl))
+
+    def _keys_taken(self, tl: TurnTimeline) -> None:
+        taker = self._keys_taker
+        if taker is not None and taker[0] is tl:
+            self._keys_taker = None
+            if not taker[1].done():
+                taker[1].set_result(None)
+
+    async def _until_words_take_keys(self) -> None:
+        """The keypad pause ran out while a spoken turn's words were still decoding (a
+        busy recogniser): that turn takes the keys, as it would have had the words decoded
+        first (``_keys_for``: keys begun before them open the turn, keys begun after follow
+        them), not a turn of its own after it, the number answered apart from its words.
+        Waited for as long as the turn's final may be (``_final_wait_s``)."""
+        taker = self._keys_taker
+        if taker is None or not self._keypad.collecting:
+            return
+        tl, taken = taker
+        with contextlib.suppress(Expired):
+            async with deadline(self._clock, self._final_wait_s(tl)):
+                await asyncio.wait({taken})
 
     def _preempt_over(self, preempt: Preemption) -> None:
         preempt.cancel()
@@ -901,6 +936,7 @@ class Call:
         input ended with its last key: its timeline counts from there. Not into words-less
         noise (a cough mid-number): the collection goes on. A cancel while waiting (the
         caller speaks, types) leaves the collection going and the words carried."""
+        self._keys_taken(tl)  # a pause that ran out as the words decoded waited for this
         if not (self._keypad.collecting and normalize_text(words.text)):
             return None, False
         began, spoken = self._keypad.began_at, tl.marks.get("speech_end")
@@ -939,6 +975,7 @@ class Call:
             self._carry_turns = [*covered, tl]
             raise
         except Exception as exc:
+            self._keys_taken(tl)  # no words to take them: keys collected go on their own
             _add_counts(tl, covered)
             if isinstance(exc, Expired):
                 for late in utterances:
@@ -1957,6 +1994,9 @@ class Call:
                 # reply; nothing may follow `hangup`, the call just closes.
                 continue
             if key is None:
+                await self._until_words_take_keys()
+                if self.ended is not None:
+                    continue  # it hung up meanwhile: no `keypad` event, no reply
                 if self._keys_wanted:
                     self._hand_keys(self._keypad.expire())
                     continue
