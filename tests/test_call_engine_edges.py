@@ -1449,3 +1449,36 @@ async def test_keys_whose_pause_runs_out_as_the_words_after_them_decode_open_the
     assert [(e["source"], e["turn"]) for e in h.output.of("response")] == [("llm", 1)]
     assert h.transcripts() == ["i do not have the rest"]
     assert [m["turn"] for m in h.metrics()] == [1], h.metrics()
+
+
+
+@pytest.mark.parametrize("more", ["#", "21#"])
+async def test_a_number_begun_before_the_words_and_ended_as_they_decode_keeps_them(more):
+    """Review (stop 70): the caller keys "4 9", says "I do not have the rest", and presses
+    `#` (or "2 1 #") while those words are still decoding (0.6 s a final). Keys begun before
+    the words go with them, keys first, one reply (``_keys_for``), but that turn only takes
+    them once its words are decoded: the key pressed before stopped the turn as a key
+    pressed while the agent thinks does (a barge-in), its words were carried, and the number,
+    a keypad turn of its own, superseded them: the agent was asked "the caller pressed 4 9"
+    alone, and the caller's words were never heard, nor transcribed. Such a key stops
+    nothing now, and the `#` waits for the words, as the pause does."""
+    h = CallHarness(decode_s=0.6, settings={"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.reply = "Thank you."
+    await h.start()
+    h.call.feed_dtmf("4")
+    h.call.feed_dtmf("9")
+    await h.wait(500)
+    await h.say("i do not have the rest", then_silence_ms=400)
+    assert h.call.replying and not h.call._turns.in_utterance  # its words decoding
+    for key in more:
+        h.call.feed_dtmf(key)
+        await h.wait(50)
+    await h.wait(5000)
+    await h.stop()
+    keys = "49" + more.rstrip("#")
+    asked = [[m["content"] for m in r if m["role"] == "user"][-1] for r in h.llm.requests]
+    assert asked == [f"the caller pressed {' '.join(keys)} i do not have the rest"], asked
+    assert [(e["keys"], e["turn"]) for e in h.output.of("keypad")] == [(keys, 1)]
+    assert h.output.of("interrupt") == []
+    assert [e["source"] for e in h.output.of("response")] == ["llm"]
+    assert h.transcripts() == ["i do not have the rest"]

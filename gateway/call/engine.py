@@ -39,7 +39,7 @@ from ..clock import SYSTEM_CLOCK, Clock, Expired, deadline
 from ..preemption import Preemption
 from ..providers.base import SpeechToText, Transcript
 from ..responder import Responder, Turn
-from ..settings import Settings
+from ..settings import KEYPAD_END, Settings
 from ..stats import Stats, keyed
 from ..timeline import TurnTimeline
 from ..tracing import CallTrace
@@ -917,6 +917,18 @@ class Call:
         with contextlib.suppress(Expired):
             async with deadline(self._clock, self._final_wait_s(tl)):
                 await asyncio.wait({taken})
+
+    def _words_take_keys(self) -> bool:
+        """The keys being collected began before the words of the latest reply's spoken
+        turn ended, and that turn takes them once those words are decoded (``_keys_for``:
+        keys first, one reply). Keys begun after are a key pressed while the agent thinks:
+        they supersede the words."""
+        taker = self._keys_taker
+        if taker is None or taker[0] is not self._reply_task_tl or taker[1].done():
+            return False
+        began, spoken = self._keypad.began_at, taker[0].marks.get("speech_end")
+        return self._keypad.collecting and began is not None and spoken is not None \
+            and began <= spoken
 
     def _preempt_over(self, preempt: Preemption) -> None:
         preempt.cancel()
@@ -2018,10 +2030,19 @@ class Call:
                 # A lone `#` does nothing, so it stops nothing either: pressed after a
                 # spoken question while the agent thinks, it would cut that reply, whose
                 # words then wait for a next spoken turn, and the caller hears nothing.
-                # Nor a key of the number a spoken turn waits for (``_keys_for``).
+                # Nor a key of the number a spoken turn waits for (``_keys_for``), or will
+                # take once its words are decoded (begun before them: "4 9 ... I do not
+                # have the rest"): stopped, its words were superseded by the number. A hold
+                # still ends (the reply it holds stops; that turn is left to decode).
+                words_take = self._words_take_keys()
                 if self.replying and not self._keypad.does_nothing(key) \
-                        and not self._keys_wanted:
+                        and not self._keys_wanted and not (self._held is None and words_take):
                     await self._barge_in("dtmf")
+                if key == KEYPAD_END and words_take:
+                    # The `#` ending that number waits for the words, as its pause does.
+                    await self._until_words_take_keys()
+                    if self.ended is not None:
+                        continue
                 # The key itself stays out of logs: it may be part of a PIN.
                 logs.event(log, "dtmf")
                 self._trace.event("dtmf")
