@@ -1482,3 +1482,31 @@ async def test_a_number_begun_before_the_words_and_ended_as_they_decode_keeps_th
     assert h.output.of("interrupt") == []
     assert [e["source"] for e in h.output.of("response")] == ["llm"]
     assert h.transcripts() == ["i do not have the rest"]
+
+
+async def test_keys_whose_turn_speech_stops_before_it_runs_open_the_next_turn():
+    """Review (stop 70): the caller keys "4 9 2 1 #" over an answer (the first key stops it;
+    the agent's stream takes a moment to close) and says "is that right" at once. Their
+    speech stopped the keys' turn, queued behind the closing answer, before it ran, and the
+    number was dropped: never asked, nor carried, though spoken words or a typed message
+    stopped so open the next turn. The agent was asked "is that right" alone. The keys now
+    open the next spoken turn, before its words, as keys carried into it do."""
+    h = CallHarness(settings={"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.reply = LONG_REPLY
+    h.llm.close_s = 0.5  # the stopped answer's LLM stream takes this long to close
+    await h.start()
+    await h.text("tell me everything")
+    await h.wait(1000)
+    assert h.call.speaking
+    for key in "4921#":
+        h.call.feed_dtmf(key)
+    await h.clock.settle()
+    assert [(e["keys"], e["turn"]) for e in h.output.of("keypad")] == [("4921", 2)]
+    h.llm.close_s = 0.0  # later streams close at once (the stopped one is closing)
+    await h.say("is that right", then_silence_ms=1500)
+    await h.wait(2000)
+    await h.stop()
+    asked = [[m["content"] for m in r if m["role"] == "user"][-1] for r in h.llm.requests]
+    assert asked[-1] == "the caller pressed 4 9 2 1 is that right", asked
+    assert h.transcripts()[-1] == "is that right"
+    assert sorted(m["turn"] for m in h.metrics()) == [1, 3], h.metrics()

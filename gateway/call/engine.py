@@ -1003,8 +1003,7 @@ class Call:
             return
         _add_counts(tl, covered)  # its metrics cover the carried turns: their partials too
         if keys is not None:
-            done: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
-            done.set_result(_CarriedKeys(text=keys.text(), final=True, turn=tl.turn))
+            done = _keys_said(keys, tl.turn)
             # Carried on with the words should this turn be stopped before it speaks.
             at = len(utterances) if keys_last else len(utterances) - 1
             utterances.insert(at, done)
@@ -2100,12 +2099,10 @@ class Call:
         agent only: as ``_CarriedKeys``, never routed, transcribed or a missed question)."""
         if keys is None:
             return
-        done: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
         # The turn the caller's utterance will end (the detector's next number), unless a
         # message or key takes that number first: then the keys go with it (``_drop_carry``).
         turn = self._turns.turns + 1
-        done.set_result(_CarriedKeys(text=keys.text(), final=True, turn=turn))
-        self._carry = [*self._carry, done]
+        self._carry = [*self._carry, _keys_said(keys, turn)]
         await self._out.send_event({"type": "keypad", "turn": turn,
                                     "keys": keys.keys, "action": "agent"})
 
@@ -2118,7 +2115,11 @@ class Call:
         if isinstance(action, Collected):
             await self._out.send_event({"type": "keypad", "turn": tl.turn, "keys": action.keys,
                                         "action": "agent"})
-            self._start_reply(tl, self._answer(tl, action.text(), route=False, typed=True))
+            # Stopped before it ran (speech while the reply before it closes), the keys
+            # open the next turn, as words or a message stopped so do: never dropped.
+            self._start_reply(tl, self._answer(tl, action.text(), route=False, typed=True),
+                              if_never_ran=lambda: self._carry_unanswered(
+                                  _keys_said(action, tl.turn), tl))
             return
         await self._out.send_event({"type": "keypad", "turn": tl.turn, "keys": action.key,
                                     "action": action.action})
@@ -2209,6 +2210,13 @@ def _keys_taken_by(carry: list[asyncio.Future[Transcript]], turn: int
         keys = _carried_keys(carried)
         return keys is not None and keys.turn <= turn
     return [f for f in carry if taken(f)], [f for f in carry if not taken(f)]
+
+
+def _keys_said(keys: Collected, turn: int) -> asyncio.Future[Transcript]:
+    """Keys for the agent in the carry's form (``_CarriedKeys``), named for ``turn``."""
+    said: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
+    said.set_result(_CarriedKeys(text=keys.text(), final=True, turn=turn))
+    return said
 
 
 def _said(text: str) -> asyncio.Future[Transcript]:
