@@ -2444,3 +2444,27 @@ async def test_a_native_caller_waiting_for_a_person_is_not_hung_up_as_idle(how):
     assert sources(h)[after:] == ["prompt", "goodbye"], sources(h)
     assert [e["reason"] for e in h.output.of("hangup")] == ["idle"]
     await h.stop()
+
+
+async def test_keys_carried_into_words_that_fail_to_decode_go_on_to_the_next_turn():
+    """Review (stop 70): the caller keys 4 9 2 1, then talks; the keypad pause runs out
+    mid-utterance, so the keys are carried into the turn those words end (their `keypad`
+    event names it, promising them to the agent). The recogniser fails on those words: the
+    turn is `stt_failed`, the caller hears "could you say that again?", and the keys went
+    with the lost words, though they were never the recogniser's: the words said again
+    reached the agent without them. Keys are no words to say again: they open the next
+    turn, before its words."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.stt.fail_finals = 1
+    await _keyed_4921(h)
+    await h.feed(h.vocabulary.audio(_SPOKEN))  # 3.2 s: the 3 s pause ends inside
+    await h.silence(2000)
+    assert [(e["code"], e["turn"]) for e in h.output.of("error")] == [("stt_failed", 1)]
+    assert sources(h) == ["apology"]
+    await h.say("my name is john", then_silence_ms=1500)
+    await h.wait(1000)
+    await h.stop()
+    assert _last_asked(h) == ["the caller pressed 4 9 2 1 my name is john"], _last_asked(h)
+    [keypad] = h.output.of("keypad")
+    assert (keypad["keys"], keypad["turn"]) == ("4921", 1), keypad
+    _nothing_else_holds_keys(h)

@@ -988,6 +988,11 @@ class Call:
             raise
         except Exception as exc:
             self._keys_taken(tl)  # no words to take them: keys collected go on their own
+            # Keys carried into the lost words are no words to say again ("could you say
+            # that again?"): their `keypad` event promised them to the agent, so they open
+            # the next turn, before anything carried since.
+            self._carry = [*(f for f in utterances if _carried_keys(f) is not None),
+                           *self._carry]
             _add_counts(tl, covered)
             if isinstance(exc, Expired):
                 for late in utterances:
