@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Response
 
@@ -63,7 +64,7 @@ class CallRefused(ConnectionError, InvalidStatus):
         self.status = response.status_code
         self.error = said.get("error")
         self.message = said.get("message")
-        self.retry_after_s = retry_after_s(response.headers)
+        self.retry_after_s = _retry_after(response.headers)
         why = f"{self.error}: {self.message}" if self.error else _REFUSALS.get(self.status)
         ConnectionError.__init__(self, f"the gateway refused the call (HTTP {self.status})"
                                        + (f": {why}" if why else ""))
@@ -74,6 +75,16 @@ class CallRefused(ConnectionError, InvalidStatus):
 _REFUSALS = {403: "it takes calls that carry its call token (VOICEGATE_CALL_TOKEN), and this "
                   "one carried none or another",
              503: "it is still loading, shutting down or overloaded; try again"}
+
+
+def _retry_after(headers: Headers) -> float | None:
+    """The refusal's Retry-After in seconds; None when absent, unreadable or given twice (a
+    proxy's beside the gateway's: no one wait, as the provider adapters read it). websockets'
+    Headers raises MultipleValuesError on a name given twice: not a refusal's exception."""
+    try:
+        return retry_after_s(headers)
+    except MultipleValuesError:
+        return None
 
 
 def _refusal(body: bytes | None) -> dict[str, str]:

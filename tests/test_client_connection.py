@@ -558,6 +558,32 @@ async def test_a_call_the_gateway_refuses_raises_its_status_and_reason(
     assert caller._ws is None and caller._reader is None  # nothing opened, nothing to close
 
 
+async def test_a_refusal_with_its_retry_after_given_twice_still_raises_call_refused() -> None:
+    """Review (stop 70): a 503 refusal carrying Retry-After twice (a proxy in front adds its
+    own beside the gateway's) made ``connect`` raise websockets' MultipleValuesError, a
+    LookupError, while reading the wait for CallRefused: neither the CallRefused nor the
+    InvalidStatus a program catches, and `voicegate call` ended in a traceback. It is
+    CallRefused with its reason; two waits are no one wait (``retry_after_s`` None, as the
+    provider adapters read a header given twice)."""
+    from websockets.asyncio.server import serve
+
+    def refuses(connection: Any, request: Any) -> Any:
+        response = connection.respond(503, json.dumps({"error": "overloaded",
+                                                       "message": OVERLOADED}))
+        response.headers["Retry-After"] = "1"  # the gateway's
+        response.headers["Retry-After"] = "5"  # a proxy's: Headers keeps both
+        return response
+
+    async with serve(lambda ws: None, "127.0.0.1", 0, process_request=refuses) as gateway:
+        url = f"ws://127.0.0.1:{gateway.sockets[0].getsockname()[1]}/v1/call"
+        with pytest.raises(ConnectionError) as refused:
+            await Caller(url).connect()
+    exc: Any = refused.value
+    assert type(exc).__name__ == "CallRefused", repr(exc)
+    assert (exc.status, exc.error, exc.retry_after_s) == (503, "overloaded", None)
+    assert str(exc) == f"the gateway refused the call (HTTP 503): overloaded: {OVERLOADED}"
+
+
 @pytest.mark.parametrize("gateway_hears", ["nothing", "noise", "words-but-never-answers"])
 async def test_say_that_gets_no_reply_raises_saying_what_came(gateway_hears: str):
     """Review (stop 69): ``say()`` returned a result with no turn (number 0, no audio) when
