@@ -2468,3 +2468,28 @@ async def test_keys_carried_into_words_that_fail_to_decode_go_on_to_the_next_tur
     [keypad] = h.output.of("keypad")
     assert (keypad["keys"], keypad["turn"]) == ("4921", 1), keypad
     _nothing_else_holds_keys(h)
+
+
+async def test_keys_an_exchange_asked_are_not_asked_again_after_words_that_fail_to_decode():
+    """Review (stop 70): the caller keys 4 9 2 1 and says a short sentence; the agent is
+    asked both and thinks. The caller talks on before it says anything: that turn is
+    stopped, its question (keys and words) carried on, its exchange still in the agent's
+    context for the next turn to take back. The recogniser fails on the words said next
+    (`stt_failed`, "could you say that again?"): nothing took that exchange back, and the
+    keys were carried on all the same (those of failed words open the next turn): the
+    agent read the number twice, as if pressed twice. Keys an exchange that stays asked
+    are not asked again."""
+    h = harness({"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.first_token_s = 2.0  # the agent thinks while the caller goes on
+    await _keyed_4921(h)
+    await h.say(_SHORT, then_silence_ms=600)
+    assert _last_asked(h) == [f"the caller pressed 4 9 2 1 {_SHORT}"], _last_asked(h)
+    h.stt.fail_finals = 1
+    await h.say("but here is my name", then_silence_ms=1500)
+    assert [e["code"] for e in h.output.of("error")] == ["stt_failed"]
+    await h.say("my name is john", then_silence_ms=4000)
+    await h.stop()
+    last = [str(m["content"]) for m in h.llm.requests[-1] if m["role"] == "user"]
+    assert sum("4 9 2 1" in m for m in last) == 1, last
+    assert last[-1].endswith("my name is john"), last
+    _nothing_else_holds_keys(h)

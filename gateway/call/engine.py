@@ -990,8 +990,12 @@ class Call:
             self._keys_taken(tl)  # no words to take them: keys collected go on their own
             # Keys carried into the lost words are no words to say again ("could you say
             # that again?"): their `keypad` event promised them to the agent, so they open
-            # the next turn, before anything carried since.
-            self._carry = [*(f for f in utterances if _carried_keys(f) is not None),
+            # the next turn, before anything carried since. Not those an exchange that
+            # stays asked (a stopped turn's, nothing took it back): asked again, they
+            # would read as pressed twice.
+            asked = exchange_asked | in_context
+            self._carry = [*(f for f in utterances
+                             if _carried_keys(f) is not None and f not in asked),
                            *self._carry]
             _add_counts(tl, covered)
             if isinstance(exc, Expired):
