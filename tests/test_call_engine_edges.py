@@ -1510,3 +1510,43 @@ async def test_keys_whose_turn_speech_stops_before_it_runs_open_the_next_turn():
     assert asked[-1] == "the caller pressed 4 9 2 1 is that right", asked
     assert h.transcripts()[-1] == "is that right"
     assert sorted(m["turn"] for m in h.metrics()) == [1, 3], h.metrics()
+
+
+@pytest.mark.parametrize("then", ["text", "speech"])
+@pytest.mark.parametrize("end", ["#", "pause"])
+async def test_a_number_ended_as_the_words_decode_goes_on_with_them_when_they_are_stopped(
+        end, then):
+    """Review (stop 70): the caller keys "4 9", says "I do not have the rest", and the
+    number ends (`#`, or its pause runs out) while those words are still decoding: it waits
+    for their turn, which takes it, keys first. But the caller typed a message (or spoke
+    on) before those words were decoded: their turn was stopped, its words superseded by
+    the message (or carried into the next spoken turn), and the number, left collected,
+    became a turn of its own after it: the caller heard the answer to "what is my balance",
+    then a second answer to "the caller pressed 4 9". The number goes on with the words it
+    waited for, in its place: the message takes it (keys first), as it takes keys carried
+    in the words it supersedes, or the next spoken turn asks it before the words."""
+    h = CallHarness(decode_s=2.0, settings={"keypad_pause_s": 3, "idle_prompt_s": 0})
+    h.llm.reply = "Thank you."
+    await h.start()
+    h.call.feed_dtmf("4")
+    h.call.feed_dtmf("9")
+    await h.wait(500)
+    await h.say("i do not have the rest", then_silence_ms=400)
+    if end == "#":
+        h.call.feed_dtmf("#")
+        await h.wait(100)
+    else:
+        await h.wait(1200)  # the pause ran out; the words decode until 2 s after their end
+    assert h.call.replying and h.llm.requests == []  # their turn waits for its words
+    if then == "text":
+        await h.text("what is my balance")
+        await h.wait(6000)
+        expected = "the caller pressed 4 9 what is my balance"
+    else:
+        await h.say("and my name is john", then_silence_ms=6000)
+        expected = "the caller pressed 4 9 i do not have the rest and my name is john"
+    await h.stop()
+    asked = [[m["content"] for m in r if m["role"] == "user"][-1] for r in h.llm.requests]
+    assert asked == [expected], asked
+    assert [(e["keys"], e["turn"]) for e in h.output.of("keypad")] == [("49", 1)]
+    assert [(e["source"], e["turn"]) for e in h.output.of("response")] == [("llm", 2)]

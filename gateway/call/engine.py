@@ -299,9 +299,14 @@ class Call:
         # the keypad loop hands it the collection as it ends, instead of a turn of its own.
         self._keys_awaited: asyncio.Future[Collected | None] | None = None
         # The latest spoken turn that has not yet taken the keys being collected (its words
-        # still decoding), and what resolves once it has (``_keys_for``) or is over: keys
-        # whose collection ends meanwhile wait for it (``_until_words_take_keys``).
-        self._keys_taker: tuple[TurnTimeline, asyncio.Future[None]] | None = None
+        # still decoding), what resolves once it has (``_keys_for``) or is over, and its
+        # words: keys whose collection ends meanwhile wait for it (``_until_words_take_keys``).
+        self._keys_taker: tuple[TurnTimeline, asyncio.Future[None],
+                                asyncio.Future[Transcript]] | None = None
+        # The keypad loop waits for that turn (the collection ended); and the keys it
+        # carried on with its words when it was stopped meanwhile (``_keys_left``).
+        self._keys_ended = False
+        self._keys_left_with: tuple[Collected, int] | None = None
         # Set as each of the caller's spoken turns ends (its reply started): a mapped key
         # pressed mid-sentence waits for it (``_keypad_loop``).
         self._turn_ended = asyncio.Event()
@@ -883,19 +888,39 @@ class Call:
         self._start_reply(ended.timeline,
                           self._spoken_turn(ended.timeline, final, preempt, utterance),
                           if_never_ran=lambda: self._carry_unanswered(final, ended.timeline))
-        self._await_keys_taken(ended.timeline)
+        self._await_keys_taken(ended.timeline, final)
         if preempt is not None:  # whatever became of the turn, nothing of it outlives it
             assert self._reply_task is not None
             self._reply_task.add_done_callback(lambda _: self._preempt_over(preempt))
 
-    def _await_keys_taken(self, tl: TurnTimeline) -> None:
+    def _await_keys_taken(self, tl: TurnTimeline, final: asyncio.Future[Transcript]) -> None:
         """The spoken turn ``tl`` (its reply the latest) will take the keys still being
-        collected once its words are decoded (``_keys_for``): until it has, or is over, a
-        collection that ends (its pause) waits for it (``_until_words_take_keys``)."""
+        collected once its words (``final``) are decoded (``_keys_for``): until it has, or
+        is over, a collection that ends (its pause) waits for it (``_until_words_take_keys``)."""
         taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._keys_taker = (tl, taken)
+        self._keys_taker = (tl, taken, final)
         assert self._reply_task is not None
-        self._reply_task.add_done_callback(lambda _: self._keys_taken(tl))
+        self._reply_task.add_done_callback(lambda _: self._keys_left(tl))
+
+    def _keys_left(self, tl: TurnTimeline) -> None:
+        """The spoken turn ``tl`` is over, the keys not taken. Stopped meanwhile (a message,
+        a key, speech), its words are carried on: a number that ended as they decoded (the
+        keypad loop waits for them) goes on with them, in its place, as carried keys, so a
+        message that supersedes the words takes it (``_drop_carry``) and the next spoken
+        turn asks it with them; made a turn of its own, it was answered apart, after them.
+        Here, as the turn's task ends: before the turn queued behind it takes the carry."""
+        taker = self._keys_taker
+        if taker is not None and taker[0] is tl and self._keys_ended \
+                and self._keypad.collecting and taker[2] in self._carry:
+            began, spoken = self._keypad.began_at, tl.marks.get("speech_end")
+            keys = self._keypad.expire()
+            assert keys is not None
+            at = self._carry.index(taker[2])
+            if began is not None and spoken is not None and began > spoken:
+                at += 1  # begun in the silence after the words: they follow them
+            self._carry.insert(at, _keys_said(keys, tl.turn))
+            self._keys_left_with = (keys, tl.turn)
+        self._keys_taken(tl)
 
     def _keys_taken(self, tl: TurnTimeline) -> None:
         taker = self._keys_taker
@@ -913,10 +938,18 @@ class Call:
         taker = self._keys_taker
         if taker is None or not self._keypad.collecting:
             return
-        tl, taken = taker
-        with contextlib.suppress(Expired):
-            async with deadline(self._clock, self._final_wait_s(tl)):
-                await asyncio.wait({taken})
+        tl, taken, _ = taker
+        self._keys_ended = True
+        try:
+            with contextlib.suppress(Expired):
+                async with deadline(self._clock, self._final_wait_s(tl)):
+                    await asyncio.wait({taken})
+        finally:
+            self._keys_ended = False
+        left, self._keys_left_with = self._keys_left_with, None
+        if left is not None and self.ended is None:  # carried on with the words
+            await self._out.send_event({"type": "keypad", "turn": left[1],
+                                        "keys": left[0].keys, "action": "agent"})
 
     def _words_take_keys(self) -> bool:
         """The keys being collected began before the words of the latest reply's spoken
