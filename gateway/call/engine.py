@@ -307,6 +307,9 @@ class Call:
         # carried on with its words when it was stopped meanwhile (``_keys_left``).
         self._keys_ended = False
         self._keys_left_with: tuple[Collected, int] | None = None
+        # Replies a key stopped (``_keypad_loop``): a keypad turn among them that never ran
+        # is superseded by that key's input, not carried on (``_keys_never_asked``).
+        self._stopped_by_key: set[asyncio.Task[None]] = set()
         # Set as each of the caller's spoken turns ends (its reply started): a mapped key
         # pressed mid-sentence waits for it (``_keypad_loop``).
         self._turn_ended = asyncio.Event()
@@ -2078,6 +2081,8 @@ class Call:
                 words_take = self._words_take_keys()
                 if self.replying and not self._keypad.does_nothing(key) \
                         and not self._keys_wanted and not (self._held is None and words_take):
+                    if self._held is None:  # a hold's end stops only the reply it holds
+                        self._stopping_by_key()
                     await self._barge_in("dtmf")
                 if key == KEYPAD_END and words_take:
                     # The `#` ending that number waits for the words, as its pause does.
@@ -2135,6 +2140,27 @@ class Call:
         return (task is not None and not task.done() and not task.cancelling()
                 and self._held is None)
 
+    def _stopping_by_key(self) -> None:
+        """A key is about to stop the replies under way (a barge-in): those not already
+        stopped, the latest and any queued before it that its cancel reaches."""
+        stopped = {t for t in self._reply_tasks if t is self._reply_task or not t.cancelling()}
+        for task in stopped - self._stopped_by_key:
+            self._stopped_by_key.add(task)
+            task.add_done_callback(self._stopped_by_key.discard)  # after ``close_turn``
+
+    def _keys_never_asked(self, keys: Collected, tl: TurnTimeline,
+                          task: asyncio.Task[None] | None) -> None:
+        """The keypad turn ``tl`` was stopped before it ran. By speech or a message, its
+        keys open the next turn (``_carry_unanswered``). By another key, that key's input
+        supersedes them, as a later number did before: carried, a flood of keys (each
+        `MAX_COLLECTED_KEYS`-key number a turn, stopped by the next key before it ran)
+        piled up into one prompt of every number, without bound."""
+        if task is not None and task in self._stopped_by_key:
+            if not self._transferred:  # then its reply's wait has ended it
+                self._carry_turns.append(tl)  # ended by what comes next (``_drop_carry``)
+            return
+        self._carry_unanswered(_keys_said(keys, tl.turn), tl)
+
     async def _carry_keys(self, keys: Collected | None) -> None:
         """Keys collected while the caller speaks open the turn their words end, as words
         carried from before do (``_spoken_turn`` joins them, before the words, for the
@@ -2158,10 +2184,10 @@ class Call:
             await self._out.send_event({"type": "keypad", "turn": tl.turn, "keys": action.keys,
                                         "action": "agent"})
             # Stopped before it ran (speech while the reply before it closes), the keys
-            # open the next turn, as words or a message stopped so do: never dropped.
+            # open the next turn, as words or a message stopped so do.
             self._start_reply(tl, self._answer(tl, action.text(), route=False, typed=True),
-                              if_never_ran=lambda: self._carry_unanswered(
-                                  _keys_said(action, tl.turn), tl))
+                              if_never_ran=lambda: self._keys_never_asked(action, tl, task))
+            task = self._reply_task
             return
         await self._out.send_event({"type": "keypad", "turn": tl.turn, "keys": action.key,
                                     "action": action.action})
