@@ -9,16 +9,26 @@ the connection gets 408 and is closed (a client that sends a request line and th
 nothing, slowloris, would hold it forever too). Bytes of a body that come after its
 request was answered (a 413 or a 401 sent before the body was read) cancel the keep-alive
 timer, as any byte does in uvicorn, yet start no request: the timer is armed again.
+
+A connection upgraded to a WebSocket (a call) gets a small kernel send buffer,
+``WS_SEND_BUFFER_BYTES``: left to autotuning it grows to tcp_wmem's maximum (4 MiB, two
+minutes of 16 kHz reply audio), which took every byte for a client that had stopped
+reading, so the call's sends never waited and ``client_not_reading`` never fired.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # From the first byte of a request to the end of its headers.
 HEADERS_TIMEOUT_S = 10.0
+# A call's kernel send buffer (Linux doubles it: 128 KiB, 4 s of 16 kHz pcm16). Replies are
+# paced in real time with a lead of a few hundred ms, so a reading client never fills it;
+# one that stops reading fills it in seconds, and the outbox's send timeout then sees it.
+WS_SEND_BUFFER_BYTES = 64 * 1024
 
 
 class IdleTimeoutHttpToolsProtocol(HttpToolsProtocol):
@@ -37,6 +47,7 @@ class IdleTimeoutHttpToolsProtocol(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         self._upgraded = True
+        cap_send_buffer(self.transport)
         super().handle_websocket_upgrade()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -73,3 +84,14 @@ class IdleTimeoutHttpToolsProtocol(HttpToolsProtocol):
         content.append(b"content-length: 0\r\nconnection: close\r\n\r\n")
         self.transport.write(b"".join(content))
         self.transport.close()
+
+
+def cap_send_buffer(transport: asyncio.BaseTransport) -> None:
+    """Fix the socket's send buffer at ``WS_SEND_BUFFER_BYTES`` (no autotuning past it)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_SEND_BUFFER_BYTES)
+    except OSError:  # not a TCP socket (a test's pipe): nothing to cap
+        pass

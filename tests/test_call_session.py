@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from typing import Any, Iterator
 
 import pytest
@@ -223,6 +224,40 @@ async def test_a_flood_of_bad_messages_closes_its_connection_and_no_other(guarde
     await until_no_calls(guarded)
     async with Caller(guarded.call_url, token=TOKEN) as caller:  # the slot is free again
         assert caller.ready is not None
+
+
+async def test_a_client_that_stops_reading_is_found_out_and_counted(guarded, runtime):
+    """Review (stop 70): a caller whose client stopped reading (a frozen app, a dead socket
+    still acked by its host) was never closed as `client_not_reading`, though the docs say a
+    client that takes nothing for `send_timeout_s` (5 s) is. The kernel took every byte: the
+    socket's send buffer grows to tcp_wmem's maximum (4 MiB: two minutes of 16 kHz reply
+    audio), so the gateway's sends never waited and its watchdog never fired. The call ran
+    on, buffering for nobody, until the WebSocket keepalive dropped it after 40 s as an
+    ordinary hang-up: not counted, not logged. A client that reads nothing while replies play
+    must be closed as not reading well before the keepalive would (here: within 30 s)."""
+    before = runtime.stats.errors["client_not_reading"]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that stays shut
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", guarded.port))
+    # max_queue=1: the library stops reading the socket once a message waits unread; no
+    # pings of its own (their pongs unanswered, it would close first).
+    ws = await connect(guarded.call_url + f"?token={TOKEN}", sock=sock, max_queue=1,
+                       ping_interval=None)
+    try:
+        await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+        for _ in range(150):  # a question every 0.2 s: reply audio the whole time
+            if runtime.stats.errors["client_not_reading"] > before:
+                break
+            try:
+                await ws.send(json.dumps({"type": "text", "text": "what time do you open"}))
+            except ConnectionClosed:
+                pass
+            await asyncio.sleep(0.2)
+        assert runtime.stats.errors["client_not_reading"] == before + 1, (
+            "a client that read nothing for 30 s was never closed as not reading")
+    finally:
+        ws.transport.abort()
 
 
 # ---------------------------------------------------------------- units
