@@ -14,6 +14,9 @@ A connection upgraded to a WebSocket (a call) gets a small kernel send buffer,
 ``WS_SEND_BUFFER_BYTES``: left to autotuning it grows to tcp_wmem's maximum (4 MiB, two
 minutes of 16 kHz reply audio), which took every byte for a client that had stopped
 reading, so the call's sends never waited and ``client_not_reading`` never fired.
+Once the app is done with it, such a connection is let go: uvicorn closes a transport
+by flushing it first, which a client whose receive window stays shut never allows, so
+``BoundedCloseWebSocketProtocol`` aborts one still open ``WS_CLOSE_GRACE_S`` later.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import socket
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 # From the first byte of a request to the end of its headers.
 HEADERS_TIMEOUT_S = 10.0
@@ -29,6 +33,9 @@ HEADERS_TIMEOUT_S = 10.0
 # paced in real time with a lead of a few hundred ms, so a reading client never fills it;
 # one that stops reading fills it in seconds, and the outbox's send timeout then sees it.
 WS_SEND_BUFFER_BYTES = 64 * 1024
+# From the end of a call's handler to the connection's forced end: a client that reads
+# takes its last messages and the close frame well within it.
+WS_CLOSE_GRACE_S = 5.0
 
 
 class IdleTimeoutHttpToolsProtocol(HttpToolsProtocol):
@@ -95,3 +102,19 @@ def cap_send_buffer(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_SEND_BUFFER_BYTES)
     except OSError:  # not a TCP socket (a test's pipe): nothing to cap
         pass
+
+
+class BoundedCloseWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol, whose connection ends at most
+    ``WS_CLOSE_GRACE_S`` after the app's handler: its ``transport.close()`` waits for the
+    unsent bytes to go out, for ever if the client never reads (its window stays shut),
+    holding the socket and a file descriptor while the client can go on sending."""
+
+    async def run_asgi(self) -> None:
+        await super().run_asgi()
+        if not self.disconnected:
+            self.loop.call_later(WS_CLOSE_GRACE_S, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self.disconnected:
+            self.transport.abort()

@@ -12,7 +12,7 @@ import uvicorn
 
 from . import logs
 from .app import create_app
-from .http_idle import IdleTimeoutHttpToolsProtocol
+from .http_idle import BoundedCloseWebSocketProtocol, IdleTimeoutHttpToolsProtocol
 from .runtime import Runtime
 from .settings import Settings
 
@@ -124,8 +124,10 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
     logs.redact_server_logs()  # uvicorn logs each upgrade's query: the page's ?token= too
     logs.quiet_invalid_utf8()  # text not UTF-8: uvicorn's traceback; the session logs it
     logs.quiet_denial_handshake_error()  # its spurious ERROR after each 503 refusal
-    # httptools, plus a deadline for connections that never send a request.
-    return {"loop": "uvloop", "http": IdleTimeoutHttpToolsProtocol, "ws": "websockets-sansio",
+    # httptools, plus a deadline for connections that never send a request; a WebSocket
+    # connection ends at most WS_CLOSE_GRACE_S after its handler (gateway/http_idle.py).
+    return {"loop": "uvloop", "http": IdleTimeoutHttpToolsProtocol,
+            "ws": BoundedCloseWebSocketProtocol,
             "ws_per_message_deflate": False,
             "ws_max_size": settings.ws_max_size, "log_level": settings.log_level,
             "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0,

@@ -260,6 +260,43 @@ async def test_a_client_that_stops_reading_is_found_out_and_counted(guarded, run
         ws.transport.abort()
 
 
+async def test_a_connection_closed_on_a_client_that_stopped_reading_is_let_go(guarded,
+                                                                               runtime):
+    """Review (stop 70): once the gateway had closed a call whose client stopped reading
+    (`client_not_reading`), the connection itself stayed open for good: closing a socket
+    waits for its unsent bytes to go out, which a client whose receive window stays shut
+    never lets happen. Each such client held a socket, its buffers and a file descriptor
+    of the replica's for as long as its host stayed up, and was never told: it could go
+    on sending. The gateway must let the connection go (here: the client finds it reset
+    within 30 s of the close)."""
+    before = runtime.stats.errors["client_not_reading"]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", guarded.port))
+    ws = await connect(guarded.call_url + f"?token={TOKEN}", sock=sock, max_queue=1,
+                       ping_interval=None)
+    try:
+        await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+        for _ in range(150):
+            if runtime.stats.errors["client_not_reading"] > before:
+                break
+            await ws.send(json.dumps({"type": "text", "text": "what time do you open"}))
+            await asyncio.sleep(0.2)
+        assert runtime.stats.errors["client_not_reading"] == before + 1
+        gone = False
+        for _ in range(150):  # the client's microphone goes on, as a frozen app's would
+            try:
+                await ws.send(b"\x00" * 640)
+            except (ConnectionClosed, OSError):
+                gone = True
+                break
+            await asyncio.sleep(0.2)
+        assert gone, "the gateway still held the connection 30 s after closing its call"
+    finally:
+        ws.transport.abort()
+
+
 # ---------------------------------------------------------------- units
 
 
