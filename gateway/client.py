@@ -393,7 +393,9 @@ class Caller:
         mid-sentence and the caller talked on) is not the end: those words continue in a
         later turn, whose reply is waited for too, unless nothing (no event, no audio)
         comes for ``nothing_heard_ms`` after the cut turn ended (what stopped the reply
-        held no words, so no turn follows).
+        held no words, so no turn follows). A turn under way before it began (a reply it
+        talks over, ending as the utterance starts) is none of its answer (``_latest_turn``),
+        nor in its result.
 
         No audio (``b""``) is refused (ValueError): there is nothing to hear, no turn. No
         reply raises NoReply (a TimeoutError; ``result`` holds what came): no transcript
@@ -405,12 +407,13 @@ class Caller:
             raise ValueError("say() needs audio: no audio is no utterance, the gateway hears "
                              "nothing to answer")
         index = len(self.events)
+        earlier = _latest_turn(self.events)  # turns under way: none of them answers this
         await self.stream_audio(pcm16)
         deadline = time.monotonic() + timeout
         quiet_until = time.monotonic() + nothing_heard_ms / 1000.0
         seen, changed_at = (len(self.events), len(self.audio)), time.monotonic()
         while True:
-            events = self.events[index:]
+            events = self._events_since(index, earlier)
             if utterance_answered(events):
                 break
             if self._reader is not None and self._reader.done():
@@ -425,26 +428,28 @@ class Caller:
             if now > quiet_until and not any(e.get("type") == "transcript" for e in events):
                 raise NoReply("no reply: the gateway heard no words in the utterance (no "
                               f"transcript came within {nothing_heard_ms} ms of its end)",
-                              self._turn_since(index))
+                              self._turn_since(index, earlier))
             if quiet and (empty := _only_empty_turns(events)):
                 turns = "turns" if "," in empty else "turn"
                 raise NoReply("no reply: the gateway heard no words in the utterance (its "
-                              f"{turns} {empty} ended empty: noise)", self._turn_since(index))
+                              f"{turns} {empty} ended empty: noise)",
+                              self._turn_since(index, earlier))
             if now >= deadline:
                 raise NoReply(f"no reply to the utterance within {timeout:g} s "
-                              f"({_what_came(events)})", self._turn_since(index))
+                              f"({_what_came(events)})", self._turn_since(index, earlier))
             self._new_event.clear()
             try:
                 await asyncio.wait_for(self._new_event.wait(), min(0.1, deadline - now))
             except TimeoutError:
                 pass
-        return self._turn_since(index)
+        return self._turn_since(index, earlier)
 
     async def say_text(self, text: str, partial_words: bool = False,
                        word_interval_s: float = 0.15, timeout: float = 60.0) -> TurnResult:
         """Send a transcript and wait for its turn to end (its own: a spoken turn that ends
-        first, words the text superseded or noise, is not it); with ``partial_words`` word
-        by word as STT partials would come.
+        first, words the text superseded or noise, is not it, nor one under way before it
+        was sent: a reply it stops, ``_latest_turn``); with ``partial_words`` word by word as
+        STT partials would come.
 
         A blank text (empty, or spaces only) is refused at once (ValueError): the gateway
         answers nothing to it (docs/protocol.md: an empty text with nothing typed before it
@@ -456,14 +461,16 @@ class Caller:
             raise ValueError(f"say_text() got a blank text ({text!r}): the gateway answers "
                              "nothing to an empty text (no turn, no turn_metrics); give words")
         index = len(self.events)
+        earlier = _latest_turn(self.events)
         sent = _text_messages(text, partial_words)
         started = self.ready is not None
         await self._send_texts(sent, word_interval_s)
         await self.wait_for("turn_metrics", timeout=timeout, start=index,
-                            where=lambda m: _answers_text(m, self.events, text),
+                            where=lambda m: (int(m.get("turn", 0)) > earlier
+                                             and _answers_text(m, self.events, text)),
                             refused=TEXT_REFUSALS,
                             refused_where=lambda error: _can_refuse(error, sent, started))
-        return self._turn_since(index)
+        return self._turn_since(index, earlier)
 
     async def send_transcript(self, text: str, partial_words: bool = True,
                               word_interval_s: float = 0.15) -> None:
@@ -477,9 +484,17 @@ class Caller:
             await asyncio.sleep(word_interval_s)
         await self.send_raw(messages[-1])
 
-    def _turn_since(self, index: int) -> TurnResult:
-        """The events since ``index``; the number and audio of the last turn that ended."""
-        events = self.events[index:]
+    def _events_since(self, index: int, earlier: int) -> list[dict[str, Any]]:
+        """The events since ``index`` but those of turns up to ``earlier``: under way
+        before it, their late reply segments, `interrupt` and `turn_metrics` are not of
+        what was said or sent at ``index``."""
+        return [e for e in self.events[index:]
+                if e.get("turn") is None or int(e["turn"]) > earlier]
+
+    def _turn_since(self, index: int, earlier: int) -> TurnResult:
+        """The events since ``index`` (``_events_since``); the number and audio of the
+        last turn that ended."""
+        events = self._events_since(index, earlier)
         number = (_ended_turns(events) or [0])[-1]
         return TurnResult(number=number, events=events,
                           audio=self._turn_audio.get(number, bytearray()))
@@ -551,6 +566,21 @@ def _valid_unicode(text: str) -> bool:
 def utterance_answered(events: list[dict[str, Any]]) -> bool:
     """Some turn ended that the caller's own speech did not cut off for good."""
     return bool(set(_ended_turns(events)) - _cut_by_the_caller(events))
+
+
+# The events that name a turn already begun (its words heard, routed, answered or ended).
+# Not `keypad`: it names the turn the caller's words will end, perhaps one yet to come.
+_BEGUN = frozenset({"transcript", "route", "response", "turn_metrics"})
+
+
+def _latest_turn(events: list[dict[str, Any]]) -> int:
+    """The latest turn ``events`` name as begun (0: none). The gateway numbers turns as it
+    takes them up (a spoken one as its words end, a text as it comes), so one that words
+    or a text sent after ``events`` open has a later number: those up to it were under way
+    before (a reply still playing, its `turn_metrics` to come) and answer nothing sent
+    after them."""
+    return max((int(e["turn"]) for e in events
+                if e.get("type") in _BEGUN and e.get("turn") is not None), default=0)
 
 
 def _asked(metrics: dict[str, Any]) -> bool:

@@ -833,3 +833,119 @@ def test_a_results_metrics_are_its_own_turns():
               {"type": "turn_metrics", "turn": 2, "interrupted": False, "continues": True}]
     assert TurnResult(number=2, events=events).metrics == events[2]
     assert TurnResult(number=0, events=events[:2]).metrics is None
+
+
+WORDS = b"\x01\x00" * 320  # a 20 ms frame of speech (the line's silence is all zeros)
+MORE_WORDS = b"\x02\x00" * 320
+
+
+@pytest.mark.parametrize("second", ["answered", "noise"])
+async def test_say_over_a_reply_still_playing_is_not_answered_by_that_reply(second: str):
+    """Review (stop 70): a ``say()`` begun while the last turn's reply still played (a
+    barge-in, as bench/soak.py and bench/chaos.py speak) returned at once when that reply
+    ended just after the utterance began (its `turn_metrics` came, no `interrupt`: the
+    speech was not heard yet): the earlier turn's end was taken for the utterance's
+    answer, its number, metrics and audio given as the result, with no transcript of the
+    utterance, and the real answer came after, unread. Noise said over the reply was
+    "answered" too, not NoReply. A turn under way before the utterance began is now
+    none of its answer: ``say()`` waits for its own turn."""
+    from gateway.client import NoReply
+
+    first = [{"type": "transcript", "text": "what time do you open", "final": True, "turn": 1},
+             {"type": "route", "turn": 1, "text": "what time do you open", "hit": True,
+              "action": "answer", "intent": "opening_hours", "score": 0.9},
+             {"type": "response", "turn": 1, "source": "cache", "text": "We open at nine."},
+             b"\x09" * 640]
+    ends_first = [{"type": "turn_metrics", "turn": 1, "input": "audio", "source": "cache"}]
+    answer = {"answered": [
+        {"type": "transcript", "text": "and on sundays", "final": True, "turn": 2},
+        {"type": "response", "turn": 2, "source": "agent", "text": "At ten on Sundays."},
+        b"\x07" * 640,
+        {"type": "turn_metrics", "turn": 2, "input": "audio", "source": "agent"}],
+        "noise": [{"type": "transcript", "text": "", "final": True, "turn": 2},
+                  {"type": "turn_metrics", "turn": 2, "input": "audio", "empty": True}],
+    }[second]
+    first_ended = asyncio.Event()  # the client has read turn 1's end
+
+    async def send(ws: Any, events: list[Any]) -> None:
+        for event in events:
+            await ws.send(event if isinstance(event, bytes) else json.dumps(event))
+
+    async def ends_the_reply_as_the_caller_speaks(ws: Any) -> None:
+        async for message in ws:
+            if isinstance(message, str):
+                await ws.send(json.dumps(READY))
+            elif message == WORDS:
+                await send(ws, first)  # turn 1's reply plays
+            elif message == MORE_WORDS:  # its last frame went out as this speech began
+                await send(ws, ends_first)
+                await first_ended.wait()
+                await send(ws, answer)
+
+    def read(event: dict[str, Any]) -> None:
+        if event["type"] == "turn_metrics" and event["turn"] == 1:
+            first_ended.set()
+
+    async with scripted_gateway(ends_the_reply_as_the_caller_speaks) as url:
+        async with Caller(url, on_event=read) as caller:
+            await asyncio.wait_for(caller.stream_audio(WORDS), 10)
+            await caller.wait_for("response", timeout=10, turn=1)
+            if second == "noise":
+                with pytest.raises(NoReply) as no_reply:
+                    await asyncio.wait_for(caller.say(MORE_WORDS, timeout=30,
+                                                      nothing_heard_ms=300), 10)
+                assert str(no_reply.value) == ("no reply: the gateway heard no words in the "
+                                               "utterance (its turn 2 ended empty: noise)")
+                assert no_reply.value.result.number == 0
+                return
+            turn = await asyncio.wait_for(caller.say(MORE_WORDS, timeout=30), 10)
+    assert turn.number == 2, turn.events
+    assert turn.transcript == "and on sundays"
+    assert turn.metrics is not None and turn.metrics["turn"] == 2
+    assert bytes(turn.audio) == b"\x07" * 640
+    assert [e["type"] for e in turn.events if e.get("turn") == 1] == [], turn.events
+
+
+async def test_say_text_over_a_reply_still_playing_is_not_answered_by_that_reply():
+    """Review (stop 70): the same for ``say_text`` sent over the reply to a text sent
+    before it (bench/chaos.py's typed barge-in): the text stops that reply, whose turn
+    then ends (`interrupt`, its `turn_metrics` of ``input`` text), and ``say_text`` took
+    those metrics for its own text's answer. It now waits for its text's turn."""
+    first = [{"type": "transcript", "text": "what time do you open", "final": True},
+             {"type": "route", "turn": 1, "text": "what time do you open", "hit": True,
+              "action": "answer", "intent": "opening_hours", "score": 0.9},
+             {"type": "response", "turn": 1, "source": "cache", "text": "We open at nine."}]
+    stopped = [{"type": "interrupt", "turn": 1, "cause": "text", "heard_ms": 400,
+                "sent_ms": 600},
+               {"type": "transcript", "text": "and on sundays", "final": True},
+               {"type": "turn_metrics", "turn": 1, "input": "text", "source": "cache",
+                "interrupted": True}]
+    answer = [{"type": "response", "turn": 2, "source": "agent", "text": "At ten on Sundays."},
+              {"type": "turn_metrics", "turn": 2, "input": "text", "source": "agent"}]
+    first_ended = asyncio.Event()
+
+    async def stops_the_reply_for_the_text(ws: Any) -> None:
+        texts = 0
+        async for message in after_ready(ws):
+            texts += 1
+            if texts > 2:  # the client's `stop`
+                return
+            for event in first if texts == 1 else stopped:
+                await ws.send(json.dumps(event))
+            if texts == 2:
+                await first_ended.wait()
+                for event in answer:
+                    await ws.send(json.dumps(event))
+
+    def read(event: dict[str, Any]) -> None:
+        if event["type"] == "turn_metrics" and event["turn"] == 1:
+            first_ended.set()
+
+    async with scripted_gateway(stops_the_reply_for_the_text) as url:
+        async with Caller(url, on_event=read) as caller:
+            await caller.send_transcript("what time do you open", partial_words=False)
+            await caller.wait_for("response", timeout=10, turn=1)
+            turn = await asyncio.wait_for(caller.say_text("and on sundays", timeout=30), 10)
+    assert turn.number == 2, turn.events
+    assert turn.metrics is not None and turn.metrics["turn"] == 2
+    assert turn.first("response")["text"] == "At ten on Sundays."
