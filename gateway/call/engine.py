@@ -26,7 +26,7 @@ import logging
 import types
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, Generator, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Coroutine, Generator, NamedTuple, Protocol, Sequence
 
 from intents.embedder import normalize_text
 from intents.types import Action, RouteDecision
@@ -301,8 +301,7 @@ class Call:
         # The latest spoken turn that has not yet taken the keys being collected (its words
         # still decoding), what resolves once it has (``_keys_for``) or is over, and its
         # words: keys whose collection ends meanwhile wait for it (``_until_words_take_keys``).
-        self._keys_taker: tuple[TurnTimeline, asyncio.Future[None],
-                                asyncio.Future[Transcript]] | None = None
+        self._keys_taker: _KeysTaker | None = None
         # The keypad loop waits for that turn (the collection ended); and the keys it
         # carried on with its words when it was stopped meanwhile (``_keys_left``).
         self._keys_ended = False
@@ -901,7 +900,7 @@ class Call:
         collected once its words (``final``) are decoded (``_keys_for``): until it has, or
         is over, a collection that ends (its pause) waits for it (``_until_words_take_keys``)."""
         taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._keys_taker = (tl, taken, final)
+        self._keys_taker = _KeysTaker(tl, taken, final)
         assert self._reply_task is not None
         self._reply_task.add_done_callback(lambda _: self._keys_left(tl))
 
@@ -913,13 +912,13 @@ class Call:
         turn asks it with them; made a turn of its own, it was answered apart, after them.
         Here, as the turn's task ends: before the turn queued behind it takes the carry."""
         taker = self._keys_taker
-        if taker is not None and taker[0] is tl and self._keys_ended \
-                and self._keypad.collecting and taker[2] in self._carry:
-            began, spoken = self._keypad.began_at, tl.marks.get("speech_end")
+        if taker is not None and taker.turn is tl and self._keys_ended \
+                and self._keypad.collecting and taker.words in self._carry:
+            before = self._keys_began_before(tl)
             keys = self._keypad.expire()
             assert keys is not None
-            at = self._carry.index(taker[2])
-            if began is not None and spoken is not None and began > spoken:
+            at = self._carry.index(taker.words)
+            if before is False:
                 at += 1  # begun in the silence after the words: they follow them
             self._carry.insert(at, _keys_said(keys, tl.turn))
             self._keys_left_with = (keys, tl.turn)
@@ -927,10 +926,10 @@ class Call:
 
     def _keys_taken(self, tl: TurnTimeline) -> None:
         taker = self._keys_taker
-        if taker is not None and taker[0] is tl:
+        if taker is not None and taker.turn is tl:
             self._keys_taker = None
-            if not taker[1].done():
-                taker[1].set_result(None)
+            if not taker.taken.done():
+                taker.taken.set_result(None)
 
     async def _until_words_take_keys(self) -> None:
         """The keypad pause ran out while a spoken turn's words were still decoding (a
@@ -941,12 +940,11 @@ class Call:
         taker = self._keys_taker
         if taker is None or not self._keypad.collecting:
             return
-        tl, taken, _ = taker
         self._keys_ended = True
         try:
             with contextlib.suppress(Expired):
-                async with deadline(self._clock, self._final_wait_s(tl)):
-                    await asyncio.wait({taken})
+                async with deadline(self._clock, self._final_wait_s(taker.turn)):
+                    await asyncio.wait({taker.taken})
         finally:
             self._keys_ended = False
         left, self._keys_left_with = self._keys_left_with, None
@@ -960,11 +958,18 @@ class Call:
         keys first, one reply). Keys begun after are a key pressed while the agent thinks:
         they supersede the words."""
         taker = self._keys_taker
-        if taker is None or taker[0] is not self._reply_task_tl or taker[1].done():
+        if taker is None or taker.turn is not self._reply_task_tl or taker.taken.done():
             return False
-        began, spoken = self._keypad.began_at, taker[0].marks.get("speech_end")
-        return self._keypad.collecting and began is not None and spoken is not None \
-            and began <= spoken
+        return self._keypad.collecting and self._keys_began_before(taker.turn) is True
+
+    def _keys_began_before(self, tl: TurnTimeline) -> bool | None:
+        """Whether the keys being collected began before ``tl``'s words ended (they open
+        its turn) or after, in the silence that followed (they follow the words); None when
+        either moment is unknown."""
+        began, spoken = self._keypad.began_at, tl.marks.get("speech_end")
+        if began is None or spoken is None:
+            return None
+        return began <= spoken
 
     def _preempt_over(self, preempt: Preemption) -> None:
         preempt.cancel()
@@ -987,8 +992,7 @@ class Call:
         self._keys_taken(tl)  # a pause that ran out as the words decoded waited for this
         if not (self._keypad.collecting and normalize_text(words.text)):
             return None, False
-        began, spoken = self._keypad.began_at, tl.marks.get("speech_end")
-        if began is None or spoken is None or began <= spoken:
+        if self._keys_began_before(tl) is not False:  # before the words, or unknown
             return self._keypad.expire(), False
         self._keys_awaited = asyncio.get_running_loop().create_future()
         try:
@@ -2251,6 +2255,14 @@ def _add_counts(tl: TurnTimeline, carried: list[TurnTimeline]) -> None:
             tl.info[key] = tl.info.get(key, 0) + other.info.get(key, 0)
 
 
+class _KeysTaker(NamedTuple):
+    """The spoken turn that will take the keys being collected once its ``words`` are
+    decoded, and ``taken``, resolved once it has or is over (``Call._keys_taker``)."""
+    turn: TurnTimeline
+    taken: asyncio.Future[None]
+    words: asyncio.Future[Transcript]
+
+
 @dataclass(frozen=True)
 class _CarriedKeys(Transcript):
     """Keys carried into a spoken turn (``_carry_keys``), in the carry's form: the agent is
@@ -2282,15 +2294,18 @@ def _keys_taken_by(carry: list[asyncio.Future[Transcript]], turn: int
 
 def _keys_said(keys: Collected, turn: int) -> asyncio.Future[Transcript]:
     """Keys for the agent in the carry's form (``_CarriedKeys``), named for ``turn``."""
-    said: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
-    said.set_result(_CarriedKeys(text=keys.text(), final=True, turn=turn))
-    return said
+    return _settled(_CarriedKeys(text=keys.text(), final=True, turn=turn))
 
 
 def _said(text: str) -> asyncio.Future[Transcript]:
     """Words already known (a typed message) in the carry's form: a decoded final."""
+    return _settled(Transcript(text=text, final=True))
+
+
+def _settled(transcript: Transcript) -> asyncio.Future[Transcript]:
+    """``transcript`` as the carry holds utterances: a future already resolved."""
     said: asyncio.Future[Transcript] = asyncio.get_running_loop().create_future()
-    said.set_result(Transcript(text=text, final=True))
+    said.set_result(transcript)
     return said
 
 
