@@ -52,12 +52,17 @@ class TooManyNewAnswers(SeedError):
             "if so many new answers are meant")
 
 
+# The last phase, from just before ``Store.publish``: the write under way cannot be stopped
+# (the admin API refuses a cancel from here on: gateway/admin/seed_status.py).
+PUBLISHING = "publishing"
+
+
 @dataclass(frozen=True)
 class SeedProgress:
     """Where a seed is, reported (``on_progress``) from the thread it runs on: as each phase
     starts and after each answer renders."""
 
-    phase: str  # "rendering", "calibrating" or "publishing"
+    phase: str  # "rendering", "calibrating" or PUBLISHING
     rendered: int  # new answers rendered so far
     to_render: int  # new answers this seed renders
     reused: int  # answers whose audio the store already had
@@ -169,7 +174,7 @@ def seed_plan(plan: SeedPlan, store: Store, render: Renderer, voice_id: str, *,
                      "questions": list(e.questions), "audio_key": e.audio_key}
                     for e in entries.values()],
     }
-    tell(SeedProgress("publishing", rendered, rendered, reused))
+    tell(SeedProgress(PUBLISHING, rendered, rendered, reused))
     if cancel is not None and cancel.is_set():
         # Accepted just before the phase said "publishing" (the admin API refuses a cancel
         # from then on, under the lock ``tell`` takes): honoured, never accepted and ignored.

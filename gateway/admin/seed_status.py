@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cache_seed import ProgressCallback, SeedProgress
+from cache_seed import PUBLISHING, ProgressCallback, SeedProgress
 
 from ..clock import SYSTEM_CLOCK, Clock
 
@@ -26,8 +26,6 @@ UNCONFIRMED = "unconfirmed"
 # What a cancel found (``SeedStatus.cancel``): a seed it asked to stop, none, one writing its
 # version (past stopping), one that has published.
 CANCELLING, NO_SEED, WRITING = "cancelling", "none", "writing"
-# cache_seed's phase from just before ``Store.publish`` on: the write cannot be stopped.
-PUBLISHING = "publishing"
 
 
 @dataclass
