@@ -9,7 +9,7 @@ import socket
 from typing import Any, Iterator
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
 from gateway.app import create_app
@@ -226,6 +226,20 @@ async def test_a_flood_of_bad_messages_closes_its_connection_and_no_other(guarde
         assert caller.ready is not None
 
 
+async def _call_that_stops_reading(guarded: Any) -> ClientConnection:
+    """A started call whose client reads nothing: a small receive window that stays shut,
+    and (max_queue=1) the library stops reading the socket once a message waits unread; no
+    pings of its own (their pongs unanswered, it would close first)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", guarded.port))
+    ws = await connect(guarded.call_url + f"?token={TOKEN}", sock=sock, max_queue=1,
+                       ping_interval=None)
+    await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+    return ws
+
+
 async def test_a_client_that_stops_reading_is_found_out_and_counted(guarded, runtime):
     """Review (stop 70): a caller whose client stopped reading (a frozen app, a dead socket
     still acked by its host) was never closed as `client_not_reading`, though the docs say a
@@ -236,16 +250,8 @@ async def test_a_client_that_stops_reading_is_found_out_and_counted(guarded, run
     ordinary hang-up: not counted, not logged. A client that reads nothing while replies play
     must be closed as not reading well before the keepalive would (here: within 30 s)."""
     before = runtime.stats.errors["client_not_reading"]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that stays shut
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", guarded.port))
-    # max_queue=1: the library stops reading the socket once a message waits unread; no
-    # pings of its own (their pongs unanswered, it would close first).
-    ws = await connect(guarded.call_url + f"?token={TOKEN}", sock=sock, max_queue=1,
-                       ping_interval=None)
+    ws = await _call_that_stops_reading(guarded)
     try:
-        await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
         for _ in range(150):  # a question every 0.2 s: reply audio the whole time
             if runtime.stats.errors["client_not_reading"] > before:
                 break
@@ -270,14 +276,8 @@ async def test_a_connection_closed_on_a_client_that_stopped_reading_is_let_go(gu
     on sending. The gateway must let the connection go (here: the client finds it reset
     within 30 s of the close)."""
     before = runtime.stats.errors["client_not_reading"]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", guarded.port))
-    ws = await connect(guarded.call_url + f"?token={TOKEN}", sock=sock, max_queue=1,
-                       ping_interval=None)
+    ws = await _call_that_stops_reading(guarded)
     try:
-        await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
         for _ in range(150):
             if runtime.stats.errors["client_not_reading"] > before:
                 break
